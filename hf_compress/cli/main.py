@@ -1,0 +1,185 @@
+"""``hf-compress``: inspect assets, evaluate a model, run the demo.
+
+Every sub-command is a function ``run_<name>(args) -> int`` registered in :data:`COMMANDS`; method
+packages add theirs there as they land. Errors are reported as one line (``hf-compress: error: …``);
+``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+
+# name -> (help, add_arguments(parser), run(args) -> exit code)
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
+
+
+def command(name: str, help: str, add_arguments: Callable[[argparse.ArgumentParser], None] = lambda p: None):
+    """Register ``run(args) -> int`` as the sub-command ``name``.
+
+    Example:
+        >>> @command("hello", "say hello")
+        ... def run_hello(args):
+        ...     return 0
+    """
+
+    def register(run: Callable[[argparse.Namespace], int]):
+        COMMANDS[name] = (help, add_arguments, run)
+        return run
+
+    return register
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="hf-compress",
+        description="LLM compression methods as first-class Hugging Face citizens.",
+    )
+    parser.add_argument("--version", action="version", version=f"hf_compress {__version__}")
+    # The common flags are accepted before or after the sub-command; SUPPRESS keeps a sub-parser's
+    # default from overwriting a value given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks and debug logs")
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="only warnings and results")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (help_text, add_arguments, run) in COMMANDS.items():
+        child = sub.add_parser(name, help=help_text, description=help_text, parents=[common])
+        add_arguments(child)
+        child.set_defaults(run=run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "run", None):
+        parser.print_help()
+        return 0
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        print("hf-compress: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # a CLI user wants one clear line, not a traceback
+        if args.debug:
+            raise
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"hf-compress: error: {message} (run with --debug for the traceback)", file=sys.stderr)
+        return 2
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+# --- info -----------------------------------------------------------------------------------------
+
+
+@command("info", "versions, the cache folder, and which offline assets are installed")
+def run_info(args: argparse.Namespace) -> int:
+    from ..assets.status import asset_status
+    from ..utils import cache_dir
+    from .. import __version__
+    import importlib.metadata as metadata
+
+    versions = {}
+    for dist in ("torch", "transformers", "peft", "optimum", "accelerate", "datasets", "huggingface-hub",
+                 "evaluate", "lm-eval"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = None
+    print(f"hf_compress {__version__}")
+    print("packages: " + ", ".join(f"{k} {v or '(not installed)'}" for k, v in versions.items()))
+    print(f"cache: {cache_dir()}")
+    print("assets:")
+    for row in asset_status():
+        state = "ok" if row["available"] else f"missing -> {row['install_command']}"
+        print(f"  {row['name']:<16} {state}")
+    return 0
+
+
+# --- eval -----------------------------------------------------------------------------------------
+
+
+def _eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2-135m",
+                        help="reference name (smollm2-135m, gemma3-270m), tiny-<arch>, a folder, or a Hub id")
+    parser.add_argument("--perplexity", default="wikipedia,news",
+                        help="comma-separated text sets for perplexity ('' for none): wikipedia, news")
+    parser.add_argument("--window", type=int, default=512, help="perplexity window in tokens (default 512)")
+    parser.add_argument("--max-windows", type=int, default=None,
+                        help="evenly spaced subset of windows per text set (default: all)")
+    parser.add_argument("--tasks", default="arc_easy",
+                        help="comma-separated zero-shot tasks ('' for none): arc_easy, arc_challenge, piqa, "
+                             "hellaswag, boolq, winogrande")
+    parser.add_argument("--limit", type=int, default=None, help="fixed seeded subset of each zero-shot task")
+    parser.add_argument("--speed-prompts", type=int, default=0, help="prompts for a greedy tokens/s measurement")
+    parser.add_argument("--kv-seq-len", type=int, default=None, help="measure KV-cache bytes at this length")
+    parser.add_argument("--output", default=None, help="write the results JSON here")
+
+
+@command("eval", "measure perplexity, zero-shot accuracy, speed and memory of a model", _eval_arguments)
+def run_eval(args: argparse.Namespace) -> int:
+    from ..assets.resolve import load_model
+    from ..evaluation.suite import EvaluationSettings, run_evaluation
+    from ..utils import atomic_file
+
+    settings = EvaluationSettings(
+        perplexity_sets=_split(args.perplexity), window=args.window, max_windows=args.max_windows,
+        zero_shot_tasks=_split(args.tasks), zero_shot_limit=args.limit, speed_prompts=args.speed_prompts,
+        kv_seq_len=args.kv_seq_len,
+    )
+    model, tokenizer = load_model(args.model)
+    results, records = run_evaluation(model, tokenizer, settings, progress=not args.quiet)
+    results["model"] = args.model
+    for record in records:
+        split = f" [{record.dataset_split}]" if record.dataset_split else ""
+        print(f"{record.dataset_type}{split} {record.metric_type}: {record.metric_value:.4f}")
+    if args.output:
+        with atomic_file(args.output) as handle:
+            json.dump(results, handle, indent=2, default=str)
+        print(f"results written to {args.output}")
+    return 0
+
+
+# --- demo -----------------------------------------------------------------------------------------
+
+
+def _demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2-135m", help="model to compress (default: smollm2-135m)")
+    parser.add_argument("--output-dir", default="hf_compress_demo", help="where the Hub-ready folders go")
+    parser.add_argument("--full", action="store_true", help="full evaluation sets instead of the quick subsets")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+
+@command("demo", "evaluate the default model, compress it with every available method, compare", _demo_arguments)
+def run_demo_command(args: argparse.Namespace) -> int:
+    from ..demo import FULL_SETTINGS, QUICK_SETTINGS, format_table, run_demo
+
+    summary = run_demo(args.model, args.output_dir, settings=FULL_SETTINGS if args.full else QUICK_SETTINGS,
+                       overwrite=args.overwrite, progress=not args.quiet)
+    print(format_table(summary["rows"]))
+    print(f"Hub-ready folders in {summary['output_dir']}/ (push one with hf_compress.hub.push_to_hub)")
+    return 0
+
+
+def _split(value: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""The main job on the embedded default model: evaluate, compress with every method available, compare.
+
+``hf-compress demo`` (the README's first command) runs :func:`run_demo`: it loads SmolLM2-135M offline,
+measures it, applies each registered compression method in turn, measures again, writes each result
+as a Hub-ready folder (weights, tokenizer, model card with the measured metrics) and prints a
+comparison table. Methods register themselves in :data:`DEMO_METHODS` as they land.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .evaluation.suite import EvaluationSettings, run_evaluation
+from .utils import atomic_directory, atomic_file, get_logger
+
+
+logger = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class DemoMethod:
+    """A compression step of the demo.
+
+    ``apply(model, tokenizer, calibration_texts)`` returns the compressed model and its recipe (a
+    JSON-ready dict recorded in the model card); ``save(model, tokenizer, folder)`` writes it so that
+    ``from_pretrained(folder)`` loads it.
+    """
+
+    name: str
+    description: str
+    apply: Callable[[PreTrainedModel, PreTrainedTokenizerBase, Any], tuple[PreTrainedModel, dict[str, Any]]]
+    save: Callable[[PreTrainedModel, PreTrainedTokenizerBase, Path], None] | None = None
+
+
+DEMO_METHODS: list[DemoMethod] = []
+
+QUICK_SETTINGS = EvaluationSettings(
+    perplexity_sets=("wikipedia", "news"), max_windows=24, zero_shot_tasks=("arc_easy",), zero_shot_limit=200,
+    speed_prompts=3, max_new_tokens=32,
+)
+FULL_SETTINGS = EvaluationSettings(
+    perplexity_sets=("wikipedia", "news"), zero_shot_tasks=("arc_easy", "arc_challenge", "piqa"),
+    speed_prompts=10, max_new_tokens=64, kv_seq_len=2048,
+)
+
+
+def run_demo(
+    model_name: str = "smollm2-135m",
+    output_dir: str | os.PathLike = "hf_compress_demo",
+    settings: EvaluationSettings | None = None,
+    methods: list[DemoMethod] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate ``model_name``, compress it with each method, evaluate again, write Hub-ready folders.
+
+    Returns ``{"rows": [...], "output_dir": ...}``; ``rows`` holds one summary per model (dense first).
+
+    Example:
+        >>> summary = run_demo("tiny-llama", "demo_out", settings=EvaluationSettings(max_windows=2))  # doctest: +SKIP
+    """
+    from .assets.resolve import load_model
+    from .assets.text import load_text
+
+    settings = settings or QUICK_SETTINGS
+    methods = DEMO_METHODS if methods is None else methods
+    output_dir = Path(output_dir)
+    if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"{output_dir} is not empty; pass --overwrite or choose another --output-dir.")
+
+    model, tokenizer = load_model(model_name)
+    base_model = getattr(model.config, "_name_or_path", None) or model_name
+    logger.info("Evaluating the dense model %s", model_name)
+    rows = []
+    with atomic_directory(output_dir, overwrite=True) as staging:
+        dense_results, dense_records = run_evaluation(model, tokenizer, settings, progress=progress)
+        rows.append(_row("dense", dense_results))
+        _write_artifact(staging / "dense", model, tokenizer, None, base_model, "dense", {"method": "none"},
+                        dense_records, dense_results)
+        if not methods:
+            logger.warning("No compression method is registered yet; the demo only measures the dense model.")
+        calibration = load_text("wikipedia", "calibration") if methods else None
+        for index, method in enumerate(methods):
+            logger.info("Applying %s", method.name)
+            if index:  # methods may change the model in place: each starts from a fresh dense copy
+                model, tokenizer = load_model(model_name)
+            compressed, recipe = method.apply(model, tokenizer, calibration)
+            results, records = run_evaluation(compressed, tokenizer, settings, progress=progress)
+            rows.append(_row(method.name, results))
+            _write_artifact(staging / method.name, compressed, tokenizer, method.save, base_model, method.name,
+                            recipe, records, results)
+            del compressed
+        _write_json(staging / "summary.json", {"model": model_name, "settings": settings.to_dict(), "rows": rows})
+    return {"rows": rows, "output_dir": str(output_dir)}
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """A Markdown comparison table of :func:`run_demo` rows.
+
+    Example:
+        >>> print(format_table([{"model": "dense", "ppl_wikipedia": 21.07}]))
+        | model | ppl_wikipedia |
+        |---|---|
+        | dense | 21.07 |
+    """
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(_fmt(row.get(col)) for col in columns) + " |")
+    return "\n".join(lines)
+
+
+def _row(name: str, results: dict[str, Any]) -> dict[str, Any]:
+    row: dict[str, Any] = {"model": name}
+    for set_name, result in results.get("perplexity", {}).items():
+        row[f"ppl_{set_name}"] = result["perplexity"]
+    for task in results["settings"]["zero_shot_tasks"]:
+        result = results["zero_shot"][task]
+        row[f"{task}_{result['metric']}"] = result["score"]
+    if "generation" in results:
+        row["tokens_per_s"] = results["generation"]["tokens_per_second"]
+    row["param_MB"] = results["memory"]["parameters"] / 2**20
+    return row
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1000 else f"{value:.0f}"
+    return "" if value is None else str(value)
+
+
+def _write_artifact(folder: Path, model, tokenizer, save, base_model: str, name: str, recipe: dict[str, Any],
+                    records, results: dict[str, Any]) -> None:
+    """A Hub-ready folder: what ``from_pretrained`` needs, a model card with measured metrics, raw results."""
+    from .hub import build_model_card, write_model_card
+
+    (save or _save_pretrained)(model, tokenizer, folder)
+    card = build_model_card(base_model=base_model, model_name=f"{Path(str(base_model)).name}-{name}",
+                            recipe=recipe, metrics=records)
+    write_model_card(folder, card)
+    _write_json(folder / "results.json", results)
+
+
+def _save_pretrained(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    with atomic_file(path) as handle:
+        json.dump(data, handle, indent=2, default=str)

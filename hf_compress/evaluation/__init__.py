@@ -1,0 +1,30 @@
+"""Evaluation harness: perplexity, zero-shot accuracy, generation speed, memory.
+
+Every function returns plain JSON-ready dicts; ``*_record(s)`` helpers turn them into
+:class:`MetricRecord` rows for model cards.
+
+Example:
+    >>> from hf_compress.assets import load_reference_model, load_text
+    >>> from hf_compress.evaluation import evaluate_perplexity
+    >>> model, tokenizer = load_reference_model()  # doctest: +SKIP
+    >>> evaluate_perplexity(model, tokenizer, load_text("wikipedia", "eval"))["perplexity"]  # doctest: +SKIP
+"""
+
+from .memory import cache_bytes, disk_bytes, measure_kv_cache_bytes, parameter_bytes
+from .perplexity import evaluate_perplexity, perplexity_record, token_windows, tokenize_stream
+from .results import MetricRecord
+from .speed import measure_generation_speed
+
+
+__all__ = [
+    "MetricRecord",
+    "cache_bytes",
+    "disk_bytes",
+    "evaluate_perplexity",
+    "measure_generation_speed",
+    "measure_kv_cache_bytes",
+    "parameter_bytes",
+    "perplexity_record",
+    "token_windows",
+    "tokenize_stream",
+]

@@ -1,0 +1,83 @@
+"""Memory measurements: bytes of parameters, of a saved checkpoint, and of a filled KV cache."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Cache, DynamicCache, PreTrainedModel
+
+
+def parameter_bytes(model: torch.nn.Module) -> dict[str, int]:
+    """Bytes held by a model's parameters and buffers (tied weights counted once).
+
+    Example:
+        >>> parameter_bytes(model)["parameters"]  # doctest: +SKIP
+        538090496
+    """
+    seen: set[int] = set()
+    params = buffers = count = 0
+    for tensor in model.parameters():
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            params += tensor.numel() * tensor.element_size()
+            count += tensor.numel()
+    for tensor in model.buffers():
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            buffers += tensor.numel() * tensor.element_size()
+    return {"parameters": params, "buffers": buffers, "parameter_count": count}
+
+
+def disk_bytes(folder: str | os.PathLike, pattern: str = "*") -> int:
+    """Total size of the files under ``folder`` matching ``pattern`` (recursively).
+
+    Example:
+        >>> disk_bytes("out/", "*.safetensors")  # doctest: +SKIP
+    """
+    return sum(p.stat().st_size for p in Path(folder).rglob(pattern) if p.is_file())
+
+
+def cache_bytes(cache: Cache) -> int:
+    """Bytes a KV cache actually holds.
+
+    A cache that knows its own footprint (``memory_footprint()`` returning bytes held, as hf_compress
+    caches do) is asked; otherwise the key/value tensors of every layer are summed.
+    """
+    footprint = getattr(cache, "memory_footprint", None)
+    if callable(footprint):
+        held = footprint()
+        return int(held["held"] if isinstance(held, dict) else held)
+    total = 0
+    for layer in cache.layers:
+        for name in ("keys", "values"):
+            tensor = getattr(layer, name, None)
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+@torch.inference_mode()
+def measure_kv_cache_bytes(
+    model: PreTrainedModel, seq_len: int = 2048, batch_size: int = 1, cache: Cache | None = None
+) -> dict[str, Any]:
+    """Fill a cache with a ``seq_len``-token prefill of random ids and report the bytes it holds.
+
+    Example:
+        >>> measure_kv_cache_bytes(model, seq_len=2048)["kv_bytes"]  # doctest: +SKIP
+        47185920
+    """
+    cache = cache if cache is not None else DynamicCache(config=model.config)
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.get_text_config().vocab_size, (batch_size, seq_len), generator=generator)
+    model(input_ids=ids.to(model.device), past_key_values=cache, use_cache=True, logits_to_keep=1)
+    held = cache_bytes(cache)
+    return {
+        "kv_bytes": held,
+        "seq_len": seq_len,
+        "batch_size": batch_size,
+        "bytes_per_token": held / (seq_len * batch_size),
+        "cache_class": type(cache).__name__,
+    }

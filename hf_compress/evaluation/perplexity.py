@@ -1,0 +1,148 @@
+"""Perplexity over a text set, with the windowing of the pruning literature (SparseGPT, Wanda).
+
+Procedure (fixed, so numbers are comparable across methods and runs):
+
+1. Documents are joined with ``"\\n\\n"`` and tokenized once, without special tokens.
+2. The token stream is cut into consecutive, non-overlapping windows of ``window`` tokens; a final
+   partial window is dropped. ``max_windows`` (optional) keeps that many windows evenly spaced over
+   the stream, for a fixed, stated subset when the full set is too slow.
+3. Each window is scored on its own (no carried-over context): every token but the window's first
+   is predicted from the tokens before it in the window.
+4. Perplexity = ``exp(total negative log-likelihood / number of predicted tokens)``.
+
+Windows have equal length, so batches need no padding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from datasets import Dataset
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from ..utils import get_logger
+from .results import MetricRecord
+
+
+logger = get_logger(__name__)
+
+_TOKEN_CACHE: dict[tuple[str, str], torch.Tensor] = {}
+
+
+def tokenize_stream(texts: Sequence[str] | Dataset, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
+    """Join documents with a blank line and tokenize them once (cached per tokenizer and text).
+
+    Example:
+        >>> ids = tokenize_stream(["First article.", "Second one."], tokenizer)  # doctest: +SKIP
+    """
+    joined = "\n\n".join(_texts(texts))
+    key = (_tokenizer_fingerprint(tokenizer), hashlib.sha1(joined.encode()).hexdigest())
+    if key not in _TOKEN_CACHE:
+        ids = tokenizer(joined, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+        _TOKEN_CACHE[key] = torch.tensor(ids, dtype=torch.long)
+    return _TOKEN_CACHE[key]
+
+
+def token_windows(stream: torch.Tensor, window: int, max_windows: int | None = None) -> torch.Tensor:
+    """Cut a token stream into ``[num_windows, window]`` (partial tail dropped; optional even subset).
+
+    Example:
+        >>> token_windows(torch.arange(10), 4).tolist()
+        [[0, 1, 2, 3], [4, 5, 6, 7]]
+    """
+    if window < 2:
+        raise ValueError(f"window must be at least 2 tokens, got {window}.")
+    count = stream.numel() // window
+    if count == 0:
+        raise ValueError(f"The text has {stream.numel()} tokens, fewer than one window of {window}.")
+    windows = stream[: count * window].view(count, window)
+    if max_windows is not None and max_windows < count:
+        keep = torch.linspace(0, count - 1, max_windows).round().long().unique()
+        windows = windows[keep]
+    return windows
+
+
+@torch.inference_mode()
+def evaluate_perplexity(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str] | Dataset,
+    window: int = 512,
+    max_windows: int | None = None,
+    batch_size: int = 4,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Perplexity of ``model`` on ``texts`` (see the module docstring for the exact procedure).
+
+    Returns a JSON-ready dict: ``perplexity``, ``nll`` (mean, nats/token), ``tokens`` (predicted),
+    ``windows``, ``window``, ``max_windows``, ``seconds``.
+
+    Example:
+        >>> from hf_compress.assets import load_text
+        >>> evaluate_perplexity(model, tokenizer, load_text("wikipedia", "eval"), window=512)  # doctest: +SKIP
+        {'perplexity': 21.4, 'tokens': 159804, ...}
+    """
+    windows = token_windows(tokenize_stream(texts, tokenizer), window, max_windows)
+    device = model.device
+    total_nll, total_tokens = 0.0, 0
+    start = time.perf_counter()
+    for batch in tqdm(windows.split(batch_size), desc="perplexity", unit="batch", disable=not progress):
+        batch = batch.to(device)
+        logits = model(input_ids=batch, use_cache=False).logits[:, :-1]
+        nll = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1), reduction="sum"
+        )
+        total_nll += nll.item()
+        total_tokens += batch[:, 1:].numel()
+    seconds = time.perf_counter() - start
+    mean_nll = total_nll / total_tokens
+    logger.info("perplexity %.3f over %d tokens (%d windows of %d) in %.1fs",
+                math.exp(mean_nll), total_tokens, len(windows), window, seconds)
+    return {
+        "perplexity": math.exp(mean_nll),
+        "nll": mean_nll,
+        "tokens": total_tokens,
+        "windows": len(windows),
+        "window": window,
+        "max_windows": max_windows,
+        "seconds": seconds,
+    }
+
+
+def perplexity_record(result: dict[str, Any], dataset_type: str, dataset_name: str, split: str | None) -> MetricRecord:
+    """The model-card record of one :func:`evaluate_perplexity` result.
+
+    Example:
+        >>> perplexity_record(result, "wikipedia", "English Wikipedia excerpt", "eval")  # doctest: +SKIP
+    """
+    settings = {k: result[k] for k in ("window", "windows", "tokens", "max_windows")}
+    return MetricRecord(
+        task_type="text-generation",
+        dataset_type=dataset_type,
+        dataset_name=dataset_name,
+        dataset_split=split,
+        metric_type="perplexity",
+        metric_name="Perplexity",
+        metric_value=round(result["perplexity"], 4),
+        metric_config=f"window={result['window']}",
+        settings=settings,
+    )
+
+
+def _texts(texts: Sequence[str] | Dataset) -> Iterable[str]:
+    if isinstance(texts, Dataset):
+        return texts["text"]
+    if isinstance(texts, str):
+        raise TypeError("Pass a list of documents (or a Dataset with a 'text' column), not a single string.")
+    return texts
+
+
+def _tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    vocab = sorted(tokenizer.get_vocab().items())
+    return hashlib.sha1(repr((type(tokenizer).__name__, vocab)).encode()).hexdigest()

@@ -1,0 +1,89 @@
+"""Benchmark reports: the machine, the command, the settings and the results, as JSON and Markdown.
+
+Every ``scripts/bench_*.py`` writes ``bench/results/<name>.json`` and ``<name>.md`` through
+:func:`write_benchmark`, so each committed number carries how and where it was measured.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib.metadata as metadata
+import json
+import os
+import platform
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..utils import atomic_file
+
+
+_PACKAGES = ("hf-compress", "torch", "transformers", "peft", "optimum", "accelerate", "datasets", "lm-eval")
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU, core count, torch threads, GPU (if any) and package versions of this run.
+
+    Example:
+        >>> sorted(machine_info())[:3]
+        ['cpu', 'cpu_count', 'gpu']
+    """
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = {}
+    for name in _PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "packages": versions,
+    }
+
+
+def write_benchmark(
+    name: str, settings: dict[str, Any], results: dict[str, Any], markdown: str,
+    results_dir: str | os.PathLike = "bench/results",
+) -> tuple[Path, Path]:
+    """Write ``<results_dir>/<name>.json`` (machine, command, settings, results) and ``<name>.md``.
+
+    The Markdown file is ``markdown`` followed by the command, machine and date, so the table is never
+    separated from how it was produced.
+
+    Example:
+        >>> write_benchmark("reference", {"window": 512}, {"ppl": 21.1}, "| ppl |\\n|---|\\n| 21.1 |")  # doctest: +SKIP
+    """
+    directory = Path(results_dir)
+    command = " ".join(shlex.quote(arg) for arg in [Path(sys.executable).name, *sys.argv])
+    when = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    machine = machine_info()
+    payload = {"name": name, "command": command, "date": when, "machine": machine, "settings": settings,
+               "results": results}
+    json_path, md_path = directory / f"{name}.json", directory / f"{name}.md"
+    with atomic_file(json_path) as handle:
+        json.dump(payload, handle, indent=2, default=str)
+    footer = (
+        f"\n\nCommand: `{command}`  \nDate: {when}  \n"
+        f"Machine: {machine['cpu']}, {machine['cpu_count']} cores, torch threads {machine['torch_threads']}"
+        f"{', GPU ' + machine['gpu'] if machine['gpu'] else ', no GPU'}; "
+        + ", ".join(f"{k} {v}" for k, v in machine["packages"].items() if v)
+        + "\n"
+    )
+    with atomic_file(md_path) as handle:
+        handle.write(markdown.rstrip() + footer)
+    return json_path, md_path

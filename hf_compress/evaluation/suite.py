@@ -1,0 +1,99 @@
+"""One evaluation run over the standard hf_compress measurements, shared by the CLI, demo and benchmarks."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from ..utils import get_logger
+from .memory import measure_kv_cache_bytes, parameter_bytes
+from .perplexity import evaluate_perplexity, perplexity_record
+from .results import MetricRecord
+from .speed import measure_generation_speed
+
+
+logger = get_logger(__name__)
+
+# name -> (loader arguments, dataset_type, human-readable dataset name, split) for model cards.
+PERPLEXITY_SETS: dict[str, tuple[tuple[str, str], str, str, str | None]] = {
+    "wikipedia": (("wikipedia", "eval"), "wikipedia", "English Wikipedia excerpt (gensim 4.4.0 test data)", "eval"),
+    "news": (("news", "eval"), "lee-news", "Lee news corpus (gensim 4.4.0 test data)", None),
+}
+
+
+@dataclass
+class EvaluationSettings:
+    """What :func:`run_evaluation` measures, and on how much data.
+
+    ``max_windows`` / ``zero_shot_limit`` select fixed, documented subsets (see
+    :func:`~hf_compress.evaluation.token_windows` and the zero-shot loader); ``None`` means the full set.
+
+    Example:
+        >>> quick = EvaluationSettings(max_windows=32, zero_shot_tasks=("arc_easy",), zero_shot_limit=200)
+    """
+
+    perplexity_sets: tuple[str, ...] = ("wikipedia", "news")
+    window: int = 512
+    max_windows: int | None = None
+    zero_shot_tasks: tuple[str, ...] = ("arc_easy",)
+    zero_shot_limit: int | dict[str, int | None] | None = None
+    speed_prompts: int = 0
+    max_new_tokens: int = 64
+    kv_seq_len: int | None = None
+    batch_size: int = 4
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def run_evaluation(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, settings: EvaluationSettings | None = None,
+    progress: bool = True,
+) -> tuple[dict[str, Any], list[MetricRecord]]:
+    """Run the measurements ``settings`` asks for; return (JSON-ready results, model-card records).
+
+    Example:
+        >>> results, records = run_evaluation(model, tokenizer, EvaluationSettings(max_windows=8))  # doctest: +SKIP
+        >>> results["perplexity"]["wikipedia"]["perplexity"]  # doctest: +SKIP
+        21.07
+    """
+    from ..assets.text import load_text, speed_prompts
+
+    settings = settings or EvaluationSettings()
+    results: dict[str, Any] = {"settings": settings.to_dict()}
+    records: list[MetricRecord] = []
+    start = time.perf_counter()
+    results["memory"] = parameter_bytes(model)
+    for name in settings.perplexity_sets:
+        if name not in PERPLEXITY_SETS:
+            raise ValueError(f"Unknown perplexity set {name!r}; choose from {', '.join(PERPLEXITY_SETS)}.")
+        (text_name, split), dataset_type, dataset_name, card_split = PERPLEXITY_SETS[name]
+        result = evaluate_perplexity(
+            model, tokenizer, load_text(text_name, split), window=settings.window,
+            max_windows=settings.max_windows, batch_size=settings.batch_size, progress=progress,
+        )
+        results.setdefault("perplexity", {})[name] = result
+        records.append(perplexity_record(result, dataset_type, dataset_name, card_split))
+    if settings.zero_shot_tasks:
+        from .zero_shot import evaluate_zero_shot, zero_shot_records
+
+        zero_shot = evaluate_zero_shot(
+            model, tokenizer, tasks=settings.zero_shot_tasks, limit=settings.zero_shot_limit, progress=progress
+        )
+        results["zero_shot"] = zero_shot
+        records.extend(zero_shot_records(zero_shot))
+    if settings.speed_prompts:
+        speed = measure_generation_speed(
+            model, tokenizer, speed_prompts(settings.speed_prompts), max_new_tokens=settings.max_new_tokens,
+            progress=progress,
+        )
+        speed.pop("outputs")
+        results["generation"] = speed
+    if settings.kv_seq_len:
+        results["memory"]["kv_cache"] = measure_kv_cache_bytes(model, settings.kv_seq_len)
+    results["seconds"] = time.perf_counter() - start
+    return results, records

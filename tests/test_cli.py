@@ -1,0 +1,67 @@
+"""The ``hf-compress`` command line and its ``optimum-cli`` registration."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from hf_compress.cli.main import main
+
+
+def test_info_lists_assets(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "hf_compress" in out and "transformers" in out
+    for asset in ("smollm2-135m", "gemma3-270m", "text", "zero-shot"):
+        assert asset in out
+
+
+def test_eval_tiny_model_writes_json(tmp_path, capsys):
+    output = tmp_path / "results.json"
+    code = main(["eval", "--model", "tiny-llama", "--perplexity", "wikipedia", "--max-windows", "2",
+                 "--tasks", "arc_easy", "--limit", "4", "--output", str(output), "-q"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "wikipedia [eval] perplexity:" in out
+    results = json.loads(output.read_text())
+    assert results["perplexity"]["wikipedia"]["windows"] == 2
+    assert results["zero_shot"]["arc_easy"]["n"] == 4
+
+
+def test_errors_are_one_line_with_exit_code_2(capsys):
+    assert main(["eval", "--model", "no-such-model"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("hf-compress: error:") and "neither a reference model" in err
+    assert "\n" not in err and "Traceback" not in err
+
+
+def test_debug_shows_the_traceback():
+    with pytest.raises(ValueError, match="neither a reference model"):
+        main(["--debug", "eval", "--model", "no-such-model"])
+
+
+def test_help_lists_commands(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for name in ("info", "eval", "demo"):
+        assert name in out
+
+
+def test_console_script_and_optimum_cli_registration():
+    # The installed entry points, as a user calls them (needs `pip install -e .`).
+    if shutil.which("hf-compress") is None:
+        pytest.skip("hf-compress is not installed as a console script")
+    done = subprocess.run(["hf-compress", "--version"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "hf_compress" in done.stdout
+    done = subprocess.run(
+        [sys.executable, "-c", "from optimum.commands.optimum_cli import main; main()", "hf-compress", "info"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "assets:" in done.stdout

@@ -1,0 +1,110 @@
+"""Perplexity, speed and memory measurements on tiny models, checked against hand computations."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from hf_compress.assets import tiny_model
+from hf_compress.evaluation import (
+    evaluate_perplexity,
+    measure_generation_speed,
+    measure_kv_cache_bytes,
+    parameter_bytes,
+    perplexity_record,
+    token_windows,
+    tokenize_stream,
+)
+
+
+DOCS = ["The quick brown fox jumps over the lazy dog. " * 6, "Pack my box with five dozen liquor jugs! " * 5]
+
+
+def _hand_perplexity(model, ids: torch.Tensor, window: int) -> float:
+    # One window at a time, one position at a time: the most literal reading of the definition.
+    total, count = 0.0, 0
+    for start in range(0, ids.numel() - window + 1, window):
+        chunk = ids[start : start + window]
+        with torch.no_grad():
+            log_probs = torch.log_softmax(model(input_ids=chunk[None]).logits[0].double(), dim=-1)
+        for position in range(window - 1):
+            total -= log_probs[position, chunk[position + 1]].item()
+            count += 1
+    return math.exp(total / count)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_perplexity_equals_hand_computation(arch):
+    model, tokenizer = tiny_model(arch)
+    ids = torch.tensor(tokenizer("\n\n".join(DOCS), add_special_tokens=False)["input_ids"])
+    result = evaluate_perplexity(model, tokenizer, DOCS, window=64, batch_size=3, progress=False)
+    assert result["windows"] == ids.numel() // 64
+    assert result["tokens"] == result["windows"] * 63
+    assert result["perplexity"] == pytest.approx(_hand_perplexity(model, ids, 64), rel=1e-5)
+
+
+def test_batch_size_does_not_change_perplexity():
+    model, tokenizer = tiny_model("qwen2")
+    one = evaluate_perplexity(model, tokenizer, DOCS, window=32, batch_size=1, progress=False)
+    many = evaluate_perplexity(model, tokenizer, DOCS, window=32, batch_size=5, progress=False)
+    assert many["perplexity"] == pytest.approx(one["perplexity"], rel=1e-5)
+
+
+def test_token_windows_subset_is_even_and_fixed():
+    stream = torch.arange(100)
+    assert token_windows(stream, 10).shape == (10, 10)
+    subset = token_windows(stream, 10, max_windows=3)
+    assert subset[:, 0].tolist() == [0, 40, 90]  # first, middle, last window
+    with pytest.raises(ValueError, match="fewer than one window"):
+        token_windows(torch.arange(5), 10)
+    with pytest.raises(ValueError, match="at least 2"):
+        token_windows(stream, 1)
+
+
+def test_tokenize_stream_caches_and_rejects_a_bare_string():
+    _, tokenizer = tiny_model("llama")
+    assert tokenize_stream(DOCS, tokenizer) is tokenize_stream(list(DOCS), tokenizer)
+    with pytest.raises(TypeError, match="list of documents"):
+        tokenize_stream("just one string", tokenizer)
+
+
+def test_perplexity_record_shape():
+    record = perplexity_record(
+        {"perplexity": 12.3456789, "window": 64, "windows": 3, "tokens": 189, "max_windows": None},
+        "wikipedia", "English Wikipedia excerpt", "eval",
+    )
+    assert record.metric_type == "perplexity" and record.metric_value == 12.3457
+    assert record.settings["tokens"] == 189
+
+
+def test_parameter_bytes_counts_tied_weights_once():
+    model, _ = tiny_model("llama", tie_word_embeddings=True)
+    expected = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()) * 4
+    assert parameter_bytes(model)["parameters"] == expected
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_kv_cache_bytes_match_config(arch):
+    model, _ = tiny_model(arch)
+    config = model.config
+    result = measure_kv_cache_bytes(model, seq_len=48)
+    layers = config.num_hidden_layers
+    per_token_layer = 2 * config.num_key_value_heads * config.head_dim * 4  # keys + values, fp32
+    if arch == "gemma3":
+        # The sliding layer keeps only the last `sliding_window - 1` tokens: the next query completes its window.
+        expected = per_token_layer * (48 + config.sliding_window - 1)
+    else:
+        expected = per_token_layer * 48 * layers
+    assert result["kv_bytes"] == expected
+
+
+def test_generation_speed_reports_median_and_outputs():
+    model, tokenizer = tiny_model("llama")
+    result = measure_generation_speed(model, tokenizer, ["abc", "hello"], max_new_tokens=5, progress=False)
+    assert result["prompts"] == 2 and len(result["per_prompt"]) == 2
+    assert result["new_tokens"] == [5, 5] and all(len(o) == 5 for o in result["outputs"])
+    assert result["tokens_per_second"] > 0
+    with pytest.raises(ValueError, match="prompts is empty"):
+        measure_generation_speed(model, tokenizer, [])
