@@ -1,0 +1,42 @@
+"""Hugging Face Hub integration: model cards for compressed artifacts, and pushing them.
+
+Example:
+    >>> from hf_compress.hub import build_model_card, write_model_card, push_to_hub
+    >>> card = build_model_card(
+    ...     base_model="HuggingFaceTB/SmolLM2-135M", model_name="SmolLM2-135M-wanda",
+    ...     recipe={"method": "wanda", "sparsity": 0.5}, metrics=records,
+    ... )  # doctest: +SKIP
+    >>> write_model_card("out/SmolLM2-135M-wanda", card)  # doctest: +SKIP
+    >>> push_to_hub("out/SmolLM2-135M-wanda", "me/SmolLM2-135M-wanda")  # doctest: +SKIP
+"""
+
+from .model_card import (
+    COMPRESSION_METADATA_KEY,
+    HF_COMPRESS_TAG,
+    TEMPLATES,
+    build_model_card,
+    eval_result_to_metric,
+    load_card,
+    metric_to_eval_result,
+    read_metrics,
+    read_recipe,
+    validate_model_card,
+    write_model_card,
+)
+from .push import push_to_hub
+
+
+__all__ = [
+    "COMPRESSION_METADATA_KEY",
+    "HF_COMPRESS_TAG",
+    "TEMPLATES",
+    "build_model_card",
+    "eval_result_to_metric",
+    "load_card",
+    "metric_to_eval_result",
+    "push_to_hub",
+    "read_metrics",
+    "read_recipe",
+    "validate_model_card",
+    "write_model_card",
+]

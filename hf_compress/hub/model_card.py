@@ -1,0 +1,428 @@
+"""Model cards for hf_compress artifacts, built with ``huggingface_hub.ModelCard`` from our templates.
+
+A card carries, in its YAML metadata:
+
+- ``base_model``, ``library_name`` (the library that *loads* the artifact), ``pipeline_tag`` and ``tags``
+  (always ``hf_compress`` plus the compression method names);
+- ``compression``: ``{"library": "hf_compress", "version": ..., "recipe": {...}}``, the exact recipe;
+- ``model-index``: evaluation results, built only from measured
+  :class:`~hf_compress.evaluation.results.MetricRecord` rows (no metrics, no ``model-index``).
+
+The body shows the recipe, a results table and a "How to load" snippet. :func:`read_recipe` and
+:func:`read_metrics` read a card back, so recipe and metrics round-trip through ``README.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub.repocard import REGEX_YAML_BLOCK
+from huggingface_hub.repocard_data import eval_results_to_model_index, model_index_to_eval_results
+
+from .. import __version__
+from ..evaluation.results import MetricRecord
+from ..utils import atomic_file, get_logger
+
+
+logger = get_logger(__name__)
+
+HF_COMPRESS_TAG = "hf_compress"
+COMPRESSION_METADATA_KEY = "compression"
+CARD_FILENAME = "README.md"
+TEMPLATES_DIR = Path(__file__).parent / "templates"
+# Built-in templates: name -> (default library_name, default base_model_relation).
+TEMPLATES: dict[str, tuple[str, str | None]] = {
+    "compressed_model": ("transformers", None),
+    "adapter": ("peft", "adapter"),
+}
+
+_LOAD_SNIPPETS = {
+    "transformers": (
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+        'model = AutoModelForCausalLM.from_pretrained("{repo_id}")\n'
+        'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")'
+    ),
+    "peft": (
+        "from peft import PeftModel\n"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+        'base = AutoModelForCausalLM.from_pretrained("{base_model}")\n'
+        'model = PeftModel.from_pretrained(base, "{repo_id}")\n'
+        'tokenizer = AutoTokenizer.from_pretrained("{base_model}")'
+    ),
+}
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+
+def metric_to_eval_result(record: MetricRecord) -> EvalResult:
+    """Convert a measured :class:`MetricRecord` into a ``huggingface_hub.EvalResult``.
+
+    ``settings`` (context length, number of samples, ...) travel as the result's ``metric_args``.
+
+    Example:
+        >>> r = MetricRecord("text-generation", "wikitext", "WikiText-2", "perplexity", 21.3)
+        >>> metric_to_eval_result(r).metric_value
+        21.3
+    """
+    value = float(record.metric_value)
+    if not math.isfinite(value):
+        raise ValueError(
+            f"Metric {record.metric_type!r} on {record.dataset_name!r} is {value}; a model card can only "
+            "report finite measured values. Fix or drop this record before building the card."
+        )
+    settings = _jsonable(dict(record.settings), f"settings of metric {record.metric_type!r}") or None
+    return EvalResult(
+        task_type=record.task_type,
+        dataset_type=record.dataset_type,
+        dataset_name=record.dataset_name,
+        metric_type=record.metric_type,
+        metric_value=value,
+        dataset_split=record.dataset_split,
+        metric_config=record.metric_config,
+        metric_name=record.metric_name,
+        metric_args=settings,
+    )
+
+
+def eval_result_to_metric(result: EvalResult) -> MetricRecord:
+    """Inverse of :func:`metric_to_eval_result` (fields the Hub has and ``MetricRecord`` lacks are dropped).
+
+    Example:
+        >>> r = MetricRecord("text-generation", "wikitext", "WikiText-2", "perplexity", 21.3)
+        >>> eval_result_to_metric(metric_to_eval_result(r)) == r
+        True
+    """
+    return MetricRecord(
+        task_type=result.task_type,
+        dataset_type=result.dataset_type,
+        dataset_name=result.dataset_name,
+        metric_type=result.metric_type,
+        metric_value=result.metric_value,
+        dataset_split=result.dataset_split,
+        metric_config=result.metric_config,
+        metric_name=result.metric_name,
+        settings=dict(result.metric_args or {}),
+    )
+
+
+# ---------------------------------------------------------------------------------------------- building
+
+
+def build_model_card(
+    *,
+    base_model: str | None,
+    model_name: str,
+    recipe: Mapping[str, Any],
+    metrics: Sequence[MetricRecord] = (),
+    template: str | os.PathLike = "compressed_model",
+    library_name: str | None = None,
+    repo_id: str | None = None,
+    extra_tags: Sequence[str] = (),
+    license: str | None = None,
+    pipeline_tag: str | None = "text-generation",
+    base_model_relation: str | None = None,
+    load_snippet: str | None = None,
+    extra_metadata: Mapping[str, Any] | None = None,
+) -> ModelCard:
+    """Build the model card of an hf_compress artifact.
+
+    Args:
+        base_model: Hub id of the model that was compressed (``None`` if there is none on the Hub).
+            Required by the ``adapter`` template, since an adapter is useless without it.
+        model_name: Name shown as the card title and as the ``model-index`` name.
+        recipe: The compression recipe, JSON-serialisable. It must name its method(s), either as
+            ``{"method": "wanda", ...}`` (a string or a list of strings) or as
+            ``{"stages": [{"method": "wanda", ...}, {"method": "gptq", ...}]}``; every name becomes a tag.
+        metrics: Measured results only (from ``hf_compress.evaluation``); they fill ``model-index`` and the
+            results table. With none, the card has no ``model-index`` and says nothing was measured.
+        template: ``"compressed_model"`` (a full model), ``"adapter"`` (weights applied on top of
+            ``base_model``), or the path of a custom Markdown + Jinja template.
+        library_name: The library that *loads* the artifact, which is what the Hub's ``library_name`` means
+            (it picks the "Use this model" snippet and download counting). Defaults to the template's:
+            ``"transformers"`` for ``compressed_model`` (a plain transformers checkpoint), ``"peft"`` for
+            ``adapter``. Use ``"hf_compress"`` only for artifacts that nothing else can load. Whatever its
+            value, ``hf_compress`` is always among the tags.
+        repo_id: Repo id used in the "How to load" snippet; defaults to ``model_name``.
+        extra_tags: Tags added after ``hf_compress`` and the method names.
+        license: SPDX-like license id (e.g. ``"apache-2.0"``); usually the base model's.
+        pipeline_tag: Hub pipeline tag.
+        base_model_relation: How the artifact derives from ``base_model`` (``"adapter"``, ``"quantized"``,
+            ``"finetune"``, ``"merge"``); defaults to ``"adapter"`` for the adapter template, unset otherwise.
+        load_snippet: Python code for the "How to load" section; default snippets exist for ``transformers``
+            and ``peft`` (``{repo_id}`` and ``{base_model}`` are filled in).
+        extra_metadata: More YAML metadata (e.g. ``{"datasets": [...], "language": "en"}``).
+
+    Returns:
+        A ``huggingface_hub.ModelCard``, already checked with :func:`validate_model_card`.
+
+    Example:
+        >>> card = build_model_card(
+        ...     base_model="HuggingFaceTB/SmolLM2-135M", model_name="SmolLM2-135M-wanda-50",
+        ...     recipe={"method": "wanda", "sparsity": 0.5},
+        ... )
+        >>> card.data.tags
+        ['hf_compress', 'wanda']
+    """
+    template_path, template_library, template_relation = _resolve_template(template)
+    adapter = template_path == TEMPLATES_DIR / "adapter.md"
+    if adapter and not base_model:
+        raise ValueError(
+            "The 'adapter' template needs `base_model`: an adapter cannot be used without its base model."
+        )
+    library_name = library_name or template_library
+    base_model_relation = base_model_relation or template_relation
+    repo_id = repo_id or model_name
+
+    recipe = _jsonable(dict(recipe), "`recipe`")
+    methods = _method_names(recipe)
+    tags = [HF_COMPRESS_TAG, *methods, *extra_tags]
+
+    eval_results = [metric_to_eval_result(m) for m in metrics]
+    _check_groupable(eval_results)
+
+    if load_snippet is None:
+        if library_name not in _LOAD_SNIPPETS:
+            raise ValueError(
+                f"No default loading snippet for library_name={library_name!r}; pass `load_snippet` with the "
+                "code that loads this artifact."
+            )
+        load_snippet = _LOAD_SNIPPETS[library_name].format(repo_id=repo_id, base_model=base_model)
+
+    metadata: dict[str, Any] = dict(_jsonable(dict(extra_metadata or {}), "`extra_metadata`"))
+    if base_model_relation is not None:
+        metadata["base_model_relation"] = base_model_relation
+    metadata[COMPRESSION_METADATA_KEY] = {
+        "library": HF_COMPRESS_TAG,
+        "version": __version__,
+        "recipe": recipe,
+    }
+    card_data = ModelCardData(
+        base_model=base_model,
+        library_name=library_name,
+        license=license,
+        pipeline_tag=pipeline_tag,
+        tags=tags,
+        # ModelCardData only writes `model-index` when there are results; without them model_name would be
+        # written as a stray top-level key.
+        model_name=model_name if eval_results else None,
+        eval_results=eval_results or None,
+        **metadata,
+    )
+    card = ModelCard.from_template(
+        card_data,
+        template_path=str(template_path),
+        model_name=model_name,
+        base_model=base_model,
+        methods=methods,
+        recipe_yaml=yaml.safe_dump(recipe, sort_keys=False, default_flow_style=False).strip(),
+        metric_rows=[_table_row(m) for m in metrics],
+        load_snippet=load_snippet,
+        hf_compress_version=__version__,
+    )
+    validate_model_card(card)
+    return card
+
+
+def write_model_card(folder: str | os.PathLike, card: ModelCard) -> Path:
+    """Validate ``card`` and write it as ``folder/README.md`` atomically (a crash never leaves half a card).
+
+    Example:
+        >>> write_model_card("out/tiny-wanda", card)  # doctest: +SKIP
+        PosixPath('out/tiny-wanda/README.md')
+    """
+    validate_model_card(card)
+    path = Path(folder) / CARD_FILENAME
+    # newline="" keeps the card's own line endings, as ModelCard.save does.
+    with atomic_file(path, "w", encoding="utf-8", newline="") as handle:
+        handle.write(str(card))
+    logger.info("Wrote model card %s", path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+def load_card(source: str | os.PathLike | ModelCard) -> ModelCard:
+    """A ``ModelCard`` from a card object, an artifact folder (its ``README.md``) or a card file. Local only:
+    for a Hub repo use ``ModelCard.load(repo_id)`` and pass the result.
+
+    Example:
+        >>> load_card("out/tiny-wanda").data.library_name  # doctest: +SKIP
+        'transformers'
+    """
+    if isinstance(source, ModelCard):
+        return source
+    path = Path(source)
+    if path.is_dir():
+        path = path / CARD_FILENAME
+    if not path.is_file():
+        raise FileNotFoundError(f"No model card at {path}; write one with hf_compress.hub.write_model_card.")
+    return ModelCard(path.read_text(encoding="utf-8-sig"))
+
+
+def read_recipe(source: str | os.PathLike | ModelCard) -> dict[str, Any]:
+    """The compression recipe stored in a card written by :func:`build_model_card`.
+
+    Example:
+        >>> read_recipe("out/tiny-wanda")  # doctest: +SKIP
+        {'method': 'wanda', 'sparsity': 0.5}
+    """
+    block = load_card(source).data.get(COMPRESSION_METADATA_KEY)
+    if not isinstance(block, dict) or not isinstance(block.get("recipe"), dict):
+        raise ValueError(
+            f"This card has no `{COMPRESSION_METADATA_KEY}.recipe` metadata: it was not written by "
+            "hf_compress.hub.build_model_card."
+        )
+    return block["recipe"]
+
+
+def read_metrics(source: str | os.PathLike | ModelCard) -> list[MetricRecord]:
+    """The metrics in a card's ``model-index`` as :class:`MetricRecord` rows (``[]`` if there are none).
+
+    Example:
+        >>> [m.metric_type for m in read_metrics("out/tiny-wanda")]  # doctest: +SKIP
+        ['perplexity']
+    """
+    return [eval_result_to_metric(r) for r in load_card(source).data.eval_results or []]
+
+
+# ---------------------------------------------------------------------------------------------- validation
+
+
+def validate_model_card(source: str | os.PathLike | ModelCard) -> None:
+    """Check a card offline, the way the Hub would parse it; raise ``ValueError`` if it would not.
+
+    ``RepoCard.validate`` asks the Hub, so instead the YAML block is parsed back from the rendered text and
+    ``model-index`` is sent through ``model_index_to_eval_results`` -> ``eval_results_to_model_index`` ->
+    ``model_index_to_eval_results``, which must give the same results. The ``compression`` block, when
+    present, must hold a recipe.
+
+    Example:
+        >>> validate_model_card("out/tiny-wanda")  # doctest: +SKIP
+    """
+    # Parse the text ourselves: ModelCard(...) would already fail, less clearly, on a broken model-index.
+    if isinstance(source, ModelCard):
+        text = str(source)
+    else:
+        path = Path(source)
+        path = path / CARD_FILENAME if path.is_dir() else path
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"No model card at {path}; write one with hf_compress.hub.write_model_card."
+            )
+        text = path.read_text(encoding="utf-8-sig")
+    match = REGEX_YAML_BLOCK.search(text)
+    if match is None:
+        raise ValueError("The model card has no YAML metadata block.")
+    try:
+        metadata = yaml.safe_load(match.group(2))
+    except yaml.YAMLError as err:
+        raise ValueError(f"The model card's YAML metadata does not parse: {err}") from err
+    if not isinstance(metadata, dict):
+        raise ValueError("The model card's YAML metadata must be a mapping.")
+
+    tags = metadata.get("tags")
+    if tags is not None and not (isinstance(tags, list) and all(isinstance(t, str) for t in tags)):
+        raise ValueError(f"`tags` must be a list of strings, got {tags!r}.")
+    if "library_name" in metadata and not isinstance(metadata["library_name"], str):
+        raise ValueError(f"`library_name` must be a string, got {metadata['library_name']!r}.")
+
+    if "model-index" in metadata:
+        try:
+            name, results = model_index_to_eval_results(metadata["model-index"])
+            again = model_index_to_eval_results(eval_results_to_model_index(name, results))[1]
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"Invalid `model-index` in the model card: {err!r}") from err
+        if again != results:
+            raise ValueError("`model-index` does not survive a round trip; it would be misread by the Hub.")
+        for result in results:
+            if not isinstance(result.metric_value, (int, float)) or not math.isfinite(result.metric_value):
+                raise ValueError(
+                    f"Metric {result.metric_type!r} has a non-numeric value {result.metric_value!r}."
+                )
+
+    if COMPRESSION_METADATA_KEY in metadata:
+        block = metadata[COMPRESSION_METADATA_KEY]
+        if not isinstance(block, dict) or not isinstance(block.get("recipe"), dict):
+            raise ValueError(
+                f"`{COMPRESSION_METADATA_KEY}` metadata must be a mapping with a `recipe` mapping."
+            )
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _resolve_template(template: str | os.PathLike) -> tuple[Path, str, str | None]:
+    if isinstance(template, str) and template in TEMPLATES:
+        library, relation = TEMPLATES[template]
+        return TEMPLATES_DIR / f"{template}.md", library, relation
+    path = Path(template)
+    if not path.is_file():
+        raise ValueError(
+            f"Unknown model card template {template!r}: use one of {sorted(TEMPLATES)} or a file path."
+        )
+    return path, "transformers", None
+
+
+def _jsonable(value: Any, what: str) -> Any:
+    # The card's YAML is written with yaml.dump, which would emit Python-specific tags for tuples, numpy
+    # scalars, etc.; a JSON round trip keeps only plain types and fails loudly on anything else.
+    try:
+        return json.loads(json.dumps(value, allow_nan=False))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{what} must be JSON-serialisable with finite numbers: {err}") from err
+
+
+def _method_names(recipe: dict[str, Any]) -> list[str]:
+    names: list[str] = []
+    method = recipe.get("method")
+    names.extend([method] if isinstance(method, str) else method if isinstance(method, list) else [])
+    for stage in recipe.get("stages") or []:
+        if isinstance(stage, dict) and isinstance(stage.get("method"), str):
+            names.append(stage["method"])
+    names = [n.strip() for n in names if isinstance(n, str) and n.strip()]
+    if not names:
+        raise ValueError(
+            "The recipe must name its compression method(s): {'method': 'wanda', ...} or "
+            "{'stages': [{'method': 'wanda', ...}, ...]}."
+        )
+    return list(dict.fromkeys(names))
+
+
+def _check_groupable(results: list[EvalResult]) -> None:
+    # model-index groups results by (task, dataset, config, split, revision) and keeps a single dataset name
+    # per group: two names in one group would silently lose one.
+    names: dict[tuple, str] = {}
+    for result in results:
+        previous = names.setdefault(result.unique_identifier, result.dataset_name)
+        if previous != result.dataset_name:
+            raise ValueError(
+                f"Metrics on dataset {result.dataset_type!r} (split {result.dataset_split!r}) use two "
+                f"dataset names, {previous!r} and {result.dataset_name!r}; model-index keeps only one. "
+                "Use the same name."
+            )
+
+
+def _cell(value: Any) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _table_row(record: MetricRecord) -> dict[str, str]:
+    settings = ", ".join(
+        f"{k}={v if isinstance(v, (str, int, float)) else json.dumps(v)}" for k, v in record.settings.items()
+    )
+    return {
+        "metric": _cell(record.metric_name or record.metric_type),
+        "dataset": _cell(record.dataset_name),
+        "split": _cell(record.dataset_split or "—"),
+        "value": _cell(f"{float(record.metric_value):.6g}"),
+        "settings": _cell(settings or "—"),
+    }

@@ -1,0 +1,303 @@
+"""hf_compress.hub: model cards (build, write, read back, validate) and pushing to an in-process fake Hub."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+import yaml
+from huggingface_hub import HfApi, ModelCard, constants, hf_hub_download
+from huggingface_hub.errors import OfflineModeIsEnabled, RemoteEntryNotFoundError, RepositoryNotFoundError
+from huggingface_hub.repocard import REGEX_YAML_BLOCK
+from huggingface_hub.repocard_data import eval_results_to_model_index, model_index_to_eval_results
+from huggingface_hub.utils import _http
+
+import hf_compress
+from hf_compress.evaluation.results import MetricRecord
+from hf_compress.hub import (
+    build_model_card,
+    push_to_hub,
+    read_metrics,
+    read_recipe,
+    validate_model_card,
+    write_model_card,
+)
+from fake_hub import FakeHub
+
+
+RECIPE = {
+    "method": "wanda", "sparsity": 0.5, "calibration": {"dataset": "c4", "samples": 128}, "blocks": (0, 1),
+}
+METRICS = [
+    MetricRecord(
+        "text-generation", "wikitext", "WikiText-2 (raw)", "perplexity", 21.345678,
+        dataset_split="test", settings={"seq_len": 512, "stride": 256},
+    ),
+    MetricRecord(
+        "text-generation", "wikitext", "WikiText-2 (raw)", "accuracy", 0.4375,
+        dataset_split="test", metric_name="Next-token accuracy",
+    ),
+    MetricRecord(
+        "text-generation", "lambada", "LAMBADA (OpenAI)", "accuracy", 0.25, dataset_split="validation",
+    ),
+]
+
+
+def _metadata(card: ModelCard) -> dict:
+    """The YAML block of the rendered card, parsed the way the Hub parses it."""
+    return yaml.safe_load(REGEX_YAML_BLOCK.search(str(card)).group(2))
+
+
+def _card(**overrides) -> ModelCard:
+    kwargs = dict(
+        base_model="HuggingFaceTB/SmolLM2-135M", model_name="tiny-wanda", recipe=RECIPE, metrics=METRICS,
+    )
+    kwargs.update(overrides)
+    return build_model_card(**kwargs)
+
+
+# ------------------------------------------------------------------------------------------------ cards
+
+
+def test_card_metadata_and_model_index_round_trip():
+    card = _card(extra_tags=["sparse"], license="apache-2.0")
+    meta = _metadata(card)
+
+    assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M"
+    assert meta["library_name"] == "transformers"
+    assert meta["pipeline_tag"] == "text-generation"
+    assert meta["license"] == "apache-2.0"
+    assert meta["tags"] == ["hf_compress", "wanda", "sparse"]
+    assert meta["compression"]["library"] == "hf_compress"
+    assert meta["compression"]["version"] == hf_compress.__version__
+    assert meta["compression"]["recipe"] == {**RECIPE, "blocks": [0, 1]}  # tuples become YAML lists
+
+    name, results = model_index_to_eval_results(meta["model-index"])
+    assert name == "tiny-wanda"
+    assert [(r.dataset_type, r.metric_type, r.metric_value) for r in results] == [
+        (m.dataset_type, m.metric_type, m.metric_value) for m in METRICS
+    ]
+    assert results[0].metric_args == {"seq_len": 512, "stride": 256}
+    # Regenerating model-index from the parsed results gives back exactly what the card holds.
+    assert eval_results_to_model_index(name, results) == meta["model-index"]
+
+
+def test_card_body_shows_recipe_results_and_loading():
+    text = ModelCard(str(_card(repo_id="me/tiny-wanda"))).text
+    assert "| perplexity | WikiText-2 (raw) | test | 21.3457 | seq_len=512, stride=256 |" in text
+    assert "| Next-token accuracy | WikiText-2 (raw) | test | 0.4375 | — |" in text
+    assert f"hf_compress {hf_compress.__version__}" in text and "evaluation harness" in text
+    assert "sparsity: 0.5" in text
+    assert 'AutoModelForCausalLM.from_pretrained("me/tiny-wanda")' in text
+
+
+def test_card_without_metrics_has_no_model_index():
+    card = _card(metrics=())
+    meta = _metadata(card)
+    assert "model-index" not in meta and "model_name" not in meta
+    assert "No evaluation results were recorded" in card.text
+    assert read_metrics(card) == []
+
+
+def test_adapter_card():
+    recipe = {"stages": [{"method": "lora", "r": 8}, {"method": "gptq", "bits": 4}]}
+    card = _card(template="adapter", recipe=recipe)
+    meta = _metadata(card)
+    assert meta["library_name"] == "peft"
+    assert meta["base_model_relation"] == "adapter"
+    assert meta["tags"] == ["hf_compress", "lora", "gptq"]
+    assert 'PeftModel.from_pretrained(base, "tiny-wanda")' in card.text
+    with pytest.raises(ValueError, match="base_model"):
+        _card(template="adapter", base_model=None)
+
+
+def test_write_and_read_back(tmp_path):
+    path = write_model_card(tmp_path / "artifact", _card())
+    assert path == tmp_path / "artifact" / "README.md"
+    assert [p.name for p in path.parent.iterdir()] == ["README.md"]  # no temporary file left behind
+    assert read_recipe(path.parent) == {**RECIPE, "blocks": [0, 1]}
+    assert read_metrics(path.parent) == METRICS
+    assert read_metrics(path) == METRICS  # the README itself works too
+    validate_model_card(path.parent)
+
+
+def test_write_is_atomic(tmp_path):
+    write_model_card(tmp_path, _card(model_name="first"))
+    before = (tmp_path / "README.md").read_text()
+
+    class BrokenCard(ModelCard):
+        calls = 0
+
+        def __str__(self):  # validation renders once; fail while the file is being written
+            BrokenCard.calls += 1
+            if BrokenCard.calls > 1:
+                raise RuntimeError("disk full")
+            return super().__str__()
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        write_model_card(tmp_path, BrokenCard(str(_card(model_name="second"))))
+    assert (tmp_path / "README.md").read_text() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["README.md"]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(recipe={"sparsity": 0.5}), "name its compression method"),
+        (dict(recipe={"method": "wanda", "fn": object()}), "JSON-serialisable"),
+        (dict(metrics=[MetricRecord("text-generation", "w", "W", "perplexity", math.nan)]), "finite"),
+        (dict(metrics=[METRICS[0], replace(METRICS[0], dataset_name="Other")]), "two dataset names"),
+        (dict(library_name="my_lib"), "load_snippet"),
+        (dict(template="no_such_template"), "Unknown model card template"),
+    ],
+)
+def test_card_rejects_bad_input(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        _card(**overrides)
+
+
+def test_validate_rejects_broken_model_index(tmp_path):
+    (tmp_path / "README.md").write_text("---\nmodel-index:\n- name: x\n  results:\n  - task: {}\n---\n# x\n")
+    with pytest.raises(ValueError, match="model-index"):
+        validate_model_card(tmp_path)
+    with pytest.raises(ValueError, match="not written by"):
+        read_recipe(ModelCard("---\nlicense: mit\n---\n# x\n"))
+
+
+# ------------------------------------------------------------------------------------------ offline safety
+
+
+def test_tests_run_offline_by_default():
+    # conftest.py forces offline mode: an accidental Hub call fails at once, before any connection.
+    assert constants.is_offline_mode()
+    with pytest.raises(OfflineModeIsEnabled):
+        HfApi().model_info("user/anything")
+
+
+def test_fake_hub_activation_is_undone():
+    before = _http._GLOBAL_CLIENT_FACTORY
+    hub = FakeHub()
+    with hub.activate():
+        assert _http._GLOBAL_CLIENT_FACTORY == hub.client_factory
+        assert isinstance(_http.get_session()._transport, type(hub.client_factory()._transport))
+    assert _http._GLOBAL_CLIENT_FACTORY is before
+
+
+# ------------------------------------------------------------------------------------------------ push
+
+
+def _small_artifact(folder, card=True):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    if card:
+        write_model_card(folder, _card(metrics=()))
+    return folder
+
+
+def test_push_round_trip_through_fake_hub(fake_hub, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_compress.assets.tiny_models import tiny_model
+
+    model, tokenizer = tiny_model("llama")
+    folder = tmp_path / "tiny"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    write_model_card(folder, _card(model_name="tiny", repo_id="user/tiny"))
+    (folder / "custom_generate").mkdir()
+    (folder / "custom_generate" / "generate.py").write_text("def generate(model, **kwargs):\n    pass\n")
+
+    commit = push_to_hub(folder, "user/tiny", commit_message="Add tiny model")
+    assert commit.startswith("https://huggingface.co/user/tiny/commit/")
+    stored = fake_hub.files("user/tiny")
+    assert stored["model.safetensors"] == (folder / "model.safetensors").read_bytes()
+    assert fake_hub.repos[("model", "user/tiny")].head.message == "Add tiny model"
+
+    loaded = AutoModelForCausalLM.from_pretrained("user/tiny").eval()
+    ids = torch.tensor([[1, 72, 101, 108, 108, 111]])
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    assert AutoTokenizer.from_pretrained("user/tiny")("hello")["input_ids"] == tokenizer("hello")["input_ids"]
+
+    card = ModelCard.load("user/tiny")
+    assert read_metrics(card) == METRICS
+    assert read_recipe(card)["method"] == "wanda"
+    script = hf_hub_download("user/tiny", "custom_generate/generate.py")
+    assert open(script).read().startswith("def generate(")
+    with pytest.raises(RemoteEntryNotFoundError):
+        hf_hub_download("user/tiny", "custom_generate/missing.py")
+    assert fake_hub.unhandled == []
+
+    # Pushing the same folder again changes nothing: every file is recognised as already there.
+    head = fake_hub.repos[("model", "user/tiny")].head.oid
+    push_to_hub(folder, "user/tiny")
+    assert fake_hub.repos[("model", "user/tiny")].head.oid == head
+
+
+def test_fake_hub_serves_custom_generate(fake_hub):
+    # `generate(custom_generate=repo)` fetches custom_generate/generate.py via transformers' remote-code path.
+    from hf_compress.assets.tiny_models import tiny_model
+
+    script = "import torch\n\ndef generate(model, *args, **kwargs):\n    return torch.tensor([[7, 7]])\n"
+    fake_hub.add_files("user/gen", {"custom_generate/generate.py": script})
+    model, _ = tiny_model("llama")
+    out = model.generate(torch.tensor([[1, 2, 3]]), custom_generate="user/gen", trust_remote_code=True)
+    assert out.tolist() == [[7, 7]]
+    assert fake_hub.unhandled == []
+
+
+def test_push_pull_request_branch_and_bare_name(fake_hub, tmp_path):
+    folder = _small_artifact(tmp_path / "a")
+    commit = push_to_hub(folder, "small", create_pr=True)  # bare name -> the token owner's namespace
+    assert commit.pr_url == "https://huggingface.co/user/small/discussions/1"
+    assert "config.json" not in fake_hub.files("user/small")  # main untouched
+    assert "config.json" in fake_hub.files("user/small", "refs/pr/1")
+
+    push_to_hub(folder, "user/small", revision="v2")  # a missing branch is created from main
+    assert "README.md" in fake_hub.files("user/small", "v2")
+    assert "README.md" not in fake_hub.files("user/small")
+
+
+def test_push_without_xet_uses_create_commit(fake_hub, tmp_path, monkeypatch):
+    # Without hf_xet, upload_folder falls back to a single create_commit; the fake Hub serves both paths.
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    push_to_hub(_small_artifact(tmp_path / "a"), "user/legacy")
+    assert set(fake_hub.files("user/legacy")) == {".gitattributes", "config.json", "README.md"}
+    assert ("POST", "/api/validate-yaml") in fake_hub.requests
+
+
+def test_fake_hub_auth_and_missing_repos(fake_hub, tmp_path):
+    with pytest.raises(RepositoryNotFoundError):
+        hf_hub_download("user/nope", "config.json")
+    with pytest.raises(Exception, match="Invalid credentials"):
+        push_to_hub(_small_artifact(tmp_path / "a"), "user/x", token="hf_wrong")
+    assert ("model", "user/x") not in fake_hub.repos
+    push_to_hub(_small_artifact(tmp_path / "b"), "user/private", private=True)
+    assert fake_hub.repos[("model", "user/private")].private
+    with pytest.raises(RepositoryNotFoundError):  # anonymous users cannot see it
+        hf_hub_download("user/private", "config.json", token=False)
+
+
+def test_push_missing_card_allowed_on_request(fake_hub, tmp_path):
+    push_to_hub(_small_artifact(tmp_path / "a", card=False), "user/nocard", allow_missing_card=True)
+    assert set(fake_hub.files("user/nocard")) == {".gitattributes", "config.json"}
+
+
+def test_push_refuses_bad_folders(tmp_path):
+    # All refused before any network call (the session is offline: a Hub call would raise something else).
+    with pytest.raises(ValueError, match="does not exist"):
+        push_to_hub(tmp_path / "missing", "user/x")
+    (tmp_path / "empty" / ".git").mkdir(parents=True)
+    (tmp_path / "empty" / ".git" / "HEAD").write_text("ref")
+    with pytest.raises(ValueError, match="empty"):
+        push_to_hub(tmp_path / "empty", "user/x")
+    with pytest.raises(ValueError, match="write_model_card"):
+        push_to_hub(_small_artifact(tmp_path / "nocard", card=False), "user/x")
+    bad = _small_artifact(tmp_path / "bad", card=False)
+    (bad / "README.md").write_text("---\nmodel-index: 3\n---\n")
+    with pytest.raises(ValueError, match="invalid"):
+        push_to_hub(bad, "user/x")
+    with pytest.raises(ValueError, match="create_pr"):
+        push_to_hub(_small_artifact(tmp_path / "ok"), "user/x", create_pr=True, revision="v2")
