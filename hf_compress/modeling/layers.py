@@ -1,0 +1,332 @@
+"""Generic model introspection: decoder blocks, their linear layers, and a uniform weight view.
+
+Compression methods never hard-code module names. They ask for the repeated decoder blocks
+(``find_decoder_blocks``), for the linear layers inside one block (``find_linear_layers``), and read
+or write every weight as an ``[out_features, in_features]`` matrix (``weight_matrix`` /
+``set_weight_matrix``), whatever the layer's own layout: ``nn.Linear`` stores ``[out, in]``,
+GPT-2's ``transformers.pytorch_utils.Conv1D`` stores ``[in, out]``.
+
+Embeddings and ``lm_head`` live outside the decoder blocks, so block-level discovery never returns
+them.
+
+Example:
+    >>> from hf_compress.assets import tiny_model
+    >>> model, _ = tiny_model("gpt2")
+    >>> name, blocks = find_decoder_blocks(model)
+    >>> name, len(blocks)
+    ('transformer.h', 2)
+    >>> {n: tuple(weight_matrix(m).shape) for n, m in find_linear_layers(blocks[0]).items()}
+    {'attn.c_attn': (192, 64), 'attn.c_proj': (64, 64), 'mlp.c_fc': (256, 64), 'mlp.c_proj': (64, 256)}
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+
+__all__ = [
+    "LINEAR_TYPES",
+    "find_decoder_blocks",
+    "find_linear_layers",
+    "in_features",
+    "is_linear",
+    "matches_any",
+    "module_execution_device",
+    "onloaded",
+    "out_features",
+    "set_weight_matrix",
+    "weight_matrix",
+]
+
+LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D)
+"""Module types treated as linear layers (``Conv1D`` is GPT-2's transposed linear layer)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Decoder blocks
+# --------------------------------------------------------------------------------------------------
+
+
+def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The qualified name and ``nn.ModuleList`` of a model's repeated decoder blocks.
+
+    Discovery is generic: among all ``nn.ModuleList``s whose children are all of one class, keep those
+    whose length equals ``num_hidden_layers`` of the (text) config, and return the one holding the
+    most parameters. Without a config giving ``num_hidden_layers`` every homogeneous list of at least
+    two modules that contains linear layers is a candidate. Works for Llama-style models
+    (``model.layers``), GPT-2 (``transformer.h``), OPT (``model.decoder.layers``) and PEFT-wrapped
+    models (``base_model.model.model.layers``).
+
+    Raises:
+        ValueError: no such list exists (e.g. not a transformer decoder).
+
+    Example:
+        >>> from hf_compress.assets import tiny_model
+        >>> find_decoder_blocks(tiny_model("opt")[0])[0]
+        'model.decoder.layers'
+    """
+    expected = _num_hidden_layers(model)
+    candidates: list[tuple[int, str, nn.ModuleList]] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        classes = {type(child) for child in module}
+        if len(classes) != 1:
+            continue
+        if expected is not None:
+            if len(module) != expected:
+                continue
+        elif len(module) < 2 or not any(isinstance(m, LINEAR_TYPES) for m in module[0].modules()):
+            continue
+        size = sum(p.numel() for p in module.parameters())
+        candidates.append((size, name, module))
+    if not candidates:
+        wanted = f"of length num_hidden_layers={expected}" if expected is not None else "of repeated blocks"
+        raise ValueError(
+            f"no decoder blocks found; {type(model).__name__} has no nn.ModuleList {wanted} whose children "
+            "all share one class. hf_compress expects a transformers decoder (e.g. LlamaForCausalLM, "
+            "GPT2LMHeadModel)."
+        )
+    _, name, blocks = max(candidates, key=lambda item: item[0])
+    return name, blocks
+
+
+def _num_hidden_layers(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    if config is None and hasattr(model, "get_base_model"):  # PEFT models without a config attribute
+        config = getattr(model.get_base_model(), "config", None)
+    if config is None:
+        return None
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    value = getattr(config, "num_hidden_layers", None)
+    return value if isinstance(value, int) else None
+
+
+# --------------------------------------------------------------------------------------------------
+# Linear layers
+# --------------------------------------------------------------------------------------------------
+
+
+def is_linear(module: nn.Module) -> bool:
+    """Whether ``module`` is an ``nn.Linear`` (or subclass) or a transformers ``Conv1D``."""
+    return isinstance(module, LINEAR_TYPES)
+
+
+def matches_any(name: str, patterns: Sequence[str]) -> bool:
+    """Whether ``name`` matches one of the shell-style ``fnmatch`` patterns (``*`` also spans dots).
+
+    Example:
+        >>> matches_any("self_attn.q_proj", ["*q_proj", "mlp.*"])
+        True
+    """
+    if isinstance(patterns, str):  # a lone string would otherwise be matched character by character
+        patterns = [patterns]
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def find_linear_layers(module: nn.Module, skip: Sequence[str] = ()) -> dict[str, nn.Module]:
+    """Every ``nn.Linear`` / ``Conv1D`` inside ``module``, by name relative to ``module``, in module order.
+
+    ``skip`` holds shell-style ``fnmatch`` patterns matched against those relative names (``*`` matches
+    any characters including dots): ``["self_attn.*"]`` skips attention, ``["*down_proj"]`` one layer.
+
+    A PEFT adapter layer (e.g. LoRA's ``lora.Linear``) is reported as its frozen base layer under the
+    wrapper's name; the adapter's own small ``lora_A``/``lora_B`` layers are not compression targets.
+
+    Example:
+        >>> from hf_compress.assets import tiny_model
+        >>> block = tiny_model("llama")[0].model.layers[0]
+        >>> list(find_linear_layers(block, skip=["mlp.*"]))
+        ['self_attn.q_proj', 'self_attn.k_proj', 'self_attn.v_proj', 'self_attn.o_proj']
+    """
+    found: dict[str, nn.Module] = {}
+
+    def visit(prefix: str, current: nn.Module) -> None:
+        for child_name, child in current.named_children():
+            name = f"{prefix}{child_name}"
+            base = _peft_base_layer(child)
+            if base is not None:
+                if is_linear(base) and not matches_any(name, skip):
+                    found[name] = base
+                continue  # do not descend into the adapter's own layers
+            if is_linear(child):
+                if not matches_any(name, skip):
+                    found[name] = child
+                continue
+            visit(f"{name}.", child)
+
+    visit("", module)
+    return found
+
+
+def _peft_base_layer(module: nn.Module) -> nn.Module | None:
+    # PEFT tuner layers expose ``get_base_layer()`` (recursive through nested adapters); duck-typed so
+    # that peft need not be imported.
+    if hasattr(module, "base_layer") and callable(getattr(module, "get_base_layer", None)):
+        return module.get_base_layer()
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Uniform [out, in] weight view
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_linear(layer: nn.Module) -> None:
+    if not is_linear(layer):
+        raise TypeError(f"expected nn.Linear or transformers Conv1D, got {type(layer).__name__}.")
+
+
+def in_features(layer: nn.Module) -> int:
+    """Number of input features of a linear layer (``Conv1D`` included).
+
+    Example:
+        >>> in_features(nn.Linear(3, 5)), in_features(Conv1D(5, 3))
+        (3, 3)
+    """
+    _check_linear(layer)
+    return layer.weight.shape[0] if isinstance(layer, Conv1D) else layer.weight.shape[1]
+
+
+def out_features(layer: nn.Module) -> int:
+    """Number of output features of a linear layer (``Conv1D`` included).
+
+    Example:
+        >>> out_features(nn.Linear(3, 5)), out_features(Conv1D(5, 3))
+        (5, 5)
+    """
+    _check_linear(layer)
+    return layer.weight.shape[1] if isinstance(layer, Conv1D) else layer.weight.shape[0]
+
+
+def weight_matrix(layer: nn.Module) -> torch.Tensor:
+    """The layer's weight as an ``[out_features, in_features]`` tensor sharing its storage.
+
+    The result is detached from autograd and, for ``Conv1D``, a transposed view: in-place edits
+    (``weight_matrix(layer)[mask] = 0``) change the layer. Use ``set_weight_matrix`` to write a new
+    tensor. For a layer whose weights accelerate has offloaded, read it inside ``onloaded(layer)``.
+
+    Example:
+        >>> layer = Conv1D(5, 3)  # 3 inputs, 5 outputs, stored [3, 5]
+        >>> tuple(weight_matrix(layer).shape)
+        (5, 3)
+    """
+    _check_linear(layer)
+    weight = layer.weight.detach()
+    return weight.t() if isinstance(layer, Conv1D) else weight
+
+
+def set_weight_matrix(layer: nn.Module, new: torch.Tensor) -> None:
+    """Write an ``[out_features, in_features]`` matrix into the layer, in the layer's own layout.
+
+    The copy is in place (dtype and device of the existing weight are kept, the Parameter object is
+    unchanged), so optimizers, tied references and hooks that hold the parameter stay valid.
+
+    Example:
+        >>> layer = Conv1D(5, 3)
+        >>> set_weight_matrix(layer, torch.ones(5, 3))
+        >>> bool((layer.weight == 1).all()), tuple(layer.weight.shape)
+        (True, (3, 5))
+    """
+    _check_linear(layer)
+    expected = (out_features(layer), in_features(layer))
+    if tuple(new.shape) != expected:
+        raise ValueError(
+            f"weight matrix must have shape [out_features, in_features] = {list(expected)}, "
+            f"got {list(new.shape)}."
+        )
+    with torch.no_grad():
+        weight_matrix(layer).copy_(new)
+
+
+# --------------------------------------------------------------------------------------------------
+# Devices and accelerate offloading
+# --------------------------------------------------------------------------------------------------
+
+
+def module_execution_device(module: nn.Module) -> torch.device:
+    """The device ``module`` computes on.
+
+    An accelerate hook's ``execution_device`` wins (dispatched or offloaded models keep weights on
+    ``meta``/CPU and move them at forward); otherwise the device of the first parameter or buffer
+    that is not on ``meta``; CPU when there is none.
+
+    Example:
+        >>> module_execution_device(nn.Linear(2, 2))
+        device(type='cpu')
+    """
+    for sub in module.modules():
+        hook = getattr(sub, "_hf_hook", None)
+        device = getattr(hook, "execution_device", None)
+        if device is not None:
+            return torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
+    for tensor in _tensors(module):
+        if tensor.device.type != "meta":
+            return tensor.device
+    return torch.device("cpu")
+
+
+def _tensors(module: nn.Module) -> Iterator[torch.Tensor]:
+    yield from module.parameters()
+    yield from module.buffers()
+
+
+@contextlib.contextmanager
+def onloaded(module: nn.Module) -> Iterator[nn.Module]:
+    """Materialise accelerate-offloaded weights of ``module`` (and its children) for reading and editing.
+
+    Inside the block every submodule whose weights accelerate keeps offloaded (``cpu_offload``,
+    ``device_map`` with ``"cpu"``) holds real tensors on its execution device, and forwards run inside
+    the block use them as they are; on exit, the (possibly edited) values are written back to the
+    offload store and the module is offloaded again. For modules without offloading this does nothing.
+
+    Disk offload writes back into the loader's tensors, which may be read-only memory maps: untested.
+
+    Example:
+        >>> with onloaded(block):  # doctest: +SKIP
+        ...     weight_matrix(block.self_attn.q_proj)[:, :8] = 0
+    """
+    offloaded = [sub for sub in module.modules() if _is_offloaded(sub)]
+    entered: list[nn.Module] = []
+    try:
+        for sub in offloaded:
+            sub._hf_hook.pre_forward(sub)
+            # While onloaded, forwards run inside the block (e.g. a method re-running the block) must neither
+            # reload the stored weights over edits nor offload them to ``meta``: pause the hook's offloading.
+            sub._hf_hook.offload = False
+            entered.append(sub)
+        yield module
+        for sub in entered:
+            _write_back(sub)
+    finally:
+        for sub in reversed(entered):
+            sub._hf_hook.offload = True
+            sub._hf_hook.post_forward(sub, None)
+
+
+def _is_offloaded(module: nn.Module) -> bool:
+    hook = getattr(module, "_hf_hook", None)
+    # ``offload`` and ``weights_map`` are AlignDevicesHook attributes, read duck-typed so accelerate need not
+    # be imported; hooks without them (e.g. a SequentialHook) are skipped.
+    return bool(getattr(hook, "offload", False)) and getattr(hook, "weights_map", None) is not None
+
+
+def _write_back(module: nn.Module) -> None:
+    hook = module._hf_hook
+    recurse = bool(getattr(hook, "place_submodules", False))
+    with torch.no_grad():
+        tensors = [*module.named_parameters(recurse=recurse), *module.named_buffers(recurse=recurse)]
+        for name, tensor in tensors:
+            try:
+                stored = hook.weights_map[name]
+            except KeyError:
+                continue
+            if stored.data_ptr() != tensor.data_ptr():  # on a CPU execution device they share storage already
+                stored.copy_(tensor.to(stored.device, stored.dtype))
