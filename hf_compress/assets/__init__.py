@@ -18,6 +18,7 @@ from .reference_models import (
 )
 from .resolve import load_model
 from .text import load_news, load_text, load_wikipedia, speed_prompts, strip_wikitext
+from .zero_shot import ZERO_SHOT_TASKS, load_gsm8k, load_squad, load_zero_shot_task
 from .tiny_models import TINY_ARCHITECTURES, tiny_config, tiny_model, tiny_tokenizer
 
 
@@ -26,11 +27,15 @@ __all__ = [
     "MissingAssetError",
     "REFERENCE_MODELS",
     "TINY_ARCHITECTURES",
+    "ZERO_SHOT_TASKS",
+    "load_gsm8k",
     "load_model",
     "load_news",
     "load_reference_model",
     "load_text",
+    "load_squad",
     "load_wikipedia",
+    "load_zero_shot_task",
     "reference_model_path",
     "speed_prompts",
     "strip_wikitext",

@@ -14,6 +14,7 @@ from .memory import cache_bytes, disk_bytes, measure_kv_cache_bytes, parameter_b
 from .perplexity import evaluate_perplexity, perplexity_record, token_windows, tokenize_stream
 from .results import MetricRecord
 from .speed import measure_generation_speed
+from .zero_shot import evaluate_zero_shot, zero_shot_records
 
 
 __all__ = [
@@ -21,10 +22,12 @@ __all__ = [
     "cache_bytes",
     "disk_bytes",
     "evaluate_perplexity",
+    "evaluate_zero_shot",
     "measure_generation_speed",
     "measure_kv_cache_bytes",
     "parameter_bytes",
     "perplexity_record",
     "token_windows",
     "tokenize_stream",
+    "zero_shot_records",
 ]
