@@ -1,6 +1,7 @@
 """hf_compress: LLM compression methods as first-class Hugging Face citizens.
 
-Importing the package is cheap; sub-packages are imported on first use.
+Importing the package registers its checkpoint loaders with transformers; method sub-packages are
+imported on first use.
 
 Example:
     >>> from hf_compress.assets import tiny_model
@@ -8,5 +9,9 @@ Example:
 """
 
 __version__ = "0.1.0.dev0"
+
+# Registers hf_compress's checkpoint formats with transformers, so a plain
+# `AutoModelForCausalLM.from_pretrained` loads sparse (and later packed or slimmed) checkpoints.
+from .modeling import loading as _loading  # noqa: E402,F401
 
 __all__ = ["__version__"]

@@ -40,6 +40,19 @@ class DemoMethod:
 
 
 DEMO_METHODS: list[DemoMethod] = []
+"""Extra methods to run besides the built-in ones (see :func:`default_demo_methods`)."""
+
+
+def default_demo_methods() -> list[DemoMethod]:
+    """The built-in methods the demo applies, in order, plus any added to :data:`DEMO_METHODS`.
+
+    Example:
+        >>> [m.name for m in default_demo_methods()][:1]
+        ['magnitude-2of4']
+    """
+    from .pruning.demo import demo_methods
+
+    return [*demo_methods(), *DEMO_METHODS]
 
 QUICK_SETTINGS = EvaluationSettings(
     perplexity_sets=("wikipedia", "news"), max_windows=24, zero_shot_tasks=("arc_easy",), zero_shot_limit=200,
@@ -70,7 +83,7 @@ def run_demo(
     from .assets.text import load_text
 
     settings = settings or QUICK_SETTINGS
-    methods = DEMO_METHODS if methods is None else methods
+    methods = default_demo_methods() if methods is None else methods
     output_dir = Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{output_dir} is not empty; pass --overwrite or choose another --output-dir.")

@@ -65,3 +65,22 @@ def test_console_script_and_optimum_cli_registration():
     )
     assert done.returncode == 0, done.stderr
     assert "assets:" in done.stdout
+
+
+def test_prune_saves_a_loadable_sparse_checkpoint(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from hf_compress.pruning import check_pattern, parse_sparsity
+    from hf_compress.modeling import find_decoder_blocks, find_linear_layers, weight_matrix
+
+    out = tmp_path / "pruned"
+    args = ["prune", "wanda", "--model", "tiny-qwen3", "--save-dir", str(out), "--calibration-sequences", "4",
+            "--seq-len", "64", "-q"]
+    assert main(args) == 0
+    assert "overall sparsity 0.5000" in capsys.readouterr().out
+    model = AutoModelForCausalLM.from_pretrained(out)
+    _, blocks = find_decoder_blocks(model)
+    for layer in find_linear_layers(blocks[0]).values():
+        assert check_pattern(weight_matrix(layer), parse_sparsity("2:4"))
+    assert main(args) == 2  # the folder now holds a model
+    assert "already holds a model" in capsys.readouterr().err

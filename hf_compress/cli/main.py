@@ -35,8 +35,17 @@ def command(name: str, help: str, add_arguments: Callable[[argparse.ArgumentPars
     return register
 
 
+# Modules whose import registers method sub-commands (each imports only argparse-level code at top).
+METHOD_COMMAND_MODULES = ("hf_compress.pruning.cli",)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
     from .. import __version__
+
+    for module in METHOD_COMMAND_MODULES:
+        importlib.import_module(module)
 
     parser = argparse.ArgumentParser(
         prog="hf-compress",
@@ -50,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="only warnings and results")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
+    parser.set_defaults(debug=False, quiet=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help_text, add_arguments, run) in COMMANDS.items():
         child = sub.add_parser(name, help=help_text, description=help_text, parents=[common])

@@ -1,0 +1,218 @@
+"""Loading hf_compress checkpoint formats with a plain ``from_pretrained``.
+
+transformers rebuilds a quantized checkpoint from the ``quantization_config`` entry of its
+``config.json``: ``quant_method`` names a config class and an ``HfQuantizer`` in two registries
+(``transformers.quantizers.register_quantization_config`` / ``register_quantizer``). hf_compress
+stores its compressed formats (sparse bitmask checkpoints of pruned models, and later packed or
+slimmed ones) the same way, so a user only needs ``import hf_compress`` before
+``AutoModelForCausalLM.from_pretrained(folder)``; nothing else changes.
+
+This module is the shared mechanism:
+
+- ``CompressedFormatConfig``: base of the ``quantization_config`` of every hf_compress format
+  (``quant_method`` + ``format_version``, any other field round-trips through JSON unchanged).
+- ``CompressedFormatQuantizer``: base ``HfQuantizer``. A format declares how its stored tensors turn
+  back into the model's parameters as transformers v5 ``WeightConverter``\\ s
+  (``weight_converters()``); the loader runs them while it reads the checkpoint. After loading the
+  quantizer detaches itself, so the result is an ordinary model: ``generate``, ``Trainer`` (full
+  fine-tuning included), ``.to(dtype)`` and ``save_pretrained`` (which then writes a plain dense
+  checkpoint) behave as for any model.
+- ``register_format``: a small registry from ``quant_method`` to the classes above, which also
+  registers them with transformers (idempotent, so a module reload does not fail).
+
+Importing this module registers the built-in formats (``hf_compress_sparse``).
+
+Example:
+    >>> import hf_compress.modeling.loading  # registers hf_compress formats  # doctest: +SKIP
+    >>> from transformers import AutoModelForCausalLM
+    >>> model = AutoModelForCausalLM.from_pretrained("pruned-2-4")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from transformers.quantizers import auto as _transformers_auto
+from transformers.quantizers.base import HfQuantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from ..utils import get_logger
+
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+    from transformers.core_model_loading import WeightTransform
+
+
+__all__ = [
+    "BUILTIN_FORMAT_MODULES",
+    "CompressedFormatConfig",
+    "CompressedFormatQuantizer",
+    "register_format",
+    "registered_formats",
+]
+
+logger = get_logger(__name__)
+
+BUILTIN_FORMAT_MODULES: tuple[str, ...] = ("hf_compress.pruning.sparse_format",)
+"""Modules defining hf_compress's formats; each registers its format when imported."""
+
+_FORMATS: dict[str, type[CompressedFormatQuantizer]] = {}
+
+
+class CompressedFormatConfig(QuantizationConfigMixin):
+    """Base ``quantization_config`` of an hf_compress checkpoint format.
+
+    Subclasses set ``QUANT_METHOD`` (the ``quant_method`` name in ``config.json``) and
+    ``FORMAT_VERSION`` (the newest on-disk layout this code reads and writes, bumped on incompatible
+    changes). Instances carry ``quant_method`` and the checkpoint's ``format_version``; every other
+    keyword is stored as an attribute and written back by ``to_dict``, so fields this version does
+    not know survive a load/save round trip.
+
+    Example:
+        >>> class MyConfig(CompressedFormatConfig):
+        ...     QUANT_METHOD = "my_format"
+        >>> MyConfig(block_size=4).to_dict()
+        {'block_size': 4, 'quant_method': 'my_format', 'format_version': 1}
+    """
+
+    QUANT_METHOD: ClassVar[str] = ""
+    FORMAT_VERSION: ClassVar[int] = 1
+
+    def __init__(self, **kwargs: Any) -> None:
+        stored_method = kwargs.pop("quant_method", None)
+        if stored_method is not None and stored_method != self.QUANT_METHOD:
+            raise ValueError(
+                f"{type(self).__name__} reads quant_method {self.QUANT_METHOD!r}, got {stored_method!r}."
+            )
+        version = kwargs.pop("format_version", self.FORMAT_VERSION)
+        for key, value in kwargs.items():
+            setattr(self, key, value)
+        # Instance attributes, so that ``to_dict`` (a copy of ``__dict__``) writes them to config.json.
+        self.quant_method: str = self.QUANT_METHOD
+        self.format_version: int = int(version)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-ready dict stored as ``quantization_config`` in ``config.json``."""
+        return copy.deepcopy(self.__dict__)
+
+
+class CompressedFormatQuantizer(HfQuantizer):
+    """Base ``HfQuantizer`` for hf_compress checkpoint formats: decode at load, then step aside.
+
+    A subclass sets ``config_class`` and implements ``weight_converters()``: transformers v5
+    ``WeightConverter``\\ s that gather a parameter's stored tensors (e.g. ``weight``,
+    ``weight_bitmask``, ``weight_shape``) and return the dense parameter. They are appended after the
+    model's own conversions (``update_weight_conversions``), so renamings and architecture-specific
+    converters still apply first, and the loader materialises, converts and places each parameter
+    as it streams through the checkpoint.
+
+    These formats are storage formats, not compute formats: once loaded, the weights are ordinary
+    dense tensors, so the quantizer removes itself from the model (``postprocess_model``). The model
+    is then indistinguishable from one loaded from a dense checkpoint.
+    """
+
+    config_class: ClassVar[type[CompressedFormatConfig]]
+    requires_calibration = False  # checked in ``validate_environment`` with a clearer message
+
+    def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+        method = self.quantization_config.quant_method
+        if not self.pre_quantized:
+            raise ValueError(
+                f"{method!r} is a checkpoint format written by hf_compress, not an on-the-fly quantization: "
+                "load a checkpoint saved in that format instead of passing its config to from_pretrained."
+            )
+        version = getattr(self.quantization_config, "format_version", 1)
+        supported = self.config_class.FORMAT_VERSION
+        if version > supported:
+            raise ValueError(
+                f"This checkpoint uses {method!r} format version {version}, but the installed hf_compress "
+                f"reads versions up to {supported}; upgrade hf_compress (pip install -U hf-compress)."
+            )
+
+    def weight_converters(self) -> list[WeightTransform]:
+        """The converters turning the stored tensors into the model's dense parameters."""
+        raise NotImplementedError
+
+    def update_weight_conversions(self, weight_conversions: list, model: PreTrainedModel) -> list:
+        # transformers applies renamings first, then at most one converter per key, in list order: ours
+        # come last so the model's own converters keep precedence for the keys they handle.
+        self._format_conversions = self.weight_converters()
+        return list(weight_conversions) + self._format_conversions
+
+    def postprocess_model(self, model: PreTrainedModel, **kwargs: Any) -> PreTrainedModel:
+        # The decoded weights are plain tensors: detach the quantizer and the quantization_config so the
+        # model is an ordinary one (Trainer, .to(dtype), save_pretrained treat it as unquantized) ...
+        self.remove_quantization_config(model)
+        # ... and forget our converters: transformers keeps the conversions used at load in
+        # ``model._weight_conversions`` and reverts them in save_pretrained, which must write dense tensors.
+        ours = {id(conversion) for conversion in getattr(self, "_format_conversions", ())}
+        used = getattr(model, "_weight_conversions", None)
+        if used is not None:
+            model._weight_conversions = [conversion for conversion in used if id(conversion) not in ours]
+        return self._process_model_after_weight_loading(model, **kwargs)
+
+    def is_serializable(self) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True
+
+
+def register_format(quantizer_cls: type[CompressedFormatQuantizer]) -> type[CompressedFormatQuantizer]:
+    """Register a format's quantizer and its ``config_class`` with transformers under ``QUANT_METHOD``.
+
+    Usable as a class decorator. Registering the same class again (or a reloaded copy of the same
+    class) replaces the earlier entry; a different class under a name that is already taken raises.
+
+    Example:
+        >>> @register_format  # doctest: +SKIP
+        ... class MyQuantizer(CompressedFormatQuantizer):
+        ...     config_class = MyConfig
+    """
+    config_cls = quantizer_cls.config_class
+    name = config_cls.QUANT_METHOD
+    if not name:
+        raise ValueError(f"{config_cls.__name__} must set QUANT_METHOD.")
+    for mapping, cls in (
+        (_transformers_auto.AUTO_QUANTIZATION_CONFIG_MAPPING, config_cls),
+        (_transformers_auto.AUTO_QUANTIZER_MAPPING, quantizer_cls),
+    ):
+        existing = mapping.get(name)
+        if existing is not None and not _same_class(existing, cls):
+            raise ValueError(
+                f"quant_method {name!r} is already registered with transformers by "
+                f"{existing.__module__}.{existing.__qualname__}."
+            )
+    # Our own earlier registration (e.g. before a module reload) is replaced; transformers' decorators
+    # refuse any duplicate, so drop it first.
+    _transformers_auto.AUTO_QUANTIZATION_CONFIG_MAPPING.pop(name, None)
+    _transformers_auto.AUTO_QUANTIZER_MAPPING.pop(name, None)
+    _transformers_auto.register_quantization_config(name)(config_cls)
+    _transformers_auto.register_quantizer(name)(quantizer_cls)
+    _FORMATS[name] = quantizer_cls
+    logger.debug("registered checkpoint format %r with transformers", name)
+    return quantizer_cls
+
+
+def registered_formats() -> dict[str, type[CompressedFormatQuantizer]]:
+    """The hf_compress formats registered with transformers, by ``quant_method``.
+
+    Example:
+        >>> "hf_compress_sparse" in registered_formats()
+        True
+    """
+    return dict(_FORMATS)
+
+
+def _same_class(a: type, b: type) -> bool:
+    return a is b or (a.__module__, a.__qualname__) == (b.__module__, b.__qualname__)
+
+
+# Last, so that format modules importing this one (``from ..modeling.loading import ...``) find every name
+# defined even when they are imported first.
+for _module in BUILTIN_FORMAT_MODULES:
+    importlib.import_module(_module)

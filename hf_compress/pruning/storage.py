@@ -1,0 +1,273 @@
+"""Saving pruned models sparse, so that a plain ``from_pretrained`` restores them exactly.
+
+``save_pruned`` writes a normal transformers checkpoint folder (``config.json``,
+``generation_config.json``, safetensors shards, tokenizer files) in which every linear weight of the
+decoder blocks that is sparse enough is stored in the ``hf_compress_sparse`` bitmask encoding
+(``hf_compress.pruning.sparse_format``); everything else (embeddings, norms, ``lm_head``, dense
+layers) is stored as usual. ``config.json`` records the format, the compressed modules, the
+pruning recipe and the measured bytes under ``quantization_config``.
+
+Loading needs nothing but ``import hf_compress`` (which registers the format with transformers)::
+
+    model = AutoModelForCausalLM.from_pretrained(folder)
+
+and gives an ordinary dense model with bit-identical weights (zeros come back as ``+0.0``, see
+``sparse_format``). Its ``save_pretrained`` writes a plain dense checkpoint; call ``save_pruned``
+again to store it sparse.
+
+Example:
+    >>> import torch
+    >>> from hf_compress.assets import tiny_model
+    >>> model, tokenizer = tiny_model("llama")
+    >>> with torch.no_grad():
+    ...     for block in model.model.layers:
+    ...         for layer in (block.mlp.up_proj, block.mlp.down_proj):
+    ...             layer.weight[:, ::2] = 0  # 50% sparse
+    >>> path = save_pruned(model, tokenizer, "pruned", recipe={"method": "manual"})  # doctest: +SKIP
+    >>> AutoModelForCausalLM.from_pretrained(path)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.core_model_loading import WeightConverter
+
+from ..modeling.layers import find_decoder_blocks, find_linear_layers, onloaded
+from ..utils import atomic_directory, get_logger
+from .sparse_format import BITMASK_SUFFIX, SHAPE_SUFFIX, SparseStorageConfig, encode_sparse
+
+
+__all__ = ["MODEL_FILE_PATTERNS", "holds_model", "save_pruned", "sparse_state_dict"]
+
+logger = get_logger(__name__)
+
+MODEL_FILE_PATTERNS: tuple[str, ...] = (
+    "config.json", "*.safetensors", "*.safetensors.index.json", "*.bin", "*.gguf",
+)
+"""Files whose presence marks a folder as holding a model (``save_pruned`` refuses to overwrite it)."""
+
+
+def holds_model(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` contains a model checkpoint (``config.json`` or weight files).
+
+    Example:
+        >>> holds_model("/nonexistent")
+        False
+    """
+    folder = Path(folder)
+    return folder.is_dir() and any(any(folder.glob(pattern)) for pattern in MODEL_FILE_PATTERNS)
+
+
+def sparse_state_dict(
+    model: PreTrainedModel, min_sparsity: float = 0.25
+) -> tuple[dict[str, torch.Tensor], list[str], dict[str, Any]]:
+    """The model's state dict with sparse-enough decoder-block linear weights in the stored encoding.
+
+    A linear weight (``nn.Linear`` or ``Conv1D``) inside the decoder blocks is encoded when its
+    fraction of zeros is at least ``min_sparsity`` and the encoding is actually smaller (below
+    ``1 / (8 * itemsize)`` sparsity the bitmask costs more than it saves). Weights that the model's
+    own checkpoint conversions rename-and-transform (e.g. fused on disk) are left dense, because
+    those conversions would otherwise act on the encoded tensors.
+
+    Returns:
+        ``(state_dict, compressed_modules, storage)`` where ``storage`` holds ``dense_linear_bytes``
+        (all decoder-block linear weights stored dense), ``stored_linear_bytes`` (as stored here) and
+        their ``ratio``.
+
+    Example:
+        >>> from hf_compress.assets import tiny_model
+        >>> model, _ = tiny_model("gpt2")
+        >>> with torch.no_grad():
+        ...     model.transformer.h[0].mlp.c_fc.weight[::2] = 0
+        >>> state, modules, storage = sparse_state_dict(model)
+        >>> modules
+        ['transformer.h.0.mlp.c_fc']
+        >>> sorted(k.rpartition(".")[2] for k in state if k.startswith("transformer.h.0.mlp.c_fc."))
+        ['bias', 'weight', 'weight_bitmask', 'weight_shape']
+    """
+    if not 0.0 < min_sparsity <= 1.0:
+        raise ValueError(f"min_sparsity must be in (0, 1], got {min_sparsity}.")
+    _, blocks = find_decoder_blocks(model)
+    targets = {id(layer) for block in blocks for layer in find_linear_layers(block).values()}
+    converted = _keys_under_model_conversions(model)
+
+    state_dict = model.state_dict()
+    compressed: list[str] = []
+    dense_bytes = stored_bytes = 0
+    for name, module in model.named_modules():
+        if id(module) not in targets:
+            continue
+        key = f"{name}.weight"
+        with onloaded(module):  # accelerate-offloaded weights are read from their offload store
+            weight = module.weight.detach()
+            nbytes = weight.numel() * weight.element_size()
+            dense_bytes += nbytes
+            sparsity = float((weight == 0).sum()) / max(weight.numel(), 1)
+            # A weight stored under another name (e.g. a torch parametrization) or transformed by the model's
+            # own conversions stays dense.
+            eligible = sparsity >= min_sparsity and key in state_dict and key not in converted
+            packed = encode_sparse(weight) if eligible else None
+            if packed is None or packed.nbytes >= nbytes:
+                stored_bytes += nbytes
+                continue
+            state_dict[key] = packed.values
+            state_dict[key + BITMASK_SUFFIX] = packed.bitmask
+            state_dict[key + SHAPE_SUFFIX] = packed.shape
+        stored_bytes += packed.nbytes
+        compressed.append(name)
+    storage = {
+        "dense_linear_bytes": dense_bytes,
+        "stored_linear_bytes": stored_bytes,
+        "ratio": round(stored_bytes / dense_bytes, 6) if dense_bytes else 1.0,
+    }
+    return state_dict, compressed, storage
+
+
+def save_pruned(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase | None,
+    save_dir: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    recipe: Mapping[str, Any] | Any | None = None,
+    min_sparsity: float = 0.25,
+    max_shard_size: int | str = "5GB",
+) -> Path:
+    """Save a pruned model (and its tokenizer) with sparse linear weights; ``from_pretrained`` restores it.
+
+    Args:
+        model: a transformers model (not PEFT-wrapped: merge adapters first with ``merge_and_unload``).
+        tokenizer: saved alongside when given.
+        save_dir: the checkpoint folder. Written atomically: the files are staged in a temporary folder
+            next to it and moved into place at the end, so a failure leaves nothing behind.
+        overwrite: replace a folder that already holds a model (the whole folder is replaced).
+            A folder that exists without a model (e.g. only a README) keeps its other files.
+        recipe: the pruning recipe recorded in ``config.json`` (a JSON-ready mapping, or an object with
+            ``to_dict()`` such as a ``PruningConfig``). By default, the one the pruners leave in
+            ``model.config.hf_compress["pruning"]``, if any.
+        min_sparsity: decoder-block linear weights with at least this fraction of zeros are stored sparse.
+        max_shard_size: passed to ``save_pretrained``.
+
+    Returns:
+        The folder. Bytes of the decoder-block linear weights, dense versus stored, are logged and
+        recorded in ``config.json`` under ``quantization_config.storage``.
+
+    Raises:
+        FileExistsError: ``save_dir`` holds a model (or is a file) and ``overwrite`` is false.
+        ValueError: the model is quantized, carries PEFT adapters, or ``recipe`` is not JSON-serialisable.
+
+    Example:
+        >>> path = save_pruned(model, tokenizer, "llama-2-4", recipe=config)  # doctest: +SKIP
+        >>> AutoModelForCausalLM.from_pretrained(path)  # after `import hf_compress`  # doctest: +SKIP
+    """
+    target = Path(save_dir)
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"{target} is a file, not a folder.")
+    existed_with_model = holds_model(target)
+    if existed_with_model and not overwrite:
+        raise FileExistsError(
+            f"{target} already holds a model; choose another folder or pass overwrite=True to replace it."
+        )
+    _check_model(model)
+    if recipe is None:  # the pruners record theirs on the config (``hf_compress.pruning.base.RECIPE_KEY``)
+        recorded = getattr(model.config, "hf_compress", None)
+        recipe = recorded.get("pruning") if isinstance(recorded, Mapping) else None
+    recipe_dict = _recipe_to_dict(recipe)
+
+    state_dict, compressed, storage = sparse_state_dict(model, min_sparsity=min_sparsity)
+    quantization_config = SparseStorageConfig(
+        compressed_modules=compressed, min_sparsity=min_sparsity, recipe=recipe_dict, storage=storage
+    )
+    keep_existing = target.is_dir() and not existed_with_model
+    with atomic_directory(target, overwrite=target.exists()) as staging:
+        if keep_existing:  # e.g. a README or results written before the model: keep them
+            shutil.copytree(target, staging, dirs_exist_ok=True)
+        with _attached(model, quantization_config):
+            # save_pretrained writes config/generation config, drops tied duplicates (lm_head) and shards.
+            model.save_pretrained(staging, state_dict=state_dict, max_shard_size=max_shard_size)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+    logger.info(
+        "saved %s: %d decoder-block linear weights sparse, %d -> %d bytes (%.3fx)", target,
+        len(compressed), storage["dense_linear_bytes"], storage["stored_linear_bytes"], storage["ratio"],
+    )
+    return target
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_model(model: nn.Module) -> None:
+    if not isinstance(model, PreTrainedModel):
+        name = type(model).__name__
+        hint = " Merge PEFT adapters first (merge_and_unload())." if hasattr(model, "peft_config") else ""
+        raise TypeError(f"save_pruned expects a transformers PreTrainedModel, not {name}.{hint}")
+    if getattr(model, "_hf_peft_config_loaded", False):
+        raise ValueError("the model carries PEFT adapters; merge them into the weights first.")
+    quantization = getattr(model.config, "quantization_config", None)
+    if getattr(model, "hf_quantizer", None) is not None or quantization:
+        method = quantization.get("quant_method") if isinstance(quantization, Mapping) else None
+        method = method or getattr(quantization, "quant_method", None) or "unknown method"
+        raise ValueError(f"the model is quantized ({method}); sparse storage needs dense float weights.")
+
+
+def _recipe_to_dict(recipe: Any) -> dict[str, Any] | None:
+    if recipe is None:
+        return None
+    if hasattr(recipe, "to_dict"):
+        recipe = recipe.to_dict()
+    if not isinstance(recipe, Mapping):
+        raise ValueError(f"recipe must be a mapping or have to_dict(), got {type(recipe).__name__}.")
+    try:  # fail before writing anything, not inside save_pretrained
+        return json.loads(json.dumps(dict(recipe)))
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"recipe must be JSON-serialisable: {error}") from error
+
+
+@contextlib.contextmanager
+def _attached(model: PreTrainedModel, quantization_config: SparseStorageConfig) -> Iterator[None]:
+    """The model's config carries ``quantization_config`` inside the block only (``_check_model`` made
+    sure it had none), so that save_pretrained writes it to config.json and the model is left unchanged."""
+    model.config.quantization_config = quantization_config
+    try:
+        yield
+    finally:
+        del model.config.quantization_config
+
+
+def _keys_under_model_conversions(model: PreTrainedModel) -> set[str]:
+    """Parameter names that the model's checkpoint conversions transform with an operation on save/load.
+
+    save_pretrained reverts these conversions (e.g. re-fuses split projections) and from_pretrained
+    applies them; on encoded tensors both would be wrong, so such weights are stored dense.
+    """
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions is None:
+        conversions = get_model_conversion_mapping(model, add_legacy=False)
+    converters = [c for c in conversions if isinstance(c, WeightConverter)]
+    if not converters:
+        return set()
+    reversed_converters = []
+    for converter in converters:
+        try:
+            reversed_converters.append(converter.reverse_transform())
+        except (ValueError, NotImplementedError):
+            reversed_converters.append(converter)
+    names = [name for name, _ in model.named_parameters()]
+    return {
+        name for name in names
+        if any(c.rename_source_key(name)[1] is not None for c in reversed_converters)
+    }

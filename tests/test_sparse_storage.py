@@ -1,0 +1,399 @@
+"""Sparse on-disk storage of pruned models (hf_compress.pruning.storage / sparse_format) and its loader."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers import AutoModel, AutoModelForCausalLM
+from transformers.quantizers import auto as quantizers_auto
+
+import hf_compress.modeling.loading  # noqa: F401  registers the format with transformers
+from hf_compress.assets import tiny_model
+from hf_compress.modeling import find_decoder_blocks, find_linear_layers, weight_matrix
+from hf_compress.modeling.loading import registered_formats
+from hf_compress.pruning.sparse_format import (
+    FORMAT_NAME,
+    SparseStorageConfig,
+    decode_sparse,
+    encode_sparse,
+    pack_bitmask,
+    unpack_bitmask,
+)
+from hf_compress.pruning.storage import save_pruned, sparse_state_dict
+
+
+ARCHS = ["llama", "gpt2", "opt", "gemma3"]
+INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers: prune by hand, compare bit for bit
+# --------------------------------------------------------------------------------------------------
+
+
+def _block_linears(model) -> dict[str, torch.nn.Module]:
+    blocks_name, blocks = find_decoder_blocks(model)
+    return {
+        f"{blocks_name}.{i}.{name}": layer
+        for i, block in enumerate(blocks)
+        for name, layer in find_linear_layers(block).items()
+    }
+
+
+@torch.no_grad()
+def _prune_2_4(layer: torch.nn.Module) -> None:
+    """Keep the 2 largest-magnitude weights of every 4 consecutive inputs of each output row."""
+    w = weight_matrix(layer)  # [out, in] view, also for Conv1D
+    groups = w.reshape(w.shape[0], -1, 4)
+    drop = groups.abs().argsort(dim=-1)[..., :2]
+    keep = torch.ones_like(groups, dtype=torch.bool).scatter_(-1, drop, False)
+    w.mul_(keep.reshape(w.shape))  # multiplying gives -0.0 for negative weights, as a pruner's mask would
+
+
+@torch.no_grad()
+def _prune_random(layer: torch.nn.Module, ratio: float = 0.5, seed: int = 0) -> None:
+    w = layer.weight
+    generator = torch.Generator().manual_seed(seed)
+    w[torch.rand(w.shape, generator=generator) < ratio] = 0
+
+
+def _prune(model, pattern: str) -> None:
+    for i, layer in enumerate(_block_linears(model).values()):
+        _prune_2_4(layer) if pattern == "2:4" else _prune_random(layer, seed=i)
+
+
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    """The raw bits, with -0.0 written as +0.0 (the one documented normalisation)."""
+    if tensor.dtype not in INT_VIEW:
+        return tensor
+    return torch.where(tensor == 0, torch.zeros_like(tensor), tensor).view(INT_VIEW[tensor.dtype])
+
+
+def _assert_same_weights(expected, actual) -> None:
+    want, got = expected.state_dict(), actual.state_dict()
+    assert want.keys() == got.keys()
+    for key, tensor in want.items():
+        assert got[key].dtype == tensor.dtype, key
+        assert torch.equal(_bits(got[key]), _bits(tensor)), key
+
+
+def _stored_bytes(folder: Path, modules: list[str]) -> int:
+    total = 0
+    for file in folder.glob("*.safetensors"):
+        with safe_open(file, "pt") as handle:
+            for key in handle.keys():
+                if key.rpartition(".")[0] in modules and key.rpartition(".")[2].startswith("weight"):
+                    tensor = handle.get_tensor(key)
+                    total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def _ids(tokenizer):
+    return tokenizer(["pruned models stay exact"], return_tensors="pt")
+
+
+# --------------------------------------------------------------------------------------------------
+# Encoding
+# --------------------------------------------------------------------------------------------------
+
+
+def test_bitmask_layout_is_little_endian_per_row():
+    mask = torch.zeros(2, 10, dtype=torch.bool)
+    mask[0, 0] = mask[0, 2] = mask[0, 9] = mask[1, 7] = True
+    packed = pack_bitmask(mask)
+    assert packed.dtype == torch.uint8 and packed.tolist() == [[0b101, 0b10], [0b10000000, 0]]
+    assert torch.equal(unpack_bitmask(packed, [2, 10]), mask)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(7, 13), (64, 64), (9,), (3, 4, 5)])
+def test_encode_decode_exact(shape, dtype):
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(shape, generator=generator).to(dtype)
+    weight[torch.rand(shape, generator=generator) < 0.5] = 0
+    weight.view(-1)[0] = float("nan")
+    packed = encode_sparse(weight)
+    assert packed.values.dtype == dtype and packed.values.numel() == int((weight != 0).sum())
+    decoded = decode_sparse(*packed)
+    assert decoded.dtype == dtype and decoded.shape == weight.shape
+    assert torch.equal(_bits(decoded), _bits(weight))  # NaN included: compared as bits
+
+
+def test_negative_zero_is_a_zero_and_comes_back_positive():
+    weight = torch.tensor([[-0.0, 1.5, 0.0, -2.0]])
+    packed = encode_sparse(weight)
+    assert packed.values.tolist() == [1.5, -2.0]
+    decoded = decode_sparse(*packed)
+    assert torch.equal(decoded, weight) and not torch.signbit(decoded[0, 0])
+
+
+def test_decode_rejects_inconsistent_tensors():
+    packed = encode_sparse(torch.tensor([[1.0, 0.0, 2.0, 0.0]]))
+    with pytest.raises(ValueError, match="non-zeros"):
+        decode_sparse(packed.values[:1], packed.bitmask, packed.shape)
+    with pytest.raises(ValueError, match="does not fit"):
+        decode_sparse(packed.values, packed.bitmask, [4, 1])
+
+
+# --------------------------------------------------------------------------------------------------
+# save_pruned -> plain from_pretrained
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "50%"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_round_trip_is_bit_identical(tmp_path, arch, pattern):
+    model, tokenizer = tiny_model(arch)
+    _prune(model, pattern)
+    linears = _block_linears(model)
+
+    recipe = {"method": "manual", "sparsity": pattern}
+    path = save_pruned(model, tokenizer, tmp_path / "pruned", recipe=recipe)
+    loaded = AutoModelForCausalLM.from_pretrained(path)
+
+    _assert_same_weights(model, loaded)
+    ids = _ids(tokenizer)
+    with torch.no_grad():
+        assert torch.equal(loaded(**ids).logits, model(**ids).logits)
+    if pattern == "2:4":  # generation once per architecture (logits equality already covers the rest)
+        generated = loaded.generate(**ids, max_new_tokens=4, do_sample=False)
+        assert torch.equal(generated, model.generate(**ids, max_new_tokens=4, do_sample=False))
+    # An ordinary dense model: weights decoded into the usual modules, no quantizer left behind.
+    assert getattr(loaded, "hf_quantizer", None) is None and not loaded.is_quantized
+    assert getattr(loaded.config, "quantization_config", None) is None
+    if model.config.tie_word_embeddings:
+        assert loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight
+
+    quantization_config = json.loads((path / "config.json").read_text())["quantization_config"]
+    assert quantization_config["quant_method"] == FORMAT_NAME
+    assert quantization_config["recipe"] == recipe
+    assert sorted(quantization_config["compressed_modules"]) == sorted(linears)
+    # On disk: the linear weights' bytes, measured in the safetensors file.
+    dense_bytes = sum(layer.weight.numel() * layer.weight.element_size() for layer in linears.values())
+    stored = _stored_bytes(path, list(linears))
+    assert quantization_config["storage"]["dense_linear_bytes"] == dense_bytes
+    assert quantization_config["storage"]["stored_linear_bytes"] == stored
+    assert stored <= 0.6 * dense_bytes
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "50%"])
+def test_bf16_round_trip_and_ratio(tmp_path, pattern):
+    model, tokenizer = tiny_model("llama")
+    model.to(torch.bfloat16)
+    _prune(model, pattern)
+    path = save_pruned(model, tokenizer, tmp_path / "bf16")
+    loaded = AutoModelForCausalLM.from_pretrained(path)
+    assert loaded.dtype == torch.bfloat16
+    _assert_same_weights(model, loaded)
+    linears = _block_linears(model)
+    dense_bytes = sum(layer.weight.numel() * 2 for layer in linears.values())
+    assert _stored_bytes(path, list(linears)) <= 0.6 * dense_bytes
+
+
+def test_loading_casts_to_requested_dtype_and_into_base_models(tmp_path):
+    model, tokenizer = tiny_model("llama")
+    _prune(model, "2:4")
+    path = save_pruned(model, tokenizer, tmp_path / "pruned")
+    as_bf16 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    for key, tensor in model.state_dict().items():
+        assert torch.equal(as_bf16.state_dict()[key], tensor.to(torch.bfloat16)), key
+    base = AutoModel.from_pretrained(path)  # keys lose the "model." prefix; decoding still applies
+    for key, tensor in base.state_dict().items():
+        assert torch.equal(_bits(tensor), _bits(model.model.state_dict()[key])), key
+
+
+def test_layers_below_min_sparsity_stay_dense(tmp_path):
+    model, tokenizer = tiny_model("llama")
+    sparse_layer = model.model.layers[0].mlp.up_proj
+    light_layer = model.model.layers[0].mlp.down_proj
+    _prune_random(sparse_layer, ratio=0.5)
+    _prune_random(light_layer, ratio=0.1)  # below the default min_sparsity of 0.25
+
+    path = save_pruned(model, tokenizer, tmp_path / "pruned")
+    config = json.loads((path / "config.json").read_text())["quantization_config"]
+    assert config["compressed_modules"] == ["model.layers.0.mlp.up_proj"]
+    tensors = load_file(path / "model.safetensors")
+    assert tensors["model.layers.0.mlp.up_proj.weight"].ndim == 1
+    assert "model.layers.0.mlp.up_proj.weight_bitmask" in tensors
+    assert tensors["model.layers.0.mlp.down_proj.weight"].shape == light_layer.weight.shape
+    assert not any(key.endswith("_bitmask") for key in tensors if "up_proj" not in key)
+    _assert_same_weights(model, AutoModelForCausalLM.from_pretrained(path))
+
+    _, modules, _ = sparse_state_dict(model, min_sparsity=0.05)
+    assert modules == ["model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj"]
+
+
+def test_recipe_defaults_to_the_pruners_record(tmp_path):
+    model, tokenizer = tiny_model("gpt2")
+    _prune(model, "2:4")
+    model.config.hf_compress = {"pruning": {"method": "magnitude", "sparsity": "2:4"}}
+    path = save_pruned(model, tokenizer, tmp_path / "pruned")
+    config = json.loads((path / "config.json").read_text())
+    assert config["quantization_config"]["recipe"] == {"method": "magnitude", "sparsity": "2:4"}
+
+
+def test_loaded_model_saves_dense_and_can_be_stored_sparse_again(tmp_path):
+    model, tokenizer = tiny_model("opt")
+    _prune(model, "50%")
+    loaded = AutoModelForCausalLM.from_pretrained(save_pruned(model, tokenizer, tmp_path / "sparse"))
+
+    loaded.save_pretrained(tmp_path / "dense")
+    assert "quantization_config" not in json.loads((tmp_path / "dense" / "config.json").read_text())
+    assert not any(key.endswith("_bitmask") for key in load_file(tmp_path / "dense" / "model.safetensors"))
+    _assert_same_weights(model, AutoModelForCausalLM.from_pretrained(tmp_path / "dense"))
+
+    again = save_pruned(loaded, tokenizer, tmp_path / "sparse-again")
+    _assert_same_weights(model, AutoModelForCausalLM.from_pretrained(again))
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad input and failures
+# --------------------------------------------------------------------------------------------------
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_refuses_a_folder_holding_a_model(tmp_path):
+    model, tokenizer = tiny_model("llama")
+    _prune(model, "2:4")
+    target = save_pruned(model, tokenizer, tmp_path / "pruned")
+    before = _snapshot(target)
+    with pytest.raises(FileExistsError, match="already holds a model"):
+        save_pruned(model, tokenizer, target)
+    assert _snapshot(target) == before
+
+    only_config = tmp_path / "config-only"
+    only_config.mkdir()
+    (only_config / "config.json").write_text("{}")
+    with pytest.raises(FileExistsError):
+        save_pruned(model, None, only_config)
+    assert _snapshot(only_config) == {"config.json": b"{}"}
+
+    with pytest.raises(FileExistsError, match="is a file"):
+        save_pruned(model, None, target / "config.json")
+
+
+def test_overwrite_replaces_and_an_existing_folder_without_model_keeps_its_files(tmp_path):
+    model, tokenizer = tiny_model("llama")
+    _prune(model, "2:4")
+    target = save_pruned(model, tokenizer, tmp_path / "pruned")
+    (target / "stale.txt").write_text("old")
+    save_pruned(model, None, target, overwrite=True)
+    assert not (target / "stale.txt").exists() and not (target / "tokenizer.json").exists()
+
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "README.md").write_text("my notes")
+    save_pruned(model, tokenizer, notes)
+    assert (notes / "README.md").read_text() == "my notes" and (notes / "model.safetensors").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+class _FailingTokenizer:
+    def save_pretrained(self, folder):
+        (Path(folder) / "tokenizer.json").write_text("{")  # half written, then the failure
+        raise OSError("disk full")
+
+
+def test_a_failure_leaves_nothing_behind(tmp_path):
+    model, _ = tiny_model("gpt2")
+    _prune(model, "2:4")
+    with pytest.raises(OSError, match="disk full"):
+        save_pruned(model, _FailingTokenizer(), tmp_path / "pruned")
+    assert list(tmp_path.iterdir()) == []  # neither the folder nor a temporary one
+    assert getattr(model.config, "quantization_config", None) is None  # the model is left as it was
+
+    # With overwrite, the existing checkpoint survives a failed replacement.
+    target = save_pruned(model, None, tmp_path / "pruned")
+    before = _snapshot(target)
+    with pytest.raises(OSError):
+        save_pruned(model, _FailingTokenizer(), target, overwrite=True)
+    assert _snapshot(target) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["pruned"]
+
+
+def test_invalid_inputs_fail_before_writing(tmp_path):
+    model, _ = tiny_model("llama")
+    with pytest.raises(ValueError, match="JSON"):
+        save_pruned(model, None, tmp_path / "a", recipe={"mask": torch.ones(1)})
+    with pytest.raises(ValueError, match="min_sparsity"):
+        save_pruned(model, None, tmp_path / "b", min_sparsity=0.0)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_newer_format_version_and_corrupt_checkpoint_fail_clearly(tmp_path):
+    model, tokenizer = tiny_model("llama")
+    _prune(model, "2:4")
+    path = save_pruned(model, tokenizer, tmp_path / "pruned")
+
+    newer = tmp_path / "newer"
+    save_pruned(model, None, newer)
+    config = json.loads((newer / "config.json").read_text())
+    config["quantization_config"]["format_version"] = 99
+    (newer / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="upgrade hf_compress"):
+        AutoModelForCausalLM.from_pretrained(newer)
+
+    tensors = load_file(path / "model.safetensors")
+    del tensors["model.layers.0.mlp.up_proj.weight_bitmask"]
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(RuntimeError):
+        AutoModelForCausalLM.from_pretrained(path)
+
+
+def test_the_format_is_not_an_on_the_fly_quantization(tmp_path):
+    model, _ = tiny_model("llama", save_dir=tmp_path / "dense")
+    with pytest.raises(ValueError, match="checkpoint format"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "dense", quantization_config=SparseStorageConfig())
+
+
+# --------------------------------------------------------------------------------------------------
+# Registration
+# --------------------------------------------------------------------------------------------------
+
+
+def test_registered_with_transformers():
+    assert FORMAT_NAME in registered_formats()
+    assert quantizers_auto.AUTO_QUANTIZER_MAPPING[FORMAT_NAME] is registered_formats()[FORMAT_NAME]
+    assert quantizers_auto.AUTO_QUANTIZATION_CONFIG_MAPPING[FORMAT_NAME] is SparseStorageConfig
+    # Registering again (e.g. after a module reload) is harmless.
+    hf_compress.modeling.loading.register_format(registered_formats()[FORMAT_NAME])
+
+
+def test_plain_transformers_refuses_and_import_registers(tmp_path):
+    """In a fresh interpreter: without hf_compress the load fails loudly; after the import it loads."""
+    model, tokenizer = tiny_model("llama")
+    _prune(model, "2:4")
+    path = save_pruned(model, tokenizer, tmp_path / "pruned")
+    script = textwrap.dedent(
+        f"""
+        import sys
+        from transformers import AutoModelForCausalLM
+        try:
+            AutoModelForCausalLM.from_pretrained({str(path)!r})
+        except RuntimeError as error:
+            print("REFUSED:", error, file=sys.stderr)
+        else:
+            sys.exit("loaded without hf_compress")
+        import hf_compress.modeling.loading
+        model = AutoModelForCausalLM.from_pretrained({str(path)!r})
+        print(float(model.model.layers[0].mlp.up_proj.weight.double().abs().sum()))
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "REFUSED:" in result.stderr
+    assert FORMAT_NAME in result.stderr  # transformers' "Unknown quantization type, got hf_compress_sparse"
+    assert "up_proj.weight" in result.stderr and "MISMATCH" in result.stderr
+    expected = float(model.model.layers[0].mlp.up_proj.weight.detach().double().abs().sum())
+    assert float(result.stdout.strip().splitlines()[-1]) == expected
