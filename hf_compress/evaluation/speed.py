@@ -42,7 +42,8 @@ def measure_generation_speed(
     if not prompts:
         raise ValueError("prompts is empty; pass at least one prompt.")
     generate_kwargs.setdefault("do_sample", False)
-    generate_kwargs.setdefault("pad_token_id", tokenizer.pad_token_id or tokenizer.eos_token_id)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    generate_kwargs.setdefault("pad_token_id", pad)
 
     def run(prompt: str):
         inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
