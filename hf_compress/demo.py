@@ -17,6 +17,7 @@ from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from .evaluation.memory import disk_bytes
 from .evaluation.suite import EvaluationSettings, run_evaluation
 from .utils import atomic_directory, atomic_file, get_logger
 
@@ -94,9 +95,9 @@ def run_demo(
     rows = []
     with atomic_directory(output_dir, overwrite=True) as staging:
         dense_results, dense_records = run_evaluation(model, tokenizer, settings, progress=progress)
-        rows.append(_row("dense", dense_results))
         _write_artifact(staging / "dense", model, tokenizer, None, base_model, "dense", {"method": "none"},
                         dense_records, dense_results)
+        rows.append(_row("dense", dense_results, staging / "dense"))
         if not methods:
             logger.warning("No compression method is registered yet; the demo only measures the dense model.")
         calibration = load_text("wikipedia", "calibration") if methods else None
@@ -106,9 +107,9 @@ def run_demo(
                 model, tokenizer = load_model(model_name)
             compressed, recipe = method.apply(model, tokenizer, calibration)
             results, records = run_evaluation(compressed, tokenizer, settings, progress=progress)
-            rows.append(_row(method.name, results))
             _write_artifact(staging / method.name, compressed, tokenizer, method.save, base_model, method.name,
                             recipe, records, results)
+            rows.append(_row(method.name, results, staging / method.name))
             del compressed
         _write_json(staging / "summary.json", {"model": model_name, "settings": settings.to_dict(), "rows": rows})
     return {"rows": rows, "output_dir": str(output_dir)}
@@ -130,7 +131,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _row(name: str, results: dict[str, Any]) -> dict[str, Any]:
+def _row(name: str, results: dict[str, Any], folder: Path) -> dict[str, Any]:
     row: dict[str, Any] = {"model": name}
     for set_name, result in results.get("perplexity", {}).items():
         row[f"ppl_{set_name}"] = result["perplexity"]
@@ -140,6 +141,7 @@ def _row(name: str, results: dict[str, Any]) -> dict[str, Any]:
     if "generation" in results:
         row["tokens_per_s"] = results["generation"]["tokens_per_second"]
     row["param_MB"] = results["memory"]["parameters"] / 2**20
+    row["disk_MB"] = disk_bytes(folder, "*.safetensors") / 2**20  # what the saved checkpoint really takes
     return row
 
 

@@ -34,6 +34,7 @@ def test_demo_writes_hub_ready_folders(tmp_path):
     assert names == ["dense", "halve"]
     dense, halved = summary["rows"]
     assert dense["ppl_wikipedia"] != halved["ppl_wikipedia"]
+    assert dense["disk_MB"] == halved["disk_MB"] > 0  # halving keeps the checkpoint dense
     folder = out / "halve"
     assert read_recipe(folder) == {"method": "halve", "factor": 0.5}
     metrics = {m.metric_type: m.metric_value for m in read_metrics(folder)}

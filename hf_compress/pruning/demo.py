@@ -36,7 +36,8 @@ def _method(config: PruningConfig) -> DemoMethod:
 
     def apply(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, calibration) -> tuple[PreTrainedModel, dict[str, Any]]:
         pruner = PRUNERS[config.method].from_pretrained(model, tokenizer=tokenizer)
-        pruned = pruner.prune(config, calibration, tokenizer=tokenizer)
+        data = calibration if pruner.requires_calibration else None
+        pruned = pruner.prune(config, data, tokenizer=tokenizer)
         return pruned, {**config.to_dict(), "overall_sparsity": pruner.report.overall_sparsity}
 
     def save(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
