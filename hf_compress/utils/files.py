@@ -71,8 +71,15 @@ def atomic_file(target: str | os.PathLike, mode: str = "w", **open_kwargs) -> It
     try:
         with open(tmp, mode, **open_kwargs) as handle:
             yield handle
+        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp creates 0600; give the file normal permissions
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
