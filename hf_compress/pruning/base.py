@@ -429,7 +429,8 @@ def _check_save_dir(save_dir: Path, overwrite: bool, model: nn.Module) -> None:
         raise FileExistsError(f"save_dir {save_dir} is a file; pass a folder path.")
     if holds_model(save_dir) and not overwrite:
         raise FileExistsError(
-            f"save_dir {save_dir} already holds a model; choose another folder or pass overwrite=True."
+            f"save_dir {save_dir} already holds a model; choose another folder or pass overwrite=True "
+            "(--overwrite on the command line)."
         )
     from transformers import PreTrainedModel
 
