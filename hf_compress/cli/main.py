@@ -35,7 +35,7 @@ def command(name: str, help: str, add_arguments: Callable[[argparse.ArgumentPars
     return register
 
 
-# Modules whose import registers method sub-commands (each imports only argparse-level code at top).
+# Modules whose import registers method sub-commands (this imports their method packages too).
 METHOD_COMMAND_MODULES = ("hf_compress.pruning.cli",)
 
 
