@@ -4,7 +4,7 @@ PIP = $(PYTHON) -m pip
 CACHE ?= $(or $(HF_COMPRESS_CACHE),$(HOME)/.cache/hf_compress)
 STAMP = .make
 
-.PHONY: install assets demo test test-all bench-reference clean
+.PHONY: install assets demo test test-all bench-reference bench-pruning clean
 
 # torch first, pinned to the local CPU wheel: an unpinned torch would pull several GB of CUDA packages.
 $(STAMP)/install: pyproject.toml
@@ -35,6 +35,17 @@ test-real: install assets
 
 bench-reference: install assets
 	$(PYTHON) scripts/bench_reference.py
+
+# The committed pruning tables, as run on 2 CPU cores (see bench/results/pruning*.md for each command).
+bench-pruning: install assets
+	$(PYTHON) scripts/bench_pruning.py --methods sparsegpt --patterns 2:4 --no-dense --device cpu \
+		--perplexity-only --max-windows 64 --output-name pruning-sparsegpt-cpu-128
+	$(PYTHON) scripts/bench_pruning.py --patterns 2:4 --methods magnitude wanda sparsegpt sds-wanda sds-sparsegpt \
+		--calibration-sequences 32 --max-windows 64 --zero-shot-limit 100 --device cpu
+	$(PYTHON) scripts/bench_pruning.py --no-dense --patterns 4:8 --methods wanda sparsegpt sds-wanda sds-sparsegpt \
+		--calibration-sequences 32 --max-windows 64 --zero-shot-limit 100 --device cpu --output-name pruning-4of8
+	$(PYTHON) scripts/bench_pruning.py --no-dense --patterns 0.5 --methods wanda sparsegpt sds-wanda sds-sparsegpt \
+		--calibration-sequences 32 --max-windows 64 --zero-shot-limit 100 --device cpu --output-name pruning-50pct
 
 clean:
 	rm -rf $(STAMP) hf_compress_demo .pytest_cache

@@ -84,3 +84,13 @@ def test_prune_saves_a_loadable_sparse_checkpoint(tmp_path, capsys):
         assert check_pattern(weight_matrix(layer), parse_sparsity("2:4"))
     assert main(args) == 2  # the folder now holds a model
     assert "already holds a model" in capsys.readouterr().err
+
+
+def test_prune_sds_records_its_base_in_the_saved_recipe(tmp_path, capsys):
+    out = tmp_path / "sds"
+    args = ["prune", "sds", "--base", "wanda", "--redense-epochs", "1", "--model", "tiny-llama", "--sparsity",
+            "4:8", "--save-dir", str(out), "--calibration-sequences", "4", "--seq-len", "64", "-q"]
+    assert main(args) == 0
+    assert "sds 4:8: overall sparsity 0.5000" in capsys.readouterr().out
+    recipe = json.loads((out / "config.json").read_text())["hf_compress"]["pruning"]
+    assert (recipe["method"], recipe["base"], recipe["redense_epochs"], recipe["sparsity"]) == ("sds", "wanda", 1, "4:8")

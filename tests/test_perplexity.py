@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -108,3 +109,20 @@ def test_generation_speed_reports_median_and_outputs():
     assert result["tokens_per_second"] > 0
     with pytest.raises(ValueError, match="prompts is empty"):
         measure_generation_speed(model, tokenizer, [])
+
+
+def test_benchmark_files_and_rebuilt_table_keep_the_run_footer(tmp_path):
+    from hf_compress.evaluation.report import rewrite_markdown, write_benchmark
+
+    json_path, md_path = write_benchmark("demo", {"window": 512}, {"ppl": 21.1}, "| ppl |\n|---|\n| 21.1 |",
+                                         results_dir=tmp_path)
+    payload = json.loads(json_path.read_text())
+    assert payload["results"] == {"ppl": 21.1} and payload["settings"] == {"window": 512}
+    first = md_path.read_text()
+    assert first.startswith("| ppl |") and f"Command: `{payload['command']}`" in first
+    rewrite_markdown("demo", "| perplexity |\n|---|\n| 21.1 |", results_dir=tmp_path)
+    rebuilt = md_path.read_text()
+    assert rebuilt.startswith("| perplexity |") and f"Date: {payload['date']}" in rebuilt
+    assert "Table rebuilt from demo.json" in rebuilt
+    with pytest.raises(FileNotFoundError):
+        rewrite_markdown("missing", "x", results_dir=tmp_path)

@@ -77,13 +77,35 @@ def write_benchmark(
     json_path, md_path = directory / f"{name}.json", directory / f"{name}.md"
     with atomic_file(json_path) as handle:
         json.dump(payload, handle, indent=2, default=str)
-    footer = (
-        f"\n\nCommand: `{command}`  \nDate: {when}  \n"
+    with atomic_file(md_path) as handle:
+        handle.write(markdown.rstrip() + _footer(payload))
+    return json_path, md_path
+
+
+def rewrite_markdown(name: str, markdown: str, results_dir: str | os.PathLike = "bench/results") -> Path:
+    """Rewrite ``<name>.md`` for the run stored in ``<name>.json`` (e.g. after changing how a table is laid out).
+
+    The numbers come from the JSON; the footer keeps that run's command, date and machine, and says the
+    table was rebuilt.
+
+    Example:
+        >>> rewrite_markdown("pruning", "| ppl |\\n|---|\\n| 21.1 |")  # doctest: +SKIP
+    """
+    directory = Path(results_dir)
+    payload = json.loads((directory / f"{name}.json").read_text(encoding="utf-8"))
+    rebuilt = " ".join(shlex.quote(arg) for arg in [Path(sys.executable).name, *sys.argv])
+    md_path = directory / f"{name}.md"
+    with atomic_file(md_path) as handle:
+        handle.write(markdown.rstrip() + _footer(payload) + f"Table rebuilt from {name}.json by `{rebuilt}`.\n")
+    return md_path
+
+
+def _footer(payload: dict[str, Any]) -> str:
+    machine = payload["machine"]
+    return (
+        f"\n\nCommand: `{payload['command']}`  \nDate: {payload['date']}  \n"
         f"Machine: {machine['cpu']}, {machine['cpu_count']} cores, torch threads {machine['torch_threads']}"
         f"{', GPU ' + machine['gpu'] if machine['gpu'] else ', no GPU'}; "
         + ", ".join(f"{k} {v}" for k, v in machine["packages"].items() if v)
-        + "\n"
+        + "  \n"
     )
-    with atomic_file(md_path) as handle:
-        handle.write(markdown.rstrip() + footer)
-    return json_path, md_path

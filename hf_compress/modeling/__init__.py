@@ -41,6 +41,7 @@ from .layers import (
     set_weight_matrix,
     weight_matrix,
 )
+from .reconstruction import reconstruction_error, train_block_reconstruction
 
 
 __all__ = [
@@ -62,6 +63,8 @@ __all__ = [
     "module_execution_device",
     "onloaded",
     "out_features",
+    "reconstruction_error",
     "set_weight_matrix",
+    "train_block_reconstruction",
     "weight_matrix",
 ]

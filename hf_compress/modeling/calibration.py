@@ -196,9 +196,13 @@ class BlockCall:
             output = block(*args, **{**kwargs, self.hidden_states_keyword: hidden_states})
         return _hidden_states_of(output)
 
-    def on(self, device: torch.device) -> BlockCall:
-        """A copy whose tensors live on ``device`` (a no-op copy when they already do)."""
-        args, kwargs = _to_device((self.args, self.kwargs), device)
+    def on(self, device: torch.device, dtype: torch.dtype | None = None) -> BlockCall:
+        """A copy whose tensors live on ``device`` (a no-op copy when they already do).
+
+        With ``dtype``, floating-point tensors (masks, rotary tables) are cast too, e.g. to run a
+        half-precision model's block in float32.
+        """
+        args, kwargs = _to_device((self.args, self.kwargs), device, dtype)
         return BlockCall(args, kwargs, self.hidden_states_keyword)
 
 
@@ -334,15 +338,17 @@ def _hidden_states_of(output: Any) -> torch.Tensor:
     raise TypeError(f"unexpected decoder block output of type {type(output).__name__}.")
 
 
-def _to_device(obj: Any, device: torch.device) -> Any:
+def _to_device(obj: Any, device: torch.device, dtype: torch.dtype | None = None) -> Any:
     if torch.is_tensor(obj):
+        if dtype is not None and obj.is_floating_point():
+            return obj.to(device, dtype)
         return obj.to(device)
     if isinstance(obj, tuple):
-        return tuple(_to_device(item, device) for item in obj)
+        return tuple(_to_device(item, device, dtype) for item in obj)
     if isinstance(obj, list):
-        return [_to_device(item, device) for item in obj]
+        return [_to_device(item, device, dtype) for item in obj]
     if isinstance(obj, dict):
-        return {key: _to_device(value, device) for key, value in obj.items()}
+        return {key: _to_device(value, device, dtype) for key, value in obj.items()}
     return obj
 
 

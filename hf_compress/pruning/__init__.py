@@ -1,4 +1,4 @@
-"""One-shot pruning of Hugging Face causal LMs: magnitude, Wanda and SparseGPT behind one interface.
+"""Pruning of Hugging Face causal LMs: magnitude, Wanda, SparseGPT and SDS behind one interface.
 
 Every pruner loads like an Optimum class and prunes every linear layer of every decoder block
 (discovered from the model: Llama-style, GPT-2's ``Conv1D``, OPT, ...) to an unstructured ratio or an
@@ -18,6 +18,7 @@ from .base import BasePruner, LayerReport, PruningReport
 from .config import (
     MagnitudeConfig,
     PruningConfig,
+    SDSConfig,
     SparseGPTConfig,
     SparsityPattern,
     WandaConfig,
@@ -32,12 +33,14 @@ from .masks import (
     sparsity_of,
     unstructured_mask,
 )
+from .sds import SDSPruner
 from .sparsegpt import SparseGPTPruner, sparsegpt_prune
 from .wanda import WandaPruner, wanda_scores
 
 
 PRUNERS: dict[str, type[BasePruner]] = {
-    pruner.config_class.method: pruner for pruner in (MagnitudePruner, WandaPruner, SparseGPTPruner)
+    pruner.config_class.method: pruner
+    for pruner in (MagnitudePruner, WandaPruner, SparseGPTPruner, SDSPruner)
 }
 """Pruner class by method name (the ``method`` of its config)."""
 
@@ -50,6 +53,8 @@ __all__ = [
     "MagnitudePruner",
     "PruningConfig",
     "PruningReport",
+    "SDSConfig",
+    "SDSPruner",
     "SparseGPTConfig",
     "SparseGPTPruner",
     "SparsityPattern",

@@ -98,6 +98,8 @@ class PruningReport:
     sparsity: float | str
     layers: list[LayerReport] = field(default_factory=list)
     seconds: float = 0.0
+    blocks: list[dict[str, Any]] = field(default_factory=list)
+    """Per-block diagnostics of methods that keep some (SDS: reconstruction errors, mask overlap)."""
 
     @property
     def overall_sparsity(self) -> float:
@@ -113,6 +115,7 @@ class PruningReport:
             "seconds": self.seconds,
             "overall_sparsity": self.overall_sparsity,
             "layers": [{**asdict(layer), "shape": list(layer.shape)} for layer in self.layers],
+            **({"blocks": self.blocks} if self.blocks else {}),
         }
 
 
@@ -134,6 +137,8 @@ class BasePruner(ABC):
 
     config_class: ClassVar[type[PruningConfig]] = PruningConfig
     requires_calibration: ClassVar[bool] = True
+    keeps_dense_outputs: ClassVar[bool] = False
+    """Whether ``prune_calibrated_block`` needs ``ctx.dense_outputs`` (the block's outputs before pruning)."""
 
     def __init__(
         self, model: PreTrainedModel | nn.Module, tokenizer: PreTrainedTokenizerBase | None = None
@@ -259,12 +264,13 @@ class BasePruner(ABC):
             self._prune_without_calibration(config, report, progress)
         else:
             def callback(ctx: BlockContext) -> None:  # one decoder block, its statistics collected
-                report.layers.extend(self.prune_block(ctx.name, ctx.linear_layers, ctx.stats, config))
+                report.layers.extend(self.prune_calibrated_block(ctx, config, report))
 
             for_each_block(
                 self.model, calibration_ids, callback,
                 collectors_for=lambda name, layer: self.collectors_for(name, layer, config),
                 skip=config.skip, batch_size=config.batch_size, progress=progress,
+                keep_dense_outputs=self.keeps_dense_outputs,
             )
         report.seconds = time.perf_counter() - start
         self.report = report
@@ -276,6 +282,16 @@ class BasePruner(ABC):
         if save_dir is not None:
             self._save(Path(save_dir), overwrite)
         return self.model  # type: ignore[return-value]
+
+    def prune_calibrated_block(
+        self, ctx: BlockContext, config: PruningConfig, report: PruningReport
+    ) -> list[LayerReport]:
+        """Prune one decoder block whose calibration statistics are in ``ctx.stats``; return its layer reports.
+
+        The default prunes each layer once (``prune_block``); wrappers that also train the block (SDS)
+        override it and may add per-block diagnostics to ``report.blocks``.
+        """
+        return self.prune_block(ctx.name, ctx.linear_layers, ctx.stats, config)
 
     def prune_block(
         self,

@@ -7,7 +7,7 @@ import argparse
 from ..cli.main import command
 
 
-_METHODS = ("magnitude", "wanda", "sparsegpt")
+_METHODS = ("magnitude", "wanda", "sparsegpt", "sds")
 
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,17 +19,25 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window (default 512)")
     parser.add_argument("--skip", action="append", default=[], help="fnmatch pattern of layers to keep dense")
     parser.add_argument("--overwrite", action="store_true", help="replace a model already in --save-dir")
+    parser.add_argument("--base", choices=("wanda", "sparsegpt", "magnitude"), default="sparsegpt",
+                        help="sds only: the one-shot pruner SDS wraps (default sparsegpt)")
+    parser.add_argument("--redense-epochs", type=int, default=None, help="sds only: re-dense epochs (default 2)")
 
 
-@command("prune", "prune a model (magnitude, Wanda, SparseGPT) and save it sparse", _arguments)
+@command("prune", "prune a model (magnitude, Wanda, SparseGPT, SDS) and save it sparse", _arguments)
 def run_prune(args: argparse.Namespace) -> int:
     from ..assets import load_text
     from . import PRUNERS
 
     pruner_cls = PRUNERS[args.method]
+    options = {}
+    if args.method == "sds":
+        options["base"] = args.base
+        if args.redense_epochs is not None:
+            options["redense_epochs"] = args.redense_epochs
     config = pruner_cls.config_class(
         sparsity=args.sparsity, skip=args.skip, num_calibration_sequences=args.calibration_sequences,
-        calibration_seq_len=args.seq_len,
+        calibration_seq_len=args.seq_len, **options,
     )
     pruner = pruner_cls.from_pretrained(args.model)
     calibration = load_text("wikipedia", "calibration") if args.method != "magnitude" else None
