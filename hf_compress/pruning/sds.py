@@ -88,7 +88,7 @@ class SDSPruner(BasePruner):
         base, base_config = self._base(config)
         layers, teacher = ctx.linear_layers, ctx.dense_outputs
         weights = [layer.weight for layer in layers.values()]
-        dense = {name: layer.weight.detach().clone() for name, layer in layers.items()}
+        scales = {name: _scales(layer.weight) for name, layer in layers.items()}  # of the dense weights
 
         # (1) first sparse step
         base.prune_block(ctx.name, layers, ctx.stats, base_config)
@@ -103,7 +103,7 @@ class SDSPruner(BasePruner):
             diagnostics["redense_loss_per_epoch"] = train_block_reconstruction(
                 ctx, teacher, weights, epochs=config.redense_epochs,
                 learning_rate=config.redense_learning_rate, relative_learning_rate=True,
-                regularizer=_regularizer(layers, dense, first, config), seed=config.calibration_seed,
+                regularizer=_regularizer(layers, scales, first, config), seed=config.calibration_seed,
             )
         diagnostics["error_after_redense"] = reconstruction_error(ctx, teacher)
 
@@ -157,9 +157,15 @@ def _log(diagnostics: dict[str, Any]) -> None:
     )
 
 
+def _scales(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``mean|W|`` and ``mean W²`` of a dense weight: the normalisers of ``R_sparse`` and ``R_anchor``."""
+    weight = weight.detach().float()
+    return weight.abs().mean().clamp_min(1e-12), weight.pow(2).mean().clamp_min(1e-24)
+
+
 def _regularizer(
     layers: dict[str, nn.Module],
-    dense: dict[str, torch.Tensor],
+    scales: dict[str, tuple[torch.Tensor, torch.Tensor]],
     first: dict[str, torch.Tensor],
     config: SDSConfig,
 ) -> Callable[[], torch.Tensor] | None:
@@ -171,9 +177,7 @@ def _regularizer(
         pruned = (first[name] == 0).float()
         everywhere = config.sparse_regularization_target == "all"
         penalised = torch.ones_like(pruned) if everywhere else pruned
-        l1_scale = dense[name].float().abs().mean().clamp_min(1e-12)
-        l2_scale = dense[name].float().pow(2).mean().clamp_min(1e-24)
-        terms.append((layer.weight, penalised, 1.0 - pruned, first[name].float(), l1_scale, l2_scale))
+        terms.append((layer.weight, penalised, 1.0 - pruned, first[name].float(), *scales[name]))
     count = len(terms)
 
     def regularizer() -> torch.Tensor:
