@@ -51,7 +51,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..utils import get_logger
-from .layers import find_decoder_blocks, find_linear_layers, matches_any, module_execution_device, onloaded
+from .layers import find_decoder_blocks, find_linear_layers, module_execution_device, onloaded
 
 
 if TYPE_CHECKING:
@@ -549,11 +549,7 @@ def _process_block(
 ) -> list[torch.Tensor]:
     device = module_execution_device(block)
     call = call.on(device)  # move masks / rotary tables once per block, not once per micro-batch
-    layers = {
-        layer_name: layer
-        for layer_name, layer in find_linear_layers(block, skip).items()
-        if not matches_any(f"{name}.{layer_name}", skip)
-    }
+    layers = find_linear_layers(block, skip, qualified_prefix=name)
     stats = _make_collectors(layers, collectors_for) if collectors_for is not None else {}
 
     def run() -> list[torch.Tensor]:

@@ -131,11 +131,15 @@ def matches_any(name: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
 
 
-def find_linear_layers(module: nn.Module, skip: Sequence[str] = ()) -> dict[str, nn.Module]:
+def find_linear_layers(
+    module: nn.Module, skip: Sequence[str] = (), qualified_prefix: str | None = None
+) -> dict[str, nn.Module]:
     """Every ``nn.Linear`` / ``Conv1D`` inside ``module``, by name relative to ``module``, in module order.
 
     ``skip`` holds shell-style ``fnmatch`` patterns matched against those relative names (``*`` matches
     any characters including dots): ``["self_attn.*"]`` skips attention, ``["*down_proj"]`` one layer.
+    With ``qualified_prefix`` (the module's name in the model, e.g. ``"model.layers.0"``) the patterns
+    are also matched against the qualified names, so ``["model.layers.0.*"]`` skips a whole block.
 
     A PEFT adapter layer (e.g. LoRA's ``lora.Linear``) is reported as its frozen base layer under the
     wrapper's name; the adapter's own small ``lora_A``/``lora_B`` layers are not compression targets.
@@ -148,16 +152,21 @@ def find_linear_layers(module: nn.Module, skip: Sequence[str] = ()) -> dict[str,
     """
     found: dict[str, nn.Module] = {}
 
+    def skipped(name: str) -> bool:
+        return matches_any(name, skip) or (
+            qualified_prefix is not None and matches_any(f"{qualified_prefix}.{name}", skip)
+        )
+
     def visit(prefix: str, current: nn.Module) -> None:
         for child_name, child in current.named_children():
             name = f"{prefix}{child_name}"
             base = _peft_base_layer(child)
             if base is not None:
-                if is_linear(base) and not matches_any(name, skip):
+                if is_linear(base) and not skipped(name):
                     found[name] = base
                 continue  # do not descend into the adapter's own layers
             if is_linear(child):
-                if not matches_any(name, skip):
+                if not skipped(name):
                     found[name] = child
                 continue
             visit(f"{name}.", child)

@@ -45,7 +45,6 @@ from ..modeling import (
     find_linear_layers,
     for_each_block,
     in_features,
-    matches_any,
     onloaded,
     weight_matrix,
 )
@@ -342,12 +341,7 @@ class BasePruner(ABC):
         return config
 
     def _block_layers(self, block_name: str, block: nn.Module, skip: Sequence[str]) -> dict[str, nn.Module]:
-        # Same selection as for_each_block: skip patterns match the relative and the qualified name.
-        return {
-            name: layer
-            for name, layer in find_linear_layers(block, skip).items()
-            if not matches_any(f"{block_name}.{name}", skip)
-        }
+        return find_linear_layers(block, skip, qualified_prefix=block_name)  # as for_each_block selects
 
     def _check_layers(self, config: PruningConfig) -> int:
         block_name, blocks = find_decoder_blocks(self.model)  # ValueError for a model without blocks
