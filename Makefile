@@ -4,7 +4,7 @@ PIP = $(PYTHON) -m pip
 CACHE ?= $(or $(HF_COMPRESS_CACHE),$(HOME)/.cache/hf_compress)
 STAMP = .make
 
-.PHONY: install assets demo test test-all bench-reference bench-pruning clean
+.PHONY: install assets demo test test-all bench-reference bench-pruning bench-dlqat clean
 
 # torch first, pinned to the local CPU wheel: an unpinned torch would pull several GB of CUDA packages.
 $(STAMP)/install: pyproject.toml
@@ -46,6 +46,9 @@ bench-pruning: install assets
 		--calibration-sequences 32 --max-windows 64 --zero-shot-limit 100 --device cpu --output-name pruning-4of8
 	$(PYTHON) scripts/bench_pruning.py --no-dense --patterns 0.5 --methods wanda sparsegpt sds-wanda sds-sparsegpt \
 		--calibration-sequences 32 --max-windows 64 --zero-shot-limit 100 --device cpu --output-name pruning-50pct
+
+bench-dlqat: install assets
+	$(PYTHON) scripts/bench_dlqat.py
 
 clean:
 	rm -rf $(STAMP) hf_compress_demo .pytest_cache

@@ -34,7 +34,7 @@ import torch
 from hf_compress.assets import load_model, load_text
 from hf_compress.evaluation.memory import disk_bytes
 from hf_compress.evaluation.report import rewrite_markdown, write_benchmark
-from hf_compress.evaluation.suite import EvaluationSettings, run_evaluation
+from hf_compress.evaluation.suite import EvaluationSettings, headline_metrics, run_evaluation
 from hf_compress.modeling import calibration_batches
 from hf_compress.pruning import PRUNERS, PruningConfig, SDSConfig
 from hf_compress.pruning.storage import save_pruned
@@ -141,14 +141,7 @@ def _prune_and_evaluate(name, config, model, tokenizer, calibration, settings) -
 
 def _evaluate(model, tokenizer, settings, row: dict[str, Any]) -> dict[str, Any]:
     results, _ = run_evaluation(model, tokenizer, settings, progress=False)
-    row["perplexity"] = results["perplexity"]["wikipedia"]["perplexity"]
-    zero_shot = results.get("zero_shot")
-    if zero_shot:
-        row.update({
-            "zero_shot_average": zero_shot["average"]["score"],
-            "zero_shot_metric": zero_shot["average"]["metric"],
-            "zero_shot": {t: {k: zero_shot[t][k] for k in ("acc", "acc_norm", "score", "n")} for t in TASKS},
-        })
+    row.update(headline_metrics(results))
     logger.info("%s %s: ppl %.3f, zero-shot %s", row["method"], row["pattern"], row["perplexity"],
                 row.get("zero_shot_average"))
     return row

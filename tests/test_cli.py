@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from hf_compress.cli.main import main
 
@@ -94,3 +95,33 @@ def test_prune_sds_records_its_base_in_the_saved_recipe(tmp_path, capsys):
     assert "sds 4:8: overall sparsity 0.5000" in capsys.readouterr().out
     recipe = json.loads((out / "config.json").read_text())["hf_compress"]["pruning"]
     assert (recipe["method"], recipe["base"], recipe["redense_epochs"], recipe["sparsity"]) == ("sds", "wanda", 1, "4:8")
+
+
+def test_quantize_rtn_and_dlqat_write_loadable_packed_checkpoints(tmp_path):
+    import hf_compress.quantization  # noqa: F401  (registers the format)
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from hf_compress.assets import tiny_model
+    from hf_compress.hub import read_recipe
+    from hf_compress.quantization import PackedLinear
+
+    assert main(["quantize", "rtn", "--model", "tiny-llama", "--bits", "4", "--group-size", "32",
+                 "--save-dir", str(tmp_path / "rtn")]) == 0
+    rtn = AutoModelForCausalLM.from_pretrained(tmp_path / "rtn")
+    assert sum(isinstance(m, PackedLinear) for m in rtn.modules()) == 14
+    assert read_recipe(tmp_path / "rtn")["method"] == "rtn"
+
+    assert main(["quantize", "dlqat", "--model", "tiny-llama", "--bits", "3", "--group-size", "32",
+                 "--rank", "2", "--steps", "2", "--batch-size", "2", "--seq-len", "32",
+                 "--save-dir", str(tmp_path / "q"), "--adapter-dir", str(tmp_path / "adapter")]) == 0
+    packed = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    assert packed.config.quantization_config.bits == 3
+    recipe = read_recipe(tmp_path / "q")
+    assert recipe["method"] == "dlqat" and recipe["training"]["steps"] == 2
+    adapter = PeftModel.from_pretrained(tiny_model("llama")[0], tmp_path / "adapter")
+    ids = torch.tensor([[1, 72, 101, 108, 108, 111]])
+    with torch.no_grad():
+        assert torch.allclose(adapter.merge_and_quantize()(ids).logits, packed(ids).logits, atol=1e-5)
+    # an occupied output folder is refused before any work
+    assert main(["quantize", "rtn", "--model", "tiny-llama", "--save-dir", str(tmp_path / "q")]) == 2

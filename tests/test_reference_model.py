@@ -127,3 +127,40 @@ def test_gemma3_prunes_to_an_exact_pattern():
             assert check_pattern(weight_matrix(layer), parse_sparsity("4:8"))
     with torch.no_grad():
         assert torch.isfinite(model(**tokenizer("The capital of France is", return_tensors="pt")).logits).all()
+
+
+def test_smollm2_dlqat_trains_exports_packed_and_reloads(tmp_path):
+    """3-bit g128 on the real model: a few DL-QAT steps lower the loss below RTN's; the packed export is
+    within the size target, equals the fake-quant logits and reloads with a plain from_pretrained."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from hf_compress.quantization import DLQATConfig, packed_size
+    from hf_compress.training import TrainingSettings, causal_lm_dataset, train_with_trainer
+
+    model, tokenizer = _fresh_smollm2()
+    model = get_peft_model(model, DLQATConfig(bits=3, group_size=128, r=1, lora_alpha=1.0))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable / sum(p.numel() for p in model.parameters()) < 0.01
+    held_out = causal_lm_dataset(load_text("wikipedia", "eval"), tokenizer, num_sequences=2, seq_len=256, seed=5)
+    ids = torch.tensor(held_out["input_ids"])
+
+    def loss() -> float:
+        with torch.no_grad():
+            return float(model(ids, labels=ids).loss)
+
+    rtn_loss = loss()
+    data = causal_lm_dataset(load_text("wikipedia", "calibration"), tokenizer, num_sequences=8, seq_len=256)
+    train_with_trainer(model, data, str(tmp_path / "run"), TrainingSettings(
+        max_steps=4, learning_rate=1e-3, per_device_batch_size=2, use_cpu=True, logging_steps=1))
+    assert loss() < rtn_loss
+    with torch.no_grad():
+        fake_quant = model(ids[:1, :64]).logits
+        packed = model.merge_and_quantize()
+        assert torch.allclose(packed(ids[:1, :64]).logits, fake_quant, rtol=1e-5, atol=1e-4)
+    size = packed_size(packed)
+    assert size["layers"] == 7 * 30 and size["packed"] / size["bf16"] <= 3 / 16 + 0.10
+    packed.save_pretrained(tmp_path / "q")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids[:1, :64]).logits, packed(ids[:1, :64]).logits)

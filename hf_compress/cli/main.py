@@ -36,7 +36,7 @@ def command(name: str, help: str, add_arguments: Callable[[argparse.ArgumentPars
 
 
 # Modules whose import registers method sub-commands (this imports their method packages too).
-METHOD_COMMAND_MODULES = ("hf_compress.pruning.cli",)
+METHOD_COMMAND_MODULES = ("hf_compress.pruning.cli", "hf_compress.quantization.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -97,3 +97,23 @@ def run_evaluation(
         results["memory"]["kv_cache"] = measure_kv_cache_bytes(model, settings.kv_seq_len)
     results["seconds"] = time.perf_counter() - start
     return results, records
+
+
+def headline_metrics(results: dict[str, Any], perplexity_set: str = "wikipedia") -> dict[str, Any]:
+    """The numbers a benchmark row keeps from ``run_evaluation``'s results: one perplexity and the zero-shot
+    average with its per-task scores (absent keys when that part was not run).
+
+    Example:
+        >>> headline_metrics({"perplexity": {"wikipedia": {"perplexity": 20.1}}})
+        {'perplexity': 20.1}
+    """
+    row: dict[str, Any] = {}
+    if perplexity_set in results.get("perplexity", {}):
+        row["perplexity"] = results["perplexity"][perplexity_set]["perplexity"]
+    zero_shot = results.get("zero_shot")
+    if zero_shot:
+        tasks = zero_shot["average"]["tasks"]
+        row["zero_shot_average"] = zero_shot["average"]["score"]
+        row["zero_shot_metric"] = zero_shot["average"]["metric"]
+        row["zero_shot"] = {t: {k: zero_shot[t][k] for k in ("acc", "acc_norm", "score", "n")} for t in tasks}
+    return row

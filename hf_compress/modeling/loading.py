@@ -20,7 +20,7 @@ This module is the shared mechanism:
 - ``register_format``: a small registry from ``quant_method`` to the classes above, which also
   registers them with transformers (idempotent, so a module reload does not fail).
 
-Importing this module registers the built-in formats (``hf_compress_sparse``).
+Importing this module registers the built-in formats (``hf_compress_sparse``, ``hf_compress_packed``).
 
 Example:
     >>> import hf_compress.modeling.loading  # registers hf_compress formats  # doctest: +SKIP
@@ -56,7 +56,10 @@ __all__ = [
 
 logger = get_logger(__name__)
 
-BUILTIN_FORMAT_MODULES: tuple[str, ...] = ("hf_compress.pruning.sparse_format",)
+BUILTIN_FORMAT_MODULES: tuple[str, ...] = (
+    "hf_compress.pruning.sparse_format",
+    "hf_compress.quantization.packed_format",
+)
 """Modules defining hf_compress's formats; each registers its format when imported."""
 
 _FORMATS: dict[str, type[CompressedFormatQuantizer]] = {}
@@ -111,7 +114,9 @@ class CompressedFormatQuantizer(HfQuantizer):
 
     These formats are storage formats, not compute formats: once loaded, the weights are ordinary
     dense tensors, so the quantizer removes itself from the model (``postprocess_model``). The model
-    is then indistinguishable from one loaded from a dense checkpoint.
+    is then indistinguishable from one loaded from a dense checkpoint. A *compute* format, whose layers
+    stay compressed in memory (``hf_compress_packed``), overrides this: it rebuilds its layers in
+    ``_process_model_before_weight_loading`` and keeps the quantizer attached.
     """
 
     config_class: ClassVar[type[CompressedFormatConfig]]

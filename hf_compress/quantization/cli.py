@@ -1,0 +1,116 @@
+"""``hf-compress quantize dlqat|rtn``: quantize a model to packed low-bit weights from the command line.
+
+``dlqat`` trains a DL-QAT adapter with ``Trainer`` on the Wikipedia calibration split, then exports it
+with ``merge_and_quantize()``. ``rtn`` packs the round-to-nearest weights with no training. Either way
+``--save-dir`` receives an ``hf_compress_packed`` checkpoint (with the tokenizer) that
+``AutoModelForCausalLM.from_pretrained`` loads after ``import hf_compress``. ``--adapter-dir`` also keeps
+the trained adapter (``PeftModel.from_pretrained(base, adapter_dir)``). Both folders get a model card
+with the recipe (and no metrics: this command measures none; ``hf-compress eval`` does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+from ..cli.main import command
+
+
+def _arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("method", choices=("dlqat", "rtn"), help="DL-QAT training, or round-to-nearest")
+    parser.add_argument("--model", default="smollm2-135m", help="reference name, tiny-<arch>, folder or Hub id")
+    parser.add_argument("--bits", type=int, default=4, help="weight bits, 2 to 8 (default 4)")
+    parser.add_argument("--group-size", type=int, default=128, help="inputs per group; -1 per-channel (default 128)")
+    parser.add_argument("--symmetric", action="store_true", help="symmetric grid (default asymmetric)")
+    parser.add_argument("--rank", type=int, default=16, help="dlqat: LoRA rank (default 16)")
+    parser.add_argument("--steps", type=int, default=100, help="dlqat: Trainer steps (default 100)")
+    parser.add_argument("--learning-rate", type=float, default=1e-3, help="dlqat: AdamW learning rate (1e-3)")
+    parser.add_argument("--batch-size", type=int, default=4, help="dlqat: sequences per step (default 4)")
+    parser.add_argument("--seq-len", type=int, default=256, help="dlqat: tokens per sequence (default 256)")
+    parser.add_argument("--no-magnitude", action="store_true", help="dlqat ablation: LoRA only")
+    parser.add_argument("--no-lora", action="store_true", help="dlqat ablation: group magnitudes only")
+    parser.add_argument("--save-dir", required=True, help="folder for the packed low-bit checkpoint")
+    parser.add_argument("--adapter-dir", default=None, help="dlqat: also save the trained adapter here")
+    parser.add_argument("--overwrite", action="store_true", help="replace what is already in the output folders")
+
+
+@command("quantize", "quantize a model to packed low-bit weights (DL-QAT training or RTN)", _arguments)
+def run_quantize(args: argparse.Namespace) -> int:
+    from peft import get_peft_model
+
+    from ..assets import load_model, load_text
+    from ..pruning.storage import holds_model
+    from ..training import TrainingSettings, causal_lm_dataset, train_with_trainer
+    from ..utils import atomic_directory
+    from . import DLQATConfig, packed_size
+
+    for folder in (args.save_dir, args.adapter_dir):
+        if folder and Path(folder).exists() and any(Path(folder).iterdir()) and not args.overwrite:
+            raise FileExistsError(f"{folder} is not empty; choose another folder or pass --overwrite.")
+    if args.method == "rtn" and args.adapter_dir:
+        raise ValueError("--adapter-dir is for dlqat: rtn trains no adapter.")
+    config = DLQATConfig(
+        bits=args.bits, group_size=args.group_size, symmetric=args.symmetric, r=args.rank,
+        lora_alpha=float(args.rank), target_modules="all-linear",
+        use_magnitude=args.method == "dlqat" and not args.no_magnitude,
+        use_lora=args.method == "dlqat" and not args.no_lora,
+    )
+    model, tokenizer = load_model(args.model)
+    model = get_peft_model(model, config)
+    if args.method == "dlqat":
+        data = causal_lm_dataset(load_text("wikipedia", "calibration"), tokenizer,
+                                 num_sequences=args.steps * args.batch_size, seq_len=args.seq_len)
+        settings = TrainingSettings(max_steps=args.steps, learning_rate=args.learning_rate,
+                                    per_device_batch_size=args.batch_size, logging_steps=max(1, args.steps // 10))
+        with tempfile.TemporaryDirectory() as scratch:
+            train_with_trainer(model, data, scratch, settings)
+    base_model = getattr(model.config, "_name_or_path", None) or args.model
+    recipe = {"method": args.method, **{k: v for k, v in config.to_dict().items() if k in _RECIPE_FIELDS}}
+    if args.method == "dlqat":
+        recipe["training"] = {"steps": args.steps, "learning_rate": args.learning_rate,
+                              "batch_size": args.batch_size, "seq_len": args.seq_len,
+                              "data": "hf_compress wikipedia calibration split"}
+        if args.adapter_dir:
+            with atomic_directory(args.adapter_dir, overwrite=True) as folder:
+                model.save_pretrained(folder)
+                _write_card(folder, base_model, recipe, "adapter")
+    packed = model.merge_and_quantize()
+    if holds_model(args.save_dir) and not args.overwrite:
+        raise FileExistsError(f"{args.save_dir} already holds a model; pass --overwrite to replace it.")
+    with atomic_directory(args.save_dir, overwrite=True) as folder:
+        packed.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        _write_card(folder, base_model, recipe, "compressed_model")
+    size = packed_size(packed)
+    print(f"{args.method} {args.bits}-bit (group {args.group_size}): {size['layers']} packed layers, "
+          f"{size['packed'] / size['bf16']:.3f}x their bf16 bytes, saved to {args.save_dir}")
+    return 0
+
+
+_RECIPE_FIELDS = ("bits", "group_size", "symmetric", "r", "lora_alpha", "lora_space", "use_magnitude", "use_lora")
+
+
+def _write_card(folder, base_model: str, recipe: dict, template: str) -> None:
+    """A model card with the recipe; it lists no metrics, since this command measures none."""
+    from ..hub import build_model_card, write_model_card
+
+    name = f"{str(base_model).rstrip('/').rpartition('/')[2]}-{recipe['method']}-{recipe['bits']}bit"
+    # Both artifacts need `import hf_compress` first: it registers the packed format with transformers
+    # and the DLQAT adapter type with peft.
+    if template == "compressed_model":
+        snippet = ("import hf_compress  # registers the packed low-bit format with transformers\n"
+                   "from transformers import AutoModelForCausalLM\n\n"
+                   'model = AutoModelForCausalLM.from_pretrained("{repo_id}")')
+    else:
+        snippet = ("import hf_compress  # registers the DLQAT adapter type with peft\n"
+                   "from peft import PeftModel\n"
+                   "from transformers import AutoModelForCausalLM\n\n"
+                   'base = AutoModelForCausalLM.from_pretrained("{base_model}")\n'
+                   'model = PeftModel.from_pretrained(base, "{repo_id}")\n'
+                   "packed = model.merge_and_quantize()  # real low-bit weights")
+    card = build_model_card(
+        base_model=base_model, model_name=name, recipe=recipe, template=template, load_snippet=snippet,
+        base_model_relation="quantized" if template == "compressed_model" else None,
+    )
+    write_model_card(folder, card)

@@ -1,0 +1,115 @@
+"""``DLQATConfig``: the PEFT config of a DL-QAT adapter (``adapter_config.json``, ``"peft_type": "DLQAT"``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from peft.config import PeftConfig
+
+from ..grid import check_grid_arguments
+from .peft_type import DLQAT_PEFT_TYPE
+
+
+__all__ = ["LORA_SPACES", "DLQATConfig"]
+
+LORA_SPACES: tuple[str, ...] = ("quantization", "weight")
+
+
+@dataclass
+class DLQATConfig(PeftConfig):
+    """Configuration of a DL-QAT adapter: a frozen low-bit grid, a magnitude per group, LoRA inside the grid.
+
+    Every targeted linear layer ``W0`` gets a frozen min-max grid (``scale``, ``zero`` per group of
+    ``group_size`` input channels) and two trainable parts:
+
+    - a **group magnitude** ``alpha`` (one scalar per quantization group, initialised to 1);
+    - a **LoRA** ``B @ A`` (rank ``r``) added **in quantization space**, before rounding::
+
+          codes = clamp(round(W0 / scale + (lora_alpha / r) * B @ A) + zero, 0, 2**bits - 1)
+          W_hat = alpha * scale * (codes - zero)
+
+    ``round`` and ``clamp`` use the straight-through estimator. With ``B = 0`` and ``alpha = 1``
+    (the default initialisation) the model is exactly the round-to-nearest (RTN) quantized model.
+    ``merge_and_quantize()`` exports ``codes`` and ``alpha * scale`` as a real packed low-bit
+    checkpoint.
+
+    Args:
+        bits: bit width of the weights, 2 to 8.
+        group_size: input channels per quantization group; ``-1`` for one group per output channel.
+            A size that does not divide a layer's ``in_features`` gives that layer a shorter last group
+            (its own scale, computed on its real columns); a size at least ``in_features`` means
+            per-channel for that layer.
+        symmetric: symmetric grid (``zero = 2**(bits-1)``) instead of asymmetric min-max.
+        r: LoRA rank.
+        lora_alpha: LoRA scaling numerator (the update is ``lora_alpha / r * B @ A``, in grid steps
+            when ``lora_space="quantization"``).
+        lora_space: ``"quantization"`` (default, ``round(W0/s + BA)``) or ``"weight"``
+            (``round((W0 + BA)/s)``; an element-wise ``1/s`` rescaling of the update).
+        use_magnitude / use_lora: train the group magnitudes / the LoRA. The ablations of the method
+            are ``use_lora=False`` (magnitude only, PEQA-like), ``use_magnitude=False`` (LoRA only in
+            quantization space) and both ``False`` (RTN, nothing trainable).
+        init_weights: ``True``: ``B = 0``, ``alpha = 1`` (start exactly at RTN). ``False``: random ``B``
+            and ``alpha`` near 1 (for tests: the adapter changes the output from the start).
+        target_modules, exclude_modules, layers_to_transform, layers_pattern, modules_to_save: as in
+            ``peft.LoraConfig`` (``"all-linear"`` targets every linear layer except the output head).
+
+    Example:
+        >>> from hf_compress.quantization import DLQATConfig
+        >>> config = DLQATConfig(bits=3, group_size=128, r=16, target_modules="all-linear")
+        >>> config.peft_type
+        <PeftType.DLQAT: 'DLQAT'>
+    """
+
+    bits: int = field(default=4, metadata={"help": "Bit width of the quantized weights (2 to 8)."})
+    group_size: int = field(
+        default=128, metadata={"help": "Input channels per quantization group; -1 for per-channel."}
+    )
+    symmetric: bool = field(default=False, metadata={"help": "Symmetric grid instead of asymmetric min-max."})
+    r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scaling numerator (scale = lora_alpha / r)."})
+    lora_space: Literal["quantization", "weight"] = field(
+        default="quantization",
+        metadata={"help": "Where B @ A is added: inside the integer grid (default) or to the float weight."},
+    )
+    use_magnitude: bool = field(default=True, metadata={"help": "Train one magnitude per quantization group."})
+    use_lora: bool = field(default=True, metadata={"help": "Train the LoRA update in quantization space."})
+    init_weights: bool = field(
+        default=True, metadata={"help": "Start at RTN (B = 0, magnitude 1); False: random, for tests."}
+    )
+    target_modules: list[str] | str | None = field(
+        default=None,
+        metadata={"help": "Module names or regex to adapt; 'all-linear' for every linear layer but the output head."},
+    )
+    exclude_modules: list[str] | str | None = field(
+        default=None, metadata={"help": "Module names or regex to leave in full precision."}
+    )
+    layers_to_transform: list[int] | int | None = field(
+        default=None, metadata={"help": "Only adapt the decoder layers with these indices."}
+    )
+    layers_pattern: list[str] | str | None = field(
+        default=None, metadata={"help": "Name of the layer list, used with layers_to_transform."}
+    )
+    modules_to_save: list[str] | None = field(
+        default=None, metadata={"help": "Extra modules trained and saved in full (e.g. a classification head)."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = DLQAT_PEFT_TYPE
+        check_grid_arguments(self.bits, self.group_size)
+        if self.lora_space not in LORA_SPACES:
+            raise ValueError(f"lora_space must be one of {LORA_SPACES}, got {self.lora_space!r}.")
+        if self.use_lora and (isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1):
+            raise ValueError(f"r must be a positive integer when use_lora=True, got {self.r!r}.")
+        self.target_modules = set(self.target_modules) if isinstance(self.target_modules, list) else self.target_modules
+        self.exclude_modules = (
+            set(self.exclude_modules) if isinstance(self.exclude_modules, list) else self.exclude_modules
+        )
+        if self.layers_pattern and not self.layers_to_transform:
+            raise ValueError("layers_pattern is only used together with layers_to_transform.")
+
+    @property
+    def scaling(self) -> float:
+        """Factor of ``B @ A`` in the update (``lora_alpha / r``)."""
+        return self.lora_alpha / self.r

@@ -1,0 +1,264 @@
+"""The DL-QAT tuner layer: a linear layer whose weight is fake-quantized through a trainable grid.
+
+For the active adapter the forward pass builds (see ``DLQATConfig`` for the formula)::
+
+    W_hat = columns(alpha * scale) * (round_clamp_ste(W0 / scale + s * B @ A, zero) - zero)
+
+and computes ``x @ W_hat.T + bias``. ``W0`` (the base layer's weight), ``scale`` and ``zero`` are
+frozen; ``A``, ``B`` and ``alpha`` train. The arithmetic runs in float32 whatever the base dtype, and
+its result is cast to the input's dtype for the matmul. ``scale``/``zero`` are recomputed from ``W0``
+whenever the adapter is created or loaded, so they are not stored in the adapter. What is stored is
+a four-number *fingerprint* of ``W0``, so an adapter loaded onto a different base model is refused.
+
+A DL-QAT adapter *replaces* the weight rather than adding to it, so only one adapter can be active at
+a time (``set_adapter`` switches between several loaded ones); ``disable_adapter()`` gives the
+full-precision base layer.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from hf_compress.quantization import DLQATConfig
+    >>> layer = DLQATLinear(nn.Linear(16, 4), "default", DLQATConfig(bits=4, group_size=8, r=2))
+    >>> x = torch.randn(3, 16)
+    >>> rtn = layer.get_base_layer()(x)  # full precision
+    >>> bool(torch.allclose(layer(x), x @ layer.quantized_weight("default").T + layer.base_layer.bias))
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+
+from ...modeling.layers import in_features, is_linear, out_features, set_weight_matrix, weight_matrix
+from ..grid import QuantizationGrid, group_index, round_clamp_ste
+from .config import DLQATConfig
+
+
+__all__ = ["DLQATLayer", "DLQATLinear", "LayerQuantization", "weight_fingerprint"]
+
+
+@dataclass(frozen=True)
+class LayerQuantization:
+    """The per-adapter settings a layer needs at run time (taken from its ``DLQATConfig``)."""
+
+    bits: int
+    group_size: int
+    symmetric: bool
+    lora_space: str
+    scaling: float
+    use_lora: bool
+    use_magnitude: bool
+
+    @classmethod
+    def from_config(cls, config: DLQATConfig) -> LayerQuantization:
+        return cls(
+            bits=config.bits,
+            group_size=config.group_size,
+            symmetric=config.symmetric,
+            lora_space=config.lora_space,
+            scaling=config.scaling if config.use_lora else 0.0,
+            use_lora=config.use_lora,
+            use_magnitude=config.use_magnitude,
+        )
+
+
+def weight_fingerprint(weight: torch.Tensor) -> torch.Tensor:
+    """Four numbers that identify a weight matrix well enough to tell two base models apart.
+
+    Example:
+        >>> tuple(weight_fingerprint(torch.ones(3, 2)).tolist())
+        (2.4494898319244385, 2.0, 2.0, 1.0)
+    """
+    w = weight.detach().float()
+    return torch.stack([w.norm(), w[0].sum(), w[-1].sum(), w.abs().mean()])
+
+
+def fingerprints_match(saved: torch.Tensor, current: torch.Tensor) -> bool:
+    """Whether two fingerprints describe the same weight (tolerant to a bf16/fp32 cast of the base)."""
+    tolerance = 1e-2 * float(current[0].abs()) + 1e-6
+    return bool(torch.allclose(saved.float().cpu(), current.float().cpu(), rtol=1e-2, atol=tolerance))
+
+
+class DLQATLayer(BaseTunerLayer):
+    """State of DL-QAT adapters on one linear layer (``nn.Linear`` or transformers ``Conv1D``)."""
+
+    adapter_layer_names = ("dlqat_A", "dlqat_B", "dlqat_magnitude")
+    other_param_names = ("dlqat_scale", "dlqat_zero", "dlqat_fingerprint", "dlqat_settings")
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        self.base_layer = base_layer
+        self.dlqat_A = nn.ParameterDict({})
+        self.dlqat_B = nn.ParameterDict({})
+        self.dlqat_magnitude = nn.ParameterDict({})
+        # The grid is a function of W0 and the config: recomputed on load, never saved.
+        self.dlqat_scale = BufferDict({}, persistent=False)
+        self.dlqat_zero = BufferDict({}, persistent=False)
+        self.dlqat_fingerprint = BufferDict({}, persistent=True)
+        self.dlqat_settings: dict[str, LayerQuantization] = {}
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self._weight_before_merge: torch.Tensor | None = None
+        self.kwargs = kwargs
+        base = self.get_base_layer()
+        if not is_linear(base):
+            raise TypeError(
+                f"DL-QAT adapts nn.Linear and transformers Conv1D layers, not {type(base).__name__}; "
+                "remove it from target_modules."
+            )
+        self.in_features, self.out_features = in_features(base), out_features(base)
+
+    def update_layer(self, adapter_name: str, config: DLQATConfig, **kwargs: Any) -> None:
+        """Add (or re-initialise) the adapter ``adapter_name`` with ``config``."""
+        settings = LayerQuantization.from_config(config)
+        base = self.get_base_layer()
+        w0 = weight_matrix(base)
+        grid = QuantizationGrid.fit(w0, config.bits, config.group_size, config.symmetric)
+        self.dlqat_settings[adapter_name] = settings
+        self.dlqat_scale[adapter_name] = grid.scale
+        self.dlqat_zero[adapter_name] = grid.zero
+        self.dlqat_fingerprint[adapter_name] = weight_fingerprint(w0)
+        if config.use_lora:
+            self.dlqat_A[adapter_name] = nn.Parameter(torch.empty(config.r, self.in_features))
+            self.dlqat_B[adapter_name] = nn.Parameter(torch.empty(self.out_features, config.r))
+        if config.use_magnitude:
+            self.dlqat_magnitude[adapter_name] = nn.Parameter(torch.ones_like(grid.scale))
+        self.reset_dlqat_parameters(adapter_name, config.init_weights)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        # PEFT also casts adapter tensors to the base layer's dtype; the frozen grid must stay float32 (a
+        # bf16-rounded scale would shift codes away from the min-max grid).
+        device = self.dlqat_scale[adapter_name].device
+        self.dlqat_scale[adapter_name] = grid.scale.to(device)
+        self.dlqat_zero[adapter_name] = grid.zero.to(device)
+        self.dlqat_fingerprint[adapter_name] = self.dlqat_fingerprint[adapter_name].to(device, torch.float32)
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def reset_dlqat_parameters(self, adapter_name: str, init_weights: bool = True) -> None:
+        with torch.no_grad():
+            if adapter_name in self.dlqat_A:
+                nn.init.kaiming_uniform_(self.dlqat_A[adapter_name], a=math.sqrt(5))
+                if init_weights:
+                    nn.init.zeros_(self.dlqat_B[adapter_name])
+                else:
+                    nn.init.normal_(self.dlqat_B[adapter_name], std=1.0)
+            if adapter_name in self.dlqat_magnitude:
+                magnitude = self.dlqat_magnitude[adapter_name]
+                magnitude.fill_(1.0)
+                if not init_weights:
+                    magnitude.add_(0.1 * torch.randn_like(magnitude))
+
+    # ----------------------------------------------------------------------------------------------
+    # The quantized weight
+    # ----------------------------------------------------------------------------------------------
+
+    def _group_columns(self, per_group: torch.Tensor, adapter: str) -> torch.Tensor:
+        index = group_index(self.in_features, self.dlqat_settings[adapter].group_size, per_group.device)
+        return per_group.index_select(1, index)
+
+    def _grid_inputs(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(u, zero_columns, scale_per_group)``: the pre-rounding values and what dequantizes them."""
+        settings = self.dlqat_settings[adapter]
+        w0 = weight_matrix(self.get_base_layer()).float()
+        scale = self.dlqat_scale[adapter]
+        scale_columns = self._group_columns(scale, adapter)
+        if settings.use_lora:
+            delta = settings.scaling * (self.dlqat_B[adapter].float() @ self.dlqat_A[adapter].float())
+            if settings.lora_space == "quantization":
+                values = w0 / scale_columns + delta
+            else:
+                values = (w0 + delta) / scale_columns
+        else:
+            values = w0 / scale_columns
+        if settings.use_magnitude:
+            scale = scale * self.dlqat_magnitude[adapter].float()
+        return values, self._group_columns(self.dlqat_zero[adapter], adapter), scale
+
+    def quantized_weight(self, adapter: str) -> torch.Tensor:
+        """The fake-quantized ``[out, in]`` float32 weight of ``adapter`` (differentiable in A, B, alpha)."""
+        values, zero_columns, scale = self._grid_inputs(adapter)
+        codes = round_clamp_ste(values, zero_columns, 2 ** self.dlqat_settings[adapter].bits - 1)
+        return self._group_columns(scale, adapter) * (codes - zero_columns)
+
+    @torch.no_grad()
+    def export_codes(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(codes, scales, zeros)`` of the merged adapter: integer codes ``[out, in]``, ``alpha * scale``
+        and the zero-points per group. ``scales * (codes - zeros)`` is exactly ``quantized_weight``."""
+        values, zero_columns, scale = self._grid_inputs(adapter)
+        codes = round_clamp_ste(values, zero_columns, 2 ** self.dlqat_settings[adapter].bits - 1)
+        return codes, scale, self.dlqat_zero[adapter]
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        """``W_hat - W0`` in the base layer's ``[out, in]`` layout."""
+        return self.quantized_weight(adapter) - weight_matrix(self.get_base_layer()).float()
+
+    def _single_active_adapter(self) -> str | None:
+        active = [name for name in self.active_adapters if name in self.dlqat_settings]
+        if len(active) > 1:
+            raise ValueError(
+                f"DL-QAT adapters replace the layer's weight, so only one can be active; got {active}. "
+                "Activate one with model.set_adapter(name)."
+            )
+        return active[0] if active else None
+
+    # ----------------------------------------------------------------------------------------------
+    # Merging (PEFT semantics: the base weight becomes the fake-quantized one, unmerge restores W0)
+    # ----------------------------------------------------------------------------------------------
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        if not adapter_names:
+            return
+        if len(adapter_names) > 1 or self.merged_adapters:
+            raise ValueError(
+                "A DL-QAT adapter replaces the weight: merge exactly one adapter (unmerge first to switch)."
+            )
+        (adapter,) = adapter_names
+        if adapter not in self.dlqat_settings:
+            return
+        base = self.get_base_layer()
+        merged = self.quantized_weight(adapter).detach()
+        if safe_merge and not torch.isfinite(merged).all():
+            raise ValueError(f"NaNs detected in the merged weights of adapter {adapter!r}.")
+        self._weight_before_merge = weight_matrix(base).clone()
+        set_weight_matrix(base, merged)
+        self.merged_adapters.append(adapter)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        set_weight_matrix(self.get_base_layer(), self._weight_before_merge)
+        self._weight_before_merge = None
+        self.merged_adapters.clear()
+
+
+class DLQATLinear(nn.Module, DLQATLayer):
+    """A DL-QAT adapted ``nn.Linear`` / ``Conv1D`` (the module PEFT puts in place of the base layer)."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: DLQATConfig, **kwargs: Any) -> None:
+        super().__init__()
+        DLQATLayer.__init__(self, base_layer, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        adapter = self._single_active_adapter()
+        if adapter is None:
+            return self.base_layer(x, *args, **kwargs)
+        weight = self.quantized_weight(adapter).to(x.dtype)
+        bias = self.get_base_layer().bias
+        return nn.functional.linear(x, weight, None if bias is None else bias.to(x.dtype))
+
+    def __repr__(self) -> str:
+        return "dlqat." + super().__repr__()

@@ -1,0 +1,184 @@
+"""``DLQATModel``: the PEFT tuner that injects DL-QAT layers, checks adapters on load, and exports.
+
+Users meet it through PEFT: ``get_peft_model(base, DLQATConfig(...))`` returns a ``PeftModel`` whose
+``base_model`` is a ``DLQATModel``. Everything LoRA users know works the same way:
+``print_trainable_parameters``, ``save_pretrained``, ``PeftModel.from_pretrained``, ``load_adapter``,
+``set_adapter``, ``disable_adapter()``, ``merge_and_unload()`` (a float model on the quantized grid) and
+``push_to_hub``. It adds ``merge_and_quantize()``, which returns the base transformers model with
+real packed low-bit ``PackedLinear`` layers (``hf_compress_packed`` format).
+
+Example:
+    >>> import torch
+    >>> from peft import get_peft_model
+    >>> from hf_compress.assets import tiny_model
+    >>> from hf_compress.quantization import DLQATConfig
+    >>> base, _ = tiny_model("llama")
+    >>> model = get_peft_model(base, DLQATConfig(bits=3, group_size=32, r=4))
+    >>> ids = torch.tensor([[1, 2, 3, 4]])
+    >>> fake_quant = model(ids).logits
+    >>> packed = model.merge_and_quantize()
+    >>> bool(torch.allclose(packed(ids).logits, fake_quant, atol=1e-5))
+    True
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from tqdm.auto import tqdm
+
+from ...utils import get_logger
+from ..packed_format import PackedFormatConfig, _replace_module, attach_packed_format
+from ..packed_linear import PackedLinear
+from .config import DLQATConfig
+from .layer import DLQATLayer, DLQATLinear, fingerprints_match
+
+
+__all__ = ["DLQATModel"]
+
+logger = get_logger(__name__)
+
+
+class DLQATModel(BaseTuner):
+    """PEFT tuner for DL-QAT (weight-decomposed low-rank quantization-aware training, arXiv 2504.09223).
+
+    Args:
+        model: the transformers model to adapt.
+        config: the ``DLQATConfig``.
+        adapter_name: name of the adapter (``"default"``).
+    """
+
+    prefix: str = "dlqat_"
+    tuner_layer_cls = DLQATLayer
+    target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    def _prepare_adapter_config(self, peft_config: DLQATConfig, model_config: dict) -> DLQATConfig:
+        # Quantizing only q/v (LoRA's default targets) would leave most of the model in full precision.
+        if peft_config.target_modules is None:
+            peft_config.target_modules = "all-linear"
+        return peft_config
+
+    def _create_and_replace(
+        self,
+        dlqat_config: DLQATConfig,
+        adapter_name: str,
+        target: torch.nn.Module,
+        target_name: str,
+        parent: torch.nn.Module,
+        current_key: str,
+        **optional_kwargs: Any,
+    ) -> None:
+        if isinstance(target, DLQATLinear):
+            target.update_layer(adapter_name, dlqat_config)
+            return
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        new_module = DLQATLinear(base, adapter_name, dlqat_config)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)  # a second adapter is not trainable until set_adapter
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _post_injection_hook(self, model: torch.nn.Module, config: DLQATConfig, adapter_name: str) -> None:
+        group = config.group_size
+        ragged = sorted({
+            m.in_features for m in model.modules()
+            if isinstance(m, DLQATLayer) and adapter_name in m.dlqat_settings and group != -1
+            and group < m.in_features and m.in_features % group
+        })
+        if ragged:
+            logger.info(
+                "group_size %d does not divide in_features %s: the last group of each row is shorter and gets "
+                "its own scale (e.g. %d = %d x %d + %d).", group, ragged, ragged[0], ragged[0] // group, group,
+                ragged[0] % group,
+            )
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls, model: torch.nn.Module, config: DLQATConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        _check_fingerprints(model, adapter_name, remapped)
+        return remapped
+
+    # ----------------------------------------------------------------------------------------------
+    # Export
+    # ----------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def merge_and_quantize(
+        self, adapter_name: str | None = None, progressbar: bool = False
+    ) -> torch.nn.Module:
+        """Fold the adapter into integer codes and return the base model with packed ``PackedLinear`` layers.
+
+        Every DL-QAT layer becomes a ``PackedLinear`` holding ``codes = clamp(round(W0/s + BA) + z)`` packed
+        to ``bits`` bits, ``scales = alpha * s`` and the zero-points; its outputs equal the fake-quantized
+        layer's up to float rounding. Other adapters are dropped, like ``merge_and_unload``: use the
+        returned model, not this one. ``save_pretrained`` on it writes an ``hf_compress_packed`` checkpoint
+        that ``AutoModelForCausalLM.from_pretrained`` loads after ``import hf_compress``.
+
+        Args:
+            adapter_name: the adapter to export; defaults to the active one.
+            progressbar: show a progress bar over the layers.
+        """
+        adapter = adapter_name or self._the_active_adapter()
+        if adapter not in self.peft_config:
+            raise ValueError(f"No adapter named {adapter!r}; loaded adapters: {sorted(self.peft_config)}.")
+        config = self.peft_config[adapter]
+        if not isinstance(config, DLQATConfig):
+            raise TypeError(f"adapter {adapter!r} is not a DL-QAT adapter.")
+        layers = [(name, m) for name, m in self.model.named_modules() if isinstance(m, DLQATLayer)]
+        names = []
+        for name, layer in tqdm(layers, desc="Packing DL-QAT layers", disable=not progressbar):
+            if layer.merged:
+                layer.unmerge()
+            base = layer.get_base_layer()
+            if adapter not in layer.dlqat_settings:  # not targeted by this adapter: back to the plain layer
+                _replace_module(self.model, name, base)
+                continue
+            codes, scales, zeros = layer.export_codes(adapter)
+            dtype = base.weight.dtype
+            packed = PackedLinear.from_codes(
+                codes, scales, zeros, config.bits, config.group_size, bias=base.bias,
+                dtype=torch.float32 if dtype not in (torch.float16, torch.bfloat16) else dtype,
+            )
+            _replace_module(self.model, name, packed.to(base.weight.device))
+            names.append(name)
+        if hasattr(self.model, "peft_config"):
+            del self.model.peft_config
+        recipe = {"method": "dlqat", "adapter": config.to_dict()}
+        recipe["adapter"] = {k: v for k, v in recipe["adapter"].items() if _json_scalar(v)}
+        format_config = PackedFormatConfig(config.bits, config.group_size, config.symmetric, names, recipe)
+        logger.info("packed %d layers to %d bits (group size %s)", len(names), config.bits, config.group_size)
+        return attach_packed_format(self.model, format_config)
+
+    def _the_active_adapter(self) -> str:
+        active = self.active_adapters
+        if len(active) != 1:
+            raise ValueError(f"Pass adapter_name: {len(active)} adapters are active ({active}).")
+        return active[0]
+
+
+def _json_scalar(value: Any) -> bool:
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
+def _check_fingerprints(model: torch.nn.Module, adapter_name: str, state_dict: dict[str, torch.Tensor]) -> None:
+    """Refuse an adapter trained on another base model (its grid would not match these weights)."""
+    mismatched = []
+    for name, module in model.named_modules():
+        if not isinstance(module, DLQATLayer) or adapter_name not in module.dlqat_fingerprint:
+            continue
+        key = f"{name}.dlqat_fingerprint.{adapter_name}"
+        saved = state_dict.get(key)
+        if saved is None:
+            saved = state_dict.get(key.removeprefix("base_model.model."))
+        if saved is not None and not fingerprints_match(saved, module.dlqat_fingerprint[adapter_name]):
+            mismatched.append(name.removeprefix("base_model.model."))
+    if mismatched:
+        raise ValueError(
+            f"This DL-QAT adapter was trained on a different base model: the weights of {len(mismatched)} "
+            f"layer(s) (e.g. {mismatched[0]}) do not match the ones it was fitted to. Load it onto the base "
+            "model named in its adapter_config.json (base_model_name_or_path)."
+        )

@@ -1,0 +1,133 @@
+"""``PackedLinear``: a linear layer whose weight is stored as packed low-bit codes.
+
+Buffers (all saved in the checkpoint):
+
+- ``qweight``: ``uint8 (out_features, ceil(in_features / 8) * bits)``, the codes packed by
+  ``hf_compress.quantization.packing``;
+- ``scales``: ``(out_features, groups)`` in the model's floating dtype;
+- ``qzeros``: ``uint8 (out_features, groups)``, the zero-points;
+- ``bias`` (a parameter) when the original layer had one.
+
+The forward pass dequantizes the weight on the fly (``scales * (codes - qzeros)``) in the input's
+dtype and discards it after the matmul. Only the packed form stays resident, so the model really is
+low-bit in memory. The price is an unpack per call; on CPU without int kernels this is slower than a
+dense matmul.
+
+Example:
+    >>> import torch
+    >>> from hf_compress.quantization.grid import QuantizationGrid
+    >>> w = torch.randn(8, 16)
+    >>> grid = QuantizationGrid.fit(w, bits=4, group_size=8)
+    >>> layer = PackedLinear.from_codes(grid.quantize(w), grid.scale, grid.zero, bits=4, group_size=8)
+    >>> x = torch.randn(2, 16)
+    >>> bool(torch.allclose(layer(x), x @ grid.dequantize(grid.quantize(w)).T, atol=1e-6))
+    True
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .grid import check_grid_arguments
+from .packing import pack_codes, packed_columns, unpack_codes
+
+
+__all__ = ["PackedLinear"]
+
+
+class PackedLinear(nn.Module):
+    """Linear layer over packed ``bits``-bit group-quantized weights (dequantize on the fly)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        group_size: int,
+        bias: bool = False,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        check_grid_arguments(bits, group_size)
+        self.in_features = in_features
+        self.out_features = out_features
+        self.bits = bits
+        self.group_size = in_features if group_size == -1 or group_size >= in_features else group_size
+        groups = -(-in_features // self.group_size)
+        self.register_buffer(
+            "qweight", torch.zeros(out_features, packed_columns(in_features, bits), dtype=torch.uint8, device=device)
+        )
+        self.register_buffer("scales", torch.ones(out_features, groups, dtype=dtype, device=device))
+        self.register_buffer("qzeros", torch.zeros(out_features, groups, dtype=torch.uint8, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+
+    @classmethod
+    def from_codes(
+        cls,
+        codes: torch.Tensor,
+        scales: torch.Tensor,
+        zeros: torch.Tensor,
+        bits: int,
+        group_size: int,
+        bias: torch.Tensor | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> PackedLinear:
+        """Build the layer from integer ``codes (out, in)``, ``scales`` and ``zeros (out, groups)``."""
+        out_features, in_features = codes.shape
+        dtype = dtype or scales.dtype
+        layer = cls(in_features, out_features, bits, group_size, bias=bias is not None, dtype=dtype, device=codes.device)
+        if tuple(scales.shape) != tuple(layer.scales.shape) or tuple(zeros.shape) != tuple(layer.qzeros.shape):
+            raise ValueError(
+                f"scales/zeros must have shape {tuple(layer.scales.shape)} for {in_features} inputs in groups of "
+                f"{layer.group_size}; got {tuple(scales.shape)} and {tuple(zeros.shape)}."
+            )
+        with torch.no_grad():
+            layer.qweight.copy_(pack_codes(codes.round().to(torch.int32), bits))
+            layer.scales.copy_(scales.to(dtype))
+            layer.qzeros.copy_(zeros.round().to(torch.uint8))
+            if bias is not None:
+                layer.bias.copy_(bias.to(dtype))
+        return layer
+
+    def codes(self) -> torch.Tensor:
+        """The unpacked ``uint8`` codes ``(out_features, in_features)``."""
+        return unpack_codes(self.qweight, self.bits, self.in_features)
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight ``scales * (codes - zeros)`` as a dense ``(out, in)`` tensor in ``dtype``."""
+        dtype = dtype or self.scales.dtype
+        weight = unpack_codes(self.qweight, self.bits, self.in_features).to(dtype)
+        zeros, scales = self.qzeros.to(dtype), self.scales.to(dtype)
+        # In place, group by group through views: no expanded scale/zero tensors, no padding copy.
+        full = self.in_features // self.group_size
+        if full:
+            grouped = weight[:, : full * self.group_size].unflatten(1, (full, self.group_size))
+            grouped.sub_(zeros[:, :full, None]).mul_(scales[:, :full, None])
+        if full < scales.shape[1]:  # the shorter last group
+            weight[:, full * self.group_size :].sub_(zeros[:, full:]).mul_(scales[:, full:])
+        return weight
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized ``[out, in]`` weight, computed on access (a new tensor: writing to it changes nothing).
+
+        Read-only on purpose: code that only inspects ``layer.weight`` (its dtype, device or values, or
+        transformers' weight initialisers walking the model at load time) keeps working.
+        """
+        return self.dequantized_weight()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return nn.functional.linear(x, self.dequantized_weight(x.dtype), bias)
+
+    def packed_bytes(self) -> int:
+        """Bytes of the stored weight (codes, scales, zero-points; bias excluded)."""
+        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.qzeros))
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+            f"group_size={self.group_size}, bias={self.bias is not None}"
+        )

@@ -1,0 +1,12 @@
+"""Training through ``transformers.Trainer``: token-window datasets and one launcher for every method.
+
+Methods that train (DL-QAT adapters, later drafting heads) hand ``train_with_trainer`` a model and a
+dataset; the ``Trainer`` underneath gives gradient accumulation, checkpointing, logging and, without
+code changes, multi-process training (``accelerate launch`` / ``torchrun``: DDP, FSDP, DeepSpeed).
+"""
+
+from .data import causal_lm_dataset
+from .trainer import TrainingSettings, train_with_trainer
+
+
+__all__ = ["TrainingSettings", "causal_lm_dataset", "train_with_trainer"]

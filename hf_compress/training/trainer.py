@@ -1,0 +1,104 @@
+"""``train_with_trainer``: the one place hf_compress builds ``TrainingArguments`` and runs ``Trainer``."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+from ..utils import get_logger
+
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from torch import nn
+
+
+__all__ = ["TrainingSettings", "train_with_trainer"]
+
+logger = get_logger(__name__)
+
+
+@dataclass
+class TrainingSettings:
+    """The few knobs the CLI and the benchmarks set; anything else goes in ``extra_arguments``.
+
+    Example:
+        >>> TrainingSettings(max_steps=10).learning_rate
+        0.0001
+    """
+
+    max_steps: int = 100
+    learning_rate: float = 1e-4
+    per_device_batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    lr_scheduler_type: str = "linear"
+    logging_steps: int = 10
+    seed: int = 0
+    use_cpu: bool = False
+    extra_arguments: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "per_device_batch_size", "gradient_accumulation_steps", "logging_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be positive, got {self.learning_rate!r}.")
+
+
+def train_with_trainer(
+    model: nn.Module,
+    train_dataset: Dataset,
+    output_dir: str,
+    settings: TrainingSettings | None = None,
+) -> dict[str, Any]:
+    """Train ``model`` (e.g. a ``PeftModel``) on ``train_dataset`` with ``transformers.Trainer``.
+
+    Nothing is saved by the Trainer itself (``save_strategy="no"``); the caller saves what it trained.
+    Returns the Trainer's metrics plus ``train_seconds`` and ``log_history``.
+
+    Example:
+        >>> from peft import get_peft_model
+        >>> from hf_compress.assets import tiny_model, tiny_tokenizer
+        >>> from hf_compress.quantization import DLQATConfig
+        >>> from hf_compress.training import causal_lm_dataset
+        >>> model = get_peft_model(tiny_model("llama")[0], DLQATConfig(bits=4, group_size=32, r=2))
+        >>> data = causal_lm_dataset(["text " * 50], tiny_tokenizer(), num_sequences=4, seq_len=16)
+        >>> result = train_with_trainer(model, data, "/tmp/run", TrainingSettings(max_steps=2, use_cpu=True))  # doctest: +SKIP
+    """
+    from transformers import Trainer, TrainingArguments, default_data_collator
+
+    settings = settings or TrainingSettings()
+    arguments = TrainingArguments(
+        output_dir=output_dir,
+        max_steps=settings.max_steps,
+        learning_rate=settings.learning_rate,
+        per_device_train_batch_size=settings.per_device_batch_size,
+        gradient_accumulation_steps=settings.gradient_accumulation_steps,
+        warmup_steps=settings.warmup_steps,
+        weight_decay=settings.weight_decay,
+        lr_scheduler_type=settings.lr_scheduler_type,
+        logging_steps=settings.logging_steps,
+        seed=settings.seed,
+        use_cpu=settings.use_cpu,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=False,
+        dataloader_num_workers=0,
+        **(settings.extra_arguments or {}),
+    )
+    trainer = Trainer(model=model, args=arguments, train_dataset=train_dataset, data_collator=default_data_collator)
+    start = time.perf_counter()
+    output = trainer.train()
+    seconds = time.perf_counter() - start
+    logger.info("trained %d steps in %.1f s (loss %.4f)", settings.max_steps, seconds, output.training_loss)
+    return {
+        **output.metrics,
+        "train_seconds": seconds,
+        "training_loss": output.training_loss,
+        "settings": asdict(settings),
+        "log_history": trainer.state.log_history,
+    }
