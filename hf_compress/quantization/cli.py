@@ -58,6 +58,8 @@ def run_quantize(args: argparse.Namespace) -> int:
     )
     model, tokenizer = load_model(args.model)
     model = get_peft_model(model, config)
+    trainable, total = model.get_nb_trainable_parameters()
+    print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
     if args.method == "dlqat":
         data = causal_lm_dataset(load_text("wikipedia", "calibration"), tokenizer,
                                  num_sequences=args.steps * args.batch_size, seq_len=args.seq_len)
