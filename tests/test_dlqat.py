@@ -26,6 +26,7 @@ from hf_compress.quantization import (
     quantize_rtn,
     round_clamp_ste,
 )
+from hf_compress.quantization.grid import group_index
 from hf_compress.quantization.packing import pack_codes, packed_columns, unpack_codes
 from hf_compress.training import TrainingSettings, causal_lm_dataset, train_with_trainer
 
@@ -188,8 +189,9 @@ def test_lora_space_changes_the_update(lora_space):
     model = _dlqat(init_weights=False, lora_space=lora_space, use_magnitude=False)
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     w0 = layer.base_layer.weight.float()
-    scale = layer._group_columns(layer.dlqat_scale["default"], "default")
-    zero = layer._group_columns(layer.dlqat_zero["default"], "default")
+    columns = group_index(64, 24)  # the tiny model's hidden size, in groups of 24
+    scale = layer.dlqat_scale["default"][:, columns]
+    zero = layer.dlqat_zero["default"][:, columns]
     delta = layer.dlqat_settings["default"].scaling * (layer.dlqat_B["default"] @ layer.dlqat_A["default"])
     inner = w0 / scale + delta if lora_space == "quantization" else (w0 + delta) / scale
     expected = scale * ((torch.round(inner) + zero).clamp(0, 7) - zero)

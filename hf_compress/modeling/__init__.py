@@ -38,6 +38,7 @@ from .layers import (
     module_execution_device,
     onloaded,
     out_features,
+    replace_module,
     set_weight_matrix,
     weight_matrix,
 )
@@ -64,6 +65,7 @@ __all__ = [
     "onloaded",
     "out_features",
     "reconstruction_error",
+    "replace_module",
     "set_weight_matrix",
     "train_block_reconstruction",
     "weight_matrix",

@@ -40,6 +40,7 @@ __all__ = [
     "module_execution_device",
     "onloaded",
     "out_features",
+    "replace_module",
     "set_weight_matrix",
     "weight_matrix",
 ]
@@ -253,6 +254,20 @@ def set_weight_matrix(layer: nn.Module, new: torch.Tensor) -> None:
         )
     with torch.no_grad():
         weight_matrix(layer).copy_(new)
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` in place of the submodule with the qualified ``name`` (e.g. ``"model.layers.0.mlp.up_proj"``).
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(2, 2))
+        >>> replace_module(model, "0", nn.Identity())
+        >>> type(model[0]).__name__
+        'Identity'
+    """
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -40,7 +40,6 @@ def run_quantize(args: argparse.Namespace) -> int:
     from peft import get_peft_model
 
     from ..assets import load_model, load_text
-    from ..pruning.storage import holds_model
     from ..training import TrainingSettings, causal_lm_dataset, train_with_trainer
     from ..utils import atomic_directory
     from . import DLQATConfig, packed_size
@@ -78,8 +77,6 @@ def run_quantize(args: argparse.Namespace) -> int:
                 model.save_pretrained(folder)
                 _write_card(folder, base_model, recipe, "adapter")
     packed = model.merge_and_quantize()
-    if holds_model(args.save_dir) and not args.overwrite:
-        raise FileExistsError(f"{args.save_dir} already holds a model; pass --overwrite to replace it.")
     with atomic_directory(args.save_dir, overwrite=True) as folder:
         packed.save_pretrained(folder)
         tokenizer.save_pretrained(folder)

@@ -138,11 +138,6 @@ class QuantizationGrid:
         scale = self.scale if scale is None else scale
         return self.columns(scale) * (codes.float() - self.columns(self.zero))
 
-    def to(self, device: torch.device) -> QuantizationGrid:
-        return QuantizationGrid(
-            self.scale.to(device), self.zero.to(device), self.bits, self.group_size, self.in_features
-        )
-
 
 class _RoundClampSTE(torch.autograd.Function):
     """``clamp(round(u) + zero, 0, max_code)`` with the straight-through gradient."""

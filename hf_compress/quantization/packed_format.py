@@ -29,7 +29,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..modeling.layers import find_decoder_blocks, find_linear_layers, in_features, out_features, weight_matrix
+from ..modeling.layers import (
+    find_decoder_blocks,
+    find_linear_layers,
+    in_features,
+    out_features,
+    replace_module,
+    weight_matrix,
+)
 from ..modeling.loading import CompressedFormatConfig, CompressedFormatQuantizer, register_format
 from ..utils import get_logger
 from .grid import QuantizationGrid, check_grid_arguments
@@ -98,7 +105,7 @@ class PackedFormatQuantizer(CompressedFormatQuantizer):
                 in_features(layer), out_features(layer), config.bits, config.group_size,
                 bias=layer.bias is not None, dtype=weight.dtype, device=weight.device,
             )
-            _replace_module(model, name, packed)
+            replace_module(model, name, packed)
         return model
 
     def update_weight_conversions(self, weight_conversions: list, model: PreTrainedModel) -> list:
@@ -122,14 +129,8 @@ class PackedFormatQuantizer(CompressedFormatQuantizer):
                     linear.weight.copy_(module.dequantized_weight(target))
                     if module.bias is not None:
                         linear.bias.copy_(module.bias)
-                _replace_module(model, name, linear)
+                replace_module(model, name, linear)
         return model
-
-
-def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
 
 
 def attach_packed_format(model: PreTrainedModel, config: PackedFormatConfig) -> PreTrainedModel:
@@ -186,7 +187,7 @@ def quantize_rtn(
                 grid.quantize(w), grid.scale, grid.zero, bits, group_size,
                 bias=layer.bias, dtype=w.dtype,
             )
-            _replace_module(model, f"{qualified}.{name}", packed)
+            replace_module(model, f"{qualified}.{name}", packed)
             names.append(f"{qualified}.{name}")
     config = PackedFormatConfig(bits, group_size, symmetric, names, recipe={"method": "rtn"})
     return attach_packed_format(model, config)

@@ -121,9 +121,6 @@ class DLQATLayer(BaseTunerLayer):
         w0 = weight_matrix(base)
         grid = QuantizationGrid.fit(w0, config.bits, config.group_size, config.symmetric)
         self.dlqat_settings[adapter_name] = settings
-        self.dlqat_scale[adapter_name] = grid.scale
-        self.dlqat_zero[adapter_name] = grid.zero
-        self.dlqat_fingerprint[adapter_name] = weight_fingerprint(w0)
         if config.use_lora:
             self.dlqat_A[adapter_name] = nn.Parameter(torch.empty(config.r, self.in_features))
             self.dlqat_B[adapter_name] = nn.Parameter(torch.empty(self.out_features, config.r))
@@ -131,12 +128,12 @@ class DLQATLayer(BaseTunerLayer):
             self.dlqat_magnitude[adapter_name] = nn.Parameter(torch.ones_like(grid.scale))
         self.reset_dlqat_parameters(adapter_name, config.init_weights)
         self._move_adapter_to_device_of_base_layer(adapter_name)
-        # PEFT also casts adapter tensors to the base layer's dtype; the frozen grid must stay float32 (a
-        # bf16-rounded scale would shift codes away from the min-max grid).
-        device = self.dlqat_scale[adapter_name].device
-        self.dlqat_scale[adapter_name] = grid.scale.to(device)
-        self.dlqat_zero[adapter_name] = grid.zero.to(device)
-        self.dlqat_fingerprint[adapter_name] = self.dlqat_fingerprint[adapter_name].to(device, torch.float32)
+        # Added after that move on purpose: PEFT also casts adapter tensors to the base layer's dtype, but
+        # the frozen grid must stay float32 (a bf16-rounded scale would shift codes off the min-max grid).
+        # It was fitted on W0's device, so it is already where the layer runs.
+        self.dlqat_scale[adapter_name] = grid.scale
+        self.dlqat_zero[adapter_name] = grid.zero
+        self.dlqat_fingerprint[adapter_name] = weight_fingerprint(w0)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
     def reset_dlqat_parameters(self, adapter_name: str, init_weights: bool = True) -> None:
@@ -157,16 +154,14 @@ class DLQATLayer(BaseTunerLayer):
     # The quantized weight
     # ----------------------------------------------------------------------------------------------
 
-    def _group_columns(self, per_group: torch.Tensor, adapter: str) -> torch.Tensor:
-        index = group_index(self.in_features, self.dlqat_settings[adapter].group_size, per_group.device)
-        return per_group.index_select(1, index)
-
-    def _grid_inputs(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(u, zero_columns, scale_per_group)``: the pre-rounding values and what dequantizes them."""
+    def _codes(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(codes, zero_columns, scale_per_group, index)``: the integer codes (STE-differentiable), the
+        zero-points per column, the trained scale ``alpha * s`` per group, and each column's group."""
         settings = self.dlqat_settings[adapter]
         w0 = weight_matrix(self.get_base_layer()).float()
+        index = group_index(self.in_features, settings.group_size, w0.device)
         scale = self.dlqat_scale[adapter]
-        scale_columns = self._group_columns(scale, adapter)
+        scale_columns = scale.index_select(1, index)
         if settings.use_lora:
             delta = settings.scaling * (self.dlqat_B[adapter].float() @ self.dlqat_A[adapter].float())
             if settings.lora_space == "quantization":
@@ -177,20 +172,20 @@ class DLQATLayer(BaseTunerLayer):
             values = w0 / scale_columns
         if settings.use_magnitude:
             scale = scale * self.dlqat_magnitude[adapter].float()
-        return values, self._group_columns(self.dlqat_zero[adapter], adapter), scale
+        zero_columns = self.dlqat_zero[adapter].index_select(1, index)
+        codes = round_clamp_ste(values, zero_columns, 2**settings.bits - 1)
+        return codes, zero_columns, scale, index
 
     def quantized_weight(self, adapter: str) -> torch.Tensor:
         """The fake-quantized ``[out, in]`` float32 weight of ``adapter`` (differentiable in A, B, alpha)."""
-        values, zero_columns, scale = self._grid_inputs(adapter)
-        codes = round_clamp_ste(values, zero_columns, 2 ** self.dlqat_settings[adapter].bits - 1)
-        return self._group_columns(scale, adapter) * (codes - zero_columns)
+        codes, zero_columns, scale, index = self._codes(adapter)
+        return scale.index_select(1, index) * (codes - zero_columns)
 
     @torch.no_grad()
     def export_codes(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(codes, scales, zeros)`` of the merged adapter: integer codes ``[out, in]``, ``alpha * scale``
         and the zero-points per group. ``scales * (codes - zeros)`` is exactly ``quantized_weight``."""
-        values, zero_columns, scale = self._grid_inputs(adapter)
-        codes = round_clamp_ste(values, zero_columns, 2 ** self.dlqat_settings[adapter].bits - 1)
+        codes, _, scale, _ = self._codes(adapter)
         return codes, scale, self.dlqat_zero[adapter]
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:

@@ -30,8 +30,9 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from tqdm.auto import tqdm
 
+from ...modeling import replace_module
 from ...utils import get_logger
-from ..packed_format import PackedFormatConfig, _replace_module, attach_packed_format
+from ..packed_format import PackedFormatConfig, attach_packed_format
 from ..packed_linear import PackedLinear
 from .config import DLQATConfig
 from .layer import DLQATLayer, DLQATLinear, fingerprints_match
@@ -135,7 +136,7 @@ class DLQATModel(BaseTuner):
                 layer.unmerge()
             base = layer.get_base_layer()
             if adapter not in layer.dlqat_settings:  # not targeted by this adapter: back to the plain layer
-                _replace_module(self.model, name, base)
+                replace_module(self.model, name, base)
                 continue
             codes, scales, zeros = layer.export_codes(adapter)
             dtype = base.weight.dtype
@@ -143,7 +144,7 @@ class DLQATModel(BaseTuner):
                 codes, scales, zeros, config.bits, config.group_size, bias=base.bias,
                 dtype=torch.float32 if dtype not in (torch.float16, torch.bfloat16) else dtype,
             )
-            _replace_module(self.model, name, packed.to(base.weight.device))
+            replace_module(self.model, name, packed)  # built on the codes' device, the layer's own
             names.append(name)
         if hasattr(self.model, "peft_config"):
             del self.model.peft_config
