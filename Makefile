@@ -4,7 +4,7 @@ PIP = $(PYTHON) -m pip
 CACHE ?= $(or $(HF_COMPRESS_CACHE),$(HOME)/.cache/hf_compress)
 STAMP = .make
 
-.PHONY: install assets demo test test-all bench-reference bench-pruning bench-dlqat clean
+.PHONY: install assets demo test test-all bench-reference bench-pruning bench-dlqat bench-speculative clean
 
 # torch first, pinned to the local CPU wheel: an unpinned torch would pull several GB of CUDA packages.
 $(STAMP)/install: pyproject.toml
@@ -49,6 +49,9 @@ bench-pruning: install assets
 
 bench-dlqat: install assets
 	$(PYTHON) scripts/bench_dlqat.py
+
+bench-speculative: install assets
+	$(PYTHON) scripts/bench_speculative.py
 
 clean:
 	rm -rf $(STAMP) hf_compress_demo .pytest_cache

@@ -164,3 +164,18 @@ def test_smollm2_dlqat_trains_exports_packed_and_reloads(tmp_path):
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
     with torch.no_grad():
         assert torch.equal(reloaded(ids[:1, :64]).logits, packed(ids[:1, :64]).logits)
+
+
+def test_smollm2_speculative_strict_equals_greedy(smollm2):
+    from hf_compress.speculative import FLy, SpeculativeDecoding
+
+    model, tokenizer = smollm2
+    text = ("The Amazon rainforest covers much of the Amazon basin of South America. "
+            "Question: What does the Amazon rainforest cover? Answer: The Amazon rainforest covers")
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    reference = model.generate(ids, max_new_tokens=24, do_sample=False)
+    strict = SpeculativeDecoding(num_draft_tokens=8)  # n-gram prompt lookup: the answer copies the context
+    assert torch.equal(model.generate(ids, max_new_tokens=24, do_sample=False, custom_generate=strict), reference)
+    assert strict.last_metrics.mean_accepted_length > 1.0
+    fly = FLy(num_draft_tokens=8, loose=False)  # FLy with its loosening off is exact too
+    assert torch.equal(model.generate(ids, max_new_tokens=24, do_sample=False, custom_generate=fly), reference)

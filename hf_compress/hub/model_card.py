@@ -41,6 +41,9 @@ TEMPLATES_DIR = Path(__file__).parent / "templates"
 TEMPLATES: dict[str, tuple[str, str | None]] = {
     "compressed_model": ("transformers", None),
     "adapter": ("peft", "adapter"),
+    # A `custom_generate` folder (speculative decoding strategy): transformers runs it, no weights of its own
+    # unless it ships drafting heads.
+    "decoding_strategy": ("transformers", None),
 }
 
 _LOAD_SNIPPETS = {

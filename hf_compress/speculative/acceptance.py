@@ -1,0 +1,202 @@
+"""Acceptance rules: which drafted tokens survive one verification forward of the target.
+
+A rule sees the drafted tokens and the target's (processed) logits at every drafted position plus the
+bonus position, and answers per row: how many leading drafts it accepts, and which token to emit right
+after them (the target's correction at the first rejected position, or the bonus token when all drafts
+pass). The engine (:mod:`.engine`) does everything else, so a new rule is one small class.
+
+Shapes, for a batch of ``B`` rows and ``k`` drafts: ``draft_tokens`` ``(B, k)``, ``target_logits``
+``(B, k + 1, V)`` where position ``i`` scores ``draft_tokens[:, i]`` and position ``k`` is the bonus,
+``draft_probs`` ``(B, k, V)`` or ``None`` (the drafter chose deterministically, e.g. greedy or n-gram).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass
+class Verdict:
+    """Per row: ``num_accepted`` leading drafts are kept, then ``next_token`` is emitted."""
+
+    num_accepted: torch.LongTensor  # (B,)
+    next_token: torch.LongTensor  # (B,)
+
+
+class AcceptanceRule(Protocol):
+    """Decides, per row, how many drafted tokens to keep after one target forward."""
+
+    def verify(
+        self,
+        draft_tokens: torch.LongTensor,
+        target_logits: torch.Tensor,
+        draft_probs: torch.Tensor | None = None,
+    ) -> Verdict: ...
+
+
+def leading_true_count(accepted: torch.Tensor) -> torch.LongTensor:
+    """Length of the run of ``True`` at the start of each row of a ``(B, k)`` boolean tensor."""
+    return accepted.long().cumprod(dim=-1).sum(dim=-1)
+
+
+def token_at(tokens: torch.Tensor, index: torch.LongTensor) -> torch.LongTensor:
+    """``tokens[b, index[b]]`` for every row ``b``."""
+    return tokens.gather(1, index.unsqueeze(1)).squeeze(1)
+
+
+class StrictGreedy:
+    """Lossless greedy verification: keep drafts while they equal the target's argmax.
+
+    The output is token-for-token what greedy ``generate()`` produces.
+
+    Example:
+        >>> rule = StrictGreedy()
+        >>> logits = torch.eye(4)[[1, 2, 0]].unsqueeze(0)  # target picks 1, 2, then bonus 0
+        >>> verdict = rule.verify(torch.tensor([[1, 3]]), logits)
+        >>> verdict.num_accepted.tolist(), verdict.next_token.tolist()
+        ([1], [2])
+    """
+
+    def verify(self, draft_tokens, target_logits, draft_probs=None) -> Verdict:
+        target_choice = target_logits.argmax(dim=-1)  # (B, k + 1)
+        num_accepted = leading_true_count(draft_tokens == target_choice[:, :-1])
+        return Verdict(num_accepted, token_at(target_choice, num_accepted))
+
+
+class SpeculativeSampling:
+    """Lossless-in-distribution verification (Leviathan et al. 2023; Chen et al. 2023).
+
+    Draft ``d_i`` is kept with probability ``min(1, p_i(d_i) / q_i(d_i))``; at the first rejection the
+    emitted token is drawn from ``normalize(max(p_i - q_i, 0))``; if every draft passes, the bonus token is
+    drawn from ``p_{k+1}``. A deterministic drafter (greedy, n-gram) has one-hot ``q``, so ``draft_probs``
+    may be ``None``. ``target_logits`` must already carry the sampling warpers (temperature, top-k/p), as
+    ``generate()`` applies them before sampling.
+
+    Example:
+        >>> torch.manual_seed(0) and None
+        >>> verdict = SpeculativeSampling().verify(torch.tensor([[1]]), torch.tensor([[[0.0, 30.0], [30.0, 0.0]]]))
+        >>> verdict.num_accepted.tolist(), verdict.next_token.tolist()   # p(1) ~ 1: kept, then bonus 0
+        ([1], [0])
+    """
+
+    def __init__(self, generator: torch.Generator | None = None):
+        self.generator = generator
+
+    def verify(self, draft_tokens, target_logits, draft_probs=None) -> Verdict:
+        batch, k = draft_tokens.shape
+        p = target_logits.float().softmax(dim=-1)  # (B, k + 1, V)
+        p_draft = p[:, :k].gather(-1, draft_tokens.unsqueeze(-1)).squeeze(-1)  # (B, k)
+        if draft_probs is None:
+            q = torch.zeros_like(p[:, :k]).scatter_(-1, draft_tokens.unsqueeze(-1), 1.0)
+            ratio = p_draft
+        else:
+            q = draft_probs.float()
+            q_draft = q.gather(-1, draft_tokens.unsqueeze(-1)).squeeze(-1)
+            ratio = p_draft / q_draft.clamp_min(torch.finfo(q.dtype).tiny)
+        uniform = torch.rand(ratio.shape, generator=self.generator, device=ratio.device)
+        num_accepted = leading_true_count(uniform < ratio.clamp(max=1.0))
+
+        # Distribution of the token emitted after the kept drafts: the residual at a rejection, p at the bonus.
+        residual = (p[:, :k] - q).clamp_min(0.0)
+        residual = torch.cat([residual, p[:, k:]], dim=1)  # (B, k + 1, V)
+        rows = torch.arange(batch, device=p.device)
+        chosen = residual[rows, num_accepted]
+        empty = chosen.sum(dim=-1, keepdim=True) <= 0  # p == q exactly: fall back to p
+        chosen = torch.where(empty, p[rows, num_accepted], chosen)
+        next_token = torch.multinomial(chosen / chosen.sum(dim=-1, keepdim=True), 1, generator=self.generator)
+        return Verdict(num_accepted, next_token.squeeze(1))
+
+
+def top_k_entropy(logits: torch.Tensor, top_k: int = 3) -> torch.Tensor:
+    """``-sum p log p`` over the ``top_k`` most likely tokens of ``softmax(logits)`` (no renormalisation).
+
+    FLy's confidence measure: low values mean the target is sure of its choice.
+    """
+    log_probs = logits.float().log_softmax(dim=-1)
+    top = log_probs.topk(top_k, dim=-1).values
+    return -(top.exp() * top).sum(dim=-1)
+
+
+class LooseVerification:
+    """FLy's training-free loose acceptance (arXiv 2511.22972): entropy gate + deferred window.
+
+    A mismatch at position ``i`` is accepted iff (1) the target is not confident there, i.e. its top-k
+    entropy is at least ``entropy_threshold`` (the gate; ``entropy_threshold <= 0.01`` disables it), and
+    (2) the next ``window - 1`` drafts all match the target exactly (the deferred window, checked on the
+    original exact-match vector; in the last ``window`` drafted positions acceptance is exact match only). The longest
+    prefix of accepted positions is kept; accepted mismatches keep the *draft* token, because the target's
+    later logits were computed on it. ``use_window=False`` is the paper's ``abla_no_window`` ablation
+    (every mismatch that passes the gate is kept). ``loose=False`` turns both tiers off: plain exact match.
+
+    With ``do_sample=True`` the target draws ``num_samples`` (2) samples per position and a draft counts as
+    matched if either equals it; the first sample is the correction (the official code's sampling path).
+
+    Example:
+        >>> rule = LooseVerification(window=3)
+        >>> flat = torch.zeros(1, 7, 8)                      # uniform target: high entropy everywhere
+        >>> flat[0, :, 0] = 1.0                              # ... but argmax is token 0
+        >>> rule.verify(torch.tensor([[5, 0, 0, 0, 0, 0]]), flat).num_accepted.tolist()  # mismatch + 2 matches
+        [6]
+    """
+
+    def __init__(
+        self,
+        entropy_threshold: float = 0.3,
+        entropy_top_k: int = 3,
+        window: int = 6,
+        use_window: bool = True,
+        loose: bool = True,
+        do_sample: bool = False,
+        num_samples: int = 2,
+        generator: torch.Generator | None = None,
+    ):
+        if window < 1:
+            raise ValueError(f"window must be >= 1 (the mismatch itself counts), got {window}.")
+        if entropy_top_k < 1:
+            raise ValueError(f"entropy_top_k must be >= 1, got {entropy_top_k}.")
+        self.entropy_threshold = entropy_threshold
+        self.entropy_top_k = entropy_top_k
+        self.window = window
+        self.use_window = use_window
+        self.loose = loose
+        self.do_sample = do_sample
+        self.num_samples = num_samples
+        self.generator = generator
+
+    def target_choices(self, target_logits: torch.Tensor) -> torch.Tensor:
+        """``(B, k + 1, S)`` tokens the target would emit (1 argmax, or ``num_samples`` samples)."""
+        if not self.do_sample:
+            return target_logits.argmax(dim=-1, keepdim=True)
+        probs = target_logits.float().softmax(dim=-1)
+        flat = probs.reshape(-1, probs.shape[-1])
+        samples = torch.multinomial(flat, self.num_samples, replacement=True, generator=self.generator)
+        return samples.reshape(*probs.shape[:-1], self.num_samples)
+
+    def acceptance_mask(self, draft_tokens: torch.Tensor, target_logits: torch.Tensor, choices: torch.Tensor):
+        """``(B, k)`` booleans: position accepted on its own (exact match, or loosely), before the cut."""
+        k = draft_tokens.shape[1]
+        exact = (choices[:, :k] == draft_tokens.unsqueeze(-1)).any(dim=-1)
+        if not self.loose:
+            return exact
+        if self.use_window:
+            following = self.window - 1
+            window_ok = torch.zeros_like(exact)
+            # Position i needs matches at i+1 .. i+W-1 inside the drafts; as in the official code, the last W
+            # positions always revert to exact match (so i < k - W, one stricter than "the window fits").
+            for i in range(0, k - self.window):
+                window_ok[:, i] = exact[:, i + 1 : i + 1 + following].all(dim=-1) if following else True
+            loosened = exact | window_ok
+        else:
+            loosened = torch.ones_like(exact)
+        if self.entropy_threshold > 0.01:
+            confident = top_k_entropy(target_logits[:, :k], self.entropy_top_k) < self.entropy_threshold
+            loosened &= ~(confident & ~exact)
+        return loosened
+
+    def verify(self, draft_tokens, target_logits, draft_probs=None) -> Verdict:
+        choices = self.target_choices(target_logits)
+        num_accepted = leading_true_count(self.acceptance_mask(draft_tokens, target_logits, choices))
+        return Verdict(num_accepted, token_at(choices[..., 0], num_accepted))

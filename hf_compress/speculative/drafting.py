@@ -1,0 +1,222 @@
+"""Drafters: cheap guesses of the next tokens, verified by the target in the engine.
+
+A drafter has two methods: ``propose(input_ids, attention_mask, max_tokens)`` returns a :class:`Draft`
+of at most ``max_tokens`` tokens per row (``input_ids`` is the full left-padded sequence so far), and
+``reset()`` forgets any state before a new ``generate()`` call. Drafters keep their own caches and
+re-synchronise by longest common prefix, so the engine never has to tell them what was accepted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+from .acceptance import StrictGreedy
+from .engine import CachedSequence, verify_and_advance
+
+
+@dataclass
+class Draft:
+    """``tokens`` (B, n) guessed tokens; ``probs`` (B, n, V) if they were sampled (else deterministic)."""
+
+    tokens: torch.LongTensor
+    probs: torch.Tensor | None = None
+
+
+class Drafter(Protocol):
+    def propose(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor, max_tokens: int) -> Draft: ...
+
+    def reset(self) -> None: ...
+
+
+def pad_rows(rows: list[torch.Tensor], like: torch.LongTensor, fill_from: torch.LongTensor) -> torch.LongTensor:
+    """Stack token rows of different lengths; short rows are filled with a repeat of ``fill_from[b]``.
+
+    The filler is only a (probably wrong) guess that verification rejects, so one row without a proposal
+    does not stop the other rows of a batch from using theirs.
+    """
+    width = max((len(r) for r in rows), default=0)
+    out = fill_from.unsqueeze(1).expand(len(rows), width).clone()
+    for b, r in enumerate(rows):
+        out[b, : len(r)] = r
+    return out.to(like.device, like.dtype)
+
+
+class NgramDrafter:
+    """Prompt-lookup drafting: copy what followed an earlier occurrence of the context's last n tokens.
+
+    For ``n`` from ``max_ngram_size`` down to ``min_ngram_size`` the *earliest* match wins (as FLy's code
+    and transformers' prompt lookup do) and up to ``num_pred_tokens`` following tokens are proposed.
+    ``reuse_last_proposal`` re-proposes the previous guess when nothing matches (FLy's multi-level drafter).
+
+    Example:
+        >>> d = NgramDrafter(max_ngram_size=2)
+        >>> d.propose(torch.tensor([[5, 6, 7, 8, 5, 6]]), None, 2).tokens.tolist()
+        [[7, 8]]
+    """
+
+    def __init__(
+        self,
+        max_ngram_size: int = 4,
+        min_ngram_size: int = 1,
+        num_pred_tokens: int | None = None,
+        reuse_last_proposal: bool = False,
+    ):
+        if not 1 <= min_ngram_size <= max_ngram_size:
+            raise ValueError(f"Need 1 <= min_ngram_size <= max_ngram_size, got {min_ngram_size}, {max_ngram_size}.")
+        if num_pred_tokens is not None and num_pred_tokens < 1:
+            raise ValueError(f"num_pred_tokens must be >= 1, got {num_pred_tokens}.")
+        self.max_ngram_size = max_ngram_size
+        self.min_ngram_size = min_ngram_size
+        self.num_pred_tokens = num_pred_tokens
+        self.reuse_last_proposal = reuse_last_proposal
+        self._last: list[torch.Tensor] = []
+
+    def reset(self) -> None:
+        self._last = []
+
+    def lookup(self, tokens: torch.Tensor, max_tokens: int) -> torch.Tensor:
+        """Proposal for one unpadded row (possibly empty)."""
+        length = tokens.shape[0]
+        for n in range(self.max_ngram_size, self.min_ngram_size - 1, -1):
+            if length < 2 * n:  # earlier n-grams must end before the suffix starts
+                continue
+            windows = tokens[:-n].unfold(0, n, 1)  # every earlier n-gram, ending before the suffix itself
+            hits = (windows == tokens[-n:]).all(dim=-1).nonzero()
+            if hits.numel():
+                start = int(hits[0]) + n
+                return tokens[start : min(start + max_tokens, length)]
+        return tokens[:0]
+
+    def propose(self, input_ids, attention_mask, max_tokens) -> Draft:
+        limit = max_tokens if self.num_pred_tokens is None else min(max_tokens, self.num_pred_tokens)
+        rows = []
+        for b in range(input_ids.shape[0]):
+            row = input_ids[b] if attention_mask is None else input_ids[b][attention_mask[b].bool()]
+            guess = self.lookup(row, limit)
+            if not len(guess) and self.reuse_last_proposal and b < len(self._last):
+                guess = self._last[b][:limit]
+            rows.append(guess)
+        self._last = rows
+        return Draft(pad_rows(rows, input_ids, input_ids[:, -1]))
+
+
+class ModelDrafter:
+    """Greedy drafting with a smaller causal LM that shares the target's tokenizer.
+
+    The draft model keeps its own KV cache across rounds and re-syncs by longest common prefix. With an
+    ``accelerator`` (an :class:`NgramDrafter`) the draft model itself runs speculative greedy decoding —
+    FLy's multi-level acceleration: n-gram guesses are checked by one draft forward, and the draft's own
+    greedy output is unchanged.
+
+    Example:
+        >>> from hf_compress.assets import tiny_model
+        >>> draft, _ = tiny_model("llama", seed=1)
+        >>> ModelDrafter(draft).propose(torch.tensor([[3, 4, 5]]), None, 4).tokens.shape
+        torch.Size([1, 4])
+    """
+
+    def __init__(self, draft_model: PreTrainedModel, accelerator: NgramDrafter | None = None):
+        self.draft_model = draft_model
+        self.accelerator = accelerator
+        self._greedy = StrictGreedy()
+        self.reset()
+
+    def reset(self) -> None:
+        self._sequence: CachedSequence | None = None
+        self._ids: torch.Tensor | None = None  # tokens whose keys/values are in the draft cache
+        if self.accelerator is not None:
+            self.accelerator.reset()
+
+    def _resync(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor) -> int:
+        """Crop the draft cache to its common prefix with ``input_ids``; return that length."""
+        fresh = self._sequence is None or self._ids.shape[0] != input_ids.shape[0]
+        if fresh:
+            has_padding = attention_mask is not None and not bool(attention_mask.all())
+            # A config-less DynamicCache keeps every layer in full, sliding-window ones included: the draft
+            # rolls back several rounds' worth of tokens, deeper than a trimmed sliding layer can.
+            self._sequence = CachedSequence(self.draft_model, DynamicCache(), has_padding=has_padding)
+            self._ids = input_ids[:, :0]
+            return 0
+        common = min(self._ids.shape[1], input_ids.shape[1] - 1)  # at least one token must be re-fed
+        differs = (self._ids[:, :common] != input_ids[:, :common]).any(dim=0).nonzero()
+        if differs.numel():
+            common = int(differs[0])
+        self._sequence.crop(common)
+        return common
+
+    @torch.no_grad()
+    def propose(self, input_ids, attention_mask, max_tokens) -> Draft:
+        device = self.draft_model.device
+        input_ids = input_ids.to(device)
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
+        common = self._resync(input_ids, mask)
+        pending, pending_mask = input_ids[:, common:], mask[:, common:]
+        produced = input_ids[:, :0]
+        while produced.shape[1] < max_tokens:
+            context = torch.cat([input_ids, produced], dim=1)
+            guesses = input_ids[:, :0]
+            room = max_tokens - produced.shape[1] - 1  # the draft forward adds one token of its own
+            if self.accelerator is not None and room > 0:
+                context_mask = torch.cat([mask, torch.ones_like(produced)], dim=1)
+                guesses = self.accelerator.propose(context, context_mask, room).tokens
+            step = verify_and_advance(self._sequence, pending, guesses, self._greedy, pending_mask=pending_mask)
+            produced = torch.cat([produced, step.tokens], dim=1)
+            pending, pending_mask = step.tokens[:, -1:], None
+        self._ids = torch.cat([input_ids, produced], dim=1)[:, : self._sequence.length]
+        return Draft(produced[:, :max_tokens])
+
+
+class CrossTokenizerDrafter:
+    """Drafting with a model whose tokenizer differs from the target's, through text.
+
+    Each round the target's tokens are decoded to text and re-encoded for the draft model (whose cache
+    still re-syncs by common prefix), the draft continues greedily, and its new text is encoded with the
+    target tokenizer — the same token re-alignment idea as transformers' universal assisted generation.
+    The last re-encoded token is dropped when there are several, since it may be a cut word. Verification
+    keeps the output exact; a bad alignment only costs acceptance.
+
+    Example:
+        >>> drafter = CrossTokenizerDrafter(draft_model, target_tokenizer, draft_tokenizer)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        draft_model: PreTrainedModel,
+        target_tokenizer: PreTrainedTokenizerBase,
+        draft_tokenizer: PreTrainedTokenizerBase,
+        accelerator: NgramDrafter | None = None,
+    ):
+        self.inner = ModelDrafter(draft_model, accelerator)
+        self.target_tokenizer = target_tokenizer
+        self.draft_tokenizer = draft_tokenizer
+
+    def reset(self) -> None:
+        self.inner.reset()
+
+    def propose(self, input_ids, attention_mask, max_tokens) -> Draft:
+        texts = [
+            self.target_tokenizer.decode(
+                row if attention_mask is None else row[attention_mask[b].bool()], skip_special_tokens=True
+            )
+            for b, row in enumerate(input_ids)
+        ]
+        if len(texts) == 1:
+            encoded = self.draft_tokenizer(texts, return_tensors="pt")
+        else:
+            if self.draft_tokenizer.pad_token_id is None:
+                raise ValueError(
+                    "Batched cross-tokenizer drafting pads the draft's inputs: give the draft tokenizer a pad token "
+                    "(e.g. `draft_tokenizer.pad_token = draft_tokenizer.eos_token`)."
+                )
+            encoded = self.draft_tokenizer(texts, return_tensors="pt", padding=True, padding_side="left")
+        draft = self.inner.propose(encoded["input_ids"], encoded["attention_mask"], max_tokens)
+        rows = []
+        for text in self.draft_tokenizer.batch_decode(draft.tokens, skip_special_tokens=True):
+            ids = self.target_tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids = ids[:-1] if len(ids) > 1 else ids
+            rows.append(torch.tensor(ids[:max_tokens], dtype=torch.long))
+        return Draft(pad_rows(rows, input_ids, input_ids[:, -1]))

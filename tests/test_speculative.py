@@ -1,0 +1,330 @@
+"""The speculative-decoding engine, drafters, acceptance rules (strict, sampling, FLy) and Hub folders."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache, StaticCache
+from transformers.generation.streamers import BaseStreamer
+
+from hf_compress.assets import tiny_model
+from hf_compress.speculative import (
+    CachedSequence,
+    FLy,
+    LooseVerification,
+    ModelDrafter,
+    NgramDrafter,
+    SpeculativeDecoding,
+    SpeculativeSampling,
+    StrictGreedy,
+    strategy_from_dict,
+    top_k_entropy,
+    verify_and_advance,
+)
+
+
+ARCHS = ["llama", "qwen2", "qwen3", "mistral", "gemma3", "gpt2", "opt"]
+PROMPTS = ["abcabcabcab hello abc", "xy", "the cat sat on the mat, the cat sat"]
+
+
+def perturbed(model, scale: float, seed: int = 0):
+    """A draft that agrees with ``model`` often but not always: its weights plus relative noise."""
+    draft = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * scale * p.std())
+    return draft
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def pair(request):
+    """(target, draft, tokenizer) where the draft's guesses are partly accepted, partly rolled back."""
+    model, tok = tiny_model(request.param)
+    tok.padding_side = "left"
+    ids = tok(PROMPTS[:1], return_tensors="pt").input_ids
+    for scale in (0.05, 0.1, 0.2, 0.3, 0.5):
+        draft = perturbed(model, scale)
+        probe = SpeculativeDecoding(draft, num_draft_tokens=4)
+        model.generate(ids, max_new_tokens=40, do_sample=False, custom_generate=probe)
+        if 0 < probe.last_metrics.draft_tokens_accepted < probe.last_metrics.draft_tokens_proposed:
+            return model, draft, tok
+    raise AssertionError("no noise scale gives a partly right draft")
+
+
+# ------------------------------------------------------------------------------------ greedy equality
+def test_strict_strategies_equal_greedy_generate(pair):
+    model, draft, tok = pair
+    ids = tok(PROMPTS[:1], return_tensors="pt").input_ids
+    reference = model.generate(ids, max_new_tokens=40, do_sample=False)
+    strategies = [
+        SpeculativeDecoding(),  # n-gram drafter
+        SpeculativeDecoding(draft, num_draft_tokens=4),
+        SpeculativeDecoding(draft, num_draft_tokens=6, use_ngram=True),  # multi-level drafting
+        FLy(draft, loose=False),
+        FLy(loose=False),
+    ]
+    rolled_back = 0
+    for strategy in strategies:
+        out = model.generate(ids, max_new_tokens=40, do_sample=False, custom_generate=strategy)
+        assert torch.equal(out, reference), type(strategy).__name__
+        m = strategy.last_metrics
+        assert m.new_tokens == 40 and m.target_forwards < 40 + 1
+        rolled_back += m.draft_tokens_proposed - m.draft_tokens_accepted
+    model_drafted = strategies[1].last_metrics
+    # The draft is sometimes right and sometimes wrong, so both acceptance and roll-back are exercised.
+    assert 0 < model_drafted.draft_tokens_accepted < model_drafted.draft_tokens_proposed
+    assert rolled_back > 0
+
+
+def test_batched_left_padded_equals_greedy(pair):
+    model, draft, tok = pair
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    assert (enc.attention_mask == 0).any()
+    reference = model.generate(**enc, max_new_tokens=25, do_sample=False)
+    for strategy in (SpeculativeDecoding(), SpeculativeDecoding(draft, num_draft_tokens=4), FLy(draft, loose=False)):
+        out = model.generate(**enc, max_new_tokens=25, do_sample=False, custom_generate=strategy)
+        assert torch.equal(out, reference), type(strategy).__name__
+        assert strategy.last_metrics.rows == 3
+
+
+def test_eos_and_pad_like_generate():
+    model, tok = tiny_model("llama")
+    tok.padding_side = "left"
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    plain = model.generate(**enc, max_new_tokens=12, do_sample=False)
+    # Make the second row's 3rd generated token the EOS: that row must stop there and be padded after it.
+    eos = int(plain[1, enc.input_ids.shape[1] + 2])
+    kwargs = dict(max_new_tokens=12, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    reference = model.generate(**enc, **kwargs)
+    out = model.generate(**enc, **kwargs, custom_generate=SpeculativeDecoding(perturbed(model, 0.05), num_draft_tokens=5))
+    assert torch.equal(out, reference)
+    assert (out[1, enc.input_ids.shape[1] + 3 :] == 0).all()
+
+
+def test_logits_processors_and_scores_like_generate():
+    model, tok = tiny_model("qwen3")
+    ids = tok(PROMPTS[2:], return_tensors="pt").input_ids
+    kwargs = dict(max_new_tokens=20, do_sample=False, repetition_penalty=1.5, no_repeat_ngram_size=2,
+                  return_dict_in_generate=True, output_scores=True)
+    reference = model.generate(ids, **kwargs)
+    strategy = SpeculativeDecoding(perturbed(model, 0.05), num_draft_tokens=4)
+    out = model.generate(ids, **kwargs, custom_generate=strategy)
+    assert torch.equal(out.sequences, reference.sequences)
+    assert len(out.scores) == len(reference.scores) == 20
+    torch.testing.assert_close(torch.stack(out.scores), torch.stack(reference.scores), atol=1e-4, rtol=1e-4)
+    assert out.metrics is strategy.last_metrics
+
+
+def test_streamer_receives_prompt_then_every_token():
+    model, tok = tiny_model("llama")
+    ids = tok(PROMPTS[:1], return_tensors="pt").input_ids
+
+    class Recorder(BaseStreamer):
+        def __init__(self):
+            self.chunks, self.ended = [], False
+
+        def put(self, value):
+            self.chunks.append(value.reshape(-1).tolist())
+
+        def end(self):
+            self.ended = True
+
+    recorder = Recorder()
+    out = model.generate(ids, max_new_tokens=15, do_sample=False, streamer=recorder, custom_generate=SpeculativeDecoding())
+    assert recorder.ended
+    assert sum(recorder.chunks, []) == out[0].tolist()
+
+
+def test_sampling_is_reproducible_and_respects_warpers():
+    model, tok = tiny_model("llama")
+    ids = tok(PROMPTS[:1], return_tensors="pt").input_ids
+    strategy = SpeculativeDecoding(perturbed(model, 0.05), num_draft_tokens=4)
+    kwargs = dict(max_new_tokens=20, do_sample=True, top_k=1, custom_generate=strategy)
+    # top_k=1 makes sampling deterministic: it must then equal greedy decoding.
+    assert torch.equal(model.generate(ids, **kwargs), model.generate(ids, max_new_tokens=20, do_sample=False))
+    torch.manual_seed(0)
+    first = model.generate(ids, max_new_tokens=20, do_sample=True, custom_generate=strategy)
+    torch.manual_seed(0)
+    assert torch.equal(first, model.generate(ids, max_new_tokens=20, do_sample=True, custom_generate=strategy))
+
+
+def test_speculative_sampling_matches_target_distribution():
+    # One draft position, V = 3: the emitted first token must follow p whatever the (one-hot) draft is.
+    p_logits = torch.log(torch.tensor([0.5, 0.3, 0.2]))
+    logits = torch.stack([p_logits, p_logits]).expand(20000, 2, 3)
+    drafts = torch.full((20000, 1), 1)
+    verdict = SpeculativeSampling(torch.Generator().manual_seed(0)).verify(drafts, logits)
+    first = torch.where(verdict.num_accepted > 0, drafts[:, 0], verdict.next_token)
+    frequencies = torch.bincount(first, minlength=3).float() / 20000
+    torch.testing.assert_close(frequencies, torch.tensor([0.5, 0.3, 0.2]), atol=0.015, rtol=0)
+
+
+# ------------------------------------------------------------------------------------ FLy rule
+def _logits(choices: list[int], vocab: int = 16, confident: bool = False) -> torch.Tensor:
+    """Target logits whose argmax at position i is ``choices[i]``; flat (high entropy) unless confident."""
+    logits = torch.zeros(1, len(choices), vocab)
+    for i, c in enumerate(choices):
+        logits[0, i, c] = 20.0 if confident else 1.0
+    return logits
+
+
+def _drafts_with_mismatches(k: int, mismatches: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    target = [3] * (k + 1)
+    drafts = torch.tensor([[5 if i in mismatches else 3 for i in range(k)]])
+    return drafts, torch.tensor(target)
+
+
+@pytest.mark.parametrize(
+    ("mismatches", "expected"),
+    [
+        ([0], 15),  # mismatch followed by 5 matches: accepted (window satisfied), everything kept
+        ([0, 3], 0),  # window broken at position 3: cut at 0
+        ([11], 11),  # inside the last 6 positions: exact match only, cut there
+        ([9], 9),  # i = k - W: the official code reverts this one to exact match too
+        ([8], 15),  # i = k - W - 1: the last position where the window applies
+        ([], 15),
+    ],
+)
+def test_fly_window(mismatches, expected):
+    drafts, choices = _drafts_with_mismatches(15, mismatches)
+    verdict = LooseVerification().verify(drafts, _logits(choices.tolist()))
+    assert verdict.num_accepted.item() == expected
+    if expected < 15:
+        assert verdict.next_token.item() == 3  # the target's correction
+
+
+def test_fly_entropy_gate_and_ablations():
+    drafts, choices = _drafts_with_mismatches(15, [0])
+    confident = _logits(choices.tolist(), confident=True)
+    assert top_k_entropy(confident[0, 0]) < 0.3 < top_k_entropy(_logits(choices.tolist())[0, 0])
+    assert LooseVerification().verify(drafts, confident).num_accepted.item() == 0  # gate closed
+    assert LooseVerification(entropy_threshold=0.0).verify(drafts, confident).num_accepted.item() == 15  # gate off
+    # No window (abla_no_window): every gated-open mismatch is kept, even with a broken window.
+    drafts2, choices2 = _drafts_with_mismatches(15, [0, 3])
+    assert LooseVerification(use_window=False).verify(drafts2, _logits(choices2.tolist())).num_accepted.item() == 15
+    assert LooseVerification(loose=False).verify(drafts, _logits(choices.tolist())).num_accepted.item() == 0
+
+
+def test_fly_keeps_draft_token_when_loosely_accepted():
+    model, tok = tiny_model("llama")
+    ids = tok(PROMPTS[:1], return_tensors="pt").input_ids
+    fly = FLy(perturbed(model, 0.3), num_draft_tokens=8, window=2, entropy_threshold=0.0)
+    out = model.generate(ids, max_new_tokens=30, do_sample=False, custom_generate=fly)
+    reference = model.generate(ids, max_new_tokens=30, do_sample=False)
+    assert out.shape == reference.shape
+    assert not torch.equal(out, reference)  # loosened: differs from the target's greedy text ...
+    assert fly.last_metrics.draft_tokens_accepted > 0  # ... because it keeps drafts the target would not pick
+
+
+def test_fly_sampling_path_runs():
+    model, tok = tiny_model("gemma3")
+    ids = tok(PROMPTS[:1], return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=12, do_sample=True, custom_generate=FLy(perturbed(model, 0.05)))
+    assert out.shape == (1, ids.shape[1] + 12)
+
+
+# ------------------------------------------------------------------------------------ pieces
+def test_ngram_drafter_earliest_match_and_reuse():
+    drafter = NgramDrafter(max_ngram_size=2, reuse_last_proposal=True)
+    ids = torch.tensor([[1, 2, 3, 9, 1, 2, 4, 1, 2]])
+    assert drafter.propose(ids, None, 3).tokens.tolist() == [[3, 9, 1]]  # earliest "1 2", not the later one
+    assert drafter.propose(torch.tensor([[7, 8]]), None, 3).tokens.tolist() == [[3, 9, 1]]  # no match: reused
+    assert NgramDrafter().propose(torch.tensor([[7, 8]]), None, 3).tokens.shape == (1, 0)
+
+
+def test_cache_lengths_after_rollback():
+    model, tok = tiny_model("gemma3")  # sliding-window layers too
+    sequence = CachedSequence(model, DynamicCache(config=model.config))
+    prompt = torch.arange(3, 43).unsqueeze(0)  # 40 tokens: past the 32-token window
+    greedy = model(prompt).logits[0, -1].argmax()
+    drafts = torch.tensor([[int(greedy), 7, 7, 7]])
+    step = verify_and_advance(sequence, prompt, drafts, StrictGreedy())
+    accepted = int(step.verdict.num_accepted)
+    assert accepted >= 1
+    assert sequence.length == sequence.cache.get_seq_length() == 40 + accepted
+    assert step.tokens.shape[1] == accepted + 1
+    # The rolled-back cache continues exactly like a fresh one.
+    full = torch.cat([prompt, step.tokens], dim=1)
+    next_logits = sequence.feed(step.tokens[:, -1:])
+    torch.testing.assert_close(next_logits[0, -1], model(full).logits[0, -1].float(), atol=1e-4, rtol=1e-4)
+
+
+def test_model_drafter_resyncs_by_common_prefix():
+    model, _ = tiny_model("llama")
+    drafter = ModelDrafter(model)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    first = drafter.propose(ids, None, 4).tokens
+    # Only the first drafted token is "accepted", then a different token follows: the cache is cropped back.
+    second = drafter.propose(torch.cat([ids, first[:, :1], torch.tensor([[99]])], dim=1), None, 3).tokens
+    fresh = ModelDrafter(model).propose(torch.cat([ids, first[:, :1], torch.tensor([[99]])], dim=1), None, 3).tokens
+    assert torch.equal(second, fresh)
+
+
+# ------------------------------------------------------------------------------------ bad input
+def test_bad_input_errors(tmp_path):
+    model, tok = tiny_model("llama")
+    ids = tok(PROMPTS[:1], return_tensors="pt").input_ids
+    with pytest.raises(ValueError, match="num_draft_tokens"):
+        SpeculativeDecoding(num_draft_tokens=0)
+    gpt2, _ = tiny_model("gpt2")
+    gpt2.resize_token_embeddings(300)
+    with pytest.raises(ValueError, match="tokenizer"):
+        model.generate(ids, max_new_tokens=4, custom_generate=SpeculativeDecoding(gpt2))
+    with pytest.raises(ValueError, match="both"):
+        SpeculativeDecoding(gpt2, tokenizer=tok)
+    with pytest.raises(ValueError, match="static cache"):
+        model.generate(ids, max_new_tokens=4, custom_generate=SpeculativeDecoding(), cache_implementation="static")
+    with pytest.raises(ValueError, match="static cache"):
+        CachedSequence(model, StaticCache(config=model.config, max_cache_len=64))
+    with pytest.raises(ValueError, match="beam"):
+        model.generate(ids, max_new_tokens=4, num_beams=2, custom_generate=SpeculativeDecoding())
+    with pytest.raises(ValueError, match="window"):
+        FLy(window=0)
+    meta_draft = copy.deepcopy(model).to("meta")
+    with pytest.raises(ValueError, match="draft_model.to"):
+        model.generate(ids, max_new_tokens=4, custom_generate=SpeculativeDecoding(meta_draft))
+    with pytest.raises(ValueError, match="custom drafter"):
+        SpeculativeDecoding(drafter=NgramDrafter()).to_dict()
+    with pytest.raises(ValueError, match="Unknown decoding strategy"):
+        strategy_from_dict({"method": "medusa"})
+
+
+def test_cross_tokenizer_drafting_is_exact(tmp_path):
+    """A draft with another vocabulary (GPT-2 tiny, byte tokenizer with 300 rows) drafts through text."""
+    model, tok = tiny_model("llama")
+    draft, draft_tok = tiny_model("gpt2")
+    draft.resize_token_embeddings(300)
+    draft_tok = copy.deepcopy(draft_tok)
+    draft_tok.add_tokens(["<extra>"])  # different vocabularies, same text space
+    ids = tok(PROMPTS[2:], return_tensors="pt").input_ids
+    reference = model.generate(ids, max_new_tokens=20, do_sample=False)
+    strategy = SpeculativeDecoding(draft, tokenizer=tok, draft_tokenizer=draft_tok, num_draft_tokens=4)
+    assert torch.equal(model.generate(ids, max_new_tokens=20, do_sample=False, custom_generate=strategy), reference)
+    assert strategy.last_metrics.draft_tokens_proposed > 0
+
+
+# ------------------------------------------------------------------------------------ Hub folder
+def test_save_load_and_push_custom_generate_folder(tmp_path, fake_hub):
+    model, tok = tiny_model("llama")
+    draft = perturbed(model, 0.05)
+    draft.save_pretrained(tmp_path / "draft")
+    draft = AutoModelForCausalLM.from_pretrained(tmp_path / "draft")  # name_or_path is what the folder records
+    ids = tok(PROMPTS[:1], return_tensors="pt").input_ids
+    reference = model.generate(ids, max_new_tokens=20, do_sample=False)
+    strict = FLy(draft, loose=False, window=4)
+    folder = strict.save_pretrained(tmp_path / "fly-strict")
+    assert (folder / "custom_generate" / "generate.py").is_file() and (folder / "README.md").is_file()
+    out = model.generate(ids, max_new_tokens=20, do_sample=False, custom_generate=str(folder), trust_remote_code=True)
+    assert torch.equal(out, reference)
+    with pytest.raises(FileExistsError):
+        strict.save_pretrained(tmp_path / "fly-strict")
+
+    strict.push_to_hub("user/fly-strict")
+    out = model.generate(ids, max_new_tokens=20, do_sample=False, custom_generate="user/fly-strict",
+                         trust_remote_code=True)
+    assert torch.equal(out, reference)
+    # Settings round-trip through the dict embedded in generate.py.
+    assert strategy_from_dict(strict.to_dict()).to_dict() == strict.to_dict()
