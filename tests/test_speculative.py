@@ -307,7 +307,7 @@ def test_cross_tokenizer_drafting_is_exact(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ Hub folder
-def test_save_load_and_push_custom_generate_folder(tmp_path, fake_hub):
+def test_save_load_and_push_custom_generate_folder(tmp_path, fake_hub, monkeypatch):
     model, tok = tiny_model("llama")
     draft = perturbed(model, 0.05)
     draft.save_pretrained(tmp_path / "draft")
@@ -317,8 +317,14 @@ def test_save_load_and_push_custom_generate_folder(tmp_path, fake_hub):
     strict = FLy(draft, loose=False, window=4)
     folder = strict.save_pretrained(tmp_path / "fly-strict")
     assert (folder / "custom_generate" / "generate.py").is_file() and (folder / "README.md").is_file()
-    out = model.generate(ids, max_new_tokens=20, do_sample=False, custom_generate=str(folder), trust_remote_code=True)
-    assert torch.equal(out, reference)
+    loads = []
+    real_from_pretrained = AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: loads.append(a[0]) or real_from_pretrained(*a, **k))
+    for _ in range(2):
+        out = model.generate(ids, max_new_tokens=20, do_sample=False, custom_generate=str(folder), trust_remote_code=True)
+        assert torch.equal(out, reference)
+    assert loads == [str(tmp_path / "draft")]  # the saved draft is loaded once, not on every generate() call
     with pytest.raises(FileExistsError):
         strict.save_pretrained(tmp_path / "fly-strict")
 

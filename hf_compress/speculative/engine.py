@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import Cache, DynamicCache, PreTrainedModel, StaticCache
+from transformers.cache_utils import StaticLayer
 from transformers.generation import GenerateDecoderOnlyOutput
 
 from ..utils import get_logger
@@ -30,9 +31,7 @@ logger = get_logger(__name__)
 
 def check_rollback_cache(cache: Cache) -> None:
     """Raise a clear error for caches that cannot be cropped back after a rejected draft."""
-    if isinstance(cache, StaticCache) or any(
-        type(layer).__name__.startswith("Static") for layer in getattr(cache, "layers", ())
-    ):
+    if isinstance(cache, StaticCache) or any(isinstance(layer, StaticLayer) for layer in getattr(cache, "layers", ())):
         raise ValueError(
             "Speculative decoding rolls the KV cache back after rejected drafts, which a static cache cannot do. "
             "Use the default dynamic cache (drop `cache_implementation='static'` / the StaticCache you passed)."

@@ -371,12 +371,21 @@ import json
 
 SETTINGS = json.loads("""{settings}""")
 
+# The last strategy built, with the arguments it was built from: a saved draft model is loaded once, not on
+# every generate() call (transformers keeps this module loaded while the file is unchanged).
+_last = (None, None)
+
 
 def generate(model, draft_model=None, draft_tokenizer=None, **kwargs):
+    global _last
     from hf_compress.speculative import strategy_from_dict
 
-    strategy = strategy_from_dict(
-        SETTINGS, draft_model=draft_model, draft_tokenizer=draft_tokenizer, tokenizer=kwargs.get("tokenizer")
-    )
+    arguments = (draft_model, draft_tokenizer, kwargs.get("tokenizer"))
+    key, strategy = _last
+    if key is None or any(a is not b for a, b in zip(key, arguments)):
+        strategy = strategy_from_dict(
+            SETTINGS, draft_model=draft_model, draft_tokenizer=draft_tokenizer, tokenizer=kwargs.get("tokenizer")
+        )
+        _last = (arguments, strategy)
     return model.generate(custom_generate=strategy, **kwargs)
 '''
