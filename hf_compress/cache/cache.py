@@ -1,0 +1,153 @@
+"""``SparKCache`` and the structured baseline ``StructuredChannelCache``: drop-in ``transformers`` caches.
+
+Example:
+    >>> import torch
+    >>> from hf_compress.assets import tiny_model
+    >>> from hf_compress.cache import SparKCache
+    >>> model, _ = tiny_model("llama")
+    >>> cache = SparKCache(model.config, channel_ratio=0.5)
+    >>> out = model.generate(torch.tensor([[1, 2, 3]]), past_key_values=cache, max_new_tokens=4, do_sample=False)
+    >>> cache.memory_footprint()["held"] > 0
+    True
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from transformers import PretrainedConfig
+from transformers.cache_utils import Cache, DynamicSlidingWindowLayer, get_layer_types_and_kwargs
+
+from .layer import ChannelPrunedLayer
+from .query_capture import install_query_capture
+
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["SparKCache", "StructuredChannelCache"]
+
+_DENSE_WINDOW_TYPES = ("sliding_attention", "chunked_attention")
+
+
+class SparKCache(Cache):
+    """KV cache with SparK's query-aware, per-token key channel pruning and recovery (arXiv 2508.15212).
+
+    Full-attention layers store each token's most salient key channels (``K**2 * ||Q_window||``) compactly
+    and rebuild the pruned ones when attention reads them; sliding-window layers (Gemma3's local layers)
+    stay dense, as their window already bounds them. Query statistics come from the prompt's last
+    ``observation_window`` queries through ``query_capture``, which this constructor installs on
+    ``config``: pass the model's own config object, ``model.config``.
+
+    Args:
+        config: the model's config (``model.config``, not a copy).
+        channel_ratio: fraction of key channels pruned per token, in ``[0, 1)``. 0 stores everything.
+        value_channel_ratio: fraction of value channels pruned per token (SparK's optional value pruning;
+            the paper's default, 0, keeps values dense).
+        observation_window: prompt queries whose channel norms define saliency (the paper's 32).
+        recent_window: newest tokens kept dense (prompt tail and decoding); older ones are compressed.
+        token_budget: SnapKV eviction of the prompt to this many tokens before channel pruning (the
+            paper's composition). Needs unpadded prompts.
+        recovery: rebuild pruned key entries (SparK's "avg" rule); ``False`` fills zeros.
+
+    Example:
+        >>> cache = SparKCache(model.config, channel_ratio=0.5)  # doctest: +SKIP
+        >>> model.generate(**inputs, past_key_values=cache, max_new_tokens=256)  # doctest: +SKIP
+    """
+
+    _per_token = True
+
+    def __init__(
+        self,
+        config: PretrainedConfig,
+        channel_ratio: float = 0.5,
+        value_channel_ratio: float = 0.0,
+        observation_window: int = 32,
+        recent_window: int = 32,
+        token_budget: int | None = None,
+        recovery: bool = True,
+    ):
+        for name, ratio in (("channel_ratio", channel_ratio), ("value_channel_ratio", value_channel_ratio)):
+            if not 0 <= ratio < 1:
+                raise ValueError(f"{name} must lie in [0, 1) (the fraction of channels pruned), got {ratio}.")
+        if observation_window < 1 or recent_window < 0:
+            raise ValueError("observation_window must be >= 1 and recent_window >= 0.")
+        if token_budget is not None and token_budget <= observation_window:
+            raise ValueError(f"token_budget must exceed observation_window ({observation_window}), got {token_budget}.")
+        text_config = config.get_text_config(decoder=True)
+        num_kv_heads = getattr(text_config, "num_key_value_heads", None) or getattr(text_config, "num_attention_heads", None)
+        head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+        self.settings: dict[str, Any] = {
+            "channel_ratio": channel_ratio,
+            "value_channel_ratio": value_channel_ratio,
+            "observation_window": observation_window,
+            "recent_window": recent_window,
+            "token_budget": token_budget,
+            "recovery": recovery,
+        }
+        layer_types, layer_kwargs = get_layer_types_and_kwargs(text_config)
+        layers = []
+        for index, (layer_type, kwargs) in enumerate(zip(layer_types, layer_kwargs, strict=True)):
+            if layer_type == "full_attention":
+                layers.append(
+                    ChannelPrunedLayer(
+                        key_ratio=channel_ratio,
+                        value_ratio=value_channel_ratio,
+                        num_kv_heads=num_kv_heads,
+                        head_dim=head_dim,
+                        observation_window=observation_window,
+                        recent_window=recent_window,
+                        token_budget=token_budget,
+                        per_token=self._per_token,
+                        recovery=recovery,
+                    )
+                )
+            elif layer_type in _DENSE_WINDOW_TYPES:
+                layers.append(DynamicSlidingWindowLayer(**kwargs))
+            else:
+                raise ValueError(
+                    f"layer {index} of this model is a {layer_type!r} layer; {type(self).__name__} serves attention "
+                    "layers only (full, sliding or chunked). Use the model's default cache."
+                )
+        if not any(isinstance(layer, ChannelPrunedLayer) for layer in layers):
+            logger.warning("every layer of this model is sliding-window: %s keeps them all dense", type(self).__name__)
+        install_query_capture(config)
+        super().__init__(layers=layers)
+
+    def memory_footprint(self) -> dict[str, int | float]:
+        """Bytes held by every layer now, and what ``DynamicCache`` would hold for the same tokens.
+
+        Example:
+            >>> cache.memory_footprint()  # doctest: +SKIP
+            {'held': 1482752, 'dense_equivalent': 2359296, 'ratio': 0.628}
+        """
+        held = dense = 0
+        for layer in self.layers:
+            if isinstance(layer, ChannelPrunedLayer):
+                footprint = layer.memory_footprint()
+                held, dense = held + footprint["held"], dense + footprint["dense_equivalent"]
+            elif layer.is_initialized:
+                size = sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
+                held, dense = held + size, dense + size
+        return {"held": held, "dense_equivalent": dense, "ratio": held / dense if dense else 1.0}
+
+    def __repr__(self) -> str:
+        settings = ", ".join(f"{k}={v}" for k, v in self.settings.items())
+        return f"{type(self).__name__}({settings}, layers={len(self.layers)})"
+
+
+class StructuredChannelCache(SparKCache):
+    """Baseline: the same channels pruned for every token of a head (ThinK-like), no recovery.
+
+    Channels are scored once from the prompt, ``||Q_window[:, i]|| * ||K[:, i]||``, and the lowest
+    ``channel_ratio`` of each head are dropped for all tokens; only kept values are stored.
+
+    Example:
+        >>> cache = StructuredChannelCache(model.config, channel_ratio=0.5)  # doctest: +SKIP
+    """
+
+    _per_token = False
+
+    def __init__(self, config: PretrainedConfig, channel_ratio: float = 0.5, **kwargs: Any):
+        kwargs.setdefault("recovery", False)
+        super().__init__(config, channel_ratio=channel_ratio, **kwargs)

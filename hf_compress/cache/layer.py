@@ -1,0 +1,267 @@
+"""``ChannelPrunedLayer``: one attention layer's KV cache with per-token (SparK) or shared channel pruning.
+
+Tokens live in two parts, oldest first: a compressed part and a dense recent window of at most
+``recent_window`` tokens. Compression needs the query statistics (``qbar``), which the layer gets from the
+first forward that fills it (the prompt): it awaits the queries (``query_capture``), takes the last
+``observation_window`` of them, optionally evicts tokens to a budget (SnapKV), then compresses everything
+older than the recent window. ``qbar`` is then held fixed for the sequence, so every stored token is
+rebuilt with the statistics it was compressed with, and later tokens (decoding) are compressed at
+``update`` as they leave the recent window. Attention reads keys rebuilt on the fly, one layer at a time.
+
+Example:
+    >>> layer = ChannelPrunedLayer(key_ratio=0.5, num_kv_heads=2, head_dim=16)
+    >>> layer.get_seq_length()
+    0
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import CacheLayerMixin
+
+from .channels import DenseTokens, PerTokenChannels, SharedChannels, kept_channel_count, query_channel_norms
+from .eviction import snapkv_keep_indices
+from .query_capture import await_queries
+
+
+__all__ = ["ChannelPrunedLayer"]
+
+
+class ChannelPrunedLayer(CacheLayerMixin):
+    """A dynamic cache layer storing keys (and optionally values) with channels pruned per token.
+
+    Args:
+        key_ratio: fraction of key channels pruned per token, in ``[0, 1)``.
+        value_ratio: fraction of value channels pruned per token (0 keeps values dense).
+        num_kv_heads, head_dim: what the model's attention will store, checked at the first update.
+        observation_window: prompt queries whose channel norms define saliency (SparK: 32).
+        recent_window: newest tokens kept dense.
+        token_budget: if set, SnapKV eviction of the prompt down to this many tokens before pruning.
+        per_token: SparK's per-token selection; ``False`` is the structured baseline (one channel set per
+            head, ThinK-like scoring ``qbar * ||K[:, i]||``).
+        recovery: rebuild pruned key entries by SparK's average-saliency rule; ``False`` leaves zeros.
+    """
+
+    is_sliding = False
+    is_croppable = True
+
+    def __init__(
+        self,
+        key_ratio: float,
+        num_kv_heads: int,
+        head_dim: int,
+        value_ratio: float = 0.0,
+        observation_window: int = 32,
+        recent_window: int = 32,
+        token_budget: int | None = None,
+        per_token: bool = True,
+        recovery: bool = True,
+    ):
+        super().__init__()
+        self.key_ratio, self.value_ratio = key_ratio, value_ratio
+        self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
+        self.observation_window, self.recent_window = observation_window, recent_window
+        self.token_budget = token_budget
+        self.per_token, self.recovery = per_token, recovery
+        self.keep_keys = kept_channel_count(head_dim, key_ratio)
+        self.keep_values = kept_channel_count(head_dim, value_ratio)
+        self._clear()
+
+    def _clear(self) -> None:
+        self.keys = self.values = None  # the dense recent window (transformers' field names)
+        self.old_keys: PerTokenChannels | SharedChannels | DenseTokens | None = None
+        self.old_values: PerTokenChannels | SharedChannels | DenseTokens | None = None
+        self.qbar: torch.Tensor | None = None  # (B, H, D) float32, fixed once observed
+        self.key_channels: torch.Tensor | None = None  # structured: (B, H, keep) per head
+        self.value_channels: torch.Tensor | None = None
+        self.seen_tokens = 0  # positions seen, evicted ones included
+        self.awaiting_queries = False
+        self.is_initialized = False
+
+    # ------------------------------------------------------------------ transformers layer API
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        if key_states.shape[1] != self.num_kv_heads or key_states.shape[-1] != self.head_dim:
+            raise ValueError(
+                f"the model stores keys of {key_states.shape[1]} heads x {key_states.shape[-1]} channels, but the cache "
+                f"was built for {self.num_kv_heads} x {self.head_dim}: build the cache from this model's own config "
+                "(SparKCache(model.config, ...))."
+            )
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.keys = key_states[:, :, :0]
+        self.values = value_states[:, :, :0]
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if self.awaiting_queries:
+            raise RuntimeError(
+                "the attention of the previous forward never handed its queries to the cache. SparK needs them: build "
+                "the cache from the model's own config object, SparKCache(model.config, ...) (not a copy), which routes "
+                "attention through hf_compress's query capture; flash/flex attention are not supported."
+            )
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        self.seen_tokens += key_states.shape[-2]
+        if self.qbar is None:
+            self.awaiting_queries = True
+            await_queries(self)
+        else:
+            self._compress_overflow()
+        return self._full_keys(), self._full_values()
+
+    def observe_queries(self, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float | None = None):
+        """Called by the query-capturing attention right after the forward that filled this layer."""
+        self.awaiting_queries = False
+        if self.qbar is not None:
+            return
+        self.qbar = query_channel_norms(query, self.num_kv_heads, self.observation_window)
+        if not self.per_token and self.keep_keys < self.head_dim:
+            self.key_channels = self._structured_channels(self.keys, self.keep_keys, self.qbar)
+            if self.keep_values < self.head_dim:
+                self.value_channels = self._structured_channels(self.values, self.keep_values, None)
+        if self.token_budget is not None and self.held_tokens > self.token_budget:
+            self._evict(query, attention_mask, scaling or self.head_dim**-0.5)
+        self._compress_overflow()
+
+    def get_seq_length(self) -> int:
+        return self.seen_tokens
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        # Evicted tokens shift what is held; like a sliding window, held index j is position offset + j.
+        return self.held_tokens + query_length, self.seen_tokens - self.held_tokens
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError("crop takes a negative number of tokens to remove (transformers' convention).")
+        remove = -tokens_to_remove
+        if remove == 0 or not self.is_initialized:
+            return
+        if remove > self.held_tokens:
+            raise ValueError(f"cannot crop {remove} tokens, the layer holds {self.held_tokens}.")
+        recent = self.keys.shape[2]
+        from_recent = min(remove, recent)
+        self.keys, self.values = self.keys[:, :, : recent - from_recent], self.values[:, :, : recent - from_recent]
+        if remove > from_recent:
+            old = self.old_keys.num_tokens - (remove - from_recent)
+            self.old_keys, self.old_values = self.old_keys.head(old), self.old_values.head(old)
+        self.seen_tokens -= remove
+
+    def reset(self) -> None:
+        self._clear()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._apply_batch(lambda store: store.select_batch(beam_idx), lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._apply_batch(lambda store: store.select_batch(indices), lambda t: t[indices])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._apply_batch(lambda store: store.repeat_batch(repeats), lambda t: t.repeat_interleave(repeats, dim=0))
+
+    # ------------------------------------------------------------------ accounting
+    @property
+    def held_tokens(self) -> int:
+        if not self.is_initialized:
+            return 0
+        return self.keys.shape[2] + (self.old_keys.num_tokens if self.old_keys is not None else 0)
+
+    def memory_footprint(self) -> dict[str, int]:
+        """Bytes actually held, and what a DynamicCache layer would hold for the same tokens."""
+        if not self.is_initialized:
+            return {"held": 0, "dense_equivalent": 0}
+        tensors = [self.keys, self.values, self.qbar, self.key_channels, self.value_channels]
+        held = sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        held += sum(store.nbytes for store in (self.old_keys, self.old_values) if store is not None)
+        batch = self.keys.shape[0]
+        dense = 2 * batch * self.num_kv_heads * self.held_tokens * self.head_dim * self.keys.element_size()
+        return {"held": held, "dense_equivalent": dense}
+
+    # ------------------------------------------------------------------ internals
+    def _apply_batch(self, on_store, on_tensor) -> None:
+        if not self.is_initialized:
+            return
+        self.keys, self.values = on_tensor(self.keys), on_tensor(self.values)
+        for name in ("qbar", "key_channels", "value_channels"):
+            if (tensor := getattr(self, name)) is not None:
+                setattr(self, name, on_tensor(tensor))
+        if self.old_keys is not None:
+            self.old_keys, self.old_values = on_store(self.old_keys), on_store(self.old_values)
+
+    def _full_keys(self) -> torch.Tensor:
+        if self.old_keys is None:
+            return self.keys
+        if isinstance(self.old_keys, DenseTokens):
+            old = self.old_keys.densify()
+        elif isinstance(self.old_keys, SharedChannels):
+            old = self.old_keys.densify(self.key_channels, self.head_dim)
+        else:
+            old = self.old_keys.densify_keys(self.qbar if self.recovery else None)
+        return torch.cat([old, self.keys], dim=2)
+
+    def _full_values(self) -> torch.Tensor:
+        if self.old_values is None:
+            return self.values
+        if isinstance(self.old_values, SharedChannels):
+            old = self.old_values.densify(self.value_channels, self.head_dim)
+        elif isinstance(self.old_values, PerTokenChannels):
+            old = self.old_values.densify_values()
+        else:
+            old = self.old_values.densify()
+        return torch.cat([old, self.values], dim=2)
+
+    def _compress_overflow(self) -> None:
+        overflow = self.keys.shape[2] - self.recent_window
+        if overflow <= 0:
+            return
+        keys, self.keys = self.keys[:, :, :overflow], self.keys[:, :, overflow:]
+        values, self.values = self.values[:, :, :overflow], self.values[:, :, overflow:]
+        new_keys, new_values = self._compress_keys(keys), self._compress_values(values)
+        if self.old_keys is None:
+            self.old_keys, self.old_values = new_keys, new_values
+        else:
+            self.old_keys, self.old_values = self.old_keys.append(new_keys), self.old_values.append(new_values)
+
+    def _compress_keys(self, keys: torch.Tensor) -> PerTokenChannels | SharedChannels | DenseTokens:
+        if self.keep_keys == self.head_dim:  # nothing pruned: no bitmask to pay for
+            return DenseTokens(keys)
+        if not self.per_token:
+            return SharedChannels.compress(keys, self.key_channels)
+        return PerTokenChannels.compress_keys(keys, self.qbar, self.keep_keys)
+
+    def _compress_values(self, values: torch.Tensor) -> PerTokenChannels | SharedChannels | DenseTokens:
+        if self.keep_values == self.head_dim:
+            return DenseTokens(values)
+        if not self.per_token:
+            return SharedChannels.compress(values, self.value_channels)
+        return PerTokenChannels.compress_values(values, self.keep_values)
+
+    @staticmethod
+    def _structured_channels(states: torch.Tensor, keep: int, qbar: torch.Tensor | None) -> torch.Tensor:
+        # ThinK-style: a channel's weight over the whole prompt (times its query norm, for keys).
+        score = states.float().norm(dim=2)
+        if qbar is not None:
+            score = score * qbar
+        return score.topk(keep, dim=-1).indices.sort(dim=-1).values
+
+    def _evict(self, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float) -> None:
+        if attention_mask is not None and _has_padding(attention_mask):
+            raise ValueError(
+                "token eviction (token_budget) needs unpadded prompts: held positions would no longer line up with "
+                "the padding mask. Run padded prompts one by one, or drop token_budget."
+            )
+        keep = snapkv_keep_indices(query, self.keys, self.token_budget, self.observation_window, scaling)
+        self.keys = DenseTokens(self.keys).gather_tokens(keep).states
+        self.values = DenseTokens(self.values).gather_tokens(keep).states
+
+
+def _has_padding(attention_mask: torch.Tensor) -> bool:
+    """Whether a 4-D attention mask hides some key position from every query of its row."""
+    if attention_mask.dtype == torch.bool:
+        visible = attention_mask
+    else:
+        visible = attention_mask > torch.finfo(attention_mask.dtype).min / 2
+    return bool((~visible.any(dim=-2)).any())

@@ -1,0 +1,119 @@
+"""Hand the attention queries of a forward pass to the cache layer that just stored its keys.
+
+A ``transformers`` cache only ever sees keys and values (``Cache.update``); query-aware compression also
+needs the queries. Every attention module calls ``past_key_values.update(...)`` and then, right after,
+its attention function with the (normed, rotated) queries. So a cache layer that wants the queries
+announces itself in ``update`` (``await_queries``), and a thin wrapper registered through transformers'
+public ``AttentionInterface``/``AttentionMaskInterface`` passes the queries to it after computing the
+attention it wraps, unchanged. Nothing in the model's code is touched and every architecture whose
+attention goes through ``ALL_ATTENTION_FUNCTIONS`` is served (Llama, Qwen2/3, Mistral, Gemma3, ...).
+
+``install_query_capture(config)`` switches a model config (the very object the attention modules
+read, ``model.config``) to the wrapping implementation: ``"sdpa"`` becomes ``"hf_compress_queries|sdpa"``.
+With no cache layer awaiting queries the wrapper is a pass-through, so other caches are unaffected.
+
+Example:
+    >>> from hf_compress.assets import tiny_model
+    >>> model, _ = tiny_model("llama")
+    >>> install_query_capture(model.config)
+    'hf_compress_queries|sdpa'
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import torch
+from transformers import PretrainedConfig
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["CAPTURE_PREFIX", "QueryObserver", "await_queries", "install_query_capture", "uses_query_capture"]
+
+CAPTURE_PREFIX = "hf_compress_queries|"
+
+
+class QueryObserver(Protocol):
+    """A cache layer that wants the queries of the forward pass that just updated it."""
+
+    def observe_queries(
+        self, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float | None = None
+    ) -> None: ...
+
+
+# The layer whose `update` ran last and which has not yet seen its queries. A context variable, not a
+# global, so two threads decoding with two models do not hand queries to each other's caches.
+_awaiting: contextvars.ContextVar[QueryObserver | None] = contextvars.ContextVar("hf_compress_awaiting", default=None)
+
+
+def await_queries(layer: QueryObserver) -> None:
+    """Called by a cache layer in ``update``: the next attention call delivers its queries to ``layer``."""
+    _awaiting.set(layer)
+
+
+def _capturing(base_name: str) -> Callable:
+    def attention_with_query_capture(module, query, key, value, attention_mask, **kwargs):
+        base = ALL_ATTENTION_FUNCTIONS.get_interface(base_name, _eager_attention())
+        output = base(module, query, key, value, attention_mask, **kwargs)
+        layer = _awaiting.get()
+        if layer is not None:
+            _awaiting.set(None)
+            layer.observe_queries(query, attention_mask, kwargs.get("scaling"))
+        return output
+
+    return attention_with_query_capture
+
+
+def _eager_attention() -> Callable:
+    # The eager function lives in each modeling file; the Llama one is the shared reference implementation.
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    return eager_attention_forward
+
+
+def _register(base_name: str) -> str:
+    name = CAPTURE_PREFIX + base_name
+    if name not in ALL_ATTENTION_FUNCTIONS._global_mapping:
+        AttentionInterface.register(name, _capturing(base_name))
+        mask = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(base_name)
+        if mask is not None:  # masks are built in the wrapped implementation's format
+            AttentionMaskInterface.register(name, mask)
+    return name
+
+
+def uses_query_capture(config: PretrainedConfig) -> bool:
+    """Whether attention modules reading ``config`` hand their queries to awaiting cache layers."""
+    return str(config._attn_implementation or "").startswith(CAPTURE_PREFIX)
+
+
+def install_query_capture(config: PretrainedConfig) -> str:
+    """Route the attention of every module reading ``config`` through the query-capturing wrapper.
+
+    Idempotent. Returns the new attention implementation name. Raises for implementations that cannot
+    be wrapped (flash/flex attention keep their own mask formats and kernels; use ``sdpa`` or ``eager``).
+    """
+    current = config._attn_implementation or "eager"
+    if isinstance(current, dict):
+        raise ValueError("per-sub-config attention implementations are not supported; pass the text model config.")
+    if current.startswith(CAPTURE_PREFIX):
+        return current
+    if current not in ("sdpa", "eager"):
+        raise ValueError(
+            f"query capture wraps the 'sdpa' and 'eager' attention implementations, the model uses {current!r}. "
+            "Load the model with attn_implementation='sdpa' (or call model.set_attn_implementation('sdpa'))."
+        )
+    name = _register(current)
+    config._attn_implementation = name
+    logger.info("attention of this model now reports its queries to query-aware caches (%s)", name)
+    return name
+
+
+def pending_observer() -> Any:
+    """The layer still waiting for queries, if any (for error reporting)."""
+    return _awaiting.get()
