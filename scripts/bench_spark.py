@@ -215,6 +215,33 @@ def markdown(payload: dict[str, Any]) -> str:
                 f"≥ 0.95×); continuation perplexity {ppl:.3f}× dense ({'met' if ppl <= 1.05 else 'MISSED'}: ≤ 1.05×); "
                 f"{versus}."
             )
+    if dense:
+        lines += ["", "## Notes", ""]
+        if dense["reading"]["f1"] < 0.05:
+            lines.append(
+                f"- Reading: the dense cache scores {100 * dense['reading']['f1']:.1f} F1: SmolLM2-135M does not answer "
+                "these questions at this context length, so the column does not tell the caches apart (non-zero "
+                "scores are stray word overlaps)."
+            )
+        trials = len(dense["passkey"]["trials"])
+        lines.append(f"- Passkey accuracy is over {trials} trials per cache: a coarse signal at this model size.")
+        speeds = {n: r["decode"]["decode_tokens_per_s"] / dense["decode"]["decode_tokens_per_s"]
+                  for n, r in results.items() if n.startswith("spark")}
+        if speeds:
+            lines.append(
+                f"- Decode speed: SparK caches ran at {min(speeds.values()):.2f}–{max(speeds.values()):.2f}× the dense "
+                "cache's tokens/s: pruned keys are rebuilt on every read, one layer at a time, in PyTorch ops (no fused "
+                "kernel); the saving is memory, not time."
+            )
+        if "hf-fp8" in results and "spark-50-kv" in results:
+            fp8, spark = results["hf-fp8"], results["spark-50-kv"]
+            lines.append(
+                f"- transformers' fp8 cache held {fp8['decode']['kv_bytes'] / dense['decode']['kv_bytes']:.3f}× dense "
+                f"at {fp8['perplexity']['perplexity'] / dense['perplexity']['perplexity']:.3f}× perplexity, against "
+                f"{spark['decode']['kv_bytes'] / dense['decode']['kv_bytes']:.3f}× and "
+                f"{spark['perplexity']['perplexity'] / dense['perplexity']['perplexity']:.3f}× for `spark-50-kv` on this "
+                "float32 model: channel pruning and quantization are orthogonal, and here quantization saved more."
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -44,8 +44,9 @@ def cache_bytes(cache: Cache) -> int:
     """Bytes a KV cache actually holds.
 
     A cache that knows its own footprint (``memory_footprint()`` returning bytes held, as hf_compress
-    caches do) is asked; otherwise every tensor a layer holds is summed, including the ones kept in tuples
-    (transformers' quantized layers keep ``(codes, scale)`` pairs next to an empty ``keys`` tensor).
+    caches do) is asked; otherwise every key/value tensor a layer holds is summed, including the ones kept
+    in tuples (transformers' quantized layers keep ``(codes, scale)`` pairs in ``_quantized_keys`` next to
+    an empty ``keys`` tensor). Bookkeeping tensors (a sliding window's size) are not cache payload.
     """
     footprint = getattr(cache, "memory_footprint", None)
     if callable(footprint):
@@ -53,7 +54,9 @@ def cache_bytes(cache: Cache) -> int:
         return int(held["held"] if isinstance(held, dict) else held)
     total = 0
     for layer in cache.layers:
-        for value in vars(layer).values():
+        for name, value in vars(layer).items():
+            if "key" not in name and "value" not in name:
+                continue
             for tensor in value if isinstance(value, (tuple, list)) else (value,):
                 if isinstance(tensor, torch.Tensor):
                     total += tensor.numel() * tensor.element_size()
