@@ -30,10 +30,8 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import tempfile
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -83,8 +81,7 @@ def main() -> None:
     parser.add_argument("--render", metavar="NAME", help="only rebuild bench/results/NAME.md from NAME.json")
     args = parser.parse_args()
     if args.render:
-        payload = json.loads((Path("bench/results") / f"{args.render}.json").read_text())
-        rewrite_markdown(args.render, _markdown(payload["settings"], payload["results"]["rows"]))
+        rewrite_markdown(args.render, lambda payload: _markdown(payload["settings"], payload["results"]["rows"]))
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.quick:

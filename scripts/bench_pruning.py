@@ -167,8 +167,7 @@ def _write(args, settings, rows) -> None:
 
 def _render(name: str) -> None:
     """Rebuild ``<name>.md`` from ``<name>.json`` (same numbers, the run's own command and machine)."""
-    payload = json.loads((Path("bench/results") / f"{name}.json").read_text())
-    rewrite_markdown(name, _markdown(payload["settings"], payload["results"]["rows"]))
+    rewrite_markdown(name, lambda payload: _markdown(payload["settings"], payload["results"]["rows"]))
 
 
 def _markdown(settings: dict[str, Any], rows: list[dict[str, Any]]) -> str:

@@ -37,13 +37,11 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import random
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -263,8 +261,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.render:
-        payload = json.loads((Path("bench/results") / f"{args.render}.json").read_text())
-        rewrite_markdown(args.render, markdown(payload))
+        rewrite_markdown(args.render, markdown)
         return
     if args.quick:
         args.passkey_lengths, args.passkey_depths, args.prefix = [512], [0.5], 512

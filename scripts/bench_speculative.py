@@ -32,11 +32,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -232,8 +230,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.render:
-        payload = json.loads((Path("bench/results") / f"{args.render}.json").read_text())
-        rewrite_markdown(args.render, markdown(payload))
+        rewrite_markdown(args.render, markdown)
         return
     if args.quick:
         args.prompts, args.max_new_tokens, args.quality_examples = 2, 16, 3

@@ -120,9 +120,9 @@ def test_benchmark_files_and_rebuilt_table_keep_the_run_footer(tmp_path):
     assert payload["results"] == {"ppl": 21.1} and payload["settings"] == {"window": 512}
     first = md_path.read_text()
     assert first.startswith("| ppl |") and f"Command: `{payload['command']}`" in first
-    rewrite_markdown("demo", "| perplexity |\n|---|\n| 21.1 |", results_dir=tmp_path)
+    rewrite_markdown("demo", lambda stored: f"| perplexity |\n|---|\n| {stored['results']['ppl']} |", results_dir=tmp_path)
     rebuilt = md_path.read_text()
     assert rebuilt.startswith("| perplexity |") and f"Date: {payload['date']}" in rebuilt
     assert "Table rebuilt from demo.json" in rebuilt
     with pytest.raises(FileNotFoundError):
-        rewrite_markdown("missing", "x", results_dir=tmp_path)
+        rewrite_markdown("missing", lambda stored: "x", results_dir=tmp_path)

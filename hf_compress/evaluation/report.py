@@ -13,6 +13,7 @@ import os
 import platform
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -82,21 +83,23 @@ def write_benchmark(
     return json_path, md_path
 
 
-def rewrite_markdown(name: str, markdown: str, results_dir: str | os.PathLike = "bench/results") -> Path:
-    """Rewrite ``<name>.md`` for the run stored in ``<name>.json`` (e.g. after changing how a table is laid out).
+def rewrite_markdown(
+    name: str, render: Callable[[dict[str, Any]], str], results_dir: str | os.PathLike = "bench/results"
+) -> Path:
+    """Rewrite ``<name>.md`` from the run stored in ``<name>.json`` (e.g. after changing how a table is laid out).
 
-    The numbers come from the JSON; the footer keeps that run's command, date and machine, and says the
-    table was rebuilt.
+    ``render`` turns the stored payload (``settings``, ``results``, ...) into the table; the footer keeps
+    that run's command, date and machine, and says the table was rebuilt.
 
     Example:
-        >>> rewrite_markdown("pruning", "| ppl |\\n|---|\\n| 21.1 |")  # doctest: +SKIP
+        >>> rewrite_markdown("pruning", lambda payload: markdown(payload))  # doctest: +SKIP
     """
     directory = Path(results_dir)
     payload = json.loads((directory / f"{name}.json").read_text(encoding="utf-8"))
     rebuilt = " ".join(shlex.quote(arg) for arg in [Path(sys.executable).name, *sys.argv])
     md_path = directory / f"{name}.md"
     with atomic_file(md_path) as handle:
-        handle.write(markdown.rstrip() + _footer(payload) + f"Table rebuilt from {name}.json by `{rebuilt}`.\n")
+        handle.write(render(payload).rstrip() + _footer(payload) + f"Table rebuilt from {name}.json by `{rebuilt}`.\n")
     return md_path
 
 
