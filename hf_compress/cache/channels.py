@@ -121,10 +121,6 @@ class _TokenStore:
             merged[f.name] = torch.cat([mine, theirs], dim=2) if isinstance(mine, torch.Tensor) else mine
         return type(self)(**merged)
 
-    def split(self: Store, tokens: int) -> tuple[Store, Store]:
-        """The first ``tokens`` tokens and the rest."""
-        return self._map(lambda t: t[:, :, :tokens]), self._map(lambda t: t[:, :, tokens:])
-
     def head(self: Store, tokens: int) -> Store:
         return self._map(lambda t: t[:, :, :tokens])
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextvars
 import logging
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 from transformers import PretrainedConfig
@@ -34,7 +34,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterf
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CAPTURE_PREFIX", "QueryObserver", "await_queries", "install_query_capture", "uses_query_capture"]
+__all__ = ["CAPTURE_PREFIX", "QueryObserver", "await_queries", "install_query_capture"]
 
 CAPTURE_PREFIX = "hf_compress_queries|"
 
@@ -87,11 +87,6 @@ def _register(base_name: str) -> str:
     return name
 
 
-def uses_query_capture(config: PretrainedConfig) -> bool:
-    """Whether attention modules reading ``config`` hand their queries to awaiting cache layers."""
-    return str(config._attn_implementation or "").startswith(CAPTURE_PREFIX)
-
-
 def install_query_capture(config: PretrainedConfig) -> str:
     """Route the attention of every module reading ``config`` through the query-capturing wrapper.
 
@@ -113,7 +108,3 @@ def install_query_capture(config: PretrainedConfig) -> str:
     logger.info("attention of this model now reports its queries to query-aware caches (%s)", name)
     return name
 
-
-def pending_observer() -> Any:
-    """The layer still waiting for queries, if any (for error reporting)."""
-    return _awaiting.get()
