@@ -59,6 +59,7 @@ logger = get_logger(__name__)
 BUILTIN_FORMAT_MODULES: tuple[str, ...] = (
     "hf_compress.pruning.sparse_format",
     "hf_compress.quantization.packed_format",
+    "hf_compress.pruning.slim_format",
 )
 """Modules defining hf_compress's formats; each registers its format when imported."""
 

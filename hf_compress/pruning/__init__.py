@@ -1,4 +1,6 @@
-"""Pruning of Hugging Face causal LMs: magnitude, Wanda, SparseGPT and SDS behind one interface.
+"""Pruning of Hugging Face causal LMs: magnitude, Wanda, SparseGPT and SDS behind one interface, plus
+structural pruning that makes models physically smaller: Týr-the-Pruner (``TyrPruner``: heads and FFN
+channels, per-layer widths found by supernet + search) and block removal (``BlockRemovalPruner``).
 
 Every pruner loads like an Optimum class and prunes every linear layer of every decoder block
 (discovered from the model: Llama-style, GPT-2's ``Conv1D``, OPT, ...) to an unstructured ratio or an
@@ -35,12 +37,13 @@ from .masks import (
 )
 from .sds import SDSPruner
 from .sparsegpt import SparseGPTPruner, sparsegpt_prune
+from .tyr import BlockRemovalConfig, BlockRemovalPruner, TyrConfig, TyrPruner
 from .wanda import WandaPruner, wanda_scores
 
 
 PRUNERS: dict[str, type[BasePruner]] = {
     pruner.config_class.method: pruner
-    for pruner in (MagnitudePruner, WandaPruner, SparseGPTPruner, SDSPruner)
+    for pruner in (MagnitudePruner, WandaPruner, SparseGPTPruner, SDSPruner, TyrPruner, BlockRemovalPruner)
 }
 """Pruner class by method name (the ``method`` of its config)."""
 
@@ -48,6 +51,8 @@ PRUNERS: dict[str, type[BasePruner]] = {
 __all__ = [
     "PRUNERS",
     "BasePruner",
+    "BlockRemovalConfig",
+    "BlockRemovalPruner",
     "LayerReport",
     "MagnitudeConfig",
     "MagnitudePruner",
@@ -58,6 +63,8 @@ __all__ = [
     "SparseGPTConfig",
     "SparseGPTPruner",
     "SparsityPattern",
+    "TyrConfig",
+    "TyrPruner",
     "WandaConfig",
     "WandaPruner",
     "check_pattern",

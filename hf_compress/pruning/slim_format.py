@@ -1,0 +1,149 @@
+"""``hf_compress_slim``: checkpoints of structurally pruned models whose blocks have different widths.
+
+A stock ``LlamaConfig`` (and its peers) has one ``num_key_value_heads`` and one ``intermediate_size``
+for every layer, so a model whose layers lost different numbers of heads and FFN channels cannot be
+described by it. The slim format keeps the model's own ``model_type`` and modeling code and records
+the per-layer widths in ``config.json``'s ``quantization_config``::
+
+    {"quant_method": "hf_compress_slim", "layers": [{"key_value_heads": 2, "intermediate_size": 1152}, ...]}
+
+``from_pretrained`` (after ``import hf_compress``) builds the architecture, shrinks every block to its
+recorded widths before the weights stream in (``SlimFormatQuantizer``), and loads the smaller tensors as
+they are. The model that comes back is an ordinary transformers model, just smaller: ``generate``,
+``Trainer`` and PEFT treat it as unquantized; it keeps the widths on its config so that its own
+``save_pretrained`` writes a slim checkpoint again.
+
+Example:
+    >>> from hf_compress.assets import tiny_model
+    >>> from hf_compress.pruning.structured import block_structure, shrink_block
+    >>> model, _ = tiny_model("llama")
+    >>> shrink_block(block_structure(model.model.layers[1]), kept_ffn=torch.arange(32))
+    >>> attach_slim_format(model).layers[1]["intermediate_size"]
+    32
+    >>> model.save_pretrained("slim")  # doctest: +SKIP
+    >>> AutoModelForCausalLM.from_pretrained("slim")  # same logits  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch  # noqa: F401  (doctest namespace)
+
+from ..modeling.loading import CompressedFormatConfig, CompressedFormatQuantizer, register_format
+from .structured import apply_layer_widths, layer_widths
+
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+
+__all__ = [
+    "FORMAT_NAME", "SlimFormatConfig", "SlimFormatQuantizer", "attach_slim_format", "needs_slim_format", "save_slim",
+]
+
+FORMAT_NAME = "hf_compress_slim"
+
+
+class SlimFormatConfig(CompressedFormatConfig):
+    """``quantization_config`` of a slim checkpoint: ``layers`` (per-block widths) and ``recipe``."""
+
+    QUANT_METHOD = FORMAT_NAME
+
+    def __init__(
+        self, layers: Sequence[Mapping[str, int]] = (), recipe: Mapping[str, Any] | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(layers=[dict(layer) for layer in layers], recipe=dict(recipe or {}), **kwargs)
+
+
+@register_format
+class SlimFormatQuantizer(CompressedFormatQuantizer):
+    """Shrinks the freshly built architecture to the recorded widths; the weights then load unchanged."""
+
+    config_class = SlimFormatConfig
+
+    def _process_model_before_weight_loading(self, model: PreTrainedModel, **kwargs: Any) -> PreTrainedModel:
+        apply_layer_widths(model, self.quantization_config.layers)
+        return model
+
+    def update_weight_conversions(self, weight_conversions: list, model: PreTrainedModel) -> list:
+        return list(weight_conversions)  # the stored tensors already have the slim shapes
+
+    def postprocess_model(self, model: PreTrainedModel, **kwargs: Any) -> PreTrainedModel:
+        # Detach the quantizer (the model computes like any other: Trainer, .to(dtype), PEFT) but keep the
+        # widths on the config: save_pretrained must write them, or the checkpoint would not load again.
+        for attribute in ("hf_quantizer", "quantization_method"):
+            if hasattr(model, attribute):
+                delattr(model, attribute)
+        model.is_quantized = False
+        model.config.quantization_config = self.quantization_config
+        return model
+
+
+def attach_slim_format(model: PreTrainedModel, recipe: Mapping[str, Any] | None = None) -> SlimFormatConfig:
+    """Record the model's current per-block widths on its config, so ``save_pretrained`` writes a slim checkpoint.
+
+    Returns the ``SlimFormatConfig`` now at ``model.config.quantization_config``.
+    """
+    existing = getattr(model.config, "quantization_config", None)
+    if existing is not None and not isinstance(existing, SlimFormatConfig):
+        method = existing.get("quant_method") if isinstance(existing, Mapping) else existing.quant_method
+        if method != FORMAT_NAME:
+            raise ValueError(f"the model is quantized ({method}); slim checkpoints need float weights.")
+    if recipe is None and isinstance(existing, SlimFormatConfig):
+        recipe = existing.recipe
+    config = SlimFormatConfig(layers=layer_widths(model), recipe=recipe)
+    model.config.quantization_config = config
+    return config
+
+
+def needs_slim_format(model: PreTrainedModel) -> bool:
+    """Whether the per-block widths differ from what the model's config alone describes."""
+    config = model.config
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    channels = getattr(config, "intermediate_size", None) or getattr(config, "ffn_dim", None)
+    expected = {"key_value_heads": kv_heads, "intermediate_size": channels}
+    return any(width != expected for width in layer_widths(model))
+
+
+def save_slim(
+    model: PreTrainedModel,
+    tokenizer: Any,
+    save_dir: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    recipe: Mapping[str, Any] | None = None,
+    model_name: str | None = None,
+    base_model: str | None = None,
+) -> Path:
+    """Save a structurally pruned model (slim format when its widths need it), tokenizer and model card.
+
+    Written atomically (staged next to ``save_dir``, then moved). The card's recipe carries the per-block
+    widths, so the allocation is visible on the Hub page.
+
+    Example:
+        >>> save_slim(model, tokenizer, "smollm2-tyr-30", recipe=config.to_dict())  # doctest: +SKIP
+    """
+    from ..hub import build_model_card, write_model_card
+    from ..utils import atomic_directory
+    from .storage import holds_model
+
+    target = Path(save_dir)
+    if holds_model(target) and not overwrite:
+        raise FileExistsError(f"{target} already holds a model; choose another folder or pass overwrite=True.")
+    recipe = dict(recipe or {"method": "structured"})
+    if needs_slim_format(model):
+        attach_slim_format(model, recipe=recipe)
+    card_recipe = {**recipe, "layers": layer_widths(model)}
+    with atomic_directory(target, overwrite=target.exists()) as staging:
+        model.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        card = build_model_card(
+            base_model=base_model, model_name=model_name or target.name, recipe=card_recipe,
+        )
+        write_model_card(staging, card)
+    return target

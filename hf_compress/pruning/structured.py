@@ -1,0 +1,383 @@
+"""Whole structures of a decoder block: attention head groups and FFN channels, counted and sliced.
+
+Structural pruning removes *units* instead of single weights:
+
+- an **attention unit** is one key/value head together with the query heads that share it
+  (grouped-query attention: ``num_attention_heads // num_key_value_heads`` query heads per unit;
+  with multi-head attention a unit is one head). Removing it drops its rows of ``q/k/v_proj`` (and
+  their biases) and its columns of ``o_proj``; every layer keeps the model's query-per-key ratio, so
+  the stock attention code (``view(..., -1, head_dim)``, ``repeat_kv``) runs unchanged;
+- an **FFN unit** is one intermediate channel: its rows of ``gate_proj``/``up_proj`` (``fc1``) and its
+  column of ``down_proj`` (``fc2``).
+
+``block_structure`` finds these modules by the names transformers uses (Llama, Mistral, Qwen2/3,
+Gemma 3, OPT, ...), ``shrink_block`` slices them in place, and ``layer_widths`` /
+``apply_layer_widths`` record and rebuild the per-layer sizes (what ``hf_compress_slim`` checkpoints
+store). ``remove_blocks`` deletes whole decoder blocks (the ShortGPT-style baseline).
+
+Example:
+    >>> from hf_compress.assets import tiny_model
+    >>> model, _ = tiny_model("qwen3")
+    >>> structure = block_structure(model.model.layers[0])
+    >>> structure.attention.num_units, structure.ffn.num_units
+    (2, 128)
+    >>> shrink_block(structure, kept_attention=torch.tensor([1]), kept_ffn=torch.arange(64))
+    >>> layer_widths(model)[0]
+    {'key_value_heads': 1, 'intermediate_size': 64}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..modeling.layers import find_decoder_blocks
+
+
+__all__ = [
+    "AttentionStructure",
+    "BlockStructure",
+    "FeedForwardStructure",
+    "apply_layer_widths",
+    "block_structure",
+    "decoder_parameter_count",
+    "layer_widths",
+    "remove_blocks",
+    "shrink_block",
+]
+
+_ATTENTION_NAMES = ("self_attn", "attn", "attention")
+_OUTPUT_NAMES = ("o_proj", "out_proj", "dense")
+_FFN_LAYOUTS = (  # (module holding the FFN or "" for the block itself, input projections, output projection)
+    ("mlp", ("gate_proj", "up_proj"), "down_proj"),
+    ("mlp", ("up_proj",), "down_proj"),
+    ("mlp", ("fc1",), "fc2"),
+    ("", ("fc1",), "fc2"),
+)
+
+
+@dataclass
+class AttentionStructure:
+    """The projections of one attention module, grouped into key/value-head units."""
+
+    module: nn.Module
+    path: str
+    """Name of the attention module inside the block (``"self_attn"``)."""
+    output_name: str
+    """Name of the output projection inside the attention module (``"o_proj"``, OPT: ``"out_proj"``)."""
+    head_dim: int
+    heads_per_unit: int
+
+    @property
+    def q(self) -> nn.Linear:
+        return self.module.q_proj
+
+    @property
+    def k(self) -> nn.Linear:
+        return self.module.k_proj
+
+    @property
+    def v(self) -> nn.Linear:
+        return self.module.v_proj
+
+    @property
+    def output(self) -> nn.Linear:
+        return getattr(self.module, self.output_name)
+
+    @property
+    def num_units(self) -> int:
+        return self.k.out_features // self.head_dim
+
+    @property
+    def unit_size(self) -> int:
+        """Input channels of the output projection per unit (``heads_per_unit * head_dim``)."""
+        return self.heads_per_unit * self.head_dim
+
+    def unit_parameters(self) -> int:
+        """Parameters one unit holds (q/k/v rows and biases, output-projection columns)."""
+        per_row = self.q.in_features
+        rows = self.unit_size + 2 * self.head_dim
+        biases = sum(self.unit_size if m is self.q else self.head_dim for m in (self.q, self.k, self.v)
+                     if m.bias is not None)
+        return rows * per_row + self.unit_size * self.output.out_features + biases
+
+    def output_index(self, kept_units: torch.Tensor) -> torch.Tensor:
+        """Input channels of the output projection (= rows of ``q_proj``) that ``kept_units`` keep."""
+        return _expand(kept_units, self.unit_size)
+
+
+@dataclass
+class FeedForwardStructure:
+    """The projections of one FFN, as intermediate channels."""
+
+    module: nn.Module
+    path: str
+    """Name of the module holding the FFN inside the block (``"mlp"``; ``""`` when the block holds it)."""
+    input_names: tuple[str, ...]
+    output_name: str
+
+    @property
+    def inputs(self) -> list[nn.Linear]:
+        return [getattr(self.module, name) for name in self.input_names]
+
+    @property
+    def output(self) -> nn.Linear:
+        return getattr(self.module, self.output_name)
+
+    @property
+    def num_units(self) -> int:
+        return self.output.in_features
+
+    def unit_parameters(self) -> int:
+        params = sum(m.in_features + (1 if m.bias is not None else 0) for m in self.inputs)
+        return params + self.output.out_features
+
+
+@dataclass
+class BlockStructure:
+    """The prunable structures of one decoder block."""
+
+    attention: AttentionStructure
+    ffn: FeedForwardStructure
+
+    @property
+    def output_layer_names(self) -> dict[str, str]:
+        """Names, relative to the block, of the two layers a structural pruner re-fits, by unit type."""
+        return {
+            "attention": f"{self.attention.path}.{self.attention.output_name}",
+            "ffn": ".".join(p for p in (self.ffn.path, self.ffn.output_name) if p),
+        }
+
+
+def block_structure(block: nn.Module) -> BlockStructure:
+    """Find the attention and FFN projections of a decoder block.
+
+    Raises:
+        ValueError: the block has no separate ``q_proj``/``k_proj``/``v_proj`` ``nn.Linear`` layers (e.g.
+            GPT-2's fused ``c_attn``) or no recognised FFN layout, with what was found.
+    """
+    attention = _find_attention(block)
+    ffn = _find_ffn(block)
+    return BlockStructure(attention, ffn)
+
+
+def _find_attention(block: nn.Module) -> AttentionStructure:
+    for path in _ATTENTION_NAMES:
+        module = getattr(block, path, None)
+        if module is None:
+            continue
+        projections = [getattr(module, name, None) for name in ("q_proj", "k_proj", "v_proj")]
+        output_name = next((name for name in _OUTPUT_NAMES if isinstance(getattr(module, name, None), nn.Linear)),
+                           None)
+        if all(isinstance(p, nn.Linear) for p in projections) and output_name is not None:
+            head_dim = getattr(module, "head_dim", None)
+            if not isinstance(head_dim, int) or head_dim < 1:
+                raise ValueError(f"{type(module).__name__} has no integer head_dim attribute; cannot group heads.")
+            q, k, v = projections
+            if k.out_features % head_dim or q.out_features % k.out_features or v.out_features != k.out_features:
+                raise ValueError(
+                    f"{type(module).__name__}: q/k/v widths {q.out_features}/{k.out_features}/{v.out_features} "
+                    f"do not form groups of head_dim {head_dim}."
+                )
+            return AttentionStructure(module, path, output_name, head_dim, q.out_features // k.out_features)
+    children = ", ".join(name for name, _ in block.named_children())
+    raise ValueError(
+        f"structural pruning needs an attention module with separate q_proj/k_proj/v_proj nn.Linear layers; "
+        f"{type(block).__name__} has none (children: {children}). Fused projections such as GPT-2's Conv1D "
+        "c_attn are not supported."
+    )
+
+
+def _find_ffn(block: nn.Module) -> FeedForwardStructure:
+    for path, inputs, output in _FFN_LAYOUTS:
+        module = getattr(block, path, None) if path else block
+        if module is None:
+            continue
+        layers = [getattr(module, name, None) for name in (*inputs, output)]
+        if all(isinstance(layer, nn.Linear) for layer in layers):
+            return FeedForwardStructure(module, path, inputs, output)
+    raise ValueError(
+        f"structural pruning needs an FFN of nn.Linear layers (gate_proj/up_proj/down_proj or fc1/fc2); "
+        f"{type(block).__name__} has none."
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Slicing
+# --------------------------------------------------------------------------------------------------
+
+
+def shrink_block(
+    structure: BlockStructure,
+    kept_attention: torch.Tensor | None = None,
+    kept_ffn: torch.Tensor | None = None,
+    attention_output_weight: torch.Tensor | None = None,
+    ffn_output_weight: torch.Tensor | None = None,
+) -> None:
+    """Physically remove the units not listed in ``kept_attention`` / ``kept_ffn`` (sorted unit indices).
+
+    The kept rows of the input projections are copied unchanged. The output projections get
+    ``*_output_weight`` (``[out_features, kept input channels]``, e.g. a re-fitted weight) when given,
+    else their kept columns. ``None`` leaves that structure as it is. Works on meta tensors too.
+    """
+    if kept_attention is not None:
+        _check_units(kept_attention, structure.attention.num_units, "attention")
+        attention = structure.attention
+        rows = attention.output_index(kept_attention)
+        kv_rows = _expand(kept_attention, attention.head_dim)
+        module = attention.module
+        module.q_proj = _sliced(attention.q, rows=rows)
+        module.k_proj = _sliced(attention.k, rows=kv_rows)
+        module.v_proj = _sliced(attention.v, rows=kv_rows)
+        setattr(module, attention.output_name, _sliced(attention.output, columns=rows,
+                                                       weight=attention_output_weight))
+        units = int(kept_attention.numel())
+        # Attributes some attention classes read in forward (OPT's num_heads); Llama-style ones infer it.
+        for name, value in (("num_heads", units * attention.heads_per_unit), ("num_key_value_heads", units)):
+            if isinstance(getattr(module, name, None), int):
+                setattr(module, name, value)
+    if kept_ffn is not None:
+        _check_units(kept_ffn, structure.ffn.num_units, "FFN")
+        ffn = structure.ffn
+        for name, layer in zip(ffn.input_names, ffn.inputs, strict=True):
+            setattr(ffn.module, name, _sliced(layer, rows=kept_ffn))
+        setattr(ffn.module, ffn.output_name, _sliced(ffn.output, columns=kept_ffn, weight=ffn_output_weight))
+
+
+def _check_units(kept: torch.Tensor, total: int, what: str) -> None:
+    kept = kept.cpu()
+    if kept.ndim != 1 or kept.numel() < 1:
+        raise ValueError(f"keep at least one {what} unit (got {kept.numel()}).")
+    if kept.numel() > 1 and not bool((kept[1:] > kept[:-1]).all()):
+        raise ValueError(f"kept {what} units must be sorted and unique.")
+    if int(kept[-1]) >= total or int(kept[0]) < 0:
+        raise ValueError(f"kept {what} units must lie in [0, {total}).")
+
+
+def _expand(units: torch.Tensor, size: int) -> torch.Tensor:
+    return (units.long()[:, None] * size + torch.arange(size, device=units.device)).reshape(-1)
+
+
+def _sliced(
+    layer: nn.Linear,
+    rows: torch.Tensor | None = None,
+    columns: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+) -> nn.Linear:
+    """A new ``nn.Linear`` holding the selected rows (outputs) / columns (inputs) of ``layer``."""
+    source = layer.weight
+    out_features = layer.out_features if rows is None else int(rows.numel())
+    in_features = layer.in_features if columns is None else int(columns.numel())
+    new = nn.Linear(in_features, out_features, bias=layer.bias is not None, device=source.device,
+                    dtype=source.dtype)
+    if weight is None:
+        weight = source.detach()
+        if rows is not None:
+            weight = weight.index_select(0, rows.to(source.device))
+        if columns is not None:
+            weight = weight.index_select(1, columns.to(source.device))
+    elif tuple(weight.shape) != (out_features, in_features):
+        raise ValueError(f"replacement weight has shape {list(weight.shape)}, expected "
+                         f"{[out_features, in_features]}.")
+    new.weight = nn.Parameter(weight.to(device=source.device, dtype=source.dtype).contiguous(),
+                              requires_grad=source.requires_grad)
+    if layer.bias is not None:
+        bias = layer.bias.detach()
+        if rows is not None:
+            bias = bias.index_select(0, rows.to(bias.device))
+        new.bias = nn.Parameter(bias.contiguous(), requires_grad=layer.bias.requires_grad)
+    new.train(layer.training)
+    return new
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-layer widths (what a slim checkpoint records)
+# --------------------------------------------------------------------------------------------------
+
+
+def layer_widths(model: nn.Module) -> list[dict[str, int]]:
+    """``[{"key_value_heads": ..., "intermediate_size": ...}]`` per decoder block, as the model is now."""
+    _, blocks = find_decoder_blocks(model)
+    widths = []
+    for block in blocks:
+        structure = block_structure(block)
+        widths.append({"key_value_heads": structure.attention.num_units,
+                       "intermediate_size": structure.ffn.num_units})
+    return widths
+
+
+def apply_layer_widths(model: nn.Module, widths: Sequence[dict[str, Any]]) -> None:
+    """Shrink every block to the recorded widths, keeping the first units (the loader's empty skeleton).
+
+    Raises:
+        ValueError: the number of blocks differs, or a width exceeds what the architecture has.
+    """
+    _, blocks = find_decoder_blocks(model)
+    if len(widths) != len(blocks):
+        raise ValueError(f"the checkpoint records widths for {len(widths)} blocks; the model has {len(blocks)}.")
+    for index, (block, width) in enumerate(zip(blocks, widths, strict=True)):
+        structure = block_structure(block)
+        kv_heads, channels = int(width["key_value_heads"]), int(width["intermediate_size"])
+        if kv_heads > structure.attention.num_units or channels > structure.ffn.num_units:
+            raise ValueError(
+                f"block {index}: recorded widths {width} exceed the architecture's "
+                f"({structure.attention.num_units} key/value heads, {structure.ffn.num_units} channels)."
+            )
+        shrink_block(
+            structure,
+            # device="cpu": from_pretrained calls this under a meta-device context
+            kept_attention=torch.arange(kv_heads, device="cpu") if kv_heads < structure.attention.num_units else None,
+            kept_ffn=torch.arange(channels, device="cpu") if channels < structure.ffn.num_units else None,
+        )
+
+
+def decoder_parameter_count(model: nn.Module) -> int:
+    """Parameters inside the decoder blocks (what structural sparsity is a fraction of)."""
+    _, blocks = find_decoder_blocks(model)
+    return sum(p.numel() for block in blocks for p in block.parameters())
+
+
+# --------------------------------------------------------------------------------------------------
+# Whole blocks
+# --------------------------------------------------------------------------------------------------
+
+
+def remove_blocks(model: nn.Module, indices: Sequence[int]) -> None:
+    """Delete decoder blocks in place and renumber what remains, so caches and ``config`` stay consistent.
+
+    Every submodule's ``layer_idx`` is renumbered (the cache index an attention layer writes to);
+    ``config.num_hidden_layers`` and, where present, ``config.layer_types`` follow.
+
+    Example:
+        >>> from hf_compress.assets import tiny_model
+        >>> model, _ = tiny_model("llama")
+        >>> remove_blocks(model, [0])
+        >>> model.config.num_hidden_layers, model.model.layers[0].self_attn.layer_idx
+        (1, 0)
+    """
+    name, blocks = find_decoder_blocks(model)
+    drop = sorted({int(i) for i in indices})
+    if any(i < 0 or i >= len(blocks) for i in drop):
+        raise ValueError(f"block indices must lie in [0, {len(blocks)}), got {drop}.")
+    if len(drop) >= len(blocks):
+        raise ValueError("cannot remove every decoder block.")
+    kept = [i for i in range(len(blocks)) if i not in drop]
+    new_blocks = nn.ModuleList([blocks[i] for i in kept])
+    for new_index, block in enumerate(new_blocks):
+        for module in block.modules():
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = new_index
+    parent_name, _, attribute = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attribute, new_blocks)
+    config = getattr(model, "config", None)
+    if config is not None:
+        layer_types = getattr(config, "layer_types", None)
+        if isinstance(layer_types, list) and len(layer_types) == len(blocks):
+            # Written around the validating __setattr__: the two fields are checked against each other.
+            config.__dict__["layer_types"] = [layer_types[i] for i in kept]
+        config.num_hidden_layers = len(kept)

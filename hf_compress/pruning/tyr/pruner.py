@@ -1,0 +1,363 @@
+"""``TyrPruner``: Týr-the-Pruner end to end, exported as a physically smaller model.
+
+1. Plan the budget: the parameters to remove (``target_sparsity`` of the decoder blocks), split into
+   attention groups and FFN channels, spread evenly (the centre allocation, also the ``uniform``
+   baseline).
+2. For each coarse-to-fine iteration: build the supernet around the current centres
+   (``supernet.build_supernet``), search the levels (``search.evolutionary_search``), re-centre, halve the
+   step.
+3. Slice every block to its final allocation, with the local pruner's re-fitted output projections
+   (``structured.shrink_block``), and save it in the slim format.
+
+Everything a long run needs to resume lives in ``work_dir`` (dense output projections, teacher top-k,
+supernet block files, the search state after every generation).
+
+Example:
+    >>> from hf_compress.pruning import TyrConfig, TyrPruner
+    >>> pruner = TyrPruner.from_pretrained("tiny-llama")
+    >>> config = TyrConfig(target_sparsity=0.3, num_iterations=1, generations=1, offspring=2, min_ffn_step=8,
+    ...                    selection_tokens=(32,), selection_survivors=(), num_calibration_sequences=4,
+    ...                    calibration_seq_len=32, num_search_sequences=2)
+    >>> model = pruner.prune(config, ["some calibration text " * 50], progress=False)
+    >>> round(pruner.report.achieved_sparsity, 2)
+    0.3
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ...modeling import calibration_batches, find_decoder_blocks
+from ...utils import get_logger
+from ..structured import BlockStructure, block_structure, decoder_parameter_count, layer_widths, shrink_block
+from .config import TyrConfig
+from .search import SearchSpace, SearchState, SparseKLFitness, evolutionary_search, rng_state
+from .structural import StructuralPruner, StructuredPruningReport
+from .supernet import UNIT_TYPES, LevelGrid, Supernet, build_supernet, zero_filled
+
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+__all__ = ["BudgetPlan", "TyrPruner"]
+
+logger = get_logger(__name__)
+
+STATE_FILE = "search_state.json"
+
+
+@dataclass
+class BudgetPlan:
+    """The centre allocation: units removed per layer and type, with their parameter cost.
+
+    Attention removes ``round(target · all groups)`` groups, then FFN channels make up the rest of the
+    parameter budget (to within one channel); both are spread as evenly as integers allow.
+    """
+
+    centres: dict[str, list[int]]
+    max_removable: dict[str, list[int]]
+    unit_parameters: dict[str, int]
+    num_units: dict[str, int]
+
+    @classmethod
+    def from_target(cls, structures: Sequence[BlockStructure], decoder_parameters: int, target: float) -> BudgetPlan:
+        layers = len(structures)
+        num_units = {"attention": structures[0].attention.num_units, "ffn": structures[0].ffn.num_units}
+        unit_parameters = {"attention": structures[0].attention.unit_parameters(),
+                           "ffn": structures[0].ffn.unit_parameters()}
+        for index, structure in enumerate(structures):
+            found = {"attention": structure.attention.num_units, "ffn": structure.ffn.num_units}
+            if found != num_units:
+                raise ValueError(
+                    f"block {index} has {found} units, block 0 has {num_units}: Týr's level steps need blocks of "
+                    "equal widths (prune a model that has not been structurally pruned already)."
+                )
+        max_removable = {t: [num_units[t] - 1] * layers for t in UNIT_TYPES}
+        goal = round(target * decoder_parameters)
+        attention = min(round(target * layers * num_units["attention"]), sum(max_removable["attention"]))
+        rest = goal - attention * unit_parameters["attention"]
+        ffn = round(rest / unit_parameters["ffn"])
+        if not 0 <= ffn <= sum(max_removable["ffn"]):
+            raise ValueError(
+                f"target_sparsity {target} cannot be reached by removing attention groups and FFN channels while "
+                "every layer keeps at least one of each; choose a smaller target."
+            )
+        return cls({"attention": _spread(attention, layers), "ffn": _spread(ffn, layers)}, max_removable,
+                   unit_parameters, num_units)
+
+    def removed_parameters(self, removed: dict[str, Sequence[int]]) -> int:
+        return sum(sum(removed[t]) * self.unit_parameters[t] for t in UNIT_TYPES)
+
+
+def _spread(total: int, layers: int) -> list[int]:
+    """``total`` split into ``layers`` integers differing by at most one, extras spread out."""
+    return [(index + 1) * total // layers - index * total // layers for index in range(layers)]
+
+
+class TyrPruner(StructuralPruner):
+    """Týr-the-Pruner (``TyrConfig``): global structural pruning by supernet and search.
+
+    ``prune`` returns the model sliced in place (smaller ``nn.Linear`` layers, per-layer widths on its
+    config) and, with ``save_dir``, saves it so that ``AutoModelForCausalLM.from_pretrained`` (after
+    ``import hf_compress``) rebuilds it. ``pruner.report`` is a ``StructuredPruningReport``.
+
+    Example:
+        >>> pruner = TyrPruner.from_pretrained("smollm2-135m")  # doctest: +SKIP
+        >>> pruner.prune(TyrConfig(target_sparsity=0.3), load_text("wikipedia", "calibration"),
+        ...              save_dir="smollm2-tyr-30", work_dir="tyr-work")  # doctest: +SKIP
+    """
+
+    config_class = TyrConfig
+
+    def prune(  # type: ignore[override]
+        self,
+        config: TyrConfig | float | None = None,
+        calibration_dataset: str | Sequence[str] | Dataset | torch.Tensor | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        save_dir: str | os.PathLike | None = None,
+        overwrite: bool = False,
+        progress: bool = True,
+        work_dir: str | os.PathLike | None = None,
+    ) -> PreTrainedModel:
+        """Prune to ``config.target_sparsity`` of the decoder parameters; returns the smaller model.
+
+        Args:
+            config: a ``TyrConfig`` (or just a target fraction).
+            calibration_dataset: calibration text (or ``[n, seq_len]`` token ids, used for both the Hessians
+                and the search pool).
+            tokenizer: overrides the pruner's tokenizer.
+            save_dir: where to save the slim checkpoint, tokenizer and model card.
+            overwrite: replace a model already in ``save_dir``.
+            progress: progress bars over blocks, levels and generations.
+            work_dir: where the supernet and the search state live. A run given the ``work_dir`` of an
+                interrupted run with the same config and model resumes it; without one, a temporary
+                folder is used and removed at the end.
+
+        Raises:
+            ValueError: the architecture has no separable heads/channels (GPT-2's fused ``c_attn``),
+                blocks of unequal widths, an unreachable target, missing calibration data, or a
+                ``work_dir`` holding another run's state.
+        """
+        config = self._prepare(config, tokenizer, save_dir, overwrite)
+        _, blocks = find_decoder_blocks(self.model)
+        structures = [block_structure(block) for block in blocks]
+        dense_parameters = decoder_parameter_count(self.model)
+        plan = BudgetPlan.from_target(structures, dense_parameters, config.target_sparsity)
+        calibration_ids = self._calibration_ids(config, calibration_dataset)
+        pool = calibration_ids if torch.is_tensor(calibration_dataset) else calibration_batches(
+            calibration_dataset, self.tokenizer, num_sequences=config.num_search_sequences,
+            seq_len=config.calibration_seq_len, seed=config.search_seed + 1_000_003,
+        )
+
+        if config.allocation == "search" and pool.numel() < config.selection_tokens[-1]:
+            raise ValueError(
+                f"the search pool holds {pool.numel()} tokens but the last selection stage needs "
+                f"{config.selection_tokens[-1]}; pass more calibration token ids or lower selection_tokens."
+            )
+        temporary = work_dir is None
+        work = Path(tempfile.mkdtemp(prefix="tyr-")) if temporary else Path(work_dir)
+        work.mkdir(parents=True, exist_ok=True)
+        try:
+            report = self._run(config, structures, plan, calibration_ids, pool, work, progress)
+        finally:
+            if temporary:
+                shutil.rmtree(work, ignore_errors=True)
+        report.dense_parameters = dense_parameters
+        report.pruned_parameters = decoder_parameter_count(self.model)
+        report.layers = layer_widths(self.model)
+        self.report = report  # type: ignore[assignment]
+        logger.info("Týr: %d -> %d decoder parameters (%.2f%% removed, target %.2f%%)", dense_parameters,
+                    report.pruned_parameters, 100 * report.achieved_sparsity, 100 * config.target_sparsity)
+        self._record_recipe(config)
+        if save_dir is not None:
+            self._save(Path(save_dir), overwrite, self._recipe(config))
+        return self.model  # type: ignore[return-value]
+
+    # ---------------------------------------------------------------------------------------- stages
+
+    def _run(
+        self,
+        config: TyrConfig,
+        structures: list[BlockStructure],
+        plan: BudgetPlan,
+        calibration_ids: torch.Tensor,
+        pool: torch.Tensor,
+        work: Path,
+        progress: bool,
+    ) -> StructuredPruningReport:
+        report = StructuredPruningReport(config.method, config.target_sparsity, 0, 0)
+        fingerprint = self._fingerprint(config)
+        state_path = work / STATE_FILE
+        if state_path.exists():
+            state = SearchState.load(state_path)
+            if state.fingerprint != fingerprint:
+                raise ValueError(
+                    f"{work} holds the state of another Týr run (different config or model); pass an empty "
+                    "work_dir, or the one of the run to resume with the same config."
+                )
+            logger.info("resuming Týr from %s: iteration %d, generation %d", work, state.iteration + 1,
+                        state.generation)
+        else:
+            state = SearchState(centres={t: list(plan.centres[t]) for t in UNIT_TYPES}, fingerprint=fingerprint)
+            state.save(state_path)  # claims the folder: another config cannot pick up these supernet files
+        self._store_dense_outputs(structures, work / "dense_outputs.safetensors")
+
+        fitness = None
+        search = config.allocation == "search"
+        if search:
+            begin = time.perf_counter()
+            fitness = self._teacher(pool, config, work / "teacher.safetensors", progress)
+            report.seconds["teacher"] = time.perf_counter() - begin
+        iterations = config.num_iterations if search else 1
+        supernet_seconds = search_seconds = 0.0
+        best: list[int] = []
+        supernet = None
+        while state.iteration < iterations:
+            grids = self._grids(config, plan, state, state.iteration)
+            supernet = Supernet(work / f"iteration_{state.iteration}", grids)
+            begin = time.perf_counter()
+            self._restore_dense_outputs(structures, work / "dense_outputs.safetensors")
+            build_supernet(
+                self.model, calibration_ids, structures, supernet,
+                update_rounds={"attention": config.attention_update_rounds, "ffn": config.ffn_update_rounds},
+                damping=config.damping, propagation=config.propagation, batch_size=config.batch_size,
+                progress=progress,
+            )
+            supernet_seconds += time.perf_counter() - begin
+            space = _search_space(grids, len(structures))
+            if not search:
+                best = [0] * len(space.bounds)
+                break
+            if not state.parent:
+                state.parent = [0] * len(space.bounds)
+                state.rng = state.rng or rng_state(random.Random(config.search_seed + state.iteration))
+            begin = time.perf_counter()
+            best = evolutionary_search(
+                space, _applier(self.model, structures, supernet), fitness, state,  # type: ignore[arg-type]
+                generations=config.generations, offspring=config.offspring,
+                selection_tokens=config.selection_tokens, selection_survivors=config.selection_survivors,
+                max_flips=config.max_flips, checkpoint=lambda s: s.save(state_path), progress=progress,
+            )
+            search_seconds += time.perf_counter() - begin
+            if state.iteration == iterations - 1:
+                break
+            for position, unit_type in enumerate(UNIT_TYPES):  # re-centre on the best allocation
+                levels = best[position::2]
+                state.centres[unit_type] = [grids[unit_type].removed(i, l) for i, l in enumerate(levels)]
+            state.iteration += 1
+            state.generation = 0
+            state.parent = []
+            state.rng = None
+            state.save(state_path)
+        self._export(structures, supernet, best)  # type: ignore[arg-type]
+        report.history = list(state.history)
+        report.seconds.update({"supernet": supernet_seconds, "search": search_seconds})
+        report.extra = {"centre_allocation": plan.centres, "final_levels": best}
+        return report
+
+    def _grids(self, config: TyrConfig, plan: BudgetPlan, state: SearchState, iteration: int) -> dict[str, LevelGrid]:
+        # The uniform baseline only ever uses the centre level: build nothing else.
+        half = config.num_levels // 2 if config.allocation == "search" else 0
+        grids = {}
+        for unit_type in UNIT_TYPES:
+            units = plan.num_units[unit_type]
+            step = round(config.initial_step * units / 2**iteration)
+            step = max(1, step) if unit_type == "attention" else max(config.min_ffn_step, step)
+            step = min(step, max(units - 1, 1))
+            grids[unit_type] = LevelGrid(list(state.centres[unit_type]), step, plan.max_removable[unit_type], half)
+        return grids
+
+    def _teacher(self, pool: torch.Tensor, config: TyrConfig, path: Path, progress: bool) -> SparseKLFitness:
+        if path.exists():
+            return SparseKLFitness.load(path, self.model, config.batch_size)
+        fitness = SparseKLFitness(self.model, pool, config.kl_topk, config.batch_size, progress)
+        fitness.save(path)
+        return fitness
+
+    def _store_dense_outputs(self, structures: list[BlockStructure], path: Path) -> None:
+        if path.exists():
+            return
+        tensors = {}
+        for index, structure in enumerate(structures):
+            tensors[f"{index}.attention"] = structure.attention.output.weight.detach().cpu().contiguous()
+            tensors[f"{index}.ffn"] = structure.ffn.output.weight.detach().cpu().contiguous()
+        partial = path.with_suffix(".partial")
+        save_file(tensors, partial)
+        os.replace(partial, path)
+
+    def _restore_dense_outputs(self, structures: list[BlockStructure], path: Path) -> None:
+        stored = load_file(path)
+        with torch.no_grad():
+            for index, structure in enumerate(structures):
+                structure.attention.output.weight.copy_(stored[f"{index}.attention"])
+                structure.ffn.output.weight.copy_(stored[f"{index}.ffn"])
+
+    def _export(self, structures: list[BlockStructure], supernet: Supernet, levels: Sequence[int]) -> None:
+        with torch.no_grad():
+            for index, structure in enumerate(structures):
+                attention = supernet.variant(index, "attention", levels[2 * index])
+                ffn = supernet.variant(index, "ffn", levels[2 * index + 1])
+                shrink_block(structure, kept_attention=attention[0], kept_ffn=ffn[0],
+                             attention_output_weight=attention[1], ffn_output_weight=ffn[1])
+
+    def _fingerprint(self, config: TyrConfig) -> str:
+        identity = {
+            "config": config.to_dict(),
+            "model": getattr(getattr(self.model, "config", None), "_name_or_path", ""),
+            "parameters": decoder_parameter_count(self.model),
+        }
+        return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def _recipe(self, config: TyrConfig) -> dict[str, Any]:
+        report = self.report
+        return {
+            **config.to_dict(),
+            "achieved_sparsity": round(report.achieved_sparsity, 6),  # type: ignore[union-attr]
+            "decoder_parameters": {"dense": report.dense_parameters, "pruned": report.pruned_parameters},  # type: ignore[union-attr]
+        }
+
+
+def _search_space(grids: dict[str, LevelGrid], layers: int) -> SearchSpace:
+    bounds, types = [], []
+    for index in range(layers):
+        for unit_type in UNIT_TYPES:
+            bounds.append(grids[unit_type].bounds(index))
+            types.append(unit_type)
+    return SearchSpace(bounds, types)
+
+
+def _applier(model: nn.Module, structures: list[BlockStructure], supernet: Supernet):
+    """``apply(levels)``: load a candidate's variants (zero-filled) into the output projections that change."""
+    applied: dict[int, int] = {}
+
+    def apply(levels: Sequence[int]) -> None:
+        with torch.no_grad():
+            for position, level in enumerate(levels):
+                if applied.get(position) == level:
+                    continue
+                index, unit_type = divmod(position, 2)
+                structure = structures[index]
+                layer = structure.attention.output if unit_type == 0 else structure.ffn.output
+                unit_size = structure.attention.unit_size if unit_type == 0 else 1
+                kept, weight = supernet.variant(index, UNIT_TYPES[unit_type], level)
+                layer.weight.copy_(zero_filled(kept, weight, layer.weight, unit_size))
+                applied[position] = level
+
+    return apply
+

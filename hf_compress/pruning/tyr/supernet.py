@@ -1,0 +1,180 @@
+"""Týr stage 1: a supernet of locally pruned variants of every attention and FFN output projection.
+
+For each decoder block (visited with the shared ``for_each_block`` calibration pass), the Hessians of
+the two output projections (``o_proj`` and ``down_proj``, or their OPT names) are collected, and the
+``LocalPruner`` builds one variant per sparsity level around the layer's centre allocation. Variants
+are written to ``<directory>/block_<i>.safetensors`` as the kept unit indices and the re-fitted
+weight, so only one block's variants are in memory at a time and an interrupted build resumes at the
+first missing block. Before the pass moves on, the block is given the weight that stands for "this
+block will be pruned later" (``propagation``: the centre variant, the expectation over levels, or
+the dense weight), so the next block calibrates on what it will really see (expectation error
+accumulation).
+
+Example:
+    >>> levels = LevelGrid(centre=[1, 2], step=1, max_removable=[3, 3], half_width=4)
+    >>> levels.bounds(0), levels.bounds(1)
+    ((-1, 2), (-2, 1))
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ...modeling import BlockContext, HessianCollector, for_each_block
+from ...utils import get_logger
+from ..structured import BlockStructure
+from .local_pruner import LocalPruner
+
+
+__all__ = ["UNIT_TYPES", "LevelGrid", "Supernet", "build_supernet", "zero_filled"]
+
+logger = get_logger(__name__)
+
+UNIT_TYPES = ("attention", "ffn")
+
+
+@dataclass
+class LevelGrid:
+    """Units removed per layer at each level of one unit type: ``centre[i] + level * step``.
+
+    Levels run from ``-min(centre // step, half)`` to ``+min((max_removable - centre) // step, half)``, so
+    every level removes between 0 and ``max_removable`` units (at least one unit always stays).
+    """
+
+    centre: list[int]
+    step: int
+    max_removable: list[int]
+    half_width: int
+
+    def bounds(self, layer: int) -> tuple[int, int]:
+        centre = self.centre[layer]
+        low = -min(centre // self.step, self.half_width)
+        high = min((self.max_removable[layer] - centre) // self.step, self.half_width)
+        return low, high
+
+    def removed(self, layer: int, level: int) -> int:
+        low, high = self.bounds(layer)
+        if not low <= level <= high:
+            raise ValueError(f"level {level} outside [{low}, {high}] for layer {layer}.")
+        return self.centre[layer] + level * self.step
+
+
+class Supernet:
+    """The stored variants of one iteration: ``variant(block, unit_type, level) -> (kept, weight)``."""
+
+    def __init__(self, directory: str | os.PathLike, grids: dict[str, LevelGrid]) -> None:
+        self.directory = Path(directory)
+        self.grids = grids
+
+    def block_file(self, block: int) -> Path:
+        return self.directory / f"block_{block}.safetensors"
+
+    def has_block(self, block: int) -> bool:
+        return self.block_file(block).exists()
+
+    def variant(self, block: int, unit_type: str, level: int) -> tuple[torch.Tensor, torch.Tensor]:
+        with safe_open(self.block_file(block), framework="pt") as handle:
+            return handle.get_tensor(f"{unit_type}.{level}.kept"), handle.get_tensor(f"{unit_type}.{level}.weight")
+
+
+def build_supernet(
+    model: torch.nn.Module,
+    calibration_ids: torch.Tensor,
+    structures: Sequence[BlockStructure],
+    supernet: Supernet,
+    *,
+    update_rounds: dict[str, int],
+    damping: float,
+    propagation: str,
+    batch_size: int,
+    progress: bool = True,
+) -> None:
+    """Build (or finish building) ``supernet`` from the model's current, dense, output projections.
+
+    Leaves each output projection holding its propagation weight (zero-filled, full shape); the caller
+    restores the dense weights or applies a candidate afterwards.
+    """
+    supernet.directory.mkdir(parents=True, exist_ok=True)
+    targets = {name for structure in structures for name in structure.output_layer_names.values()}
+
+    def collectors_for(name: str, layer: torch.nn.Module) -> list[HessianCollector]:
+        return [HessianCollector()] if name in targets else []
+
+    def callback(ctx: BlockContext) -> None:
+        structure = structures[ctx.index]
+        if not supernet.has_block(ctx.index):
+            _build_block(ctx, structure, supernet, update_rounds, damping)
+        for unit_type in UNIT_TYPES:
+            layer = _output_layer(structure, unit_type)
+            weight = _propagation_weight(supernet, ctx.index, unit_type, layer.weight, structure, propagation)
+            if weight is not None:
+                layer.weight.copy_(weight)
+
+    for_each_block(model, calibration_ids, callback, collectors_for=collectors_for, batch_size=batch_size,
+                   progress=progress)
+
+
+def _build_block(
+    ctx: BlockContext, structure: BlockStructure, supernet: Supernet, update_rounds: dict[str, int], damping: float
+) -> None:
+    tensors: dict[str, torch.Tensor] = {}
+    metadata: dict[str, str] = {}
+    layer_names = structure.output_layer_names
+    for unit_type in UNIT_TYPES:
+        layer = _output_layer(structure, unit_type)
+        hessian = ctx.stats[layer_names[unit_type]][0].hessian
+        unit_size = structure.attention.unit_size if unit_type == "attention" else 1
+        pruner = LocalPruner(layer.weight, hessian, unit_size, damping)
+        grid = supernet.grids[unit_type]
+        low, high = grid.bounds(ctx.index)
+        for level in range(low, high + 1):
+            result = pruner.prune(grid.removed(ctx.index, level), update_rounds[unit_type])
+            tensors[f"{unit_type}.{level}.kept"] = result.kept.to(torch.int64).contiguous()
+            tensors[f"{unit_type}.{level}.weight"] = result.weight.detach().cpu().contiguous()
+            metadata[f"{unit_type}.{level}"] = repr(result.relative_error)
+        logger.debug("block %d %s: %d levels, errors %s", ctx.index, unit_type, high - low + 1,
+                     {k: v for k, v in metadata.items() if k.startswith(unit_type)})
+    target = supernet.block_file(ctx.index)
+    partial = target.with_suffix(".partial")
+    save_file(tensors, partial, metadata=metadata)
+    os.replace(partial, target)  # a block file is complete or absent: resuming trusts what exists
+
+
+def _output_layer(structure: BlockStructure, unit_type: str) -> torch.nn.Linear:
+    return structure.attention.output if unit_type == "attention" else structure.ffn.output
+
+
+def zero_filled(kept: torch.Tensor, weight: torch.Tensor, like: torch.Tensor, unit_size: int) -> torch.Tensor:
+    """The full-shape weight whose pruned input columns are zero (what the sliced layer computes)."""
+    full = torch.zeros_like(like)
+    columns = (kept[:, None] * unit_size + torch.arange(unit_size)).reshape(-1).to(like.device)
+    full[:, columns] = weight.to(device=like.device, dtype=like.dtype)
+    return full
+
+
+def _propagation_weight(
+    supernet: Supernet, block: int, unit_type: str, dense: torch.Tensor, structure: BlockStructure, propagation: str
+) -> torch.Tensor | None:
+    if propagation == "dense":
+        return None
+    unit_size = structure.attention.unit_size if unit_type == "attention" else 1
+    if propagation == "centre":
+        return zero_filled(*supernet.variant(block, unit_type, 0), dense, unit_size)
+    grid = supernet.grids[unit_type]
+    low, high = grid.bounds(block)
+    total = torch.zeros_like(dense, dtype=torch.float32)
+    weights = 0.0
+    units = structure.attention.num_units if unit_type == "attention" else structure.ffn.num_units
+    for level in range(low, high + 1):
+        keep_fraction = 1 - grid.removed(block, level) / units
+        variant = zero_filled(*supernet.variant(block, unit_type, level), dense, unit_size)
+        total += keep_fraction * variant.float()
+        weights += keep_fraction
+    return (total / weights).to(dense.dtype)

@@ -1,0 +1,323 @@
+#!/usr/bin/env python
+"""Structural pruning benchmark (Týr vs uniform vs block removal) → bench/results/<output-name>.{json,md}.
+
+For every target (fraction of decoder-block parameters removed): prune a fresh copy of the model with
+Týr (supernet + search), with the uniform allocation (the same local pruner, no search) and by block
+removal (ShortGPT block influence, nearest whole number of blocks), all on the same calibration text;
+save each as a checkpoint (slim format) and measure its size; then evaluate perplexity on the
+Wikipedia eval split, zero-shot accuracy, prefill tokens/s (one 512-token forward, median of 3) and
+greedy decode tokens/s (median over the speed prompts). The dense model is measured once, in the same run.
+
+Usage:
+    python scripts/bench_tyr.py                       # the committed table (see its footer for the command)
+    python scripts/bench_tyr.py --quick               # a smoke run: tiny search, small subsets
+    python scripts/bench_tyr.py --render tyr          # rebuild tyr.md from tyr.json
+    python scripts/bench_tyr.py --speed-from tyr      # re-time every row's shapes, interleaved → tyr-speed.{json,md}
+
+``--speed-from`` exists because speed on a shared CPU drifts over a 50-minute run: it rebuilds each row's
+architecture from the widths (and removed blocks) recorded in the JSON (speed depends on shapes only, not on
+weight values) and times them round-robin, so every ratio comes from measurements taken side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hf_compress.assets import load_model, load_text
+from hf_compress.assets.text import speed_prompts
+from hf_compress.evaluation.memory import disk_bytes
+from hf_compress.evaluation.report import rewrite_markdown, write_benchmark
+from hf_compress.evaluation.speed import measure_generation_speed
+from hf_compress.evaluation.suite import EvaluationSettings, headline_metrics, run_evaluation
+from hf_compress.pruning import BlockRemovalConfig, BlockRemovalPruner, TyrConfig, TyrPruner
+from hf_compress.pruning.slim_format import save_slim
+from hf_compress.pruning.structured import decoder_parameter_count
+
+
+logger = logging.getLogger("bench_tyr")
+
+TASKS = ("arc_easy", "piqa", "hellaswag")
+METHODS = ("tyr", "uniform", "block_removal")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--targets", nargs="+", type=float, default=[0.2, 0.3, 0.5])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--tyr-options", type=json.loads, default={},
+                        help="JSON of TyrConfig fields for the Týr and uniform rows")
+    parser.add_argument("--max-windows", type=int, default=32)
+    parser.add_argument("--zero-shot-limit", type=int, default=50)
+    parser.add_argument("--speed-prompts", type=int, default=10)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--quick", action="store_true", help="tiny search and subsets, to check the script runs")
+    parser.add_argument("--output-name", default="tyr")
+    parser.add_argument("--render", metavar="NAME", help="only rebuild bench/results/NAME.md from NAME.json")
+    parser.add_argument("--speed-from", metavar="NAME", help="re-time the shapes of bench/results/NAME.json")
+    parser.add_argument("--rounds", type=int, default=3, help="--speed-from: round-robin rounds (default 3)")
+    args = parser.parse_args()
+    if args.speed_from:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        _speed_rerun(args)
+        return
+    if args.render:
+        rewrite_markdown(args.render, lambda payload: _markdown(payload["settings"], payload["results"]["rows"]))
+        return
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    if args.quick:
+        args.max_windows, args.zero_shot_limit, args.speed_prompts, args.max_new_tokens = 4, 10, 2, 8
+        args.tyr_options = {"num_iterations": 1, "generations": 1, "offspring": 2, "num_levels": 3,
+                            "selection_tokens": [256], "selection_survivors": [], "num_calibration_sequences": 4,
+                            "num_search_sequences": 2, **args.tyr_options}
+    settings = EvaluationSettings(
+        perplexity_sets=("wikipedia",), window=512, max_windows=args.max_windows, zero_shot_tasks=TASKS,
+        zero_shot_limit=args.zero_shot_limit, batch_size=4,
+    )
+    calibration = load_text("wikipedia", "calibration")
+    prompts = speed_prompts(args.speed_prompts)
+    payload = {"evaluation": settings.to_dict(), "model": args.model, "targets": args.targets,
+               "tyr_options": args.tyr_options, "speed": {"prompts": args.speed_prompts,
+                                                          "max_new_tokens": args.max_new_tokens,
+                                                          "prefill_tokens": 512, "threads": torch.get_num_threads()},
+               "calibration": "wikipedia calibration split"}
+    rows: list[dict[str, Any]] = []
+    model, tokenizer = load_model(args.model)
+    rows.append(_measure(model, tokenizer, settings, prompts, args, {"method": "dense", "target": 0.0}))
+    del model
+    for target in args.targets:
+        for method in args.methods:
+            model, tokenizer = load_model(args.model)
+            row = _prune(method, target, model, tokenizer, calibration, args)
+            rows.append(_measure(model, tokenizer, settings, prompts, args, row))
+            del model
+            write_benchmark(args.output_name, payload, {"rows": rows}, _markdown(payload, rows))
+    write_benchmark(args.output_name, payload, {"rows": rows}, _markdown(payload, rows))
+
+
+def _prune(method: str, target: float, model, tokenizer, calibration, args) -> dict[str, Any]:
+    logger.info("=== %s %.2f", method, target)
+    start = time.perf_counter()
+    if method == "block_removal":
+        config = BlockRemovalConfig(target_sparsity=target, num_calibration_sequences=32)
+        pruner = BlockRemovalPruner(model, tokenizer)
+        pruner.prune(config, calibration, progress=False)
+    else:
+        fields = {"target_sparsity": target, "allocation": "search" if method == "tyr" else "uniform",
+                  "num_calibration_sequences": 32, **args.tyr_options}
+        config = TyrConfig(**fields)
+        pruner = TyrPruner(model, tokenizer)
+        pruner.prune(config, calibration, progress=False)
+    seconds = time.perf_counter() - start
+    report = pruner.report
+    row: dict[str, Any] = {
+        "method": method, "target": target, "config": config.to_dict(), "prune_seconds": seconds,
+        "achieved_sparsity": report.achieved_sparsity, "stage_seconds": report.seconds,
+        "layers": report.layers, "history": report.history, "extra": report.extra,
+    }
+    with tempfile.TemporaryDirectory() as folder:
+        save_slim(model, tokenizer, Path(folder) / "model", recipe=config.to_dict())
+        row["disk_MB"] = disk_bytes(Path(folder) / "model", "*.safetensors") / 2**20
+    return row
+
+
+def _measure(model, tokenizer, settings, prompts, args, row: dict[str, Any]) -> dict[str, Any]:
+    model.eval()
+    row["parameters"] = model.num_parameters()
+    row["decoder_parameters"] = decoder_parameter_count(model)
+    if "disk_MB" not in row:
+        with tempfile.TemporaryDirectory() as folder:
+            model.save_pretrained(Path(folder) / "model")
+            row["disk_MB"] = disk_bytes(Path(folder) / "model", "*.safetensors") / 2**20
+    row["prefill_tokens_per_second"] = _prefill_speed(model, tokenizer)
+    speed = measure_generation_speed(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, progress=False)
+    row["decode_tokens_per_second"] = speed["tokens_per_second"]
+    results, _ = run_evaluation(model, tokenizer, settings, progress=False)
+    row.update(headline_metrics(results))
+    logger.info("%s %.2f: ppl %.3f, zero-shot %.4f, decode %.2f tok/s", row["method"], row["target"],
+                row["perplexity"], row["zero_shot_average"], row["decode_tokens_per_second"])
+    return row
+
+
+@torch.inference_mode()
+def _prefill_speed(model, tokenizer, tokens: int = 512, repeats: int = 3) -> float:
+    text = " ".join(load_text("wikipedia", "eval")["text"][:20])
+    ids = tokenizer(text, return_tensors="pt").input_ids[:, :tokens]
+    if ids.shape[1] < tokens:
+        raise ValueError(f"the prefill text has {ids.shape[1]} tokens, fewer than {tokens}.")
+    model(ids[:, :32])  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model(ids, use_cache=False)
+        times.append(time.perf_counter() - start)
+    return ids.shape[1] / statistics.median(times)
+
+
+def _speed_rerun(args) -> None:
+    import json
+
+    from hf_compress.pruning.structured import apply_layer_widths, remove_blocks
+
+    source = json.loads(Path("bench/results", f"{args.speed_from}.json").read_text())
+    rows = source["results"]["rows"]
+    prompts = speed_prompts(args.speed_prompts)
+    models = []
+    for row in rows:
+        model, tokenizer = load_model(source["settings"]["model"])
+        if row["method"] == "block_removal":
+            remove_blocks(model, row["extra"]["removed_blocks"])
+        elif row["method"] != "dense":
+            apply_layer_widths(model, row["layers"])  # shapes as exported; weights are irrelevant to speed
+        models.append(model.eval())
+    timings: list[dict[str, list[float]]] = [{"prefill": [], "decode": []} for _ in rows]
+    for round_index in range(args.rounds):
+        for index, model in enumerate(models):
+            timings[index]["prefill"].append(_prefill_speed(model, tokenizer))
+            speed = measure_generation_speed(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
+                                             progress=False)
+            timings[index]["decode"].append(speed["tokens_per_second"])
+            logger.info("round %d %s %s: prefill %.0f, decode %.2f", round_index + 1, rows[index]["method"],
+                        rows[index]["target"], timings[index]["prefill"][-1], timings[index]["decode"][-1])
+    results = [{"method": row["method"], "target": row["target"], "parameters": model.num_parameters(),
+                "prefill_tokens_per_second": statistics.median(t["prefill"]), "prefill_rounds": t["prefill"],
+                "decode_tokens_per_second": statistics.median(t["decode"]), "decode_rounds": t["decode"]}
+               for row, model, t in zip(rows, models, timings, strict=True)]
+    settings = {"source": f"bench/results/{args.speed_from}.json", "model": source["settings"]["model"],
+                "rounds": args.rounds, "speed_prompts": args.speed_prompts, "max_new_tokens": args.max_new_tokens,
+                "prefill_tokens": 512, "threads": torch.get_num_threads()}
+    write_benchmark(f"{args.speed_from}-speed", settings, {"rows": results}, _speed_markdown(settings, results))
+
+
+def _speed_markdown(settings: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    dense = rows[0]
+    lines = [
+        f"# Structural pruning speed, re-timed side by side: {settings['model']}",
+        "",
+        f"Shapes from `{settings['source']}` (per-layer widths / removed blocks as exported). Each round times every "
+        f"model once (prefill: one 512-token forward, median of 3; decode: greedy, {settings['max_new_tokens']} new "
+        f"tokens, median over {settings['speed_prompts']} prompts); the table gives the median over "
+        f"{settings['rounds']} rounds.",
+        "",
+        "| target | method | params (M) | prefill tok/s (× dense) | decode tok/s (× dense) | decode per round |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['target']:.0%} | {row['method']} | {row['parameters'] / 1e6:.1f} | "
+            f"{row['prefill_tokens_per_second']:.0f} ({_ratio(row['prefill_tokens_per_second'], dense['prefill_tokens_per_second'])}) | "
+            f"{row['decode_tokens_per_second']:.2f} ({_ratio(row['decode_tokens_per_second'], dense['decode_tokens_per_second'])}) | "
+            + ", ".join(f"{v:.2f}" for v in row["decode_rounds"]) + " |"
+        )
+    half = next((r for r in rows if r["method"] == "tyr" and r["target"] == 0.5), None)
+    if half:
+        speedup = half["decode_tokens_per_second"] / dense["decode_tokens_per_second"]
+        lines += ["", f"- 50% Týr decode {speedup:.2f}× dense (target ≥ 1.3×): "
+                      f"{'**met**' if speedup >= 1.3 else '**missed**'}"]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------------
+# Markdown
+# --------------------------------------------------------------------------------------------------
+
+
+def _markdown(settings: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    evaluation = settings["evaluation"]
+    dense = next((r for r in rows if r["method"] == "dense"), None)
+    options = settings.get("tyr_options") or {}
+    lines = [
+        f"# Structural pruning: {settings['model']}, Týr vs uniform vs block removal",
+        "",
+        (f"Perplexity: Wikipedia eval split, {evaluation['max_windows']} × {evaluation['window']}-token windows. "
+        f"Zero-shot: {', '.join(evaluation['zero_shot_tasks'])} ({evaluation['zero_shot_limit']} seeded examples "
+        "each; acc_norm where defined). Prefill: one 512-token forward, median of 3. Decode: greedy "
+        f"`generate`, {settings['speed']['max_new_tokens']} new tokens, median over "
+        f"{settings['speed']['prompts']} prompts. Sparsity = fraction of decoder-block parameters removed. "
+        f"Týr settings beyond `TyrConfig` defaults: `{options}`; calibration 32 × 256 tokens. "
+        "The speed columns were taken one model after another across the whole run on a shared CPU whose speed "
+        "drifts; `tyr-speed.md` re-times the same shapes side by side, round-robin, and is the one to quote."),
+        "",
+        ("| target | method | removed | ppl | zero-shot avg (× dense) | params (M) | disk MB | prefill tok/s (×) "
+        "| decode tok/s (×) | prune s | KV-head groups kept per layer (min–max) | FFN channels per layer (min–max) |"),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(_row(row, dense))
+    lines += ["", "## Targets", ""] + _targets(rows, dense)
+    return "\n".join(lines) + "\n"
+
+
+def _ratio(value: float | None, base: float | None) -> str:
+    return f"{value / base:.2f}×" if value is not None and base else ""
+
+
+def _row(row: dict[str, Any], dense: dict[str, Any] | None) -> str:
+    layers = row.get("layers") or []
+    heads = [layer["key_value_heads"] for layer in layers]
+    channels = [layer["intermediate_size"] for layer in layers]
+    zs = row.get("zero_shot_average")
+    base_zs = dense.get("zero_shot_average") if dense else None
+    prefill, decode = row.get("prefill_tokens_per_second"), row.get("decode_tokens_per_second")
+    cells = [
+        f"{row['target']:.0%}" if row["method"] != "dense" else "-",
+        row["method"],
+        f"{row['achieved_sparsity']:.3f}" if "achieved_sparsity" in row else "0",
+        f"{row['perplexity']:.2f}",
+        f"{zs:.4f} ({_ratio(zs, base_zs)})" if zs is not None else "",
+        f"{row['parameters'] / 1e6:.1f}",
+        f"{row['disk_MB']:.1f}",
+        f"{prefill:.0f} ({_ratio(prefill, dense and dense['prefill_tokens_per_second'])})",
+        f"{decode:.1f} ({_ratio(decode, dense and dense['decode_tokens_per_second'])})",
+        f"{row['prune_seconds']:.0f}" if "prune_seconds" in row else "",
+        f"{min(heads)}–{max(heads)}" if heads and row["method"] != "block_removal" else
+        (f"all ({len(layers)} layers left)" if layers else ""),
+        f"{min(channels)}–{max(channels)}" if channels else "",
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+def _targets(rows: list[dict[str, Any]], dense: dict[str, Any] | None) -> list[str]:
+    lines = []
+    by_key = {(r["method"], r["target"]): r for r in rows}
+    for target in sorted({r["target"] for r in rows if r["method"] == "tyr"}):
+        tyr = by_key[("tyr", target)]
+        others = {m: by_key.get((m, target)) for m in ("uniform", "block_removal")}
+        beaten = [m for m, r in others.items() if r is not None and tyr["perplexity"] < r["perplexity"]]
+        missing = [m for m, r in others.items() if r is not None and m not in beaten]
+        verdict = "**met**" if not missing else f"**missed** (not below {', '.join(missing)})"
+        shown = ", ".join(f"{m} {r['perplexity']:.2f}" for m, r in others.items() if r is not None)
+        lines.append(f"- {target:.0%}: Týr perplexity {tyr['perplexity']:.2f} vs {shown}: {verdict}")
+    half = by_key.get(("tyr", 0.5))
+    if half and dense:
+        kept = half["zero_shot_average"] / dense["zero_shot_average"]
+        lines.append(f"- 50%: Týr keeps {kept:.1%} of the dense zero-shot average (target ≥ 85%): "
+                     f"{'**met**' if kept >= 0.85 else '**missed**'}")
+        speedup = half["decode_tokens_per_second"] / dense["decode_tokens_per_second"]
+        smaller = half["parameters"] < dense["parameters"] and half["disk_MB"] < dense["disk_MB"]
+        lines.append(
+            f"- 50%: {half['parameters'] / dense['parameters']:.3f}× parameters, "
+            f"{half['disk_MB'] / dense['disk_MB']:.3f}× disk ({'smaller' if smaller else 'NOT smaller'}); decode "
+            f"{speedup:.2f}× dense as timed in this run (target ≥ 1.3×; judged on the side-by-side re-timing in "
+            "`tyr-speed.md`, since these columns drift)"
+        )
+    searched = [r for r in rows if r["method"] == "tyr"]
+    if searched:
+        lines.append("- Týr search wall time: " + ", ".join(
+            f"{r['target']:.0%} {r['prune_seconds'] / 60:.1f} min (supernet {r['stage_seconds'].get('supernet', 0):.0f} s, "
+            f"search {r['stage_seconds'].get('search', 0):.0f} s)" for r in searched))
+    return lines
+
+
+if __name__ == "__main__":
+    main()
