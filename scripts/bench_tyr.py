@@ -22,6 +22,7 @@ weight values) and times them round-robin, so every ratio comes from measurement
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import statistics
@@ -149,12 +150,19 @@ def _measure(model, tokenizer, settings, prompts, args, row: dict[str, Any]) -> 
     return row
 
 
-@torch.inference_mode()
-def _prefill_speed(model, tokenizer, tokens: int = 512, repeats: int = 3) -> float:
+@functools.cache
+def _prefill_ids(tokenizer, tokens: int) -> torch.Tensor:
+    """The prefill input, tokenized once per tokenizer (every model and round reuses it)."""
     text = " ".join(load_text("wikipedia", "eval")["text"][:20])
     ids = tokenizer(text, return_tensors="pt").input_ids[:, :tokens]
     if ids.shape[1] < tokens:
         raise ValueError(f"the prefill text has {ids.shape[1]} tokens, fewer than {tokens}.")
+    return ids
+
+
+@torch.inference_mode()
+def _prefill_speed(model, tokenizer, tokens: int = 512, repeats: int = 3) -> float:
+    ids = _prefill_ids(tokenizer, tokens)
     model(ids[:, :32])  # warm-up
     times = []
     for _ in range(repeats):

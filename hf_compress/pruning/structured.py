@@ -48,6 +48,7 @@ __all__ = [
     "layer_widths",
     "remove_blocks",
     "shrink_block",
+    "unit_channels",
 ]
 
 _ATTENTION_NAMES = ("self_attn", "attn", "attention")
@@ -107,7 +108,7 @@ class AttentionStructure:
 
     def output_index(self, kept_units: torch.Tensor) -> torch.Tensor:
         """Input channels of the output projection (= rows of ``q_proj``) that ``kept_units`` keep."""
-        return _expand(kept_units, self.unit_size)
+        return unit_channels(kept_units, self.unit_size)
 
 
 @dataclass
@@ -228,7 +229,7 @@ def shrink_block(
         _check_units(kept_attention, structure.attention.num_units, "attention")
         attention = structure.attention
         rows = attention.output_index(kept_attention)
-        kv_rows = _expand(kept_attention, attention.head_dim)
+        kv_rows = unit_channels(kept_attention, attention.head_dim)
         module = attention.module
         module.q_proj = _sliced(attention.q, rows=rows)
         module.k_proj = _sliced(attention.k, rows=kv_rows)
@@ -258,7 +259,8 @@ def _check_units(kept: torch.Tensor, total: int, what: str) -> None:
         raise ValueError(f"kept {what} units must lie in [0, {total}).")
 
 
-def _expand(units: torch.Tensor, size: int) -> torch.Tensor:
+def unit_channels(units: torch.Tensor, size: int) -> torch.Tensor:
+    """Channel indices covered by ``units`` of ``size`` consecutive channels each (``[2, 0]``, 3 → 6,7,8,0,1,2)."""
     return (units.long()[:, None] * size + torch.arange(size, device=units.device)).reshape(-1)
 
 

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..structured import unit_channels
+
 
 __all__ = ["LocalPruneResult", "LocalPruner"]
 
@@ -82,7 +84,7 @@ class LocalPruner:
             for count in per_round:
                 scores = self._scores(W, Hinv, removed)
                 picked = torch.argsort(scores)[:count]
-                index = _expand(picked, size)
+                index = unit_channels(picked, size)
                 block_inv = _spd_inverse(Hinv[index][:, index])
                 W -= Hinv[:, index] @ block_inv @ W[index]
                 Hinv -= Hinv[:, index] @ block_inv @ Hinv[index]
@@ -91,7 +93,7 @@ class LocalPruner:
                 Hinv[:, index] = 0
                 removed[picked] = True
         kept = torch.nonzero(~removed).flatten()
-        index = _expand(kept, size)
+        index = unit_channels(kept, size)
         refit = torch.linalg.solve(self.H[index][:, index], self.G[index])
         full = torch.zeros_like(self.W0)
         full[index] = refit
@@ -114,9 +116,6 @@ class LocalPruner:
         scores = (W * objective).reshape(units, size, -1).sum(dim=(1, 2))
         return scores.masked_fill(removed, float("inf"))
 
-
-def _expand(units: torch.Tensor, size: int) -> torch.Tensor:
-    return (units[:, None] * size + torch.arange(size)).reshape(-1)
 
 
 def _spd_inverse(matrix: torch.Tensor) -> torch.Tensor:

@@ -44,6 +44,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from ...modeling.layers import module_execution_device
 from ...utils import atomic_file, get_logger
 
 __all__ = ["SearchSpace", "SearchState", "SparseKLFitness", "evolutionary_search", "restricted_vocabulary"]
@@ -213,7 +214,7 @@ class SparseKLFitness:
 
 
 def _input_device(model: nn.Module) -> torch.device:
-    return model.get_input_embeddings().weight.device
+    return module_execution_device(model.get_input_embeddings())  # accelerate-offloaded embeddings too
 
 
 # --------------------------------------------------------------------------------------------------

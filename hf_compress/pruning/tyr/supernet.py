@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 
 from ...modeling import BlockContext, HessianCollector, for_each_block
 from ...utils import get_logger
-from ..structured import BlockStructure
+from ..structured import BlockStructure, unit_channels
 from .local_pruner import LocalPruner
 
 
@@ -154,7 +154,7 @@ def _output_layer(structure: BlockStructure, unit_type: str) -> torch.nn.Linear:
 def zero_filled(kept: torch.Tensor, weight: torch.Tensor, like: torch.Tensor, unit_size: int) -> torch.Tensor:
     """The full-shape weight whose pruned input columns are zero (what the sliced layer computes)."""
     full = torch.zeros_like(like)
-    columns = (kept[:, None] * unit_size + torch.arange(unit_size)).reshape(-1).to(like.device)
+    columns = unit_channels(kept, unit_size).to(like.device)
     full[:, columns] = weight.to(device=like.device, dtype=like.dtype)
     return full
 
