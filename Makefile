@@ -4,7 +4,7 @@ PIP = $(PYTHON) -m pip
 CACHE ?= $(or $(HF_COMPRESS_CACHE),$(HOME)/.cache/hf_compress)
 STAMP = .make
 
-.PHONY: install assets demo test test-all bench-reference bench-pruning bench-dlqat bench-speculative bench-spark bench-tyr clean
+.PHONY: install assets demo test test-all bench-reference bench-pruning bench-dlqat bench-speculative bench-spark bench-tyr bench-amphista clean
 
 # torch first, pinned to the local CPU wheel: an unpinned torch would pull several GB of CUDA packages.
 $(STAMP)/install: pyproject.toml
@@ -58,6 +58,9 @@ bench-spark: install assets
 
 bench-tyr: install assets
 	$(PYTHON) scripts/bench_tyr.py
+
+bench-amphista: install assets
+	$(PYTHON) scripts/bench_amphista.py
 
 clean:
 	rm -rf $(STAMP) hf_compress_demo .pytest_cache

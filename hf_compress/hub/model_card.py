@@ -44,6 +44,8 @@ TEMPLATES: dict[str, tuple[str, str | None]] = {
     # A `custom_generate` folder (speculative decoding strategy): transformers runs it, no weights of its own
     # unless it ships drafting heads.
     "decoding_strategy": ("transformers", None),
+    # Trained drafting heads (Medusa/Amphista) shipped with the `custom_generate` folder that uses them.
+    "drafting_heads": ("transformers", None),
 }
 
 _LOAD_SNIPPETS = {
@@ -232,6 +234,19 @@ def build_model_card(
     )
     validate_model_card(card)
     return card
+
+
+def hub_model_id(name_or_path: str | None) -> str | None:
+    """``name_or_path`` if it looks like a Hub id (``owner/name``, not a local folder), else ``None``.
+
+    A card's ``base_model`` must be a Hub id; a model loaded from a local folder has none to record.
+
+    Example:
+        >>> hub_model_id("HuggingFaceTB/SmolLM2-135M"), hub_model_id("/tmp/smollm2")
+        ('HuggingFaceTB/SmolLM2-135M', None)
+    """
+    name = name_or_path or ""
+    return name if name.count("/") == 1 and not os.path.exists(name) else None
 
 
 def write_model_card(folder: str | os.PathLike, card: ModelCard) -> Path:

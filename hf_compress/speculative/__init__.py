@@ -10,6 +10,7 @@ from .acceptance import (
     LooseVerification,
     SpeculativeSampling,
     StrictGreedy,
+    TypicalAcceptance,
     Verdict,
     top_k_entropy,
 )
@@ -21,7 +22,8 @@ from .engine import (
     speculative_decode,
     verify_and_advance,
 )
-from .strategies import FLy, SpeculativeDecoding, strategy_from_dict
+from .strategies import FLy, SpeculativeDecoding, register_strategy, strategy_from_dict
+from .tree import DraftTree
 
 
 __all__ = [
@@ -29,6 +31,7 @@ __all__ = [
     "CachedSequence",
     "CrossTokenizerDrafter",
     "Draft",
+    "DraftTree",
     "Drafter",
     "FLy",
     "LooseVerification",
@@ -39,7 +42,9 @@ __all__ = [
     "SpeculativeMetrics",
     "SpeculativeSampling",
     "StrictGreedy",
+    "TypicalAcceptance",
     "Verdict",
+    "register_strategy",
     "speculative_decode",
     "strategy_from_dict",
     "top_k_entropy",

@@ -110,6 +110,40 @@ class SpeculativeSampling:
         return Verdict(num_accepted, next_token.squeeze(1))
 
 
+class TypicalAcceptance:
+    """Medusa's typical acceptance for sampling: keep a draft the target finds plausible enough.
+
+    Draft ``x`` at a position is kept while ``p(x) > min(posterior_threshold, posterior_alpha * exp(-H(p)))``
+    with ``p`` the target's (warped) distribution there; the token after the kept drafts is sampled from
+    ``p``. Not lossless in distribution: it trades exactness for longer acceptance at ``T > 0``. The
+    defaults are those Medusa's ``medusa_generate`` and its released MT-Bench answers use (ε = 0.09,
+    δ = 0.3; its helper functions have the two swapped, so they are explicit here).
+
+    Example:
+        >>> logits = torch.tensor([[[2.0, 1.0, 0.0], [0.0, 0.0, 5.0]]])
+        >>> TypicalAcceptance().verify(torch.tensor([[1]]), logits).num_accepted.tolist()   # p(1) = 0.24 > 0.09
+        [1]
+    """
+
+    def __init__(self, posterior_threshold: float = 0.09, posterior_alpha: float = 0.3, generator: torch.Generator | None = None):
+        if not (0 < posterior_threshold <= 1 and 0 < posterior_alpha <= 1):
+            raise ValueError("posterior_threshold (ε) and posterior_alpha (δ) must lie in (0, 1].")
+        self.posterior_threshold = posterior_threshold
+        self.posterior_alpha = posterior_alpha
+        self.generator = generator
+
+    def verify(self, draft_tokens, target_logits, draft_probs=None) -> Verdict:
+        k = draft_tokens.shape[1]
+        p = target_logits.float().softmax(dim=-1)
+        entropy = -(p * p.clamp_min(1e-12).log()).sum(dim=-1)[:, :k]
+        threshold = torch.minimum(torch.full_like(entropy, self.posterior_threshold), self.posterior_alpha * (-entropy).exp())
+        p_draft = p[:, :k].gather(-1, draft_tokens.unsqueeze(-1)).squeeze(-1)
+        num_accepted = leading_true_count(p_draft > threshold)
+        rows = torch.arange(p.shape[0], device=p.device)
+        next_token = torch.multinomial(p[rows, num_accepted], 1, generator=self.generator).squeeze(1)
+        return Verdict(num_accepted, next_token)
+
+
 def top_k_entropy(logits: torch.Tensor, top_k: int = 3) -> torch.Tensor:
     """``-sum p log p`` over the ``top_k`` most likely tokens of ``softmax(logits)`` (no renormalisation).
 

@@ -16,17 +16,26 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from .acceptance import StrictGreedy
 from .engine import CachedSequence, verify_and_advance
+from .tree import DraftTree
 
 
 @dataclass
 class Draft:
-    """``tokens`` (B, n) guessed tokens; ``probs`` (B, n, V) if they were sampled (else deterministic)."""
+    """``tokens`` (B, n) guessed tokens; ``probs`` (B, n, V) if they were sampled (else deterministic).
+
+    With a ``tree`` (batch 1), ``tokens`` are the tree's node tokens in node order and the tree's depth,
+    not ``n``, must fit the budget.
+    """
 
     tokens: torch.LongTensor
     probs: torch.Tensor | None = None
+    tree: DraftTree | None = None
 
 
 class Drafter(Protocol):
+    """Proposes drafts. A drafter may also define ``observe(step)``: the engine then captures the target's
+    final hidden states and hands every :class:`~.engine.Step` to it (feature-reading drafters)."""
+
     def propose(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor, max_tokens: int) -> Draft: ...
 
     def reset(self) -> None: ...

@@ -1,6 +1,6 @@
 """The one verification engine: draft → verify in one target forward → accept → roll the caches back.
 
-Every strategy (strict/sampling speculative decoding, FLy, the Amphista heads next) is a drafter plus an
+Every strategy (strict/sampling speculative decoding, FLy, Medusa/Amphista heads) is a drafter plus an
 acceptance rule run by :func:`speculative_decode`. The same :func:`verify_and_advance` step also speeds
 up a draft *model* (FLy's multi-level acceleration), so the cut/crop logic exists once.
 
@@ -9,6 +9,10 @@ the smallest number of drafts any unfinished row accepted. A row that accepted m
 accepted draft at position ``m + 1``, so each row's output is exactly what the rule allows for that row
 cut at ``m``; for the lossless rules that is the same text as decoding the row alone. Caches stay
 rectangular (no per-row ragged crop), which is what makes batching cheap.
+
+A draft can also be a *tree* of candidates (:class:`~.tree.DraftTree`, batch 1): every node is scored in
+the same forward under a 4-D ancestor mask, the rule runs on each root-to-leaf path, and the KV entries
+of the best path are moved into place before the crop.
 """
 
 from __future__ import annotations
@@ -19,11 +23,12 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import Cache, DynamicCache, PreTrainedModel, StaticCache
-from transformers.cache_utils import StaticLayer
+from transformers.cache_utils import DynamicLayer, StaticLayer
 from transformers.generation import GenerateDecoderOnlyOutput
 
 from ..utils import get_logger
 from .acceptance import AcceptanceRule, Verdict
+from .tree import DraftTree
 
 
 logger = get_logger(__name__)
@@ -57,29 +62,86 @@ class CachedSequence:
         self.has_padding = has_padding
         self.mask: torch.Tensor | None = None
         self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        # Drafters that read the target's features (Medusa/Amphista heads) ask for the final hidden states
+        # of every fed token; they are taken from the decoder's output, before the vocabulary projection.
+        self.capture_hidden_states = False
+        self.hidden_states: torch.Tensor | None = None
 
     @property
     def length(self) -> int:
         return 0 if self.mask is None else self.mask.shape[1]
 
-    def feed(self, tokens: torch.Tensor, token_mask: torch.Tensor | None = None, num_logits: int = 1) -> torch.Tensor:
-        """Run the model on ``tokens`` (B, n) after the cached prefix; returns float logits (B, num_logits, V)."""
+    def feed(
+        self,
+        tokens: torch.Tensor,
+        token_mask: torch.Tensor | None = None,
+        num_logits: int = 1,
+        tree: DraftTree | None = None,
+    ) -> torch.Tensor:
+        """Run the model on ``tokens`` (B, n) after the cached prefix; returns float logits (B, num_logits, V).
+
+        With a ``tree``, the last ``tree.num_nodes`` tokens are its nodes (batch 1): they get the tree's
+        ancestor mask and the positions ``root + depth``.
+        """
         if token_mask is None:
             token_mask = torch.ones_like(tokens)
         token_mask = token_mask.to(tokens.device, torch.long)
+        past = self.length
         self.mask = token_mask if self.mask is None else torch.cat([self.mask, token_mask], dim=1)
         positions = (self.mask.cumsum(-1) - 1).masked_fill(self.mask == 0, 0)[:, -tokens.shape[1] :]
+        attention_mask = self.mask if self.has_padding else None
+        if tree is not None:
+            attention_mask, positions = self._tree_inputs(tokens, tree, past)
         inputs = dict(
             input_ids=tokens,
-            attention_mask=self.mask if self.has_padding else None,
+            attention_mask=attention_mask,
             position_ids=positions,
             past_key_values=self.cache,
             use_cache=True,
         )
         if self._keeps_logits:
             inputs["logits_to_keep"] = num_logits
-        logits = self.model(**inputs).logits
+        # get_decoder(): the module whose output feeds the lm_head (OPT's CausalLM skips its base_model wrapper).
+        decoder = self.model.get_decoder() if self.capture_hidden_states else None
+        hook = decoder.register_forward_hook(self._keep_hidden_states) if decoder is not None else None
+        try:
+            logits = self.model(**inputs).logits
+        finally:
+            if hook is not None:
+                hook.remove()
         return logits[:, -num_logits:].float()
+
+    def _keep_hidden_states(self, module, args, output) -> None:
+        self.hidden_states = output[0] if isinstance(output, tuple) else output.last_hidden_state
+
+    def _tree_inputs(self, tokens: torch.Tensor, tree: DraftTree, past: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if tokens.shape[0] != 1 or self.has_padding:
+            raise ValueError("Tree drafts are verified one sequence at a time (batch size 1, no padding).")
+        num_pending = tokens.shape[1] - tree.num_nodes
+        windows = [getattr(layer, "sliding_window", None) for layer in getattr(self.cache, "layers", ())]
+        window = min((w for w in windows if w), default=None)
+        if window is not None and past + tokens.shape[1] >= window:
+            raise ValueError(
+                f"Tree verification needs every cached token visible, but this model's sliding window ({window}) "
+                f"is shorter than the sequence ({past + tokens.shape[1]} tokens). Draft a chain instead (e.g. tree='chain')."
+            )
+        device = tokens.device
+        positions = torch.cat([
+            torch.arange(past, past + num_pending, device=device),
+            past + num_pending - 1 + tree.depths.to(device),
+        ]).unsqueeze(0)
+        return tree.attention_mask(past, num_pending, self.model.dtype, device), positions
+
+    def keep_tree_nodes(self, num_nodes: int, kept: torch.LongTensor) -> None:
+        """Move the KV entries of the ``kept`` nodes (of the last ``num_nodes`` fed) into place, drop the rest."""
+        for layer in getattr(self.cache, "layers", ()):
+            if not isinstance(layer, DynamicLayer):
+                raise ValueError(f"Tree verification cannot compact a {type(layer).__name__} cache layer.")
+            start = layer.keys.shape[-2] - num_nodes  # the nodes are the last entries (sliding layers record them)
+            source = start + kept.to(layer.keys.device)
+            layer.keys[:, :, start : start + len(kept)] = layer.keys[:, :, source]
+            layer.values[:, :, start : start + len(kept)] = layer.values[:, :, source]
+        self.crop(self.length - num_nodes + len(kept))
 
     def crop(self, keep: int) -> None:
         """Keep the first ``keep`` tokens of the cache (a no-op crop still trims sliding-window layers)."""
@@ -91,13 +153,18 @@ class CachedSequence:
 
 @dataclass
 class Step:
-    """What one verification emitted: ``tokens`` (B, m + 1), their processed ``scores`` and raw ``logits``."""
+    """What one verification emitted: ``tokens`` (B, m + 1), their processed ``scores`` and raw ``logits``.
+
+    ``hidden_states`` (B, kept, d), when the sequence captures them, are the target's final features of
+    the tokens this step added to the cache (the pending ones, then the accepted drafts).
+    """
 
     tokens: torch.LongTensor
     scores: torch.Tensor
     logits: torch.Tensor
     verdict: Verdict
     num_drafts: int
+    hidden_states: torch.Tensor | None = None
 
 
 def verify_and_advance(
@@ -111,13 +178,17 @@ def verify_and_advance(
     logits_processor=None,
     draft_probs: torch.Tensor | None = None,
     active: torch.BoolTensor | None = None,
+    tree: DraftTree | None = None,
 ) -> Step:
     """One round: score ``[pending, drafts]`` in one forward, apply ``rule``, cut, crop the cache.
 
     ``pending`` are the tokens not yet in the cache (the last emitted token, or the whole prompt on the
     first round). ``context`` (the full sequence so far) is only needed by logits processors, which see
     each position's prefix as in ``generate()``. Rows where ``active`` is False do not limit the cut.
+    With a ``tree``, ``drafts`` are its node tokens (batch 1) and the best root-to-leaf path is kept.
     """
+    if tree is not None:
+        return _verify_tree(sequence, pending, drafts, tree, rule, context=context, logits_processor=logits_processor)
     num_drafts = drafts.shape[1]
     start = sequence.length
     draft_mask = torch.ones_like(drafts)
@@ -137,7 +208,44 @@ def verify_and_advance(
         last = torch.where(accepted > cut, drafts[:, cut], verdict.next_token)
     tokens = torch.cat([drafts[:, :cut], last.unsqueeze(1)], dim=1)
     sequence.crop(start + pending.shape[1] + cut)
-    return Step(tokens, scores[:, : cut + 1], logits[:, : cut + 1], verdict, num_drafts)
+    hidden = None if not sequence.capture_hidden_states else sequence.hidden_states[:, : pending.shape[1] + cut]
+    return Step(tokens, scores[:, : cut + 1], logits[:, : cut + 1], verdict, num_drafts, hidden)
+
+
+def _verify_tree(sequence, pending, nodes, tree: DraftTree, rule: AcceptanceRule, *, context, logits_processor) -> Step:
+    """Score every node of ``tree`` in one forward, run ``rule`` on each root-to-leaf path, keep the best."""
+    num_pending, num_nodes = pending.shape[1], tree.num_nodes
+    logits = sequence.feed(torch.cat([pending, nodes], dim=1), num_logits=num_nodes + 1, tree=tree)[0]
+    paths = tree.paths_to_leaves.to(nodes.device)  # (P, D) node indices, -1 padded
+    lengths = (paths >= 0).sum(dim=1)
+    # Position 0 of a path is scored by the root (the last pending token), position i by the path's node i - 1.
+    rows = torch.cat([paths.new_zeros(len(paths), 1), paths.clamp_min(0) + 1], dim=1)  # (P, D + 1)
+    path_logits = logits[rows]
+    path_tokens = nodes[0][paths.clamp_min(0)].masked_fill(paths < 0, 0)
+    path_scores = path_logits
+    if logits_processor:
+        path_scores = path_logits.clone()
+        for p in range(len(paths)):
+            for i in range(int(lengths[p]) + 1):
+                prefix = torch.cat([context, path_tokens[p : p + 1, :i]], dim=1)
+                path_scores[p : p + 1, i] = logits_processor(prefix, path_scores[p : p + 1, i])
+    verdict = rule.verify(path_tokens, path_scores)
+    accepted = torch.minimum(verdict.num_accepted, lengths)
+    best = int(accepted.argmax())  # greedy: every longest path emits the same tokens
+    count = int(accepted[best])
+    next_token = verdict.next_token[best : best + 1]
+    if verdict.num_accepted[best] > count:  # the padding token happened to pass: decide at the leaf again
+        next_token = rule.verify(path_tokens[best : best + 1, :count], path_scores[best : best + 1, : count + 1]).next_token
+    kept = paths[best, :count]
+    hidden = None
+    if sequence.capture_hidden_states:
+        states = sequence.hidden_states
+        hidden = torch.cat([states[:, :num_pending], states[:, num_pending + kept]], dim=1)
+    sequence.keep_tree_nodes(num_nodes, kept)
+    tokens = torch.cat([path_tokens[best : best + 1, :count], next_token.view(1, 1)], dim=1)
+    verdict = Verdict(accepted.new_tensor([count]), next_token.view(1))
+    return Step(tokens, path_scores[best : best + 1, : count + 1], path_logits[best : best + 1, : count + 1],
+                verdict, num_nodes, hidden)
 
 
 @dataclass
@@ -217,18 +325,25 @@ def speculative_decode(
     unfinished = torch.ones(batch, dtype=torch.bool, device=input_ids.device)
     metrics = SpeculativeMetrics(rows=batch)
     drafter.reset()
+    observe = getattr(drafter, "observe", None)  # drafters that read the target's features (heads)
+    target.capture_hidden_states = observe is not None
 
     while True:
         budget = min(num_draft_tokens, max_length - input_ids.shape[1] - 1)
         draft_started = time.perf_counter()
         draft = drafter.propose(input_ids, attention_mask, budget) if budget > 0 else None
         metrics.drafting_time_s += time.perf_counter() - draft_started
-        drafts = draft.tokens[:, :budget] if draft is not None else input_ids.new_zeros(batch, 0)
+        tree = draft.tree if draft is not None else None
+        if tree is not None and tree.depth > budget:
+            raise ValueError(f"The drafter proposed a tree of depth {tree.depth} for a budget of {budget} tokens.")
+        drafts = input_ids.new_zeros(batch, 0) if draft is None else draft.tokens if tree is not None else draft.tokens[:, :budget]
         probs = draft.probs[:, :budget] if draft is not None and draft.probs is not None else None
         step = verify_and_advance(
             target, pending, drafts, rule, pending_mask=pending_mask, context=input_ids,
-            logits_processor=logits_processor, draft_probs=probs, active=unfinished,
+            logits_processor=logits_processor, draft_probs=probs, active=unfinished, tree=tree,
         )
+        if observe is not None:
+            observe(step)
         metrics.target_forwards += 1
         active_rows = int(unfinished.sum())
         metrics.draft_tokens_proposed += step.num_drafts * active_rows

@@ -210,12 +210,8 @@ class SpeculativeDecoding:
             >>> FLy().save_pretrained("fly-ngram")  # doctest: +SKIP
         """
         settings = self.to_dict()
-        if self.draft_model is not None and not settings["draft_model"]:
-            raise ValueError(
-                "The draft model has no name or path to record; save it first (`draft.save_pretrained(dir)`) and "
-                "pass that directory or a Hub id as `draft_model`."
-            )
-        from ..hub import build_model_card, write_model_card
+        self._check_saveable(settings)
+        from ..hub import write_model_card
 
         with atomic_directory(save_directory, overwrite=overwrite) as tmp:
             (tmp / "custom_generate").mkdir()
@@ -223,26 +219,50 @@ class SpeculativeDecoding:
                 version=__version__, method=self.method, settings=json.dumps(settings, indent=4),
             ))
             (tmp / "custom_generate" / "requirements.txt").write_text("hf-compress\n")
-            name = Path(save_directory).name
-            card = build_model_card(
-                base_model=base_model, model_name=name, recipe=settings, template="decoding_strategy",
-                extra_tags=["custom_generate", "speculative-decoding"],
-                load_snippet=(
-                    "import hf_compress  # pip install hf-compress\n"
-                    f'out = model.generate(**inputs, custom_generate="{name}", trust_remote_code=True)'
-                ),
-            )
-            write_model_card(tmp, card)
+            self._write_weights(tmp)
+            write_model_card(tmp, self.model_card(Path(save_directory).name, base_model, settings))
         logger.info("Saved the %s strategy to %s", self.method, save_directory)
         return Path(save_directory)
+
+    def _check_saveable(self, settings: dict[str, Any]) -> None:
+        if self.draft_model is not None and not settings["draft_model"]:
+            raise ValueError(
+                "The draft model has no name or path to record; save it first (`draft.save_pretrained(dir)`) and "
+                "pass that directory or a Hub id as `draft_model`."
+            )
+
+    def _write_weights(self, folder: Path) -> None:
+        """Weights the folder ships (none: a draft model is referenced, not copied)."""
+
+    def model_card(self, name: str, base_model: str | None, settings: dict[str, Any]):
+        from ..hub import build_model_card
+
+        return build_model_card(
+            base_model=base_model, model_name=name, recipe=settings, template="decoding_strategy",
+            extra_tags=["custom_generate", "speculative-decoding"],
+            load_snippet=(
+                "import hf_compress  # pip install hf-compress\n"
+                f'out = model.generate(**inputs, custom_generate="{name}", trust_remote_code=True)'
+            ),
+        )
 
     def push_to_hub(self, repo_id: str, *, base_model: str | None = None, **push_kwargs):
         """``save_pretrained`` into a temporary folder and upload it (see :func:`hf_compress.hub.push_to_hub`)."""
         from ..hub import push_to_hub
 
         with tempfile.TemporaryDirectory() as tmp:
-            folder = self.save_pretrained(Path(tmp) / repo_id.split("/")[-1], base_model=base_model)
+            folder = self.save_pretrained(Path(tmp) / repo_id.split("/")[-1], base_model=base_model, **self._save_kwargs_for_push(repo_id))
             return push_to_hub(folder, repo_id, **push_kwargs)
+
+    def _save_kwargs_for_push(self, repo_id: str) -> dict[str, Any]:
+        return {}
+
+    @classmethod
+    def from_settings(cls, settings: dict[str, Any]) -> SpeculativeDecoding:
+        """Build from :meth:`to_dict`'s output (without ``method``)."""
+        settings = dict(settings)
+        draft_model = settings.pop("draft_model", None)
+        return cls(draft_model, **settings)
 
 
 class FLy(SpeculativeDecoding):
@@ -312,6 +332,12 @@ class FLy(SpeculativeDecoding):
 STRATEGIES: dict[str, type[SpeculativeDecoding]] = {cls.method: cls for cls in (SpeculativeDecoding, FLy)}
 
 
+def register_strategy(cls: type[SpeculativeDecoding]) -> type[SpeculativeDecoding]:
+    """Make ``cls.method`` known to :func:`strategy_from_dict` (and so to saved ``custom_generate`` folders)."""
+    STRATEGIES[cls.method] = cls
+    return cls
+
+
 def strategy_from_dict(settings: dict[str, Any], **overrides: Any) -> SpeculativeDecoding:
     """Rebuild a strategy from :meth:`SpeculativeDecoding.to_dict`; non-``None`` ``overrides`` win.
 
@@ -321,13 +347,14 @@ def strategy_from_dict(settings: dict[str, Any], **overrides: Any) -> Speculativ
     """
     settings = dict(settings)
     method = settings.pop("method", None)
+    if method == "amphista":
+        from . import amphista  # noqa: F401  (registers the heads strategy)
     if method not in STRATEGIES:
         raise ValueError(f"Unknown decoding strategy {method!r}; known: {sorted(STRATEGIES)}.")
     settings.update({k: v for k, v in overrides.items() if v is not None})
     if settings.get("draft_tokenizer") is None:
         settings["tokenizer"] = None  # a target tokenizer alone (e.g. given for stop strings) is not a pair
-    draft_model = settings.pop("draft_model", None)
-    return STRATEGIES[method](draft_model, **settings)
+    return STRATEGIES[method].from_settings(settings)
 
 
 def _streamer_of_calling_generate():
@@ -363,8 +390,8 @@ def _name_of(thing) -> str | None:
 _GENERATE_PY = '''"""`generate()` entry point written by hf_compress {version}: the `{method}` decoding strategy.
 
 transformers calls this for `model.generate(..., custom_generate=<this repo or folder>, trust_remote_code=True)`.
-Extra keyword arguments `draft_model=` and `draft_tokenizer=` replace the saved draft (`tokenizer=` is the
-target's, used when the tokenizers differ). Requires `pip install hf-compress`.
+Extra keyword arguments `draft_model=`, `draft_tokenizer=` and `heads=` replace the saved draft or drafting
+heads (`tokenizer=` is the target's, used when the tokenizers differ). Requires `pip install hf-compress`.
 """
 
 import json
@@ -376,15 +403,16 @@ SETTINGS = json.loads("""{settings}""")
 _last = (None, None)
 
 
-def generate(model, draft_model=None, draft_tokenizer=None, **kwargs):
+def generate(model, draft_model=None, draft_tokenizer=None, heads=None, **kwargs):
     global _last
     from hf_compress.speculative import strategy_from_dict
 
-    arguments = (draft_model, draft_tokenizer, kwargs.get("tokenizer"))
+    arguments = (draft_model, draft_tokenizer, kwargs.get("tokenizer"), heads)
     key, strategy = _last
     if key is None or any(a is not b for a, b in zip(key, arguments)):
         strategy = strategy_from_dict(
-            SETTINGS, draft_model=draft_model, draft_tokenizer=draft_tokenizer, tokenizer=kwargs.get("tokenizer")
+            SETTINGS, draft_model=draft_model, draft_tokenizer=draft_tokenizer, tokenizer=kwargs.get("tokenizer"),
+            heads=heads,
         )
         _last = (arguments, strategy)
     return model.generate(custom_generate=strategy, **kwargs)

@@ -12,6 +12,7 @@ from ..utils import get_logger
 if TYPE_CHECKING:
     from datasets import Dataset
     from torch import nn
+    from transformers import TrainingArguments
 
 
 __all__ = ["TrainingSettings", "train_with_trainer"]
@@ -53,12 +54,15 @@ def train_with_trainer(
     model: nn.Module,
     train_dataset: Dataset,
     output_dir: str,
-    settings: TrainingSettings | None = None,
+    settings: TrainingSettings | TrainingArguments | None = None,
+    *,
+    callbacks: list | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` (e.g. a ``PeftModel``) on ``train_dataset`` with ``transformers.Trainer``.
 
-    Nothing is saved by the Trainer itself (``save_strategy="no"``); the caller saves what it trained.
-    Returns the Trainer's metrics plus ``train_seconds`` and ``log_history``.
+    ``settings`` are our few knobs, or a full ``TrainingArguments`` used as given. Nothing is saved by the
+    Trainer itself (``save_strategy="no"`` from settings); the caller saves what it trained. Returns the
+    Trainer's metrics plus ``train_seconds`` and ``log_history``.
 
     Example:
         >>> from peft import get_peft_model
@@ -71,8 +75,31 @@ def train_with_trainer(
     """
     from transformers import Trainer, TrainingArguments, default_data_collator
 
-    settings = settings or TrainingSettings()
-    arguments = TrainingArguments(
+    if isinstance(settings, TrainingArguments):
+        arguments = settings
+    else:
+        arguments = _arguments_from_settings(settings or TrainingSettings(), output_dir)
+    trainer = Trainer(
+        model=model, args=arguments, train_dataset=train_dataset, data_collator=default_data_collator, callbacks=callbacks
+    )
+    start = time.perf_counter()
+    output = trainer.train()
+    seconds = time.perf_counter() - start
+    logger.info("trained %d steps in %.1f s (loss %.4f)", trainer.state.global_step, seconds, output.training_loss)
+    return {
+        **output.metrics,
+        "train_seconds": seconds,
+        "training_loss": output.training_loss,
+        "global_step": trainer.state.global_step,
+        "settings": asdict(settings) if isinstance(settings, TrainingSettings) else arguments.to_dict(),
+        "log_history": trainer.state.log_history,
+    }
+
+
+def _arguments_from_settings(settings: TrainingSettings, output_dir: str):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
         output_dir=output_dir,
         max_steps=settings.max_steps,
         learning_rate=settings.learning_rate,
@@ -90,15 +117,3 @@ def train_with_trainer(
         dataloader_num_workers=0,
         **(settings.extra_arguments or {}),
     )
-    trainer = Trainer(model=model, args=arguments, train_dataset=train_dataset, data_collator=default_data_collator)
-    start = time.perf_counter()
-    output = trainer.train()
-    seconds = time.perf_counter() - start
-    logger.info("trained %d steps in %.1f s (loss %.4f)", settings.max_steps, seconds, output.training_loss)
-    return {
-        **output.metrics,
-        "train_seconds": seconds,
-        "training_loss": output.training_loss,
-        "settings": asdict(settings),
-        "log_history": trainer.state.log_history,
-    }

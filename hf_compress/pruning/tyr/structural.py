@@ -15,6 +15,7 @@ from typing import Any
 
 from torch import nn
 
+from ...hub import hub_model_id
 from ..base import BasePruner, _check_save_dir
 from ..config import PruningConfig
 from ..slim_format import save_slim
@@ -73,10 +74,4 @@ class StructuralPruner(BasePruner):
 
     def _save(self, save_dir: Path, overwrite: bool, recipe: dict[str, Any] | None = None) -> None:  # type: ignore[override]
         save_slim(self.model, self.tokenizer, save_dir, overwrite=overwrite, recipe=recipe,
-                  base_model=_base_model_name(self.model))
-
-
-def _base_model_name(model: nn.Module) -> str | None:
-    """The Hub id the model was loaded from, if it looks like one (not a local folder)."""
-    name = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
-    return name if name.count("/") == 1 and not os.path.exists(name) else None
+                  base_model=hub_model_id(getattr(self.model.config, "_name_or_path", None)))

@@ -1,0 +1,160 @@
+"""``Amphista``: decode with drafting heads (Amphista or Medusa) through ``generate(custom_generate=...)``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from transformers import PreTrainedModel
+
+from ...hub import hub_model_id
+from ...utils import get_logger
+from ..acceptance import AcceptanceRule, StrictGreedy, TypicalAcceptance
+from ..strategies import SpeculativeDecoding, register_strategy
+from ..tree import DraftTree
+from .drafter import HeadsDrafter
+from .modeling import DraftHeads, load_heads
+
+
+__all__ = ["Amphista"]
+
+logger = get_logger(__name__)
+
+
+@register_strategy
+class Amphista(SpeculativeDecoding):
+    """Tree speculative decoding with drafting heads: ``generate(custom_generate=Amphista(heads))``.
+
+    Works with any :class:`~.modeling.DraftHeads` (Amphista or the Medusa baseline). Greedy calls are
+    verified exactly: the output is token-for-token greedy ``generate()``. Sampling calls use Medusa's
+    typical acceptance (``posterior_threshold`` ε = 0.09, ``posterior_alpha`` δ = 0.3), which is faster
+    but not distribution-exact. Trees are verified one sequence at a time; a chain (``tree="chain"``)
+    also runs left-padded batches.
+
+    Args:
+        heads: Trained heads, or a folder / Hub id to load them from (on the model's device and dtype).
+        tree: ``None`` uses the heads' saved tree (``config.tree``) or, without one, the chain of every
+            head's top-1; ``"chain"``; or a :class:`~..tree.DraftTree` / list of paths. Its depth must not
+            exceed the number of heads, nor its ranks the heads' ``top_k``.
+
+    Example:
+        >>> out = model.generate(**inputs, custom_generate=Amphista("user/smollm2-amphista"))  # doctest: +SKIP
+    """
+
+    method = "amphista"
+
+    def __init__(
+        self,
+        heads: DraftHeads | str | os.PathLike | None = None,
+        *,
+        tree: DraftTree | list | str | None = None,
+        posterior_threshold: float = 0.09,
+        posterior_alpha: float = 0.3,
+    ):
+        super().__init__(None)
+        if heads is None:
+            raise ValueError("Amphista drafts with trained heads: pass `heads=` (a DraftHeads, folder or Hub id).")
+        if isinstance(tree, str) and tree != "chain":
+            raise ValueError(f"tree must be None, 'chain', a DraftTree or a list of paths; got {tree!r}.")
+        TypicalAcceptance(posterior_threshold, posterior_alpha)  # validates now, not mid-generate
+        self.heads = heads
+        self.tree = tree.to_list() if isinstance(tree, DraftTree) else tree
+        self.posterior_threshold = posterior_threshold
+        self.posterior_alpha = posterior_alpha
+        self._heads_source: str | None = None
+        if isinstance(heads, DraftHeads):
+            self.num_draft_tokens = self.draft_tree(heads).depth
+
+    def draft_tree(self, heads: DraftHeads) -> DraftTree:
+        """The tree this strategy drafts with these heads (checked against them)."""
+        if self.tree == "chain" or (self.tree is None and heads.config.tree is None):
+            return DraftTree.chain(heads.num_heads)
+        return heads.config.check_tree(self.tree if self.tree is not None else heads.config.tree)
+
+    def acceptance_rule(self, generation_config) -> AcceptanceRule:
+        if generation_config.do_sample:
+            return TypicalAcceptance(self.posterior_threshold, self.posterior_alpha)
+        return StrictGreedy()
+
+    def drafter_for(self, model: PreTrainedModel) -> HeadsDrafter:
+        if not isinstance(self.heads, DraftHeads):
+            logger.info("Loading drafting heads %s", self.heads)
+            self.heads = load_heads(self.heads).to(model.device, model.dtype)
+            self.heads.eval()
+        self.heads.check_compatible(model)
+        if next(self.heads.parameters()).device != model.device:
+            raise ValueError(f"The heads are on {next(self.heads.parameters()).device} but the model is on {model.device}; move them first.")
+        if self._drafter is None or self._drafter_target is not model:
+            tree = self.draft_tree(self.heads)
+            self.num_draft_tokens = tree.depth
+            self._drafter = HeadsDrafter(self.heads, model, tree)
+            self._drafter_target = model
+        return self._drafter
+
+    # ------------------------------------------------------------------ serialisation
+    def settings(self) -> dict[str, Any]:
+        return {"tree": self.tree, "posterior_threshold": self.posterior_threshold, "posterior_alpha": self.posterior_alpha}
+
+    def to_dict(self) -> dict[str, Any]:
+        heads = self._heads_source or (str(self.heads) if not isinstance(self.heads, DraftHeads) else self.heads.name_or_path)
+        return {"method": self.method, **self.settings(), "heads": heads or None}
+
+    @classmethod
+    def from_settings(cls, settings: dict[str, Any]) -> Amphista:
+        settings = {k: v for k, v in settings.items() if k not in ("draft_model", "tokenizer", "draft_tokenizer")}
+        return cls(settings.pop("heads", None), **settings)
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        *,
+        base_model: str | None = None,
+        overwrite: bool = False,
+        heads_source: str | None = None,
+        save_heads_kwargs: dict[str, Any] | None = None,
+    ) -> Path:
+        """The ``custom_generate`` folder, with the heads' config and weights when they are in memory.
+
+        ``heads_source`` is where the saved ``generate.py`` loads the heads from: by default this folder's
+        absolute path (heads in memory) or the name the heads were given.
+        """
+        if isinstance(self.heads, DraftHeads):
+            heads_source = heads_source or str(Path(save_directory).resolve())
+            base_model = base_model or hub_model_id(self.heads.config.base_model_name_or_path)
+        self._heads_source, self._save_heads_kwargs = heads_source, save_heads_kwargs or {}
+        try:
+            return super().save_pretrained(save_directory, base_model=base_model, overwrite=overwrite)
+        finally:
+            self._heads_source = None
+
+    def _check_saveable(self, settings: dict[str, Any]) -> None:
+        if not settings["heads"]:
+            raise ValueError("The heads have no name or path to record; save them first or pass heads_source=.")
+
+    def _write_weights(self, folder: Path) -> None:
+        if isinstance(self.heads, DraftHeads):
+            PreTrainedModel.save_pretrained(self.heads, folder, **self._save_heads_kwargs)
+
+    def _save_kwargs_for_push(self, repo_id: str) -> dict[str, Any]:
+        return {"heads_source": repo_id}
+
+    def model_card(self, name: str, base_model: str | None, settings: dict[str, Any]):
+        from ...hub import build_model_card
+
+        heads = self.heads if isinstance(self.heads, DraftHeads) else None
+        kind = "amphista" if heads is None or heads.config.model_type.endswith("amphista") else "medusa"
+        recipe = {"method": kind, "decoding": settings}
+        if heads is not None:
+            recipe["heads"] = {
+                k: v for k, v in heads.config.to_diff_dict().items() if k not in ("transformers_version", "architectures")
+            }
+            recipe["parameters"] = sum(p.numel() for p in heads.parameters())
+        return build_model_card(
+            base_model=base_model, model_name=name, recipe=recipe, template="drafting_heads",
+            extra_tags=["custom_generate", "speculative-decoding", "drafting-heads"],
+            load_snippet=(
+                "import hf_compress  # pip install hf-compress\n"
+                f'out = model.generate(**inputs, custom_generate="{name}", trust_remote_code=True)'
+            ),
+        )

