@@ -336,7 +336,10 @@ def speculative_decode(
         tree = draft.tree if draft is not None else None
         if tree is not None and tree.depth > budget:
             raise ValueError(f"The drafter proposed a tree of depth {tree.depth} for a budget of {budget} tokens.")
-        drafts = input_ids.new_zeros(batch, 0) if draft is None else draft.tokens if tree is not None else draft.tokens[:, :budget]
+        if draft is None:
+            drafts = input_ids.new_zeros(batch, 0)
+        else:  # a tree's nodes are not a sequence to cut; its depth was checked against the budget
+            drafts = draft.tokens if tree is not None else draft.tokens[:, :budget]
         probs = draft.probs[:, :budget] if draft is not None and draft.probs is not None else None
         step = verify_and_advance(
             target, pending, drafts, rule, pending_mask=pending_mask, context=input_ids,

@@ -14,7 +14,7 @@ from ..acceptance import AcceptanceRule, StrictGreedy, TypicalAcceptance
 from ..strategies import SpeculativeDecoding, register_strategy
 from ..tree import DraftTree
 from .drafter import HeadsDrafter
-from .modeling import DraftHeads, load_heads
+from .modeling import DraftHeads, MedusaHeads, load_heads
 
 
 __all__ = ["Amphista"]
@@ -143,7 +143,7 @@ class Amphista(SpeculativeDecoding):
         from ...hub import build_model_card
 
         heads = self.heads if isinstance(self.heads, DraftHeads) else None
-        kind = "amphista" if heads is None or heads.config.model_type.endswith("amphista") else "medusa"
+        kind = "medusa" if isinstance(heads, MedusaHeads) else "amphista"
         recipe = {"method": kind, "decoding": settings}
         if heads is not None:
             recipe["heads"] = {

@@ -49,22 +49,29 @@ logger = get_logger(__name__)
 IGNORE_INDEX = -100
 
 
+def _head_predictions(heads: DraftHeads, hidden_states, input_ids, labels, base: BaseParts):
+    """``(k, logits, targets)`` per head: at position ``t`` head ``k`` predicts ``labels[t + 2 + k]``.
+
+    Position ``t`` drafts knowing the token that follows it (``input_ids[t + 1]``, the root at decode
+    time), so the last position has nothing to draft from; heads reaching past the window are skipped.
+    """
+    features, _ = heads.features(hidden_states[:, :-1].to(heads.dtype), input_ids[:, 1:], base)
+    for k in range(heads.num_heads):
+        target = labels[:, 2 + k :]
+        if target.shape[1] == 0:
+            return
+        yield k, heads.project(features[:, : target.shape[1], k], base, head=k), target
+
+
 def heads_loss(
     heads: DraftHeads, hidden_states: torch.Tensor, input_ids: torch.LongTensor, labels: torch.LongTensor, base: BaseParts
 ) -> tuple[torch.Tensor, list[float]]:
-    """``Σ_k decay^k · CE(head k)``: at position ``t`` head ``k`` predicts ``labels[t + 2 + k]``.
-
-    Position ``t`` drafts knowing the token that follows it (``input_ids[t + 1]``, the root at decode
-    time), so the last position has nothing to draft from. Returns the loss and each head's CE.
-    """
-    features, _ = heads.features(hidden_states[:, :-1].to(heads.dtype), input_ids[:, 1:], base)
+    """``Σ_k decay^k · CE(head k)`` over the positions :func:`_head_predictions` aligns; also each head's CE."""
     total = hidden_states.new_zeros((), dtype=torch.float32)
     per_head = []
-    for k in range(heads.num_heads):
-        target = labels[:, 2 + k :]
-        if target.shape[1] == 0 or not (target != IGNORE_INDEX).any():
+    for k, logits, target in _head_predictions(heads, hidden_states, input_ids, labels, base):
+        if not (target != IGNORE_INDEX).any():  # nothing to learn here, nor for the farther heads
             break
-        logits = heads.project(features[:, : target.shape[1], k], base, head=k)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=IGNORE_INDEX)
         total = total + heads.config.loss_decay**k * loss
         per_head.append(float(loss.detach()))
@@ -244,15 +251,11 @@ def head_accuracy(
     counts = torch.zeros(heads.num_heads, dtype=torch.float64)
     device = model.get_input_embeddings().weight.device
     for start in range(0, len(dataset), batch_size):
-        hidden = dataset.hidden_states[start : start + batch_size].to(device, heads.dtype)
+        hidden = dataset.hidden_states[start : start + batch_size].to(device)
         input_ids = dataset.input_ids[start : start + batch_size].to(device)
         labels = dataset.labels[start : start + batch_size].to(device)
-        features, _ = heads.features(hidden[:, :-1], input_ids[:, 1:], base)
-        for k in range(heads.num_heads):
-            target = labels[:, 2 + k :]
-            if target.shape[1] == 0:
-                break
-            candidates = heads.project(features[:, : target.shape[1], k], base, head=k).topk(top_k, dim=-1).indices
+        for k, logits, target in _head_predictions(heads, hidden, input_ids, labels, base):
+            candidates = logits.topk(top_k, dim=-1).indices
             valid = target != IGNORE_INDEX
             hits[k] += (candidates == target.unsqueeze(-1))[valid].sum(dim=0).double().cpu()
             counts[k] += valid.sum().cpu()
