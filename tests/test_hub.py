@@ -196,6 +196,7 @@ def _small_artifact(folder, card=True):
     return folder
 
 
+@pytest.mark.compat_smoke
 def test_push_round_trip_through_fake_hub(fake_hub, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -341,6 +341,7 @@ def test_config_normalises_and_rejects() -> None:
 # ------------------------------------------------------------------------------------------ API, errors
 
 
+@pytest.mark.compat_smoke
 def test_from_pretrained_prune_save_and_reload(tmp_path) -> None:
     model, tokenizer = tiny_model("opt")
     model.save_pretrained(tmp_path / "dense")

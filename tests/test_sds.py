@@ -128,6 +128,7 @@ def test_sds_on_a_bf16_model_trains_in_fp32_and_keeps_the_dtype() -> None:
         assert block["error_after_redense"] < block["error_after_first_prune"]
 
 
+@pytest.mark.compat_smoke
 def test_sds_save_and_reload_bit_identical(tmp_path) -> None:
     model, tokenizer = tiny_model("mistral")
     out = tmp_path / "sds"

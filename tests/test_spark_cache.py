@@ -23,6 +23,7 @@ def _greedy(model, ids, cache, **kwargs) -> torch.Tensor:
     return model.generate(ids, past_key_values=cache, max_new_tokens=8, do_sample=False, **kwargs)
 
 
+@pytest.mark.compat_smoke
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "mistral", "gemma3"])
 def test_ratio_zero_equals_dynamic_cache_with_padding(arch):
     model, _ = tiny_model(arch)
@@ -114,6 +115,7 @@ def test_crop_reorder_select_repeat_on_a_filled_cache():
     assert cache.get_seq_length() == 0 and layer.qbar is None
 
 
+@pytest.mark.compat_smoke
 def test_speculative_rollback_and_beam_search():
     model, _ = tiny_model("llama")
     ids = _prompt(batch=1, length=40)

@@ -55,6 +55,7 @@ def pair(request):
 
 
 # ------------------------------------------------------------------------------------ greedy equality
+@pytest.mark.compat_smoke
 def test_strict_strategies_equal_greedy_generate(pair):
     model, draft, tok = pair
     ids = tok(PROMPTS[:1], return_tensors="pt").input_ids
@@ -118,6 +119,7 @@ def test_logits_processors_and_scores_like_generate():
     assert out.metrics is strategy.last_metrics
 
 
+@pytest.mark.compat_smoke
 def test_streamer_receives_prompt_then_every_token():
     model, tok = tiny_model("llama")
     ids = tok(PROMPTS[:1], return_tensors="pt").input_ids
@@ -307,6 +309,7 @@ def test_cross_tokenizer_drafting_is_exact(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ Hub folder
+@pytest.mark.compat_smoke
 def test_save_load_and_push_custom_generate_folder(tmp_path, fake_hub, monkeypatch):
     model, tok = tiny_model("llama")
     draft = perturbed(model, 0.05)

@@ -168,6 +168,7 @@ def test_mutations_preserve_each_types_budget_and_bounds():
 # ----------------------------------------------------------------------------------- end to end
 
 
+@pytest.mark.compat_smoke
 def test_tyr_prunes_to_the_planned_budget_and_exports_a_loadable_model(tmp_path):
     model, tokenizer = tiny_model("llama", num_hidden_layers=3)
     dense = decoder_parameter_count(model)
@@ -248,6 +249,7 @@ def test_bad_targets_are_refused():
 # --------------------------------------------------------------------------------- block removal
 
 
+@pytest.mark.compat_smoke
 def test_block_removal_drops_whole_blocks_and_saves_a_standard_checkpoint(tmp_path):
     model, tokenizer = tiny_model("gemma3", num_hidden_layers=4, layer_types=["sliding_attention", "full_attention"] * 2)
     pruner = BlockRemovalPruner(model, tokenizer)

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from .. import _compat
 from ..utils import atomic_directory, cache_dir, get_logger
 from .errors import MissingAssetError
 from .locate import package_dir
@@ -139,9 +140,7 @@ def _find_gguf(spec: ReferenceModelSpec, scratch: Path) -> Path:
 def _forget_gguf_origin(model: PreTrainedModel, spec: ReferenceModelSpec) -> None:
     # After de-quantization the weights are plain tensors, but transformers still marks the model as
     # GGUF-quantized and refuses to save it; drop that marking so it saves as an ordinary checkpoint.
-    model.hf_quantizer = None
-    model.is_quantized = False
-    model.quantization_method = None
+    _compat.detach_quantizer(model)
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.config._name_or_path = spec.hub_id
+    _compat.set_hub_name(model.config, spec.hub_id)

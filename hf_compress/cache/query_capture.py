@@ -1,7 +1,7 @@
 """Hand the attention queries of a forward pass to the cache layer that just stored its keys.
 
 A ``transformers`` cache only ever sees keys and values (``Cache.update``); query-aware compression also
-needs the queries. Every attention module calls ``past_key_values.update(...)`` and then, right after,
+needs the queries. Every attention module calls its cache's ``update(...)`` and then, right after,
 its attention function with the (normed, rotated) queries. So a cache layer that wants the queries
 announces itself in ``update`` (``await_queries``), and a thin wrapper registered through transformers'
 public ``AttentionInterface``/``AttentionMaskInterface`` passes the queries to it after computing the
@@ -28,8 +28,10 @@ from typing import Protocol
 
 import torch
 from transformers import PretrainedConfig
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.masking_utils import AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+from .. import _compat
 
 
 logger = logging.getLogger(__name__)
@@ -59,7 +61,7 @@ def await_queries(layer: QueryObserver) -> None:
 
 def _capturing(base_name: str) -> Callable:
     def attention_with_query_capture(module, query, key, value, attention_mask, **kwargs):
-        base = ALL_ATTENTION_FUNCTIONS.get_interface(base_name, _eager_attention())
+        base = ALL_ATTENTION_FUNCTIONS.get_interface(base_name, _compat.eager_attention_forward())
         output = base(module, query, key, value, attention_mask, **kwargs)
         layer = _awaiting.get()
         if layer is not None:
@@ -70,18 +72,11 @@ def _capturing(base_name: str) -> Callable:
     return attention_with_query_capture
 
 
-def _eager_attention() -> Callable:
-    # The eager function lives in each modeling file; the Llama one is the shared reference implementation.
-    from transformers.models.llama.modeling_llama import eager_attention_forward
-
-    return eager_attention_forward
-
-
 def _register(base_name: str) -> str:
     name = CAPTURE_PREFIX + base_name
-    if name not in ALL_ATTENTION_FUNCTIONS._global_mapping:
+    if not _compat.is_attention_registered(name):
         AttentionInterface.register(name, _capturing(base_name))
-        mask = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(base_name)
+        mask = _compat.mask_function_of(base_name)
         if mask is not None:  # masks are built in the wrapped implementation's format
             AttentionMaskInterface.register(name, mask)
     return name
@@ -93,7 +88,7 @@ def install_query_capture(config: PretrainedConfig) -> str:
     Idempotent. Returns the new attention implementation name. Raises for implementations that cannot
     be wrapped (flash/flex attention keep their own mask formats and kernels; use ``sdpa`` or ``eager``).
     """
-    current = config._attn_implementation or "eager"
+    current = _compat.attention_implementation(config) or "eager"
     if isinstance(current, dict):
         raise ValueError("per-sub-config attention implementations are not supported; pass the text model config.")
     if current.startswith(CAPTURE_PREFIX):
@@ -104,7 +99,7 @@ def install_query_capture(config: PretrainedConfig) -> str:
             "Load the model with attn_implementation='sdpa' (or call model.set_attn_implementation('sdpa'))."
         )
     name = _register(current)
-    config._attn_implementation = name
+    _compat.set_attention_implementation(config, name)
     logger.info("attention of this model now reports its queries to query-aware caches (%s)", name)
     return name
 

@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from transformers import Cache, DynamicCache, PreTrainedModel
 
+from .. import _compat
+
 
 def parameter_bytes(model: torch.nn.Module) -> dict[str, int]:
     """Bytes held by a model's parameters and buffers (tied weights counted once).
@@ -76,7 +78,7 @@ def measure_kv_cache_bytes(
     cache = cache if cache is not None else DynamicCache(config=model.config)
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.get_text_config().vocab_size, (batch_size, seq_len), generator=generator)
-    model(input_ids=ids.to(model.device), past_key_values=cache, use_cache=True, logits_to_keep=1)
+    model(input_ids=ids.to(model.device), use_cache=True, logits_to_keep=1, **{_compat.cache_kwarg_name(model): cache})
     held = cache_bytes(cache)
     return {
         "kv_bytes": held,

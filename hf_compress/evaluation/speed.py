@@ -2,9 +2,9 @@
 
 Each prompt is generated on its own (batch 1) after one untimed warm-up generation; the timer covers
 the whole ``generate`` call (prefill included), and the token count is the number of new tokens
-actually produced. Strategies that report speculative statistics (an output with a
-``speculative_metrics`` mapping, as hf_compress decoding strategies return) have their mean accepted
-length averaged too.
+actually produced. Strategies that report speculative statistics (an output with ``metrics``, as
+hf_compress decoding strategies return with ``return_dict_in_generate=True``) have their mean accepted
+length (tokens per target forward) averaged too.
 """
 
 from __future__ import annotations
@@ -61,9 +61,9 @@ def measure_generation_speed(
         outputs.append(generated)
         new_tokens.append(len(generated))
         rates.append(len(generated) / elapsed)
-        metrics = getattr(out, "speculative_metrics", None)
-        if metrics and "mean_accepted_length" in metrics:
-            accepted.append(metrics["mean_accepted_length"])
+        length = _mean_accepted_length(getattr(out, "metrics", None))
+        if length is not None:
+            accepted.append(length)
     result: dict[str, Any] = {
         "tokens_per_second": statistics.median(rates),
         "per_prompt": rates,
@@ -75,3 +75,10 @@ def measure_generation_speed(
     if accepted:
         result["mean_accepted_length"] = statistics.fmean(accepted)
     return result
+
+
+def _mean_accepted_length(metrics: Any) -> float | None:
+    # SpeculativeMetrics (hf_compress strategies) or a plain mapping with the same key.
+    if isinstance(metrics, dict):
+        return metrics.get("mean_accepted_length")
+    return getattr(metrics, "mean_accepted_length", None)

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .. import _compat
 from ..assets.zero_shot import PROMPT_FORMATS, TASK_DATASETS, ZERO_SHOT_TASKS, load_zero_shot_task
 from ..utils import get_logger
 from .results import MetricRecord
@@ -327,7 +328,7 @@ def _score_batch(model, batch: list[_Group]) -> list[tuple[int, float]]:
         ids, mask = _pad([rows[r] for r in chunk], device, left=False)
         positions = chunk_mask.sum(-1, keepdim=True) + torch.arange(ids.shape[1], device=device)[None, :]
         attention_mask = torch.cat([chunk_mask, mask], dim=-1)
-        logits = _forward(model, ids, attention_mask, positions, past_key_values=cache, use_cache=True)
+        logits = _forward(model, ids, attention_mask, positions, use_cache=True, **{_compat.cache_kwarg_name(model): cache})
         wanted = [
             (index, slot, targets, lengths[r] - len(targets))
             for slot, r in enumerate(chunk)
@@ -364,7 +365,7 @@ def _forward(model, ids, mask, positions, *, logits_to_keep: int = 0, return_cac
     if logits_to_keep and _accepts_logits_to_keep(model):
         kwargs["logits_to_keep"] = logits_to_keep
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, **kwargs)
-    return out.past_key_values if return_cache else out.logits
+    return _compat.cache_of_output(out) if return_cache else out.logits
 
 
 def _accepts_logits_to_keep(model) -> bool:

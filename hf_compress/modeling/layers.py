@@ -29,6 +29,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .. import _compat
+
 
 __all__ = [
     "LINEAR_TYPES",
@@ -287,8 +289,7 @@ def module_execution_device(module: nn.Module) -> torch.device:
         device(type='cpu')
     """
     for sub in module.modules():
-        hook = getattr(sub, "_hf_hook", None)
-        device = getattr(hook, "execution_device", None)
+        device = getattr(_compat.accelerate_hook(sub), "execution_device", None)
         if device is not None:
             return torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
     for tensor in _tensors(module):
@@ -321,29 +322,31 @@ def onloaded(module: nn.Module) -> Iterator[nn.Module]:
     entered: list[nn.Module] = []
     try:
         for sub in offloaded:
-            sub._hf_hook.pre_forward(sub)
+            hook = _compat.accelerate_hook(sub)
+            hook.pre_forward(sub)
             # While onloaded, forwards run inside the block (e.g. a method re-running the block) must neither
             # reload the stored weights over edits nor offload them to ``meta``: pause the hook's offloading.
-            sub._hf_hook.offload = False
+            hook.offload = False
             entered.append(sub)
         yield module
         for sub in entered:
             _write_back(sub)
     finally:
         for sub in reversed(entered):
-            sub._hf_hook.offload = True
-            sub._hf_hook.post_forward(sub, None)
+            hook = _compat.accelerate_hook(sub)
+            hook.offload = True
+            hook.post_forward(sub, None)
 
 
 def _is_offloaded(module: nn.Module) -> bool:
-    hook = getattr(module, "_hf_hook", None)
+    hook = _compat.accelerate_hook(module)
     # ``offload`` and ``weights_map`` are AlignDevicesHook attributes, read duck-typed so accelerate need not
     # be imported; hooks without them (e.g. a SequentialHook) are skipped.
     return bool(getattr(hook, "offload", False)) and getattr(hook, "weights_map", None) is not None
 
 
 def _write_back(module: nn.Module) -> None:
-    hook = module._hf_hook
+    hook = _compat.accelerate_hook(module)
     recurse = bool(getattr(hook, "place_submodules", False))
     with torch.no_grad():
         tensors = [*module.named_parameters(recurse=recurse), *module.named_buffers(recurse=recurse)]

@@ -34,10 +34,11 @@ import copy
 import importlib
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from transformers.quantizers import auto as _transformers_auto
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from .. import _compat
+from ..formats import FORMAT_MODULES
 from ..utils import get_logger
 
 
@@ -56,11 +57,7 @@ __all__ = [
 
 logger = get_logger(__name__)
 
-BUILTIN_FORMAT_MODULES: tuple[str, ...] = (
-    "hf_compress.pruning.sparse_format",
-    "hf_compress.quantization.packed_format",
-    "hf_compress.pruning.slim_format",
-)
+BUILTIN_FORMAT_MODULES: tuple[str, ...] = tuple(FORMAT_MODULES.values())
 """Modules defining hf_compress's formats; each registers its format when imported."""
 
 _FORMATS: dict[str, type[CompressedFormatQuantizer]] = {}
@@ -152,12 +149,10 @@ class CompressedFormatQuantizer(HfQuantizer):
         # The decoded weights are plain tensors: detach the quantizer and the quantization_config so the
         # model is an ordinary one (Trainer, .to(dtype), save_pretrained treat it as unquantized) ...
         self.remove_quantization_config(model)
-        # ... and forget our converters: transformers keeps the conversions used at load in
-        # ``model._weight_conversions`` and reverts them in save_pretrained, which must write dense tensors.
+        # ... and forget our converters: transformers keeps the conversions used at load and reverts them
+        # in save_pretrained, which must write dense tensors.
         ours = {id(conversion) for conversion in getattr(self, "_format_conversions", ())}
-        used = getattr(model, "_weight_conversions", None)
-        if used is not None:
-            model._weight_conversions = [conversion for conversion in used if id(conversion) not in ours]
+        _compat.set_model_conversions(model, [c for c in _compat.model_conversions(model) if id(c) not in ours])
         return self._process_model_after_weight_loading(model, **kwargs)
 
     def is_serializable(self) -> bool:
@@ -183,22 +178,7 @@ def register_format(quantizer_cls: type[CompressedFormatQuantizer]) -> type[Comp
     name = config_cls.QUANT_METHOD
     if not name:
         raise ValueError(f"{config_cls.__name__} must set QUANT_METHOD.")
-    for mapping, cls in (
-        (_transformers_auto.AUTO_QUANTIZATION_CONFIG_MAPPING, config_cls),
-        (_transformers_auto.AUTO_QUANTIZER_MAPPING, quantizer_cls),
-    ):
-        existing = mapping.get(name)
-        if existing is not None and not _same_class(existing, cls):
-            raise ValueError(
-                f"quant_method {name!r} is already registered with transformers by "
-                f"{existing.__module__}.{existing.__qualname__}."
-            )
-    # Our own earlier registration (e.g. before a module reload) is replaced; transformers' decorators
-    # refuse any duplicate, so drop it first.
-    _transformers_auto.AUTO_QUANTIZATION_CONFIG_MAPPING.pop(name, None)
-    _transformers_auto.AUTO_QUANTIZER_MAPPING.pop(name, None)
-    _transformers_auto.register_quantization_config(name)(config_cls)
-    _transformers_auto.register_quantizer(name)(quantizer_cls)
+    _compat.register_quantization_format(name, config_cls, quantizer_cls)
     _FORMATS[name] = quantizer_cls
     logger.debug("registered checkpoint format %r with transformers", name)
     return quantizer_cls
@@ -212,10 +192,6 @@ def registered_formats() -> dict[str, type[CompressedFormatQuantizer]]:
         True
     """
     return dict(_FORMATS)
-
-
-def _same_class(a: type, b: type) -> bool:
-    return a is b or (a.__module__, a.__qualname__) == (b.__module__, b.__qualname__)
 
 
 # Last, so that format modules importing this one (``from ..modeling.loading import ...``) find every name

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch  # noqa: F401  (doctest namespace)
 
+from .. import _compat
 from ..modeling.loading import CompressedFormatConfig, CompressedFormatQuantizer, register_format
 from .structured import apply_layer_widths, layer_widths
 
@@ -75,10 +76,7 @@ class SlimFormatQuantizer(CompressedFormatQuantizer):
     def postprocess_model(self, model: PreTrainedModel, **kwargs: Any) -> PreTrainedModel:
         # Detach the quantizer (the model computes like any other: Trainer, .to(dtype), PEFT) but keep the
         # widths on the config: save_pretrained must write them, or the checkpoint would not load again.
-        for attribute in ("hf_quantizer", "quantization_method"):
-            if hasattr(model, attribute):
-                delattr(model, attribute)
-        model.is_quantized = False
+        _compat.detach_quantizer(model)
         model.config.quantization_config = self.quantization_config
         return model
 

@@ -40,9 +40,9 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
-from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import WeightConverter
 
+from .. import _compat
 from ..modeling.layers import find_decoder_blocks, find_linear_layers, onloaded
 from ..utils import atomic_directory, get_logger
 from .sparse_format import BITMASK_SUFFIX, SHAPE_SUFFIX, SparseStorageConfig, encode_sparse
@@ -215,10 +215,10 @@ def _check_model(model: nn.Module) -> None:
         name = type(model).__name__
         hint = " Merge PEFT adapters first (merge_and_unload())." if hasattr(model, "peft_config") else ""
         raise TypeError(f"save_pruned expects a transformers PreTrainedModel, not {name}.{hint}")
-    if getattr(model, "_hf_peft_config_loaded", False):
+    if _compat.has_peft_adapters(model):
         raise ValueError("the model carries PEFT adapters; merge them into the weights first.")
     quantization = getattr(model.config, "quantization_config", None)
-    if getattr(model, "hf_quantizer", None) is not None or quantization:
+    if _compat.quantizer_of(model) is not None or quantization:
         method = quantization.get("quant_method") if isinstance(quantization, Mapping) else None
         method = method or getattr(quantization, "quant_method", None) or "unknown method"
         raise ValueError(f"the model is quantized ({method}); sparse storage needs dense float weights.")
@@ -254,10 +254,7 @@ def _keys_under_model_conversions(model: PreTrainedModel) -> set[str]:
     save_pretrained reverts these conversions (e.g. re-fuses split projections) and from_pretrained
     applies them; on encoded tensors both would be wrong, so such weights are stored dense.
     """
-    conversions = getattr(model, "_weight_conversions", None)
-    if conversions is None:
-        conversions = get_model_conversion_mapping(model, add_legacy=False)
-    converters = [c for c in conversions if isinstance(c, WeightConverter)]
+    converters = [c for c in _compat.model_conversions(model) if isinstance(c, WeightConverter)]
     if not converters:
         return set()
     reversed_converters = []

@@ -66,7 +66,7 @@ def run_quantize(args: argparse.Namespace) -> int:
                                     per_device_batch_size=args.batch_size, logging_steps=max(1, args.steps // 10))
         with tempfile.TemporaryDirectory() as scratch:
             train_with_trainer(model, data, scratch, settings)
-    base_model = getattr(model.config, "_name_or_path", None) or args.model
+    base_model = getattr(model.config, "name_or_path", None) or args.model
     recipe = {"method": args.method, **{k: v for k, v in config.to_dict().items() if k in _RECIPE_FIELDS}}
     if args.method == "dlqat":
         recipe["training"] = {"steps": args.steps, "learning_rate": args.learning_rate,

@@ -37,6 +37,7 @@ from ..modeling.layers import (
     replace_module,
     weight_matrix,
 )
+from .. import _compat
 from ..modeling.loading import CompressedFormatConfig, CompressedFormatQuantizer, register_format
 from ..utils import get_logger
 from .grid import QuantizationGrid, check_grid_arguments
@@ -139,9 +140,7 @@ def attach_packed_format(model: PreTrainedModel, config: PackedFormatConfig) -> 
     ``save_pretrained`` then writes the packed checkpoint with its ``quantization_config``.
     """
     quantizer = PackedFormatQuantizer(config, pre_quantized=True)
-    model.hf_quantizer = quantizer
-    model.is_quantized = True
-    model.quantization_method = FORMAT_NAME
+    _compat.attach_quantizer(model, quantizer, FORMAT_NAME)
     return quantizer.postprocess_model(model)
 
 

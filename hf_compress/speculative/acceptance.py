@@ -50,7 +50,10 @@ def token_at(tokens: torch.Tensor, index: torch.LongTensor) -> torch.LongTensor:
 class StrictGreedy:
     """Lossless greedy verification: keep drafts while they equal the target's argmax.
 
-    The output is token-for-token what greedy ``generate()`` produces.
+    The output is token-for-token what greedy ``generate()`` produces in float32. In bfloat16/float16 it is
+    equal up to the numerics of multi-token verification: one forward over k tokens rounds differently from
+    k one-token forwards, so where two logits nearly tie the argmax can differ and the texts diverge
+    (``scripts/bench_speculative.py --precision-agreement`` measures how often).
 
     Example:
         >>> rule = StrictGreedy()

@@ -26,6 +26,7 @@ from transformers import Cache, DynamicCache, PreTrainedModel, StaticCache
 from transformers.cache_utils import DynamicLayer, StaticLayer
 from transformers.generation import GenerateDecoderOnlyOutput
 
+from .. import _compat
 from ..utils import get_logger
 from .acceptance import AcceptanceRule, Verdict
 from .tree import DraftTree
@@ -62,6 +63,7 @@ class CachedSequence:
         self.has_padding = has_padding
         self.mask: torch.Tensor | None = None
         self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self._cache_kwarg = _compat.cache_kwarg_name(model)
         # Drafters that read the target's features (Medusa/Amphista heads) ask for the final hidden states
         # of every fed token; they are taken from the decoder's output, before the vocabulary projection.
         self.capture_hidden_states = False
@@ -96,9 +98,9 @@ class CachedSequence:
             input_ids=tokens,
             attention_mask=attention_mask,
             position_ids=positions,
-            past_key_values=self.cache,
             use_cache=True,
         )
+        inputs[self._cache_kwarg] = self.cache
         if self._keeps_logits:
             inputs["logits_to_keep"] = num_logits
         # get_decoder(): the module whose output feeds the lm_head (OPT's CausalLM skips its base_model wrapper).
@@ -318,7 +320,7 @@ def speculative_decode(
             raise ValueError("The cache already holds the whole prompt; pass at least one new token.")
         target.mask = attention_mask[:, :cached].long()
     pending, pending_mask = input_ids[:, cached:], attention_mask[:, cached:]
-    pad = getattr(generation_config, "_pad_token_tensor", None)
+    pad = _compat.pad_token_tensor(generation_config)
     max_length = generation_config.max_length
     want_scores, want_logits = generation_config.output_scores, generation_config.output_logits
     scores_out, logits_out = [], []

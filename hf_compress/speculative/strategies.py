@@ -8,7 +8,6 @@ whose ``custom_generate/generate.py`` rebuilds it.
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import tempfile
@@ -20,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from transformers.generation import StoppingCriteriaList
 from transformers.generation.stopping_criteria import MaxLengthCriteria
 
-from .. import __version__
+from .. import __version__, _compat
 from ..utils import atomic_directory, get_logger
 from .acceptance import AcceptanceRule, LooseVerification, SpeculativeSampling, StrictGreedy
 from .drafting import CrossTokenizerDrafter, ModelDrafter, NgramDrafter
@@ -30,7 +29,7 @@ from .engine import SpeculativeDecodingOutput, SpeculativeMetrics, speculative_d
 logger = get_logger(__name__)
 
 # model_kwargs that generate() prepares for every decoder-only call; the engine recomputes or ignores them.
-_HANDLED_MODEL_KWARGS = {"attention_mask", "past_key_values", "position_ids", "use_cache", "logits_to_keep", "cache_position"}
+_HANDLED_MODEL_KWARGS = {"attention_mask", *_compat.CACHE_KWARGS, "position_ids", "use_cache", "logits_to_keep", "cache_position"}
 
 
 class SpeculativeDecoding:
@@ -38,8 +37,9 @@ class SpeculativeDecoding:
 
     The drafter is a draft model sharing the target's tokenizer, a draft model with another tokenizer (pass
     ``tokenizer`` and ``draft_tokenizer``), or, without a draft model, n-gram prompt lookup. Greedy calls
-    are verified exactly (output identical to greedy ``generate()``); sampling calls use speculative sampling
-    (identical in distribution). Batches of left-padded prompts are supported. After a call,
+    are verified exactly (output identical to greedy ``generate()`` in float32; in reduced precision equal up
+    to the numerics of multi-token verification, see :class:`~.acceptance.StrictGreedy`); sampling calls use
+    speculative sampling (identical in distribution). Batches of left-padded prompts are supported. After a call,
     ``last_metrics`` holds the counts (also returned as ``output.metrics`` with
     ``return_dict_in_generate=True``).
 
@@ -133,17 +133,18 @@ class SpeculativeDecoding:
         if stopping_criteria is None:
             stopping_criteria = StoppingCriteriaList([MaxLengthCriteria(generation_config.max_length)])
         drafter = self.drafter_for(model)
+        cache = _compat.cache_from_model_kwargs(model_kwargs)
         sequences, metrics, extras = speculative_decode(
             model, input_ids, drafter, self.acceptance_rule(generation_config), self.num_draft_tokens,
             generation_config=generation_config, logits_processor=logits_processor,
             stopping_criteria=stopping_criteria, attention_mask=model_kwargs.get("attention_mask"),
-            cache=model_kwargs.get("past_key_values"), streamer=_streamer_of_calling_generate(),
+            cache=cache, streamer=_compat.streamer_of_calling_generate(),
         )
         self.last_metrics = metrics
         if generation_config.return_dict_in_generate:
             return SpeculativeDecodingOutput(
-                sequences=sequences, scores=extras["scores"], logits=extras["logits"],
-                past_key_values=model_kwargs.get("past_key_values"), metrics=metrics,
+                sequences=sequences, scores=extras["scores"], logits=extras["logits"], metrics=metrics,
+                **_compat.with_cache_field(SpeculativeDecodingOutput, cache),
             )
         return sequences
 
@@ -355,22 +356,6 @@ def strategy_from_dict(settings: dict[str, Any], **overrides: Any) -> Speculativ
     if settings.get("draft_tokenizer") is None:
         settings["tokenizer"] = None  # a target tokenizer alone (e.g. given for stop strings) is not a pair
     return STRATEGIES[method].from_settings(settings)
-
-
-def _streamer_of_calling_generate():
-    """The ``streamer`` given to the ``generate()`` that called us.
-
-    transformers puts the prompt into the streamer but does not forward it to ``custom_generate``
-    callables (it is one of ``_sample``'s own arguments), so it is read from the caller's frame.
-    """
-    frame = inspect.currentframe()
-    try:
-        caller = frame.f_back.f_back if frame is not None and frame.f_back is not None else None
-        if caller is not None and caller.f_code.co_name == "generate":
-            return caller.f_locals.get("streamer")
-        return None
-    finally:
-        del frame
 
 
 def _vocab_size(model: PreTrainedModel) -> int:

@@ -319,7 +319,7 @@ class TyrPruner(StructuralPruner):
     def _fingerprint(self, config: TyrConfig) -> str:
         identity = {
             "config": config.to_dict(),
-            "model": getattr(getattr(self.model, "config", None), "_name_or_path", ""),
+            "model": getattr(getattr(self.model, "config", None), "name_or_path", ""),
             "parameters": decoder_parameter_count(self.model),
         }
         return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]

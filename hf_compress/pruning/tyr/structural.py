@@ -74,4 +74,4 @@ class StructuralPruner(BasePruner):
 
     def _save(self, save_dir: Path, overwrite: bool, recipe: dict[str, Any] | None = None) -> None:  # type: ignore[override]
         save_slim(self.model, self.tokenizer, save_dir, overwrite=overwrite, recipe=recipe,
-                  base_model=hub_model_id(getattr(self.model.config, "_name_or_path", None)))
+                  base_model=hub_model_id(getattr(self.model.config, "name_or_path", None)))

@@ -32,13 +32,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
+from ... import _compat
 from ...modeling.layers import in_features, is_linear, out_features, set_weight_matrix, weight_matrix
 from ..grid import QuantizationGrid, group_index, round_clamp_ste
 from .config import DLQATConfig
+
+
+BufferDict = _compat.peft_buffer_dict()
 
 
 __all__ = ["DLQATLayer", "DLQATLinear", "LayerQuantization", "weight_fingerprint"]

@@ -27,7 +27,8 @@ class Amphista(SpeculativeDecoding):
     """Tree speculative decoding with drafting heads: ``generate(custom_generate=Amphista(heads))``.
 
     Works with any :class:`~.modeling.DraftHeads` (Amphista or the Medusa baseline). Greedy calls are
-    verified exactly: the output is token-for-token greedy ``generate()``. Sampling calls use Medusa's
+    verified exactly: the output is token-for-token greedy ``generate()`` in float32 (in reduced precision,
+    up to the numerics of multi-token verification; see :class:`~..acceptance.StrictGreedy`). Sampling calls use Medusa's
     typical acceptance (``posterior_threshold`` ε = 0.09, ``posterior_alpha`` δ = 0.3), which is faster
     but not distribution-exact. Trees are verified one sequence at a time; a chain (``tree="chain"``)
     also runs left-padded batches.

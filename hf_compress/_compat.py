@@ -1,0 +1,507 @@
+"""The one place where hf_compress relies on private or unstable APIs of transformers, peft and accelerate.
+
+Every reach into another library's internals goes through a function here, so that when a release moves
+something (transformers 5.24 renamed generate's ``past_key_values`` model kwarg to ``cache``) there is one
+file to read and one file to fix. Each entry says which versions it was checked on; where the newest
+release has a public API it is used first and the private path is only the fallback for older releases.
+:func:`check_assumptions` re-checks every assumption against the installed versions and returns what no
+longer holds (``tests/test_compat.py`` fails on any), and ``tests/test_compat.py`` also greps the rest of
+the package for the private names listed in :data:`PRIVATE_NAMES`.
+
+This module must stay cheap to import (``import hf_compress`` imports it): only the standard library at
+the top, everything else inside the functions.
+
+Checked on: transformers 5.23.0 and 5.24.0, peft 0.21.2, accelerate 1.15.0 (see ``constraints.txt``).
+
+Example:
+    >>> from hf_compress.assets import tiny_model
+    >>> model, _ = tiny_model("llama")
+    >>> cache_kwarg_name(model) in ("cache", "past_key_values")
+    True
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import inspect
+import re
+from typing import TYPE_CHECKING, Any
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from torch import nn
+    from transformers import PretrainedConfig, PreTrainedModel
+
+
+__all__ = [
+    "MINIMUM_VERSIONS",
+    "PRIVATE_NAMES",
+    "VersionTooOldError",
+    "accelerate_hook",
+    "attach_quantizer",
+    "attention_implementation",
+    "cache_from_model_kwargs",
+    "cache_kwarg_name",
+    "cache_of_output",
+    "check_assumptions",
+    "check_minimum_versions",
+    "detach_quantizer",
+    "eager_attention_forward",
+    "extend_peft_type",
+    "has_peft_adapters",
+    "is_attention_registered",
+    "mask_function_of",
+    "model_conversions",
+    "pad_token_tensor",
+    "peft_buffer_dict",
+    "quantizer_of",
+    "register_quantization_format",
+    "registered_quantization_config",
+    "set_attention_implementation",
+    "set_hub_name",
+    "set_model_conversions",
+    "streamer_of_calling_generate",
+    "with_cache_field",
+]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Versions
+# ----------------------------------------------------------------------------------------------------
+
+MINIMUM_VERSIONS: dict[str, str] = {
+    "transformers": "5.23.0",
+    "peft": "0.21.2",
+    "accelerate": "1.15.0",
+}
+"""The oldest release of each library the whole test suite was run with (also ``pyproject.toml``'s lower bounds)."""
+
+_INSTALL_HINT = 'pip install -U "{name}>={minimum}"  (or, in a clone of hf_compress: pip install -c constraints.txt -e .)'
+
+
+class VersionTooOldError(ImportError):
+    """An installed dependency is older than the oldest release hf_compress was tested with."""
+
+
+def _release(version: str) -> tuple[int, ...]:
+    # Only the numeric release part: "5.24.0.dev0" → (5, 24, 0). Pre-releases count as their release.
+    return tuple(int(part) for part in re.findall(r"\d+", version.split("+")[0])[:3])
+
+
+def check_minimum_versions(minimum: dict[str, str] | None = None) -> None:
+    """Raise one clear :class:`VersionTooOldError` if an installed library is older than the tested minimum.
+
+    Reads package metadata only (no import), so ``import hf_compress`` stays cheap. A library that is not
+    installed at all is left to the normal ``ImportError`` of its first use.
+
+    Example:
+        >>> check_minimum_versions({"pip": "0.1"})
+    """
+    too_old = []
+    for name, required in (minimum or MINIMUM_VERSIONS).items():
+        try:
+            installed = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        if _release(installed) < _release(required):
+            too_old.append((name, installed, required))
+    if too_old:
+        lines = [f"{name} {installed} is installed, hf_compress needs {name}>={required}" for name, installed, required in too_old]
+        hint = _INSTALL_HINT.format(name=too_old[0][0], minimum=too_old[0][2]) if len(too_old) == 1 else (
+            "pip install -U " + " ".join(f'"{n}>={r}"' for n, _, r in too_old)
+        )
+        raise VersionTooOldError("; ".join(lines) + f". Upgrade with: {hint}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# generate() and the model's cache keyword (transformers 5.24 renamed `past_key_values` to `cache`)
+# ----------------------------------------------------------------------------------------------------
+
+CACHE_KWARGS: tuple[str, ...] = ("cache", "past_key_values")
+"""The names a model kwarg holding the KV cache has had: ``cache`` (transformers ≥ 5.24), ``past_key_values``."""
+
+
+def _transformers_uses_cache_kwarg() -> bool:
+    from transformers.generation import utils as generation_utils
+
+    return "cache" in getattr(generation_utils, "ALL_CACHE_NAMES", ())
+
+
+def cache_kwarg_name(model: PreTrainedModel) -> str:
+    """The keyword under which ``model.forward`` takes its KV cache: ``"cache"`` (5.24+) or ``"past_key_values"``.
+
+    Read from the forward signature, so remote-code models that still take ``past_key_values`` under a newer
+    transformers work too; a forward with neither (``**kwargs`` only) gets the installed transformers' name.
+    Checked on transformers 5.23.0 (``past_key_values``) and 5.24.0 (``cache``; the old name is deprecated).
+
+    Example:
+        >>> from hf_compress.assets import tiny_model
+        >>> cache_kwarg_name(tiny_model("llama")[0]) in CACHE_KWARGS
+        True
+    """
+    parameters = inspect.signature(model.forward).parameters
+    for name in CACHE_KWARGS:
+        if name in parameters:
+            return name
+    return "cache" if _transformers_uses_cache_kwarg() else "past_key_values"
+
+
+def cache_from_model_kwargs(model_kwargs: dict[str, Any]) -> Any:
+    """The cache that ``generate()`` handed a ``custom_generate`` callable, under either name (or ``None``)."""
+    for name in CACHE_KWARGS:
+        if model_kwargs.get(name) is not None:
+            return model_kwargs[name]
+    return None
+
+
+def cache_of_output(output: Any) -> Any:
+    """The cache a model forward returned: ``output.cache`` (5.24+) or ``output.past_key_values``, without
+    touching the deprecated alias (which warns on 5.24)."""
+    fields = output.keys() if hasattr(output, "keys") else ()
+    for name in CACHE_KWARGS:
+        if name in fields:
+            return output[name]
+    return None
+
+
+def with_cache_field(output_cls: type, cache: Any) -> dict[str, Any]:
+    """``{field: cache}`` for a ``GenerateDecoderOnlyOutput``-like dataclass, under the field name it has."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(output_cls)}
+    for name in CACHE_KWARGS:
+        if name in names:
+            return {name: cache}
+    raise TypeError(f"{output_cls.__name__} has no cache field ({' or '.join(CACHE_KWARGS)}).")
+
+
+def streamer_of_calling_generate() -> Any:
+    """The ``streamer`` given to the ``generate()`` that called the current ``custom_generate`` callable.
+
+    transformers puts the prompt into the streamer but does not forward it to ``custom_generate`` callables
+    (``streamer`` is one of ``_sample``'s own parameters, so ``_extract_generation_mode_kwargs`` drops it),
+    so it is read from the nearest calling frame whose function is ``generate``. Checked on 5.23.0 and
+    5.24.0 (``tests/test_speculative.py`` streams through a strategy).
+    """
+    frame = inspect.currentframe()
+    try:
+        caller = frame.f_back if frame is not None else None
+        for _ in range(8):  # the strategy's __call__, then generate() (maybe under a decorator's wrapper)
+            if caller is None:
+                return None
+            if caller.f_code.co_name == "generate" and "streamer" in caller.f_locals:
+                return caller.f_locals["streamer"]
+            caller = caller.f_back
+        return None
+    finally:
+        del frame
+
+
+def pad_token_tensor(generation_config: Any) -> torch.Tensor | None:
+    """The pad token as a tensor, as ``generate()`` prepared it on the config (``_pad_token_tensor``)."""
+    return getattr(generation_config, "_pad_token_tensor", None)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Attention implementations (query capture for SparK)
+# ----------------------------------------------------------------------------------------------------
+
+
+def is_attention_registered(name: str) -> bool:
+    """Whether ``name`` is a registered attention implementation (built-in or registered at run time)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    valid = getattr(ALL_ATTENTION_FUNCTIONS, "valid_keys", None)
+    if valid is not None:  # public since transformers 5.x
+        return name in valid()
+    return name in ALL_ATTENTION_FUNCTIONS._global_mapping
+
+
+def mask_function_of(name: str) -> Any:
+    """The attention-mask builder registered for implementation ``name`` (``None`` when it has none)."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    return ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(name)
+
+
+def attention_implementation(config: PretrainedConfig) -> str | dict | None:
+    """The attention implementation a model config carries (``config._attn_implementation``)."""
+    return config._attn_implementation
+
+
+def set_attention_implementation(config: PretrainedConfig, name: str) -> None:
+    """Switch the attention implementation on the config object the attention modules read.
+
+    ``model.set_attn_implementation`` would need the model; the caches are built from ``model.config``
+    alone, and the modules read ``self.config._attn_implementation`` at every forward, so the config's
+    setter is enough. Checked on transformers 5.23.0 and 5.24.0.
+    """
+    config._attn_implementation = name
+
+
+def eager_attention_forward() -> Any:
+    """A reference eager attention function (Llama's), used under any architecture's attention modules.
+
+    Every modeling file defines its own copy with the same signature ``(module, query, key, value,
+    attention_mask, scaling, dropout, **kwargs)``; Llama's is the shared reference implementation.
+    """
+    from transformers.models.llama.modeling_llama import eager_attention_forward as eager
+
+    return eager
+
+
+# ----------------------------------------------------------------------------------------------------
+# Quantizers / checkpoint formats
+# ----------------------------------------------------------------------------------------------------
+
+
+def register_quantization_format(name: str, config_cls: type, quantizer_cls: type, replace: bool = True) -> None:
+    """Register ``config_cls`` / ``quantizer_cls`` with transformers under ``quant_method`` ``name``.
+
+    transformers' ``register_quantization_config`` / ``register_quantizer`` refuse a name that is taken; our
+    own earlier entry (a lazy placeholder, or a class before a module reload) is replaced by dropping it
+    from ``AUTO_QUANTIZATION_CONFIG_MAPPING`` / ``AUTO_QUANTIZER_MAPPING`` first. An entry of another
+    library under the same name raises. Checked on transformers 5.23.0 and 5.24.0.
+    """
+    auto = _quantizer_registry()
+    for mapping, cls in ((auto.AUTO_QUANTIZATION_CONFIG_MAPPING, config_cls), (auto.AUTO_QUANTIZER_MAPPING, quantizer_cls)):
+        existing = mapping.get(name)
+        if existing is not None and existing is not cls:
+            ours = getattr(existing, "hf_compress_format", None) == name or (
+                (existing.__module__, existing.__qualname__) == (cls.__module__, cls.__qualname__)
+            )
+            if not ours or not replace:
+                raise ValueError(
+                    f"quant_method {name!r} is already registered with transformers by "
+                    f"{existing.__module__}.{existing.__qualname__}."
+                )
+    auto.AUTO_QUANTIZATION_CONFIG_MAPPING.pop(name, None)
+    auto.AUTO_QUANTIZER_MAPPING.pop(name, None)
+    auto.register_quantization_config(name)(config_cls)
+    auto.register_quantizer(name)(quantizer_cls)
+
+
+def _quantizer_registry():
+    # importlib, not `from transformers.quantizers import auto`: this also runs while `transformers.quantizers`
+    # is still initialising (hf_compress.formats registers right after `auto` itself finished loading).
+    return importlib.import_module("transformers.quantizers.auto")
+
+
+def registered_quantization_config(name: str) -> type | None:
+    """The config class transformers has under ``quant_method`` ``name``, if any."""
+    return _quantizer_registry().AUTO_QUANTIZATION_CONFIG_MAPPING.get(name)
+
+
+def model_conversions(model: PreTrainedModel) -> list:
+    """The checkpoint conversions transformers applies to ``model`` on load and reverts on save.
+
+    The ones used at load are kept in ``model._weight_conversions``; a model built in memory has none
+    there, and gets the architecture's mapping (``get_model_conversion_mapping``). Checked on 5.23.0 and 5.24.0.
+    """
+    used = getattr(model, "_weight_conversions", None)
+    if used is not None:
+        return list(used)
+    from transformers.conversion_mapping import get_model_conversion_mapping
+
+    return list(get_model_conversion_mapping(model, add_legacy=False))
+
+
+def set_model_conversions(model: PreTrainedModel, conversions: list) -> None:
+    """Replace the conversions ``save_pretrained`` reverts (only if the model records any)."""
+    if getattr(model, "_weight_conversions", None) is not None:
+        model._weight_conversions = list(conversions)
+
+
+def quantizer_of(model: nn.Module) -> Any:
+    """The ``HfQuantizer`` attached to a loaded model (``model.hf_quantizer``), or ``None``."""
+    return getattr(model, "hf_quantizer", None)
+
+
+def attach_quantizer(model: PreTrainedModel, quantizer: Any, method: str) -> None:
+    """Mark ``model`` as quantized by ``quantizer``, as ``from_pretrained`` does for a quantized checkpoint."""
+    model.hf_quantizer = quantizer
+    model.is_quantized = True
+    model.quantization_method = method
+
+
+def detach_quantizer(model: PreTrainedModel) -> None:
+    """Make a loaded model an ordinary one again: no quantizer, not quantized (the config is left alone).
+
+    transformers refuses to save or train a model it believes quantized; these three attributes are what it
+    reads (``hf_quantizer``, ``is_quantized``, ``quantization_method``). Checked on 5.23.0 and 5.24.0.
+    """
+    if hasattr(model, "hf_quantizer"):
+        model.hf_quantizer = None
+    model.is_quantized = False
+    model.quantization_method = None
+
+
+def set_hub_name(config: PretrainedConfig, name: str) -> None:
+    """Record the Hub id a model came from (``config._name_or_path``, what ``model.name_or_path`` returns)."""
+    config._name_or_path = name
+
+
+# ----------------------------------------------------------------------------------------------------
+# peft
+# ----------------------------------------------------------------------------------------------------
+
+
+def extend_peft_type(name: str) -> Any:
+    """Return ``PeftType[name]``, adding the member (value ``name``) if peft does not define it (idempotent).
+
+    ``peft.utils.register_peft_method`` only accepts names that are members of the closed ``PeftType``
+    enum, which has no public way to grow. The member is added the way ``enum`` itself stores members, so
+    ``PeftType.DLQAT``, ``PeftType("DLQAT")``, iteration, pickling and ``== "DLQAT"`` all behave as for a
+    built-in member. Checked on peft 0.21.2.
+    """
+    from peft.utils import PeftType
+
+    if name in PeftType.__members__:
+        return PeftType[name]
+    member = str.__new__(PeftType, name)
+    member._name_ = name
+    member._value_ = name
+    member.__objclass__ = PeftType
+    PeftType._member_map_[name] = member
+    PeftType._value2member_map_[name] = member
+    PeftType._member_names_.append(name)
+    # EnumType.__setattr__ refuses to rebind members; this name is new, so set it on the class directly.
+    type.__setattr__(PeftType, name, member)
+    return member
+
+
+def peft_buffer_dict() -> type:
+    """peft's ``BufferDict`` (a ``ModuleDict`` of buffers, what LoRA-like layers keep per adapter)."""
+    from peft.tuners._buffer_dict import BufferDict
+
+    return BufferDict
+
+
+def has_peft_adapters(model: nn.Module) -> bool:
+    """Whether transformers' own PEFT integration has adapters loaded into ``model`` (``load_adapter``)."""
+    return bool(getattr(model, "_hf_peft_config_loaded", False))
+
+
+PEFT_ADAPTER_LOAD_HOOK = "_remap_adapter_state_dict_for_load"
+"""``BaseTuner`` classmethod peft calls with an adapter's state dict on load; DL-QAT overrides it to check
+the weights' fingerprints. Checked on peft 0.21.2."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# accelerate
+# ----------------------------------------------------------------------------------------------------
+
+
+def accelerate_hook(module: nn.Module) -> Any:
+    """The accelerate hook attached to ``module`` (``module._hf_hook``), or ``None``.
+
+    Offloaded modules carry an ``AlignDevicesHook`` whose ``pre_forward``/``post_forward`` load and offload
+    the weights and whose ``weights_map`` holds the stored copies; hf_compress calls those to edit weights
+    in place (``modeling.layers.onloaded``). Checked on accelerate 1.15.0.
+    """
+    return getattr(module, "_hf_hook", None)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Assumptions, checked against the installed versions
+# ----------------------------------------------------------------------------------------------------
+
+PRIVATE_NAMES: tuple[str, ...] = (
+    "_global_mapping",
+    "_attn_implementation",
+    "_pad_token_tensor",
+    "_weight_conversions",
+    "AUTO_QUANTIZER_MAPPING",
+    "AUTO_QUANTIZATION_CONFIG_MAPPING",
+    "_hf_hook",
+    "_buffer_dict",
+    "_member_map_",
+    "_value2member_map_",
+    "_name_or_path",
+    "f_back",
+    "f_locals",
+    "hf_quantizer",
+    "_hf_peft_config_loaded",
+    "conversion_mapping",
+    "modeling_llama",
+)
+"""Private or unstable names of other libraries that only this module may use (``tests/test_compat.py``)."""
+
+
+def check_assumptions() -> list[str]:
+    """Re-check every assumption above against the installed libraries; returns what no longer holds.
+
+    An empty list means every private path this module takes still exists with the expected shape.
+
+    Example:
+        >>> check_assumptions()
+        []
+    """
+    problems: list[str] = []
+
+    def expect(condition: bool, what: str) -> None:
+        if not condition:
+            problems.append(what)
+
+    try:
+        from transformers import DynamicCache, GenerationConfig
+        from transformers.generation import GenerateDecoderOnlyOutput
+        from transformers.generation.utils import GenerationMixin
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+        from transformers.quantizers import auto
+        from transformers.quantizers.base import HfQuantizer
+
+        expect("streamer" in inspect.signature(GenerationMixin._sample).parameters
+               and "streamer" in inspect.signature(GenerationMixin.generate).parameters,
+               "transformers: generate()/_sample() no longer take `streamer` (streamer_of_calling_generate)")
+        expect(GenerationMixin.generate.__name__ == "generate",
+               "transformers: generate() is wrapped by a function of another name (streamer_of_calling_generate)")
+        expect(isinstance(getattr(ALL_MASK_ATTENTION_FUNCTIONS, "_global_mapping", None), dict),
+               "transformers: AttentionMaskInterface has no `_global_mapping` dict (mask_function_of)")
+        expect(hasattr(ALL_ATTENTION_FUNCTIONS, "valid_keys") or hasattr(ALL_ATTENTION_FUNCTIONS, "_global_mapping"),
+               "transformers: AttentionInterface has neither valid_keys() nor _global_mapping (is_attention_registered)")
+        expect(isinstance(getattr(auto, "AUTO_QUANTIZER_MAPPING", None), dict)
+               and isinstance(getattr(auto, "AUTO_QUANTIZATION_CONFIG_MAPPING", None), dict),
+               "transformers: quantizers.auto has no AUTO_QUANTIZER_MAPPING / AUTO_QUANTIZATION_CONFIG_MAPPING dicts")
+        for hook in ("_process_model_before_weight_loading", "_process_model_after_weight_loading",
+                     "update_weight_conversions", "postprocess_model", "remove_quantization_config", "_dequantize"):
+            expect(hasattr(HfQuantizer, hook), f"transformers: HfQuantizer has no `{hook}` to override")
+        config = GenerationConfig()
+        expect(hasattr(config, "_pad_token_tensor") or "_pad_token_tensor" in inspect.getsource(GenerationMixin),
+               "transformers: generate() no longer prepares generation_config._pad_token_tensor (pad_token_tensor)")
+        expect(any(name in {f.name for f in __import__("dataclasses").fields(GenerateDecoderOnlyOutput)} for name in CACHE_KWARGS),
+               "transformers: GenerateDecoderOnlyOutput has no cache field (with_cache_field)")
+        expect(hasattr(DynamicCache, "crop"), "transformers: DynamicCache has no crop() (speculative rollback)")
+        expect(callable(eager_attention_forward()), "transformers: Llama has no eager_attention_forward")
+        from transformers.conversion_mapping import get_model_conversion_mapping
+
+        expect("add_legacy" in inspect.signature(get_model_conversion_mapping).parameters,
+               "transformers: get_model_conversion_mapping() takes no add_legacy (model_conversions)")
+    except ImportError as error:
+        problems.append(f"transformers: {error}")
+
+    try:
+        from peft.tuners.tuners_utils import BaseTuner
+        from peft.utils import PeftType
+
+        expect(all(hasattr(PeftType, attr) for attr in ("_member_map_", "_value2member_map_", "_member_names_")),
+               "peft: PeftType is no longer a plain Enum (extend_peft_type)")
+        expect(hasattr(BaseTuner, PEFT_ADAPTER_LOAD_HOOK), f"peft: BaseTuner has no {PEFT_ADAPTER_LOAD_HOOK} to override")
+        peft_buffer_dict()
+    except ImportError as error:
+        problems.append(f"peft: {error}")
+
+    try:
+        from accelerate.hooks import AlignDevicesHook
+
+        for attr in ("pre_forward", "post_forward"):
+            expect(hasattr(AlignDevicesHook, attr), f"accelerate: AlignDevicesHook has no {attr} (accelerate_hook)")
+        source = inspect.getsource(AlignDevicesHook.__init__)
+        for attr in ("offload", "weights_map", "place_submodules", "execution_device"):
+            expect(f"self.{attr}" in source, f"accelerate: AlignDevicesHook no longer sets `{attr}` (accelerate_hook)")
+    except ImportError as error:
+        problems.append(f"accelerate: {error}")
+    return problems
