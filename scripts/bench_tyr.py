@@ -40,8 +40,8 @@ from hf_compress.evaluation.report import rewrite_markdown, write_benchmark
 from hf_compress.evaluation.speed import measure_generation_speed
 from hf_compress.evaluation.suite import EvaluationSettings, headline_metrics, run_evaluation
 from hf_compress.pruning import BlockRemovalConfig, BlockRemovalPruner, TyrConfig, TyrPruner
-from hf_compress.pruning.slim_format import save_slim
-from hf_compress.pruning.structured import decoder_parameter_count
+from hf_compress.formats.slim import save_slim
+from hf_compress.modeling.structure import decoder_parameter_count
 
 
 logger = logging.getLogger("bench_tyr")
@@ -175,7 +175,7 @@ def _prefill_speed(model, tokenizer, tokens: int = 512, repeats: int = 3) -> flo
 def _speed_rerun(args) -> None:
     import json
 
-    from hf_compress.pruning.structured import apply_layer_widths, remove_blocks
+    from hf_compress.modeling.structure import apply_layer_widths, remove_blocks
 
     source = json.loads(Path("bench/results", f"{args.speed_from}.json").read_text())
     rows = source["results"]["rows"]

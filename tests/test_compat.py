@@ -104,6 +104,8 @@ def test_plain_from_pretrained_loads_a_sparse_checkpoint_after_import_hf_compres
     result = _run_python(
         imports + f"""
 model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "sparse")!r})
+import sys
+assert "hf_compress.pruning" not in sys.modules and "peft" not in sys.modules, "loading imported a method package"
 print(float(model.model.layers[0].mlp.up_proj.weight.double().abs().sum()))
 """
     )

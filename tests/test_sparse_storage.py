@@ -1,4 +1,4 @@
-"""Sparse on-disk storage of pruned models (hf_compress.pruning.storage / sparse_format) and its loader."""
+"""Sparse on-disk storage of pruned models (hf_compress.pruning.storage / formats.sparse) and its loader."""
 
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoModelForCausalLM
 from transformers.quantizers import auto as quantizers_auto
 
-import hf_compress.modeling.loading  # noqa: F401  registers the format with transformers
+import hf_compress.formats.base  # noqa: F401
 from hf_compress.assets import tiny_model
 from hf_compress.modeling import find_decoder_blocks, find_linear_layers, weight_matrix
-from hf_compress.modeling.loading import registered_formats
-from hf_compress.pruning.sparse_format import (
+from hf_compress.formats.base import registered_formats
+from hf_compress.formats.sparse import (
     FORMAT_NAME,
     SparseStorageConfig,
     decode_sparse,
@@ -367,7 +367,7 @@ def test_registered_with_transformers():
     assert quantizers_auto.AUTO_QUANTIZER_MAPPING[FORMAT_NAME] is registered_formats()[FORMAT_NAME]
     assert quantizers_auto.AUTO_QUANTIZATION_CONFIG_MAPPING[FORMAT_NAME] is SparseStorageConfig
     # Registering again (e.g. after a module reload) is harmless.
-    hf_compress.modeling.loading.register_format(registered_formats()[FORMAT_NAME])
+    hf_compress.formats.base.register_format(registered_formats()[FORMAT_NAME])
 
 
 def test_plain_transformers_refuses_and_import_registers(tmp_path):
@@ -385,7 +385,7 @@ def test_plain_transformers_refuses_and_import_registers(tmp_path):
             print("REFUSED:", error, file=sys.stderr)
         else:
             sys.exit("loaded without hf_compress")
-        import hf_compress.modeling.loading
+        import hf_compress
         model = AutoModelForCausalLM.from_pretrained({str(path)!r})
         print(float(model.model.layers[0].mlp.up_proj.weight.double().abs().sum()))
         """

@@ -12,8 +12,8 @@ import hf_compress  # noqa: F401  (registers the slim format)
 from hf_compress.assets import tiny_model
 from hf_compress.modeling import find_decoder_blocks
 from hf_compress.pruning import BlockRemovalConfig, BlockRemovalPruner, TyrConfig, TyrPruner
-from hf_compress.pruning.slim_format import attach_slim_format
-from hf_compress.pruning.structured import (
+from hf_compress.formats.slim import attach_slim_format
+from hf_compress.modeling.structure import (
     block_structure,
     decoder_parameter_count,
     layer_widths,

@@ -24,9 +24,9 @@ from typing import Any
 __all__ = ["FORMAT_MODULES", "load_format", "register_lazily"]
 
 FORMAT_MODULES: dict[str, str] = {
-    "hf_compress_sparse": "hf_compress.pruning.sparse_format",
-    "hf_compress_packed": "hf_compress.quantization.packed_format",
-    "hf_compress_slim": "hf_compress.pruning.slim_format",
+    "hf_compress_sparse": "hf_compress.formats.sparse",
+    "hf_compress_packed": "hf_compress.formats.packed",
+    "hf_compress_slim": "hf_compress.formats.slim",
 }
 """``quant_method`` → the module that implements it (and registers it when imported)."""
 
@@ -36,7 +36,7 @@ _REGISTRY_MODULE = "transformers.quantizers.auto"
 def load_format(name: str) -> type:
     """Import the module of format ``name`` and return its quantizer class (now registered with transformers)."""
     importlib.import_module(FORMAT_MODULES[name])
-    from ..modeling.loading import registered_formats
+    from .base import registered_formats
 
     return registered_formats()[name]
 

@@ -433,7 +433,7 @@ class BasePruner(ABC):
 
 def _check_save_dir(save_dir: Path, overwrite: bool, model: nn.Module) -> None:
     # Import the storage now, not after minutes of pruning: a broken install fails before any work.
-    from .storage import holds_model
+    from ..utils import holds_model
 
     if save_dir.exists() and not save_dir.is_dir():
         raise FileExistsError(f"save_dir {save_dir} is a file; pass a folder path.")

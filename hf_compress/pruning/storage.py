@@ -3,7 +3,7 @@
 ``save_pruned`` writes a normal transformers checkpoint folder (``config.json``,
 ``generation_config.json``, safetensors shards, tokenizer files) in which every linear weight of the
 decoder blocks that is sparse enough is stored in the ``hf_compress_sparse`` bitmask encoding
-(``hf_compress.pruning.sparse_format``); everything else (embeddings, norms, ``lm_head``, dense
+(``hf_compress.formats.sparse``); everything else (embeddings, norms, ``lm_head``, dense
 layers) is stored as usual. ``config.json`` records the format, the compressed modules, the
 pruning recipe and the measured bytes under ``quantization_config``.
 
@@ -12,7 +12,7 @@ Loading needs nothing but ``import hf_compress`` (which registers the format wit
     model = AutoModelForCausalLM.from_pretrained(folder)
 
 and gives an ordinary dense model with bit-identical weights (zeros come back as ``+0.0``, see
-``sparse_format``). Its ``save_pretrained`` writes a plain dense checkpoint; call ``save_pruned``
+``formats.sparse``). Its ``save_pretrained`` writes a plain dense checkpoint; call ``save_pruned``
 again to store it sparse.
 
 Example:
@@ -44,30 +44,13 @@ from transformers.core_model_loading import WeightConverter
 
 from .. import _compat
 from ..modeling.layers import find_decoder_blocks, find_linear_layers, onloaded
-from ..utils import atomic_directory, get_logger
-from .sparse_format import BITMASK_SUFFIX, SHAPE_SUFFIX, SparseStorageConfig, encode_sparse
+from ..formats.sparse import BITMASK_SUFFIX, SHAPE_SUFFIX, SparseStorageConfig, encode_sparse
+from ..utils import atomic_directory, get_logger, holds_model
 
 
-__all__ = ["MODEL_FILE_PATTERNS", "holds_model", "save_pruned", "sparse_state_dict"]
+__all__ = ["save_pruned", "sparse_state_dict"]
 
 logger = get_logger(__name__)
-
-MODEL_FILE_PATTERNS: tuple[str, ...] = (
-    "config.json", "*.safetensors", "*.safetensors.index.json", "*.bin", "*.gguf",
-)
-"""Files whose presence marks a folder as holding a model (``save_pruned`` refuses to overwrite it)."""
-
-
-def holds_model(folder: str | os.PathLike) -> bool:
-    """Whether ``folder`` contains a model checkpoint (``config.json`` or weight files).
-
-    Example:
-        >>> holds_model("/nonexistent")
-        False
-    """
-    folder = Path(folder)
-    return folder.is_dir() and any(any(folder.glob(pattern)) for pattern in MODEL_FILE_PATTERNS)
-
 
 def sparse_state_dict(
     model: PreTrainedModel, min_sparsity: float = 0.25

@@ -1,4 +1,6 @@
-"""Weight quantization: DL-QAT as a PEFT method, the packed low-bit format, and RTN.
+"""Weight quantization: DL-QAT as a PEFT method, the packed low-bit layer (its format is
+``hf_compress.formats.packed``), and RTN. Names load on first use, so importing one module (``grid``) does
+not import peft.
 
 Example:
     >>> from peft import get_peft_model
@@ -9,23 +11,23 @@ Example:
     <PeftType.DLQAT: 'DLQAT'>
 """
 
-from .dlqat import DLQAT_PEFT_TYPE, DLQATConfig, DLQATLinear, DLQATModel
-from .grid import SUPPORTED_BITS, QuantizationGrid, round_clamp_ste
-from .packed_format import PackedFormatConfig, PackedFormatQuantizer, packed_size, quantize_rtn
-from .packed_linear import PackedLinear
+from ..utils.import_hooks import lazy_exports
 
 
-__all__ = [
-    "DLQAT_PEFT_TYPE",
-    "SUPPORTED_BITS",
-    "DLQATConfig",
-    "DLQATLinear",
-    "DLQATModel",
-    "PackedFormatConfig",
-    "PackedFormatQuantizer",
-    "PackedLinear",
-    "QuantizationGrid",
-    "packed_size",
-    "quantize_rtn",
-    "round_clamp_ste",
-]
+_EXPORTS = {
+    "DLQAT_PEFT_TYPE": "dlqat",
+    "DLQATConfig": "dlqat",
+    "DLQATLinear": "dlqat",
+    "DLQATModel": "dlqat",
+    "SUPPORTED_BITS": "grid",
+    "QuantizationGrid": "grid",
+    "round_clamp_ste": "grid",
+    "PackedLinear": "packed_linear",
+    "quantize_rtn": "rtn",
+    "PackedFormatConfig": "hf_compress.formats.packed",
+    "PackedFormatQuantizer": "hf_compress.formats.packed",
+    "packed_size": "hf_compress.formats.packed",
+}
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)

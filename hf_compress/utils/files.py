@@ -12,6 +12,22 @@ from pathlib import Path
 
 CACHE_ENV = "HF_COMPRESS_CACHE"
 
+MODEL_FILE_PATTERNS: tuple[str, ...] = (
+    "config.json", "*.safetensors", "*.safetensors.index.json", "*.bin", "*.gguf",
+)
+"""Files whose presence marks a folder as holding a model (``save_pruned`` refuses to overwrite it)."""
+
+
+def holds_model(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` contains a model checkpoint (``config.json`` or weight files).
+
+    Example:
+        >>> holds_model("/nonexistent")
+        False
+    """
+    folder = Path(folder)
+    return folder.is_dir() and any(any(folder.glob(pattern)) for pattern in MODEL_FILE_PATTERNS)
+
 
 def cache_dir(*parts: str) -> Path:
     """The hf_compress cache (``$HF_COMPRESS_CACHE``, default ``~/.cache/hf_compress``), created on use.

@@ -1,4 +1,4 @@
-"""Run a callback once a module has been imported, without importing it ourselves.
+"""Import-time helpers: run a callback once a module is imported, and package attributes loaded on first use.
 
 ``import hf_compress`` must register its checkpoint formats with transformers and its PEFT method with
 peft, yet importing either (and torch under them) costs seconds. So registration waits for the user's
@@ -17,8 +17,8 @@ Example:
 
 from __future__ import annotations
 
+import importlib
 import importlib.abc
-import importlib.machinery
 import logging
 import sys
 import threading
@@ -26,7 +26,7 @@ from collections.abc import Callable
 from types import ModuleType
 
 
-__all__ = ["when_imported"]
+__all__ = ["lazy_exports", "when_imported"]
 
 logger = logging.getLogger(__name__)
 
@@ -96,3 +96,30 @@ _finder = _PostImportFinder()
 def _install_finder() -> None:
     if _finder not in sys.meta_path:
         sys.meta_path.insert(0, _finder)
+
+
+def lazy_exports(package: str, exports: dict[str, str]) -> tuple[Callable[[str], object], Callable[[], list[str]]]:
+    """``__getattr__`` and ``__dir__`` for a package whose public names live in submodules loaded on first use.
+
+    ``exports`` maps each public name to its submodule (relative to ``package``, or a full module name
+    starting with ``hf_compress.``). A package ``__init__``
+    then costs nothing to import, and importing one submodule (``pkg.grid``) does not import its siblings.
+
+    Example:
+        >>> __getattr__, __dir__ = lazy_exports("hf_compress.quantization", {"QuantizationGrid": "grid"})
+        >>> __getattr__("QuantizationGrid").__name__
+        'QuantizationGrid'
+    """
+
+    def __getattr__(name: str) -> object:
+        if name not in exports:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        module = exports[name] if exports[name].startswith("hf_compress.") else f"{package}.{exports[name]}"
+        value = getattr(importlib.import_module(module), name)
+        setattr(sys.modules[package], name, value)  # later lookups skip this function
+        return value
+
+    def __dir__() -> list[str]:
+        return sorted(set(vars(sys.modules[package])) | set(exports))
+
+    return __getattr__, __dir__

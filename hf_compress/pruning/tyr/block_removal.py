@@ -26,7 +26,7 @@ from torch import nn
 
 from ...modeling import BlockContext, find_decoder_blocks, for_each_block
 from ...utils import get_logger
-from ..structured import decoder_parameter_count, layer_widths, remove_blocks
+from ...modeling.structure import decoder_parameter_count, layer_widths, remove_blocks
 from .config import BlockRemovalConfig
 from .structural import StructuralPruner, StructuredPruningReport
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..structured import unit_channels
+from ...modeling.structure import unit_channels
 
 
 __all__ = ["LocalPruneResult", "LocalPruner"]

@@ -7,7 +7,7 @@
    (``supernet.build_supernet``), search the levels (``search.evolutionary_search``), re-centre, halve the
    step.
 3. Slice every block to its final allocation, with the local pruner's re-fitted output projections
-   (``structured.shrink_block``), and save it in the slim format.
+   (``modeling.structure.shrink_block``), and save it in the slim format.
 
 Everything a long run needs to resume lives in ``work_dir`` (dense output projections, teacher top-k,
 supernet block files, the search state after every generation).
@@ -43,7 +43,7 @@ from torch import nn
 
 from ...modeling import calibration_batches, find_decoder_blocks
 from ...utils import get_logger
-from ..structured import BlockStructure, block_structure, decoder_parameter_count, layer_widths, shrink_block
+from ...modeling.structure import BlockStructure, block_structure, decoder_parameter_count, layer_widths, shrink_block
 from .config import TyrConfig
 from .search import SearchSpace, SearchState, SparseKLFitness, evolutionary_search, rng_state
 from .structural import StructuralPruner, StructuredPruningReport

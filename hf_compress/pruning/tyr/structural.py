@@ -18,7 +18,7 @@ from torch import nn
 from ...hub import hub_model_id
 from ..base import BasePruner, _check_save_dir
 from ..config import PruningConfig
-from ..slim_format import save_slim
+from ...formats.slim import save_slim
 from .config import StructuralPruningConfig
 
 

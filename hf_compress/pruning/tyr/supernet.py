@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 
 from ...modeling import BlockContext, HessianCollector, for_each_block
 from ...utils import get_logger
-from ..structured import BlockStructure, unit_channels
+from ...modeling.structure import BlockStructure, unit_channels
 from .local_pruner import LocalPruner
 
 

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from ...modeling import replace_module
 from ...utils import get_logger
-from ..packed_format import PackedFormatConfig, attach_packed_format
+from ...formats.packed import PackedFormatConfig, attach_packed_format
 from ..packed_linear import PackedLinear
 from .config import DLQATConfig
 from .layer import DLQATLayer, DLQATLinear, fingerprints_match

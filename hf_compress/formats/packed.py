@@ -1,6 +1,6 @@
 """The ``hf_compress_packed`` checkpoint format: group-quantized linear weights stored as packed integers.
 
-A model exported by ``DLQATModel.merge_and_quantize()`` (or ``quantize_rtn``) holds ``PackedLinear``
+A model exported by ``DLQATModel.merge_and_quantize()`` (or ``hf_compress.quantization.quantize_rtn``) holds ``PackedLinear``
 layers in place of the quantized ``nn.Linear`` ones. Its ``save_pretrained`` writes their buffers
 (``qweight``, ``scales``, ``qzeros``; see ``packed_linear``) and a ``quantization_config``::
 
@@ -15,6 +15,7 @@ fine-tuned, and ``model.dequantize()`` turns it back into a float model with ``n
 
 Example:
     >>> from hf_compress.assets import tiny_model
+    >>> from hf_compress.quantization import quantize_rtn
     >>> model, _ = tiny_model("llama")
     >>> packed = quantize_rtn(model, bits=4, group_size=32)
     >>> type(packed.model.layers[0].mlp.up_proj).__name__, packed.config.quantization_config.bits
@@ -29,19 +30,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..modeling.layers import (
-    find_decoder_blocks,
-    find_linear_layers,
-    in_features,
-    out_features,
-    replace_module,
-    weight_matrix,
-)
 from .. import _compat
-from ..modeling.loading import CompressedFormatConfig, CompressedFormatQuantizer, register_format
+from ..modeling.layers import in_features, out_features, replace_module
+from ..quantization.grid import check_grid_arguments
+from ..quantization.packed_linear import PackedLinear
 from ..utils import get_logger
-from .grid import QuantizationGrid, check_grid_arguments
-from .packed_linear import PackedLinear
+from .base import CompressedFormatConfig, CompressedFormatQuantizer, register_format
 
 
 if TYPE_CHECKING:
@@ -54,7 +48,6 @@ __all__ = [
     "PackedFormatQuantizer",
     "attach_packed_format",
     "packed_size",
-    "quantize_rtn",
 ]
 
 logger = get_logger(__name__)
@@ -159,34 +152,3 @@ def packed_size(model: nn.Module) -> dict[str, int]:
         "packed": sum(m.packed_bytes() for m in packed),
         "bf16": sum(2 * m.in_features * m.out_features for m in packed),
     }
-
-
-@torch.no_grad()
-def quantize_rtn(
-    model: PreTrainedModel,
-    bits: int = 4,
-    group_size: int = 128,
-    symmetric: bool = False,
-    skip: Sequence[str] = (),
-) -> PreTrainedModel:
-    """Round-to-nearest: pack every linear layer (or ``Conv1D``) of the decoder blocks in place, no training.
-
-    The baseline of DL-QAT (and what a DL-QAT adapter at initialisation exports). ``skip`` holds
-    ``fnmatch`` patterns of qualified layer names to keep in full precision.
-    """
-    check_grid_arguments(bits, group_size)
-    prefix, blocks = find_decoder_blocks(model)
-    names = []
-    for index, block in enumerate(blocks):
-        qualified = f"{prefix}.{index}"
-        for name, layer in find_linear_layers(block, skip=skip, qualified_prefix=qualified).items():
-            w = weight_matrix(layer)
-            grid = QuantizationGrid.fit(w, bits, group_size, symmetric)
-            packed = PackedLinear.from_codes(
-                grid.quantize(w), grid.scale, grid.zero, bits, group_size,
-                bias=layer.bias, dtype=w.dtype,
-            )
-            replace_module(model, f"{qualified}.{name}", packed)
-            names.append(f"{qualified}.{name}")
-    config = PackedFormatConfig(bits, group_size, symmetric, names, recipe={"method": "rtn"})
-    return attach_packed_format(model, config)

@@ -1,10 +1,10 @@
-"""Loading hf_compress checkpoint formats with a plain ``from_pretrained``.
+"""The shared base of hf_compress's checkpoint formats, loaded with a plain ``from_pretrained``.
 
 transformers rebuilds a quantized checkpoint from the ``quantization_config`` entry of its
 ``config.json``: ``quant_method`` names a config class and an ``HfQuantizer`` in two registries
 (``transformers.quantizers.register_quantization_config`` / ``register_quantizer``). hf_compress
-stores its compressed formats (sparse bitmask checkpoints of pruned models, and later packed or
-slimmed ones) the same way, so a user only needs ``import hf_compress`` before
+stores its compressed formats (sparse bitmask checkpoints of pruned models, packed low-bit ones, slim
+structurally pruned ones) the same way, so a user only needs ``import hf_compress`` before
 ``AutoModelForCausalLM.from_pretrained(folder)``; nothing else changes.
 
 This module is the shared mechanism:
@@ -20,10 +20,11 @@ This module is the shared mechanism:
 - ``register_format``: a small registry from ``quant_method`` to the classes above, which also
   registers them with transformers (idempotent, so a module reload does not fail).
 
-Importing this module registers the built-in formats (``hf_compress_sparse``, ``hf_compress_packed``).
+Each format module (``sparse.py``, ``packed.py``, ``slim.py``) registers itself when imported;
+``import hf_compress`` arranges that through :mod:`hf_compress.formats` without importing them.
 
 Example:
-    >>> import hf_compress.modeling.loading  # registers hf_compress formats  # doctest: +SKIP
+    >>> import hf_compress  # formats register when transformers' quantizer registry loads  # doctest: +SKIP
     >>> from transformers import AutoModelForCausalLM
     >>> model = AutoModelForCausalLM.from_pretrained("pruned-2-4")  # doctest: +SKIP
 """
@@ -38,7 +39,6 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .. import _compat
-from ..formats import FORMAT_MODULES
 from ..utils import get_logger
 
 
@@ -48,7 +48,6 @@ if TYPE_CHECKING:
 
 
 __all__ = [
-    "BUILTIN_FORMAT_MODULES",
     "CompressedFormatConfig",
     "CompressedFormatQuantizer",
     "register_format",
@@ -56,9 +55,6 @@ __all__ = [
 ]
 
 logger = get_logger(__name__)
-
-BUILTIN_FORMAT_MODULES: tuple[str, ...] = tuple(FORMAT_MODULES.values())
-"""Modules defining hf_compress's formats; each registers its format when imported."""
 
 _FORMATS: dict[str, type[CompressedFormatQuantizer]] = {}
 
@@ -185,16 +181,14 @@ def register_format(quantizer_cls: type[CompressedFormatQuantizer]) -> type[Comp
 
 
 def registered_formats() -> dict[str, type[CompressedFormatQuantizer]]:
-    """The hf_compress formats registered with transformers, by ``quant_method``.
+    """The hf_compress formats registered with transformers, by ``quant_method`` (imports every format module).
 
     Example:
         >>> "hf_compress_sparse" in registered_formats()
         True
     """
+    from . import FORMAT_MODULES
+
+    for module in FORMAT_MODULES.values():
+        importlib.import_module(module)
     return dict(_FORMATS)
-
-
-# Last, so that format modules importing this one (``from ..modeling.loading import ...``) find every name
-# defined even when they are imported first.
-for _module in BUILTIN_FORMAT_MODULES:
-    importlib.import_module(_module)

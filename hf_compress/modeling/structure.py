@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..modeling.layers import find_decoder_blocks
+from .layers import find_decoder_blocks
 
 
 __all__ = [

@@ -15,7 +15,7 @@ they are. The model that comes back is an ordinary transformers model, just smal
 
 Example:
     >>> from hf_compress.assets import tiny_model
-    >>> from hf_compress.pruning.structured import block_structure, shrink_block
+    >>> from hf_compress.modeling.structure import block_structure, shrink_block
     >>> model, _ = tiny_model("llama")
     >>> shrink_block(block_structure(model.model.layers[1]), kept_ffn=torch.arange(32))
     >>> attach_slim_format(model).layers[1]["intermediate_size"]
@@ -34,8 +34,8 @@ from typing import TYPE_CHECKING, Any
 import torch  # noqa: F401  (doctest namespace)
 
 from .. import _compat
-from ..modeling.loading import CompressedFormatConfig, CompressedFormatQuantizer, register_format
-from .structured import apply_layer_widths, layer_widths
+from .base import CompressedFormatConfig, CompressedFormatQuantizer, register_format
+from ..modeling.structure import apply_layer_widths, layer_widths
 
 
 if TYPE_CHECKING:
@@ -126,8 +126,7 @@ def save_slim(
         >>> save_slim(model, tokenizer, "smollm2-tyr-30", recipe=config.to_dict())  # doctest: +SKIP
     """
     from ..hub import build_model_card, write_model_card
-    from ..utils import atomic_directory
-    from .storage import holds_model
+    from ..utils import atomic_directory, holds_model
 
     target = Path(save_dir)
     if holds_model(target) and not overwrite:

@@ -28,7 +28,7 @@ the mismatch), instead of silently leaving randomly initialised layers.
 
 **Loading.** ``config.json`` carries ``quantization_config = {"quant_method": "hf_compress_sparse", ...}``
 (``SparseStorageConfig``). ``SparseStorageQuantizer`` is registered with transformers under that
-name (``hf_compress.modeling.loading``); it appends one v5 ``WeightConverter`` that gathers
+name (``hf_compress.formats.base``); it appends one v5 ``WeightConverter`` that gathers
 ``weight``/``weight_bitmask``/``weight_shape`` of each parameter and runs ``SparseDecode``, which
 returns the dense tensor (a ``weight`` stored dense passes through unchanged). The model then
 holds ordinary dense ``nn.Linear``/``Conv1D`` weights.
@@ -52,7 +52,7 @@ from typing import Any, NamedTuple
 import torch
 from transformers.core_model_loading import ConversionOps, WeightConverter
 
-from ..modeling.loading import CompressedFormatConfig, CompressedFormatQuantizer, register_format
+from .base import CompressedFormatConfig, CompressedFormatQuantizer, register_format
 from ..utils import get_logger
 
 
@@ -281,7 +281,7 @@ class SparseStorageQuantizer(CompressedFormatQuantizer):
     """Decodes ``hf_compress_sparse`` checkpoints while ``from_pretrained`` reads them.
 
     Registered with transformers under ``quant_method="hf_compress_sparse"`` when
-    ``hf_compress.modeling.loading`` is imported. Every key ending in ``weight`` is routed through
+    ``hf_compress`` is imported. Every key ending in ``weight`` is routed through
     one ``WeightConverter`` (after the model's own converters, which keep precedence), gathering
     ``weight``, ``weight_bitmask`` and ``weight_shape`` of a parameter for ``SparseDecode``.
     """

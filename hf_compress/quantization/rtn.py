@@ -1,0 +1,58 @@
+"""Round-to-nearest quantization into the packed low-bit format: DL-QAT's baseline, no training.
+
+Example:
+    >>> from hf_compress.assets import tiny_model
+    >>> packed = quantize_rtn(tiny_model("llama")[0], bits=4, group_size=32)
+    >>> packed.config.quantization_config.recipe
+    {'method': 'rtn'}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..formats.packed import PackedFormatConfig, attach_packed_format
+from ..modeling.layers import find_decoder_blocks, find_linear_layers, replace_module, weight_matrix
+from .grid import QuantizationGrid, check_grid_arguments
+from .packed_linear import PackedLinear
+
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+
+__all__ = ["quantize_rtn"]
+
+
+@torch.no_grad()
+def quantize_rtn(
+    model: PreTrainedModel,
+    bits: int = 4,
+    group_size: int = 128,
+    symmetric: bool = False,
+    skip: Sequence[str] = (),
+) -> PreTrainedModel:
+    """Round-to-nearest: pack every linear layer (or ``Conv1D``) of the decoder blocks in place, no training.
+
+    The baseline of DL-QAT (and what a DL-QAT adapter at initialisation exports). ``skip`` holds
+    ``fnmatch`` patterns of qualified layer names to keep in full precision.
+    """
+    check_grid_arguments(bits, group_size)
+    prefix, blocks = find_decoder_blocks(model)
+    names = []
+    for index, block in enumerate(blocks):
+        qualified = f"{prefix}.{index}"
+        for name, layer in find_linear_layers(block, skip=skip, qualified_prefix=qualified).items():
+            w = weight_matrix(layer)
+            grid = QuantizationGrid.fit(w, bits, group_size, symmetric)
+            packed = PackedLinear.from_codes(
+                grid.quantize(w), grid.scale, grid.zero, bits, group_size,
+                bias=layer.bias, dtype=w.dtype,
+            )
+            replace_module(model, f"{qualified}.{name}", packed)
+            names.append(f"{qualified}.{name}")
+    config = PackedFormatConfig(bits, group_size, symmetric, names, recipe={"method": "rtn"})
+    return attach_packed_format(model, config)
