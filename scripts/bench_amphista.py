@@ -40,7 +40,7 @@ import torch
 from hf_compress.assets import load_model, load_text, speed_prompts
 from hf_compress.evaluation.report import rewrite_markdown, write_benchmark
 from hf_compress.modeling.calibration import calibration_batches
-from hf_compress.speculative.amphista import (
+from hf_compress.speculative.heads import (
     Amphista,
     AmphistaConfig,
     AmphistaHeads,

@@ -36,7 +36,8 @@ from hf_compress.evaluation.memory import disk_bytes
 from hf_compress.evaluation.report import rewrite_markdown, write_benchmark
 from hf_compress.evaluation.suite import EvaluationSettings, headline_metrics, run_evaluation
 from hf_compress.modeling import calibration_batches
-from hf_compress.pruning import PRUNERS, PruningConfig, SDSConfig
+from hf_compress.pruning import PRUNERS, MaskPruner, PruningConfig, SDSConfig
+from hf_compress.pruning.sds import sds_bases
 from hf_compress.pruning.storage import save_pruned
 
 
@@ -44,15 +45,20 @@ logger = logging.getLogger("bench_pruning")
 
 TASKS = ("arc_easy", "piqa", "hellaswag")
 LIMITS = {"arc_easy": None, "piqa": 1000, "hellaswag": 1000}
-METHODS: dict[str, tuple[str, dict[str, Any]]] = {
-    "magnitude": ("magnitude", {}),
-    "wanda": ("wanda", {}),
-    "sparsegpt": ("sparsegpt", {}),
-    "sds-wanda": ("sds", {"base": "wanda"}),
-    "sds-sparsegpt": ("sds", {"base": "sparsegpt"}),
-    "sds-wanda+tune": ("sds", {"base": "wanda", "final_tuning_epochs": 2}),
-    "sds-sparsegpt+tune": ("sds", {"base": "sparsegpt", "final_tuning_epochs": 2}),
-}
+
+
+def _methods() -> dict[str, tuple[str, dict[str, Any]]]:
+    """Every registered layer-wise pruner, and SDS around each of its bases (± mask-fixed tuning)."""
+    methods: dict[str, tuple[str, dict[str, Any]]] = {
+        method: (method, {}) for method, cls in PRUNERS.items() if issubclass(cls, MaskPruner) and method != "sds"
+    }
+    for base in sds_bases():
+        methods[f"sds-{base}"] = ("sds", {"base": base})
+        methods[f"sds-{base}+tune"] = ("sds", {"base": base, "final_tuning_epochs": 2})
+    return methods
+
+
+METHODS = _methods()
 DEFAULT_METHODS = ("magnitude", "wanda", "sparsegpt", "sds-wanda", "sds-sparsegpt")
 
 

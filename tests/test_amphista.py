@@ -8,7 +8,7 @@ import torch
 from hf_compress.assets import tiny_model
 from hf_compress.hub import read_recipe
 from hf_compress.speculative import StrictGreedy, TypicalAcceptance
-from hf_compress.speculative.amphista import (
+from hf_compress.speculative.heads import (
     Amphista,
     AmphistaConfig,
     AmphistaHeads,
@@ -24,7 +24,7 @@ from hf_compress.speculative.amphista import (
     self_distillation_dataset,
     train_heads,
 )
-from hf_compress.speculative.amphista.training import HeadsTrainingModule, TimeBudget
+from hf_compress.speculative.heads.training import HeadsTrainingModule, TimeBudget
 from hf_compress.training import TrainingSettings
 
 

@@ -17,7 +17,7 @@ from .reference_models import (
     reference_model_path,
 )
 from .resolve import load_model
-from .text import load_news, load_text, load_wikipedia, speed_prompts, strip_wikitext
+from .text import CALIBRATION_TEXTS, load_calibration_text, load_news, load_text, load_wikipedia, speed_prompts, strip_wikitext
 from .zero_shot import ZERO_SHOT_TASKS, load_gsm8k, load_squad, load_zero_shot_task
 from .tiny_models import TINY_ARCHITECTURES, tiny_config, tiny_model, tiny_tokenizer
 
@@ -25,9 +25,11 @@ from .tiny_models import TINY_ARCHITECTURES, tiny_config, tiny_model, tiny_token
 __all__ = [
     "DEFAULT_REFERENCE_MODEL",
     "MissingAssetError",
+    "CALIBRATION_TEXTS",
     "REFERENCE_MODELS",
     "TINY_ARCHITECTURES",
     "ZERO_SHOT_TASKS",
+    "load_calibration_text",
     "load_gsm8k",
     "load_model",
     "load_news",

@@ -18,8 +18,10 @@ import functools
 import hashlib
 import html
 import io
+import os
 import re
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 from datasets import Dataset
 
@@ -73,6 +75,33 @@ def load_text(name: str = "wikipedia", split: str = "eval") -> Dataset:
     if name == "news":
         return load_news()
     raise ValueError(f"Unknown text set {name!r}; choose 'wikipedia' or 'news'.")
+
+
+CALIBRATION_TEXTS = ("wikipedia", "news")
+
+
+def load_calibration_text(spec: str | os.PathLike = "wikipedia") -> Dataset | list[str]:
+    """Calibration text by name or file: ``"wikipedia"`` (its calibration split), ``"news"``, or the path of a
+    UTF-8 text file (split into paragraphs at blank lines).
+
+    Example:
+        >>> load_calibration_text("no-such-file.txt")
+        Traceback (most recent call last):
+        ...
+        ValueError: calibration text 'no-such-file.txt' is neither 'wikipedia', 'news' nor a readable text file.
+    """
+    name = os.fspath(spec)
+    if name == "wikipedia":
+        return load_text("wikipedia", "calibration")
+    if name == "news":
+        return load_text("news")
+    path = Path(name)
+    if not path.is_file():
+        raise ValueError(f"calibration text {name!r} is neither 'wikipedia', 'news' nor a readable text file.")
+    paragraphs = [p.strip() for p in path.read_text(encoding="utf-8").split("\n\n") if p.strip()]
+    if not paragraphs:
+        raise ValueError(f"calibration text file {name} is empty.")
+    return paragraphs
 
 
 def _wiki_split_of(title: str) -> str:

@@ -39,6 +39,18 @@ def command(name: str, help: str, add_arguments: Callable[[argparse.ArgumentPars
 METHOD_COMMAND_MODULES = ("hf_compress.pruning.cli", "hf_compress.quantization.cli")
 
 
+def common_flags() -> argparse.ArgumentParser:
+    """``--debug`` and ``-q``, for sub-command parsers (and their own sub-commands) to accept as parents.
+
+    The common flags are accepted before or after the sub-command; SUPPRESS keeps a sub-parser's default
+    from overwriting a value given before it.
+    """
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks and debug logs")
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="only warnings and results")
+    return common
+
+
 def build_parser() -> argparse.ArgumentParser:
     import importlib
 
@@ -52,11 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="LLM compression methods as first-class Hugging Face citizens.",
     )
     parser.add_argument("--version", action="version", version=f"hf_compress {__version__}")
-    # The common flags are accepted before or after the sub-command; SUPPRESS keeps a sub-parser's
-    # default from overwriting a value given before it.
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks and debug logs")
-    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="only warnings and results")
+    common = common_flags()
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
     parser.set_defaults(debug=False, quiet=False)

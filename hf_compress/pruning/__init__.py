@@ -7,6 +7,12 @@ Every pruner loads like an Optimum class and prunes every linear layer of every 
 N:M pattern ("N:M" = at most N non-zeros in every M consecutive input weights of a row). Embeddings
 and ``lm_head`` are never pruned; more layers can be left dense with ``skip`` patterns.
 
+One folder per method (``magnitude/``, ``wanda/``, ``sparsegpt/``, ``sds/``, ``tyr/``, ``block_removal/``),
+each with its ``config.py`` and ``pruner.py``; the shared mechanisms (``base.py``, ``mask_pruner.py``,
+``structural.py``, ``config.py``, ``masks.py``, ``storage.py``, ``registry.py``) live here once. Names load
+on first use: ``from hf_compress.pruning import WandaPruner`` imports Wanda's folder only, and any name a
+method folder exports (its ``__all__``) is found without being listed here.
+
 Example:
     >>> from hf_compress.assets import load_text
     >>> from hf_compress.pruning import SparseGPTConfig, SparseGPTPruner
@@ -16,64 +22,59 @@ Example:
     >>> model = pruner.prune(config, calibration, save_dir="smollm2-2of4/")  # doctest: +SKIP
 """
 
-from .base import BasePruner, LayerReport, PruningReport
-from .config import (
-    MagnitudeConfig,
-    PruningConfig,
-    SDSConfig,
-    SparseGPTConfig,
-    SparsityPattern,
-    WandaConfig,
-    parse_sparsity,
-)
-from .magnitude import MagnitudePruner
-from .masks import (
-    check_pattern,
-    expected_pruned_count,
-    n_m_mask,
-    pattern_mask,
-    sparsity_of,
-    unstructured_mask,
-)
-from .sds import SDSPruner
-from .sparsegpt import SparseGPTPruner, sparsegpt_prune
-from .tyr import BlockRemovalConfig, BlockRemovalPruner, TyrConfig, TyrPruner
-from .wanda import WandaPruner, wanda_scores
+import importlib
+import sys
+
+from .registry import PRUNERS, discover_methods
 
 
-PRUNERS: dict[str, type[BasePruner]] = {
-    pruner.config_class.method: pruner
-    for pruner in (MagnitudePruner, WandaPruner, SparseGPTPruner, SDSPruner, TyrPruner, BlockRemovalPruner)
+_SHARED = {
+    "BasePruner": "base",
+    "RECIPE_KEY": "base",
+    "MaskPruner": "mask_pruner",
+    "LayerReport": "mask_pruner",
+    "PruningReport": "mask_pruner",
+    "StructuralPruner": "structural",
+    "StructuredPruningReport": "structural",
+    "PruningConfig": "config",
+    "SparsityPattern": "config",
+    "StructuralPruningConfig": "config",
+    "parse_sparsity": "config",
+    "check_pattern": "masks",
+    "expected_pruned_count": "masks",
+    "n_m_mask": "masks",
+    "pattern_mask": "masks",
+    "sparsity_of": "masks",
+    "unstructured_mask": "masks",
 }
-"""Pruner class by method name (the ``method`` of its config)."""
+# The methods' own names, so the common ones load without scanning every folder.
+_METHODS = {
+    "MagnitudeConfig": "magnitude", "MagnitudePruner": "magnitude",
+    "WandaConfig": "wanda", "WandaPruner": "wanda", "wanda_scores": "wanda",
+    "SparseGPTConfig": "sparsegpt", "SparseGPTPruner": "sparsegpt", "sparsegpt_prune": "sparsegpt",
+    "SDSConfig": "sds", "SDSPruner": "sds",
+    "TyrConfig": "tyr", "TyrPruner": "tyr",
+    "BlockRemovalConfig": "block_removal", "BlockRemovalPruner": "block_removal",
+}
 
 
-__all__ = [
-    "PRUNERS",
-    "BasePruner",
-    "BlockRemovalConfig",
-    "BlockRemovalPruner",
-    "LayerReport",
-    "MagnitudeConfig",
-    "MagnitudePruner",
-    "PruningConfig",
-    "PruningReport",
-    "SDSConfig",
-    "SDSPruner",
-    "SparseGPTConfig",
-    "SparseGPTPruner",
-    "SparsityPattern",
-    "TyrConfig",
-    "TyrPruner",
-    "WandaConfig",
-    "WandaPruner",
-    "check_pattern",
-    "expected_pruned_count",
-    "n_m_mask",
-    "parse_sparsity",
-    "pattern_mask",
-    "sparsegpt_prune",
-    "sparsity_of",
-    "unstructured_mask",
-    "wanda_scores",
-]
+def __getattr__(name: str):
+    module = _SHARED.get(name) or _METHODS.get(name)
+    if module is not None:
+        value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    else:  # a name exported by a method folder this file does not list
+        discover_methods()
+        packages = [m for key, m in sys.modules.items() if key.startswith(f"{__name__}.") and key.count(".") == 2]
+        found = [getattr(p, name) for p in packages if name in getattr(p, "__all__", ())]
+        if not found:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        value = found[0]
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_SHARED) | set(_METHODS))
+
+
+__all__ = ["PRUNERS", "discover_methods", *sorted(_SHARED), *sorted(_METHODS)]

@@ -13,14 +13,16 @@ convention is visible wherever the pattern is used.
 
 Configs are plain dataclasses with a JSON round trip and a registry keyed by ``method``, so
 ``PruningConfig.from_dict(d)`` returns the right subclass (a recipe stored in a model's
-``config.json`` can be rebuilt without knowing its method in advance).
+``config.json`` can be rebuilt without knowing its method in advance). Each method's config lives in
+its own folder (``wanda/config.py``, ...) and registers itself by defining ``method``. Fields may carry
+``metadata={"cli": [...]}`` (extra flag spellings of ``hf-compress prune``) or ``{"cli": None}`` (no flag).
 
 Example:
     >>> parse_sparsity("2:4")
     SparsityPattern('2:4')
     >>> parse_sparsity("50%").ratio
     0.5
-    >>> config = SparseGPTConfig(sparsity="2:4", skip=["*down_proj"])
+    >>> config = PruningConfig.from_dict({"method": "sparsegpt", "sparsity": "2:4", "skip": ["*down_proj"]})
     >>> PruningConfig.from_dict(config.to_dict()) == config
     True
 """
@@ -47,12 +49,10 @@ from ..utils import atomic_file
 
 
 __all__ = [
-    "MagnitudeConfig",
     "PruningConfig",
-    "SDSConfig",
-    "SparseGPTConfig",
     "SparsityPattern",
-    "WandaConfig",
+    "StructuralPruningConfig",
+    "check_number",
     "parse_sparsity",
 ]
 
@@ -179,7 +179,7 @@ class PruningConfig:
         batch_size: calibration sequences per forward micro-batch.
 
     Example:
-        >>> WandaConfig(sparsity="50%").sparsity
+        >>> PruningConfig.from_dict({"method": "wanda", "sparsity": "50%"}).sparsity
         0.5
     """
 
@@ -188,8 +188,8 @@ class PruningConfig:
 
     sparsity: float | str = 0.5
     skip: list[str] = field(default_factory=list)
-    num_calibration_sequences: int = 128
-    calibration_seq_len: int = 512
+    num_calibration_sequences: int = field(default=128, metadata={"cli": ["--calibration-sequences"]})
+    calibration_seq_len: int = field(default=512, metadata={"cli": ["--seq-len"]})
     calibration_seed: int = 0
     batch_size: int = 8
 
@@ -227,7 +227,7 @@ class PruningConfig:
         """A JSON-ready dict: ``method`` plus every field.
 
         Example:
-            >>> MagnitudeConfig(sparsity="2:4").to_dict()["method"]
+            >>> PruningConfig.from_dict({"method": "magnitude", "sparsity": "2:4"}).to_dict()["method"]
             'magnitude'
         """
         fields = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
@@ -249,6 +249,10 @@ class PruningConfig:
         method = data.pop("method", None)
         target: type[PruningConfig] = cls
         if method is not None:
+            if method not in _REGISTRY:
+                from .registry import discover_methods
+
+                discover_methods()  # method folders register their configs when imported
             if method not in _REGISTRY:
                 raise ValueError(f"unknown pruning method {method!r}; known: {', '.join(sorted(_REGISTRY))}.")
             target = _REGISTRY[method]
@@ -283,7 +287,7 @@ class PruningConfig:
         """Read a config written by ``to_json_file``.
 
         Example:
-            >>> WandaConfig(sparsity=0.5).to_json_file("pruning.json")  # doctest: +SKIP
+            >>> config.to_json_file("pruning.json")  # doctest: +SKIP
             >>> PruningConfig.from_json_file("pruning.json")  # doctest: +SKIP
             WandaConfig(sparsity=0.5, skip=[], ...)
         """
@@ -298,165 +302,43 @@ def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-@dataclass
-class MagnitudeConfig(PruningConfig):
-    """Magnitude pruning: score ``|W|``; an unstructured ratio is applied per layer (whole matrix).
-
-    Needs no calibration data (the calibration fields are kept for a uniform recipe but unused).
-
-    Example:
-        >>> MagnitudeConfig(sparsity=0.5, skip=["mlp.*"]).skip
-        ['mlp.*']
-    """
-
-    method: ClassVar[str] = "magnitude"
-
-
-@dataclass
-class WandaConfig(PruningConfig):
-    """Wanda: score ``|W_ij| · ‖X_j‖₂``, compared within each output row (N:M groups within rows).
-
-    Example:
-        >>> WandaConfig(sparsity="4:8").pattern.kept_per_group
-        4
-    """
-
-    method: ClassVar[str] = "wanda"
-
-
-@dataclass
-class SparseGPTConfig(PruningConfig):
-    """SparseGPT: OBS weight reconstruction from the layer Hessian ``2/n Σ x xᵀ``.
-
-    Args:
-        blocksize: columns per lazy batch; the unstructured mask is chosen per block of this many
-            columns. For N:M it is rounded down to a multiple of M (groups must not straddle blocks;
-            the result does not depend on it otherwise).
-        percdamp: damping ``λ = percdamp · mean(diag H)`` added to the Hessian's diagonal.
-
-    Example:
-        >>> SparseGPTConfig(sparsity="2:4").percdamp
-        0.01
-    """
-
-    method: ClassVar[str] = "sparsegpt"
-
-    blocksize: int = 128
-    percdamp: float = 0.01
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if isinstance(self.blocksize, bool) or not isinstance(self.blocksize, int) or self.blocksize < 1:
-            raise ValueError(f"blocksize must be a positive integer, got {self.blocksize!r}.")
-        _check_number(self, "percdamp", positive=True)
-
-
-_SDS_BASES = ("magnitude", "wanda", "sparsegpt")
-_SDS_TARGETS = ("reactivated", "all")
-
-
-@dataclass
-class SDSConfig(PruningConfig):
-    """SDS (Sparse-Dense-Sparse): prune, re-dense with sparse regularisation, prune again.
-
-    For each decoder block: (1) prune with the ``base`` one-shot pruner; (2) re-activate the pruned
-    weights (they restart at zero) and train the block's dense linear weights for ``redense_epochs``
-    to reproduce the *dense original* block's outputs on the same inputs, with loss
-    ``‖Y − Y_dense‖² / ‖Y_dense‖² + sparse_regularization · R_sparse + anchor_regularization · R_anchor``;
-    (3) prune again with the same pruner and pattern on fresh statistics. Optionally (4) tune the
-    surviving weights with the mask fixed for ``final_tuning_epochs``. With ``revert_if_worse`` a block
-    whose final reconstruction error is above the first prune's keeps the first prune's weights.
-
-    Learning rates are relative: each weight matrix's AdamW rate is the given value times its RMS, so
-    ``5e-3`` moves every matrix by about 0.5% of its typical weight per step, whatever its scale.
-
-    The regularisers are normalised so their weights do not depend on the layer's scale:
-    ``R_sparse = mean|W ⊙ P| / mean|W_dense|`` with ``P`` the weights pruned in step 1
-    (``sparse_regularization_target="reactivated"``) or every weight (``"all"``), and
-    ``R_anchor = mean((W − W_1)² ⊙ K) / mean(W_dense²)`` with ``K`` the step-1 survivors.
-
-    The paper's exact regulariser formulas, optimiser settings and step counts are not public in the
-    text we could read (see ``shared/methods/sds.md``); the defaults are this library's choices,
-    measured in ``bench/results/pruning.md``.
-
-    Args:
-        base: the one-shot pruner of steps 1 and 3: ``"sparsegpt"``, ``"wanda"`` or ``"magnitude"``.
-        base_options: further fields of the base pruner's config (e.g. ``{"percdamp": 0.01}``).
-        redense_epochs: passes over the calibration micro-batches in the re-dense step.
-        redense_learning_rate: AdamW learning rate of the re-dense step, relative to each matrix's RMS.
-        sparse_regularization: weight of ``R_sparse``.
-        sparse_regularization_target: ``"reactivated"`` or ``"all"`` (see above).
-        anchor_regularization: weight of ``R_anchor`` (0 disables it).
-        final_tuning_epochs: mask-fixed tuning passes after the second prune (0: off).
-        final_tuning_learning_rate: relative AdamW learning rate of that tuning.
-        revert_if_worse: keep the first prune's weights for a block whose error SDS did not lower.
-
-    Example:
-        >>> config = SDSConfig(sparsity="2:4", base="wanda")
-        >>> config.base_config() == WandaConfig(sparsity="2:4")
-        True
-        >>> PruningConfig.from_dict(config.to_dict()) == config
-        True
-    """
-
-    method: ClassVar[str] = "sds"
-
-    base: str = "sparsegpt"
-    base_options: dict[str, Any] = field(default_factory=dict)
-    redense_epochs: int = 2
-    redense_learning_rate: float = 5e-3
-    sparse_regularization: float = 0.1
-    sparse_regularization_target: str = "reactivated"
-    anchor_regularization: float = 0.0
-    final_tuning_epochs: int = 0
-    final_tuning_learning_rate: float = 5e-3
-    revert_if_worse: bool = True
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.base not in _SDS_BASES:
-            raise ValueError(f"SDS base must be one of {', '.join(_SDS_BASES)}, got {self.base!r}.")
-        if self.sparse_regularization_target not in _SDS_TARGETS:
-            raise ValueError(
-                f"sparse_regularization_target must be one of {', '.join(_SDS_TARGETS)}, "
-                f"got {self.sparse_regularization_target!r}."
-            )
-        if not isinstance(self.base_options, dict):
-            raise TypeError(
-                f"base_options must be a dict of {self.base} config fields, got {self.base_options!r}."
-            )
-        for name in ("redense_epochs", "final_tuning_epochs"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be a non-negative integer, got {value!r}.")
-        for name in ("redense_learning_rate", "final_tuning_learning_rate"):
-            _check_number(self, name, positive=True)
-        for name in ("sparse_regularization", "anchor_regularization"):
-            _check_number(self, name, positive=False)
-        if not isinstance(self.revert_if_worse, bool):
-            raise TypeError(f"revert_if_worse must be True or False, got {self.revert_if_worse!r}.")
-        self.base_config()  # invalid base_options fail now, not after the first pruned block
-
-    def base_config(self) -> PruningConfig:
-        """The config of the base pruner (steps 1 and 3): shared fields plus ``base_options``."""
-        shared = {
-            "sparsity": self.sparsity, "skip": list(self.skip),
-            "num_calibration_sequences": self.num_calibration_sequences,
-            "calibration_seq_len": self.calibration_seq_len, "calibration_seed": self.calibration_seed,
-            "batch_size": self.batch_size,
-        }
-        clash = sorted(set(self.base_options) & (set(shared) | {"method"}))
-        if clash:
-            raise ValueError(
-                f"base_options may not set {', '.join(clash)}: set them on the SDSConfig itself."
-            )
-        return PruningConfig.from_dict({"method": self.base, **shared, **self.base_options})
-
-
-def _check_number(config: PruningConfig, name: str, positive: bool) -> None:
+def check_number(config: PruningConfig, name: str, positive: bool) -> None:
     value = getattr(config, name)
     valid = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
     if not valid or (value <= 0 if positive else value < 0):
         kind = "positive" if positive else "non-negative"
         raise ValueError(f"{name} must be a {kind} number, got {value!r}.")
     setattr(config, name, float(value))
+
+
+@dataclass
+class StructuralPruningConfig(PruningConfig):
+    """Shared by the structural pruners: ``target_sparsity`` (the fraction of decoder-block parameters to
+    remove; ``sparsity`` mirrors it for reports) and CPU-sized calibration defaults. ``skip`` is refused:
+    the budget is global and whole heads, channels or blocks go."""
+
+    target_sparsity: float = field(default=0.3, metadata={"cli": ["--sparsity"], "type": str})
+    num_calibration_sequences: int = field(default=64, metadata={"cli": ["--calibration-sequences"]})
+    calibration_seq_len: int = field(default=256, metadata={"cli": ["--seq-len"]})
+    sparsity: float | str = field(default=0.3, metadata={"cli": None})
+    skip: list[str] = field(default_factory=list, metadata={"cli": None})
+
+    def __post_init__(self) -> None:
+        target = self.target_sparsity
+        if isinstance(target, str):  # from the command line: "0.3", "30%"; N:M is refused below
+            pattern = parse_sparsity(target)
+            if pattern.is_n_m:
+                raise ValueError(
+                    f"{type(self).__name__} removes a fraction of the decoder parameters; pass a ratio, not {pattern}."
+                )
+            target = pattern.ratio
+        if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target < 1:
+            raise ValueError(f"target_sparsity must be a fraction in (0, 1), got {target!r}.")
+        self.target_sparsity = float(target)
+        self.sparsity = self.target_sparsity
+        super().__post_init__()
+        if self.skip:
+            raise ValueError(
+                f"{type(self).__name__} prunes whole heads, channels or blocks under a global budget; skip "
+                f"patterns ({self.skip}) are not supported."
+            )

@@ -339,6 +339,19 @@ def register_strategy(cls: type[SpeculativeDecoding]) -> type[SpeculativeDecodin
     return cls
 
 
+def discover_strategies() -> None:
+    """Import every strategy folder of ``hf_compress.speculative`` (each registers its strategies).
+
+    A folder such as ``heads/`` defines its strategy with ``@register_strategy``; nothing here lists it.
+    """
+    import importlib
+    import pkgutil
+
+    for module in pkgutil.iter_modules([str(Path(__file__).parent)]):
+        if module.ispkg:
+            importlib.import_module(f"{__package__}.{module.name}")
+
+
 def strategy_from_dict(settings: dict[str, Any], **overrides: Any) -> SpeculativeDecoding:
     """Rebuild a strategy from :meth:`SpeculativeDecoding.to_dict`; non-``None`` ``overrides`` win.
 
@@ -348,8 +361,8 @@ def strategy_from_dict(settings: dict[str, Any], **overrides: Any) -> Speculativ
     """
     settings = dict(settings)
     method = settings.pop("method", None)
-    if method == "amphista":
-        from . import amphista  # noqa: F401  (registers the heads strategy)
+    if method not in STRATEGIES:
+        discover_strategies()
     if method not in STRATEGIES:
         raise ValueError(f"Unknown decoding strategy {method!r}; known: {sorted(STRATEGIES)}.")
     settings.update({k: v for k, v in overrides.items() if v is not None})

@@ -25,38 +25,13 @@ import itertools
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..config import PruningConfig
+from ..config import PruningConfig, StructuralPruningConfig
 
 
-__all__ = ["BlockRemovalConfig", "StructuralPruningConfig", "TyrConfig"]
+__all__ = ["TyrConfig"]
 
 ALLOCATIONS = ("search", "uniform")
 PROPAGATIONS = ("centre", "expectation", "dense")
-
-
-@dataclass
-class StructuralPruningConfig(PruningConfig):
-    """Shared by the structural pruners: ``target_sparsity`` (the fraction of decoder-block parameters to
-    remove; ``sparsity`` mirrors it for reports) and CPU-sized calibration defaults. ``skip`` is refused:
-    the budget is global and whole heads, channels or blocks go."""
-
-    target_sparsity: float = 0.3
-    num_calibration_sequences: int = 64
-    calibration_seq_len: int = 256
-    sparsity: float | str = 0.3
-
-    def __post_init__(self) -> None:
-        target = self.target_sparsity
-        if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target < 1:
-            raise ValueError(f"target_sparsity must be a fraction in (0, 1), got {target!r}.")
-        self.target_sparsity = float(target)
-        self.sparsity = self.target_sparsity
-        super().__post_init__()
-        if self.skip:
-            raise ValueError(
-                f"{type(self).__name__} prunes whole heads, channels or blocks under a global budget; skip "
-                f"patterns ({self.skip}) are not supported."
-            )
 
 
 @dataclass
@@ -142,18 +117,3 @@ class TyrConfig(StructuralPruningConfig):
                 f"the last selection stage needs {tokens[-1]} tokens but the search pool holds {pool} "
                 f"(num_search_sequences × calibration_seq_len); raise num_search_sequences."
             )
-
-
-@dataclass
-class BlockRemovalConfig(StructuralPruningConfig):
-    """Layer removal by block influence (ShortGPT): drop the blocks that change their input least.
-
-    ``target_sparsity`` is the fraction of decoder-block parameters to remove; the count of blocks is
-    the nearest achievable (every block has the same size in the supported architectures).
-
-    Example:
-        >>> BlockRemovalConfig(target_sparsity=0.25).sparsity
-        0.25
-    """
-
-    method: ClassVar[str] = "block_removal"

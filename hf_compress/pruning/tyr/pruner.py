@@ -25,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -33,7 +34,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,11 +43,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ...modeling import calibration_batches, find_decoder_blocks
+from ...modeling.structure import BlockStructure, block_structure, decoder_parameter_count, shrink_block
 from ...utils import get_logger
-from ...modeling.structure import BlockStructure, block_structure, decoder_parameter_count, layer_widths, shrink_block
+from ..config import PruningConfig
+from ..structural import StructuralPruner
 from .config import TyrConfig
 from .search import SearchSpace, SearchState, SparseKLFitness, evolutionary_search, rng_state
-from .structural import StructuralPruner, StructuredPruningReport
 from .supernet import UNIT_TYPES, LevelGrid, Supernet, build_supernet, zero_filled
 
 
@@ -105,6 +107,30 @@ class BudgetPlan:
         return sum(sum(removed[t]) * self.unit_parameters[t] for t in UNIT_TYPES)
 
 
+@dataclass
+class _Evidence:
+    """What Týr's calibration stage hands the search: windows, pool, resumable state, teacher."""
+
+    calibration_ids: torch.Tensor
+    pool: torch.Tensor
+    state: SearchState
+    state_path: Path
+    fitness: SparseKLFitness | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class _Decision:
+    """The chosen level per (layer, unit type) and the supernet that holds each level's weights."""
+
+    structures: list[BlockStructure]
+    supernet: Supernet
+    levels: list[int]
+    history: list[dict[str, Any]]
+    seconds: dict[str, float]
+    centres: dict[str, list[int]]
+
+
 def _spread(total: int, layers: int) -> list[int]:
     """``total`` split into ``layers`` integers differing by at most one, extras spread out."""
     return [(index + 1) * total // layers - index * total // layers for index in range(layers)]
@@ -125,9 +151,9 @@ class TyrPruner(StructuralPruner):
 
     config_class = TyrConfig
 
-    def prune(  # type: ignore[override]
+    def prune(
         self,
-        config: TyrConfig | float | None = None,
+        config: PruningConfig | float | str | None = None,
         calibration_dataset: str | Sequence[str] | Dataset | torch.Tensor | None = None,
         tokenizer: PreTrainedTokenizerBase | None = None,
         save_dir: str | os.PathLike | None = None,
@@ -154,54 +180,51 @@ class TyrPruner(StructuralPruner):
                 blocks of unequal widths, an unreachable target, missing calibration data, or a
                 ``work_dir`` holding another run's state.
         """
-        config = self._prepare(config, tokenizer, save_dir, overwrite)
+        # The search pool is a second draw from the calibration text, and the work folder spans the stages.
+        self._calibration_dataset = calibration_dataset
+        temporary = work_dir is None
+        self._work = Path(tempfile.mkdtemp(prefix="tyr-")) if temporary else Path(work_dir)
+        try:
+            return super().prune(config, calibration_dataset, tokenizer, save_dir, overwrite, progress)
+        finally:
+            if temporary:
+                shutil.rmtree(self._work, ignore_errors=True)
+            self._calibration_dataset = None
+
+    @classmethod
+    def add_cli_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--work-dir", default=None,
+                            help="keep the supernet and search state here; rerun with it to resume")
+
+    @classmethod
+    def prune_kwargs_from_cli(cls, args: argparse.Namespace) -> dict[str, Any]:
+        return {"work_dir": args.work_dir}
+
+    # ---------------------------------------------------------------------------------------- stages
+
+    def plan(self, config: TyrConfig) -> tuple[list[BlockStructure], BudgetPlan]:
+        """The blocks' structures and the centre allocation (refuses fused attention, unequal blocks, an
+        unreachable target)."""
         _, blocks = find_decoder_blocks(self.model)
         structures = [block_structure(block) for block in blocks]
-        dense_parameters = decoder_parameter_count(self.model)
-        plan = BudgetPlan.from_target(structures, dense_parameters, config.target_sparsity)
-        calibration_ids = self._calibration_ids(config, calibration_dataset)
-        pool = calibration_ids if torch.is_tensor(calibration_dataset) else calibration_batches(
-            calibration_dataset, self.tokenizer, num_sequences=config.num_search_sequences,
+        return structures, BudgetPlan.from_target(structures, decoder_parameter_count(self.model), config.target_sparsity)
+
+    def calibrate(self, config: TyrConfig, plan: tuple[list[BlockStructure], BudgetPlan],
+                  calibration_ids: torch.Tensor | None, progress: bool) -> _Evidence:
+        """The search pool, the resumable search state, the dense output projections and the teacher."""
+        structures, budget = plan
+        dataset = self._calibration_dataset
+        pool = calibration_ids if torch.is_tensor(dataset) else calibration_batches(
+            dataset, self.tokenizer, num_sequences=config.num_search_sequences,
             seq_len=config.calibration_seq_len, seed=config.search_seed + 1_000_003,
         )
-
         if config.allocation == "search" and pool.numel() < config.selection_tokens[-1]:
             raise ValueError(
                 f"the search pool holds {pool.numel()} tokens but the last selection stage needs "
                 f"{config.selection_tokens[-1]}; pass more calibration token ids or lower selection_tokens."
             )
-        temporary = work_dir is None
-        work = Path(tempfile.mkdtemp(prefix="tyr-")) if temporary else Path(work_dir)
+        work = self._work
         work.mkdir(parents=True, exist_ok=True)
-        try:
-            report = self._run(config, structures, plan, calibration_ids, pool, work, progress)
-        finally:
-            if temporary:
-                shutil.rmtree(work, ignore_errors=True)
-        report.dense_parameters = dense_parameters
-        report.pruned_parameters = decoder_parameter_count(self.model)
-        report.layers = layer_widths(self.model)
-        self.report = report  # type: ignore[assignment]
-        logger.info("Týr: %d -> %d decoder parameters (%.2f%% removed, target %.2f%%)", dense_parameters,
-                    report.pruned_parameters, 100 * report.achieved_sparsity, 100 * config.target_sparsity)
-        self._record_recipe(config)
-        if save_dir is not None:
-            self._save(Path(save_dir), overwrite, self._recipe(config))
-        return self.model  # type: ignore[return-value]
-
-    # ---------------------------------------------------------------------------------------- stages
-
-    def _run(
-        self,
-        config: TyrConfig,
-        structures: list[BlockStructure],
-        plan: BudgetPlan,
-        calibration_ids: torch.Tensor,
-        pool: torch.Tensor,
-        work: Path,
-        progress: bool,
-    ) -> StructuredPruningReport:
-        report = StructuredPruningReport(config.method, config.target_sparsity, 0, 0)
         fingerprint = self._fingerprint(config)
         state_path = work / STATE_FILE
         if state_path.exists():
@@ -214,32 +237,38 @@ class TyrPruner(StructuralPruner):
             logger.info("resuming Týr from %s: iteration %d, generation %d", work, state.iteration + 1,
                         state.generation)
         else:
-            state = SearchState(centres={t: list(plan.centres[t]) for t in UNIT_TYPES}, fingerprint=fingerprint)
+            state = SearchState(centres={t: list(budget.centres[t]) for t in UNIT_TYPES}, fingerprint=fingerprint)
             state.save(state_path)  # claims the folder: another config cannot pick up these supernet files
         self._store_dense_outputs(structures, work / "dense_outputs.safetensors")
-
-        fitness = None
-        search = config.allocation == "search"
-        if search:
+        evidence = _Evidence(calibration_ids, pool, state, state_path)
+        if config.allocation == "search":
             begin = time.perf_counter()
-            fitness = self._teacher(pool, config, work / "teacher.safetensors", progress)
-            report.seconds["teacher"] = time.perf_counter() - begin
+            evidence.fitness = self._teacher(pool, config, work / "teacher.safetensors", progress)
+            evidence.seconds["teacher"] = time.perf_counter() - begin
+        return evidence
+
+    def decide(self, config: TyrConfig, plan: tuple[list[BlockStructure], BudgetPlan], evidence: _Evidence,
+               progress: bool) -> _Decision:
+        """Coarse-to-fine iterations of supernet + evolutionary search (one supernet for ``uniform``)."""
+        structures, budget = plan
+        state, work = evidence.state, self._work
+        search = config.allocation == "search"
         iterations = config.num_iterations if search else 1
-        supernet_seconds = search_seconds = 0.0
+        seconds = {"supernet": 0.0, "search": 0.0}
         best: list[int] = []
         supernet = None
         while state.iteration < iterations:
-            grids = self._grids(config, plan, state, state.iteration)
+            grids = self._grids(config, budget, state, state.iteration)
             supernet = Supernet(work / f"iteration_{state.iteration}", grids)
             begin = time.perf_counter()
             self._restore_dense_outputs(structures, work / "dense_outputs.safetensors")
             build_supernet(
-                self.model, calibration_ids, structures, supernet,
+                self.model, evidence.calibration_ids, structures, supernet,
                 update_rounds={"attention": config.attention_update_rounds, "ffn": config.ffn_update_rounds},
                 damping=config.damping, propagation=config.propagation, batch_size=config.batch_size,
                 progress=progress,
             )
-            supernet_seconds += time.perf_counter() - begin
+            seconds["supernet"] += time.perf_counter() - begin
             space = _search_space(grids, len(structures))
             if not search:
                 best = [0] * len(space.bounds)
@@ -249,12 +278,12 @@ class TyrPruner(StructuralPruner):
                 state.rng = state.rng or rng_state(random.Random(config.search_seed + state.iteration))
             begin = time.perf_counter()
             best = evolutionary_search(
-                space, _applier(self.model, structures, supernet), fitness, state,  # type: ignore[arg-type]
+                space, _applier(self.model, structures, supernet), evidence.fitness, state,  # type: ignore[arg-type]
                 generations=config.generations, offspring=config.offspring,
                 selection_tokens=config.selection_tokens, selection_survivors=config.selection_survivors,
-                max_flips=config.max_flips, checkpoint=lambda s: s.save(state_path), progress=progress,
+                max_flips=config.max_flips, checkpoint=lambda s: s.save(evidence.state_path), progress=progress,
             )
-            search_seconds += time.perf_counter() - begin
+            seconds["search"] += time.perf_counter() - begin
             if state.iteration == iterations - 1:
                 break
             for position, unit_type in enumerate(UNIT_TYPES):  # re-centre on the best allocation
@@ -264,12 +293,24 @@ class TyrPruner(StructuralPruner):
             state.generation = 0
             state.parent = []
             state.rng = None
-            state.save(state_path)
-        self._export(structures, supernet, best)  # type: ignore[arg-type]
-        report.history = list(state.history)
-        report.seconds.update({"supernet": supernet_seconds, "search": search_seconds})
-        report.extra = {"centre_allocation": plan.centres, "final_levels": best}
-        return report
+            state.save(evidence.state_path)
+        return _Decision(structures, supernet, best, list(state.history), {**evidence.seconds, **seconds},
+                         budget.centres)
+
+    def shrink(self, decision: _Decision) -> None:
+        """Slice every block to its chosen level, with the local pruner's re-fitted output projections."""
+        with torch.no_grad():
+            for index, structure in enumerate(decision.structures):
+                attention = decision.supernet.variant(index, "attention", decision.levels[2 * index])
+                ffn = decision.supernet.variant(index, "ffn", decision.levels[2 * index + 1])
+                shrink_block(structure, kept_attention=attention[0], kept_ffn=ffn[0],
+                             attention_output_weight=attention[1], ffn_output_weight=ffn[1])
+
+    def describe(self, decision: _Decision) -> dict[str, Any]:
+        return {"history": decision.history, "seconds": decision.seconds,
+                "extra": {"centre_allocation": decision.centres, "final_levels": decision.levels}}
+
+    # ---------------------------------------------------------------------------------------- helpers
 
     def _grids(self, config: TyrConfig, plan: BudgetPlan, state: SearchState, iteration: int) -> dict[str, LevelGrid]:
         # The uniform baseline only ever uses the centre level: build nothing else.
@@ -308,14 +349,6 @@ class TyrPruner(StructuralPruner):
                 structure.attention.output.weight.copy_(stored[f"{index}.attention"])
                 structure.ffn.output.weight.copy_(stored[f"{index}.ffn"])
 
-    def _export(self, structures: list[BlockStructure], supernet: Supernet, levels: Sequence[int]) -> None:
-        with torch.no_grad():
-            for index, structure in enumerate(structures):
-                attention = supernet.variant(index, "attention", levels[2 * index])
-                ffn = supernet.variant(index, "ffn", levels[2 * index + 1])
-                shrink_block(structure, kept_attention=attention[0], kept_ffn=ffn[0],
-                             attention_output_weight=attention[1], ffn_output_weight=ffn[1])
-
     def _fingerprint(self, config: TyrConfig) -> str:
         identity = {
             "config": config.to_dict(),
@@ -323,14 +356,6 @@ class TyrPruner(StructuralPruner):
             "parameters": decoder_parameter_count(self.model),
         }
         return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-    def _recipe(self, config: TyrConfig) -> dict[str, Any]:
-        report = self.report
-        return {
-            **config.to_dict(),
-            "achieved_sparsity": round(report.achieved_sparsity, 6),  # type: ignore[union-attr]
-            "decoder_parameters": {"dense": report.dense_parameters, "pruned": report.pruned_parameters},  # type: ignore[union-attr]
-        }
 
 
 def _search_space(grids: dict[str, LevelGrid], layers: int) -> SearchSpace:

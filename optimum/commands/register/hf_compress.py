@@ -7,7 +7,7 @@ from optimum.commands.base import BaseOptimumCLICommand, CommandInfo
 
 
 class HfCompressCommand(BaseOptimumCLICommand):
-    COMMAND = CommandInfo(name="hf-compress", help="hf_compress: prune, quantize, decode and evaluate LLMs")
+    COMMAND = CommandInfo(name="hf-compress", help="hf_compress: prune, quantize, evaluate LLMs and run the demo (hf-compress --help lists the commands)")
 
     @staticmethod
     def parse_args(parser):

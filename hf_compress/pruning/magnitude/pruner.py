@@ -16,16 +16,17 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..modeling import Collector, set_weight_matrix, weight_matrix
-from .base import BasePruner
-from .config import MagnitudeConfig, PruningConfig
-from .masks import pattern_mask
+from ...modeling import Collector, set_weight_matrix, weight_matrix
+from ..config import PruningConfig
+from ..mask_pruner import MaskPruner
+from ..masks import pattern_mask
+from .config import MagnitudeConfig
 
 
 __all__ = ["MagnitudePruner"]
 
 
-class MagnitudePruner(BasePruner):
+class MagnitudePruner(MaskPruner):
     """Score ``|W_ij|``; unstructured ratios per whole layer, N:M per row group. Needs no calibration.
 
     Example:

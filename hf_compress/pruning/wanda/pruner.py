@@ -19,10 +19,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..modeling import Collector, InputNormCollector, set_weight_matrix, weight_matrix
-from .base import BasePruner
-from .config import PruningConfig, WandaConfig
-from .masks import pattern_mask
+from ...modeling import Collector, InputNormCollector, set_weight_matrix, weight_matrix
+from ..config import PruningConfig
+from ..mask_pruner import MaskPruner
+from ..masks import pattern_mask
+from .config import WandaConfig
 
 
 __all__ = ["WandaPruner", "wanda_scores"]
@@ -40,7 +41,7 @@ def wanda_scores(weight: torch.Tensor, input_norms: torch.Tensor) -> torch.Tenso
     return weight.abs().float() * input_norms.float().to(weight.device).unsqueeze(0)
 
 
-class WandaPruner(BasePruner):
+class WandaPruner(MaskPruner):
     """Wanda: weights times input activation norms, compared per output row.
 
     Example:

@@ -15,25 +15,16 @@ Example:
 
 from __future__ import annotations
 
-import os
-import time
-from collections.abc import Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 from torch import nn
 
 from ...modeling import BlockContext, find_decoder_blocks, for_each_block
+from ...modeling.structure import decoder_parameter_count, remove_blocks
 from ...utils import get_logger
-from ...modeling.structure import decoder_parameter_count, layer_widths, remove_blocks
+from ..structural import StructuralPruner
 from .config import BlockRemovalConfig
-from .structural import StructuralPruner, StructuredPruningReport
-
-
-if TYPE_CHECKING:
-    from datasets import Dataset
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 __all__ = ["BlockRemovalPruner", "block_influence"]
@@ -64,40 +55,32 @@ class BlockRemovalPruner(StructuralPruner):
 
     config_class = BlockRemovalConfig
 
-    def prune(  # type: ignore[override]
-        self,
-        config: BlockRemovalConfig | float | None = None,
-        calibration_dataset: str | Sequence[str] | Dataset | torch.Tensor | None = None,
-        tokenizer: PreTrainedTokenizerBase | None = None,
-        save_dir: str | os.PathLike | None = None,
-        overwrite: bool = False,
-        progress: bool = True,
-    ) -> PreTrainedModel:
-        """Remove ``round(target · blocks)`` blocks of lowest influence; returns the shorter model."""
-        config = self._prepare(config, tokenizer, save_dir, overwrite)
+    def plan(self, config: BlockRemovalConfig) -> int:
+        """How many blocks ``target_sparsity`` removes (the nearest whole number); refuses none or all."""
         _, blocks = find_decoder_blocks(self.model)
-        dense_parameters = decoder_parameter_count(self.model)
-        per_block = dense_parameters / len(blocks)
-        count = round(config.target_sparsity * dense_parameters / per_block)
+        per_block = decoder_parameter_count(self.model) / len(blocks)
+        count = round(config.target_sparsity * decoder_parameter_count(self.model) / per_block)
         if not 1 <= count < len(blocks):
             raise ValueError(
                 f"target_sparsity {config.target_sparsity} removes {count} of {len(blocks)} blocks; it must remove "
                 "at least one and keep at least one."
             )
-        calibration_ids = self._calibration_ids(config, calibration_dataset)
-        begin = time.perf_counter()
-        influence = block_influence(self.model, calibration_ids, config.batch_size, progress)
-        drop = sorted(sorted(range(len(blocks)), key=influence.__getitem__)[:count])
-        remove_blocks(self.model, drop)
-        report = StructuredPruningReport(
-            config.method, config.target_sparsity, dense_parameters, decoder_parameter_count(self.model),
-            layers=layer_widths(self.model), seconds={"total": time.perf_counter() - begin},
-            extra={"influence": influence, "removed_blocks": drop},
-        )
-        self.report = report  # type: ignore[assignment]
-        logger.info("block removal: removed blocks %s (%.2f%% of decoder parameters)", drop,
-                    100 * report.achieved_sparsity)
-        self._record_recipe(config)
-        if save_dir is not None:
-            self._save(Path(save_dir), overwrite, {**config.to_dict(), "removed_blocks": drop})
-        return self.model  # type: ignore[return-value]
+        return count
+
+    def calibrate(self, config: BlockRemovalConfig, plan: int, calibration_ids: torch.Tensor | None,
+                  progress: bool) -> list[float]:
+        return block_influence(self.model, calibration_ids, config.batch_size, progress)
+
+    def decide(self, config: BlockRemovalConfig, plan: int, evidence: list[float], progress: bool) -> dict[str, Any]:
+        drop = sorted(sorted(range(len(evidence)), key=evidence.__getitem__)[:plan])
+        logger.info("block removal: removing blocks %s", drop)
+        return {"influence": evidence, "removed_blocks": drop}
+
+    def shrink(self, decision: dict[str, Any]) -> None:
+        remove_blocks(self.model, decision["removed_blocks"])
+
+    def describe(self, decision: dict[str, Any]) -> dict[str, Any]:
+        return {"extra": decision}
+
+    def recipe(self, config: BlockRemovalConfig) -> dict[str, Any]:
+        return {**super().recipe(config), "removed_blocks": self.report.extra["removed_blocks"]}

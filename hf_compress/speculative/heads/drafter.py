@@ -24,7 +24,7 @@ class HeadsDrafter:
 
     Example:
         >>> from hf_compress.assets import tiny_model
-        >>> from hf_compress.speculative.amphista import AmphistaConfig, AmphistaHeads, Amphista
+        >>> from hf_compress.speculative.heads import AmphistaConfig, AmphistaHeads, Amphista
         >>> model, tok = tiny_model("llama")
         >>> heads = AmphistaHeads.for_model(model, AmphistaConfig(num_heads=3))
         >>> ids = tok("hello hello", return_tensors="pt").input_ids

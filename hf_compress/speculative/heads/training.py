@@ -9,7 +9,7 @@ is cheaper whenever the data is seen more than once or the base is large compare
 Example:
     >>> from hf_compress.assets import tiny_model
     >>> from hf_compress.training import causal_lm_dataset, TrainingSettings
-    >>> from hf_compress.speculative.amphista import AmphistaConfig, AmphistaHeads
+    >>> from hf_compress.speculative.heads import AmphistaConfig, AmphistaHeads
     >>> model, tok = tiny_model("llama")
     >>> heads = AmphistaHeads.for_model(model, AmphistaConfig(num_heads=2))
     >>> data = causal_lm_dataset(["some text " * 40], tok, num_sequences=4, seq_len=16)

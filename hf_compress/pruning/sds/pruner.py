@@ -33,16 +33,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..modeling import (
+from ...modeling import (
     BlockContext,
     Collector,
     reconstruction_error,
     train_block_reconstruction,
     weight_matrix,
 )
-from ..utils import get_logger
-from .base import BasePruner, LayerReport, PruningReport
-from .config import PruningConfig, SDSConfig
+from ...utils import get_logger
+from ..config import PruningConfig
+from ..mask_pruner import LayerReport, MaskPruner, PruningReport
+from ..registry import PRUNERS
+from .config import SDSConfig
 
 
 __all__ = ["SDSPruner"]
@@ -50,7 +52,7 @@ __all__ = ["SDSPruner"]
 logger = get_logger(__name__)
 
 
-class SDSPruner(BasePruner):
+class SDSPruner(MaskPruner):
     """Sparse → dense → sparse around a one-shot base pruner (``SDSConfig.base``).
 
     Example:
@@ -61,13 +63,11 @@ class SDSPruner(BasePruner):
 
     config_class = SDSConfig
     keeps_dense_outputs = True
-    _base_pruner: tuple[PruningConfig, BasePruner, PruningConfig] | None = None
+    _base_pruner: tuple[PruningConfig, MaskPruner, PruningConfig] | None = None
 
-    def _base(self, config: PruningConfig) -> tuple[BasePruner, PruningConfig]:
+    def _base(self, config: PruningConfig) -> tuple[MaskPruner, PruningConfig]:
         # One base pruner per prune() call: SparseGPT's collectors share a cache owned by their pruner.
         if self._base_pruner is None or self._base_pruner[0] is not config:
-            from . import PRUNERS
-
             assert isinstance(config, SDSConfig)
             base_config = config.base_config()
             self._base_pruner = (config, PRUNERS[base_config.method](self.model, self.tokenizer), base_config)

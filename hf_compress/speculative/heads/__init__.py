@@ -2,7 +2,7 @@
 decoded through ``generate(custom_generate=Amphista(heads))`` with tree verification.
 
 Example:
-    >>> from hf_compress.speculative.amphista import AmphistaConfig, AmphistaHeads, Amphista, train_heads
+    >>> from hf_compress.speculative.heads import AmphistaConfig, AmphistaHeads, Amphista, train_heads
     >>> heads = AmphistaHeads.for_model(model, AmphistaConfig(num_heads=4))            # doctest: +SKIP
     >>> train_heads(model, heads, dataset, args=TrainingArguments(...))              # doctest: +SKIP
     >>> heads.save_pretrained("heads/")                                              # doctest: +SKIP
