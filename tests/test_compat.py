@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import subprocess
 import sys
 import textwrap
@@ -172,3 +173,14 @@ def test_when_imported_runs_after_import_and_logs_failures(tmp_path, monkeypatch
     when_imported("hf_compress_hook_probe", lambda module: seen.append("again"))  # already imported: runs now
     assert seen == [42, "again"]
     sys.modules.pop("hf_compress_hook_probe", None)
+
+
+def test_architecture_doc_names_only_files_that_exist():
+    """Every ``*.py`` file and package folder docs/architecture.md names exists (the doc stays true)."""
+    root = PACKAGE.parent
+    text = (root / "docs" / "architecture.md").read_text()
+    known = {path.name for path in root.rglob("*.py") if ".venv" not in path.parts}
+    known |= {path.name + "/" for path in root.rglob("*") if path.is_dir() and ".venv" not in str(path)}
+    mentioned = set(re.findall(r"\b([a-z_][a-z0-9_]*\.py)\b", text)) | set(re.findall(r"\b([a-z_]+/)(?=\s)", text))
+    missing = sorted(name for name in mentioned if name not in known and name not in {"generate.py", "custom_generate/"})
+    assert missing == [], f"docs/architecture.md names files that do not exist: {missing}"

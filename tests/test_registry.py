@@ -1,0 +1,109 @@
+"""A new method is one folder: defining its config and pruner makes it known to the registry, SDS, the CLI
+and ``PruningConfig.from_dict``, with no list anywhere else to edit; strategies load the same way."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import pytest
+
+from hf_compress.cli.main import main
+from hf_compress.modeling import set_weight_matrix, weight_matrix
+from hf_compress.pruning import PRUNERS, MaskPruner, PruningConfig, SDSConfig
+from hf_compress.pruning import registry
+from hf_compress.pruning.sds import sds_bases
+from hf_compress.speculative import strategy_from_dict
+
+
+@pytest.fixture
+def lowest_row_pruner():
+    @dataclass
+    class LowestRowConfig(PruningConfig):
+        """Zero the first inputs of every row (a toy method for the test).
+
+        Args:
+            offset: where the zeros start.
+        """
+
+        method: ClassVar[str] = "test_lowest_row"
+        offset: int = field(default=0, metadata={"cli": ["--start"]})
+
+    class LowestRowPruner(MaskPruner):
+        """A toy pruner defined outside the package."""
+
+        config_class = LowestRowConfig
+        requires_calibration = False
+
+        def prune_layer(self, name, layer, stats, config):
+            weight = weight_matrix(layer).clone()
+            count = int(config.pattern.ratio * weight.shape[1])
+            weight[:, config.offset : config.offset + count] = 0
+            set_weight_matrix(layer, weight)
+
+    yield LowestRowPruner
+    registry._PRUNERS.pop("test_lowest_row", None)
+
+
+def test_a_defined_pruner_is_known_everywhere(lowest_row_pruner, tmp_path, capsys):
+    assert PRUNERS["test_lowest_row"] is lowest_row_pruner
+    assert "test_lowest_row" in sds_bases()
+    assert type(PruningConfig.from_dict({"method": "test_lowest_row", "offset": 2})).__name__ == "LowestRowConfig"
+    SDSConfig(sparsity=0.5, base="test_lowest_row")  # accepted as an SDS base
+
+    with pytest.raises(SystemExit):
+        main(["prune", "test_lowest_row", "--help"])
+    help_text = capsys.readouterr().out
+    assert "--offset OFFSET, --start OFFSET" in help_text and "where the zeros start" in help_text
+
+    code = main(["-q", "prune", "test_lowest_row", "--model", "tiny-llama", "--sparsity", "0.25", "--start", "1",
+                 "--save-dir", str(tmp_path / "out")])
+    assert code == 0
+    assert "test_lowest_row 0.25: overall sparsity 0.2500" in capsys.readouterr().out
+
+
+def test_family_bases_are_not_registered_and_every_method_folder_is():
+    assert set(PRUNERS) == {"magnitude", "wanda", "sparsegpt", "sds", "tyr", "block_removal"}
+    assert "" not in PRUNERS and all(cls.config_class.method == name for name, cls in PRUNERS.items())
+
+
+def test_cli_exposes_each_config_field_and_refuses_unknown_methods(capsys):
+    with pytest.raises(SystemExit):
+        main(["prune", "tyr", "--help"])
+    help_text = capsys.readouterr().out
+    for flag in ("--generations", "--allocation", "--selection-tokens", "--work-dir", "--sparsity", "--tyr-options"):
+        assert flag in help_text
+    with pytest.raises(SystemExit):
+        main(["prune", "no_such_method", "--save-dir", "x"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_strategies_are_discovered_by_method_name():
+    script = (
+        "import sys\n"
+        "from hf_compress.speculative import strategy_from_dict\n"
+        "assert 'hf_compress.speculative.heads' not in sys.modules\n"
+        "try:\n"
+        "    strategy_from_dict({'method': 'amphista'})\n"
+        "except ValueError as error:\n"
+        "    print(error)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Amphista drafts with trained heads" in result.stdout  # found in its folder, then built
+    with pytest.raises(ValueError, match="Unknown decoding strategy 'nope'"):
+        strategy_from_dict({"method": "nope"})
+
+
+def test_calibration_text_option_reads_a_file(tmp_path, capsys):
+    text = tmp_path / "calibration.txt"
+    text.write_text(("some calibration words " * 40 + "\n\n") * 4)
+    code = main(["-q", "prune", "wanda", "--model", "tiny-llama", "--calibration-text", str(text),
+                 "--calibration-sequences", "2", "--seq-len", "16", "--save-dir", str(tmp_path / "out")])
+    assert code == 0
+    assert main(["-q", "prune", "wanda", "--model", "tiny-llama", "--calibration-text", str(tmp_path / "missing.txt"),
+                 "--save-dir", str(tmp_path / "out2")]) == 2
+    error = capsys.readouterr().err
+    assert "calibration text" in error and "missing.txt" in error
