@@ -28,7 +28,6 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import logging
 import statistics
@@ -38,7 +37,8 @@ from typing import Any
 import torch
 
 from hf_compress.assets import load_model, load_text, speed_prompts
-from hf_compress.evaluation.report import rewrite_markdown, write_benchmark
+from hf_compress.evaluation.report import benchmark_parser, start_benchmark, write_benchmark
+from hf_compress.evaluation.speed import measure_generation_speed
 from hf_compress.modeling.calibration import calibration_batches
 from hf_compress.speculative.heads import (
     Amphista,
@@ -137,30 +137,22 @@ def forward_ms(model, sizes: list[int], context: int = 100, repeats: int = 7) ->
 
 def decode_all(model, tokenizer, strategies: dict[str, Amphista], args) -> dict[str, Any]:
     prompts = speed_prompts(args.speed_prompts)
-    per_method: dict[str, list[dict[str, float]]] = {name: [] for name in ["vanilla", *strategies]}
-    for i, prompt in enumerate(prompts):
-        ids = tokenizer(prompt, return_tensors="pt").input_ids
-        kwargs = dict(max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens, do_sample=False)
-        started = time.perf_counter()
-        reference = model.generate(ids, **kwargs)
-        vanilla_s = time.perf_counter() - started
-        per_method["vanilla"].append({"seconds": vanilla_s, "tokens_per_s": args.max_new_tokens / vanilla_s})
-        for name, strategy in strategies.items():
-            started = time.perf_counter()
-            out = model.generate(ids, **kwargs, custom_generate=strategy)
-            seconds = time.perf_counter() - started
-            metrics = strategy.last_metrics
-            per_method[name].append({
-                "seconds": seconds,
-                "tokens_per_s": args.max_new_tokens / seconds,
-                "speedup": vanilla_s / seconds,
-                "accepted_length": metrics.mean_accepted_length,
-                "drafting_share": metrics.drafting_time_s / max(metrics.wall_time_s, 1e-9),
-                "equal_to_greedy": bool(torch.equal(out, reference)),
-            })
-        logger.info("prompt %d/%d: %s", i + 1, len(prompts), {
-            name: round(rows[-1].get("speedup", 1.0), 2) for name, rows in per_method.items()
-        })
+    common = dict(max_new_tokens=args.max_new_tokens, warmup=0, progress=False, force_length=True)
+    vanilla = measure_generation_speed(model, tokenizer, prompts, **common)
+    per_method: dict[str, list[dict[str, float]]] = {
+        "vanilla": [{"seconds": s, "tokens_per_s": r} for s, r in zip(vanilla["seconds"], vanilla["per_prompt"])]
+    }
+    for name, strategy in strategies.items():
+        measured = measure_generation_speed(model, tokenizer, prompts, reference=vanilla["outputs"],
+                                            custom_generate=strategy, **common)
+        per_method[name] = [
+            {"seconds": seconds, "tokens_per_s": rate, "speedup": base / seconds, "accepted_length": metrics["mean_accepted_length"],
+             "drafting_share": metrics["drafting_time_s"] / max(metrics["wall_time_s"], 1e-9), "equal_to_greedy": equal}
+            for seconds, rate, base, metrics, equal in zip(
+                measured["seconds"], measured["per_prompt"], vanilla["seconds"], measured["strategy_metrics"],
+                measured["equal_to_reference"], strict=True)
+        ]
+        logger.info("%s: median speed-up %.2f", name, statistics.median(r["speedup"] for r in per_method[name]))
     summary = {}
     for name, rows in per_method.items():
         entry = {"median_tokens_per_s": statistics.median(r["tokens_per_s"] for r in rows)}
@@ -297,7 +289,7 @@ def render(payload: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__doc__, "amphista", threads=None)
     parser.add_argument("--budget-min", type=float, default=8.0)
     parser.add_argument("--prompts", type=int, default=384)
     parser.add_argument("--eval-prompts", type=int, default=32)
@@ -310,18 +302,14 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--runs", nargs="+", default=["medusa", "amphista", "amphista-corpus"],
                         choices=["medusa", "amphista", "amphista-corpus"])
-    parser.add_argument("--output-name", default="amphista")
-    parser.add_argument("--quick", action="store_true", help="tiny budgets, output name amphista-quick")
-    parser.add_argument("--render", metavar="NAME", help="rebuild NAME.md from NAME.json and exit")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    if args.render:
-        print(rewrite_markdown(args.render, render))
+    if not start_benchmark(args, render):
         return
     if args.quick:
         args.budget_min, args.prompts, args.eval_prompts, args.new_tokens = 0.2, 16, 8, 16
         args.speed_prompts, args.max_new_tokens = 2, 12
-    settings = {k: v for k, v in vars(args).items() if k not in ("render", "quick", "output_name")}
+    settings = {k: v for k, v in vars(args).items()
+                if k not in ("render", "quick", "output_name", "threads", "device", "supported_devices")}
     results = run(args)
     payload = {"settings": settings, "results": results}
     name = "amphista-quick" if args.quick else args.output_name

@@ -29,7 +29,6 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
 import logging
 import tempfile
 from typing import Any
@@ -38,8 +37,8 @@ import torch
 from peft import get_peft_model
 
 from hf_compress.assets import load_model, load_text
-from hf_compress.evaluation.report import rewrite_markdown, write_benchmark
-from hf_compress.evaluation.suite import EvaluationSettings, headline_metrics, run_evaluation
+from hf_compress.evaluation.report import benchmark_parser, start_benchmark, write_benchmark
+from hf_compress.evaluation.suite import EvaluationSettings, evaluate_row
 from hf_compress.modeling import calibration_batches
 from hf_compress.quantization import DLQATConfig, packed_size
 from hf_compress.training import TrainingSettings, causal_lm_dataset, train_with_trainer
@@ -61,7 +60,7 @@ TRAINABLE_BUDGET = 0.01
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__doc__, "dlqat", threads=None)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--settings", nargs="+", default=list(DEFAULT_PLAN), help="bits:group_size (-1: per-channel)")
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=None,
@@ -76,14 +75,9 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS), choices=TASKS,
                         help="zero-shot tasks")
     parser.add_argument("--base-dtype", default="bfloat16", choices=["bfloat16", "float32", "none"])
-    parser.add_argument("--quick", action="store_true", help="tiny budget, to check the script runs")
-    parser.add_argument("--output-name", default="dlqat")
-    parser.add_argument("--render", metavar="NAME", help="only rebuild bench/results/NAME.md from NAME.json")
     args = parser.parse_args()
-    if args.render:
-        rewrite_markdown(args.render, lambda payload: _markdown(payload["settings"], payload["results"]["rows"]))
+    if not start_benchmark(args, lambda payload: _markdown(payload["settings"], payload["results"]["rows"])):
         return
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.quick:
         args.steps, args.max_windows, args.zero_shot_limit = 2, 2, 8
     evaluation = EvaluationSettings(
@@ -101,7 +95,7 @@ def main() -> None:
     if args.base_dtype != "none":
         model, tokenizer = load_model(args.model)
         model.to(getattr(torch, args.base_dtype))
-        rows.append(_evaluate(model, tokenizer, evaluation, {"setting": "-", "variant": args.base_dtype}))
+        rows.append(evaluate_row(model, tokenizer, evaluation, {"setting": "-", "variant": args.base_dtype}, "base"))
         write_benchmark(args.output_name, payload, {"rows": rows}, _markdown(payload, rows))
         del model
     for setting in args.settings:
@@ -162,15 +156,7 @@ def _run_variant(args, evaluation, bits: int, group_size: int, variant: str) -> 
         dequantized = packed.dequantize()
         if not torch.equal(dequantized(probe_ids).logits, packed_logits):
             raise RuntimeError("dequantized and packed models disagree")
-    return _evaluate(dequantized, tokenizer, evaluation, row)
-
-
-def _evaluate(model, tokenizer, evaluation, row: dict[str, Any]) -> dict[str, Any]:
-    results, _ = run_evaluation(model, tokenizer, evaluation, progress=False)
-    row.update(headline_metrics(results))
-    logger.info("%s %s: ppl %.3f zero-shot %s", row["setting"], row["variant"], row["perplexity"],
-                row.get("zero_shot_average"))
-    return row
+    return evaluate_row(dequantized, tokenizer, evaluation, row, f"{row['setting']} {row['variant']}")
 
 
 def _markdown(settings: dict[str, Any], rows: list[dict[str, Any]]) -> str:

@@ -11,13 +11,12 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import subprocess
 import sys
 import time
 
-from hf_compress.evaluation.report import write_benchmark
+from hf_compress.evaluation.report import benchmark_parser, start_benchmark, write_benchmark
 
 
 STATEMENTS = {
@@ -36,10 +35,13 @@ def _time(statement: str) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__doc__, "import_time", threads=None)
     parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--output-name", default="import_time")
     args = parser.parse_args()
+    if not start_benchmark(args, lambda payload: _markdown(payload["settings"]["runs"], payload["results"])):
+        return
+    if args.quick:
+        args.runs = 1
     for statement in STATEMENTS.values():  # warm the file cache once
         _time(statement)
     samples = {name: [] for name in STATEMENTS}
@@ -55,18 +57,24 @@ def main() -> None:
         "target_s": TARGET_S,
         "met": overhead <= TARGET_S,
     }
+    table = _markdown(args.runs, results)
+    write_benchmark(args.output_name, {"runs": args.runs, "statements": STATEMENTS}, results, table)
+    print(table)
+
+
+def _markdown(runs: int, results: dict) -> str:
+    overhead = results["hf_compress_minus_transformers_s"]
     lines = [
-        "# Import time (fresh interpreter per run, median of %d runs)" % args.runs,
+        f"# Import time (fresh interpreter per run, median of {runs} runs)",
         "",
         "| statement | median (s) |",
         "|---|---|",
-        *(f"| `{STATEMENTS[name]}` | {value:.3f} |" for name, value in medians.items()),
+        *(f"| `{STATEMENTS[name]}` | {value:.3f} |" for name, value in results["median_s"].items()),
         "",
         f"`import hf_compress` − `import transformers`: **{overhead:+.3f} s** "
         f"(target ≤ {TARGET_S} s: {'met' if overhead <= TARGET_S else 'MISSED'}).",
     ]
-    write_benchmark(args.output_name, {"runs": args.runs, "statements": STATEMENTS}, results, "\n".join(lines))
-    print("\n".join(lines))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

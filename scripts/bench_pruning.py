@@ -20,7 +20,6 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import statistics
@@ -33,10 +32,10 @@ import torch
 
 from hf_compress.assets import load_model, load_text
 from hf_compress.evaluation.memory import disk_bytes
-from hf_compress.evaluation.report import rewrite_markdown, write_benchmark
-from hf_compress.evaluation.suite import EvaluationSettings, headline_metrics, run_evaluation
+from hf_compress.evaluation.report import benchmark_parser, start_benchmark, write_benchmark
+from hf_compress.evaluation.suite import EvaluationSettings, evaluate_row
 from hf_compress.modeling import calibration_batches
-from hf_compress.pruning import PRUNERS, MaskPruner, PruningConfig, SDSConfig
+from hf_compress.pruning import PRUNERS, MaskPruner, PruningConfig
 from hf_compress.pruning.sds import sds_bases
 from hf_compress.pruning.storage import save_pruned
 
@@ -63,11 +62,10 @@ DEFAULT_METHODS = ("magnitude", "wanda", "sparsegpt", "sds-wanda", "sds-sparsegp
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__doc__, "pruning", threads=None, devices=("cpu", "cuda"))
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=sorted(METHODS))
     parser.add_argument("--patterns", nargs="+", default=["0.5", "2:4", "4:8"])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--calibration-sequences", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--sds-options", type=json.loads, action="append", default=None,
@@ -79,15 +77,10 @@ def main() -> None:
     parser.add_argument("--zero-shot-limit", type=int, default=None,
                         help="fixed seeded subset size per zero-shot task (default: ARC-E full, PIQA/HellaSwag 1000)")
     parser.add_argument("--no-dense", action="store_true", help="skip the dense row")
-    parser.add_argument("--quick", action="store_true", help="small subsets, to check the script runs")
-    parser.add_argument("--output-name", default="pruning")
-    parser.add_argument("--render", metavar="NAME", help="only rebuild bench/results/NAME.md from NAME.json")
     args = parser.parse_args()
-    if args.render:
-        _render(args.render)
+    if not start_benchmark(args, lambda payload: _markdown(payload["settings"], payload["results"]["rows"])):
         return
     args.sds_options = args.sds_options or [{}]
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     settings = EvaluationSettings(
         perplexity_sets=("wikipedia",), window=512, max_windows=8 if args.quick else args.max_windows,
@@ -103,7 +96,7 @@ def main() -> None:
     common = {"num_calibration_sequences": args.calibration_sequences, "calibration_seq_len": args.seq_len}
     rows: list[dict[str, Any]] = []
     if not args.no_dense:
-        rows.append(_evaluate(model.to(args.device), tokenizer, settings, {"method": "dense", "pattern": "-"}))
+        rows.append(evaluate_row(model.to(args.device), tokenizer, settings, {"method": "dense", "pattern": "-"}, "dense"))
     del model
     for pattern in args.patterns:
         for name in args.methods:
@@ -142,15 +135,7 @@ def _prune_and_evaluate(name, config, model, tokenizer, calibration, settings) -
         saved = json.loads((Path(folder) / "model" / "config.json").read_text())
         row["storage"] = saved["quantization_config"]["storage"]
         row["disk_MB"] = disk_bytes(Path(folder) / "model", "*.safetensors") / 2**20
-    return _evaluate(model, tokenizer, settings, row)
-
-
-def _evaluate(model, tokenizer, settings, row: dict[str, Any]) -> dict[str, Any]:
-    results, _ = run_evaluation(model, tokenizer, settings, progress=False)
-    row.update(headline_metrics(results))
-    logger.info("%s %s: ppl %.3f, zero-shot %s", row["method"], row["pattern"], row["perplexity"],
-                row.get("zero_shot_average"))
-    return row
+    return evaluate_row(model, tokenizer, settings, row, f"{row['method']} {row['pattern']}")
 
 
 def _summarise_blocks(blocks: list[dict[str, Any]]) -> dict[str, Any]:
@@ -169,11 +154,6 @@ def _write(args, settings, rows) -> None:
                                "text": "wikipedia calibration split", "seed": 0},
                "sds_options": args.sds_options}
     write_benchmark(args.output_name, payload, {"rows": rows}, _markdown(payload, rows))
-
-
-def _render(name: str) -> None:
-    """Rebuild ``<name>.md`` from ``<name>.json`` (same numbers, the run's own command and machine)."""
-    rewrite_markdown(name, lambda payload: _markdown(payload["settings"], payload["results"]["rows"]))
 
 
 def _markdown(settings: dict[str, Any], rows: list[dict[str, Any]]) -> str:

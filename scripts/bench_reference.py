@@ -12,11 +12,9 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
-import logging
 
 from hf_compress.assets import load_model
-from hf_compress.evaluation.report import write_benchmark
+from hf_compress.evaluation.report import benchmark_parser, start_benchmark, write_benchmark
 from hf_compress.evaluation.suite import EvaluationSettings, run_evaluation
 
 
@@ -26,12 +24,11 @@ LIMITS = {"arc_easy": None, "arc_challenge": None, "piqa": 1000, "hellaswag": 10
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__doc__, "reference", threads=None)
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--quick", action="store_true", help="small subsets, to check the script runs")
-    parser.add_argument("--output-name", default="reference")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not start_benchmark(args, lambda payload: _markdown(payload["results"]["model"], payload["results"])):
+        return
 
     settings = EvaluationSettings(
         perplexity_sets=("wikipedia", "news"),

@@ -36,7 +36,6 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
 import logging
 import random
 import statistics
@@ -50,7 +49,8 @@ from transformers import DynamicCache, QuantizedCache
 from hf_compress.assets import load_model, load_text
 from hf_compress.cache import SparKCache, StructuredChannelCache
 from hf_compress.evaluation.memory import cache_bytes
-from hf_compress.evaluation.report import rewrite_markdown, write_benchmark
+from hf_compress.evaluation.report import benchmark_parser, start_benchmark, write_benchmark
+from hf_compress.evaluation.speed import measure_generation_speed
 from hf_compress.evaluation.squad import squad_documents, squad_scores
 
 
@@ -79,17 +79,12 @@ def haystack_ids(tokenizer, tokens: int) -> list[int]:
     return tokenizer(text).input_ids[:tokens]
 
 
-@torch.inference_mode()
 def greedy(model, ids: torch.Tensor, cache, max_new_tokens: int, eos: int | None) -> tuple[list[int], float]:
-    """Prefill then single-token greedy steps; returns the new tokens and the decoding steps' tokens/s."""
-    logits = model(ids, past_key_values=cache, logits_to_keep=1).logits
-    tokens = [int(logits[0, -1].argmax())]
-    start = time.perf_counter()
-    while len(tokens) < max_new_tokens and tokens[-1] != eos:
-        logits = model(torch.tensor([[tokens[-1]]]), past_key_values=cache).logits
-        tokens.append(int(logits[0, -1].argmax()))
-    elapsed = time.perf_counter() - start
-    return tokens, (len(tokens) - 1) / elapsed if elapsed > 0 else float("nan")
+    """Greedy decoding into ``cache``; returns the new tokens and the decode rate after the first token."""
+    measured = measure_generation_speed(model, None, [ids], max_new_tokens, warmup=0, progress=False,
+                                        force_length=eos is None, cache_factory=lambda: cache,
+                                        **({} if eos is None else {"eos_token_id": eos}))
+    return measured["outputs"][0], measured.get("decode_tokens_per_second", float("nan"))
 
 
 def passkey(model, tokenizer, make_cache, lengths: list[int], depths: list[float], seed: int) -> dict[str, Any]:
@@ -244,7 +239,7 @@ def markdown(payload: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__doc__, "spark")
     parser.add_argument("--caches", nargs="+", choices=list(CACHES), default=list(CACHES))
     parser.add_argument("--passkey-lengths", nargs="+", type=int, default=[2048, 4096])
     parser.add_argument("--passkey-depths", nargs="+", type=float, default=[0.1, 0.5, 0.9])
@@ -254,20 +249,13 @@ def main() -> None:
     parser.add_argument("--reading-tokens", type=int, default=1500)
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--quick", action="store_true", help="short contexts, one trial of each task")
-    parser.add_argument("--output-name", default="spark")
-    parser.add_argument("--render", metavar="NAME", help="rebuild NAME.md from NAME.json and exit")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    if args.render:
-        rewrite_markdown(args.render, markdown)
+    if not start_benchmark(args, markdown):
         return
     if args.quick:
         args.passkey_lengths, args.passkey_depths, args.prefix = [512], [0.5], 512
         args.ppl_windows, args.reading_questions, args.reading_tokens, args.decode_tokens = 1, 1, 400, 8
-    torch.set_num_threads(args.threads)
-    settings = {k: v for k, v in vars(args).items() if k != "render"}
+    settings = {k: v for k, v in vars(args).items() if k not in ("render", "supported_devices", "device")}
     settings["machine_note"] = f"CPU, {args.threads} threads, float32"
     settings["command"] = "python scripts/bench_spark.py" + (" --quick" if args.quick else "")
     model, tokenizer = load_model("smollm2-135m")

@@ -36,17 +36,16 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
 import copy
 import logging
 import statistics
-import time
 from typing import Any
 
 import torch
 
 from hf_compress.assets import MissingAssetError, load_model, reference_model_path
-from hf_compress.evaluation.report import rewrite_markdown, write_benchmark
+from hf_compress.evaluation.report import benchmark_parser, start_benchmark, write_benchmark
+from hf_compress.evaluation.speed import measure_generation_speed
 from hf_compress.evaluation.squad import squad_documents, squad_scores
 from hf_compress.speculative import FLy, SpeculativeDecoding
 
@@ -116,20 +115,13 @@ def build_pair(name: str, args) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------ running
 def run_method(target, tokenizer, prompts: list[str], max_new_tokens: int, kwargs: dict) -> list[dict[str, Any]]:
-    rows = []
-    strategy = kwargs.get("custom_generate")
-    for prompt in prompts:
-        ids = render_prompt(tokenizer, prompt)
-        started = time.perf_counter()
-        out = target.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, **kwargs)
-        seconds = time.perf_counter() - started
-        new = out[0, ids.shape[1] :].tolist()
-        row = {"tokens": new, "seconds": seconds, "tokens_per_s": len(new) / seconds}
-        if strategy is not None:
-            m = strategy.last_metrics
-            row.update(mean_accepted_length=m.mean_accepted_length, target_forwards=m.target_forwards,
-                       drafting_time_s=m.drafting_time_s)
-        rows.append(row)
+    ids = [render_prompt(tokenizer, prompt) for prompt in prompts]
+    measured = measure_generation_speed(target, tokenizer, ids, max_new_tokens, warmup=0, progress=False, **kwargs)
+    rows = [{"tokens": tokens, "seconds": seconds, "tokens_per_s": rate}
+            for tokens, seconds, rate in zip(measured["outputs"], measured["seconds"], measured["per_prompt"])]
+    for row, metrics in zip(rows, measured.get("strategy_metrics", ()), strict=False):
+        row.update(mean_accepted_length=metrics["mean_accepted_length"], target_forwards=metrics["target_forwards"],
+                   drafting_time_s=metrics["drafting_time_s"])
     return rows
 
 
@@ -284,7 +276,7 @@ def markdown(payload: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__doc__, "speculative")
     parser.add_argument("--pairs", nargs="+", choices=PAIRS, default=list(PAIRS))
     parser.add_argument("--prompts", type=int, default=10)
     parser.add_argument("--max-new-tokens", type=int, default=48)
@@ -293,23 +285,17 @@ def main() -> None:
     parser.add_argument("--num-draft-tokens", type=int, default=15, help="n-gram pair (FLy's default)")
     parser.add_argument("--model-draft-tokens", type=int, default=10,
                         help="pairs with a draft model: each drafted token costs a draft forward on CPU")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--quick", action="store_true", help="2 prompts, 16 tokens, 3 questions")
-    parser.add_argument("--output-name", default="speculative")
-    parser.add_argument("--render", metavar="NAME", help="rebuild NAME.md from NAME.json and exit")
     parser.add_argument("--precision-agreement", action="store_true",
                         help="measure agreement with greedy in each of --dtypes instead (→ speculative-precision)")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--agreement-prompts", type=int, default=40)
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    if args.render:
-        rewrite_markdown(args.render, precision_markdown if args.render.endswith("precision") else markdown)
+    rendering = args.render or ""
+    if not start_benchmark(args, precision_markdown if rendering.endswith("precision") else markdown):
         return
     if args.precision_agreement:
         if args.quick:
             args.agreement_prompts, args.max_new_tokens = 2, 16
-        torch.set_num_threads(args.threads)
         name = args.output_name if args.output_name != "speculative" else "speculative-precision"
         settings = {k: getattr(args, k) for k in ("agreement_prompts", "max_new_tokens", "num_draft_tokens", "dtypes", "threads")}
         settings["machine_note"] = f"CPU, {args.threads} threads"
@@ -323,8 +309,7 @@ def main() -> None:
             reference_model_path("gemma3-270m")
         except MissingAssetError as err:
             parser.error(f"{err}\nor leave the Gemma pair out: --pairs ngram int8")
-    torch.set_num_threads(args.threads)
-    settings = {k: v for k, v in vars(args).items() if k not in ("render",)}
+    settings = {k: v for k, v in vars(args).items() if k not in ("render", "supported_devices", "device")}
     settings["machine_note"] = f"CPU, {args.threads} threads, float32"
     results: dict[str, Any] = {}
     for pair in args.pairs:

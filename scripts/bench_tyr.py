@@ -21,7 +21,6 @@ weight values) and times them round-robin, so every ratio comes from measurement
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import logging
@@ -36,9 +35,9 @@ import torch
 from hf_compress.assets import load_model, load_text
 from hf_compress.assets.text import speed_prompts
 from hf_compress.evaluation.memory import disk_bytes
-from hf_compress.evaluation.report import rewrite_markdown, write_benchmark
+from hf_compress.evaluation.report import benchmark_parser, start_benchmark, write_benchmark
 from hf_compress.evaluation.speed import measure_generation_speed
-from hf_compress.evaluation.suite import EvaluationSettings, headline_metrics, run_evaluation
+from hf_compress.evaluation.suite import EvaluationSettings, evaluate_row
 from hf_compress.pruning import BlockRemovalConfig, BlockRemovalPruner, TyrConfig, TyrPruner
 from hf_compress.formats.slim import save_slim
 from hf_compress.modeling.structure import decoder_parameter_count
@@ -51,7 +50,7 @@ METHODS = ("tyr", "uniform", "block_removal")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__doc__, "tyr", threads=None)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--targets", nargs="+", type=float, default=[0.2, 0.3, 0.5])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
@@ -61,21 +60,17 @@ def main() -> None:
     parser.add_argument("--zero-shot-limit", type=int, default=50)
     parser.add_argument("--speed-prompts", type=int, default=10)
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--quick", action="store_true", help="tiny search and subsets, to check the script runs")
-    parser.add_argument("--output-name", default="tyr")
-    parser.add_argument("--render", metavar="NAME", help="only rebuild bench/results/NAME.md from NAME.json")
     parser.add_argument("--speed-from", metavar="NAME", help="re-time the shapes of bench/results/NAME.json")
     parser.add_argument("--rounds", type=int, default=3, help="--speed-from: round-robin rounds (default 3)")
     args = parser.parse_args()
+    speed_table = (args.render or "").endswith("-speed")
+    render = (lambda payload: _speed_markdown(payload["settings"], payload["results"]["rows"])) if speed_table else (
+        lambda payload: _markdown(payload["settings"], payload["results"]["rows"]))
+    if not start_benchmark(args, render):
+        return
     if args.speed_from:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         _speed_rerun(args)
         return
-    if args.render:
-        rewrite_markdown(args.render, lambda payload: _markdown(payload["settings"], payload["results"]["rows"]))
-        return
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
     if args.quick:
         args.max_windows, args.zero_shot_limit, args.speed_prompts, args.max_new_tokens = 4, 10, 2, 8
         args.tyr_options = {"num_iterations": 1, "generations": 1, "offspring": 2, "num_levels": 3,
@@ -143,11 +138,7 @@ def _measure(model, tokenizer, settings, prompts, args, row: dict[str, Any]) -> 
     row["prefill_tokens_per_second"] = _prefill_speed(model, tokenizer)
     speed = measure_generation_speed(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, progress=False)
     row["decode_tokens_per_second"] = speed["tokens_per_second"]
-    results, _ = run_evaluation(model, tokenizer, settings, progress=False)
-    row.update(headline_metrics(results))
-    logger.info("%s %.2f: ppl %.3f, zero-shot %.4f, decode %.2f tok/s", row["method"], row["target"],
-                row["perplexity"], row["zero_shot_average"], row["decode_tokens_per_second"])
-    return row
+    return evaluate_row(model, tokenizer, settings, row, f"{row['method']} {row['target']:.2f}")
 
 
 @functools.cache

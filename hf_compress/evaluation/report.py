@@ -1,13 +1,23 @@
-"""Benchmark reports: the machine, the command, the settings and the results, as JSON and Markdown.
+"""Benchmark reports and the skeleton every ``scripts/bench_*.py`` shares.
 
-Every ``scripts/bench_*.py`` writes ``bench/results/<name>.json`` and ``<name>.md`` through
-:func:`write_benchmark`, so each committed number carries how and where it was measured.
+Every script builds its parser with :func:`benchmark_parser` (``--quick``, ``--output-name``, ``--render``,
+``--threads``, ``--device``), starts with :func:`start_benchmark` (logging, threads, the device; ``--render``
+rebuilds the Markdown table from the stored JSON and exits) and writes ``bench/results/<name>.json`` and
+``<name>.md`` through :func:`write_benchmark`, so each committed number carries how and where it was measured.
+
+Example:
+    >>> parser = benchmark_parser("demo benchmark", output_name="demo")
+    >>> args = parser.parse_args(["--quick", "--device", "cpu"])
+    >>> (args.quick, args.output_name, args.device)
+    (True, 'demo', 'cpu')
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import importlib.metadata as metadata
+import logging
 import json
 import os
 import platform
@@ -55,6 +65,47 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "packages": versions,
     }
+
+
+def benchmark_parser(
+    description: str | None, output_name: str, threads: int | None = 2, devices: tuple[str, ...] = ("cpu",)
+) -> argparse.ArgumentParser:
+    """An ``ArgumentParser`` with the flags every benchmark takes; add the benchmark's own after it.
+
+    ``threads=None`` leaves torch's thread count alone by default (``--threads`` still sets it). ``devices``
+    are the device types the script runs on end to end; another one given to ``--device`` is refused.
+    """
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.set_defaults(supported_devices=devices)
+    parser.add_argument("--quick", action="store_true", help="tiny settings, to check the script runs")
+    parser.add_argument("--output-name", default=output_name, help=f"bench/results/NAME.{{json,md}} (default {output_name})")
+    parser.add_argument("--render", metavar="NAME", help="only rebuild bench/results/NAME.md from NAME.json")
+    parser.add_argument("--threads", type=int, default=threads, help="torch CPU threads")
+    parser.add_argument("--device", default="auto",
+                        help=f"auto (CUDA when present and supported), or one of: {', '.join(devices)} (cuda:1, ... too)")
+    return parser
+
+
+def start_benchmark(args: argparse.Namespace, render: Callable[[dict[str, Any]], str]) -> bool:
+    """Set up logging, threads and ``args.device``; with ``--render``, rebuild the table and return ``False``.
+
+    Example:
+        >>> if not start_benchmark(args, markdown):  # doctest: +SKIP
+        ...     return
+    """
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.render:
+        print(rewrite_markdown(args.render, render))
+        return False
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    supported = args.supported_devices
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() and "cuda" in supported else "cpu"
+    if torch.device(args.device).type not in supported:
+        raise SystemExit(f"{Path(sys.argv[0]).name}: --device {args.device} is not supported by this benchmark yet "
+                         f"(it runs on: {', '.join(supported)}).")
+    return True
 
 
 def write_benchmark(

@@ -117,3 +117,19 @@ def headline_metrics(results: dict[str, Any], perplexity_set: str = "wikipedia")
         row["zero_shot_metric"] = zero_shot["average"]["metric"]
         row["zero_shot"] = {t: {k: zero_shot[t][k] for k in ("acc", "acc_norm", "score", "n")} for t in tasks}
     return row
+
+
+def evaluate_row(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, settings: EvaluationSettings, row: dict[str, Any],
+    label: str = "",
+) -> dict[str, Any]:
+    """Run ``run_evaluation`` and merge its :func:`headline_metrics` into a benchmark ``row`` (logged with ``label``).
+
+    Example:
+        >>> evaluate_row(model, tokenizer, settings, {"method": "wanda"}, "wanda 2:4")  # doctest: +SKIP
+        {'method': 'wanda', 'perplexity': 27.9, ...}
+    """
+    results, _ = run_evaluation(model, tokenizer, settings, progress=False)
+    row.update(headline_metrics(results))
+    logger.info("%s: perplexity %s, zero-shot average %s", label, row.get("perplexity"), row.get("zero_shot_average"))
+    return row

@@ -36,7 +36,6 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
 from ...utils import get_logger
 from ..config import SparsityPattern, parse_sparsity
@@ -44,7 +43,7 @@ from ..masks import n_m_mask, unstructured_mask
 
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
+    pass
 
 
 __all__ = ["sparsegpt_prune"]

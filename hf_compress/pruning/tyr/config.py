@@ -14,6 +14,7 @@
 | ``max_flips`` | 4 | 4 | as the paper |
 
 Example:
+    >>> from hf_compress.pruning import PruningConfig
     >>> config = TyrConfig(target_sparsity=0.3, generations=5)
     >>> PruningConfig.from_dict(config.to_dict()) == config
     True
@@ -25,7 +26,7 @@ import itertools
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..config import PruningConfig, StructuralPruningConfig
+from ..config import StructuralPruningConfig
 
 
 __all__ = ["TyrConfig"]

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import ClassVar
 
-from ..config import PruningConfig, check_number
+from ..config import PruningConfig
 
 
 __all__ = ["WandaConfig"]
