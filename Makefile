@@ -45,11 +45,12 @@ test: install assets
 test-real: install assets
 	$(PYTHON) -m pytest -q -m real_model
 
-# The suite against the newest releases pyproject.toml allows, in a separate environment ($(LATEST_VENV)).
+# The suite against the newest releases pyproject.toml allows, in a separate environment ($(LATEST_VENV)); torch
+# stays on the local CPU wheel (the newest torch on PyPI is a multi-GB CUDA build).
 # `make test-latest PYTEST_ARGS="-m compat_smoke"` runs the compatibility smoke only (what CI runs).
 test-latest:
 	$(MAKE) --no-print-directory VENV=$(LATEST_VENV) CONSTRAINTS=/dev/null VIRTUAL_ENV= install assets
-	$(LATEST_VENV)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[eval,dev]"
+	$(LATEST_VENV)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[eval,dev]" torch==2.13.0
 	$(LATEST_VENV)/bin/python scripts/compare_versions.py --constraints constraints.txt
 	$(LATEST_VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
