@@ -44,7 +44,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class: type) ->
         flags = [f"--{item.name.replace('_', '-')}", *spellings]
         default = _default(item)
         kwargs: dict[str, Any] = {"dest": _PREFIX + item.name, "default": argparse.SUPPRESS}
-        kwargs.update(_parsing(item, default))
+        kwargs.update(_parsing(item))
         if kwargs.get("action") != argparse.BooleanOptionalAction:
             kwargs.setdefault("metavar", item.name.upper())
         choices = item.metadata.get("choices")
@@ -68,7 +68,7 @@ def _default(item: dataclasses.Field) -> Any:
     return dataclasses.MISSING
 
 
-def _parsing(item: dataclasses.Field, default: Any) -> dict[str, Any]:
+def _parsing(item: dataclasses.Field) -> dict[str, Any]:
     annotation = str(item.type).replace(" ", "")
     if "type" in item.metadata:
         return {"type": item.metadata["type"]}

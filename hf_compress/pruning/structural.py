@@ -75,10 +75,8 @@ class StructuralPruner(BasePruner):
     config_class = StructuralPruningConfig
 
     def config_for_target(self, target: float | str | SparsityPattern) -> PruningConfig:
-        pattern = parse_sparsity(target)
-        if pattern.is_n_m:
-            raise ValueError(f"{type(self).__name__} removes a fraction of the decoder parameters; pass a ratio, not {pattern}.")
-        return self.config_class(target_sparsity=pattern.ratio)
+        # The config parses the target and refuses N:M patterns itself.
+        return self.config_class(target_sparsity=parse_sparsity(target).to_json())
 
     # ---------------------------------------------------------------------------------------- the stages
 

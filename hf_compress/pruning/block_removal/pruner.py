@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ...modeling import BlockContext, find_decoder_blocks, for_each_block
-from ...modeling.structure import decoder_parameter_count, remove_blocks
+from ...modeling.structure import remove_blocks
 from ...utils import get_logger
 from ..structural import StructuralPruner
 from .config import BlockRemovalConfig
@@ -58,8 +58,8 @@ class BlockRemovalPruner(StructuralPruner):
     def plan(self, config: BlockRemovalConfig) -> int:
         """How many blocks ``target_sparsity`` removes (the nearest whole number); refuses none or all."""
         _, blocks = find_decoder_blocks(self.model)
-        per_block = decoder_parameter_count(self.model) / len(blocks)
-        count = round(config.target_sparsity * decoder_parameter_count(self.model) / per_block)
+        # Every block has the same size in the supported architectures: the target is a share of the blocks.
+        count = round(config.target_sparsity * len(blocks))
         if not 1 <= count < len(blocks):
             raise ValueError(
                 f"target_sparsity {config.target_sparsity} removes {count} of {len(blocks)} blocks; it must remove "
