@@ -22,10 +22,12 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.metadata
 import inspect
 import re
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 
@@ -47,22 +49,28 @@ __all__ = [
     "cache_of_output",
     "check_assumptions",
     "check_minimum_versions",
+    "checkpoint_files_of_preprocess",
     "detach_quantizer",
     "eager_attention_forward",
     "extend_peft_type",
     "has_peft_adapters",
+    "hub_default_ignore_patterns",
+    "ignore_unexpected_keys",
     "is_attention_registered",
     "mask_function_of",
     "model_conversions",
     "pad_token_tensor",
     "peft_buffer_dict",
     "quantizer_of",
+    "quiet_weight_progress",
     "register_quantization_format",
     "registered_quantization_config",
     "set_attention_implementation",
     "set_hub_name",
     "set_model_conversions",
     "streamer_of_calling_generate",
+    "third_party_warnings_silenced",
+    "tied_weight_keys",
     "with_cache_field",
 ]
 
@@ -185,14 +193,24 @@ def streamer_of_calling_generate() -> Any:
     so it is read from the nearest calling frame whose function is ``generate``. Checked on 5.23.0 and
     5.24.0 (``tests/test_speculative.py`` streams through a strategy).
     """
+    return argument_of_calling_generate("streamer")
+
+
+def argument_of_calling_generate(name: str) -> Any:
+    """The argument ``name`` (``streamer``, ``assistant_model``, ``synced_gpus``, ...) of the ``generate()`` that
+    called the current ``custom_generate`` callable, or ``None``.
+
+    transformers passes a ``custom_generate`` callable only the keyword arguments its signature adds to
+    ``_sample``'s, so ``generate``'s own parameters are read from the nearest calling frame named ``generate``.
+    """
     frame = inspect.currentframe()
     try:
         caller = frame.f_back if frame is not None else None
-        for _ in range(8):  # the strategy's __call__, then generate() (maybe under a decorator's wrapper)
+        for _ in range(10):  # the strategy's __call__, then generate() (maybe under a decorator's wrapper)
             if caller is None:
                 return None
-            if caller.f_code.co_name == "generate" and "streamer" in caller.f_locals:
-                return caller.f_locals["streamer"]
+            if caller.f_code.co_name == "generate" and name in caller.f_locals:
+                return caller.f_locals[name]
             caller = caller.f_back
         return None
     finally:
@@ -202,6 +220,51 @@ def streamer_of_calling_generate() -> Any:
 def pad_token_tensor(generation_config: Any) -> torch.Tensor | None:
     """The pad token as a tensor, as ``generate()`` prepared it on the config (``_pad_token_tensor``)."""
     return getattr(generation_config, "_pad_token_tensor", None)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Progress bars of transformers' own weight loading and saving
+# ----------------------------------------------------------------------------------------------------
+
+QUIET_PROGRESS_BARS: tuple[str, ...] = ("Loading weights", "Writing model shards")
+"""``desc`` of the tqdm bars ``from_pretrained`` / ``save_pretrained`` draw per call (transformers 5.x)."""
+
+
+@contextlib.contextmanager
+def quiet_weight_progress() -> Iterator[None]:
+    """Inside, ``from_pretrained`` and ``save_pretrained`` draw no "Loading weights" / "Writing model shards" bars.
+
+    For hf_compress's own loads and saves (a reference model from its cache, a reload after saving, a
+    checkpoint written by a pruner): a second of bookkeeping, not work a user waits for. Download and upload
+    bars, and every other bar, are left alone. transformers' switch (``disable_progress_bar``) is global and
+    also silences huggingface_hub; this uses ``transformers.utils.logging.set_tqdm_hook`` (which returns the
+    previous hook, restored on exit) and only for the bars named in :data:`QUIET_PROGRESS_BARS`. Not
+    thread-safe (the hook is process-wide). Checked on transformers 5.23.0 and 5.24.0.
+
+    Example:
+        >>> from hf_compress.assets import tiny_model
+        >>> with quiet_weight_progress():
+        ...     model, _ = tiny_model("llama")
+    """
+    from transformers.utils import logging as hf_logging
+
+    set_hook = getattr(hf_logging, "set_tqdm_hook", None)
+    empty = getattr(hf_logging, "EmptyTqdm", None)
+    if set_hook is None or empty is None:  # an older or newer transformers without the hook: bars stay
+        yield
+        return
+    previous = None
+
+    def hook(factory: Any, args: tuple, kwargs: dict) -> Any:
+        if kwargs.get("desc") in QUIET_PROGRESS_BARS:
+            return empty(*args, **kwargs)
+        return previous(factory, args, kwargs) if previous is not None else factory(*args, **kwargs)
+
+    previous = set_hook(hook)
+    try:
+        yield
+    finally:
+        set_hook(previous)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -338,6 +401,38 @@ def detach_quantizer(model: PreTrainedModel) -> None:
     model.quantization_method = None
 
 
+def checkpoint_files_of_preprocess(kwargs: dict[str, Any]) -> list[str] | None:
+    """The checkpoint files ``from_pretrained`` passes to ``HfQuantizer.preprocess_model`` (``None`` when
+    loading from a state dict). Checked on 5.23.0 and 5.24.0 (keyword ``checkpoint_files``)."""
+    files = kwargs.get("checkpoint_files")
+    return list(files) if files else None
+
+
+def ignore_unexpected_keys(model: PreTrainedModel, patterns: list[str]) -> None:
+    """Let ``from_pretrained`` skip checkpoint keys matching ``patterns`` (regexes) without reporting them.
+
+    transformers reads ``model._keys_to_ignore_on_load_unexpected`` (a set after ``post_init``, a list or
+    ``None`` on older classes). Checked on 5.23.0 and 5.24.0.
+    """
+    existing = getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()
+    model._keys_to_ignore_on_load_unexpected = set(existing) | set(patterns)
+
+
+def tied_weight_keys(model: nn.Module) -> dict[str, str]:
+    """``{tied key: source key}`` of weights transformers ties after loading (e.g. ``lm_head.weight`` to the
+    embeddings), which a checkpoint therefore need not store. ``model.all_tied_weights_keys``, set in
+    ``post_init``; checked on 5.23.0 and 5.24.0."""
+    return dict(getattr(model, "all_tied_weights_keys", None) or {})
+
+
+def hub_default_ignore_patterns() -> list[str]:
+    """What ``upload_folder`` never uploads (``.git/``, ``.cache/huggingface/``): huggingface_hub's private
+    ``utils._paths.DEFAULT_IGNORE_PATTERNS``, checked on huggingface_hub 2.4."""
+    from huggingface_hub.utils._paths import DEFAULT_IGNORE_PATTERNS
+
+    return list(DEFAULT_IGNORE_PATTERNS)
+
+
 def set_hub_name(config: PretrainedConfig, name: str) -> None:
     """Record the Hub id a model came from (``config._name_or_path``, what ``model.name_or_path`` returns)."""
     config._name_or_path = name
@@ -384,6 +479,31 @@ def has_peft_adapters(model: nn.Module) -> bool:
     return bool(getattr(model, "_hf_peft_config_loaded", False))
 
 
+THIRD_PARTY_WARNINGS: tuple[tuple[str, type], ...] = (
+    # peft 0.21.2's PeftModel.__init__ reads `model.is_gradient_checkpointing`, deprecated in transformers 5.24.
+    (r"`is_gradient_checkpointing` is deprecated", FutureWarning),
+)
+"""``(message regex, category)`` of warnings other libraries raise inside calls hf_compress makes, that no argument
+of ours avoids; :func:`third_party_warnings_silenced` ignores exactly these (``pyproject.toml`` does so in tests)."""
+
+
+@contextlib.contextmanager
+def third_party_warnings_silenced() -> Iterator[None]:
+    """Ignore the warnings of :data:`THIRD_PARTY_WARNINGS` inside (e.g. around ``get_peft_model``); nothing else.
+
+    Example:
+        >>> import warnings
+        >>> with third_party_warnings_silenced():
+        ...     warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed", FutureWarning)
+    """
+    import warnings
+
+    with warnings.catch_warnings():
+        for message, category in THIRD_PARTY_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=category)
+        yield
+
+
 PEFT_ADAPTER_LOAD_HOOK = "_remap_adapter_state_dict_for_load"
 """``BaseTuner`` classmethod peft calls with an adapter's state dict on load; DL-QAT overrides it to check
 the weights' fingerprints. Checked on peft 0.21.2."""
@@ -424,6 +544,7 @@ PRIVATE_NAMES: tuple[str, ...] = (
     "f_locals",
     "hf_quantizer",
     "_hf_peft_config_loaded",
+    "_keys_to_ignore_on_load_unexpected",
     "conversion_mapping",
     "modeling_llama",
 )
@@ -474,7 +595,18 @@ def check_assumptions() -> list[str]:
                "transformers: generate() no longer prepares generation_config._pad_token_tensor (pad_token_tensor)")
         expect(any(name in {f.name for f in __import__("dataclasses").fields(GenerateDecoderOnlyOutput)} for name in CACHE_KWARGS),
                "transformers: GenerateDecoderOnlyOutput has no cache field (with_cache_field)")
+        from transformers import PreTrainedModel
+
+        expect("checkpoint_files=checkpoint_files" in inspect.getsource(PreTrainedModel.from_pretrained),
+               "transformers: from_pretrained no longer passes checkpoint_files to preprocess_model "
+               "(checkpoint_files_of_preprocess)")
+        expect("_keys_to_ignore_on_load_unexpected" in inspect.getsource(PreTrainedModel),
+               "transformers: PreTrainedModel no longer reads _keys_to_ignore_on_load_unexpected (ignore_unexpected_keys)")
         expect(hasattr(DynamicCache, "crop"), "transformers: DynamicCache has no crop() (speculative rollback)")
+        from transformers.utils import logging as hf_logging
+
+        expect(callable(getattr(hf_logging, "set_tqdm_hook", None)) and hasattr(hf_logging, "EmptyTqdm"),
+               "transformers: utils.logging has no set_tqdm_hook / EmptyTqdm (quiet_weight_progress)")
         expect(callable(eager_attention_forward()), "transformers: Llama has no eager_attention_forward")
         from transformers.conversion_mapping import get_model_conversion_mapping
 

@@ -19,6 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .evaluation.memory import disk_bytes
 from .evaluation.suite import EvaluationSettings, run_evaluation
+from .hub import hub_model_id
 from .utils import atomic_directory, atomic_file, get_logger
 
 
@@ -90,12 +91,14 @@ def run_demo(
         raise FileExistsError(f"{output_dir} is not empty; pass --overwrite or choose another --output-dir.")
 
     model, tokenizer = load_model(model_name)
-    base_model = getattr(model.config, "name_or_path", None) or model_name
+    # A card names the base model by its Hub id (the reference models know theirs), never by a local path.
+    base_model = hub_model_id(getattr(model.config, "name_or_path", None))
+    short_name = (base_model or str(model_name)).rstrip("/").rpartition("/")[2]
     logger.info("Evaluating the dense model %s", model_name)
     rows = []
     with atomic_directory(output_dir, overwrite=True) as staging:
         dense_results, dense_records = run_evaluation(model, tokenizer, settings, progress=progress)
-        _write_artifact(staging / "dense", model, tokenizer, None, base_model, "dense", {"method": "none"},
+        _write_artifact(staging / "dense", model, tokenizer, None, base_model, f"{short_name}-dense", {"method": "none"},
                         dense_records, dense_results)
         rows.append(_row("dense", dense_results, staging / "dense"))
         if not methods:
@@ -107,11 +110,11 @@ def run_demo(
                 model, tokenizer = load_model(model_name)
             compressed, recipe = method.apply(model, tokenizer, calibration)
             results, records = run_evaluation(compressed, tokenizer, settings, progress=progress)
-            _write_artifact(staging / method.name, compressed, tokenizer, method.save, base_model, method.name,
-                            recipe, records, results)
+            _write_artifact(staging / method.name, compressed, tokenizer, method.save, base_model,
+                            f"{short_name}-{method.name}", recipe, records, results)
             rows.append(_row(method.name, results, staging / method.name))
             del compressed
-        _write_json(staging / "summary.json", {"model": model_name, "settings": settings.to_dict(), "rows": rows})
+        _write_json(staging / "summary.json", {"model": short_name if os.path.exists(str(model_name)) else model_name, "settings": settings.to_dict(), "rows": rows})
     return {"rows": rows, "output_dir": str(output_dir)}
 
 
@@ -151,20 +154,22 @@ def _fmt(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def _write_artifact(folder: Path, model, tokenizer, save, base_model: str, name: str, recipe: dict[str, Any],
+def _write_artifact(folder: Path, model, tokenizer, save, base_model: str | None, name: str, recipe: dict[str, Any],
                     records, results: dict[str, Any]) -> None:
     """A Hub-ready folder: what ``from_pretrained`` needs, a model card with measured metrics, raw results."""
     from .hub import build_model_card, write_model_card
 
     (save or _save_pretrained)(model, tokenizer, folder)
-    card = build_model_card(base_model=base_model, model_name=f"{Path(str(base_model)).name}-{name}",
-                            recipe=recipe, metrics=records)
+    card = build_model_card(base_model=base_model, model_name=name, recipe=recipe, metrics=records)
     write_model_card(folder, card)
     _write_json(folder / "results.json", results)
 
 
 def _save_pretrained(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
-    model.save_pretrained(folder)
+    from . import _compat
+
+    with _compat.quiet_weight_progress():
+        model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
 
 

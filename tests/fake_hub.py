@@ -27,8 +27,8 @@ Example:
     >>> hub.files("user/tiny")  # doctest: +SKIP
     {'.gitattributes': b'...'}
 
-The ``fake_hub`` fixture in ``tests/conftest.py`` also points the caches at a temporary folder and sets a
-token.
+:func:`serve_fake_hub` also points the caches at a folder, leaves offline mode and sets a token (and undoes
+it all); the ``fake_hub`` fixture in ``tests/conftest.py`` and ``scripts/robustness/push.py`` use it.
 """
 
 from __future__ import annotations
@@ -40,10 +40,13 @@ import datetime as _dt
 import hashlib
 import itertools
 import json
+import os
 import re
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
+from unittest import mock
 from urllib.parse import parse_qs, unquote
 
 import httpx2
@@ -573,6 +576,55 @@ class FakeHub:
             headers["Content-Range"] = f"bytes {start}-{start + len(part) - 1}/{len(data)}"
             return httpx2.Response(206, headers=headers, content=part)
         return httpx2.Response(200, headers=headers, content=data)
+
+
+@contextlib.contextmanager
+def serve_fake_hub(home: str | os.PathLike, hub: FakeHub | None = None) -> Iterator[FakeHub]:
+    """Serve ``hub`` (a new :class:`FakeHub` by default) to every ``huggingface_hub`` call inside the block.
+
+    For the block's duration: online mode, a valid fake token (``HF_TOKEN``), and every Hub cache (downloads,
+    Xet, assets, token files, transformers' remote-code modules) under ``home``. Everything, including the HTTP
+    client, is restored afterwards.
+
+    Example:
+        >>> with serve_fake_hub(tmp / "hf_home") as hub:  # doctest: +SKIP
+        ...     push_to_hub(folder, "user/tiny")
+        >>> sorted(hub.files("user/tiny"))  # doctest: +SKIP
+    """
+    import huggingface_hub.constants as hf_constants
+
+    home = Path(home)
+    hub_cache, modules_cache = home / "hub", home / "modules"
+    locations = {
+        "HF_HOME": home,
+        "HF_HUB_CACHE": hub_cache,
+        "HF_XET_CACHE": home / "xet",
+        "HF_ASSETS_CACHE": home / "assets",
+        "HF_TOKEN_PATH": home / "token",
+        "HF_STORED_TOKENS_PATH": home / "stored_tokens",
+    }
+    hub = hub or FakeHub()
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(mock.patch.dict(os.environ))  # restores the whole environment on exit
+        for key, value in locations.items():
+            os.environ[key] = str(value)
+            # huggingface_hub reads these once, at import time, into module constants.
+            stack.enter_context(mock.patch.object(hf_constants, key, str(value)))
+        stack.enter_context(mock.patch.object(hf_constants, "HUGGINGFACE_HUB_CACHE", str(hub_cache)))
+        stack.enter_context(mock.patch.object(hf_constants, "HF_HUB_OFFLINE", False))
+        for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
+            os.environ.pop(key, None)  # HF_OIDC_RESOURCE would take precedence over HF_TOKEN
+        os.environ["HF_TOKEN"] = hub.token
+        # Copies made with `from ... import NAME` in modules that may already be loaded.
+        for target, value in {
+            "huggingface_hub.utils._cache_manager.HF_HUB_CACHE": hub_cache,
+            "huggingface_hub.utils._cache_assets.HF_ASSETS_CACHE": home / "assets",
+            "transformers.utils.hub.HF_MODULES_CACHE": modules_cache,
+            "transformers.dynamic_module_utils.HF_MODULES_CACHE": modules_cache,
+        }.items():
+            stack.enter_context(mock.patch(target, str(value)))
+        stack.enter_context(hub.activate())
+        yield hub
 
 
 # ---------------------------------------------------------------------- helpers

@@ -76,6 +76,82 @@ def test_load_model_names_and_clear_error(tmp_path):
         load_model(tmp_path / "weights.bin")
 
 
+
+def _one_line(error: BaseException) -> str:
+    message = str(error)
+    assert "\n" not in message and len(message) < 400, message
+    return message
+
+
+def test_load_model_path_that_does_not_exist_says_no_such_folder(tmp_path):
+    for name in ("./no-such-model", str(tmp_path / "missing"), "no-such-model/", "a/b/c"):
+        with pytest.raises(FileNotFoundError) as raised:
+            load_model(name)
+        message = _one_line(raised.value)
+        assert message.startswith(f"{name}: no such folder") and "Repo id" not in message
+
+
+def test_load_model_unknown_hub_id_says_offline_at_once():
+    import time
+
+    started = time.perf_counter()
+    with pytest.raises(OSError) as raised:
+        load_model("owner/nonexistent")  # HF_HUB_OFFLINE=1 (tests/conftest.py)
+    assert time.perf_counter() - started < 5
+    message = _one_line(raised.value)
+    assert message.startswith("owner/nonexistent: not a local folder") and "HF_HUB_OFFLINE" in message
+
+
+def test_load_model_hub_id_from_the_fake_hub_and_a_missing_repo(fake_hub, tmp_path):
+    from hf_compress.hub import push_to_hub
+
+    tiny_model("llama", save_dir=tmp_path / "tiny")
+    push_to_hub(tmp_path / "tiny", "user/tiny", allow_missing_card=True)
+    model, tokenizer = load_model("user/tiny")
+    assert model.config.model_type == "llama" and tokenizer is not None
+    with pytest.raises(OSError) as raised:
+        load_model("user/nonexistent")
+    assert _one_line(raised.value).startswith("user/nonexistent: no such model on the Hugging Face Hub")
+
+
+def test_load_model_refuses_non_causal_models_in_one_line(tmp_path):
+    from transformers import BertConfig, BertForMaskedLM, T5Config, T5ForConditionalGeneration
+
+    T5ForConditionalGeneration(T5Config(vocab_size=256, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=2)
+                               ).save_pretrained(tmp_path / "t5")
+    with pytest.raises(ValueError) as raised:
+        load_model(tmp_path / "t5")
+    assert _one_line(raised.value) == (
+        f"{tmp_path / 't5'}: not a decoder-only causal LM (model_type t5, an encoder-decoder); hf_compress needs "
+        "AutoModelForCausalLM models."
+    )
+    BertForMaskedLM(BertConfig(vocab_size=256, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=64)).save_pretrained(tmp_path / "bert")
+    with pytest.raises(ValueError) as raised:  # would load as BertLMHeadModel and be pruned and saved as that
+        load_model(tmp_path / "bert")
+    assert "(model_type bert, a bidirectional encoder: BertForMaskedLM)" in _one_line(raised.value)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_model(tmp_path / "empty")
+
+
+def test_load_model_names_a_truncated_safetensors_file(tmp_path):
+    tiny_model("llama", save_dir=tmp_path / "model")
+    weights = tmp_path / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ValueError) as raised:
+        load_model(tmp_path / "model")
+    message = _one_line(raised.value)
+    assert message.startswith(f"{weights}: ") and "truncated" in message and "re-download" in message
+
+
+def test_internal_loads_draw_no_weight_progress_bars(tmp_path, capsys):
+    tiny_model("llama", save_dir=tmp_path / "model")
+    load_model(tmp_path / "model")
+    captured = capsys.readouterr()
+    assert "Loading weights" not in captured.err + captured.out
+    assert "Writing model shards" not in captured.err + captured.out
+
 def test_strip_wikitext_rules():
     raw = (
         "{{Infobox|name={{nested|x}}}}'''Anarchism''' is a [[political philosophy|philosophy]]"

@@ -127,3 +127,32 @@ def test_quantize_rtn_and_dlqat_write_loadable_packed_checkpoints(tmp_path):
         assert torch.allclose(adapter.merge_and_quantize()(ids).logits, packed(ids).logits, atol=1e-5)
     # an occupied output folder is refused before any work
     assert main(["quantize", "rtn", "--model", "tiny-llama", "--save-dir", str(tmp_path / "q")]) == 2
+
+
+def test_model_errors_are_one_line_naming_the_input_before_any_work(tmp_path, monkeypatch, capsys):
+    from transformers import BertConfig, BertForMaskedLM
+
+    monkeypatch.chdir(tmp_path)
+    BertForMaskedLM(BertConfig(vocab_size=256, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=64)).save_pretrained("bert")
+    capsys.readouterr()
+    cases = {
+        ("eval", "--model", "./no-such-model"): "./no-such-model: no such folder",
+        ("eval", "--model", "owner/nonexistent"): "owner/nonexistent: not a local folder",
+        ("prune", "wanda", "--model", "bert", "--save-dir", "pruned"): "bert: not a decoder-only causal LM",
+    }
+    for argv, start in cases.items():
+        assert main([*argv, "-q"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"hf-compress: error: {start}") and "\n" not in err, err
+    assert not (tmp_path / "pruned").exists()  # the BERT model was refused, not pruned and saved
+
+
+def test_optimum_cli_help_lists_the_sub_commands():
+    done = subprocess.run(
+        [sys.executable, "-c", "from optimum.commands.optimum_cli import main; main()", "hf-compress", "--help"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    for name in ("info", "eval", "demo", "prune", "quantize"):
+        assert name in done.stdout

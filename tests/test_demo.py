@@ -62,3 +62,11 @@ def test_failed_method_leaves_nothing_behind(tmp_path):
                  methods=[DemoMethod("broken", "fails", broken)])
     assert not (tmp_path / "demo").exists()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_default_demo_methods_import_and_name_the_pruners():
+    # `hf-compress demo` builds its method list here; nothing else in the suite imports it.
+    from hf_compress.demo import default_demo_methods
+
+    names = [method.name for method in default_demo_methods()]
+    assert len(names) >= 3 and len(set(names)) == len(names), names

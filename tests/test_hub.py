@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +19,10 @@ from huggingface_hub.utils import _http
 import hf_compress
 from hf_compress.evaluation.results import MetricRecord
 from hf_compress.hub import (
+    DEFAULT_ALLOW_PATTERNS,
     build_model_card,
+    find_local_paths,
+    plan_push,
     push_to_hub,
     read_metrics,
     read_recipe,
@@ -109,8 +114,9 @@ def test_adapter_card():
     assert meta["base_model_relation"] == "adapter"
     assert meta["tags"] == ["hf_compress", "lora", "gptq"]
     assert 'PeftModel.from_pretrained(base, "tiny-wanda")' in card.text
-    with pytest.raises(ValueError, match="base_model"):
-        _card(template="adapter", base_model=None)
+    # a base model loaded from a local folder has no Hub id: the card says so instead of recording a path
+    local = _card(template="adapter", base_model=None)
+    assert "not on the Hub" in local.text and "base_model_relation" not in _metadata(local)
 
 
 def test_write_and_read_back(tmp_path):
@@ -302,3 +308,179 @@ def test_push_refuses_bad_folders(tmp_path):
         push_to_hub(bad, "user/x")
     with pytest.raises(ValueError, match="create_pr"):
         push_to_hub(_small_artifact(tmp_path / "ok"), "user/x", create_pr=True, revision="v2")
+
+
+# ------------------------------------------------------------------------------------------- safe pushes
+
+SECRET = "hf_SECRET_do_not_leak_0123456789"
+
+
+def _messy_folder(folder):
+    """A tiny saved model + tokenizer + card, next to what a training run and a shell leave behind."""
+    from hf_compress.assets.tiny_models import tiny_model
+
+    model, tokenizer = tiny_model("llama")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    write_model_card(folder, _card(model_name="tiny", repo_id="user/tiny"))
+    junk = {
+        ".env": f"HF_TOKEN={SECRET}\n",
+        ".git-credentials": f"https://user:{SECRET}@huggingface.co\n",
+        "optimizer.pt": b"\x80\x04pickle",
+        "training_args.bin": b"\x80\x04pickle",
+        "checkpoint-10/config.json": "{}",
+        "checkpoint-10/model.safetensors": (folder / "model.safetensors").read_bytes(),
+        "checkpoint-10/optimizer.pt": b"\x80\x04pickle",
+        ".cache/huggingface/upload/model.safetensors.metadata": "x",
+        ".cache/notes.json": "{}",
+        "runs/Jan01/events.out.tfevents.1": b"\x00",
+        "runs/Jan01/params.json": "{}",
+        "notes.txt": f"token {SECRET}\n",
+    }
+    for name, data in junk.items():
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data.encode() if isinstance(data, str) else data)
+    return model
+
+
+def test_push_uploads_only_allow_listed_files(fake_hub, tmp_path, caplog):
+    import logging
+
+    folder = tmp_path / "tiny"
+    _messy_folder(folder)
+    model_files = {
+        p.relative_to(folder).as_posix() for p in folder.iterdir() if p.is_file()
+        and not p.name.startswith(".") and p.suffix in (".json", ".safetensors", ".md", ".jinja", ".txt")
+    } - {"notes.txt"}
+    with caplog.at_level(logging.INFO, logger="hf_compress"):
+        push_to_hub(folder, "user/tiny")
+    stored = fake_hub.files("user/tiny")
+    assert set(stored) == model_files | {".gitattributes"}
+    assert not any(SECRET.encode() in data for data in stored.values())
+    plan = plan_push(folder)
+    assert set(plan.files) == model_files
+    assert plan.skipped[".env"].startswith("dotfile") and plan.skipped["optimizer.pt"].startswith("pickle")
+    assert plan.skipped["checkpoint-10/model.safetensors"] == "training-run folder"
+    assert plan.skipped[".cache/notes.json"] == "reserved by the Hub"
+    assert plan.skipped["notes.txt"] == "not in allow_patterns"
+    # The exact list is logged; the skipped files are named in one warning.
+    assert f"Uploading {len(model_files)} file(s)" in caplog.text and "model.safetensors" in caplog.text
+    warning = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "Not uploading" in r.getMessage()]
+    assert len(warning) == 1 and "optimizer.pt" in warning[0] and ".env" in warning[0]
+    assert "checkpoint-10/ (3 files)" in warning[0]
+    assert fake_hub.unhandled == []
+
+
+def test_push_opt_ins(fake_hub, tmp_path):
+    folder = tmp_path / "tiny"
+    _messy_folder(folder)
+    push_to_hub(folder, "user/pickles", allow_pickles=True)
+    stored = fake_hub.files("user/pickles")
+    assert {"optimizer.pt", "training_args.bin"} <= set(stored)
+    assert ".env" not in stored and not any(p.startswith("checkpoint-10/") for p in stored)
+    # allow_dotfiles alone lets no .env through: a pattern must name it too.
+    assert ".env" not in plan_push(folder, allow_dotfiles=True).files
+    extra = plan_push(folder, allow_dotfiles=True, allow_patterns=[*DEFAULT_ALLOW_PATTERNS, ".env"])
+    assert ".env" in extra.files and ".git-credentials" not in extra.files
+    only = plan_push(folder, allow_patterns=["*.safetensors"], ignore_patterns=["*.md"])
+    assert only.files == ("model.safetensors",)
+
+
+def test_refused_pushes_create_no_repo(fake_hub, tmp_path):
+    # A model whose only weights are a pickle: one line saying how to opt in, and no request at all.
+    legacy = _small_artifact(tmp_path / "legacy")
+    (legacy / "pytorch_model.bin").write_bytes(b"\x80\x04pickle")
+    with pytest.raises(ValueError, match=r"only weights are pickle files \(pytorch_model.bin\).*allow_pickles=True"):
+        push_to_hub(legacy, "user/legacy")
+    # A file holding a local absolute path (the folder's own, or the home directory's).
+    leaky = _small_artifact(tmp_path / "leaky")
+    (leaky / "adapter_config.json").write_text(f'{{"base_model_name_or_path": "{leaky / "base"}"}}')
+    with pytest.raises(ValueError, match="adapter_config.json holds"):
+        push_to_hub(leaky, "user/leaky")
+    home = _small_artifact(tmp_path / "home")
+    (home / "generation_config.json").write_text(json.dumps({"note": str(Path.home() / "models" / "x")}))
+    with pytest.raises(ValueError, match="generation_config.json holds.*allow_local_paths=True"):
+        push_to_hub(home, "user/home")
+    assert fake_hub.repos == {} and fake_hub.requests == []
+    # A .cache/ entry no longer breaks the upload half-way: it is skipped before the repo is created.
+    cached = _small_artifact(tmp_path / "cached")
+    (cached / ".cache").mkdir()
+    (cached / ".cache" / "x.json").write_text("{}")
+    push_to_hub(cached, "user/cached")
+    assert set(fake_hub.files("user/cached")) == {".gitattributes", "config.json", "README.md"}
+
+
+def test_local_path_scan_has_no_false_positives(tmp_path):
+    folder = _small_artifact(tmp_path / "a")
+    existing = tmp_path / "draft"
+    existing.mkdir()
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "chat_template": "{% for m in messages %}<s>{{ m['content'] }}</s>{% endfor %}",
+        "vocab": ["/", "//", "/root", "/tmp", "/home/", "</s>"],
+        "urls": ["https://huggingface.co/user/tiny", f"https://host{tmp_path}/x"],
+        "shebang": "#!/usr/bin/env python",
+        "example": "/tmp/model-that-does-not-exist-anywhere",
+    }))
+    assert find_local_paths(folder, ["tokenizer_config.json", "config.json", "README.md"]) == []
+    (folder / "notes.json").write_text(json.dumps({"draft": str(existing), "self": f"{folder}/x.json"}))
+    assert {path for _, path in find_local_paths(folder, ["notes.json"])} == {str(existing), f"{folder}/x.json"}
+
+
+def test_heads_saved_locally_then_pushed_carry_no_local_path(fake_hub, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from hf_compress.assets.tiny_models import tiny_model
+    from hf_compress.speculative.heads import AmphistaConfig, AmphistaHeads
+
+    base, _ = tiny_model("llama")
+    base.save_pretrained(tmp_path / "base")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()  # name_or_path: a local folder
+    heads = AmphistaHeads.for_model(model, AmphistaConfig(num_heads=2, num_attention_heads=2))
+    folder = heads.save_pretrained(tmp_path / "heads")
+    ids = torch.tensor([[1, 72, 101, 108, 108, 111]])
+    reference = model.generate(ids, max_new_tokens=8, do_sample=False)
+    local = model.generate(ids, max_new_tokens=8, do_sample=False, custom_generate=str(folder), trust_remote_code=True)
+    assert torch.equal(local, reference)  # "." resolves to the folder custom_generate= names
+
+    write_model_card(folder, build_model_card(base_model=None, model_name="heads", recipe={"method": "amphista"}))
+    push_to_hub(folder, "user/heads")
+    stored = fake_hub.files("user/heads")
+    assert "custom_generate/generate.py" in stored and "model.safetensors" in stored
+    for path, data in stored.items():
+        assert str(tmp_path).encode() not in data, path
+        assert (str(Path.home()) + "/").encode() not in data, path
+    out = model.generate(ids, max_new_tokens=8, do_sample=False, custom_generate="user/heads", trust_remote_code=True)
+    assert torch.equal(out, reference)
+
+
+NASTY = [
+    'quote"d', "back\\slash", "new\nline", "nul\x00byte", "'''", '"""', "\\u0000 and \\n literally",
+    '"""; import os; os.system("touch /tmp/pwned") #', "'''; raise SystemExit #", "é ☃ \u2028 \r\n",
+]
+
+
+@pytest.mark.parametrize("name", NASTY)
+def test_embedded_settings_round_trip_any_string(tmp_path, name):
+    import ast
+    import importlib.util
+
+    from hf_compress.speculative import FLy
+    from hf_compress.speculative.strategies import read_generate_settings, render_generate_py
+
+    settings = {"method": "fly", "draft_model": name, "tokenizer": name, "nested": {name: [name]}}
+    source = render_generate_py("fly", settings)
+    tree = ast.parse(source)
+    # Whatever the settings, the module has the same statements: nothing was injected.
+    shape = [type(node).__name__ for node in tree.body]
+    assert shape == ["Expr", "Import", "Import", "Assign", "Assign", "Assign", "FunctionDef", "FunctionDef"]
+    assert isinstance(tree.body[3].value.args[0], ast.Constant)
+    path = tmp_path / "generate.py"
+    path.write_text(source, encoding="utf-8")
+    spec = importlib.util.spec_from_file_location("nasty_generate", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.SETTINGS == settings
+    # Through a real save, the settings come back exactly (read without running the file).
+    folder = FLy(name, loose=False).save_pretrained(tmp_path / "fly")
+    assert read_generate_settings(folder)["draft_model"] == name

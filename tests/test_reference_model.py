@@ -184,15 +184,15 @@ def test_smollm2_speculative_strict_equals_greedy(smollm2):
 def test_smollm2_spark_cache_exact_at_ratio_zero_and_compact_at_half(smollm2):
     from transformers import DynamicCache
 
-    from hf_compress.cache import SparKCache
+    from hf_compress.cache import SparKCache, cache_kwargs
 
     model, tokenizer = smollm2
     text = load_text("wikipedia", "eval")["text"][0]
     ids = tokenizer(text, return_tensors="pt").input_ids[:, :240]
     greedy = {"max_new_tokens": 4, "do_sample": False}
-    expected = model.generate(ids, past_key_values=DynamicCache(config=model.config), **greedy)
-    assert torch.equal(model.generate(ids, past_key_values=SparKCache(model.config, channel_ratio=0.0), **greedy), expected)
+    expected = model.generate(ids, **cache_kwargs(model, DynamicCache(config=model.config)), **greedy)
+    assert torch.equal(model.generate(ids, **cache_kwargs(model, SparKCache(model.config, channel_ratio=0.0)), **greedy), expected)
     cache = SparKCache(model.config, channel_ratio=0.5, value_channel_ratio=0.5)
-    out = model.generate(ids, past_key_values=cache, **greedy)
+    out = model.generate(ids, **cache_kwargs(model, cache), **greedy)
     assert cache.memory_footprint()["ratio"] < 0.65
     assert (out[0, 240:] == expected[0, 240:]).float().mean() >= 0.5  # half the channels, mostly the same text

@@ -160,7 +160,7 @@ def test_sds_config_round_trip_and_errors() -> None:
         SDSConfig(redense_epochs=-1)
     with pytest.raises(ValueError, match="redense_learning_rate must be a positive number"):
         SDSConfig(redense_learning_rate=0)
-    with pytest.raises(ValueError, match="sparse_regularization must be a non-negative number"):
+    with pytest.raises(ValueError, match="sparse_regularization must be a non-negative"):
         SDSConfig(sparse_regularization=float("nan"))
     with pytest.raises(ValueError, match="sparse_regularization_target"):
         SDSConfig(sparse_regularization_target="some")

@@ -10,7 +10,7 @@ import torch
 from transformers import DynamicCache
 
 from hf_compress.assets import tiny_model
-from hf_compress.cache import ChannelPrunedLayer, SparKCache, StructuredChannelCache
+from hf_compress.cache import ChannelPrunedLayer, SparKCache, StructuredChannelCache, cache_kwargs
 from hf_compress.cache.channels import PerTokenChannels, pack_bits, unpack_bits
 from hf_compress.speculative import SpeculativeDecoding
 
@@ -20,7 +20,7 @@ def _prompt(batch: int = 2, length: int = 60, seed: int = 0) -> torch.Tensor:
 
 
 def _greedy(model, ids, cache, **kwargs) -> torch.Tensor:
-    return model.generate(ids, past_key_values=cache, max_new_tokens=8, do_sample=False, **kwargs)
+    return model.generate(ids, **cache_kwargs(model, cache), max_new_tokens=8, do_sample=False, **kwargs)
 
 
 @pytest.mark.compat_smoke
@@ -41,8 +41,8 @@ def test_pruning_changes_outputs_but_keeps_shapes():
     ids = _prompt(batch=1, length=80)
     expected = model(ids).logits
     cache = SparKCache(model.config, channel_ratio=0.8, recent_window=0)
-    model(ids[:, :-1], past_key_values=cache)
-    last = model(ids[:, -1:], past_key_values=cache).logits
+    model(ids[:, :-1], **cache_kwargs(model, cache))
+    last = model(ids[:, -1:], **cache_kwargs(model, cache)).logits
     assert not torch.allclose(last[:, -1], expected[:, -1], atol=1e-4), "80% of key channels pruned must matter"
     assert cache.get_seq_length() == 80
 
@@ -73,7 +73,7 @@ def test_byte_accounting_is_exact():
     model, _ = tiny_model("llama")  # 2 layers, 2 KV heads, head_dim 16, fp32
     tokens, recent, batch = 50, 8, 2
     cache = SparKCache(model.config, channel_ratio=0.5, value_channel_ratio=0.25, recent_window=recent)
-    model(_prompt(batch, tokens), past_key_values=cache)
+    model(_prompt(batch, tokens), **cache_kwargs(model, cache))
     heads, dim, item = 2, 16, 4
     old = tokens - recent
     key_bytes = old * (8 * item + 2 + 1 + item)  # 8 kept, 16-bit mask, 8 pruned signs, fill
@@ -83,7 +83,7 @@ def test_byte_accounting_is_exact():
     footprint = cache.memory_footprint()
     assert footprint["held"] == 2 * per_layer
     dense = DynamicCache(config=model.config)
-    model(_prompt(batch, tokens), past_key_values=dense)
+    model(_prompt(batch, tokens), **cache_kwargs(model, dense))
     assert footprint["dense_equivalent"] == sum(l.keys.nbytes + l.values.nbytes for l in dense.layers)
     assert footprint["ratio"] == pytest.approx(footprint["held"] / footprint["dense_equivalent"]) and footprint["ratio"] < 0.8
 
@@ -91,8 +91,8 @@ def test_byte_accounting_is_exact():
 def _filled_layer(batch: int = 2) -> tuple[SparKCache, ChannelPrunedLayer]:
     model, _ = tiny_model("llama")
     cache = SparKCache(model.config, channel_ratio=0.5, value_channel_ratio=0.5, recent_window=6)
-    model(_prompt(batch, 30), past_key_values=cache)
-    model(_prompt(batch, 3, seed=1), past_key_values=cache)  # decoding-time tokens are compressed too
+    model(_prompt(batch, 30), **cache_kwargs(model, cache))
+    model(_prompt(batch, 3, seed=1), **cache_kwargs(model, cache))  # decoding-time tokens are compressed too
     return cache, cache.layers[0]
 
 
@@ -125,13 +125,13 @@ def test_speculative_rollback_and_beam_search():
     plain = _greedy(model, ids, SparKCache(model.config, **settings))
     cache = SparKCache(model.config, **settings)
     speculative = model.generate(
-        ids, past_key_values=cache, custom_generate=SpeculativeDecoding(), max_new_tokens=8, do_sample=False
+        ids, **cache_kwargs(model, cache), custom_generate=SpeculativeDecoding(), max_new_tokens=8, do_sample=False
     )
     assert torch.equal(speculative, plain)
     assert cache.get_seq_length() == speculative.shape[1] - 1
     beams = {"num_beams": 3, "max_new_tokens": 6, "do_sample": False}
-    expected = model.generate(ids, past_key_values=DynamicCache(config=model.config), **beams)
-    assert torch.equal(model.generate(ids, past_key_values=SparKCache(model.config, channel_ratio=0.0), **beams), expected)
+    expected = model.generate(ids, **cache_kwargs(model, DynamicCache(config=model.config)), **beams)
+    assert torch.equal(model.generate(ids, **cache_kwargs(model, SparKCache(model.config, channel_ratio=0.0)), **beams), expected)
 
 
 def test_token_budget_evicts_prompt_tokens():
@@ -149,7 +149,7 @@ def test_token_budget_evicts_prompt_tokens():
 def test_structured_baseline_keeps_one_channel_set_per_head():
     model, _ = tiny_model("llama")
     cache = StructuredChannelCache(model.config, channel_ratio=0.5, recent_window=0)
-    model(_prompt(1, 20), past_key_values=cache)
+    model(_prompt(1, 20), **cache_kwargs(model, cache))
     keys = cache.layers[0]._full_keys()
     zero_channels = (keys == 0).all(dim=2)  # (batch, heads, dim): pruned for every token
     assert zero_channels.sum(-1).tolist() == [[8, 8]]
@@ -174,9 +174,9 @@ def test_unservable_or_mismatched_configs_raise():
         SparKCache(hybrid)
     other, _ = tiny_model("llama", num_key_value_heads=1)
     with pytest.raises(ValueError, match="own config"):
-        model(_prompt(1, 10), past_key_values=SparKCache(other.config))
+        model(_prompt(1, 10), **cache_kwargs(model, SparKCache(other.config)))
     fresh, _ = tiny_model("qwen2")
     detached = SparKCache(copy.deepcopy(fresh.config))  # capture installed on a copy, not on the model
-    fresh(_prompt(1, 10), past_key_values=detached)
+    fresh(_prompt(1, 10), **cache_kwargs(fresh, detached))
     with pytest.raises(RuntimeError, match="never handed its queries"):
-        fresh(_prompt(1, 1), past_key_values=detached)
+        fresh(_prompt(1, 1), **cache_kwargs(fresh, detached))

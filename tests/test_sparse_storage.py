@@ -19,6 +19,7 @@ import hf_compress.formats.base  # noqa: F401
 from hf_compress.assets import tiny_model
 from hf_compress.modeling import find_decoder_blocks, find_linear_layers, weight_matrix
 from hf_compress.formats.base import registered_formats
+from hf_compress.formats.integrity import CheckpointIntegrityError
 from hf_compress.formats.sparse import (
     FORMAT_NAME,
     SparseStorageConfig,
@@ -289,12 +290,15 @@ def test_overwrite_replaces_and_an_existing_folder_without_model_keeps_its_files
     target = save_pruned(model, tokenizer, tmp_path / "pruned")
     (target / "stale.txt").write_text("old")
     save_pruned(model, None, target, overwrite=True)
-    assert not (target / "stale.txt").exists() and not (target / "tokenizer.json").exists()
+    # the user's file stays; the old tokenizer (part of the replaced artifact) goes
+    assert (target / "stale.txt").read_text() == "old" and not (target / "tokenizer.json").exists()
 
     notes = tmp_path / "notes"
     notes.mkdir()
     (notes / "README.md").write_text("my notes")
-    save_pruned(model, tokenizer, notes)
+    with pytest.raises(FileExistsError, match="not empty .* holds no model.*overwrite=True"):
+        save_pruned(model, tokenizer, notes)  # a folder of other files is never written without consent
+    save_pruned(model, tokenizer, notes, overwrite=True)
     assert (notes / "README.md").read_text() == "my notes" and (notes / "model.safetensors").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
@@ -347,7 +351,7 @@ def test_newer_format_version_and_corrupt_checkpoint_fail_clearly(tmp_path):
     tensors = load_file(path / "model.safetensors")
     del tensors["model.layers.0.mlp.up_proj.weight_bitmask"]
     save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(RuntimeError):
+    with pytest.raises(CheckpointIntegrityError, match="disagree: 1 module.*up_proj"):
         AutoModelForCausalLM.from_pretrained(path)
 
 

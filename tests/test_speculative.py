@@ -331,9 +331,19 @@ def test_save_load_and_push_custom_generate_folder(tmp_path, fake_hub, monkeypat
     with pytest.raises(FileExistsError):
         strict.save_pretrained(tmp_path / "fly-strict")
 
-    strict.push_to_hub("user/fly-strict")
+    # A draft referenced by a local folder would publish its path and work nowhere else: refused, nothing sent.
+    with pytest.raises(ValueError, match="draft_model=.*local"):
+        strict.push_to_hub("user/fly-strict")
+    assert ("model", "user/fly-strict") not in fake_hub.repos
+    from hf_compress.hub import push_to_hub
+
+    push_to_hub(tmp_path / "draft", "user/draft", allow_missing_card=True)
+    on_hub = FLy("user/draft", loose=False, window=4)
+    on_hub.push_to_hub("user/fly-strict")
     out = model.generate(ids, max_new_tokens=20, do_sample=False, custom_generate="user/fly-strict",
                          trust_remote_code=True)
     assert torch.equal(out, reference)
+    pushed = fake_hub.files("user/fly-strict")
+    assert not any(str(tmp_path).encode() in data for data in pushed.values())  # no local path reached the Hub
     # Settings round-trip through the dict embedded in generate.py.
     assert strategy_from_dict(strict.to_dict()).to_dict() == strict.to_dict()

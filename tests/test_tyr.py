@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import random
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
@@ -235,6 +238,20 @@ def test_interrupted_search_resumes_to_the_same_result(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="another Týr run"):
         TyrPruner(model, tokenizer).prune(_small_config(num_iterations=1, generations=2), TEXT,
                                           work_dir=tmp_path / "work", progress=False)
+    # ... and so is a work_dir another process is using right now
+    holder = (
+        "import sys, time; from hf_compress.utils import file_lock\n"
+        "with file_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", holder, str(tmp_path / "work" / ".tyr.lock")],
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline().strip() == "held"
+        with pytest.raises(TimeoutError, match="in use by another Týr run"):
+            TyrPruner(model, tokenizer).prune(config, TEXT, work_dir=tmp_path / "work", progress=False)
+    finally:
+        process.kill()
+        process.wait()
 
 
 def test_bad_targets_are_refused():

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
 
 import pytest
 
-from hf_compress.utils import atomic_directory, atomic_file, cache_dir
+from hf_compress.utils import atomic_directory, atomic_file, cache_dir, check_save_dir, file_lock
 
 
 def test_atomic_file_replaces_only_on_success(tmp_path):
@@ -34,15 +36,139 @@ def test_atomic_directory_leaves_nothing_on_failure_and_refuses_existing(tmp_pat
     with atomic_directory(target) as staging:
         (staging / "config.json").write_text("{}")
     assert (target / "config.json").is_file()
-    with pytest.raises(FileExistsError, match="already exists"):
+    with pytest.raises(FileExistsError, match="already holds a model.*overwrite=True"):
+        with atomic_directory(target):
+            pass
+    (target / "notes.txt").write_text("mine")
+    with atomic_directory(target, overwrite=True) as staging:
+        (staging / "weights").write_text("new")
+    # the old config (part of the replaced artifact) goes, the user's notes stay
+    assert sorted(p.name for p in target.iterdir()) == ["notes.txt", "weights"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_a_folder_of_other_files_needs_overwrite_and_keeps_them(tmp_path):
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("x")
+    with pytest.raises(FileExistsError, match="not empty .*holds no model"):
+        with atomic_directory(notes):
+            pass
+    target = tmp_path / "out"
+    (target / "sub").mkdir(parents=True)
+    (target / "sub" / "results.json").write_text("{}")
+    (target / "model-00002-of-00002.safetensors").write_text("old shard")
+    with pytest.raises(FileExistsError, match="already holds a model"):
         with atomic_directory(target):
             pass
     with atomic_directory(target, overwrite=True) as staging:
-        (staging / "weights").write_text("new")
-    assert sorted(p.name for p in target.iterdir()) == ["weights"]
+        (staging / "model.safetensors").write_text("new")
+    files = sorted(str(p.relative_to(target)) for p in target.rglob("*") if p.is_file())
+    assert files == ["model.safetensors", "sub/results.json"]  # the stale shard of the old model is dropped
+
+
+def test_stale_staging_of_dead_writers_is_swept_and_live_ones_kept(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    stale = tmp_path / f".model.tmp-{dead_pid}-abc123"
+    stale.mkdir()
+    (stale / "config.json").write_text("{}")
+    live = tmp_path / f".model.old-{os.getppid()}-xyz"
+    live.mkdir()
+    other = tmp_path / f".other.tmp-{dead_pid}-abc"
+    other.mkdir()
+    with atomic_directory(tmp_path / "model") as staging:
+        (staging / "config.json").write_text("{}")
+    assert not stale.exists() and live.exists() and other.exists()  # only the dead writer's entry of this target
+
+
+def test_save_killed_at_any_point_leaves_the_previous_artifact_and_no_litter(tmp_path):
+    target = tmp_path / "model"
+    with atomic_directory(target) as staging:
+        (staging / "weights.bin").write_bytes(b"v1" * 1000)
+    writer = (
+        "import sys, time; from hf_compress.utils import atomic_directory\n"
+        "with atomic_directory(sys.argv[1], overwrite=True) as tmp:\n"
+        "    (tmp / 'weights.bin').write_bytes(b'v2' * 1000)\n"
+        "    print('staged', flush=True); time.sleep(60)\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", writer, str(target)], stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "staged"
+    process.kill()  # SIGKILL: no cleanup runs
+    process.wait()
+    assert (target / "weights.bin").read_bytes() == b"v1" * 1000
+    assert len([p for p in tmp_path.iterdir() if p.name.startswith(".model.tmp-")]) == 1  # the corpse
+    with atomic_directory(target, overwrite=True) as staging:
+        (staging / "weights.bin").write_bytes(b"v3")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_replacing_swaps_in_one_step(tmp_path, monkeypatch):
+    from hf_compress.utils import files
+
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "config.json").write_text("old")
+    renames = []
+    real_rename = os.rename
+    monkeypatch.setattr(files.os, "rename", lambda a, b: (renames.append((a, b)), real_rename(a, b)))
+    with atomic_directory(target, overwrite=True) as staging:
+        (staging / "config.json").write_text("new")
+    assert (target / "config.json").read_text() == "new"
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    if files._exchange(tmp_path / "a", tmp_path / "b"):
+        assert renames == []  # renameat2(RENAME_EXCHANGE): the target never disappears
+    else:  # fallback: the old folder goes aside only after the new one is complete
+        assert len(renames) == 2 and renames[0][0] == target
+
+
+def test_save_dir_checks_are_immediate_and_clear(tmp_path):
+    readonly = tmp_path / "ro"
+    readonly.mkdir()
+    readonly.chmod(0o500)
+    try:
+        if os.access(readonly, os.W_OK):
+            pytest.skip("running as a user who can write anywhere (root)")
+        with pytest.raises(PermissionError, match="save_dir .*not writable"):
+            check_save_dir(readonly / "out")
+    finally:
+        readonly.chmod(0o700)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="is a file"):
+        check_save_dir(tmp_path / "file")
+    with pytest.raises(OSError, match="MiB are needed"):
+        check_save_dir(tmp_path / "new", expected_bytes=2**62)
+
+
+def test_file_lock_excludes_a_second_holder(tmp_path):
+    holder = (
+        "import sys, time; from hf_compress.utils import file_lock\n"
+        "with file_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", holder, str(tmp_path / "x.lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline().strip() == "held"
+        with pytest.raises(TimeoutError, match="busy"):
+            with file_lock(tmp_path / "x.lock", timeout=0, busy_message="busy"):
+                pass
+    finally:
+        process.kill()
+        process.wait()
+    with file_lock(tmp_path / "x.lock", timeout=5):  # released when its holder died
+        pass
 
 
 def test_cache_dir_follows_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_COMPRESS_CACHE", str(tmp_path / "c"))
     assert cache_dir("models") == tmp_path / "c" / "models" and (tmp_path / "c" / "models").is_dir()
+
+
+def test_saved_folders_follow_the_umask(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        with atomic_directory(tmp_path / "out") as staging:
+            (staging / "config.json").write_text("{}")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755  # not mkdtemp's 0700

@@ -17,7 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .. import _compat
-from ..utils import atomic_directory, cache_dir, get_logger
+from ..utils import atomic_directory, cache_dir, file_lock, get_logger
 from .errors import MissingAssetError
 from .locate import package_dir
 
@@ -75,8 +75,24 @@ def reference_model_path(name: str = DEFAULT_REFERENCE_MODEL) -> Path:
     spec = _spec(name)
     target = cache_dir("models") / name
     marker = target / "hf_compress_asset.json"
-    if marker.is_file() and json.loads(marker.read_text()).get("conversion_version") == _CONVERSION_VERSION:
+    if _converted(marker):
         return target
+    # Two processes asking at once: the second waits for the first's conversion instead of redoing it.
+    with file_lock(cache_dir("locks") / f"reference-model-{name}.lock"):
+        if _converted(marker):
+            return target
+        _convert(name, spec, target)
+    return target
+
+
+def _converted(marker: Path) -> bool:
+    try:
+        return json.loads(marker.read_text()).get("conversion_version") == _CONVERSION_VERSION
+    except (OSError, ValueError):
+        return False
+
+
+def _convert(name: str, spec: ReferenceModelSpec, target: Path) -> None:
     with atomic_directory(target, overwrite=True) as tmp:
         gguf = _find_gguf(spec, scratch=tmp)
         logger.info("Converting %s (%s) into a plain HF checkpoint at %s (once).", name, gguf.name, target)
@@ -92,7 +108,6 @@ def reference_model_path(name: str = DEFAULT_REFERENCE_MODEL) -> Path:
             json.dumps({"name": name, "hub_id": spec.hub_id, "gguf": gguf.name, "package": spec.package,
                         "conversion_version": _CONVERSION_VERSION}, indent=2)
         )
-    return target
 
 
 def load_reference_model(
@@ -108,7 +123,8 @@ def load_reference_model(
         30
     """
     path = reference_model_path(name)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    with _compat.quiet_weight_progress():  # a local, already converted checkpoint: a second or two
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer
 

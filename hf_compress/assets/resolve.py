@@ -6,8 +6,17 @@ import os
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
+from .. import _compat
+from ..utils import InvalidArgumentTypeError, check_path
 from .reference_models import REFERENCE_MODELS, load_reference_model
 from .tiny_models import TINY_ARCHITECTURES, tiny_model
 
@@ -25,20 +34,161 @@ def load_model(
     Example:
         >>> model, tokenizer = load_model("tiny-qwen3")
     """
+    check_path("name_or_path", name_or_path, hint="Pass a reference model name, tiny-<arch>, a folder or a Hub id.")
+    if not isinstance(dtype, torch.dtype):
+        raise InvalidArgumentTypeError(f"dtype must be a torch.dtype (e.g. torch.bfloat16), got {dtype!r}.")
     name = str(name_or_path)
     if name in REFERENCE_MODELS:
         return load_reference_model(name, dtype=dtype)
     if name.startswith("tiny-") and name[len("tiny-"):] in TINY_ARCHITECTURES:
         model, tokenizer = tiny_model(name[len("tiny-"):])
         return model.to(dtype), tokenizer
-    path = Path(name)
+    path = Path(name).expanduser()
     if path.exists() and not path.is_dir():
         raise ValueError(f"{name} is a file; pass the folder that holds config.json and the weights.")
-    if not path.exists() and name.count("/") != 1:
+    if path.is_dir():
+        _check_folder(name, path)
+    elif _looks_like_a_path(name):
+        raise FileNotFoundError(
+            f"{name}: no such folder; pass an existing folder saved with save_pretrained, a reference model "
+            f"({', '.join(REFERENCE_MODELS)}), tiny-<arch> or a Hub id (owner/name)."
+        )
+    elif name.count("/") != 1:
         raise ValueError(
             f"{name!r} is neither a reference model ({', '.join(REFERENCE_MODELS)}), a tiny model "
             f"(tiny-{'/tiny-'.join(TINY_ARCHITECTURES)}), an existing folder, nor a Hub id (owner/name)."
         )
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype).eval()
-    tokenizer = AutoTokenizer.from_pretrained(name)
+    else:
+        _check_hub_id(name)
+    check_causal_lm_config(AutoConfig.from_pretrained(path if path.is_dir() else name), name)
+    with _compat.quiet_weight_progress():
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path if path.is_dir() else name, dtype=dtype).eval()
+        except Exception as err:
+            if type(err).__name__ == "SafetensorError":  # the Rust error names no file
+                raise ValueError(f"{name}: a safetensors file could not be read ({err}); re-download it or "
+                                 "save the model again.") from err
+            raise
+    tokenizer = AutoTokenizer.from_pretrained(path if path.is_dir() else name)
     return model, tokenizer
+
+
+def check_causal_lm_config(config: PretrainedConfig, name: str) -> None:
+    """Refuse, in one line, a config ``AutoModelForCausalLM`` would reject noisily or load as something else.
+
+    An encoder-decoder (T5, BART, ...) or an architecture without a causal-LM class would make transformers
+    list every config class it knows; an encoder such as BERT would load, without its trained head, as
+    ``BertLMHeadModel``, be pruned and saved as that. Encoder types with a causal variant pass when their
+    config says ``is_decoder``.
+
+    Example:
+        >>> from transformers import AutoConfig
+        >>> check_causal_lm_config(AutoConfig.for_model("t5"), "my-t5/")
+        Traceback (most recent call last):
+        ...
+        ValueError: my-t5/: not a decoder-only causal LM (model_type t5, an encoder-decoder); hf_compress needs AutoModelForCausalLM models.
+    """
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    model_type = getattr(config, "model_type", None)
+    if getattr(config, "is_encoder_decoder", False):
+        kind = "an encoder-decoder"
+    elif model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        kind = "no causal-LM class in transformers"
+    elif model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
+        architectures = ", ".join(getattr(config, "architectures", None) or ()) or "no is_decoder"
+        kind = f"a bidirectional encoder: {architectures}"
+    else:
+        return
+    raise ValueError(
+        f"{name}: not a decoder-only causal LM (model_type {model_type}, {kind}); hf_compress needs "
+        "AutoModelForCausalLM models."
+    )
+
+
+def _looks_like_a_path(name: str) -> bool:
+    """``./x``, ``../x``, ``/x``, ``~/x``, ``x/`` or ``a/b/c``: a folder the user meant, not a Hub id."""
+    separators = ("/", os.sep) if os.sep != "/" else ("/",)
+    return (
+        name.startswith((".", "~", *separators))
+        or name.endswith(separators)
+        or name.count("/") > 1
+        or (os.sep != "/" and os.sep in name)
+    )
+
+
+def _check_folder(name: str, path: Path) -> None:
+    """A saved model folder: ``config.json`` present, every safetensors file whole (a one-line error naming it)."""
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{name}: no config.json in this folder; pass the folder save_pretrained wrote (config.json and weights)."
+        )
+    for weights in sorted(path.glob("*.safetensors")):
+        problem = _safetensors_problem(weights)
+        if problem:
+            raise ValueError(f"{weights}: {problem}; the file is damaged or incomplete: re-download it or save the "
+                             "model again.")
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """What makes ``path`` unreadable as safetensors (truncated, bad header), or ``None``; reads the header only."""
+    import json
+
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            return f"only {size} bytes, no safetensors header"
+        length = int.from_bytes(prefix, "little")
+        if length > size - 8:
+            return f"the header claims {length} bytes but the file has {size} in all (truncated)"
+        try:
+            header = json.loads(handle.read(length))
+        except ValueError:
+            return "the safetensors header is not valid JSON"
+    if not isinstance(header, dict):
+        return "the safetensors header is not a JSON object"
+    ends = [info["data_offsets"][1] for key, info in header.items() if key != "__metadata__"
+            and isinstance(info, dict) and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2]
+    needed = 8 + length + max((end for end in ends if isinstance(end, int)), default=0)
+    if needed > size:
+        return f"the tensors need {needed} bytes but the file has {size} (truncated)"
+    return None
+
+
+def _check_hub_id(name: str) -> None:
+    """Fail at once, not after minutes of retries, when a Hub id cannot be fetched: offline or unreachable."""
+    import huggingface_hub
+
+    cached = huggingface_hub.try_to_load_from_cache(name, "config.json")
+    if isinstance(cached, str):
+        return  # from_pretrained serves it from the local cache, online or not
+    if huggingface_hub.is_offline_mode():
+        raise OSError(
+            f"{name}: not a local folder and not in the Hugging Face cache, and offline mode is on "
+            "(HF_HUB_OFFLINE=1); pass a local folder, or unset HF_HUB_OFFLINE to download it."
+        )
+    try:
+        huggingface_hub.model_info(name, timeout=10)
+    except huggingface_hub.errors.RepositoryNotFoundError:
+        raise OSError(
+            f"{name}: no such model on the Hugging Face Hub (or it is private: log in with `hf auth login`); "
+            "check the id, or pass a local folder."
+        ) from None
+    except huggingface_hub.errors.HfHubHTTPError:
+        return  # gated, rate-limited, ...: from_pretrained says what it needs
+    except Exception as err:  # no network, DNS, proxy, timeout: transformers would retry for a minute
+        if isinstance(err, (OSError, TimeoutError)) or _is_transport_error(err):
+            raise OSError(
+                f"{name}: the Hugging Face Hub is unreachable ({type(err).__name__}: {err}) and the model is not in "
+                "the local cache; connect, or pass a local folder (HF_HUB_OFFLINE=1 uses the cache only)."
+            ) from None
+        raise
+
+
+def _is_transport_error(err: Exception) -> bool:
+    # huggingface_hub's HTTP client (httpx or its fork httpx2) raises TransportError subclasses for the network.
+    return any(cls.__name__ in ("TransportError", "RequestError") for cls in type(err).__mro__)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from datasets import Dataset
 
+from ..utils import InvalidArgumentTypeError, check_int
 from .locate import file_in_wheel
 
 
@@ -46,7 +47,7 @@ def load_wikipedia(split: str = "eval") -> Dataset:
         >>> eval_set.column_names  # doctest: +SKIP
         ['id', 'title', 'text']
     """
-    if split not in (*WIKI_SPLITS, "all"):
+    if not isinstance(split, str) or split not in (*WIKI_SPLITS, "all"):
         raise ValueError(f"Unknown split {split!r}; choose 'calibration', 'eval' or 'all'.")
     articles = [a for a in _wikipedia_articles() if split == "all" or _wiki_split_of(a["title"]) == split]
     return Dataset.from_list(articles)
@@ -74,7 +75,7 @@ def load_text(name: str = "wikipedia", split: str = "eval") -> Dataset:
         return load_wikipedia(split)
     if name == "news":
         return load_news()
-    raise ValueError(f"Unknown text set {name!r}; choose 'wikipedia' or 'news'.")
+    raise ValueError(f"Unknown text set (name) {name!r}; choose 'wikipedia' or 'news'.")
 
 
 CALIBRATION_TEXTS = ("wikipedia", "news")
@@ -90,6 +91,10 @@ def load_calibration_text(spec: str | os.PathLike = "wikipedia") -> Dataset | li
         ...
         ValueError: calibration text 'no-such-file.txt' is neither 'wikipedia', 'news' nor a readable text file.
     """
+    if not isinstance(spec, (str, os.PathLike)):
+        raise InvalidArgumentTypeError(
+            f"calibration text (spec) must be 'wikipedia', 'news' or the path of a UTF-8 text file, got {spec!r}."
+        )
     name = os.fspath(spec)
     if name == "wikipedia":
         return load_text("wikipedia", "calibration")
@@ -230,6 +235,8 @@ def speed_prompts(count: int = 10, chars: int = 200) -> list[str]:
         >>> speed_prompts(2)  # doctest: +SKIP
         ['In Greek mythology, Achilles ...', ...]
     """
+    check_int("count", count, minimum=0)
+    check_int("chars", chars, minimum=1, hint="Prompts are the first chars characters of each article.")
     articles = load_wikipedia("eval")
     if count > articles.num_rows:
         raise ValueError(f"Only {articles.num_rows} evaluation articles; ask for at most that many prompts.")

@@ -14,6 +14,9 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
+from .. import _compat
+from ..utils import check_path, check_seed
+
 
 TINY_VOCAB_SIZE = 256
 
@@ -48,7 +51,7 @@ def tiny_config(arch: str, **overrides: Any):
         >>> tiny_config("qwen3", num_hidden_layers=3).num_hidden_layers
         3
     """
-    if arch not in TINY_CONFIGS:
+    if not isinstance(arch, str) or arch not in TINY_CONFIGS:
         raise ValueError(f"Unknown tiny architecture {arch!r}; choose one of {', '.join(TINY_ARCHITECTURES)}.")
     fields = {**TINY_CONFIGS[arch], **overrides}
     model_type = fields.pop("model_type")
@@ -71,6 +74,8 @@ def tiny_model(
         >>> model(**tokenizer("hello", return_tensors="pt")).logits.shape[-1]
         256
     """
+    check_seed("seed", seed)
+    check_path("save_dir", save_dir, allow_none=True)
     config = tiny_config(arch, **overrides)
     generator_state = torch.random.get_rng_state()
     try:
@@ -82,9 +87,10 @@ def tiny_model(
     model.generation_config.pad_token_id = config.pad_token_id
     tokenizer = tiny_tokenizer()
     if save_dir is not None:
-        model.save_pretrained(save_dir)
-        tokenizer.save_pretrained(save_dir)
-        model = AutoModelForCausalLM.from_pretrained(save_dir).eval()
+        with _compat.quiet_weight_progress():
+            model.save_pretrained(save_dir)
+            tokenizer.save_pretrained(save_dir)
+            model = AutoModelForCausalLM.from_pretrained(save_dir).eval()
         tokenizer = type(tokenizer).from_pretrained(save_dir)
     return model, tokenizer
 

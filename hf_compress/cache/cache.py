@@ -3,10 +3,10 @@
 Example:
     >>> import torch
     >>> from hf_compress.assets import tiny_model
-    >>> from hf_compress.cache import SparKCache
+    >>> from hf_compress.cache import SparKCache, cache_kwargs
     >>> model, _ = tiny_model("llama")
     >>> cache = SparKCache(model.config, channel_ratio=0.5)
-    >>> out = model.generate(torch.tensor([[1, 2, 3]]), past_key_values=cache, max_new_tokens=4, do_sample=False)
+    >>> out = model.generate(torch.tensor([[1, 2, 3]]), **cache_kwargs(model, cache), max_new_tokens=4, do_sample=False)
     >>> cache.memory_footprint()["held"] > 0
     True
 """
@@ -19,15 +19,63 @@ from typing import Any
 from transformers import PretrainedConfig
 from transformers.cache_utils import Cache, DynamicSlidingWindowLayer, get_layer_types_and_kwargs
 
+from ..utils import InvalidArgumentTypeError, check_bool, check_float, check_int
 from .layer import ChannelPrunedLayer
 from .query_capture import install_query_capture
 
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SparKCache", "StructuredChannelCache"]
+__all__ = ["SparKCache", "StructuredChannelCache", "check_decoder_config"]
 
 _DENSE_WINDOW_TYPES = ("sliding_attention", "chunked_attention")
+
+
+def check_decoder_config(config: Any, owner: str = "SparKCache") -> None:
+    """Refuse, before anything is changed on it, a ``config`` that is not a decoder-only causal LM's config.
+
+    A model instead of its config, an encoder-decoder (T5, BART, Whisper, ...) or an encoder (BERT-like without
+    ``is_decoder``, ViT, ...) gets one line saying what to pass.
+
+    Example:
+        >>> from transformers import AutoConfig
+        >>> check_decoder_config(AutoConfig.for_model("t5"))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: config: SparKCache serves decoder-only causal LMs, but this 't5' config is an encoder-decoder model...
+    """
+    import torch
+
+    if isinstance(config, torch.nn.Module):
+        raise InvalidArgumentTypeError(
+            f"config must be the model's config: pass model.config to {owner}, not the model "
+            f"({type(config).__name__})."
+        )
+    if not isinstance(config, PretrainedConfig):
+        raise InvalidArgumentTypeError(
+            f"config must be a transformers model config (pass model.config), got {type(config).__name__}."
+        )
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+        MODEL_MAPPING_NAMES,
+    )
+
+    model_type = getattr(config, "model_type", None)
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(
+            f"config: {owner} serves decoder-only causal LMs, but this {model_type!r} config is an encoder-decoder "
+            "model; use the model's default cache."
+        )
+    decoders = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) | set(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
+    encoder = model_type in MODEL_MAPPING_NAMES and model_type not in decoders
+    bidirectional = model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False)
+    if encoder or bidirectional:
+        raise ValueError(
+            f"config: {owner} serves decoder-only causal LMs, but this {model_type!r} config is an encoder "
+            "(bidirectional attention, no KV cache to compress); use a causal LM's config."
+        )
 
 
 class SparKCache(Cache):
@@ -52,7 +100,7 @@ class SparKCache(Cache):
 
     Example:
         >>> cache = SparKCache(model.config, channel_ratio=0.5)  # doctest: +SKIP
-        >>> model.generate(**inputs, past_key_values=cache, max_new_tokens=256)  # doctest: +SKIP
+        >>> model.generate(**inputs, **cache_kwargs(model, cache), max_new_tokens=256)  # doctest: +SKIP
     """
 
     _per_token = True
@@ -67,13 +115,16 @@ class SparKCache(Cache):
         token_budget: int | None = None,
         recovery: bool = True,
     ):
+        check_decoder_config(config, type(self).__name__)
         for name, ratio in (("channel_ratio", channel_ratio), ("value_channel_ratio", value_channel_ratio)):
-            if not 0 <= ratio < 1:
-                raise ValueError(f"{name} must lie in [0, 1) (the fraction of channels pruned), got {ratio}.")
-        if observation_window < 1 or recent_window < 0:
-            raise ValueError("observation_window must be >= 1 and recent_window >= 0.")
+            check_float(name, ratio, low=0.0, high=1.0, high_open=True,
+                        hint="It is the fraction of channels pruned per token (0 keeps them all).")
+        check_int("observation_window", observation_window, minimum=1)
+        check_int("recent_window", recent_window, minimum=0)
+        check_int("token_budget", token_budget, minimum=1, allow_none=True)
         if token_budget is not None and token_budget <= observation_window:
             raise ValueError(f"token_budget must exceed observation_window ({observation_window}), got {token_budget}.")
+        check_bool("recovery", recovery)
         text_config = config.get_text_config(decoder=True)
         num_kv_heads = getattr(text_config, "num_key_value_heads", None) or getattr(text_config, "num_attention_heads", None)
         head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
+from ..utils import check_bool, check_float, check_int
 from .channels import DenseTokens, PerTokenChannels, SharedChannels, kept_channel_count, query_channel_norms
 from .eviction import snapkv_keep_indices
 from .query_capture import await_queries
@@ -58,6 +59,15 @@ class ChannelPrunedLayer(CacheLayerMixin):
         recovery: bool = True,
     ):
         super().__init__()
+        for name, ratio in (("key_ratio", key_ratio), ("value_ratio", value_ratio)):
+            check_float(name, ratio, low=0.0, high=1.0, high_open=True)
+        check_int("num_kv_heads", num_kv_heads, minimum=1)
+        check_int("head_dim", head_dim, minimum=1)
+        check_int("observation_window", observation_window, minimum=1)
+        check_int("recent_window", recent_window, minimum=0)
+        check_int("token_budget", token_budget, minimum=observation_window + 1, allow_none=True)
+        check_bool("per_token", per_token)
+        check_bool("recovery", recovery)
         self.key_ratio, self.value_ratio = key_ratio, value_ratio
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
         self.observation_window, self.recent_window = observation_window, recent_window

@@ -32,6 +32,7 @@ from transformers.masking_utils import AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 from .. import _compat
+from ..utils import InvalidArgumentTypeError
 
 
 logger = logging.getLogger(__name__)
@@ -88,6 +89,12 @@ def install_query_capture(config: PretrainedConfig) -> str:
     Idempotent. Returns the new attention implementation name. Raises for implementations that cannot
     be wrapped (flash/flex attention keep their own mask formats and kernels; use ``sdpa`` or ``eager``).
     """
+    if not isinstance(config, PretrainedConfig):
+        hint = " pass model.config, not the model" if isinstance(config, torch.nn.Module) else ""
+        raise InvalidArgumentTypeError(
+            f"config must be a transformers model config (model.config), got {type(config).__name__};{hint}."
+            if hint else f"config must be a transformers model config (model.config), got {type(config).__name__}."
+        )
     current = _compat.attention_implementation(config) or "eager"
     if isinstance(current, dict):
         raise ValueError("per-sub-config attention implementations are not supported; pass the text model config.")

@@ -39,6 +39,45 @@ def command(name: str, help: str, add_arguments: Callable[[argparse.ArgumentPars
 METHOD_COMMAND_MODULES = ("hf_compress.pruning.cli", "hf_compress.quantization.cli")
 
 
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type`` for integers ``>= minimum``; a bad value reads ``argument --flag: must be ...``.
+
+    Example:
+        >>> int_at_least(1)("3")
+        3
+    """
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def positive_float(text: str) -> float:
+    """An argparse ``type`` for finite numbers ``> 0`` (a learning rate, ...).
+
+    Example:
+        >>> positive_float("1e-3")
+        0.001
+    """
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text!r}")
+    return value
+
+
 def common_flags() -> argparse.ArgumentParser:
     """``--debug`` and ``-q``, for sub-command parsers (and their own sub-commands) to accept as parents.
 
@@ -138,15 +177,16 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
                         help="reference name (smollm2-135m, gemma3-270m), tiny-<arch>, a folder, or a Hub id")
     parser.add_argument("--perplexity", default="wikipedia,news",
                         help="comma-separated text sets for perplexity ('' for none): wikipedia, news")
-    parser.add_argument("--window", type=int, default=512, help="perplexity window in tokens (default 512)")
-    parser.add_argument("--max-windows", type=int, default=None,
+    parser.add_argument("--window", type=int_at_least(2), default=512, help="perplexity window in tokens (default 512)")
+    parser.add_argument("--max-windows", type=int_at_least(1), default=None,
                         help="evenly spaced subset of windows per text set (default: all)")
     parser.add_argument("--tasks", default="arc_easy",
                         help="comma-separated zero-shot tasks ('' for none): arc_easy, arc_challenge, piqa, "
                              "hellaswag, boolq, winogrande")
-    parser.add_argument("--limit", type=int, default=None, help="fixed seeded subset of each zero-shot task")
-    parser.add_argument("--speed-prompts", type=int, default=0, help="prompts for a greedy tokens/s measurement")
-    parser.add_argument("--kv-seq-len", type=int, default=None, help="measure KV-cache bytes at this length")
+    parser.add_argument("--limit", type=int_at_least(0), default=None, help="fixed seeded subset of each zero-shot task")
+    parser.add_argument("--speed-prompts", type=int_at_least(0), default=0,
+                        help="prompts for a greedy tokens/s measurement")
+    parser.add_argument("--kv-seq-len", type=int_at_least(1), default=None, help="measure KV-cache bytes at this length")
     parser.add_argument("--output", default=None, help="write the results JSON here")
 
 

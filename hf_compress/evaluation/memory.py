@@ -10,6 +10,7 @@ import torch
 from transformers import Cache, DynamicCache, PreTrainedModel
 
 from .. import _compat
+from ..utils import InvalidArgumentTypeError, check_int, check_path, check_str
 
 
 def parameter_bytes(model: torch.nn.Module) -> dict[str, int]:
@@ -19,6 +20,8 @@ def parameter_bytes(model: torch.nn.Module) -> dict[str, int]:
         >>> parameter_bytes(model)["parameters"]  # doctest: +SKIP
         538090496
     """
+    if not isinstance(model, torch.nn.Module):
+        raise InvalidArgumentTypeError(f"model must be a torch model (nn.Module), got {type(model).__name__}.")
     seen: set[int] = set()
     params = buffers = count = 0
     for tensor in model.parameters():
@@ -39,6 +42,10 @@ def disk_bytes(folder: str | os.PathLike, pattern: str = "*") -> int:
     Example:
         >>> disk_bytes("out/", "*.safetensors")  # doctest: +SKIP
     """
+    check_path("folder", folder)
+    check_str("pattern", pattern)
+    if not Path(folder).is_dir():
+        raise NotADirectoryError(f"folder {os.fspath(folder)!r} is not a directory; pass the saved checkpoint folder.")
     return sum(p.stat().st_size for p in Path(folder).rglob(pattern) if p.is_file())
 
 
@@ -75,6 +82,10 @@ def measure_kv_cache_bytes(
         >>> measure_kv_cache_bytes(model, seq_len=2048)["kv_bytes"]  # doctest: +SKIP
         47185920
     """
+    check_int("seq_len", seq_len, minimum=1)
+    check_int("batch_size", batch_size, minimum=1)
+    if cache is not None and not isinstance(cache, Cache):
+        raise InvalidArgumentTypeError(f"cache must be a transformers Cache or None, got {type(cache).__name__}.")
     cache = cache if cache is not None else DynamicCache(config=model.config)
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.get_text_config().vocab_size, (batch_size, seq_len), generator=generator)

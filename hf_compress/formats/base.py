@@ -40,6 +40,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .. import _compat
 from ..utils import get_logger
+from .integrity import CheckpointReader, check_tensors_match_model
 
 
 if TYPE_CHECKING:
@@ -130,6 +131,39 @@ class CompressedFormatQuantizer(HfQuantizer):
                 f"This checkpoint uses {method!r} format version {version}, but the installed hf_compress "
                 f"reads versions up to {supported}; upgrade hf_compress (pip install -U hf-compress)."
             )
+
+    def _process_model_before_weight_loading(self, model: PreTrainedModel, **kwargs: Any) -> PreTrainedModel:
+        # Check the whole checkpoint before a single weight is loaded: a corrupted one must not load at all.
+        files = _compat.checkpoint_files_of_preprocess(kwargs)
+        if not files:
+            logger.warning("%s: no checkpoint files to check (loading from a state dict)", self.quantization_config.quant_method)
+            return self.prepare_model(model)
+        with CheckpointReader(files) as reader:
+            self.check_checkpoint(model, reader)
+            reader.verify_digests(getattr(self.quantization_config, "integrity", None))
+            model = self.prepare_model(model)
+            check_tensors_match_model(model, reader, stored_differently=self.stored_differently())
+        return model
+
+    def stored_differently(self) -> set[str]:
+        """Checkpoint keys whose stored shape differs from the model's tensor by design (e.g. sparse values)."""
+        return set()
+
+    def check_checkpoint(self, model: PreTrainedModel, reader: CheckpointReader) -> None:
+        """Refuse a checkpoint that does not match its ``quantization_config`` (``CheckpointIntegrityError``).
+
+        ``model`` is the freshly built architecture (on the meta device); ``reader`` has the safetensors
+        headers and reads single small tensors. After this the base class verifies the checksums, calls
+        ``prepare_model`` and checks that every tensor of the prepared model is stored with its shape.
+        """
+
+    def prepare_model(self, model: PreTrainedModel) -> PreTrainedModel:
+        """Change the freshly built architecture before the weights stream in (e.g. swap or shrink layers)."""
+        return model
+
+    def forget_integrity_record(self) -> None:
+        """Drop the checksums from the loaded config: a later save writes other bytes (or none of ours)."""
+        self.quantization_config.__dict__.pop("integrity", None)
 
     def weight_converters(self) -> list[WeightTransform]:
         """The converters turning the stored tensors into the model's dense parameters."""

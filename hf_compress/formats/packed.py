@@ -24,7 +24,10 @@ Example:
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -33,9 +36,11 @@ from torch import nn
 from .. import _compat
 from ..modeling.layers import in_features, out_features, replace_module
 from ..quantization.grid import check_grid_arguments
-from ..quantization.packed_linear import PackedLinear
+from ..quantization.packed_linear import FORMAT_MARKER, PackedLinear
+from ..quantization.packing import packed_columns
 from ..utils import get_logger
 from .base import CompressedFormatConfig, CompressedFormatQuantizer, register_format
+from .integrity import CheckpointIntegrityError, CheckpointReader, check_module_lists, seal_checkpoint
 
 
 if TYPE_CHECKING:
@@ -48,6 +53,7 @@ __all__ = [
     "PackedFormatQuantizer",
     "attach_packed_format",
     "packed_size",
+    "save_packed",
 ]
 
 logger = get_logger(__name__)
@@ -60,6 +66,7 @@ class PackedFormatConfig(CompressedFormatConfig):
     ``modules``: the qualified names of the packed layers, ``recipe``: how the weights were made)."""
 
     QUANT_METHOD = FORMAT_NAME
+    FORMAT_VERSION = 2  # 2: each packed layer also stores the one-byte ``weight`` marker (PackedLinear)
 
     def __init__(
         self,
@@ -83,15 +90,27 @@ class PackedFormatQuantizer(CompressedFormatQuantizer):
 
     config_class = PackedFormatConfig
 
-    def _process_model_before_weight_loading(self, model: PreTrainedModel, **kwargs: Any) -> PreTrainedModel:
+    def check_checkpoint(self, model: PreTrainedModel, reader: CheckpointReader) -> None:
+        """The listed layers are exactly the stored ones, exist in the model as linear layers, and their
+        codes, scales, zero-points (all ``< 2**bits``), bias and marker have the shapes the layer needs."""
         config = self.quantization_config
+        stored = {name[: -len(".qweight")] for name in reader.entries if name.endswith(".qweight")}
+        check_module_lists(set(config.modules), stored, "modules", "packed")
         modules = dict(model.named_modules())
         missing = [name for name in config.modules if name not in modules]
         if missing:
-            raise ValueError(
+            raise CheckpointIntegrityError(
                 f"This packed checkpoint lists {len(missing)} layer(s) the model does not have (e.g. {missing[0]!r}); "
                 "the config.json and the weights come from different models."
             )
+        for name in sorted(stored):
+            check_packed_layer(reader, name, modules[name], config)
+
+    def prepare_model(self, model: PreTrainedModel) -> PreTrainedModel:
+        config = self.quantization_config
+        modules = dict(model.named_modules())
+        # The markers are for stock transformers only (see PackedLinear): skip them quietly here.
+        _compat.ignore_unexpected_keys(model, [rf"{re.escape(name)}\.{FORMAT_MARKER}$" for name in config.modules])
         for name in config.modules:
             layer = modules[name]
             weight = layer.weight
@@ -99,6 +118,7 @@ class PackedFormatQuantizer(CompressedFormatQuantizer):
                 in_features(layer), out_features(layer), config.bits, config.group_size,
                 bias=layer.bias is not None, dtype=weight.dtype, device=weight.device,
             )
+            packed.expects_marker_in_state_dict = False  # see PackedLinear._save_to_state_dict
             replace_module(model, name, packed)
         return model
 
@@ -107,6 +127,12 @@ class PackedFormatQuantizer(CompressedFormatQuantizer):
 
     def postprocess_model(self, model: PreTrainedModel, **kwargs: Any) -> PreTrainedModel:
         # HfQuantizer's own: keep the quantization_config and mark the model quantized.
+        self.forget_integrity_record()
+        # The layers now save in the current layout (marker included), whatever version was loaded.
+        self.quantization_config.format_version = PackedFormatConfig.FORMAT_VERSION
+        for module in model.modules():
+            if isinstance(module, PackedLinear):
+                module.expects_marker_in_state_dict = True
         return super(CompressedFormatQuantizer, self).postprocess_model(model, **kwargs)
 
     @property
@@ -127,6 +153,39 @@ class PackedFormatQuantizer(CompressedFormatQuantizer):
         return model
 
 
+def check_packed_layer(reader: CheckpointReader, name: str, layer: nn.Module, config: PackedFormatConfig) -> None:
+    """Refuse stored tensors of packed layer ``name`` that do not fit ``layer`` (``CheckpointIntegrityError``)."""
+    if not hasattr(layer, "weight") or getattr(layer.weight, "ndim", 0) != 2:
+        raise CheckpointIntegrityError(f"packed layer {name!r}: the model's module there is a {type(layer).__name__}, not a linear layer.")
+    rows, columns = out_features(layer), in_features(layer)
+    group_size = columns if config.group_size == -1 or config.group_size >= columns else config.group_size
+    groups = -(-columns // group_size)
+    expected = {
+        "qweight": (("U8",), (rows, packed_columns(columns, config.bits))),
+        "scales": (("F16", "BF16", "F32", "F64"), (rows, groups)),
+        "qzeros": (("U8",), (rows, groups)),
+    }
+    if layer.bias is not None:
+        expected["bias"] = (("F16", "BF16", "F32", "F64"), (rows,))
+    if config.format_version >= 2:
+        expected[FORMAT_MARKER] = (("U8",), (1,))
+    for part, (dtypes, shape) in expected.items():
+        entry = reader.entries.get(f"{name}.{part}")
+        if entry is None:
+            raise CheckpointIntegrityError(f"packed layer {name!r}: {name}.{part} is missing; the checkpoint is incomplete, re-save it.")
+        if entry.dtype not in dtypes or entry.shape != shape:
+            raise CheckpointIntegrityError(
+                f"packed layer {name!r}: {part} is {entry.dtype} {list(entry.shape)}, expected {'/'.join(dtypes)} {list(shape)}."
+            )
+    if layer.bias is None and f"{name}.bias" in reader.entries:
+        raise CheckpointIntegrityError(f"packed layer {name!r}: a bias is stored but the architecture's layer has none.")
+    largest = int(reader.read(f"{name}.qzeros").max()) if rows and groups else 0
+    if largest >= 2**config.bits:
+        raise CheckpointIntegrityError(
+            f"packed layer {name!r}: zero-point {largest} is outside [0, {2**config.bits}) for {config.bits}-bit codes."
+        )
+
+
 def attach_packed_format(model: PreTrainedModel, config: PackedFormatConfig) -> PreTrainedModel:
     """Mark a model holding ``PackedLinear`` layers as a ``hf_compress_packed`` model (as loading would).
 
@@ -135,6 +194,39 @@ def attach_packed_format(model: PreTrainedModel, config: PackedFormatConfig) -> 
     quantizer = PackedFormatQuantizer(config, pre_quantized=True)
     _compat.attach_quantizer(model, quantizer, FORMAT_NAME)
     return quantizer.postprocess_model(model)
+
+
+def save_packed(
+    model: PreTrainedModel,
+    tokenizer: Any,
+    save_dir: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    card: Any = None,
+) -> Path:
+    """Save a packed low-bit model (and tokenizer, and model card) atomically, with checksums.
+
+    A plain ``model.save_pretrained(folder)`` also writes a loadable checkpoint; this adds what every
+    hf_compress writer guarantees: all-or-nothing (``atomic_directory``), a non-empty ``save_dir`` only with
+    ``overwrite=True``, and per-tensor checksums verified at load (``seal_checkpoint``).
+
+    Example:
+        >>> save_packed(quantize_rtn(model, bits=4), tokenizer, "llama-4bit")  # doctest: +SKIP
+    """
+    from ..hub import write_model_card
+    from ..utils import atomic_directory, check_save_dir
+
+    if not any(isinstance(module, PackedLinear) for module in model.modules()):
+        raise ValueError("save_packed needs a model with packed layers (merge_and_quantize() or quantize_rtn()).")
+    target = check_save_dir(save_dir, overwrite)
+    with atomic_directory(target, overwrite=overwrite) as staging:
+        model.save_pretrained(staging)
+        seal_checkpoint(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        if card is not None:
+            write_model_card(staging, card)
+    return target
 
 
 def packed_size(model: nn.Module) -> dict[str, int]:

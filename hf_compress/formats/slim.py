@@ -35,7 +35,9 @@ import torch  # noqa: F401  (doctest namespace)
 
 from .. import _compat
 from .base import CompressedFormatConfig, CompressedFormatQuantizer, register_format
-from ..modeling.structure import apply_layer_widths, layer_widths
+from .integrity import CheckpointIntegrityError, CheckpointReader, seal_checkpoint
+from ..modeling.layers import find_decoder_blocks
+from ..modeling.structure import apply_layer_widths, block_structure, layer_widths
 
 
 if TYPE_CHECKING:
@@ -66,7 +68,29 @@ class SlimFormatQuantizer(CompressedFormatQuantizer):
 
     config_class = SlimFormatConfig
 
-    def _process_model_before_weight_loading(self, model: PreTrainedModel, **kwargs: Any) -> PreTrainedModel:
+    def check_checkpoint(self, model: PreTrainedModel, reader: CheckpointReader) -> None:
+        """One entry of non-negative integer widths per block, none above the architecture's."""
+        layers = self.quantization_config.layers
+        _, blocks = find_decoder_blocks(model)
+        if not isinstance(layers, list) or len(layers) != len(blocks):
+            count = len(layers) if isinstance(layers, list) else type(layers).__name__
+            raise CheckpointIntegrityError(
+                f"config.json records slim widths for {count} blocks but the architecture has {len(blocks)}; "
+                "the checkpoint is corrupted or was edited, re-download or re-save it."
+            )
+        for index, (block, width) in enumerate(zip(blocks, layers)):
+            structure = block_structure(block)
+            limits = {"key_value_heads": structure.attention.num_units, "intermediate_size": structure.ffn.num_units}
+            if not isinstance(width, dict) or set(width) != set(limits):
+                raise CheckpointIntegrityError(f"config.json: slim widths of block {index} must be {sorted(limits)}, got {width!r}.")
+            for key, limit in limits.items():
+                value = width[key]
+                if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= limit:
+                    raise CheckpointIntegrityError(
+                        f"config.json: block {index} {key} = {value!r} is outside [0, {limit}] (the architecture's width)."
+                    )
+
+    def prepare_model(self, model: PreTrainedModel) -> PreTrainedModel:
         apply_layer_widths(model, self.quantization_config.layers)
         return model
 
@@ -77,6 +101,7 @@ class SlimFormatQuantizer(CompressedFormatQuantizer):
         # Detach the quantizer (the model computes like any other: Trainer, .to(dtype), PEFT) but keep the
         # widths on the config: save_pretrained must write them, or the checkpoint would not load again.
         _compat.detach_quantizer(model)
+        self.forget_integrity_record()
         model.config.quantization_config = self.quantization_config
         return model
 
@@ -119,24 +144,25 @@ def save_slim(
 ) -> Path:
     """Save a structurally pruned model (slim format when its widths need it), tokenizer and model card.
 
-    Written atomically (staged next to ``save_dir``, then moved). The card's recipe carries the per-block
+    Written atomically (staged next to ``save_dir``, then moved; a non-empty ``save_dir`` needs
+    ``overwrite=True`` and keeps the files the save does not write). The card's recipe carries the per-block
     widths, so the allocation is visible on the Hub page.
 
     Example:
         >>> save_slim(model, tokenizer, "smollm2-tyr-30", recipe=config.to_dict())  # doctest: +SKIP
     """
     from ..hub import build_model_card, write_model_card
-    from ..utils import atomic_directory, holds_model
+    from ..utils import atomic_directory, check_save_dir
 
-    target = Path(save_dir)
-    if holds_model(target) and not overwrite:
-        raise FileExistsError(f"{target} already holds a model; choose another folder or pass overwrite=True.")
+    target = check_save_dir(save_dir, overwrite)
     recipe = dict(recipe or {"method": "structured"})
     if needs_slim_format(model):
         attach_slim_format(model, recipe=recipe)
     card_recipe = {**recipe, "layers": layer_widths(model)}
-    with atomic_directory(target, overwrite=target.exists()) as staging:
+    with atomic_directory(target, overwrite=overwrite) as staging:
         model.save_pretrained(staging)
+        if isinstance(getattr(model.config, "quantization_config", None), SlimFormatConfig):
+            seal_checkpoint(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         card = build_model_card(

@@ -47,13 +47,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from transformers.core_model_loading import ConversionOps, WeightConverter
 
 from .base import CompressedFormatConfig, CompressedFormatQuantizer, register_format
+from .integrity import CheckpointIntegrityError, CheckpointReader, check_module_lists
 from ..utils import get_logger
+
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 __all__ = [
@@ -268,6 +273,44 @@ class _PassThrough(ConversionOps):
         return self
 
 
+_POPCOUNT = torch.tensor([bin(byte).count("1") for byte in range(256)], dtype=torch.int64)
+_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2")
+
+
+def check_sparse_triple(reader: CheckpointReader, module: str, parameter: torch.Tensor | None) -> None:
+    """Refuse an inconsistent stored weight of ``module`` (``CheckpointIntegrityError``); see the quantizer."""
+    key = module + ".weight"
+    where = f"sparse weight {key!r}"
+    entries = {part: reader.entries.get(key + part) for part in ("", BITMASK_SUFFIX, SHAPE_SUFFIX)}
+    missing = [key + part for part, entry in entries.items() if entry is None]
+    if missing:
+        raise CheckpointIntegrityError(f"{where}: {missing[0]!r} is missing; the checkpoint is incomplete, re-save it.")
+    values, bitmask, shape = entries[""], entries[BITMASK_SUFFIX], entries[SHAPE_SUFFIX]
+    if len(values.shape) != 1 or values.dtype not in _FLOAT_DTYPES:
+        raise CheckpointIntegrityError(f"{where}: the values must be a 1-D float tensor, got {values.dtype} {list(values.shape)}.")
+    if shape.dtype != "I64" or len(shape.shape) != 1 or not 1 <= shape.numel <= 8:
+        raise CheckpointIntegrityError(f"{where}: the shape must be 1 to 8 int64 values, got {shape.dtype} {list(shape.shape)}.")
+    dims = reader.read(key + SHAPE_SUFFIX).tolist()
+    if parameter is not None and tuple(dims) != tuple(parameter.shape):
+        raise CheckpointIntegrityError(
+            f"{where}: stored shape {dims} but the model's weight is {list(parameter.shape)}; the config.json and "
+            "the weights come from different models."
+        )
+    if any(d <= 0 for d in dims) or math.prod(dims) > 2**40:
+        raise CheckpointIntegrityError(f"{where}: stored shape {dims} is not a valid weight shape.")
+    rows = dims[0] if len(dims) > 1 else 1
+    cols = math.prod(dims) // rows
+    expected = (rows, math.ceil(cols / 8))
+    if bitmask.dtype != "U8" or bitmask.shape != expected:
+        raise CheckpointIntegrityError(f"{where}: bitmask is {bitmask.dtype} {list(bitmask.shape)}, expected U8 {list(expected)}.")
+    bits = reader.read(key + BITMASK_SUFFIX)
+    if cols % 8 and bool((bits[:, -1] >> (cols % 8)).any()):
+        raise CheckpointIntegrityError(f"{where}: bitmask has bits set past the last column.")
+    nonzeros = int(_POPCOUNT[bits.long()].sum())
+    if nonzeros != values.numel:
+        raise CheckpointIntegrityError(f"{where}: bitmask marks {nonzeros} non-zeros but {values.numel} values are stored.")
+
+
 def _single(value: Any) -> torch.Tensor | None:
     if isinstance(value, list):
         if len(value) > 1:
@@ -291,6 +334,20 @@ class SparseStorageQuantizer(CompressedFormatQuantizer):
     def weight_converters(self) -> list[WeightConverter]:
         sources = ["weight", "weight" + BITMASK_SUFFIX, "weight" + SHAPE_SUFFIX]
         return [WeightConverter(sources, target_patterns="weight", operations=[SparseDecode()])]
+
+    def check_checkpoint(self, model: PreTrainedModel, reader: CheckpointReader) -> None:
+        """The listed modules are exactly the stored ones; each stored triple is consistent with itself
+        (bitmask shape, popcount = number of values, zero padding bits) and with the model's weight shape."""
+        suffix = ".weight" + BITMASK_SUFFIX
+        stored = {name[: -len(suffix)] for name in reader.entries if name.endswith(suffix)}
+        listed = set(getattr(self.quantization_config, "compressed_modules", []) or [])
+        check_module_lists(listed, stored, "compressed_modules", "sparse")
+        parameters = dict(model.named_parameters())
+        for module in sorted(stored):
+            check_sparse_triple(reader, module, parameters.get(module + ".weight"))
+
+    def stored_differently(self) -> set[str]:
+        return {f"{module}.weight" for module in getattr(self.quantization_config, "compressed_modules", [])}
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         modules = getattr(self.quantization_config, "compressed_modules", [])

@@ -24,18 +24,23 @@ from .model_card import (
     validate_model_card,
     write_model_card,
 )
-from .push import push_to_hub
+from .push import DEFAULT_ALLOW_PATTERNS, PICKLE_PATTERNS, PushPlan, find_local_paths, plan_push, push_to_hub
 
 
 __all__ = [
     "COMPRESSION_METADATA_KEY",
+    "DEFAULT_ALLOW_PATTERNS",
     "HF_COMPRESS_TAG",
+    "PICKLE_PATTERNS",
     "TEMPLATES",
+    "PushPlan",
     "build_model_card",
     "eval_result_to_metric",
+    "find_local_paths",
     "hub_model_id",
     "load_card",
     "metric_to_eval_result",
+    "plan_push",
     "push_to_hub",
     "read_metrics",
     "read_recipe",

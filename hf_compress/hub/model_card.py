@@ -140,8 +140,8 @@ def build_model_card(
     """Build the model card of an hf_compress artifact.
 
     Args:
-        base_model: Hub id of the model that was compressed (``None`` if there is none on the Hub).
-            Required by the ``adapter`` template, since an adapter is useless without it.
+        base_model: Hub id of the model that was compressed (``None`` if there is none on the Hub: a local
+            path is never recorded). The ``adapter`` template then says the base model is not on the Hub.
         model_name: Name shown as the card title and as the ``model-index`` name.
         recipe: The compression recipe, JSON-serialisable. It must name its method(s), either as
             ``{"method": "wanda", ...}`` (a string or a list of strings) or as
@@ -177,11 +177,6 @@ def build_model_card(
         ['hf_compress', 'wanda']
     """
     template_path, template_library, template_relation = _resolve_template(template)
-    adapter = template_path == TEMPLATES_DIR / "adapter.md"
-    if adapter and not base_model:
-        raise ValueError(
-            "The 'adapter' template needs `base_model`: an adapter cannot be used without its base model."
-        )
     library_name = library_name or template_library
     base_model_relation = base_model_relation or template_relation
     repo_id = repo_id or model_name
@@ -202,7 +197,7 @@ def build_model_card(
         load_snippet = _LOAD_SNIPPETS[library_name].format(repo_id=repo_id, base_model=base_model)
 
     metadata: dict[str, Any] = dict(_jsonable(dict(extra_metadata or {}), "`extra_metadata`"))
-    if base_model_relation is not None:
+    if base_model_relation is not None and base_model:  # a relation needs a base model to relate to
         metadata["base_model_relation"] = base_model_relation
     metadata[COMPRESSION_METADATA_KEY] = {
         "library": HF_COMPRESS_TAG,

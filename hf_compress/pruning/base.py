@@ -33,9 +33,10 @@ from typing import TYPE_CHECKING, Any, ClassVar, Self
 import torch
 from torch import nn
 
-from .. import __version__
+from .. import __version__, _compat
 from ..modeling import calibration_batches
-from ..utils import get_logger, holds_model
+from ..utils import check_save_dir as check_save_folder
+from ..utils import InvalidArgumentTypeError, check_bool, check_path, get_logger
 from .config import PruningConfig, SparsityPattern, parse_sparsity
 from .registry import register_pruner
 
@@ -85,6 +86,7 @@ class BasePruner(ABC):
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"{type(self).__name__} needs a torch model, got {type(model).__name__}.")
+        _check_tokenizer(tokenizer)
         self.model = model
         self.tokenizer = tokenizer
         self.report: Any = None
@@ -112,6 +114,9 @@ class BasePruner(ABC):
         """
         if isinstance(model_or_path, nn.Module):
             return cls(model_or_path, tokenizer)
+        check_path("model_or_path", model_or_path,
+                   hint="Pass a loaded model, a reference name (smollm2-135m), tiny-<arch>, a folder or a Hub id.")
+        _check_tokenizer(tokenizer)
         name = os.fspath(model_or_path)
         if not set(load_kwargs) - {"dtype"}:
             from ..assets import load_model
@@ -166,6 +171,10 @@ class BasePruner(ABC):
             ...              save_dir="smollm2-2of4")  # doctest: +SKIP
         """
         config = self._check_config(config)
+        _check_tokenizer(tokenizer)
+        check_path("save_dir", save_dir, allow_none=True)
+        check_bool("overwrite", overwrite)
+        check_bool("progress", progress)
         if tokenizer is not None:
             self.tokenizer = tokenizer
         if save_dir is not None:
@@ -175,7 +184,8 @@ class BasePruner(ABC):
         self.report = self.run(config, plan, calibration_ids, progress)
         self._record_recipe(config)
         if save_dir is not None:
-            self.save(Path(save_dir), overwrite, config)
+            with _compat.quiet_weight_progress():  # a second of bookkeeping after the real work
+                self.save(Path(save_dir), overwrite, config)
         return self.model  # type: ignore[return-value]
 
     def config_for_target(self, target: float | str | SparsityPattern) -> PruningConfig:
@@ -267,15 +277,18 @@ class BasePruner(ABC):
         setattr(model_config, RECIPE_KEY, recipe)
 
 
-def check_save_dir(save_dir: Path, overwrite: bool, model: nn.Module) -> None:
-    """Refuse, before any work, a ``save_dir`` that is a file or already holds a model, or a model that cannot be saved."""
-    if save_dir.exists() and not save_dir.is_dir():
-        raise FileExistsError(f"save_dir {save_dir} is a file; pass a folder path.")
-    if holds_model(save_dir) and not overwrite:
-        raise FileExistsError(
-            f"save_dir {save_dir} already holds a model; choose another folder or pass overwrite=True "
-            "(--overwrite on the command line)."
+def _check_tokenizer(tokenizer: Any) -> None:
+    from transformers import PreTrainedTokenizerBase
+
+    if tokenizer is not None and not isinstance(tokenizer, PreTrainedTokenizerBase):
+        raise InvalidArgumentTypeError(
+            f"tokenizer must be a transformers tokenizer (PreTrainedTokenizerBase) or None, got {type(tokenizer).__name__}."
         )
+
+
+def check_save_dir(save_dir: Path, overwrite: bool, model: nn.Module) -> None:
+    """Refuse, before any work, a ``save_dir`` the save would refuse at the end, or a model that cannot be saved."""
+    check_save_folder(save_dir, overwrite)
     from transformers import PreTrainedModel
 
     if not isinstance(model, PreTrainedModel):

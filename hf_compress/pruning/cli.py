@@ -9,6 +9,7 @@ in this file changes. Run options that are not config fields come from the prune
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 from ..cli.main import command, common_flags
@@ -41,11 +42,31 @@ def run_prune(args: argparse.Namespace) -> int:
     from ..cli.config_flags import config_kwargs
 
     pruner_class = args.pruner_class
-    fields = {**pruner_class.cli_defaults, **json.loads(args.options or "{}"), **config_kwargs(args)}
+    fields = {**pruner_class.cli_defaults, **_options(args.options), **config_kwargs(args)}
+    known = {field.name for field in dataclasses.fields(pruner_class.config_class)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ValueError(
+            f"--options sets unknown {pruner_class.config_class.__name__} fields {unknown}; known: {sorted(known)}."
+        )
     config = pruner_class.config_class(**fields)
-    pruner = pruner_class.from_pretrained(args.model)
+    # Everything the user typed is checked before the (possibly slow) model load.
     calibration = load_calibration_text(args.calibration_text) if pruner_class.requires_calibration else None
+    pruner = pruner_class.from_pretrained(args.model)
     pruner.prune(config, calibration, save_dir=args.save_dir, overwrite=args.overwrite, progress=not args.quiet,
                  **pruner_class.prune_kwargs_from_cli(args))
     print(f"{pruner.report.summary()}, saved to {args.save_dir}")
     return 0
+
+
+def _options(text: str | None) -> dict:
+    """The ``--options`` JSON object (``{}`` when not given), with a one-line error naming the flag."""
+    if not text:
+        return {}
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--options must be a JSON object such as '{{\"batch_size\": 4}}': {err}.") from None
+    if not isinstance(options, dict):
+        raise ValueError(f"--options must be a JSON object such as '{{\"batch_size\": 4}}', got {text!r}.")
+    return options

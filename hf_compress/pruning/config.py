@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ..utils import atomic_file
+from ..utils import atomic_file, check_float, check_int, check_seed, check_str_list
 
 
 __all__ = [
@@ -204,17 +204,11 @@ class PruningConfig:
 
     def __post_init__(self) -> None:
         self.sparsity = parse_sparsity(self.sparsity).to_json()
-        if isinstance(self.skip, str):  # a lone pattern, not a list of one-character patterns
-            self.skip = [self.skip]
-        self.skip = list(self.skip)
-        if not all(isinstance(pattern, str) for pattern in self.skip):
-            raise TypeError(f"skip must be a list of fnmatch patterns (strings), got {self.skip!r}.")
+        # A lone pattern is a list of one, not a list of one-character patterns.
+        self.skip = check_str_list("skip", self.skip, hint="skip holds fnmatch patterns such as 'mlp.*'.")
         for name in ("num_calibration_sequences", "calibration_seq_len", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-        if isinstance(self.calibration_seed, bool) or not isinstance(self.calibration_seed, int):
-            raise ValueError(f"calibration_seed must be an integer, got {self.calibration_seed!r}.")
+            setattr(self, name, check_int(name, getattr(self, name), minimum=1))
+        self.calibration_seed = check_seed("calibration_seed", self.calibration_seed)
 
     @property
     def pattern(self) -> SparsityPattern:
@@ -302,13 +296,19 @@ def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def check_number(config: PruningConfig, name: str, positive: bool) -> None:
-    value = getattr(config, name)
-    valid = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-    if not valid or (value <= 0 if positive else value < 0):
-        kind = "positive" if positive else "non-negative"
-        raise ValueError(f"{name} must be a {kind} number, got {value!r}.")
-    setattr(config, name, float(value))
+def check_number(config: Any, name: str, positive: bool, high: float | None = None) -> None:
+    """Check the field ``name`` of ``config``: a finite number, ``> 0`` (``positive``) or ``>= 0``, at most ``high``;
+    store it as a ``float``.
+
+    Example:
+        >>> from hf_compress.pruning import SparseGPTConfig
+        >>> SparseGPTConfig(percdamp=0)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: percdamp must be a positive number..., got 0.
+    """
+    value = check_float(name, getattr(config, name), low=0.0, low_open=positive, high=high)
+    setattr(config, name, value)
 
 
 @dataclass
@@ -332,9 +332,10 @@ class StructuralPruningConfig(PruningConfig):
                     f"{type(self).__name__} removes a fraction of the decoder parameters; pass a ratio, not {pattern}."
                 )
             target = pattern.ratio
-        if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target < 1:
-            raise ValueError(f"target_sparsity must be a fraction in (0, 1), got {target!r}.")
-        self.target_sparsity = float(target)
+        self.target_sparsity = check_float(
+            "target_sparsity", target, low=0.0, high=1.0, low_open=True, high_open=True,
+            hint="It is the fraction of decoder-block parameters to remove (e.g. 0.3 or '30%').",
+        )
         self.sparsity = self.target_sparsity
         super().__post_init__()
         if self.skip:

@@ -8,7 +8,8 @@ from typing import Any
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..demo import DemoMethod
-from .config import MagnitudeConfig, PruningConfig, SparseGPTConfig, WandaConfig
+from . import MagnitudeConfig, SparseGPTConfig, WandaConfig  # each from its method's package
+from .config import PruningConfig
 from .storage import save_pruned
 
 

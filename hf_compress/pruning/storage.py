@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -44,8 +43,9 @@ from transformers.core_model_loading import WeightConverter
 
 from .. import _compat
 from ..modeling.layers import find_decoder_blocks, find_linear_layers, onloaded
+from ..formats.integrity import seal_checkpoint
 from ..formats.sparse import BITMASK_SUFFIX, SHAPE_SUFFIX, SparseStorageConfig, encode_sparse
-from ..utils import atomic_directory, get_logger, holds_model
+from ..utils import atomic_directory, check_save_dir, get_logger
 
 
 __all__ = ["save_pruned", "sparse_state_dict"]
@@ -134,8 +134,8 @@ def save_pruned(
         tokenizer: saved alongside when given.
         save_dir: the checkpoint folder. Written atomically: the files are staged in a temporary folder
             next to it and moved into place at the end, so a failure leaves nothing behind.
-        overwrite: replace a folder that already holds a model (the whole folder is replaced).
-            A folder that exists without a model (e.g. only a README) keeps its other files.
+        overwrite: save into a folder that is not empty (e.g. holds a model, or a README). Files the save
+            does not write are kept, except the old weight files.
         recipe: the pruning recipe recorded in ``config.json`` (a JSON-ready mapping, or an object with
             ``to_dict()`` such as a ``PruningConfig``). By default, the one the pruners leave in
             ``model.config.hf_compress["pruning"]``, if any.
@@ -147,21 +147,14 @@ def save_pruned(
         recorded in ``config.json`` under ``quantization_config.storage``.
 
     Raises:
-        FileExistsError: ``save_dir`` holds a model (or is a file) and ``overwrite`` is false.
+        FileExistsError: ``save_dir`` is a file, or a non-empty folder and ``overwrite`` is false.
         ValueError: the model is quantized, carries PEFT adapters, or ``recipe`` is not JSON-serialisable.
 
     Example:
         >>> path = save_pruned(model, tokenizer, "llama-2-4", recipe=config)  # doctest: +SKIP
         >>> AutoModelForCausalLM.from_pretrained(path)  # after `import hf_compress`  # doctest: +SKIP
     """
-    target = Path(save_dir)
-    if target.exists() and not target.is_dir():
-        raise FileExistsError(f"{target} is a file, not a folder.")
-    existed_with_model = holds_model(target)
-    if existed_with_model and not overwrite:
-        raise FileExistsError(
-            f"{target} already holds a model; choose another folder or pass overwrite=True to replace it."
-        )
+    target = check_save_dir(save_dir, overwrite)
     _check_model(model)
     if recipe is None:  # the pruners record theirs on the config (``hf_compress.pruning.base.RECIPE_KEY``)
         recorded = getattr(model.config, "hf_compress", None)
@@ -172,13 +165,11 @@ def save_pruned(
     quantization_config = SparseStorageConfig(
         compressed_modules=compressed, min_sparsity=min_sparsity, recipe=recipe_dict, storage=storage
     )
-    keep_existing = target.is_dir() and not existed_with_model
-    with atomic_directory(target, overwrite=target.exists()) as staging:
-        if keep_existing:  # e.g. a README or results written before the model: keep them
-            shutil.copytree(target, staging, dirs_exist_ok=True)
-        with _attached(model, quantization_config):
+    with atomic_directory(target, overwrite=overwrite) as staging:
+        with _attached(model, quantization_config), _compat.quiet_weight_progress():
             # save_pretrained writes config/generation config, drops tied duplicates (lm_head) and shards.
             model.save_pretrained(staging, state_dict=state_dict, max_shard_size=max_shard_size)
+        seal_checkpoint(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
     logger.info(

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-from pathlib import Path
 
-from ..cli.main import command
+from ..cli.main import command, int_at_least, positive_float
 
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,11 +22,11 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bits", type=int, default=4, help="weight bits, 2 to 8 (default 4)")
     parser.add_argument("--group-size", type=int, default=128, help="inputs per group; -1 per-channel (default 128)")
     parser.add_argument("--symmetric", action="store_true", help="symmetric grid (default asymmetric)")
-    parser.add_argument("--rank", type=int, default=16, help="dlqat: LoRA rank (default 16)")
-    parser.add_argument("--steps", type=int, default=100, help="dlqat: Trainer steps (default 100)")
-    parser.add_argument("--learning-rate", type=float, default=1e-3, help="dlqat: AdamW learning rate (1e-3)")
-    parser.add_argument("--batch-size", type=int, default=4, help="dlqat: sequences per step (default 4)")
-    parser.add_argument("--seq-len", type=int, default=256, help="dlqat: tokens per sequence (default 256)")
+    parser.add_argument("--rank", type=int_at_least(1), default=16, help="dlqat: LoRA rank (default 16)")
+    parser.add_argument("--steps", type=int_at_least(1), default=100, help="dlqat: Trainer steps (default 100)")
+    parser.add_argument("--learning-rate", type=positive_float, default=1e-3, help="dlqat: AdamW learning rate (1e-3)")
+    parser.add_argument("--batch-size", type=int_at_least(1), default=4, help="dlqat: sequences per step (default 4)")
+    parser.add_argument("--seq-len", type=int_at_least(2), default=256, help="dlqat: tokens per sequence (default 256)")
     parser.add_argument("--no-magnitude", action="store_true", help="dlqat ablation: LoRA only")
     parser.add_argument("--no-lora", action="store_true", help="dlqat ablation: group magnitudes only")
     parser.add_argument("--save-dir", required=True, help="folder for the packed low-bit checkpoint")
@@ -39,14 +38,17 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
 def run_quantize(args: argparse.Namespace) -> int:
     from peft import get_peft_model
 
+    from .. import _compat
     from ..assets import load_model, load_text
     from ..training import TrainingSettings, causal_lm_dataset, train_with_trainer
-    from ..utils import atomic_directory
+    from ..formats.packed import save_packed
+    from ..hub import hub_model_id, write_model_card
+    from ..utils import atomic_directory, check_save_dir
     from . import DLQATConfig, packed_size
 
-    for folder in (args.save_dir, args.adapter_dir):
-        if folder and Path(folder).exists() and any(Path(folder).iterdir()) and not args.overwrite:
-            raise FileExistsError(f"{folder} is not empty; choose another folder or pass --overwrite.")
+    check_save_dir(args.save_dir, args.overwrite, argument="--save-dir")
+    if args.adapter_dir:
+        check_save_dir(args.adapter_dir, args.overwrite, argument="--adapter-dir")
     if args.method == "rtn" and args.adapter_dir:
         raise ValueError("--adapter-dir is for dlqat: rtn trains no adapter.")
     config = DLQATConfig(
@@ -56,7 +58,8 @@ def run_quantize(args: argparse.Namespace) -> int:
         use_lora=args.method == "dlqat" and not args.no_lora,
     )
     model, tokenizer = load_model(args.model)
-    model = get_peft_model(model, config)
+    with _compat.third_party_warnings_silenced():
+        model = get_peft_model(model, config)
     trainable, total = model.get_nb_trainable_parameters()
     print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
     if args.method == "dlqat":
@@ -66,21 +69,25 @@ def run_quantize(args: argparse.Namespace) -> int:
                                     per_device_batch_size=args.batch_size, logging_steps=max(1, args.steps // 10))
         with tempfile.TemporaryDirectory() as scratch:
             train_with_trainer(model, data, scratch, settings)
-    base_model = getattr(model.config, "name_or_path", None) or args.model
+    # Cards and adapter configs name the base model by its Hub id, never by a local path (None without one).
+    base_model = hub_model_id(getattr(model.config, "name_or_path", None))
     recipe = {"method": args.method, **{k: v for k, v in config.to_dict().items() if k in _RECIPE_FIELDS}}
     if args.method == "dlqat":
         recipe["training"] = {"steps": args.steps, "learning_rate": args.learning_rate,
                               "batch_size": args.batch_size, "seq_len": args.seq_len,
                               "data": "hf_compress wikipedia calibration split"}
         if args.adapter_dir:
-            with atomic_directory(args.adapter_dir, overwrite=True) as folder:
+            # peft records the base model's name_or_path (a local folder here, maybe): record the Hub id or none.
+            for adapter_config in model.peft_config.values():
+                adapter_config.base_model_name_or_path = base_model
+            model.get_base_model().name_or_path = base_model
+            with atomic_directory(args.adapter_dir, overwrite=args.overwrite) as folder:
                 model.save_pretrained(folder)
-                _write_card(folder, base_model, recipe, "adapter")
+                write_model_card(folder, _model_card(base_model, recipe, "adapter"))
     packed = model.merge_and_quantize()
-    with atomic_directory(args.save_dir, overwrite=True) as folder:
-        packed.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-        _write_card(folder, base_model, recipe, "compressed_model")
+    with _compat.quiet_weight_progress():
+        save_packed(packed, tokenizer, args.save_dir, overwrite=args.overwrite,
+                    card=_model_card(base_model, recipe, "compressed_model"))
     size = packed_size(packed)
     print(f"{args.method} {args.bits}-bit (group {args.group_size}): {size['layers']} packed layers, "
           f"{size['packed'] / size['bf16']:.3f}x their bf16 bytes, saved to {args.save_dir}")
@@ -90,11 +97,11 @@ def run_quantize(args: argparse.Namespace) -> int:
 _RECIPE_FIELDS = ("bits", "group_size", "symmetric", "r", "lora_alpha", "lora_space", "use_magnitude", "use_lora")
 
 
-def _write_card(folder, base_model: str, recipe: dict, template: str) -> None:
+def _model_card(base_model: str, recipe: dict, template: str):
     """A model card with the recipe; it lists no metrics, since this command measures none."""
-    from ..hub import build_model_card, write_model_card
+    from ..hub import build_model_card
 
-    name = f"{str(base_model).rstrip('/').rpartition('/')[2]}-{recipe['method']}-{recipe['bits']}bit"
+    name = f"{str(base_model or 'model').rpartition('/')[2]}-{recipe['method']}-{recipe['bits']}bit"
     # Both artifacts need `import hf_compress` first: it registers the packed format with transformers
     # and the DLQAT adapter type with peft.
     if template == "compressed_model":
@@ -108,8 +115,7 @@ def _write_card(folder, base_model: str, recipe: dict, template: str) -> None:
                    'base = AutoModelForCausalLM.from_pretrained("{base_model}")\n'
                    'model = PeftModel.from_pretrained(base, "{repo_id}")\n'
                    "packed = model.merge_and_quantize()  # real low-bit weights")
-    card = build_model_card(
+    return build_model_card(
         base_model=base_model, model_name=name, recipe=recipe, template=template, load_snippet=snippet,
         base_model_relation="quantized" if template == "compressed_model" else None,
     )
-    write_model_card(folder, card)

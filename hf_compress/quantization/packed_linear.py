@@ -8,6 +8,9 @@ Buffers (all saved in the checkpoint):
 - ``qzeros``: ``uint8 (out_features, groups)``, the zero-points;
 - ``bias`` (a parameter) when the original layer had one.
 
+Its state dict also holds ``weight``: one ``uint8`` byte (the bit width), a marker that makes stock
+transformers refuse the checkpoint (wrong shape for a linear weight) rather than load random layers.
+
 The forward pass dequantizes the weight on the fly (``scales * (codes - qzeros)``) in the input's
 dtype and discards it after the matmul. Only the packed form stays resident, so the model really is
 low-bit in memory. The price is an unpack per call; on CPU without int kernels this is slower than a
@@ -33,7 +36,10 @@ from .grid import check_grid_arguments
 from .packing import pack_codes, packed_columns, unpack_codes
 
 
-__all__ = ["PackedLinear"]
+__all__ = ["FORMAT_MARKER", "PackedLinear"]
+
+FORMAT_MARKER = "weight"
+"""State-dict key of the one-byte marker each packed layer saves (the number of bits), see ``_save_to_state_dict``."""
 
 
 class PackedLinear(nn.Module):
@@ -62,6 +68,7 @@ class PackedLinear(nn.Module):
         self.register_buffer("scales", torch.ones(out_features, groups, dtype=dtype, device=device))
         self.register_buffer("qzeros", torch.zeros(out_features, groups, dtype=torch.uint8, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+        self.expects_marker_in_state_dict = True
 
     @classmethod
     def from_codes(
@@ -121,6 +128,18 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return nn.functional.linear(x, self.dequantized_weight(x.dtype), bias)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        # A one-byte ``weight`` marker: stock transformers (without hf_compress) finds ``weight`` with a
+        # shape that fits no nn.Linear and refuses the checkpoint instead of initialising the layer randomly.
+        # While from_pretrained fills this layer, the marker is not one of its keys (the loader skips it).
+        if self.expects_marker_in_state_dict:
+            destination[prefix + FORMAT_MARKER] = torch.tensor([self.bits], dtype=torch.uint8, device=self.qweight.device)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        state_dict.pop(prefix + FORMAT_MARKER, None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def packed_bytes(self) -> int:
         """Bytes of the stored weight (codes, scales, zero-points; bias excluded)."""

@@ -16,6 +16,7 @@ import torch
 
 from ..formats.packed import PackedFormatConfig, attach_packed_format
 from ..modeling.layers import find_decoder_blocks, find_linear_layers, replace_module, weight_matrix
+from ..utils import InvalidArgumentTypeError, check_bool, check_str_list
 from .grid import QuantizationGrid, check_grid_arguments
 from .packed_linear import PackedLinear
 
@@ -40,7 +41,15 @@ def quantize_rtn(
     The baseline of DL-QAT (and what a DL-QAT adapter at initialisation exports). ``skip`` holds
     ``fnmatch`` patterns of qualified layer names to keep in full precision.
     """
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        raise InvalidArgumentTypeError(
+            f"model must be a transformers PreTrainedModel (a causal LM), got {type(model).__name__}."
+        )
     check_grid_arguments(bits, group_size)
+    check_bool("symmetric", symmetric)
+    skip = check_str_list("skip", skip, hint="skip holds fnmatch patterns of layer names, e.g. '*down_proj'.")
     prefix, blocks = find_decoder_blocks(model)
     names = []
     for index, block in enumerate(blocks):

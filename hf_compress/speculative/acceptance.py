@@ -17,6 +17,8 @@ from typing import Protocol
 
 import torch
 
+from ..utils import InvalidArgumentTypeError, check_bool, check_float, check_int
+
 
 @dataclass
 class Verdict:
@@ -86,7 +88,7 @@ class SpeculativeSampling:
     """
 
     def __init__(self, generator: torch.Generator | None = None):
-        self.generator = generator
+        self.generator = _check_generator(generator)
 
     def verify(self, draft_tokens, target_logits, draft_probs=None) -> Verdict:
         batch, k = draft_tokens.shape
@@ -129,11 +131,12 @@ class TypicalAcceptance:
     """
 
     def __init__(self, posterior_threshold: float = 0.09, posterior_alpha: float = 0.3, generator: torch.Generator | None = None):
-        if not (0 < posterior_threshold <= 1 and 0 < posterior_alpha <= 1):
-            raise ValueError("posterior_threshold (ε) and posterior_alpha (δ) must lie in (0, 1].")
+        for name, value in (("posterior_threshold", posterior_threshold), ("posterior_alpha", posterior_alpha)):
+            check_float(name, value, low=0.0, high=1.0, low_open=True,
+                        hint="posterior_threshold (ε) and posterior_alpha (δ) must lie in (0, 1].")
         self.posterior_threshold = posterior_threshold
         self.posterior_alpha = posterior_alpha
-        self.generator = generator
+        self.generator = _check_generator(generator)
 
     def verify(self, draft_tokens, target_logits, draft_probs=None) -> Verdict:
         k = draft_tokens.shape[1]
@@ -152,6 +155,7 @@ def top_k_entropy(logits: torch.Tensor, top_k: int = 3) -> torch.Tensor:
 
     FLy's confidence measure: low values mean the target is sure of its choice.
     """
+    check_int("top_k", top_k, minimum=1)
     log_probs = logits.float().log_softmax(dim=-1)
     top = log_probs.topk(top_k, dim=-1).values
     return -(top.exp() * top).sum(dim=-1)
@@ -190,10 +194,13 @@ class LooseVerification:
         num_samples: int = 2,
         generator: torch.Generator | None = None,
     ):
-        if window < 1:
-            raise ValueError(f"window must be >= 1 (the mismatch itself counts), got {window}.")
-        if entropy_top_k < 1:
-            raise ValueError(f"entropy_top_k must be >= 1, got {entropy_top_k}.")
+        check_int("window", window, minimum=1, hint="The mismatch itself counts: window=1 checks no later drafts.")
+        check_int("entropy_top_k", entropy_top_k, minimum=1)
+        check_float("entropy_threshold", entropy_threshold, low=0.0,
+                    hint="It is a top-k entropy in nats (FLy: 0.3); values <= 0.01 disable the gate.")
+        for name, flag in (("use_window", use_window), ("loose", loose), ("do_sample", do_sample)):
+            check_bool(name, flag)
+        check_int("num_samples", num_samples, minimum=1)
         self.entropy_threshold = entropy_threshold
         self.entropy_top_k = entropy_top_k
         self.window = window
@@ -201,7 +208,7 @@ class LooseVerification:
         self.loose = loose
         self.do_sample = do_sample
         self.num_samples = num_samples
-        self.generator = generator
+        self.generator = _check_generator(generator)
 
     def target_choices(self, target_logits: torch.Tensor) -> torch.Tensor:
         """``(B, k + 1, S)`` tokens the target would emit (1 argmax, or ``num_samples`` samples)."""
@@ -237,3 +244,9 @@ class LooseVerification:
         choices = self.target_choices(target_logits)
         num_accepted = leading_true_count(self.acceptance_mask(draft_tokens, target_logits, choices))
         return Verdict(num_accepted, token_at(choices[..., 0], num_accepted))
+
+
+def _check_generator(generator: torch.Generator | None) -> torch.Generator | None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise InvalidArgumentTypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}.")
+    return generator

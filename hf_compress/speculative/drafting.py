@@ -14,6 +14,7 @@ from typing import Protocol
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
+from ..utils import InvalidArgumentTypeError, check_bool, check_int
 from .acceptance import StrictGreedy
 from .engine import CachedSequence, verify_and_advance
 from .tree import DraftTree
@@ -74,10 +75,12 @@ class NgramDrafter:
         num_pred_tokens: int | None = None,
         reuse_last_proposal: bool = False,
     ):
-        if not 1 <= min_ngram_size <= max_ngram_size:
+        check_int("max_ngram_size", max_ngram_size, minimum=1)
+        check_int("min_ngram_size", min_ngram_size, minimum=1)
+        if min_ngram_size > max_ngram_size:
             raise ValueError(f"Need 1 <= min_ngram_size <= max_ngram_size, got {min_ngram_size}, {max_ngram_size}.")
-        if num_pred_tokens is not None and num_pred_tokens < 1:
-            raise ValueError(f"num_pred_tokens must be >= 1, got {num_pred_tokens}.")
+        check_int("num_pred_tokens", num_pred_tokens, minimum=1, allow_none=True)
+        check_bool("reuse_last_proposal", reuse_last_proposal)
         self.max_ngram_size = max_ngram_size
         self.min_ngram_size = min_ngram_size
         self.num_pred_tokens = num_pred_tokens
@@ -129,6 +132,12 @@ class ModelDrafter:
     """
 
     def __init__(self, draft_model: PreTrainedModel, accelerator: NgramDrafter | None = None):
+        if not isinstance(draft_model, PreTrainedModel):
+            raise InvalidArgumentTypeError(
+                f"draft_model must be a loaded causal LM (PreTrainedModel), got {type(draft_model).__name__}."
+            )
+        if accelerator is not None and not isinstance(accelerator, NgramDrafter):
+            raise InvalidArgumentTypeError(f"accelerator must be an NgramDrafter or None, got {type(accelerator).__name__}.")
         self.draft_model = draft_model
         self.accelerator = accelerator
         self._greedy = StrictGreedy()
@@ -199,6 +208,11 @@ class CrossTokenizerDrafter:
         draft_tokenizer: PreTrainedTokenizerBase,
         accelerator: NgramDrafter | None = None,
     ):
+        for name, tokenizer in (("target_tokenizer", target_tokenizer), ("draft_tokenizer", draft_tokenizer)):
+            if not isinstance(tokenizer, PreTrainedTokenizerBase):
+                raise InvalidArgumentTypeError(
+                    f"{name} must be a loaded tokenizer (PreTrainedTokenizerBase), got {type(tokenizer).__name__}."
+                )
         self.inner = ModelDrafter(draft_model, accelerator)
         self.target_tokenizer = target_tokenizer
         self.draft_tokenizer = draft_tokenizer

@@ -27,7 +27,7 @@ from transformers.cache_utils import DynamicLayer, StaticLayer
 from transformers.generation import GenerateDecoderOnlyOutput
 
 from .. import _compat
-from ..utils import get_logger
+from ..utils import check_int, get_logger
 from .acceptance import AcceptanceRule, Verdict
 from .tree import DraftTree
 
@@ -308,6 +308,7 @@ def speculative_decode(
     tuples (filled only if ``generation_config.output_scores``/``output_logits``), as ``generate()`` does.
     Finished rows are filled with ``pad_token_id`` like ``generate()``.
     """
+    check_int("num_draft_tokens", num_draft_tokens, minimum=1)
     started = time.perf_counter()
     batch, prompt_length = input_ids.shape
     has_padding = attention_mask is not None and not bool(attention_mask.all())

@@ -8,8 +8,10 @@ whose ``custom_generate/generate.py`` rebuilds it.
 
 from __future__ import annotations
 
+import ast
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,7 @@ from transformers.generation import StoppingCriteriaList
 from transformers.generation.stopping_criteria import MaxLengthCriteria
 
 from .. import __version__, _compat
-from ..utils import atomic_directory, get_logger
+from ..utils import InvalidArgumentTypeError, atomic_directory, check_bool, check_int, get_logger
 from .acceptance import AcceptanceRule, LooseVerification, SpeculativeSampling, StrictGreedy
 from .drafting import CrossTokenizerDrafter, ModelDrafter, NgramDrafter
 from .engine import SpeculativeDecodingOutput, SpeculativeMetrics, speculative_decode
@@ -75,12 +77,32 @@ class SpeculativeDecoding:
         drafter=None,
         acceptance: AcceptanceRule | None = None,
     ):
-        if not isinstance(num_draft_tokens, int) or num_draft_tokens < 1:
-            raise ValueError(f"num_draft_tokens must be an integer >= 1, got {num_draft_tokens!r}.")
+        check_int("num_draft_tokens", num_draft_tokens, minimum=1)
+        if draft_model is not None and not isinstance(draft_model, (PreTrainedModel, str, os.PathLike)):
+            raise InvalidArgumentTypeError(
+                f"draft_model must be a causal LM (PreTrainedModel), a folder or a Hub id, or None for n-gram "
+                f"drafting, got {type(draft_model).__name__}."
+            )
+        for name, value in (("tokenizer", tokenizer), ("draft_tokenizer", draft_tokenizer)):
+            if value is not None and not isinstance(value, (PreTrainedTokenizerBase, str, os.PathLike)):
+                raise InvalidArgumentTypeError(
+                    f"{name} must be a tokenizer (PreTrainedTokenizerBase), a folder or a Hub id, got {type(value).__name__}."
+                )
         if (tokenizer is None) != (draft_tokenizer is None):
             raise ValueError("Pass both `tokenizer` (the target's) and `draft_tokenizer`, or neither.")
-        if max_ngram_size < 1 or num_ngram_pred_tokens < 1:
-            raise ValueError("max_ngram_size and num_ngram_pred_tokens must be >= 1.")
+        check_bool("use_ngram", use_ngram)
+        check_int("max_ngram_size", max_ngram_size, minimum=1)
+        check_int("num_ngram_pred_tokens", num_ngram_pred_tokens, minimum=1)
+        if drafter is not None and not (callable(getattr(drafter, "propose", None)) and callable(getattr(drafter, "reset", None))):
+            raise InvalidArgumentTypeError(
+                f"drafter must have propose(input_ids, attention_mask, max_tokens) and reset() methods "
+                f"(see hf_compress.speculative.Drafter), got {type(drafter).__name__}."
+            )
+        if acceptance is not None and not callable(getattr(acceptance, "verify", None)):
+            raise InvalidArgumentTypeError(
+                f"acceptance must have a verify(draft_tokens, target_logits, draft_probs) method "
+                f"(see hf_compress.speculative.AcceptanceRule), got {type(acceptance).__name__}."
+            )
         self.draft_model = draft_model
         self.num_draft_tokens = num_draft_tokens
         self.tokenizer = tokenizer
@@ -123,8 +145,9 @@ class SpeculativeDecoding:
         generation_config = generation_config if generation_config is not None else model.generation_config
         if model.config.is_encoder_decoder:
             raise ValueError(f"{type(self).__name__} supports decoder-only models only.")
-        if generation_config.num_beams > 1:
+        if (generation_config.num_beams or 1) > 1:
             raise ValueError("Speculative decoding does not combine with beam search: use num_beams=1.")
+        self.check_generate_arguments(generation_config, synced_gpus)
         if model_kwargs.get("use_cache") is False:
             raise ValueError("Speculative decoding needs the KV cache: drop use_cache=False.")
         unexpected = sorted(k for k, v in model_kwargs.items() if v is not None and k not in _HANDLED_MODEL_KWARGS)
@@ -147,6 +170,41 @@ class SpeculativeDecoding:
                 **_compat.with_cache_field(SpeculativeDecodingOutput, cache),
             )
         return sequences
+
+    def check_generate_arguments(self, generation_config, synced_gpus: bool = False) -> None:
+        """Refuse ``generate()`` arguments this strategy cannot honour (rather than ignore them silently).
+
+        The strategy drafts and verifies by itself, so other drafting (``assistant_model``,
+        ``prompt_lookup_num_tokens``, ...), other search modes (beams, contrastive search, DoLa, constraints),
+        classifier-free guidance (its logits processor keeps a one-token-per-step cache of its own) and
+        per-step attentions / hidden states are refused with one line naming them.
+        """
+        refused = []
+        if _compat.argument_of_calling_generate("assistant_model") is not None:
+            refused.append("assistant_model")
+        for name in ("prompt_lookup_num_tokens", "assistant_early_exit", "dola_layers", "constraints",
+                     "force_words_ids"):
+            if getattr(generation_config, name, None) is not None:
+                refused.append(name)
+        if getattr(generation_config, "use_mtp", None):
+            refused.append("use_mtp=True")
+        if generation_config.return_dict_in_generate:  # otherwise generate() ignores them too
+            refused += [f"{name}=True" for name in ("output_attentions", "output_hidden_states")
+                        if getattr(generation_config, name, None)]
+        if (getattr(generation_config, "penalty_alpha", None) or 0) > 0 and (generation_config.top_k or 0) > 1:
+            refused.append("penalty_alpha (contrastive search)")
+        if (getattr(generation_config, "num_beam_groups", None) or 1) > 1:
+            refused.append("num_beam_groups")
+        guidance = getattr(generation_config, "guidance_scale", None)
+        if guidance is not None and guidance != 1:
+            refused.append("guidance_scale")
+        if synced_gpus or _compat.argument_of_calling_generate("synced_gpus"):
+            refused.append("synced_gpus=True")
+        if refused:
+            raise ValueError(
+                f"{type(self).__name__} drafts and verifies by itself and cannot honour the generate() argument(s) "
+                f"{', '.join(refused)}; drop them (or call generate() without custom_generate)."
+            )
 
     def drafter_for(self, model: PreTrainedModel):
         """Build (once) the drafter for ``model`` from the constructor's arguments, checking compatibility."""
@@ -204,8 +262,9 @@ class SpeculativeDecoding:
         """Write a folder that ``generate(custom_generate=<folder or repo>, trust_remote_code=True)`` runs.
 
         It holds ``custom_generate/generate.py`` (the settings embedded, since transformers copies only that
-        file into its module cache), ``custom_generate/requirements.txt`` and a ``README.md`` card. A draft
-        model is referenced by its name or path (``draft_model.name_or_path``), not copied.
+        file into its module cache; see :func:`render_generate_py`), ``custom_generate/requirements.txt`` and
+        a ``README.md`` card. A draft model is referenced by its name or path (``draft_model.name_or_path``),
+        not copied; a local path works on this machine only, and :meth:`push_to_hub` refuses it.
 
         Example:
             >>> FLy().save_pretrained("fly-ngram")  # doctest: +SKIP
@@ -216,9 +275,7 @@ class SpeculativeDecoding:
 
         with atomic_directory(save_directory, overwrite=overwrite) as tmp:
             (tmp / "custom_generate").mkdir()
-            (tmp / "custom_generate" / "generate.py").write_text(_GENERATE_PY.format(
-                version=__version__, method=self.method, settings=json.dumps(settings, indent=4),
-            ))
+            (tmp / "custom_generate" / "generate.py").write_text(render_generate_py(self.method, settings))
             (tmp / "custom_generate" / "requirements.txt").write_text("hf-compress\n")
             self._write_weights(tmp)
             write_model_card(tmp, self.model_card(Path(save_directory).name, base_model, settings))
@@ -248,11 +305,26 @@ class SpeculativeDecoding:
         )
 
     def push_to_hub(self, repo_id: str, *, base_model: str | None = None, **push_kwargs):
-        """``save_pretrained`` into a temporary folder and upload it (see :func:`hf_compress.hub.push_to_hub`)."""
+        """``save_pretrained`` into a temporary folder and upload it (see :func:`hf_compress.hub.push_to_hub`).
+
+        A draft model, tokenizer or heads referenced by a local path are refused before anything is sent (the
+        path would only work here, and would be published): push them first and build the strategy from
+        their repo ids.
+
+        Example:
+            >>> FLy(draft_model="me/draft").push_to_hub("me/fly")  # doctest: +SKIP
+        """
         from ..hub import push_to_hub
 
         with tempfile.TemporaryDirectory() as tmp:
             folder = self.save_pretrained(Path(tmp) / repo_id.split("/")[-1], base_model=base_model, **self._save_kwargs_for_push(repo_id))
+            local = _local_references(read_generate_settings(folder))
+            if local:
+                raise ValueError(
+                    f"Cannot push the {self.method!r} strategy to {repo_id}: {', '.join(local)} refer(s) to local "
+                    "folders, which exist only on this machine. Push them to the Hub first (e.g. "
+                    "`hf_compress.hub.push_to_hub(folder, 'you/name')`) and build the strategy from the repo ids."
+                )
             return push_to_hub(folder, repo_id, **push_kwargs)
 
     def _save_kwargs_for_push(self, repo_id: str) -> dict[str, Any]:
@@ -306,7 +378,8 @@ class FLy(SpeculativeDecoding):
             draft_model, num_draft_tokens=num_draft_tokens, tokenizer=tokenizer, draft_tokenizer=draft_tokenizer,
             use_ngram=use_ngram, max_ngram_size=max_ngram_size, num_ngram_pred_tokens=num_ngram_pred_tokens,
         )
-        LooseVerification(entropy_threshold, entropy_top_k, window)  # validates the knobs now, not mid-generate
+        # validates the knobs now, not mid-generate
+        LooseVerification(entropy_threshold, entropy_top_k, window, use_window=use_window, loose=loose)
         self.entropy_threshold = entropy_threshold
         self.entropy_top_k = entropy_top_k
         self.window = window
@@ -316,7 +389,7 @@ class FLy(SpeculativeDecoding):
     def acceptance_rule(self, generation_config) -> AcceptanceRule:
         return LooseVerification(
             self.entropy_threshold, self.entropy_top_k, self.window, use_window=self.use_window,
-            loose=self.loose, do_sample=generation_config.do_sample,
+            loose=self.loose, do_sample=bool(generation_config.do_sample),
         )
 
     def settings(self) -> dict[str, Any]:
@@ -335,6 +408,10 @@ STRATEGIES: dict[str, type[SpeculativeDecoding]] = {cls.method: cls for cls in (
 
 def register_strategy(cls: type[SpeculativeDecoding]) -> type[SpeculativeDecoding]:
     """Make ``cls.method`` known to :func:`strategy_from_dict` (and so to saved ``custom_generate`` folders)."""
+    if not (isinstance(cls, type) and issubclass(cls, SpeculativeDecoding)):
+        raise InvalidArgumentTypeError(f"register_strategy takes a SpeculativeDecoding subclass, got {cls!r}.")
+    if not isinstance(cls.method, str) or not cls.method:
+        raise ValueError(f"{cls.__name__}.method must be a non-empty string naming the strategy, got {cls.method!r}.")
     STRATEGIES[cls.method] = cls
     return cls
 
@@ -359,12 +436,16 @@ def strategy_from_dict(settings: dict[str, Any], **overrides: Any) -> Speculativ
         >>> strategy_from_dict({"method": "fly", "window": 4}).window
         4
     """
+    if not isinstance(settings, dict):
+        raise InvalidArgumentTypeError(
+            f"settings must be a dict from SpeculativeDecoding.to_dict(), got {type(settings).__name__}."
+        )
     settings = dict(settings)
     method = settings.pop("method", None)
-    if method not in STRATEGIES:
+    if isinstance(method, str) and method not in STRATEGIES:
         discover_strategies()
-    if method not in STRATEGIES:
-        raise ValueError(f"Unknown decoding strategy {method!r}; known: {sorted(STRATEGIES)}.")
+    if not isinstance(method, str) or method not in STRATEGIES:
+        raise ValueError(f"Unknown decoding strategy {method!r}; known methods: {sorted(STRATEGIES)}.")
     settings.update({k: v for k, v in overrides.items() if v is not None})
     if settings.get("draft_tokenizer") is None:
         settings["tokenizer"] = None  # a target tokenizer alone (e.g. given for stop strings) is not a pair
@@ -385,20 +466,96 @@ def _name_of(thing) -> str | None:
     return getattr(thing, "name_or_path", None) or None
 
 
-_GENERATE_PY = '''"""`generate()` entry point written by hf_compress {version}: the `{method}` decoding strategy.
+# Settings that name where something is loaded from; the value "." means "this repo or folder", resolved
+# when generate.py runs (so a saved folder never records its absolute path, and still works once pushed).
+_REFERENCE_KEYS = ("heads", "draft_model", "tokenizer", "draft_tokenizer")
+HERE = "."
+
+
+def render_generate_py(method: str, settings: dict[str, Any]) -> str:
+    """The ``custom_generate/generate.py`` that rebuilds a strategy from ``settings`` (its ``to_dict()``).
+
+    The settings are embedded as JSON, each line a Python string literal (``repr``): any text (quotes,
+    backslashes, newlines, NUL, ``\'\'\'``) comes back exactly and can never become code.
+    :func:`read_generate_settings` reads them back without running the file.
+
+    Example:
+        >>> source = render_generate_py("fly", {"method": "fly", "draft_model": "it's"})
+        >>> "SETTINGS = json.loads(" in source
+        True
+    """
+    text = json.dumps(settings, indent=4, ensure_ascii=True)
+    literal = "\n".join(f"    {line!r}" for line in text.splitlines(keepends=True))
+    method_text = method if re.fullmatch(r"[A-Za-z0-9_.-]+", str(method)) else "registered"
+    return (
+        _GENERATE_PY.replace("@VERSION@", __version__).replace("@METHOD@", method_text).replace("@SETTINGS@", literal)
+    )
+
+
+def read_generate_settings(folder: str | os.PathLike) -> dict[str, Any]:
+    """The settings embedded in ``folder/custom_generate/generate.py``, read without running it.
+
+    Example:
+        >>> read_generate_settings("fly-ngram")["method"]  # doctest: +SKIP
+        'fly'
+    """
+    path = Path(folder) / "custom_generate" / "generate.py"
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if (
+            isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["SETTINGS"]
+            and isinstance(node.value, ast.Call) and len(node.value.args) == 1
+            and isinstance(node.value.args[0], ast.Constant) and isinstance(node.value.args[0].value, str)
+        ):
+            return json.loads(node.value.args[0].value)
+    raise ValueError(f"{path} holds no SETTINGS = json.loads('...') written by hf_compress.")
+
+
+def _local_references(settings: dict[str, Any]) -> list[str]:
+    """``key='value'`` for each reference in ``settings`` that is a path on this machine."""
+    local = []
+    for key in _REFERENCE_KEYS:
+        value = settings.get(key)
+        if not isinstance(value, str) or value == HERE:
+            continue
+        if os.path.isabs(os.path.expanduser(value)) or value.startswith(("./", "../", "~")) or os.path.isdir(value):
+            local.append(f"{key}={value!r}")
+    return local
+
+
+_GENERATE_PY = '''"""`generate()` entry point written by hf_compress @VERSION@: the `@METHOD@` decoding strategy.
 
 transformers calls this for `model.generate(..., custom_generate=<this repo or folder>, trust_remote_code=True)`.
 Extra keyword arguments `draft_model=`, `draft_tokenizer=` and `heads=` replace the saved draft or drafting
-heads (`tokenizer=` is the target's, used when the tokenizers differ). Requires `pip install hf-compress`.
+heads (`tokenizer=` is the target's, used when the tokenizers differ). A saved reference "." is this repo or
+folder (the `custom_generate=` value). Requires `pip install hf-compress`.
 """
 
 import json
+import sys
 
-SETTINGS = json.loads("""{settings}""")
+# The strategy's settings: JSON, one Python string literal per line (read back exactly, never run as code).
+SETTINGS = json.loads(
+@SETTINGS@
+)
+_REFERENCE_KEYS = ("heads", "draft_model", "tokenizer", "draft_tokenizer")
 
 # The last strategy built, with the arguments it was built from: a saved draft model is loaded once, not on
 # every generate() call (transformers keeps this module loaded while the file is unchanged).
 _last = (None, None)
+
+
+def _this_repo_or_folder():
+    """The `custom_generate=` value transformers loaded this file for (it copies only this file elsewhere)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        value = frame.f_locals.get("custom_generate") if frame.f_code.co_name == "generate" else None
+        if isinstance(value, str):
+            return value
+        frame = frame.f_back
+    raise RuntimeError(
+        "These settings load files saved next to them: call `model.generate(..., custom_generate=<repo or "
+        "folder>, trust_remote_code=True)`, or pass them (`heads=`, `draft_model=`)."
+    )
 
 
 def generate(model, draft_model=None, draft_tokenizer=None, heads=None, **kwargs):
@@ -406,12 +563,17 @@ def generate(model, draft_model=None, draft_tokenizer=None, heads=None, **kwargs
     from hf_compress.speculative import strategy_from_dict
 
     arguments = (draft_model, draft_tokenizer, kwargs.get("tokenizer"), heads)
+    settings = dict(SETTINGS)
+    given = dict(zip(("draft_model", "draft_tokenizer", "tokenizer", "heads"), arguments))
+    if any(settings.get(k) == "." and given[k] is None for k in _REFERENCE_KEYS):
+        here = _this_repo_or_folder()
+        settings.update({k: here for k in _REFERENCE_KEYS if settings.get(k) == "."})
     key, strategy = _last
-    if key is None or any(a is not b for a, b in zip(key, arguments)):
+    if key is None or any(a is not b for a, b in zip(key[0], arguments)) or key[1] != settings:
         strategy = strategy_from_dict(
-            SETTINGS, draft_model=draft_model, draft_tokenizer=draft_tokenizer, tokenizer=kwargs.get("tokenizer"),
+            settings, draft_model=draft_model, draft_tokenizer=draft_tokenizer, tokenizer=kwargs.get("tokenizer"),
             heads=heads,
         )
-        _last = (arguments, strategy)
+        _last = ((arguments, settings), strategy)
     return model.generate(custom_generate=strategy, **kwargs)
 '''

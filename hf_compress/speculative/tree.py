@@ -18,12 +18,34 @@ Example:
 from __future__ import annotations
 
 import heapq
-from collections.abc import Sequence
+import operator
+from collections.abc import Iterable, Sequence
 
 import torch
 
+from ..utils import InvalidArgumentTypeError, check_int
+
 
 Path = tuple[int, ...]
+
+_PATHS_HELP = "paths must be a list of tuples of candidate ranks (ints >= 0), e.g. [(0,), (1,), (0, 0)]"
+
+
+def _paths(paths) -> list:
+    if isinstance(paths, (str, bytes)) or not isinstance(paths, Iterable):
+        raise InvalidArgumentTypeError(f"{_PATHS_HELP}, got {paths!r}.")
+    return list(paths)
+
+
+def _path(path) -> Path:
+    if isinstance(path, (str, bytes)) or not isinstance(path, Iterable):
+        raise InvalidArgumentTypeError(f"{_PATHS_HELP}, got the path {path!r}.")
+    try:
+        if any(isinstance(i, bool) for i in path):
+            raise TypeError
+        return tuple(operator.index(i) for i in path)  # ints, numpy and 0-d tensor integers; not floats
+    except TypeError:
+        raise InvalidArgumentTypeError(f"{_PATHS_HELP}, got the path {path!r}.") from None
 
 
 class DraftTree:
@@ -35,7 +57,7 @@ class DraftTree:
     """
 
     def __init__(self, paths: Sequence[Sequence[int]]):
-        nodes = sorted({tuple(int(i) for i in p) for p in paths}, key=lambda p: (len(p), p))
+        nodes = sorted({_path(p) for p in _paths(paths)}, key=lambda p: (len(p), p))
         if not nodes:
             raise ValueError("A draft tree needs at least one node, e.g. [(0,)].")
         known = set(nodes)
@@ -92,8 +114,7 @@ class DraftTree:
     @classmethod
     def chain(cls, depth: int) -> DraftTree:
         """The top-1 guess of each of ``depth`` positions: plain (tree-less) speculative decoding."""
-        if depth < 1:
-            raise ValueError(f"A chain needs depth >= 1, got {depth}.")
+        check_int("depth", depth, minimum=1, hint="A chain drafts depth tokens, one per position.")
         return cls([(0,) * d for d in range(1, depth + 1)])
 
     @classmethod
@@ -108,9 +129,15 @@ class DraftTree:
             >>> DraftTree.from_accuracies(torch.tensor([[0.6, 0.2], [0.4, 0.1]]), 3).paths
             [(0,), (1,), (0, 0)]
         """
-        accuracies = torch.as_tensor(accuracies, dtype=torch.float64)
-        if accuracies.ndim != 2 or num_nodes < 1:
-            raise ValueError("Pass accuracies as a (positions, candidates) table and num_nodes >= 1.")
+        check_int("num_nodes", num_nodes, minimum=1)
+        try:
+            accuracies = torch.as_tensor(accuracies, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError):
+            raise InvalidArgumentTypeError(
+                f"accuracies must be a (positions, candidates) table of numbers, got {type(accuracies).__name__}."
+            ) from None
+        if accuracies.ndim != 2 or not accuracies.numel() or not bool(torch.isfinite(accuracies).all()):
+            raise ValueError("Pass accuracies as a non-empty (positions, candidates) table of finite numbers.")
         depth, ranks = accuracies.shape
         frontier = [(-float(accuracies[0, r]), (r,)) for r in range(ranks)]
         heapq.heapify(frontier)
@@ -125,6 +152,7 @@ class DraftTree:
 
     def truncated(self, max_depth: int) -> DraftTree:
         """The nodes at depth ``<= max_depth`` (near ``max_length`` fewer positions can be drafted)."""
+        check_int("max_depth", max_depth, minimum=1)
         if max_depth >= self.depth:
             return self
         return DraftTree([p for p in self.paths if len(p) <= max_depth])

@@ -99,6 +99,9 @@ def train_with_trainer(
 def _arguments_from_settings(settings: TrainingSettings, output_dir: str):
     from transformers import TrainingArguments
 
+    extra = dict(settings.extra_arguments or {})
+    # Pinned memory only helps copies to an accelerator; without one torch warns on every DataLoader.
+    extra.setdefault("dataloader_pin_memory", not settings.use_cpu and _has_accelerator())
     return TrainingArguments(
         output_dir=output_dir,
         max_steps=settings.max_steps,
@@ -115,5 +118,14 @@ def _arguments_from_settings(settings: TrainingSettings, output_dir: str):
         report_to=[],
         disable_tqdm=False,
         dataloader_num_workers=0,
-        **(settings.extra_arguments or {}),
+        **extra,
     )
+
+
+def _has_accelerator() -> bool:
+    import torch
+
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6: CUDA, XPU, MPS, ...
+    if accelerator is not None and hasattr(accelerator, "is_available"):
+        return bool(accelerator.is_available())
+    return torch.cuda.is_available()

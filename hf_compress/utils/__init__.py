@@ -1,7 +1,50 @@
 """Small shared helpers: cache location, atomic writes, logging."""
 
-from .files import MODEL_FILE_PATTERNS, atomic_directory, atomic_file, cache_dir, holds_model
+from .files import (
+    MODEL_FILE_PATTERNS,
+    atomic_directory,
+    atomic_file,
+    atomic_path,
+    cache_dir,
+    check_save_dir,
+    file_lock,
+    holds_model,
+    sweep_stale_staging,
+)
 from .logging import get_logger
+from .validation import (
+    InvalidArgumentTypeError,
+    check_bool,
+    check_choice,
+    check_float,
+    check_int,
+    check_int_sequence,
+    check_path,
+    check_seed,
+    check_str,
+    check_str_list,
+)
 
 
-__all__ = ["MODEL_FILE_PATTERNS", "atomic_directory", "atomic_file", "cache_dir", "get_logger", "holds_model"]
+__all__ = [
+    "InvalidArgumentTypeError",
+    "MODEL_FILE_PATTERNS",
+    "atomic_directory",
+    "atomic_file",
+    "atomic_path",
+    "cache_dir",
+    "check_bool",
+    "check_choice",
+    "check_float",
+    "check_int",
+    "check_int_sequence",
+    "check_path",
+    "check_save_dir",
+    "check_seed",
+    "check_str",
+    "check_str_list",
+    "file_lock",
+    "get_logger",
+    "holds_model",
+    "sweep_stale_staging",
+]

@@ -1,10 +1,30 @@
-"""Filesystem helpers: the library cache and all-or-nothing writes."""
+"""Filesystem helpers: the library cache, all-or-nothing writes, and locks.
+
+Every writer of the library (sparse, packed and slim checkpoints, adapters, drafting heads, strategy
+folders, benchmark outputs, the reference-model cache) goes through :func:`atomic_directory` or
+:func:`atomic_file`, so they share one set of guarantees:
+
+- **nothing half-written**: files are staged next to the target and moved into place only when complete;
+  an exception, ``KeyboardInterrupt`` or a full disk removes the staging and leaves the target as it was;
+- **no moment without the target**: on Linux the staged folder and the old one are swapped in one
+  ``renameat2(RENAME_EXCHANGE)`` call; elsewhere the old folder is renamed aside (under a unique name)
+  only once the new one is complete, then removed;
+- **no user file lost**: a folder that holds files but no model is refused unless ``overwrite=True``,
+  and when overwriting, the files the new save does not write are kept (stale weight files excepted);
+- **no litter**: staging and aside folders carry the writer's PID; the next write next to the same target
+  removes those whose writer is gone (a process killed with SIGKILL cannot clean up after itself).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import fnmatch
 import os
+import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +35,18 @@ CACHE_ENV = "HF_COMPRESS_CACHE"
 MODEL_FILE_PATTERNS: tuple[str, ...] = (
     "config.json", "*.safetensors", "*.safetensors.index.json", "*.bin", "*.gguf",
 )
-"""Files whose presence marks a folder as holding a model (``save_pruned`` refuses to overwrite it)."""
+"""Files whose presence marks a folder as holding a model (saving there needs ``overwrite=True``)."""
+
+STALE_ON_OVERWRITE: tuple[str, ...] = (
+    "*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "*.gguf",
+    "config.json", "generation_config.json", "adapter_config.json", "tokenizer*", "special_tokens_map.json",
+    "added_tokens.json", "vocab.*", "merges.txt", "chat_template.*", "custom_generate",
+)
+"""Top-level entries of an old artifact that an overwrite drops even when the new save does not write them:
+the old model's weights (e.g. shards of a larger one), configs and tokenizer would otherwise be read
+together with the new ones. Everything else (notes, results, a README) is the user's and is kept."""
+
+_STAGING = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)-[A-Za-z0-9_]+$")
 
 
 def holds_model(folder: str | os.PathLike) -> bool:
@@ -42,33 +73,205 @@ def cache_dir(*parts: str) -> Path:
     return path
 
 
+def check_save_dir(
+    target: str | os.PathLike, overwrite: bool = False, *, expected_bytes: int | None = None, argument: str = "save_dir"
+) -> Path:
+    """Refuse, before any expensive work, a save target that the save would refuse at the end.
+
+    Checks that ``target`` is not a file, that a non-empty folder is only written with ``overwrite=True``,
+    that its parent can be created and written to, and (given ``expected_bytes``) that the disk has room.
+    ``argument`` names the parameter in the messages (``"--save-dir"`` for the CLI).
+
+    Raises:
+        FileExistsError: ``target`` is a file, or a non-empty folder and ``overwrite`` is false.
+        PermissionError: the folder cannot be written.
+        OSError: not enough free space (``errno.ENOSPC``).
+
+    Example:
+        >>> check_save_dir("/nonexistent-parent/out")  # doctest: +SKIP
+        PermissionError: save_dir /nonexistent-parent/out cannot be created: ...
+    """
+    target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"{argument} {target} is a file; pass a folder path.")
+    if target.is_dir() and not overwrite:
+        entries = sorted(p.name for p in target.iterdir())
+        if entries:
+            what = "already holds a model" if holds_model(target) else (
+                f"is not empty ({len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, e.g. {entries[0]!r}) "
+                "and holds no model"
+            )
+            raise FileExistsError(
+                f"{argument} {target} {what}; choose a new or empty folder, or pass overwrite=True (--overwrite) "
+                "to save into it (files the save does not write are kept)."
+            )
+    parent = _existing_ancestor(target)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"{argument} {target} cannot be written: {parent} is not writable; choose another folder.")
+    if expected_bytes:
+        free = shutil.disk_usage(parent).free
+        if free < expected_bytes * 1.1:
+            raise OSError(
+                errno.ENOSPC,
+                f"{argument} {target}: about {expected_bytes / 2**20:.0f} MiB are needed but only "
+                f"{free / 2**20:.0f} MiB are free on that disk; free some space or choose another folder.",
+            )
+    return target
+
+
+def _existing_ancestor(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
 @contextlib.contextmanager
 def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory that replaces ``target`` only if the block finishes without error.
+    """Yield a staging folder that replaces ``target`` only if the block finishes without error.
 
-    The temporary directory sits next to ``target`` (same filesystem) so the final move is a rename;
-    on failure it is removed and ``target`` is left as it was.
+    The staging folder sits next to ``target`` (same filesystem), so the final step is a rename. See the
+    module docstring for the guarantees. With ``overwrite=True`` an existing ``target`` is replaced by the
+    new content plus the old files the block did not write (old weight files excepted).
+
+    Raises:
+        FileExistsError: ``target`` is a file, or a non-empty folder and ``overwrite`` is false.
 
     Example:
         >>> with atomic_directory("out/model") as tmp:  # doctest: +SKIP
         ...     model.save_pretrained(tmp)
     """
-    target = Path(target)
-    if target.exists() and not overwrite:
-        raise FileExistsError(f"{target} already exists; choose another directory or pass overwrite=True.")
+    target = check_save_dir(target, overwrite)
+    if target.is_symlink():
+        target = target.resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    sweep_stale_staging(target)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
+    os.chmod(staging, 0o777 & ~_current_umask())  # mkdtemp creates 0700; give the folder normal permissions
     try:
-        yield tmp
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        yield staging
+        if target.is_dir():
+            _carry_unrelated_files(target, staging)
+        _install(staging, target)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _carry_unrelated_files(old: Path, new: Path) -> None:
+    for path in sorted(old.rglob("*")):
+        relative = path.relative_to(old)
+        if path.is_dir() or (new / relative).exists() or (new / relative).is_symlink():
+            continue
+        if any(fnmatch.fnmatch(relative.parts[0], pattern) for pattern in STALE_ON_OVERWRITE):
+            continue
+        (new / relative).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(path, new / relative)  # a hard link: instant and no extra space; the old name goes away
+        except OSError:
+            shutil.copy2(path, new / relative, follow_symlinks=False)
+
+
+def _install(staging: Path, target: Path) -> None:
+    """Move the complete ``staging`` folder to ``target``; ``target`` exists at every moment if it existed."""
+    if not target.exists():
+        os.rename(staging, target)
+        return
+    if _exchange(staging, target):  # staging now holds the old content
+        shutil.rmtree(staging, ignore_errors=True)
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-{os.getpid()}-", dir=target.parent))
+    os.rmdir(aside)  # only the unique name is needed; rename() cannot replace a non-empty folder
+    os.rename(target, aside)
+    os.rename(staging, target)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Swap two paths in one atomic step (Linux ``renameat2``); ``False`` where that is not available."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    result = renameat2(
+        _AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), ctypes.c_uint(_RENAME_EXCHANGE)
+    )
+    if result == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM, errno.EXDEV):
+        return False  # the filesystem (or a seccomp policy) does not support it: fall back to two renames
+    raise OSError(code, f"could not swap {first} and {second}: {os.strerror(code)}")
+
+
+def sweep_stale_staging(target: str | os.PathLike) -> list[Path]:
+    """Remove staging and aside entries next to ``target`` whose writing process no longer runs.
+
+    Returns the removed paths. Entries of live processes (this one included) are left alone.
+
+    Example:
+        >>> sweep_stale_staging("/nonexistent/model")
+        []
+    """
+    target = Path(target)
+    removed = []
+    if not target.parent.is_dir():
+        return removed
+    for entry in target.parent.iterdir():
+        match = _STAGING.match(entry.name)
+        if not match or match["name"] != target.name or _process_alive(int(match["pid"])):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                entry.unlink()
+        removed.append(entry)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists but belongs to someone else (or cannot tell): keep its files
+    return True
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a unique temporary path next to ``target``; it replaces ``target`` when the block succeeds.
+
+    For writers that want a file name rather than a handle (``safetensors.torch.save_file``). Two writers of
+    the same target never share a temporary name, and the last one to finish wins whole.
+
+    Example:
+        >>> with atomic_path("work/state.safetensors") as tmp:  # doctest: +SKIP
+        ...     save_file(tensors, tmp)
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale_staging(target)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp creates 0600; give the file normal permissions
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
         raise
 
 
@@ -80,19 +283,35 @@ def atomic_file(target: str | os.PathLike, mode: str = "w", **open_kwargs) -> It
         >>> with atomic_file("results.json") as f:  # doctest: +SKIP
         ...     json.dump(results, f)
     """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
-    os.close(fd)
+    with atomic_path(target) as tmp, open(tmp, mode, **open_kwargs) as handle:
+        yield handle
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike, timeout: float = -1, busy_message: str | None = None) -> Iterator[None]:
+    """Hold an inter-process lock on ``path`` (created if needed) for the block.
+
+    Used where two processes could otherwise do the same work at once or clobber each other's files
+    (the reference-model conversion, Týr's work folder). The lock is released when the process dies.
+    ``timeout`` seconds (``-1``: wait forever, ``0``: do not wait) before ``TimeoutError(busy_message)``.
+
+    Example:
+        >>> with file_lock(cache_dir("models") / ".smollm2.lock"):  # doctest: +SKIP
+        ...     convert()
+    """
+    from filelock import FileLock, Timeout
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(path), timeout=timeout)
     try:
-        with open(tmp, mode, **open_kwargs) as handle:
-            yield handle
-        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp creates 0600; give the file normal permissions
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
+        lock.acquire()
+    except Timeout:
+        raise TimeoutError(busy_message or f"{path} is locked by another process; try again later.") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _current_umask() -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from ...utils import InvalidArgumentTypeError, check_bool, check_int
 from ..config import PruningConfig, check_number
 
 
@@ -75,27 +76,24 @@ class SDSConfig(PruningConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         bases = sds_bases()
-        if self.base not in bases:
+        if not isinstance(self.base, str) or self.base not in bases:
             raise ValueError(f"SDS base must be one of {', '.join(bases)}, got {self.base!r}.")
-        if self.sparse_regularization_target not in _SDS_TARGETS:
+        if not isinstance(self.sparse_regularization_target, str) or self.sparse_regularization_target not in _SDS_TARGETS:
             raise ValueError(
                 f"sparse_regularization_target must be one of {', '.join(_SDS_TARGETS)}, "
                 f"got {self.sparse_regularization_target!r}."
             )
-        if not isinstance(self.base_options, dict):
-            raise TypeError(
+        if not isinstance(self.base_options, dict) or not all(isinstance(key, str) for key in self.base_options):
+            raise InvalidArgumentTypeError(
                 f"base_options must be a dict of {self.base} config fields, got {self.base_options!r}."
             )
         for name in ("redense_epochs", "final_tuning_epochs"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be a non-negative integer, got {value!r}.")
+            setattr(self, name, check_int(name, getattr(self, name), minimum=0))
         for name in ("redense_learning_rate", "final_tuning_learning_rate"):
             check_number(self, name, positive=True)
         for name in ("sparse_regularization", "anchor_regularization"):
             check_number(self, name, positive=False)
-        if not isinstance(self.revert_if_worse, bool):
-            raise TypeError(f"revert_if_worse must be True or False, got {self.revert_if_worse!r}.")
+        check_bool("revert_if_worse", self.revert_if_worse)
         self.base_config()  # invalid base_options fail now, not after the first pruned block
 
     def base_config(self) -> PruningConfig:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from ...utils import check_int
 from ..config import PruningConfig, check_number
 
 
@@ -19,7 +20,7 @@ class SparseGPTConfig(PruningConfig):
         blocksize: columns per lazy batch; the unstructured mask is chosen per block of this many
             columns. For N:M it is rounded down to a multiple of M (groups must not straddle blocks;
             the result does not depend on it otherwise).
-        percdamp: damping ``λ = percdamp · mean(diag H)`` added to the Hessian's diagonal.
+        percdamp: damping ``λ = percdamp · mean(diag H)`` added to the Hessian's diagonal (> 0).
 
     Example:
         >>> SparseGPTConfig(sparsity="2:4").percdamp
@@ -33,6 +34,5 @@ class SparseGPTConfig(PruningConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.blocksize, bool) or not isinstance(self.blocksize, int) or self.blocksize < 1:
-            raise ValueError(f"blocksize must be a positive integer, got {self.blocksize!r}.")
+        self.blocksize = check_int("blocksize", self.blocksize, minimum=1)
         check_number(self, "percdamp", positive=True)

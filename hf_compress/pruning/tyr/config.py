@@ -26,6 +26,7 @@ import itertools
 from dataclasses import dataclass
 from typing import ClassVar
 
+from ...utils import check_choice, check_float, check_int, check_int_sequence, check_seed
 from ..config import StructuralPruningConfig
 
 
@@ -82,26 +83,22 @@ class TyrConfig(StructuralPruningConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.allocation not in ALLOCATIONS:
-            raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}.")
-        if self.propagation not in PROPAGATIONS:
-            raise ValueError(f"propagation must be one of {PROPAGATIONS}, got {self.propagation!r}.")
+        check_choice("allocation", self.allocation, ALLOCATIONS)
+        check_choice("propagation", self.propagation, PROPAGATIONS)
         for name in ("num_iterations", "min_ffn_step", "ffn_update_rounds", "attention_update_rounds",
                      "generations", "offspring", "max_flips", "kl_topk", "num_search_sequences"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-        if isinstance(self.num_levels, bool) or not isinstance(self.num_levels, int) or self.num_levels < 3 \
-                or self.num_levels % 2 == 0:
-            raise ValueError(f"num_levels must be an odd integer ≥ 3 (centre ± k), got {self.num_levels!r}.")
-        if not 0 < self.initial_step <= 0.5:
-            raise ValueError(f"initial_step must be in (0, 0.5], got {self.initial_step!r}.")
-        if not 0 <= self.damping < 1:
-            raise ValueError(f"damping must be in [0, 1), got {self.damping!r}.")
-        self.selection_tokens = tuple(int(t) for t in self.selection_tokens)
-        self.selection_survivors = tuple(int(s) for s in self.selection_survivors)
+            setattr(self, name, check_int(name, getattr(self, name), minimum=1))
+        self.search_seed = check_seed("search_seed", self.search_seed)
+        odd = "num_levels must be an odd integer ≥ 3 (centre ± k)"
+        self.num_levels = check_int("num_levels", self.num_levels, minimum=3, hint="It must be odd (centre ± k).")
+        if self.num_levels % 2 == 0:
+            raise ValueError(f"{odd}, got {self.num_levels!r}.")
+        self.initial_step = check_float("initial_step", self.initial_step, low=0.0, high=0.5, low_open=True)
+        self.damping = check_float("damping", self.damping, low=0.0, high=1.0, high_open=True)
+        self.selection_tokens = tuple(check_int_sequence("selection_tokens", self.selection_tokens, minimum=1))
+        self.selection_survivors = tuple(check_int_sequence("selection_survivors", self.selection_survivors, minimum=1))
         tokens, survivors = self.selection_tokens, self.selection_survivors
-        if not tokens or any(t < 1 for t in tokens) or list(tokens) != sorted(tokens):
+        if not tokens or list(tokens) != sorted(tokens):
             raise ValueError(f"selection_tokens must be positive and non-decreasing, got {tokens}.")
         if len(survivors) != len(tokens) - 1:
             raise ValueError(

@@ -76,7 +76,7 @@ class LocalPruner:
         if not 0 <= num_removed < self.num_units:
             raise ValueError(f"can remove 0..{self.num_units - 1} of {self.num_units} groups, not {num_removed}.")
         size, units = self.unit_size, self.num_units
-        removed = torch.zeros(units, dtype=torch.bool)
+        removed = torch.zeros(units, dtype=torch.bool, device=self.W0.device)  # beside the statistics (CUDA too)
         if num_removed:
             W, Hinv = self.W0.clone(), self.Hinv.clone()
             rounds = max(min(update_rounds, num_removed), 1)

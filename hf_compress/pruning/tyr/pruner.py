@@ -44,7 +44,7 @@ from torch import nn
 
 from ...modeling import calibration_batches, find_decoder_blocks
 from ...modeling.structure import BlockStructure, block_structure, decoder_parameter_count, shrink_block
-from ...utils import get_logger
+from ...utils import atomic_path, check_path, file_lock, get_logger
 from ..config import PruningConfig
 from ..structural import StructuralPruner
 from .config import TyrConfig
@@ -181,11 +181,15 @@ class TyrPruner(StructuralPruner):
                 ``work_dir`` holding another run's state.
         """
         # The search pool is a second draw from the calibration text, and the work folder spans the stages.
+        check_path("work_dir", work_dir, allow_none=True)
         self._calibration_dataset = calibration_dataset
         temporary = work_dir is None
         self._work = Path(tempfile.mkdtemp(prefix="tyr-")) if temporary else Path(work_dir)
         try:
-            return super().prune(config, calibration_dataset, tokenizer, save_dir, overwrite, progress)
+            # One run per work folder at a time: a second one sharing it would overwrite the first's files.
+            busy = f"work_dir {self._work} is in use by another Týr run; wait for it to finish or pass another work_dir."
+            with file_lock(self._work / ".tyr.lock", timeout=0, busy_message=busy):
+                return super().prune(config, calibration_dataset, tokenizer, save_dir, overwrite, progress)
         finally:
             if temporary:
                 shutil.rmtree(self._work, ignore_errors=True)
@@ -338,9 +342,8 @@ class TyrPruner(StructuralPruner):
         for index, structure in enumerate(structures):
             tensors[f"{index}.attention"] = structure.attention.output.weight.detach().cpu().contiguous()
             tensors[f"{index}.ffn"] = structure.ffn.output.weight.detach().cpu().contiguous()
-        partial = path.with_suffix(".partial")
-        save_file(tensors, partial)
-        os.replace(partial, path)
+        with atomic_path(path) as partial:
+            save_file(tensors, partial)
 
     def _restore_dense_outputs(self, structures: list[BlockStructure], path: Path) -> None:
         stored = load_file(path)

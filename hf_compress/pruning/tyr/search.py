@@ -45,7 +45,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ...modeling.layers import module_execution_device
-from ...utils import atomic_file, get_logger
+from ...utils import atomic_file, atomic_path, get_logger
 
 __all__ = ["SearchSpace", "SearchState", "SparseKLFitness", "evolutionary_search", "restricted_vocabulary"]
 
@@ -177,9 +177,8 @@ class SparseKLFitness:
     def save(self, path: str | os.PathLike) -> None:
         """Store the pool and the teacher's top-k (atomically), so a resumed search needs no dense model."""
         path = Path(path)
-        partial = path.with_suffix(".partial")
-        save_file({"pool": self.pool.contiguous(), "values": self.values, "indices": self.indices}, partial)
-        os.replace(partial, path)
+        with atomic_path(path) as partial:
+            save_file({"pool": self.pool.contiguous(), "values": self.values, "indices": self.indices}, partial)
 
     def sample(self, num_tokens: int, rng: random.Random) -> list[tuple[int, int]]:
         """``(sequence, length)`` pairs drawn without replacement, totalling exactly ``num_tokens``."""

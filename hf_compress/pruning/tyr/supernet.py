@@ -28,7 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ...modeling import BlockContext, HessianCollector, for_each_block
-from ...utils import get_logger
+from ...utils import atomic_path, get_logger
 from ...modeling.structure import BlockStructure, unit_channels
 from .local_pruner import LocalPruner
 
@@ -142,9 +142,8 @@ def _build_block(
         logger.debug("block %d %s: %d levels, errors %s", ctx.index, unit_type, high - low + 1,
                      {k: v for k, v in metadata.items() if k.startswith(unit_type)})
     target = supernet.block_file(ctx.index)
-    partial = target.with_suffix(".partial")
-    save_file(tensors, partial, metadata=metadata)
-    os.replace(partial, target)  # a block file is complete or absent: resuming trusts what exists
+    with atomic_path(target) as partial:  # a block file is complete or absent: resuming trusts what exists
+        save_file(tensors, partial, metadata=metadata)
 
 
 def _output_layer(structure: BlockStructure, unit_type: str) -> torch.nn.Linear:

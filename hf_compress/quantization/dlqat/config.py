@@ -7,6 +7,7 @@ from typing import Literal
 
 from peft.config import PeftConfig
 
+from ...utils import check_bool, check_choice, check_float, check_int, check_int_sequence, check_str_list
 from ..grid import check_grid_arguments
 from .peft_type import DLQAT_PEFT_TYPE
 
@@ -41,9 +42,9 @@ class DLQATConfig(PeftConfig):
             (its own scale, computed on its real columns); a size at least ``in_features`` means
             per-channel for that layer.
         symmetric: symmetric grid (``zero = 2**(bits-1)``) instead of asymmetric min-max.
-        r: LoRA rank.
-        lora_alpha: LoRA scaling numerator (the update is ``lora_alpha / r * B @ A``, in grid steps
-            when ``lora_space="quantization"``).
+        r: LoRA rank (a positive integer).
+        lora_alpha: LoRA scaling numerator, a positive finite number (the update is
+            ``lora_alpha / r * B @ A``, in grid steps when ``lora_space="quantization"``).
         lora_space: ``"quantization"`` (default, ``round(W0/s + BA)``) or ``"weight"``
             (``round((W0 + BA)/s)``; an element-wise ``1/s`` rescaling of the update).
         use_magnitude / use_lora: train the group magnitudes / the LoRA. The ablations of the method
@@ -98,14 +99,31 @@ class DLQATConfig(PeftConfig):
         super().__post_init__()
         self.peft_type = DLQAT_PEFT_TYPE
         check_grid_arguments(self.bits, self.group_size)
-        if self.lora_space not in LORA_SPACES:
-            raise ValueError(f"lora_space must be one of {LORA_SPACES}, got {self.lora_space!r}.")
-        if self.use_lora and (isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1):
-            raise ValueError(f"r must be a positive integer when use_lora=True, got {self.r!r}.")
-        self.target_modules = set(self.target_modules) if isinstance(self.target_modules, list) else self.target_modules
-        self.exclude_modules = (
-            set(self.exclude_modules) if isinstance(self.exclude_modules, list) else self.exclude_modules
+        check_choice("lora_space", self.lora_space, LORA_SPACES)
+        for name in ("symmetric", "use_magnitude", "use_lora", "init_weights", "inference_mode"):
+            check_bool(name, getattr(self, name))
+        self.r = check_int("r", self.r, minimum=1, hint="It is the LoRA rank (e.g. 16).")
+        self.lora_alpha = check_float(
+            "lora_alpha", self.lora_alpha, low=0.0, low_open=True,
+            hint="It scales the LoRA update by lora_alpha / r (e.g. lora_alpha=r).",
         )
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple, set, frozenset)):
+                value = set(check_str_list(name, value, hint="Pass module names, a regex string or 'all-linear'."))
+            elif value is not None and not isinstance(value, str):
+                check_str_list(name, value, allow_none=True, hint="Pass module names, a regex string or 'all-linear'.")
+            setattr(self, name, value)
+        if isinstance(self.layers_to_transform, int) and not isinstance(self.layers_to_transform, bool):
+            check_int("layers_to_transform", self.layers_to_transform, minimum=0)
+        elif self.layers_to_transform is not None:
+            self.layers_to_transform = check_int_sequence(
+                "layers_to_transform", self.layers_to_transform, minimum=0,
+                hint="Pass decoder layer indices (an int or a list of ints).",
+            )
+        if self.layers_pattern is not None and not isinstance(self.layers_pattern, str):
+            self.layers_pattern = check_str_list("layers_pattern", self.layers_pattern)
+        self.modules_to_save = check_str_list("modules_to_save", self.modules_to_save, allow_none=True)
         if self.layers_pattern and not self.layers_to_transform:
             raise ValueError("layers_pattern is only used together with layers_to_transform.")
 

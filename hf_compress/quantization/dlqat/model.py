@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from ...modeling import replace_module
 from ...utils import get_logger
 from ...formats.packed import PackedFormatConfig, attach_packed_format
+from ...hub.model_card import hub_model_id
 from ..packed_linear import PackedLinear
 from .config import DLQATConfig
 from .layer import DLQATLayer, DLQATLinear, fingerprints_match
@@ -150,6 +151,8 @@ class DLQATModel(BaseTuner):
             del self.model.peft_config
         recipe = {"method": "dlqat", "adapter": config.to_dict()}
         recipe["adapter"] = {k: v for k, v in recipe["adapter"].items() if _json_scalar(v)}
+        # The checkpoint names its base model by Hub id only, never by a local path (None without one).
+        recipe["adapter"]["base_model_name_or_path"] = hub_model_id(config.base_model_name_or_path)
         format_config = PackedFormatConfig(config.bits, config.group_size, config.symmetric, names, recipe)
         logger.info("packed %d layers to %d bits (group size %s)", len(names), config.bits, config.group_size)
         return attach_packed_format(self.model, format_config)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from transformers import PreTrainedConfig
 
+from ...utils import InvalidArgumentTypeError, check_bool, check_choice, check_float, check_int, check_str
 from ..tree import DraftTree
 
 
@@ -43,19 +44,28 @@ class DraftHeadsConfig(PreTrainedConfig):
     training: dict | None = None  # what train_heads did (data, steps, seconds, loss), for the model card
 
     def __post_init__(self, **kwargs):
-        if isinstance(self.num_heads, bool) or not isinstance(self.num_heads, int) or self.num_heads < 1:
-            raise ValueError(f"num_heads must be an integer >= 1, got {self.num_heads!r}.")
-        if self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {self.top_k}.")
-        if not 0 < self.loss_decay <= 1:
-            raise ValueError(f"loss_decay must lie in (0, 1], got {self.loss_decay}.")
+        check_int("num_heads", self.num_heads, minimum=1)
+        check_int("top_k", self.top_k, minimum=1)
+        for name in ("hidden_size", "vocab_size"):
+            check_int(name, getattr(self, name), minimum=1, allow_none=True,
+                      hint="DraftHeads.for_model(model, config) fills it from the base model.")
+        check_str("base_model_name_or_path", self.base_model_name_or_path, allow_none=True)
+        check_bool("share_lm_head", self.share_lm_head)
+        self.loss_decay = check_float("loss_decay", self.loss_decay, low=0.0, high=1.0, low_open=True)
+        self.initializer_range = check_float("initializer_range", self.initializer_range, low=0.0, low_open=True)
+        if self.training is not None and not isinstance(self.training, dict):
+            raise InvalidArgumentTypeError(f"training must be a dict or None, got {type(self.training).__name__}.")
         if self.tree is not None:
             self.tree = self.check_tree(self.tree).to_list()
         super().__post_init__(**kwargs)
 
     def check_tree(self, tree) -> DraftTree:
         """``tree`` as a :class:`DraftTree`, with a clear error if these heads cannot fill it."""
-        tree = tree if isinstance(tree, DraftTree) else DraftTree(tree)
+        if not isinstance(tree, DraftTree):
+            try:
+                tree = DraftTree(tree)
+            except (TypeError, ValueError) as err:  # name the argument: DraftTree's own message says "paths"
+                raise type(err)(f"tree: {err}") from None
         if tree.depth > self.num_heads:
             raise ValueError(
                 f"The tree is {tree.depth} tokens deep but the heads draft only {self.num_heads} positions; "
@@ -85,8 +95,7 @@ class MedusaConfig(DraftHeadsConfig):
     num_layers: int = 1
 
     def __post_init__(self, **kwargs):
-        if self.num_layers < 1:
-            raise ValueError(f"num_layers must be >= 1, got {self.num_layers}.")
+        check_int("num_layers", self.num_layers, minimum=1)
         super().__post_init__(**kwargs)
 
 
@@ -125,10 +134,14 @@ class AmphistaConfig(DraftHeadsConfig):
     fuse_token_embedding: bool = True
 
     def __post_init__(self, **kwargs):
-        if self.num_stages < 1:
-            raise ValueError(f"num_stages must be >= 1, got {self.num_stages}.")
-        if self.stage_feeds not in ("staged", "last"):
-            raise ValueError(f"stage_feeds must be 'staged' or 'last', got {self.stage_feeds!r}.")
+        check_int("num_stages", self.num_stages, minimum=1)
+        check_choice("stage_feeds", self.stage_feeds, ("staged", "last"))
+        check_int("num_attention_heads", self.num_attention_heads, minimum=1)
+        check_int("intermediate_size", self.intermediate_size, minimum=1, allow_none=True,
+                  hint="None uses twice the hidden size.")
+        check_bool("bidirectional", self.bidirectional)
+        check_bool("fuse_token_embedding", self.fuse_token_embedding)
+        check_int("hidden_size", self.hidden_size, minimum=1, allow_none=True)
         self.check_widths()
         super().__post_init__(**kwargs)
 

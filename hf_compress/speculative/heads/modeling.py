@@ -157,15 +157,19 @@ class DraftHeads(PreTrainedModel):
     ) -> Path:
         """Config + safetensors + model card + ``custom_generate/`` in one atomic write.
 
-        ``custom_generate/generate.py`` loads the heads from ``heads_source`` (default: this folder's absolute
-        path; :meth:`push_to_hub` records the repo id), so ``generate(custom_generate=<folder or repo>,
+        ``custom_generate/generate.py`` loads the heads from ``heads_source`` (default ``"."``: the folder or
+        repo that ``custom_generate=`` names, so no local path is recorded and a pushed copy of the folder
+        works; :meth:`push_to_hub` records the repo id), so ``generate(custom_generate=<folder or repo>,
         trust_remote_code=True)`` decodes with them.
+
+        Example:
+            >>> heads.save_pretrained("heads/")  # doctest: +SKIP
+            >>> hf_compress.hub.push_to_hub("heads/", "me/heads")  # doctest: +SKIP
         """
         from .strategy import Amphista
 
         strategy = Amphista(heads=self)
-        source = heads_source or str(Path(save_directory).resolve())
-        return strategy.save_pretrained(save_directory, overwrite=overwrite, heads_source=source, save_heads_kwargs=kwargs)
+        return strategy.save_pretrained(save_directory, overwrite=overwrite, heads_source=heads_source, save_heads_kwargs=kwargs)
 
     def push_to_hub(self, repo_id: str, **push_kwargs):
         """Save (recording ``repo_id`` as where ``custom_generate`` finds the heads) and upload."""

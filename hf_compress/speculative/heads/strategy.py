@@ -9,9 +9,9 @@ from typing import Any
 from transformers import PreTrainedModel
 
 from ...hub import hub_model_id
-from ...utils import get_logger
+from ...utils import InvalidArgumentTypeError, get_logger
 from ..acceptance import AcceptanceRule, StrictGreedy, TypicalAcceptance
-from ..strategies import SpeculativeDecoding, register_strategy
+from ..strategies import HERE, SpeculativeDecoding, register_strategy
 from ..tree import DraftTree
 from .drafter import HeadsDrafter
 from .modeling import DraftHeads, MedusaHeads, load_heads
@@ -56,8 +56,17 @@ class Amphista(SpeculativeDecoding):
         super().__init__(None)
         if heads is None:
             raise ValueError("Amphista drafts with trained heads: pass `heads=` (a DraftHeads, folder or Hub id).")
+        if not isinstance(heads, (DraftHeads, str, os.PathLike)):
+            raise InvalidArgumentTypeError(
+                f"heads must be trained DraftHeads, a folder or a Hub id, got {type(heads).__name__}."
+            )
         if isinstance(tree, str) and tree != "chain":
             raise ValueError(f"tree must be None, 'chain', a DraftTree or a list of paths; got {tree!r}.")
+        if tree is not None and not isinstance(tree, (str, DraftTree)):
+            try:
+                DraftTree(tree)  # its shape now; its fit to the heads when they are known
+            except (TypeError, ValueError) as err:
+                raise type(err)(f"tree: {err}") from None
         TypicalAcceptance(posterior_threshold, posterior_alpha)  # validates now, not mid-generate
         self.heads = heads
         self.tree = tree.to_list() if isinstance(tree, DraftTree) else tree
@@ -117,11 +126,16 @@ class Amphista(SpeculativeDecoding):
     ) -> Path:
         """The ``custom_generate`` folder, with the heads' config and weights when they are in memory.
 
-        ``heads_source`` is where the saved ``generate.py`` loads the heads from: by default this folder's
-        absolute path (heads in memory) or the name the heads were given.
+        ``heads_source`` is where the saved ``generate.py`` loads the heads from: by default ``"."``, the
+        folder or repo ``custom_generate=`` names when it runs (heads in memory; so the folder records no local
+        path and works once pushed), or the name the heads were given.
+
+        Example:
+            >>> Amphista(heads).save_pretrained("smollm2-amphista")  # doctest: +SKIP
+            >>> model.generate(ids, custom_generate="smollm2-amphista", trust_remote_code=True)  # doctest: +SKIP
         """
         if isinstance(self.heads, DraftHeads):
-            heads_source = heads_source or str(Path(save_directory).resolve())
+            heads_source = heads_source or HERE
             base_model = base_model or hub_model_id(self.heads.config.base_model_name_or_path)
         self._heads_source, self._save_heads_kwargs = heads_source, save_heads_kwargs or {}
         try:
@@ -135,10 +149,18 @@ class Amphista(SpeculativeDecoding):
 
     def _write_weights(self, folder: Path) -> None:
         if isinstance(self.heads, DraftHeads):
-            PreTrainedModel.save_pretrained(self.heads, folder, **self._save_heads_kwargs)
+            config = self.heads.config
+            base = config.base_model_name_or_path
+            config.base_model_name_or_path = _portable_name(base)  # never a local absolute path in config.json
+            try:
+                PreTrainedModel.save_pretrained(self.heads, folder, **self._save_heads_kwargs)
+            finally:
+                config.base_model_name_or_path = base
 
     def _save_kwargs_for_push(self, repo_id: str) -> dict[str, Any]:
-        return {"heads_source": repo_id}
+        # Heads in memory are uploaded with the folder: the repo is where they load from. A reference (folder
+        # or repo id) is recorded as is, and refused by push_to_hub if it is a local folder.
+        return {"heads_source": repo_id} if isinstance(self.heads, DraftHeads) else {}
 
     def model_card(self, name: str, base_model: str | None, settings: dict[str, Any]):
         from ...hub import build_model_card
@@ -150,6 +172,8 @@ class Amphista(SpeculativeDecoding):
             recipe["heads"] = {
                 k: v for k, v in heads.config.to_diff_dict().items() if k not in ("transformers_version", "architectures")
             }
+            if "base_model_name_or_path" in recipe["heads"]:
+                recipe["heads"]["base_model_name_or_path"] = _portable_name(recipe["heads"]["base_model_name_or_path"])
             recipe["parameters"] = sum(p.numel() for p in heads.parameters())
         return build_model_card(
             base_model=base_model, model_name=name, recipe=recipe, template="drafting_heads",
@@ -159,3 +183,10 @@ class Amphista(SpeculativeDecoding):
                 f'out = model.generate(**inputs, custom_generate="{name}", trust_remote_code=True)'
             ),
         )
+
+
+def _portable_name(name_or_path: str | None) -> str | None:
+    """A base model's name fit to publish: a local absolute path becomes its folder name."""
+    if name_or_path and os.path.isabs(os.path.expanduser(name_or_path)):
+        return Path(name_or_path).name or None
+    return name_or_path

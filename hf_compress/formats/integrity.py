@@ -1,0 +1,315 @@
+"""Checkpoint integrity for hf_compress's formats: read the safetensors headers, check, verify checksums.
+
+A compressed checkpoint that loads *wrong* is worse than one that does not load: a moved bitmask bit or an
+out-of-range zero-point gives a model that runs and answers differently. So before any weight is loaded,
+every format checks its checkpoint against its ``quantization_config`` (:class:`CheckpointReader` gives it
+the headers and, on request, single small tensors), and every tensor's bytes are checked against the
+digest recorded when the checkpoint was written (:func:`seal_checkpoint`). All of it is one pass over the
+files through a memory map: nothing is loaded twice and nothing is allocated from a size the file claims
+before that size is checked against the file.
+
+The digests live in ``config.json`` (``quantization_config.integrity``: algorithm and one 64-bit digest per
+tensor) because ``config.json`` is the one file every loader reads, locally or from the Hub. A checkpoint
+without them (written by a plain ``save_pretrained`` of a loaded model) still gets every structural check.
+
+Example:
+    >>> seal_checkpoint("llama-2-4")  # doctest: +SKIP
+    >>> with CheckpointReader(["llama-2-4/model.safetensors"]) as reader:  # doctest: +SKIP
+    ...     reader.verify_digests(json.load(open("llama-2-4/config.json"))["quantization_config"]["integrity"])
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import mmap
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+__all__ = [
+    "DIGEST_ALGORITHM",
+    "CheckpointIntegrityError",
+    "CheckpointReader",
+    "TensorEntry",
+    "check_module_lists",
+    "check_tensors_match_model",
+    "read_header",
+    "seal_checkpoint",
+]
+
+DIGEST_ALGORITHM = "sha256/64"
+"""The first 64 bits of SHA-256 of a tensor's dtype, shape and stored bytes: catches corruption, fast (about 1 GB/s)."""
+
+_ITEMSIZE = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
+    "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8,
+}
+_TORCH_DTYPE = {
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "F16": torch.float16,
+    "BF16": torch.bfloat16, "I32": torch.int32, "F32": torch.float32, "I64": torch.int64, "F64": torch.float64,
+}
+_MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
+_SMALL_TENSOR_BYTES = 256 * 2**20  # the most ``CheckpointReader.read`` copies into memory at once
+
+
+class CheckpointIntegrityError(ValueError):
+    """A checkpoint does not match its ``config.json`` or its recorded checksums: it is not loaded.
+
+    The message names the file or tensor and says what to do (re-download or re-save; added if missing).
+    """
+
+    def __init__(self, message: str) -> None:
+        if not any(hint in message for hint in ("re-download", "re-save", "upgrade", "save it again", "Save the model")):
+            message = f"{message} The checkpoint is corrupted or was edited; re-download it (or save it again)."
+        super().__init__(message)
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of a safetensors header: its file, dtype name, shape and absolute byte range."""
+
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def _corrupt(where: str, what: str) -> CheckpointIntegrityError:
+    return CheckpointIntegrityError(
+        f"{where}: {what}. The checkpoint is corrupted or incomplete; re-download it (or save it again)."
+    )
+
+
+def read_header(path: str | os.PathLike) -> dict[str, TensorEntry]:
+    """The tensors of a safetensors file, each checked against the file: known dtype, non-negative shape,
+    a byte range of exactly ``numel * itemsize`` bytes inside the file, ranges not overlapping.
+
+    Raises:
+        CheckpointIntegrityError: truncated file, malformed header or inconsistent entries.
+
+    Example:
+        >>> read_header("model.safetensors")["lm_head.weight"].shape  # doctest: +SKIP
+        (49152, 576)
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise _corrupt(path.name, f"the file is truncated ({size} bytes, no safetensors header)")
+        length = int.from_bytes(prefix, "little")
+        if length > min(size - 8, _MAX_HEADER_BYTES):
+            raise _corrupt(path.name, f"the header claims {length} bytes but the file has {size - 8} after its size field")
+        try:
+            header = json.loads(handle.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise _corrupt(path.name, f"the safetensors header is not valid JSON ({err})") from None
+    if not isinstance(header, dict):
+        raise _corrupt(path.name, "the safetensors header is not a JSON object")
+    start = 8 + length
+    entries: dict[str, TensorEntry] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        where = f"{path.name}, tensor {name!r}"
+        if not isinstance(info, dict):
+            raise _corrupt(where, "the header entry is not an object")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if dtype not in _ITEMSIZE:
+            raise _corrupt(where, f"unknown dtype {dtype!r}")
+        if not (isinstance(shape, list) and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)):
+            raise _corrupt(where, f"invalid shape {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            raise _corrupt(where, f"invalid data_offsets {offsets!r}")
+        begin, end = offsets
+        expected = math.prod(shape) * _ITEMSIZE[dtype]
+        if begin < 0 or end - begin != expected:
+            raise _corrupt(where, f"shape {shape} ({dtype}) needs {expected} bytes but the header gives {end - begin}")
+        if start + end > size:
+            raise _corrupt(where, f"the file is truncated: the tensor ends at byte {start + end}, the file has {size}")
+        entries[name] = TensorEntry(path, dtype, tuple(shape), start + begin, start + end)
+    spans = sorted((e.begin, e.end, n) for n, e in entries.items() if e.end > e.begin)
+    for (_, first_end, first), (second_begin, _, second) in zip(spans, spans[1:]):
+        if second_begin < first_end:
+            raise _corrupt(path.name, f"tensors {first!r} and {second!r} overlap")
+    return entries
+
+
+class CheckpointReader:
+    """The headers of a checkpoint's safetensors files, plus memory-mapped access to single tensors.
+
+    Use as a context manager (the memory maps close at the end).
+
+    Example:
+        >>> with CheckpointReader(["model.safetensors"]) as reader:  # doctest: +SKIP
+        ...     reader.read("model.layers.0.mlp.up_proj.qzeros").max()
+    """
+
+    def __init__(self, files: Iterable[str | os.PathLike]) -> None:
+        self.entries: dict[str, TensorEntry] = {}
+        self._maps: dict[Path, mmap.mmap] = {}
+        for file in files:
+            path = Path(file)
+            if path.suffix != ".safetensors":
+                raise CheckpointIntegrityError(
+                    f"{path.name}: hf_compress checkpoints are stored as safetensors; this file is not. "
+                    "Save the model again with hf_compress."
+                )
+            for name, entry in read_header(path).items():
+                if name in self.entries:
+                    raise _corrupt(path.name, f"tensor {name!r} is also stored in {self.entries[name].file.name}")
+                self.entries[name] = entry
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for view in self._maps.values():
+            view.close()
+        self._maps.clear()
+
+    def _bytes(self, entry: TensorEntry) -> memoryview:
+        view = self._maps.get(entry.file)
+        if view is None:
+            with open(entry.file, "rb") as handle:
+                view = self._maps[entry.file] = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        return memoryview(view)[entry.begin:entry.end]
+
+    def read(self, name: str) -> torch.Tensor:
+        """A copy of tensor ``name`` (only for small tensors: bitmasks, zero-points, shapes)."""
+        entry = self.entries[name]
+        if entry.end - entry.begin > _SMALL_TENSOR_BYTES:
+            raise ValueError(f"{name} is {entry.end - entry.begin} bytes; read() is for small tensors.")
+        if entry.dtype not in _TORCH_DTYPE:
+            raise _corrupt(name, f"dtype {entry.dtype} is not one hf_compress writes here")
+        data = bytearray(self._bytes(entry))
+        return torch.frombuffer(data, dtype=_TORCH_DTYPE[entry.dtype]).reshape(entry.shape) if data else (
+            torch.empty(entry.shape, dtype=_TORCH_DTYPE[entry.dtype])
+        )
+
+    def digest(self, name: str) -> str:
+        """``DIGEST_ALGORITHM`` of tensor ``name``'s stored bytes (hex)."""
+        entry = self.entries[name]
+        view = self._bytes(entry)
+        try:
+            # dtype and shape are hashed too: the same bytes re-labelled or reshaped are a different tensor
+            digest = hashlib.sha256(f"{entry.dtype}{list(entry.shape)}".encode())
+            digest.update(view)
+            return digest.hexdigest()[:16]
+        finally:
+            view.release()
+
+    def digests(self) -> dict[str, str]:
+        """Every tensor's digest, by name."""
+        return {name: self.digest(name) for name in sorted(self.entries)}
+
+    def verify_digests(self, integrity: Mapping[str, Any] | None) -> None:
+        """Compare the tensors with the ``integrity`` record of ``config.json`` (nothing to do without one).
+
+        Raises:
+            CheckpointIntegrityError: a tensor is missing, extra, or its bytes changed.
+        """
+        if not integrity:
+            return
+        if not isinstance(integrity, Mapping) or not isinstance(integrity.get("tensors"), Mapping):
+            raise _corrupt("config.json", "quantization_config.integrity is malformed")
+        if integrity.get("algorithm") != DIGEST_ALGORITHM:
+            raise CheckpointIntegrityError(
+                f"config.json: checksums use {integrity.get('algorithm')!r}, this hf_compress knows "
+                f"{DIGEST_ALGORITHM!r}; upgrade hf_compress (pip install -U hf-compress)."
+            )
+        recorded = integrity["tensors"]
+        missing = sorted(set(recorded) - set(self.entries))
+        extra = sorted(set(self.entries) - set(recorded))
+        if missing:
+            raise _corrupt("checkpoint", f"{len(missing)} recorded tensor(s) are missing, e.g. {missing[0]!r}")
+        if extra:
+            raise _corrupt("checkpoint", f"{len(extra)} tensor(s) were not in the saved checkpoint, e.g. {extra[0]!r}")
+        for name in sorted(recorded):
+            if self.digest(name) != recorded[name]:
+                raise _corrupt(f"{self.entries[name].file.name}, tensor {name!r}", "its bytes differ from the checksum recorded at save")
+
+
+def check_module_lists(listed: set[str], stored: set[str], field: str, kind: str) -> None:
+    """Refuse a checkpoint whose ``quantization_config.<field>`` and stored ``kind`` weights name different modules.
+
+    Example:
+        >>> check_module_lists({"a"}, {"a"}, "modules", "packed")
+    """
+    if listed == stored:
+        return
+    only_listed, only_stored = sorted(listed - stored), sorted(stored - listed)
+    parts = []
+    if only_listed:
+        parts.append(f"{len(only_listed)} module(s) in quantization_config.{field} have no {kind} weights (e.g. {only_listed[0]!r})")
+    if only_stored:
+        parts.append(f"{len(only_stored)} stored {kind} weight(s) are not in quantization_config.{field} (e.g. {only_stored[0]!r})")
+    raise _corrupt("config.json and the weights disagree", "; ".join(parts))
+
+
+def check_tensors_match_model(model: torch.nn.Module, reader: CheckpointReader, stored_differently: set[str] = frozenset()) -> None:
+    """Every parameter and persistent buffer of ``model`` (tied ones once) is stored, with its shape.
+
+    transformers would initialise a missing tensor and carry on; a compressed checkpoint missing one is
+    corrupted, so it is refused here. ``stored_differently`` names keys a format stores in another shape.
+    """
+    from .. import _compat
+
+    state_keys = set(model.state_dict(keep_vars=True))
+    tied = _compat.tied_weight_keys(model)  # filled from their source after loading
+    required = [(name, tensor) for name, tensor in model.named_parameters() if name not in tied]
+    required += [(name, tensor) for name, tensor in model.named_buffers() if name in state_keys]
+    prefix = getattr(model, "base_model_prefix", "") or ""
+
+    def stored_name(name: str) -> str | None:
+        # A head model's checkpoint loads into its base model and the other way round: "model." comes and goes.
+        for candidate in (name, f"{prefix}.{name}", name.removeprefix(f"{prefix}.")):
+            if candidate in reader.entries:
+                return candidate
+        return None
+
+    stored = {name: stored_name(name) for name, _ in required}
+    missing = [name for name, key in stored.items() if key is None]
+    if missing:
+        raise _corrupt("checkpoint", f"{len(missing)} tensor(s) of the model are not stored, e.g. {missing[0]!r}")
+    for name, tensor in required:
+        entry = reader.entries[stored[name]]
+        if stored[name] not in stored_differently and entry.shape != tuple(tensor.shape):
+            raise _corrupt(
+                f"{entry.file.name}, tensor {name!r}",
+                f"stored shape {list(entry.shape)} but the model (as config.json describes it) needs {list(tensor.shape)}",
+            )
+
+
+def seal_checkpoint(folder: str | os.PathLike) -> dict[str, Any]:
+    """Record every tensor's digest in ``folder/config.json`` (``quantization_config.integrity``).
+
+    Called by every hf_compress writer of a compressed checkpoint after ``save_pretrained`` (inside its
+    staging folder, so the record and the tensors land together). Returns the record.
+
+    Example:
+        >>> seal_checkpoint("staging")["algorithm"]  # doctest: +SKIP
+        'sha256/64'
+    """
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    if not isinstance(config.get("quantization_config"), dict):
+        raise ValueError(f"{config_path} has no quantization_config; only compressed checkpoints are sealed.")
+    with CheckpointReader(sorted(folder.glob("*.safetensors"))) as reader:
+        record = {"algorithm": DIGEST_ALGORITHM, "tensors": reader.digests()}
+    config["quantization_config"]["integrity"] = record
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return record

@@ -1,0 +1,144 @@
+"""Checkpoint integrity of the sparse, packed and slim formats: damaged checkpoints never load.
+
+The full matrix (76 corruptions) is ``scripts/bench_robustness.py``; these are one of each kind, fast.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from hf_compress.assets import tiny_model
+from hf_compress.formats.integrity import DIGEST_ALGORITHM, CheckpointIntegrityError, read_header
+from hf_compress.formats.packed import save_packed
+from hf_compress.formats.slim import save_slim
+from hf_compress.modeling.structure import block_structure, shrink_block
+from hf_compress.pruning.storage import save_pruned
+from hf_compress.quantization import quantize_rtn
+
+
+INPUT = torch.arange(1, 17).unsqueeze(0)
+
+
+def _sparse(tmp_path):
+    model, tokenizer = tiny_model("llama")
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "proj" in name:
+                parameter.mul_(torch.rand_like(parameter) > 0.5)
+    return model, save_pruned(model, tokenizer, tmp_path / "sparse")
+
+
+def _packed(tmp_path):
+    model, tokenizer = tiny_model("llama")
+    packed = quantize_rtn(model, bits=4, group_size=32)
+    return packed, save_packed(packed, tokenizer, tmp_path / "packed")
+
+
+def _slim(tmp_path):
+    model, tokenizer = tiny_model("llama")
+    shrink_block(block_structure(model.model.layers[1]), kept_ffn=torch.arange(32))
+    return model, save_slim(model, tokenizer, tmp_path / "slim")
+
+
+BUILDERS = {"sparse": _sparse, "packed": _packed, "slim": _slim}
+
+
+def _edit_config(folder, change):
+    config = json.loads((folder / "config.json").read_text())
+    change(config["quantization_config"])
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def _edit_tensors(folder, change):
+    tensors = load_file(folder / "model.safetensors")
+    change(tensors)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("fmt", sorted(BUILDERS))
+def test_sealed_checkpoint_loads_equal_and_any_changed_byte_is_refused(tmp_path, fmt):
+    model, folder = BUILDERS[fmt](tmp_path)
+    integrity = json.loads((folder / "config.json").read_text())["quantization_config"]["integrity"]
+    assert integrity["algorithm"] == DIGEST_ALGORITHM
+    assert set(integrity["tensors"]) == set(read_header(folder / "model.safetensors"))
+    loaded = AutoModelForCausalLM.from_pretrained(folder)
+    assert torch.equal(loaded(INPUT).logits, model(INPUT).logits)
+
+    raw = bytearray((folder / "model.safetensors").read_bytes())
+    raw[read_header(folder / "model.safetensors")["model.norm.weight"].begin] ^= 1  # one bit of a float
+    (folder / "model.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(CheckpointIntegrityError, match="differ from the checksum recorded at save.*re-download"):
+        AutoModelForCausalLM.from_pretrained(folder)
+
+
+def test_a_plain_resave_of_a_loaded_model_carries_no_stale_checksums(tmp_path):
+    packed, folder = _packed(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(folder)
+    loaded.model.norm.weight.data.mul_(2)  # other bytes than the sealed ones
+    loaded.save_pretrained(tmp_path / "again")
+    assert "integrity" not in json.loads((tmp_path / "again" / "config.json").read_text())["quantization_config"]
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "again")
+    assert torch.equal(again(INPUT).logits, loaded(INPUT).logits)
+
+
+def test_sparse_structure_is_checked_without_checksums(tmp_path):
+    _, folder = _sparse(tmp_path)
+    _edit_config(folder, lambda q: q.pop("integrity"))
+
+    def extra_bit(tensors):
+        name = sorted(n for n in tensors if n.endswith("weight_bitmask"))[0]
+        bits = tensors[name].clone()
+        bits[0, 0] = 255
+        tensors[name] = bits
+
+    _edit_tensors(folder, extra_bit)
+    with pytest.raises(CheckpointIntegrityError, match="bitmask marks .* non-zeros but .* values are stored"):
+        AutoModelForCausalLM.from_pretrained(folder)
+
+
+def test_packed_structure_is_checked_without_checksums(tmp_path):
+    _, folder = _packed(tmp_path)
+    _edit_config(folder, lambda q: q.pop("integrity"))
+    _edit_tensors(folder, lambda t: t.__setitem__(
+        "model.layers.0.mlp.up_proj.qzeros", t["model.layers.0.mlp.up_proj.qzeros"] + 16))
+    with pytest.raises(CheckpointIntegrityError, match=r"zero-point .* outside \[0, 16\)"):
+        AutoModelForCausalLM.from_pretrained(folder)
+    _edit_config(folder, lambda q: q.__setitem__("modules", []))
+    with pytest.raises(CheckpointIntegrityError, match="14 stored packed weight.*not in quantization_config.modules"):
+        AutoModelForCausalLM.from_pretrained(folder)
+
+
+def test_slim_widths_and_missing_tensors_are_checked(tmp_path):
+    _, folder = _slim(tmp_path)
+    _edit_config(folder, lambda q: q.pop("integrity"))
+    _edit_tensors(folder, lambda t: t.pop("model.norm.weight"))
+    with pytest.raises(CheckpointIntegrityError, match="not stored, e.g. 'model.norm.weight'"):
+        AutoModelForCausalLM.from_pretrained(folder)
+    _edit_config(folder, lambda q: q["layers"][0].__setitem__("intermediate_size", 10**6))
+    with pytest.raises(CheckpointIntegrityError, match=r"intermediate_size = 1000000 is outside \[0, 128\]"):
+        AutoModelForCausalLM.from_pretrained(folder)
+
+
+def test_truncated_file_names_the_file(tmp_path):
+    _, folder = _sparse(tmp_path)
+    raw = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(CheckpointIntegrityError, match="model.safetensors.*truncated"):
+        AutoModelForCausalLM.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("fmt", sorted(BUILDERS))
+def test_stock_transformers_refuses_every_format(tmp_path, fmt):
+    """Without ``import hf_compress`` the checkpoint must fail to load, and the output must name the format."""
+    _, folder = BUILDERS[fmt](tmp_path)
+    code = "import sys; from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained(sys.argv[1])"
+    done = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert f"hf_compress_{fmt}" in done.stderr and "mismatch" in done.stderr
