@@ -126,37 +126,13 @@ def _check_folder(name: str, path: Path) -> None:
         raise FileNotFoundError(
             f"{name}: no config.json in this folder; pass the folder save_pretrained wrote (config.json and weights)."
         )
+    from ..formats.integrity import CheckpointIntegrityError, read_header
+
     for weights in sorted(path.glob("*.safetensors")):
-        problem = _safetensors_problem(weights)
-        if problem:
-            raise ValueError(f"{weights}: {problem}; the file is damaged or incomplete: re-download it or save the "
-                             "model again.")
-
-
-def _safetensors_problem(path: Path) -> str | None:
-    """What makes ``path`` unreadable as safetensors (truncated, bad header), or ``None``; reads the header only."""
-    import json
-
-    size = path.stat().st_size
-    with open(path, "rb") as handle:
-        prefix = handle.read(8)
-        if len(prefix) < 8:
-            return f"only {size} bytes, no safetensors header"
-        length = int.from_bytes(prefix, "little")
-        if length > size - 8:
-            return f"the header claims {length} bytes but the file has {size} in all (truncated)"
         try:
-            header = json.loads(handle.read(length))
-        except ValueError:
-            return "the safetensors header is not valid JSON"
-    if not isinstance(header, dict):
-        return "the safetensors header is not a JSON object"
-    ends = [info["data_offsets"][1] for key, info in header.items() if key != "__metadata__"
-            and isinstance(info, dict) and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2]
-    needed = 8 + length + max((end for end in ends if isinstance(end, int)), default=0)
-    if needed > size:
-        return f"the tensors need {needed} bytes but the file has {size} (truncated)"
-    return None
+            read_header(weights)  # the header only: a truncated or damaged file fails here, in one line
+        except CheckpointIntegrityError as err:
+            raise ValueError(f"{weights}: {err}") from None
 
 
 def _check_hub_id(name: str) -> None:
