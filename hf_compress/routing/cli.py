@@ -1,0 +1,68 @@
+"""``hf-compress route``: search a schedule, train the token router, save a routed model folder.
+
+Calibration (schedule search) and router training both draw from the Wikipedia calibration split; the saved
+folder loads with ``AutoModelForCausalLM.from_pretrained`` after ``import hf_compress``. ``--static`` skips
+training and saves the static positional router with the searched schedule.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from ..cli.main import command, int_at_least, positive_float
+
+
+def _sparsity(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}")
+    return value
+
+
+def _arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2-135m", help="reference name, tiny-<arch>, folder or Hub id")
+    parser.add_argument("--sparsity", type=_sparsity, default=0.3, help="mean fraction of tokens a block skips (0.3)")
+    parser.add_argument("--generations", type=int_at_least(0), default=8, help="schedule search generations (8)")
+    parser.add_argument("--population", type=int_at_least(2), default=12, help="schedule search population (12)")
+    parser.add_argument("--search-windows", type=int_at_least(1), default=4, help="calibration windows per score (4)")
+    parser.add_argument("--seq-len", type=int_at_least(2), default=256, help="tokens per window (256)")
+    parser.add_argument("--steps", type=int_at_least(1), default=200, help="router training steps (200)")
+    parser.add_argument("--learning-rate", type=positive_float, default=1e-3, help="router AdamW learning rate (1e-3)")
+    parser.add_argument("--static", action="store_true", help="no training: save the static router")
+    parser.add_argument("--save-dir", required=True, help="folder for the routed model")
+    parser.add_argument("--overwrite", action="store_true", help="replace what is already in --save-dir")
+
+
+@command("route", "token router (FTP): tokens skip the blocks they don't need", _arguments)
+def run_route(args: argparse.Namespace) -> int:
+    from ..assets import load_model, load_text
+    from ..hub import hub_model_id
+    from ..training import TrainingSettings, causal_lm_dataset
+    from ..utils import check_save_dir
+    from . import TokenRouterConfig, save_routed, search_schedule, static_router, train_token_router
+
+    check_save_dir(args.save_dir, args.overwrite, argument="--save-dir")
+    config = TokenRouterConfig(
+        token_sparsity=args.sparsity, generations=args.generations, population=args.population,
+        search_windows=args.search_windows, search_seq_len=args.seq_len,
+    )
+    model, tokenizer = load_model(args.model)
+    text = load_text("wikipedia", "calibration")
+    schedule = search_schedule(model, text, config, tokenizer=tokenizer)
+    print("schedule:", " ".join(f"{r:.2f}" for r in schedule.block_sparsity))
+    if args.static:
+        static_router(model, schedule)
+    else:
+        data = causal_lm_dataset(text, tokenizer, num_sequences=args.steps, seq_len=args.seq_len, seed=config.seed + 1)
+        settings = TrainingSettings(max_steps=args.steps, learning_rate=args.learning_rate, per_device_batch_size=1,
+                                    logging_steps=max(1, args.steps // 10))
+        train_token_router(model, schedule, data, args=settings, config=config)
+    recipe = {"token_sparsity": args.sparsity, "config": config.to_dict(),
+              "data": "hf_compress wikipedia calibration split"}
+    target = save_routed(model, tokenizer, args.save_dir, overwrite=args.overwrite, recipe=recipe,
+                         base_model=hub_model_id(getattr(model.config, "name_or_path", None)))
+    print(f"saved the routed model to {target}")
+    return 0

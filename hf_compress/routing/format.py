@@ -1,0 +1,184 @@
+"""``hf_compress_routed``: a token-routed model saved as an ordinary HF folder + router weights + schedule.
+
+The folder is what ``save_pretrained`` writes for the base architecture (same ``model_type``, same weight names),
+plus the router's few hundred parameters in the same safetensors file (``<decoder>.token_router.*``) and the
+schedule in ``config.json``::
+
+    {"quant_method": "hf_compress_routed", "block_sparsity": [0.1, 0.35, ...], "mode": "router",
+     "router_hidden_size": 64, "route_decode": false, "recipe": {...}}
+
+After ``import hf_compress``, ``AutoModelForCausalLM.from_pretrained(folder)`` builds the architecture, installs
+routing (so the router's weights stream in with the rest, checksummed like every hf_compress checkpoint), and
+returns the routed model. Stock transformers without hf_compress refuses the folder (unknown ``quant_method``)
+rather than loading a model that silently computes every token.
+
+Example:
+    >>> import hf_compress  # doctest: +SKIP
+    >>> save_routed(routed, tokenizer, "smollm2-routed-30")  # doctest: +SKIP
+    >>> AutoModelForCausalLM.from_pretrained("smollm2-routed-30")  # same logits  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .. import _compat
+from ..formats.base import CompressedFormatConfig, CompressedFormatQuantizer, register_format
+from ..formats.integrity import CheckpointIntegrityError, CheckpointReader, seal_checkpoint
+from ..modeling.layers import find_decoder_blocks
+from .layer import ROUTING_MODES, install_routing, routing_state
+from .schedule import RoutingSchedule
+
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+
+__all__ = ["FORMAT_NAME", "RoutedFormatConfig", "RoutedFormatQuantizer", "attach_routed_format", "save_routed"]
+
+FORMAT_NAME = "hf_compress_routed"
+
+
+class RoutedFormatConfig(CompressedFormatConfig):
+    """``quantization_config`` of a routed checkpoint: the schedule, the ranking mode and the router's size."""
+
+    QUANT_METHOD = FORMAT_NAME
+
+    def __init__(
+        self,
+        block_sparsity: list[float] | None = None,
+        mode: str = "router",
+        router_hidden_size: int = 64,
+        route_decode: bool = False,
+        recipe: Mapping[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            block_sparsity=list(block_sparsity or []), mode=mode, router_hidden_size=int(router_hidden_size),
+            route_decode=bool(route_decode), recipe=dict(recipe or {}), **kwargs,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        # Attached to a live model, the routing state is the truth (the schedule or mode may have changed since).
+        values = dict(self.__dict__)
+        state = values.pop("_state", None)
+        self.__dict__.pop("_state", None)
+        try:
+            result = super().to_dict()
+        finally:
+            if state is not None:
+                self.__dict__["_state"] = state
+        if state is not None:
+            result.update(block_sparsity=list(state.schedule.block_sparsity), mode=state.mode,
+                          route_decode=state.route_decode)
+        return result
+
+
+@register_format
+class RoutedFormatQuantizer(CompressedFormatQuantizer):
+    """Installs routing on the freshly built architecture; the router's weights then load with the others."""
+
+    config_class = RoutedFormatConfig
+
+    def check_checkpoint(self, model: PreTrainedModel, reader: CheckpointReader) -> None:
+        config = self.quantization_config
+        _, blocks = find_decoder_blocks(model)
+        sparsity = config.block_sparsity
+        if not isinstance(sparsity, list) or len(sparsity) != len(blocks):
+            count = len(sparsity) if isinstance(sparsity, list) else type(sparsity).__name__
+            raise CheckpointIntegrityError(
+                f"config.json records a routing schedule for {count} blocks but the architecture has {len(blocks)}; "
+                "the checkpoint is corrupted or was edited, re-download or re-save it."
+            )
+        if not all(isinstance(r, (int, float)) and not isinstance(r, bool) and 0 <= r < 1 for r in sparsity):
+            raise CheckpointIntegrityError(f"config.json: block_sparsity entries must be numbers in [0, 1), got {sparsity!r}.")
+        if config.mode not in ROUTING_MODES:
+            raise CheckpointIntegrityError(f"config.json: routing mode must be one of {ROUTING_MODES}, got {config.mode!r}.")
+
+    def prepare_model(self, model: PreTrainedModel) -> PreTrainedModel:
+        config = self.quantization_config
+        install_routing(
+            model, RoutingSchedule(list(config.block_sparsity)), mode=config.mode,
+            router_hidden_size=config.router_hidden_size, route_decode=config.route_decode,
+        )
+        return model
+
+    def update_weight_conversions(self, weight_conversions: list, model: PreTrainedModel) -> list:
+        return list(weight_conversions)  # every tensor is stored as the model holds it
+
+    def postprocess_model(self, model: PreTrainedModel, **kwargs: Any) -> PreTrainedModel:
+        # An ordinary model from here on (Trainer, .to(dtype), PEFT); the schedule stays on the config so that
+        # save_pretrained writes a routed checkpoint again.
+        _compat.detach_quantizer(model)
+        self.forget_integrity_record()
+        model.config.quantization_config = self.quantization_config
+        self.quantization_config.__dict__["_state"] = routing_state(model)
+        return model
+
+
+def attach_routed_format(model: PreTrainedModel, recipe: Mapping[str, Any] | None = None) -> RoutedFormatConfig:
+    """Record the model's routing on its config, so ``save_pretrained`` writes a routed checkpoint."""
+    state = routing_state(model)
+    if state is None:
+        raise ValueError("the model has no token routing; build one with search_schedule / train_token_router.")
+    existing = getattr(model.config, "quantization_config", None)
+    if existing is not None and not isinstance(existing, RoutedFormatConfig):
+        method = existing.get("quant_method") if isinstance(existing, Mapping) else existing.quant_method
+        raise ValueError(f"the model is already in the {method} format; token routing needs a float model.")
+    config = RoutedFormatConfig(
+        block_sparsity=state.schedule.block_sparsity, mode=state.mode,
+        router_hidden_size=state.router.hidden.out_features, route_decode=state.route_decode,
+        recipe=recipe if recipe is not None else getattr(existing, "recipe", None),
+    )
+    config.__dict__["_state"] = state
+    model.config.quantization_config = config
+    return config
+
+
+def save_routed(
+    model: PreTrainedModel,
+    tokenizer: Any,
+    save_dir: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    recipe: Mapping[str, Any] | None = None,
+    metrics: list | None = None,
+    model_name: str | None = None,
+    base_model: str | None = None,
+) -> Path:
+    """Save a routed model (weights + router + schedule), its tokenizer and a model card, atomically.
+
+    The card's recipe carries the per-block schedule and how it was found; ``metrics`` (measured
+    ``MetricRecord``\\ s) fill its results table.
+
+    Example:
+        >>> save_routed(routed, tokenizer, "smollm2-routed-30")  # doctest: +SKIP
+    """
+    from ..hub import build_model_card, write_model_card
+    from ..utils import atomic_directory, check_save_dir
+
+    target = check_save_dir(save_dir, overwrite)
+    state = routing_state(model)
+    if state is None:
+        raise ValueError("the model has no token routing; build one with search_schedule / train_token_router.")
+    recipe = {"method": "token_router", **dict(recipe or {})}
+    attach_routed_format(model, recipe=recipe)
+    card_recipe = {
+        **recipe, "mode": state.mode, "block_sparsity": [round(r, 4) for r in state.schedule.block_sparsity],
+        "mean_block_sparsity": round(state.schedule.mean_sparsity, 4), "schedule_search": state.schedule.search,
+        "router_parameters": sum(p.numel() for p in state.router.parameters()),
+    }
+    with atomic_directory(target, overwrite=overwrite) as staging:
+        with _compat.quiet_weight_progress():
+            model.save_pretrained(staging)
+        seal_checkpoint(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        card = build_model_card(
+            base_model=base_model, model_name=model_name or target.name, recipe=card_recipe, metrics=metrics or (),
+        )
+        write_model_card(staging, card)
+    return target

@@ -1,0 +1,463 @@
+"""Routed decoder layers: gather the tokens a block computes, run the block on them only, scatter back.
+
+``install_routing(model, schedule)`` turns every decoder block into a routed block in place (the block's class
+is swapped for a subclass, so parameter names, ``save_pretrained`` and the model's own forward are unchanged) and
+attaches one shared :class:`~hf_compress.routing.router.TokenRouter` to the decoder as ``token_router``.
+
+What a skipped token means (the contract the tests check):
+
+- **Hidden state.** A token skipped at block ℓ leaves it unchanged: ``h_{ℓ+1,t} = h_{ℓ,t}`` (residual pass-through).
+  It is not computed at all: no q/k/v projection, no attention row, no MLP.
+- **Attention at that block.** A skipped token writes no key/value at block ℓ: later tokens (and itself) do not
+  attend to it *at that block*. Kept tokens attend to the kept tokens at or before their own position, with their
+  original positions (RoPE and the sliding window use real positions, not gathered indices). The alternative —
+  skipped tokens still write K/V from their un-updated hidden state — would need the block's q/k/v code split out
+  of every architecture, and computes the projections the routing is meant to save.
+- **KV cache.** So that every layer's cache stays aligned with positions (crop, beam reorder, batch select and
+  sliding windows keep working unchanged), a skipped token's slot at block ℓ is written with zeros and masked out
+  for every later query: at each routed block the mask hides the cached keys that are exactly zero. A computed key
+  is never exactly the zero vector in practice; padding slots are masked by the padding mask as usual.
+- **Decoding.** Routing applies to the prompt forward (the first forward of a sequence). Tokens fed afterwards
+  (decoding, speculative verification chunks) are computed at every block and see the prompt's kept tokens only
+  — unless ``route_decode`` (the paper's decode variant: skip when the router's probability is below 0.5).
+- **Batches.** Each row selects among its own non-padding tokens (left padding: positions count from the row's
+  first real token), so a row gets the same selection alone and in a batch. Rows that keep fewer tokens than the
+  longest are filled up with padding positions (computed, then dropped and masked) so the gathered batch is
+  rectangular. Right padding is refused during a routed prompt forward.
+- **Sparsity 0.** A block whose schedule entry is 0 runs the original forward untouched, so a schedule of zeros
+  is the base model exactly.
+
+Example:
+    >>> from hf_compress.assets import tiny_model
+    >>> from hf_compress.routing.schedule import RoutingSchedule
+    >>> model, _ = tiny_model("llama")
+    >>> state = install_routing(model, RoutingSchedule.uniform(0.5, 2))
+    >>> state.mode
+    'static'
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import _compat
+from ..modeling.layers import find_decoder_blocks
+from .router import TokenRouter, router_features, select_tokens, static_scores
+from .schedule import RoutingSchedule, skip_count
+
+
+__all__ = [
+    "ROUTING_MODES",
+    "RoutedLayerMixin",
+    "RoutingState",
+    "install_routing",
+    "remove_routing",
+    "routing_disabled",
+    "routing_mode",
+    "routing_state",
+]
+
+ROUTING_MODES = ("static", "router", "random")
+"""How tokens are ranked: the static positional rule, the trained router, or at random (a baseline)."""
+
+_ROUTED_CLASSES: dict[type, type] = {}
+
+
+class RoutingState:
+    """What the routed blocks of one model share: schedule, router, mode, and the current forward's padding.
+
+    Training sets ``collect`` to a list; each routed block then appends ``(logits, valid, static_keep, r)`` for the
+    losses, and the kept tokens' outputs are gated by the router's probability (straight-through) so gradients
+    reach the router.
+    """
+
+    def __init__(self, schedule: RoutingSchedule, router: TokenRouter, mode: str, route_decode: bool = False) -> None:
+        self.schedule = schedule
+        self.router = router
+        self.mode = mode
+        self.route_decode = route_decode
+        self.enabled = True
+        self.collect: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]] | None = None
+        self.generator = torch.Generator().manual_seed(0)
+        self.valid: torch.Tensor | None = None  # (B, past + T) non-padding mask of the current forward
+        self.past_length = 0
+        self.query_length = 0
+
+
+def routing_state(model: nn.Module) -> RoutingState | None:
+    """The routing state of a model with routing installed (``None`` otherwise)."""
+    _, blocks = find_decoder_blocks(model)
+    return getattr(blocks[0], "_routing_state", None) if len(blocks) else None
+
+
+def install_routing(
+    model: nn.Module,
+    schedule: RoutingSchedule,
+    router: TokenRouter | None = None,
+    *,
+    mode: str | None = None,
+    router_hidden_size: int = 64,
+    route_decode: bool = False,
+) -> RoutingState:
+    """Route ``model``'s decoder blocks by ``schedule``, in place; returns the shared state (idempotent per model).
+
+    ``mode`` defaults to ``"router"`` when a router is given, else ``"static"`` (a fresh router is still attached so
+    the model can be trained and saved).
+
+    Raises:
+        ValueError: an encoder-decoder or bidirectional model, or a schedule whose length is not the block count.
+    """
+    from ..assets.resolve import check_causal_lm_config
+
+    config = model.config
+    check_causal_lm_config(config, type(model).__name__)
+    if getattr(config, "use_bidirectional_attention", False):
+        raise ValueError(f"{type(model).__name__} uses bidirectional attention; token routing needs a causal LM.")
+    prefix, blocks = find_decoder_blocks(model)
+    schedule.check_blocks(len(blocks))
+    mode = mode or ("router" if router is not None else "static")
+    if mode not in ROUTING_MODES:
+        raise ValueError(f"mode must be one of {', '.join(ROUTING_MODES)}, got {mode!r}.")
+    decoder = model.get_submodule(prefix.rsplit(".", 1)[0]) if "." in prefix else model
+    existing = routing_state(model)
+    if existing is not None:
+        remove_routing(model)
+    if router is None:
+        reference = next(model.parameters())
+        router = TokenRouter(router_hidden_size).to(device=reference.device, dtype=torch.float32)
+    decoder.token_router = router
+    state = RoutingState(schedule, router, mode, route_decode)
+    layer_types = getattr(config.get_text_config(), "layer_types", None)
+    window = getattr(config.get_text_config(), "sliding_window", None)
+    for index, block in enumerate(blocks):
+        block.__class__ = _routed_class(type(block))
+        block._routing_state = state
+        block._routing_index = index
+        slides = layer_types[index] == "sliding_attention" if layer_types is not None else window is not None
+        block._routing_window = int(window) if slides and window is not None else None
+        block._routing_config = config
+    hook = decoder.register_forward_pre_hook(_begin_forward, with_kwargs=True)
+    decoder._routing_hook = hook
+    decoder._routing_state = state
+    if not _being_loaded(model):
+        # Recorded on the config at once, so that a plain save_pretrained writes a routed checkpoint (and a stock
+        # transformers refuses it) instead of a folder that would load as the dense model.
+        from .format import attach_routed_format
+
+        attach_routed_format(model)
+    return state
+
+
+def _being_loaded(model: nn.Module) -> bool:
+    """True while the routed format's quantizer prepares this model (it records the config itself)."""
+    config = getattr(model.config, "quantization_config", None)
+    method = config.get("quant_method") if isinstance(config, dict) else getattr(config, "quant_method", None)
+    return method == "hf_compress_routed" and "_state" not in getattr(config, "__dict__", {})
+
+
+def remove_routing(model: nn.Module) -> None:
+    """Undo :func:`install_routing`: original block classes, no hook, no router."""
+    prefix, blocks = find_decoder_blocks(model)
+    decoder = model.get_submodule(prefix.rsplit(".", 1)[0]) if "." in prefix else model
+    for block in blocks:
+        if isinstance(block, RoutedLayerMixin):
+            block.__class__ = block._routing_base
+            for name in ("_routing_state", "_routing_index", "_routing_window", "_routing_config"):
+                block.__dict__.pop(name, None)
+    hook = decoder.__dict__.pop("_routing_hook", None)
+    if hook is not None:
+        hook.remove()
+    decoder.__dict__.pop("_routing_state", None)
+    if "token_router" in decoder._modules:
+        del decoder._modules["token_router"]
+    config = getattr(model.config, "quantization_config", None)
+    if getattr(config, "quant_method", None) == "hf_compress_routed":
+        del model.config.quantization_config
+
+
+@contextlib.contextmanager
+def routing_disabled(model: nn.Module) -> Iterator[None]:
+    """Run the dense base model (every token at every block) inside the block, e.g. for a teacher forward."""
+    state = routing_state(model)
+    previous = state.enabled if state is not None else None
+    if state is not None:
+        state.enabled = False
+    try:
+        yield
+    finally:
+        if state is not None:
+            state.enabled = previous
+
+
+@contextlib.contextmanager
+def routing_mode(model: nn.Module, mode: str, schedule: RoutingSchedule | None = None) -> Iterator[RoutingState]:
+    """Temporarily rank tokens by ``mode`` (and/or follow another ``schedule``), e.g. while searching."""
+    state = routing_state(model)
+    if state is None:
+        raise ValueError("the model has no token routing installed; call install_routing first.")
+    if mode not in ROUTING_MODES:
+        raise ValueError(f"mode must be one of {', '.join(ROUTING_MODES)}, got {mode!r}.")
+    saved = (state.mode, state.schedule)
+    state.mode = mode
+    if schedule is not None:
+        state.schedule = schedule
+    try:
+        yield state
+    finally:
+        state.mode, state.schedule = saved
+
+
+def _begin_forward(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Decoder pre-hook: record the padding mask and the past length the blocks of this forward will see."""
+    state: RoutingState = module._routing_state
+    arguments = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
+    arguments.update(arguments.pop("kwargs", {}) or {})
+    tokens = arguments.get("input_ids")
+    if tokens is None:
+        tokens = arguments.get("inputs_embeds")
+    if tokens is None:
+        raise ValueError("token routing needs input_ids or inputs_embeds in the forward call.")
+    query_length = tokens.shape[1]
+    mask = arguments.get("attention_mask")
+    cache = next((arguments[name] for name in _compat.CACHE_KWARGS if arguments.get(name) is not None), None)
+    if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
+        raise ValueError(
+            "token routing needs the 2-D attention_mask (batch, length) of ones and zeros; got a prepared "
+            f"{type(mask).__name__} mask. Pass the tokenizer's attention_mask."
+        )
+    if mask is not None:
+        valid = mask.bool()
+        past = valid.shape[1] - query_length
+    else:
+        valid = None
+        past = cache.get_seq_length() if cache is not None else 0
+    if valid is not None and past == 0 and query_length > 1 and state.enabled and not state.schedule.is_dense:
+        current = valid[:, past:]
+        # A row is left-padded when its non-padding tokens form a suffix: once real, real until the end.
+        if bool((current[:, :-1] & ~current[:, 1:]).any()):
+            raise ValueError(
+                "token routing needs left padding for batched prompts (a row has padding after its tokens); "
+                "set tokenizer.padding_side = 'left'."
+            )
+    state.valid = valid
+    state.past_length = past
+    state.query_length = query_length
+
+
+class RoutedLayerMixin:
+    """Mixed in front of a decoder block's class: the routed forward, falling back to the block's own."""
+
+    _routing_base: type
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        state: RoutingState | None = self.__dict__.get("_routing_state")
+        if state is None or not state.enabled:
+            return super().forward(*args, **kwargs)
+        sparsity = state.schedule.block_sparsity[self._routing_index]
+        if sparsity == 0.0:
+            return super().forward(*args, **kwargs)  # never skips, so its cache holds no skipped slot either
+        return _routed_forward(self, state, sparsity, args, kwargs)
+
+
+def _routed_class(base: type) -> type:
+    if issubclass(base, RoutedLayerMixin):
+        return base
+    if base not in _ROUTED_CLASSES:
+        _ROUTED_CLASSES[base] = type(f"Routed{base.__name__}", (RoutedLayerMixin, base), {"_routing_base": base})
+    return _ROUTED_CLASSES[base]
+
+
+def _call_arguments(block: nn.Module, args: tuple, kwargs: dict) -> tuple[str, dict[str, Any]]:
+    """The block call as ``(name of the hidden-states argument, {argument: value})``, ``**kwargs`` flattened."""
+    signature = inspect.signature(block._routing_base.forward)
+    bound = signature.bind(block, *args, **kwargs).arguments
+    bound.pop(next(iter(signature.parameters)))  # self
+    call: dict[str, Any] = {}
+    for name, value in bound.items():
+        kind = signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            call.update(value)
+        elif kind is inspect.Parameter.VAR_POSITIONAL:
+            if value:
+                raise TypeError(f"{type(block).__name__}: token routing cannot route extra positional arguments.")
+        else:
+            call[name] = value
+    hidden_name = list(signature.parameters)[1]
+    return hidden_name, call
+
+
+def _token_scores(block: nn.Module, state: RoutingState, hidden: torch.Tensor, valid: torch.Tensor, sparsity: float):
+    """Scores ``(B, T)`` (higher = compute) and, for the trained router, its logits."""
+    if state.mode == "static":
+        return static_scores(valid), None
+    if state.mode == "random":
+        noise = torch.rand(valid.shape, generator=state.generator).to(valid.device)
+        scores = torch.where(static_scores(valid) == math.inf, math.inf, noise)
+        return scores.masked_fill(~valid, -math.inf), None
+    logits = state.router(router_features(hidden, valid, sparsity))
+    scores = torch.where(static_scores(valid) == math.inf, math.inf, logits.detach().float())
+    return scores.masked_fill(~valid, -math.inf), logits
+
+
+def _routed_forward(block: nn.Module, state: RoutingState, sparsity: float, args: tuple, kwargs: dict) -> Any:
+    hidden_name, call = _call_arguments(block, args, kwargs)
+    hidden = call.pop(hidden_name)
+    cache_name = next((name for name in _compat.CACHE_KWARGS if call.get(name) is not None), None)
+    cache = call[cache_name] if cache_name else None
+    batch, length = hidden.shape[:2]
+    if length != state.query_length:
+        raise RuntimeError("a routed block was called outside its model's forward; call the model, not the block.")
+    past = state.past_length
+    valid_all = state.valid
+    valid = valid_all[:, past:] if valid_all is not None else hidden.new_ones(batch, length, dtype=torch.bool)
+    prompt = past == 0 and length > 1
+    decode_routing = past > 0 and state.route_decode and state.mode == "router"
+    if not prompt and not decode_routing and (cache is None or past == 0):
+        return super(RoutedLayerMixin, block).forward(*args, **kwargs)
+
+    logits = None
+    if prompt or decode_routing:
+        scores, logits = _token_scores(block, state, hidden, valid, sparsity)
+        if prompt:
+            skip = torch.tensor([skip_count(sparsity, int(n)) for n in valid.sum(-1).tolist()], device=hidden.device)
+        else:  # the paper's decode rule: skip a token whose compute probability is below 0.5
+            skip = (valid & (torch.sigmoid(scores) < 0.5)).sum(-1)
+        keep, real = select_tokens(scores, valid, skip)
+        if state.collect is not None and logits is not None and prompt:
+            static_keep, _ = select_tokens(static_scores(valid), valid, skip)
+            labels = torch.zeros_like(valid).scatter(1, static_keep, True) & valid
+            state.collect.append((logits, valid, labels, sparsity))
+    else:
+        keep = torch.arange(length, device=hidden.device).expand(batch, length)
+        real = torch.ones(batch, length, dtype=torch.bool, device=hidden.device)
+    if keep.shape[1] == 0:
+        return _like_output(block, hidden, args, kwargs)
+
+    width = keep.shape[1]
+    hidden_kept = hidden.gather(1, keep[..., None].expand(-1, -1, hidden.shape[-1]))
+    for name in ("position_ids", "cache_position"):
+        value = call.get(name)
+        if isinstance(value, torch.Tensor) and value.shape[-1] == length:
+            call[name] = value.expand(batch, length).gather(1, keep) if value.dim() == 2 else value[keep[0]]
+    embeddings = call.get("position_embeddings")
+    if isinstance(embeddings, (tuple, list)):
+        call["position_embeddings"] = tuple(
+            table.expand(batch, length, table.shape[-1]).gather(1, keep[..., None].expand(-1, -1, table.shape[-1]))
+            for table in embeddings
+        )
+
+    query_positions = past + keep  # cache positions of the computed tokens
+    if cache is not None and past > 0:
+        kv_length, kv_offset = _compat.cache_mask_sizes(cache, length, _layer_index(block))
+        key_positions = (kv_offset + torch.arange(kv_length, device=hidden.device)).expand(batch, kv_length)
+    else:  # a prompt forward attends among its computed tokens only (the cache still gets every slot)
+        key_positions = query_positions
+    window = block._routing_window
+    # Without padding there are no fillers: in gathered order the mask of a prompt is plain causal (positions are
+    # sorted), so sdpa's is_causal kernel runs, as for the dense model. A sliding window matters beyond its length.
+    no_padding = valid_all is None or bool(valid_all.all())
+    if no_padding and past == 0 and (window is None or length <= window) and _implementation(block) == "sdpa":
+        mask = None
+    else:
+        allowed = key_positions[:, None, :] <= query_positions[:, :, None]
+        if window is not None:
+            allowed &= (query_positions[:, :, None] - key_positions[:, None, :]) < window
+        if valid_all is not None:
+            padding = valid_all.gather(1, key_positions.clamp(max=valid_all.shape[1] - 1))
+            allowed &= padding[:, None, :]
+        if past == 0:
+            allowed &= real[:, None, :]  # fillers are invisible
+        allowed |= key_positions[:, None, :] == query_positions[:, :, None]  # every computed token sees itself
+        mask = _mask_for(block, allowed[:, None], hidden.dtype)
+    call["attention_mask"] = mask
+    if cache is not None:
+        call[cache_name] = _ScatteringCache(cache, keep, length, mask, gather=past == 0)
+
+    output = super(RoutedLayerMixin, block).forward(hidden_kept, **call)
+    computed = output[0] if isinstance(output, tuple) else output
+    if logits is not None and state.collect is not None:
+        probability = torch.sigmoid(logits).gather(1, keep)
+        gate = 1.0 + probability - probability.detach()  # 1 in the forward, the router's gradient in the backward
+        computed = hidden_kept + gate[..., None].to(computed.dtype) * (computed - hidden_kept)
+    computed = torch.where(real[..., None], computed, hidden_kept)
+    result = hidden.scatter(1, keep[..., None].expand(-1, width, hidden.shape[-1]), computed)
+    return (result, *output[1:]) if isinstance(output, tuple) else result
+
+
+def _like_output(block: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict) -> Any:
+    return hidden
+
+
+def _layer_index(block: nn.Module) -> int:
+    for module in block.modules():
+        index = getattr(module, "layer_idx", None)
+        if isinstance(index, int):
+            return index
+    return block._routing_index
+
+
+def _implementation(block: nn.Module) -> str:
+    implementation = _compat.attention_implementation(block._routing_config) or "eager"
+    return implementation.split("|")[-1] if isinstance(implementation, str) else "sdpa"
+
+
+def _mask_for(block: nn.Module, allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The block's attention mask in the form its attention implementation reads: bool, or additive for eager."""
+    name = _implementation(block)
+    implementation = _compat.attention_implementation(block._routing_config)
+    if name == "eager":
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+    if name != "sdpa":
+        raise NotImplementedError(
+            f"token routing builds its own attention masks for 'sdpa' and 'eager' attention, not {implementation!r}; "
+            "load the model with attn_implementation='sdpa'."
+        )
+    return allowed
+
+
+class _ScatteringCache:
+    """The block's view of the cache: kept tokens' K/V go to their own positions, skipped slots get zeros.
+
+    In a prompt forward (``gather``) attention then reads the computed tokens' keys only. Afterwards the mask
+    (built before the call, the same object the attention reads) is narrowed to the keys that are not exactly
+    zero, which hides every slot a token skipped at this block. Everything else is the real cache's.
+    """
+
+    def __init__(self, cache: Any, keep: torch.Tensor, length: int, mask: torch.Tensor | None, gather: bool) -> None:
+        self._cache = cache
+        self._keep = keep
+        self._length = length
+        self._mask = mask
+        self._gather = gather
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
+        keys, values = self._cache.update(self._scatter(key_states), self._scatter(value_states), layer_idx, *args, **kwargs)
+        if self._gather:  # a prompt forward: attention reads the computed tokens' own keys (cache slots 0..T-1)
+            index = self._keep[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[-1])
+            return keys.gather(2, index), values.gather(2, index)
+        visible = keys.ne(0).any(-1).any(1)  # (B, kv_length)
+        if visible.shape[-1] != self._mask.shape[-1]:
+            raise RuntimeError(
+                f"layer {layer_idx}: the cache returned {visible.shape[-1]} keys but announced {self._mask.shape[-1]}; "
+                "token routing supports DynamicCache and StaticCache."
+            )
+        if self._mask.dtype == torch.bool:
+            self._mask.logical_and_(visible[:, None, None, :])
+        else:
+            self._mask.masked_fill_(~visible[:, None, None, :], torch.finfo(self._mask.dtype).min)
+        return keys, values
+
+    def _scatter(self, states: torch.Tensor) -> torch.Tensor:
+        batch, heads, width, dim = states.shape
+        full = states.new_zeros(batch, heads, self._length, dim)
+        return full.scatter(2, self._keep[:, None, :, None].expand(batch, heads, width, dim), states)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._cache, name)

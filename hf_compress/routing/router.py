@@ -1,0 +1,119 @@
+"""The router: which tokens a block computes. One small MLP shared by every block, or the static positional rule.
+
+Both produce a score per token; a block keeps the ``n − skip_count(r_ℓ, n)`` best-scored tokens of each row
+(top-k, so the realised sparsity is exactly the schedule's) and always keeps the first token (attention sink).
+
+The four router factors (confirmed from reviews of the paper), per token and block, normalised as the spec
+proposes:
+
+- position ``p / n`` (real position among the row's ``n`` non-padding tokens);
+- attention score ×n (mean 1): *our proxy* — the softmax over the row's tokens of the scaled dot product between
+  each token's RMS-normalised hidden state and the last token's, at the block's input. The paper reads the
+  latest attention probabilities; that needs eager attention or architecture-specific q/k code, the proxy needs
+  neither and is computed from the same hidden states the block receives;
+- the rank of that score within the row, ``rank / n`` (0 = most attended);
+- the block's required sparsity ``r_ℓ``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+__all__ = ["TokenRouter", "router_features", "select_tokens", "static_scores"]
+
+
+class TokenRouter(nn.Module):
+    """The global router: ``Linear(4, hidden) → GELU → Linear(hidden, 1)``; a logit per token (higher = compute).
+
+    Initialised so that its output follows the static rule (keep recent tokens): the output weight of the position
+    factor path is positive on average, which the guide loss then refines.
+
+    Example:
+        >>> router = TokenRouter(hidden_size=64)
+        >>> sum(p.numel() for p in router.parameters())
+        385
+        >>> router(torch.zeros(2, 5, 4)).shape
+        torch.Size([2, 5])
+    """
+
+    NUM_FACTORS = 4
+
+    def __init__(self, hidden_size: int = 64) -> None:
+        super().__init__()
+        self.hidden = nn.Linear(self.NUM_FACTORS, hidden_size)
+        self.output = nn.Linear(hidden_size, 1)
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():  # deterministic initialisation, independent of the global RNG
+            bound = 1.0 / math.sqrt(self.NUM_FACTORS)
+            self.hidden.weight.uniform_(-bound, bound, generator=generator)
+            self.hidden.bias.uniform_(-bound, bound, generator=generator)
+            self.output.weight.uniform_(-0.1, 0.1, generator=generator)
+            self.output.bias.zero_()
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.output(nn.functional.gelu(self.hidden(features.to(self.hidden.weight.dtype)))).squeeze(-1)
+
+
+def real_positions(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token its position among the row's non-padding tokens (``valid`` is ``(B, T)`` bool) and each row's count."""
+    positions = valid.long().cumsum(-1) - 1
+    return positions.clamp(min=0), valid.sum(-1)
+
+
+def static_scores(valid: torch.Tensor) -> torch.Tensor:
+    """The static router: priority ``x_0 > x_{n−1} > x_{n−2} > … > x_1`` (skip the earliest tokens after the first).
+
+    Example:
+        >>> static_scores(torch.tensor([[False, True, True, True]]))
+        tensor([[-inf, inf, 1., 2.]])
+    """
+    positions, _ = real_positions(valid)
+    scores = positions.to(torch.float32)
+    scores = torch.where(positions == 0, torch.full_like(scores, math.inf), scores)
+    return scores.masked_fill(~valid, -math.inf)
+
+
+def router_features(hidden_states: torch.Tensor, valid: torch.Tensor, block_sparsity: float) -> torch.Tensor:
+    """The four factors ``(B, T, 4)`` of every token at one block's input (padding rows are zeros)."""
+    positions, counts = real_positions(valid)
+    n = counts.clamp(min=1).to(torch.float32)[:, None]
+    hidden = hidden_states.detach().to(torch.float32)
+    hidden = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + 1e-6)
+    logits = (hidden * hidden[:, -1:, :]).sum(-1) / math.sqrt(hidden.shape[-1])  # last token is never padding
+    logits = logits.masked_fill(~valid, -math.inf)
+    attention = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+    rank = torch.argsort(torch.argsort(logits, dim=-1, descending=True, stable=True), dim=-1, stable=True)
+    features = torch.stack(
+        [
+            positions.to(torch.float32) / n,
+            attention * n,
+            rank.to(torch.float32) / n,
+            torch.full_like(attention, float(block_sparsity)),
+        ],
+        dim=-1,
+    )
+    return features * valid[..., None]
+
+
+def select_tokens(scores: torch.Tensor, valid: torch.Tensor, skip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices ``(B, K)`` (ascending) of the tokens a block computes, and which of them are real (not fillers).
+
+    Row b keeps its ``n_b − skip_b`` best-scored real tokens (the first real token always: its score must be +inf).
+    Rows keeping fewer than the longest row are filled up with padding positions so the gathered batch is
+    rectangular; fillers are computed but their outputs are dropped and their keys are masked (``layer.py``).
+    ``skip`` is ``(B,)``: the count each row skips.
+    """
+    keep_count = valid.sum(-1) - skip
+    order = torch.argsort(scores, dim=-1, descending=True, stable=True)
+    rank = torch.argsort(order, dim=-1, stable=True)
+    kept = valid & (rank < keep_count[:, None])
+    width = int(keep_count.max().item()) if keep_count.numel() else 0
+    # 2 = kept real token, 1 = padding (filler candidate), 0 = skipped real token; stable sort keeps order.
+    priority = kept.long() * 2 + (~valid).long()
+    chosen = torch.argsort(priority, dim=-1, descending=True, stable=True)[:, :width]
+    chosen, _ = chosen.sort(dim=-1)
+    return chosen, kept.gather(1, chosen)

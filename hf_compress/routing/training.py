@@ -1,0 +1,146 @@
+"""``train_token_router``: learn the shared router with ``Trainer`` while the model stays frozen.
+
+Losses (structure and equal weights confirmed for the paper; the forms are ours, as the paper does not define them):
+
+- **guide**: binary cross-entropy between the router's compute probability and the static router's keep/skip
+  labels at every routed block, its weight decayed linearly from ``guide_weight`` to 0 over training;
+- **sparsity** (Eq. 5, one-sided): ``Σ_ℓ max(r_ℓ − ŝ_ℓ, 0)`` with ``ŝ_ℓ`` the mean skip probability
+  ``1 − σ(logit)`` of block ℓ's tokens (top-k already enforces the exact count; this keeps the probabilities
+  calibrated for the decode-time 0.5 threshold);
+- **distillation** at the final output only: KL(dense model's next-token distribution ‖ routed model's).
+
+Gradients reach the router through a straight-through gate: a computed token's block update is multiplied by
+``1 + σ(s) − stop_grad(σ(s))`` (exactly 1 in the forward pass), as Mixture-of-Depths does.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from ..training import TrainingSettings, train_with_trainer
+from ..utils import get_logger
+from .config import TokenRouterConfig
+from .layer import install_routing, routing_disabled, routing_state
+from .schedule import RoutingSchedule
+
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from transformers import PreTrainedModel, TrainingArguments
+
+
+__all__ = ["RouterTrainingModule", "router_losses", "train_token_router"]
+
+logger = get_logger(__name__)
+
+
+def router_losses(collected: list, config: TokenRouterConfig, guide_scale: float) -> dict[str, torch.Tensor]:
+    """The guide and sparsity losses from what the routed blocks collected in one forward."""
+    guide, sparsity = [], []
+    for logits, valid, labels, target in collected:
+        weight = valid.float()
+        bce = nn.functional.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction="none")
+        guide.append((bce * weight).sum() / weight.sum().clamp(min=1))
+        skip_probability = ((1 - torch.sigmoid(logits.float())) * weight).sum() / weight.sum().clamp(min=1)
+        sparsity.append(torch.relu(target - skip_probability))
+    zero = torch.zeros(())
+    return {
+        "guide": config.guide_weight * guide_scale * (torch.stack(guide).mean() if guide else zero),
+        "sparsity": config.sparsity_weight * (torch.stack(sparsity).sum() if sparsity else zero),
+    }
+
+
+class RouterTrainingModule(nn.Module):
+    """What ``Trainer`` trains: the routed model (frozen) whose router is the only trainable part."""
+
+    def __init__(self, model: PreTrainedModel, config: TokenRouterConfig, total_steps: int) -> None:
+        super().__init__()
+        self.model = model
+        self.config = config
+        self.total_steps = max(1, total_steps)
+        self.steps = 0
+        self.last_losses: dict[str, float] = {}
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, labels: Any = None) -> dict:
+        state = routing_state(self.model)
+        with torch.no_grad(), routing_disabled(self.model):
+            teacher = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits.float()
+        state.collect = []
+        try:
+            student = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits.float()
+            collected = state.collect
+        finally:
+            state.collect = None
+        if self.training:
+            self.steps += 1
+        guide_scale = max(0.0, 1.0 - self.steps / self.total_steps)
+        losses = router_losses(collected, self.config, guide_scale)
+        log_teacher = torch.log_softmax(teacher, -1)
+        log_student = torch.log_softmax(student, -1)
+        kl = (log_teacher.exp() * (log_teacher - log_student)).sum(-1)
+        if attention_mask is not None:
+            kl = (kl * attention_mask).sum() / attention_mask.sum().clamp(min=1)
+        else:
+            kl = kl.mean()
+        losses["distill"] = self.config.distill_weight * kl
+        self.last_losses = {name: float(value.detach()) for name, value in losses.items()}
+        return {"loss": sum(losses.values())}
+
+
+def train_token_router(
+    model: PreTrainedModel,
+    schedule: RoutingSchedule,
+    dataset: Dataset,
+    *,
+    args: TrainingSettings | TrainingArguments | None = None,
+    config: TokenRouterConfig | None = None,
+    output_dir: str | None = None,
+) -> PreTrainedModel:
+    """Train the shared router of ``model`` routed by ``schedule``; the model's own weights stay frozen.
+
+    Returns the same model, routed by the trained router (``routing_state(model).mode == "router"``), ready for
+    ``generate()`` and ``save_routed`` / ``save_pretrained``. The run's numbers are kept in
+    ``routing_state(model).schedule.search["training"]``.
+
+    Example:
+        >>> from hf_compress.assets import tiny_model
+        >>> from hf_compress.training import causal_lm_dataset
+        >>> model, tokenizer = tiny_model("llama")
+        >>> data = causal_lm_dataset(["text " * 200], tokenizer, num_sequences=4, seq_len=16)
+        >>> routed = train_token_router(model, RoutingSchedule([0.3, 0.3]), data,
+        ...                             args=TrainingSettings(max_steps=2, use_cpu=True))  # doctest: +SKIP
+    """
+    config = config or TokenRouterConfig(token_sparsity=schedule.mean_sparsity)
+    state = routing_state(model)
+    if state is None:
+        state = install_routing(model, schedule, mode="router", router_hidden_size=config.router_hidden_size,
+                                route_decode=config.route_decode)
+    else:
+        state.schedule = schedule
+        state.mode = "router"
+    model.requires_grad_(False)
+    state.router.requires_grad_(True)
+    state.router.float()
+    settings = args or TrainingSettings(max_steps=200, learning_rate=1e-3, per_device_batch_size=1, seed=config.seed)
+    total_steps = settings.max_steps if hasattr(settings, "max_steps") and settings.max_steps > 0 else 1
+    module = RouterTrainingModule(model, config, total_steps)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as scratch:
+        result = train_with_trainer(module, dataset, output_dir or scratch, settings)
+    model.requires_grad_(False)
+    model.eval()
+    schedule.search = {
+        **schedule.search,
+        "training": {
+            "steps": result["global_step"], "seconds": round(time.perf_counter() - start, 2),
+            "training_loss": result["training_loss"], "last_losses": module.last_losses,
+            "router_parameters": sum(p.numel() for p in state.router.parameters()),
+        },
+    }
+    logger.info("router trained: %s", schedule.search["training"])
+    return model

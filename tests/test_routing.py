@@ -1,0 +1,284 @@
+"""Token router (FTP): exactness at sparsity 0, the static rule, the search budget, gather/scatter against a masked
+reference (prefill and cached decoding, sliding windows included), save/load, batches, training, bad input."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+
+import pytest
+import torch
+
+import hf_compress  # noqa: F401  (registers the routed format)
+from hf_compress.assets import tiny_model
+from hf_compress.modeling.layers import find_decoder_blocks
+from hf_compress.routing import (
+    RoutingSchedule,
+    TokenRouterConfig,
+    install_routing,
+    routing_state,
+    save_routed,
+    search_schedule,
+    static_router,
+    train_token_router,
+)
+from hf_compress.routing.router import select_tokens, static_scores
+from hf_compress.routing.schedule import skip_count
+
+
+ARCHITECTURES = ("llama", "qwen3", "gemma3", "mistral", "gpt2", "opt")
+
+
+def _ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, 250, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _greedy(model, ids, mask=None, new=6):
+    mask = torch.ones_like(ids) if mask is None else mask
+    return model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=0)
+
+
+# --- sparsity 0 is the base model -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_sparsity_zero_is_the_base_model_exactly(arch):
+    model, _ = tiny_model(arch)
+    ids = _ids(2, 20)
+    with torch.no_grad():
+        base_logits = model(ids).logits
+    base_text = _greedy(model, ids)
+    install_routing(model, RoutingSchedule.uniform(0.0, len(find_decoder_blocks(model)[1])), mode="router")
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, base_logits)
+    assert torch.equal(_greedy(model, ids), base_text)
+
+
+# --- the static rule ------------------------------------------------------------------------------------------
+
+def test_static_rule_keeps_the_first_token_then_the_most_recent():
+    valid = torch.tensor([[True] * 8, [False, False, False] + [True] * 5])
+    scores = static_scores(valid)
+    skip = torch.tensor([skip_count(0.5, 8), skip_count(0.5, 5)])  # 4 and 3 (half up), never the first token
+    keep, real = select_tokens(scores, valid, skip)
+    # Row 0: real positions 1..4 skipped. Row 1 (3 pads): real positions 1..3 (indices 4..6) skipped; its first
+    # real token (index 3) and most recent one (7) kept; two padding positions fill the row up to width 4.
+    assert keep.tolist() == [[0, 5, 6, 7], [0, 1, 3, 7]]
+    assert real.tolist() == [[True] * 4, [False, False, True, True]]
+    assert scores[1, 3] == math.inf and scores[0, 0] == math.inf
+
+
+def test_skip_count_is_exact_and_monotone():
+    for r in (0.1, 0.3, 0.55, 0.9):
+        counts = [n - skip_count(r, n) for n in range(1, 60)]
+        assert counts == sorted(counts)
+        assert all(skip_count(r, n) == min(int(r * n + 0.5), n - 1) for n in range(2, 60))
+
+
+# --- the search keeps the budget ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("target", [0.3, 0.45])
+def test_search_keeps_the_exact_budget(target):
+    model, _ = tiny_model("llama", num_hidden_layers=6)
+    config = TokenRouterConfig(token_sparsity=target, population=6, generations=3, max_block_sparsity=0.9)
+    schedule = search_schedule(model, _ids(2, 24), config)
+    assert math.isclose(schedule.mean_sparsity, target, abs_tol=1e-9)
+    assert len(schedule.block_sparsity) == 6 and max(schedule.block_sparsity) <= 0.9 + 1e-9
+    assert schedule.search["best_loss"] <= schedule.search["uniform_loss"]
+    assert routing_state(model) is None  # the search leaves the model as it found it
+
+
+# --- gather/scatter against a masked reference ----------------------------------------------------------------
+
+def _masked_reference(model, ids, schedule, prompt_length):
+    """Every token computed at every block, with masks: a skipped token's key is hidden at that block and its
+    output replaced by its input. Prompt tokens are selected by the static rule, later tokens always kept."""
+    _, blocks = find_decoder_blocks(model)
+    length = ids.shape[1]
+    config = model.config.get_text_config()
+    layer_types = getattr(config, "layer_types", None)
+    handles = []
+    for index, block in enumerate(blocks):
+        skip = skip_count(schedule.block_sparsity[index], prompt_length) if prompt_length > 1 else 0
+        kept = torch.ones(length, dtype=torch.bool)
+        kept[1 : 1 + skip] = False
+        positions = torch.arange(length)
+        allowed = (positions[None, :] <= positions[:, None]) & (kept[None, :] | torch.eye(length, dtype=torch.bool))
+        if layer_types is not None and layer_types[index] == "sliding_attention":
+            allowed &= (positions[:, None] - positions[None, :]) < config.sliding_window
+        mask = allowed[None, None].expand(ids.shape[0], 1, length, length)
+
+        def pre(module, args, kwargs, mask=mask):
+            bound = inspect.signature(module.forward).bind(*args, **kwargs).arguments
+            call = {**bound.pop("kwargs", {}), **bound}
+            hidden = call.pop(next(iter(call)) if "hidden_states" not in call else "hidden_states")
+            call["attention_mask"] = mask
+            return (hidden,), call
+
+        def post(module, args, kwargs, output, kept=kept):
+            hidden = args[0]
+            out = output[0] if isinstance(output, tuple) else output
+            out = torch.where(kept[None, :, None], out, hidden)
+            return (out, *output[1:]) if isinstance(output, tuple) else out
+
+        handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(block.register_forward_hook(post, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            return model(ids, use_cache=False).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_gather_scatter_equals_masked_reference(arch):
+    model, _ = tiny_model(arch)
+    plain = copy.deepcopy(model)
+    schedule = RoutingSchedule([0.3, 0.6])
+    static_router(model, schedule)
+    ids = _ids(1, 40)  # longer than gemma3's sliding window (32)
+    with torch.no_grad():
+        routed = model(ids, use_cache=False).logits
+    reference = _masked_reference(plain, ids, schedule, prompt_length=40)
+    torch.testing.assert_close(routed, reference, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(routed, plain(ids).logits, atol=1e-3)  # routing did change something
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "gpt2", "opt"])
+def test_cached_decoding_equals_masked_reference(arch):
+    """generate() with the KV cache: each decoded token sees exactly the prompt tokens kept at each block."""
+    model, _ = tiny_model(arch)
+    plain = copy.deepcopy(model)
+    schedule = RoutingSchedule([0.4, 0.5])
+    static_router(model, schedule)
+    prompt = _ids(1, 36, seed=1)
+    output = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False,
+                            output_scores=True, return_dict_in_generate=True, pad_token_id=0)
+    sequence = output.sequences
+    for step, scores in enumerate(output.scores):
+        reference = _masked_reference(plain, sequence[:, : 36 + step], schedule, prompt_length=36)[:, -1]
+        torch.testing.assert_close(scores, reference, atol=1e-4, rtol=1e-4)
+
+
+# --- batches, padding -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("arch", "mode"), [("llama", "static"), ("llama", "router"), ("gemma3", "router"),
+                                          ("gpt2", "static")])
+def test_left_padded_batch_generate_equals_per_row(arch, mode):
+    model, _ = tiny_model(arch)
+    install_routing(model, RoutingSchedule([0.3, 0.5]), mode=mode)
+    rows = [_ids(1, 14, seed=2)[0], _ids(1, 9, seed=3)[0], _ids(1, 5, seed=4)[0]]
+    width = max(len(row) for row in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for index, row in enumerate(rows):
+        ids[index, width - len(row):] = row
+        mask[index, width - len(row):] = 1
+    batched = _greedy(model, ids, mask, new=6)
+    for index, row in enumerate(rows):
+        alone = _greedy(model, row[None], new=6)
+        assert batched[index, width:].tolist() == alone[0, len(row):].tolist()
+
+
+def test_right_padding_is_refused():
+    model, _ = tiny_model("llama")
+    static_router(model, RoutingSchedule([0.3, 0.3]))
+    ids = _ids(2, 8)
+    mask = torch.ones_like(ids)
+    mask[1, -2:] = 0
+    with pytest.raises(ValueError, match="left padding"):
+        model(ids, attention_mask=mask)
+
+
+# --- save / load ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_save_load_gives_equal_logits_and_generations(arch, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, tokenizer = tiny_model(arch)
+    install_routing(model, RoutingSchedule([0.25, 0.5]), mode="router")
+    with torch.no_grad():
+        routing_state(model).router.output.bias.fill_(0.7)  # a router that differs from a fresh one
+    ids = _ids(2, 30)
+    with torch.no_grad():
+        expected = model(ids).logits
+    save_routed(model, tokenizer, tmp_path / "routed")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "routed")
+    state = routing_state(loaded)
+    assert state is not None and state.mode == "router" and state.schedule.block_sparsity == [0.25, 0.5]
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, expected)
+    assert torch.equal(_greedy(loaded, ids), _greedy(model, ids))
+    card = (tmp_path / "routed" / "README.md").read_text()
+    assert "token_router" in card and "0.25" in card
+
+
+def test_plain_save_pretrained_writes_a_routed_checkpoint(tmp_path):
+    """A routed model saved with save_pretrained must not come back as the dense model."""
+    from transformers import AutoModelForCausalLM
+
+    model, _ = tiny_model("llama")
+    install_routing(model, RoutingSchedule([0.5, 0.5]), mode="static")
+    model.save_pretrained(tmp_path / "plain")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "plain")
+    ids = _ids(1, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    assert routing_state(loaded).mode == "static"
+
+
+# --- training -------------------------------------------------------------------------------------------------
+
+def test_trainer_updates_only_the_router():
+    from hf_compress.training import TrainingSettings, causal_lm_dataset
+
+    model, tokenizer = tiny_model("llama")
+    install_routing(model, RoutingSchedule([0.3, 0.5]), mode="router")
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    data = causal_lm_dataset(["the quick brown fox jumps over the lazy dog " * 40], tokenizer, num_sequences=4, seq_len=24)
+    settings = TrainingSettings(max_steps=3, learning_rate=1e-2, per_device_batch_size=2, use_cpu=True, logging_steps=1)
+    routed = train_token_router(model, routing_state(model).schedule, data, args=settings)
+    changed = {name for name, p in routed.named_parameters() if not torch.equal(p, before[name])}
+    assert changed and all(".token_router." in name for name in changed)
+    assert routing_state(routed).mode == "router"
+    assert routing_state(routed).schedule.search["training"]["steps"] == 3
+
+
+# --- bad input ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("value", [-0.1, 1.0, 1.5])
+def test_sparsity_outside_range_is_refused(value):
+    with pytest.raises(ValueError, match=r"token_sparsity must be a number in \[0, 1\)"):
+        TokenRouterConfig(token_sparsity=value)
+
+
+def test_schedule_length_must_match_blocks():
+    model, _ = tiny_model("llama")
+    with pytest.raises(ValueError, match="3 entries but the model has 2 decoder blocks"):
+        install_routing(model, RoutingSchedule([0.1, 0.2, 0.3]))
+
+
+def test_encoder_decoder_is_refused():
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM
+
+    config = AutoConfig.for_model("t5", vocab_size=64, d_model=16, d_ff=32, num_layers=2, num_heads=2, d_kv=8)
+    model = AutoModelForSeq2SeqLM.from_config(config)
+    with pytest.raises(ValueError, match="not a decoder-only causal LM"):
+        install_routing(model, RoutingSchedule([0.1, 0.2]))
+
+
+def test_cli_route_saves_a_loadable_folder(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from hf_compress.cli.main import main
+
+    target = tmp_path / "out"
+    code = main(["route", "--model", "tiny-llama", "--sparsity", "0.3", "--steps", "2", "--generations", "1",
+                 "--population", "3", "--search-windows", "2", "--seq-len", "32", "--save-dir", str(target)])
+    assert code == 0
+    loaded = AutoModelForCausalLM.from_pretrained(target)
+    assert math.isclose(routing_state(loaded).schedule.mean_sparsity, 0.3)
+    with pytest.raises(SystemExit):
+        main(["route", "--sparsity", "1.2", "--save-dir", str(tmp_path / "other")])
