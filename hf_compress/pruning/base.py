@@ -90,6 +90,8 @@ class BasePruner(ABC):
         self.model = model
         self.tokenizer = tokenizer
         self.report: Any = None
+        self.permutation_report: Any = None
+        """The ``PermutationReport`` of the last ``prune`` with a ``permutation`` (``None`` otherwise)."""
 
     # ------------------------------------------------------------------------------------------ loading
 
@@ -148,6 +150,11 @@ class BasePruner(ABC):
         width is a multiple of M, or that a structural target is reachable), and, for calibrated methods,
         that calibration text and a tokenizer are given and hold at least ``calibration_seq_len`` tokens.
 
+        With ``config.permutation`` (N:M only) the input channels are permuted first and the permutation is
+        absorbed into the dense weights (``hf_compress.pruning.permutation``), so the method prunes an
+        equivalent model and the checkpoint stays an ordinary N:M one; ``self.permutation_report`` says
+        what it did.
+
         Should the method fail midway, the in-memory model may be left partly pruned and nothing is
         written. The recipe is recorded in ``model.config.hf_compress`` and the results in ``self.report``.
         With ``save_dir`` the model is saved there in the family's format (an all-or-nothing write);
@@ -180,7 +187,15 @@ class BasePruner(ABC):
         if save_dir is not None:
             check_save_dir(Path(save_dir), overwrite, self.model)
         plan = self.plan(config)
-        calibration_ids = self._calibration_ids(config, calibration_dataset)
+        permutation_sites = self._check_permutation(config)
+        calibration_ids = self._calibration_ids(config, calibration_dataset,
+                                                required=_permutation_trains(config))
+        self.permutation_report = None
+        if permutation_sites is not None:  # absorbed into the dense weights: the method prunes an equivalent model
+            from .permutation import permute_for_pruning
+
+            self.permutation_report = permute_for_pruning(self.model, config, permutation_sites, calibration_ids,
+                                                          progress)
         self.report = self.run(config, plan, calibration_ids, progress)
         self._record_recipe(config)
         if save_dir is not None:
@@ -231,10 +246,19 @@ class BasePruner(ABC):
             )
         return config
 
+    def _check_permutation(self, config: PruningConfig) -> Any:
+        """The permutation sites when ``config.permutation`` is set (checked before any work), else ``None``."""
+        if getattr(config, "permutation", None) is None:
+            return None
+        from .permutation import check_permutation
+
+        return check_permutation(self.model, config)
+
     def _calibration_ids(
-        self, config: PruningConfig, dataset: str | Sequence[str] | Dataset | torch.Tensor | None
+        self, config: PruningConfig, dataset: str | Sequence[str] | Dataset | torch.Tensor | None,
+        required: bool = False,
     ) -> torch.Tensor | None:
-        if not self.requires_calibration:
+        if not self.requires_calibration and not required:
             if dataset is not None:
                 logger.warning("%s needs no calibration data; calibration_dataset is ignored.",
                                type(self).__name__)
@@ -275,6 +299,13 @@ class BasePruner(ABC):
         recipe = dict(getattr(model_config, RECIPE_KEY, None) or {})
         recipe.update({"pruning": config.to_dict(), "version": __version__})
         setattr(model_config, RECIPE_KEY, recipe)
+
+
+def _permutation_trains(config: PruningConfig) -> bool:
+    """Whether the config's permutation needs calibration windows even for a pruner without calibration."""
+    from .permutation import LearnedPermutationConfig
+
+    return isinstance(getattr(config, "permutation", None), LearnedPermutationConfig)
 
 
 def _check_tokenizer(tokenizer: Any) -> None:

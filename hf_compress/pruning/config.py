@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from ..utils import atomic_file, check_float, check_int, check_seed, check_str_list
+from .permutation.config import PERMUTATION_CHOICES, parse_permutation
 
 
 __all__ = [
@@ -177,6 +178,10 @@ class PruningConfig:
         num_calibration_sequences, calibration_seq_len, calibration_seed: the calibration windows
             (``hf_compress.modeling.calibration_batches``); ignored by methods without calibration.
         batch_size: calibration sequences per forward micro-batch.
+        permutation: reorder input channels before an N:M prune (absorbed into the neighbouring
+            weights, so the checkpoint stays an ordinary N:M one): none, ria (heuristic channel
+            reallocation), learned (the learned permutation's defaults), permllm (PermLLM-style
+            block-diagonal), or a LearnedPermutationConfig (in JSON: {"kind": "learned", ...}).
 
     Example:
         >>> PruningConfig.from_dict({"method": "wanda", "sparsity": "50%"}).sparsity
@@ -192,6 +197,7 @@ class PruningConfig:
     calibration_seq_len: int = field(default=512, metadata={"cli": ["--seq-len"]})
     calibration_seed: int = 0
     batch_size: int = 8
+    permutation: Any = field(default=None, metadata={"type": str, "choices": PERMUTATION_CHOICES})
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -209,6 +215,13 @@ class PruningConfig:
         for name in ("num_calibration_sequences", "calibration_seq_len", "batch_size"):
             setattr(self, name, check_int(name, getattr(self, name), minimum=1))
         self.calibration_seed = check_seed("calibration_seed", self.calibration_seed)
+        self.permutation = parse_permutation(self.permutation)
+        if self.permutation is not None and not self.pattern.is_n_m:
+            raise ValueError(
+                f"permutation={self.permutation if isinstance(self.permutation, str) else 'learned'} needs an N:M "
+                f"sparsity such as '2:4' (N:M groups are what the permutation reorders), got {self.sparsity}; "
+                "use permutation=None for unstructured sparsity."
+            )
 
     @property
     def pattern(self) -> SparsityPattern:
@@ -293,6 +306,8 @@ def _qualified(cls: type) -> str:
 
 
 def _plain(value: Any) -> Any:
+    if hasattr(value, "to_dict"):  # a LearnedPermutationConfig
+        return value.to_dict()
     return list(value) if isinstance(value, tuple) else value
 
 
@@ -322,8 +337,14 @@ class StructuralPruningConfig(PruningConfig):
     calibration_seq_len: int = field(default=256, metadata={"cli": ["--seq-len"]})
     sparsity: float | str = field(default=0.3, metadata={"cli": None})
     skip: list[str] = field(default_factory=list, metadata={"cli": None})
+    permutation: Any = field(default=None, metadata={"cli": None})
 
     def __post_init__(self) -> None:
+        if parse_permutation(self.permutation) is not None:
+            raise ValueError(
+                f"{type(self).__name__} removes whole heads, channels or blocks; a channel permutation only serves "
+                "N:M sparsity. Leave permutation=None."
+            )
         target = self.target_sparsity
         if isinstance(target, str):  # from the command line: "0.3", "30%"; N:M is refused below
             pattern = parse_sparsity(target)

@@ -1,0 +1,193 @@
+"""``LearnedPermutationConfig`` and ``parse_permutation``: what a pruner's ``permutation=`` field accepts.
+
+A pruning config's ``permutation`` is ``None`` (no permutation), ``"ria"`` (the heuristic channel
+reallocation, ``ria.py``) or a ``LearnedPermutationConfig`` (the learned permutation, ``learned.py``).
+The strings ``"none"``, ``"learned"`` (the spec's defaults) and ``"permllm"`` (PermLLM-style
+block-diagonal baseline) and a dict (``{"kind": "learned", ...}``, the JSON form) are accepted too, so
+the command line's ``--permutation learned`` and a recipe read back from ``config.json`` give the same
+object.
+
+Example:
+    >>> parse_permutation("learned").groups
+    16
+    >>> parse_permutation("permllm").block_size
+    64
+    >>> parse_permutation(LearnedPermutationConfig(groups=4).to_dict()) == LearnedPermutationConfig(groups=4)
+    True
+    >>> parse_permutation("none") is None
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from ...utils import check_bool, check_choice, check_float, check_int
+
+__all__ = ["PERMUTATION_CHOICES", "LearnedPermutationConfig", "parse_permutation", "permutation_to_json"]
+
+PERMUTATION_CHOICES = ("none", "ria", "learned", "permllm")
+_OBJECTIVES = ("ce_distill", "cosine")
+
+
+@dataclass
+class LearnedPermutationConfig:
+    """A learned channel permutation (arXiv 2601.22980): cost matrices trained through the pruned network.
+
+    Every permutation site (the residual stream, each key/value head's ``head_dim`` channels, each
+    FFN's intermediate channels; see ``sites.py``) is cut into contiguous groups; each group owns a
+    learnable cost matrix ``C`` (``C[j, i]``: cost of putting channel ``i`` at position ``j``). During
+    training the soft permutation is ``Sinkhorn(−C / τ)`` (log domain), with ``τ`` annealed linearly
+    from ``temperature_start`` to ``temperature_end``; the network's weights are permuted, N:M-masked
+    with the Wanda metric, permuted back and run frozen, so only ``C`` trains. At export ``C`` is
+    decoded with the Hungarian algorithm into a true permutation.
+
+    Args:
+        groups: G, the number of groups per site (the paper's default is 4; 16 is the CPU-sized
+            default here: cost parameters shrink as 1/G). Must divide every site's width.
+        block_size: channels per group instead of ``groups`` (PermLLM's block-diagonal 64). Must divide
+            every site's width.
+        epochs: passes over the training windows (the calibration windows unless
+            ``num_training_sequences`` is set).
+        num_training_sequences: training windows (of the calibration length); ``None``: the calibration ones.
+        batch_size: windows per optimiser step.
+        learning_rate: AdamW learning rate of the cost matrices (cosine schedule).
+        sinkhorn_iterations: log-domain Sinkhorn iterations per step.
+        temperature_start, temperature_end: the linear annealing of ``τ`` (relative to the cost
+            matrices, which start as ``−identity_margin · P_init`` plus small noise; the defaults keep
+            ``identity_margin / τ ≳ 8`` so the soft permutation starts close to ``P_init`` and the loss
+            is that of a network pruned as it will be exported, not of a blurred one).
+        init: where the costs start: ``"ria"`` (RIA's dealing inside each group, a labelled choice of this
+            library: a short CPU budget then refines a good permutation) or ``"identity"``.
+        identity_margin: the initial cost advantage of the starting position of each channel.
+        hard_forward: run the Hungarian permutation in the forward pass and the Sinkhorn one in the
+            backward (straight-through; PermLLM's choice) instead of the soft permutation throughout.
+        objective: ``"ce_distill"`` (next-token CE + ``distillation_weight`` · Smooth-L1 between every
+            decoder layer's dense and pruned hidden states; the paper) or ``"cosine"`` (1 − cosine of
+            the final hidden states; PermLLM).
+        distillation_weight: α of the distillation term (the paper: 1e-5).
+        max_train_seconds: stop training after this wall time (``None``: no limit).
+        seed: initial noise of the cost matrices and the training order.
+
+    Example:
+        >>> config = LearnedPermutationConfig(groups=4, epochs=2)
+        >>> LearnedPermutationConfig.from_dict(config.to_dict()) == config
+        True
+    """
+
+    groups: int | None = 16
+    block_size: int | None = None
+    epochs: float = 1.0
+    num_training_sequences: int | None = None
+    batch_size: int = 1
+    learning_rate: float = 5e-2
+    sinkhorn_iterations: int = 5
+    temperature_start: float = 0.06
+    temperature_end: float = 0.01
+    init: str = "ria"
+    identity_margin: float = 0.5
+    hard_forward: bool = False
+    objective: str = "ce_distill"
+    distillation_weight: float = 1e-5
+    max_train_seconds: float | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.block_size is not None:
+            self.block_size = check_int("block_size", self.block_size, minimum=2)
+            if self.groups not in (None, 16):
+                raise ValueError("set either groups or block_size of LearnedPermutationConfig, not both.")
+            self.groups = None
+        else:
+            self.groups = check_int("groups", self.groups, minimum=1,
+                                    hint="It is the number of groups per site (or set block_size).")
+        self.epochs = check_float("epochs", self.epochs, low=0.0, low_open=True)
+        self.num_training_sequences = check_int("num_training_sequences", self.num_training_sequences,
+                                                minimum=1, allow_none=True)
+        self.batch_size = check_int("batch_size", self.batch_size, minimum=1)
+        self.sinkhorn_iterations = check_int("sinkhorn_iterations", self.sinkhorn_iterations, minimum=1)
+        for name in ("learning_rate", "temperature_start", "temperature_end"):
+            setattr(self, name, check_float(name, getattr(self, name), low=0.0, low_open=True))
+        if self.temperature_end > self.temperature_start:
+            raise ValueError(
+                f"temperature_end ({self.temperature_end}) must not exceed temperature_start "
+                f"({self.temperature_start}): the annealing sharpens the permutation."
+            )
+        self.identity_margin = check_float("identity_margin", self.identity_margin, low=0.0)
+        self.distillation_weight = check_float("distillation_weight", self.distillation_weight, low=0.0)
+        self.max_train_seconds = check_float("max_train_seconds", self.max_train_seconds, low=0.0,
+                                             low_open=True, allow_none=True)
+        check_bool("hard_forward", self.hard_forward)
+        check_choice("objective", self.objective, _OBJECTIVES)
+        check_choice("init", self.init, ("ria", "identity"))
+        self.seed = check_int("seed", self.seed)
+
+    def group_width(self, width: int, site: str) -> int:
+        """Channels per group of a site of ``width`` channels; a clear error when they do not divide it."""
+        if self.block_size is not None:
+            if width % self.block_size:
+                raise ValueError(
+                    f"permutation block_size {self.block_size} does not divide the width {width} of {site}; "
+                    "pick a divisor (e.g. 64 or 32)."
+                )
+            return self.block_size
+        assert self.groups is not None
+        if width % self.groups:
+            raise ValueError(
+                f"permutation groups={self.groups} does not divide the width {width} of {site}; pick a divisor."
+            )
+        return width // self.groups
+
+    @classmethod
+    def permllm(cls, **overrides: Any) -> LearnedPermutationConfig:
+        """The PermLLM-style baseline: 64-wide blocks, Hungarian forward / Sinkhorn backward, cosine loss."""
+        return cls(**{"block_size": 64, "groups": None, "hard_forward": True, "objective": "cosine",
+                      "temperature_start": 1.0, "temperature_end": 0.1, **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form: ``{"kind": "learned", field: value, ...}``."""
+        return {"kind": "learned", **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LearnedPermutationConfig:
+        """Rebuild from ``to_dict()`` (unknown keys raise)."""
+        data = {key: value for key, value in data.items() if key != "kind"}
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown LearnedPermutationConfig fields {unknown}; known: {sorted(names)}.")
+        return cls(**data)
+
+
+def parse_permutation(value: Any) -> str | LearnedPermutationConfig | None:
+    """Normalise a ``permutation=`` value: ``None``, ``"ria"`` or a ``LearnedPermutationConfig``.
+
+    Raises:
+        ValueError: an unknown name or dict.
+    """
+    if value is None or isinstance(value, LearnedPermutationConfig):
+        return value
+    if isinstance(value, str):
+        name = value.strip().lower()
+        if name not in PERMUTATION_CHOICES:
+            raise ValueError(f"permutation must be one of {', '.join(PERMUTATION_CHOICES)} or a "
+                             f"LearnedPermutationConfig, got {value!r}.")
+        return {"none": None, "ria": "ria", "learned": LearnedPermutationConfig(),
+                "permllm": LearnedPermutationConfig.permllm()}[name]
+    if isinstance(value, dict):
+        kind = value.get("kind", "learned")
+        if kind == "ria" and len(value) == 1:
+            return "ria"
+        if kind != "learned":
+            raise ValueError(f"a permutation dict needs kind 'learned' (or is {{'kind': 'ria'}}), got {value!r}.")
+        return LearnedPermutationConfig.from_dict(value)
+    raise TypeError(
+        f"permutation must be None, 'ria', 'learned' or a LearnedPermutationConfig, got {type(value).__name__}."
+    )
+
+
+def permutation_to_json(value: str | LearnedPermutationConfig | None) -> Any:
+    """The JSON value stored in a recipe (``None``, ``"ria"`` or the learned config's dict)."""
+    return value.to_dict() if isinstance(value, LearnedPermutationConfig) else value

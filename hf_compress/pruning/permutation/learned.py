@@ -1,0 +1,184 @@
+"""``PermutationLearner``: the frozen, permuted-and-pruned network whose only parameters are cost matrices.
+
+For every site (``sites.py``) and every group of its channels a cost matrix ``C`` (``[blocks, n, n]``)
+is learned. A forward pass:
+
+1. turns each ``C`` into a permutation matrix ``P``: ``Sinkhorn(−C/τ)`` (soft), or with
+   ``hard_forward`` the Hungarian permutation in the forward pass and the Sinkhorn gradient in the
+   backward (straight-through, PermLLM);
+2. for every pruned layer builds its block-diagonal input permutation from the sites it reads
+   (``o_proj``: one block per query head, shared inside a key/value group), permutes the weight
+   ``Ŵ = W Pᵀ`` and the Wanda statistic ``x̂ = P x``, keeps the top N of ``|Ŵ| · x̂`` in every M
+   consecutive columns (the mask is a constant for the gradient) and permutes back:
+   ``W_eff = (Ŵ ⊙ M) P`` (= ``W`` masked by the permuted mask when ``P`` is a permutation);
+3. runs the frozen model with ``W_eff`` (``torch.func.functional_call``; the model's own weights are
+   untouched) and returns the loss: next-token CE + ``α`` · Σ_layers Smooth-L1(dense hidden, pruned
+   hidden) (the paper), or ``1 − cos`` of the final hidden states (PermLLM).
+
+``hard_permutations()`` decodes every ``C`` with the Hungarian algorithm into site permutations for
+``absorb.absorb_permutations``. ``train.py`` runs the training through ``Trainer``.
+
+Example:
+    >>> from hf_compress.assets import tiny_model
+    >>> from hf_compress.pruning.permutation.sites import find_sites
+    >>> model, _ = tiny_model("llama")
+    >>> sites = find_sites(model)
+    >>> learner = PermutationLearner(model, sites, None, LearnedPermutationConfig(groups=4), kept=2, group=4)
+    >>> ids = torch.randint(3, 256, (1, 16))
+    >>> learner(input_ids=ids, labels=ids)["loss"].backward()
+    >>> all(cost.grad is not None for cost in learner.costs)
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import LearnedPermutationConfig
+from .matching import hungarian, permutation_matrix, sinkhorn
+from .sites import PermutationSite
+
+__all__ = ["PermutationLearner"]
+
+
+class PermutationLearner(nn.Module):
+    """Cost matrices of every site, trained through the frozen model pruned to N:M with the Wanda metric.
+
+    Args:
+        model: the dense model (frozen while learning; its weights are never modified here).
+        sites: ``find_sites(model)``.
+        input_norms: ``‖X_j‖₂`` per pruned layer name (the Wanda statistic); ``None``: ``|W|`` only.
+        initial: site name → the permutation the costs start at (within each group); ``None``: identity.
+        config: the learned-permutation settings.
+        kept, group: the N:M pattern (N kept per M).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        sites: Sequence[PermutationSite],
+        input_norms: Mapping[str, torch.Tensor] | None,
+        config: LearnedPermutationConfig,
+        kept: int,
+        group: int,
+        initial: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.sites = list(sites)
+        self.config = config
+        self.kept, self.group = kept, group
+        self.progress = 0.0
+        """Fraction of training done, set by the trainer callback: drives the temperature annealing."""
+        generator = torch.Generator().manual_seed(config.seed)
+        device = next(model.parameters()).device
+        costs = []
+        self.block_widths: list[int] = []
+        for site in self.sites:
+            width = config.group_width(site.width, site.name)
+            blocks = site.width // width
+            noise = 0.01 * torch.randn(blocks, width, width, generator=generator)
+            start = torch.arange(site.width) if initial is None else initial[site.name]
+            local = start.reshape(blocks, width) % width  # block-local channel at each position
+            costs.append(nn.Parameter((noise - config.identity_margin * permutation_matrix(local)).to(device)))
+            self.block_widths.append(width)
+        self.costs = nn.ParameterList(costs)
+        # Each pruned layer: its weight's name and the (site index, first column) ranges covering its inputs.
+        self.layers: dict[str, tuple[nn.Linear, list[tuple[int, int]]]] = {}
+        for index, site in enumerate(self.sites):
+            for reader in site.scored_readers:
+                _, ranges = self.layers.setdefault(reader.name, (reader.layer, []))
+                ranges.append((index, reader.start))
+        for name, (layer, ranges) in self.layers.items():
+            ranges.sort(key=lambda item: item[1])
+            covered = sum(self.sites[i].width for i, _ in ranges)
+            widths = {self.block_widths[i] for i, _ in ranges}
+            if covered != layer.in_features or len(widths) != 1:
+                raise ValueError(f"{name}: its input channels are not covered by equal permutation groups.")
+        module_names = {id(module): name for name, module in model.named_modules()}
+        self.weight_names = {name: f"{module_names[id(layer)]}.weight" for name, (layer, _) in self.layers.items()}
+        self.input_norms = {name: input_norms[name].float().to(device) if input_norms is not None
+                            else torch.ones(layer.in_features, device=device)
+                            for name, (layer, _) in self.layers.items()}
+
+    def train(self, mode: bool = True) -> PermutationLearner:
+        """Only the learner switches mode: the frozen model stays in eval (no dropout in the loss)."""
+        super().train(mode)
+        self.model.eval()
+        return self
+
+    # ------------------------------------------------------------------------------------------ permutations
+
+    @property
+    def temperature(self) -> float:
+        start, end = self.config.temperature_start, self.config.temperature_end
+        return start + (end - start) * min(max(self.progress, 0.0), 1.0)
+
+    def soft_permutations(self) -> list[torch.Tensor]:
+        """The ``[blocks, n, n]`` permutation matrices of every site used in this forward pass."""
+        matrices = []
+        for cost in self.costs:
+            soft = sinkhorn(cost, self.temperature, self.config.sinkhorn_iterations)
+            if self.config.hard_forward:
+                hard = permutation_matrix(hungarian(cost).to(cost.device))
+                soft = hard + soft - soft.detach()  # forward: the permutation; backward: Sinkhorn's gradient
+            matrices.append(soft)
+        return matrices
+
+    def hard_permutations(self) -> dict[str, torch.Tensor]:
+        """Site name → the Hungarian decoding of its costs as one index vector over the site's channels."""
+        perms = {}
+        for site, cost, width in zip(self.sites, self.costs, self.block_widths, strict=True):
+            blocks = hungarian(cost)
+            offsets = torch.arange(blocks.shape[0]).unsqueeze(1) * width
+            perms[site.name] = (blocks + offsets).reshape(-1)
+        return perms
+
+    def effective_weights(self, matrices: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Every pruned layer's weight permuted, N:M-masked by the Wanda metric and permuted back."""
+        weights = {}
+        for name, (layer, ranges) in self.layers.items():
+            perm = torch.cat([matrices[i] for i, _ in ranges])  # [blocks, n, n], block-diagonal over the inputs
+            blocks, width = perm.shape[0], perm.shape[1]
+            weight = layer.weight.detach().float().reshape(layer.out_features, blocks, width)
+            permuted = torch.einsum("obi,bji->obj", weight, perm)
+            with torch.no_grad():
+                norms = torch.einsum("bji,bi->bj", perm, self.input_norms[name].reshape(blocks, width))
+                scores = (permuted.abs() * norms.unsqueeze(0)).reshape(layer.out_features, -1, self.group)
+                keep = torch.zeros_like(scores).scatter_(-1, scores.topk(self.kept, dim=-1).indices, 1.0)
+            masked = permuted * keep.reshape_as(permuted)
+            weights[self.weight_names[name]] = torch.einsum("obj,bji->obi", masked, perm).reshape_as(
+                layer.weight).to(layer.weight.dtype)
+        return weights
+
+    # ------------------------------------------------------------------------------------------ loss
+
+    def forward(
+        self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        weights = self.effective_weights(self.soft_permutations())
+        needs_dense = self.config.objective == "cosine" or self.config.distillation_weight > 0
+        inputs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask,
+                                  "output_hidden_states": needs_dense, "use_cache": False}
+        if self.config.objective == "ce_distill":
+            inputs["labels"] = input_ids if labels is None else labels
+        student = torch.func.functional_call(self.model, weights, args=(), kwargs=inputs, strict=False)
+        dense = None
+        if needs_dense:
+            with torch.no_grad():
+                dense = self.model(**{k: v for k, v in inputs.items() if k != "labels"})
+        if self.config.objective == "cosine":
+            assert dense is not None
+            cosine = nn.functional.cosine_similarity(student.hidden_states[-1].float(),
+                                                     dense.hidden_states[-1].float(), dim=-1)
+            return {"loss": (1.0 - cosine).mean()}
+        loss = student.loss
+        if dense is not None:
+            distill = sum(nn.functional.smooth_l1_loss(s.float(), d.float())
+                          for s, d in zip(student.hidden_states[1:], dense.hidden_states[1:], strict=True))
+            loss = loss + self.config.distillation_weight * distill
+        return {"loss": loss}

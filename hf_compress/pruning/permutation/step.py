@@ -1,0 +1,172 @@
+"""The permutation step of the pruning lifecycle: choose the permutations, absorb them, then prune as usual.
+
+``BasePruner.prune`` calls ``check_permutation`` before any work (with the method's other
+preconditions) and ``permute_for_pruning`` between calibration and pruning. Because the permutation is
+absorbed into the dense model's weights (``absorb.py``) before the pruner runs, every N:M pruner —
+magnitude, Wanda, SparseGPT, SDS, and the ones to come — prunes the permuted model unchanged, and the
+checkpoint it saves is an ordinary N:M sparse checkpoint: same format, size and speed, no gather.
+
+Example:
+    >>> from hf_compress.pruning import WandaConfig, WandaPruner
+    >>> pruner = WandaPruner.from_pretrained("tiny-llama")
+    >>> config = WandaConfig(sparsity="2:4", permutation="ria", num_calibration_sequences=4, calibration_seq_len=32)
+    >>> model = pruner.prune(config, ["calibration text " * 20], progress=False)
+    >>> report = pruner.permutation_report
+    >>> report.kept_score >= report.kept_score_identity
+    True
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ...modeling import InputNormCollector
+from ...utils import get_logger
+from .absorb import absorb_permutations
+from .config import LearnedPermutationConfig
+from .ria import kept_score, ria_permutation, site_scores
+from .sites import PermutationSite, find_sites
+
+if TYPE_CHECKING:
+    from ..config import PruningConfig
+
+
+__all__ = ["PermutationReport", "check_permutation", "collect_input_norms", "permute_for_pruning"]
+
+logger = get_logger(__name__)
+
+
+@dataclass
+class PermutationReport:
+    """What the permutation step did (``pruner.permutation_report``).
+
+    Attributes:
+        kind: ``"ria"`` or ``"learned"``.
+        sites: permutation sites (stream, key/value heads, FFNs).
+        kept_score_identity, kept_score: the Wanda-metric score an N:M mask keeps without and with the
+            permutation (``ria.kept_score``; every pruned reader normalised to 1, summed over sites).
+        moved_channels: fraction of channels that left their place.
+        probe_logit_change: largest logit change on the probe after absorbing (rounding only).
+        seconds: wall time of the step (statistics, choice or training, absorption).
+        training: the learned permutation's training (seconds, steps, loss curve); ``None`` for RIA.
+    """
+
+    kind: str
+    sites: int
+    kept_score_identity: float
+    kept_score: float
+    moved_channels: float
+    probe_logit_change: float
+    seconds: float
+    training: dict[str, Any] | None = field(default=None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def check_permutation(model: nn.Module, config: PruningConfig) -> list[PermutationSite]:
+    """The model's permutation sites, after checking that ``config.permutation`` can apply (before any work).
+
+    Raises:
+        ValueError: no N:M pattern, a model whose stream or heads cannot be permuted, an N:M group
+            straddling an attention head, or learned groups that do not divide a site's width.
+    """
+    pattern = config.pattern
+    if not pattern.is_n_m:
+        raise ValueError(f"a channel permutation only helps N:M sparsity; sparsity={config.sparsity} is unstructured. "
+                         "Use an N:M pattern such as '2:4' or permutation=None.")
+    sites = find_sites(model, config.skip)
+    group = pattern.group_size or 1
+    for site in sites:
+        if site.kind == "attention" and site.width % group:
+            raise ValueError(f"head_dim {site.width} of {site.name} is not a multiple of M={group}: N:M groups would "
+                             "straddle heads, which a within-head permutation cannot serve. Use permutation=None.")
+        if isinstance(config.permutation, LearnedPermutationConfig):
+            config.permutation.group_width(site.width, site.name)
+    return sites
+
+
+def permute_for_pruning(
+    model: nn.Module,
+    config: PruningConfig,
+    sites: list[PermutationSite],
+    calibration_ids: torch.Tensor | None,
+    progress: bool = True,
+) -> PermutationReport:
+    """Choose the permutation of every site (RIA heuristic or learned), absorb it into ``model``; return the report."""
+    start = time.perf_counter()
+    pattern = config.pattern
+    kept, group = pattern.kept_per_group or 1, pattern.group_size or 1
+    permutation = config.permutation
+    if isinstance(permutation, LearnedPermutationConfig) and calibration_ids is None:
+        raise ValueError("a learned permutation trains on calibration text: pass calibration_dataset to prune().")
+    readers = {reader.name: reader.layer for site in sites for reader in site.scored_readers}
+    norms = None
+    if calibration_ids is not None:
+        norms = collect_input_norms(model, readers, calibration_ids, config.batch_size, progress)
+    # One [rows of every pruned reader, width] tensor per site: one gather and one top-k per candidate.
+    scores = [[torch.cat(parts)] if parts else [] for parts in (site_scores(site, norms) for site in sites)]
+    training = None
+    if isinstance(permutation, LearnedPermutationConfig):
+        from .train import learn_permutations  # imports Trainer
+
+        assert calibration_ids is not None
+        initial = None
+        if permutation.init == "ria":
+            initial = {site.name: _ria_within_groups(score, permutation.group_width(site.width, site.name), kept, group)
+                       for site, score in zip(sites, scores, strict=True)}
+        perms, training = learn_permutations(model, sites, norms, calibration_ids, permutation, kept, group, initial)
+    else:
+        bar = tqdm(zip(sites, scores, strict=True), total=len(sites), desc="permutation", disable=not progress,
+                   leave=False)
+        perms = {site.name: ria_permutation(score, kept, group) for site, score in bar}
+    identity = sum(kept_score(s, torch.arange(site.width), kept, group) for site, s in zip(sites, scores, strict=True))
+    chosen = sum(kept_score(s, perms[site.name], kept, group) for site, s in zip(sites, scores, strict=True))
+    moved = sum(int((perms[site.name] != torch.arange(site.width)).sum()) for site in sites)
+    change = absorb_permutations(model, sites, perms)
+    report = PermutationReport(
+        kind="learned" if training is not None else "ria", sites=len(sites), kept_score_identity=identity,
+        kept_score=chosen, moved_channels=moved / sum(site.width for site in sites), probe_logit_change=change,
+        seconds=time.perf_counter() - start, training=training,
+    )
+    logger.info("%s permutation of %d sites: kept score %.4f -> %.4f, %.1f%% of channels moved (%.1fs)",
+                report.kind, len(sites), identity, chosen, 100 * report.moved_channels, report.seconds)
+    return report
+
+
+def _ria_within_groups(scores: list[torch.Tensor], width: int, kept: int, group: int) -> torch.Tensor:
+    """RIA's permutation dealt inside each contiguous group of ``width`` channels (a learned start point)."""
+    total = scores[0].shape[1] if scores else width
+    parts = []
+    for begin in range(0, total, width):
+        local = ria_permutation([s[:, begin:begin + width] for s in scores], kept, group) if scores else None
+        parts.append(begin + (torch.arange(width) if local is None else local))
+    return torch.cat(parts)
+
+
+@torch.no_grad()
+def collect_input_norms(
+    model: nn.Module, layers: dict[str, nn.Module], ids: torch.Tensor, batch_size: int, progress: bool = True
+) -> dict[str, torch.Tensor]:
+    """``‖X_j‖₂`` of every named layer's inputs over the dense model's forward passes on ``ids``."""
+    collectors = {name: InputNormCollector() for name in layers}
+    handles = [layer.register_forward_pre_hook(lambda _, args, c=collectors[name]: c.add_batch(args[0]))
+               for name, layer in layers.items()]
+    device = model.get_input_embeddings().weight.device
+    training = model.training
+    model.eval()
+    try:
+        for begin in tqdm(range(0, ids.shape[0], batch_size), desc="permutation statistics", disable=not progress,
+                          leave=False):
+            model(input_ids=ids[begin:begin + batch_size].to(device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(training)
+    return {name: collector.norms for name, collector in collectors.items()}

@@ -1,0 +1,305 @@
+"""Channel permutation for N:M sparsity (hf_compress.pruning.permutation): Sinkhorn/Hungarian, absorption into
+the weights (identical dense logits on every tiny architecture that has separate projections), the RIA objective,
+learned permutations through Trainer, exact N:M after export, save → load equality, and bad input."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+from hf_compress.assets import tiny_model
+from hf_compress.modeling import find_decoder_blocks, find_linear_layers, weight_matrix
+from hf_compress.pruning import (
+    PRUNERS,
+    LearnedPermutationConfig,
+    MagnitudeConfig,
+    PruningConfig,
+    TyrConfig,
+    WandaConfig,
+    WandaPruner,
+)
+from hf_compress.pruning.permutation import absorb_permutations, find_sites, hungarian, sinkhorn
+from hf_compress.pruning.permutation.learned import PermutationLearner
+from hf_compress.pruning.permutation.matching import is_permutation
+from hf_compress.pruning.permutation.ria import kept_score, ria_permutation
+
+PERMUTABLE = ("llama", "mistral", "qwen2", "qwen3", "gemma3", "opt")
+CALIBRATION_TEXT = [" ".join(f"w{(i * 7919) % 251} t{i % 13}{chr(97 + i % 26)}" for i in range(600))]
+SMALL = dict(num_calibration_sequences=4, calibration_seq_len=40, batch_size=2)
+TINY_LEARNED = dict(groups=2, epochs=1.0, learning_rate=0.5)
+
+
+def _logits(model: nn.Module, seed: int = 1) -> torch.Tensor:
+    ids = torch.randint(3, 256, (2, 40), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def _pruned_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    prefix, blocks = find_decoder_blocks(model)
+    return {f"{prefix}.{i}.{name}": weight_matrix(layer).detach()
+            for i, block in enumerate(blocks) for name, layer in find_linear_layers(block).items()}
+
+
+def _assert_exact_n_m(model: nn.Module, kept: int = 2, group: int = 4) -> None:
+    for name, weight in _pruned_weights(model).items():
+        nonzero = (weight != 0).reshape(weight.shape[0], -1, group).sum(-1)
+        assert int(nonzero.max()) <= kept, name
+
+
+# ------------------------------------------------------------------------------------------ matching
+
+
+def test_sinkhorn_is_doubly_stochastic_and_sharpens_as_the_temperature_falls():
+    cost = torch.randn(3, 8, 8, generator=torch.Generator().manual_seed(0))
+    sharpness = []
+    for temperature in (2.0, 0.5, 0.05):
+        soft = sinkhorn(cost, temperature, iterations=2000)
+        assert (soft >= 0).all()
+        torch.testing.assert_close(soft.sum(-1), torch.ones(3, 8), atol=1e-3, rtol=0)
+        torch.testing.assert_close(soft.sum(-2), torch.ones(3, 8), atol=1e-5, rtol=0)
+        sharpness.append(float(soft.max(-1).values.mean()))
+    assert sharpness[0] < sharpness[1] < sharpness[2]
+    assert sharpness[2] > 0.9  # close to a permutation
+    # At a low temperature the soft matching concentrates on the Hungarian permutation.
+    hard = hungarian(cost)
+    assert torch.equal(sinkhorn(cost, 0.01, iterations=2000).argmax(-1), hard)
+
+
+def test_hungarian_returns_the_minimum_cost_permutation():
+    cost = torch.randn(4, 5, 5, generator=torch.Generator().manual_seed(3))
+    perms = hungarian(cost)
+    for matrix, perm in zip(cost, perms, strict=True):
+        assert is_permutation(perm)
+        best = min(sum(float(matrix[j, p[j]]) for j in range(5)) for p in itertools.permutations(range(5)))
+        assert sum(float(matrix[j, perm[j]]) for j in range(5)) == pytest.approx(best)
+    assert not is_permutation(torch.tensor([0, 0, 2]))
+
+
+# ------------------------------------------------------------------------------------------ absorption
+
+
+@pytest.mark.parametrize("arch", PERMUTABLE)
+def test_absorbed_random_permutations_keep_the_dense_logits(arch):
+    model, _ = tiny_model(arch)
+    before = _logits(model)
+    sites = find_sites(model)
+    kinds = {site.kind for site in sites}
+    assert kinds == {"stream", "attention", "ffn"}
+    generator = torch.Generator().manual_seed(0)
+    perms = {site.name: torch.randperm(site.width, generator=generator) for site in sites}
+    absorb_permutations(model, sites, perms)
+    changed = sum(not torch.equal(a, b) for a, b in zip(
+        [p.detach().clone() for p in tiny_model(arch)[0].parameters()], model.parameters(), strict=True))
+    assert changed > 0
+    torch.testing.assert_close(_logits(model), before, atol=1e-5, rtol=1e-5)
+
+
+def test_gqa_heads_share_one_permutation_per_value_head():
+    model, _ = tiny_model("llama")  # 4 query heads, 2 key/value heads of 16 dims
+    attention = [site for site in find_sites(model) if site.kind == "attention"]
+    assert len(attention) == 2 * 2  # 2 layers × 2 KV heads
+    first = attention[1]  # layer 0, KV head 1: read by query heads 2 and 3
+    assert [reader.start for reader in first.readers] == [32, 48]
+    assert [(w.name.rsplit(".", 1)[-1], w.start) for w in first.writers] == [("weight", 16)]
+
+
+def test_a_missed_reader_is_caught_by_the_probe_and_the_model_restored():
+    model, _ = tiny_model("qwen2")
+    original = {name: p.detach().clone() for name, p in model.named_parameters()}
+    sites = find_sites(model)
+    stream = sites[0]
+    stream.writers = [w for w in stream.writers if "o_proj" not in w.name]  # pretend o_proj writes elsewhere
+    with pytest.raises(RuntimeError, match="changed .* logits"):
+        absorb_permutations(model, sites, {stream.name: torch.randperm(stream.width)})
+    for name, parameter in model.named_parameters():
+        assert torch.equal(parameter, original[name]), name
+
+
+def test_unknown_stream_parameters_and_fused_projections_are_refused():
+    model, _ = tiny_model("llama")
+    model.model.extra_projection = nn.Linear(64, 64)  # reads the stream somewhere the library does not know
+    with pytest.raises(ValueError, match="extra_projection.* residual stream"):
+        find_sites(model)
+    gpt2, tokenizer = tiny_model("gpt2")
+    with pytest.raises(ValueError, match="separate q/k/v/o"):
+        WandaPruner(gpt2, tokenizer).prune(WandaConfig(sparsity="2:4", permutation="ria", **SMALL),
+                                           CALIBRATION_TEXT, progress=False)
+
+
+# ------------------------------------------------------------------------------------------ RIA objective
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_ria_never_lowers_the_kept_score(seed):
+    generator = torch.Generator().manual_seed(seed)
+    # heavy-tailed channel importances, shared across readers, plus noise
+    channels = torch.rand(32, generator=generator) ** 4
+    scores = [torch.rand(rows, 32, generator=generator) * channels for rows in (5, 9)]
+    scores = [s / s.sum() for s in scores]
+    perm = ria_permutation(scores, 2, 4)
+    assert is_permutation(perm)
+    identity = kept_score(scores, torch.arange(32), 2, 4)
+    assert kept_score(scores, perm, 2, 4) >= identity
+    # sorted strongest-first, identity is the worst order for N:M: the dealing must help there
+    ordered = [s[:, torch.argsort(channels, descending=True)] for s in scores]
+    assert kept_score(ordered, ria_permutation(ordered, 2, 4), 2, 4) > kept_score(ordered, torch.arange(32), 2, 4)
+
+
+# ------------------------------------------------------------------------------------------ through the pruners
+
+
+@pytest.mark.parametrize(("arch", "method", "permutation"), [
+    ("llama", "wanda", "ria"),
+    ("qwen2", "sparsegpt", "ria"),
+    ("opt", "magnitude", "ria"),
+    ("gemma3", "wanda", "learned"),
+    ("qwen3", "sds", "learned"),
+])
+def test_exported_checkpoint_is_exact_n_m_and_reloads_with_equal_logits(tmp_path, arch, method, permutation):
+    model, tokenizer = tiny_model(arch)
+    extra = {"base": "wanda", "redense_epochs": 1} if method == "sds" else {}
+    if permutation == "learned":
+        permutation = LearnedPermutationConfig(**TINY_LEARNED)
+    config = PRUNERS[method].config_class(sparsity="2:4", permutation=permutation, **SMALL, **extra)
+    pruner = PRUNERS[method](model, tokenizer)
+    pruner.prune(config, CALIBRATION_TEXT, save_dir=tmp_path / "permuted", progress=False)
+    report = pruner.permutation_report
+    assert report.kept_score >= report.kept_score_identity - 1e-6 or report.kind == "learned"
+    assert report.probe_logit_change < 1e-4
+    if report.kind == "learned":
+        assert report.training["steps"] >= 1 and report.training["loss_curve"]
+    _assert_exact_n_m(model)
+    assert pruner.report.overall_sparsity == 0.5
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "permuted")
+    assert type(reloaded) is type(model)  # an ordinary model: no permutation module, no gather
+    torch.testing.assert_close(_logits(reloaded), _logits(model), atol=0, rtol=0)
+    _assert_exact_n_m(reloaded)
+    recipe = json.loads((tmp_path / "permuted" / "config.json").read_text())["hf_compress"]["pruning"]
+    assert PruningConfig.from_dict(recipe) == config
+
+    # Same format and size as the unpermuted checkpoint.
+    plain_model, _ = tiny_model(arch)
+    plain_config = PRUNERS[method].config_class(sparsity="2:4", **SMALL, **extra)
+    PRUNERS[method](plain_model, tokenizer).prune(plain_config, CALIBRATION_TEXT, save_dir=tmp_path / "plain",
+                                                  progress=False)
+    saved = [json.loads((tmp_path / name / "config.json").read_text())["quantization_config"]
+             for name in ("permuted", "plain")]
+    assert saved[0]["compressed_modules"] == saved[1]["compressed_modules"]
+    assert saved[0]["storage"] == saved[1]["storage"]
+    sizes = [(tmp_path / name / "model.safetensors").stat().st_size for name in ("permuted", "plain")]
+    assert abs(sizes[0] - sizes[1]) <= 64  # the header's JSON (checksums, recipe) may differ by a few bytes
+
+
+def test_permutation_none_leaves_every_pruner_unchanged():
+    for method in ("wanda", "magnitude"):
+        results = []
+        for permutation in (None, "none"):
+            model, tokenizer = tiny_model("llama")
+            config = PRUNERS[method].config_class(sparsity="2:4", permutation=permutation, **SMALL)
+            pruner = PRUNERS[method](model, tokenizer)
+            pruner.prune(config, CALIBRATION_TEXT if method == "wanda" else None, progress=False)
+            assert pruner.permutation_report is None
+            results.append(_pruned_weights(model))
+        for name, weight in results[0].items():
+            assert torch.equal(weight, results[1][name])
+
+
+def test_ria_changes_the_masks_and_keeps_more_score_on_a_structured_model():
+    model, tokenizer = tiny_model("llama")
+    with torch.no_grad():  # give the stream strong and weak channels next to each other
+        model.model.embed_tokens.weight[:, :16] *= 8
+    pruner = WandaPruner(model, tokenizer)
+    pruner.prune(WandaConfig(sparsity="2:4", permutation="ria", **SMALL), CALIBRATION_TEXT, progress=False)
+    report = pruner.permutation_report
+    assert report.moved_channels > 0 and report.kept_score > report.kept_score_identity
+
+
+def test_learned_costs_start_at_their_initial_permutation_and_stay_permutations():
+    model, _ = tiny_model("mistral")
+    sites = find_sites(model)
+    config = LearnedPermutationConfig(groups=2, hard_forward=True)
+    initial = {}
+    for site in sites:  # a random permutation inside each of the 2 groups
+        half = site.width // 2
+        initial[site.name] = torch.cat([torch.randperm(half), half + torch.randperm(half)])
+    learner = PermutationLearner(model, sites, None, config, kept=2, group=4, initial=initial)
+    decoded = learner.hard_permutations()
+    for site in sites:
+        assert torch.equal(decoded[site.name], initial[site.name])
+    ids = torch.randint(3, 256, (1, 16))
+    learner(input_ids=ids, labels=ids)["loss"].backward()
+    assert all(cost.grad is not None and cost.grad.abs().sum() > 0 for cost in learner.costs)
+    assert all(layer.weight.grad is None for layer, _ in learner.layers.values())  # the weights stay frozen
+
+
+def test_learned_permutation_trains_only_the_costs_through_trainer():
+    model, tokenizer = tiny_model("llama")
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    pruner = WandaPruner(model, tokenizer)
+    config = WandaConfig(sparsity="2:4", permutation=LearnedPermutationConfig(**TINY_LEARNED, objective="cosine"),
+                         **SMALL)
+    permuted_dense = {}
+
+    def capture(*args, **kwargs):  # the dense model after absorption, before the prune
+        permuted_dense["logits"] = _logits(model)
+        return original_run(*args, **kwargs)
+
+    original_run, pruner.run = pruner.run, capture
+    pruner.prune(config, CALIBRATION_TEXT, progress=False)
+    dense = tiny_model("llama")[0]
+    torch.testing.assert_close(permuted_dense["logits"], _logits(dense), atol=1e-5, rtol=1e-5)
+    assert all(p.requires_grad for p in model.parameters())  # restored after training
+    assert pruner.permutation_report.training["cost_parameters"] > 0
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+def test_bad_permutation_configs_raise_clear_errors():
+    with pytest.raises(ValueError, match="needs an N:M sparsity"):
+        WandaConfig(sparsity=0.5, permutation="ria")
+    with pytest.raises(ValueError, match="permutation must be one of"):
+        WandaConfig(sparsity="2:4", permutation="sorted")
+    with pytest.raises(ValueError, match="removes whole heads"):
+        TyrConfig(permutation="ria")
+    with pytest.raises(ValueError, match="either groups or block_size"):
+        LearnedPermutationConfig(groups=4, block_size=32)
+    with pytest.raises(ValueError, match="temperature_end"):
+        LearnedPermutationConfig(temperature_start=0.1, temperature_end=0.5)
+    model, tokenizer = tiny_model("llama")
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="groups=3 does not divide the width 64"):
+        WandaPruner(model, tokenizer).prune(
+            WandaConfig(sparsity="2:4", permutation=LearnedPermutationConfig(groups=3), **SMALL),
+            CALIBRATION_TEXT, progress=False)
+    with pytest.raises(ValueError, match="head_dim 16 .* not a multiple of M=32"):
+        WandaPruner(model, tokenizer).prune(WandaConfig(sparsity="2:32", permutation="ria", **SMALL),
+                                            CALIBRATION_TEXT, progress=False)
+    with pytest.raises(ValueError, match="needs calibration_dataset"):
+        PRUNERS["magnitude"](model, tokenizer).prune(
+            MagnitudeConfig(sparsity="2:4", permutation=LearnedPermutationConfig(groups=2)), progress=False)
+    for name, parameter in model.named_parameters():  # nothing was touched
+        assert torch.equal(parameter, before[name])
+
+
+def test_cli_permutation_flag(tmp_path):
+    from hf_compress.cli.main import main
+
+    out = tmp_path / "out"
+    code = main(["-q", "prune", "wanda", "--model", "tiny-llama", "--sparsity", "2:4", "--permutation", "ria",
+                 "--calibration-sequences", "2", "--seq-len", "32", "--save-dir", str(out)])
+    assert code == 0
+    recipe = json.loads((out / "config.json").read_text())["hf_compress"]["pruning"]
+    assert recipe["permutation"] == "ria"
+    code = main(["-q", "prune", "wanda", "--model", "tiny-llama", "--sparsity", "2:4", "--options", json.dumps({"permutation": {"kind": "learned", "groups": 2, "epochs": 0.5}}),
+                 "--calibration-sequences", "2", "--seq-len", "32", "--save-dir", str(out), "--overwrite"])
+    assert code == 0
+    recipe = json.loads((out / "config.json").read_text())["hf_compress"]["pruning"]
+    assert recipe["permutation"]["groups"] == 2
