@@ -1,0 +1,81 @@
+"""``ArbiterConfig``: what a CoSpec arbiter reads, how it is built, and which target it was trained for.
+
+A ``transformers`` config (``config.json`` round-trips, ``push_to_hub`` works). The fields that tie an arbiter
+to a target (``hidden_size``, ``vocab_size``, ``tokenizer_fingerprint``) are filled in by
+:meth:`~.modeling.CoSpecArbiter.for_model` and checked before every decode.
+"""
+
+from __future__ import annotations
+
+from transformers import PreTrainedConfig
+
+from ...utils import InvalidArgumentTypeError, check_bool, check_float, check_int, check_str
+from .features import NUM_SCALAR_FEATURES
+
+__all__ = ["ArbiterConfig"]
+
+
+class ArbiterConfig(PreTrainedConfig):
+    """A CoSpec arbiter: at a draft/target mismatch, keep the draft token (DRAFT) or the target's (TARGET).
+
+    Args:
+        hidden_size / vocab_size: The target's (filled by ``CoSpecArbiter.for_model``).
+        use_hidden_states: Read the target's final hidden state at the draft token's position (Judge
+            Decoding's signal: a linear probe on it tells acceptable from harmful continuations). Without it
+            the arbiter reads only the cheap logit features (:mod:`.features`).
+        mlp_hidden_size: ``0`` = a linear head (Judge Decoding / AutoJudge); otherwise one SiLU hidden layer.
+        entropy_top_k: ``k`` of the target's top-k entropy feature (FLy's gate statistic, k = 3).
+        threshold: Default decision threshold on P(DRAFT): the speed–quality knob (``CoSpec(threshold=)``
+            overrides it). ``1.0`` never keeps a mismatching draft (strict), ``0.0`` always does.
+        initial_draft_probability: P(DRAFT) of a fresh arbiter (bias only): near strict decoding.
+        num_draft_tokens / draft_model_name_or_path / use_ngram: The drafting the arbiter was trained with,
+            used by the ``custom_generate`` folder it saves (``None`` draft model = n-gram prompt lookup).
+        base_model_name_or_path / tokenizer_fingerprint: The target it was trained for.
+        training: What ``train_arbiter`` did (data, oracle labels, RL steps, λ), for the model card.
+
+    Example:
+        >>> ArbiterConfig(hidden_size=64, vocab_size=256).num_features
+        73
+    """
+
+    model_type = "hf_compress_cospec_arbiter"
+
+    hidden_size: int | None = None
+    vocab_size: int | None = None
+    use_hidden_states: bool = True
+    mlp_hidden_size: int = 0
+    entropy_top_k: int = 3
+    threshold: float = 0.5
+    initial_draft_probability: float = 0.05
+    num_draft_tokens: int = 8
+    draft_model_name_or_path: str | None = None
+    use_ngram: bool = False
+    base_model_name_or_path: str | None = None
+    tokenizer_fingerprint: str | None = None
+    training: dict | None = None
+
+    def __post_init__(self, **kwargs):
+        for name in ("hidden_size", "vocab_size"):
+            check_int(name, getattr(self, name), minimum=1, allow_none=True,
+                      hint="CoSpecArbiter.for_model(model, config) fills it from the target.")
+        check_bool("use_hidden_states", self.use_hidden_states)
+        check_int("mlp_hidden_size", self.mlp_hidden_size, minimum=0, hint="0 gives a linear head.")
+        check_int("entropy_top_k", self.entropy_top_k, minimum=1)
+        self.threshold = check_float("threshold", self.threshold, low=0.0, high=1.0,
+                                     hint="It is a probability of keeping the draft token (1.0 = strict).")
+        self.initial_draft_probability = check_float(
+            "initial_draft_probability", self.initial_draft_probability, low=0.0, high=1.0, low_open=True, high_open=True)
+        check_int("num_draft_tokens", self.num_draft_tokens, minimum=1)
+        check_bool("use_ngram", self.use_ngram)
+        for name in ("draft_model_name_or_path", "base_model_name_or_path", "tokenizer_fingerprint"):
+            check_str(name, getattr(self, name), allow_none=True)
+        if self.training is not None and not isinstance(self.training, dict):
+            raise InvalidArgumentTypeError(f"training must be a dict or None, got {type(self.training).__name__}.")
+        super().__post_init__(**kwargs)
+
+    @property
+    def num_features(self) -> int:
+        """Width of the arbiter's input: the scalar features, plus the hidden state if it is read."""
+        if self.use_hidden_states and self.hidden_size is None:
+            raise ValueError("hidden_size is unknown; build the arbiter with CoSpecArbiter.for_model(model, config).")
+        return NUM_SCALAR_FEATURES + (self.hidden_size if self.use_hidden_states else 0)

@@ -1,0 +1,176 @@
+"""``CoSpecArbiter``: the small policy that arbitrates draft/target mismatches, as a ``PreTrainedModel``.
+
+It maps the features of a drafted position (:mod:`.features`) to the logit of keeping the draft token. It
+is also an acceptance rule (:meth:`CoSpecArbiter.verify`, the engine's ``AcceptanceRule`` protocol) with its
+saved threshold; :meth:`CoSpecArbiter.as_rule` gives one with another threshold or mode. Saving writes the
+config, the weights (input standardisation included), a model card and a ``custom_generate/`` folder.
+
+Example:
+    >>> from hf_compress.assets import tiny_model
+    >>> model, _ = tiny_model("llama")
+    >>> arbiter = CoSpecArbiter.for_model(model)
+    >>> arbiter(torch.zeros(2, arbiter.config.num_features)).shape
+    torch.Size([2])
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from ...utils import InvalidArgumentTypeError
+from ..acceptance import Verdict
+from .config import ArbiterConfig
+from .features import logit
+
+__all__ = ["CoSpecArbiter", "tokenizer_fingerprint"]
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A short hash of the tokenizer's vocabulary (token → id): equal iff token ids mean the same strings.
+
+    Example:
+        >>> from hf_compress.assets import tiny_model
+        >>> len(tokenizer_fingerprint(tiny_model("llama")[1]))
+        16
+    """
+    if not isinstance(tokenizer, PreTrainedTokenizerBase):
+        raise InvalidArgumentTypeError(f"tokenizer must be a PreTrainedTokenizerBase, got {type(tokenizer).__name__}.")
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items(), key=lambda item: item[1]), ensure_ascii=True)
+    return hashlib.sha256(vocab.encode()).hexdigest()[:16]
+
+
+class CoSpecArbiter(PreTrainedModel):
+    """Logit of DRAFT (keep the mismatching draft token) from one position's features.
+
+    A linear head (``mlp_hidden_size=0``, Judge Decoding's probe) or a one-hidden-layer MLP, after a fixed
+    standardisation of its inputs (``feature_mean``/``feature_std``, set from the warm-start data and saved
+    with the weights). The bias starts at ``logit(initial_draft_probability)`` with zero weights, so a fresh
+    arbiter keeps a mismatching draft with probability 0.05 everywhere: close to strict decoding.
+    """
+
+    config_class = ArbiterConfig
+    base_model_prefix = "arbiter"
+    main_input_name = "features"
+    _no_split_modules: list[str] = []
+
+    def __init__(self, config: ArbiterConfig):
+        super().__init__(config)
+        width = config.num_features
+        # Built on the CPU like nn.Linear's weights (moved with the module); set from the warm-start data.
+        self.register_buffer("feature_mean", torch.zeros(width, device="cpu"))
+        self.register_buffer("feature_std", torch.ones(width, device="cpu"))
+        if config.mlp_hidden_size:
+            self.net = nn.Sequential(nn.Linear(width, config.mlp_hidden_size), nn.SiLU(), nn.Linear(config.mlp_hidden_size, 1))
+        else:
+            self.net = nn.Sequential(nn.Linear(width, 1))
+        self.post_init()
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            last = module is self.net[-1]
+            if last:
+                nn.init.zeros_(module.weight)
+                nn.init.constant_(module.bias, logit(self.config.initial_draft_probability))
+            else:
+                nn.init.normal_(module.weight, std=1.0 / module.in_features**0.5)
+                nn.init.zeros_(module.bias)
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def for_model(
+        cls, model: PreTrainedModel, config: ArbiterConfig | None = None, tokenizer: PreTrainedTokenizerBase | None = None
+    ) -> CoSpecArbiter:
+        """A fresh arbiter for ``model`` (the target): its hidden size, vocabulary and (optionally) tokenizer."""
+        if not isinstance(model, PreTrainedModel):
+            raise InvalidArgumentTypeError(f"model must be the target causal LM (PreTrainedModel), got {type(model).__name__}.")
+        config = ArbiterConfig() if config is None else ArbiterConfig.from_dict(config.to_dict())  # never mutate
+        head = model.get_output_embeddings()
+        config.hidden_size, config.vocab_size = head.in_features, head.out_features
+        config.base_model_name_or_path = model.config.name_or_path or None
+        if tokenizer is not None:
+            config.tokenizer_fingerprint = tokenizer_fingerprint(tokenizer)
+        arbiter = cls(config)
+        arbiter.init_weights()
+        return arbiter.to(head.weight.device)
+
+    def check_compatible(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None = None) -> None:
+        """Raise a clear error if this arbiter was trained for a target of another width, vocabulary or tokenizer."""
+        head = model.get_output_embeddings()
+        hidden, vocab = head.in_features, head.out_features
+        if (hidden, vocab) != (self.config.hidden_size, self.config.vocab_size):
+            raise ValueError(
+                f"This CoSpec arbiter was trained for a target with hidden size {self.config.hidden_size} and "
+                f"{self.config.vocab_size} tokens ({self.config.base_model_name_or_path or 'unknown target'}), but this "
+                f"model has hidden size {hidden} and {vocab} tokens. Train one for this model (`train_arbiter`)."
+            )
+        if tokenizer is not None and self.config.tokenizer_fingerprint is not None:
+            if tokenizer_fingerprint(tokenizer) != self.config.tokenizer_fingerprint:
+                raise ValueError(
+                    "This CoSpec arbiter was trained with another tokenizer (its vocabulary fingerprint differs): "
+                    "token ids would mean other strings. Train one with this tokenizer (`train_arbiter`)."
+                )
+
+    # ------------------------------------------------------------------ computing
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """``(..., F)`` features → ``(...)`` logits of DRAFT."""
+        if features.shape[-1] != self.config.num_features:
+            raise ValueError(f"Expected {self.config.num_features} features per position, got {features.shape[-1]}.")
+        x = (features.to(self.feature_mean.dtype) - self.feature_mean) / self.feature_std
+        return self.net(x).squeeze(-1)
+
+    @torch.no_grad()
+    def set_standardisation(self, features: torch.Tensor) -> None:
+        """Standardise inputs with the mean and spread of ``features`` ``(N, F)`` (the warm-start data)."""
+        self.feature_mean.copy_(features.mean(dim=0))
+        self.feature_std.copy_(features.std(dim=0, correction=0).clamp_min(1e-3))
+
+    @property
+    def reads_hidden_states(self) -> bool:
+        return self.config.use_hidden_states
+
+    def as_rule(self, threshold: float | None = None, mode: str = "policy", **kwargs):
+        """An :class:`~.rule.ArbiterRule` with this arbiter (``threshold`` defaults to the saved one)."""
+        from .rule import ArbiterRule
+
+        return ArbiterRule(self, threshold=threshold, mode=mode, **kwargs)
+
+    def verify(self, draft_tokens, target_logits, draft_probs=None, hidden_states=None) -> Verdict:
+        """The ``AcceptanceRule`` protocol with the saved threshold (see :class:`~.rule.ArbiterRule`)."""
+        return self.as_rule().verify(draft_tokens, target_logits, draft_probs, hidden_states=hidden_states)
+
+    # ------------------------------------------------------------------ sharing
+    def strategy(self, **kwargs):
+        """The :class:`~.strategy.CoSpec` strategy this arbiter was trained with (``kwargs`` override)."""
+        from .strategy import CoSpec
+
+        settings = dict(draft_model=self.config.draft_model_name_or_path, num_draft_tokens=self.config.num_draft_tokens,
+                        use_ngram=self.config.use_ngram)
+        settings.update(kwargs)
+        return CoSpec(self, **settings)
+
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, *, overwrite: bool = False, arbiter_source: str | None = None, **kwargs
+    ) -> Path:
+        """Config + safetensors + model card + ``custom_generate/`` in one atomic write.
+
+        ``custom_generate/generate.py`` loads the arbiter from ``arbiter_source`` (default ``"."``: the folder or
+        repo ``custom_generate=`` names), with the drafting it was trained with (``config.draft_model_name_or_path``,
+        ``None`` = n-gram prompt lookup), so ``generate(custom_generate=<folder or repo>, trust_remote_code=True)``
+        decodes with it.
+
+        Example:
+            >>> arbiter.save_pretrained("smollm2-cospec")  # doctest: +SKIP
+        """
+        return self.strategy().save_pretrained(
+            save_directory, overwrite=overwrite, arbiter_source=arbiter_source, save_arbiter_kwargs=kwargs)
+
+    def push_to_hub(self, repo_id: str, **push_kwargs):
+        """Save (recording ``repo_id`` as where ``custom_generate`` loads the arbiter from) and upload."""
+        return self.strategy().push_to_hub(repo_id, **push_kwargs)

@@ -1,0 +1,211 @@
+"""``CoSpec``: speculative decoding where a learned arbiter settles draft/target mismatches.
+
+``model.generate(**inputs, custom_generate=CoSpec(arbiter, draft_model=draft))`` — the shared engine with
+a draft model (or n-gram prompt lookup) and :class:`~.rule.ArbiterRule` as its acceptance rule.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from ...hub import hub_model_id
+from ...utils import InvalidArgumentTypeError, check_choice, check_float, get_logger
+from ..acceptance import AcceptanceRule
+from ..strategies import HERE, SpeculativeDecoding, register_strategy
+from .modeling import CoSpecArbiter
+from .rule import MODES, ArbiterRule, DecisionLog
+
+__all__ = ["CoSpec"]
+
+logger = get_logger(__name__)
+CARD_TEMPLATE = Path(__file__).resolve().parents[2] / "hub" / "templates" / "acceptance_arbiter.md"
+
+
+class _RoundContext:
+    """Drafter wrapper that tells the decision log which sequence each round was drafted from."""
+
+    def __init__(self, drafter, log: DecisionLog):
+        self.drafter, self.log = drafter, log
+
+    def reset(self) -> None:
+        self.drafter.reset()
+
+    def propose(self, input_ids, attention_mask, max_tokens):
+        self.log.context = input_ids
+        return self.drafter.propose(input_ids, attention_mask, max_tokens)
+
+
+@register_strategy
+class CoSpec(SpeculativeDecoding):
+    """CoSpec (arXiv 2605.24793): at each mismatch a trained arbiter keeps the draft's or the target's token.
+
+    Greedy decoding only (the arbiter arbitrates between the draft token and the target's argmax). The
+    output is the target's greedy output with ``threshold=1.0`` (or ``mode="strict"``), token for token in
+    float32; lower thresholds keep more mismatching draft tokens: fewer target forwards, a different text.
+
+    Args:
+        arbiter: A trained :class:`~.modeling.CoSpecArbiter`, or a folder / Hub id to load one from.
+        draft_model: A causal LM (or path / Hub id); ``None`` drafts by n-gram prompt lookup.
+        threshold: P(DRAFT) above which a mismatch keeps the draft token; default the arbiter's saved one.
+        mode: ``"policy"`` (the threshold), ``"sample"`` (stochastic, as in RL rollouts), ``"strict"``
+            (arbiter disabled: strict verification) or ``"accept"`` (keep every draft token).
+        num_draft_tokens, use_ngram, tokenizer, draft_tokenizer, ...: as for
+            :class:`~..strategies.SpeculativeDecoding` (cross-tokenizer drafts work too).
+
+    Example:
+        >>> out = model.generate(**inputs, custom_generate=CoSpec(arbiter, draft_model=draft))  # doctest: +SKIP
+        >>> out = model.generate(**inputs, custom_generate="me/smollm2-cospec", trust_remote_code=True)  # doctest: +SKIP
+    """
+
+    method = "cospec"
+
+    def __init__(
+        self,
+        arbiter: CoSpecArbiter | str | os.PathLike | None = None,
+        draft_model: PreTrainedModel | str | None = None,
+        *,
+        threshold: float | None = None,
+        mode: str = "policy",
+        num_draft_tokens: int = 8,
+        use_ngram: bool = False,
+        max_ngram_size: int = 4,
+        num_ngram_pred_tokens: int = 6,
+        tokenizer: PreTrainedTokenizerBase | str | None = None,
+        draft_tokenizer: PreTrainedTokenizerBase | str | None = None,
+    ):
+        super().__init__(
+            draft_model, num_draft_tokens=num_draft_tokens, tokenizer=tokenizer, draft_tokenizer=draft_tokenizer,
+            use_ngram=use_ngram, max_ngram_size=max_ngram_size, num_ngram_pred_tokens=num_ngram_pred_tokens,
+        )
+        if arbiter is None:
+            raise ValueError("CoSpec needs a trained arbiter: pass `arbiter=` (a CoSpecArbiter, folder or Hub id; "
+                             "see hf_compress.speculative.train_arbiter).")
+        if not isinstance(arbiter, (CoSpecArbiter, str, os.PathLike)):
+            raise InvalidArgumentTypeError(
+                f"arbiter must be a CoSpecArbiter, a folder or a Hub id, got {type(arbiter).__name__}.")
+        check_float("threshold", threshold, low=0.0, high=1.0, allow_none=True,
+                    hint="1.0 = strict verification, 0.0 = keep every draft token.")
+        check_choice("mode", mode, MODES)
+        self.arbiter = arbiter
+        self.threshold = threshold
+        self.mode = mode
+        self.decision_log: DecisionLog | None = None  # set by training to record the decisions
+        self.generator: torch.Generator | None = None  # random source of mode="sample"
+        self._arbiter_source: str | None = None
+
+    def load_arbiter(self, model: PreTrainedModel | None = None) -> CoSpecArbiter:
+        """The arbiter, loaded on first use (onto ``model``'s device) and checked against ``model``."""
+        if not isinstance(self.arbiter, CoSpecArbiter):
+            logger.info("Loading CoSpec arbiter %s", self.arbiter)
+            self._arbiter_source = str(self.arbiter)
+            self.arbiter = CoSpecArbiter.from_pretrained(self.arbiter)
+            self.arbiter.eval()
+        if model is not None:
+            self.arbiter.check_compatible(model, self.tokenizer if isinstance(self.tokenizer, PreTrainedTokenizerBase) else None)
+            self.arbiter.to(model.device)
+        return self.arbiter
+
+    def acceptance_rule(self, generation_config) -> AcceptanceRule:
+        if generation_config.do_sample:
+            raise ValueError("CoSpec arbitrates between the draft token and the target's greedy choice: call "
+                             "generate() with do_sample=False (or use FLy / SpeculativeDecoding for sampling).")
+        return ArbiterRule(self.load_arbiter(), threshold=self.threshold, mode=self.mode, log=self.decision_log,
+                           generator=self.generator)
+
+    def drafter_for(self, model: PreTrainedModel):
+        self.load_arbiter(model)
+        drafter = super().drafter_for(model)
+        return drafter if self.decision_log is None else _RoundContext(drafter, self.decision_log)
+
+    # ------------------------------------------------------------------ serialisation
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "threshold": self.threshold, "mode": self.mode}
+
+    def to_dict(self) -> dict[str, Any]:
+        arbiter = self._arbiter_source or (
+            str(self.arbiter) if not isinstance(self.arbiter, CoSpecArbiter) else self.arbiter.name_or_path)
+        return {**super().to_dict(), "arbiter": arbiter or None}
+
+    @classmethod
+    def from_settings(cls, settings: dict[str, Any]) -> CoSpec:
+        settings = {k: v for k, v in settings.items() if k != "heads"}
+        arbiter = settings.pop("arbiter", None)
+        return cls(arbiter, **settings)
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        *,
+        base_model: str | None = None,
+        overwrite: bool = False,
+        arbiter_source: str | None = None,
+        save_arbiter_kwargs: dict[str, Any] | None = None,
+    ) -> Path:
+        """The ``custom_generate`` folder, with the arbiter's config and weights when it is in memory.
+
+        ``arbiter_source`` is where the saved ``generate.py`` loads the arbiter from: by default ``"."`` (the
+        folder or repo ``custom_generate=`` names when it runs) for an arbiter in memory.
+
+        Example:
+            >>> CoSpec(arbiter).save_pretrained("smollm2-cospec")  # doctest: +SKIP
+            >>> model.generate(ids, custom_generate="smollm2-cospec", trust_remote_code=True)  # doctest: +SKIP
+        """
+        if isinstance(self.arbiter, CoSpecArbiter):
+            arbiter_source = arbiter_source or HERE
+            base_model = base_model or hub_model_id(self.arbiter.config.base_model_name_or_path)
+        previous = self._arbiter_source
+        self._arbiter_source, self._save_arbiter_kwargs = arbiter_source or previous, save_arbiter_kwargs or {}
+        try:
+            return super().save_pretrained(save_directory, base_model=base_model, overwrite=overwrite)
+        finally:
+            self._arbiter_source = previous
+
+    def _check_saveable(self, settings: dict[str, Any]) -> None:
+        super()._check_saveable(settings)
+        if not settings["arbiter"]:
+            raise ValueError("The arbiter has no name or path to record; save it first or pass arbiter_source=.")
+
+    def _write_weights(self, folder: Path) -> None:
+        if isinstance(self.arbiter, CoSpecArbiter):
+            from ..heads.strategy import _portable_name
+
+            config = self.arbiter.config
+            names = {k: getattr(config, k) for k in ("base_model_name_or_path", "draft_model_name_or_path")}
+            for key, value in names.items():  # never a local absolute path in config.json
+                setattr(config, key, _portable_name(value))
+            try:
+                PreTrainedModel.save_pretrained(self.arbiter, folder, **self._save_arbiter_kwargs)
+            finally:
+                for key, value in names.items():
+                    setattr(config, key, value)
+
+    def _save_kwargs_for_push(self, repo_id: str) -> dict[str, Any]:
+        return {"arbiter_source": repo_id} if isinstance(self.arbiter, CoSpecArbiter) else {}
+
+    def model_card(self, name: str, base_model: str | None, settings: dict[str, Any]):
+        from ...hub import build_model_card
+
+        recipe: dict[str, Any] = {"method": "cospec", "decoding": settings}
+        if isinstance(self.arbiter, CoSpecArbiter):
+            from ..heads.strategy import _portable_name
+
+            arbiter = {k: v for k, v in self.arbiter.config.to_diff_dict().items()
+                       if k not in ("transformers_version", "architectures")}
+            for key in ("base_model_name_or_path", "draft_model_name_or_path"):
+                if key in arbiter:
+                    arbiter[key] = _portable_name(arbiter[key])
+            recipe["arbiter"] = arbiter
+            recipe["parameters"] = sum(p.numel() for p in self.arbiter.parameters())
+        return build_model_card(
+            base_model=base_model, model_name=name, recipe=recipe, template=CARD_TEMPLATE,
+            extra_tags=["custom_generate", "speculative-decoding", "cospec"],
+            load_snippet=(
+                "import hf_compress  # pip install hf-compress\n"
+                f'out = model.generate(**inputs, custom_generate="{name}", trust_remote_code=True, do_sample=False)'
+            ),
+        )

@@ -1,0 +1,434 @@
+"""Training a CoSpec arbiter: oracle labels for a supervised warm start, then REINFORCE on the task reward.
+
+1. **Oracle labels** (AutoJudge's fork-and-regenerate): decode each training prompt with strict verification
+   (= the target's greedy answer), and at each mismatch met on the way fork: put the draft token in place
+   of the target's, let the target continue greedily, score both answers. DRAFT is the label when the draft
+   branch scores higher, or equal with the same (normalised) answer; TARGET when it scores lower, or equal
+   with a changed answer (the answer moved: conservative, as AutoJudge marks changed answers "important").
+2. **Warm start**: class-balanced logistic regression of those labels on the features, full batch.
+3. **RL**: episodes are whole CoSpec generations with the arbiter sampled at each mismatch
+   (``mode="sample"``); reward ``R = task score − λ · target forwards``; ``group_size`` rollouts per prompt
+   give a group-relative baseline (GRPO-style advantages ``(R − mean) / std``); loss
+   ``−Σ_episodes A · Σ_decisions log π(a) − β · entropy``; only the arbiter trains.
+
+Why not TRL: its RL trainers (``GRPOTrainer``, ``RLOOTrainer``, ``PPOTrainer``) optimise a causal LM that
+*generates* the completions being rewarded, with token log-probabilities from that LM. Here the policy is a
+binary classifier called inside another model's decoding loop, a handful of Bernoulli decisions per
+episode, and the "completion" is produced by the frozen target. None of those trainers can express that,
+so the loop below is a plain REINFORCE with a group baseline, stepping through ``accelerate`` and logging
+like ``Trainer`` (a dict per step into ``log_history`` and the log).
+
+Example:
+    >>> arbiter = train_arbiter(model, draft, [{"input_ids": ids, "answers": ["Paris"]}], tokenizer=tok)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from ...evaluation.squad import normalize_answer
+from ...utils import InvalidArgumentTypeError, check_bool, check_float, check_int, get_logger
+from ..task_answers import (
+    REWARDS,
+    Reward,
+    TaskExample,
+    answer_text,
+    generate_answer,
+    resolve_reward,
+    stop_token_ids,
+    task_examples,
+)
+from .config import ArbiterConfig
+from .modeling import CoSpecArbiter
+from .rule import Decision, DecisionLog
+from .strategy import CoSpec
+
+__all__ = [
+    "REWARDS",
+    "ArbiterTrainingSettings",
+    "Episode",
+    "OracleLabels",
+    "TaskExample",
+    "collect_oracle_labels",
+    "fit_warm_start",
+    "oracle_agreement",
+    "oracle_label",
+    "reinforce_step",
+    "resolve_reward",
+    "task_examples",
+    "train_arbiter",
+]
+
+logger = get_logger(__name__)
+
+@dataclass
+class ArbiterTrainingSettings:
+    """Knobs of :func:`train_arbiter` (defaults sized for a 135M target on a CPU).
+
+    Args:
+        max_new_tokens: Answer budget per generation.
+        stop_at_newline: Stop an answer at its first newline (the answer is the first line anyway).
+        max_forks_per_prompt: Oracle forks per training prompt (evenly spread over its mismatches); each costs
+            one greedy target generation.
+        warm_start_steps / warm_start_learning_rate: Full-batch Adam steps of the logistic regression.
+        weight_decay: L2 on the arbiter's weights (warm start and RL).
+        rl_steps / rl_prompts_per_step / group_size: RL updates, prompts per update, rollouts per prompt.
+        rl_learning_rate: AdamW learning rate of the RL stage.
+        cost_per_forward: λ, the reward's price of one target forward (in task-score units).
+        entropy_bonus: β, keeps the policy from collapsing to a deterministic one too early.
+        seed: Seeds the rollouts' sampling and the prompt order.
+    """
+
+    max_new_tokens: int = 32
+    stop_at_newline: bool = True
+    max_forks_per_prompt: int = 4
+    warm_start_steps: int = 300
+    warm_start_learning_rate: float = 0.05
+    weight_decay: float = 0.01
+    rl_steps: int = 4
+    rl_prompts_per_step: int = 4
+    group_size: int = 4
+    rl_learning_rate: float = 0.01
+    cost_per_forward: float = 0.01
+    entropy_bonus: float = 0.01
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("max_new_tokens", "max_forks_per_prompt", "rl_prompts_per_step", "group_size"):
+            check_int(name, getattr(self, name), minimum=1)
+        for name in ("warm_start_steps", "rl_steps", "seed"):
+            check_int(name, getattr(self, name), minimum=0)
+        check_bool("stop_at_newline", self.stop_at_newline)
+        for name in ("warm_start_learning_rate", "rl_learning_rate"):
+            check_float(name, getattr(self, name), low=0.0, low_open=True)
+        for name in ("weight_decay", "cost_per_forward", "entropy_bonus"):
+            check_float(name, getattr(self, name), low=0.0)
+
+
+# ---------------------------------------------------------------------------------------------- oracle labels
+def oracle_label(target_score: float, draft_score: float, same_answer: bool) -> int:
+    """1 (DRAFT acceptable) or 0 (TARGET needed) from the two branches' scores (see the module docstring).
+
+    Example:
+        >>> oracle_label(0.5, 1.0, False), oracle_label(1.0, 0.5, False), oracle_label(0.0, 0.0, True), oracle_label(0.0, 0.0, False)
+        (1, 0, 1, 0)
+    """
+    if draft_score != target_score:
+        return int(draft_score > target_score)
+    return int(same_answer)
+
+
+@dataclass
+class OracleLabels:
+    """Features ``(N, F)`` of forked mismatches and their labels ``(N,)``; ``target_scores`` per prompt."""
+
+    features: torch.Tensor
+    labels: torch.Tensor
+    target_scores: list[float] = field(default_factory=list)
+    mismatches_seen: int = 0
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@torch.no_grad()
+def collect_oracle_labels(
+    model: PreTrainedModel,
+    strategy: CoSpec,
+    examples: Sequence[TaskExample],
+    tokenizer: PreTrainedTokenizerBase,
+    reward: str | Reward = "squad_f1",
+    settings: ArbiterTrainingSettings | None = None,
+) -> OracleLabels:
+    """Fork-and-regenerate labels at the mismatches of strict decoding (AutoJudge's miner), with their features."""
+    settings = settings or ArbiterTrainingSettings()
+    reward_fn = resolve_reward(reward)
+    stop_ids = stop_token_ids(model, tokenizer, settings.stop_at_newline)
+    log = DecisionLog()
+    saved = strategy.mode, strategy.decision_log
+    strategy.mode, strategy.decision_log = "strict", log
+    features, labels, target_scores, seen = [], [], [], 0
+    try:
+        for example in tqdm(examples, desc="oracle labels", unit="prompt"):
+            log.clear()
+            prompt_length = example.input_ids.shape[1]
+            sequence = generate_answer(model, example.input_ids, tokenizer, max_new_tokens=settings.max_new_tokens,
+                               stop_ids=stop_ids, strategy=strategy)
+            target_answer = answer_text(tokenizer, sequence[prompt_length:])
+            target_score = reward_fn(target_answer, example.answers)
+            target_scores.append(target_score)
+            decisions = [d for d in log.decisions if d.context is not None]
+            seen += len(decisions)
+            for decision in _spread(decisions, settings.max_forks_per_prompt):
+                position = len(decision.context) + decision.index  # strict: everything before it is greedy output
+                prefix = torch.cat([sequence[:position], torch.tensor([decision.draft_token], device="cpu")]).unsqueeze(0)
+                room = settings.max_new_tokens - (prefix.shape[1] - prompt_length)
+                branch = (generate_answer(model, prefix, tokenizer, max_new_tokens=room, stop_ids=stop_ids)
+                          if room > 0 else prefix[0])
+                draft_answer = answer_text(tokenizer, branch[prompt_length:])
+                label = oracle_label(target_score, reward_fn(draft_answer, example.answers),
+                                     normalize_answer(draft_answer) == normalize_answer(target_answer))
+                features.append(decision.features)
+                labels.append(float(label))
+    finally:
+        strategy.mode, strategy.decision_log = saved
+    width = strategy.arbiter.config.num_features
+    return OracleLabels(
+        torch.stack(features) if features else torch.zeros(0, width, device="cpu"), torch.tensor(labels, device="cpu"), target_scores, seen)
+
+
+def _spread(items: list, count: int) -> list:
+    if len(items) <= count:
+        return items
+    return [items[round(i * (len(items) - 1) / max(1, count - 1))] for i in range(count)]
+
+
+def fit_warm_start(arbiter: CoSpecArbiter, data: OracleLabels, settings: ArbiterTrainingSettings | None = None) -> dict[str, float]:
+    """Standardise the inputs on ``data`` and fit class-balanced logistic regression (full batch, Adam)."""
+    settings = settings or ArbiterTrainingSettings()
+    if len(data) == 0:
+        logger.warning("No oracle labels (no mismatch met): the warm start keeps the arbiter as it is.")
+        return {"labels": 0}
+    device = arbiter.feature_mean.device
+    x, y = data.features.to(device), data.labels.to(device)
+    arbiter.set_standardisation(x)
+    positives = float(y.sum())
+    weights = torch.where(y > 0, 0.5 / max(positives, 1.0), 0.5 / max(len(y) - positives, 1.0)) * len(y)
+    optimizer = torch.optim.Adam(arbiter.parameters(), lr=settings.warm_start_learning_rate)
+    arbiter.train()
+    loss = torch.zeros((), device=device)
+    for _ in range(settings.warm_start_steps):
+        optimizer.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(arbiter(x), y, weight=weights)
+        penalty = sum((p**2).sum() for n, p in arbiter.named_parameters() if n.endswith("weight"))
+        (loss + settings.weight_decay * penalty / len(y)).backward()
+        optimizer.step()
+    arbiter.eval()
+    with torch.no_grad():
+        accuracy = float(((arbiter(x) > 0).float() == y).float().mean())
+    return {"labels": len(y), "draft_share": positives / len(y), "loss": float(loss.detach()), "train_accuracy": accuracy}
+
+
+@torch.no_grad()
+def oracle_agreement(arbiter: CoSpecArbiter, data: OracleLabels, threshold: float | None = None) -> float | None:
+    """Share of oracle labels the arbiter's decision (P(DRAFT) > threshold) agrees with; ``None`` without labels."""
+    if len(data) == 0:
+        return None
+    threshold = arbiter.config.threshold if threshold is None else threshold
+    probabilities = arbiter(data.features.to(arbiter.feature_mean.device)).sigmoid().cpu()
+    return float(((probabilities > threshold).float() == data.labels).float().mean())
+
+
+# ---------------------------------------------------------------------------------------------- RL
+@dataclass
+class Episode:
+    """One rollout: the decisions' features ``(n, F)`` and actions ``(n,)`` (1 = DRAFT), and its reward."""
+
+    features: torch.Tensor
+    actions: torch.Tensor
+    reward: float
+    score: float = 0.0
+    target_forwards: int = 0
+
+    @classmethod
+    def from_decisions(cls, decisions: list[Decision], reward: float, score: float, forwards: int, width: int) -> Episode:
+        if not decisions:
+            return cls(torch.zeros(0, width, device="cpu"), torch.zeros(0, device="cpu"), reward, score, forwards)
+        return cls(torch.stack([d.features for d in decisions]), torch.tensor([float(d.keep_draft) for d in decisions], device="cpu"),
+                   reward, score, forwards)
+
+
+def reinforce_step(
+    arbiter: CoSpecArbiter,
+    optimizer: torch.optim.Optimizer,
+    groups: Sequence[Sequence[Episode]],
+    entropy_bonus: float = 0.01,
+    accelerator=None,
+) -> dict[str, float]:
+    """One policy-gradient update from groups of episodes (one group per prompt; group-relative advantages).
+
+    Example:
+        >>> stats = reinforce_step(arbiter, torch.optim.AdamW(arbiter.parameters()), [[good, bad]])  # doctest: +SKIP
+    """
+    device = arbiter.feature_mean.device
+    arbiter.train()
+    optimizer.zero_grad()
+    terms, entropies, used = [], [], 0
+    for group in groups:
+        rewards = torch.tensor([e.reward for e in group], dtype=torch.float32, device="cpu")
+        advantages = rewards - rewards.mean()
+        if len(group) > 1 and float(rewards.std()) > 1e-8:
+            advantages = advantages / rewards.std()
+        for episode, advantage in zip(group, advantages):
+            if len(episode.actions) == 0:
+                continue
+            logits = arbiter(episode.features.to(device))
+            log_prob = -F.binary_cross_entropy_with_logits(logits, episode.actions.to(device), reduction="sum")
+            probabilities = logits.sigmoid()
+            entropy = F.binary_cross_entropy_with_logits(logits, probabilities.detach(), reduction="mean")
+            terms.append(-float(advantage) * log_prob)
+            entropies.append(entropy)
+            used += 1
+    if not terms:
+        arbiter.eval()
+        return {"loss": 0.0, "episodes_with_decisions": 0}
+    loss = torch.stack(terms).mean() - entropy_bonus * torch.stack(entropies).mean()
+    if accelerator is not None:
+        accelerator.backward(loss)
+    else:
+        loss.backward()
+    optimizer.step()
+    arbiter.eval()
+    return {"loss": float(loss.detach()), "episodes_with_decisions": used}
+
+
+@torch.no_grad()
+def rollout(model, strategy: CoSpec, example: TaskExample, tokenizer, reward_fn: Reward,
+            settings: ArbiterTrainingSettings, stop_ids: list[int]) -> Episode:
+    """One sampled CoSpec generation of ``example``: its decisions and ``score − λ · target forwards``."""
+    log = strategy.decision_log
+    log.clear()
+    sequence = generate_answer(model, example.input_ids, tokenizer, max_new_tokens=settings.max_new_tokens,
+                               stop_ids=stop_ids, strategy=strategy)
+    score = reward_fn(answer_text(tokenizer, sequence[example.input_ids.shape[1]:]), example.answers)
+    forwards = strategy.last_metrics.target_forwards
+    return Episode.from_decisions(log.decisions, score - settings.cost_per_forward * forwards, score, forwards,
+                                  strategy.arbiter.config.num_features)
+
+
+def run_reinforce(
+    model: PreTrainedModel,
+    arbiter: CoSpecArbiter,
+    strategy: CoSpec,
+    examples: Sequence[TaskExample],
+    tokenizer: PreTrainedTokenizerBase,
+    reward: str | Reward,
+    settings: ArbiterTrainingSettings,
+) -> list[dict[str, Any]]:
+    """The RL stage: ``rl_steps`` updates of ``rl_prompts_per_step`` prompts × ``group_size`` rollouts each."""
+    from accelerate import Accelerator
+
+    reward_fn = resolve_reward(reward)
+    stop_ids = stop_token_ids(model, tokenizer, settings.stop_at_newline)
+    accelerator = Accelerator(device_placement=False)
+    optimizer = torch.optim.AdamW(arbiter.parameters(), lr=settings.rl_learning_rate, weight_decay=settings.weight_decay)
+    optimizer = accelerator.prepare_optimizer(optimizer, device_placement=False)
+    generator = torch.Generator(device=model.device).manual_seed(settings.seed)
+    order = random.Random(settings.seed)
+    saved = strategy.mode, strategy.decision_log, strategy.generator
+    strategy.mode, strategy.decision_log, strategy.generator = "sample", DecisionLog(), generator
+    history = []
+    started = time.perf_counter()
+    try:
+        for step in tqdm(range(1, settings.rl_steps + 1), desc="CoSpec RL", unit="step"):
+            prompts = order.sample(list(examples), min(settings.rl_prompts_per_step, len(examples)))
+            groups = [[rollout(model, strategy, ex, tokenizer, reward_fn, settings, stop_ids)
+                       for _ in range(settings.group_size)] for ex in prompts]
+            stats = reinforce_step(arbiter, optimizer, groups, settings.entropy_bonus, accelerator)
+            episodes = [e for g in groups for e in g]
+            decisions = sum(len(e.actions) for e in episodes)
+            entry = {
+                "step": step,
+                "loss": round(stats["loss"], 5),
+                "reward": round(sum(e.reward for e in episodes) / len(episodes), 5),
+                "score": round(sum(e.score for e in episodes) / len(episodes), 5),
+                "target_forwards": round(sum(e.target_forwards for e in episodes) / len(episodes), 3),
+                "draft_decision_rate": round(sum(float(e.actions.sum()) for e in episodes) / max(1, decisions), 4),
+                "seconds": round(time.perf_counter() - started, 1),
+            }
+            history.append(entry)
+            logger.info("%s", entry)  # Trainer-style: one dict per logged step
+    finally:
+        strategy.mode, strategy.decision_log, strategy.generator = saved
+    return history
+
+
+# ---------------------------------------------------------------------------------------------- entry point
+def train_arbiter(
+    model: PreTrainedModel,
+    drafter_or_draft_model: PreTrainedModel | str | None,
+    task_dataset: Sequence[Any],
+    reward: str | Reward = "squad_f1",
+    *,
+    tokenizer: PreTrainedTokenizerBase,
+    config: ArbiterConfig | None = None,
+    arbiter: CoSpecArbiter | None = None,
+    settings: ArbiterTrainingSettings | None = None,
+    num_draft_tokens: int = 8,
+    use_ngram: bool = False,
+    draft_tokenizer: PreTrainedTokenizerBase | None = None,
+    data_description: str | None = None,
+) -> CoSpecArbiter:
+    """Train a CoSpec arbiter for ``model`` with this drafter on a task with reference answers.
+
+    Args:
+        model: The target (frozen).
+        drafter_or_draft_model: A draft causal LM (or its path / Hub id), or ``None`` / ``"ngram"`` for n-gram
+            prompt lookup.
+        task_dataset: Items with ``answers`` and ``input_ids`` (or a ``prompt`` string); see :func:`task_examples`.
+        reward: ``"squad_f1"``, ``"squad_exact_match"`` or a callable ``(answer_text, answers) -> float``.
+        tokenizer: The target's tokenizer (decodes answers; its fingerprint is saved with the arbiter).
+        config / arbiter: Settings of a fresh arbiter, or an arbiter to continue training.
+        settings: :class:`ArbiterTrainingSettings` (forks, warm start, RL steps, λ = ``cost_per_forward``).
+        num_draft_tokens, use_ngram, draft_tokenizer: Drafting (as :class:`~.strategy.CoSpec`); a draft with
+            another tokenizer needs ``draft_tokenizer``.
+
+    Returns:
+        The trained arbiter; ``arbiter.config.training`` holds the summary and the RL log history.
+    """
+    if not isinstance(model, PreTrainedModel):
+        raise InvalidArgumentTypeError(f"model must be the target causal LM (PreTrainedModel), got {type(model).__name__}.")
+    if not isinstance(tokenizer, PreTrainedTokenizerBase):
+        raise InvalidArgumentTypeError(f"tokenizer must be the target's tokenizer, got {type(tokenizer).__name__}.")
+    reward_fn = resolve_reward(reward)
+    settings = settings or ArbiterTrainingSettings()
+    if not isinstance(settings, ArbiterTrainingSettings):
+        raise InvalidArgumentTypeError(f"settings must be ArbiterTrainingSettings, got {type(settings).__name__}.")
+    examples = task_examples(task_dataset, tokenizer)
+    draft = None if drafter_or_draft_model == "ngram" else drafter_or_draft_model
+    if arbiter is None:
+        arbiter = CoSpecArbiter.for_model(model, config, tokenizer)
+    else:
+        arbiter.check_compatible(model, tokenizer)
+    arbiter.config.num_draft_tokens, arbiter.config.use_ngram = num_draft_tokens, use_ngram
+    arbiter.config.draft_model_name_or_path = draft if isinstance(draft, str) else (
+        getattr(draft, "name_or_path", None) or None)
+    pair = dict(tokenizer=tokenizer, draft_tokenizer=draft_tokenizer) if draft_tokenizer is not None else {}
+    strategy = CoSpec(arbiter, draft_model=draft, num_draft_tokens=num_draft_tokens, use_ngram=use_ngram, **pair)
+    started = time.perf_counter()
+    requires_grad = [p.requires_grad for p in model.parameters()]
+    model.requires_grad_(False)
+    try:
+        logger.info("CoSpec: oracle labels on %d prompts", len(examples))
+        oracle = collect_oracle_labels(model, strategy, examples, tokenizer, reward_fn, settings)
+        warm = fit_warm_start(arbiter, oracle, settings)
+        logger.info("CoSpec warm start: %s", warm)
+        history = run_reinforce(model, arbiter, strategy, examples, tokenizer, reward_fn, settings) if settings.rl_steps else []
+    finally:
+        for p, flag in zip(model.parameters(), requires_grad):
+            p.requires_grad_(flag)
+    arbiter.eval()
+    arbiter.config.training = {
+        "data": data_description,
+        "prompts": len(examples),
+        "reward": reward if isinstance(reward, str) else getattr(reward, "__name__", "custom"),
+        "mismatches_seen": oracle.mismatches_seen,
+        "oracle_labels": len(oracle),
+        "warm_start": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in warm.items()},
+        "target_score_strict": round(sum(oracle.target_scores) / max(1, len(oracle.target_scores)), 4),
+        "settings": asdict(settings),
+        "log_history": history,
+        "train_seconds": round(time.perf_counter() - started, 1),
+    }
+    if not all(torch.isfinite(p).all() for p in arbiter.parameters()):
+        raise RuntimeError("Arbiter training diverged (non-finite weights); lower the learning rates.")
+    return arbiter

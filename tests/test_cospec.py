@@ -1,0 +1,290 @@
+"""CoSpec (learned arbitration of draft/target mismatches) and FLy calibration, on tiny random models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GenerationConfig
+
+from hf_compress.assets import tiny_model
+from hf_compress.hub import read_recipe
+from hf_compress.speculative import (
+    FLy,
+    LooseVerification,
+    SpeculativeDecoding,
+    StrictGreedy,
+    speculative_decode,
+)
+from hf_compress.speculative.cospec import (
+    FEATURE_NAMES,
+    ArbiterConfig,
+    ArbiterRule,
+    ArbiterTrainingSettings,
+    CoSpec,
+    CoSpecArbiter,
+    DecisionLog,
+    Episode,
+    OracleLabels,
+    collect_oracle_labels,
+    fit_warm_start,
+    mismatch_features,
+    oracle_label,
+    reinforce_step,
+    task_examples,
+    train_arbiter,
+)
+from hf_compress.speculative.drafting import Draft
+
+PROMPTS = ["the cat sat on", "abcabcabc", "hello world, hello", "12 + 34 ="]
+
+
+def quick_settings(**overrides) -> ArbiterTrainingSettings:
+    values = dict(max_new_tokens=16, stop_at_newline=False, max_forks_per_prompt=3, warm_start_steps=50,
+                  rl_steps=1, rl_prompts_per_step=2, group_size=2)
+    values.update(overrides)
+    return ArbiterTrainingSettings(**values)
+
+
+def task(tok, answers=("a",)):
+    return [{"prompt": p, "answers": list(answers)} for p in PROMPTS]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread; on a loaded 2-core machine two threads wait on each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    model, tok = tiny_model("llama")
+    draft, _ = tiny_model("llama", seed=1)
+    return model, tok, draft
+
+
+@pytest.fixture(scope="module")
+def mixed_arbiter(pair):
+    """An arbiter whose decisions at threshold 0.5 are mixed: warm-started on labels that depend on entropy."""
+    model, tok, _ = pair
+    arbiter = CoSpecArbiter.for_model(model, ArbiterConfig(use_hidden_states=True), tok)
+    torch.manual_seed(0)
+    features = torch.randn(64, arbiter.config.num_features)
+    labels = (features[:, FEATURE_NAMES.index("top_k_entropy")] > 0).float()
+    fit_warm_start(arbiter, OracleLabels(features, labels), quick_settings(warm_start_steps=100))
+    return arbiter
+
+
+def greedy(model, tok, prompt, n=20):
+    ids = tok(prompt, return_tensors="pt").input_ids
+    return ids, model.generate(ids, max_new_tokens=n, do_sample=False)
+
+
+# ------------------------------------------------------------------------------------ the rule
+def test_features_and_rule_on_hand_built_logits(pair):
+    model, _, _ = pair
+    arbiter = CoSpecArbiter.for_model(model, ArbiterConfig(use_hidden_states=False))
+    logits = torch.full((1, 4, 256), -5.0)
+    logits[0, [0, 1, 2, 3], [1, 2, 3, 4]] = 5.0  # the target wants 1, 2, 3 and bonus 4
+    drafts = torch.tensor([[1, 9, 3]])  # a mismatch in the middle, then a match
+    features = mismatch_features(drafts, logits)
+    assert features.shape == (1, 3, len(FEATURE_NAMES))
+    assert features[0, 1, FEATURE_NAMES.index("following_matches")] == pytest.approx(1 / 3)
+    assert features[0, 0, FEATURE_NAMES.index("log_rank")] == 0 and features[0, 1, FEATURE_NAMES.index("log_rank")] > 0
+    strict = StrictGreedy().verify(drafts, logits)
+    for rule in (ArbiterRule(arbiter, mode="strict"), ArbiterRule(arbiter, threshold=1.0), arbiter):  # fresh = P 0.05
+        verdict = rule.verify(drafts, logits)
+        assert verdict.num_accepted.tolist() == strict.num_accepted.tolist() == [1]
+        assert verdict.next_token.tolist() == strict.next_token.tolist() == [2]
+    for rule in (ArbiterRule(arbiter, mode="accept"), ArbiterRule(arbiter, threshold=0.0)):
+        verdict = rule.verify(drafts, logits)
+        assert verdict.num_accepted.tolist() == [3] and verdict.next_token.tolist() == [4]  # all drafts, then the bonus
+    log = DecisionLog()
+    ArbiterRule(arbiter, mode="accept", log=log).verify(drafts, logits)
+    assert [(d.index, d.keep_draft, d.draft_token, d.target_token) for d in log.decisions] == [(1, True, 9, 2)]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_arbiter_disabled_is_greedy_generate(arch, pair):
+    model, tok = tiny_model(arch)
+    draft, _ = tiny_model(arch, seed=1)
+    arbiter = CoSpecArbiter.for_model(model)
+    for prompt in PROMPTS[:2]:
+        ids, reference = greedy(model, tok, prompt)
+        for strategy in (CoSpec(arbiter, draft, threshold=1.0), CoSpec(arbiter, mode="strict"), CoSpec(arbiter, draft)):
+            assert torch.equal(model.generate(ids, max_new_tokens=20, do_sample=False, custom_generate=strategy), reference)
+
+
+def test_always_accept_equals_accepting_every_draft_token(pair, mixed_arbiter):
+    model, tok, draft = pair
+
+    class Sevens:  # hand-built drafts: always token 7
+        def reset(self):
+            pass
+
+        def propose(self, input_ids, attention_mask, max_tokens):
+            return Draft(torch.full((input_ids.shape[0], max_tokens), 7))
+
+    ids = tok(PROMPTS[0], return_tensors="pt").input_ids
+    config = GenerationConfig(max_length=ids.shape[1] + 14, do_sample=False)
+    from transformers.generation import MaxLengthCriteria, StoppingCriteriaList
+
+    stop = StoppingCriteriaList([MaxLengthCriteria(config.max_length)])
+    out, metrics, _ = speculative_decode(model, ids, Sevens(), ArbiterRule(mixed_arbiter, mode="accept"), 4,
+                                         generation_config=config, stopping_criteria=stop)
+    new = out[0, ids.shape[1]:]
+    assert metrics.target_forwards == 3  # 5 tokens per forward: 4 drafts + the bonus
+    assert new[[0, 1, 2, 3, 5, 6, 7, 8, 10, 11, 12]].eq(7).all()  # the last round has room for 3 drafts
+    loose = SpeculativeDecoding(draft, acceptance=LooseVerification(entropy_threshold=0.0, use_window=False))
+    accept = CoSpec(mixed_arbiter, draft, threshold=0.0)
+    assert torch.equal(model.generate(ids, max_new_tokens=20, do_sample=False, custom_generate=accept),
+                       model.generate(ids, max_new_tokens=20, do_sample=False, custom_generate=loose))
+
+
+# ------------------------------------------------------------------------------------ training
+def test_oracle_labels_follow_the_branch_scores(pair):
+    assert (oracle_label(0.2, 0.9, False), oracle_label(0.9, 0.2, True), oracle_label(0.5, 0.5, True),
+            oracle_label(0.5, 0.5, False)) == (1, 0, 1, 0)
+    model, tok, draft = pair
+    arbiter = CoSpecArbiter.for_model(model, tokenizer=tok)
+    strategy = CoSpec(arbiter, draft)
+    examples = task_examples(task(tok), tok)
+    greedy_answers = {}
+    for example in examples:  # reward 1 for exactly the target's own greedy answer
+        out = model.generate(example.input_ids, max_new_tokens=16, do_sample=False)
+        greedy_answers[tuple(example.input_ids[0].tolist())] = tok.decode(out[0, example.input_ids.shape[1]:]).strip()
+    answers = set(greedy_answers.values())
+    data = collect_oracle_labels(model, strategy, examples, tok, lambda text, _: float(text in answers), quick_settings())
+    assert data.target_scores == [1.0] * len(examples)  # strict decoding = the target's greedy answer
+    assert len(data) > 0 and data.features.shape == (len(data), arbiter.config.num_features)
+    assert data.labels.sum() < len(data)  # a random draft token changes the answer: labelled TARGET
+    assert strategy.mode == "policy" and strategy.decision_log is None  # restored
+
+
+def test_reinforce_step_moves_the_policy_towards_rewarded_actions(pair):
+    model, _, _ = pair
+    arbiter = CoSpecArbiter.for_model(model, ArbiterConfig(use_hidden_states=False))
+    features = torch.randn(3, arbiter.config.num_features, generator=torch.Generator().manual_seed(0))
+    before = arbiter(features).sigmoid().mean().item()
+    optimizer = torch.optim.SGD(arbiter.parameters(), lr=0.2)  # no momentum: each step follows its own gradient
+    drafted = Episode(features, torch.ones(3), reward=1.0)
+    refused = Episode(features, torch.zeros(3), reward=0.0)
+    for _ in range(5):
+        stats = reinforce_step(arbiter, optimizer, [[drafted, refused]], entropy_bonus=0.0)
+    assert stats["episodes_with_decisions"] == 2
+    assert arbiter(features).sigmoid().mean().item() > before + 0.1
+    flipped = [[Episode(features, torch.ones(3), reward=0.0), Episode(features, torch.zeros(3), reward=1.0)]]
+    middle = arbiter(features).sigmoid().mean().item()
+    for _ in range(3):
+        reinforce_step(arbiter, optimizer, flipped, entropy_bonus=0.0)
+    assert arbiter(features).sigmoid().mean().item() < middle
+
+
+def test_train_arbiter_rl_lowers_target_forwards_on_a_cost_only_reward(pair):
+    model, tok, draft = pair
+    # Constant task score: the reward is only −λ · target forwards, so keeping drafts is right everywhere.
+    settings = quick_settings(max_new_tokens=10, max_forks_per_prompt=1, rl_steps=3, rl_prompts_per_step=2, group_size=2,
+                              rl_learning_rate=0.3, cost_per_forward=0.1, warm_start_steps=0)
+    arbiter = train_arbiter(model, draft, task(tok), reward=lambda text, answers: 0.0, tokenizer=tok, settings=settings,
+                            config=ArbiterConfig(use_hidden_states=False))
+    history = arbiter.config.training["log_history"]
+    assert [h["step"] for h in history] == [1, 2, 3]
+    assert history[-1]["draft_decision_rate"] > history[0]["draft_decision_rate"]
+    assert arbiter.config.training["oracle_labels"] > 0 and arbiter.config.draft_model_name_or_path is None
+
+
+# ------------------------------------------------------------------------------------ saving and the Hub
+def test_save_reload_gives_identical_decisions(pair, mixed_arbiter, tmp_path):
+    model, tok, draft = pair
+    folder = mixed_arbiter.save_pretrained(tmp_path / "arb")
+    for name in ("config.json", "model.safetensors", "README.md", "custom_generate/generate.py"):
+        assert (folder / name).is_file(), name
+    assert read_recipe(folder)["method"] == "cospec"
+    loaded = CoSpecArbiter.from_pretrained(folder)
+    features = torch.randn(32, mixed_arbiter.config.num_features)
+    torch.testing.assert_close(loaded(features), mixed_arbiter(features))
+    assert loaded.config.tokenizer_fingerprint == mixed_arbiter.config.tokenizer_fingerprint
+    decisions = (mixed_arbiter(features) > 0).float().mean()
+    assert 0 < decisions < 1  # the comparison below is not trivial
+    ids = tok(PROMPTS[2], return_tensors="pt").input_ids
+    first, second = CoSpec(mixed_arbiter, draft), CoSpec(str(folder), draft)
+    assert torch.equal(model.generate(ids, max_new_tokens=20, do_sample=False, custom_generate=first),
+                       model.generate(ids, max_new_tokens=20, do_sample=False, custom_generate=second))
+    assert first.last_metrics.target_forwards == second.last_metrics.target_forwards
+    with pytest.raises(FileExistsError):
+        mixed_arbiter.save_pretrained(tmp_path / "arb")
+
+
+def test_custom_generate_folder_and_hub_round_trip(pair, mixed_arbiter, tmp_path, fake_hub):
+    model, tok, _ = pair
+    ids = tok(PROMPTS[1], return_tensors="pt").input_ids
+    reference = model.generate(ids, max_new_tokens=16, do_sample=False, custom_generate=CoSpec(mixed_arbiter))
+    folder = mixed_arbiter.save_pretrained(tmp_path / "cospec")
+    from_folder = model.generate(ids, max_new_tokens=16, do_sample=False, custom_generate=str(folder),
+                                 trust_remote_code=True)
+    mixed_arbiter.push_to_hub("user/tiny-cospec")
+    from_hub = model.generate(ids, max_new_tokens=16, do_sample=False, custom_generate="user/tiny-cospec",
+                              trust_remote_code=True)
+    assert torch.equal(from_folder, reference) and torch.equal(from_hub, reference)
+    assert CoSpecArbiter.from_pretrained("user/tiny-cospec").config.threshold == mixed_arbiter.config.threshold
+
+
+# ------------------------------------------------------------------------------------ FLy calibration
+def test_fly_calibrate_meets_the_target_on_held_out_prompts(pair):
+    model, tok, draft = pair
+    # The tiny model is nearly uniform, so its top-3 entropy is ~0.06 nats: FLy's 0.3 always "sees confidence".
+    common = dict(tokenizer=tok, thresholds=(0.1, 0.066, 0.0), windows=(1,), max_new_tokens=12, stop_at_newline=False,
+                  num_draft_tokens=4, use_ngram=False)
+    # A task every answer passes: the loosest setting keeps the score and needs the fewest target forwards.
+    held_out = [{"prompt": p, "answers": ["x"]} for p in PROMPTS]
+    fly = FLy.calibrate(model, draft, held_out, target_keep=0.99, reward=lambda text, answers: 1.0, **common)
+    report = fly.calibration
+    strict_forwards = report["tried"][0]["target_forwards"]
+    assert report["score"] == "task" and len(report["tried"]) == 4  # strict + 3 thresholds
+    assert report["chosen"]["loose"] and fly.entropy_threshold < 0.1 and fly.window == 1  # the gate opens below 0.066
+    assert report["chosen"]["target_forwards"] == min(r["target_forwards"] for r in report["tried"]) < strict_forwards
+    assert report["chosen"]["kept"] >= 0.99
+    # Agreement with strict answers: loosening changes the random model's texts, so the search stops at the first
+    # setting that misses the target and falls back to the best one that met it.
+    fly = FLy.calibrate(model, draft, PROMPTS, target_keep=0.8, **common)
+    report = fly.calibration
+    assert report["score"] == "agreement with strict"
+    assert report["tried"][-1]["kept"] < 0.8 and all(r["kept"] >= 0.8 for r in report["tried"][:-1])
+    assert report["chosen"]["kept"] >= 0.8
+    ids = tok(PROMPTS[0], return_tensors="pt").input_ids  # the chosen setting keeps the strict answer here
+    assert torch.equal(model.generate(ids, max_new_tokens=12, do_sample=False, custom_generate=fly),
+                       model.generate(ids, max_new_tokens=12, do_sample=False))
+
+
+# ------------------------------------------------------------------------------------ bad input
+def test_bad_input_gives_clear_errors(pair, mixed_arbiter):
+    model, tok, draft = pair
+    other, _ = tiny_model("llama", vocab_size=300)
+    with pytest.raises(ValueError, match="hidden size 64 and 256 tokens"):
+        other.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, custom_generate=CoSpec(mixed_arbiter))
+    arbiter = CoSpecArbiter.for_model(model)
+    arbiter.config.tokenizer_fingerprint = "0" * 16
+    with pytest.raises(ValueError, match="another tokenizer"):
+        arbiter.check_compatible(model, tok)
+    with pytest.raises(ValueError, match="Unknown reward 'bleu'"):
+        train_arbiter(model, draft, task(tok), reward="bleu", tokenizer=tok)
+    with pytest.raises(ValueError, match="no reference answers"):
+        train_arbiter(model, draft, [{"prompt": "x", "answers": []}], tokenizer=tok)
+    with pytest.raises(ValueError, match="needs a trained arbiter"):
+        CoSpec()
+    with pytest.raises(ValueError, match="threshold"):
+        CoSpec(mixed_arbiter, threshold=2.0)
+    with pytest.raises(ValueError, match="mode"):
+        CoSpec(mixed_arbiter, mode="maybe")
+    with pytest.raises(ValueError, match="do_sample=False"):
+        model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, do_sample=True, custom_generate=CoSpec(mixed_arbiter))
+    with pytest.raises(ValueError, match="hidden states"):
+        ArbiterRule(mixed_arbiter).verify(torch.tensor([[1]]), torch.zeros(1, 2, 256))
+    with pytest.raises(ValueError, match="target_keep"):
+        FLy.calibrate(model, draft, PROMPTS, target_keep=0.0, tokenizer=tok)
+    with pytest.raises(ValueError, match="scores 0"):
+        FLy.calibrate(model, None, [{"prompt": "abc", "answers": ["zzzz qqqq"]}], tokenizer=tok, max_new_tokens=4)
+    with pytest.raises(ValueError, match="initial_draft_probability"):
+        ArbiterConfig(initial_draft_probability=1.0)
