@@ -1,0 +1,41 @@
+"""SilverSight / ASSL: semantic expert routing over PEFT LoRA experts, and adaptive data selection.
+
+The base model's own hidden states give a semantic space (:mod:`.embedding`). In it, :func:`select_data`
+keeps the examples that cover the space best (facility location, :mod:`.selection`), :func:`train_experts`
+clusters the data with k-means and trains one ordinary PEFT LoRA adapter per cluster through ``Trainer``,
+and :class:`ExpertRouter` sends each row of a batch to the expert of its nearest centroid with PEFT's
+mixed-batch ``adapter_names`` (one forward for the whole batch). Saved folders hold one PEFT adapter per
+expert, the router and a model card (:mod:`.folder`).
+
+Example:
+    >>> from hf_compress.experts import ExpertConfig, ExpertRouter, select_data, train_experts
+    >>> subset = select_data(dataset, model, budget=0.2)  # doctest: +SKIP
+    >>> experts = train_experts(model, subset, ExpertConfig(num_experts=4, r=8), args=args)  # doctest: +SKIP
+    >>> experts.save_pretrained("experts/")  # doctest: +SKIP
+    >>> router = ExpertRouter.from_pretrained("experts/", base_model=fresh_base)  # doctest: +SKIP
+    >>> router.generate(**tokenizer(prompts, return_tensors="pt", padding=True))  # doctest: +SKIP
+"""
+
+from .config import ExpertConfig
+from .data import instruction_rows, packed_instruction_dataset
+from .embedding import EmbeddingSpace, EmbeddingSpec, embed_texts
+from .router import ExpertRouter
+from .selection import SELECTION_METHODS, SelectionReport, coverage, select_data, select_indices
+from .training import train_experts
+
+
+__all__ = [
+    "SELECTION_METHODS",
+    "EmbeddingSpace",
+    "EmbeddingSpec",
+    "ExpertConfig",
+    "ExpertRouter",
+    "SelectionReport",
+    "coverage",
+    "embed_texts",
+    "instruction_rows",
+    "packed_instruction_dataset",
+    "select_data",
+    "select_indices",
+    "train_experts",
+]

@@ -1,0 +1,96 @@
+"""``ExpertConfig``: how many LoRA experts, their adapter settings, and the semantic space they are cut from."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from ..utils import check_bool, check_float, check_int, check_seed, check_str_list
+
+
+__all__ = ["ExpertConfig"]
+
+
+@dataclass
+class ExpertConfig:
+    """Settings of :func:`~hf_compress.experts.train_experts`.
+
+    Args:
+        num_experts: Number of semantic clusters, hence of LoRA experts (one PEFT adapter each).
+        r: LoRA rank of every expert.
+        lora_alpha: LoRA scaling numerator (``lora_alpha / r`` scales the update).
+        lora_dropout: Dropout on the LoRA input during training.
+        target_modules: Modules that get LoRA (PEFT's ``target_modules``; ``"all-linear"`` = every linear
+            layer but the output head).
+        seq_len: Token length of the packed training windows.
+        embedding_layer: Decoder block whose output is pooled into the routing embedding; ``None`` = the
+            middle block (cheaper than the last, and middle layers of decoder LMs are the better sentence
+            embeddings). Only the blocks up to it run when a batch is routed.
+        embedding_max_length: Prompt tokens embedded (the first ones; longer prompts are cut).
+        kmeans_restarts: k-means runs from different k-means++ seeds; the lowest-inertia one is kept.
+        kmeans_iterations: Lloyd iterations per run at most.
+        split_steps: With ``TrainingArguments.max_steps`` set, split those steps over the experts in
+            proportion to their cluster sizes, so K experts cost what one adapter trained with the same
+            arguments costs. ``False`` trains every expert for ``max_steps``.
+        seed: Seed of the clustering and of the training-window order.
+
+    Example:
+        >>> ExpertConfig(num_experts=4, r=8).adapter_name(2)
+        'expert_2'
+    """
+
+    num_experts: int = 4
+    r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    target_modules: list[str] | str = "all-linear"
+    seq_len: int = 256
+    embedding_layer: int | None = None
+    embedding_max_length: int = 256
+    kmeans_restarts: int = 4
+    kmeans_iterations: int = 100
+    split_steps: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_int("num_experts", self.num_experts, minimum=1)
+        check_int("r", self.r, minimum=1)
+        check_float("lora_alpha", self.lora_alpha, low=0.0, low_open=True)
+        check_float("lora_dropout", self.lora_dropout, low=0.0, high=1.0, high_open=True)
+        if self.target_modules != "all-linear":
+            self.target_modules = check_str_list("target_modules", self.target_modules)
+        check_int("seq_len", self.seq_len, minimum=8)
+        check_int("embedding_layer", self.embedding_layer, minimum=0, allow_none=True,
+                  hint="It is a decoder block index; None picks the middle block.")
+        check_int("embedding_max_length", self.embedding_max_length, minimum=1)
+        check_int("kmeans_restarts", self.kmeans_restarts, minimum=1)
+        check_int("kmeans_iterations", self.kmeans_iterations, minimum=1)
+        check_bool("split_steps", self.split_steps)
+        check_seed("seed", self.seed)
+
+    @staticmethod
+    def adapter_name(index: int) -> str:
+        """The PEFT adapter name (and sub-folder) of expert ``index``."""
+        return f"expert_{index}"
+
+    def lora_config(self, model=None):
+        """The ``peft.LoraConfig`` every expert is trained with (``fan_in_fan_out`` set for GPT-2-style
+        ``Conv1D`` models, whose weights are stored transposed)."""
+        from peft import LoraConfig
+        from transformers.pytorch_utils import Conv1D
+
+        transposed = model is not None and any(isinstance(module, Conv1D) for module in model.modules())
+        return LoraConfig(r=self.r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
+                          target_modules=self.target_modules, task_type="CAUSAL_LM", fan_in_fan_out=transposed)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready settings (what the saved folder records)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ExpertConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are refused (a newer format, or a typo)."""
+        unknown = sorted(set(values) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"Unknown ExpertConfig field(s) {unknown}; upgrade hf_compress or remove them.")
+        return cls(**values)

@@ -1,0 +1,178 @@
+"""The semantic space: the base model's own pooled hidden states, standardised and L2-normalised.
+
+Why the base model and not a sentence encoder: nothing may be downloaded here, and no embedding model
+installable from PyPI ships its weights inside the package (sentence-transformers, model2vec and
+fastembed all fetch weights from the Hub on first use). The base model is on hand, reads the prompts
+exactly as the experts will, and routing with it needs no second model in memory.
+
+An embedding is the mean, over the prompt's tokens, of the output of one decoder block (by default the
+middle one; only the blocks up to it run, so routing a batch costs about half a prefill). Raw pooled
+states of a decoder LM share one large common direction and a few huge "massive activation" channels,
+which would dominate cosine similarities; :class:`EmbeddingSpace` therefore standardises each channel
+with the training set's mean and standard deviation before L2-normalising, and the router stores them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..modeling.layers import find_decoder_blocks
+from ..utils import check_int
+
+
+__all__ = ["EmbeddingSpace", "EmbeddingSpec", "embed_batch", "embed_texts"]
+
+
+@dataclass(frozen=True)
+class EmbeddingSpec:
+    """Which hidden state is pooled: the output of decoder block ``layer``, over the first ``max_length`` tokens.
+
+    Example:
+        >>> from hf_compress.assets import tiny_model
+        >>> EmbeddingSpec.for_model(tiny_model("llama")[0])
+        EmbeddingSpec(layer=0, max_length=256, pooling='mean')
+    """
+
+    layer: int
+    max_length: int = 256
+    pooling: str = "mean"
+
+    @classmethod
+    def for_model(cls, model: nn.Module, layer: int | None = None, max_length: int = 256) -> EmbeddingSpec:
+        """The spec for ``model``: block ``layer`` or, with ``None``, the middle block (index ``n // 2 - 1``
+        rounded up to 0, i.e. the first half of the model)."""
+        _, blocks = find_decoder_blocks(model)
+        if layer is None:
+            layer = max(len(blocks) // 2 - 1, 0)
+        check_int("embedding_layer", layer, minimum=0, maximum=len(blocks) - 1,
+                  hint=f"The model has {len(blocks)} decoder blocks.")
+        return cls(layer=layer, max_length=check_int("embedding_max_length", max_length, minimum=1))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class _Stop(Exception):
+    """Raised by the hook on the pooled block: the blocks above it need not run."""
+
+
+def _plain_model(model: nn.Module) -> nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+@torch.inference_mode()
+def embed_batch(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                spec: EmbeddingSpec) -> torch.Tensor:
+    """Raw pooled embeddings ``[batch, hidden]`` (float32, on the CPU) of a token batch, any padding side.
+
+    Each row's real tokens (``attention_mask`` 1; all tokens without a mask) are cut to
+    ``spec.max_length`` and re-laid right-padded, so a row embeds the same whether it came left-padded
+    from a generation batch or alone. A ``PeftModel`` is run with its adapters disabled: the space is the
+    base model's.
+    """
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    rows = [ids[mask.bool()][: spec.max_length] for ids, mask in zip(input_ids, attention_mask)]
+    if any(len(row) == 0 for row in rows):
+        raise ValueError("A row of the batch has no tokens (its attention_mask is all zeros); remove it.")
+    width = max(len(row) for row in rows)
+    ids = torch.zeros(len(rows), width, dtype=input_ids.dtype, device=input_ids.device)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = row
+        mask[i, : len(row)] = 1
+    captured: list[torch.Tensor] = []
+
+    def stop(module, args, output):
+        captured.append(output[0] if isinstance(output, tuple) else output)
+        raise _Stop
+
+    _, blocks = find_decoder_blocks(_plain_model(model))
+    handle = blocks[spec.layer].register_forward_hook(stop)
+    disable = model.disable_adapter() if hasattr(model, "disable_adapter") else _nothing()
+    was_training = model.training
+    model.eval()  # dropout would make the embedding of a prompt random
+    try:
+        with disable:
+            _plain_model(model)(input_ids=ids, attention_mask=mask, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+        model.train(was_training)
+    if not captured:
+        raise RuntimeError(f"Decoder block {spec.layer} did not run; cannot embed with this model.")
+    hidden = captured[0].float()
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    return ((hidden * weights).sum(1) / weights.sum(1)).cpu()
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def embed_texts(model: nn.Module, tokenizer, texts: Sequence[str], spec: EmbeddingSpec, *,
+                batch_size: int = 16, progress: bool = True) -> torch.Tensor:
+    """Raw pooled embeddings ``[len(texts), hidden]`` of ``texts``, tokenised as a user would for generation.
+
+    Texts are embedded in batches of similar length (less padding); the result is in the input order.
+
+    Example:
+        >>> from hf_compress.assets import tiny_model
+        >>> model, tokenizer = tiny_model("llama")
+        >>> spec = EmbeddingSpec.for_model(model)
+        >>> embed_texts(model, tokenizer, ["a", "bc"], spec, progress=False).shape
+        torch.Size([2, 64])
+    """
+    encoded = [tokenizer(text, add_special_tokens=True)["input_ids"][: spec.max_length] for text in texts]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    device = next(model.parameters()).device
+    out: torch.Tensor | None = None
+    for start in tqdm(range(0, len(order), batch_size), desc="embedding", disable=not progress, leave=False):
+        chunk = order[start : start + batch_size]
+        width = max(len(encoded[i]) for i in chunk)
+        ids = torch.zeros(len(chunk), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, index in enumerate(chunk):
+            ids[row, : len(encoded[index])] = torch.tensor(encoded[index])
+            mask[row, : len(encoded[index])] = 1
+        pooled = embed_batch(model, ids.to(device), mask.to(device), spec)
+        if out is None:
+            out = torch.empty(len(texts), pooled.shape[1])
+        out[chunk] = pooled
+    return out
+
+
+class EmbeddingSpace:
+    """Per-channel standardisation fitted on the training embeddings, then L2 normalisation.
+
+    Example:
+        >>> space = EmbeddingSpace.fit(torch.randn(10, 4))
+        >>> space(torch.randn(3, 4)).norm(dim=1)
+        tensor([1.0000, 1.0000, 1.0000])
+    """
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        self.mean = mean.float()
+        self.std = std.float()
+
+    @classmethod
+    def fit(cls, raw: torch.Tensor) -> EmbeddingSpace:
+        raw = raw.float()
+        std = raw.std(0, unbiased=False) if len(raw) > 1 else torch.ones(raw.shape[1])
+        # A constant channel carries no information: leave it unscaled rather than divide by zero.
+        return cls(raw.mean(0), torch.where(std > 1e-6, std, torch.ones_like(std)))
+
+    def __call__(self, raw: torch.Tensor) -> torch.Tensor:
+        if raw.shape[-1] != self.mean.shape[0]:
+            raise ValueError(f"Embeddings of width {raw.shape[-1]} do not fit a space of width {self.mean.shape[0]}.")
+        return nn.functional.normalize((raw.float() - self.mean) / self.std, dim=-1)

@@ -1,0 +1,234 @@
+"""The saved expert folder: one PEFT adapter per expert, the router, the recipe and a model card.
+
+```
+experts/
+  experts_config.json   base model (Hub id or null, never a path) + its fingerprint, expert names, embedding
+                        spec, ExpertConfig, cluster sizes, training and selection summaries
+  router.safetensors    centroids [K, hidden], the embedding space's mean and std [hidden]
+  expert_0/ ... expert_{K-1}/   adapter_config.json + adapter_model.safetensors (+ README.md card): each a
+                        plain PEFT LoRA adapter, `PeftModel.from_pretrained(base, "experts/expert_0")`
+  README.md             the card (recipe, measured metrics if given, how to load)
+```
+
+Loading checks, before any adapter is attached: the folder's format, the base model's fingerprint (four
+numbers of its input embeddings and of the pooled block's first weight, tolerant to a bf16 copy), that the
+router has exactly one centroid per expert and that every expert folder is there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .. import __version__, _compat
+from ..hub import build_model_card, hub_model_id, write_model_card
+from ..modeling.layers import find_decoder_blocks
+from ..utils import atomic_directory, atomic_file, check_save_dir, get_logger
+from .embedding import EmbeddingSpace, EmbeddingSpec
+
+
+__all__ = ["CONFIG_NAME", "ROUTER_NAME", "base_fingerprint", "load_experts", "save_experts"]
+
+logger = get_logger(__name__)
+
+CONFIG_NAME = "experts_config.json"
+ROUTER_NAME = "router.safetensors"
+FORMAT = "hf_compress_experts"
+FORMAT_VERSION = 1
+
+
+def _plain(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def base_fingerprint(model, spec: EmbeddingSpec) -> dict[str, Any]:
+    """Shape and four-number fingerprints of the weights the routing depends on (base weights only, LoRA
+    excluded).
+
+    Example:
+        >>> from hf_compress.assets import tiny_model
+        >>> model = tiny_model("llama")[0]
+        >>> sorted(base_fingerprint(model, EmbeddingSpec.for_model(model)))
+        ['block_weight', 'embeddings', 'hidden_size', 'model_type', 'num_blocks', 'vocab_size']
+    """
+    from ..quantization.dlqat.layer import weight_fingerprint
+
+    plain = _plain(model)
+    _, blocks = find_decoder_blocks(plain)
+    block_weight = next(p for name, p in blocks[spec.layer].named_parameters()
+                        if p.dim() == 2 and "lora_" not in name)
+    embeddings = plain.get_input_embeddings().weight
+    config = getattr(plain.config, "text_config", None) or plain.config
+    return {
+        "model_type": getattr(config, "model_type", None),
+        "hidden_size": int(embeddings.shape[1]),
+        "vocab_size": int(embeddings.shape[0]),
+        "num_blocks": len(blocks),
+        "embeddings": weight_fingerprint(embeddings).tolist(),
+        "block_weight": weight_fingerprint(block_weight).tolist(),
+    }
+
+
+def _check_fingerprint(saved: dict[str, Any], current: dict[str, Any], folder: str) -> None:
+    from ..quantization.dlqat.layer import fingerprints_match
+
+    shapes = ("model_type", "hidden_size", "vocab_size", "num_blocks")
+    differs = [k for k in shapes if saved.get(k) != current.get(k)]
+    differs += [k for k in ("embeddings", "block_weight")
+                if not fingerprints_match(torch.tensor(saved[k]), torch.tensor(current[k]))]
+    if differs:
+        raise ValueError(
+            f"The experts in {folder} were trained on another base model ({', '.join(differs)} differ: saved "
+            f"{ {k: saved.get(k) for k in differs} }, given { {k: current.get(k) for k in differs} }); load the "
+            "base model they were trained on and pass it as base_model."
+        )
+
+
+# ---------------------------------------------------------------------------------------------- saving
+
+
+def save_experts(router, save_dir, *, overwrite: bool = False, metrics=(), model_name: str | None = None,
+                 repo_id: str | None = None) -> Path:
+    """Write ``router`` to ``save_dir`` atomically (see the module docstring for the layout)."""
+    check_save_dir(save_dir, overwrite)
+    model = router.model
+    base_model = hub_model_id(getattr(_plain(model), "name_or_path", None))
+    settings = dict(router.info.get("config") or {})
+    config = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "hf_compress_version": __version__,
+        "base_model": base_model,
+        "base_model_fingerprint": base_fingerprint(model, router.spec),
+        "experts": router.adapter_names,
+        "embedding": router.spec.to_dict(),
+        "routing": "nearest centroid by cosine similarity of standardised, L2-normalised embeddings",
+        **{k: v for k, v in router.info.items() if k not in ("format", "experts", "embedding", "base_model",
+                                                               "base_model_fingerprint", "format_version",
+                                                               "hf_compress_version", "routing")},
+    }
+    name = model_name or f"{str(base_model or 'model').rpartition('/')[2]}-{router.num_experts}-experts"
+    # peft records the base model's name_or_path, maybe a local folder: record the Hub id or nothing.
+    previous = {n: model.peft_config[n].base_model_name_or_path for n in router.adapter_names}
+    try:
+        for n in router.adapter_names:
+            model.peft_config[n].base_model_name_or_path = base_model
+        with atomic_directory(save_dir, overwrite=overwrite) as staging, _compat.third_party_warnings_silenced():
+            model.save_pretrained(staging, selected_adapters=router.adapter_names)
+            save_file({"centroids": router.centroids.contiguous(), "mean": router.space.mean.contiguous(),
+                       "std": router.space.std.contiguous()}, str(staging / ROUTER_NAME))
+            with atomic_file(staging / CONFIG_NAME, "w", encoding="utf-8") as handle:
+                json.dump(config, handle, indent=2, sort_keys=False)
+                handle.write("\n")
+            recipe = _recipe(config, settings)
+            repo_id = repo_id or name
+            for index, adapter in enumerate(router.adapter_names):
+                write_model_card(staging / adapter, _expert_card(base_model, name, repo_id, adapter, index, recipe))
+            write_model_card(staging, _folder_card(base_model, name, repo_id, recipe, metrics))
+    finally:
+        for n, value in previous.items():
+            model.peft_config[n].base_model_name_or_path = value
+    logger.info("saved %d experts and the router to %s", router.num_experts, save_dir)
+    return Path(save_dir)
+
+
+def _recipe(config: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
+    recipe = {
+        "method": ["silversight", "lora"],
+        "num_experts": len(config["experts"]),
+        "lora": {k: settings[k] for k in ("r", "lora_alpha", "lora_dropout", "target_modules") if k in settings},
+        "embedding": config["embedding"],
+        "routing": config["routing"],
+        "cluster_sizes": config.get("cluster_sizes"),
+        "clustering": config.get("clustering"),
+    }
+    if config.get("selection"):
+        recipe["selection"] = config["selection"]
+    return {k: v for k, v in recipe.items() if v is not None}
+
+
+_FOLDER_SNIPPET = (
+    "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+    "from hf_compress.experts import ExpertRouter\n\n"
+    'base = AutoModelForCausalLM.from_pretrained("{base_model}")\n'
+    'tokenizer = AutoTokenizer.from_pretrained("{base_model}")\n'
+    'model = ExpertRouter.from_pretrained("{repo_id}", base_model=base, tokenizer=tokenizer)\n'
+    'tokenizer.padding_side = "left"  # generation pads on the left\n'
+    'batch = tokenizer(["Question: ...\\nAnswer:"], return_tensors="pt", padding=True)\n'
+    "out = model.generate(**batch, max_new_tokens=32)  # each row goes to its nearest expert\n\n"
+    "# or one expert alone, as a plain PEFT adapter:\n"
+    "from peft import PeftModel\n"
+    'expert = PeftModel.from_pretrained(base, "{repo_id}", subfolder="expert_0")'
+)
+
+
+def _folder_card(base_model, name, repo_id, recipe, metrics):
+    snippet = _FOLDER_SNIPPET.replace("{base_model}", base_model or "BASE_MODEL").replace("{repo_id}", repo_id)
+    return build_model_card(base_model=base_model, model_name=name, repo_id=repo_id, recipe=recipe, metrics=metrics,
+                            template="adapter", load_snippet=snippet)
+
+
+def _expert_card(base_model, name, repo_id, adapter, index, recipe):
+    snippet = ("from peft import PeftModel\n"
+               "from transformers import AutoModelForCausalLM\n\n"
+               f'base = AutoModelForCausalLM.from_pretrained("{base_model or "BASE_MODEL"}")\n'
+               f'model = PeftModel.from_pretrained(base, "{repo_id}", subfolder="{adapter}")')
+    return build_model_card(base_model=base_model, model_name=f"{name} / {adapter}", repo_id=repo_id,
+                            recipe={**recipe, "expert": index}, template="adapter", load_snippet=snippet)
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def load_experts(cls, path, base_model, *, tokenizer=None, revision: str | None = None):
+    """Read a folder written by :func:`save_experts` and attach its experts to ``base_model``."""
+    from peft import PeftModel
+
+    if hasattr(base_model, "peft_config"):
+        raise ValueError("base_model already carries PEFT adapters; pass the plain base model the experts were "
+                         "trained on (e.g. AutoModelForCausalLM.from_pretrained(...)).")
+    folder = _local_folder(path, revision)
+    config_path = folder / CONFIG_NAME
+    if not config_path.is_file():
+        raise ValueError(f"{path} is not an expert folder: it has no {CONFIG_NAME} (save one with "
+                         "ExpertRouter.save_pretrained or train_experts(...).save_pretrained).")
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    if config.get("format") != FORMAT:
+        raise ValueError(f"{config_path} is not an hf_compress expert config (format {config.get('format')!r}).")
+    if int(config.get("format_version", 0)) > FORMAT_VERSION:
+        raise ValueError(f"{path} was written by a newer hf_compress (format {config['format_version']}); upgrade.")
+    spec = EmbeddingSpec(**config["embedding"])
+    _check_fingerprint(config["base_model_fingerprint"], base_fingerprint(base_model, spec), str(path))
+    names = list(config["experts"])
+    tensors = load_file(str(folder / ROUTER_NAME))
+    centroids = tensors["centroids"]
+    if len(centroids) != len(names):
+        raise ValueError(f"The router of {path} has {len(centroids)} clusters but the folder lists {len(names)} "
+                         "experts; every cluster needs exactly one expert. Re-save the experts.")
+    missing = [name for name in names if not (folder / name / "adapter_config.json").is_file()]
+    if missing:
+        raise ValueError(f"{path} lacks the expert folder(s) {missing} (each needs adapter_config.json); "
+                         "the save is incomplete, re-save or re-download it.")
+    with _compat.third_party_warnings_silenced():
+        model = PeftModel.from_pretrained(base_model, str(folder / names[0]), adapter_name=names[0])
+        for name in names[1:]:
+            model.load_adapter(str(folder / name), adapter_name=name)
+    model.eval()
+    return cls(model, centroids, EmbeddingSpace(tensors["mean"], tensors["std"]), spec, names,
+               tokenizer=tokenizer, info=config)
+
+
+def _local_folder(path, revision: str | None) -> Path:
+    if os.path.isdir(path):
+        return Path(path)
+    name = os.fspath(path)
+    if name.count("/") != 1 or os.path.exists(name):
+        raise ValueError(f"{path} is neither an expert folder nor a Hub repo id (owner/name).")
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(name, revision=revision))

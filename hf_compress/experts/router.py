@@ -1,0 +1,170 @@
+"""``ExpertRouter``: K PEFT LoRA experts on one base model, each batch row routed to its nearest centroid.
+
+Routing embeds each row's prompt with the base model (adapters off, blocks up to the embedding layer
+only), picks the expert whose cluster centroid is most cosine-similar, and hands the per-row adapter names
+to PEFT's mixed-batch inference (``generate(adapter_names=[...])`` / ``forward(adapter_names=[...])``): one
+batch, one forward per step, each row through its own LoRA weights.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ..utils import get_logger
+from .clustering import assign
+from .embedding import EmbeddingSpace, EmbeddingSpec, embed_batch, embed_texts
+
+
+__all__ = ["ExpertRouter"]
+
+logger = get_logger(__name__)
+
+
+class ExpertRouter:
+    """A ``PeftModel`` holding one LoRA adapter per expert, plus the centroids that route to them.
+
+    Built by :func:`~hf_compress.experts.train_experts` or :meth:`from_pretrained`. ``generate`` and
+    ``__call__`` take the usual token batch (any padding side) and route every row.
+
+    Example:
+        >>> router = ExpertRouter.from_pretrained("experts/", base_model=model)  # doctest: +SKIP
+        >>> batch = tokenizer(prompts, return_tensors="pt", padding=True)  # doctest: +SKIP
+        >>> router.generate(**batch, max_new_tokens=32)  # doctest: +SKIP
+    """
+
+    def __init__(self, model, centroids: torch.Tensor, space: EmbeddingSpace, spec: EmbeddingSpec,
+                 adapter_names: Sequence[str], *, tokenizer=None, info: dict[str, Any] | None = None) -> None:
+        missing = [name for name in adapter_names if name not in getattr(model, "peft_config", {})]
+        if missing:
+            raise ValueError(f"The model has no adapter(s) {missing}; load every expert before routing to it.")
+        if len(centroids) != len(adapter_names):
+            raise ValueError(f"The router has {len(centroids)} centroids but {len(adapter_names)} experts; "
+                             "every cluster needs exactly one expert adapter.")
+        self.model = model
+        self.centroids = torch.nn.functional.normalize(centroids.float(), dim=1)
+        self.space = space
+        self.spec = spec
+        self.adapter_names = list(adapter_names)
+        self.tokenizer = tokenizer
+        self.info = dict(info or {})
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.adapter_names)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # ------------------------------------------------------------------------------------------ routing
+
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Unit embeddings ``[batch, hidden]`` of the rows in the router's semantic space."""
+        return self.space(embed_batch(self.model, input_ids, attention_mask, self.spec))
+
+    def route(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Expert index of each row (``[batch]``, on the CPU).
+
+        Example:
+            >>> router.route(**tokenizer(["What is 2+2?"], return_tensors="pt"))  # doctest: +SKIP
+            tensor([3])
+        """
+        if self.num_experts == 1:  # nothing to choose: no embedding forward
+            return torch.zeros(len(input_ids), dtype=torch.long)
+        return assign(self.embed(input_ids, attention_mask), self.centroids)
+
+    def route_texts(self, texts: Sequence[str], batch_size: int = 16) -> torch.Tensor:
+        """Expert index of each prompt text (tokenised with the router's tokenizer)."""
+        if self.tokenizer is None:
+            raise ValueError("This router has no tokenizer; pass tokenizer=... to from_pretrained, or route token ids.")
+        if self.num_experts == 1:
+            return torch.zeros(len(texts), dtype=torch.long)
+        raw = embed_texts(self.model, self.tokenizer, list(texts), self.spec, batch_size=batch_size, progress=False)
+        return assign(self.space(raw), self.centroids)
+
+    def adapter_names_for(self, experts: torch.Tensor | Sequence[int]) -> list[str]:
+        """The PEFT adapter names of expert indices (what ``adapter_names=`` takes)."""
+        indices = experts.tolist() if isinstance(experts, torch.Tensor) else list(experts)
+        bad = [i for i in indices if not (isinstance(i, int) and 0 <= i < self.num_experts)]
+        if bad:
+            raise ValueError(f"Expert indices must be in 0..{self.num_experts - 1}, got {bad[:5]}.")
+        return [self.adapter_names[i] for i in indices]
+
+    def _routed(self, input_ids, attention_mask, experts) -> list[str]:
+        if input_ids is None:
+            raise ValueError("Pass input_ids (a token batch) to route; inputs_embeds cannot be routed.")
+        if experts is None:
+            experts = self.route(input_ids, attention_mask)
+        elif len(experts) != len(input_ids):
+            raise ValueError(f"experts has {len(experts)} entries for a batch of {len(input_ids)} rows.")
+        if self.model.training:
+            # PEFT refuses per-row adapters in training mode; routing is inference.
+            self.model.eval()
+        return self.adapter_names_for(experts)
+
+    # ------------------------------------------------------------------------------------------ inference
+
+    def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, *,
+                 experts: torch.Tensor | Sequence[int] | None = None, **kwargs: Any):
+        """``generate()`` with every row routed to its expert (PEFT mixed-batch ``adapter_names``).
+
+        ``experts`` overrides the routing (one expert index per row), e.g. for an oracle. Every other
+        argument goes to ``PeftModel.generate``.
+        """
+        names = self._routed(input_ids, attention_mask, experts)
+        if attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask
+        return self.model.generate(input_ids=input_ids, adapter_names=names, **kwargs)
+
+    def __call__(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, *,
+                 experts: torch.Tensor | Sequence[int] | None = None, **kwargs: Any):
+        """A forward pass with every row routed to its expert (returns the model's output, e.g. logits)."""
+        names = self._routed(input_ids, attention_mask, experts)
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, adapter_names=names, **kwargs)
+
+    # ------------------------------------------------------------------------------------------ files
+
+    def save_pretrained(self, save_dir: str | os.PathLike, *, overwrite: bool = False, metrics=(),
+                        model_name: str | None = None, repo_id: str | None = None) -> None:
+        """Write the folder: ``experts_config.json``, ``router.safetensors``, one PEFT adapter folder per
+        expert (each loadable with ``PeftModel.from_pretrained`` alone) and a ``README.md`` card; atomic.
+
+        ``metrics``: measured ``MetricRecord`` rows for the card (none: the card says nothing was measured);
+        ``repo_id``: the Hub id the card's loading snippet names (default: the model name).
+        """
+        from .folder import save_experts
+
+        save_experts(self, save_dir, overwrite=overwrite, metrics=metrics, model_name=model_name, repo_id=repo_id)
+
+    def push_to_hub(self, repo_id: str, *, metrics=(), **kwargs: Any):
+        """Save to a temporary folder and upload it with :func:`hf_compress.hub.push_to_hub` (``kwargs``)."""
+        import tempfile
+
+        from ..hub import DEFAULT_ALLOW_PATTERNS, push_to_hub
+
+        # Each expert folder's card goes up too (the default allow-list takes README.md at the root only).
+        kwargs.setdefault("allow_patterns", [*DEFAULT_ALLOW_PATTERNS, *(f"{n}/README.md" for n in self.adapter_names)])
+        with tempfile.TemporaryDirectory() as scratch:
+            folder = os.path.join(scratch, repo_id.rpartition("/")[2])
+            self.save_pretrained(folder, metrics=metrics, repo_id=repo_id)
+            return push_to_hub(folder, repo_id, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, base_model, *, tokenizer=None,
+                        revision: str | None = None) -> ExpertRouter:
+        """Load a saved expert folder (local, or a Hub repo id) onto ``base_model`` (a plain causal LM).
+
+        Raises ``ValueError`` when the folder was trained on another base model, when its router and its
+        adapters disagree, or when it is not an expert folder.
+        """
+        from .folder import load_experts
+
+        return load_experts(cls, path, base_model, tokenizer=tokenizer, revision=revision)
+
+    def __repr__(self) -> str:
+        return (f"ExpertRouter({self.num_experts} experts {self.adapter_names}, embedding block {self.spec.layer}, "
+                f"pooling {self.spec.pooling})")

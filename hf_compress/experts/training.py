@@ -1,0 +1,192 @@
+"""``train_experts``: cluster the data in the semantic space, then train one PEFT LoRA adapter per cluster."""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from .. import _compat
+from ..training import TrainingSettings, train_with_trainer
+from ..utils import get_logger
+from .clustering import kmeans
+from .config import ExpertConfig
+from .data import InstructionRows, instruction_rows, packed_instruction_dataset
+from .embedding import EmbeddingSpace, EmbeddingSpec, embed_texts
+from .router import ExpertRouter
+from .selection import resolve_tokenizer, selection_of
+
+
+__all__ = ["split_steps", "train_experts"]
+
+logger = get_logger(__name__)
+
+
+def split_steps(total: int, sizes: Sequence[int]) -> list[int]:
+    """``total`` steps shared in proportion to ``sizes`` (largest remainders; every share at least 1).
+
+    Example:
+        >>> split_steps(10, [5, 3, 2])
+        [5, 3, 2]
+        >>> split_steps(10, [1, 1, 1])
+        [4, 3, 3]
+    """
+    weight = sum(sizes)
+    exact = [total * size / weight for size in sizes]
+    shares = [max(int(value), 1) for value in exact]
+    order = sorted(range(len(sizes)), key=lambda i: (-(exact[i] - int(exact[i])), i))
+    for i in order:
+        if sum(shares) >= total:
+            break
+        shares[i] += 1
+    return shares
+
+
+def train_experts(
+    model,
+    dataset,
+    config: ExpertConfig | None = None,
+    args=None,
+    *,
+    tokenizer=None,
+    clusters: Sequence[int] | None = None,
+    embeddings: torch.Tensor | None = None,
+    batch_size: int = 16,
+) -> ExpertRouter:
+    """Cluster ``dataset`` in ``model``'s semantic space and train one LoRA expert per cluster with ``Trainer``.
+
+    Args:
+        model: The plain base causal LM (LoRA layers are injected into it, as ``get_peft_model`` does).
+        dataset: Instruction data (``prompt``/``completion`` or ``text``; see :mod:`~hf_compress.experts.data`),
+            e.g. the subset :func:`~hf_compress.experts.select_data` kept.
+        config: :class:`ExpertConfig` (number of experts, LoRA settings, embedding, clustering).
+        args: ``transformers.TrainingArguments`` or :class:`~hf_compress.training.TrainingSettings` for the
+            ``Trainer`` (default ``TrainingSettings()``). With ``config.split_steps`` its ``max_steps`` is
+            the total over all experts, shared in proportion to cluster sizes.
+        tokenizer: The model's tokenizer (default: loaded from ``model.name_or_path``).
+        clusters: An explicit cluster per example (``0..num_experts-1``) instead of k-means, e.g. task labels
+            or a random partition for a baseline; the centroids are then the clusters' mean directions.
+        embeddings: The raw pooled embeddings of the prompts (``embed_texts`` with this config's spec), to
+            reuse ones already computed (e.g. by a benchmark comparing variants on one pool).
+        batch_size: Prompts embedded per forward.
+
+    Returns:
+        An :class:`ExpertRouter` (in eval mode) holding the trained experts; ``save_pretrained`` writes it.
+
+    Example:
+        >>> experts = train_experts(model, subset, ExpertConfig(num_experts=4, r=8),
+        ...                         args=TrainingArguments("out", max_steps=200))  # doctest: +SKIP
+        >>> experts.save_pretrained("experts/")  # doctest: +SKIP
+    """
+    from peft import get_peft_model
+    from transformers import TrainingArguments
+
+    config = config or ExpertConfig()
+    if not isinstance(config, ExpertConfig):
+        raise TypeError(f"config must be an ExpertConfig, got {type(config).__name__}.")
+    if hasattr(model, "peft_config"):
+        raise ValueError("model already carries PEFT adapters; pass the plain base model (the experts are "
+                         "added to it as new LoRA adapters).")
+    args = args if args is not None else TrainingSettings()
+    if not isinstance(args, (TrainingArguments, TrainingSettings)):
+        raise TypeError(f"args must be transformers.TrainingArguments or TrainingSettings, got {type(args).__name__}.")
+    rows = instruction_rows(dataset)
+    k = config.num_experts
+    if k > len(rows):
+        raise ValueError(f"num_experts={k} exceeds the {len(rows)} examples; use num_experts <= {len(rows)} "
+                         "or more data.")
+    tokenizer = resolve_tokenizer(model, tokenizer)
+
+    spec = EmbeddingSpec.for_model(model, config.embedding_layer, config.embedding_max_length)
+    if k == 1 and clusters is None and embeddings is None:
+        # One expert: nothing to cluster or route, so no embedding pass (the router skips it too).
+        hidden = _plain_width(model)
+        space = EmbeddingSpace(torch.zeros(hidden), torch.ones(hidden))
+        labels, centroids = torch.zeros(len(rows), dtype=torch.long), torch.eye(1, hidden)
+        clustering = {"method": "single expert"}
+    else:
+        if embeddings is None:
+            embeddings = embed_texts(model, tokenizer, rows.prompts, spec, batch_size=batch_size)
+        elif embeddings.shape[0] != len(rows):
+            raise ValueError(f"embeddings has {embeddings.shape[0]} rows for {len(rows)} examples.")
+        space = EmbeddingSpace.fit(embeddings)
+        labels, centroids, clustering = _clusters(space(embeddings), k, config, clusters)
+    sizes = torch.bincount(labels, minlength=k).tolist()
+    logger.info("clustered %d examples into %d experts of sizes %s", len(rows), k, sizes)
+
+    total_steps = args.max_steps
+    if config.split_steps and total_steps and total_steps > 0:
+        steps = split_steps(total_steps, sizes)
+        if sum(steps) > total_steps:
+            logger.warning("max_steps=%d < %d experts: every expert still trains 1 step (%d in all).",
+                           total_steps, k, sum(steps))
+    else:
+        steps = [total_steps] * k
+
+    results: list[dict[str, Any]] = []
+    peft_model = None
+    with tempfile.TemporaryDirectory(prefix="hf_compress-experts-") as scratch:
+        for index in range(k):
+            name = config.adapter_name(index)
+            members = torch.nonzero(labels == index).flatten().tolist()
+            cluster = InstructionRows([rows.prompts[i] for i in members], [rows.completions[i] for i in members])
+            data = packed_instruction_dataset(cluster, tokenizer, config.seq_len, seed=config.seed + index)
+            with _compat.third_party_warnings_silenced():
+                if peft_model is None:
+                    peft_model = get_peft_model(model, config.lora_config(model), adapter_name=name)
+                else:
+                    peft_model.add_adapter(name, config.lora_config(model))
+            peft_model.set_adapter(name)  # only this expert's LoRA weights train
+            logger.info("training %s on %d examples (%d windows of %d tokens), %s steps", name, len(members),
+                        len(data), config.seq_len, steps[index])
+            result = train_with_trainer(peft_model, data, scratch, _with_steps(args, steps[index], scratch))
+            results.append({"adapter": name, "examples": len(members), "windows": len(data),
+                            "steps": result["global_step"], "train_seconds": round(result["train_seconds"], 3),
+                            "training_loss": result["training_loss"]})
+    peft_model.eval()
+    info = {
+        "config": config.to_dict(),
+        "cluster_sizes": sizes,
+        "clustering": clustering,
+        "training": {"experts": results, "total_steps": sum(r["steps"] for r in results),
+                     "train_seconds": round(sum(r["train_seconds"] for r in results), 3)},
+        "selection": selection_of(dataset),
+    }
+    router = ExpertRouter(peft_model, centroids, space, spec, [config.adapter_name(i) for i in range(k)],
+                          tokenizer=tokenizer, info=info)
+    router.training_labels = labels.tolist()  # each training example's expert (not saved)
+    return router
+
+
+def _plain_width(model) -> int:
+    return int(model.get_input_embeddings().weight.shape[1])
+
+
+def _clusters(embeddings: torch.Tensor, k: int, config: ExpertConfig, clusters):
+    if clusters is None:
+        result = kmeans(embeddings, k, seed=config.seed, restarts=config.kmeans_restarts,
+                        iterations=config.kmeans_iterations)
+        return result.labels, result.centroids, {"method": "spherical k-means", "seed": config.seed,
+                                                  "restarts": config.kmeans_restarts,
+                                                  "inertia": round(result.inertia, 6)}
+    labels = torch.as_tensor(list(clusters), dtype=torch.long)
+    if labels.shape != (len(embeddings),):
+        raise ValueError(f"clusters must give one cluster per example ({len(embeddings)}), got {len(labels)}.")
+    if labels.min() < 0 or labels.max() >= k:
+        raise ValueError(f"clusters must be integers in 0..{k - 1} (num_experts={k}).")
+    sizes = torch.bincount(labels, minlength=k)
+    if (sizes == 0).any():
+        empty = torch.nonzero(sizes == 0).flatten().tolist()
+        raise ValueError(f"Cluster(s) {empty} are empty: every one of the {k} experts needs examples.")
+    sums = torch.zeros(k, embeddings.shape[1]).index_add_(0, labels, embeddings.float())
+    return labels, torch.nn.functional.normalize(sums, dim=1), {"method": "given"}
+
+
+def _with_steps(args, steps: int, scratch: str):
+    if isinstance(args, TrainingSettings):
+        return dataclasses.replace(args, max_steps=steps)
+    # TrainingArguments is a dataclass; replace() re-runs its checks. Nothing is saved (the router saves).
+    return dataclasses.replace(args, max_steps=steps, output_dir=args.output_dir or scratch)

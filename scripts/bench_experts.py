@@ -1,0 +1,393 @@
+#!/usr/bin/env python
+"""SilverSight / ASSL expert routing benchmark → bench/results/<output-name>.{json,md}.
+
+SmolLM2-135M-Instruct (float32) on a multi-task instruction mix built from the offline task data: ARC-Easy,
+ARC-Challenge, PIQA, HellaSwag, BoolQ, Winogrande (lm-eval prompts; prompt = the context, completion = the
+correct continuation), SQuAD (zero-shot prompt, completion = first reference answer) and GSM8K
+("Question: ...\\nAnswer:", completion = the reference solution). Each task's fixed seeded subset is split
+into disjoint test (first ``--test-per-task``) and train (the next ``--train-per-task``) examples.
+
+Variants, every trained one with the same total optimizer steps (``--steps``, batch ``--batch-size`` x
+``--seq-len`` packed tokens; K experts share the steps in proportion to their cluster sizes):
+
+- ``base``: the model as is;
+- ``lora-all``: one LoRA on all training data;
+- ``lora-assl``: one LoRA on the ASSL subset (facility location, ``--budget`` of the data);
+- ``lora-random``: one LoRA on a seeded random subset of the same size;
+- ``experts-random``: K experts on a random partition of all data, routed by nearest (random-cluster) centroid;
+- ``experts-routed``: K experts on semantic k-means clusters of all data, routed by the router (the method);
+- ``experts-oracle``: the same experts, each query sent to its task's expert (the cluster holding most of
+  that task's training examples).
+
+Scores: multiple-choice accuracy (lm-eval's metric of record: acc_norm for ARC/PIQA/HellaSwag, acc for
+BoolQ/Winogrande), SQuAD token F1 of a greedy answer (``--squad-new-tokens``, cut at the first newline),
+and GSM8K bits per byte of the reference solution (lower is better; a 135M model solves ~no GSM8K problem,
+so accuracy would be 0 for every variant). The average is over the 7 tasks scored in [0, 1]; standard
+errors are per-example (SE of the average = sqrt(sum SE_t^2) / 7). Routing accuracy: the share of test
+queries the router sends to the oracle expert. Generation overhead: greedy generation of a batch of SQuAD
+prompts (forced length) with the router (embedding + PEFT mixed batch) and with one adapter, medians.
+
+Usage:
+    python scripts/bench_experts.py                 # the settings below, sized for a shared 2-core CPU
+    python scripts/bench_experts.py --train-per-task 200 --test-per-task 99 --steps 400 --batch-size 8 \
+        --seq-len 256 --embedding-max-length 256 --squad-new-tokens 16 --eval-batch 16   # the full protocol
+    python scripts/bench_experts.py --quick --output-name experts-smoke   # tiny model, to check the script
+    python scripts/bench_experts.py --render experts
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import statistics
+import time
+from typing import Any
+
+import torch
+
+from hf_compress.assets import load_gsm8k, load_model, load_squad, load_zero_shot_task
+from hf_compress.evaluation.report import benchmark_parser, start_benchmark, write_benchmark
+from hf_compress.evaluation.squad import squad_scores
+from hf_compress.evaluation.zero_shot import PRIMARY_METRIC, loglikelihoods
+from hf_compress.experts import ExpertConfig, EmbeddingSpec, embed_texts, select_data, train_experts
+from hf_compress.training import TrainingSettings
+
+
+logger = logging.getLogger("bench_experts")
+
+TASKS = ("arc_easy", "arc_challenge", "piqa", "hellaswag", "boolq", "winogrande", "squad", "gsm8k")
+AVERAGED = TASKS[:-1]
+VARIANTS = ("base", "lora-all", "lora-assl", "lora-random", "experts-random", "experts-routed", "experts-oracle")
+
+
+# ------------------------------------------------------------------------------------------ data
+def task_examples(task: str, count: int, seed: int) -> list[dict[str, Any]]:
+    """``count`` examples of ``task``: prompt/completion for training, the rest for scoring."""
+    if task == "squad":
+        return [{"task": task, "prompt": r["prompt"], "completion": " " + r["answers"][0], "answers": r["answers"]}
+                for r in load_squad(limit=count, seed=seed)]
+    if task == "gsm8k":
+        return [{"task": task, "prompt": f"Question: {r['question']}\nAnswer:", "completion": " " + r["target"]}
+                for r in load_gsm8k(limit=count, seed=seed)]
+    rows = []
+    for r in load_zero_shot_task(task, limit=count, seed=seed):
+        rows.append({"task": task, "prompt": r["contexts"][r["label"]], "completion": r["continuations"][r["label"]],
+                     "query": r["contexts"][0], "contexts": r["contexts"], "continuations": r["continuations"],
+                     "choices": r["choices"], "label": r["label"]})
+    return rows
+
+
+def split_tasks(train_per_task: int, test_per_task: int, seed: int) -> tuple[list[dict], list[dict]]:
+    train, test = [], []
+    for task in TASKS:
+        rows = task_examples(task, train_per_task + test_per_task, seed)
+        test += rows[:test_per_task]
+        train += rows[test_per_task:]
+    return train, test
+
+
+def query_of(row: dict[str, Any]) -> str:
+    return row.get("query", row["prompt"])
+
+
+# ------------------------------------------------------------------------------------------ scoring
+def score_likelihood_tasks(model, tokenizer, rows: list[dict]) -> list[float]:
+    """Per-row score of multiple-choice rows (1/0 on the task's metric) and GSM8K rows (bits per byte)."""
+    requests, spans = [], []
+    for row in rows:
+        pairs = (list(zip(row["contexts"], row["continuations"])) if "choices" in row
+                 else [(row["prompt"], row["completion"])])
+        spans.append((len(requests), len(pairs)))
+        requests += pairs
+    values = loglikelihoods(model, tokenizer, requests, batch_size=16, progress=False) if requests else []
+    scores = []
+    for row, (start, length) in zip(rows, spans):
+        lls = values[start : start + length]
+        if "choices" in row:
+            if PRIMARY_METRIC[row["task"]] == "acc_norm":
+                lls = [ll / max(len(choice), 1) for ll, choice in zip(lls, row["choices"])]
+            scores.append(float(max(range(len(lls)), key=lls.__getitem__) == row["label"]))
+        else:
+            scores.append(-lls[0] / math.log(2) / len(row["completion"].encode("utf-8")))
+    return scores
+
+
+def squad_f1(generate, tokenizer, rows: list[dict], experts: list[int] | None, new_tokens: int, batch: int) -> list[float]:
+    scores = []
+    for start in range(0, len(rows), batch):
+        chunk = rows[start : start + batch]
+        inputs = tokenizer([r["prompt"] for r in chunk], return_tensors="pt", padding=True)
+        kwargs = {} if experts is None else {"experts": experts[start : start + batch]}
+        with torch.inference_mode():
+            out = generate(**inputs, max_new_tokens=new_tokens, do_sample=False, **kwargs)
+        for row, tokens in zip(chunk, out[:, inputs.input_ids.shape[1]:]):
+            answer = tokenizer.decode(tokens, skip_special_tokens=True).strip().split("\n")[0]
+            scores.append(squad_scores(answer, row["answers"])[1])
+    return scores
+
+
+def evaluate(model, router, tokenizer, test: list[dict], experts: list[int] | None, args,
+             known: dict[int, float] | None = None) -> dict[str, Any]:
+    """Per-task scores of ``router`` (or the plain ``model`` when ``router`` is None) with ``experts`` per row.
+
+    ``known``: likelihood scores already measured for some rows with the same expert (the oracle reuses the
+    routed run's rows that went to the same expert: same adapter, same numbers).
+    """
+    per_row: list[float | None] = [None] * len(test)
+    groups: dict[int | None, list[int]] = {}
+    for index, row in enumerate(test):
+        if known and index in known:
+            per_row[index] = known[index]
+        elif row["task"] != "squad":
+            groups.setdefault(None if experts is None else experts[index], []).append(index)
+    for expert, indices in groups.items():
+        scorer = model
+        if expert is not None:
+            router.model.set_adapter(router.adapter_names[expert])  # same numbers as a mixed batch (tested)
+            scorer = router.model
+        for index, value in zip(indices, score_likelihood_tasks(scorer, tokenizer, [test[i] for i in indices])):
+            per_row[index] = value
+    squad = [i for i, row in enumerate(test) if row["task"] == "squad"]
+    generate = model.generate if router is None else router.generate
+    squad_experts = None if experts is None else [experts[i] for i in squad]
+    for index, value in zip(squad, squad_f1(generate, tokenizer, [test[i] for i in squad], squad_experts,
+                                            args.squad_new_tokens, args.eval_batch)):
+        per_row[index] = value
+    tasks: dict[str, Any] = {}
+    for task in TASKS:
+        values = [per_row[i] for i, row in enumerate(test) if row["task"] == task]
+        stderr = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None
+        metric = "bits_per_byte" if task == "gsm8k" else ("f1" if task == "squad" else PRIMARY_METRIC[task])
+        tasks[task] = {"metric": metric, "value": statistics.fmean(values), "stderr": stderr, "n": len(values)}
+    average = statistics.fmean(tasks[t]["value"] for t in AVERAGED)
+    errors = [tasks[t]["stderr"] for t in AVERAGED]
+    average_se = math.sqrt(sum(e * e for e in errors)) / len(AVERAGED) if all(e is not None for e in errors) else None
+    return {"tasks": tasks, "average": average, "average_stderr": average_se, "per_row": per_row}
+
+
+# ------------------------------------------------------------------------------------------ variants
+def oracle_experts(router, train: list[dict]) -> dict[str, int]:
+    """Each task's expert: the cluster holding most of that task's training examples."""
+    mapping = {}
+    for task in TASKS:
+        labels = [label for label, row in zip(router.training_labels, train) if row["task"] == task]
+        mapping[task] = max(sorted(set(labels)), key=labels.count)
+    return mapping
+
+
+def generation_overhead(router, tokenizer, test: list[dict], args) -> dict[str, Any]:
+    rows = [row for row in test if row["task"] == "squad"][: args.eval_batch]
+    inputs = tokenizer([r["prompt"] for r in rows], return_tensors="pt", padding=True)
+    settings = {"max_new_tokens": args.overhead_tokens, "min_new_tokens": args.overhead_tokens, "do_sample": False}
+    routed = router.route(**inputs)
+    timings: dict[str, list[float]] = {"single_adapter": [], "routed": [], "mixed_no_routing": []}
+
+    def single():
+        router.model.set_adapter(router.adapter_names[0])
+        return router.model.generate(**inputs, **settings)
+
+    runs = {"single_adapter": single, "routed": lambda: router.generate(**inputs, **settings),
+            "mixed_no_routing": lambda: router.generate(**inputs, experts=routed, **settings)}
+    with torch.inference_mode():
+        for _ in range(args.overhead_repeats):
+            for name, run in runs.items():  # interleaved, so a load change hits every variant alike
+                start = time.perf_counter()
+                run()
+                timings[name].append(time.perf_counter() - start)
+    medians = {name: statistics.median(values) for name, values in timings.items()}
+    return {"batch": len(rows), "new_tokens": args.overhead_tokens, "repeats": args.overhead_repeats,
+            "median_seconds": medians, "distinct_experts_in_batch": len(set(routed.tolist())),
+            "routed_vs_single": medians["routed"] / medians["single_adapter"],
+            "mixed_vs_single": medians["mixed_no_routing"] / medians["single_adapter"]}
+
+
+def main() -> None:
+    parser = benchmark_parser(__doc__, "experts")
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--train-per-task", type=int, default=12)
+    parser.add_argument("--test-per-task", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=3, help="optimizer steps of every trained variant")
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--experts", type=int, default=4)
+    parser.add_argument("--r", type=int, default=8)
+    parser.add_argument("--budget", type=float, default=0.2)
+    parser.add_argument("--embedding-max-length", type=int, default=48)
+    parser.add_argument("--squad-new-tokens", type=int, default=8)
+    parser.add_argument("--eval-batch", type=int, default=3)
+    parser.add_argument("--overhead-tokens", type=int, default=8)
+    parser.add_argument("--overhead-repeats", type=int, default=3)
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--seed", type=int, default=1234)
+    args = parser.parse_args()
+    if not start_benchmark(args, markdown):
+        return
+    if args.quick:
+        args.model, args.train_per_task, args.test_per_task, args.steps = "tiny-llama", 6, 2, 2
+        args.seq_len, args.experts, args.squad_new_tokens, args.overhead_tokens, args.overhead_repeats = 32, 2, 4, 4, 1
+    settings = {k: v for k, v in vars(args).items() if k not in ("render", "supported_devices")}
+    settings["command"] = "python scripts/bench_experts.py" + (" --quick" if args.quick else "")
+    settings["machine_note"] = f"CPU, {args.threads} threads, float32, machine shared with other jobs"
+    base, tokenizer = load_model(args.model)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    train, test = split_tasks(args.train_per_task, args.test_per_task, args.seed)
+    settings["examples"] = {"train": len(train), "test": len(test)}
+    config = ExpertConfig(num_experts=args.experts, r=args.r, seq_len=args.seq_len,
+                          embedding_max_length=args.embedding_max_length, seed=0)
+    single = ExpertConfig(num_experts=1, r=args.r, seq_len=args.seq_len, seed=0)
+    training = TrainingSettings(max_steps=args.steps, per_device_batch_size=args.batch_size,
+                                learning_rate=args.learning_rate, logging_steps=max(1, args.steps // 4),
+                                use_cpu=args.device == "cpu", seed=0)
+    start = time.perf_counter()
+    spec = EmbeddingSpec.for_model(base, config.embedding_layer, config.embedding_max_length)
+    pool_embeddings = embed_texts(base, tokenizer, [r["prompt"] for r in train], spec)
+    results: dict[str, Any] = {"embedding_seconds": time.perf_counter() - start, "variants": {}}
+    subsets: dict[str, tuple[list[dict], dict]] = {}
+    for method in ("facility_location", "random"):
+        subset, report = select_data(train, base, args.budget, tokenizer=tokenizer, method=method, seed=args.seed,
+                                     embeddings=pool_embeddings, return_report=True)
+        subsets[method] = (subset, report.summary())
+    results["selection"] = {m: {**s, "tasks": _task_counts(sub)} for m, (sub, s) in subsets.items()}
+
+    def save(partial=True):
+        payload = {"settings": settings, "results": results}
+        write_benchmark(args.output_name, settings, results, markdown(payload))
+        if partial:
+            logger.info("saved partial results")
+
+    semantic = None
+    for variant in args.variants:
+        logger.info("variant %s", variant)
+        start = time.perf_counter()
+        entry: dict[str, Any] = {}
+        model = copy.deepcopy(base)
+        router, experts, known = None, None, None
+        if variant == "base":
+            entry["kept"] = 0
+        elif variant.startswith("lora-"):
+            data = {"lora-all": train, "lora-assl": subsets["facility_location"][0],
+                    "lora-random": subsets["random"][0]}[variant]
+            router = train_experts(model, data, single, args=training, tokenizer=tokenizer)
+            experts = [0] * len(test)
+            entry["kept"] = len(data)
+        elif variant == "experts-oracle" and semantic is not None:
+            router, model, routed_experts, routed_scores = semantic
+            mapping = oracle_experts(router, train)
+            experts = [mapping[row["task"]] for row in test]
+            known = {i: routed_scores[i] for i, row in enumerate(test)
+                     if row["task"] != "squad" and experts[i] == routed_experts[i]}
+            entry["kept"] = len(train)
+            entry["oracle_mapping"] = mapping
+        else:
+            clusters = None
+            if variant == "experts-random":
+                generator = torch.Generator().manual_seed(args.seed)
+                clusters = torch.randperm(len(train), generator=generator) % args.experts
+            router = train_experts(model, train, config, args=training, tokenizer=tokenizer, clusters=clusters,
+                                   embeddings=pool_embeddings)
+            experts = router.route_texts([query_of(row) for row in test]).tolist()
+            mapping = oracle_experts(router, train)
+            entry["kept"] = len(train)
+            entry["routing_accuracy"] = statistics.fmean(e == mapping[row["task"]] for e, row in zip(experts, test))
+            entry["cluster_tasks"] = _cluster_tasks(router, train)
+            if variant == "experts-routed":
+                entry["generation_overhead"] = generation_overhead(router, tokenizer, test, args)
+        if router is not None and variant != "experts-oracle":
+            entry["training"] = {k: router.info["training"][k] for k in ("total_steps", "train_seconds")}
+        entry.update(evaluate(model, router, tokenizer, test, experts, args, known if variant == "experts-oracle" else None))
+        per_row = entry.pop("per_row")
+        if variant == "experts-routed":
+            semantic = (router, model, experts, per_row)
+        entry["seconds"] = time.perf_counter() - start
+        results["variants"][variant] = entry
+        logger.info("%s: average %.4f (%s)", variant, entry["average"], entry.get("routing_accuracy"))
+        save()
+    save(partial=False)
+    logger.info("done")
+
+
+def _task_counts(rows: list[dict]) -> dict[str, int]:
+    return {task: sum(row["task"] == task for row in rows) for task in TASKS}
+
+
+def _cluster_tasks(router, train: list[dict]) -> list[dict[str, int]]:
+    clusters = [dict() for _ in range(router.num_experts)]
+    for label, row in zip(router.training_labels, train):
+        clusters[label][row["task"]] = clusters[label].get(row["task"], 0) + 1
+    return clusters
+
+
+# ------------------------------------------------------------------------------------------ table
+SHORT = {"arc_easy": "ARC-E", "arc_challenge": "ARC-C", "piqa": "PIQA", "hellaswag": "HellaS", "boolq": "BoolQ",
+         "winogrande": "Wino", "squad": "SQuAD F1", "gsm8k": "GSM8K bpb ↓"}
+
+
+def markdown(payload: dict[str, Any]) -> str:
+    settings, results = payload["settings"], payload["results"]
+    lines = [
+        "# SilverSight / ASSL experts (SmolLM2-135M-Instruct, multi-task instruction mix)",
+        "",
+        f"{settings['examples']['train']} training / {settings['examples']['test']} test examples "
+        f"({settings['train_per_task']} / {settings['test_per_task']} per task, disjoint), {settings['steps']} "
+        f"optimizer steps per trained variant (batch {settings['batch_size']} x {settings['seq_len']} packed tokens), "
+        f"LoRA r={settings['r']}, K={settings['experts']} experts, ASSL budget {settings['budget']:.0%}. Scores in % "
+        "± one standard error; GSM8K is bits per byte of the reference solution (lower is better, not averaged).",
+        "",
+        "| variant | average | " + " | ".join(SHORT[t] for t in TASKS) + " | routing acc. | data kept | steps | train s |",
+        "|---" * (len(TASKS) + 6) + "|",
+    ]
+    for name, entry in results["variants"].items():
+        cells = []
+        for task in TASKS:
+            score = entry["tasks"][task]
+            scale = 1 if task == "gsm8k" else 100
+            digits = 2 if task == "gsm8k" else 1
+            error = f" ± {score['stderr'] * scale:.{digits}f}" if score["stderr"] is not None else ""
+            cells.append(f"{score['value'] * scale:.{digits}f}{error}")
+        routing = f"{entry['routing_accuracy']:.0%}" if "routing_accuracy" in entry else "—"
+        train = entry.get("training", {})
+        se = f" ± {entry['average_stderr'] * 100:.1f}" if entry.get("average_stderr") is not None else ""
+        lines.append(f"| {name} | {entry['average'] * 100:.1f}{se} | " + " | ".join(cells)
+                     + f" | {routing} | {entry['kept']} | {train.get('total_steps', '—')} | "
+                     + f"{train.get('train_seconds', 0):.0f} |")
+    lines.append("")
+    selection = results.get("selection", {})
+    if selection:
+        fl, rnd = selection["facility_location"], selection["random"]
+        lines.append(f"ASSL selection kept {fl['kept']} of {fl['pool_size']} examples: mean cosine distance from a pool "
+                     f"example to its nearest kept one {fl['mean_distance']:.3f} (a random subset of the same size: "
+                     f"{fl['random_mean_distance']:.3f}); worst {fl['max_distance']:.3f} (random: {rnd['max_distance']:.3f}). "
+                     f"Kept per task: {fl['tasks']}.")
+        lines.append("")
+    full = {"train_per_task": 200, "test_per_task": 99, "steps": 400, "batch_size": 8, "seq_len": 256,
+            "embedding_max_length": 256, "squad_new_tokens": 16}
+    shrunk = [f"{k.replace('_', '-')} {settings[k]} (full: {v})" for k, v in full.items() if settings.get(k) != v]
+    if shrunk:
+        lines.append("**Scale.** Sized for a shared 2-core CPU, this run is a smoke test of the protocol, not a "
+                     "measurement of the targets: " + ", ".join(shrunk) + ". With so few steps the LoRA updates "
+                     "are tiny and with so few test examples per task every score difference here is inside the "
+                     "noise. Full run: `python scripts/bench_experts.py --train-per-task 200 --test-per-task 99 "
+                     "--steps 400 --batch-size 8 --seq-len 256 --embedding-max-length 256 --squad-new-tokens 16 "
+                     "--eval-batch 16`.")
+        lines.append("")
+    routed = results["variants"].get("experts-routed", {})
+    overhead = routed.get("generation_overhead")
+    if overhead:
+        m = overhead["median_seconds"]
+        lines.append(f"Generation overhead (batch {overhead['batch']} SQuAD prompts, {overhead['new_tokens']} forced new "
+                     f"tokens, median of {overhead['repeats']}, interleaved): one adapter {m['single_adapter']:.2f} s, "
+                     f"routed {m['routed']:.2f} s ({overhead['routed_vs_single']:.2f}x; "
+                     f"{overhead['distinct_experts_in_batch']} experts in the batch), mixed batch without the routing "
+                     f"forward {m['mixed_no_routing']:.2f} s ({overhead['mixed_vs_single']:.2f}x).")
+    if routed.get("cluster_tasks"):
+        lines.append(f"Semantic clusters (training examples per task): {routed['cluster_tasks']}.")
+    lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

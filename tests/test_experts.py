@@ -1,0 +1,324 @@
+"""hf_compress.experts (SilverSight / ASSL): selection, clustering, routing, PEFT mixed batches, saving.
+
+Tiny random models; one set of experts is trained (through ``Trainer``) once per module and shared. The
+few training steps leave LoRA's B matrices near zero, so the shared experts get random B matrices after
+training: every expert then really changes the model's outputs, and the equality tests below could fail.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from datasets import Dataset
+from safetensors.torch import load_file, save_file
+
+from hf_compress.assets import tiny_model
+from hf_compress.experts import (
+    ExpertConfig,
+    ExpertRouter,
+    coverage,
+    embed_texts,
+    packed_instruction_dataset,
+    instruction_rows,
+    select_data,
+    select_indices,
+)
+from hf_compress.experts.clustering import assign, kmeans
+from hf_compress.experts.embedding import EmbeddingSpec, embed_batch
+from hf_compress.experts.training import split_steps, train_experts
+from hf_compress.training import TrainingSettings
+
+
+def _clustered(sizes=(300, 80, 30, 12, 6), dim=16, noise=0.15, seed=0):
+    """Unit vectors around ``len(sizes)`` random centres, imbalanced; returns (embeddings, cluster labels)."""
+    generator = torch.Generator().manual_seed(seed)
+    centres = torch.nn.functional.normalize(torch.randn(len(sizes), dim, generator=generator), dim=1)
+    points, labels = [], []
+    for index, size in enumerate(sizes):
+        points.append(centres[index] + noise * torch.randn(size, dim, generator=generator))
+        labels += [index] * size
+    return torch.nn.functional.normalize(torch.cat(points), dim=1), torch.tensor(labels)
+
+
+# Two tasks that look nothing alike, byte-level: digits arithmetic vs. upper-case words.
+def _task_rows(count: int, offset: int = 0) -> tuple[list[dict], list[int]]:
+    rows, tasks = [], []
+    for i in range(offset, offset + count):
+        rows.append({"prompt": f"{i % 10} + {(3 * i) % 10} = ", "completion": f"{(i % 10) + (3 * i) % 10}"})
+        tasks.append(0)
+        word = "".join(chr(65 + (i * 7 + j) % 26) for j in range(5))
+        rows.append({"prompt": f"Spell {word}: ", "completion": " ".join(word)})
+        tasks.append(1)
+    return rows, tasks
+
+
+# ---------------------------------------------------------------------------------------------- selection
+
+
+def test_selection_keeps_budget_is_deterministic_and_covers_better_than_random():
+    x, labels = _clustered()
+    count = round(0.1 * len(x))
+    chosen = select_indices(x, count)
+    assert len(chosen) == count == len(set(chosen)) and chosen == sorted(chosen)
+    assert select_indices(x, count) == chosen
+    mean_fl, max_fl = coverage(x, chosen)
+    random_means = [coverage(x, select_indices(x, count, "random", seed))[0] for seed in range(5)]
+    # Facility location serves the average example clearly better than any of 5 random subsets ...
+    assert mean_fl < 0.85 * min(random_means)
+    # ... and, unlike a random 10%, it keeps a representative of even the smallest cluster (6 of 428 rows).
+    assert set(labels[chosen].tolist()) == set(range(5))
+    # k-center greedy minimises the worst distance instead.
+    assert coverage(x, select_indices(x, count, "k_center"))[1] <= max_fl + 1e-6
+    # Duplicates add nothing: 3 copies of 2 points, budget 2 -> one of each.
+    twins = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0]] * 3 + [[0.0, 1.0]] * 3), dim=1)
+    assert sorted(x // 3 for x in select_indices(twins, 2)) == [0, 1]
+
+
+def test_select_data_on_a_dataset():
+    model, tokenizer = tiny_model("llama")
+    rows, _ = _task_rows(15)
+    dataset = Dataset.from_list(rows)
+    subset, report = select_data(dataset, model, budget=0.2, tokenizer=tokenizer, return_report=True)
+    assert len(subset) == report.kept == 6 and report.pool_size == 30
+    assert [subset[i]["prompt"] for i in range(6)] == [rows[i]["prompt"] for i in report.indices]
+    assert json.loads(subset.info.description)["hf_compress_selection"]["kept"] == 6
+    again = select_data(dataset, model, budget=0.2, tokenizer=tokenizer)
+    assert again["prompt"] == subset["prompt"]
+    assert len(select_data(rows, model, budget=1.0, tokenizer=tokenizer)) == 30
+    assert len(select_data(rows, model, budget=0.001, tokenizer=tokenizer)) == 1
+
+
+@pytest.mark.parametrize("budget", [0, -0.1, 1.5, float("nan"), "0.2"])
+def test_select_data_refuses_bad_budgets(budget):
+    model, tokenizer = tiny_model("llama")
+    with pytest.raises(ValueError, match="budget must be a number in \\(0, 1\\]"):
+        select_data(["a", "b"], model, budget=budget, tokenizer=tokenizer)
+
+
+def test_bad_datasets_are_refused():
+    with pytest.raises(ValueError, match="needs `prompt` and `completion` columns"):
+        instruction_rows(Dataset.from_list([{"question": "q"}]))
+    with pytest.raises(ValueError, match="is empty"):
+        instruction_rows([])
+    with pytest.raises(TypeError, match="must be a string"):
+        instruction_rows([{"prompt": "a", "completion": 3}])
+
+
+# ---------------------------------------------------------------------------------------------- clustering
+
+
+def test_kmeans_recovers_hand_built_clusters_and_routes_queries():
+    x, labels = _clustered(sizes=(40, 30, 20, 10), noise=0.1)
+    result = kmeans(x, 4, seed=3)
+    assert sorted(result.sizes()) == [10, 20, 30, 40]
+    # Each k-means cluster is exactly one hand-built cluster.
+    mapping = {int(c): int(labels[result.labels == c].unique().item()) for c in range(4)}
+    assert sorted(mapping.values()) == [0, 1, 2, 3]
+    assert kmeans(x, 4, seed=3).labels.tolist() == result.labels.tolist()
+    # Fresh queries near a cluster's centre route to that cluster's centroid.
+    queries, truth = _clustered(sizes=(5, 5, 5, 5), noise=0.1, seed=0)
+    queries = torch.nn.functional.normalize(queries + 0.02 * torch.randn(queries.shape, generator=torch.Generator().manual_seed(9)), dim=1)
+    routed = [mapping[int(c)] for c in assign(queries, result.centroids)]
+    assert routed == truth.tolist()
+
+
+def test_kmeans_refuses_too_many_clusters():
+    x = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0]] * 4 + [[0.0, 1.0]] * 4), dim=1)
+    with pytest.raises(ValueError, match="fewer than 3 distinct examples"):
+        kmeans(x, 3)
+    with pytest.raises(ValueError, match="Cannot make 9 clusters from 8 examples"):
+        kmeans(x, 9)
+
+
+def test_split_steps_and_packing():
+    assert split_steps(10, [5, 3, 2]) == [5, 3, 2] and sum(split_steps(7, [10, 1, 1])) == 7
+    assert split_steps(2, [1, 1, 1]) == [1, 1, 1]
+    _, tokenizer = tiny_model("llama")
+    rows = instruction_rows([{"prompt": "ab", "completion": "cd"}, {"prompt": "ef", "completion": "gh"}])
+    data = packed_instruction_dataset(rows, tokenizer, seq_len=8)
+    ids = sum(data["input_ids"], [])
+    labels = sum(data["labels"], [])
+    assert all(len(row) == 8 for row in data["input_ids"])
+    # the loss is on completions and EOS only: 2 x (2 completion bytes + EOS)
+    assert sum(label != -100 for label in labels) == 6
+    assert tokenizer.decode([i for i, label in zip(ids, labels) if label != -100 and i != tokenizer.eos_token_id]) in ("cdgh", "ghcd")
+
+
+def test_embedding_ignores_padding_side():
+    model, tokenizer = tiny_model("llama")
+    spec = EmbeddingSpec.for_model(model)
+    texts = ["short", "a somewhat longer prompt"]
+    alone = torch.cat([embed_batch(model, tokenizer(t, return_tensors="pt").input_ids, None, spec) for t in texts])
+    for side in ("left", "right"):
+        tokenizer.padding_side = side
+        batch = tokenizer(texts, return_tensors="pt", padding=True)
+        torch.testing.assert_close(embed_batch(model, batch.input_ids, batch.attention_mask, spec), alone)
+    torch.testing.assert_close(embed_texts(model, tokenizer, texts, spec, progress=False), alone)
+
+
+# ---------------------------------------------------------------------------------------------- experts
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Two experts trained on two distinct tasks (tiny Llama), given random LoRA B matrices, and saved."""
+    model, tokenizer = tiny_model("llama")
+    rows, tasks = _task_rows(16)
+    settings = TrainingSettings(max_steps=4, per_device_batch_size=2, learning_rate=1e-3, logging_steps=2, use_cpu=True)
+    router = train_experts(model, Dataset.from_list(rows), ExpertConfig(num_experts=2, r=4, seq_len=32),
+                           args=settings, tokenizer=tokenizer)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in router.model.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(0.2 * torch.randn(parameter.shape, generator=generator))
+    folder = tmp_path_factory.mktemp("experts") / "experts"
+    router.save_pretrained(folder)
+    return router, tokenizer, rows, tasks, folder
+
+
+def test_training_clusters_tasks_and_routes_held_out_queries(trained):
+    router, tokenizer, rows, tasks, _ = trained
+    info = router.info
+    assert info["training"]["total_steps"] == 4 and sum(info["cluster_sizes"]) == len(rows)
+    assert router.model.active_adapters and not router.model.training
+    train_routes = router.route_texts([row["prompt"] for row in rows]).tolist()
+    expert_of_task = {t: max(set(r for r, tt in zip(train_routes, tasks) if tt == t),
+                             key=[r for r, tt in zip(train_routes, tasks) if tt == t].count) for t in (0, 1)}
+    assert expert_of_task[0] != expert_of_task[1]
+    held_out, held_tasks = _task_rows(6, offset=100)
+    routes = router.route_texts([row["prompt"] for row in held_out]).tolist()
+    assert routes == [expert_of_task[t] for t in held_tasks]
+
+
+def test_mixed_batch_generate_equals_each_row_alone(trained):
+    router, tokenizer, _, _, _ = trained
+    prompts = ["3 + 4 = ", "Spell ABCDE: ", "Spell QWXYZ: ", "9 + 1 = "]
+    experts = [0, 1, 1, 0]
+    prompts = [p.ljust(13) for p in prompts]  # one length: the batch has no padding
+    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    mixed = router.generate(**batch, experts=experts, max_new_tokens=6, do_sample=False)
+    model = router.model
+    alone = []
+    for row, expert in enumerate(experts):
+        model.set_adapter(router.adapter_names[expert])
+        alone.append(model.generate(input_ids=batch.input_ids[row : row + 1], attention_mask=batch.attention_mask[row : row + 1],
+                                    max_new_tokens=6, do_sample=False)[0])
+    assert torch.equal(mixed, torch.stack(alone))
+    # The experts do differ, so the equality above says each row went through its own adapter.
+    other = router.generate(**batch, experts=[1 - e for e in experts], max_new_tokens=6, do_sample=False)
+    assert not torch.equal(mixed, other)
+    # Without `experts=`, generate() routes itself.
+    routed = router.route(**batch)
+    assert torch.equal(router.generate(**batch, max_new_tokens=6, do_sample=False),
+                       router.generate(**batch, experts=routed, max_new_tokens=6, do_sample=False))
+
+
+def test_saved_folder_layout_has_no_machine_paths(trained):
+    router, _, _, _, folder = trained
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == ["README.md", "expert_0", "expert_1", "experts_config.json", "router.safetensors"]
+    config = json.loads((folder / "experts_config.json").read_text())
+    assert config["experts"] == ["expert_0", "expert_1"] and config["base_model"] is None
+    assert load_file(folder / "router.safetensors")["centroids"].shape == (2, 64)
+    for path in folder.rglob("*"):
+        if path.suffix in (".json", ".md"):
+            assert str(folder) not in path.read_text() and "/tmp/" not in path.read_text()
+    adapter = json.loads((folder / "expert_0" / "adapter_config.json").read_text())
+    assert adapter["peft_type"] == "LORA" and adapter["base_model_name_or_path"] is None
+
+
+def test_each_expert_loads_alone_with_peft_and_gives_equal_logits(trained):
+    from peft import PeftModel
+
+    router, tokenizer, _, _, folder = trained
+    batch = tokenizer(["7 + 2 = ", "Spell KLMNO: "], return_tensors="pt", padding=True)
+    for index, name in enumerate(router.adapter_names):
+        base, _ = tiny_model("llama")
+        alone = PeftModel.from_pretrained(base, folder / name).eval()
+        with torch.no_grad():
+            expected = router(**batch, experts=[index, index]).logits
+            torch.testing.assert_close(alone(**batch).logits, expected, rtol=0, atol=1e-6)
+
+
+def test_reload_gives_identical_routes_and_logits(trained):
+    router, tokenizer, rows, _, folder = trained
+    base, _ = tiny_model("llama")
+    loaded = ExpertRouter.from_pretrained(folder, base_model=base, tokenizer=tokenizer)
+    assert loaded.adapter_names == router.adapter_names
+    prompts = [row["prompt"] for row in rows]
+    assert torch.equal(loaded.route_texts(prompts), router.route_texts(prompts))
+    batch = tokenizer(prompts[:6], return_tensors="pt", padding=True)
+    assert torch.equal(loaded.route(**batch), router.route(**batch))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, router(**batch).logits, rtol=0, atol=1e-6)
+
+
+def test_push_to_fake_hub_and_load_back(trained, fake_hub):
+    router, tokenizer, rows, _, _ = trained
+    router.push_to_hub("me/tiny-experts")
+    stored = fake_hub.files("me/tiny-experts")
+    assert {"README.md", "experts_config.json", "router.safetensors", "expert_0/adapter_model.safetensors",
+            "expert_1/adapter_config.json"} <= set(stored)
+    assert 'ExpertRouter.from_pretrained("me/tiny-experts"' in stored["README.md"].decode()
+    assert 'PeftModel.from_pretrained(base, "me/tiny-experts", subfolder="expert_1")' in stored["expert_1/README.md"].decode()
+    base, _ = tiny_model("llama")
+    loaded = ExpertRouter.from_pretrained("me/tiny-experts", base_model=base, tokenizer=tokenizer)
+    prompts = [row["prompt"] for row in rows[:8]]
+    assert torch.equal(loaded.route_texts(prompts), router.route_texts(prompts))
+    assert fake_hub.unhandled == []
+
+
+def test_expert_folder_errors(trained, tmp_path):
+    router, _, rows, _, folder = trained
+    other, _ = tiny_model("llama", seed=1)
+    with pytest.raises(ValueError, match="trained on another base model"):
+        ExpertRouter.from_pretrained(folder, base_model=other)
+    with pytest.raises(ValueError, match="trained on another base model"):
+        ExpertRouter.from_pretrained(folder, base_model=tiny_model("gpt2")[0])
+    with pytest.raises(ValueError, match="already carries PEFT adapters"):
+        ExpertRouter.from_pretrained(folder, base_model=router.model)
+    with pytest.raises(ValueError, match="is not an expert folder"):
+        ExpertRouter.from_pretrained(tmp_path, base_model=tiny_model("llama")[0])
+
+    import shutil
+
+    tampered = tmp_path / "tampered"
+    shutil.copytree(folder, tampered)
+    tensors = load_file(tampered / "router.safetensors")
+    tensors["centroids"] = torch.cat([tensors["centroids"], tensors["centroids"][:1]])
+    save_file(tensors, tampered / "router.safetensors")
+    with pytest.raises(ValueError, match="has 3 clusters but the folder lists 2 experts"):
+        ExpertRouter.from_pretrained(tampered, base_model=tiny_model("llama")[0])
+    shutil.copytree(folder, tmp_path / "incomplete")
+    shutil.rmtree(tmp_path / "incomplete" / "expert_1")
+    with pytest.raises(ValueError, match=r"lacks the expert folder\(s\) \['expert_1'\]"):
+        ExpertRouter.from_pretrained(tmp_path / "incomplete", base_model=tiny_model("llama")[0])
+    with pytest.raises(FileExistsError, match="already holds|is not empty"):
+        router.save_pretrained(folder)
+
+
+def test_train_experts_bad_inputs():
+    model, tokenizer = tiny_model("llama")
+    rows, _ = _task_rows(2)
+    with pytest.raises(ValueError, match="num_experts=5 exceeds the 4 examples"):
+        train_experts(model, rows, ExpertConfig(num_experts=5), tokenizer=tokenizer)
+    with pytest.raises(ValueError, match=r"Cluster\(s\) \[1\] are empty"):
+        train_experts(model, rows, ExpertConfig(num_experts=3), tokenizer=tokenizer, clusters=[0, 0, 2, 2])
+    with pytest.raises(ValueError, match="num_experts must be a positive integer"):
+        ExpertConfig(num_experts=0)
+
+
+def test_gpt2_experts_train_and_route():
+    # Conv1D layers (GPT-2) get LoRA too, and the router works on another architecture.
+    model, tokenizer = tiny_model("gpt2")
+    rows, tasks = _task_rows(4)
+    router = train_experts(model, rows, ExpertConfig(num_experts=2, r=2, seq_len=16),
+                           args=TrainingSettings(max_steps=2, per_device_batch_size=2, use_cpu=True, logging_steps=1),
+                           tokenizer=tokenizer, clusters=tasks)
+    assert router.route_texts([row["prompt"] for row in rows]).tolist() == tasks
+    batch = tokenizer([rows[0]["prompt"], rows[1]["prompt"]], return_tensors="pt", padding=True)
+    assert router.generate(**batch, max_new_tokens=3, do_sample=False).shape == (2, batch.input_ids.shape[1] + 3)
