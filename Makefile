@@ -13,7 +13,7 @@ STAMP = $(VENV)/.hf_compress-make
 LATEST_VENV ?= .venv-latest
 PYTEST_ARGS ?=
 
-.PHONY: install assets demo test test-real test-latest versions bench-reference bench-pruning bench-dlqat bench-speculative bench-spark bench-tyr bench-amphista bench-import clean
+.PHONY: install assets demo test test-real test-latest versions bench-reference bench-pruning bench-dlqat bench-speculative bench-spark bench-tyr bench-amphista bench-import bench-gpu bench-packed clean
 
 $(PYTHON):
 	$(HOST_PYTHON) -m venv $(VENV)
@@ -87,8 +87,29 @@ bench-tyr: install assets
 bench-amphista: install assets
 	$(PYTHON) scripts/bench_amphista.py
 
+# Packed low-bit decode: dense fp32/bf16 vs packed 4/3/2-bit, reference path vs kernels (--device auto|cpu|cuda).
+bench-packed: install assets
+	$(PYTHON) scripts/bench_packed.py
+
 bench-import: install
 	$(PYTHON) scripts/bench_import_time.py
+
+# The GPU set, for one lent session (scripts/gpu_session.sh runs it there): under 8 minutes of device time in
+# all, each script capped by its own budget so a slow one cannot eat the rest (seconds: CUDA tests 120,
+# semi-structured 90, speculative 90, pruning 100, reference 40 = 440). Results go to bench/results/gpu/.
+# No install step: the lent machine has no network (gpu_session.sh brings the packages). A failed or timed-out
+# script is reported and the next one runs. Rehearse on a CPU: make bench-gpu BENCH_DEVICE=cpu BENCH_FLAGS=--quick
+BENCH_DEVICE ?= cuda
+BENCH_FLAGS ?=
+BENCH_TIMEOUT = timeout --signal=INT --kill-after=10
+bench-gpu:
+	-$(BENCH_TIMEOUT) 120 $(PYTHON) -m pytest -q -m cuda tests/test_cuda.py tests/test_semi_structured.py
+	-$(BENCH_TIMEOUT) 90 $(PYTHON) scripts/bench_semi_structured.py --device $(BENCH_DEVICE) $(BENCH_FLAGS)
+	-$(BENCH_TIMEOUT) 90 $(PYTHON) scripts/bench_speculative.py --device $(BENCH_DEVICE) --pairs ngram --prompts 5 \
+		--quality-examples 5 $(BENCH_FLAGS)
+	-$(BENCH_TIMEOUT) 100 $(PYTHON) scripts/bench_pruning.py --device $(BENCH_DEVICE) --methods sparsegpt wanda \
+		--patterns 2:4 --perplexity-only --max-windows 32 --output-name pruning-gpu $(BENCH_FLAGS)
+	-$(BENCH_TIMEOUT) 40 $(PYTHON) scripts/bench_reference.py --device $(BENCH_DEVICE) --quick
 
 clean:
 	rm -rf $(STAMP) hf_compress_demo .pytest_cache

@@ -45,6 +45,7 @@ __all__ = [
     "attach_quantizer",
     "attention_implementation",
     "cache_from_model_kwargs",
+    "cache_mask_sizes",
     "cache_kwarg_name",
     "cache_of_output",
     "check_assumptions",
@@ -183,6 +184,17 @@ def with_cache_field(output_cls: type, cache: Any) -> dict[str, Any]:
         if name in names:
             return {name: cache}
     raise TypeError(f"{output_cls.__name__} has no cache field ({' or '.join(CACHE_KWARGS)}).")
+
+
+def cache_mask_sizes(cache: Any, query_length: int, layer_idx: int) -> tuple[int, int]:
+    """``(kv_length, kv_offset)`` of the keys layer ``layer_idx`` attends to once ``query_length`` tokens are added.
+
+    Used by the token router (``routing/layer.py``) to build its own masks: key column j is cache position
+    ``kv_offset + j``. ``Cache.get_mask_sizes`` has changed its first argument across releases (a
+    ``cache_position`` tensor in 4.x, ``query_length`` here); checked on transformers 5.24.0 only (dynamic full and
+    sliding-window layers; tests/test_routing.py decodes against a masked reference).
+    """
+    return cache.get_mask_sizes(query_length, layer_idx)
 
 
 def streamer_of_calling_generate() -> Any:

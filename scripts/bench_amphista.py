@@ -37,7 +37,13 @@ from typing import Any
 import torch
 
 from hf_compress.assets import load_model, load_text, speed_prompts
-from hf_compress.evaluation.report import benchmark_parser, start_benchmark, write_benchmark
+from hf_compress.evaluation.report import (
+    benchmark_parser,
+    device_description,
+    start_benchmark,
+    synchronize,
+    write_benchmark,
+)
 from hf_compress.evaluation.speed import measure_generation_speed
 from hf_compress.modeling.calibration import calibration_batches
 from hf_compress.speculative.heads import (
@@ -57,13 +63,13 @@ from hf_compress.training import causal_lm_dataset
 logger = logging.getLogger("bench_amphista")
 
 
-def training_arguments(max_steps: int, batch_size: int):
+def training_arguments(max_steps: int, batch_size: int, device: str = "cpu"):
     from transformers import TrainingArguments
 
     return TrainingArguments(
         output_dir="/tmp/bench_amphista", max_steps=max_steps, learning_rate=1e-3, lr_scheduler_type="cosine",
         warmup_steps=max(1, max_steps // 10), per_device_train_batch_size=batch_size, logging_steps=10,
-        save_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(), seed=0, dataloader_num_workers=0,
+        save_strategy="no", report_to=[], use_cpu=torch.device(device).type == "cpu", seed=0, dataloader_num_workers=0,
     )
 
 
@@ -71,13 +77,13 @@ def train_run(name, model, config, features, args) -> tuple[Any, dict[str, Any]]
     """Probe the step time, then train for the budget."""
     probe = AmphistaHeads.for_model(model, config)
     started = time.perf_counter()
-    train_heads(model, probe, features, training_arguments(2, args.batch_size))
+    train_heads(model, probe, features, training_arguments(2, args.batch_size, args.device))
     seconds_per_step = (time.perf_counter() - started) / 2
     max_steps = max(2, int(args.budget_min * 60 / seconds_per_step))
     logger.info("%s: %.2f s/step in the probe → max_steps %d for %.0f min", name, seconds_per_step, max_steps, args.budget_min)
     heads = AmphistaHeads.for_model(model, config)
     result = train_heads(
-        model, heads, features, training_arguments(max_steps, args.batch_size),
+        model, heads, features, training_arguments(max_steps, args.batch_size, args.device),
         max_train_seconds=args.budget_min * 60, data_description=name,
     )
     losses = [entry["loss"] for entry in result["log_history"] if "loss" in entry]
@@ -120,16 +126,18 @@ def forward_ms(model, sizes: list[int], context: int = 100, repeats: int = 7) ->
     from transformers import DynamicCache
 
     generator = torch.Generator().manual_seed(0)
-    prefix = torch.randint(100, 40000, (1, context), generator=generator)
+    prefix = torch.randint(100, 40000, (1, context), generator=generator).to(model.device)
     out = {}
     for n in sizes:
         times = []
         for _ in range(repeats):
             cache = DynamicCache(config=model.config)
             model(prefix, past_key_values=cache, use_cache=True)
-            tokens = torch.randint(100, 40000, (1, n), generator=generator)
+            tokens = torch.randint(100, 40000, (1, n), generator=generator).to(model.device)
+            synchronize(model.device)
             started = time.perf_counter()
             model(tokens, past_key_values=cache, use_cache=True, logits_to_keep=n)
+            synchronize(model.device)
             times.append(time.perf_counter() - started)
         out[n] = 1000 * statistics.median(times)
     return out
@@ -170,7 +178,7 @@ def decode_all(model, tokenizer, strategies: dict[str, Amphista], args) -> dict[
 def run(args) -> dict[str, Any]:
     torch.manual_seed(0)
     model, tokenizer = load_model("smollm2-135m")
-    model.eval()
+    model.to(args.device).eval()
     texts = load_text("wikipedia", "calibration")["text"]
     eval_texts = load_text("wikipedia", "eval")["text"]
     results: dict[str, Any] = {}
@@ -289,7 +297,7 @@ def render(payload: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    parser = benchmark_parser(__doc__, "amphista", threads=None)
+    parser = benchmark_parser(__doc__, "amphista", threads=None, devices=("cpu", "cuda"))
     parser.add_argument("--budget-min", type=float, default=8.0)
     parser.add_argument("--prompts", type=int, default=384)
     parser.add_argument("--eval-prompts", type=int, default=32)
@@ -310,6 +318,7 @@ def main() -> None:
         args.speed_prompts, args.max_new_tokens = 2, 12
     settings = {k: v for k, v in vars(args).items()
                 if k not in ("render", "quick", "output_name", "threads", "device", "supported_devices")}
+    settings["device"] = device_description(args.device)
     results = run(args)
     payload = {"settings": settings, "results": results}
     name = "amphista-quick" if args.quick else args.output_name

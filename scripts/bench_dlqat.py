@@ -37,7 +37,7 @@ import torch
 from peft import get_peft_model
 
 from hf_compress.assets import load_model, load_text
-from hf_compress.evaluation.report import benchmark_parser, start_benchmark, write_benchmark
+from hf_compress.evaluation.report import benchmark_parser, device_description, start_benchmark, write_benchmark
 from hf_compress.evaluation.suite import EvaluationSettings, evaluate_row
 from hf_compress.modeling import calibration_batches
 from hf_compress.quantization import DLQATConfig, packed_size
@@ -60,7 +60,7 @@ TRAINABLE_BUDGET = 0.01
 
 
 def main() -> None:
-    parser = benchmark_parser(__doc__, "dlqat", threads=None)
+    parser = benchmark_parser(__doc__, "dlqat", threads=None, devices=("cpu", "cuda"))
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--settings", nargs="+", default=list(DEFAULT_PLAN), help="bits:group_size (-1: per-channel)")
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=None,
@@ -86,7 +86,7 @@ def main() -> None:
         batch_size=4,
     )
     payload = {
-        "model": args.model, "device": "cpu", "evaluation": evaluation.to_dict(),
+        "model": args.model, "device": device_description(args.device), "evaluation": evaluation.to_dict(),
         "training": {"steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
                      "learning_rate": args.learning_rate, "text": "wikipedia calibration split", "seed": 0,
                      "loss": "next-token cross-entropy"},
@@ -94,7 +94,7 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     if args.base_dtype != "none":
         model, tokenizer = load_model(args.model)
-        model.to(getattr(torch, args.base_dtype))
+        model.to(args.device, getattr(torch, args.base_dtype))
         rows.append(evaluate_row(model, tokenizer, evaluation, {"setting": "-", "variant": args.base_dtype}, "base"))
         write_benchmark(args.output_name, payload, {"rows": rows}, _markdown(payload, rows))
         del model
@@ -118,6 +118,7 @@ def _rank_under_budget(model: torch.nn.Module, fields: dict[str, Any]) -> int:
 def _run_variant(args, evaluation, bits: int, group_size: int, variant: str) -> dict[str, Any]:
     logger.info("=== %d-bit, group %d: %s", bits, group_size, variant)
     model, tokenizer = load_model(args.model)
+    model.to(args.device)
     total = sum(p.numel() for p in model.parameters())
     fields = {"bits": bits, "group_size": group_size, "target_modules": "all-linear", **VARIANTS[variant]}
     rank = args.rank or _rank_under_budget(model, fields)
@@ -134,12 +135,13 @@ def _run_variant(args, evaluation, bits: int, group_size: int, variant: str) -> 
         with tempfile.TemporaryDirectory() as folder:
             result = train_with_trainer(peft_model, data, folder, TrainingSettings(
                 max_steps=args.steps, learning_rate=args.learning_rate, per_device_batch_size=args.batch_size,
-                logging_steps=max(1, args.steps // 6), use_cpu=True,
+                logging_steps=max(1, args.steps // 6), use_cpu=torch.device(args.device).type == "cpu",
             ))
         row["train_seconds"] = result["train_seconds"]
         row["losses"] = [h["loss"] for h in result["log_history"] if "loss" in h]
     peft_model.eval()
     probe_ids = calibration_batches(load_text("wikipedia", "eval"), tokenizer, num_sequences=2, seq_len=128, seed=1)
+    probe_ids = probe_ids.to(args.device)
     with torch.no_grad():
         fake_quant = peft_model(probe_ids).logits
         packed = peft_model.merge_and_quantize()

@@ -24,7 +24,7 @@ LIMITS = {"arc_easy": None, "arc_challenge": None, "piqa": 1000, "hellaswag": 10
 
 
 def main() -> None:
-    parser = benchmark_parser(__doc__, "reference", threads=None)
+    parser = benchmark_parser(__doc__, "reference", threads=None, devices=("cpu", "cuda"))
     parser.add_argument("--model", default="smollm2-135m")
     args = parser.parse_args()
     if not start_benchmark(args, lambda payload: _markdown(payload["results"]["model"], payload["results"])):
@@ -41,7 +41,7 @@ def main() -> None:
         kv_seq_len=2048,
     )
     model, tokenizer = load_model(args.model)
-    results, records = run_evaluation(model, tokenizer, settings)
+    results, records = run_evaluation(model.to(args.device), tokenizer, settings)
     results["model"] = args.model
     results["records"] = [record.to_dict() for record in records]
     write_benchmark(args.output_name, settings.to_dict(), results, _markdown(args.model, results))

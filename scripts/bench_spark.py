@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """SparK KV-cache benchmark → bench/results/<output-name>.{json,md}.
 
-SmolLM2-135M-Instruct (float32, CPU), long contexts built from the offline text, every cache in one process:
+SmolLM2-135M-Instruct (float32; CPU, or CUDA with ``--device cuda``/``auto``), long contexts built from the
+offline text, every cache in one process:
 
 - ``dense``: transformers' ``DynamicCache``;
 - ``spark-50`` / ``spark-80``: ``SparKCache`` pruning 50% / 80% of key channels per token (values dense,
@@ -13,7 +14,10 @@ SmolLM2-135M-Instruct (float32, CPU), long contexts built from the offline text,
   a head (ThinK-like scoring), no recovery;
 - ``snapkv-1024`` and ``snapkv-1024+spark-50``: SnapKV eviction of the prompt to 1024 tokens, without and
   with SparK channel pruning on top (the paper's composition);
-- ``hf-fp8``: transformers' own ``QuantizedCache(backend="fp8")`` (quanto/hqq are not installed here).
+- ``hf-fp8``: transformers' own ``QuantizedCache(backend="fp8")`` (quanto/hqq are not installed here);
+- ``spark-50-reference-read``: ``spark-50`` reading keys through the reference PyTorch reconstruction
+  (``PerTokenChannels.densify_keys``) instead of the fast read (``hf_compress/cache/read.py``, Triton on
+  CUDA): decode speed only (its outputs are bit-identical to ``spark-50``'s, tested), before/after in one run.
 
 Tasks:
 
@@ -26,11 +30,15 @@ Tasks:
    needs the Hub);
 4. decode speed and memory: ``--decode-tokens`` greedy steps after a ``--prefix``-token prompt; tokens/s of
    the decoding steps, and KV bytes the cache actually holds then (``memory_footprint()`` for ours, every
-   stored tensor for transformers' caches) against the dense cache's.
+   stored tensor for transformers' caches) against the dense cache's. The caches take turns, ``--decode-repeats``
+   rounds, and the median is reported, so every ratio to ``dense`` is measured side by side under the same load.
+
+``--tasks`` runs a subset (e.g. ``--tasks decode`` for the speed and memory columns only).
 
 Usage:
     python scripts/bench_spark.py
     python scripts/bench_spark.py --quick --output-name spark-smoke
+    python scripts/bench_spark.py --tasks decode --output-name spark-decode
     python scripts/bench_spark.py --render spark
 """
 
@@ -38,7 +46,9 @@ from __future__ import annotations
 
 import logging
 import random
+import shlex
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -47,9 +57,9 @@ import torch
 from transformers import DynamicCache, QuantizedCache
 
 from hf_compress.assets import load_model, load_text
-from hf_compress.cache import SparKCache, StructuredChannelCache
+from hf_compress.cache import ChannelPrunedLayer, SparKCache, StructuredChannelCache, triton_read
 from hf_compress.evaluation.memory import cache_bytes
-from hf_compress.evaluation.report import benchmark_parser, start_benchmark, write_benchmark
+from hf_compress.evaluation.report import benchmark_parser, device_description, start_benchmark, write_benchmark
 from hf_compress.evaluation.speed import measure_generation_speed
 from hf_compress.evaluation.squad import squad_documents, squad_scores
 
@@ -67,10 +77,20 @@ CACHES: dict[str, Callable[[Any], Any]] = {
     "snapkv-1024": lambda config: SparKCache(config, channel_ratio=0.0, token_budget=1024),
     "snapkv-1024+spark-50": lambda config: SparKCache(config, channel_ratio=0.5, token_budget=1024),
     "hf-fp8": lambda config: QuantizedCache(backend="fp8", config=config),
+    "spark-50-reference-read": lambda config: _reference_read(SparKCache(config, channel_ratio=0.5)),
 }
+DECODE_ONLY = {"spark-50-reference-read"}  # same outputs as spark-50: only its speed is of interest
+TASKS = ("passkey", "perplexity", "reading", "decode")
 PASSKEY_TASK = "There is a pass key hidden in the following text. Find it."
 NEEDLE = "\nThe pass key is {key}. Remember it. {key} is the pass key.\n"
 PASSKEY_QUESTION = "What is the pass key? Answer with the 5-digit number only."
+
+
+def _reference_read(cache: SparKCache) -> SparKCache:
+    for layer in cache.layers:
+        if isinstance(layer, ChannelPrunedLayer):
+            layer.reference_read = True
+    return cache
 
 
 # ------------------------------------------------------------------------------------------ tasks
@@ -112,6 +132,7 @@ def continuation_perplexity(model, tokenizer, make_cache, prefix: int, windows: 
         if len(window) < prefix + 256:
             break
         cache = make_cache()
+        window = window.to(model.device)
         with torch.inference_mode():
             model(window[None, :prefix], past_key_values=cache, logits_to_keep=1)
             logits = model(window[None, prefix:], past_key_values=cache).logits[0, :-1]
@@ -152,81 +173,137 @@ def reading(model, tokenizer, make_cache, questions: int, context_tokens: int, s
             "rows": rows}
 
 
-def decode_and_memory(model, tokenizer, make_cache, prefix: int, steps: int) -> dict[str, Any]:
+def decode_and_memory(model, tokenizer, makers: dict[str, Callable[[], Any]], prefix: int, steps: int,
+                      repeats: int) -> dict[str, dict[str, Any]]:
+    """Decode speed and held bytes of every cache; the caches take turns, ``repeats`` rounds, median speed."""
     ids = torch.tensor([haystack_ids(tokenizer, prefix)])
-    cache = make_cache()
-    _, tokens_per_s = greedy(model, ids, cache, steps + 1, None)
-    footprint = getattr(cache, "memory_footprint", None)
-    return {"decode_tokens_per_s": tokens_per_s, "kv_bytes": cache_bytes(cache),
-            "footprint": footprint() if callable(footprint) else None, "tokens_held": prefix + steps}
+    runs: dict[str, list[float]] = {name: [] for name in makers}
+    results: dict[str, dict[str, Any]] = {}
+    for round_index in range(repeats):
+        for name, make_cache in makers.items():
+            cache = make_cache()
+            _, tokens_per_s = greedy(model, ids, cache, steps + 1, None)
+            runs[name].append(tokens_per_s)
+            logger.info("decode round %d %s: %.2f tokens/s", round_index + 1, name, tokens_per_s)
+            footprint = getattr(cache, "memory_footprint", None)
+            results[name] = {"kv_bytes": cache_bytes(cache), "footprint": footprint() if callable(footprint) else None,
+                             "tokens_held": prefix + steps}
+    for name, speeds in runs.items():
+        results[name].update(decode_tokens_per_s=statistics.median(speeds), decode_runs=speeds)
+    return results
 
 
 # ------------------------------------------------------------------------------------------ report
+def _ratio(value: float | None, reference: float | None) -> float | None:
+    return value / reference if value is not None and reference else None
+
+
+def _cell(value: float | None, fmt: str, suffix: str = "") -> str:
+    return "—" if value is None else f"{value:{fmt}}{suffix}"
+
+
 def markdown(payload: dict[str, Any]) -> str:
     settings, results = payload["settings"], payload["results"]
-    dense = results.get("dense")
+    tasks = settings.get("tasks", TASKS)
+    dense = results.get("dense", {})
+
+    def get(row: dict[str, Any], task: str, key: str) -> float | None:
+        return row.get(task, {}).get(key) if isinstance(row.get(task), dict) else None
+
+    machine_note = settings.get("machine_note", "CPU")
+    read_path = settings.get("read_path", "reference PyTorch reconstruction (before issue 20)")
+    described = []
+    if "passkey" in tasks:
+        described.append(f"passkey: lengths {settings['passkey_lengths']} × depths {settings['passkey_depths']}")
+    if "perplexity" in tasks:
+        described.append(f"perplexity: {settings['prefix']}-token prefix + 256-token continuation × "
+                         f"{settings['ppl_windows']} windows")
+    if "reading" in tasks:
+        described.append(f"reading: {settings['reading_questions']} SQuAD questions in ~{settings['reading_tokens']}-token "
+                         "contexts")
+    if "decode" in tasks:
+        rounds = (f"median of {settings['decode_repeats']} rounds in which the caches take turns"
+                  if "decode_repeats" in settings else "one run per cache, one cache after another")
+        described.append(f"decode: {settings['decode_tokens']} greedy steps after {settings['prefix']} prompt tokens, "
+                         + rounds)
+    sentence = "; ".join(described)
     lines = [
         "# SparK KV cache — SmolLM2-135M-Instruct, long contexts",
         "",
-        f"Machine: {settings['machine_note']}. Command: `{settings['command']}`.",
-        f"Passkey: lengths {settings['passkey_lengths']} × depths {settings['passkey_depths']}; perplexity: "
-        f"{settings['prefix']}-token prefix + 256-token continuation × {settings['ppl_windows']} windows; reading: "
-        f"{settings['reading_questions']} SQuAD questions in ~{settings['reading_tokens']}-token contexts; decode: "
-        f"{settings['decode_tokens']} greedy steps after {settings['prefix']} prompt tokens. "
-        "KV bytes are what the cache holds after the decode run; ratios are against `dense` in the same run.",
+        (f"Machine: {machine_note}. Command: `{payload.get('command') or settings['command']}`. SparK reads keys "
+         f"through: {read_path}."),
+        sentence[:1].upper() + sentence[1:] + ". KV bytes are what the cache holds after the decode run"
+        + (" (append headroom included)" if "read_path" in settings else "")
+        + "; every ratio is against `dense` in the same run.",
         "",
-        "| cache | passkey acc. | continuation ppl | ppl vs dense | reading F1 | KV bytes held | vs dense | decode tok/s |",
-        "|---|---|---|---|---|---|---|---|",
+        ("| cache | passkey acc. | continuation ppl | ppl vs dense | reading F1 | KV bytes held | vs dense | "
+         "decode tok/s | decode vs dense |"),
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
-        ppl_ratio = r["perplexity"]["perplexity"] / dense["perplexity"]["perplexity"] if dense else float("nan")
-        mem_ratio = r["decode"]["kv_bytes"] / dense["decode"]["kv_bytes"] if dense else float("nan")
+        ppl = get(r, "perplexity", "perplexity")
+        kv = get(r, "decode", "kv_bytes")
+        speed = get(r, "decode", "decode_tokens_per_s")
+        f1 = get(r, "reading", "f1")
         lines.append(
-            f"| {name} | {r['passkey']['accuracy']:.2f} | {r['perplexity']['perplexity']:.3f} | {ppl_ratio:.3f}× | "
-            f"{100 * r['reading']['f1']:.1f} | {r['decode']['kv_bytes'] / 2**20:.1f} MiB | {mem_ratio:.3f}× | "
-            f"{r['decode']['decode_tokens_per_s']:.1f} |"
+            f"| {name} | {_cell(get(r, 'passkey', 'accuracy'), '.2f')} | {_cell(ppl, '.3f')} | "
+            f"{_cell(_ratio(ppl, get(dense, 'perplexity', 'perplexity')), '.3f', '×')} | "
+            f"{_cell(None if f1 is None else 100 * f1, '.1f')} | {_cell(None if kv is None else kv / 2**20, '.1f', ' MiB')} | "
+            f"{_cell(_ratio(kv, get(dense, 'decode', 'kv_bytes')), '.3f', '×')} | {_cell(speed, '.1f')} | "
+            f"{_cell(_ratio(speed, get(dense, 'decode', 'decode_tokens_per_s')), '.2f', '×')} |"
         )
     if dense and "spark-50" in results:
         lines += ["", "## Targets (50% pruning)", ""]
         for name in ("spark-50", "spark-50-kv"):
             if name not in results:
                 continue
-            r = results[name]
-            mem = r["decode"]["kv_bytes"] / dense["decode"]["kv_bytes"]
-            ppl = r["perplexity"]["perplexity"] / dense["perplexity"]["perplexity"]
-            acc = r["passkey"]["accuracy"] / dense["passkey"]["accuracy"] if dense["passkey"]["accuracy"] else None
-            structured = results.get("structured-50")
-            if structured is None:
-                versus = "`structured-50` not run"
-            else:
-                better = r["perplexity"]["perplexity"] < structured["perplexity"]["perplexity"]
-                versus = f"{'better' if better else 'NOT better'} than `structured-50` on perplexity"
-            lines.append(
-                f"- `{name}`: KV bytes {mem:.3f}× dense ({'met' if mem <= 0.6 else 'MISSED'}: ≤ 0.6×); passkey "
-                f"{'n/a (dense found none)' if acc is None else f'{acc:.2f}× dense'} "
-                f"({'met' if acc is not None and acc >= 0.95 else 'MISSED' if acc is not None else 'not measurable'}: "
-                f"≥ 0.95×); continuation perplexity {ppl:.3f}× dense ({'met' if ppl <= 1.05 else 'MISSED'}: ≤ 1.05×); "
-                f"{versus}."
-            )
+            r, parts = results[name], []
+            mem = _ratio(get(r, "decode", "kv_bytes"), get(dense, "decode", "kv_bytes"))
+            if mem is not None:
+                parts.append(f"KV bytes {mem:.3f}× dense ({'met' if mem <= 0.6 else 'MISSED'}: ≤ 0.6×)")
+            speed = _ratio(get(r, "decode", "decode_tokens_per_s"), get(dense, "decode", "decode_tokens_per_s"))
+            if speed is not None:
+                parts.append(f"decode {speed:.2f}× dense tokens/s ({'met' if speed >= 0.6 else 'MISSED'}: ≥ 0.6× on CPU)")
+            if get(dense, "passkey", "accuracy") is not None:
+                acc = _ratio(get(r, "passkey", "accuracy"), get(dense, "passkey", "accuracy"))
+                parts.append(f"passkey {'n/a (dense found none)' if acc is None else f'{acc:.2f}× dense'} "
+                             f"({'met' if acc is not None and acc >= 0.95 else 'MISSED' if acc is not None else 'not measurable'}"
+                             ": ≥ 0.95×)")
+            ppl = _ratio(get(r, "perplexity", "perplexity"), get(dense, "perplexity", "perplexity"))
+            if ppl is not None:
+                parts.append(f"continuation perplexity {ppl:.3f}× dense ({'met' if ppl <= 1.05 else 'MISSED'}: ≤ 1.05×)")
+                structured = get(results.get("structured-50", {}), "perplexity", "perplexity")
+                if structured is not None:
+                    better = get(r, "perplexity", "perplexity") < structured
+                    parts.append(f"{'better' if better else 'NOT better'} than `structured-50` on perplexity")
+            lines.append(f"- `{name}`: " + "; ".join(parts) + ".")
     if dense:
         lines += ["", "## Notes", ""]
-        if dense["reading"]["f1"] < 0.05:
+        if get(dense, "reading", "f1") is not None and get(dense, "reading", "f1") < 0.05:
             lines.append(
-                f"- Reading: the dense cache scores {100 * dense['reading']['f1']:.1f} F1: SmolLM2-135M does not answer "
-                "these questions at this context length, so the column does not tell the caches apart (non-zero "
+                f"- Reading: the dense cache scores {100 * get(dense, 'reading', 'f1'):.1f} F1: SmolLM2-135M does not "
+                "answer these questions at this context length, so the column does not tell the caches apart (non-zero "
                 "scores are stray word overlaps)."
             )
-        trials = len(dense["passkey"]["trials"])
-        lines.append(f"- Passkey accuracy is over {trials} trials per cache: a coarse signal at this model size.")
-        speeds = {n: r["decode"]["decode_tokens_per_s"] / dense["decode"]["decode_tokens_per_s"]
-                  for n, r in results.items() if n.startswith("spark")}
+        if isinstance(dense.get("passkey"), dict):
+            lines.append(f"- Passkey accuracy is over {len(dense['passkey']['trials'])} trials per cache: a coarse "
+                         "signal at this model size.")
+        speeds = {n: _ratio(get(r, "decode", "decode_tokens_per_s"), get(dense, "decode", "decode_tokens_per_s"))
+                  for n, r in results.items() if n.startswith("spark") and n not in DECODE_ONLY}
+        speeds = {n: v for n, v in speeds.items() if v is not None}
         if speeds:
-            lines.append(
-                f"- Decode speed: SparK caches ran at {min(speeds.values()):.2f}–{max(speeds.values()):.2f}× the dense "
-                "cache's tokens/s: pruned keys are rebuilt on every read, one layer at a time, in PyTorch ops (no fused "
-                "kernel); the saving is memory, not time."
-            )
-        if "hf-fp8" in results and "spark-50-kv" in results:
+            line = (f"- Decode speed: SparK caches ran at {min(speeds.values()):.2f}–{max(speeds.values()):.2f}× the "
+                    "dense cache's tokens/s (pruned keys are rebuilt on every read, one layer at a time")
+            reference = _ratio(get(results.get("spark-50-reference-read", {}), "decode", "decode_tokens_per_s"),
+                               get(dense, "decode", "decode_tokens_per_s"))
+            if reference is not None and "spark-50" in speeds:
+                line += (f"; `spark-50` through the reference reconstruction ran at {reference:.2f}× in the same run, "
+                         f"so the fast read is {speeds['spark-50'] / reference:.2f}× faster")
+            runs = [f"{n} {', '.join(f'{v:.2f}' for v in results[n]['decode']['decode_runs'])}"
+                    for n in ("dense", "spark-50", "spark-50-reference-read")
+                    if "decode_runs" in results.get(n, {}).get("decode", {})]
+            lines.append(line + ")." + (f" Rounds (tokens/s): {'; '.join(runs)}." if runs else ""))
+        if isinstance(results.get("hf-fp8", {}).get("perplexity"), dict) and "spark-50-kv" in results:
             fp8, spark = results["hf-fp8"], results["spark-50-kv"]
             lines.append(
                 f"- transformers' fp8 cache held {fp8['decode']['kv_bytes'] / dense['decode']['kv_bytes']:.3f}× dense "
@@ -239,8 +316,9 @@ def markdown(payload: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    parser = benchmark_parser(__doc__, "spark")
+    parser = benchmark_parser(__doc__, "spark", devices=("cpu", "cuda"))
     parser.add_argument("--caches", nargs="+", choices=list(CACHES), default=list(CACHES))
+    parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
     parser.add_argument("--passkey-lengths", nargs="+", type=int, default=[2048, 4096])
     parser.add_argument("--passkey-depths", nargs="+", type=float, default=[0.1, 0.5, 0.9])
     parser.add_argument("--prefix", type=int, default=2048)
@@ -248,6 +326,7 @@ def main() -> None:
     parser.add_argument("--reading-questions", type=int, default=5)
     parser.add_argument("--reading-tokens", type=int, default=1500)
     parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--decode-repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if not start_benchmark(args, markdown):
@@ -255,26 +334,42 @@ def main() -> None:
     if args.quick:
         args.passkey_lengths, args.passkey_depths, args.prefix = [512], [0.5], 512
         args.ppl_windows, args.reading_questions, args.reading_tokens, args.decode_tokens = 1, 1, 400, 8
-    settings = {k: v for k, v in vars(args).items() if k not in ("render", "supported_devices", "device")}
-    settings["machine_note"] = f"CPU, {args.threads} threads, float32"
-    settings["command"] = "python scripts/bench_spark.py" + (" --quick" if args.quick else "")
+        args.decode_repeats = 1
+    settings = {k: v for k, v in vars(args).items() if k not in ("render", "supported_devices")}
+    settings["machine_note"] = f"{device_description(args.device)}, {args.threads} CPU threads, float32"
+    settings["read_path"] = (
+        "a fused Triton kernel (`hf_compress/cache/triton_read.py`)" if triton_read.usable(torch.zeros(1, device=args.device))
+        else "byte tables and one gather (`hf_compress/cache/read.py`)"
+    )
+    settings["command"] = " ".join(["python", *map(shlex.quote, sys.argv)])
     model, tokenizer = load_model("smollm2-135m")
+    model.to(args.device)
     greedy(model, torch.tensor([haystack_ids(tokenizer, 256)]), DynamicCache(config=model.config), 4, None)  # warm-up
-    results: dict[str, Any] = {}
-    for name in args.caches:
-        make = lambda factory=CACHES[name]: factory(model.config)  # noqa: E731
+    makers = {name: (lambda factory=CACHES[name]: factory(model.config)) for name in args.caches}
+    results: dict[str, Any] = {name: {} for name in args.caches}
+
+    def save() -> None:  # partial results survive
+        write_benchmark(args.output_name, settings, results, markdown({"settings": settings, "results": results}))
+
+    for name, make in makers.items():
+        if name in DECODE_ONLY or not set(args.tasks) - {"decode"}:
+            continue
         logger.info("%s", name)
         start = time.perf_counter()
-        results[name] = {
-            "passkey": passkey(model, tokenizer, make, args.passkey_lengths, args.passkey_depths, args.seed),
-            "perplexity": continuation_perplexity(model, tokenizer, make, args.prefix, args.ppl_windows),
-            "reading": reading(model, tokenizer, make, args.reading_questions, args.reading_tokens, args.seed),
-            "decode": decode_and_memory(model, tokenizer, make, args.prefix, args.decode_tokens),
-        }
+        if "passkey" in args.tasks:
+            results[name]["passkey"] = passkey(model, tokenizer, make, args.passkey_lengths, args.passkey_depths, args.seed)
+        if "perplexity" in args.tasks:
+            results[name]["perplexity"] = continuation_perplexity(model, tokenizer, make, args.prefix, args.ppl_windows)
+        if "reading" in args.tasks:
+            results[name]["reading"] = reading(model, tokenizer, make, args.reading_questions, args.reading_tokens, args.seed)
         results[name]["seconds"] = time.perf_counter() - start
         logger.info("%s: %s", name, {k: v for k, v in results[name].items() if k != "reading"})
-        payload = {"settings": settings, "results": results}
-        write_benchmark(args.output_name, settings, results, markdown(payload))  # partial results survive
+        save()
+    if "decode" in args.tasks:
+        for name, measured in decode_and_memory(model, tokenizer, makers, args.prefix, args.decode_tokens,
+                                                args.decode_repeats).items():
+            results[name]["decode"] = measured
+        save()
     logger.info("done")
 
 

@@ -44,7 +44,7 @@ from typing import Any
 import torch
 
 from hf_compress.assets import MissingAssetError, load_model, reference_model_path
-from hf_compress.evaluation.report import benchmark_parser, start_benchmark, write_benchmark
+from hf_compress.evaluation.report import benchmark_parser, device_description, start_benchmark, write_benchmark
 from hf_compress.evaluation.speed import measure_generation_speed
 from hf_compress.evaluation.squad import squad_documents, squad_scores
 from hf_compress.speculative import FLy, SpeculativeDecoding
@@ -74,6 +74,7 @@ def render_prompt(tokenizer, body: str) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------ pairs
 def build_pair(name: str, args) -> dict[str, Any]:
     smol, smol_tok = load_model("smollm2-135m")
+    smol.to(args.device)
     if name == "ngram":
         k = args.num_draft_tokens
         return {
@@ -86,6 +87,7 @@ def build_pair(name: str, args) -> dict[str, Any]:
         }
     if name == "cross":
         gemma, gemma_tok = load_model("gemma3-270m")
+        gemma.to(args.device)
         k = args.model_draft_tokens
         return {
             "target": gemma, "tokenizer": gemma_tok, "draft": "SmolLM2-135M-Instruct (other tokenizer)",
@@ -131,7 +133,7 @@ def evaluate_pair(name: str, args) -> dict[str, Any]:
     speed_prompts = [e["body"] for e in squad_examples(args.prompts)]
     quality = squad_examples(args.quality_examples, offset=args.prompts)
     methods = {"vanilla": {}, **pair["methods"]}
-    target.generate(render_prompt(tok, speed_prompts[0]), max_new_tokens=4, do_sample=False)  # warm-up
+    target.generate(render_prompt(tok, speed_prompts[0]).to(target.device), max_new_tokens=4, do_sample=False)  # warm-up
     results: dict[str, Any] = {"draft": pair["draft"], "methods": {}}
     for method, kwargs in methods.items():
         logger.info("[%s] %s: speed run", name, method)
@@ -175,6 +177,7 @@ def precision_agreement(args) -> dict[str, Any]:
     k = args.num_draft_tokens
     for dtype_name in args.dtypes:
         model, tok = load_model("smollm2-135m", dtype=getattr(torch, dtype_name))
+        model.to(args.device)
         methods = {
             "vanilla": {},
             "hf": dict(prompt_lookup_num_tokens=k, max_matching_ngram_size=4),
@@ -275,8 +278,12 @@ def markdown(payload: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _machine_note(args) -> str:
+    return device_description(args.device) if torch.device(args.device).type == "cuda" else f"CPU, {args.threads} threads"
+
+
 def main() -> None:
-    parser = benchmark_parser(__doc__, "speculative")
+    parser = benchmark_parser(__doc__, "speculative", devices=("cpu", "cuda"))
     parser.add_argument("--pairs", nargs="+", choices=PAIRS, default=list(PAIRS))
     parser.add_argument("--prompts", type=int, default=10)
     parser.add_argument("--max-new-tokens", type=int, default=48)
@@ -298,19 +305,21 @@ def main() -> None:
             args.agreement_prompts, args.max_new_tokens = 2, 16
         name = args.output_name if args.output_name != "speculative" else "speculative-precision"
         settings = {k: getattr(args, k) for k in ("agreement_prompts", "max_new_tokens", "num_draft_tokens", "dtypes", "threads")}
-        settings["machine_note"] = f"CPU, {args.threads} threads"
+        settings["machine_note"] = _machine_note(args)
         results = precision_agreement(args)
         write_benchmark(name, settings, results, precision_markdown({"settings": settings, "results": results}))
         return
     if args.quick:
         args.prompts, args.max_new_tokens, args.quality_examples = 2, 16, 3
+    if "int8" in args.pairs and torch.device(args.device).type != "cpu":
+        parser.error("the int8 pair's draft is a CPU dynamic-int8 model; on a GPU leave it out: --pairs ngram cross")
     if "cross" in args.pairs:  # fail now, not after the other pairs ran: Gemma is optional (its terms of use)
         try:
             reference_model_path("gemma3-270m")
         except MissingAssetError as err:
             parser.error(f"{err}\nor leave the Gemma pair out: --pairs ngram int8")
     settings = {k: v for k, v in vars(args).items() if k not in ("render", "supported_devices", "device")}
-    settings["machine_note"] = f"CPU, {args.threads} threads, float32"
+    settings["machine_note"] = _machine_note(args) + ", float32"
     results: dict[str, Any] = {}
     for pair in args.pairs:
         results[pair] = evaluate_pair(pair, args)

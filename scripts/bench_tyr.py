@@ -35,7 +35,13 @@ import torch
 from hf_compress.assets import load_model, load_text
 from hf_compress.assets.text import speed_prompts
 from hf_compress.evaluation.memory import disk_bytes
-from hf_compress.evaluation.report import benchmark_parser, start_benchmark, write_benchmark
+from hf_compress.evaluation.report import (
+    benchmark_parser,
+    device_description,
+    start_benchmark,
+    synchronize,
+    write_benchmark,
+)
 from hf_compress.evaluation.speed import measure_generation_speed
 from hf_compress.evaluation.suite import EvaluationSettings, evaluate_row
 from hf_compress.pruning import BlockRemovalConfig, BlockRemovalPruner, TyrConfig, TyrPruner
@@ -50,7 +56,7 @@ METHODS = ("tyr", "uniform", "block_removal")
 
 
 def main() -> None:
-    parser = benchmark_parser(__doc__, "tyr", threads=None)
+    parser = benchmark_parser(__doc__, "tyr", threads=None, devices=("cpu", "cuda"))
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--targets", nargs="+", type=float, default=[0.2, 0.3, 0.5])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
@@ -86,14 +92,16 @@ def main() -> None:
                "tyr_options": args.tyr_options, "speed": {"prompts": args.speed_prompts,
                                                           "max_new_tokens": args.max_new_tokens,
                                                           "prefill_tokens": 512, "threads": torch.get_num_threads()},
-               "calibration": "wikipedia calibration split"}
+               "device": device_description(args.device), "calibration": "wikipedia calibration split"}
     rows: list[dict[str, Any]] = []
     model, tokenizer = load_model(args.model)
+    model.to(args.device)
     rows.append(_measure(model, tokenizer, settings, prompts, args, {"method": "dense", "target": 0.0}))
     del model
     for target in args.targets:
         for method in args.methods:
             model, tokenizer = load_model(args.model)
+            model.to(args.device)
             row = _prune(method, target, model, tokenizer, calibration, args)
             rows.append(_measure(model, tokenizer, settings, prompts, args, row))
             del model
@@ -153,12 +161,14 @@ def _prefill_ids(tokenizer, tokens: int) -> torch.Tensor:
 
 @torch.inference_mode()
 def _prefill_speed(model, tokenizer, tokens: int = 512, repeats: int = 3) -> float:
-    ids = _prefill_ids(tokenizer, tokens)
+    ids = _prefill_ids(tokenizer, tokens).to(model.device)
     model(ids[:, :32])  # warm-up
     times = []
     for _ in range(repeats):
+        synchronize(model.device)
         start = time.perf_counter()
         model(ids, use_cache=False)
+        synchronize(model.device)
         times.append(time.perf_counter() - start)
     return ids.shape[1] / statistics.median(times)
 
@@ -174,6 +184,7 @@ def _speed_rerun(args) -> None:
     models = []
     for row in rows:
         model, tokenizer = load_model(source["settings"]["model"])
+        model.to(args.device)
         if row["method"] == "block_removal":
             remove_blocks(model, row["extra"]["removed_blocks"])
         elif row["method"] != "dense":

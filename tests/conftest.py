@@ -39,3 +39,33 @@ def fake_hub(tmp_path) -> FakeHub:
     """
     with serve_fake_hub(tmp_path / "hf_home") as hub:
         yield hub
+
+
+@pytest.fixture
+def unwritable_folder(tmp_path):
+    """A folder this process cannot write to: a ``chmod 500`` folder, or, for root (which ignores modes), a
+    folder on a read-only mount. Skips where neither exists."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        if not os.access(folder, os.W_OK):
+            yield folder
+            return
+        for candidate in _read_only_mount_points():
+            if os.path.isdir(candidate) and not os.access(candidate, os.W_OK):
+                yield __import__("pathlib").Path(candidate)
+                return
+        pytest.skip("this user can write anywhere and no read-only mount is available")
+    finally:
+        folder.chmod(0o700)
+
+
+def _read_only_mount_points() -> list[str]:
+    try:
+        lines = open("/proc/mounts", encoding="utf-8").read().splitlines()
+    except OSError:
+        return []
+    mounts = [line.split() for line in lines]
+    return [m[1] for m in mounts if len(m) > 3 and "ro" in m[3].split(",")] + ["/proc/sys"]
+

@@ -152,6 +152,33 @@ def test_internal_loads_draw_no_weight_progress_bars(tmp_path, capsys):
     assert "Loading weights" not in captured.err + captured.out
     assert "Writing model shards" not in captured.err + captured.out
 
+
+def test_library_saves_and_draft_loads_draw_no_weight_progress_bars(tmp_path, capfd):
+    from transformers import AutoModelForCausalLM
+
+    from hf_compress.formats.packed import save_packed
+    from hf_compress.formats.slim import save_slim
+    from hf_compress.modeling.structure import block_structure, shrink_block
+    from hf_compress.quantization import quantize_rtn
+    from hf_compress.speculative import SpeculativeDecoding
+
+    model, tokenizer = tiny_model("llama")
+    model.save_pretrained(tmp_path / "plain")  # control: transformers itself draws the bar
+    assert "Writing model shards" in capfd.readouterr().err
+
+    save_packed(quantize_rtn(tiny_model("llama")[0], bits=4, group_size=32), tokenizer, tmp_path / "packed")
+    shrink_block(block_structure(model.model.layers[0]), kept_ffn=torch.arange(16))
+    save_slim(model, tokenizer, tmp_path / "slim")
+    assert "Writing model shards" not in capfd.readouterr().err
+    target = AutoModelForCausalLM.from_pretrained(tmp_path / "plain")
+    capfd.readouterr()
+    ids = tokenizer("a b c", return_tensors="pt").input_ids
+    target.generate(ids, max_new_tokens=2, do_sample=False,
+                    custom_generate=SpeculativeDecoding(draft_model=str(tmp_path / "plain")))
+    captured = capfd.readouterr()
+    assert "Writing model shards" not in captured.err + captured.out
+    assert "Loading weights" not in captured.err + captured.out
+
 def test_strip_wikitext_rules():
     raw = (
         "{{Infobox|name={{nested|x}}}}'''Anarchism''' is a [[political philosophy|philosophy]]"

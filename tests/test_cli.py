@@ -89,6 +89,24 @@ def test_prune_saves_a_loadable_sparse_checkpoint(tmp_path, capsys):
     assert "already holds a model" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", [
+    ["prune", "sparsegpt", "--sparsity", "2:4", "--save-dir"],
+    ["prune", "tyr", "--save-dir"],
+    ["quantize", "dlqat", "--steps", "1", "--adapter-dir", "{ok}", "--save-dir"],
+    ["demo", "--output-dir"],
+], ids=lambda command: " ".join(command[:2]))
+def test_unwritable_save_dir_is_refused_before_any_work(command, tmp_path, unwritable_folder, capsys):
+    import time
+
+    command = [part.replace("{ok}", str(tmp_path / "adapter")) for part in command]
+    model = [] if command[0] == "demo" else ["--model", "tiny-llama"]
+    started = time.perf_counter()
+    code = main([*command, str(unwritable_folder / "out"), *model, "-q"])
+    assert code == 2 and time.perf_counter() - started < 5
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and "not writable" in error and str(unwritable_folder / "out") in error
+
+
 def test_prune_sds_records_its_base_in_the_saved_recipe(tmp_path, capsys):
     out = tmp_path / "sds"
     args = ["prune", "sds", "--base", "wanda", "--redense-epochs", "1", "--model", "tiny-llama", "--sparsity",

@@ -10,8 +10,9 @@ import torch
 from transformers import DynamicCache
 
 from hf_compress.assets import tiny_model
-from hf_compress.cache import ChannelPrunedLayer, SparKCache, StructuredChannelCache, cache_kwargs
-from hf_compress.cache.channels import PerTokenChannels, pack_bits, unpack_bits
+from hf_compress.cache import ChannelPrunedLayer, SparKCache, StructuredChannelCache, cache_kwargs, triton_read
+from hf_compress.cache.channels import PerTokenChannels, append_tokens, pack_bits, unpack_bits
+from hf_compress.cache.read import read_keys, read_values
 from hf_compress.speculative import SpeculativeDecoding
 
 
@@ -94,6 +95,98 @@ def _filled_layer(batch: int = 2) -> tuple[SparKCache, ChannelPrunedLayer]:
     model(_prompt(batch, 30), **cache_kwargs(model, cache))
     model(_prompt(batch, 3, seed=1), **cache_kwargs(model, cache))  # decoding-time tokens are compressed too
     return cache, cache.layers[0]
+
+
+def _random_store(head_dim: int, keep: int, dtype: torch.dtype, seed: int = 0, device: str = "cpu"):
+    generator = torch.Generator().manual_seed(seed)
+    states = torch.randn(2, 3, 37, head_dim, generator=generator).to(device=device, dtype=dtype)
+    qbar = torch.rand(2, 3, head_dim, generator=generator).to(device) + 0.05
+    qbar[0, 1, : head_dim // 3] = 0.0  # channels no query uses: recovery divides by the floor
+    return states, qbar
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("head_dim", "keep"), [(64, 32), (64, 13), (20, 10), (12, 11), (16, 1), (128, 64)])
+def test_fast_read_is_bit_identical_to_the_reference(dtype, head_dim, keep):
+    states, qbar = _random_store(head_dim, keep, dtype, seed=head_dim + keep)
+    keys = PerTokenChannels.compress_keys(states, qbar, keep)
+    values = PerTokenChannels.compress_values(states, keep)
+    assert torch.equal(read_keys(keys, qbar), keys.densify_keys(qbar))
+    assert torch.equal(read_keys(keys, None), keys.densify_keys(None))
+    assert torch.equal(read_values(values), values.densify_values())
+    # into a slice of a larger tensor (what the layer does: the recent window goes after it)
+    full = torch.full((2, 3, 40, head_dim), 7.0, dtype=dtype)
+    read_keys(keys, qbar, out=full[:, :, :37])
+    assert torch.equal(full[:, :, :37], keys.densify_keys(qbar)) and bool((full[:, :, 37:] == 7).all())
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_fast_read_decodes_exactly_like_the_reference_read(arch, monkeypatch):
+    model, _ = tiny_model(arch)
+    ids = _prompt(batch=2, length=50)
+    settings = {"channel_ratio": 0.5, "recent_window": 4}
+
+    def run(reference: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        monkeypatch.setattr(ChannelPrunedLayer, "reference_read", reference)
+        outputs = []
+        for extra in ({}, {"value_channel_ratio": 0.5}, {"recovery": False}):
+            cache = SparKCache(model.config, **settings, **extra)
+            out = model.generate(ids, **cache_kwargs(model, cache), max_new_tokens=12, do_sample=False,
+                                 output_scores=True, return_dict_in_generate=True)
+            outputs.append((out.sequences, torch.stack(out.scores)))
+        return outputs
+
+    for (fast_ids, fast_scores), (ref_ids, ref_scores) in zip(run(False), run(True), strict=True):
+        assert torch.equal(fast_ids, ref_ids)
+        assert torch.equal(fast_scores, ref_scores)  # bit-identical in float32
+
+
+def test_appends_write_in_place_with_bounded_headroom():
+    model, _ = tiny_model("llama")
+    cache = SparKCache(model.config, channel_ratio=0.5, recent_window=4)
+    ids = _prompt(batch=1, length=300)
+    with torch.inference_mode():
+        out = model(ids, **cache_kwargs(model, cache))
+        exact = cache.memory_footprint()["held"]
+        layer = cache.layers[0]
+        pointers = set()
+        for _ in range(10):
+            out = model(out.logits[:, -1:].argmax(-1), **cache_kwargs(model, cache))
+            pointers.add((layer.old_keys.kept.data_ptr(), layer.values.data_ptr()))
+    assert len(pointers) == 1, "decoding steps must append in place, not reallocate the stores"
+    footprint = cache.memory_footprint()
+    per_token = exact / 300
+    assert footprint["held"] <= per_token * (310 + 16 + 4), "headroom is at most 16 tokens at this length"
+    assert footprint["held"] >= per_token * 310
+    view, buffer = append_tokens(torch.zeros(1, 1, 2, 3), torch.ones(1, 1, 1, 3), None)
+    again, same = append_tokens(view[:, :, :1], torch.full((1, 1, 1, 3), 2.0), buffer)  # after a crop
+    assert same is buffer and again.tolist() == [[[[0.0] * 3, [2.0] * 3]]]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("head_dim", "keep"), [(64, 32), (128, 26), (20, 10)])
+def test_triton_read_matches_the_reference_on_cuda(dtype, head_dim, keep, monkeypatch):
+    pytest.importorskip("triton")
+    states, qbar = _random_store(head_dim, keep, dtype, device="cuda")
+    keys = PerTokenChannels.compress_keys(states, qbar, keep)
+    values = PerTokenChannels.compress_values(states, keep)
+    assert triton_read.usable(keys.kept)
+    full = torch.zeros(2, 3, 40, head_dim, dtype=dtype, device="cuda")
+    with torch.inference_mode():
+        fast = read_keys(keys, qbar, out=full[:, :, :37])
+        # float32 rounding of the division at most (bit-identical where Triton has div_rn)
+        torch.testing.assert_close(fast, keys.densify_keys(qbar), rtol=2e-7 if dtype == torch.float32 else 8e-3, atol=0)
+        assert torch.equal(read_keys(keys, None, out=full[:, :, :37]), keys.densify_keys(None))
+        assert torch.equal(read_values(values, out=full[:, :, :37]), values.densify_values())
+    model, _ = tiny_model("llama")
+    model.to("cuda")
+    ids = _prompt(batch=2, length=50).cuda()
+    settings = {"channel_ratio": 0.5, "value_channel_ratio": 0.5, "recent_window": 4}
+    fused = _greedy(model, ids, SparKCache(model.config, **settings))
+    monkeypatch.setattr(ChannelPrunedLayer, "reference_read", True)
+    assert torch.equal(fused, _greedy(model, ids, SparKCache(model.config, **settings)))
 
 
 def test_crop_reorder_select_repeat_on_a_filled_cache():

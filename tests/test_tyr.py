@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import random
 
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -24,6 +22,7 @@ from hf_compress.modeling.structure import (
 )
 from hf_compress.pruning.tyr import BudgetPlan, LocalPruner
 from hf_compress.pruning.tyr.search import SearchSpace, SearchState
+from lock_holder import held_by_another_process
 
 
 ARCHS = ["llama", "qwen3", "gemma3", "opt"]
@@ -239,19 +238,9 @@ def test_interrupted_search_resumes_to_the_same_result(tmp_path, monkeypatch):
         TyrPruner(model, tokenizer).prune(_small_config(num_iterations=1, generations=2), TEXT,
                                           work_dir=tmp_path / "work", progress=False)
     # ... and so is a work_dir another process is using right now
-    holder = (
-        "import sys, time; from hf_compress.utils import file_lock\n"
-        "with file_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)\n"
-    )
-    process = subprocess.Popen([sys.executable, "-c", holder, str(tmp_path / "work" / ".tyr.lock")],
-                               stdout=subprocess.PIPE, text=True)
-    try:
-        assert process.stdout.readline().strip() == "held"
+    with held_by_another_process(tmp_path / "work" / ".tyr.lock"):
         with pytest.raises(TimeoutError, match="in use by another Týr run"):
             TyrPruner(model, tokenizer).prune(config, TEXT, work_dir=tmp_path / "work", progress=False)
-    finally:
-        process.kill()
-        process.wait()
 
 
 def test_bad_targets_are_refused():

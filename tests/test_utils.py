@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from hf_compress.utils import atomic_directory, atomic_file, cache_dir, check_save_dir, file_lock
+from lock_holder import held_by_another_process
 
 
 def test_atomic_file_replaces_only_on_success(tmp_path):
@@ -123,17 +124,9 @@ def test_replacing_swaps_in_one_step(tmp_path, monkeypatch):
         assert len(renames) == 2 and renames[0][0] == target
 
 
-def test_save_dir_checks_are_immediate_and_clear(tmp_path):
-    readonly = tmp_path / "ro"
-    readonly.mkdir()
-    readonly.chmod(0o500)
-    try:
-        if os.access(readonly, os.W_OK):
-            pytest.skip("running as a user who can write anywhere (root)")
-        with pytest.raises(PermissionError, match="save_dir .*not writable"):
-            check_save_dir(readonly / "out")
-    finally:
-        readonly.chmod(0o700)
+def test_save_dir_checks_are_immediate_and_clear(tmp_path, unwritable_folder):
+    with pytest.raises(PermissionError, match="save_dir .*not writable"):
+        check_save_dir(unwritable_folder / "out")
     (tmp_path / "file").write_text("x")
     with pytest.raises(FileExistsError, match="is a file"):
         check_save_dir(tmp_path / "file")
@@ -142,19 +135,10 @@ def test_save_dir_checks_are_immediate_and_clear(tmp_path):
 
 
 def test_file_lock_excludes_a_second_holder(tmp_path):
-    holder = (
-        "import sys, time; from hf_compress.utils import file_lock\n"
-        "with file_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)\n"
-    )
-    process = subprocess.Popen([sys.executable, "-c", holder, str(tmp_path / "x.lock")], stdout=subprocess.PIPE, text=True)
-    try:
-        assert process.stdout.readline().strip() == "held"
+    with held_by_another_process(tmp_path / "x.lock"):
         with pytest.raises(TimeoutError, match="busy"):
             with file_lock(tmp_path / "x.lock", timeout=0, busy_message="busy"):
                 pass
-    finally:
-        process.kill()
-        process.wait()
     with file_lock(tmp_path / "x.lock", timeout=5):  # released when its holder died
         pass
 

@@ -15,6 +15,9 @@ Recovery (SparK's "avg" rule): a pruned key entry ``i`` of token ``t`` is rebuil
 so the pruned channels together keep exactly the saliency they had: ``sum_i qbar[i] * Khat[t, i]**2``
 over pruned ``i`` equals ``sum_i s[t, i]``.
 
+``densify_keys`` / ``densify_values`` are the reference reconstruction; the cache layer reads through
+``read.py`` (byte tables and one gather on any device, a fused Triton kernel on CUDA), tested equal to them.
+
 Example:
     >>> import torch
     >>> keys = torch.randn(1, 2, 5, 8)
@@ -38,15 +41,17 @@ __all__ = [
     "DenseTokens",
     "PerTokenChannels",
     "SharedChannels",
+    "append_tokens",
     "channel_saliency",
     "kept_channel_count",
+    "held_bytes",
     "pack_bits",
     "query_channel_norms",
     "unpack_bits",
 ]
 
 # Below this a query channel norm counts as zero: recovery divides by it.
-_QBAR_FLOOR = 1e-6
+QBAR_FLOOR = 1e-6
 
 Store = TypeVar("Store", bound="_TokenStore")
 
@@ -95,9 +100,58 @@ def _top_channel_mask(scores: torch.Tensor, keep: int) -> torch.Tensor:
     return mask.scatter_(-1, scores.topk(keep, dim=-1).indices, True)
 
 
+def append_tokens(held: torch.Tensor, new: torch.Tensor, buffer: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.cat([held, new], dim=2)`` without copying ``held`` when it already starts a large enough ``buffer``.
+
+    Returns the concatenation (a view of the buffer) and the buffer. When ``held`` is not the buffer's prefix
+    (reordered batch, ...) or the buffer is full, a new one is allocated with headroom for about 1/128 more
+    tokens (at least 16): a whole copy every ``n / 128`` appends instead of every append, for under 1% more
+    memory at long contexts (counted by ``nbytes``/``memory_footprint``). Appending to nothing (a prompt)
+    allocates exactly.
+
+    Example:
+        >>> import torch
+        >>> view, buffer = append_tokens(torch.zeros(1, 1, 3, 2), torch.ones(1, 1, 1, 2), None)
+        >>> view.shape, buffer.shape[2]
+        (torch.Size([1, 1, 4, 2]), 20)
+    """
+    length, added = held.shape[2], new.shape[2]
+    fits = (
+        buffer is not None
+        and held.data_ptr() == buffer.data_ptr()
+        and held.stride() == buffer.stride()
+        and held.shape[:2] == buffer.shape[:2]
+        and held.shape[3:] == buffer.shape[3:]
+        and buffer.shape[2] >= length + added
+        and buffer.dtype == new.dtype
+        and buffer.device == new.device
+    )
+    if not fits:
+        needed = length + added
+        headroom = max(16, needed // 128) if length else 0
+        buffer = new.new_empty(*new.shape[:2], needed + headroom, *new.shape[3:])
+        buffer[:, :, :length].copy_(held)
+    buffer[:, :, length : length + added].copy_(new)
+    return buffer[:, :, : length + added], buffer
+
+
+def held_bytes(tensor: torch.Tensor, buffer: torch.Tensor | None = None) -> int:
+    """Bytes ``tensor`` keeps allocated: its buffer's whole capacity when it is a prefix of ``buffer``."""
+    if buffer is not None and tensor.data_ptr() == buffer.data_ptr():
+        return buffer.numel() * buffer.element_size()
+    return tensor.numel() * tensor.element_size()
+
+
 @dataclasses.dataclass
 class _TokenStore:
-    """Tensor fields shaped ``(batch, kv_heads, tokens, ...)``; ``None`` fields are absent."""
+    """Tensor fields shaped ``(batch, kv_heads, tokens, ...)``; ``None`` fields are absent.
+
+    ``append`` writes in place into buffers with headroom (``append_tokens``): a decoding step appends one
+    token without copying the whole store.
+    """
+
+    def __post_init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
 
     def _map(self: Store, fn: Callable[[torch.Tensor], torch.Tensor]) -> Store:
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -112,17 +166,28 @@ class _TokenStore:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._tensors())
+        """Bytes allocated for the held tokens, append headroom included."""
+        return sum(
+            held_bytes(v, self._buffers.get(f.name))
+            for f in dataclasses.fields(self)
+            if isinstance(v := getattr(self, f.name), torch.Tensor)
+        )
 
     def append(self: Store, other: Store) -> Store:
-        merged = {}
+        """This store with ``other``'s tokens after its own (in place; returns ``self``)."""
         for f in dataclasses.fields(self):
-            mine, theirs = getattr(self, f.name), getattr(other, f.name)
-            merged[f.name] = torch.cat([mine, theirs], dim=2) if isinstance(mine, torch.Tensor) else mine
-        return type(self)(**merged)
+            mine = getattr(self, f.name)
+            if isinstance(mine, torch.Tensor):
+                view, self._buffers[f.name] = append_tokens(mine, getattr(other, f.name), self._buffers.get(f.name))
+                setattr(self, f.name, view)
+        return self
 
     def head(self: Store, tokens: int) -> Store:
-        return self._map(lambda t: t[:, :, :tokens])
+        """The first ``tokens`` tokens (in place, keeping the buffers for later appends; returns ``self``)."""
+        for f in dataclasses.fields(self):
+            if isinstance(mine := getattr(self, f.name), torch.Tensor):
+                setattr(self, f.name, mine[:, :, :tokens])
+        return self
 
     def select_batch(self: Store, indices: torch.Tensor) -> Store:
         return self._map(lambda t: t.index_select(0, indices.to(t.device)))
@@ -203,7 +268,10 @@ class PerTokenChannels(_TokenStore):
         return self.kept.gather(-1, rank), kept_mask, kept_before
 
     def densify_keys(self, qbar: torch.Tensor | None) -> torch.Tensor:
-        """Keys with every pruned entry recovered; ``qbar=None`` fills pruned entries with zeros."""
+        """Keys with every pruned entry recovered; ``qbar=None`` fills pruned entries with zeros.
+
+        The reference: ``read.read_keys`` computes the same tensor faster.
+        """
         dense, kept_mask, kept_before = self._scatter_kept()
         if qbar is None or self.sign_bits is None:
             return dense.masked_fill_(~kept_mask, 0)
@@ -212,11 +280,12 @@ class PerTokenChannels(_TokenStore):
         channel = torch.arange(self.head_dim, device=dense.device, dtype=torch.int16)
         pruned_rank = (channel - kept_before).long().clamp_(0, max(pruned - 1, 0))
         signs = unpack_bits(self.sign_bits, pruned).gather(-1, pruned_rank)
-        magnitude = (self.fill.unsqueeze(-1) / qbar.clamp_min(_QBAR_FLOOR).sqrt().unsqueeze(2)).to(dense.dtype)
+        magnitude = (self.fill.unsqueeze(-1) / qbar.clamp_min(QBAR_FLOOR).sqrt().unsqueeze(2)).to(dense.dtype)
         recovered = torch.where(signs, magnitude, -magnitude)
         return torch.where(kept_mask, dense, recovered)
 
     def densify_values(self) -> torch.Tensor:
+        """Values with every pruned entry set to the token's fill (the reference for ``read.read_values``)."""
         dense, kept_mask, _ = self._scatter_kept()
         return torch.where(kept_mask, dense, self.fill.unsqueeze(-1))
 

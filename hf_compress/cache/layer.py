@@ -6,7 +6,10 @@ first forward that fills it (the prompt): it awaits the queries (``query_capture
 ``observation_window`` of them, optionally evicts tokens to a budget (SnapKV), then compresses everything
 older than the recent window. ``qbar`` is then held fixed for the sequence, so every stored token is
 rebuilt with the statistics it was compressed with, and later tokens (decoding) are compressed at
-``update`` as they leave the recent window. Attention reads keys rebuilt on the fly, one layer at a time.
+``update`` as they leave the recent window. Attention reads keys rebuilt on the fly, one layer at a time,
+through ``read.py`` (the store's ``densify_*`` methods are the reference it is tested against). Values that
+are not pruned are held in one buffer with headroom (old and recent tokens together), so attention reads
+them without a copy; compressed stores grow the same way (``channels.append_tokens``).
 
 Example:
     >>> layer = ChannelPrunedLayer(key_ratio=0.5, num_kv_heads=2, head_dim=16)
@@ -20,9 +23,18 @@ import torch
 from transformers.cache_utils import CacheLayerMixin
 
 from ..utils import check_bool, check_float, check_int
-from .channels import DenseTokens, PerTokenChannels, SharedChannels, kept_channel_count, query_channel_norms
+from .channels import (
+    DenseTokens,
+    PerTokenChannels,
+    SharedChannels,
+    append_tokens,
+    held_bytes,
+    kept_channel_count,
+    query_channel_norms,
+)
 from .eviction import snapkv_keep_indices
 from .query_capture import await_queries
+from .read import read_keys, read_values
 
 
 __all__ = ["ChannelPrunedLayer"]
@@ -45,6 +57,8 @@ class ChannelPrunedLayer(CacheLayerMixin):
 
     is_sliding = False
     is_croppable = True
+    # Read pruned stores with the reference ``densify_*`` methods instead of ``read.py`` (tests, debugging).
+    reference_read = False
 
     def __init__(
         self,
@@ -77,8 +91,15 @@ class ChannelPrunedLayer(CacheLayerMixin):
         self.keep_values = kept_channel_count(head_dim, value_ratio)
         self._clear()
 
+    @property
+    def values_pruned(self) -> bool:
+        return self.keep_values < self.head_dim
+
     def _clear(self) -> None:
-        self.keys = self.values = None  # the dense recent window (transformers' field names)
+        # transformers' field names: `keys` is the dense recent window; `values` too when values are pruned,
+        # else every held value (one buffer with headroom, `_value_buffer`, read without a copy).
+        self.keys = self.values = None
+        self._value_buffer: torch.Tensor | None = None
         self.old_keys: PerTokenChannels | SharedChannels | DenseTokens | None = None
         self.old_values: PerTokenChannels | SharedChannels | DenseTokens | None = None
         self.qbar: torch.Tensor | None = None  # (B, H, D) float32, fixed once observed
@@ -111,7 +132,10 @@ class ChannelPrunedLayer(CacheLayerMixin):
                 "attention through hf_compress's query capture; flash/flex attention are not supported."
             )
         self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
+        if self.values_pruned:
+            self.values = torch.cat([self.values, value_states], dim=-2)
+        else:
+            self.values, self._value_buffer = append_tokens(self.values, value_states, self._value_buffer)
         self.seen_tokens += key_states.shape[-2]
         if self.qbar is None:
             self.awaiting_queries = True
@@ -154,10 +178,16 @@ class ChannelPrunedLayer(CacheLayerMixin):
             raise ValueError(f"cannot crop {remove} tokens, the layer holds {self.held_tokens}.")
         recent = self.keys.shape[2]
         from_recent = min(remove, recent)
-        self.keys, self.values = self.keys[:, :, : recent - from_recent], self.values[:, :, : recent - from_recent]
+        self.keys = self.keys[:, :, : recent - from_recent]
+        if self.values_pruned:
+            self.values = self.values[:, :, : recent - from_recent]
+        else:
+            self.values = self.values[:, :, : self.values.shape[2] - remove]
         if remove > from_recent:
             old = self.old_keys.num_tokens - (remove - from_recent)
-            self.old_keys, self.old_values = self.old_keys.head(old), self.old_values.head(old)
+            self.old_keys = self.old_keys.head(old)
+            if self.old_values is not None:
+                self.old_values = self.old_values.head(old)
         self.seen_tokens -= remove
 
     def reset(self) -> None:
@@ -183,8 +213,9 @@ class ChannelPrunedLayer(CacheLayerMixin):
         """Bytes actually held, and what a DynamicCache layer would hold for the same tokens."""
         if not self.is_initialized:
             return {"held": 0, "dense_equivalent": 0}
-        tensors = [self.keys, self.values, self.qbar, self.key_channels, self.value_channels]
+        tensors = [self.keys, self.qbar, self.key_channels, self.value_channels]
         held = sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        held += held_bytes(self.values, self._value_buffer)
         held += sum(store.nbytes for store in (self.old_keys, self.old_values) if store is not None)
         batch = self.keys.shape[0]
         dense = 2 * batch * self.num_kv_heads * self.held_tokens * self.head_dim * self.keys.element_size()
@@ -195,11 +226,14 @@ class ChannelPrunedLayer(CacheLayerMixin):
         if not self.is_initialized:
             return
         self.keys, self.values = on_tensor(self.keys), on_tensor(self.values)
+        self._value_buffer = None  # the values are a new tensor now; let the old buffer go
         for name in ("qbar", "key_channels", "value_channels"):
             if (tensor := getattr(self, name)) is not None:
                 setattr(self, name, on_tensor(tensor))
         if self.old_keys is not None:
-            self.old_keys, self.old_values = on_store(self.old_keys), on_store(self.old_values)
+            self.old_keys = on_store(self.old_keys)
+        if self.old_values is not None:
+            self.old_values = on_store(self.old_values)
 
     def _full_keys(self) -> torch.Tensor:
         if self.old_keys is None:
@@ -208,32 +242,45 @@ class ChannelPrunedLayer(CacheLayerMixin):
             old = self.old_keys.densify()
         elif isinstance(self.old_keys, SharedChannels):
             old = self.old_keys.densify(self.key_channels, self.head_dim)
-        else:
+        elif self.reference_read:
             old = self.old_keys.densify_keys(self.qbar if self.recovery else None)
+        else:  # rebuilt straight into the returned tensor, the recent window copied after it
+            return self._read_into(lambda out: read_keys(self.old_keys, self.qbar if self.recovery else None, out),
+                                   self.old_keys.num_tokens, self.keys)
         return torch.cat([old, self.keys], dim=2)
 
     def _full_values(self) -> torch.Tensor:
-        if self.old_values is None:
+        if self.old_values is None:  # values not pruned: all of them in one buffer
             return self.values
         if isinstance(self.old_values, SharedChannels):
             old = self.old_values.densify(self.value_channels, self.head_dim)
-        elif isinstance(self.old_values, PerTokenChannels):
+        elif self.reference_read:
             old = self.old_values.densify_values()
         else:
-            old = self.old_values.densify()
+            return self._read_into(lambda out: read_values(self.old_values, out), self.old_values.num_tokens, self.values)
         return torch.cat([old, self.values], dim=2)
+
+    @staticmethod
+    def _read_into(read, old_tokens: int, recent: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():  # autograd cannot track writes into a preallocated tensor
+            return torch.cat([read(None), recent], dim=2)
+        batch, heads, recent_tokens, head_dim = recent.shape
+        full = recent.new_empty(batch, heads, old_tokens + recent_tokens, head_dim)
+        read(full[:, :, :old_tokens])
+        full[:, :, old_tokens:].copy_(recent)
+        return full
 
     def _compress_overflow(self) -> None:
         overflow = self.keys.shape[2] - self.recent_window
         if overflow <= 0:
             return
         keys, self.keys = self.keys[:, :, :overflow], self.keys[:, :, overflow:]
-        values, self.values = self.values[:, :, :overflow], self.values[:, :, overflow:]
-        new_keys, new_values = self._compress_keys(keys), self._compress_values(values)
-        if self.old_keys is None:
-            self.old_keys, self.old_values = new_keys, new_values
-        else:
-            self.old_keys, self.old_values = self.old_keys.append(new_keys), self.old_values.append(new_values)
+        new_keys = self._compress_keys(keys)
+        self.old_keys = new_keys if self.old_keys is None else self.old_keys.append(new_keys)
+        if self.values_pruned:
+            values, self.values = self.values[:, :, :overflow], self.values[:, :, overflow:]
+            new_values = self._compress_values(values)
+            self.old_values = new_values if self.old_values is None else self.old_values.append(new_values)
 
     def _compress_keys(self, keys: torch.Tensor) -> PerTokenChannels | SharedChannels | DenseTokens:
         if self.keep_keys == self.head_dim:  # nothing pruned: no bitmask to pay for
@@ -242,9 +289,7 @@ class ChannelPrunedLayer(CacheLayerMixin):
             return SharedChannels.compress(keys, self.key_channels)
         return PerTokenChannels.compress_keys(keys, self.qbar, self.keep_keys)
 
-    def _compress_values(self, values: torch.Tensor) -> PerTokenChannels | SharedChannels | DenseTokens:
-        if self.keep_values == self.head_dim:
-            return DenseTokens(values)
+    def _compress_values(self, values: torch.Tensor) -> PerTokenChannels | SharedChannels:
         if not self.per_token:
             return SharedChannels.compress(values, self.value_channels)
         return PerTokenChannels.compress_values(values, self.keep_values)
@@ -266,6 +311,7 @@ class ChannelPrunedLayer(CacheLayerMixin):
         keep = snapkv_keep_indices(query, self.keys, self.token_budget, self.observation_window, scaling)
         self.keys = DenseTokens(self.keys).gather_tokens(keep).states
         self.values = DenseTokens(self.values).gather_tokens(keep).states
+        self._value_buffer = None
 
 
 def _has_padding(attention_mask: torch.Tensor) -> bool:

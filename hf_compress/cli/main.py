@@ -36,7 +36,7 @@ def command(name: str, help: str, add_arguments: Callable[[argparse.ArgumentPars
 
 
 # Modules whose import registers method sub-commands (this imports their method packages too).
-METHOD_COMMAND_MODULES = ("hf_compress.pruning.cli", "hf_compress.quantization.cli")
+METHOD_COMMAND_MODULES = ("hf_compress.pruning.cli", "hf_compress.quantization.cli", "hf_compress.routing.cli")
 
 
 def int_at_least(minimum: int) -> Callable[[str], int]:
@@ -76,6 +76,33 @@ def positive_float(text: str) -> float:
     if not math.isfinite(value) or value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text!r}")
     return value
+
+
+def device_argument(parser: argparse.ArgumentParser) -> None:
+    """``--device``: where the model runs (``auto`` = CUDA when present); read it with :func:`resolve_device`."""
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... or auto (CUDA when present; default)")
+
+
+def resolve_device(name: str) -> torch.device:
+    """The ``--device`` value as a ``torch.device``, refusing in one line a device this machine lacks.
+
+    Example:
+        >>> resolve_device("cpu")
+        device(type='cpu')
+    """
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device; pass cpu, cuda, cuda:N or auto.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA GPU is available here; pass --device cpu.")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: hf_compress runs on cpu or cuda.")
+    return device
 
 
 def common_flags() -> argparse.ArgumentParser:
@@ -188,6 +215,7 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
                         help="prompts for a greedy tokens/s measurement")
     parser.add_argument("--kv-seq-len", type=int_at_least(1), default=None, help="measure KV-cache bytes at this length")
     parser.add_argument("--output", default=None, help="write the results JSON here")
+    device_argument(parser)
 
 
 @command("eval", "measure perplexity, zero-shot accuracy, speed and memory of a model", _eval_arguments)
@@ -201,8 +229,9 @@ def run_eval(args: argparse.Namespace) -> int:
         zero_shot_tasks=_split(args.tasks), zero_shot_limit=args.limit, speed_prompts=args.speed_prompts,
         kv_seq_len=args.kv_seq_len,
     )
+    device = resolve_device(args.device)  # checked before the (possibly slow) model load
     model, tokenizer = load_model(args.model)
-    results, records = run_evaluation(model, tokenizer, settings, progress=not args.quiet)
+    results, records = run_evaluation(model.to(device), tokenizer, settings, progress=not args.quiet)
     results["model"] = args.model
     for record in records:
         split = f" [{record.dataset_split}]" if record.dataset_split else ""

@@ -45,7 +45,7 @@ def tokenize_stream(texts: Sequence[str] | Dataset, tokenizer: PreTrainedTokeniz
     key = (_tokenizer_fingerprint(tokenizer), hashlib.sha1(joined.encode()).hexdigest())
     if key not in _TOKEN_CACHE:
         ids = tokenizer(joined, add_special_tokens=False, return_attention_mask=False)["input_ids"]
-        _TOKEN_CACHE[key] = torch.tensor(ids, dtype=torch.long)
+        _TOKEN_CACHE[key] = torch.tensor(ids, dtype=torch.long, device="cpu")  # cached; windows move to the model
     return _TOKEN_CACHE[key]
 
 
@@ -67,7 +67,7 @@ def token_windows(stream: torch.Tensor, window: int, max_windows: int | None = N
         raise ValueError(f"The text has {stream.numel()} tokens, fewer than one window of {window}.")
     windows = stream[: count * window].view(count, window)
     if max_windows is not None and max_windows < count:
-        keep = torch.linspace(0, count - 1, max_windows).round().long().unique()
+        keep = torch.linspace(0, count - 1, max_windows, device=stream.device).round().long().unique()
         windows = windows[keep]
     return windows
 

@@ -4,6 +4,8 @@ Every script builds its parser with :func:`benchmark_parser` (``--quick``, ``--o
 ``--threads``, ``--device``), starts with :func:`start_benchmark` (logging, threads, the device; ``--render``
 rebuilds the Markdown table from the stored JSON and exits) and writes ``bench/results/<name>.json`` and
 ``<name>.md`` through :func:`write_benchmark`, so each committed number carries how and where it was measured.
+A run on a GPU (``--device cuda``, or ``auto`` where CUDA is present) writes to ``bench/results/gpu/`` instead,
+beside the CPU tables, and names the GPU; :func:`synchronize` makes timings on CUDA wait for the kernels.
 
 Example:
     >>> parser = benchmark_parser("demo benchmark", output_name="demo")
@@ -31,6 +33,10 @@ import torch
 
 from ..utils import atomic_file
 
+
+GPU_RESULTS_SUBDIR = "gpu"
+# The device start_benchmark resolved for this run; write_benchmark files the results by it.
+_run_device: torch.device | None = None
 
 _PACKAGES = ("hf-compress", "torch", "transformers", "peft", "optimum", "accelerate", "datasets", "lm-eval")
 
@@ -67,6 +73,27 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def source_commit() -> str | None:
+    """The git commit of the code that ran (``<sha>+dirty`` when tracked files differ from it); ``None`` outside git.
+
+    Recorded with every benchmark so a table says which code produced it.
+
+    Example:
+        >>> source_commit()  # doctest: +SKIP
+        '9b3fc25e1c0d…'
+    """
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return sha + ("+dirty" if dirty else "")
+
+
 def benchmark_parser(
     description: str | None, output_name: str, threads: int | None = 2, devices: tuple[str, ...] = ("cpu",)
 ) -> argparse.ArgumentParser:
@@ -100,32 +127,82 @@ def start_benchmark(args: argparse.Namespace, render: Callable[[dict[str, Any]],
     if args.threads:
         torch.set_num_threads(args.threads)
     supported = args.supported_devices
+    if "cpu" not in supported and not torch.cuda.is_available():
+        raise SystemExit(f"{Path(sys.argv[0]).name} runs on CUDA only and no CUDA GPU is available here; run it "
+                         "on a GPU machine (see `make bench-gpu`).")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() and "cuda" in supported else "cpu"
     if torch.device(args.device).type not in supported:
         raise SystemExit(f"{Path(sys.argv[0]).name}: --device {args.device} is not supported by this benchmark yet "
                          f"(it runs on: {', '.join(supported)}).")
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"{Path(sys.argv[0]).name}: --device {args.device}: no CUDA GPU is available here; "
+                         "pass --device cpu (or auto).")
+    global _run_device
+    _run_device = torch.device(args.device)
     return True
+
+
+def results_directory(device: str | torch.device | None = None, base: str | os.PathLike | None = None) -> Path:
+    """Where a run's tables go: ``base`` for the CPU, ``base/gpu`` for CUDA (default: this run's device).
+
+    ``base`` defaults to ``$HF_COMPRESS_BENCH_RESULTS`` or ``bench/results`` (a rehearsal points the variable
+    elsewhere so it never overwrites the committed tables).
+
+    Example:
+        >>> str(results_directory("cuda")), str(results_directory("cpu"))
+        ('bench/results/gpu', 'bench/results')
+    """
+    device = torch.device(device) if device is not None else _run_device
+    base = base if base is not None else os.environ.get("HF_COMPRESS_BENCH_RESULTS", "bench/results")
+    return Path(base) / GPU_RESULTS_SUBDIR if device is not None and device.type == "cuda" else Path(base)
+
+
+def device_description(device: str | torch.device) -> str:
+    """``"cpu"`` or ``"cuda (NVIDIA H200)"``: the device with the GPU's name, for tables.
+
+    Example:
+        >>> device_description("cpu")
+        'cpu'
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return str(device)
+
+
+def synchronize(device: str | torch.device) -> None:
+    """Wait for ``device``'s queued kernels (CUDA), so a ``perf_counter`` interval covers the work; no-op on CPU.
+
+    Example:
+        >>> synchronize("cpu")
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def write_benchmark(
     name: str, settings: dict[str, Any], results: dict[str, Any], markdown: str,
-    results_dir: str | os.PathLike = "bench/results",
+    results_dir: str | os.PathLike | None = None,
 ) -> tuple[Path, Path]:
-    """Write ``<results_dir>/<name>.json`` (machine, command, settings, results) and ``<name>.md``.
+    """Write ``<results_dir>/<name>.json`` (machine, command, device, settings, results) and ``<name>.md``.
 
     The Markdown file is ``markdown`` followed by the command, machine and date, so the table is never
-    separated from how it was produced.
+    separated from how it was produced. ``results_dir`` defaults to :func:`results_directory` of the device
+    :func:`start_benchmark` resolved: ``bench/results`` on the CPU, ``bench/results/gpu`` on CUDA.
 
     Example:
         >>> write_benchmark("reference", {"window": 512}, {"ppl": 21.1}, "| ppl |\\n|---|\\n| 21.1 |")  # doctest: +SKIP
     """
-    directory = Path(results_dir)
+    directory = Path(results_dir) if results_dir is not None else results_directory()
+    directory.mkdir(parents=True, exist_ok=True)
     command = " ".join(shlex.quote(arg) for arg in [Path(sys.executable).name, *sys.argv])
     when = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     machine = machine_info()
-    payload = {"name": name, "command": command, "date": when, "machine": machine, "settings": settings,
-               "results": results}
+    device = device_description(_run_device) if _run_device is not None else None
+    payload = {"name": name, "command": command, "date": when, "commit": source_commit(), "machine": machine,
+               "device": device, "settings": settings, "results": results}
     json_path, md_path = directory / f"{name}.json", directory / f"{name}.md"
     with atomic_file(json_path) as handle:
         json.dump(payload, handle, indent=2, default=str)
@@ -146,6 +223,8 @@ def rewrite_markdown(
         >>> rewrite_markdown("pruning", lambda payload: markdown(payload))  # doctest: +SKIP
     """
     directory = Path(results_dir)
+    if not (directory / f"{name}.json").exists() and (directory / GPU_RESULTS_SUBDIR / f"{name}.json").exists():
+        directory = directory / GPU_RESULTS_SUBDIR  # a GPU run's table
     payload = json.loads((directory / f"{name}.json").read_text(encoding="utf-8"))
     rebuilt = " ".join(shlex.quote(arg) for arg in [Path(sys.executable).name, *sys.argv])
     md_path = directory / f"{name}.md"
@@ -158,7 +237,9 @@ def _footer(payload: dict[str, Any]) -> str:
     machine = payload["machine"]
     return (
         f"\n\nCommand: `{payload['command']}`  \nDate: {payload['date']}  \n"
-        f"Machine: {machine['cpu']}, {machine['cpu_count']} cores, torch threads {machine['torch_threads']}"
+        + (f"Commit: {payload['commit']}  \n" if payload.get("commit") else "")
+        + (f"Device: {payload['device']}  \n" if payload.get("device") else "")
+        + f"Machine: {machine['cpu']}, {machine['cpu_count']} cores, torch threads {machine['torch_threads']}"
         f"{', GPU ' + machine['gpu'] if machine['gpu'] else ', no GPU'}; "
         + ", ".join(f"{k} {v}" for k, v in machine["packages"].items() if v)
         + "  \n"

@@ -30,6 +30,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .. import _compat
 from ..utils import InvalidArgumentTypeError, check_bool, check_int
+from .report import synchronize
 
 
 __all__ = ["measure_generation_speed"]
@@ -135,15 +136,17 @@ def measure_generation_speed(
                 raise ValueError("text prompts need a tokenizer; pass one or token-id tensors.")
             ids = tokenizer(prompt, return_tensors="pt").input_ids
         else:
-            ids = torch.as_tensor(prompt).reshape(1, -1)
+            ids = torch.as_tensor(prompt, device=model.device).reshape(1, -1)
         ids = ids.to(model.device)
         kwargs = dict(generate_kwargs)
         if cache_factory is not None:
             kwargs[_compat.cache_kwarg_name(model)] = cache_factory()
         streamer = _TimingStreamer()
+        synchronize(model.device)
         start = time.perf_counter()
         out = model.generate(ids, max_new_tokens=max_new_tokens, return_dict_in_generate=True, streamer=streamer,
                              **kwargs)
+        synchronize(model.device)  # on CUDA, wait for the last kernels before reading the clock
         elapsed = time.perf_counter() - start
         return out, elapsed, ids.shape[1], streamer
 

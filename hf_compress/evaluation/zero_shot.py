@@ -263,12 +263,13 @@ def _batches(groups: list[_Group], batch_size: int):
 def _pad(sequences: Sequence[Sequence[int]], device, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
     # Pad id 0 is arbitrary: padded positions are masked out and never scored.
     width = max(len(seq) for seq in sequences)
-    ids = torch.zeros(len(sequences), width, dtype=torch.long)
-    mask = torch.zeros(len(sequences), width, dtype=torch.long)
+    # Built on the CPU (one small copy per row), then moved to the model in one transfer.
+    ids = torch.zeros(len(sequences), width, dtype=torch.long, device="cpu")
+    mask = torch.zeros(len(sequences), width, dtype=torch.long, device="cpu")
     for i, seq in enumerate(sequences):
         if seq:
             span = slice(width - len(seq), width) if left else slice(0, len(seq))
-            ids[i, span] = torch.tensor(seq, dtype=torch.long)
+            ids[i, span] = torch.tensor(seq, dtype=torch.long, device="cpu")
             mask[i, span] = 1
     return ids.to(device), mask.to(device)
 

@@ -11,7 +11,7 @@ Example:
     >>> import hf_compress
     >>> from transformers import AutoModelForCausalLM
     >>> sorted(FORMAT_MODULES)
-    ['hf_compress_packed', 'hf_compress_slim', 'hf_compress_sparse']
+    ['hf_compress_packed', 'hf_compress_routed', 'hf_compress_slim', 'hf_compress_sparse']
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ FORMAT_MODULES: dict[str, str] = {
     "hf_compress_sparse": "hf_compress.formats.sparse",
     "hf_compress_packed": "hf_compress.formats.packed",
     "hf_compress_slim": "hf_compress.formats.slim",
+    "hf_compress_routed": "hf_compress.routing.format",
 }
 """``quant_method`` → the module that implements it (and registers it when imported)."""
 

@@ -220,7 +220,8 @@ def save_packed(
         raise ValueError("save_packed needs a model with packed layers (merge_and_quantize() or quantize_rtn()).")
     target = check_save_dir(save_dir, overwrite)
     with atomic_directory(target, overwrite=overwrite) as staging:
-        model.save_pretrained(staging)
+        with _compat.quiet_weight_progress():  # a second of bookkeeping: no "Writing model shards" bar
+            model.save_pretrained(staging)
         seal_checkpoint(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)

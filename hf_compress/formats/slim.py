@@ -160,7 +160,8 @@ def save_slim(
         attach_slim_format(model, recipe=recipe)
     card_recipe = {**recipe, "layers": layer_widths(model)}
     with atomic_directory(target, overwrite=overwrite) as staging:
-        model.save_pretrained(staging)
+        with _compat.quiet_weight_progress():  # a second of bookkeeping: no "Writing model shards" bar
+            model.save_pretrained(staging)
         if isinstance(getattr(model.config, "quantization_config", None), SlimFormatConfig):
             seal_checkpoint(staging)
         if tokenizer is not None:

@@ -33,6 +33,14 @@ name (``hf_compress.formats.base``); it appends one v5 ``WeightConverter`` that 
 returns the dense tensor (a ``weight`` stored dense passes through unchanged). The model then
 holds ordinary dense ``nn.Linear``/``Conv1D`` weights.
 
+**2:4 semi-structured kernels (opt-in, CUDA).** Dense weights run dense kernels, however many zeros they
+hold. :func:`load_semi_structured` (or :func:`to_semi_structured` on a loaded model) swaps the weight of
+every 2:4 linear layer for a ``torch.sparse.to_sparse_semi_structured`` tensor, so ``F.linear`` runs
+cuSPARSELt/CUTLASS 2:4 kernels. It needs CUDA, fp16/bf16 and ``nn.Linear`` weights of ``[rows, cols]``
+with ``rows % 32 == 0`` and ``cols % 64 == 0`` (what both kernels take), every group of 4 inputs holding
+at most 2 non-zeros; anything else is refused before any layer changes. Inference only: save the
+checkpoint this model was loaded from, not the converted model.
+
 Example:
     >>> import torch
     >>> w = torch.tensor([[0.5, 0.0, -2.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
@@ -63,6 +71,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BITMASK_SUFFIX",
+    "SEMI_STRUCTURED_DTYPES",
     "FORMAT_NAME",
     "SHAPE_SUFFIX",
     "SparseDecode",
@@ -71,7 +80,9 @@ __all__ = [
     "SparseTensor",
     "decode_sparse",
     "encode_sparse",
+    "load_semi_structured",
     "pack_bitmask",
+    "to_semi_structured",
     "unpack_bitmask",
 ]
 
@@ -160,7 +171,7 @@ def encode_sparse(weight: torch.Tensor) -> SparseTensor:
     return SparseTensor(
         values=weight[mask],
         bitmask=pack_bitmask(mask),
-        shape=torch.tensor(list(weight.shape), dtype=torch.int64),
+        shape=torch.tensor(list(weight.shape), dtype=torch.int64, device="cpu"),  # metadata, saved as is
     )
 
 
@@ -273,7 +284,7 @@ class _PassThrough(ConversionOps):
         return self
 
 
-_POPCOUNT = torch.tensor([bin(byte).count("1") for byte in range(256)], dtype=torch.int64)
+_POPCOUNT = torch.tensor([bin(byte).count("1") for byte in range(256)], dtype=torch.int64, device="cpu")
 _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2")
 
 
@@ -353,3 +364,116 @@ class SparseStorageQuantizer(CompressedFormatQuantizer):
         modules = getattr(self.quantization_config, "compressed_modules", [])
         logger.info("decoded %d sparse weights (%s)", len(modules), FORMAT_NAME)
         return model
+
+
+# --------------------------------------------------------------------------------------------------
+# 2:4 semi-structured kernels (opt-in, CUDA)
+# --------------------------------------------------------------------------------------------------
+
+SEMI_STRUCTURED_DTYPES = (torch.float16, torch.bfloat16)
+# Shapes both PyTorch backends take for fp16/bf16 (CUTLASS: multiples of 32 x 64; cuSPARSELt: 16 x 16).
+_SEMI_STRUCTURED_MULTIPLES = (32, 64)
+
+
+def to_semi_structured(model: torch.nn.Module, modules: Sequence[str] | None = None) -> list[str]:
+    """Run the 2:4 linear layers of ``model`` (on CUDA, fp16/bf16) with semi-structured sparse kernels.
+
+    ``modules`` defaults to the checkpoint's ``compressed_modules`` (an ``hf_compress_sparse`` model), else
+    every ``nn.Linear`` whose weight is 2:4 apart from the output embeddings. Every layer is checked first
+    (dtype, the 2:4 pattern, the shape, the device) and nothing changes unless all pass; returns the names
+    converted. In place; inference only (the weights become non-trainable sparse tensors).
+
+    Raises:
+        ValueError: in one line, the first layer the kernels cannot take and why.
+
+    Example:
+        >>> model = AutoModelForCausalLM.from_pretrained("pruned-2of4", dtype=torch.bfloat16).cuda()  # doctest: +SKIP
+        >>> len(to_semi_structured(model))  # doctest: +SKIP
+        210
+    """
+    from torch.sparse import to_sparse_semi_structured
+
+    layers = _semi_structured_layers(model, modules)
+    if not layers:
+        raise ValueError("no 2:4 sparse linear layer to convert; prune the model to 2:4 first (hf-compress prune ... "
+                         "--sparsity 2:4).")
+    for name, layer in layers.items():
+        _check_semi_structured(name, layer)
+    for layer in layers.values():
+        layer.weight = torch.nn.Parameter(to_sparse_semi_structured(layer.weight.detach()), requires_grad=False)
+    logger.info("%d linear layers run 2:4 semi-structured sparse kernels", len(layers))
+    return list(layers)
+
+
+def load_semi_structured(
+    pretrained_model_name_or_path: str | Any, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cuda",
+    **kwargs: Any,
+) -> PreTrainedModel:
+    """``AutoModelForCausalLM.from_pretrained`` of a 2:4 checkpoint, then :func:`to_semi_structured` on ``device``.
+
+    The device and dtype are checked before anything loads.
+
+    Example:
+        >>> model = load_semi_structured("pruned-2of4", dtype=torch.float16)  # doctest: +SKIP
+        >>> model.generate(**inputs, max_new_tokens=32)  # doctest: +SKIP
+    """
+    from transformers import AutoModelForCausalLM
+
+    _check_semi_structured_target(torch.device(device), dtype)
+    model = AutoModelForCausalLM.from_pretrained(pretrained_model_name_or_path, dtype=dtype, **kwargs)
+    model.to(device).eval()
+    to_semi_structured(model)
+    return model
+
+
+def _semi_structured_layers(model: torch.nn.Module, modules: Sequence[str] | None) -> dict[str, torch.nn.Module]:
+    named = dict(model.named_modules())
+    if modules is None:
+        config = getattr(getattr(model, "config", None), "quantization_config", None)
+        listed = config.get("compressed_modules") if isinstance(config, dict) else getattr(config, "compressed_modules", None)
+        if listed:
+            modules = listed
+        else:
+            from ..pruning.masks import check_pattern
+
+            output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+            modules = [name for name, module in named.items() if isinstance(module, torch.nn.Linear)
+                       and module is not output and check_pattern(module.weight, "2:4")]
+    unknown = [name for name in modules if name not in named]
+    if unknown:
+        raise ValueError(f"{unknown[0]!r} is not a module of this model; pass names from model.named_modules().")
+    return {name: named[name] for name in modules}
+
+
+def _check_semi_structured_target(device: torch.device, dtype: torch.dtype) -> None:
+    if dtype not in SEMI_STRUCTURED_DTYPES:
+        raise ValueError(f"2:4 semi-structured kernels run in float16 or bfloat16, not {dtype}; load with "
+                         "dtype=torch.bfloat16 (or float16).")
+    if device.type != "cuda":
+        raise ValueError(f"2:4 semi-structured kernels need a CUDA GPU; the model is on {device}. Load it without "
+                         "semi-structured kernels there (a plain from_pretrained), or move it to cuda first.")
+    if not torch.cuda.is_available():
+        raise ValueError("2:4 semi-structured kernels need a CUDA GPU and none is available here; load the "
+                         "checkpoint with a plain from_pretrained.")
+
+
+def _check_semi_structured(name: str, layer: torch.nn.Module) -> None:
+    from ..pruning.masks import check_pattern
+
+    if not isinstance(layer, torch.nn.Linear):
+        raise ValueError(f"{name} is a {type(layer).__name__}; 2:4 semi-structured kernels replace nn.Linear "
+                         "weights only (GPT-2's Conv1D is not supported).")
+    weight = layer.weight
+    if weight.dtype not in SEMI_STRUCTURED_DTYPES:
+        raise ValueError(f"{name}: 2:4 semi-structured kernels run in float16 or bfloat16, not {weight.dtype}; "
+                         "load with dtype=torch.bfloat16 (or float16).")
+    if not check_pattern(weight, "2:4"):
+        raise ValueError(f"{name}: the weight is not 2:4 sparse (some group of 4 inputs holds more than 2 "
+                         "non-zeros); prune it to 2:4 first, or leave it out of `modules`.")
+    rows, cols = weight.shape
+    multiple_rows, multiple_cols = _SEMI_STRUCTURED_MULTIPLES
+    if rows % multiple_rows or cols % multiple_cols:
+        raise ValueError(f"{name}: weight [{rows}, {cols}] does not fit the 2:4 kernels, which take "
+                         f"[rows, cols] with rows a multiple of {multiple_rows} and cols of {multiple_cols}; "
+                         "leave it out of `modules`.")
+    _check_semi_structured_target(weight.device, weight.dtype)

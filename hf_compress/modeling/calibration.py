@@ -15,6 +15,9 @@ The procedure (the sequential convention of SparseGPT and Wanda):
    to the method's callback (which edits the weights), and finally re-runs the **modified** block to
    produce the inputs of block *i + 1*. With ``keep_dense_outputs=True`` the outputs of the block
    before the callback touched it are kept as well (teacher targets for SDS re-densing or Týr).
+   Otherwise the statistics pass stops each forward once the last observed layer has been fed
+   (a Llama block's ``down_proj`` and residual add only make outputs nobody reads); the collectors
+   see exactly the same inputs either way.
 
 Only one block's activations (``N x seq x hidden``, plus the dense outputs when asked) and its
 statistics are held at a time. Everything runs under ``torch.no_grad()``; a callback that trains
@@ -50,6 +53,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import _compat
 from ..utils import get_logger
 from .layers import find_decoder_blocks, find_linear_layers, module_execution_device, onloaded
 
@@ -432,9 +436,9 @@ class BlockContext:
         """
         layers = {n: l for n, l in self.linear_layers.items() if names is None or n in names}
         stats = _make_collectors(layers, collectors_for)
-        with torch.no_grad(), _collecting(layers, stats):
+        with torch.no_grad(), _StatisticsPass(layers, stats, stop_early=True, block=self.block) as stats_pass:
             for hidden in self.inputs:
-                self.forward(hidden)
+                stats_pass.run(self.forward, hidden)
         return stats
 
 
@@ -452,6 +456,7 @@ def for_each_block(
     keep_dense_outputs: bool = False,
     progress: bool = True,
     storage_device: torch.device | str | None = None,
+    return_outputs: bool = True,
 ) -> list[torch.Tensor]:
     """Visit the decoder blocks in order with their calibration activations (sequential convention).
 
@@ -474,9 +479,12 @@ def for_each_block(
         progress: show a tqdm bar over blocks.
         storage_device: where activations are kept between blocks (default: the device they come
             out on); e.g. ``"cpu"`` to save accelerator memory.
+        return_outputs: ``False`` skips re-running the last block after its callback (one block
+            forward less, for callers that only edit weights); an empty list is returned.
 
     Returns:
-        The outputs of the last block (the input of the final norm), micro-batch by micro-batch.
+        The outputs of the last block (the input of the final norm), micro-batch by micro-batch
+        (empty with ``return_outputs=False``).
 
     Example:
         >>> from hf_compress.modeling import set_weight_matrix, weight_matrix
@@ -514,6 +522,7 @@ def for_each_block(
                         index, f"{block_name}.{index}", block, captured.calls[index], hidden, len(blocks),
                         callback=callback, collectors_for=collectors_for, skip=skip,
                         keep_dense_outputs=keep_dense_outputs, storage=storage,
+                        propagate=return_outputs or index + 1 < len(blocks),
                     )
                     captured.hidden_states = hidden
                     bar.update()
@@ -546,23 +555,24 @@ def _process_block(
     skip: Sequence[str],
     keep_dense_outputs: bool,
     storage: torch.device | None,
+    propagate: bool = True,
 ) -> list[torch.Tensor]:
     device = module_execution_device(block)
     call = call.on(device)  # move masks / rotary tables once per block, not once per micro-batch
     layers = find_linear_layers(block, skip, qualified_prefix=name)
     stats = _make_collectors(layers, collectors_for) if collectors_for is not None else {}
 
-    def run() -> list[torch.Tensor]:
-        outputs = []
-        for hidden in inputs:
-            out = call(block, hidden, device)
-            outputs.append(out if storage is None else out.to(storage))
-        return outputs
-
     dense: list[torch.Tensor] | None = None
-    if stats or keep_dense_outputs or callback is None:
-        with _collecting(layers, stats):
-            dense = run()
+    if keep_dense_outputs or callback is None:  # the block's outputs are wanted: full forwards
+        dense = []
+        with _StatisticsPass(layers, stats, stop_early=False, block=block) as stats_pass:
+            for hidden in inputs:
+                out = stats_pass.run(call, block, hidden, device)
+                dense.append(out if storage is None else out.to(storage))
+    elif stats:  # only the statistics are wanted: each forward may end at the last observed layer
+        with _StatisticsPass(layers, stats, stop_early=True, block=block) as stats_pass:
+            for hidden in inputs:
+                stats_pass.run(call, block, hidden, device)
     if callback is None:
         return dense  # nothing can have changed the block  # type: ignore[return-value]
 
@@ -575,6 +585,9 @@ def _process_block(
         callback(context)
     del context, stats
     logger.debug("block %d/%d (%s) done", index + 1, num_blocks, name)
+    if not propagate:
+        inputs.clear()
+        return inputs
     # The next block sees the modified block's outputs. Each micro-batch replaces its input in place, so
     # activations are not held twice.
     for position, hidden in enumerate(inputs):
@@ -597,20 +610,58 @@ def _make_collectors(
     return stats
 
 
-@contextlib.contextmanager
-def _collecting(layers: dict[str, nn.Module], stats: dict[str, list[Collector]]) -> Iterator[None]:
-    def feed(collectors: list[Collector]) -> Callable:
-        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+class _StatisticsPass:
+    """Forward pre-hooks feeding each observed layer's input to its collectors, one micro-batch per ``run``.
+
+    With ``stop_early``, once a micro-batch has shown that every observed layer runs exactly once per
+    block forward, a later forward is ended (``_StopForward``) as soon as the last of them has been fed
+    and every other one was fed before it: the rest of the block (a Llama block's ``down_proj`` and
+    residual add, about a tenth of a calibration pass) would only produce outputs nobody reads. The
+    collectors see the same inputs in the same order either way. Blocks with accelerate hooks always
+    run to the end (an interrupted forward would skip the hook's offloading).
+    """
+
+    def __init__(
+        self, layers: dict[str, nn.Module], stats: dict[str, list[Collector]], *, stop_early: bool,
+        block: nn.Module,
+    ) -> None:
+        self._stats = stats
+        self._stop_early = stop_early and not any(
+            _compat.accelerate_hook(module) is not None for module in block.modules()
+        )
+        self._fed: list[str] = []
+        self._last: str | None = None  # the layer after which forwards may stop, once known
+        self._handles = [layers[name].register_forward_pre_hook(self._feeder(name)) for name in stats]
+
+    def _feeder(self, name: str) -> Callable:
+        collectors = self._stats[name]
+
+        def hook(module: nn.Module, args: tuple) -> None:
             for collector in collectors:
                 collector.add_batch(args[0])
+            self._fed.append(name)
+            if name == self._last and len(set(self._fed)) == len(self._stats):
+                raise _StopForward
 
         return hook
 
-    handles = [layers[name].register_forward_hook(feed(collectors)) for name, collectors in stats.items()]
-    try:
-        yield
-    finally:
-        for handle in handles:
+    def run(self, forward: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor | None:
+        """One micro-batch: ``forward(*args)``'s output, or ``None`` when the forward was stopped early."""
+        self._fed = []
+        try:
+            output = forward(*args)
+        except _StopForward:
+            return None
+        once_each = len(self._fed) == len(self._stats) == len(set(self._fed))
+        if self._stop_early and self._last is None and self._fed and once_each:
+            self._last = self._fed[-1]
+        return output
+
+    def __enter__(self) -> _StatisticsPass:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
             handle.remove()
 
 

@@ -12,7 +12,7 @@ import argparse
 import dataclasses
 import json
 
-from ..cli.main import command, common_flags
+from ..cli.main import command, common_flags, device_argument, resolve_device
 
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,6 +31,7 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
                            help="'wikipedia' (calibration split), 'news', or a UTF-8 text file (default: wikipedia)")
         child.add_argument("--options", f"--{method.replace('_', '-')}-options", dest="options", default=None,
                            metavar="JSON", help="more config fields as a JSON object, e.g. '{\"batch_size\": 4}'")
+        device_argument(child)
         add_config_arguments(child, pruner_class.config_class)
         pruner_class.add_cli_arguments(child)
         child.set_defaults(pruner_class=pruner_class)
@@ -40,6 +41,7 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
 def run_prune(args: argparse.Namespace) -> int:
     from ..assets import load_calibration_text
     from ..cli.config_flags import config_kwargs
+    from .permutation import LearnedPermutationConfig
 
     pruner_class = args.pruner_class
     fields = {**pruner_class.cli_defaults, **_options(args.options), **config_kwargs(args)}
@@ -51,8 +53,12 @@ def run_prune(args: argparse.Namespace) -> int:
         )
     config = pruner_class.config_class(**fields)
     # Everything the user typed is checked before the (possibly slow) model load.
-    calibration = load_calibration_text(args.calibration_text) if pruner_class.requires_calibration else None
+    trains = isinstance(getattr(config, "permutation", None), LearnedPermutationConfig)  # trains on the text
+    calibration = (load_calibration_text(args.calibration_text)
+                   if pruner_class.requires_calibration or trains else None)
+    device = resolve_device(args.device)
     pruner = pruner_class.from_pretrained(args.model)
+    pruner.model.to(device)
     pruner.prune(config, calibration, save_dir=args.save_dir, overwrite=args.overwrite, progress=not args.quiet,
                  **pruner_class.prune_kwargs_from_cli(args))
     print(f"{pruner.report.summary()}, saved to {args.save_dir}")

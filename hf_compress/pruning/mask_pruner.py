@@ -165,6 +165,7 @@ class MaskPruner(BasePruner):
                 collectors_for=lambda name, layer: self.collectors_for(name, layer, config),
                 skip=config.skip, batch_size=config.batch_size, progress=progress,
                 keep_dense_outputs=self.keeps_dense_outputs,
+                return_outputs=False,  # the last block's outputs feed nothing: skip its re-run
             )
         report.seconds = time.perf_counter() - start
         logger.info(

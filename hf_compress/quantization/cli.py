@@ -85,9 +85,8 @@ def run_quantize(args: argparse.Namespace) -> int:
                 model.save_pretrained(folder)
                 write_model_card(folder, _model_card(base_model, recipe, "adapter"))
     packed = model.merge_and_quantize()
-    with _compat.quiet_weight_progress():
-        save_packed(packed, tokenizer, args.save_dir, overwrite=args.overwrite,
-                    card=_model_card(base_model, recipe, "compressed_model"))
+    save_packed(packed, tokenizer, args.save_dir, overwrite=args.overwrite,
+                card=_model_card(base_model, recipe, "compressed_model"))
     size = packed_size(packed)
     print(f"{args.method} {args.bits}-bit (group {args.group_size}): {size['layers']} packed layers, "
           f"{size['packed'] / size['bf16']:.3f}x their bf16 bytes, saved to {args.save_dir}")

@@ -11,10 +11,11 @@ Buffers (all saved in the checkpoint):
 Its state dict also holds ``weight``: one ``uint8`` byte (the bit width), a marker that makes stock
 transformers refuse the checkpoint (wrong shape for a linear weight) rather than load random layers.
 
-The forward pass dequantizes the weight on the fly (``scales * (codes - qzeros)``) in the input's
-dtype and discards it after the matmul. Only the packed form stays resident, so the model really is
-low-bit in memory. The price is an unpack per call; on CPU without int kernels this is slower than a
-dense matmul.
+The reference forward dequantizes the whole weight on the fly (``scales * (codes - qzeros)``) in the
+input's dtype and discards it after the matmul: only the packed form stays resident, at the price of an
+unpack per call (~15× a dense layer at decode on CPU). ``kernel`` (``"auto"`` by default, see
+``hf_compress.quantization.kernels``) lets a call take a kernel instead: a fused Triton unpack-and-matmul on
+CUDA, or PyTorch's int4 CPU kernel over a once-converted copy of the codes (a bounded cache, not saved).
 
 Example:
     >>> import torch
@@ -32,7 +33,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import kernels
 from .grid import check_grid_arguments
+from .kernels import cpu_int4, triton_packed
 from .packing import pack_codes, packed_columns, unpack_codes
 
 
@@ -43,7 +46,12 @@ FORMAT_MARKER = "weight"
 
 
 class PackedLinear(nn.Module):
-    """Linear layer over packed ``bits``-bit group-quantized weights (dequantize on the fly)."""
+    """Linear layer over packed ``bits``-bit group-quantized weights (dequantize on the fly, or a kernel).
+
+    ``kernel``: ``"auto"``, ``"fast"`` or ``"reference"`` (see ``hf_compress.quantization.kernels``).
+    """
+
+    kernel: str = "auto"
 
     def __init__(
         self,
@@ -69,6 +77,8 @@ class PackedLinear(nn.Module):
         self.register_buffer("qzeros", torch.zeros(out_features, groups, dtype=torch.uint8, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
         self.expects_marker_in_state_dict = True
+        self.kernel = "auto"
+        self._int4_cache: tuple[tuple, cpu_int4.Int4Weight] | None = None
 
     @classmethod
     def from_codes(
@@ -127,7 +137,54 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
+        path = kernels.choose(self, x)
+        if path == "triton":
+            # The bias is fused unless autograd must reach it.
+            fused = bias is not None and not (torch.is_grad_enabled() and bias.requires_grad)
+            y = triton_packed.packed_matmul(x, self.qweight, self.scales, self.qzeros, bias if fused else None,
+                                            self.bits, self.group_size, self.in_features)
+            return y + bias if bias is not None and not fused else y
+        if path == "int4":
+            y = self._int4_weight().matmul(x)
+            return y + bias if bias is not None else y
+        return self.reference_forward(x)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The reference computation: unpack and dequantize every code in ``x``'s dtype, then ``F.linear``."""
+        bias = None if self.bias is None else self.bias.to(x.dtype)
         return nn.functional.linear(x, self.dequantized_weight(x.dtype), bias)
+
+    # ---------------------------------------------------------------------------------- kernel cache
+    def _cache_key(self) -> tuple:
+        # Any in-place change of the stored tensors (load_state_dict, copy_) bumps a version: rebuild then.
+        return tuple((t.data_ptr(), t._version) for t in (self.qweight, self.scales, self.qzeros))
+
+    def _int4_weight(self) -> cpu_int4.Int4Weight:
+        key = self._cache_key()
+        cached = getattr(self, "_int4_cache", None)
+        if cached is None or cached[0] != key:
+            self._int4_cache = None  # free the stale copy before building the new one
+            self._int4_cache = (key, cpu_int4.Int4Weight.from_layer(self))
+            kernels.register_holder(self)
+        return self._int4_cache[1]
+
+    def has_kernel_cache(self) -> bool:
+        """Whether the CPU int4 kernel's copy of the codes is held (built on the first call that uses it)."""
+        return getattr(self, "_int4_cache", None) is not None
+
+    def kernel_cache_nbytes(self) -> int:
+        """Bytes of the CPU kernel's copy of the codes held next to the packed buffers (0 when none)."""
+        cached = getattr(self, "_int4_cache", None)
+        return 0 if cached is None else cached[1].nbytes()
+
+    def clear_kernel_cache(self) -> None:
+        """Drop the CPU kernel's copy of the codes (rebuilt on the next call that uses it)."""
+        self._int4_cache = None
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to(), .cuda(), .half() ... replace the buffers: the cache would describe the old ones.
+        self.clear_kernel_cache()
+        return super()._apply(fn, *args, **kwargs)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -148,5 +205,5 @@ class PackedLinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-            f"group_size={self.group_size}, bias={self.bias is not None}"
+            f"group_size={self.group_size}, bias={self.bias is not None}, kernel={self.kernel!r}"
         )

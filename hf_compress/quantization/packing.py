@@ -52,13 +52,16 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     runs = math.ceil(columns / 8)
     padded = torch.zeros(rows, runs * 8, dtype=torch.int32, device=codes.device)
     padded[:, :columns] = codes.to(torch.int32)
-    # Expand to individual bits, then regroup them 8 at a time into bytes (export time only).
-    positions = torch.arange(bits, device=codes.device, dtype=torch.int32)
-    bit_values = (padded.view(rows, runs, 8, 1) >> positions) & 1  # (rows, runs, 8 codes, bits)
-    bit_stream = bit_values.reshape(rows, runs, bits, 8)  # the same bits, read as `bits` bytes of 8
-    weights = 2 ** torch.arange(8, device=codes.device, dtype=torch.int32)
-    packed = (bit_stream * weights).sum(dim=-1)
-    return packed.reshape(rows, runs * bits).to(torch.uint8)
+    padded = padded.view(rows, runs, 8)
+    # The mirror of unpack_codes: code j of every run is OR-ed into its one or two bytes, one plane at a time.
+    packed = torch.zeros(rows, runs, bits, dtype=torch.int32, device=codes.device)
+    for j in range(8):
+        first, shift = divmod(bits * j, 8)
+        value = padded[:, :, j]
+        packed[:, :, first] |= (value << shift) & 0xFF
+        if shift + bits > 8:
+            packed[:, :, first + 1] |= value >> (8 - shift)
+    return packed.view(rows, runs * bits).to(torch.uint8)
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, columns: int) -> torch.Tensor:

@@ -3,6 +3,7 @@
 Example:
     >>> from hf_compress.speculative import FLy
     >>> out = model.generate(**inputs, max_new_tokens=256, custom_generate=FLy(draft_model=draft))  # doctest: +SKIP
+    >>> out = model.generate(**inputs, do_sample=False, custom_generate=CoSpec(arbiter, draft_model=draft))  # doctest: +SKIP
 """
 
 from .acceptance import (
@@ -14,6 +15,7 @@ from .acceptance import (
     Verdict,
     top_k_entropy,
 )
+from .cospec import ArbiterConfig, ArbiterTrainingSettings, CoSpec, CoSpecArbiter, train_arbiter
 from .drafting import CrossTokenizerDrafter, Draft, Drafter, ModelDrafter, NgramDrafter
 from .engine import (
     CachedSequence,
@@ -28,7 +30,11 @@ from .tree import DraftTree
 
 __all__ = [
     "AcceptanceRule",
+    "ArbiterConfig",
+    "ArbiterTrainingSettings",
     "CachedSequence",
+    "CoSpec",
+    "CoSpecArbiter",
     "CrossTokenizerDrafter",
     "Draft",
     "DraftTree",
@@ -48,5 +54,6 @@ __all__ = [
     "speculative_decode",
     "strategy_from_dict",
     "top_k_entropy",
+    "train_arbiter",
     "verify_and_advance",
 ]

@@ -241,5 +241,5 @@ class CrossTokenizerDrafter:
         for text in self.draft_tokenizer.batch_decode(draft.tokens, skip_special_tokens=True):
             ids = self.target_tokenizer(text, add_special_tokens=False)["input_ids"]
             ids = ids[:-1] if len(ids) > 1 else ids
-            rows.append(torch.tensor(ids[:max_tokens], dtype=torch.long))
+            rows.append(torch.tensor(ids[:max_tokens], dtype=torch.long, device=input_ids.device))
         return Draft(pad_rows(rows, input_ids, input_ids[:, -1]))

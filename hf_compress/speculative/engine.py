@@ -201,7 +201,12 @@ def verify_and_advance(
         scores = logits.clone()
         for i in range(num_drafts + 1):
             scores[:, i] = logits_processor(torch.cat([context, drafts[:, :i]], dim=1), scores[:, i])
-    verdict = rule.verify(drafts, scores, draft_probs)
+    if getattr(rule, "reads_hidden_states", False):  # learned rules (CoSpec's arbiter) read the target's features
+        if not sequence.capture_hidden_states:
+            raise ValueError(f"{type(rule).__name__} reads the target's hidden states; the sequence must capture them.")
+        verdict = rule.verify(drafts, scores, draft_probs, hidden_states=sequence.hidden_states[:, -(num_drafts + 1):])
+    else:
+        verdict = rule.verify(drafts, scores, draft_probs)
     accepted = verdict.num_accepted
     limiting = accepted if active is None else torch.where(active, accepted, num_drafts)
     cut = int(limiting.min())
@@ -329,7 +334,7 @@ def speculative_decode(
     metrics = SpeculativeMetrics(rows=batch)
     drafter.reset()
     observe = getattr(drafter, "observe", None)  # drafters that read the target's features (heads)
-    target.capture_hidden_states = observe is not None
+    target.capture_hidden_states = observe is not None or bool(getattr(rule, "reads_hidden_states", False))
 
     while True:
         budget = min(num_draft_tokens, max_length - input_ids.shape[1] - 1)

@@ -212,7 +212,9 @@ class SpeculativeDecoding:
             return self._drafter
         if isinstance(self.draft_model, (str, os.PathLike)):
             logger.info("Loading draft model %s", self.draft_model)
-            self.draft_model = AutoModelForCausalLM.from_pretrained(self.draft_model, dtype=model.dtype).to(model.device)
+            with _compat.quiet_weight_progress():  # the first generate() call's own bookkeeping, not a download
+                self.draft_model = AutoModelForCausalLM.from_pretrained(self.draft_model, dtype=model.dtype)
+            self.draft_model.to(model.device)
             self.draft_model.eval()
         for name in ("tokenizer", "draft_tokenizer"):
             if isinstance(getattr(self, name), (str, os.PathLike)):
@@ -392,6 +394,18 @@ class FLy(SpeculativeDecoding):
             loose=self.loose, do_sample=bool(generation_config.do_sample),
         )
 
+    @classmethod
+    def calibrate(cls, model: PreTrainedModel, drafter, held_out_prompts, target_keep: float = 0.99, **kwargs) -> FLy:
+        """FLy with the entropy threshold (and window) chosen on ``held_out_prompts`` so the task score stays
+        at least ``target_keep`` × strict decoding's; see :func:`~.calibration.calibrate_fly` for the arguments.
+
+        Example:
+            >>> fly = FLy.calibrate(model, draft, held_out, target_keep=0.99, tokenizer=tok)  # doctest: +SKIP
+        """
+        from .calibration import calibrate_fly
+
+        return calibrate_fly(model, drafter, held_out_prompts, target_keep, strategy_class=cls, **kwargs)
+
     def settings(self) -> dict[str, Any]:
         return {
             **super().settings(),
@@ -468,7 +482,7 @@ def _name_of(thing) -> str | None:
 
 # Settings that name where something is loaded from; the value "." means "this repo or folder", resolved
 # when generate.py runs (so a saved folder never records its absolute path, and still works once pushed).
-_REFERENCE_KEYS = ("heads", "draft_model", "tokenizer", "draft_tokenizer")
+_REFERENCE_KEYS = ("heads", "arbiter", "draft_model", "tokenizer", "draft_tokenizer")
 HERE = "."
 
 
@@ -525,8 +539,8 @@ def _local_references(settings: dict[str, Any]) -> list[str]:
 _GENERATE_PY = '''"""`generate()` entry point written by hf_compress @VERSION@: the `@METHOD@` decoding strategy.
 
 transformers calls this for `model.generate(..., custom_generate=<this repo or folder>, trust_remote_code=True)`.
-Extra keyword arguments `draft_model=`, `draft_tokenizer=` and `heads=` replace the saved draft or drafting
-heads (`tokenizer=` is the target's, used when the tokenizers differ). A saved reference "." is this repo or
+Extra keyword arguments `draft_model=`, `draft_tokenizer=`, `heads=` and `arbiter=` replace the saved draft,
+drafting heads or CoSpec arbiter (`tokenizer=` is the target's, used when the tokenizers differ). A saved reference "." is this repo or
 folder (the `custom_generate=` value). Requires `pip install hf-compress`.
 """
 
@@ -537,7 +551,7 @@ import sys
 SETTINGS = json.loads(
 @SETTINGS@
 )
-_REFERENCE_KEYS = ("heads", "draft_model", "tokenizer", "draft_tokenizer")
+_REFERENCE_KEYS = ("heads", "arbiter", "draft_model", "tokenizer", "draft_tokenizer")
 
 # The last strategy built, with the arguments it was built from: a saved draft model is loaded once, not on
 # every generate() call (transformers keeps this module loaded while the file is unchanged).
@@ -558,13 +572,13 @@ def _this_repo_or_folder():
     )
 
 
-def generate(model, draft_model=None, draft_tokenizer=None, heads=None, **kwargs):
+def generate(model, draft_model=None, draft_tokenizer=None, heads=None, arbiter=None, **kwargs):
     global _last
     from hf_compress.speculative import strategy_from_dict
 
-    arguments = (draft_model, draft_tokenizer, kwargs.get("tokenizer"), heads)
+    arguments = (draft_model, draft_tokenizer, kwargs.get("tokenizer"), heads, arbiter)
     settings = dict(SETTINGS)
-    given = dict(zip(("draft_model", "draft_tokenizer", "tokenizer", "heads"), arguments))
+    given = dict(zip(("draft_model", "draft_tokenizer", "tokenizer", "heads", "arbiter"), arguments))
     if any(settings.get(k) == "." and given[k] is None for k in _REFERENCE_KEYS):
         here = _this_repo_or_folder()
         settings.update({k: here for k in _REFERENCE_KEYS if settings.get(k) == "."})
@@ -572,7 +586,7 @@ def generate(model, draft_model=None, draft_tokenizer=None, heads=None, **kwargs
     if key is None or any(a is not b for a, b in zip(key[0], arguments)) or key[1] != settings:
         strategy = strategy_from_dict(
             settings, draft_model=draft_model, draft_tokenizer=draft_tokenizer, tokenizer=kwargs.get("tokenizer"),
-            heads=heads,
+            heads=heads, arbiter=arbiter,
         )
         _last = ((arguments, settings), strategy)
     return model.generate(custom_generate=strategy, **kwargs)

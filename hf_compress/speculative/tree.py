@@ -68,18 +68,19 @@ class DraftTree:
                 raise ValueError(f"Tree node {path} has no parent {path[:-1]} in the tree; add every prefix.")
         self.paths: list[Path] = nodes
         index = {p: n for n, p in enumerate(nodes)}
-        self.parents = torch.tensor([index[p[:-1]] if len(p) > 1 else -1 for p in nodes])
-        self.depths = torch.tensor([len(p) for p in nodes])
-        self.ranks = torch.tensor([p[-1] for p in nodes])
-        ancestors = torch.eye(len(nodes), dtype=torch.bool)
+        # A tree is model-independent and lives on the CPU; users move what they need (e.g. depths.to(device)).
+        self.parents = torch.tensor([index[p[:-1]] if len(p) > 1 else -1 for p in nodes], device="cpu")
+        self.depths = torch.tensor([len(p) for p in nodes], device="cpu")
+        self.ranks = torch.tensor([p[-1] for p in nodes], device="cpu")
+        ancestors = torch.eye(len(nodes), dtype=torch.bool, device="cpu")
         for n, path in enumerate(nodes):
             for d in range(1, len(path)):
                 ancestors[n, index[path[:d]]] = True
         self.ancestors = ancestors  # (N, N): node n may attend to node m
         leaves = [p for p in nodes if not any(q[: len(p)] == p and len(q) > len(p) for q in nodes)]
-        retrieve = torch.full((len(leaves), max(len(p) for p in nodes)), -1, dtype=torch.long)
+        retrieve = torch.full((len(leaves), max(len(p) for p in nodes)), -1, dtype=torch.long, device="cpu")
         for row, leaf in enumerate(leaves):
-            retrieve[row, : len(leaf)] = torch.tensor([index[leaf[:d]] for d in range(1, len(leaf) + 1)])
+            retrieve[row, : len(leaf)] = torch.tensor([index[leaf[:d]] for d in range(1, len(leaf) + 1)], device="cpu")
         self.paths_to_leaves = retrieve  # (P, depth)
 
     # ------------------------------------------------------------------ sizes

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
@@ -77,6 +78,10 @@ def train_with_trainer(
 
     if isinstance(settings, TrainingArguments):
         arguments = settings
+        if arguments.dataloader_pin_memory and not _has_accelerator():
+            # pinning does nothing without an accelerator except warn on every DataLoader; the user's object stays
+            arguments = copy.copy(arguments)
+            arguments.dataloader_pin_memory = False
     else:
         arguments = _arguments_from_settings(settings or TrainingSettings(), output_dir)
     trainer = Trainer(

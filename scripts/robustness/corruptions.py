@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from hf_compress.formats.sparse import pack_bitmask, unpack_bitmask
+
 
 CLEAR_MARKERS = ("CheckpointIntegrityError", ".safetensors", "config.json", "quantization_config", "hf_compress", "tensor", "format", "size mismatch")
 
@@ -99,24 +101,23 @@ def first(tensors: dict[str, torch.Tensor], suffix: str) -> str:
 
 
 def _move_bit(tensors: dict[str, torch.Tensor]) -> None:
-    name = first(tensors, ".weight_bitmask")
-    bits = tensors[name].clone()
-    row = bits[0]
-    # clear one set bit and set one clear bit in the same byte row: the popcount is unchanged
-    flat = torch.stack([(row >> j) & 1 for j in range(8)], dim=1).flatten()
-    on, off = int(flat.nonzero()[0]), int((flat == 0).nonzero()[0])
-    flat[on], flat[off] = 0, 1
-    bits[0] = (flat.view(-1, 8) * torch.tensor([1 << j for j in range(8)], dtype=torch.uint8)).sum(1).to(torch.uint8)
-    tensors[name] = bits
+    # clear one set bit and set one clear bit in the first row: the popcount is unchanged
+    _edit_first_row_bits(tensors, clear_one=True)
 
 
 def _add_bit(tensors: dict[str, torch.Tensor]) -> None:
+    _edit_first_row_bits(tensors, clear_one=False)
+
+
+def _edit_first_row_bits(tensors: dict[str, torch.Tensor], clear_one: bool) -> None:
     name = first(tensors, ".weight_bitmask")
     bits = tensors[name].clone()
-    row = bits[0]
-    flat = torch.stack([(row >> j) & 1 for j in range(8)], dim=1).flatten()
-    flat[int((flat == 0).nonzero()[0])] = 1
-    bits[0] = (flat.view(-1, 8) * torch.tensor([1 << j for j in range(8)], dtype=torch.uint8)).sum(1).to(torch.uint8)
+    row = unpack_bitmask(bits[:1], [1, 8 * bits.shape[1]])[0]
+    on, off = int(row.nonzero()[0]), int((~row).nonzero()[0])
+    row[off] = True
+    if clear_one:
+        row[on] = False
+    bits[0] = pack_bitmask(row.unsqueeze(0))[0]
     tensors[name] = bits
 
 

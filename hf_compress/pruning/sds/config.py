@@ -104,7 +104,7 @@ class SDSConfig(PruningConfig):
             "calibration_seq_len": self.calibration_seq_len, "calibration_seed": self.calibration_seed,
             "batch_size": self.batch_size,
         }
-        clash = sorted(set(self.base_options) & (set(shared) | {"method"}))
+        clash = sorted(set(self.base_options) & (set(shared) | {"method", "permutation"}))
         if clash:
             raise ValueError(
                 f"base_options may not set {', '.join(clash)}: set them on the SDSConfig itself."

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -12,7 +12,7 @@ from ...utils import get_logger
 from ..config import PruningConfig
 from ..mask_pruner import MaskPruner
 from .config import SparseGPTConfig
-from .sparsify import sparsegpt_prune
+from .sparsify import FactorCache, cpu_threads, sparsegpt_prune
 
 
 if TYPE_CHECKING:
@@ -51,7 +51,12 @@ class _GramCache:
 
 
 class _SharedGramHessianCollector(HessianCollector):
-    """``HessianCollector``'s running update, with each batch's ``Σ x xᵀ`` taken from a ``_GramCache``."""
+    """``HessianCollector``'s running update, with each batch's ``Σ x xᵀ`` taken from a ``_GramCache``.
+
+    The update (a scale and an add on an ``[in, in]`` matrix) runs on one thread: element-wise, so the
+    values do not depend on the thread count, and far too small to pay for a fork/join, which on a busy
+    machine cost ~100x the arithmetic (40 ms instead of 0.3 ms for 576², measured under load).
+    """
 
     def __init__(self, cache: _GramCache) -> None:
         super().__init__()
@@ -62,11 +67,12 @@ class _SharedGramHessianCollector(HessianCollector):
         if count == 0:
             return
         total = self.num_tokens + count
-        if self.hessian is None:
-            self.hessian = torch.zeros_like(gram)
-        else:
-            self.hessian.mul_(self.num_tokens / total)
-        self.hessian.add_(gram, alpha=2.0 / total)
+        with cpu_threads(1, gram.device):
+            if self.hessian is None:
+                self.hessian = torch.zeros_like(gram)
+            else:
+                self.hessian.mul_(self.num_tokens / total)
+            self.hessian.add_(gram, alpha=2.0 / total)
         self.num_tokens = total
 
 
@@ -84,6 +90,16 @@ class SparseGPTPruner(MaskPruner):
     def __init__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase | None = None) -> None:
         super().__init__(model, tokenizer)
         self._gram_cache = _GramCache()
+        self._factors = FactorCache()  # q/k/v (gate/up) have equal Hessians: factor them once
+
+    def run(
+        self, config: PruningConfig, plan: Any, calibration_ids: torch.Tensor | None, progress: bool
+    ) -> Any:
+        try:
+            return super().run(config, plan, calibration_ids, progress)
+        finally:  # drop the last activation and Hessian the caches hold
+            self._gram_cache.clear()
+            self._factors.clear()
 
     def collectors_for(self, name: str, layer: nn.Module, config: PruningConfig) -> list[Collector]:
         return [_SharedGramHessianCollector(self._gram_cache)]
@@ -99,7 +115,7 @@ class SparseGPTPruner(MaskPruner):
         weight = weight_matrix(layer)
         new = sparsegpt_prune(
             weight.to(collector.hessian.device), collector.hessian, config.pattern,
-            blocksize=config.blocksize, percdamp=config.percdamp, name=name,
+            blocksize=config.blocksize, percdamp=config.percdamp, name=name, factors=self._factors,
         )
         collector.hessian = None  # free the [in, in] matrix as soon as the layer is done
         set_weight_matrix(layer, new.to(weight.device))

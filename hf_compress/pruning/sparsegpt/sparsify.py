@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
 
@@ -42,11 +42,7 @@ from ..config import SparsityPattern, parse_sparsity
 from ..masks import n_m_mask, unstructured_mask
 
 
-if TYPE_CHECKING:
-    pass
-
-
-__all__ = ["sparsegpt_prune"]
+__all__ = ["FactorCache", "HessianFactor", "cpu_threads", "factor_hessian", "sparsegpt_prune"]
 
 logger = get_logger(__name__)
 
@@ -57,6 +53,75 @@ _MAX_DAMPING_RETRIES = 6
 _ELEMENTS_PER_THREAD = 1 << 18
 
 
+@dataclass(frozen=True)
+class HessianFactor:
+    """What SparseGPT derives from a layer Hessian alone: reusable by every layer with the same Hessian.
+
+    In a decoder block q/k/v (and gate/up) see the same inputs, so their Hessians are equal and one
+    factorisation serves them all (``SparseGPTPruner`` reuses it; the weights come out bit-identical).
+
+    Attributes:
+        upper: upper Cholesky factor ``U`` of ``(H + λI)⁻¹`` (fp32, ``[in, in]``).
+        dead: inputs with ``H_jj = 0``, whose weight columns are zeroed.
+    """
+
+    upper: torch.Tensor
+    dead: torch.Tensor
+
+
+def factor_hessian(hessian: torch.Tensor, percdamp: float = 0.01, name: str = "layer") -> HessianFactor:
+    """Steps 1–3 of SparseGPT on an ``[in, in]`` Hessian (not modified), with torch's current thread count.
+
+    Example:
+        >>> x = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
+        >>> factor = factor_hessian(2 * x.T @ x / 64)
+        >>> tuple(factor.upper.shape), bool(torch.equal(factor.upper, factor.upper.triu()))
+        ((8, 8), True)
+    """
+    H = hessian.detach().to(dtype=torch.float32, copy=True)
+    if not torch.isfinite(H).all():
+        raise ValueError(
+            f"{name}: the calibration Hessian holds inf/NaN (activations overflowed in the model dtype?)."
+        )
+    dead = H.diagonal() == 0
+    if dead.any():
+        # An input that never fires carries no information: its weights are free to remove.
+        H[dead, dead] = 1.0
+        logger.debug("%s: %d dead input features", name, int(dead.sum()))
+    return HessianFactor(_inverse_cholesky_upper(H, percdamp, name), dead)
+
+
+class FactorCache:
+    """The last ``HessianFactor`` computed, handed out again for an equal Hessian.
+
+    Reused only for a bit-identical Hessian on the same device, with the same ``percdamp`` and CPU
+    thread count, so a layer gets exactly the factor it would have computed itself.
+
+    Example:
+        >>> x = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
+        >>> cache = FactorCache()
+        >>> cache.get(2 * x.T @ x / 64, 0.01) is cache.get(2 * x.T @ x / 64, 0.01)
+        True
+    """
+
+    def __init__(self) -> None:
+        self._hessian: torch.Tensor | None = None
+        self._key: tuple | None = None
+        self._factor: HessianFactor | None = None
+
+    def get(self, hessian: torch.Tensor, percdamp: float, name: str = "layer") -> HessianFactor:
+        key = (percdamp, hessian.device, hessian.dtype, hessian.shape, torch.get_num_threads())
+        if self._hessian is not None and self._key == key and torch.equal(self._hessian, hessian):
+            return self._factor  # type: ignore[return-value]
+        factor = factor_hessian(hessian, percdamp, name)
+        # A copy: the caller may change or free its Hessian (equality is checked on the values).
+        self._hessian, self._key, self._factor = hessian.detach().clone(), key, factor
+        return factor
+
+    def clear(self) -> None:
+        self._hessian, self._key, self._factor = None, None, None
+
+
 def sparsegpt_prune(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -64,11 +129,14 @@ def sparsegpt_prune(
     blocksize: int = 128,
     percdamp: float = 0.01,
     name: str = "layer",
+    factors: FactorCache | None = None,
 ) -> torch.Tensor:
     """SparseGPT on one ``[out, in]`` weight with its ``[in, in]`` Hessian; returns the new fp32 weight.
 
     ``weight`` and ``hessian`` are not modified. For N:M, ``blocksize`` is rounded down to a multiple
     of M so that no group straddles two blocks (the N:M result does not otherwise depend on it).
+    ``factors``: a ``FactorCache`` shared by consecutive calls, so layers with equal Hessians (q/k/v)
+    factor it once; the result is bit-identical to calling without it.
 
     Example:
         >>> x = torch.randn(256, 8, generator=torch.Generator().manual_seed(0))
@@ -90,26 +158,26 @@ def sparsegpt_prune(
         raise ValueError(f"blocksize must be positive, got {blocksize}.")
 
     W = weight.detach().to(dtype=torch.float32, copy=True)
-    H = hessian.detach().to(device=W.device, dtype=torch.float32, copy=True)
-    if not torch.isfinite(H).all():
-        raise ValueError(
-            f"{name}: the calibration Hessian holds inf/NaN (activations overflowed in the model dtype?)."
-        )
-    dead = H.diagonal() == 0
-    if dead.any():
-        # An input that never fires carries no information: its weights are free to remove.
-        H[dead, dead] = 1.0
-        W[:, dead] = 0.0
-        logger.debug("%s: %d dead input features", name, int(dead.sum()))
-    with _cpu_threads_for(W.device, rows * blocksize):
-        U = _inverse_cholesky_upper(H, percdamp, name)
-        del H
-        _prune_columns(W, U, pattern, blocksize)
+    # Threads sized to the work of one column step (rows x blocksize elements at most).
+    with cpu_threads(rows * blocksize // _ELEMENTS_PER_THREAD, W.device):
+        hessian = hessian.detach().to(W.device)
+        if factors is None:
+            factor = factor_hessian(hessian, percdamp, name)
+        else:
+            factor = factors.get(hessian, percdamp, name)
+        if factor.dead.any():
+            W[:, factor.dead] = 0.0
+        _prune_columns(W, factor.upper, pattern, blocksize)
     return W
 
 
 def _prune_columns(W: torch.Tensor, U: torch.Tensor, pattern: SparsityPattern, blocksize: int) -> None:
-    """The lazy-batch OBS sweep over the columns of ``W`` (in place)."""
+    """The lazy-batch OBS sweep over the columns of ``W`` (in place).
+
+    The column loop runs once per input feature, so it works on views made once per block (``unbind``)
+    and writes each error straight into its column of ``errors``: fewer tensor calls per column, the
+    very same arithmetic in the same order.
+    """
     cols = W.shape[1]
     m, n = pattern.group_size, pattern.kept_per_group
     for i1 in range(0, cols, blocksize):
@@ -122,28 +190,38 @@ def _prune_columns(W: torch.Tensor, U: torch.Tensor, pattern: SparsityPattern, b
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
         else:
             mask1 = unstructured_mask((W1 / d1).pow(2), pattern.ratio, per_row=False)
+        zero = W1.new_zeros(())
+        columns, masks, column_errors, diagonal = W1.unbind(1), mask1.unbind(1), errors.unbind(1), d1.unbind()
         for i in range(i2 - i1):
             if pattern.is_n_m and i % m == 0:  # type: ignore[operator]
                 group = slice(i, i + m)  # type: ignore[operator]
                 mask1[:, group] = n_m_mask((W1[:, group] / d1[group]).pow(2), n, m)  # type: ignore[arg-type]
-            w = W1[:, i]
+            mask, err = masks[i], column_errors[i]
             # e = (w − q) / d with q = w except the pruned entries, which are zeroed.
-            err = torch.where(mask1[:, i], w, 0.0) / d1[i]
+            torch.div(torch.where(mask, columns[i], zero), diagonal[i], out=err)
             # OBS compensation of the rest of the block; column i itself becomes q exactly.
             W1[:, i:].addr_(err, U1[i, i:], alpha=-1.0)
-            W1[:, i].masked_fill_(mask1[:, i], 0.0)  # exact zeros, not rounding residue
-            errors[:, i] = err
+            columns[i].masked_fill_(mask, 0.0)  # exact zeros, not rounding residue
         W[:, i1:i2] = W1
         if i2 < cols:  # lazy update of every column right of the block
             W[:, i2:].addmm_(errors, U[i1:i2, i2:], alpha=-1.0)
 
 
 @contextlib.contextmanager
-def _cpu_threads_for(device: torch.device, elements: int) -> Iterator[None]:
-    """Cap torch's intra-op CPU threads to the work size for the block (restored afterwards)."""
+def cpu_threads(threads: int, device: torch.device | None = None) -> Iterator[None]:
+    """Cap torch's intra-op CPU threads at ``threads`` inside the block (restored afterwards).
+
+    Nothing changes for a non-CPU ``device``. Meant for small element-wise work and the OBS column
+    loop; matrix products keep the caller's thread count (their rounding may depend on it).
+
+    Example:
+        >>> with cpu_threads(1):
+        ...     torch.get_num_threads()
+        1
+    """
     before = torch.get_num_threads()
-    wanted = max(1, min(before, elements // _ELEMENTS_PER_THREAD))
-    if device.type != "cpu" or wanted == before:
+    wanted = max(1, min(before, threads))
+    if (device is not None and device.type != "cpu") or wanted == before:
         yield
         return
     torch.set_num_threads(wanted)

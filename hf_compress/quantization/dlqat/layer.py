@@ -125,8 +125,8 @@ class DLQATLayer(BaseTunerLayer):
         grid = QuantizationGrid.fit(w0, config.bits, config.group_size, config.symmetric)
         self.dlqat_settings[adapter_name] = settings
         if config.use_lora:
-            self.dlqat_A[adapter_name] = nn.Parameter(torch.empty(config.r, self.in_features))
-            self.dlqat_B[adapter_name] = nn.Parameter(torch.empty(self.out_features, config.r))
+            self.dlqat_A[adapter_name] = nn.Parameter(torch.empty(config.r, self.in_features, device=w0.device))
+            self.dlqat_B[adapter_name] = nn.Parameter(torch.empty(self.out_features, config.r, device=w0.device))
         if config.use_magnitude:
             self.dlqat_magnitude[adapter_name] = nn.Parameter(torch.ones_like(grid.scale))
         self.reset_dlqat_parameters(adapter_name, config.init_weights)

@@ -121,8 +121,9 @@ class FeatureDataset(torch.utils.data.Dataset):
 @torch.no_grad()
 def cache_base_features(model: PreTrainedModel, dataset: Dataset, batch_size: int = 8) -> FeatureDataset:
     """Run the base model once over ``dataset`` (``input_ids``, optional ``labels``) and keep its features."""
-    input_ids = torch.tensor(dataset["input_ids"])
-    labels = torch.tensor(dataset["labels"]) if "labels" in dataset.column_names else input_ids.clone()
+    # Kept on the CPU with the cached features (the Trainer moves each batch to the device).
+    input_ids = torch.tensor(dataset["input_ids"], device="cpu")
+    labels = torch.tensor(dataset["labels"], device="cpu") if "labels" in dataset.column_names else input_ids.clone()
     body = model.base_model
     device = model.get_input_embeddings().weight.device
     chunks = []
@@ -247,8 +248,9 @@ def head_accuracy(
     if not isinstance(dataset, FeatureDataset):
         dataset = cache_base_features(model, dataset, batch_size)
     base = BaseParts.of(model)
-    hits = torch.zeros(heads.num_heads, top_k, dtype=torch.float64)
-    counts = torch.zeros(heads.num_heads, dtype=torch.float64)
+    # Tallied on the CPU: the table is small and feeds DraftTree.from_accuracies there.
+    hits = torch.zeros(heads.num_heads, top_k, dtype=torch.float64, device="cpu")
+    counts = torch.zeros(heads.num_heads, dtype=torch.float64, device="cpu")
     device = model.get_input_embeddings().weight.device
     for start in range(0, len(dataset), batch_size):
         hidden = dataset.hidden_states[start : start + batch_size].to(device)

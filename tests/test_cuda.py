@@ -1,0 +1,227 @@
+"""Every journey on CUDA, on tiny models: prune + save + reload, Týr and block removal, DL-QAT, every
+speculative strategy, drafting heads, SparK and the structured cache, the CLI with ``--device cuda``.
+
+Each journey is a function of the device, so the same code runs here on CUDA (marker ``cuda``, skipped
+without a GPU) and on the CPU under the device guard of ``test_device_guard.py``, which fails when the
+library creates a tensor that does not follow its inputs (what breaks on a GPU). Journeys reuse the
+settings and helpers of each method's own tests. fp32 throughout: strict speculative strategies match
+greedy ``generate()`` exactly only in fp32 (bf16 verification rounds differently from one-token steps).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import get_peft_model
+from transformers import AutoModelForCausalLM, DynamicCache
+
+from hf_compress.assets import tiny_model, tiny_tokenizer
+from hf_compress.cache import SparKCache, StructuredChannelCache, cache_kwargs
+from hf_compress.pruning import BlockRemovalConfig, BlockRemovalPruner, PRUNERS, SDSConfig, SDSPruner, TyrPruner
+from hf_compress.quantization import DLQATConfig
+from hf_compress.speculative import FLy, SpeculativeDecoding, SpeculativeSampling
+from hf_compress.speculative.heads import (
+    Amphista,
+    AmphistaConfig,
+    AmphistaHeads,
+    DraftTree,
+    MedusaConfig,
+    MedusaHeads,
+    head_accuracy,
+    self_distillation_dataset,
+    train_heads,
+)
+from hf_compress.training import TrainingSettings, causal_lm_dataset, train_with_trainer
+
+from test_pruning import CALIBRATION_TEXT, SMALL
+from test_sds import FAST
+from test_speculative import PROMPTS, perturbed
+from test_tyr import TEXT, _small_config
+
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+GREEDY = {"do_sample": False, "max_new_tokens": 12}
+
+
+def _ids(device, seed: int = 0, shape: tuple[int, int] = (2, 24)) -> torch.Tensor:
+    return torch.randint(3, 250, shape, generator=torch.Generator().manual_seed(seed)).to(device)
+
+
+def _logits(model, ids) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def _reloaded(folder, device):
+    return AutoModelForCausalLM.from_pretrained(folder).to(device).eval()
+
+
+def _settings(device, **fields) -> TrainingSettings:
+    return TrainingSettings(use_cpu=torch.device(device).type == "cpu", logging_steps=100, **fields)
+
+
+# ------------------------------------------------------------------------------------------ pruning
+def journey_prune_save_reload(device, tmp_path) -> None:
+    for method in ("magnitude", "wanda", "sparsegpt"):
+        model, tokenizer = tiny_model("llama")
+        model.to(device)
+        pruner_class = PRUNERS[method]
+        config = pruner_class.config_class(sparsity="2:4", **SMALL)
+        data = None if method == "magnitude" else CALIBRATION_TEXT
+        pruned = pruner_class(model, tokenizer).prune(config, data, save_dir=tmp_path / method, progress=False)
+        assert all(p.device.type == torch.device(device).type for p in pruned.parameters())
+        ids = _ids(device)
+        assert torch.equal(_logits(_reloaded(tmp_path / method, device), ids), _logits(pruned, ids)), method
+
+
+def journey_sds_save_reload(device, tmp_path) -> None:
+    model, tokenizer = tiny_model("mistral")
+    model.to(device)
+    SDSPruner(model, tokenizer).prune(SDSConfig(sparsity="2:4", base="wanda", **FAST), CALIBRATION_TEXT,
+                                      save_dir=tmp_path / "sds", progress=False)
+    ids = _ids(device)
+    assert torch.equal(_logits(_reloaded(tmp_path / "sds", device), ids), _logits(model, ids))
+
+
+def journey_tyr_save_reload(device, tmp_path) -> None:
+    model, tokenizer = tiny_model("llama", num_hidden_layers=3)
+    model.to(device)
+    pruned = TyrPruner(model, tokenizer).prune(_small_config(), TEXT, save_dir=tmp_path / "tyr", progress=False)
+    ids = _ids(device)
+    assert torch.equal(_logits(_reloaded(tmp_path / "tyr", device), ids), _logits(pruned, ids))
+
+
+def journey_block_removal_save_reload(device, tmp_path) -> None:
+    model, tokenizer = tiny_model("gemma3", num_hidden_layers=4, layer_types=["sliding_attention", "full_attention"] * 2)
+    model.to(device)
+    config = BlockRemovalConfig(target_sparsity=0.5, num_calibration_sequences=2, calibration_seq_len=32)
+    pruned = BlockRemovalPruner(model, tokenizer).prune(config, TEXT, save_dir=tmp_path / "short", progress=False)
+    ids = _ids(device)
+    loaded = _reloaded(tmp_path / "short", device)
+    assert torch.equal(_logits(loaded, ids), _logits(pruned, ids))
+    assert torch.equal(loaded.generate(ids[:1], **GREEDY), pruned.generate(ids[:1], **GREEDY))
+
+
+# ------------------------------------------------------------------------------------------ DL-QAT
+def journey_dlqat_train_merge_reload(device, tmp_path) -> None:
+    base, _ = tiny_model("llama")
+    model = get_peft_model(base.to(device), DLQATConfig(bits=3, group_size=16, r=2))
+    data = causal_lm_dataset([TEXT[0]], tiny_tokenizer(), num_sequences=4, seq_len=32)
+    train_with_trainer(model, data, str(tmp_path / "run"),
+                       _settings(device, max_steps=2, learning_rate=1e-2, per_device_batch_size=2))
+    model.eval()
+    ids = _ids(device)
+    fake_quant = _logits(model, ids)
+    packed = model.merge_and_quantize()
+    # Same grid values; the packed layer's own matmul (a fused kernel on CUDA) may sum in another order.
+    tolerance = 1e-5 if torch.device(device).type == "cpu" else 1e-3
+    assert torch.allclose(_logits(packed, ids), fake_quant, atol=tolerance, rtol=tolerance)
+    packed.save_pretrained(tmp_path / "q")
+    assert torch.equal(_logits(_reloaded(tmp_path / "q", device), ids), _logits(packed, ids))
+
+
+# ------------------------------------------------------------------------------------------ speculative
+def journey_speculative_strategies(device, tmp_path) -> None:
+    model, tok = tiny_model("llama")
+    draft = perturbed(model, 0.1).to(device)
+    model.to(device)
+    ids = tok(PROMPTS[:1], return_tensors="pt").input_ids.to(device)
+    reference = model.generate(ids, max_new_tokens=24, do_sample=False)
+    strict = [SpeculativeDecoding(), SpeculativeDecoding(draft, num_draft_tokens=4),
+              SpeculativeDecoding(draft, num_draft_tokens=6, use_ngram=True), FLy(draft, loose=False), FLy(loose=False)]
+    for strategy in strict:
+        out = model.generate(ids, max_new_tokens=24, do_sample=False, custom_generate=strategy)
+        assert torch.equal(out, reference), type(strategy).__name__
+    # Sampling and loose strategies: not comparable to greedy, but they must run and produce the length.
+    for strategy in (SpeculativeDecoding(draft, acceptance=SpeculativeSampling()), FLy(draft)):
+        torch.manual_seed(0)
+        out = model.generate(ids, max_new_tokens=8, do_sample=True, custom_generate=strategy)
+        assert out.shape == (1, ids.shape[1] + 8), type(strategy).__name__
+    # Batched, left-padded.
+    tok.padding_side = "left"
+    enc = tok(PROMPTS, return_tensors="pt", padding=True).to(device)
+    expected = model.generate(**enc, max_new_tokens=10, do_sample=False)
+    out = model.generate(**enc, max_new_tokens=10, do_sample=False, custom_generate=SpeculativeDecoding(draft, num_draft_tokens=4))
+    assert torch.equal(out, expected)
+
+
+def journey_cross_tokenizer_drafting(device, tmp_path) -> None:
+    model, tok = tiny_model("llama")
+    draft, draft_tok = tiny_model("gpt2")
+    draft.resize_token_embeddings(300)
+    draft_tok = copy.deepcopy(draft_tok)
+    draft_tok.add_tokens(["<extra>"])
+    model.to(device), draft.to(device)
+    ids = tok(PROMPTS[2:], return_tensors="pt").input_ids.to(device)
+    reference = model.generate(ids, max_new_tokens=16, do_sample=False)
+    strategy = SpeculativeDecoding(draft, tokenizer=tok, draft_tokenizer=draft_tok, num_draft_tokens=4)
+    assert torch.equal(model.generate(ids, max_new_tokens=16, do_sample=False, custom_generate=strategy), reference)
+    assert strategy.last_metrics.draft_tokens_proposed > 0
+
+
+def journey_drafting_heads(device, tmp_path) -> None:
+    model, _ = tiny_model("llama")
+    model.to(device)
+    prompts = torch.randint(3, 250, (8, 6), generator=torch.Generator().manual_seed(0)).to(device)
+    data = self_distillation_dataset(model, prompts, 16, batch_size=8)
+    for heads_class, config in ((AmphistaHeads, AmphistaConfig(num_heads=3, num_attention_heads=2)),
+                                (MedusaHeads, MedusaConfig(num_heads=3))):
+        heads = heads_class.for_model(model, config)
+        train_heads(model, heads, data, _settings(device, max_steps=4, learning_rate=3e-3, per_device_batch_size=8))
+        tree = DraftTree.from_accuracies(head_accuracy(model, heads, data, top_k=3), 8)
+        heads.save_pretrained(tmp_path / heads_class.__name__)
+        loaded = heads_class.from_pretrained(tmp_path / heads_class.__name__).to(device)
+        ids = torch.tensor([data["input_ids"][0][:6]]).to(device)
+        reference = model.generate(ids, **GREEDY)
+        for strategy in (Amphista(heads, tree="chain"), Amphista(heads, tree=tree), Amphista(loaded, tree=tree)):
+            assert torch.equal(model.generate(ids, **GREEDY, custom_generate=strategy), reference), heads_class.__name__
+
+
+# ------------------------------------------------------------------------------------------ caches
+def journey_spark_and_structured_cache(device, tmp_path) -> None:
+    model, _ = tiny_model("llama")
+    model.to(device)
+    ids = _ids(device, shape=(1, 40))
+    for cache_class in (SparKCache, StructuredChannelCache):
+        settings = {"channel_ratio": 0.5, "recent_window": 0}
+        plain = model.generate(ids, **cache_kwargs(model, cache_class(model.config, **settings)), **GREEDY)
+        cache = cache_class(model.config, **settings)
+        # rejected drafts are cropped out of the compressed cache
+        speculative = model.generate(ids, **cache_kwargs(model, cache), custom_generate=SpeculativeDecoding(), **GREEDY)
+        assert torch.equal(speculative, plain), cache_class.__name__
+        assert cache.get_seq_length() == speculative.shape[1] - 1
+        beams = {"num_beams": 3, "max_new_tokens": 6, "do_sample": False}
+        expected = model.generate(ids, **cache_kwargs(model, DynamicCache(config=model.config)), **beams)
+        lossless = cache_class(model.config, channel_ratio=0.0)
+        assert torch.equal(model.generate(ids, **cache_kwargs(model, lossless), **beams), expected), cache_class.__name__
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def journey_cli(device, tmp_path) -> None:
+    from hf_compress.cli.main import main
+
+    device_type = torch.device(device).type
+    out = tmp_path / "pruned"
+    assert main(["-q", "prune", "wanda", "--model", "tiny-llama", "--sparsity", "2:4", "--save-dir", str(out),
+                 "--calibration-sequences", "4", "--seq-len", "32", "--device", device_type]) == 0
+    assert main(["-q", "eval", "--model", str(out), "--perplexity", "wikipedia", "--max-windows", "2", "--window", "64",
+                 "--tasks", "arc_easy", "--limit", "2", "--speed-prompts", "1", "--device", device_type,
+                 "--output", str(tmp_path / "eval.json")]) == 0
+
+
+JOURNEYS = [
+    journey_prune_save_reload, journey_sds_save_reload, journey_tyr_save_reload, journey_block_removal_save_reload,
+    journey_dlqat_train_merge_reload, journey_speculative_strategies, journey_cross_tokenizer_drafting,
+    journey_drafting_heads, journey_spark_and_structured_cache, journey_cli,
+]
+
+
+@pytest.mark.parametrize("journey", JOURNEYS, ids=[j.__name__.removeprefix("journey_") for j in JOURNEYS])
+def test_journey_on_cuda(journey, tmp_path):
+    journey("cuda", tmp_path)
