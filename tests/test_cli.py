@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -56,10 +57,12 @@ def test_help_lists_commands(capsys):
 
 
 def test_console_script_and_optimum_cli_registration():
-    # The installed entry points, as a user calls them (needs `pip install -e .`).
-    if shutil.which("hf-compress") is None:
+    # The installed entry points, as a user calls them (needs `pip install -e .`). The environment's own bin/
+    # first: `make test` runs .venv/bin/python without activating the environment, so it may not be on PATH.
+    script = shutil.which("hf-compress", path=str(Path(sys.executable).parent)) or shutil.which("hf-compress")
+    if script is None:
         pytest.skip("hf-compress is not installed as a console script")
-    done = subprocess.run(["hf-compress", "--version"], capture_output=True, text=True, timeout=60)
+    done = subprocess.run([script, "--version"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and "hf_compress" in done.stdout
     done = subprocess.run(
         [sys.executable, "-c", "from optimum.commands.optimum_cli import main; main()", "hf-compress", "info"],
