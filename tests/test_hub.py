@@ -98,6 +98,14 @@ def test_card_body_shows_recipe_results_and_loading():
     assert 'AutoModelForCausalLM.from_pretrained("me/tiny-wanda")' in text
 
 
+def test_a_given_loading_snippet_gets_the_repo_and_base_model_filled_in():
+    snippet = 'model = load("{repo_id}", base="{base_model}", options={"bits": 4})'
+    card = build_model_card(base_model="org/base", model_name="tiny-4bit", repo_id="me/tiny-4bit", recipe={"method": "rtn"},
+                            load_snippet=snippet)
+    assert 'model = load("me/tiny-4bit", base="org/base", options={"bits": 4})' in card.text
+    assert "{repo_id}" not in card.text and "{base_model}" not in card.text
+
+
 def test_card_without_metrics_has_no_model_index():
     card = _card(metrics=())
     meta = _metadata(card)

@@ -162,7 +162,7 @@ def build_model_card(
         base_model_relation: How the artifact derives from ``base_model`` (``"adapter"``, ``"quantized"``,
             ``"finetune"``, ``"merge"``); defaults to ``"adapter"`` for the adapter template, unset otherwise.
         load_snippet: Python code for the "How to load" section; default snippets exist for ``transformers``
-            and ``peft`` (``{repo_id}`` and ``{base_model}`` are filled in).
+            and ``peft``; ``{repo_id}`` and ``{base_model}`` are filled in, in a given snippet too.
         extra_metadata: More YAML metadata (e.g. ``{"datasets": [...], "language": "en"}``).
 
     Returns:
@@ -194,7 +194,9 @@ def build_model_card(
                 f"No default loading snippet for library_name={library_name!r}; pass `load_snippet` with the "
                 "code that loads this artifact."
             )
-        load_snippet = _LOAD_SNIPPETS[library_name].format(repo_id=repo_id, base_model=base_model)
+        load_snippet = _LOAD_SNIPPETS[library_name]
+    # Placeholders are replaced, not str.format-ted: a caller's snippet may hold literal braces (a dict).
+    load_snippet = load_snippet.replace("{repo_id}", repo_id).replace("{base_model}", base_model or "BASE_MODEL")
 
     metadata: dict[str, Any] = dict(_jsonable(dict(extra_metadata or {}), "`extra_metadata`"))
     if base_model_relation is not None and base_model:  # a relation needs a base model to relate to
