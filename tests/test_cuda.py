@@ -20,7 +20,9 @@ from transformers import AutoModelForCausalLM, DynamicCache
 from hf_compress.assets import tiny_model, tiny_tokenizer
 from hf_compress.cache import SparKCache, StructuredChannelCache, cache_kwargs
 from hf_compress.pruning import BlockRemovalConfig, BlockRemovalPruner, PRUNERS, SDSConfig, SDSPruner, TyrPruner
+from hf_compress.pruning import WandaConfig, WandaPruner
 from hf_compress.quantization import DLQATConfig
+from hf_compress.routing import RoutingSchedule, install_routing, save_routed
 from hf_compress.speculative import FLy, SpeculativeDecoding, SpeculativeSampling
 from hf_compress.speculative.heads import (
     Amphista,
@@ -215,10 +217,32 @@ def journey_cli(device, tmp_path) -> None:
                  "--output", str(tmp_path / "eval.json")]) == 0
 
 
+# ------------------------------------------------------------------------------ methods added later
+def journey_permuted_prune_save_reload(device, tmp_path) -> None:
+    model, tokenizer = tiny_model("llama")
+    model.to(device)
+    WandaPruner(model, tokenizer).prune(WandaConfig(sparsity="2:4", permutation="ria", **SMALL), CALIBRATION_TEXT,
+                                        save_dir=tmp_path / "permuted", progress=False)
+    ids = _ids(device)
+    assert torch.equal(_logits(_reloaded(tmp_path / "permuted", device), ids), _logits(model, ids))
+
+
+def journey_token_routing_generate_save_reload(device, tmp_path) -> None:
+    model, tokenizer = tiny_model("llama")
+    model.to(device)
+    install_routing(model, RoutingSchedule([0.3, 0.5]), mode="router")
+    ids = _ids(device)
+    out = model.generate(ids, max_new_tokens=4, do_sample=False)
+    save_routed(model, tokenizer, tmp_path / "routed")
+    reloaded = _reloaded(tmp_path / "routed", device)
+    assert torch.equal(reloaded.generate(ids, max_new_tokens=4, do_sample=False), out)
+
+
 JOURNEYS = [
     journey_prune_save_reload, journey_sds_save_reload, journey_tyr_save_reload, journey_block_removal_save_reload,
     journey_dlqat_train_merge_reload, journey_speculative_strategies, journey_cross_tokenizer_drafting,
-    journey_drafting_heads, journey_spark_and_structured_cache, journey_cli,
+    journey_drafting_heads, journey_spark_and_structured_cache, journey_cli, journey_permuted_prune_save_reload,
+    journey_token_routing_generate_save_reload,
 ]
 
 

@@ -58,7 +58,8 @@ def kept_score(scores: Sequence[torch.Tensor], perm: torch.Tensor, kept: int, gr
 def ria_permutation(scores: Sequence[torch.Tensor], kept: int, group: int) -> torch.Tensor:
     """The best of the identity and RIA's two dealing orders for N:M groups of ``group`` channels."""
     width = scores[0].shape[1] if scores else 0
-    identity = torch.arange(width)
+    # A permutation is a small index: built on the CPU by design (kept_score moves it to each score's device).
+    identity = torch.arange(width, device="cpu")
     if not scores or width % group:
         return identity
     importance = sum(score.sum(dim=0).cpu() for score in scores)
@@ -66,12 +67,12 @@ def ria_permutation(scores: Sequence[torch.Tensor], kept: int, group: int) -> to
     groups = width // group
     candidates = [identity]
     for serpentine in (False, True):
-        tier = torch.arange(width) // groups  # rank r falls in tier r // groups, one channel per group per tier
-        slot = torch.arange(width) % groups
+        tier = torch.arange(width, device="cpu") // groups  # rank r falls in tier r // groups, one channel per group per tier
+        slot = torch.arange(width, device="cpu") % groups
         if serpentine:
             slot = torch.where(tier % 2 == 1, groups - 1 - slot, slot)
         position = slot * group + tier  # group `slot`, place `tier` inside it
-        perm = torch.empty(width, dtype=torch.long)
+        perm = torch.empty(width, dtype=torch.long, device="cpu")
         perm[position] = ranked
         candidates.append(perm)
     values = [kept_score(scores, candidate, kept, group) for candidate in candidates]

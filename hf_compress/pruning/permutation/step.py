@@ -126,9 +126,10 @@ def permute_for_pruning(
         bar = tqdm(zip(sites, scores, strict=True), total=len(sites), desc="permutation", disable=not progress,
                    leave=False)
         perms = {site.name: ria_permutation(score, kept, group) for site, score in bar}
-    identity = sum(kept_score(s, torch.arange(site.width), kept, group) for site, s in zip(sites, scores, strict=True))
+    identity = sum(kept_score(s, torch.arange(site.width, device="cpu"), kept, group)
+                   for site, s in zip(sites, scores, strict=True))
     chosen = sum(kept_score(s, perms[site.name], kept, group) for site, s in zip(sites, scores, strict=True))
-    moved = sum(int((perms[site.name] != torch.arange(site.width)).sum()) for site in sites)
+    moved = sum(int((perms[site.name] != torch.arange(site.width, device=perms[site.name].device)).sum()) for site in sites)
     change = absorb_permutations(model, sites, perms)
     report = PermutationReport(
         kind="learned" if training is not None else "ria", sites=len(sites), kept_score_identity=identity,
