@@ -115,6 +115,18 @@ def _rank_under_budget(model: torch.nn.Module, fields: dict[str, Any]) -> int:
     return max(1, min(16, int((TRAINABLE_BUDGET * total - magnitudes) // per_rank)))
 
 
+def train_adapter(args, peft_model, tokenizer, seq_len: int) -> tuple[float, list[float]]:
+    """``args.steps`` Trainer steps of next-token loss on the Wikipedia calibration split; (seconds, losses)."""
+    data = causal_lm_dataset(load_text("wikipedia", "calibration"), tokenizer,
+                             num_sequences=args.steps * args.batch_size, seq_len=seq_len, seed=0)
+    with tempfile.TemporaryDirectory() as folder:
+        result = train_with_trainer(peft_model, data, folder, TrainingSettings(
+            max_steps=args.steps, learning_rate=args.learning_rate, per_device_batch_size=args.batch_size,
+            logging_steps=max(1, args.steps // 6), use_cpu=torch.device(args.device).type == "cpu",
+        ))
+    return result["train_seconds"], [h["loss"] for h in result["log_history"] if "loss" in h]
+
+
 def _run_variant(args, evaluation, bits: int, group_size: int, variant: str) -> dict[str, Any]:
     logger.info("=== %d-bit, group %d: %s", bits, group_size, variant)
     model, tokenizer = load_model(args.model)
@@ -130,15 +142,7 @@ def _run_variant(args, evaluation, bits: int, group_size: int, variant: str) -> 
         "trainable_params": trainable, "trainable_percent": 100 * trainable / total, "train_seconds": 0.0,
     }
     if trainable:
-        data = causal_lm_dataset(load_text("wikipedia", "calibration"), tokenizer,
-                                 num_sequences=args.steps * args.batch_size, seq_len=args.seq_len, seed=0)
-        with tempfile.TemporaryDirectory() as folder:
-            result = train_with_trainer(peft_model, data, folder, TrainingSettings(
-                max_steps=args.steps, learning_rate=args.learning_rate, per_device_batch_size=args.batch_size,
-                logging_steps=max(1, args.steps // 6), use_cpu=torch.device(args.device).type == "cpu",
-            ))
-        row["train_seconds"] = result["train_seconds"]
-        row["losses"] = [h["loss"] for h in result["log_history"] if "loss" in h]
+        row["train_seconds"], row["losses"] = train_adapter(args, peft_model, tokenizer, args.seq_len)
     peft_model.eval()
     probe_ids = calibration_batches(load_text("wikipedia", "eval"), tokenizer, num_sequences=2, seq_len=128, seed=1)
     probe_ids = probe_ids.to(args.device)

@@ -7,6 +7,17 @@ layers in place of the quantized ``nn.Linear`` ones. Its ``save_pretrained`` wri
     {"quant_method": "hf_compress_packed", "format_version": 1, "bits": 3, "group_size": 128,
      "symmetric": false, "modules": ["model.layers.0.self_attn.q_proj", ...], "recipe": {...}}
 
+**Stacked sparse + low-bit** (format version 3): when packed layers carry a sparsity mask (a pruned model
+quantized with its zeros kept: ``merge_and_quantize()`` of a DL-QAT adapter on a sparse base, see
+``PackedLinear``), the checkpoint stores for each of them ``qmask`` (the bitmask of the kept weights,
+``formats.sparse.pack_bitmask``) and a 1-D ``qweight`` holding the codes of the kept weights only;
+``sparse_modules`` maps each such layer to its number of kept weights. At 2:4 and 4 bits with groups of 128
+and fp32 scales that is ``1/8 + 1/4 + 5/128`` bytes a weight, 0.10× dense fp32. A checkpoint without sparse
+layers keeps version 2, so older hf_compress versions still read it.
+
+A slim (Týr) model's per-block widths go under ``slim`` (see ``formats.slim.slim_record``) and are applied
+before the packed layers are built; ``dequantize()`` leaves the model a ``SlimFormatConfig``.
+
 After ``import hf_compress``, a plain ``AutoModelForCausalLM.from_pretrained(folder)`` rebuilds the
 same ``PackedLinear`` layers before the weights stream in (``PackedFormatQuantizer``), so the loaded
 model is low-bit in memory too. Unlike the sparse *storage* format, this is a *compute* format: the
@@ -41,6 +52,8 @@ from ..quantization.packing import packed_columns
 from ..utils import get_logger
 from .base import CompressedFormatConfig, CompressedFormatQuantizer, register_format
 from .integrity import CheckpointIntegrityError, CheckpointReader, check_module_lists, seal_checkpoint
+from .slim import apply_slim_record, keep_slim_widths, slim_record
+from .sparse import check_bitmask_entry
 
 
 if TYPE_CHECKING:
@@ -61,12 +74,20 @@ logger = get_logger(__name__)
 FORMAT_NAME = "hf_compress_packed"
 
 
+DENSE_FORMAT_VERSION = 2
+"""The version a checkpoint without sparse layers is written with (readable by hf_compress before version 3)."""
+
+
 class PackedFormatConfig(CompressedFormatConfig):
     """``quantization_config`` of a packed low-bit checkpoint (``bits``, ``group_size``, ``symmetric``,
-    ``modules``: the qualified names of the packed layers, ``recipe``: how the weights were made)."""
+    ``modules``: the qualified names of the packed layers, ``recipe``: how the weights were made,
+    ``sparse_modules``: the layers stored with a mask, each with its number of kept weights, ``slim``: the
+    per-block widths of a slim model, see ``formats.slim.slim_record``)."""
 
     QUANT_METHOD = FORMAT_NAME
-    FORMAT_VERSION = 2  # 2: each packed layer also stores the one-byte ``weight`` marker (PackedLinear)
+    # 2: each packed layer also stores the one-byte ``weight`` marker (PackedLinear); 3: sparse layers
+    # (``qmask`` + the codes of the kept weights, ``sparse_modules``) and ``slim``.
+    FORMAT_VERSION = 3
 
     def __init__(
         self,
@@ -75,13 +96,22 @@ class PackedFormatConfig(CompressedFormatConfig):
         symmetric: bool = False,
         modules: Sequence[str] = (),
         recipe: Mapping[str, Any] | None = None,
+        sparse_modules: Mapping[str, int] | None = None,
+        slim: Mapping[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         check_grid_arguments(bits, group_size)
+        sparse_modules = dict(sparse_modules or {})
+        kwargs.setdefault("format_version", required_version(sparse_modules, slim))
         super().__init__(
             bits=bits, group_size=group_size, symmetric=symmetric, modules=list(modules), recipe=dict(recipe or {}),
-            **kwargs,
+            sparse_modules=sparse_modules, slim=None if slim is None else dict(slim), **kwargs,
         )
+
+
+def required_version(sparse_modules: Mapping[str, int] | None, slim: Mapping[str, Any] | None) -> int:
+    """The oldest format version that can hold these fields (so older readers still load dense checkpoints)."""
+    return PackedFormatConfig.FORMAT_VERSION if sparse_modules or slim else DENSE_FORMAT_VERSION
 
 
 @register_format
@@ -92,10 +122,21 @@ class PackedFormatQuantizer(CompressedFormatQuantizer):
 
     def check_checkpoint(self, model: PreTrainedModel, reader: CheckpointReader) -> None:
         """The listed layers are exactly the stored ones, exist in the model as linear layers, and their
-        codes, scales, zero-points (all ``< 2**bits``), bias and marker have the shapes the layer needs."""
+        codes, scales, zero-points (all ``< 2**bits``), bias and marker have the shapes the layer needs; a
+        sparse layer's mask keeps exactly as many weights as it has codes. A slim model's widths are checked
+        and applied first (the layers' shapes depend on them)."""
         config = self.quantization_config
+        apply_slim_record(model, getattr(config, "slim", None))
         stored = {name[: -len(".qweight")] for name in reader.entries if name.endswith(".qweight")}
         check_module_lists(set(config.modules), stored, "modules", "packed")
+        sparse = _sparse_modules(config)
+        masked = {name[: -len(".qmask")] for name in reader.entries if name.endswith(".qmask")}
+        check_module_lists(set(sparse), masked, "sparse_modules", "masked packed")
+        if not set(sparse) <= set(config.modules):
+            raise CheckpointIntegrityError(
+                f"config.json: sparse_modules names {sorted(set(sparse) - set(config.modules))[0]!r}, which is not "
+                "in modules; the checkpoint was edited, re-download or re-save it."
+            )
         modules = dict(model.named_modules())
         missing = [name for name in config.modules if name not in modules]
         if missing:
@@ -111,12 +152,13 @@ class PackedFormatQuantizer(CompressedFormatQuantizer):
         modules = dict(model.named_modules())
         # The markers are for stock transformers only (see PackedLinear): skip them quietly here.
         _compat.ignore_unexpected_keys(model, [rf"{re.escape(name)}\.{FORMAT_MARKER}$" for name in config.modules])
+        sparse = _sparse_modules(config)
         for name in config.modules:
             layer = modules[name]
             weight = layer.weight
             packed = PackedLinear(
                 in_features(layer), out_features(layer), config.bits, config.group_size,
-                bias=layer.bias is not None, dtype=weight.dtype, device=weight.device,
+                bias=layer.bias is not None, dtype=weight.dtype, device=weight.device, kept=sparse.get(name),
             )
             packed.expects_marker_in_state_dict = False  # see PackedLinear._save_to_state_dict
             replace_module(model, name, packed)
@@ -129,17 +171,26 @@ class PackedFormatQuantizer(CompressedFormatQuantizer):
         # HfQuantizer's own: keep the quantization_config and mark the model quantized.
         self.forget_integrity_record()
         # The layers now save in the current layout (marker included), whatever version was loaded.
-        self.quantization_config.format_version = PackedFormatConfig.FORMAT_VERSION
+        config = self.quantization_config
+        config.format_version = required_version(_sparse_modules(config), getattr(config, "slim", None))
         for module in model.modules():
             if isinstance(module, PackedLinear):
                 module.expects_marker_in_state_dict = True
         return super(CompressedFormatQuantizer, self).postprocess_model(model, **kwargs)
 
+    def dequantize(self, model: PreTrainedModel, dtype: torch.dtype | None = None) -> PreTrainedModel:
+        slim = getattr(self.quantization_config, "slim", None)
+        model = super().dequantize(model, dtype=dtype)
+        keep_slim_widths(model, slim)  # a float slim model still needs its widths to save and load again
+        return model
+
     @property
     def is_trainable(self) -> bool:
         return False
 
-    def _dequantize(self, model: PreTrainedModel, dtype: torch.dtype | None = None) -> PreTrainedModel:
+    def _dequantize(self, model: PreTrainedModel, dtype: torch.dtype | str | None = None) -> PreTrainedModel:
+        if isinstance(dtype, str):  # a loaded model's config.dtype is a name ("float32")
+            dtype = getattr(torch, dtype)
         for name, module in list(model.named_modules()):
             if isinstance(module, PackedLinear):
                 linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
@@ -165,6 +216,14 @@ def check_packed_layer(reader: CheckpointReader, name: str, layer: nn.Module, co
         "scales": (("F16", "BF16", "F32", "F64"), (rows, groups)),
         "qzeros": (("U8",), (rows, groups)),
     }
+    kept = _sparse_modules(config).get(name)
+    if kept is not None:
+        if isinstance(kept, bool) or not isinstance(kept, int) or not 0 <= kept <= rows * columns:
+            raise CheckpointIntegrityError(
+                f"packed layer {name!r}: sparse_modules records {kept!r} kept weights, not an integer in "
+                f"[0, {rows * columns}]; the checkpoint was edited, re-download or re-save it."
+            )
+        expected["qweight"] = (("U8",), (packed_columns(kept, config.bits),))
     if layer.bias is not None:
         expected["bias"] = (("F16", "BF16", "F32", "F64"), (rows,))
     if config.format_version >= 2:
@@ -184,6 +243,31 @@ def check_packed_layer(reader: CheckpointReader, name: str, layer: nn.Module, co
         raise CheckpointIntegrityError(
             f"packed layer {name!r}: zero-point {largest} is outside [0, {2**config.bits}) for {config.bits}-bit codes."
         )
+    if kept is not None:
+        marked = check_bitmask_entry(reader, f"{name}.qmask", rows, columns, f"packed layer {name!r}")
+        if marked != kept:
+            raise CheckpointIntegrityError(
+                f"packed layer {name!r}: the mask keeps {marked} weights but codes for {kept} are stored "
+                "(sparse_modules and qweight); the mask or the codes are corrupted, re-download or re-save it."
+            )
+
+
+def _sparse_modules(config: Any) -> dict[str, int]:
+    return dict(getattr(config, "sparse_modules", None) or {})
+
+
+def sync_packed_config(model: nn.Module, config: PackedFormatConfig) -> PackedFormatConfig:
+    """Make ``config`` describe the model's layers: ``sparse_modules`` from the masks they carry, the slim widths
+    when the model needs them, and the version these fields require. Returns ``config``."""
+    modules = dict(model.named_modules())
+    config.sparse_modules = {
+        name: modules[name].kept for name in config.modules
+        if isinstance(modules.get(name), PackedLinear) and modules[name].is_sparse
+    }
+    if getattr(config, "slim", None) is None:
+        config.slim = slim_record(model)
+    config.format_version = required_version(config.sparse_modules, config.slim)
+    return config
 
 
 def attach_packed_format(model: PreTrainedModel, config: PackedFormatConfig) -> PreTrainedModel:
@@ -191,6 +275,7 @@ def attach_packed_format(model: PreTrainedModel, config: PackedFormatConfig) -> 
 
     ``save_pretrained`` then writes the packed checkpoint with its ``quantization_config``.
     """
+    sync_packed_config(model, config)  # before the attach below replaces a slim model's SlimFormatConfig
     quantizer = PackedFormatQuantizer(config, pre_quantized=True)
     _compat.attach_quantizer(model, quantizer, FORMAT_NAME)
     return quantizer.postprocess_model(model)
@@ -206,6 +291,9 @@ def save_packed(
 ) -> Path:
     """Save a packed low-bit model (and tokenizer, and model card) atomically, with checksums.
 
+    Layers that carry a sparsity mask are written in the stacked sparse + low-bit form (mask + the codes of
+    the kept weights); a slim model's widths go with them (see the module docstring).
+
     A plain ``model.save_pretrained(folder)`` also writes a loadable checkpoint; this adds what every
     hf_compress writer guarantees: all-or-nothing (``atomic_directory``), a non-empty ``save_dir`` only with
     ``overwrite=True``, and per-tensor checksums verified at load (``seal_checkpoint``).
@@ -218,6 +306,11 @@ def save_packed(
 
     if not any(isinstance(module, PackedLinear) for module in model.modules()):
         raise ValueError("save_packed needs a model with packed layers (merge_and_quantize() or quantize_rtn()).")
+    config = getattr(model.config, "quantization_config", None)
+    if not isinstance(config, PackedFormatConfig):
+        raise ValueError("save_packed needs a model marked packed (merge_and_quantize(), quantize_rtn() or "
+                         "attach_packed_format()); this one carries no hf_compress_packed quantization_config.")
+    sync_packed_config(model, config)  # masks added or removed since: written as the layers are now
     target = check_save_dir(save_dir, overwrite)
     with atomic_directory(target, overwrite=overwrite) as staging:
         with _compat.quiet_weight_progress():  # a second of bookkeeping: no "Writing model shards" bar
@@ -231,7 +324,7 @@ def save_packed(
 
 
 def packed_size(model: nn.Module) -> dict[str, int]:
-    """Bytes of the packed layers (``packed``) against the same weights in bf16 (``bf16``).
+    """Bytes of the packed layers (``packed``, masks included) against the same weights in bf16 (``bf16``).
 
     Example:
         >>> from hf_compress.assets import tiny_model

@@ -13,6 +13,13 @@ they are. The model that comes back is an ordinary transformers model, just smal
 ``Trainer`` and PEFT treat it as unquantized; it keeps the widths on its config so that its own
 ``save_pretrained`` writes a slim checkpoint again.
 
+**Slim and sparse/packed at once.** ``config.json`` has one ``quantization_config``, so a slim model saved
+sparse (``pruning.storage.save_pruned``) or packed (``formats.packed``) stores its widths inside that format's
+config, under ``slim`` (``{"layers": [...], "recipe": {...}}``: this format's fields, :func:`slim_record`).
+Those formats check and apply the widths before anything else (:func:`apply_slim_record`), and a model
+loaded from a sparse one keeps a ``SlimFormatConfig`` afterwards (:func:`keep_slim_widths`), as if loaded
+from a slim checkpoint.
+
 Example:
     >>> from hf_compress.assets import tiny_model
     >>> from hf_compress.modeling.structure import block_structure, shrink_block
@@ -45,7 +52,8 @@ if TYPE_CHECKING:
 
 
 __all__ = [
-    "FORMAT_NAME", "SlimFormatConfig", "SlimFormatQuantizer", "attach_slim_format", "needs_slim_format", "save_slim",
+    "FORMAT_NAME", "SlimFormatConfig", "SlimFormatQuantizer", "apply_slim_record", "attach_slim_format",
+    "check_slim_widths", "keep_slim_widths", "needs_slim_format", "save_slim", "slim_record",
 ]
 
 FORMAT_NAME = "hf_compress_slim"
@@ -70,25 +78,7 @@ class SlimFormatQuantizer(CompressedFormatQuantizer):
 
     def check_checkpoint(self, model: PreTrainedModel, reader: CheckpointReader) -> None:
         """One entry of non-negative integer widths per block, none above the architecture's."""
-        layers = self.quantization_config.layers
-        _, blocks = find_decoder_blocks(model)
-        if not isinstance(layers, list) or len(layers) != len(blocks):
-            count = len(layers) if isinstance(layers, list) else type(layers).__name__
-            raise CheckpointIntegrityError(
-                f"config.json records slim widths for {count} blocks but the architecture has {len(blocks)}; "
-                "the checkpoint is corrupted or was edited, re-download or re-save it."
-            )
-        for index, (block, width) in enumerate(zip(blocks, layers)):
-            structure = block_structure(block)
-            limits = {"key_value_heads": structure.attention.num_units, "intermediate_size": structure.ffn.num_units}
-            if not isinstance(width, dict) or set(width) != set(limits):
-                raise CheckpointIntegrityError(f"config.json: slim widths of block {index} must be {sorted(limits)}, got {width!r}.")
-            for key, limit in limits.items():
-                value = width[key]
-                if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= limit:
-                    raise CheckpointIntegrityError(
-                        f"config.json: block {index} {key} = {value!r} is outside [0, {limit}] (the architecture's width)."
-                    )
+        check_slim_widths(model, self.quantization_config.layers)
 
     def prepare_model(self, model: PreTrainedModel) -> PreTrainedModel:
         apply_layer_widths(model, self.quantization_config.layers)
@@ -104,6 +94,73 @@ class SlimFormatQuantizer(CompressedFormatQuantizer):
         self.forget_integrity_record()
         model.config.quantization_config = self.quantization_config
         return model
+
+
+def check_slim_widths(model: PreTrainedModel, layers: Any) -> None:
+    """Refuse recorded widths that do not fit the freshly built architecture (``CheckpointIntegrityError``)."""
+    _, blocks = find_decoder_blocks(model)
+    if not isinstance(layers, list) or len(layers) != len(blocks):
+        count = len(layers) if isinstance(layers, list) else type(layers).__name__
+        raise CheckpointIntegrityError(
+            f"config.json records slim widths for {count} blocks but the architecture has {len(blocks)}; "
+            "the checkpoint is corrupted or was edited, re-download or re-save it."
+        )
+    for index, (block, width) in enumerate(zip(blocks, layers)):
+        structure = block_structure(block)
+        limits = {"key_value_heads": structure.attention.num_units, "intermediate_size": structure.ffn.num_units}
+        if not isinstance(width, dict) or set(width) != set(limits):
+            raise CheckpointIntegrityError(f"config.json: slim widths of block {index} must be {sorted(limits)}, got {width!r}.")
+        for key, limit in limits.items():
+            value = width[key]
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= limit:
+                raise CheckpointIntegrityError(
+                    f"config.json: block {index} {key} = {value!r} is outside [0, {limit}] (the architecture's width)."
+                )
+
+
+def slim_record(model: PreTrainedModel) -> dict[str, Any] | None:
+    """``{"layers": widths, "recipe": ...}`` of a slim model, to store inside another format's config; ``None``
+    when the stock config describes the model's widths.
+
+    Read from the ``SlimFormatConfig`` the model carries (loaded from a slim checkpoint, or after ``save_slim`` /
+    ``attach_slim_format``), or from a sparse/packed config's ``slim`` entry; else measured on the model's
+    ``nn.Linear`` layers (a model whose layers are already replaced, e.g. packed, must carry one of the configs).
+
+    Example:
+        >>> from hf_compress.assets import tiny_model
+        >>> slim_record(tiny_model("llama")[0]) is None
+        True
+    """
+    existing = getattr(model.config, "quantization_config", None)
+    if isinstance(existing, Mapping):
+        method, fields = existing.get("quant_method"), dict(existing)
+    else:
+        method, fields = getattr(existing, "quant_method", None), dict(getattr(existing, "__dict__", {}))
+    if method == FORMAT_NAME:
+        return {"layers": [dict(layer) for layer in fields.get("layers", [])], "recipe": dict(fields.get("recipe") or {})}
+    if isinstance(fields.get("slim"), Mapping):
+        return {"layers": [dict(layer) for layer in fields["slim"]["layers"]], "recipe": dict(fields["slim"].get("recipe") or {})}
+    try:
+        slim = needs_slim_format(model)
+    except ValueError:  # no separate q/k/v nn.Linear layers (GPT-2's fused c_attn, or replaced layers)
+        return None
+    return {"layers": layer_widths(model), "recipe": {}} if slim else None
+
+
+def apply_slim_record(model: PreTrainedModel, record: Mapping[str, Any] | None) -> None:
+    """Check the ``slim`` entry of a sparse/packed checkpoint's config and shrink the fresh skeleton to it."""
+    if record is None:
+        return
+    if not isinstance(record, Mapping) or "layers" not in record:
+        raise CheckpointIntegrityError(f"config.json: quantization_config.slim must hold 'layers', got {record!r}.")
+    check_slim_widths(model, record["layers"])
+    apply_layer_widths(model, record["layers"])
+
+
+def keep_slim_widths(model: PreTrainedModel, record: Mapping[str, Any] | None) -> None:
+    """Leave a ``SlimFormatConfig`` on a loaded model (as the slim format does), so a re-save stays slim."""
+    if record is not None:
+        model.config.quantization_config = SlimFormatConfig(layers=record["layers"], recipe=record.get("recipe"))
 
 
 def attach_slim_format(model: PreTrainedModel, recipe: Mapping[str, Any] | None = None) -> SlimFormatConfig:

@@ -62,6 +62,7 @@ from transformers.core_model_loading import ConversionOps, WeightConverter
 
 from .base import CompressedFormatConfig, CompressedFormatQuantizer, register_format
 from .integrity import CheckpointIntegrityError, CheckpointReader, check_module_lists
+from .slim import apply_slim_record, keep_slim_widths
 from ..utils import get_logger
 
 
@@ -79,6 +80,7 @@ __all__ = [
     "SparseStorageQuantizer",
     "SparseTensor",
     "decode_sparse",
+    "check_bitmask_entry",
     "encode_sparse",
     "load_semi_structured",
     "pack_bitmask",
@@ -215,8 +217,9 @@ class SparseStorageConfig(CompressedFormatConfig):
 
     Fields (all JSON): ``format`` (``"bitmask"``), ``format_version``, ``compressed_modules`` (module
     names whose weight is stored sparse), ``min_sparsity`` (threshold used when saving), ``recipe``
-    (the pruning recipe, e.g. ``PruningConfig.to_dict()``, or ``None``) and ``storage``
-    (``dense_linear_bytes``, ``stored_linear_bytes``, ``ratio``, measured when saving).
+    (the pruning recipe, e.g. ``PruningConfig.to_dict()``, or ``None``), ``storage``
+    (``dense_linear_bytes``, ``stored_linear_bytes``, ``ratio``, measured when saving) and, for a slim
+    (Týr) model, ``slim`` (its per-block widths, see ``formats.slim.slim_record``).
 
     Example:
         >>> SparseStorageConfig(compressed_modules=["model.layers.0.mlp.up_proj"]).to_dict()["quant_method"]
@@ -296,7 +299,7 @@ def check_sparse_triple(reader: CheckpointReader, module: str, parameter: torch.
     missing = [key + part for part, entry in entries.items() if entry is None]
     if missing:
         raise CheckpointIntegrityError(f"{where}: {missing[0]!r} is missing; the checkpoint is incomplete, re-save it.")
-    values, bitmask, shape = entries[""], entries[BITMASK_SUFFIX], entries[SHAPE_SUFFIX]
+    values, shape = entries[""], entries[SHAPE_SUFFIX]
     if len(values.shape) != 1 or values.dtype not in _FLOAT_DTYPES:
         raise CheckpointIntegrityError(f"{where}: the values must be a 1-D float tensor, got {values.dtype} {list(values.shape)}.")
     if shape.dtype != "I64" or len(shape.shape) != 1 or not 1 <= shape.numel <= 8:
@@ -311,15 +314,24 @@ def check_sparse_triple(reader: CheckpointReader, module: str, parameter: torch.
         raise CheckpointIntegrityError(f"{where}: stored shape {dims} is not a valid weight shape.")
     rows = dims[0] if len(dims) > 1 else 1
     cols = math.prod(dims) // rows
-    expected = (rows, math.ceil(cols / 8))
-    if bitmask.dtype != "U8" or bitmask.shape != expected:
-        raise CheckpointIntegrityError(f"{where}: bitmask is {bitmask.dtype} {list(bitmask.shape)}, expected U8 {list(expected)}.")
-    bits = reader.read(key + BITMASK_SUFFIX)
-    if cols % 8 and bool((bits[:, -1] >> (cols % 8)).any()):
-        raise CheckpointIntegrityError(f"{where}: bitmask has bits set past the last column.")
-    nonzeros = int(_POPCOUNT[bits.long()].sum())
+    nonzeros = check_bitmask_entry(reader, key + BITMASK_SUFFIX, rows, cols, where)
     if nonzeros != values.numel:
         raise CheckpointIntegrityError(f"{where}: bitmask marks {nonzeros} non-zeros but {values.numel} values are stored.")
+
+
+def check_bitmask_entry(reader: CheckpointReader, key: str, rows: int, cols: int, where: str) -> int:
+    """Check the stored bitmask ``key`` of a ``rows × cols`` weight (``pack_bitmask``'s layout, no bits set past the
+    last column) and return how many weights it marks; also used by the stacked packed format."""
+    entry = reader.entries.get(key)
+    expected = (rows, math.ceil(cols / 8))
+    if entry is None:
+        raise CheckpointIntegrityError(f"{where}: {key!r} is missing; the checkpoint is incomplete, re-save it.")
+    if entry.dtype != "U8" or entry.shape != expected:
+        raise CheckpointIntegrityError(f"{where}: bitmask is {entry.dtype} {list(entry.shape)}, expected U8 {list(expected)}.")
+    bits = reader.read(key)
+    if cols % 8 and bits.numel() and bool((bits[:, -1] >> (cols % 8)).any()):
+        raise CheckpointIntegrityError(f"{where}: bitmask has bits set past the last column.")
+    return int(_POPCOUNT[bits.long()].sum())
 
 
 def _single(value: Any) -> torch.Tensor | None:
@@ -348,7 +360,9 @@ class SparseStorageQuantizer(CompressedFormatQuantizer):
 
     def check_checkpoint(self, model: PreTrainedModel, reader: CheckpointReader) -> None:
         """The listed modules are exactly the stored ones; each stored triple is consistent with itself
-        (bitmask shape, popcount = number of values, zero padding bits) and with the model's weight shape."""
+        (bitmask shape, popcount = number of values, zero padding bits) and with the model's weight shape
+        (a slim model's, once its recorded widths are checked and applied)."""
+        apply_slim_record(model, getattr(self.quantization_config, "slim", None))
         suffix = ".weight" + BITMASK_SUFFIX
         stored = {name[: -len(suffix)] for name in reader.entries if name.endswith(suffix)}
         listed = set(getattr(self.quantization_config, "compressed_modules", []) or [])
@@ -363,6 +377,8 @@ class SparseStorageQuantizer(CompressedFormatQuantizer):
     def _process_model_after_weight_loading(self, model, **kwargs):
         modules = getattr(self.quantization_config, "compressed_modules", [])
         logger.info("decoded %d sparse weights (%s)", len(modules), FORMAT_NAME)
+        # A slim model keeps its widths on its config (as one loaded from a slim checkpoint), so it saves again.
+        keep_slim_widths(model, getattr(self.quantization_config, "slim", None))
         return model
 
 

@@ -15,6 +15,9 @@ and gives an ordinary dense model with bit-identical weights (zeros come back as
 ``formats.sparse``). Its ``save_pretrained`` writes a plain dense checkpoint; call ``save_pruned``
 again to store it sparse.
 
+A slim (Týr) model is accepted too: its per-block widths are stored in the sparse config's ``slim`` entry,
+and the loaded model has them again (with a ``SlimFormatConfig``, as if loaded from a slim checkpoint).
+
 Example:
     >>> import torch
     >>> from hf_compress.assets import tiny_model
@@ -44,6 +47,7 @@ from transformers.core_model_loading import WeightConverter
 from .. import _compat
 from ..modeling.layers import find_decoder_blocks, find_linear_layers, onloaded
 from ..formats.integrity import seal_checkpoint
+from ..formats.slim import FORMAT_NAME as SLIM_FORMAT, slim_record
 from ..formats.sparse import BITMASK_SUFFIX, SHAPE_SUFFIX, SparseStorageConfig, encode_sparse
 from ..utils import atomic_directory, check_save_dir, get_logger
 
@@ -148,7 +152,8 @@ def save_pruned(
 
     Raises:
         FileExistsError: ``save_dir`` is a file, or a non-empty folder and ``overwrite`` is false.
-        ValueError: the model is quantized, carries PEFT adapters, or ``recipe`` is not JSON-serialisable.
+        ValueError: the model is quantized (a slim model's widths are fine), carries PEFT adapters, or
+            ``recipe`` is not JSON-serialisable.
 
     Example:
         >>> path = save_pruned(model, tokenizer, "llama-2-4", recipe=config)  # doctest: +SKIP
@@ -163,7 +168,8 @@ def save_pruned(
 
     state_dict, compressed, storage = sparse_state_dict(model, min_sparsity=min_sparsity)
     quantization_config = SparseStorageConfig(
-        compressed_modules=compressed, min_sparsity=min_sparsity, recipe=recipe_dict, storage=storage
+        compressed_modules=compressed, min_sparsity=min_sparsity, recipe=recipe_dict, storage=storage,
+        slim=slim_record(model),  # None unless the blocks have their own widths (Týr)
     )
     with atomic_directory(target, overwrite=overwrite) as staging:
         with _attached(model, quantization_config), _compat.quiet_weight_progress():
@@ -192,10 +198,13 @@ def _check_model(model: nn.Module) -> None:
     if _compat.has_peft_adapters(model):
         raise ValueError("the model carries PEFT adapters; merge them into the weights first.")
     quantization = getattr(model.config, "quantization_config", None)
+    method = quantization.get("quant_method") if isinstance(quantization, Mapping) else None
+    method = method or getattr(quantization, "quant_method", None)
+    if method == SLIM_FORMAT and _compat.quantizer_of(model) is None:
+        return  # a slim model: float weights, its widths go into the sparse config (slim_record)
     if _compat.quantizer_of(model) is not None or quantization:
-        method = quantization.get("quant_method") if isinstance(quantization, Mapping) else None
-        method = method or getattr(quantization, "quant_method", None) or "unknown method"
-        raise ValueError(f"the model is quantized ({method}); sparse storage needs dense float weights.")
+        raise ValueError(f"the model is quantized ({method or 'unknown method'}); sparse storage needs dense float "
+                         "weights.")
 
 
 def _recipe_to_dict(recipe: Any) -> dict[str, Any] | None:
@@ -214,12 +223,17 @@ def _recipe_to_dict(recipe: Any) -> dict[str, Any] | None:
 @contextlib.contextmanager
 def _attached(model: PreTrainedModel, quantization_config: SparseStorageConfig) -> Iterator[None]:
     """The model's config carries ``quantization_config`` inside the block only (``_check_model`` made
-    sure it had none), so that save_pretrained writes it to config.json and the model is left unchanged."""
+    sure it had none, or a slim one, put back after), so that save_pretrained writes it to config.json and the
+    model is left unchanged."""
+    previous = getattr(model.config, "quantization_config", None)
     model.config.quantization_config = quantization_config
     try:
         yield
     finally:
-        del model.config.quantization_config
+        if previous is None:
+            del model.config.quantization_config
+        else:
+            model.config.quantization_config = previous
 
 
 def _keys_under_model_conversions(model: PreTrainedModel) -> set[str]:

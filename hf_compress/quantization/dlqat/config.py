@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Union
 
 from peft.config import PeftConfig
 
@@ -12,9 +12,12 @@ from ..grid import check_grid_arguments
 from .peft_type import DLQAT_PEFT_TYPE
 
 
-__all__ = ["LORA_SPACES", "DLQATConfig"]
+__all__ = ["LORA_SPACES", "SPARSITY_THRESHOLD", "DLQATConfig"]
 
 LORA_SPACES: tuple[str, ...] = ("quantization", "weight")
+SPARSITY_THRESHOLD = 0.1
+"""``keep_sparsity="auto"``: a layer keeps its mask when at least this fraction of its base weights is exactly 0.
+Trained dense weights have practically no exact zeros; every pruning level worth storing sparse is far above."""
 
 
 @dataclass
@@ -52,6 +55,15 @@ class DLQATConfig(PeftConfig):
             quantization space) and both ``False`` (RTN, nothing trainable).
         init_weights: ``True``: ``B = 0``, ``alpha = 1`` (start exactly at RTN). ``False``: random ``B``
             and ``alpha`` near 1 (for tests: the adapter changes the output from the start).
+        keep_sparsity: keep a pruned base's zeros fixed: the codes of the base's exact zeros are pinned to the
+            zero-point (so ``W_hat`` is the fake-quantized weight times the fixed mask ``W0 != 0``, gradients
+            reach only kept weights), and ``merge_and_quantize()`` exports sparse ``PackedLinear`` layers (mask
+            + the codes of the kept weights). ``"auto"`` (default): per layer, when at least
+            ``SPARSITY_THRESHOLD`` (10%) of its base weights are exactly 0 (any N:M or unstructured pattern);
+            ``True``: every layer with any exact zero; ``False``: never (the zeros fill in while training).
+            The grid needs no change: its range always contains 0 (``[min(w, 0), max(w, 0)]``, or
+            ``max|w|`` when symmetric), so a base's zeros never widen it: the grid fitted on the sparse weight
+            *is* the grid of its kept weights.
         target_modules, exclude_modules, layers_to_transform, layers_pattern, modules_to_save: as in
             ``peft.LoraConfig`` (``"all-linear"`` targets every linear layer except the output head).
 
@@ -78,6 +90,10 @@ class DLQATConfig(PeftConfig):
     init_weights: bool = field(
         default=True, metadata={"help": "Start at RTN (B = 0, magnitude 1); False: random, for tests."}
     )
+    keep_sparsity: Union[bool, Literal["auto"]] = field(  # noqa: UP007 (PEFT reads the annotation at runtime)
+        default="auto",
+        metadata={"help": "Keep a pruned base's zeros fixed: 'auto' (layers >= 10% exact zeros), True or False."},
+    )
     target_modules: list[str] | str | None = field(
         default=None,
         metadata={"help": "Module names or regex to adapt; 'all-linear' for every linear layer but the output head."},
@@ -100,6 +116,8 @@ class DLQATConfig(PeftConfig):
         self.peft_type = DLQAT_PEFT_TYPE
         check_grid_arguments(self.bits, self.group_size)
         check_choice("lora_space", self.lora_space, LORA_SPACES)
+        if self.keep_sparsity != "auto" and not isinstance(self.keep_sparsity, bool):
+            raise ValueError(f"keep_sparsity must be 'auto', True or False, got {self.keep_sparsity!r}.")
         for name in ("symmetric", "use_magnitude", "use_lora", "init_weights", "inference_mode"):
             check_bool(name, getattr(self, name))
         self.r = check_int("r", self.r, minimum=1, hint="It is the LoRA rank (e.g. 16).")

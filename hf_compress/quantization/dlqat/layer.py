@@ -10,6 +10,11 @@ its result is cast to the input's dtype for the matmul. ``scale``/``zero`` are r
 whenever the adapter is created or loaded, so they are not stored in the adapter. What is stored is
 a four-number *fingerprint* of ``W0``, so an adapter loaded onto a different base model is refused.
 
+On a pruned base (``DLQATConfig.keep_sparsity``) the codes of ``W0``'s exact zeros are pinned to the
+zero-point: their weights stay exactly 0 whatever A, B and alpha become, and ``merge_and_quantize()`` exports
+the mask with the codes (``PackedLinear``'s sparse form). The mask is ``W0 != 0`` of the frozen base, so it is
+never stored in the adapter either.
+
 A DL-QAT adapter *replaces* the weight rather than adding to it, so only one adapter can be active at
 a time (``set_adapter`` switches between several loaded ones); ``disable_adapter()`` gives the
 full-precision base layer.
@@ -38,13 +43,27 @@ from torch import nn
 from ... import _compat
 from ...modeling.layers import in_features, is_linear, out_features, set_weight_matrix, weight_matrix
 from ..grid import QuantizationGrid, group_index, round_clamp_ste
-from .config import DLQATConfig
+from .config import SPARSITY_THRESHOLD, DLQATConfig
 
 
 BufferDict = _compat.peft_buffer_dict()
 
 
-__all__ = ["DLQATLayer", "DLQATLinear", "LayerQuantization", "weight_fingerprint"]
+__all__ = ["DLQATLayer", "DLQATLinear", "LayerQuantization", "keeps_sparsity", "weight_fingerprint"]
+
+
+def keeps_sparsity(weight: torch.Tensor, setting: bool | str) -> bool:
+    """Whether a layer with base ``weight`` keeps its zeros under ``DLQATConfig.keep_sparsity = setting``.
+
+    Example:
+        >>> w = torch.tensor([[1.0, 0.0, 0.0, 2.0]])
+        >>> keeps_sparsity(w, "auto"), keeps_sparsity(w, False), keeps_sparsity(torch.ones(2, 2), True)
+        (True, False, False)
+    """
+    if setting is False:
+        return False
+    zeros = int((weight == 0).sum())
+    return zeros > 0 if setting is True else zeros >= SPARSITY_THRESHOLD * weight.numel()
 
 
 @dataclass(frozen=True)
@@ -93,7 +112,7 @@ class DLQATLayer(BaseTunerLayer):
     """State of DL-QAT adapters on one linear layer (``nn.Linear`` or transformers ``Conv1D``)."""
 
     adapter_layer_names = ("dlqat_A", "dlqat_B", "dlqat_magnitude")
-    other_param_names = ("dlqat_scale", "dlqat_zero", "dlqat_fingerprint", "dlqat_settings")
+    other_param_names = ("dlqat_scale", "dlqat_zero", "dlqat_fingerprint", "dlqat_settings", "dlqat_sparse")
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
@@ -105,6 +124,7 @@ class DLQATLayer(BaseTunerLayer):
         self.dlqat_zero = BufferDict({}, persistent=False)
         self.dlqat_fingerprint = BufferDict({}, persistent=True)
         self.dlqat_settings: dict[str, LayerQuantization] = {}
+        self.dlqat_sparse: dict[str, bool] = {}  # per adapter: the base's zeros stay fixed (keep_sparsity)
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self._weight_before_merge: torch.Tensor | None = None
@@ -124,6 +144,7 @@ class DLQATLayer(BaseTunerLayer):
         w0 = weight_matrix(base)
         grid = QuantizationGrid.fit(w0, config.bits, config.group_size, config.symmetric)
         self.dlqat_settings[adapter_name] = settings
+        self.dlqat_sparse[adapter_name] = keeps_sparsity(w0, config.keep_sparsity)
         if config.use_lora:
             self.dlqat_A[adapter_name] = nn.Parameter(torch.empty(config.r, self.in_features, device=w0.device))
             self.dlqat_B[adapter_name] = nn.Parameter(torch.empty(self.out_features, config.r, device=w0.device))
@@ -177,7 +198,16 @@ class DLQATLayer(BaseTunerLayer):
             scale = scale * self.dlqat_magnitude[adapter].float()
         zero_columns = self.dlqat_zero[adapter].index_select(1, index)
         codes = round_clamp_ste(values, zero_columns, 2**settings.bits - 1)
+        if self.dlqat_sparse.get(adapter, False):
+            # Pinned to the zero-point, a pruned weight dequantizes to exactly 0 (and gets no gradient).
+            codes = torch.where(w0 != 0, codes, zero_columns)
         return codes, zero_columns, scale, index
+
+    def sparsity_mask(self, adapter: str) -> torch.Tensor | None:
+        """The fixed ``[out, in]`` mask of kept weights (``W0 != 0``) when ``adapter`` keeps the sparsity, else ``None``."""
+        if not self.dlqat_sparse.get(adapter, False):
+            return None
+        return weight_matrix(self.get_base_layer()) != 0
 
     def quantized_weight(self, adapter: str) -> torch.Tensor:
         """The fake-quantized ``[out, in]`` float32 weight of ``adapter`` (differentiable in A, B, alpha)."""

@@ -5,7 +5,8 @@ Users meet it through PEFT: ``get_peft_model(base, DLQATConfig(...))`` returns a
 ``print_trainable_parameters``, ``save_pretrained``, ``PeftModel.from_pretrained``, ``load_adapter``,
 ``set_adapter``, ``disable_adapter()``, ``merge_and_unload()`` (a float model on the quantized grid) and
 ``push_to_hub``. It adds ``merge_and_quantize()``, which returns the base transformers model with
-real packed low-bit ``PackedLinear`` layers (``hf_compress_packed`` format).
+real packed low-bit ``PackedLinear`` layers (``hf_compress_packed`` format): sparse ones (mask + the codes
+of the kept weights) for the layers whose pruned zeros the adapter kept (``DLQATConfig.keep_sparsity``).
 
 Example:
     >>> import torch
@@ -33,6 +34,7 @@ from tqdm.auto import tqdm
 from ...modeling import replace_module
 from ...utils import get_logger
 from ...formats.packed import PackedFormatConfig, attach_packed_format
+from ...formats.slim import slim_record
 from ...hub.model_card import hub_model_id
 from ..packed_linear import PackedLinear
 from .config import DLQATConfig
@@ -81,6 +83,11 @@ class DLQATModel(BaseTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)  # a second adapter is not trainable until set_adapter
         self._replace_module(parent, target_name, new_module, target)
+
+    def _pre_injection_hook(self, model: torch.nn.Module, config: DLQATConfig, adapter_name: str) -> None:
+        # A slim model's widths are measured on its nn.Linear layers, which the injection is about to wrap.
+        if getattr(self, "_slim_widths", None) is None:
+            self._slim_widths = slim_record(model)
 
     def _post_injection_hook(self, model: torch.nn.Module, config: DLQATConfig, adapter_name: str) -> None:
         group = config.group_size
@@ -144,6 +151,7 @@ class DLQATModel(BaseTuner):
             packed = PackedLinear.from_codes(
                 codes, scales, zeros, config.bits, config.group_size, bias=base.bias,
                 dtype=torch.float32 if dtype not in (torch.float16, torch.bfloat16) else dtype,
+                mask=layer.sparsity_mask(adapter),
             )
             replace_module(self.model, name, packed)  # built on the codes' device, the layer's own
             names.append(name)
@@ -153,7 +161,8 @@ class DLQATModel(BaseTuner):
         recipe["adapter"] = {k: v for k, v in recipe["adapter"].items() if _json_scalar(v)}
         # The checkpoint names its base model by Hub id only, never by a local path (None without one).
         recipe["adapter"]["base_model_name_or_path"] = hub_model_id(config.base_model_name_or_path)
-        format_config = PackedFormatConfig(config.bits, config.group_size, config.symmetric, names, recipe)
+        format_config = PackedFormatConfig(config.bits, config.group_size, config.symmetric, names, recipe,
+                                           slim=getattr(self, "_slim_widths", None) or slim_record(self.model))
         logger.info("packed %d layers to %d bits (group size %s)", len(names), config.bits, config.group_size)
         return attach_packed_format(self.model, format_config)
 

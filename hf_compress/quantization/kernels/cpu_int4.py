@@ -16,6 +16,11 @@ lie within [z − 8, z + 7] (every group of ≤ 3 bits), else ``c = 8``. A group
 size the kernel does not take (it accepts 32, 64, 128, 256), or a short last group, is expressed with the
 largest accepted size dividing both the group size and ``in_features``, each group's (scale, zero) repeated.
 
+A sparse layer's masked weights hold their group's zero-point ``z``: re-centred (``c = z``) they are
+``(8 − 8) · s + 0``, exactly 0; with ``c = 8`` they would be ``(z − 8) · s + bf16(s · (8 − z))``, off by a
+bfloat16 rounding. ``Int4Weight.recentred`` says whether every group was re-centred, and a sparse layer uses
+this kernel only then (``PackedLinear._int4_weight``), so its masked weights stay exact zeros.
+
 Checked on torch 2.13 (the ops exist since 2.5 under these names); absent ops make ``usable`` false and the
 reference path runs.
 
@@ -88,6 +93,8 @@ class Int4Weight:
     scale_zeros: torch.Tensor
     group: int
     out_features: int
+    recentred: bool = False
+    """Every group re-centred on its own zero-point: a code equal to it gives exactly 0 (see the module doc)."""
 
     @classmethod
     @torch.no_grad()
@@ -111,7 +118,7 @@ class Int4Weight:
         del codes
         zeros = scales * (centre - zeros).float()
         scale_zeros = torch.stack([scales.t(), zeros.t()], dim=-1).to(torch.bfloat16).contiguous()
-        return cls(packed, scale_zeros, group, layer.out_features)
+        return cls(packed, scale_zeros, group, layer.out_features, recentred=bool(fits.all()))
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T`` for ``x (..., in)`` of any float dtype, computed in bfloat16, returned in ``x.dtype``."""
