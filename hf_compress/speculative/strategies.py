@@ -589,5 +589,6 @@ def generate(model, draft_model=None, draft_tokenizer=None, heads=None, arbiter=
             heads=heads, arbiter=arbiter,
         )
         _last = ((arguments, settings), strategy)
-    return model.generate(custom_generate=strategy, **kwargs)
+    # type(model).generate: a folder loaded with trust_remote_code binds this function as model.generate itself.
+    return type(model).generate(model, custom_generate=strategy, **kwargs)
 '''

@@ -1,0 +1,91 @@
+"""What a recipe measures after the base model and after every step: perplexity on fixed windows and bytes.
+
+Perplexity comes from ``evaluation.suite.run_evaluation`` with the recipe's ``EvaluationSpec`` (the same evenly
+spaced windows every time, so the numbers compare). Bytes are those of the tensors the final save would write
+for the model as it is (``stored_bytes``: sparse layers encoded as ``save_pruned`` encodes them, packed layers
+as they are packed, tied weights once), and of the decoder-block linear weights against the base model's in
+fp32 (the issue's target is ≤ 0.2× for 2:4 + 4-bit).
+
+Example:
+    >>> from hf_compress.assets import tiny_model
+    >>> model, _ = tiny_model("llama")
+    >>> sizes = weight_bytes(model)
+    >>> sizes["decoder_linear_bytes"] == decoder_linear_fp32_bytes(model)
+    True
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..utils import get_logger
+from .config import EvaluationSpec
+
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from ..evaluation.results import MetricRecord
+
+
+__all__ = ["decoder_linear_fp32_bytes", "measure", "weight_bytes"]
+
+logger = get_logger(__name__)
+
+
+def measure(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, spec: EvaluationSpec, *, base_linear_fp32: int,
+    zero_shot: bool = False, progress: bool = True,
+) -> tuple[dict[str, Any], list[MetricRecord]]:
+    """Perplexity (and zero-shot where asked) plus :func:`weight_bytes`; returns (numbers, model-card records)."""
+    from ..evaluation.suite import headline_metrics, run_evaluation
+
+    was_training = model.training
+    model.eval()
+    try:
+        results, records = run_evaluation(model, tokenizer, spec.settings(zero_shot=zero_shot), progress=progress)
+    finally:
+        model.train(was_training)
+    metrics: dict[str, Any] = headline_metrics(results, spec.text)
+    metrics.update(weight_bytes(model))
+    metrics["decoder_linear_vs_base_fp32"] = round(metrics["decoder_linear_bytes"] / base_linear_fp32, 6)
+    metrics["evaluation_seconds"] = round(results["seconds"], 2)
+    return metrics, records
+
+
+def weight_bytes(model: torch.nn.Module) -> dict[str, int]:
+    """Bytes of the checkpoint's tensors (``stored_bytes``) and of its decoder-block linear weights, as stored."""
+    from ..pruning.storage import sparse_state_dict
+    from ..quantization.packed_linear import PackedLinear
+
+    state_dict, _, storage = sparse_state_dict(model)  # dense layers stay dense; packed layers are not linears
+    packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    return {
+        "stored_bytes": _unique_bytes(state_dict.values()),
+        "decoder_linear_bytes": storage["stored_linear_bytes"] + sum(m.packed_bytes() for m in packed),
+    }
+
+
+def decoder_linear_fp32_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the decoder-block linear weights held in fp32 (the reference of the stacking target)."""
+    from ..modeling.layers import find_decoder_blocks, find_linear_layers, weight_matrix
+
+    _, blocks = find_decoder_blocks(model)
+    return sum(4 * weight_matrix(layer).numel() for block in blocks for layer in find_linear_layers(block).values())
+
+
+def _unique_bytes(tensors: Any) -> int:
+    """Total bytes, a tensor shared by two names (tied embeddings) counted once, as save_pretrained stores it."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for tensor in tensors:
+        if not isinstance(tensor, torch.Tensor):
+            continue
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset()) if tensor.numel() else (id(tensor), 0)
+        if key in seen:
+            continue
+        seen.add(key)
+        total += tensor.numel() * tensor.element_size()
+    return total

@@ -1,0 +1,221 @@
+"""``run``: apply a recipe's steps to its base model in memory, measuring after each, and save the final folder.
+
+Everything that can be checked is checked before the first step starts: the recipe (structure, fields, step
+order; :meth:`Recipe.from_dict`), the save folder (``check_save_dir``), then each step against the loaded model
+(``Step.check_model``). Each step starts from the recipe's seed (``transformers.set_seed``), so the same recipe
+and seed give the same weights. Intermediate models stay in memory; only steps that need scratch space
+(Trainer output, Týr's work folder) use temporary folders, removed when the step ends.
+
+Example:
+    >>> from hf_compress.recipe import run
+    >>> result = run("recipe.yaml", "out/")  # doctest: +SKIP
+    >>> [(r.name, r.metrics["perplexity"]) for r in result.records]  # doctest: +SKIP
+    [('base model', 21.1), ('prune sds', 27.4), ('quantize dlqat', 28.9)]
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..utils import InvalidArgumentTypeError, check_save_dir, get_logger
+from .config import Recipe
+
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from ..evaluation.results import MetricRecord
+
+
+__all__ = ["RecipeResult", "StepRecord", "load_recipe", "run"]
+
+logger = get_logger(__name__)
+
+
+@dataclass
+class StepRecord:
+    """What one step did (``index`` 0 is the base model, measured before any step)."""
+
+    index: int
+    kind: str
+    method: str
+    name: str
+    settings: dict[str, Any]
+    """The step's resolved settings (defaults filled in)."""
+    given_settings: dict[str, Any]
+    """The settings the recipe wrote."""
+    seconds: float
+    """Seconds the step's work took (measurement excluded)."""
+    metrics: dict[str, Any]
+    """Measured after the step: ``perplexity``, ``stored_bytes``, ``decoder_linear_bytes``, ... ."""
+    details: dict[str, Any] = field(default_factory=dict)
+    """What the step reported (training loss, pruning summary, schedule, ...)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class RecipeResult:
+    """The outcome of :func:`run`: where the folder is, each step's record, the final model's measurements."""
+
+    save_dir: Path
+    recipe: Recipe
+    base: StepRecord
+    steps: list[StepRecord]
+    final_metrics: dict[str, Any]
+    """The last step's measurements plus the saved folder's bytes on disk."""
+    final_records: list[MetricRecord]
+    """The final model's measured records (the card's ``model-index``)."""
+    seconds: float
+    model: Any = field(default=None, repr=False)
+    """The final model, in memory (what the folder holds)."""
+
+    @property
+    def records(self) -> list[StepRecord]:
+        """The base model's record, then one per step."""
+        return [self.base, *self.steps]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.recipe.name, "save_dir": Path(self.save_dir).name, "recipe": self.recipe.to_dict(),
+            "records": [r.to_dict() for r in self.records], "final_metrics": self.final_metrics,
+            "final_records": [r.to_dict() for r in self.final_records], "seconds": round(self.seconds, 2),
+        }
+
+
+def load_recipe(recipe: Recipe | dict | str | os.PathLike) -> Recipe:
+    """A :class:`Recipe` from a recipe, a dict or a YAML path (checked either way)."""
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, dict):
+        return Recipe.from_dict(recipe)
+    if isinstance(recipe, (str, os.PathLike)):
+        return Recipe.from_yaml(recipe)
+    raise InvalidArgumentTypeError(f"recipe must be a Recipe, a dict or a YAML file path, got {type(recipe).__name__}.")
+
+
+def run(
+    recipe: Recipe | dict | str | os.PathLike,
+    save_dir: str | os.PathLike,
+    *,
+    model: PreTrainedModel | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    device: str | torch.device | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> RecipeResult:
+    """Run ``recipe`` and save the final model folder to ``save_dir``.
+
+    Args:
+        recipe: a :class:`Recipe`, its dict, or the path of its YAML file.
+        save_dir: the final folder (written atomically; a non-empty one needs ``overwrite``).
+        model / tokenizer: start from this model instead of loading ``recipe.base_model`` (a tokenizer is then
+            needed too); the model is changed in place.
+        device: where the steps run (``"cpu"``, ``"cuda"``, ``"auto"``, a ``torch.device``); default: where the
+            model is (the CPU for a loaded one).
+        overwrite: save into a non-empty ``save_dir``.
+        progress: progress bars.
+
+    Returns:
+        A :class:`RecipeResult`; the folder holds the model, ``recipe.yaml``, ``recipe_results.json``, the card
+        and, where the recipe sets them, ``custom_generate/`` or ``heads/``.
+
+    Raises:
+        RecipeError: the recipe is wrong (before anything is loaded).
+        FileExistsError: ``save_dir`` is not empty and ``overwrite`` is false (before anything is loaded).
+
+    Example:
+        >>> result = run("examples/recipes/tiny-llama-wanda24-rtn4.yaml", "out/")  # doctest: +SKIP
+        >>> result.final_metrics["perplexity"]  # doctest: +SKIP
+    """
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import set_seed
+
+    from ..hub import hub_model_id
+    from .card import recipe_card
+    from .measure import decoder_linear_fp32_bytes, measure
+    from .save import write_folder
+    from .steps import RecipeState
+
+    started = time.perf_counter()
+    recipe = load_recipe(recipe)
+    target = check_save_dir(save_dir, overwrite)
+    if model is not None and tokenizer is None:
+        raise ValueError("run(model=...) needs the model's tokenizer too: pass tokenizer=.")
+    device = _resolve_device(device)
+    if model is None:
+        from ..assets import load_model
+
+        logger.info("loading %s", recipe.base_model)
+        model, tokenizer = load_model(recipe.base_model)
+    if device is not None:
+        model.to(device)
+    state = RecipeState(model=model, tokenizer=tokenizer, device=device or model.device, seed=recipe.seed)
+    for step in recipe.steps:
+        step.check_model(state)
+    base_model = hub_model_id(getattr(model.config, "name_or_path", None))
+    base_fp32 = decoder_linear_fp32_bytes(model)
+    zero_shot = bool(recipe.evaluation.zero_shot_tasks)
+
+    def measured(zero_shot_now: bool) -> tuple[dict[str, Any], list]:
+        return measure(state.model, state.tokenizer, recipe.evaluation, base_linear_fp32=base_fp32,
+                       zero_shot=zero_shot_now, progress=progress)
+
+    metrics, _ = measured(zero_shot)
+    base = StepRecord(0, "base", "", "base model", {"model": recipe.base_model}, {"model": recipe.base_model}, 0.0,
+                      metrics)
+    logger.info("base model %s: %s", recipe.base_model, _summary(metrics))
+    records: list[StepRecord] = []
+    final_records: list = []
+    for step in tqdm(recipe.steps, desc=f"recipe {recipe.name}", unit="step", disable=not progress):
+        set_seed(recipe.seed)
+        logger.info("step %d/%d: %s", step.index + 1, len(recipe.steps), step.describe())
+        begin = time.perf_counter()
+        details = step.apply(state, progress)
+        seconds = time.perf_counter() - begin
+        state.facts |= step.produces()
+        last = step is recipe.steps[-1]
+        metrics, final_records = measured(zero_shot and last)
+        if state.heads is not None:
+            metrics["heads_bytes"] = sum(p.numel() * p.element_size() for p in state.heads.parameters())
+        records.append(StepRecord(step.index + 1, step.kind, step.method, step.describe(), step.to_dict(),
+                                  step.given_settings(), round(seconds, 2), metrics, details))
+        logger.info("after %s (%.1f s): %s", step.describe(), seconds, _summary(metrics))
+
+    result = RecipeResult(target, recipe, base, records, {}, final_records, 0.0, state.model)
+
+    def finish(layout, disk):
+        result.final_metrics = {**records[-1].metrics, **disk}
+        result.seconds = time.perf_counter() - started
+        return recipe_card(recipe, result.records, final_records, layout, base_model), result.to_dict()
+
+    with torch.no_grad():
+        write_folder(state, target, overwrite=overwrite, recipe=recipe, base_model=base_model, finish=finish)
+    return result
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device | None:
+    import torch
+
+    if device is None or isinstance(device, torch.device):
+        return device
+    if not isinstance(device, str):
+        raise InvalidArgumentTypeError(f"device must be a string such as 'cpu' or a torch.device, got {device!r}.")
+    from ..cli.main import resolve_device
+
+    return resolve_device(device)
+
+
+def _summary(metrics: dict[str, Any]) -> str:
+    perplexity = metrics.get("perplexity")
+    text = f"perplexity {perplexity:.4g}" if perplexity is not None else "no perplexity"
+    return (f"{text}, {metrics['stored_bytes'] / 1e6:.2f} MB stored, decoder linears "
+            f"{metrics['decoder_linear_vs_base_fp32']:.3f}x the base's fp32")
+

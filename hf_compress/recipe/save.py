@@ -1,0 +1,156 @@
+"""Writing a recipe's final folder, all or nothing, through the library's own savers.
+
+The model goes through the saver of the format the steps left it in: ``save_packed`` (packed low-bit, with a
+sparsity mask when the layers carry one), ``save_routed`` (token router), ``save_pruned`` (sparse),
+``save_slim`` (structural), else a plain ``save_pretrained``; the staged folder is loaded back with
+``from_pretrained`` and must give the in-memory model's logits (``check_reload``). Beside it: ``custom_generate/`` (a strategy
+without weights), ``heads/`` (drafting heads with their ``custom_generate`` strategy: heads and model each need
+their own ``config.json``), ``recipe.yaml``, ``recipe_results.json`` and the card. Everything is staged in one
+``atomic_directory``; the savers write into the staging folder.
+
+Example:
+    >>> layout, disk = write_folder(state, "out/", overwrite=False, recipe=recipe, finish=finish)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .. import _compat
+from ..utils import atomic_directory, atomic_file, get_logger
+from .card import FolderLayout
+
+
+if TYPE_CHECKING:
+    from huggingface_hub import ModelCard
+
+    from .config import Recipe
+    from .steps.base import RecipeState
+
+
+__all__ = ["HEADS_FOLDER", "RECIPE_FILE", "RESULTS_FILE", "check_reload", "save_model", "write_folder"]
+
+logger = get_logger(__name__)
+
+HEADS_FOLDER = "heads"
+RECIPE_FILE = "recipe.yaml"
+RESULTS_FILE = "recipe_results.json"
+
+
+def write_folder(
+    state: RecipeState, target: str | os.PathLike, *, overwrite: bool, recipe: Recipe, base_model: str | None,
+    finish: Callable[[FolderLayout, dict[str, int]], tuple[ModelCard, dict[str, Any]]],
+) -> tuple[FolderLayout, dict[str, int]]:
+    """Stage the model, the generation settings and ``recipe.yaml``; ``finish(layout, disk)`` returns the card and
+    the results written beside them (it sees the staged bytes on disk); then the folder replaces ``target``."""
+    from ..hub import write_model_card
+
+    with atomic_directory(target, overwrite=overwrite) as staging:
+        save_model(state, staging, base_model)
+        reload_difference = check_reload(state.model, staging)
+        layout = _save_generation(state, staging, base_model)
+        recipe.save_yaml(staging / RECIPE_FILE)
+        disk = {
+            "reload_max_logit_difference": reload_difference,
+            "model_disk_bytes": sum(p.stat().st_size for p in staging.glob("*.safetensors")),
+            "folder_disk_bytes": sum(p.stat().st_size for p in staging.rglob("*") if p.is_file()),
+        }
+        card, results = finish(layout, disk)
+        with atomic_file(staging / RESULTS_FILE, encoding="utf-8") as handle:
+            json.dump(results, handle, indent=2)
+        write_model_card(staging, card)
+    logger.info("saved the recipe's final folder to %s", target)
+    return layout, disk
+
+
+def check_reload(model: Any, folder: Path, tolerance: float = 1e-4) -> float:
+    """Load the saved ``folder`` with ``AutoModelForCausalLM.from_pretrained`` and compare its logits with the model
+    in memory on fixed token ids; raise before anything is installed when they differ. Returns the largest
+    difference (0.0 when the format restores the weights exactly)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    was_training = model.training
+    model.eval()
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.get_text_config().vocab_size, (1, 16), generator=generator).to(model.device)
+    advice = "the format cannot yet store this combination of steps: run them as separate recipes."
+    try:
+        try:
+            with _compat.quiet_weight_progress():
+                reloaded = AutoModelForCausalLM.from_pretrained(folder).to(model.device).eval()
+        except Exception as error:  # whatever the format raised: the folder must not be installed
+            raise RuntimeError(f"the saved folder does not load back ({' '.join(str(error).split())}), so nothing was "
+                               f"saved; {advice}") from error
+        with torch.no_grad():
+            expected, got = model(ids).logits.float(), reloaded(ids).logits.float()
+    finally:
+        model.train(was_training)
+    difference = float((expected - got).abs().max())
+    if not difference <= tolerance * max(1.0, float(expected.abs().max())):
+        raise RuntimeError(
+            f"the saved folder does not reload as the model in memory (logits differ by up to {difference:.3g}), so "
+            f"nothing was saved; {advice}"
+        )
+    return difference
+
+
+def save_model(state: RecipeState, folder: Path, base_model: str | None) -> str:
+    """Save the model (and tokenizer) into ``folder`` with the saver of its format; returns the format's name."""
+    from ..quantization.packed_linear import PackedLinear
+    from ..routing.layer import routing_state
+
+    model, tokenizer = state.model, state.tokenizer
+    if any(isinstance(module, PackedLinear) for module in model.modules()):
+        from ..formats.packed import save_packed
+
+        save_packed(model, tokenizer, folder, overwrite=True)
+        return "packed"
+    if routing_state(model) is not None:
+        from ..routing import save_routed
+
+        save_routed(model, tokenizer, folder, overwrite=True, recipe=state.format_recipes.get("routing"),
+                    base_model=base_model)
+        return "routed"
+    if "sparse" in state.facts:
+        from ..pruning.storage import save_pruned
+
+        save_pruned(model, tokenizer, folder, overwrite=True, recipe=state.format_recipes.get("pruning"))
+        return "sparse"
+    if "slim" in state.facts:
+        from ..formats.slim import save_slim
+
+        save_slim(model, tokenizer, folder, overwrite=True, recipe=state.format_recipes.get("pruning"),
+                  base_model=base_model)
+        return "slim"
+    with _compat.quiet_weight_progress():
+        model.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    return "dense"
+
+
+def _save_generation(state: RecipeState, folder: Path, base_model: str | None) -> FolderLayout:
+    """The strategy (and heads) of the recipe, where ``generate(custom_generate=...)`` finds them."""
+    strategy = state.strategy
+    if state.heads is not None:
+        if strategy is None:
+            from ..speculative.heads import Amphista
+
+            strategy = Amphista(state.heads)
+        strategy.save_pretrained(folder / HEADS_FOLDER, base_model=base_model)
+        return FolderLayout(heads_folder=HEADS_FOLDER, cache=state.cache)
+    if strategy is not None:
+        # The strategy's own folder (its checks, its generate.py); only custom_generate/ joins the model's folder,
+        # whose card describes both.
+        with tempfile.TemporaryDirectory(prefix="recipe-strategy-") as scratch:
+            saved = strategy.save_pretrained(Path(scratch) / "strategy", base_model=base_model)
+            shutil.copytree(saved / "custom_generate", folder / "custom_generate")
+        return FolderLayout(custom_generate=True, cache=state.cache)
+    return FolderLayout(cache=state.cache)

@@ -1,0 +1,114 @@
+"""``prune``: any registered pruner (``hf_compress.pruning.PRUNERS``), its config's fields as the step's fields.
+
+Mask pruners (magnitude, Wanda, SparseGPT, SDS; ``permutation:`` too) leave zeros in the linear layers (fact
+``sparse``); structural ones (Týr, block removal) remove heads, channels or blocks (fact ``slim``).
+
+Example:
+    >>> step = PruneStep.parse(0, {"method": "wanda", "sparsity": "2:4", "permutation": "ria"}, seed=3)
+    >>> step.fields["calibration_seed"], step.produces()
+    (3, {'sparse'})
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from ...utils import get_logger
+from ..config import RecipeError, check_keys, refused_as
+from .base import ROUTE_STACKING, RecipeState, Step
+
+
+logger = get_logger(__name__)
+
+PACKED_BEFORE_PRUNE = (
+    "quantize (DL-QAT/RTN) before pruning: the packed low-bit layers are not linear layers a pruner can prune, "
+    "and pruning their dequantized weights would discard what the quantizer fitted; put `prune` first."
+)
+TWO_MASKS = (
+    "two mask-pruning steps: the second would re-select the mask of an already pruned model; use one prune step "
+    "with the final sparsity."
+)
+STRUCTURAL_AFTER_MASK = (
+    "structural pruning after mask pruning: Týr re-fits the kept weights (filling in the mask's zeros) and block "
+    "removal scores the blocks of a damaged model; put the structural step first."
+)
+TWO_STRUCTURAL = (
+    "two structural steps: each plans its budget from the model it is given as if it were dense; use one "
+    "structural step with the final target."
+)
+
+
+class PruneStep(Step):
+    """``prune: {method: <pruner>, **config fields, calibration_text: wikipedia}``."""
+
+    kind = "prune"
+
+    @classmethod
+    def parse(cls, index: int, data: dict[str, Any], seed: int) -> PruneStep:
+        from ...pruning.registry import PRUNERS
+
+        method = cls.method_of(index, data, list(PRUNERS))
+        config_class = PRUNERS[method].config_class
+        names = [f.name for f in dataclasses.fields(config_class)]
+        where = cls.where(index, method)
+        fields = check_keys(where, data, {"method", "calibration_text", *names})
+        fields.pop("method")
+        calibration_text = fields.pop("calibration_text", "wikipedia")
+        if not isinstance(calibration_text, str):
+            raise RecipeError(f"{where}: calibration_text must be 'wikipedia', 'news' or a text file path.")
+        for name in ("calibration_seed", "search_seed"):  # the recipe's seed unless the step sets its own
+            if name in names:
+                fields.setdefault(name, seed)
+        config = _config(where, method, fields)
+        resolved = {k: v for k, v in config.to_dict().items() if k != "method"}
+        step = cls(index, method, {**resolved, "calibration_text": calibration_text})
+        step.structural = _is_structural(method)
+        return step
+
+    def config(self) -> Any:
+        fields = {k: v for k, v in self.fields.items() if k != "calibration_text"}
+        return _config(self.where(self.index, self.method), self.method, fields)
+
+    def produces(self) -> set[str]:
+        return {"slim" if self.structural else "sparse"}
+
+    def refused_after(self) -> dict[str, str]:
+        refused = {**super().refused_after(), "packed": PACKED_BEFORE_PRUNE, "routed": ROUTE_STACKING["slim" if
+                   self.structural else "sparse"]}
+        if self.structural:
+            refused.update(sparse=STRUCTURAL_AFTER_MASK, slim=TWO_STRUCTURAL)
+        else:
+            refused["sparse"] = TWO_MASKS
+        return refused
+
+    def apply(self, state: RecipeState, progress: bool) -> dict[str, Any]:
+        from ...assets import load_calibration_text
+        from ...pruning.permutation import LearnedPermutationConfig
+        from ...pruning.registry import PRUNERS
+
+        pruner_class = PRUNERS[self.method]
+        config = self.config()
+        trains = isinstance(getattr(config, "permutation", None), LearnedPermutationConfig)
+        text = load_calibration_text(self.fields["calibration_text"]) if pruner_class.requires_calibration or trains else None
+        pruner = pruner_class(state.model, state.tokenizer)
+        state.model = pruner.prune(config, text, progress=progress)
+        state.format_recipes["pruning"] = config.to_dict()
+        report = pruner.report
+        summary = report.summary() if hasattr(report, "summary") else None
+        logger.info("%s: %s", self.describe(), summary)
+        return {"report": summary} if summary else {}
+
+
+def _config(where: str, method: str, fields: dict[str, Any]) -> Any:
+    from ...pruning.config import PruningConfig
+
+    with refused_as(where):
+        return PruningConfig.from_dict({"method": method, **fields})
+
+
+def _is_structural(method: str) -> bool:
+    from ...pruning.registry import PRUNERS
+    from ...pruning.structural import StructuralPruner
+
+    return issubclass(PRUNERS[method], StructuralPruner)

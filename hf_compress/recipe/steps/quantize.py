@@ -1,0 +1,130 @@
+"""``quantize``: DL-QAT (a PEFT adapter trained with ``Trainer``, exported with ``merge_and_quantize``) or RTN.
+
+Both leave packed low-bit ``PackedLinear`` layers (fact ``packed``). On a sparse model DL-QAT keeps the mask
+fixed (``DLQATConfig.keep_sparsity``, ``auto`` by default), so the packed layers carry it.
+
+Example:
+    >>> step = QuantizeStep.parse(1, {"method": "dlqat", "bits": 4, "training": {"max_steps": 40}}, seed=0)
+    >>> step.fields["group_size"], step.fields["training"]["max_steps"], step.fields["target_modules"]
+    (128, 40, 'all-linear')
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import tempfile
+from typing import Any
+
+from ...utils import get_logger
+from ..config import check_keys, refused_as
+from .base import ROUTE_STACKING, RecipeState, Step
+from .training import parse_training, training_data, training_settings
+
+
+logger = get_logger(__name__)
+
+METHODS = ("dlqat", "rtn")
+TWO_QUANTIZE = (
+    "two quantize steps: the model is already packed low-bit and packed layers cannot be quantized again; keep one "
+    "quantize step."
+)
+# DL-QAT defaults of the recipe where they differ from DLQATConfig's (as `hf-compress quantize dlqat` does).
+DLQAT_DEFAULTS = {"target_modules": "all-linear"}
+
+
+class QuantizeStep(Step):
+    """``quantize: {method: dlqat, <DLQATConfig fields>, training: {...}}`` or ``{method: rtn, bits, group_size, ...}``."""
+
+    kind = "quantize"
+
+    @classmethod
+    def parse(cls, index: int, data: dict[str, Any], seed: int) -> QuantizeStep:
+        method = cls.method_of(index, data, list(METHODS))
+        where = cls.where(index, method)
+        if method == "dlqat":
+            names = _dlqat_fields()
+            fields = check_keys(where, data, {"method", "training", *names})
+            fields.pop("method")
+            training = parse_training(where, fields.pop("training", None), {"learning_rate": 1e-3})
+            fields = {**DLQAT_DEFAULTS, **fields}
+            fields.setdefault("lora_alpha", float(fields.get("r", 16)))  # scale 1, as the CLI does
+            config = _dlqat_config(where, fields)
+            resolved = {name: _plain(getattr(config, name)) for name in names}
+            return cls(index, method, {**resolved, "training": training})
+        defaults = {name: p.default for name, p in inspect.signature(_rtn()).parameters.items() if name != "model"}
+        fields = check_keys(where, data, {"method", *defaults})
+        fields.pop("method")
+        fields = {**defaults, **fields}
+        fields["skip"] = list(fields["skip"])
+        _check_rtn(where, fields)
+        return cls(index, method, fields)
+
+    def produces(self) -> set[str]:
+        return {"packed"}
+
+    def refused_after(self) -> dict[str, str]:
+        return {**super().refused_after(), "packed": TWO_QUANTIZE, "routed": ROUTE_STACKING["packed"]}
+
+    def apply(self, state: RecipeState, progress: bool) -> dict[str, Any]:
+        if self.method == "rtn":
+            state.model = _rtn()(state.model, **self.fields)
+            state.format_recipes["quantization"] = {"method": "rtn", **self.fields}
+            return {}
+        from peft import get_peft_model
+
+        from ... import _compat
+        from ...training import train_with_trainer
+
+        fields = {k: v for k, v in self.fields.items() if k != "training"}
+        training = self.fields["training"]
+        config = _dlqat_config(self.where(self.index, self.method), fields)
+        with _compat.third_party_warnings_silenced():
+            adapted = get_peft_model(state.model, config)
+        data = training_data(training, state.tokenizer, state.seed)
+        with tempfile.TemporaryDirectory(prefix="recipe-dlqat-") as scratch:
+            result = train_with_trainer(adapted, data, scratch, training_settings(training, state.seed, state.device))
+        state.model = adapted.merge_and_quantize(progressbar=progress)
+        state.format_recipes["quantization"] = {"method": "dlqat", **self.fields}
+        return {"training_loss": round(float(result["training_loss"]), 6), "training_steps": result["global_step"],
+                "train_seconds": round(result["train_seconds"], 2)}
+
+
+def _dlqat_fields() -> list[str]:
+    """DLQATConfig's own fields (not PEFT's bookkeeping such as ``revision`` or ``task_type``)."""
+    from peft.config import PeftConfig
+
+    from ...quantization.dlqat import DLQATConfig
+
+    inherited = {f.name for f in dataclasses.fields(PeftConfig)}
+    return [f.name for f in dataclasses.fields(DLQATConfig) if f.name not in inherited]
+
+
+def _dlqat_config(where: str, fields: dict[str, Any]) -> Any:
+    from ...quantization.dlqat import DLQATConfig
+
+    with refused_as(where):
+        return DLQATConfig(**fields)
+
+
+def _rtn():
+    from ...quantization.rtn import quantize_rtn
+
+    return quantize_rtn
+
+
+def _check_rtn(where: str, fields: dict[str, Any]) -> None:
+    from ...quantization.grid import check_grid_arguments
+    from ...utils import check_bool, check_str_list
+
+    with refused_as(where):
+        check_grid_arguments(fields["bits"], fields["group_size"])
+        check_bool("symmetric", fields["symmetric"])
+        check_str_list("skip", fields["skip"])
+
+
+def _plain(value: Any) -> Any:
+    """A config value as YAML-ready data (PEFT turns module lists into sets)."""
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    return list(value) if isinstance(value, tuple) else value

@@ -1,0 +1,301 @@
+"""Recipes (hf_compress.recipe): parsing, order checks before any work, end-to-end runs on tiny models that
+reload with equal logits, determinism, the CLI, and a heads/generation recipe whose folder's journey works."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hf_compress.recipe import Recipe, RecipeError, run
+
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples" / "recipes"
+QUICK_EVAL = {"perplexity_windows": 2, "window": 64}
+WANDA = {"method": "wanda", "sparsity": "2:4", "num_calibration_sequences": 4, "calibration_seq_len": 32}
+DLQAT = {"method": "dlqat", "bits": 4, "group_size": 32, "r": 2, "training": {"max_steps": 2, "batch_size": 2, "seq_len": 32}}
+HEADS = {"method": "amphista", "num_heads": 2, "training": {"max_steps": 2, "batch_size": 2, "seq_len": 32}}
+
+
+def recipe(*steps: dict, **top) -> dict:
+    return {"name": "tiny-recipe", "base_model": "tiny-llama", "seed": 0, "evaluation": dict(QUICK_EVAL),
+            "steps": list(steps), **top}
+
+
+# ------------------------------------------------------------------------------------------ parsing
+
+
+@pytest.mark.parametrize("data, message", [
+    (recipe({"prune": WANDA}, stepz=1), "unknown key 'stepz'; valid keys: base_model, description, evaluation, name"),
+    ({"name": "x", "steps": [{"prune": WANDA}]}, "missing 'base_model'"),
+    (recipe({"prune": WANDA}, name="no spaces allowed"), "repo-style name"),
+    (recipe({"distill": {"method": "kd"}}), "unknown step kind 'distill'; valid kinds: generation, heads, prune, quantize, route"),
+    (recipe({"prune": WANDA, "quantize": DLQAT}), "one-key mapping"),
+    (recipe({"prune": {"method": "lottery"}}), "unknown method 'lottery'; valid methods: block_removal, magnitude, sds"),
+    (recipe({"prune": {"sparsity": "2:4"}}), "step 1 (prune): missing 'method'"),
+    (recipe({"prune": {**WANDA, "sparsty": 0.5}}), "step 1 (prune wanda): unknown key 'sparsty'; valid keys: batch_size"),
+    (recipe({"prune": {**WANDA, "sparsity": "5:4"}}), "step 1 (prune wanda): sparsity must be"),
+    (recipe({"quantize": {**DLQAT, "bits": 9}}), "step 1 (quantize dlqat)"),
+    (recipe({"quantize": {**DLQAT, "training": {"steps": 3}}}), "training: unknown key 'steps'; valid keys: batch_size"),
+    (recipe({"quantize": {"method": "rtn", "rank": 4}}), "unknown key 'rank'; valid keys: bits, group_size, method, skip"),
+    (recipe({"generation": {"strategy": "warp"}}), "unknown strategy 'warp'; valid strategies: amphista, cospec, fly"),
+    (recipe({"generation": {"strategy": "fly", "widow": 4}}), "unknown key 'widow'; valid keys: cache"),
+    (recipe({"generation": {"cache": "paged"}}), "cache must be one of spark, structured"),
+    (recipe({"generation": {"cache": {"method": "spark", "ratio": 0.5}}}), "cache: unknown key 'ratio'"),
+    (recipe({"generation": {}}), "set `strategy`"),
+    (recipe({"heads": {**HEADS, "num_heads": 0}}), "num_heads"),
+    (recipe({"prune": WANDA}, evaluation={"windows": 4}), "evaluation: unknown key 'windows'"),
+    (recipe({"prune": WANDA}, evaluation={"text": "shakespeare"}), "evaluation: perplexity_sets"),
+    (recipe(), "steps must be a non-empty list"),
+])
+def test_bad_recipes_are_refused_with_the_valid_choices(data, message):
+    with pytest.raises(RecipeError) as error:
+        Recipe.from_dict(data)
+    assert message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("steps, message", [
+    ([{"quantize": DLQAT}, {"prune": WANDA}],
+     "step 2 (prune wanda) cannot follow step 1 (quantize dlqat): quantize (DL-QAT/RTN) before pruning"),
+    ([{"quantize": DLQAT}, {"quantize": {"method": "rtn"}}], "two quantize steps"),
+    ([{"prune": WANDA}, {"prune": {"method": "magnitude", "sparsity": 0.5}}], "two mask-pruning steps"),
+    ([{"prune": WANDA}, {"prune": {"method": "block_removal", "target_sparsity": 0.3}}], "put the structural step first"),
+    ([{"heads": HEADS}, {"quantize": DLQAT}], "drafting heads are trained on the final weights"),
+    ([{"generation": {"strategy": "fly"}}, {"prune": WANDA}], "`generation` must be the last step"),
+    ([{"prune": WANDA}, {"route": {"method": "token_router"}}], "`route` cannot stack with mask pruning today"),
+    ([{"route": {"method": "token_router"}}, {"quantize": DLQAT}], "`route` cannot stack with `quantize` today"),
+    ([{"route": {"method": "token_router"}}, {"generation": {"cache": "spark"}}], "a compressed cache after `route`"),
+    ([{"generation": {"strategy": "amphista"}}],
+     "step 1 (generation amphista): strategy amphista drafts with trained heads: add a `heads` step"),
+    ([{"heads": HEADS}, {"generation": {"strategy": "fly"}}], "strategy fly does not use"),
+])
+def test_impossible_orders_are_refused(steps, message):
+    with pytest.raises(RecipeError, match="^steps: ") as error:
+        Recipe.from_dict(recipe(*steps))
+    assert message in str(error.value)
+
+
+def test_order_errors_come_before_any_work(tmp_path, monkeypatch):
+    import hf_compress.assets
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the recipe was checked")
+
+    monkeypatch.setattr(hf_compress.assets, "load_model", no_loading)
+    out = tmp_path / "out"
+    with pytest.raises(RecipeError, match="put `prune` first"):
+        run(recipe({"quantize": DLQAT}, {"prune": WANDA}), out)
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="overwrite"):
+        run(recipe({"prune": WANDA}), taken)
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["taken"]  # nothing written, not even staging
+
+
+def test_recipes_round_trip_and_examples_parse(tmp_path):
+    parsed = Recipe.from_dict(recipe({"prune": {**WANDA, "permutation": "ria"}}, {"quantize": DLQAT},
+                                     {"heads": HEADS}, {"generation": {"strategy": "amphista", "tree": "chain",
+                                                                       "cache": {"method": "spark", "channel_ratio": 0.5}}}))
+    assert parsed.steps[0].fields["calibration_seed"] == 0 and parsed.steps[1].fields["target_modules"] == "all-linear"
+    path = parsed.save_yaml(tmp_path / "recipe.yaml")
+    assert Recipe.from_yaml(path) == parsed
+    for example in sorted(EXAMPLES.glob("*.yaml")):
+        assert Recipe.from_yaml(example).steps, example
+    (tmp_path / "broken.yaml").write_text("name: [unclosed\n")
+    with pytest.raises(RecipeError, match="broken.yaml: not valid YAML"):
+        Recipe.from_yaml(tmp_path / "broken.yaml")
+
+
+# ------------------------------------------------------------------------------------------ running
+
+
+@pytest.fixture(scope="module")
+def prune_then_quantize(tmp_path_factory):
+    """Wanda 2:4 → DL-QAT 4-bit on a tiny Llama, run twice with the same seed into two folders."""
+    folder = tmp_path_factory.mktemp("recipe")
+    data = recipe({"prune": WANDA}, {"quantize": DLQAT}, name="tiny-wanda24-dlqat4",
+                  description="Wanda 2:4 then 4-bit DL-QAT with the mask kept.")
+    first = run(copy.deepcopy(data), folder / "first", progress=False)
+    second = run(copy.deepcopy(data), folder / "second", progress=False)
+    return first, second
+
+
+def test_prune_then_quantize_saves_a_folder_that_reloads_with_equal_logits(prune_then_quantize):
+    from transformers import AutoModelForCausalLM
+
+    from hf_compress.hub import read_metrics, read_recipe, validate_model_card
+    from hf_compress.quantization import PackedLinear
+
+    result, _ = prune_then_quantize
+    folder = result.save_dir
+    assert {"config.json", "model.safetensors", "recipe.yaml", "recipe_results.json", "README.md"} <= {
+        p.name for p in folder.iterdir()}
+    reloaded = AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert any(isinstance(m, PackedLinear) for m in reloaded.modules())
+    ids = torch.tensor([[5, 17, 42, 99, 3, 64, 128, 7]])
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, result.model.eval()(ids).logits)
+    # DL-QAT kept Wanda's 2:4 mask: every dequantized decoder weight has at most 2 non-zeros per 4 inputs
+    dense = reloaded.dequantize()
+    for block in dense.model.layers:
+        for layer in (block.self_attn.q_proj, block.self_attn.o_proj, block.mlp.up_proj, block.mlp.down_proj):
+            groups = layer.weight.reshape(layer.weight.shape[0], -1, 4)
+            assert int((groups != 0).sum(-1).max()) <= 2
+    # every step measured, the numbers move the way the methods say, the card reports the final measurement
+    names = [r.name for r in result.records]
+    assert names == ["base model", "prune wanda", "quantize dlqat"]
+    base, pruned, packed = (r.metrics for r in result.records)
+    assert pruned["decoder_linear_bytes"] < 0.6 * base["decoder_linear_bytes"]  # 2:4: half the values + a bitmask
+    assert packed["decoder_linear_bytes"] < pruned["decoder_linear_bytes"]
+    assert result.final_metrics["model_disk_bytes"] < base["stored_bytes"]
+    assert result.steps[1].details["training_steps"] == 2
+    validate_model_card(folder)
+    [perplexity] = read_metrics(folder)
+    assert perplexity.metric_value == pytest.approx(result.final_metrics["perplexity"], rel=1e-4)
+    assert [s["method"] for s in read_recipe(folder)["stages"]] == ["wanda", "dlqat"]
+    card = (folder / "README.md").read_text()
+    assert "| 1 | prune wanda |" in card and "| 2 | quantize dlqat |" in card and "| 0 | base model |" in card
+    assert "Wanda 2:4 then 4-bit DL-QAT with the mask kept." in card and "<!--" not in card
+    assert Recipe.from_yaml(folder / "recipe.yaml") == result.recipe
+    saved = json.loads((folder / "recipe_results.json").read_text())
+    assert [r["metrics"]["perplexity"] for r in saved["records"]] == [r.metrics["perplexity"] for r in result.records]
+
+
+def test_same_recipe_and_seed_give_the_same_weights(prune_then_quantize):
+    first, second = prune_then_quantize
+    a, b = (load_file(r.save_dir / "model.safetensors") for r in prune_then_quantize)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r.metrics["perplexity"] for r in first.records] == [r.metrics["perplexity"] for r in second.records]
+
+
+def test_a_different_seed_gives_different_weights(tmp_path, prune_then_quantize):
+    first, _ = prune_then_quantize
+    data = recipe({"prune": WANDA}, {"quantize": DLQAT}, seed=1)
+    other = run(data, tmp_path / "seed1", progress=False)
+    a, b = load_file(first.save_dir / "model.safetensors"), load_file(other.save_dir / "model.safetensors")
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cli_check_and_run(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from hf_compress.cli.main import main
+
+    path = tmp_path / "recipe.yaml"
+    Recipe.from_dict(recipe({"prune": {"method": "magnitude", "sparsity": "2:4"}},
+                            {"quantize": {"method": "rtn", "bits": 4, "group_size": 32}})).save_yaml(path)
+    assert main(["recipe", "check", str(path)]) == 0
+    assert "1. prune magnitude" in capsys.readouterr().out
+    assert main(["recipe", "run", str(path), "--save-dir", str(tmp_path / "out"), "--device", "cpu", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "2. quantize rtn: perplexity" in out and "saved to" in out
+    AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    capsys.readouterr()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nbase_model: tiny-llama\nsteps:\n  - quantize: {method: rtn}\n  - prune: {method: magnitude}\n")
+    assert main(["recipe", "check", str(bad)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("hf-compress: error: ") and "put `prune` first" in error and error.count("\n") == 1
+    assert main(["recipe", "run", str(bad), "--save-dir", str(tmp_path / "never")]) == 2
+    assert not (tmp_path / "never").exists()
+
+
+def test_heads_and_generation_recipe_folder_runs_its_journey(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from hf_compress.cache import SparKCache, cache_kwargs
+
+    data = recipe({"prune": {"method": "magnitude", "sparsity": "2:4"}}, {"heads": HEADS},
+                  {"generation": {"strategy": "amphista", "tree": "chain", "cache": {"method": "spark",
+                                                                                     "channel_ratio": 0.5}}})
+    result = run(data, tmp_path / "out", progress=False)
+    folder = result.save_dir
+    assert (folder / "heads" / "custom_generate" / "generate.py").is_file()
+    assert result.steps[1].metrics["heads_bytes"] > 0
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    ids = torch.tensor([[5, 17, 42, 99, 3, 64, 128, 7]])
+    greedy = model.generate(ids, max_new_tokens=10, do_sample=False)
+    drafted = model.generate(ids, max_new_tokens=10, do_sample=False, custom_generate=str(folder / "heads"),
+                             trust_remote_code=True)
+    assert torch.equal(drafted, greedy)  # strict verification: the heads only change the speed
+    card = (folder / "README.md").read_text()
+    assert 'custom_generate=f"{folder}/heads"' in card and "SparKCache(model.config, channel_ratio=0.5)" in card
+    cached = model.generate(ids, max_new_tokens=10, do_sample=False,
+                            **cache_kwargs(model, SparKCache(model.config, channel_ratio=0.5)))
+    assert cached.shape == greedy.shape
+
+
+def test_strategy_recipe_saves_custom_generate_next_to_the_model(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    result = run(Recipe.from_yaml(EXAMPLES / "tiny-llama-magnitude24-dlqat4-fly.yaml"), tmp_path / "fly", progress=False)
+    folder = result.save_dir
+    assert (folder / "custom_generate" / "generate.py").is_file()
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    ids = torch.tensor([[5, 17, 42, 5, 17, 42, 5, 17]])
+    greedy = model.generate(ids, max_new_tokens=12, do_sample=False)
+    out = model.generate(ids, max_new_tokens=12, do_sample=False, custom_generate=str(folder), trust_remote_code=True)
+    assert torch.equal(out, greedy)  # FLy with loose=false is strict verification
+    assert f'custom_generate="{result.recipe.name}"' in (folder / "README.md").read_text()
+
+
+@pytest.mark.parametrize("step, saved_as", [
+    ({"route": {"method": "token_router", "token_sparsity": 0.25, "static": True, "generations": 1, "population": 2,
+                "search_windows": 1, "search_seq_len": 32}}, "hf_compress_routed"),
+    ({"prune": {"method": "block_removal", "target_sparsity": 0.3, "num_calibration_sequences": 4,
+                "calibration_seq_len": 32}}, None),  # whole blocks go: a plain checkpoint with fewer layers
+])
+def test_route_and_structural_steps_save_in_their_formats(tmp_path, step, saved_as):
+    from transformers import AutoModelForCausalLM
+
+    result = run(recipe(step), tmp_path / "out", progress=False)
+    config = json.loads((result.save_dir / "config.json").read_text())
+    if saved_as:
+        assert config["quantization_config"]["quant_method"] == saved_as
+    else:
+        assert "quantization_config" not in config and config["num_hidden_layers"] == 1
+    reloaded = AutoModelForCausalLM.from_pretrained(result.save_dir).eval()
+    ids = torch.tensor([[5, 17, 42, 99, 3, 64, 128, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, result.model.eval()(ids).logits, rtol=0, atol=1e-6)
+    assert result.final_metrics["perplexity"] != result.base.metrics["perplexity"]
+
+
+def test_a_folder_that_would_not_reload_as_the_model_is_never_installed(tmp_path, monkeypatch):
+    import hf_compress.recipe.save as save
+
+    original = save.save_model
+
+    def save_then_drift(state, folder, base_model):  # a saver that loses something: the model no longer matches
+        kind = original(state, folder, base_model)
+        with torch.no_grad():
+            state.model.get_output_embeddings().weight.mul_(1.5)
+        return kind
+
+    monkeypatch.setattr(save, "save_model", save_then_drift)
+    with pytest.raises(RuntimeError, match="does not reload as the model in memory"):
+        run(recipe({"prune": {"method": "magnitude", "sparsity": "2:4"}}), tmp_path / "out", progress=False)
+    assert list(tmp_path.iterdir()) == []  # neither the folder nor its staging
+
+
+@pytest.mark.real_model
+def test_a_cheap_recipe_on_smollm2(tmp_path):
+    """Magnitude 2:4 → RTN 4-bit on the real SmolLM2-135M: the folder reloads (checked by the run itself), the
+    tied embeddings are stored once, and the stacked decoder linears are far below their fp32 bytes."""
+    result = run(recipe({"prune": {"method": "magnitude", "sparsity": "2:4"}},
+                        {"quantize": {"method": "rtn", "bits": 4, "group_size": 128}},
+                        name="smollm2-magnitude24-rtn4", base_model="smollm2-135m",
+                        evaluation={"perplexity_windows": 2, "window": 256}), tmp_path / "out", progress=False)
+    base, pruned, packed = (r.metrics for r in result.records)
+    assert packed["decoder_linear_vs_base_fp32"] < 0.2
+    assert result.final_metrics["reload_max_logit_difference"] <= 1e-3
+    assert result.final_metrics["model_disk_bytes"] < 0.5 * base["stored_bytes"]
+    assert base["perplexity"] < pruned["perplexity"]
