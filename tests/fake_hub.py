@@ -29,6 +29,8 @@ Example:
 
 :func:`serve_fake_hub` also points the caches at a folder, leaves offline mode and sets a token (and undoes
 it all); the ``fake_hub`` fixture in ``tests/conftest.py`` and ``scripts/robustness/push.py`` use it.
+:meth:`FakeHub.save_state` / :meth:`FakeHub.load_state` hand the repositories to another process (a fresh
+interpreter that downloads what the test published: ``tests/artifact_journey.py``).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ import hashlib
 import itertools
 import json
 import os
+import pickle
 import re
 import threading
 from collections.abc import Iterator
@@ -220,6 +223,20 @@ class FakeHub:
         if commit is None:
             raise KeyError(f"unknown revision {revision!r} of {repo_id}")
         return dict(commit.files)
+
+    def save_state(self, path: str | os.PathLike) -> None:
+        """Write the repositories to ``path``, for :meth:`load_state` in another process (e.g. a test that
+        downloads in a fresh interpreter what this one published)."""
+        with self._lock:
+            Path(path).write_bytes(pickle.dumps((self.user, self.token, self.repos)))
+
+    @classmethod
+    def load_state(cls, path: str | os.PathLike) -> FakeHub:
+        """A hub serving the repositories :meth:`save_state` wrote (a test's own file: pickle is fine here)."""
+        user, token, repos = pickle.loads(Path(path).read_bytes())
+        hub = cls(user=user, token=token)
+        hub.repos = repos
+        return hub
 
     # ------------------------------------------------------------------ request dispatch
 

@@ -1,0 +1,228 @@
+"""Publish a built artifact set (``manifest.json``) to the Hub: verify everything, then push what changed.
+
+Nothing is sent until every selected artifact has passed every check:
+
+1. the namespace is a valid Hub user/organisation name and every ``namespace/name`` a valid repo id;
+2. every file matches the manifest (sha256 and size) and no unlisted file would be uploaded
+   (:func:`~.manifest.verify_manifest`);
+3. every folder has a ``README.md`` that ``huggingface_hub.ModelCard`` parses and
+   :func:`~.model_card.validate_model_card` accepts, and each ``model-index`` value is one of the
+   artifact's measurements in the manifest (same metric, dataset, split and value), so a card can only
+   publish measured numbers;
+4. :func:`~.push.plan_push` accepts the folder (allow-list, no pickles, no local paths).
+
+Then each artifact whose repo already holds every listed file with the same content (compared through
+``HfApi.get_paths_info``: the LFS sha256 for LFS/Xet files, the git blob id for regular ones) is skipped; the
+others go through :func:`~.push.push_to_hub`. Publishing an unchanged set a second time uploads nothing.
+
+Example:
+    >>> results = publish("artifacts/manifest.json", "my-org")  # doctest: +SKIP
+    >>> [(r.repo_id, r.status) for r in results]  # doctest: +SKIP
+    [('my-org/smollm2-135m-sds24', 'uploaded'), ...]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from huggingface_hub import HfApi, ModelCard
+from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+from .. import __version__
+from ..utils import get_logger
+from .manifest import ArtifactEntry, Manifest, ManifestError, check_names, verify_manifest
+from .model_card import CARD_FILENAME, read_metrics, validate_model_card
+from .push import plan_push, push_to_hub
+
+
+logger = get_logger(__name__)
+
+__all__ = ["PublishResult", "check_publishable", "publish", "remote_differences"]
+
+_CHUNK = 1 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class PublishResult:
+    """What :func:`publish` did with one artifact.
+
+    Attributes:
+        name: The artifact's name in the manifest.
+        repo_id: ``namespace/name``.
+        status: ``"uploaded"``, ``"unchanged"`` (nothing sent) or ``"planned"`` (``dry_run``).
+        changed: Files that were (or, in a dry run, would be) uploaded because the repo lacks them or holds
+            other content; empty for an unchanged artifact. A dry run does not contact the Hub, so it lists
+            every file.
+        commit_url: The commit of an upload.
+    """
+
+    name: str
+    repo_id: str
+    status: str
+    changed: tuple[str, ...] = ()
+    commit_url: str | None = None
+
+
+def publish(
+    manifest: str | os.PathLike | Manifest,
+    namespace: str | None,
+    *,
+    names: Sequence[str] | None = None,
+    private: bool | None = None,
+    dry_run: bool = False,
+    token: str | bool | None = None,
+) -> list[PublishResult]:
+    """Verify the artifacts of ``manifest`` (all, or ``names``), then push each changed one to ``namespace``.
+
+    Args:
+        manifest: ``manifest.json`` (or its folder, or a loaded :class:`~.manifest.Manifest`).
+        namespace: The Hub user or organisation the repos go to (``namespace/<artifact name>``).
+        names: Only these artifacts (an unknown name is an error).
+        private: Visibility of repos this call creates (existing repos keep theirs).
+        dry_run: Check everything and return the plan; nothing is sent, the Hub is not contacted.
+        token: Hub token; defaults to the logged-in one.
+
+    Raises:
+        ValueError: no or an invalid namespace; :class:`~.manifest.ManifestError` for a bad manifest, a file
+            that does not match it, or a card whose numbers were not measured. Nothing has been pushed then.
+
+    Example:
+        >>> publish("artifacts/manifest.json", "my-org", dry_run=True)  # doctest: +SKIP
+    """
+    _check_namespace(namespace)  # before reading anything: a forgotten namespace is the first thing to say
+    manifest = check_publishable(manifest, names)
+    selected = check_names(manifest, names)
+    repo_ids = _repo_ids(namespace, selected)
+    if dry_run:
+        return [
+            PublishResult(name, repo_ids[name], "planned", tuple(f.path for f in manifest.artifacts[name].files))
+            for name in selected
+        ]
+    api = HfApi(token=token, library_name="hf_compress", library_version=__version__)
+    results = []
+    for name in selected:
+        entry, folder, repo_id = manifest.artifacts[name], manifest.folder_of(name), repo_ids[name]
+        changed = remote_differences(api, repo_id, folder, entry)
+        if not changed:
+            logger.info("%s: %s already holds these %d files; nothing to upload", name, repo_id, len(entry.files))
+            results.append(PublishResult(name, repo_id, "unchanged"))
+            continue
+        logger.info("%s: uploading to %s (%d of %d files differ)", name, repo_id, len(changed), len(entry.files))
+        commit = push_to_hub(
+            folder, repo_id, token=token, private=private,
+            commit_message=f"Upload {name} with hf_compress {__version__}",
+        )
+        results.append(PublishResult(name, repo_id, "uploaded", tuple(changed), str(commit)))
+    return results
+
+
+def check_publishable(manifest: str | os.PathLike | Manifest, names: Sequence[str] | None = None) -> Manifest:
+    """Every check :func:`publish` runs before sending anything (hashes, cards, measurements, push plan).
+
+    Example:
+        >>> check_publishable("artifacts/manifest.json")  # doctest: +SKIP
+    """
+    manifest = verify_manifest(manifest, names)
+    for name in check_names(manifest, names):
+        entry, folder = manifest.artifacts[name], manifest.folder_of(name)
+        _check_card(name, folder, entry)
+        try:
+            plan_push(folder)
+        except ValueError as err:
+            raise ManifestError(f"Artifact {name!r} cannot be pushed: {err}") from None
+    return manifest
+
+
+def remote_differences(api: HfApi, repo_id: str, folder: str | os.PathLike, entry: ArtifactEntry) -> list[str]:
+    """The files of ``entry`` that ``repo_id`` (its ``main``) lacks or holds with other content; all of them
+    when the repo does not exist.
+
+    An LFS (or Xet) file is compared by its sha256 and size, a regular file by its git blob id and size, the
+    two identities the Hub reports for a file.
+    """
+    paths = [item.path for item in entry.files]
+    try:
+        remote = {info.path: info for info in api.get_paths_info(repo_id, paths, repo_type="model")}
+    except (RepositoryNotFoundError, RevisionNotFoundError):
+        return paths
+    changed = []
+    for item in entry.files:
+        info = remote.get(item.path)
+        if info is None or not hasattr(info, "blob_id"):  # missing, or a folder of that name
+            changed.append(item.path)
+        elif info.lfs is not None:
+            if info.lfs.sha256 != item.sha256 or info.lfs.size != item.size:
+                changed.append(item.path)
+        elif info.size != item.size or info.blob_id != _git_blob_id(Path(folder) / item.path, item.size):
+            changed.append(item.path)
+    return changed
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _check_namespace(namespace: str | None) -> None:
+    if namespace is None or (isinstance(namespace, str) and not namespace.strip()):
+        raise ValueError(
+            "No namespace: pass the Hub user or organisation to publish under (--namespace ORG); nothing was pushed."
+        )
+    if not isinstance(namespace, str) or "/" in namespace:
+        raise ValueError(f"--namespace must be a user or organisation name without '/', got {namespace!r}.")
+    try:
+        validate_repo_id(f"{namespace}/repo")
+    except HFValidationError as err:
+        raise ValueError(f"--namespace {namespace!r} is not a valid Hub user or organisation name ({err}).") from None
+
+
+def _repo_ids(namespace: str, names: Sequence[str]) -> dict[str, str]:
+    ids = {}
+    for name in names:
+        try:
+            validate_repo_id(f"{namespace}/{name}")
+        except HFValidationError as err:
+            raise ValueError(f"--namespace {namespace!r}: {namespace}/{name} is not a valid repo id ({err}).") from None
+        ids[name] = f"{namespace}/{name}"
+    return ids
+
+
+def _check_card(name: str, folder: Path, entry: ArtifactEntry) -> None:
+    card_path = folder / CARD_FILENAME
+    if not card_path.is_file():
+        raise ManifestError(f"Artifact {name!r} has no {CARD_FILENAME} model card; rebuild it.")
+    try:
+        card = ModelCard(card_path.read_text(encoding="utf-8-sig"))  # huggingface_hub's own parser
+        validate_model_card(card)
+    except ValueError as err:
+        raise ManifestError(f"Artifact {name!r}: the model card does not parse: {err}") from None
+    measured = [m.record for m in entry.metrics]
+    for record in read_metrics(card):
+        if not any(_same_measurement(record, m) for m in measured):
+            raise ManifestError(
+                f"Artifact {name!r}: the card reports {record.metric_type} = {record.metric_value} on "
+                f"{record.dataset_type!r}, which is not one of its measurements in the manifest; only measured "
+                "numbers may be published. Rebuild the artifact."
+            )
+
+
+def _same_measurement(card, measured) -> bool:
+    return (
+        (card.task_type, card.dataset_type, card.dataset_split, card.metric_type, card.metric_config)
+        == (measured.task_type, measured.dataset_type, measured.dataset_split, measured.metric_type,
+            measured.metric_config)
+        and math.isclose(float(card.metric_value), float(measured.metric_value), rel_tol=1e-9, abs_tol=0.0)
+    )
+
+
+def _git_blob_id(path: Path, size: int) -> str:
+    """The git blob id (sha1 of ``blob <size>\\0`` + content): what the Hub reports for a regular file."""
+    digest = hashlib.sha1(f"blob {size}\0".encode())
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,224 @@
+"""The ready-to-download set: build every artifact kind (quick mode, tiny Llama), publish it to the fake Hub,
+publish again (nothing uploaded), then run each artifact's user journey in a fresh interpreter that downloads
+it from the Hub. Bad inputs (a changed file, no namespace, an unknown name, a card number that was never
+measured) are refused before anything is pushed."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hf_compress.assets import tiny_model
+from hf_compress.hub.manifest import Manifest, ManifestError, verify_manifest
+from hf_compress.hub.model_card import read_metrics
+from hf_compress.hub.publish import check_publishable, publish
+
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+import build_artifacts  # noqa: E402  (a script, importable once its folder is on the path)
+
+
+NAMESPACE = "org"
+KINDS = {"model", "router", "adapter", "strategy"}
+
+
+@pytest.fixture(scope="module")
+def built_set(tmp_path_factory) -> Path:
+    """The whole set in quick mode (tiny Llama), built once for the module; tests tamper with copies only.
+
+    One torch thread: tiny models run fastest so, and on a loaded 2-core machine two threads wait on each other.
+    """
+    out = tmp_path_factory.mktemp("artifacts")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        build_artifacts.build_set(out, quick=True)
+    finally:
+        torch.set_num_threads(threads)
+    return out / "manifest.json"
+
+
+@pytest.fixture
+def set_copy(built_set, tmp_path) -> Path:
+    target = tmp_path / "set"
+    shutil.copytree(built_set.parent, target)
+    return target / "manifest.json"
+
+
+def _commits(hub) -> int:
+    return sum(1 for method, path in hub.requests if method == "POST" and "/commit/" in path)
+
+
+def test_build_covers_every_kind_and_resumes(built_set, tmp_path):
+    manifest = verify_manifest(built_set)
+    expected = {build_artifacts.QUICK.prefix + "-" + key for key in build_artifacts.ARTIFACTS}
+    assert set(manifest.artifacts) == expected
+    assert {entry.kind for entry in manifest.artifacts.values()} == KINDS
+    for entry in manifest.artifacts.values():
+        assert entry.build_seconds is not None and entry.build_seconds >= 0
+        assert "README.md" in {f.path for f in entry.files}
+        assert not Path(entry.folder).is_absolute()
+        assert entry.results["disk_bytes"]["value"] > 0 or entry.name.endswith("-fly")  # FLy has no weights
+    check_publishable(built_set)  # every card parses and each model-index value is one of the measurements
+    models = [e for e in manifest.artifacts.values() if e.kind in ("model", "router", "adapter")]
+    assert all(read_metrics(manifest.folder_of(e.name)) for e in models)  # measured cards, not empty ones
+    rows = {row["name"]: row for row in build_artifacts.rows(manifest)}
+    assert all(rows[e.name]["perplexity"] > 1 for e in models)
+    stacked = rows[f"{build_artifacts.QUICK.prefix}-sds24-dlqat4"]
+    assert stacked["decoder_linear_vs_base_fp32"] < rows[f"{build_artifacts.QUICK.prefix}-sds24"]["decoder_linear_vs_base_fp32"]
+    assert all(rows[f"{build_artifacts.QUICK.prefix}-{k}"]["tokens_per_s"] > 0 for k in ("sds24", "fly", "amphista"))
+    # The results table (and the README's, between its markers) comes from the manifest's measurements only.
+    from hf_compress.evaluation.report import write_benchmark
+
+    results = {"rows": list(rows.values()), "targets": build_artifacts.headline_targets(list(rows.values()), "tiny-llama")}
+    payload = {"settings": {"base": "tiny-llama", "device": "cpu"}, "results": results}
+    json_path, _ = write_benchmark("artifacts", payload["settings"], results, build_artifacts.render(payload),
+                                   results_dir=tmp_path)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{build_artifacts.TABLE_START}\nold\n{build_artifacts.TABLE_END}\noutro\n")
+    build_artifacts.update_readme(json_path, readme)
+    text = readme.read_text()
+    assert "old" not in text and text.startswith("intro\n") and text.endswith("outro\n")
+    assert f"| {stacked['name']} | model |" in text and f"{stacked['perplexity']:.2f}" in text
+    # Resumable: a second run finds every artifact complete and rebuilds nothing (same files, same times).
+    before = built_set.read_bytes()
+    build_artifacts.build_set(built_set.parent, quick=True)
+    assert built_set.read_bytes() == before
+
+
+def test_publish_then_nothing_to_upload_then_fresh_process_journeys(built_set, fake_hub, tmp_path):
+    manifest = Manifest.load(built_set)
+    first = publish(built_set, NAMESPACE)
+    assert {r.status for r in first} == {"uploaded"} and len(first) == len(manifest.artifacts)
+    for result in first:
+        entry = manifest.artifacts[result.name]
+        remote = fake_hub.files(result.repo_id)
+        local = manifest.folder_of(result.name)
+        assert {f.path for f in entry.files} <= set(remote)
+        assert all(remote[f.path] == (local / f.path).read_bytes() for f in entry.files)
+
+    commits, requests = _commits(fake_hub), len(fake_hub.requests)
+    second = publish(built_set, NAMESPACE)
+    assert {r.status for r in second} == {"unchanged"}
+    assert _commits(fake_hub) == commits  # nothing uploaded: no commit, no preupload
+    assert not any("/preupload/" in path for _, path in fake_hub.requests[requests:])
+    assert not fake_hub.unhandled
+
+    # Each artifact's journey in a fresh interpreter, downloading from the Hub this process published to.
+    state = tmp_path / "hub.pickle"
+    fake_hub.save_state(state)
+    journeys = [
+        {"repo_id": r.repo_id, "kind": manifest.artifacts[r.name].kind, "folder": str(manifest.folder_of(r.name)),
+         "base": build_artifacts.QUICK.base}
+        for r in first
+    ]
+    spec = tmp_path / "journeys.json"
+    spec.write_text(json.dumps(journeys))
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "artifact_journey.py"), str(state), str(tmp_path / "users"), str(spec)],
+        check=False, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = {r["repo_id"]: r for r in map(json.loads, done.stdout.splitlines())}
+    assert set(results) == {j["repo_id"] for j in journeys}
+    for journey in journeys:
+        result = results[journey["repo_id"]]
+        assert len(result["hub_tokens"]) == 8, result
+        assert result["hub_tokens"] == result["local_tokens"], result  # the download is the build
+        assert "hf_compress" in result["card_tags"]
+    by_key = {key: results[f"{NAMESPACE}/{build_artifacts.QUICK.prefix}-{key}"] for key in build_artifacts.ARTIFACTS}
+    dense_parameters = sum(p.numel() for p in tiny_model("llama")[0].parameters())
+    for key in ("sds24", "perm-wanda24"):  # sparse checkpoints load as plain 2:4 linears
+        assert by_key[key]["loaded"]["two_four"] and by_key[key]["loaded"]["packed_layers"] == 0, by_key[key]
+    for key in ("dlqat3", "sds24-dlqat4"):  # packed: every decoder linear (2 blocks x 7) stays packed low-bit
+        assert by_key[key]["loaded"]["quant_method"] == "hf_compress_packed", by_key[key]
+        assert by_key[key]["loaded"]["packed_layers"] == 14, by_key[key]
+    assert by_key["tyr30"]["loaded"]["quant_method"] == "hf_compress_slim"
+    assert by_key["tyr30"]["loaded"]["parameters"] < dense_parameters  # physically smaller
+    assert by_key["token-router"]["loaded"]["routed"] and not by_key["sds24"]["loaded"]["routed"]
+    assert by_key["dlqat3-adapter"]["loaded"] == {"class": "PeftModel", "peft_type": "PeftType.DLQAT"}
+    assert by_key["amphista"]["hub_tokens"] == by_key["amphista"]["greedy"]  # lossless greedy verification
+
+
+def test_changed_file_missing_namespace_and_unknown_name_push_nothing(set_copy, fake_hub):
+    manifest = Manifest.load(set_copy)
+    name = next(iter(manifest.artifacts))
+    with pytest.raises(ValueError, match="No namespace"):
+        publish(set_copy, None)
+    with pytest.raises(ValueError, match="No namespace"):
+        publish(set_copy, " ")
+    with pytest.raises(ValueError, match="namespace"):
+        publish(set_copy, "a/b")
+    with pytest.raises(ManifestError, match="Unknown artifact.*'nope'"):
+        publish(set_copy, NAMESPACE, names=["nope"])
+    with pytest.raises(SystemExit, match="unknown artifact.*nope"):
+        build_artifacts.main(["--quick", "--only", "nope", "--out", str(set_copy.parent)])
+
+    # One byte changed in the last artifact's weights: the whole publish is refused, no repo is created.
+    last = list(manifest.artifacts)[-1]
+    weights = next(f.path for f in manifest.artifacts[last].files if f.path.endswith(".safetensors"))
+    path = manifest.folder_of(last) / weights
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ManifestError, match=f"{last}.*{weights}.*does not match"):
+        publish(set_copy, NAMESPACE)
+    assert not fake_hub.repos and _commits(fake_hub) == 0
+    # The other artifacts alone are fine (dry run: checked, nothing sent).
+    planned = publish(set_copy, NAMESPACE, names=[name], dry_run=True)
+    assert [r.status for r in planned] == ["planned"] and not fake_hub.repos
+
+
+def test_unlisted_file_bad_manifest_and_unmeasured_card_number_are_refused(set_copy, fake_hub):
+    manifest = Manifest.load(set_copy)
+    model = next(n for n, e in manifest.artifacts.items() if e.metrics)
+    folder = manifest.folder_of(model)
+    (folder / "extra.json").write_text("{}")
+    with pytest.raises(ManifestError, match="extra.json.*not in the manifest"):
+        publish(set_copy, NAMESPACE)
+    (folder / "extra.json").unlink()
+
+    # A card whose model-index value differs from every measurement (hand-edited): refused, even with the
+    # manifest's hash updated to match the edited card.
+    card = folder / "README.md"
+    value = manifest.artifacts[model].metrics[0].record.metric_value
+    text = card.read_text()
+    assert f"value: {value}" in text
+    card.write_text(text.replace(f"value: {value}", f"value: {value + 1}"))
+    entry = manifest.artifacts[model]
+    from hf_compress.hub.manifest import FileEntry, file_digest
+
+    entry.files = [FileEntry(f.path, *file_digest(folder / f.path)) if f.path == "README.md" else f for f in entry.files]
+    manifest.save()
+    with pytest.raises(ManifestError, match="not one of its measurements"):
+        publish(set_copy, NAMESPACE)
+
+    set_copy.write_text("{not json")
+    with pytest.raises(ManifestError, match="not valid JSON"):
+        publish(set_copy, NAMESPACE)
+    set_copy.write_text(json.dumps({"schema_version": 99, "artifacts": []}))
+    with pytest.raises(ManifestError, match="schema_version 99"):
+        publish(set_copy, NAMESPACE)
+    assert not fake_hub.repos
+
+
+def test_cli_publish_reports_one_line_errors(set_copy, fake_hub, capsys):
+    from hf_compress.cli.main import main
+
+    assert main(["publish", "--manifest", str(set_copy)]) == 2
+    assert "No namespace" in capsys.readouterr().err
+    assert main(["publish", "--manifest", str(set_copy), "--namespace", NAMESPACE, "--dry-run"]) == 0
+    assert "planned" in capsys.readouterr().out and not fake_hub.repos
+    assert main(["publish", "--manifest", str(set_copy), "--namespace", NAMESPACE, "--only", "tiny-llama-fly", "nope"]) == 2
+    assert "Unknown artifact(s) 'nope'" in capsys.readouterr().err and not fake_hub.repos
+    assert main(["publish", "--manifest", str(set_copy), "--namespace", NAMESPACE, "--only", "tiny-llama-fly",
+                 "--private"]) == 0
+    assert capsys.readouterr().out.startswith("uploaded  org/tiny-llama-fly")
+    assert [(repo_id, repo.private) for (_, repo_id), repo in fake_hub.repos.items()] == [("org/tiny-llama-fly", True)]
