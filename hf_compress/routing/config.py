@@ -34,6 +34,12 @@ class TokenRouterConfig:
         guide_weight: weight of the guide loss (imitate the static router), decayed linearly to 0 (paper: equal weights).
         sparsity_weight: weight of the one-sided sparsity constraint (Eq. 5).
         distill_weight: weight of the final-output distillation loss (KL to the dense model's logits).
+        loss_tail: fraction of each window's most recent tokens whose next-token loss the schedule search scores and
+            the distillation matches (ours: 0.25). The static rule never computes a prompt's earliest tokens at the
+            blocks that skip them, so their own next-token predictions are not what routing preserves (a token
+            skipped at every block is predicted from its embedding alone); what it preserves is the context those
+            tokens give to the most recent ones — the continuation a prefill serves. Scoring every token (1.0) makes
+            the search and the router chase the never-computed tokens instead.
         route_decode: route tokens fed after the prompt too (paper's decode variant, threshold 0.5 on the router's
             probability); off by default: decoded tokens are computed at every block.
         seed: seed of the search and of training.
@@ -58,6 +64,7 @@ class TokenRouterConfig:
     guide_weight: float = 1.0
     sparsity_weight: float = 1.0
     distill_weight: float = 1.0
+    loss_tail: float = 0.25
     route_decode: bool = False
     seed: int = 0
 
@@ -72,6 +79,7 @@ class TokenRouterConfig:
         check_int("search_seq_len", self.search_seq_len, minimum=2)
         for name in ("guide_weight", "sparsity_weight", "distill_weight"):
             check_float(name, getattr(self, name), low=0.0)
+        check_float("loss_tail", self.loss_tail, low=0.0, high=1.0, low_open=True)
         check_bool("route_decode", self.route_decode)
         check_seed("seed", self.seed)
         if self.token_sparsity > self.max_block_sparsity:

@@ -29,8 +29,9 @@ __all__ = ["TokenRouter", "router_features", "select_tokens", "static_scores"]
 class TokenRouter(nn.Module):
     """The global router: ``Linear(4, hidden) → GELU → Linear(hidden, 1)``; a logit per token (higher = compute).
 
-    Initialised so that its output follows the static rule (keep recent tokens): the output weight of the position
-    factor path is positive on average, which the guide loss then refines.
+    Initialised to *be* the static rule (ours): one hidden unit reads the position factor alone and is the only one
+    the output reads at first, so the logit rises strictly with position and top-k keeps exactly the static
+    router's tokens. Training therefore starts from the static router and the distillation loss moves it from there.
 
     Example:
         >>> router = TokenRouter(hidden_size=64)
@@ -51,8 +52,12 @@ class TokenRouter(nn.Module):
             bound = 1.0 / math.sqrt(self.NUM_FACTORS)
             self.hidden.weight.uniform_(-bound, bound, generator=generator)
             self.hidden.bias.uniform_(-bound, bound, generator=generator)
-            self.output.weight.uniform_(-0.1, 0.1, generator=generator)
+            self.output.weight.zero_()
             self.output.bias.zero_()
+            # Unit 0 = 4 · position (gelu is increasing on [0, 4]); the logit 2·gelu(4p) ranks tokens by recency.
+            self.hidden.weight[0] = torch.tensor([4.0, 0.0, 0.0, 0.0])
+            self.hidden.bias[0] = 0.0
+            self.output.weight[0, 0] = 2.0
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.output(nn.functional.gelu(self.hidden(features.to(self.hidden.weight.dtype)))).squeeze(-1)
@@ -82,8 +87,10 @@ def router_features(hidden_states: torch.Tensor, valid: torch.Tensor, block_spar
     positions, counts = real_positions(valid)
     n = counts.clamp(min=1).to(torch.float32)[:, None]
     hidden = hidden_states.detach().to(torch.float32)
-    hidden = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + 1e-6)
-    logits = (hidden * hidden[:, -1:, :]).sum(-1) / math.sqrt(hidden.shape[-1])  # last token is never padding
+    # Cosine-like score of each token against the last one, as matrix-vector products (no [B, T, H] temporaries).
+    scale = torch.rsqrt(hidden.pow(2).mean(-1) + 1e-6)  # (B, T)
+    dot = torch.matmul(hidden, hidden[:, -1, :, None]).squeeze(-1)  # last token is never padding
+    logits = dot * scale * scale[:, -1:] / math.sqrt(hidden.shape[-1])
     logits = logits.masked_fill(~valid, -math.inf)
     attention = torch.softmax(logits, dim=-1).nan_to_num(0.0)
     rank = torch.argsort(torch.argsort(logits, dim=-1, descending=True, stable=True), dim=-1, stable=True)

@@ -7,7 +7,10 @@ Losses (structure and equal weights confirmed for the paper; the forms are ours,
 - **sparsity** (Eq. 5, one-sided): ``Σ_ℓ max(r_ℓ − ŝ_ℓ, 0)`` with ``ŝ_ℓ`` the mean skip probability
   ``1 − σ(logit)`` of block ℓ's tokens (top-k already enforces the exact count; this keeps the probabilities
   calibrated for the decode-time 0.5 threshold);
-- **distillation** at the final output only: KL(dense model's next-token distribution ‖ routed model's).
+- **distillation** at the final output only: KL(dense model's next-token distribution ‖ routed model's) on the last
+  ``loss_tail`` of each row's real tokens (the continuation a routed prompt serves; see ``TokenRouterConfig``).
+
+The router starts as the static rule (``TokenRouter``'s initialisation), so training refines the static router.
 
 Gradients reach the router through a straight-through gate: a computed token's block update is multiplied by
 ``1 + σ(s) − stop_grad(σ(s))`` (exactly 1 in the forward pass), as Mixture-of-Depths does.
@@ -83,13 +86,20 @@ class RouterTrainingModule(nn.Module):
         log_teacher = torch.log_softmax(teacher, -1)
         log_student = torch.log_softmax(student, -1)
         kl = (log_teacher.exp() * (log_teacher - log_student)).sum(-1)
-        if attention_mask is not None:
-            kl = (kl * attention_mask).sum() / attention_mask.sum().clamp(min=1)
-        else:
-            kl = kl.mean()
+        weight = _tail_weight(input_ids, attention_mask, self.config.loss_tail)
+        kl = (kl * weight).sum() / weight.sum().clamp(min=1)
         losses["distill"] = self.config.distill_weight * kl
         self.last_losses = {name: float(value.detach()) for name, value in losses.items()}
         return {"loss": sum(losses.values())}
+
+
+def _tail_weight(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, tail: float) -> torch.Tensor:
+    """1 on the last ``tail`` fraction of each row's real tokens (at least one), else 0; ``(B, T)`` float."""
+    valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    counts = valid.sum(-1, keepdim=True)
+    from_end = valid.flip(-1).long().cumsum(-1).flip(-1)  # 1 for the last real token, 2 for the one before, ...
+    scored = (tail * counts).round().clamp(min=1)
+    return (valid & (from_end <= scored)).float()
 
 
 def train_token_router(
