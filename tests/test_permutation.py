@@ -223,7 +223,7 @@ def test_ria_changes_the_masks_and_keeps_more_score_on_a_structured_model():
 def test_learned_costs_start_at_their_initial_permutation_and_stay_permutations():
     model, _ = tiny_model("mistral")
     sites = find_sites(model)
-    config = LearnedPermutationConfig(groups=2, hard_forward=True)
+    config = LearnedPermutationConfig(groups=2, hard_forward=True, objective="ce_distill")
     initial = {}
     for site in sites:  # a random permutation inside each of the 2 groups
         half = site.width // 2

@@ -29,7 +29,7 @@ from ...utils import check_bool, check_choice, check_float, check_int
 __all__ = ["PERMUTATION_CHOICES", "LearnedPermutationConfig", "parse_permutation", "permutation_to_json"]
 
 PERMUTATION_CHOICES = ("none", "ria", "learned", "permllm")
-_OBJECTIVES = ("ce_distill", "cosine")
+_OBJECTIVES = ("block", "ce_distill", "cosine")
 
 
 @dataclass
@@ -64,11 +64,20 @@ class LearnedPermutationConfig:
         identity_margin: the initial cost advantage of the starting position of each channel.
         hard_forward: run the Hungarian permutation in the forward pass and the Sinkhorn one in the
             backward (straight-through; PermLLM's choice) instead of the soft permutation throughout.
-        objective: ``"ce_distill"`` (next-token CE + ``distillation_weight`` · Smooth-L1 between every
-            decoder layer's dense and pruned hidden states; the paper) or ``"cosine"`` (1 − cosine of
-            the final hidden states; PermLLM).
+        objective: ``"block"`` (default: each decoder block, fed the dense model's captured inputs, must
+            reproduce its dense outputs — relative squared error summed over blocks; a labelled,
+            CPU-sized stand-in for the paper's loss, see ``blockwise.py``), ``"ce_distill"`` (next-token
+            CE + ``distillation_weight`` · Smooth-L1 between every decoder layer's dense and pruned hidden
+            states, through the whole model; the paper) or ``"cosine"`` (1 − cosine of the final hidden
+            states; PermLLM).
         distillation_weight: α of the distillation term (the paper: 1e-5).
         max_train_seconds: stop training after this wall time (``None``: no limit).
+        eval_every: every this many steps the Hungarian permutations are scored on the objective (on
+            ``eval_sequences`` fixed training windows) and the best so far is kept; the starting point is
+            scored first, so the result is never worse than its initialisation on that objective.
+        eval_sequences: training windows the keep-best score uses.
+        blocks_per_step: with ``objective="block"``, how many decoder blocks (drawn at random) one step
+            trains on (``None``: all of them).
         seed: initial noise of the cost matrices and the training order.
 
     Example:
@@ -89,9 +98,12 @@ class LearnedPermutationConfig:
     init: str = "ria"
     identity_margin: float = 0.5
     hard_forward: bool = False
-    objective: str = "ce_distill"
+    objective: str = "block"
     distillation_weight: float = 1e-5
     max_train_seconds: float | None = None
+    eval_every: int = 10
+    eval_sequences: int = 4
+    blocks_per_step: int | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -119,26 +131,40 @@ class LearnedPermutationConfig:
         self.distillation_weight = check_float("distillation_weight", self.distillation_weight, low=0.0)
         self.max_train_seconds = check_float("max_train_seconds", self.max_train_seconds, low=0.0,
                                              low_open=True, allow_none=True)
+        self.eval_every = check_int("eval_every", self.eval_every, minimum=1)
+        self.eval_sequences = check_int("eval_sequences", self.eval_sequences, minimum=1)
+        self.blocks_per_step = check_int("blocks_per_step", self.blocks_per_step, minimum=1, allow_none=True)
         check_bool("hard_forward", self.hard_forward)
         check_choice("objective", self.objective, _OBJECTIVES)
         check_choice("init", self.init, ("ria", "identity"))
         self.seed = check_int("seed", self.seed)
 
-    def group_width(self, width: int, site: str) -> int:
-        """Channels per group of a site of ``width`` channels; a clear error when they do not divide it."""
+    def group_width(self, width: int, site: str, m: int = 1) -> int:
+        """Channels per group of a site of ``width`` channels; a clear error when they do not divide it.
+
+        A group no wider than one N:M group (``m`` channels; e.g. a 64-wide head cut in 16) could only
+        reorder channels inside that N:M group, which changes nothing, so the site is then one group.
+        """
         if self.block_size is not None:
             if width % self.block_size:
                 raise ValueError(
                     f"permutation block_size {self.block_size} does not divide the width {width} of {site}; "
                     "pick a divisor (e.g. 64 or 32)."
                 )
-            return self.block_size
-        assert self.groups is not None
-        if width % self.groups:
-            raise ValueError(
-                f"permutation groups={self.groups} does not divide the width {width} of {site}; pick a divisor."
-            )
-        return width // self.groups
+            size = self.block_size
+        else:
+            assert self.groups is not None
+            if width % self.groups:
+                raise ValueError(
+                    f"permutation groups={self.groups} does not divide the width {width} of {site}; pick a divisor."
+                )
+            size = width // self.groups
+        if size <= m:
+            return width
+        if size % m:
+            raise ValueError(f"permutation groups of {size} channels in {site} are not a multiple of M={m}: N:M groups "
+                             "would straddle them. Pick groups (or block_size) so that each holds a multiple of M.")
+        return size
 
     @classmethod
     def permllm(cls, **overrides: Any) -> LearnedPermutationConfig:

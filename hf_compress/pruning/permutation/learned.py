@@ -7,13 +7,16 @@ is learned. A forward pass:
    ``hard_forward`` the Hungarian permutation in the forward pass and the Sinkhorn gradient in the
    backward (straight-through, PermLLM);
 2. for every pruned layer builds its block-diagonal input permutation from the sites it reads
-   (``o_proj``: one block per query head, shared inside a key/value group), permutes the weight
-   ``Ŵ = W Pᵀ`` and the Wanda statistic ``x̂ = P x``, keeps the top N of ``|Ŵ| · x̂`` in every M
-   consecutive columns (the mask is a constant for the gradient) and permutes back:
-   ``W_eff = (Ŵ ⊙ M) P`` (= ``W`` masked by the permuted mask when ``P`` is a permutation);
+   (``o_proj``: one block per query head, shared inside a key/value group) and permutes the weight
+   ``Ŵ = W Pᵀ`` (batched matmuls over the groups); the N:M mask ``M`` keeps the top N of the Wanda
+   metric ``|W| · ‖x‖`` in every M consecutive columns *of the Hungarian permutation of the current
+   costs* — the mask the export will use — is a constant for the gradient, and is rebuilt only when
+   that permutation changed for one of the layer's sites (most steps move few of them); then permutes
+   back: ``W_eff = (Ŵ ⊙ M) P`` (= ``W`` masked by the permuted mask when ``P`` is a permutation);
 3. runs the frozen model with ``W_eff`` (``torch.func.functional_call``; the model's own weights are
    untouched) and returns the loss: next-token CE + ``α`` · Σ_layers Smooth-L1(dense hidden, pruned
-   hidden) (the paper), or ``1 − cos`` of the final hidden states (PermLLM).
+   hidden) (the paper), or ``1 − cos`` of the final hidden states (PermLLM). The block-by-block
+   objective (``blockwise.py``) reuses 1–2 and runs one decoder block at a time instead.
 
 ``hard_permutations()`` decodes every ``C`` with the Hungarian algorithm into site permutations for
 ``absorb.absorb_permutations``. ``train.py`` runs the training through ``Trainer``.
@@ -23,7 +26,8 @@ Example:
     >>> from hf_compress.pruning.permutation.sites import find_sites
     >>> model, _ = tiny_model("llama")
     >>> sites = find_sites(model)
-    >>> learner = PermutationLearner(model, sites, None, LearnedPermutationConfig(groups=4), kept=2, group=4)
+    >>> config = LearnedPermutationConfig(groups=4, objective="ce_distill")
+    >>> learner = PermutationLearner(model, sites, None, config, kept=2, group=4)
     >>> ids = torch.randint(3, 256, (1, 16))
     >>> learner(input_ids=ids, labels=ids)["loss"].backward()
     >>> all(cost.grad is not None for cost in learner.costs)
@@ -32,7 +36,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, Sequence, Set
 from typing import Any
 
 import torch
@@ -79,7 +83,7 @@ class PermutationLearner(nn.Module):
         costs = []
         self.block_widths: list[int] = []
         for site in self.sites:
-            width = config.group_width(site.width, site.name)
+            width = config.group_width(site.width, site.name, group)
             blocks = site.width // width
             noise = 0.01 * torch.randn(blocks, width, width, generator=generator)
             start = torch.arange(site.width) if initial is None else initial[site.name]
@@ -104,6 +108,10 @@ class PermutationLearner(nn.Module):
         self.input_norms = {name: input_norms[name].float().to(device) if input_norms is not None
                             else torch.ones(layer.in_features, device=device)
                             for name, (layer, _) in self.layers.items()}
+        self._hard: list[torch.Tensor] = []  # the Hungarian decoding of every cost, refreshed each step
+        self._masks: dict[str, tuple[list[torch.Tensor], torch.Tensor]] = {}  # layer -> (its sites' perms, mask)
+        self.mask_rebuilds = 0
+        """How many layer masks were (re)built: a layer's mask is rebuilt only when its permutation changed."""
 
     def train(self, mode: bool = True) -> PermutationLearner:
         """Only the learner switches mode: the frozen model stays in eval (no dropout in the loss)."""
@@ -118,49 +126,99 @@ class PermutationLearner(nn.Module):
         start, end = self.config.temperature_start, self.config.temperature_end
         return start + (end - start) * min(max(self.progress, 0.0), 1.0)
 
-    def soft_permutations(self) -> list[torch.Tensor]:
-        """The ``[blocks, n, n]`` permutation matrices of every site used in this forward pass."""
-        matrices = []
-        for cost in self.costs:
+    def decode(self, used: Set[int] | None = None) -> list[torch.Tensor]:
+        """The Hungarian permutation of every cost (``[blocks, n]`` block-local indices); also kept for the masks.
+
+        ``used``: refresh only these sites (the others keep their last decoding).
+        """
+        if used is None or len(self._hard) != len(self.costs):
+            self._hard = [hungarian(cost).to(cost.device) for cost in self.costs]
+        else:
+            for index in used:
+                self._hard[index] = hungarian(self.costs[index]).to(self.costs[index].device)
+        return self._hard
+
+    def soft_permutations(self, used: Set[int] | None = None) -> list[torch.Tensor | None]:
+        """The ``[blocks, n, n]`` permutation matrices of every site (``used``: only these; ``None`` elsewhere).
+
+        Also decodes the hard permutations the masks are built from (``decode``).
+        """
+        hard = self.decode(used)
+        matrices: list[torch.Tensor | None] = []
+        for index, (cost, perm) in enumerate(zip(self.costs, hard, strict=True)):
+            if used is not None and index not in used:
+                matrices.append(None)
+                continue
             soft = sinkhorn(cost, self.temperature, self.config.sinkhorn_iterations)
             if self.config.hard_forward:
-                hard = permutation_matrix(hungarian(cost).to(cost.device))
-                soft = hard + soft - soft.detach()  # forward: the permutation; backward: Sinkhorn's gradient
+                soft = permutation_matrix(perm) + soft - soft.detach()  # forward: the permutation; backward: Sinkhorn
             matrices.append(soft)
         return matrices
 
-    def hard_permutations(self) -> dict[str, torch.Tensor]:
-        """Site name → the Hungarian decoding of its costs as one index vector over the site's channels."""
+    def hard_matrices(self, hard: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """One-hot matrices of ``hard`` (default: a fresh ``decode()``), for scoring the exported permutation."""
+        self._hard = list(self.decode() if hard is None else hard)
+        return [permutation_matrix(perm) for perm in self._hard]
+
+    def site_permutations(self, hard: Sequence[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Site name → ``hard`` (default: the Hungarian decoding) as one index vector over the site's channels."""
+        hard = self.decode() if hard is None else hard
         perms = {}
-        for site, cost, width in zip(self.sites, self.costs, self.block_widths, strict=True):
-            blocks = hungarian(cost)
-            offsets = torch.arange(blocks.shape[0]).unsqueeze(1) * width
-            perms[site.name] = (blocks + offsets).reshape(-1)
+        for site, blocks, width in zip(self.sites, hard, self.block_widths, strict=True):
+            offsets = torch.arange(blocks.shape[0], device=blocks.device).unsqueeze(1) * width
+            perms[site.name] = (blocks + offsets).reshape(-1).cpu()
         return perms
 
+    def hard_permutations(self) -> dict[str, torch.Tensor]:
+        """Site name → the Hungarian decoding of its costs as one index vector over the site's channels."""
+        return self.site_permutations()
+
+    def layer_weight(self, name: str, matrices: Sequence[torch.Tensor | None]) -> torch.Tensor:
+        """One pruned layer's weight permuted by ``matrices``, N:M-masked (Wanda metric) and permuted back."""
+        layer, ranges = self.layers[name]
+        perm = torch.cat([matrices[i] for i, _ in ranges])  # type: ignore[misc]  # [blocks, n, n], block-diagonal
+        blocks, width = perm.shape[0], perm.shape[1]
+        weight = layer.weight.detach().float().reshape(layer.out_features, blocks, width).transpose(0, 1)
+        keep = self._mask(name, weight)
+        permuted = torch.bmm(weight, perm.transpose(1, 2))  # Ŵ[b, o, j] = Σ_i W[b, o, i] P[b, j, i]
+        back = torch.bmm(permuted * keep, perm)  # W_eff[b, o, i] = Σ_j (Ŵ ⊙ M)[b, o, j] P[b, j, i]
+        return back.transpose(0, 1).reshape_as(layer.weight).to(layer.weight.dtype)
+
     def effective_weights(self, matrices: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Every pruned layer's weight permuted, N:M-masked by the Wanda metric and permuted back."""
-        weights = {}
-        for name, (layer, ranges) in self.layers.items():
-            perm = torch.cat([matrices[i] for i, _ in ranges])  # [blocks, n, n], block-diagonal over the inputs
-            blocks, width = perm.shape[0], perm.shape[1]
-            weight = layer.weight.detach().float().reshape(layer.out_features, blocks, width)
-            permuted = torch.einsum("obi,bji->obj", weight, perm)
-            with torch.no_grad():
-                norms = torch.einsum("bji,bi->bj", perm, self.input_norms[name].reshape(blocks, width))
-                scores = (permuted.abs() * norms.unsqueeze(0)).reshape(layer.out_features, -1, self.group)
-                keep = torch.zeros_like(scores).scatter_(-1, scores.topk(self.kept, dim=-1).indices, 1.0)
-            masked = permuted * keep.reshape_as(permuted)
-            weights[self.weight_names[name]] = torch.einsum("obj,bji->obi", masked, perm).reshape_as(
-                layer.weight).to(layer.weight.dtype)
-        return weights
+        """Every pruned layer's effective weight (``layer_weight``), keyed for ``functional_call`` on the model."""
+        return {self.weight_names[name]: self.layer_weight(name, matrices) for name in self.layers}
+
+    @torch.no_grad()
+    def _mask(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """The N:M keep-mask ``[blocks, out, n]`` in the permuted order of the current hard permutations (cached)."""
+        if not self._hard:
+            self.decode()
+        _, ranges = self.layers[name]
+        perms = [self._hard[i] for i, _ in ranges]
+        cached = self._masks.get(name)
+        if cached is not None and all(torch.equal(a, b) for a, b in zip(cached[0], perms, strict=True)):
+            return cached[1]
+        index = torch.cat(perms)  # [blocks, n]: block-local channel at each position
+        blocks, out, width = weight.shape
+        norms = self.input_norms[name].reshape(blocks, width).gather(1, index)
+        scores = weight.gather(2, index.unsqueeze(1).expand(blocks, out, width)).abs() * norms.unsqueeze(1)
+        scores = scores.reshape(blocks, out, width // self.group, self.group)
+        keep = torch.zeros_like(scores).scatter_(-1, scores.topk(self.kept, dim=-1).indices, 1.0)
+        keep = keep.reshape(blocks, out, width)
+        self._masks[name] = (perms, keep)
+        self.mask_rebuilds += 1
+        return keep
 
     # ------------------------------------------------------------------------------------------ loss
 
     def forward(
-        self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None
+        self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+        matrices: Sequence[torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
-        weights = self.effective_weights(self.soft_permutations())
+        """The loss of the whole pruned model on a batch (``matrices``: given permutations, e.g. ``hard_matrices()``)."""
+        if self.config.objective == "block":
+            raise ValueError('objective="block" trains one block at a time: use BlockwisePermutationLearner.')
+        weights = self.effective_weights(self.soft_permutations() if matrices is None else matrices)
         needs_dense = self.config.objective == "cosine" or self.config.distillation_weight > 0
         inputs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask,
                                   "output_hidden_states": needs_dense, "use_cache": False}
@@ -182,3 +240,8 @@ class PermutationLearner(nn.Module):
                           for s, d in zip(student.hidden_states[1:], dense.hidden_states[1:], strict=True))
             loss = loss + self.config.distillation_weight * distill
         return {"loss": loss}
+
+    @torch.no_grad()
+    def objective(self, hard: Sequence[torch.Tensor], evaluation_ids: torch.Tensor) -> float:
+        """The training loss of the hard permutations ``hard`` on fixed windows (what keep-best compares)."""
+        return float(self(input_ids=evaluation_ids, matrices=self.hard_matrices(hard))["loss"])

@@ -88,7 +88,7 @@ def check_permutation(model: nn.Module, config: PruningConfig) -> list[Permutati
             raise ValueError(f"head_dim {site.width} of {site.name} is not a multiple of M={group}: N:M groups would "
                              "straddle heads, which a within-head permutation cannot serve. Use permutation=None.")
         if isinstance(config.permutation, LearnedPermutationConfig):
-            config.permutation.group_width(site.width, site.name)
+            config.permutation.group_width(site.width, site.name, group)
     return sites
 
 
@@ -113,24 +113,32 @@ def permute_for_pruning(
     # One [rows of every pruned reader, width] tensor per site: one gather and one top-k per candidate.
     scores = [[torch.cat(parts)] if parts else [] for parts in (site_scores(site, norms) for site in sites)]
     training = None
+    change = 0.0
     if isinstance(permutation, LearnedPermutationConfig):
         from .train import learn_permutations  # imports Trainer
 
         assert calibration_ids is not None
-        initial = None
-        if permutation.init == "ria":
-            initial = {site.name: _ria_within_groups(score, permutation.group_width(site.width, site.name), kept, group)
-                       for site, score in zip(sites, scores, strict=True)}
-        perms, training = learn_permutations(model, sites, norms, calibration_ids, permutation, kept, group, initial)
+        base = None
+        if permutation.init == "ria":  # start from the RIA variant's permutation, absorbed: groups refine it
+            base = {site.name: ria_permutation(score, kept, group) for site, score in zip(sites, scores, strict=True)}
+            change = absorb_permutations(model, sites, base)
+            norms = _permuted_norms(norms, sites, base)
+        learned, training = learn_permutations(model, sites, norms, calibration_ids, permutation, kept, group,
+                                               batch_size=config.batch_size)
+        change = max(change, absorb_permutations(model, sites, learned))
+        perms = learned if base is None else {name: base[name][learned[name]] for name in learned}
+        start_perms = base or {site.name: torch.arange(site.width) for site in sites}
+        training["kept_score_initial"] = sum(kept_score(s, start_perms[site.name], kept, group)
+                                             for site, s in zip(sites, scores, strict=True))
     else:
         bar = tqdm(zip(sites, scores, strict=True), total=len(sites), desc="permutation", disable=not progress,
                    leave=False)
         perms = {site.name: ria_permutation(score, kept, group) for site, score in bar}
+        change = absorb_permutations(model, sites, perms)
     identity = sum(kept_score(s, torch.arange(site.width, device="cpu"), kept, group)
                    for site, s in zip(sites, scores, strict=True))
     chosen = sum(kept_score(s, perms[site.name], kept, group) for site, s in zip(sites, scores, strict=True))
     moved = sum(int((perms[site.name] != torch.arange(site.width, device=perms[site.name].device)).sum()) for site in sites)
-    change = absorb_permutations(model, sites, perms)
     report = PermutationReport(
         kind="learned" if training is not None else "ria", sites=len(sites), kept_score_identity=identity,
         kept_score=chosen, moved_channels=moved / sum(site.width for site in sites), probe_logit_change=change,
@@ -141,14 +149,17 @@ def permute_for_pruning(
     return report
 
 
-def _ria_within_groups(scores: list[torch.Tensor], width: int, kept: int, group: int) -> torch.Tensor:
-    """RIA's permutation dealt inside each contiguous group of ``width`` channels (a learned start point)."""
-    total = scores[0].shape[1] if scores else width
-    parts = []
-    for begin in range(0, total, width):
-        local = ria_permutation([s[:, begin:begin + width] for s in scores], kept, group) if scores else None
-        parts.append(begin + (torch.arange(width) if local is None else local))
-    return torch.cat(parts)
+def _permuted_norms(norms: dict[str, torch.Tensor] | None, sites: list[PermutationSite],
+                    perms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """The input norms of the pruned readers once ``perms`` are absorbed (each reader's columns move with its site)."""
+    if norms is None:
+        return None
+    moved = {name: value.clone() for name, value in norms.items()}
+    for site in sites:
+        for reader in site.scored_readers:
+            part = moved[reader.name][reader.start:reader.start + site.width]
+            part.copy_(part[perms[site.name].to(part.device)])
+    return moved
 
 
 @torch.no_grad()

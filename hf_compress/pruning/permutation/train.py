@@ -2,8 +2,11 @@
 
 Only the cost matrices have ``requires_grad`` while training, so the Trainer's optimiser (AdamW,
 cosine schedule) sees nothing else, and ``accelerate launch`` / ``torchrun`` scale it unchanged. A
-callback feeds the training progress to the learner (temperature annealing) and stops at
-``max_train_seconds``; the loss curve comes back from the Trainer's log history.
+callback feeds the training progress to the learner (temperature annealing), stops at
+``max_train_seconds`` and keeps the best permutation: the starting point and, every ``eval_every``
+steps and at the end, the Hungarian decoding of the costs are scored on the learner's objective on
+``eval_sequences`` fixed windows; the lowest wins, so the result is never worse than where it started
+on that objective. The loss curve comes back from the Trainer's log history.
 
 Example:
     >>> perms, info = learn_permutations(model, sites, norms, calibration_ids, config, 2, 4)  # doctest: +SKIP
@@ -23,6 +26,7 @@ from torch import nn
 
 from ...utils import get_logger
 from .config import LearnedPermutationConfig
+from .blockwise import BlockwisePermutationLearner
 from .learned import PermutationLearner
 from .sites import PermutationSite
 
@@ -40,11 +44,14 @@ def learn_permutations(
     kept: int,
     group: int,
     initial: Mapping[str, torch.Tensor] | None = None,
+    batch_size: int = 8,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Learn the site permutations on ``training_ids`` (``[sequences, seq_len]``); return them and training info.
+    """Learn the site permutations on ``training_ids`` (``[sequences, seq_len]``); return the best and training info.
 
-    The info holds ``train_seconds``, ``steps``, ``loss_curve`` (``[step, loss]`` pairs) and
-    ``temperature_end`` (the temperature reached).
+    The info holds ``train_seconds``, ``steps``, ``loss_curve`` (``[step, loss]`` pairs),
+    ``temperature_end`` (the temperature reached), ``objective_curve`` (``[step, objective]`` of the
+    hard permutations; step 0 is the starting point), ``objective_initial``, ``objective_best`` and
+    ``best_step`` (0: nothing beat the start), and ``mask_rebuilds``.
     """
     from datasets import Dataset
     from transformers import TrainerCallback
@@ -54,13 +61,36 @@ def learn_permutations(
     if config.num_training_sequences is not None:
         training_ids = training_ids[: config.num_training_sequences]
     rows = training_ids.tolist()
-    dataset = Dataset.from_dict({"input_ids": rows, "labels": rows})
     steps = max(1, math.ceil(config.epochs * len(rows) / config.batch_size))
-    learner = PermutationLearner(model, sites, input_norms, config, kept, group, initial)
+    evaluation = torch.arange(min(config.eval_sequences, len(rows)), device=training_ids.device)
+    blockwise = config.objective == "block"
+    device = next(model.parameters()).device
+    setup = time.perf_counter()
+    if blockwise:
+        dataset = Dataset.from_dict({"index": list(range(len(rows)))})
+        learner: PermutationLearner = BlockwisePermutationLearner(
+            model, sites, input_norms, config, kept, group, initial, training_ids=training_ids, batch_size=batch_size)
+    else:
+        dataset = Dataset.from_dict({"input_ids": rows, "labels": rows})
+        learner = PermutationLearner(model, sites, input_norms, config, kept, group, initial)
+        evaluation = training_ids[evaluation].to(device)
+    setup = time.perf_counter() - setup
 
-    class _Progress(TrainerCallback):  # temperature annealing and the wall-time budget
+    class _Progress(TrainerCallback):  # temperature annealing, the wall-time budget, keep-best
         def __init__(self) -> None:
             self.start = time.perf_counter()
+            self.best = learner.decode()
+            self.best_score = learner.objective(self.best, evaluation)
+            self.best_step = 0
+            self.initial = self.best_score
+            self.curve = [[0, self.best_score]]
+
+        def score(self, step: int) -> None:
+            hard = learner.decode()
+            value = learner.objective(hard, evaluation)
+            self.curve.append([step, value])
+            if value < self.best_score:
+                self.best, self.best_score, self.best_step = hard, value, step
 
         def on_step_begin(self, args, state, control, **kwargs):
             learner.progress = state.global_step / max(1, state.max_steps - 1)
@@ -71,8 +101,13 @@ def learn_permutations(
                 logger.warning("learned permutation: stopping at step %d (max_train_seconds=%g)",
                                state.global_step, budget)
                 control.should_training_stop = True
+            if state.global_step % config.eval_every == 0 or control.should_training_stop:
+                self.score(state.global_step)
 
-    device = next(model.parameters()).device
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.curve[-1][0] != state.global_step:
+                self.score(state.global_step)
+
     settings = TrainingSettings(
         max_steps=steps, learning_rate=config.learning_rate, per_device_batch_size=config.batch_size,
         lr_scheduler_type="cosine", logging_steps=max(1, steps // 25), seed=config.seed,
@@ -84,15 +119,22 @@ def learn_permutations(
         parameter.requires_grad_(False)
     model.eval()  # dropout off: the loss must see the network that will be exported
     try:
+        progress = _Progress()
         with tempfile.TemporaryDirectory(prefix="hf_compress_permutation_") as folder:
-            result = train_with_trainer(learner, dataset, folder, settings, callbacks=[_Progress()])
+            result = train_with_trainer(learner, dataset, folder, settings, callbacks=[progress])
     finally:
         for name, parameter in model.named_parameters():
             parameter.requires_grad_(frozen[name])
         model.train(training)
     curve = [[entry["step"], entry["loss"]] for entry in result["log_history"] if "loss" in entry]
     info = {
-        "train_seconds": result["train_seconds"], "steps": result["global_step"], "loss_curve": curve,
-        "temperature_end": learner.temperature, "cost_parameters": sum(c.numel() for c in learner.costs),
+        "train_seconds": result["train_seconds"], "setup_seconds": setup, "steps": result["global_step"],
+        "loss_curve": curve, "temperature_end": learner.temperature,
+        "cost_parameters": sum(c.numel() for c in learner.costs), "objective": config.objective,
+        "objective_curve": progress.curve, "objective_initial": progress.initial,
+        "objective_best": progress.best_score, "best_step": progress.best_step,
+        "mask_rebuilds": learner.mask_rebuilds,
     }
-    return learner.hard_permutations(), info
+    logger.info("learned permutation: %d steps in %.0f s; objective %.5f at the start, best %.5f (step %d)",
+                info["steps"], info["train_seconds"], progress.initial, progress.best_score, progress.best_step)
+    return learner.site_permutations(progress.best), info
