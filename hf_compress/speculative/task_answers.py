@@ -19,11 +19,12 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from .._compat import cache_kwarg_name, cache_of_output
 from ..evaluation.squad import squad_scores
 from ..utils import InvalidArgumentTypeError
 
-__all__ = ["REWARDS", "Reward", "TaskExample", "answer_text", "generate_answer", "resolve_reward", "stop_token_ids",
-           "task_examples"]
+__all__ = ["REWARDS", "Reward", "TaskExample", "answer_text", "generate_answer", "prefix_cache", "resolve_reward",
+           "stop_token_ids", "task_examples"]
 
 Reward = Callable[[str, list[str]], float]
 REWARDS: dict[str, Reward] = {
@@ -112,13 +113,34 @@ def generate_answer(
     max_new_tokens: int,
     stop_ids: list[int],
     strategy=None,
+    cache=None,
 ) -> torch.LongTensor:
-    """Greedy generation of one prompt ``(1, n)`` (through ``strategy`` if given); the full sequence, on CPU."""
+    """Greedy generation of one prompt ``(1, n)`` (through ``strategy`` if given); the full sequence, on CPU.
+
+    ``cache``: a KV cache already holding a prefix of ``input_ids`` (shorter than it), so only the rest is
+    prefilled — the oracle forks of CoSpec's labelling share their prompt this way.
+    """
     device = model.get_input_embeddings().weight.device
     ids = input_ids.to(device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop_ids[0] if stop_ids else 0)
     kwargs = {"custom_generate": strategy} if strategy is not None else {}
+    if cache is not None:
+        kwargs[cache_kwarg_name(model)] = cache
     return model.generate(
         ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
         eos_token_id=stop_ids or None, pad_token_id=pad, **kwargs,
     )[0].cpu()
+
+
+@torch.no_grad()
+def prefix_cache(model: PreTrainedModel, sequence: torch.LongTensor):
+    """The KV cache of ``sequence[:-1]`` (one forward), to be copied and cropped for each branch that forks from it.
+
+    Example:
+        >>> cache = prefix_cache(model, sequence)                                          # doctest: +SKIP
+        >>> fork = copy.deepcopy(cache); fork.crop(position)                                # doctest: +SKIP
+        >>> generate_answer(model, branch_ids, tok, max_new_tokens=8, stop_ids=[], cache=fork)  # doctest: +SKIP
+    """
+    device = model.get_input_embeddings().weight.device
+    ids = sequence.reshape(1, -1)[:, :-1].to(device)
+    return cache_of_output(model(ids, attention_mask=torch.ones_like(ids), use_cache=True))

@@ -11,6 +11,7 @@ Example:
     >>> arbiter.save_pretrained("arb/"); arbiter.push_to_hub("me/smollm2-cospec")         # doctest: +SKIP
 """
 
+from .calibration import DEFAULT_KEEP_SHARES, calibrate_arbiter, quantile_thresholds
 from .config import ArbiterConfig
 from .features import FEATURE_NAMES, mismatch_features
 from .modeling import CoSpecArbiter, tokenizer_fingerprint
@@ -33,6 +34,7 @@ from .training import (
 )
 
 __all__ = [
+    "DEFAULT_KEEP_SHARES",
     "FEATURE_NAMES",
     "REWARDS",
     "ArbiterConfig",
@@ -45,11 +47,13 @@ __all__ = [
     "Episode",
     "OracleLabels",
     "TaskExample",
+    "calibrate_arbiter",
     "collect_oracle_labels",
     "fit_warm_start",
     "mismatch_features",
     "oracle_agreement",
     "oracle_label",
+    "quantile_thresholds",
     "reinforce_step",
     "resolve_reward",
     "task_examples",

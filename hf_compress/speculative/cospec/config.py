@@ -32,6 +32,8 @@ class ArbiterConfig(PreTrainedConfig):
             used by the ``custom_generate`` folder it saves (``None`` draft model = n-gram prompt lookup).
         base_model_name_or_path / tokenizer_fingerprint: The target it was trained for.
         training: What ``train_arbiter`` did (data, oracle labels, RL steps, λ), for the model card.
+        calibration: What ``calibrate_arbiter`` did (held-out prompts, target share kept, every threshold tried,
+            the one chosen and now in ``threshold``), for the model card; ``None`` = not calibrated.
 
     Example:
         >>> ArbiterConfig(hidden_size=64, vocab_size=256).num_features
@@ -53,6 +55,7 @@ class ArbiterConfig(PreTrainedConfig):
     base_model_name_or_path: str | None = None
     tokenizer_fingerprint: str | None = None
     training: dict | None = None
+    calibration: dict | None = None
 
     def __post_init__(self, **kwargs):
         for name in ("hidden_size", "vocab_size"):
@@ -69,8 +72,9 @@ class ArbiterConfig(PreTrainedConfig):
         check_bool("use_ngram", self.use_ngram)
         for name in ("draft_model_name_or_path", "base_model_name_or_path", "tokenizer_fingerprint"):
             check_str(name, getattr(self, name), allow_none=True)
-        if self.training is not None and not isinstance(self.training, dict):
-            raise InvalidArgumentTypeError(f"training must be a dict or None, got {type(self.training).__name__}.")
+        for name in ("training", "calibration"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), dict):
+                raise InvalidArgumentTypeError(f"{name} must be a dict or None, got {type(getattr(self, name)).__name__}.")
         super().__post_init__(**kwargs)
 
     @property

@@ -145,6 +145,18 @@ class CoSpecArbiter(PreTrainedModel):
         """The ``AcceptanceRule`` protocol with the saved threshold (see :class:`~.rule.ArbiterRule`)."""
         return self.as_rule().verify(draft_tokens, target_logits, draft_probs, hidden_states=hidden_states)
 
+    def calibrate(self, model: PreTrainedModel, drafter, held_out_prompts, target_keep: float = 0.99, **kwargs) -> CoSpecArbiter:
+        """Set the threshold on held-out prompts so the task score keeps ``target_keep`` of strict's (in place).
+
+        See :func:`~.calibration.calibrate_arbiter` for the arguments.
+
+        Example:
+            >>> arbiter.calibrate(model, "ngram", held_out, target_keep=0.99, tokenizer=tok).config.threshold  # doctest: +SKIP
+        """
+        from .calibration import calibrate_arbiter
+
+        return calibrate_arbiter(self, model, drafter, held_out_prompts, target_keep, **kwargs)
+
     # ------------------------------------------------------------------ sharing
     def strategy(self, **kwargs):
         """The :class:`~.strategy.CoSpec` strategy this arbiter was trained with (``kwargs`` override)."""

@@ -4,12 +4,16 @@
    (= the target's greedy answer), and at each mismatch met on the way fork: put the draft token in place
    of the target's, let the target continue greedily, score both answers. DRAFT is the label when the draft
    branch scores higher, or equal with the same (normalised) answer; TARGET when it scores lower, or equal
-   with a changed answer (the answer moved: conservative, as AutoJudge marks changed answers "important").
+   with a changed answer (the answer moved: conservative, as AutoJudge marks changed answers "important";
+   ``label_rule="score"`` accepts a moved answer whose nonzero score is unchanged). The forks reuse one KV
+   cache of the strict sequence (cropped per fork), so each costs only its own few decoding steps.
 2. **Warm start**: class-balanced logistic regression of those labels on the features, full batch.
 3. **RL**: episodes are whole CoSpec generations with the arbiter sampled at each mismatch
    (``mode="sample"``); reward ``R = task score − λ · target forwards``; ``group_size`` rollouts per prompt
    give a group-relative baseline (GRPO-style advantages ``(R − mean) / std``); loss
    ``−Σ_episodes A · Σ_decisions log π(a) − β · entropy``; only the arbiter trains.
+4. **Calibration** (``held_out=``, :mod:`.calibration`): the threshold is set on held-out prompts to the loosest
+   one keeping ``target_keep`` of strict decoding's score there (else strict).
 
 Why not TRL: its RL trainers (``GRPOTrainer``, ``RLOOTrainer``, ``PPOTrainer``) optimise a causal LM that
 *generates* the completions being rewarded, with token log-probabilities from that LM. Here the policy is a
@@ -24,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import random
 import time
 from collections.abc import Sequence
@@ -36,13 +41,14 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ...evaluation.squad import normalize_answer
-from ...utils import InvalidArgumentTypeError, check_bool, check_float, check_int, get_logger
+from ...utils import InvalidArgumentTypeError, check_bool, check_choice, check_float, check_int, get_logger
 from ..task_answers import (
     REWARDS,
     Reward,
     TaskExample,
     answer_text,
     generate_answer,
+    prefix_cache,
     resolve_reward,
     stop_token_ids,
     task_examples,
@@ -69,6 +75,7 @@ __all__ = [
 ]
 
 logger = get_logger(__name__)
+LABEL_RULES = ("answer", "score")
 
 @dataclass
 class ArbiterTrainingSettings:
@@ -78,7 +85,10 @@ class ArbiterTrainingSettings:
         max_new_tokens: Answer budget per generation.
         stop_at_newline: Stop an answer at its first newline (the answer is the first line anyway).
         max_forks_per_prompt: Oracle forks per training prompt (evenly spread over its mismatches); each costs
-            one greedy target generation.
+            one greedy target generation from the cached prefix (the prompt is prefilled once per prompt).
+        label_rule: ``"answer"`` (DRAFT iff the draft branch scores higher, or equal with the same normalised
+            answer: conservative) or ``"score"`` (DRAFT iff it scores at least as well: the answer may move if
+            the score does not; on prompts the target gets wholly wrong, ties at 0 still need the same answer).
         warm_start_steps / warm_start_learning_rate: Full-batch Adam steps of the logistic regression.
         weight_decay: L2 on the arbiter's weights (warm start and RL).
         rl_steps / rl_prompts_per_step / group_size: RL updates, prompts per update, rollouts per prompt.
@@ -91,6 +101,7 @@ class ArbiterTrainingSettings:
     max_new_tokens: int = 32
     stop_at_newline: bool = True
     max_forks_per_prompt: int = 4
+    label_rule: str = "answer"
     warm_start_steps: int = 300
     warm_start_learning_rate: float = 0.05
     weight_decay: float = 0.01
@@ -108,6 +119,7 @@ class ArbiterTrainingSettings:
         for name in ("warm_start_steps", "rl_steps", "seed"):
             check_int(name, getattr(self, name), minimum=0)
         check_bool("stop_at_newline", self.stop_at_newline)
+        check_choice("label_rule", self.label_rule, LABEL_RULES)
         for name in ("warm_start_learning_rate", "rl_learning_rate"):
             check_float(name, getattr(self, name), low=0.0, low_open=True)
         for name in ("weight_decay", "cost_per_forward", "entropy_bonus"):
@@ -115,26 +127,47 @@ class ArbiterTrainingSettings:
 
 
 # ---------------------------------------------------------------------------------------------- oracle labels
-def oracle_label(target_score: float, draft_score: float, same_answer: bool) -> int:
-    """1 (DRAFT acceptable) or 0 (TARGET needed) from the two branches' scores (see the module docstring).
+def oracle_label(target_score: float, draft_score: float, same_answer: bool, rule: str = "answer") -> int:
+    """1 (DRAFT acceptable) or 0 (TARGET needed) from the two branches' scores (see ``label_rule``).
 
     Example:
         >>> oracle_label(0.5, 1.0, False), oracle_label(1.0, 0.5, False), oracle_label(0.0, 0.0, True), oracle_label(0.0, 0.0, False)
         (1, 0, 1, 0)
+        >>> oracle_label(0.5, 0.5, False), oracle_label(0.5, 0.5, False, rule="score")
+        (0, 1)
     """
+    check_choice("rule", rule, LABEL_RULES)
     if draft_score != target_score:
         return int(draft_score > target_score)
-    return int(same_answer)
+    return int(same_answer or (rule == "score" and target_score > 0))
 
 
 @dataclass
 class OracleLabels:
-    """Features ``(N, F)`` of forked mismatches and their labels ``(N,)``; ``target_scores`` per prompt."""
+    """Features ``(N, F)`` of forked mismatches and their labels ``(N,)``; ``target_scores`` per prompt.
+
+    ``harmless`` ``(N,)``: 1 where the draft branch scored at least as well as the target's (whatever the
+    label rule) and ``target_positive`` where the target's own answer scored above 0 — together they say how
+    often a mismatch is harmless to the task score on prompts the target gets (partly) right.
+    """
 
     features: torch.Tensor
     labels: torch.Tensor
     target_scores: list[float] = field(default_factory=list)
     mismatches_seen: int = 0
+    harmless: torch.Tensor | None = None
+    target_positive: torch.Tensor | None = None
+
+    def statistics(self) -> dict[str, Any]:
+        """Label counts: DRAFT share, harmless share overall and where the target scored above 0."""
+        out: dict[str, Any] = {"labels": len(self), "mismatches_seen": self.mismatches_seen,
+                               "draft_share": float(self.labels.mean()) if len(self) else None}
+        if self.harmless is not None and len(self):
+            positive = self.target_positive.bool()
+            out["harmless_share"] = float(self.harmless.mean())
+            out["labels_where_target_scores"] = int(positive.sum())
+            out["harmless_share_where_target_scores"] = float(self.harmless[positive].mean()) if positive.any() else None
+        return out
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -156,7 +189,7 @@ def collect_oracle_labels(
     log = DecisionLog()
     saved = strategy.mode, strategy.decision_log
     strategy.mode, strategy.decision_log = "strict", log
-    features, labels, target_scores, seen = [], [], [], 0
+    features, labels, harmless, positive, target_scores, seen = [], [], [], [], [], 0
     try:
         for example in tqdm(examples, desc="oracle labels", unit="prompt"):
             log.clear()
@@ -168,22 +201,41 @@ def collect_oracle_labels(
             target_scores.append(target_score)
             decisions = [d for d in log.decisions if d.context is not None]
             seen += len(decisions)
-            for decision in _spread(decisions, settings.max_forks_per_prompt):
+            forks = _spread(decisions, settings.max_forks_per_prompt)
+            shared = prefix_cache(model, sequence) if forks else None  # prefill once; each fork reuses it
+            for decision in forks:
                 position = len(decision.context) + decision.index  # strict: everything before it is greedy output
                 prefix = torch.cat([sequence[:position], torch.tensor([decision.draft_token], device="cpu")]).unsqueeze(0)
                 room = settings.max_new_tokens - (prefix.shape[1] - prompt_length)
-                branch = (generate_answer(model, prefix, tokenizer, max_new_tokens=room, stop_ids=stop_ids)
+                branch = (generate_answer(model, prefix, tokenizer, max_new_tokens=room, stop_ids=stop_ids,
+                                          cache=_cropped(shared, position))
                           if room > 0 else prefix[0])
                 draft_answer = answer_text(tokenizer, branch[prompt_length:])
-                label = oracle_label(target_score, reward_fn(draft_answer, example.answers),
-                                     normalize_answer(draft_answer) == normalize_answer(target_answer))
+                draft_score = reward_fn(draft_answer, example.answers)
+                label = oracle_label(target_score, draft_score,
+                                     normalize_answer(draft_answer) == normalize_answer(target_answer), settings.label_rule)
                 features.append(decision.features)
                 labels.append(float(label))
+                harmless.append(float(draft_score >= target_score))
+                positive.append(float(target_score > 0))
     finally:
         strategy.mode, strategy.decision_log = saved
     width = strategy.arbiter.config.num_features
     return OracleLabels(
-        torch.stack(features) if features else torch.zeros(0, width, device="cpu"), torch.tensor(labels, device="cpu"), target_scores, seen)
+        torch.stack(features) if features else torch.zeros(0, width, device="cpu"), torch.tensor(labels, device="cpu"),
+        target_scores, seen, torch.tensor(harmless, device="cpu"), torch.tensor(positive, device="cpu"))
+
+
+def _cropped(cache, length: int):
+    """A copy of ``cache`` holding its first ``length`` positions (``None`` if it cannot be cropped: no reuse)."""
+    if cache is None:
+        return None
+    fork = copy.deepcopy(cache)
+    try:
+        fork.crop(length - fork.get_seq_length())  # a negative count: tokens to remove (transformers 5)
+    except (AttributeError, ValueError, RuntimeError, NotImplementedError):  # e.g. a sliding window already rolled over
+        return None
+    return fork if fork.get_seq_length() == length else None
 
 
 def _spread(items: list, count: int) -> list:
@@ -367,6 +419,8 @@ def train_arbiter(
     use_ngram: bool = False,
     draft_tokenizer: PreTrainedTokenizerBase | None = None,
     data_description: str | None = None,
+    held_out: Sequence[Any] | None = None,
+    target_keep: float = 0.99,
 ) -> CoSpecArbiter:
     """Train a CoSpec arbiter for ``model`` with this drafter on a task with reference answers.
 
@@ -381,15 +435,21 @@ def train_arbiter(
         settings: :class:`ArbiterTrainingSettings` (forks, warm start, RL steps, λ = ``cost_per_forward``).
         num_draft_tokens, use_ngram, draft_tokenizer: Drafting (as :class:`~.strategy.CoSpec`); a draft with
             another tokenizer needs ``draft_tokenizer``.
+        held_out / target_keep: Prompts disjoint from ``task_dataset`` to calibrate the threshold on afterwards
+            (:func:`~.calibration.calibrate_arbiter`: the loosest threshold keeping ``target_keep`` of strict
+            decoding's score there, else strict). Recommended: an uncalibrated arbiter can lose quality.
 
     Returns:
-        The trained arbiter; ``arbiter.config.training`` holds the summary and the RL log history.
+        The trained arbiter; ``arbiter.config.training`` holds the summary and the RL log history, and
+        ``arbiter.config.calibration`` the held-out calibration.
     """
     if not isinstance(model, PreTrainedModel):
         raise InvalidArgumentTypeError(f"model must be the target causal LM (PreTrainedModel), got {type(model).__name__}.")
     if not isinstance(tokenizer, PreTrainedTokenizerBase):
         raise InvalidArgumentTypeError(f"tokenizer must be the target's tokenizer, got {type(tokenizer).__name__}.")
     reward_fn = resolve_reward(reward)
+    check_float("target_keep", target_keep, low=0.0, high=1.0, low_open=True,
+                hint="It is the share of strict decoding's score to keep on held_out, e.g. 0.99.")
     settings = settings or ArbiterTrainingSettings()
     if not isinstance(settings, ArbiterTrainingSettings):
         raise InvalidArgumentTypeError(f"settings must be ArbiterTrainingSettings, got {type(settings).__name__}.")
@@ -423,6 +483,7 @@ def train_arbiter(
         "reward": reward if isinstance(reward, str) else getattr(reward, "__name__", "custom"),
         "mismatches_seen": oracle.mismatches_seen,
         "oracle_labels": len(oracle),
+        "oracle": oracle.statistics(),
         "warm_start": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in warm.items()},
         "target_score_strict": round(sum(oracle.target_scores) / max(1, len(oracle.target_scores)), 4),
         "settings": asdict(settings),
@@ -431,4 +492,10 @@ def train_arbiter(
     }
     if not all(torch.isfinite(p).all() for p in arbiter.parameters()):
         raise RuntimeError("Arbiter training diverged (non-finite weights); lower the learning rates.")
+    if held_out is not None:
+        from .calibration import calibrate_arbiter
+
+        calibrate_arbiter(arbiter, model, draft, held_out, target_keep, tokenizer=tokenizer, reward=reward,
+                          max_new_tokens=settings.max_new_tokens, stop_at_newline=settings.stop_at_newline,
+                          num_draft_tokens=num_draft_tokens, use_ngram=use_ngram, draft_tokenizer=draft_tokenizer)
     return arbiter
