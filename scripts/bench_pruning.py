@@ -28,11 +28,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from hf_compress.assets import load_model, load_text
 from hf_compress.evaluation.memory import disk_bytes
-from hf_compress.evaluation.report import benchmark_parser, start_benchmark, write_benchmark
+from hf_compress.evaluation.report import benchmark_parser, start_benchmark, synchronize, write_benchmark
 from hf_compress.evaluation.suite import EvaluationSettings, evaluate_row
 from hf_compress.modeling import calibration_batches
 from hf_compress.pruning import PRUNERS, MaskPruner, PruningConfig
@@ -121,10 +119,10 @@ def _limits(limit: int | None) -> dict[str, int | None]:
 def _prune_and_evaluate(name, config, model, tokenizer, calibration, settings) -> dict[str, Any]:
     logger.info("=== %s %s", name, config.sparsity)
     pruner = PRUNERS[config.method](model, tokenizer)
-    _sync()
+    synchronize(model.device)  # a no-op when the bench runs on the CPU, even with a GPU present
     start = time.perf_counter()
     pruner.prune(config, calibration if pruner.requires_calibration else None, progress=False)
-    _sync()
+    synchronize(model.device)
     seconds = time.perf_counter() - start
     row: dict[str, Any] = {"method": name, "pattern": str(config.sparsity), "config": config.to_dict(),
                            "prune_seconds": seconds, "overall_sparsity": pruner.report.overall_sparsity}
@@ -141,11 +139,6 @@ def _prune_and_evaluate(name, config, model, tokenizer, calibration, settings) -
 def _summarise_blocks(blocks: list[dict[str, Any]]) -> dict[str, Any]:
     keys = [k for k in blocks[0] if k.startswith("error_") or k == "reselected_fraction"]
     return {f"median_{k}": statistics.median(b[k] for b in blocks) for k in keys} | {"blocks": blocks}
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def _write(args, settings, rows) -> None:

@@ -41,6 +41,18 @@ def fake_hub(tmp_path) -> FakeHub:
         yield hub
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``): tiny models
+    run fastest so, and on a loaded 2-core machine two threads wait on each other (30x slower journeys)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def unwritable_folder(tmp_path):
     """A folder this process cannot write to: a ``chmod 500`` folder, or, for root (which ignores modes), a

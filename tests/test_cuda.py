@@ -1,5 +1,7 @@
-"""Every journey on CUDA, on tiny models: prune + save + reload, Týr and block removal, DL-QAT, every
-speculative strategy, drafting heads, SparK and the structured cache, the CLI with ``--device cuda``.
+"""Every journey on CUDA, on tiny models: prune + save + reload (with the RIA and the learned permutation), Týr
+and block removal, DL-QAT, every speculative strategy, drafting heads, CoSpec (train an arbiter, decode), SparK
+and the structured cache, token routing, LoRA experts (train, routed generate, reload), the CLI with
+``--device cuda``.
 
 Each journey is a function of the device, so the same code runs here on CUDA (marker ``cuda``, skipped
 without a GPU) and on the CPU under the device guard of ``test_device_guard.py``, which fails when the
@@ -11,6 +13,7 @@ greedy ``generate()`` exactly only in fp32 (bf16 verification rounds differently
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -20,10 +23,12 @@ from transformers import AutoModelForCausalLM, DynamicCache
 from hf_compress.assets import tiny_model, tiny_tokenizer
 from hf_compress.cache import SparKCache, StructuredChannelCache, cache_kwargs
 from hf_compress.pruning import BlockRemovalConfig, BlockRemovalPruner, PRUNERS, SDSConfig, SDSPruner, TyrPruner
-from hf_compress.pruning import WandaConfig, WandaPruner
+from hf_compress.experts import ExpertConfig, ExpertRouter, train_experts
+from hf_compress.pruning import LearnedPermutationConfig, WandaConfig, WandaPruner
 from hf_compress.quantization import DLQATConfig
 from hf_compress.routing import RoutingSchedule, install_routing, save_routed
 from hf_compress.speculative import FLy, SpeculativeDecoding, SpeculativeSampling
+from hf_compress.speculative.cospec import ArbiterConfig, CoSpec, train_arbiter
 from hf_compress.speculative.heads import (
     Amphista,
     AmphistaConfig,
@@ -37,6 +42,9 @@ from hf_compress.speculative.heads import (
 )
 from hf_compress.training import TrainingSettings, causal_lm_dataset, train_with_trainer
 
+from test_cospec import PROMPTS as COSPEC_PROMPTS, quick_settings as cospec_settings, task as cospec_task
+from test_experts import _task_rows as expert_task_rows
+from test_permutation import SMALL as PERMUTATION_SMALL, TINY_LEARNED
 from test_pruning import CALIBRATION_TEXT, SMALL
 from test_sds import FAST
 from test_speculative import PROMPTS, perturbed
@@ -227,6 +235,72 @@ def journey_permuted_prune_save_reload(device, tmp_path) -> None:
     assert torch.equal(_logits(_reloaded(tmp_path / "permuted", device), ids), _logits(model, ids))
 
 
+def journey_learned_permutation_save_reload(device, tmp_path) -> None:
+    # A few steps of the learned permutation (Sinkhorn costs trained through Trainer), then the Wanda prune.
+    model, tokenizer = tiny_model("llama")
+    model.to(device)
+    permutation = LearnedPermutationConfig(**{**TINY_LEARNED, "epochs": 0.5})  # 2 steps
+    pruner = WandaPruner(model, tokenizer)
+    pruner.prune(WandaConfig(sparsity="2:4", permutation=permutation, **PERMUTATION_SMALL), CALIBRATION_TEXT,
+                 save_dir=tmp_path / "learned", progress=False)
+    assert pruner.permutation_report.training["steps"] >= 1
+    ids = _ids(device)
+    assert torch.equal(_logits(_reloaded(tmp_path / "learned", device), ids), _logits(model, ids))
+
+
+def journey_cospec_train_and_decode(device, tmp_path) -> None:
+    # A tiny arbiter (hidden-state features: the normalisation buffers meet the target's hidden states), warm
+    # start + one RL step, then decoding with its ArbiterRule: strict mode is greedy generate() exactly.
+    model, tok = tiny_model("llama")
+    draft, _ = tiny_model("llama", seed=1)
+    model.to(device), draft.to(device)
+    settings = cospec_settings(max_new_tokens=10, max_forks_per_prompt=1, warm_start_steps=5)
+    arbiter = train_arbiter(model, draft, cospec_task(tok), reward=lambda text, answers: float(len(text) > 3),
+                            tokenizer=tok, settings=settings, config=ArbiterConfig(use_hidden_states=True))
+    assert arbiter.feature_mean.device.type == torch.device(device).type
+    ids = tok(COSPEC_PROMPTS[0], return_tensors="pt").input_ids.to(device)
+    reference = model.generate(ids, max_new_tokens=16, do_sample=False)
+    strict = CoSpec(arbiter, draft, mode="strict")
+    assert torch.equal(model.generate(ids, max_new_tokens=16, do_sample=False, custom_generate=strict), reference)
+    policy = CoSpec(arbiter, draft)
+    out = model.generate(ids, max_new_tokens=16, do_sample=False, custom_generate=policy)
+    assert out.shape == reference.shape and policy.last_metrics.target_forwards > 0
+    folder = arbiter.save_pretrained(tmp_path / "arbiter")
+    reloaded = model.generate(ids, max_new_tokens=16, do_sample=False, custom_generate=CoSpec(str(folder), draft))
+    assert torch.equal(reloaded, out)
+
+
+def journey_experts_train_and_route(device, tmp_path) -> None:
+    # Two tiny LoRA experts through Trainer, then routed generation (PEFT mixed batch) and save -> load.
+    model, tokenizer = tiny_model("llama")
+    model.to(device)
+    rows, _ = expert_task_rows(8)
+    router = train_experts(model, rows, ExpertConfig(num_experts=2, r=2, seq_len=32),
+                           args=_settings(device, max_steps=2, per_device_batch_size=2), tokenizer=tokenizer)
+    tokenizer.padding_side = "left"
+    prompts = [rows[0]["prompt"], rows[1]["prompt"], "Spell QWXYZ: "]
+    batch = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
+    routes = router.route(**batch)
+    out = router.generate(**batch, max_new_tokens=4, do_sample=False)
+    assert out.device.type == torch.device(device).type and out.shape == (3, batch.input_ids.shape[1] + 4)
+    router.save_pretrained(tmp_path / "experts")
+    loaded = ExpertRouter.from_pretrained(tmp_path / "experts", base_model=tiny_model("llama")[0].to(device),
+                                          tokenizer=tokenizer)
+    assert torch.equal(loaded.route(**batch), routes)
+    assert torch.equal(loaded.generate(**batch, max_new_tokens=4, do_sample=False), out)
+    # The same through the CLI, with --device.
+    from hf_compress.cli.main import main
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text("\n".join(json.dumps(row) for row in rows), encoding="utf-8")
+    tiny = ["--base", "tiny-llama", "--device", torch.device(device).type]
+    assert main(["-q", "experts", "train", "--data", str(data), "--num-experts", "2", "--select", "0.5", "--steps", "2",
+                 "--batch-size", "2", "--seq-len", "32", "--rank", "2", "--save-dir", str(tmp_path / "cli"),
+                 *tiny]) == 0
+    assert main(["-q", "experts", "route", "--experts", str(tmp_path / "cli"), "--prompt", rows[0]["prompt"],
+                 "--prompt", rows[1]["prompt"], "--max-new-tokens", "3", *tiny]) == 0
+
+
 def journey_token_routing_generate_save_reload(device, tmp_path) -> None:
     model, tokenizer = tiny_model("llama")
     model.to(device)
@@ -242,7 +316,8 @@ JOURNEYS = [
     journey_prune_save_reload, journey_sds_save_reload, journey_tyr_save_reload, journey_block_removal_save_reload,
     journey_dlqat_train_merge_reload, journey_speculative_strategies, journey_cross_tokenizer_drafting,
     journey_drafting_heads, journey_spark_and_structured_cache, journey_cli, journey_permuted_prune_save_reload,
-    journey_token_routing_generate_save_reload,
+    journey_token_routing_generate_save_reload, journey_learned_permutation_save_reload,
+    journey_cospec_train_and_decode, journey_experts_train_and_route,
 ]
 
 

@@ -27,6 +27,10 @@ import hf_compress
 from test_cuda import JOURNEYS
 
 
+# Tiny models on one thread: under load, two threads made the CoSpec journey 95 s instead of 6 s.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
 _LIBRARY = str(Path(hf_compress.__file__).resolve().parent) + "/"
 _TORCH = str(Path(torch.__file__).resolve().parent) + "/"
 # Functions that create a tensor on the default device unless given ``device``. The *_like and new_* forms

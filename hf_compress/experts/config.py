@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..utils import check_bool, check_float, check_int, check_seed, check_str_list
@@ -40,12 +40,12 @@ class ExpertConfig:
     """
 
     num_experts: int = 4
-    r: int = 8
+    r: int = field(default=8, metadata={"cli": ["--rank"]})
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     target_modules: list[str] | str = "all-linear"
     seq_len: int = 256
-    embedding_layer: int | None = None
+    embedding_layer: int | None = field(default=None, metadata={"type": int})  # CLI: --embedding-layer N
     embedding_max_length: int = 256
     kmeans_restarts: int = 4
     kmeans_iterations: int = 100
@@ -59,6 +59,8 @@ class ExpertConfig:
         check_float("lora_dropout", self.lora_dropout, low=0.0, high=1.0, high_open=True)
         if self.target_modules != "all-linear":
             self.target_modules = check_str_list("target_modules", self.target_modules)
+            if self.target_modules == ["all-linear"]:  # the CLI's --target-modules all-linear
+                self.target_modules = "all-linear"
         check_int("seq_len", self.seq_len, minimum=8)
         check_int("embedding_layer", self.embedding_layer, minimum=0, allow_none=True,
                   hint="It is a decoder block index; None picks the middle block.")

@@ -8,6 +8,8 @@ rows: the whole text is embedded and trained on). A list of strings is a ``text`
 
 from __future__ import annotations
 
+import json
+import os
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,7 +18,11 @@ from typing import Any
 from datasets import Dataset
 
 
-__all__ = ["InstructionRows", "instruction_rows", "packed_instruction_dataset"]
+__all__ = ["TASK_MIX_TASKS", "InstructionRows", "instruction_rows", "packed_instruction_dataset",
+           "read_instruction_file", "task_mix_rows"]
+
+# The offline tasks a mix can draw from (hf_compress.assets): multiple choice, SQuAD and GSM8K.
+TASK_MIX_TASKS = ("arc_easy", "arc_challenge", "piqa", "hellaswag", "boolq", "winogrande", "squad", "gsm8k")
 
 
 @dataclass(frozen=True)
@@ -50,7 +56,7 @@ def instruction_rows(dataset: Dataset | Sequence[dict[str, Any]] | Sequence[str]
         if not all(isinstance(row, dict) for row in dataset):
             raise TypeError(f"{argument} must be a datasets.Dataset, a list of dicts or a list of strings.")
         columns = set(dataset[0]) if dataset else set()
-        get = lambda name: [row[name] for row in dataset]  # noqa: E731
+        get = lambda name: [row.get(name) for row in dataset]  # noqa: E731  (a missing field: the type check below)
     else:
         raise TypeError(f"{argument} must be a datasets.Dataset, a list of dicts or a list of strings, "
                         f"got {type(dataset).__name__}.")
@@ -114,3 +120,83 @@ def packed_instruction_dataset(rows: InstructionRows, tokenizer, seq_len: int, s
     window_labels = [labels[i : i + seq_len] for i in range(0, len(labels), seq_len)]
     keep = [i for i, w in enumerate(window_labels) if any(label != -100 for label in w)]
     return Dataset.from_dict({"input_ids": [windows[i] for i in keep], "labels": [window_labels[i] for i in keep]})
+
+
+def task_mix_rows(tasks: Sequence[str], per_task: int, *, skip: int = 0, seed: int = 1234) -> list[dict[str, str]]:
+    """Instruction rows ``{"task", "prompt", "completion"}`` from the offline task data, ``per_task`` each.
+
+    Multiple-choice tasks give their correct context and continuation (lm-eval's prompts), SQuAD its prompt and
+    first reference answer, GSM8K ``"Question: ...\\nAnswer:"`` and the reference solution. Each task's rows are
+    those after the first ``skip`` of its fixed seeded subset (``load_zero_shot_task(limit=...)``), so the
+    first ``skip`` stay held out for an evaluation with ``--limit skip``; a task with fewer rows gives fewer.
+
+    Example:
+        >>> rows = task_mix_rows(["boolq", "gsm8k"], 2)  # doctest: +SKIP
+        >>> [row["task"] for row in rows]  # doctest: +SKIP
+        ['boolq', 'boolq', 'gsm8k', 'gsm8k']
+    """
+    from ..assets import load_gsm8k, load_squad, load_zero_shot_task
+    from ..utils import check_choice, check_int
+
+    check_int("per_task", per_task, minimum=1)
+    check_int("skip", skip, minimum=0)
+    if not tasks:
+        raise ValueError(f"Name at least one task of the mix: {', '.join(TASK_MIX_TASKS)}.")
+    for task in tasks:
+        check_choice("task", task, TASK_MIX_TASKS)
+    rows: list[dict[str, str]] = []
+    for task in dict.fromkeys(tasks):  # in order, once each
+        if task == "squad":
+            data = load_squad(limit=skip + per_task, seed=seed)
+            pairs = [(r["prompt"], " " + r["answers"][0]) for r in data]
+        elif task == "gsm8k":
+            data = load_gsm8k(limit=skip + per_task, seed=seed)
+            pairs = [(f"Question: {r['question']}\nAnswer:", " " + r["target"]) for r in data]
+        else:
+            data = load_zero_shot_task(task, limit=skip + per_task, seed=seed)
+            pairs = [(r["contexts"][r["label"]], r["continuations"][r["label"]]) for r in data]
+        rows += [{"task": task, "prompt": prompt, "completion": completion} for prompt, completion in pairs[skip:]]
+    return rows
+
+
+def read_instruction_file(path: str | os.PathLike, argument: str = "data") -> list[dict[str, Any]]:
+    """Rows of a ``.jsonl`` file (one JSON object per line) or a ``.json`` file (a list of objects).
+
+    The rows need ``prompt``/``completion`` or ``text`` fields (checked by :func:`instruction_rows`).
+
+    Example:
+        >>> read_instruction_file("train.jsonl")  # doctest: +SKIP
+        [{'prompt': 'Q: 2+2?\\nA:', 'completion': ' 4'}]
+    """
+    name = os.fspath(path)
+    if not os.path.isfile(name):
+        raise FileNotFoundError(f"{argument} {name}: no such file; pass a .jsonl file of prompt/completion (or "
+                                "text) rows.")
+    with open(name, encoding="utf-8") as handle:
+        text = handle.read()
+    if name.endswith(".json"):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{argument} {name} is not valid JSON ({err}); write a list of objects, or JSON lines "
+                             "in a .jsonl file.") from None
+        if not isinstance(rows, list):
+            raise ValueError(f"{argument} {name} must hold a JSON list of objects, got a {type(rows).__name__}.")
+    else:
+        rows = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{argument} {name} line {number} is not valid JSON ({err}); write one object per "
+                                 "line.") from None
+    bad = next((i for i, row in enumerate(rows) if not isinstance(row, dict)), None)
+    if bad is not None:
+        raise ValueError(f"{argument} {name}: row {bad + 1} is a {type(rows[bad]).__name__}, not an object with "
+                         "prompt/completion (or text) fields.")
+    if not rows:
+        raise ValueError(f"{argument} {name} holds no rows; add prompt/completion (or text) rows.")
+    instruction_rows(rows, f"{argument} {name}")  # the fields, checked before any model loads
+    return rows

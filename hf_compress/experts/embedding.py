@@ -140,14 +140,15 @@ def embed_texts(model: nn.Module, tokenizer, texts: Sequence[str], spec: Embeddi
     for start in tqdm(range(0, len(order), batch_size), desc="embedding", disable=not progress, leave=False):
         chunk = order[start : start + batch_size]
         width = max(len(encoded[i]) for i in chunk)
-        ids = torch.zeros(len(chunk), width, dtype=torch.long)
+        # Laid out on the CPU (one copy to the model's device per batch, not one per row).
+        ids = torch.zeros(len(chunk), width, dtype=torch.long, device="cpu")
         mask = torch.zeros_like(ids)
         for row, index in enumerate(chunk):
-            ids[row, : len(encoded[index])] = torch.tensor(encoded[index])
+            ids[row, : len(encoded[index])] = torch.tensor(encoded[index], device="cpu")
             mask[row, : len(encoded[index])] = 1
         pooled = embed_batch(model, ids.to(device), mask.to(device), spec)
         if out is None:
-            out = torch.empty(len(texts), pooled.shape[1])
+            out = torch.empty(len(texts), pooled.shape[1], device="cpu")  # embed_batch returns CPU rows
         out[chunk] = pooled
     return out
 
@@ -168,7 +169,7 @@ class EmbeddingSpace:
     @classmethod
     def fit(cls, raw: torch.Tensor) -> EmbeddingSpace:
         raw = raw.float()
-        std = raw.std(0, unbiased=False) if len(raw) > 1 else torch.ones(raw.shape[1])
+        std = raw.std(0, unbiased=False) if len(raw) > 1 else torch.ones(raw.shape[1], device=raw.device)
         # A constant channel carries no information: leave it unscaled rather than divide by zero.
         return cls(raw.mean(0), torch.where(std > 1e-6, std, torch.ones_like(std)))
 

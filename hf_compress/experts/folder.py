@@ -32,7 +32,7 @@ from ..utils import atomic_directory, atomic_file, check_save_dir, get_logger
 from .embedding import EmbeddingSpace, EmbeddingSpec
 
 
-__all__ = ["CONFIG_NAME", "ROUTER_NAME", "base_fingerprint", "load_experts", "save_experts"]
+__all__ = ["CONFIG_NAME", "ROUTER_NAME", "base_fingerprint", "load_experts", "read_experts_config", "save_experts"]
 
 logger = get_logger(__name__)
 
@@ -80,12 +80,12 @@ def _check_fingerprint(saved: dict[str, Any], current: dict[str, Any], folder: s
     shapes = ("model_type", "hidden_size", "vocab_size", "num_blocks")
     differs = [k for k in shapes if saved.get(k) != current.get(k)]
     differs += [k for k in ("embeddings", "block_weight")
-                if not fingerprints_match(torch.tensor(saved[k]), torch.tensor(current[k]))]
+                if not fingerprints_match(torch.tensor(saved[k], device="cpu"), torch.tensor(current[k], device="cpu"))]
     if differs:
         raise ValueError(
             f"The experts in {folder} were trained on another base model ({', '.join(differs)} differ: saved "
             f"{ {k: saved.get(k) for k in differs} }, given { {k: current.get(k) for k in differs} }); load the "
-            "base model they were trained on and pass it as base_model."
+            "base model they were trained on and pass it as base_model (hf-compress experts route: --base)."
         )
 
 
@@ -119,7 +119,9 @@ def save_experts(router, save_dir, *, overwrite: bool = False, metrics=(), model
         for n in router.adapter_names:
             model.peft_config[n].base_model_name_or_path = base_model
         with atomic_directory(save_dir, overwrite=overwrite) as staging, _compat.third_party_warnings_silenced():
-            model.save_pretrained(staging, selected_adapters=router.adapter_names)
+            # The base embeddings are never changed (no resize): save_embedding_layers="auto" would only look
+            # the base model up on the Hub (a warning offline) to find that out.
+            model.save_pretrained(staging, selected_adapters=router.adapter_names, save_embedding_layers=False)
             save_file({"centroids": router.centroids.contiguous(), "mean": router.space.mean.contiguous(),
                        "std": router.space.std.contiguous()}, str(staging / ROUTER_NAME))
             with atomic_file(staging / CONFIG_NAME, "w", encoding="utf-8") as handle:
@@ -192,16 +194,7 @@ def load_experts(cls, path, base_model, *, tokenizer=None, revision: str | None 
     if hasattr(base_model, "peft_config"):
         raise ValueError("base_model already carries PEFT adapters; pass the plain base model the experts were "
                          "trained on (e.g. AutoModelForCausalLM.from_pretrained(...)).")
-    folder = _local_folder(path, revision)
-    config_path = folder / CONFIG_NAME
-    if not config_path.is_file():
-        raise ValueError(f"{path} is not an expert folder: it has no {CONFIG_NAME} (save one with "
-                         "ExpertRouter.save_pretrained or train_experts(...).save_pretrained).")
-    config = json.loads(config_path.read_text(encoding="utf-8"))
-    if config.get("format") != FORMAT:
-        raise ValueError(f"{config_path} is not an hf_compress expert config (format {config.get('format')!r}).")
-    if int(config.get("format_version", 0)) > FORMAT_VERSION:
-        raise ValueError(f"{path} was written by a newer hf_compress (format {config['format_version']}); upgrade.")
+    folder, config = read_experts_config(path, revision)
     spec = EmbeddingSpec(**config["embedding"])
     _check_fingerprint(config["base_model_fingerprint"], base_fingerprint(base_model, spec), str(path))
     names = list(config["experts"])
@@ -221,6 +214,27 @@ def load_experts(cls, path, base_model, *, tokenizer=None, revision: str | None 
     model.eval()
     return cls(model, centroids, EmbeddingSpace(tensors["mean"], tensors["std"]), spec, names,
                tokenizer=tokenizer, info=config)
+
+
+def read_experts_config(path, revision: str | None = None) -> tuple[Path, dict[str, Any]]:
+    """The local folder (a Hub repo is downloaded) and its checked ``experts_config.json``; no weights are read.
+
+    Example:
+        >>> folder, config = read_experts_config("experts/")  # doctest: +SKIP
+        >>> config["base_model"], config["experts"]  # doctest: +SKIP
+        ('HuggingFaceTB/SmolLM2-135M-Instruct', ['expert_0', 'expert_1', 'expert_2'])
+    """
+    folder = _local_folder(path, revision)
+    config_path = folder / CONFIG_NAME
+    if not config_path.is_file():
+        raise ValueError(f"{path} is not an expert folder: it has no {CONFIG_NAME} (save one with "
+                         "ExpertRouter.save_pretrained or train_experts(...).save_pretrained).")
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    if config.get("format") != FORMAT:
+        raise ValueError(f"{config_path} is not an hf_compress expert config (format {config.get('format')!r}).")
+    if int(config.get("format_version", 0)) > FORMAT_VERSION:
+        raise ValueError(f"{path} was written by a newer hf_compress (format {config['format_version']}); upgrade.")
+    return folder, config
 
 
 def _local_folder(path, revision: str | None) -> Path:

@@ -74,7 +74,7 @@ class ExpertRouter:
             tensor([3])
         """
         if self.num_experts == 1:  # nothing to choose: no embedding forward
-            return torch.zeros(len(input_ids), dtype=torch.long)
+            return torch.zeros(len(input_ids), dtype=torch.long, device="cpu")
         return assign(self.embed(input_ids, attention_mask), self.centroids)
 
     def route_texts(self, texts: Sequence[str], batch_size: int = 16) -> torch.Tensor:
@@ -82,7 +82,7 @@ class ExpertRouter:
         if self.tokenizer is None:
             raise ValueError("This router has no tokenizer; pass tokenizer=... to from_pretrained, or route token ids.")
         if self.num_experts == 1:
-            return torch.zeros(len(texts), dtype=torch.long)
+            return torch.zeros(len(texts), dtype=torch.long, device="cpu")
         raw = embed_texts(self.model, self.tokenizer, list(texts), self.spec, batch_size=batch_size, progress=False)
         return assign(self.space(raw), self.centroids)
 

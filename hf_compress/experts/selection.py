@@ -30,7 +30,8 @@ from .data import instruction_rows
 from .embedding import EmbeddingSpace, EmbeddingSpec, embed_texts
 
 
-__all__ = ["SELECTION_KEY", "SELECTION_METHODS", "SelectionReport", "coverage", "select_data", "select_indices"]
+__all__ = ["SELECTION_KEY", "SELECTION_METHODS", "SelectionReport", "coverage", "kept_count", "select_data",
+           "select_indices"]
 
 logger = get_logger(__name__)
 
@@ -68,8 +69,8 @@ def select_indices(embeddings: torch.Tensor, count: int, method: str = "facility
 
     Example:
         >>> x = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [1.0, 0.01], [0.0, 1.0]]), dim=1)
-        >>> select_indices(x, 2)
-        [0, 2]
+        >>> select_indices(x, 2)  # one of the two near-twins (row 1 leans towards row 2), and row 2
+        [1, 2]
     """
     check_choice("method", method, SELECTION_METHODS)
     n = len(embeddings)
@@ -87,7 +88,7 @@ def select_indices(embeddings: torch.Tensor, count: int, method: str = "facility
 
 def _facility_location(x: torch.Tensor, count: int) -> list[int]:
     n = len(x)
-    best = torch.zeros(n)  # sim of each row to its nearest chosen row (0 before any choice: sim >= 0)
+    best = torch.zeros(n, device=x.device)  # sim of each row to its nearest chosen row (0 before any choice: sim >= 0)
     # Gain of j on the empty set: sum_i (1 + cos_ij) / 2, for all j at once.
     initial = (n + x @ x.sum(0)) / 2
     heap = [(-float(g), j) for j, g in enumerate(initial.tolist())]
@@ -131,6 +132,16 @@ def coverage(embeddings: torch.Tensor, indices: Sequence[int], chunk: int = 4096
                          for i in range(0, len(embeddings), chunk)])
     distance = (1 - nearest).clamp(min=0)
     return float(distance.mean()), float(distance.max())
+
+
+def kept_count(pool_size: int, budget: float) -> int:
+    """How many of ``pool_size`` examples a ``budget`` keeps: ``budget * pool_size`` rounded half up, at least 1.
+
+    Example:
+        >>> kept_count(20, 0.25), kept_count(3, 0.1)
+        (5, 1)
+    """
+    return max(1, int(budget * pool_size + 0.5))
 
 
 def select_data(
@@ -179,7 +190,7 @@ def select_data(
     check_seed("seed", seed)
     rows = instruction_rows(dataset)
     n = len(rows)
-    count = max(1, int(budget * n + 0.5))
+    count = kept_count(n, budget)
     tokenizer = resolve_tokenizer(model, tokenizer)
     spec = EmbeddingSpec.for_model(model, embedding_layer, embedding_max_length)
     raw = embeddings if embeddings is not None else embed_texts(model, tokenizer, rows.prompts, spec,

@@ -104,8 +104,10 @@ def train_experts(
     if k == 1 and clusters is None and embeddings is None:
         # One expert: nothing to cluster or route, so no embedding pass (the router skips it too).
         hidden = _plain_width(model)
-        space = EmbeddingSpace(torch.zeros(hidden), torch.ones(hidden))
-        labels, centroids = torch.zeros(len(rows), dtype=torch.long), torch.eye(1, hidden)
+        # Routing state lives on the CPU (embed_batch returns CPU rows), whatever the model's device.
+        space = EmbeddingSpace(torch.zeros(hidden, device="cpu"), torch.ones(hidden, device="cpu"))
+        labels = torch.zeros(len(rows), dtype=torch.long, device="cpu")
+        centroids = torch.eye(1, hidden, device="cpu")
         clustering = {"method": "single expert"}
     else:
         if embeddings is None:
@@ -172,7 +174,7 @@ def _clusters(embeddings: torch.Tensor, k: int, config: ExpertConfig, clusters):
         return result.labels, result.centroids, {"method": "spherical k-means", "seed": config.seed,
                                                   "restarts": config.kmeans_restarts,
                                                   "inertia": round(result.inertia, 6)}
-    labels = torch.as_tensor(list(clusters), dtype=torch.long)
+    labels = torch.as_tensor(list(clusters), dtype=torch.long, device=embeddings.device)
     if labels.shape != (len(embeddings),):
         raise ValueError(f"clusters must give one cluster per example ({len(embeddings)}), got {len(labels)}.")
     if labels.min() < 0 or labels.max() >= k:
@@ -181,7 +183,7 @@ def _clusters(embeddings: torch.Tensor, k: int, config: ExpertConfig, clusters):
     if (sizes == 0).any():
         empty = torch.nonzero(sizes == 0).flatten().tolist()
         raise ValueError(f"Cluster(s) {empty} are empty: every one of the {k} experts needs examples.")
-    sums = torch.zeros(k, embeddings.shape[1]).index_add_(0, labels, embeddings.float())
+    sums = torch.zeros(k, embeddings.shape[1], device=embeddings.device).index_add_(0, labels, embeddings.float())
     return labels, torch.nn.functional.normalize(sums, dim=1), {"method": "given"}
 
 

@@ -23,6 +23,8 @@ _EXPORTS = {
     "QuantizationGrid": "grid",
     "round_clamp_ste": "grid",
     "PackedLinear": "packed_linear",
+    "set_kernel_cache_budget": "kernels",
+    "set_packed_kernel": "kernels",
     "quantize_rtn": "rtn",
     "PackedFormatConfig": "hf_compress.formats.packed",
     "PackedFormatQuantizer": "hf_compress.formats.packed",
