@@ -33,6 +33,8 @@ README = ROOT / "README.md"
 # (README text, what the test runs instead, why). Applied to every block and command, in this order.
 REPLACEMENTS: list[tuple[str, str, str]] = [
     ('"smollm2-135m"', '"tiny-llama"', "a seeded tiny Llama instead of the 135M reference model"),
+    ("examples/recipes/smollm2-135m-sds24-dlqat4.yaml", str(ROOT / "examples/recipes/tiny-llama-magnitude24-dlqat4-fly.yaml"),
+     "the same shape of recipe on the tiny model, a few seconds"),
     ("--model smollm2-135m", "--model tiny-llama --max-windows 2 --limit 4", "tiny model, quick subsets"),
     ("--limit 500 --speed-prompts 10", "--limit 4 --speed-prompts 1 --max-windows 2", "quick subsets"),
     ("--max-windows 4", "--max-windows 2 --limit 4", "quick subsets"),

@@ -36,7 +36,8 @@ def command(name: str, help: str, add_arguments: Callable[[argparse.ArgumentPars
 
 
 # Modules whose import registers method sub-commands (this imports their method packages too).
-METHOD_COMMAND_MODULES = ("hf_compress.pruning.cli", "hf_compress.quantization.cli", "hf_compress.routing.cli")
+METHOD_COMMAND_MODULES = ("hf_compress.pruning.cli", "hf_compress.quantization.cli", "hf_compress.routing.cli",
+                          "hf_compress.hub.cli", "hf_compress.experts.cli", "hf_compress.recipe.cli")
 
 
 def int_at_least(minimum: int) -> Callable[[str], int]:
