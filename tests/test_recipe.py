@@ -245,6 +245,11 @@ def test_strategy_recipe_saves_custom_generate_next_to_the_model(tmp_path):
     out = model.generate(ids, max_new_tokens=12, do_sample=False, custom_generate=str(folder), trust_remote_code=True)
     assert torch.equal(out, greedy)  # FLy with loose=false is strict verification
     assert f'custom_generate="{result.recipe.name}"' in (folder / "README.md").read_text()
+    # Loaded with trust_remote_code, transformers makes the folder's function the model's own generate
+    # (partial(generate, model=model)): positional and keyword inputs both work and it does not recurse.
+    own = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    assert torch.equal(own.generate(ids, max_new_tokens=12, do_sample=False), greedy)
+    assert torch.equal(own.generate(input_ids=ids, max_new_tokens=12, do_sample=False), greedy)
 
 
 @pytest.mark.parametrize("step, saved_as", [

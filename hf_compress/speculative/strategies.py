@@ -572,7 +572,10 @@ def _this_repo_or_folder():
     )
 
 
-def generate(model, draft_model=None, draft_tokenizer=None, heads=None, arbiter=None, **kwargs):
+# `model` is keyword-only: transformers calls `generate(model=..., **arguments)` for `custom_generate=`, and a folder
+# loaded with trust_remote_code gets `model.generate = partial(generate, model=model)`, so `model.generate(ids)`
+# arrives here as (ids, model=model).
+def generate(*args, model, draft_model=None, draft_tokenizer=None, heads=None, arbiter=None, **kwargs):
     global _last
     from hf_compress.speculative import strategy_from_dict
 
@@ -590,5 +593,5 @@ def generate(model, draft_model=None, draft_tokenizer=None, heads=None, arbiter=
         )
         _last = ((arguments, settings), strategy)
     # type(model).generate: a folder loaded with trust_remote_code binds this function as model.generate itself.
-    return type(model).generate(model, custom_generate=strategy, **kwargs)
+    return type(model).generate(model, *args, custom_generate=strategy, **kwargs)
 '''
