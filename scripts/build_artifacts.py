@@ -35,6 +35,13 @@ Usage:
     python scripts/build_artifacts.py --quick --out /tmp/artifacts  # tiny model, every kind, seconds
     python scripts/build_artifacts.py --render artifacts            # rebuild the .md from the .json
     python scripts/build_artifacts.py --readme                      # README table from bench/results/artifacts.json
+    python scripts/build_artifacts.py --zero-shot                   # score the built models (and the base) zero-shot
+
+``--zero-shot`` scores the base model and every built model artifact, each loaded from its folder as a user would,
+on ARC-Easy (the full 570-question validation set) and PIQA (a fixed subset of 500), and writes
+``bench/results/artifacts-zero-shot.{json,md}`` (accuracy of record ± standard error, the difference to the base
+and whether it is outside the noise). It resumes: a model whose weights (sha256 in the manifest) were scored
+already is skipped. The README table takes its zero-shot column from there.
 """
 
 from __future__ import annotations
@@ -80,6 +87,10 @@ RECIPES = ROOT / "recipes" / "artifacts"
 README = ROOT / "README.md"
 TABLE_START, TABLE_END = "<!-- artifacts-table:start -->", "<!-- artifacts-table:end -->"
 RESULTS_NAME = "artifacts"
+ZERO_SHOT_NAME = "artifacts-zero-shot"
+# ARC-Easy: the full validation set (570); PIQA: the first 500 of the seeded permutation (≥ 500 per task).
+ZERO_SHOT_LIMITS: dict[str, int | None] = {"arc_easy": None, "piqa": 500}
+QUICK_ZERO_SHOT_LIMITS: dict[str, int | None] = {"arc_easy": 8, "piqa": 8}
 
 
 # ---------------------------------------------------------------------------------------------- the set
@@ -522,31 +533,130 @@ def build_set(
     return Manifest.load(path) if path.exists() else manifest
 
 
+def weights_digest(entry: Any) -> str:
+    """One sha256 over an artifact's weight files (from its manifest entry): what zero-shot results are tied to."""
+    import hashlib
+
+    files = sorted(f"{f.path}:{f.sha256}" for f in entry.files if f.path.endswith(".safetensors"))
+    return hashlib.sha256("\n".join(files).encode()).hexdigest()
+
+
+def zero_shot_set(
+    out: str | Path, names: Sequence[str] | None = None, *, quick: bool = False, device: str = "cpu",
+    previous: dict[str, Any] | None = None, save: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Zero-shot accuracy of the base and of every built model artifact, loaded from its folder (``--zero-shot``).
+
+    ``previous`` results are kept for weights scored already; ``save`` is called after each model, so an
+    interrupted run resumes. Returns ``{"tasks": limits, "models": {name: {"weights", "tasks", "seconds"}}}``.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_compress.assets import load_model
+    from hf_compress.evaluation.zero_shot import evaluate_zero_shot
+
+    out = Path(out)
+    manifest = Manifest.load(out / MANIFEST_FILENAME)
+    scale = QUICK if quick else FULL
+    limits = QUICK_ZERO_SHOT_LIMITS if quick else ZERO_SHOT_LIMITS
+    wanted = {scale.prefix + "-" + key for key in resolve_names(names)}
+    results = {"tasks": dict(limits), "models": dict((previous or {}).get("models", {}))}
+    if (previous or {}).get("tasks") not in (None, limits):
+        results["models"] = {}  # other tasks or sizes: nothing to keep
+    todo = [("base", scale.base, scale.base)] + [
+        (name, weights_digest(entry), out / entry.folder) for name, entry in manifest.artifacts.items()
+        if entry.kind in ("model", "router") and name in wanted
+    ]
+    for name, digest, source in todo:
+        if results["models"].get(name, {}).get("weights") == digest:
+            logger.info("%s: zero-shot already measured for these weights, skipped", name)
+            continue
+        logger.info("zero-shot: %s", name)
+        if name == "base":
+            model, tokenizer = load_model(source)
+        else:
+            model, tokenizer = AutoModelForCausalLM.from_pretrained(source), AutoTokenizer.from_pretrained(source)
+        started = time.perf_counter()
+        scores = evaluate_zero_shot(model.to(device).eval(), tokenizer, tuple(limits), limit=limits, progress=False)
+        results["models"][name] = {
+            "weights": digest, "seconds": round(time.perf_counter() - started, 1),
+            "tasks": {task: {"metric": scores[task]["metric"], "score": scores[task]["score"],
+                             "stderr": scores[task][f"{scores[task]['metric']}_stderr"], "n": scores[task]["n"],
+                             "subset": scores[task]["subset"]} for task in limits},
+        }
+        del model
+        if save is not None:
+            save(results)
+    return results
+
+
+def render_zero_shot(payload: dict[str, Any]) -> str:
+    """The zero-shot table: each model's accuracy of record ± standard error and its difference to the base."""
+    models = payload["results"]["models"]
+    tasks = list(payload["results"]["tasks"])
+    base = models.get("base", {}).get("tasks", {})
+    lines = [f"## Zero-shot accuracy of the artifact set ({payload['settings']['base']}, "
+             f"{payload['settings']['device']})", "",
+             "| model | " + " | ".join(f"{t} ({(base.get(t) or {}).get('metric', '')}, n={(base.get(t) or {}).get('n', '')})"
+                                       for t in tasks) + " | seconds |",
+             "|---|" + "---|" * len(tasks) + "---|"]
+    for name, measured in models.items():
+        cells = []
+        for task in tasks:
+            result, reference = measured["tasks"][task], base.get(task)
+            cell = f"{result['score']:.3f} ± {result['stderr']:.3f}"
+            if reference and name != "base":
+                delta = result["score"] - reference["score"]
+                # two independent standard errors: a difference inside 2·sqrt(se1² + se2²) is a tie
+                noise = 2 * (result["stderr"] ** 2 + reference["stderr"] ** 2) ** 0.5
+                cell += f" ({delta:+.3f}{'' if abs(delta) > noise else ', tie'})"
+            cells.append(cell)
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {measured['seconds']:.0f} |")
+    lines += ["", "Each model is loaded from its artifact folder with `from_pretrained`. Differences are to the base "
+              "model; \"tie\" marks one within twice the combined standard error (inside the noise). "
+              "The same questions for every model, so differences are paired; the combined error is conservative."]
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------------------------- tables
 
 
-def rows(manifest: Manifest, only: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    """One results row per artifact of the manifest, from its entry only (every number measured by the build)."""
+def rows(manifest: Manifest, only: Sequence[str] | None = None,
+         zero_shot: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """One results row per artifact of the manifest, from its entry (every number measured by the build) and, when
+    given, the ``--zero-shot`` results of the same weights."""
     table = []
     for name, entry in manifest.artifacts.items():
         if only is not None and name not in only:
             continue
         key = next((k for k in ARTIFACTS if name.endswith(f"-{k}")), None)
         perplexity = [m for m in entry.metrics if m.record.metric_type == "perplexity"]
-        zero_shot = [m for m in entry.metrics if m.record.metric_type in ("acc", "acc_norm")]
+        card_zero_shot = [m for m in entry.metrics if m.record.metric_type in ("acc", "acc_norm")]
         row = {
             "name": name, "kind": entry.kind, "what": ARTIFACTS[key].description if key else "",
             "build_seconds": entry.build_seconds,
             "perplexity": perplexity[-1].record.metric_value if perplexity else None,
             "perplexity_source": perplexity[-1].source if perplexity else None,
-            "zero_shot": {m.record.dataset_type: m.record.metric_value for m in zero_shot} or None,
+            "zero_shot": {m.record.dataset_type: m.record.metric_value for m in card_zero_shot} or None,
         }
         row.update({k: v["value"] for k, v in entry.results.items()})
+        row["weights"] = weights_digest(entry)
         speedup = entry.results.get("speedup_vs_greedy")
         if speedup and "alternating" not in speedup["source"]:
             row["speedup_vs_greedy"] = None  # not measured side by side (an older build): no ratio to show
         table.append(row)
-    return table
+    return with_zero_shot(table, zero_shot)
+
+
+def with_zero_shot(rows_: list[dict[str, Any]], zero_shot: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """``rows_`` with the ``--zero-shot`` scores of the same weights (rows of other weights are left as they are)."""
+    scored = (zero_shot or {}).get("models", {})
+    for row in rows_:
+        measured = scored.get(row["name"])
+        if measured and row.get("weights") and measured.get("weights") == row["weights"]:
+            row["zero_shot"] = {task: result["score"] for task, result in measured["tasks"].items()}
+            row["zero_shot_stderr"] = {task: result["stderr"] for task, result in measured["tasks"].items()}
+    return rows_
 
 
 def render(payload: dict[str, Any]) -> str:
@@ -577,7 +687,9 @@ def table(rows_: Sequence[dict[str, Any]]) -> str:
         size = f"{row['disk_bytes'] / 2**20:.1f} MiB" if row.get("disk_bytes") else "—"
         ratio = f"{row['decoder_linear_vs_base_fp32']:.3f}x" if row.get("decoder_linear_vs_base_fp32") else "—"
         ppl = f"{row['perplexity']:.2f}" if row.get("perplexity") is not None else "—"
-        zero = ", ".join(f"{k} {v:.3f}" for k, v in (row.get("zero_shot") or {}).items()) or "not measured"
+        errors = row.get("zero_shot_stderr") or {}
+        zero = ", ".join(f"{k} {v:.3f}" + (f" ± {errors[k]:.3f}" if errors.get(k) else "")
+                         for k, v in (row.get("zero_shot") or {}).items()) or "not measured"
         speed = f"{row['tokens_per_s']:.1f}" if row.get("tokens_per_s") is not None else "—"
         if row.get("speedup_vs_greedy") is not None:
             speed += f" ({row['speedup_vs_greedy']:.2f}x)"
@@ -617,16 +729,37 @@ def update_readme(results_json: Path = ROOT / "bench" / "results" / f"{RESULTS_N
     import json
 
     payload = json.loads(results_json.read_text(encoding="utf-8"))
+    zero_shot_json, zero_shot_note = results_json.with_name(f"{ZERO_SHOT_NAME}.json"), ""
+    if zero_shot_json.is_file():  # scored after the build: its column joins the build's rows by weights
+        zero_shot = json.loads(zero_shot_json.read_text(encoding="utf-8"))
+        with_zero_shot(payload["results"]["rows"], zero_shot["results"])
+        base = zero_shot["results"]["models"].get("base", {}).get("tasks", {})
+        zero_shot_note = (
+            "Zero-shot: accuracy of record ± standard error, " + ", ".join(
+                f"{task} n={result['n']} ({result['metric']})" for task, result in base.items())
+            + "; the base model scores " + ", ".join(f"{task} {r['score']:.3f} ± {r['stderr']:.3f}" for task, r in base.items())
+            + f" (bench/results/{zero_shot_json.with_suffix('.md').name}, measured {zero_shot['date']}, which also marks "
+            "each difference to the base as outside the noise or a tie).\n\n")
     text = readme.read_text(encoding="utf-8")
     pattern = re.compile(re.escape(TABLE_START) + r".*?" + re.escape(TABLE_END), re.DOTALL)
     if not pattern.search(text):
         raise SystemExit(f"{readme} has no {TABLE_START} … {TABLE_END} markers to put the table between.")
     generated = (f"{TABLE_START}\n<!-- generated by `python scripts/build_artifacts.py --readme` from "
                  f"bench/results/{results_json.name}; do not edit by hand -->\n{render(payload).split(chr(10), 1)[1].strip()}\n\n"
-                 f"Measured {payload['date']} on {payload['machine']['cpu']} ({payload['machine']['cpu_count']} cores, "
+                 f"{zero_shot_note}Measured {payload['date']} on {payload['machine']['cpu']} ({payload['machine']['cpu_count']} cores, "
                  f"torch threads {payload['machine']['torch_threads']}).\n{TABLE_END}")
     with atomic_file(readme, encoding="utf-8") as handle:
         handle.write(pattern.sub(lambda _: generated, text))
+
+
+def _load_results(name: str) -> dict[str, Any] | None:
+    """The ``results`` of ``bench/results/<name>.json`` (``None`` when there is none)."""
+    import json
+
+    from hf_compress.evaluation.report import results_directory
+
+    path = results_directory() / f"{name}.json"
+    return json.loads(path.read_text(encoding="utf-8"))["results"] if path.is_file() else None
 
 
 def _deep_merge(target: dict[str, Any], extra: dict[str, Any]) -> None:
@@ -643,18 +776,30 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--only", nargs="+", metavar="NAME", help=f"build only these: {', '.join(ARTIFACTS)}")
     parser.add_argument("--rebuild", action="store_true", help="build the selected artifacts again even if complete")
     parser.add_argument("--readme", action="store_true", help="only rewrite the README table from the results JSON")
+    parser.add_argument("--zero-shot", action="store_true",
+                        help="score the built model artifacts and the base zero-shot (bench/results/artifacts-zero-shot)")
     args = parser.parse_args(argv)
     if args.readme:
         update_readme()
         return
     names = resolve_names(args.only)  # before any work: an unknown name is refused at once
-    if not start_benchmark(args, render):
+    if not start_benchmark(args, render_zero_shot if args.zero_shot else render):
         return
     scale = QUICK if args.quick else FULL
+    if args.zero_shot:
+        name = f"{ZERO_SHOT_NAME}-quick" if args.quick else ZERO_SHOT_NAME
+        settings = {"base": scale.base, "device": device_description(args.device), "out": str(args.out)}
+
+        def save(results: dict[str, Any]) -> None:
+            write_benchmark(name, settings, results, render_zero_shot({"settings": settings, "results": results}))
+
+        zero_shot_set(args.out, args.only, quick=args.quick, device=args.device, previous=_load_results(name),
+                      save=save)
+        return
     load_before = os.getloadavg()[0]
     manifest = build_set(args.out, names, quick=args.quick, device=args.device, rebuild=args.rebuild)
     built = list(manifest.artifacts)
-    table_rows = rows(manifest)
+    table_rows = rows(manifest, zero_shot=_load_results(f"{ZERO_SHOT_NAME}-quick" if args.quick else ZERO_SHOT_NAME))
     results = {
         "rows": table_rows,
         "targets": headline_targets(table_rows, scale.prefix),

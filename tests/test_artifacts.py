@@ -93,6 +93,38 @@ def test_build_covers_every_kind_and_resumes(built_set, tmp_path):
     assert built_set.read_bytes() == before
 
 
+def test_zero_shot_scores_each_model_once_and_joins_the_table_by_weights(set_copy, tmp_path):
+    from hf_compress.evaluation.report import write_benchmark
+
+    saved = []
+    prefix = build_artifacts.QUICK.prefix
+    results = build_artifacts.zero_shot_set(set_copy.parent, ["sds24", "tyr30", "fly"], quick=True, save=saved.append)
+    assert list(results["models"]) == ["base", f"{prefix}-sds24", f"{prefix}-tyr30"]  # models only, no strategy
+    assert len(saved) == 3 and all(r["tasks"]["piqa"]["n"] == 8 for r in results["models"].values())
+    again = build_artifacts.zero_shot_set(set_copy.parent, ["sds24", "tyr30"], quick=True, previous=results,
+                                          save=saved.append)
+    assert again == results and len(saved) == 3  # same weights: nothing scored twice
+    rows = {row["name"]: row for row in build_artifacts.rows(Manifest.load(set_copy), zero_shot=results)}
+    sds = results["models"][f"{prefix}-sds24"]["tasks"]
+    assert rows[f"{prefix}-sds24"]["zero_shot"] == {task: r["score"] for task, r in sds.items()}
+    assert rows[f"{prefix}-dlqat3"]["zero_shot"] is None  # not scored: "not measured" in the table
+    stale = {"models": {f"{prefix}-sds24": {**results["models"][f"{prefix}-sds24"], "weights": "0" * 64}}}
+    unscored = {k: v for k, v in rows[f"{prefix}-sds24"].items() if not k.startswith("zero_shot")}
+    assert "zero_shot" not in build_artifacts.with_zero_shot([unscored], stale)[0]  # other weights: not joined
+    # The README table carries the column, and the base model's scores, from the zero-shot results file.
+    payload = {"settings": {"base": "tiny-llama", "device": "cpu"}, "results": {"rows": list(rows.values())}}
+    json_path, _ = write_benchmark("artifacts", payload["settings"], payload["results"], build_artifacts.render(payload),
+                                   results_dir=tmp_path)
+    write_benchmark(build_artifacts.ZERO_SHOT_NAME, payload["settings"], results,
+                    build_artifacts.render_zero_shot({"settings": payload["settings"], "results": results}),
+                    results_dir=tmp_path)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{build_artifacts.TABLE_START}\n{build_artifacts.TABLE_END}\n")
+    build_artifacts.update_readme(json_path, readme)
+    text = readme.read_text()
+    assert f"piqa {sds['piqa']['score']:.3f} ± {sds['piqa']['stderr']:.3f}" in text and "the base model scores" in text
+
+
 def test_publish_then_nothing_to_upload_then_fresh_process_journeys(built_set, fake_hub, tmp_path):
     manifest = Manifest.load(built_set)
     first = publish(built_set, NAMESPACE)

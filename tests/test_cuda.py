@@ -1,7 +1,7 @@
 """Every journey on CUDA, on tiny models: prune + save + reload (with the RIA and the learned permutation), Týr
 and block removal, DL-QAT, every speculative strategy, drafting heads, CoSpec (train an arbiter, decode), SparK
-and the structured cache, token routing, LoRA experts (train, routed generate, reload), the CLI with
-``--device cuda``.
+and the structured cache, token routing, LoRA experts (train, routed generate, reload), stacked sparse + packed
+checkpoints, a Týr → Wanda 2:4 → DL-QAT recipe, an artifact build, the CLI with ``--device cuda``.
 
 Each journey is a function of the device, so the same code runs here on CUDA (marker ``cuda``, skipped
 without a GPU) and on the CPU under the device guard of ``test_device_guard.py``, which fails when the
@@ -25,7 +25,9 @@ from hf_compress.cache import SparKCache, StructuredChannelCache, cache_kwargs
 from hf_compress.pruning import BlockRemovalConfig, BlockRemovalPruner, PRUNERS, SDSConfig, SDSPruner, TyrPruner
 from hf_compress.experts import ExpertConfig, ExpertRouter, train_experts
 from hf_compress.pruning import LearnedPermutationConfig, WandaConfig, WandaPruner
-from hf_compress.quantization import DLQATConfig
+from hf_compress.formats.packed import save_packed
+from hf_compress.quantization import DLQATConfig, PackedLinear, quantize_rtn
+from hf_compress.recipe import run
 from hf_compress.routing import RoutingSchedule, install_routing, save_routed
 from hf_compress.speculative import FLy, SpeculativeDecoding, SpeculativeSampling
 from hf_compress.speculative.cospec import ArbiterConfig, CoSpec, train_arbiter
@@ -312,12 +314,47 @@ def journey_token_routing_generate_save_reload(device, tmp_path) -> None:
     assert torch.equal(reloaded.generate(ids, max_new_tokens=4, do_sample=False), out)
 
 
+# ------------------------------------------------------------------------------------------ stacking
+def journey_stacked_prune_quantize_reload(device, tmp_path) -> None:
+    model, tokenizer = tiny_model("qwen3")
+    model.to(device)
+    PRUNERS["magnitude"](model, tokenizer).prune("2:4", progress=False)
+    packed = quantize_rtn(model, bits=4, group_size=32)  # the 2:4 mask kept: mask + codes of the kept weights
+    assert all(m.is_sparse for m in packed.modules() if isinstance(m, PackedLinear))
+    save_packed(packed, tokenizer, tmp_path / "stacked")
+    ids = _ids(device)
+    assert torch.equal(_logits(_reloaded(tmp_path / "stacked", device), ids), _logits(packed, ids))
+
+
+def journey_recipe_slim_sparse_packed(device, tmp_path) -> None:
+    from test_recipe import DLQAT, TYR, WANDA, recipe
+
+    result = run(recipe({"prune": TYR}, {"prune": WANDA}, {"quantize": DLQAT}), tmp_path / "out", device=device,
+                 progress=False)
+    assert all(p.device.type == torch.device(device).type for p in result.model.parameters())
+    ids = _ids(device)
+    assert torch.equal(_logits(_reloaded(tmp_path / "out", device), ids), _logits(result.model.eval(), ids))
+
+
+def journey_artifact_build(device, tmp_path) -> None:
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import build_artifacts
+
+    manifest = build_artifacts.build_set(tmp_path / "set", ["sds24-dlqat4"], quick=True, device=device)
+    (entry,) = manifest.artifacts.values()
+    assert entry.results["tokens_per_s"]["value"] > 0 and entry.files
+
+
 JOURNEYS = [
     journey_prune_save_reload, journey_sds_save_reload, journey_tyr_save_reload, journey_block_removal_save_reload,
     journey_dlqat_train_merge_reload, journey_speculative_strategies, journey_cross_tokenizer_drafting,
     journey_drafting_heads, journey_spark_and_structured_cache, journey_cli, journey_permuted_prune_save_reload,
     journey_token_routing_generate_save_reload, journey_learned_permutation_save_reload,
-    journey_cospec_train_and_decode, journey_experts_train_and_route,
+    journey_cospec_train_and_decode, journey_experts_train_and_route, journey_stacked_prune_quantize_reload,
+    journey_recipe_slim_sparse_packed, journey_artifact_build,
 ]
 
 

@@ -42,7 +42,7 @@ def recipe(*steps: dict, **top) -> dict:
     (recipe({"prune": {**WANDA, "sparsity": "5:4"}}), "step 1 (prune wanda): sparsity must be"),
     (recipe({"quantize": {**DLQAT, "bits": 9}}), "step 1 (quantize dlqat)"),
     (recipe({"quantize": {**DLQAT, "training": {"steps": 3}}}), "training: unknown key 'steps'; valid keys: batch_size"),
-    (recipe({"quantize": {"method": "rtn", "rank": 4}}), "unknown key 'rank'; valid keys: bits, group_size, method, skip"),
+    (recipe({"quantize": {"method": "rtn", "rank": 4}}), "unknown key 'rank'; valid keys: bits, group_size, keep_sparsity, method, skip"),
     (recipe({"generation": {"strategy": "warp"}}), "unknown strategy 'warp'; valid strategies: amphista, cospec, fly"),
     (recipe({"generation": {"strategy": "fly", "widow": 4}}), "unknown key 'widow'; valid keys: cache"),
     (recipe({"generation": {"cache": "paged"}}), "cache must be one of spark, structured"),
@@ -74,11 +74,49 @@ def test_bad_recipes_are_refused_with_the_valid_choices(data, message):
     ([{"generation": {"strategy": "amphista"}}],
      "step 1 (generation amphista): strategy amphista drafts with trained heads: add a `heads` step"),
     ([{"heads": HEADS}, {"generation": {"strategy": "fly"}}], "strategy fly does not use"),
+    ([{"prune": {"method": "tyr", "target_sparsity": 0.3}}, {"prune": WANDA}],
+     "step 2 (prune wanda) (2:4) after step 1 (prune tyr): its FFN widths must be multiples of 4, and channel_multiple "
+     "is 1; set channel_multiple: 4 (or a multiple of 4) on step 1."),
+    ([{"prune": {"method": "tyr", "target_sparsity": 0.3, "channel_multiple": 2}}, {"prune": WANDA}],
+     "set channel_multiple: 4"),
 ])
 def test_impossible_orders_are_refused(steps, message):
     with pytest.raises(RecipeError, match="^steps: ") as error:
         Recipe.from_dict(recipe(*steps))
     assert message in str(error.value)
+
+
+TYR = {"method": "tyr", "target_sparsity": 0.3, "channel_multiple": 4, "num_iterations": 1, "generations": 1,
+       "offspring": 2, "min_ffn_step": 4, "selection_tokens": [32], "selection_survivors": [],
+       "num_calibration_sequences": 2, "calibration_seq_len": 32, "num_search_sequences": 2, "kl_topk": 16}
+
+
+def test_tyr_then_wanda_2_4_then_rtn_reloads_slim_sparse_and_packed(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from hf_compress.formats.slim import slim_record
+    from hf_compress.pruning.masks import check_pattern
+    from hf_compress.quantization import PackedLinear
+
+    result = run(recipe({"prune": TYR}, {"prune": WANDA}, {"quantize": {"method": "rtn", "bits": 4, "group_size": 32}}),
+                 tmp_path / "out", progress=False)
+    widths = slim_record(result.model)["layers"]  # the packed layers' widths, as the checkpoint records them
+    assert all(w["intermediate_size"] % 4 == 0 for w in widths) and any(w["intermediate_size"] < 128 for w in widths)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert slim_record(reloaded)["layers"] == widths
+    packed = [m for m in reloaded.modules() if isinstance(m, PackedLinear)]
+    assert packed and all(m.is_sparse and check_pattern(m.dequantized_weight(), "2:4") for m in packed)
+    ids = torch.tensor([[5, 17, 42, 99, 3, 64, 128, 7]])
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, result.model.eval()(ids).logits)
+
+
+def test_structural_then_n_m_is_accepted_when_the_widths_allow_it():
+    for structural in ({"method": "tyr", "target_sparsity": 0.3, "channel_multiple": 8},
+                       {"method": "block_removal", "target_sparsity": 0.3}):
+        for mask in (WANDA, {"method": "magnitude", "sparsity": 0.5}):
+            parsed = Recipe.from_dict(recipe({"prune": structural}, {"prune": mask}))
+            assert [step.method for step in parsed.steps] == [structural["method"], mask["method"]]
 
 
 def test_order_errors_come_before_any_work(tmp_path, monkeypatch):
@@ -131,12 +169,14 @@ def test_prune_then_quantize_saves_a_folder_that_reloads_with_equal_logits(prune
     from transformers import AutoModelForCausalLM
 
     from hf_compress.hub import read_metrics, read_recipe, validate_model_card
+    from hf_compress.hub.push import plan_push
     from hf_compress.quantization import PackedLinear
 
     result, _ = prune_then_quantize
     folder = result.save_dir
     assert {"config.json", "model.safetensors", "recipe.yaml", "recipe_results.json", "README.md"} <= {
         p.name for p in folder.iterdir()}
+    assert {"recipe.yaml", "recipe_results.json", "README.md"} <= set(plan_push(folder).files)  # all uploaded
     reloaded = AutoModelForCausalLM.from_pretrained(folder).eval()
     assert any(isinstance(m, PackedLinear) for m in reloaded.modules())
     ids = torch.tensor([[5, 17, 42, 99, 3, 64, 128, 7]])
@@ -198,6 +238,9 @@ def test_cli_check_and_run(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "2. quantize rtn: perplexity" in out and "saved to" in out
     AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    # RTN kept the 2:4 mask: one stacked checkpoint (mask + the codes of the kept weights).
+    config = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "hf_compress_packed" and len(config["sparse_modules"]) == 14
     capsys.readouterr()
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\nbase_model: tiny-llama\nsteps:\n  - quantize: {method: rtn}\n  - prune: {method: magnitude}\n")

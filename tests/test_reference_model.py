@@ -29,6 +29,8 @@ def test_smollm2_loads_as_plain_llama_checkpoint(smollm2):
     assert model.config.vocab_size == len(tokenizer) == 49152
     assert model.config.num_hidden_layers == 30
     assert getattr(model.config, "quantization_config", None) is None
+    # It names its upstream Hub id, not the local conversion cache: what cards and adapter configs record.
+    assert model.name_or_path == model.config.name_or_path == "HuggingFaceTB/SmolLM2-135M-Instruct"
     path = reference_model_path("smollm2-135m")
     assert (path / "model.safetensors").is_file() and not list(path.glob("*.gguf"))
     start = time.perf_counter()
@@ -158,6 +160,8 @@ def test_smollm2_dlqat_trains_exports_packed_and_reloads(tmp_path):
         fake_quant = model(ids[:1, :64]).logits
         packed = model.merge_and_quantize()
         assert torch.allclose(packed(ids[:1, :64]).logits, fake_quant, rtol=1e-5, atol=1e-4)
+    recorded = packed.config.quantization_config.recipe["adapter"]["base_model_name_or_path"]
+    assert recorded == "HuggingFaceTB/SmolLM2-135M-Instruct"
     size = packed_size(packed)
     assert size["layers"] == 7 * 30 and size["packed"] / size["bf16"] <= 3 / 16 + 0.10
     packed.save_pretrained(tmp_path / "q")

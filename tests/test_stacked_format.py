@@ -133,7 +133,7 @@ def test_pruned_dlqat_merge_save_reload_is_exact_and_stacked(arch, tmp_path):
 def test_stacked_bytes_are_below_the_sparse_and_packed_formats(tmp_path):
     model, tokenizer = _pruned("llama")
     sparse_folder = save_pruned(model, tokenizer, tmp_path / "sparse")
-    dense_codes = quantize_rtn(_pruned("llama")[0], bits=4, group_size=32)  # zeros → zero-point codes, no mask
+    dense_codes = quantize_rtn(_pruned("llama")[0], bits=4, group_size=32, keep_sparsity=False)  # zeros as codes
     stacked = get_peft_model(model, DLQATConfig(bits=4, group_size=32, use_lora=False, use_magnitude=False))
     stacked = stacked.merge_and_quantize()
     sizes = {
@@ -174,6 +174,29 @@ def test_training_keeps_the_mask_only_when_asked():
         assert (grad is None or bool((grad == 0).all())) == fixed
         grad = torch.autograd.grad(layer.quantized_weight("default")[~pruned].sum(), layer.dlqat_B["default"])[0]
         assert bool((grad != 0).any())
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_rtn_of_a_pruned_model_is_stacked_unless_asked(arch, tmp_path):
+    model, tokenizer = _pruned(arch)
+    masks = _base_masks(model)
+    packed = quantize_rtn(model, bits=4, group_size=32)
+    layers = {n: m for n, m in packed.named_modules() if isinstance(m, PackedLinear)}
+    assert layers.keys() == masks.keys() and all(m.is_sparse for m in layers.values())
+    assert all(torch.equal(layers[name].mask(), mask) for name, mask in masks.items())
+    before = _logits(packed)
+    folder = save_packed(packed, tokenizer, tmp_path / "stacked")
+    config = json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert set(config["sparse_modules"]) == set(masks) and config["recipe"] == {"method": "rtn"}
+    loaded = AutoModelForCausalLM.from_pretrained(folder)
+    assert torch.equal(_logits(loaded), before)
+    assert all(check_pattern(m.dequantized_weight(), "2:4") for m in loaded.modules() if isinstance(m, PackedLinear))
+    # keep_sparsity=False stores every code (the zeros at their zero-points): the same weights, more bytes.
+    dense = quantize_rtn(_pruned(arch)[0], bits=4, group_size=32, keep_sparsity=False)
+    assert not any(m.is_sparse for m in dense.modules() if isinstance(m, PackedLinear))
+    assert torch.equal(_logits(dense), before)
+    with pytest.raises(ValueError, match="keep_sparsity must be 'auto', True or False"):
+        quantize_rtn(tiny_model(arch)[0], bits=4, group_size=32, keep_sparsity="yes")
 
 
 def test_keep_sparsity_detection_and_bad_values():
@@ -369,14 +392,16 @@ def test_slim_model_saved_sparse_reloads_with_its_widths(arch, attach, tmp_path)
 
 
 @pytest.mark.parametrize("arch", SLIM_ARCHS)
-def test_slim_model_saved_packed_reloads_with_its_widths(arch, tmp_path):
-    model, tokenizer = _slim(arch)
+@pytest.mark.parametrize("attach", [True, False])  # False: RTN measures the widths before packing the layers
+def test_slim_model_saved_packed_reloads_with_its_widths(arch, attach, tmp_path):
+    model, tokenizer = _slim(arch, attach=attach)
     widths = layer_widths(model)
     packed = quantize_rtn(model, bits=4, group_size=32)
     before = _logits(packed)
     folder = save_packed(packed, tokenizer, tmp_path / "packed")
     config = json.loads((folder / "config.json").read_text())["quantization_config"]
-    assert config["slim"] == {"layers": widths, "recipe": {"method": "tyr"}} and config["format_version"] == 3
+    assert config["slim"]["layers"] == widths and config["format_version"] == 3
+    assert config["slim"]["recipe"] == ({"method": "tyr"} if attach else {})
     loaded = AutoModelForCausalLM.from_pretrained(folder)
     assert torch.equal(_logits(loaded), before)
     restored = loaded.dequantize()  # a float slim model: it keeps its widths to save and load again

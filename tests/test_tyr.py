@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 import hf_compress  # noqa: F401  (registers the slim format)
 from hf_compress.assets import tiny_model
 from hf_compress.modeling import find_decoder_blocks
-from hf_compress.pruning import BlockRemovalConfig, BlockRemovalPruner, TyrConfig, TyrPruner
+from hf_compress.pruning import PRUNERS, BlockRemovalConfig, BlockRemovalPruner, TyrConfig, TyrPruner
 from hf_compress.formats.slim import attach_slim_format
 from hf_compress.modeling.structure import (
     block_structure,
@@ -154,6 +154,24 @@ def test_budget_plan_hits_the_target_within_one_channel():
     assert max(plan.centres["ffn"]) - min(plan.centres["ffn"]) <= 1
     with pytest.raises(ValueError, match="cannot be reached"):
         BudgetPlan.from_target(structures, total, 0.99)
+
+
+def test_channel_multiple_keeps_every_ffn_width_a_multiple_then_2_4_pruning_follows():
+    model, tokenizer = tiny_model("llama", num_hidden_layers=3)
+    structures = [block_structure(block) for block in _blocks(model)]
+    total = decoder_parameter_count(model)
+    plan = BudgetPlan.from_target(structures, total, 0.3, channel_multiple=8)
+    assert all(centre % 8 == 0 for centre in plan.centres["ffn"])
+    assert abs(plan.removed_parameters(plan.centres) - 0.3 * total) <= 8 * plan.unit_parameters["ffn"] / 2 + 1
+    with pytest.raises(ValueError, match="channel_multiple=7 does not divide the FFN width"):
+        BudgetPlan.from_target(structures, total, 0.3, channel_multiple=7)
+    pruner = TyrPruner(model, tokenizer)
+    pruner.prune(_small_config(channel_multiple=8, min_ffn_step=4), TEXT, progress=False)
+    widths = [width["intermediate_size"] for width in pruner.report.layers]
+    assert all(width % 8 == 0 for width in widths) and widths != [structures[0].ffn.num_units] * 3
+    PRUNERS["magnitude"](model, tokenizer).prune("2:4", progress=False)  # every input width splits into groups of 4
+    with pytest.raises(ValueError, match="channel_multiple"):
+        TyrConfig(channel_multiple=0)
 
 
 def test_mutations_preserve_each_types_budget_and_bounds():

@@ -126,6 +126,10 @@ def load_reference_model(
     with _compat.quiet_weight_progress():  # a local, already converted checkpoint: a second or two
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
+    # from_pretrained records the local conversion cache as name_or_path; every card, adapter config and folder
+    # written from this model should name its upstream Hub id instead (what PEFT and hub_model_id read).
+    _compat.set_hub_name(model.config, REFERENCE_MODELS[name].hub_id)
+    model.name_or_path = model.config.name_or_path
     return model, tokenizer
 
 

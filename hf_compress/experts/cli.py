@@ -127,8 +127,7 @@ def load_rows(data: str, per_task: int, holdout: int) -> tuple[list[dict[str, An
 def _train(args: argparse.Namespace) -> int:
     from datasets import Dataset
 
-    from .. import _compat
-    from ..assets import REFERENCE_MODELS, load_model
+    from ..assets import load_model
     from ..cli.config_flags import config_kwargs
     from ..training import TrainingSettings
     from ..utils import check_save_dir
@@ -149,11 +148,6 @@ def _train(args: argparse.Namespace) -> int:
                          f"--num-experts <= {kept}, a larger --select or more data (every expert needs examples).")
     device = resolve_device(args.device)
     model, tokenizer = load_model(args.base)
-    if args.base in REFERENCE_MODELS:
-        # Loaded from the local conversion cache: record the upstream Hub id as the folder's base model, so
-        # the card names it and `experts route` finds the offline reference model again without --base.
-        model.name_or_path = REFERENCE_MODELS[args.base].hub_id  # what the folder and PEFT read
-        _compat.set_hub_name(model.config, model.name_or_path)
     model.to(device)
     spec = EmbeddingSpec.for_model(model, config.embedding_layer, config.embedding_max_length)
     dataset = Dataset.from_list(rows)

@@ -5,8 +5,8 @@ authentication, Xet/LFS handling, retries and pull requests behave exactly as wi
 is uploaded is decided, and checked, before anything is sent (the repo is not even created otherwise):
 
 - **An allow-list**: only files matching :data:`DEFAULT_ALLOW_PATTERNS` (safetensors weights, JSON configs,
-  ``README.md``, tokenizer files, GGUF files, ``custom_generate/``) are uploaded; ``allow_patterns=`` replaces
-  it (``[*DEFAULT_ALLOW_PATTERNS, "LICENSE"]`` extends it).
+  ``README.md``, ``recipe.yaml``, tokenizer files, GGUF files, ``custom_generate/``) are uploaded;
+  ``allow_patterns=`` replaces it (``[*DEFAULT_ALLOW_PATTERNS, "LICENSE"]`` extends it).
 - **Training leftovers** (``checkpoint-*/``, ``runs/``, ``wandb/``, ``__pycache__/``) are never uploaded, nor
   what the Hub reserves (``.git/``, ``.cache/``).
 - **Refused unless the caller opts in**: pickles (``*.pt``, ``*.pth``, ``*.bin``, ``*.pkl``, ``*.pickle``,
@@ -67,6 +67,7 @@ DEFAULT_ALLOW_PATTERNS: tuple[str, ...] = (
     "*.json",  # config, generation config, tokenizer, adapter and quantization configs
     "*.gguf",  # GGUF: no code on load, like safetensors
     "README.md",  # the model card
+    "recipe.yaml",  # a recipe folder's steps and settings (data only: hf_compress reads it with yaml.safe_load)
     *_TOKENIZER_FILES,
     *(f"*/{name}" for name in _TOKENIZER_FILES if not name.startswith("*")),
     "custom_generate/*.py",

@@ -37,7 +37,14 @@ from dataclasses import dataclass
 import torch
 
 
-__all__ = ["SUPPORTED_BITS", "QuantizationGrid", "check_grid_arguments", "group_index", "round_clamp_ste"]
+__all__ = [
+    "SPARSITY_THRESHOLD", "SUPPORTED_BITS", "QuantizationGrid", "check_grid_arguments", "group_index", "keeps_sparsity",
+    "round_clamp_ste",
+]
+
+SPARSITY_THRESHOLD = 0.1
+"""``keep_sparsity="auto"``: a layer keeps its mask when at least this fraction of its weights is exactly 0.
+Trained dense weights have practically no exact zeros; every pruning level worth storing sparse is far above."""
 
 SUPPORTED_BITS: tuple[int, ...] = tuple(range(2, 9))
 """Bit widths the grid, the packing and the exported format support."""
@@ -60,6 +67,29 @@ def check_grid_arguments(bits: int, group_size: int) -> None:
             f"group_size must be a positive integer (e.g. 128) or -1 for one group per output channel, "
             f"got {group_size!r}."
         )
+
+
+def keeps_sparsity(weight: torch.Tensor, setting: bool | str) -> bool:
+    """Whether a layer with ``weight`` keeps its exact zeros as a mask when quantized (``keep_sparsity``).
+
+    The grid needs no change for it: its range always contains 0, so the grid of a sparse weight is the grid
+    of its kept weights, and a masked code at the zero-point reads back as exactly 0.
+
+    Example:
+        >>> w = torch.tensor([[1.0, 0.0, 0.0, 2.0]])
+        >>> keeps_sparsity(w, "auto"), keeps_sparsity(w, False), keeps_sparsity(torch.ones(2, 2), True)
+        (True, False, False)
+    """
+    if setting is False:
+        return False
+    zeros = int((weight == 0).sum())
+    return zeros > 0 if setting is True else zeros >= SPARSITY_THRESHOLD * weight.numel()
+
+
+def check_keep_sparsity(setting: object) -> None:
+    """``keep_sparsity`` must be ``"auto"``, ``True`` or ``False``."""
+    if setting != "auto" and not isinstance(setting, bool):
+        raise ValueError(f"keep_sparsity must be 'auto', True or False, got {setting!r}.")
 
 
 def group_index(in_features: int, group_size: int, device: torch.device | None = None) -> torch.Tensor:

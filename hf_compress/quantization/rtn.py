@@ -5,6 +5,10 @@ Example:
     >>> packed = quantize_rtn(tiny_model("llama")[0], bits=4, group_size=32)
     >>> packed.config.quantization_config.recipe
     {'method': 'rtn'}
+
+A pruned model stays sparse (``keep_sparsity="auto"``, as in DL-QAT): each layer with at least 10% exact zeros
+becomes a sparse ``PackedLinear`` (its mask + the codes of the kept weights), so ``save_packed`` writes the
+stacked sparse + low-bit checkpoint; a slim (Týr / block-removal) model's widths are recorded with it.
 """
 
 from __future__ import annotations
@@ -15,9 +19,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..formats.packed import PackedFormatConfig, attach_packed_format
+from ..formats.slim import slim_record
 from ..modeling.layers import find_decoder_blocks, find_linear_layers, replace_module, weight_matrix
 from ..utils import InvalidArgumentTypeError, check_bool, check_str_list
-from .grid import QuantizationGrid, check_grid_arguments
+from .grid import QuantizationGrid, check_grid_arguments, check_keep_sparsity, keeps_sparsity
 from .packed_linear import PackedLinear
 
 
@@ -35,11 +40,14 @@ def quantize_rtn(
     group_size: int = 128,
     symmetric: bool = False,
     skip: Sequence[str] = (),
+    keep_sparsity: bool | str = "auto",
 ) -> PreTrainedModel:
     """Round-to-nearest: pack every linear layer (or ``Conv1D``) of the decoder blocks in place, no training.
 
     The baseline of DL-QAT (and what a DL-QAT adapter at initialisation exports). ``skip`` holds
-    ``fnmatch`` patterns of qualified layer names to keep in full precision.
+    ``fnmatch`` patterns of qualified layer names to keep in full precision. ``keep_sparsity`` as in
+    ``DLQATConfig``: ``"auto"`` keeps the exact zeros of layers at least 10% zero as a mask (a pruned model stays
+    sparse), ``True`` of every layer with any zero, ``False`` packs every layer dense.
     """
     from transformers import PreTrainedModel
 
@@ -49,7 +57,9 @@ def quantize_rtn(
         )
     check_grid_arguments(bits, group_size)
     check_bool("symmetric", symmetric)
+    check_keep_sparsity(keep_sparsity)
     skip = check_str_list("skip", skip, hint="skip holds fnmatch patterns of layer names, e.g. '*down_proj'.")
+    slim = slim_record(model)  # measured on the nn.Linear layers, before they are replaced
     prefix, blocks = find_decoder_blocks(model)
     names = []
     for index, block in enumerate(blocks):
@@ -59,9 +69,9 @@ def quantize_rtn(
             grid = QuantizationGrid.fit(w, bits, group_size, symmetric)
             packed = PackedLinear.from_codes(
                 grid.quantize(w), grid.scale, grid.zero, bits, group_size,
-                bias=layer.bias, dtype=w.dtype,
+                bias=layer.bias, dtype=w.dtype, mask=(w != 0) if keeps_sparsity(w, keep_sparsity) else None,
             )
             replace_module(model, f"{qualified}.{name}", packed)
             names.append(f"{qualified}.{name}")
-    config = PackedFormatConfig(bits, group_size, symmetric, names, recipe={"method": "rtn"})
+    config = PackedFormatConfig(bits, group_size, symmetric, names, recipe={"method": "rtn"}, slim=slim)
     return attach_packed_format(model, config)

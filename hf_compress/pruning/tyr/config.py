@@ -6,6 +6,7 @@
 | ``num_iterations`` / ``initial_step`` | 4 / 12.5 % | 4 / 12.5 % | as the paper |
 | ``num_levels`` | 9 | 9 | as the paper |
 | ``min_ffn_step`` | 32 channels | 32 channels | as the paper |
+| ``channel_multiple`` | — | 1 channel | 4 (or 8) before N:M pruning: every kept FFN width a multiple of M |
 | ``ffn_update_rounds`` / ``attention_update_rounds`` | 16 / 1 | 16 / 1 | as the paper |
 | ``generations`` / ``offspring`` | 50 / 128 | 20 / 32 | one CPU forward costs what 128 do on a GPU |
 | ``selection_tokens`` | 2,048 / 16,384 / 131,072 | 1,024 / 4,096 / 16,384 | pool of 64 × 256 tokens |
@@ -47,6 +48,9 @@ class TyrConfig(StructuralPruningConfig):
         num_iterations: coarse-to-fine rounds of supernet + search; the level step halves each round.
         initial_step: first level step, as a fraction of a layer's units.
         min_ffn_step: smallest FFN level step in channels (attention steps never go below one group).
+        channel_multiple: every layer keeps a multiple of this many FFN channels (the budget is met to within
+            one multiple per layer). Set it to ``M`` (or a multiple of it) when N:M pruning follows: the FFN
+            output projection's input width must split into groups of ``M``; 8, 16 or 64 also suit GPU kernels.
         num_levels: sparsity levels per layer in a supernet (centre ± ``num_levels // 2``).
         ffn_update_rounds, attention_update_rounds: OBS update rounds of the local pruner.
         damping: Hessian damping relative to its mean diagonal.
@@ -67,6 +71,7 @@ class TyrConfig(StructuralPruningConfig):
     num_iterations: int = 4
     initial_step: float = 0.125
     min_ffn_step: int = 32
+    channel_multiple: int = 1
     num_levels: int = 9
     ffn_update_rounds: int = 16
     attention_update_rounds: int = 1
@@ -85,7 +90,7 @@ class TyrConfig(StructuralPruningConfig):
         super().__post_init__()
         check_choice("allocation", self.allocation, ALLOCATIONS)
         check_choice("propagation", self.propagation, PROPAGATIONS)
-        for name in ("num_iterations", "min_ffn_step", "ffn_update_rounds", "attention_update_rounds",
+        for name in ("num_iterations", "min_ffn_step", "channel_multiple", "ffn_update_rounds", "attention_update_rounds",
                      "generations", "offspring", "max_flips", "kl_topk", "num_search_sequences"):
             setattr(self, name, check_int(name, getattr(self, name), minimum=1))
         self.search_seed = check_seed("search_seed", self.search_seed)

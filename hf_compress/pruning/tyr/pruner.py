@@ -69,7 +69,8 @@ class BudgetPlan:
     """The centre allocation: units removed per layer and type, with their parameter cost.
 
     Attention removes ``round(target · all groups)`` groups, then FFN channels make up the rest of the
-    parameter budget (to within one channel); both are spread as evenly as integers allow.
+    parameter budget (to within one channel, or one ``channel_multiple``); both are spread as evenly as integers
+    allow.
     """
 
     centres: dict[str, list[int]]
@@ -78,7 +79,9 @@ class BudgetPlan:
     num_units: dict[str, int]
 
     @classmethod
-    def from_target(cls, structures: Sequence[BlockStructure], decoder_parameters: int, target: float) -> BudgetPlan:
+    def from_target(
+        cls, structures: Sequence[BlockStructure], decoder_parameters: int, target: float, channel_multiple: int = 1,
+    ) -> BudgetPlan:
         layers = len(structures)
         num_units = {"attention": structures[0].attention.num_units, "ffn": structures[0].ffn.num_units}
         unit_parameters = {"attention": structures[0].attention.unit_parameters(),
@@ -90,18 +93,27 @@ class BudgetPlan:
                     f"block {index} has {found} units, block 0 has {num_units}: Týr's level steps need blocks of "
                     "equal widths (prune a model that has not been structurally pruned already)."
                 )
-        max_removable = {t: [num_units[t] - 1] * layers for t in UNIT_TYPES}
+        multiple = channel_multiple
+        if num_units["ffn"] % multiple:
+            raise ValueError(
+                f"channel_multiple={multiple} does not divide the FFN width {num_units['ffn']}: the kept widths could "
+                "not all be multiples of it; pick a divisor of the FFN width (e.g. 4 or 8)."
+            )
+        # FFN channels are planned in chunks of `multiple` channels, so every centre and level is a multiple of it.
+        max_removable = {"attention": [num_units["attention"] - 1] * layers,
+                         "ffn": [num_units["ffn"] - multiple] * layers}
         goal = round(target * decoder_parameters)
         attention = min(round(target * layers * num_units["attention"]), sum(max_removable["attention"]))
         rest = goal - attention * unit_parameters["attention"]
-        ffn = round(rest / unit_parameters["ffn"])
-        if not 0 <= ffn <= sum(max_removable["ffn"]):
+        ffn = round(rest / (unit_parameters["ffn"] * multiple))
+        if not 0 <= ffn * multiple <= sum(max_removable["ffn"]):
             raise ValueError(
                 f"target_sparsity {target} cannot be reached by removing attention groups and FFN channels while "
                 "every layer keeps at least one of each; choose a smaller target."
             )
-        return cls({"attention": _spread(attention, layers), "ffn": _spread(ffn, layers)}, max_removable,
-                   unit_parameters, num_units)
+        ffn_centres = [chunks * multiple for chunks in _spread(ffn, layers)]
+        return cls({"attention": _spread(attention, layers), "ffn": ffn_centres}, max_removable, unit_parameters,
+                   num_units)
 
     def removed_parameters(self, removed: dict[str, Sequence[int]]) -> int:
         return sum(sum(removed[t]) * self.unit_parameters[t] for t in UNIT_TYPES)
@@ -211,7 +223,8 @@ class TyrPruner(StructuralPruner):
         unreachable target)."""
         _, blocks = find_decoder_blocks(self.model)
         structures = [block_structure(block) for block in blocks]
-        return structures, BudgetPlan.from_target(structures, decoder_parameter_count(self.model), config.target_sparsity)
+        return structures, BudgetPlan.from_target(structures, decoder_parameter_count(self.model), config.target_sparsity,
+                                                  config.channel_multiple)
 
     def calibrate(self, config: TyrConfig, plan: tuple[list[BlockStructure], BudgetPlan],
                   calibration_ids: torch.Tensor | None, progress: bool) -> _Evidence:
@@ -323,8 +336,12 @@ class TyrPruner(StructuralPruner):
         for unit_type in UNIT_TYPES:
             units = plan.num_units[unit_type]
             step = round(config.initial_step * units / 2**iteration)
-            step = max(1, step) if unit_type == "attention" else max(config.min_ffn_step, step)
-            step = min(step, max(units - 1, 1))
+            if unit_type == "attention":
+                step = min(max(1, step), max(units - 1, 1))
+            else:  # a multiple of channel_multiple, so every level keeps a multiple of it
+                multiple = config.channel_multiple
+                step = -(-max(config.min_ffn_step, step) // multiple) * multiple
+                step = min(step, max(units - multiple, multiple))
             grids[unit_type] = LevelGrid(list(state.centres[unit_type]), step, plan.max_removable[unit_type], half)
         return grids
 

@@ -8,16 +8,13 @@ from typing import Literal, Union
 from peft.config import PeftConfig
 
 from ...utils import check_bool, check_choice, check_float, check_int, check_int_sequence, check_str_list
-from ..grid import check_grid_arguments
+from ..grid import check_grid_arguments, check_keep_sparsity
 from .peft_type import DLQAT_PEFT_TYPE
 
 
-__all__ = ["LORA_SPACES", "SPARSITY_THRESHOLD", "DLQATConfig"]
+__all__ = ["LORA_SPACES", "DLQATConfig"]
 
 LORA_SPACES: tuple[str, ...] = ("quantization", "weight")
-SPARSITY_THRESHOLD = 0.1
-"""``keep_sparsity="auto"``: a layer keeps its mask when at least this fraction of its base weights is exactly 0.
-Trained dense weights have practically no exact zeros; every pruning level worth storing sparse is far above."""
 
 
 @dataclass
@@ -59,7 +56,7 @@ class DLQATConfig(PeftConfig):
             zero-point (so ``W_hat`` is the fake-quantized weight times the fixed mask ``W0 != 0``, gradients
             reach only kept weights), and ``merge_and_quantize()`` exports sparse ``PackedLinear`` layers (mask
             + the codes of the kept weights). ``"auto"`` (default): per layer, when at least
-            ``SPARSITY_THRESHOLD`` (10%) of its base weights are exactly 0 (any N:M or unstructured pattern);
+            ``grid.SPARSITY_THRESHOLD`` (10%) of its base weights are exactly 0 (any N:M or unstructured pattern);
             ``True``: every layer with any exact zero; ``False``: never (the zeros fill in while training).
             The grid needs no change: its range always contains 0 (``[min(w, 0), max(w, 0)]``, or
             ``max|w|`` when symmetric), so a base's zeros never widen it: the grid fitted on the sparse weight
@@ -116,8 +113,7 @@ class DLQATConfig(PeftConfig):
         self.peft_type = DLQAT_PEFT_TYPE
         check_grid_arguments(self.bits, self.group_size)
         check_choice("lora_space", self.lora_space, LORA_SPACES)
-        if self.keep_sparsity != "auto" and not isinstance(self.keep_sparsity, bool):
-            raise ValueError(f"keep_sparsity must be 'auto', True or False, got {self.keep_sparsity!r}.")
+        check_keep_sparsity(self.keep_sparsity)
         for name in ("symmetric", "use_magnitude", "use_lora", "init_weights", "inference_mode"):
             check_bool(name, getattr(self, name))
         self.r = check_int("r", self.r, minimum=1, hint="It is the LoRA rank (e.g. 16).")

@@ -42,28 +42,14 @@ from torch import nn
 
 from ... import _compat
 from ...modeling.layers import in_features, is_linear, out_features, set_weight_matrix, weight_matrix
-from ..grid import QuantizationGrid, group_index, round_clamp_ste
-from .config import SPARSITY_THRESHOLD, DLQATConfig
+from ..grid import QuantizationGrid, group_index, keeps_sparsity, round_clamp_ste
+from .config import DLQATConfig
 
 
 BufferDict = _compat.peft_buffer_dict()
 
 
-__all__ = ["DLQATLayer", "DLQATLinear", "LayerQuantization", "keeps_sparsity", "weight_fingerprint"]
-
-
-def keeps_sparsity(weight: torch.Tensor, setting: bool | str) -> bool:
-    """Whether a layer with base ``weight`` keeps its zeros under ``DLQATConfig.keep_sparsity = setting``.
-
-    Example:
-        >>> w = torch.tensor([[1.0, 0.0, 0.0, 2.0]])
-        >>> keeps_sparsity(w, "auto"), keeps_sparsity(w, False), keeps_sparsity(torch.ones(2, 2), True)
-        (True, False, False)
-    """
-    if setting is False:
-        return False
-    zeros = int((weight == 0).sum())
-    return zeros > 0 if setting is True else zeros >= SPARSITY_THRESHOLD * weight.numel()
+__all__ = ["DLQATLayer", "DLQATLinear", "LayerQuantization", "weight_fingerprint"]
 
 
 @dataclass(frozen=True)

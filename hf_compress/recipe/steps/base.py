@@ -145,6 +145,9 @@ class Step:
         """Facts an earlier step must have produced, each with what to add when it did not."""
         return {}
 
+    def check_after(self, earlier: list[Step]) -> None:
+        """Refuse (``RecipeError``) settings of this step that the earlier steps' settings rule out."""
+
     # ------------------------------------------------------------------------------------------ running
 
     def check_model(self, state: RecipeState) -> None:
@@ -176,7 +179,7 @@ def parse_step(index: int, raw: Any, seed: int) -> Step:
 def check_order(steps: list[Step]) -> None:
     """Refuse an impossible order, naming both steps and saying why; nothing else is looked at."""
     seen: dict[str, Step] = {}
-    for step in steps:
+    for position, step in enumerate(steps):
         for fact, reason in step.requires().items():
             if fact not in seen:
                 raise RecipeError(f"steps: {step.where(step.index, step.method)}: {reason}")
@@ -187,6 +190,7 @@ def check_order(steps: list[Step]) -> None:
                     f"steps: {step.where(step.index, step.method)} cannot follow "
                     f"{earlier.where(earlier.index, earlier.method)}: {reason}"
                 )
+        step.check_after(steps[:position])
         for fact in step.produces():
             seen.setdefault(fact, step)
 

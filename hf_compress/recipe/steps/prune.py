@@ -82,6 +82,22 @@ class PruneStep(Step):
             refused["sparse"] = TWO_MASKS
         return refused
 
+    def check_after(self, earlier: list[Step]) -> None:
+        # N:M groups need every input width a multiple of M: a structural step before must keep FFN widths so.
+        pattern = getattr(self.config(), "pattern", None) if not self.structural else None
+        if pattern is None or not pattern.is_n_m:
+            return
+        m = pattern.group_size
+        for step in earlier:
+            multiple = step.fields.get("channel_multiple") if isinstance(step, PruneStep) else None
+            if multiple is not None and multiple % m:
+                raise RecipeError(
+                    f"steps: {self.where(self.index, self.method)} ({pattern.kept_per_group}:{m}) after "
+                    f"{step.where(step.index, step.method)}: its FFN widths must be multiples of {m}, and "
+                    f"channel_multiple is {multiple}; set channel_multiple: {m} (or a multiple of {m}) on step "
+                    f"{step.index + 1}."
+                )
+
     def apply(self, state: RecipeState, progress: bool) -> dict[str, Any]:
         from ...assets import load_calibration_text
         from ...pruning.permutation import LearnedPermutationConfig

@@ -114,11 +114,12 @@ def _rtn():
 
 
 def _check_rtn(where: str, fields: dict[str, Any]) -> None:
-    from ...quantization.grid import check_grid_arguments
+    from ...quantization.grid import check_grid_arguments, check_keep_sparsity
     from ...utils import check_bool, check_str_list
 
     with refused_as(where):
         check_grid_arguments(fields["bits"], fields["group_size"])
+        check_keep_sparsity(fields["keep_sparsity"])
         check_bool("symmetric", fields["symmetric"])
         check_str_list("skip", fields["skip"])
 
