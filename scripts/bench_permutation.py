@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Channel permutation for N:M sparsity → bench/results/<output-name>.{json,md}.
 
-For every permutation (none; RIA's heuristic reallocation; the learned permutation of arXiv 2601.22980,
-here block by block from RIA's start; optionally the PermLLM-style block-diagonal one) the dense model
+For every permutation (none; RIA's heuristic reallocation; RIA refined by greedy channel swaps, "swap";
+the learned permutation of arXiv 2601.22980, here block by block from RIA's start; optionally the
+PermLLM-style block-diagonal one) the dense model
 is permuted once (``permute_for_pruning``: statistics, choice or training, absorption into the
 weights), then every pruner (Wanda, SparseGPT, SDS — in that order, so a run cut short still has the
 first pruners complete) prunes a fresh copy of each permuted dense model with the same calibration
@@ -41,8 +42,13 @@ from hf_compress.evaluation.perplexity import token_windows, tokenize_stream
 from hf_compress.evaluation.report import benchmark_parser, start_benchmark, write_benchmark
 from hf_compress.evaluation.zero_shot import evaluate_zero_shot
 from hf_compress.modeling import calibration_batches
-from hf_compress.pruning import PRUNERS, LearnedPermutationConfig, PruningConfig
-from hf_compress.pruning.permutation import check_permutation, parse_permutation, permute_for_pruning
+from hf_compress.pruning import PRUNERS, LearnedPermutationConfig, PruningConfig, SwapPermutationConfig
+from hf_compress.pruning.permutation import (
+    check_permutation,
+    parse_permutation,
+    permutation_to_json,
+    permute_for_pruning,
+)
 from hf_compress.pruning.storage import save_pruned
 
 logger = logging.getLogger("bench_permutation")
@@ -55,13 +61,14 @@ def main() -> None:
     parser = benchmark_parser(__doc__, "permutation", threads=2, devices=("cpu", "cuda"))
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--pruners", nargs="+", default=list(PRUNER_OPTIONS), choices=sorted(PRUNER_OPTIONS))
-    parser.add_argument("--permutations", nargs="+", default=["none", "ria", "learned"],
-                        choices=["none", "ria", "permllm", "learned"])
+    parser.add_argument("--permutations", nargs="+", default=["none", "ria", "swap", "learned"],
+                        choices=["none", "ria", "swap", "permllm", "learned"])
     parser.add_argument("--patterns", nargs="+", default=["2:4"])
     parser.add_argument("--calibration-sequences", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--max-windows", type=int, default=16, help="evenly spaced 512-token eval windows")
     parser.add_argument("--train-seconds", type=float, default=600.0, help="wall-time budget per learned variant")
+    parser.add_argument("--swap-seconds", type=float, default=600.0, help="wall-time budget of the swap search")
     parser.add_argument("--zero-shot-tasks", nargs="+", default=["arc_easy", "piqa", "hellaswag"])
     parser.add_argument("--zero-shot-limit", type=int, default=0, help="seeded examples per task (0: no zero-shot)")
     parser.add_argument("--learned-options", type=json.loads, default={},
@@ -73,7 +80,7 @@ def main() -> None:
         return
     if args.quick:
         args.model, args.calibration_sequences, args.seq_len, args.max_windows = "tiny-llama", 4, 64, 2
-        args.train_seconds = 10.0
+        args.train_seconds = args.swap_seconds = 10.0
         args.zero_shot_limit = min(args.zero_shot_limit, 8)
         args.learned_options = {"groups": 2, **args.learned_options}
         args.permllm_options = {"block_size": 16, **args.permllm_options}
@@ -124,11 +131,13 @@ def _permutation(kind: str, args) -> Any:
         return LearnedPermutationConfig(**{"max_train_seconds": args.train_seconds, **args.learned_options})
     if kind == "permllm":
         return LearnedPermutationConfig.permllm(**{"max_train_seconds": args.train_seconds, **args.permllm_options})
+    if kind == "swap":
+        return SwapPermutationConfig(max_seconds=args.swap_seconds)
     return parse_permutation(kind)
 
 
 def _json(permutation: Any) -> Any:
-    return permutation.to_dict() if isinstance(permutation, LearnedPermutationConfig) else permutation
+    return permutation_to_json(permutation)
 
 
 def _permuted_dense(args, pattern: str, permutation: Any, calibration: torch.Tensor, path: Path) -> dict[str, Any]:
@@ -322,15 +331,16 @@ def _targets(rows: list[dict[str, Any]], permutations: dict[str, Any]) -> list[s
             verdict = "met" if diff >= 0 else "tie (within 2 SE)" if -diff <= 2 * error else "missed"
             lines.append(f"  - zero-shot average {100 * diff:+.1f} ± {100 * error:.1f} points vs none "
                          f"(target: not lower): **{verdict}**")
-        if row["permutation"] != "learned":
+        if row["permutation"] not in ("learned", "swap"):
             continue
         ria = next((r for r in rows if r["pattern"] == row["pattern"] and r["pruner"] == row["pruner"]
                     and r["permutation"] == "ria"), None)
-        if ria is not None and row["pruner"] == "wanda":
+        if ria is not None:
             versus, versus_err = _paired(row, ria)
             tie = abs(versus) <= 2 * versus_err
-            lines.append(f"- learned + wanda {row['pattern']} vs RIA + wanda: {100 * versus:+.1f}% ± "
-                         f"{100 * versus_err:.1f} (target: lower): **{'tie' if tie else 'met' if versus < 0 else 'missed'}**")
+            lines.append(f"- {row['permutation']} + {row['pruner']} {row['pattern']} vs RIA + {row['pruner']}: "
+                         f"{100 * versus:+.1f}% ± {100 * versus_err:.1f} (target for learned + wanda: lower): "
+                         f"**{'tie' if tie else 'lower' if versus < 0 else 'higher'}**")
     sizes = {(r["pattern"], r["pruner"]): set() for r in rows}
     for row in rows:
         sizes[(row["pattern"], row["pruner"])].add(row["storage_ratio"])

@@ -180,8 +180,9 @@ class PruningConfig:
         batch_size: calibration sequences per forward micro-batch.
         permutation: reorder input channels before an N:M prune (absorbed into the neighbouring
             weights, so the checkpoint stays an ordinary N:M one): none, ria (heuristic channel
-            reallocation), learned (the learned permutation's defaults), permllm (PermLLM-style
-            block-diagonal), or a LearnedPermutationConfig (in JSON: {"kind": "learned", ...}).
+            reallocation), swap (RIA refined by greedy channel swaps), learned (the learned permutation's
+            defaults), permllm (PermLLM-style block-diagonal), or a SwapPermutationConfig /
+            LearnedPermutationConfig (in JSON: {"kind": "swap" | "learned", ...}).
 
     Example:
         >>> PruningConfig.from_dict({"method": "wanda", "sparsity": "50%"}).sparsity
@@ -306,7 +307,7 @@ def _qualified(cls: type) -> str:
 
 
 def _plain(value: Any) -> Any:
-    if hasattr(value, "to_dict"):  # a LearnedPermutationConfig
+    if hasattr(value, "to_dict"):  # a permutation config
         return value.to_dict()
     return list(value) if isinstance(value, tuple) else value
 

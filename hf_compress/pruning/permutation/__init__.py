@@ -2,14 +2,15 @@
 
 N:M keeps N of every M consecutive input channels, so which channels share a group is an accident of
 their order. A pruning config's ``permutation`` field reorders the channels first — ``"ria"``: RIA's
-heuristic reallocation; ``LearnedPermutationConfig``: cost matrices trained through the frozen pruned
+heuristic reallocation; ``"swap"`` / ``SwapPermutationConfig``: RIA refined by greedy channel swaps between N:M
+groups (Pool & Yu); ``LearnedPermutationConfig``: cost matrices trained through the frozen pruned
 network (Sinkhorn while training, Hungarian at export; arXiv 2601.22980, PermLLM as a preset) — then
 absorbs the permutation into neighbouring weights, so the pruner prunes an equivalent dense model and
 saves an ordinary N:M checkpoint: no runtime gather.
 
 One concept per file: ``config.py`` (what ``permutation=`` accepts), ``matching.py`` (Sinkhorn,
 Hungarian), ``sites.py`` (which permutations are free), ``absorb.py`` (moving the weights, checked on a
-probe), ``ria.py`` (the heuristic and the kept-score objective), ``learned.py`` (the learner module),
+probe), ``ria.py`` (the heuristic and the kept-score objective), ``swap.py`` (the swap search), ``learned.py`` (the learner module),
 ``blockwise.py`` (the block-by-block learner, the default objective), ``train.py`` (its ``Trainer`` run,
 keep-best), ``step.py`` (the step ``BasePruner.prune`` calls).
 
@@ -19,12 +20,19 @@ Example:
     16
 """
 
-from .config import PERMUTATION_CHOICES, LearnedPermutationConfig, parse_permutation, permutation_to_json
+from .config import (
+    PERMUTATION_CHOICES,
+    LearnedPermutationConfig,
+    SwapPermutationConfig,
+    parse_permutation,
+    permutation_to_json,
+)
 
 __all__ = [
     "PERMUTATION_CHOICES",
     "LearnedPermutationConfig",
     "PermutationReport",
+    "SwapPermutationConfig",
     "absorb_permutations",
     "check_permutation",
     "find_sites",
@@ -34,6 +42,7 @@ __all__ = [
     "permute_for_pruning",
     "ria_permutation",
     "sinkhorn",
+    "swap_refine",
 ]
 
 
@@ -42,7 +51,7 @@ def __getattr__(name: str):  # the rest loads on first use (pruning/config.py im
 
     modules = {"PermutationReport": "step", "check_permutation": "step", "permute_for_pruning": "step",
                "absorb_permutations": "absorb", "find_sites": "sites", "hungarian": "matching",
-               "sinkhorn": "matching", "ria_permutation": "ria"}
+               "sinkhorn": "matching", "ria_permutation": "ria", "swap_refine": "swap"}
     if name not in modules:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     value = getattr(importlib.import_module(f"{__name__}.{modules[name]}"), name)

@@ -1,7 +1,9 @@
 """``LearnedPermutationConfig`` and ``parse_permutation``: what a pruner's ``permutation=`` field accepts.
 
 A pruning config's ``permutation`` is ``None`` (no permutation), ``"ria"`` (the heuristic channel
-reallocation, ``ria.py``) or a ``LearnedPermutationConfig`` (the learned permutation, ``learned.py``).
+reallocation, ``ria.py``), a ``SwapPermutationConfig`` (RIA refined by greedy channel swaps, ``swap.py``;
+the string ``"swap"`` gives the defaults) or a ``LearnedPermutationConfig`` (the learned permutation,
+``learned.py``).
 The strings ``"none"``, ``"learned"`` (the spec's defaults) and ``"permllm"`` (PermLLM-style
 block-diagonal baseline) and a dict (``{"kind": "learned", ...}``, the JSON form) are accepted too, so
 the command line's ``--permutation learned`` and a recipe read back from ``config.json`` give the same
@@ -26,9 +28,12 @@ from typing import Any
 
 from ...utils import check_bool, check_choice, check_float, check_int
 
-__all__ = ["PERMUTATION_CHOICES", "LearnedPermutationConfig", "parse_permutation", "permutation_to_json"]
+__all__ = [
+    "PERMUTATION_CHOICES", "LearnedPermutationConfig", "SwapPermutationConfig", "parse_permutation",
+    "permutation_to_json",
+]
 
-PERMUTATION_CHOICES = ("none", "ria", "learned", "permllm")
+PERMUTATION_CHOICES = ("none", "ria", "swap", "learned", "permllm")
 _OBJECTIVES = ("block", "ce_distill", "cosine")
 
 
@@ -187,33 +192,81 @@ class LearnedPermutationConfig:
         return cls(**data)
 
 
-def parse_permutation(value: Any) -> str | LearnedPermutationConfig | None:
-    """Normalise a ``permutation=`` value: ``None``, ``"ria"`` or a ``LearnedPermutationConfig``.
+@dataclass
+class SwapPermutationConfig:
+    """RIA's permutation refined by greedy channel swaps between N:M groups (``swap.py``; Pool & Yu, 2021).
+
+    Each pass scores every exchange of two channels in different groups on the Wanda-metric kept score and
+    applies the best disjoint ones that raise it; it never lowers the score. No training: statistics only.
+
+    Args:
+        max_seconds: wall-time budget of the whole search, shared out over the sites as it goes.
+        max_passes: passes per site at most (a site stops earlier when no swap helps).
+        max_rows: score rows sampled to propose a pass's swaps (every row judges them).
+
+    Example:
+        >>> parse_permutation("swap") == SwapPermutationConfig()
+        True
+        >>> parse_permutation({"kind": "swap", "max_seconds": 60}).max_seconds
+        60.0
+    """
+
+    max_seconds: float = 600.0
+    max_passes: int = 100
+    max_rows: int = 8192
+
+    def __post_init__(self) -> None:
+        self.max_seconds = check_float("max_seconds", self.max_seconds, low=0.0, low_open=True)
+        self.max_passes = check_int("max_passes", self.max_passes, minimum=1)
+        self.max_rows = check_int("max_rows", self.max_rows, minimum=1)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form: ``{"kind": "swap", field: value, ...}``."""
+        return {"kind": "swap", **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SwapPermutationConfig:
+        """Rebuild from ``to_dict()`` (unknown keys raise)."""
+        data = {key: value for key, value in data.items() if key != "kind"}
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown SwapPermutationConfig fields {unknown}; known: {sorted(names)}.")
+        return cls(**data)
+
+
+def parse_permutation(value: Any) -> str | SwapPermutationConfig | LearnedPermutationConfig | None:
+    """Normalise a ``permutation=`` value: ``None``, ``"ria"``, a ``SwapPermutationConfig`` or a
+    ``LearnedPermutationConfig``.
 
     Raises:
         ValueError: an unknown name or dict.
     """
-    if value is None or isinstance(value, LearnedPermutationConfig):
+    if value is None or isinstance(value, (LearnedPermutationConfig, SwapPermutationConfig)):
         return value
     if isinstance(value, str):
         name = value.strip().lower()
         if name not in PERMUTATION_CHOICES:
             raise ValueError(f"permutation must be one of {', '.join(PERMUTATION_CHOICES)} or a "
                              f"LearnedPermutationConfig, got {value!r}.")
-        return {"none": None, "ria": "ria", "learned": LearnedPermutationConfig(),
+        return {"none": None, "ria": "ria", "swap": SwapPermutationConfig(), "learned": LearnedPermutationConfig(),
                 "permllm": LearnedPermutationConfig.permllm()}[name]
     if isinstance(value, dict):
         kind = value.get("kind", "learned")
         if kind == "ria" and len(value) == 1:
             return "ria"
+        if kind == "swap":
+            return SwapPermutationConfig.from_dict(value)
         if kind != "learned":
-            raise ValueError(f"a permutation dict needs kind 'learned' (or is {{'kind': 'ria'}}), got {value!r}.")
+            raise ValueError(f"a permutation dict needs kind 'learned' or 'swap' (or is {{'kind': 'ria'}}), "
+                             f"got {value!r}.")
         return LearnedPermutationConfig.from_dict(value)
     raise TypeError(
-        f"permutation must be None, 'ria', 'learned' or a LearnedPermutationConfig, got {type(value).__name__}."
+        f"permutation must be None, 'ria', 'swap', 'learned' or a LearnedPermutationConfig / SwapPermutationConfig, "
+        f"got {type(value).__name__}."
     )
 
 
-def permutation_to_json(value: str | LearnedPermutationConfig | None) -> Any:
-    """The JSON value stored in a recipe (``None``, ``"ria"`` or the learned config's dict)."""
-    return value.to_dict() if isinstance(value, LearnedPermutationConfig) else value
+def permutation_to_json(value: str | SwapPermutationConfig | LearnedPermutationConfig | None) -> Any:
+    """The JSON value stored in a recipe (``None``, ``"ria"`` or the config's dict)."""
+    return value.to_dict() if isinstance(value, (LearnedPermutationConfig, SwapPermutationConfig)) else value

@@ -29,8 +29,9 @@ from tqdm.auto import tqdm
 from ...modeling import InputNormCollector
 from ...utils import get_logger
 from .absorb import absorb_permutations
-from .config import LearnedPermutationConfig
+from .config import LearnedPermutationConfig, SwapPermutationConfig
 from .ria import kept_score, ria_permutation, site_scores
+from .swap import swap_refine
 from .sites import PermutationSite, find_sites
 
 if TYPE_CHECKING:
@@ -47,7 +48,7 @@ class PermutationReport:
     """What the permutation step did (``pruner.permutation_report``).
 
     Attributes:
-        kind: ``"ria"`` or ``"learned"``.
+        kind: ``"ria"``, ``"swap"`` or ``"learned"``.
         sites: permutation sites (stream, key/value heads, FFNs).
         kept_score_identity, kept_score: the Wanda-metric score an N:M mask keeps without and with the
             permutation (``ria.kept_score``; every pruned reader normalised to 1, summed over sites).
@@ -134,19 +135,43 @@ def permute_for_pruning(
         bar = tqdm(zip(sites, scores, strict=True), total=len(sites), desc="permutation", disable=not progress,
                    leave=False)
         perms = {site.name: ria_permutation(score, kept, group) for site, score in bar}
+        if isinstance(permutation, SwapPermutationConfig):
+            perms = _swap_refined(sites, scores, perms, permutation, kept, group, progress)
         change = absorb_permutations(model, sites, perms)
     identity = sum(kept_score(s, torch.arange(site.width, device="cpu"), kept, group)
                    for site, s in zip(sites, scores, strict=True))
     chosen = sum(kept_score(s, perms[site.name], kept, group) for site, s in zip(sites, scores, strict=True))
     moved = sum(int((perms[site.name] != torch.arange(site.width, device=perms[site.name].device)).sum()) for site in sites)
+    kind = "learned" if training is not None else "swap" if isinstance(permutation, SwapPermutationConfig) else "ria"
     report = PermutationReport(
-        kind="learned" if training is not None else "ria", sites=len(sites), kept_score_identity=identity,
+        kind=kind, sites=len(sites), kept_score_identity=identity,
         kept_score=chosen, moved_channels=moved / sum(site.width for site in sites), probe_logit_change=change,
         seconds=time.perf_counter() - start, training=training,
     )
     logger.info("%s permutation of %d sites: kept score %.4f -> %.4f, %.1f%% of channels moved (%.1fs)",
                 report.kind, len(sites), identity, chosen, 100 * report.moved_channels, report.seconds)
     return report
+
+
+def _swap_refined(sites: list[PermutationSite], scores: list[list[torch.Tensor]], perms: dict[str, torch.Tensor],
+                  config: SwapPermutationConfig, kept: int, group: int, progress: bool) -> dict[str, torch.Tensor]:
+    """Each site's permutation refined by channel swaps within ``config.max_seconds``.
+
+    The budget is shared in proportion to each site's weight in the kept score (its number of pruned readers: the
+    residual stream, read by every block's q/k/v/gate/up, outweighs everything else); the heaviest sites go last,
+    so time the light ones leave unused (a converged search stops early) flows to them.
+    """
+    deadline = time.perf_counter() + config.max_seconds
+    order = sorted(range(len(sites)), key=lambda i: len(sites[i].scored_readers))
+    remaining = sum(len(site.scored_readers) for site in sites)
+    refined = {}
+    for index in tqdm(order, desc="channel swaps", disable=not progress, leave=False):
+        site, weight = sites[index], len(sites[index].scored_readers)
+        share = (deadline - time.perf_counter()) * weight / max(remaining, 1)
+        remaining -= weight
+        refined[site.name] = swap_refine(scores[index], perms[site.name], kept, group, max_passes=config.max_passes,
+                                         max_rows=config.max_rows, deadline=time.perf_counter() + share)
+    return refined
 
 
 def _permuted_norms(norms: dict[str, torch.Tensor] | None, sites: list[PermutationSite],
