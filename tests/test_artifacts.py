@@ -82,10 +82,10 @@ def test_build_covers_every_kind_and_resumes(built_set, tmp_path):
     json_path, _ = write_benchmark("artifacts", payload["settings"], results, build_artifacts.render(payload),
                                    results_dir=tmp_path)
     readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n{build_artifacts.TABLE_START}\nold\n{build_artifacts.TABLE_END}\noutro\n")
+    readme.write_text(f"intro\n{build_artifacts.TABLE_START}\nthe previous table\n{build_artifacts.TABLE_END}\noutro\n")
     build_artifacts.update_readme(json_path, readme)
     text = readme.read_text()
-    assert "old" not in text and text.startswith("intro\n") and text.endswith("outro\n")
+    assert "the previous table" not in text and text.startswith("intro\n") and text.endswith("outro\n")
     assert f"| {stacked['name']} | model |" in text and f"{stacked['perplexity']:.2f}" in text
     # Resumable: a second run finds every artifact complete and rebuilds nothing (same files, same times).
     before = built_set.read_bytes()

@@ -46,6 +46,28 @@ def test_perplexity_equals_hand_computation(arch):
     assert result["perplexity"] == pytest.approx(_hand_perplexity(model, ids, 64), rel=1e-5)
 
 
+def test_score_last_scores_only_the_tail_of_each_window():
+    model, tokenizer = tiny_model("llama")
+    ids = torch.tensor(tokenizer("\n\n".join(DOCS), add_special_tokens=False)["input_ids"])
+    full = evaluate_perplexity(model, tokenizer, DOCS, window=32, progress=False)
+    assert evaluate_perplexity(model, tokenizer, DOCS, window=32, score_last=31, progress=False)["perplexity"] == \
+        pytest.approx(full["perplexity"], rel=1e-6)
+    tail = evaluate_perplexity(model, tokenizer, DOCS, window=32, score_last=8, batch_size=2, progress=False)
+    assert tail["tokens"] == tail["windows"] * 8 and tail["score_last"] == 8
+    total, count = 0.0, 0  # by hand: the last 8 predictions of each window, the whole window as input
+    for start in range(0, ids.numel() - 31, 32):
+        chunk = ids[start:start + 32]
+        with torch.no_grad():
+            log_probs = torch.log_softmax(model(input_ids=chunk[None]).logits[0].double(), dim=-1)
+        for position in range(23, 31):
+            total -= log_probs[position, chunk[position + 1]].item()
+            count += 1
+    assert tail["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-5)
+    assert "last 8 tokens" in perplexity_record(tail, "wikipedia", "Wikipedia", "eval").metric_name
+    with pytest.raises(ValueError, match="score_last=32 exceeds the 31 predicted tokens"):
+        evaluate_perplexity(model, tokenizer, DOCS, window=32, score_last=32, progress=False)
+
+
 def test_batch_size_does_not_change_perplexity():
     model, tokenizer = tiny_model("qwen2")
     one = evaluate_perplexity(model, tokenizer, DOCS, window=32, batch_size=1, progress=False)

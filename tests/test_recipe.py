@@ -304,7 +304,10 @@ def test_strategy_recipe_saves_custom_generate_next_to_the_model(tmp_path):
 def test_route_and_structural_steps_save_in_their_formats(tmp_path, step, saved_as):
     from transformers import AutoModelForCausalLM
 
-    result = run(recipe(step), tmp_path / "out", progress=False)
+    evaluation = {**QUICK_EVAL, "score_last": 16} if saved_as else QUICK_EVAL  # routing: judged on the tail
+    result = run(recipe(step, evaluation=evaluation), tmp_path / "out", progress=False)
+    if saved_as:
+        assert "Perplexity (last 16 tokens of each window)" in (result.save_dir / "README.md").read_text()
     config = json.loads((result.save_dir / "config.json").read_text())
     if saved_as:
         assert config["quantization_config"]["quant_method"] == saved_as

@@ -81,11 +81,16 @@ def evaluate_perplexity(
     max_windows: int | None = None,
     batch_size: int = 4,
     progress: bool = True,
+    score_last: int | None = None,
 ) -> dict[str, Any]:
     """Perplexity of ``model`` on ``texts`` (see the module docstring for the exact procedure).
 
+    ``score_last``: score only the last ``score_last`` predicted tokens of each window (the whole window is still
+    the input). What a model that spends less compute on a prompt's earlier tokens (token routing) should be
+    judged on: the continuation it is asked for, not its predictions inside the prompt.
+
     Returns a JSON-ready dict: ``perplexity``, ``nll`` (mean, nats/token), ``tokens`` (predicted),
-    ``windows``, ``window``, ``max_windows``, ``seconds``.
+    ``windows``, ``window``, ``max_windows``, ``score_last``, ``seconds``.
 
     Example:
         >>> from hf_compress.assets import load_text
@@ -97,20 +102,25 @@ def evaluate_perplexity(
         raise ValueError(f"window must be at least 2 tokens, got {window}.")
     check_int("max_windows", max_windows, minimum=1, allow_none=True, hint="None scores every window.")
     check_int("batch_size", batch_size, minimum=1)
+    check_int("score_last", score_last, minimum=1, allow_none=True, hint="None scores every predicted token.")
+    if score_last is not None and score_last > window - 1:
+        raise ValueError(f"score_last={score_last} exceeds the {window - 1} predicted tokens of a {window}-token window.")
     check_bool("progress", progress)
     check_tokenizer(tokenizer)
+    scored = window - 1 if score_last is None else score_last
     windows = token_windows(tokenize_stream(texts, tokenizer), window, max_windows)
     device = model.device
     total_nll, total_tokens = 0.0, 0
     start = time.perf_counter()
     for batch in tqdm(windows.split(batch_size), desc="perplexity", unit="batch", disable=not progress):
         batch = batch.to(device)
-        logits = model(input_ids=batch, use_cache=False).logits[:, :-1]
+        logits = model(input_ids=batch, use_cache=False).logits[:, -scored - 1:-1]
+        targets = batch[:, -scored:]
         nll = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1), reduction="sum"
+            logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="sum"
         )
         total_nll += nll.item()
-        total_tokens += batch[:, 1:].numel()
+        total_tokens += targets.numel()
     seconds = time.perf_counter() - start
     mean_nll = total_nll / total_tokens
     logger.info("perplexity %.3f over %d tokens (%d windows of %d) in %.1fs",
@@ -122,6 +132,7 @@ def evaluate_perplexity(
         "windows": len(windows),
         "window": window,
         "max_windows": max_windows,
+        "score_last": score_last,
         "seconds": seconds,
     }
 
@@ -133,15 +144,18 @@ def perplexity_record(result: dict[str, Any], dataset_type: str, dataset_name: s
         >>> perplexity_record(result, "wikipedia", "English Wikipedia excerpt", "eval")  # doctest: +SKIP
     """
     settings = {k: result[k] for k in ("window", "windows", "tokens", "max_windows")}
+    last = result.get("score_last")
+    if last is not None:
+        settings["score_last"] = last
     return MetricRecord(
         task_type="text-generation",
         dataset_type=dataset_type,
         dataset_name=dataset_name,
         dataset_split=split,
         metric_type="perplexity",
-        metric_name="Perplexity",
+        metric_name="Perplexity" if last is None else f"Perplexity (last {last} tokens of each window)",
         metric_value=round(result["perplexity"], 4),
-        metric_config=f"window={result['window']}",
+        metric_config=f"window={result['window']}" + ("" if last is None else f",score_last={last}"),
         settings=settings,
     )
 

@@ -38,6 +38,7 @@ class EvaluationSettings:
     perplexity_sets: tuple[str, ...] = ("wikipedia", "news")
     window: int = 512
     max_windows: int | None = None
+    score_last: int | None = None
     zero_shot_tasks: tuple[str, ...] = ("arc_easy",)
     zero_shot_limit: int | dict[str, int | None] | None = None
     speed_prompts: int = 0
@@ -58,6 +59,10 @@ class EvaluationSettings:
             setattr(self, name, tuple(items))
         check_int("window", self.window, minimum=2, hint="It is the perplexity window in tokens (e.g. 512).")
         check_int("max_windows", self.max_windows, minimum=1, allow_none=True, hint="None scores every window.")
+        check_int("score_last", self.score_last, minimum=1, allow_none=True, hint="None scores every predicted token.")
+        if self.score_last is not None and self.score_last >= self.window:
+            raise ValueError(f"score_last={self.score_last} must be below window={self.window} (the tokens predicted "
+                             "in a window).")
         limits = self.zero_shot_limit.values() if isinstance(self.zero_shot_limit, dict) else (self.zero_shot_limit,)
         for value in limits:
             check_int("zero_shot_limit", value, minimum=0, allow_none=True,
@@ -98,6 +103,7 @@ def run_evaluation(
         result = evaluate_perplexity(
             model, tokenizer, load_text(text_name, split), window=settings.window,
             max_windows=settings.max_windows, batch_size=settings.batch_size, progress=progress,
+            score_last=settings.score_last,
         )
         results.setdefault("perplexity", {})[name] = result
         records.append(perplexity_record(result, dataset_type, dataset_name, card_split))

@@ -59,16 +59,17 @@ def recipe_card(recipe: Recipe, records: Sequence[StepRecord], final_metrics: Se
         base_model=base_model, model_name=recipe.name, recipe=card_recipe, metrics=final_metrics, template=TEMPLATE,
         load_snippet=load_snippet(layout), extra_tags=["hf_compress-recipe"],
     )
-    card.text = card.text.replace(STEPS_MARKER, steps_table(records)).replace(
+    card.text = card.text.replace(STEPS_MARKER, steps_table(records, recipe.evaluation.score_last)).replace(
         DESCRIPTION_MARKER, recipe.description.strip() if recipe.description else "")
     validate_model_card(card)
     return card
 
 
-def steps_table(records: Sequence[StepRecord]) -> str:
+def steps_table(records: Sequence[StepRecord], score_last: int | None = None) -> str:
     """A Markdown table: one row for the base model and one per step, with the measured numbers."""
+    perplexity = "Perplexity" if score_last is None else f"Perplexity (last {score_last} tokens of each window)"
     lines = [
-        "| # | Step | Settings | Perplexity | Stored MB | Decoder linears × base fp32 | Step seconds |",
+        f"| # | Step | Settings | {perplexity} | Stored MB | Decoder linears × base fp32 | Step seconds |",
         "|---|---|---|---|---|---|---|",
     ]
     for record in records:

@@ -104,6 +104,8 @@ class EvaluationSpec:
         perplexity_windows: evenly spaced windows of the text's eval split (a fixed subset).
         text: ``wikipedia`` or ``news`` (``hf_compress.evaluation.suite.PERPLEXITY_SETS``).
         window: tokens per perplexity window.
+        score_last: score only the last this many tokens of each window (``None``: all); for token routing,
+            which saves compute on a prompt's earlier tokens, the continuation is what counts.
         batch_size: windows per forward.
         zero_shot_tasks / zero_shot_limit: zero-shot tasks scored on the base and the final model only
             (they take minutes on a CPU); none by default.
@@ -112,6 +114,7 @@ class EvaluationSpec:
     perplexity_windows: int = 16
     text: str = "wikipedia"
     window: int = 512
+    score_last: int | None = None
     batch_size: int = 4
     zero_shot_tasks: tuple[str, ...] = ()
     zero_shot_limit: int | None = None
@@ -134,7 +137,7 @@ class EvaluationSpec:
         with refused_as("evaluation"):
             return EvaluationSettings(
                 perplexity_sets=(self.text,), window=self.window, max_windows=self.perplexity_windows,
-                zero_shot_tasks=self.zero_shot_tasks if zero_shot else (), zero_shot_limit=self.zero_shot_limit,
+                score_last=self.score_last, zero_shot_tasks=self.zero_shot_tasks if zero_shot else (), zero_shot_limit=self.zero_shot_limit,
                 batch_size=self.batch_size,
             )
 
