@@ -678,8 +678,21 @@ def with_zero_shot(rows_: list[dict[str, Any]], zero_shot: dict[str, Any] | None
 
 
 def render(payload: dict[str, Any]) -> str:
+    """The results Markdown; the zero-shot column is joined (by weights) from the ``--zero-shot`` results present
+    now, so ``--render artifacts`` after a ``--zero-shot`` run shows its scores."""
     settings, results = payload["settings"], payload["results"]
+    quick = settings.get("base") == QUICK.base
+    with_zero_shot(results["rows"], _load_results(f"{ZERO_SHOT_NAME}-quick" if quick else ZERO_SHOT_NAME))
     lines = [f"## Ready-to-download artifacts ({settings['base']}, {settings['device']})", "", table(results["rows"]), ""]
+    base = {}  # the base model's perplexity as each recipe measured it (all tokens, or the last N of each window)
+    for row in results["rows"]:
+        measured = (row.get("perplexity_after_each_step") or {}).get("base model")
+        if measured is not None:
+            base.setdefault(row.get("perplexity_score_last"), measured)
+    if base:
+        lines += ["Perplexity of the base model in the same evaluation: " + ", ".join(
+            f"{value:.2f} ({'all tokens' if last is None else f'last {last} tokens of each window'})"
+            for last, value in base.items()) + ".", ""]
     targets = results.get("targets") or {}
     if targets:
         lines.append(targets_text(targets))
