@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from ...utils import check_bool, check_choice, check_float, check_int
 
@@ -37,8 +37,28 @@ PERMUTATION_CHOICES = ("none", "ria", "swap", "learned", "permllm")
 _OBJECTIVES = ("block", "ce_distill", "cosine")
 
 
+class _PermutationConfigJSON:
+    """The JSON form shared by the permutation configs: their fields under ``{"kind": <kind>}``."""
+
+    kind: ClassVar[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form: ``{"kind": <kind>, field: value, ...}``."""
+        return {"kind": self.kind, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Any:
+        """Rebuild from ``to_dict()`` (unknown keys raise)."""
+        data = {key: value for key, value in data.items() if key != "kind"}
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} fields {unknown}; known: {sorted(names)}.")
+        return cls(**data)
+
+
 @dataclass
-class LearnedPermutationConfig:
+class LearnedPermutationConfig(_PermutationConfigJSON):
     """A learned channel permutation (arXiv 2601.22980): cost matrices trained through the pruned network.
 
     Every permutation site (the residual stream, each key/value head's ``head_dim`` channels, each
@@ -90,6 +110,8 @@ class LearnedPermutationConfig:
         >>> LearnedPermutationConfig.from_dict(config.to_dict()) == config
         True
     """
+
+    kind: ClassVar[str] = "learned"
 
     groups: int | None = 16
     block_size: int | None = None
@@ -177,23 +199,10 @@ class LearnedPermutationConfig:
         return cls(**{"block_size": 64, "groups": None, "hard_forward": True, "objective": "cosine",
                       "temperature_start": 1.0, "temperature_end": 0.1, **overrides})
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON form: ``{"kind": "learned", field: value, ...}``."""
-        return {"kind": "learned", **dataclasses.asdict(self)}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> LearnedPermutationConfig:
-        """Rebuild from ``to_dict()`` (unknown keys raise)."""
-        data = {key: value for key, value in data.items() if key != "kind"}
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"unknown LearnedPermutationConfig fields {unknown}; known: {sorted(names)}.")
-        return cls(**data)
 
 
 @dataclass
-class SwapPermutationConfig:
+class SwapPermutationConfig(_PermutationConfigJSON):
     """RIA's permutation refined by greedy channel swaps between N:M groups (``swap.py``; Pool & Yu, 2021).
 
     Each pass scores every exchange of two channels in different groups on the Wanda-metric kept score and
@@ -211,6 +220,8 @@ class SwapPermutationConfig:
         60.0
     """
 
+    kind: ClassVar[str] = "swap"
+
     max_seconds: float = 600.0
     max_passes: int = 100
     max_rows: int = 8192
@@ -219,20 +230,6 @@ class SwapPermutationConfig:
         self.max_seconds = check_float("max_seconds", self.max_seconds, low=0.0, low_open=True)
         self.max_passes = check_int("max_passes", self.max_passes, minimum=1)
         self.max_rows = check_int("max_rows", self.max_rows, minimum=1)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON form: ``{"kind": "swap", field: value, ...}``."""
-        return {"kind": "swap", **dataclasses.asdict(self)}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SwapPermutationConfig:
-        """Rebuild from ``to_dict()`` (unknown keys raise)."""
-        data = {key: value for key, value in data.items() if key != "kind"}
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"unknown SwapPermutationConfig fields {unknown}; known: {sorted(names)}.")
-        return cls(**data)
 
 
 def parse_permutation(value: Any) -> str | SwapPermutationConfig | LearnedPermutationConfig | None:
