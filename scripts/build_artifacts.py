@@ -693,6 +693,10 @@ def render(payload: dict[str, Any]) -> str:
         lines += ["Perplexity of the base model in the same evaluation: " + ", ".join(
             f"{value:.2f} ({'all tokens' if last is None else f'last {last} tokens of each window'})"
             for last, value in base.items()) + ".", ""]
+    seconds = [row["build_seconds"] for row in results["rows"] if row.get("build_seconds") is not None]
+    if seconds and not results.get("not_built"):
+        lines += [f"Build time of the whole set (the rows' sum, each artifact built on its own): {sum(seconds) / 60:.1f} "
+                  "min (issue 25's target: ≤ 90 min on 2 CPU cores).", ""]
     targets = results.get("targets") or {}
     if targets:
         lines.append(targets_text(targets))
