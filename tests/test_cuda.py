@@ -229,12 +229,13 @@ def journey_cli(device, tmp_path) -> None:
 
 # ------------------------------------------------------------------------------ methods added later
 def journey_permuted_prune_save_reload(device, tmp_path) -> None:
-    model, tokenizer = tiny_model("llama")
-    model.to(device)
-    WandaPruner(model, tokenizer).prune(WandaConfig(sparsity="2:4", permutation="ria", **SMALL), CALIBRATION_TEXT,
-                                        save_dir=tmp_path / "permuted", progress=False)
-    ids = _ids(device)
-    assert torch.equal(_logits(_reloaded(tmp_path / "permuted", device), ids), _logits(model, ids))
+    for permutation in ("ria", "swap"):
+        model, tokenizer = tiny_model("llama")
+        model.to(device)
+        WandaPruner(model, tokenizer).prune(WandaConfig(sparsity="2:4", permutation=permutation, **SMALL),
+                                            CALIBRATION_TEXT, save_dir=tmp_path / permutation, progress=False)
+        ids = _ids(device)
+        assert torch.equal(_logits(_reloaded(tmp_path / permutation, device), ids), _logits(model, ids)), permutation
 
 
 def journey_learned_permutation_save_reload(device, tmp_path) -> None:

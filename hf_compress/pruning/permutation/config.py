@@ -239,7 +239,7 @@ def parse_permutation(value: Any) -> str | SwapPermutationConfig | LearnedPermut
     Raises:
         ValueError: an unknown name or dict.
     """
-    if value is None or isinstance(value, (LearnedPermutationConfig, SwapPermutationConfig)):
+    if value is None or isinstance(value, _PermutationConfigJSON):
         return value
     if isinstance(value, str):
         name = value.strip().lower()
@@ -266,4 +266,4 @@ def parse_permutation(value: Any) -> str | SwapPermutationConfig | LearnedPermut
 
 def permutation_to_json(value: str | SwapPermutationConfig | LearnedPermutationConfig | None) -> Any:
     """The JSON value stored in a recipe (``None``, ``"ria"`` or the config's dict)."""
-    return value.to_dict() if isinstance(value, (LearnedPermutationConfig, SwapPermutationConfig)) else value
+    return value.to_dict() if isinstance(value, _PermutationConfigJSON) else value

@@ -67,6 +67,7 @@ def swap_refine(
     initial = perm.to("cpu")
     perm = initial.clone()
     generator = torch.Generator(device="cpu").manual_seed(0)
+    floor = 1e-9 * float(matrix.double().sum()) + 1e-12  # a clear gain, not float noise (the sum is order-free)
     for _ in range(max_passes):
         if deadline is not None and time.perf_counter() > deadline:
             break
@@ -75,7 +76,7 @@ def swap_refine(
         if ordered.shape[0] > max_rows:  # propose on a sample, judge on every row
             rows = torch.randperm(ordered.shape[0], generator=generator)[:max_rows].to(ordered.device)
             sample = ordered.index_select(0, rows)
-        swaps = _exact_gains(ordered, _best_disjoint_swaps(sample, kept, group), kept, group)
+        swaps = _exact_gains(ordered, _best_disjoint_swaps(sample, kept, group), kept, group, floor)
         if not swaps:
             break
         for p, q in swaps:
@@ -84,8 +85,10 @@ def swap_refine(
     return perm if kept_score(scores, perm, kept, group) >= kept_score(scores, initial, kept, group) else initial
 
 
-def _exact_gains(ordered: torch.Tensor, swaps: list[tuple[int, int]], kept: int, group: int) -> list[tuple[int, int]]:
-    """The ``swaps`` (disjoint groups) whose kept-score gain over every row of ``ordered`` is positive."""
+def _exact_gains(
+    ordered: torch.Tensor, swaps: list[tuple[int, int]], kept: int, group: int, floor: float,
+) -> list[tuple[int, int]]:
+    """The ``swaps`` (disjoint groups) whose kept-score gain over every row of ``ordered`` exceeds ``floor``."""
     if not swaps:
         return []
     rows, width = ordered.shape
@@ -101,7 +104,6 @@ def _exact_gains(ordered: torch.Tensor, swaps: list[tuple[int, int]], kept: int,
         return values.topk(kept, dim=-1).values.sum(-1).double().sum(0)
 
     gain = kept_sum(after_a) + kept_sum(after_b) - kept_sum(before_a) - kept_sum(before_b)
-    floor = 1e-9 * float(ordered.double().sum()) + 1e-12  # a clear gain, not float noise
     return [swap for swap, value in zip(swaps, gain.tolist(), strict=True) if value > floor]
 
 
