@@ -177,8 +177,11 @@ def oracle_experts(router, train: list[dict]) -> dict[str, int]:
 
 
 def generation_overhead(router, tokenizer, test: list[dict], args) -> dict[str, Any]:
-    rows = [row for row in test if row["task"] == "squad"][: args.eval_batch]
-    inputs = tokenizer([r["prompt"] for r in rows], return_tensors="pt", padding=True)
+    """Greedy generation of one batch of test queries taken round-robin over the tasks (so the batch mixes
+    experts, PEFT's per-row path), routed vs one adapter for every row."""
+    by_task = {task: [row for row in test if row["task"] == task] for task in TASKS}
+    rows = [by_task[TASKS[i % len(TASKS)]][i // len(TASKS)] for i in range(args.eval_batch)]
+    inputs = tokenizer([query_of(r) for r in rows], return_tensors="pt", padding=True)
     settings = {"max_new_tokens": args.overhead_tokens, "min_new_tokens": args.overhead_tokens, "do_sample": False}
     routed = router.route(**inputs)
     timings: dict[str, list[float]] = {"single_adapter": [], "routed": [], "mixed_no_routing": []}
@@ -196,7 +199,8 @@ def generation_overhead(router, tokenizer, test: list[dict], args) -> dict[str, 
                 run()
                 timings[name].append(time.perf_counter() - start)
     medians = {name: statistics.median(values) for name, values in timings.items()}
-    return {"batch": len(rows), "new_tokens": args.overhead_tokens, "repeats": args.overhead_repeats,
+    return {"batch": len(rows), "prompt_tokens": int(inputs.input_ids.shape[1]), "new_tokens": args.overhead_tokens,
+            "repeats": args.overhead_repeats,
             "median_seconds": medians, "distinct_experts_in_batch": len(set(routed.tolist())),
             "routed_vs_single": medians["routed"] / medians["single_adapter"],
             "mixed_vs_single": medians["mixed_no_routing"] / medians["single_adapter"]}
@@ -217,7 +221,7 @@ def main() -> None:
     parser.add_argument("--embedding-max-length", type=int, default=48)
     parser.add_argument("--squad-new-tokens", type=int, default=8)
     parser.add_argument("--eval-batch", type=int, default=3)
-    parser.add_argument("--overhead-tokens", type=int, default=8)
+    parser.add_argument("--overhead-tokens", type=int, default=32)
     parser.add_argument("--overhead-repeats", type=int, default=3)
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--seed", type=int, default=1234)
@@ -299,7 +303,7 @@ def main() -> None:
         if router is not None and variant != "experts-oracle":
             entry["training"] = {k: router.info["training"][k] for k in ("total_steps", "train_seconds")}
         entry.update(evaluate(model, router, tokenizer, test, experts, args, known if variant == "experts-oracle" else None))
-        per_row = entry.pop("per_row")
+        per_row = entry["per_row"]  # kept in the JSON: paired differences between variants
         if variant == "experts-routed":
             semantic = (router, model, experts, per_row)
         entry["seconds"] = time.perf_counter() - start
@@ -366,19 +370,26 @@ def markdown(payload: dict[str, Any]) -> str:
     full = {"train_per_task": 200, "test_per_task": 99, "steps": 400, "batch_size": 8, "seq_len": 256,
             "embedding_max_length": 256, "squad_new_tokens": 16}
     shrunk = [f"{k.replace('_', '-')} {settings[k]} (full: {v})" for k, v in full.items() if settings.get(k) != v]
-    if shrunk:
+    full_command = ("`python scripts/bench_experts.py --train-per-task 200 --test-per-task 99 --steps 400 "
+                    "--batch-size 8 --seq-len 256 --embedding-max-length 256 --squad-new-tokens 16 --eval-batch 16`")
+    if shrunk and (settings["steps"] < 20 or settings["test_per_task"] < 50):
         lines.append("**Scale.** Sized for a shared 2-core CPU, this run is a smoke test of the protocol, not a "
                      "measurement of the targets: " + ", ".join(shrunk) + ". With so few steps the LoRA updates "
                      "are tiny and with so few test examples per task every score difference here is inside the "
-                     "noise. Full run: `python scripts/bench_experts.py --train-per-task 200 --test-per-task 99 "
-                     "--steps 400 --batch-size 8 --seq-len 256 --embedding-max-length 256 --squad-new-tokens 16 "
-                     "--eval-batch 16`.")
+                     f"noise. Full run: {full_command}.")
         lines.append("")
+    elif shrunk:
+        lines.append("**Scale.** Reduced to fit about an hour on a 2-core CPU: " + ", ".join(shrunk) + ". The "
+                     f"full protocol is {full_command}.")
+        lines.append("")
+    lines += _target_lines(results)
     routed = results["variants"].get("experts-routed", {})
     overhead = routed.get("generation_overhead")
     if overhead:
         m = overhead["median_seconds"]
-        lines.append(f"Generation overhead (batch {overhead['batch']} SQuAD prompts, {overhead['new_tokens']} forced new "
+        prompts = ("SQuAD prompts" if "prompt_tokens" not in overhead else  # runs before the batch mixed tasks
+                   f"test queries round-robin over the tasks, padded to {overhead['prompt_tokens']} tokens")
+        lines.append(f"Generation overhead (batch {overhead['batch']} {prompts}, {overhead['new_tokens']} forced new "
                      f"tokens, median of {overhead['repeats']}, interleaved): one adapter {m['single_adapter']:.2f} s, "
                      f"routed {m['routed']:.2f} s ({overhead['routed_vs_single']:.2f}x; "
                      f"{overhead['distinct_experts_in_batch']} experts in the batch), mixed batch without the routing "
@@ -387,6 +398,55 @@ def markdown(payload: dict[str, Any]) -> str:
         lines.append(f"Semantic clusters (training examples per task): {routed['cluster_tasks']}.")
     lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def _paired_difference(a: dict[str, Any], b: dict[str, Any]) -> tuple[float, float] | None:
+    """Average score of ``a`` minus ``b`` over the averaged tasks, with the standard error of the paired
+    per-example differences (both variants scored the same test rows)."""
+    if "per_row" not in a or "per_row" not in b:
+        return None
+    differences = [x - y for x, y in zip(a["per_row"], b["per_row"])]
+    offset, means, variances = 0, [], []
+    for task in TASKS:  # rows are grouped by task in TASKS order (split_tasks)
+        n = a["tasks"][task]["n"]
+        if task in AVERAGED:
+            chunk = differences[offset : offset + n]
+            means.append(statistics.fmean(chunk))
+            variances.append(statistics.variance(chunk) / n if n > 1 else 0.0)
+        offset += n
+    return statistics.fmean(means), math.sqrt(sum(variances)) / len(means)
+
+
+def _target_lines(results: dict[str, Any]) -> list[str]:
+    """The issue's targets, each with the measured numbers and met / missed / tie."""
+    variants = results["variants"]
+    lines = []
+
+    def difference(a: str, b: str) -> str:
+        measured = _paired_difference(variants[a], variants[b])
+        return "—" if measured is None else f"{measured[0] * 100:+.1f} ± {measured[1] * 100:.1f} points (paired SE)"
+
+    if {"experts-routed", "lora-all"} <= variants.keys():
+        measured = _paired_difference(variants["experts-routed"], variants["lora-all"])
+        verdict = "" if measured is None else (" — met" if measured[0] - 2 * measured[1] >= 0.02 else
+                                              " — missed" if measured[0] + 2 * measured[1] < 0.02 else " — not resolved")
+        lines.append(f"- Routed experts vs one LoRA on all data (target ≥ +2 points): "
+                     f"{difference('experts-routed', 'lora-all')}{verdict}.")
+    if {"lora-assl", "lora-all", "lora-random"} <= variants.keys():
+        keep = variants["lora-assl"]["average"] / variants["lora-all"]["average"]
+        lines.append(f"- ASSL subset vs full data (target ≥ 95% of the full-data score): {keep:.1%} "
+                     f"({difference('lora-assl', 'lora-all')}) — {'met' if keep >= 0.95 else 'missed'}; vs a random "
+                     f"subset of the same size (target: higher): {difference('lora-assl', 'lora-random')}.")
+    routed = variants.get("experts-routed", {})
+    if "routing_accuracy" in routed:
+        lines.append(f"- Router picks the oracle expert (target ≥ 90%): {routed['routing_accuracy']:.1%} — "
+                     f"{'met' if routed['routing_accuracy'] >= 0.9 else 'missed'}.")
+    overhead = routed.get("generation_overhead")
+    if overhead:
+        lines.append(f"- Routed generation time vs one adapter (target ≤ 1.10x): {overhead['routed_vs_single']:.2f}x "
+                     f"({overhead['distinct_experts_in_batch']} experts in the batch) — "
+                     f"{'met' if overhead['routed_vs_single'] <= 1.10 else 'missed'}.")
+    return lines + [""] if lines else []
 
 
 if __name__ == "__main__":

@@ -217,6 +217,26 @@ def test_mixed_batch_generate_equals_each_row_alone(trained):
                        router.generate(**batch, experts=routed, max_new_tokens=6, do_sample=False))
 
 
+def test_batch_of_one_expert_skips_the_mixed_path_with_equal_numbers_and_restores_the_adapter(trained, monkeypatch):
+    router, tokenizer, _, _, _ = trained
+    batch = tokenizer(["3 + 4 = ", "9 + 1 = "], return_tensors="pt", padding=True)
+    model = router.model
+    model.set_adapter(router.adapter_names[0])
+    activated = []
+    set_adapter = model.set_adapter
+    monkeypatch.setattr(model, "set_adapter", lambda name: (activated.append(name), set_adapter(name)))
+    names = [router.adapter_names[1]] * 2
+    with torch.no_grad():
+        mixed = model(**batch, adapter_names=names).logits  # PEFT's per-row path
+        shortcut = router(**batch, experts=[1, 1]).logits
+    torch.testing.assert_close(shortcut, mixed, rtol=0, atol=1e-6)
+    assert activated == [router.adapter_names[1], router.adapter_names[0]]  # expert 1 active, then restored
+    assert model.active_adapter == router.adapter_names[0]
+    out = router.generate(**batch, experts=[1, 1], max_new_tokens=4, do_sample=False)
+    assert torch.equal(out, model.generate(**batch, adapter_names=names, max_new_tokens=4, do_sample=False))
+    assert model.active_adapter == router.adapter_names[0]
+
+
 def test_saved_folder_layout_has_no_machine_paths(trained):
     router, _, _, _, folder = trained
     names = sorted(p.name for p in folder.iterdir())

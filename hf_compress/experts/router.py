@@ -8,6 +8,7 @@ batch, one forward per step, each row through its own LoRA weights.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -118,13 +119,33 @@ class ExpertRouter:
         names = self._routed(input_ids, attention_mask, experts)
         if attention_mask is not None:
             kwargs["attention_mask"] = attention_mask
-        return self.model.generate(input_ids=input_ids, adapter_names=names, **kwargs)
+        with self._adapters(names) as per_row:
+            return self.model.generate(input_ids=input_ids, **per_row, **kwargs)
 
     def __call__(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, *,
                  experts: torch.Tensor | Sequence[int] | None = None, **kwargs: Any):
         """A forward pass with every row routed to its expert (returns the model's output, e.g. logits)."""
         names = self._routed(input_ids, attention_mask, experts)
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, adapter_names=names, **kwargs)
+        with self._adapters(names) as per_row:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, **per_row, **kwargs)
+
+    @contextlib.contextmanager
+    def _adapters(self, names: list[str]):
+        """The keyword arguments that run each row through its adapter.
+
+        A batch routed to one expert runs with that adapter active instead of through PEFT's mixed-batch
+        path (which splits every LoRA layer's input by adapter on each call): same numbers, less work. The
+        previously active adapter is restored afterwards.
+        """
+        if len(set(names)) != 1:
+            yield {"adapter_names": names}
+            return
+        previous = self.model.active_adapter
+        self.model.set_adapter(names[0])
+        try:
+            yield {}
+        finally:
+            self.model.set_adapter(previous)
 
     # ------------------------------------------------------------------------------------------ files
 
