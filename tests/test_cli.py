@@ -177,3 +177,13 @@ def test_optimum_cli_help_lists_the_sub_commands():
     assert done.returncode == 0, done.stderr
     for name in ("info", "eval", "demo", "prune", "quantize"):
         assert name in done.stdout
+
+
+def test_a_closed_pipe_ends_the_command_quietly():
+    """`hf-compress info | head -1`: the reader leaves early; no traceback, no error line, exit status 141."""
+    child = subprocess.Popen([sys.executable, "-m", "hf_compress", "info"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
+    child.stdout.close()  # the reader is gone before the first write
+    _, stderr = child.communicate(timeout=120)
+    assert child.returncode == 141, stderr.decode()
+    assert b"Traceback" not in stderr and b"error" not in stderr.lower(), stderr.decode()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -158,12 +159,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("hf-compress: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`hf-compress ... | head`): stop quietly, as Unix tools do. Python would
+        # flush stdout again at exit and fail once more, so point it at /dev/null first.
+        _silence_stdout()
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by a closed pipe
     except Exception as err:  # a CLI user wants one clear line, not a traceback
         if args.debug:
             raise
         message = " ".join(str(err).split()) or type(err).__name__
         print(f"hf-compress: error: {message} (run with --debug for the traceback)", file=sys.stderr)
         return 2
+
+
+def _silence_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout has no file descriptor (e.g. captured)
+        pass
 
 
 def _print_json(data: Any) -> None:
