@@ -677,12 +677,17 @@ def with_zero_shot(rows_: list[dict[str, Any]], zero_shot: dict[str, Any] | None
     return rows_
 
 
+def render_saved(payload: dict[str, Any]) -> str:
+    """``--render artifacts``: the saved build's table with the zero-shot column joined (by weights) from the
+    ``--zero-shot`` results present now, which may have been scored after the build."""
+    quick = payload["settings"].get("base") == QUICK.base
+    with_zero_shot(payload["results"]["rows"], _load_results(f"{ZERO_SHOT_NAME}-quick" if quick else ZERO_SHOT_NAME))
+    return render(payload)
+
+
 def render(payload: dict[str, Any]) -> str:
-    """The results Markdown; the zero-shot column is joined (by weights) from the ``--zero-shot`` results present
-    now, so ``--render artifacts`` after a ``--zero-shot`` run shows its scores."""
+    """The results Markdown of ``payload``'s rows as they are (join zero-shot scores first: :func:`with_zero_shot`)."""
     settings, results = payload["settings"], payload["results"]
-    quick = settings.get("base") == QUICK.base
-    with_zero_shot(results["rows"], _load_results(f"{ZERO_SHOT_NAME}-quick" if quick else ZERO_SHOT_NAME))
     lines = [f"## Ready-to-download artifacts ({settings['base']}, {settings['device']})", "", table(results["rows"]), ""]
     base = {}  # the base model's perplexity as each recipe measured it (all tokens, or the last N of each window)
     for row in results["rows"]:
@@ -827,7 +832,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         update_readme()
         return
     names = resolve_names(args.only)  # before any work: an unknown name is refused at once
-    if not start_benchmark(args, render_zero_shot if args.zero_shot else render):
+    if not start_benchmark(args, render_zero_shot if args.zero_shot else render_saved):
         return
     scale = QUICK if args.quick else FULL
     if args.zero_shot:
