@@ -58,6 +58,7 @@ __all__ = [
     "hub_default_ignore_patterns",
     "ignore_unexpected_keys",
     "is_attention_registered",
+    "lora_linear_factors",
     "mask_function_of",
     "model_conversions",
     "pad_token_tensor",
@@ -491,6 +492,27 @@ def has_peft_adapters(model: nn.Module) -> bool:
     return bool(getattr(model, "_hf_peft_config_loaded", False))
 
 
+def lora_linear_factors(module: nn.Module, adapter_names: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[int]] | None:
+    """``(A, B, ranks)`` of a peft LoRA linear layer's adapters stacked in ``adapter_names`` order: ``A`` is
+    ``[sum(ranks), in]`` (every adapter's ``lora_A`` weight), ``B`` is ``[out, sum(ranks)]`` (every ``lora_B``
+    weight times its scaling), so ``x @ A.T @ B.T`` is the sum of the adapters' updates.
+
+    ``None`` when ``module`` is not a plain LoRA ``Linear`` holding every adapter (a LoRA variant such as DoRA,
+    an embedding or convolution layer): the caller then keeps peft's own forward. Reads the layer's
+    ``lora_A`` / ``lora_B`` / ``scaling`` / ``lora_variant`` attributes; checked on peft 0.21.2.
+    """
+    from peft.tuners.lora import Linear as LoraLinear
+
+    if not isinstance(module, LoraLinear) or any(
+            name not in module.lora_A or name in getattr(module, "lora_variant", {}) for name in adapter_names):
+        return None
+    import torch
+
+    a = torch.cat([module.lora_A[name].weight for name in adapter_names], dim=0)
+    b = torch.cat([module.lora_B[name].weight * module.scaling[name] for name in adapter_names], dim=1)
+    return a, b, [module.lora_A[name].weight.shape[0] for name in adapter_names]
+
+
 THIRD_PARTY_WARNINGS: tuple[tuple[str, type], ...] = (
     # peft 0.21.2's PeftModel.__init__ reads `model.is_gradient_checkpointing`, deprecated in transformers 5.24.
     (r"`is_gradient_checkpointing` is deprecated", FutureWarning),
@@ -635,6 +657,17 @@ def check_assumptions() -> list[str]:
                "peft: PeftType is no longer a plain Enum (extend_peft_type)")
         expect(hasattr(BaseTuner, PEFT_ADAPTER_LOAD_HOOK), f"peft: BaseTuner has no {PEFT_ADAPTER_LOAD_HOOK} to override")
         peft_buffer_dict()
+        import torch
+        from peft import LoraConfig, inject_adapter_in_model
+
+        probe = inject_adapter_in_model(LoraConfig(r=2, lora_alpha=4, target_modules=["0"]),
+                                        torch.nn.Sequential(torch.nn.Linear(4, 3)), adapter_name="probe")
+        layer = probe[0]
+        factors = lora_linear_factors(layer, ["probe"])
+        expect(factors is not None and factors[0].shape == (2, 4) and factors[1].shape == (3, 2)
+               and layer.scaling["probe"] == 2 and hasattr(layer, "lora_variant"),
+               "peft: a LoRA Linear no longer keeps lora_A / lora_B / scaling / lora_variant per adapter "
+               "(lora_linear_factors)")
     except ImportError as error:
         problems.append(f"peft: {error}")
 

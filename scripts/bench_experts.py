@@ -178,32 +178,42 @@ def oracle_experts(router, train: list[dict]) -> dict[str, int]:
 
 def generation_overhead(router, tokenizer, test: list[dict], args) -> dict[str, Any]:
     """Greedy generation of one batch of test queries taken round-robin over the tasks (so the batch mixes
-    experts, PEFT's per-row path), routed vs one adapter for every row."""
+    experts), routed vs one adapter for every row; the mixed batch runs stacked (the default) and through
+    PEFT's per-row ``adapter_names`` path, each with and without the routing forward."""
     by_task = {task: [row for row in test if row["task"] == task] for task in TASKS}
     rows = [by_task[TASKS[i % len(TASKS)]][i // len(TASKS)] for i in range(args.eval_batch)]
     inputs = tokenizer([query_of(r) for r in rows], return_tensors="pt", padding=True)
     settings = {"max_new_tokens": args.overhead_tokens, "min_new_tokens": args.overhead_tokens, "do_sample": False}
     routed = router.route(**inputs)
-    timings: dict[str, list[float]] = {"single_adapter": [], "routed": [], "mixed_no_routing": []}
 
     def single():
         router.model.set_adapter(router.adapter_names[0])
         return router.model.generate(**inputs, **settings)
 
-    runs = {"single_adapter": single, "routed": lambda: router.generate(**inputs, **settings),
-            "mixed_no_routing": lambda: router.generate(**inputs, experts=routed, **settings)}
+    def on(path, experts=None):
+        def run():
+            router.mixed_batch = path
+            return router.generate(**inputs, experts=experts, **settings)
+        return run
+
+    runs = {"single_adapter": single, "routed": on("stacked"), "mixed_no_routing": on("stacked", routed),
+            "routed_peft": on("peft"), "mixed_no_routing_peft": on("peft", routed)}
+    timings: dict[str, list[float]] = {name: [] for name in runs}
     with torch.inference_mode():
         for _ in range(args.overhead_repeats):
             for name, run in runs.items():  # interleaved, so a load change hits every variant alike
                 start = time.perf_counter()
                 run()
                 timings[name].append(time.perf_counter() - start)
+    router.mixed_batch = "stacked"
     medians = {name: statistics.median(values) for name, values in timings.items()}
     return {"batch": len(rows), "prompt_tokens": int(inputs.input_ids.shape[1]), "new_tokens": args.overhead_tokens,
-            "repeats": args.overhead_repeats,
-            "median_seconds": medians, "distinct_experts_in_batch": len(set(routed.tolist())),
+            "repeats": args.overhead_repeats, "median_seconds": medians, "seconds": timings,
+            "distinct_experts_in_batch": len(set(routed.tolist())),
             "routed_vs_single": medians["routed"] / medians["single_adapter"],
-            "mixed_vs_single": medians["mixed_no_routing"] / medians["single_adapter"]}
+            "mixed_vs_single": medians["mixed_no_routing"] / medians["single_adapter"],
+            "routed_peft_vs_single": medians["routed_peft"] / medians["single_adapter"],
+            "mixed_peft_vs_single": medians["mixed_no_routing_peft"] / medians["single_adapter"]}
 
 
 def main() -> None:
@@ -224,6 +234,9 @@ def main() -> None:
     parser.add_argument("--overhead-tokens", type=int, default=32)
     parser.add_argument("--overhead-repeats", type=int, default=3)
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--overhead-only", action="store_true",
+                        help="train the routed experts and time generation only (speed does not depend on how long "
+                             "the experts trained); pair with --output-name experts-overhead")
     parser.add_argument("--seed", type=int, default=1234)
     args = parser.parse_args()
     if not start_benchmark(args, markdown):
@@ -239,6 +252,7 @@ def main() -> None:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     train, test = split_tasks(args.train_per_task, args.test_per_task, args.seed)
+    settings["embedding_layer"] = EmbeddingSpec.for_model(base).layer
     settings["examples"] = {"train": len(train), "test": len(test)}
     config = ExpertConfig(num_experts=args.experts, r=args.r, seq_len=args.seq_len,
                           embedding_max_length=args.embedding_max_length, seed=0)
@@ -250,18 +264,26 @@ def main() -> None:
     spec = EmbeddingSpec.for_model(base, config.embedding_layer, config.embedding_max_length)
     pool_embeddings = embed_texts(base, tokenizer, [r["prompt"] for r in train], spec)
     results: dict[str, Any] = {"embedding_seconds": time.perf_counter() - start, "variants": {}}
-    subsets: dict[str, tuple[list[dict], dict]] = {}
-    for method in ("facility_location", "random"):
-        subset, report = select_data(train, base, args.budget, tokenizer=tokenizer, method=method, seed=args.seed,
-                                     embeddings=pool_embeddings, return_report=True)
-        subsets[method] = (subset, report.summary())
-    results["selection"] = {m: {**s, "tasks": _task_counts(sub)} for m, (sub, s) in subsets.items()}
 
     def save(partial=True):
         payload = {"settings": settings, "results": results}
         write_benchmark(args.output_name, settings, results, markdown(payload))
         if partial:
             logger.info("saved partial results")
+
+    if args.overhead_only:
+        router = train_experts(copy.deepcopy(base), train, config, args=training, tokenizer=tokenizer,
+                               embeddings=pool_embeddings)
+        results["generation_overhead"] = generation_overhead(router, tokenizer, test, args)
+        results["training"] = {k: router.info["training"][k] for k in ("total_steps", "train_seconds")}
+        save(partial=False)
+        return
+    subsets: dict[str, tuple[list[dict], dict]] = {}
+    for method in ("facility_location", "random"):
+        subset, report = select_data(train, base, args.budget, tokenizer=tokenizer, method=method, seed=args.seed,
+                                     embeddings=pool_embeddings, return_report=True)
+        subsets[method] = (subset, report.summary())
+    results["selection"] = {m: {**s, "tasks": _task_counts(sub)} for m, (sub, s) in subsets.items()}
 
     semantic = None
     for variant in args.variants:
@@ -332,6 +354,8 @@ SHORT = {"arc_easy": "ARC-E", "arc_challenge": "ARC-C", "piqa": "PIQA", "hellasw
 
 def markdown(payload: dict[str, Any]) -> str:
     settings, results = payload["settings"], payload["results"]
+    if settings.get("overhead_only"):
+        return _overhead_markdown(settings, results)
     lines = [
         "# SilverSight / ASSL experts (SmolLM2-135M-Instruct, multi-task instruction mix)",
         "",
@@ -369,7 +393,7 @@ def markdown(payload: dict[str, Any]) -> str:
         lines.append("")
     full = {"train_per_task": 200, "test_per_task": 99, "steps": 400, "batch_size": 8, "seq_len": 256,
             "embedding_max_length": 256, "squad_new_tokens": 16}
-    shrunk = [f"{k.replace('_', '-')} {settings[k]} (full: {v})" for k, v in full.items() if settings.get(k) != v]
+    shrunk = [f"{k.replace('_', '-')} {settings[k]} (full: {v})" for k, v in full.items() if settings.get(k, v) < v]
     full_command = ("`python scripts/bench_experts.py --train-per-task 200 --test-per-task 99 --steps 400 "
                     "--batch-size 8 --seq-len 256 --embedding-max-length 256 --squad-new-tokens 16 --eval-batch 16`")
     if shrunk and (settings["steps"] < 20 or settings["test_per_task"] < 50):
@@ -384,20 +408,43 @@ def markdown(payload: dict[str, Any]) -> str:
         lines.append("")
     lines += _target_lines(results)
     routed = results["variants"].get("experts-routed", {})
-    overhead = routed.get("generation_overhead")
+    overhead = results.get("generation_overhead") or routed.get("generation_overhead")
     if overhead:
-        m = overhead["median_seconds"]
-        prompts = ("SQuAD prompts" if "prompt_tokens" not in overhead else  # runs before the batch mixed tasks
-                   f"test queries round-robin over the tasks, padded to {overhead['prompt_tokens']} tokens")
-        lines.append(f"Generation overhead (batch {overhead['batch']} {prompts}, {overhead['new_tokens']} forced new "
-                     f"tokens, median of {overhead['repeats']}, interleaved): one adapter {m['single_adapter']:.2f} s, "
-                     f"routed {m['routed']:.2f} s ({overhead['routed_vs_single']:.2f}x; "
-                     f"{overhead['distinct_experts_in_batch']} experts in the batch), mixed batch without the routing "
-                     f"forward {m['mixed_no_routing']:.2f} s ({overhead['mixed_vs_single']:.2f}x).")
+        lines.append(_overhead_line(overhead))
     if routed.get("cluster_tasks"):
         lines.append(f"Semantic clusters (training examples per task): {routed['cluster_tasks']}.")
     lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def _overhead_markdown(settings: dict[str, Any], results: dict[str, Any]) -> str:
+    training = results.get("training", {})
+    lines = [f"# Expert routing: generation time of a mixed batch ({settings['model']})", "",
+             f"K={settings['experts']} LoRA experts (r={settings['r']}, every linear layer) trained on semantic clusters "
+             f"of {settings['examples']['train']} instruction examples for {training.get('total_steps', '?')} steps in "
+             "all: speed does not depend on how far they trained, so this run only trains them briefly and times "
+             "greedy generation. Routing embeds each prompt with the base model's first blocks (up to block "
+             f"{settings.get('embedding_layer', 'n // 4')}, at most {settings['embedding_max_length']} tokens).", "",
+             _overhead_line(results["generation_overhead"]), ""]
+    return "\n".join(lines + _target_lines(results)) + "\n"
+
+
+def _overhead_line(overhead: dict[str, Any]) -> str:
+    m = overhead["median_seconds"]
+    prompts = ("SQuAD prompts" if "prompt_tokens" not in overhead else  # runs before the batch mixed tasks
+               f"test queries round-robin over the tasks, padded to {overhead['prompt_tokens']} tokens")
+    text = (f"Generation overhead (batch {overhead['batch']} {prompts}, {overhead['new_tokens']} forced new tokens, "
+            f"median of {overhead['repeats']}, interleaved; {overhead['distinct_experts_in_batch']} experts in the "
+            f"batch): one adapter {m['single_adapter']:.2f} s; routed {m['routed']:.2f} s "
+            f"({overhead['routed_vs_single']:.2f}x), of which the mixed batch without the routing forward "
+            f"{m['mixed_no_routing']:.2f} s ({overhead['mixed_vs_single']:.2f}x)")
+    if "routed_peft" in m:
+        text += (f". Through PEFT's per-row adapter_names path instead of the stacked one: routed {m['routed_peft']:.2f} s "
+                 f"({overhead['routed_peft_vs_single']:.2f}x), without the routing forward "
+                 f"{m['mixed_no_routing_peft']:.2f} s ({overhead['mixed_peft_vs_single']:.2f}x)")
+    elif "prompt_tokens" in overhead:
+        text += " (PEFT's per-row adapter_names path: the only mixed-batch path then)"
+    return text + "."
 
 
 def _paired_difference(a: dict[str, Any], b: dict[str, Any]) -> tuple[float, float] | None:
@@ -441,7 +488,7 @@ def _target_lines(results: dict[str, Any]) -> list[str]:
     if "routing_accuracy" in routed:
         lines.append(f"- Router picks the oracle expert (target ≥ 90%): {routed['routing_accuracy']:.1%} — "
                      f"{'met' if routed['routing_accuracy'] >= 0.9 else 'missed'}.")
-    overhead = routed.get("generation_overhead")
+    overhead = results.get("generation_overhead") or routed.get("generation_overhead")
     if overhead:
         lines.append(f"- Routed generation time vs one adapter (target ≤ 1.10x): {overhead['routed_vs_single']:.2f}x "
                      f"({overhead['distinct_experts_in_batch']} experts in the batch) — "

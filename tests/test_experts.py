@@ -342,3 +342,83 @@ def test_gpt2_experts_train_and_route():
     assert router.route_texts([row["prompt"] for row in rows]).tolist() == tasks
     batch = tokenizer([rows[0]["prompt"], rows[1]["prompt"]], return_tensors="pt", padding=True)
     assert router.generate(**batch, max_new_tokens=3, do_sample=False).shape == (2, batch.input_ids.shape[1] + 3)
+
+
+def _with_random_b(router, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in router.model.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(0.2 * torch.randn(parameter.shape, generator=generator))
+    return router
+
+
+def _stacked_equals_peft(router, batch, experts):
+    """The stacked mixed batch against PEFT's per-row path: logits and greedy tokens."""
+    def both(run):
+        router.mixed_batch = "peft"
+        reference = run()
+        router.mixed_batch = "stacked"
+        return run(), reference
+
+    with torch.no_grad():
+        stacked, peft = both(lambda: router(**batch, experts=experts).logits)
+    torch.testing.assert_close(stacked, peft, rtol=1e-5, atol=1e-5)
+    stacked, peft = both(lambda: router.generate(**batch, experts=experts, max_new_tokens=5, do_sample=False))
+    assert torch.equal(stacked, peft)
+
+
+def test_stacked_mixed_batch_equals_peft_per_row_path_and_supports_beams(trained):
+    router, tokenizer, _, _, _ = trained
+    prompts = [p.ljust(13) for p in ["3 + 4 = ", "Spell ABCDE: ", "Spell QWXYZ: ", "9 + 1 = "]]  # no padding
+    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    experts = [0, 1, 1, 0]
+    _stacked_equals_peft(router, batch, experts)
+    assert router.mixed_batch == "stacked" and not router.model.training
+    # Beams expand every row in place; PEFT's per-row path refuses them (adapter_names no longer matches the
+    # rows), the stacked one keeps each row's expert: equal to each row's beams with its adapter alone.
+    settings = {"num_beams": 2, "num_return_sequences": 2, "max_new_tokens": 5, "do_sample": False}
+    beams = router.generate(**batch, experts=experts, **settings)
+    alone = []
+    for row, expert in enumerate(experts):
+        router.model.set_adapter(router.adapter_names[expert])
+        alone.append(router.model.generate(input_ids=batch.input_ids[row : row + 1],
+                                           attention_mask=batch.attention_mask[row : row + 1], **settings))
+    assert torch.equal(beams, torch.cat(alone))
+    # Outside a routed call the model is untouched: PEFT's adapters are on again, no hook is left.
+    assert all(not module._forward_hooks for module in router.model.modules() if hasattr(module, "lora_A"))
+
+
+def test_stacked_mixed_batch_on_gpt2_conv1d_with_unequal_ranks():
+    from peft import LoraConfig
+
+    model, tokenizer = tiny_model("gpt2")
+    rows, tasks = _task_rows(4)
+    router = train_experts(model, rows, ExpertConfig(num_experts=2, r=2, seq_len=16),
+                           args=TrainingSettings(max_steps=2, per_device_batch_size=2, use_cpu=True, logging_steps=1),
+                           tokenizer=tokenizer, clusters=tasks)
+    # A third expert of another rank: the stacked factors are [2 + 2 + 4, in] and the row masks follow.
+    router.model.add_adapter("wide", LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True))
+    router.adapter_names.append("wide")
+    router.centroids = torch.cat([router.centroids, router.centroids[:1]])
+    _with_random_b(router, seed=1)
+    batch = tokenizer([rows[0]["prompt"], rows[1]["prompt"], rows[2]["prompt"]], return_tensors="pt", padding=True)
+    _stacked_equals_peft(router, batch, [2, 0, 1])
+
+
+def test_stacked_path_falls_back_to_peft_for_layers_it_cannot_stack(trained, monkeypatch):
+    from hf_compress import _compat
+
+    router, tokenizer, _, _, _ = trained
+    batch = tokenizer(["3 + 4 = ", "Spell ABCDE: "], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        expected = router(**batch, experts=[0, 1]).logits
+    monkeypatch.setattr(_compat, "lora_linear_factors", lambda module, names: None)  # e.g. DoRA layers
+    seen = []
+    forward = router.model.forward
+    monkeypatch.setattr(router.model, "forward", lambda *a, **k: (seen.append(k.get("adapter_names")), forward(*a, **k))[1])
+    with torch.no_grad():
+        torch.testing.assert_close(router(**batch, experts=[0, 1]).logits, expected, rtol=1e-5, atol=1e-5)
+    assert seen == [router.adapter_names_for([0, 1])]  # PEFT's per-row path ran
+    with pytest.raises(ValueError, match="mixed_batch must be one of"):
+        ExpertRouter(router.model, router.centroids, router.space, router.spec, router.adapter_names, mixed_batch="fast")

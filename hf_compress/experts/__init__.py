@@ -3,9 +3,9 @@
 The base model's own hidden states give a semantic space (:mod:`.embedding`). In it, :func:`select_data`
 keeps the examples that cover the space best (facility location, :mod:`.selection`), :func:`train_experts`
 clusters the data with k-means and trains one ordinary PEFT LoRA adapter per cluster through ``Trainer``,
-and :class:`ExpertRouter` sends each row of a batch to the expert of its nearest centroid with PEFT's
-mixed-batch ``adapter_names`` (one forward for the whole batch). Saved folders hold one PEFT adapter per
-expert, the router and a model card (:mod:`.folder`).
+and :class:`ExpertRouter` sends each row of a batch to the expert of its nearest centroid (one forward for
+the whole batch; experts mixed in a batch run stacked, :mod:`.mixed`, or through PEFT's ``adapter_names``).
+Saved folders hold one PEFT adapter per expert, the router and a model card (:mod:`.folder`).
 
 Example:
     >>> from hf_compress.experts import ExpertConfig, ExpertRouter, select_data, train_experts
@@ -19,12 +19,14 @@ Example:
 from .config import ExpertConfig
 from .data import instruction_rows, packed_instruction_dataset
 from .embedding import EmbeddingSpace, EmbeddingSpec, embed_texts
-from .router import ExpertRouter
+from .mixed import stacked_lora
+from .router import MIXED_BATCH_PATHS, ExpertRouter
 from .selection import SELECTION_METHODS, SelectionReport, coverage, select_data, select_indices
 from .training import train_experts
 
 
 __all__ = [
+    "MIXED_BATCH_PATHS",
     "SELECTION_METHODS",
     "EmbeddingSpace",
     "EmbeddingSpec",
@@ -37,5 +39,6 @@ __all__ = [
     "packed_instruction_dataset",
     "select_data",
     "select_indices",
+    "stacked_lora",
     "train_experts",
 ]

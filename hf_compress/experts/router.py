@@ -1,9 +1,10 @@
 """``ExpertRouter``: K PEFT LoRA experts on one base model, each batch row routed to its nearest centroid.
 
 Routing embeds each row's prompt with the base model (adapters off, blocks up to the embedding layer
-only), picks the expert whose cluster centroid is most cosine-similar, and hands the per-row adapter names
-to PEFT's mixed-batch inference (``generate(adapter_names=[...])`` / ``forward(adapter_names=[...])``): one
-batch, one forward per step, each row through its own LoRA weights.
+only) and picks the expert whose cluster centroid is most cosine-similar. Then one batch runs, one forward
+per step, each row through its own LoRA weights: the experts stay ordinary PEFT adapters, and a batch that
+mixes them runs either stacked (:mod:`.mixed`, the default: one adapter's amount of work) or through PEFT's
+mixed-batch inference (``generate(adapter_names=[...])``, ``mixed_batch="peft"``).
 """
 
 from __future__ import annotations
@@ -18,18 +19,24 @@ import torch
 from ..utils import get_logger
 from .clustering import assign
 from .embedding import EmbeddingSpace, EmbeddingSpec, embed_batch, embed_texts
+from .mixed import stacked_lora
 
 
 __all__ = ["ExpertRouter"]
 
 logger = get_logger(__name__)
 
+MIXED_BATCH_PATHS = ("stacked", "peft")
+"""How a batch whose rows go to different experts runs: ``"stacked"`` (every expert's LoRA update in two
+matmuls per layer, :mod:`~hf_compress.experts.mixed`) or ``"peft"`` (PEFT's ``adapter_names=`` per-row path)."""
+
 
 class ExpertRouter:
     """A ``PeftModel`` holding one LoRA adapter per expert, plus the centroids that route to them.
 
     Built by :func:`~hf_compress.experts.train_experts` or :meth:`from_pretrained`. ``generate`` and
-    ``__call__`` take the usual token batch (any padding side) and route every row.
+    ``__call__`` take the usual token batch (any padding side) and route every row. ``mixed_batch``: how a
+    batch mixing experts runs (:data:`MIXED_BATCH_PATHS`; an attribute, so it can be switched on a loaded router).
 
     Example:
         >>> router = ExpertRouter.from_pretrained("experts/", base_model=model)  # doctest: +SKIP
@@ -38,13 +45,17 @@ class ExpertRouter:
     """
 
     def __init__(self, model, centroids: torch.Tensor, space: EmbeddingSpace, spec: EmbeddingSpec,
-                 adapter_names: Sequence[str], *, tokenizer=None, info: dict[str, Any] | None = None) -> None:
+                 adapter_names: Sequence[str], *, tokenizer=None, info: dict[str, Any] | None = None,
+                 mixed_batch: str = "stacked") -> None:
         missing = [name for name in adapter_names if name not in getattr(model, "peft_config", {})]
         if missing:
             raise ValueError(f"The model has no adapter(s) {missing}; load every expert before routing to it.")
         if len(centroids) != len(adapter_names):
             raise ValueError(f"The router has {len(centroids)} centroids but {len(adapter_names)} experts; "
                              "every cluster needs exactly one expert adapter.")
+        if mixed_batch not in MIXED_BATCH_PATHS:
+            raise ValueError(f"mixed_batch must be one of {MIXED_BATCH_PATHS}, got {mixed_batch!r}.")
+        self.mixed_batch = mixed_batch
         self.model = model
         self.centroids = torch.nn.functional.normalize(centroids.float(), dim=1)
         self.space = space
@@ -95,7 +106,7 @@ class ExpertRouter:
             raise ValueError(f"Expert indices must be in 0..{self.num_experts - 1}, got {bad[:5]}.")
         return [self.adapter_names[i] for i in indices]
 
-    def _routed(self, input_ids, attention_mask, experts) -> list[str]:
+    def _routed(self, input_ids, attention_mask, experts) -> list[int]:
         if input_ids is None:
             raise ValueError("Pass input_ids (a token batch) to route; inputs_embeds cannot be routed.")
         if experts is None:
@@ -103,9 +114,10 @@ class ExpertRouter:
         elif len(experts) != len(input_ids):
             raise ValueError(f"experts has {len(experts)} entries for a batch of {len(input_ids)} rows.")
         if self.model.training:
-            # PEFT refuses per-row adapters in training mode; routing is inference.
+            # Per-row adapters are inference (PEFT refuses them in training mode; no dropout either).
             self.model.eval()
-        return self.adapter_names_for(experts)
+        self.adapter_names_for(experts)  # checks the indices
+        return experts.tolist() if isinstance(experts, torch.Tensor) else list(experts)
 
     # ------------------------------------------------------------------------------------------ inference
 
@@ -116,36 +128,41 @@ class ExpertRouter:
         ``experts`` overrides the routing (one expert index per row), e.g. for an oracle. Every other
         argument goes to ``PeftModel.generate``.
         """
-        names = self._routed(input_ids, attention_mask, experts)
+        rows = self._routed(input_ids, attention_mask, experts)
         if attention_mask is not None:
             kwargs["attention_mask"] = attention_mask
-        with self._adapters(names) as per_row:
+        with self._adapters(rows) as per_row:
             return self.model.generate(input_ids=input_ids, **per_row, **kwargs)
 
     def __call__(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, *,
                  experts: torch.Tensor | Sequence[int] | None = None, **kwargs: Any):
         """A forward pass with every row routed to its expert (returns the model's output, e.g. logits)."""
-        names = self._routed(input_ids, attention_mask, experts)
-        with self._adapters(names) as per_row:
+        rows = self._routed(input_ids, attention_mask, experts)
+        with self._adapters(rows) as per_row:
             return self.model(input_ids=input_ids, attention_mask=attention_mask, **per_row, **kwargs)
 
     @contextlib.contextmanager
-    def _adapters(self, names: list[str]):
-        """The keyword arguments that run each row through its adapter.
+    def _adapters(self, rows: list[int]):
+        """The keyword arguments that run each row through its expert (``rows``: one expert index per row).
 
-        A batch routed to one expert runs with that adapter active instead of through PEFT's mixed-batch
-        path (which splits every LoRA layer's input by adapter on each call): same numbers, less work. The
-        previously active adapter is restored afterwards.
+        A batch routed to one expert runs with that adapter active (the previously active one is restored
+        afterwards). A mixed batch runs through :func:`~hf_compress.experts.mixed.stacked_lora` (every
+        expert's update in two matmuls per layer) or, with ``mixed_batch="peft"`` or LoRA variants it cannot
+        stack, through PEFT's ``adapter_names=`` path. All three give the same numbers (tested).
         """
-        if len(set(names)) != 1:
-            yield {"adapter_names": names}
+        if len(set(rows)) == 1:
+            previous = self.model.active_adapter
+            self.model.set_adapter(self.adapter_names[rows[0]])
+            try:
+                yield {}
+            finally:
+                self.model.set_adapter(previous)
             return
-        previous = self.model.active_adapter
-        self.model.set_adapter(names[0])
-        try:
-            yield {}
-        finally:
-            self.model.set_adapter(previous)
+        if self.mixed_batch == "stacked":
+            with stacked_lora(self.model, self.adapter_names, rows) as stacked:
+                yield {} if stacked else {"adapter_names": self.adapter_names_for(rows)}
+            return
+        yield {"adapter_names": self.adapter_names_for(rows)}
 
     # ------------------------------------------------------------------------------------------ files
 
