@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import functools
 import importlib.metadata as metadata
 import logging
 import json
@@ -73,10 +74,13 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+@functools.cache
 def source_commit() -> str | None:
     """The git commit of the code that ran (``<sha>+dirty`` when tracked files differ from it); ``None`` outside git.
 
-    Recorded with every benchmark so a table says which code produced it.
+    Recorded with every benchmark so a table says which code produced it. Read once per process (the first call:
+    :func:`start_benchmark` makes it at the start), so a long run that saves results after later commits still
+    names the code it loaded.
 
     Example:
         >>> source_commit()  # doctest: +SKIP
@@ -124,6 +128,7 @@ def start_benchmark(args: argparse.Namespace, render: Callable[[dict[str, Any]],
     if args.render:
         print(rewrite_markdown(args.render, render))
         return False
+    source_commit()  # the code as it is now, before the run: what write_benchmark records
     if args.threads:
         torch.set_num_threads(args.threads)
     supported = args.supported_devices
