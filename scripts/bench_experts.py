@@ -443,7 +443,8 @@ def _overhead_line(overhead: dict[str, Any]) -> str:
                  f"({overhead['routed_peft_vs_single']:.2f}x), without the routing forward "
                  f"{m['mixed_no_routing_peft']:.2f} s ({overhead['mixed_peft_vs_single']:.2f}x)")
     elif "prompt_tokens" in overhead:
-        text += " (PEFT's per-row adapter_names path: the only mixed-batch path then)"
+        text += (" (PEFT's per-row adapter_names path, the only mixed-batch path when this ran; the stacked path "
+                 "that replaced it is timed in experts-overhead.md)")
     return text + "."
 
 
