@@ -422,3 +422,6 @@ def test_stacked_path_falls_back_to_peft_for_layers_it_cannot_stack(trained, mon
     assert seen == [router.adapter_names_for([0, 1])]  # PEFT's per-row path ran
     with pytest.raises(ValueError, match="mixed_batch must be one of"):
         ExpertRouter(router.model, router.centroids, router.space, router.spec, router.adapter_names, mixed_batch="fast")
+    with pytest.raises(ValueError, match="mixed_batch must be one of"):
+        router.mixed_batch = "fast"
+    assert router.mixed_batch == "stacked"

@@ -53,8 +53,6 @@ class ExpertRouter:
         if len(centroids) != len(adapter_names):
             raise ValueError(f"The router has {len(centroids)} centroids but {len(adapter_names)} experts; "
                              "every cluster needs exactly one expert adapter.")
-        if mixed_batch not in MIXED_BATCH_PATHS:
-            raise ValueError(f"mixed_batch must be one of {MIXED_BATCH_PATHS}, got {mixed_batch!r}.")
         self.mixed_batch = mixed_batch
         self.model = model
         self.centroids = torch.nn.functional.normalize(centroids.float(), dim=1)
@@ -63,6 +61,17 @@ class ExpertRouter:
         self.adapter_names = list(adapter_names)
         self.tokenizer = tokenizer
         self.info = dict(info or {})
+
+    @property
+    def mixed_batch(self) -> str:
+        """How a batch mixing experts runs: one of :data:`MIXED_BATCH_PATHS`."""
+        return self._mixed_batch
+
+    @mixed_batch.setter
+    def mixed_batch(self, path: str) -> None:
+        if path not in MIXED_BATCH_PATHS:
+            raise ValueError(f"mixed_batch must be one of {MIXED_BATCH_PATHS}, got {path!r}.")
+        self._mixed_batch = path
 
     @property
     def num_experts(self) -> int:
