@@ -31,6 +31,10 @@ Usage:
     python scripts/bench_experts.py                 # the settings below, sized for a shared 2-core CPU
     python scripts/bench_experts.py --train-per-task 200 --test-per-task 99 --steps 400 --batch-size 8 \
         --seq-len 256 --embedding-max-length 256 --squad-new-tokens 16 --eval-batch 16   # the full protocol
+    python scripts/bench_experts.py --train-per-task 100 --test-per-task 100 --steps 64 --batch-size 8 --seq-len 256 \
+        --embedding-max-length 256 --squad-new-tokens 16 --eval-batch 16 --overhead-repeats 5   # committed (~50 min)
+    python scripts/bench_experts.py --overhead-only --train-per-task 100 --test-per-task 100 --steps 8 --batch-size 8 \
+        --embedding-max-length 256 --eval-batch 16 --overhead-repeats 5 --output-name experts-overhead   # speed only
     python scripts/bench_experts.py --quick --output-name experts-smoke   # tiny model, to check the script
     python scripts/bench_experts.py --render experts
 """
