@@ -24,8 +24,10 @@ BoolQ/Winogrande), SQuAD token F1 of a greedy answer (``--squad-new-tokens``, cu
 and GSM8K bits per byte of the reference solution (lower is better; a 135M model solves ~no GSM8K problem,
 so accuracy would be 0 for every variant). The average is over the 7 tasks scored in [0, 1]; standard
 errors are per-example (SE of the average = sqrt(sum SE_t^2) / 7). Routing accuracy: the share of test
-queries the router sends to the oracle expert. Generation overhead: greedy generation of a batch of SQuAD
-prompts (forced length) with the router (embedding + PEFT mixed batch) and with one adapter, medians.
+queries the router sends to the oracle expert; the targets are judged on paired differences (both variants
+score the same test rows). Generation overhead: greedy generation (forced length) of one batch of test queries
+taken round-robin over the tasks, with the router (routing forward + mixed batch, stacked and through PEFT's
+``adapter_names``) and with one adapter for every row, interleaved, medians.
 
 Usage:
     python scripts/bench_experts.py                 # the settings below, sized for a shared 2-core CPU
