@@ -332,13 +332,19 @@ def test_train_experts_bad_inputs():
         ExpertConfig(num_experts=0)
 
 
-def test_gpt2_experts_train_and_route():
-    # Conv1D layers (GPT-2) get LoRA too, and the router works on another architecture.
+def _gpt2_router():
+    """Two rank-2 experts on a tiny GPT-2 (Conv1D layers), one per task."""
     model, tokenizer = tiny_model("gpt2")
     rows, tasks = _task_rows(4)
     router = train_experts(model, rows, ExpertConfig(num_experts=2, r=2, seq_len=16),
                            args=TrainingSettings(max_steps=2, per_device_batch_size=2, use_cpu=True, logging_steps=1),
                            tokenizer=tokenizer, clusters=tasks)
+    return router, tokenizer, rows, tasks
+
+
+def test_gpt2_experts_train_and_route():
+    # Conv1D layers (GPT-2) get LoRA too, and the router works on another architecture.
+    router, tokenizer, rows, tasks = _gpt2_router()
     assert router.route_texts([row["prompt"] for row in rows]).tolist() == tasks
     batch = tokenizer([rows[0]["prompt"], rows[1]["prompt"]], return_tensors="pt", padding=True)
     assert router.generate(**batch, max_new_tokens=3, do_sample=False).shape == (2, batch.input_ids.shape[1] + 3)
@@ -392,11 +398,7 @@ def test_stacked_mixed_batch_equals_peft_per_row_path_and_supports_beams(trained
 def test_stacked_mixed_batch_on_gpt2_conv1d_with_unequal_ranks():
     from peft import LoraConfig
 
-    model, tokenizer = tiny_model("gpt2")
-    rows, tasks = _task_rows(4)
-    router = train_experts(model, rows, ExpertConfig(num_experts=2, r=2, seq_len=16),
-                           args=TrainingSettings(max_steps=2, per_device_batch_size=2, use_cpu=True, logging_steps=1),
-                           tokenizer=tokenizer, clusters=tasks)
+    router, tokenizer, rows, _ = _gpt2_router()
     # A third expert of another rank: the stacked factors are [2 + 2 + 4, in] and the row masks follow.
     router.model.add_adapter("wide", LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True))
     router.adapter_names.append("wide")
