@@ -54,7 +54,8 @@ def stacked_lora(model: nn.Module, adapter_names: Sequence[str], rows: Sequence[
     def mask_for(ranks: list[int], like: torch.Tensor) -> torch.Tensor:
         key = (tuple(ranks), like.device, like.dtype)
         if key not in masks:
-            masks[key] = one_hot.repeat_interleave(torch.tensor(ranks), dim=1).to(like.device, like.dtype)
+            repeats = torch.tensor(ranks, device=like.device)
+            masks[key] = one_hot.to(like.device).repeat_interleave(repeats, dim=1).to(like.dtype)
         return masks[key]
 
     def hook_for(a: torch.Tensor, b: torch.Tensor, ranks: list[int]):
