@@ -236,8 +236,9 @@ def _markdown(settings: dict[str, Any], results: dict[str, Any]) -> str:
         f"split (± standard error over windows); Δ vs none is paired over the same windows (± its standard "
         f"error). Dense: {dense['perplexity']:.2f} ± {dense['perplexity_stderr']:.2f}. Pruners: "
         f"{', '.join(settings['pruners'])}{' (SDS on Wanda, 1 re-dense epoch)' if 'sds' in settings['pruners'] else ''}. "
-        f"Each learned variant trains once (≤ {settings['train_seconds']:.0f} s wall time, Wanda mask generator) "
-        "and is shared by the pruners. " + _zero_shot_setting(settings, dense),
+        + (f"Each learned variant trains once (≤ {settings['train_seconds']:.0f} s wall time, Wanda mask generator) "
+         "and is shared by the pruners. " if any(key.split()[-1] in ("learned", "permllm") for key in results["permutations"])
+         else "") + _zero_shot_setting(settings, dense),
         "",
         "| pattern | pruner | permutation | ppl | Δ vs none | zero-shot avg | Δ zero-shot vs none "
         "| kept score (vs identity) | perm. s | prune s | linear bytes (× dense) | disk MB |",
