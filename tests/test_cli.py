@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -179,10 +180,17 @@ def test_optimum_cli_help_lists_the_sub_commands():
         assert name in done.stdout
 
 
-def test_a_closed_pipe_ends_the_command_quietly():
-    """`hf-compress info | head -1`: the reader leaves early; no traceback, no error line, exit status 141."""
+@pytest.mark.parametrize("unbuffered", ["", "1"], ids=["buffered", "unbuffered"])
+def test_a_closed_pipe_ends_the_command_quietly(unbuffered):
+    """`hf-compress info | head -1`: the reader leaves early; no traceback, no error line, exit status 141.
+
+    Block-buffered stdout (a pipe's default) fails at the final flush; unbuffered (PYTHONUNBUFFERED, as in CI)
+    at the first write: both are handled."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    if unbuffered:
+        env["PYTHONUNBUFFERED"] = unbuffered
     child = subprocess.Popen([sys.executable, "-m", "hf_compress", "info"], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE)
+                             stderr=subprocess.PIPE, env=env)
     child.stdout.close()  # the reader is gone before the first write
     _, stderr = child.communicate(timeout=120)
     assert child.returncode == 141, stderr.decode()

@@ -155,7 +155,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        return args.run(args)
+        code = args.run(args)
+        sys.stdout.flush()  # a block-buffered pipe fails here, not at exit, so the reader's leaving is handled below
+        return code
     except KeyboardInterrupt:
         print("hf-compress: interrupted", file=sys.stderr)
         return 130
