@@ -9,7 +9,7 @@ An embedding is the mean, over the prompt's tokens, of the output of one decoder
 one a quarter of the way up; only the blocks up to it run, so routing a batch costs about a quarter of a
 prefill). On SmolLM2-135M's eight-task mix that block also separated the tasks best: k-means (K=4) put
 93% of the training prompts in their task's majority cluster at block 7 of 30, against 83% at the middle
-block and 85% at block 22 (the training split of ``scripts/bench_experts.py``; a one-off probe, not a
+block and 85% at block 22 (a one-off probe on ``scripts/bench_experts.py``'s task mix, not a
 committed benchmark). Raw pooled
 states of a decoder LM share one large common direction and a few huge "massive activation" channels,
 which would dominate cosine similarities; :class:`EmbeddingSpace` therefore standardises each channel
