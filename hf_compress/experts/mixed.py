@@ -49,34 +49,35 @@ def stacked_lora(model: nn.Module, adapter_names: Sequence[str], rows: Sequence[
     if experts.numel() and not (0 <= int(experts.min()) and int(experts.max()) < len(names)):
         raise ValueError(f"Expert indices must be in 0..{len(names) - 1}, got {experts.tolist()[:5]}.")
     one_hot = nn.functional.one_hot(experts, len(names))
-    masks: dict[tuple, torch.Tensor] = {}  # by (ranks, device, dtype): layers of one shape share a mask
 
-    def mask_for(ranks: list[int], like: torch.Tensor) -> torch.Tensor:
-        key = (tuple(ranks), like.device, like.dtype)
-        if key not in masks:
-            repeats = torch.tensor(ranks, device=like.device)
-            masks[key] = one_hot.to(like.device).repeat_interleave(repeats, dim=1).to(like.dtype)
-        return masks[key]
-
-    def hook_for(a: torch.Tensor, b: torch.Tensor, ranks: list[int]):
+    def hook_for(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor):
         def add_update(module, args, output):
             x = args[0]
-            mask = mask_for(ranks, a)
-            if x.shape[0] != mask.shape[0]:
-                if x.shape[0] % mask.shape[0]:
-                    raise RuntimeError(f"A batch of {x.shape[0]} rows was routed as {mask.shape[0]} rows.")
-                mask = mask.repeat_interleave(x.shape[0] // mask.shape[0], dim=0)
-            mask = mask.view(mask.shape[0], *([1] * (x.dim() - 2)), mask.shape[1])
-            low = nn.functional.linear(x.to(a.dtype), a) * mask
+            row_mask = mask
+            if x.shape[0] != row_mask.shape[0]:
+                if x.shape[0] % row_mask.shape[0]:
+                    raise RuntimeError(f"A batch of {x.shape[0]} rows was routed as {row_mask.shape[0]} rows.")
+                row_mask = row_mask.repeat_interleave(x.shape[0] // row_mask.shape[0], dim=0)
+            row_mask = row_mask.view(row_mask.shape[0], *([1] * (x.dim() - 2)), row_mask.shape[1])
+            low = nn.functional.linear(x.to(a.dtype), a) * row_mask
             return output + nn.functional.linear(low, b).to(output.dtype)
 
         return add_update
 
+    masks: dict[tuple, torch.Tensor] = {}  # by (ranks, device, dtype): layers of one shape share a mask
+    hooks = []
+    for module, (a, b, ranks) in layers:
+        key = (tuple(ranks), a.device, a.dtype)
+        if key not in masks:
+            repeats = torch.tensor(ranks, device=a.device)
+            masks[key] = one_hot.to(a.device).repeat_interleave(repeats, dim=1).to(a.dtype)
+        hooks.append((module, hook_for(a, b, masks[key])))
+
     handles = []
     try:
         with model.disable_adapter():
-            for module, (a, b, ranks) in layers:
-                handles.append(module.register_forward_hook(hook_for(a, b, ranks)))
+            for module, hook in hooks:
+                handles.append(module.register_forward_hook(hook))
             yield True
     finally:
         for handle in handles:
