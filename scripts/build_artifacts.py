@@ -62,6 +62,7 @@ from typing import Any
 import torch
 import yaml
 
+from hf_compress.evaluation.perplexity import scored_tokens
 from hf_compress.evaluation.report import (
     benchmark_parser,
     device_description,
@@ -696,7 +697,7 @@ def render(payload: dict[str, Any]) -> str:
             base.setdefault(row.get("perplexity_score_last"), measured)
     if base:
         lines += ["Perplexity of the base model in the same evaluation: " + ", ".join(
-            f"{value:.2f} ({'all tokens' if last is None else f'last {last} tokens of each window'})"
+            f"{value:.2f} ({scored_tokens(last)})"
             for last, value in base.items()) + ".", ""]
     seconds = [row["build_seconds"] for row in results["rows"] if row.get("build_seconds") is not None]
     if seconds and not results.get("not_built"):
@@ -728,7 +729,7 @@ def table(rows_: Sequence[dict[str, Any]]) -> str:
         ratio = f"{row['decoder_linear_vs_base_fp32']:.3f}x" if row.get("decoder_linear_vs_base_fp32") else "—"
         ppl = f"{row['perplexity']:.2f}" if row.get("perplexity") is not None else "—"
         if row.get("perplexity_score_last"):
-            ppl += f" (last {row['perplexity_score_last']} tokens of each window)"
+            ppl += f" ({scored_tokens(row['perplexity_score_last'])})"
         errors = row.get("zero_shot_stderr") or {}
         zero = ", ".join(f"{k} {v:.3f}" + (f" ± {errors[k]:.3f}" if errors.get(k) else "")
                          for k, v in (row.get("zero_shot") or {}).items()) or "not measured"

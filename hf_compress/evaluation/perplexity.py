@@ -137,6 +137,21 @@ def evaluate_perplexity(
     }
 
 
+def scored_tokens(score_last: int | None) -> str:
+    """Which predicted tokens a perplexity scores, in words (for cards and tables).
+
+    Example:
+        >>> scored_tokens(None), scored_tokens(128)
+        ('all tokens', 'last 128 tokens of each window')
+    """
+    return "all tokens" if score_last is None else f"last {score_last} tokens of each window"
+
+
+def perplexity_label(score_last: int | None) -> str:
+    """``"Perplexity"``, or ``"Perplexity (last N tokens of each window)"`` for a perplexity of the windows' tails."""
+    return "Perplexity" if score_last is None else f"Perplexity ({scored_tokens(score_last)})"
+
+
 def perplexity_record(result: dict[str, Any], dataset_type: str, dataset_name: str, split: str | None) -> MetricRecord:
     """The model-card record of one :func:`evaluate_perplexity` result.
 
@@ -153,7 +168,7 @@ def perplexity_record(result: dict[str, Any], dataset_type: str, dataset_name: s
         dataset_name=dataset_name,
         dataset_split=split,
         metric_type="perplexity",
-        metric_name="Perplexity" if last is None else f"Perplexity (last {last} tokens of each window)",
+        metric_name=perplexity_label(last),
         metric_value=round(result["perplexity"], 4),
         metric_config=f"window={result['window']}" + ("" if last is None else f",score_last={last}"),
         settings=settings,

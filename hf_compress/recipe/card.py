@@ -67,9 +67,10 @@ def recipe_card(recipe: Recipe, records: Sequence[StepRecord], final_metrics: Se
 
 def steps_table(records: Sequence[StepRecord], score_last: int | None = None) -> str:
     """A Markdown table: one row for the base model and one per step, with the measured numbers."""
-    perplexity = "Perplexity" if score_last is None else f"Perplexity (last {score_last} tokens of each window)"
+    from ..evaluation.perplexity import perplexity_label
+
     lines = [
-        f"| # | Step | Settings | {perplexity} | Stored MB | Decoder linears × base fp32 | Step seconds |",
+        f"| # | Step | Settings | {perplexity_label(score_last)} | Stored MB | Decoder linears × base fp32 | Step seconds |",
         "|---|---|---|---|---|---|---|",
     ]
     for record in records:
