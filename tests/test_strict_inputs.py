@@ -92,6 +92,8 @@ def test_helpers_name_the_argument_and_the_range():
         (lambda: MedusaConfig(num_layers="1"), TypeError, "num_layers"),
         (lambda: MedusaConfig(initializer_range=-1), ValueError, "initializer_range"),
         (lambda: EvaluationSettings(window=1), ValueError, "window"),
+        (lambda: EvaluationSettings(window=64, score_last=64), ValueError, "exceeds the 63 predicted tokens"),
+        (lambda: EvaluationSettings(score_last=0), ValueError, "score_last"),
         (lambda: EvaluationSettings(perplexity_sets=("c4",)), ValueError, "perplexity_sets"),
         (lambda: EvaluationSettings(zero_shot_limit=-1), ValueError, "zero_shot_limit"),
     ],

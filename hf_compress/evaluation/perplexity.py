@@ -102,9 +102,7 @@ def evaluate_perplexity(
         raise ValueError(f"window must be at least 2 tokens, got {window}.")
     check_int("max_windows", max_windows, minimum=1, allow_none=True, hint="None scores every window.")
     check_int("batch_size", batch_size, minimum=1)
-    check_int("score_last", score_last, minimum=1, allow_none=True, hint="None scores every predicted token.")
-    if score_last is not None and score_last > window - 1:
-        raise ValueError(f"score_last={score_last} exceeds the {window - 1} predicted tokens of a {window}-token window.")
+    check_score_last(score_last, window)
     check_bool("progress", progress)
     check_tokenizer(tokenizer)
     scored = window - 1 if score_last is None else score_last
@@ -135,6 +133,13 @@ def evaluate_perplexity(
         "score_last": score_last,
         "seconds": seconds,
     }
+
+
+def check_score_last(score_last: int | None, window: int) -> None:
+    """Refuse a ``score_last`` that is not a positive int or exceeds the ``window - 1`` tokens a window predicts."""
+    check_int("score_last", score_last, minimum=1, allow_none=True, hint="None scores every predicted token.")
+    if score_last is not None and score_last > window - 1:
+        raise ValueError(f"score_last={score_last} exceeds the {window - 1} predicted tokens of a {window}-token window.")
 
 
 def scored_tokens(score_last: int | None) -> str:

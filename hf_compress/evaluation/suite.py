@@ -10,7 +10,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..utils import InvalidArgumentTypeError, check_choice, check_int, check_str_list, get_logger
 from .memory import measure_kv_cache_bytes, parameter_bytes
-from .perplexity import evaluate_perplexity, perplexity_record
+from .perplexity import check_score_last, evaluate_perplexity, perplexity_record
 from .results import MetricRecord
 from .speed import measure_generation_speed
 
@@ -59,10 +59,7 @@ class EvaluationSettings:
             setattr(self, name, tuple(items))
         check_int("window", self.window, minimum=2, hint="It is the perplexity window in tokens (e.g. 512).")
         check_int("max_windows", self.max_windows, minimum=1, allow_none=True, hint="None scores every window.")
-        check_int("score_last", self.score_last, minimum=1, allow_none=True, hint="None scores every predicted token.")
-        if self.score_last is not None and self.score_last >= self.window:
-            raise ValueError(f"score_last={self.score_last} must be below window={self.window} (the tokens predicted "
-                             "in a window).")
+        check_score_last(self.score_last, self.window)
         limits = self.zero_shot_limit.values() if isinstance(self.zero_shot_limit, dict) else (self.zero_shot_limit,)
         for value in limits:
             check_int("zero_shot_limit", value, minimum=0, allow_none=True,
