@@ -258,7 +258,6 @@ def main() -> None:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     train, test = split_tasks(args.train_per_task, args.test_per_task, args.seed)
-    settings["embedding_layer"] = EmbeddingSpec.for_model(base).layer
     settings["examples"] = {"train": len(train), "test": len(test)}
     config = ExpertConfig(num_experts=args.experts, r=args.r, seq_len=args.seq_len,
                           embedding_max_length=args.embedding_max_length, seed=0)
@@ -268,6 +267,7 @@ def main() -> None:
                                 use_cpu=args.device == "cpu", seed=0)
     start = time.perf_counter()
     spec = EmbeddingSpec.for_model(base, config.embedding_layer, config.embedding_max_length)
+    settings["embedding_layer"] = spec.layer
     pool_embeddings = embed_texts(base, tokenizer, [r["prompt"] for r in train], spec)
     results: dict[str, Any] = {"embedding_seconds": time.perf_counter() - start, "variants": {}}
 
