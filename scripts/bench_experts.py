@@ -37,6 +37,8 @@ Usage:
         --embedding-max-length 256 --squad-new-tokens 16 --eval-batch 16 --overhead-repeats 5   # committed (~50 min)
     python scripts/bench_experts.py --overhead-only --train-per-task 100 --test-per-task 100 --steps 8 --batch-size 8 \
         --embedding-max-length 256 --eval-batch 16 --overhead-repeats 5 --output-name experts-overhead   # speed only
+    python scripts/bench_experts.py --routing-probe --train-per-task 100 --test-per-task 100 \
+        --output-name experts-routing   # why the default embedding block and prompt length (no training)
     python scripts/bench_experts.py --quick --output-name experts-smoke   # tiny model, to check the script
     python scripts/bench_experts.py --render experts
 """
@@ -222,6 +224,34 @@ def generation_overhead(router, tokenizer, test: list[dict], args) -> dict[str, 
             "mixed_peft_vs_single": medians["mixed_no_routing_peft"] / medians["single_adapter"]}
 
 
+def routing_probe(base, tokenizer, train: list[dict], test: list[dict], config: ExpertConfig, args) -> list[dict]:
+    """For each embedding block and prompt length: k-means (the experts' clustering) of the training prompts, the
+    share of training prompts in their task's majority cluster (purity) and of test queries routed to it."""
+    from hf_compress.experts import EmbeddingSpace
+    from hf_compress.experts.clustering import assign, kmeans
+
+    rows = []
+    for layer in args.probe_layers:
+        for length in args.probe_lengths:
+            spec = EmbeddingSpec.for_model(base, layer, length)
+            raw = embed_texts(base, tokenizer, [r["prompt"] for r in train], spec, progress=False)
+            space = EmbeddingSpace.fit(raw)
+            clustering = kmeans(space(raw), config.num_experts, seed=config.seed, restarts=config.kmeans_restarts,
+                                iterations=config.kmeans_iterations)
+            labels = clustering.labels.tolist()
+            majority = {}
+            for task in TASKS:
+                of_task = [label for label, row in zip(labels, train) if row["task"] == task]
+                majority[task] = max(sorted(set(of_task)), key=of_task.count)
+            queries = embed_texts(base, tokenizer, [query_of(r) for r in test], spec, progress=False)
+            routes = assign(space(queries), clustering.centroids).tolist()
+            rows.append({"layer": layer, "max_length": length,
+                         "purity": statistics.fmean(l == majority[r["task"]] for l, r in zip(labels, train)),
+                         "routing_accuracy": statistics.fmean(e == majority[r["task"]] for e, r in zip(routes, test))})
+            logger.info("block %d, %d tokens: %s", layer, length, rows[-1])
+    return rows
+
+
 def main() -> None:
     parser = benchmark_parser(__doc__, "experts")
     parser.add_argument("--model", default="smollm2-135m")
@@ -243,6 +273,11 @@ def main() -> None:
     parser.add_argument("--overhead-only", action="store_true",
                         help="train the routed experts and time generation only (speed does not depend on how long "
                              "the experts trained); pair with --output-name experts-overhead")
+    parser.add_argument("--routing-probe", action="store_true",
+                        help="no training: k-means purity and routing accuracy for each --probe-layers x --probe-lengths "
+                             "embedding (why the default block and length); pair with --output-name experts-routing")
+    parser.add_argument("--probe-layers", nargs="+", type=int, default=[3, 7, 14, 22])
+    parser.add_argument("--probe-lengths", nargs="+", type=int, default=[64, 128, 256])
     parser.add_argument("--seed", type=int, default=1234)
     args = parser.parse_args()
     if not start_benchmark(args, markdown):
@@ -250,6 +285,7 @@ def main() -> None:
     if args.quick:
         args.model, args.train_per_task, args.test_per_task, args.steps = "tiny-llama", 6, 2, 2
         args.seq_len, args.experts, args.squad_new_tokens, args.overhead_tokens, args.overhead_repeats = 32, 2, 4, 4, 1
+        args.probe_layers, args.probe_lengths = [0, 1], [16, 48]
     settings = {k: v for k, v in vars(args).items() if k not in ("render", "supported_devices")}
     settings["command"] = "python scripts/bench_experts.py" + (" --quick" if args.quick else "")
     settings["machine_note"] = f"CPU, {args.threads} threads, float32, machine shared with other jobs"
@@ -265,6 +301,10 @@ def main() -> None:
     training = TrainingSettings(max_steps=args.steps, per_device_batch_size=args.batch_size,
                                 learning_rate=args.learning_rate, logging_steps=max(1, args.steps // 4),
                                 use_cpu=args.device == "cpu", seed=0)
+    if args.routing_probe:
+        results = {"routing_probe": routing_probe(base, tokenizer, train, test, config, args)}
+        write_benchmark(args.output_name, settings, results, markdown({"settings": settings, "results": results}))
+        return
     start = time.perf_counter()
     spec = EmbeddingSpec.for_model(base, config.embedding_layer, config.embedding_max_length)
     settings["embedding_layer"] = spec.layer
@@ -362,6 +402,8 @@ def markdown(payload: dict[str, Any]) -> str:
     settings, results = payload["settings"], payload["results"]
     if settings.get("overhead_only"):
         return _overhead_markdown(settings, results)
+    if settings.get("routing_probe"):
+        return _routing_markdown(settings, results)
     lines = [
         "# SilverSight / ASSL experts (SmolLM2-135M-Instruct, multi-task instruction mix)",
         "",
@@ -433,6 +475,19 @@ def _overhead_markdown(settings: dict[str, Any], results: dict[str, Any]) -> str
              f"{settings.get('embedding_layer', 'n // 4')}, at most {settings['embedding_max_length']} tokens).", "",
              _overhead_line(results["generation_overhead"]), ""]
     return "\n".join(lines + _target_lines(results)) + "\n"
+
+
+def _routing_markdown(settings: dict[str, Any], results: dict[str, Any]) -> str:
+    lines = [f"# Expert routing: which embedding block and prompt length ({settings['model']})", "",
+             f"No training. The {settings['examples']['train']} training prompts of the benchmark's task mix are "
+             f"embedded (mean of one decoder block's output over the first N prompt tokens), clustered by k-means "
+             f"(K={settings['experts']}, the experts' clustering); purity: the share of training prompts in their "
+             f"task's majority cluster; routing: the share of the {settings['examples']['test']} test queries sent "
+             "to that cluster. The default is block n // 4 (7 of SmolLM2's 30) and 256 tokens.", "",
+             "| block | prompt tokens | purity | routing accuracy |", "|---|---|---|---|"]
+    for row in results["routing_probe"]:
+        lines.append(f"| {row['layer']} | {row['max_length']} | {row['purity']:.1%} | {row['routing_accuracy']:.1%} |")
+    return "\n".join(lines) + "\n"
 
 
 def _overhead_line(overhead: dict[str, Any]) -> str:
