@@ -8,9 +8,9 @@ exactly as the experts will, and routing with it needs no second model in memory
 An embedding is the mean, over the prompt's tokens, of the output of one decoder block (by default the
 one a quarter of the way up; only the blocks up to it run, so routing a batch costs about a quarter of a
 prefill). On SmolLM2-135M's eight-task mix that block also separated the tasks best: k-means (K=4) put
-93% of the training prompts in their task's majority cluster at block 7 of 30, against 83% at the middle
-block and 85% at block 22 (a one-off probe on ``scripts/bench_experts.py``'s task mix, not a
-committed benchmark). Raw pooled
+94% of the training prompts in their task's majority cluster at block 7 of 30, against 85% at the middle
+block and 84% at block 22, and routed 93% of test queries there (83-90% at block 3, 14 or 22, or with
+the first 64 or 128 tokens only; ``bench/results/experts-routing.md``). Raw pooled
 states of a decoder LM share one large common direction and a few huge "massive activation" channels,
 which would dominate cosine similarities; :class:`EmbeddingSpace` therefore standardises each channel
 with the training set's mean and standard deviation before L2-normalising, and the router stores them.
