@@ -12,7 +12,7 @@ from transformers import DynamicCache
 from hf_compress.assets import tiny_model
 from hf_compress.cache import ChannelPrunedLayer, SparKCache, StructuredChannelCache, cache_kwargs, triton_read
 from hf_compress.cache.channels import PerTokenChannels, append_tokens, pack_bits, unpack_bits
-from hf_compress.cache.read import read_keys, read_values
+from hf_compress.cache.read import ReadScratch, _tables, read_keys, read_values
 from hf_compress.speculative import SpeculativeDecoding
 
 
@@ -91,7 +91,7 @@ def test_byte_accounting_is_exact():
 
 def _filled_layer(batch: int = 2) -> tuple[SparKCache, ChannelPrunedLayer]:
     model, _ = tiny_model("llama")
-    cache = SparKCache(model.config, channel_ratio=0.5, value_channel_ratio=0.5, recent_window=6)
+    cache = SparKCache(model.config, channel_ratio=0.5, value_channel_ratio=0.5, recent_window=6, compression_interval=1)
     model(_prompt(batch, 30), **cache_kwargs(model, cache))
     model(_prompt(batch, 3, seed=1), **cache_kwargs(model, cache))  # decoding-time tokens are compressed too
     return cache, cache.layers[0]
@@ -106,7 +106,7 @@ def _random_store(head_dim: int, keep: int, dtype: torch.dtype, seed: int = 0, d
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize(("head_dim", "keep"), [(64, 32), (64, 13), (20, 10), (12, 11), (16, 1), (128, 64)])
+@pytest.mark.parametrize(("head_dim", "keep"), [(64, 32), (64, 13), (20, 10), (12, 11), (16, 1), (128, 64), (256, 128)])
 def test_fast_read_is_bit_identical_to_the_reference(dtype, head_dim, keep):
     states, qbar = _random_store(head_dim, keep, dtype, seed=head_dim + keep)
     keys = PerTokenChannels.compress_keys(states, qbar, keep)
@@ -118,6 +118,64 @@ def test_fast_read_is_bit_identical_to_the_reference(dtype, head_dim, keep):
     full = torch.full((2, 3, 40, head_dim), 7.0, dtype=dtype)
     read_keys(keys, qbar, out=full[:, :, :37])
     assert torch.equal(full[:, :, :37], keys.densify_keys(qbar)) and bool((full[:, :, 37:] == 7).all())
+    # reusing one scratch across stores of different shapes and dtypes (a cache's layers share one)
+    scratch = ReadScratch()
+    shorter = PerTokenChannels.compress_keys(states[:, :, :5], qbar, keep)
+    for store, reference in ((keys, keys.densify_keys(qbar)), (shorter, shorter.densify_keys(qbar))):
+        assert torch.equal(read_keys(store, qbar, scratch=scratch), reference)
+        assert torch.equal(read_values(values, scratch=scratch), values.densify_values())
+
+
+def test_read_tables_one_lookup_or_two():
+    # (256, 128) is past the one-lookup table's size limit: keys take the two-lookup path (tested above)
+    assert _tables(64, 32, torch.device("cpu")).key is not None
+    assert _tables(256, 128, torch.device("cpu")).key is None
+
+
+def test_fast_read_is_differentiable():
+    states, qbar = _random_store(16, 6, torch.float32)
+    keys = PerTokenChannels.compress_keys(states, qbar, 6)
+    values = PerTokenChannels.compress_values(states, 6)
+    for store in (keys, values):
+        store.kept.requires_grad_(True)
+        store.fill.requires_grad_(True)
+    rebuilt_keys, rebuilt_values = read_keys(keys, qbar), read_values(values)
+    assert torch.equal(rebuilt_keys.detach(), keys.densify_keys(qbar).detach())
+    assert torch.equal(rebuilt_values.detach(), values.densify_values().detach())
+    (rebuilt_keys.sum() + rebuilt_values.sum()).backward()
+    # every kept value reaches exactly one channel; a fill reaches each pruned channel once (with its sign
+    # and divisor for keys, plainly for values)
+    assert torch.equal(keys.kept.grad, torch.ones_like(keys.kept)) and torch.equal(values.kept.grad, torch.ones_like(values.kept))
+    assert torch.equal(values.fill.grad, torch.full_like(values.fill, 10.0))
+    expected = (keys.densify_keys(qbar).detach() / keys.fill.detach().unsqueeze(-1)).masked_fill(
+        unpack_bits(keys.kept_bits, 16), 0.0).sum(-1)
+    torch.testing.assert_close(keys.fill.grad, expected)
+
+
+def test_compression_interval_batches_decoding_compression():
+    model, _ = tiny_model("llama")
+    ids = _prompt(batch=2, length=30)
+    settings = {"channel_ratio": 0.5, "value_channel_ratio": 0.5, "recent_window": 4}
+    batched, single = SparKCache(model.config, **settings, compression_interval=5), SparKCache(model.config, **settings, compression_interval=1)
+    with torch.inference_mode():
+        for cache in (batched, single):
+            out = model(ids, **cache_kwargs(model, cache))  # the prompt: everything past the window at once
+        assert batched.layers[0].keys.shape[2] == 4 and batched.layers[0].old_keys.num_tokens == 26
+        windows = []
+        for step in range(12):
+            token = out.logits[:, -1:].argmax(-1)
+            out = model(token, **cache_kwargs(model, batched))
+            model(token, **cache_kwargs(model, single))
+            windows.append(batched.layers[0].keys.shape[2])
+    assert windows == [5, 6, 7, 8, 4, 5, 6, 7, 8, 4, 5, 6]  # the 5th token past the window releases all 5
+    layer, reference = batched.layers[0], single.layers[0]
+    held = layer.old_keys.num_tokens
+    # a token's compressed form does not depend on when it was compressed
+    assert torch.equal(layer._full_keys()[:, :, :held], reference._full_keys()[:, :, :held])
+    assert torch.equal(layer._full_values()[:, :, :held], reference._full_values()[:, :, :held])
+    assert batched.memory_footprint()["read_scratch"] > 0
+    with pytest.raises(ValueError, match="compression_interval"):
+        SparKCache(model.config, compression_interval=0)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
@@ -143,7 +201,7 @@ def test_fast_read_decodes_exactly_like_the_reference_read(arch, monkeypatch):
 
 def test_appends_write_in_place_with_bounded_headroom():
     model, _ = tiny_model("llama")
-    cache = SparKCache(model.config, channel_ratio=0.5, recent_window=4)
+    cache = SparKCache(model.config, channel_ratio=0.5, recent_window=4, compression_interval=1)
     ids = _prompt(batch=1, length=300)
     with torch.inference_mode():
         out = model(ids, **cache_kwargs(model, cache))
@@ -213,8 +271,9 @@ def test_speculative_rollback_and_beam_search():
     model, _ = tiny_model("llama")
     ids = _prompt(batch=1, length=40)
     # Lossless speculative decoding with rejected drafts cropped out of a pruned cache equals plain greedy
-    # decoding with the same cache settings (recent_window=0 compresses every token independently).
-    settings = {"channel_ratio": 0.5, "recent_window": 0}
+    # decoding with the same cache settings (recent_window=0 and compression_interval=1 compress every token as
+    # soon as it is stored, so what attention reads does not depend on how many tokens a forward appends).
+    settings = {"channel_ratio": 0.5, "recent_window": 0, "compression_interval": 1}
     plain = _greedy(model, ids, SparKCache(model.config, **settings))
     cache = SparKCache(model.config, **settings)
     speculative = model.generate(

@@ -22,6 +22,7 @@ from transformers.cache_utils import Cache, DynamicSlidingWindowLayer, get_layer
 from ..utils import InvalidArgumentTypeError, check_bool, check_float, check_int
 from .layer import ChannelPrunedLayer
 from .query_capture import install_query_capture
+from .read import ReadScratch
 
 
 logger = logging.getLogger(__name__)
@@ -94,6 +95,9 @@ class SparKCache(Cache):
             the paper's default, 0, keeps values dense).
         observation_window: prompt queries whose channel norms define saliency (the paper's 32).
         recent_window: newest tokens kept dense (prompt tail and decoding); older ones are compressed.
+        compression_interval: while decoding, tokens leaving the recent window are compressed this many at a
+            time (1: each as it leaves). Batching spares each step the fixed cost of compressing (a few
+            dozen small operations per layer); a token's compressed form is the same either way.
         token_budget: SnapKV eviction of the prompt to this many tokens before channel pruning (the
             paper's composition). Needs unpadded prompts.
         recovery: rebuild pruned key entries (SparK's "avg" rule); ``False`` fills zeros.
@@ -114,6 +118,7 @@ class SparKCache(Cache):
         recent_window: int = 32,
         token_budget: int | None = None,
         recovery: bool = True,
+        compression_interval: int = 16,
     ):
         check_decoder_config(config, type(self).__name__)
         for name, ratio in (("channel_ratio", channel_ratio), ("value_channel_ratio", value_channel_ratio)):
@@ -121,6 +126,7 @@ class SparKCache(Cache):
                         hint="It is the fraction of channels pruned per token (0 keeps them all).")
         check_int("observation_window", observation_window, minimum=1)
         check_int("recent_window", recent_window, minimum=0)
+        check_int("compression_interval", compression_interval, minimum=1)
         check_int("token_budget", token_budget, minimum=1, allow_none=True)
         if token_budget is not None and token_budget <= observation_window:
             raise ValueError(f"token_budget must exceed observation_window ({observation_window}), got {token_budget}.")
@@ -135,7 +141,9 @@ class SparKCache(Cache):
             "recent_window": recent_window,
             "token_budget": token_budget,
             "recovery": recovery,
+            "compression_interval": compression_interval,
         }
+        self.read_scratch = ReadScratch()  # the layers read one at a time: one set of buffers serves them all
         layer_types, layer_kwargs = get_layer_types_and_kwargs(text_config)
         layers = []
         for index, (layer_type, kwargs) in enumerate(zip(layer_types, layer_kwargs, strict=True)):
@@ -151,6 +159,8 @@ class SparKCache(Cache):
                         token_budget=token_budget,
                         per_token=self._per_token,
                         recovery=recovery,
+                        compression_interval=compression_interval,
+                        scratch=self.read_scratch,
                     )
                 )
             elif layer_type in _DENSE_WINDOW_TYPES:
@@ -168,9 +178,12 @@ class SparKCache(Cache):
     def memory_footprint(self) -> dict[str, int | float]:
         """Bytes held by every layer now, and what ``DynamicCache`` would hold for the same tokens.
 
+        ``read_scratch`` is apart from ``held``: the buffers one layer's read works in (positions, source rows,
+        divisors), shared by all layers, which a read would otherwise allocate and free each time.
+
         Example:
             >>> cache.memory_footprint()  # doctest: +SKIP
-            {'held': 1482752, 'dense_equivalent': 2359296, 'ratio': 0.628}
+            {'held': 1482752, 'dense_equivalent': 2359296, 'ratio': 0.628, 'read_scratch': 65536}
         """
         held = dense = 0
         for layer in self.layers:
@@ -180,7 +193,8 @@ class SparKCache(Cache):
             elif layer.is_initialized:
                 size = sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
                 held, dense = held + size, dense + size
-        return {"held": held, "dense_equivalent": dense, "ratio": held / dense if dense else 1.0}
+        return {"held": held, "dense_equivalent": dense, "ratio": held / dense if dense else 1.0,
+                "read_scratch": self.read_scratch.nbytes}
 
     def __repr__(self) -> str:
         settings = ", ".join(f"{k}={v}" for k, v in self.settings.items())

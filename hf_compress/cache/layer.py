@@ -6,8 +6,10 @@ first forward that fills it (the prompt): it awaits the queries (``query_capture
 ``observation_window`` of them, optionally evicts tokens to a budget (SnapKV), then compresses everything
 older than the recent window. ``qbar`` is then held fixed for the sequence, so every stored token is
 rebuilt with the statistics it was compressed with, and later tokens (decoding) are compressed at
-``update`` as they leave the recent window. Attention reads keys rebuilt on the fly, one layer at a time,
-through ``read.py`` (the store's ``densify_*`` methods are the reference it is tested against). Values that
+``update`` as they leave the recent window, ``compression_interval`` of them at a time (compressing one
+token costs about as much as compressing sixteen: a few dozen small tensor operations). Attention reads keys
+rebuilt on the fly, one layer at a time, through ``read.py`` (the store's ``densify_*`` methods are the
+reference it is tested against), with intermediate buffers the layers of a cache share. Values that
 are not pruned are held in one buffer with headroom (old and recent tokens together), so attention reads
 them without a copy; compressed stores grow the same way (``channels.append_tokens``).
 
@@ -34,7 +36,7 @@ from .channels import (
 )
 from .eviction import snapkv_keep_indices
 from .query_capture import await_queries
-from .read import read_keys, read_values
+from .read import ReadScratch, read_keys, read_values
 
 
 __all__ = ["ChannelPrunedLayer"]
@@ -49,10 +51,15 @@ class ChannelPrunedLayer(CacheLayerMixin):
         num_kv_heads, head_dim: what the model's attention will store, checked at the first update.
         observation_window: prompt queries whose channel norms define saliency (SparK: 32).
         recent_window: newest tokens kept dense.
+        compression_interval: decoded tokens wait beyond the recent window until this many are ready, then are
+            compressed together (the window holds ``recent_window`` to ``recent_window + interval - 1``
+            tokens while decoding); 1 compresses each token as it leaves the window. A token's compressed
+            form does not depend on when it is compressed.
         token_budget: if set, SnapKV eviction of the prompt down to this many tokens before pruning.
         per_token: SparK's per-token selection; ``False`` is the structured baseline (one channel set per
             head, ThinK-like scoring ``qbar * ||K[:, i]||``).
         recovery: rebuild pruned key entries by SparK's average-saliency rule; ``False`` leaves zeros.
+        scratch: read buffers shared with the cache's other layers (a new one when omitted).
     """
 
     is_sliding = False
@@ -71,6 +78,8 @@ class ChannelPrunedLayer(CacheLayerMixin):
         token_budget: int | None = None,
         per_token: bool = True,
         recovery: bool = True,
+        compression_interval: int = 16,
+        scratch: ReadScratch | None = None,
     ):
         super().__init__()
         for name, ratio in (("key_ratio", key_ratio), ("value_ratio", value_ratio)):
@@ -79,12 +88,15 @@ class ChannelPrunedLayer(CacheLayerMixin):
         check_int("head_dim", head_dim, minimum=1)
         check_int("observation_window", observation_window, minimum=1)
         check_int("recent_window", recent_window, minimum=0)
+        check_int("compression_interval", compression_interval, minimum=1)
         check_int("token_budget", token_budget, minimum=observation_window + 1, allow_none=True)
         check_bool("per_token", per_token)
         check_bool("recovery", recovery)
         self.key_ratio, self.value_ratio = key_ratio, value_ratio
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
         self.observation_window, self.recent_window = observation_window, recent_window
+        self.compression_interval = compression_interval
+        self.scratch = scratch if scratch is not None else ReadScratch()
         self.token_budget = token_budget
         self.per_token, self.recovery = per_token, recovery
         self.keep_keys = kept_channel_count(head_dim, key_ratio)
@@ -141,7 +153,7 @@ class ChannelPrunedLayer(CacheLayerMixin):
             self.awaiting_queries = True
             await_queries(self)
         else:
-            self._compress_overflow()
+            self._compress_overflow(minimum=self.compression_interval)
         return self._full_keys(), self._full_values()
 
     def observe_queries(self, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float | None = None):
@@ -245,7 +257,8 @@ class ChannelPrunedLayer(CacheLayerMixin):
         elif self.reference_read:
             old = self.old_keys.densify_keys(self.qbar if self.recovery else None)
         else:  # rebuilt straight into the returned tensor, the recent window copied after it
-            return self._read_into(lambda out: read_keys(self.old_keys, self.qbar if self.recovery else None, out),
+            qbar = self.qbar if self.recovery else None
+            return self._read_into(lambda out: read_keys(self.old_keys, qbar, out, self.scratch),
                                    self.old_keys.num_tokens, self.keys)
         return torch.cat([old, self.keys], dim=2)
 
@@ -257,7 +270,7 @@ class ChannelPrunedLayer(CacheLayerMixin):
         elif self.reference_read:
             old = self.old_values.densify_values()
         else:
-            return self._read_into(lambda out: read_values(self.old_values, out), self.old_values.num_tokens, self.values)
+            return self._read_into(lambda out: read_values(self.old_values, out, self.scratch), self.old_values.num_tokens, self.values)
         return torch.cat([old, self.values], dim=2)
 
     @staticmethod
@@ -270,9 +283,9 @@ class ChannelPrunedLayer(CacheLayerMixin):
         full[:, :, old_tokens:].copy_(recent)
         return full
 
-    def _compress_overflow(self) -> None:
+    def _compress_overflow(self, minimum: int = 1) -> None:
         overflow = self.keys.shape[2] - self.recent_window
-        if overflow <= 0:
+        if overflow < minimum:
             return
         keys, self.keys = self.keys[:, :, :overflow], self.keys[:, :, overflow:]
         new_keys = self._compress_keys(keys)
