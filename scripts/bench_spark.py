@@ -17,7 +17,9 @@ offline text, every cache in one process:
 - ``hf-fp8``: transformers' own ``QuantizedCache(backend="fp8")`` (quanto/hqq are not installed here);
 - ``spark-50-reference-read``: ``spark-50`` reading keys through the reference PyTorch reconstruction
   (``PerTokenChannels.densify_keys``) instead of the fast read (``hf_compress/cache/read.py``, Triton on
-  CUDA): decode speed only (its outputs are bit-identical to ``spark-50``'s, tested), before/after in one run.
+  CUDA): decode speed only (its outputs are bit-identical to ``spark-50``'s, tested), before/after in one run;
+- ``spark-50-interval-1``: ``spark-50`` compressing each decoded token as it leaves the recent window
+  (``compression_interval=1``) instead of 16 at a time: decode speed only, the interval's share of the speed.
 
 Tasks:
 
@@ -78,8 +80,10 @@ CACHES: dict[str, Callable[[Any], Any]] = {
     "snapkv-1024+spark-50": lambda config: SparKCache(config, channel_ratio=0.5, token_budget=1024),
     "hf-fp8": lambda config: QuantizedCache(backend="fp8", config=config),
     "spark-50-reference-read": lambda config: _reference_read(SparKCache(config, channel_ratio=0.5)),
+    "spark-50-interval-1": lambda config: SparKCache(config, channel_ratio=0.5, compression_interval=1),
 }
-DECODE_ONLY = {"spark-50-reference-read"}  # same outputs as spark-50: only its speed is of interest
+# Ablations of spark-50's speed only (the reference read's outputs are bit-identical to spark-50's).
+DECODE_ONLY = {"spark-50-reference-read", "spark-50-interval-1"}
 TASKS = ("passkey", "perplexity", "reading", "decode")
 PASSKEY_TASK = "There is a pass key hidden in the following text. Find it."
 NEEDLE = "\nThe pass key is {key}. Remember it. {key} is the pass key.\n"
@@ -299,8 +303,13 @@ def markdown(payload: dict[str, Any]) -> str:
             if reference is not None and "spark-50" in speeds:
                 line += (f"; `spark-50` through the reference reconstruction ran at {reference:.2f}× in the same run, "
                          f"so the fast read is {speeds['spark-50'] / reference:.2f}× faster")
+            single = _ratio(get(results.get("spark-50-interval-1", {}), "decode", "decode_tokens_per_s"),
+                            get(dense, "decode", "decode_tokens_per_s"))
+            if single is not None and "spark-50" in speeds:
+                line += (f"; compressing each decoded token as it leaves the window (`compression_interval=1`) "
+                         f"ran at {single:.2f}×, 16 at a time (the default) at {speeds['spark-50']:.2f}×")
             runs = [f"{n} {', '.join(f'{v:.2f}' for v in results[n]['decode']['decode_runs'])}"
-                    for n in ("dense", "spark-50", "spark-50-reference-read")
+                    for n in ("dense", "spark-50", "spark-50-interval-1", "spark-50-reference-read")
                     if "decode_runs" in results.get(n, {}).get("decode", {})]
             lines.append(line + ")." + (f" Rounds (tokens/s): {'; '.join(runs)}." if runs else ""))
         if isinstance(results.get("hf-fp8", {}).get("perplexity"), dict) and "spark-50-kv" in results:
