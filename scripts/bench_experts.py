@@ -17,7 +17,9 @@ Variants, every trained one with the same total optimizer steps (``--steps``, ba
 - ``experts-random``: K experts on a random partition of all data, routed by nearest (random-cluster) centroid;
 - ``experts-routed``: K experts on semantic k-means clusters of all data, routed by the router (the method);
 - ``experts-oracle``: the same experts, each query sent to its task's expert (the cluster holding most of
-  that task's training examples).
+  that task's training examples);
+- ``experts-warm``: ``experts-routed`` with a shared warm start (``ExpertConfig.shared_warmup``, the
+  ``--shared-warmup`` fraction of the steps on one LoRA over all data, then the experts split the rest).
 
 Scores: multiple-choice accuracy (lm-eval's metric of record: acc_norm for ARC/PIQA/HellaSwag, acc for
 BoolQ/Winogrande), SQuAD token F1 of a greedy answer (``--squad-new-tokens``, cut at the first newline),
@@ -46,6 +48,7 @@ Usage:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import statistics
@@ -66,7 +69,8 @@ logger = logging.getLogger("bench_experts")
 
 TASKS = ("arc_easy", "arc_challenge", "piqa", "hellaswag", "boolq", "winogrande", "squad", "gsm8k")
 AVERAGED = TASKS[:-1]
-VARIANTS = ("base", "lora-all", "lora-assl", "lora-random", "experts-random", "experts-routed", "experts-oracle")
+VARIANTS = ("base", "lora-all", "lora-assl", "lora-random", "experts-random", "experts-routed", "experts-oracle",
+            "experts-warm")
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -270,6 +274,8 @@ def main() -> None:
     parser.add_argument("--overhead-tokens", type=int, default=32)
     parser.add_argument("--overhead-repeats", type=int, default=3)
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--shared-warmup", type=float, default=0.5,
+                        help="experts-warm: fraction of --steps trained on all data before the experts split")
     parser.add_argument("--overhead-only", action="store_true",
                         help="train the routed experts and time generation only (speed does not depend on how long "
                              "the experts trained); pair with --output-name experts-overhead")
@@ -359,7 +365,8 @@ def main() -> None:
             if variant == "experts-random":
                 generator = torch.Generator().manual_seed(args.seed)
                 clusters = torch.randperm(len(train), generator=generator) % args.experts
-            router = train_experts(model, train, config, args=training, tokenizer=tokenizer, clusters=clusters,
+            warm = dataclasses.replace(config, shared_warmup=args.shared_warmup) if variant == "experts-warm" else config
+            router = train_experts(model, train, warm, args=training, tokenizer=tokenizer, clusters=clusters,
                                    embeddings=pool_embeddings)
             experts = router.route_texts([query_of(row) for row in test]).tolist()
             mapping = oracle_experts(router, train)
@@ -541,6 +548,14 @@ def _target_lines(results: dict[str, Any]) -> list[str]:
                                               " — missed" if measured[0] + 2 * measured[1] < 0.02 else " — not resolved")
         lines.append(f"- Routed experts vs one LoRA on all data (target ≥ +2 points): "
                      f"{difference('experts-routed', 'lora-all')}{verdict}.")
+    if {"experts-warm", "lora-all"} <= variants.keys():
+        measured = _paired_difference(variants["experts-warm"], variants["lora-all"])
+        verdict = "" if measured is None else (" — met" if measured[0] - 2 * measured[1] >= 0.02 else
+                                              " — missed" if measured[0] + 2 * measured[1] < 0.02 else " — not resolved")
+        lines.append(f"- Routed experts with a shared warm start vs one LoRA on all data (target ≥ +2 points): "
+                     f"{difference('experts-warm', 'lora-all')}{verdict}"
+                     + (f"; vs the same experts without it: {difference('experts-warm', 'experts-routed')}"
+                        if "experts-routed" in variants else "") + ".")
     if {"lora-assl", "lora-all", "lora-random"} <= variants.keys():
         keep = variants["lora-assl"]["average"] / variants["lora-all"]["average"]
         lines.append(f"- ASSL subset vs full data (target ≥ 95% of the full-data score): {keep:.1%} "

@@ -312,7 +312,8 @@ def markdown(payload: dict[str, Any]) -> str:
                     for n in ("dense", "spark-50", "spark-50-interval-1", "spark-50-reference-read")
                     if "decode_runs" in results.get(n, {}).get("decode", {})]
             lines.append(line + ")." + (f" Rounds (tokens/s): {'; '.join(runs)}." if runs else ""))
-        if isinstance(results.get("hf-fp8", {}).get("perplexity"), dict) and "spark-50-kv" in results:
+        if (isinstance(results.get("hf-fp8", {}).get("perplexity"), dict) and "decode" in results["hf-fp8"]
+                and "decode" in results.get("spark-50-kv", {})):  # partial saves come before the decode task
             fp8, spark = results["hf-fp8"], results["spark-50-kv"]
             lines.append(
                 f"- transformers' fp8 cache held {fp8['decode']['kv_bytes'] / dense['decode']['kv_bytes']:.3f}× dense "

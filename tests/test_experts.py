@@ -13,7 +13,9 @@ import math
 import pytest
 import torch
 from datasets import Dataset
+from peft import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
+from transformers import TrainingArguments
 
 from hf_compress.assets import tiny_model
 from hf_compress.experts import (
@@ -28,6 +30,7 @@ from hf_compress.experts import (
 )
 from hf_compress.experts.clustering import assign, kmeans
 from hf_compress.experts.embedding import EmbeddingSpec, embed_batch
+from hf_compress.experts import training as training_module
 from hf_compress.experts.training import split_steps, train_experts
 from hf_compress.training import TrainingSettings
 
@@ -330,6 +333,39 @@ def test_train_experts_bad_inputs():
         train_experts(model, rows, ExpertConfig(num_experts=3), tokenizer=tokenizer, clusters=[0, 0, 2, 2])
     with pytest.raises(ValueError, match="num_experts must be a positive integer"):
         ExpertConfig(num_experts=0)
+
+
+def test_shared_warmup_starts_every_expert_from_one_lora_trained_on_all_data(monkeypatch, tmp_path):
+    model, tokenizer = tiny_model("llama")
+    rows, tasks = _task_rows(6)
+    starts = []  # per training run: the adapter trained and its LoRA weights when the run begins
+
+    def recording(peft_model, data, scratch, args):
+        name = peft_model.active_adapter
+        starts.append((name, {k: v.clone() for k, v in get_peft_model_state_dict(peft_model, adapter_name=name).items()}))
+        return real(peft_model, data, scratch, args)
+
+    real = training_module.train_with_trainer
+    monkeypatch.setattr(training_module, "train_with_trainer", recording)
+    settings = TrainingSettings(max_steps=6, per_device_batch_size=2, learning_rate=1e-2, use_cpu=True, logging_steps=1)
+    config = ExpertConfig(num_experts=2, r=2, seq_len=16, shared_warmup=0.5)
+    router = train_experts(model, rows, config, args=settings, tokenizer=tokenizer, clusters=tasks)
+    training = router.info["training"]
+    assert training["shared_warmup"]["steps"] == 3 and [e["steps"] for e in training["experts"]] == [2, 1]
+    assert training["total_steps"] == 6  # the same budget as without the warm start
+    assert [name for name, _ in starts] == ["shared_warmup", "expert_0", "expert_1"]
+    assert set(router.model.peft_config) == {"expert_0", "expert_1"}  # the warm-up adapter is gone
+    fresh, warm_expert_0, warm_expert_1 = (weights for _, weights in starts)
+    assert all(not value.any() for key, value in fresh.items() if "lora_B" in key)  # PEFT's zero init
+    # both experts began from the warm-up's trained weights (nonzero B), not from a fresh init
+    assert any(value.any() for key, value in warm_expert_0.items() if "lora_B" in key)
+    for key, value in warm_expert_0.items():
+        assert torch.equal(value, warm_expert_1[key])
+    epochs = TrainingArguments(output_dir=str(tmp_path), max_steps=-1, num_train_epochs=1, use_cpu=True)
+    with pytest.raises(ValueError, match="max_steps >= 2"):
+        train_experts(tiny_model("llama")[0], rows, config, args=epochs, tokenizer=tokenizer, clusters=tasks)
+    with pytest.raises(ValueError, match="shared_warmup"):
+        ExpertConfig(shared_warmup=1.0)
 
 
 def _gpt2_router():

@@ -32,6 +32,10 @@ class ExpertConfig:
         split_steps: With ``TrainingArguments.max_steps`` set, split those steps over the experts in
             proportion to their cluster sizes, so K experts cost what one adapter trained with the same
             arguments costs. ``False`` trains every expert for ``max_steps``.
+        shared_warmup: Fraction of ``max_steps`` spent first on one LoRA trained on all the data; every
+            expert starts from its weights and trains the remaining steps on its cluster (split as above).
+            What all clusters need (the answer formats) is then learnt once instead of once per expert.
+            0 (default) starts every expert from PEFT's fresh initialisation.
         seed: Seed of the clustering and of the training-window order.
 
     Example:
@@ -50,6 +54,7 @@ class ExpertConfig:
     kmeans_restarts: int = 4
     kmeans_iterations: int = 100
     split_steps: bool = True
+    shared_warmup: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -68,6 +73,8 @@ class ExpertConfig:
         check_int("kmeans_restarts", self.kmeans_restarts, minimum=1)
         check_int("kmeans_iterations", self.kmeans_iterations, minimum=1)
         check_bool("split_steps", self.split_steps)
+        check_float("shared_warmup", self.shared_warmup, low=0.0, high=1.0, high_open=True,
+                    hint="It is the fraction of max_steps trained on all the data before the experts split.")
         check_seed("seed", self.seed)
 
     @staticmethod

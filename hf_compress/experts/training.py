@@ -25,6 +25,9 @@ __all__ = ["split_steps", "train_experts"]
 logger = get_logger(__name__)
 
 
+_WARMUP_ADAPTER = "shared_warmup"  # trained first with ExpertConfig.shared_warmup, deleted once copied
+
+
 def split_steps(total: int, sizes: Sequence[int]) -> list[int]:
     """``total`` steps shared in proportion to ``sizes`` (largest remainders; every share at least 1).
 
@@ -81,7 +84,7 @@ def train_experts(
         ...                         args=TrainingArguments("out", max_steps=200))  # doctest: +SKIP
         >>> experts.save_pretrained("experts/")  # doctest: +SKIP
     """
-    from peft import get_peft_model
+    from peft import get_peft_model, set_peft_model_state_dict
     from transformers import TrainingArguments
 
     config = config or ExpertConfig()
@@ -93,6 +96,9 @@ def train_experts(
     args = args if args is not None else TrainingSettings()
     if not isinstance(args, (TrainingArguments, TrainingSettings)):
         raise TypeError(f"args must be transformers.TrainingArguments or TrainingSettings, got {type(args).__name__}.")
+    if config.shared_warmup > 0 and not (args.max_steps and args.max_steps > 1):
+        raise ValueError("shared_warmup is a fraction of the step budget: set max_steps >= 2 in args "
+                         "(e.g. TrainingArguments(..., max_steps=400)), or use shared_warmup=0.")
     rows = instruction_rows(dataset)
     k = config.num_experts
     if k > len(rows):
@@ -119,7 +125,10 @@ def train_experts(
     sizes = torch.bincount(labels, minlength=k).tolist()
     logger.info("clustered %d examples into %d experts of sizes %s", len(rows), k, sizes)
 
-    total_steps = args.max_steps
+    total_steps, warmup_steps = args.max_steps, 0
+    if config.shared_warmup > 0 and k > 1:
+        warmup_steps = min(max(round(total_steps * config.shared_warmup), 1), total_steps - 1)
+        total_steps -= warmup_steps
     if config.split_steps and total_steps and total_steps > 0:
         steps = split_steps(total_steps, sizes)
         if sum(steps) > total_steps:
@@ -129,8 +138,10 @@ def train_experts(
         steps = [total_steps] * k
 
     results: list[dict[str, Any]] = []
-    peft_model = None
+    peft_model, warmup, start_from = None, None, None
     with tempfile.TemporaryDirectory(prefix="hf_compress-experts-") as scratch:
+        if warmup_steps:
+            peft_model, warmup, start_from = _shared_warmup(model, rows, tokenizer, config, args, warmup_steps, scratch)
         for index in range(k):
             name = config.adapter_name(index)
             members = torch.nonzero(labels == index).flatten().tolist()
@@ -141,6 +152,8 @@ def train_experts(
                     peft_model = get_peft_model(model, config.lora_config(model), adapter_name=name)
                 else:
                     peft_model.add_adapter(name, config.lora_config(model))
+                if start_from is not None:
+                    set_peft_model_state_dict(peft_model, start_from, adapter_name=name)
             peft_model.set_adapter(name)  # only this expert's LoRA weights train
             logger.info("training %s on %d examples (%d windows of %d tokens), %s steps", name, len(members),
                         len(data), config.seq_len, steps[index])
@@ -148,19 +161,40 @@ def train_experts(
             results.append({"adapter": name, "examples": len(members), "windows": len(data),
                             "steps": result["global_step"], "train_seconds": round(result["train_seconds"], 3),
                             "training_loss": result["training_loss"]})
+    if warmup is not None:
+        peft_model.delete_adapter(_WARMUP_ADAPTER)  # its weights live on in every expert
     peft_model.eval()
+    runs = results + ([warmup] if warmup is not None else [])
     info = {
         "config": config.to_dict(),
         "cluster_sizes": sizes,
         "clustering": clustering,
-        "training": {"experts": results, "total_steps": sum(r["steps"] for r in results),
-                     "train_seconds": round(sum(r["train_seconds"] for r in results), 3)},
+        "training": {"experts": results, **({"shared_warmup": warmup} if warmup is not None else {}),
+                     "total_steps": sum(r["steps"] for r in runs),
+                     "train_seconds": round(sum(r["train_seconds"] for r in runs), 3)},
         "selection": selection_of(dataset),
     }
     router = ExpertRouter(peft_model, centroids, space, spec, [config.adapter_name(i) for i in range(k)],
                           tokenizer=tokenizer, info=info)
     router.training_labels = labels.tolist()  # each training example's expert (not saved)
     return router
+
+
+def _shared_warmup(model, rows: InstructionRows, tokenizer, config: ExpertConfig, args, steps: int, scratch: str):
+    """One LoRA trained on every example for ``steps``: the PEFT model, its run's record, and its weights."""
+    from peft import get_peft_model, get_peft_model_state_dict
+
+    data = packed_instruction_dataset(rows, tokenizer, config.seq_len, seed=config.seed + config.num_experts)
+    with _compat.third_party_warnings_silenced():
+        peft_model = get_peft_model(model, config.lora_config(model), adapter_name=_WARMUP_ADAPTER)
+    logger.info("shared warm-up on all %d examples (%d windows of %d tokens), %d steps", len(rows), len(data),
+                config.seq_len, steps)
+    result = train_with_trainer(peft_model, data, scratch, _with_steps(args, steps, scratch))
+    record = {"adapter": _WARMUP_ADAPTER, "examples": len(rows), "windows": len(data), "steps": result["global_step"],
+              "train_seconds": round(result["train_seconds"], 3), "training_loss": result["training_loss"]}
+    weights = {key: value.detach().clone()
+               for key, value in get_peft_model_state_dict(peft_model, adapter_name=_WARMUP_ADAPTER).items()}
+    return peft_model, record, weights
 
 
 def _plain_width(model) -> int:
