@@ -12,6 +12,7 @@ from transformers import DynamicCache
 from hf_compress.assets import tiny_model
 from hf_compress.cache import ChannelPrunedLayer, SparKCache, StructuredChannelCache, cache_kwargs, triton_read
 from hf_compress.cache.channels import PerTokenChannels, append_tokens, pack_bits, unpack_bits
+from hf_compress.cache import read as read_module
 from hf_compress.cache.read import ReadScratch, _tables, read_keys, read_values
 from hf_compress.speculative import SpeculativeDecoding
 
@@ -124,6 +125,19 @@ def test_fast_read_is_bit_identical_to_the_reference(dtype, head_dim, keep):
     for store, reference in ((keys, keys.densify_keys(qbar)), (shorter, shorter.densify_keys(qbar))):
         assert torch.equal(read_keys(store, qbar, scratch=scratch), reference)
         assert torch.equal(read_values(values, scratch=scratch), values.densify_values())
+
+
+def test_long_reads_go_in_token_chunks_with_bounded_scratch(monkeypatch):
+    states, qbar = _random_store(16, 6, torch.float32)
+    keys = PerTokenChannels.compress_keys(states, qbar, 6)
+    values = PerTokenChannels.compress_values(states, 6)
+    monkeypatch.setattr(read_module, "_MAX_POSITIONS_PER_READ", 2 * 3 * 16 * 5)  # 5 tokens a chunk (37 held)
+    scratch = ReadScratch()
+    assert torch.equal(read_keys(keys, qbar, scratch=scratch), keys.densify_keys(qbar))
+    assert torch.equal(read_keys(keys, None, scratch=scratch), keys.densify_keys(None))
+    assert torch.equal(read_values(values, scratch=scratch), values.densify_values())
+    # int64 positions + float32 source rows + float32 divisors of one chunk, with the buffers' headroom
+    assert scratch.nbytes <= 1.1 * (2 * 3 * 16 * 5) * (8 + 4 + 4) + 3 * 64 * 8
 
 
 def test_read_tables_one_lookup_or_two():

@@ -189,6 +189,10 @@ class _TokenStore:
                 setattr(self, f.name, mine[:, :, :tokens])
         return self
 
+    def token_range(self: Store, start: int, stop: int) -> Store:
+        """Tokens ``start:stop`` as a new store of views (this one is unchanged)."""
+        return self._map(lambda t: t[:, :, start:stop])
+
     def select_batch(self: Store, indices: torch.Tensor) -> Store:
         return self._map(lambda t: t.index_select(0, indices.to(t.device)))
 

@@ -19,7 +19,7 @@ This module computes the same tensors with few, cheap passes, and is what the ca
   so the result is **bit-identical** to the reference in every dtype (tested).
 - **No allocation per read.** Positions, source rows and divisors go into a ``ReadScratch`` that a cache's
   layers share (they read one at a time): on a 2-core CPU, allocating those megabytes for every layer and
-  step cost about a tenth of the read.
+  step cost about a tenth of the read. Very long reads go in chunks of tokens, which bounds the scratch.
 - On CUDA with Triton installed, keys and values are instead read by one fused Triton kernel
   (``triton_read.py``), equal to the reference within float32 rounding.
 
@@ -49,6 +49,9 @@ __all__ = ["ReadScratch", "read_keys", "read_values"]
 # Entries of the one-lookup key table (groups x 256 bytes x (keep + 1) counts x 8 channels, int64): 2^22 is
 # 32 MiB, reached near head_dim 160 at half the channels kept. Beyond it the two-lookup tables (a few MiB) serve.
 _COMBINED_TABLE_ENTRIES = 1 << 22
+# Reads of more channel positions than this go chunk by chunk of tokens, so a long context's scratch stays
+# bounded (about 16 bytes a position: the int64 position, a source entry, a float32 divisor; ~64 MiB here).
+_MAX_POSITIONS_PER_READ = 1 << 22
 
 
 class ReadScratch:
@@ -176,6 +179,13 @@ def _needs_grad(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
+def _token_chunks(store) -> int | None:
+    """Tokens per chunk when one read of ``store`` would pass ``_MAX_POSITIONS_PER_READ``, else ``None``."""
+    batch, heads, tokens = store.kept.shape[:3]
+    per_token = batch * heads * store.head_dim
+    return max(1, _MAX_POSITIONS_PER_READ // per_token) if tokens * per_token > _MAX_POSITIONS_PER_READ else None
+
+
 def read_keys(store, qbar: torch.Tensor | None, out: torch.Tensor | None = None,
               scratch: ReadScratch | None = None) -> torch.Tensor:
     """``store.densify_keys(qbar)`` (bit-identical), written into ``out`` when given.
@@ -193,8 +203,12 @@ def read_keys(store, qbar: torch.Tensor | None, out: torch.Tensor | None = None,
     mode = "keys" if qbar is not None and store.sign_bits is not None else "zeros"
     if out is not None and triton_read.usable(kept):
         return triton_read.read_channels(store, qbar, out, mode=mode)
-    keep, tables = kept.shape[-1], _tables(head_dim, kept.shape[-1], kept.device)
     scratch = scratch or ReadScratch()
+    if not differentiable and (chunk := _token_chunks(store)):
+        for start in range(0, kept.shape[2], chunk):
+            read_keys(store.token_range(start, start + chunk), qbar, out[:, :, start : start + chunk], scratch)
+        return out
+    keep, tables = kept.shape[-1], _tables(head_dim, kept.shape[-1], kept.device)
     if mode == "zeros":
         pruned = kept.new_zeros(*kept.shape[:-1], 1)
         if differentiable:
@@ -237,8 +251,12 @@ def read_values(store, out: torch.Tensor | None = None, scratch: ReadScratch | N
         return kept.new_empty(*kept.shape[:-1], head_dim) if out is None else out
     if out is not None and triton_read.usable(kept):
         return triton_read.read_channels(store, None, out, mode="values")
-    keep, tables = kept.shape[-1], _tables(head_dim, kept.shape[-1], kept.device)
     scratch = scratch or ReadScratch()
+    if not differentiable and (chunk := _token_chunks(store)):
+        for start in range(0, kept.shape[2], chunk):
+            read_values(store.token_range(start, start + chunk), out[:, :, start : start + chunk], scratch)
+        return out
+    keep, tables = kept.shape[-1], _tables(head_dim, kept.shape[-1], kept.device)
     positions = _positions(store, tables, "value", scratch)
     if differentiable:
         return torch.gather(torch.cat([kept, store.fill.unsqueeze(-1)], -1), -1, positions)
