@@ -41,6 +41,9 @@ Usage:
         --embedding-max-length 256 --eval-batch 16 --overhead-repeats 5 --output-name experts-overhead   # speed only
     python scripts/bench_experts.py --routing-probe --train-per-task 100 --test-per-task 100 \
         --output-name experts-routing   # why the default embedding block and prompt length (no training)
+    python scripts/bench_experts.py --train-per-task 100 --test-per-task 100 --steps 64 --batch-size 8 --seq-len 256 \
+        --embedding-max-length 256 --squad-new-tokens 16 --eval-batch 16 --variants lora-all experts-routed \
+        experts-warm --skip-overhead --output-name experts-warm   # the shared warm start against both (~35 min)
     python scripts/bench_experts.py --quick --output-name experts-smoke   # tiny model, to check the script
     python scripts/bench_experts.py --render experts
 """
@@ -276,6 +279,8 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--shared-warmup", type=float, default=0.5,
                         help="experts-warm: fraction of --steps trained on all data before the experts split")
+    parser.add_argument("--skip-overhead", action="store_true",
+                        help="do not time generation (e.g. while the machine is shared; experts-overhead.md holds it)")
     parser.add_argument("--overhead-only", action="store_true",
                         help="train the routed experts and time generation only (speed does not depend on how long "
                              "the experts trained); pair with --output-name experts-overhead")
@@ -373,7 +378,7 @@ def main() -> None:
             entry["kept"] = len(train)
             entry["routing_accuracy"] = statistics.fmean(e == mapping[row["task"]] for e, row in zip(experts, test))
             entry["cluster_tasks"] = _cluster_tasks(router, train)
-            if variant == "experts-routed":
+            if variant == "experts-routed" and not args.skip_overhead:
                 entry["generation_overhead"] = generation_overhead(router, tokenizer, test, args)
         if router is not None and variant != "experts-oracle":
             entry["training"] = {k: router.info["training"][k] for k in ("total_steps", "train_seconds")}
