@@ -167,10 +167,10 @@ def _positions(store, tables: _Tables, kind: str, scratch: ReadScratch) -> torch
     return positions.view(*lead, groups * 8)[..., :head_dim]
 
 
-def _source(kept: torch.Tensor, width: int, scratch: ReadScratch | None) -> torch.Tensor:
-    """An uninitialised ``(..., width)`` row per token with the kept values copied into its start."""
+def _source(kept: torch.Tensor, width: int, scratch: ReadScratch) -> torch.Tensor:
+    """A ``(..., width)`` row per token in the scratch, the kept values copied into its start (the rest unset)."""
     shape = (*kept.shape[:-1], width)
-    source = kept.new_empty(shape) if scratch is None else scratch.take("source", math.prod(shape), kept.dtype, kept.device).view(shape)
+    source = scratch.take("source", math.prod(shape), kept.dtype, kept.device).view(shape)
     source[..., : kept.shape[-1]].copy_(kept)
     return source
 
@@ -209,23 +209,23 @@ def read_keys(store, qbar: torch.Tensor | None, out: torch.Tensor | None = None,
             read_keys(store.token_range(start, start + chunk), qbar, out[:, :, start : start + chunk], scratch)
         return out
     keep, tables = kept.shape[-1], _tables(head_dim, kept.shape[-1], kept.device)
-    if mode == "zeros":
-        pruned = kept.new_zeros(*kept.shape[:-1], 1)
+    if mode == "zeros":  # pruned channels all point at one zero after the kept values
+        positions = _positions(store, tables, "value", scratch)
         if differentiable:
-            return torch.gather(torch.cat([kept, pruned], -1), -1, _positions(store, tables, "value", scratch))
+            return torch.gather(torch.nn.functional.pad(kept, (0, 1)), -1, positions)
         source = _source(kept, keep + 1, scratch)
-        source[..., keep:] = 0
-        return torch.gather(source, -1, _positions(store, tables, "value", scratch), out=out)
+        source[..., keep] = 0
+        return torch.gather(source, -1, positions, out=out)
     *lead, sign_bytes = store.sign_bits.shape
     signs = tables.signs.to(kept.dtype).index_select(0, store.sign_bits.reshape(-1).int())
     signs = signs.view(*lead, sign_bytes * 8)[..., : head_dim - keep]
     positions = _positions(store, tables, "key", scratch)
     if differentiable:
         rebuilt = torch.gather(torch.cat([kept, signs * store.fill.unsqueeze(-1)], -1), -1, positions)
-    else:
+    else:  # rebuilt in place in `out`, divided below
         source = _source(kept, head_dim, scratch)
         torch.mul(signs, store.fill.unsqueeze(-1), out=source[..., keep:])
-        rebuilt = torch.gather(source, -1, positions, out=out)
+        torch.gather(source, -1, positions, out=out)
     # Divisor per channel: 1 where kept, sqrt(qbar) where pruned; looked up per (batch, head), group and byte.
     batch, heads, groups = qbar.shape[0], qbar.shape[1], tables.groups
     root = torch.nn.functional.pad(qbar.float().clamp_min(QBAR_FLOOR).sqrt(), (0, groups * 8 - head_dim), value=1.0)
