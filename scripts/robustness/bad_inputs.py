@@ -391,14 +391,47 @@ def _caches() -> list[Case]:
         ("token_budget=8", lambda: SparKCache(config(), token_budget=8), ["token_budget"]),
         ("token_budget=40.5", lambda: SparKCache(config(), token_budget=40.5), ["token_budget"]),
         ("recovery='yes'", lambda: SparKCache(config(), recovery="yes"), ["recovery"]),
+        ("compression_interval=0", lambda: SparKCache(config(), compression_interval=0), ["compression_interval"]),
+        ("compression_interval=2.5", lambda: SparKCache(config(), compression_interval=2.5), ["compression_interval"]),
         ("StructuredChannelCache channel_ratio=2", lambda: StructuredChannelCache(config(), channel_ratio=2),
          ["channel_ratio"]),
         ("install_query_capture(model)", lambda: install_query_capture(_fresh()[0]), ["config"]),
         ("ChannelPrunedLayer num_kv_heads=0", lambda: ChannelPrunedLayer(0.5, num_kv_heads=0, head_dim=16),
          ["num_kv_heads"]),
     ]
-    valid = [("SparKCache ratio 0, recent_window 0", lambda: SparKCache(config(), channel_ratio=0.0, recent_window=0))]
+    valid = [("SparKCache ratio 0, recent_window 0", lambda: SparKCache(config(), channel_ratio=0.0, recent_window=0)),
+             ("SparKCache compression_interval 1", lambda: SparKCache(config(), compression_interval=1))]
     return [Case("cache", n, c, names) for n, c, names in bad] + [Case("cache", n, c, valid=True) for n, c in valid]
+
+
+def _experts() -> list[Case]:
+    from hf_compress.experts import ExpertConfig, select_data, train_experts
+    from hf_compress.training import TrainingSettings
+
+    rows = [{"prompt": f"Question {i}?", "completion": f" answer {i}"} for i in range(6)]
+
+    def train(config: ExpertConfig, **kwargs: Any) -> Callable[[], Any]:
+        def call():
+            model, tokenizer = _fresh()
+            return train_experts(model, rows, config, args=TrainingSettings(max_steps=2, use_cpu=True),
+                                 tokenizer=tokenizer, **kwargs)
+        return call
+
+    bad = [
+        ("ExpertConfig num_experts=0", lambda: ExpertConfig(num_experts=0), ["num_experts"]),
+        ("ExpertConfig r=0", lambda: ExpertConfig(r=0), ["r"]),
+        ("ExpertConfig shared_warmup=1.0", lambda: ExpertConfig(shared_warmup=1.0), ["shared_warmup"]),
+        ("ExpertConfig shared_warmup=-0.1", lambda: ExpertConfig(shared_warmup=-0.1), ["shared_warmup"]),
+        ("ExpertConfig unknown field", lambda: ExpertConfig.from_dict({"experts": 4}), ["experts"]),
+        ("select_data budget=0", lambda: select_data(rows, _fresh()[0], 0.0, tokenizer=_fresh()[1]), ["budget"]),
+        ("select_data budget=1.5", lambda: select_data(rows, _fresh()[0], 1.5, tokenizer=_fresh()[1]), ["budget"]),
+        ("train_experts more experts than examples", train(ExpertConfig(num_experts=7)), ["num_experts"]),
+        ("train_experts an empty cluster", train(ExpertConfig(num_experts=3), clusters=[0, 0, 2, 2, 0, 2]), ["empty"]),
+        ("train_experts clusters of the wrong length", train(ExpertConfig(num_experts=2), clusters=[0, 1]),
+         ["clusters"]),
+        ("train_experts config=dict", train({"num_experts": 2}), ["ExpertConfig"]),
+    ]
+    return [Case("experts", n, c, names) for n, c, names in bad]
 
 
 def _evaluation() -> list[Case]:
@@ -613,6 +646,7 @@ def cases(workdir: pathlib.Path) -> list[Case]:
         *_quantization(),
         *_speculative(),
         *_caches(),
+        *_experts(),
         *_evaluation(),
         *_hub(workdir),
         *_assets(workdir),
