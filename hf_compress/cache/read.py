@@ -117,18 +117,18 @@ def _tables(head_dim: int, keep: int, device: torch.device) -> _Tables:
 def _build_tables(head_dim: int, keep: int, device: torch.device) -> _Tables:
     # Built on the CPU (small), then moved to the store's device once.
     groups = math.ceil(head_dim / 8)
-    bits = (torch.arange(256).unsqueeze(-1) >> torch.arange(8)) & 1  # bit j of byte b
+    bits = (torch.arange(256, device="cpu").unsqueeze(-1) >> torch.arange(8, device="cpu")) & 1  # bit j of byte b
     kept = bits.bool().view(256, 1, 8)
     kept_up_to = bits.cumsum(-1).view(256, 1, 8)
-    pruned_before = (torch.arange(8) - bits.cumsum(-1) + bits).view(256, 1, 8)
-    before_kept = torch.arange(keep + 1).view(1, -1, 1)
+    pruned_before = (torch.arange(8, device="cpu") - bits.cumsum(-1) + bits).view(256, 1, 8)
+    before_kept = torch.arange(keep + 1, device="cpu").view(1, -1, 1)
     kept_at = before_kept + kept_up_to - 1  # (256, keep + 1, 8)
     key = None
     if groups * 256 * (keep + 1) * 8 <= _COMBINED_TABLE_ENTRIES:
-        pruned_at = keep + 8 * torch.arange(groups).view(-1, 1, 1, 1) - before_kept + pruned_before
+        pruned_at = keep + 8 * torch.arange(groups, device="cpu").view(-1, 1, 1, 1) - before_kept + pruned_before
         # Rows with u > 8 g never occur; clamping keeps their (unused) entries inside the row.
         key = torch.where(kept, kept_at, pruned_at).clamp_(0, head_dim - 1).reshape(-1, 8)
-    before_pruned = torch.arange(head_dim - keep + 1).view(1, -1, 1)
+    before_pruned = torch.arange(head_dim - keep + 1, device="cpu").view(1, -1, 1)
     tables = _Tables(
         groups=groups,
         popcount=bits.sum(-1).int(),
