@@ -40,7 +40,10 @@ Usage:
     python scripts/bench_experts.py --overhead-only --train-per-task 100 --test-per-task 100 --steps 8 --batch-size 8 \
         --embedding-max-length 256 --eval-batch 16 --overhead-repeats 5 --output-name experts-overhead   # speed only
     python scripts/bench_experts.py --routing-probe --train-per-task 100 --test-per-task 100 \
-        --output-name experts-routing   # why the default embedding block and prompt length (no training)
+        --probe-layers 3 4 5 6 7 14 22 --output-name experts-routing   # embedding block and prompt length (no training)
+    python scripts/bench_experts.py --overhead-only --train-per-task 100 --test-per-task 100 --steps 8 --batch-size 8 \
+        --seq-len 256 --embedding-layer 4 --embedding-max-length 128 --eval-batch 16 --overhead-tokens 32 \
+        --overhead-repeats 5 --output-name experts-overhead-block4   # a cheaper routing embedding, timed
     python scripts/bench_experts.py --train-per-task 100 --test-per-task 100 --steps 64 --batch-size 8 --seq-len 256 \
         --embedding-max-length 256 --squad-new-tokens 16 --eval-batch 16 --variants lora-all experts-routed \
         experts-warm --skip-overhead --output-name experts-warm   # the shared warm start against both (~35 min)
@@ -272,6 +275,8 @@ def main() -> None:
     parser.add_argument("--r", type=int, default=8)
     parser.add_argument("--budget", type=float, default=0.2)
     parser.add_argument("--embedding-max-length", type=int, default=48)
+    parser.add_argument("--embedding-layer", type=int, default=None,
+                        help="decoder block the routing embedding is pooled from (default: ExpertConfig's, n // 4)")
     parser.add_argument("--squad-new-tokens", type=int, default=8)
     parser.add_argument("--eval-batch", type=int, default=3)
     parser.add_argument("--overhead-tokens", type=int, default=32)
@@ -306,7 +311,7 @@ def main() -> None:
         tokenizer.pad_token = tokenizer.eos_token
     train, test = split_tasks(args.train_per_task, args.test_per_task, args.seed)
     settings["examples"] = {"train": len(train), "test": len(test)}
-    config = ExpertConfig(num_experts=args.experts, r=args.r, seq_len=args.seq_len,
+    config = ExpertConfig(num_experts=args.experts, r=args.r, seq_len=args.seq_len, embedding_layer=args.embedding_layer,
                           embedding_max_length=args.embedding_max_length, seed=0)
     single = ExpertConfig(num_experts=1, r=args.r, seq_len=args.seq_len, seed=0)
     training = TrainingSettings(max_steps=args.steps, per_device_batch_size=args.batch_size,
