@@ -417,14 +417,20 @@ def _experts() -> list[Case]:
                                  tokenizer=tokenizer, **kwargs)
         return call
 
+    def select(budget: float) -> Callable[[], Any]:
+        def call():
+            model, tokenizer = _fresh()
+            return select_data(rows, model, budget, tokenizer=tokenizer)
+        return call
+
     bad = [
         ("ExpertConfig num_experts=0", lambda: ExpertConfig(num_experts=0), ["num_experts"]),
         ("ExpertConfig r=0", lambda: ExpertConfig(r=0), ["r"]),
         ("ExpertConfig shared_warmup=1.0", lambda: ExpertConfig(shared_warmup=1.0), ["shared_warmup"]),
         ("ExpertConfig shared_warmup=-0.1", lambda: ExpertConfig(shared_warmup=-0.1), ["shared_warmup"]),
         ("ExpertConfig unknown field", lambda: ExpertConfig.from_dict({"experts": 4}), ["experts"]),
-        ("select_data budget=0", lambda: select_data(rows, _fresh()[0], 0.0, tokenizer=_fresh()[1]), ["budget"]),
-        ("select_data budget=1.5", lambda: select_data(rows, _fresh()[0], 1.5, tokenizer=_fresh()[1]), ["budget"]),
+        ("select_data budget=0", select(0.0), ["budget"]),
+        ("select_data budget=1.5", select(1.5), ["budget"]),
         ("train_experts more experts than examples", train(ExpertConfig(num_experts=7)), ["num_experts"]),
         ("train_experts an empty cluster", train(ExpertConfig(num_experts=3), clusters=[0, 0, 2, 2, 0, 2]), ["empty"]),
         ("train_experts clusters of the wrong length", train(ExpertConfig(num_experts=2), clusters=[0, 1]),
