@@ -34,19 +34,20 @@ taken round-robin over the tasks, with the router (routing forward + mixed batch
 Usage:
     python scripts/bench_experts.py                 # the settings below, sized for a shared 2-core CPU
     python scripts/bench_experts.py --train-per-task 200 --test-per-task 99 --steps 400 --batch-size 8 \
-        --seq-len 256 --embedding-max-length 256 --squad-new-tokens 16 --eval-batch 16   # the full protocol
+        --seq-len 256 --embedding-max-length 128 --squad-new-tokens 16 --eval-batch 16   # the full protocol
     python scripts/bench_experts.py --train-per-task 100 --test-per-task 100 --steps 64 --batch-size 8 --seq-len 256 \
-        --embedding-max-length 256 --squad-new-tokens 16 --eval-batch 16 --overhead-repeats 5   # committed (~50 min)
+        --embedding-max-length 128 --squad-new-tokens 16 --eval-batch 16 --overhead-repeats 5   # committed (~50 min)
     python scripts/bench_experts.py --overhead-only --train-per-task 100 --test-per-task 100 --steps 8 --batch-size 8 \
-        --embedding-max-length 256 --eval-batch 16 --overhead-repeats 5 --output-name experts-overhead   # speed only
+        --embedding-layer 7 --embedding-max-length 256 --eval-batch 16 --overhead-repeats 5 \
+        --output-name experts-overhead   # speed only, with the earlier default embedding (block 7, 256 tokens)
     python scripts/bench_experts.py --routing-probe --train-per-task 100 --test-per-task 100 \
         --probe-layers 3 4 5 6 7 14 22 --output-name experts-routing   # embedding block and prompt length (no training)
     python scripts/bench_experts.py --overhead-only --train-per-task 100 --test-per-task 100 --steps 8 --batch-size 8 \
         --seq-len 256 --embedding-layer 4 --embedding-max-length 128 --eval-batch 16 --overhead-tokens 32 \
-        --overhead-repeats 5 --output-name experts-overhead-block4   # a cheaper routing embedding, timed
+        --overhead-repeats 5 --output-name experts-overhead-block4   # the default embedding (block 4, 128), timed
     python scripts/bench_experts.py --train-per-task 100 --test-per-task 100 --steps 64 --batch-size 8 --seq-len 256 \
-        --embedding-max-length 256 --squad-new-tokens 16 --eval-batch 16 --variants lora-all experts-routed \
-        experts-warm --skip-overhead --output-name experts-warm   # the shared warm start against both (~35 min)
+        --embedding-layer 7 --embedding-max-length 256 --squad-new-tokens 16 --eval-batch 16 --variants lora-all \
+        experts-routed experts-warm --skip-overhead --output-name experts-warm   # the shared warm start (~35 min)
     python scripts/bench_experts.py --quick --output-name experts-smoke   # tiny model, to check the script
     python scripts/bench_experts.py --render experts
 """
@@ -276,7 +277,7 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=0.2)
     parser.add_argument("--embedding-max-length", type=int, default=48)
     parser.add_argument("--embedding-layer", type=int, default=None,
-                        help="decoder block the routing embedding is pooled from (default: ExpertConfig's, n // 4)")
+                        help="decoder block the routing embedding is pooled from (default: ExpertConfig's, round(n / 8))")
     parser.add_argument("--squad-new-tokens", type=int, default=8)
     parser.add_argument("--eval-batch", type=int, default=3)
     parser.add_argument("--overhead-tokens", type=int, default=32)
@@ -457,10 +458,10 @@ def markdown(payload: dict[str, Any]) -> str:
                      f"Kept per task: {fl['tasks']}.")
         lines.append("")
     full = {"train_per_task": 200, "test_per_task": 99, "steps": 400, "batch_size": 8, "seq_len": 256,
-            "embedding_max_length": 256, "squad_new_tokens": 16}
+            "embedding_max_length": 128, "squad_new_tokens": 16}
     shrunk = [f"{k.replace('_', '-')} {settings[k]} (full: {v})" for k, v in full.items() if settings.get(k, v) < v]
     full_command = ("`python scripts/bench_experts.py --train-per-task 200 --test-per-task 99 --steps 400 "
-                    "--batch-size 8 --seq-len 256 --embedding-max-length 256 --squad-new-tokens 16 --eval-batch 16`")
+                    "--batch-size 8 --seq-len 256 --embedding-max-length 128 --squad-new-tokens 16 --eval-batch 16`")
     if shrunk and (settings["steps"] < 20 or settings["test_per_task"] < 50):
         lines.append("**Scale.** Sized for a shared 2-core CPU, this run is a smoke test of the protocol, not a "
                      "measurement of the targets: " + ", ".join(shrunk) + ". With so few steps the LoRA updates "
@@ -489,7 +490,7 @@ def _overhead_markdown(settings: dict[str, Any], results: dict[str, Any]) -> str
              f"of {settings['examples']['train']} instruction examples for {training.get('total_steps', '?')} steps in "
              "all: speed does not depend on how far they trained, so this run only trains them briefly and times "
              "greedy generation. Routing embeds each prompt with the base model's first blocks (up to block "
-             f"{settings.get('embedding_layer', 'n // 4')}, at most {settings['embedding_max_length']} tokens).", "",
+             f"{settings.get('embedding_layer', 'round(n / 8)')}, at most {settings['embedding_max_length']} tokens).", "",
              _overhead_line(results["generation_overhead"]), ""]
     return "\n".join(lines + _target_lines(results)) + "\n"
 
@@ -500,7 +501,7 @@ def _routing_markdown(settings: dict[str, Any], results: dict[str, Any]) -> str:
              f"embedded (mean of one decoder block's output over the first N prompt tokens), clustered by k-means "
              f"(K={settings['experts']}, the experts' clustering); purity: the share of training prompts in their "
              f"task's majority cluster; routing: the share of the {settings['examples']['test']} test queries sent "
-             "to that cluster. The default is block n // 4 (7 of SmolLM2's 30) and 256 tokens.", "",
+             "to that cluster. The default is block round(n / 8) (4 of SmolLM2's 30) and 128 tokens.", "",
              "| block | prompt tokens | purity | routing accuracy |", "|---|---|---|---|"]
     for row in results["routing_probe"]:
         lines.append(f"| {row['layer']} | {row['max_length']} | {row['purity']:.1%} | {row['routing_accuracy']:.1%} |")

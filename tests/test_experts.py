@@ -29,7 +29,7 @@ from hf_compress.experts import (
     select_indices,
 )
 from hf_compress.experts.clustering import assign, kmeans
-from hf_compress.experts.embedding import EmbeddingSpec, embed_batch
+from hf_compress.experts.embedding import EmbeddingSpec, default_embedding_layer, embed_batch
 from hf_compress.experts import training as training_module
 from hf_compress.experts.training import split_steps, train_experts
 from hf_compress.training import TrainingSettings
@@ -148,6 +148,11 @@ def test_split_steps_and_packing():
     # the loss is on completions and EOS only: 2 x (2 completion bytes + EOS)
     assert sum(label != -100 for label in labels) == 6
     assert tokenizer.decode([i for i, label in zip(ids, labels) if label != -100 and i != tokenizer.eos_token_id]) in ("cdgh", "ghcd")
+
+
+@pytest.mark.parametrize(("blocks", "layer"), [(1, 0), (2, 0), (3, 0), (4, 1), (18, 2), (30, 4), (32, 4), (36, 5)])
+def test_default_embedding_layer_is_an_eighth_of_the_way_up(blocks, layer):
+    assert default_embedding_layer(blocks) == layer
 
 
 def test_embedding_ignores_padding_side():

@@ -5,12 +5,13 @@ installable from PyPI ships its weights inside the package (sentence-transformer
 fastembed all fetch weights from the Hub on first use). The base model is on hand, reads the prompts
 exactly as the experts will, and routing with it needs no second model in memory.
 
-An embedding is the mean, over the prompt's tokens, of the output of one decoder block (by default the
-one a quarter of the way up; only the blocks up to it run, so routing a batch costs about a quarter of a
-prefill). On SmolLM2-135M's eight-task mix that block also separated the tasks best: k-means (K=4) put
-94% of the training prompts in their task's majority cluster at block 7 of 30, against 85% at the middle
-block and 84% at block 22, and routed 93% of test queries there (83-90% at block 3, 14 or 22, or with
-the first 64 or 128 tokens only; ``bench/results/experts-routing.md``). Raw pooled
+An embedding is the mean, over the first 128 prompt tokens, of the output of one decoder block (by
+default the one an eighth of the way up; only the blocks up to it run, so routing a batch costs about an
+eighth of a prefill). On SmolLM2-135M's eight-task mix that early block separates the tasks as well as
+any: k-means (K=4) put 93% of the training prompts in their task's majority cluster at block 4 of 30
+with 128 tokens and routed 93% of test queries there, as block 7 did with 256 tokens, against 84-86% at
+the middle block or block 22 (``bench/results/experts-routing.md``); the routing forward then adds 7%
+to a 32-token generation instead of 13% (``bench/results/experts-overhead-block4.md``). Raw pooled
 states of a decoder LM share one large common direction and a few huge "massive activation" channels,
 which would dominate cosine similarities; :class:`EmbeddingSpace` therefore standardises each channel
 with the training set's mean and standard deviation before L2-normalising, and the router stores them.
@@ -29,7 +30,17 @@ from ..modeling.layers import find_decoder_blocks
 from ..utils import check_int
 
 
-__all__ = ["EmbeddingSpace", "EmbeddingSpec", "embed_batch", "embed_texts"]
+__all__ = ["EmbeddingSpace", "EmbeddingSpec", "default_embedding_layer", "embed_batch", "embed_texts"]
+
+
+def default_embedding_layer(num_blocks: int) -> int:
+    """The decoder block an eighth of the way up, rounded half up: 4 of 30, 2 of 18, 0 of 2 or 3.
+
+    Example:
+        >>> default_embedding_layer(30)
+        4
+    """
+    return min(num_blocks - 1, (num_blocks + 4) // 8)
 
 
 @dataclass(frozen=True)
@@ -39,20 +50,20 @@ class EmbeddingSpec:
     Example:
         >>> from hf_compress.assets import tiny_model
         >>> EmbeddingSpec.for_model(tiny_model("llama")[0])
-        EmbeddingSpec(layer=0, max_length=256, pooling='mean')
+        EmbeddingSpec(layer=0, max_length=128, pooling='mean')
     """
 
     layer: int
-    max_length: int = 256
+    max_length: int = 128
     pooling: str = "mean"
 
     @classmethod
-    def for_model(cls, model: nn.Module, layer: int | None = None, max_length: int = 256) -> EmbeddingSpec:
-        """The spec for ``model``: block ``layer`` or, with ``None``, the block a quarter of the way up
-        (index ``n // 4``: block 7 of SmolLM2's 30, block 0 of a 2-block test model)."""
+    def for_model(cls, model: nn.Module, layer: int | None = None, max_length: int = 128) -> EmbeddingSpec:
+        """The spec for ``model``: block ``layer`` or, with ``None``, the block an eighth of the way up
+        (index ``round(n / 8)``: block 4 of SmolLM2's 30, block 0 of a 2-block test model)."""
         _, blocks = find_decoder_blocks(model)
         if layer is None:
-            layer = len(blocks) // 4
+            layer = default_embedding_layer(len(blocks))
         check_int("embedding_layer", layer, minimum=0, maximum=len(blocks) - 1,
                   hint=f"The model has {len(blocks)} decoder blocks.")
         return cls(layer=layer, max_length=check_int("embedding_max_length", max_length, minimum=1))

@@ -153,7 +153,7 @@ def select_data(
     method: str = "facility_location",
     seed: int = 0,
     embedding_layer: int | None = None,
-    embedding_max_length: int = 256,
+    embedding_max_length: int = 128,
     batch_size: int = 16,
     embeddings: torch.Tensor | None = None,
     return_report: bool = False,
