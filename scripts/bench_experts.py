@@ -277,7 +277,7 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=0.2)
     parser.add_argument("--embedding-max-length", type=int, default=48)
     parser.add_argument("--embedding-layer", type=int, default=None,
-                        help="decoder block the routing embedding is pooled from (default: ExpertConfig's, round(n / 8))")
+                        help="decoder block the routing embedding is pooled from (default: ExpertConfig's, (n + 4) // 8)")
     parser.add_argument("--squad-new-tokens", type=int, default=8)
     parser.add_argument("--eval-batch", type=int, default=3)
     parser.add_argument("--overhead-tokens", type=int, default=32)
@@ -490,7 +490,7 @@ def _overhead_markdown(settings: dict[str, Any], results: dict[str, Any]) -> str
              f"of {settings['examples']['train']} instruction examples for {training.get('total_steps', '?')} steps in "
              "all: speed does not depend on how far they trained, so this run only trains them briefly and times "
              "greedy generation. Routing embeds each prompt with the base model's first blocks (up to block "
-             f"{settings.get('embedding_layer', 'round(n / 8)')}, at most {settings['embedding_max_length']} tokens).", "",
+             f"{settings.get('embedding_layer', '(n + 4) // 8')}, at most {settings['embedding_max_length']} tokens).", "",
              _overhead_line(results["generation_overhead"]), ""]
     return "\n".join(lines + _target_lines(results)) + "\n"
 
@@ -501,7 +501,7 @@ def _routing_markdown(settings: dict[str, Any], results: dict[str, Any]) -> str:
              f"embedded (mean of one decoder block's output over the first N prompt tokens), clustered by k-means "
              f"(K={settings['experts']}, the experts' clustering); purity: the share of training prompts in their "
              f"task's majority cluster; routing: the share of the {settings['examples']['test']} test queries sent "
-             "to that cluster. The default is block round(n / 8) (4 of SmolLM2's 30) and 128 tokens.", "",
+             "to that cluster. The default is block (n + 4) // 8 (4 of SmolLM2's 30) and 128 tokens.", "",
              "| block | prompt tokens | purity | routing accuracy |", "|---|---|---|---|"]
     for row in results["routing_probe"]:
         lines.append(f"| {row['layer']} | {row['max_length']} | {row['purity']:.1%} | {row['routing_accuracy']:.1%} |")

@@ -24,7 +24,7 @@ class ExpertConfig:
             layer but the output head).
         seq_len: Token length of the packed training windows.
         embedding_layer: Decoder block whose output is pooled into the routing embedding; ``None`` = the
-            block an eighth of the way up (index ``round(n / 8)``, 4 of SmolLM2's 30: it separated tasks as
+            block an eighth of the way up (index ``(n + 4) // 8``, 4 of SmolLM2's 30: it separated tasks as
             well as later blocks in our measurements and is cheap). Only the blocks up to it run when a
             batch is routed.
         embedding_max_length: Prompt tokens embedded (the first ones; longer prompts are cut).

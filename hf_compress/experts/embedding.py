@@ -60,7 +60,7 @@ class EmbeddingSpec:
     @classmethod
     def for_model(cls, model: nn.Module, layer: int | None = None, max_length: int = 128) -> EmbeddingSpec:
         """The spec for ``model``: block ``layer`` or, with ``None``, the block an eighth of the way up
-        (index ``round(n / 8)``: block 4 of SmolLM2's 30, block 0 of a 2-block test model)."""
+        (index ``(n + 4) // 8``: block 4 of SmolLM2's 30, block 0 of a 2-block test model)."""
         _, blocks = find_decoder_blocks(model)
         if layer is None:
             layer = default_embedding_layer(len(blocks))
