@@ -18,6 +18,9 @@ Usage:
     python scripts/bench_permutation.py                          # the CPU-sized run (about 60 min on 2 quiet cores)
     python scripts/bench_permutation.py --calibration-sequences 128 --seq-len 512 --max-windows 64 \\
         --train-seconds 2700 --patterns 2:4 4:8 --zero-shot-limit 500   # the issue's full setting
+    python scripts/bench_permutation.py --pruners wanda --permutations none ria swap --calibration-sequences 128 \
+        --seq-len 512 --max-windows 64 --swap-seconds 480 --zero-shot-tasks arc_easy piqa hellaswag \
+        --zero-shot-limit 500 --output-name permutation-wanda-full   # Wanda at the issue's protocol (~30 min)
     python scripts/bench_permutation.py --quick                  # tiny model, smoke run
     python scripts/bench_permutation.py --render permutation     # rebuild permutation.md from permutation.json
 """
