@@ -21,6 +21,8 @@ Usage:
     python scripts/bench_permutation.py --pruners wanda --permutations none ria swap --calibration-sequences 128 \
         --seq-len 512 --max-windows 64 --swap-seconds 480 --zero-shot-tasks arc_easy piqa hellaswag \
         --zero-shot-limit 500 --output-name permutation-wanda-full   # Wanda at the issue's protocol (~30 min)
+    python scripts/bench_permutation.py --pruners sparsegpt --permutations none swap --calibration-sequences 128 \
+        --seq-len 512 --max-windows 64 --swap-seconds 480 --output-name permutation-sparsegpt-full   # (~13 min)
     python scripts/bench_permutation.py --quick                  # tiny model, smoke run
     python scripts/bench_permutation.py --render permutation     # rebuild permutation.md from permutation.json
 """
