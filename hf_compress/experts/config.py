@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..utils import check_bool, check_float, check_int, check_seed, check_str_list
+from .embedding import DEFAULT_EMBEDDING_TOKENS
 
 
 __all__ = ["ExpertConfig"]
@@ -51,7 +52,7 @@ class ExpertConfig:
     target_modules: list[str] | str = "all-linear"
     seq_len: int = 256
     embedding_layer: int | None = field(default=None, metadata={"type": int})  # CLI: --embedding-layer N
-    embedding_max_length: int = 128
+    embedding_max_length: int = DEFAULT_EMBEDDING_TOKENS
     kmeans_restarts: int = 4
     kmeans_iterations: int = 100
     split_steps: bool = True

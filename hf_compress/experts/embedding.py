@@ -30,7 +30,11 @@ from ..modeling.layers import find_decoder_blocks
 from ..utils import check_int
 
 
-__all__ = ["EmbeddingSpace", "EmbeddingSpec", "default_embedding_layer", "embed_batch", "embed_texts"]
+__all__ = ["DEFAULT_EMBEDDING_TOKENS", "EmbeddingSpace", "EmbeddingSpec", "default_embedding_layer", "embed_batch",
+           "embed_texts"]
+
+DEFAULT_EMBEDDING_TOKENS = 128
+"""Prompt tokens embedded by default (the first ones): the default of every ``embedding_max_length``."""
 
 
 def default_embedding_layer(num_blocks: int) -> int:
@@ -54,11 +58,12 @@ class EmbeddingSpec:
     """
 
     layer: int
-    max_length: int = 128
+    max_length: int = DEFAULT_EMBEDDING_TOKENS
     pooling: str = "mean"
 
     @classmethod
-    def for_model(cls, model: nn.Module, layer: int | None = None, max_length: int = 128) -> EmbeddingSpec:
+    def for_model(cls, model: nn.Module, layer: int | None = None,
+                  max_length: int = DEFAULT_EMBEDDING_TOKENS) -> EmbeddingSpec:
         """The spec for ``model``: block ``layer`` or, with ``None``, the block an eighth of the way up
         (index ``(n + 4) // 8``: block 4 of SmolLM2's 30, block 0 of a 2-block test model)."""
         _, blocks = find_decoder_blocks(model)

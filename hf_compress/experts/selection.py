@@ -27,7 +27,7 @@ import torch
 
 from ..utils import check_choice, check_float, check_int, check_seed, get_logger
 from .data import instruction_rows
-from .embedding import EmbeddingSpace, EmbeddingSpec, embed_texts
+from .embedding import DEFAULT_EMBEDDING_TOKENS, EmbeddingSpace, EmbeddingSpec, embed_texts
 
 
 __all__ = ["SELECTION_KEY", "SELECTION_METHODS", "SelectionReport", "coverage", "kept_count", "select_data",
@@ -153,7 +153,7 @@ def select_data(
     method: str = "facility_location",
     seed: int = 0,
     embedding_layer: int | None = None,
-    embedding_max_length: int = 128,
+    embedding_max_length: int = DEFAULT_EMBEDDING_TOKENS,
     batch_size: int = 16,
     embeddings: torch.Tensor | None = None,
     return_report: bool = False,
