@@ -36,7 +36,7 @@ def recipe(*steps: dict, **top) -> dict:
     (recipe({"prune": WANDA}, name="no spaces allowed"), "repo-style name"),
     (recipe({"distill": {"method": "kd"}}), "unknown step kind 'distill'; valid kinds: generation, heads, prune, quantize, route"),
     (recipe({"prune": WANDA, "quantize": DLQAT}), "one-key mapping"),
-    (recipe({"prune": {"method": "lottery"}}), "unknown method 'lottery'; valid methods: block_removal, magnitude, sds"),
+    (recipe({"prune": {"method": "lottery"}}), "unknown method 'lottery'; valid methods: block_pruner, block_removal, magnitude"),
     (recipe({"prune": {"sparsity": "2:4"}}), "step 1 (prune): missing 'method'"),
     (recipe({"prune": {**WANDA, "sparsty": 0.5}}), "step 1 (prune wanda): unknown key 'sparsty'; valid keys: batch_size"),
     (recipe({"prune": {**WANDA, "sparsity": "5:4"}}), "step 1 (prune wanda): sparsity must be"),

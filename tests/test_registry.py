@@ -65,7 +65,7 @@ def test_a_defined_pruner_is_known_everywhere(lowest_row_pruner, tmp_path, capsy
 
 
 def test_family_bases_are_not_registered_and_every_method_folder_is():
-    assert set(PRUNERS) == {"magnitude", "wanda", "sparsegpt", "sds", "tyr", "block_removal"}
+    assert set(PRUNERS) == {"magnitude", "wanda", "sparsegpt", "sds", "tyr", "block_removal", "sleb", "block_pruner"}
     assert "" not in PRUNERS and all(cls.config_class.method == name for name, cls in PRUNERS.items())
 
 

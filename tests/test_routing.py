@@ -260,6 +260,39 @@ def test_trainer_updates_only_the_router():
     assert routing_state(routed).schedule.search["training"]["steps"] == 3
 
 
+def test_router_training_keeps_the_best_router_on_held_out_windows(monkeypatch):
+    from hf_compress.routing.training import KeepBestRouter
+    from hf_compress.training import TrainingSettings, causal_lm_dataset
+
+    model, tokenizer = tiny_model("llama")
+    install_routing(model, RoutingSchedule([0.3, 0.5]), mode="router")
+    router = routing_state(model).router
+    data = causal_lm_dataset(["the quick brown fox jumps over the lazy dog " * 40], tokenizer, num_sequences=8, seq_len=24)
+    # The callback alone: the router with the lowest validation KL is the one restored at the end.
+    callback = KeepBestRouter(model, [data[0]], TokenRouterConfig(), every=1)
+    values = iter([0.5, 0.1, 0.9])
+    monkeypatch.setattr(callback, "validation_kl", lambda: next(values))
+    states = []
+    for step, event in enumerate(("on_train_begin", "on_step_end", "on_train_end")):
+        with torch.no_grad():
+            router.output.bias.fill_(float(step))
+        states.append(router.output.bias.item())
+        state = type("State", (), {"global_step": step, "max_steps": 5})()
+        getattr(callback, event)(None, state, None)
+    assert router.output.bias.item() == states[1] and callback.best[1] == 1
+    monkeypatch.undo()
+    # Through train_token_router: the last validation_windows rows are held out and measured at steps 0, 2 and 3.
+    settings = TrainingSettings(max_steps=3, learning_rate=1e-2, per_device_batch_size=1, use_cpu=True)
+    config = TokenRouterConfig(token_sparsity=0.4, validation_windows=2, validation_every=2)
+    train_token_router(model, routing_state(model).schedule, data, args=settings, config=config)
+    selection = routing_state(model).schedule.search["training"]["selection"]
+    assert [entry["step"] for entry in selection["history"]] == [0, 2, 3]
+    best = min(selection["history"], key=lambda entry: entry["validation_kl"])
+    assert selection["best_step"] == best["step"]
+    restored = KeepBestRouter(model, [data[6], data[7]], config, every=1).validation_kl()
+    assert restored == pytest.approx(best["validation_kl"], rel=1e-5)
+
+
 # --- bad input ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("value", [-0.1, 1.0, 1.5])

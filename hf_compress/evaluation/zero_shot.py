@@ -424,6 +424,7 @@ def evaluate_zero_shot(
     backend: str = "native",
     share_context: bool = True,
     progress: bool = True,
+    return_per_example: bool = False,
 ) -> dict[str, Any]:
     """Zero-shot multiple-choice accuracy of a causal LM on offline copies of the standard tasks.
 
@@ -439,6 +440,8 @@ def evaluate_zero_shot(
         backend: ``"native"`` or ``"lm_eval"`` (see :func:`loglikelihoods`).
         share_context: native backend: score all options of a question from one pass over its context.
         progress: show tqdm bars.
+        return_per_example: add ``per_example`` to every task: 1.0 / 0.0 per example for its metric of record, in
+            subset order (for paired differences between models scored on the same examples).
 
     Returns:
         ``{task: {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "metric", "score", "n", "limit",
@@ -474,6 +477,7 @@ def evaluate_zero_shot(
     check_choice("backend", backend, ("native", "lm_eval"))
     check_bool("share_context", share_context)
     check_bool("progress", progress)
+    check_bool("return_per_example", return_per_example)
     was_training = model.training
     model.eval()
     results: dict[str, Any] = {}
@@ -481,7 +485,8 @@ def evaluate_zero_shot(
         for task in tasks:
             task_limit = limit.get(task) if isinstance(limit, Mapping) else limit
             results[task] = _evaluate_task(
-                model, tokenizer, task, task_limit, seed, batch_size, backend, share_context, progress
+                model, tokenizer, task, task_limit, seed, batch_size, backend, share_context, progress,
+                return_per_example,
             )
     finally:
         model.train(was_training)
@@ -505,7 +510,7 @@ def evaluate_zero_shot(
 
 
 def _evaluate_task(
-    model, tokenizer, task, limit, seed, batch_size, backend, share_context, progress
+    model, tokenizer, task, limit, seed, batch_size, backend, share_context, progress, return_per_example=False
 ) -> dict[str, Any]:
     start = time.perf_counter()
     data = load_zero_shot_task(task, limit=limit, seed=seed)
@@ -544,6 +549,8 @@ def _evaluate_task(
         "seconds": round(time.perf_counter() - start, 2),
     }
     result["score"] = result[result["metric"]]
+    if return_per_example:
+        result["per_example"] = correct_norm if result["metric"] == "acc_norm" else correct
     logger.info(
         "%s: acc=%.4f acc_norm=%s n=%d (%.1fs)", task, result["acc"],
         "n/a" if result["acc_norm"] is None else f"{result['acc_norm']:.4f}", result["n"], result["seconds"],

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from .layers import find_decoder_blocks
+from .sublayers import ATTENTION_NAMES, remove_sublayers, removed_sublayers
 
 
 __all__ = [
@@ -51,7 +52,6 @@ __all__ = [
     "unit_channels",
 ]
 
-_ATTENTION_NAMES = ("self_attn", "attn", "attention")
 _OUTPUT_NAMES = ("o_proj", "out_proj", "dense")
 _FFN_LAYOUTS = (  # (module holding the FFN or "" for the block itself, input projections, output projection)
     ("mlp", ("gate_proj", "up_proj"), "down_proj"),
@@ -167,7 +167,7 @@ def block_structure(block: nn.Module) -> BlockStructure:
 
 
 def _find_attention(block: nn.Module) -> AttentionStructure:
-    for path in _ATTENTION_NAMES:
+    for path in ATTENTION_NAMES:
         module = getattr(block, path, None)
         if module is None:
             continue
@@ -302,18 +302,20 @@ def _sliced(
 
 
 def layer_widths(model: nn.Module) -> list[dict[str, int]]:
-    """``[{"key_value_heads": ..., "intermediate_size": ...}]`` per decoder block, as the model is now."""
+    """``[{"key_value_heads": ..., "intermediate_size": ...}]`` per decoder block, as the model is now (0 = that
+    sub-block is removed, ``modeling.sublayers``)."""
     _, blocks = find_decoder_blocks(model)
     widths = []
     for block in blocks:
-        structure = block_structure(block)
-        widths.append({"key_value_heads": structure.attention.num_units,
-                       "intermediate_size": structure.ffn.num_units})
+        removed = removed_sublayers(block)
+        widths.append({"key_value_heads": 0 if removed["attention"] else _find_attention(block).num_units,
+                       "intermediate_size": 0 if removed["mlp"] else _find_ffn(block).num_units})
     return widths
 
 
 def apply_layer_widths(model: nn.Module, widths: Sequence[dict[str, Any]]) -> None:
-    """Shrink every block to the recorded widths, keeping the first units (the loader's empty skeleton).
+    """Shrink every block to the recorded widths, keeping the first units (the loader's empty skeleton); a width of
+    0 removes that sub-block (``modeling.sublayers``).
 
     Raises:
         ValueError: the number of blocks differs, or a width exceeds what the architecture has.
@@ -332,9 +334,10 @@ def apply_layer_widths(model: nn.Module, widths: Sequence[dict[str, Any]]) -> No
         shrink_block(
             structure,
             # device="cpu": from_pretrained calls this under a meta-device context
-            kept_attention=torch.arange(kv_heads, device="cpu") if kv_heads < structure.attention.num_units else None,
-            kept_ffn=torch.arange(channels, device="cpu") if channels < structure.ffn.num_units else None,
+            kept_attention=torch.arange(kv_heads, device="cpu") if 0 < kv_heads < structure.attention.num_units else None,
+            kept_ffn=torch.arange(channels, device="cpu") if 0 < channels < structure.ffn.num_units else None,
         )
+        remove_sublayers(block, attention=kv_heads == 0, mlp=channels == 0)
 
 
 def decoder_parameter_count(model: nn.Module) -> int:

@@ -1,13 +1,15 @@
 """Pruning of Hugging Face causal LMs: magnitude, Wanda, SparseGPT and SDS behind one interface, plus
 structural pruning that makes models physically smaller: Týr-the-Pruner (``TyrPruner``: heads and FFN
-channels, per-layer widths found by supernet + search) and block removal (``BlockRemovalPruner``).
+channels, per-layer widths found by supernet + search) and whole blocks or sub-blocks removed
+(``BlockRemovalPruner`` = ShortGPT, ``SLEBPruner``, ``BlockPrunerPruner``).
 
 Every pruner loads like an Optimum class and prunes every linear layer of every decoder block
 (discovered from the model: Llama-style, GPT-2's ``Conv1D``, OPT, ...) to an unstructured ratio or an
 N:M pattern ("N:M" = at most N non-zeros in every M consecutive input weights of a row). Embeddings
 and ``lm_head`` are never pruned; more layers can be left dense with ``skip`` patterns.
 
-One folder per method (``magnitude/``, ``wanda/``, ``sparsegpt/``, ``sds/``, ``tyr/``, ``block_removal/``),
+One folder per method (``magnitude/``, ``wanda/``, ``sparsegpt/``, ``sds/``, ``tyr/``, ``block_removal/``,
+``sleb/``, ``block_pruner/``),
 each with its ``config.py`` and ``pruner.py``; the shared mechanisms (``base.py``, ``mask_pruner.py``,
 ``structural.py``, ``config.py``, ``masks.py``, ``storage.py``, ``registry.py``) live here once. Names load
 on first use: ``from hf_compress.pruning import WandaPruner`` imports Wanda's folder only, and any name a
@@ -55,6 +57,8 @@ _METHODS = {
     "SDSConfig": "sds", "SDSPruner": "sds",
     "TyrConfig": "tyr", "TyrPruner": "tyr",
     "BlockRemovalConfig": "block_removal", "BlockRemovalPruner": "block_removal",
+    "SLEBConfig": "sleb", "SLEBPruner": "sleb",
+    "BlockPrunerConfig": "block_pruner", "BlockPrunerPruner": "block_pruner",
 }
 
 

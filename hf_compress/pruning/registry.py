@@ -7,7 +7,7 @@ without a hand-kept list. Adding a method means adding a folder (``config.py``, 
 
 Example:
     >>> sorted(PRUNERS)
-    ['block_removal', 'magnitude', 'sds', 'sparsegpt', 'tyr', 'wanda']
+    ['block_pruner', 'block_removal', 'magnitude', 'sds', 'sleb', 'sparsegpt', 'tyr', 'wanda']
     >>> PRUNERS["wanda"].__name__
     'WandaPruner'
 """

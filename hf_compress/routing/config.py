@@ -2,7 +2,7 @@
 
 Confirmed by reviews of the paper (see ``shared/methods/token_router.md``): one router shared by all blocks, a
 2-layer MLP with hidden size 64, four input factors, equal loss weights. The rest is ours to choose and is
-marked *(ours)* below; the benchmark (``scripts/bench_router.py``) states which values it ran with.
+marked *(ours)* below; the benchmark (``scripts/bench_token_router.py``) states which values it ran with.
 """
 
 from __future__ import annotations
@@ -40,6 +40,9 @@ class TokenRouterConfig:
             skipped at every block is predicted from its embedding alone); what it preserves is the context those
             tokens give to the most recent ones — the continuation a prefill serves. Scoring every token (1.0) makes
             the search and the router chase the never-computed tokens instead.
+        validation_windows: held-out windows on which router training measures the routed model's tail KL to the
+            dense model, to keep the best router (the static starting point included); 0 turns selection off (ours: 8).
+        validation_every: steps between two such measurements (ours: 25).
         route_decode: route tokens fed after the prompt too (paper's decode variant, threshold 0.5 on the router's
             probability); off by default: decoded tokens are computed at every block.
         seed: seed of the search and of training.
@@ -65,6 +68,8 @@ class TokenRouterConfig:
     sparsity_weight: float = 1.0
     distill_weight: float = 1.0
     loss_tail: float = 0.25
+    validation_windows: int = 8
+    validation_every: int = 25
     route_decode: bool = False
     seed: int = 0
 
@@ -80,6 +85,8 @@ class TokenRouterConfig:
         for name in ("guide_weight", "sparsity_weight", "distill_weight"):
             check_float(name, getattr(self, name), low=0.0)
         check_float("loss_tail", self.loss_tail, low=0.0, high=1.0, low_open=True)
+        check_int("validation_windows", self.validation_windows, minimum=0)
+        check_int("validation_every", self.validation_every, minimum=1)
         check_bool("route_decode", self.route_decode)
         check_seed("seed", self.seed)
         if self.token_sparsity > self.max_block_sparsity:

@@ -389,6 +389,8 @@ def _routed_forward(block: nn.Module, state: RoutingState, sparsity: float, args
     computed = output[0] if isinstance(output, tuple) else output
     if logits is not None and state.collect is not None:
         probability = torch.sigmoid(logits).gather(1, keep)
+        # The always-kept first token is not the router's choice; its (often huge) update must not train it.
+        probability = torch.where(scores.gather(1, keep) == math.inf, probability.detach(), probability)
         gate = 1.0 + probability - probability.detach()  # 1 in the forward, the router's gradient in the backward
         computed = hidden_kept + gate[..., None].to(computed.dtype) * (computed - hidden_kept)
     if not bool(real.all()):

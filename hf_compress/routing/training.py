@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from transformers import TrainerCallback
 
 from ..training import TrainingSettings, train_with_trainer
 from ..utils import get_logger
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, TrainingArguments
 
 
-__all__ = ["RouterTrainingModule", "router_losses", "train_token_router"]
+__all__ = ["KeepBestRouter", "RouterTrainingModule", "router_losses", "train_token_router"]
 
 logger = get_logger(__name__)
 
@@ -83,14 +84,73 @@ class RouterTrainingModule(nn.Module):
             self.steps += 1
         guide_scale = max(0.0, 1.0 - self.steps / self.total_steps)
         losses = router_losses(collected, self.config, guide_scale)
-        log_teacher = torch.log_softmax(teacher, -1)
-        log_student = torch.log_softmax(student, -1)
-        kl = (log_teacher.exp() * (log_teacher - log_student)).sum(-1)
-        weight = _tail_weight(input_ids, attention_mask, self.config.loss_tail)
-        kl = (kl * weight).sum() / weight.sum().clamp(min=1)
-        losses["distill"] = self.config.distill_weight * kl
+        losses["distill"] = self.config.distill_weight * _tail_kl(teacher, student, input_ids, attention_mask,
+                                                                  self.config.loss_tail)
         self.last_losses = {name: float(value.detach()) for name, value in losses.items()}
         return {"loss": sum(losses.values())}
+
+
+def _tail_kl(teacher: torch.Tensor, student: torch.Tensor, input_ids: torch.Tensor,
+             attention_mask: torch.Tensor | None, tail: float) -> torch.Tensor:
+    """KL(teacher ‖ student) of the next-token distributions, averaged over the last ``tail`` of each row's tokens."""
+    log_teacher = torch.log_softmax(teacher, -1)
+    log_student = torch.log_softmax(student, -1)
+    kl = (log_teacher.exp() * (log_teacher - log_student)).sum(-1)
+    weight = _tail_weight(input_ids, attention_mask, tail)
+    return (kl * weight).sum() / weight.sum().clamp(min=1)
+
+
+class KeepBestRouter(TrainerCallback):
+    """Keeps the router state with the lowest held-out tail KL to the dense model, the starting (static) router
+    included, and restores it when training ends: training can then only improve on the static router as measured
+    on held-out windows, never silently make it worse."""
+
+    def __init__(self, model: PreTrainedModel, windows: list[dict[str, Any]], config: TokenRouterConfig,
+                 every: int) -> None:
+        """``windows``: dataset rows (``input_ids`` and optionally ``attention_mask``, lists or tensors)."""
+        self.windows = [{key: torch.as_tensor(value) for key, value in row.items()
+                         if key in ("input_ids", "attention_mask")} for row in windows]
+        self.model, self.config, self.every = model, config, max(1, every)
+        self.history: list[dict[str, float]] = []
+        self.best: tuple[float, int, dict[str, torch.Tensor]] | None = None
+
+    @torch.no_grad()
+    def validation_kl(self) -> float:
+        """Mean tail KL of the routed model (inference path: gathered blocks) on the held-out windows."""
+        total = 0.0
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for row in self.windows:
+                ids = row["input_ids"][None]
+                mask = row.get("attention_mask")
+                mask = mask[None] if mask is not None else None
+                with routing_disabled(self.model):
+                    teacher = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+                student = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+                total += float(_tail_kl(teacher, student, ids, mask, self.config.loss_tail))
+        finally:
+            self.model.train(was_training)
+        return total / len(self.windows)
+
+    def _check(self, step: int) -> None:
+        value = self.validation_kl()
+        self.history.append({"step": step, "validation_kl": value})
+        if self.best is None or value < self.best[0]:
+            router = routing_state(self.model).router
+            self.best = (value, step, {k: v.detach().clone() for k, v in router.state_dict().items()})
+        logger.info("router validation KL %.5f at step %d (best %.5f at step %d)", value, step, *self.best[:2])
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._check(0)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.every == 0 and state.global_step < state.max_steps:
+            self._check(state.global_step)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._check(state.global_step)
+        routing_state(self.model).router.load_state_dict(self.best[2])
 
 
 def _tail_weight(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, tail: float) -> torch.Tensor:
@@ -110,12 +170,17 @@ def train_token_router(
     args: TrainingSettings | TrainingArguments | None = None,
     config: TokenRouterConfig | None = None,
     output_dir: str | None = None,
+    eval_dataset: Dataset | None = None,
 ) -> PreTrainedModel:
     """Train the shared router of ``model`` routed by ``schedule``; the model's own weights stay frozen.
 
     Returns the same model, routed by the trained router (``routing_state(model).mode == "router"``), ready for
     ``generate()`` and ``save_routed`` / ``save_pretrained``. The run's numbers are kept in
     ``routing_state(model).schedule.search["training"]``.
+
+    Model selection (:class:`KeepBestRouter`): every ``config.validation_every`` steps, and before the first, the
+    routed model's tail KL to the dense model is measured on held-out windows (``eval_dataset``, or the last
+    ``config.validation_windows`` rows of ``dataset``, which are then not trained on); the best router is kept.
 
     Example:
         >>> from hf_compress.assets import tiny_model
@@ -139,17 +204,31 @@ def train_token_router(
     settings = args or TrainingSettings(max_steps=200, learning_rate=1e-3, per_device_batch_size=1, seed=config.seed)
     total_steps = settings.max_steps if hasattr(settings, "max_steps") and settings.max_steps > 0 else 1
     module = RouterTrainingModule(model, config, total_steps)
+    if eval_dataset is None and config.validation_windows and len(dataset) >= 2 * config.validation_windows:
+        held_out = len(dataset) - config.validation_windows
+        dataset, eval_dataset = dataset.select(range(held_out)), dataset.select(range(held_out, len(dataset)))
+    callbacks = []
+    if eval_dataset is not None and config.validation_windows:
+        windows = list(eval_dataset.select(range(min(len(eval_dataset), config.validation_windows))))
+        callbacks.append(KeepBestRouter(model, windows, config, config.validation_every))
+    else:
+        logger.info("router training without model selection (no held-out windows: pass eval_dataset or more rows)")
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
-        result = train_with_trainer(module, dataset, output_dir or scratch, settings)
+        result = train_with_trainer(module, dataset, output_dir or scratch, settings, callbacks=callbacks)
     model.requires_grad_(False)
     model.eval()
+    selection = None
+    if callbacks:
+        best = callbacks[0].best
+        selection = {"best_step": best[1], "best_validation_kl": best[0], "history": callbacks[0].history}
     schedule.search = {
         **schedule.search,
         "training": {
             "steps": result["global_step"], "seconds": round(time.perf_counter() - start, 2),
             "training_loss": result["training_loss"], "last_losses": module.last_losses,
             "router_parameters": sum(p.numel() for p in state.router.parameters()),
+            "selection": selection,
         },
     }
     logger.info("router trained: %s", schedule.search["training"])

@@ -1,0 +1,77 @@
+"""BlockPruner: attention and MLP sub-blocks removed by a greedy search on the calibration loss.
+
+Finer than removing whole blocks (ShortGPT, SLEB): a block may lose its attention and keep its MLP or the other
+way round. The candidates are every block's attention and MLP; each round of the shared search
+(``removal_search``) removes the one whose absence raises the calibration loss least, until the removed share of
+decoder parameters is nearest ``target_sparsity``. Removed sub-blocks become parameter-free stand-ins
+(``modeling.sublayers``) and are saved as widths of 0 in a slim checkpoint, which loads back with
+``AutoModelForCausalLM.from_pretrained`` after ``import hf_compress``.
+
+Example:
+    >>> pruner = BlockPrunerPruner.from_pretrained("tiny-llama")
+    >>> model = pruner.prune(BlockPrunerConfig(target_sparsity=0.4, num_calibration_sequences=2,
+    ...                      calibration_seq_len=16), ["calibration text " * 20], progress=False)
+    >>> sum(width["intermediate_size"] == 0 for width in pruner.report.layers)
+    1
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ...modeling import find_decoder_blocks
+from ...modeling.structure import decoder_parameter_count
+from ...modeling.sublayers import remove_sublayers, sublayer_name
+from ...utils import get_logger
+from ..removal_search import greedy_removal
+from ..structural import StructuralPruner
+from .config import BlockPrunerConfig
+
+
+__all__ = ["BlockPrunerPruner"]
+
+logger = get_logger(__name__)
+
+
+class BlockPrunerPruner(StructuralPruner):
+    """Delete the attention / MLP sub-blocks chosen by BlockPruner's greedy search (``BlockPrunerConfig``)."""
+
+    config_class = BlockPrunerConfig
+
+    def plan(self, config: BlockPrunerConfig) -> list[tuple[int, str, float]]:
+        """Every sub-block with its share of the decoder parameters; refuses models without separate modules."""
+        _, blocks = find_decoder_blocks(self.model)
+        total = decoder_parameter_count(self.model)
+        units = []
+        for index, block in enumerate(blocks):
+            for kind in ("attention", "mlp"):
+                module = getattr(block, sublayer_name(block, kind))
+                units.append((index, kind, sum(p.numel() for p in module.parameters()) / total))
+        return units
+
+    def calibrate(self, config: BlockPrunerConfig, plan: list, calibration_ids: torch.Tensor | None,
+                  progress: bool) -> torch.Tensor:
+        return calibration_ids  # the search measures the live model itself
+
+    def decide(self, config: BlockPrunerConfig, plan: list, evidence: torch.Tensor, progress: bool) -> dict[str, Any]:
+        result = greedy_removal(self.model, evidence, [[(index, kind)] for index, kind, _ in plan],
+                                [share for _, _, share in plan], config.target_sparsity,
+                                batch_size=config.batch_size, progress=progress)
+        order = [[plan[choice][0], plan[choice][1]] for choice in result.removed]
+        logger.info("BlockPruner: removing %s (in the order chosen)", order)
+        history = [{**step, "removed": order[position]} for position, step in enumerate(result.history)]
+        return {"removed_sublayers": order, "dense_loss": result.dense_loss, "history": history}
+
+    def shrink(self, decision: dict[str, Any]) -> None:
+        _, blocks = find_decoder_blocks(self.model)
+        for index, kind in decision["removed_sublayers"]:
+            remove_sublayers(blocks[index], attention=kind == "attention", mlp=kind == "mlp")
+
+    def describe(self, decision: dict[str, Any]) -> dict[str, Any]:
+        return {"history": decision["history"],
+                "extra": {"removed_sublayers": decision["removed_sublayers"], "dense_loss": decision["dense_loss"]}}
+
+    def recipe(self, config: BlockPrunerConfig) -> dict[str, Any]:
+        return {**super().recipe(config), "removed_sublayers": self.report.extra["removed_sublayers"]}

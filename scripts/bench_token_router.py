@@ -1,0 +1,380 @@
+"""Token router (FTP) on SmolLM2-135M against its baselines, at one or more token sparsities.
+
+Methods (same model, same calibration text): dense; static router + uniform schedule; static router + searched
+schedule; random token selection + searched schedule; trained router + searched schedule; and three layer-removal
+baselines at the *same fraction of decoder FLOPs* the routed model saves on a 512-token prompt (linear layers ∝
+kept tokens, attention scores ∝ kept tokens²): ShortGPT (``block_removal``: blocks by influence), SLEB (``sleb``:
+blocks by greedy calibration-loss search) and BlockPruner (``block_pruner``: attention / MLP sub-blocks by greedy
+calibration-loss search). The whole-block baselines remove the nearest whole number of blocks; each row states the
+fraction it really saves.
+
+Measured:
+
+- perplexity, two readings of the same forward (Wikipedia eval split, 512-token windows, each window one routed
+  prompt forward): **tail** = the last 128 tokens of each window given the 384 before (what a routed prompt serves:
+  the static rule keeps the most recent tokens), and **all tokens** = every token of the window (the standard
+  reading; it includes the earliest tokens, which the static rule never computes at the blocks that skip them);
+- zero-shot accuracy (ARC-E, PIQA, HellaSwag, Winogrande, BoolQ; lm-eval's metric of record; each choice one
+  left-padded forward, ``share_context=False``, so the whole sequence is routed) with the standard error, and the
+  paired difference of every method to the trained router (same examples);
+- prefill time of one 2k-token prompt at the highest sparsity (median of round-robin rounds, every model timed in
+  the same rounds, right after the models are built and before anything else runs);
+- router parameters, search and training seconds.
+
+Example:
+    python scripts/bench_token_router.py               # the settings in the table's footer
+    python scripts/bench_token_router.py --quick       # a tiny model, to check the script runs
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import logging
+import math
+import statistics
+import time
+from typing import Any
+
+import torch
+
+from hf_compress.assets import load_model, load_text, tiny_model
+from hf_compress.evaluation.perplexity import token_windows, tokenize_stream
+from hf_compress.evaluation.report import benchmark_parser, start_benchmark, write_benchmark
+from hf_compress.evaluation.zero_shot import evaluate_zero_shot
+from hf_compress.modeling.layers import find_decoder_blocks
+from hf_compress.modeling.structure import layer_widths
+from hf_compress.pruning import (
+    BlockPrunerConfig, BlockPrunerPruner, BlockRemovalConfig, BlockRemovalPruner, SLEBConfig, SLEBPruner,
+)
+from hf_compress.routing import (
+    RoutingSchedule, TokenRouterConfig, install_routing, routing_mode, routing_state, search_schedule,
+    train_token_router,
+)
+from hf_compress.training import TrainingSettings, causal_lm_dataset
+
+
+TASKS = ("arc_easy", "piqa", "hellaswag", "winogrande", "boolq")
+TRAINED = "trained router, searched schedule"
+logger = logging.getLogger("bench_token_router")
+
+
+def main() -> None:
+    parser = benchmark_parser(__doc__, "token_router")
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--sparsities", type=float, nargs="+", default=[0.3, 0.22])
+    parser.add_argument("--ppl-windows", type=int, default=64, help="512-token Wikipedia eval windows")
+    parser.add_argument("--tail", type=int, default=128, help="tokens at the end of each window the tail ppl scores")
+    parser.add_argument("--limit", type=int, default=500, help="examples per zero-shot task (issue: >= 500; 0 skips)")
+    parser.add_argument("--seq-len", type=int, default=256, help="tokens per search / training / removal window")
+    parser.add_argument("--search-windows", type=int, default=4, help="calibration windows per schedule score")
+    parser.add_argument("--generations", type=int, default=8)
+    parser.add_argument("--population", type=int, default=12)
+    parser.add_argument("--train-steps", type=int, default=300, help="router training steps (batch 1)")
+    parser.add_argument("--removal-sequences", type=int, default=8,
+                        help="calibration windows of the ShortGPT / SLEB / BlockPruner baselines")
+    parser.add_argument("--prefill-tokens", type=int, default=2048)
+    parser.add_argument("--rounds", type=int, default=7)
+    args = parser.parse_args()
+    if not start_benchmark(args, _markdown):
+        return
+    if args.quick:
+        args.model, args.ppl_windows, args.limit, args.train_steps, args.tail = "tiny-llama", 2, 2, 2, 32
+        args.generations, args.population, args.prefill_tokens, args.rounds, args.seq_len = 1, 3, 128, 1, 64
+        args.sparsities, args.removal_sequences = [0.3], 2
+    # --quick: a tiny model with 4 blocks, so that SLEB has a block to remove between its protected ends
+    model, tokenizer = tiny_model("llama", num_hidden_layers=4) if args.quick else load_model(args.model)
+    model.eval()
+    tokenizer.padding_side = "left"
+    calibration = load_text("wikipedia", "calibration")
+    windows = token_windows(tokenize_stream(load_text("wikipedia", "eval"), tokenizer), 512, args.ppl_windows)
+    parameters = sum(p.numel() for p in model.parameters())
+    num_blocks = len(find_decoder_blocks(model)[1])
+    started = time.perf_counter()
+    highest = max(args.sparsities)
+
+    def measure(candidate, label: str, zero_shot: bool = True) -> dict[str, Any]:
+        start = time.perf_counter()
+        row = _perplexities(candidate, windows, args.tail)
+        if zero_shot and args.limit:
+            results = evaluate_zero_shot(candidate, tokenizer, TASKS, limit=args.limit, share_context=False,
+                                         progress=False, batch_size=8, return_per_example=True)
+            row["zero_shot"] = {task: results[task]["score"] for task in TASKS}
+            row["zero_shot_stderr"] = {task: results[task][f"{results[task]['metric']}_stderr"] for task in TASKS}
+            row["zero_shot_n"] = {task: results[task]["n"] for task in TASKS}
+            row["zero_shot_avg"] = statistics.mean(row["zero_shot"].values())
+            row["zero_shot_avg_stderr"] = math.sqrt(sum(se**2 for se in row["zero_shot_stderr"].values())) / len(TASKS)
+            row["per_example"] = {task: [float(x) for x in results[task]["per_example"]] for task in TASKS}
+        logger.info("%s: %s (%.0fs; %.0fs so far)", label,
+                    {k: v for k, v in row.items() if not isinstance(v, dict)},
+                    time.perf_counter() - start, time.perf_counter() - started)
+        return row
+
+    rows: list[dict[str, Any]] = []
+    dense = {"method": "dense", "sparsity": 0.0, "flop_fraction": 0.0, **measure(model, "dense")}
+    rows.append(dense)
+    prompt = torch.randint(3, min(1000, model.config.vocab_size), (1, args.prefill_tokens),
+                           generator=torch.Generator().manual_seed(0))
+    prefill: dict[str, float] = {}
+    for sparsity in sorted(args.sparsities, reverse=True):
+        config = TokenRouterConfig(token_sparsity=sparsity, generations=args.generations, population=args.population,
+                                   search_windows=args.search_windows, search_seq_len=args.seq_len)
+        start = time.perf_counter()
+        schedule = search_schedule(model, calibration, config, tokenizer=tokenizer)
+        search_seconds = time.perf_counter() - start
+        logger.info("searched schedule %s in %.0fs", [round(r, 3) for r in schedule.block_sparsity], search_seconds)
+        flops = _routing_flop_fraction(model, schedule, 512)
+        common = {"sparsity": sparsity, "search_seconds": search_seconds, "schedule": schedule.block_sparsity}
+        full = sparsity == highest  # zero-shot of every method, uniform and random rows, prefill: at the issue's 30%
+        # The models of this sparsity: trained router, static router (a copy), then the layer-removal baselines.
+        # train_steps windows to train on, and config.validation_windows more that training holds out to select
+        # the best router (the static starting point included)
+        data = causal_lm_dataset(calibration, tokenizer, num_sequences=args.train_steps + config.validation_windows,
+                                 seq_len=args.seq_len, seed=1)
+        settings = TrainingSettings(max_steps=args.train_steps, learning_rate=1e-3, per_device_batch_size=1,
+                                    logging_steps=max(1, args.train_steps // 10), use_cpu=True)
+        trained = copy.deepcopy(model)
+        train_token_router(trained, copy.deepcopy(schedule), data, args=settings, config=config)
+        record = routing_state(trained).schedule.search["training"]
+        static = copy.deepcopy(model)
+        install_routing(static, schedule, mode="static")
+        removal = {}
+        for label, pruner_class, removal_config in (
+            ("ShortGPT", BlockRemovalPruner, BlockRemovalConfig),
+            ("SLEB", SLEBPruner, SLEBConfig),
+            ("BlockPruner", BlockPrunerPruner, BlockPrunerConfig),
+        ):
+            pruned = copy.deepcopy(model)
+            begin = time.perf_counter()
+            pruner = pruner_class(pruned, tokenizer)
+            pruner.prune(removal_config(target_sparsity=flops, num_calibration_sequences=args.removal_sequences,
+                                        calibration_seq_len=args.seq_len), calibration, progress=False)
+            removal[label] = (pruned, pruner.report, time.perf_counter() - begin)
+        if full:
+            timed = {"dense": model, "trained router": trained, "static router": static,
+                     **{label: value[0] for label, value in removal.items()}}
+            prefill = _prefill_times(timed, prompt, args.rounds)
+            prefill_rows = {"dense": "dense", TRAINED: "trained router", "static, searched schedule": "static router"}
+        variants = [("static, uniform schedule", "static", RoutingSchedule.uniform(sparsity, num_blocks), False),
+                    ("static, searched schedule", "static", schedule, full),
+                    ("random tokens, searched schedule", "random", schedule, False)]
+        for label, mode, plan, zero_shot in variants if full else variants[1:2]:
+            with routing_mode(static, mode, plan):
+                rows.append({"method": label, **common, "flop_fraction": _routing_flop_fraction(model, plan, 512),
+                             **measure(static, f"{label} {sparsity}", zero_shot=zero_shot)})
+        rows.append({"method": TRAINED, **common, "flop_fraction": flops,
+                     "train_seconds": record["seconds"], "router_parameters": record["router_parameters"],
+                     "router_selection": record["selection"],
+                     "router_share": record["router_parameters"] / parameters,
+                     **measure(trained, f"trained {sparsity}", zero_shot=True)})
+        for label, (pruned, report, seconds) in removal.items():
+            widths = layer_widths(pruned) if label == "BlockPruner" else None
+            removed = num_blocks - pruned.config.num_hidden_layers
+            detail = (f"{sum(w['key_value_heads'] == 0 for w in widths)} attention + "
+                      f"{sum(w['intermediate_size'] == 0 for w in widths)} MLP sub-blocks" if widths else
+                      f"{removed} blocks")
+            rows.append({"method": f"{label} ({detail})", "sparsity": sparsity, "search_seconds": seconds,
+                         "flop_fraction": _removal_flop_fraction(model, pruned, 512),
+                         "removed": report.extra.get("removed_blocks") or report.extra.get("removed_sublayers"),
+                         **measure(pruned, f"{label} {sparsity}", zero_shot=full)})
+        del trained, static, removal
+        gc.collect()
+    for row in rows:
+        key = {"dense": "dense", TRAINED: "trained router", "static, searched schedule": "static router"}.get(
+            row["method"], row["method"].split(" (")[0])
+        if row["sparsity"] in (0.0, highest) and key in prefill:
+            row["prefill_seconds"] = prefill[key]
+            row["prefill_speedup"] = prefill["dense"] / prefill[key]
+        if "zero_shot_avg" in row:
+            row["zero_shot_retention"] = row["zero_shot_avg"] / dense["zero_shot_avg"]
+    _paired_differences(rows)
+    for row in rows:
+        row.pop("per_example", None)
+    settings = {k: v for k, v in vars(args).items() if k not in ("render", "supported_devices")}
+    settings["parameters"] = parameters
+    settings["total_seconds"] = round(time.perf_counter() - started)
+    write_benchmark(args.output_name, settings, {"rows": rows}, _markdown({"settings": settings, "rows": rows}))
+
+
+def _paired_differences(rows: list[dict[str, Any]]) -> None:
+    """Per row, the trained router (same sparsity) minus it on the same examples: mean difference of the 5-task
+    average and its standard error (``paired_vs_trained``); the dense row gets the trained rows' retention gap."""
+    for sparsity in {row["sparsity"] for row in rows if row["sparsity"]}:
+        trained = next((row for row in rows if row["method"] == TRAINED and row["sparsity"] == sparsity), None)
+        if trained is None or "per_example" not in trained:
+            continue
+        for row in rows:
+            if row is trained or "per_example" not in row or row["sparsity"] not in (sparsity, 0.0):
+                continue
+            means, variances = [], []
+            for task in TASKS:
+                a, b = trained["per_example"][task], row["per_example"][task]
+                differences = [x - y for x, y in zip(a, b, strict=True)]
+                means.append(statistics.mean(differences))
+                variances.append(statistics.variance(differences) / len(differences) if len(differences) > 1 else 0.0)
+            key = "paired_vs_trained" if row["sparsity"] else f"paired_trained_{sparsity:g}_vs_dense"
+            row.setdefault("paired", {})[key] = {
+                "difference": statistics.mean(means), "stderr": math.sqrt(sum(variances)) / len(TASKS)}
+
+
+@torch.no_grad()
+def _perplexities(model, windows: torch.Tensor, tail: int) -> dict[str, float]:
+    """Whole-window and tail perplexity from one forward per window (each window one routed prompt)."""
+    total, tail_total, count, tail_count = 0.0, 0.0, 0, 0
+    for window in windows:
+        ids = window[None].to(next(model.parameters()).device)
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits[0, :-1].float()
+        nll = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")
+        total, count = total + float(nll.sum()), count + nll.numel()
+        tail_total, tail_count = tail_total + float(nll[-tail:].sum()), tail_count + tail
+    return {"perplexity": math.exp(total / count), "tail_perplexity": math.exp(tail_total / tail_count)}
+
+
+def _block_costs(model, length: int) -> tuple[int, int, int]:
+    """Multiply-adds per token of one block's attention (projections + scores over a causal ``length``-token
+    prompt, averaged over positions) and of its MLP, and the block count (every block has the same size)."""
+    config = model.config.get_text_config()
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    _, blocks = find_decoder_blocks(model)
+    attention = sum(p.numel() for p in blocks[0].self_attn.parameters() if p.dim() == 2)
+    mlp = sum(p.numel() for p in blocks[0].mlp.parameters() if p.dim() == 2)
+    scores = heads * head_dim * (length + 1)  # QKᵀ and AV per token, averaged over causal positions
+    return attention + scores, mlp, len(blocks)
+
+
+def _routing_flop_fraction(model, schedule: RoutingSchedule, length: int) -> float:
+    """Fraction of decoder-block multiply-adds a schedule saves on a ``length``-token prompt."""
+    attention, mlp, count = _block_costs(model, length)
+    scores = attention - sum(p.numel() for p in find_decoder_blocks(model)[1][0].self_attn.parameters() if p.dim() == 2)
+    linear = attention - scores + mlp
+    kept = sum((1 - r) * linear + (1 - r) ** 2 * scores for r in schedule.block_sparsity)
+    return 1 - kept / (count * (linear + scores))
+
+
+def _removal_flop_fraction(dense_model, pruned, length: int) -> float:
+    """Fraction of decoder-block multiply-adds a layer-removal baseline saves (whole blocks or sub-blocks)."""
+    attention, mlp, count = _block_costs(dense_model, length)
+    kept = sum((w["key_value_heads"] > 0) * attention + (w["intermediate_size"] > 0) * mlp
+               for w in layer_widths(pruned))
+    return 1 - kept / (count * (attention + mlp))
+
+
+@torch.no_grad()
+def _prefill_times(models: dict[str, Any], prompt: torch.Tensor, rounds: int) -> dict[str, float]:
+    """Median seconds of one prompt forward (use_cache=True, as generate's prefill), round-robin over the models."""
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for name, model in models.items():  # warm-up
+        model(prompt[:, :64], attention_mask=torch.ones_like(prompt[:, :64]), use_cache=True)
+    for _ in range(rounds):
+        for name, model in models.items():
+            start = time.perf_counter()
+            model(prompt, attention_mask=torch.ones_like(prompt), use_cache=True, logits_to_keep=1)
+            times[name].append(time.perf_counter() - start)
+    logger.info("prefill rounds: %s", times)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def _markdown(payload: dict[str, Any]) -> str:
+    rows = payload["rows"] if "rows" in payload else payload.get("results", {}).get("rows", [])
+    lines = [
+        "# Token router (FTP) on SmolLM2-135M", "",
+        "| method | token sparsity | decoder FLOPs saved | tail ppl | all-token ppl | zero-shot avg ± se | retention | "
+        "trained router − this (paired) | " + " | ".join(TASKS) + " | prefill s | prefill speed-up | router params | "
+        "search s | train s |",
+        "|---|---|---|---|---|---|---|---|" + "---|" * len(TASKS) + "---|---|---|---|---|",
+    ]
+    for row in rows:
+        tasks = " | ".join(_fmt(row.get("zero_shot", {}).get(task), ".3f") for task in TASKS)
+        average = "—" if row.get("zero_shot_avg") is None else f"{row['zero_shot_avg']:.3f} ± {row['zero_shot_avg_stderr']:.3f}"
+        paired = (row.get("paired") or {}).get("paired_vs_trained")
+        gap = "—" if paired is None else f"{100 * paired['difference']:+.1f} ± {100 * paired['stderr']:.1f}"
+        lines.append(
+            f"| {row['method']} | {row['sparsity']:.2f} | {_fmt(row.get('flop_fraction'), '.3f')} | "
+            f"{row['tail_perplexity']:.2f} | {row['perplexity']:.4g} | {average} | "
+            f"{_fmt(row.get('zero_shot_retention'), '.3f')} | {gap} | {tasks} | {_fmt(row.get('prefill_seconds'), '.3f')} | "
+            f"{_fmt(row.get('prefill_speedup'), '.2f')} | {_fmt(row.get('router_parameters'), 'd')} | "
+            f"{_fmt(row.get('search_seconds'), '.0f')} | {_fmt(row.get('train_seconds'), '.0f')} |"
+        )
+    settings = payload.get("settings", {})
+    lines += ["", "## Targets (computed from the rows above)", ""] + _targets(rows, settings)
+    schedules = [row for row in rows if row["method"] == TRAINED and row.get("schedule")]
+    if schedules:
+        lines += ["", "Searched schedules (skip fraction per block, first to last):"]
+        lines += [f"- {row['sparsity']:.2f}: {' '.join(f'{r:.2f}' for r in row['schedule'])}" for row in schedules]
+        lines += ["", "Router training, held-out tail KL to the dense model (step 0 = the static rule; the best step's "
+                  "router is the one kept):"]
+        for row in schedules:
+            selection = row.get("router_selection")
+            if selection:
+                history = ", ".join(f"{entry['step']}: {entry['validation_kl']:.4f}" for entry in selection["history"])
+                lines.append(f"- {row['sparsity']:.2f}: best step {selection['best_step']} ({history})")
+    if settings:
+        lines += ["", f"Zero-shot: {settings.get('limit')} examples per task (seeded subset, the same for every method); "
+                  "the average's standard error is sqrt(Σ se²)/5, and the paired column is the trained router's score "
+                  "minus this row's on the same examples (± its standard error); differences within two standard errors "
+                  f"are ties. Perplexity: {settings.get('ppl_windows')} windows of 512 tokens, tail = last "
+                  f"{settings.get('tail')} tokens. Schedule search: population {settings.get('population')}, "
+                  f"{settings.get('generations')} generations, {settings.get('search_windows')} windows of "
+                  f"{settings.get('seq_len')} tokens; router training: {settings.get('train_steps')} steps of one "
+                  f"{settings.get('seq_len')}-token window; ShortGPT / SLEB / BlockPruner: "
+                  f"{settings.get('removal_sequences')} calibration windows of {settings.get('seq_len')} tokens (their "
+                  "search seconds in the search column). Prefill: one "
+                  f"{settings.get('prefill_tokens')}-token prompt, median of {settings.get('rounds')} round-robin rounds "
+                  "with nothing else running (ratios side by side)."]
+    return "\n".join(lines) + "\n"
+
+
+def _targets(rows: list[dict[str, Any]], settings: dict[str, Any]) -> list[str]:
+    """The issue's targets, met or missed, from the measured rows (gaps within 2 standard errors are ties)."""
+    lines = []
+    dense = next(row for row in rows if row["method"] == "dense")
+    parameters_share = next((row["router_share"] for row in rows if "router_share" in row), None)
+    for sparsity in sorted({row["sparsity"] for row in rows if row["sparsity"]}):
+        at = {row["method"].split(" (")[0]: row for row in rows if row["sparsity"] == sparsity}
+        trained, static = at.get(TRAINED), at.get("static, searched schedule")
+        if trained is None:
+            continue
+        if "zero_shot_retention" in trained:
+            paired = (dense.get("paired") or {}).get(f"paired_trained_{sparsity:g}_vs_dense")
+            detail = "" if paired is None else (f"; trained − dense = {100 * paired['difference']:+.1f} ± "
+                                                f"{100 * paired['stderr']:.1f} points, paired")
+            verdict = "met" if trained["zero_shot_retention"] >= 0.95 else "missed"
+            lines.append(f"- {sparsity:.2f}: trained router keeps {100 * trained['zero_shot_retention']:.1f}% of the "
+                         f"dense zero-shot average{detail} (target ≥ 95% at 22%): {verdict}")
+        others = [(name, row) for name, row in at.items()
+                  if row is not trained and not name.startswith(("random", "static, uniform"))]
+        for name, other in others:
+            paired = (other.get("paired") or {}).get("paired_vs_trained")
+            if paired is not None:
+                gap, noise = paired["difference"], 2 * paired["stderr"]
+                verdict = ("met" if gap >= 0.03 and gap > noise else
+                           "tie within noise" if abs(gap) <= noise else "better, by less than 3 points" if gap > 0
+                           else "missed")
+                lines.append(f"- {sparsity:.2f}: zero-shot trained − {name} = {100 * gap:+.1f} ± {100 * paired['stderr']:.1f} "
+                             f"points, paired (target ≥ +3): {verdict}")
+            for label, key in (("tail", "tail_perplexity"), ("all-token", "perplexity")):
+                verdict = "met" if trained[key] < other[key] else "missed"
+                lines.append(f"- {sparsity:.2f}: {label} ppl trained {trained[key]:.4g} vs {name} {other[key]:.4g} "
+                             f"(target lower): {verdict}")
+        if "prefill_speedup" in trained:
+            judged = settings.get("prefill_tokens", 0) >= 2048 and settings.get("rounds", 0) >= 3
+            verdict = ("met" if trained["prefill_speedup"] >= 1.2 else "missed") if judged else "not judged (quick run)"
+            lines.append(f"- {sparsity:.2f}: prefill speed-up {trained['prefill_speedup']:.2f}× at "
+                         f"{settings.get('prefill_tokens')} tokens (target ≥ 1.2× at 30%): {verdict}")
+        if "train_seconds" in trained:
+            verdict = "met" if trained["train_seconds"] <= 1800 else "missed"
+            lines.append(f"- {sparsity:.2f}: router training {trained['train_seconds'] / 60:.1f} min on this CPU "
+                         f"(target ≤ 30 min): {verdict}")
+    if parameters_share is not None:
+        verdict = "met" if parameters_share <= 0.001 else "missed"
+        lines.append(f"- router parameters {100 * parameters_share:.4f}% of the model (target ≤ 0.1%): {verdict}")
+    return lines
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "—" if value is None else format(value, spec)
+
+
+if __name__ == "__main__":
+    main()

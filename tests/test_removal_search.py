@@ -1,0 +1,167 @@
+"""Whole sub-blocks removed (modeling.sublayers), the greedy removal search, SLEB and BlockPruner."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import hf_compress  # noqa: F401  (registers the slim format)
+from hf_compress.assets import tiny_model
+from hf_compress.formats.slim import attach_slim_format
+from hf_compress.modeling import find_decoder_blocks
+from hf_compress.modeling.structure import layer_widths, remove_blocks
+from hf_compress.modeling.sublayers import remove_sublayers, removed_sublayers, sublayers_switched_off
+from hf_compress.pruning import BlockPrunerConfig, BlockPrunerPruner, SLEBConfig, SLEBPruner
+from hf_compress.pruning.removal_search import calibration_loss, greedy_removal
+
+
+TEXT = ["The quick brown fox jumps over the lazy dog while the cat sleeps in the sun. " * 30]
+SMALL = {"num_calibration_sequences": 2, "calibration_seq_len": 32}
+
+
+def _ids(seed: int = 0, shape: tuple[int, int] = (2, 24)) -> torch.Tensor:
+    return torch.randint(3, 250, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _model(arch: str = "llama", layers: int = 4):
+    extra = {"layer_types": ["sliding_attention", "full_attention"] * (layers // 2)} if arch == "gemma3" else {}
+    return tiny_model(arch, num_hidden_layers=layers, **extra)
+
+
+def _silence(block, kind: str) -> None:
+    """Make a sub-block add (almost) nothing, so a loss-driven search must pick it first."""
+    with torch.no_grad():
+        if kind == "mlp":
+            block.mlp.down_proj.weight.mul_(1e-4)
+        else:
+            block.self_attn.o_proj.weight.mul_(1e-4)
+
+
+# ------------------------------------------------------------------------------- removed sub-blocks
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3", "mistral"])
+def test_removed_sublayers_survive_reload_and_cached_generation_matches_uncached(arch, tmp_path):
+    model, _ = _model(arch)
+    blocks = find_decoder_blocks(model)[1]
+    remove_sublayers(blocks[0], attention=True)  # layer 0: the cache reads the sequence length there
+    remove_sublayers(blocks[1], mlp=True)
+    remove_sublayers(blocks[2], attention=True, mlp=True)
+    widths = layer_widths(model)
+    assert [w["key_value_heads"] == 0 for w in widths] == [True, False, True, False]
+    assert [w["intermediate_size"] == 0 for w in widths] == [False, True, True, False]
+    attach_slim_format(model)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert layer_widths(loaded) == widths
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    cached = loaded.generate(ids, max_new_tokens=40, do_sample=False, use_cache=True)  # past gemma3's window of 32
+    uncached = loaded.generate(ids, max_new_tokens=40, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+def test_a_block_without_both_sublayers_equals_the_model_without_the_block():
+    model, _ = _model("llama", 3)
+    shorter = copy.deepcopy(model)
+    remove_blocks(shorter, [1])
+    remove_sublayers(find_decoder_blocks(model)[1][1], attention=True, mlp=True)
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, shorter(ids).logits)
+
+
+def test_switching_off_is_undone_and_opt_without_an_mlp_module_is_refused():
+    model, _ = _model("qwen3")
+    blocks = find_decoder_blocks(model)[1]
+    ids = _ids()
+    with torch.no_grad():
+        before = model(ids).logits
+        with sublayers_switched_off(blocks, [(1, "attention"), (2, "mlp")]):
+            assert removed_sublayers(blocks[1]) == {"attention": True, "mlp": False}
+            assert not torch.equal(model(ids).logits, before)
+        assert torch.equal(model(ids).logits, before)
+    opt, _ = tiny_model("opt")
+    with pytest.raises(ValueError, match="separate mlp module"):
+        remove_sublayers(find_decoder_blocks(opt)[1][0], mlp=True)
+
+
+# ---------------------------------------------------------------------------------------- the search
+
+
+def _loss_without(model, ids, units) -> float:
+    with sublayers_switched_off(find_decoder_blocks(model)[1], units):
+        return calibration_loss(model, ids)
+
+
+def test_greedy_search_removes_the_least_harmful_unit_first_and_stops_nearest_the_budget():
+    model, _ = _model("llama")
+    ids = _ids(shape=(2, 32))
+    units = [[(index, "mlp")] for index in range(4)]
+    before = calibration_loss(model, ids)
+    first = min(range(4), key=lambda index: _loss_without(model, ids, units[index]))
+    second = min((i for i in range(4) if i != first), key=lambda i: _loss_without(model, ids, units[first] + units[i]))
+    result = greedy_removal(model, ids, units, [0.6] * 4, budget=1.0, progress=False)
+    assert result.removed == [first, second]  # 1.2 is nearer the budget 1.0 than 0.6 is
+    assert result.history[0]["loss"] == pytest.approx(_loss_without(model, ids, units[first]))
+    assert result.dense_loss == pytest.approx(before) and calibration_loss(model, ids) == pytest.approx(before)
+    assert greedy_removal(model, ids, units, [0.6] * 4, budget=0.8, progress=False).removed == [first]
+    with pytest.raises(ValueError, match="4 candidates but 3 costs"):
+        greedy_removal(model, ids, units, [0.6] * 3, budget=1.0, progress=False)
+
+
+# ------------------------------------------------------------------------------------------- SLEB
+
+
+def test_sleb_removes_the_least_harmful_block_never_a_protected_one_and_saves_a_standard_checkpoint(tmp_path):
+    model, tokenizer = _model("gemma3")
+    blocks = find_decoder_blocks(model)[1]
+    for kind in ("mlp", "attention"):
+        _silence(blocks[0], kind)  # the cheapest block to remove, but protected
+    ids = _ids(shape=(2, 32))
+    expected = min((1, 2), key=lambda index: _loss_without(model, ids, [(index, "attention"), (index, "mlp")]))
+    pruner = SLEBPruner(model, tokenizer)
+    pruned = pruner.prune(SLEBConfig(target_sparsity=0.25, **SMALL), ids, save_dir=tmp_path / "sleb", progress=False)
+    assert pruner.report.extra["removed_blocks"] == [expected]
+    assert pruned.config.num_hidden_layers == 3 and len(pruned.config.layer_types) == 3
+    assert "hf_compress_slim" not in (tmp_path / "sleb" / "config.json").read_text()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "sleb")
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, pruned(ids).logits)
+    with pytest.raises(ValueError, match="only 2 of 4 may go with protected_blocks=1"):
+        SLEBPruner(*_model("llama")).prune(SLEBConfig(target_sparsity=0.75, **SMALL), TEXT, progress=False)
+
+
+# ------------------------------------------------------------------------------------- BlockPruner
+
+
+@pytest.mark.compat_smoke
+def test_block_pruner_removes_the_least_harmful_sublayer_and_the_slim_checkpoint_reloads(tmp_path):
+    model, tokenizer = _model("qwen3")
+    ids = _ids(shape=(2, 32))
+    units = [(index, kind) for index in range(4) for kind in ("attention", "mlp")]
+    expected = min(units, key=lambda unit: _loss_without(model, ids, [unit]))
+    pruner = BlockPrunerPruner(model, tokenizer)
+    pruned = pruner.prune(BlockPrunerConfig(target_sparsity=0.2, **SMALL), ids, save_dir=tmp_path / "bp",
+                          progress=False)
+    removed = pruner.report.extra["removed_sublayers"]
+    assert removed[0] == list(expected)
+    assert pruner.report.achieved_sparsity == pytest.approx(0.2, abs=0.1)
+    widths = pruner.report.layers
+    assert sum(w["key_value_heads"] == 0 for w in widths) + sum(w["intermediate_size"] == 0 for w in widths) == len(removed)
+    config = json.loads((tmp_path / "bp" / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "hf_compress_slim" and config["layers"] == widths
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "bp")
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, pruned(ids).logits)
+    assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in pruned.parameters())
+    with pytest.raises(ValueError, match="separate mlp module"):
+        BlockPrunerPruner(*tiny_model("opt")).prune(BlockPrunerConfig(target_sparsity=0.2, **SMALL), TEXT,
+                                                    progress=False)
