@@ -119,12 +119,13 @@ class KeepBestRouter(TrainerCallback):
         """Mean tail KL of the routed model (inference path: gathered blocks) on the held-out windows."""
         total = 0.0
         was_training = self.model.training
+        device = next(self.model.parameters()).device
         self.model.eval()
         try:
             for row in self.windows:
-                ids = row["input_ids"][None]
+                ids = row["input_ids"][None].to(device)
                 mask = row.get("attention_mask")
-                mask = mask[None] if mask is not None else None
+                mask = mask[None].to(device) if mask is not None else None
                 with routing_disabled(self.model):
                     teacher = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
                 student = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
