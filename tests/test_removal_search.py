@@ -16,7 +16,8 @@ from hf_compress.modeling import find_decoder_blocks
 from hf_compress.modeling.structure import layer_widths, remove_blocks
 from hf_compress.modeling.sublayers import remove_sublayers, removed_sublayers, sublayers_switched_off
 from hf_compress.pruning import BlockPrunerConfig, BlockPrunerPruner, SLEBConfig, SLEBPruner
-from hf_compress.pruning.removal_search import calibration_loss, greedy_removal
+from hf_compress.modeling.calibration import calibration_loss
+from hf_compress.pruning.removal_search import greedy_removal
 
 
 TEXT = ["The quick brown fox jumps over the lazy dog while the cat sleeps in the sun. " * 30]

@@ -377,7 +377,7 @@ def test_prefill_with_cache_equals_without_and_rows_agree(arch):
 
 
 def test_calibration_loss_scores_only_the_tail():
-    from hf_compress.routing.search import calibration_loss
+    from hf_compress.modeling.calibration import calibration_loss
 
     model, _ = tiny_model("llama")
     ids = _ids(3, 17)

@@ -25,6 +25,7 @@ from .calibration import (
     HessianCollector,
     InputNormCollector,
     calibration_batches,
+    calibration_loss,
     capture_block_inputs,
     for_each_block,
 )
@@ -54,6 +55,7 @@ __all__ = [
     "InputNormCollector",
     "LINEAR_TYPES",
     "calibration_batches",
+    "calibration_loss",
     "capture_block_inputs",
     "find_decoder_blocks",
     "find_linear_layers",

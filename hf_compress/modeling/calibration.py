@@ -71,6 +71,7 @@ __all__ = [
     "HessianCollector",
     "InputNormCollector",
     "calibration_batches",
+    "calibration_loss",
     "capture_block_inputs",
     "for_each_block",
 ]
@@ -707,3 +708,32 @@ def calibration_batches(
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, stream.numel() - seq_len + 1, (num_sequences,), generator=generator)
     return torch.stack([stream[start : start + seq_len] for start in starts.tolist()])
+
+
+@torch.no_grad()
+def calibration_loss(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, tail: float = 1.0) -> float:
+    """Mean next-token cross-entropy (nats) of ``model`` on ``windows`` (``[N, L]`` token ids), over the last ``tail``
+    of each window's predicted tokens (1.0 = all of them; the whole window is always the forward's input).
+
+    What the searches that score a changed model on calibration text compare: the token router's schedule search,
+    SLEB's and BlockPruner's greedy removal.
+
+    Example:
+        >>> from hf_compress.assets import tiny_model
+        >>> ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+        >>> calibration_loss(tiny_model("llama")[0], ids) > 0
+        True
+    """
+    device = next(model.parameters()).device
+    scored = max(1, round(tail * (windows.shape[1] - 1)))
+    # logits_to_keep only when it saves work: the whole-window reading runs on models without that argument too
+    keep = {"logits_to_keep": scored + 1} if tail < 1.0 else {}
+    total, count = 0.0, 0
+    for start in range(0, len(windows), batch_size):
+        batch = windows[start : start + batch_size].to(device)
+        logits = model(input_ids=batch, use_cache=False, **keep).logits[:, -scored - 1 : -1].float()
+        targets = batch[:, -scored:]
+        loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
+        total += float(loss)
+        count += targets.numel()
+    return total / count

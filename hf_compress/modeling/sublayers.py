@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import _compat
+
 
 __all__ = [
     "ATTENTION_NAMES",
@@ -53,8 +55,6 @@ class RemovedAttention(nn.Module):
         self.layer_idx = layer_idx  # renumbered by remove_blocks like any attention's; the cache slot it writes
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
-        from .. import _compat
-
         cache = next((kwargs[name] for name in _compat.CACHE_KWARGS if kwargs.get(name) is not None), None)
         if cache is not None and self.layer_idx is not None:
             batch, length = hidden_states.shape[:2]

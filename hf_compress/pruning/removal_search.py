@@ -27,12 +27,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..modeling.calibration import calibration_loss
 from ..modeling.layers import find_decoder_blocks
 from ..modeling.sublayers import sublayers_switched_off
 from ..utils import get_logger
 
 
-__all__ = ["RemovalSearchResult", "calibration_loss", "greedy_removal"]
+__all__ = ["RemovalSearchResult", "greedy_removal"]
 
 logger = get_logger(__name__)
 
@@ -47,20 +48,6 @@ class RemovalSearchResult:
     """Indices into the candidate list."""
     history: list[dict[str, Any]] = field(default_factory=list)
     dense_loss: float = math.nan
-
-
-@torch.no_grad()
-def calibration_loss(model: nn.Module, calibration_ids: torch.Tensor, batch_size: int = 8) -> float:
-    """Mean next-token cross-entropy (nats) of ``model`` on the calibration windows ``(N, L)``."""
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for batch in calibration_ids.split(batch_size):
-        batch = batch.to(device)
-        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-        total += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
-                                                         reduction="sum"))
-        count += batch[:, 1:].numel()
-    return total / count
 
 
 def greedy_removal(

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..modeling.calibration import calibration_loss
 from ..modeling.layers import find_decoder_blocks
 from ..utils import get_logger
 from .config import TokenRouterConfig
@@ -35,7 +36,7 @@ from .layer import install_routing, remove_routing, routing_mode, routing_state
 from .schedule import RoutingSchedule
 
 
-__all__ = ["calibration_loss", "search_schedule", "static_router"]
+__all__ = ["search_schedule", "static_router"]
 
 logger = get_logger(__name__)
 
@@ -51,23 +52,6 @@ def static_router(model: nn.Module, schedule: RoutingSchedule) -> nn.Module:
     """
     install_routing(model, schedule, mode="static")
     return model
-
-
-@torch.no_grad()
-def calibration_loss(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, tail: float = 1.0) -> float:
-    """Mean next-token cross-entropy of ``model`` on ``windows`` (``[N, L]`` token ids), over the last ``tail`` of
-    each window's predicted tokens (1.0 = all of them; the whole window is always the forward's input)."""
-    device = next(model.parameters()).device
-    scored = max(1, round(tail * (windows.shape[1] - 1)))
-    total, count = 0.0, 0
-    for start in range(0, len(windows), batch_size):
-        batch = windows[start : start + batch_size].to(device)
-        logits = model(input_ids=batch, use_cache=False, logits_to_keep=scored + 1).logits[:, :-1].float()
-        targets = batch[:, -scored:]
-        loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
-        total += float(loss)
-        count += targets.numel()
-    return total / count
 
 
 def search_schedule(
