@@ -34,7 +34,7 @@ import logging
 import math
 import statistics
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -44,6 +44,7 @@ from hf_compress.evaluation.report import benchmark_parser, start_benchmark, wri
 from hf_compress.evaluation.zero_shot import evaluate_zero_shot
 from hf_compress.modeling.layers import find_decoder_blocks
 from hf_compress.modeling.structure import layer_widths
+from hf_compress.modeling.sublayers import sublayer_name
 from hf_compress.pruning import (
     BlockPrunerConfig, BlockPrunerPruner, BlockRemovalConfig, BlockRemovalPruner, SLEBConfig, SLEBPruner,
 )
@@ -247,34 +248,43 @@ def _perplexities(model, windows: torch.Tensor, tail: int) -> dict[str, float]:
     return {"perplexity": math.exp(total / count), "tail_perplexity": math.exp(tail_total / tail_count)}
 
 
-def _block_costs(model, length: int) -> tuple[int, int, int]:
-    """Multiply-adds per token of one block's attention (projections + scores over a causal ``length``-token
-    prompt, averaged over positions) and of its MLP, and the block count (every block has the same size)."""
+class _BlockCosts(NamedTuple):
+    """Multiply-adds per token of one decoder block (every block has the same size) on a causal prompt."""
+
+    projections: int  # the attention's q/k/v/o
+    scores: int  # QKᵀ and AV, averaged over the prompt's positions
+    mlp: int
+    blocks: int
+
+
+def _block_costs(model, length: int) -> _BlockCosts:
     config = model.config.get_text_config()
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     _, blocks = find_decoder_blocks(model)
-    attention = sum(p.numel() for p in blocks[0].self_attn.parameters() if p.dim() == 2)
-    mlp = sum(p.numel() for p in blocks[0].mlp.parameters() if p.dim() == 2)
-    scores = heads * head_dim * (length + 1)  # QKᵀ and AV per token, averaged over causal positions
-    return attention + scores, mlp, len(blocks)
+
+    def matrices(kind: str) -> int:
+        return sum(p.numel() for p in getattr(blocks[0], sublayer_name(blocks[0], kind)).parameters() if p.dim() == 2)
+
+    return _BlockCosts(matrices("attention"), heads * head_dim * (length + 1), matrices("mlp"), len(blocks))
 
 
 def _routing_flop_fraction(model, schedule: RoutingSchedule, length: int) -> float:
-    """Fraction of decoder-block multiply-adds a schedule saves on a ``length``-token prompt."""
-    attention, mlp, count = _block_costs(model, length)
-    scores = attention - sum(p.numel() for p in find_decoder_blocks(model)[1][0].self_attn.parameters() if p.dim() == 2)
-    linear = attention - scores + mlp
-    kept = sum((1 - r) * linear + (1 - r) ** 2 * scores for r in schedule.block_sparsity)
-    return 1 - kept / (count * (linear + scores))
+    """Fraction of decoder-block multiply-adds a schedule saves on a ``length``-token prompt (linear layers ∝ kept
+    tokens, attention scores ∝ kept tokens²)."""
+    cost = _block_costs(model, length)
+    linear = cost.projections + cost.mlp
+    kept = sum((1 - r) * linear + (1 - r) ** 2 * cost.scores for r in schedule.block_sparsity)
+    return 1 - kept / (cost.blocks * (linear + cost.scores))
 
 
 def _removal_flop_fraction(dense_model, pruned, length: int) -> float:
     """Fraction of decoder-block multiply-adds a layer-removal baseline saves (whole blocks or sub-blocks)."""
-    attention, mlp, count = _block_costs(dense_model, length)
-    kept = sum((w["key_value_heads"] > 0) * attention + (w["intermediate_size"] > 0) * mlp
+    cost = _block_costs(dense_model, length)
+    attention = cost.projections + cost.scores
+    kept = sum((w["key_value_heads"] > 0) * attention + (w["intermediate_size"] > 0) * cost.mlp
                for w in layer_widths(pruned))
-    return 1 - kept / (count * (attention + mlp))
+    return 1 - kept / (cost.blocks * (attention + cost.mlp))
 
 
 @torch.no_grad()
