@@ -98,18 +98,22 @@ def main() -> None:
     started = time.perf_counter()
     highest = max(args.sparsities)
 
+    def zero_shot_fields(candidate) -> dict[str, Any]:
+        results = evaluate_zero_shot(candidate, tokenizer, TASKS, limit=args.limit, share_context=False,
+                                     progress=False, batch_size=8, return_per_example=True)
+        scores = {task: results[task]["score"] for task in TASKS}
+        stderrs = {task: results[task][f"{results[task]['metric']}_stderr"] for task in TASKS}
+        return {"zero_shot": scores, "zero_shot_stderr": stderrs,
+                "zero_shot_n": {task: results[task]["n"] for task in TASKS},
+                "zero_shot_avg": statistics.mean(scores.values()),
+                "zero_shot_avg_stderr": math.sqrt(sum(se**2 for se in stderrs.values())) / len(TASKS),
+                "per_example": {task: [float(x) for x in results[task]["per_example"]] for task in TASKS}}
+
     def measure(candidate, label: str, zero_shot: bool = True) -> dict[str, Any]:
         start = time.perf_counter()
         row = _perplexities(candidate, windows, args.tail)
         if zero_shot and args.limit:
-            results = evaluate_zero_shot(candidate, tokenizer, TASKS, limit=args.limit, share_context=False,
-                                         progress=False, batch_size=8, return_per_example=True)
-            row["zero_shot"] = {task: results[task]["score"] for task in TASKS}
-            row["zero_shot_stderr"] = {task: results[task][f"{results[task]['metric']}_stderr"] for task in TASKS}
-            row["zero_shot_n"] = {task: results[task]["n"] for task in TASKS}
-            row["zero_shot_avg"] = statistics.mean(row["zero_shot"].values())
-            row["zero_shot_avg_stderr"] = math.sqrt(sum(se**2 for se in row["zero_shot_stderr"].values())) / len(TASKS)
-            row["per_example"] = {task: [float(x) for x in results[task]["per_example"]] for task in TASKS}
+            row.update(zero_shot_fields(candidate))
         logger.info("%s: %s (%.0fs; %.0fs so far)", label,
                     {k: v for k, v in row.items() if not isinstance(v, dict)},
                     time.perf_counter() - start, time.perf_counter() - started)
@@ -161,7 +165,6 @@ def main() -> None:
             timed = {"dense": model, "trained router": trained, "static router": static,
                      **{label: value[0] for label, value in removal.items()}}
             prefill = _prefill_times(timed, prompt, args.rounds)
-            prefill_rows = {"dense": "dense", TRAINED: "trained router", "static, searched schedule": "static router"}
         variants = [("static, uniform schedule", "static", RoutingSchedule.uniform(sparsity, num_blocks), False),
                     ("static, searched schedule", "static", schedule, True),
                     ("random tokens, searched schedule", "random", schedule, False)]
@@ -179,8 +182,8 @@ def main() -> None:
                        (static_row["perplexity"], static_row["tail_perplexity"]))
         if kept_static:
             measured.update({key: static_row[key] for key in static_row if key.startswith(("zero_shot", "per_example"))})
-        else:
-            measured = measure(trained, f"trained {sparsity}", zero_shot=True)
+        elif args.limit:
+            measured.update(zero_shot_fields(trained))
         rows.append({"method": TRAINED, **common, "flop_fraction": flops,
                      "train_seconds": record["seconds"], "router_parameters": record["router_parameters"],
                      "router_selection": record["selection"], "kept_static_router": kept_static,
