@@ -34,7 +34,7 @@ def _model(arch: str = "llama", layers: int = 4):
 
 
 def _silence(block, kind: str) -> None:
-    """Make a sub-block add (almost) nothing, so a loss-driven search must pick it first."""
+    """Make a sub-block add (almost) nothing, so that removing it barely changes the loss."""
     with torch.no_grad():
         if kind == "mlp":
             block.mlp.down_proj.weight.mul_(1e-4)
