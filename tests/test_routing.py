@@ -23,7 +23,9 @@ from hf_compress.routing import (
     static_router,
     train_token_router,
 )
-from hf_compress.routing.router import select_tokens, static_scores
+from hf_compress.routing.router import (
+    ROUTER_FEATURES_VERSION, TokenRouter, router_features, select_tokens, static_scores,
+)
 from hf_compress.routing.schedule import skip_count
 
 
@@ -229,6 +231,26 @@ def test_save_load_gives_equal_logits_and_generations(arch, tmp_path):
     assert "token_router" in card and "0.25" in card
 
 
+def test_router_saved_for_other_features_is_refused(tmp_path):
+    """A router trained on another version of the input factors would load and route wrongly: refuse it."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from hf_compress.formats.integrity import CheckpointIntegrityError
+
+    model, tokenizer = tiny_model("llama")
+    install_routing(model, RoutingSchedule([0.25, 0.5]), mode="router")
+    save_routed(model, tokenizer, tmp_path / "routed")
+    config_path = tmp_path / "routed" / "config.json"
+    config = json.loads(config_path.read_text())
+    assert config["quantization_config"]["router_features"] == ROUTER_FEATURES_VERSION
+    del config["quantization_config"]["router_features"]  # as written before the factors were versioned
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(CheckpointIntegrityError, match="router features version 1"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "routed")
+
+
 def test_plain_save_pretrained_writes_a_routed_checkpoint(tmp_path):
     """A routed model saved with save_pretrained must not come back as the dense model."""
     from transformers import AutoModelForCausalLM
@@ -344,6 +366,24 @@ def test_fresh_router_selects_exactly_the_static_tokens(arch):
         routing_state(model).mode = "router"
         routed = model(ids).logits
     assert torch.equal(routed, static)
+
+
+@pytest.mark.parametrize("sparsity", [0.1, 0.3, 0.6])
+def test_fresh_router_is_calibrated_at_one_half(sparsity):
+    """σ(logit) > 0.5 exactly on the tokens past the block's share: the decode rule agrees with top-k from the start."""
+    valid = torch.ones(1, 50, dtype=torch.bool)
+    features = router_features(torch.randn(1, 50, 16, generator=torch.Generator().manual_seed(0)), valid, sparsity)
+    compute = torch.sigmoid(TokenRouter()(features)) > 0.5
+    assert torch.equal(compute[0], features[0, :, 0] > sparsity)
+
+
+def test_router_features_are_bounded_on_an_attention_sink():
+    """One token holding almost all of the attention proxy must not give a factor in the hundreds (see router.py)."""
+    hidden = torch.randn(1, 400, 32, generator=torch.Generator().manual_seed(0)) * 0.01
+    hidden[0, 0] = hidden[0, -1] = 40 * torch.ones(32)  # the first token aligns with the last: a sink
+    features = router_features(hidden, torch.ones(1, 400, dtype=torch.bool), 0.3)
+    assert features.min() >= 0 and features.max() <= 1
+    assert features[0, 0, 1] > 0.5 and features[0, 1:-1, 1].max() < 0.4  # raw a·n: about 100 and 2
 
 
 def test_token_skipped_at_every_block_keeps_its_embedding():

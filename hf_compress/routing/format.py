@@ -5,7 +5,7 @@ plus the router's few hundred parameters in the same safetensors file (``<decode
 schedule in ``config.json``::
 
     {"quant_method": "hf_compress_routed", "block_sparsity": [0.1, 0.35, ...], "mode": "router",
-     "router_hidden_size": 64, "route_decode": false, "recipe": {...}}
+     "router_hidden_size": 64, "router_features": 2, "route_decode": false, "recipe": {...}}
 
 After ``import hf_compress``, ``AutoModelForCausalLM.from_pretrained(folder)`` builds the architecture, installs
 routing (so the router's weights stream in with the rest, checksummed like every hf_compress checkpoint), and
@@ -30,6 +30,7 @@ from ..formats.base import CompressedFormatConfig, CompressedFormatQuantizer, re
 from ..formats.integrity import CheckpointIntegrityError, CheckpointReader, seal_checkpoint
 from ..modeling.layers import find_decoder_blocks
 from .layer import ROUTING_MODES, install_routing, routing_state
+from .router import ROUTER_FEATURES_VERSION
 from .schedule import RoutingSchedule
 
 
@@ -43,7 +44,11 @@ FORMAT_NAME = "hf_compress_routed"
 
 
 class RoutedFormatConfig(CompressedFormatConfig):
-    """``quantization_config`` of a routed checkpoint: the schedule, the ranking mode and the router's size."""
+    """``quantization_config`` of a routed checkpoint: the schedule, the ranking mode and the router's size.
+
+    ``router_features`` is the :data:`~hf_compress.routing.router.ROUTER_FEATURES_VERSION` the router was trained
+    on; a folder without it predates the versioning (version 1).
+    """
 
     QUANT_METHOD = FORMAT_NAME
 
@@ -54,11 +59,12 @@ class RoutedFormatConfig(CompressedFormatConfig):
         router_hidden_size: int = 64,
         route_decode: bool = False,
         recipe: Mapping[str, Any] | None = None,
+        router_features: int = 1,
         **kwargs: Any,
     ) -> None:
         super().__init__(
             block_sparsity=list(block_sparsity or []), mode=mode, router_hidden_size=int(router_hidden_size),
-            route_decode=bool(route_decode), recipe=dict(recipe or {}), **kwargs,
+            route_decode=bool(route_decode), recipe=dict(recipe or {}), router_features=router_features, **kwargs,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -97,6 +103,12 @@ class RoutedFormatQuantizer(CompressedFormatQuantizer):
             raise CheckpointIntegrityError(f"config.json: block_sparsity entries must be numbers in [0, 1), got {sparsity!r}.")
         if config.mode not in ROUTING_MODES:
             raise CheckpointIntegrityError(f"config.json: routing mode must be one of {ROUTING_MODES}, got {config.mode!r}.")
+        if config.mode == "router" and config.router_features != ROUTER_FEATURES_VERSION:
+            raise CheckpointIntegrityError(
+                f"this router was trained on router features version {config.router_features!r}; this hf_compress "
+                f"computes version {ROUTER_FEATURES_VERSION} and would route wrongly with it. Retrain the router "
+                "(train_token_router / hf-compress route), or load with the hf_compress release that saved it."
+            )
 
     def prepare_model(self, model: PreTrainedModel) -> PreTrainedModel:
         config = self.quantization_config
@@ -131,6 +143,7 @@ def attach_routed_format(model: PreTrainedModel, recipe: Mapping[str, Any] | Non
     config = RoutedFormatConfig(
         block_sparsity=state.schedule.block_sparsity, mode=state.mode,
         router_hidden_size=state.router.hidden.out_features, route_decode=state.route_decode,
+        router_features=ROUTER_FEATURES_VERSION,
         recipe=recipe if recipe is not None else getattr(existing, "recipe", None),
     )
     config.__dict__["_state"] = state
