@@ -371,7 +371,9 @@ def _targets(rows: list[dict[str, Any]], settings: dict[str, Any]) -> list[str]:
             paired = (dense.get("paired") or {}).get(f"paired_trained_{sparsity:g}_vs_dense")
             detail = "" if paired is None else (f"; trained − dense = {100 * paired['difference']:+.1f} ± "
                                                 f"{100 * paired['stderr']:.1f} points, paired")
-            verdict = "met" if trained["zero_shot_retention"] >= 0.95 else "missed"
+            # the 95% target is the at 22% token sparsity; at other sparsities the retention is reported only
+            verdict = (("met" if trained["zero_shot_retention"] >= 0.95 else "missed") if sparsity <= 0.22 + 1e-9
+                       else "reported (the target is at 22%)")
             lines.append(f"- {sparsity:.2f}: trained router keeps {100 * trained['zero_shot_retention']:.1f}% of the "
                          f"dense zero-shot average{detail} (target ≥ 95% at 22%): {verdict}")
         others = [(name, row) for name, row in at.items()

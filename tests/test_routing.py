@@ -315,6 +315,30 @@ def test_router_training_keeps_the_best_router_on_held_out_windows(monkeypatch):
     assert restored == pytest.approx(best["validation_kl"], rel=1e-5)
 
 
+def test_router_training_that_keeps_the_starting_router_returns_the_static_rule(monkeypatch):
+    """Nothing beat the static start: the returned model ranks by the rule itself (same tokens, no router features)."""
+    from hf_compress.routing.training import KeepBestRouter
+    from hf_compress.training import TrainingSettings, causal_lm_dataset
+
+    model, tokenizer = tiny_model("llama")
+    schedule = RoutingSchedule([0.3, 0.5])
+    static = copy.deepcopy(model)
+    install_routing(static, schedule, mode="static")
+    data = causal_lm_dataset(["the quick brown fox jumps over the lazy dog " * 40], tokenizer, num_sequences=8, seq_len=24)
+    values = iter([0.1, 0.5, 0.9])
+    monkeypatch.setattr(KeepBestRouter, "validation_kl", lambda self: next(values))
+    settings = TrainingSettings(max_steps=3, learning_rate=1e-2, per_device_batch_size=1, use_cpu=True)
+    config = TokenRouterConfig(token_sparsity=0.4, validation_windows=2, validation_every=2)
+    routed = train_token_router(model, schedule, data, args=settings, config=config)
+    state = routing_state(routed)
+    assert state.mode == "static" and state.schedule.search["training"]["selection"]["kept_static_rule"]
+    ids = _ids(2, 30)
+    with torch.no_grad():
+        assert torch.equal(routed(ids).logits, static(ids).logits)
+        state.mode = "router"  # the restored router is the fresh one: it ranks the same tokens
+        assert torch.equal(routed(ids).logits, static(ids).logits)
+
+
 # --- bad input ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("value", [-0.1, 1.0, 1.5])

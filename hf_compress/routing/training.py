@@ -30,6 +30,7 @@ from ..training import TrainingSettings, train_with_trainer
 from ..utils import get_logger
 from .config import TokenRouterConfig
 from .layer import install_routing, routing_disabled, routing_state
+from .router import TokenRouter
 from .schedule import RoutingSchedule
 
 
@@ -163,6 +164,12 @@ def _tail_weight(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, t
     return (valid & (from_end <= scored)).float()
 
 
+def _is_fresh_router(router: nn.Module) -> bool:
+    """True when ``router`` holds exactly a new router's weights (the static rule, see ``TokenRouter``)."""
+    fresh = TokenRouter(router.hidden.out_features).state_dict()
+    return all(torch.equal(value.detach().cpu().float(), fresh[name]) for name, value in router.state_dict().items())
+
+
 def train_token_router(
     model: PreTrainedModel,
     schedule: RoutingSchedule,
@@ -178,6 +185,9 @@ def train_token_router(
     Returns the same model, routed by the trained router (``routing_state(model).mode == "router"``), ready for
     ``generate()`` and ``save_routed`` / ``save_pretrained``. The run's numbers are kept in
     ``routing_state(model).schedule.search["training"]``.
+
+    When model selection keeps the untrained starting router (the static rule) and ``route_decode`` is off, the
+    model is returned in ``"static"`` mode instead: the same tokens, without the router's features to compute.
 
     Model selection (:class:`KeepBestRouter`): every ``config.validation_every`` steps, and before the first, the
     routed model's tail KL to the dense model is measured on held-out windows (``eval_dataset``, or the last
@@ -223,6 +233,11 @@ def train_token_router(
     if callbacks:
         best = callbacks[0].best
         selection = {"best_step": best[1], "best_validation_kl": best[0], "history": callbacks[0].history}
+        if best[1] == 0 and not state.route_decode and _is_fresh_router(state.router):
+            # Training found nothing better than where it started, the static rule itself: rank by the rule, which
+            # selects the same tokens without computing the router's features at every block (a faster prefill).
+            state.mode = "static"
+            selection["kept_static_rule"] = True
     schedule.search = {
         **schedule.search,
         "training": {
