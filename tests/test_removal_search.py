@@ -13,10 +13,10 @@ import hf_compress  # noqa: F401  (registers the slim format)
 from hf_compress.assets import tiny_model
 from hf_compress.formats.slim import attach_slim_format
 from hf_compress.modeling import find_decoder_blocks
+from hf_compress.modeling.calibration import calibration_loss
 from hf_compress.modeling.structure import layer_widths, remove_blocks
 from hf_compress.modeling.sublayers import remove_sublayers, removed_sublayers, sublayers_switched_off
 from hf_compress.pruning import BlockPrunerConfig, BlockPrunerPruner, SLEBConfig, SLEBPruner
-from hf_compress.modeling.calibration import calibration_loss
 from hf_compress.pruning.removal_search import greedy_removal
 
 
