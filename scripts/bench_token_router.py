@@ -57,13 +57,14 @@ from hf_compress.training import TrainingSettings, causal_lm_dataset
 
 TASKS = ("arc_easy", "piqa", "hellaswag", "winogrande", "boolq")
 TRAINED = "trained router, searched schedule"
+RETENTION_TARGET_SPARSITY = 0.22  # issue 21 sets the >= 95% zero-shot retention target at this token sparsity
 logger = logging.getLogger("bench_token_router")
 
 
 def main() -> None:
     parser = benchmark_parser(__doc__, "token_router")
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--sparsities", type=float, nargs="+", default=[0.3, 0.22])
+    parser.add_argument("--sparsities", type=float, nargs="+", default=[0.3, RETENTION_TARGET_SPARSITY])
     parser.add_argument("--ppl-windows", type=int, default=64, help="512-token Wikipedia eval windows")
     parser.add_argument("--tail", type=int, default=128, help="tokens at the end of each window the tail ppl scores")
     parser.add_argument("--limit", type=int, default=500, help="examples per zero-shot task (issue: >= 500; 0 skips)")
@@ -174,12 +175,10 @@ def main() -> None:
                              **measure(static, f"{label} {sparsity}", zero_shot=zero_shot)})
         static_row = next(row for row in rows if row["method"] == "static, searched schedule" and
                           row["sparsity"] == sparsity)
-        # Selection may keep the starting router, which ranks tokens exactly as the static rule: then it is the same
-        # model, and its zero-shot is the static row's (checked: both perplexities must be bit-equal).
+        # Selection may keep the untrained start, which ranks tokens exactly as the static rule: train_token_router
+        # then returns the static rule itself, the same model as the static row, whose zero-shot it shares.
         measured = measure(trained, f"trained {sparsity}", zero_shot=False)
-        kept_static = ((record["selection"] or {}).get("best_step") == 0 and
-                       (measured["perplexity"], measured["tail_perplexity"]) ==
-                       (static_row["perplexity"], static_row["tail_perplexity"]))
+        kept_static = bool((record["selection"] or {}).get("kept_static_rule"))
         if kept_static:
             measured.update({key: static_row[key] for key in static_row if key.startswith(("zero_shot", "per_example"))})
         elif args.limit:
@@ -372,7 +371,8 @@ def _targets(rows: list[dict[str, Any]], settings: dict[str, Any]) -> list[str]:
             detail = "" if paired is None else (f"; trained − dense = {100 * paired['difference']:+.1f} ± "
                                                 f"{100 * paired['stderr']:.1f} points, paired")
             # the 95% target is the issue's at 22% token sparsity; at other sparsities the retention is reported only
-            verdict = (("met" if trained["zero_shot_retention"] >= 0.95 else "missed") if sparsity <= 0.22 + 1e-9
+            judged = sparsity <= RETENTION_TARGET_SPARSITY + 1e-9
+            verdict = (("met" if trained["zero_shot_retention"] >= 0.95 else "missed") if judged
                        else "reported (the target is at 22%)")
             lines.append(f"- {sparsity:.2f}: trained router keeps {100 * trained['zero_shot_retention']:.1f}% of the "
                          f"dense zero-shot average{detail} (target ≥ 95% at 22%): {verdict}")
