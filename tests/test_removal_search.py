@@ -13,10 +13,11 @@ import hf_compress  # noqa: F401  (registers the slim format)
 from hf_compress.assets import tiny_model
 from hf_compress.formats.slim import attach_slim_format
 from hf_compress.modeling import find_decoder_blocks
-from hf_compress.modeling.calibration import calibration_loss
+from hf_compress.modeling.calibration import calibration_loss, capture_block_inputs, forward_from_block
 from hf_compress.modeling.structure import layer_widths, remove_blocks
 from hf_compress.modeling.sublayers import remove_sublayers, removed_sublayers, sublayers_switched_off
 from hf_compress.pruning import BlockPrunerConfig, BlockPrunerPruner, SLEBConfig, SLEBPruner
+from hf_compress.pruning import removal_search
 from hf_compress.pruning.removal_search import greedy_removal
 
 
@@ -114,6 +115,63 @@ def test_greedy_search_removes_the_least_harmful_unit_first_and_stops_nearest_th
     assert greedy_removal(model, ids, units, [0.6] * 4, budget=0.8, progress=False).removed == [first]
     with pytest.raises(ValueError, match="4 candidates but 3 costs"):
         greedy_removal(model, ids, units, [0.6] * 3, budget=1.0, progress=False)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "gpt2", "qwen3"])
+def test_forward_from_block_reproduces_the_whole_forward_and_refuses_a_mismatched_micro_batch(arch):
+    model, _ = _model(arch)
+    blocks = find_decoder_blocks(model)[1]
+    ids = _ids(shape=(3, 40))  # past gemma3's sliding window of 32
+    captured = capture_block_inputs(model, ids, batch_size=2)
+    entering = [captured.hidden_states]
+    with torch.no_grad():
+        for block, call in zip(blocks, captured.calls):
+            entering.append([call(block, hidden) for hidden in entering[-1]])
+        whole = torch.cat([model(ids[start : start + 2]).logits for start in (0, 2)])
+        for index in (0, 2, len(blocks) - 1):
+            with forward_from_block(model, index, entering[index]):
+                resumed = torch.cat([model(ids[start : start + 2]).logits for start in (0, 2)])
+            torch.testing.assert_close(resumed, whole)
+            assert all("forward" not in block.__dict__ for block in blocks)  # the pass-through is undone
+        # the saved hidden states decide the result: other ones give other logits
+        with forward_from_block(model, 1, [h + 1.0 for h in entering[1]]):
+            assert not torch.allclose(model(ids[:2]).logits, whole[:2])
+        with pytest.raises(RuntimeError, match="saved micro-batch"), forward_from_block(model, 1, entering[1]):
+            model(ids)  # 3 sequences where the first saved micro-batch holds 2
+        with pytest.raises(RuntimeError, match="saved micro-batch"), forward_from_block(model, 1, entering[1][:1]):
+            model(ids[:2])
+            model(ids[2:])  # one forward more than there are saved micro-batches
+    with pytest.raises(ValueError, match="outside"), forward_from_block(model, len(blocks), []):
+        pass
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_greedy_search_from_saved_block_inputs_equals_whole_forwards(arch):
+    model, _ = _model(arch, layers=6)
+    ids = _ids(shape=(3, 40))
+    units = [[(index, kind)] for index in range(6) for kind in ("attention", "mlp")]
+    whole_blocks = [[(index, "attention"), (index, "mlp")] for index in range(6)]
+    for candidates in (units, whole_blocks):
+        costs = [1.0] * len(candidates)
+        fast = greedy_removal(model, ids, candidates, costs, budget=3.0, batch_size=2, progress=False)
+        slow = greedy_removal(model, ids, candidates, costs, budget=3.0, batch_size=2, progress=False,
+                              reuse_prefix=False)
+        assert fast.removed == slow.removed and len(fast.removed) == 3
+        for quick, reference in zip(fast.history, slow.history):
+            assert quick["loss"] == pytest.approx(reference["loss"], rel=1e-5)
+
+
+def test_greedy_search_falls_back_to_whole_forwards_when_the_shortcut_disagrees(monkeypatch, caplog):
+    model, _ = _model("llama")
+    ids = _ids(shape=(2, 32))
+    units = [[(index, "mlp")] for index in range(4)]
+    expected = greedy_removal(model, ids, units, [1.0] * 4, budget=2.0, progress=False, reuse_prefix=False)
+    monkeypatch.setattr(removal_search._PrefixReuse, "resumed_losses",
+                        lambda self, removed, plans, progress: dict.fromkeys(plans, 123.0))
+    with caplog.at_level("WARNING", logger="hf_compress.pruning.removal_search"):
+        result = greedy_removal(model, ids, units, [1.0] * 4, budget=2.0, progress=False)
+    assert "whole forwards instead" in caplog.text
+    assert result.removed == expected.removed and result.history == expected.history
 
 
 # ------------------------------------------------------------------------------------------- SLEB

@@ -28,6 +28,7 @@ from .calibration import (
     calibration_loss,
     capture_block_inputs,
     for_each_block,
+    forward_from_block,
 )
 from .layers import (
     LINEAR_TYPES,
@@ -60,6 +61,7 @@ __all__ = [
     "find_decoder_blocks",
     "find_linear_layers",
     "for_each_block",
+    "forward_from_block",
     "in_features",
     "is_linear",
     "matches_any",

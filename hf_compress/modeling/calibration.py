@@ -74,6 +74,7 @@ __all__ = [
     "calibration_loss",
     "capture_block_inputs",
     "for_each_block",
+    "forward_from_block",
 ]
 
 logger = get_logger(__name__)
@@ -191,15 +192,17 @@ class BlockCall:
         self, block: nn.Module, hidden_states: torch.Tensor, device: torch.device | None = None
     ) -> torch.Tensor:
         """Run ``block`` on ``hidden_states`` with these arguments, moved to ``device``."""
+        return _hidden_states_of(self.output(block, hidden_states, device))
+
+    def output(self, block: nn.Module, hidden_states: torch.Tensor, device: torch.device | None = None) -> Any:
+        """What ``block`` returns, as the model's own loop receives it (a tensor, or a tuple from older blocks)."""
         args, kwargs = self.args, self.kwargs
         if device is not None:
             args, kwargs = _to_device((args, kwargs), device)
             hidden_states = hidden_states.to(device)
         if self.hidden_states_keyword is None:
-            output = block(hidden_states, *args, **kwargs)
-        else:
-            output = block(*args, **{**kwargs, self.hidden_states_keyword: hidden_states})
-        return _hidden_states_of(output)
+            return block(hidden_states, *args, **kwargs)
+        return block(*args, **{**kwargs, self.hidden_states_keyword: hidden_states})
 
     def on(self, device: torch.device, dtype: torch.dtype | None = None) -> BlockCall:
         """A copy whose tensors live on ``device`` (a no-op copy when they already do).
@@ -737,3 +740,67 @@ def calibration_loss(model: nn.Module, windows: torch.Tensor, batch_size: int = 
         total += float(loss)
         count += targets.numel()
     return total / count
+
+
+@contextlib.contextmanager
+def forward_from_block(
+    model: nn.Module, index: int, hidden_states: Sequence[torch.Tensor], *, tuple_outputs: bool = False
+) -> Iterator[None]:
+    """Inside, the model's own forward starts at decoder block ``index``: the blocks before it pass their input
+    through unchanged, and block ``index`` receives ``hidden_states[k]`` on the k-th forward instead.
+
+    For searches that change only blocks ``index`` and later: the hidden states entering block ``index``, computed
+    once (``capture_block_inputs`` and ``BlockCall``), stand in for the unchanged blocks before it, and the model's
+    own code runs the rest (later blocks, final norm, head, soft-capping). The forwards must come in the order and
+    micro-batch sizes of ``hidden_states``; a forward whose shape differs, or one more than there are saved
+    micro-batches, raises instead of computing a wrong result. ``tuple_outputs``: the blocks return tuples (older
+    transformers blocks) rather than a tensor, so the pass-through does too.
+
+    Example:
+        >>> from hf_compress.assets import tiny_model
+        >>> model, _ = tiny_model("llama")
+        >>> ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+        >>> captured = capture_block_inputs(model, ids)
+        >>> entering_1 = [captured.calls[0](model.model.layers[0], h) for h in captured.hidden_states]
+        >>> with torch.no_grad(), forward_from_block(model, 1, entering_1):
+        ...     resumed = model(ids).logits
+        >>> torch.allclose(resumed, model(ids).logits)
+        True
+    """
+    _, blocks = find_decoder_blocks(model)
+    if not 0 <= index < len(blocks):
+        raise ValueError(f"block index {index} is outside the model's {len(blocks)} decoder blocks.")
+    saved = iter(hidden_states)
+
+    def passthrough(*args: Any, **kwargs: Any) -> Any:
+        hidden, _ = _hidden_from(args, kwargs)
+        return (hidden,) if tuple_outputs else hidden
+
+    def substitute(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        arriving, keyword = _hidden_from(args, kwargs)
+        replacement = next(saved, None)
+        if replacement is None or replacement.shape != arriving.shape:
+            raise RuntimeError(
+                f"forward_from_block: block {index} received hidden states of shape {tuple(arriving.shape)} but the "
+                f"saved micro-batch is {None if replacement is None else tuple(replacement.shape)}; run the forwards "
+                "in the order and sizes the hidden states were saved in."
+            )
+        replacement = replacement.to(arriving.device, arriving.dtype)
+        if keyword is None:
+            return (replacement, *args[1:]), kwargs
+        return args, {**kwargs, keyword: replacement}
+
+    # An instance attribute shadows the class's forward; accelerate's offload hooks set one too, so restore it.
+    previous = [block.__dict__.get("forward") for block in blocks[:index]]
+    for block in blocks[:index]:
+        block.forward = passthrough
+    handle = blocks[index].register_forward_pre_hook(substitute, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+        for block, forward in zip(blocks[:index], previous):
+            if forward is None:
+                del block.forward
+            else:
+                block.forward = forward
