@@ -115,6 +115,13 @@ def test_arbiter_disabled_is_greedy_generate(arch, pair):
         ids, reference = greedy(model, tok, prompt)
         for strategy in (CoSpec(arbiter, draft, threshold=1.0), CoSpec(arbiter, mode="strict"), CoSpec(arbiter, draft)):
             assert torch.equal(model.generate(ids, max_new_tokens=20, do_sample=False, custom_generate=strategy), reference)
+    # threshold 1.0 can keep no draft token: the arbiter is not even consulted (no cost over strict verification)
+    rule = ArbiterRule(arbiter, threshold=1.0)
+    assert rule.keeps_nothing and not rule.reads_hidden_states and ArbiterRule(arbiter).reads_hidden_states
+    arbiter.forward = lambda *args, **kwargs: pytest.fail("the arbiter ran at threshold 1.0")
+    ids, reference = greedy(model, tok, PROMPTS[0])
+    strategy = CoSpec(arbiter, draft, threshold=1.0)
+    assert torch.equal(model.generate(ids, max_new_tokens=20, do_sample=False, custom_generate=strategy), reference)
 
 
 def test_always_accept_equals_accepting_every_draft_token(pair, mixed_arbiter):

@@ -133,7 +133,7 @@ class CoSpecArbiter(PreTrainedModel):
 
     @property
     def reads_hidden_states(self) -> bool:
-        return self.config.use_hidden_states
+        return self.as_rule().reads_hidden_states  # not at threshold 1.0, where the arbiter is never consulted
 
     def as_rule(self, threshold: float | None = None, mode: str = "policy", **kwargs):
         """An :class:`~.rule.ArbiterRule` with this arbiter (``threshold`` defaults to the saved one)."""

@@ -96,9 +96,16 @@ class ArbiterRule:
         self.generator = generator
 
     @property
+    def keeps_nothing(self) -> bool:
+        """Whether no mismatch can keep its draft token (strict mode, or ``threshold=1.0``: P(DRAFT) never exceeds 1)
+        — then the arbiter and its features are not computed unless a log asks for them."""
+        return self.mode == "strict" or (self.mode == "policy" and self.threshold >= 1.0)
+
+    @property
     def reads_hidden_states(self) -> bool:
         # The fixed modes still read them when logging, so logged features match what "policy" would see.
-        return self.arbiter.config.use_hidden_states and (self.mode in ("policy", "sample") or self.log is not None)
+        consults = self.mode in ("policy", "sample") and not self.keeps_nothing
+        return self.arbiter.config.use_hidden_states and (consults or self.log is not None)
 
     @torch.no_grad()
     def verify(self, draft_tokens, target_logits, draft_probs=None, hidden_states=None) -> Verdict:
@@ -106,13 +113,14 @@ class ArbiterRule:
         choice = target_logits.argmax(dim=-1)  # (B, k + 1)
         exact = draft_tokens == choice[:, :k]
         features = None
-        if self.mode in ("policy", "sample") or (self.log is not None and k):
+        consults = self.mode in ("policy", "sample") and not self.keeps_nothing
+        if consults or (self.log is not None and k):
             if self.arbiter.config.use_hidden_states and hidden_states is None:
                 raise ValueError("This arbiter reads the target's hidden states: run it through the speculative engine "
                                  "(generate(custom_generate=CoSpec(arbiter))) or pass hidden_states=.")
             features = mismatch_features(draft_tokens, target_logits, hidden_states if self.arbiter.config.use_hidden_states else None,
                                          entropy_top_k=self.arbiter.config.entropy_top_k)
-        if self.mode == "strict":
+        if self.keeps_nothing:
             keep = torch.zeros_like(exact)
         elif self.mode == "accept":
             keep = torch.ones_like(exact)
