@@ -102,10 +102,14 @@ class ArbiterRule:
         return self.mode == "strict" or (self.mode == "policy" and self.threshold >= 1.0)
 
     @property
+    def consults_arbiter(self) -> bool:
+        """Whether a mismatch's verdict comes from the arbiter (the learned modes, unless nothing can be kept)."""
+        return self.mode in ("policy", "sample") and not self.keeps_nothing
+
+    @property
     def reads_hidden_states(self) -> bool:
         # The fixed modes still read them when logging, so logged features match what "policy" would see.
-        consults = self.mode in ("policy", "sample") and not self.keeps_nothing
-        return self.arbiter.config.use_hidden_states and (consults or self.log is not None)
+        return self.arbiter.config.use_hidden_states and (self.consults_arbiter or self.log is not None)
 
     @torch.no_grad()
     def verify(self, draft_tokens, target_logits, draft_probs=None, hidden_states=None) -> Verdict:
@@ -113,8 +117,7 @@ class ArbiterRule:
         choice = target_logits.argmax(dim=-1)  # (B, k + 1)
         exact = draft_tokens == choice[:, :k]
         features = None
-        consults = self.mode in ("policy", "sample") and not self.keeps_nothing
-        if consults or (self.log is not None and k):
+        if self.consults_arbiter or (self.log is not None and k):
             if self.arbiter.config.use_hidden_states and hidden_states is None:
                 raise ValueError("This arbiter reads the target's hidden states: run it through the speculative engine "
                                  "(generate(custom_generate=CoSpec(arbiter))) or pass hidden_states=.")
