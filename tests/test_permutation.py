@@ -282,6 +282,32 @@ def test_learned_costs_start_at_their_initial_permutation_and_stay_permutations(
     assert all(layer.weight.grad is None for layer, _ in learner.layers.values())  # the weights stay frozen
 
 
+def test_soft_mask_keeps_the_hard_forward_and_lets_the_gradient_see_the_mask_move():
+    model, _ = tiny_model("llama")
+    sites = find_sites(model)
+    generator = torch.Generator().manual_seed(0)
+    norms = {name: torch.rand(layer.in_features, generator=generator) + 0.5
+             for name, layer in find_linear_layers(model).items()}
+    ids = torch.randint(3, 256, (1, 16), generator=generator)
+    losses, grads = {}, {}
+    for soft in (False, True):
+        config = LearnedPermutationConfig(groups=2, hard_forward=True, objective="ce_distill", soft_mask=soft)
+        learner = PermutationLearner(model, sites, norms, config, kept=2, group=4)
+        loss = learner(input_ids=ids, labels=ids)["loss"]
+        loss.backward()
+        losses[soft], grads[soft] = loss.detach(), [cost.grad.clone() for cost in learner.costs]
+    # the same network in the forward (the hard N:M mask), a different gradient: the re-masking term
+    assert torch.equal(losses[False], losses[True])
+    assert any(not torch.allclose(a, b) for a, b in zip(grads[False], grads[True], strict=True))
+
+    matrices = learner.hard_matrices()  # at a true permutation the soft mask sides with the hard one
+    for name, (layer, ranges) in learner.layers.items():
+        perm = torch.cat([matrices[i] for i, _ in ranges])
+        weight = layer.weight.detach().float().reshape(layer.out_features, perm.shape[0], -1).transpose(0, 1)
+        hard = learner._mask(name, weight)
+        assert torch.equal(learner._soft_mask(name, weight, perm) > 0.5, hard.bool()), name
+
+
 def test_learned_permutation_trains_only_the_costs_through_trainer():
     model, tokenizer = tiny_model("llama")
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
@@ -317,6 +343,8 @@ def test_bad_permutation_configs_raise_clear_errors():
         LearnedPermutationConfig(groups=4, block_size=32)
     with pytest.raises(ValueError, match="temperature_end"):
         LearnedPermutationConfig(temperature_start=0.1, temperature_end=0.5)
+    with pytest.raises(ValueError, match="mask_temperature"):
+        LearnedPermutationConfig(soft_mask=True, mask_temperature=0)
     with pytest.raises(ValueError, match="max_seconds"):
         SwapPermutationConfig(max_seconds=0)
     with pytest.raises(ValueError, match="unknown SwapPermutationConfig fields"):

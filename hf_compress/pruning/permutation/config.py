@@ -89,6 +89,12 @@ class LearnedPermutationConfig(_PermutationConfigJSON):
         identity_margin: the initial cost advantage of the starting position of each channel.
         hard_forward: run the Hungarian permutation in the forward pass and the Sinkhorn one in the
             backward (straight-through; PermLLM's choice) instead of the soft permutation throughout.
+        soft_mask: let the gradient see the N:M mask move with the permutation (straight-through: the
+            forward keeps the hard top-N mask, the backward uses a sigmoid of each permuted channel's
+            Wanda score against its M-group's N-th/(N+1)-th threshold, PermLLM's soft mask in spirit).
+            Without it the mask is a constant for the gradient, which then only sees weights carried
+            with fixed masks, not the re-masking a move causes.
+        mask_temperature: the sigmoid's temperature, relative to the mean score of the M-group.
         objective: ``"block"`` (default: each decoder block, fed the dense model's captured inputs, must
             reproduce its dense outputs — relative squared error summed over blocks; a labelled,
             CPU-sized stand-in for the paper's loss, see ``blockwise.py``), ``"ce_distill"`` (next-token
@@ -100,7 +106,8 @@ class LearnedPermutationConfig(_PermutationConfigJSON):
         eval_every: every this many steps the Hungarian permutations are scored on the objective (on
             ``eval_sequences`` fixed training windows) and the best so far is kept; the starting point is
             scored first, so the result is never worse than its initialisation on that objective.
-        eval_sequences: training windows the keep-best score uses.
+        eval_sequences: windows the keep-best score uses: the last ones, held out from training, when
+            there are at least twice as many windows (else the first training windows).
         blocks_per_step: with ``objective="block"``, how many decoder blocks (drawn at random) one step
             trains on (``None``: all of them).
         seed: initial noise of the cost matrices and the training order.
@@ -125,6 +132,8 @@ class LearnedPermutationConfig(_PermutationConfigJSON):
     init: str = "ria"
     identity_margin: float = 0.5
     hard_forward: bool = False
+    soft_mask: bool = False
+    mask_temperature: float = 0.25
     objective: str = "block"
     distillation_weight: float = 1e-5
     max_train_seconds: float | None = None
@@ -147,7 +156,7 @@ class LearnedPermutationConfig(_PermutationConfigJSON):
                                                 minimum=1, allow_none=True)
         self.batch_size = check_int("batch_size", self.batch_size, minimum=1)
         self.sinkhorn_iterations = check_int("sinkhorn_iterations", self.sinkhorn_iterations, minimum=1)
-        for name in ("learning_rate", "temperature_start", "temperature_end"):
+        for name in ("learning_rate", "temperature_start", "temperature_end", "mask_temperature"):
             setattr(self, name, check_float(name, getattr(self, name), low=0.0, low_open=True))
         if self.temperature_end > self.temperature_start:
             raise ValueError(
@@ -162,6 +171,7 @@ class LearnedPermutationConfig(_PermutationConfigJSON):
         self.eval_sequences = check_int("eval_sequences", self.eval_sequences, minimum=1)
         self.blocks_per_step = check_int("blocks_per_step", self.blocks_per_step, minimum=1, allow_none=True)
         check_bool("hard_forward", self.hard_forward)
+        check_bool("soft_mask", self.soft_mask)
         check_choice("objective", self.objective, _OBJECTIVES)
         check_choice("init", self.init, ("ria", "identity"))
         self.seed = check_int("seed", self.seed)

@@ -12,7 +12,8 @@ is learned. A forward pass:
    metric ``|W| · ‖x‖`` in every M consecutive columns *of the Hungarian permutation of the current
    costs* — the mask the export will use — is a constant for the gradient, and is rebuilt only when
    that permutation changed for one of the layer's sites (most steps move few of them); then permutes
-   back: ``W_eff = (Ŵ ⊙ M) P`` (= ``W`` masked by the permuted mask when ``P`` is a permutation);
+   back: ``W_eff = (Ŵ ⊙ M) P`` (= ``W`` masked by the permuted mask when ``P`` is a permutation).
+   With ``soft_mask`` the backward also sees the mask move with ``P`` (``_soft_mask``);
 3. runs the frozen model with ``W_eff`` (``torch.func.functional_call``; the model's own weights are
    untouched) and returns the loss: next-token CE + ``α`` · Σ_layers Smooth-L1(dense hidden, pruned
    hidden) (the paper), or ``1 − cos`` of the final hidden states (PermLLM). The block-by-block
@@ -180,6 +181,9 @@ class PermutationLearner(nn.Module):
         blocks, width = perm.shape[0], perm.shape[1]
         weight = layer.weight.detach().float().reshape(layer.out_features, blocks, width).transpose(0, 1)
         keep = self._mask(name, weight)
+        if self.config.soft_mask and perm.requires_grad:
+            soft = self._soft_mask(name, weight, perm)
+            keep = keep + soft - soft.detach()  # forward: the hard mask; backward: how the mask moves with P
         permuted = torch.bmm(weight, perm.transpose(1, 2))  # Ŵ[b, o, j] = Σ_i W[b, o, i] P[b, j, i]
         back = torch.bmm(permuted * keep, perm)  # W_eff[b, o, i] = Σ_j (Ŵ ⊙ M)[b, o, j] P[b, j, i]
         return back.transpose(0, 1).reshape_as(layer.weight).to(layer.weight.dtype)
@@ -208,6 +212,24 @@ class PermutationLearner(nn.Module):
         self._masks[name] = (perms, keep)
         self.mask_rebuilds += 1
         return keep
+
+    def _soft_mask(self, name: str, weight: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+        """A differentiable stand-in ``[blocks, out, n]`` for the N:M mask of the channels ``perm`` puts at each position.
+
+        Each position's Wanda score is ``Σ_i P[j, i] · |W[o, i]| · ‖x_i‖`` (the score of the channel it
+        holds when ``P`` is a permutation); the sigmoid compares it with the midpoint between the N-th and
+        (N+1)-th score of its M-group, so moving a strong channel into a group raises its keep value and
+        lowers that of the group's weakest kept one.
+        """
+        blocks, out, width = weight.shape
+        norms = self.input_norms[name].reshape(blocks, 1, width)
+        scores = torch.bmm(weight.abs() * norms, perm.transpose(1, 2))  # [b, o, j]: score at position j
+        groups = scores.reshape(blocks, out, width // self.group, self.group)
+        top = groups.topk(self.kept + 1, dim=-1).values
+        threshold = 0.5 * (top[..., self.kept - 1] + top[..., self.kept])
+        scale = groups.detach().mean(dim=-1).clamp_min(1e-12) * self.config.mask_temperature
+        soft = torch.sigmoid((groups - threshold.unsqueeze(-1)) / scale.unsqueeze(-1))
+        return soft.reshape(blocks, out, width)
 
     # ------------------------------------------------------------------------------------------ loss
 

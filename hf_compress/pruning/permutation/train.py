@@ -5,8 +5,8 @@ cosine schedule) sees nothing else, and ``accelerate launch`` / ``torchrun`` sca
 callback feeds the training progress to the learner (temperature annealing), stops at
 ``max_train_seconds`` and keeps the best permutation: the starting point and, every ``eval_every``
 steps and at the end, the Hungarian decoding of the costs are scored on the learner's objective on
-``eval_sequences`` fixed windows; the lowest wins, so the result is never worse than where it started
-on that objective. The loss curve comes back from the Trainer's log history.
+``eval_sequences`` fixed windows, held out from training when there are at least twice as many
+windows; the lowest wins, so the result is never worse than where it started on that objective. The loss curve comes back from the Trainer's log history.
 
 Example:
     >>> perms, info = learn_permutations(model, sites, norms, calibration_ids, config, 2, 4)  # doctest: +SKIP
@@ -60,14 +60,25 @@ def learn_permutations(
 
     if config.num_training_sequences is not None:
         training_ids = training_ids[: config.num_training_sequences]
-    rows = training_ids.tolist()
+    # Keep-best scores windows the costs never trained on when there are enough of them (the last
+    # ``eval_sequences``): scored on training windows, the choice follows the learner's overfitting.
+    total = training_ids.shape[0]
+    held_out = total >= 2 * config.eval_sequences
+    if held_out:
+        train_rows = list(range(total - config.eval_sequences))
+        evaluation = torch.arange(total - config.eval_sequences, total, device=training_ids.device)
+    else:
+        train_rows = list(range(total))
+        evaluation = torch.arange(min(config.eval_sequences, total), device=training_ids.device)
+        logger.warning("learned permutation: %d windows are too few to hold %d out; keep-best scores training "
+                       "windows", total, config.eval_sequences)
+    rows = training_ids[train_rows].tolist()
     steps = max(1, math.ceil(config.epochs * len(rows) / config.batch_size))
-    evaluation = torch.arange(min(config.eval_sequences, len(rows)), device=training_ids.device)
     blockwise = config.objective == "block"
     device = next(model.parameters()).device
     setup = time.perf_counter()
     if blockwise:
-        dataset = Dataset.from_dict({"index": list(range(len(rows)))})
+        dataset = Dataset.from_dict({"index": train_rows})
         learner: PermutationLearner = BlockwisePermutationLearner(
             model, sites, input_norms, config, kept, group, initial, training_ids=training_ids, batch_size=batch_size)
     else:
@@ -133,7 +144,7 @@ def learn_permutations(
         "cost_parameters": sum(c.numel() for c in learner.costs), "objective": config.objective,
         "objective_curve": progress.curve, "objective_initial": progress.initial,
         "objective_best": progress.best_score, "best_step": progress.best_step,
-        "mask_rebuilds": learner.mask_rebuilds,
+        "mask_rebuilds": learner.mask_rebuilds, "selection_windows": "held-out" if held_out else "training",
     }
     logger.info("learned permutation: %d steps in %.0f s; objective %.5f at the start, best %.5f (step %d)",
                 info["steps"], info["train_seconds"], progress.initial, progress.best_score, progress.best_step)
