@@ -98,6 +98,12 @@ def build_pair(name: str):
             "Gemma-3-270M + SmolLM2-135M-Instruct (other tokenizer)")
 
 
+def _threshold(value: float) -> str:
+    """A threshold for the tables: 3 significant digits, more when those would round a loose τ < 1 up to strict's 1."""
+    text = f"{value:.3g}"
+    return f"{value:.6g}" if value < 1 and text == "1" else text
+
+
 def evaluate(target, tokenizer, strategy, examples, args, stop_ids) -> dict[str, Any]:
     reward = resolve_reward("squad_f1")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
@@ -318,7 +324,7 @@ def markdown(payload: dict[str, Any]) -> str:
             kept = f"{100 * r['f1_kept']:.1f}%" if r.get("f1_kept") is not None else "—"
             decode = f"{r['decode_tokens_per_s']:.2f}" if r.get("decode_tokens_per_s") else "—"
             decode_x = f"{r['decode_speedup_vs_strict']:.2f}" if r.get("decode_speedup_vs_strict") else "—"
-            tau = f"{r['threshold']:.3g}" if r.get("threshold") is not None else "—"
+            tau = _threshold(r["threshold"]) if r.get("threshold") is not None else "—"
             lines.append(
                 f"| {method} | {tau} | {r['f1']:.1f} ± {r['f1_se']:.1f} | {kept} | {r['tokens_per_s']:.2f} | "
                 f"{r['speedup_vs_strict']:.2f} | {decode} | {decode_x} | {r['accepted_per_forward']:.2f} | "
@@ -331,12 +337,12 @@ def markdown(payload: dict[str, Any]) -> str:
                 continue
             chosen = cal["chosen"]
             tried = ", ".join(
-                f"{t['threshold']:.3g}" + (f" W={t['window']}" if t.get("window") else "")
+                _threshold(t["threshold"]) + (f" W={t['window']}" if t.get("window") else "")
                 + f": {100 * t['kept']:.0f}% at {t['accepted_per_forward']:.2f}/fwd" for t in cal["tried"] if t["loose"])
             strict_apf = cal["tried"][0]["accepted_per_forward"]
             lines.append(f"- {knob} ({cal['score']}, strict {100 * cal['strict_score']:.1f} at {strict_apf:.2f}/fwd): "
                          f"{tried or 'no candidate'} → chosen "
-                         + (f"{chosen['threshold']:.3g}" if chosen["loose"] else "strict (no loose setting met the target)")
+                         + (_threshold(chosen["threshold"]) if chosen["loose"] else "strict (no loose setting met the target)")
                          + ".")
         tr = result["training"]
         oracle = tr["oracle"]
