@@ -342,7 +342,8 @@ def markdown(payload: dict[str, Any]) -> str:
             strict_apf = cal["tried"][0]["accepted_per_forward"]
             lines.append(f"- {knob} ({cal['score']}, strict {100 * cal['strict_score']:.1f} at {strict_apf:.2f}/fwd): "
                          f"{tried or 'no candidate'} → chosen "
-                         + (_threshold(chosen["threshold"]) if chosen["loose"] else "strict (no loose setting met the target)")
+                         + (_threshold(chosen["threshold"]) if chosen["loose"]
+                            else "strict (no loose setting met the target)")
                          + ".")
         tr = result["training"]
         oracle = tr["oracle"]

@@ -279,14 +279,20 @@ def _markdown(settings: dict[str, Any], results: dict[str, Any]) -> str:
             training = info["training"]
             curve = training["loss_curve"] or [[0, float("nan")]]
             shown = ", ".join(f"{step}: {loss:.3g}" for step, loss in curve[:: max(1, len(curve) // 8)])
+            where = ", held-out windows" if training.get("selection_windows") == "held-out" else ""
             objective = (f"{training['objective_initial']:.5f} → {training['objective_best']:.5f} "
-                         f"({training['best_step']})" if "objective_best" in training else "")
+                         f"({training['best_step']}{where})" if "objective_best" in training else "")
             kept = (f"{training['kept_score_initial']:.2f} → {info['kept_score']:.2f}"
                     if "kept_score_initial" in training else "")
             lines.append(f"| {name} | {training.get('objective', '')} | {training['steps']} | "
                          f"{training['train_seconds']:.0f} | {training['train_seconds'] / max(1, training['steps']):.1f} | "
                          f"{training['cost_parameters']:,} | {objective} | {kept} | "
                          f"{curve[0][1]:.3g} → {curve[-1][1]:.3g} | {shown} |")
+        for name, info in learned.items():  # the keep-best scores: did the hard permutation move, and where to?
+            points = info["training"].get("objective_curve") or []
+            if len(points) > 1:
+                shown = ", ".join(f"{step}: {value:.5f}" for step, value in points[:: max(1, len(points) // 12)])
+                lines += ["", f"Objective of the Hungarian permutations, {name} (step: objective): {shown}."]
     lines += ["", "## Targets (issue 22)", ""] + _targets(results["rows"], results["permutations"])
     return "\n".join(lines)
 

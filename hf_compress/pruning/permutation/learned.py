@@ -214,7 +214,7 @@ class PermutationLearner(nn.Module):
         return keep
 
     def _soft_mask(self, name: str, weight: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
-        """A differentiable stand-in ``[blocks, out, n]`` for the N:M mask of the channels ``perm`` puts at each position.
+        """A differentiable stand-in ``[blocks, out, n]`` for the N:M mask of what ``perm`` puts at each position.
 
         Each position's Wanda score is ``Σ_i P[j, i] · |W[o, i]| · ‖x_i‖`` (the score of the channel it
         holds when ``P`` is a permutation); the sigmoid compares it with the midpoint between the N-th and

@@ -6,7 +6,8 @@ callback feeds the training progress to the learner (temperature annealing), sto
 ``max_train_seconds`` and keeps the best permutation: the starting point and, every ``eval_every``
 steps and at the end, the Hungarian decoding of the costs are scored on the learner's objective on
 ``eval_sequences`` fixed windows, held out from training when there are at least twice as many
-windows; the lowest wins, so the result is never worse than where it started on that objective. The loss curve comes back from the Trainer's log history.
+windows; the lowest wins, so the result is never worse than where it started on that objective. The
+loss curve comes back from the Trainer's log history.
 
 Example:
     >>> perms, info = learn_permutations(model, sites, norms, calibration_ids, config, 2, 4)  # doctest: +SKIP
