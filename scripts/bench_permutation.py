@@ -270,7 +270,7 @@ def _markdown(settings: dict[str, Any], results: dict[str, Any]) -> str:
         lines += ["", "## Training of the learned permutations", "",
                   "Objective: the learner's loss of the Hungarian permutations on fixed windows (block: mean relative "
                   "reconstruction error of the decoder blocks on dense inputs), scored at the start (RIA) and every "
-                  "few steps; the best is kept. Kept score: the Wanda-metric score the N:M mask keeps (see the table "
+                  "few steps; the best by `selection` is kept (below). Kept score: the Wanda-metric score the N:M mask keeps (see the table "
                   "above).", "",
                   "| pattern / variant | objective | steps | train s | s / step | cost parameters | objective start → "
                   "best (step) | kept score start → final | loss first → last | loss curve (step: loss) |",
@@ -289,10 +289,14 @@ def _markdown(settings: dict[str, Any], results: dict[str, Any]) -> str:
                          f"{training['cost_parameters']:,} | {objective} | {kept} | "
                          f"{curve[0][1]:.3g} → {curve[-1][1]:.3g} | {shown} |")
         for name, info in learned.items():  # the keep-best scores: did the hard permutation move, and where to?
-            points = info["training"].get("objective_curve") or []
-            if len(points) > 1:
-                shown = ", ".join(f"{step}: {value:.5f}" for step, value in points[:: max(1, len(points) // 12)])
-                lines += ["", f"Objective of the Hungarian permutations, {name} (step: objective): {shown}."]
+            for key, label in (("objective_curve", "Objective"), ("pruned_ce_curve", "Pruned model's next-token loss")):
+                points = info["training"].get(key) or []
+                if len(points) > 1:
+                    shown = ", ".join(f"{step}: {value:.5f}" for step, value in points[:: max(1, len(points) // 12)])
+                    lines += ["", f"{label} of the Hungarian permutations, {name} (step: value): {shown}."]
+            if info["training"].get("selection"):
+                lines += ["", f"Kept: the permutation of step {info['training']['best_step']}, the lowest "
+                          f"{info['training']['selection']} (`selection`)."]
     lines += ["", "## Targets (issue 22)", ""] + _targets(results["rows"], results["permutations"])
     return "\n".join(lines)
 

@@ -28,6 +28,7 @@ from hf_compress.pruning.permutation import absorb_permutations, find_sites, hun
 from hf_compress.pruning.permutation.learned import PermutationLearner
 from hf_compress.pruning.permutation.matching import is_permutation
 from hf_compress.pruning.permutation.ria import kept_score, ria_permutation
+from hf_compress.pruning.permutation.train import learn_permutations
 
 PERMUTABLE = ("llama", "mistral", "qwen2", "qwen3", "gemma3", "opt")
 CALIBRATION_TEXT = [" ".join(f"w{(i * 7919) % 251} t{i % 13}{chr(97 + i % 26)}" for i in range(600))]
@@ -327,6 +328,43 @@ def test_learned_permutation_trains_only_the_costs_through_trainer():
     assert all(p.requires_grad for p in model.parameters())  # restored after training
     assert pruner.permutation_report.training["cost_parameters"] > 0
     assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_pruned_loss_is_the_loss_of_the_wanda_pruned_model():
+    model, _ = tiny_model("llama")
+    sites = find_sites(model)
+    generator = torch.Generator().manual_seed(1)
+    layers = {name: layer for name, layer in find_linear_layers(model).items() if "lm_head" not in name}
+    norms = {name: torch.rand(layer.in_features, generator=generator) + 0.5 for name, layer in layers.items()}
+    learner = PermutationLearner(model, sites, norms, LearnedPermutationConfig(groups=2, init="identity"),
+                                 kept=2, group=4)
+    ids = torch.randint(3, 256, (3, 24), generator=generator)
+    reference = tiny_model("llama")[0]  # pruned by hand: identity order, top 2 of |W|·‖x‖ in every 4 columns
+    with torch.no_grad():
+        for name, layer in find_linear_layers(reference).items():
+            if name not in learner.layers:
+                continue
+            scores = (layer.weight.abs() * norms[name]).reshape(layer.out_features, -1, 4)
+            keep = torch.zeros_like(scores).scatter_(-1, scores.topk(2, dim=-1).indices, 1.0)
+            layer.weight.mul_(keep.reshape_as(layer.weight))
+        expected = sum(float(reference(input_ids=row[None], labels=row[None]).loss) for row in ids) / 3
+    identity = [torch.arange(w).repeat(c.shape[0], 1) for c, w in zip(learner.costs, learner.block_widths)]
+    assert learner.pruned_loss(identity, ids) == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("selection", ["pruned_ce", "objective"])
+def test_keep_best_scores_held_out_windows_and_keeps_the_lowest(selection):
+    model, _ = tiny_model("llama")
+    ids = torch.randint(3, 256, (6, 24), generator=torch.Generator().manual_seed(2))
+    config = LearnedPermutationConfig(groups=2, epochs=3.0, learning_rate=0.5, eval_every=1, eval_sequences=2,
+                                      selection=selection, soft_mask=True, hard_forward=True, identity_margin=0.05)
+    perms, info = learn_permutations(model, find_sites(model), None, ids, config, kept=2, group=4)
+    assert info["selection_windows"] == "held-out" and info["steps"] == 12  # 4 training windows x 3 epochs
+    curve = info["pruned_ce_curve"] if selection == "pruned_ce" else info["objective_curve"]
+    assert [step for step, _ in curve] == list(range(13))  # the start, then every step
+    best_step, best = min(curve, key=lambda point: point[1])
+    assert info["best_step"] == best_step and info["selection_best"] == best
+    assert all(is_permutation(p) for p in perms.values())
 
 
 # ------------------------------------------------------------------------------------------ bad input

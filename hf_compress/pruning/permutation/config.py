@@ -106,6 +106,10 @@ class LearnedPermutationConfig(_PermutationConfigJSON):
         eval_every: every this many steps the Hungarian permutations are scored on the objective (on
             ``eval_sequences`` fixed training windows) and the best so far is kept; the starting point is
             scored first, so the result is never worse than its initialisation on that objective.
+        selection: what keep-best compares: ``"pruned_ce"`` (the next-token loss of the whole model pruned
+            with the permutations, on the ``eval_sequences`` windows: the network the user gets) or
+            ``"objective"`` (the training objective on them; cheaper, but a lower block objective has been
+            measured with a higher perplexity).
         eval_sequences: windows the keep-best score uses: the last ones, held out from training, when
             there are at least twice as many windows (else the first training windows).
         blocks_per_step: with ``objective="block"``, how many decoder blocks (drawn at random) one step
@@ -138,6 +142,7 @@ class LearnedPermutationConfig(_PermutationConfigJSON):
     distillation_weight: float = 1e-5
     max_train_seconds: float | None = None
     eval_every: int = 10
+    selection: str = "pruned_ce"
     eval_sequences: int = 4
     blocks_per_step: int | None = None
     seed: int = 0
@@ -174,6 +179,7 @@ class LearnedPermutationConfig(_PermutationConfigJSON):
         check_bool("soft_mask", self.soft_mask)
         check_choice("objective", self.objective, _OBJECTIVES)
         check_choice("init", self.init, ("ria", "identity"))
+        check_choice("selection", self.selection, ("pruned_ce", "objective"))
         self.seed = check_int("seed", self.seed)
 
     def group_width(self, width: int, site: str, m: int = 1) -> int:

@@ -265,5 +265,20 @@ class PermutationLearner(nn.Module):
 
     @torch.no_grad()
     def objective(self, hard: Sequence[torch.Tensor], evaluation_ids: torch.Tensor) -> float:
-        """The training loss of the hard permutations ``hard`` on fixed windows (what keep-best compares)."""
+        """The training loss of the hard permutations ``hard`` on fixed windows."""
         return float(self(input_ids=evaluation_ids, matrices=self.hard_matrices(hard))["loss"])
+
+    @torch.no_grad()
+    def pruned_loss(self, hard: Sequence[torch.Tensor], input_ids: torch.Tensor, batch_size: int = 2) -> float:
+        """Mean next-token loss of the whole model pruned N:M under the permutations ``hard`` on ``[windows, len]`` ids.
+
+        The network the export builds (permute, Wanda mask, permute back), run windows ``batch_size`` at a
+        time so the LM head's logits stay small.
+        """
+        weights = self.effective_weights(self.hard_matrices(hard))
+        losses = []
+        for chunk in input_ids.split(batch_size):
+            out = torch.func.functional_call(self.model, weights, args=(), strict=False,
+                                             kwargs={"input_ids": chunk, "labels": chunk, "use_cache": False})
+            losses.append(float(out.loss) * chunk.shape[0])
+        return sum(losses) / input_ids.shape[0]

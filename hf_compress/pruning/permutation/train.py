@@ -4,9 +4,11 @@ Only the cost matrices have ``requires_grad`` while training, so the Trainer's o
 cosine schedule) sees nothing else, and ``accelerate launch`` / ``torchrun`` scale it unchanged. A
 callback feeds the training progress to the learner (temperature annealing), stops at
 ``max_train_seconds`` and keeps the best permutation: the starting point and, every ``eval_every``
-steps and at the end, the Hungarian decoding of the costs are scored on the learner's objective on
-``eval_sequences`` fixed windows, held out from training when there are at least twice as many
-windows; the lowest wins, so the result is never worse than where it started on that objective. The
+steps and at the end, the Hungarian decoding of the costs is scored on ``eval_sequences`` fixed
+windows, held out from training when there are at least twice as many windows; the lowest score wins,
+so the result is never worse than where it started on that score. The score is the next-token loss of
+the whole model pruned with those permutations (``selection="pruned_ce"``, the default: what the user
+gets) or the training objective (``"objective"``). The
 loss curve comes back from the Trainer's log history.
 
 Example:
@@ -86,21 +88,24 @@ def learn_permutations(
         dataset = Dataset.from_dict({"input_ids": rows, "labels": rows})
         learner = PermutationLearner(model, sites, input_norms, config, kept, group, initial)
         evaluation = training_ids[evaluation].to(device)
+    evaluation_ids = training_ids[evaluation.to(training_ids.device)].to(device) if blockwise else evaluation
     setup = time.perf_counter() - setup
 
     class _Progress(TrainerCallback):  # temperature annealing, the wall-time budget, keep-best
         def __init__(self) -> None:
             self.start = time.perf_counter()
-            self.best = learner.decode()
-            self.best_score = learner.objective(self.best, evaluation)
-            self.best_step = 0
-            self.initial = self.best_score
-            self.curve = [[0, self.best_score]]
+            self.curve: list[list[float]] = []  # [step, training objective]
+            self.pruned_curve: list[list[float]] = []  # [step, next-token CE of the pruned model]
+            self.best, self.best_score, self.best_step = learner.decode(), math.inf, 0
+            self.score(0)
+            self.initial, self.initial_objective = self.best_score, self.curve[0][1]
 
         def score(self, step: int) -> None:
             hard = learner.decode()
-            value = learner.objective(hard, evaluation)
-            self.curve.append([step, value])
+            self.curve.append([step, learner.objective(hard, evaluation)])
+            if config.selection == "pruned_ce":
+                self.pruned_curve.append([step, learner.pruned_loss(hard, evaluation_ids)])
+            value = (self.pruned_curve if config.selection == "pruned_ce" else self.curve)[-1][1]
             if value < self.best_score:
                 self.best, self.best_score, self.best_step = hard, value, step
 
@@ -143,10 +148,13 @@ def learn_permutations(
         "train_seconds": result["train_seconds"], "setup_seconds": setup, "steps": result["global_step"],
         "loss_curve": curve, "temperature_end": learner.temperature,
         "cost_parameters": sum(c.numel() for c in learner.costs), "objective": config.objective,
-        "objective_curve": progress.curve, "objective_initial": progress.initial,
-        "objective_best": progress.best_score, "best_step": progress.best_step,
+        "objective_curve": progress.curve, "objective_initial": progress.initial_objective,
+        "objective_best": dict(progress.curve)[progress.best_step], "best_step": progress.best_step,
+        "selection": config.selection, "selection_initial": progress.initial, "selection_best": progress.best_score,
+        "pruned_ce_curve": progress.pruned_curve,
         "mask_rebuilds": learner.mask_rebuilds, "selection_windows": "held-out" if held_out else "training",
     }
-    logger.info("learned permutation: %d steps in %.0f s; objective %.5f at the start, best %.5f (step %d)",
-                info["steps"], info["train_seconds"], progress.initial, progress.best_score, progress.best_step)
+    logger.info("learned permutation: %d steps in %.0f s; %s %.5f at the start, best %.5f (step %d)",
+                info["steps"], info["train_seconds"], config.selection, progress.initial, progress.best_score,
+                progress.best_step)
     return learner.site_permutations(progress.best), info
