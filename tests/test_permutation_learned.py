@@ -92,10 +92,12 @@ def test_learned_result_is_never_worse_than_its_ria_start_and_keeps_the_dense_lo
     config = WandaConfig(sparsity="2:4", permutation=learned, batch_size=2)
     report = permute_for_pruning(model, config, check_permutation(model, config), IDS, progress=False)
     training = report.training
-    assert training["steps"] == 4 and len(training["objective_curve"]) == 5  # start + every step
-    assert max(value for _, value in training["objective_curve"]) > training["objective_initial"]  # worse ones seen
-    assert training["objective_best"] <= training["objective_initial"]
-    assert training["objective_best"] == min(value for _, value in training["objective_curve"])
+    curve = training["pruned_ce_curve"]  # the default selection: the pruned model's next-token loss
+    assert training["selection"] == "pruned_ce"
+    assert training["steps"] == 4 and len(curve) == len(training["objective_curve"]) == 5  # start + every step
+    assert max(value for _, value in curve) > training["selection_initial"]  # worse ones seen
+    assert training["selection_best"] <= training["selection_initial"]
+    assert training["selection_best"] == min(value for _, value in curve)
     # Exactness: the permuted dense model computes what the original did.
     torch.testing.assert_close(_logits(model), original, atol=1e-5, rtol=1e-5)
     # Independently: the objective of the permutation now absorbed is the best one reported ...

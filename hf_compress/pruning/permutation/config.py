@@ -103,11 +103,11 @@ class LearnedPermutationConfig(_PermutationConfigJSON):
             states; PermLLM).
         distillation_weight: α of the distillation term (the paper: 1e-5).
         max_train_seconds: stop training after this wall time (``None``: no limit).
-        eval_every: every this many steps the Hungarian permutations are scored on the objective (on
-            ``eval_sequences`` fixed training windows) and the best so far is kept; the starting point is
-            scored first, so the result is never worse than its initialisation on that objective.
+        eval_every: every this many steps the Hungarian permutations are scored (``selection``) on the
+            ``eval_sequences`` windows and the best so far is kept; the starting point is scored first, so
+            the result is never worse than its initialisation on that score.
         selection: what keep-best compares: ``"pruned_ce"`` (the next-token loss of the whole model pruned
-            with the permutations, on the ``eval_sequences`` windows: the network the user gets) or
+            with the permutations and the dense model's Wanda statistics, on the ``eval_sequences`` windows) or
             ``"objective"`` (the training objective on them; cheaper, but a lower block objective has been
             measured with a higher perplexity).
         eval_sequences: windows the keep-best score uses: the last ones, held out from training, when

@@ -272,8 +272,9 @@ class PermutationLearner(nn.Module):
     def pruned_loss(self, hard: Sequence[torch.Tensor], input_ids: torch.Tensor, batch_size: int = 2) -> float:
         """Mean next-token loss of the whole model pruned N:M under the permutations ``hard`` on ``[windows, len]`` ids.
 
-        The network the export builds (permute, Wanda mask, permute back), run windows ``batch_size`` at a
-        time so the LM head's logits stay small.
+        The learner's pruned network (permute, Wanda mask from the dense model's statistics, permute back);
+        the pruner that follows gathers its statistics block by block on already pruned inputs, so its
+        masks, and its loss, can differ. Windows run ``batch_size`` at a time to keep the logits small.
         """
         weights = self.effective_weights(self.hard_matrices(hard))
         losses = []

@@ -7,9 +7,9 @@ callback feeds the training progress to the learner (temperature annealing), sto
 steps and at the end, the Hungarian decoding of the costs is scored on ``eval_sequences`` fixed
 windows, held out from training when there are at least twice as many windows; the lowest score wins,
 so the result is never worse than where it started on that score. The score is the next-token loss of
-the whole model pruned with those permutations (``selection="pruned_ce"``, the default: what the user
-gets) or the training objective (``"objective"``). The
-loss curve comes back from the Trainer's log history.
+the whole model pruned with those permutations and the dense model's Wanda statistics
+(``selection="pruned_ce"``, the default) or the training objective (``"objective"``). The loss curve comes back from the Trainer's log
+history.
 
 Example:
     >>> perms, info = learn_permutations(model, sites, norms, calibration_ids, config, 2, 4)  # doctest: +SKIP
