@@ -270,8 +270,8 @@ def _markdown(settings: dict[str, Any], results: dict[str, Any]) -> str:
         lines += ["", "## Training of the learned permutations", "",
                   "Objective: the learner's loss of the Hungarian permutations on fixed windows (block: mean relative "
                   "reconstruction error of the decoder blocks on dense inputs), scored at the start (RIA) and every "
-                  "few steps; the best by `selection` is kept (below). Kept score: the Wanda-metric score the N:M mask keeps (see the table "
-                  "above).", "",
+                  "few steps; the best by `selection` is kept (below). Kept score: the Wanda-metric score the N:M "
+                  "mask keeps (see the table above).", "",
                   "| pattern / variant | objective | steps | train s | s / step | cost parameters | objective start → "
                   "best (step) | kept score start → final | loss first → last | loss curve (step: loss) |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
