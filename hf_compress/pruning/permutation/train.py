@@ -75,20 +75,20 @@ def learn_permutations(
         evaluation = torch.arange(min(config.eval_sequences, total), device=training_ids.device)
         logger.warning("learned permutation: %d windows are too few to hold %d out; keep-best scores training "
                        "windows", total, config.eval_sequences)
-    rows = training_ids[train_rows].tolist()
-    steps = max(1, math.ceil(config.epochs * len(rows) / config.batch_size))
+    steps = max(1, math.ceil(config.epochs * len(train_rows) / config.batch_size))
     blockwise = config.objective == "block"
     device = next(model.parameters()).device
+    evaluation_ids = training_ids[evaluation].to(device)
     setup = time.perf_counter()
-    if blockwise:
+    if blockwise:  # its objective reads the captured windows by index
         dataset = Dataset.from_dict({"index": train_rows})
         learner: PermutationLearner = BlockwisePermutationLearner(
             model, sites, input_norms, config, kept, group, initial, training_ids=training_ids, batch_size=batch_size)
     else:
+        rows = training_ids[train_rows].tolist()
         dataset = Dataset.from_dict({"input_ids": rows, "labels": rows})
         learner = PermutationLearner(model, sites, input_norms, config, kept, group, initial)
-        evaluation = training_ids[evaluation].to(device)
-    evaluation_ids = training_ids[evaluation.to(training_ids.device)].to(device) if blockwise else evaluation
+        evaluation = evaluation_ids
     setup = time.perf_counter() - setup
 
     class _Progress(TrainerCallback):  # temperature annealing, the wall-time budget, keep-best
