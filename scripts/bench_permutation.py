@@ -133,7 +133,8 @@ def main() -> None:
 
 def _permutation(kind: str, args) -> Any:
     if kind == "learned":
-        return LearnedPermutationConfig(**{"max_train_seconds": args.train_seconds, **args.learned_options})
+        return LearnedPermutationConfig(**{"max_train_seconds": args.train_seconds, "swap_seconds": args.swap_seconds,
+                                           **args.learned_options})
     if kind == "permllm":
         return LearnedPermutationConfig.permllm(**{"max_train_seconds": args.train_seconds, **args.permllm_options})
     if kind == "swap":
@@ -269,9 +270,9 @@ def _markdown(settings: dict[str, Any], results: dict[str, Any]) -> str:
     if learned:
         lines += ["", "## Training of the learned permutations", "",
                   "Objective: the learner's loss of the Hungarian permutations on fixed windows (block: mean relative "
-                  "reconstruction error of the decoder blocks on dense inputs), scored at the start (RIA) and every "
-                  "few steps; the best by `selection` is kept (below). Kept score: the Wanda-metric score the N:M "
-                  "mask keeps (see the table above).", "",
+                  "reconstruction error of the decoder blocks on dense inputs), scored at the start (the `init` "
+                  "permutation) and every few steps; the best by `selection` is kept (below). Kept score: the "
+                  "Wanda-metric score the N:M mask keeps (see the table above).", "",
                   "| pattern / variant | objective | steps | train s | s / step | cost parameters | objective start → "
                   "best (step) | kept score start → final | loss first → last | loss curve (step: loss) |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
@@ -289,14 +290,24 @@ def _markdown(settings: dict[str, Any], results: dict[str, Any]) -> str:
                          f"{training['cost_parameters']:,} | {objective} | {kept} | "
                          f"{curve[0][1]:.3g} → {curve[-1][1]:.3g} | {shown} |")
         for name, info in learned.items():  # the keep-best scores: did the hard permutation move, and where to?
-            for key, label in (("objective_curve", "Objective"), ("pruned_ce_curve", "Pruned model's next-token loss")):
-                points = info["training"].get(key) or []
+            training = info["training"]
+            selection_curve = "selection_curve" if "selection_curve" in training else "pruned_ce_curve"  # older runs
+            for key, label in (("objective_curve", "Objective"),
+                               (selection_curve, f"Selection score ({training.get('selection', 'pruned_ce')})")):
+                points = training.get(key) or []
                 if len(points) > 1:
                     shown = ", ".join(f"{step}: {value:.5f}" for step, value in points[:: max(1, len(points) // 12)])
                     lines += ["", f"{label} of the Hungarian permutations, {name} (step: value): {shown}."]
-            if info["training"].get("selection"):
-                lines += ["", f"Kept: the permutation of step {info['training']['best_step']}, the lowest "
-                          f"{info['training']['selection']} (`selection`)."]
+            if "selection_margin" in training:
+                lead = (f"it leads the start by {training['selection_lead']:.5f} ± {training['selection_lead_stderr']:.5f}"
+                        if training["best_step"] else "nothing beat the start")
+                lines += ["", f"Kept: the permutation of step {training['best_step']} by {training['selection']} on "
+                          f"{training.get('selection_windows', '')} windows ({lead}; a candidate must lead by more than "
+                          f"{training['selection_margin']:g} paired standard errors; {training['selection_rejected']} "
+                          "lower means inside that were rejected)."]
+            elif training.get("selection"):
+                lines += ["", f"Kept: the permutation of step {training['best_step']}, the lowest "
+                          f"{training['selection']} (`selection`)."]
     lines += ["", "## Targets (issue 22)", ""] + _targets(results["rows"], results["permutations"])
     return "\n".join(lines)
 
@@ -351,6 +362,13 @@ def _targets(rows: list[dict[str, Any]], permutations: dict[str, Any]) -> list[s
             continue
         ria = next((r for r in rows if r["pattern"] == row["pattern"] and r["pruner"] == row["pruner"]
                     and r["permutation"] == "ria"), None)
+        swap = next((r for r in rows if r["pattern"] == row["pattern"] and r["pruner"] == row["pruner"]
+                     and r["permutation"] == "swap"), None)
+        if row["permutation"] == "learned" and swap is not None:  # with init="swap": what the learning itself added
+            versus, versus_err = _paired(row, swap)
+            tie = abs(versus) <= 2 * versus_err
+            lines.append(f"- learned + {row['pruner']} {row['pattern']} vs swap + {row['pruner']}: {100 * versus:+.1f}% "
+                         f"± {100 * versus_err:.1f}: **{'tie' if tie else 'lower' if versus < 0 else 'higher'}**")
         if ria is not None:
             versus, versus_err = _paired(row, ria)
             tie = abs(versus) <= 2 * versus_err
@@ -373,8 +391,10 @@ def _targets(rows: list[dict[str, Any]], permutations: dict[str, Any]) -> list[s
         training = info.get("training")
         if training:
             minutes = training["train_seconds"] / 60
-            lines.append(f"- training time ({name}): {training['steps']} steps in {minutes:.1f} min on this CPU "
-                         f"(target ≤ 45 min on 2 cores): **{'met' if minutes <= 45 else 'missed'}**")
+            total = info.get("seconds", training["train_seconds"]) / 60
+            lines.append(f"- training time ({name}): {training['steps']} steps in {minutes:.1f} min on this CPU; the "
+                         f"whole permutation step (statistics, start, training, selection, absorption) {total:.1f} min "
+                         f"(target ≤ 45 min on 2 cores): **{'met' if total <= 45 else 'missed'}**")
     return lines
 
 

@@ -4,6 +4,7 @@ learned permutations through Trainer, exact N:M after export, save → load equa
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 
@@ -28,6 +29,7 @@ from hf_compress.pruning.permutation import absorb_permutations, find_sites, hun
 from hf_compress.pruning.permutation.learned import PermutationLearner
 from hf_compress.pruning.permutation.matching import is_permutation
 from hf_compress.pruning.permutation.ria import kept_score, ria_permutation
+from hf_compress.pruning.permutation.selection import KeepBest, sequential_pruned_losses
 from hf_compress.pruning.permutation.train import learn_permutations
 
 PERMUTABLE = ("llama", "mistral", "qwen2", "qwen3", "gemma3", "opt")
@@ -349,22 +351,66 @@ def test_pruned_loss_is_the_loss_of_the_wanda_pruned_model():
             layer.weight.mul_(keep.reshape_as(layer.weight))
         expected = sum(float(reference(input_ids=row[None], labels=row[None]).loss) for row in ids) / 3
     identity = [torch.arange(w).repeat(c.shape[0], 1) for c, w in zip(learner.costs, learner.block_widths)]
-    assert learner.pruned_loss(identity, ids) == pytest.approx(expected, rel=1e-5)
+    losses = learner.pruned_losses(identity, ids)
+    assert losses.shape == (3,) and float(losses.mean()) == pytest.approx(expected, rel=1e-5)
 
 
-@pytest.mark.parametrize("selection", ["pruned_ce", "objective"])
+def test_sequential_pruned_losses_are_those_of_the_wanda_pruner_and_leave_the_model_alone():
+    model, _ = tiny_model("llama")
+    ids = torch.randint(3, 256, (3, 24), generator=torch.Generator().manual_seed(4))
+    sites = find_sites(model)
+    perms = {site.name: torch.randperm(site.width, generator=torch.Generator().manual_seed(5)) for site in sites}
+    before = model(input_ids=ids).logits.detach()
+    losses = sequential_pruned_losses(model, perms, "2:4", ids, skip=["*down_proj"], batch_size=2)
+    torch.testing.assert_close(model(input_ids=ids).logits.detach(), before)  # the copy was pruned, not the model
+    # Independently: absorb the permutations and run the real pruner on the same windows, then score each window.
+    reference = copy.deepcopy(model)
+    absorb_permutations(reference, find_sites(reference), perms)
+    WandaPruner(reference).prune(WandaConfig(sparsity="2:4", skip=["*down_proj"], batch_size=2), ids, progress=False)
+    with torch.no_grad():
+        expected = torch.stack([reference(input_ids=row[None], labels=row[None]).loss for row in ids])
+    torch.testing.assert_close(losses, expected, rtol=1e-5, atol=1e-6)
+    assert float(reference.model.layers[0].mlp.down_proj.weight.eq(0).float().mean()) < 0.5  # skip was honoured
+
+
+def test_keep_best_needs_a_lead_beyond_the_noise_to_replace_the_start():
+    start = torch.tensor([3.0, 3.4, 2.8, 3.1, 3.6, 2.9])
+    keep = KeepBest(margin=2.0)
+    assert keep.offer(0, "start", start)
+    noisy = start + torch.tensor([-0.2, 0.15, -0.1, 0.1, -0.2, 0.05])  # lower mean, spread far wider than the lead
+    assert float(noisy.mean()) < float(start.mean()) and not keep.offer(5, "noisy", noisy)
+    assert not keep.offer(6, "worse", start + 0.01)
+    assert (keep.best, keep.best_step, keep.rejected) == ("start", 0, 1)
+    assert keep.offer(10, "better", start - 0.05 + torch.tensor([0.01, -0.01, 0.0, 0.01, -0.01, 0.0]))
+    assert keep.best == "better" and keep.lead == pytest.approx(0.05) and keep.lead_stderr < 0.025
+    plain = KeepBest(margin=0.0)
+    plain.offer(0, "start", start)
+    assert plain.offer(1, "noisy", noisy)  # margin 0: any lower mean
+    single = KeepBest(margin=5.0)  # one number (the training objective): compared by value
+    single.offer(0, "start", torch.tensor([1.0]))
+    assert single.offer(1, "lower", torch.tensor([0.999]))
+
+
+@pytest.mark.parametrize("selection", ["sequential_ce", "pruned_ce", "objective"])
 def test_keep_best_scores_held_out_windows_and_keeps_the_lowest(selection):
     model, _ = tiny_model("llama")
     ids = torch.randint(3, 256, (6, 24), generator=torch.Generator().manual_seed(2))
     config = LearnedPermutationConfig(groups=2, epochs=3.0, learning_rate=0.5, eval_every=1, eval_sequences=2,
-                                      selection=selection, soft_mask=True, hard_forward=True, identity_margin=0.05)
+                                      selection=selection, selection_margin=0.0, soft_mask=True, hard_forward=True,
+                                      identity_margin=0.05)
     perms, info = learn_permutations(model, find_sites(model), None, ids, config, kept=2, group=4)
     assert info["selection_windows"] == "held-out" and info["steps"] == 12  # 4 training windows x 3 epochs
-    curve = info["pruned_ce_curve"] if selection == "pruned_ce" else info["objective_curve"]
+    curve = info["selection_curve"]
     assert [step for step, _ in curve] == list(range(13))  # the start, then every step
+    if selection == "objective":
+        assert curve == info["objective_curve"]
     best_step, best = min(curve, key=lambda point: point[1])
     assert info["best_step"] == best_step and info["selection_best"] == best
     assert all(is_permutation(p) for p in perms.values())
+    # The kept permutation is the one scored then: re-scoring it gives the recorded value.
+    if selection == "sequential_ce":
+        again = sequential_pruned_losses(model, perms, "2:4", ids[4:], batch_size=2)
+        assert float(again.mean()) == pytest.approx(best, rel=1e-5)
 
 
 # ------------------------------------------------------------------------------------------ bad input

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from hf_compress.assets import tiny_model
-from hf_compress.pruning import LearnedPermutationConfig, WandaConfig
+from hf_compress.pruning import LearnedPermutationConfig, SwapPermutationConfig, WandaConfig
 from hf_compress.pruning.permutation import check_permutation, find_sites, permute_for_pruning
 from hf_compress.pruning.permutation.blockwise import BlockwisePermutationLearner
 from hf_compress.pruning.permutation.matching import is_permutation, permutation_matrix
@@ -88,12 +88,13 @@ def test_learned_result_is_never_worse_than_its_ria_start_and_keeps_the_dense_lo
     model, _ = tiny_model(arch)
     original = _logits(model)
     # A learning rate far too high: the costs jump around, so keep-best has worse candidates to reject.
-    learned = LearnedPermutationConfig(groups=2, epochs=1.0, learning_rate=5.0, eval_every=1, eval_sequences=4)
+    learned = LearnedPermutationConfig(groups=2, epochs=1.0, learning_rate=5.0, eval_every=1, eval_sequences=4,
+                                       selection_margin=0.0)
     config = WandaConfig(sparsity="2:4", permutation=learned, batch_size=2)
     report = permute_for_pruning(model, config, check_permutation(model, config), IDS, progress=False)
     training = report.training
-    curve = training["pruned_ce_curve"]  # the default selection: the pruned model's next-token loss
-    assert training["selection"] == "pruned_ce"
+    curve = training["selection_curve"]  # the default selection: the sequentially Wanda-pruned model's loss
+    assert training["selection"] == "sequential_ce"
     assert training["steps"] == 4 and len(curve) == len(training["objective_curve"]) == 5  # start + every step
     assert max(value for _, value in curve) > training["selection_initial"]  # worse ones seen
     assert training["selection_best"] <= training["selection_initial"]
@@ -111,6 +112,25 @@ def test_learned_result_is_never_worse_than_its_ria_start_and_keeps_the_dense_lo
     ria = _learner(ria_model, LearnedPermutationConfig(groups=2, init="identity"))
     torch.testing.assert_close(ria.objective(_identity(ria), torch.arange(4)), training["objective_initial"],
                                rtol=1e-4, atol=1e-7)
+
+
+def test_swap_start_with_a_strict_margin_returns_the_swap_permutation():
+    # init="swap" starts from the swap search's permutation; a margin no candidate can clear keeps it.
+    swap_model, learned_model = tiny_model("qwen3")[0], tiny_model("qwen3")[0]
+    swap_config = WandaConfig(sparsity="2:4", permutation=SwapPermutationConfig(max_seconds=30), batch_size=2)
+    swap = permute_for_pruning(swap_model, swap_config, check_permutation(swap_model, swap_config), IDS,
+                               progress=False)
+    learned = LearnedPermutationConfig(groups=2, epochs=1.0, learning_rate=5.0, eval_every=1, eval_sequences=2,
+                                       init="swap", swap_seconds=30, selection_margin=1e9)
+    config = WandaConfig(sparsity="2:4", permutation=learned, batch_size=2)
+    report = permute_for_pruning(learned_model, config, check_permutation(learned_model, config), IDS, progress=False)
+    training = report.training
+    assert training["kept_score_initial"] == pytest.approx(swap.kept_score)  # it started where swap ended
+    assert swap.kept_score > swap.kept_score_identity
+    assert training["best_step"] == 0 and training["selection_lead"] == 0.0
+    assert min(value for _, value in training["selection_curve"][1:]) != training["selection_initial"]  # it moved
+    for kept, reference in zip(learned_model.parameters(), swap_model.parameters(), strict=True):
+        torch.testing.assert_close(kept, reference)  # the swap permutation, absorbed: the same weights
 
 
 def test_group_width_rules():

@@ -84,8 +84,11 @@ class LearnedPermutationConfig(_PermutationConfigJSON):
             matrices, which start as ``−identity_margin · P_init`` plus small noise; the defaults keep
             ``identity_margin / τ ≳ 8`` so the soft permutation starts close to ``P_init`` and the loss
             is that of a network pruned as it will be exported, not of a blurred one).
-        init: where the costs start: ``"ria"`` (RIA's dealing inside each group, a labelled choice of this
-            library: a short CPU budget then refines a good permutation) or ``"identity"``.
+        init: where the costs start: ``"ria"`` (RIA's permutation, absorbed first, a labelled choice of this
+            library: a short CPU budget then refines a good permutation), ``"swap"`` (RIA's refined by the
+            channel-swap search of ``SwapPermutationConfig`` within ``swap_seconds``, the best heuristic measured
+            here) or ``"identity"``.
+        swap_seconds: the swap search's wall-time budget with ``init="swap"``.
         identity_margin: the initial cost advantage of the starting position of each channel.
         hard_forward: run the Hungarian permutation in the forward pass and the Sinkhorn one in the
             backward (straight-through; PermLLM's choice) instead of the soft permutation throughout.
@@ -106,10 +109,13 @@ class LearnedPermutationConfig(_PermutationConfigJSON):
         eval_every: every this many steps the Hungarian permutations are scored (``selection``) on the
             ``eval_sequences`` windows and the best so far is kept; the starting point is scored first, so
             the result is never worse than its initialisation on that score.
-        selection: what keep-best compares: ``"pruned_ce"`` (the next-token loss of the whole model pruned
-            with the permutations and the dense model's Wanda statistics, on the ``eval_sequences`` windows) or
-            ``"objective"`` (the training objective on them; cheaper, but a lower block objective has been
-            measured with a higher perplexity).
+        selection: what keep-best compares (``selection.py``), on the ``eval_sequences`` windows:
+            ``"sequential_ce"`` (the next-token loss of the model with the permutations absorbed and pruned by
+            Wanda block by block, as the pruner will; a model copy per score), ``"pruned_ce"`` (the same loss with
+            masks from the dense model's statistics in one pass: cheaper, less faithful) or ``"objective"`` (the
+            training objective; a lower block objective has been measured with a higher perplexity).
+        selection_margin: a candidate is kept only if its mean score beats the starting point's by more than
+            this many paired standard errors over the windows (0: any lower mean).
         eval_sequences: windows the keep-best score uses: the last ones, held out from training, when
             there are at least twice as many windows (else the first training windows).
         blocks_per_step: with ``objective="block"``, how many decoder blocks (drawn at random) one step
@@ -134,6 +140,7 @@ class LearnedPermutationConfig(_PermutationConfigJSON):
     temperature_start: float = 0.06
     temperature_end: float = 0.01
     init: str = "ria"
+    swap_seconds: float = 600.0
     identity_margin: float = 0.5
     hard_forward: bool = False
     soft_mask: bool = False
@@ -142,7 +149,8 @@ class LearnedPermutationConfig(_PermutationConfigJSON):
     distillation_weight: float = 1e-5
     max_train_seconds: float | None = None
     eval_every: int = 10
-    selection: str = "pruned_ce"
+    selection: str = "sequential_ce"
+    selection_margin: float = 2.0
     eval_sequences: int = 4
     blocks_per_step: int | None = None
     seed: int = 0
@@ -178,8 +186,10 @@ class LearnedPermutationConfig(_PermutationConfigJSON):
         check_bool("hard_forward", self.hard_forward)
         check_bool("soft_mask", self.soft_mask)
         check_choice("objective", self.objective, _OBJECTIVES)
-        check_choice("init", self.init, ("ria", "identity"))
-        check_choice("selection", self.selection, ("pruned_ce", "objective"))
+        check_choice("init", self.init, ("ria", "swap", "identity"))
+        check_choice("selection", self.selection, ("sequential_ce", "pruned_ce", "objective"))
+        self.swap_seconds = check_float("swap_seconds", self.swap_seconds, low=0.0, low_open=True)
+        self.selection_margin = check_float("selection_margin", self.selection_margin, low=0.0)
         self.seed = check_int("seed", self.seed)
 
     def group_width(self, width: int, site: str, m: int = 1) -> int:

@@ -45,6 +45,7 @@ from torch import nn
 
 from .config import LearnedPermutationConfig
 from .matching import hungarian, permutation_matrix, sinkhorn
+from .selection import window_losses
 from .sites import PermutationSite
 
 __all__ = ["PermutationLearner"]
@@ -269,17 +270,11 @@ class PermutationLearner(nn.Module):
         return float(self(input_ids=evaluation_ids, matrices=self.hard_matrices(hard))["loss"])
 
     @torch.no_grad()
-    def pruned_loss(self, hard: Sequence[torch.Tensor], input_ids: torch.Tensor, batch_size: int = 2) -> float:
-        """Mean next-token loss of the whole model pruned N:M under the permutations ``hard`` on ``[windows, len]`` ids.
+    def pruned_losses(self, hard: Sequence[torch.Tensor], input_ids: torch.Tensor, batch_size: int = 2) -> torch.Tensor:
+        """Per-window next-token loss (``[windows]``) of the whole model pruned N:M under the permutations ``hard``.
 
-        The learner's pruned network (permute, Wanda mask from the dense model's statistics, permute back);
-        the pruner that follows gathers its statistics block by block on already pruned inputs, so its
-        masks, and its loss, can differ. Windows run ``batch_size`` at a time to keep the logits small.
+        The learner's pruned network: permute, Wanda mask from the dense model's statistics, permute back. The
+        pruner that follows gathers its statistics block by block on already pruned inputs, so its masks, and its
+        loss, can differ (``selection.sequential_pruned_losses`` scores that instead).
         """
-        weights = self.effective_weights(self.hard_matrices(hard))
-        losses = []
-        for chunk in input_ids.split(batch_size):
-            out = torch.func.functional_call(self.model, weights, args=(), strict=False,
-                                             kwargs={"input_ids": chunk, "labels": chunk, "use_cache": False})
-            losses.append(float(out.loss) * chunk.shape[0])
-        return sum(losses) / input_ids.shape[0]
+        return window_losses(self.model, input_ids, batch_size, self.effective_weights(self.hard_matrices(hard)))

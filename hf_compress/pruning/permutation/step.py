@@ -120,12 +120,15 @@ def permute_for_pruning(
 
         assert calibration_ids is not None
         base = None
-        if permutation.init == "ria":  # start from the RIA variant's permutation, absorbed: groups refine it
+        if permutation.init != "identity":  # start from a heuristic's permutation, absorbed: the groups refine it
             base = {site.name: ria_permutation(score, kept, group) for site, score in zip(sites, scores, strict=True)}
+            if permutation.init == "swap":
+                base = _swap_refined(sites, scores, base, SwapPermutationConfig(max_seconds=permutation.swap_seconds),
+                                     kept, group, progress)
             change = absorb_permutations(model, sites, base)
             norms = _permuted_norms(norms, sites, base)
         learned, training = learn_permutations(model, sites, norms, calibration_ids, permutation, kept, group,
-                                               batch_size=config.batch_size)
+                                               batch_size=config.batch_size, skip=config.skip)
         change = max(change, absorb_permutations(model, sites, learned))
         perms = learned if base is None else {name: base[name][learned[name]] for name in learned}
         start_perms = base or {site.name: torch.arange(site.width) for site in sites}

@@ -5,11 +5,12 @@ cosine schedule) sees nothing else, and ``accelerate launch`` / ``torchrun`` sca
 callback feeds the training progress to the learner (temperature annealing), stops at
 ``max_train_seconds`` and keeps the best permutation: the starting point and, every ``eval_every``
 steps and at the end, the Hungarian decoding of the costs is scored on ``eval_sequences`` fixed
-windows, held out from training when there are at least twice as many windows; the lowest score wins,
-so the result is never worse than where it started on that score. The score is the next-token loss of
-the whole model pruned with those permutations and the dense model's Wanda statistics
-(``selection="pruned_ce"``, the default) or the training objective (``"objective"``). The loss curve comes back from the Trainer's log
-history.
+windows, held out from training when there are at least twice as many windows, and offered to a
+``selection.KeepBest``: a candidate wins only with a lower score that beats the start by more than
+``selection_margin`` paired standard errors, so the result is never worse than where it started on that
+score, and not replaced on noise. The score (``selection``) is by default the next-token loss of the model
+pruned by Wanda block by block with those permutations absorbed. The loss curve comes back from the
+Trainer's log history.
 
 Example:
     >>> perms, info = learn_permutations(model, sites, norms, calibration_ids, config, 2, 4)  # doctest: +SKIP
@@ -31,6 +32,7 @@ from ...utils import get_logger
 from .config import LearnedPermutationConfig
 from .blockwise import BlockwisePermutationLearner
 from .learned import PermutationLearner
+from .selection import KeepBest, sequential_pruned_losses
 from .sites import PermutationSite
 
 __all__ = ["learn_permutations"]
@@ -48,13 +50,19 @@ def learn_permutations(
     group: int,
     initial: Mapping[str, torch.Tensor] | None = None,
     batch_size: int = 8,
+    skip: Sequence[str] = (),
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Learn the site permutations on ``training_ids`` (``[sequences, seq_len]``); return the best and training info.
 
+    ``skip``: the pruner's skip patterns (left dense by the ``"sequential_ce"`` selection's Wanda pass).
+
     The info holds ``train_seconds``, ``steps``, ``loss_curve`` (``[step, loss]`` pairs),
     ``temperature_end`` (the temperature reached), ``objective_curve`` (``[step, objective]`` of the
-    hard permutations; step 0 is the starting point), ``objective_initial``, ``objective_best`` and
-    ``best_step`` (0: nothing beat the start), and ``mask_rebuilds``.
+    hard permutations; step 0 is the starting point), ``objective_initial``, ``objective_best``,
+    ``selection_curve`` (``[step, mean score]``), ``selection_initial``, ``selection_best``,
+    ``selection_lead`` and ``selection_lead_stderr`` (the kept one's lead over the start),
+    ``selection_rejected`` (lower means that failed the margin), ``best_step`` (0: nothing beat the start),
+    and ``mask_rebuilds``.
     """
     from datasets import Dataset
     from transformers import TrainerCallback
@@ -95,19 +103,22 @@ def learn_permutations(
         def __init__(self) -> None:
             self.start = time.perf_counter()
             self.curve: list[list[float]] = []  # [step, training objective]
-            self.pruned_curve: list[list[float]] = []  # [step, next-token CE of the pruned model]
-            self.best, self.best_score, self.best_step = learner.decode(), math.inf, 0
+            self.selection_curve: list[list[float]] = []  # [step, mean selection score]
+            self.keep = KeepBest(config.selection_margin)
             self.score(0)
-            self.initial, self.initial_objective = self.best_score, self.curve[0][1]
 
         def score(self, step: int) -> None:
-            hard = learner.decode()
+            hard = list(learner.decode())  # a list of its own: later partial decodes replace entries of the learner's
             self.curve.append([step, learner.objective(hard, evaluation)])
-            if config.selection == "pruned_ce":
-                self.pruned_curve.append([step, learner.pruned_loss(hard, evaluation_ids)])
-            value = (self.pruned_curve if config.selection == "pruned_ce" else self.curve)[-1][1]
-            if value < self.best_score:
-                self.best, self.best_score, self.best_step = hard, value, step
+            if config.selection == "sequential_ce":
+                scores = sequential_pruned_losses(model, learner.site_permutations(hard), f"{kept}:{group}",
+                                                  evaluation_ids, skip, batch_size=2)
+            elif config.selection == "pruned_ce":
+                scores = learner.pruned_losses(hard, evaluation_ids)
+            else:
+                scores = torch.tensor([self.curve[-1][1]])
+            self.selection_curve.append([step, float(scores.double().mean())])  # as KeepBest averages
+            self.keep.offer(step, hard, scores)
 
         def on_step_begin(self, args, state, control, **kwargs):
             learner.progress = state.global_step / max(1, state.max_steps - 1)
@@ -144,17 +155,20 @@ def learn_permutations(
             parameter.requires_grad_(frozen[name])
         model.train(training)
     curve = [[entry["step"], entry["loss"]] for entry in result["log_history"] if "loss" in entry]
+    keep = progress.keep
     info = {
         "train_seconds": result["train_seconds"], "setup_seconds": setup, "steps": result["global_step"],
         "loss_curve": curve, "temperature_end": learner.temperature,
         "cost_parameters": sum(c.numel() for c in learner.costs), "objective": config.objective,
-        "objective_curve": progress.curve, "objective_initial": progress.initial_objective,
-        "objective_best": dict(progress.curve)[progress.best_step], "best_step": progress.best_step,
-        "selection": config.selection, "selection_initial": progress.initial, "selection_best": progress.best_score,
-        "pruned_ce_curve": progress.pruned_curve,
+        "objective_curve": progress.curve, "objective_initial": progress.curve[0][1],
+        "objective_best": dict(progress.curve)[keep.best_step], "best_step": keep.best_step,
+        "selection": config.selection, "selection_curve": progress.selection_curve,
+        "selection_initial": keep.start_mean, "selection_best": keep.best_mean,
+        "selection_lead": keep.lead, "selection_lead_stderr": keep.lead_stderr,
+        "selection_margin": config.selection_margin, "selection_rejected": keep.rejected,
         "mask_rebuilds": learner.mask_rebuilds, "selection_windows": "held-out" if held_out else "training",
     }
-    logger.info("learned permutation: %d steps in %.0f s; %s %.5f at the start, best %.5f (step %d)",
-                info["steps"], info["train_seconds"], config.selection, progress.initial, progress.best_score,
-                progress.best_step)
-    return learner.site_permutations(progress.best), info
+    logger.info("learned permutation: %d steps in %.0f s; %s %.5f at the start, kept %.5f (step %d; %d better means "
+                "inside %g standard errors rejected)", info["steps"], info["train_seconds"], config.selection,
+                keep.start_mean, keep.best_mean, keep.best_step, keep.rejected, config.selection_margin)
+    return learner.site_permutations(progress.keep.best), info
