@@ -351,8 +351,11 @@ def _targets(rows: list[dict[str, Any]], permutations: dict[str, Any]) -> list[s
         change, stderr = _paired(row, base)
         goal = -0.20 if row["pruner"] == "wanda" else -0.05
         verdict = ("met" if change <= goal else "missed") if row["permutation"] == "learned" else "reference"
+        training = (permutations.get(f"{row['pattern']} {row['permutation']}") or {}).get("training") or {}
+        start = (f" — all of it from its start: keep-best kept step 0, the learning added nothing"
+                 if row["permutation"] == "learned" and training.get("best_step") == 0 else "")
         lines.append(f"- {row['permutation']} + {row['pruner']} {row['pattern']}: perplexity {100 * change:+.1f}% ± "
-                     f"{100 * stderr:.1f} vs none (target for learned ≤ {100 * goal:.0f}%): **{verdict}**")
+                     f"{100 * stderr:.1f} vs none (target for learned ≤ {100 * goal:.0f}%): **{verdict}**{start}")
         if "zero_shot_average" in row and "zero_shot_average" in base:
             diff, error = _zero_shot_delta(row, base)
             verdict = "met" if diff >= 0 else "tie (within 2 SE)" if -diff <= 2 * error else "missed"

@@ -1,6 +1,6 @@
 """The learned channel permutation's block-by-block training (hf_compress.pruning.permutation.blockwise/train):
 the block runner reproduces the dense blocks, only the costs train, masks are rebuilt only where a permutation
-changed, the result is never worse than its (RIA) start on the objective it is selected by, and the permuted
+changed, the result is never worse than its (RIA or swap) start on the score it is selected by, and the permuted
 dense model keeps the original's logits."""
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def test_learned_result_is_never_worse_than_its_ria_start_and_keeps_the_dense_lo
     original = _logits(model)
     # A learning rate far too high: the costs jump around, so keep-best has worse candidates to reject.
     learned = LearnedPermutationConfig(groups=2, epochs=1.0, learning_rate=5.0, eval_every=1, eval_sequences=4,
-                                       selection_margin=0.0)
+                                       init="ria", selection_margin=0.0)
     config = WandaConfig(sparsity="2:4", permutation=learned, batch_size=2)
     report = permute_for_pruning(model, config, check_permutation(model, config), IDS, progress=False)
     training = report.training

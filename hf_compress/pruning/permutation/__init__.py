@@ -11,8 +11,9 @@ saves an ordinary N:M checkpoint: no runtime gather.
 One concept per file: ``config.py`` (what ``permutation=`` accepts), ``matching.py`` (Sinkhorn,
 Hungarian), ``sites.py`` (which permutations are free), ``absorb.py`` (moving the weights, checked on a
 probe), ``ria.py`` (the heuristic and the kept-score objective), ``swap.py`` (the swap search), ``learned.py`` (the learner module),
-``blockwise.py`` (the block-by-block learner, the default objective), ``train.py`` (its ``Trainer`` run,
-keep-best), ``step.py`` (the step ``BasePruner.prune`` calls).
+``blockwise.py`` (the block-by-block learner, the default objective), ``selection.py`` (keep-best: how a
+candidate is scored and when it beats the start), ``train.py`` (its ``Trainer`` run), ``step.py`` (the step
+``BasePruner.prune`` calls).
 
 Example:
     >>> from hf_compress.pruning import LearnedPermutationConfig, WandaConfig

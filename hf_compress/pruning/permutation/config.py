@@ -84,10 +84,10 @@ class LearnedPermutationConfig(_PermutationConfigJSON):
             matrices, which start as ``−identity_margin · P_init`` plus small noise; the defaults keep
             ``identity_margin / τ ≳ 8`` so the soft permutation starts close to ``P_init`` and the loss
             is that of a network pruned as it will be exported, not of a blurred one).
-        init: where the costs start: ``"ria"`` (RIA's permutation, absorbed first, a labelled choice of this
-            library: a short CPU budget then refines a good permutation), ``"swap"`` (RIA's refined by the
-            channel-swap search of ``SwapPermutationConfig`` within ``swap_seconds``, the best heuristic measured
-            here) or ``"identity"``.
+        init: where the costs start, absorbed first so the learned groups refine it (a labelled choice of this
+            library): ``"swap"`` (default: RIA's permutation refined by the channel-swap search of
+            ``SwapPermutationConfig`` within ``swap_seconds``, the best permutation measured here; with
+            keep-best the result is never worse than it on the selection score), ``"ria"`` or ``"identity"``.
         swap_seconds: the swap search's wall-time budget with ``init="swap"``.
         identity_margin: the initial cost advantage of the starting position of each channel.
         hard_forward: run the Hungarian permutation in the forward pass and the Sinkhorn one in the
@@ -139,7 +139,7 @@ class LearnedPermutationConfig(_PermutationConfigJSON):
     sinkhorn_iterations: int = 5
     temperature_start: float = 0.06
     temperature_end: float = 0.01
-    init: str = "ria"
+    init: str = "swap"
     swap_seconds: float = 600.0
     identity_margin: float = 0.5
     hard_forward: bool = False

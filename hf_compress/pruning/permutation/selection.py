@@ -30,7 +30,9 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -139,8 +141,27 @@ def sequential_pruned_losses(
     from ..wanda import WandaConfig, WandaPruner  # the pruning package imports this one
 
     candidate = copy.deepcopy(model)
-    absorb_permutations(candidate, find_sites(candidate, skip), permutations)
-    config = WandaConfig(sparsity=sparsity, skip=list(skip), batch_size=batch_size)
-    pruner = WandaPruner(candidate)
-    pruner.run(config, pruner.plan(config), input_ids, progress=False)
+    with _quiet(_PRUNING_LOGGERS):  # one scoring would log every block of a pruning that is not the real one
+        absorb_permutations(candidate, find_sites(candidate, skip), permutations)
+        config = WandaConfig(sparsity=sparsity, skip=list(skip), batch_size=batch_size)
+        pruner = WandaPruner(candidate)
+        pruner.run(config, pruner.plan(config), input_ids, progress=False)
     return window_losses(candidate, input_ids, batch_size)
+
+
+_PRUNING_LOGGERS = ("hf_compress.pruning.mask_pruner", "hf_compress.modeling.calibration",
+                    "hf_compress.pruning.permutation.absorb")
+
+
+@contextlib.contextmanager
+def _quiet(names: Sequence[str]):
+    """Raise these loggers to WARNING for the block (info lines off, warnings and errors still shown)."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
