@@ -54,6 +54,7 @@ from hf_compress.pruning.permutation import (
     permutation_to_json,
     permute_for_pruning,
 )
+from hf_compress.pruning.permutation.selection import window_losses
 from hf_compress.pruning.storage import save_pruned
 
 logger = logging.getLogger("bench_permutation")
@@ -206,13 +207,7 @@ def _perplexity(model, windows: torch.Tensor) -> dict[str, Any]:
     """Perplexity over equal-length windows with the per-window mean NLLs (for standard errors and pairing)."""
     start = time.perf_counter()
     model.eval()
-    device = next(model.parameters()).device
-    per_window = []
-    for batch in windows.split(1):  # one window at a time: its logits alone are 100 MB
-        batch = batch.to(device)
-        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none").mean(-1)
-        per_window.extend(nll.tolist())
+    per_window = window_losses(model, windows, batch_size=1).tolist()  # one window at a time: its logits are 100 MB
     mean = statistics.fmean(per_window)
     stderr = statistics.stdev(per_window) / math.sqrt(len(per_window)) if len(per_window) > 1 else 0.0
     return {"perplexity": math.exp(mean), "perplexity_stderr": math.exp(mean) * stderr,
@@ -251,7 +246,7 @@ def _markdown(settings: dict[str, Any], results: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in results["rows"]:
-        base = _none_row(row, results["rows"])
+        base = _sibling_row(row, results["rows"], "none")
         delta = ""
         if base is not None and base is not row:
             change, stderr = _paired(row, base)
@@ -337,15 +332,16 @@ def _zero_shot_delta(row: dict[str, Any], base: dict[str, Any]) -> tuple[float, 
             math.hypot(row["zero_shot_stderr"], base["zero_shot_stderr"]))
 
 
-def _none_row(row: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+def _sibling_row(row: dict[str, Any], rows: list[dict[str, Any]], permutation: str) -> dict[str, Any] | None:
+    """The row of the same pattern and pruner with ``permutation`` (``None`` when it was not run)."""
     return next((r for r in rows if r["pattern"] == row["pattern"] and r["pruner"] == row["pruner"]
-                 and r["permutation"] == "none"), None)
+                 and r["permutation"] == permutation), None)
 
 
 def _targets(rows: list[dict[str, Any]], permutations: dict[str, Any]) -> list[str]:
     lines = []
     for row in rows:
-        base = _none_row(row, rows)
+        base = _sibling_row(row, rows, "none")
         if base is None or row["permutation"] == "none":
             continue
         change, stderr = _paired(row, base)
@@ -363,10 +359,7 @@ def _targets(rows: list[dict[str, Any]], permutations: dict[str, Any]) -> list[s
                          f"(target: not lower): **{verdict}**")
         if row["permutation"] not in ("learned", "swap"):
             continue
-        ria = next((r for r in rows if r["pattern"] == row["pattern"] and r["pruner"] == row["pruner"]
-                    and r["permutation"] == "ria"), None)
-        swap = next((r for r in rows if r["pattern"] == row["pattern"] and r["pruner"] == row["pruner"]
-                     and r["permutation"] == "swap"), None)
+        ria, swap = _sibling_row(row, rows, "ria"), _sibling_row(row, rows, "swap")
         if row["permutation"] == "learned" and swap is not None:  # with init="swap": what the learning itself added
             versus, versus_err = _paired(row, swap)
             tie = abs(versus) <= 2 * versus_err

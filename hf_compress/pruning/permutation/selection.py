@@ -105,8 +105,10 @@ def window_losses(
     ``parameters``: replace these of the model's tensors for the call (``torch.func.functional_call``), as the
     learner's pruned network does. Windows run ``batch_size`` at a time to keep the logits small.
     """
+    device = next(model.parameters()).device
     losses = []
     for chunk in input_ids.split(batch_size):
+        chunk = chunk.to(device)
         kwargs = {"input_ids": chunk, "use_cache": False}
         if parameters is None:
             logits = model(**kwargs).logits
