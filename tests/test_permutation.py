@@ -7,6 +7,8 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import logging
+import time
 
 import pytest
 import torch
@@ -163,7 +165,9 @@ def test_swap_search_raises_the_kept_score_over_ria_and_never_lowers_it(seed, ke
     scores = [torch.rand(rows, 32, generator=generator) * channels for rows in (5, 9)]
     scores = [s / s.sum() for s in scores]
     start = ria_permutation(scores, kept, group)
-    refined = swap_refine(scores, start, kept, group, max_rows=max_rows)  # 6 rows: proposals from a sample
+    search = swap_refine(scores, start, kept, group, max_rows=max_rows)  # 6 rows: proposals from a sample
+    refined = search.perm
+    assert search.converged and search.passes >= 2  # one pass that gained, one that found nothing left
     assert is_permutation(refined)
     assert kept_score(scores, refined, kept, group) > kept_score(scores, start, kept, group)
     if max_rows < 14:  # proposals from a sample of the 14 rows: improved, not necessarily a local optimum
@@ -175,7 +179,20 @@ def test_swap_search_raises_the_kept_score_over_ria_and_never_lowers_it(seed, ke
             swapped = refined.clone()
             swapped[p], swapped[q] = refined[q], refined[p]
             assert kept_score(scores, swapped, kept, group) <= best + 1e-6
-    assert torch.equal(swap_refine(scores, refined, kept, group), refined)  # nothing left to gain: unchanged
+    again = swap_refine(scores, refined, kept, group)  # nothing left to gain: unchanged after one pass
+    assert torch.equal(again.perm, refined) and again.passes == 1 and again.converged
+
+
+def test_swap_search_stopped_by_its_budget_says_so():
+    generator = torch.Generator().manual_seed(0)
+    scores = [torch.rand(9, 32, generator=generator) * torch.rand(32, generator=generator) ** 4]
+    start = ria_permutation(scores, 2, 4)
+    past = swap_refine(scores, start, 2, 4, deadline=time.perf_counter() - 1)  # a deadline already passed
+    assert torch.equal(past.perm, start) and past.passes == 0 and not past.converged
+    one = swap_refine(scores, start, 2, 4, max_passes=1)
+    full = swap_refine(scores, start, 2, 4)
+    assert one.passes == 1 and not one.converged and full.converged and full.passes > 1
+    assert kept_score(scores, start, 2, 4) < kept_score(scores, one.perm, 2, 4) < kept_score(scores, full.perm, 2, 4)
 
 
 def test_swap_permutation_through_wanda_is_exact_n_m_and_keeps_more_than_ria(tmp_path):
@@ -192,10 +209,27 @@ def test_swap_permutation_through_wanda_is_exact_n_m_and_keeps_more_than_ria(tmp
         reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / permutation)
         torch.testing.assert_close(_logits(reloaded), _logits(model), atol=0, rtol=0)
     recipe = json.loads((tmp_path / "swap" / "config.json").read_text())["hf_compress"]["pruning"]
-    assert recipe["permutation"] == {"kind": "swap", "max_seconds": 600.0, "max_passes": 100, "max_rows": 8192}
+    assert recipe["permutation"] == {"kind": "swap", "max_seconds": None, "max_passes": 100, "max_rows": 8192}
     assert PruningConfig.from_dict(recipe).permutation == SwapPermutationConfig()
     assert reports["swap"].kind == "swap" and reports["swap"].kept_score > reports["ria"].kept_score
     assert reports["swap"].probe_logit_change < 1e-4
+    # No time limit by default: every site ran until no exchange gained, so the result is machine-independent.
+    assert reports["swap"].swap_search["unconverged_sites"] == 0 and reports["swap"].swap_search["passes"] > 0
+    assert reports["ria"].swap_search is None
+
+
+def test_swap_permutation_cut_by_its_time_cap_warns_and_counts_the_sites(caplog):
+    model, tokenizer = tiny_model("llama")
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, :16] *= 8
+    pruner = WandaPruner(model, tokenizer)
+    config = WandaConfig(sparsity="2:4", permutation=SwapPermutationConfig(max_seconds=1e-9), **SMALL)
+    with caplog.at_level(logging.WARNING, logger="hf_compress"):
+        pruner.prune(config, CALIBRATION_TEXT, progress=False)
+    search = pruner.permutation_report.swap_search
+    assert search["unconverged_sites"] > 0
+    assert "depends on the machine's speed" in caplog.text
+    _assert_exact_n_m(model)
 
 
 # ------------------------------------------------------------------------------------------ through the pruners
@@ -411,6 +445,17 @@ def test_keep_best_scores_held_out_windows_and_keeps_the_lowest(selection):
     if selection == "sequential_ce":
         again = sequential_pruned_losses(model, perms, "2:4", ids[4:], batch_size=2)
         assert float(again.mean()) == pytest.approx(best, rel=1e-5)
+
+
+def test_a_time_budget_that_stops_training_early_still_anneals_and_logs_the_loss():
+    model, _ = tiny_model("llama")
+    ids = torch.randint(3, 256, (6, 24), generator=torch.Generator().manual_seed(2))
+    config = LearnedPermutationConfig(groups=2, epochs=100.0, eval_every=10, eval_sequences=2, init="identity",
+                                      max_train_seconds=1e-6)  # 400 planned steps, stopped after the first
+    _, info = learn_permutations(model, find_sites(model), None, ids, config, kept=2, group=4)
+    assert info["steps"] == 1
+    assert [step for step, _ in info["loss_curve"]] == [1]  # logged although 1 < steps // 25 and < eval_every
+    assert info["temperature_end"] == pytest.approx(config.temperature_end)  # annealed over the budget
 
 
 # ------------------------------------------------------------------------------------------ bad input

@@ -86,9 +86,10 @@ class LearnedPermutationConfig(_PermutationConfigJSON):
             is that of a network pruned as it will be exported, not of a blurred one).
         init: where the costs start, absorbed first so the learned groups refine it (a labelled choice of this
             library): ``"swap"`` (default: RIA's permutation refined by the channel-swap search of
-            ``SwapPermutationConfig`` within ``swap_seconds``, the best permutation measured here; with
+            ``SwapPermutationConfig``, the best permutation measured here; with
             keep-best the result is never worse than it on the selection score), ``"ria"`` or ``"identity"``.
-        swap_seconds: the swap search's wall-time budget with ``init="swap"``.
+        swap_seconds: an optional wall-time cap on the swap search with ``init="swap"`` (``None``: run it to
+            convergence, the same permutation on any machine; see ``SwapPermutationConfig.max_seconds``).
         identity_margin: the initial cost advantage of the starting position of each channel.
         hard_forward: run the Hungarian permutation in the forward pass and the Sinkhorn one in the
             backward (straight-through; PermLLM's choice) instead of the soft permutation throughout.
@@ -105,7 +106,9 @@ class LearnedPermutationConfig(_PermutationConfigJSON):
             states, through the whole model; the paper) or ``"cosine"`` (1 − cosine of the final hidden
             states; PermLLM).
         distillation_weight: α of the distillation term (the paper: 1e-5).
-        max_train_seconds: stop training after this wall time (``None``: no limit).
+        max_train_seconds: stop training after this wall time (``None``: no limit). The temperature then anneals
+            over whichever ends first, the steps or this budget, so a budget-cut run still ends sharp; the
+            learning-rate schedule stays over the steps.
         eval_every: every this many steps the Hungarian permutations are scored (``selection``) on the
             ``eval_sequences`` windows and the best so far is kept; the starting point is scored first, so
             the result is never worse than its initialisation on that score.
@@ -140,7 +143,7 @@ class LearnedPermutationConfig(_PermutationConfigJSON):
     temperature_start: float = 0.06
     temperature_end: float = 0.01
     init: str = "swap"
-    swap_seconds: float = 600.0
+    swap_seconds: float | None = None
     identity_margin: float = 0.5
     hard_forward: bool = False
     soft_mask: bool = False
@@ -188,7 +191,7 @@ class LearnedPermutationConfig(_PermutationConfigJSON):
         check_choice("objective", self.objective, _OBJECTIVES)
         check_choice("init", self.init, ("ria", "swap", "identity"))
         check_choice("selection", self.selection, ("sequential_ce", "pruned_ce", "objective"))
-        self.swap_seconds = check_float("swap_seconds", self.swap_seconds, low=0.0, low_open=True)
+        self.swap_seconds = check_float("swap_seconds", self.swap_seconds, low=0.0, low_open=True, allow_none=True)
         self.selection_margin = check_float("selection_margin", self.selection_margin, low=0.0)
         self.seed = check_int("seed", self.seed)
 
@@ -235,7 +238,10 @@ class SwapPermutationConfig(_PermutationConfigJSON):
     applies the best disjoint ones that raise it; it never lowers the score. No training: statistics only.
 
     Args:
-        max_seconds: wall-time budget of the whole search, shared out over the sites as it goes.
+        max_seconds: an optional wall-time cap on the whole search, shared out over the sites as it goes. The
+            default (``None``) runs every site until no exchange gains or ``max_passes``, so the permutation is
+            the same on any machine; a cap that stops a site early makes it depend on the machine's speed (logged,
+            and counted in ``PermutationReport.swap_search``).
         max_passes: passes per site at most (a site stops earlier when no swap helps).
         max_rows: score rows sampled to propose a pass's swaps (every row judges them).
 
@@ -248,12 +254,12 @@ class SwapPermutationConfig(_PermutationConfigJSON):
 
     kind: ClassVar[str] = "swap"
 
-    max_seconds: float = 600.0
+    max_seconds: float | None = None
     max_passes: int = 100
     max_rows: int = 8192
 
     def __post_init__(self) -> None:
-        self.max_seconds = check_float("max_seconds", self.max_seconds, low=0.0, low_open=True)
+        self.max_seconds = check_float("max_seconds", self.max_seconds, low=0.0, low_open=True, allow_none=True)
         self.max_passes = check_int("max_passes", self.max_passes, minimum=1)
         self.max_rows = check_int("max_rows", self.max_rows, minimum=1)
 

@@ -56,6 +56,9 @@ class PermutationReport:
         probe_logit_change: largest logit change on the probe after absorbing (rounding only).
         seconds: wall time of the step (statistics, choice or training, absorption).
         training: the learned permutation's training (seconds, steps, loss curve); ``None`` for RIA.
+        swap_search: the channel-swap search (``"swap"``, or the start of a learned one): ``passes`` (summed over
+            sites), ``seconds``, and ``unconverged_sites`` (sites a pass or time budget stopped while an exchange
+            still gained; 0 means the permutation does not depend on the machine's speed); ``None`` without one.
     """
 
     kind: str
@@ -66,6 +69,7 @@ class PermutationReport:
     probe_logit_change: float
     seconds: float
     training: dict[str, Any] | None = field(default=None)
+    swap_search: dict[str, Any] | None = field(default=None)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -113,7 +117,7 @@ def permute_for_pruning(
         norms = collect_input_norms(model, readers, calibration_ids, config.batch_size, progress)
     # One [rows of every pruned reader, width] tensor per site: one gather and one top-k per candidate.
     scores = [[torch.cat(parts)] if parts else [] for parts in (site_scores(site, norms) for site in sites)]
-    training = None
+    training = search = None
     change = 0.0
     if isinstance(permutation, LearnedPermutationConfig):
         from .train import learn_permutations  # imports Trainer
@@ -123,8 +127,9 @@ def permute_for_pruning(
         if permutation.init != "identity":  # start from a heuristic's permutation, absorbed: the groups refine it
             base = {site.name: ria_permutation(score, kept, group) for site, score in zip(sites, scores, strict=True)}
             if permutation.init == "swap":
-                base = _swap_refined(sites, scores, base, SwapPermutationConfig(max_seconds=permutation.swap_seconds),
-                                     kept, group, progress)
+                base, search = _swap_refined(sites, scores, base,
+                                             SwapPermutationConfig(max_seconds=permutation.swap_seconds), kept, group,
+                                             progress)
             change = absorb_permutations(model, sites, base)
             norms = _permuted_norms(norms, sites, base)
         learned, training = learn_permutations(model, sites, norms, calibration_ids, permutation, kept, group,
@@ -139,7 +144,7 @@ def permute_for_pruning(
                    leave=False)
         perms = {site.name: ria_permutation(score, kept, group) for site, score in bar}
         if isinstance(permutation, SwapPermutationConfig):
-            perms = _swap_refined(sites, scores, perms, permutation, kept, group, progress)
+            perms, search = _swap_refined(sites, scores, perms, permutation, kept, group, progress)
         change = absorb_permutations(model, sites, perms)
     identity = sum(kept_score(s, torch.arange(site.width, device="cpu"), kept, group)
                    for site, s in zip(sites, scores, strict=True))
@@ -149,7 +154,7 @@ def permute_for_pruning(
     report = PermutationReport(
         kind=kind, sites=len(sites), kept_score_identity=identity,
         kept_score=chosen, moved_channels=moved / sum(site.width for site in sites), probe_logit_change=change,
-        seconds=time.perf_counter() - start, training=training,
+        seconds=time.perf_counter() - start, training=training, swap_search=search,
     )
     logger.info("%s permutation of %d sites: kept score %.4f -> %.4f, %.1f%% of channels moved (%.1fs)",
                 report.kind, len(sites), identity, chosen, 100 * report.moved_channels, report.seconds)
@@ -157,24 +162,37 @@ def permute_for_pruning(
 
 
 def _swap_refined(sites: list[PermutationSite], scores: list[list[torch.Tensor]], perms: dict[str, torch.Tensor],
-                  config: SwapPermutationConfig, kept: int, group: int, progress: bool) -> dict[str, torch.Tensor]:
-    """Each site's permutation refined by channel swaps within ``config.max_seconds``.
+                  config: SwapPermutationConfig, kept: int, group: int,
+                  progress: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Each site's permutation refined by channel swaps, and a summary of the search (``swap_search``).
 
-    The budget is shared in proportion to each site's weight in the kept score (its number of pruned readers: the
-    residual stream, read by every block's q/k/v/gate/up, outweighs everything else); the heaviest sites go last,
-    so time the light ones leave unused (a converged search stops early) flows to them.
+    With ``config.max_seconds`` the budget is shared in proportion to each site's weight in the kept score (its
+    number of pruned readers: the residual stream, read by every block's q/k/v/gate/up, outweighs everything else);
+    the heaviest sites go last, so time the light ones leave unused (a converged search stops early) flows to them.
     """
-    deadline = time.perf_counter() + config.max_seconds
+    start = time.perf_counter()
+    deadline = None if config.max_seconds is None else start + config.max_seconds
     order = sorted(range(len(sites)), key=lambda i: len(sites[i].scored_readers))
     remaining = sum(len(site.scored_readers) for site in sites)
-    refined = {}
+    refined, passes, unconverged = {}, 0, []
     for index in tqdm(order, desc="channel swaps", disable=not progress, leave=False):
         site, weight = sites[index], len(sites[index].scored_readers)
-        share = (deadline - time.perf_counter()) * weight / max(remaining, 1)
+        site_deadline = None
+        if deadline is not None:
+            site_deadline = time.perf_counter() + (deadline - time.perf_counter()) * weight / max(remaining, 1)
         remaining -= weight
-        refined[site.name] = swap_refine(scores[index], perms[site.name], kept, group, max_passes=config.max_passes,
-                                         max_rows=config.max_rows, deadline=time.perf_counter() + share)
-    return refined
+        search = swap_refine(scores[index], perms[site.name], kept, group, max_passes=config.max_passes,
+                             max_rows=config.max_rows, deadline=site_deadline)
+        refined[site.name], passes = search.perm, passes + search.passes
+        if not search.converged:
+            unconverged.append(site.name)
+    if unconverged:  # the permutation now depends on how fast this machine is (or on max_passes)
+        logger.warning("channel swaps: %d of %d sites stopped by the budget (max_seconds=%s, max_passes=%d) while "
+                       "an exchange still gained, e.g. %s; the permutation then depends on the machine's speed. "
+                       "Raise the budget (max_seconds=None: no time limit) for a reproducible one.",
+                       len(unconverged), len(sites), config.max_seconds, config.max_passes, unconverged[0])
+    summary = {"passes": passes, "seconds": time.perf_counter() - start, "unconverged_sites": len(unconverged)}
+    return refined, summary
 
 
 def _permuted_norms(norms: dict[str, torch.Tensor] | None, sites: list[PermutationSite],

@@ -19,27 +19,43 @@ every block's q/k/v/gate/up rows) has far more rows than a pass can afford, so `
 sample of at most ``max_rows`` rows to *propose* swaps; each proposed swap's gain is then computed exactly on
 every row, and only swaps with an exact gain are applied (they touch disjoint groups, so their gains add).
 
+Run to convergence (the default: no deadline), the search is a deterministic function of the scores, so the
+permutation, and every number measured with it, is the same on a fast machine and a slow one; a deadline makes it
+depend on the machine's speed, and ``SwapSearch.converged`` says when that happened.
+
 Example:
     >>> scores = [torch.tensor([[9.0, 8.0, 7.0, 1.0, 6.0, 5.0, 0.0, 2.0]])]  # 2:4 keeps 9 + 8 and 6 + 5, drops 7
-    >>> perm = swap_refine(scores, torch.arange(8), kept=2, group=4)
-    >>> kept_score(scores, torch.arange(8), 2, 4), kept_score(scores, perm, 2, 4)  # 7 moved: 9 + 8 and 7 + 6
+    >>> search = swap_refine(scores, torch.arange(8), kept=2, group=4)
+    >>> kept_score(scores, torch.arange(8), 2, 4), kept_score(scores, search.perm, 2, 4)  # 7 moved: 9+8 and 7+6
     (28.0, 30.0)
+    >>> search.passes, search.converged  # one pass applied the swap, the second found nothing left to gain
+    (2, True)
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
 from .ria import kept_score
 
 
-__all__ = ["swap_refine"]
+__all__ = ["SwapSearch", "swap_refine"]
 
 # Elements of the [rows, C, C] temporaries H is built from, per chunk of rows (about 128 MB in float32).
 _CHUNK_ELEMENTS = 32 * 2**20
+
+
+class SwapSearch(NamedTuple):
+    """What ``swap_refine`` found: the permutation, the passes it ran, and whether it stopped because no exchange
+    was left to gain (``False``: the pass or time budget stopped it first)."""
+
+    perm: torch.Tensor
+    passes: int
+    converged: bool
 
 
 def swap_refine(
@@ -51,26 +67,28 @@ def swap_refine(
     max_passes: int = 100,
     max_rows: int = 8192,
     deadline: float | None = None,
-) -> torch.Tensor:
+) -> SwapSearch:
     """``perm`` improved by greedy channel exchanges between N:M groups (``kept`` of ``group``); never worse.
 
     ``scores``: the site's ``[rows, width]`` Wanda scores (``ria.site_scores``) in the original channel order;
     ``max_rows``: rows sampled to propose swaps (all rows judge them); ``deadline``: a ``time.perf_counter()``
-    value after which no new pass starts.
+    value after which no new pass starts (``None``: none, the result does not depend on the machine's speed).
     """
     if not scores or not 0 < kept < group:
-        return perm
+        return SwapSearch(perm, 0, True)
     matrix = torch.cat([score.float() for score in scores])
     width = matrix.shape[1]
     if width % group or width // group < 2:
-        return perm
+        return SwapSearch(perm, 0, True)
     initial = perm.to("cpu")
     perm = initial.clone()
     generator = torch.Generator(device="cpu").manual_seed(0)
     floor = 1e-9 * float(matrix.double().sum()) + 1e-12  # a clear gain, not float noise (the sum is order-free)
-    for _ in range(max_passes):
+    passes, converged = 0, False
+    while passes < max_passes:
         if deadline is not None and time.perf_counter() > deadline:
             break
+        passes += 1
         ordered = matrix[:, perm.to(matrix.device)]
         sample = ordered
         if ordered.shape[0] > max_rows:  # propose on a sample, judge on every row
@@ -78,11 +96,14 @@ def swap_refine(
             sample = ordered.index_select(0, rows)
         swaps = _exact_gains(ordered, _best_disjoint_swaps(sample, kept, group), kept, group, floor)
         if not swaps:
+            converged = True
             break
         for p, q in swaps:
             perm[p], perm[q] = perm[q].clone(), perm[p].clone()
     # Every swap's gain is exact in arithmetic; should float rounding have cost more than it won, keep the start.
-    return perm if kept_score(scores, perm, kept, group) >= kept_score(scores, initial, kept, group) else initial
+    if kept_score(scores, perm, kept, group) < kept_score(scores, initial, kept, group):
+        perm = initial
+    return SwapSearch(perm, passes, converged)
 
 
 def _exact_gains(

@@ -2,15 +2,16 @@
 
 Only the cost matrices have ``requires_grad`` while training, so the Trainer's optimiser (AdamW,
 cosine schedule) sees nothing else, and ``accelerate launch`` / ``torchrun`` scale it unchanged. A
-callback feeds the training progress to the learner (temperature annealing), stops at
-``max_train_seconds`` and keeps the best permutation: the starting point and, every ``eval_every``
-steps and at the end, the Hungarian decoding of the costs is scored on ``eval_sequences`` fixed
-windows, held out from training when there are at least twice as many windows, and offered to a
-``selection.KeepBest``: a candidate wins only with a lower score that beats the start by more than
-``selection_margin`` paired standard errors, so the result is never worse than where it started on that
-score, and not replaced on noise. The score (``selection``) is by default the next-token loss of the model
-pruned by Wanda block by block with those permutations absorbed. The loss curve comes back from the
-Trainer's log history.
+callback feeds the training progress to the learner (temperature annealing: over the steps, or over
+``max_train_seconds`` when that budget ends first), stops at ``max_train_seconds`` and keeps the best
+permutation: the starting point and, every ``eval_every`` steps and at the end, the Hungarian decoding
+of the costs is scored on ``eval_sequences`` fixed windows, held out from training when there are at
+least twice as many windows, and offered to a ``selection.KeepBest``: a candidate wins only with a lower
+score that beats the start by more than ``selection_margin`` paired standard errors, so the result is
+never worse than where it started on that score, and not replaced on noise. The score (``selection``)
+is by default the next-token loss of the model pruned by Wanda block by block with those permutations
+absorbed. The loss curve comes back from the Trainer's log history (logged at least every
+``eval_every`` steps).
 
 Example:
     >>> perms, info = learn_permutations(model, sites, norms, calibration_ids, config, 2, 4)  # doctest: +SKIP
@@ -121,7 +122,10 @@ def learn_permutations(
             self.keep.offer(step, hard, scores)
 
         def on_step_begin(self, args, state, control, **kwargs):
-            learner.progress = state.global_step / max(1, state.max_steps - 1)
+            progress = state.global_step / max(1, state.max_steps - 1)
+            if config.max_train_seconds is not None:  # a budget that stops training early still anneals fully
+                progress = max(progress, (time.perf_counter() - self.start) / config.max_train_seconds)
+            learner.progress = min(progress, 1.0)
 
         def on_step_end(self, args, state, control, **kwargs):
             budget = config.max_train_seconds
@@ -129,6 +133,7 @@ def learn_permutations(
                 logger.warning("learned permutation: stopping at step %d (max_train_seconds=%g)",
                                state.global_step, budget)
                 control.should_training_stop = True
+                control.should_log = True  # the loss curve ends where training did
             if state.global_step % config.eval_every == 0 or control.should_training_stop:
                 self.score(state.global_step)
 
@@ -138,7 +143,9 @@ def learn_permutations(
 
     settings = TrainingSettings(
         max_steps=steps, learning_rate=config.learning_rate, per_device_batch_size=config.batch_size,
-        lr_scheduler_type="cosine", logging_steps=max(1, steps // 25), seed=config.seed,
+        lr_scheduler_type="cosine", seed=config.seed,
+        # At least as often as keep-best scores: a time budget may stop training long before steps // 25.
+        logging_steps=max(1, min(steps // 25, config.eval_every)),
         use_cpu=device.type == "cpu",
     )
     frozen = {name: parameter.requires_grad for name, parameter in model.named_parameters()}
