@@ -32,6 +32,7 @@ from hf_compress.pruning.permutation.learned import PermutationLearner
 from hf_compress.pruning.permutation.matching import is_permutation
 from hf_compress.pruning.permutation.ria import kept_score, ria_permutation
 from hf_compress.pruning.permutation.selection import KeepBest, sequential_pruned_losses
+from hf_compress.pruning.permutation.swap import _exceedance_table
 from hf_compress.pruning.permutation.train import learn_permutations
 
 PERMUTABLE = ("llama", "mistral", "qwen2", "qwen3", "gemma3", "opt")
@@ -181,6 +182,23 @@ def test_swap_search_raises_the_kept_score_over_ria_and_never_lowers_it(seed, ke
             assert kept_score(scores, swapped, kept, group) <= best + 1e-6
     again = swap_refine(scores, refined, kept, group)  # nothing left to gain: unchanged after one pass
     assert torch.equal(again.perm, refined) and again.passes == 1 and again.converged
+
+
+@pytest.mark.parametrize(("kept", "group", "rows"), [(2, 4, 37), (1, 4, 5), (4, 8, 23), (3, 4, 2)])
+def test_exceedance_table_equals_its_definition(kept, group, rows):
+    # H[p, q] = sum over rows of max(0, S[r, q] - t_p[r]), t_p the N-th largest of p's group without p.
+    scores = torch.rand(rows, 32, generator=torch.Generator().manual_seed(kept * group)) ** 3
+    values, order = scores.view(rows, -1, group).sort(dim=-1, descending=True)
+    is_kept = order.argsort(dim=-1) < kept
+    nth_kept, next_one = values[..., kept - 1:kept], values[..., kept:kept + 1]
+    expected = torch.zeros(32, 32, dtype=torch.float64)
+    for r in range(rows):
+        for p in range(32):
+            others = [scores[r, j] for j in range(32) if j // group == p // group and j != p]
+            threshold = sorted(others, reverse=True)[kept - 1]
+            expected[p] += (scores[r] - threshold).clamp_min(0).double()
+    table = _exceedance_table(scores, is_kept, nth_kept, next_one)
+    torch.testing.assert_close(table, expected, rtol=1e-6, atol=1e-6)
 
 
 def test_swap_search_stopped_by_its_budget_says_so():

@@ -128,6 +128,29 @@ def _exact_gains(
     return [swap for swap, value in zip(swaps, gain.tolist(), strict=True) if value > floor]
 
 
+def _exceedance_table(ordered: torch.Tensor, is_kept: torch.Tensor, nth_kept: torch.Tensor,
+                      next_one: torch.Tensor) -> torch.Tensor:
+    """``H[p, q] = Σ_r max(0, S[r, q] − t_p[r])`` as a ``[C, C]`` float64 table.
+
+    ``t_p[r]`` takes one of two values per row and group: the group's (N+1)-th largest score if ``p`` is kept
+    there, else its N-th largest. So ``H`` is built from ``[rows, groups, C]`` exceedances over those two
+    thresholds (``M`` times fewer elements than ``[rows, C, C]``), mixed per member by its kept flags in one
+    batched matrix product: ``H[p] = Σ_r over_nth[r, g] + Σ_r kept[r, p] · (over_next − over_nth)[r, g]``.
+    """
+    rows, width = ordered.shape
+    groups, group = is_kept.shape[1:]
+    table = torch.zeros(groups, group, width, dtype=torch.float64, device=ordered.device)
+    step = max(1, _CHUNK_ELEMENTS // (groups * width))
+    for begin in range(0, rows, step):
+        s = ordered[begin:begin + step].unsqueeze(1)  # [R, 1, C]
+        over_nth = (s - nth_kept[begin:begin + step]).clamp_min_(0)  # [R, G, C]
+        over_next = (s - next_one[begin:begin + step]).clamp_min_(0).sub_(over_nth)  # ≥ 0: next_one ≤ nth_kept
+        kept = is_kept[begin:begin + step].to(ordered.dtype)  # [R, G, M]
+        mixed = torch.bmm(kept.permute(1, 2, 0), over_next.permute(1, 0, 2))  # [G, M, C]
+        table += (mixed + over_nth.sum(0).unsqueeze(1)).double()
+    return table.view(width, width)
+
+
 def _best_disjoint_swaps(ordered: torch.Tensor, kept: int, group: int) -> list[tuple[int, int]]:
     """The exchanges of one greedy pass: best gain first, each N:M group in at most one, every gain > 0."""
     rows, width = ordered.shape
@@ -140,14 +163,8 @@ def _best_disjoint_swaps(ordered: torch.Tensor, kept: int, group: int) -> list[t
     nth_kept, next_one = values[..., kept - 1:kept], values[..., kept:kept + 1]
     # Without member p: the kept sum T_p and the N-th largest t_p of the other M - 1.
     without = torch.where(is_kept, current.unsqueeze(-1) - grouped + next_one, current.unsqueeze(-1))
-    threshold = torch.where(is_kept, next_one, nth_kept).reshape(rows, width)
     base = (without - current.unsqueeze(-1)).sum(0).reshape(width).double()
-    gain_table = torch.zeros(width, width, dtype=torch.float64, device=ordered.device)
-    step = max(1, _CHUNK_ELEMENTS // (width * width))
-    for begin in range(0, rows, step):
-        s = ordered[begin:begin + step]
-        t = threshold[begin:begin + step]
-        gain_table += (s.unsqueeze(1) - t.unsqueeze(2)).clamp_min_(0).sum(0).double()  # H[p, q]
+    gain_table = _exceedance_table(ordered, is_kept, nth_kept, next_one)
     gain = base.unsqueeze(1) + base.unsqueeze(0) + gain_table + gain_table.T
     member = torch.arange(width, device=ordered.device) // group
     # Each pair once (p < q), never two members of one group.
