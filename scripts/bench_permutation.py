@@ -20,9 +20,9 @@ Usage:
         --train-seconds 2700 --patterns 2:4 4:8 --zero-shot-limit 500   # the issue's full setting
     python scripts/bench_permutation.py --pruners wanda --permutations none ria swap --calibration-sequences 128 \
         --seq-len 512 --max-windows 64 --zero-shot-tasks arc_easy piqa hellaswag \
-        --zero-shot-limit 500 --output-name permutation-wanda-full   # Wanda at the issue's protocol (~30 min)
+        --zero-shot-limit 500 --output-name permutation-wanda-full   # Wanda at the issue's protocol (~1 h)
     python scripts/bench_permutation.py --pruners sparsegpt --permutations none swap --calibration-sequences 128 \
-        --seq-len 512 --max-windows 64 --output-name permutation-sparsegpt-full   # (~13 min)
+        --seq-len 512 --max-windows 64 --output-name permutation-sparsegpt-full   # (~35 min)
     python scripts/bench_permutation.py --quick                  # tiny model, smoke run
     python scripts/bench_permutation.py --render permutation     # rebuild permutation.md from permutation.json
 """

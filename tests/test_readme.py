@@ -147,4 +147,7 @@ def test_readme_code_runs(tmp_path, monkeypatch, fake_hub):
         else:
             pytest.fail(f"README.md:{line}: a code block without a known language ({language!r})")
     assert ran["python"] >= 8 and ran["bash"] >= 3, ran
-    assert time.perf_counter() - started < 120  # about 10 s on 2 CPU cores: a slow new block needs a replacement
+    # A guard against a block that runs a real job (a new block without its REPLACEMENTS entry), not a speed claim:
+    # every block together takes 1-2 min on 2 CPU cores, about twice that while a benchmark shares them.
+    elapsed = time.perf_counter() - started
+    assert elapsed < 360, f"README blocks took {elapsed:.0f} s: a slow new block needs a replacement"
