@@ -45,7 +45,7 @@ from .ria import kept_score
 
 __all__ = ["SwapSearch", "swap_refine"]
 
-# Elements of the [rows, C, C] temporaries H is built from, per chunk of rows (about 128 MB in float32).
+# Elements of the [rows, groups, C] temporaries H is built from, per chunk of rows (about 128 MB in float32).
 _CHUNK_ELEMENTS = 32 * 2**20
 
 
