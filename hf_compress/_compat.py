@@ -11,7 +11,9 @@ the package for the private names listed in :data:`PRIVATE_NAMES`.
 This module must stay cheap to import (``import hf_compress`` imports it): only the standard library at
 the top, everything else inside the functions.
 
-Checked on: transformers 5.23.0 and 5.24.0, peft 0.21.2, accelerate 1.15.0 (see ``constraints.txt``).
+Checked on: transformers 5.23.0, 5.24.0 and 5.25.0 (5.25.0 without its ``kernels`` requirement, which the
+package index lacks, and with ``USE_HUB_KERNELS=0``), peft 0.21.2, accelerate 1.15.0 and 1.16.0 (the pinned
+set is ``constraints.txt``).
 
 Example:
     >>> from hf_compress.assets import tiny_model
@@ -192,8 +194,8 @@ def cache_mask_sizes(cache: Any, query_length: int, layer_idx: int) -> tuple[int
 
     Used by the token router (``routing/layer.py``) to build its own masks: key column j is cache position
     ``kv_offset + j``. ``Cache.get_mask_sizes`` has changed its first argument across releases (a
-    ``cache_position`` tensor in 4.x, ``query_length`` here); checked on transformers 5.24.0 only (dynamic full and
-    sliding-window layers; tests/test_routing.py decodes against a masked reference).
+    ``cache_position`` tensor in 4.x, ``query_length`` here); checked on transformers 5.24.0 and 5.25.0
+    (dynamic full and sliding-window layers; tests/test_routing.py decodes against a masked reference).
     """
     return cache.get_mask_sizes(query_length, layer_idx)
 
@@ -203,8 +205,8 @@ def streamer_of_calling_generate() -> Any:
 
     transformers puts the prompt into the streamer but does not forward it to ``custom_generate`` callables
     (``streamer`` is one of ``_sample``'s own parameters, so ``_extract_generation_mode_kwargs`` drops it),
-    so it is read from the nearest calling frame whose function is ``generate``. Checked on 5.23.0 and
-    5.24.0 (``tests/test_speculative.py`` streams through a strategy).
+    so it is read from the nearest calling frame whose function is ``generate``. Checked on 5.23.0, 5.24.0
+    and 5.25.0 (``tests/test_speculative.py`` streams through a strategy).
     """
     return argument_of_calling_generate("streamer")
 
@@ -252,7 +254,7 @@ def quiet_weight_progress() -> Iterator[None]:
     bars, and every other bar, are left alone. transformers' switch (``disable_progress_bar``) is global and
     also silences huggingface_hub; this uses ``transformers.utils.logging.set_tqdm_hook`` (which returns the
     previous hook, restored on exit) and only for the bars named in :data:`QUIET_PROGRESS_BARS`. Not
-    thread-safe (the hook is process-wide). Checked on transformers 5.23.0 and 5.24.0.
+    thread-safe (the hook is process-wide). Checked on transformers 5.23.0, 5.24.0 and 5.25.0.
 
     Example:
         >>> from hf_compress.assets import tiny_model
@@ -312,7 +314,7 @@ def set_attention_implementation(config: PretrainedConfig, name: str) -> None:
 
     ``model.set_attn_implementation`` would need the model; the caches are built from ``model.config``
     alone, and the modules read ``self.config._attn_implementation`` at every forward, so the config's
-    setter is enough. Checked on transformers 5.23.0 and 5.24.0.
+    setter is enough. Checked on transformers 5.23.0, 5.24.0 and 5.25.0.
     """
     config._attn_implementation = name
 
@@ -339,7 +341,7 @@ def register_quantization_format(name: str, config_cls: type, quantizer_cls: typ
     transformers' ``register_quantization_config`` / ``register_quantizer`` refuse a name that is taken; our
     own earlier entry (a lazy placeholder, or a class before a module reload) is replaced by dropping it
     from ``AUTO_QUANTIZATION_CONFIG_MAPPING`` / ``AUTO_QUANTIZER_MAPPING`` first. An entry of another
-    library under the same name raises. Checked on transformers 5.23.0 and 5.24.0.
+    library under the same name raises. Checked on transformers 5.23.0, 5.24.0 and 5.25.0.
     """
     auto = _quantizer_registry()
     for mapping, cls in ((auto.AUTO_QUANTIZATION_CONFIG_MAPPING, config_cls), (auto.AUTO_QUANTIZER_MAPPING, quantizer_cls)):
@@ -374,7 +376,8 @@ def model_conversions(model: PreTrainedModel) -> list:
     """The checkpoint conversions transformers applies to ``model`` on load and reverts on save.
 
     The ones used at load are kept in ``model._weight_conversions``; a model built in memory has none
-    there, and gets the architecture's mapping (``get_model_conversion_mapping``). Checked on 5.23.0 and 5.24.0.
+    there, and gets the architecture's mapping (``get_model_conversion_mapping``). Checked on 5.23.0, 5.24.0
+    and 5.25.0.
     """
     used = getattr(model, "_weight_conversions", None)
     if used is not None:
@@ -406,7 +409,7 @@ def detach_quantizer(model: PreTrainedModel) -> None:
     """Make a loaded model an ordinary one again: no quantizer, not quantized (the config is left alone).
 
     transformers refuses to save or train a model it believes quantized; these three attributes are what it
-    reads (``hf_quantizer``, ``is_quantized``, ``quantization_method``). Checked on 5.23.0 and 5.24.0.
+    reads (``hf_quantizer``, ``is_quantized``, ``quantization_method``). Checked on 5.23.0, 5.24.0 and 5.25.0.
     """
     if hasattr(model, "hf_quantizer"):
         model.hf_quantizer = None
@@ -416,7 +419,7 @@ def detach_quantizer(model: PreTrainedModel) -> None:
 
 def checkpoint_files_of_preprocess(kwargs: dict[str, Any]) -> list[str] | None:
     """The checkpoint files ``from_pretrained`` passes to ``HfQuantizer.preprocess_model`` (``None`` when
-    loading from a state dict). Checked on 5.23.0 and 5.24.0 (keyword ``checkpoint_files``)."""
+    loading from a state dict). Checked on 5.23.0, 5.24.0 and 5.25.0 (keyword ``checkpoint_files``)."""
     files = kwargs.get("checkpoint_files")
     return list(files) if files else None
 
@@ -425,7 +428,7 @@ def ignore_unexpected_keys(model: PreTrainedModel, patterns: list[str]) -> None:
     """Let ``from_pretrained`` skip checkpoint keys matching ``patterns`` (regexes) without reporting them.
 
     transformers reads ``model._keys_to_ignore_on_load_unexpected`` (a set after ``post_init``, a list or
-    ``None`` on older classes). Checked on 5.23.0 and 5.24.0.
+    ``None`` on older classes). Checked on 5.23.0, 5.24.0 and 5.25.0.
     """
     existing = getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()
     model._keys_to_ignore_on_load_unexpected = set(existing) | set(patterns)
@@ -434,7 +437,7 @@ def ignore_unexpected_keys(model: PreTrainedModel, patterns: list[str]) -> None:
 def tied_weight_keys(model: nn.Module) -> dict[str, str]:
     """``{tied key: source key}`` of weights transformers ties after loading (e.g. ``lm_head.weight`` to the
     embeddings), which a checkpoint therefore need not store. ``model.all_tied_weights_keys``, set in
-    ``post_init``; checked on 5.23.0 and 5.24.0."""
+    ``post_init``; checked on 5.23.0, 5.24.0 and 5.25.0."""
     return dict(getattr(model, "all_tied_weights_keys", None) or {})
 
 
