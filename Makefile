@@ -12,6 +12,7 @@ CACHE ?= $(or $(HF_COMPRESS_CACHE),$(HOME)/.cache/hf_compress)
 STAMP = $(VENV)/.hf_compress-make
 LATEST_VENV ?= .venv-latest
 PYTEST_ARGS ?=
+TEST_WORKERS ?= 2
 
 .PHONY: install assets demo test test-real test-latest versions bench-reference bench-pruning bench-dlqat bench-speculative bench-spark bench-tyr bench-amphista bench-import bench-gpu bench-packed clean
 
@@ -38,8 +39,10 @@ assets: $(STAMP)/assets
 demo: install assets
 	$(VENV)/bin/hf-compress demo --overwrite
 
+# Two pytest-xdist workers (one torch thread each, tests/conftest.py): most tests run tiny models whose Python
+# overhead keeps one core busy, so two workers use both cores of a 2-core machine. TEST_WORKERS=0 runs serially.
 test: install assets
-	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
+	$(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 # Only the real-model tests (also part of `make test`).
 test-real: install assets
@@ -51,7 +54,7 @@ test-real: install assets
 test-latest:
 	$(MAKE) --no-print-directory VENV=$(LATEST_VENV) CONSTRAINTS=/dev/null VIRTUAL_ENV= install assets
 	$(LATEST_VENV)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[eval,dev]" torch==2.13.0
-	$(LATEST_VENV)/bin/python scripts/compare_versions.py --constraints constraints.txt
+	$(LATEST_VENV)/bin/python scripts/compare_versions.py --constraints constraints.txt --index
 	$(LATEST_VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
 # Which installed versions differ from constraints.txt.

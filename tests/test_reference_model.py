@@ -70,7 +70,7 @@ def _fresh_smollm2():
 
 def _eval_ppl(model, tokenizer) -> float:
     text = load_text("wikipedia", "eval")
-    return evaluate_perplexity(model, tokenizer, text, window=512, max_windows=4, progress=False)["perplexity"]
+    return evaluate_perplexity(model, tokenizer, text, window=512, max_windows=2, progress=False)["perplexity"]
 
 
 def test_smollm2_sparsegpt_2of4_beats_magnitude_and_reloads_exactly(smollm2, tmp_path):
@@ -94,21 +94,25 @@ def test_smollm2_sparsegpt_2of4_beats_magnitude_and_reloads_exactly(smollm2, tmp
     magnitude, _ = _fresh_smollm2()
     MagnitudePruner(magnitude, tokenizer).prune("2:4", progress=False)
     magnitude_ppl = _eval_ppl(magnitude, tokenizer)
-    assert sparsegpt_ppl < magnitude_ppl / 3  # SparseGPT 2:4 is far better than magnitude on this model
+    # SparseGPT 2:4 is far better than magnitude on this model
+    assert sparsegpt_ppl < magnitude_ppl / 3, (sparsegpt_ppl, magnitude_ppl)
 
 
 def test_smollm2_sds_lowers_block_errors_of_its_base(smollm2):
     from hf_compress.pruning import SDSConfig, SDSPruner
 
     model, tokenizer = _fresh_smollm2()
+    # The first 8 real blocks (of 30): the claim is per block, and the whole model took 4x longer.
+    model.model.layers = model.model.layers[:8]
+    model.config.num_hidden_layers = 8
     pruner = SDSPruner(model, tokenizer)
     config = SDSConfig(sparsity="2:4", base="wanda", num_calibration_sequences=8, calibration_seq_len=256,
                        redense_epochs=2)
     pruner.prune(config, load_text("wikipedia", "calibration"), progress=False)
     blocks = pruner.report.blocks
-    assert len(blocks) == 30 and pruner.report.overall_sparsity == 0.5
+    assert len(blocks) == 8 and pruner.report.overall_sparsity == 0.5
     improved = [b["error_after_second_prune"] < b["error_after_first_prune"] for b in blocks]
-    assert sum(improved) >= 25, blocks  # re-densing then re-pruning lowers almost every block's error
+    assert sum(improved) >= 7, blocks  # re-densing then re-pruning lowers almost every block's error
     assert not any(b["reverted"] for b in blocks if b["error_after_second_prune"] < b["error_after_first_prune"])
 
 
@@ -152,7 +156,7 @@ def test_smollm2_dlqat_trains_exports_packed_and_reloads(tmp_path):
             return float(model(ids, labels=ids).loss)
 
     rtn_loss = loss()
-    data = causal_lm_dataset(load_text("wikipedia", "calibration"), tokenizer, num_sequences=8, seq_len=256)
+    data = causal_lm_dataset(load_text("wikipedia", "calibration"), tokenizer, num_sequences=8, seq_len=128)
     train_with_trainer(model, data, str(tmp_path / "run"), TrainingSettings(
         max_steps=4, learning_rate=1e-3, per_device_batch_size=2, use_cpu=True, logging_steps=1))
     assert loss() < rtn_loss
