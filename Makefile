@@ -55,7 +55,7 @@ test-latest:
 	$(MAKE) --no-print-directory VENV=$(LATEST_VENV) CONSTRAINTS=/dev/null VIRTUAL_ENV= install assets
 	$(LATEST_VENV)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[eval,dev]" torch==2.13.0
 	$(LATEST_VENV)/bin/python scripts/compare_versions.py --constraints constraints.txt --index
-	$(LATEST_VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+	$(LATEST_VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 # Which installed versions differ from constraints.txt.
 versions: install

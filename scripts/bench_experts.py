@@ -1,10 +1,10 @@
 #!/usr/bin/env python
-"""SilverSight / ASSL expert routing benchmark → bench/results/<output-name>.{json,md}.
+r"""SilverSight / ASSL expert routing benchmark → bench/results/<output-name>.{json,md}.
 
 SmolLM2-135M-Instruct (float32) on a multi-task instruction mix built from the offline task data: ARC-Easy,
 ARC-Challenge, PIQA, HellaSwag, BoolQ, Winogrande (lm-eval prompts; prompt = the context, completion = the
 correct continuation), SQuAD (zero-shot prompt, completion = first reference answer) and GSM8K
-("Question: ...\\nAnswer:", completion = the reference solution). Each task's fixed seeded subset is split
+("Question: ...\nAnswer:", completion = the reference solution). Each task's fixed seeded subset is split
 into disjoint test (first ``--test-per-task``) and train (the next ``--train-per-task``) examples.
 
 Variants, every trained one with the same total optimizer steps (``--steps``, batch ``--batch-size`` x

@@ -18,10 +18,10 @@ Usage:
     python scripts/bench_permutation.py                          # the CPU-sized run (about 60 min on 2 quiet cores)
     python scripts/bench_permutation.py --calibration-sequences 128 --seq-len 512 --max-windows 64 \\
         --train-seconds 2700 --patterns 2:4 4:8 --zero-shot-limit 500   # the full setting
-    python scripts/bench_permutation.py --pruners wanda --permutations none ria swap --calibration-sequences 128 \
-        --seq-len 512 --max-windows 64 --zero-shot-tasks arc_easy piqa hellaswag \
+    python scripts/bench_permutation.py --pruners wanda --permutations none ria swap --calibration-sequences 128 \\
+        --seq-len 512 --max-windows 64 --zero-shot-tasks arc_easy piqa hellaswag \\
         --zero-shot-limit 500 --output-name permutation-wanda-full   # Wanda at the protocol (~1 h)
-    python scripts/bench_permutation.py --pruners sparsegpt --permutations none swap --calibration-sequences 128 \
+    python scripts/bench_permutation.py --pruners sparsegpt --permutations none swap --calibration-sequences 128 \\
         --seq-len 512 --max-windows 64 --output-name permutation-sparsegpt-full   # (~35 min)
     python scripts/bench_permutation.py --quick                  # tiny model, smoke run
     python scripts/bench_permutation.py --render permutation     # rebuild permutation.md from permutation.json
@@ -161,7 +161,8 @@ def _permuted_dense(args, pattern: str, permutation: Any, calibration: torch.Ten
                                       "calibration_seq_len": args.seq_len})
     logger.info("=== permutation %s %s", pattern, _json(permutation))
     sites = check_permutation(model, config)
-    report = permute_for_pruning(model, config, sites, calibration, progress=False)
+    # progress: a converged swap search runs for many minutes (its bar counts the sites done)
+    report = permute_for_pruning(model, config, sites, calibration, progress=True)
     torch.save(model.state_dict(), path)
     return report.to_dict()
 
