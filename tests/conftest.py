@@ -25,12 +25,13 @@ import pytest  # noqa: E402
 from fake_hub import FakeHub, serve_fake_hub  # noqa: E402
 
 
-# Under pytest-xdist (`-n 2`) each worker owns one core: one torch thread each, or the two workers' thread
-# pools would wait on each other.
+# Under pytest-xdist (`make test`: `-n 2`) the workers share the cores: each gets its share of torch threads
+# (one each on 2 cores), or their thread pools would wait on each other.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     import torch  # noqa: E402
 
-    torch.set_num_threads(1)
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 # In case huggingface_hub was imported earlier (by a plugin), the environment variable alone is not enough.
 hf_constants.HF_HUB_OFFLINE = True
