@@ -31,7 +31,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     import torch  # noqa: E402
 
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    torch.set_num_threads(max(1, torch.get_num_threads() // workers))  # torch defaults to the usable cores
 
 # In case huggingface_hub was imported earlier (by a plugin), the environment variable alone is not enough.
 hf_constants.HF_HUB_OFFLINE = True
