@@ -32,7 +32,7 @@ from hf_compress.pruning.permutation.learned import PermutationLearner
 from hf_compress.pruning.permutation.matching import is_permutation
 from hf_compress.pruning.permutation.ria import kept_score, ria_permutation
 from hf_compress.pruning.permutation.selection import KeepBest, sequential_pruned_losses
-from hf_compress.pruning.permutation.swap import _exceedance_table
+from hf_compress.pruning.permutation.swap import _best_disjoint_swaps, _ChannelTable, _exceedance_table
 from hf_compress.pruning.permutation.train import learn_permutations
 
 PERMUTABLE = ("llama", "mistral", "qwen2", "qwen3", "gemma3", "opt")
@@ -199,6 +199,31 @@ def test_exceedance_table_equals_its_definition(kept, group, rows):
             expected[p] += (scores[r] - threshold).clamp_min(0).double()
     table = _exceedance_table(scores, is_kept, nth_kept, next_one)
     torch.testing.assert_close(table, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(("kept", "group"), [(2, 4), (4, 8)])
+def test_exceedance_table_kept_by_channel_equals_a_fresh_one_every_pass(kept, group):
+    # Between passes only the rows of channels in the groups a pass touched are rebuilt; the others must be exact.
+    generator = torch.Generator().manual_seed(group)
+    scores = torch.rand(40, 64, generator=generator) ** 3
+    perm = torch.randperm(64, generator=generator)
+    table, partial_passes = _ChannelTable(group), 0
+    for _ in range(20):
+        ordered = scores[:, perm]
+        values, order = ordered.view(40, -1, group).sort(dim=-1, descending=True)
+        is_kept = order.argsort(dim=-1) < kept
+        nth_kept, next_one = values[..., kept - 1:kept], values[..., kept:kept + 1]
+        partial_passes += 0 < len(table.stale) < 64 // group
+        reused = table.positions(perm, ordered, is_kept, nth_kept, next_one)
+        assert torch.equal(reused, _exceedance_table(ordered, is_kept, nth_kept, next_one))
+        swaps = _best_disjoint_swaps(ordered, kept, group, table, perm)
+        assert swaps == _best_disjoint_swaps(ordered, kept, group)
+        if not swaps:
+            break
+        for p, q in swaps:
+            perm[p], perm[q] = perm[q].clone(), perm[p].clone()
+            table.touched(p, q)
+    assert not swaps and partial_passes >= 1  # converged, and some pass rebuilt only part of the table
 
 
 def test_swap_search_stopped_by_its_budget_says_so():
