@@ -187,14 +187,19 @@ class _ChannelTable:
         perm = perm.to(ordered.device)
         inverse = perm.argsort()
         if self.by_channel is None:
-            self.by_channel = _exceedance_table(ordered, is_kept, nth_kept, next_one)[inverse][:, inverse]
+            self.by_channel = _reindexed(_exceedance_table(ordered, is_kept, nth_kept, next_one), inverse)
         elif self.stale:
             groups = torch.tensor(sorted(self.stale), device=ordered.device)
             members = (groups.unsqueeze(1) * self.group + torch.arange(self.group, device=ordered.device)).reshape(-1)
             rows = _exceedance_table(ordered, is_kept, nth_kept, next_one, groups)
             self.by_channel[perm[members]] = rows[:, inverse]
         self.stale.clear()
-        return self.by_channel[perm][:, perm]
+        return _reindexed(self.by_channel, perm)
+
+
+def _reindexed(table: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """``table[order][:, order]`` in one gather (one ``[C, C]`` copy, not two: C² float64 is large for wide FFNs)."""
+    return table[order.unsqueeze(1), order.unsqueeze(0)]
 
 
 def _best_disjoint_swaps(ordered: torch.Tensor, kept: int, group: int, table: _ChannelTable | None = None,
