@@ -25,7 +25,9 @@ cospec          strategy  CoSpec: a learned arbiter over n-gram drafting, traine
 ==============  ========  ==================================================================
 
 The build is resumable: an artifact whose folder matches its manifest entry is skipped (``--rebuild`` forces
-it). Every artifact's build time is recorded; the set runs in parts with ``--only``. ``--quick`` builds the
+it). Every artifact's build time is recorded; the set runs in parts with ``--only``. A part built into a fresh
+``--out`` (another machine) replaces its own rows of the results and keeps the others, marked † with the results
+they were recorded in. ``--quick`` builds the
 whole set for the tiny random Llama in seconds (what tests/test_artifacts.py does) and writes
 ``artifacts-quick`` results.
 
@@ -678,6 +680,32 @@ def with_zero_shot(rows_: list[dict[str, Any]], zero_shot: dict[str, Any] | None
     return rows_
 
 
+def with_earlier_rows(rows_: list[dict[str, Any]], previous: dict[str, Any] | None, prefix: str) -> list[dict[str, Any]]:
+    """``rows_`` (this run's manifest) plus the rows an earlier run recorded for artifacts this manifest lacks, in set
+    order.
+
+    A part of the set rebuilt into a fresh ``--out`` folder (another machine, a lost folder) must not erase what the
+    rest of the set measured; each kept row says where it comes from (``recorded_in``: the commit and date of the
+    results file it was first kept from) and the table marks it.
+
+    Example:
+        >>> earlier = {"commit": "abc", "date": "2026-12-01", "settings": {"base": "b"},
+        ...            "results": {"rows": [{"name": "p-sds24"}, {"name": "p-tyr30"}]}}
+        >>> [(r["name"], r.get("recorded_in")) for r in with_earlier_rows([{"name": "p-tyr30"}], earlier, "p")]
+        [('p-sds24', {'commit': 'abc', 'date': '2026-12-01'}), ('p-tyr30', None)]
+    """
+    names = {row["name"] for row in rows_}
+    kept = list(rows_)
+    for row in (previous or {}).get("results", {}).get("rows", []):
+        if row["name"] in names or not row["name"].startswith(prefix + "-"):
+            continue
+        row = copy.deepcopy(row)
+        row.setdefault("recorded_in", {"commit": previous.get("commit"), "date": previous.get("date")})
+        kept.append(row)
+    order = {f"{prefix}-{key}": index for index, key in enumerate(ARTIFACTS)}
+    return sorted(kept, key=lambda row: order.get(row["name"], len(order)))
+
+
 def render_saved(payload: dict[str, Any]) -> str:
     """``--render artifacts``: the saved build's table with the zero-shot column joined (by weights) from the
     ``--zero-shot`` results present now, which may have been scored after the build."""
@@ -706,6 +734,11 @@ def render(payload: dict[str, Any]) -> str:
     targets = results.get("targets") or {}
     if targets:
         lines.append(targets_text(targets))
+    earlier = {(row["recorded_in"].get("commit") or "?")[:7] + ", " + str(row["recorded_in"].get("date"))
+               for row in results["rows"] if row.get("recorded_in")}
+    if earlier:
+        lines += ["", "† Not in this run's `--out` folder: the row an earlier run recorded (results of commit "
+                      f"{'; '.join(sorted(earlier))}), kept as it was measured. `--only NAME --rebuild` replaces it."]
     not_built = results.get("not_built") or []
     if not_built:
         lines += ["", f"Not built yet: {', '.join(not_built)}."]
@@ -747,7 +780,8 @@ def table(rows_: Sequence[dict[str, Any]]) -> str:
         minutes = "—" if seconds is None else f"{seconds:.0f} s" if seconds < 60 else f"{seconds / 60:.1f} min"
         if row.get("load_average"):
             minutes += f" (load {row['load_average'][0]}→{row['load_average'][1]})"
-        lines.append(f"| {row['name']} | {row['kind']} | {row['what']} | {size} | {ratio} | {ppl} | {zero} | {speed} | "
+        mark = " †" if row.get("recorded_in") else ""
+        lines.append(f"| {row['name']}{mark} | {row['kind']} | {row['what']} | {size} | {ratio} | {ppl} | {zero} | {speed} | "
                      f"{minutes} |")
     return "\n".join(lines)
 
@@ -802,14 +836,20 @@ def update_readme(results_json: Path = ROOT / "bench" / "results" / f"{RESULTS_N
         handle.write(pattern.sub(lambda _: generated, text))
 
 
-def _load_results(name: str) -> dict[str, Any] | None:
-    """The ``results`` of ``bench/results/<name>.json`` (``None`` when there is none)."""
+def _load_payload(name: str) -> dict[str, Any] | None:
+    """The whole of ``bench/results/<name>.json`` (``None`` when there is none)."""
     import json
 
     from hf_compress.evaluation.report import results_directory
 
     path = results_directory() / f"{name}.json"
-    return json.loads(path.read_text(encoding="utf-8"))["results"] if path.is_file() else None
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def _load_results(name: str) -> dict[str, Any] | None:
+    """The ``results`` of ``bench/results/<name>.json`` (``None`` when there is none)."""
+    payload = _load_payload(name)
+    return payload["results"] if payload else None
 
 
 def _deep_merge(target: dict[str, Any], extra: dict[str, Any]) -> None:
@@ -849,16 +889,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     load_before = os.getloadavg()[0]
     manifest = build_set(args.out, names, quick=args.quick, device=args.device, rebuild=args.rebuild)
     built = list(manifest.artifacts)
+    name = f"{args.output_name}-quick" if args.quick else args.output_name
     table_rows = rows(manifest, zero_shot=_load_results(f"{ZERO_SHOT_NAME}-quick" if args.quick else ZERO_SHOT_NAME))
+    table_rows = with_earlier_rows(table_rows, _load_payload(name), scale.prefix)
+    recorded = {row["name"] for row in table_rows}
     results = {
         "rows": table_rows,
         "targets": headline_targets(table_rows, scale.prefix),
-        "not_built": [f"{scale.prefix}-{k}" for k in ARTIFACTS if f"{scale.prefix}-{k}" not in built],
+        "not_built": [f"{scale.prefix}-{k}" for k in ARTIFACTS if f"{scale.prefix}-{k}" not in recorded],
     }
     settings = {"base": scale.base, "scale": dataclasses.asdict(scale), "device": device_description(args.device),
                 "out": str(args.out), "load_average": [round(load_before, 1), round(os.getloadavg()[0], 1)],
                 "cpu_count": os.cpu_count()}
-    name = f"{args.output_name}-quick" if args.quick else args.output_name
     json_path, md_path = write_benchmark(name, settings, results, render({"settings": settings, "results": results}))
     logger.info("wrote %s and %s; publish with: hf-compress publish --manifest %s --namespace ORG", json_path, md_path,
                 Path(args.out) / MANIFEST_FILENAME)

@@ -93,6 +93,28 @@ def test_build_covers_every_kind_and_resumes(built_set, tmp_path):
     assert built_set.read_bytes() == before
 
 
+def test_rebuilding_part_of_the_set_elsewhere_keeps_the_other_rows_marked():
+    """A part of the set rebuilt into a fresh --out folder replaces its own row and keeps the rest, each kept row
+    marked with the results it comes from; a kept row never hides this run's row of the same artifact."""
+    prefix = build_artifacts.QUICK.prefix
+    earlier = {"commit": "0123456789abcdef", "date": "2026-12-01 12:44 UTC", "settings": {"base": "tiny"},
+               "results": {"rows": [
+                   {"name": f"{prefix}-perm-wanda24", "kind": "model", "what": "old", "perplexity": 118.0},
+                   {"name": f"{prefix}-sds24", "kind": "model", "what": "SDS 2:4", "perplexity": 78.7},
+                   {"name": "other-base-sds24", "kind": "model", "what": "another base", "perplexity": 1.0}]}}
+    fresh = [{"name": f"{prefix}-perm-wanda24", "kind": "model", "what": "new", "perplexity": 114.0}]
+    rows = build_artifacts.with_earlier_rows(fresh, earlier, prefix)
+    assert [(row["name"], row["perplexity"]) for row in rows] == [(f"{prefix}-sds24", 78.7),
+                                                                  (f"{prefix}-perm-wanda24", 114.0)]
+    assert rows[0]["recorded_in"] == {"commit": "0123456789abcdef", "date": "2026-12-01 12:44 UTC"}
+    assert "recorded_in" not in rows[1] and "recorded_in" not in earlier["results"]["rows"][1]
+    text = build_artifacts.render({"settings": {"base": "tiny", "device": "cpu"}, "results": {"rows": rows}})
+    assert f"| {prefix}-sds24 † |" in text and f"| {prefix}-perm-wanda24 |" in text and "0123456" in text
+    # Kept again by a later partial run: the row still names the results it was first recorded in.
+    again = build_artifacts.with_earlier_rows([], {"commit": "fedcba", "results": {"rows": rows}}, prefix)
+    assert again[0]["recorded_in"]["commit"] == "0123456789abcdef" and again[1]["recorded_in"]["commit"] == "fedcba"
+
+
 def test_zero_shot_scores_each_model_once_and_joins_the_table_by_weights(set_copy, tmp_path):
     from hf_compress.evaluation.report import write_benchmark
 
