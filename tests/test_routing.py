@@ -282,6 +282,38 @@ def test_trainer_updates_only_the_router():
     assert routing_state(routed).schedule.search["training"]["steps"] == 3
 
 
+@pytest.mark.parametrize("arch", ("llama", "gemma3"))
+def test_training_forward_is_the_routed_forward_and_trains_skipped_tokens(arch):
+    """The training forward computes every token but must return the routed (gathered) model's values, left padding
+    and sliding windows included; the router's gradient must reach tokens the blocks skipped, not only kept ones."""
+    model, _ = tiny_model(arch)
+    blocks = len(find_decoder_blocks(model)[1])
+    state = install_routing(model, RoutingSchedule.uniform(0.4, blocks), mode="router")
+    with torch.no_grad():  # a router that is not the static rule, so the selection depends on the hidden states
+        state.router.output.weight.normal_(generator=torch.Generator().manual_seed(1))
+    ids, mask = _ids(2, 24), torch.ones(2, 24, dtype=torch.long)
+    mask[1, :5] = 0
+    with torch.no_grad():
+        routed = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    state.collect = []
+    try:
+        trained = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        collected = state.collect
+    finally:
+        state.collect = None
+    valid = mask.bool()
+    torch.testing.assert_close(trained[valid], routed[valid], rtol=1e-4, atol=1e-5)
+    for logits, *_ in collected:
+        logits.retain_grad()
+    trained[valid].log_softmax(-1)[:, 7].sum().backward()
+    first = torch.zeros_like(valid)
+    first[0, 0] = first[1, 5] = True  # the always-kept first real token is not the router's choice
+    assert len(collected) == blocks
+    for logits, *_ in collected:
+        # Every real token but the first gets a gradient: a block keeps 60% of them, so skipped ones get it too.
+        assert bool((logits.grad[valid & ~first] != 0).all()) and not bool(logits.grad[~valid | first].any())
+
+
 def test_router_training_keeps_the_best_router_on_held_out_windows(monkeypatch):
     from hf_compress.routing.training import KeepBestRouter
     from hf_compress.training import TrainingSettings, causal_lm_dataset

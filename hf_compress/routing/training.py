@@ -12,8 +12,11 @@ Losses (structure and equal weights confirmed for the paper; the forms are ours,
 
 The router starts as the static rule (``TokenRouter``'s initialisation), so training refines the static router.
 
-Gradients reach the router through a straight-through gate: a computed token's block update is multiplied by
-``1 + σ(s) − stop_grad(σ(s))`` (exactly 1 in the forward pass), as Mixture-of-Depths does.
+Gradients reach the router through a straight-through gate on every token's block update (``layer.py``'s
+``_training_forward``): the training forward computes every token, each attending to the kept tokens and itself, and
+adds ``g · Δ`` with ``g = keep + σ(s) − stop_grad(σ(s))``, so the forward value is the routed model's while skipped
+tokens learn whether computing them would have lowered the loss. (Mixture-of-Depths gates the kept tokens only;
+from those alone the router cannot learn that a skipped token was worth computing.)
 """
 
 from __future__ import annotations
