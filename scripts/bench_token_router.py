@@ -342,10 +342,11 @@ def _markdown(payload: dict[str, Any]) -> str:
                     "kept_static_router") else ""
                 lines.append(f"- {row['sparsity']:.2f}: best step {selection['best_step']}{kept} ({history})")
     if settings:
-        lines += ["", f"Zero-shot: {settings.get('limit')} examples per task (seeded subset, the same for every method); "
-                  "the average's standard error is sqrt(Σ se²)/5, and the paired column is the trained router's score "
-                  "minus this row's on the same examples (± its standard error); differences within two standard errors "
-                  f"are ties. Perplexity: {settings.get('ppl_windows')} windows of 512 tokens, tail = last "
+        zero_shot = (f"Zero-shot: {settings.get('limit')} examples per task (seeded subset, the same for every "
+                     "method); the average's standard error is sqrt(Σ se²)/5, and the paired column is the trained "
+                     "router's score minus this row's on the same examples (± its standard error); differences within "
+                     "two standard errors are ties." if settings.get("limit") else "Zero-shot: not run (--limit 0).")
+        lines += ["", f"{zero_shot} Perplexity: {settings.get('ppl_windows')} windows of 512 tokens, tail = last "
                   f"{settings.get('tail')} tokens. Schedule search: population {settings.get('population')}, "
                   f"{settings.get('generations')} generations, {settings.get('search_windows')} windows of "
                   f"{settings.get('seq_len')} tokens; router training: {settings.get('train_steps')} steps of one "
