@@ -888,7 +888,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     load_before = os.getloadavg()[0]
     manifest = build_set(args.out, names, quick=args.quick, device=args.device, rebuild=args.rebuild)
-    built = list(manifest.artifacts)
     name = f"{args.output_name}-quick" if args.quick else args.output_name
     table_rows = rows(manifest, zero_shot=_load_results(f"{ZERO_SHOT_NAME}-quick" if args.quick else ZERO_SHOT_NAME))
     table_rows = with_earlier_rows(table_rows, _load_payload(name), scale.prefix)
