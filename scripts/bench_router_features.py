@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import statistics
 import time
 from typing import Any
 
@@ -96,8 +97,7 @@ def main() -> None:
         logger.info("%s", rows[-1])
     static, best = rows[0], min(rows, key=lambda row: row["validation_kl"])
     windows = token_windows(tokenize_stream(load_text("wikipedia", "eval"), tokenizer), 512, args.ppl_windows)
-    for row in {id(static): static, id(best): best}.values():
-        factor = None if row is static else row["factor"]
+    for row, factor in ((static, None), (best, best["factor"])) if best is not static else ((static, None),):
         state.router.load_state_dict(mixed_router(factor, row["weight"], config.router_hidden_size).state_dict())
         row["eval"] = _tail_nll(model, windows, args.tail)
     settings = {k: v for k, v in vars(args).items() if k not in ("render", "supported_devices")}
@@ -130,11 +130,10 @@ def _tail_nll(model, windows: torch.Tensor, tail: int) -> list[float]:
 
 def _paired(static: list[float], best: list[float]) -> dict[str, float]:
     """Tail perplexities and the best mix's paired log-perplexity difference to the static rule (± its SE)."""
-    differences = [b - s for s, b in zip(static, best)]
-    mean = sum(differences) / len(differences)
-    spread = math.sqrt(sum((d - mean) ** 2 for d in differences) / max(1, len(differences) - 1) / len(differences))
-    return {"static_tail_ppl": math.exp(sum(static) / len(static)), "best_tail_ppl": math.exp(sum(best) / len(best)),
-            "log_ppl_difference": mean, "log_ppl_difference_se": spread}
+    differences = [b - s for s, b in zip(static, best, strict=True)]
+    spread = statistics.stdev(differences) / math.sqrt(len(differences)) if len(differences) > 1 else 0.0
+    return {"static_tail_ppl": math.exp(statistics.fmean(static)), "best_tail_ppl": math.exp(statistics.fmean(best)),
+            "log_ppl_difference": statistics.fmean(differences), "log_ppl_difference_se": spread}
 
 
 def _verdict(paired: dict[str, float]) -> str:
