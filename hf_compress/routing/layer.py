@@ -407,7 +407,9 @@ def _training_forward(block: nn.Module, hidden: torch.Tensor, call: dict[str, An
     tokens too. With the gradient from kept tokens only (gathered forward, Mixture-of-Depths style) training could
     only push kept tokens' scores up or down, never learn that a skipped token was worth computing, and on
     SmolLM2-135M it drifted away from the static rule it started at (held-out tail KL 0.028 → 0.091 in 150 steps).
-    What the gate does not see is a skipped token's value as a key for later tokens at that block.
+    What the gate does not see is a skipped token's value as a key for later tokens at that block. Gating the keys
+    too (a skipped key kept at a 1e-6 attention weight, so its gradient is the first-order effect of unmasking it)
+    was tried: training then drifted faster, not slower (issue 21, note of 2026-12-03), so the keys stay ungated.
     """
     kept = torch.zeros_like(valid).scatter(1, keep, real)
     positions = torch.arange(hidden.shape[1], device=hidden.device)[None]
