@@ -26,7 +26,9 @@ import json
 import logging
 import math
 import statistics
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,10 +43,14 @@ from hf_compress.routing.training import KeepBestRouter
 from hf_compress.training import causal_lm_dataset
 
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_token_router import window_nlls  # noqa: E402  (the per-window losses of bench/results/token_router.md)
+
+
 logger = logging.getLogger("bench_router_features")
 
-FACTORS = {"attention": 1, "rank": 2}  # column of router_features; the sign that keeps the more attended tokens
-SIGNS = {"attention": 1.0, "rank": -1.0}
+# Column of router_features, and the sign that keeps the more attended tokens.
+FACTORS = {"attention": (1, 1.0), "rank": (2, -1.0)}
 
 
 def mixed_router(factor: str | None, weight: float, hidden_size: int = 64) -> TokenRouter:
@@ -53,9 +59,10 @@ def mixed_router(factor: str | None, weight: float, hidden_size: int = 64) -> To
     if factor is not None:
         with torch.no_grad():
             router.hidden.weight[2].zero_()
-            router.hidden.weight[2, FACTORS[factor]] = 4.0
+            column, sign = FACTORS[factor]
+            router.hidden.weight[2, column] = 4.0
             router.hidden.bias[2] = 0.0
-            router.output.weight[0, 2] = SIGNS[factor] * weight
+            router.output.weight[0, 2] = sign * weight
     return router
 
 
@@ -99,7 +106,7 @@ def main() -> None:
     windows = token_windows(tokenize_stream(load_text("wikipedia", "eval"), tokenizer), 512, args.ppl_windows)
     for row, factor in ((static, None), (best, best["factor"])) if best is not static else ((static, None),):
         state.router.load_state_dict(mixed_router(factor, row["weight"], config.router_hidden_size).state_dict())
-        row["eval"] = _tail_nll(model, windows, args.tail)
+        row["eval"] = [float(nll[-args.tail:].mean()) for nll in window_nlls(model, windows)]
     settings = {k: v for k, v in vars(args).items() if k not in ("render", "supported_devices")}
     settings.update(schedule=schedule.block_sparsity, validation_windows=config.validation_windows,
                     loss_tail=config.loss_tail)
@@ -115,17 +122,6 @@ def _recorded_schedule(sparsity: float, blocks: int) -> RoutingSchedule | None:
         if row["method"] == "static, searched schedule" and row["sparsity"] == sparsity and len(row["schedule"]) == blocks:
             return RoutingSchedule(row["schedule"])
     return None
-
-
-@torch.no_grad()
-def _tail_nll(model, windows: torch.Tensor, tail: int) -> list[float]:
-    """Mean next-token loss over the last ``tail`` tokens of each window (one routed prompt per window)."""
-    losses = []
-    for window in windows:
-        ids = window[None]
-        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits[0, :-1].float()
-        losses.append(float(torch.nn.functional.cross_entropy(logits[-tail:], ids[0, 1:][-tail:])))
-    return losses
 
 
 def _paired(static: list[float], best: list[float]) -> dict[str, float]:

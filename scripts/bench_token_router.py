@@ -239,16 +239,22 @@ def _paired_differences(rows: list[dict[str, Any]]) -> None:
 
 
 @torch.no_grad()
-def _perplexities(model, windows: torch.Tensor, tail: int) -> dict[str, float]:
-    """Whole-window and tail perplexity from one forward per window (each window one routed prompt)."""
-    total, tail_total, count, tail_count = 0.0, 0.0, 0, 0
+def window_nlls(model, windows: torch.Tensor) -> list[torch.Tensor]:
+    """Next-token losses ``(window − 1,)`` of each window, one forward per window (each window one routed prompt)."""
+    losses = []
     for window in windows:
         ids = window[None].to(next(model.parameters()).device)
         logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits[0, :-1].float()
-        nll = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")
-        total, count = total + float(nll.sum()), count + nll.numel()
-        tail_total, tail_count = tail_total + float(nll[-tail:].sum()), tail_count + tail
-    return {"perplexity": math.exp(total / count), "tail_perplexity": math.exp(tail_total / tail_count)}
+        losses.append(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none"))
+    return losses
+
+
+def _perplexities(model, windows: torch.Tensor, tail: int) -> dict[str, float]:
+    """Whole-window and tail perplexity from one forward per window."""
+    losses = window_nlls(model, windows)
+    total, count = sum(float(nll.sum()) for nll in losses), sum(nll.numel() for nll in losses)
+    tail_total = sum(float(nll[-tail:].sum()) for nll in losses)
+    return {"perplexity": math.exp(total / count), "tail_perplexity": math.exp(tail_total / (tail * len(losses)))}
 
 
 class _BlockCosts(NamedTuple):
