@@ -48,6 +48,9 @@ Usage:
     python scripts/bench_experts.py --train-per-task 100 --test-per-task 100 --steps 64 --batch-size 8 --seq-len 256 \
         --embedding-layer 7 --embedding-max-length 256 --squad-new-tokens 16 --eval-batch 16 --variants lora-all \
         experts-routed experts-warm --skip-overhead --output-name experts-warm   # the shared warm start (~35 min)
+    python scripts/bench_experts.py --train-per-task 200 --test-per-task 99 --steps 200 --batch-size 8 --seq-len 256 \
+        --embedding-max-length 128 --squad-new-tokens 16 --eval-batch 16 --skip-overhead --variants lora-assl \
+        lora-random --output-name experts-200steps --extend   # ASSL and random 20% beside the 200-step run (~90 min)
     python scripts/bench_experts.py --quick --output-name experts-smoke   # tiny model, to check the script
     python scripts/bench_experts.py --render experts
 """
@@ -56,6 +59,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import logging
 import math
 import statistics
@@ -65,7 +69,7 @@ from typing import Any
 import torch
 
 from hf_compress.assets import load_gsm8k, load_model, load_squad, load_zero_shot_task
-from hf_compress.evaluation.report import benchmark_parser, start_benchmark, write_benchmark
+from hf_compress.evaluation.report import benchmark_parser, results_directory, start_benchmark, write_benchmark
 from hf_compress.evaluation.squad import squad_scores
 from hf_compress.evaluation.zero_shot import PRIMARY_METRIC, loglikelihoods
 from hf_compress.experts import ExpertConfig, EmbeddingSpec, embed_texts, select_data, train_experts
@@ -296,6 +300,10 @@ def main() -> None:
     parser.add_argument("--probe-layers", nargs="+", type=int, default=[3, 7, 14, 22])
     parser.add_argument("--probe-lengths", nargs="+", type=int, default=[64, 128, 256])
     parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--extend", action="store_true",
+                        help="keep the variants already in bench/results/<output-name>.json (its settings must equal "
+                             "these but for --variants) and run only the missing ones, so every variant is paired "
+                             "on the same test rows without retraining the earlier ones")
     args = parser.parse_args()
     if not start_benchmark(args, markdown):
         return
@@ -327,6 +335,8 @@ def main() -> None:
     settings["embedding_layer"] = spec.layer
     pool_embeddings = embed_texts(base, tokenizer, [r["prompt"] for r in train], spec)
     results: dict[str, Any] = {"embedding_seconds": time.perf_counter() - start, "variants": {}}
+    if args.extend:
+        results.update(_earlier_run(args.output_name, settings))
 
     def save(partial=True):
         payload = {"settings": settings, "results": results}
@@ -350,6 +360,9 @@ def main() -> None:
 
     semantic = None
     for variant in args.variants:
+        if variant in results["variants"]:
+            logger.info("variant %s: kept from the earlier run", variant)
+            continue
         logger.info("variant %s", variant)
         start = time.perf_counter()
         entry: dict[str, Any] = {}
@@ -383,6 +396,10 @@ def main() -> None:
             mapping = oracle_experts(router, train)
             entry["kept"] = len(train)
             entry["routing_accuracy"] = statistics.fmean(e == mapping[row["task"]] for e, row in zip(experts, test))
+            if variant == "experts-oracle":  # the routed experts are not in this run: train them, route by task
+                experts = [mapping[row["task"]] for row in test]
+                entry["oracle_mapping"] = mapping
+                del entry["routing_accuracy"]
             entry["cluster_tasks"] = _cluster_tasks(router, train)
             if variant == "experts-routed" and not args.skip_overhead:
                 entry["generation_overhead"] = generation_overhead(router, tokenizer, test, args)
@@ -398,6 +415,36 @@ def main() -> None:
         save()
     save(partial=False)
     logger.info("done")
+
+
+# Settings that say what a run did, not what it measured: an extended run may differ in these.
+_RUN_ONLY_SETTINGS = ("variants", "skip_overhead", "extend", "command", "machine_note")
+
+
+def _earlier_run(name: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """The variants of the stored run ``name`` and where they came from, for ``--extend``.
+
+    Raises ``SystemExit`` when there is no such run or its settings differ from ``settings`` (other than the
+    run-only ones), since pairing variants measured under different settings would compare different things.
+    """
+    path = results_directory() / f"{name}.json"
+    if not path.is_file():
+        raise SystemExit(f"--extend: {path} does not exist; run without --extend first.")
+    payload = json.loads(path.read_text())
+    differing = sorted(k for k in set(settings) | set(payload["settings"])
+                       if k not in _RUN_ONLY_SETTINGS and settings.get(k) != payload["settings"].get(k))
+    if differing:
+        raise SystemExit(f"--extend: {path} was run with other settings ({', '.join(differing)}); pass the same "
+                         "options as that run (its command is in the file) or choose another --output-name.")
+    own = {k: payload[k] for k in ("command", "commit", "date")}
+    own["variants"] = [v for v in payload["results"]["variants"]
+                       if all(v not in run["variants"] for run in payload["results"].get("earlier_runs", []))]
+    return {"variants": dict(payload["results"]["variants"]),
+            "earlier_runs": [*payload["results"].get("earlier_runs", []), own]}
+
+
+def _short_commit(commit: str | None) -> str:
+    return "unknown" if commit is None else commit[:7] + ("+dirty" if commit.endswith("+dirty") else "")
 
 
 def _task_counts(rows: list[dict]) -> dict[str, int]:
@@ -471,6 +518,11 @@ def markdown(payload: dict[str, Any]) -> str:
     elif shrunk:
         lines.append("**Scale.** Reduced to fit about an hour on a 2-core CPU: " + ", ".join(shrunk) + ". The "
                      f"full protocol is {full_command}.")
+        lines.append("")
+    for run in results.get("earlier_runs", []):
+        lines.append(f"Variants {', '.join(run['variants'])} come from an earlier run with the same settings "
+                     f"(commit {_short_commit(run['commit'])}, {run['date']}: `{run['command']}`); training is seeded, and "
+                     "every variant scores the same test rows, so the paired differences hold across the runs.")
         lines.append("")
     lines += _target_lines(results)
     routed = results["variants"].get("experts-routed", {})
