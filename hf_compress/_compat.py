@@ -500,20 +500,24 @@ def lora_linear_factors(module: nn.Module, adapter_names: list[str]) -> tuple[to
     ``[sum(ranks), in]`` (every adapter's ``lora_A`` weight), ``B`` is ``[out, sum(ranks)]`` (every ``lora_B``
     weight times its scaling), so ``x @ A.T @ B.T`` is the sum of the adapters' updates.
 
-    ``None`` when ``module`` is not a plain LoRA ``Linear`` holding every adapter (a LoRA variant such as DoRA,
-    an embedding or convolution layer): the caller then keeps peft's own forward. Reads the layer's
-    ``lora_A`` / ``lora_B`` / ``scaling`` / ``lora_variant`` attributes; checked on peft 0.21.2.
+    An adapter the layer does not hold (adapters may target different modules) gets rank 0: rows routed to it
+    see the base layer there, as on peft's per-row path. ``None`` when ``module`` is not a plain LoRA ``Linear``
+    (a LoRA variant such as DoRA, an embedding or convolution layer): the caller then keeps peft's own forward.
+    Reads the layer's ``lora_A`` / ``lora_B`` / ``scaling`` / ``lora_variant`` attributes; checked on peft 0.21.2.
     """
     from peft.tuners.lora import Linear as LoraLinear
 
-    if not isinstance(module, LoraLinear) or any(
-            name not in module.lora_A or name in getattr(module, "lora_variant", {}) for name in adapter_names):
+    if not isinstance(module, LoraLinear) or any(name in getattr(module, "lora_variant", {}) for name in adapter_names):
         return None
     import torch
 
-    a = torch.cat([module.lora_A[name].weight for name in adapter_names], dim=0)
-    b = torch.cat([module.lora_B[name].weight * module.scaling[name] for name in adapter_names], dim=1)
-    return a, b, [module.lora_A[name].weight.shape[0] for name in adapter_names]
+    held = [name for name in adapter_names if name in module.lora_A]
+    ranks = [module.lora_A[name].weight.shape[0] if name in held else 0 for name in adapter_names]
+    if not held:  # none of these adapters here: rank 0 everywhere, the layer needs no update
+        return torch.zeros(0, module.in_features), torch.zeros(module.out_features, 0), ranks
+    a = torch.cat([module.lora_A[name].weight for name in held], dim=0)
+    b = torch.cat([module.lora_B[name].weight * module.scaling[name] for name in held], dim=1)
+    return a, b, ranks
 
 
 THIRD_PARTY_WARNINGS: tuple[tuple[str, type], ...] = (

@@ -402,11 +402,30 @@ def _with_random_b(router, seed: int = 0):
 
 def _stacked_equals_peft(router, batch, experts):
     """The stacked mixed batch against PEFT's per-row path: logits and greedy tokens."""
+    import contextlib
+    from unittest import mock
+
+    import hf_compress.experts.router as router_module
+
+    stacked_calls = []
+    original = router_module.stacked_lora
+
+    @contextlib.contextmanager
+    def recording(*args, **kwargs):
+        with original(*args, **kwargs) as stacked:
+            stacked_calls.append(stacked)
+            yield stacked
+
     def both(run):
         router.mixed_batch = "peft"
         reference = run()
         router.mixed_batch = "stacked"
-        return run(), reference
+        stacked_calls.clear()
+        with mock.patch.object(router_module, "stacked_lora", recording):
+            result = run()
+        # Did stack: a silent fallback to PEFT would compare PEFT with itself.
+        assert stacked_calls and all(stacked_calls), stacked_calls
+        return result, reference
 
     with torch.no_grad():
         stacked, peft = both(lambda: router(**batch, experts=experts).logits)

@@ -67,6 +67,8 @@ def stacked_lora(model: nn.Module, adapter_names: Sequence[str], rows: Sequence[
     masks: dict[tuple, torch.Tensor] = {}  # by (ranks, device, dtype): layers of one shape share a mask
     hooks = []
     for module, (a, b, ranks) in layers:
+        if not any(ranks):  # holds none of these adapters (they target other modules): the base layer is right
+            continue
         key = (tuple(ranks), a.device, a.dtype)
         if key not in masks:
             repeats = torch.tensor(ranks, device=a.device)
