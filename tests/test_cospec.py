@@ -200,6 +200,15 @@ def test_train_arbiter_rl_lowers_target_forwards_on_a_cost_only_reward(pair):
     assert [h["step"] for h in history] == [1, 2, 3]
     assert history[-1]["draft_decision_rate"] > history[0]["draft_decision_rate"]
     assert arbiter.config.training["oracle_labels"] > 0 and arbiter.config.draft_model_name_or_path is None
+    # What the name promises, measured on decoding: the trained arbiter needs fewer target forwards than strict.
+    forwards = {}
+    for name, strategy in (("strict", SpeculativeDecoding(draft)), ("cospec", CoSpec(arbiter, draft))):
+        forwards[name] = 0
+        for prompt in PROMPTS:
+            ids = tok(prompt, return_tensors="pt").input_ids
+            model.generate(ids, max_new_tokens=10, do_sample=False, custom_generate=strategy)
+            forwards[name] += strategy.last_metrics.target_forwards
+    assert forwards["cospec"] < forwards["strict"], forwards
 
 
 # ------------------------------------------------------------------------------------ saving and the Hub

@@ -97,6 +97,8 @@ def test_calibrate_arbiter_keeps_a_loose_threshold_when_the_score_allows(pair, t
     arbiter.save_pretrained(tmp_path / "arb")
     reloaded = CoSpecArbiter.from_pretrained(tmp_path / "arb")
     assert reloaded.config.threshold == 0.0 and reloaded.config.calibration == report
+    features = torch.randn(16, arbiter.config.num_features, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(reloaded(features), arbiter(features))  # at threshold 0 generate ignores the weights
     ids = tok(PROMPTS[0], return_tensors="pt").input_ids
     assert torch.equal(model.generate(ids, max_new_tokens=12, do_sample=False, custom_generate=CoSpec(reloaded, draft)),
                        model.generate(ids, max_new_tokens=12, do_sample=False, custom_generate=CoSpec(arbiter, draft)))

@@ -320,11 +320,20 @@ def test_exported_checkpoint_is_exact_n_m_and_reloads_with_equal_logits(tmp_path
     assert abs(sizes[0] - sizes[1]) <= 64  # the header's JSON (checksums, recipe) may differ by a few bytes
 
 
-def test_permutation_none_leaves_every_pruner_unchanged():
+def test_permutation_none_leaves_every_pruner_unchanged(monkeypatch):
+    import hf_compress.pruning.permutation as permutation_package
+
+    def never(*args, **kwargs):
+        raise AssertionError("permutation=None must not reach the permutation code")
+
+    monkeypatch.setattr(permutation_package, "check_permutation", never)
+    monkeypatch.setattr(permutation_package, "permute_for_pruning", never)
     for method in ("wanda", "magnitude"):
+        dense, tokenizer = tiny_model("llama")
+        dense_weights = _pruned_weights(dense)
         results = []
         for permutation in (None, "none"):
-            model, tokenizer = tiny_model("llama")
+            model = copy.deepcopy(dense)
             config = PRUNERS[method].config_class(sparsity="2:4", permutation=permutation, **SMALL)
             pruner = PRUNERS[method](model, tokenizer)
             pruner.prune(config, CALIBRATION_TEXT if method == "wanda" else None, progress=False)
@@ -332,6 +341,11 @@ def test_permutation_none_leaves_every_pruner_unchanged():
             results.append(_pruned_weights(model))
         for name, weight in results[0].items():
             assert torch.equal(weight, results[1][name])
+        if method == "magnitude":  # today's masks: the two largest |w| of each group of 4 consecutive inputs
+            for name, weight in dense_weights.items():
+                groups = weight.reshape(weight.shape[0], -1, 4)
+                keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, groups.abs().topk(2, dim=-1).indices, True)
+                assert torch.equal(results[0][name], (groups * keep).reshape(weight.shape)), name
 
 
 def test_ria_changes_the_masks_and_keeps_more_score_on_a_structured_model():

@@ -17,6 +17,7 @@ from hf_compress.routing import (
     RoutingSchedule,
     TokenRouterConfig,
     install_routing,
+    routing_mode,
     routing_state,
     save_routed,
     search_schedule,
@@ -39,6 +40,12 @@ def _ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
 def _greedy(model, ids, mask=None, new=6):
     mask = torch.ones_like(ids) if mask is None else mask
     return model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=0)
+
+
+def _randomise_router(router: TokenRouter) -> None:
+    """Give the router random output weights: a fresh one reads only position and block sparsity (the static rule)."""
+    with torch.no_grad():
+        router.output.weight.normal_(generator=torch.Generator().manual_seed(1))
 
 
 # --- sparsity 0 is the base model -------------------------------------------------------------------------------
@@ -71,37 +78,69 @@ def test_static_rule_keeps_the_first_token_then_the_most_recent():
 
 
 def test_skip_count_is_exact_and_monotone():
+    # Hand-computed: round half up, and never the first token.
+    assert [skip_count(0.25, 2), skip_count(0.3, 10), skip_count(0.35, 10), skip_count(0.9, 3), skip_count(0.5, 1)] \
+        == [1, 3, 4, 2, 0]
     for r in (0.1, 0.3, 0.55, 0.9):
-        counts = [n - skip_count(r, n) for n in range(1, 60)]
-        assert counts == sorted(counts)
-        assert all(skip_count(r, n) == min(int(r * n + 0.5), n - 1) for n in range(2, 60))
+        skipped = [skip_count(r, n) for n in range(1, 60)]
+        kept = [n - s for n, s in zip(range(1, 60), skipped)]
+        assert skipped == sorted(skipped) and kept == sorted(kept)  # what left-padded batches rely on
 
 
 # --- the search keeps the budget ------------------------------------------------------------------------------
 
+def _scripted_search_loss(monkeypatch, loss_of):
+    """Replace the search's calibration loss by ``loss_of(block_sparsity)``; returns every schedule it scored."""
+    import hf_compress.routing.search as search
+
+    seen: list[list[float]] = []
+
+    def fake_loss(model, windows, tail):
+        schedule = list(routing_state(model).schedule.block_sparsity)
+        seen.append(schedule)
+        return loss_of(schedule)
+
+    monkeypatch.setattr(search, "calibration_loss", fake_loss)
+    return seen
+
+
 @pytest.mark.parametrize("target", [0.3, 0.45])
-def test_search_keeps_the_exact_budget(target):
+def test_search_keeps_the_exact_budget_and_returns_the_best_candidate(monkeypatch, target):
     model, _ = tiny_model("llama", num_hidden_layers=6)
+    # Prefer the schedules that skip most in the last block: the search must move budget there.
+    seen = _scripted_search_loss(monkeypatch, lambda schedule: -schedule[-1] + 1e-3 * sum(schedule[:-1]))
     config = TokenRouterConfig(token_sparsity=target, population=6, generations=3, max_block_sparsity=0.9)
     schedule = search_schedule(model, _ids(2, 24), config)
-    assert math.isclose(schedule.mean_sparsity, target, abs_tol=1e-9)
-    assert len(schedule.block_sparsity) == 6 and max(schedule.block_sparsity) <= 0.9 + 1e-9
-    assert schedule.search["best_loss"] <= schedule.search["uniform_loss"]
+    assert len(seen) > 2
+    for candidate in seen:  # every scored candidate, not only the winner, spends exactly the budget
+        assert math.isclose(sum(candidate) / 6, target, abs_tol=1e-9) and max(candidate) <= 0.9 + 1e-9
+    best = min(seen, key=lambda c: -c[-1] + 1e-3 * sum(c[:-1]))
+    assert schedule.block_sparsity == pytest.approx(best) and not schedule.search["exact_uniform"]
+    assert schedule.block_sparsity[-1] > target  # it did move budget to the last block
+    assert schedule.search["best_loss"] < schedule.search["uniform_loss"]
     assert routing_state(model) is None  # the search leaves the model as it found it
 
 
-def test_search_returns_the_exact_uniform_schedule_when_it_scores_best():
+def test_search_returns_the_exact_uniform_schedule_when_it_scores_best(monkeypatch):
     """0.22 is not a whole number of 0.05 units per block; the exact uniform schedule is still a candidate."""
     model, _ = tiny_model("llama", num_hidden_layers=4)
-    config = TokenRouterConfig(token_sparsity=0.22, population=2, generations=0)
-    schedule = search_schedule(model, _ids(2, 24), config)
-    losses = schedule.search
-    assert losses["best_loss"] == min(losses["best_loss"], losses["uniform_loss"])
-    if losses["exact_uniform"]:
-        assert schedule.block_sparsity == [0.22] * 4
-    else:
-        assert losses["best_loss"] < losses["uniform_loss"] and schedule.block_sparsity != [0.22] * 4
+    seen = _scripted_search_loss(monkeypatch, lambda schedule: sum(abs(r - 0.22) for r in schedule))
+    schedule = search_schedule(model, _ids(2, 24), TokenRouterConfig(token_sparsity=0.22, population=4, generations=2))
+    assert [0.22] * 4 in seen and any(candidate != [0.22] * 4 for candidate in seen)
+    assert schedule.block_sparsity == [0.22] * 4
+    assert schedule.search["exact_uniform"] and schedule.search["best_loss"] == 0.0
     assert math.isclose(schedule.mean_sparsity, 0.22, abs_tol=1e-9)
+
+
+def test_search_on_the_real_loss_leaves_the_model_unchanged():
+    model, _ = tiny_model("llama", num_hidden_layers=4)
+    ids = _ids(2, 24)
+    with torch.no_grad():
+        before = model(ids).logits
+    schedule = search_schedule(model, ids, TokenRouterConfig(token_sparsity=0.3, population=3, generations=1))
+    assert math.isclose(schedule.mean_sparsity, 0.3, abs_tol=1e-9) and routing_state(model) is None
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before)
 
 
 # --- gather/scatter against a masked reference ----------------------------------------------------------------
@@ -183,7 +222,9 @@ def test_cached_decoding_equals_masked_reference(arch):
                                           ("gpt2", "static")])
 def test_left_padded_batch_generate_equals_per_row(arch, mode):
     model, _ = tiny_model(arch)
-    install_routing(model, RoutingSchedule([0.3, 0.5]), mode=mode)
+    state = install_routing(model, RoutingSchedule([0.3, 0.5]), mode=mode)
+    if mode == "router":  # a router that reads every factor (a fresh one is the static rule), padding included
+        _randomise_router(state.router)
     rows = [_ids(1, 14, seed=2)[0], _ids(1, 9, seed=3)[0], _ids(1, 5, seed=4)[0]]
     width = max(len(row) for row in rows)
     ids = torch.zeros(len(rows), width, dtype=torch.long)
@@ -214,16 +255,20 @@ def test_save_load_gives_equal_logits_and_generations(arch, tmp_path):
     from transformers import AutoModelForCausalLM
 
     model, tokenizer = tiny_model(arch)
-    install_routing(model, RoutingSchedule([0.25, 0.5]), mode="router")
-    with torch.no_grad():
-        routing_state(model).router.output.bias.fill_(0.7)  # a router that differs from a fresh one
+    state = install_routing(model, RoutingSchedule([0.25, 0.5]), mode="router")
+    _randomise_router(state.router)
     ids = _ids(2, 30)
     with torch.no_grad():
         expected = model(ids).logits
+        with routing_mode(model, "static"):  # so a checkpoint that lost the router's weights cannot pass
+            assert not torch.allclose(model(ids).logits, expected, atol=1e-4)
     save_routed(model, tokenizer, tmp_path / "routed")
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "routed")
-    state = routing_state(loaded)
-    assert state is not None and state.mode == "router" and state.schedule.block_sparsity == [0.25, 0.5]
+    loaded_state = routing_state(loaded)
+    assert loaded_state is not None and loaded_state.mode == "router"
+    assert loaded_state.schedule.block_sparsity == [0.25, 0.5]
+    for name, tensor in state.router.state_dict().items():
+        assert torch.equal(loaded_state.router.state_dict()[name], tensor), name
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, expected)
     assert torch.equal(_greedy(loaded, ids), _greedy(model, ids))
@@ -289,8 +334,7 @@ def test_training_forward_is_the_routed_forward_and_trains_skipped_tokens(arch):
     model, _ = tiny_model(arch)
     blocks = len(find_decoder_blocks(model)[1])
     state = install_routing(model, RoutingSchedule.uniform(0.4, blocks), mode="router")
-    with torch.no_grad():  # a router that is not the static rule, so the selection depends on the hidden states
-        state.router.output.weight.normal_(generator=torch.Generator().manual_seed(1))
+    _randomise_router(state.router)  # not the static rule: the selection depends on the hidden states
     ids, mask = _ids(2, 24), torch.ones(2, 24, dtype=torch.long)
     mask[1, :5] = 0
     with torch.no_grad():
