@@ -69,12 +69,13 @@ def run(journey: dict, home: Path) -> dict:
     repo, kind, folder = journey["repo_id"], journey["kind"], journey["folder"]
     result = {"repo_id": repo, "kind": kind, "card_tags": ModelCard.load(repo).data.tags}
     if kind in ("model", "router"):
-        outputs = []
+        outputs, described = [], []
         for source in (repo, folder):
             model = AutoModelForCausalLM.from_pretrained(source).eval()
             tokenizer = AutoTokenizer.from_pretrained(source)
             outputs.append(_greedy(model, tokenizer))
-        result["loaded"] = _describe(model)
+            described.append(_describe(model))
+        result["loaded"], result["loaded_local"] = described  # the download's, and the build's for comparison
     elif kind == "strategy":
         base, tokenizer = load_model(journey["base"])
         outputs = [_greedy(base, tokenizer, custom_generate=source, trust_remote_code=True) for source in (repo, folder)]
@@ -82,12 +83,13 @@ def run(journey: dict, home: Path) -> dict:
     elif kind == "adapter":
         from peft import PeftModel
 
-        outputs = []
+        outputs, described = [], []
         for source in (repo, folder):
             base, tokenizer = load_model(journey["base"])
             model = PeftModel.from_pretrained(base, source).eval()
             outputs.append(_greedy(model, tokenizer))
-        result["loaded"] = {"class": type(model).__name__, "peft_type": str(model.peft_config["default"].peft_type)}
+            described.append({"class": type(model).__name__, "peft_type": str(model.peft_config["default"].peft_type)})
+        result["loaded"], result["loaded_local"] = described
     else:
         raise ValueError(f"unknown kind {kind!r}")
     result["hub_tokens"], result["local_tokens"] = outputs

@@ -172,7 +172,9 @@ def test_greedy_equality_with_partly_right_heads(llama_amphista):
 def test_tree_decoding_is_lossless_across_architectures(arch, config):
     model, heads, data = trained_heads(arch, config, steps=15)
     tree = DraftTree.from_accuracies(head_accuracy(model, heads, data, top_k=3), 6)
-    assert_lossless(model, Amphista(heads, tree=tree), PROMPTS[:2], max_new_tokens=16)
+    # Prompts the heads trained on, so some tree nodes are accepted and their cache entries kept.
+    prompts = [row[:6] for row in data["input_ids"][:8]]
+    assert assert_lossless(model, Amphista(heads, tree=tree), prompts, max_new_tokens=16) > 1.0
 
 
 def test_chain_decoding_runs_left_padded_batches(llama_amphista):
@@ -196,11 +198,19 @@ def test_typical_acceptance_thresholds_and_sampling_runs(llama_amphista):
     assert rule.verify(torch.tensor([[1]]), confident).num_accepted.tolist() == [0]
     flat = torch.zeros(1, 2, 4)  # uniform: H = log 4, threshold min(0.09, 0.3 / 4) = 0.075 < 0.25
     assert rule.verify(torch.tensor([[1]]), flat).num_accepted.tolist() == [1]
+    # Cases that tell ε from δ: H([0.9, 0.07, 0.03]) = 0.386, so the threshold is min(0.09, 0.3 · 0.68) = 0.09 and
+    # p = 0.07 is rejected (swapped, min(0.3, 0.09 · 0.68) = 0.061 would keep it); uniform over 16: threshold
+    # 0.3 / 16 = 0.019, so p = 0.0625 is kept (a fixed 0.09 would reject it).
+    peaked = torch.tensor([0.9, 0.07, 0.03]).log().expand(1, 2, 3)
+    assert rule.verify(torch.tensor([[1]]), peaked).num_accepted.tolist() == [0]
+    assert rule.verify(torch.tensor([[5]]), torch.zeros(1, 2, 16)).num_accepted.tolist() == [1]
     model, heads, _ = llama_amphista
-    torch.manual_seed(0)
-    out = model.generate(torch.tensor([PROMPTS[0]]), max_new_tokens=10, do_sample=True,
-                         custom_generate=Amphista(heads, tree=[(0,), (1,), (0, 0)]))
-    assert out.shape == (1, 15)
+    outputs = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        outputs.append(model.generate(torch.tensor([PROMPTS[0]]), max_new_tokens=10, do_sample=True,
+                                      custom_generate=Amphista(heads, tree=[(0,), (1,), (0, 0)])))
+    assert outputs[0].shape == (1, 15) and not torch.equal(outputs[0], outputs[1])  # it samples
     with pytest.raises(ValueError, match="posterior"):
         Amphista(heads, posterior_threshold=0.0)
 

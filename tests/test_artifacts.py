@@ -186,6 +186,7 @@ def test_publish_then_nothing_to_upload_then_fresh_process_journeys(built_set, f
         result = results[journey["repo_id"]]
         assert len(result["hub_tokens"]) == 8, result
         assert result["hub_tokens"] == result["local_tokens"], result  # the download is the build
+        assert result.get("loaded") == result.get("loaded_local"), result  # and loads as the same kind of model
         assert "hf_compress" in result["card_tags"]
     by_key = {key: results[f"{NAMESPACE}/{build_artifacts.QUICK.prefix}-{key}"] for key in build_artifacts.ARTIFACTS}
     dense_parameters = sum(p.numel() for p in tiny_model("llama")[0].parameters())

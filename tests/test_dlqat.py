@@ -411,8 +411,18 @@ def test_bf16_base_keeps_a_float32_grid_and_exports_bf16_scales(tmp_path):
     assert torch.equal(layer.dlqat_scale["default"], expected)
     fake_quant = _logits(model)
     assert fake_quant.dtype == torch.bfloat16
+    trained = {name.removeprefix("base_model.model."): module.export_codes("default")
+               for name, module in model.named_modules() if isinstance(module, DLQATLinear)}
     packed = model.merge_and_quantize()
     assert packed.model.layers[0].mlp.up_proj.scales.dtype == torch.bfloat16
+    # Every exported layer holds the trained codes with alpha * s rounded to bf16 once (the logit check below is
+    # too loose on a tiny model to catch a dropped alpha or an unquantized weight).
+    exported = {name: module for name, module in packed.named_modules() if isinstance(module, PackedLinear)}
+    assert exported.keys() == trained.keys()
+    for name, (codes, scales, zeros) in trained.items():
+        expand = lambda t: t.to(torch.bfloat16).repeat_interleave(16, dim=1)  # noqa: E731  (group size 16)
+        expected = (codes.to(torch.bfloat16) - expand(zeros)) * expand(scales)
+        assert torch.equal(exported[name].dequantized_weight(), expected), name
     # the exported bf16 scales round alpha * s once: logits agree to bf16 precision
     assert torch.allclose(_logits(packed).float(), fake_quant.float(), atol=0.1, rtol=0.05)
 

@@ -448,8 +448,10 @@ def test_heads_saved_locally_then_pushed_carry_no_local_path(fake_hub, tmp_path)
     folder = heads.save_pretrained(tmp_path / "heads")
     ids = torch.tensor([[1, 72, 101, 108, 108, 111]])
     reference = model.generate(ids, max_new_tokens=8, do_sample=False)
-    local = model.generate(ids, max_new_tokens=8, do_sample=False, custom_generate=str(folder), trust_remote_code=True)
-    assert torch.equal(local, reference)  # "." resolves to the folder custom_generate= names
+    local = model.generate(ids, max_new_tokens=8, do_sample=False, custom_generate=str(folder), trust_remote_code=True,
+                           return_dict_in_generate=True)
+    assert torch.equal(local.sequences, reference)  # "." resolves to the folder custom_generate= names
+    assert local.metrics.draft_tokens_proposed > 0  # the heads drafted (greedy equality alone would not show it)
 
     write_model_card(folder, build_model_card(base_model=None, model_name="heads", recipe={"method": "amphista"}))
     push_to_hub(folder, "user/heads")
@@ -458,8 +460,9 @@ def test_heads_saved_locally_then_pushed_carry_no_local_path(fake_hub, tmp_path)
     for path, data in stored.items():
         assert str(tmp_path).encode() not in data, path
         assert (str(Path.home()) + "/").encode() not in data, path
-    out = model.generate(ids, max_new_tokens=8, do_sample=False, custom_generate="user/heads", trust_remote_code=True)
-    assert torch.equal(out, reference)
+    out = model.generate(ids, max_new_tokens=8, do_sample=False, custom_generate="user/heads", trust_remote_code=True,
+                         return_dict_in_generate=True)
+    assert torch.equal(out.sequences, reference) and out.metrics.draft_tokens_proposed > 0
 
 
 NASTY = [

@@ -479,11 +479,17 @@ def test_wanda_hand_checked_case() -> None:
 
 
 def test_magnitude_unstructured_threshold_is_per_layer() -> None:
+    # Mixed signs: the score is |W| (a signed score would keep -7 and -5 last, not first).
+    weight = torch.tensor([[-0.1, 0.2, -0.3, 0.4], [-5.0, 6.0, -7.0, 8.0]])
     layer = nn.Linear(4, 2, bias=False)
     with torch.no_grad():
-        layer.weight.copy_(torch.tensor([[0.1, 0.2, 0.3, 0.4], [5.0, 6.0, 7.0, 8.0]]))
+        layer.weight.copy_(weight)
     MagnitudePruner(nn.Module()).prune_layer("layer", layer, [], MagnitudeConfig(sparsity=0.5))
     assert layer.weight.eq(0).tolist() == [[True] * 4, [False] * 4]  # a whole row goes: not per row
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+    MagnitudePruner(nn.Module()).prune_layer("layer", layer, [], MagnitudeConfig(sparsity="2:4"))
+    assert torch.equal(layer.weight, torch.tensor([[0.0, 0.0, -0.3, 0.4], [0.0, 0.0, -7.0, 8.0]]))
 
 
 # --------------------------------------------------------------------------------------------- configs

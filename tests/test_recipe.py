@@ -267,8 +267,9 @@ def test_heads_and_generation_recipe_folder_runs_its_journey(tmp_path):
     ids = torch.tensor([[5, 17, 42, 99, 3, 64, 128, 7]])
     greedy = model.generate(ids, max_new_tokens=10, do_sample=False)
     drafted = model.generate(ids, max_new_tokens=10, do_sample=False, custom_generate=str(folder / "heads"),
-                             trust_remote_code=True)
-    assert torch.equal(drafted, greedy)  # strict verification: the heads only change the speed
+                             trust_remote_code=True, return_dict_in_generate=True)
+    assert torch.equal(drafted.sequences, greedy)  # strict verification: the heads only change the speed
+    assert drafted.metrics.new_tokens == 10 and drafted.metrics.draft_tokens_proposed > 0  # the heads did draft
     card = (folder / "README.md").read_text()
     assert 'custom_generate=f"{folder}/heads"' in card and "SparKCache(model.config, channel_ratio=0.5)" in card
     cached = model.generate(ids, max_new_tokens=10, do_sample=False,
@@ -285,13 +286,16 @@ def test_strategy_recipe_saves_custom_generate_next_to_the_model(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     ids = torch.tensor([[5, 17, 42, 5, 17, 42, 5, 17]])
     greedy = model.generate(ids, max_new_tokens=12, do_sample=False)
-    out = model.generate(ids, max_new_tokens=12, do_sample=False, custom_generate=str(folder), trust_remote_code=True)
-    assert torch.equal(out, greedy)  # FLy with loose=false is strict verification
+    out = model.generate(ids, max_new_tokens=12, do_sample=False, custom_generate=str(folder), trust_remote_code=True,
+                         return_dict_in_generate=True)
+    assert torch.equal(out.sequences, greedy)  # FLy with loose=false is strict verification
+    assert out.metrics.draft_tokens_accepted > 0  # the folder's strategy ran (the repeating prompt drafts well)
     assert f'custom_generate="{result.recipe.name}"' in (folder / "README.md").read_text()
     # Loaded with trust_remote_code, transformers makes the folder's function the model's own generate
     # (partial(generate, model=model)): positional and keyword inputs both work and it does not recurse.
     own = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
     assert torch.equal(own.generate(ids, max_new_tokens=12, do_sample=False), greedy)
+    assert own.generate(ids, max_new_tokens=12, do_sample=False, return_dict_in_generate=True).metrics.new_tokens == 12
     assert torch.equal(own.generate(input_ids=ids, max_new_tokens=12, do_sample=False), greedy)
 
 

@@ -97,12 +97,25 @@ def test_strategies_are_discovered_by_method_name():
         strategy_from_dict({"method": "nope"})
 
 
-def test_calibration_text_option_reads_a_file(tmp_path, capsys):
+def test_calibration_text_option_reads_a_file(tmp_path, capsys, monkeypatch):
+    from hf_compress.pruning import WandaPruner
+
+    received = []
+    original = WandaPruner.prune
+
+    def recording(self, config, calibration, *args, **kwargs):
+        received.append(calibration)
+        return original(self, config, calibration, *args, **kwargs)
+
+    monkeypatch.setattr(WandaPruner, "prune", recording)
     text = tmp_path / "calibration.txt"
     text.write_text(("some calibration words " * 40 + "\n\n") * 4)
     code = main(["-q", "prune", "wanda", "--model", "tiny-llama", "--calibration-text", str(text),
                  "--calibration-sequences", "2", "--seq-len", "16", "--save-dir", str(tmp_path / "out")])
     assert code == 0
+    assert len(received) == 1  # the pruner calibrated on the file's text, not on the default Wikipedia split
+    texts = received[0]["text"] if hasattr(received[0], "column_names") else list(received[0])
+    assert texts and all(t.strip().startswith("some calibration words") for t in texts), texts[:2]
     assert main(["-q", "prune", "wanda", "--model", "tiny-llama", "--calibration-text", str(tmp_path / "missing.txt"),
                  "--save-dir", str(tmp_path / "out2")]) == 2
     error = capsys.readouterr().err

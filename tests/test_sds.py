@@ -82,7 +82,7 @@ def test_sds_improves_reconstruction_over_its_base_pruner(base: str, sparsity) -
     for block in pruner.report.blocks:
         assert block["error_after_second_prune"] < block["error_after_first_prune"], block
         assert block["error_after_redense"] < block["error_after_first_prune"], block
-        assert 0.0 <= block["reselected_fraction"] <= 1.0
+        assert 0.0 < block["reselected_fraction"] < 1.0  # the second prune keeps most masks and moves some
 
 
 def _block0_error(pruned, dense, ids: torch.Tensor) -> float:

@@ -22,7 +22,7 @@ def _prompt(batch: int = 2, length: int = 60, seed: int = 0) -> torch.Tensor:
 
 
 def _greedy(model, ids, cache, **kwargs) -> torch.Tensor:
-    return model.generate(ids, **cache_kwargs(model, cache), max_new_tokens=8, do_sample=False, **kwargs)
+    return model.generate(ids, **cache_kwargs(model, cache), **{"max_new_tokens": 8, "do_sample": False, **kwargs})
 
 
 @pytest.mark.compat_smoke
@@ -288,12 +288,18 @@ def test_speculative_rollback_and_beam_search():
     # decoding with the same cache settings (recent_window=0 and compression_interval=1 compress every token as
     # soon as it is stored, so what attention reads does not depend on how many tokens a forward appends).
     settings = {"channel_ratio": 0.5, "recent_window": 0, "compression_interval": 1}
-    plain = _greedy(model, ids, SparKCache(model.config, **settings))
-    cache = SparKCache(model.config, **settings)
-    speculative = model.generate(
-        ids, **cache_kwargs(model, cache), custom_generate=SpeculativeDecoding(), max_new_tokens=8, do_sample=False
-    )
+    plain = _greedy(model, ids, SparKCache(model.config, **settings), max_new_tokens=12)
+    draft = copy.deepcopy(model)  # agrees with the target often but not always: accepted and rejected drafts
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(0)
+        for parameter in draft.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05 * parameter.std())
+    cache, strategy = SparKCache(model.config, **settings), SpeculativeDecoding(draft, num_draft_tokens=4)
+    speculative = model.generate(ids, **cache_kwargs(model, cache), custom_generate=strategy, max_new_tokens=12,
+                                 do_sample=False)
     assert torch.equal(speculative, plain)
+    metrics = strategy.last_metrics  # the first round drafts too, so its forward appends prompt and drafts
+    assert 0 < metrics.draft_tokens_accepted < metrics.draft_tokens_proposed, metrics
     assert cache.get_seq_length() == speculative.shape[1] - 1
     beams = {"num_beams": 3, "max_new_tokens": 6, "do_sample": False}
     expected = model.generate(ids, **cache_kwargs(model, DynamicCache(config=model.config)), **beams)
