@@ -146,6 +146,48 @@ def test_cache_keyword_and_output_field_match_the_installed_transformers(archite
     assert _compat.cache_from_model_kwargs({name: cache, "attention_mask": None}) is cache
 
 
+def test_cache_helpers_take_either_name_whatever_transformers_is_installed(monkeypatch):
+    """The branches the installed transformers does not take: a remote-code forward with the old name, a forward
+    with ``**kwargs`` only under either release, outputs and kwargs holding the old name, a class with no field."""
+    import dataclasses
+
+    class OldName(torch.nn.Module):
+        def forward(self, input_ids, past_key_values=None, use_cache=None):
+            return input_ids
+
+    class NewName(torch.nn.Module):
+        def forward(self, input_ids, cache=None):
+            return input_ids
+
+    class KwargsOnly(torch.nn.Module):
+        def forward(self, input_ids, **kwargs):
+            return input_ids
+
+    assert _compat.cache_kwarg_name(OldName()) == "past_key_values"
+    assert _compat.cache_kwarg_name(NewName()) == "cache"
+    for uses_new_name, expected in ((True, "cache"), (False, "past_key_values")):
+        monkeypatch.setattr(_compat, "_transformers_uses_cache_kwarg", lambda value=uses_new_name: value)
+        assert _compat.cache_kwarg_name(KwargsOnly()) == expected
+    cache = object()
+    assert _compat.cache_of_output({"logits": 1, "past_key_values": cache}) is cache
+    assert _compat.cache_of_output({"logits": 1}) is None
+    assert _compat.cache_from_model_kwargs({"cache": None, "past_key_values": cache}) is cache
+    assert _compat.cache_from_model_kwargs({"attention_mask": None}) is None
+
+    @dataclasses.dataclass
+    class OldOutput:
+        sequences: object = None
+        past_key_values: object = None
+
+    @dataclasses.dataclass
+    class NoCache:
+        sequences: object = None
+
+    assert _compat.with_cache_field(OldOutput, cache) == {"past_key_values": cache}
+    with pytest.raises(TypeError, match="no cache field"):
+        _compat.with_cache_field(NoCache, cache)
+
+
 def test_speed_measurement_reports_the_accepted_length_of_a_strategy():
     model, tokenizer = tiny_model("llama")
     plain = measure_generation_speed(model, tokenizer, ["abcabcabcabc"], max_new_tokens=12, progress=False)
@@ -155,7 +197,7 @@ def test_speed_measurement_reports_the_accepted_length_of_a_strategy():
         model, tokenizer, ["abcabcabcabc"], max_new_tokens=12, progress=False, custom_generate=strategy
     )
     assert result["mean_accepted_length"] == pytest.approx(strategy.last_metrics.mean_accepted_length)
-    assert result["mean_accepted_length"] >= 1.0
+    assert result["mean_accepted_length"] > 1.0  # the repeating prompt drafts well: more than one token per forward
     assert result["outputs"] == plain["outputs"]  # lossless in fp32
 
 

@@ -145,11 +145,17 @@ def test_the_guard_catches_a_tensor_created_without_a_device(tmp_path, monkeypat
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
-def test_cli_refuses_a_device_this_machine_lacks_before_loading(capsys):
+def test_cli_refuses_a_device_this_machine_lacks_before_loading(capsys, monkeypatch, tmp_path):
     from hf_compress.cli.main import main
 
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the device was checked")
+
+    monkeypatch.setattr("hf_compress.assets.load_model", refuse)
+    monkeypatch.setattr("hf_compress.assets.resolve.load_model", refuse)
     assert main(["eval", "--model", "tiny-llama", "--device", "cuda"]) == 2
     assert "no CUDA GPU is available here; pass --device cpu" in capsys.readouterr().err
-    assert main(["prune", "magnitude", "--model", "tiny-llama", "--sparsity", "2:4", "--save-dir", "unused",
-                 "--device", "mps"]) == 2
+    assert main(["prune", "magnitude", "--model", "tiny-llama", "--sparsity", "2:4", "--save-dir",
+                 str(tmp_path / "unused"), "--device", "mps"]) == 2
     assert "hf_compress runs on cpu or cuda" in capsys.readouterr().err
+    assert not (tmp_path / "unused").exists()

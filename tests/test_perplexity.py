@@ -103,9 +103,12 @@ def test_perplexity_record_shape():
 
 
 def test_parameter_bytes_counts_tied_weights_once():
-    model, _ = tiny_model("llama", tie_word_embeddings=True)
-    expected = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()) * 4
-    assert parameter_bytes(model)["parameters"] == expected
+    tied, _ = tiny_model("llama", tie_word_embeddings=True)
+    untied, _ = tiny_model("llama", tie_word_embeddings=False)
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight
+    assert untied.lm_head.weight is not untied.model.embed_tokens.weight
+    embedding_bytes = tied.model.embed_tokens.weight.numel() * 4
+    assert parameter_bytes(tied)["parameters"] == parameter_bytes(untied)["parameters"] - embedding_bytes
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
@@ -123,12 +126,32 @@ def test_kv_cache_bytes_match_config(arch):
     assert result["kv_bytes"] == expected
 
 
-def test_generation_speed_reports_median_and_outputs():
+def test_generation_speed_reports_median_and_outputs(monkeypatch):
+    from hf_compress.evaluation import speed
+
+    class ScriptedClock:  # each prompt's clock ticks at its own pace: 1 s, 2 s, then 10 s per reading
+        ticks = iter([1.0] * 7 + [2.0] * 7 + [10.0] * 7)  # 7 readings per call: start, 5 tokens, end
+        now = 0.0
+
+        @classmethod
+        def perf_counter(cls):
+            cls.now += next(cls.ticks)
+            return cls.now
+
     model, tokenizer = tiny_model("llama")
-    result = measure_generation_speed(model, tokenizer, ["abc", "hello"], max_new_tokens=5, progress=False)
-    assert result["prompts"] == 2 and len(result["per_prompt"]) == 2
-    assert result["new_tokens"] == [5, 5] and all(len(o) == 5 for o in result["outputs"])
-    assert result["tokens_per_second"] > 0
+    monkeypatch.setattr(speed, "time", ScriptedClock)
+    prompts = ["abc", "hello", "the cat"]
+    result = measure_generation_speed(model, tokenizer, prompts, max_new_tokens=5, warmup=0, progress=False,
+                                      force_length=True)
+    monkeypatch.undo()
+    assert result["prompts"] == 3 and result["new_tokens"] == [5, 5, 5] and all(len(o) == 5 for o in result["outputs"])
+    assert result["seconds"] == [6.0, 12.0, 60.0]
+    assert result["per_prompt"] == [5 / 6, 5 / 12, 5 / 60] and result["tokens_per_second"] == 5 / 12  # the median
+    # After the first token: 4 tokens between the first and the last token's timestamps.
+    assert result["decode_per_prompt"] == [4 / 4, 4 / 8, 4 / 40] and result["decode_tokens_per_second"] == 0.5
+    checked = measure_generation_speed(model, tokenizer, prompts[:2], max_new_tokens=5, warmup=0, progress=False,
+                                       force_length=True, reference=[result["outputs"][0], [0] * 5])
+    assert checked["equal_to_reference"] == [True, False] and not checked["all_equal_to_reference"]
     with pytest.raises(ValueError, match="prompts is empty"):
         measure_generation_speed(model, tokenizer, [])
 

@@ -370,8 +370,22 @@ def test_registered_with_transformers():
     assert FORMAT_NAME in registered_formats()
     assert quantizers_auto.AUTO_QUANTIZER_MAPPING[FORMAT_NAME] is registered_formats()[FORMAT_NAME]
     assert quantizers_auto.AUTO_QUANTIZATION_CONFIG_MAPPING[FORMAT_NAME] is SparseStorageConfig
-    # Registering again (e.g. after a module reload) is harmless.
+    # Registering again (e.g. after a module reload) is harmless: the same entries stay.
     hf_compress.formats.base.register_format(registered_formats()[FORMAT_NAME])
+    assert quantizers_auto.AUTO_QUANTIZER_MAPPING[FORMAT_NAME] is registered_formats()[FORMAT_NAME]
+    assert quantizers_auto.AUTO_QUANTIZATION_CONFIG_MAPPING[FORMAT_NAME] is SparseStorageConfig
+
+
+def test_a_name_another_library_registered_is_refused(monkeypatch):
+    from hf_compress import _compat
+
+    class ForeignConfig:  # another library's config under our name
+        pass
+
+    monkeypatch.setitem(quantizers_auto.AUTO_QUANTIZATION_CONFIG_MAPPING, FORMAT_NAME, ForeignConfig)
+    with pytest.raises(ValueError, match="already registered with transformers by .*ForeignConfig"):
+        _compat.register_quantization_format(FORMAT_NAME, SparseStorageConfig, registered_formats()[FORMAT_NAME])
+    assert quantizers_auto.AUTO_QUANTIZATION_CONFIG_MAPPING[FORMAT_NAME] is ForeignConfig  # nothing replaced
 
 
 def test_plain_transformers_refuses_and_import_registers(tmp_path):

@@ -56,6 +56,8 @@ def normalize_answer(text: str) -> str:
 
 def squad_scores(prediction: str, answers: list[str]) -> tuple[float, float]:
     """(exact match, token F1) of ``prediction`` against the best of ``answers``."""
+    if isinstance(answers, str) or not answers:
+        raise ValueError(f"answers must be a non-empty list of reference strings, got {answers!r}.")
 
     def f1(gold: str) -> float:
         pred_tokens, gold_tokens = normalize_answer(prediction).split(), normalize_answer(gold).split()
