@@ -14,6 +14,9 @@ Variants, every trained one with the same total optimizer steps (``--steps``, ba
 - ``lora-all``: one LoRA on all training data;
 - ``lora-assl``: one LoRA on the ASSL subset (facility location, ``--budget`` of the data);
 - ``lora-random``: one LoRA on a seeded random subset of the same size;
+- ``lora-assl-epochs`` / ``lora-random-epochs``: the same subsets trained for as many epochs as ``lora-all`` (the
+  subset's share of ``--steps``) rather than as many steps: what selection saves in compute, without the
+  repeated epochs that equal steps put on a 20% subset;
 - ``experts-random``: K experts on a random partition of all data, routed by nearest (random-cluster) centroid;
 - ``experts-routed``: K experts on semantic k-means clusters of all data, routed by the router (the method);
 - ``experts-oracle``: the same experts, each query sent to its task's expert (the cluster holding most of
@@ -51,6 +54,9 @@ Usage:
     python scripts/bench_experts.py --train-per-task 200 --test-per-task 99 --steps 200 --batch-size 8 --seq-len 256 \
         --embedding-max-length 128 --squad-new-tokens 16 --eval-batch 16 --skip-overhead --variants lora-assl \
         lora-random --output-name experts-200steps --extend   # ASSL and random 20% beside the 200-step run (~90 min)
+    python scripts/bench_experts.py --train-per-task 200 --test-per-task 99 --steps 200 --batch-size 8 --seq-len 256 \
+        --embedding-max-length 128 --squad-new-tokens 16 --eval-batch 16 --skip-overhead --variants lora-assl-epochs \
+        lora-random-epochs --output-name experts-200steps --extend   # the same subsets at equal epochs (~25 min)
     python scripts/bench_experts.py --quick --output-name experts-smoke   # tiny model, to check the script
     python scripts/bench_experts.py --render experts
 """
@@ -80,8 +86,8 @@ logger = logging.getLogger("bench_experts")
 
 TASKS = ("arc_easy", "arc_challenge", "piqa", "hellaswag", "boolq", "winogrande", "squad", "gsm8k")
 AVERAGED = TASKS[:-1]
-VARIANTS = ("base", "lora-all", "lora-assl", "lora-random", "experts-random", "experts-routed", "experts-oracle",
-            "experts-warm")
+VARIANTS = ("base", "lora-all", "lora-assl", "lora-random", "lora-assl-epochs", "lora-random-epochs", "experts-random",
+            "experts-routed", "experts-oracle", "experts-warm")
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -371,9 +377,12 @@ def main() -> None:
         if variant == "base":
             entry["kept"] = 0
         elif variant.startswith("lora-"):
-            data = {"lora-all": train, "lora-assl": subsets["facility_location"][0],
-                    "lora-random": subsets["random"][0]}[variant]
-            router = train_experts(model, data, single, args=training, tokenizer=tokenizer)
+            subset = {"lora-all": train, "lora-assl": subsets["facility_location"][0],
+                      "lora-random": subsets["random"][0]}
+            data = subset[variant.removesuffix("-epochs")]
+            steps = max(1, round(args.steps * len(data) / len(train))) if variant.endswith("-epochs") else args.steps
+            router = train_experts(model, data, single, args=dataclasses.replace(training, max_steps=steps),
+                                   tokenizer=tokenizer)
             experts = [0] * len(test)
             entry["kept"] = len(data)
         elif variant == "experts-oracle" and semantic is not None:
@@ -623,6 +632,12 @@ def _target_lines(results: dict[str, Any]) -> list[str]:
         lines.append(f"- ASSL subset vs full data (target ≥ 95% of the full-data score): {keep:.1%} "
                      f"({difference('lora-assl', 'lora-all')}) — {'met' if keep >= 0.95 else 'missed'}; vs a random "
                      f"subset of the same size (target: higher): {difference('lora-assl', 'lora-random')}.")
+    if {"lora-assl-epochs", "lora-all", "lora-random-epochs"} <= variants.keys():
+        keep = variants["lora-assl-epochs"]["average"] / variants["lora-all"]["average"]
+        steps = variants["lora-assl-epochs"].get("training", {}).get("total_steps", "—")
+        lines.append(f"- The same subsets at equal epochs ({steps} steps, not the target's protocol): ASSL keeps "
+                     f"{keep:.1%} of the full-data score ({difference('lora-assl-epochs', 'lora-all')}); vs the random "
+                     f"subset: {difference('lora-assl-epochs', 'lora-random-epochs')}.")
     routed = variants.get("experts-routed", {})
     if "routing_accuracy" in routed:
         lines.append(f"- Router picks the oracle expert (target ≥ 90%): {routed['routing_accuracy']:.1%} — "
