@@ -401,14 +401,14 @@ def main() -> None:
             warm = dataclasses.replace(config, shared_warmup=args.shared_warmup) if variant == "experts-warm" else config
             router = train_experts(model, train, warm, args=training, tokenizer=tokenizer, clusters=clusters,
                                    embeddings=pool_embeddings)
-            experts = router.route_texts([query_of(row) for row in test]).tolist()
             mapping = oracle_experts(router, train)
             entry["kept"] = len(train)
-            entry["routing_accuracy"] = statistics.fmean(e == mapping[row["task"]] for e, row in zip(experts, test))
             if variant == "experts-oracle":  # the routed experts are not in this run: train them, route by task
                 experts = [mapping[row["task"]] for row in test]
                 entry["oracle_mapping"] = mapping
-                del entry["routing_accuracy"]
+            else:
+                experts = router.route_texts([query_of(row) for row in test]).tolist()
+                entry["routing_accuracy"] = statistics.fmean(e == mapping[row["task"]] for e, row in zip(experts, test))
             entry["cluster_tasks"] = _cluster_tasks(router, train)
             if variant == "experts-routed" and not args.skip_overhead:
                 entry["generation_overhead"] = generation_overhead(router, tokenizer, test, args)
