@@ -514,7 +514,8 @@ def lora_linear_factors(module: nn.Module, adapter_names: list[str]) -> tuple[to
     held = [name for name in adapter_names if name in module.lora_A]
     ranks = [module.lora_A[name].weight.shape[0] if name in held else 0 for name in adapter_names]
     if not held:  # none of these adapters here: rank 0 everywhere, the layer needs no update
-        return torch.zeros(0, module.in_features), torch.zeros(module.out_features, 0), ranks
+        device = module.get_base_layer().weight.device
+        return torch.zeros(0, module.in_features, device=device), torch.zeros(module.out_features, 0, device=device), ranks
     a = torch.cat([module.lora_A[name].weight for name in held], dim=0)
     b = torch.cat([module.lora_B[name].weight * module.scaling[name] for name in held], dim=1)
     return a, b, ranks
