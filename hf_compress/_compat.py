@@ -11,9 +11,9 @@ the package for the private names listed in :data:`PRIVATE_NAMES`.
 This module must stay cheap to import (``import hf_compress`` imports it): only the standard library at
 the top, everything else inside the functions.
 
-Checked on: transformers 5.23.0, 5.24.0 and 5.25.0 (5.25.0 without its ``kernels`` requirement, which the
-package index lacks, and with ``USE_HUB_KERNELS=0``), peft 0.21.2, accelerate 1.15.0 and 1.16.0 (the pinned
-set is ``constraints.txt``).
+Checked on: transformers 5.23.0, 5.24.0 and 5.25.0 (with kernels 0.19.1, the first release of its new
+requirement on the package index), peft 0.21.2, accelerate 1.15.0 and 1.16.0 (the pinned set is
+``constraints.txt``).
 
 Example:
     >>> from hf_compress.assets import tiny_model
