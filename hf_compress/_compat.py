@@ -213,7 +213,8 @@ def streamer_of_calling_generate() -> Any:
 
 def argument_of_calling_generate(name: str) -> Any:
     """The argument ``name`` (``streamer``, ``assistant_model``, ``synced_gpus``, ...) of the ``generate()`` that
-    called the current ``custom_generate`` callable, or ``None``.
+    called the current ``custom_generate`` callable, or ``None``. A saved folder's ``generate.py`` reads
+    ``custom_generate`` itself this way, to find the repo or folder it was loaded from.
 
     transformers passes a ``custom_generate`` callable only the keyword arguments its signature adds to
     ``_sample``'s, so ``generate``'s own parameters are read from the nearest calling frame named ``generate``.

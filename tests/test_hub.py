@@ -484,8 +484,8 @@ def test_embedded_settings_round_trip_any_string(tmp_path, name):
     tree = ast.parse(source)
     # Whatever the settings, the module has the same statements: nothing was injected.
     shape = [type(node).__name__ for node in tree.body]
-    assert shape == ["Expr", "Import", "Import", "Assign", "Assign", "Assign", "FunctionDef", "FunctionDef"]
-    assert isinstance(tree.body[3].value.args[0], ast.Constant)
+    assert shape == ["Expr", "Import", "Assign", "Assign", "Assign", "FunctionDef", "FunctionDef"]
+    assert isinstance(tree.body[2].value.args[0], ast.Constant)
     path = tmp_path / "generate.py"
     path.write_text(source, encoding="utf-8")
     spec = importlib.util.spec_from_file_location("nasty_generate", path)
@@ -495,3 +495,26 @@ def test_embedded_settings_round_trip_any_string(tmp_path, name):
     # Through a real save, the settings come back exactly (read without running the file).
     folder = FLy(name, loose=False).save_pretrained(tmp_path / "fly")
     assert read_generate_settings(folder)["draft_model"] == name
+
+
+def test_generate_py_finds_its_folder_only_inside_generate(tmp_path):
+    """A saved "." reference resolves to the ``custom_generate=`` value of the calling ``generate()``; called any
+    other way (e.g. through a folder loaded with trust_remote_code), the file says how to call it."""
+    import importlib.util
+
+    from hf_compress.speculative.strategies import render_generate_py
+
+    path = tmp_path / "generate.py"
+    path.write_text(render_generate_py("amphista", {"method": "amphista", "heads": "."}), encoding="utf-8")
+    spec = importlib.util.spec_from_file_location("folder_generate", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def generate(custom_generate):  # stands for transformers' GenerationMixin.generate
+        return module._this_repo_or_folder()
+
+    assert generate("me/heads") == "me/heads"
+    with pytest.raises(RuntimeError, match=r"custom_generate=<repo or folder>, trust_remote_code=True"):
+        module._this_repo_or_folder()
+    with pytest.raises(RuntimeError, match="custom_generate="):
+        generate(None)  # a generate() without a repo or folder name

@@ -545,7 +545,6 @@ folder (the `custom_generate=` value). Requires `pip install hf-compress`.
 """
 
 import json
-import sys
 
 # The strategy's settings: JSON, one Python string literal per line (read back exactly, never run as code).
 SETTINGS = json.loads(
@@ -560,12 +559,11 @@ _last = (None, None)
 
 def _this_repo_or_folder():
     """The `custom_generate=` value transformers loaded this file for (it copies only this file elsewhere)."""
-    frame = sys._getframe(1)
-    while frame is not None:
-        value = frame.f_locals.get("custom_generate") if frame.f_code.co_name == "generate" else None
-        if isinstance(value, str):
-            return value
-        frame = frame.f_back
+    from hf_compress._compat import argument_of_calling_generate
+
+    value = argument_of_calling_generate("custom_generate")
+    if isinstance(value, str):
+        return value
     raise RuntimeError(
         "These settings load files saved next to them: call `model.generate(..., custom_generate=<repo or "
         "folder>, trust_remote_code=True)`, or pass them (`heads=`, `draft_model=`)."
