@@ -21,8 +21,8 @@ Methods, all on the same drafter and draft length:
 - ``cospec@τ``: that arbiter before calibration at each fixed ``--thresholds`` τ.
 
 Reported per method: SQuAD F1 (± standard error over test questions), F1 kept vs strict, median tokens/s of
-whole calls and of decoding after the first round (``measure_generation_speed``), speed-up over strict
-(ratio of medians, same run), accepted tokens per target forward, mean target forwards per answer, and for
+whole calls and of decoding after the first round, speed-up over strict (ratio of medians; every method
+times each test prompt side by side, ``compare_generation_speed``), accepted tokens per target forward, mean target forwards per answer, and for
 the arbiters, agreement with oracle labels mined on the held-out split; the held-out calibration sweeps
 (the speed–quality curve of each knob) and oracle-label statistics (how often a mismatch is harmless).
 
@@ -53,7 +53,7 @@ from bench_speculative import render_prompt
 
 from hf_compress.assets import load_model
 from hf_compress.evaluation.report import benchmark_parser, start_benchmark, write_benchmark
-from hf_compress.evaluation.speed import measure_generation_speed
+from hf_compress.evaluation.speed import compare_generation_speed
 from hf_compress.evaluation.squad import squad_documents
 from hf_compress.speculative import FLy, SpeculativeDecoding
 from hf_compress.speculative.cospec import (
@@ -104,28 +104,34 @@ def _threshold(value: float) -> str:
     return f"{value:.6g}" if value < 1 and text == "1" else text
 
 
-def evaluate(target, tokenizer, strategy, examples, args, stop_ids) -> dict[str, Any]:
+def evaluate(target, tokenizer, strategies: dict[str, Any], examples, args, stop_ids) -> dict[str, dict[str, Any]]:
+    """Every strategy on the same examples, timed side by side (``compare_generation_speed``: each prompt through
+    every strategy in rotating order), so the speed ratios are not one pass's drift against another's."""
     reward = resolve_reward("squad_f1")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
-    measured = measure_generation_speed(
-        target, tokenizer, [e.input_ids for e in examples], args.answer_tokens, warmup=0, progress=False,
-        custom_generate=strategy, eos_token_id=stop_ids, pad_token_id=pad)
-    f1 = [100 * reward(answer_text(tokenizer, torch.tensor(tokens)), e.answers)
-          for tokens, e in zip(measured["outputs"], examples)]
-    metrics = measured.get("strategy_metrics", [])
-    forwards = [m["target_forwards"] for m in metrics]
-    new_tokens = sum(len(t) for t in measured["outputs"])
-    return {
-        "f1": statistics.mean(f1),
-        "f1_se": statistics.stdev(f1) / len(f1) ** 0.5 if len(f1) > 1 else 0.0,
-        "tokens_per_s": measured["tokens_per_second"],
-        "decode_tokens_per_s": measured.get("decode_tokens_per_second"),
-        "accepted_per_forward": new_tokens / max(1, sum(forwards)),
-        "target_forwards": statistics.mean(forwards) if forwards else None,
-        "new_tokens": new_tokens,
-        "per_prompt_f1": f1,
-        "outputs": measured["outputs"],
-    }
+    variants = {name: {"custom_generate": strategy, "eos_token_id": stop_ids, "pad_token_id": pad}
+                for name, strategy in strategies.items()}
+    speeds = compare_generation_speed(target, tokenizer, [e.input_ids for e in examples], variants,
+                                      args.answer_tokens, warmup=0, progress=True)
+    results = {}
+    for name, measured in speeds.items():
+        f1 = [100 * reward(answer_text(tokenizer, torch.tensor(tokens)), e.answers)
+              for tokens, e in zip(measured["outputs"], examples)]
+        forwards = [m["target_forwards"] for m in measured.get("strategy_metrics", [])]
+        new_tokens = sum(len(t) for t in measured["outputs"])
+        results[name] = {
+            "f1": statistics.mean(f1),
+            "f1_se": statistics.stdev(f1) / len(f1) ** 0.5 if len(f1) > 1 else 0.0,
+            "tokens_per_s": measured["tokens_per_second"],
+            "decode_tokens_per_s": measured.get("decode_tokens_per_second"),
+            "accepted_per_forward": new_tokens / max(1, sum(forwards)),
+            "target_forwards": statistics.mean(forwards) if forwards else None,
+            "new_tokens": new_tokens,
+            "per_prompt_f1": f1,
+            "per_prompt_seconds": measured["seconds"],
+            "outputs": measured["outputs"],
+        }
+    return results
 
 
 def probe_pair(name: str, args) -> dict[str, Any]:
@@ -237,11 +243,10 @@ def run_pair(name: str, args) -> dict[str, Any]:
         methods[f"cospec@{tau:g}"] = CoSpec(uncalibrated, draft, threshold=tau, **strategy_kwargs)
     arbiters = {"judge-head (calibrated)": (judge, held_labels, judge.config.threshold),
                 "cospec (calibrated)": (cospec, held_scalar if not args.cospec_hidden_states else held_labels, cospec.config.threshold)}
-    results: dict[str, Any] = {}
     t = time.perf_counter()
-    for method, strategy in methods.items():
-        logger.info("[%s] %s on %d test prompts", name, method, len(test))
-        results[method] = evaluate(target, tok, strategy, test, args, stop_ids)
+    logger.info("[%s] %d methods on %d test prompts, side by side", name, len(methods), len(test))
+    results = evaluate(target, tok, methods, test, args, stop_ids)
+    for method in methods:
         if method.startswith("cospec@"):
             arbiters[method] = (uncalibrated, arbiters["cospec (calibrated)"][1], float(method.split("@")[1]))
         if method in arbiters:
@@ -260,7 +265,7 @@ def run_pair(name: str, args) -> dict[str, Any]:
         r["same_as_strict"] = sum(a == b for a, b in zip(r["outputs"], strict["outputs"]))
     timings["total_s"] = time.perf_counter() - started
     return {
-        "pair": description, "timings": timings, "methods": results,
+        "pair": description, "timings": timings, "methods": results, "speed_timing": "side by side",
         "training": {"prompts": len(train_examples), "oracle": oracle.statistics(), "label_rule": args.label_rule,
                      "target_score_strict": statistics.mean(oracle.target_scores), "warm_start_judge": warm_judge,
                      "warm_start_cospec": warm_cospec, "rl_history": history},
@@ -293,8 +298,11 @@ def markdown(payload: dict[str, Any]) -> str:
             f"first line of ≤ {s['answer_tokens']} tokens (generation stops at a newline). Draft length "
             f"{s['num_draft_tokens']} for every method. Speed: median over test prompts of whole-call tokens/s (prefill "
             "included; answers are short) and of decode tokens/s after the first round, ratios of medians measured in "
-            "this one run on a shared, loaded 2-core CPU — treat differences under ~15% as noise; accepted tokens per "
-            "target forward is exact. `judge-head` = linear head on the target's hidden state + logit features "
+            + ("this one run, every method timed on each test prompt side by side (rotating order); "
+               if any(r.get("speed_timing") == "side by side" for r in payload["results"].values()) else
+               "this one run, one method after another on a shared, loaded 2-core CPU — treat differences under ~15% "
+               "as noise; ")
+            + "accepted tokens per target forward is exact. `judge-head` = linear head on the target's hidden state + logit features "
             "(warm start only); `cospec` = arbiter on the logit features"
             + (" and hidden state" if s.get("cospec_hidden_states") else "") + ", warm start then RL; "
             "`cospec@τ` (with `--thresholds`) = that arbiter before calibration, at a fixed threshold.",

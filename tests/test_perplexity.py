@@ -156,6 +156,35 @@ def test_generation_speed_reports_median_and_outputs(monkeypatch):
         measure_generation_speed(model, tokenizer, [])
 
 
+def test_compare_generation_speed_times_variants_side_by_side(monkeypatch):
+    from hf_compress.evaluation import compare_generation_speed
+    from hf_compress.utils import InvalidArgumentTypeError
+
+    model, tokenizer = tiny_model("llama")
+    prompts = ["abc", "hello", "the cat"]
+    alone = measure_generation_speed(model, tokenizer, prompts, max_new_tokens=4, warmup=0, progress=False,
+                                     repetition_penalty=1.3)
+    calls = []
+    original = model.generate
+
+    def recording(*args, **kwargs):
+        calls.append("penalised" if kwargs.get("repetition_penalty") else "plain")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(model, "generate", recording)
+    both = compare_generation_speed(model, tokenizer, prompts, {"plain": {}, "penalised": {"repetition_penalty": 1.3}},
+                                    max_new_tokens=4, warmup=1, progress=False)
+    # Warm-up on the first prompt, then every prompt through both variants, the first one rotating.
+    assert calls == ["plain", "penalised", "plain", "penalised", "penalised", "plain", "plain", "penalised"]
+    assert both["penalised"]["outputs"] == alone["outputs"]  # each variant keeps its own settings
+    assert both["plain"]["outputs"] != both["penalised"]["outputs"]
+    assert all(len(r["seconds"]) == 3 and r["prompts"] == 3 for r in both.values())
+    with pytest.raises(InvalidArgumentTypeError, match="non-empty mapping"):
+        compare_generation_speed(model, tokenizer, prompts, {})
+    with pytest.raises(InvalidArgumentTypeError, match=r"variants\['x'\] must be a mapping"):
+        compare_generation_speed(model, tokenizer, prompts, {"x": 1})
+
+
 def test_benchmark_files_and_rebuilt_table_keep_the_run_footer(tmp_path):
     from hf_compress.evaluation.report import rewrite_markdown, write_benchmark
 

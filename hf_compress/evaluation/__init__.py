@@ -13,7 +13,7 @@ Example:
 from .memory import cache_bytes, disk_bytes, measure_kv_cache_bytes, parameter_bytes
 from .perplexity import evaluate_perplexity, perplexity_record, token_windows, tokenize_stream
 from .results import MetricRecord
-from .speed import measure_generation_speed
+from .speed import compare_generation_speed, measure_generation_speed
 from .zero_shot import evaluate_zero_shot, zero_shot_records
 
 
@@ -23,6 +23,7 @@ __all__ = [
     "disk_bytes",
     "evaluate_perplexity",
     "evaluate_zero_shot",
+    "compare_generation_speed",
     "measure_generation_speed",
     "measure_kv_cache_bytes",
     "parameter_bytes",

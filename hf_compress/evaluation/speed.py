@@ -1,6 +1,8 @@
 """Generation speed: the one measurement path every speed number goes through (CLI, demo, benchmarks).
 
-Each prompt is generated on its own (batch 1) after untimed warm-up generations. Per prompt it records
+Each prompt is generated on its own (batch 1) after untimed warm-up generations; :func:`compare_generation_speed`
+times several ``generate`` settings side by side (each prompt through every variant, in rotating order), and
+:func:`measure_generation_speed` is its one-variant case. Per prompt it records
 the wall time of the whole ``generate`` call (prefill included) and, through a timing streamer, the
 decode rate after the first new token (what a cache or a drafting method changes most). Options cover
 what the benchmarks need: a forced output length (``force_length``: EOS cannot end a run early), a
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -33,7 +35,7 @@ from ..utils import InvalidArgumentTypeError, check_bool, check_int
 from .report import synchronize
 
 
-__all__ = ["measure_generation_speed"]
+__all__ = ["compare_generation_speed", "measure_generation_speed"]
 
 
 class _TimingStreamer:
@@ -100,6 +102,45 @@ def measure_generation_speed(
         >>> measure_generation_speed(model, tokenizer, ["Once upon a time"], max_new_tokens=32)  # doctest: +SKIP
         {'tokens_per_second': 41.2, ...}
     """
+    return compare_generation_speed(
+        model, tokenizer, prompts, {"": generate_kwargs}, max_new_tokens, warmup, progress,
+        force_length=force_length, reference=reference, cache_factory=cache_factory,
+    )[""]
+
+
+@torch.inference_mode()
+def compare_generation_speed(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase | None,
+    prompts: Sequence[str | torch.Tensor],
+    variants: Mapping[str, Mapping[str, Any]],
+    max_new_tokens: int = 64,
+    warmup: int = 1,
+    progress: bool = True,
+    *,
+    force_length: bool = False,
+    reference: Sequence[Sequence[int]] | None = None,
+    cache_factory: Callable[[], Any] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """:func:`measure_generation_speed` for several ``generate`` settings, timed side by side.
+
+    Each prompt is generated once per variant before the next prompt starts, in an order that rotates from
+    prompt to prompt, so a slowdown of the machine (another process, thermal drift) lands on every variant
+    alike instead of on whichever ran during it; ratios of the returned medians compare like with like.
+
+    Args:
+        variants: name → ``generate`` keyword arguments of that variant (``{"custom_generate": strategy}``, ...).
+        The others: as for :func:`measure_generation_speed`, shared by every variant.
+
+    Returns:
+        name → what :func:`measure_generation_speed` returns for that variant.
+
+    Example:
+        >>> speeds = compare_generation_speed(model, tok, prompts, {"strict": {"custom_generate": strict},
+        ...                                                          "fly": {"custom_generate": fly}})  # doctest: +SKIP
+        >>> speeds["fly"]["tokens_per_second"] / speeds["strict"]["tokens_per_second"]  # doctest: +SKIP
+        1.31
+    """
     if isinstance(prompts, (str, torch.Tensor)) or not isinstance(prompts, Sequence):
         raise InvalidArgumentTypeError(
             f"prompts must be a list of texts or [1, n] token-id tensors (wrap a single prompt in a list), "
@@ -107,6 +148,11 @@ def measure_generation_speed(
         )
     if not prompts:
         raise ValueError("prompts is empty; pass at least one prompt.")
+    if not isinstance(variants, Mapping) or not variants:
+        raise InvalidArgumentTypeError(
+            "variants must be a non-empty mapping of name -> generate() keyword arguments, e.g. "
+            "{'strict': {'custom_generate': strict}}."
+        )
     check_int("max_new_tokens", max_new_tokens, minimum=1)
     check_int("warmup", warmup, minimum=0)
     check_bool("progress", progress)
@@ -122,15 +168,22 @@ def measure_generation_speed(
         )
     if reference is not None and len(reference) != len(prompts):
         raise ValueError(f"reference has {len(reference)} outputs for {len(prompts)} prompts.")
-    generate_kwargs.setdefault("do_sample", False)
-    if tokenizer is not None:
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        generate_kwargs.setdefault("pad_token_id", pad)
-    if force_length:
-        generate_kwargs["min_new_tokens"] = max_new_tokens
-    strategy = generate_kwargs.get("custom_generate")
+    settings = {}
+    for name, given in variants.items():
+        if not isinstance(given, Mapping):
+            raise InvalidArgumentTypeError(
+                f"variants[{name!r}] must be a mapping of generate() keyword arguments, got {type(given).__name__}."
+            )
+        kwargs = dict(given)
+        kwargs.setdefault("do_sample", False)
+        if tokenizer is not None:
+            kwargs.setdefault("pad_token_id", tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+                              else tokenizer.eos_token_id)
+        if force_length:
+            kwargs["min_new_tokens"] = max_new_tokens
+        settings[name] = kwargs
 
-    def run(prompt: str | torch.Tensor):
+    def run(prompt: str | torch.Tensor, generate_kwargs: dict[str, Any]):
         if isinstance(prompt, str):
             if tokenizer is None:
                 raise ValueError("text prompts need a tokenizer; pass one or token-id tensors.")
@@ -150,45 +203,64 @@ def measure_generation_speed(
         elapsed = time.perf_counter() - start
         return out, elapsed, ids.shape[1], streamer
 
+    names = list(settings)
     for prompt in list(prompts)[:warmup]:
-        run(prompt)
-    rates, decode_rates, seconds, new_tokens, outputs, accepted, drafting, per_call = [], [], [], [], [], [], [], []
-    for prompt in tqdm(prompts, desc="generation speed", disable=not progress):
-        out, elapsed, prompt_len, streamer = run(prompt)
+        for name in names:
+            run(prompt, settings[name])
+    timings = {name: _Timings(settings[name].get("custom_generate")) for name in names}
+    for index, prompt in enumerate(tqdm(prompts, desc="generation speed", disable=not progress)):
+        for offset in range(len(names)):  # rotate which variant goes first
+            name = names[(index + offset) % len(names)]
+            timings[name].add(*run(prompt, settings[name]))
+    return {name: timings[name].result(len(prompts), max_new_tokens, reference) for name in names}
+
+
+class _Timings:
+    """One variant's per-prompt measurements, in prompt order, and their summary."""
+
+    def __init__(self, strategy: Any) -> None:
+        self.strategy = strategy
+        self.rates, self.decode_rates, self.seconds, self.new_tokens, self.outputs = [], [], [], [], []
+        self.accepted, self.drafting, self.per_call = [], [], []
+
+    def add(self, out: Any, elapsed: float, prompt_len: int, streamer: _TimingStreamer) -> None:
         generated = out.sequences[0, prompt_len:].tolist()
-        outputs.append(generated)
-        new_tokens.append(len(generated))
-        seconds.append(elapsed)
-        rates.append(len(generated) / elapsed)
+        self.outputs.append(generated)
+        self.new_tokens.append(len(generated))
+        self.seconds.append(elapsed)
+        self.rates.append(len(generated) / elapsed)
         if streamer.decode_tokens_per_second is not None:
-            decode_rates.append(streamer.decode_tokens_per_second)
-        metrics = getattr(out, "metrics", None) or getattr(strategy, "last_metrics", None)
+            self.decode_rates.append(streamer.decode_tokens_per_second)
+        metrics = getattr(out, "metrics", None) or getattr(self.strategy, "last_metrics", None)
         length = _mean_accepted_length(metrics)
         if length is not None:
-            accepted.append(length)
-            drafting.append(getattr(metrics, "drafting_time_s", 0.0) / max(getattr(metrics, "wall_time_s", 0.0), 1e-9))
-            per_call.append(metrics.to_dict() if hasattr(metrics, "to_dict") else dict(metrics))
-    result: dict[str, Any] = {
-        "tokens_per_second": statistics.median(rates),
-        "per_prompt": rates,
-        "seconds": seconds,
-        "new_tokens": new_tokens,
-        "prompts": len(prompts),
-        "max_new_tokens": max_new_tokens,
-        "outputs": outputs,
-    }
-    if decode_rates:
-        result["decode_tokens_per_second"] = statistics.median(decode_rates)
-        result["decode_per_prompt"] = decode_rates
-    if accepted:
-        result["mean_accepted_length"] = statistics.fmean(accepted)
-        result["accepted_lengths"] = accepted
-        result["median_drafting_share"] = statistics.median(drafting)
-        result["strategy_metrics"] = per_call
-    if reference is not None:
-        result["equal_to_reference"] = [list(a) == list(b) for a, b in zip(outputs, reference, strict=True)]
-        result["all_equal_to_reference"] = all(result["equal_to_reference"])
-    return result
+            self.accepted.append(length)
+            self.drafting.append(getattr(metrics, "drafting_time_s", 0.0) / max(getattr(metrics, "wall_time_s", 0.0), 1e-9))
+            self.per_call.append(metrics.to_dict() if hasattr(metrics, "to_dict") else dict(metrics))
+
+    def result(self, prompts: int, max_new_tokens: int, reference: Sequence[Sequence[int]] | None) -> dict[str, Any]:
+        result: dict[str, Any] = {
+            "tokens_per_second": statistics.median(self.rates),
+            "per_prompt": self.rates,
+            "seconds": self.seconds,
+            "new_tokens": self.new_tokens,
+            "prompts": prompts,
+            "max_new_tokens": max_new_tokens,
+            "outputs": self.outputs,
+        }
+        if self.decode_rates:
+            result["decode_tokens_per_second"] = statistics.median(self.decode_rates)
+            result["decode_per_prompt"] = self.decode_rates
+        if self.accepted:
+            result["mean_accepted_length"] = statistics.fmean(self.accepted)
+            result["accepted_lengths"] = self.accepted
+            result["median_drafting_share"] = statistics.median(self.drafting)
+            result["strategy_metrics"] = self.per_call
+        if reference is not None:
+            equal = [list(a) == list(b) for a, b in zip(self.outputs, reference, strict=True)]
+            result["equal_to_reference"] = equal
+            result["all_equal_to_reference"] = all(equal)
+        return result
 
 
 def _mean_accepted_length(metrics: Any) -> float | None:
