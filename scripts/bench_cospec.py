@@ -22,9 +22,10 @@ Methods, all on the same drafter and draft length:
 
 Reported per method: SQuAD F1 (± standard error over test questions), F1 kept vs strict, median tokens/s of
 whole calls and of decoding after the first round, speed-up over strict (ratio of medians; every method
-times each test prompt side by side, ``compare_generation_speed``), accepted tokens per target forward, mean target forwards per answer, and for
-the arbiters, agreement with oracle labels mined on the held-out split; the held-out calibration sweeps
-(the speed–quality curve of each knob) and oracle-label statistics (how often a mismatch is harmless).
+times each test prompt side by side, ``compare_generation_speed``), accepted tokens per target forward,
+mean target forwards per answer, and for the arbiters, agreement with oracle labels mined on the held-out
+split; the held-out calibration sweeps (the speed–quality curve of each knob) and oracle-label statistics
+(how often a mismatch is harmless).
 
 Usage:
     python scripts/bench_cospec.py                 # the CPU-sized run (≈ 40 min on 2 busy cores, 1 thread)

@@ -20,10 +20,10 @@ from .zero_shot import evaluate_zero_shot, zero_shot_records
 __all__ = [
     "MetricRecord",
     "cache_bytes",
+    "compare_generation_speed",
     "disk_bytes",
     "evaluate_perplexity",
     "evaluate_zero_shot",
-    "compare_generation_speed",
     "measure_generation_speed",
     "measure_kv_cache_bytes",
     "parameter_bytes",
