@@ -45,7 +45,7 @@ import torch
 
 from hf_compress.assets import MissingAssetError, load_model, reference_model_path
 from hf_compress.evaluation.report import benchmark_parser, device_description, start_benchmark, write_benchmark
-from hf_compress.evaluation.speed import measure_generation_speed
+from hf_compress.evaluation.speed import compare_generation_speed
 from hf_compress.evaluation.squad import squad_documents, squad_scores
 from hf_compress.speculative import FLy, SpeculativeDecoding
 
@@ -116,15 +116,20 @@ def build_pair(name: str, args) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------ running
-def run_method(target, tokenizer, prompts: list[str], max_new_tokens: int, kwargs: dict) -> list[dict[str, Any]]:
+def run_methods(target, tokenizer, prompts: list[str], max_new_tokens: int,
+                methods: dict[str, dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Every method on every prompt, timed side by side (each prompt through all methods, rotating order)."""
     ids = [render_prompt(tokenizer, prompt) for prompt in prompts]
-    measured = measure_generation_speed(target, tokenizer, ids, max_new_tokens, warmup=0, progress=False, **kwargs)
-    rows = [{"tokens": tokens, "seconds": seconds, "tokens_per_s": rate}
-            for tokens, seconds, rate in zip(measured["outputs"], measured["seconds"], measured["per_prompt"])]
-    for row, metrics in zip(rows, measured.get("strategy_metrics", ()), strict=False):
-        row.update(mean_accepted_length=metrics["mean_accepted_length"], target_forwards=metrics["target_forwards"],
-                   drafting_time_s=metrics["drafting_time_s"])
-    return rows
+    measured = compare_generation_speed(target, tokenizer, ids, methods, max_new_tokens, warmup=0, progress=False)
+    runs = {}
+    for method, m in measured.items():
+        rows = [{"tokens": tokens, "seconds": seconds, "tokens_per_s": rate}
+                for tokens, seconds, rate in zip(m["outputs"], m["seconds"], m["per_prompt"])]
+        for row, metrics in zip(rows, m.get("strategy_metrics", ()), strict=False):
+            row.update(mean_accepted_length=metrics["mean_accepted_length"], target_forwards=metrics["target_forwards"],
+                       drafting_time_s=metrics["drafting_time_s"])
+        runs[method] = rows
+    return runs
 
 
 def evaluate_pair(name: str, args) -> dict[str, Any]:
@@ -134,12 +139,13 @@ def evaluate_pair(name: str, args) -> dict[str, Any]:
     quality = squad_examples(args.quality_examples, offset=args.prompts)
     methods = {"vanilla": {}, **pair["methods"]}
     target.generate(render_prompt(tok, speed_prompts[0]).to(target.device), max_new_tokens=4, do_sample=False)  # warm-up
-    results: dict[str, Any] = {"draft": pair["draft"], "methods": {}}
-    for method, kwargs in methods.items():
-        logger.info("[%s] %s: speed run", name, method)
-        speed = run_method(target, tok, speed_prompts, args.max_new_tokens, kwargs)
-        logger.info("[%s] %s: quality run", name, method)
-        answers = run_method(target, tok, [e["body"] for e in quality], args.answer_tokens, kwargs)
+    logger.info("[%s] speed run: %s side by side on %d prompts", name, ", ".join(methods), len(speed_prompts))
+    speed_runs = run_methods(target, tok, speed_prompts, args.max_new_tokens, methods)
+    logger.info("[%s] quality run on %d questions", name, len(quality))
+    answer_runs = run_methods(target, tok, [e["body"] for e in quality], args.answer_tokens, methods)
+    results: dict[str, Any] = {"draft": pair["draft"], "speed_timing": "side by side", "methods": {}}
+    for method in methods:
+        speed, answers = speed_runs[method], answer_runs[method]
         scores = []
         for row, example in zip(answers, quality):
             text = tok.decode(row["tokens"], skip_special_tokens=True).strip().split("\n")[0]
@@ -183,10 +189,8 @@ def precision_agreement(args) -> dict[str, Any]:
             "hf": dict(prompt_lookup_num_tokens=k, max_matching_ngram_size=4),
             "strict": dict(custom_generate=SpeculativeDecoding(num_draft_tokens=k, max_ngram_size=4)),
         }
-        runs = {}
-        for method, kwargs in methods.items():
-            logger.info("[precision %s] %s", dtype_name, method)
-            runs[method] = run_method(model, tok, prompts, args.max_new_tokens, kwargs)
+        logger.info("[precision %s] %s", dtype_name, ", ".join(methods))
+        runs = run_methods(model, tok, prompts, args.max_new_tokens, methods)
         per_method = {}
         for method in ("hf", "strict"):
             same = [a["tokens"] == b["tokens"] for a, b in zip(runs[method], runs["vanilla"])]
@@ -238,11 +242,14 @@ def precision_markdown(payload: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------------------ report
 def markdown(payload: dict[str, Any]) -> str:
     s = payload["settings"]
+    side_by_side = all(r.get("speed_timing") == "side by side" for r in payload["results"].values())
+    timing = ("timed side by side: each prompt through every method of its pair, in rotating order" if side_by_side
+              else "one method after another in the same run")
     lines = [
         "# Speculative decoding: tokens/s, accepted length and SQuAD quality",
         "",
         f"Greedy decoding on {s['machine_note']}. Speed: {s['prompts']} SQuAD prompts, {s['max_new_tokens']} new "
-        f"tokens each, median tokens/s (same run). Quality: {s['quality_examples']} other SQuAD questions, "
+        f"tokens each, median tokens/s ({timing}). Quality: {s['quality_examples']} other SQuAD questions, "
         f"answers of ≤ {s['answer_tokens']} tokens cut at the first newline, SQuAD EM/F1 (v1.1 normalisation). "
         f"Draft length {s['num_draft_tokens']} (n-gram) / {s['model_draft_tokens']} (draft models), the same for every method of a pair. `same as vanilla` counts prompts whose output "
         "is token-for-token vanilla greedy's (speed run + quality run).",
@@ -285,9 +292,9 @@ def _machine_note(args) -> str:
 def main() -> None:
     parser = benchmark_parser(__doc__, "speculative", devices=("cpu", "cuda"))
     parser.add_argument("--pairs", nargs="+", choices=PAIRS, default=list(PAIRS))
-    parser.add_argument("--prompts", type=int, default=10)
+    parser.add_argument("--prompts", type=int, default=20)
     parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--quality-examples", type=int, default=15)
+    parser.add_argument("--quality-examples", type=int, default=20)
     parser.add_argument("--answer-tokens", type=int, default=32)
     parser.add_argument("--num-draft-tokens", type=int, default=15, help="n-gram pair (FLy's default)")
     parser.add_argument("--model-draft-tokens", type=int, default=10,
