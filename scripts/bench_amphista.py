@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from hf_compress.assets import load_model, load_text, speed_prompts
+from hf_compress.cache import cache_kwargs
 from hf_compress.evaluation.report import (
     benchmark_parser,
     device_description,
@@ -44,7 +45,7 @@ from hf_compress.evaluation.report import (
     synchronize,
     write_benchmark,
 )
-from hf_compress.evaluation.speed import measure_generation_speed
+from hf_compress.evaluation.speed import compare_generation_speed
 from hf_compress.modeling.calibration import calibration_batches
 from hf_compress.speculative.heads import (
     Amphista,
@@ -132,11 +133,11 @@ def forward_ms(model, sizes: list[int], context: int = 100, repeats: int = 7) ->
         times = []
         for _ in range(repeats):
             cache = DynamicCache(config=model.config)
-            model(prefix, past_key_values=cache, use_cache=True)
+            model(prefix, **cache_kwargs(model, cache), use_cache=True)
             tokens = torch.randint(100, 40000, (1, n), generator=generator).to(model.device)
             synchronize(model.device)
             started = time.perf_counter()
-            model(tokens, past_key_values=cache, use_cache=True, logits_to_keep=n)
+            model(tokens, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=n)
             synchronize(model.device)
             times.append(time.perf_counter() - started)
         out[n] = 1000 * statistics.median(times)
@@ -144,21 +145,24 @@ def forward_ms(model, sizes: list[int], context: int = 100, repeats: int = 7) ->
 
 
 def decode_all(model, tokenizer, strategies: dict[str, Amphista], args) -> dict[str, Any]:
+    """Plain greedy and every strategy on the same prompts, timed side by side (rotating order per prompt)."""
     prompts = speed_prompts(args.speed_prompts)
-    common = dict(max_new_tokens=args.max_new_tokens, warmup=0, progress=False, force_length=True)
-    vanilla = measure_generation_speed(model, tokenizer, prompts, **common)
+    variants = {"vanilla": {}, **{name: {"custom_generate": strategy} for name, strategy in strategies.items()}}
+    measured = compare_generation_speed(model, tokenizer, prompts, variants, args.max_new_tokens, warmup=0,
+                                        progress=False, force_length=True)
+    vanilla = measured["vanilla"]
     per_method: dict[str, list[dict[str, float]]] = {
         "vanilla": [{"seconds": s, "tokens_per_s": r} for s, r in zip(vanilla["seconds"], vanilla["per_prompt"])]
     }
-    for name, strategy in strategies.items():
-        measured = measure_generation_speed(model, tokenizer, prompts, reference=vanilla["outputs"],
-                                            custom_generate=strategy, **common)
+    for name in strategies:
+        m = measured[name]
         per_method[name] = [
             {"seconds": seconds, "tokens_per_s": rate, "speedup": base / seconds, "accepted_length": metrics["mean_accepted_length"],
-             "drafting_share": metrics["drafting_time_s"] / max(metrics["wall_time_s"], 1e-9), "equal_to_greedy": equal}
-            for seconds, rate, base, metrics, equal in zip(
-                measured["seconds"], measured["per_prompt"], vanilla["seconds"], measured["strategy_metrics"],
-                measured["equal_to_reference"], strict=True)
+             "drafting_share": metrics["drafting_time_s"] / max(metrics["wall_time_s"], 1e-9),
+             "equal_to_greedy": output == greedy}
+            for seconds, rate, base, metrics, output, greedy in zip(
+                m["seconds"], m["per_prompt"], vanilla["seconds"], m["strategy_metrics"], m["outputs"],
+                vanilla["outputs"], strict=True)
         ]
         logger.info("%s: median speed-up %.2f", name, statistics.median(r["speedup"] for r in per_method[name]))
     summary = {}
@@ -172,7 +176,7 @@ def decode_all(model, tokenizer, strategies: dict[str, Amphista], args) -> dict[
                 "all_equal_to_greedy": all(r["equal_to_greedy"] for r in rows),
             })
         summary[name] = entry
-    return {"summary": summary, "per_prompt": per_method}
+    return {"summary": summary, "per_prompt": per_method, "speed_timing": "side by side"}
 
 
 def run(args) -> dict[str, Any]:
@@ -259,8 +263,10 @@ def render(payload: dict[str, Any]) -> str:
     summary = r["decoding"]["summary"]
     lines += [
         "",
-        f"Decoding: {s['speed_prompts']} held-out prompts, {s['max_new_tokens']} new tokens, greedy, batch 1; "
-        f"vanilla greedy `generate()` {summary['vanilla']['median_tokens_per_s']:.1f} tokens/s (median).",
+        f"Decoding: {s['speed_prompts']} held-out prompts, {s['max_new_tokens']} new tokens, greedy, batch 1, "
+        + ("timed side by side (each prompt through greedy and every method, in rotating order); "
+           if r["decoding"].get("speed_timing") == "side by side" else "one method after another; ")
+        + f"vanilla greedy `generate()` {summary['vanilla']['median_tokens_per_s']:.1f} tokens/s (median).",
         "",
         "| method | mean accepted length τ | median tokens/s | median speed-up vs greedy | drafting share | "
         "projected speed-up if verification cost one token (GPU-like) | = greedy output |",
@@ -306,7 +312,7 @@ def main() -> None:
     parser.add_argument("--num-heads", type=int, default=4)
     parser.add_argument("--tree-nodes", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--speed-prompts", type=int, default=10)
+    parser.add_argument("--speed-prompts", type=int, default=20)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--runs", nargs="+", default=["medusa", "amphista", "amphista-corpus"],
                         choices=["medusa", "amphista", "amphista-corpus"])

@@ -59,7 +59,7 @@ import torch
 from transformers import DynamicCache, QuantizedCache
 
 from hf_compress.assets import load_model, load_text
-from hf_compress.cache import ChannelPrunedLayer, SparKCache, StructuredChannelCache, triton_read
+from hf_compress.cache import ChannelPrunedLayer, SparKCache, StructuredChannelCache, cache_kwargs, triton_read
 from hf_compress.evaluation.memory import cache_bytes
 from hf_compress.evaluation.report import benchmark_parser, device_description, start_benchmark, write_benchmark
 from hf_compress.evaluation.speed import measure_generation_speed
@@ -138,8 +138,8 @@ def continuation_perplexity(model, tokenizer, make_cache, prefix: int, windows: 
         cache = make_cache()
         window = window.to(model.device)
         with torch.inference_mode():
-            model(window[None, :prefix], past_key_values=cache, logits_to_keep=1)
-            logits = model(window[None, prefix:], past_key_values=cache).logits[0, :-1]
+            model(window[None, :prefix], **cache_kwargs(model, cache), logits_to_keep=1)
+            logits = model(window[None, prefix:], **cache_kwargs(model, cache)).logits[0, :-1]
         nlls.append(torch.nn.functional.cross_entropy(logits.float(), window[prefix + 1 :]).item())
     return {"perplexity": float(torch.tensor(nlls).mean().exp()), "windows": len(nlls)}
 
