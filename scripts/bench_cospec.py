@@ -277,6 +277,14 @@ def run_pair(name: str, args) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------ report
+def _paired_difference(scores: list[float] | None, strict: list[float] | None) -> str:
+    """Mean per-question F1 difference to strict ± its standard error (the same questions, so paired)."""
+    if not scores or not strict or len(scores) != len(strict) or len(scores) < 2:
+        return "—"
+    differences = [a - b for a, b in zip(scores, strict)]
+    return f"{statistics.fmean(differences):+.1f} ± {statistics.stdev(differences) / len(differences) ** 0.5:.1f}"
+
+
 def markdown(payload: dict[str, Any]) -> str:
     s = payload["settings"]
     if all(r.get("probe") for r in payload["results"].values()):
@@ -325,9 +333,10 @@ def markdown(payload: dict[str, Any]) -> str:
         if result.get("probe"):
             continue
         lines += [f"## {pair}: {result['pair']}", "",
-                  "| method | threshold | F1 (± s.e.) | F1 kept | tok/s | × strict | decode tok/s | × strict | "
-                  "accepted / forward | target forwards | same as strict | oracle agreement |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| method | threshold | F1 (± s.e.) | F1 kept | F1 − strict (paired s.e.) | tok/s | × strict | "
+                  "decode tok/s | × strict | accepted / forward | target forwards | same as strict | oracle agreement |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        strict_f1 = result["methods"]["strict"].get("per_prompt_f1")
         for method, r in result["methods"].items():
             agreement = f"{100 * r['oracle_agreement']:.0f}%" if r.get("oracle_agreement") is not None else "—"
             kept = f"{100 * r['f1_kept']:.1f}%" if r.get("f1_kept") is not None else "—"
@@ -335,7 +344,8 @@ def markdown(payload: dict[str, Any]) -> str:
             decode_x = f"{r['decode_speedup_vs_strict']:.2f}" if r.get("decode_speedup_vs_strict") else "—"
             tau = _threshold(r["threshold"]) if r.get("threshold") is not None else "—"
             lines.append(
-                f"| {method} | {tau} | {r['f1']:.1f} ± {r['f1_se']:.1f} | {kept} | {r['tokens_per_s']:.2f} | "
+                f"| {method} | {tau} | {r['f1']:.1f} ± {r['f1_se']:.1f} | {kept} | "
+                f"{_paired_difference(r.get('per_prompt_f1'), strict_f1)} | {r['tokens_per_s']:.2f} | "
                 f"{r['speedup_vs_strict']:.2f} | {decode} | {decode_x} | {r['accepted_per_forward']:.2f} | "
                 f"{r['target_forwards']:.1f} | {r['same_as_strict']}/{s['test']} | {agreement} |")
         lines += ["", "Calibration on the held-out split (the speed–quality curve of each knob: score kept vs strict, "
