@@ -56,6 +56,7 @@ from hf_compress.assets import load_model
 from hf_compress.evaluation.report import benchmark_parser, start_benchmark, write_benchmark
 from hf_compress.evaluation.speed import compare_generation_speed
 from hf_compress.evaluation.squad import squad_documents
+from hf_compress.evaluation.uncertainty import paired_difference, standard_error
 from hf_compress.speculative import FLy, SpeculativeDecoding
 from hf_compress.speculative.cospec import (
     ArbiterConfig,
@@ -122,7 +123,7 @@ def evaluate(target, tokenizer, strategies: dict[str, Any], examples, args, stop
         new_tokens = sum(len(t) for t in measured["outputs"])
         results[name] = {
             "f1": statistics.mean(f1),
-            "f1_se": statistics.stdev(f1) / len(f1) ** 0.5 if len(f1) > 1 else 0.0,
+            "f1_se": standard_error(f1) or 0.0,
             "tokens_per_s": measured["tokens_per_second"],
             "decode_tokens_per_s": measured.get("decode_tokens_per_second"),
             "accepted_per_forward": new_tokens / max(1, sum(forwards)),
@@ -281,8 +282,8 @@ def _paired_difference(scores: list[float] | None, strict: list[float] | None) -
     """Mean per-question F1 difference to strict ± its standard error (the same questions, so paired)."""
     if not scores or not strict or len(scores) != len(strict) or len(scores) < 2:
         return "—"
-    differences = [a - b for a, b in zip(scores, strict)]
-    return f"{statistics.fmean(differences):+.1f} ± {statistics.stdev(differences) / len(differences) ** 0.5:.1f}"
+    mean, error = paired_difference(scores, strict)
+    return f"{mean:+.1f} ± {error:.1f}"
 
 
 def markdown(payload: dict[str, Any]) -> str:

@@ -77,6 +77,7 @@ import torch
 from hf_compress.assets import load_gsm8k, load_model, load_squad, load_zero_shot_task
 from hf_compress.evaluation.report import benchmark_parser, results_directory, start_benchmark, write_benchmark
 from hf_compress.evaluation.squad import squad_scores
+from hf_compress.evaluation.uncertainty import average_standard_error, paired_task_average_difference, standard_error
 from hf_compress.evaluation.zero_shot import PRIMARY_METRIC, loglikelihoods
 from hf_compress.experts import ExpertConfig, EmbeddingSpec, embed_texts, select_data, train_experts
 from hf_compress.training import TrainingSettings
@@ -186,12 +187,12 @@ def evaluate(model, router, tokenizer, test: list[dict], experts: list[int] | No
     tasks: dict[str, Any] = {}
     for task in TASKS:
         values = [per_row[i] for i, row in enumerate(test) if row["task"] == task]
-        stderr = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None
+        stderr = standard_error(values)
         metric = "bits_per_byte" if task == "gsm8k" else ("f1" if task == "squad" else PRIMARY_METRIC[task])
         tasks[task] = {"metric": metric, "value": statistics.fmean(values), "stderr": stderr, "n": len(values)}
     average = statistics.fmean(tasks[t]["value"] for t in AVERAGED)
     errors = [tasks[t]["stderr"] for t in AVERAGED]
-    average_se = math.sqrt(sum(e * e for e in errors)) / len(AVERAGED) if all(e is not None for e in errors) else None
+    average_se = average_standard_error(errors) if all(e is not None for e in errors) else None
     return {"tasks": tasks, "average": average, "average_stderr": average_se, "per_row": per_row}
 
 
@@ -593,16 +594,16 @@ def _paired_difference(a: dict[str, Any], b: dict[str, Any]) -> tuple[float, flo
     per-example differences (both variants scored the same test rows)."""
     if "per_row" not in a or "per_row" not in b:
         return None
-    differences = [x - y for x, y in zip(a["per_row"], b["per_row"])]
-    offset, means, variances = 0, [], []
-    for task in TASKS:  # rows are grouped by task in TASKS order (split_tasks)
-        n = a["tasks"][task]["n"]
-        if task in AVERAGED:
-            chunk = differences[offset : offset + n]
-            means.append(statistics.fmean(chunk))
-            variances.append(statistics.variance(chunk) / n if n > 1 else 0.0)
-        offset += n
-    return statistics.fmean(means), math.sqrt(sum(variances)) / len(means)
+    return paired_task_average_difference(_rows_by_task(a), _rows_by_task(b), AVERAGED)
+
+
+def _rows_by_task(variant: dict[str, Any]) -> dict[str, list[float]]:
+    """A variant's flat ``per_row`` scores split by task (rows are grouped in TASKS order by split_tasks)."""
+    rows, offset = {}, 0
+    for task in TASKS:
+        n = variant["tasks"][task]["n"]
+        rows[task], offset = variant["per_row"][offset : offset + n], offset + n
+    return rows
 
 
 def _target_lines(results: dict[str, Any]) -> list[str]:

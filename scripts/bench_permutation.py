@@ -45,6 +45,7 @@ from hf_compress.assets import load_model, load_text
 from hf_compress.evaluation.memory import disk_bytes
 from hf_compress.evaluation.perplexity import token_windows, tokenize_stream
 from hf_compress.evaluation.report import benchmark_parser, start_benchmark, write_benchmark
+from hf_compress.evaluation.uncertainty import average_standard_error, paired_difference, standard_error
 from hf_compress.evaluation.zero_shot import evaluate_zero_shot
 from hf_compress.modeling import calibration_batches
 from hf_compress.pruning import PRUNERS, LearnedPermutationConfig, PruningConfig, SwapPermutationConfig
@@ -201,7 +202,7 @@ def _zero_shot(args, model, tokenizer) -> dict[str, Any]:
     return {"zero_shot": {t: {"score": scores[t]["score"], "stderr": errors[i], "n": scores[t]["n"],
                               "metric": scores[t]["metric"]} for i, t in enumerate(tasks)},
             "zero_shot_average": scores["average"]["score"],
-            "zero_shot_stderr": math.sqrt(sum(e * e for e in errors)) / len(tasks),
+            "zero_shot_stderr": average_standard_error(errors),
             "zero_shot_seconds": time.perf_counter() - start}
 
 
@@ -212,16 +213,14 @@ def _perplexity(model, windows: torch.Tensor) -> dict[str, Any]:
     model.eval()
     per_window = window_losses(model, windows, batch_size=1).tolist()  # one window at a time: its logits are 100 MB
     mean = statistics.fmean(per_window)
-    stderr = statistics.stdev(per_window) / math.sqrt(len(per_window)) if len(per_window) > 1 else 0.0
+    stderr = standard_error(per_window) or 0.0
     return {"perplexity": math.exp(mean), "perplexity_stderr": math.exp(mean) * stderr,
             "window_nll": per_window, "eval_seconds": time.perf_counter() - start}
 
 
 def _paired(row: dict[str, Any], base: dict[str, Any]) -> tuple[float, float]:
     """Relative perplexity change vs ``base`` and its standard error, paired over the same windows."""
-    diffs = [a - b for a, b in zip(row["window_nll"], base["window_nll"], strict=True)]
-    mean = statistics.fmean(diffs)
-    stderr = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else 0.0
+    mean, stderr = paired_difference(row["window_nll"], base["window_nll"])
     return math.exp(mean) - 1.0, math.exp(mean) * stderr
 
 

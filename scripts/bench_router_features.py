@@ -36,6 +36,7 @@ import torch
 from hf_compress.assets import load_model, load_text, tiny_model
 from hf_compress.evaluation.perplexity import token_windows, tokenize_stream
 from hf_compress.evaluation.report import benchmark_parser, results_directory, start_benchmark, write_benchmark
+from hf_compress.evaluation.uncertainty import paired_difference
 from hf_compress.modeling import find_decoder_blocks
 from hf_compress.routing import RoutingSchedule, TokenRouterConfig, install_routing, search_schedule
 from hf_compress.routing.router import TokenRouter
@@ -126,10 +127,9 @@ def _recorded_schedule(sparsity: float, blocks: int) -> RoutingSchedule | None:
 
 def _paired(static: list[float], best: list[float]) -> dict[str, float]:
     """Tail perplexities and the best mix's paired log-perplexity difference to the static rule (± its SE)."""
-    differences = [b - s for s, b in zip(static, best, strict=True)]
-    spread = statistics.stdev(differences) / math.sqrt(len(differences)) if len(differences) > 1 else 0.0
+    difference, spread = paired_difference(best, static)
     return {"static_tail_ppl": math.exp(statistics.fmean(static)), "best_tail_ppl": math.exp(statistics.fmean(best)),
-            "log_ppl_difference": statistics.fmean(differences), "log_ppl_difference_se": spread}
+            "log_ppl_difference": difference, "log_ppl_difference_se": spread}
 
 
 def _verdict(paired: dict[str, float]) -> str:

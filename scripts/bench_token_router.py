@@ -41,6 +41,7 @@ import torch
 from hf_compress.assets import load_model, load_text, tiny_model
 from hf_compress.evaluation.perplexity import token_windows, tokenize_stream
 from hf_compress.evaluation.report import benchmark_parser, start_benchmark, write_benchmark
+from hf_compress.evaluation.uncertainty import average_standard_error, paired_task_average_difference
 from hf_compress.evaluation.zero_shot import evaluate_zero_shot
 from hf_compress.modeling.layers import find_decoder_blocks
 from hf_compress.modeling.structure import layer_widths
@@ -108,7 +109,7 @@ def main() -> None:
         return {"zero_shot": scores, "zero_shot_stderr": stderrs,
                 "zero_shot_n": {task: results[task]["n"] for task in TASKS},
                 "zero_shot_avg": statistics.mean(scores.values()),
-                "zero_shot_avg_stderr": math.sqrt(sum(se**2 for se in stderrs.values())) / len(TASKS),
+                "zero_shot_avg_stderr": average_standard_error(list(stderrs.values())),
                 "per_example": {task: [float(x) for x in results[task]["per_example"]] for task in TASKS}}
 
     def measure(candidate, label: str, zero_shot: bool = True) -> dict[str, Any]:
@@ -227,15 +228,9 @@ def _paired_differences(rows: list[dict[str, Any]]) -> None:
         for row in rows:
             if row is trained or "per_example" not in row or row["sparsity"] not in (sparsity, 0.0):
                 continue
-            means, variances = [], []
-            for task in TASKS:
-                a, b = trained["per_example"][task], row["per_example"][task]
-                differences = [x - y for x, y in zip(a, b, strict=True)]
-                means.append(statistics.mean(differences))
-                variances.append(statistics.variance(differences) / len(differences) if len(differences) > 1 else 0.0)
+            difference, stderr = paired_task_average_difference(trained["per_example"], row["per_example"], TASKS)
             key = "paired_vs_trained" if row["sparsity"] else f"paired_trained_{sparsity:g}_vs_dense"
-            row.setdefault("paired", {})[key] = {
-                "difference": statistics.mean(means), "stderr": math.sqrt(sum(variances)) / len(TASKS)}
+            row.setdefault("paired", {})[key] = {"difference": difference, "stderr": stderr}
 
 
 @torch.no_grad()

@@ -44,6 +44,7 @@ from .. import _compat
 from ..assets.zero_shot import PROMPT_FORMATS, TASK_DATASETS, ZERO_SHOT_TASKS, load_zero_shot_task
 from ..utils import InvalidArgumentTypeError, check_bool, check_choice, check_int, check_seed, get_logger
 from .results import MetricRecord
+from .uncertainty import standard_error
 
 
 logger = get_logger(__name__)
@@ -533,9 +534,9 @@ def _evaluate_task(
     dataset, config = TASK_DATASETS[task]
     result = {
         "acc": _mean(correct),
-        "acc_stderr": _stderr(correct),
+        "acc_stderr": standard_error(correct),
         "acc_norm": _mean(correct_norm) if has_norm else None,
-        "acc_norm_stderr": _stderr(correct_norm) if has_norm else None,
+        "acc_norm_stderr": standard_error(correct_norm) if has_norm else None,
         "metric": PRIMARY_METRIC[task],
         "n": len(data),
         "limit": limit,
@@ -565,15 +566,6 @@ def _argmax(values: Sequence[float]) -> int:
 
 def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
-
-
-def _stderr(values: Sequence[float]) -> float | None:
-    # lm-eval's mean_stderr: sample standard deviation (n - 1) over sqrt(n).
-    n = len(values)
-    if n < 2:
-        return None
-    mean = _mean(values)
-    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) / math.sqrt(n)
 
 
 _TASK_TITLES = {

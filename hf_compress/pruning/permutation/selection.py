@@ -91,9 +91,10 @@ class KeepBest:
 
 def _paired_lead(start: torch.Tensor, scores: torch.Tensor) -> tuple[float, float]:
     """Mean of ``start − scores`` and its standard error over the windows (0 with one window)."""
-    lead = start - scores
-    stderr = float(lead.std() / math.sqrt(lead.numel())) if lead.numel() > 1 else 0.0
-    return float(lead.mean()), stderr
+    from ...evaluation.uncertainty import paired_difference  # lazy: pruning does not import the evaluation suite
+
+    lead, stderr = paired_difference(start.tolist(), scores.tolist())
+    return lead, 0.0 if math.isnan(stderr) else stderr
 
 
 @torch.no_grad()
