@@ -14,7 +14,8 @@ One process, one CPU budget per training run:
 3. Heads quality: top-k accuracy per head on held-out self-distilled sequences (eval split prompts); each
    run's tree is grown from its own accuracy table (``DraftTree.from_accuracies``, ``--tree-nodes`` nodes).
 4. Decoding: ``--speed-prompts`` held-out Wikipedia prompts (eval split), ``--max-new-tokens`` new tokens,
-   greedy. Per prompt, every method runs back to back (vanilla greedy first), so drift hits all alike.
+   greedy. Per prompt, every method runs back to back in an order that rotates from prompt to prompt
+   (``compare_generation_speed``), so drift hits all alike.
    Reported: median tokens/s, median per-prompt speed-up over vanilla, mean accepted length τ (tokens per
    target forward), share of time spent drafting, and whether the output equals vanilla greedy.
 5. Profile: the target's forward time for 1 token and for the chain/tree sizes used (cache of ~100
