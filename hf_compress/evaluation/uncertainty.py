@@ -72,7 +72,8 @@ def paired_task_average_difference(
     """Difference of two unweighted task averages, paired per example within each task, and its standard error.
 
     ``a`` and ``b`` map a task to per-example scores in the same order; ``tasks`` picks which tasks are averaged
-    (default: all of ``a``'s). Each task's paired mean difference counts once, however many examples it has.
+    (default: all of ``a``'s). Each task's paired mean difference counts once, however many examples it has;
+    a task with a single example adds its difference but no spread (its own standard error is undefined).
 
     Example:
         >>> [round(x, 4) for x in paired_task_average_difference({"x": [1.0, 0.0], "y": [1.0, 1.0]},
