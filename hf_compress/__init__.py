@@ -4,7 +4,8 @@
 transformers/peft/accelerate are at least the releases hf_compress was tested with, and arranges for
 its checkpoint formats to register with transformers and its PEFT method with peft as soon as those are
 imported. A plain ``AutoModelForCausalLM.from_pretrained`` then loads sparse, packed and slim checkpoints,
-and ``PeftModel.from_pretrained`` loads DL-QAT adapters. Method packages are imported on first use.
+and ``PeftModel.from_pretrained`` loads DL-QAT adapters. Subpackages are imported on first use, so
+``hf_compress.recipe.run(...)`` works after a bare ``import hf_compress``.
 
 Example:
     >>> import hf_compress
@@ -13,6 +14,8 @@ Example:
 """
 
 __version__ = "0.1.0.dev0"
+
+import importlib
 
 from . import _compat
 from .formats import register_lazily as _register_formats
@@ -31,5 +34,24 @@ def _register_peft_methods(_peft_module) -> None:
 
 _register_formats()
 _when_imported("peft", _register_peft_methods)
+
+_SUBPACKAGES = frozenset(
+    {
+        "assets", "cache", "cli", "evaluation", "experts", "formats", "hub", "modeling", "pruning",
+        "quantization", "recipe", "routing", "speculative", "training", "utils",
+    }
+)
+
+
+def __getattr__(name: str):
+    # Attribute access to a subpackage imports it (as transformers does), keeping `import hf_compress` light.
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | _SUBPACKAGES)
+
 
 __all__ = ["__version__"]

@@ -39,3 +39,32 @@ def test_kernel_settings_import_without_peft():
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == "hf_compress.quantization.kernels"
+
+
+def test_subpackages_load_on_attribute_access_after_a_bare_import():
+    # `hf_compress.recipe.run(...)` as the README writes it; the bare import itself stays free of torch.
+    result = _run_python(
+        """
+        import sys
+        import hf_compress
+        assert "torch" not in sys.modules, "import hf_compress imported torch"
+        assert "hf_compress.recipe" not in sys.modules
+        from hf_compress.recipe import runner
+        assert hf_compress.recipe.run is runner.run
+        assert callable(hf_compress.hub.plan_push)
+        assert "hub" in dir(hf_compress)
+        try:
+            hf_compress.recipes
+        except AttributeError as error:
+            print(error)
+        """
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "module 'hf_compress' has no attribute 'recipes'"
+
+
+def test_save_pruned_is_a_pruning_name():
+    from hf_compress.pruning import save_pruned
+    from hf_compress.pruning.storage import save_pruned as defined
+
+    assert save_pruned is defined

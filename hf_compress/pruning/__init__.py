@@ -48,6 +48,7 @@ _SHARED = {
     "pattern_mask": "masks",
     "sparsity_of": "masks",
     "unstructured_mask": "masks",
+    "save_pruned": "storage",
 }
 # The methods' own names, so the common ones load without scanning every folder.
 _METHODS = {
