@@ -9,7 +9,7 @@ One process, one CPU budget per training run:
    The base features of both are cached once (timed separately; shared by every run).
 2. Training (``Trainer``, lr 1e-3 cosine, frozen base): Medusa (own projections, as released) and Amphista
    on the self-distilled data, and Amphista on the corpus (the data ablation), each for ``--budget-min``
-   minutes of wall clock. ``max_steps`` comes from a 2-step probe so the cosine schedule ends near the
+   minutes of wall clock. ``max_steps`` comes from 1- and 3-step probes so the cosine schedule ends near the
    budget; the budget callback stops the run regardless.
 3. Heads quality: top-k accuracy per head on held-out self-distilled sequences (eval split prompts); each
    run's tree is grown from its own accuracy table (``DraftTree.from_accuracies``, ``--tree-nodes`` nodes).
@@ -77,11 +77,18 @@ def training_arguments(max_steps: int, batch_size: int, device: str = "cpu"):
 
 def train_run(name, model, config, features, args) -> tuple[Any, dict[str, Any]]:
     """Probe the step time, then train for the budget."""
-    probe = AmphistaHeads.for_model(model, config)
-    started = time.perf_counter()
-    train_heads(model, probe, features, training_arguments(2, args.batch_size, args.device))
-    seconds_per_step = (time.perf_counter() - started) / 2
-    max_steps = max(2, int(args.budget_min * 60 / seconds_per_step))
+
+    def probe(steps: int) -> float:
+        started = time.perf_counter()
+        train_heads(model, AmphistaHeads.for_model(model, config), features,
+                    training_arguments(steps, args.batch_size, args.device))
+        return time.perf_counter() - started
+
+    # The first step pays the set-up and warm-up, which a 2-step average spread over every planned step (the
+    # 2026-12-04 run planned 6 of its 8 minutes); the difference of a 1- and a 3-step run is a step's own time.
+    first = probe(1)
+    seconds_per_step = max((probe(3) - first) / 2, 1e-3)
+    max_steps = max(2, 1 + int((args.budget_min * 60 - first) / seconds_per_step))
     logger.info("%s: %.2f s/step in the probe → max_steps %d for %.0f min", name, seconds_per_step, max_steps, args.budget_min)
     heads = AmphistaHeads.for_model(model, config)
     result = train_heads(
