@@ -48,9 +48,9 @@ def test_subpackages_load_on_attribute_access_after_a_bare_import():
         import sys
         import hf_compress
         assert "torch" not in sys.modules, "import hf_compress imported torch"
-        assert "hf_compress.recipe" not in sys.modules
-        from hf_compress.recipe import runner
-        assert hf_compress.recipe.run is runner.run
+        assert "hf_compress.recipe" not in sys.modules and "hf_compress.hub" not in sys.modules
+        run = hf_compress.recipe.run
+        assert run is sys.modules["hf_compress.recipe.runner"].run
         assert callable(hf_compress.hub.plan_push)
         assert "hub" in dir(hf_compress)
         try:
