@@ -15,7 +15,9 @@ Example:
 
 __version__ = "0.1.0.dev0"
 
-import importlib
+import importlib as _importlib
+import pkgutil as _pkgutil
+from importlib.util import find_spec as _find_spec
 
 from . import _compat
 from .formats import register_lazily as _register_formats
@@ -27,31 +29,23 @@ _compat.check_minimum_versions()
 
 def _register_peft_methods(_peft_module) -> None:
     # Adds `DLQAT` to `peft.PeftType` and registers the method, so a saved adapter loads in a fresh process.
-    import importlib
-
-    importlib.import_module("hf_compress.quantization.dlqat")
+    _importlib.import_module("hf_compress.quantization.dlqat")
 
 
 _register_formats()
 _when_imported("peft", _register_peft_methods)
 
-_SUBPACKAGES = frozenset(
-    {
-        "assets", "cache", "cli", "evaluation", "experts", "formats", "hub", "modeling", "pruning",
-        "quantization", "recipe", "routing", "speculative", "training", "utils",
-    }
-)
-
 
 def __getattr__(name: str):
-    # Attribute access to a subpackage imports it (as transformers does), keeping `import hf_compress` light.
-    if name in _SUBPACKAGES:
-        return importlib.import_module(f"{__name__}.{name}")
+    # A subpackage imports on first attribute access (as in transformers), so `import hf_compress` stays light;
+    # found on disk rather than listed, so a new method folder needs no edit here.
+    if not name.startswith("_") and _find_spec(f"{__name__}.{name}") is not None:
+        return _importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | _SUBPACKAGES)
+    return sorted(set(globals()) | {m.name for m in _pkgutil.iter_modules(__path__) if not m.name.startswith("_")})
 
 
 __all__ = ["__version__"]
