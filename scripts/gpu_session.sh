@@ -34,26 +34,37 @@ PART_ONE_MIB=33   # call 1 carries the tree, wheels and text too; call 2 the tre
 
 cuda_tests() {
   # Every test marked `cuda` (skipped without a GPU): the journeys, the kernels against their references.
-  cap 150 "$python" -m pytest -q -p no:cacheprovider -m cuda -n 4 "$@" $(grep -l "mark.cuda" tests/test_*.py)
+  # GPU_TESTS narrows the files (a second session of the same day: only what changed since the first).
+  cap 150 "$python" -m pytest -q -p no:cacheprovider -m cuda -n 4 "$@" ${GPU_TESTS:-$(grep -l "mark.cuda" tests/test_*.py)}
 }
 
-benchmarks() {
-  # The set that fits one lent session (≈ 6 minutes of caps); each writes bench/results/gpu/<name>.{json,md}.
-  local py=$python d=$device
-  cap 120 "$py" scripts/bench_semi_structured.py --device "$d" $flags
-  cap 70 "$py" scripts/bench_spark.py --device "$d" --tasks decode --decode-tokens 64 --decode-repeats 5 \
+# The set that fits one lent session (≈ 6 minutes of caps); each writes bench/results/gpu/<name>.{json,md}.
+# GPU_BENCHMARKS names a subset (e.g. "spark packed" to redo what a cap cut short).
+step_semi() { cap 100 "$python" scripts/bench_semi_structured.py --device "$device" --new-tokens 32 --repeats 5 $flags; }
+step_spark() {
+  cap 80 "$python" scripts/bench_spark.py --device "$device" --tasks decode --decode-tokens 64 --decode-repeats 3 \
     --caches dense spark-50 spark-50-kv spark-50-reference-read structured-50 --output-name spark-decode $flags
-  cap 60 "$py" scripts/bench_spark.py --device "$d" --dtype bfloat16 --tasks decode --decode-tokens 64 \
+}
+step_spark_bf16() {
+  cap 60 "$python" scripts/bench_spark.py --device "$device" --dtype bfloat16 --tasks decode --decode-tokens 64 \
     --decode-repeats 5 --caches dense spark-50 spark-50-kv spark-50-reference-read --output-name spark-decode-bf16 $flags
-  cap 60 "$py" scripts/bench_packed.py --device "$d" --decode-tokens 64 --rounds 5 $flags
-  cap 80 "$py" scripts/bench_speculative.py --device "$d" --pairs ngram --prompts 5 --quality-examples 5 $flags
-  cap 70 "$py" scripts/bench_pruning.py --device "$d" --methods sparsegpt wanda --patterns 2:4 --perplexity-only \
-    --max-windows 32 --output-name pruning-gpu $flags
+}
+step_packed() { cap 90 "$python" scripts/bench_packed.py --device "$device" --rounds 3 $flags; }
+step_speculative() {
+  cap 80 "$python" scripts/bench_speculative.py --device "$device" --pairs ngram --prompts 5 --quality-examples 5 $flags
+}
+step_pruning() {
+  cap 70 "$python" scripts/bench_pruning.py --device "$device" --methods sparsegpt wanda --patterns 2:4 \
+    --perplexity-only --max-windows 32 --output-name pruning-gpu $flags
+}
+benchmarks() {
+  for step in ${GPU_BENCHMARKS:-semi spark spark_bf16 packed speculative pruning}; do "step_$step"; done
 }
 
 environment() {
   export PYTHONPATH=$keep/site:$root${PYTHONPATH:+:$PYTHONPATH} HF_COMPRESS_CACHE=$keep/cache PYTHONUNBUFFERED=1
-  git rev-parse HEAD >/dev/null 2>&1 || export HF_COMPRESS_SOURCE_COMMIT=$(cat "$keep/commit")
+  # The staged commit wins: a lent machine may hold a stale copy of .git beside the current tree.
+  [ -f "$keep/commit" ] && export HF_COMPRESS_SOURCE_COMMIT=$(cat "$keep/commit")
 }
 
 machine_note() {

@@ -62,6 +62,13 @@ def test_non_2_of_4_weights_and_odd_shapes_are_refused():
         to_semi_structured(_linear(64, 64), modules=["nope"])
 
 
+def test_an_unknown_backend_is_refused_before_anything_changes():
+    layer = _linear(64, 64)
+    with pytest.raises(ValueError, match="choose 'auto', 'cusparselt' or 'cutlass'"):
+        to_semi_structured(layer, modules=["0"], backend="cublas")
+    assert not isinstance(layer[0].weight, torch.sparse.SparseSemiStructuredTensor)
+
+
 def test_a_dense_model_has_nothing_to_convert():
     model, _ = tiny_model("llama")
     with pytest.raises(ValueError, match="prune the model to 2:4 first"):
@@ -71,11 +78,13 @@ def test_a_dense_model_has_nothing_to_convert():
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_semi_structured_logits_are_close_to_the_dense_masked_model(tmp_path, dtype):
+@pytest.mark.parametrize("backend", ["auto", "cutlass", "cusparselt"])
+def test_semi_structured_logits_are_close_to_the_dense_masked_model(tmp_path, dtype, backend):
     dense, folder = _pruned(tmp_path, dtype=dtype)
     dense.to("cuda").eval()
-    model = load_semi_structured(folder, dtype=dtype)
-    semi = torch.sparse.SparseSemiStructuredTensor
+    model = load_semi_structured(folder, dtype=dtype, backend=backend)
+    semi = {"auto": torch.sparse.SparseSemiStructuredTensor, "cutlass": torch.sparse.SparseSemiStructuredTensorCUTLASS,
+            "cusparselt": torch.sparse.SparseSemiStructuredTensorCUSPARSELT}[backend]
     converted = [m for m in model.modules() if isinstance(m, nn.Linear)
                  and (isinstance(m.weight, semi) or isinstance(m.weight.data, semi))]
     assert len(converted) == 7 * model.config.num_hidden_layers  # q, k, v, o, gate, up, down of every block

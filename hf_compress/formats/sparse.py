@@ -391,13 +391,17 @@ SEMI_STRUCTURED_DTYPES = (torch.float16, torch.bfloat16)
 _SEMI_STRUCTURED_MULTIPLES = (32, 64)
 
 
-def to_semi_structured(model: torch.nn.Module, modules: Sequence[str] | None = None) -> list[str]:
+def to_semi_structured(
+    model: torch.nn.Module, modules: Sequence[str] | None = None, backend: str = "auto"
+) -> list[str]:
     """Run the 2:4 linear layers of ``model`` (on CUDA, fp16/bf16) with semi-structured sparse kernels.
 
     ``modules`` defaults to the checkpoint's ``compressed_modules`` (an ``hf_compress_sparse`` model), else
     every ``nn.Linear`` whose weight is 2:4 apart from the output embeddings. Every layer is checked first
     (dtype, the 2:4 pattern, the shape, the device) and nothing changes unless all pass; returns the names
-    converted. In place; inference only (the weights become non-trainable sparse tensors).
+    converted. In place; inference only (the weights become non-trainable sparse tensors). ``backend`` picks
+    PyTorch's kernels: ``"cusparselt"``, ``"cutlass"``, or ``"auto"`` (PyTorch's own choice, cuSPARSELt where
+    it is built in); ``bench/results/gpu/semi_structured.md`` times both.
 
     Raises:
         ValueError: in one line, the first layer the kernels cannot take and why.
@@ -407,8 +411,16 @@ def to_semi_structured(model: torch.nn.Module, modules: Sequence[str] | None = N
         >>> len(to_semi_structured(model))  # doctest: +SKIP
         210
     """
-    from torch.sparse import to_sparse_semi_structured
+    from torch.sparse import (
+        SparseSemiStructuredTensorCUSPARSELT,
+        SparseSemiStructuredTensorCUTLASS,
+        to_sparse_semi_structured,
+    )
 
+    convert = {"auto": to_sparse_semi_structured, "cusparselt": SparseSemiStructuredTensorCUSPARSELT.from_dense,
+               "cutlass": SparseSemiStructuredTensorCUTLASS.from_dense}.get(backend)
+    if convert is None:
+        raise ValueError(f"backend={backend!r}: choose 'auto', 'cusparselt' or 'cutlass'.")
     layers = _semi_structured_layers(model, modules)
     if not layers:
         raise ValueError("no 2:4 sparse linear layer to convert; prune the model to 2:4 first (hf-compress prune ... "
@@ -416,16 +428,17 @@ def to_semi_structured(model: torch.nn.Module, modules: Sequence[str] | None = N
     for name, layer in layers.items():
         _check_semi_structured(name, layer)
     for layer in layers.values():
-        layer.weight = torch.nn.Parameter(to_sparse_semi_structured(layer.weight.detach()), requires_grad=False)
-    logger.info("%d linear layers run 2:4 semi-structured sparse kernels", len(layers))
+        layer.weight = torch.nn.Parameter(convert(layer.weight.detach()), requires_grad=False)
+    logger.info("%d linear layers run 2:4 semi-structured sparse kernels (%s)", len(layers), backend)
     return list(layers)
 
 
 def load_semi_structured(
     pretrained_model_name_or_path: str | Any, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cuda",
-    **kwargs: Any,
+    backend: str = "auto", **kwargs: Any,
 ) -> PreTrainedModel:
-    """``AutoModelForCausalLM.from_pretrained`` of a 2:4 checkpoint, then :func:`to_semi_structured` on ``device``.
+    """``AutoModelForCausalLM.from_pretrained`` of a 2:4 checkpoint, then :func:`to_semi_structured` on ``device``
+    with ``backend``.
 
     The device and dtype are checked before anything loads.
 
@@ -438,7 +451,7 @@ def load_semi_structured(
     _check_semi_structured_target(torch.device(device), dtype)
     model = AutoModelForCausalLM.from_pretrained(pretrained_model_name_or_path, dtype=dtype, **kwargs)
     model.to(device).eval()
-    to_semi_structured(model)
+    to_semi_structured(model, backend=backend)
     return model
 
 
