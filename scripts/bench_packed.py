@@ -88,7 +88,7 @@ def markdown(payload: dict[str, Any]) -> str:
         f"# Packed low-bit decode — SmolLM2-135M-Instruct, batch 1, {settings['device_note']}",
         "",
         f"Greedy decode of {settings['decode_tokens']} tokens after a {settings['prompt_tokens']}-token prompt; "
-        f"{settings['rounds']} interleaved rounds (each round runs every variant once), medians. Packed models: "
+        f"{settings.get('rounds_done', settings['rounds'])} interleaved rounds (each round runs every variant once), medians. Packed models: "
         f"round-to-nearest g{settings['group_size']} (`quantize_rtn`). Resident = parameters + buffers + kernel "
         "cache after decoding (the tied float embedding included in every variant). Ratios are against the "
         "dense rows of the same run.",
@@ -155,6 +155,23 @@ def main() -> None:
     models = build(args.variants, base, args.group_size, device)
     del base
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in models}
+    def save() -> dict[str, Any]:  # after every round: a run cut short still leaves its rounds so far
+        reference = runs.get("packed4-reference", [None])[0]
+        results: dict[str, Any] = {}
+        for name, measured in runs.items():
+            rates = [m["decode_tokens_per_second"] for m in measured]
+            results[name] = {"decode_tokens_per_s": statistics.median(rates), "decode_rounds": rates,
+                             "memory": resident_bytes(models[name]), "tokens": measured[0]["outputs"][0]}
+            if reference is not None and name.startswith("packed4"):
+                ours, theirs = measured[0]["outputs"][0], reference["outputs"][0]
+                same = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+                results[name]["greedy_equal_to_reference"] = {"equal_tokens": same, "tokens": len(theirs)}
+        settings["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        settings["rounds_done"] = min(len(measured) for measured in runs.values())
+        payload = {"settings": settings, "results": results}
+        write_benchmark(args.output_name, settings, results, markdown(payload))
+        return payload
+
     for round_index in range(args.rounds):
         for name, model in models.items():
             logger.info("round %d/%d: %s", round_index + 1, args.rounds, name)
@@ -162,21 +179,8 @@ def main() -> None:
                 runs[name].append(measure_generation_speed(model, None, [prompt], args.decode_tokens,
                                                            warmup=1 if round_index == 0 else 0,
                                                            progress=False, force_length=True))
-    reference = runs.get("packed4-reference", [None])[0]
-    results: dict[str, Any] = {}
-    for name, measured in runs.items():
-        rates = [m["decode_tokens_per_second"] for m in measured]
-        results[name] = {"decode_tokens_per_s": statistics.median(rates), "decode_rounds": rates,
-                         "memory": resident_bytes(models[name]), "tokens": measured[0]["outputs"][0]}
-        if reference is not None and name.startswith("packed4"):
-            ours, theirs = measured[0]["outputs"][0], reference["outputs"][0]
-            same = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
-            results[name]["greedy_equal_to_reference"] = {"equal_tokens": same, "tokens": len(theirs)}
-    settings["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    payload = {"settings": settings, "results": results}
-    write_benchmark(args.output_name, settings, results, markdown(payload))
+        payload = save()
     print(markdown(payload))
-
 
 if __name__ == "__main__":
     main()

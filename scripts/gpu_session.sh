@@ -49,7 +49,10 @@ step_spark_bf16() {
   cap 60 "$python" scripts/bench_spark.py --device "$device" --dtype bfloat16 --tasks decode --decode-tokens 64 \
     --decode-repeats 5 --caches dense spark-50 spark-50-kv spark-50-reference-read --output-name spark-decode-bf16 $flags
 }
-step_packed() { cap 90 "$python" scripts/bench_packed.py --device "$device" --rounds 3 $flags; }
+step_packed() {
+  cap 100 "$python" scripts/bench_packed.py --device "$device" --rounds 3 \
+    --variants dense-fp32 dense-bf16 packed4-reference packed4-fast packed4-bf16 $flags
+}
 step_speculative() {
   cap 80 "$python" scripts/bench_speculative.py --device "$device" --pairs ngram --prompts 5 --quality-examples 5 $flags
 }
