@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """2:4 semi-structured sparse kernels vs dense on CUDA → bench/results/gpu/<output-name>.{json,md}.
 
-1. Linear layers: ``F.linear`` with a 2:4 weight stored dense vs as ``to_sparse_semi_structured`` (what
-   ``hf_compress.formats.sparse.to_semi_structured`` installs), for a 4096 × 4096 layer and SmolLM2-135M's
+1. Linear layers: ``F.linear`` with a 2:4 weight stored dense vs as PyTorch's semi-structured sparse tensor, each
+   backend (cuSPARSELt; CUTLASS on compute capability 8.x, the only GPUs its kernels run on), what
+   ``hf_compress.formats.sparse.to_semi_structured(backend=...)`` installs, for a 4096 × 4096 layer and SmolLM2-135M's
    layer shapes, at several token counts (1 = one-token decode, larger = prefill), in bf16 (``--dtype``).
    Median of ``--repeats`` timings of ``--iterations`` calls each, CUDA-synchronised, both paths side by side.
 2. The model (unless ``--skip-model``): SmolLM2-135M pruned 2:4 by magnitude, dense-masked vs semi-structured:
@@ -69,10 +70,14 @@ BACKENDS = {"cusparselt": "SparseSemiStructuredTensorCUSPARSELT", "cutlass": "Sp
 def bench_layers(args, dtype: torch.dtype, device: torch.device) -> list[dict[str, Any]]:
     import torch.sparse
 
+    backends = dict(BACKENDS)
+    if torch.cuda.get_device_capability(device)[0] != 8:
+        del backends["cutlass"]  # PyTorch's CUTLASS 2:4 kernels run on compute capability 8.x only
+        logger.info("CUTLASS's 2:4 kernels do not run on this GPU (compute capability 8.x only): cuSPARSELt alone")
     rows_out = []
     for name, rows, cols in SHAPES:
         dense_weight = _two_of_four(rows, cols, dtype, device)
-        sparse = {backend: getattr(torch.sparse, cls).from_dense(dense_weight) for backend, cls in BACKENDS.items()}
+        sparse = {backend: getattr(torch.sparse, cls).from_dense(dense_weight) for backend, cls in backends.items()}
         for tokens in args.tokens:
             x = torch.randn(tokens, cols, generator=torch.Generator().manual_seed(1)).to(device, dtype)
             row: dict[str, Any] = {"layer": name, "shape": [rows, cols], "tokens": tokens}
@@ -86,7 +91,7 @@ def bench_layers(args, dtype: torch.dtype, device: torch.device) -> list[dict[st
                     row[f"{backend}_speedup"] = row["dense_us"] / row[f"{backend}_us"]
             rows_out.append(row)
             logger.info("%s x %d tokens: dense %.1f us, %s", name, tokens, row["dense_us"],
-                        ", ".join(f"{b} {row[f'{b}_us']:.1f} us ({row[f'{b}_speedup']:.2f}x)" for b in BACKENDS))
+                        ", ".join(f"{b} {row[f'{b}_us']:.1f} us ({row[f'{b}_speedup']:.2f}x)" for b in backends))
     return rows_out
 
 
@@ -124,11 +129,12 @@ def markdown(payload: dict[str, Any]) -> str:
              "| layer | [out, in] | tokens | dense µs | cuSPARSELt µs | speed-up | CUTLASS µs | speed-up | max abs error |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for row in results["layers"]:
-        error = max(row.get(f"{b}_max_abs_error", row.get("max_abs_error", 0.0)) for b in ("cusparselt", "cutlass"))
+        if "semi_structured_us" in row:  # runs from before the backends were timed apart: PyTorch's default, cuSPARSELt
+            row = {**row, "cusparselt_us": row["semi_structured_us"], "cusparselt_speedup": row["speedup"],
+                   "cusparselt_max_abs_error": row["max_abs_error"]}
+        error = max(row.get(f"{b}_max_abs_error", 0.0) for b in ("cusparselt", "cutlass"))
         cells = [f"{row[f'{b}_us']:.1f} | {row[f'{b}_speedup']:.2f}×" if f"{b}_us" in row else "— | —"
                  for b in ("cusparselt", "cutlass")]
-        if "semi_structured_us" in row:  # tables from before the backends were timed apart (PyTorch's default)
-            cells[0] = f"{row['semi_structured_us']:.1f} | {row['speedup']:.2f}×"
         lines.append(f"| {row['layer']} | {row['shape']} | {row['tokens']} | {row['dense_us']:.1f} | {cells[0]} | "
                      f"{cells[1]} | {error:.2g} |")
     model = results.get("model")
@@ -141,7 +147,8 @@ def markdown(payload: dict[str, Any]) -> str:
                   f"{model['semi_structured_prefill_ms']:.2f} | {model['prefill_speedup']:.2f}× |",
                   f"| greedy decode, tokens/s | {model['dense_decode_tokens_per_s']:.1f} | "
                   f"{model['semi_structured_decode_tokens_per_s']:.1f} | {model['decode_speedup']:.2f}× |"]
-    big = [row for row in results["layers"] if row["layer"] == "4096x4096"]
+    big = [{"cusparselt_speedup": row["speedup"], **row} if "semi_structured_us" in row else row
+           for row in results["layers"] if row["layer"] == "4096x4096"]
     if big:
         lines += ["", "## Target", ""]
         for backend, label in (("cusparselt", "cuSPARSELt"), ("cutlass", "CUTLASS")):
@@ -163,7 +170,7 @@ def main() -> None:
     parser.add_argument("--prefill", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--skip-model", action="store_true", help="only the layer table")
-    parser.add_argument("--model-backend", choices=("auto", "cusparselt", "cutlass"), default="cutlass",
+    parser.add_argument("--model-backend", choices=("auto", "cusparselt", "cutlass"), default="auto",
                         help="the kernels the model section converts its layers to")
     args = parser.parse_args()
     if not start_benchmark(args, markdown):

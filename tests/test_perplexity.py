@@ -200,3 +200,16 @@ def test_benchmark_files_and_rebuilt_table_keep_the_run_footer(tmp_path):
     assert "Table rebuilt from demo.json" in rebuilt
     with pytest.raises(FileNotFoundError):
         rewrite_markdown("missing", lambda stored: "x", results_dir=tmp_path)
+
+
+def test_a_copy_without_history_names_its_commit_and_a_note_reaches_the_table(tmp_path, monkeypatch):
+    from hf_compress.evaluation.report import rewrite_markdown, source_commit, write_benchmark
+
+    monkeypatch.setenv("HF_COMPRESS_SOURCE_COMMIT", "0123abc")
+    assert source_commit.__wrapped__() == "0123abc"  # the cached value of this process is left alone
+    json_path, _ = write_benchmark("demo", {}, {"ppl": 1.0}, "| ppl |", results_dir=tmp_path)
+    payload = json.loads(json_path.read_text())
+    payload["commit_note"] = "set from the staged commit"
+    json_path.write_text(json.dumps(payload))
+    rebuilt = rewrite_markdown("demo", lambda stored: "| ppl |", results_dir=tmp_path).read_text()
+    assert "Commit note: set from the staged commit" in rebuilt

@@ -80,6 +80,8 @@ def test_a_dense_model_has_nothing_to_convert():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("backend", ["auto", "cutlass", "cusparselt"])
 def test_semi_structured_logits_are_close_to_the_dense_masked_model(tmp_path, dtype, backend):
+    if backend == "cutlass" and torch.cuda.get_device_capability()[0] != 8:
+        pytest.skip("PyTorch's CUTLASS 2:4 kernels run on compute capability 8.x only (the refusal is tested below)")
     dense, folder = _pruned(tmp_path, dtype=dtype)
     dense.to("cuda").eval()
     model = load_semi_structured(folder, dtype=dtype, backend=backend)
@@ -94,3 +96,14 @@ def test_semi_structured_logits_are_close_to_the_dense_masked_model(tmp_path, dt
     assert torch.allclose(got, expected, atol=2e-2, rtol=2e-2), (got - expected).abs().max()
     greedy = {"max_new_tokens": 6, "do_sample": False}
     assert model.generate(ids[:1], **greedy).shape == (1, 30)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] == 8,
+                    reason="needs a CUDA GPU other than compute capability 8.x")
+def test_cutlass_is_refused_where_its_kernels_do_not_run():
+    # On an H200 (9.0) the CUTLASS kernel converted fine and then failed at the first matmul: refuse up front.
+    layer = _linear(64, 64).to("cuda")
+    with pytest.raises(ValueError, match="compute capability 8.x"):
+        to_semi_structured(layer, modules=["0"], backend="cutlass")
+    assert not isinstance(layer[0].weight, torch.sparse.SparseSemiStructuredTensor)

@@ -246,6 +246,7 @@ def _footer(payload: dict[str, Any]) -> str:
     return (
         f"\n\nCommand: `{payload['command']}`  \nDate: {payload['date']}  \n"
         + (f"Commit: {payload['commit']}  \n" if payload.get("commit") else "")
+        + (f"Commit note: {payload['commit_note']}  \n" if payload.get("commit_note") else "")
         + (f"Device: {payload['device']}  \n" if payload.get("device") else "")
         + f"Machine: {machine['cpu']}, {machine['cpu_count']} cores, torch threads {machine['torch_threads']}"
         f"{', GPU ' + machine['gpu'] if machine['gpu'] else ', no GPU'}; "
