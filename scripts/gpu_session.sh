@@ -36,14 +36,16 @@ PART_ONE_MIB=33   # call 1 carries the tree, wheels and text too; call 2 the tre
 cuda_tests() {
   # Every test marked `cuda` (skipped without a GPU): the journeys, the kernels against their references.
   # GPU_TESTS narrows the files (a second session of the same day: only what changed since the first).
-  cap 150 "$python" -m pytest -q -p no:cacheprovider -m cuda -n 4 "$@" ${GPU_TESTS:-$(grep -l "mark.cuda" tests/test_*.py)}
+  cap 80 "$python" -m pytest -q -p no:cacheprovider -m cuda -n 4 "$@" ${GPU_TESTS:-$(grep -l "mark.cuda" tests/test_*.py)}
 }
 
-# The set that fits one lent session (≈ 6 minutes of caps); each writes bench/results/gpu/<name>.{json,md}.
+# The set that fits one lent session; each writes bench/results/gpu/<name>.{json,md}. Caps (s): tests 80, then
+# 70 + 65 + 60 + 80 + 70 + 50; on the H200 (2026-12-04) the steps took about 48, 15 + the model section, 56, 55,
+# 50, 55 and 40 s: about 6 minutes, under the 8 a session can spare (caps are the worst case, 9 minutes).
 # GPU_BENCHMARKS names a subset (e.g. "spark packed" to redo what a cap cut short).
-step_semi() { cap 100 "$python" scripts/bench_semi_structured.py --device "$device" --new-tokens 32 --repeats 5 $flags; }
+step_semi() { cap 70 "$python" scripts/bench_semi_structured.py --device "$device" --new-tokens 32 --repeats 3 $flags; }
 step_spark() {
-  cap 80 "$python" scripts/bench_spark.py --device "$device" --tasks decode --decode-tokens 64 --decode-repeats 3 \
+  cap 65 "$python" scripts/bench_spark.py --device "$device" --tasks decode --decode-tokens 64 --decode-repeats 3 \
     --caches dense spark-50 spark-50-kv spark-50-reference-read structured-50 --output-name spark-decode $flags
 }
 step_spark_bf16() {
@@ -51,14 +53,14 @@ step_spark_bf16() {
     --decode-repeats 5 --caches dense spark-50 spark-50-kv spark-50-reference-read --output-name spark-decode-bf16 $flags
 }
 step_packed() {
-  cap 100 "$python" scripts/bench_packed.py --device "$device" --rounds 3 \
+  cap 80 "$python" scripts/bench_packed.py --device "$device" --rounds 3 \
     --variants dense-fp32 dense-bf16 packed4-reference packed4-fast packed4-bf16 $flags
 }
 step_speculative() {
-  cap 80 "$python" scripts/bench_speculative.py --device "$device" --pairs ngram --prompts 5 --quality-examples 5 $flags
+  cap 70 "$python" scripts/bench_speculative.py --device "$device" --pairs ngram --prompts 5 --quality-examples 5 $flags
 }
 step_pruning() {
-  cap 70 "$python" scripts/bench_pruning.py --device "$device" --methods sparsegpt wanda --patterns 2:4 \
+  cap 50 "$python" scripts/bench_pruning.py --device "$device" --methods sparsegpt wanda --patterns 2:4 \
     --perplexity-only --max-windows 32 --output-name pruning-gpu $flags
 }
 benchmarks() {
