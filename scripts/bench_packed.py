@@ -88,7 +88,8 @@ def markdown(payload: dict[str, Any]) -> str:
         f"# Packed low-bit decode — SmolLM2-135M-Instruct, batch 1, {settings['device_note']}",
         "",
         f"Greedy decode of {settings['decode_tokens']} tokens after a {settings['prompt_tokens']}-token prompt; "
-        f"{settings.get('rounds_done', settings['rounds'])} interleaved rounds (each round runs every variant once), medians. Packed models: "
+        f"{settings.get('rounds_done', settings['rounds'])} interleaved rounds (each round runs every variant once), "
+        "medians. Packed models: "
         f"round-to-nearest g{settings['group_size']} (`quantize_rtn`). Resident = parameters + buffers + kernel "
         "cache after decoding (the tied float embedding included in every variant). Ratios are against the "
         "dense rows of the same run.",
@@ -155,6 +156,7 @@ def main() -> None:
     models = build(args.variants, base, args.group_size, device)
     del base
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in models}
+
     def save() -> dict[str, Any]:  # after every round: a run cut short still leaves its rounds so far
         reference = runs.get("packed4-reference", [None])[0]
         results: dict[str, Any] = {}
@@ -181,6 +183,7 @@ def main() -> None:
                                                            progress=False, force_length=True))
         payload = save()
     print(markdown(payload))
+
 
 if __name__ == "__main__":
     main()

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """SparK KV-cache benchmark → bench/results/<output-name>.{json,md}.
 
-SmolLM2-135M-Instruct (float32, or ``--dtype bfloat16``; CPU, or CUDA with ``--device cuda``/``auto``), long contexts built from the
-offline text, every cache in one process:
+SmolLM2-135M-Instruct (float32, or ``--dtype bfloat16``; CPU, or CUDA with ``--device cuda``/``auto``), long
+contexts built from the offline text, every cache in one process:
 
 - ``dense``: transformers' ``DynamicCache``;
 - ``spark-50`` / ``spark-80``: ``SparKCache`` pruning 50% / 80% of key channels per token (values dense,
@@ -269,7 +269,8 @@ def markdown(payload: dict[str, Any]) -> str:
             if speed is not None:
                 on_gpu = settings.get("device", "cpu") != "cpu"
                 bar, where = (0.9, "on GPU") if on_gpu else (0.6, "on CPU")
-                parts.append(f"decode {speed:.2f}× dense tokens/s ({'met' if speed >= bar else 'MISSED'}: ≥ {bar}× {where})")
+                parts.append(f"decode {speed:.2f}× dense tokens/s "
+                             f"({'met' if speed >= bar else 'MISSED'}: ≥ {bar}× {where})")
             if get(dense, "passkey", "accuracy") is not None:
                 acc = _ratio(get(r, "passkey", "accuracy"), get(dense, "passkey", "accuracy"))
                 parts.append(f"passkey {'n/a (dense found none)' if acc is None else f'{acc:.2f}× dense'} "
@@ -322,7 +323,8 @@ def markdown(payload: dict[str, Any]) -> str:
                 f"at {fp8['perplexity']['perplexity'] / dense['perplexity']['perplexity']:.3f}× perplexity, against "
                 f"{spark['decode']['kv_bytes'] / dense['decode']['kv_bytes']:.3f}× and "
                 f"{spark['perplexity']['perplexity'] / dense['perplexity']['perplexity']:.3f}× for `spark-50-kv` on this "
-                f"{settings.get('dtype', 'float32')} model: channel pruning and quantization are orthogonal, and here quantization saved more."
+                f"{settings.get('dtype', 'float32')} model: channel pruning and quantization are orthogonal, and here "
+                "quantization saved more."
             )
     return "\n".join(lines) + "\n"
 

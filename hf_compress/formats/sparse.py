@@ -401,8 +401,8 @@ def to_semi_structured(
     (dtype, the 2:4 pattern, the shape, the device) and nothing changes unless all pass; returns the names
     converted. In place; inference only (the weights become non-trainable sparse tensors). ``backend`` picks
     PyTorch's kernels: ``"cusparselt"``, ``"cutlass"``, or ``"auto"`` (PyTorch's own choice, cuSPARSELt where
-    it is built in; CUTLASS's kernels run on compute capability 8.x GPUs only); ``bench/results/gpu/semi_structured.md``
-    times them.
+    it is built in; CUTLASS's kernels run on compute capability 8.x GPUs only);
+    ``bench/results/gpu/semi_structured.md`` times them.
 
     Raises:
         ValueError: in one line, the first layer the kernels cannot take and why.
@@ -430,7 +430,7 @@ def to_semi_structured(
         _check_semi_structured(name, layer)
     if backend == "cutlass":
         major, minor = torch.cuda.get_device_capability(next(iter(layers.values())).weight.device)
-        if major != 8:  # PyTorch's CUTLASS 2:4 kernels are built for Ampere alone; they fail at the first call elsewhere
+        if major != 8:  # PyTorch builds CUTLASS's 2:4 kernels for Ampere alone: elsewhere the first matmul fails
             raise ValueError(f"backend='cutlass': PyTorch's CUTLASS 2:4 kernels run on compute capability 8.x (Ampere) "
                              f"GPUs only, and this one is {major}.{minor}; use backend='cusparselt' (or 'auto').")
     for layer in layers.values():
