@@ -58,7 +58,7 @@ WEIGHT_TARGET, PERPLEXITY_TARGET = 0.2, 1.15
 
 
 def main() -> None:
-    parser = benchmark_parser(__doc__, "stacked", threads=None)
+    parser = benchmark_parser(__doc__, "stacked", threads=None, devices=("cpu", "cuda"))
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--group-size", type=int, default=128)
