@@ -127,7 +127,7 @@ PY
   cat <<'MSG'
 Then, with the `device` tool, two calls back to back (the second within 30 s of the first's end):
  1. carry [".gpu/whl", ".gpu/data", ".gpu/model/part-1"], timeout_s 240:   bash scripts/gpu_session.sh first
- 2. carry [".gpu/model/part-2"], timeout_s 480:                          bash scripts/gpu_session.sh second
+ 2. carry [".gpu/model/part-2"], timeout_s 520:                          bash scripts/gpu_session.sh second
 MSG
   ;;
 first)
