@@ -35,7 +35,7 @@ import torch
 from hf_compress.assets import load_model, load_text
 from hf_compress.evaluation.memory import parameter_bytes
 from hf_compress.evaluation.report import benchmark_parser, start_benchmark, write_benchmark
-from hf_compress.evaluation.speed import measure_generation_speed
+from hf_compress.evaluation.speed import measure_generation_speed, speed_ratio
 from hf_compress.quantization import quantize_rtn
 from hf_compress.quantization.kernels import kernel_cache_bytes, set_packed_kernel
 
@@ -81,13 +81,11 @@ def resident_bytes(model) -> dict[str, int]:
 
 # ------------------------------------------------------------------------------------------ report
 def _speed_ratio(row: dict[str, Any], reference: dict[str, Any] | None) -> float | None:
-    """Decode tokens/s over ``reference``'s: the median of the per-round ratios (every variant runs once per round,
-    so drift over the run moves both sides of a round alike), else the ratio of the medians."""
+    """Decode tokens/s over ``reference``'s (``speed_ratio``: every variant runs once per round)."""
     if not reference:
         return None
-    runs, theirs = row.get("decode_rounds"), reference.get("decode_rounds")
-    if runs and theirs and len(runs) == len(theirs):
-        return statistics.median(a / b for a, b in zip(runs, theirs))
+    if row.get("decode_rounds") and reference.get("decode_rounds"):
+        return speed_ratio(row["decode_rounds"], reference["decode_rounds"])
     return row["decode_tokens_per_s"] / reference["decode_tokens_per_s"]
 
 

@@ -62,7 +62,7 @@ from hf_compress.assets import load_model, load_text
 from hf_compress.cache import ChannelPrunedLayer, SparKCache, StructuredChannelCache, cache_kwargs, triton_read
 from hf_compress.evaluation.memory import cache_bytes
 from hf_compress.evaluation.report import benchmark_parser, device_description, start_benchmark, write_benchmark
-from hf_compress.evaluation.speed import measure_generation_speed
+from hf_compress.evaluation.speed import measure_generation_speed, speed_ratio
 from hf_compress.evaluation.squad import squad_documents, squad_scores
 
 
@@ -203,13 +203,10 @@ def _ratio(value: float | None, reference: float | None) -> float | None:
 
 
 def _decode_ratio(row: dict[str, Any], dense: dict[str, Any]) -> float | None:
-    """Decode tokens/s of ``row`` over the dense cache's: the median of the per-round ratios where both have the
-    same rounds (the caches take turns within a round, so a machine that speeds up or slows down over the run
-    moves both sides of a round alike), else the ratio of the medians."""
+    """Decode tokens/s of ``row`` over the dense cache's (``speed_ratio``: the caches take turns in each round)."""
     ours, theirs = (r.get("decode", {}) if isinstance(r.get("decode"), dict) else {} for r in (row, dense))
-    runs, dense_runs = ours.get("decode_runs"), theirs.get("decode_runs")
-    if runs and dense_runs and len(runs) == len(dense_runs):
-        return statistics.median(a / b for a, b in zip(runs, dense_runs))
+    if ours.get("decode_runs") and theirs.get("decode_runs"):
+        return speed_ratio(ours["decode_runs"], theirs["decode_runs"])
     return _ratio(ours.get("decode_tokens_per_s"), theirs.get("decode_tokens_per_s"))
 
 

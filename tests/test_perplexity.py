@@ -213,3 +213,15 @@ def test_a_copy_without_history_names_its_commit_and_a_note_reaches_the_table(tm
     json_path.write_text(json.dumps(payload))
     rebuilt = rewrite_markdown("demo", lambda stored: "| ppl |", results_dir=tmp_path).read_text()
     assert "Commit note: set from the staged commit" in rebuilt
+
+
+def test_speed_ratio_pairs_rounds_and_falls_back_to_medians_for_a_cut_run():
+    from hf_compress.evaluation import speed_ratio
+
+    # The machine speeds up over the run; per round the variant is always half as fast.
+    assert speed_ratio([4.0, 6.0, 9.0], [8.0, 12.0, 18.0]) == 0.5
+    # Ratio of the medians there would be 6 / 12 too, but not when the reference's middle round is an outlier:
+    assert speed_ratio([4.0, 6.0, 9.0], [8.0, 30.0, 18.0]) == 0.5
+    assert speed_ratio([4.0, 6.0], [8.0, 30.0, 18.0]) == 5.0 / 18.0  # counts differ: medians
+    with pytest.raises(ValueError, match="at least one round"):
+        speed_ratio([], [1.0])

@@ -13,7 +13,7 @@ Example:
 from .memory import cache_bytes, disk_bytes, measure_kv_cache_bytes, parameter_bytes
 from .perplexity import evaluate_perplexity, perplexity_record, token_windows, tokenize_stream
 from .results import MetricRecord
-from .speed import compare_generation_speed, measure_generation_speed
+from .speed import compare_generation_speed, measure_generation_speed, speed_ratio
 from .zero_shot import evaluate_zero_shot, zero_shot_records
 
 
@@ -28,6 +28,7 @@ __all__ = [
     "measure_kv_cache_bytes",
     "parameter_bytes",
     "perplexity_record",
+    "speed_ratio",
     "token_windows",
     "tokenize_stream",
     "zero_shot_records",

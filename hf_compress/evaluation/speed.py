@@ -35,7 +35,7 @@ from ..utils import InvalidArgumentTypeError, check_bool, check_int
 from .report import synchronize
 
 
-__all__ = ["compare_generation_speed", "measure_generation_speed"]
+__all__ = ["compare_generation_speed", "measure_generation_speed", "speed_ratio"]
 
 
 class _TimingStreamer:
@@ -261,6 +261,24 @@ class _Timings:
             result["equal_to_reference"] = equal
             result["all_equal_to_reference"] = all(equal)
         return result
+
+
+def speed_ratio(rounds: Sequence[float], reference_rounds: Sequence[float]) -> float:
+    """Speed of a variant over a reference's, from rates measured in the same rounds (both run once per round).
+
+    The median of the per-round ratios: a machine that speeds up or slows down during a run moves both sides of
+    a round alike, which the ratio of the two medians does not cancel. Rounds of different counts (a run cut
+    short) fall back to the ratio of the medians.
+
+    Example:
+        >>> speed_ratio([5.0, 6.0, 7.0], [10.0, 10.0, 14.0])
+        0.5
+    """
+    if not rounds or not reference_rounds:
+        raise ValueError("speed_ratio needs at least one round on each side.")
+    if len(rounds) == len(reference_rounds):
+        return statistics.median(a / b for a, b in zip(rounds, reference_rounds))
+    return statistics.median(rounds) / statistics.median(reference_rounds)
 
 
 def _mean_accepted_length(metrics: Any) -> float | None:
