@@ -64,20 +64,15 @@ def _median_seconds(call, iterations: int, repeats: int, device: torch.device) -
     return statistics.median(times)
 
 
-BACKENDS = {"cusparselt": "SparseSemiStructuredTensorCUSPARSELT", "cutlass": "SparseSemiStructuredTensorCUTLASS"}
-
-
 def bench_layers(args, dtype: torch.dtype, device: torch.device) -> list[dict[str, Any]]:
-    import torch.sparse
+    from hf_compress.formats.sparse import semi_structured_backends, semi_structured_weight
 
-    backends = dict(BACKENDS)
-    if torch.cuda.get_device_capability(device)[0] != 8:
-        del backends["cutlass"]  # PyTorch's CUTLASS 2:4 kernels run on compute capability 8.x only
-        logger.info("CUTLASS's 2:4 kernels do not run on this GPU (compute capability 8.x only): cuSPARSELt alone")
+    backends = semi_structured_backends(device)
+    logger.info("backends timed on this GPU: %s", ", ".join(backends))
     rows_out = []
     for name, rows, cols in SHAPES:
         dense_weight = _two_of_four(rows, cols, dtype, device)
-        sparse = {backend: getattr(torch.sparse, cls).from_dense(dense_weight) for backend, cls in backends.items()}
+        sparse = {backend: semi_structured_weight(dense_weight, backend) for backend in backends}
         for tokens in args.tokens:
             x = torch.randn(tokens, cols, generator=torch.Generator().manual_seed(1)).to(device, dtype)
             row: dict[str, Any] = {"layer": name, "shape": [rows, cols], "tokens": tokens}
@@ -130,16 +125,17 @@ def markdown(payload: dict[str, Any]) -> str:
              "| layer | [out, in] | tokens | dense µs | cuSPARSELt µs | speed-up | CUTLASS µs | speed-up "
              "| max abs error |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for row in results["layers"]:
-        if "semi_structured_us" in row:  # runs from before the backends were timed apart: PyTorch's default, cuSPARSELt
-            row = {**row, "cusparselt_us": row["semi_structured_us"], "cusparselt_speedup": row["speedup"],
-                   "cusparselt_max_abs_error": row["max_abs_error"]}
+    # Runs from before the backends were timed apart measured PyTorch's default there, cuSPARSELt.
+    layers = [{**row, "cusparselt_us": row["semi_structured_us"], "cusparselt_speedup": row["speedup"],
+               "cusparselt_max_abs_error": row["max_abs_error"]} if "semi_structured_us" in row else row
+              for row in results["layers"]]
+    for row in layers:
         error = max(row.get(f"{b}_max_abs_error", 0.0) for b in ("cusparselt", "cutlass"))
         cells = [f"{row[f'{b}_us']:.1f} | {row[f'{b}_speedup']:.2f}×" if f"{b}_us" in row else "— | —"
                  for b in ("cusparselt", "cutlass")]
         lines.append(f"| {row['layer']} | {row['shape']} | {row['tokens']} | {row['dense_us']:.1f} | {cells[0]} | "
                      f"{cells[1]} | {error:.2g} |")
-    if not any("cutlass_us" in row for row in results["layers"]):
+    if not any("cutlass_us" in row for row in layers):
         lines += ["", "CUTLASS not timed (—): PyTorch's CUTLASS 2:4 kernels run on compute capability 8.x GPUs only."]
     model = results.get("model")
     if model:
@@ -151,8 +147,7 @@ def markdown(payload: dict[str, Any]) -> str:
                   f"{model['semi_structured_prefill_ms']:.2f} | {model['prefill_speedup']:.2f}× |",
                   f"| greedy decode, tokens/s | {model['dense_decode_tokens_per_s']:.1f} | "
                   f"{model['semi_structured_decode_tokens_per_s']:.1f} | {model['decode_speedup']:.2f}× |"]
-    big = [{"cusparselt_speedup": row["speedup"], **row} if "semi_structured_us" in row else row
-           for row in results["layers"] if row["layer"] == "4096x4096"]
+    big = [row for row in layers if row["layer"] == "4096x4096"]
     if big:
         lines += ["", "## Target", ""]
         for backend, label in (("cusparselt", "cuSPARSELt"), ("cutlass", "CUTLASS")):

@@ -84,6 +84,8 @@ __all__ = [
     "encode_sparse",
     "load_semi_structured",
     "pack_bitmask",
+    "semi_structured_backends",
+    "semi_structured_weight",
     "to_semi_structured",
     "unpack_bitmask",
 ]
@@ -389,6 +391,41 @@ class SparseStorageQuantizer(CompressedFormatQuantizer):
 SEMI_STRUCTURED_DTYPES = (torch.float16, torch.bfloat16)
 # Shapes both PyTorch backends take for fp16/bf16 (CUTLASS: multiples of 32 x 64; cuSPARSELt: 16 x 16).
 _SEMI_STRUCTURED_MULTIPLES = (32, 64)
+_SEMI_STRUCTURED_BACKENDS = ("auto", "cusparselt", "cutlass")
+
+
+def semi_structured_backends(device: str | torch.device) -> tuple[str, ...]:
+    """The named backends whose 2:4 kernels run on the CUDA ``device``: PyTorch builds CUTLASS's for compute
+    capability 8.x alone (elsewhere they convert, then fail at the first matmul).
+
+    Example:
+        >>> semi_structured_backends("cuda")  # doctest: +SKIP
+        ('cusparselt',)
+    """
+    return ("cusparselt", "cutlass") if torch.cuda.get_device_capability(device)[0] == 8 else ("cusparselt",)
+
+
+def semi_structured_weight(weight: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """A 2:4 ``weight`` (CUDA, fp16/bf16) as PyTorch's semi-structured sparse tensor of ``backend``.
+
+    Example:
+        >>> sparse = semi_structured_weight(two_of_four_weight.cuda().bfloat16(), "cusparselt")  # doctest: +SKIP
+    """
+    from torch.sparse import (
+        SparseSemiStructuredTensorCUSPARSELT,
+        SparseSemiStructuredTensorCUTLASS,
+        to_sparse_semi_structured,
+    )
+
+    _check_backend(backend)
+    convert = {"auto": to_sparse_semi_structured, "cusparselt": SparseSemiStructuredTensorCUSPARSELT.from_dense,
+               "cutlass": SparseSemiStructuredTensorCUTLASS.from_dense}[backend]
+    return convert(weight)
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in _SEMI_STRUCTURED_BACKENDS:
+        raise ValueError(f"backend={backend!r}: choose 'auto', 'cusparselt' or 'cutlass'.")
 
 
 def to_semi_structured(
@@ -412,29 +449,20 @@ def to_semi_structured(
         >>> len(to_semi_structured(model))  # doctest: +SKIP
         210
     """
-    from torch.sparse import (
-        SparseSemiStructuredTensorCUSPARSELT,
-        SparseSemiStructuredTensorCUTLASS,
-        to_sparse_semi_structured,
-    )
-
-    convert = {"auto": to_sparse_semi_structured, "cusparselt": SparseSemiStructuredTensorCUSPARSELT.from_dense,
-               "cutlass": SparseSemiStructuredTensorCUTLASS.from_dense}.get(backend)
-    if convert is None:
-        raise ValueError(f"backend={backend!r}: choose 'auto', 'cusparselt' or 'cutlass'.")
+    _check_backend(backend)  # before anything changes
     layers = _semi_structured_layers(model, modules)
     if not layers:
         raise ValueError("no 2:4 sparse linear layer to convert; prune the model to 2:4 first (hf-compress prune ... "
                          "--sparsity 2:4).")
     for name, layer in layers.items():
         _check_semi_structured(name, layer)
-    if backend == "cutlass":
-        major, minor = torch.cuda.get_device_capability(next(iter(layers.values())).weight.device)
-        if major != 8:  # PyTorch builds CUTLASS's 2:4 kernels for Ampere alone: elsewhere the first matmul fails
-            raise ValueError(f"backend='cutlass': PyTorch's CUTLASS 2:4 kernels run on compute capability 8.x (Ampere) "
-                             f"GPUs only, and this one is {major}.{minor}; use backend='cusparselt' (or 'auto').")
+    device = next(iter(layers.values())).weight.device
+    if backend != "auto" and backend not in semi_structured_backends(device):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise ValueError(f"backend={backend!r}: PyTorch's CUTLASS 2:4 kernels run on compute capability 8.x (Ampere) "
+                         f"GPUs only, and this one is {major}.{minor}; use backend='cusparselt' (or 'auto').")
     for layer in layers.values():
-        layer.weight = torch.nn.Parameter(convert(layer.weight.detach()), requires_grad=False)
+        layer.weight = torch.nn.Parameter(semi_structured_weight(layer.weight.detach(), backend), requires_grad=False)
     logger.info("%d linear layers run 2:4 semi-structured sparse kernels (%s)", len(layers), backend)
     return list(layers)
 
