@@ -21,26 +21,35 @@ Measured:
   the same rounds, right after the models are built and before anything else runs);
 - router parameters, search and training seconds.
 
+``--prefill-only`` measures prefill speed alone, on any device (the GPU check of issue 21): dense, the static router
+and the router's inference path (features computed at every block) with the searched schedule of a committed run
+(``--schedule-from``), and ShortGPT at the same FLOP budget, at one or more prompt lengths and dtypes; the speed-ups
+are medians of per-round ratios. Its table is ``<output-name>-prefill`` (under ``gpu/`` on CUDA).
+
 Example:
     python scripts/bench_token_router.py               # the settings in the table's footer
     python scripts/bench_token_router.py --quick       # a tiny model, to check the script runs
+    python scripts/bench_token_router.py --prefill-only --device cuda --dtype bfloat16 --prefill-tokens 2048 8192
 """
 
 from __future__ import annotations
 
 import copy
 import gc
+import json
 import logging
 import math
 import statistics
 import time
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 
 from hf_compress.assets import load_model, load_text, tiny_model
 from hf_compress.evaluation.perplexity import token_windows, tokenize_stream
-from hf_compress.evaluation.report import benchmark_parser, start_benchmark, write_benchmark
+from hf_compress.evaluation.report import benchmark_parser, start_benchmark, synchronize, write_benchmark
+from hf_compress.evaluation.speed import speed_ratio
 from hf_compress.evaluation.uncertainty import average_standard_error, paired_task_average_difference
 from hf_compress.evaluation.zero_shot import evaluate_zero_shot
 from hf_compress.modeling.layers import find_decoder_blocks
@@ -58,12 +67,14 @@ from hf_compress.training import TrainingSettings, causal_lm_dataset
 
 TASKS = ("arc_easy", "piqa", "hellaswag", "winogrande", "boolq")
 TRAINED = "trained router, searched schedule"
+COMMITTED_RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 RETENTION_TARGET_SPARSITY = 0.22  # issue 21 sets the >= 95% zero-shot retention target at this token sparsity
 logger = logging.getLogger("bench_token_router")
 
 
 def main() -> None:
-    parser = benchmark_parser(__doc__, "token_router")
+    parser = benchmark_parser(__doc__, "token_router", devices=("cpu", "cuda"))
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.3, RETENTION_TARGET_SPARSITY])
     parser.add_argument("--ppl-windows", type=int, default=64, help="512-token Wikipedia eval windows")
@@ -81,14 +92,29 @@ def main() -> None:
                         help="layer-removal baselines (BlockPruner's greedy search over every attention and MLP "
                              "sub-block took 25 min at 30%% on 2 CPU cores for SmolLM2-135M, before its forwards "
                              "resumed at the candidate's block, which bench_removal_search measures 1.5x faster)")
-    parser.add_argument("--prefill-tokens", type=int, default=2048)
+    parser.add_argument("--prefill-tokens", type=int, nargs="+", default=[2048],
+                        help="prompt lengths of the prefill timing (the full run times the first)")
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--prefill-only", action="store_true",
+                        help="only time prefill (dense, static router, router path, ShortGPT) on --device")
+    parser.add_argument("--schedule-from", default="token_router", metavar="NAME",
+                        help="--prefill-only: the committed run (bench/results/NAME.json) whose searched schedule "
+                             "at the highest --sparsities value is timed")
+    parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=["float32"],
+                        help="--prefill-only: model dtypes to time (each its own set of rows)")
     args = parser.parse_args()
-    if not start_benchmark(args, _markdown):
+    if args.prefill_only and args.render is None and args.output_name == "token_router":
+        args.output_name = "token_router-prefill"
+    if not args.prefill_only:
+        args.supported_devices = ("cpu",)  # the full run (search, training, zero-shot) is CPU-sized
+    if not start_benchmark(args, _prefill_markdown if _is_prefill_table(args.render) else _markdown):
+        return
+    if args.prefill_only:
+        _prefill_only(args)
         return
     if args.quick:
         args.model, args.ppl_windows, args.limit, args.train_steps, args.tail = "tiny-llama", 2, 2, 2, 32
-        args.generations, args.population, args.prefill_tokens, args.rounds, args.seq_len = 1, 3, 128, 1, 64
+        args.generations, args.population, args.prefill_tokens, args.rounds, args.seq_len = 1, 3, [128], 1, 64
         args.sparsities, args.removal_sequences = [0.3], 2
     # --quick: a tiny model with 4 blocks, so that SLEB has a block to remove between its protected ends
     model, tokenizer = tiny_model("llama", num_hidden_layers=4) if args.quick else load_model(args.model)
@@ -125,8 +151,7 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     dense = {"method": "dense", "sparsity": 0.0, "flop_fraction": 0.0, **measure(model, "dense")}
     rows.append(dense)
-    prompt = torch.randint(3, min(1000, model.config.vocab_size), (1, args.prefill_tokens),
-                           generator=torch.Generator().manual_seed(0))
+    prompt = _prefill_prompt(model, args.prefill_tokens[0])
     prefill: dict[str, float] = {}
     for sparsity in sorted(args.sparsities, reverse=True):
         config = TokenRouterConfig(token_sparsity=sparsity, generations=args.generations, population=args.population,
@@ -167,7 +192,8 @@ def main() -> None:
         if full:
             timed = {"dense": model, "trained router": trained, "static router": static,
                      **{label: value[0] for label, value in removal.items()}}
-            prefill = _prefill_times(timed, prompt, args.rounds)
+            prefill = {name: statistics.median(rounds)
+                       for name, rounds in _prefill_rounds(timed, prompt, args.rounds).items()}
         variants = [("static, uniform schedule", "static", RoutingSchedule.uniform(sparsity, num_blocks), False),
                     ("static, searched schedule", "static", schedule, True),
                     ("random tokens, searched schedule", "random", schedule, False)]
@@ -291,19 +317,117 @@ def _removal_flop_fraction(dense_model, pruned, length: int) -> float:
     return 1 - kept / (cost.blocks * (attention + cost.mlp))
 
 
+def _prefill_prompt(model, tokens: int) -> torch.Tensor:
+    """A seeded random prompt of ``tokens`` ids on the model's device (prefill time does not depend on the text)."""
+    prompt = torch.randint(3, min(1000, model.config.vocab_size), (1, tokens), generator=torch.Generator().manual_seed(0))
+    return prompt.to(next(model.parameters()).device)
+
+
 @torch.no_grad()
-def _prefill_times(models: dict[str, Any], prompt: torch.Tensor, rounds: int) -> dict[str, float]:
-    """Median seconds of one prompt forward (use_cache=True, as generate's prefill), round-robin over the models."""
+def _prefill_rounds(models: dict[str, Any], prompt: torch.Tensor, rounds: int) -> dict[str, list[float]]:
+    """Seconds of one prompt forward (use_cache=True, as generate's prefill) per round, round-robin over the models,
+    each interval closed by a device synchronisation (CUDA kernels run asynchronously)."""
     times: dict[str, list[float]] = {name: [] for name in models}
-    for name, model in models.items():  # warm-up
-        model(prompt[:, :64], attention_mask=torch.ones_like(prompt[:, :64]), use_cache=True)
+    mask = torch.ones_like(prompt)
+    for model in models.values():  # warm-up: allocator, kernels' first launch
+        model(prompt, attention_mask=mask, use_cache=True, logits_to_keep=1)
+    synchronize(prompt.device)
     for _ in range(rounds):
         for name, model in models.items():
             start = time.perf_counter()
-            model(prompt, attention_mask=torch.ones_like(prompt), use_cache=True, logits_to_keep=1)
+            model(prompt, attention_mask=mask, use_cache=True, logits_to_keep=1)
+            synchronize(prompt.device)
             times[name].append(time.perf_counter() - start)
-    logger.info("prefill rounds: %s", times)
-    return {name: statistics.median(values) for name, values in times.items()}
+    logger.info("prefill rounds (%d tokens): %s", prompt.shape[-1], times)
+    return times
+
+
+def _committed_schedule(name: str, sparsity: float) -> RoutingSchedule:
+    """The searched schedule of the trained-router row at ``sparsity`` in a committed run's JSON."""
+    path = COMMITTED_RESULTS / f"{name}.json"  # not $HF_COMPRESS_BENCH_RESULTS: a rehearsal writes elsewhere
+    if not path.exists():
+        raise SystemExit(f"--schedule-from {name}: {path} does not exist; run the full benchmark first.")
+    rows = json.loads(path.read_text(encoding="utf-8"))["results"]["rows"]
+    for row in rows:
+        if row["method"] == TRAINED and math.isclose(row["sparsity"], sparsity):
+            return RoutingSchedule(row["schedule"])
+    found = sorted({row["sparsity"] for row in rows if row["method"] == TRAINED})
+    raise SystemExit(f"--schedule-from {name}: no searched schedule at sparsity {sparsity} (it has {found}).")
+
+
+def _prefill_only(args) -> None:
+    """Prefill speed of dense / static router / router path / ShortGPT at each prompt length and dtype."""
+    sparsity = max(args.sparsities)
+    if args.quick:
+        args.model, args.prefill_tokens, args.rounds, args.removal_sequences, args.seq_len = "tiny-llama", [64, 128], 2, 2, 32
+        args.schedule_from = None  # a uniform schedule on the tiny model
+    calibration = load_text("wikipedia", "calibration")
+    rows: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    for dtype_name in args.dtype:
+        base, tokenizer = (tiny_model("llama", num_hidden_layers=4) if args.quick
+                           else load_model(args.model, dtype=DTYPES[dtype_name]))
+        base = base.to(device=args.device, dtype=DTYPES[dtype_name]).eval()
+        num_blocks = len(find_decoder_blocks(base)[1])
+        schedule = (RoutingSchedule.uniform(sparsity, num_blocks) if args.quick
+                    else _committed_schedule(args.schedule_from, sparsity))
+        flops = _routing_flop_fraction(base, schedule, 512)
+        static = copy.deepcopy(base)
+        install_routing(static, schedule, mode="static")
+        router_path = copy.deepcopy(base)  # the untrained router ranks as the static rule; its features cost time
+        install_routing(router_path, schedule, mode="router")
+        shortgpt = copy.deepcopy(base)
+        pruner = BlockRemovalPruner(shortgpt, tokenizer)
+        pruner.prune(BlockRemovalConfig(target_sparsity=flops, num_calibration_sequences=args.removal_sequences,
+                                        calibration_seq_len=args.seq_len), calibration, progress=False)
+        removed = num_blocks - shortgpt.config.num_hidden_layers
+        models = {"dense": base, "static router": static, "router path": router_path,
+                  f"ShortGPT ({removed} blocks)": shortgpt}
+        fractions = {"dense": 0.0, "static router": flops, "router path": flops,
+                     f"ShortGPT ({removed} blocks)": _removal_flop_fraction(base, shortgpt, 512)}
+        for tokens in args.prefill_tokens:
+            rounds = _prefill_rounds(models, _prefill_prompt(base, tokens), args.rounds)
+            for name, seconds in rounds.items():
+                rows.append({"method": name, "dtype": dtype_name, "tokens": tokens, "flop_fraction": fractions[name],
+                             "rounds": seconds, "median_seconds": statistics.median(seconds),
+                             "speedup": speed_ratio(rounds["dense"], seconds)})
+        del base, static, router_path, shortgpt, models
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    settings = {k: v for k, v in vars(args).items() if k not in ("render", "supported_devices")}
+    settings.update(sparsity=sparsity, total_seconds=round(time.perf_counter() - started))
+    payload = {"settings": settings, "rows": rows}
+    write_benchmark(args.output_name, settings, {"rows": rows}, _prefill_markdown(payload))
+
+
+def _is_prefill_table(name: str | None) -> bool:
+    return bool(name) and name.split("/")[-1].startswith("token_router-prefill")
+
+
+def _prefill_markdown(payload: dict[str, Any]) -> str:
+    rows = payload["rows"] if "rows" in payload else payload["results"]["rows"]
+    settings = payload["settings"]
+    source = (f"the searched schedule of `{settings['schedule_from']}.json` (the trained router of that run kept the "
+              "static rule)" if settings.get("schedule_from") else "a uniform schedule")
+    lines = [f"# Token router (FTP) prefill speed on {settings['model']}", "",
+             f"Token sparsity {settings['sparsity']:.2f} with {source}. `static router` ranks tokens by position; `router "
+             "path` is the learned router's inference path (its four features computed at every block; the "
+             "untrained router, which selects the same tokens); ShortGPT removes whole blocks at the same fraction of "
+             "decoder FLOPs (512-token prompt). One prompt forward with the cache on (generate's prefill), "
+             f"{settings['rounds']} rounds round-robin over the models after a warm-up; seconds are medians, speed-ups "
+             "the median of per-round ratios to dense.", "",
+             "| dtype | prompt tokens | method | decoder FLOPs saved | prefill ms | speed-up vs dense |",
+             "|---|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row['dtype']} | {row['tokens']} | {row['method']} | {row['flop_fraction']:.3f} | "
+                     f"{1000 * row['median_seconds']:.2f} | {row['speedup']:.2f} |")
+    lines += ["", "## Target (issue 21: prefill at 2k tokens ≥ 1.2× dense at 30% token sparsity)", ""]
+    for row in rows:
+        if row["method"] in ("static router", "router path") and row["tokens"] == 2048:
+            verdict = "met" if row["speedup"] >= 1.2 else "missed"
+            lines.append(f"- {row['dtype']}, {row['method']}: {row['speedup']:.2f}× ({verdict})")
+    return "\n".join(lines) + "\n"
 
 
 def _markdown(payload: dict[str, Any]) -> str:
@@ -354,7 +478,7 @@ def _markdown(payload: dict[str, Any]) -> str:
                   f"{settings.get('seq_len')}-token window; ShortGPT / SLEB / BlockPruner: "
                   f"{settings.get('removal_sequences')} calibration windows of {settings.get('seq_len')} tokens (their "
                   "search seconds in the search column). Prefill: one "
-                  f"{settings.get('prefill_tokens')}-token prompt, median of {settings.get('rounds')} round-robin rounds "
+                  f"{_first_length(settings)}-token prompt, median of {settings.get('rounds')} round-robin rounds "
                   "with nothing else running (ratios side by side)."]
     return "\n".join(lines) + "\n"
 
@@ -395,10 +519,10 @@ def _targets(rows: list[dict[str, Any]], settings: dict[str, Any]) -> list[str]:
                 lines.append(f"- {sparsity:.2f}: {label} ppl trained {trained[key]:.4g} vs {name} {other[key]:.4g} "
                              f"(target lower): {verdict}")
         if "prefill_speedup" in trained:
-            judged = settings.get("prefill_tokens", 0) >= 2048 and settings.get("rounds", 0) >= 3
+            judged = _first_length(settings) >= 2048 and settings.get("rounds", 0) >= 3
             verdict = ("met" if trained["prefill_speedup"] >= 1.2 else "missed") if judged else "not judged (quick run)"
             lines.append(f"- {sparsity:.2f}: prefill speed-up {trained['prefill_speedup']:.2f}× at "
-                         f"{settings.get('prefill_tokens')} tokens (target ≥ 1.2× at 30%): {verdict}")
+                         f"{_first_length(settings)} tokens (target ≥ 1.2× at 30%): {verdict}")
         if "train_seconds" in trained:
             verdict = "met" if trained["train_seconds"] <= 1800 else "missed"
             lines.append(f"- {sparsity:.2f}: router training {trained['train_seconds'] / 60:.1f} min on this CPU "
@@ -407,6 +531,12 @@ def _targets(rows: list[dict[str, Any]], settings: dict[str, Any]) -> list[str]:
         verdict = "met" if parameters_share <= 0.001 else "missed"
         lines.append(f"- router parameters {100 * parameters_share:.4f}% of the model (target ≤ 0.1%): {verdict}")
     return lines
+
+
+def _first_length(settings: dict[str, Any]) -> int:
+    """The prompt length the full run timed (runs before 2026-12-04 stored one number, later ones a list)."""
+    lengths = settings.get("prefill_tokens", 0)
+    return lengths[0] if isinstance(lengths, list) else lengths
 
 
 def _fmt(value: Any, spec: str) -> str:

@@ -63,6 +63,17 @@ step_pruning() {
   cap 50 "$python" scripts/bench_pruning.py --device "$device" --methods sparsegpt wanda --patterns 2:4 \
     --perplexity-only --max-windows 32 --output-name pruning-gpu $flags
 }
+# Issue 21/23 steps, outside the default set (name them in GPU_BENCHMARKS): the token router's prefill speed (the
+# committed searched schedule, fp32 and bf16, 2k and 8k tokens) and CoSpec on the n-gram pair at larger splits
+# than the CPU run affords. On the H200 (2026-12-04) they took about ... s.
+step_token_router() {
+  cap 90 "$python" scripts/bench_token_router.py --prefill-only --device "$device" --dtype float32 bfloat16 \
+    --prefill-tokens 2048 8192 --rounds 9 $flags
+}
+step_cospec() {
+  cap 330 "$python" scripts/bench_cospec.py --device "$device" --pairs ngram --train 64 --held-out 32 --test 80 \
+    --rl-steps 4 --output-name cospec-ngram $flags
+}
 benchmarks() {
   for step in ${GPU_BENCHMARKS:-semi spark spark_bf16 packed speculative pruning}; do "step_$step"; done
 }
