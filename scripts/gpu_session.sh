@@ -68,7 +68,7 @@ step_pruning() {
 # than the CPU run affords. On the H200 (2026-12-04) they took about ... s.
 step_token_router() {
   cap 90 "$python" scripts/bench_token_router.py --prefill-only --device "$device" --dtype float32 bfloat16 \
-    --prefill-tokens 2048 8192 --rounds 9 $flags
+    --prefill-tokens 2048 4096 8192 --rounds 9 $flags
 }
 step_cospec() {
   cap 330 "$python" scripts/bench_cospec.py --device "$device" --pairs ngram --train 64 --held-out 32 --test 80 \

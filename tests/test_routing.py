@@ -200,6 +200,23 @@ def test_gather_scatter_equals_masked_reference(arch):
     assert not torch.allclose(routed, plain(ids).logits, atol=1e-3)  # routing did change something
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_blocks_sharing_a_sparsity_reuse_one_selection_and_equal_the_reference(arch):
+    """The static rule's selection (and gathered RoPE tables) is computed once per forward per skip count and
+    reused by later blocks: blocks 3-4 repeat blocks 1-2's sparsities, and Gemma3 alternates sliding and full
+    RoPE tables between them."""
+    extra = {"layer_types": ["sliding_attention", "full_attention"] * 2} if arch == "gemma3" else {}
+    model, _ = tiny_model(arch, num_hidden_layers=4, **extra)
+    plain = copy.deepcopy(model)
+    schedule = RoutingSchedule([0.3, 0.6, 0.3, 0.6])
+    static_router(model, schedule)
+    ids = _ids(1, 40)
+    with torch.no_grad():
+        routed = model(ids, use_cache=False).logits
+    assert len(routing_state(model).selections) == 2  # two skip counts, four blocks
+    torch.testing.assert_close(routed, _masked_reference(plain, ids, schedule, prompt_length=40), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("arch", ["llama", "gemma3", "gpt2", "opt"])
 def test_cached_decoding_equals_masked_reference(arch):
     """generate() with the KV cache: each decoded token sees exactly the prompt tokens kept at each block."""

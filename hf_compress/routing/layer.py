@@ -92,6 +92,12 @@ class RoutingState:
         self.valid: torch.Tensor | None = None  # (B, past + T) non-padding mask of the current forward
         self.past_length = 0
         self.query_length = 0
+        # Read once per forward rather than at every block (each read of a device tensor's value is a host sync):
+        self.counts: list[int] = []  # each row's non-padding tokens in this forward's query
+        self.no_padding = True
+        # Per forward: the static rule's selection per skip counts (blocks with the same sparsity keep the same
+        # tokens), and what the blocks derive from it (gathered position embeddings, masks).
+        self.selections: dict[Any, Any] = {}
 
 
 def routing_state(model: nn.Module) -> RoutingState | None:
@@ -220,7 +226,7 @@ def routing_mode(model: nn.Module, mode: str, schedule: RoutingSchedule | None =
 def _begin_forward(module: nn.Module, args: tuple, kwargs: dict) -> None:
     """Decoder pre-hook: record the padding mask and the past length the blocks of this forward will see."""
     state: RoutingState = module._routing_state
-    arguments = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
+    arguments = _forward_signature(type(module)).bind_partial(module, *args, **kwargs).arguments
     arguments.update(arguments.pop("kwargs", {}) or {})
     tokens = arguments.get("input_ids")
     if tokens is None:
@@ -252,6 +258,13 @@ def _begin_forward(module: nn.Module, args: tuple, kwargs: dict) -> None:
     state.valid = valid
     state.past_length = past
     state.query_length = query_length
+    state.selections = {}
+    if valid is None:
+        state.no_padding, state.counts = True, [query_length] * tokens.shape[0]
+    else:
+        counts = valid[:, past:].sum(-1)
+        state.counts = counts.tolist()
+        state.no_padding = all(count == valid.shape[1] for count in (counts + past).tolist())
 
 
 class RoutedLayerMixin:
@@ -277,9 +290,19 @@ def _routed_class(base: type) -> type:
     return _ROUTED_CLASSES[base]
 
 
+_SIGNATURES: dict[type, inspect.Signature] = {}
+
+
+def _forward_signature(base: type) -> inspect.Signature:
+    """``inspect.signature(base.forward)``, computed once per class (it costs more than a small block's kernels)."""
+    if base not in _SIGNATURES:
+        _SIGNATURES[base] = inspect.signature(base.forward)
+    return _SIGNATURES[base]
+
+
 def _call_arguments(block: nn.Module, args: tuple, kwargs: dict) -> tuple[str, dict[str, Any]]:
     """The block call as ``(name of the hidden-states argument, {argument: value})``, ``**kwargs`` flattened."""
-    signature = inspect.signature(block._routing_base.forward)
+    signature = _forward_signature(block._routing_base)
     bound = signature.bind(block, *args, **kwargs).arguments
     bound.pop(next(iter(signature.parameters)))  # self
     call: dict[str, Any] = {}
@@ -326,13 +349,25 @@ def _routed_forward(block: nn.Module, state: RoutingState, sparsity: float, args
         return super(RoutedLayerMixin, block).forward(*args, **kwargs)
 
     logits = None
-    if prompt or decode_routing:
+    selection_key = None
+    if prompt and state.mode == "static" and state.collect is None:
+        # The static rule ranks by position only: every block with the same skip counts keeps the same tokens.
+        selection_key = tuple(skip_count(sparsity, n) for n in state.counts)
+        if selection_key not in state.selections:
+            width = max(n - skipped for n, skipped in zip(state.counts, selection_key))
+            skip = torch.tensor(selection_key, device=hidden.device)
+            state.selections[selection_key] = {"tokens": select_tokens(static_scores(valid), valid, skip, width)}
+        keep, real = state.selections[selection_key]["tokens"]
+    elif prompt or decode_routing:
         scores, logits = _token_scores(block, state, hidden, valid, sparsity)
+        width = None
         if prompt:
-            skip = torch.tensor([skip_count(sparsity, int(n)) for n in valid.sum(-1).tolist()], device=hidden.device)
+            skips = [skip_count(sparsity, n) for n in state.counts]
+            skip = torch.tensor(skips, device=hidden.device)
+            width = max(n - skipped for n, skipped in zip(state.counts, skips))
         else:  # the paper's decode rule: skip a token whose compute probability is below 0.5
             skip = (valid & (torch.sigmoid(scores) < 0.5)).sum(-1)
-        keep, real = select_tokens(scores, valid, skip)
+        keep, real = select_tokens(scores, valid, skip, width)
         if state.collect is not None and logits is not None and prompt:
             static_keep, _ = select_tokens(static_scores(valid), valid, skip)
             labels = torch.zeros_like(valid).scatter(1, static_keep, True) & valid
@@ -356,10 +391,14 @@ def _routed_forward(block: nn.Module, state: RoutingState, sparsity: float, args
             call[name] = value.expand(batch, length).gather(1, keep) if value.dim() == 2 else value[keep[0]]
     embeddings = call.get("position_embeddings")
     if isinstance(embeddings, (tuple, list)):
-        call["position_embeddings"] = tuple(
-            _take(table.expand(batch, length, table.shape[-1]), keep, shared if table.shape[0] == 1 else None)
-            for table in embeddings
-        )
+        def take_tables() -> tuple[torch.Tensor, ...]:
+            return tuple(_take(table.expand(batch, length, table.shape[-1]), keep, shared if table.shape[0] == 1 else None)
+                         for table in embeddings)
+
+        # Every block of a forward gets the same tables (per layer type: Gemma3's sliding and full RoPE differ).
+        call["position_embeddings"] = (
+            take_tables() if selection_key is None else
+            _memo(state.selections[selection_key], ("position_embeddings", *map(id, embeddings)), take_tables))
 
     query_positions = past + keep  # cache positions of the computed tokens
     if cache is not None and past > 0:
@@ -370,8 +409,7 @@ def _routed_forward(block: nn.Module, state: RoutingState, sparsity: float, args
     window = block._routing_window
     # Without padding there are no fillers: in gathered order the mask of a prompt is plain causal (positions are
     # sorted), so sdpa's is_causal kernel runs, as for the dense model. A sliding window matters beyond its length.
-    no_padding = valid_all is None or bool(valid_all.all())
-    if no_padding and past == 0 and (window is None or length <= window) and _implementation(block) == "sdpa":
+    if state.no_padding and past == 0 and (window is None or length <= window) and _implementation(block) == "sdpa":
         mask = None
     else:
         visible = None
@@ -387,7 +425,7 @@ def _routed_forward(block: nn.Module, state: RoutingState, sparsity: float, args
 
     output = super(RoutedLayerMixin, block).forward(hidden_kept, **call)
     computed = output[0] if isinstance(output, tuple) else output
-    if not bool(real.all()):
+    if not (state.no_padding and past == 0):  # fillers exist only beside padding
         computed = torch.where(real[..., None], computed, hidden_kept)
     if shared is not None:
         result = hidden.index_copy(1, shared, computed)
@@ -425,6 +463,12 @@ def _training_forward(block: nn.Module, hidden: torch.Tensor, call: dict[str, An
     gate = kept.to(probability.dtype) + probability - probability.detach()
     result = hidden + gate[..., None].to(computed.dtype) * (computed - hidden)
     return (result, *output[1:]) if isinstance(output, tuple) else result
+
+
+def _memo(entry: dict[Any, Any], key: Any, compute: Any) -> Any:
+    if key not in entry:
+        entry[key] = compute()
+    return entry[key]
 
 
 def _allowed_keys(query_positions: torch.Tensor, key_positions: torch.Tensor, window: int | None,

@@ -117,19 +117,23 @@ def router_features(hidden_states: torch.Tensor, valid: torch.Tensor, block_spar
     return features * valid[..., None]
 
 
-def select_tokens(scores: torch.Tensor, valid: torch.Tensor, skip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def select_tokens(
+    scores: torch.Tensor, valid: torch.Tensor, skip: torch.Tensor, width: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices ``(B, K)`` (ascending) of the tokens a block computes, and which of them are real (not fillers).
 
     Row b keeps its ``n_b − skip_b`` best-scored real tokens (the first real token always: its score must be +inf).
     Rows keeping fewer than the longest row are filled up with padding positions so the gathered batch is
     rectangular; fillers are computed but their outputs are dropped and their keys are masked (``layer.py``).
-    ``skip`` is ``(B,)``: the count each row skips.
+    ``skip`` is ``(B,)``: the count each row skips. ``width``, the most tokens a row keeps, when the caller knows it
+    (reading it from ``skip`` waits for the device).
     """
     keep_count = valid.sum(-1) - skip
     order = torch.argsort(scores, dim=-1, descending=True, stable=True)
     rank = torch.argsort(order, dim=-1, stable=True)
     kept = valid & (rank < keep_count[:, None])
-    width = int(keep_count.max().item()) if keep_count.numel() else 0
+    if width is None:
+        width = int(keep_count.max().item()) if keep_count.numel() else 0
     # 2 = kept real token, 1 = padding (filler candidate), 0 = skipped real token; stable sort keeps order.
     priority = kept.long() * 2 + (~valid).long()
     chosen = torch.argsort(priority, dim=-1, descending=True, stable=True)[:, :width]
