@@ -92,8 +92,9 @@ class RoutingState:
         self.valid: torch.Tensor | None = None  # (B, past + T) non-padding mask of the current forward
         self.past_length = 0
         self.query_length = 0
-        # Read once per forward rather than at every block (each read of a device tensor's value is a host sync):
-        self.counts: list[int] = []  # each row's non-padding tokens in this forward's query
+        # A routed prompt forward's padding, read once rather than at every block (reading a device tensor's value
+        # waits for the device); only prompt forwards use them:
+        self.counts: list[int] = []  # each row's non-padding tokens
         self.no_padding = True
         # Per forward: the static rule's selection per skip counts (blocks with the same sparsity keep the same
         # tokens), and what the blocks derive from it (gathered position embeddings, masks).
@@ -259,12 +260,10 @@ def _begin_forward(module: nn.Module, args: tuple, kwargs: dict) -> None:
     state.past_length = past
     state.query_length = query_length
     state.selections = {}
-    if valid is None:
-        state.no_padding, state.counts = True, [query_length] * tokens.shape[0]
-    else:
-        counts = valid[:, past:].sum(-1)
-        state.counts = counts.tolist()
-        state.no_padding = all(count == valid.shape[1] for count in (counts + past).tolist())
+    state.no_padding, state.counts = True, [query_length] * tokens.shape[0]
+    if valid is not None and past == 0 and query_length > 1 and state.enabled and not state.schedule.is_dense:
+        state.counts = valid.sum(-1).tolist()  # a routed prompt's only device read (later forwards need none)
+        state.no_padding = all(count == query_length for count in state.counts)
 
 
 class RoutedLayerMixin:
