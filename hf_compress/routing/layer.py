@@ -97,7 +97,7 @@ class RoutingState:
         self.counts: list[int] = []  # each row's non-padding tokens
         self.no_padding = True
         # Per forward: the static rule's selection per skip counts (blocks with the same sparsity keep the same
-        # tokens), and what the blocks derive from it (gathered position embeddings, masks).
+        # tokens), with the rotary tables gathered for it.
         self.selections: dict[Any, Any] = {}
 
 
@@ -465,6 +465,7 @@ def _training_forward(block: nn.Module, hidden: torch.Tensor, call: dict[str, An
 
 
 def _memo(entry: dict[Any, Any], key: Any, compute: Any) -> Any:
+    """``entry[key]``, computed by ``compute()`` the first time."""
     if key not in entry:
         entry[key] = compute()
     return entry[key]
