@@ -87,7 +87,8 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=150, help="router training steps (batch 1)")
     parser.add_argument("--removal-sequences", type=int, default=4,
                         help="calibration windows of the ShortGPT / SLEB / BlockPruner baselines")
-    parser.add_argument("--baselines", nargs="+", default=["ShortGPT", "SLEB", "BlockPruner"],
+    parser.add_argument("--learning-rate", type=float, default=1e-3, help="router training learning rate (AdamW)")
+    parser.add_argument("--baselines", nargs="*", default=["ShortGPT", "SLEB", "BlockPruner"],
                         choices=["ShortGPT", "SLEB", "BlockPruner"],
                         help="layer-removal baselines (BlockPruner's greedy search over every attention and MLP "
                              "sub-block took 25 min at 30%% on 2 CPU cores for SmolLM2-135M, before its forwards "
@@ -168,7 +169,7 @@ def main() -> None:
         # the best router (the static starting point included)
         data = causal_lm_dataset(calibration, tokenizer, num_sequences=args.train_steps + config.validation_windows,
                                  seq_len=args.seq_len, seed=1)
-        settings = TrainingSettings(max_steps=args.train_steps, learning_rate=1e-3, per_device_batch_size=1,
+        settings = TrainingSettings(max_steps=args.train_steps, learning_rate=args.learning_rate, per_device_batch_size=1,
                                     logging_steps=max(1, args.train_steps // 10), use_cpu=True)
         trained = copy.deepcopy(model)
         train_token_router(trained, copy.deepcopy(schedule), data, args=settings, config=config)
@@ -475,7 +476,7 @@ def _markdown(payload: dict[str, Any]) -> str:
                   f"{settings.get('tail')} tokens. Schedule search: population {settings.get('population')}, "
                   f"{settings.get('generations')} generations, {settings.get('search_windows')} windows of "
                   f"{settings.get('seq_len')} tokens; router training: {settings.get('train_steps')} steps of one "
-                  f"{settings.get('seq_len')}-token window; ShortGPT / SLEB / BlockPruner: "
+                  f"{settings.get('seq_len')}-token window, learning rate {settings.get('learning_rate', 1e-3):g}; ShortGPT / SLEB / BlockPruner: "
                   f"{settings.get('removal_sequences')} calibration windows of {settings.get('seq_len')} tokens (their "
                   "search seconds in the search column). Prefill: one "
                   f"{_first_length(settings)}-token prompt, median of {settings.get('rounds')} round-robin rounds "
