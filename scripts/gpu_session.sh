@@ -70,6 +70,10 @@ step_token_router() {
   cap 90 "$python" scripts/bench_token_router.py --prefill-only --device "$device" --dtype float32 bfloat16 \
     --prefill-tokens 2048 4096 8192 --rounds 9 $flags
 }
+step_token_router_graphs() {  # the same, every forward replayed as a CUDA graph (the GPU's own time, no launches)
+  cap 90 "$python" scripts/bench_token_router.py --prefill-only --cuda-graphs --device "$device" \
+    --dtype float32 bfloat16 --prefill-tokens 2048 4096 8192 --rounds 9 $flags
+}
 step_cospec() {
   cap 330 "$python" scripts/bench_cospec.py --device "$device" --pairs ngram --train 64 --held-out 32 --test 80 \
     --rl-steps 4 --output-name cospec-ngram $flags

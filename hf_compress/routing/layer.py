@@ -354,7 +354,7 @@ def _routed_forward(block: nn.Module, state: RoutingState, sparsity: float, args
         selection_key = tuple(skip_count(sparsity, n) for n in state.counts)
         if selection_key not in state.selections:
             width = max(n - skipped for n, skipped in zip(state.counts, selection_key))
-            skip = torch.tensor(selection_key, device=hidden.device)
+            skip = _row_counts(selection_key, hidden.device)
             state.selections[selection_key] = {"tokens": select_tokens(static_scores(valid), valid, skip, width)}
         keep, real = state.selections[selection_key]["tokens"]
     elif prompt or decode_routing:
@@ -362,7 +362,7 @@ def _routed_forward(block: nn.Module, state: RoutingState, sparsity: float, args
         width = None
         if prompt:
             skips = [skip_count(sparsity, n) for n in state.counts]
-            skip = torch.tensor(skips, device=hidden.device)
+            skip = _row_counts(skips, hidden.device)
             width = max(n - skipped for n, skipped in zip(state.counts, skips))
         else:  # the paper's decode rule: skip a token whose compute probability is below 0.5
             skip = (valid & (torch.sigmoid(scores) < 0.5)).sum(-1)
@@ -462,6 +462,14 @@ def _training_forward(block: nn.Module, hidden: torch.Tensor, call: dict[str, An
     gate = kept.to(probability.dtype) + probability - probability.detach()
     result = hidden + gate[..., None].to(computed.dtype) * (computed - hidden)
     return (result, *output[1:]) if isinstance(output, tuple) else result
+
+
+def _row_counts(values: tuple[int, ...] | list[int], device: torch.device) -> torch.Tensor:
+    """``values`` as a ``(B,)`` long tensor on ``device``; equal values (one row, or rows of one length) are filled
+    on the device, with no copy from the host, so a CUDA graph can capture the routed forward."""
+    if len(set(values)) == 1:
+        return torch.full((len(values),), values[0], dtype=torch.long, device=device)
+    return torch.tensor(values, device=device)
 
 
 def _memo(entry: dict[Any, Any], key: Any, compute: Any) -> Any:
