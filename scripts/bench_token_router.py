@@ -24,7 +24,8 @@ Measured:
 ``--prefill-only`` measures prefill speed alone, on any device (the GPU check of issue 21): dense, the static router
 and the router's inference path (features computed at every block) with the searched schedule of a committed run
 (``--schedule-from``), and ShortGPT at the same FLOP budget, at one or more prompt lengths and dtypes; the speed-ups
-are medians of per-round ratios. Its table is ``<output-name>-prefill`` (under ``gpu/`` on CUDA).
+are medians of per-round ratios. ``--cuda-graphs`` replays every forward as a captured CUDA graph (the GPU's own time,
+without per-kernel launches). Its table is ``token_router-prefill`` (``-graphs``), under ``gpu/`` on CUDA.
 
 Example:
     python scripts/bench_token_router.py               # the settings in the table's footer
