@@ -64,8 +64,8 @@ step_pruning() {
     --perplexity-only --max-windows 32 --output-name pruning-gpu $flags
 }
 # Issue 21/23 steps, outside the default set (name them in GPU_BENCHMARKS): the token router's prefill speed (the
-# committed searched schedule, fp32 and bf16, 2k and 8k tokens) and CoSpec on the n-gram pair at larger splits
-# than the CPU run affords. On the H200 (2026-12-04) they took about 70 and 220 s.
+# committed searched schedule, fp32 and bf16, 2k to 8k tokens; eager and as CUDA graphs) and CoSpec on the n-gram pair
+# at larger splits than the CPU run affords. On the H200 (2026-12-04) they took about 70, 60 and 220 s.
 step_token_router() {
   cap 90 "$python" scripts/bench_token_router.py --prefill-only --device "$device" --dtype float32 bfloat16 \
     --prefill-tokens 2048 4096 8192 --rounds 9 $flags
