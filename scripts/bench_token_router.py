@@ -70,7 +70,6 @@ from hf_compress.training import TrainingSettings, causal_lm_dataset
 TASKS = ("arc_easy", "piqa", "hellaswag", "winogrande", "boolq")
 TRAINED = "trained router, searched schedule"
 COMMITTED_RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 RETENTION_TARGET_SPARSITY = 0.22  # issue 21 sets the >= 95% zero-shot retention target at this token sparsity
 logger = logging.getLogger("bench_token_router")
 
@@ -103,7 +102,7 @@ def main() -> None:
     parser.add_argument("--schedule-from", default="token_router", metavar="NAME",
                         help="--prefill-only: the committed run (bench/results/NAME.json) whose searched schedule "
                              "at the highest --sparsities value is timed")
-    parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=["float32"],
+    parser.add_argument("--dtype", nargs="+", choices=("float32", "bfloat16", "float16"), default=["float32"],
                         help="--prefill-only: model dtypes to time (each its own set of rows)")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="--prefill-only on CUDA: replay each forward as a captured CUDA graph, which removes the "
@@ -406,8 +405,8 @@ def _prefill_only(args) -> None:
     started = time.perf_counter()
     for dtype_name in args.dtype:
         base, tokenizer = (tiny_model("llama", num_hidden_layers=4) if args.quick
-                           else load_model(args.model, dtype=DTYPES[dtype_name]))
-        base = base.to(device=args.device, dtype=DTYPES[dtype_name]).eval()
+                           else load_model(args.model, dtype=getattr(torch, dtype_name)))
+        base = base.to(device=args.device, dtype=getattr(torch, dtype_name)).eval()
         num_blocks = len(find_decoder_blocks(base)[1])
         schedule = (RoutingSchedule.uniform(sparsity, num_blocks) if args.quick
                     else _committed_schedule(args.schedule_from, sparsity))

@@ -348,27 +348,26 @@ def _routed_forward(block: nn.Module, state: RoutingState, sparsity: float, args
         return super(RoutedLayerMixin, block).forward(*args, **kwargs)
 
     logits = None
-    selection_key = None
+    selection: dict[Any, Any] = {}  # what this block derives from its tokens; shared with same-selection blocks
+    if prompt:
+        skips = tuple(skip_count(sparsity, n) for n in state.counts)
+        width = max(n - skipped for n, skipped in zip(state.counts, skips))  # known here: no wait for the device
     if prompt and state.mode == "static" and state.collect is None:
         # The static rule ranks by position only: every block with the same skip counts keeps the same tokens.
-        selection_key = tuple(skip_count(sparsity, n) for n in state.counts)
-        if selection_key not in state.selections:
-            width = max(n - skipped for n, skipped in zip(state.counts, selection_key))
-            skip = _row_counts(selection_key, hidden.device)
-            state.selections[selection_key] = {"tokens": select_tokens(static_scores(valid), valid, skip, width)}
-        keep, real = state.selections[selection_key]["tokens"]
+        if skips not in state.selections:
+            tokens = select_tokens(static_scores(valid), valid, _row_counts(skips, hidden.device), width)
+            state.selections[skips] = {"tokens": tokens}
+        selection = state.selections[skips]
+        keep, real = selection["tokens"]
     elif prompt or decode_routing:
         scores, logits = _token_scores(block, state, hidden, valid, sparsity)
-        width = None
         if prompt:
-            skips = [skip_count(sparsity, n) for n in state.counts]
             skip = _row_counts(skips, hidden.device)
-            width = max(n - skipped for n, skipped in zip(state.counts, skips))
         else:  # the paper's decode rule: skip a token whose compute probability is below 0.5
-            skip = (valid & (torch.sigmoid(scores) < 0.5)).sum(-1)
+            skip, width = (valid & (torch.sigmoid(scores) < 0.5)).sum(-1), None
         keep, real = select_tokens(scores, valid, skip, width)
         if state.collect is not None and logits is not None and prompt:
-            static_keep, _ = select_tokens(static_scores(valid), valid, skip)
+            static_keep, _ = select_tokens(static_scores(valid), valid, skip, width)
             labels = torch.zeros_like(valid).scatter(1, static_keep, True) & valid
             state.collect.append((logits, valid, labels, sparsity))
             if cache is not None:
@@ -390,14 +389,14 @@ def _routed_forward(block: nn.Module, state: RoutingState, sparsity: float, args
             call[name] = value.expand(batch, length).gather(1, keep) if value.dim() == 2 else value[keep[0]]
     embeddings = call.get("position_embeddings")
     if isinstance(embeddings, (tuple, list)):
-        def take_tables() -> tuple[torch.Tensor, ...]:
-            return tuple(_take(table.expand(batch, length, table.shape[-1]), keep, shared if table.shape[0] == 1 else None)
-                         for table in embeddings)
-
         # Every block of a forward gets the same tables (per layer type: Gemma3's sliding and full RoPE differ).
-        call["position_embeddings"] = (
-            take_tables() if selection_key is None else
-            _memo(state.selections[selection_key], ("position_embeddings", *map(id, embeddings)), take_tables))
+        key = ("position_embeddings", *map(id, embeddings))
+        if key not in selection:
+            selection[key] = tuple(
+                _take(table.expand(batch, length, table.shape[-1]), keep, shared if table.shape[0] == 1 else None)
+                for table in embeddings
+            )
+        call["position_embeddings"] = selection[key]
 
     query_positions = past + keep  # cache positions of the computed tokens
     if cache is not None and past > 0:
@@ -470,13 +469,6 @@ def _row_counts(values: tuple[int, ...] | list[int], device: torch.device) -> to
     if len(set(values)) == 1:
         return torch.full((len(values),), values[0], dtype=torch.long, device=device)
     return torch.tensor(values, device=device)
-
-
-def _memo(entry: dict[Any, Any], key: Any, compute: Any) -> Any:
-    """``entry[key]``, computed by ``compute()`` the first time."""
-    if key not in entry:
-        entry[key] = compute()
-    return entry[key]
 
 
 def _allowed_keys(query_positions: torch.Tensor, key_positions: torch.Tensor, window: int | None,
