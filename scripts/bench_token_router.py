@@ -24,7 +24,8 @@ Measured:
 ``--prefill-only`` measures prefill speed alone, on any device (the GPU check of issue 21): dense, the static router
 and the router's inference path (features computed at every block) with the searched schedule of a committed run
 (``--schedule-from``), and ShortGPT at the same FLOP budget, at one or more prompt lengths and dtypes; the speed-ups
-are medians of per-round ratios. ``--cuda-graphs`` replays every forward as a captured CUDA graph (the GPU's own time,
+are medians of per-round ratios. ``--batch-size`` times batches of such prompts (no padding), where a small model's
+GPU prefill stops being bound by kernel launches. ``--cuda-graphs`` replays every forward as a captured CUDA graph (the GPU's own time,
 without per-kernel launches). Its table is ``token_router-prefill`` (``-graphs``), under ``gpu/`` on CUDA.
 
 Example:
@@ -38,6 +39,7 @@ from __future__ import annotations
 import copy
 import functools
 import gc
+import itertools
 import json
 import logging
 import math
@@ -96,6 +98,8 @@ def main() -> None:
                              "resumed at the candidate's block, which bench_removal_search measures 1.5x faster)")
     parser.add_argument("--prefill-tokens", type=int, nargs="+", default=[2048],
                         help="prompt lengths of the prefill timing (the full run times the first)")
+    parser.add_argument("--batch-size", type=int, nargs="+", default=[1],
+                        help="--prefill-only: prompts per forward (each --prefill-tokens long, no padding)")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--prefill-only", action="store_true",
                         help="only time prefill (dense, static router, router path, ShortGPT) on --device")
@@ -324,9 +328,11 @@ def _removal_flop_fraction(dense_model, pruned, length: int) -> float:
     return 1 - kept / (cost.blocks * (attention + cost.mlp))
 
 
-def _prefill_prompt(model, tokens: int) -> torch.Tensor:
-    """A seeded random prompt of ``tokens`` ids on the model's device (prefill time does not depend on the text)."""
-    prompt = torch.randint(3, min(1000, model.config.vocab_size), (1, tokens), generator=torch.Generator().manual_seed(0))
+def _prefill_prompt(model, tokens: int, batch: int = 1) -> torch.Tensor:
+    """``batch`` seeded random prompts of ``tokens`` ids on the model's device (prefill time does not depend on the
+    text)."""
+    prompt = torch.randint(3, min(1000, model.config.vocab_size), (batch, tokens),
+                           generator=torch.Generator().manual_seed(0))
     return prompt.to(next(model.parameters()).device)
 
 
@@ -425,12 +431,13 @@ def _prefill_only(args) -> None:
                   "router path": router_path}
         fractions = {"dense": 0.0, "static router": flops, "router path": flops,
                      f"ShortGPT ({removed} blocks)": _removal_flop_fraction(base, shortgpt, 512)}
-        for tokens in args.prefill_tokens:
-            prompt = _prefill_prompt(base, tokens)
+        for tokens, batch in itertools.product(args.prefill_tokens, args.batch_size):
+            prompt = _prefill_prompt(base, tokens, batch)
             calls, failures = _graphed_forwards(models, prompt) if args.cuda_graphs else (_eager_forwards(models, prompt), {})
             rounds = _prefill_rounds(calls, prompt.device, args.rounds) if "dense" in calls else {}
             for name in models:
-                row = {"method": name, "dtype": dtype_name, "tokens": tokens, "flop_fraction": fractions[name]}
+                row = {"method": name, "dtype": dtype_name, "tokens": tokens, "batch": batch,
+                       "flop_fraction": fractions[name]}
                 if name in rounds:
                     row.update(rounds=rounds[name], median_seconds=statistics.median(rounds[name]),
                                speedup=speed_ratio(rounds["dense"], rounds[name]))
@@ -463,20 +470,22 @@ def _prefill_markdown(payload: dict[str, Any]) -> str:
              f"Token sparsity {settings['sparsity']:.2f} with {source}. `static router` ranks tokens by position; `router "
              "path` is the learned router's inference path (its four features computed at every block; the "
              "untrained router, which selects the same tokens); ShortGPT removes whole blocks at the same fraction of "
-             "decoder FLOPs (512-token prompt). One prompt forward with the cache on (generate's prefill), "
+             "decoder FLOPs (512-token prompt). One prompt forward (of a batch of prompts, without padding, where "
+             "there are several) with the cache on (generate's prefill), "
              f"{settings['rounds']} rounds round-robin over the models after a warm-up; seconds are medians, speed-ups "
              "the median of per-round ratios to dense."
              + (" Every forward replayed as a captured CUDA graph (`--cuda-graphs`): no Python and no per-kernel "
                 "launch cost, so the times are the GPU's own work; a model's prompt forward as `generate()` runs it "
                 "is in the table without graphs." if settings.get("cuda_graphs") else ""), "",
-             "| dtype | prompt tokens | method | decoder FLOPs saved | prefill ms | speed-up vs dense |",
-             "|---|---|---|---|---|---|"]
+             "| dtype | prompt tokens | prompts per batch | method | decoder FLOPs saved | prefill ms | "
+             "speed-up vs dense |",
+             "|---|---|---|---|---|---|---|"]
     for row in rows:
         timed = "median_seconds" in row
         milliseconds = f"{1000 * row['median_seconds']:.2f}" if timed else "not timed¹"
         speedup = f"{row['speedup']:.2f}" if timed else "—"
-        lines.append(f"| {row['dtype']} | {row['tokens']} | {row['method']} | {row['flop_fraction']:.3f} | "
-                     f"{milliseconds} | {speedup} |")
+        lines.append(f"| {row['dtype']} | {row['tokens']} | {row.get('batch', 1)} | {row['method']} | "
+                     f"{row['flop_fraction']:.3f} | {milliseconds} | {speedup} |")
     errors = sorted({row["error"] for row in rows if "error" in row})
     if errors:
         lines += ["", "¹ " + "; ".join(errors)]
@@ -486,7 +495,9 @@ def _prefill_markdown(payload: dict[str, Any]) -> str:
             verdict = "met" if row["speedup"] >= 1.2 else "missed"
             if settings.get("cuda_graphs"):  # not how generate() runs a prompt: the GPU's share of the target
                 verdict += " in GPU time under CUDA graphs"
-            lines.append(f"- {row['dtype']}, {row['method']}: {row['speedup']:.2f}× ({verdict})")
+            batch = row.get("batch", 1)
+            prompts = f", {batch} prompts per batch" if batch > 1 else ""
+            lines.append(f"- {row['dtype']}{prompts}, {row['method']}: {row['speedup']:.2f}× ({verdict})")
     return "\n".join(lines) + "\n"
 
 

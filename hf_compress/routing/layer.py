@@ -99,6 +99,7 @@ class RoutingState:
         # Per forward: the static rule's selection per skip counts (blocks with the same sparsity keep the same
         # tokens), with the rotary tables gathered for it.
         self.selections: dict[Any, Any] = {}
+        self.attention: str | None = None  # the blocks' attention implementation, read once per forward
 
 
 def routing_state(model: nn.Module) -> RoutingState | None:
@@ -260,6 +261,7 @@ def _begin_forward(module: nn.Module, args: tuple, kwargs: dict) -> None:
     state.past_length = past
     state.query_length = query_length
     state.selections = {}
+    state.attention = None
     state.no_padding, state.counts = True, [query_length] * tokens.shape[0]
     if valid is not None and past == 0 and query_length > 1 and state.enabled and not state.schedule.is_dense:
         state.counts = valid.sum(-1).tolist()  # a routed prompt's only device read (later forwards need none)
@@ -299,9 +301,14 @@ def _forward_signature(base: type) -> inspect.Signature:
     return _SIGNATURES[base]
 
 
-def _call_arguments(block: nn.Module, args: tuple, kwargs: dict) -> tuple[str, dict[str, Any]]:
-    """The block call as ``(name of the hidden-states argument, {argument: value})``, ``**kwargs`` flattened."""
+def _call_arguments(block: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The block call as ``(hidden states, {other argument: value})``, ``**kwargs`` flattened."""
     signature = _forward_signature(block._routing_base)
+    hidden_name = list(signature.parameters)[1]
+    if len(args) == 1 and hidden_name not in kwargs:
+        # How transformers' decoders call their layers: the hidden states, then keywords. Binding them to the
+        # signature would give the same dict and costs more than a small block's kernel launches on a GPU.
+        return args[0], dict(kwargs)
     bound = signature.bind(block, *args, **kwargs).arguments
     bound.pop(next(iter(signature.parameters)))  # self
     call: dict[str, Any] = {}
@@ -314,8 +321,7 @@ def _call_arguments(block: nn.Module, args: tuple, kwargs: dict) -> tuple[str, d
                 raise TypeError(f"{type(block).__name__}: token routing cannot route extra positional arguments.")
         else:
             call[name] = value
-    hidden_name = list(signature.parameters)[1]
-    return hidden_name, call
+    return call.pop(hidden_name), call
 
 
 def _token_scores(block: nn.Module, state: RoutingState, hidden: torch.Tensor, valid: torch.Tensor, sparsity: float):
@@ -332,8 +338,7 @@ def _token_scores(block: nn.Module, state: RoutingState, hidden: torch.Tensor, v
 
 
 def _routed_forward(block: nn.Module, state: RoutingState, sparsity: float, args: tuple, kwargs: dict) -> Any:
-    hidden_name, call = _call_arguments(block, args, kwargs)
-    hidden = call.pop(hidden_name)
+    hidden, call = _call_arguments(block, args, kwargs)
     cache_name = next((name for name in _compat.CACHE_KWARGS if call.get(name) is not None), None)
     cache = call[cache_name] if cache_name else None
     batch, length = hidden.shape[:2]
@@ -348,6 +353,7 @@ def _routed_forward(block: nn.Module, state: RoutingState, sparsity: float, args
         return super(RoutedLayerMixin, block).forward(*args, **kwargs)
 
     logits = None
+    shared: torch.Tensor | None = None  # the positions every row keeps, when all rows keep the same ones
     selection: dict[Any, Any] = {}  # what this block derives from its tokens; shared with same-selection blocks
     if prompt:
         skips = tuple(skip_count(sparsity, n) for n in state.counts)
@@ -355,10 +361,16 @@ def _routed_forward(block: nn.Module, state: RoutingState, sparsity: float, args
     if prompt and state.mode == "static" and state.collect is None:
         # The static rule ranks by position only: every block with the same skip counts keeps the same tokens.
         if skips not in state.selections:
-            tokens = select_tokens(static_scores(valid), valid, _row_counts(skips, hidden.device), width)
-            state.selections[skips] = {"tokens": tokens}
+            if state.no_padding:  # every row keeps the same positions: taken with one index_select
+                tokens = _static_selection(batch, length, width, hidden.device)
+                shared = tokens[0][0]
+            else:
+                tokens = select_tokens(static_scores(valid), valid, _row_counts(skips, hidden.device), width)
+                shared = tokens[0][0] if batch == 1 else None
+            state.selections[skips] = {"tokens": tokens, "shared": shared}
         selection = state.selections[skips]
         keep, real = selection["tokens"]
+        shared = selection["shared"]
     elif prompt or decode_routing:
         scores, logits = _token_scores(block, state, hidden, valid, sparsity)
         if prompt:
@@ -380,16 +392,20 @@ def _routed_forward(block: nn.Module, state: RoutingState, sparsity: float, args
         return _like_output(block, hidden, args, kwargs)
 
     width = keep.shape[1]
-    # One row (the prefill case that matters for speed): index_select on contiguous [1, T, H] rows; a batch: gather.
-    shared = keep[0] if batch == 1 else None
+    if shared is None and batch == 1:
+        shared = keep[0]  # one row (the prefill case that matters for speed): index_select, not gather
     hidden_kept = _take(hidden, keep, shared)
+    # Every block of a forward gets the same position tensors (per layer type: Gemma3's sliding and full RoPE
+    # tables differ), so blocks sharing a selection gather them once.
     for name in ("position_ids", "cache_position"):
         value = call.get(name)
         if isinstance(value, torch.Tensor) and value.shape[-1] == length:
-            call[name] = value.expand(batch, length).gather(1, keep) if value.dim() == 2 else value[keep[0]]
+            key = (name, id(value))
+            if key not in selection:
+                selection[key] = value.expand(batch, length).gather(1, keep) if value.dim() == 2 else value[keep[0]]
+            call[name] = selection[key]
     embeddings = call.get("position_embeddings")
     if isinstance(embeddings, (tuple, list)):
-        # Every block of a forward gets the same tables (per layer type: Gemma3's sliding and full RoPE differ).
         key = ("position_embeddings", *map(id, embeddings))
         if key not in selection:
             selection[key] = tuple(
@@ -405,9 +421,11 @@ def _routed_forward(block: nn.Module, state: RoutingState, sparsity: float, args
     else:  # a prompt forward attends among its computed tokens only (the cache still gets every slot)
         key_positions = query_positions
     window = block._routing_window
+    if state.attention is None:
+        state.attention = _implementation(block)
     # Without padding there are no fillers: in gathered order the mask of a prompt is plain causal (positions are
     # sorted), so sdpa's is_causal kernel runs, as for the dense model. A sliding window matters beyond its length.
-    if state.no_padding and past == 0 and (window is None or length <= window) and _implementation(block) == "sdpa":
+    if state.no_padding and past == 0 and (window is None or length <= window) and state.attention == "sdpa":
         mask = None
     else:
         visible = None
@@ -419,7 +437,7 @@ def _routed_forward(block: nn.Module, state: RoutingState, sparsity: float, args
         mask = _mask_for(block, allowed[:, None], hidden.dtype)
     call["attention_mask"] = mask
     if cache is not None:
-        call[cache_name] = _ScatteringCache(cache, keep, length, mask, gather=past == 0)
+        call[cache_name] = _ScatteringCache(cache, keep, shared, length, mask, gather=past == 0)
 
     output = super(RoutedLayerMixin, block).forward(hidden_kept, **call)
     computed = output[0] if isinstance(output, tuple) else output
@@ -461,6 +479,14 @@ def _training_forward(block: nn.Module, hidden: torch.Tensor, call: dict[str, An
     gate = kept.to(probability.dtype) + probability - probability.detach()
     result = hidden + gate[..., None].to(computed.dtype) * (computed - hidden)
     return (result, *output[1:]) if isinstance(output, tuple) else result
+
+
+def _static_selection(batch: int, length: int, width: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """What ``select_tokens`` returns for the static rule on rows without padding, in two kernels instead of a dozen:
+    the first token and the last ``width − 1``."""
+    positions = torch.arange(length - width, length, device=device)
+    positions[0] = 0
+    return positions.expand(batch, width), torch.ones(1, 1, dtype=torch.bool, device=device).expand(batch, width)
 
 
 def _row_counts(values: tuple[int, ...] | list[int], device: torch.device) -> torch.Tensor:
@@ -529,9 +555,11 @@ class _ScatteringCache:
     zero, which hides every slot a token skipped at this block. Everything else is the real cache's.
     """
 
-    def __init__(self, cache: Any, keep: torch.Tensor, length: int, mask: torch.Tensor | None, gather: bool) -> None:
+    def __init__(self, cache: Any, keep: torch.Tensor, shared: torch.Tensor | None, length: int,
+                 mask: torch.Tensor | None, gather: bool) -> None:
         self._cache = cache
         self._keep = keep
+        self._shared = shared
         self._length = length
         self._mask = mask
         self._gather = gather
@@ -557,8 +585,8 @@ class _ScatteringCache:
     def _scatter(self, states: torch.Tensor) -> torch.Tensor:
         batch, heads, width, dim = states.shape
         full = states.new_zeros(batch, heads, self._length, dim)
-        if batch == 1:
-            return full.index_copy_(2, self._keep[0], states)
+        if self._shared is not None:
+            return full.index_copy_(2, self._shared, states)
         return full.scatter_(2, self._keep[:, None, :, None].expand(batch, heads, width, dim), states)
 
     def __getattr__(self, name: str) -> Any:
