@@ -66,7 +66,7 @@ step_pruning() {
 # Issue 21/23 steps, outside the default set (name them in GPU_BENCHMARKS): the token router's prefill speed (the
 # committed searched schedule, fp32 and bf16, 2k to 8k tokens; eager and as CUDA graphs) and CoSpec on the n-gram pair
 # at larger splits than the CPU run affords. On the H200 (2026-12-04) they took about 70, 60 and 220 s;
-# token_router_batch times 2k-token prompts in batches of 1, 4 and 8.
+# token_router_batch times 2k-token prompts in batches of 1 to 16.
 step_token_router() {
   cap 90 "$python" scripts/bench_token_router.py --prefill-only --device "$device" --dtype float32 bfloat16 \
     --prefill-tokens 2048 4096 8192 --rounds 9 $flags
@@ -75,9 +75,9 @@ step_token_router_graphs() {  # the same, every forward replayed as a CUDA graph
   cap 90 "$python" scripts/bench_token_router.py --prefill-only --cuda-graphs --device "$device" \
     --dtype float32 bfloat16 --prefill-tokens 2048 4096 8192 --rounds 9 $flags
 }
-step_token_router_batch() {  # 2k-token prompts, batches of 1, 4 and 8: where the GPU stops being launch-bound
-  cap 120 "$python" scripts/bench_token_router.py --prefill-only --device "$device" --dtype float32 bfloat16 \
-    --prefill-tokens 2048 --batch-size 1 4 8 --rounds 9 --output-name token_router-prefill-batch $flags
+step_token_router_batch() {  # 2k-token prompts, batches of 1 to 16: where the GPU stops being launch-bound
+  cap 170 "$python" scripts/bench_token_router.py --prefill-only --device "$device" --dtype float32 bfloat16 \
+    --prefill-tokens 2048 --batch-size 1 4 8 16 --rounds 15 --output-name token_router-prefill-batch $flags
 }
 step_cospec() {
   cap 330 "$python" scripts/bench_cospec.py --device "$device" --pairs ngram --train 64 --held-out 32 --test 80 \

@@ -346,7 +346,6 @@ def _routed_forward(block: nn.Module, state: RoutingState, sparsity: float, args
         raise RuntimeError("a routed block was called outside its model's forward; call the model, not the block.")
     past = state.past_length
     valid_all = state.valid
-    valid = valid_all[:, past:] if valid_all is not None else hidden.new_ones(batch, length, dtype=torch.bool)
     prompt = past == 0 and length > 1
     decode_routing = past > 0 and state.route_decode and state.mode == "router"
     if not prompt and not decode_routing and (cache is None or past == 0):
@@ -365,6 +364,7 @@ def _routed_forward(block: nn.Module, state: RoutingState, sparsity: float, args
                 tokens = _static_selection(batch, length, width, hidden.device)
                 shared = tokens[0][0]
             else:
+                valid = _current_validity(state, hidden)
                 tokens = select_tokens(static_scores(valid), valid, _row_counts(skips, hidden.device), width)
                 shared = tokens[0][0] if batch == 1 else None
             state.selections[skips] = {"tokens": tokens, "shared": shared}
@@ -372,6 +372,7 @@ def _routed_forward(block: nn.Module, state: RoutingState, sparsity: float, args
         keep, real = selection["tokens"]
         shared = selection["shared"]
     elif prompt or decode_routing:
+        valid = _current_validity(state, hidden)
         scores, logits = _token_scores(block, state, hidden, valid, sparsity)
         if prompt:
             skip = _row_counts(skips, hidden.device)
@@ -414,7 +415,7 @@ def _routed_forward(block: nn.Module, state: RoutingState, sparsity: float, args
             )
         call["position_embeddings"] = selection[key]
 
-    query_positions = past + keep  # cache positions of the computed tokens
+    query_positions = keep if past == 0 else past + keep  # cache positions of the computed tokens
     if cache is not None and past > 0:
         kv_length, kv_offset = _compat.cache_mask_sizes(cache, length, _layer_index(block))
         key_positions = (kv_offset + torch.arange(kv_length, device=hidden.device)).expand(batch, kv_length)
@@ -481,11 +482,18 @@ def _training_forward(block: nn.Module, hidden: torch.Tensor, call: dict[str, An
     return (result, *output[1:]) if isinstance(output, tuple) else result
 
 
+def _current_validity(state: RoutingState, hidden: torch.Tensor) -> torch.Tensor:
+    """``(B, T)`` bool: which of this forward's tokens are not padding."""
+    if state.valid is None:
+        return hidden.new_ones(hidden.shape[:2], dtype=torch.bool)
+    return state.valid[:, state.past_length :]
+
+
 def _static_selection(batch: int, length: int, width: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """What ``select_tokens`` returns for the static rule on rows without padding, in two kernels instead of a dozen:
     the first token and the last ``width − 1``."""
     positions = torch.arange(length - width, length, device=device)
-    positions[0] = 0
+    positions[:1].zero_()  # not `positions[0] = 0`: that copies the 0 from the host and waits for the device
     return positions.expand(batch, width), torch.ones(1, 1, dtype=torch.bool, device=device).expand(batch, width)
 
 
