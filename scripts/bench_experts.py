@@ -75,7 +75,9 @@ from typing import Any
 import torch
 
 from hf_compress.assets import load_gsm8k, load_model, load_squad, load_zero_shot_task
-from hf_compress.evaluation.report import benchmark_parser, results_directory, start_benchmark, write_benchmark
+from hf_compress.evaluation.report import (
+    benchmark_parser, results_directory, start_benchmark, synchronize, write_benchmark,
+)
 from hf_compress.evaluation.squad import squad_scores
 from hf_compress.evaluation.uncertainty import average_standard_error, paired_task_average_difference, standard_error
 from hf_compress.evaluation.zero_shot import PRIMARY_METRIC, loglikelihoods
@@ -143,11 +145,12 @@ def score_likelihood_tasks(model, tokenizer, rows: list[dict]) -> list[float]:
     return scores
 
 
-def squad_f1(generate, tokenizer, rows: list[dict], experts: list[int] | None, new_tokens: int, batch: int) -> list[float]:
+def squad_f1(generate, tokenizer, rows: list[dict], experts: list[int] | None, new_tokens: int, batch: int,
+             device: torch.device) -> list[float]:
     scores = []
     for start in range(0, len(rows), batch):
         chunk = rows[start : start + batch]
-        inputs = tokenizer([r["prompt"] for r in chunk], return_tensors="pt", padding=True)
+        inputs = tokenizer([r["prompt"] for r in chunk], return_tensors="pt", padding=True).to(device)
         kwargs = {} if experts is None else {"experts": experts[start : start + batch]}
         with torch.inference_mode():
             out = generate(**inputs, max_new_tokens=new_tokens, do_sample=False, **kwargs)
@@ -182,7 +185,7 @@ def evaluate(model, router, tokenizer, test: list[dict], experts: list[int] | No
     generate = model.generate if router is None else router.generate
     squad_experts = None if experts is None else [experts[i] for i in squad]
     for index, value in zip(squad, squad_f1(generate, tokenizer, [test[i] for i in squad], squad_experts,
-                                            args.squad_new_tokens, args.eval_batch)):
+                                            args.squad_new_tokens, args.eval_batch, next(model.parameters()).device)):
         per_row[index] = value
     tasks: dict[str, Any] = {}
     for task in TASKS:
@@ -212,7 +215,7 @@ def generation_overhead(router, tokenizer, test: list[dict], args) -> dict[str, 
     PEFT's per-row ``adapter_names`` path, each with and without the routing forward."""
     by_task = {task: [row for row in test if row["task"] == task] for task in TASKS}
     rows = [by_task[TASKS[i % len(TASKS)]][i // len(TASKS)] for i in range(args.eval_batch)]
-    inputs = tokenizer([query_of(r) for r in rows], return_tensors="pt", padding=True)
+    inputs = tokenizer([query_of(r) for r in rows], return_tensors="pt", padding=True).to(router.device)
     settings = {"max_new_tokens": args.overhead_tokens, "min_new_tokens": args.overhead_tokens, "do_sample": False}
     routed = router.route(**inputs)
 
@@ -234,6 +237,7 @@ def generation_overhead(router, tokenizer, test: list[dict], args) -> dict[str, 
             for name, run in runs.items():  # interleaved, so a load change hits every variant alike
                 start = time.perf_counter()
                 run()
+                synchronize(router.device)
                 timings[name].append(time.perf_counter() - start)
     router.mixed_batch = "stacked"
     medians = {name: statistics.median(values) for name, values in timings.items()}
@@ -275,7 +279,7 @@ def routing_probe(base, tokenizer, train: list[dict], test: list[dict], config: 
 
 
 def main() -> None:
-    parser = benchmark_parser(__doc__, "experts")
+    parser = benchmark_parser(__doc__, "experts", devices=("cpu", "cuda"))
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--train-per-task", type=int, default=12)
     parser.add_argument("--test-per-task", type=int, default=3)
@@ -320,8 +324,10 @@ def main() -> None:
         args.probe_layers, args.probe_lengths = [0, 1], [16, 48]
     settings = {k: v for k, v in vars(args).items() if k not in ("render", "supported_devices")}
     settings["command"] = "python scripts/bench_experts.py" + (" --quick" if args.quick else "")
-    settings["machine_note"] = f"CPU, {args.threads} threads, float32, machine shared with other jobs"
+    settings["machine_note"] = (f"CPU, {args.threads} threads, float32, machine shared with other jobs" if args.device == "cpu"
+                                else f"{args.device}, float32")
     base, tokenizer = load_model(args.model)
+    base.to(args.device)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

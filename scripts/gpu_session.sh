@@ -79,6 +79,11 @@ step_token_router_batch() {  # 2k-token prompts, batches of 1 to 16: where the G
   cap 170 "$python" scripts/bench_token_router.py --prefill-only --device "$device" --dtype float32 bfloat16 \
     --prefill-tokens 2048 --batch-size 1 4 8 16 --rounds 15 --output-name token_router-prefill-batch $flags
 }
+step_experts() {  # issue 24 at the full protocol (the CPU table is a reduced one); needs every task's data staged
+  cap ${EXPERTS_CAP:-240} "$python" scripts/bench_experts.py --device "$device" --train-per-task 200 --test-per-task 99 \
+    --steps 400 --batch-size 8 --seq-len 256 --embedding-max-length 128 --squad-new-tokens 16 --eval-batch 16 \
+    --skip-overhead --variants lora-all experts-routed lora-assl lora-random experts-oracle base experts-random $flags
+}
 step_cospec() {
   cap 330 "$python" scripts/bench_cospec.py --device "$device" --pairs ngram --train 64 --held-out 32 --test 80 \
     --rl-steps 4 --output-name cospec-ngram $flags
