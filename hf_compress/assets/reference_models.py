@@ -124,7 +124,7 @@ def load_reference_model(
     """
     path = reference_model_path(name)
     with _compat.quiet_weight_progress():  # a local, already converted checkpoint: a second or two
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **_compat.LOAD_WITHOUT_HUB_KERNELS).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     # from_pretrained records the local conversion cache as name_or_path; every card, adapter config and folder
     # written from this model should name its upstream Hub id instead (what PEFT and hub_model_id read).

@@ -90,7 +90,7 @@ def tiny_model(
         with _compat.quiet_weight_progress():
             model.save_pretrained(save_dir)
             tokenizer.save_pretrained(save_dir)
-            model = AutoModelForCausalLM.from_pretrained(save_dir).eval()
+            model = AutoModelForCausalLM.from_pretrained(save_dir, **_compat.LOAD_WITHOUT_HUB_KERNELS).eval()
         tokenizer = type(tokenizer).from_pretrained(save_dir)
     return model, tokenizer
 
