@@ -87,6 +87,7 @@ def train_with_trainer(
     trainer = Trainer(
         model=model, args=arguments, train_dataset=train_dataset, data_collator=default_data_collator, callbacks=callbacks
     )
+    _kernelize_for_training(trainer.model)
     start = time.perf_counter()
     output = trainer.train()
     seconds = time.perf_counter() - start
@@ -99,6 +100,22 @@ def train_with_trainer(
         "settings": asdict(settings) if isinstance(settings, TrainingSettings) else arguments.to_dict(),
         "log_history": trainer.state.log_history,
     }
+
+
+def _kernelize_for_training(model: nn.Module) -> None:
+    """Switch a model loaded with hub kernels to training mode before Trainer does, so that a failed kernel
+    download says what to do. transformers 5.25 loads with ``use_kernels=True`` by default, and ``train()``
+    kernelizes the model again for its device: on a GPU that fetches kernels from the Hub."""
+    if not getattr(model, "use_kernels", False):
+        return
+    try:
+        model.train()
+    except Exception as err:
+        raise RuntimeError(
+            f"switching the model to training mode kernelized it with kernels from the Hub, and that failed: {err}. "
+            "The model was loaded with hub kernels (transformers 5.25's default): load it with use_kernels=False, or "
+            "set USE_HUB_KERNELS=0, on a machine without network."
+        ) from err
 
 
 def _arguments_from_settings(settings: TrainingSettings, output_dir: str):
