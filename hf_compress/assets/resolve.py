@@ -63,7 +63,9 @@ def load_model(
     check_causal_lm_config(AutoConfig.from_pretrained(path if path.is_dir() else name), name)
     with _compat.quiet_weight_progress():
         try:
-            model = AutoModelForCausalLM.from_pretrained(path if path.is_dir() else name, dtype=dtype, **_compat.LOAD_WITHOUT_HUB_KERNELS).eval()
+            model = AutoModelForCausalLM.from_pretrained(
+                path if path.is_dir() else name, dtype=dtype, **_compat.LOAD_WITHOUT_HUB_KERNELS
+            ).eval()
         except Exception as err:
             if type(err).__name__ == "SafetensorError":  # the Rust error names no file
                 raise ValueError(f"{name}: a safetensors file could not be read ({err}); re-download it or "
