@@ -324,8 +324,8 @@ def main() -> None:
         args.probe_layers, args.probe_lengths = [0, 1], [16, 48]
     settings = {k: v for k, v in vars(args).items() if k not in ("render", "supported_devices")}
     settings["command"] = "python scripts/bench_experts.py" + (" --quick" if args.quick else "")
-    settings["machine_note"] = (f"CPU, {args.threads} threads, float32, machine shared with other jobs" if args.device == "cpu"
-                                else f"{args.device}, float32")
+    settings["machine_note"] = (f"CPU, {args.threads} threads, float32, machine shared with other jobs"
+                                if args.device == "cpu" else f"{args.device}, float32")
     base, tokenizer = load_model(args.model)
     base.to(args.device)
     tokenizer.padding_side = "left"

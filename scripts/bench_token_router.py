@@ -25,13 +25,16 @@ Measured:
 and the router's inference path (features computed at every block) with the searched schedule of a committed run
 (``--schedule-from``), and ShortGPT at the same FLOP budget, at one or more prompt lengths and dtypes; the speed-ups
 are medians of per-round ratios. ``--batch-size`` times batches of such prompts (no padding), where a small model's
-GPU prefill stops being bound by kernel launches. ``--cuda-graphs`` replays every forward as a captured CUDA graph (the GPU's own time,
-without per-kernel launches). Its table is ``token_router-prefill`` (``-graphs``), under ``gpu/`` on CUDA.
+GPU prefill stops being bound by kernel launches. ``--cuda-graphs`` replays every forward as a captured CUDA graph
+(the GPU's own time, without per-kernel launches). Its table is ``token_router-prefill`` (``-graphs``), under ``gpu/``
+on CUDA.
 
 Example:
     python scripts/bench_token_router.py               # the settings in the table's footer
     python scripts/bench_token_router.py --quick       # a tiny model, to check the script runs
     python scripts/bench_token_router.py --prefill-only --device cuda --dtype bfloat16 --prefill-tokens 2048 8192
+    python scripts/bench_token_router.py --prefill-only --device cuda --batch-size 1 4 8 16 \
+        --output-name token_router-prefill-batch
 """
 
 from __future__ import annotations
