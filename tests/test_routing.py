@@ -265,6 +265,19 @@ def test_right_padding_is_refused():
         model(ids, attention_mask=mask)
 
 
+def test_prepared_masks_are_refused_with_the_fix():
+    """Routing reads each row's padding from the 2-D mask. A 4-D mask passed by hand is refused. So is the one
+    generate() prepares for a static cache, and that error names the fix."""
+    model, _ = tiny_model("llama")
+    static_router(model, RoutingSchedule([0.3, 0.3]))
+    ids = _ids(1, 8)
+    with pytest.raises(ValueError, match="2-D attention_mask.*Pass the tokenizer's attention_mask"):
+        model(ids, attention_mask=torch.ones(1, 1, 8, 8, dtype=torch.bool))
+    with pytest.raises(ValueError, match="cache_implementation='static'.*dynamic cache"):
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False,
+                       cache_implementation="static", pad_token_id=0)
+
+
 # --- save / load ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])

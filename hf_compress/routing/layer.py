@@ -239,9 +239,12 @@ def _begin_forward(module: nn.Module, args: tuple, kwargs: dict) -> None:
     mask = arguments.get("attention_mask")
     cache = next((arguments[name] for name in _compat.CACHE_KWARGS if arguments.get(name) is not None), None)
     if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
+        # generate() prepares such masks itself for a static (compileable) cache.
+        fix = ("generate(cache_implementation='static') prepares one: use the default dynamic cache with a routed "
+               "model." if getattr(cache, "is_compileable", False) else "Pass the tokenizer's attention_mask.")
         raise ValueError(
             "token routing needs the 2-D attention_mask (batch, length) of ones and zeros; got a prepared "
-            f"{type(mask).__name__} mask. Pass the tokenizer's attention_mask."
+            f"{type(mask).__name__} mask. {fix}"
         )
     if mask is not None:
         valid = mask.bool()
