@@ -255,6 +255,21 @@ def test_left_padded_batch_generate_equals_per_row(arch, mode):
         assert batched[index, width:].tolist() == alone[0, len(row):].tolist()
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("mode", ["static", "router"])
+def test_prompt_lookup_generate_equals_greedy(arch, mode):
+    """Assisted generation feeds the prompt and the first drafts in one forward; only the prompt is routed, so the
+    drafts are verified as decoded tokens would be computed and the output is greedy's."""
+    model, _ = tiny_model(arch)
+    install_routing(model, RoutingSchedule([0.4, 0.5]), mode=mode)
+    ids = _ids(1, 40, seed=2)
+    ids = torch.cat([ids, ids[:, :20]], dim=1)  # a repeat, so that prompt lookup finds drafts
+    settings = dict(attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False, pad_token_id=0)
+    greedy = model.generate(ids, **settings)
+    assert torch.equal(model.generate(ids, prompt_lookup_num_tokens=4, **settings), greedy)
+    assert routing_state(model).prompt_length is None  # recorded for the call only
+
+
 def test_right_padding_is_refused():
     model, _ = tiny_model("llama")
     static_router(model, RoutingSchedule([0.3, 0.3]))

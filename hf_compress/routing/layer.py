@@ -23,6 +23,9 @@ What a skipped token means (the contract the tests check):
 - **Decoding.** Routing applies to the prompt forward (the first forward of a sequence). Tokens fed afterwards
   (decoding, speculative verification chunks) are computed at every block and see the prompt's kept tokens only
   — unless ``route_decode`` (the paper's decode variant: skip when the router's probability is below 0.5).
+  Assisted generation feeds the prompt and the first draft tokens in one forward: during ``generate()`` the
+  routed model knows its prompt's length, and the tokens past it are computed at every block, as decoded tokens
+  would be, so assisted and prompt-lookup decoding stay equal to greedy decoding.
 - **Batches.** Each row selects among its own non-padding tokens (left padding: positions count from the row's
   first real token), so a row gets the same selection alone and in a batch. Rows that keep fewer tokens than the
   longest are filled up with padding positions (computed, then dropped and masked) so the gathered batch is
@@ -44,6 +47,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import types
 from collections.abc import Iterator
 from typing import Any
 
@@ -96,6 +100,8 @@ class RoutingState:
         # waits for the device); only prompt forwards use them:
         self.counts: list[int] = []  # each row's non-padding tokens
         self.no_padding = True
+        self.prompt_length: int | None = None  # inside generate(): the prompt's length (set by the model's generate)
+        self.tail = 0  # tokens of a first forward past the prompt (assisted generation's drafts): computed by all
         # Per forward: the static rule's selection per skip counts (blocks with the same sparsity keep the same
         # tokens), with the rotary tables gathered for it.
         self.selections: dict[Any, Any] = {}
@@ -157,6 +163,9 @@ def install_routing(
     hook = decoder.register_forward_pre_hook(_begin_forward, with_kwargs=True)
     decoder._routing_hook = hook
     decoder._routing_state = state
+    # An instance attribute, not a class swap: save_pretrained records the class name, and copy.deepcopy rebinds a
+    # bound method to the copy.
+    model.generate = types.MethodType(_generate_knowing_the_prompt, model)
     if not _being_loaded(model):
         # Recorded on the config at once, so that a plain save_pretrained writes a routed checkpoint (and a stock
         # transformers refuses it) instead of a folder that would load as the dense model.
@@ -182,6 +191,7 @@ def remove_routing(model: nn.Module) -> None:
             block.__class__ = block._routing_base
             for name in ("_routing_state", "_routing_index", "_routing_window", "_routing_config"):
                 block.__dict__.pop(name, None)
+    model.__dict__.pop("generate", None)
     hook = decoder.__dict__.pop("_routing_hook", None)
     if hook is not None:
         hook.remove()
@@ -225,6 +235,22 @@ def routing_mode(model: nn.Module, mode: str, schedule: RoutingSchedule | None =
         state.mode, state.schedule = saved
 
 
+def _generate_knowing_the_prompt(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """The model's own ``generate()``, with the prompt's length recorded for the routed blocks: assisted generation's
+    first forward holds the prompt and the first drafts, and only the prompt is routed."""
+    state = routing_state(self)
+    inputs = next((kwargs[name] for name in ("input_ids", "inputs", "inputs_embeds") if kwargs.get(name) is not None),
+                  args[0] if args else None)
+    previous = state.prompt_length if state is not None else None
+    if state is not None and isinstance(inputs, torch.Tensor) and inputs.dim() >= 2:
+        state.prompt_length = inputs.shape[1]
+    try:
+        return type(self).generate(self, *args, **kwargs)
+    finally:
+        if state is not None:
+            state.prompt_length = previous
+
+
 def _begin_forward(module: nn.Module, args: tuple, kwargs: dict) -> None:
     """Decoder pre-hook: record the padding mask and the past length the blocks of this forward will see."""
     state: RoutingState = module._routing_state
@@ -265,10 +291,14 @@ def _begin_forward(module: nn.Module, args: tuple, kwargs: dict) -> None:
     state.query_length = query_length
     state.selections = {}
     state.attention = None
-    state.no_padding, state.counts = True, [query_length] * tokens.shape[0]
+    prompt = state.prompt_length if past == 0 and state.prompt_length is not None else query_length
+    state.tail = max(query_length - prompt, 0)
+    prompt = query_length - state.tail
+    state.no_padding, state.counts = True, [prompt] * tokens.shape[0]
     if valid is not None and past == 0 and query_length > 1 and state.enabled and not state.schedule.is_dense:
-        state.counts = valid.sum(-1).tolist()  # a routed prompt's only device read (later forwards need none)
-        state.no_padding = all(count == query_length for count in state.counts)
+        # Each row's prompt tokens and all its tokens: a routed prompt's only device read (later forwards need none).
+        state.counts, totals = torch.stack([valid[:, :prompt].sum(-1), valid.sum(-1)]).tolist()
+        state.no_padding = all(count == query_length for count in totals)
 
 
 class RoutedLayerMixin:
@@ -359,7 +389,8 @@ def _routed_forward(block: nn.Module, state: RoutingState, sparsity: float, args
     selection: dict[Any, Any] = {}  # what this block derives from its tokens; shared with same-selection blocks
     if prompt:
         skips = tuple(skip_count(sparsity, n) for n in state.counts)
-        width = max(n - skipped for n, skipped in zip(state.counts, skips))  # known here: no wait for the device
+        # Known here, with no wait for the device; the tokens past the prompt are always computed.
+        width = max(n - skipped for n, skipped in zip(state.counts, skips)) + state.tail
     if prompt and state.mode == "static" and state.collect is None:
         # The static rule ranks by position only: every block with the same skip counts keeps the same tokens.
         if skips not in state.selections:
@@ -376,7 +407,10 @@ def _routed_forward(block: nn.Module, state: RoutingState, sparsity: float, args
         shared = selection["shared"]
     elif prompt or decode_routing:
         valid = _current_validity(state, hidden)
-        scores, logits = _token_scores(block, state, hidden, valid, sparsity)
+        ranked = length - state.tail if prompt else length  # the tokens past the prompt are not ranked: always kept
+        scores, logits = _token_scores(block, state, hidden[:, :ranked], valid[:, :ranked], sparsity)
+        if ranked < length:
+            scores = torch.cat([scores, scores.new_full((batch, length - ranked), math.inf)], dim=1)
         if prompt:
             skip = _row_counts(skips, hidden.device)
         else:  # the paper's decode rule: skip a token whose compute probability is below 0.5
