@@ -134,8 +134,8 @@ def check_minimum_versions(minimum: dict[str, str] | None = None) -> None:
 LOAD_WITHOUT_HUB_KERNELS: dict[str, Any] = {"use_kernels": False}
 """``from_pretrained`` keywords of the library's own loaders. transformers 5.25 loads with ``use_kernels=True``
 unless told otherwise; switching a model between ``train()`` and ``eval()`` then kernelizes it again for its current
-device, and on CUDA that fetches kernels from the Hub (``kernels-community/rotary`` for SmolLM2): an offline ``Trainer`` run on a
-GPU fails there (found on a lent H200, 2026-12-04). The library downloads nothing at run time, and its methods
+device, and on CUDA that fetches kernels from the Hub (``kernels-community/rotary`` for SmolLM2): an offline
+``Trainer`` run on a GPU fails there (found on a lent H200, 2026-12-04). The library downloads nothing at run time, and its methods
 replace modules whose forward a kernel would swap out. Checked on: transformers 5.23.0 (default off) and 5.25.0."""
 
 

@@ -76,7 +76,7 @@ import torch
 
 from hf_compress.assets import load_gsm8k, load_model, load_squad, load_zero_shot_task
 from hf_compress.evaluation.report import (
-    benchmark_parser, results_directory, start_benchmark, synchronize, write_benchmark,
+    benchmark_parser, device_description, results_directory, start_benchmark, synchronize, write_benchmark,
 )
 from hf_compress.evaluation.squad import squad_scores
 from hf_compress.evaluation.uncertainty import average_standard_error, paired_task_average_difference, standard_error
@@ -325,7 +325,7 @@ def main() -> None:
     settings = {k: v for k, v in vars(args).items() if k not in ("render", "supported_devices")}
     settings["command"] = "python scripts/bench_experts.py" + (" --quick" if args.quick else "")
     settings["machine_note"] = (f"CPU, {args.threads} threads, float32, machine shared with other jobs"
-                                if args.device == "cpu" else f"{args.device}, float32")
+                                if args.device == "cpu" else f"{device_description(args.device)}, float32")
     base, tokenizer = load_model(args.model)
     base.to(args.device)
     tokenizer.padding_side = "left"

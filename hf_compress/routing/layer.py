@@ -45,6 +45,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import math
 import types
@@ -291,9 +292,8 @@ def _begin_forward(module: nn.Module, args: tuple, kwargs: dict) -> None:
     state.query_length = query_length
     state.selections = {}
     state.attention = None
-    prompt = state.prompt_length if past == 0 and state.prompt_length is not None else query_length
-    state.tail = max(query_length - prompt, 0)
-    prompt = query_length - state.tail
+    prompt = min(state.prompt_length, query_length) if past == 0 and state.prompt_length is not None else query_length
+    state.tail = query_length - prompt
     state.no_padding, state.counts = True, [prompt] * tokens.shape[0]
     if valid is not None and past == 0 and query_length > 1 and state.enabled and not state.schedule.is_dense:
         # Each row's prompt tokens and all its tokens: a routed prompt's only device read (later forwards need none).
@@ -324,14 +324,10 @@ def _routed_class(base: type) -> type:
     return _ROUTED_CLASSES[base]
 
 
-_SIGNATURES: dict[type, inspect.Signature] = {}
-
-
+@functools.cache
 def _forward_signature(base: type) -> inspect.Signature:
     """``inspect.signature(base.forward)``, computed once per class (it costs more than a small block's kernels)."""
-    if base not in _SIGNATURES:
-        _SIGNATURES[base] = inspect.signature(base.forward)
-    return _SIGNATURES[base]
+    return inspect.signature(base.forward)
 
 
 def _call_arguments(block: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, dict[str, Any]]:
