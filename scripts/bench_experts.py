@@ -17,6 +17,8 @@ Variants, every trained one with the same total optimizer steps (``--steps``, ba
 - ``lora-assl-epochs`` / ``lora-random-epochs``: the same subsets trained for as many epochs as ``lora-all`` (the
   subset's share of ``--steps``) rather than as many steps: what selection saves in compute, without the
   repeated epochs that equal steps put on a 20% subset;
+- ``lora-assl-loss`` / ``lora-assl-loss-epochs``: ASSL with the spec's second stage, the model's own training
+  needs: coverage weighted by the base model's loss on each completion (``select_data(weights="loss")``);
 - ``experts-random``: K experts on a random partition of all data, routed by nearest (random-cluster) centroid;
 - ``experts-routed``: K experts on semantic k-means clusters of all data, routed by the router (the method);
 - ``experts-oracle``: the same experts, each query sent to its task's expert (the cluster holding most of
@@ -89,8 +91,11 @@ logger = logging.getLogger("bench_experts")
 
 TASKS = ("arc_easy", "arc_challenge", "piqa", "hellaswag", "boolq", "winogrande", "squad", "gsm8k")
 AVERAGED = TASKS[:-1]
-VARIANTS = ("base", "lora-all", "lora-assl", "lora-random", "lora-assl-epochs", "lora-random-epochs", "experts-random",
-            "experts-routed", "experts-oracle", "experts-warm")
+VARIANTS = ("base", "lora-all", "lora-assl", "lora-random", "lora-assl-epochs", "lora-random-epochs", "lora-assl-loss",
+            "lora-assl-loss-epochs", "experts-random", "experts-routed", "experts-oracle", "experts-warm")
+# Subset variants: the selection each trains on (its key in results["selection"]).
+SUBSETS = {"lora-all": None, "lora-assl": "facility_location", "lora-random": "random",
+           "lora-assl-loss": "facility_location_loss"}
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -365,10 +370,13 @@ def main() -> None:
         save(partial=False)
         return
     subsets: dict[str, tuple[list[dict], dict]] = {}
-    for method in ("facility_location", "random"):
+    selections = [("facility_location", None), ("random", None)]
+    if any(v.startswith("lora-assl-loss") for v in args.variants):
+        selections.append(("facility_location", "loss"))
+    for method, weights in selections:
         subset, report = select_data(train, base, args.budget, tokenizer=tokenizer, method=method, seed=args.seed,
-                                     embeddings=pool_embeddings, return_report=True)
-        subsets[method] = (subset, report.summary())
+                                     embeddings=pool_embeddings, weights=weights, return_report=True)
+        subsets[method + (f"_{weights}" if weights else "")] = (subset, report.summary())
     results["selection"] = {m: {**s, "tasks": _task_counts(sub)} for m, (sub, s) in subsets.items()}
 
     semantic = None
@@ -384,9 +392,8 @@ def main() -> None:
         if variant == "base":
             entry["kept"] = 0
         elif variant.startswith("lora-"):
-            subset = {"lora-all": train, "lora-assl": subsets["facility_location"][0],
-                      "lora-random": subsets["random"][0]}
-            data = subset[variant.removesuffix("-epochs")]
+            selection = SUBSETS[variant.removesuffix("-epochs")]
+            data = train if selection is None else subsets[selection][0]
             steps = max(1, round(args.steps * len(data) / len(train))) if variant.endswith("-epochs") else args.steps
             router = train_experts(model, data, single, args=dataclasses.replace(training, max_steps=steps),
                                    tokenizer=tokenizer)
@@ -519,6 +526,10 @@ def markdown(payload: dict[str, Any]) -> str:
                      f"example to its nearest kept one {fl['mean_distance']:.3f} (a random subset of the same size: "
                      f"{fl['random_mean_distance']:.3f}); worst {fl['max_distance']:.3f} (random: {rnd['max_distance']:.3f}). "
                      f"Kept per task: {fl['tasks']}.")
+        if "facility_location_loss" in selection:
+            weighted = selection["facility_location_loss"]
+            lines.append(f"Weighted by the base model's completion loss, it kept per task: {weighted['tasks']} (mean "
+                         f"distance {weighted['mean_distance']:.3f}).")
         lines.append("")
     full = {"train_per_task": 200, "test_per_task": 99, "steps": 400, "batch_size": 8, "seq_len": 256,
             "embedding_max_length": 128, "squad_new_tokens": 16}
@@ -645,6 +656,14 @@ def _target_lines(results: dict[str, Any]) -> list[str]:
         lines.append(f"- The same subsets at equal epochs ({steps} steps, not the target's protocol): ASSL keeps "
                      f"{keep:.1%} of the full-data score ({difference('lora-assl-epochs', 'lora-all')}); vs the random "
                      f"subset: {difference('lora-assl-epochs', 'lora-random-epochs')}.")
+    for suffix, protocol in (("", "equal steps"), ("-epochs", "equal epochs")):
+        weighted, plain = f"lora-assl-loss{suffix}", f"lora-assl{suffix}"
+        if {weighted, "lora-all", f"lora-random{suffix}"} <= variants.keys():
+            keep = variants[weighted]["average"] / variants["lora-all"]["average"]
+            lines.append(f"- ASSL weighted by the model's loss ({protocol}): keeps {keep:.1%} of the full-data score "
+                         f"({difference(weighted, 'lora-all')}); vs the random subset: "
+                         f"{difference(weighted, f'lora-random{suffix}')}"
+                         + (f"; vs unweighted ASSL: {difference(weighted, plain)}" if plain in variants else "") + ".")
     routed = variants.get("experts-routed", {})
     if "routing_accuracy" in routed:
         lines.append(f"- Router picks the oracle expert (target ≥ 90%): {routed['routing_accuracy']:.1%} — "

@@ -21,6 +21,7 @@ from hf_compress.assets import tiny_model
 from hf_compress.experts import (
     ExpertConfig,
     ExpertRouter,
+    completion_losses,
     coverage,
     embed_texts,
     packed_instruction_dataset,
@@ -92,6 +93,51 @@ def test_select_data_on_a_dataset():
     assert again["prompt"] == subset["prompt"]
     assert len(select_data(rows, model, budget=1.0, tokenizer=tokenizer)) == 30
     assert len(select_data(rows, model, budget=0.001, tokenizer=tokenizer)) == 1
+
+
+def test_weighted_selection_covers_what_is_worth_covering():
+    x, labels = _clustered()
+    count = round(0.1 * len(x))
+    # Uniform weights are the unweighted objective, whatever their scale.
+    assert select_indices(x, count, weights=torch.full((len(x),), 3.0)) == select_indices(x, count)
+    # Weight only the two smallest clusters: every pick serves them, none the big cluster that dominates unweighted.
+    worth = (labels >= 3).float()
+    chosen = select_indices(x, 8, weights=worth)
+    assert set(labels[chosen].tolist()) <= {3, 4} and {3, 4} <= set(labels[chosen].tolist())
+    assert 0 in set(labels[select_indices(x, 8)].tolist())
+    with pytest.raises(ValueError, match="one per example"):
+        select_indices(x, count, weights=torch.ones(3))
+    with pytest.raises(ValueError, match="non-negative"):
+        select_indices(x, count, weights=-torch.ones(len(x)))
+    with pytest.raises(ValueError, match="facility_location"):
+        select_indices(x, count, "k_center", weights=torch.ones(len(x)))
+
+
+def test_completion_losses_score_the_completion_and_eos_as_training_does():
+    model, tokenizer = tiny_model("llama")
+    rows = [{"prompt": "Q: 12 + 30?\nA:", "completion": " 42"}, {"prompt": "Spell CAT:", "completion": " C A T"}]
+    losses = completion_losses(model, tokenizer, rows, progress=False)
+    # The same numbers from the packed training window's labels and the model's own loss, one row at a time.
+    for row, loss in zip(rows, losses):
+        packed = packed_instruction_dataset(instruction_rows([row]), tokenizer, seq_len=64)[0]
+        with torch.no_grad():
+            expected = model(input_ids=torch.tensor([packed["input_ids"]]), labels=torch.tensor([packed["labels"]])).loss
+        assert float(loss) == pytest.approx(float(expected), rel=1e-4)
+    # Batched with other lengths (padding) changes nothing.
+    alone = completion_losses(model, tokenizer, rows[1:], progress=False)
+    assert float(alone[0]) == pytest.approx(float(losses[1]), rel=1e-4)
+
+
+def test_select_data_weighted_by_loss_records_it():
+    model, tokenizer = tiny_model("llama")
+    rows, _ = _task_rows(15)
+    subset, report = select_data(rows, model, budget=0.2, tokenizer=tokenizer, weights="loss", return_report=True)
+    assert len(subset) == report.kept == 6 and report.weighting == "loss"
+    losses = completion_losses(model, tokenizer, rows, progress=False)
+    given = select_data(rows, model, budget=0.2, tokenizer=tokenizer, weights=losses, return_report=True)[1]
+    assert given.indices == report.indices and given.weighting == "given"
+    with pytest.raises(ValueError, match="weights must be one of"):
+        select_data(rows, model, budget=0.2, tokenizer=tokenizer, weights="entropy")
 
 
 @pytest.mark.parametrize("budget", [0, -0.1, 1.5, float("nan"), "0.2"])

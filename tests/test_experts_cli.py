@@ -151,6 +151,10 @@ def test_train_bad_input_is_refused_before_the_model_loads(rows_file, tmp_path, 
     assert "['nope'] not offline tasks" in err and "arc_easy, arc_challenge" in err
     err = _error(capsys, [*train, str(rows_file), "--num-experts", "5", "--select", "0.2"])
     assert "--num-experts 5 exceeds the 4 examples to train on (0.2 of 20 rows)" in err
+    err = _error(capsys, [*train, str(rows_file), "--select-weights", "loss"])
+    assert "--select-weights weights the facility_location selection" in err and "--select < 1" in err
+    err = _error(capsys, [*train, str(rows_file), "--select", "0.5", "--select-method", "random", "--select-weights", "loss"])
+    assert "--select-method facility_location" in err
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "completion": "b"}\n\n{"prompt": "c", \n')
     assert "line 3 is not valid JSON" in _error(capsys, [*train, str(bad)])

@@ -20,6 +20,7 @@ from .config import ExpertConfig
 from .data import instruction_rows, packed_instruction_dataset
 from .embedding import EmbeddingSpace, EmbeddingSpec, embed_texts
 from .mixed import stacked_lora
+from .need import completion_losses
 from .router import MIXED_BATCH_PATHS, ExpertRouter
 from .selection import SELECTION_METHODS, SelectionReport, coverage, select_data, select_indices
 from .training import train_experts
@@ -33,6 +34,7 @@ __all__ = [
     "ExpertConfig",
     "ExpertRouter",
     "SelectionReport",
+    "completion_losses",
     "coverage",
     "embed_texts",
     "instruction_rows",

@@ -42,7 +42,7 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     from ..cli.config_flags import add_config_arguments
     from .config import ExpertConfig
     from .data import TASK_MIX_TASKS
-    from .selection import SELECTION_METHODS
+    from .selection import SELECTION_METHODS, WEIGHTINGS
 
     common = common_flags()
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -64,6 +64,9 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
                        help="keep this fraction of the data with ASSL selection before training (default 1: all)")
     train.add_argument("--select-method", choices=SELECTION_METHODS, default="facility_location",
                        help="how --select chooses (default facility_location; k_center and random are baselines)")
+    train.add_argument("--select-weights", choices=WEIGHTINGS, default=None,
+                       help="weight --select's coverage by the base model's loss on each completion (facility_location "
+                            "only): what the model already predicts well gets fewer examples")
     train.add_argument("--steps", type=int_at_least(1), default=100,
                        help="optimizer steps over all experts, shared in proportion to cluster sizes (default 100)")
     train.add_argument("--learning-rate", type=positive_float, default=1e-3, help="AdamW learning rate (default 1e-3)")
@@ -141,6 +144,9 @@ def _train(args: argparse.Namespace) -> int:
     check_save_dir(args.save_dir, args.overwrite, argument="--save-dir")
     config = ExpertConfig(**config_kwargs(args))
     rows, source = load_rows(args.data, args.per_task, args.holdout)
+    if args.select_weights and (args.select >= 1 or args.select_method != "facility_location"):
+        raise ValueError("--select-weights weights the facility_location selection; use it with --select < 1 and "
+                         "--select-method facility_location, or drop it.")
     kept = kept_count(len(rows), args.select)
     if config.num_experts > kept:
         of = f" ({args.select:g} of {len(rows)} rows)" if args.select < 1 else ""
@@ -158,7 +164,8 @@ def _train(args: argparse.Namespace) -> int:
     if args.select < 1:
         dataset, report = select_data(dataset, model, args.select, tokenizer=tokenizer, method=args.select_method,
                                       seed=config.seed, embedding_layer=spec.layer,
-                                      embedding_max_length=spec.max_length, embeddings=raw, return_report=True)
+                                      embedding_max_length=spec.max_length, embeddings=raw,
+                                      weights=args.select_weights, return_report=True)
         raw = raw[report.indices]
         print(f"selection ({args.select_method}): kept {report.kept} of {report.pool_size} examples, mean distance "
               f"to the nearest kept {report.mean_distance:.4f} (random subset {report.random_mean_distance:.4f})")

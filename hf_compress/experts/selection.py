@@ -11,6 +11,11 @@ choice is within ``1 - 1/e`` of the optimum; it is computed lazily (Minoux): gai
 candidate whose refreshed gain still tops the heap is the greedy pick, and similarities are computed one
 column at a time (memory ``O(n d)``, no ``n x n`` matrix).
 
+The model's own training needs (the spec's second stage): with ``weights``, each example's term in ``F`` is
+weighted, ``F(S) = sum_i w_i max_{j in S} sim(i, j)`` (still monotone submodular, same greedy).
+``weights="loss"`` uses the base model's loss on each completion (:mod:`.need`): regions the model already
+predicts well need fewer representatives, regions it gets wrong get more.
+
 Baselines, same interface: ``"k_center"`` (greedy farthest point: minimises the worst distance but
 spends the budget on outliers) and ``"random"`` (seeded uniform sample).
 """
@@ -28,14 +33,16 @@ import torch
 from ..utils import check_choice, check_float, check_int, check_seed, get_logger
 from .data import instruction_rows
 from .embedding import DEFAULT_EMBEDDING_TOKENS, EmbeddingSpace, EmbeddingSpec, embed_texts
+from .need import completion_losses
 
 
-__all__ = ["SELECTION_KEY", "SELECTION_METHODS", "SelectionReport", "coverage", "kept_count", "select_data",
-           "select_indices"]
+__all__ = ["SELECTION_KEY", "SELECTION_METHODS", "WEIGHTINGS", "SelectionReport", "coverage", "kept_count",
+           "select_data", "select_indices"]
 
 logger = get_logger(__name__)
 
 SELECTION_METHODS = ("facility_location", "k_center", "random")
+WEIGHTINGS = ("loss",)
 SELECTION_KEY = "hf_compress_selection"
 """Key under which the selection summary is stored, as JSON, in the subset's ``info.description``."""
 
@@ -46,7 +53,8 @@ class SelectionReport:
 
     ``mean_distance`` / ``max_distance``: mean and worst cosine distance from a pool example to its
     nearest kept example (lower is better); ``random_mean_distance``: the same for a seeded random subset of
-    the same size, measured on the same embeddings.
+    the same size, measured on the same embeddings; ``weighting``: ``"loss"``, ``"given"`` (weights passed
+    in) or ``None``.
     """
 
     method: str
@@ -58,47 +66,64 @@ class SelectionReport:
     max_distance: float
     random_mean_distance: float
     embedding: dict[str, Any]
+    weighting: str | None = None
 
     def summary(self) -> dict[str, Any]:
         """Everything but the indices (what a saved expert folder records)."""
         return {k: v for k, v in asdict(self).items() if k != "indices"}
 
 
-def select_indices(embeddings: torch.Tensor, count: int, method: str = "facility_location", seed: int = 0) -> list[int]:
+def select_indices(embeddings: torch.Tensor, count: int, method: str = "facility_location", seed: int = 0,
+                   weights: torch.Tensor | None = None) -> list[int]:
     """Indices (ascending) of ``count`` rows of unit-norm ``embeddings`` chosen by ``method``.
+
+    ``weights`` (``facility_location`` only): one non-negative weight per row, how much covering that row
+    is worth.
 
     Example:
         >>> x = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [1.0, 0.01], [0.0, 1.0]]), dim=1)
         >>> select_indices(x, 2)  # one of the two near-twins (row 1 leans towards row 2), and row 2
         [1, 2]
+        >>> select_indices(x, 1, weights=torch.tensor([0.0, 0.0, 1.0]))  # only row 2 is worth covering
+        [2]
     """
     check_choice("method", method, SELECTION_METHODS)
     n = len(embeddings)
     check_int("count", count, minimum=1, maximum=n)
     check_seed("seed", seed)
     x = embeddings.float()
+    if weights is not None:
+        if method != "facility_location":
+            raise ValueError(f"weights apply to method='facility_location' only, not {method!r}; drop weights "
+                             "or use that method.")
+        weights = torch.as_tensor(weights, dtype=torch.float32, device=x.device).flatten()
+        if weights.numel() != n or not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
+            raise ValueError(f"weights must be {n} finite, non-negative numbers (one per example); got "
+                             f"{weights.numel()} values, min {float(weights.min()) if weights.numel() else 'n/a'}.")
     if method == "random":
         chosen = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:count].tolist()
     elif method == "k_center":
         chosen = _k_center(x, count)
     else:
-        chosen = _facility_location(x, count)
+        chosen = _facility_location(x, count, weights)
     return sorted(int(i) for i in chosen)
 
 
-def _facility_location(x: torch.Tensor, count: int) -> list[int]:
+def _facility_location(x: torch.Tensor, count: int, weights: torch.Tensor | None = None) -> list[int]:
     n = len(x)
+    w = torch.ones(n, device=x.device) if weights is None else weights
     best = torch.zeros(n, device=x.device)  # sim of each row to its nearest chosen row (0 before any choice: sim >= 0)
-    # Gain of j on the empty set: sum_i (1 + cos_ij) / 2, for all j at once.
-    initial = (n + x @ x.sum(0)) / 2
+    # Gain of j on the empty set: sum_i w_i (1 + cos_ij) / 2, for all j at once.
+    initial = (w.sum() + x @ (w @ x)) / 2
     heap = [(-float(g), j) for j, g in enumerate(initial.tolist())]
     heapq.heapify(heap)
     chosen: list[int] = []
+    tolerance = 1e-9 * float(w.sum().clamp_min(1.0))
     while len(chosen) < count:
         _, j = heapq.heappop(heap)
         similarity = (1 + x @ x[j]) / 2
-        gain = float((similarity - best).clamp(min=0).sum())
-        if not heap or gain >= -heap[0][0] - 1e-9 * n:
+        gain = float((w * (similarity - best).clamp(min=0)).sum())
+        if not heap or gain >= -heap[0][0] - tolerance:
             chosen.append(j)
             best = torch.maximum(best, similarity)
         else:
@@ -156,6 +181,7 @@ def select_data(
     embedding_max_length: int = DEFAULT_EMBEDDING_TOKENS,
     batch_size: int = 16,
     embeddings: torch.Tensor | None = None,
+    weights: torch.Tensor | str | None = None,
     return_report: bool = False,
 ):
     """Keep ``round(budget * n)`` examples of ``dataset`` that cover its semantic space (ASSL selection).
@@ -171,6 +197,9 @@ def select_data(
         embedding_layer, embedding_max_length: The embedding (see :class:`ExpertConfig`).
         batch_size: Prompts embedded per forward.
         embeddings: Raw pooled embeddings of the prompts (``embed_texts``), to reuse ones already computed.
+        weights: ``"loss"``: weight each example's coverage by the base model's loss on its completion
+            (:func:`~.need.completion_losses`, one forward per example), or one weight per example already
+            computed; ``facility_location`` only. Default: every example counts the same.
         return_report: Also return the :class:`SelectionReport`.
 
     Returns:
@@ -198,13 +227,19 @@ def select_data(
     if raw.shape[0] != n:
         raise ValueError(f"embeddings has {raw.shape[0]} rows for {n} examples.")
     embeddings = EmbeddingSpace.fit(raw)(raw)
-    indices = select_indices(embeddings, count, method, seed)
+    weighting = None
+    if isinstance(weights, str):
+        check_choice("weights", weights, WEIGHTINGS)
+        weighting, weights = weights, completion_losses(model, tokenizer, dataset, batch_size=batch_size)
+    elif weights is not None:
+        weighting = "given"
+    indices = select_indices(embeddings, count, method, seed, weights=weights)
     mean_distance, max_distance = coverage(embeddings, indices)
     random_mean, _ = coverage(embeddings, select_indices(embeddings, count, "random", seed))
     report = SelectionReport(method, budget, n, count, indices, mean_distance, max_distance, random_mean,
-                             spec.to_dict())
-    logger.info("kept %d of %d examples (%s): mean distance to nearest kept %.4f (random subset %.4f)",
-                count, n, method, mean_distance, random_mean)
+                             spec.to_dict(), weighting)
+    logger.info("kept %d of %d examples (%s%s): mean distance to nearest kept %.4f (random subset %.4f)",
+                count, n, method, f", weighted by {weighting}" if weighting else "", mean_distance, random_mean)
     subset = _subset(dataset, indices, report)
     return (subset, report) if return_report else subset
 
