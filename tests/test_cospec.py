@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import GenerationConfig
 
 from hf_compress.assets import tiny_model
@@ -111,10 +112,18 @@ def test_arbiter_disabled_is_greedy_generate(arch, pair):
     model, tok = tiny_model(arch)
     draft, _ = tiny_model(arch, seed=1)
     arbiter = CoSpecArbiter.for_model(model)
+    keen = CoSpecArbiter.for_model(model)  # wants every mismatching draft token: disabling it must still mean strict
+    with torch.no_grad():
+        keen.net[-1].bias.fill_(10.0)
+    changed = 0
     for prompt in PROMPTS[:2]:
         ids, reference = greedy(model, tok, prompt)
-        for strategy in (CoSpec(arbiter, draft, threshold=1.0), CoSpec(arbiter, mode="strict"), CoSpec(arbiter, draft)):
+        for strategy in (CoSpec(keen, draft, threshold=1.0), CoSpec(keen, mode="strict"),
+                         CoSpec(keen, draft, mode="strict"), CoSpec(arbiter, draft)):  # fresh arbiter: P(DRAFT) 0.05
             assert torch.equal(model.generate(ids, max_new_tokens=20, do_sample=False, custom_generate=strategy), reference)
+        loose = model.generate(ids, max_new_tokens=20, do_sample=False, custom_generate=CoSpec(keen, draft))
+        changed += not torch.equal(loose, reference)
+    assert changed  # enabled, the keen arbiter does change the output: the equalities above are not vacuous
     # threshold 1.0 can keep no draft token: the arbiter is not even consulted (no cost over strict verification)
     rule = ArbiterRule(arbiter, threshold=1.0)
     assert rule.keeps_nothing and not rule.reads_hidden_states and ArbiterRule(arbiter).reads_hidden_states
@@ -233,6 +242,20 @@ def test_save_reload_gives_identical_decisions(pair, mixed_arbiter, tmp_path):
         mixed_arbiter.save_pretrained(tmp_path / "arb")
 
 
+def test_incomplete_or_foreign_folders_are_refused_as_arbiters(pair, mixed_arbiter, tmp_path):
+    model, tok, draft = pair
+    folder = mixed_arbiter.save_pretrained(tmp_path / "arb")
+    tensors = load_file(folder / "model.safetensors")
+    save_file({k: v for k, v in tensors.items() if not k.startswith("feature_")}, folder / "model.safetensors")
+    with pytest.raises(ValueError, match=r"not a complete CoSpec arbiter: missing \['feature_mean', 'feature_std'\]"):
+        CoSpecArbiter.from_pretrained(folder)
+    with pytest.raises(ValueError, match="not a complete CoSpec arbiter: it holds another model's weights"):
+        CoSpec(str(model.save_pretrained(tmp_path / "llama") or tmp_path / "llama"), draft).load_arbiter(model)
+    arbiter, info = CoSpecArbiter.from_pretrained(mixed_arbiter.save_pretrained(tmp_path / "whole"),
+                                                  output_loading_info=True)
+    assert not info["missing_keys"] and isinstance(arbiter, CoSpecArbiter)
+
+
 def test_custom_generate_folder_and_hub_round_trip(pair, mixed_arbiter, tmp_path, fake_hub):
     model, tok, _ = pair
     ids = tok(PROMPTS[1], return_tensors="pt").input_ids
@@ -275,7 +298,7 @@ def test_fly_calibrate_meets_the_target_on_held_out_prompts(pair):
 
 
 # ------------------------------------------------------------------------------------ bad input
-def test_bad_input_gives_clear_errors(pair, mixed_arbiter):
+def test_bad_input_gives_clear_errors(pair, mixed_arbiter, tmp_path):
     model, tok, draft = pair
     other, _ = tiny_model("llama", vocab_size=300)
     with pytest.raises(ValueError, match="hidden size 64 and 256 tokens"):
@@ -284,10 +307,22 @@ def test_bad_input_gives_clear_errors(pair, mixed_arbiter):
     arbiter.config.tokenizer_fingerprint = "0" * 16
     with pytest.raises(ValueError, match="another tokenizer"):
         arbiter.check_compatible(model, tok)
+    ids = tok(PROMPTS[0], return_tensors="pt").input_ids
+    folder = tok.save_pretrained(str(tmp_path / "tok")) and tmp_path / "tok"
+    # A pair's tokenizers named by path are loaded before the check, so the first call already refuses.
+    with pytest.raises(ValueError, match="another tokenizer"):
+        model.generate(ids, max_new_tokens=4, do_sample=False,
+                       custom_generate=CoSpec(arbiter, draft, tokenizer=str(folder), draft_tokenizer=str(folder)))
     with pytest.raises(ValueError, match="Unknown reward 'bleu'"):
         train_arbiter(model, draft, task(tok), reward="bleu", tokenizer=tok)
     with pytest.raises(ValueError, match="no reference answers"):
         train_arbiter(model, draft, [{"prompt": "x", "answers": []}], tokenizer=tok)
+    # Calibration: an unknown reward with plain prompts, and a held-out set mixing answered and unanswered items.
+    with pytest.raises(ValueError, match="Unknown reward 'bleu'"):
+        FLy.calibrate(model, draft, PROMPTS[:2], tokenizer=tok, reward="bleu")
+    with pytest.raises(ValueError, match="mixes items with reference answers and 1 without"):
+        FLy.calibrate(model, draft, [{"prompt": PROMPTS[0], "answers": ["x"]}, {"prompt": PROMPTS[1], "answers": []}],
+                      tokenizer=tok)
     with pytest.raises(ValueError, match="needs a trained arbiter"):
         CoSpec()
     with pytest.raises(ValueError, match="threshold"):

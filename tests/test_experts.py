@@ -68,6 +68,9 @@ def test_selection_keeps_budget_is_deterministic_and_covers_better_than_random()
     chosen = select_indices(x, count)
     assert len(chosen) == count == len(set(chosen)) and chosen == sorted(chosen)
     assert select_indices(x, count) == chosen
+    # The random baseline is deterministic for a seed and differs across seeds.
+    assert select_indices(x, count, "random", seed=3) == select_indices(x, count, "random", seed=3)
+    assert select_indices(x, count, "random", seed=3) != select_indices(x, count, "random", seed=4)
     mean_fl, max_fl = coverage(x, chosen)
     random_means = [coverage(x, select_indices(x, count, "random", seed))[0] for seed in range(5)]
     # Facility location serves the average example clearly better than any of 5 random subsets ...
@@ -371,6 +374,34 @@ def test_expert_folder_errors(trained, tmp_path):
     shutil.rmtree(tmp_path / "incomplete" / "expert_1")
     with pytest.raises(ValueError, match=r"lacks the expert folder\(s\) \['expert_1'\]"):
         ExpertRouter.from_pretrained(tmp_path / "incomplete", base_model=tiny_model("llama")[0])
+
+    def damaged(name, change):
+        copy = tmp_path / name
+        shutil.copytree(folder, copy)
+        change(copy)
+        base = tiny_model("llama")[0]
+        with pytest.raises(ValueError, match="incomplete or damaged; re-save it"):
+            ExpertRouter.from_pretrained(copy, base_model=base)
+        assert not hasattr(base, "peft_config")  # refused before PEFT touched the base model
+
+    damaged("no-router", lambda f: (f / "router.safetensors").unlink())
+    damaged("no-mean", lambda f: save_file({k: v for k, v in load_file(f / "router.safetensors").items()
+                                            if k != "mean"}, f / "router.safetensors"))
+    damaged("narrow", lambda f: save_file({k: v[..., :32].contiguous() for k, v in
+                                          load_file(f / "router.safetensors").items()}, f / "router.safetensors"))
+    damaged("no-weights", lambda f: (f / "expert_1" / "adapter_model.safetensors").unlink())
+
+    def truncate(f):
+        weights = f / "expert_1" / "adapter_model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-100])
+
+    damaged("truncated", truncate)
+    # Built by hand: more clusters than experts, or an expert that is not loaded.
+    with pytest.raises(ValueError, match="3 centroids but 2 experts"):
+        ExpertRouter(router.model, torch.cat([router.centroids, router.centroids[:1]]), router.space, router.spec,
+                     router.adapter_names)
+    with pytest.raises(ValueError, match=r"no adapter\(s\) \['expert_9'\]"):
+        ExpertRouter(router.model, router.centroids, router.space, router.spec, ["expert_0", "expert_9"])
     with pytest.raises(FileExistsError, match="already holds|is not empty"):
         router.save_pretrained(folder)
 
@@ -384,6 +415,30 @@ def test_train_experts_bad_inputs():
         train_experts(model, rows, ExpertConfig(num_experts=3), tokenizer=tokenizer, clusters=[0, 0, 2, 2])
     with pytest.raises(ValueError, match="num_experts must be a positive integer"):
         ExpertConfig(num_experts=0)
+
+
+def test_a_failed_training_run_hands_the_base_model_back_plain(monkeypatch, tmp_path):
+    model, tokenizer = tiny_model("llama")
+    rows, _ = _task_rows(4)
+    before = {name: type(module) for name, module in model.named_modules()}
+    calls = []
+
+    def fail_on_the_second_expert(peft_model, data, scratch, args):
+        calls.append(args.max_steps)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return {"global_step": 1, "train_seconds": 0.0, "training_loss": 1.0}
+
+    monkeypatch.setattr(training_module, "train_with_trainer", fail_on_the_second_expert)
+    args = TrainingArguments(str(tmp_path), max_steps=2, report_to=[], use_cpu=True)
+    with pytest.raises(KeyboardInterrupt):
+        train_experts(model, rows, ExpertConfig(num_experts=2, r=2), args=args, tokenizer=tokenizer)
+    assert len(calls) == 2
+    assert {name: type(module) for name, module in model.named_modules()} == before
+    assert not hasattr(model, "peft_config")
+    monkeypatch.undo()  # and the same model trains again
+    router = train_experts(model, rows, ExpertConfig(num_experts=2, r=2), args=args, tokenizer=tokenizer)
+    assert router.adapter_names == ["expert_0", "expert_1"]
 
 
 def test_shared_warmup_starts_every_expert_from_one_lora_trained_on_all_data(monkeypatch, tmp_path):

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import hf_compress  # noqa: F401  (registers the routed format)
+from hf_compress import _compat
 from hf_compress.assets import tiny_model
 from hf_compress.modeling.layers import find_decoder_blocks
 from hf_compress.routing import (
@@ -27,6 +28,7 @@ from hf_compress.routing import (
 from hf_compress.routing.router import (
     ROUTER_FEATURES_VERSION, TokenRouter, router_features, select_tokens, static_scores,
 )
+from hf_compress.routing.layer import RoutedLayerMixin
 from hf_compress.routing.schedule import skip_count
 
 
@@ -255,6 +257,69 @@ def test_left_padded_batch_generate_equals_per_row(arch, mode):
         assert batched[index, width:].tolist() == alone[0, len(row):].tolist()
 
 
+def _router_reading_position(router: TokenRouter, threshold: float, slope: float = 200.0) -> None:
+    """Make the router's logit ``slope · (gelu(p) − gelu(threshold))``: compute a token iff its position share p is
+    above ``threshold``."""
+    with torch.no_grad():
+        for parameter in router.parameters():
+            parameter.zero_()
+        router.hidden.weight[0, 0] = 1.0  # unit 0 reads the position factor
+        router.output.weight[0, 0] = slope
+        router.output.bias.fill_(-slope * float(torch.nn.functional.gelu(torch.tensor(threshold))))
+
+
+def test_route_decode_lets_the_router_skip_decoded_tokens():
+    model, _ = tiny_model("llama")
+    prompt = _ids(1, 10)
+    state = install_routing(model, RoutingSchedule([0.3, 0.5]), mode="router", route_decode=True)
+    _router_reading_position(state.router, threshold=0.5)  # decoded tokens sit near p = 1: computed
+    computed = model.generate(prompt, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    state.route_decode = False
+    dense_decode = model.generate(prompt, max_new_tokens=4, do_sample=False, output_logits=True,
+                                  return_dict_in_generate=True)
+    assert torch.equal(computed.sequences, dense_decode.sequences)
+    torch.testing.assert_close(torch.stack(computed.logits), torch.stack(dense_decode.logits), rtol=0, atol=1e-5)
+    # A router that skips every decoded token (p < 1.5 always; the prompt is routed by top-k, unchanged): a decoded
+    # token passes every block untouched, so its logits are the head's on its embedding.
+    _router_reading_position(state.router, threshold=1.5)
+    state.route_decode = True
+    skipped = model.generate(prompt, max_new_tokens=4, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+    fed = skipped.sequences[0, prompt.shape[1]:-1]  # the tokens fed back after the prompt
+    with torch.no_grad():
+        expected = model.lm_head(model.model.norm(model.model.embed_tokens(fed)))
+    torch.testing.assert_close(torch.stack(skipped.logits[1:])[:, 0], expected, rtol=0, atol=1e-4)
+    assert not torch.allclose(torch.stack(skipped.logits[1:]), torch.stack(dense_decode.logits[1:]))
+
+
+def test_route_decode_rows_agree_batched_and_alone():
+    """One row skips its decoded tokens while another computes them: the skipping row's filler writes nothing."""
+    model, _ = tiny_model("llama")
+    state = install_routing(model, RoutingSchedule([0.3, 0.5]), mode="router", route_decode=True)
+    _router_reading_position(state.router, threshold=0.9)  # a 5-token row's decoded tokens (p ≤ 0.9) skip
+    rows = [_ids(1, 14, seed=2)[0], _ids(1, 5, seed=4)[0]]
+    width = max(len(row) for row in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for index, row in enumerate(rows):
+        ids[index, width - len(row):] = row
+        mask[index, width - len(row):] = 1
+    batched = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                             output_logits=True, return_dict_in_generate=True)
+    for index, row in enumerate(rows):
+        alone = model.generate(row[None], max_new_tokens=6, do_sample=False, output_logits=True,
+                               return_dict_in_generate=True)
+        assert batched.sequences[index, width:].tolist() == alone.sequences[0, len(row):].tolist()
+        torch.testing.assert_close(torch.stack(batched.logits)[:, index], torch.stack(alone.logits)[:, 0],
+                                   rtol=0, atol=1e-4)
+    # The short row's decoded tokens at positions 5..8 (p = 5/6 .. 8/9 ≤ 0.9) skipped both blocks: their cache slots
+    # hold zeros (masked for the tokens computed after them), not the K/V of the filler computed in their place.
+    cache = _compat.cache_of_output(alone)
+    for layer in cache.layers:
+        assert torch.count_nonzero(layer.keys[0, :, 5:9]) == 0 and torch.count_nonzero(layer.values[0, :, 5:9]) == 0
+        assert torch.count_nonzero(layer.keys[0, :, 9:]) > 0
+
+
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 @pytest.mark.parametrize("mode", ["static", "router"])
 def test_prompt_lookup_generate_equals_greedy(arch, mode):
@@ -372,6 +437,32 @@ def test_trainer_updates_only_the_router():
     assert routing_state(routed).schedule.search["training"]["steps"] == 3
 
 
+def test_guide_loss_decays_over_optimizer_steps(monkeypatch, tmp_path):
+    """Linear from 1 to 0 over the optimizer steps: gradient accumulation and epoch-based runs included."""
+    from transformers import TrainingArguments
+
+    from hf_compress.routing import training as routing_training
+    from hf_compress.training import causal_lm_dataset
+
+    scales = []
+    real = routing_training.router_losses
+    monkeypatch.setattr(routing_training, "router_losses",
+                        lambda collected, config, guide_scale: scales.append(guide_scale) or real(collected, config,
+                                                                                                guide_scale))
+    model, tokenizer = tiny_model("llama")
+    data = causal_lm_dataset(["the quick brown fox jumps over the lazy dog " * 40], tokenizer, num_sequences=8,
+                             seq_len=24)
+    config = TokenRouterConfig(token_sparsity=0.4, validation_windows=0)
+    common = dict(per_device_train_batch_size=1, report_to=[], use_cpu=True, save_strategy="no", logging_steps=1)
+    accumulated = TrainingArguments(str(tmp_path / "a"), max_steps=4, gradient_accumulation_steps=2, **common)
+    train_token_router(model, RoutingSchedule([0.3, 0.5]), data, config=config, args=accumulated)
+    assert scales == [1.0, 1.0, 0.75, 0.75, 0.5, 0.5, 0.25, 0.25]
+    scales.clear()
+    by_epoch = TrainingArguments(str(tmp_path / "b"), num_train_epochs=1, **common)  # 8 rows, batch 1: 8 steps
+    train_token_router(model, RoutingSchedule([0.3, 0.5]), data, config=config, args=by_epoch)
+    assert scales == [1 - step / 8 for step in range(8)]
+
+
 @pytest.mark.parametrize("arch", ("llama", "gemma3"))
 def test_training_forward_is_the_routed_forward_and_trains_skipped_tokens(arch):
     """The training forward computes every token but must return the routed (gathered) model's values, left padding
@@ -481,6 +572,21 @@ def test_encoder_decoder_is_refused():
     model = AutoModelForSeq2SeqLM.from_config(config)
     with pytest.raises(ValueError, match="not a decoder-only causal LM"):
         install_routing(model, RoutingSchedule([0.1, 0.2]))
+
+
+def test_a_refused_install_leaves_the_model_unrouted():
+    model, _ = tiny_model("llama")
+    ids = _ids(1, 8)
+    with torch.no_grad():
+        before = model(ids).logits
+    model.config.quantization_config = {"quant_method": "bitsandbytes"}  # as if loaded quantized another way
+    with pytest.raises(ValueError, match="already in the bitsandbytes format"):
+        install_routing(model, RoutingSchedule([0.5, 0.5]))
+    assert routing_state(model) is None and "generate" not in vars(model)
+    assert not any(isinstance(block, RoutedLayerMixin) for block in find_decoder_blocks(model)[1])
+    assert model.config.quantization_config == {"quant_method": "bitsandbytes"}
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before)
 
 
 def test_cli_route_saves_a_loadable_folder(tmp_path):

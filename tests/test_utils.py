@@ -46,6 +46,20 @@ def test_atomic_directory_leaves_nothing_on_failure_and_refuses_existing(tmp_pat
     # the old config (part of the replaced artifact) goes, the user's notes stay
     assert sorted(p.name for p in target.iterdir()) == ["notes.txt", "weights"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    # Nested artifacts of the old save (expert_2/ of 3 experts, overwritten by 2) go whole; the user's folders stay.
+    for name in ("expert_0", "expert_1", "expert_2"):
+        (target / name).mkdir()
+        (target / name / "adapter_config.json").write_text("{}")
+        (target / name / "adapter_model.safetensors").write_text("old")
+    (target / "results").mkdir()
+    (target / "results" / "scores.json").write_text("{}")
+    with atomic_directory(target, overwrite=True) as staging:
+        for name in ("expert_0", "expert_1"):
+            (staging / name).mkdir()
+            (staging / name / "adapter_config.json").write_text("{}")
+    assert sorted(p.name for p in target.iterdir()) == ["expert_0", "expert_1", "notes.txt", "results", "weights"]
+    assert sorted(p.name for p in (target / "expert_0").iterdir()) == ["adapter_config.json"]
+    assert (target / "results" / "scores.json").read_text() == "{}"
 
 
 def test_a_folder_of_other_files_needs_overwrite_and_keeps_them(tmp_path):

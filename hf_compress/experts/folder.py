@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .. import __version__, _compat
@@ -38,6 +39,7 @@ logger = get_logger(__name__)
 
 CONFIG_NAME = "experts_config.json"
 ROUTER_NAME = "router.safetensors"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # what PEFT reads, in its order
 FORMAT = "hf_compress_experts"
 FORMAT_VERSION = 1
 
@@ -198,15 +200,35 @@ def load_experts(cls, path, base_model, *, tokenizer=None, revision: str | None 
     spec = EmbeddingSpec(**config["embedding"])
     _check_fingerprint(config["base_model_fingerprint"], base_fingerprint(base_model, spec), str(path))
     names = list(config["experts"])
-    tensors = load_file(str(folder / ROUTER_NAME))
+    damaged = "the save is incomplete or damaged; re-save it (ExpertRouter.save_pretrained) or re-download it."
+    try:
+        tensors = load_file(str(folder / ROUTER_NAME))
+    except (OSError, SafetensorError) as err:
+        raise ValueError(f"{path}: cannot read {ROUTER_NAME} ({err}); {damaged}") from None
+    absent = sorted({"centroids", "mean", "std"} - tensors.keys())
+    if absent:
+        raise ValueError(f"{path}: {ROUTER_NAME} lacks {absent}; {damaged}")
     centroids = tensors["centroids"]
     if len(centroids) != len(names):
         raise ValueError(f"The router of {path} has {len(centroids)} clusters but the folder lists {len(names)} "
                          "experts; every cluster needs exactly one expert. Re-save the experts.")
-    missing = [name for name in names if not (folder / name / "adapter_config.json").is_file()]
+    width = base_model.config.get_text_config().hidden_size
+    if centroids.dim() != 2 or {centroids.shape[1], tensors["mean"].numel(), tensors["std"].numel()} != {width}:
+        raise ValueError(f"{path}: the router's centroids / standardisation are not {width} wide (the base model's "
+                         f"hidden size; centroids {tuple(centroids.shape)}); {damaged}")
+    missing = [name for name in names if not (folder / name / "adapter_config.json").is_file()
+               or not any((folder / name / weights).is_file() for weights in ADAPTER_WEIGHTS)]
     if missing:
-        raise ValueError(f"{path} lacks the expert folder(s) {missing} (each needs adapter_config.json); "
-                         "the save is incomplete, re-save or re-download it.")
+        raise ValueError(f"{path} lacks the expert folder(s) {missing} (each needs adapter_config.json and "
+                         f"{ADAPTER_WEIGHTS[0]}); {damaged}")
+    for name in names:  # read every header first: a damaged file must not leave the base half-wrapped by PEFT
+        weights = folder / name / ADAPTER_WEIGHTS[0]
+        if weights.is_file():
+            try:
+                with safe_open(str(weights), framework="pt") as handle:
+                    handle.keys()
+            except (OSError, SafetensorError) as err:
+                raise ValueError(f"{path}: cannot read {name}/{weights.name} ({err}); {damaged}") from None
     with _compat.third_party_warnings_silenced():
         model = PeftModel.from_pretrained(base_model, str(folder / names[0]), adapter_name=names[0])
         for name in names[1:]:

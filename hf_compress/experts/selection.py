@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import heapq
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -163,10 +164,11 @@ def kept_count(pool_size: int, budget: float) -> int:
     """How many of ``pool_size`` examples a ``budget`` keeps: ``budget * pool_size`` rounded half up, at least 1.
 
     Example:
-        >>> kept_count(20, 0.25), kept_count(3, 0.1)
-        (5, 1)
+        >>> kept_count(20, 0.25), kept_count(3, 0.1), kept_count(25, 0.58), kept_count(10, 0.25)
+        (5, 1, 15, 3)
     """
-    return max(1, int(budget * pool_size + 0.5))
+    # The epsilon absorbs binary rounding (0.58 * 25 is 14.4999...): a fraction typed in decimal rounds as written.
+    return max(1, math.floor(budget * pool_size + 0.5 + 1e-9))
 
 
 def select_data(
@@ -184,7 +186,8 @@ def select_data(
     weights: torch.Tensor | str | None = None,
     return_report: bool = False,
 ):
-    """Keep ``round(budget * n)`` examples of ``dataset`` that cover its semantic space (ASSL selection).
+    """Keep ``kept_count(n, budget)`` examples (``budget * n`` rounded half up) of ``dataset`` that cover its
+    semantic space (ASSL selection).
 
     Args:
         dataset: ``datasets.Dataset`` (``prompt``/``completion`` or ``text`` columns), a list of such
@@ -217,6 +220,11 @@ def select_data(
                          hint="It is the fraction of the examples to keep, e.g. 0.2.")
     check_choice("method", method, SELECTION_METHODS)
     check_seed("seed", seed)
+    if weights is not None and method != "facility_location":  # before the embedding and loss passes
+        raise ValueError(f"weights apply to method='facility_location' only, not {method!r}; drop weights or use "
+                         "that method.")
+    if isinstance(weights, str):
+        check_choice("weights", weights, WEIGHTINGS)
     rows = instruction_rows(dataset)
     n = len(rows)
     count = kept_count(n, budget)
@@ -229,7 +237,6 @@ def select_data(
     embeddings = EmbeddingSpace.fit(raw)(raw)
     weighting = None
     if isinstance(weights, str):
-        check_choice("weights", weights, WEIGHTINGS)
         weighting, weights = weights, completion_losses(model, tokenizer, dataset, batch_size=batch_size)
     elif weights is not None:
         weighting = "given"

@@ -139,28 +139,36 @@ def train_experts(
 
     results: list[dict[str, Any]] = []
     peft_model, warmup, start_from = None, None, None
-    with tempfile.TemporaryDirectory(prefix="hf_compress-experts-") as scratch:
-        if warmup_steps:
-            peft_model, warmup, start_from = _shared_warmup(model, rows, tokenizer, config, args, warmup_steps, scratch)
-        for index in range(k):
-            name = config.adapter_name(index)
-            members = torch.nonzero(labels == index).flatten().tolist()
-            cluster = InstructionRows([rows.prompts[i] for i in members], [rows.completions[i] for i in members])
-            data = packed_instruction_dataset(cluster, tokenizer, config.seq_len, seed=config.seed + index)
-            with _compat.third_party_warnings_silenced():
-                if peft_model is None:
-                    peft_model = get_peft_model(model, config.lora_config(model), adapter_name=name)
-                else:
-                    peft_model.add_adapter(name, config.lora_config(model))
-                if start_from is not None:
-                    set_peft_model_state_dict(peft_model, start_from, adapter_name=name)
-            peft_model.set_adapter(name)  # only this expert's LoRA weights train
-            logger.info("training %s on %d examples (%d windows of %d tokens), %s steps", name, len(members),
-                        len(data), config.seq_len, steps[index])
-            result = train_with_trainer(peft_model, data, scratch, _with_steps(args, steps[index], scratch))
-            results.append({"adapter": name, "examples": len(members), "windows": len(data),
-                            "steps": result["global_step"], "train_seconds": round(result["train_seconds"], 3),
-                            "training_loss": result["training_loss"]})
+    try:
+        with tempfile.TemporaryDirectory(prefix="hf_compress-experts-") as scratch:
+            if warmup_steps:
+                peft_model, warmup, start_from = _shared_warmup(model, rows, tokenizer, config, args, warmup_steps,
+                                                                scratch)
+            for index in range(k):
+                name = config.adapter_name(index)
+                members = torch.nonzero(labels == index).flatten().tolist()
+                cluster = InstructionRows([rows.prompts[i] for i in members], [rows.completions[i] for i in members])
+                data = packed_instruction_dataset(cluster, tokenizer, config.seq_len, seed=config.seed + index)
+                with _compat.third_party_warnings_silenced():
+                    if peft_model is None:
+                        peft_model = get_peft_model(model, config.lora_config(model), adapter_name=name)
+                    else:
+                        peft_model.add_adapter(name, config.lora_config(model))
+                    if start_from is not None:
+                        set_peft_model_state_dict(peft_model, start_from, adapter_name=name)
+                peft_model.set_adapter(name)  # only this expert's LoRA weights train
+                logger.info("training %s on %d examples (%d windows of %d tokens), %s steps", name, len(members),
+                            len(data), config.seq_len, steps[index])
+                result = train_with_trainer(peft_model, data, scratch, _with_steps(args, steps[index], scratch))
+                results.append({"adapter": name, "examples": len(members), "windows": len(data),
+                                "steps": result["global_step"], "train_seconds": round(result["train_seconds"], 3),
+                                "training_loss": result["training_loss"]})
+    except BaseException:
+        # An interrupted or failed run hands the caller's model back as it came (PEFT wraps it in place).
+        if peft_model is not None:
+            peft_model.unload()
+            vars(model).pop("peft_config", None)  # PEFT leaves it on the base; it was absent (checked above)
+        raise
     if warmup is not None:
         peft_model.delete_adapter(_WARMUP_ADAPTER)  # its weights live on in every expert
     peft_model.eval()

@@ -22,7 +22,11 @@ What a skipped token means (the contract the tests check):
   is never exactly the zero vector in practice; padding slots are masked by the padding mask as usual.
 - **Decoding.** Routing applies to the prompt forward (the first forward of a sequence). Tokens fed afterwards
   (decoding, speculative verification chunks) are computed at every block and see the prompt's kept tokens only
-  — unless ``route_decode`` (the paper's decode variant: skip when the router's probability is below 0.5).
+  — unless ``route_decode`` (the paper's decode variant: skip when the router's probability is below 0.5; the
+  router reads a token's position in the whole sequence, its attention and rank factors among the tokens fed
+  together, since earlier tokens' states are not kept). A decoded token skipped at a block leaves a zero cache slot
+  there, like a skipped prompt token; a row that skips while another row computes is filled up with its own
+  token, whose output is dropped and whose K/V is zeroed before it reaches the cache.
   Assisted generation feeds the prompt and the first draft tokens in one forward: during ``generate()`` the
   routed model knows its prompt's length, and the tokens past it are computed at every block, as decoded tokens
   would be, so assisted and prompt-lookup decoding stay equal to greedy decoding.
@@ -172,7 +176,11 @@ def install_routing(
         # transformers refuses it) instead of a folder that would load as the dense model.
         from .format import attach_routed_format
 
-        attach_routed_format(model)
+        try:
+            attach_routed_format(model)
+        except BaseException:
+            remove_routing(model)  # refused (e.g. a model already quantized another way): leave it as it came
+            raise
     return state
 
 
@@ -200,7 +208,8 @@ def remove_routing(model: nn.Module) -> None:
     if "token_router" in decoder._modules:
         del decoder._modules["token_router"]
     config = getattr(model.config, "quantization_config", None)
-    if getattr(config, "quant_method", None) == "hf_compress_routed":
+    method = config.get("quant_method") if isinstance(config, dict) else getattr(config, "quant_method", None)
+    if method == "hf_compress_routed":
         del model.config.quantization_config
 
 
@@ -353,8 +362,16 @@ def _call_arguments(block: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.
     return call.pop(hidden_name), call
 
 
-def _token_scores(block: nn.Module, state: RoutingState, hidden: torch.Tensor, valid: torch.Tensor, sparsity: float):
-    """Scores ``(B, T)`` (higher = compute) and, for the trained router, its logits."""
+def _token_scores(block: nn.Module, state: RoutingState, hidden: torch.Tensor, valid: torch.Tensor, sparsity: float,
+                  offset: torch.Tensor | None = None):
+    """Scores ``(B, T)`` (higher = compute) and, for the trained router, its logits.
+
+    ``offset`` (decoding): real tokens already in the cache; the sequence's first token is not among these, so
+    no token is kept unconditionally and the router alone decides.
+    """
+    if offset is not None:
+        logits = state.router(router_features(hidden, valid, sparsity, offset))
+        return logits.detach().float().masked_fill(~valid, -math.inf), logits
     if state.mode == "static":
         return static_scores(valid), None
     if state.mode == "random":
@@ -404,13 +421,19 @@ def _routed_forward(block: nn.Module, state: RoutingState, sparsity: float, args
     elif prompt or decode_routing:
         valid = _current_validity(state, hidden)
         ranked = length - state.tail if prompt else length  # the tokens past the prompt are not ranked: always kept
-        scores, logits = _token_scores(block, state, hidden[:, :ranked], valid[:, :ranked], sparsity)
+        offset = None
+        if not prompt:
+            offset = state.valid[:, :past].sum(-1) if state.valid is not None else valid.new_full((batch,), past,
+                                                                                                    dtype=torch.long)
+        scores, logits = _token_scores(block, state, hidden[:, :ranked], valid[:, :ranked], sparsity, offset)
         if ranked < length:
             scores = torch.cat([scores, scores.new_full((batch, length - ranked), math.inf)], dim=1)
         if prompt:
             skip = _row_counts(skips, hidden.device)
         else:  # the paper's decode rule: skip a token whose compute probability is below 0.5
-            skip, width = (valid & (torch.sigmoid(scores) < 0.5)).sum(-1), None
+            skip = (valid & (torch.sigmoid(scores) < 0.5)).sum(-1)
+            # At least one (filler) column: the block must still write this step's slots (zeros) to the cache.
+            width = max(1, int((valid.sum(-1) - skip).max()))
         keep, real = select_tokens(scores, valid, skip, width)
         if state.collect is not None and logits is not None and prompt:
             static_keep, _ = select_tokens(static_scores(valid), valid, skip, width)
@@ -471,7 +494,10 @@ def _routed_forward(block: nn.Module, state: RoutingState, sparsity: float, args
         mask = _mask_for(block, allowed[:, None], hidden.dtype)
     call["attention_mask"] = mask
     if cache is not None:
-        call[cache_name] = _ScatteringCache(cache, keep, shared, length, mask, gather=past == 0)
+        # A decode chunk has no padding to fill rows up with: a row's fillers are its own skipped tokens, whose K/V
+        # must not reach the cache (zeros there are masked for every later query, as for any skipped slot).
+        fillers = real if decode_routing else None
+        call[cache_name] = _ScatteringCache(cache, keep, shared, length, mask, gather=past == 0, real=fillers)
 
     output = super(RoutedLayerMixin, block).forward(hidden_kept, **call)
     computed = output[0] if isinstance(output, tuple) else output
@@ -597,8 +623,9 @@ class _ScatteringCache:
     """
 
     def __init__(self, cache: Any, keep: torch.Tensor, shared: torch.Tensor | None, length: int,
-                 mask: torch.Tensor | None, gather: bool) -> None:
+                 mask: torch.Tensor | None, gather: bool, real: torch.Tensor | None = None) -> None:
         self._cache = cache
+        self._real = real  # (B, K) bool: which gathered tokens are not fillers; None = all are real
         self._keep = keep
         self._shared = shared
         self._length = length
@@ -625,6 +652,8 @@ class _ScatteringCache:
 
     def _scatter(self, states: torch.Tensor) -> torch.Tensor:
         batch, heads, width, dim = states.shape
+        if self._real is not None:
+            states = states * self._real[:, None, :, None].to(states.dtype)
         full = states.new_zeros(batch, heads, self._length, dim)
         if self._shared is not None:
             return full.index_copy_(2, self._shared, states)

@@ -93,9 +93,16 @@ def static_scores(valid: torch.Tensor) -> torch.Tensor:
     return scores.masked_fill(~valid, -math.inf)
 
 
-def router_features(hidden_states: torch.Tensor, valid: torch.Tensor, block_sparsity: float) -> torch.Tensor:
-    """The four factors ``(B, T, 4)`` of every token at one block's input (padding rows are zeros)."""
+def router_features(hidden_states: torch.Tensor, valid: torch.Tensor, block_sparsity: float,
+                    offset: torch.Tensor | None = None) -> torch.Tensor:
+    """The four factors ``(B, T, 4)`` of every token at one block's input (padding rows are zeros).
+
+    ``offset`` ``(B,)``: real tokens before these ones (decoding), so positions count in the whole sequence; the
+    attention and rank factors are computed among the tokens given (the earlier ones' states are not kept).
+    """
     positions, counts = real_positions(valid)
+    if offset is not None:
+        positions, counts = positions + offset[:, None], counts + offset
     n = counts.clamp(min=1).to(torch.float32)[:, None]
     hidden = hidden_states.detach().to(torch.float32)
     # Cosine-like score of each token against the last one, as matrix-vector products (no [B, T, H] temporaries).
@@ -123,10 +130,10 @@ def select_tokens(
     """Indices ``(B, K)`` (ascending) of the tokens a block computes, and which of them are real (not fillers).
 
     Row b keeps its ``n_b − skip_b`` best-scored real tokens (the first real token always: its score must be +inf).
-    Rows keeping fewer than the longest row are filled up with padding positions so the gathered batch is
-    rectangular; fillers are computed but their outputs are dropped and their keys are masked (``layer.py``).
-    ``skip`` is ``(B,)``: the count each row skips. ``width``, the most tokens a row keeps, when the caller knows it
-    (reading it from ``skip`` waits for the device).
+    Rows keeping fewer than the longest row are filled up with padding positions (or, where a row has none, its
+    own skipped tokens) so the gathered batch is rectangular; fillers are computed but their outputs are dropped
+    and their keys are masked (``layer.py``). ``skip`` is ``(B,)``: the count each row skips. ``width``, the most
+    tokens a row keeps, when the caller knows it (reading it from ``skip`` waits for the device).
     """
     keep_count = valid.sum(-1) - skip
     order = torch.argsort(scores, dim=-1, descending=True, stable=True)

@@ -66,12 +66,11 @@ def router_losses(collected: list, config: TokenRouterConfig, guide_scale: float
 class RouterTrainingModule(nn.Module):
     """What ``Trainer`` trains: the routed model (frozen) whose router is the only trainable part."""
 
-    def __init__(self, model: PreTrainedModel, config: TokenRouterConfig, total_steps: int) -> None:
+    def __init__(self, model: PreTrainedModel, config: TokenRouterConfig) -> None:
         super().__init__()
         self.model = model
         self.config = config
-        self.total_steps = max(1, total_steps)
-        self.steps = 0
+        self.progress = 0.0  # share of the optimizer steps done (GuideDecay sets it); the guide loss decays with it
         self.last_losses: dict[str, float] = {}
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, labels: Any = None) -> dict:
@@ -84,9 +83,7 @@ class RouterTrainingModule(nn.Module):
             collected = state.collect
         finally:
             state.collect = None
-        if self.training:
-            self.steps += 1
-        guide_scale = max(0.0, 1.0 - self.steps / self.total_steps)
+        guide_scale = max(0.0, 1.0 - self.progress)
         losses = router_losses(collected, self.config, guide_scale)
         losses["distill"] = self.config.distill_weight * _tail_kl(teacher, student, input_ids, attention_mask,
                                                                   self.config.loss_tail)
@@ -102,6 +99,17 @@ def _tail_kl(teacher: torch.Tensor, student: torch.Tensor, input_ids: torch.Tens
     kl = (log_teacher.exp() * (log_teacher - log_student)).sum(-1)
     weight = _tail_weight(input_ids, attention_mask, tail)
     return (kl * weight).sum() / weight.sum().clamp(min=1)
+
+
+class GuideDecay(TrainerCallback):
+    """Tells the training module how far training is, in optimizer steps (``Trainer`` knows the total for
+    ``max_steps`` and epoch-based runs alike; counting forwards would run ahead under gradient accumulation)."""
+
+    def __init__(self, module: RouterTrainingModule) -> None:
+        self.module = module
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.module.progress = state.global_step / max(1, state.max_steps)
 
 
 class KeepBestRouter(TrainerCallback):
@@ -216,12 +224,11 @@ def train_token_router(
     state.router.requires_grad_(True)
     state.router.float()
     settings = args or TrainingSettings(max_steps=200, learning_rate=1e-3, per_device_batch_size=1, seed=config.seed)
-    total_steps = settings.max_steps if hasattr(settings, "max_steps") and settings.max_steps > 0 else 1
-    module = RouterTrainingModule(model, config, total_steps)
+    module = RouterTrainingModule(model, config)
     if eval_dataset is None and config.validation_windows and len(dataset) >= 2 * config.validation_windows:
         held_out = len(dataset) - config.validation_windows
         dataset, eval_dataset = dataset.select(range(held_out)), dataset.select(range(held_out, len(dataset)))
-    callbacks = []
+    callbacks: list[TrainerCallback] = []
     if eval_dataset is not None and config.validation_windows:
         windows = list(eval_dataset.select(range(min(len(eval_dataset), config.validation_windows))))
         callbacks.append(KeepBestRouter(model, windows, config, config.validation_every))
@@ -229,7 +236,8 @@ def train_token_router(
         logger.info("router training without model selection (no held-out windows: pass eval_dataset or more rows)")
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
-        result = train_with_trainer(module, dataset, output_dir or scratch, settings, callbacks=callbacks)
+        result = train_with_trainer(module, dataset, output_dir or scratch, settings,
+                                    callbacks=[*callbacks, GuideDecay(module)])
     model.requires_grad_(False)
     model.eval()
     selection = None

@@ -126,10 +126,15 @@ class HeldOut:
         check_bool("stop_at_newline", stop_at_newline)
         items = [{"prompt": p, "answers": None} if isinstance(p, str) else p for p in held_out_prompts] \
             if isinstance(held_out_prompts, (list, tuple)) else held_out_prompts
-        with_answers = bool(items) and all(
-            isinstance(i, TaskExample) or (isinstance(i, dict) and i.get("answers")) for i in items)
+        score_fn = resolve_reward(reward)  # an unknown name is refused whatever the prompts hold
+        answered = [isinstance(i, TaskExample) or (isinstance(i, dict) and bool(i.get("answers"))) for i in items]
+        if any(answered) and not all(answered):
+            raise ValueError(
+                f"held_out_prompts mixes items with reference answers and {answered.count(False)} without; give every "
+                "item non-empty `answers` (scored by the reward) or none (scored by agreement with strict decoding).")
+        with_answers = bool(items) and all(answered)
         if with_answers:
-            examples, score_fn = task_examples(items, tokenizer), resolve_reward(reward)
+            examples = task_examples(items, tokenizer)
         else:
             examples = task_examples([{**i, "answers": ["-"]} for i in items], tokenizer)  # set by strict()
             score_fn = lambda text, answers: squad_scores(text, answers)[1] if answers[0].strip() else float(not text.strip())

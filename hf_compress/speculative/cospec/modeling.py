@@ -84,6 +84,27 @@ class CoSpecArbiter(PreTrainedModel):
 
     # ------------------------------------------------------------------ building
     @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs) -> CoSpecArbiter:
+        """``PreTrainedModel.from_pretrained``, refusing a folder that does not hold every weight of an arbiter.
+
+        transformers would fill missing weights and buffers with fresh (here: uninitialised) values and only warn;
+        an arbiter without its standardisation outputs NaN, which silently decodes strictly.
+        """
+        want_info = kwargs.pop("output_loading_info", False)
+        arbiter, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True,
+                                                **kwargs)
+        missing = sorted(info.get("missing_keys") or ())
+        mismatched = sorted(str(entry[0]) if isinstance(entry, tuple) else str(entry)
+                            for entry in info.get("mismatched_keys") or ())
+        if missing or mismatched:
+            foreign = sorted(info.get("unexpected_keys") or ())
+            what = (f"it holds another model's weights ({', '.join(foreign[:3])}, ...)" if foreign and len(missing) > 1
+                    else f"missing {missing}" if missing else f"wrong shapes for {mismatched}")
+            raise ValueError(f"{pretrained_model_name_or_path} is not a complete CoSpec arbiter: {what}. Load a folder "
+                             "saved by CoSpecArbiter.save_pretrained (re-save or re-download it if it was cut short).")
+        return (arbiter, info) if want_info else arbiter
+
+    @classmethod
     def for_model(
         cls, model: PreTrainedModel, config: ArbiterConfig | None = None, tokenizer: PreTrainedTokenizerBase | None = None
     ) -> CoSpecArbiter:

@@ -99,7 +99,9 @@ class CoSpec(SpeculativeDecoding):
         self._arbiter_source: str | None = None
 
     def load_arbiter(self, model: PreTrainedModel | None = None) -> CoSpecArbiter:
-        """The arbiter, loaded on first use (onto ``model``'s device) and checked against ``model``."""
+        """The arbiter, loaded on first use (onto ``model``'s device) and checked against ``model`` (and against the
+        target's tokenizer when the strategy has one: a cross-tokenizer pair; ``generate()`` does not hand its
+        ``tokenizer=`` to a ``custom_generate`` callable)."""
         if not isinstance(self.arbiter, CoSpecArbiter):
             logger.info("Loading CoSpec arbiter %s", self.arbiter)
             self._arbiter_source = str(self.arbiter)
@@ -118,8 +120,8 @@ class CoSpec(SpeculativeDecoding):
                            generator=self.generator)
 
     def drafter_for(self, model: PreTrainedModel):
+        drafter = super().drafter_for(model)  # first: it loads tokenizers given by name, which the check reads
         self.load_arbiter(model)
-        drafter = super().drafter_for(model)
         return drafter if self.decision_log is None else _RoundContext(drafter, self.decision_log)
 
     # ------------------------------------------------------------------ serialisation
