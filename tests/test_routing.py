@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import inspect
 import math
+import types
 
 import pytest
 import torch
@@ -333,6 +334,28 @@ def test_prompt_lookup_generate_equals_greedy(arch, mode):
     greedy = model.generate(ids, **settings)
     assert torch.equal(model.generate(ids, prompt_lookup_num_tokens=4, **settings), greedy)
     assert routing_state(model).prompt_length is None  # recorded for the call only
+
+
+def test_saved_speculative_custom_generate_on_a_routed_folder_equals_greedy(tmp_path):
+    """Loaded with trust_remote_code, transformers rebinds model.generate to the folder's custom_generate; that code
+    still goes through the routed model's prompt-aware generate (the first forward holds the prompt and drafts)."""
+    from transformers import AutoModelForCausalLM
+
+    from hf_compress.speculative.strategies import SpeculativeDecoding, render_generate_py
+
+    model, tokenizer = tiny_model("llama")
+    install_routing(model, RoutingSchedule([0.4, 0.5]))
+    save_routed(model, tokenizer, tmp_path / "routed")
+    (tmp_path / "routed" / "custom_generate").mkdir()
+    (tmp_path / "routed" / "custom_generate" / "generate.py").write_text(
+        render_generate_py("speculative_decoding", SpeculativeDecoding(num_draft_tokens=4).to_dict()))
+    ids = _ids(1, 40, seed=2)
+    ids = torch.cat([ids, ids[:, :20]], dim=1)  # a repeat, so that the n-gram drafter finds drafts
+    settings = dict(attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False, pad_token_id=0)
+    greedy = model.generate(ids, **settings)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "routed", trust_remote_code=True)
+    assert not isinstance(loaded.generate, types.MethodType)  # transformers' rebinding happened
+    assert torch.equal(loaded.generate(ids, **settings), greedy)
 
 
 def test_right_padding_is_refused():

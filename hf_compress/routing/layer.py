@@ -169,8 +169,10 @@ def install_routing(
     decoder._routing_hook = hook
     decoder._routing_state = state
     # An instance attribute, not a class swap: save_pretrained records the class name, and copy.deepcopy rebinds a
-    # bound method to the copy.
+    # bound method to the copy. Also under PROMPT_AWARE_GENERATE, which survives transformers rebinding
+    # model.generate to a folder's custom_generate (trust_remote_code); that code calls it (speculative/strategies.py).
     model.generate = types.MethodType(_generate_knowing_the_prompt, model)
+    setattr(model, PROMPT_AWARE_GENERATE, model.generate)
     if not _being_loaded(model):
         # Recorded on the config at once, so that a plain save_pretrained writes a routed checkpoint (and a stock
         # transformers refuses it) instead of a folder that would load as the dense model.
@@ -201,6 +203,7 @@ def remove_routing(model: nn.Module) -> None:
             for name in ("_routing_state", "_routing_index", "_routing_window", "_routing_config"):
                 block.__dict__.pop(name, None)
     model.__dict__.pop("generate", None)
+    model.__dict__.pop(PROMPT_AWARE_GENERATE, None)
     hook = decoder.__dict__.pop("_routing_hook", None)
     if hook is not None:
         hook.remove()
@@ -243,6 +246,11 @@ def routing_mode(model: nn.Module, mode: str, schedule: RoutingSchedule | None =
         yield state
     finally:
         state.mode, state.schedule = saved
+
+
+PROMPT_AWARE_GENERATE = "_hf_compress_generate"
+"""Instance attribute holding a model's own ``generate`` when hf_compress wrapped it (a routed model records its
+prompt's length); a saved ``custom_generate/generate.py`` calls it instead of the class's ``generate``."""
 
 
 def _generate_knowing_the_prompt(self: nn.Module, *args: Any, **kwargs: Any) -> Any:

@@ -590,6 +590,11 @@ def generate(*args, model, draft_model=None, draft_tokenizer=None, heads=None, a
             heads=heads, arbiter=arbiter,
         )
         _last = ((arguments, settings), strategy)
-    # type(model).generate: a folder loaded with trust_remote_code binds this function as model.generate itself.
+    # Not model.generate: a folder loaded with trust_remote_code binds this function there. A model whose generate
+    # hf_compress wrapped (a routed one records its prompt's length) keeps that one under this name
+    # (hf_compress.routing.layer.PROMPT_AWARE_GENERATE); any other runs its class's generate.
+    own = vars(model).get("_hf_compress_generate")
+    if own is not None:
+        return own(*args, custom_generate=strategy, **kwargs)
     return type(model).generate(model, *args, custom_generate=strategy, **kwargs)
 '''
