@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import json
 import math
 import types
 
@@ -19,6 +20,7 @@ from hf_compress.routing import (
     RoutingSchedule,
     TokenRouterConfig,
     install_routing,
+    remove_routing,
     routing_mode,
     routing_state,
     save_routed,
@@ -356,6 +358,22 @@ def test_saved_speculative_custom_generate_on_a_routed_folder_equals_greedy(tmp_
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "routed", trust_remote_code=True)
     assert not isinstance(loaded.generate, types.MethodType)  # transformers' rebinding happened
     assert torch.equal(loaded.generate(ids, **settings), greedy)
+
+
+def test_routing_a_model_built_from_a_routed_config_saves_its_own_schedule(tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model, _ = tiny_model("llama")
+    install_routing(model, RoutingSchedule([0.5, 0.5]))
+    model.save_pretrained(tmp_path / "a")
+    config = AutoConfig.from_pretrained(tmp_path / "a")  # its quantization_config is a plain dict
+    fresh = AutoModelForCausalLM.from_config(config)
+    install_routing(fresh, RoutingSchedule([0.1, 0.2]))
+    fresh.save_pretrained(tmp_path / "b")
+    saved = json.loads((tmp_path / "b" / "config.json").read_text())["quantization_config"]
+    assert saved["block_sparsity"] == [0.1, 0.2]
+    remove_routing(fresh)
+    assert getattr(fresh.config, "quantization_config", None) is None
 
 
 def test_right_padding_is_refused():

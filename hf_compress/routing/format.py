@@ -137,14 +137,14 @@ def attach_routed_format(model: PreTrainedModel, recipe: Mapping[str, Any] | Non
     if state is None:
         raise ValueError("the model has no token routing; build one with search_schedule / train_token_router.")
     existing = getattr(model.config, "quantization_config", None)
-    if existing is not None and not isinstance(existing, RoutedFormatConfig):
-        method = existing.get("quant_method") if isinstance(existing, Mapping) else existing.quant_method
+    method = existing.get("quant_method") if isinstance(existing, Mapping) else getattr(existing, "quant_method", None)
+    if existing is not None and method != FORMAT_NAME:
         raise ValueError(f"the model is already in the {method} format; token routing needs a float model.")
+    earlier_recipe = existing.get("recipe") if isinstance(existing, Mapping) else getattr(existing, "recipe", None)
     config = RoutedFormatConfig(
         block_sparsity=state.schedule.block_sparsity, mode=state.mode,
         router_hidden_size=state.router.hidden.out_features, route_decode=state.route_decode,
-        router_features=ROUTER_FEATURES_VERSION,
-        recipe=recipe if recipe is not None else getattr(existing, "recipe", None),
+        router_features=ROUTER_FEATURES_VERSION, recipe=recipe if recipe is not None else earlier_recipe,
     )
     config.__dict__["_state"] = state
     model.config.quantization_config = config

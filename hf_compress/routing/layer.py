@@ -189,8 +189,9 @@ def install_routing(
 def _being_loaded(model: nn.Module) -> bool:
     """True while the routed format's quantizer prepares this model (it records the config itself)."""
     config = getattr(model.config, "quantization_config", None)
-    method = config.get("quant_method") if isinstance(config, dict) else getattr(config, "quant_method", None)
-    return method == "hf_compress_routed" and "_state" not in getattr(config, "__dict__", {})
+    # The quantizer holds a config object; a plain dict (a config read with AutoConfig, then from_config) is not it.
+    return (not isinstance(config, dict) and getattr(config, "quant_method", None) == "hf_compress_routed"
+            and "_state" not in getattr(config, "__dict__", {}))
 
 
 def remove_routing(model: nn.Module) -> None:
