@@ -34,6 +34,10 @@ def test_atomic_directory_leaves_nothing_on_failure_and_refuses_existing(tmp_pat
             (staging / "config.json").write_text("{}")
             raise RuntimeError("interrupted")
     assert list(tmp_path.iterdir()) == []
+    with pytest.raises(RuntimeError):  # parent folders the save created go too; the ones that existed stay
+        with atomic_directory(tmp_path / "runs" / "new" / "model"):
+            raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []
     with atomic_directory(target) as staging:
         (staging / "config.json").write_text("{}")
     assert (target / "config.json").is_file()

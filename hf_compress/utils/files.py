@@ -146,6 +146,7 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iter
     target = check_save_dir(target, overwrite)
     if target.is_symlink():
         target = target.resolve()
+    created = [parent for parent in target.parents if not parent.exists()]  # removed again if the save fails
     target.parent.mkdir(parents=True, exist_ok=True)
     sweep_stale_staging(target)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
@@ -157,6 +158,11 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iter
         _install(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        for parent in created:  # innermost first; a folder something else wrote into meanwhile stays
+            try:
+                parent.rmdir()
+            except OSError:
+                break
         raise
 
 
