@@ -604,6 +604,11 @@ def test_schedule_length_must_match_blocks():
     model, _ = tiny_model("llama")
     with pytest.raises(ValueError, match="3 entries but the model has 2 decoder blocks"):
         install_routing(model, RoutingSchedule([0.1, 0.2, 0.3]))
+    install_routing(model, RoutingSchedule([0.1, 0.2]))
+    with pytest.raises(ValueError, match="3 entries but the model has 2 decoder blocks"):
+        with routing_mode(model, "static", RoutingSchedule([0.1, 0.2, 0.3])):
+            pass
+    assert routing_state(model).schedule.block_sparsity == [0.1, 0.2]
 
 
 def test_encoder_decoder_is_refused():

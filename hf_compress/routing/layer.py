@@ -239,6 +239,8 @@ def routing_mode(model: nn.Module, mode: str, schedule: RoutingSchedule | None =
         raise ValueError("the model has no token routing installed; call install_routing first.")
     if mode not in ROUTING_MODES:
         raise ValueError(f"mode must be one of {', '.join(ROUTING_MODES)}, got {mode!r}.")
+    if schedule is not None:
+        schedule.check_blocks(len(state.schedule.block_sparsity))  # one entry per routed block
     saved = (state.mode, state.schedule)
     state.mode = mode
     if schedule is not None:
