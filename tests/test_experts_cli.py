@@ -35,7 +35,7 @@ def rows_file(tmp_path_factory):
 def trained(rows_file, tmp_path_factory):
     folder = tmp_path_factory.mktemp("experts") / "experts"
     code = main(["-q", "experts", "train", "--data", str(rows_file), "--num-experts", "2", "--select", "0.5",
-                 "--save-dir", str(folder), *TINY])
+                 "--select-weights", "loss", "--save-dir", str(folder), *TINY])
     assert code == 0
     return folder
 
@@ -56,7 +56,7 @@ def test_train_saves_a_folder_with_the_selection_and_the_flags_it_was_given(trai
     assert config["experts"] == ["expert_0", "expert_1"]
     assert config["config"]["r"] == 2 and config["config"]["seq_len"] == 32 and config["config"]["num_experts"] == 2
     assert config["selection"]["kept"] == 10 and config["selection"]["pool_size"] == 20  # --select 0.5, exactly
-    assert config["selection"]["method"] == "facility_location"
+    assert config["selection"]["method"] == "facility_location" and config["selection"]["weighting"] == "loss"
     assert sum(config["cluster_sizes"]) == 10 and min(config["cluster_sizes"]) >= 1
     assert config["training"]["total_steps"] == 2
     assert config["data"] == {"file": "rows.jsonl", "rows": 20}  # the file's name only, never a machine path
