@@ -5,6 +5,7 @@ learned permutations through Trainer, exact N:M after export, save → load equa
 from __future__ import annotations
 
 import copy
+import fnmatch
 import itertools
 import json
 import logging
@@ -91,9 +92,19 @@ def test_hungarian_returns_the_minimum_cost_permutation():
 # ------------------------------------------------------------------------------------------ absorption
 
 
+def _randomise_vectors(model: nn.Module) -> None:
+    """Random norm weights and biases: a tiny model's are all ones / zeros, so leaving them unpermuted would pass."""
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() == 1:
+                parameter.copy_(1 + 0.5 * torch.randn(parameter.shape, generator=generator))
+
+
 @pytest.mark.parametrize("arch", PERMUTABLE)
 def test_absorbed_random_permutations_keep_the_dense_logits(arch):
     model, _ = tiny_model(arch)
+    _randomise_vectors(model)
     before = _logits(model)
     sites = find_sites(model)
     kinds = {site.kind for site in sites}
@@ -101,9 +112,11 @@ def test_absorbed_random_permutations_keep_the_dense_logits(arch):
     generator = torch.Generator().manual_seed(0)
     perms = {site.name: torch.randperm(site.width, generator=generator) for site in sites}
     absorb_permutations(model, sites, perms)
-    changed = sum(not torch.equal(a, b) for a, b in zip(
-        [p.detach().clone() for p in tiny_model(arch)[0].parameters()], model.parameters(), strict=True))
-    assert changed > 0
+    reference, _ = tiny_model(arch)
+    _randomise_vectors(reference)
+    changed = {name for (name, a), b in zip(reference.named_parameters(), model.parameters(), strict=True)
+               if not torch.equal(a, b)}
+    assert any("norm" in name or "layer_norm" in name for name in changed)  # norms were permuted too
     torch.testing.assert_close(_logits(model), before, atol=1e-5, rtol=1e-5)
 
 
@@ -518,6 +531,25 @@ def test_a_time_budget_that_stops_training_early_still_anneals_and_logs_the_loss
 # ------------------------------------------------------------------------------------------ bad input
 
 
+@pytest.mark.parametrize("permutation", ["ria", "swap"])
+@pytest.mark.parametrize("skip", [["*o_proj"], ["*down_proj"], ["model.layers.0.*"]])
+def test_a_site_whose_readers_are_all_skipped_is_left_as_it_is(permutation, skip):
+    model, tokenizer = tiny_model("llama")
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    pruner = WandaPruner(model, tokenizer)
+    pruner.prune(WandaConfig(sparsity="2:4", permutation=permutation, skip=skip, **SMALL), CALIBRATION_TEXT,
+                 progress=False)
+    report = pruner.permutation_report
+    unscored = [site for site in find_sites(tiny_model("llama")[0], skip) if not site.scored_readers]
+    assert unscored and report.sites == len(find_sites(model)) - len(unscored)
+    for name, weight in _pruned_weights(model).items():  # every pruned layer is exact 2:4, skipped ones untouched
+        if any(fnmatch.fnmatch(name, pattern) for pattern in skip):
+            assert int((weight == 0).sum()) == 0, name
+        else:
+            assert int((weight != 0).reshape(weight.shape[0], -1, 4).sum(-1).max()) <= 2, name
+    assert any(not torch.equal(p, before[name]) for name, p in model.named_parameters())
+
+
 def test_bad_permutation_configs_raise_clear_errors():
     with pytest.raises(ValueError, match="needs an N:M sparsity"):
         WandaConfig(sparsity=0.5, permutation="ria")
@@ -527,6 +559,11 @@ def test_bad_permutation_configs_raise_clear_errors():
         TyrConfig(permutation="ria")
     with pytest.raises(ValueError, match="either groups or block_size"):
         LearnedPermutationConfig(groups=4, block_size=32)
+    with pytest.raises(ValueError, match="either groups or block_size"):  # the default's value, given explicitly
+        LearnedPermutationConfig(groups=16, block_size=32)
+    assert LearnedPermutationConfig().groups == 16 and LearnedPermutationConfig(block_size=32).groups is None
+    with pytest.raises(ValueError, match="permutation=swap needs an N:M sparsity"):
+        WandaConfig(sparsity=0.5, permutation="swap")
     with pytest.raises(ValueError, match="temperature_end"):
         LearnedPermutationConfig(temperature_start=0.1, temperature_end=0.5)
     with pytest.raises(ValueError, match="mask_temperature"):

@@ -219,7 +219,7 @@ class PruningConfig:
         self.permutation = parse_permutation(self.permutation)
         if self.permutation is not None and not self.pattern.is_n_m:
             raise ValueError(
-                f"permutation={self.permutation if isinstance(self.permutation, str) else 'learned'} needs an N:M "
+                f"permutation={self.permutation if isinstance(self.permutation, str) else self.permutation.kind} needs an N:M "
                 f"sparsity such as '2:4' (N:M groups are what the permutation reorders), got {self.sparsity}; "
                 "use permutation=None for unstructured sparsity."
             )

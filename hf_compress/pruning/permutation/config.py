@@ -133,7 +133,7 @@ class LearnedPermutationConfig(_PermutationConfigJSON):
 
     kind: ClassVar[str] = "learned"
 
-    groups: int | None = 16
+    groups: int | None = None  # 16 unless block_size is set (None here so that an explicit 16 is seen)
     block_size: int | None = None
     epochs: float = 1.0
     num_training_sequences: int | None = None
@@ -161,11 +161,10 @@ class LearnedPermutationConfig(_PermutationConfigJSON):
     def __post_init__(self) -> None:
         if self.block_size is not None:
             self.block_size = check_int("block_size", self.block_size, minimum=2)
-            if self.groups not in (None, 16):
+            if self.groups is not None:
                 raise ValueError("set either groups or block_size of LearnedPermutationConfig, not both.")
-            self.groups = None
         else:
-            self.groups = check_int("groups", self.groups, minimum=1,
+            self.groups = check_int("groups", 16 if self.groups is None else self.groups, minimum=1,
                                     hint="It is the number of groups per site (or set block_size).")
         self.epochs = check_float("epochs", self.epochs, low=0.0, low_open=True)
         self.num_training_sequences = check_int("num_training_sequences", self.num_training_sequences,

@@ -108,14 +108,15 @@ def find_sites(model: nn.Module, skip: Sequence[str] = ()) -> list[PermutationSi
         try:
             structure = block_structure(block)
         except ValueError as error:
-            raise ValueError(f"channel permutation needs separate q/k/v/o and FFN nn.Linear layers: {error}") from None
+            raise ValueError(f"channel permutation needs separate q/k/v/o and FFN nn.Linear layers ({error}); prune "
+                             "this model with permutation=None.") from None
         pruned = {id(layer) for layer in find_linear_layers(block, skip, qualified_prefix=prefix).values()}
         attention, ffn = structure.attention, structure.ffn
         stream_readers = [attention.q, attention.k, attention.v, *ffn.inputs]
         for layer in stream_readers:
             if layer.in_features != hidden:
                 raise ValueError(f"{module_names[id(layer)]} reads {layer.in_features} channels, not the stream's "
-                                 f"{hidden}; its residual stream cannot be permuted.")
+                                 f"{hidden}; its residual stream cannot be permuted. Use permutation=None.")
             stream.readers.append(Reader(module_names[id(layer)], layer, 0, id(layer) in pruned))
         for layer in (attention.output, ffn.output):
             _add_writer_rows(stream, module_names[id(layer)], layer, 0)

@@ -89,6 +89,8 @@ def check_permutation(model: nn.Module, config: PruningConfig) -> list[Permutati
     sites = find_sites(model, config.skip)
     group = pattern.group_size or 1
     for site in sites:
+        if not site.scored_readers:  # every reader skipped: the site is left as it is (permute_for_pruning)
+            continue
         if site.kind == "attention" and site.width % group:
             raise ValueError(f"head_dim {site.width} of {site.name} is not a multiple of M={group}: N:M groups would "
                              "straddle heads, which a within-head permutation cannot serve. Use permutation=None.")
@@ -117,6 +119,17 @@ def permute_for_pruning(
         norms = collect_input_norms(model, readers, calibration_ids, config.batch_size, progress)
     # One [rows of every pruned reader, width] tensor per site: one gather and one top-k per candidate.
     scores = [[torch.cat(parts)] if parts else [] for parts in (site_scores(site, norms) for site in sites)]
+    # A site whose readers are all skipped has no N:M mask to improve: it stays as it is (its readers keep their
+    # weights whole; the channels of their inputs need no order).
+    unscored = [site.name for site, score in zip(sites, scores, strict=True) if not score]
+    if unscored:
+        logger.info("not permuting %d site(s) whose readers are all skipped: %s", len(unscored), ", ".join(unscored))
+        sites, scores = [site for site, s in zip(sites, scores) if s], [s for s in scores if s]
+    kind = "learned" if isinstance(permutation, LearnedPermutationConfig) else (
+        "swap" if isinstance(permutation, SwapPermutationConfig) else "ria")
+    if not sites:
+        return PermutationReport(kind=kind, sites=0, kept_score_identity=0.0, kept_score=0.0, moved_channels=0.0,
+                                 probe_logit_change=0.0, seconds=time.perf_counter() - start)
     training = search = None
     change = 0.0
     if isinstance(permutation, LearnedPermutationConfig):
@@ -150,7 +163,6 @@ def permute_for_pruning(
                    for site, s in zip(sites, scores, strict=True))
     chosen = sum(kept_score(s, perms[site.name], kept, group) for site, s in zip(sites, scores, strict=True))
     moved = sum(int((perms[site.name] != torch.arange(site.width, device=perms[site.name].device)).sum()) for site in sites)
-    kind = "learned" if training is not None else "swap" if isinstance(permutation, SwapPermutationConfig) else "ria"
     report = PermutationReport(
         kind=kind, sites=len(sites), kept_score_identity=identity,
         kept_score=chosen, moved_channels=moved / sum(site.width for site in sites), probe_logit_change=change,
