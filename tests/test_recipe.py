@@ -60,6 +60,11 @@ def test_bad_recipes_are_refused_with_the_valid_choices(data, message):
     assert "\n" not in str(error.value)
 
 
+def test_a_lone_skip_pattern_is_a_list_of_one():
+    step = Recipe.from_dict(recipe({"quantize": {"method": "rtn", "skip": "*down_proj"}})).steps[0]
+    assert step.fields["skip"] == ["*down_proj"]
+
+
 @pytest.mark.parametrize("steps, message", [
     ([{"quantize": DLQAT}, {"prune": WANDA}],
      "step 2 (prune wanda) cannot follow step 1 (quantize dlqat): quantize (DL-QAT/RTN) before pruning"),
@@ -69,6 +74,8 @@ def test_bad_recipes_are_refused_with_the_valid_choices(data, message):
     ([{"heads": HEADS}, {"quantize": DLQAT}], "drafting heads are trained on the final weights"),
     ([{"generation": {"strategy": "fly"}}, {"prune": WANDA}], "`generation` must be the last step"),
     ([{"prune": WANDA}, {"route": {"method": "token_router"}}], "`route` cannot stack with mask pruning today"),
+    ([{"prune": {"method": "tyr", "target_sparsity": 0.3}}, {"route": {"method": "token_router"}}],
+     "`route` cannot stack with structural pruning that changes widths"),
     ([{"route": {"method": "token_router"}}, {"quantize": DLQAT}], "`route` cannot stack with `quantize` today"),
     ([{"route": {"method": "token_router"}}, {"generation": {"cache": "spark"}}], "a compressed cache after `route`"),
     ([{"generation": {"strategy": "amphista"}}],
@@ -275,6 +282,11 @@ def test_heads_and_generation_recipe_folder_runs_its_journey(tmp_path):
     cached = model.generate(ids, max_new_tokens=10, do_sample=False,
                             **cache_kwargs(model, SparKCache(model.config, channel_ratio=0.5)))
     assert cached.shape == greedy.shape
+    from hf_compress.hub.push import plan_push
+
+    plan = plan_push(folder)  # a push carries the heads' generate code and card, which the card's snippet loads
+    assert {"heads/custom_generate/generate.py", "heads/README.md"} <= set(plan.files)
+    assert not [path for path in plan.skipped if path.startswith("heads/")], plan.skipped
 
 
 def test_strategy_recipe_saves_custom_generate_next_to_the_model(tmp_path):
@@ -322,6 +334,22 @@ def test_route_and_structural_steps_save_in_their_formats(tmp_path, step, saved_
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, result.model.eval()(ids).logits, rtol=0, atol=1e-6)
     assert result.final_metrics["perplexity"] != result.base.metrics["perplexity"]
+
+
+def test_block_removal_then_route_saves_a_routed_model_with_fewer_blocks(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    steps = ({"prune": {"method": "block_removal", "target_sparsity": 0.3, "num_calibration_sequences": 4,
+                        "calibration_seq_len": 32}},
+             {"route": {"method": "token_router", "token_sparsity": 0.25, "static": True, "generations": 1,
+                        "population": 2, "search_windows": 1, "search_seq_len": 32}})
+    result = run(recipe(*steps, evaluation={**QUICK_EVAL, "score_last": 16}), tmp_path / "out", progress=False)
+    config = json.loads((result.save_dir / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "hf_compress_routed" and config["num_hidden_layers"] == 1
+    reloaded = AutoModelForCausalLM.from_pretrained(result.save_dir).eval()
+    ids = torch.tensor([[5, 17, 42, 99, 3, 64, 128, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, result.model.eval()(ids).logits, rtol=0, atol=1e-6)
 
 
 def test_a_folder_that_would_not_reload_as_the_model_is_never_installed(tmp_path, monkeypatch):

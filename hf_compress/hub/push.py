@@ -70,10 +70,10 @@ DEFAULT_ALLOW_PATTERNS: tuple[str, ...] = (
     "recipe.yaml",  # a recipe folder's steps and settings (data only: hf_compress reads it with yaml.safe_load)
     *_TOKENIZER_FILES,
     *(f"*/{name}" for name in _TOKENIZER_FILES if not name.startswith("*")),
-    "custom_generate/*.py",
-    "custom_generate/*.json",
-    "custom_generate/requirements.txt",
-    "custom_generate/README.md",
+    "*/README.md",  # the cards of nested artifacts (an expert adapter, a recipe's drafting heads)
+    # A custom_generate/ folder at the top or inside a nested artifact (a recipe's heads/custom_generate/).
+    *(f"{where}custom_generate/{name}" for where in ("", "*/") for name in ("*.py", "*.json", "requirements.txt",
+                                                                          "README.md")),
 )
 #: Pickle-based formats: loading one can run arbitrary code. Refused unless ``allow_pickles=True``.
 PICKLE_PATTERNS: tuple[str, ...] = (

@@ -123,7 +123,7 @@ def save_model(state: RecipeState, folder: Path, base_model: str | None) -> str:
 
         save_pruned(model, tokenizer, folder, overwrite=True, recipe=state.format_recipes.get("pruning"))
         return "sparse"
-    if "slim" in state.facts:
+    if state.facts & {"slim", "blocks"}:
         from ..formats.slim import save_slim
 
         save_slim(model, tokenizer, folder, overwrite=True, recipe=state.format_recipes.get("pruning"),

@@ -118,6 +118,8 @@ def search_schedule(
             if generation == config.generations:
                 break
             parents = population[: max(2, len(population) // 2)]
+            if len(parents) < 2:  # one distinct candidate (a single block: the budget fixes its schedule)
+                break
             children = []
             while len(parents) + len(children) < config.population:
                 mother, father = rng.sample(parents, 2)

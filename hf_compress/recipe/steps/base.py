@@ -45,8 +45,9 @@ HEADS_AFTER_WEIGHTS = (
 ROUTE_STACKING = {
     "sparse": "`route` cannot stack with mask pruning today: the routed checkpoint format (hf_compress_routed) "
               "stores every weight dense, so the sparse storage would be lost; build them as separate artifacts.",
-    "slim": "`route` cannot stack with structural pruning today: the routed and the slim formats both live in "
-            "config.quantization_config and a checkpoint loads through one format; build them as separate artifacts.",
+    "slim": "`route` cannot stack with structural pruning that changes widths (tyr, block_pruner) today: the routed "
+            "and the slim formats both live in config.quantization_config and a checkpoint loads through one format; "
+            "build them as separate artifacts (whole-block removal, block_removal or sleb, can precede `route`).",
     "packed": "`route` cannot stack with `quantize` today: the routed format needs float weights (save_routed "
               "refuses a packed model); build them as separate artifacts.",
 }

@@ -1,7 +1,8 @@
 """``prune``: any registered pruner (``hf_compress.pruning.PRUNERS``), its config's fields as the step's fields.
 
 Mask pruners (magnitude, Wanda, SparseGPT, SDS; ``permutation:`` too) leave zeros in the linear layers (fact
-``sparse``); structural ones (Týr, block removal) remove heads, channels or blocks (fact ``slim``).
+``sparse``); structural ones remove heads or channels (Týr, BlockPruner: fact ``slim``) or whole blocks (block
+removal, SLEB: fact ``blocks``).
 
 Example:
     >>> step = PruneStep.parse(0, {"method": "wanda", "sparsity": "2:4", "permutation": "ria"}, seed=3)
@@ -71,13 +72,16 @@ class PruneStep(Step):
         return _config(self.where(self.index, self.method), self.method, fields)
 
     def produces(self) -> set[str]:
-        return {"slim" if self.structural else "sparse"}
+        if not self.structural:
+            return {"sparse"}
+        # Whole blocks removed: every remaining block keeps its shape (a plain checkpoint; `route` can follow).
+        return {"blocks" if _removes_whole_blocks(self.method) else "slim"}
 
     def refused_after(self) -> dict[str, str]:
         refused = {**super().refused_after(), "packed": PACKED_BEFORE_PRUNE, "routed": ROUTE_STACKING["slim" if
                    self.structural else "sparse"]}
         if self.structural:
-            refused.update(sparse=STRUCTURAL_AFTER_MASK, slim=TWO_STRUCTURAL)
+            refused.update(sparse=STRUCTURAL_AFTER_MASK, slim=TWO_STRUCTURAL, blocks=TWO_STRUCTURAL)
         else:
             refused["sparse"] = TWO_MASKS
         return refused
@@ -121,6 +125,13 @@ def _config(where: str, method: str, fields: dict[str, Any]) -> Any:
 
     with refused_as(where):
         return PruningConfig.from_dict({"method": method, **fields})
+
+
+def _removes_whole_blocks(method: str) -> bool:
+    from ...pruning.block_removal import BlockRemovalPruner
+    from ...pruning.registry import PRUNERS
+
+    return issubclass(PRUNERS[method], BlockRemovalPruner)
 
 
 def _is_structural(method: str) -> bool:

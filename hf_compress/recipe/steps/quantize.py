@@ -16,7 +16,7 @@ import inspect
 import tempfile
 from typing import Any
 
-from ...utils import get_logger
+from ...utils import check_str_list, get_logger
 from ..config import check_keys, refused_as
 from .base import ROUTE_STACKING, RecipeState, Step
 from .training import parse_training, training_data, training_settings
@@ -56,8 +56,9 @@ class QuantizeStep(Step):
         fields = check_keys(where, data, {"method", *defaults})
         fields.pop("method")
         fields = {**defaults, **fields}
-        fields["skip"] = list(fields["skip"])
         _check_rtn(where, fields)
+        with refused_as(where):  # a lone pattern is a list of one, never a list of its characters
+            fields["skip"] = check_str_list("skip", fields["skip"])
         return cls(index, method, fields)
 
     def produces(self) -> set[str]:
