@@ -336,6 +336,18 @@ def test_route_and_structural_steps_save_in_their_formats(tmp_path, step, saved_
     assert result.final_metrics["perplexity"] != result.base.metrics["perplexity"]
 
 
+def test_stated_bytes_are_the_bytes_the_checkpoint_stores(tmp_path):
+    """Pruned layers the quantizer skips are saved dense by the packed format: the card must count them so."""
+    from safetensors import safe_open
+
+    steps = ({"prune": {"method": "magnitude", "sparsity": "2:4"}},
+             {"quantize": {"method": "rtn", "bits": 4, "group_size": 32, "skip": ["*mlp*"]}})
+    result = run(recipe(*steps), tmp_path / "out", progress=False)
+    with safe_open(str(result.save_dir / "model.safetensors"), framework="pt") as handle:
+        on_disk = sum(handle.get_tensor(key).numel() * handle.get_tensor(key).element_size() for key in handle.keys())
+    assert result.final_metrics["stored_bytes"] == on_disk
+
+
 def test_block_removal_then_route_saves_a_routed_model_with_fewer_blocks(tmp_path):
     from transformers import AutoModelForCausalLM
 

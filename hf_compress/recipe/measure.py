@@ -60,11 +60,20 @@ def weight_bytes(model: torch.nn.Module) -> dict[str, int]:
     from ..pruning.storage import sparse_state_dict
     from ..quantization.packed_linear import PackedLinear
 
-    state_dict, _, storage = sparse_state_dict(model)  # dense layers stay dense; packed layers are not linears
     packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    if packed:
+        # save_packed stores every layer it did not pack as is, dense (a pruned layer the quantizer skipped too).
+        from ..modeling.layers import find_decoder_blocks, find_linear_layers, weight_matrix
+
+        _, blocks = find_decoder_blocks(model)
+        dense = sum(weight_matrix(layer).numel() * weight_matrix(layer).element_size()
+                    for block in blocks for layer in find_linear_layers(block).values())
+        return {"stored_bytes": _unique_bytes(model.state_dict().values()),
+                "decoder_linear_bytes": dense + sum(m.packed_bytes() for m in packed)}
+    state_dict, _, storage = sparse_state_dict(model)  # the sparse format: pruned layers stored sparse-encoded
     return {
         "stored_bytes": _unique_bytes(state_dict.values()),
-        "decoder_linear_bytes": storage["stored_linear_bytes"] + sum(m.packed_bytes() for m in packed),
+        "decoder_linear_bytes": storage["stored_linear_bytes"],
     }
 
 
