@@ -47,6 +47,17 @@ def _greedy(model, ids, mask=None, new=6):
     return model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=0)
 
 
+def _left_padded(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows as one left-padded batch (pad id 0) and its attention mask."""
+    width = max(len(row) for row in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for index, row in enumerate(rows):
+        ids[index, width - len(row):] = row
+        mask[index, width - len(row):] = 1
+    return ids, mask
+
+
 def _randomise_router(router: TokenRouter) -> None:
     """Give the router random output weights: a fresh one reads only position and block sparsity (the static rule)."""
     with torch.no_grad():
@@ -248,12 +259,8 @@ def test_left_padded_batch_generate_equals_per_row(arch, mode):
     if mode == "router":  # a router that reads every factor (a fresh one is the static rule), padding included
         _randomise_router(state.router)
     rows = [_ids(1, 14, seed=2)[0], _ids(1, 9, seed=3)[0], _ids(1, 5, seed=4)[0]]
-    width = max(len(row) for row in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for index, row in enumerate(rows):
-        ids[index, width - len(row):] = row
-        mask[index, width - len(row):] = 1
+    ids, mask = _left_padded(rows)
+    width = ids.shape[1]
     batched = _greedy(model, ids, mask, new=6)
     for index, row in enumerate(rows):
         alone = _greedy(model, row[None], new=6)
@@ -301,12 +308,8 @@ def test_route_decode_rows_agree_batched_and_alone():
     state = install_routing(model, RoutingSchedule([0.3, 0.5]), mode="router", route_decode=True)
     _router_reading_position(state.router, threshold=0.9)  # a 5-token row's decoded tokens (p ≤ 0.9) skip
     rows = [_ids(1, 14, seed=2)[0], _ids(1, 5, seed=4)[0]]
-    width = max(len(row) for row in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for index, row in enumerate(rows):
-        ids[index, width - len(row):] = row
-        mask[index, width - len(row):] = 1
+    ids, mask = _left_padded(rows)
+    width = ids.shape[1]
     batched = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
                              output_logits=True, return_dict_in_generate=True)
     for index, row in enumerate(rows):
