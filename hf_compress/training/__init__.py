@@ -6,7 +6,7 @@ code changes, multi-process training (``accelerate launch`` / ``torchrun``: DDP,
 """
 
 from .data import causal_lm_dataset
-from .trainer import TrainingSettings, train_with_trainer
+from .trainer import TrainingSettings, preserved_random_state, train_with_trainer
 
 
-__all__ = ["TrainingSettings", "causal_lm_dataset", "train_with_trainer"]
+__all__ = ["TrainingSettings", "causal_lm_dataset", "preserved_random_state", "train_with_trainer"]

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import random
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -16,7 +19,7 @@ if TYPE_CHECKING:
     from transformers import TrainingArguments
 
 
-__all__ = ["TrainingSettings", "train_with_trainer"]
+__all__ = ["TrainingSettings", "preserved_random_state", "train_with_trainer"]
 
 logger = get_logger(__name__)
 
@@ -49,6 +52,34 @@ class TrainingSettings:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate!r}.")
+
+
+@contextlib.contextmanager
+def preserved_random_state() -> Iterator[None]:
+    """Run a block that trains (``Trainer`` seeds every generator) inside another call, e.g. a learned
+    permutation inside ``prune()``, without leaving the caller's generators re-seeded: Python's, NumPy's and
+    torch's (the CPU's and every CUDA device's) are restored afterwards.
+
+    Example:
+        >>> import torch
+        >>> _ = torch.manual_seed(0); expected = torch.rand(1)
+        >>> _ = torch.manual_seed(0)
+        >>> with preserved_random_state():
+        ...     _ = torch.manual_seed(123)
+        >>> bool(torch.rand(1) == expected)
+        True
+    """
+    import numpy
+    import torch
+
+    python_state, numpy_state = random.getstate(), numpy.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            numpy.random.set_state(numpy_state)
 
 
 def train_with_trainer(

@@ -68,7 +68,7 @@ def learn_permutations(
     from datasets import Dataset
     from transformers import TrainerCallback
 
-    from ...training import TrainingSettings, train_with_trainer
+    from ...training import TrainingSettings, preserved_random_state, train_with_trainer
 
     if config.num_training_sequences is not None:
         training_ids = training_ids[: config.num_training_sequences]
@@ -155,7 +155,8 @@ def learn_permutations(
     model.eval()  # dropout off: the loss must see the network that will be exported
     try:
         progress = _Progress()
-        with tempfile.TemporaryDirectory(prefix="hf_compress_permutation_") as folder:
+        # Inside prune(): the caller's random generators are not Trainer's to re-seed.
+        with tempfile.TemporaryDirectory(prefix="hf_compress_permutation_") as folder, preserved_random_state():
             result = train_with_trainer(learner, dataset, folder, settings, callbacks=[progress])
     finally:
         for name, parameter in model.named_parameters():
