@@ -44,7 +44,7 @@ STALE_ON_OVERWRITE: tuple[str, ...] = (
 )
 """Top-level entries of an old artifact that an overwrite drops even when the new save does not write them:
 the old model's weights (e.g. shards of a larger one), configs and tokenizer would otherwise be read
-together with the new ones. A top-level folder holding model files (:func:`_holds_model`: an adapter, an
+together with the new ones. A top-level folder holding model files (:func:`holds_model`: an adapter, an
 expert, drafting heads) is part of the old artifact too and is dropped whole. Everything else (notes,
 results, a README) is the user's and is kept."""
 
@@ -166,16 +166,10 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iter
         raise
 
 
-def _holds_model(folder: Path) -> bool:
-    """Whether ``folder`` directly holds a model or adapter (weights or their config)."""
-    patterns = (*MODEL_FILE_PATTERNS, "adapter_config.json")
-    return any(fnmatch.fnmatch(path.name, pattern) for path in folder.iterdir() for pattern in patterns)
-
-
 def _carry_unrelated_files(old: Path, new: Path) -> None:
     # e.g. expert_2/ of a 3-expert save overwritten by 2 experts: not the user's, and not part of the new save.
     stale_folders = {path.name for path in old.iterdir()
-                     if path.is_dir() and not path.is_symlink() and _holds_model(path)}
+                     if path.is_dir() and not path.is_symlink() and holds_model(path)}
     for path in sorted(old.rglob("*")):
         relative = path.relative_to(old)
         if path.is_dir() or (new / relative).exists() or (new / relative).is_symlink():
