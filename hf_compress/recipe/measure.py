@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -63,11 +64,7 @@ def weight_bytes(model: torch.nn.Module) -> dict[str, int]:
     packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
     if packed:
         # save_packed stores every layer it did not pack as is, dense (a pruned layer the quantizer skipped too).
-        from ..modeling.layers import find_decoder_blocks, find_linear_layers, weight_matrix
-
-        _, blocks = find_decoder_blocks(model)
-        dense = sum(weight_matrix(layer).numel() * weight_matrix(layer).element_size()
-                    for block in blocks for layer in find_linear_layers(block).values())
+        dense = sum(weight.numel() * weight.element_size() for weight in _decoder_linear_weights(model))
         return {"stored_bytes": _unique_bytes(model.state_dict().values()),
                 "decoder_linear_bytes": dense + sum(m.packed_bytes() for m in packed)}
     state_dict, _, storage = sparse_state_dict(model)  # the sparse format: pruned layers stored sparse-encoded
@@ -79,10 +76,15 @@ def weight_bytes(model: torch.nn.Module) -> dict[str, int]:
 
 def decoder_linear_fp32_bytes(model: torch.nn.Module) -> int:
     """Bytes of the decoder-block linear weights held in fp32 (the reference of the stacking target)."""
+    return sum(4 * weight.numel() for weight in _decoder_linear_weights(model))
+
+
+def _decoder_linear_weights(model: torch.nn.Module) -> Iterator[torch.Tensor]:
+    """The weight of every linear layer in the decoder blocks (packed layers are not linears)."""
     from ..modeling.layers import find_decoder_blocks, find_linear_layers, weight_matrix
 
     _, blocks = find_decoder_blocks(model)
-    return sum(4 * weight_matrix(layer).numel() for block in blocks for layer in find_linear_layers(block).values())
+    return (weight_matrix(layer) for block in blocks for layer in find_linear_layers(block).values())
 
 
 def _unique_bytes(tensors: Any) -> int:
