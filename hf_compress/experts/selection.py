@@ -94,9 +94,7 @@ def select_indices(embeddings: torch.Tensor, count: int, method: str = "facility
     check_seed("seed", seed)
     x = embeddings.float()
     if weights is not None:
-        if method != "facility_location":
-            raise ValueError(f"weights apply to method='facility_location' only, not {method!r}; drop weights "
-                             "or use that method.")
+        _check_weighted_method(method)
         weights = torch.as_tensor(weights, dtype=torch.float32, device=x.device).flatten()
         if weights.numel() != n or not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
             raise ValueError(f"weights must be {n} finite, non-negative numbers (one per example); got "
@@ -108,6 +106,12 @@ def select_indices(embeddings: torch.Tensor, count: int, method: str = "facility
     else:
         chosen = _facility_location(x, count, weights)
     return sorted(int(i) for i in chosen)
+
+
+def _check_weighted_method(method: str) -> None:
+    if method != "facility_location":
+        raise ValueError(f"weights apply to method='facility_location' only, not {method!r}; drop weights or use "
+                         "that method.")
 
 
 def _facility_location(x: torch.Tensor, count: int, weights: torch.Tensor | None = None) -> list[int]:
@@ -220,9 +224,8 @@ def select_data(
                          hint="It is the fraction of the examples to keep, e.g. 0.2.")
     check_choice("method", method, SELECTION_METHODS)
     check_seed("seed", seed)
-    if weights is not None and method != "facility_location":  # before the embedding and loss passes
-        raise ValueError(f"weights apply to method='facility_location' only, not {method!r}; drop weights or use "
-                         "that method.")
+    if weights is not None:  # before the embedding and loss passes
+        _check_weighted_method(method)
     if isinstance(weights, str):
         check_choice("weights", weights, WEIGHTINGS)
     rows = instruction_rows(dataset)
