@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from transformers.quantizers.base import HfQuantizer
@@ -51,6 +52,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CompressedFormatConfig",
     "CompressedFormatQuantizer",
+    "quant_method_of",
     "register_format",
     "registered_formats",
 ]
@@ -58,6 +60,19 @@ __all__ = [
 logger = get_logger(__name__)
 
 _FORMATS: dict[str, type[CompressedFormatQuantizer]] = {}
+
+
+def quant_method_of(quantization_config: Any) -> str | None:
+    """The ``quant_method`` of a ``config.quantization_config``: a config object, or the plain dict a config read
+    with ``AutoConfig`` holds; ``None`` without one.
+
+    Example:
+        >>> quant_method_of({"quant_method": "bitsandbytes"}), quant_method_of(None)
+        ('bitsandbytes', None)
+    """
+    if isinstance(quantization_config, Mapping):
+        return quantization_config.get("quant_method")
+    return getattr(quantization_config, "quant_method", None)
 
 
 class CompressedFormatConfig(QuantizationConfigMixin):

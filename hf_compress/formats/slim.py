@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 import torch  # noqa: F401  (doctest namespace)
 
 from .. import _compat
-from .base import CompressedFormatConfig, CompressedFormatQuantizer, register_format
+from .base import CompressedFormatConfig, CompressedFormatQuantizer, quant_method_of, register_format
 from .integrity import CheckpointIntegrityError, CheckpointReader, seal_checkpoint
 from ..modeling.layers import find_decoder_blocks
 from ..modeling.structure import apply_layer_widths, block_structure, layer_widths
@@ -170,7 +170,7 @@ def attach_slim_format(model: PreTrainedModel, recipe: Mapping[str, Any] | None 
     """
     existing = getattr(model.config, "quantization_config", None)
     if existing is not None and not isinstance(existing, SlimFormatConfig):
-        method = existing.get("quant_method") if isinstance(existing, Mapping) else existing.quant_method
+        method = quant_method_of(existing)
         if method != FORMAT_NAME:
             raise ValueError(f"the model is quantized ({method}); slim checkpoints need float weights.")
     if recipe is None and isinstance(existing, SlimFormatConfig):

@@ -46,6 +46,7 @@ from transformers.core_model_loading import WeightConverter
 
 from .. import _compat
 from ..modeling.layers import find_decoder_blocks, find_linear_layers, onloaded
+from ..formats.base import quant_method_of
 from ..formats.integrity import seal_checkpoint
 from ..formats.slim import FORMAT_NAME as SLIM_FORMAT, slim_record
 from ..formats.sparse import BITMASK_SUFFIX, SHAPE_SUFFIX, SparseStorageConfig, encode_sparse
@@ -198,8 +199,7 @@ def _check_model(model: nn.Module) -> None:
     if _compat.has_peft_adapters(model):
         raise ValueError("the model carries PEFT adapters; merge them into the weights first.")
     quantization = getattr(model.config, "quantization_config", None)
-    method = quantization.get("quant_method") if isinstance(quantization, Mapping) else None
-    method = method or getattr(quantization, "quant_method", None)
+    method = quant_method_of(quantization)
     if method == SLIM_FORMAT and _compat.quantizer_of(model) is None:
         return  # a slim model: float weights, its widths go into the sparse config (slim_record)
     if _compat.quantizer_of(model) is not None or quantization:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import _compat
-from ..formats.base import CompressedFormatConfig, CompressedFormatQuantizer, register_format
+from ..formats.base import CompressedFormatConfig, CompressedFormatQuantizer, quant_method_of, register_format
 from ..formats.integrity import CheckpointIntegrityError, CheckpointReader, seal_checkpoint
 from ..modeling.layers import find_decoder_blocks
 from .layer import ROUTING_MODES, install_routing, routing_state
@@ -137,7 +137,7 @@ def attach_routed_format(model: PreTrainedModel, recipe: Mapping[str, Any] | Non
     if state is None:
         raise ValueError("the model has no token routing; build one with search_schedule / train_token_router.")
     existing = getattr(model.config, "quantization_config", None)
-    method = existing.get("quant_method") if isinstance(existing, Mapping) else getattr(existing, "quant_method", None)
+    method = quant_method_of(existing)
     if existing is not None and method != FORMAT_NAME:
         raise ValueError(f"the model is already in the {method} format; token routing needs a float model.")
     earlier_recipe = existing.get("recipe") if isinstance(existing, Mapping) else getattr(existing, "recipe", None)

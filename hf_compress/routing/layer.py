@@ -211,9 +211,9 @@ def remove_routing(model: nn.Module) -> None:
     decoder.__dict__.pop("_routing_state", None)
     if "token_router" in decoder._modules:
         del decoder._modules["token_router"]
-    config = getattr(model.config, "quantization_config", None)
-    method = config.get("quant_method") if isinstance(config, dict) else getattr(config, "quant_method", None)
-    if method == "hf_compress_routed":
+    from ..formats.base import quant_method_of
+
+    if quant_method_of(getattr(model.config, "quantization_config", None)) == "hf_compress_routed":
         del model.config.quantization_config
 
 
