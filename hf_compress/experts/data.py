@@ -18,7 +18,7 @@ from typing import Any
 from datasets import Dataset
 
 
-__all__ = ["TASK_MIX_TASKS", "InstructionRows", "instruction_rows", "packed_instruction_dataset",
+__all__ = ["TASK_MIX_TASKS", "InstructionRows", "example_tokens", "instruction_rows", "packed_instruction_dataset",
            "read_instruction_file", "task_mix_rows"]
 
 # The offline tasks a mix can draw from (hf_compress.assets): multiple choice, SQuAD and GSM8K.
@@ -77,6 +77,26 @@ def instruction_rows(dataset: Dataset | Sequence[dict[str, Any]] | Sequence[str]
     return InstructionRows(prompts, completions)
 
 
+def example_tokens(tokenizer, prompt: str, completion: str) -> tuple[list[int], int]:
+    """An example's token ids (no EOS) and the index where the part training scores starts: after the prompt's own
+    tokens for an instruction row (merges at the seam stay with the completion), 0 for a text row (``""``).
+
+    Example:
+        >>> from hf_compress.assets import tiny_tokenizer
+        >>> ids, cut = example_tokens(tiny_tokenizer(), "Q: hi\\nA:", " hello")
+        >>> 0 < cut < len(ids)
+        True
+    """
+    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    if not completion:
+        return prompt_ids, 0
+    whole = tokenizer(prompt + completion, add_special_tokens=True)["input_ids"]
+    cut = 0
+    while cut < min(len(prompt_ids), len(whole)) and whole[cut] == prompt_ids[cut]:
+        cut += 1
+    return whole, cut
+
+
 def packed_instruction_dataset(rows: InstructionRows, tokenizer, seq_len: int, seed: int = 0) -> Dataset:
     """Training windows of exactly ``seq_len`` tokens: examples in a seeded order, packed back to back.
 
@@ -100,19 +120,9 @@ def packed_instruction_dataset(rows: InstructionRows, tokenizer, seq_len: int, s
     ids: list[int] = []
     labels: list[int] = []
     for index in order:
-        prompt, completion = rows.prompts[index], rows.completions[index]
-        prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-        if completion:
-            whole = tokenizer(prompt + completion, add_special_tokens=True)["input_ids"]
-            # The completion is what follows the prompt's own tokens (merges at the seam stay with it).
-            cut = 0
-            while cut < min(len(prompt_ids), len(whole)) and whole[cut] == prompt_ids[cut]:
-                cut += 1
-            ids += whole + [eos]
-            labels += [-100] * cut + whole[cut:] + [eos]
-        else:
-            ids += prompt_ids + [eos]
-            labels += prompt_ids + [eos]
+        whole, cut = example_tokens(tokenizer, rows.prompts[index], rows.completions[index])
+        ids += whole + [eos]
+        labels += [-100] * cut + whole[cut:] + [eos]
     remainder = -len(ids) % seq_len
     ids += [eos] * remainder
     labels += [-100] * remainder

@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..utils import check_int
-from .data import instruction_rows
+from .data import example_tokens, instruction_rows
 
 __all__ = ["completion_losses"]
 
@@ -47,16 +47,10 @@ def completion_losses(model, tokenizer, dataset, *, max_length: int = 256, batch
     rows = instruction_rows(dataset)
     sequences: list[tuple[list[int], int]] = []  # (ids, index of the first scored token)
     for prompt, completion in zip(rows.prompts, rows.completions):
-        if completion:
-            prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-            whole = tokenizer(prompt + completion, add_special_tokens=True)["input_ids"] + [eos]
-            cut = 0  # the same seam as packed_instruction_dataset: shared leading tokens belong to the prompt
-            while cut < min(len(prompt_ids), len(whole) - 1) and whole[cut] == prompt_ids[cut]:
-                cut += 1
-        else:
-            whole, cut = tokenizer(prompt, add_special_tokens=True)["input_ids"] + [eos], 1
+        whole, cut = example_tokens(tokenizer, prompt, completion)  # the seam training uses
+        whole = whole + [eos]
         drop = max(0, len(whole) - max_length)
-        sequences.append((whole[drop:], max(1, cut - drop)))
+        sequences.append((whole[drop:], max(1, cut - drop)))  # a first token has no prediction to score
     device = next(model.parameters()).device
     losses = torch.empty(len(sequences))
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]))  # similar lengths: little padding
