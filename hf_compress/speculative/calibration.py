@@ -36,6 +36,7 @@ from ..utils import InvalidArgumentTypeError, check_bool, check_float, check_int
 from .task_answers import (
     Reward,
     TaskExample,
+    TaskReward,
     answer_text,
     generate_answer,
     resolve_reward,
@@ -105,7 +106,7 @@ class HeldOut:
     """Held-out prompts ready for calibration: examples, their score function, and what the score means."""
 
     examples: list[TaskExample]
-    score_fn: Reward
+    score_fn: TaskReward  # its answer_unit cuts every answer, with or without references
     with_answers: bool
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
@@ -137,7 +138,9 @@ class HeldOut:
             examples = task_examples(items, tokenizer)
         else:
             examples = task_examples([{**i, "answers": ["-"]} for i in items], tokenizer)  # set by strict()
-            score_fn = lambda text, answers: squad_scores(text, answers)[1] if answers[0].strip() else float(not text.strip())
+            score_fn = TaskReward(
+                lambda text, answers: squad_scores(text, answers)[1] if answers[0].strip() else float(not text.strip()),
+                score_fn.answer_unit)
         return cls(examples, score_fn, with_answers, model, tokenizer, max_new_tokens,
                    stop_token_ids(model, tokenizer, stop_at_newline))
 
@@ -145,9 +148,10 @@ class HeldOut:
         """Decode every prompt with ``strategy``: mean score, target forwards, accepted tokens per forward."""
         scores, forwards, new_tokens, answers = [], 0, 0, []
         for example in self.examples:
+            unit = self.score_fn.answer_unit
             sequence = generate_answer(self.model, example.input_ids, self.tokenizer, max_new_tokens=self.max_new_tokens,
-                                       stop_ids=self.stop_ids, strategy=strategy)
-            text = answer_text(self.tokenizer, sequence[example.input_ids.shape[1]:])
+                                       stop_ids=self.stop_ids, strategy=strategy, answer_unit=unit)
+            text = answer_text(self.tokenizer, sequence[example.input_ids.shape[1]:], unit)
             answers.append(text)
             scores.append(self.score_fn(text, example.answers))
             forwards += strategy.last_metrics.target_forwards
@@ -198,7 +202,8 @@ def calibrate_fly(
             strings or items without answers use agreement with strict decoding instead.
         target_keep: The calibrated FLy must score at least this share of strict decoding's score.
         tokenizer: The target's tokenizer (decodes answers).
-        reward: Task score with answers (``"squad_f1"``, ``"squad_exact_match"`` or a callable).
+        reward: Task score with answers (a name of ``REWARDS``, e.g. ``"squad_f1"`` or ``"lambada_accuracy"``,
+            or a callable).
         thresholds / windows: Candidate entropy thresholds (nats) and deferred-window lengths.
         max_new_tokens / stop_at_newline: The answer budget (answers are the first line).
         fly_kwargs: Other FLy settings (``num_draft_tokens``, ``use_ngram``, ``tokenizer``/``draft_tokenizer`` for

@@ -1,12 +1,16 @@
 """Short-answer tasks for lossy decoding: prompts with reference answers, rewards, greedy answers.
 
 Shared by what tunes a lossy acceptance rule against a task score: CoSpec's arbiter training
-(:mod:`.cospec.training`) and FLy's calibration (:mod:`.calibration`). An answer is the first line of the
-generated text; generation stops at the first newline by default, since nothing after it is scored.
+(:mod:`.cospec.training`) and FLy's calibration (:mod:`.calibration`). A reward says what its answer is:
+the first line of the generated text (SQuAD; generation stops at the first newline by default, since
+nothing after it is scored) or its first word (LAMBADA; generation stops once that word is complete, so a
+lossy rule cannot look faster by racing through text no score reads).
 
 Example:
     >>> resolve_reward("squad_f1")("the Eiffel Tower", ["Eiffel Tower"])
     1.0
+    >>> resolve_reward("lambada_accuracy").answer_unit
+    'word'
 """
 
 from __future__ import annotations
@@ -14,32 +18,93 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Any, Literal
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
 from .._compat import cache_kwarg_name, cache_of_output
+from ..evaluation.lambada import ends_first_word, first_word, last_word_accuracy
 from ..evaluation.squad import squad_scores
 from ..utils import InvalidArgumentTypeError
 
-__all__ = ["REWARDS", "Reward", "TaskExample", "answer_text", "generate_answer", "prefix_cache", "resolve_reward",
-           "stop_token_ids", "task_examples"]
+__all__ = ["REWARDS", "AnswerUnit", "FirstWordStop", "Reward", "TaskExample", "TaskReward", "answer_text",
+           "generate_answer", "prefix_cache", "resolve_reward", "stop_token_ids", "task_examples"]
 
 Reward = Callable[[str, list[str]], float]
-REWARDS: dict[str, Reward] = {
-    "squad_f1": lambda text, answers: squad_scores(text, answers)[1],
-    "squad_exact_match": lambda text, answers: squad_scores(text, answers)[0],
+AnswerUnit = Literal["line", "word"]
+ANSWER_UNITS: tuple[str, ...] = ("line", "word")
+
+
+@dataclass(frozen=True)
+class TaskReward:
+    """A task score ``(answer_text, reference_answers) -> float`` and the unit its answer is cut to.
+
+    ``answer_unit``: ``"line"`` (the answer is the generated text's first line) or ``"word"`` (its first word;
+    generation stops once that word is complete). A plain callable given as a reward scores lines.
+    """
+
+    score: Reward
+    answer_unit: AnswerUnit = "line"
+
+    def __post_init__(self):
+        if self.answer_unit not in ANSWER_UNITS:
+            raise ValueError(f"answer_unit must be one of {ANSWER_UNITS}, got {self.answer_unit!r}.")
+
+    def __call__(self, text: str, answers: list[str]) -> float:
+        return self.score(text, answers)
+
+
+REWARDS: dict[str, TaskReward] = {
+    "squad_f1": TaskReward(lambda text, answers: squad_scores(text, answers)[1]),
+    "squad_exact_match": TaskReward(lambda text, answers: squad_scores(text, answers)[0]),
+    "lambada_accuracy": TaskReward(last_word_accuracy, "word"),
 }
 
 
-def resolve_reward(reward: str | Reward) -> Reward:
-    """A reward name of :data:`REWARDS` or a callable ``(answer_text, reference_answers) -> float``."""
-    if callable(reward):
+def resolve_reward(reward: str | Reward) -> TaskReward:
+    """A reward name of :data:`REWARDS`, a :class:`TaskReward`, or a callable ``(answer_text, reference_answers) -> float``
+    (scored on the answer's first line)."""
+    if isinstance(reward, TaskReward):
         return reward
+    if callable(reward):
+        return TaskReward(reward)
     if isinstance(reward, str) and reward in REWARDS:
         return REWARDS[reward]
     raise ValueError(f"Unknown reward {reward!r}: use one of {sorted(REWARDS)} or a callable (text, answers) -> float.")
+
+
+class FirstWordStop(StoppingCriteria):
+    """Stop once the generated text holds a complete first word (the answer unit ``"word"``).
+
+    ``answer_start``: the answer's first position in the sequence (an oracle fork continues an answer begun
+    before its prefix ends). Without it the criterion finds the start by itself: a call whose sequence does not
+    extend the previous call's by one token begins a new generation, whose answer starts at its last token. So
+    one instance can be passed to many ``generate()`` calls (greedy or a speculative strategy, which checks
+    every accepted token). Batch size 1: the task helpers generate one prompt at a time.
+
+    Example:
+        >>> model.generate(ids, max_new_tokens=8, stopping_criteria=StoppingCriteriaList([FirstWordStop(tok)]))  # doctest: +SKIP
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, answer_start: int | None = None):
+        self.tokenizer = tokenizer
+        self.fixed_start = answer_start
+        self._previous: torch.Tensor | None = None
+        self._answer_start = answer_start or 0
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        if input_ids.shape[0] != 1:
+            raise ValueError(f"FirstWordStop handles one sequence at a time, got a batch of {input_ids.shape[0]}.")
+        row = input_ids[0]
+        previous = self._previous
+        continues = (previous is not None and row.shape[0] == previous.shape[0] + 1
+                     and torch.equal(row[:-1], previous.to(row.device)))
+        if not continues and self.fixed_start is None:
+            self._answer_start = row.shape[0] - 1
+        self._previous = row
+        text = self.tokenizer.decode(row[self._answer_start:], skip_special_tokens=True)
+        return torch.full((1,), ends_first_word(text), dtype=torch.bool, device=input_ids.device)
 
 
 @dataclass
@@ -100,9 +165,10 @@ def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, s
     return eos + (list(_newline_tokens(tokenizer)) if stop_at_newline else [])
 
 
-def answer_text(tokenizer: PreTrainedTokenizerBase, new_tokens: torch.Tensor) -> str:
-    """The answer: the generated text's first line, stripped."""
-    return tokenizer.decode(new_tokens, skip_special_tokens=True).strip().split("\n")[0].strip()
+def answer_text(tokenizer: PreTrainedTokenizerBase, new_tokens: torch.Tensor, answer_unit: AnswerUnit = "line") -> str:
+    """The answer: the generated text's first line, stripped (``answer_unit="word"``: its first word)."""
+    text = tokenizer.decode(new_tokens, skip_special_tokens=True)
+    return first_word(text) if answer_unit == "word" else text.strip().split("\n")[0].strip()
 
 
 def generate_answer(
@@ -114,11 +180,15 @@ def generate_answer(
     stop_ids: list[int],
     strategy=None,
     cache=None,
+    answer_unit: AnswerUnit = "line",
+    answer_start: int | None = None,
 ) -> torch.LongTensor:
     """Greedy generation of one prompt ``(1, n)`` (through ``strategy`` if given); the full sequence, on CPU.
 
     ``cache``: a KV cache already holding a prefix of ``input_ids`` (shorter than it), so only the rest is
-    prefilled — the oracle forks of CoSpec's labelling share their prompt this way.
+    prefilled — the oracle forks of CoSpec's labelling share their prompt this way. ``answer_unit="word"``
+    also stops once the answer holds a complete word (:class:`FirstWordStop`); the answer starts at
+    ``answer_start`` (a fork's prompt length) or else after ``input_ids``.
     """
     device = model.get_input_embeddings().weight.device
     ids = input_ids.to(device)
@@ -126,6 +196,9 @@ def generate_answer(
     kwargs = {"custom_generate": strategy} if strategy is not None else {}
     if cache is not None:
         kwargs[cache_kwarg_name(model)] = cache
+    if answer_unit == "word":
+        start = input_ids.shape[1] if answer_start is None else answer_start
+        kwargs["stopping_criteria"] = StoppingCriteriaList([FirstWordStop(tokenizer, start)])
     return model.generate(
         ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
         eos_token_id=stop_ids or None, pad_token_id=pad, **kwargs,

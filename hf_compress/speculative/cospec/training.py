@@ -46,6 +46,7 @@ from ..task_answers import (
     REWARDS,
     Reward,
     TaskExample,
+    TaskReward,
     answer_text,
     generate_answer,
     prefix_cache,
@@ -64,6 +65,7 @@ __all__ = [
     "Episode",
     "OracleLabels",
     "TaskExample",
+    "TaskReward",
     "collect_oracle_labels",
     "fit_warm_start",
     "oracle_agreement",
@@ -185,6 +187,7 @@ def collect_oracle_labels(
     """Fork-and-regenerate labels at the mismatches of strict decoding (AutoJudge's miner), with their features."""
     settings = settings or ArbiterTrainingSettings()
     reward_fn = resolve_reward(reward)
+    unit = reward_fn.answer_unit
     stop_ids = stop_token_ids(model, tokenizer, settings.stop_at_newline)
     log = DecisionLog()
     saved = strategy.mode, strategy.decision_log
@@ -195,8 +198,8 @@ def collect_oracle_labels(
             log.clear()
             prompt_length = example.input_ids.shape[1]
             sequence = generate_answer(model, example.input_ids, tokenizer, max_new_tokens=settings.max_new_tokens,
-                               stop_ids=stop_ids, strategy=strategy)
-            target_answer = answer_text(tokenizer, sequence[prompt_length:])
+                                       stop_ids=stop_ids, strategy=strategy, answer_unit=unit)
+            target_answer = answer_text(tokenizer, sequence[prompt_length:], unit)
             target_score = reward_fn(target_answer, example.answers)
             target_scores.append(target_score)
             decisions = [d for d in log.decisions if d.context is not None]
@@ -208,9 +211,9 @@ def collect_oracle_labels(
                 prefix = torch.cat([sequence[:position], torch.tensor([decision.draft_token], device="cpu")]).unsqueeze(0)
                 room = settings.max_new_tokens - (prefix.shape[1] - prompt_length)
                 branch = (generate_answer(model, prefix, tokenizer, max_new_tokens=room, stop_ids=stop_ids,
-                                          cache=_cropped(shared, position))
+                                          cache=_cropped(shared, position), answer_unit=unit, answer_start=prompt_length)
                           if room > 0 else prefix[0])
-                draft_answer = answer_text(tokenizer, branch[prompt_length:])
+                draft_answer = answer_text(tokenizer, branch[prompt_length:], unit)
                 draft_score = reward_fn(draft_answer, example.answers)
                 label = oracle_label(target_score, draft_score,
                                      normalize_answer(draft_answer) == normalize_answer(target_answer), settings.label_rule)
@@ -344,14 +347,15 @@ def reinforce_step(
 
 
 @torch.no_grad()
-def rollout(model, strategy: CoSpec, example: TaskExample, tokenizer, reward_fn: Reward,
+def rollout(model, strategy: CoSpec, example: TaskExample, tokenizer, reward_fn: TaskReward,
             settings: ArbiterTrainingSettings, stop_ids: list[int]) -> Episode:
     """One sampled CoSpec generation of ``example``: its decisions and ``score − λ · target forwards``."""
     log = strategy.decision_log
     log.clear()
+    unit = reward_fn.answer_unit
     sequence = generate_answer(model, example.input_ids, tokenizer, max_new_tokens=settings.max_new_tokens,
-                               stop_ids=stop_ids, strategy=strategy)
-    score = reward_fn(answer_text(tokenizer, sequence[example.input_ids.shape[1]:]), example.answers)
+                               stop_ids=stop_ids, strategy=strategy, answer_unit=unit)
+    score = reward_fn(answer_text(tokenizer, sequence[example.input_ids.shape[1]:], unit), example.answers)
     forwards = strategy.last_metrics.target_forwards
     return Episode.from_decisions(log.decisions, score - settings.cost_per_forward * forwards, score, forwards,
                                   strategy.arbiter.config.num_features)
@@ -429,7 +433,8 @@ def train_arbiter(
         drafter_or_draft_model: A draft causal LM (or its path / Hub id), or ``None`` / ``"ngram"`` for n-gram
             prompt lookup.
         task_dataset: Items with ``answers`` and ``input_ids`` (or a ``prompt`` string); see :func:`task_examples`.
-        reward: ``"squad_f1"``, ``"squad_exact_match"`` or a callable ``(answer_text, answers) -> float``.
+        reward: a name of :data:`REWARDS` (``"squad_f1"``, ``"squad_exact_match"``, ``"lambada_accuracy"``), a
+            :class:`TaskReward` or a callable ``(answer_text, answers) -> float`` (scored on the first line).
         tokenizer: The target's tokenizer (decodes answers; its fingerprint is saved with the arbiter).
         config / arbiter: Settings of a fresh arbiter, or an arbiter to continue training.
         settings: :class:`ArbiterTrainingSettings` (forks, warm start, RL steps, λ = ``cost_per_forward``).
