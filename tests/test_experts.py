@@ -396,6 +396,19 @@ def test_expert_folder_errors(trained, tmp_path):
         weights.write_bytes(weights.read_bytes()[:-100])
 
     damaged("truncated", truncate)
+
+    def edited(f):  # a valid file with other numbers: only the digests recorded at save can tell
+        weights = f / "expert_1" / "adapter_model.safetensors"
+        tensors = load_file(weights)
+        name = sorted(tensors)[0]
+        tensors[name] = tensors[name] + 1e-3
+        save_file(tensors, weights)
+
+    damaged("edited", edited)
+    with pytest.raises(ValueError, match=r"expert_1/adapter_model.safetensors differs from what was saved"):
+        ExpertRouter.from_pretrained(tmp_path / "edited", base_model=tiny_model("llama")[0])
+    assert set(json.loads((folder / "experts_config.json").read_text())["integrity"]["files"]) == {
+        "router.safetensors", "expert_0/adapter_model.safetensors", "expert_1/adapter_model.safetensors"}
     # Built by hand: more clusters than experts, or an expert that is not loaded.
     with pytest.raises(ValueError, match="3 centroids but 2 experts"):
         ExpertRouter(router.model, torch.cat([router.centroids, router.centroids[:1]]), router.space, router.spec,

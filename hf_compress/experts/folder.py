@@ -12,7 +12,9 @@ experts/
 
 Loading checks, before any adapter is attached: the folder's format, the base model's fingerprint (four
 numbers of its input embeddings and of the pooled block's first weight, tolerant to a bf16 copy), that the
-router has exactly one centroid per expert and that every expert folder is there.
+router has exactly one centroid per expert, that every expert folder is there, and that the router's and
+every adapter's tensors still have the digests recorded at save (``experts_config.json`` → ``integrity``,
+as the compressed formats' ``seal_checkpoint``): an edited adapter would otherwise load and answer wrong.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .. import __version__, _compat
+from ..formats.integrity import DIGEST_ALGORITHM, CheckpointIntegrityError, CheckpointReader
 from ..hub import build_model_card, hub_model_id, write_model_card
 from ..modeling.layers import find_decoder_blocks
 from ..utils import atomic_directory, atomic_file, check_save_dir, get_logger
@@ -112,7 +115,7 @@ def save_experts(router, save_dir, *, overwrite: bool = False, metrics=(), model
         "routing": "nearest centroid by cosine similarity of standardised, L2-normalised embeddings",
         **{k: v for k, v in router.info.items() if k not in ("format", "experts", "embedding", "base_model",
                                                                "base_model_fingerprint", "format_version",
-                                                               "hf_compress_version", "routing")},
+                                                               "hf_compress_version", "routing", "integrity")},
     }
     name = model_name or f"{str(base_model or 'model').rpartition('/')[2]}-{router.num_experts}-experts"
     # peft records the base model's name_or_path, maybe a local folder: record the Hub id or nothing.
@@ -126,6 +129,7 @@ def save_experts(router, save_dir, *, overwrite: bool = False, metrics=(), model
             model.save_pretrained(staging, selected_adapters=router.adapter_names, save_embedding_layers=False)
             save_file({"centroids": router.centroids.contiguous(), "mean": router.space.mean.contiguous(),
                        "std": router.space.std.contiguous()}, str(staging / ROUTER_NAME))
+            config["integrity"] = _digests(staging, router.adapter_names)
             with atomic_file(staging / CONFIG_NAME, "w", encoding="utf-8") as handle:
                 json.dump(config, handle, indent=2, sort_keys=False)
                 handle.write("\n")
@@ -139,6 +143,42 @@ def save_experts(router, save_dir, *, overwrite: bool = False, metrics=(), model
             model.peft_config[n].base_model_name_or_path = value
     logger.info("saved %d experts and the router to %s", router.num_experts, save_dir)
     return Path(save_dir)
+
+
+def _weight_files(names: list[str]) -> list[str]:
+    """The safetensors files of an expert folder, relative to it: the router, then each adapter's weights."""
+    return [ROUTER_NAME, *(f"{name}/{ADAPTER_WEIGHTS[0]}" for name in names)]
+
+
+def _digests(folder: Path, names: list[str]) -> dict[str, Any]:
+    """Every tensor's digest, per weight file that exists (an adapter PEFT saved as .bin has none)."""
+    files = {}
+    for relative in _weight_files(names):
+        if (folder / relative).is_file():
+            with CheckpointReader([folder / relative]) as reader:
+                files[relative] = reader.digests()
+    return {"algorithm": DIGEST_ALGORITHM, "files": files}
+
+
+def _verify_digests(folder: Path, integrity: Any, where: str, damaged: str) -> None:
+    """Compare each recorded weight file with its digests (a folder saved before they were recorded: nothing)."""
+    if integrity is None:
+        return
+    if not isinstance(integrity, dict) or not isinstance(integrity.get("files"), dict):
+        raise ValueError(f"{where}: {CONFIG_NAME} has a malformed 'integrity' record; {damaged}")
+    if integrity.get("algorithm") != DIGEST_ALGORITHM:
+        raise ValueError(f"{where}: its checksums use {integrity.get('algorithm')!r}, this hf_compress knows "
+                         f"{DIGEST_ALGORITHM!r}; upgrade hf_compress (pip install -U hf-compress).")
+    for relative, recorded in integrity["files"].items():
+        try:
+            with CheckpointReader([folder / relative]) as reader:
+                current = reader.digests()
+        except (OSError, CheckpointIntegrityError) as err:
+            raise ValueError(f"{where}: cannot read {relative} ({err}); {damaged}") from None
+        changed = sorted(n for n in set(current) | set(recorded) if current.get(n) != recorded.get(n))
+        if changed:
+            raise ValueError(f"{where}: {relative} differs from what was saved ({len(changed)} tensor(s) changed, "
+                             f"added or missing, e.g. {changed[0]!r}); {damaged}")
 
 
 def _recipe(config: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
@@ -229,6 +269,7 @@ def load_experts(cls, path, base_model, *, tokenizer=None, revision: str | None 
                     handle.keys()
             except (OSError, SafetensorError) as err:
                 raise ValueError(f"{path}: cannot read {name}/{weights.name} ({err}); {damaged}") from None
+    _verify_digests(folder, config.get("integrity"), str(path), damaged)
     with _compat.third_party_warnings_silenced():
         model = PeftModel.from_pretrained(base_model, str(folder / names[0]), adapter_name=names[0])
         for name in names[1:]:
