@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -433,6 +434,20 @@ def test_local_path_scan_has_no_false_positives(tmp_path):
     assert find_local_paths(folder, ["tokenizer_config.json", "config.json", "README.md"]) == []
     (folder / "notes.json").write_text(json.dumps({"draft": str(existing), "self": f"{folder}/x.json"}))
     assert {path for _, path in find_local_paths(folder, ["notes.json"])} == {str(existing), f"{folder}/x.json"}
+
+
+def test_existing_folders_under_any_other_root_are_found(tmp_path, monkeypatch):
+    """A local base_model folder such as /data/models/x is neither home, nor the working directory nor the
+    temporary one: it is found because it exists here; system paths and paths that do not exist are not."""
+    folder = _small_artifact(tmp_path / "a")
+    base = tmp_path / "models" / "base"
+    base.mkdir(parents=True)
+    (folder / "recipe.json").write_text(json.dumps({
+        "base_model": str(base), "gone": str(tmp_path / "gone" / "x"), "tool": "/usr/bin/env", "null": "/dev/null"}))
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: "/no-such-temporary-root")
+    monkeypatch.setattr(Path, "home", classmethod(lambda cls: Path("/no-such-home/me")))
+    monkeypatch.chdir("/")
+    assert find_local_paths(folder, ["recipe.json"]) == [("recipe.json", str(base))]
 
 
 def test_heads_saved_locally_then_pushed_carry_no_local_path(fake_hub, tmp_path):

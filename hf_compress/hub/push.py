@@ -92,6 +92,10 @@ _TEXT_SUFFIXES = {
 }
 # Top-level system folders: a path under them (``/usr/bin/env``) says nothing about the uploader.
 _SYSTEM_FOLDERS = {"/usr", "/bin", "/sbin", "/lib", "/lib64", "/etc", "/opt", "/var", "/dev", "/proc", "/sys", "/srv"}
+# A path of 2+ parts under any root but the system's, not inside a URL or another path (flagged if it exists).
+_OTHER_ROOTS = re.compile(
+    r"(?<![\w.~:/-])/(?!(?:" + "|".join(f[1:] for f in sorted(_SYSTEM_FOLDERS)) + r")(?![\w.-]))[\w.-]+"
+    r"(?:/[^\s\"'<>|*?\\,;()\[\]{}`]+)+")
 _MAX_SAFETENSORS_HEADER = 100 * 2**20
 
 
@@ -343,7 +347,8 @@ def find_local_paths(folder: str | os.PathLike, files: Sequence[str]) -> list[tu
     """``(file, path)`` for each absolute path of this machine found in the text ``files`` of ``folder``.
 
     Looked for: the folder itself, the home and working directories and the Hugging Face caches (any mention
-    of them or of anything under them) and, under the temporary directory, paths that exist here. JSON,
+    of them or of anything under them) and, under the temporary directory or any other root outside the
+    system's (``/data/models/x``, ``/mnt/...``: a local ``base_model`` folder), paths that exist here. JSON,
     Markdown, Python, text and template files are read, and the JSON header of safetensors files; URLs, paths
     such as ``/usr/bin/env`` and vocabulary entries such as ``"/root"`` or ``"/tmp"`` are not flagged.
 
@@ -359,7 +364,7 @@ def find_local_paths(folder: str | os.PathLike, files: Sequence[str]) -> list[tu
         if text is None:
             continue
         seen = set()
-        for pattern, must_exist in ((mentioned, False), (beneath, False), (existing, True)):
+        for pattern, must_exist in ((mentioned, False), (beneath, False), (existing, True), (_OTHER_ROOTS, True)):
             for match in pattern.finditer(text) if pattern is not None else ():
                 path = match.group(0).rstrip(".:")
                 if not must_exist or os.path.lexists(path):
