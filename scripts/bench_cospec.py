@@ -392,9 +392,11 @@ def markdown(payload: dict[str, Any]) -> str:
                 _threshold(t["threshold"]) + (f" W={t['window']}" if t.get("window") else "")
                 + f": {100 * t['kept']:.0f}% at {t['accepted_per_forward']:.2f}/fwd" for t in cal["tried"] if t["loose"])
             strict_apf = cal["tried"][0]["accepted_per_forward"]
+            kept_enough = any(t["loose"] and t["kept"] >= cal["target_keep"] - 1e-9 for t in cal["tried"])
             lines.append(f"- {knob} ({cal['score']}, strict {100 * cal['strict_score']:.1f} at {strict_apf:.2f}/fwd): "
                          f"{tried or 'no candidate'} → chosen "
                          + (_threshold(chosen["threshold"]) if chosen["loose"]
+                            else "strict (no loose setting kept the target with fewer target forwards)" if kept_enough
                             else "strict (no loose setting met the target)")
                          + ".")
         tr = result["training"]
