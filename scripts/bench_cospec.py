@@ -245,7 +245,8 @@ def run_pair(name: str, args) -> dict[str, Any]:
     # --- calibration on held-out: FLy's θ, and each arbiter's threshold (the loosest keeping ≥ target_keep)
     t = time.perf_counter()
     fly_kwargs = {k2: v for k2, v in strategy_kwargs.items() if k2 != "tokenizer"}
-    common = dict(tokenizer=tok, max_new_tokens=args.answer_tokens, reward=reward, **fly_kwargs)
+    common = dict(tokenizer=tok, max_new_tokens=args.answer_tokens, reward=reward,
+                  confidence=args.calibration_confidence, **fly_kwargs)
     try:
         calibrated = FLy.calibrate(target, draft, held_out, args.target_keep, thresholds=args.fly_thresholds,
                                    windows=args.fly_windows, **common)
@@ -335,7 +336,9 @@ def markdown(payload: dict[str, Any]) -> str:
             f"from {task['item']} {s['offset']}: {s['train']} train (oracle labels, ≤ {s['forks']} forks per prompt, label rule "
             f"\"{s.get('label_rule', 'answer')}\"; RL: {s['rl_steps']} steps × {s['rl_prompts']} prompts × {s['group_size']} "
             f"rollouts, λ = {s['cost_per_forward']} {metric}-units per target forward), {s['held_out']} held-out (FLy's θ and each "
-            f"arbiter's threshold calibrated to keep ≥ {100 * s['target_keep']:.0f}% of strict {metric}; oracle agreement on "
+            f"arbiter's threshold calibrated to keep ≥ {100 * s['target_keep']:.0f}% of strict {metric}"
+            + (f" by the one-sided {100 * s['calibration_confidence']:.0f}% lower bound of the paired per-prompt score"
+               if s.get("calibration_confidence") else "") + "; oracle agreement on "
             f"{s['agreement_prompts']} prompts × ≤ {s['agreement_forks']} forks), {s['test']} test (the table). Answers: "
             f"{answers}. Draft length "
             f"{s['num_draft_tokens']} for every method. Speed: median over test prompts of whole-call tokens/s (prefill "
@@ -469,6 +472,9 @@ def main() -> None:
     parser.add_argument("--thresholds", type=float, nargs="*", default=[],
                         help="also run the uncalibrated CoSpec arbiter at these fixed thresholds on the test split")
     parser.add_argument("--target-keep", type=float, default=0.99)
+    parser.add_argument("--calibration-confidence", type=float, default=None,
+                        help="qualify a calibration setting by this one-sided lower bound of its score (e.g. 0.9), "
+                             "not its held-out mean")
     parser.add_argument("--fly-thresholds", type=float, nargs="+", default=[0.9, 0.7, 0.5, 0.3],
                         help="FLy calibration candidates (top-3 entropy never exceeds ln 3 ≈ 1.1: higher θ = strict)")
     parser.add_argument("--fly-windows", type=int, nargs="+", default=[6])

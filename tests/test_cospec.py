@@ -285,6 +285,11 @@ def test_fly_calibrate_meets_the_target_on_held_out_prompts(pair):
     assert report["chosen"]["loose"] and fly.entropy_threshold < 0.1 and fly.window == 1  # the gate opens below 0.066
     assert report["chosen"]["target_forwards"] == min(r["target_forwards"] for r in report["tried"]) < strict_forwards
     assert report["chosen"]["kept"] >= 0.99
+    # Every answer scores 1.0, so the paired lower bound equals the mean: the same choice with a confidence bound.
+    cautious = FLy.calibrate(model, draft, held_out, target_keep=0.99, reward=lambda text, answers: 1.0,
+                             confidence=0.9, **common).calibration
+    assert cautious["confidence"] == 0.9 and cautious["chosen"] == {**report["chosen"], "lower_bound": 1.0}
+    assert all(r["lower_bound"] == 1.0 for r in cautious["tried"][1:]) and "scores" not in cautious["tried"][1]
     # Agreement with strict answers: loosening changes the random model's texts, so the search stops at the first
     # setting that misses the target and falls back to the best one that met it.
     fly = FLy.calibrate(model, draft, PROMPTS, target_keep=0.8, **common)

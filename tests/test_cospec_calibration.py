@@ -60,6 +60,24 @@ def test_sweep_falls_back_to_strict_when_nothing_qualifies():
         sweep_settings(run, [[0.9]], {"score": 0.0, "target_forwards": 10}, 0.99)
 
 
+def test_sweep_with_confidence_needs_the_lower_bound_to_clear_the_target():
+    """20 prompts: a setting that wins 2 and loses 1 (mean 104% of strict) qualifies on its mean, not on its 90%
+    lower bound; one that changes no score has no spread and qualifies either way."""
+    strict = {"score": 0.5, "scores": [1.0] * 10 + [0.0] * 10, "target_forwards": 100}
+    noisy = [0.0] + [1.0] * 9 + [1.0, 1.0] + [0.0] * 8  # 11/20 = 0.55
+    same = list(strict["scores"])
+    results = {0.9: {"score": 0.5, "scores": same, "target_forwards": 90},
+               0.5: {"score": 0.55, "scores": noisy, "target_forwards": 80}}
+    run = lambda t: results[t]
+    chosen, _ = sweep_settings(run, [[0.9, 0.5]], strict, 0.99)
+    assert chosen["setting"] == 0.5
+    chosen, tried = sweep_settings(run, [[0.9, 0.5]], strict, 0.99, confidence=0.9)
+    assert chosen["setting"] == 0.9 and tried[1]["lower_bound"] == pytest.approx(0.5)
+    difference, error = 0.05, (sum((d - 0.05) ** 2 for d in (-1.0, 1.0, 1.0) + (0.0,) * 17) / 19 / 20) ** 0.5
+    assert tried[2]["lower_bound"] == pytest.approx(0.5 + difference - 1.2815516 * error)
+    assert tried[2]["lower_bound"] < 0.99 * 0.5
+
+
 def test_quantile_thresholds_keep_the_requested_shares():
     probabilities = torch.linspace(0.01, 0.99, 100)
     for share, threshold in zip((0.1, 0.5, 0.9), quantile_thresholds(probabilities, (0.1, 0.5, 0.9))):
@@ -142,6 +160,8 @@ def test_calibrate_arbiter_bad_input(pair):
         calibrate_arbiter(arbiter, model, draft, PROMPTS, 1.5, tokenizer=tok)
     with pytest.raises(ValueError, match="thresholds"):
         calibrate_arbiter(arbiter, model, draft, PROMPTS, tokenizer=tok, thresholds=(1.0,), **COMMON)
+    with pytest.raises(ValueError, match="confidence"):
+        calibrate_arbiter(arbiter, model, draft, PROMPTS, tokenizer=tok, confidence=1.0, **COMMON)
     with pytest.raises(TypeError, match="CoSpecArbiter"):
         calibrate_arbiter(object(), model, draft, PROMPTS, tokenizer=tok)
     other, _ = tiny_model("llama", vocab_size=300)

@@ -70,6 +70,7 @@ def calibrate_arbiter(
     keep_shares: Sequence[float] = DEFAULT_KEEP_SHARES,
     max_new_tokens: int = 32,
     stop_at_newline: bool = True,
+    confidence: float | None = None,
     **cospec_kwargs: Any,
 ) -> CoSpecArbiter:
     """Set ``arbiter.config.threshold`` to the loosest safe threshold on ``held_out_prompts`` (in place).
@@ -81,7 +82,7 @@ def calibrate_arbiter(
             answers (agreement with strict answers); disjoint from the arbiter's training prompts.
         target_keep: The calibrated arbiter must score at least this share of strict decoding's score.
         thresholds: Candidate thresholds on P(DRAFT); default :func:`quantile_thresholds` of ``keep_shares``.
-        reward, max_new_tokens, stop_at_newline: As for :func:`~..calibration.calibrate_fly`.
+        reward, max_new_tokens, stop_at_newline, confidence: As for :func:`~..calibration.calibrate_fly`.
         cospec_kwargs: Drafting settings of :class:`~.strategy.CoSpec` (``num_draft_tokens``, ``use_ngram``,
             ``draft_tokenizer`` for a cross-tokenizer pair, ...).
 
@@ -92,7 +93,7 @@ def calibrate_arbiter(
     if not isinstance(arbiter, CoSpecArbiter):
         raise InvalidArgumentTypeError(f"arbiter must be a CoSpecArbiter, got {type(arbiter).__name__}.")
     held = HeldOut.prepare(model, held_out_prompts, tokenizer, reward, target_keep=target_keep,
-                           max_new_tokens=max_new_tokens, stop_at_newline=stop_at_newline)
+                           max_new_tokens=max_new_tokens, stop_at_newline=stop_at_newline, confidence=confidence)
     arbiter.check_compatible(model, tokenizer)
     draft = None if drafter == "ngram" else drafter
     if cospec_kwargs.get("draft_tokenizer") is not None:
@@ -108,12 +109,12 @@ def calibrate_arbiter(
         candidates = sorted({check_float("thresholds[]", t, low=0.0, high=1.0, high_open=True) for t in thresholds},
                             reverse=True)
     best, tried = sweep_settings(lambda t: held.run(CoSpec(arbiter, draft, threshold=t, **cospec_kwargs)),
-                                 [candidates], strict, target_keep, describe=lambda t: {"threshold": t})
+                                 [candidates], strict, target_keep, describe=lambda t: {"threshold": t},
+                                 confidence=confidence)
     tried[0]["threshold"] = 1.0
     arbiter.config.threshold = float(best["threshold"]) if best["loose"] else 1.0
     arbiter.config.calibration = {
-        **held.report(target_keep, strict, [{k: v for k, v in r.items() if k != "answers"} for r in tried], best,
-                      ("threshold",)),
+        **held.report(target_keep, strict, tried, best, ("threshold",), confidence),
         "mismatches_met": len(log.decisions),
     }
     arbiter.config.calibration["chosen"]["threshold"] = arbiter.config.threshold
