@@ -32,6 +32,7 @@ from hf_compress.speculative.cospec import (
     oracle_label,
     reinforce_step,
     task_examples,
+    tokenizer_fingerprint,
     train_arbiter,
 )
 from hf_compress.speculative.drafting import Draft
@@ -312,6 +313,12 @@ def test_bad_input_gives_clear_errors(pair, mixed_arbiter, tmp_path):
     arbiter.config.tokenizer_fingerprint = "0" * 16
     with pytest.raises(ValueError, match="another tokenizer"):
         arbiter.check_compatible(model, tok)
+    # The fingerprint is remembered per tokenizer, and recomputed once the vocabulary grows.
+    grown = tiny_model("llama")[1]
+    before = tokenizer_fingerprint(grown)
+    assert tokenizer_fingerprint(grown) == before == tokenizer_fingerprint(tok)
+    grown.add_tokens(["<new-token>"])
+    assert tokenizer_fingerprint(grown) != before
     ids = tok(PROMPTS[0], return_tensors="pt").input_ids
     folder = tok.save_pretrained(str(tmp_path / "tok")) and tmp_path / "tok"
     # A pair's tokenizers named by path are loaded before the check, so the first call already refuses.

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import weakref
 from pathlib import Path
 
 import torch
@@ -42,8 +43,19 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     """
     if not isinstance(tokenizer, PreTrainedTokenizerBase):
         raise InvalidArgumentTypeError(f"tokenizer must be a PreTrainedTokenizerBase, got {type(tokenizer).__name__}.")
+    # Hashing a 262k-token vocabulary takes ~0.5 s, and a cross-tokenizer CoSpec checks it at every generate()
+    # call: remember it per tokenizer object while its size stays the same (adding tokens changes the size).
+    size = len(tokenizer)
+    known = _FINGERPRINTS.get(tokenizer)
+    if known is not None and known[0] == size:
+        return known[1]
     vocab = json.dumps(sorted(tokenizer.get_vocab().items(), key=lambda item: item[1]), ensure_ascii=True)
-    return hashlib.sha256(vocab.encode()).hexdigest()[:16]
+    fingerprint = hashlib.sha256(vocab.encode()).hexdigest()[:16]
+    _FINGERPRINTS[tokenizer] = (size, fingerprint)
+    return fingerprint
+
+
+_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class CoSpecArbiter(PreTrainedModel):
