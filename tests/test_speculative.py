@@ -121,7 +121,7 @@ def test_logits_processors_and_scores_like_generate():
 
 
 @pytest.mark.compat_smoke
-def test_streamer_receives_prompt_then_every_token():
+def test_streamer_receives_prompt_then_each_round_s_tokens():
     model, tok = tiny_model("llama")
     ids = tok(PROMPTS[:1], return_tensors="pt").input_ids
 
@@ -136,9 +136,27 @@ def test_streamer_receives_prompt_then_every_token():
             self.ended = True
 
     recorder = Recorder()
-    out = model.generate(ids, max_new_tokens=15, do_sample=False, streamer=recorder, custom_generate=SpeculativeDecoding())
+    strategy = SpeculativeDecoding()
+    out = model.generate(ids, max_new_tokens=15, do_sample=False, streamer=recorder, custom_generate=strategy)
     assert recorder.ended
     assert sum(recorder.chunks, []) == out[0].tolist()
+    assert len(recorder.chunks) == 1 + strategy.last_metrics.target_forwards  # the prompt, then one chunk per round
+
+
+def test_decode_rate_leaves_out_the_first_round():
+    """An answer finished in its first round has no decode rate, however many tokens that round accepted."""
+    from hf_compress.evaluation.speed import measure_generation_speed
+
+    model, tok = tiny_model("llama")
+    ids = tok(PROMPTS[:1], return_tensors="pt").input_ids
+    echo = SpeculativeDecoding(model, num_draft_tokens=4)  # the target drafting for itself: every draft is accepted
+    one_round = measure_generation_speed(model, tok, [ids], max_new_tokens=5, warmup=0, progress=False,
+                                         custom_generate=echo)
+    assert one_round["new_tokens"] == [5] and one_round["strategy_metrics"][0]["target_forwards"] == 1
+    assert "decode_tokens_per_second" not in one_round
+    two_rounds = measure_generation_speed(model, tok, [ids], max_new_tokens=10, warmup=0, progress=False,
+                                          custom_generate=echo)
+    assert two_rounds["strategy_metrics"][0]["target_forwards"] == 2 and two_rounds["decode_tokens_per_second"] > 0
 
 
 def test_sampling_is_reproducible_and_respects_warpers():

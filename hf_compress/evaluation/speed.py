@@ -4,7 +4,10 @@ Each prompt is generated on its own (batch 1) after untimed warm-up generations;
 times several ``generate`` settings side by side (each prompt through every variant, in rotating order), and
 :func:`measure_generation_speed` is its one-variant case. Per prompt it records
 the wall time of the whole ``generate`` call (prefill included) and, through a timing streamer, the
-decode rate after the first new token (what a cache or a drafting method changes most). Options cover
+decode rate after the first streamed chunk (what a cache or a drafting method changes most): the tokens
+streamed after it over the time from it to the last one. Plain decoding streams one token per step; a
+drafting method streams each verify round's tokens together, so the first round (prefill plus the drafts
+it accepted) never counts as decoding, and an answer finished in one round has no decode rate. Options cover
 what the benchmarks need: a forced output length (``force_length``: EOS cannot end a run early), a
 reference output per prompt to check losslessness (``reference``), a fresh cache per call
 (``cache_factory``), and, for hf_compress decoding strategies (an output with ``metrics``, or the
@@ -52,9 +55,8 @@ class _TimingStreamer:
             self.prompt_seen = True
             return
         now = time.perf_counter()
-        if self.first is None:
+        if self.first is None:  # the first round: prefill plus whatever it accepted, not decoding
             self.first = now
-            self.after_first += value.numel() - 1
         else:
             self.after_first += value.numel()
         self.last = now
@@ -94,7 +96,7 @@ def measure_generation_speed(
         generate_kwargs: anything else for ``generate`` (``custom_generate=strategy``, ...).
 
     Returns ``tokens_per_second`` (median of whole calls), ``decode_tokens_per_second`` (median rate after the
-    first new token), ``per_prompt`` / ``seconds`` / ``new_tokens`` / ``outputs`` (lists, per prompt), and,
+    first streamed chunk, over the prompts that have one), ``per_prompt`` / ``seconds`` / ``new_tokens`` / ``outputs`` (lists, per prompt), and,
     for decoding strategies, ``mean_accepted_length``, ``accepted_lengths``, ``median_drafting_share`` and
     ``strategy_metrics`` (each call's counters).
 

@@ -362,6 +362,7 @@ def speculative_decode(
         metrics.draft_tokens_accepted_by_rule += int(step.verdict.num_accepted[unfinished].sum())
 
         finished_all = False
+        appended = []
         for j in range(step.tokens.shape[1]):
             token = step.tokens[:, j]
             if pad is not None:
@@ -373,12 +374,13 @@ def speculative_decode(
                 scores_out.append(step.scores[:, j])
             if want_logits:
                 logits_out.append(step.logits[:, j])
-            if streamer is not None:
-                streamer.put(token.cpu())
+            appended.append(token)
             unfinished &= ~stopping_criteria(input_ids, step.scores[:, j])
             if not unfinished.any():
                 finished_all = True
                 break
+        if streamer is not None:  # a round's tokens arrive together (as in transformers' assisted generation)
+            streamer.put(torch.stack(appended, dim=1).cpu())
         if finished_all:
             break
         pending, pending_mask = step.tokens[:, -1:], None
