@@ -391,11 +391,15 @@ def markdown(payload: dict[str, Any]) -> str:
             if not cal:
                 continue
             chosen = cal["chosen"]
+            strict_score = cal["strict_score"]
             tried = ", ".join(
                 _threshold(t["threshold"]) + (f" W={t['window']}" if t.get("window") else "")
-                + f": {100 * t['kept']:.0f}% at {t['accepted_per_forward']:.2f}/fwd" for t in cal["tried"] if t["loose"])
+                + f": {100 * t['kept']:.0f}%"
+                + (f" (lower bound {100 * t['lower_bound'] / strict_score:.0f}%)" if "lower_bound" in t else "")
+                + f" at {t['accepted_per_forward']:.2f}/fwd" for t in cal["tried"] if t["loose"])
             strict_apf = cal["tried"][0]["accepted_per_forward"]
-            kept_enough = any(t["loose"] and t["kept"] >= cal["target_keep"] - 1e-9 for t in cal["tried"])
+            kept_enough = any(t["loose"] and t.get("lower_bound", t["score"]) >= cal["target_keep"] * strict_score - 1e-9
+                              for t in cal["tried"])
             lines.append(f"- {knob} ({cal['score']}, strict {100 * cal['strict_score']:.1f} at {strict_apf:.2f}/fwd): "
                          f"{tried or 'no candidate'} → chosen "
                          + (_threshold(chosen["threshold"]) if chosen["loose"]
