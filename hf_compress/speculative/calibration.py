@@ -127,6 +127,7 @@ class HeldOut:
     tokenizer: PreTrainedTokenizerBase
     max_new_tokens: int
     stop_ids: list[int]
+    confidence: float | None = None  # qualify settings by this lower bound of their paired score (sweep_settings)
 
     @classmethod
     def prepare(cls, model, held_out_prompts, tokenizer, reward: str | Reward = "squad_f1", *, target_keep: float,
@@ -160,7 +161,7 @@ class HeldOut:
                 lambda text, answers: squad_scores(text, answers)[1] if answers[0].strip() else float(not text.strip()),
                 score_fn.answer_unit)
         return cls(examples, score_fn, with_answers, model, tokenizer, max_new_tokens,
-                   stop_token_ids(model, tokenizer, stop_at_newline))
+                   stop_token_ids(model, tokenizer, stop_at_newline), confidence)
 
     def run(self, strategy) -> dict[str, Any]:
         """Decode every prompt with ``strategy``: mean and per-prompt scores, target forwards, accepted tokens per forward."""
@@ -187,13 +188,13 @@ class HeldOut:
         return result
 
     def report(self, target_keep: float, strict: dict[str, Any], tried: list[dict[str, Any]], chosen: dict[str, Any],
-               keys: Sequence[str], confidence: float | None = None) -> dict[str, Any]:
+               keys: Sequence[str]) -> dict[str, Any]:
         """The ``calibration`` record strategies and arbiters keep (what was tried, what was chosen; no answers)."""
         picked = {k: chosen.get(k) for k in (*keys, "loose", "score", "kept", "target_forwards")}
         if "lower_bound" in chosen:
             picked["lower_bound"] = chosen["lower_bound"]
         return {
-            "target_keep": target_keep, "confidence": confidence,
+            "target_keep": target_keep, "confidence": self.confidence,
             "score": "task" if self.with_answers else "agreement with strict",
             "prompts": len(self.examples), "strict_score": strict["score"],
             "tried": [{k: v for k, v in row.items() if k not in ("answers", "scores")} for row in tried],
@@ -257,11 +258,11 @@ def calibrate_fly(
     best, tried = sweep_settings(
         lambda s: held.run(strategy_class(draft, entropy_threshold=s[1], window=s[0], **fly_kwargs)),
         [[(w, t) for t in thresholds] for w in windows], strict, target_keep,
-        describe=lambda s: {"threshold": s[1], "window": s[0]}, confidence=confidence)
+        describe=lambda s: {"threshold": s[1], "window": s[0]}, confidence=held.confidence)
     tried[0].update(threshold=None, window=None)
     chosen = (strategy_class(draft, entropy_threshold=best["threshold"], window=best["window"], **fly_kwargs)
               if best["loose"] else strict_strategy)
-    chosen.calibration = held.report(target_keep, strict, tried, best, ("threshold", "window"), confidence)
+    chosen.calibration = held.report(target_keep, strict, tried, best, ("threshold", "window"))
     return chosen
 
 

@@ -110,11 +110,11 @@ def calibrate_arbiter(
                             reverse=True)
     best, tried = sweep_settings(lambda t: held.run(CoSpec(arbiter, draft, threshold=t, **cospec_kwargs)),
                                  [candidates], strict, target_keep, describe=lambda t: {"threshold": t},
-                                 confidence=confidence)
+                                 confidence=held.confidence)
     tried[0]["threshold"] = 1.0
     arbiter.config.threshold = float(best["threshold"]) if best["loose"] else 1.0
     arbiter.config.calibration = {
-        **held.report(target_keep, strict, tried, best, ("threshold",), confidence),
+        **held.report(target_keep, strict, tried, best, ("threshold",)),
         "mismatches_met": len(log.decisions),
     }
     arbiter.config.calibration["chosen"]["threshold"] = arbiter.config.threshold
