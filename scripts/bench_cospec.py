@@ -37,7 +37,8 @@ Usage:
     python scripts/bench_cospec.py --train 64 --held-out 32 --test 200 --rl-steps 20 --group-size 8 \\
         --forks 8 --pairs ngram int8 cross        # the issue's full setting (hours on this CPU)
     python scripts/bench_cospec.py --probe --pairs ngram int8 cross --train 12 --output-name cospec-probe
-    python scripts/bench_cospec.py --task lambada --output-name cospec-lambada
+    python scripts/bench_cospec.py --task lambada --pairs ngram --train 96 --held-out 48 --test 100 --rl-steps 8 \\
+        --output-name cospec-lambada-ngram       # add --calibration-confidence 0.9 for the bounded calibration
     python scripts/bench_cospec.py --render cospec  # rebuild the .md from the .json
 """
 
