@@ -58,8 +58,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_speculative import render_prompt
 
-from transformers import StoppingCriteriaList
-
 from hf_compress.assets import load_lambada, load_model
 from hf_compress.evaluation.report import benchmark_parser, device_description, start_benchmark, write_benchmark
 from hf_compress.evaluation.speed import compare_generation_speed
@@ -80,7 +78,7 @@ from hf_compress.speculative.cospec import (
 from hf_compress.speculative.cospec.features import NUM_SCALAR_FEATURES
 from hf_compress.speculative.cospec.training import run_reinforce
 from hf_compress.speculative.task_answers import (
-    FirstWordStop,
+    answer_stopping_criteria,
     answer_text,
     resolve_reward,
     stop_token_ids,
@@ -138,9 +136,10 @@ def evaluate(target, tokenizer, strategies: dict[str, Any], examples, args, stop
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     variants = {name: {"custom_generate": strategy, "eos_token_id": stop_ids, "pad_token_id": pad}
                 for name, strategy in strategies.items()}
-    if unit == "word":  # one criterion per variant: it finds each call's answer start by itself
-        for kwargs in variants.values():
-            kwargs["stopping_criteria"] = StoppingCriteriaList([FirstWordStop(tokenizer)])
+    for kwargs in variants.values():  # one criterion per variant: it finds each call's answer start by itself
+        criteria = answer_stopping_criteria(tokenizer, unit)
+        if criteria is not None:
+            kwargs["stopping_criteria"] = criteria
     speeds = compare_generation_speed(target, tokenizer, [e.input_ids for e in examples], variants,
                                       args.answer_tokens, warmup=0, progress=True)
     results = {}

@@ -14,6 +14,7 @@ from hf_compress.speculative.task_answers import (
     REWARDS,
     FirstWordStop,
     TaskReward,
+    answer_stopping_criteria,
     answer_text,
     generate_answer,
     resolve_reward,
@@ -67,6 +68,8 @@ def test_rewards_carry_their_answer_unit():
     tok = tiny_model("llama")[1]
     new = torch.tensor(tok.encode(" signs. She\nlooked", add_special_tokens=False))
     assert answer_text(tok, new, "word") == "signs" and answer_text(tok, new) == "signs. She"
+    assert answer_stopping_criteria(tok, "line") is None
+    assert [type(c) for c in answer_stopping_criteria(tok, "word")] == [FirstWordStop]
 
 
 def test_first_word_stop_ends_generation_right_after_the_first_word(pair):

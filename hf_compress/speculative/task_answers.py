@@ -28,8 +28,8 @@ from ..evaluation.lambada import ends_first_word, first_word, last_word_accuracy
 from ..evaluation.squad import squad_scores
 from ..utils import InvalidArgumentTypeError
 
-__all__ = ["REWARDS", "AnswerUnit", "FirstWordStop", "Reward", "TaskExample", "TaskReward", "answer_text",
-           "generate_answer", "prefix_cache", "resolve_reward", "stop_token_ids", "task_examples"]
+__all__ = ["REWARDS", "AnswerUnit", "FirstWordStop", "Reward", "TaskExample", "TaskReward", "answer_stopping_criteria",
+           "answer_text", "generate_answer", "prefix_cache", "resolve_reward", "stop_token_ids", "task_examples"]
 
 Reward = Callable[[str, list[str]], float]
 AnswerUnit = Literal["line", "word"]
@@ -105,6 +105,16 @@ class FirstWordStop(StoppingCriteria):
         self._previous = row
         text = self.tokenizer.decode(row[self._answer_start:], skip_special_tokens=True)
         return torch.full((1,), ends_first_word(text), dtype=torch.bool, device=input_ids.device)
+
+
+def answer_stopping_criteria(tokenizer: PreTrainedTokenizerBase, answer_unit: AnswerUnit,
+                             answer_start: int | None = None) -> StoppingCriteriaList | None:
+    """What ends an answer besides the stop ids: a :class:`FirstWordStop` for ``"word"``; nothing for ``"line"``.
+
+    Example:
+        >>> answer_stopping_criteria(tok, "word")  # pass as generate(stopping_criteria=...)  # doctest: +SKIP
+    """
+    return StoppingCriteriaList([FirstWordStop(tokenizer, answer_start)]) if answer_unit == "word" else None
 
 
 @dataclass
@@ -196,9 +206,10 @@ def generate_answer(
     kwargs = {"custom_generate": strategy} if strategy is not None else {}
     if cache is not None:
         kwargs[cache_kwarg_name(model)] = cache
-    if answer_unit == "word":
-        start = input_ids.shape[1] if answer_start is None else answer_start
-        kwargs["stopping_criteria"] = StoppingCriteriaList([FirstWordStop(tokenizer, start)])
+    criteria = answer_stopping_criteria(tokenizer, answer_unit,
+                                        input_ids.shape[1] if answer_start is None else answer_start)
+    if criteria is not None:
+        kwargs["stopping_criteria"] = criteria
     return model.generate(
         ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
         eos_token_id=stop_ids or None, pad_token_id=pad, **kwargs,
