@@ -265,7 +265,8 @@ def run_pair(name: str, args) -> dict[str, Any]:
 
     # --- test split: every method in one run
     methods: dict[str, Any] = {
-        "strict": SpeculativeDecoding(draft, **strategy_kwargs),
+        # Full-length drafts, as every other method here drafts: the ratios then measure the acceptance rule alone.
+        "strict": SpeculativeDecoding(draft, draft_confidence_threshold=None, **strategy_kwargs),
         "fly": FLy(draft, **strategy_kwargs),
         "fly-calibrated": calibrated,
         "judge-head (calibrated)": CoSpec(judge, draft, **strategy_kwargs),

@@ -54,6 +54,7 @@ from hf_compress.evaluation.report import benchmark_parser, device_description, 
 from hf_compress.evaluation.speed import compare_generation_speed
 from hf_compress.evaluation.squad import squad_documents, squad_scores
 from hf_compress.speculative import FLy, SpeculativeDecoding
+from hf_compress.speculative.strategies import DRAFT_CONFIDENCE_THRESHOLD
 
 
 logger = logging.getLogger("bench_speculative")
@@ -102,6 +103,9 @@ def build_pair(name: str, args) -> dict[str, Any]:
                            num_assistant_tokens=k, num_assistant_tokens_schedule="constant"),
                 "strict": dict(custom_generate=SpeculativeDecoding(
                     smol, tokenizer=gemma_tok, draft_tokenizer=smol_tok, num_draft_tokens=k)),
+                "strict, full drafts": dict(custom_generate=SpeculativeDecoding(
+                    smol, tokenizer=gemma_tok, draft_tokenizer=smol_tok, num_draft_tokens=k,
+                    draft_confidence_threshold=None)),
                 "fly": dict(custom_generate=FLy(
                     smol, tokenizer=gemma_tok, draft_tokenizer=smol_tok, num_draft_tokens=k)),
             },
@@ -115,6 +119,8 @@ def build_pair(name: str, args) -> dict[str, Any]:
             "methods": {
                 "hf": dict(assistant_model=draft, num_assistant_tokens=k, num_assistant_tokens_schedule="constant"),
                 "strict": dict(custom_generate=SpeculativeDecoding(draft, num_draft_tokens=k, use_ngram=True)),
+                "strict, full drafts": dict(custom_generate=SpeculativeDecoding(
+                    draft, num_draft_tokens=k, use_ngram=True, draft_confidence_threshold=None)),
                 "fly": dict(custom_generate=FLy(draft, num_draft_tokens=k)),
             },
         }
@@ -277,7 +283,7 @@ def markdown(payload: dict[str, Any]) -> str:
         f"Greedy decoding on {s['machine_note']}. Speed: {s['prompts']} SQuAD prompts, {s['max_new_tokens']} new "
         f"tokens each, median tokens/s ({timing}). Quality: {s['quality_examples']} other SQuAD questions, "
         f"answers of ≤ {s['answer_tokens']} tokens cut at the first newline, SQuAD EM/F1 (v1.1 normalisation). "
-        f"Draft length {s['num_draft_tokens']} (n-gram) / {s['model_draft_tokens']} (draft models), the same for every method of a pair. `same as vanilla` counts prompts whose output "
+        f"Draft length {s['num_draft_tokens']} (n-gram) / {s['model_draft_tokens']} (draft models), the same for every method of a pair. {_early_stop_note(s)}`same as vanilla` counts prompts whose output "
         "is token-for-token vanilla greedy's (speed run + quality run).",
         "",
         "| pair | draft | method | tok/s (median) | × vanilla | × strict | accepted / forward | EM | F1 | F1 kept | same as vanilla |",
@@ -313,7 +319,28 @@ def markdown(payload: dict[str, Any]) -> str:
                 f"FLy keeps {100 * (fly_kept or 0):.1f}% of vanilla F1 "
                 f"({'met' if fly_kept is not None and fly_kept >= 0.99 else 'MISSED'}: ≥ 99%)."
             )
+        if {"strict", "strict, full drafts"} <= set(m):
+            full = m["strict, full drafts"]
+            lines.append(
+                f"- **{pair}**, the draft's early stop: strict {m['strict']['median_tokens_per_s']:.2f} tok/s vs "
+                f"{full['median_tokens_per_s']:.2f} drafting the full length ({1 / full['speedup_vs_strict']:.2f}×, "
+                f"medians of the same prompts); both exact on {m['strict']['same_as_vanilla_speed_run']}/{s['prompts']}"
+                f" + {m['strict']['same_as_vanilla_quality_run']}/{s['quality_examples']} and "
+                f"{full['same_as_vanilla_speed_run']}/{s['prompts']} + {full['same_as_vanilla_quality_run']}/"
+                f"{s['quality_examples']} prompts."
+            )
     return "\n".join(lines) + "\n"
+
+
+def _early_stop_note(settings: dict[str, Any]) -> str:
+    """How much a draft model drafts, for results that record it (older ones drafted the full length everywhere)."""
+    threshold = settings.get("draft_confidence_threshold")
+    if threshold is None:
+        return ""
+    return (f"With a draft model, `strict` and `hf` end a draft after a token the draft gives a probability below "
+            f"{threshold:g} (our default `draft_confidence_threshold`, transformers' default "
+            "`assistant_confidence_threshold`, which transformers also re-tunes during a call when scikit-learn is "
+            "installed); `strict, full drafts` and `fly` draft the full length. ")
 
 
 def _machine_note(args) -> str:
@@ -358,6 +385,7 @@ def main() -> None:
             parser.error(f"{err}\nor leave the Gemma pair out: --pairs ngram int8")
     settings = {k: v for k, v in vars(args).items() if k not in ("render", "supported_devices", "device")}
     settings["machine_note"] = _machine_note(args) + ", float32"
+    settings["draft_confidence_threshold"] = DRAFT_CONFIDENCE_THRESHOLD
     results: dict[str, Any] = {}
     for pair in args.pairs:
         results[pair] = evaluate_pair(pair, args)

@@ -154,7 +154,8 @@ def test_always_accept_equals_accepting_every_draft_token(pair, mixed_arbiter):
     new = out[0, ids.shape[1]:]
     assert metrics.target_forwards == 3  # 5 tokens per forward: 4 drafts + the bonus
     assert new[[0, 1, 2, 3, 5, 6, 7, 8, 10, 11, 12]].eq(7).all()  # the last round has room for 3 drafts
-    loose = SpeculativeDecoding(draft, acceptance=LooseVerification(entropy_threshold=0.0, use_window=False))
+    loose = SpeculativeDecoding(draft, draft_confidence_threshold=None,
+                                acceptance=LooseVerification(entropy_threshold=0.0, use_window=False))
     accept = CoSpec(mixed_arbiter, draft, threshold=0.0)
     assert torch.equal(model.generate(ids, max_new_tokens=20, do_sample=False, custom_generate=accept),
                        model.generate(ids, max_new_tokens=20, do_sample=False, custom_generate=loose))
@@ -212,7 +213,7 @@ def test_train_arbiter_rl_lowers_target_forwards_on_a_cost_only_reward(pair):
     assert arbiter.config.training["oracle_labels"] > 0 and arbiter.config.draft_model_name_or_path is None
     # What the name promises, measured on decoding: the trained arbiter needs fewer target forwards than strict.
     forwards = {}
-    for name, strategy in (("strict", SpeculativeDecoding(draft)), ("cospec", CoSpec(arbiter, draft))):
+    for name, strategy in (("strict", SpeculativeDecoding(draft, draft_confidence_threshold=None)), ("cospec", CoSpec(arbiter, draft))):
         forwards[name] = 0
         for prompt in PROMPTS:
             ids = tok(prompt, return_tensors="pt").input_ids

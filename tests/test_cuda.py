@@ -145,13 +145,13 @@ def journey_speculative_strategies(device, tmp_path) -> None:
     model.to(device)
     ids = tok(PROMPTS[:1], return_tensors="pt").input_ids.to(device)
     reference = model.generate(ids, max_new_tokens=24, do_sample=False)
-    strict = [SpeculativeDecoding(), SpeculativeDecoding(draft, num_draft_tokens=4),
-              SpeculativeDecoding(draft, num_draft_tokens=6, use_ngram=True), FLy(draft, loose=False), FLy(loose=False)]
+    strict = [SpeculativeDecoding(), SpeculativeDecoding(draft, draft_confidence_threshold=None, num_draft_tokens=4),
+              SpeculativeDecoding(draft, draft_confidence_threshold=None, num_draft_tokens=6, use_ngram=True), FLy(draft, loose=False), FLy(loose=False)]
     for strategy in strict:
         out = model.generate(ids, max_new_tokens=24, do_sample=False, custom_generate=strategy)
         assert torch.equal(out, reference), type(strategy).__name__
     # Sampling and loose strategies: not comparable to greedy, but they must run and produce the length.
-    for strategy in (SpeculativeDecoding(draft, acceptance=SpeculativeSampling()), FLy(draft)):
+    for strategy in (SpeculativeDecoding(draft, draft_confidence_threshold=None, acceptance=SpeculativeSampling()), FLy(draft)):
         torch.manual_seed(0)
         out = model.generate(ids, max_new_tokens=8, do_sample=True, custom_generate=strategy)
         assert out.shape == (1, ids.shape[1] + 8), type(strategy).__name__
@@ -159,7 +159,7 @@ def journey_speculative_strategies(device, tmp_path) -> None:
     tok.padding_side = "left"
     enc = tok(PROMPTS, return_tensors="pt", padding=True).to(device)
     expected = model.generate(**enc, max_new_tokens=10, do_sample=False)
-    out = model.generate(**enc, max_new_tokens=10, do_sample=False, custom_generate=SpeculativeDecoding(draft, num_draft_tokens=4))
+    out = model.generate(**enc, max_new_tokens=10, do_sample=False, custom_generate=SpeculativeDecoding(draft, draft_confidence_threshold=None, num_draft_tokens=4))
     assert torch.equal(out, expected)
 
 
@@ -172,7 +172,7 @@ def journey_cross_tokenizer_drafting(device, tmp_path) -> None:
     model.to(device), draft.to(device)
     ids = tok(PROMPTS[2:], return_tensors="pt").input_ids.to(device)
     reference = model.generate(ids, max_new_tokens=16, do_sample=False)
-    strategy = SpeculativeDecoding(draft, tokenizer=tok, draft_tokenizer=draft_tok, num_draft_tokens=4)
+    strategy = SpeculativeDecoding(draft, draft_confidence_threshold=None, tokenizer=tok, draft_tokenizer=draft_tok, num_draft_tokens=4)
     assert torch.equal(model.generate(ids, max_new_tokens=16, do_sample=False, custom_generate=strategy), reference)
     assert strategy.last_metrics.draft_tokens_proposed > 0
 

@@ -294,7 +294,7 @@ def test_speculative_rollback_and_beam_search():
         generator = torch.Generator().manual_seed(0)
         for parameter in draft.parameters():
             parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05 * parameter.std())
-    cache, strategy = SparKCache(model.config, **settings), SpeculativeDecoding(draft, num_draft_tokens=4)
+    cache, strategy = SparKCache(model.config, **settings), SpeculativeDecoding(draft, draft_confidence_threshold=None, num_draft_tokens=4)
     speculative = model.generate(ids, **cache_kwargs(model, cache), custom_generate=strategy, max_new_tokens=12,
                                  do_sample=False)
     assert torch.equal(speculative, plain)

@@ -47,7 +47,7 @@ def pair(request):
     ids = tok(PROMPTS[:1], return_tensors="pt").input_ids
     for scale in (0.05, 0.1, 0.2, 0.3, 0.5):
         draft = perturbed(model, scale)
-        probe = SpeculativeDecoding(draft, num_draft_tokens=4)
+        probe = SpeculativeDecoding(draft, draft_confidence_threshold=None, num_draft_tokens=4)
         model.generate(ids, max_new_tokens=40, do_sample=False, custom_generate=probe)
         if 0 < probe.last_metrics.draft_tokens_accepted < probe.last_metrics.draft_tokens_proposed:
             return model, draft, tok
@@ -62,8 +62,8 @@ def test_strict_strategies_equal_greedy_generate(pair):
     reference = model.generate(ids, max_new_tokens=40, do_sample=False)
     strategies = [
         SpeculativeDecoding(),  # n-gram drafter
-        SpeculativeDecoding(draft, num_draft_tokens=4),
-        SpeculativeDecoding(draft, num_draft_tokens=6, use_ngram=True),  # multi-level drafting
+        SpeculativeDecoding(draft, draft_confidence_threshold=None, num_draft_tokens=4),
+        SpeculativeDecoding(draft, draft_confidence_threshold=None, num_draft_tokens=6, use_ngram=True),  # multi-level drafting
         FLy(draft, loose=False),
         FLy(loose=False),
     ]
@@ -86,7 +86,8 @@ def test_batched_left_padded_equals_greedy(pair):
     enc = tok(PROMPTS, return_tensors="pt", padding=True)
     assert (enc.attention_mask == 0).any()
     reference = model.generate(**enc, max_new_tokens=25, do_sample=False)
-    for strategy in (SpeculativeDecoding(), SpeculativeDecoding(draft, num_draft_tokens=4), FLy(draft, loose=False)):
+    for strategy in (SpeculativeDecoding(), FLy(draft, loose=False),
+                     SpeculativeDecoding(draft, draft_confidence_threshold=None, num_draft_tokens=4)):
         out = model.generate(**enc, max_new_tokens=25, do_sample=False, custom_generate=strategy)
         assert torch.equal(out, reference), type(strategy).__name__
         assert strategy.last_metrics.rows == 3
@@ -101,7 +102,8 @@ def test_eos_and_pad_like_generate():
     eos = int(plain[1, enc.input_ids.shape[1] + 2])
     kwargs = dict(max_new_tokens=12, do_sample=False, eos_token_id=eos, pad_token_id=0)
     reference = model.generate(**enc, **kwargs)
-    out = model.generate(**enc, **kwargs, custom_generate=SpeculativeDecoding(perturbed(model, 0.05), num_draft_tokens=5))
+    strategy = SpeculativeDecoding(perturbed(model, 0.05), draft_confidence_threshold=None, num_draft_tokens=5)
+    out = model.generate(**enc, **kwargs, custom_generate=strategy)
     assert torch.equal(out, reference)
     assert (out[1, enc.input_ids.shape[1] + 3 :] == 0).all()
 
@@ -112,7 +114,7 @@ def test_logits_processors_and_scores_like_generate():
     kwargs = dict(max_new_tokens=20, do_sample=False, repetition_penalty=1.5, no_repeat_ngram_size=2,
                   return_dict_in_generate=True, output_scores=True)
     reference = model.generate(ids, **kwargs)
-    strategy = SpeculativeDecoding(perturbed(model, 0.05), num_draft_tokens=4)
+    strategy = SpeculativeDecoding(perturbed(model, 0.05), draft_confidence_threshold=None, num_draft_tokens=4)
     out = model.generate(ids, **kwargs, custom_generate=strategy)
     assert torch.equal(out.sequences, reference.sequences)
     assert len(out.scores) == len(reference.scores) == 20
@@ -149,7 +151,8 @@ def test_decode_rate_leaves_out_the_first_round():
 
     model, tok = tiny_model("llama")
     ids = tok(PROMPTS[:1], return_tensors="pt").input_ids
-    echo = SpeculativeDecoding(model, num_draft_tokens=4)  # the target drafting for itself: every draft is accepted
+    # the target drafting for itself: every draft is accepted
+    echo = SpeculativeDecoding(model, draft_confidence_threshold=None, num_draft_tokens=4)
     one_round = measure_generation_speed(model, tok, [ids], max_new_tokens=5, warmup=0, progress=False,
                                          custom_generate=echo)
     assert one_round["new_tokens"] == [5] and one_round["strategy_metrics"][0]["target_forwards"] == 1
@@ -162,7 +165,7 @@ def test_decode_rate_leaves_out_the_first_round():
 def test_sampling_is_reproducible_and_respects_warpers():
     model, tok = tiny_model("llama")
     ids = tok(PROMPTS[:1], return_tensors="pt").input_ids
-    strategy = SpeculativeDecoding(perturbed(model, 0.05), num_draft_tokens=4)
+    strategy = SpeculativeDecoding(perturbed(model, 0.05), draft_confidence_threshold=None, num_draft_tokens=4)
     kwargs = dict(max_new_tokens=20, do_sample=True, top_k=1, custom_generate=strategy)
     # top_k=1 makes sampling deterministic: it must then equal greedy decoding.
     assert torch.equal(model.generate(ids, **kwargs), model.generate(ids, max_new_tokens=20, do_sample=False))
@@ -290,6 +293,59 @@ def test_model_drafter_resyncs_by_common_prefix():
     assert torch.equal(second, fresh)
 
 
+
+def _peaked_draft(seed: int = 0):
+    """A tiny draft whose own greedy tokens get probabilities spread over (0, 1): a random tiny model gives every
+    token about 1/vocab, which any confidence threshold would cut at once."""
+    draft, _ = tiny_model("llama", seed=seed)
+    with torch.no_grad():
+        draft.lm_head.weight.mul_(40)
+    return draft
+
+
+def _first_all_below(draft, ids: torch.Tensor, tokens: torch.Tensor, threshold: float) -> int:
+    """How many of ``tokens`` a draft with this confidence threshold keeps: up to and including the first position
+    where every row's draft gives its own token a probability below ``threshold`` (all of them if none)."""
+    with torch.no_grad():
+        logits = draft(torch.cat([ids, tokens], dim=1)).logits[:, ids.shape[1] - 1 : -1].float()
+    unsure = (torch.softmax(logits, -1).amax(-1) < threshold).all(dim=0).nonzero()
+    return int(unsure[0]) + 1 if unsure.numel() else tokens.shape[1]
+
+
+@pytest.mark.parametrize("accelerated", [False, True], ids=["plain", "ngram-accelerated"])
+@pytest.mark.parametrize("rows", [[0], [1], [0, 1]], ids=["row0", "row1", "batch"])
+def test_model_drafter_stops_after_the_first_unsure_token(accelerated, rows):
+    draft = _peaked_draft()
+    ids = torch.tensor([[5, 6, 7, 8, 5, 6, 7], [9, 10, 11, 12, 13, 14, 15]])[rows]
+    full = ModelDrafter(draft).propose(ids, None, 8).tokens
+    expected = _first_all_below(draft, ids, full, 0.5)
+    assert 1 < expected < 8  # the case under test: a cut inside the draft, not at either end
+    accelerator = NgramDrafter(2, reuse_last_proposal=True) if accelerated else None
+    cut = ModelDrafter(draft, accelerator, confidence_threshold=0.5).propose(ids, None, 8).tokens
+    assert torch.equal(cut, full[:, :expected])
+    assert ModelDrafter(draft, confidence_threshold=0.0).propose(ids, None, 8).tokens.shape[1] == 8
+    assert ModelDrafter(draft, confidence_threshold=1.0).propose(ids, None, 8).tokens.shape[1] == 1
+
+
+def test_draft_confidence_threshold_keeps_strict_output_and_drafts_less():
+    model, tok = tiny_model("llama")
+    draft = _peaked_draft()
+    ids = tok(PROMPTS[2:], return_tensors="pt").input_ids
+    reference = model.generate(ids, max_new_tokens=24, do_sample=False)
+    proposed = {}
+    for threshold in (None, 0.5):
+        strategy = SpeculativeDecoding(draft, num_draft_tokens=6, draft_confidence_threshold=threshold)
+        assert torch.equal(model.generate(ids, max_new_tokens=24, do_sample=False, custom_generate=strategy), reference)
+        proposed[threshold] = strategy.last_metrics.draft_tokens_proposed
+        assert strategy_from_dict(strategy.to_dict()).draft_confidence_threshold == threshold
+    assert proposed[0.5] < proposed[None]
+    assert SpeculativeDecoding(draft).draft_confidence_threshold == 0.4  # transformers' assisted-generation default
+    assert FLy(draft).draft_confidence_threshold is None  # FLy's window reads the drafts after a mismatch
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="draft_confidence_threshold"):
+            SpeculativeDecoding(draft, draft_confidence_threshold=bad)
+
+
 # ------------------------------------------------------------------------------------ bad input
 def test_bad_input_errors(tmp_path):
     model, tok = tiny_model("llama")
@@ -328,7 +384,7 @@ def test_cross_tokenizer_drafting_is_exact(tmp_path):
     draft_tok.add_tokens(["<extra>"])  # different vocabularies, same text space
     ids = tok(PROMPTS[2:], return_tensors="pt").input_ids
     reference = model.generate(ids, max_new_tokens=20, do_sample=False)
-    strategy = SpeculativeDecoding(draft, tokenizer=tok, draft_tokenizer=draft_tok, num_draft_tokens=4)
+    strategy = SpeculativeDecoding(draft, draft_confidence_threshold=None, tokenizer=tok, draft_tokenizer=draft_tok, num_draft_tokens=4)
     assert torch.equal(model.generate(ids, max_new_tokens=20, do_sample=False, custom_generate=strategy), reference)
     assert strategy.last_metrics.draft_tokens_proposed > 0
     # The target itself as the draft, behind another tokenizer: the text re-alignment must keep its drafts. Its
@@ -338,7 +394,8 @@ def test_cross_tokenizer_drafting_is_exact(tmp_path):
         ascii_model.get_output_embeddings().weight[128:] = 0
     reference = ascii_model.generate(ids, max_new_tokens=20, do_sample=False)
     assert int(reference.max()) < 128
-    same = SpeculativeDecoding(ascii_model, tokenizer=tok, draft_tokenizer=_with_extra_token(tok), num_draft_tokens=4)
+    same = SpeculativeDecoding(ascii_model, draft_confidence_threshold=None, tokenizer=tok,
+                               draft_tokenizer=_with_extra_token(tok), num_draft_tokens=4)
     assert torch.equal(ascii_model.generate(ids, max_new_tokens=20, do_sample=False, custom_generate=same), reference)
     assert same.last_metrics.acceptance_rate > 0.9, same.last_metrics
 

@@ -98,7 +98,7 @@ def test_one_criterion_serves_many_calls_and_a_speculative_strategy(pair):
                                stopping_criteria=StoppingCriteriaList([FirstWordStop(tok)]))
         reused = model.generate(ids, max_new_tokens=20, do_sample=False, stopping_criteria=shared)
         strict = model.generate(ids, max_new_tokens=20, do_sample=False, stopping_criteria=shared,
-                                custom_generate=SpeculativeDecoding(draft, num_draft_tokens=4))
+                                custom_generate=SpeculativeDecoding(draft, draft_confidence_threshold=None, num_draft_tokens=4))
         assert torch.equal(fresh, reused) and torch.equal(fresh, strict)
 
 
@@ -122,7 +122,7 @@ def test_calibration_scores_word_answers(pair):
     items = [{"prompt": p, "answers": ["x"]} for p in PROMPTS]
     held_out = HeldOut.prepare(model, items, tok, "lambada_accuracy", target_keep=0.99, max_new_tokens=20,
                                stop_at_newline=False)
-    answers = held_out.run(SpeculativeDecoding(draft, num_draft_tokens=4))["answers"]
+    answers = held_out.run(SpeculativeDecoding(draft, draft_confidence_threshold=None, num_draft_tokens=4))["answers"]
     for prompt, answer in zip(PROMPTS, answers):
         ids = ids_of(tok, prompt)
         greedy = generate_answer(model, ids, tok, max_new_tokens=20, stop_ids=[], answer_unit="word")

@@ -14,7 +14,7 @@ from typing import Protocol
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from ..utils import InvalidArgumentTypeError, check_bool, check_int
+from ..utils import InvalidArgumentTypeError, check_bool, check_float, check_int
 from .acceptance import StrictGreedy
 from .engine import CachedSequence, verify_and_advance
 from .tree import DraftTree
@@ -124,22 +124,33 @@ class ModelDrafter:
     FLy's multi-level acceleration: n-gram guesses are checked by one draft forward, and the draft's own
     greedy output is unchanged.
 
+    With a ``confidence_threshold`` the draft stops early, after the first token the draft model itself gives
+    a probability below the threshold (in a batch: once every row is below it), as transformers' assisted
+    generation does with ``assistant_confidence_threshold``. Drafting past an unsure token mostly produces
+    tokens the target rejects, each costing a draft forward and a verified position.
+
     Example:
         >>> from hf_compress.assets import tiny_model
         >>> draft, _ = tiny_model("llama", seed=1)
         >>> ModelDrafter(draft).propose(torch.tensor([[3, 4, 5]]), None, 4).tokens.shape
         torch.Size([1, 4])
+        >>> ModelDrafter(draft, confidence_threshold=1.0).propose(torch.tensor([[3, 4, 5]]), None, 4).tokens.shape
+        torch.Size([1, 1])
     """
 
-    def __init__(self, draft_model: PreTrainedModel, accelerator: NgramDrafter | None = None):
+    def __init__(self, draft_model: PreTrainedModel, accelerator: NgramDrafter | None = None, *,
+                 confidence_threshold: float | None = None):
         if not isinstance(draft_model, PreTrainedModel):
             raise InvalidArgumentTypeError(
                 f"draft_model must be a loaded causal LM (PreTrainedModel), got {type(draft_model).__name__}."
             )
         if accelerator is not None and not isinstance(accelerator, NgramDrafter):
             raise InvalidArgumentTypeError(f"accelerator must be an NgramDrafter or None, got {type(accelerator).__name__}.")
+        check_float("confidence_threshold", confidence_threshold, low=0.0, high=1.0, allow_none=True,
+                    hint="The draft stops after a token it gives a lower probability; None drafts the full budget.")
         self.draft_model = draft_model
         self.accelerator = accelerator
+        self.confidence_threshold = confidence_threshold
         self._greedy = StrictGreedy()
         self.reset()
 
@@ -174,7 +185,8 @@ class ModelDrafter:
         common = self._resync(input_ids, mask)
         pending, pending_mask = input_ids[:, common:], mask[:, common:]
         produced = input_ids[:, :0]
-        while produced.shape[1] < max_tokens:
+        keep = max_tokens
+        while produced.shape[1] < keep:
             context = torch.cat([input_ids, produced], dim=1)
             guesses = input_ids[:, :0]
             room = max_tokens - produced.shape[1] - 1  # the draft forward adds one token of its own
@@ -182,10 +194,20 @@ class ModelDrafter:
                 context_mask = torch.cat([mask, torch.ones_like(produced)], dim=1)
                 guesses = self.accelerator.propose(context, context_mask, room).tokens
             step = verify_and_advance(self._sequence, pending, guesses, self._greedy, pending_mask=pending_mask)
+            if self.confidence_threshold is not None:
+                unsure = self._first_unsure(step.scores)
+                if unsure is not None:
+                    keep = min(keep, produced.shape[1] + unsure + 1)
             produced = torch.cat([produced, step.tokens], dim=1)
             pending, pending_mask = step.tokens[:, -1:], None
         self._ids = torch.cat([input_ids, produced], dim=1)[:, : self._sequence.length]
-        return Draft(produced[:, :max_tokens])
+        return Draft(produced[:, :keep])
+
+    def _first_unsure(self, scores: torch.Tensor) -> int | None:
+        """Index of the first of a step's tokens that every row's draft gives a probability below the threshold."""
+        confidence = torch.softmax(scores.float(), dim=-1).amax(dim=-1)  # greedy: the chosen token's probability
+        unsure = (confidence < self.confidence_threshold).all(dim=0).nonzero()
+        return int(unsure[0]) if unsure.numel() else None
 
 
 class CrossTokenizerDrafter:
@@ -207,13 +229,15 @@ class CrossTokenizerDrafter:
         target_tokenizer: PreTrainedTokenizerBase,
         draft_tokenizer: PreTrainedTokenizerBase,
         accelerator: NgramDrafter | None = None,
+        *,
+        confidence_threshold: float | None = None,
     ):
         for name, tokenizer in (("target_tokenizer", target_tokenizer), ("draft_tokenizer", draft_tokenizer)):
             if not isinstance(tokenizer, PreTrainedTokenizerBase):
                 raise InvalidArgumentTypeError(
                     f"{name} must be a loaded tokenizer (PreTrainedTokenizerBase), got {type(tokenizer).__name__}."
                 )
-        self.inner = ModelDrafter(draft_model, accelerator)
+        self.inner = ModelDrafter(draft_model, accelerator, confidence_threshold=confidence_threshold)
         self.target_tokenizer = target_tokenizer
         self.draft_tokenizer = draft_tokenizer
 

@@ -55,7 +55,9 @@ class CoSpec(SpeculativeDecoding):
         mode: ``"policy"`` (the threshold), ``"sample"`` (stochastic, as in RL rollouts), ``"strict"``
             (arbiter disabled: strict verification) or ``"accept"`` (keep every draft token).
         num_draft_tokens, use_ngram, tokenizer, draft_tokenizer, ...: as for
-            :class:`~..strategies.SpeculativeDecoding` (cross-tokenizer drafts work too).
+            :class:`~..strategies.SpeculativeDecoding` (cross-tokenizer drafts work too), except that a draft
+            model drafts the full length by default (``draft_confidence_threshold=None``), as the arbiter was
+            trained.
 
     Example:
         >>> out = model.generate(**inputs, custom_generate=CoSpec(arbiter, draft_model=draft))  # doctest: +SKIP
@@ -77,10 +79,12 @@ class CoSpec(SpeculativeDecoding):
         num_ngram_pred_tokens: int = 6,
         tokenizer: PreTrainedTokenizerBase | str | None = None,
         draft_tokenizer: PreTrainedTokenizerBase | str | None = None,
+        draft_confidence_threshold: float | None = None,
     ):
         super().__init__(
             draft_model, num_draft_tokens=num_draft_tokens, tokenizer=tokenizer, draft_tokenizer=draft_tokenizer,
             use_ngram=use_ngram, max_ngram_size=max_ngram_size, num_ngram_pred_tokens=num_ngram_pred_tokens,
+            draft_confidence_threshold=draft_confidence_threshold,
         )
         if arbiter is None:
             raise ValueError("CoSpec needs a trained arbiter: pass `arbiter=` (a CoSpecArbiter, folder or Hub id; "
