@@ -384,9 +384,14 @@ def test_cross_tokenizer_drafting_is_exact(tmp_path):
     draft_tok.add_tokens(["<extra>"])  # different vocabularies, same text space
     ids = tok(PROMPTS[2:], return_tensors="pt").input_ids
     reference = model.generate(ids, max_new_tokens=20, do_sample=False)
-    strategy = SpeculativeDecoding(draft, draft_confidence_threshold=None, tokenizer=tok, draft_tokenizer=draft_tok, num_draft_tokens=4)
+    strategy = SpeculativeDecoding(draft, draft_confidence_threshold=None, tokenizer=tok, draft_tokenizer=draft_tok,
+                                   num_draft_tokens=4)
     assert torch.equal(model.generate(ids, max_new_tokens=20, do_sample=False, custom_generate=strategy), reference)
     assert strategy.last_metrics.draft_tokens_proposed > 0
+    unsure = SpeculativeDecoding(draft, tokenizer=tok, draft_tokenizer=draft_tok, num_draft_tokens=4)
+    assert torch.equal(model.generate(ids, max_new_tokens=20, do_sample=False, custom_generate=unsure), reference)
+    assert unsure.drafter_for(model).inner.confidence_threshold == 0.4  # the early stop reaches the inner drafter
+    assert unsure.last_metrics.draft_tokens_proposed < strategy.last_metrics.draft_tokens_proposed
     # The target itself as the draft, behind another tokenizer: the text re-alignment must keep its drafts. Its
     # byte tokens >= 128 are silenced: alone they are not UTF-8, so no text round trip could carry them.
     ascii_model = copy.deepcopy(model)
