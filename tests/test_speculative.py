@@ -294,34 +294,42 @@ def test_model_drafter_resyncs_by_common_prefix():
 
 
 
-def _peaked_draft(seed: int = 0):
+def _peaked_draft(seed: int = 0, noise: float = 0.0):
     """A tiny draft whose own greedy tokens get probabilities spread over (0, 1): a random tiny model gives every
-    token about 1/vocab, which any confidence threshold would cut at once."""
+    token about 1/vocab, which any confidence threshold would cut at once. With ``noise`` it is the target
+    (``tiny_model("llama", seed)``) perturbed, so the target rejects some of its tokens."""
     draft, _ = tiny_model("llama", seed=seed)
+    if noise:
+        draft = perturbed(draft, noise)
     with torch.no_grad():
         draft.lm_head.weight.mul_(40)
     return draft
 
 
-def _first_all_below(draft, ids: torch.Tensor, tokens: torch.Tensor, threshold: float) -> int:
-    """How many of ``tokens`` a draft with this confidence threshold keeps: up to and including the first position
-    where every row's draft gives its own token a probability below ``threshold`` (all of them if none)."""
+def _kept_by_threshold(draft, ids: torch.Tensor, tokens: torch.Tensor, threshold: float) -> int:
+    """How many of ``tokens`` a draft with this confidence threshold keeps: up to and including the position by which
+    every row has drafted a token its draft gives a probability below ``threshold`` (all of them if some row never
+    has)."""
     with torch.no_grad():
         logits = draft(torch.cat([ids, tokens], dim=1)).logits[:, ids.shape[1] - 1 : -1].float()
-    unsure = (torch.softmax(logits, -1).amax(-1) < threshold).all(dim=0).nonzero()
-    return int(unsure[0]) + 1 if unsure.numel() else tokens.shape[1]
+    unsure = torch.softmax(logits, -1).amax(-1) < threshold  # (B, n)
+    every_row_by = [all(bool(row[: i + 1].any()) for row in unsure) for i in range(tokens.shape[1])]
+    return every_row_by.index(True) + 1 if any(every_row_by) else tokens.shape[1]
 
 
 @pytest.mark.parametrize("accelerated", [False, True], ids=["plain", "ngram-accelerated"])
-@pytest.mark.parametrize("rows", [[0], [1], [0, 1]], ids=["row0", "row1", "batch"])
-def test_model_drafter_stops_after_the_first_unsure_token(accelerated, rows):
+@pytest.mark.parametrize(("rows", "threshold"), [([0], 0.5), ([1], 0.5), ([0, 1], 0.5), ([0, 1], 0.8)],
+                         ids=["row0", "row1", "batch", "batch-rows-unsure-at-different-tokens"])
+def test_model_drafter_stops_after_the_first_unsure_token(accelerated, rows, threshold):
     draft = _peaked_draft()
     ids = torch.tensor([[5, 6, 7, 8, 5, 6, 7], [9, 10, 11, 12, 13, 14, 15]])[rows]
     full = ModelDrafter(draft).propose(ids, None, 8).tokens
-    expected = _first_all_below(draft, ids, full, 0.5)
+    expected = _kept_by_threshold(draft, ids, full, threshold)
     assert 1 < expected < 8  # the case under test: a cut inside the draft, not at either end
+    if threshold == 0.8:  # the rows' first unsure tokens differ, and no position is unsure in both rows before the cut
+        assert _kept_by_threshold(draft, ids[:1], full[:1], threshold) != _kept_by_threshold(draft, ids[1:], full[1:], threshold)
     accelerator = NgramDrafter(2, reuse_last_proposal=True) if accelerated else None
-    cut = ModelDrafter(draft, accelerator, confidence_threshold=0.5).propose(ids, None, 8).tokens
+    cut = ModelDrafter(draft, accelerator, confidence_threshold=threshold).propose(ids, None, 8).tokens
     assert torch.equal(cut, full[:, :expected])
     assert ModelDrafter(draft, confidence_threshold=0.0).propose(ids, None, 8).tokens.shape[1] == 8
     assert ModelDrafter(draft, confidence_threshold=1.0).propose(ids, None, 8).tokens.shape[1] == 1
@@ -329,18 +337,26 @@ def test_model_drafter_stops_after_the_first_unsure_token(accelerated, rows):
 
 def test_draft_confidence_threshold_keeps_strict_output_and_drafts_less():
     model, tok = tiny_model("llama")
-    draft = _peaked_draft()
-    ids = tok(PROMPTS[2:], return_tensors="pt").input_ids
-    reference = model.generate(ids, max_new_tokens=24, do_sample=False)
-    proposed = {}
-    for threshold in (None, 0.5):
-        strategy = SpeculativeDecoding(draft, num_draft_tokens=6, draft_confidence_threshold=threshold)
-        assert torch.equal(model.generate(ids, max_new_tokens=24, do_sample=False, custom_generate=strategy), reference)
-        proposed[threshold] = strategy.last_metrics.draft_tokens_proposed
-        assert strategy_from_dict(strategy.to_dict()).draft_confidence_threshold == threshold
-    assert proposed[0.5] < proposed[None]
+    tok.padding_side = "left"
+    draft = _peaked_draft(noise=0.3)
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    for inputs in ({"input_ids": enc.input_ids[2:]}, dict(enc)):  # one row, then a left-padded batch
+        reference = model.generate(**inputs, max_new_tokens=24, do_sample=False)
+        metrics = {}
+        for threshold in (None, 0.5):
+            strategy = SpeculativeDecoding(draft, num_draft_tokens=6, draft_confidence_threshold=threshold)
+            out = model.generate(**inputs, max_new_tokens=24, do_sample=False, custom_generate=strategy)
+            assert torch.equal(out, reference)
+            metrics[threshold] = strategy.last_metrics
+            assert strategy_from_dict(strategy.to_dict()).draft_confidence_threshold == threshold
+        full = metrics[None]
+        assert 0 < full.draft_tokens_accepted_by_rule < full.draft_tokens_proposed  # the target rejects some drafts
+        assert metrics[0.5].draft_tokens_proposed < full.draft_tokens_proposed
     assert SpeculativeDecoding(draft).draft_confidence_threshold == 0.4  # transformers' assisted-generation default
     assert FLy(draft).draft_confidence_threshold is None  # FLy's window reads the drafts after a mismatch
+    old = SpeculativeDecoding(draft).to_dict()
+    del old["draft_confidence_threshold"]  # a folder saved before the argument existed
+    assert strategy_from_dict(old).draft_confidence_threshold == 0.4
     for bad in (-0.1, 1.5):
         with pytest.raises(ValueError, match="draft_confidence_threshold"):
             SpeculativeDecoding(draft, draft_confidence_threshold=bad)

@@ -125,9 +125,10 @@ class ModelDrafter:
     greedy output is unchanged.
 
     With a ``confidence_threshold`` the draft stops early, after the first token the draft model itself gives
-    a probability below the threshold (in a batch: once every row is below it), as transformers' assisted
-    generation does with ``assistant_confidence_threshold``. Drafting past an unsure token mostly produces
-    tokens the target rejects, each costing a draft forward and a verified position.
+    a probability below the threshold, as transformers' assisted generation does with
+    ``assistant_confidence_threshold``. Drafting past an unsure token mostly produces tokens the target rejects,
+    each costing a draft forward and a verified position. In a batch the draft ends once every row has drafted
+    an unsure token (verification cuts a batch at its shortest accepted run anyway).
 
     Example:
         >>> from hf_compress.assets import tiny_model
@@ -146,11 +147,11 @@ class ModelDrafter:
             )
         if accelerator is not None and not isinstance(accelerator, NgramDrafter):
             raise InvalidArgumentTypeError(f"accelerator must be an NgramDrafter or None, got {type(accelerator).__name__}.")
-        check_float("confidence_threshold", confidence_threshold, low=0.0, high=1.0, allow_none=True,
-                    hint="The draft stops after a token it gives a lower probability; None drafts the full budget.")
+        self.confidence_threshold = check_float(
+            "confidence_threshold", confidence_threshold, low=0.0, high=1.0, allow_none=True,
+            hint="The draft stops after a token it gives a lower probability; None drafts the full budget.")
         self.draft_model = draft_model
         self.accelerator = accelerator
-        self.confidence_threshold = confidence_threshold
         self._greedy = StrictGreedy()
         self.reset()
 
@@ -186,6 +187,7 @@ class ModelDrafter:
         pending, pending_mask = input_ids[:, common:], mask[:, common:]
         produced = input_ids[:, :0]
         keep = max_tokens
+        unsure_rows = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=device)  # rows that drafted an unsure token
         while produced.shape[1] < keep:
             context = torch.cat([input_ids, produced], dim=1)
             guesses = input_ids[:, :0]
@@ -195,19 +197,21 @@ class ModelDrafter:
                 guesses = self.accelerator.propose(context, context_mask, room).tokens
             step = verify_and_advance(self._sequence, pending, guesses, self._greedy, pending_mask=pending_mask)
             if self.confidence_threshold is not None:
-                unsure = self._first_unsure(step.scores)
-                if unsure is not None:
-                    keep = min(keep, produced.shape[1] + unsure + 1)
+                unsure_rows, last = self._unsure_so_far(step.scores, unsure_rows)
+                if last is not None:
+                    keep = min(keep, produced.shape[1] + last + 1)
             produced = torch.cat([produced, step.tokens], dim=1)
             pending, pending_mask = step.tokens[:, -1:], None
         self._ids = torch.cat([input_ids, produced], dim=1)[:, : self._sequence.length]
         return Draft(produced[:, :keep])
 
-    def _first_unsure(self, scores: torch.Tensor) -> int | None:
-        """Index of the first of a step's tokens that every row's draft gives a probability below the threshold."""
+    def _unsure_so_far(self, scores: torch.Tensor, unsure_rows: torch.Tensor) -> tuple[torch.Tensor, int | None]:
+        """Rows that have drafted an unsure token after this step's tokens, and the index of the step's token at which
+        every row first has (``None`` while some row is still sure of all its tokens)."""
         confidence = torch.softmax(scores.float(), dim=-1).amax(dim=-1)  # greedy: the chosen token's probability
-        unsure = (confidence < self.confidence_threshold).all(dim=0).nonzero()
-        return int(unsure[0]) if unsure.numel() else None
+        so_far = (confidence < self.confidence_threshold).cummax(dim=1).values | unsure_rows[:, None]  # (B, n)
+        done = so_far.all(dim=0).nonzero()
+        return so_far[:, -1], (int(done[0]) if done.numel() else None)
 
 
 class CrossTokenizerDrafter:

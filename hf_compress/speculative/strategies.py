@@ -56,8 +56,11 @@ class SpeculativeDecoding:
         tokenizer / draft_tokenizer: Needed only when the two models' vocabularies differ.
         use_ngram: Speed up the draft model itself with n-gram lookup (FLy's multi-level acceleration).
         draft_confidence_threshold: A draft model stops drafting after a token it gives a probability below
-            this (0.4, the default of transformers' ``assistant_confidence_threshold``); ``None`` always drafts
-            ``num_draft_tokens``. It changes how much is drafted, never what strict verification outputs.
+            this (0.4, the default of transformers' ``assistant_confidence_threshold``; in a batch, once every row
+            has); ``None`` always drafts ``num_draft_tokens``. It changes how much is drafted, not what strict
+            verification outputs (exactly so in float32; see the reduced-precision note above) nor the
+            distribution speculative sampling draws from. A strategy saved before this argument existed loads
+            with the default.
         max_ngram_size / num_ngram_pred_tokens: n-gram search settings (the n-gram drafter and MLA).
         drafter / acceptance: Custom drafter or rule instead of the ones built from the arguments above.
 
@@ -87,8 +90,9 @@ class SpeculativeDecoding:
         acceptance: AcceptanceRule | None = None,
     ):
         check_int("num_draft_tokens", num_draft_tokens, minimum=1)
-        check_float("draft_confidence_threshold", draft_confidence_threshold, low=0.0, high=1.0, allow_none=True,
-                    hint="A draft model stops after a token it gives a lower probability; None drafts the full length.")
+        draft_confidence_threshold = check_float(
+            "draft_confidence_threshold", draft_confidence_threshold, low=0.0, high=1.0, allow_none=True,
+            hint="A draft model stops after a token it gives a lower probability; None drafts the full length.")
         if draft_model is not None and not isinstance(draft_model, (PreTrainedModel, str, os.PathLike)):
             raise InvalidArgumentTypeError(
                 f"draft_model must be a causal LM (PreTrainedModel), a folder or a Hub id, or None for n-gram "
