@@ -405,6 +405,15 @@ def test_expert_folder_errors(trained, tmp_path):
         save_file(tensors, weights)
 
     damaged("edited", edited)
+
+    def malformed_record(f):  # one file's digests replaced by a string
+        config = json.loads((f / "experts_config.json").read_text())
+        config["integrity"]["files"]["expert_0/adapter_model.safetensors"] = "sha256"
+        (f / "experts_config.json").write_text(json.dumps(config))
+
+    damaged("malformed-record", malformed_record)
+    with pytest.raises(ValueError, match=r"malformed 'integrity' record for expert_0/adapter_model.safetensors"):
+        ExpertRouter.from_pretrained(tmp_path / "malformed-record", base_model=tiny_model("llama")[0])
     with pytest.raises(ValueError, match=r"expert_1/adapter_model.safetensors differs from what was saved"):
         ExpertRouter.from_pretrained(tmp_path / "edited", base_model=tiny_model("llama")[0])
     assert set(json.loads((folder / "experts_config.json").read_text())["integrity"]["files"]) == {

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from hf_compress.assets import tiny_model
-from hf_compress.formats.integrity import DIGEST_ALGORITHM, CheckpointIntegrityError, read_header
+from hf_compress.formats.integrity import DIGEST_ALGORITHM, CheckpointIntegrityError, CheckpointReader, read_header
 from hf_compress.formats.packed import save_packed
 from hf_compress.formats.slim import save_slim
 from hf_compress.modeling.structure import block_structure, shrink_block
@@ -142,3 +142,18 @@ def test_stock_transformers_refuses_every_format(tmp_path, fmt):
     done = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
     assert f"hf_compress_{fmt}" in done.stderr and "mismatch" in done.stderr
+
+
+def test_mismatched_tensors_names_the_missing_the_extra_and_the_changed(tmp_path):
+    tensors = {"a": torch.arange(4.0), "b": torch.ones(2, 3), "c": torch.zeros(5, dtype=torch.int8)}
+    save_file(tensors, tmp_path / "w.safetensors")
+    with CheckpointReader([tmp_path / "w.safetensors"]) as reader:
+        recorded = reader.digests()
+        assert reader.mismatched_tensors(recorded) == ([], [], [])
+        edited = {**recorded, "a": recorded["b"], "z": recorded["c"]}  # "a" has another digest, "z" is not stored
+        del edited["c"]  # "c" is stored but not recorded
+        assert reader.mismatched_tensors(edited) == (["z"], ["c"], ["a"])
+    # The same bytes under another shape are another tensor.
+    save_file({**tensors, "b": torch.ones(3, 2)}, tmp_path / "reshaped.safetensors")
+    with CheckpointReader([tmp_path / "reshaped.safetensors"]) as reader:
+        assert reader.mismatched_tensors(recorded) == ([], [], ["b"])

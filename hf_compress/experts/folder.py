@@ -170,12 +170,13 @@ def _verify_digests(folder: Path, integrity: Any, where: str, damaged: str) -> N
         raise ValueError(f"{where}: its checksums use {integrity.get('algorithm')!r}, this hf_compress knows "
                          f"{DIGEST_ALGORITHM!r}; upgrade hf_compress (pip install -U hf-compress).")
     for relative, recorded in integrity["files"].items():
+        if not isinstance(recorded, dict):
+            raise ValueError(f"{where}: {CONFIG_NAME} has a malformed 'integrity' record for {relative}; {damaged}")
         try:
             with CheckpointReader([folder / relative]) as reader:
-                current = reader.digests()
+                changed = sorted(set().union(*reader.mismatched_tensors(recorded)))
         except (OSError, CheckpointIntegrityError) as err:
             raise ValueError(f"{where}: cannot read {relative} ({err}); {damaged}") from None
-        changed = sorted(n for n in set(current) | set(recorded) if current.get(n) != recorded.get(n))
         if changed:
             raise ValueError(f"{where}: {relative} differs from what was saved ({len(changed)} tensor(s) changed, "
                              f"added or missing, e.g. {changed[0]!r}); {damaged}")

@@ -215,6 +215,19 @@ class CheckpointReader:
         """Every tensor's digest, by name."""
         return {name: self.digest(name) for name in sorted(self.entries)}
 
+    def mismatched_tensors(self, recorded: Mapping[str, str]) -> tuple[list[str], list[str], list[str]]:
+        """Names, each list sorted: tensors ``recorded`` (name → digest) lists that are not stored here, tensors
+        stored here that it does not list, and tensors whose digest differs from the recorded one.
+
+        Example:
+            >>> with CheckpointReader(["model.safetensors"]) as reader:  # doctest: +SKIP
+            ...     missing, extra, changed = reader.mismatched_tensors(integrity["tensors"])
+        """
+        missing = sorted(set(recorded) - set(self.entries))
+        extra = sorted(set(self.entries) - set(recorded))
+        changed = [name for name in sorted(recorded) if name in self.entries and self.digest(name) != recorded[name]]
+        return missing, extra, changed
+
     def verify_digests(self, integrity: Mapping[str, Any] | None) -> None:
         """Compare the tensors with the ``integrity`` record of ``config.json`` (nothing to do without one).
 
@@ -230,16 +243,14 @@ class CheckpointReader:
                 f"config.json: checksums use {integrity.get('algorithm')!r}, this hf_compress knows "
                 f"{DIGEST_ALGORITHM!r}; upgrade hf_compress (pip install -U hf-compress)."
             )
-        recorded = integrity["tensors"]
-        missing = sorted(set(recorded) - set(self.entries))
-        extra = sorted(set(self.entries) - set(recorded))
+        missing, extra, changed = self.mismatched_tensors(integrity["tensors"])
         if missing:
             raise _corrupt("checkpoint", f"{len(missing)} recorded tensor(s) are missing, e.g. {missing[0]!r}")
         if extra:
             raise _corrupt("checkpoint", f"{len(extra)} tensor(s) were not in the saved checkpoint, e.g. {extra[0]!r}")
-        for name in sorted(recorded):
-            if self.digest(name) != recorded[name]:
-                raise _corrupt(f"{self.entries[name].file.name}, tensor {name!r}", "its bytes differ from the checksum recorded at save")
+        if changed:
+            name = changed[0]
+            raise _corrupt(f"{self.entries[name].file.name}, tensor {name!r}", "its bytes differ from the checksum recorded at save")
 
 
 def check_module_lists(listed: set[str], stored: set[str], field: str, kind: str) -> None:
