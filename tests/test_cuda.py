@@ -145,8 +145,14 @@ def journey_speculative_strategies(device, tmp_path) -> None:
     model.to(device)
     ids = tok(PROMPTS[:1], return_tensors="pt").input_ids.to(device)
     reference = model.generate(ids, max_new_tokens=24, do_sample=False)
+    peaked = copy.deepcopy(draft)  # confidences spread over (0, 1): the draft's early stop cuts inside drafts
+    with torch.no_grad():
+        peaked.lm_head.weight.mul_(40)
     strict = [SpeculativeDecoding(), SpeculativeDecoding(draft, draft_confidence_threshold=None, num_draft_tokens=4),
-              SpeculativeDecoding(draft, draft_confidence_threshold=None, num_draft_tokens=6, use_ngram=True), FLy(draft, loose=False), FLy(loose=False)]
+              SpeculativeDecoding(draft, draft_confidence_threshold=None, num_draft_tokens=6, use_ngram=True),
+              SpeculativeDecoding(peaked, draft_confidence_threshold=0.5, num_draft_tokens=6),
+              SpeculativeDecoding(peaked, draft_confidence_threshold=0.5, num_draft_tokens=6, use_ngram=True),
+              FLy(draft, loose=False), FLy(loose=False)]
     for strategy in strict:
         out = model.generate(ids, max_new_tokens=24, do_sample=False, custom_generate=strategy)
         assert torch.equal(out, reference), type(strategy).__name__
