@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,6 +25,7 @@ from hf_compress.speculative import (
     top_k_entropy,
     verify_and_advance,
 )
+from hf_compress.speculative.strategies import custom_generate_requirement
 
 
 ARCHS = ["llama", "qwen2", "qwen3", "mistral", "gemma3", "gpt2", "opt"]
@@ -449,6 +452,14 @@ def test_save_load_and_push_custom_generate_folder(tmp_path, fake_hub, monkeypat
     assert loads == [str(tmp_path / "draft")]  # the saved draft is loaded once, not on every generate() call
     with pytest.raises(FileExistsError):
         strict.save_pretrained(tmp_path / "fly-strict")
+    # The folder asks for at least the hf-compress that wrote it; transformers refuses an older one before decoding.
+    assert (folder / "custom_generate" / "requirements.txt").read_text().split() == [custom_generate_requirement()]
+    assert custom_generate_requirement("1.4.0") == "hf-compress>=1.4.0"
+    assert custom_generate_requirement("1.4.0.dev0") == custom_generate_requirement("1.4.0+local") == "hf-compress"
+    newer = Path(shutil.copytree(folder, tmp_path / "from-a-newer-release"))
+    (newer / "custom_generate" / "requirements.txt").write_text("hf-compress>=99.0\n")
+    with pytest.raises(ImportError, match=r"hf-compress>=99.0 \(installed: "):
+        model.generate(ids, max_new_tokens=4, do_sample=False, custom_generate=str(newer), trust_remote_code=True)
 
     # A draft referenced by a local folder would publish its path and work nowhere else: refused, nothing sent.
     with pytest.raises(ValueError, match="draft_model=.*local"):

@@ -297,7 +297,7 @@ class SpeculativeDecoding:
         with atomic_directory(save_directory, overwrite=overwrite) as tmp:
             (tmp / "custom_generate").mkdir()
             (tmp / "custom_generate" / "generate.py").write_text(render_generate_py(self.method, settings))
-            (tmp / "custom_generate" / "requirements.txt").write_text("hf-compress\n")
+            (tmp / "custom_generate" / "requirements.txt").write_text(custom_generate_requirement() + "\n")
             self._write_weights(tmp)
             write_model_card(tmp, self.model_card(Path(save_directory).name, base_model, settings))
         logger.info("Saved the %s strategy to %s", self.method, save_directory)
@@ -527,6 +527,28 @@ def render_generate_py(method: str, settings: dict[str, Any]) -> str:
     return (
         _GENERATE_PY.replace("@VERSION@", __version__).replace("@METHOD@", method_text).replace("@SETTINGS@", literal)
     )
+
+
+def custom_generate_requirement(version: str = __version__) -> str:
+    """The ``custom_generate/requirements.txt`` line: at least the hf-compress release that wrote the folder.
+
+    transformers checks it before importing ``generate.py``, so a folder saved by a newer release (settings an
+    older one does not know) fails with ``hf-compress>=X (installed: Y)`` instead of an error from inside the
+    strategy. Its parser reads only digits and dots, and a development build sorts below its own release, so a
+    folder written by a pre-release or development build names the package without a floor.
+
+    Example:
+        >>> custom_generate_requirement("0.2.1"), custom_generate_requirement("0.2.1.dev0")
+        ('hf-compress>=0.2.1', 'hf-compress')
+    """
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        parsed = Version(version)
+    except InvalidVersion:
+        return "hf-compress"
+    final = not (parsed.is_prerelease or parsed.is_postrelease or parsed.local)
+    return f"hf-compress>={parsed.base_version}" if final else "hf-compress"
 
 
 def read_generate_settings(folder: str | os.PathLike) -> dict[str, Any]:
