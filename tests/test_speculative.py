@@ -338,6 +338,52 @@ def test_model_drafter_stops_after_the_first_unsure_token(accelerated, rows, thr
     assert ModelDrafter(draft, confidence_threshold=1.0).propose(ids, None, 8).tokens.shape[1] == 1
 
 
+def test_finished_rows_do_not_keep_a_confidence_stopped_draft_going():
+    draft = _peaked_draft()
+    ids = torch.tensor([[5, 6, 7, 8, 5, 6, 7], [9, 10, 11, 12, 13, 14, 15]])
+    full = ModelDrafter(draft).propose(ids, None, 8).tokens
+    row1_alone = _kept_by_threshold(draft, ids[1:], full[1:], 0.7)
+    assert row1_alone < _kept_by_threshold(draft, ids, full, 0.7)  # row 0 alone would draft longer
+    drafter = ModelDrafter(draft, confidence_threshold=0.7)
+    cut = drafter.propose(ids, None, 8, active=torch.tensor([False, True])).tokens
+    assert torch.equal(cut, full[:, :row1_alone])  # the finished row 0 no longer decides how long the draft runs
+    assert torch.equal(ModelDrafter(draft, confidence_threshold=0.7).propose(ids, None, 8, active=torch.tensor([True, True])).tokens,
+                       ModelDrafter(draft, confidence_threshold=0.7).propose(ids, None, 8).tokens)
+
+    class Recording:  # a drafter that takes ``active``, and one written for the two-argument protocol
+        def __init__(self, takes_active: bool):
+            self.inner, self.seen = NgramDrafter(2), []
+            if takes_active:
+                self.propose = self._propose_with_active
+
+        def reset(self):
+            self.inner.reset()
+
+        def propose(self, input_ids, attention_mask, max_tokens):
+            self.seen.append(None)
+            return self.inner.propose(input_ids, attention_mask, max_tokens)
+
+        def _propose_with_active(self, input_ids, attention_mask, max_tokens, active=None):
+            self.seen.append(active.tolist())
+            return self.inner.propose(input_ids, attention_mask, max_tokens)
+
+    model, tok = tiny_model("llama")
+    tok.padding_side = "left"
+    inputs = tok(PROMPTS[:2], return_tensors="pt", padding=True)
+    reference = model.generate(**inputs, max_new_tokens=12, do_sample=False)
+    eos = int(reference[0, inputs.input_ids.shape[1] + 2])  # row 0's third new token ends row 0 early
+    reference = model.generate(**inputs, max_new_tokens=12, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    for takes_active in (True, False):
+        drafter = Recording(takes_active)
+        out = model.generate(**inputs, max_new_tokens=12, do_sample=False, eos_token_id=eos, pad_token_id=0,
+                             custom_generate=SpeculativeDecoding(drafter=drafter, num_draft_tokens=3))
+        assert torch.equal(out, reference)
+        if takes_active:
+            assert drafter.seen[0] == [True, True] and [False, True] in drafter.seen
+        else:
+            assert set(drafter.seen) == {None}
+
+
 def test_draft_confidence_threshold_keeps_strict_output_and_drafts_less():
     model, tok = tiny_model("llama")
     tok.padding_side = "left"

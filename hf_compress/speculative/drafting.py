@@ -4,6 +4,8 @@ A drafter has two methods: ``propose(input_ids, attention_mask, max_tokens)`` re
 of at most ``max_tokens`` tokens per row (``input_ids`` is the full left-padded sequence so far), and
 ``reset()`` forgets any state before a new ``generate()`` call. Drafters keep their own caches and
 re-synchronise by longest common prefix, so the engine never has to tell them what was accepted.
+A ``propose`` that also takes ``active`` (keyword) is told which rows are still generating (:func:`~.engine.propose_draft`):
+a batch row that has finished must not keep a confidence-stopped draft going.
 """
 
 from __future__ import annotations
@@ -179,7 +181,9 @@ class ModelDrafter:
         return common
 
     @torch.no_grad()
-    def propose(self, input_ids, attention_mask, max_tokens) -> Draft:
+    def propose(self, input_ids, attention_mask, max_tokens, active=None) -> Draft:
+        """Up to ``max_tokens`` greedy draft tokens per row; ``active`` (B,) marks the rows still generating: with a
+        confidence threshold, finished rows count as unsure from the start, so only live rows keep a draft going."""
         device = self.draft_model.device
         input_ids = input_ids.to(device)
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
@@ -188,6 +192,8 @@ class ModelDrafter:
         produced = input_ids[:, :0]
         keep = max_tokens
         unsure_rows = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=device)  # rows that drafted an unsure token
+        if active is not None:
+            unsure_rows = ~active.to(device=device, dtype=torch.bool)
         while produced.shape[1] < keep:
             context = torch.cat([input_ids, produced], dim=1)
             guesses = input_ids[:, :0]
@@ -248,7 +254,7 @@ class CrossTokenizerDrafter:
     def reset(self) -> None:
         self.inner.reset()
 
-    def propose(self, input_ids, attention_mask, max_tokens) -> Draft:
+    def propose(self, input_ids, attention_mask, max_tokens, active=None) -> Draft:
         texts = [
             self.target_tokenizer.decode(
                 row if attention_mask is None else row[attention_mask[b].bool()], skip_special_tokens=True
@@ -264,7 +270,7 @@ class CrossTokenizerDrafter:
                     "(e.g. `draft_tokenizer.pad_token = draft_tokenizer.eos_token`)."
                 )
             encoded = self.draft_tokenizer(texts, return_tensors="pt", padding=True, padding_side="left")
-        draft = self.inner.propose(encoded["input_ids"], encoded["attention_mask"], max_tokens)
+        draft = self.inner.propose(encoded["input_ids"], encoded["attention_mask"], max_tokens, active=active)
         rows = []
         for text in self.draft_tokenizer.batch_decode(draft.tokens, skip_special_tokens=True):
             ids = self.target_tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -293,6 +293,29 @@ class SpeculativeDecodingOutput(GenerateDecoderOnlyOutput):
     metrics: SpeculativeMetrics | None = field(default=None)
 
 
+def propose_draft(drafter, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None,
+                  max_tokens: int, active: torch.BoolTensor | None = None):
+    """``drafter.propose(...)``, passing ``active`` (rows still generating) to drafters whose ``propose`` takes it.
+
+    The keyword is optional so that drafters written for the two-method protocol keep working unchanged.
+
+    Example:
+        >>> from hf_compress.speculative import NgramDrafter
+        >>> propose_draft(NgramDrafter(2), torch.tensor([[5, 6, 7, 5, 6]]), None, 2).tokens.tolist()
+        [[7, 5]]
+    """
+    if active is not None and _takes_active(drafter):
+        return drafter.propose(input_ids, attention_mask, max_tokens, active=active)
+    return drafter.propose(input_ids, attention_mask, max_tokens)
+
+
+def _takes_active(drafter) -> bool:
+    try:
+        return "active" in inspect.signature(drafter.propose).parameters
+    except (TypeError, ValueError):  # a builtin or C-implemented propose: no signature to read
+        return False
+
+
 def speculative_decode(
     model: PreTrainedModel,
     input_ids: torch.LongTensor,
@@ -339,7 +362,7 @@ def speculative_decode(
     while True:
         budget = min(num_draft_tokens, max_length - input_ids.shape[1] - 1)
         draft_started = time.perf_counter()
-        draft = drafter.propose(input_ids, attention_mask, budget) if budget > 0 else None
+        draft = propose_draft(drafter, input_ids, attention_mask, budget, unfinished) if budget > 0 else None
         metrics.drafting_time_s += time.perf_counter() - draft_started
         tree = draft.tree if draft is not None else None
         if tree is not None and tree.depth > budget:

@@ -16,6 +16,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ...hub import hub_model_id
 from ...utils import InvalidArgumentTypeError, check_choice, check_float, get_logger
 from ..acceptance import AcceptanceRule
+from ..engine import propose_draft
 from ..strategies import HERE, SpeculativeDecoding, register_strategy
 from .modeling import CoSpecArbiter
 from .rule import MODES, ArbiterRule, DecisionLog
@@ -35,9 +36,9 @@ class _RoundContext:
     def reset(self) -> None:
         self.drafter.reset()
 
-    def propose(self, input_ids, attention_mask, max_tokens):
+    def propose(self, input_ids, attention_mask, max_tokens, active=None):
         self.log.context = input_ids
-        return self.drafter.propose(input_ids, attention_mask, max_tokens)
+        return propose_draft(self.drafter, input_ids, attention_mask, max_tokens, active)
 
 
 @register_strategy
