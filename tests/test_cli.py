@@ -135,7 +135,8 @@ def test_quantize_rtn_and_dlqat_write_loadable_packed_checkpoints(tmp_path):
                  "--save-dir", str(tmp_path / "rtn")]) == 0
     rtn = AutoModelForCausalLM.from_pretrained(tmp_path / "rtn")
     assert sum(isinstance(m, PackedLinear) for m in rtn.modules()) == 14
-    assert read_recipe(tmp_path / "rtn")["method"] == "rtn"
+    assert read_recipe(tmp_path / "rtn")["method"] == "rtn" and "r" not in read_recipe(tmp_path / "rtn")
+    assert rtn.config.quantization_config.recipe["method"] == "rtn"  # config.json agrees with the card
 
     assert main(["quantize", "dlqat", "--model", "tiny-llama", "--bits", "3", "--group-size", "32",
                  "--rank", "2", "--steps", "2", "--batch-size", "2", "--seq-len", "32",

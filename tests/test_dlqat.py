@@ -112,6 +112,13 @@ def test_pack_rejects_out_of_range_codes():
         unpack_codes(torch.zeros(1, 4, dtype=torch.uint8), 3, 8)
 
 
+@pytest.mark.parametrize("zero", [16.0, -1.0])
+def test_packed_linear_rejects_zero_points_outside_the_code_range(zero):
+    codes, scales = torch.zeros(2, 8), torch.ones(2, 1)
+    with pytest.raises(ValueError, match=r"zero-points must lie in \[0, 16\)"):
+        PackedLinear.from_codes(codes, scales, torch.full((2, 1), zero), bits=4, group_size=8)
+
+
 @pytest.mark.parametrize("bits,group_size,scale_dtype", [(3, 128, torch.bfloat16), (2, 128, torch.bfloat16),
                                                          (4, -1, torch.bfloat16), (3, 128, torch.float32)])
 def test_packed_bytes_within_target(bits, group_size, scale_dtype):
@@ -224,6 +231,32 @@ def test_merge_pack_save_load_equal_logits(arch, tmp_path):
     assert torch.equal(loaded.generate(IDS[:1], **greedy), packed.generate(IDS[:1], **greedy))
 
 
+def test_trained_head_from_modules_to_save_reaches_the_packed_checkpoint(tmp_path):
+    model = _dlqat(init_weights=False, modules_to_save=["lm_head"])
+    with torch.no_grad():
+        model.base_model.model.lm_head.modules_to_save["default"].weight.mul_(3.0)  # what training changed
+    fake_quant = _logits(model)
+    packed = model.merge_and_quantize()
+    assert type(packed.lm_head) is torch.nn.Linear  # peft's wrapper is gone, the trained copy kept
+    assert packed.lm_head.weight.data_ptr() != packed.get_input_embeddings().weight.data_ptr()
+    assert not packed.config.tie_word_embeddings
+    packed.save_pretrained(tmp_path / "q")
+    assert torch.allclose(_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "q")), fake_quant, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "gpt2"])  # tied input and output embeddings
+def test_packed_tied_head_loads(arch, tmp_path):
+    model = _dlqat(arch, init_weights=False, target_modules=["lm_head", "q_proj", "c_attn"])
+    assert model.config.tie_word_embeddings
+    fake_quant = _logits(model)
+    packed = model.merge_and_quantize()
+    assert isinstance(packed.lm_head, PackedLinear) and not packed.config.get_text_config().tie_word_embeddings
+    packed.save_pretrained(tmp_path / "q")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    assert isinstance(loaded.lm_head, PackedLinear)
+    assert torch.allclose(_logits(loaded), fake_quant, atol=1e-5)
+
+
 def test_packed_model_is_small_in_memory_and_dequantizes():
     model, _ = tiny_model("llama")
     dense = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
@@ -233,6 +266,8 @@ def test_packed_model_is_small_in_memory_and_dequantizes():
     assert not any(isinstance(m, torch.nn.Linear) and n in dense and "lm_head" not in n
                    for n, m in packed.named_modules())  # no float copy of the quantized weights stays resident
     logits = _logits(packed)
+    with pytest.raises(ValueError, match="already holds 14 packed layers"):
+        quantize_rtn(packed, bits=4, group_size=32)  # its config would list only the new layers
     restored = packed.dequantize()
     assert not any(isinstance(m, PackedLinear) for m in restored.modules())
     assert torch.equal(_logits(restored), logits) and not restored.is_quantized

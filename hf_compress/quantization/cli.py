@@ -44,7 +44,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     from ..formats.packed import save_packed
     from ..hub import hub_model_id, write_model_card
     from ..utils import atomic_directory, check_save_dir
-    from . import DLQATConfig, packed_size
+    from . import DLQATConfig, packed_size, quantize_rtn
 
     check_save_dir(args.save_dir, args.overwrite, argument="--save-dir")
     if args.adapter_dir:
@@ -58,11 +58,11 @@ def run_quantize(args: argparse.Namespace) -> int:
         use_lora=args.method == "dlqat" and not args.no_lora,
     )
     model, tokenizer = load_model(args.model)
-    with _compat.third_party_warnings_silenced():
-        model = get_peft_model(model, config)
-    trainable, total = model.get_nb_trainable_parameters()
-    print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
     if args.method == "dlqat":
+        with _compat.third_party_warnings_silenced():
+            model = get_peft_model(model, config)
+        trainable, total = model.get_nb_trainable_parameters()
+        print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
         data = causal_lm_dataset(load_text("wikipedia", "calibration"), tokenizer,
                                  num_sequences=args.steps * args.batch_size, seq_len=args.seq_len)
         settings = TrainingSettings(max_steps=args.steps, learning_rate=args.learning_rate,
@@ -71,7 +71,8 @@ def run_quantize(args: argparse.Namespace) -> int:
             train_with_trainer(model, data, scratch, settings)
     # Cards and adapter configs name the base model by its Hub id, never by a local path (None without one).
     base_model = hub_model_id(getattr(model.config, "name_or_path", None))
-    recipe = {"method": args.method, **{k: v for k, v in config.to_dict().items() if k in _RECIPE_FIELDS}}
+    fields = _RECIPE_FIELDS if args.method == "dlqat" else ("bits", "group_size", "symmetric")
+    recipe = {"method": args.method, **{k: v for k, v in config.to_dict().items() if k in fields}}
     if args.method == "dlqat":
         recipe["training"] = {"steps": args.steps, "learning_rate": args.learning_rate,
                               "batch_size": args.batch_size, "seq_len": args.seq_len,
@@ -84,7 +85,9 @@ def run_quantize(args: argparse.Namespace) -> int:
             with atomic_directory(args.adapter_dir, overwrite=args.overwrite) as folder:
                 model.save_pretrained(folder)
                 write_model_card(folder, _model_card(base_model, recipe, "adapter"))
-    packed = model.merge_and_quantize()
+    # rtn packs in place, recording "rtn" in config.json (an untrained DL-QAT export would record "dlqat").
+    packed = model.merge_and_quantize() if args.method == "dlqat" else quantize_rtn(
+        model, bits=args.bits, group_size=args.group_size, symmetric=args.symmetric)
     save_packed(packed, tokenizer, args.save_dir, overwrite=args.overwrite,
                 card=_model_card(base_model, recipe, "compressed_model"))
     size = packed_size(packed)

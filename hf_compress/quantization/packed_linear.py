@@ -151,6 +151,10 @@ class PackedLinear(nn.Module):
                 f"scales/zeros must have shape {tuple(layer.scales.shape)} for {in_features} inputs in groups of "
                 f"{layer.group_size}; got {tuple(scales.shape)} and {tuple(zeros.shape)}."
             )
+        zeros = zeros.round()
+        if zeros.numel() and not (0 <= float(zeros.min()) and float(zeros.max()) < 2**bits):
+            raise ValueError(f"zero-points must lie in [0, {2**bits}) for {bits}-bit codes, got values in "
+                             f"[{float(zeros.min()):g}, {float(zeros.max()):g}].")
         with torch.no_grad():
             codes = codes.round().to(torch.int32)
             if mask is None:
@@ -159,7 +163,7 @@ class PackedLinear(nn.Module):
                 layer.qweight.copy_(pack_codes(codes[mask].view(1, -1), bits).view(-1))
                 layer.qmask.copy_(_pack_bitmask(mask))
             layer.scales.copy_(scales.to(dtype))
-            layer.qzeros.copy_(zeros.round().to(torch.uint8))
+            layer.qzeros.copy_(zeros.to(torch.uint8))
             if bias is not None:
                 layer.bias.copy_(bias.to(dtype))
         return layer

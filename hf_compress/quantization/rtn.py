@@ -59,6 +59,12 @@ def quantize_rtn(
     check_bool("symmetric", symmetric)
     check_keep_sparsity(keep_sparsity)
     skip = check_str_list("skip", skip, hint="skip holds fnmatch patterns of layer names, e.g. '*down_proj'.")
+    already = sum(isinstance(m, PackedLinear) for m in model.modules())
+    if already:  # its quantization_config would list only the new layers: a checkpoint no loader accepts
+        raise ValueError(
+            f"The model already holds {already} packed layers: quantize the float model instead (all layers at once; "
+            "`skip` keeps some in full precision), or call `model.dequantize()` first."
+        )
     slim = slim_record(model)  # measured on the nn.Linear layers, before they are replaced
     prefix, blocks = find_decoder_blocks(model)
     names = []

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
-from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, AuxiliaryTrainingWrapper, ModulesToSaveWrapper
 from tqdm.auto import tqdm
 
 from ...modeling import replace_module
@@ -155,6 +155,8 @@ class DLQATModel(BaseTuner):
             )
             replace_module(self.model, name, packed)  # built on the codes' device, the layer's own
             names.append(name)
+        _unwrap_auxiliary_modules(self.model, adapter)
+        _untie_diverged_embeddings(self.model)
         if hasattr(self.model, "peft_config"):
             del self.model.peft_config
         recipe = {"method": "dlqat", "adapter": config.to_dict()}
@@ -195,3 +197,32 @@ def _check_fingerprints(model: torch.nn.Module, adapter_name: str, state_dict: d
             f"layer(s) (e.g. {mismatched[0]}) do not match the ones it was fitted to. Load it onto the base "
             "model named in its adapter_config.json (base_model_name_or_path)."
         )
+
+
+def _unwrap_auxiliary_modules(model: torch.nn.Module, adapter: str) -> None:
+    """Replace peft's auxiliary wrappers (``modules_to_save``, trainable tokens) by the modules ``adapter`` trained,
+    as ``merge_and_unload`` does: a wrapper left in place would save under its own keys, which no model loads."""
+    wrappers = [(name, m) for name, m in model.named_modules() if isinstance(m, AuxiliaryTrainingWrapper)]
+    for name, wrapper in wrappers:
+        if isinstance(wrapper, ModulesToSaveWrapper):
+            trained = wrapper.modules_to_save
+            module = trained[adapter] if adapter in trained else wrapper.original_module
+        else:
+            module = wrapper.unload_and_optionally_merge_module(merge=True, safe_merge=False, adapter_names=[adapter])
+        replace_module(model, name, module)
+
+
+def _untie_diverged_embeddings(model: torch.nn.Module) -> None:
+    """Set ``tie_word_embeddings=False`` once the output layer no longer shares the input embedding's weight (a packed
+    or separately trained head): transformers would otherwise tie a packed layer to the embedding at load."""
+    configs = {id(c): c for c in (model.config, model.config.get_text_config()) if getattr(c, "tie_word_embeddings", False)}
+    if not configs:
+        return
+    output, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    weight = getattr(output, "weight", None)
+    if output is None or (isinstance(weight, torch.nn.Parameter) and weight is getattr(embedding, "weight", None)):
+        return
+    for config in configs.values():
+        config.tie_word_embeddings = False
+    logger.info("the output layer no longer shares the input embedding's weight: tie_word_embeddings=False")
+
