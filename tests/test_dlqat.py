@@ -273,6 +273,18 @@ def test_packed_model_is_small_in_memory_and_dequantizes():
     assert torch.equal(_logits(restored), logits) and not restored.is_quantized
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])  # GPT-2's Conv1D stores its weight [in, out]
+def test_dequantized_model_saves_and_reloads(arch, tmp_path):
+    packed = quantize_rtn(tiny_model(arch)[0], bits=3, group_size=24)
+    packed.save_pretrained(tmp_path / "q")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    for name, model in (("in-memory", packed), ("loaded", loaded)):
+        logits = _logits(model)
+        restored = model.dequantize()
+        restored.save_pretrained(tmp_path / name)
+        assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(tmp_path / name)), logits)
+
+
 def test_merge_and_unload_gives_float_model_on_the_grid():
     model = _dlqat(init_weights=False)
     fake_quant = _logits(model)
@@ -429,6 +441,14 @@ def test_packed_checkpoint_from_another_model_is_refused(tmp_path):
         AutoModelForCausalLM.from_pretrained(tmp_path / "q")
     with pytest.raises(ValueError, match="bits must be"):
         PackedFormatConfig(bits=12)
+
+
+def test_packed_checkpoint_into_the_base_model_class_is_explained(tmp_path):
+    from transformers import AutoModel
+
+    quantize_rtn(tiny_model("llama")[0], bits=4, group_size=32).save_pretrained(tmp_path / "q")
+    with pytest.raises(ValueError, match="LlamaModel is the base model without one.*AutoModelForCausalLM"):
+        AutoModel.from_pretrained(tmp_path / "q")
 
 
 def test_merge_and_quantize_unknown_adapter():

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from .. import _compat
 from ..modeling.layers import in_features, out_features, replace_module
@@ -139,6 +140,13 @@ class PackedFormatQuantizer(CompressedFormatQuantizer):
             )
         modules = dict(model.named_modules())
         missing = [name for name in config.modules if name not in modules]
+        prefix = f"{getattr(model, 'base_model_prefix', '')}."
+        if missing and prefix != "." and all(n.startswith(prefix) and n.removeprefix(prefix) in modules for n in missing):
+            raise ValueError(
+                f"This packed checkpoint was saved from a model with its head; {type(model).__name__} is the base model "
+                "without one, which packed checkpoints do not load into. Load it with AutoModelForCausalLM (its "
+                "`.base_model` is the base model)."
+            )
         if missing:
             raise CheckpointIntegrityError(
                 f"This packed checkpoint lists {len(missing)} layer(s) the model does not have (e.g. {missing[0]!r}); "
@@ -161,6 +169,7 @@ class PackedFormatQuantizer(CompressedFormatQuantizer):
                 bias=layer.bias is not None, dtype=weight.dtype, device=weight.device, kept=sparse.get(name),
             )
             packed.expects_marker_in_state_dict = False  # see PackedLinear._save_to_state_dict
+            packed.replaces_conv1d = isinstance(layer, Conv1D)
             replace_module(model, name, packed)
         return model
 
@@ -193,11 +202,18 @@ class PackedFormatQuantizer(CompressedFormatQuantizer):
             dtype = getattr(torch, dtype)
         for name, module in list(model.named_modules()):
             if isinstance(module, PackedLinear):
-                linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
                 target = dtype or module.scales.dtype
+                weight = module.dequantized_weight(target)  # (out, in)
+                if module.replaces_conv1d:  # the architecture's own layer, [in, out], so the float model reloads
+                    linear = Conv1D(module.out_features, module.in_features)
+                    weight = weight.T
+                    if module.bias is None:
+                        linear.bias = None
+                else:
+                    linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
                 linear.to(device=module.qweight.device, dtype=target)
                 with torch.no_grad():
-                    linear.weight.copy_(module.dequantized_weight(target))
+                    linear.weight.copy_(weight)
                     if module.bias is not None:
                         linear.bias.copy_(module.bias)
                 replace_module(model, name, linear)

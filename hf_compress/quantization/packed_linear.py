@@ -115,6 +115,9 @@ class PackedLinear(nn.Module):
         self.register_buffer("qzeros", torch.zeros(out_features, groups, dtype=torch.uint8, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
         self.expects_marker_in_state_dict = True
+        # Stands in for a transformers Conv1D (GPT-2's [in, out] weight): dequantize() rebuilds that type, so the
+        # float model saves under the architecture's own weight layout. Set by whoever replaces the layer.
+        self.replaces_conv1d = False
         self.kernel = "auto"
         self._int4_cache: tuple[tuple, cpu_int4.Int4Weight] | None = None
         self._dense_codes_cache: tuple[tuple, torch.Tensor] | None = None

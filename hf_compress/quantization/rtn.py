@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
+from transformers.pytorch_utils import Conv1D
 
 from ..formats.packed import PackedFormatConfig, attach_packed_format
 from ..formats.slim import slim_record
@@ -77,6 +78,7 @@ def quantize_rtn(
                 grid.quantize(w), grid.scale, grid.zero, bits, group_size,
                 bias=layer.bias, dtype=w.dtype, mask=(w != 0) if keeps_sparsity(w, keep_sparsity) else None,
             )
+            packed.replaces_conv1d = isinstance(layer, Conv1D)
             replace_module(model, f"{qualified}.{name}", packed)
             names.append(f"{qualified}.{name}")
     config = PackedFormatConfig(bits, group_size, symmetric, names, recipe={"method": "rtn"}, slim=slim)

@@ -30,6 +30,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, AuxiliaryTrainingWrapper, ModulesToSaveWrapper
 from tqdm.auto import tqdm
+from transformers.pytorch_utils import Conv1D
 
 from ...modeling import replace_module
 from ...utils import get_logger
@@ -153,6 +154,7 @@ class DLQATModel(BaseTuner):
                 dtype=torch.float32 if dtype not in (torch.float16, torch.bfloat16) else dtype,
                 mask=layer.sparsity_mask(adapter),
             )
+            packed.replaces_conv1d = isinstance(base, Conv1D)
             replace_module(self.model, name, packed)  # built on the codes' device, the layer's own
             names.append(name)
         _unwrap_auxiliary_modules(self.model, adapter)
