@@ -38,6 +38,26 @@ def test_ratio_zero_equals_dynamic_cache_with_padding(arch):
     assert model.config._attn_implementation.startswith("hf_compress_queries|")
 
 
+@pytest.mark.parametrize("cache_class", [SparKCache, StructuredChannelCache])
+def test_a_left_padded_row_is_compressed_as_the_same_prompt_alone(cache_class):
+    model, _ = tiny_model("qwen2")  # pad id 2: an embedding that is not zero, so pad positions have real queries
+    long, short = _prompt(1, 40, seed=0), _prompt(1, 20, seed=1)
+    batch = torch.cat([long, torch.cat([torch.full((1, 20), 2), short], dim=1)])
+    mask = torch.ones_like(batch)
+    mask[1, :20] = 0
+    settings = dict(channel_ratio=0.5, value_channel_ratio=0.5, recent_window=0, observation_window=32)
+    padded, alone = cache_class(model.config, **settings), cache_class(model.config, **settings)
+    with torch.no_grad():
+        model(batch, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), **cache_kwargs(model, padded))
+        model(short, **cache_kwargs(model, alone))
+    for p, a in zip(padded.layers, alone.layers):
+        assert torch.allclose(p.qbar[1], a.qbar[0], atol=1e-5)
+        if cache_class is StructuredChannelCache:
+            assert torch.equal(p.key_channels[1], a.key_channels[0]) and torch.equal(p.value_channels[1], a.value_channels[0])
+        else:
+            assert torch.equal(p.old_keys.kept_bits[1, :, 20:], a.old_keys.kept_bits[0])
+
+
 def test_pruning_changes_outputs_but_keeps_shapes():
     model, _ = tiny_model("qwen2")
     ids = _prompt(batch=1, length=80)
@@ -325,6 +345,11 @@ def test_structured_baseline_keeps_one_channel_set_per_head():
     keys = cache.layers[0]._full_keys()
     zero_channels = (keys == 0).all(dim=2)  # (batch, heads, dim): pruned for every token
     assert zero_channels.sum(-1).tolist() == [[8, 8]]
+    values_only = StructuredChannelCache(model.config, channel_ratio=0.0, value_channel_ratio=0.5, recent_window=0)
+    model(_prompt(1, 20), **cache_kwargs(model, values_only))
+    layer = values_only.layers[0]
+    assert ((layer._full_values() == 0).all(dim=2).sum(-1).tolist() == [[8, 8]]
+            and not (layer._full_keys() == 0).all(dim=2).any())
 
 
 @pytest.mark.parametrize(

@@ -161,11 +161,16 @@ class ChannelPrunedLayer(CacheLayerMixin):
         self.awaiting_queries = False
         if self.qbar is not None:
             return
+        # This first forward's tokens are all the cache holds; left padding's must not weigh in the statistics, or a
+        # padded row would be compressed differently from the same prompt alone.
+        real = _real_positions(attention_mask, query.shape[2])  # (B, T) bool, or None without padding
+        if real is not None:
+            query = query * real[:, None, :, None].to(query.dtype)
         self.qbar = query_channel_norms(query, self.num_kv_heads, self.observation_window)
         if not self.per_token and self.keep_keys < self.head_dim:
-            self.key_channels = self._structured_channels(self.keys, self.keep_keys, self.qbar)
-            if self.keep_values < self.head_dim:
-                self.value_channels = self._structured_channels(self.values, self.keep_values, None)
+            self.key_channels = self._structured_channels(self.keys, self.keep_keys, self.qbar, real)
+        if not self.per_token and self.keep_values < self.head_dim:  # values may be pruned with keys kept whole
+            self.value_channels = self._structured_channels(self.values, self.keep_values, None, real)
         if self.token_budget is not None and self.held_tokens > self.token_budget:
             self._evict(query, attention_mask, scaling or self.head_dim**-0.5)
         self._compress_overflow()
@@ -308,9 +313,13 @@ class ChannelPrunedLayer(CacheLayerMixin):
         return PerTokenChannels.compress_values(values, self.keep_values)
 
     @staticmethod
-    def _structured_channels(states: torch.Tensor, keep: int, qbar: torch.Tensor | None) -> torch.Tensor:
-        # ThinK-style: a channel's weight over the whole prompt (times its query norm, for keys).
-        score = states.float().norm(dim=2)
+    def _structured_channels(states: torch.Tensor, keep: int, qbar: torch.Tensor | None,
+                             real: torch.Tensor | None = None) -> torch.Tensor:
+        # ThinK-style: a channel's weight over the whole prompt (times its query norm, for keys), padding left out.
+        states = states.float()
+        if real is not None:
+            states = states * real[:, None, -states.shape[2]:, None]
+        score = states.norm(dim=2)
         if qbar is not None:
             score = score * qbar
         return score.topk(keep, dim=-1).indices.sort(dim=-1).values
@@ -325,6 +334,17 @@ class ChannelPrunedLayer(CacheLayerMixin):
         self.keys = DenseTokens(self.keys).gather_tokens(keep).states
         self.values = DenseTokens(self.values).gather_tokens(keep).states
         self._value_buffer = None
+
+
+def _real_positions(attention_mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
+    """``(B, length)`` bool: which of the last ``length`` key positions the last query may see (left padding hides
+    the others from every query); ``None`` when nothing is hidden or there is no 4-D mask."""
+    if attention_mask is None or attention_mask.dim() != 4:
+        return None
+    last = attention_mask[:, :, -1, -length:]  # the last position is a real token of every row
+    visible = last if last.dtype == torch.bool else last > torch.finfo(last.dtype).min / 2
+    real = visible.any(dim=1)
+    return None if bool(real.all()) else real
 
 
 def _has_padding(attention_mask: torch.Tensor) -> bool:
