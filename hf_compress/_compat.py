@@ -332,12 +332,19 @@ def set_attention_implementation(config: PretrainedConfig, name: str) -> None:
     config._attn_implementation = name
 
 
-def eager_attention_forward() -> Any:
-    """A reference eager attention function (Llama's), used under any architecture's attention modules.
+def eager_attention_forward(module: torch.nn.Module | None = None) -> Any:
+    """The eager attention function ``module``'s ``forward`` calls for ``attn_implementation="eager"``.
 
-    Every modeling file defines its own copy with the same signature ``(module, query, key, value,
-    attention_mask, scaling, dropout, **kwargs)``; Llama's is the shared reference implementation.
+    transformers has no "eager" entry in ``ALL_ATTENTION_FUNCTIONS``: every modeling file defines its own
+    ``eager_attention_forward`` (GPT-2's without grouped-query heads, Gemma 2's with a logit softcap, ...) and
+    its attention classes call it by name. It is looked up in the globals of the module's (undecorated)
+    ``forward``; without a module, or where none is found, Llama's reference implementation is returned.
     """
+    if module is not None:
+        forward = inspect.unwrap(type(module).forward)
+        own = getattr(forward, "__globals__", {}).get("eager_attention_forward")
+        if callable(own):
+            return own
     from transformers.models.llama.modeling_llama import eager_attention_forward as eager
 
     return eager
@@ -602,6 +609,7 @@ PRIVATE_NAMES: tuple[str, ...] = (
     "_keys_to_ignore_on_load_unexpected",
     "conversion_mapping",
     "modeling_llama",
+    "__globals__",
 )
 """Private or unstable names of other libraries that only this module may use (``tests/test_compat.py``)."""
 
@@ -663,6 +671,10 @@ def check_assumptions() -> list[str]:
         expect(callable(getattr(hf_logging, "set_tqdm_hook", None)) and hasattr(hf_logging, "EmptyTqdm"),
                "transformers: utils.logging has no set_tqdm_hook / EmptyTqdm (quiet_weight_progress)")
         expect(callable(eager_attention_forward()), "transformers: Llama has no eager_attention_forward")
+        from transformers.models.llama.modeling_llama import LlamaAttention
+
+        expect(callable(inspect.unwrap(LlamaAttention.forward).__globals__.get("eager_attention_forward")),
+               "transformers: attention forwards no longer call their modeling file's eager_attention_forward")
         from transformers.conversion_mapping import get_model_conversion_mapping
 
         expect("add_legacy" in inspect.signature(get_model_conversion_mapping).parameters,

@@ -58,6 +58,18 @@ def test_a_left_padded_row_is_compressed_as_the_same_prompt_alone(cache_class):
             assert torch.equal(p.old_keys.kept_bits[1, :, 20:], a.old_keys.kept_bits[0])
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "opt", "gemma3"])
+def test_ratio_zero_equals_dynamic_cache_under_eager_attention(arch):
+    # No "eager" entry exists in transformers' registry: the wrapper must call the model's own eager attention
+    # (GPT-2 and OPT have no grouped-query heads; Gemma's applies its own scaling), not Llama's.
+    model, _ = tiny_model(arch)
+    model.set_attn_implementation("eager")
+    ids = _prompt(batch=1, length=30)
+    expected = _greedy(model, ids, DynamicCache(config=model.config))
+    assert torch.equal(_greedy(model, ids, SparKCache(model.config, channel_ratio=0.0, recent_window=4)), expected)
+    assert model.config._attn_implementation == "hf_compress_queries|eager"
+
+
 def test_pruning_changes_outputs_but_keeps_shapes():
     model, _ = tiny_model("qwen2")
     ids = _prompt(batch=1, length=80)

@@ -62,7 +62,9 @@ def await_queries(layer: QueryObserver) -> None:
 
 def _capturing(base_name: str) -> Callable:
     def attention_with_query_capture(module, query, key, value, attention_mask, **kwargs):
-        base = ALL_ATTENTION_FUNCTIONS.get_interface(base_name, _compat.eager_attention_forward())
+        # "eager" is no registered function: each modeling file has its own (GQA or not, softcap, ...).
+        base = (_compat.eager_attention_forward(module) if base_name == "eager"
+                else ALL_ATTENTION_FUNCTIONS.get_interface(base_name, _compat.eager_attention_forward(module)))
         output = base(module, query, key, value, attention_mask, **kwargs)
         layer = _awaiting.get()
         if layer is not None:
