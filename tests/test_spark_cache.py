@@ -70,6 +70,25 @@ def test_ratio_zero_equals_dynamic_cache_under_eager_attention(arch):
     assert model.config._attn_implementation == "hf_compress_queries|eager"
 
 
+def test_layers_with_their_own_head_size_are_sized_per_layer():
+    import transformers
+
+    if not hasattr(transformers, "Gemma4TextConfig"):
+        pytest.skip("this transformers has no Gemma 4 (heterogeneous per-layer configs)")
+    config = transformers.Gemma4TextConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, global_head_dim=32, sliding_window=8, pad_token_id=0,
+        layer_types=["sliding_attention", "full_attention"], vocab_size_per_layer_input=256, hidden_size_per_layer_input=8)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    ids = _prompt(batch=1, length=30)
+    expected = _greedy(model, ids, DynamicCache(config=model.config))
+    assert torch.equal(_greedy(model, ids, SparKCache(model.config, channel_ratio=0.0, recent_window=4)), expected)
+    cache = SparKCache(model.config, channel_ratio=0.5, recent_window=4)
+    assert cache.layers[1].head_dim == 32 and cache.layers[1].keep_keys == 16  # the full-attention layer's own size
+    assert _greedy(model, ids, cache).shape == expected.shape
+
+
 def test_pruning_changes_outputs_but_keeps_shapes():
     model, _ = tiny_model("qwen2")
     ids = _prompt(batch=1, length=80)

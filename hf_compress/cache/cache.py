@@ -132,8 +132,9 @@ class SparKCache(Cache):
             raise ValueError(f"token_budget must exceed observation_window ({observation_window}), got {token_budget}.")
         check_bool("recovery", recovery)
         text_config = config.get_text_config(decoder=True)
-        num_kv_heads = getattr(text_config, "num_key_value_heads", None) or getattr(text_config, "num_attention_heads", None)
-        head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+        # Heterogeneous models (Gemma 4) give each layer its own head size: read it per layer where transformers
+        # offers per-layer configs (5.25 on), from the model's config otherwise.
+        per_layer = getattr(text_config, "per_layer_config", None)
         self.settings: dict[str, Any] = {
             "channel_ratio": channel_ratio,
             "value_channel_ratio": value_channel_ratio,
@@ -148,6 +149,7 @@ class SparKCache(Cache):
         layers = []
         for index, (layer_type, kwargs) in enumerate(zip(layer_types, layer_kwargs, strict=True)):
             if layer_type == "full_attention":
+                num_kv_heads, head_dim = _attention_shape(text_config if per_layer is None else per_layer[index])
                 layers.append(
                     ChannelPrunedLayer(
                         key_ratio=channel_ratio,
@@ -216,3 +218,10 @@ class StructuredChannelCache(SparKCache):
     def __init__(self, config: PretrainedConfig, channel_ratio: float = 0.5, **kwargs: Any):
         kwargs.setdefault("recovery", False)
         super().__init__(config, channel_ratio=channel_ratio, **kwargs)
+
+
+def _attention_shape(config: PretrainedConfig) -> tuple[int, int]:
+    """``(key/value heads, head size)`` of an attention layer described by ``config``."""
+    heads = config.num_attention_heads
+    num_kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return num_kv_heads, getattr(config, "head_dim", None) or config.hidden_size // heads
