@@ -86,7 +86,11 @@ class SparKCache(Cache):
     and rebuild the pruned ones when attention reads them; sliding-window layers (Gemma3's local layers)
     stay dense, as their window already bounds them. Query statistics come from the prompt's last
     ``observation_window`` queries through ``query_capture``, which this constructor installs on
-    ``config``: pass the model's own config object, ``model.config``.
+    ``config``: pass the model's own config object, ``model.config``. Precisely, from the last queries of the
+    *first forward* that fills the cache (left padding left out): that is the prompt under ``generate()``, but
+    the prompt and the first round's drafts under speculative decoding (transformers' assisted generation and
+    ours), and only the first chunk under chunked prefill, so such runs compress slightly differently from plain
+    greedy decoding with the same settings.
 
     Args:
         config: the model's config (``model.config``, not a copy).
