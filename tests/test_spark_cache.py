@@ -359,6 +359,19 @@ def test_speculative_rollback_and_beam_search():
     assert torch.equal(model.generate(ids, **cache_kwargs(model, SparKCache(model.config, channel_ratio=0.0)), **beams), expected)
 
 
+def test_a_cache_cropped_to_empty_takes_the_next_prompts_statistics():
+    model, _ = tiny_model("qwen2")
+    first, second = _prompt(1, 30, seed=0), _prompt(1, 30, seed=1)
+    reused, fresh = SparKCache(model.config, channel_ratio=0.5), SparKCache(model.config, channel_ratio=0.5)
+    with torch.no_grad():
+        model(first, **cache_kwargs(model, reused))
+        reused.crop(-reused.get_seq_length())
+        assert reused.get_seq_length() == 0
+        model(second, **cache_kwargs(model, reused))
+        model(second, **cache_kwargs(model, fresh))
+    assert all(torch.equal(r.qbar, f.qbar) for r, f in zip(reused.layers, fresh.layers))
+
+
 def test_token_budget_evicts_prompt_tokens():
     model, _ = tiny_model("qwen2")
     cache = SparKCache(model.config, channel_ratio=0.5, token_budget=40, recent_window=4)

@@ -206,6 +206,8 @@ class ChannelPrunedLayer(CacheLayerMixin):
             if self.old_values is not None:
                 self.old_values = self.old_values.head(old)
         self.seen_tokens -= remove
+        if self.seen_tokens == 0:  # cropped to empty: the next prompt brings its own query statistics
+            self._clear()
 
     def reset(self) -> None:
         self._clear()
