@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, DynamicCache, GenerationConfig, S
 from transformers.generation.streamers import BaseStreamer
 
 from hf_compress.assets import tiny_model
+from hf_compress.cache import cache_kwargs
 from hf_compress.speculative import (
     CachedSequence,
     FLy,
@@ -412,6 +413,69 @@ def test_draft_confidence_threshold_keeps_strict_output_and_drafts_less():
 
 
 # ------------------------------------------------------------------------------------ bad input
+def test_stopping_inside_a_round_leaves_generates_cache():
+    model, tok = tiny_model("llama")
+    ids = tok(PROMPTS[:1], return_tensors="pt").input_ids
+    plain = model.generate(ids, max_new_tokens=20, do_sample=False)
+    eos = int(plain[0, ids.shape[1] + 3])  # the fourth new token ends the answer, inside the first round
+    kwargs = dict(max_new_tokens=20, do_sample=False, eos_token_id=eos, pad_token_id=0, return_dict_in_generate=True)
+    reference = model.generate(ids, **kwargs)
+    strategy = SpeculativeDecoding(copy.deepcopy(model), num_draft_tokens=8, draft_confidence_threshold=None)
+    out = model.generate(ids, **kwargs, custom_generate=strategy)
+    assert torch.equal(out.sequences, reference.sequences)
+    assert out.past_key_values.get_seq_length() == reference.past_key_values.get_seq_length() == out.sequences.shape[1] - 1
+    follow = torch.cat([out.sequences, torch.tensor([[5, 6, 7]])], dim=1)  # the conversation goes on from that cache
+    continued = model.generate(follow, **cache_kwargs(model, out.past_key_values), max_new_tokens=4, do_sample=False)
+    assert torch.equal(continued, model.generate(follow, max_new_tokens=4, do_sample=False))
+
+
+def test_rows_stopped_without_eos_are_decoded_on_as_generate_does():
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    model, tok = tiny_model("llama")
+    tok.padding_side = "left"
+    model.generation_config.eos_token_id = None
+    inputs = tok(PROMPTS[:2], return_tensors="pt", padding=True)
+    start = inputs.input_ids.shape[1]
+
+    class FirstRowAfterThree(StoppingCriteria):  # no eos_token_id: generate() does not pad the stopped row
+        def __call__(self, input_ids, scores, **kwargs):
+            done = torch.zeros(input_ids.shape[0], dtype=torch.bool)
+            done[0] = input_ids.shape[1] >= start + 3
+            return done
+
+    kwargs = dict(max_new_tokens=10, do_sample=False, pad_token_id=0)
+    reference = model.generate(**inputs, stopping_criteria=StoppingCriteriaList([FirstRowAfterThree()]), **kwargs)
+    out = model.generate(**inputs, stopping_criteria=StoppingCriteriaList([FirstRowAfterThree()]), **kwargs,
+                         custom_generate=SpeculativeDecoding(perturbed(model, 0.05), num_draft_tokens=4))
+    assert torch.equal(out, reference) and not (reference[0, start + 3:] == 0).all()
+
+
+def test_strict_fly_samples_from_the_target():
+    assert isinstance(FLy(loose=False).acceptance_rule(GenerationConfig(do_sample=True)), SpeculativeSampling)
+    assert isinstance(FLy(loose=False).acceptance_rule(GenerationConfig(do_sample=False)), StrictGreedy)
+    assert isinstance(FLy().acceptance_rule(GenerationConfig(do_sample=True)), LooseVerification)
+
+
+def test_stop_strings_through_a_saved_folder_and_as_a_criterion(tmp_path):
+    from transformers import StopStringCriteria, StoppingCriteriaList
+
+    model, tok = tiny_model("llama")
+    ids = tok(PROMPTS[:1], return_tensors="pt").input_ids
+    new = model.generate(ids, max_new_tokens=20, do_sample=False)[0, ids.shape[1]:]
+    stop = next(text for text in map(tok.decode, new[4:].split(1)) if text.isascii() and text.isprintable() and text.strip())
+    reference = model.generate(ids, max_new_tokens=20, do_sample=False, stop_strings=[stop], tokenizer=tok)
+    assert reference.shape[1] < ids.shape[1] + 20  # the stop string ends it early
+    folder = SpeculativeDecoding(num_draft_tokens=5).save_pretrained(tmp_path / "strategy")
+    out = model.generate(ids, max_new_tokens=20, do_sample=False, stop_strings=[stop], tokenizer=tok,
+                         custom_generate=str(folder), trust_remote_code=True)
+    assert torch.equal(out, reference)
+    # A strategy object gets no tokenizer from transformers: the criterion is passed directly.
+    out = model.generate(ids, max_new_tokens=20, do_sample=False, custom_generate=SpeculativeDecoding(num_draft_tokens=5),
+                         stopping_criteria=StoppingCriteriaList([StopStringCriteria(tok, [stop])]))
+    assert torch.equal(out, reference)
+
+
 def test_bad_input_errors(tmp_path):
     model, tok = tiny_model("llama")
     ids = tok(PROMPTS[:1], return_tensors="pt").input_ids
@@ -427,6 +491,11 @@ def test_bad_input_errors(tmp_path):
         model.generate(ids, max_new_tokens=4, custom_generate=SpeculativeDecoding(), cache_implementation="static")
     with pytest.raises(ValueError, match="static cache"):
         CachedSequence(model, StaticCache(config=model.config, max_cache_len=64))
+    from transformers import QuantizedCache
+
+    with pytest.raises(ValueError, match="Fp8QuantizedLayer layers cannot do"):  # has crop(), cannot undo its states
+        model.generate(ids, max_new_tokens=4, **cache_kwargs(model, QuantizedCache(backend="fp8", config=model.config)),
+                       custom_generate=SpeculativeDecoding())
     with pytest.raises(ValueError, match="beam"):
         model.generate(ids, max_new_tokens=4, num_beams=2, custom_generate=SpeculativeDecoding())
     with pytest.raises(ValueError, match="window"):

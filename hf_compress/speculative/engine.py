@@ -44,6 +44,13 @@ def check_rollback_cache(cache: Cache) -> None:
         )
     if not hasattr(cache, "crop"):
         raise ValueError(f"{type(cache).__name__} has no `crop`; speculative decoding needs a cache that can roll back.")
+    # Layers say so themselves (transformers' quantized caches keep crop() but cannot undo their compressed states).
+    uncroppable = {type(layer).__name__ for layer in getattr(cache, "layers", ()) if getattr(layer, "is_croppable", True) is False}
+    if uncroppable:
+        raise ValueError(
+            f"Speculative decoding rolls the KV cache back after rejected drafts, which {type(cache).__name__}'s "
+            f"{sorted(uncroppable)[0]} layers cannot do. Use the default dynamic cache (or hf_compress's SparKCache)."
+        )
 
 
 class CachedSequence:
@@ -334,7 +341,8 @@ def speculative_decode(
 
     Returns the full sequences (prompt + new tokens), the metrics, and the per-token ``scores``/``logits``
     tuples (filled only if ``generation_config.output_scores``/``output_logits``), as ``generate()`` does.
-    Finished rows are filled with ``pad_token_id`` like ``generate()``.
+    Finished rows are filled with ``pad_token_id`` like ``generate()`` (when an EOS criterion is among the stopping
+    criteria), and the returned cache holds every token but the last, as ``generate()``'s does.
     """
     check_int("num_draft_tokens", num_draft_tokens, minimum=1)
     started = time.perf_counter()
@@ -349,7 +357,10 @@ def speculative_decode(
             raise ValueError("The cache already holds the whole prompt; pass at least one new token.")
         target.mask = attention_mask[:, :cached].long()
     pending, pending_mask = input_ids[:, cached:], attention_mask[:, cached:]
-    pad = _compat.pad_token_tensor(generation_config)
+    # As generate(): finished rows are padded only when an EOS criterion can finish them (a custom criterion that
+    # stops a row without EOS leaves its tokens as decoded).
+    has_eos_criterion = any(hasattr(criterion, "eos_token_id") for criterion in stopping_criteria or ())
+    pad = _compat.pad_token_tensor(generation_config) if has_eos_criterion else None
     max_length = generation_config.max_length
     want_scores, want_logits = generation_config.output_scores, generation_config.output_logits
     scores_out, logits_out = [], []
@@ -374,7 +385,10 @@ def speculative_decode(
         probs = draft.probs[:, :budget] if draft is not None and draft.probs is not None else None
         step = verify_and_advance(
             target, pending, drafts, rule, pending_mask=pending_mask, context=input_ids,
-            logits_processor=logits_processor, draft_probs=probs, active=unfinished, tree=tree,
+            # A finished row's tokens are overwritten by padding, so it need not limit the cut; unpadded, it is
+            # decoded on, as by generate(), and must stay exact.
+            logits_processor=logits_processor, draft_probs=probs, active=unfinished if pad is not None else None,
+            tree=tree,
         )
         if observe is not None:
             observe(step)
@@ -405,6 +419,10 @@ def speculative_decode(
         if streamer is not None:  # a round's tokens arrive together (as in transformers' assisted generation)
             streamer.put(torch.stack(appended, dim=1).cpu())
         if finished_all:
+            # Stopped inside a round: the cache holds the round's accepted drafts past the returned tokens. Keep what
+            # generate()'s would (all but the last token), so out.past_key_values continues the conversation.
+            if target.length > input_ids.shape[1] - 1:
+                target.crop(input_ids.shape[1] - 1)
             break
         pending, pending_mask = step.tokens[:, -1:], None
 

@@ -9,6 +9,7 @@ whose ``custom_generate/generate.py`` rebuilds it.
 from __future__ import annotations
 
 import ast
+import copy
 import json
 import os
 import re
@@ -412,6 +413,8 @@ class FLy(SpeculativeDecoding):
         self.loose = loose
 
     def acceptance_rule(self, generation_config) -> AcceptanceRule:
+        if not self.loose:  # strict: greedy-exact, and with sampling the target's distribution, as SpeculativeDecoding
+            return super().acceptance_rule(generation_config)
         return LooseVerification(
             self.entropy_threshold, self.entropy_top_k, self.window, use_window=self.use_window,
             loose=self.loose, do_sample=bool(generation_config.do_sample),
@@ -529,6 +532,36 @@ def render_generate_py(method: str, settings: dict[str, Any]) -> str:
     )
 
 
+def stop_strings_as_criteria(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``generate()`` keyword arguments with ``stop_strings`` turned into a ``StopStringCriteria``.
+
+    transformers builds the stop-string criterion from the ``tokenizer`` argument but does not hand that tokenizer on
+    when ``custom_generate`` is a callable, so ``stop_strings`` fails there ("could not locate a tokenizer"). A saved
+    strategy folder's ``generate.py`` receives both and converts them first; with a strategy object, pass
+    ``stopping_criteria=[StopStringCriteria(tokenizer, stop_strings)]`` yourself.
+
+    Example:
+        >>> stop_strings_as_criteria({"max_new_tokens": 4})
+        {'max_new_tokens': 4}
+    """
+    config = kwargs.get("generation_config")
+    strings = kwargs.get("stop_strings") or getattr(config, "stop_strings", None)
+    if not strings or kwargs.get("tokenizer") is None:
+        return kwargs  # nothing to convert, or no tokenizer: transformers' own error says what is missing
+    from transformers import StopStringCriteria
+
+    kwargs = dict(kwargs)
+    kwargs.pop("stop_strings", None)
+    if config is not None and getattr(config, "stop_strings", None):
+        config = copy.deepcopy(config)
+        config.stop_strings = None
+        kwargs["generation_config"] = config
+    criteria = StoppingCriteriaList(kwargs.get("stopping_criteria") or [])
+    criteria.append(StopStringCriteria(kwargs["tokenizer"], [strings] if isinstance(strings, str) else list(strings)))
+    kwargs["stopping_criteria"] = criteria
+    return kwargs
+
+
 def custom_generate_requirement(version: str = __version__) -> str:
     """The ``custom_generate/requirements.txt`` line: at least the hf-compress release that wrote the folder.
 
@@ -621,6 +654,7 @@ def _this_repo_or_folder():
 def generate(*args, model, draft_model=None, draft_tokenizer=None, heads=None, arbiter=None, **kwargs):
     global _last
     from hf_compress.speculative import strategy_from_dict
+    from hf_compress.speculative.strategies import stop_strings_as_criteria
 
     arguments = (draft_model, draft_tokenizer, kwargs.get("tokenizer"), heads, arbiter)
     settings = dict(SETTINGS)
@@ -638,6 +672,7 @@ def generate(*args, model, draft_model=None, draft_tokenizer=None, heads=None, a
     # Not model.generate: a folder loaded with trust_remote_code binds this function there. A model whose generate
     # hf_compress wrapped (a routed one records its prompt's length) keeps that one under this name
     # (hf_compress.routing.layer.PROMPT_AWARE_GENERATE); any other runs its class's generate.
+    kwargs = stop_strings_as_criteria(kwargs)
     own = vars(model).get("_hf_compress_generate")
     if own is not None:
         return own(*args, custom_generate=strategy, **kwargs)
