@@ -601,6 +601,8 @@ def test_save_dir_holding_a_model_is_refused_before_any_work(tmp_path) -> None:
         (SparseGPTPruner, SparseGPTConfig(**SMALL), None, ValueError, "needs calibration_dataset"),
         (MagnitudePruner, MagnitudeConfig(sparsity="2:3"), None, ValueError, "not a multiple of 3"),
         (SparseGPTPruner, WandaConfig(**SMALL), CALIBRATION_TEXT, TypeError, "takes a SparseGPTConfig"),
+        (WandaPruner, WandaConfig(**SMALL), torch.full((2, 16), 300), ValueError, r"must lie in \[0, 256\)"),
+        (WandaPruner, WandaConfig(**SMALL), torch.full((2, 16), -1), ValueError, r"got values in \[-1, -1\]"),
     ],
 )
 def test_bad_inputs_raise_before_any_change(pruner_class, config, data, error, match, tmp_path) -> None:
@@ -611,6 +613,16 @@ def test_bad_inputs_raise_before_any_change(pruner_class, config, data, error, m
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert not (tmp_path / "out").exists()
     assert not hasattr(model.config, "hf_compress")
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "opt"])  # learned position embeddings end at max_position_embeddings
+def test_calibration_longer_than_learned_positions_is_refused(arch) -> None:
+    model, tokenizer = tiny_model(arch)
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match="learned positions for 512 only; use calibration_seq_len <= 512"):
+        WandaPruner(model, tokenizer).prune(WandaConfig(num_calibration_sequences=1, calibration_seq_len=600),
+                                            CALIBRATION_TEXT * 20, progress=False)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
 def test_model_without_decoder_blocks_is_rejected() -> None:

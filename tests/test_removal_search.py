@@ -16,7 +16,9 @@ from hf_compress.modeling import find_decoder_blocks
 from hf_compress.modeling.calibration import calibration_loss, capture_block_inputs, forward_from_block
 from hf_compress.modeling.structure import layer_widths, remove_blocks
 from hf_compress.modeling.sublayers import remove_sublayers, removed_sublayers, sublayers_switched_off
-from hf_compress.pruning import BlockPrunerConfig, BlockPrunerPruner, SLEBConfig, SLEBPruner
+from hf_compress.pruning import (
+    BlockPrunerConfig, BlockPrunerPruner, BlockRemovalConfig, BlockRemovalPruner, SLEBConfig, SLEBPruner,
+)
 from hf_compress.pruning import removal_search
 from hf_compress.pruning.removal_search import greedy_removal
 
@@ -195,6 +197,23 @@ def test_sleb_removes_the_least_harmful_block_never_a_protected_one_and_saves_a_
         assert torch.equal(loaded(ids).logits, pruned(ids).logits)
     with pytest.raises(ValueError, match="only 2 of 4 may go with protected_blocks=1"):
         SLEBPruner(*_model("llama")).prune(SLEBConfig(target_sparsity=0.75, **SMALL), TEXT, progress=False)
+    opt = _model("opt")[0]
+    with pytest.raises(ValueError, match="SLEB scores a block by switching off its sub-blocks.*ShortGPT"):
+        SLEBPruner(opt, tokenizer).prune(SLEBConfig(target_sparsity=0.25, **SMALL), TEXT, progress=False)
+    assert opt.config.num_hidden_layers == 4  # refused before any change
+
+
+@pytest.mark.parametrize("pruner_class", [BlockRemovalPruner, SLEBPruner])
+def test_whole_block_removal_saves_and_reloads_gpt2(pruner_class, tmp_path):
+    # GPT-2's fused c_attn hides the per-block widths; removing whole blocks needs none (its config says how many).
+    model, tokenizer = tiny_model("gpt2", n_layer=4)
+    config_class = BlockRemovalConfig if pruner_class is BlockRemovalPruner else SLEBConfig
+    pruned = pruner_class(model, tokenizer).prune(config_class(target_sparsity=0.25, **SMALL), TEXT, progress=False,
+                                                  save_dir=tmp_path / "out")
+    assert pruned.config.num_hidden_layers == 3
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    with torch.no_grad():
+        assert torch.equal(loaded(_ids()).logits, pruned(_ids()).logits)
 
 
 # ------------------------------------------------------------------------------------- BlockPruner

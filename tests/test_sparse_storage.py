@@ -354,6 +354,14 @@ def test_newer_format_version_and_corrupt_checkpoint_fail_clearly(tmp_path):
     with pytest.raises(CheckpointIntegrityError, match="disagree: 1 module.*up_proj"):
         AutoModelForCausalLM.from_pretrained(path)
 
+    fewer_blocks = tmp_path / "fewer-blocks"  # config.json edited to describe a smaller model than the weights
+    save_pruned(model, None, fewer_blocks)
+    config = json.loads((fewer_blocks / "config.json").read_text())
+    config["num_hidden_layers"] = 1
+    (fewer_blocks / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointIntegrityError, match="stores 7 layer.*the model does not have"):
+        AutoModelForCausalLM.from_pretrained(fewer_blocks)
+
 
 def test_the_format_is_not_an_on_the_fly_quantization(tmp_path):
     model, _ = tiny_model("llama", save_dir=tmp_path / "dense")

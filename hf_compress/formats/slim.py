@@ -53,7 +53,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FORMAT_NAME", "SlimFormatConfig", "SlimFormatQuantizer", "apply_slim_record", "attach_slim_format",
-    "check_slim_widths", "keep_slim_widths", "needs_slim_format", "save_slim", "slim_record",
+    "check_slim_widths", "keep_slim_widths", "measurable_widths", "needs_slim_format", "save_slim", "slim_record",
 ]
 
 FORMAT_NAME = "hf_compress_slim"
@@ -180,13 +180,25 @@ def attach_slim_format(model: PreTrainedModel, recipe: Mapping[str, Any] | None 
     return config
 
 
+def measurable_widths(model: PreTrainedModel) -> list[dict[str, int]] | None:
+    """:func:`layer_widths`, or ``None`` where they cannot be read (GPT-2's fused ``c_attn``): such a model can only
+    lose whole blocks, which its config (``num_hidden_layers``) describes."""
+    try:
+        return layer_widths(model)
+    except ValueError:
+        return None
+
+
 def needs_slim_format(model: PreTrainedModel) -> bool:
     """Whether the per-block widths differ from what the model's config alone describes."""
+    widths = measurable_widths(model)
+    if widths is None:
+        return False
     config = model.config
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     channels = getattr(config, "intermediate_size", None) or getattr(config, "ffn_dim", None)
     expected = {"key_value_heads": kv_heads, "intermediate_size": channels}
-    return any(width != expected for width in layer_widths(model))
+    return any(width != expected for width in widths)
 
 
 def save_slim(
@@ -215,7 +227,8 @@ def save_slim(
     recipe = dict(recipe or {"method": "structured"})
     if needs_slim_format(model):
         attach_slim_format(model, recipe=recipe)
-    card_recipe = {**recipe, "layers": layer_widths(model)}
+    widths = measurable_widths(model)
+    card_recipe = {**recipe, "layers": widths} if widths is not None else recipe
     with atomic_directory(target, overwrite=overwrite) as staging:
         with _compat.quiet_weight_progress():  # a second of bookkeeping: no "Writing model shards" bar
             model.save_pretrained(staging)

@@ -370,8 +370,23 @@ class SparseStorageQuantizer(CompressedFormatQuantizer):
         listed = set(getattr(self.quantization_config, "compressed_modules", []) or [])
         check_module_lists(listed, stored, "compressed_modules", "sparse")
         parameters = dict(model.named_parameters())
+        prefix = f"{getattr(model, 'base_model_prefix', '')}."
+
+        def weight_of(module: str) -> torch.nn.Parameter | None:
+            # A head model's checkpoint also loads into its base model (and back): the prefix comes and goes.
+            for name in (module, module.removeprefix(prefix), prefix + module):
+                if name + ".weight" in parameters:
+                    return parameters[name + ".weight"]
+            return None
+
+        missing = [module for module in sorted(stored) if weight_of(module) is None]
+        if missing:
+            raise CheckpointIntegrityError(
+                f"This sparse checkpoint stores {len(missing)} layer(s) the model does not have (e.g. {missing[0]!r}); "
+                "the config.json and the weights come from different models."
+            )
         for module in sorted(stored):
-            check_sparse_triple(reader, module, parameters.get(module + ".weight"))
+            check_sparse_triple(reader, module, weight_of(module))
 
     def stored_differently(self) -> set[str]:
         return {f"{module}.weight" for module in getattr(self.quantization_config, "compressed_modules", [])}

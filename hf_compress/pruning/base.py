@@ -274,6 +274,12 @@ class BasePruner(ABC):
                     f"calibration token ids must be a non-empty [num_sequences, seq_len] integer tensor, got "
                     f"shape {list(dataset.shape)} ({dataset.dtype})."
                 )
+            vocab = self.model.get_input_embeddings().num_embeddings
+            low, high = int(dataset.min()), int(dataset.max())
+            if low < 0 or high >= vocab:
+                raise ValueError(f"calibration token ids must lie in [0, {vocab}) (the model's vocabulary), got values "
+                                 f"in [{low}, {high}]; tokenize with this model's tokenizer.")
+            self._check_calibration_length(dataset.shape[1], "the calibration tensor has")
             return dataset
         if isinstance(dataset, (list, tuple)) and not dataset:
             raise ValueError("calibration_dataset is empty; pass calibration text.")
@@ -282,6 +288,7 @@ class BasePruner(ABC):
                 "calibration text needs a tokenizer: pass tokenizer= to prune() or from_pretrained(), or "
                 "pass token ids."
             )
+        self._check_calibration_length(config.calibration_seq_len, "calibration_seq_len is")
         try:
             return calibration_batches(
                 dataset, self.tokenizer, num_sequences=config.num_calibration_sequences,
@@ -289,6 +296,19 @@ class BasePruner(ABC):
             )
         except ValueError as error:
             raise ValueError(f"calibration_dataset is unusable: {error}") from error
+
+    def _check_calibration_length(self, length: int, what: str) -> None:
+        """Models with learned positions (GPT-2, OPT) have no embedding past ``max_position_embeddings``."""
+        config = self.model.config.get_text_config()
+        limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+        if not limit or length <= limit:
+            return
+        tokens = self.model.get_input_embeddings()  # a second embedding table sized like the positions: learned ones
+        learned = any(isinstance(m, torch.nn.Embedding) and m is not tokens and limit <= m.num_embeddings <= limit + 2
+                      for m in self.model.modules())  # (OPT offsets its positions by 2)
+        if learned:
+            raise ValueError(f"{what} {length} tokens, but this model has learned positions for {limit} only; "
+                             f"use calibration_seq_len <= {limit}.")
 
     def _record_recipe(self, config: PruningConfig) -> None:
         model_config = getattr(self.model, "config", None)

@@ -27,9 +27,9 @@ from typing import Any
 
 import torch
 
-from ..formats.slim import save_slim
+from ..formats.slim import measurable_widths, save_slim
 from ..hub import hub_model_id
-from ..modeling.structure import decoder_parameter_count, layer_widths
+from ..modeling.structure import decoder_parameter_count
 from ..utils import get_logger
 from .base import BasePruner
 from .config import PruningConfig, SparsityPattern, StructuralPruningConfig, parse_sparsity
@@ -120,7 +120,7 @@ class StructuralPruner(BasePruner):
         details = self.describe(decision)
         report = StructuredPruningReport(
             config.method, config.target_sparsity, dense_parameters, decoder_parameter_count(self.model),
-            layers=layer_widths(self.model), history=details.get("history", []),
+            layers=measurable_widths(self.model) or [], history=details.get("history", []),
             seconds={**seconds, **details.get("seconds", {})}, extra=details.get("extra", {}),
         )
         logger.info("%s: %d -> %d decoder parameters (%.2f%% removed, target %.2f%%)", type(self).__name__,

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ...modeling import find_decoder_blocks
+from ...modeling.sublayers import sublayer_name
 from ...utils import get_logger
 from ..block_removal.pruner import BlockRemovalPruner
 from ..removal_search import greedy_removal
@@ -39,6 +40,12 @@ class SLEBPruner(BlockRemovalPruner):
     def plan(self, config: SLEBConfig) -> int:
         count = super().plan(config)
         _, blocks = find_decoder_blocks(self.model)
+        try:  # the search switches a block off through its attention and MLP sub-blocks: check before calibrating
+            for kind in ("attention", "mlp"):
+                sublayer_name(blocks[0], kind)
+        except ValueError as error:
+            raise ValueError(f"SLEB scores a block by switching off its sub-blocks, and {error} Use ShortGPT "
+                             "(BlockRemovalPruner), which ranks whole blocks without doing so.") from None
         removable = len(blocks) - 2 * config.protected_blocks
         if count > removable:
             raise ValueError(
