@@ -119,6 +119,7 @@ def test_tree_buffers_on_a_hand_built_tree():
     assert mask[2 + 5, 5:].tolist() == [True, False, True, False, False, True]
     assert tree.truncated(1).paths == [(0,), (1,)]
     assert DraftTree.chain(3).is_chain and not tree.is_chain
+    assert not DraftTree([(1,), (1, 0)]).is_chain  # one node per depth, but the second-ranked token first
     assert DraftTree(tree.to_list()) == tree
     best = DraftTree.from_accuracies(torch.tensor([[0.7, 0.2], [0.5, 0.1], [0.3, 0.1]]), 4)
     assert best.paths == [(0,), (1,), (0, 0), (0, 0, 0)]  # 0.7, 0.2, 0.35, 0.105 beat 0.1 and 0.07

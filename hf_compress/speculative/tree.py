@@ -99,7 +99,8 @@ class DraftTree:
 
     @property
     def is_chain(self) -> bool:
-        return self.num_nodes == self.depth
+        """One node per depth, each the position's most likely token: drafting it is a plain argmax sequence."""
+        return self.num_nodes == self.depth and self.max_rank == 0
 
     def __repr__(self) -> str:
         return f"DraftTree(num_nodes={self.num_nodes}, depth={self.depth}, leaves={len(self.paths_to_leaves)})"
