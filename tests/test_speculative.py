@@ -339,6 +339,17 @@ def test_model_drafter_stops_after_the_first_unsure_token(accelerated, rows, thr
     assert ModelDrafter(draft, confidence_threshold=1.0).propose(ids, None, 8).tokens.shape[1] == 1
 
 
+def test_a_draft_cache_started_unpadded_masks_padding_that_appears_later():
+    # A cross-tokenizer drafter re-encodes each round: rows of equal length can become left-padded later on.
+    draft = _peaked_draft()
+    first = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    later = torch.tensor([[5, 6, 7, 8, 20, 21], [0, 0, 9, 10, 11, 13]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]])
+    reused = ModelDrafter(draft)
+    reused.propose(first, None, 3)
+    assert torch.equal(reused.propose(later, mask, 3).tokens, ModelDrafter(draft).propose(later, mask, 3).tokens)
+
+
 def test_finished_rows_do_not_keep_a_confidence_stopped_draft_going():
     draft = _peaked_draft()
     ids = torch.tensor([[5, 6, 7, 8, 5, 6, 7], [9, 10, 11, 12, 13, 14, 15]])

@@ -173,6 +173,9 @@ class ModelDrafter:
             self._sequence = CachedSequence(self.draft_model, DynamicCache(), has_padding=has_padding)
             self._ids = input_ids[:, :0]
             return 0
+        if attention_mask is not None and not self._sequence.has_padding and not bool(attention_mask.all()):
+            # Rows re-encoded for another tokenizer can become padded after the first round: mask from now on.
+            self._sequence.has_padding = True
         common = min(self._ids.shape[1], input_ids.shape[1] - 1)  # at least one token must be re-fed
         differs = (self._ids[:, :common] != input_ids[:, :common]).any(dim=0).nonzero()
         if differs.numel():
