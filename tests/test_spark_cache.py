@@ -89,6 +89,24 @@ def test_layers_with_their_own_head_size_are_sized_per_layer():
     assert _greedy(model, ids, cache).shape == expected.shape
 
 
+@pytest.mark.parametrize("channel_ratio", [0.0, 0.5])
+def test_backward_through_several_cached_forwards(channel_ratio):
+    model, _ = tiny_model("llama")
+    ids = _prompt(batch=1, length=20)
+
+    def gradients(cache):
+        model.zero_grad()
+        loss = sum(model(chunk, **cache_kwargs(model, cache)).logits.square().mean() for chunk in (ids, ids[:, :1], ids[:, 1:2]))
+        loss.backward()  # the second and third forwards read keys and values the earlier ones stored
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    spark = gradients(SparKCache(model.config, channel_ratio=channel_ratio, recent_window=4))
+    if channel_ratio == 0.0:  # nothing pruned: the same gradients as transformers' cache
+        dense = gradients(DynamicCache(config=model.config))
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(spark, dense))
+    assert all(torch.isfinite(g).all() for g in spark)
+
+
 def test_pruning_changes_outputs_but_keeps_shapes():
     model, _ = tiny_model("qwen2")
     ids = _prompt(batch=1, length=80)

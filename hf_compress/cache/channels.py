@@ -116,6 +116,9 @@ def append_tokens(held: torch.Tensor, new: torch.Tensor, buffer: torch.Tensor | 
         (torch.Size([1, 1, 4, 2]), 20)
     """
     length, added = held.shape[2], new.shape[2]
+    if torch.is_grad_enabled() and (held.requires_grad or new.requires_grad):
+        # Autograd keeps `held` for the backward pass: writing the next tokens into its buffer would corrupt it.
+        return torch.cat([held, new], dim=2), None
     fits = (
         buffer is not None
         and held.data_ptr() == buffer.data_ptr()

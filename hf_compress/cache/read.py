@@ -145,14 +145,18 @@ def _build_tables(head_dim: int, keep: int, device: torch.device) -> _Tables:
     })
 
 
-def _positions(store, tables: _Tables, kind: str, scratch: ReadScratch) -> torch.Tensor:
-    """``(B, H, T, head_dim)`` int64: each channel's position in its token's source row (``kind``: key/value)."""
+def _positions(store, tables: _Tables, kind: str, scratch: ReadScratch | None) -> torch.Tensor:
+    """``(B, H, T, head_dim)`` int64: each channel's position in its token's source row (``kind``: key/value).
+
+    ``scratch=None`` allocates the result: a differentiable gather keeps its index for the backward pass, which a
+    shared scratch buffer would not survive (the next layer's read overwrites it)."""
     kept_bits, head_dim, keep = store.kept_bits, store.head_dim, store.kept.shape[-1]
     *lead, groups = kept_bits.shape
     byte = kept_bits.int()
     popcount = tables.popcount.index_select(0, byte.view(-1)).view(byte.shape)
     kept_before = popcount.cumsum(-1, dtype=torch.int32).sub_(popcount)
-    positions = scratch.take("positions", byte.numel() * 8, torch.int64, byte.device).view(-1, 8)
+    positions = (torch.empty(byte.numel() * 8, dtype=torch.int64, device=byte.device) if scratch is None
+                 else scratch.take("positions", byte.numel() * 8, torch.int64, byte.device)).view(-1, 8)
     if kind == "value":
         torch.index_select(tables.value, 0, byte.mul(keep + 1).add_(kept_before).view(-1), out=positions)
     elif tables.key is not None:
@@ -210,7 +214,7 @@ def read_keys(store, qbar: torch.Tensor | None, out: torch.Tensor | None = None,
         return out
     keep, tables = kept.shape[-1], _tables(head_dim, kept.shape[-1], kept.device)
     if mode == "zeros":  # pruned channels all point at one zero after the kept values
-        positions = _positions(store, tables, "value", scratch)
+        positions = _positions(store, tables, "value", None if differentiable else scratch)
         if differentiable:
             return torch.gather(torch.nn.functional.pad(kept, (0, 1)), -1, positions)
         source = _source(kept, keep + 1, scratch)
@@ -219,7 +223,7 @@ def read_keys(store, qbar: torch.Tensor | None, out: torch.Tensor | None = None,
     *lead, sign_bytes = store.sign_bits.shape
     signs = tables.signs.to(kept.dtype).index_select(0, store.sign_bits.reshape(-1).int())
     signs = signs.view(*lead, sign_bytes * 8)[..., : head_dim - keep]
-    positions = _positions(store, tables, "key", scratch)
+    positions = _positions(store, tables, "key", None if differentiable else scratch)
     if differentiable:
         rebuilt = torch.gather(torch.cat([kept, signs * store.fill.unsqueeze(-1)], -1), -1, positions)
     else:  # rebuilt in place in `out`, divided below
@@ -257,7 +261,7 @@ def read_values(store, out: torch.Tensor | None = None, scratch: ReadScratch | N
             read_values(store.token_range(start, start + chunk), out[:, :, start : start + chunk], scratch)
         return out
     keep, tables = kept.shape[-1], _tables(head_dim, kept.shape[-1], kept.device)
-    positions = _positions(store, tables, "value", scratch)
+    positions = _positions(store, tables, "value", None if differentiable else scratch)
     if differentiable:
         return torch.gather(torch.cat([kept, store.fill.unsqueeze(-1)], -1), -1, positions)
     source = _source(kept, keep + 1, scratch)
