@@ -482,6 +482,15 @@ def test_bf16_base_keeps_a_float32_grid_and_exports_bf16_scales(tmp_path):
     assert torch.allclose(_logits(packed).float(), fake_quant.float(), atol=0.1, rtol=0.05)
 
 
+def test_casting_the_model_keeps_the_grid_in_float32():
+    model = _dlqat()
+    layer = next(m for m in model.modules() if isinstance(m, DLQATLinear))
+    scale, zero = layer.dlqat_scale["default"].clone(), layer.dlqat_zero["default"].clone()
+    model.to(torch.bfloat16)
+    assert layer.get_base_layer().weight.dtype == torch.bfloat16  # the model is cast ...
+    assert torch.equal(layer.dlqat_scale["default"], scale) and torch.equal(layer.dlqat_zero["default"], zero)  # ... its grid not
+
+
 def test_group_size_not_dividing_in_features_is_explained(caplog):
     import logging
 

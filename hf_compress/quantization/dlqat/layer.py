@@ -260,6 +260,16 @@ class DLQATLinear(nn.Module, DLQATLayer):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
 
+    def _apply(self, fn, recurse: bool = True):
+        # model.half() / .to(torch.bfloat16) must not round the frozen grid (see update_layer): it follows the device
+        # only. The float32 values are kept aside and put back on whatever device the cast moved them to.
+        grids = [(store, key, value) for store in (self.dlqat_scale, self.dlqat_zero) for key, value in store.items()]
+        result = super()._apply(fn, recurse)
+        for store, key, before in grids:
+            if store[key].dtype != before.dtype:
+                store[key] = before.to(store[key].device)
+        return result
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters:
             if self.merged:
