@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -91,6 +92,24 @@ def test_tokenize_stream_caches_and_rejects_a_bare_string():
     assert tokenize_stream(DOCS, tokenizer) is tokenize_stream(list(DOCS), tokenizer)
     with pytest.raises(TypeError, match="list of documents"):
         tokenize_stream("just one string", tokenizer)
+
+
+def test_the_token_cache_tells_tokenizers_with_one_vocabulary_apart():
+    from tokenizers import normalizers
+
+    _, tokenizer = tiny_model("llama")
+    lowering = copy.deepcopy(tokenizer)
+    lowering.backend_tokenizer.normalizer = normalizers.Lowercase()  # same vocabulary, other ids for "Hello"
+    docs = ["Hello World, again."]
+    assert tokenize_stream(docs, tokenizer).tolist() == tokenizer("Hello World, again.", add_special_tokens=False).input_ids
+    assert tokenize_stream(docs, lowering).tolist() == lowering("Hello World, again.", add_special_tokens=False).input_ids
+    assert tokenize_stream(docs, lowering).tolist() != tokenize_stream(docs, tokenizer).tolist()
+
+
+def test_a_window_past_learned_positions_is_refused():
+    model, tokenizer = tiny_model("gpt2")
+    with pytest.raises(ValueError, match="learned positions for 512 only"):
+        evaluate_perplexity(model, tokenizer, DOCS, window=600)
 
 
 def test_perplexity_record_shape():

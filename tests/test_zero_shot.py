@@ -220,6 +220,31 @@ def test_batched_scoring_equals_unbatched(arch, monkeypatch):
     assert len(set(round(s, 3) for s in reference)) > len(REQUESTS) // 2  # not a degenerate model
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "opt"])
+def test_padding_of_a_chunk_never_runs_off_learned_positions(arch):
+    # A 500-token context shares its chunk with 41-token rows of another: every request fits the 512 positions,
+    # the padding slots after the short rows must not count on past them.
+    model, tokenizer = tiny_model(arch)
+    requests = [("x" * 500, " a"), ("x" * 500, " b"), ("short", " " + "y" * 40), ("short", " " + "z" * 40)]
+    shared = loglikelihoods(model, tokenizer, requests, batch_size=16, progress=False)
+    assert shared == pytest.approx(loglikelihoods(model, tokenizer, requests, share_context=False, progress=False),
+                                   abs=1e-4, rel=1e-5)
+
+
+def test_limits_that_would_score_nothing_or_miss_a_task_are_refused():
+    from hf_compress.evaluation.suite import EvaluationSettings
+
+    model, tokenizer = tiny_model("llama")
+    with pytest.raises(ValueError, match="limit"):
+        evaluate_zero_shot(model, tokenizer, ("arc_easy",), limit=0)
+    with pytest.raises(ValueError, match=r"\['arc-easy'\] that are not in tasks and leaves out \['arc_easy'\]"):
+        evaluate_zero_shot(model, tokenizer, ("arc_easy",), limit={"arc-easy": 5})
+    with pytest.raises(ValueError, match="one entry per task"):
+        EvaluationSettings(zero_shot_tasks=("arc_easy", "piqa"), zero_shot_limit={"arc_easy": 5})
+    with pytest.raises(ValueError, match="zero_shot_limit"):
+        EvaluationSettings(zero_shot_limit=0)
+
+
 def test_truncation_keeps_the_right_end():
     model, tokenizer = tiny_model("llama")
     long = [("word " * 40 + "end", " of story"), ("word " * 40 + "end", " here")]

@@ -227,7 +227,7 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tasks", default="arc_easy",
                         help="comma-separated zero-shot tasks ('' for none): arc_easy, arc_challenge, piqa, "
                              "hellaswag, boolq, winogrande")
-    parser.add_argument("--limit", type=int_at_least(0), default=None, help="fixed seeded subset of each zero-shot task")
+    parser.add_argument("--limit", type=int_at_least(1), default=None, help="fixed seeded subset of each zero-shot task")
     parser.add_argument("--speed-prompts", type=int_at_least(0), default=0,
                         help="prompts for a greedy tokens/s measurement")
     parser.add_argument("--kv-seq-len", type=int_at_least(1), default=None, help="measure KV-cache bytes at this length")

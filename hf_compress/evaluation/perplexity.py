@@ -26,6 +26,7 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ..modeling.layers import learned_position_limit
 from ..utils import InvalidArgumentTypeError, check_bool, check_int, get_logger
 from .results import MetricRecord
 
@@ -105,6 +106,10 @@ def evaluate_perplexity(
     check_score_last(score_last, window)
     check_bool("progress", progress)
     check_tokenizer(tokenizer)
+    limit = learned_position_limit(model)
+    if limit is not None and window > limit:
+        raise ValueError(f"window is {window} tokens, but this model has learned positions for {limit} only; "
+                         f"use a window of at most {limit}.")
     scored = window - 1 if score_last is None else score_last
     windows = token_windows(tokenize_stream(texts, tokenizer), window, max_windows)
     device = model.device
@@ -205,5 +210,11 @@ def check_tokenizer(tokenizer: Any, name: str = "tokenizer") -> None:
 
 
 def _tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
-    vocab = sorted(tokenizer.get_vocab().items())
-    return hashlib.sha1(repr((type(tokenizer).__name__, vocab)).encode()).hexdigest()
+    # What decides the ids, not only the vocabulary: a fast tokenizer's whole pipeline (normaliser, pre-tokeniser,
+    # merges, added tokens) serialises to one string; a slow one is described by its vocabulary and settings.
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        described = backend.to_str()
+    else:
+        described = repr((sorted(tokenizer.get_vocab().items()), sorted(map(repr, tokenizer.init_kwargs.items()))))
+    return hashlib.sha1(f"{type(tokenizer).__name__}\n{described}".encode()).hexdigest()

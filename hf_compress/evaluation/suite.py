@@ -62,8 +62,13 @@ class EvaluationSettings:
         check_score_last(self.score_last, self.window)
         limits = self.zero_shot_limit.values() if isinstance(self.zero_shot_limit, dict) else (self.zero_shot_limit,)
         for value in limits:
-            check_int("zero_shot_limit", value, minimum=0, allow_none=True,
-                      hint="Pass None (full split), an int, or a {task: int | None} dict.")
+            check_int("zero_shot_limit", value, minimum=1, allow_none=True,
+                      hint="Pass None (full split), an int, or a {task: int | None} dict; zero_shot_tasks=() skips them.")
+        if isinstance(self.zero_shot_limit, dict) and set(self.zero_shot_limit) != set(self.zero_shot_tasks):
+            raise ValueError(
+                f"zero_shot_limit has entries {sorted(self.zero_shot_limit)} but zero_shot_tasks are "
+                f"{list(self.zero_shot_tasks)}: give one entry per task (None = the full split)."
+            )
         check_int("speed_prompts", self.speed_prompts, minimum=0)
         check_int("max_new_tokens", self.max_new_tokens, minimum=1)
         check_int("kv_seq_len", self.kv_seq_len, minimum=1, allow_none=True)

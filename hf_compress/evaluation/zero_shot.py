@@ -328,7 +328,9 @@ def _score_batch(model, batch: list[_Group]) -> list[tuple[int, float]]:
         # Right padding: each row must directly follow its cached prefix. Sliding-window attention
         # (Gemma 3, Mistral) counts distance in cache slots, so padding in between would hide tokens.
         ids, mask = _pad([rows[r] for r in chunk], device, left=False)
-        positions = chunk_mask.sum(-1, keepdim=True) + torch.arange(ids.shape[1], device=device)[None, :]
+        # Padding slots repeat the row's last real position: counting on past it could leave the position table of a
+        # model with learned positions (GPT-2, OPT) although every request fits.
+        positions = chunk_mask.sum(-1, keepdim=True) + (mask.cumsum(-1) - 1).clamp(min=0)
         attention_mask = torch.cat([chunk_mask, mask], dim=-1)
         logits = _forward(model, ids, attention_mask, positions, use_cache=True, **{_compat.cache_kwarg_name(model): cache})
         wanted = [
@@ -471,8 +473,14 @@ def evaluate_zero_shot(
         raise ValueError(f"Unknown zero-shot task(s) in tasks: {unknown}; choose from {', '.join(ZERO_SHOT_TASKS)}.")
     limits = limit.values() if isinstance(limit, Mapping) else (limit,)
     for value in limits:
-        check_int("limit", value, minimum=0, allow_none=True,
-                  hint="Pass None (full split), an int, or a {task: int | None} mapping.")
+        check_int("limit", value, minimum=1, allow_none=True,
+                  hint="Pass None (full split), an int, or a {task: int | None} mapping; leave a task out of tasks "
+                       "to skip it.")
+    if isinstance(limit, Mapping) and set(limit) != set(tasks):
+        raise ValueError(
+            f"limit names tasks {sorted(set(limit) - set(tasks))} that are not in tasks and leaves out "
+            f"{sorted(set(tasks) - set(limit))}: give one entry per task (None = the full split)."
+        )
     check_seed("seed", seed)
     check_int("batch_size", batch_size, minimum=1)
     check_choice("backend", backend, ("native", "lm_eval"))

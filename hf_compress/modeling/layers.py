@@ -35,6 +35,7 @@ from .. import _compat
 __all__ = [
     "LINEAR_TYPES",
     "find_decoder_blocks",
+    "learned_position_limit",
     "find_linear_layers",
     "in_features",
     "is_linear",
@@ -357,3 +358,23 @@ def _write_back(module: nn.Module) -> None:
                 continue
             if stored.data_ptr() != tensor.data_ptr():  # on a CPU execution device they share storage already
                 stored.copy_(tensor.to(stored.device, stored.dtype))
+
+
+def learned_position_limit(model: nn.Module) -> int | None:
+    """How many positions a model with *learned* position embeddings (GPT-2, OPT) has; ``None`` for rotary or other
+    computed positions, which have no table to run off (only a trained length to extrapolate past).
+
+    Example:
+        >>> from hf_compress.assets import tiny_model
+        >>> learned_position_limit(tiny_model("gpt2")[0]), learned_position_limit(tiny_model("llama")[0])
+        (512, None)
+    """
+    config = model.config.get_text_config()
+    limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    if not limit:
+        return None
+    tokens = model.get_input_embeddings()  # a second embedding table sized like the positions: learned ones
+    learned = any(isinstance(m, nn.Embedding) and m is not tokens and limit <= m.num_embeddings <= limit + 2
+                  for m in model.modules())  # (OPT offsets its positions by 2)
+    return int(limit) if learned else None
+

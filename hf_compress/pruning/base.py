@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from .. import __version__, _compat
-from ..modeling import calibration_batches
+from ..modeling import calibration_batches, learned_position_limit
 from ..utils import check_save_dir as check_save_folder
 from ..utils import InvalidArgumentTypeError, check_bool, check_path, get_logger
 from .config import PruningConfig, SparsityPattern, parse_sparsity
@@ -298,15 +298,9 @@ class BasePruner(ABC):
             raise ValueError(f"calibration_dataset is unusable: {error}") from error
 
     def _check_calibration_length(self, length: int, what: str) -> None:
-        """Models with learned positions (GPT-2, OPT) have no embedding past ``max_position_embeddings``."""
-        config = self.model.config.get_text_config()
-        limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
-        if not limit or length <= limit:
-            return
-        tokens = self.model.get_input_embeddings()  # a second embedding table sized like the positions: learned ones
-        learned = any(isinstance(m, torch.nn.Embedding) and m is not tokens and limit <= m.num_embeddings <= limit + 2
-                      for m in self.model.modules())  # (OPT offsets its positions by 2)
-        if learned:
+        """Models with learned positions (GPT-2, OPT) have no embedding past their table."""
+        limit = learned_position_limit(self.model)
+        if limit is not None and length > limit:
             raise ValueError(f"{what} {length} tokens, but this model has learned positions for {limit} only; "
                              f"use calibration_seq_len <= {limit}.")
 

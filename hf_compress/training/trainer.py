@@ -52,6 +52,10 @@ class TrainingSettings:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate!r}.")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}.")
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be a non-negative integer, got {self.warmup_steps!r}.")
 
 
 @contextlib.contextmanager
@@ -152,27 +156,30 @@ def _kernelize_for_training(model: nn.Module) -> None:
 def _arguments_from_settings(settings: TrainingSettings, output_dir: str):
     from transformers import TrainingArguments
 
+    owned = {
+        "output_dir": output_dir,
+        "max_steps": settings.max_steps,
+        "learning_rate": settings.learning_rate,
+        "per_device_train_batch_size": settings.per_device_batch_size,
+        "gradient_accumulation_steps": settings.gradient_accumulation_steps,
+        "warmup_steps": settings.warmup_steps,
+        "weight_decay": settings.weight_decay,
+        "lr_scheduler_type": settings.lr_scheduler_type,
+        "logging_steps": settings.logging_steps,
+        "seed": settings.seed,
+        "use_cpu": settings.use_cpu,
+    }
     extra = dict(settings.extra_arguments or {})
-    # Pinned memory only helps copies to an accelerator; without one torch warns on every DataLoader.
-    extra.setdefault("dataloader_pin_memory", not settings.use_cpu and _has_accelerator())
-    return TrainingArguments(
-        output_dir=output_dir,
-        max_steps=settings.max_steps,
-        learning_rate=settings.learning_rate,
-        per_device_train_batch_size=settings.per_device_batch_size,
-        gradient_accumulation_steps=settings.gradient_accumulation_steps,
-        warmup_steps=settings.warmup_steps,
-        weight_decay=settings.weight_decay,
-        lr_scheduler_type=settings.lr_scheduler_type,
-        logging_steps=settings.logging_steps,
-        seed=settings.seed,
-        use_cpu=settings.use_cpu,
-        save_strategy="no",
-        report_to=[],
-        disable_tqdm=False,
-        dataloader_num_workers=0,
-        **extra,
-    )
+    clashing = sorted(set(extra) & set(owned))
+    if clashing:
+        raise ValueError(f"extra_arguments sets {clashing}, which TrainingSettings fields set: set those fields instead "
+                         "(output_dir is the launcher's argument).")
+    defaults = {  # the launcher's choices; extra_arguments may change them (report_to=["tensorboard"], ...)
+        "save_strategy": "no", "report_to": [], "disable_tqdm": False, "dataloader_num_workers": 0,
+        # Pinned memory only helps copies to an accelerator; without one torch warns on every DataLoader.
+        "dataloader_pin_memory": not settings.use_cpu and _has_accelerator(),
+    }
+    return TrainingArguments(**owned, **{**defaults, **extra})
 
 
 def _has_accelerator() -> bool:
