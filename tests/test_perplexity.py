@@ -145,6 +145,13 @@ def test_kv_cache_bytes_match_config(arch):
     assert result["kv_bytes"] == expected
 
 
+def test_a_batch_passed_as_one_prompt_is_refused():
+    model, tokenizer = tiny_model("llama")
+    with pytest.raises(ValueError, match=r"one sequence of token ids.*got shape \[2, 4\]"):
+        measure_generation_speed(model, tokenizer, [torch.ones(2, 4, dtype=torch.long)], max_new_tokens=2, warmup=0,
+                                 progress=False)
+
+
 def test_generation_speed_reports_median_and_outputs(monkeypatch):
     from hf_compress.evaluation import speed
 

@@ -220,7 +220,7 @@ def write_benchmark(
 
 
 def rewrite_markdown(
-    name: str, render: Callable[[dict[str, Any]], str], results_dir: str | os.PathLike = "bench/results"
+    name: str, render: Callable[[dict[str, Any]], str], results_dir: str | os.PathLike | None = None
 ) -> Path:
     """Rewrite ``<name>.md`` from the run stored in ``<name>.json`` (e.g. after changing how a table is laid out).
 
@@ -230,7 +230,8 @@ def rewrite_markdown(
     Example:
         >>> rewrite_markdown("pruning", lambda payload: markdown(payload))  # doctest: +SKIP
     """
-    directory = Path(results_dir)
+    # Default: where this run's tables go, $HF_COMPRESS_BENCH_RESULTS included (a rehearsal's --render stays there).
+    directory = Path(results_dir) if results_dir is not None else results_directory("cpu")
     if not (directory / f"{name}.json").exists() and (directory / GPU_RESULTS_SUBDIR / f"{name}.json").exists():
         directory = directory / GPU_RESULTS_SUBDIR  # a GPU run's table
     payload = json.loads((directory / f"{name}.json").read_text(encoding="utf-8"))

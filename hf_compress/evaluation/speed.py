@@ -191,7 +191,11 @@ def compare_generation_speed(
                 raise ValueError("text prompts need a tokenizer; pass one or token-id tensors.")
             ids = tokenizer(prompt, return_tensors="pt").input_ids
         else:
-            ids = torch.as_tensor(prompt, device=model.device).reshape(1, -1)
+            ids = torch.as_tensor(prompt, device=model.device)
+            if ids.ndim > 2 or (ids.ndim == 2 and ids.shape[0] != 1):
+                raise ValueError(f"each prompt is one sequence of token ids ([n] or [1, n]), got shape {list(ids.shape)}; "
+                                 "time a batch by passing its rows as separate prompts.")
+            ids = ids.reshape(1, -1)
         ids = ids.to(model.device)
         kwargs = dict(generate_kwargs)
         if cache_factory is not None:
