@@ -342,3 +342,63 @@ def test_too_short_or_malformed_calibration_data_is_rejected() -> None:
     model, _ = tiny_model("llama")
     with pytest.raises(ValueError, match=r"\[num_sequences, seq_len\]"):
         for_each_block(model, torch.arange(10), progress=False)
+
+
+# ------------------------------------------------------------------------------------- removing whole blocks
+
+
+def _reloaded_logits(model, ids, folder):
+    model.save_pretrained(folder)
+    reloaded = type(model).from_pretrained(folder).eval()
+    with torch.no_grad():
+        return reloaded(input_ids=ids).logits
+
+
+def test_removing_blocks_of_a_multimodal_model_edits_its_text_config(tmp_path):
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    from hf_compress.modeling.structure import remove_blocks
+
+    config = Gemma3Config(
+        text_config=dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=16, sliding_window=8,
+                         layer_types=["sliding_attention", "full_attention"] * 2),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=28, patch_size=14),
+        mm_tokens_per_image=4, image_token_index=299, boi_token_index=297, eoi_token_index=298)
+    torch.manual_seed(0)
+    model = Gemma3ForConditionalGeneration(config).eval()
+    remove_blocks(model, [1])
+    text = model.config.text_config
+    assert text.num_hidden_layers == 3 and text.layer_types == ["sliding_attention", "sliding_attention", "full_attention"]
+    assert len(find_decoder_blocks(model)[1]) == 3  # discovery reads the config it edited
+    ids = torch.randint(3, 290, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    assert torch.equal(_reloaded_logits(model, ids, tmp_path / "m"), expected)
+
+
+def test_removing_blocks_slices_every_per_layer_list_and_refuses_moving_gpt2_scaled_blocks(tmp_path):
+    from transformers import AutoModelForCausalLM, GPT2Config, SmolLM3Config
+
+    from hf_compress.modeling.structure import remove_blocks
+
+    config = SmolLM3Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                           no_rope_layer_interval=4, pad_token_id=0, bos_token_id=1, eos_token_id=2)  # block 3: no RoPE
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    remove_blocks(model, [0])
+    assert model.config.no_rope_layers == [1, 1, 0]
+    ids = torch.randint(3, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(ids).logits
+    assert torch.equal(_reloaded_logits(model, ids, tmp_path / "smollm3"), expected)
+
+    gpt2 = AutoModelForCausalLM.from_config(GPT2Config(vocab_size=256, n_embd=32, n_layer=3, n_head=2,
+                                                       scale_attn_by_inverse_layer_idx=True))
+    with pytest.raises(ValueError, match="scale_attn_by_inverse_layer_idx.*from the end only"):
+        remove_blocks(gpt2, [0])
+    assert len(gpt2.transformer.h) == 3  # refused before any change
+    remove_blocks(gpt2, [2])  # the last block: no index moves
+    assert gpt2.config.n_layer == 2

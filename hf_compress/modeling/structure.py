@@ -354,8 +354,9 @@ def decoder_parameter_count(model: nn.Module) -> int:
 def remove_blocks(model: nn.Module, indices: Sequence[int]) -> None:
     """Delete decoder blocks in place and renumber what remains, so caches and ``config`` stay consistent.
 
-    Every submodule's ``layer_idx`` is renumbered (the cache index an attention layer writes to);
-    ``config.num_hidden_layers`` and, where present, ``config.layer_types`` follow.
+    Every submodule's ``layer_idx`` is renumbered (the cache index an attention layer writes to); the text config's
+    ``num_hidden_layers`` and its per-layer lists (``layer_types``, ``no_rope_layers``, ...) follow, on the text config
+    of a multimodal model too.
 
     Example:
         >>> from hf_compress.assets import tiny_model
@@ -371,6 +372,13 @@ def remove_blocks(model: nn.Module, indices: Sequence[int]) -> None:
     if len(drop) >= len(blocks):
         raise ValueError("cannot remove every decoder block.")
     kept = [i for i in range(len(blocks)) if i not in drop]
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if config is not None else None  # the one block discovery reads
+    if drop and getattr(text_config, "scale_attn_by_inverse_layer_idx", False) and kept != list(range(len(kept))):
+        # GPT-2 divides each layer's attention scores by its index + 1, fixed when the layer is built: a renumbered
+        # block would compute otherwise once reloaded.
+        raise ValueError("this model scales attention by the inverse layer index (scale_attn_by_inverse_layer_idx), "
+                         "so blocks cannot move: remove blocks from the end only.")
     new_blocks = nn.ModuleList([blocks[i] for i in kept])
     for new_index, block in enumerate(new_blocks):
         for module in block.modules():
@@ -379,10 +387,10 @@ def remove_blocks(model: nn.Module, indices: Sequence[int]) -> None:
     parent_name, _, attribute = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, attribute, new_blocks)
-    config = getattr(model, "config", None)
-    if config is not None:
-        layer_types = getattr(config, "layer_types", None)
-        if isinstance(layer_types, list) and len(layer_types) == len(blocks):
-            # Written around the validating __setattr__: the two fields are checked against each other.
-            config.__dict__["layer_types"] = [layer_types[i] for i in kept]
-        config.num_hidden_layers = len(kept)
+    if text_config is not None:
+        # Every per-layer list follows (layer_types, SmolLM3's no_rope_layers, ...). Written around the validating
+        # __setattr__: layer_types and num_hidden_layers are checked against each other.
+        for field, value in list(vars(text_config).items()):
+            if "layer" in field and isinstance(value, (list, tuple)) and len(value) == len(blocks):
+                text_config.__dict__[field] = type(value)(value[i] for i in kept)
+        text_config.num_hidden_layers = len(kept)
