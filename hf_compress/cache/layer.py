@@ -343,16 +343,17 @@ def _real_positions(attention_mask: torch.Tensor | None, length: int) -> torch.T
     the others from every query); ``None`` when nothing is hidden or there is no 4-D mask."""
     if attention_mask is None or attention_mask.dim() != 4:
         return None
-    last = attention_mask[:, :, -1, -length:]  # the last position is a real token of every row
-    visible = last if last.dtype == torch.bool else last > torch.finfo(last.dtype).min / 2
-    real = visible.any(dim=1)
+    real = _visible(attention_mask[:, :, -1, -length:]).any(dim=1)  # the last position is a real token of every row
     return None if bool(real.all()) else real
 
 
 def _has_padding(attention_mask: torch.Tensor) -> bool:
     """Whether a 4-D attention mask hides some key position from every query of its row."""
+    return bool((~_visible(attention_mask).any(dim=-2)).any())
+
+
+def _visible(attention_mask: torch.Tensor) -> torch.Tensor:
+    """A boolean or additive attention mask as booleans (True: the key may be attended to)."""
     if attention_mask.dtype == torch.bool:
-        visible = attention_mask
-    else:
-        visible = attention_mask > torch.finfo(attention_mask.dtype).min / 2
-    return bool((~visible.any(dim=-2)).any())
+        return attention_mask
+    return attention_mask > torch.finfo(attention_mask.dtype).min / 2

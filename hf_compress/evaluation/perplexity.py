@@ -26,7 +26,7 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..modeling.layers import learned_position_limit
+from ..modeling.layers import check_within_learned_positions
 from ..utils import InvalidArgumentTypeError, check_bool, check_int, get_logger
 from .results import MetricRecord
 
@@ -106,10 +106,7 @@ def evaluate_perplexity(
     check_score_last(score_last, window)
     check_bool("progress", progress)
     check_tokenizer(tokenizer)
-    limit = learned_position_limit(model)
-    if limit is not None and window > limit:
-        raise ValueError(f"window is {window} tokens, but this model has learned positions for {limit} only; "
-                         f"use a window of at most {limit}.")
+    check_within_learned_positions(model, window, "window is", "window")
     scored = window - 1 if score_last is None else score_last
     windows = token_windows(tokenize_stream(texts, tokenizer), window, max_windows)
     device = model.device

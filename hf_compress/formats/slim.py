@@ -140,11 +140,8 @@ def slim_record(model: PreTrainedModel) -> dict[str, Any] | None:
         return {"layers": [dict(layer) for layer in fields.get("layers", [])], "recipe": dict(fields.get("recipe") or {})}
     if isinstance(fields.get("slim"), Mapping):
         return {"layers": [dict(layer) for layer in fields["slim"]["layers"]], "recipe": dict(fields["slim"].get("recipe") or {})}
-    try:
-        slim = needs_slim_format(model)
-    except ValueError:  # no separate q/k/v nn.Linear layers (GPT-2's fused c_attn, or replaced layers)
-        return None
-    return {"layers": layer_widths(model), "recipe": {}} if slim else None
+    # Widths that cannot be read (GPT-2's fused c_attn, or replaced layers) need no record: see measurable_widths.
+    return {"layers": layer_widths(model), "recipe": {}} if needs_slim_format(model) else None
 
 
 def apply_slim_record(model: PreTrainedModel, record: Mapping[str, Any] | None) -> None:

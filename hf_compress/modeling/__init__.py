@@ -32,6 +32,7 @@ from .calibration import (
 )
 from .layers import (
     LINEAR_TYPES,
+    check_within_learned_positions,
     find_decoder_blocks,
     find_linear_layers,
     in_features,
@@ -56,6 +57,7 @@ __all__ = [
     "HessianCollector",
     "InputNormCollector",
     "LINEAR_TYPES",
+    "check_within_learned_positions",
     "learned_position_limit",
     "calibration_batches",
     "calibration_loss",

@@ -35,6 +35,7 @@ from .. import _compat
 __all__ = [
     "LINEAR_TYPES",
     "find_decoder_blocks",
+    "check_within_learned_positions",
     "learned_position_limit",
     "find_linear_layers",
     "in_features",
@@ -377,4 +378,20 @@ def learned_position_limit(model: nn.Module) -> int | None:
     learned = any(isinstance(m, nn.Embedding) and m is not tokens and limit <= m.num_embeddings <= limit + 2
                   for m in model.modules())  # (OPT offsets its positions by 2)
     return int(limit) if learned else None
+
+
+def check_within_learned_positions(model: nn.Module, length: int, what: str, setting: str) -> None:
+    """Refuse ``length`` tokens where a learned position table is shorter (an ``IndexError`` deep in the model
+    otherwise); ``what`` names the length in the message and ``setting`` the argument that fixes it.
+
+    Example:
+        >>> from hf_compress.assets import tiny_model
+        >>> check_within_learned_positions(tiny_model("gpt2")[0], 600, "window is", "window")
+        Traceback (most recent call last):
+        ValueError: window is 600 tokens, but this model has learned positions for 512 only; use window <= 512.
+    """
+    limit = learned_position_limit(model)
+    if limit is not None and length > limit:
+        raise ValueError(f"{what} {length} tokens, but this model has learned positions for {limit} only; "
+                         f"use {setting} <= {limit}.")
 

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from .. import __version__, _compat
-from ..modeling import calibration_batches, learned_position_limit
+from ..modeling import calibration_batches, check_within_learned_positions
 from ..utils import check_save_dir as check_save_folder
 from ..utils import InvalidArgumentTypeError, check_bool, check_path, get_logger
 from .config import PruningConfig, SparsityPattern, parse_sparsity
@@ -279,7 +279,8 @@ class BasePruner(ABC):
             if low < 0 or high >= vocab:
                 raise ValueError(f"calibration token ids must lie in [0, {vocab}) (the model's vocabulary), got values "
                                  f"in [{low}, {high}]; tokenize with this model's tokenizer.")
-            self._check_calibration_length(dataset.shape[1], "the calibration tensor has")
+            check_within_learned_positions(self.model, dataset.shape[1], "the calibration tensor has",
+                                           "calibration_seq_len")
             return dataset
         if isinstance(dataset, (list, tuple)) and not dataset:
             raise ValueError("calibration_dataset is empty; pass calibration text.")
@@ -288,7 +289,8 @@ class BasePruner(ABC):
                 "calibration text needs a tokenizer: pass tokenizer= to prune() or from_pretrained(), or "
                 "pass token ids."
             )
-        self._check_calibration_length(config.calibration_seq_len, "calibration_seq_len is")
+        check_within_learned_positions(self.model, config.calibration_seq_len, "calibration_seq_len is",
+                                       "calibration_seq_len")
         try:
             return calibration_batches(
                 dataset, self.tokenizer, num_sequences=config.num_calibration_sequences,
@@ -296,13 +298,6 @@ class BasePruner(ABC):
             )
         except ValueError as error:
             raise ValueError(f"calibration_dataset is unusable: {error}") from error
-
-    def _check_calibration_length(self, length: int, what: str) -> None:
-        """Models with learned positions (GPT-2, OPT) have no embedding past their table."""
-        limit = learned_position_limit(self.model)
-        if limit is not None and length > limit:
-            raise ValueError(f"{what} {length} tokens, but this model has learned positions for {limit} only; "
-                             f"use calibration_seq_len <= {limit}.")
 
     def _record_recipe(self, config: PruningConfig) -> None:
         model_config = getattr(self.model, "config", None)

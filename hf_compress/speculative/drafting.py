@@ -165,17 +165,15 @@ class ModelDrafter:
 
     def _resync(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor) -> int:
         """Crop the draft cache to its common prefix with ``input_ids``; return that length."""
-        fresh = self._sequence is None or self._ids.shape[0] != input_ids.shape[0]
-        if fresh:
-            has_padding = attention_mask is not None and not bool(attention_mask.all())
+        has_padding = attention_mask is not None and not bool(attention_mask.all())
+        if self._sequence is None or self._ids.shape[0] != input_ids.shape[0]:
             # A config-less DynamicCache keeps every layer in full, sliding-window ones included: the draft
             # rolls back several rounds' worth of tokens, deeper than a trimmed sliding layer can.
             self._sequence = CachedSequence(self.draft_model, DynamicCache(), has_padding=has_padding)
             self._ids = input_ids[:, :0]
             return 0
-        if attention_mask is not None and not self._sequence.has_padding and not bool(attention_mask.all()):
-            # Rows re-encoded for another tokenizer can become padded after the first round: mask from now on.
-            self._sequence.has_padding = True
+        # Rows re-encoded for another tokenizer can become padded after the first round: mask from then on.
+        self._sequence.has_padding |= has_padding
         common = min(self._ids.shape[1], input_ids.shape[1] - 1)  # at least one token must be re-fed
         differs = (self._ids[:, :common] != input_ids[:, :common]).any(dim=0).nonzero()
         if differs.numel():
