@@ -165,6 +165,15 @@ def test_publish_then_nothing_to_upload_then_fresh_process_journeys(built_set, f
     assert not any("/preupload/" in path for _, path in fake_hub.requests[requests:])
     assert not fake_hub.unhandled
 
+    # A weight file of another version in one repo is a difference: the next publish deletes it.
+    leftover = first[0]
+    fake_hub.add_files(leftover.repo_id, {"model-00001-of-00002.safetensors": b"an earlier version"})
+    third = {r.name: r for r in publish(built_set, NAMESPACE)}
+    assert third[leftover.name].status == "uploaded"
+    assert "model-00001-of-00002.safetensors" in third[leftover.name].changed
+    assert "model-00001-of-00002.safetensors" not in fake_hub.files(leftover.repo_id)
+    assert {r.status for name, r in third.items() if name != leftover.name} == {"unchanged"}
+
     # Each artifact's journey in a fresh interpreter, downloading from the Hub this process published to.
     state = tmp_path / "hub.pickle"
     fake_hub.save_state(state)

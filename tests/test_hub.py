@@ -252,6 +252,42 @@ def test_push_round_trip_through_fake_hub(fake_hub, tmp_path):
     assert fake_hub.repos[("model", "user/tiny")].head.oid == head
 
 
+def test_a_new_version_replaces_the_files_of_the_old_one(fake_hub, tmp_path):
+    # Version 1: one safetensors file and a decoding strategy; version 2: sharded weights, no strategy. Left
+    # beside the shards, version 1's model.safetensors is what from_pretrained would load.
+    from transformers import AutoModelForCausalLM
+
+    from hf_compress.assets.tiny_models import tiny_model
+
+    first, tokenizer = tiny_model("llama")
+    old = tmp_path / "v1"
+    first.save_pretrained(old)
+    write_model_card(old, _card(model_name="tiny", repo_id="user/tiny"))
+    (old / "custom_generate").mkdir()
+    (old / "custom_generate" / "generate.py").write_text("def generate(model, **kwargs):\n    pass\n")
+    push_to_hub(old, "user/tiny")
+    fake_hub.add_files("user/tiny", {"LICENSE": "added on the Hub"})  # not a kind of file pushes manage
+
+    second, _ = tiny_model("llama", seed=1)
+    new = tmp_path / "v2"
+    second.save_pretrained(new, max_shard_size="100KB")
+    write_model_card(new, _card(model_name="tiny", repo_id="user/tiny"))
+    assert plan_push(new).stale_remote_files(list(fake_hub.files("user/tiny"))) == [
+        "custom_generate/generate.py", "model.safetensors"]
+    push_to_hub(new, "user/tiny")
+    local = {p.relative_to(new).as_posix() for p in new.rglob("*") if p.is_file()}
+    assert set(fake_hub.files("user/tiny")) == local | {".gitattributes", "LICENSE"}
+    loaded = AutoModelForCausalLM.from_pretrained("user/tiny").eval()
+    ids = torch.tensor([[1, 72, 101, 108, 108, 111]])
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, second.eval()(ids).logits)
+
+    push_to_hub(old, "user/kept")
+    push_to_hub(new, "user/kept", delete_stale=False)  # only adds and overwrites
+    assert "model.safetensors" in fake_hub.files("user/kept")
+    assert fake_hub.unhandled == []
+
+
 def test_fake_hub_serves_custom_generate(fake_hub):
     # `generate(custom_generate=repo)` fetches custom_generate/generate.py via transformers' remote-code path.
     from hf_compress.assets.tiny_models import tiny_model

@@ -57,7 +57,7 @@ class PublishResult:
         repo_id: ``namespace/name``.
         status: ``"uploaded"``, ``"unchanged"`` (nothing sent) or ``"planned"`` (``dry_run``).
         changed: Files that were (or, in a dry run, would be) uploaded because the repo lacks them or holds
-            other content; empty for an unchanged artifact. A dry run does not contact the Hub, so it lists
+            other content, and files of an earlier version the upload deleted; empty for an unchanged artifact. A dry run does not contact the Hub, so it lists
             every file.
         commit_url: The commit of an upload.
     """
@@ -140,8 +140,9 @@ def check_publishable(manifest: str | os.PathLike | Manifest, names: Sequence[st
 
 
 def remote_differences(api: HfApi, repo_id: str, folder: str | os.PathLike, entry: ArtifactEntry) -> list[str]:
-    """The files of ``entry`` that ``repo_id`` (its ``main``) lacks or holds with other content; all of them
-    when the repo does not exist.
+    """The files of ``entry`` that ``repo_id`` (its ``main``) lacks or holds with other content, and the repo's
+    files of an earlier version that the push would delete (``PushPlan.stale_remote_files``); all of the
+    entry's files when the repo does not exist.
 
     An LFS (or Xet) file is compared by its sha256 and size, a regular file by its git blob id and size, the
     two identities the Hub reports for a file.
@@ -149,9 +150,10 @@ def remote_differences(api: HfApi, repo_id: str, folder: str | os.PathLike, entr
     paths = [item.path for item in entry.files]
     try:
         remote = {info.path: info for info in api.get_paths_info(repo_id, paths, repo_type="model")}
+        stale = plan_push(folder).stale_remote_files(api.list_repo_files(repo_id, repo_type="model"))
     except (RepositoryNotFoundError, RevisionNotFoundError):
         return paths
-    changed = []
+    changed = list(stale)
     for item in entry.files:
         info = remote.get(item.path)
         if info is None or not hasattr(info, "blob_id"):  # missing, or a folder of that name

@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from huggingface_hub import CommitInfo, HfApi, constants
+from huggingface_hub.errors import RevisionNotFoundError
 from huggingface_hub.utils import filter_repo_objects
 from .._compat import hub_default_ignore_patterns
 
@@ -107,11 +108,28 @@ class PushPlan:
         folder: The folder (absolute).
         files: Paths (relative, ``/``-separated, sorted) that are uploaded, exactly.
         skipped: ``{relative path: reason}`` for every other file in the folder.
+        allowed, ignored, allow_pickles, allow_dotfiles: The rules the choice was made with; a remote file
+            they would upload that ``files`` lacks is stale (:meth:`stale_remote_files`).
     """
 
     folder: Path
     files: tuple[str, ...]
     skipped: dict[str, str]
+    allowed: tuple[str, ...] = DEFAULT_ALLOW_PATTERNS
+    ignored: tuple[str, ...] = ()
+    allow_pickles: bool = False
+    allow_dotfiles: bool = False
+
+    def stale_remote_files(self, remote: Sequence[str]) -> list[str]:
+        """The files of ``remote`` (a repo's paths) of the kinds this push manages that the folder no longer has.
+
+        An earlier version's ``model.safetensors`` left beside this version's shards, or its
+        ``custom_generate/generate.py``, would be loaded instead of or with the new files; ``.gitattributes``
+        and files outside the allow-list (a ``LICENSE`` added on the Hub) are never stale.
+        """
+        managed = {path for path in remote
+                   if _skip_reason(path, self.allowed, self.ignored, self.allow_pickles, self.allow_dotfiles) is None}
+        return sorted(managed - set(self.files) - {".gitattributes"})
 
     def skipped_summary(self) -> str:
         """The skipped files in one line, a folder of several skipped files shown once with its count."""
@@ -200,7 +218,7 @@ def plan_push(
                 "Hub repo ids or relative paths instead (re-save after pushing what they point to), or pass "
                 "`allow_local_paths=True` if these paths are meant to be public."
             )
-    return PushPlan(folder, tuple(files), skipped)
+    return PushPlan(folder, tuple(files), skipped, tuple(allowed), tuple(ignored), allow_pickles, allow_dotfiles)
 
 
 def push_to_hub(
@@ -219,6 +237,7 @@ def push_to_hub(
     allow_pickles: bool = False,
     allow_dotfiles: bool = False,
     allow_local_paths: bool = False,
+    delete_stale: bool = True,
 ) -> CommitInfo:
     """Upload the allow-listed files of an artifact folder to a model repo, creating the repo if needed.
 
@@ -248,6 +267,10 @@ def push_to_hub(
         allow_dotfiles: Let dotfiles and files in dot-folders through; they must still match
             ``allow_patterns`` (``.env`` is never in the default list).
         allow_local_paths: Upload files even if they hold absolute paths of this machine.
+        delete_stale: In the same commit, delete the repo's files that this push would upload but the folder no
+            longer has (:meth:`PushPlan.stale_remote_files`), so the repo never mixes two versions: an earlier
+            ``model.safetensors`` beside new shards would load instead of them. Files outside the allow-list (a
+            ``LICENSE`` added on the Hub) are kept. ``False`` only adds and overwrites.
 
     Returns:
         The ``huggingface_hub.CommitInfo``: a ``str`` equal to the commit URL, with ``oid`` and (for
@@ -290,6 +313,15 @@ def push_to_hub(
         api.create_branch(repo_id, branch=revision, exist_ok=True)
 
     logger.info("Uploading %d file(s) from %s to %s: %s", len(plan.files), folder, repo_id, ", ".join(plan.files))
+    stale: list[str] = []
+    if delete_stale:
+        base = "main" if create_pr or revision is None else revision
+        try:
+            stale = plan.stale_remote_files(api.list_repo_files(repo_id, revision=base, repo_type="model"))
+        except RevisionNotFoundError:  # nothing to delete on a revision that does not exist yet
+            stale = []
+        if stale:
+            logger.info("Deleting %d file(s) of an earlier version from %s: %s", len(stale), repo_id, ", ".join(stale))
     commit = api.upload_folder(
         folder_path=folder,
         repo_id=repo_id,
@@ -299,6 +331,7 @@ def push_to_hub(
         revision=revision,
         create_pr=create_pr,
         allow_patterns=_literal_patterns(plan.files),  # exactly the planned files (checked in plan_push)
+        delete_patterns=_literal_patterns(stale) or None,
     )
     if commit.pr_url:
         logger.info("Opened pull request %s", commit.pr_url)
