@@ -243,3 +243,19 @@ def test_block_pruner_removes_the_least_harmful_sublayer_and_the_slim_checkpoint
     with pytest.raises(ValueError, match="separate mlp module"):
         BlockPrunerPruner(*tiny_model("opt")).prune(BlockPrunerConfig(target_sparsity=0.2, **SMALL), TEXT,
                                                     progress=False)
+    # GPT-2's fused attention has no width a slim checkpoint could record: a removed sub-block would reload random.
+    with pytest.raises(ValueError, match="Remove whole blocks instead"):
+        BlockPrunerPruner(*tiny_model("gpt2")).prune(BlockPrunerConfig(target_sparsity=0.2, **SMALL), TEXT,
+                                                     progress=False)
+
+
+def test_a_removed_sublayer_the_widths_cannot_record_is_refused_at_save(tmp_path):
+    from hf_compress.formats.slim import save_slim
+    from hf_compress.modeling.sublayers import remove_sublayers
+
+    model, tokenizer = tiny_model("gpt2")
+    save_slim(model, tokenizer, tmp_path / "whole")  # whole blocks only: the config describes it
+    remove_sublayers(model.transformer.h[1], mlp=True)
+    with pytest.raises(ValueError, match="lost a sub-block"):
+        save_slim(model, tokenizer, tmp_path / "mlp-removed")
+    assert not (tmp_path / "mlp-removed").exists()

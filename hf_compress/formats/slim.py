@@ -45,6 +45,7 @@ from .base import CompressedFormatConfig, CompressedFormatQuantizer, quant_metho
 from .integrity import CheckpointIntegrityError, CheckpointReader, seal_checkpoint
 from ..modeling.layers import find_decoder_blocks
 from ..modeling.structure import apply_layer_widths, block_structure, layer_widths
+from ..modeling.sublayers import removed_sublayers
 
 
 if TYPE_CHECKING:
@@ -178,11 +179,18 @@ def attach_slim_format(model: PreTrainedModel, recipe: Mapping[str, Any] | None 
 
 
 def measurable_widths(model: PreTrainedModel) -> list[dict[str, int]] | None:
-    """:func:`layer_widths`, or ``None`` where they cannot be read (GPT-2's fused ``c_attn``): such a model can only
-    lose whole blocks, which its config (``num_hidden_layers``) describes."""
+    """:func:`layer_widths`, or ``None`` where they cannot be read (GPT-2's fused ``c_attn``) and no sub-block is
+    removed: such a model can only have lost whole blocks, which its config (``num_hidden_layers``) describes.
+
+    Raises:
+        ValueError: a sub-block is removed where the widths cannot be recorded (it would reload with random weights).
+    """
     try:
         return layer_widths(model)
-    except ValueError:
+    except ValueError as err:
+        _, blocks = find_decoder_blocks(model)
+        if any(any(removed_sublayers(block).values()) for block in blocks):
+            raise ValueError(f"{type(model).__name__} lost a sub-block, which a checkpoint cannot record: {err}") from None
         return None
 
 

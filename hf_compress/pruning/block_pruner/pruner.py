@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ...modeling import find_decoder_blocks
-from ...modeling.structure import decoder_parameter_count
+from ...modeling.structure import decoder_parameter_count, layer_widths
 from ...modeling.sublayers import remove_sublayers, sublayer_name
 from ...utils import get_logger
 from ..removal_search import greedy_removal
@@ -41,8 +41,16 @@ class BlockPrunerPruner(StructuralPruner):
     config_class = BlockPrunerConfig
 
     def plan(self, config: BlockPrunerConfig) -> list[tuple[int, str, float]]:
-        """Every sub-block with its share of the decoder parameters; refuses models without separate modules."""
+        """Every sub-block with its share of the decoder parameters; refuses models without separate modules, or
+        whose widths a slim checkpoint cannot record (where a removed sub-block would reload with random weights)."""
         _, blocks = find_decoder_blocks(self.model)
+        try:
+            layer_widths(self.model)
+        except ValueError as err:
+            raise ValueError(
+                f"BlockPruner cannot prune {type(self.model).__name__}: a checkpoint without one of its sub-blocks "
+                f"could not record it ({err}). Remove whole blocks instead (ShortGPT or SLEB)."
+            ) from None
         total = decoder_parameter_count(self.model)
         units = []
         for index, block in enumerate(blocks):
