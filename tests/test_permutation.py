@@ -142,6 +142,46 @@ def test_a_missed_reader_is_caught_by_the_probe_and_the_model_restored():
         assert torch.equal(parameter, original[name]), name
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_model_is_permuted_within_its_rounding_and_a_missed_reader_still_caught(dtype):
+    model, tokenizer = tiny_model("llama")
+    model.to(dtype)
+    WandaPruner(model, tokenizer).prune(WandaConfig(sparsity="2:4", permutation="ria", **SMALL), CALIBRATION_TEXT,
+                                        progress=False)
+    _assert_exact_n_m(model)
+    sites = find_sites(model)
+    stream = sites[0]
+    stream.writers = [w for w in stream.writers if "o_proj" not in w.name]
+    with pytest.raises(RuntimeError, match="changed .* logits"):
+        absorb_permutations(model, sites, {stream.name: torch.randperm(stream.width)})
+
+
+def test_blocks_with_different_numbers_of_heads_get_one_site_per_head():
+    from hf_compress.modeling.structure import block_structure, shrink_block
+
+    model, _ = tiny_model("llama", num_hidden_layers=3)  # 2 key/value heads per block
+    for index, kept in ((0, 0), (1, 1)):  # blocks 0 and 1 keep one head (as after Týr), block 2 both
+        structure = block_structure(model.model.layers[index])
+        shrink_block(structure, torch.tensor([kept]), torch.arange(structure.ffn.num_units))
+    sites = find_sites(model)
+    assert [s.name for s in sites if s.kind == "attention"] == [
+        "model.layers.0.self_attn[kv head 0]", "model.layers.1.self_attn[kv head 0]",
+        "model.layers.2.self_attn[kv head 0]", "model.layers.2.self_attn[kv head 1]"]
+    before = _logits(model)
+    absorb_permutations(model, sites, {site.name: torch.randperm(site.width) for site in sites})
+    torch.testing.assert_close(_logits(model), before, atol=1e-4, rtol=0)
+
+
+def test_an_offloaded_model_is_refused_before_any_work():
+    accelerate = pytest.importorskip("accelerate")
+    model, tokenizer = tiny_model("llama")
+    accelerate.cpu_offload(model, execution_device="cpu",
+                           state_dict={k: v.clone() for k, v in model.state_dict().items()})
+    with pytest.raises(ValueError, match="offloaded by accelerate"):
+        WandaPruner(model, tokenizer).prune(WandaConfig(sparsity="2:4", permutation="ria", **SMALL),
+                                            CALIBRATION_TEXT, progress=False)
+
+
 def test_unknown_stream_parameters_and_fused_projections_are_refused():
     model, _ = tiny_model("llama")
     model.model.extra_projection = nn.Linear(64, 64)  # reads the stream somewhere the library does not know

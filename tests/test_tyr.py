@@ -259,11 +259,16 @@ def test_interrupted_search_resumes_to_the_same_result(tmp_path, monkeypatch):
     assert saves == [0, 1] and resumed_saves == [2, 3]
     assert layer_widths(model) == expected
     assert [entry["generation"] for entry in resumed.report.history] == [1, 2, 3]
-    # a work_dir holding another run's state is refused
+    # a work_dir holding another run's state is refused: another config, other weights, other calibration text
     model, tokenizer = tiny_model("mistral")
     with pytest.raises(ValueError, match="another Týr run"):
         TyrPruner(model, tokenizer).prune(_small_config(num_iterations=1, generations=2), TEXT,
                                           work_dir=tmp_path / "work", progress=False)
+    with pytest.raises(ValueError, match="another Týr run"):
+        TyrPruner(*tiny_model("mistral", seed=1)).prune(config, TEXT, work_dir=tmp_path / "work", progress=False)
+    with pytest.raises(ValueError, match="another Týr run"):
+        TyrPruner(model, tokenizer).prune(config, [text + " and more" for text in TEXT], work_dir=tmp_path / "work",
+                                          progress=False)
     # ... and so is a work_dir another process is using right now
     with held_by_another_process(tmp_path / "work" / ".tyr.lock"):
         with pytest.raises(TimeoutError, match="in use by another Týr run"):

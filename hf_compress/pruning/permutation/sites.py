@@ -98,7 +98,7 @@ def find_sites(model: nn.Module, skip: Sequence[str] = ()) -> list[PermutationSi
     hidden = embeddings.embedding_dim
     module_names = {id(module): name for name, module in model.named_modules()}
     stream = PermutationSite("stream", "stream", hidden)
-    heads: list[PermutationSite] = []
+    heads: list[list[PermutationSite]] = []  # per block: blocks may keep different numbers of heads (Týr)
     ffns: list[PermutationSite] = []
     covered: set[int] = set()  # parameters the sites account for (moved, or not on the stream)
     inside_attention: set[int] = set()
@@ -127,13 +127,14 @@ def find_sites(model: nn.Module, skip: Sequence[str] = ()) -> list[PermutationSi
 
         head_dim, per_unit = attention.head_dim, attention.heads_per_unit
         output_name = module_names[id(attention.output)]
+        heads.append([])
         for unit in range(attention.num_units):
             site = PermutationSite(f"{prefix}.{attention.path}[kv head {unit}]", "attention", head_dim)
             for head in range(unit * per_unit, (unit + 1) * per_unit):
                 site.readers.append(Reader(output_name, attention.output, head * head_dim,
                                            id(attention.output) in pruned))
             _add_writer_rows(site, module_names[id(attention.v)], attention.v, unit * head_dim)
-            heads.append(site)
+            heads[-1].append(site)
 
         site = PermutationSite(f"{prefix}.{'.'.join(p for p in (ffn.path, ffn.output_name) if p)}", "ffn",
                                ffn.output.in_features)
@@ -167,8 +168,7 @@ def find_sites(model: nn.Module, skip: Sequence[str] = ()) -> list[PermutationSi
             f"{', ...' if len(unknown) > 4 else ''} touch(es) the residual stream in a way the library does not "
             "know (only embeddings, norms and q/k/v/o, FFN and lm_head linear layers are). Use permutation=None."
         )
-    return [stream, *(site for pair in zip(_by_block(heads, len(blocks)), ffns, strict=True)
-                      for site in (*pair[0], pair[1]))]
+    return [stream, *(site for block_heads, ffn in zip(heads, ffns, strict=True) for site in (*block_heads, ffn))]
 
 
 def _add_writer_rows(site: PermutationSite, name: str, layer: nn.Linear, start: int) -> None:
@@ -176,7 +176,3 @@ def _add_writer_rows(site: PermutationSite, name: str, layer: nn.Linear, start: 
     if layer.bias is not None:
         site.writers.append(Writer(f"{name}.bias", layer.bias, 0, start))
 
-
-def _by_block(heads: list[PermutationSite], num_blocks: int) -> list[list[PermutationSite]]:
-    per_block = len(heads) // num_blocks
-    return [heads[i * per_block:(i + 1) * per_block] for i in range(num_blocks)]

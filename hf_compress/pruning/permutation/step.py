@@ -79,13 +79,17 @@ def check_permutation(model: nn.Module, config: PruningConfig) -> list[Permutati
     """The model's permutation sites, after checking that ``config.permutation`` can apply (before any work).
 
     Raises:
-        ValueError: no N:M pattern, a model whose stream or heads cannot be permuted, an N:M group
+        ValueError: no N:M pattern, offloaded weights, a model whose stream or heads cannot be permuted, an N:M group
             straddling an attention head, or learned groups that do not divide a site's width.
     """
     pattern = config.pattern
     if not pattern.is_n_m:
         raise ValueError(f"a channel permutation only helps N:M sparsity; sparsity={config.sparsity} is unstructured. "
                          "Use an N:M pattern such as '2:4' or permutation=None.")
+    offloaded = next((name for name, p in model.named_parameters() if p.device.type == "meta"), None)
+    if offloaded is not None:
+        raise ValueError(f"a channel permutation rewrites every layer at once, but {offloaded} (and maybe more) is "
+                         "offloaded by accelerate. Load the model without offloading, or use permutation=None.")
     sites = find_sites(model, config.skip)
     group = pattern.group_size or 1
     for site in sites:

@@ -242,13 +242,14 @@ class TyrPruner(StructuralPruner):
             )
         work = self._work
         work.mkdir(parents=True, exist_ok=True)
-        fingerprint = self._fingerprint(config)
+        fingerprint = self._fingerprint(config, calibration_ids, pool)
         state_path = work / STATE_FILE
         if state_path.exists():
             state = SearchState.load(state_path)
             if state.fingerprint != fingerprint:
                 raise ValueError(
-                    f"{work} holds the state of another Týr run (different config or model); pass an empty "
+                    f"{work} holds the state of another Týr run (different config, model weights or calibration "
+                    "text); pass an empty "
                     "work_dir, or the one of the run to resume with the same config."
                 )
             logger.info("resuming Týr from %s: iteration %d, generation %d", work, state.iteration + 1,
@@ -369,11 +370,22 @@ class TyrPruner(StructuralPruner):
                 structure.attention.output.weight.copy_(stored[f"{index}.attention"])
                 structure.ffn.output.weight.copy_(stored[f"{index}.ffn"])
 
-    def _fingerprint(self, config: TyrConfig) -> str:
+    def _fingerprint(self, config: TyrConfig, calibration_ids: torch.Tensor | None, pool: torch.Tensor) -> str:
+        """What the work_dir's supernet and teacher depend on: the config, the text and the weights (sampled: an
+        in-memory model has no name, and a folder can be overwritten with other weights)."""
+        digest = hashlib.sha256()
+        for name, parameter in self.model.named_parameters():
+            flat = parameter.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // 4096)].to("cpu", torch.float32)
+            digest.update(name.encode() + str(tuple(parameter.shape)).encode() + sample.numpy().tobytes())
+        for ids in (calibration_ids, pool):
+            if ids is not None:
+                digest.update(str(tuple(ids.shape)).encode() + ids.to("cpu", torch.int64).numpy().tobytes())
         identity = {
             "config": config.to_dict(),
             "model": getattr(getattr(self.model, "config", None), "name_or_path", ""),
             "parameters": decoder_parameter_count(self.model),
+            "weights_and_text": digest.hexdigest(),
         }
         return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
