@@ -61,6 +61,8 @@ __all__ = [
     "ignore_unexpected_keys",
     "is_attention_registered",
     "lora_linear_factors",
+    "dora_adapters",
+    "forward_pre_hooks_restored",
     "mask_function_of",
     "model_conversions",
     "pad_token_tensor",
@@ -532,6 +534,8 @@ def lora_linear_factors(module: nn.Module, adapter_names: list[str]) -> tuple[to
     import torch
 
     held = [name for name in adapter_names if name in module.lora_A]
+    if any(module.lora_B[name].bias is not None for name in held):  # lora_bias=True: an update B·A·x cannot hold it
+        return None
     ranks = [module.lora_A[name].weight.shape[0] if name in held else 0 for name in adapter_names]
     if not held:  # none of these adapters here: rank 0 everywhere, the layer needs no update
         device = module.get_base_layer().weight.device
@@ -539,6 +543,32 @@ def lora_linear_factors(module: nn.Module, adapter_names: list[str]) -> tuple[to
     a = torch.cat([module.lora_A[name].weight for name in held], dim=0)
     b = torch.cat([module.lora_B[name].weight * module.scaling[name] for name in held], dim=1)
     return a, b, ranks
+
+
+def dora_adapters(model: nn.Module, adapter_names: list[str]) -> list[str]:
+    """The adapters of ``adapter_names`` that are DoRA in some layer (peft refuses them on its per-row
+    ``adapter_names=`` path). Reads LoRA layers' ``use_dora`` mapping; checked on peft 0.21.2."""
+    found = {name for module in model.modules() for name, used in (getattr(module, "use_dora", None) or {}).items()
+             if used and name in adapter_names}
+    return [name for name in adapter_names if name in found]
+
+
+@contextlib.contextmanager
+def forward_pre_hooks_restored(model: nn.Module) -> Iterator[None]:
+    """Inside, forward pre-hooks may be added to ``model``'s modules; on leaving, even by an error, any hook
+    added inside is removed.
+
+    peft 0.21.2 registers ``adapter_names`` pre-hooks for one call and removes them without ``try/finally``:
+    an error inside that call leaves them injecting the old adapter names into every later forward.
+    """
+    before = {id(module): set(module._forward_pre_hooks) for module in model.modules()}
+    try:
+        yield
+    finally:
+        for module in model.modules():
+            for key in set(module._forward_pre_hooks) - before.get(id(module), set()):
+                module._forward_pre_hooks.pop(key)
+                module._forward_pre_hooks_with_kwargs.pop(key, None)
 
 
 THIRD_PARTY_WARNINGS: tuple[tuple[str, type], ...] = (
@@ -610,6 +640,7 @@ PRIVATE_NAMES: tuple[str, ...] = (
     "conversion_mapping",
     "modeling_llama",
     "__globals__",
+    "_forward_pre_hooks",
 )
 """Private or unstable names of other libraries that only this module may use (``tests/test_compat.py``)."""
 
@@ -701,6 +732,12 @@ def check_assumptions() -> list[str]:
                and layer.scaling["probe"] == 2 and hasattr(layer, "lora_variant"),
                "peft: a LoRA Linear no longer keeps lora_A / lora_B / scaling / lora_variant per adapter "
                "(lora_linear_factors)")
+        expect(isinstance(getattr(layer, "use_dora", None), dict) and dora_adapters(probe, ["probe"]) == [],
+               "peft: a LoRA layer no longer keeps use_dora per adapter (dora_adapters)")
+        expect(isinstance(getattr(layer, "_forward_pre_hooks", None), dict)
+               and isinstance(getattr(layer, "_forward_pre_hooks_with_kwargs", None), dict),
+               "torch: modules no longer keep _forward_pre_hooks / _forward_pre_hooks_with_kwargs dicts "
+               "(forward_pre_hooks_restored)")
     except ImportError as error:
         problems.append(f"peft: {error}")
 

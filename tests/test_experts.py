@@ -82,6 +82,10 @@ def test_selection_keeps_budget_is_deterministic_and_covers_better_than_random()
     # Duplicates add nothing: 3 copies of 2 points, budget 2 -> one of each.
     twins = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0]] * 3 + [[0.0, 1.0]] * 3), dim=1)
     assert sorted(x // 3 for x in select_indices(twins, 2)) == [0, 1]
+    # More kept rows than distinct points: every method still keeps distinct rows, exactly the budget.
+    for method in ("facility_location", "k_center", "random"):
+        assert sorted(select_indices(twins, 5, method)) == sorted(set(select_indices(twins, 5, method)))
+        assert len(select_indices(twins, 5, method)) == 5
 
 
 def test_select_data_on_a_dataset():
@@ -610,3 +614,180 @@ def test_stacked_path_falls_back_to_peft_for_layers_it_cannot_stack(trained, mon
     with pytest.raises(ValueError, match="mixed_batch must be one of"):
         router.mixed_batch = "fast"
     assert router.mixed_batch == "stacked"
+
+
+# ---------------------------------------------------------------------------------------------- hand-built routers
+
+
+def _two_adapter_router(**lora):
+    """Adapters "first" and "second" (random B, and bias if any) on a tiny Llama, routed by hand (experts=...)."""
+    from peft import LoraConfig, get_peft_model
+
+    from hf_compress.experts.embedding import EmbeddingSpace, EmbeddingSpec
+
+    model, tokenizer = tiny_model("llama")
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], **lora)
+    peft_model = get_peft_model(model, config, adapter_name="first")
+    peft_model.add_adapter("second", config)
+    hidden = model.config.hidden_size
+    router = ExpertRouter(peft_model, torch.eye(2, hidden), EmbeddingSpace(torch.zeros(hidden), torch.ones(hidden)),
+                          EmbeddingSpec.for_model(model), ["first", "second"], tokenizer=tokenizer)
+    router.model.eval()
+    return _with_random_b(router), tokenizer
+
+
+def _rows_alone(router, batch, experts):
+    rows = []
+    with torch.no_grad():
+        for row, expert in enumerate(experts):
+            router.model.set_adapter(router.adapter_names[expert])
+            rows.append(router.model(input_ids=batch.input_ids[row:row + 1],
+                                     attention_mask=batch.attention_mask[row:row + 1]).logits)
+    return torch.cat(rows)
+
+
+def test_lora_bias_experts_mix_with_their_bias():
+    router, tokenizer = _two_adapter_router(lora_bias=True)
+    batch = tokenizer(["3 + 4 = ", "Spell ABCDE: "], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        mixed = router(**batch, experts=[0, 1]).logits
+    torch.testing.assert_close(mixed, _rows_alone(router, batch, [0, 1]), rtol=1e-5, atol=1e-5)
+
+
+def test_dora_experts_refuse_a_mixed_batch_clearly_and_run_alone():
+    router, tokenizer = _two_adapter_router(use_dora=True)
+    batch = tokenizer(["3 + 4 = ", "Spell ABCDE: "], return_tensors="pt", padding=True)
+    with pytest.raises(ValueError, match=r"Experts \['first', 'second'\] use DoRA"):
+        router(**batch, experts=[0, 1])
+    with torch.no_grad():
+        alone = router(**batch, experts=[1, 1]).logits
+    router.model.set_adapter("second")
+    with torch.no_grad():
+        assert torch.equal(alone, router.model(**batch).logits)
+
+
+def test_a_failed_per_row_call_leaves_no_peft_hook_behind():
+    router, tokenizer = _two_adapter_router()
+    router.mixed_batch = "peft"
+    batch = tokenizer(["3 + 4 = ", "Spell ABCDE: "], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        before = router(**batch, experts=[1, 1]).logits
+        with pytest.raises(Exception):  # labels of the wrong shape: the loss fails inside PEFT's hooked forward
+            router(**batch, experts=[0, 1], labels=torch.zeros(5, 3, dtype=torch.long))
+        assert all(not module._forward_pre_hooks for module in router.model.modules() if hasattr(module, "lora_A"))
+        assert torch.equal(router(**batch, experts=[1, 1]).logits, before)
+
+
+def test_sampled_copies_keep_their_rows_expert_on_both_mixed_paths():
+    router, tokenizer = _two_adapter_router()
+    tokenizer.padding_side = "left"
+    batch = tokenizer(["3 + 4 = ", "Spell ABCDE: "], return_tensors="pt", padding=True)
+    settings = {"do_sample": True, "num_return_sequences": 2, "max_new_tokens": 4, "top_k": 0}
+    outputs = {}
+    for path in ("peft", "stacked"):
+        router.mixed_batch = path
+        torch.manual_seed(0)
+        outputs[path] = router.generate(**batch, experts=[0, 1], **settings)
+    assert outputs["peft"].shape[0] == 4 and torch.equal(outputs["peft"], outputs["stacked"])
+
+
+def test_generate_without_a_mask_finds_the_padding_as_generate_does(trained):
+    router, tokenizer, _, _, _ = trained
+    tokenizer.padding_side = "left"
+    batch = tokenizer(["3 + 4 = ", "Spell ABCDEFGHIJ: ", "9 + 1 = "], return_tensors="pt", padding=True)
+    assert (batch.attention_mask == 0).any()
+    settings = {"max_new_tokens": 4, "do_sample": False}
+    assert torch.equal(router.generate(input_ids=batch.input_ids, **settings), router.generate(**batch, **settings))
+    assert torch.equal(router.generate(inputs=batch.input_ids, **settings), router.generate(**batch, **settings))
+    # Other index types and tokenizers' token_type_ids are taken as they come.
+    import numpy
+
+    with torch.no_grad():
+        assert torch.equal(router(**batch, experts=numpy.array([0, 1, 0])).logits,
+                           router(**batch, experts=[0, 1, 0]).logits)
+    assert torch.equal(router.route(**batch, token_type_ids=torch.zeros_like(batch.input_ids)), router.route(**batch))
+
+
+def test_an_adapter_named_default_is_refused():
+    from peft import LoraConfig, get_peft_model
+
+    from hf_compress.experts.embedding import EmbeddingSpace, EmbeddingSpec
+
+    model, _ = tiny_model("llama")
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))  # adapter "default"
+    hidden = model.config.hidden_size
+    with pytest.raises(ValueError, match='may not be named "default"'):
+        ExpertRouter(peft_model, torch.eye(1, hidden), EmbeddingSpace(torch.zeros(hidden), torch.ones(hidden)),
+                     EmbeddingSpec.for_model(model), ["default"])
+
+
+def test_one_expert_on_a_model_with_narrower_embeddings_reloads(tmp_path):
+    model, tokenizer = tiny_model("opt", word_embed_proj_dim=32)  # OPT-350m's layout: embeddings 32, blocks 64
+    rows, _ = _task_rows(2)
+    router = train_experts(model, rows, ExpertConfig(num_experts=1, r=2, seq_len=16),
+                           args=TrainingSettings(max_steps=1, per_device_batch_size=2, use_cpu=True, logging_steps=1),
+                           tokenizer=tokenizer)
+    router.save_pretrained(tmp_path / "one")
+    loaded = ExpertRouter.from_pretrained(tmp_path / "one", base_model=tiny_model("opt", word_embed_proj_dim=32)[0])
+    batch = tokenizer(["3 + 4 = "], return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, router(**batch).logits)
+
+
+def test_edited_adapter_configs_routing_fields_or_a_removed_record_are_refused(trained, tmp_path):
+    import shutil
+
+    _, _, _, _, folder = trained
+
+    def edit_json(relative, change):
+        def edit(copy):
+            path = copy / relative
+            data = json.loads(path.read_text())
+            change(data)
+            path.write_text(json.dumps(data))
+        return edit
+
+    edits = {
+        "alpha": edit_json("expert_0/adapter_config.json", lambda c: c.update(lora_alpha=4 * c["lora_alpha"])),
+        "rslora": edit_json("expert_0/adapter_config.json", lambda c: c.update(use_rslora=True)),
+        "swapped": edit_json("experts_config.json", lambda c: c["experts"].reverse()),
+        "no-record": edit_json("experts_config.json", lambda c: c.pop("integrity")),
+    }
+    for name, edit in edits.items():
+        copy = tmp_path / name
+        shutil.copytree(folder, copy)
+        edit(copy)
+        base = tiny_model("llama")[0]
+        with pytest.raises(ValueError, match="incomplete or damaged"):
+            ExpertRouter.from_pretrained(copy, base_model=base)
+        assert not hasattr(base, "peft_config"), name
+    with pytest.raises(ValueError, match="pooling must be 'mean'"):
+        from hf_compress.experts.embedding import EmbeddingSpec
+
+        EmbeddingSpec(layer=0, pooling="last")
+
+
+@pytest.mark.parametrize("failing_adapter", [1, 2])  # inside PeftModel.from_pretrained, or a later load_adapter
+def test_a_load_that_fails_while_attaching_hands_the_base_model_back(trained, monkeypatch, failing_adapter):
+    from peft import PeftModel
+
+    _, _, _, _, folder = trained
+    base, _ = tiny_model("llama")
+    ids = torch.tensor([[1, 72, 101, 108]])
+    with torch.no_grad():
+        expected = base(ids).logits
+    calls, load_adapter = [], PeftModel.load_adapter
+
+    def failing(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == failing_adapter:
+            raise RuntimeError("size mismatch for lora_A")
+        return load_adapter(self, *args, **kwargs)
+
+    monkeypatch.setattr(PeftModel, "load_adapter", failing)
+    with pytest.raises(ValueError, match="cannot attach the experts .*size mismatch"):
+        ExpertRouter.from_pretrained(folder, base_model=base)
+    assert not hasattr(base, "peft_config")
+    assert not any("lora_" in name for name, _ in base.named_modules())
+    with torch.no_grad():
+        assert torch.equal(base(ids).logits, expected)

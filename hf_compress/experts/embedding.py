@@ -61,6 +61,10 @@ class EmbeddingSpec:
     max_length: int = DEFAULT_EMBEDDING_TOKENS
     pooling: str = "mean"
 
+    def __post_init__(self) -> None:
+        if self.pooling != "mean":  # the only pooling embed_batch computes: another name must not load as mean
+            raise ValueError(f"EmbeddingSpec.pooling must be 'mean', got {self.pooling!r}.")
+
     @classmethod
     def for_model(cls, model: nn.Module, layer: int | None = None,
                   max_length: int = DEFAULT_EMBEDDING_TOKENS) -> EmbeddingSpec:

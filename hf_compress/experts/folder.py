@@ -13,12 +13,15 @@ experts/
 Loading checks, before any adapter is attached: the folder's format, the base model's fingerprint (four
 numbers of its input embeddings and of the pooled block's first weight, tolerant to a bf16 copy), that the
 router has exactly one centroid per expert, that every expert folder is there, and that the router's and
-every adapter's tensors still have the digests recorded at save (``experts_config.json`` → ``integrity``,
-as the compressed formats' ``seal_checkpoint``): an edited adapter would otherwise load and answer wrong.
+every adapter's tensors, every ``adapter_config.json`` and the expert list and embedding spec still have the
+digests recorded at save (``experts_config.json`` → ``integrity``, as the compressed formats'
+``seal_checkpoint``): an edited adapter, scaling or expert order would otherwise load and answer wrong. A load
+that fails while PEFT attaches the adapters puts the base model's layers back.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -44,7 +47,7 @@ CONFIG_NAME = "experts_config.json"
 ROUTER_NAME = "router.safetensors"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # what PEFT reads, in its order
 FORMAT = "hf_compress_experts"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the integrity record also covers the adapters' configs and the routing fields
 
 
 def _plain(model):
@@ -129,7 +132,7 @@ def save_experts(router, save_dir, *, overwrite: bool = False, metrics=(), model
             model.save_pretrained(staging, selected_adapters=router.adapter_names, save_embedding_layers=False)
             save_file({"centroids": router.centroids.contiguous(), "mean": router.space.mean.contiguous(),
                        "std": router.space.std.contiguous()}, str(staging / ROUTER_NAME))
-            config["integrity"] = _digests(staging, router.adapter_names)
+            config["integrity"] = _digests(staging, config)
             with atomic_file(staging / CONFIG_NAME, "w", encoding="utf-8") as handle:
                 json.dump(config, handle, indent=2, sort_keys=False)
                 handle.write("\n")
@@ -150,22 +153,39 @@ def _weight_files(names: list[str]) -> list[str]:
     return [ROUTER_NAME, *(f"{name}/{ADAPTER_WEIGHTS[0]}" for name in names)]
 
 
-def _digests(folder: Path, names: list[str]) -> dict[str, Any]:
-    """Every tensor's digest, per weight file that exists (an adapter PEFT saved as .bin has none)."""
+def _digests(folder: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """Every tensor's digest, per weight file that exists (an adapter PEFT saved as .bin has none), the sha256 of
+    every adapter's ``adapter_config.json`` (its scaling and targets change the answers as much as its weights),
+    and of the fields that map centroids to adapters and embed the queries."""
+    names = config["experts"]
     files = {}
     for relative in _weight_files(names):
         if (folder / relative).is_file():
             with CheckpointReader([folder / relative]) as reader:
                 files[relative] = reader.digests()
-    return {"algorithm": DIGEST_ALGORITHM, "files": files}
+    configs = {f"{name}/adapter_config.json": _sha256(folder / name / "adapter_config.json") for name in names}
+    return {"algorithm": DIGEST_ALGORITHM, "files": files, "configs": configs, "routing": _routing_digest(config)}
 
 
-def _verify_digests(folder: Path, integrity: Any, where: str, damaged: str) -> None:
-    """Compare each recorded weight file with its digests (a folder saved before they were recorded: nothing)."""
-    if integrity is None:
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _routing_digest(config: dict[str, Any]) -> str:
+    fields = {key: config.get(key) for key in ("experts", "embedding")}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+def _verify_digests(folder: Path, config: dict[str, Any], where: str, damaged: str) -> None:
+    """Compare each recorded file and the routing fields with their digests (format 1 recorded the weights only,
+    and a folder saved before that, nothing)."""
+    integrity = config.get("integrity")
+    version = int(config.get("format_version", 0))
+    if integrity is None and version < 2:
         return
-    if not isinstance(integrity, dict) or not isinstance(integrity.get("files"), dict):
-        raise ValueError(f"{where}: {CONFIG_NAME} has a malformed 'integrity' record; {damaged}")
+    if not isinstance(integrity, dict) or not isinstance(integrity.get("files"), dict) or (
+            version >= 2 and not (isinstance(integrity.get("configs"), dict) and "routing" in integrity)):
+        raise ValueError(f"{where}: {CONFIG_NAME} has a missing or malformed 'integrity' record; {damaged}")
     if integrity.get("algorithm") != DIGEST_ALGORITHM:
         raise ValueError(f"{where}: its checksums use {integrity.get('algorithm')!r}, this hf_compress knows "
                          f"{DIGEST_ALGORITHM!r}; upgrade hf_compress (pip install -U hf-compress).")
@@ -180,6 +200,13 @@ def _verify_digests(folder: Path, integrity: Any, where: str, damaged: str) -> N
         if changed:
             raise ValueError(f"{where}: {relative} differs from what was saved ({len(changed)} tensor(s) changed, "
                              f"added or missing, e.g. {changed[0]!r}); {damaged}")
+    for relative, recorded in (integrity.get("configs") or {}).items():
+        path = folder / relative
+        if not path.is_file() or _sha256(path) != recorded:
+            raise ValueError(f"{where}: {relative} differs from what was saved (or is missing); {damaged}")
+    if "routing" in integrity and integrity["routing"] != _routing_digest(config):
+        raise ValueError(f"{where}: the experts or embedding fields of {CONFIG_NAME} differ from what was saved; "
+                         f"{damaged}")
 
 
 def _recipe(config: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
@@ -270,14 +297,31 @@ def load_experts(cls, path, base_model, *, tokenizer=None, revision: str | None 
                     handle.keys()
             except (OSError, SafetensorError) as err:
                 raise ValueError(f"{path}: cannot read {name}/{weights.name} ({err}); {damaged}") from None
-    _verify_digests(folder, config.get("integrity"), str(path), damaged)
-    with _compat.third_party_warnings_silenced():
-        model = PeftModel.from_pretrained(base_model, str(folder / names[0]), adapter_name=names[0])
-        for name in names[1:]:
-            model.load_adapter(str(folder / name), adapter_name=name)
+    _verify_digests(folder, config, str(path), damaged)
+    try:
+        with _compat.third_party_warnings_silenced():
+            model = PeftModel.from_pretrained(base_model, str(folder / names[0]), adapter_name=names[0])
+            for name in names[1:]:
+                model.load_adapter(str(folder / name), adapter_name=name)
+    except BaseException as err:
+        _strip_lora(base_model)  # PEFT wraps the base in place before loading: give the user's model back
+        if not isinstance(err, Exception):  # KeyboardInterrupt
+            raise
+        raise ValueError(f"{path}: cannot attach the experts ({type(err).__name__}: {err}); {damaged}") from err
     model.eval()
     return cls(model, centroids, EmbeddingSpace(tensors["mean"], tensors["std"]), spec, names,
                tokenizer=tokenizer, info=config)
+
+
+def _strip_lora(model) -> None:
+    """Put every PEFT-wrapped layer of ``model`` back to its base layer and drop the config PEFT leaves on it."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, module.get_base_layer())
+    vars(model).pop("peft_config", None)  # it was absent (checked before attaching)
 
 
 def read_experts_config(path, revision: str | None = None) -> tuple[Path, dict[str, Any]]:

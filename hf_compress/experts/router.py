@@ -10,12 +10,14 @@ mixed-batch inference (``generate(adapter_names=[...])``, ``mixed_batch="peft"``
 from __future__ import annotations
 
 import contextlib
+import numbers
 import os
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from .. import _compat
 from ..utils import get_logger
 from .clustering import assign
 from .embedding import EmbeddingSpace, EmbeddingSpec, embed_batch, embed_texts
@@ -47,6 +49,10 @@ class ExpertRouter:
     def __init__(self, model, centroids: torch.Tensor, space: EmbeddingSpace, spec: EmbeddingSpec,
                  adapter_names: Sequence[str], *, tokenizer=None, info: dict[str, Any] | None = None,
                  mixed_batch: str = "stacked") -> None:
+        if "default" in adapter_names:
+            # PEFT saves an adapter named "default" at the folder's root, not in its own folder.
+            raise ValueError('An expert adapter may not be named "default"; load or add it under another name '
+                             '(e.g. model.add_adapter("expert_0", config)).')
         missing = [name for name in adapter_names if name not in getattr(model, "peft_config", {})]
         if missing:
             raise ValueError(f"The model has no adapter(s) {missing}; load every expert before routing to it.")
@@ -87,8 +93,10 @@ class ExpertRouter:
         """Unit embeddings ``[batch, hidden]`` of the rows in the router's semantic space."""
         return self.space(embed_batch(self.model, input_ids, attention_mask, self.spec))
 
-    def route(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Expert index of each row (``[batch]``, on the CPU).
+    def route(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+              token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Expert index of each row (``[batch]``, on the CPU); ``token_type_ids`` (some tokenizers return them)
+        play no part.
 
         Example:
             >>> router.route(**tokenizer(["What is 2+2?"], return_tensors="pt"))  # doctest: +SKIP
@@ -110,10 +118,11 @@ class ExpertRouter:
     def adapter_names_for(self, experts: torch.Tensor | Sequence[int]) -> list[str]:
         """The PEFT adapter names of expert indices (what ``adapter_names=`` takes)."""
         indices = experts.tolist() if isinstance(experts, torch.Tensor) else list(experts)
-        bad = [i for i in indices if not (isinstance(i, int) and 0 <= i < self.num_experts)]
+        bad = [i for i in indices if not (isinstance(i, numbers.Integral) and not isinstance(i, bool)
+                                           and 0 <= i < self.num_experts)]
         if bad:
             raise ValueError(f"Expert indices must be in 0..{self.num_experts - 1}, got {bad[:5]}.")
-        return [self.adapter_names[i] for i in indices]
+        return [self.adapter_names[int(i)] for i in indices]
 
     def _routed(self, input_ids, attention_mask, experts) -> list[int]:
         if input_ids is None:
@@ -126,7 +135,7 @@ class ExpertRouter:
             # Per-row adapters are inference (PEFT refuses them in training mode; no dropout either).
             self.model.eval()
         self.adapter_names_for(experts)  # checks the indices
-        return experts.tolist() if isinstance(experts, torch.Tensor) else list(experts)
+        return [int(i) for i in (experts.tolist() if isinstance(experts, torch.Tensor) else experts)]
 
     # ------------------------------------------------------------------------------------------ inference
 
@@ -135,13 +144,36 @@ class ExpertRouter:
         """``generate()`` with every row routed to its expert (PEFT mixed-batch ``adapter_names``).
 
         ``experts`` overrides the routing (one expert index per row), e.g. for an oracle. Every other
-        argument goes to ``PeftModel.generate``.
+        argument goes to ``PeftModel.generate``. Without ``attention_mask`` the padding is found as
+        ``generate`` finds it (``pad_token_id`` tokens, unless it is also the end-of-sequence token), for the
+        routing too.
         """
+        if input_ids is None and torch.is_tensor(kwargs.get("inputs")):
+            input_ids = kwargs.pop("inputs")
+        if attention_mask is None and input_ids is not None:
+            attention_mask = self._inferred_mask(input_ids)
         rows = self._routed(input_ids, attention_mask, experts)
         if attention_mask is not None:
             kwargs["attention_mask"] = attention_mask
+        copies = int(kwargs.get("num_return_sequences") or 1)
         with self._adapters(rows) as per_row:
+            if "adapter_names" in per_row and copies > 1 and int(kwargs.get("num_beams") or 1) == 1:
+                # PEFT repeats adapter_names for beams only: expand the rows here, as generate would.
+                input_ids = input_ids.repeat_interleave(copies, dim=0)
+                if attention_mask is not None:
+                    kwargs["attention_mask"] = attention_mask.repeat_interleave(copies, dim=0)
+                per_row = {"adapter_names": [name for name in per_row["adapter_names"] for _ in range(copies)]}
+                kwargs["num_return_sequences"] = 1
             return self.model.generate(input_ids=input_ids, **per_row, **kwargs)
+
+    def _inferred_mask(self, input_ids: torch.Tensor) -> torch.Tensor | None:
+        """The mask ``generate`` infers: pad tokens masked when the pad token is in the ids and is not an eos."""
+        config = self.model.generation_config
+        pad, eos = config.pad_token_id, config.eos_token_id
+        eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        if pad is None or pad in eos or not bool((input_ids == pad).any()):
+            return None
+        return input_ids.ne(pad).long()
 
     def __call__(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, *,
                  experts: torch.Tensor | Sequence[int] | None = None, **kwargs: Any):
@@ -169,9 +201,16 @@ class ExpertRouter:
             return
         if self.mixed_batch == "stacked":
             with stacked_lora(self.model, self.adapter_names, rows) as stacked:
-                yield {} if stacked else {"adapter_names": self.adapter_names_for(rows)}
-            return
-        yield {"adapter_names": self.adapter_names_for(rows)}
+                if stacked:
+                    yield {}
+                    return
+        names = self.adapter_names_for(rows)
+        dora = _compat.dora_adapters(self.model, sorted(set(names)))
+        if dora:
+            raise ValueError(f"Experts {dora} use DoRA, which PEFT cannot mix in one batch. Route first "
+                             "(router.route(...)), then run each expert's rows as their own batch (experts=[i] * n).")
+        with _compat.forward_pre_hooks_restored(self.model):
+            yield {"adapter_names": names}
 
     # ------------------------------------------------------------------------------------------ files
 

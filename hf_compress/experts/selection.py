@@ -141,10 +141,12 @@ def _k_center(x: torch.Tensor, count: int) -> list[int]:
     first = int((x @ x.mean(0)).argmax())
     chosen = [first]
     distance = 1 - x @ x[first]
+    distance[first] = -float("inf")  # a chosen row is never chosen again, even once every distance is 0
     for _ in range(1, count):
         index = int(distance.argmax())
         chosen.append(index)
         distance = torch.minimum(distance, 1 - x @ x[index])
+        distance[chosen] = -float("inf")
     return chosen
 
 

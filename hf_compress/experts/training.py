@@ -206,7 +206,8 @@ def _shared_warmup(model, rows: InstructionRows, tokenizer, config: ExpertConfig
 
 
 def _plain_width(model) -> int:
-    return int(model.get_input_embeddings().weight.shape[1])
+    # The routing embeddings are hidden states: OPT-350m's input embeddings are narrower than its blocks.
+    return int(model.config.get_text_config().hidden_size)
 
 
 def _clusters(embeddings: torch.Tensor, k: int, config: ExpertConfig, clusters):
