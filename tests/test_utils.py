@@ -64,6 +64,19 @@ def test_atomic_directory_leaves_nothing_on_failure_and_refuses_existing(tmp_pat
     assert sorted(p.name for p in target.iterdir()) == ["expert_0", "expert_1", "notes.txt", "results", "weights"]
     assert sorted(p.name for p in (target / "expert_0").iterdir()) == ["adapter_config.json"]
     assert (target / "results" / "scores.json").read_text() == "{}"
+    # Links (to a folder, to a file, dangling) stay links, and an empty folder stays.
+    (tmp_path / "datasets").mkdir()
+    (target / "datasets").symlink_to(tmp_path / "datasets")
+    (target / "readme_link").symlink_to(target / "notes.txt")
+    (target / "dangling").symlink_to(tmp_path / "nowhere")
+    (target / "logs").mkdir()
+    with atomic_directory(target, overwrite=True) as staging:
+        (staging / "weights").write_text("newer")
+    assert sorted(p.name for p in target.iterdir()) == [
+        "dangling", "datasets", "expert_0", "expert_1", "logs", "notes.txt", "readme_link", "results", "weights"]
+    assert os.readlink(target / "datasets") == str(tmp_path / "datasets")
+    assert (target / "readme_link").is_symlink() and (target / "readme_link").read_text() == "mine"
+    assert (target / "dangling").is_symlink() and (target / "logs").is_dir()
 
 
 def test_a_folder_of_other_files_needs_overwrite_and_keeps_them(tmp_path):

@@ -170,15 +170,23 @@ def _carry_unrelated_files(old: Path, new: Path) -> None:
     # e.g. expert_2/ of a 3-expert save overwritten by 2 experts: not the user's, and not part of the new save.
     stale_folders = {path.name for path in old.iterdir()
                      if path.is_dir() and not path.is_symlink() and holds_model(path)}
-    for path in sorted(old.rglob("*")):
+    for path in sorted(old.rglob("*")):  # symlinked folders are listed, not entered
         relative = path.relative_to(old)
-        if path.is_dir() or (new / relative).exists() or (new / relative).is_symlink():
+        if (new / relative).exists() or (new / relative).is_symlink():
             continue
+        if path.is_dir() and not path.is_symlink() and any(path.iterdir()):
+            continue  # its files are carried one by one
         if relative.parts[0] in stale_folders:
             continue
         if any(fnmatch.fnmatch(relative.parts[0], pattern) for pattern in STALE_ON_OVERWRITE):
             continue
         (new / relative).parent.mkdir(parents=True, exist_ok=True)
+        if path.is_symlink():  # the link itself, wherever (and whether) it points
+            os.symlink(os.readlink(path), new / relative)
+            continue
+        if path.is_dir():  # an empty folder of the user's
+            (new / relative).mkdir()
+            continue
         try:
             os.link(path, new / relative)  # a hard link: instant and no extra space; the old name goes away
         except OSError:
