@@ -23,6 +23,8 @@ Usage:
         --zero-shot-limit 500 --output-name permutation-wanda-full   # Wanda at the issue's protocol (~1 h)
     python scripts/bench_permutation.py --pruners sparsegpt --permutations none swap --calibration-sequences 128 \\
         --seq-len 512 --max-windows 64 --output-name permutation-sparsegpt-full   # (~35 min)
+    python scripts/bench_permutation.py --pruners wanda --permutations none ria swap --calibration-sequences 128 \
+        --seq-len 512 --max-windows 64 --eval-text news --output-name permutation-wanda-news   # other text (~40 min)
     python scripts/bench_permutation.py --quick                  # tiny model, smoke run
     python scripts/bench_permutation.py --render permutation     # rebuild permutation.md from permutation.json
 """
@@ -74,6 +76,9 @@ def main() -> None:
     parser.add_argument("--calibration-sequences", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--max-windows", type=int, default=16, help="evenly spaced 512-token eval windows")
+    parser.add_argument("--eval-text", choices=["wikipedia", "news"], default="wikipedia",
+                        help="perplexity text: the Wikipedia eval split, or the news text (another source than "
+                             "the Wikipedia calibration)")
     parser.add_argument("--train-seconds", type=float, default=600.0, help="wall-time budget per learned variant")
     parser.add_argument("--swap-seconds", type=float, default=None,
                         help="optional wall-time cap on the swap search (default: none, run to convergence, so the "
@@ -97,12 +102,14 @@ def main() -> None:
     model, tokenizer = load_model(args.model)
     calibration = calibration_batches(load_text("wikipedia", "calibration"), tokenizer,
                                       num_sequences=args.calibration_sequences, seq_len=args.seq_len, seed=0)
-    windows = token_windows(tokenize_stream(load_text("wikipedia", "eval"), tokenizer), 512, args.max_windows)
+    eval_text = load_text("wikipedia", "eval") if args.eval_text == "wikipedia" else load_text("news")
+    windows = token_windows(tokenize_stream(eval_text, tokenizer), 512, args.max_windows)
     settings = {"model": args.model, "device": args.device, "pruners": args.pruners,
                 "pruner_options": {p: PRUNER_OPTIONS[p][1] for p in args.pruners},
                 "calibration": {"sequences": args.calibration_sequences, "seq_len": args.seq_len,
                                 "text": "wikipedia calibration split", "seed": 0},
-                "evaluation": {"windows": int(windows.shape[0]), "window": 512, "text": "wikipedia eval split",
+                "evaluation": {"windows": int(windows.shape[0]), "window": 512,
+                               "text": "wikipedia eval split" if args.eval_text == "wikipedia" else "news",
                                "zero_shot_tasks": args.zero_shot_tasks if args.zero_shot_limit else [],
                                "zero_shot_limit": args.zero_shot_limit},
                 "train_seconds": args.train_seconds, "swap_seconds": args.swap_seconds}
@@ -228,6 +235,10 @@ def _write(args, settings, results) -> None:
     write_benchmark(args.output_name, settings, results, _markdown(settings, results))
 
 
+_TEXT_NAMES = {"wikipedia eval split": "Wikipedia eval split",
+               "news": "news text (another source than the Wikipedia calibration)"}
+
+
 def _markdown(settings: dict[str, Any], results: dict[str, Any]) -> str:
     calibration, evaluation = settings["calibration"], settings["evaluation"]
     dense = results["dense"]
@@ -235,8 +246,9 @@ def _markdown(settings: dict[str, Any], results: dict[str, Any]) -> str:
         f"# Channel permutation for N:M sparsity: {settings['model']} on {settings['device']}",
         "",
         f"Calibration {calibration['sequences']} × {calibration['seq_len']} tokens (Wikipedia calibration split, "
-        f"seed 0); perplexity on {evaluation['windows']} evenly spaced 512-token windows of the Wikipedia eval "
-        f"split (± standard error over windows); Δ vs none is paired over the same windows (± its standard "
+        f"seed 0); perplexity on {evaluation['windows']} evenly spaced 512-token windows of the "
+        f"{_TEXT_NAMES.get(evaluation['text'], evaluation['text'])} (± standard error over windows); Δ vs none is "
+        f"paired over the same windows (± its standard "
         f"error). Dense: {dense['perplexity']:.2f} ± {dense['perplexity_stderr']:.2f}. Pruners: "
         f"{', '.join(settings['pruners'])}{' (SDS on Wanda, 1 re-dense epoch)' if 'sds' in settings['pruners'] else ''}. "
         + (f"Each learned variant trains once (≤ {settings['train_seconds']:.0f} s wall time, Wanda mask generator) "
