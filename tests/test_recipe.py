@@ -50,7 +50,7 @@ def recipe(*steps: dict, **top) -> dict:
     (recipe({"generation": {}}), "set `strategy`"),
     (recipe({"heads": {**HEADS, "num_heads": 0}}), "num_heads"),
     (recipe({"prune": WANDA}, evaluation={"windows": 4}), "evaluation: unknown key 'windows'"),
-    (recipe({"prune": WANDA}, evaluation={"text": "shakespeare"}), "evaluation: perplexity_sets"),
+    (recipe({"prune": WANDA}, evaluation={"text": "shakespeare"}), "evaluation: text must be one of 'wikipedia', 'news'"),
     (recipe(), "steps must be a non-empty list"),
 ])
 def test_bad_recipes_are_refused_with_the_valid_choices(data, message):
@@ -58,6 +58,125 @@ def test_bad_recipes_are_refused_with_the_valid_choices(data, message):
         Recipe.from_dict(data)
     assert message in str(error.value)
     assert "\n" not in str(error.value)
+
+
+TEXT_CHOICES = "must be 'wikipedia', 'news' or the path of an existing UTF-8 text file"
+
+
+@pytest.mark.parametrize("data, message", [
+    (recipe({"prune": {**WANDA, "calibration_text": "wikipeda"}}),
+     f"step 1 (prune wanda): calibration_text {TEXT_CHOICES} (relative to the working directory), got 'wikipeda'."),
+    (recipe({"quantize": {**DLQAT, "training": {"text": "wikipeda"}}}),
+     f"step 1 (quantize dlqat): training.text {TEXT_CHOICES}"),
+    (recipe({"heads": {**HEADS, "training": {"text": "no-such-file.txt"}}}), f"step 1 (heads amphista): training.text {TEXT_CHOICES}"),
+    (recipe({"quantize": {**DLQAT, "training": {"lr_scheduler_type": "cosin"}}}),
+     "step 1 (quantize dlqat): training.lr_scheduler_type must be one of linear, cosine, cosine_with_restarts"),
+    (recipe({"route": {"method": "token_router", "training": {"lr_scheduler_type": "reduce_lr_on_plateau"}}}),
+     "step 1 (route token_router): training.lr_scheduler_type 'reduce_lr_on_plateau' needs an evaluation strategy"),
+    (recipe({"prune": WANDA}, evaluation={"zero_shot_tasks": ["arc_esy"]}),
+     "evaluation: zero_shot_tasks must be one of 'arc_easy', 'arc_challenge', 'piqa'"),
+])
+def test_typos_that_would_fail_mid_run_are_refused_when_parsed(data, message):
+    with pytest.raises(RecipeError) as error:
+        Recipe.from_dict(data)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_calibration_text_file_and_a_plain_scheduler_are_accepted(tmp_path):
+    text = tmp_path / "calibration.txt"
+    text.write_text("One paragraph.\n\nAnother one.\n", encoding="utf-8")
+    parsed = Recipe.from_dict(recipe({"prune": {**WANDA, "calibration_text": str(text)}},
+                                     {"quantize": {**DLQAT, "training": {"text": "news", "lr_scheduler_type": "cosine"}}}))
+    assert parsed.steps[0].fields["calibration_text"] == str(text)
+    assert parsed.steps[1].fields["training"]["lr_scheduler_type"] == "cosine"
+
+
+def test_target_modules_that_match_nothing_are_refused_before_any_work(tmp_path, monkeypatch):
+    import hf_compress.recipe.measure as measure
+
+    def no_measuring(*args, **kwargs):
+        raise AssertionError("the base model was measured before the steps were checked against it")
+
+    monkeypatch.setattr(measure, "measure", no_measuring)
+    steps = ({"prune": {"method": "magnitude", "sparsity": "2:4"}},)
+    for targets, message in ((["q_prj"], "target_modules 'q_prj' matches no linear layer of this llama model; the "
+                                         "model's linear layers are named down_proj, gate_proj, k_proj"),
+                             (["q_proj", "v_prj"], "target_modules 'v_prj' matches no linear layer"),
+                             ("self_attn\\.q_prj", "matches no linear layer")):
+        with pytest.raises(RecipeError, match="^step 2 \\(quantize dlqat\\): ") as error:
+            run(recipe(*steps, {"quantize": {**DLQAT, "target_modules": targets}}), tmp_path / "out", progress=False)
+        assert message in str(error.value)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("data, message", [
+    (recipe({"prune": WANDA}, evaluation={"zero_shot_tasks": 3}),
+     "evaluation: zero_shot_tasks must be a string or a list of strings, got 3."),
+    (recipe({"prune": WANDA}, evaluation={"zero_shot_tasks": {"arc_easy": 1}}),
+     "evaluation: zero_shot_tasks must be a list of task names, got the mapping {'arc_easy': 1}; for per-task example "
+     "counts use zero_shot_limit: {task: count}."),
+    (recipe({"quantize": {**DLQAT, "r": "eight"}}), "step 1 (quantize dlqat): r must be a positive integer, got 'eight'."),
+    (recipe({"generation": {"strategy": ["fly"]}}), "step 1 (generation): strategy must be one name, one of amphista"),
+    (recipe({"generation": {"cache": {"method": ["spark"]}}}), "step 1 (generation): cache must be one of spark, structured"),
+])
+def test_values_of_the_wrong_type_are_refused_naming_the_step_and_field(data, message):
+    with pytest.raises(RecipeError) as error:
+        Recipe.from_dict(data)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_per_task_zero_shot_limits_go_with_their_tasks():
+    parsed = Recipe.from_dict(recipe({"prune": WANDA}, evaluation={"zero_shot_tasks": ["arc_easy"],
+                                                                     "zero_shot_limit": {"arc_easy": 5}}))
+    assert parsed.evaluation.settings(zero_shot=True).zero_shot_limit == {"arc_easy": 5}
+    assert parsed.evaluation.settings().zero_shot_tasks == ()  # after the middle steps: no zero-shot
+
+
+def test_duplicate_yaml_keys_are_refused_with_their_line(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("name: x\nbase_model: tiny-llama\nsteps:\n  - prune: {method: wanda, sparsity: '2:4'}\nseed: 3\n"
+                    "steps:\n  - quantize: {method: rtn, bits: 4}\n")
+    with pytest.raises(RecipeError) as error:
+        Recipe.from_yaml(path)
+    assert str(error.value) == (f"{path}: line 6: duplicate key 'steps' (first on line 3); YAML would silently keep "
+                                "only the last one: remove or rename one of them.")
+    path.write_text("name: x\nbase_model: tiny-llama\nsteps:\n  - quantize: {method: rtn, bits: 4, bits: 8}\n")
+    with pytest.raises(RecipeError, match="line 4: duplicate key 'bits' \\(first on line 4\\)"):
+        Recipe.from_yaml(path)
+    # a key given by a YAML merge (<<) and again explicitly is no duplicate: the explicit one overrides it
+    path.write_text("x-anchors: {rtn: &rtn {method: rtn, bits: 4}}\nname: x\nbase_model: tiny-llama\nsteps:\n"
+                    "  - quantize: {<<: *rtn, bits: 8}\n")
+    with pytest.raises(RecipeError, match="recipe: unknown key 'x-anchors'"):  # the file loaded; the recipe's check ran
+        Recipe.from_yaml(path)
+
+
+def test_evaluation_errors_name_the_recipe_keys():
+    for evaluation, message in (({"text": "wiki"}, "evaluation: text must be one of 'wikipedia', 'news', got 'wiki'."),
+                                ({"perplexity_windows": "16"}, "evaluation: perplexity_windows must be a positive "
+                                                               "integer, got '16'."),
+                                ({"perplexity_windows": 0}, "evaluation: perplexity_windows must be a positive")):
+        with pytest.raises(RecipeError) as error:
+            Recipe.from_dict(recipe({"prune": WANDA}, evaluation=evaluation))
+        assert str(error.value).startswith(message)
+        assert "max_windows" not in str(error.value) and "perplexity_sets" not in str(error.value)
+
+
+def test_an_unquoted_n_m_sparsity_says_to_quote_it(tmp_path):
+    path = tmp_path / "sexagesimal.yaml"
+    path.write_text("name: x\nbase_model: tiny-llama\nsteps:\n  - prune: {method: tyr, target_sparsity: 0.3}\n"
+                    "  - prune: {method: wanda, sparsity: 4:8}\n")
+    with pytest.raises(RecipeError) as error:
+        Recipe.from_yaml(path)
+    assert str(error.value) == (f"{path}: step 2 (prune wanda): sparsity is 248, which is how YAML reads an unquoted "
+                                '4:8 (a base-60 number); quote it: sparsity: "4:8".')
+    with pytest.raises(RecipeError, match="sparsity must be a ratio"):  # no base-60 reading: the usual message
+        Recipe.from_dict(recipe({"prune": {**WANDA, "sparsity": 120}}))  # 2:0
+
+
+@pytest.mark.parametrize("name", ["abc-", "a--b", "a..b", "-abc", "abc.git"])
+def test_names_the_hub_refuses_are_refused(name):
+    with pytest.raises(RecipeError, match="^recipe: name must be a repo-style name the Hub accepts"):
+        Recipe.from_dict(recipe({"prune": WANDA}, name=name))
 
 
 def test_a_lone_skip_pattern_is_a_list_of_one():
@@ -302,13 +421,71 @@ def test_strategy_recipe_saves_custom_generate_next_to_the_model(tmp_path):
                          return_dict_in_generate=True)
     assert torch.equal(out.sequences, greedy)  # FLy with loose=false is strict verification
     assert out.metrics.draft_tokens_accepted > 0  # the folder's strategy ran (the repeating prompt drafts well)
-    assert f'custom_generate="{result.recipe.name}"' in (folder / "README.md").read_text()
+    card = (folder / "README.md").read_text()
+    assert 'folder = "fly/"' in card and "custom_generate=folder," in card  # what the card's snippet loads
     # Loaded with trust_remote_code, transformers makes the folder's function the model's own generate
     # (partial(generate, model=model)): positional and keyword inputs both work and it does not recurse.
     own = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
     assert torch.equal(own.generate(ids, max_new_tokens=12, do_sample=False), greedy)
     assert own.generate(ids, max_new_tokens=12, do_sample=False, return_dict_in_generate=True).metrics.new_tokens == 12
     assert torch.equal(own.generate(input_ids=ids, max_new_tokens=12, do_sample=False), greedy)
+
+
+def _card_snippet(folder: Path) -> str:
+    card = (folder / "README.md").read_text()
+    return card.split("## How to load", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_cards_loading_snippet_loads_the_folder_it_names(tmp_path, monkeypatch, fake_hub):
+    from hf_compress.hub import push_to_hub
+
+    data = recipe({"prune": {"method": "magnitude", "sparsity": "2:4"}})
+    monkeypatch.chdir(tmp_path)
+    run(copy.deepcopy(data), "local", progress=False)
+    snippet = _card_snippet(tmp_path / "local")
+    assert 'folder = "local/"' in snippet and '"tiny-recipe"' not in snippet  # the recipe's name is no repo id
+    exec(snippet, {})  # from the folder's parent, as the snippet says
+
+    run(copy.deepcopy(data), "hub", progress=False, repo_id="me/tiny-recipe")
+    snippet = _card_snippet(tmp_path / "hub")
+    assert 'from_pretrained("me/tiny-recipe")' in snippet
+    push_to_hub(tmp_path / "hub", "me/tiny-recipe")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    exec(snippet, {})  # from the Hub this time
+    with pytest.raises(ValueError, match="repo_id must be the Hub repo the folder will be pushed to, as owner/name"):
+        run(copy.deepcopy(data), "never", repo_id="tiny-recipe")
+    assert not (elsewhere / "never").exists()
+
+
+def test_a_model_that_is_not_the_recipes_base_is_refused_before_any_work(tmp_path, monkeypatch):
+    import hf_compress.recipe.measure as measure
+    from hf_compress.assets import tiny_model
+    from hf_compress.recipe.runner import check_is_base_model
+
+    def no_measuring(*args, **kwargs):
+        raise AssertionError("the model was measured before it was checked to be the recipe's base")
+
+    monkeypatch.setattr(measure, "measure", no_measuring)
+    data = recipe({"prune": {"method": "magnitude", "sparsity": "2:4"}})
+    base, tokenizer = tiny_model("llama")
+    for model, message in (
+        (tiny_model("gpt2")[0], "run(model=...): the recipe's base_model is 'tiny-llama' (model_type 'llama') but the "
+                                "model passed has model_type 'gpt2', so recipe.yaml and the card would describe another "
+                                "model"),
+        (tiny_model("llama", num_hidden_layers=3)[0], "(num_hidden_layers 2) but the model passed has num_hidden_layers 3"),
+        (copy.deepcopy(base).to(torch.bfloat16), "holds bfloat16 weights, so a rerun would not rebuild the same weights"),
+    ):
+        with pytest.raises(RecipeError) as error:
+            run(copy.deepcopy(data), tmp_path / "out", model=model, tokenizer=tokenizer, progress=False)
+        assert message in str(error.value)
+    assert not (tmp_path / "out").exists()
+    check_is_base_model(base, "tiny-llama")  # the base as load_model gives it passes; so does a folder's
+    folder_model, _ = tiny_model("qwen3", save_dir=tmp_path / "base")
+    check_is_base_model(folder_model, str(tmp_path / "base"))
+    with pytest.raises(RecipeError, match="model_type 'qwen3'"):
+        check_is_base_model(base, str(tmp_path / "base"))
 
 
 @pytest.mark.parametrize("step, saved_as", [

@@ -49,15 +49,20 @@ class FolderLayout:
 
 
 def recipe_card(recipe: Recipe, records: Sequence[StepRecord], final_metrics: Sequence[MetricRecord],
-                layout: FolderLayout, base_model: str | None) -> ModelCard:
-    """The card of the final folder (``model-index`` = ``final_metrics``, measured on the final model)."""
+                layout: FolderLayout, base_model: str | None, *, repo_id: str | None = None,
+                folder: str = "out") -> ModelCard:
+    """The card of the final folder (``model-index`` = ``final_metrics``, measured on the final model).
+
+    Its loading snippet names ``repo_id`` (the Hub repo the folder goes to) when known, else the saved ``folder``
+    (its name, as the user's working directory sees it): the recipe's name alone is no repo id.
+    """
     stages = [{"kind": step.kind, "method": step.method or step.fields.get("cache", {}).get("method", step.kind),
                **step.to_dict()} for step in recipe.steps]
     card_recipe = {"stages": stages, "name": recipe.name, "base_model": recipe.base_model, "seed": recipe.seed,
                    "evaluation": recipe.evaluation.to_dict()}
     card = build_model_card(
         base_model=base_model, model_name=recipe.name, recipe=card_recipe, metrics=final_metrics, template=TEMPLATE,
-        load_snippet=load_snippet(layout), extra_tags=["hf_compress-recipe"],
+        repo_id=repo_id, load_snippet=load_snippet(layout, repo_id, folder), extra_tags=["hf_compress-recipe"],
     )
     card.text = card.text.replace(STEPS_MARKER, steps_table(records, recipe.evaluation.score_last)).replace(
         DESCRIPTION_MARKER, recipe.description.strip() if recipe.description else "")
@@ -83,16 +88,23 @@ def steps_table(records: Sequence[StepRecord], score_last: int | None = None) ->
     return "\n".join(lines)
 
 
-def load_snippet(layout: FolderLayout) -> str:
-    """Python that loads the folder and generates the way the recipe says."""
+def load_snippet(layout: FolderLayout, repo_id: str | None = None, folder: str = "out") -> str:
+    """Python that loads the folder and generates the way the recipe says: from the Hub repo ``repo_id`` when
+    known, else from the saved ``folder`` on disk (a comment says what to use once it is pushed)."""
     lines = ["import hf_compress  # registers hf_compress's checkpoint formats with transformers"]
-    if layout.heads_folder:
+    if layout.heads_folder and repo_id:
         lines += ["from huggingface_hub import snapshot_download"]
     lines += ["from transformers import AutoModelForCausalLM, AutoTokenizer", ""]
-    source = '"{repo_id}"'
-    if layout.heads_folder:
-        lines += ['folder = snapshot_download("{repo_id}")  # or the local folder', ""]
+    if repo_id is None:
+        hub = ('huggingface_hub.snapshot_download("<owner>/<repo>")' if layout.heads_folder
+               else 'its repo id ("<owner>/<repo>")')
+        lines += [f'folder = "{folder}/"  # this folder on your disk; from the Hub, use {hub} instead', ""]
         source = "folder"
+    elif layout.heads_folder:  # the heads' custom_generate is a sub-folder: it needs the files on disk
+        lines += [f'folder = snapshot_download("{repo_id}")  # or the local folder', ""]
+        source = "folder"
+    else:
+        source = f'"{repo_id}"'
     lines += [f"model = AutoModelForCausalLM.from_pretrained({source})",
               f"tokenizer = AutoTokenizer.from_pretrained({source})",
               'inputs = tokenizer("The capital of France is", return_tensors="pt")']
@@ -102,7 +114,7 @@ def load_snippet(layout: FolderLayout) -> str:
         lines += [f"# speculative decoding with the drafting heads saved in {layout.heads_folder}/", call]
     elif layout.custom_generate:
         lines += ["# the decoding strategy saved in custom_generate/",
-                  'out = model.generate(**inputs, custom_generate="{repo_id}", trust_remote_code=True, max_new_tokens=64)']
+                  f"out = model.generate(**inputs, custom_generate={source}, trust_remote_code=True, max_new_tokens=64)"]
     if layout.cache:
         from .steps.generation import cache_snippet
 

@@ -23,6 +23,9 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("recipe", help="the recipe YAML file")
     run.add_argument("--save-dir", required=True, help="folder for the final model, recipe.yaml and its card")
     run.add_argument("--overwrite", action="store_true", help="save into a non-empty --save-dir")
+    run.add_argument("--repo-id", metavar="OWNER/NAME",
+                     help="the Hub repo the folder will be pushed to, named by the card's loading snippet "
+                          "(default: the snippet loads the folder from disk)")
     device_argument(run)
 
 
@@ -37,7 +40,8 @@ def run_recipe(args: argparse.Namespace) -> int:
         for line in recipe.check():
             print(f"  {line}")
         return 0
-    result = run(recipe, args.save_dir, device=args.device, overwrite=args.overwrite, progress=not args.quiet)
+    result = run(recipe, args.save_dir, device=args.device, overwrite=args.overwrite, progress=not args.quiet,
+                 repo_id=args.repo_id)
     for record in result.records:
         metrics = record.metrics
         print(f"{record.index}. {record.name}: perplexity {metrics['perplexity']:.4f}, "

@@ -11,8 +11,8 @@ The schema (every key checked; an unknown one is refused with the valid ones lis
       - prune: {method: sds, sparsity: "2:4"}
       - quantize: {method: dlqat, bits: 4, group_size: 128, training: {max_steps: 40}}
 
-Parsing checks the structure, each step's own fields (``steps/``) and the order of the steps, all before a
-model is loaded (:meth:`Recipe.check`).
+Parsing checks the structure (a key given twice in the YAML file included), each step's own fields (``steps/``)
+and the order of the steps, all before a model is loaded (:meth:`Recipe.check`).
 
 Example:
     >>> recipe = Recipe.from_dict({"name": "tiny", "base_model": "tiny-llama",
@@ -121,13 +121,28 @@ class EvaluationSpec:
 
     @classmethod
     def from_dict(cls, data: Any) -> EvaluationSpec:
+        from ..evaluation.suite import PERPLEXITY_SETS
+        from ..utils import check_choice, check_int, check_str_list
+
         names = {f.name for f in dataclasses.fields(cls)}
         values = check_keys("evaluation", data if data is not None else {}, names)
-        if "zero_shot_tasks" in values:
-            tasks = values["zero_shot_tasks"]
-            values["zero_shot_tasks"] = (tasks,) if isinstance(tasks, str) else tuple(tasks or ())
+        with refused_as("evaluation"):
+            # The fields EvaluationSettings names otherwise (perplexity_sets, max_windows) are checked here, so an
+            # error names the recipe's key.
+            if "text" in values:
+                check_choice("text", values["text"], tuple(PERPLEXITY_SETS))
+            if "perplexity_windows" in values:
+                check_int("perplexity_windows", values["perplexity_windows"], minimum=1,
+                          hint="It is how many evenly spaced windows of the text are scored (e.g. 16).")
+            tasks = values.get("zero_shot_tasks")
+            if isinstance(tasks, Mapping):  # a list would silently keep only the keys: per-task limits go elsewhere
+                raise ValueError(f"zero_shot_tasks must be a list of task names, got the mapping {tasks!r}; for "
+                                 "per-task example counts use zero_shot_limit: {task: count}.")
+            if "zero_shot_tasks" in values:  # null: none
+                values["zero_shot_tasks"] = () if tasks is None else tuple(check_str_list(
+                    "zero_shot_tasks", tasks, hint="Pass task names such as [arc_easy, piqa]."))
         spec = cls(**values)
-        spec.settings()  # the evaluation's own checks, now
+        spec.settings(zero_shot=True)  # the evaluation's own checks (task names included), now
         return spec
 
     def settings(self, zero_shot: bool = False) -> Any:
@@ -137,8 +152,9 @@ class EvaluationSpec:
         with refused_as("evaluation"):
             return EvaluationSettings(
                 perplexity_sets=(self.text,), window=self.window, max_windows=self.perplexity_windows,
-                score_last=self.score_last, zero_shot_tasks=self.zero_shot_tasks if zero_shot else (), zero_shot_limit=self.zero_shot_limit,
-                batch_size=self.batch_size,
+                score_last=self.score_last, zero_shot_tasks=self.zero_shot_tasks if zero_shot else (),
+                # a per-task limit must name the tasks run, so it goes only with them
+                zero_shot_limit=self.zero_shot_limit if zero_shot else None, batch_size=self.batch_size,
             )
 
     def to_dict(self) -> dict[str, Any]:
@@ -179,11 +195,8 @@ class Recipe:
         from .steps import check_order, parse_step
 
         values = check_keys("recipe", data, set(cls.KEYS), required=("name", "base_model", "steps"))
+        _check_name(values["name"])
         name = values["name"]
-        if not isinstance(name, str) or not _NAME.match(name):
-            raise RecipeError(
-                f"recipe: name must be a repo-style name (letters, digits, '.', '_', '-'; at most 96), got {name!r}."
-            )
         base_model = values["base_model"]
         if not isinstance(base_model, str) or not base_model.strip():
             raise RecipeError(f"recipe: base_model must be a model name, folder or Hub id, got {base_model!r}.")
@@ -216,9 +229,11 @@ class Recipe:
         if not path.is_file():
             raise FileNotFoundError(f"recipe file {path} does not exist; pass the path of a recipe YAML file.")
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+            data = yaml.load(path.read_text(encoding="utf-8"), Loader=_unique_keys_loader())  # noqa: S506 (a SafeLoader)
         except yaml.YAMLError as error:
             raise RecipeError(f"{path}: not valid YAML: {' '.join(str(error).split())}") from None
+        except RecipeError as error:
+            raise RecipeError(f"{path}: {error}") from None
         try:
             return cls.from_dict(data)
         except RecipeError as error:
@@ -250,3 +265,46 @@ class Recipe:
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Recipe) and self.to_dict() == other.to_dict()
+
+
+def _check_name(name: Any) -> None:
+    """Refuse a ``name`` the Hub would refuse as a repo name (it is the artifact's repo name when published)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    problem = None
+    if not isinstance(name, str) or not _NAME.match(name):
+        problem = "letters, digits, '.', '_', '-'; at most 96"
+    else:
+        try:
+            validate_repo_id(f"namespace/{name}")
+        except HFValidationError:
+            problem = "no '--' or '..', no '-' or '.' at either end, not ending in '.git'"
+    if problem:
+        raise RecipeError(f"recipe: name must be a repo-style name the Hub accepts ({problem}), got {name!r}; "
+                          "choose another name.")
+
+
+def _unique_keys_loader() -> type:
+    """A ``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> dict:
+            if isinstance(node, yaml.MappingNode):
+                first_line: dict[Any, int] = {}
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":  # `<<:` merges; explicit keys may override it
+                        continue
+                    key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+                    try:
+                        seen = key in first_line
+                    except TypeError:  # an unhashable key: the base class says what is wrong with it
+                        continue
+                    if seen:
+                        raise RecipeError(f"line {line}: duplicate key {key!r} (first on line {first_line[key]}); "
+                                          "YAML would silently keep only the last one: remove or rename one of them.")
+                    first_line[key] = line
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader

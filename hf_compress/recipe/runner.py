@@ -1,7 +1,8 @@
 """``run``: apply a recipe's steps to its base model in memory, measuring after each, and save the final folder.
 
 Everything that can be checked is checked before the first step starts: the recipe (structure, fields, step
-order; :meth:`Recipe.from_dict`), the save folder (``check_save_dir``), then each step against the loaded model
+order; :meth:`Recipe.from_dict`), the save folder (``check_save_dir``), a model passed in (it must be the
+recipe's ``base_model``, which ``recipe.yaml`` records), then each step against the loaded model
 (``Step.check_model``). Each step starts from the recipe's seed (``transformers.set_seed``), so the same recipe
 and seed give the same weights. Intermediate models stay in memory; only steps that need scratch space
 (Trainer output, Týr's work folder) use temporary folders, removed when the step ends.
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
     from ..evaluation.results import MetricRecord
 
 
-__all__ = ["RecipeResult", "StepRecord", "load_recipe", "run"]
+__all__ = ["RecipeResult", "StepRecord", "check_is_base_model", "load_recipe", "run"]
 
 logger = get_logger(__name__)
 
@@ -109,26 +110,36 @@ def run(
     device: str | torch.device | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    repo_id: str | None = None,
 ) -> RecipeResult:
     """Run ``recipe`` and save the final model folder to ``save_dir``.
 
     Args:
         recipe: a :class:`Recipe`, its dict, or the path of its YAML file.
         save_dir: the final folder (written atomically; a non-empty one needs ``overwrite``).
-        model / tokenizer: start from this model instead of loading ``recipe.base_model`` (a tokenizer is then
-            needed too); the model is changed in place.
+        model / tokenizer: the recipe's base model, already in memory, instead of loading ``recipe.base_model``
+            again (a tokenizer is then needed too); the model is changed in place. It must be that base model as
+            ``hf_compress.assets.load_model(recipe.base_model)`` gives it, because ``recipe.yaml`` and the card
+            record ``base_model`` and say that rerunning ``recipe.yaml`` rebuilds the weights: a model of another
+            architecture or size than the base's config, or not in float32 (what a rerun loads), is refused
+            before any work. Its weights are not compared: do not pass a model you have already changed; to
+            compress another model, name it (its folder or Hub id) as the recipe's ``base_model``.
         device: where the steps run (``"cpu"``, ``"cuda"``, ``"auto"``, a ``torch.device``); default: where the
             model is (the CPU for a loaded one).
         overwrite: save into a non-empty ``save_dir``.
         progress: progress bars.
+        repo_id: the Hub repo (``owner/name``) the folder will be pushed to, which the card's loading snippet
+            then names; without it the snippet loads the saved folder from disk.
 
     Returns:
         A :class:`RecipeResult`; the folder holds the model, ``recipe.yaml``, ``recipe_results.json``, the card
         and, where the recipe sets them, ``custom_generate/`` or ``heads/``.
 
     Raises:
-        RecipeError: the recipe is wrong (before anything is loaded).
+        RecipeError: the recipe is wrong (before anything is loaded), a step's settings do not fit the model, or
+            ``model`` is not the recipe's base model (both before any step runs).
         FileExistsError: ``save_dir`` is not empty and ``overwrite`` is false (before anything is loaded).
+        ValueError: ``repo_id`` is not a valid Hub repo id (before anything is loaded).
 
     Example:
         >>> result = run("examples/recipes/tiny-llama-wanda24-rtn4.yaml", "out/")  # doctest: +SKIP
@@ -149,12 +160,15 @@ def run(
     target = check_save_dir(save_dir, overwrite)
     if model is not None and tokenizer is None:
         raise ValueError("run(model=...) needs the model's tokenizer too: pass tokenizer=.")
+    _check_repo_id(repo_id)
     device = _resolve_device(device)
     if model is None:
         from ..assets import load_model
 
         logger.info("loading %s", recipe.base_model)
         model, tokenizer = load_model(recipe.base_model)
+    else:
+        check_is_base_model(model, recipe.base_model)
     if device is not None:
         model.to(device)
     state = RecipeState(model=model, tokenizer=tokenizer, device=device or model.device, seed=recipe.seed)
@@ -194,11 +208,84 @@ def run(
     def finish(layout, disk):
         result.final_metrics = {**records[-1].metrics, **disk}
         result.seconds = time.perf_counter() - started
-        return recipe_card(recipe, result.records, final_records, layout, base_model), result.to_dict()
+        card = recipe_card(recipe, result.records, final_records, layout, base_model, repo_id=repo_id,
+                           folder=Path(target).resolve().name)
+        return card, result.to_dict()
 
     with torch.no_grad():
         write_folder(state, target, overwrite=overwrite, recipe=recipe, base_model=base_model, finish=finish)
     return result
+
+
+def check_is_base_model(model: PreTrainedModel, base_model: str) -> None:
+    """Refuse a ``run(model=...)`` that is not the recipe's ``base_model``: the folder's ``recipe.yaml`` and card
+    would name a model it was not built from, and rerunning ``recipe.yaml`` would not rebuild it.
+
+    The base's config is read without its weights (a tiny model's is built; a Hub id's comes from the cache or
+    the Hub); the architecture, the sizes and float32 (what ``load_model`` gives) must match.
+    """
+    from .config import RecipeError
+
+    where = f"run(model=...): the recipe's base_model is {base_model!r}"
+    advice = (f"pass the model load_model({base_model!r}) gives (or no model, to load it), or set the recipe's "
+              "base_model to the model you mean to compress")
+    expected = _base_config(base_model, where)
+    got = model.config
+    for field in ("model_type", *_SIZE_FIELDS):
+        want, have = (_config_value(config, field) for config in (expected, got))
+        if want != have:
+            raise RecipeError(f"{where} ({field} {want!r}) but the model passed has {field} {have!r}, so recipe.yaml "
+                              f"and the card would describe another model; {advice}.")
+    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.is_floating_point()} -
+                    {"float32"})
+    if dtypes:
+        raise RecipeError(f"{where}, which a rerun of recipe.yaml loads in float32, but the model passed holds "
+                          f"{', '.join(dtypes)} weights, so a rerun would not rebuild the same weights; pass it in "
+                          "float32 (model.float()) or no model.")
+
+
+# Architecture sizes compared by check_is_base_model (transformers maps them onto GPT-2's n_embd, n_layer, ...).
+_SIZE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "intermediate_size")
+
+
+def _config_value(config: Any, field: str) -> Any:
+    return getattr(config if field == "model_type" else config.get_text_config(), field, None)
+
+
+def _base_config(base_model: str, where: str) -> Any:
+    """The config of ``base_model`` as ``load_model`` would resolve the name, read without loading weights."""
+    from transformers import AutoConfig
+
+    from ..assets.reference_models import REFERENCE_MODELS, reference_model_path
+    from ..assets.tiny_models import TINY_ARCHITECTURES, tiny_config
+    from .config import RecipeError
+
+    arch = base_model.removeprefix("tiny-")
+    if base_model.startswith("tiny-") and arch in TINY_ARCHITECTURES:
+        return tiny_config(arch)
+    try:  # a reference model's config is that of its converted checkpoint, which loading it would make too
+        return AutoConfig.from_pretrained(
+            reference_model_path(base_model) if base_model in REFERENCE_MODELS else base_model)
+    except (OSError, ValueError) as error:
+        raise RecipeError(f"{where}, whose config cannot be read ({' '.join(str(error).split())[:200]}), so the model "
+                          "passed cannot be checked to be it; pass no model to load base_model, or set base_model to a "
+                          "folder or Hub id whose config is readable.") from None
+
+
+def _check_repo_id(repo_id: str | None) -> None:
+    if repo_id is None:
+        return
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        if not isinstance(repo_id, str) or repo_id.count("/") != 1:
+            raise HFValidationError("expected owner/name")
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise ValueError(f"repo_id must be the Hub repo the folder will be pushed to, as owner/name, got {repo_id!r} "
+                         f"({error}).") from None
 
 
 def _resolve_device(device: str | torch.device | None) -> torch.device | None:

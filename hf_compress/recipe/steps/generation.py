@@ -46,6 +46,9 @@ class GenerationStep(Step):
     def parse(cls, index: int, data: dict[str, Any], seed: int) -> GenerationStep:
         strategies = _strategies()
         strategy = data.get("strategy")
+        if strategy is not None and not isinstance(strategy, str):
+            raise RecipeError(f"{cls.where(index)}: strategy must be one name, one of {', '.join(strategies)}; "
+                              f"got {strategy!r}.")
         where = cls.where(index, strategy)
         if strategy is not None and strategy not in strategies:
             raise RecipeError(f"{where}: unknown strategy {strategy!r}; valid strategies: {', '.join(strategies)}.")
@@ -124,7 +127,7 @@ def _parse_cache(where: str, cache: Any) -> dict[str, Any] | None:
         return None
     if isinstance(cache, str):
         cache = {"method": cache}
-    if not isinstance(cache, dict) or cache.get("method") not in CACHES:
+    if not isinstance(cache, dict) or not isinstance(cache.get("method"), str) or cache["method"] not in CACHES:
         raise RecipeError(f"{where}: cache must be one of {', '.join(CACHES)} or {{method: spark, ...settings}}, "
                           f"got {cache!r}.")
     names = [n for n in inspect.signature(_cache_class(cache["method"]).__init__).parameters if n not in ("self", "config")]

@@ -18,6 +18,7 @@ from typing import Any
 from ...utils import get_logger
 from ..config import RecipeError, check_keys, refused_as
 from .base import ROUTE_STACKING, RecipeState, Step
+from .training import check_text
 
 
 logger = get_logger(__name__)
@@ -56,8 +57,8 @@ class PruneStep(Step):
         fields = check_keys(where, data, {"method", "calibration_text", *names})
         fields.pop("method")
         calibration_text = fields.pop("calibration_text", "wikipedia")
-        if not isinstance(calibration_text, str):
-            raise RecipeError(f"{where}: calibration_text must be 'wikipedia', 'news' or a text file path.")
+        check_text(where, "calibration_text", calibration_text)
+        _check_not_sexagesimal(where, fields)
         for name in ("calibration_seed", "search_seed"):  # the recipe's seed unless the step sets its own
             if name in names:
                 fields.setdefault(name, seed)
@@ -118,6 +119,19 @@ class PruneStep(Step):
         summary = report.summary() if hasattr(report, "summary") else None
         logger.info("%s: %s", self.describe(), summary)
         return {"report": summary} if summary else {}
+
+
+def _check_not_sexagesimal(where: str, fields: dict[str, Any]) -> None:
+    """Refuse an unquoted ``sparsity: 2:4`` with the fix: YAML 1.1 reads it as the base-60 integer 2 × 60 + 4 = 124."""
+    value = fields.get("sparsity")
+    if isinstance(value, bool) or not isinstance(value, int):
+        return
+    kept, group = divmod(value, 60)
+    if 0 < kept < group:
+        raise RecipeError(
+            f"{where}: sparsity is {value}, which is how YAML reads an unquoted {kept}:{group} (a base-60 number); "
+            f'quote it: sparsity: "{kept}:{group}".'
+        )
 
 
 def _config(where: str, method: str, fields: dict[str, Any]) -> Any:

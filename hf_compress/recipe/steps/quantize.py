@@ -17,7 +17,7 @@ import tempfile
 from typing import Any
 
 from ...utils import check_str_list, get_logger
-from ..config import check_keys, refused_as
+from ..config import RecipeError, check_keys, refused_as
 from .base import ROUTE_STACKING, RecipeState, Step
 from .training import parse_training, training_data, training_settings
 
@@ -48,7 +48,9 @@ class QuantizeStep(Step):
             fields.pop("method")
             training = parse_training(where, fields.pop("training", None), {"learning_rate": 1e-3})
             fields = {**DLQAT_DEFAULTS, **fields}
-            fields.setdefault("lora_alpha", float(fields.get("r", 16)))  # scale 1, as the CLI does
+            rank = fields.get("r", 16)
+            if isinstance(rank, int) and not isinstance(rank, bool):  # else DLQATConfig refuses r, naming it
+                fields.setdefault("lora_alpha", float(rank))  # scale 1, as the CLI does
             config = _dlqat_config(where, fields)
             resolved = {name: _plain(getattr(config, name)) for name in names}
             return cls(index, method, {**resolved, "training": training})
@@ -66,6 +68,11 @@ class QuantizeStep(Step):
 
     def refused_after(self) -> dict[str, str]:
         return {**super().refused_after(), "packed": TWO_QUANTIZE, "routed": ROUTE_STACKING["packed"]}
+
+    def check_model(self, state: RecipeState) -> None:
+        # PEFT finds out only when it wraps the model, after the earlier steps' work.
+        if self.method == "dlqat":
+            _check_targets(self.where(self.index, self.method), self.fields, state.model)
 
     def apply(self, state: RecipeState, progress: bool) -> dict[str, Any]:
         if self.method == "rtn":
@@ -106,6 +113,34 @@ def _dlqat_config(where: str, fields: dict[str, Any]) -> Any:
 
     with refused_as(where):
         return DLQATConfig(**fields)
+
+
+def _check_targets(where: str, fields: dict[str, Any], model: Any) -> None:
+    """Refuse ``target_modules`` that name no linear layer of ``model`` (each entry of a list), or a non-linear one."""
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    from ...modeling.layers import is_linear
+
+    targets = fields["target_modules"]
+    if targets == "all-linear":
+        return
+    config = _dlqat_config(where, {k: v for k, v in fields.items() if k != "training"})
+    modules = [(name, module) for name, module in model.named_modules() if name]
+    linear = [name for name, module in modules if is_linear(module)]
+    endings = ", ".join(sorted({name.rsplit(".", 1)[-1] for name in linear}))
+    hint = f"the model's linear layers are named {endings} (or use 'all-linear')"
+    if isinstance(targets, str):  # a regex, matched against whole module names as PEFT does
+        unmatched = [] if any(check_target_module_exists(config, name) for name in linear) else [targets]
+    else:
+        unmatched = [t for t in targets if not any(name == t or name.endswith(f".{t}") for name in linear)]
+    if unmatched:
+        verb = "matches" if len(unmatched) == 1 else "match"
+        raise RecipeError(f"{where}: target_modules {', '.join(repr(t) for t in unmatched)} {verb} no linear layer of "
+                          f"this {model.config.model_type} model; {hint}.")
+    others = [name for name, module in modules if not is_linear(module) and check_target_module_exists(config, name)]
+    if others:
+        raise RecipeError(f"{where}: target_modules match {', '.join(others[:3])}{', ...' if len(others) > 3 else ''}, "
+                          f"which DL-QAT cannot quantize (not linear layers); {hint}.")
 
 
 def _rtn():

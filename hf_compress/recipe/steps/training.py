@@ -10,10 +10,11 @@ Example:
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ...utils import check_float, check_int, check_str
-from ..config import check_keys, refused_as
+from ...utils import check_float, check_int
+from ..config import RecipeError, check_keys, refused_as
 
 
 if TYPE_CHECKING:
@@ -24,7 +25,8 @@ if TYPE_CHECKING:
     from ...training import TrainingSettings
 
 
-__all__ = ["TRAINING_DEFAULTS", "parse_training", "training_data", "training_settings"]
+__all__ = ["TRAINING_DEFAULTS", "check_scheduler", "check_text", "parse_training", "training_data",
+           "training_settings"]
 
 TRAINING_DEFAULTS: dict[str, Any] = {
     "max_steps": 100,
@@ -35,6 +37,15 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "warmup_steps": 0,
     "lr_scheduler_type": "linear",
     "text": "wikipedia",  # load_calibration_text: wikipedia (its calibration split), news or a text file
+}
+
+# transformers schedules a recipe cannot drive: the recipe's training has no evaluation and no scheduler kwargs.
+_SCHEDULERS_NEEDING_MORE = {
+    "reduce_lr_on_plateau": "an evaluation strategy",
+    "greedy": "an evaluation strategy",
+    "cosine_with_min_lr": "lr_scheduler_kwargs (min_lr or min_lr_rate)",
+    "cosine_warmup_with_min_lr": "lr_scheduler_kwargs (min_lr or min_lr_rate)",
+    "warmup_stable_decay": "lr_scheduler_kwargs (num_decay_steps)",
 }
 
 
@@ -51,9 +62,32 @@ def parse_training(where: str, data: Any, defaults: dict[str, Any] | None = None
         values["warmup_steps"] = check_int("training.warmup_steps", values["warmup_steps"], minimum=0)
         values["learning_rate"] = check_float("training.learning_rate", values["learning_rate"], low=0.0,
                                               low_open=True)
-        check_str("training.lr_scheduler_type", values["lr_scheduler_type"])
-        check_str("training.text", values["text"])
+        check_scheduler(where, values["lr_scheduler_type"])
+    check_text(where, "training.text", values["text"])
     return values
+
+
+def check_text(where: str, name: str, text: Any) -> None:
+    """Refuse, before any work, a calibration text ``load_calibration_text`` would refuse mid-run."""
+    from ...assets.text import CALIBRATION_TEXTS
+
+    if isinstance(text, str) and (text in CALIBRATION_TEXTS or Path(text).is_file()):
+        return
+    raise RecipeError(f"{where}: {name} must be {', '.join(repr(t) for t in CALIBRATION_TEXTS)} or the path of an "
+                      f"existing UTF-8 text file (relative to the working directory), got {text!r}.")
+
+
+def check_scheduler(where: str, scheduler: Any) -> None:
+    """Refuse a learning-rate schedule that ``TrainingArguments`` or the scheduler would refuse once training starts."""
+    from transformers.trainer_utils import SchedulerType
+
+    usable = [member.value for member in SchedulerType if member.value not in _SCHEDULERS_NEEDING_MORE]
+    if isinstance(scheduler, str) and scheduler in _SCHEDULERS_NEEDING_MORE:
+        needs = _SCHEDULERS_NEEDING_MORE[scheduler]
+        raise RecipeError(f"{where}: training.lr_scheduler_type {scheduler!r} needs {needs}, which a recipe's training "
+                          f"does not set; use one of {', '.join(usable)}.")
+    if scheduler not in usable:
+        raise RecipeError(f"{where}: training.lr_scheduler_type must be one of {', '.join(usable)}, got {scheduler!r}.")
 
 
 def training_settings(training: dict[str, Any], seed: int, device: torch.device) -> TrainingSettings:
