@@ -722,6 +722,9 @@ def check_assumptions() -> list[str]:
         expect(hasattr(BaseTuner, PEFT_ADAPTER_LOAD_HOOK), f"peft: BaseTuner has no {PEFT_ADAPTER_LOAD_HOOK} to override")
         peft_buffer_dict()
         import torch
+
+        expect(list(inspect.signature(torch.nn.Module._apply).parameters)[:3] == ["self", "fn", "recurse"],
+               "torch: nn.Module._apply(fn, recurse) changed (overridden to keep float32 state through casts)")
         from peft import LoraConfig, inject_adapter_in_model
 
         probe = inject_adapter_in_model(LoraConfig(r=2, lora_alpha=4, target_modules=["0"]),

@@ -197,3 +197,12 @@ def test_a_closed_pipe_ends_the_command_quietly(unbuffered):
     _, stderr = child.communicate(timeout=120)
     assert child.returncode == 141, stderr.decode()
     assert b"Traceback" not in stderr and b"error" not in stderr.lower(), stderr.decode()
+
+
+@pytest.mark.parametrize("module", ["hf_compress", "hf_compress.cli.main"])
+def test_every_command_runs_as_a_module(module):
+    """`python -m hf_compress.cli.main` ran a second copy of main.py, on which no method registered its command."""
+    done = subprocess.run([sys.executable, "-m", module, "route", "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "--sparsity" in done.stdout

@@ -21,6 +21,7 @@ from hf_compress.routing import (
     TokenRouterConfig,
     install_routing,
     remove_routing,
+    routing_disabled,
     routing_mode,
     routing_state,
     save_routed,
@@ -741,3 +742,213 @@ def test_distillation_weights_the_last_real_tokens():
 def test_loss_tail_is_checked():
     with pytest.raises(ValueError, match="loss_tail"):
         TokenRouterConfig(loss_tail=0.0)
+
+
+# --- refused up front, or made equal (review of the token router) ----------------------------------------------
+
+def _enable_gradient_checkpointing(model) -> None:
+    # activation_checkpointing_enable is the newer name (transformers 5.25); the older one warns there.
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
+
+
+def test_router_training_refuses_gradient_checkpointing(tmp_path):
+    """The checkpointed blocks are recomputed in the backward pass, after the routed forward: a checkpoint error
+    (use_reentrant=False) or no gradient for the router (True); Trainer's own switch failed on the training module."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    from hf_compress.routing.training import RouterTrainingModule
+    from hf_compress.training import TrainingSettings, causal_lm_dataset
+
+    model, tokenizer = tiny_model("llama")
+    data = causal_lm_dataset(["the quick brown fox jumps over the lazy dog " * 40], tokenizer, num_sequences=4,
+                             seq_len=24)
+    settings = TrainingSettings(max_steps=1, use_cpu=True)
+    _enable_gradient_checkpointing(model)
+    with pytest.raises(ValueError, match=r"gradient checkpointing .*activation_checkpointing_disable\(\)"):
+        train_token_router(model, RoutingSchedule([0.3, 0.5]), data, args=settings)
+    assert routing_state(model) is None  # refused before any change
+    state = install_routing(model, RoutingSchedule([0.3, 0.5]), mode="router")
+    model.train()
+    module = RouterTrainingModule(model, TokenRouterConfig(0.4))
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        module(_ids(1, 16))
+    assert state.collect is None
+
+    model, tokenizer = tiny_model("llama")
+    names = {field.name for field in dataclasses.fields(TrainingArguments)}
+    flag = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    arguments = TrainingArguments(str(tmp_path), max_steps=1, use_cpu=True, report_to=[], **{flag: True})
+    for args in (arguments, TrainingSettings(max_steps=1, use_cpu=True, extra_arguments={flag: True})):
+        with pytest.raises(ValueError, match=f"gradient checkpointing .*leave .*{flag}.* off in the training arguments"):
+            train_token_router(model, RoutingSchedule([0.3, 0.5]), data, args=args)
+    assert routing_state(model) is None
+
+
+def test_chunked_prefill_is_refused():
+    """generate(prefill_chunk_size=...) routed only the first chunk, as if it were the whole prompt."""
+    model, _ = tiny_model("llama")
+    install_routing(model, RoutingSchedule([0.4, 0.5]))
+    ids = _ids(1, 40)
+    with pytest.raises(ValueError, match="prefill_chunk_size=None"):
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, prefill_chunk_size=16)
+    model.generation_config.prefill_chunk_size = 16
+    with pytest.raises(ValueError, match="prefill_chunk_size=16"):
+        _greedy(model, ids, new=2)
+    short = _ids(1, 12)  # one chunk: the whole prompt, routed as usual
+    chunked = _greedy(model, short)
+    model.generation_config.prefill_chunk_size = None
+    assert torch.equal(chunked, _greedy(model, short))
+
+
+def _router_reading_position_and_rank(router: TokenRouter, threshold: float) -> None:
+    """Compute a decoded token iff its position share is above ``threshold``, and never a token that is not the
+    most attended among the tokens it is ranked with (a decoded token fed alone always is)."""
+    _router_reading_position(router, threshold)
+    with torch.no_grad():
+        router.hidden.weight[0, 2] = -1000.0
+
+
+def test_route_decode_prompt_lookup_equals_greedy():
+    """Verification chunks were routed by features computed among the chunk; decoded one by one, each token is
+    routed alone. Both must choose, and compute, the same."""
+    model, _ = tiny_model("llama")
+    state = install_routing(model, RoutingSchedule([0.4, 0.5]), mode="router", route_decode=True)
+    ids = _ids(1, 40, seed=2)
+    ids = torch.cat([ids, ids[:, :20]], dim=1)  # a repeat, so that prompt lookup finds drafts
+    # Decoded tokens at positions 60 and 61 skip, from 62 on they are computed (threshold between 61/62 and 62/63).
+    _router_reading_position_and_rank(state.router, threshold=(61 / 62 + 62 / 63) / 2)
+    settings = dict(attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False, pad_token_id=0,
+                    output_logits=True, return_dict_in_generate=True)
+    greedy = model.generate(ids, **settings)
+    forwards = []
+    hook = model.model.register_forward_pre_hook(lambda *args: forwards.append(1))
+    try:
+        lookup = model.generate(ids, prompt_lookup_num_tokens=4, **settings)
+    finally:
+        hook.remove()
+    assert torch.equal(lookup.sequences, greedy.sequences)
+    assert len(forwards) < 12  # drafts were accepted: several tokens were verified in one forward
+    state.route_decode = False  # the decode rule did skip tokens: without it the logits differ
+    assert not torch.allclose(torch.stack(model.generate(ids, **settings).logits[2:]), torch.stack(greedy.logits[2:]))
+
+
+def test_route_decode_without_cache_equals_cached():
+    """generate(use_cache=False) feeds the whole sequence every step: the tokens past the prompt must follow the
+    decode rule as when decoded with the cache, in a left-padded batch whose rows skip different tokens too."""
+    model, _ = tiny_model("llama")
+    state = install_routing(model, RoutingSchedule([0.3, 0.5]), mode="router", route_decode=True)
+    _router_reading_position_and_rank(state.router, threshold=0.895)  # the short row skips positions 6..8
+    ids, mask = _left_padded([_ids(1, 14, seed=2)[0], _ids(1, 6, seed=4)[0]])
+    settings = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0, output_logits=True,
+                    return_dict_in_generate=True)
+    cached = model.generate(ids, **settings)
+    uncached = model.generate(ids, use_cache=False, **settings)
+    assert torch.equal(uncached.sequences, cached.sequences)
+    torch.testing.assert_close(torch.stack(uncached.logits), torch.stack(cached.logits), rtol=0, atol=1e-4)
+    state.route_decode = False
+    assert not torch.allclose(torch.stack(model.generate(ids, **settings).logits[1:]), torch.stack(cached.logits[1:]))
+
+
+def test_training_an_already_routed_model_checks_the_schedule_and_applies_the_config():
+    from hf_compress.training import TrainingSettings, causal_lm_dataset
+
+    model, tokenizer = tiny_model("llama")
+    data = causal_lm_dataset(["the quick brown fox jumps over the lazy dog " * 40], tokenizer, num_sequences=4,
+                             seq_len=24)
+    settings = TrainingSettings(max_steps=1, use_cpu=True)
+    static_router(model, RoutingSchedule([0.3, 0.3]))
+    with pytest.raises(ValueError, match="3 entries but the model has 2 decoder blocks"):
+        train_token_router(model, RoutingSchedule([0.3, 0.3, 0.3]), data, args=settings,
+                           config=TokenRouterConfig(0.3, validation_windows=0))
+    assert routing_state(model).schedule.block_sparsity == [0.3, 0.3] and routing_state(model).mode == "static"
+    with pytest.raises(ValueError, match="router has hidden size 64 but config.router_hidden_size is 8; pass "
+                                         "router_hidden_size=64"):
+        train_token_router(model, RoutingSchedule([0.3, 0.3]), data, args=settings,
+                           config=TokenRouterConfig(0.3, router_hidden_size=8, validation_windows=0))
+    train_token_router(model, RoutingSchedule([0.2, 0.4]), data, args=settings,
+                       config=TokenRouterConfig(0.3, route_decode=True, validation_windows=0))
+    state = routing_state(model)
+    assert state.route_decode and state.schedule.block_sparsity == [0.2, 0.4]
+    assert model.config.quantization_config.to_dict()["route_decode"] is True
+
+    # Without a config, the default one takes the installed router's size and route_decode.
+    model, _ = tiny_model("llama")
+    install_routing(model, RoutingSchedule([0.3, 0.3]), router_hidden_size=8, route_decode=True)
+    train_token_router(model, RoutingSchedule([0.3, 0.3]), data, args=settings)
+    state = routing_state(model)
+    assert state.router.hidden.out_features == 8 and state.route_decode and state.mode == "router"
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_output_attentions_is_refused(arch):
+    """The blocks attend among their kept tokens only: the maps were (B, H, k, k), not the model's (B, H, T, T)."""
+    model, _ = tiny_model(arch)
+    model.set_attn_implementation("eager")
+    install_routing(model, RoutingSchedule([0.5, 0.5]))
+    ids = _ids(1, 20)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="pass output_attentions=False"):
+            model(ids, output_attentions=True)
+        model.config.output_attentions = True
+        with pytest.raises(ValueError, match="pass output_attentions=False"):
+            model(ids)
+        with routing_disabled(model):
+            attentions = model(ids).attentions
+        model.config.output_attentions = False
+        hidden = model(ids, output_hidden_states=True).hidden_states
+    assert [tuple(a.shape[-2:]) for a in attentions] == [(20, 20)] * 2
+    assert all(h.shape[1] == 20 for h in hidden)
+
+
+def test_router_stays_float32_when_the_model_is_cast():
+    """In bf16 the router's logits tie on long prompts, and top-k then keeps other tokens than in float32."""
+    model, _ = tiny_model("llama")
+    state = install_routing(model, RoutingSchedule([0.3, 0.3]), mode="router")
+    before = {name: value.clone() for name, value in state.router.state_dict().items()}
+    for cast in (lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.to("cpu", torch.bfloat16)):
+        cast(model)
+        assert all(torch.equal(value, before[name]) and value.dtype == torch.float32
+                   for name, value in state.router.state_dict().items())
+    assert next(model.model.layers.parameters()).dtype == torch.bfloat16
+    ids = _ids(1, 1000)
+    with torch.no_grad():
+        routed = model(ids).logits  # the fresh router is the static rule: the same tokens
+        with routing_mode(model, "static"):
+            static = model(ids).logits
+    assert torch.equal(routed, static)
+
+
+def test_windows_past_the_learned_positions_are_refused(monkeypatch, capsys, tmp_path):
+    """GPT-2 has 512 learned positions: an IndexError deep in the embedding before."""
+    from hf_compress import assets
+    from hf_compress.cli.main import main
+    from hf_compress.training import TrainingSettings, causal_lm_dataset
+
+    model, tokenizer = tiny_model("gpt2")
+    message = "this model has learned positions for 512 only"
+    with pytest.raises(ValueError, match=f"calibration windows have 600 tokens, but {message}"):
+        search_schedule(model, _ids(1, 600), TokenRouterConfig(0.3, generations=0, population=2))
+    with pytest.raises(ValueError, match=f"search_seq_len is 600 tokens, but {message}"):
+        search_schedule(model, ["text " * 2000], TokenRouterConfig(0.3, search_seq_len=600), tokenizer=tokenizer)
+    data = causal_lm_dataset(["the quick brown fox jumps over the lazy dog " * 200], tokenizer, num_sequences=2,
+                             seq_len=600)
+    with pytest.raises(ValueError, match=f"longest training row has 600 tokens, but {message}; use seq_len <= 512"):
+        train_token_router(model, RoutingSchedule([0.3, 0.3]), data, args=TrainingSettings(max_steps=1, use_cpu=True))
+    assert routing_state(model) is None
+
+    monkeypatch.setattr(assets, "load_text", lambda *args: pytest.fail("the CLI loaded text before the check"))
+    code = main(["route", "--model", "tiny-gpt2", "--seq-len", "600", "--static", "--save-dir", str(tmp_path / "out")])
+    assert code == 2 and "use --seq-len <= 512" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_config_from_dict_refuses_unknown_keys():
+    config = TokenRouterConfig(token_sparsity=0.2, route_decode=True)
+    assert TokenRouterConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="no field 'route_decoding'; did you mean 'route_decode'"):
+        TokenRouterConfig.from_dict({"route_decoding": True})
+    with pytest.raises(ValueError, match="no field 'zzz'; valid fields: token_sparsity, "):
+        TokenRouterConfig.from_dict({"zzz": 1})

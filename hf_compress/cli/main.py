@@ -286,4 +286,8 @@ def _split(value: str) -> tuple[str, ...]:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as `python -m hf_compress.cli.main`, this file is a second module, `__main__`, whose COMMANDS nobody fills:
+    # the method packages register theirs on hf_compress.cli.main. Run that module's main, as `python -m hf_compress`.
+    from hf_compress.cli.main import main as package_main
+
+    sys.exit(package_main())

@@ -40,6 +40,7 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
 def run_route(args: argparse.Namespace) -> int:
     from ..assets import load_model, load_text
     from ..hub import hub_model_id
+    from ..modeling.layers import check_within_learned_positions
     from ..training import TrainingSettings, causal_lm_dataset
     from ..utils import check_save_dir
     from . import TokenRouterConfig, save_routed, search_schedule, static_router, train_token_router
@@ -50,6 +51,7 @@ def run_route(args: argparse.Namespace) -> int:
         search_windows=args.search_windows, search_seq_len=args.seq_len,
     )
     model, tokenizer = load_model(args.model)
+    check_within_learned_positions(model, args.seq_len, "--seq-len is", "--seq-len")  # before the search's work
     text = load_text("wikipedia", "calibration")
     schedule = search_schedule(model, text, config, tokenizer=tokenizer)
     print("schedule:", " ".join(f"{r:.2f}" for r in schedule.block_sparsity))

@@ -7,6 +7,7 @@ marked *(ours)* below; the benchmark (``scripts/bench_token_router.py``) states 
 
 from __future__ import annotations
 
+import difflib
 import json
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -100,8 +101,21 @@ class TokenRouterConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TokenRouterConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{key: value for key, value in values.items() if key in known})
+        """The config ``to_dict`` wrote; an unknown key is refused (a typo would otherwise fall back to a default).
+
+        Example:
+            >>> TokenRouterConfig.from_dict({"token_sparsty": 0.2})
+            Traceback (most recent call last):
+            ...
+            ValueError: TokenRouterConfig has no field 'token_sparsty'; did you mean 'token_sparsity'?
+        """
+        known = [f.name for f in fields(cls)]
+        for key in values:
+            if key not in known:
+                close = difflib.get_close_matches(str(key), known, n=1)
+                hint = f"did you mean {close[0]!r}?" if close else f"valid fields: {', '.join(known)}."
+                raise ValueError(f"TokenRouterConfig has no field {key!r}; {hint}")
+        return cls(**values)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)

@@ -23,13 +23,17 @@ What a skipped token means (the contract the tests check):
 - **Decoding.** Routing applies to the prompt forward (the first forward of a sequence). Tokens fed afterwards
   (decoding, speculative verification chunks) are computed at every block and see the prompt's kept tokens only
   — unless ``route_decode`` (the paper's decode variant: skip when the router's probability is below 0.5; the
-  router reads a token's position in the whole sequence, its attention and rank factors among the tokens fed
-  together, since earlier tokens' states are not kept). A decoded token skipped at a block leaves a zero cache slot
-  there, like a skipped prompt token; a row that skips while another row computes is filled up with its own
-  token, whose output is dropped and whose K/V is zeroed before it reaches the cache.
-  Assisted generation feeds the prompt and the first draft tokens in one forward: during ``generate()`` the
-  routed model knows its prompt's length, and the tokens past it are computed at every block, as decoded tokens
-  would be, so assisted and prompt-lookup decoding stay equal to greedy decoding.
+  router reads a token's position in the whole sequence, and the attention and rank factors of a token fed alone,
+  1 and 0, since earlier tokens' states are not kept: tokens fed together are routed as if fed one by one). A
+  decoded token skipped at a block leaves a zero cache slot there, like a skipped prompt token; a row that skips
+  while another row computes is filled up with its own token, whose output is dropped and whose K/V is zeroed
+  before it reaches the cache.
+  Assisted generation feeds the prompt and the first draft tokens in one forward, and ``generate(use_cache=False)``
+  the prompt and every token generated so far: during ``generate()`` the routed model knows its prompt's length,
+  and the tokens past it are treated as decoded tokens (computed at every block, or routed by the decode rule), so
+  assisted, prompt-lookup and cacheless decoding stay equal to greedy decoding. A prompt fed in chunks
+  (``prefill_chunk_size``) would be routed chunk by chunk, and is refused.
+- **Outputs.** ``output_attentions`` is refused: a block attends among its kept tokens only.
 - **Batches.** Each row selects among its own non-padding tokens (left padding: positions count from the row's
   first real token), so a row gets the same selection alone and in a batch. Rows that keep fewer tokens than the
   longest are filled up with padding positions (computed, then dropped and masked) so the gathered batch is
@@ -61,7 +65,7 @@ from torch import nn
 
 from .. import _compat
 from ..modeling.layers import find_decoder_blocks
-from .router import TokenRouter, router_features, select_tokens, static_scores
+from .router import TokenRouter, decoded_token_features, router_features, select_tokens, static_scores
 from .schedule import RoutingSchedule, skip_count
 
 
@@ -264,12 +268,34 @@ def _generate_knowing_the_prompt(self: nn.Module, *args: Any, **kwargs: Any) -> 
                   args[0] if args else None)
     previous = state.prompt_length if state is not None else None
     if state is not None and isinstance(inputs, torch.Tensor) and inputs.dim() >= 2:
+        chunk = _prefill_chunk_size(self, args, kwargs)
+        if chunk is not None and inputs.shape[1] > chunk and state.enabled and not state.schedule.is_dense:
+            # Later chunks would be fed as decoded tokens (computed at every block) and the first routed as if it
+            # were the whole prompt: another output than the one-forward prefill, silently.
+            raise ValueError(
+                f"generate(prefill_chunk_size={chunk}) would feed this {inputs.shape[1]}-token prompt in chunks, and a "
+                "routed model routes a prompt in one forward (its tokens are ranked among the whole prompt); pass "
+                "prefill_chunk_size=None (and leave it unset in the generation config)."
+            )
         state.prompt_length = inputs.shape[1]
     try:
         return type(self).generate(self, *args, **kwargs)
     finally:
         if state is not None:
             state.prompt_length = previous
+
+
+def _prefill_chunk_size(model: nn.Module, args: tuple, kwargs: dict) -> int | None:
+    """The ``prefill_chunk_size`` this ``generate()`` call will use: its keyword, else the generation config it was
+    given, else the model's (the order in which ``generate()`` merges them)."""
+    if "prefill_chunk_size" in kwargs:
+        return kwargs["prefill_chunk_size"]
+    given = kwargs.get("generation_config", args[1] if len(args) > 1 else None)
+    for config in (given, getattr(model, "generation_config", None)):
+        value = getattr(config, "prefill_chunk_size", None)
+        if value is not None:
+            return value
+    return None
 
 
 def _begin_forward(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -293,13 +319,21 @@ def _begin_forward(module: nn.Module, args: tuple, kwargs: dict) -> None:
             "token routing needs the 2-D attention_mask (batch, length) of ones and zeros; got a prepared "
             f"{type(mask).__name__} mask. {fix}"
         )
+    routed = state.enabled and not state.schedule.is_dense
+    attentions = arguments.get("output_attentions", getattr(getattr(module, "config", None), "output_attentions", False))
+    if routed and attentions:
+        raise ValueError(
+            "a routed model's blocks attend among the tokens they compute only, so it has no full-size attention maps "
+            "to return; pass output_attentions=False (for the dense model's maps, call it inside "
+            "routing_disabled(model))."
+        )
     if mask is not None:
         valid = mask.bool()
         past = valid.shape[1] - query_length
     else:
         valid = None
         past = cache.get_seq_length() if cache is not None else 0
-    if valid is not None and past == 0 and query_length > 1 and state.enabled and not state.schedule.is_dense:
+    if valid is not None and past == 0 and query_length > 1 and routed:
         current = valid[:, past:]
         # A row is left-padded when its non-padding tokens form a suffix: once real, real until the end.
         if bool((current[:, :-1] & ~current[:, 1:]).any()):
@@ -315,7 +349,7 @@ def _begin_forward(module: nn.Module, args: tuple, kwargs: dict) -> None:
     prompt = min(state.prompt_length, query_length) if past == 0 and state.prompt_length is not None else query_length
     state.tail = query_length - prompt
     state.no_padding, state.counts = True, [prompt] * tokens.shape[0]
-    if valid is not None and past == 0 and query_length > 1 and state.enabled and not state.schedule.is_dense:
+    if valid is not None and past == 0 and query_length > 1 and routed:
         # Each row's prompt tokens and all its tokens: a routed prompt's only device read (later forwards need none).
         state.counts, totals = torch.stack([valid[:, :prompt].sum(-1), valid.sum(-1)]).tolist()
         state.no_padding = all(count == query_length for count in totals)
@@ -373,16 +407,8 @@ def _call_arguments(block: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.
     return call.pop(hidden_name), call
 
 
-def _token_scores(block: nn.Module, state: RoutingState, hidden: torch.Tensor, valid: torch.Tensor, sparsity: float,
-                  offset: torch.Tensor | None = None):
-    """Scores ``(B, T)`` (higher = compute) and, for the trained router, its logits.
-
-    ``offset`` (decoding): real tokens already in the cache; the sequence's first token is not among these, so
-    no token is kept unconditionally and the router alone decides.
-    """
-    if offset is not None:
-        logits = state.router(router_features(hidden, valid, sparsity, offset))
-        return logits.detach().float().masked_fill(~valid, -math.inf), logits
+def _token_scores(block: nn.Module, state: RoutingState, hidden: torch.Tensor, valid: torch.Tensor, sparsity: float):
+    """Scores ``(B, T)`` of a prompt's tokens (higher = compute) and, for the trained router, its logits."""
     if state.mode == "static":
         return static_scores(valid), None
     if state.mode == "random":
@@ -392,6 +418,15 @@ def _token_scores(block: nn.Module, state: RoutingState, hidden: torch.Tensor, v
     logits = state.router(router_features(hidden, valid, sparsity))
     scores = torch.where(static_scores(valid) == math.inf, math.inf, logits.detach().float())
     return scores.masked_fill(~valid, -math.inf), logits
+
+
+def _decode_rule(state: RoutingState, valid: torch.Tensor, sparsity: float,
+                 offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The paper's decode rule on tokens fed after the prompt: scores ``(B, T)`` and which real tokens skip (the
+    router's compute probability below 0.5). ``offset`` ``(B,)``: real tokens before them; the sequence's first
+    token is not among these, so no token is kept unconditionally and the router alone decides."""
+    scores = state.router(decoded_token_features(valid, sparsity, offset)).detach().float()
+    return scores.masked_fill(~valid, -math.inf), valid & (torch.sigmoid(scores) < 0.5)
 
 
 def _routed_forward(block: nn.Module, state: RoutingState, sparsity: float, args: tuple, kwargs: dict) -> Any:
@@ -404,7 +439,11 @@ def _routed_forward(block: nn.Module, state: RoutingState, sparsity: float, args
     past = state.past_length
     valid_all = state.valid
     prompt = past == 0 and length > 1
-    decode_routing = past > 0 and state.route_decode and state.mode == "router"
+    routes_decoded = state.route_decode and state.mode == "router"
+    decode_routing = past > 0 and routes_decoded
+    # Tokens of a first forward past the prompt (assisted generation's drafts, generate(use_cache=False)) are the
+    # decoded tokens of that generation: with route_decode they follow the decode rule, as when decoded one by one.
+    tail_routing = prompt and state.tail > 0 and routes_decoded
     if not prompt and not decode_routing and (cache is None or past == 0):
         return super(RoutedLayerMixin, block).forward(*args, **kwargs)
 
@@ -413,7 +452,8 @@ def _routed_forward(block: nn.Module, state: RoutingState, sparsity: float, args
     selection: dict[Any, Any] = {}  # what this block derives from its tokens; shared with same-selection blocks
     if prompt:
         skips = tuple(skip_count(sparsity, n) for n in state.counts)
-        # Known here, with no wait for the device; the tokens past the prompt are always computed.
+        # Known here, with no wait for the device; the tokens past the prompt are all computed (with tail_routing
+        # some are not: the width is then counted from the decode rule's choices).
         width = max(n - skipped for n, skipped in zip(state.counts, skips)) + state.tail
     if prompt and state.mode == "static" and state.collect is None:
         # The static rule ranks by position only: every block with the same skip counts keeps the same tokens.
@@ -429,30 +469,38 @@ def _routed_forward(block: nn.Module, state: RoutingState, sparsity: float, args
         selection = state.selections[skips]
         keep, real = selection["tokens"]
         shared = selection["shared"]
-    elif prompt or decode_routing:
+    elif prompt:
         valid = _current_validity(state, hidden)
-        ranked = length - state.tail if prompt else length  # the tokens past the prompt are not ranked: always kept
-        offset = None
-        if not prompt:
-            offset = state.valid[:, :past].sum(-1) if state.valid is not None else valid.new_full((batch,), past,
-                                                                                                    dtype=torch.long)
-        scores, logits = _token_scores(block, state, hidden[:, :ranked], valid[:, :ranked], sparsity, offset)
-        if ranked < length:
+        ranked = length - state.tail  # the prompt's tokens; those past it are not ranked among them
+        scores, logits = _token_scores(block, state, hidden[:, :ranked], valid[:, :ranked], sparsity)
+        skip = _row_counts(skips, hidden.device)
+        if tail_routing:
+            _, tail_skipped = _decode_rule(state, valid[:, ranked:], sparsity, valid[:, :ranked].sum(-1))
+            tail_computed = valid[:, ranked:] & ~tail_skipped
+            # Above every prompt token when computed, below all of them when skipped: top-k then keeps the prompt's
+            # own selection plus the computed tail tokens.
+            scores = torch.cat([scores, torch.where(tail_computed, math.inf, -math.inf)], dim=1)
+            skip = skip + tail_skipped.sum(-1)
+            width = int((valid.sum(-1) - skip).max())
+        elif ranked < length:  # always computed, as decoded tokens are without route_decode
             scores = torch.cat([scores, scores.new_full((batch, length - ranked), math.inf)], dim=1)
-        if prompt:
-            skip = _row_counts(skips, hidden.device)
-        else:  # the paper's decode rule: skip a token whose compute probability is below 0.5
-            skip = (valid & (torch.sigmoid(scores) < 0.5)).sum(-1)
-            # At least one (filler) column: the block must still write this step's slots (zeros) to the cache.
-            width = max(1, int((valid.sum(-1) - skip).max()))
         keep, real = select_tokens(scores, valid, skip, width)
-        if state.collect is not None and logits is not None and prompt:
+        if state.collect is not None and logits is not None:
             static_keep, _ = select_tokens(static_scores(valid), valid, skip, width)
             labels = torch.zeros_like(valid).scatter(1, static_keep, True) & valid
             state.collect.append((logits, valid, labels, sparsity))
             if cache is not None:
                 raise ValueError("router training runs its forwards without a cache; pass use_cache=False.")
             return _training_forward(block, hidden, call, valid, keep, real, scores, logits)
+    elif decode_routing:
+        valid = _current_validity(state, hidden)
+        offset = state.valid[:, :past].sum(-1) if state.valid is not None else valid.new_full((batch,), past,
+                                                                                                dtype=torch.long)
+        scores, skipped = _decode_rule(state, valid, sparsity, offset)
+        skip = skipped.sum(-1)
+        # At least one (filler) column: the block must still write this step's slots (zeros) to the cache.
+        width = max(1, int((valid.sum(-1) - skip).max()))
+        keep, real = select_tokens(scores, valid, skip, width)
     else:
         keep = torch.arange(length, device=hidden.device).expand(batch, length)
         real = torch.ones(batch, length, dtype=torch.bool, device=hidden.device)
@@ -491,9 +539,11 @@ def _routed_forward(block: nn.Module, state: RoutingState, sparsity: float, args
     window = block._routing_window
     if state.attention is None:
         state.attention = _implementation(block)
-    # Without padding there are no fillers: in gathered order the mask of a prompt is plain causal (positions are
-    # sorted), so sdpa's is_causal kernel runs, as for the dense model. A sliding window matters beyond its length.
-    if state.no_padding and past == 0 and (window is None or length <= window) and state.attention == "sdpa":
+    # Without padding there are no fillers (unless rows skip different numbers of tail tokens): in gathered order the
+    # mask of a prompt is plain causal (positions are sorted), so sdpa's is_causal kernel runs, as for the dense
+    # model. A sliding window matters beyond its length.
+    no_fillers = state.no_padding and past == 0 and not tail_routing
+    if no_fillers and (window is None or length <= window) and state.attention == "sdpa":
         mask = None
     else:
         visible = None
@@ -507,12 +557,12 @@ def _routed_forward(block: nn.Module, state: RoutingState, sparsity: float, args
     if cache is not None:
         # A decode chunk has no padding to fill rows up with: a row's fillers are its own skipped tokens, whose K/V
         # must not reach the cache (zeros there are masked for every later query, as for any skipped slot).
-        fillers = real if decode_routing else None
+        fillers = real if decode_routing or tail_routing else None
         call[cache_name] = _ScatteringCache(cache, keep, shared, length, mask, gather=past == 0, real=fillers)
 
     output = super(RoutedLayerMixin, block).forward(hidden_kept, **call)
     computed = output[0] if isinstance(output, tuple) else output
-    if not (state.no_padding and past == 0):  # fillers exist only beside padding
+    if not no_fillers:
         computed = torch.where(real[..., None], computed, hidden_kept)
     if shared is not None:
         result = hidden.index_copy(1, shared, computed)

@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 
-__all__ = ["ROUTER_FEATURES_VERSION", "TokenRouter", "router_features", "select_tokens", "static_scores"]
+__all__ = ["ROUTER_FEATURES_VERSION", "TokenRouter", "decoded_token_features", "router_features", "select_tokens",
+           "static_scores"]
 
 ROUTER_FEATURES_VERSION = 2
 """What a saved router's weights were trained to read (1: the attention factor unbounded, ``a·n``; 2: ``log``-bounded).
@@ -73,6 +74,18 @@ class TokenRouter(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.output(nn.functional.gelu(self.hidden(features.to(self.hidden.weight.dtype)))).squeeze(-1)
 
+    def _apply(self, fn, recurse: bool = True):
+        # model.to(torch.bfloat16) / .half() must not round the router: in bf16 its logits tie on long prompts and
+        # top-k then keeps other tokens than the float32 router (from_pretrained keeps it in float32 too). A cast
+        # follows the device only; forward() casts the features to float32 and returns float32 logits.
+        def keep_float32(tensor: torch.Tensor) -> torch.Tensor:
+            converted = fn(tensor)
+            if tensor.dtype == torch.float32 and converted.dtype != torch.float32:
+                return tensor.to(converted.device)
+            return converted
+
+        return super()._apply(keep_float32, recurse)
+
 
 def real_positions(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per token its position among the row's non-padding tokens (``valid`` is ``(B, T)`` bool) and each row's count."""
@@ -93,16 +106,9 @@ def static_scores(valid: torch.Tensor) -> torch.Tensor:
     return scores.masked_fill(~valid, -math.inf)
 
 
-def router_features(hidden_states: torch.Tensor, valid: torch.Tensor, block_sparsity: float,
-                    offset: torch.Tensor | None = None) -> torch.Tensor:
-    """The four factors ``(B, T, 4)`` of every token at one block's input (padding rows are zeros).
-
-    ``offset`` ``(B,)``: real tokens before these ones (decoding), so positions count in the whole sequence; the
-    attention and rank factors are computed among the tokens given (the earlier ones' states are not kept).
-    """
+def router_features(hidden_states: torch.Tensor, valid: torch.Tensor, block_sparsity: float) -> torch.Tensor:
+    """The four factors ``(B, T, 4)`` of every prompt token at one block's input (padding rows are zeros)."""
     positions, counts = real_positions(valid)
-    if offset is not None:
-        positions, counts = positions + offset[:, None], counts + offset
     n = counts.clamp(min=1).to(torch.float32)[:, None]
     hidden = hidden_states.detach().to(torch.float32)
     # Cosine-like score of each token against the last one, as matrix-vector products (no [B, T, H] temporaries).
@@ -119,6 +125,30 @@ def router_features(hidden_states: torch.Tensor, valid: torch.Tensor, block_spar
             rank.to(torch.float32) / n,
             torch.full_like(attention, float(block_sparsity)),
         ],
+        dim=-1,
+    )
+    return features * valid[..., None]
+
+
+def decoded_token_features(valid: torch.Tensor, block_sparsity: float, offset: torch.Tensor) -> torch.Tensor:
+    """The four factors ``(B, T, 4)`` of tokens fed after the prompt (padding rows are zeros), each as if fed alone.
+
+    A decoded token is fed alone: among one token its attention factor is 1 and its rank 0, whatever its hidden
+    state, so only its position ``p / (p + 1)`` in the whole sequence varies. Several tokens fed together (assisted
+    generation's verification, ``generate(use_cache=False)``) get those same factors, not ones computed among them,
+    so they are routed exactly as decoding them one by one would route them. ``offset`` ``(B,)``: real tokens before
+    these ones.
+
+    Example:
+        >>> decoded_token_features(torch.ones(1, 2, dtype=torch.bool), 0.3, torch.tensor([3]))[0]
+        tensor([[0.7500, 1.0000, 0.0000, 0.3000],
+                [0.8000, 1.0000, 0.0000, 0.3000]])
+    """
+    positions = real_positions(valid)[0] + offset[:, None]
+    ones = torch.ones(valid.shape, dtype=torch.float32, device=valid.device)
+    features = torch.stack(
+        [positions.to(torch.float32) / (positions + 1).to(torch.float32), ones, torch.zeros_like(ones),
+         torch.full_like(ones, float(block_sparsity))],
         dim=-1,
     )
     return features * valid[..., None]

@@ -29,7 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..modeling.calibration import calibration_loss
-from ..modeling.layers import find_decoder_blocks
+from ..modeling.layers import check_within_learned_positions, find_decoder_blocks
 from ..utils import get_logger
 from .config import TokenRouterConfig
 from .layer import install_routing, remove_routing, routing_mode, routing_state
@@ -77,7 +77,10 @@ def search_schedule(
         0.25
     """
     config = config or TokenRouterConfig()
+    if not isinstance(calibration, torch.Tensor):  # refused before the text is tokenized
+        check_within_learned_positions(model, config.search_seq_len, "search_seq_len is", "search_seq_len")
     windows = _windows(calibration, tokenizer, config)
+    check_within_learned_positions(model, windows.shape[1], "the calibration windows have", "[N, L] windows with L")
     _, blocks = find_decoder_blocks(model)
     num_blocks = len(blocks)
     target = config.token_sparsity

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
+from ..modeling.layers import check_within_learned_positions, find_decoder_blocks, learned_position_limit
 from ..training import TrainingSettings, train_with_trainer
 from ..utils import get_logger
 from .config import TokenRouterConfig
@@ -74,6 +75,8 @@ class RouterTrainingModule(nn.Module):
         self.last_losses: dict[str, float] = {}
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, labels: Any = None) -> dict:
+        if self.model.training:  # transformers checkpoints blocks in training mode only
+            _refuse_gradient_checkpointing(self.model)
         state = routing_state(self.model)
         with torch.no_grad(), routing_disabled(self.model):
             teacher = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits.float()
@@ -89,6 +92,28 @@ class RouterTrainingModule(nn.Module):
                                                                   self.config.loss_tail)
         self.last_losses = {name: float(value.detach()) for name, value in losses.items()}
         return {"loss": sum(losses.values())}
+
+
+GRADIENT_CHECKPOINTING_REFUSED = (
+    "router training cannot run with gradient checkpointing (the blocks it recomputes in the backward pass, after "
+    "the routed forward, would route again, differently, or leave the router without a gradient)"
+)
+
+
+def _refuse_gradient_checkpointing(model: nn.Module, settings: Any = None) -> None:
+    """Refuse, before any work, gradient checkpointing on ``model`` or asked of ``Trainer`` by ``settings``."""
+    if any(getattr(module, "gradient_checkpointing", False) is True for module in model.modules()):
+        raise ValueError(f"{GRADIENT_CHECKPOINTING_REFUSED}; call model.activation_checkpointing_disable() first "
+                         "(gradient_checkpointing_disable() before transformers 5.25).")
+    # activation_checkpointing is gradient_checkpointing's newer name (transformers 5.25); TrainingArguments sets both.
+    flags = ("activation_checkpointing", "gradient_checkpointing")
+    if isinstance(settings, TrainingSettings):
+        asked = dict(settings.extra_arguments or {})
+    else:  # TrainingArguments, or none
+        asked = {name: getattr(settings, name, None) for name in flags}
+    named = [name for name in flags if asked.get(name)]
+    if named:
+        raise ValueError(f"{GRADIENT_CHECKPOINTING_REFUSED}; leave {' and '.join(named)} off in the training arguments.")
 
 
 def _tail_kl(teacher: torch.Tensor, student: torch.Tensor, input_ids: torch.Tensor,
@@ -200,6 +225,10 @@ def train_token_router(
     When model selection keeps the untrained starting router (the static rule) and ``route_decode`` is off, the
     model is returned in ``"static"`` mode instead: the same tokens, without the router's features to compute.
 
+    A model that is routed already keeps its router (``config.router_hidden_size`` must be its size; without a
+    ``config``, the default one takes the router's size and ``route_decode`` from the model) and takes ``schedule``
+    and ``config.route_decode``. Gradient checkpointing is refused: see ``GRADIENT_CHECKPOINTING_REFUSED``.
+
     Model selection (:class:`KeepBestRouter`): every ``config.validation_every`` steps, and before the first, the
     routed model's tail KL to the dense model is measured on held-out windows (``eval_dataset``, or the last
     ``config.validation_windows`` rows of ``dataset``, which are then not trained on); the best router is kept.
@@ -212,14 +241,33 @@ def train_token_router(
         >>> routed = train_token_router(model, RoutingSchedule([0.3, 0.3]), data,
         ...                             args=TrainingSettings(max_steps=2, use_cpu=True))  # doctest: +SKIP
     """
-    config = config or TokenRouterConfig(token_sparsity=schedule.mean_sparsity)
+    # Every check before the model changes: a refused call leaves it as it came.
+    schedule.check_blocks(len(find_decoder_blocks(model)[1]))
+    _refuse_gradient_checkpointing(model, args)
     state = routing_state(model)
+    if config is None:
+        installed = {} if state is None else {"router_hidden_size": state.router.hidden.out_features,
+                                              "route_decode": state.route_decode}
+        config = TokenRouterConfig(token_sparsity=schedule.mean_sparsity, **installed)
+    elif state is not None and state.router.hidden.out_features != config.router_hidden_size:
+        size = state.router.hidden.out_features
+        raise ValueError(
+            f"the model's router has hidden size {size} but config.router_hidden_size is {config.router_hidden_size}; "
+            f"pass router_hidden_size={size} to train this router, or call remove_routing(model) first to train a new "
+            "one."
+        )
+    if learned_position_limit(model) is not None:
+        for rows in (dataset, eval_dataset):
+            if rows is not None and len(rows):
+                longest = max(len(ids) for ids in rows["input_ids"])
+                check_within_learned_positions(model, longest, "the longest training row has", "seq_len")
     if state is None:
         state = install_routing(model, schedule, mode="router", router_hidden_size=config.router_hidden_size,
                                 route_decode=config.route_decode)
     else:
         state.schedule = schedule
         state.mode = "router"
+        state.route_decode = config.route_decode
     model.requires_grad_(False)
     state.router.requires_grad_(True)
     state.router.float()
