@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import copy
+import json
+import logging
+
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from hf_compress.assets import tiny_model
 from hf_compress.hub import read_recipe
+from hf_compress.recipe.config import RecipeError
+from hf_compress.recipe.steps.heads import HeadsStep
 from hf_compress.speculative import StrictGreedy, TypicalAcceptance
 from hf_compress.speculative.heads import (
     Amphista,
@@ -25,7 +32,7 @@ from hf_compress.speculative.heads import (
     train_heads,
 )
 from hf_compress.speculative.heads.training import HeadsTrainingModule, TimeBudget
-from hf_compress.training import TrainingSettings
+from hf_compress.training import TrainingSettings, causal_lm_dataset
 
 
 def quick_settings(steps: int = 40) -> TrainingSettings:
@@ -121,6 +128,7 @@ def test_tree_buffers_on_a_hand_built_tree():
     assert DraftTree.chain(3).is_chain and not tree.is_chain
     assert not DraftTree([(1,), (1, 0)]).is_chain  # one node per depth, but the second-ranked token first
     assert DraftTree(tree.to_list()) == tree
+    assert tree.top_chain.tolist() == [0, 2, 5] and DraftTree([(1,)]).top_chain.tolist() == []  # what a chain drafts
     best = DraftTree.from_accuracies(torch.tensor([[0.7, 0.2], [0.5, 0.1], [0.3, 0.1]]), 4)
     assert best.paths == [(0,), (1,), (0, 0), (0, 0, 0)]  # 0.7, 0.2, 0.35, 0.105 beat 0.1 and 0.07
     with pytest.raises(ValueError, match="no parent"):
@@ -192,6 +200,42 @@ def test_chain_decoding_runs_left_padded_batches(llama_amphista):
                        custom_generate=Amphista(heads, tree=[(0,), (1,)]))
 
 
+def test_trees_fall_back_to_chains_at_gemma3_s_sliding_window():
+    model, _ = tiny_model("gemma3")
+    window = model.config.sliding_window
+    heads = AmphistaHeads.for_model(model, AmphistaConfig(num_heads=3, num_attention_heads=2))
+    strategy = Amphista(heads, tree=[(0,), (1,), (0, 0)])
+    for length in (window - 4, window + 3):  # reaches the window mid-call; is past it from the start
+        ids = torch.randint(3, 250, (1, length), generator=torch.Generator().manual_seed(1))
+        reference = model.generate(ids, max_new_tokens=12, do_sample=False)
+        assert torch.equal(model.generate(ids, max_new_tokens=12, do_sample=False, custom_generate=strategy), reference)
+
+
+def test_a_left_padded_row_gets_the_drafts_it_gets_alone():
+    model, _ = tiny_model("llama")
+    torch.manual_seed(0)
+    heads = AmphistaHeads.for_model(model, AmphistaConfig(num_heads=3, num_attention_heads=2))
+    with torch.no_grad():  # far from the identity start, so that what the adaptation stages attend to matters
+        for parameter in heads.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.1)
+
+    def first_draft_logits(ids, mask):
+        """The last row's draft logits in the first drafting round (the same sequence then, padded or not)."""
+        logits, project = [], heads.project
+        heads.project = lambda *args, **kwargs: logits.append(project(*args, **kwargs)) or logits[-1]
+        try:
+            model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0,
+                           custom_generate=Amphista(heads, tree="chain"))
+        finally:
+            del heads.project
+        return logits[0][-1]
+
+    row = [40, 41, 42, 43]
+    padded = first_draft_logits(torch.tensor([[7, 8, 9, 10, 11, 12], [0, 0, *row]]),
+                                torch.tensor([[1] * 6, [0, 0, 1, 1, 1, 1]]))
+    torch.testing.assert_close(padded, first_draft_logits(torch.tensor([row]), None), rtol=1e-4, atol=1e-4)
+
+
 def test_typical_acceptance_thresholds_and_sampling_runs(llama_amphista):
     rule = TypicalAcceptance()  # ε = 0.09, δ = 0.3
     confident = torch.tensor([[[10.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]])
@@ -236,6 +280,36 @@ def test_cached_and_live_features_give_the_same_loss_and_training_restores_the_b
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the base never moves
 
 
+def test_training_keeps_the_frozen_base_in_eval_mode_and_hands_it_back_as_it_came():
+    model, _ = tiny_model("gpt2")  # with dropout
+    heads = AmphistaHeads.for_model(model, MedusaConfig(num_heads=2))
+    data = self_distillation_dataset(model, torch.randint(3, 250, (8, 6), generator=torch.Generator().manual_seed(0)),
+                                     6, batch_size=8)
+    body_modes = []
+    hook = model.base_model.register_forward_pre_hook(lambda module, args: body_modes.append(module.training))
+    try:
+        for train_mode in (False, True):
+            model.train(train_mode)
+            modes = {name: module.training for name, module in model.named_modules()}
+            for cache_features in (False, True):
+                train_heads(model, heads, data, quick_settings(2), cache_features=cache_features)
+                assert {name: module.training for name, module in model.named_modules()} == modes
+    finally:
+        hook.remove()
+    assert body_modes and not any(body_modes)  # the features are computed as at decode time: no dropout
+
+
+def test_windows_too_short_to_learn_from_are_refused():
+    model, tok = tiny_model("llama")
+    heads = AmphistaHeads.for_model(model, MedusaConfig(num_heads=2))
+    data = causal_lm_dataset(["some text here and more " * 40], tok, num_sequences=4, seq_len=2)
+    for dataset in (data, cache_base_features(model, data)):
+        with pytest.raises(ValueError, match="at least 3 tokens; this dataset has windows of 2"):
+            train_heads(model, heads, dataset, quick_settings(2), cache_features=False)
+    with pytest.raises(RecipeError, match=r"training\.seq_len must be an integer >= 3, got 2"):
+        HeadsStep.parse(1, {"method": "medusa", "training": {"seq_len": 2}}, seed=0)
+
+
 def test_time_budget_stops_training():
     model, _ = tiny_model("llama")
     heads = AmphistaHeads.for_model(model, MedusaConfig(num_heads=2))
@@ -274,6 +348,46 @@ def test_save_load_gives_the_same_drafts(llama_amphista, tmp_path):
         MedusaHeads.from_pretrained(folder)
     with pytest.raises(FileExistsError):
         heads.save_pretrained(tmp_path / "heads")
+
+
+def test_incomplete_or_padded_out_heads_folders_are_refused(llama_amphista, tmp_path):
+    model, heads, _ = llama_amphista
+    folder = heads.save_pretrained(tmp_path / "heads")
+    tensors = load_file(folder / "model.safetensors")
+    save_file({k: v for k, v in tensors.items() if not k.startswith("stages.1.")}, folder / "model.safetensors",
+              metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"does not hold complete AmphistaHeads: missing \[stages\.1\."):
+        DraftHeads.from_pretrained(folder)
+    with pytest.raises(ValueError, match="does not hold complete AmphistaHeads"):
+        model.generate(torch.tensor([PROMPTS[0]]), max_new_tokens=4, do_sample=False,
+                       custom_generate=Amphista(str(folder)))
+    save_file({**tensors, "extra.weight": torch.zeros(2)}, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"unexpected \[extra\.weight\]"):
+        DraftHeads.from_pretrained(folder)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    loaded, info = DraftHeads.from_pretrained(folder, output_loading_info=True)
+    assert isinstance(loaded, AmphistaHeads) and not info["missing_keys"]
+
+
+def test_heads_for_another_base_model_of_the_same_shape_are_refused(llama_amphista, tmp_path, caplog):
+    model, heads, _ = llama_amphista
+    ids = torch.tensor([PROMPTS[0]])
+    # Same sizes, other model: another architecture with equal weights, and the same architecture with other weights.
+    for other in (tiny_model("qwen3")[0], tiny_model("llama", seed=1)[0]):
+        with pytest.raises(ValueError, match="Wrong base model for these heads"):
+            other.generate(ids, max_new_tokens=4, do_sample=False, custom_generate=Amphista(heads))
+    heads.check_compatible(copy.deepcopy(model).to(torch.bfloat16))  # the same weights in another dtype pass
+    # A folder saved before base model identities were recorded still loads; that it is unchecked is logged.
+    folder = heads.save_pretrained(tmp_path / "heads")
+    config = json.loads((folder / "config.json").read_text())
+    del config["base_model_identity"]
+    (folder / "config.json").write_text(json.dumps(config))
+    old = DraftHeads.from_pretrained(folder)
+    assert old.config.base_model_identity is None
+    with caplog.at_level(logging.INFO, logger="hf_compress"):
+        out = model.generate(ids, max_new_tokens=4, do_sample=False, custom_generate=Amphista(old))
+    assert torch.equal(out, model.generate(ids, max_new_tokens=4, do_sample=False))
+    assert "Cannot check that this model is the base model of these heads" in caplog.text
 
 
 def test_push_to_fake_hub_and_generate_from_the_pushed_repo(llama_amphista, fake_hub):

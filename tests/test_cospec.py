@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+import json
+import logging
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -161,6 +165,39 @@ def test_always_accept_equals_accepting_every_draft_token(pair, mixed_arbiter):
                        model.generate(ids, max_new_tokens=20, do_sample=False, custom_generate=loose))
 
 
+def test_a_draft_token_the_logits_processors_ban_is_never_kept(pair):
+    model, tok, draft = pair
+    inf = float("-inf")
+    arbiter = CoSpecArbiter.for_model(model, ArbiterConfig(use_hidden_states=False))
+    logits = torch.full((1, 3, 256), -5.0)
+    logits[0, [0, 1, 2], [1, 2, 3]] = 5.0
+    logits[0, 1, 9] = inf  # the mismatching draft 9 is banned there (bad_words_ids, EOS under min_new_tokens)
+    log = DecisionLog()
+    for rule in (ArbiterRule(arbiter, mode="accept", log=log), ArbiterRule(arbiter, threshold=0.0),
+                 LooseVerification(entropy_threshold=0.0, use_window=False)):  # rules that keep every allowed mismatch
+        verdict = rule.verify(torch.tensor([[1, 9]]), logits)
+        assert verdict.num_accepted.tolist() == [1] and verdict.next_token.tolist() == [2]
+    assert log.decisions == []  # not the arbiter's to decide: nothing to learn from
+    # Through generate(): a keen arbiter and FLy without its gates keep mismatching drafts, but never banned ones.
+    keen = CoSpecArbiter.for_model(model)
+    with torch.no_grad():
+        keen.net[-1].bias.fill_(10.0)
+    ids = tok(PROMPTS[0], return_tensors="pt").input_ids
+    n = ids.shape[1]
+    reference = model.generate(ids, max_new_tokens=12, do_sample=False)[0, n:].tolist()
+    for make in (lambda: CoSpec(keen, draft), lambda: FLy(draft, entropy_threshold=0.01, window=1, use_ngram=False)):
+        loose = model.generate(ids, max_new_tokens=12, do_sample=False, custom_generate=make())[0, n:].tolist()
+        banned = [t for t in dict.fromkeys(loose) if t not in reference][:2]
+        assert banned  # the loose rule did keep drafts greedy decoding would not emit
+        out = model.generate(ids, max_new_tokens=12, do_sample=False, bad_words_ids=[[t] for t in banned],
+                             custom_generate=make())[0, n:].tolist()
+        assert not set(out) & set(banned), out
+        eos = banned[0]
+        out = model.generate(ids, max_new_tokens=12, min_new_tokens=8, eos_token_id=eos, pad_token_id=0,
+                             do_sample=False, custom_generate=make())[0, n:].tolist()
+        assert eos not in out[:8], out
+
+
 # ------------------------------------------------------------------------------------ training
 def test_oracle_labels_follow_the_branch_scores(pair):
     assert (oracle_label(0.2, 0.9, False), oracle_label(0.9, 0.2, True), oracle_label(0.5, 0.5, True),
@@ -179,6 +216,41 @@ def test_oracle_labels_follow_the_branch_scores(pair):
     assert len(data) > 0 and data.features.shape == (len(data), arbiter.config.num_features)
     assert data.labels.sum() < len(data)  # a random draft token changes the answer: labelled TARGET
     assert strategy.mode == "policy" and strategy.decision_log is None  # restored
+
+
+def test_decisions_past_where_the_answer_stopped_are_not_learned_from():
+    model, tok = tiny_model("llama")  # its own copy: the stop token is set on its generation config
+    prompt = torch.tensor([[5, 9, 13, 200, 7]])
+    greedy_tokens = model.generate(prompt, max_new_tokens=4, do_sample=False)[0, 5:].tolist()
+    stop, wrong = greedy_tokens[2], (greedy_tokens[3] + 1) % 256
+    assert stop not in greedy_tokens[:2]
+
+    class AnswerThenMismatch:  # the greedy answer up to its stop token, then a mismatch inside the same round
+        def reset(self):
+            pass
+
+        def propose(self, input_ids, attention_mask, max_tokens):
+            if input_ids.shape[1] != prompt.shape[1]:
+                return None
+            return Draft(torch.tensor([greedy_tokens[:3] + [wrong]])[:, :max_tokens])
+
+    def strategy(mode):
+        cospec = CoSpec(CoSpecArbiter.for_model(model, tokenizer=tok), num_draft_tokens=4, mode=mode)
+        cospec._drafter, cospec._custom_drafter = AnswerThenMismatch(), True
+        return cospec
+
+    # Without a stop the mismatch takes effect and is logged; stopped first, it never took effect.
+    for eos, expected in ((None, [(3, True, wrong)]), (stop, [])):
+        accept = strategy("accept")
+        accept.decision_log = log = DecisionLog()
+        model.generate(prompt, max_new_tokens=8, do_sample=False, eos_token_id=eos, pad_token_id=0,
+                       custom_generate=accept)
+        assert [(d.index, d.keep_draft, d.draft_token) for d in log.decisions] == expected
+    model.generation_config.eos_token_id = stop
+    examples = task_examples([{"input_ids": prompt[0].tolist(), "answers": ["x"]}])
+    labels = collect_oracle_labels(model, strategy("policy"), examples, tok, reward=lambda text, answers: 0.0,
+                                   settings=quick_settings(max_new_tokens=8))
+    assert len(labels) == 0 and labels.mismatches_seen == 0
 
 
 def test_reinforce_step_moves_the_policy_towards_rewarded_actions(pair):
@@ -242,6 +314,26 @@ def test_save_reload_gives_identical_decisions(pair, mixed_arbiter, tmp_path):
     assert first.last_metrics.target_forwards == second.last_metrics.target_forwards
     with pytest.raises(FileExistsError):
         mixed_arbiter.save_pretrained(tmp_path / "arb")
+
+
+def test_an_arbiter_for_another_target_of_the_same_shape_is_refused(pair, mixed_arbiter, tmp_path, caplog):
+    model, tok, draft = pair
+    ids = tok(PROMPTS[0], return_tensors="pt").input_ids
+    # Same sizes, other model: another architecture with equal weights, and the same architecture with other weights.
+    for other in (tiny_model("qwen3")[0], draft):
+        with pytest.raises(ValueError, match="Wrong base model for this CoSpec arbiter"):
+            other.generate(ids, max_new_tokens=4, do_sample=False, custom_generate=CoSpec(mixed_arbiter, draft))
+    mixed_arbiter.check_compatible(copy.deepcopy(model).to(torch.bfloat16), tok)  # the same weights in another dtype
+    # A folder saved before base model identities were recorded still loads; that it is unchecked is logged.
+    folder = mixed_arbiter.save_pretrained(tmp_path / "arb")
+    config = json.loads((folder / "config.json").read_text())
+    del config["base_model_identity"]
+    (folder / "config.json").write_text(json.dumps(config))
+    old = CoSpecArbiter.from_pretrained(folder)
+    assert old.config.base_model_identity is None
+    with caplog.at_level(logging.INFO, logger="hf_compress"):
+        draft.generate(ids, max_new_tokens=4, do_sample=False, custom_generate=CoSpec(old, draft))
+    assert "Cannot check that this model is the base model of this CoSpec arbiter" in caplog.text
 
 
 def test_incomplete_or_foreign_folders_are_refused_as_arbiters(pair, mixed_arbiter, tmp_path):

@@ -49,6 +49,21 @@ def token_at(tokens: torch.Tensor, index: torch.LongTensor) -> torch.LongTensor:
     return tokens.gather(1, index.unsqueeze(1)).squeeze(1)
 
 
+def emittable(draft_tokens: torch.LongTensor, target_logits: torch.Tensor) -> torch.BoolTensor:
+    """``(B, k)``: whether each draft token may be emitted at all, i.e. its processed score is not ``-inf``.
+
+    Logits processors ban tokens that way (``bad_words_ids``, EOS under ``min_new_tokens``, top-k/top-p when
+    sampling); a rule that keeps mismatching drafts (FLy, CoSpec) must never keep a banned one.
+
+    Example:
+        >>> banned_one = torch.tensor([[[0.0, -float("inf")], [0.0, -float("inf")], [0.0, 0.0]]])  # token 1 at 0 and 1
+        >>> emittable(torch.tensor([[0, 1]]), banned_one).tolist()
+        [[True, False]]
+    """
+    k = draft_tokens.shape[1]
+    return target_logits[:, :k].gather(-1, draft_tokens.unsqueeze(-1)).squeeze(-1) > float("-inf")
+
+
 class StrictGreedy:
     """Lossless greedy verification: keep drafts while they equal the target's argmax.
 
@@ -169,8 +184,9 @@ class LooseVerification:
     (2) the next ``window - 1`` drafts all match the target exactly (the deferred window, checked on the
     original exact-match vector; in the last ``window`` drafted positions acceptance is exact match only). The longest
     prefix of accepted positions is kept; accepted mismatches keep the *draft* token, because the target's
-    later logits were computed on it. ``use_window=False`` is the paper's ``abla_no_window`` ablation
-    (every mismatch that passes the gate is kept). ``loose=False`` turns both tiers off: plain exact match.
+    later logits were computed on it; a draft token the logits processors ban (score ``-inf``) is never kept.
+    ``use_window=False`` is the paper's ``abla_no_window`` ablation (every mismatch that passes the gate is
+    kept). ``loose=False`` turns both tiers off: plain exact match.
 
     With ``do_sample=True`` the target draws ``num_samples`` (2) samples per position and a draft counts as
     matched if either equals it; the first sample is the correction (the official code's sampling path).
@@ -238,7 +254,7 @@ class LooseVerification:
         if self.entropy_threshold > 0.01:
             confident = top_k_entropy(target_logits[:, :k], self.entropy_top_k) < self.entropy_threshold
             loosened &= ~(confident & ~exact)
-        return loosened
+        return loosened & emittable(draft_tokens, target_logits)
 
     def verify(self, draft_tokens, target_logits, draft_probs=None) -> Verdict:
         choices = self.target_choices(target_logits)

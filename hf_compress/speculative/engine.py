@@ -123,13 +123,24 @@ class CachedSequence:
     def _keep_hidden_states(self, module, args, output) -> None:
         self.hidden_states = output[0] if isinstance(output, tuple) else output.last_hidden_state
 
+    @property
+    def sliding_window(self) -> int | None:
+        """The shortest sliding window among the cache's layers (``None``: every layer keeps every token)."""
+        windows = [getattr(layer, "sliding_window", None) for layer in getattr(self.cache, "layers", ())]
+        return min((w for w in windows if w), default=None)
+
+    def tree_fits(self, num_tokens: int) -> bool:
+        """Whether ``num_tokens`` more (pending tokens and tree nodes) can be verified as a tree: every node must
+        see every cached token, which a sliding-window layer stops keeping once the sequence reaches its window."""
+        window = self.sliding_window
+        return window is None or self.length + num_tokens < window
+
     def _tree_inputs(self, tokens: torch.Tensor, tree: DraftTree, past: int) -> tuple[torch.Tensor, torch.Tensor]:
         if tokens.shape[0] != 1 or self.has_padding:
             raise ValueError("Tree drafts are verified one sequence at a time (batch size 1, no padding).")
         num_pending = tokens.shape[1] - tree.num_nodes
-        windows = [getattr(layer, "sliding_window", None) for layer in getattr(self.cache, "layers", ())]
-        window = min((w for w in windows if w), default=None)
-        if window is not None and past + tokens.shape[1] >= window:
+        window = self.sliding_window
+        if window is not None and past + tokens.shape[1] >= window:  # as tree_fits (the tokens are in the mask now)
             raise ValueError(
                 f"Tree verification needs every cached token visible, but this model's sliding window ({window}) "
                 f"is shorter than the sequence ({past + tokens.shape[1]} tokens). Draft a chain instead (e.g. tree='chain')."
@@ -369,6 +380,7 @@ def speculative_decode(
     drafter.reset()
     observe = getattr(drafter, "observe", None)  # drafters that read the target's features (heads)
     target.capture_hidden_states = observe is not None or bool(getattr(rule, "reads_hidden_states", False))
+    chain_fallback = False  # whether trees are past the sliding window and verified as chains
 
     while True:
         budget = min(num_draft_tokens, max_length - input_ids.shape[1] - 1)
@@ -383,6 +395,14 @@ def speculative_decode(
         else:  # a tree's nodes are not a sequence to cut; its depth was checked against the budget
             drafts = draft.tokens if tree is not None else draft.tokens[:, :budget]
         probs = draft.probs[:, :budget] if draft is not None and draft.probs is not None else None
+        if tree is not None and not target.tree_fits(pending.shape[1] + tree.num_nodes):
+            # Past the sliding window a tree cannot be verified (every node must see the whole cache): verify its top-1
+            # chain, without draft probabilities as for the tree. The sequence only grows: chains for the rest of the call.
+            if not chain_fallback:
+                logger.info("The sequence reached the model's sliding window (%d): verifying chains instead of trees "
+                            "for the rest of this call.", target.sliding_window)
+                chain_fallback = True
+            drafts, tree, probs = draft.tokens[:, tree.top_chain.to(draft.tokens.device)], None, None
         step = verify_and_advance(
             target, pending, drafts, rule, pending_mask=pending_mask, context=input_ids,
             # A finished row's tokens are overwritten by padding, so it need not limit the cut; unpadded, it is

@@ -98,6 +98,20 @@ class DraftTree:
         return int(self.ranks.max())
 
     @property
+    def top_chain(self) -> torch.LongTensor:
+        """Node indices of the top-1 chain ``(0,), (0, 0), …`` as far as the tree holds it: what a chain would draft.
+
+        Example:
+            >>> DraftTree([(0,), (1,), (0, 0), (1, 0)]).top_chain.tolist()
+            [0, 2]
+        """
+        index = {path: n for n, path in enumerate(self.paths)}
+        nodes = []
+        while (0,) * (len(nodes) + 1) in index:
+            nodes.append(index[(0,) * (len(nodes) + 1)])
+        return torch.tensor(nodes, dtype=torch.long, device="cpu")
+
+    @property
     def is_chain(self) -> bool:
         """One node per depth, each the position's most likely token: drafting it is a plain argmax sequence."""
         return self.num_nodes == self.depth and self.max_rank == 0

@@ -17,7 +17,7 @@ import copy
 import inspect
 from typing import Any
 
-from ...utils import get_logger
+from ...utils import check_int, get_logger
 from ..config import check_keys, refused_as
 from .base import RecipeState, Step
 from .training import parse_training, training_data, training_settings
@@ -26,7 +26,7 @@ from .training import parse_training, training_data, training_settings
 logger = get_logger(__name__)
 
 # Filled from the model by DraftHeads.for_model, or written by train_heads: not recipe fields.
-_FROM_MODEL = ("hidden_size", "vocab_size", "base_model_name_or_path", "training")
+_FROM_MODEL = ("hidden_size", "vocab_size", "base_model_name_or_path", "base_model_identity", "training")
 # Medusa's released learning rate with a cosine schedule (train_heads' default), short windows.
 HEADS_TRAINING = {"learning_rate": 1e-3, "lr_scheduler_type": "cosine", "batch_size": 8, "seq_len": 64}
 
@@ -39,6 +39,8 @@ class HeadsStep(Step):
 
     @classmethod
     def parse(cls, index: int, data: dict[str, Any], seed: int) -> HeadsStep:
+        from ...speculative.heads.training import MIN_WINDOW
+
         configs = _config_classes()
         method = cls.method_of(index, data, list(configs))
         where = cls.where(index, method)
@@ -46,6 +48,9 @@ class HeadsStep(Step):
         fields = check_keys(where, data, {"method", "training", *names})
         fields.pop("method")
         training = parse_training(where, fields.pop("training", None), HEADS_TRAINING)
+        with refused_as(where):  # the first head learns the token two past each position
+            check_int("training.seq_len", training["seq_len"], minimum=MIN_WINDOW,
+                      hint=f"Drafting heads learn from windows of at least {MIN_WINDOW} tokens.")
         config = _config(where, configs[method], fields)
         resolved = {name: copy.deepcopy(getattr(config, name)) for name in names}
         return cls(index, method, {**resolved, "training": training})

@@ -1,7 +1,7 @@
 """``ArbiterConfig``: what a CoSpec arbiter reads, how it is built, and which target it was trained for.
 
 A ``transformers`` config (``config.json`` round-trips, ``push_to_hub`` works). The fields that tie an arbiter
-to a target (``hidden_size``, ``vocab_size``, ``tokenizer_fingerprint``) are filled in by
+to a target (``hidden_size``, ``vocab_size``, ``tokenizer_fingerprint``, ``base_model_identity``) are filled in by
 :meth:`~.modeling.CoSpecArbiter.for_model` and checked before every decode.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 from transformers import PreTrainedConfig
 
 from ...utils import InvalidArgumentTypeError, check_bool, check_float, check_int, check_str
+from ..base_identity import check_identity_field
 from .features import NUM_SCALAR_FEATURES
 
 __all__ = ["ArbiterConfig"]
@@ -31,6 +32,9 @@ class ArbiterConfig(PreTrainedConfig):
         num_draft_tokens / draft_model_name_or_path / use_ngram: The drafting the arbiter was trained with,
             used by the ``custom_generate`` folder it saves (``None`` draft model = n-gram prompt lookup).
         base_model_name_or_path / tokenizer_fingerprint: The target it was trained for.
+        base_model_identity: The target's text model type and a few entries of its input embeddings (filled by
+            ``for_model``), checked before decoding so an arbiter trained for another target of the same shape is
+            refused.
         training: What ``train_arbiter`` did (data, oracle labels, RL steps, λ), for the model card.
         calibration: What ``calibrate_arbiter`` did (held-out prompts, target share kept, every threshold tried,
             the one chosen and now in ``threshold``), for the model card; ``None`` = not calibrated.
@@ -54,6 +58,7 @@ class ArbiterConfig(PreTrainedConfig):
     use_ngram: bool = False
     base_model_name_or_path: str | None = None
     tokenizer_fingerprint: str | None = None
+    base_model_identity: dict | None = None
     training: dict | None = None
     calibration: dict | None = None
 
@@ -72,6 +77,7 @@ class ArbiterConfig(PreTrainedConfig):
         check_bool("use_ngram", self.use_ngram)
         for name in ("draft_model_name_or_path", "base_model_name_or_path", "tokenizer_fingerprint"):
             check_str(name, getattr(self, name), allow_none=True)
+        check_identity_field(self.base_model_identity)
         for name in ("training", "calibration"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), dict):
                 raise InvalidArgumentTypeError(f"{name} must be a dict or None, got {type(getattr(self, name)).__name__}.")

@@ -27,6 +27,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ...utils import InvalidArgumentTypeError
 from ..acceptance import Verdict
+from ..base_identity import base_model_identity, check_base_model
 from .config import ArbiterConfig
 from .features import logit
 
@@ -127,6 +128,7 @@ class CoSpecArbiter(PreTrainedModel):
         head = model.get_output_embeddings()
         config.hidden_size, config.vocab_size = head.in_features, head.out_features
         config.base_model_name_or_path = model.config.name_or_path or None
+        config.base_model_identity = base_model_identity(model)
         if tokenizer is not None:
             config.tokenizer_fingerprint = tokenizer_fingerprint(tokenizer)
         arbiter = cls(config)
@@ -134,7 +136,8 @@ class CoSpecArbiter(PreTrainedModel):
         return arbiter.to(head.weight.device)
 
     def check_compatible(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None = None) -> None:
-        """Raise a clear error if this arbiter was trained for a target of another width, vocabulary or tokenizer."""
+        """Raise a clear error if this arbiter was trained for a target of another width, vocabulary, weights or
+        tokenizer."""
         head = model.get_output_embeddings()
         hidden, vocab = head.in_features, head.out_features
         if (hidden, vocab) != (self.config.hidden_size, self.config.vocab_size):
@@ -143,6 +146,8 @@ class CoSpecArbiter(PreTrainedModel):
                 f"{self.config.vocab_size} tokens ({self.config.base_model_name_or_path or 'unknown target'}), but this "
                 f"model has hidden size {hidden} and {vocab} tokens. Train one for this model (`train_arbiter`)."
             )
+        check_base_model(self.config, model, "this CoSpec arbiter",
+                         "Train one for this model (`train_arbiter`), or load the target it was trained for.")
         if tokenizer is not None and self.config.tokenizer_fingerprint is not None:
             if tokenizer_fingerprint(tokenizer) != self.config.tokenizer_fingerprint:
                 raise ValueError(

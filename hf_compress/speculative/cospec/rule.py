@@ -3,7 +3,9 @@
 Per row, drafts are walked left to right: a draft equal to the target's argmax is kept; at a mismatch the
 arbiter says DRAFT (keep the draft token; the target's later logits were computed with it in the context,
 so verification simply goes on, as for FLy's accepted mismatches) or TARGET (emit the target's token, end
-the round). If every draft is kept the target's bonus token follows. It runs inside the shared engine
+the round). A draft token the logits processors ban (score ``-inf``: ``bad_words_ids``, EOS under
+``min_new_tokens``) is never kept, and such a mismatch is no decision of the arbiter's (not logged). If every
+draft is kept the target's bonus token follows. It runs inside the shared engine
 (:func:`~..engine.verify_and_advance`), which hands it the target's final hidden states.
 
 Modes: ``"policy"`` (DRAFT iff P(DRAFT) > threshold; the knob), ``"sample"`` (DRAFT with probability
@@ -30,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ...utils import InvalidArgumentTypeError, check_choice, check_float
-from ..acceptance import Verdict, leading_true_count, token_at
+from ..acceptance import Verdict, emittable, leading_true_count, token_at
 from .features import logit, mismatch_features
 
 __all__ = ["MODES", "ArbiterRule", "Decision", "DecisionLog"]
@@ -52,7 +54,8 @@ class Decision:
 
 @dataclass
 class DecisionLog:
-    """Decisions of batch row 0, in order; ``context`` is set by the strategy's drafter wrapper each round."""
+    """Decisions of batch row 0, in order; ``context`` is set by the strategy's drafter wrapper each round, and
+    the strategy drops, after each ``generate()`` call, those past where row 0 stopped (:meth:`drop_past`)."""
 
     decisions: list[Decision] = field(default_factory=list)
     context: torch.LongTensor | None = None
@@ -62,6 +65,15 @@ class DecisionLog:
         self.decisions.clear()
         self.context = None
         self.rounds = 0
+
+    def drop_past(self, length: int, since: int = 0) -> None:
+        """Forget the decisions (from the ``since``-th on) at or past position ``length`` of the sequence.
+
+        A round's decisions are logged when it is verified, but the row can stop inside the round (EOS, a stop
+        string): what lies past its last emitted token never took effect, so it must not be trained on.
+        """
+        self.decisions[since:] = [d for d in self.decisions[since:]
+                                  if d.context is None or len(d.context) + d.index < length]
 
 
 class ArbiterRule:
@@ -133,16 +145,18 @@ class ArbiterRule:
                 keep = logits > logit(self.threshold)
             else:
                 keep = torch.rand(logits.shape, generator=self.generator, device=logits.device) < logits.sigmoid()
+        allowed = emittable(draft_tokens, target_logits)
+        keep = keep & allowed
         num_accepted = leading_true_count(exact | keep)
         if self.log is not None:
-            self._record(draft_tokens, choice, exact, keep, num_accepted, features)
+            self._record(draft_tokens, choice, exact, allowed, keep, num_accepted, features)
         return Verdict(num_accepted, token_at(choice, num_accepted))
 
-    def _record(self, draft_tokens, choice, exact, keep, num_accepted, features) -> None:
+    def _record(self, draft_tokens, choice, exact, allowed, keep, num_accepted, features) -> None:
         self.log.rounds += 1
         last = min(int(num_accepted[0]), draft_tokens.shape[1] - 1)  # the rejecting mismatch is a decision too
         for i in range(last + 1):
-            if not exact[0, i]:
+            if not exact[0, i] and allowed[0, i]:  # a banned draft was never the arbiter's to keep
                 self.log.decisions.append(Decision(
                     features[0, i].cpu(), bool(keep[0, i]), int(draft_tokens[0, i]), int(choice[0, i]), i,
                     None if self.log.context is None else self.log.context[0].cpu(),

@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.generation import StoppingCriteriaList
+from transformers.generation.stopping_criteria import MaxLengthCriteria
 
 from ...hub import hub_model_id
 from ...utils import InvalidArgumentTypeError, check_choice, check_float, get_logger
@@ -25,6 +27,20 @@ __all__ = ["CoSpec"]
 
 logger = get_logger(__name__)
 CARD_TEMPLATE = Path(__file__).resolve().parents[2] / "hub" / "templates" / "acceptance_arbiter.md"
+
+
+class _RowEnd(StoppingCriteriaList):
+    """The stopping criteria, noting the sequence length at which row 0 (the row the decision log follows) stopped."""
+
+    def __init__(self, criteria):
+        super().__init__(criteria)
+        self.length: int | None = None
+
+    def __call__(self, input_ids, scores, **kwargs):
+        done = super().__call__(input_ids, scores, **kwargs)
+        if self.length is None and bool(done[0]):
+            self.length = input_ids.shape[1]
+        return done
 
 
 class _RoundContext:
@@ -117,6 +133,23 @@ class CoSpec(SpeculativeDecoding):
             self.arbiter.to(model.device)
         return self.arbiter
 
+    def __call__(self, model, input_ids, logits_processor=None, stopping_criteria=None, generation_config=None,
+                 synced_gpus: bool = False, **model_kwargs):
+        log = self.decision_log
+        if log is None:
+            return super().__call__(model, input_ids, logits_processor, stopping_criteria, generation_config,
+                                    synced_gpus, **model_kwargs)
+        # Row 0 can stop inside a round, after the round's decisions were logged: note where, drop what lies past it.
+        first = len(log.decisions)
+        if stopping_criteria is None:
+            config = generation_config if generation_config is not None else model.generation_config
+            stopping_criteria = [MaxLengthCriteria(config.max_length)]
+        row_end = _RowEnd(stopping_criteria)
+        out = super().__call__(model, input_ids, logits_processor, row_end, generation_config, synced_gpus, **model_kwargs)
+        sequences = out if isinstance(out, torch.Tensor) else out.sequences
+        log.drop_past(row_end.length if row_end.length is not None else sequences.shape[1], since=first)
+        return out
+
     def acceptance_rule(self, generation_config) -> AcceptanceRule:
         if generation_config.do_sample:
             raise ValueError("CoSpec arbitrates between the draft token and the target's greedy choice: call "
@@ -202,7 +235,7 @@ class CoSpec(SpeculativeDecoding):
             from ..heads.strategy import _portable_name
 
             arbiter = {k: v for k, v in self.arbiter.config.to_diff_dict().items()
-                       if k not in ("transformers_version", "architectures")}
+                       if k not in ("transformers_version", "architectures", "base_model_identity")}  # numbers
             for key in ("base_model_name_or_path", "draft_model_name_or_path"):
                 if key in arbiter:
                     arbiter[key] = _portable_name(arbiter[key])

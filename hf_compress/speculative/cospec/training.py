@@ -42,6 +42,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ...evaluation.squad import normalize_answer
 from ...utils import InvalidArgumentTypeError, check_bool, check_choice, check_float, check_int, get_logger
+from ..base_identity import record_base_model
 from ..task_answers import (
     REWARDS,
     Reward,
@@ -464,6 +465,7 @@ def train_arbiter(
         arbiter = CoSpecArbiter.for_model(model, config, tokenizer)
     else:
         arbiter.check_compatible(model, tokenizer)
+        record_base_model(arbiter.config, model)  # an arbiter saved before identities were recorded gets one
     arbiter.config.num_draft_tokens, arbiter.config.use_ngram = num_draft_tokens, use_ngram
     arbiter.config.draft_model_name_or_path = draft if isinstance(draft, str) else (
         getattr(draft, "name_or_path", None) or None)

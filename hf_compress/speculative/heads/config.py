@@ -1,8 +1,8 @@
 """Configurations of drafting heads: Medusa (independent heads) and Amphista (heads that talk to each other).
 
 Both are ``transformers`` configs (``config.json`` round-trips, ``push_to_hub`` works); the fields that tie
-heads to a base model (``hidden_size``, ``vocab_size``, ``base_model_name_or_path``) are filled in by
-:meth:`~.modeling.DraftHeads.for_model`.
+heads to a base model (``hidden_size``, ``vocab_size``, ``base_model_name_or_path``, ``base_model_identity``)
+are filled in by :meth:`~.modeling.DraftHeads.for_model`.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 from transformers import PreTrainedConfig
 
 from ...utils import InvalidArgumentTypeError, check_bool, check_choice, check_float, check_int, check_str
+from ..base_identity import check_identity_field
 from ..tree import DraftTree
 
 
@@ -28,6 +29,9 @@ class DraftHeadsConfig(PreTrainedConfig):
         share_lm_head: Project with the frozen base ``lm_head`` (no vocabulary weights of their own) instead
             of one trained ``Linear(hidden, vocab)`` per head.
         loss_decay: Training weight of head ``k`` is ``loss_decay ** k`` (far heads matter less).
+        base_model_identity: The base model's text model type and a few entries of its input embeddings (filled
+            by ``for_model``), checked before decoding so heads trained for another model of the same shape are
+            refused.
     """
 
     model_type = "hf_compress_draft_heads"
@@ -36,6 +40,7 @@ class DraftHeadsConfig(PreTrainedConfig):
     hidden_size: int | None = None
     vocab_size: int | None = None
     base_model_name_or_path: str | None = None
+    base_model_identity: dict | None = None
     top_k: int = 10
     tree: list | None = None
     share_lm_head: bool = False
@@ -50,6 +55,7 @@ class DraftHeadsConfig(PreTrainedConfig):
             check_int(name, getattr(self, name), minimum=1, allow_none=True,
                       hint="DraftHeads.for_model(model, config) fills it from the base model.")
         check_str("base_model_name_or_path", self.base_model_name_or_path, allow_none=True)
+        check_identity_field(self.base_model_identity)
         check_bool("share_lm_head", self.share_lm_head)
         self.loss_decay = check_float("loss_decay", self.loss_decay, low=0.0, high=1.0, low_open=True)
         self.initializer_range = check_float("initializer_range", self.initializer_range, low=0.0, low_open=True)

@@ -55,7 +55,12 @@ class HeadsDrafter:
         # The unread positions are the last ones before the newest token, which is what follows each of them.
         next_tokens = input_ids[:, -hidden.shape[1] :]
         if self.heads.uses_context:
-            features, self._past = self.heads.features(hidden, next_tokens, self.base, self._past, slice(-1, None))
+            # The heads' context is every position before the newest token; its left padding must stay unseen.
+            padding = None
+            if attention_mask is not None and not bool(attention_mask.all()):
+                padding = attention_mask[:, : input_ids.shape[1] - 1]
+            features, self._past = self.heads.features(hidden, next_tokens, self.base, self._past, slice(-1, None),
+                                                       attention_mask=padding)
         else:
             features, _ = self.heads.features(hidden[:, -1:], next_tokens[:, -1:], self.base)
         tree = self.tree.truncated(max_tokens)

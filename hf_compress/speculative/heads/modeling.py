@@ -28,6 +28,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from ...utils import get_logger
+from ..base_identity import base_model_identity, check_base_model
 from .config import AmphistaConfig, DraftHeadsConfig, MedusaConfig
 
 
@@ -81,6 +82,7 @@ class DraftHeads(PreTrainedModel):
         config.hidden_size = model.get_output_embeddings().in_features
         config.vocab_size = model.get_output_embeddings().out_features
         config.base_model_name_or_path = model.config.name_or_path or None
+        config.base_model_identity = base_model_identity(model)
         if isinstance(config, AmphistaConfig):
             config.check_widths()  # now that hidden_size is known
         heads = heads_class(config)
@@ -97,7 +99,11 @@ class DraftHeads(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args, **kwargs) -> DraftHeads:
-        """Load heads; ``DraftHeads``/``AmphistaHeads.from_pretrained`` return whichever kind the folder holds."""
+        """Load heads; ``DraftHeads``/``AmphistaHeads.from_pretrained`` return whichever kind the folder holds.
+
+        A folder missing some of the heads' weights (or holding others) is refused: transformers would fill the
+        gaps with fresh values and only warn, and such heads draft badly without any error.
+        """
         from transformers.utils import cached_file
 
         config_file = cached_file(pretrained_model_name_or_path, "config.json", **_hub_kwargs(kwargs))
@@ -109,10 +115,23 @@ class DraftHeads(PreTrainedModel):
             )
         if cls not in (DraftHeads, AmphistaHeads, heads_class):
             raise ValueError(f"{pretrained_model_name_or_path} holds {heads_class.__name__}, not {cls.__name__}.")
-        return super(DraftHeads, heads_class).from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        want_info = kwargs.pop("output_loading_info", False)
+        heads, info = super(DraftHeads, heads_class).from_pretrained(pretrained_model_name_or_path, *args,
+                                                                     output_loading_info=True, **kwargs)
+        missing = sorted(info.get("missing_keys") or ())
+        unexpected = sorted(info.get("unexpected_keys") or ())
+        mismatched = sorted(str(entry[0]) if isinstance(entry, tuple) else str(entry)
+                            for entry in info.get("mismatched_keys") or ())
+        if missing or unexpected or mismatched:
+            what = "; ".join(f"{label} [{', '.join(names[:5])}{', ...' if len(names) > 5 else ''}]" for label, names in (
+                ("missing", missing), ("unexpected", unexpected), ("wrong shapes for", mismatched)) if names)
+            raise ValueError(f"{pretrained_model_name_or_path} does not hold complete {heads_class.__name__}: {what}. "
+                             "Load a folder saved by DraftHeads.save_pretrained (re-save or re-download it if it was "
+                             "cut short).")
+        return (heads, info) if want_info else heads
 
     def check_compatible(self, model: PreTrainedModel) -> None:
-        """Raise a clear error if these heads were trained for a model of another width or vocabulary."""
+        """Raise a clear error if these heads were trained for a model of another width, vocabulary or weights."""
         head = model.get_output_embeddings()
         hidden, vocab = head.in_features, head.out_features
         if (hidden, vocab) != (self.config.hidden_size, self.config.vocab_size):
@@ -122,6 +141,8 @@ class DraftHeads(PreTrainedModel):
                 f"but this model has hidden size {hidden} and {vocab} tokens. Train heads for this model "
                 "(`DraftHeads.for_model(model, config)` + `train_heads`)."
             )
+        check_base_model(self.config, model, "these heads", "Train heads for this model (`DraftHeads.for_model(model, "
+                         "config)` + `train_heads`), or load the model they were trained for.")
 
     @property
     def num_heads(self) -> int:
@@ -130,11 +151,12 @@ class DraftHeads(PreTrainedModel):
     # ------------------------------------------------------------------ computing
     def features(
         self, hidden_states: torch.Tensor, next_tokens: torch.LongTensor, base: BaseParts,
-        past: StagePast | None = None, draft_positions: slice = slice(None),
+        past: StagePast | None = None, draft_positions: slice = slice(None), attention_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, StagePast | None]:
         """``(B, T', K, d)`` features of the ``draft_positions`` of ``(B, T, d)`` hidden states, and the new past.
 
         ``next_tokens[:, t]`` is the token that follows position ``t`` (the base's choice, for the last one).
+        ``attention_mask`` ``(B, past + T)``: 0 at left padding, which heads reading context then ignore.
         """
         raise NotImplementedError
 
@@ -215,7 +237,7 @@ class MedusaHeads(DraftHeads):
         if isinstance(module, ResBlock):
             nn.init.zeros_(module.linear.weight)
 
-    def features(self, hidden_states, next_tokens, base, past=None, draft_positions=slice(None)):
+    def features(self, hidden_states, next_tokens, base, past=None, draft_positions=slice(None), attention_mask=None):
         hidden = hidden_states[:, draft_positions]
         return torch.stack([block(hidden) for block in self.blocks], dim=-2), None
 
@@ -250,12 +272,20 @@ class _SelfAttentionBlock(nn.Module):
 
 
 class AdaptationLayer(_SelfAttentionBlock):
-    """One staged adaptation layer: causal attention over the target's feature sequence, KV-cached."""
+    """One staged adaptation layer: causal attention over the target's feature sequence, KV-cached.
 
-    def forward(self, x: torch.Tensor, past=None):
+    ``attention_mask`` ``(B, past + T)`` hides left padding from the real positions, so a padded row attends to
+    what it would alone; a padding position still sees itself (a row with nothing to attend to would be NaN).
+    """
+
+    def forward(self, x: torch.Tensor, past=None, attention_mask: torch.Tensor | None = None):
         past_length = 0 if past is None else past[0].shape[2]
         length = x.shape[1]
         mask = torch.ones(length, past_length + length, dtype=torch.bool, device=x.device).tril(past_length)
+        if attention_mask is not None:
+            itself = torch.zeros_like(mask)
+            itself[:, past_length:] = torch.eye(length, dtype=torch.bool, device=x.device)
+            mask = (mask & attention_mask.to(x.device, torch.bool)[:, None, None, :]) | itself  # (B, 1, T, past + T)
         return super().forward(x, mask, past)
 
 
@@ -327,7 +357,7 @@ class AmphistaHeads(DraftHeads):
         super().initialise_from(model)
         self._init_weights(self)
 
-    def features(self, hidden_states, next_tokens, base, past=None, draft_positions=slice(None)):
+    def features(self, hidden_states, next_tokens, base, past=None, draft_positions=slice(None), attention_mask=None):
         fused = hidden_states
         if self.fuse is not None:
             token_embeddings = self.embedding_norm(base.embeddings(next_tokens).to(hidden_states.dtype))
@@ -335,7 +365,7 @@ class AmphistaHeads(DraftHeads):
         stage_outputs, new_past = [], []
         x = fused
         for i, stage in enumerate(self.stages):
-            x, stage_past = stage(x, None if past is None else past[i])
+            x, stage_past = stage(x, None if past is None else past[i], attention_mask)
             stage_outputs.append(x[:, draft_positions])
             new_past.append(stage_past)
         queries = torch.stack(

@@ -31,7 +31,8 @@ class Amphista(SpeculativeDecoding):
     up to the numerics of multi-token verification; see :class:`~..acceptance.StrictGreedy`). Sampling calls use Medusa's
     typical acceptance (``posterior_threshold`` ε = 0.09, ``posterior_alpha`` δ = 0.3), which is faster
     but not distribution-exact. Trees are verified one sequence at a time; a chain (``tree="chain"``)
-    also runs left-padded batches.
+    also runs left-padded batches. On a model with sliding-window attention (Gemma 3) the tree's top-1 chain is
+    verified instead once the sequence reaches the window.
 
     Args:
         heads: Trained heads, or a folder / Hub id to load them from (on the model's device and dtype).
@@ -170,7 +171,8 @@ class Amphista(SpeculativeDecoding):
         recipe = {"method": kind, "decoding": settings}
         if heads is not None:
             recipe["heads"] = {
-                k: v for k, v in heads.config.to_diff_dict().items() if k not in ("transformers_version", "architectures")
+                k: v for k, v in heads.config.to_diff_dict().items()
+                if k not in ("transformers_version", "architectures", "base_model_identity")  # numbers, not a setting
             }
             if "base_model_name_or_path" in recipe["heads"]:
                 recipe["heads"]["base_model_name_or_path"] = _portable_name(recipe["heads"]["base_model_name_or_path"])

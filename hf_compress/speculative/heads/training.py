@@ -18,8 +18,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -31,6 +33,7 @@ from transformers import PreTrainedModel, TrainerCallback
 
 from ...training import TrainingSettings, train_with_trainer
 from ...utils import get_logger
+from ..base_identity import record_base_model
 from .modeling import BaseParts, DraftHeads
 
 
@@ -47,6 +50,19 @@ __all__ = [
 
 logger = get_logger(__name__)
 IGNORE_INDEX = -100
+MIN_WINDOW = 3  # position t drafts from the token after it, so the first head learns t + 2: three tokens at least
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` in eval mode (no dropout: its features as at decode time), then give back every module's flag."""
+    flags = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, flag in flags:
+            module.training = flag
 
 
 def _head_predictions(heads: DraftHeads, hidden_states, input_ids, labels, base: BaseParts):
@@ -94,6 +110,13 @@ class HeadsTrainingModule(nn.Module):
             if module is not None:
                 module.requires_grad_(False)
 
+    def train(self, mode: bool = True) -> HeadsTrainingModule:
+        super().train(mode)
+        for module in (self.lm_head, self.embeddings, self.body):  # frozen: features as at decode time (no dropout)
+            if module is not None:
+                module.eval()
+        return self
+
     def forward(self, input_ids, labels=None, hidden_states=None, attention_mask=None):
         if hidden_states is None:
             if self.body is None:
@@ -127,9 +150,10 @@ def cache_base_features(model: PreTrainedModel, dataset: Dataset, batch_size: in
     body = model.base_model
     device = model.get_input_embeddings().weight.device
     chunks = []
-    for start in tqdm(range(0, len(input_ids), batch_size), desc="caching base features", unit="batch"):
-        batch = input_ids[start : start + batch_size].to(device)
-        chunks.append(body(input_ids=batch).last_hidden_state.cpu())
+    with _eval_mode(model):
+        for start in tqdm(range(0, len(input_ids), batch_size), desc="caching base features", unit="batch"):
+            batch = input_ids[start : start + batch_size].to(device)
+            chunks.append(body(input_ids=batch).last_hidden_state.cpu())
     return FeatureDataset(input_ids, labels, torch.cat(chunks))
 
 
@@ -207,6 +231,14 @@ def train_heads(
         The Trainer's metrics plus ``train_seconds``, ``global_step``, ``stopped_by_budget``, ``log_history``.
     """
     heads.check_compatible(model)
+    shortest = _shortest_window(dataset)
+    if shortest is not None and shortest < MIN_WINDOW:
+        raise ValueError(
+            f"Heads learn the token 2 + k positions after each one, so every training window needs at least "
+            f"{MIN_WINDOW} tokens; this dataset has windows of {shortest}. Make longer windows (e.g. "
+            f"causal_lm_dataset(..., seq_len=64))."
+        )
+    record_base_model(heads.config, model)  # heads saved before identities were recorded get one
     if args is None:
         args = TrainingSettings(max_steps=100, learning_rate=1e-3, lr_scheduler_type="cosine")
     features_cached = isinstance(dataset, FeatureDataset)
@@ -218,7 +250,7 @@ def train_heads(
     heads.train()
     callbacks = [TimeBudget(max_train_seconds)] if max_train_seconds else []
     try:
-        with tempfile.TemporaryDirectory() as output_dir:
+        with tempfile.TemporaryDirectory() as output_dir, _eval_mode(model):  # the base comes back in its own mode
             result = train_with_trainer(module, dataset, getattr(args, "output_dir", None) or output_dir, args, callbacks=callbacks)
     finally:
         for p in trained:  # the base model is handed back as it came
@@ -235,6 +267,15 @@ def train_heads(
         "stopped_by_budget": result["stopped_by_budget"],
     }
     return result
+
+
+def _shortest_window(dataset: Dataset | FeatureDataset) -> int | None:
+    """Tokens in the shortest training window; ``None`` when there is none to measure (the Trainer refuses an empty one)."""
+    if isinstance(dataset, FeatureDataset):
+        return dataset.input_ids.shape[1] if len(dataset) else None
+    if isinstance(dataset, Dataset) and "input_ids" in dataset.column_names:
+        return min((len(ids) for ids in dataset["input_ids"]), default=None)
+    return None  # another kind of dataset: its windows are not known here
 
 
 @torch.no_grad()
