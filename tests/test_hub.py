@@ -266,7 +266,9 @@ def test_a_new_version_replaces_the_files_of_the_old_one(fake_hub, tmp_path):
     (old / "custom_generate").mkdir()
     (old / "custom_generate" / "generate.py").write_text("def generate(model, **kwargs):\n    pass\n")
     push_to_hub(old, "user/tiny")
-    fake_hub.add_files("user/tiny", {"LICENSE": "added on the Hub"})  # not a kind of file pushes manage
+    others = {"LICENSE": "added on the Hub", "model-Q4_K_M.gguf": "an export", "onnx/config.json": "{}",
+              "eval_results.json": "{}"}  # added with other tools: not read with the model's weights
+    fake_hub.add_files("user/tiny", others)
 
     second, _ = tiny_model("llama", seed=1)
     new = tmp_path / "v2"
@@ -276,7 +278,7 @@ def test_a_new_version_replaces_the_files_of_the_old_one(fake_hub, tmp_path):
         "custom_generate/generate.py", "model.safetensors"]
     push_to_hub(new, "user/tiny")
     local = {p.relative_to(new).as_posix() for p in new.rglob("*") if p.is_file()}
-    assert set(fake_hub.files("user/tiny")) == local | {".gitattributes", "LICENSE"}
+    assert set(fake_hub.files("user/tiny")) == local | {".gitattributes", *others}
     loaded = AutoModelForCausalLM.from_pretrained("user/tiny").eval()
     ids = torch.tensor([[1, 72, 101, 108, 108, 111]])
     with torch.no_grad():

@@ -364,3 +364,12 @@ def test_propagation_modes_change_what_later_blocks_calibrate_on(tmp_path):
     # block 0 sees the same inputs in every mode; block 1's variants depend on what block 0 propagated
     for other in ("expectation", "dense"):
         assert not torch.equal(results["centre"]["ffn.0.weight"], results[other]["ffn.0.weight"])
+
+
+def test_an_offloaded_model_is_refused_before_the_search():
+    accelerate = pytest.importorskip("accelerate")
+    model, tokenizer = tiny_model("llama")
+    accelerate.cpu_offload(model, execution_device="cpu",
+                           state_dict={k: v.clone() for k, v in model.state_dict().items()})
+    with pytest.raises(ValueError, match="Týr's search reads and rewrites many layers at once.*offloaded"):
+        TyrPruner(model, tokenizer).prune(_small_config(num_iterations=1, generations=2), TEXT, progress=False)

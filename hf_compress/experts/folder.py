@@ -103,6 +103,10 @@ def _check_fingerprint(saved: dict[str, Any], current: dict[str, Any], folder: s
 def save_experts(router, save_dir, *, overwrite: bool = False, metrics=(), model_name: str | None = None,
                  repo_id: str | None = None) -> Path:
     """Write ``router`` to ``save_dir`` atomically (see the module docstring for the layout)."""
+    if "default" in router.adapter_names:
+        # PEFT saves an adapter named "default" at the folder's root, not in its own folder.
+        raise ValueError('An expert adapter named "default" cannot be saved in its own folder; load or add it under '
+                         'another name (e.g. model.add_adapter("expert_0", config)) before saving.')
     check_save_dir(save_dir, overwrite)
     model = router.model
     base_model = hub_model_id(getattr(_plain(model), "name_or_path", None))
@@ -303,11 +307,11 @@ def load_experts(cls, path, base_model, *, tokenizer=None, revision: str | None 
             model = PeftModel.from_pretrained(base_model, str(folder / names[0]), adapter_name=names[0])
             for name in names[1:]:
                 model.load_adapter(str(folder / name), adapter_name=name)
-    except BaseException as err:
-        _strip_lora(base_model)  # PEFT wraps the base in place before loading: give the user's model back
-        if not isinstance(err, Exception):  # KeyboardInterrupt
-            raise
-        raise ValueError(f"{path}: cannot attach the experts ({type(err).__name__}: {err}); {damaged}") from err
+    except BaseException:
+        # PEFT wraps the base in place before loading: give the user's model back, then the original error (out of
+        # memory, a PEFT version that cannot read the config, ...: the checks above found the files intact).
+        _strip_lora(base_model)
+        raise
     model.eval()
     return cls(model, centroids, EmbeddingSpace(tensors["mean"], tensors["std"]), spec, names,
                tokenizer=tokenizer, info=config)

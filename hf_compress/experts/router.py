@@ -49,10 +49,6 @@ class ExpertRouter:
     def __init__(self, model, centroids: torch.Tensor, space: EmbeddingSpace, spec: EmbeddingSpec,
                  adapter_names: Sequence[str], *, tokenizer=None, info: dict[str, Any] | None = None,
                  mixed_batch: str = "stacked") -> None:
-        if "default" in adapter_names:
-            # PEFT saves an adapter named "default" at the folder's root, not in its own folder.
-            raise ValueError('An expert adapter may not be named "default"; load or add it under another name '
-                             '(e.g. model.add_adapter("expert_0", config)).')
         missing = [name for name in adapter_names if name not in getattr(model, "peft_config", {})]
         if missing:
             raise ValueError(f"The model has no adapter(s) {missing}; load every expert before routing to it.")
@@ -151,13 +147,15 @@ class ExpertRouter:
         if input_ids is None and torch.is_tensor(kwargs.get("inputs")):
             input_ids = kwargs.pop("inputs")
         if attention_mask is None and input_ids is not None:
-            attention_mask = self._inferred_mask(input_ids)
+            attention_mask = self._inferred_mask(input_ids, kwargs)
         rows = self._routed(input_ids, attention_mask, experts)
         if attention_mask is not None:
             kwargs["attention_mask"] = attention_mask
-        copies = int(kwargs.get("num_return_sequences") or 1)
+        copies = int(self._generation_setting(kwargs, "num_return_sequences") or 1)
+        sampled = bool(self._generation_setting(kwargs, "do_sample"))
         with self._adapters(rows) as per_row:
-            if "adapter_names" in per_row and copies > 1 and int(kwargs.get("num_beams") or 1) == 1:
+            if "adapter_names" in per_row and copies > 1 and sampled and int(
+                    self._generation_setting(kwargs, "num_beams") or 1) == 1:
                 # PEFT repeats adapter_names for beams only: expand the rows here, as generate would.
                 input_ids = input_ids.repeat_interleave(copies, dim=0)
                 if attention_mask is not None:
@@ -166,10 +164,15 @@ class ExpertRouter:
                 kwargs["num_return_sequences"] = 1
             return self.model.generate(input_ids=input_ids, **per_row, **kwargs)
 
-    def _inferred_mask(self, input_ids: torch.Tensor) -> torch.Tensor | None:
+    def _generation_setting(self, kwargs: dict[str, Any], name: str) -> Any:
+        """``name`` as ``generate`` will read it: the keyword, else the given ``generation_config``, else the model's."""
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+        return getattr(kwargs.get("generation_config") or self.model.generation_config, name, None)
+
+    def _inferred_mask(self, input_ids: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor | None:
         """The mask ``generate`` infers: pad tokens masked when the pad token is in the ids and is not an eos."""
-        config = self.model.generation_config
-        pad, eos = config.pad_token_id, config.eos_token_id
+        pad, eos = self._generation_setting(kwargs, "pad_token_id"), self._generation_setting(kwargs, "eos_token_id")
         eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         if pad is None or pad in eos or not bool((input_ids == pad).any()):
             return None

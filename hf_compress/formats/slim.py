@@ -190,7 +190,8 @@ def measurable_widths(model: PreTrainedModel) -> list[dict[str, int]] | None:
     except ValueError as err:
         _, blocks = find_decoder_blocks(model)
         if any(any(removed_sublayers(block).values()) for block in blocks):
-            raise ValueError(f"{type(model).__name__} lost a sub-block, which a checkpoint cannot record: {err}") from None
+            raise ValueError(f"{type(model).__name__} lost a sub-block, which a checkpoint cannot record ({err}). "
+                             "Remove whole blocks instead (ShortGPT or SLEB).") from None
         return None
 
 

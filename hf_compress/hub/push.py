@@ -56,6 +56,14 @@ __all__ = [
     "push_to_hub",
 ]
 
+LOADED_AT_ROOT: tuple[str, ...] = (
+    "*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "*.pt", "*.pth",
+    "config.json", "generation_config.json", "adapter_config.json", "experts_config.json",
+)
+"""Root files that ``from_pretrained`` or PEFT read in place of, or beside, another version's (stale when a new
+version of an artifact lacks them)."""
+_ARTIFACT_FOLDERS = ("custom_generate", "heads")  # folders hf_compress writes whole
+
 # Tokenizer files that are not JSON; listed at the root and one folder down (e.g. a draft model's folder).
 _TOKENIZER_FILES = (
     "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "merges.txt", "vocab.txt", "*.tiktoken",
@@ -121,15 +129,26 @@ class PushPlan:
     allow_dotfiles: bool = False
 
     def stale_remote_files(self, remote: Sequence[str]) -> list[str]:
-        """The files of ``remote`` (a repo's paths) of the kinds this push manages that the folder no longer has.
+        """The files of ``remote`` (a repo's paths) that an earlier version left and this one would be read with.
 
-        An earlier version's ``model.safetensors`` left beside this version's shards, or its
-        ``custom_generate/generate.py``, would be loaded instead of or with the new files; ``.gitattributes``
-        and files outside the allow-list (a ``LICENSE`` added on the Hub) are never stale.
+        An earlier ``model.safetensors`` left beside this version's shards loads instead of them; an earlier
+        ``custom_generate/generate.py`` runs for a version without a strategy. Stale: a file this push could
+        upload that the folder no longer has, either at the root and of a kind loaders read there
+        (:data:`LOADED_AT_ROOT`), or inside a folder this push writes (or hf_compress writes whole:
+        ``custom_generate/``, ``heads/``). Everything else stays: ``.gitattributes``, a ``LICENSE``, a GGUF or
+        ONNX export or an evaluation file added with other tools.
         """
-        managed = {path for path in remote
-                   if _skip_reason(path, self.allowed, self.ignored, self.allow_pickles, self.allow_dotfiles) is None}
-        return sorted(managed - set(self.files) - {".gitattributes"})
+        folders = {path.split("/", 1)[0] for path in self.files if "/" in path} | set(_ARTIFACT_FOLDERS)
+        stale = []
+        for path in remote:
+            if path in self.files or path == ".gitattributes":
+                continue
+            if _skip_reason(path, self.allowed, self.ignored, self.allow_pickles, self.allow_dotfiles) is not None:
+                continue
+            top, _, rest = path.partition("/")
+            if (rest and top in folders) or (not rest and _matches(path, LOADED_AT_ROOT, basename=True)):
+                stale.append(path)
+        return sorted(stale)
 
     def skipped_summary(self) -> str:
         """The skipped files in one line, a folder of several skipped files shown once with its count."""
@@ -267,10 +286,11 @@ def push_to_hub(
         allow_dotfiles: Let dotfiles and files in dot-folders through; they must still match
             ``allow_patterns`` (``.env`` is never in the default list).
         allow_local_paths: Upload files even if they hold absolute paths of this machine.
-        delete_stale: In the same commit, delete the repo's files that this push would upload but the folder no
-            longer has (:meth:`PushPlan.stale_remote_files`), so the repo never mixes two versions: an earlier
-            ``model.safetensors`` beside new shards would load instead of them. Files outside the allow-list (a
-            ``LICENSE`` added on the Hub) are kept. ``False`` only adds and overwrites.
+        delete_stale: In the same commit, delete the repo's files of an earlier version that loaders would read
+            with this one (:meth:`PushPlan.stale_remote_files`: root weights and configs, files in the folders this
+            push writes), so the repo never mixes two versions: an earlier ``model.safetensors`` beside new shards
+            would load instead of them. Other files (a ``LICENSE``, a GGUF export) stay. ``False`` only adds and
+            overwrites.
 
     Returns:
         The ``huggingface_hub.CommitInfo``: a ``str`` equal to the commit URL, with ``oid`` and (for
@@ -321,7 +341,8 @@ def push_to_hub(
         except RevisionNotFoundError:  # nothing to delete on a revision that does not exist yet
             stale = []
         if stale:
-            logger.info("Deleting %d file(s) of an earlier version from %s: %s", len(stale), repo_id, ", ".join(stale))
+            logger.warning("Deleting %d file(s) of an earlier version from %s (delete_stale=False keeps them): %s",
+                           len(stale), repo_id, ", ".join(stale))
     commit = api.upload_folder(
         folder_path=folder,
         repo_id=repo_id,

@@ -35,6 +35,7 @@ from .. import _compat
 __all__ = [
     "LINEAR_TYPES",
     "find_decoder_blocks",
+    "check_not_offloaded",
     "check_within_learned_positions",
     "learned_position_limit",
     "find_linear_layers",
@@ -338,6 +339,20 @@ def onloaded(module: nn.Module) -> Iterator[nn.Module]:
             hook = _compat.accelerate_hook(sub)
             hook.offload = True
             hook.post_forward(sub, None)
+
+
+def check_not_offloaded(model: nn.Module, work: str, instead: str = "") -> None:
+    """Refuse a model whose weights accelerate keeps offloaded (on the meta device) for ``work`` that reads and
+    rewrites many layers at once (``instead``: another way to say, e.g. "or use permutation=None").
+
+    Example:
+        >>> from hf_compress.assets import tiny_model
+        >>> check_not_offloaded(tiny_model("llama")[0], "A channel permutation")
+    """
+    offloaded = next((name for name, p in model.named_parameters() if p.device.type == "meta"), None)
+    if offloaded is not None:
+        raise ValueError(f"{work} reads and rewrites many layers at once, but {offloaded} (and maybe more) is "
+                         f"offloaded by accelerate. Load the model without offloading (on one device){instead}.")
 
 
 def _is_offloaded(module: nn.Module) -> bool:

@@ -54,7 +54,8 @@ def recipe_card(recipe: Recipe, records: Sequence[StepRecord], final_metrics: Se
     """The card of the final folder (``model-index`` = ``final_metrics``, measured on the final model).
 
     Its loading snippet names ``repo_id`` (the Hub repo the folder goes to) when known, else the saved ``folder``
-    (its name, as the user's working directory sees it): the recipe's name alone is no repo id.
+    (its own name, without the path to it, which a card read elsewhere cannot know): the recipe's name alone is
+    no repo id.
     """
     stages = [{"kind": step.kind, "method": step.method or step.fields.get("cache", {}).get("method", step.kind),
                **step.to_dict()} for step in recipe.steps]

@@ -121,8 +121,8 @@ def run(
             again (a tokenizer is then needed too); the model is changed in place. It must be that base model as
             ``hf_compress.assets.load_model(recipe.base_model)`` gives it, because ``recipe.yaml`` and the card
             record ``base_model`` and say that rerunning ``recipe.yaml`` rebuilds the weights: a model of another
-            architecture or size than the base's config, or not in float32 (what a rerun loads), is refused
-            before any work. Its weights are not compared: do not pass a model you have already changed; to
+            architecture or size than the base's config is refused before any work (one in another dtype than
+            the float32 a rerun loads is accepted with a warning). Its weights are not compared: do not pass a model you have already changed; to
             compress another model, name it (its folder or Hub id) as the recipe's ``base_model``.
         device: where the steps run (``"cpu"``, ``"cuda"``, ``"auto"``, a ``torch.device``); default: where the
             model is (the CPU for a loaded one).
@@ -222,7 +222,8 @@ def check_is_base_model(model: PreTrainedModel, base_model: str) -> None:
     would name a model it was not built from, and rerunning ``recipe.yaml`` would not rebuild it.
 
     The base's config is read without its weights (a tiny model's is built; a Hub id's comes from the cache or
-    the Hub); the architecture, the sizes and float32 (what ``load_model`` gives) must match.
+    the Hub); the architecture and the sizes must match. Weights in another dtype than the float32 ``load_model``
+    gives are accepted with a warning (a rerun may differ by rounding).
     """
     from .config import RecipeError
 
@@ -238,10 +239,9 @@ def check_is_base_model(model: PreTrainedModel, base_model: str) -> None:
                               f"and the card would describe another model; {advice}.")
     dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.is_floating_point()} -
                     {"float32"})
-    if dtypes:
-        raise RecipeError(f"{where}, which a rerun of recipe.yaml loads in float32, but the model passed holds "
-                          f"{', '.join(dtypes)} weights, so a rerun would not rebuild the same weights; pass it in "
-                          "float32 (model.float()) or no model.")
+    if dtypes:  # a bf16 model on a GPU is the common case: say so, do not refuse
+        logger.warning("run(model=...): the model passed holds %s weights; a rerun of recipe.yaml loads %s in "
+                       "float32, so its weights may differ by rounding.", ", ".join(dtypes), base_model)
 
 
 # Architecture sizes compared by check_is_base_model (transformers maps them onto GPT-2's n_embd, n_layer, ...).

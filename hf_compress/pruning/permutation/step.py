@@ -27,6 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ...modeling import InputNormCollector
+from ...modeling.layers import check_not_offloaded
 from ...utils import get_logger
 from .absorb import absorb_permutations
 from .config import LearnedPermutationConfig, SwapPermutationConfig
@@ -86,10 +87,7 @@ def check_permutation(model: nn.Module, config: PruningConfig) -> list[Permutati
     if not pattern.is_n_m:
         raise ValueError(f"a channel permutation only helps N:M sparsity; sparsity={config.sparsity} is unstructured. "
                          "Use an N:M pattern such as '2:4' or permutation=None.")
-    offloaded = next((name for name, p in model.named_parameters() if p.device.type == "meta"), None)
-    if offloaded is not None:
-        raise ValueError(f"a channel permutation rewrites every layer at once, but {offloaded} (and maybe more) is "
-                         "offloaded by accelerate. Load the model without offloading, or use permutation=None.")
+    check_not_offloaded(model, "A channel permutation", instead=", or use permutation=None")
     sites = find_sites(model, config.skip)
     group = pattern.group_size or 1
     for site in sites:

@@ -43,6 +43,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ...modeling import calibration_batches, find_decoder_blocks
+from ...modeling.layers import check_not_offloaded
 from ...modeling.structure import BlockStructure, block_structure, decoder_parameter_count, shrink_block
 from ...utils import atomic_path, check_path, file_lock, get_logger
 from ..config import PruningConfig
@@ -242,6 +243,7 @@ class TyrPruner(StructuralPruner):
             )
         work = self._work
         work.mkdir(parents=True, exist_ok=True)
+        check_not_offloaded(self.model, "Týr's search")
         fingerprint = self._fingerprint(config, calibration_ids, pool)
         state_path = work / STATE_FILE
         if state_path.exists():
@@ -249,7 +251,7 @@ class TyrPruner(StructuralPruner):
             if state.fingerprint != fingerprint:
                 raise ValueError(
                     f"{work} holds the state of another Týr run (different config, model weights or calibration "
-                    "text); pass an empty "
+                    "text, or written by an older hf_compress); pass an empty "
                     "work_dir, or the one of the run to resume with the same config."
                 )
             logger.info("resuming Týr from %s: iteration %d, generation %d", work, state.iteration + 1,
