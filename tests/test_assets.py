@@ -263,3 +263,21 @@ def test_news_corpus():
     news = load_news()
     assert news.num_rows == 300
     assert all(len(t) > 100 for t in news["text"])
+
+
+def test_a_damaged_reference_conversion_is_converted_again(tmp_path):
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from hf_compress.assets import reference_models
+
+    marker = tmp_path / "hf_compress_asset.json"
+    marker.write_text(json.dumps({"conversion_version": reference_models._CONVERSION_VERSION}))
+    assert not reference_models._converted(marker)  # no weights at all
+    weights = tmp_path / "model.safetensors"
+    save_file({"weight": torch.zeros(64, 64)}, str(weights))
+    assert reference_models._converted(marker)
+    weights.write_bytes(weights.read_bytes()[:-100])  # truncated: its header no longer covers the file
+    assert not reference_models._converted(marker)

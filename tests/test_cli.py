@@ -172,6 +172,34 @@ def test_model_errors_are_one_line_naming_the_input_before_any_work(tmp_path, mo
     assert not (tmp_path / "pruned").exists()  # the BERT model was refused, not pruned and saved
 
 
+def test_bad_paths_and_lengths_are_refused_before_the_work_they_would_spoil(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a-folder").mkdir()
+    cases = {
+        ("quantize", "dlqat", "--model", "tiny-llama", "--save-dir", "q", "--adapter-dir", "q"):
+            "--adapter-dir q and --save-dir q are the same folder",
+        ("quantize", "dlqat", "--model", "tiny-llama", "--save-dir", "q", "--adapter-dir", "q/adapter"):
+            "--adapter-dir q/adapter and --save-dir q are the same folder or one holds the other",
+        ("quantize", "dlqat", "--model", "tiny-gpt2", "--save-dir", "q", "--seq-len", "600", "--steps", "1"):
+            "--seq-len is 600 tokens, but this model has learned positions for 512 only",
+        ("eval", "--model", "tiny-llama", "--output", "a-folder"): "--output a-folder is a folder",
+        ("eval", "--model", "tiny-gpt2", "--perplexity", "", "--tasks", "", "--speed-prompts", "1",
+         "--kv-seq-len", "100000"): "kv_seq_len is 100000 tokens, but this model has learned positions",
+    }
+    for argv, start in cases.items():
+        assert main([*argv, "-q"]) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"hf-compress: error: {start}") and "\n" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-folder"]  # nothing was trained, measured or written
+
+
+def test_prune_help_shows_the_default_the_command_applies(capsys):
+    with pytest.raises(SystemExit):
+        main(["prune", "magnitude", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "Stored canonically (0.5 or \"2:4\"). (default: 2:4)" in help_text
+
+
 def test_optimum_cli_help_lists_the_sub_commands():
     done = subprocess.run(
         [sys.executable, "-c", "from optimum.commands.optimum_cli import main; main()", "hf-compress", "--help"],

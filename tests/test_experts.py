@@ -797,3 +797,10 @@ def test_a_load_that_fails_while_attaching_hands_the_base_model_back(trained, mo
     assert not any("lora_" in name for name, _ in base.named_modules())
     with torch.no_grad():
         assert torch.equal(base(ids).logits, expected)
+
+
+def test_seeds_numpy_cannot_take_are_refused_when_configured():
+    with pytest.raises(ValueError, match=r"seed must be an integer seed \(0 to 2\*\*32 - 1\), got 4294967296"):
+        ExpertConfig(seed=2**32)
+    with pytest.raises(ValueError, match=r"seed must be an integer seed \(0 to 2\*\*32 - 1\), got -1"):
+        select_indices(torch.eye(4), 2, "random", seed=-1)

@@ -79,6 +79,28 @@ def test_atomic_directory_leaves_nothing_on_failure_and_refuses_existing(tmp_pat
     assert (target / "dangling").is_symlink() and (target / "logs").is_dir()
 
 
+def test_saved_files_get_normal_permissions_and_the_users_keep_theirs(tmp_path):
+    # safetensors 0.8 writes owner-only files; a saved folder is meant to be shared like any other.
+    import torch
+    from safetensors.torch import save_file
+
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "private.txt").write_text("mine")
+    os.chmod(target / "private.txt", 0o600)
+    with atomic_directory(target, overwrite=True) as staging:
+        save_file({"weight": torch.zeros(2)}, str(staging / "model.safetensors"))
+    expected = 0o666 & ~_umask()
+    assert stat.S_IMODE(os.stat(target / "model.safetensors").st_mode) == expected
+    assert stat.S_IMODE(os.stat(target / "private.txt").st_mode) == 0o600
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def test_a_folder_of_other_files_needs_overwrite_and_keeps_them(tmp_path):
     notes = tmp_path / "notes"
     notes.mkdir()

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .. import _compat
@@ -86,10 +87,25 @@ def reference_model_path(name: str = DEFAULT_REFERENCE_MODEL) -> Path:
 
 
 def _converted(marker: Path) -> bool:
+    """Whether the cached conversion is complete and current; weights damaged since (a truncated file) are not,
+    so they are converted again instead of failing to load with an error that names no file."""
     try:
-        return json.loads(marker.read_text()).get("conversion_version") == _CONVERSION_VERSION
+        if json.loads(marker.read_text()).get("conversion_version") != _CONVERSION_VERSION:
+            return False
     except (OSError, ValueError):
         return False
+    files = sorted(marker.parent.glob("*.safetensors"))
+    if not files:
+        logger.warning("The cached %s has no weights; converting the model again.", marker.parent)
+        return False
+    for weights in files:
+        try:
+            with safe_open(str(weights), framework="pt"):  # reads and checks the header only
+                pass
+        except Exception as error:  # safetensors raises its own error types for every kind of damage
+            logger.warning("The cached %s is damaged (%s); converting the model again.", weights, error)
+            return False
+    return True
 
 
 def _convert(name: str, spec: ReferenceModelSpec, target: Path) -> None:

@@ -161,7 +161,7 @@ def subset_indices(n: int, limit: int | None, seed: int = 1234) -> list[int]:
         True
     """
     check_int("limit", limit, minimum=0, allow_none=True, hint="None keeps the whole split.")
-    check_seed("seed", seed)
+    check_seed("seed", seed, numpy=True)
     if limit is None or limit >= n:
         return list(range(n))
     return [int(i) for i in np.random.default_rng(seed).permutation(n)[:limit]]

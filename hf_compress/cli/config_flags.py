@@ -25,6 +25,7 @@ import dataclasses
 import inspect
 import json
 import re
+from collections.abc import Mapping
 from typing import Any
 
 
@@ -33,16 +34,19 @@ __all__ = ["add_config_arguments", "config_kwargs"]
 _PREFIX = "config__"
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, config_class: type) -> None:
-    """Add one flag per dataclass field of ``config_class`` to ``parser`` (in an argument group)."""
+def add_config_arguments(parser: argparse.ArgumentParser, config_class: type,
+                         defaults: Mapping[str, Any] | None = None) -> None:
+    """Add one flag per dataclass field of ``config_class`` to ``parser`` (in an argument group); ``defaults``:
+    the command's own defaults where they differ from the class's (shown in the help as what applies)."""
     helps = _docstring_args(config_class)
-    group = parser.add_argument_group(f"{config_class.__name__} (defaults as in the class)")
+    defaults = dict(defaults or {})
+    group = parser.add_argument_group(f"{config_class.__name__} (defaults as in the class unless shown otherwise)")
     for item in dataclasses.fields(config_class):
         spellings = item.metadata.get("cli", [])
         if spellings is None:
             continue
         flags = [f"--{item.name.replace('_', '-')}", *spellings]
-        default = _default(item)
+        default = defaults.get(item.name, _default(item))
         kwargs: dict[str, Any] = {"dest": _PREFIX + item.name, "default": argparse.SUPPRESS}
         kwargs.update(_parsing(item))
         if kwargs.get("action") != argparse.BooleanOptionalAction:

@@ -247,6 +247,8 @@ def run_eval(args: argparse.Namespace) -> int:
         kv_seq_len=args.kv_seq_len,
     )
     device = resolve_device(args.device)  # checked before the (possibly slow) model load
+    if args.output and os.path.isdir(args.output):
+        raise ValueError(f"--output {args.output} is a folder; pass the path of the JSON file to write (results.json).")
     model, tokenizer = load_model(args.model)
     results, records = run_evaluation(model.to(device), tokenizer, settings, progress=not args.quiet)
     results["model"] = args.model

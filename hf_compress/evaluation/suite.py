@@ -9,6 +9,7 @@ from typing import Any
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..utils import InvalidArgumentTypeError, check_choice, check_int, check_str_list, get_logger
+from ..modeling.layers import check_within_learned_positions
 from .memory import measure_kv_cache_bytes, parameter_bytes
 from .perplexity import check_score_last, evaluate_perplexity, perplexity_record
 from .results import MetricRecord
@@ -94,6 +95,8 @@ def run_evaluation(
     from ..assets.text import load_text, speed_prompts
 
     settings = settings or EvaluationSettings()
+    if settings.kv_seq_len:  # checked before any measurement, not after all the others
+        check_within_learned_positions(model, settings.kv_seq_len, "kv_seq_len is", "kv_seq_len")
     results: dict[str, Any] = {"settings": settings.to_dict()}
     records: list[MetricRecord] = []
     start = time.perf_counter()

@@ -481,7 +481,7 @@ def evaluate_zero_shot(
             f"limit names tasks {sorted(set(limit) - set(tasks))} that are not in tasks and leaves out "
             f"{sorted(set(tasks) - set(limit))}: give one entry per task (None = the full split)."
         )
-    check_seed("seed", seed)
+    check_seed("seed", seed, numpy=True)
     check_int("batch_size", batch_size, minimum=1)
     check_choice("backend", backend, ("native", "lm_eval"))
     check_bool("share_context", share_context)

@@ -54,7 +54,7 @@ def kmeans(embeddings: torch.Tensor, k: int, *, seed: int = 0, restarts: int = 4
         [2, 2]
     """
     check_int("k", k, minimum=1)
-    check_seed("seed", seed)
+    check_seed("seed", seed, numpy=True)
     x = embeddings.float()
     n = len(x)
     if k > n:

@@ -77,7 +77,7 @@ class ExpertConfig:
         check_bool("split_steps", self.split_steps)
         check_float("shared_warmup", self.shared_warmup, low=0.0, high=1.0, high_open=True,
                     hint="It is the fraction of max_steps trained on all the data before the experts split.")
-        check_seed("seed", self.seed)
+        check_seed("seed", self.seed, numpy=True)
 
     @staticmethod
     def adapter_name(index: int) -> str:

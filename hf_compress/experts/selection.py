@@ -91,7 +91,7 @@ def select_indices(embeddings: torch.Tensor, count: int, method: str = "facility
     check_choice("method", method, SELECTION_METHODS)
     n = len(embeddings)
     check_int("count", count, minimum=1, maximum=n)
-    check_seed("seed", seed)
+    check_seed("seed", seed, numpy=True)
     x = embeddings.float()
     if weights is not None:
         _check_weighted_method(method)
@@ -225,7 +225,7 @@ def select_data(
     budget = check_float("budget", budget, low=0.0, high=1.0, low_open=True,
                          hint="It is the fraction of the examples to keep, e.g. 0.2.")
     check_choice("method", method, SELECTION_METHODS)
-    check_seed("seed", seed)
+    check_seed("seed", seed, numpy=True)
     if weights is not None:  # before the embedding and loss passes
         _check_weighted_method(method)
     if isinstance(weights, str):

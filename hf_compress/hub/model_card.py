@@ -50,6 +50,7 @@ TEMPLATES: dict[str, tuple[str, str | None]] = {
 
 _LOAD_SNIPPETS = {
     "transformers": (
+        "import hf_compress  # pip install hf-compress: registers its checkpoint formats with transformers\n"
         "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
         'model = AutoModelForCausalLM.from_pretrained("{repo_id}")\n'
         'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")'

@@ -32,7 +32,7 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
         child.add_argument("--options", f"--{method.replace('_', '-')}-options", dest="options", default=None,
                            metavar="JSON", help="more config fields as a JSON object, e.g. '{\"batch_size\": 4}'")
         device_argument(child)
-        add_config_arguments(child, pruner_class.config_class)
+        add_config_arguments(child, pruner_class.config_class, defaults=pruner_class.cli_defaults)
         pruner_class.add_cli_arguments(child)
         child.set_defaults(pruner_class=pruner_class)
 

@@ -11,6 +11,7 @@ with the recipe (and no metrics: this command measures none; ``hf-compress eval`
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 
 from ..cli.main import command, int_at_least, positive_float
@@ -43,6 +44,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     from ..training import TrainingSettings, causal_lm_dataset, train_with_trainer
     from ..formats.packed import save_packed
     from ..hub import hub_model_id, write_model_card
+    from ..modeling.layers import check_within_learned_positions
     from ..utils import atomic_directory, check_save_dir
     from . import DLQATConfig, packed_size, quantize_rtn
 
@@ -51,6 +53,11 @@ def run_quantize(args: argparse.Namespace) -> int:
         check_save_dir(args.adapter_dir, args.overwrite, argument="--adapter-dir")
     if args.method == "rtn" and args.adapter_dir:
         raise ValueError("--adapter-dir is for dlqat: rtn trains no adapter.")
+    if args.adapter_dir:
+        model_dir, adapter_dir = (os.path.abspath(path) for path in (args.save_dir, args.adapter_dir))
+        if os.path.commonpath([model_dir, adapter_dir]) in (model_dir, adapter_dir):
+            raise ValueError(f"--adapter-dir {args.adapter_dir} and --save-dir {args.save_dir} are the same folder or "
+                             "one holds the other: each save replaces its whole folder. Pass two separate folders.")
     config = DLQATConfig(
         bits=args.bits, group_size=args.group_size, symmetric=args.symmetric, r=args.rank,
         lora_alpha=float(args.rank), target_modules="all-linear",
@@ -58,6 +65,8 @@ def run_quantize(args: argparse.Namespace) -> int:
         use_lora=args.method == "dlqat" and not args.no_lora,
     )
     model, tokenizer = load_model(args.model)
+    if args.method == "dlqat":
+        check_within_learned_positions(model, args.seq_len, "--seq-len is", "--seq-len")  # before training starts
     if args.method == "dlqat":
         with _compat.third_party_warnings_silenced():
             model = get_peft_model(model, config)

@@ -153,6 +153,7 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iter
     os.chmod(staging, 0o777 & ~_current_umask())  # mkdtemp creates 0700; give the folder normal permissions
     try:
         yield staging
+        _give_normal_permissions(staging)  # before the user's files are linked in: theirs keep their modes
         if target.is_dir():
             _carry_unrelated_files(target, staging)
         _install(staging, target)
@@ -164,6 +165,15 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iter
             except OSError:
                 break
         raise
+
+
+def _give_normal_permissions(folder: Path) -> None:
+    # safetensors 0.8 writes its files owner-only (0600), unlike every other file of a save: a saved model shared
+    # with other users or containers could not be read. Only files with exactly that mode are changed.
+    normal = 0o666 & ~_current_umask()
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink() and path.stat().st_mode & 0o777 == 0o600 and normal != 0o600:
+            os.chmod(path, normal)
 
 
 def _carry_unrelated_files(old: Path, new: Path) -> None:

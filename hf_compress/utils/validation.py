@@ -169,19 +169,24 @@ def check_float(
 _SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
 
 
-def check_seed(name: str, value: Any, *, allow_none: bool = False) -> Any:
-    """``value`` if it is an integer a ``torch.Generator`` accepts as a seed (``-2**63`` to ``2**64 - 1``).
+def check_seed(name: str, value: Any, *, allow_none: bool = False, numpy: bool = False) -> Any:
+    """``value`` if it is an integer a ``torch.Generator`` accepts as a seed (``-2**63`` to ``2**64 - 1``), or with
+    ``numpy`` (the seed also goes to a NumPy generator) one NumPy accepts too (``0`` to ``2**32 - 1``).
 
     Example:
         >>> check_seed("seed", 1234)
         1234
+        >>> check_seed("seed", -1, numpy=True)
+        Traceback (most recent call last):
+        ValueError: seed must be an integer seed (0 to 2**32 - 1), got -1.
     """
     if value is None and allow_none:
         return None
-    allowed = "an integer seed (-2**63 to 2**64 - 1)" + (" or None" if allow_none else "")
+    low, high, span = (0, 2**32 - 1, "0 to 2**32 - 1") if numpy else (_SEED_MIN, _SEED_MAX, "-2**63 to 2**64 - 1")
+    allowed = f"an integer seed ({span})" + (" or None" if allow_none else "")
     if not _is_int(value):
         raise InvalidArgumentTypeError(_message(name, allowed, value, ""))
-    if not _SEED_MIN <= value <= _SEED_MAX:
+    if not low <= value <= high:
         raise ValueError(_message(name, allowed, value, ""))
     return int(value)
 
