@@ -193,6 +193,29 @@ def test_bad_paths_and_lengths_are_refused_before_the_work_they_would_spoil(tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-folder"]  # nothing was trained, measured or written
 
 
+def test_list_flags_take_repeats_and_commas():
+    import argparse
+
+    from hf_compress.cli.config_flags import add_config_arguments, config_kwargs
+    from hf_compress.experts import ExpertConfig
+
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, ExpertConfig)
+    args = parser.parse_args(["--target-modules", "q_proj,v_proj", "--target-modules", "o_proj"])
+    assert config_kwargs(args) == {"target_modules": ["q_proj", "v_proj", "o_proj"]}
+
+
+def test_too_many_speed_prompts_are_refused_before_any_measurement(monkeypatch, capsys):
+    from hf_compress.evaluation import suite
+
+    def no_perplexity(*args, **kwargs):
+        raise AssertionError("perplexity was measured before the speed prompts were checked")
+
+    monkeypatch.setattr(suite, "evaluate_perplexity", no_perplexity)
+    assert main(["eval", "--model", "tiny-llama", "--speed-prompts", "1000", "-q"]) == 2
+    assert "evaluation articles; ask for at most that many prompts" in capsys.readouterr().err
+
+
 def test_prune_help_shows_the_default_the_command_applies(capsys):
     with pytest.raises(SystemExit):
         main(["prune", "magnitude", "--help"])

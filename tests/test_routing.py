@@ -895,6 +895,8 @@ def test_output_attentions_is_refused(arch):
         model.config.output_attentions = True
         with pytest.raises(ValueError, match="pass output_attentions=False"):
             model(ids)
+        with pytest.raises(ValueError, match="pass output_attentions=False"):  # None: the config decides
+            model(ids, output_attentions=None)
         with routing_disabled(model):
             attentions = model(ids).attentions
         model.config.output_attentions = False

@@ -54,6 +54,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class: type,
         choices = item.metadata.get("choices")
         if choices is not None:
             kwargs["choices"] = choices() if callable(choices) else choices
+        if kwargs.get("action") is _AppendSplit:
+            helps[item.name] = helps.get(item.name, "") + " (repeat the flag, or separate values with commas)"
         shown = "" if default is dataclasses.MISSING else f" (default: {json.dumps(default) if isinstance(default, (list, tuple, dict)) else default})"
         kwargs["help"] = (helps.get(item.name, "").replace("``", "") + shown).strip().replace("%", "%%")
         group.add_argument(*flags, **kwargs)
@@ -72,6 +74,15 @@ def _default(item: dataclasses.Field) -> Any:
     return dataclasses.MISSING
 
 
+class _AppendSplit(argparse.Action):
+    """A list flag: repeat it, or separate values with commas (``--target-modules q_proj,v_proj``)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        items = list(getattr(namespace, self.dest, None) or [])
+        items.extend(value for value in str(values).split(",") if value)
+        setattr(namespace, self.dest, items)
+
+
 def _parsing(item: dataclasses.Field) -> dict[str, Any]:
     annotation = str(item.type).replace(" ", "")
     if "type" in item.metadata:
@@ -79,7 +90,7 @@ def _parsing(item: dataclasses.Field) -> dict[str, Any]:
     if annotation == "bool":
         return {"action": argparse.BooleanOptionalAction}
     if annotation.startswith("list["):
-        return {"action": "append"}
+        return {"action": _AppendSplit}
     if annotation.startswith("tuple[int"):
         return {"type": int, "nargs": "*"}
     if annotation.startswith("dict["):

@@ -97,6 +97,7 @@ def run_evaluation(
     settings = settings or EvaluationSettings()
     if settings.kv_seq_len:  # checked before any measurement, not after all the others
         check_within_learned_positions(model, settings.kv_seq_len, "kv_seq_len is", "kv_seq_len")
+    prompts = speed_prompts(settings.speed_prompts) if settings.speed_prompts else []  # too many: refused now
     results: dict[str, Any] = {"settings": settings.to_dict()}
     records: list[MetricRecord] = []
     start = time.perf_counter()
@@ -122,7 +123,7 @@ def run_evaluation(
         records.extend(zero_shot_records(zero_shot))
     if settings.speed_prompts:
         speed = measure_generation_speed(
-            model, tokenizer, speed_prompts(settings.speed_prompts), max_new_tokens=settings.max_new_tokens,
+            model, tokenizer, prompts, max_new_tokens=settings.max_new_tokens,
             progress=progress,
         )
         speed.pop("outputs")

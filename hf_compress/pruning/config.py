@@ -182,7 +182,8 @@ class PruningConfig:
             weights, so the checkpoint stays an ordinary N:M one): none, ria (heuristic channel
             reallocation), swap (RIA refined by greedy channel swaps), learned (the learned permutation's
             defaults), permllm (PermLLM-style block-diagonal), or a SwapPermutationConfig /
-            LearnedPermutationConfig (in JSON: {"kind": "swap" | "learned", ...}).
+            LearnedPermutationConfig (in JSON, e.g. the CLI's --options: {"permutation": {"kind": "swap" |
+            "learned", ...}}).
 
     Example:
         >>> PruningConfig.from_dict({"method": "wanda", "sparsity": "50%"}).sparsity

@@ -320,7 +320,9 @@ def _begin_forward(module: nn.Module, args: tuple, kwargs: dict) -> None:
             f"{type(mask).__name__} mask. {fix}"
         )
     routed = state.enabled and not state.schedule.is_dense
-    attentions = arguments.get("output_attentions", getattr(getattr(module, "config", None), "output_attentions", False))
+    attentions = arguments.get("output_attentions")
+    if attentions is None:  # not passed, or passed as None: the config decides, as in transformers
+        attentions = getattr(getattr(module, "config", None), "output_attentions", False)
     if routed and attentions:
         raise ValueError(
             "a routed model's blocks attend among the tokens they compute only, so it has no full-size attention maps "
