@@ -310,22 +310,23 @@ def load_experts(cls, path, base_model, *, tokenizer=None, revision: str | None 
     except BaseException:
         # PEFT wraps the base in place before loading: give the user's model back, then the original error (out of
         # memory, a PEFT version that cannot read the config, ...: the checks above found the files intact).
-        _strip_lora(base_model)
+        strip_lora(base_model)
         raise
     model.eval()
     return cls(model, centroids, EmbeddingSpace(tensors["mean"], tensors["std"]), spec, names,
                tokenizer=tokenizer, info=config)
 
 
-def _strip_lora(model) -> None:
-    """Put every PEFT-wrapped layer of ``model`` back to its base layer and drop the config PEFT leaves on it."""
+def strip_lora(model) -> None:
+    """Put every PEFT-wrapped layer of ``model`` back to its base layer and drop the config PEFT leaves on it (a
+    failed load or training run hands the caller's model back as it came)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     for name, module in list(model.named_modules()):
         if isinstance(module, BaseTunerLayer):
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, module.get_base_layer())
-    vars(model).pop("peft_config", None)  # it was absent (checked before attaching)
+    vars(model).pop("peft_config", None)  # it was absent: load_experts and train_experts refuse a PEFT model
 
 
 def read_experts_config(path, revision: str | None = None) -> tuple[Path, dict[str, Any]]:

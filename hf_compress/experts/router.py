@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from .. import _compat
+from ..modeling.generation import generation_setting
 from ..utils import get_logger
 from .clustering import assign
 from .embedding import EmbeddingSpace, EmbeddingSpec, embed_batch, embed_texts
@@ -151,11 +152,11 @@ class ExpertRouter:
         rows = self._routed(input_ids, attention_mask, experts)
         if attention_mask is not None:
             kwargs["attention_mask"] = attention_mask
-        copies = int(self._generation_setting(kwargs, "num_return_sequences") or 1)
-        sampled = bool(self._generation_setting(kwargs, "do_sample"))
+        copies = int(generation_setting(self.model, "num_return_sequences", kwargs) or 1)
+        sampled = bool(generation_setting(self.model, "do_sample", kwargs))
         with self._adapters(rows) as per_row:
             if "adapter_names" in per_row and copies > 1 and sampled and int(
-                    self._generation_setting(kwargs, "num_beams") or 1) == 1:
+                    generation_setting(self.model, "num_beams", kwargs) or 1) == 1:
                 # PEFT repeats adapter_names for beams only: expand the rows here, as generate would.
                 input_ids = input_ids.repeat_interleave(copies, dim=0)
                 if attention_mask is not None:
@@ -164,15 +165,9 @@ class ExpertRouter:
                 kwargs["num_return_sequences"] = 1
             return self.model.generate(input_ids=input_ids, **per_row, **kwargs)
 
-    def _generation_setting(self, kwargs: dict[str, Any], name: str) -> Any:
-        """``name`` as ``generate`` will read it: the keyword, else the given ``generation_config``, else the model's."""
-        if kwargs.get(name) is not None:
-            return kwargs[name]
-        return getattr(kwargs.get("generation_config") or self.model.generation_config, name, None)
-
     def _inferred_mask(self, input_ids: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor | None:
         """The mask ``generate`` infers: pad tokens masked when the pad token is in the ids and is not an eos."""
-        pad, eos = self._generation_setting(kwargs, "pad_token_id"), self._generation_setting(kwargs, "eos_token_id")
+        pad, eos = (generation_setting(self.model, name, kwargs) for name in ("pad_token_id", "eos_token_id"))
         eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         if pad is None or pad in eos or not bool((input_ids == pad).any()):
             return None

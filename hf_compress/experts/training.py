@@ -16,6 +16,7 @@ from .clustering import kmeans
 from .config import ExpertConfig
 from .data import InstructionRows, instruction_rows, packed_instruction_dataset
 from .embedding import EmbeddingSpace, EmbeddingSpec, embed_texts
+from .folder import strip_lora
 from .router import ExpertRouter
 from .selection import resolve_tokenizer, selection_of
 
@@ -165,9 +166,7 @@ def train_experts(
                                 "training_loss": result["training_loss"]})
     except BaseException:
         # An interrupted or failed run hands the caller's model back as it came (PEFT wraps it in place).
-        if peft_model is not None:
-            peft_model.unload()
-            vars(model).pop("peft_config", None)  # PEFT leaves it on the base; it was absent (checked above)
+        strip_lora(model)
         raise
     if warmup is not None:
         peft_model.delete_adapter(_WARMUP_ADAPTER)  # its weights live on in every expert

@@ -64,6 +64,7 @@ import torch
 from torch import nn
 
 from .. import _compat
+from ..modeling.generation import generation_setting
 from ..modeling.layers import find_decoder_blocks
 from .router import TokenRouter, decoded_token_features, router_features, select_tokens, static_scores
 from .schedule import RoutingSchedule, skip_count
@@ -268,7 +269,7 @@ def _generate_knowing_the_prompt(self: nn.Module, *args: Any, **kwargs: Any) -> 
                   args[0] if args else None)
     previous = state.prompt_length if state is not None else None
     if state is not None and isinstance(inputs, torch.Tensor) and inputs.dim() >= 2:
-        chunk = _prefill_chunk_size(self, args, kwargs)
+        chunk = generation_setting(self, "prefill_chunk_size", kwargs, args)
         if chunk is not None and inputs.shape[1] > chunk and state.enabled and not state.schedule.is_dense:
             # Later chunks would be fed as decoded tokens (computed at every block) and the first routed as if it
             # were the whole prompt: another output than the one-forward prefill, silently.
@@ -283,19 +284,6 @@ def _generate_knowing_the_prompt(self: nn.Module, *args: Any, **kwargs: Any) -> 
     finally:
         if state is not None:
             state.prompt_length = previous
-
-
-def _prefill_chunk_size(model: nn.Module, args: tuple, kwargs: dict) -> int | None:
-    """The ``prefill_chunk_size`` this ``generate()`` call will use: its keyword, else the generation config it was
-    given, else the model's (the order in which ``generate()`` merges them)."""
-    if "prefill_chunk_size" in kwargs:
-        return kwargs["prefill_chunk_size"]
-    given = kwargs.get("generation_config", args[1] if len(args) > 1 else None)
-    for config in (given, getattr(model, "generation_config", None)):
-        value = getattr(config, "prefill_chunk_size", None)
-        if value is not None:
-            return value
-    return None
 
 
 def _begin_forward(module: nn.Module, args: tuple, kwargs: dict) -> None:
