@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from .. import __version__, _compat
 from ..formats.integrity import DIGEST_ALGORITHM, CheckpointIntegrityError, CheckpointReader
 from ..hub import build_model_card, hub_model_id, write_model_card
+from ..modeling.identity import fingerprints_match, weight_fingerprint
 from ..modeling.layers import find_decoder_blocks
 from ..utils import atomic_directory, atomic_file, check_save_dir, get_logger
 from .embedding import EmbeddingSpace, EmbeddingSpec
@@ -64,8 +65,6 @@ def base_fingerprint(model, spec: EmbeddingSpec) -> dict[str, Any]:
         >>> sorted(base_fingerprint(model, EmbeddingSpec.for_model(model)))
         ['block_weight', 'embeddings', 'hidden_size', 'model_type', 'num_blocks', 'vocab_size']
     """
-    from ..quantization.dlqat.layer import weight_fingerprint
-
     plain = _plain(model)
     _, blocks = find_decoder_blocks(plain)
     block_weight = next(p for name, p in blocks[spec.layer].named_parameters()
@@ -83,8 +82,6 @@ def base_fingerprint(model, spec: EmbeddingSpec) -> dict[str, Any]:
 
 
 def _check_fingerprint(saved: dict[str, Any], current: dict[str, Any], folder: str) -> None:
-    from ..quantization.dlqat.layer import fingerprints_match
-
     shapes = ("model_type", "hidden_size", "vocab_size", "num_blocks")
     differs = [k for k in shapes if saved.get(k) != current.get(k)]
     differs += [k for k in ("embeddings", "block_weight")

@@ -9,7 +9,7 @@ from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 from peft.utils import register_peft_method
 
 from .config import LORA_SPACES, DLQATConfig
-from .layer import DLQATLayer, DLQATLinear, LayerQuantization, weight_fingerprint
+from .layer import DLQATLayer, DLQATLinear, LayerQuantization
 from .model import DLQATModel
 from .peft_type import DLQAT_PEFT_TYPE
 
@@ -22,7 +22,6 @@ __all__ = [
     "DLQATLinear",
     "DLQATModel",
     "LayerQuantization",
-    "weight_fingerprint",
 ]
 
 # Idempotent: a module reload must not fail on "already registered".

@@ -41,6 +41,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from ... import _compat
+from ...modeling.identity import weight_fingerprint
 from ...modeling.layers import in_features, is_linear, out_features, set_weight_matrix, weight_matrix
 from ..grid import QuantizationGrid, group_index, keeps_sparsity, round_clamp_ste
 from .config import DLQATConfig
@@ -49,7 +50,7 @@ from .config import DLQATConfig
 BufferDict = _compat.peft_buffer_dict()
 
 
-__all__ = ["DLQATLayer", "DLQATLinear", "LayerQuantization", "weight_fingerprint"]
+__all__ = ["DLQATLayer", "DLQATLinear", "LayerQuantization"]
 
 
 @dataclass(frozen=True)
@@ -75,23 +76,6 @@ class LayerQuantization:
             use_lora=config.use_lora,
             use_magnitude=config.use_magnitude,
         )
-
-
-def weight_fingerprint(weight: torch.Tensor) -> torch.Tensor:
-    """Four numbers that identify a weight matrix well enough to tell two base models apart.
-
-    Example:
-        >>> tuple(weight_fingerprint(torch.ones(3, 2)).tolist())
-        (2.4494898319244385, 2.0, 2.0, 1.0)
-    """
-    w = weight.detach().float()
-    return torch.stack([w.norm(), w[0].sum(), w[-1].sum(), w.abs().mean()])
-
-
-def fingerprints_match(saved: torch.Tensor, current: torch.Tensor) -> bool:
-    """Whether two fingerprints describe the same weight (tolerant to a bf16/fp32 cast of the base)."""
-    tolerance = 1e-2 * float(current[0].abs()) + 1e-6
-    return bool(torch.allclose(saved.float().cpu(), current.float().cpu(), rtol=1e-2, atol=tolerance))
 
 
 class DLQATLayer(BaseTunerLayer):

@@ -39,7 +39,8 @@ from ...formats.slim import slim_record
 from ...hub.model_card import hub_model_id
 from ..packed_linear import PackedLinear
 from .config import DLQATConfig
-from .layer import DLQATLayer, DLQATLinear, fingerprints_match
+from ...modeling.identity import fingerprints_match
+from .layer import DLQATLayer, DLQATLinear
 
 
 __all__ = ["DLQATModel"]

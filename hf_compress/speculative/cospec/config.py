@@ -10,7 +10,7 @@ from __future__ import annotations
 from transformers import PreTrainedConfig
 
 from ...utils import InvalidArgumentTypeError, check_bool, check_float, check_int, check_str
-from ..base_identity import check_identity_field
+from ...modeling.identity import check_identity_field
 from .features import NUM_SCALAR_FEATURES
 
 __all__ = ["ArbiterConfig"]

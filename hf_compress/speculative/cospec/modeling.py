@@ -27,7 +27,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ...utils import InvalidArgumentTypeError
 from ..acceptance import Verdict
-from ..base_identity import base_model_identity, check_base_model
+from ...modeling.identity import base_model_identity, check_base_model
 from .config import ArbiterConfig
 from .features import logit
 

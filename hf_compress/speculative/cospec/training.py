@@ -42,7 +42,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ...evaluation.squad import normalize_answer
 from ...utils import InvalidArgumentTypeError, check_bool, check_choice, check_float, check_int, get_logger
-from ..base_identity import record_base_model
+from ...modeling.identity import record_base_model
 from ..task_answers import (
     REWARDS,
     Reward,

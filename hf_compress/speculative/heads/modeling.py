@@ -28,7 +28,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from ...utils import get_logger
-from ..base_identity import base_model_identity, check_base_model
+from ...modeling.identity import base_model_identity, check_base_model
 from .config import AmphistaConfig, DraftHeadsConfig, MedusaConfig
 
 

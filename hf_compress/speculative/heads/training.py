@@ -33,7 +33,7 @@ from transformers import PreTrainedModel, TrainerCallback
 
 from ...training import TrainingSettings, train_with_trainer
 from ...utils import get_logger
-from ..base_identity import record_base_model
+from ...modeling.identity import record_base_model
 from .modeling import BaseParts, DraftHeads
 
 

@@ -1,10 +1,13 @@
-"""Which base model a trained add-on (drafting heads, a CoSpec arbiter) was trained on, checked cheaply.
+"""Is this the base model an add-on was trained on? Cheap checks, recorded when the add-on is built, run at load.
 
-Hidden size and vocabulary only say that the shapes fit: heads or an arbiter trained for another model of the
-same shape (another architecture, seed or checkpoint) would be accepted and draft or arbitrate badly. The base
-model's identity — its text model type and a few entries of its input embeddings — is recorded when the
-add-on is built for a model or trained on it, and checked before decoding. The entries are compared with a
-tolerance, not hashed, so the same weights in another dtype still match.
+Hidden size and vocabulary only say that the shapes fit: an add-on trained for another model of the same shape
+(another architecture, seed or checkpoint) would be accepted and work badly. Two records, both compared with a
+tolerance rather than hashed, so the same weights in another dtype still match:
+
+- :func:`base_model_identity` — the text model type and a few entries of the input embeddings; recorded by drafting
+  heads and CoSpec arbiters in their configs and checked before decoding (:func:`check_base_model`);
+- :func:`weight_fingerprint` — four numbers per weight matrix; DL-QAT stores one per adapted layer (its grid is a
+  function of that layer's weights) and SilverSight experts two (embeddings and one block weight).
 
 Example:
     >>> from hf_compress.assets import tiny_model
@@ -28,7 +31,8 @@ from torch import nn
 from ..utils import InvalidArgumentTypeError, get_logger
 
 
-__all__ = ["base_model_identity", "check_base_model", "check_identity_field", "record_base_model", "same_base_model"]
+__all__ = ["base_model_identity", "check_base_model", "check_identity_field", "fingerprints_match", "record_base_model",
+           "same_base_model", "weight_fingerprint"]
 
 logger = get_logger(__name__)
 
@@ -118,3 +122,20 @@ def check_base_model(config: Any, model: nn.Module, what: str, remedy: str) -> N
             f"Wrong base model for {what}: trained for {trained_for!r}, but this model ({this!r}) differs "
             f"({'; '.join(differences)}) although the sizes match. {remedy}"
         )
+
+
+def weight_fingerprint(weight: torch.Tensor) -> torch.Tensor:
+    """Four numbers that identify a weight matrix well enough to tell two base models apart.
+
+    Example:
+        >>> tuple(weight_fingerprint(torch.ones(3, 2)).tolist())
+        (2.4494898319244385, 2.0, 2.0, 1.0)
+    """
+    w = weight.detach().float()
+    return torch.stack([w.norm(), w[0].sum(), w[-1].sum(), w.abs().mean()])
+
+
+def fingerprints_match(saved: torch.Tensor, current: torch.Tensor) -> bool:
+    """Whether two :func:`weight_fingerprint` results describe the same weight (tolerant to a bf16/fp32 cast)."""
+    tolerance = 1e-2 * float(current[0].abs()) + 1e-6
+    return bool(torch.allclose(saved.float().cpu(), current.float().cpu(), rtol=1e-2, atol=tolerance))
