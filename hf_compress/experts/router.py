@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from .. import _compat
-from ..modeling.generation import generation_setting
+from ..modeling.generation import generation_setting, inferred_attention_mask
 from ..utils import get_logger
 from .clustering import assign
 from .embedding import EmbeddingSpace, EmbeddingSpec, embed_batch, embed_texts
@@ -148,7 +148,7 @@ class ExpertRouter:
         if input_ids is None and torch.is_tensor(kwargs.get("inputs")):
             input_ids = kwargs.pop("inputs")
         if attention_mask is None and input_ids is not None:
-            attention_mask = self._inferred_mask(input_ids, kwargs)
+            attention_mask = inferred_attention_mask(self.model, input_ids, kwargs)
         rows = self._routed(input_ids, attention_mask, experts)
         if attention_mask is not None:
             kwargs["attention_mask"] = attention_mask
@@ -164,14 +164,6 @@ class ExpertRouter:
                 per_row = {"adapter_names": [name for name in per_row["adapter_names"] for _ in range(copies)]}
                 kwargs["num_return_sequences"] = 1
             return self.model.generate(input_ids=input_ids, **per_row, **kwargs)
-
-    def _inferred_mask(self, input_ids: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor | None:
-        """The mask ``generate`` infers: pad tokens masked when the pad token is in the ids and is not an eos."""
-        pad, eos = (generation_setting(self.model, name, kwargs) for name in ("pad_token_id", "eos_token_id"))
-        eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-        if pad is None or pad in eos or not bool((input_ids == pad).any()):
-            return None
-        return input_ids.ne(pad).long()
 
     def __call__(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, *,
                  experts: torch.Tensor | Sequence[int] | None = None, **kwargs: Any):

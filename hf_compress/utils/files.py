@@ -150,7 +150,7 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iter
     target.parent.mkdir(parents=True, exist_ok=True)
     sweep_stale_staging(target)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
-    os.chmod(staging, 0o777 & ~_current_umask())  # mkdtemp creates 0700; give the folder normal permissions
+    os.chmod(staging, _normal_mode(directory=True))  # mkdtemp creates 0700
     try:
         yield staging
         _give_normal_permissions(staging)  # before the user's files are linked in: theirs keep their modes
@@ -170,7 +170,7 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iter
 def _give_normal_permissions(folder: Path) -> None:
     # safetensors 0.8 writes its files owner-only (0600), unlike every other file of a save: a saved model shared
     # with other users or containers could not be read. Only files with exactly that mode are changed.
-    normal = 0o666 & ~_current_umask()
+    normal = _normal_mode()
     for path in folder.rglob("*"):
         if path.is_file() and not path.is_symlink() and path.stat().st_mode & 0o777 == 0o600 and normal != 0o600:
             os.chmod(path, normal)
@@ -298,7 +298,7 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp creates 0600; give the file normal permissions
+        os.chmod(tmp, _normal_mode())  # mkstemp creates 0600
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -345,7 +345,8 @@ def file_lock(path: str | os.PathLike, timeout: float = -1, busy_message: str | 
         lock.release()
 
 
-def _current_umask() -> int:
-    mask = os.umask(0)
+def _normal_mode(directory: bool = False) -> int:
+    """The mode ``open()`` / ``mkdir()`` would give a new file or folder under the process's umask."""
+    mask = os.umask(0)  # the only way to read the umask; set straight back
     os.umask(mask)
-    return mask
+    return (0o777 if directory else 0o666) & ~mask
