@@ -153,6 +153,60 @@ def test_quantize_rtn_and_dlqat_write_loadable_packed_checkpoints(tmp_path):
     assert main(["quantize", "rtn", "--model", "tiny-llama", "--save-dir", str(tmp_path / "q")]) == 2
 
 
+def test_quantize_rtn_refuses_the_flags_only_dlqat_reads_before_any_work(tmp_path, monkeypatch, capsys):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the flags were checked")
+
+    monkeypatch.setattr("hf_compress.assets.load_model", refuse)
+    rtn = ["quantize", "rtn", "--model", "tiny-llama", "--save-dir", str(tmp_path / "q"), "-q"]
+    cases = {
+        ("--steps", "100"): "--steps applies",  # the default's value, but given: rtn would ignore it all the same
+        ("--rank", "4", "--learning-rate", "1e-2", "--no-lora"): "--rank, --learning-rate, --no-lora apply",
+        ("--batch-size", "2", "--seq-len", "64", "--no-magnitude"): "--batch-size, --seq-len, --no-magnitude apply",
+        ("--adapter-dir", str(tmp_path / "adapter")): "--adapter-dir applies",
+    }
+    for flags, start in cases.items():
+        assert main([*rtn, *flags]) == 2, flags
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"hf-compress: error: {start} to `quantize dlqat` only") and "\n" not in err, err
+    assert not any(tmp_path.iterdir())  # nothing was written
+
+
+def test_quantize_dlqat_fills_in_the_defaults_of_the_flags_left_out(tmp_path, monkeypatch):
+    from hf_compress import training
+
+    seen = {}
+
+    def no_training(model, data, output_dir, settings, **kwargs):
+        seen.update(settings=settings, rows=len(data), seq_len=len(data[0]["input_ids"]), lora=model.peft_config)
+        return {}
+
+    monkeypatch.setattr(training, "train_with_trainer", no_training)
+    assert main(["quantize", "dlqat", "--model", "tiny-llama", "--group-size", "32",
+                 "--save-dir", str(tmp_path / "q"), "-q"]) == 0
+    settings, (config,) = seen["settings"], seen["lora"].values()
+    assert (settings.max_steps, settings.learning_rate, settings.per_device_batch_size) == (100, 1e-3, 4)
+    assert seen["rows"] == 400 and seen["seq_len"] == 256 and config.r == 16
+    assert config.use_magnitude and config.use_lora
+
+
+def test_eval_with_nothing_to_measure_is_refused_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded for an evaluation that measures nothing")
+
+    monkeypatch.setattr("hf_compress.assets.resolve.load_model", refuse)
+    for flags in (["--perplexity", "", "--tasks", ""],
+                  ["--perplexity", " , ", "--tasks", ",", "--speed-prompts", "0"],  # only separators: no set named
+                  ["--perplexity", "", "--tasks", "", "--max-windows", "2", "--limit", "4", "--output", "r.json"]):
+        argv = ["eval", "--model", "tiny-llama", *flags, "-q"]
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("hf-compress: error: nothing to evaluate: pass --perplexity") and "\n" not in err, err
+        assert "--tasks" in err and "--speed-prompts" in err
+
+
 def test_model_errors_are_one_line_naming_the_input_before_any_work(tmp_path, monkeypatch, capsys):
     from transformers import BertConfig, BertForMaskedLM
 

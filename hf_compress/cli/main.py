@@ -246,6 +246,10 @@ def run_eval(args: argparse.Namespace) -> int:
         zero_shot_tasks=_split(args.tasks), zero_shot_limit=args.limit, speed_prompts=args.speed_prompts,
         kv_seq_len=args.kv_seq_len,
     )
+    # With none of these only the parameter bytes would be measured (not even printed): refused before the load.
+    if not (settings.perplexity_sets or settings.zero_shot_tasks or settings.speed_prompts or settings.kv_seq_len):
+        raise ValueError("nothing to evaluate: pass --perplexity wikipedia, --tasks arc_easy, --speed-prompts N "
+                         "or --kv-seq-len N.")
     device = resolve_device(args.device)  # checked before the (possibly slow) model load
     if args.output and os.path.isdir(args.output):
         raise ValueError(f"--output {args.output} is a folder; pass the path of the JSON file to write (results.json).")

@@ -103,8 +103,8 @@ def load_rows(data: str, per_task: int, holdout: int) -> tuple[list[dict[str, An
     """The rows ``--data`` names (a file or a task mix) and a description of them for the saved folder.
 
     Example:
-        >>> rows, source = load_rows("boolq,piqa", per_task=10, holdout=0)  # doctest: +SKIP
-        >>> len(rows), source["tasks"]  # doctest: +SKIP
+        >>> rows, source = load_rows("boolq,piqa", per_task=10, holdout=0)
+        >>> len(rows), source["tasks"]
         (20, ['boolq', 'piqa'])
     """
     from .data import TASK_MIX_TASKS, read_instruction_file, task_mix_rows
@@ -171,7 +171,7 @@ def _train(args: argparse.Namespace) -> int:
               f"to the nearest kept {report.mean_distance:.4f} (random subset {report.random_mean_distance:.4f})")
     settings = TrainingSettings(max_steps=args.steps, learning_rate=args.learning_rate,
                                 per_device_batch_size=args.batch_size, logging_steps=max(1, args.steps // 10),
-                                seed=config.seed, use_cpu=device.type == "cpu")
+                                seed=config.seed, use_cpu=device.type == "cpu", progress=not args.quiet)
     router = train_experts(model, dataset, config, args=settings, tokenizer=tokenizer, embeddings=raw)
     router.info["data"] = source
     router.save_pretrained(args.save_dir, overwrite=args.overwrite)

@@ -13,8 +13,17 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
+from typing import Any
 
 from ..cli.main import command, int_at_least, positive_float
+
+
+# The flags only `quantize dlqat` reads, with their defaults. The parser leaves them None, so that a flag the user gave
+# (refused with rtn, which would ignore it) stands apart from one left out; _check_method_flags then fills these in.
+_DLQAT_ONLY_DEFAULTS: dict[str, Any] = {
+    "rank": 16, "steps": 100, "learning_rate": 1e-3, "batch_size": 4, "seq_len": 256,
+    "no_magnitude": False, "no_lora": False, "adapter_dir": None,
+}
 
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,13 +32,14 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bits", type=int, default=4, help="weight bits, 2 to 8 (default 4)")
     parser.add_argument("--group-size", type=int, default=128, help="inputs per group; -1 per-channel (default 128)")
     parser.add_argument("--symmetric", action="store_true", help="symmetric grid (default asymmetric)")
-    parser.add_argument("--rank", type=int_at_least(1), default=16, help="dlqat: LoRA rank (default 16)")
-    parser.add_argument("--steps", type=int_at_least(1), default=100, help="dlqat: Trainer steps (default 100)")
-    parser.add_argument("--learning-rate", type=positive_float, default=1e-3, help="dlqat: AdamW learning rate (1e-3)")
-    parser.add_argument("--batch-size", type=int_at_least(1), default=4, help="dlqat: sequences per step (default 4)")
-    parser.add_argument("--seq-len", type=int_at_least(2), default=256, help="dlqat: tokens per sequence (default 256)")
-    parser.add_argument("--no-magnitude", action="store_true", help="dlqat ablation: LoRA only")
-    parser.add_argument("--no-lora", action="store_true", help="dlqat ablation: group magnitudes only")
+    # dlqat only (see _DLQAT_ONLY_DEFAULTS for the defaults): None marks a flag the user left out.
+    parser.add_argument("--rank", type=int_at_least(1), default=None, help="dlqat: LoRA rank (default 16)")
+    parser.add_argument("--steps", type=int_at_least(1), default=None, help="dlqat: Trainer steps (default 100)")
+    parser.add_argument("--learning-rate", type=positive_float, default=None, help="dlqat: AdamW learning rate (1e-3)")
+    parser.add_argument("--batch-size", type=int_at_least(1), default=None, help="dlqat: sequences per step (default 4)")
+    parser.add_argument("--seq-len", type=int_at_least(2), default=None, help="dlqat: tokens per sequence (default 256)")
+    parser.add_argument("--no-magnitude", action="store_true", default=None, help="dlqat ablation: LoRA only")
+    parser.add_argument("--no-lora", action="store_true", default=None, help="dlqat ablation: group magnitudes only")
     parser.add_argument("--save-dir", required=True, help="folder for the packed low-bit checkpoint")
     parser.add_argument("--adapter-dir", default=None, help="dlqat: also save the trained adapter here")
     parser.add_argument("--overwrite", action="store_true", help="replace what is already in the output folders")
@@ -48,11 +58,10 @@ def run_quantize(args: argparse.Namespace) -> int:
     from ..utils import atomic_directory, check_save_dir
     from . import DLQATConfig, packed_size, quantize_rtn
 
+    _check_method_flags(args)
     check_save_dir(args.save_dir, args.overwrite, argument="--save-dir")
     if args.adapter_dir:
         check_save_dir(args.adapter_dir, args.overwrite, argument="--adapter-dir")
-    if args.method == "rtn" and args.adapter_dir:
-        raise ValueError("--adapter-dir is for dlqat: rtn trains no adapter.")
     if args.adapter_dir:
         model_dir, adapter_dir = (os.path.abspath(path) for path in (args.save_dir, args.adapter_dir))
         if os.path.commonpath([model_dir, adapter_dir]) in (model_dir, adapter_dir):
@@ -75,7 +84,8 @@ def run_quantize(args: argparse.Namespace) -> int:
         data = causal_lm_dataset(load_text("wikipedia", "calibration"), tokenizer,
                                  num_sequences=args.steps * args.batch_size, seq_len=args.seq_len)
         settings = TrainingSettings(max_steps=args.steps, learning_rate=args.learning_rate,
-                                    per_device_batch_size=args.batch_size, logging_steps=max(1, args.steps // 10))
+                                    per_device_batch_size=args.batch_size, logging_steps=max(1, args.steps // 10),
+                                    progress=not args.quiet)
         with tempfile.TemporaryDirectory() as scratch:
             train_with_trainer(model, data, scratch, settings)
     # Cards and adapter configs name the base model by its Hub id, never by a local path (None without one).
@@ -103,6 +113,18 @@ def run_quantize(args: argparse.Namespace) -> int:
     print(f"{args.method} {args.bits}-bit (group {args.group_size}): {size['layers']} packed layers, "
           f"{size['packed'] / size['bf16']:.3f}x their bf16 bytes, saved to {args.save_dir}")
     return 0
+
+
+def _check_method_flags(args: argparse.Namespace) -> None:
+    """Refuse dlqat-only flags given with rtn (it would silently ignore them), then fill in their defaults."""
+    given = [f"--{name.replace('_', '-')}" for name in _DLQAT_ONLY_DEFAULTS if getattr(args, name) is not None]
+    if args.method == "rtn" and given:
+        one = len(given) == 1
+        raise ValueError(f"{', '.join(given)} {'applies' if one else 'apply'} to `quantize dlqat` only (rtn trains "
+                         f"nothing): drop {'it' if one else 'them'} or run `hf-compress quantize dlqat`.")
+    for name, default in _DLQAT_ONLY_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
 
 
 _RECIPE_FIELDS = ("bits", "group_size", "symmetric", "r", "lora_alpha", "lora_space", "use_magnitude", "use_lora")

@@ -60,7 +60,7 @@ def run_route(args: argparse.Namespace) -> int:
     else:
         data = causal_lm_dataset(text, tokenizer, num_sequences=args.steps, seq_len=args.seq_len, seed=config.seed + 1)
         settings = TrainingSettings(max_steps=args.steps, learning_rate=args.learning_rate, per_device_batch_size=1,
-                                    logging_steps=max(1, args.steps // 10))
+                                    logging_steps=max(1, args.steps // 10), progress=not args.quiet)
         train_token_router(model, schedule, data, args=settings, config=config)
     recipe = {"token_sparsity": args.sparsity, "config": config.to_dict(),
               "data": "hf_compress wikipedia calibration split"}

@@ -43,6 +43,9 @@ class TrainingSettings:
     logging_steps: int = 10
     seed: int = 0
     use_cpu: bool = False
+    progress: bool = True
+    """``False``: no progress bar and no per-step loss dicts printed (the CLI's ``-q``); the losses still reach the
+    returned ``log_history``."""
     extra_arguments: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
@@ -122,6 +125,11 @@ def train_with_trainer(
     trainer = Trainer(
         model=model, args=arguments, train_dataset=train_dataset, data_collator=default_data_collator, callbacks=callbacks
     )
+    if isinstance(settings, TrainingSettings) and not settings.progress:
+        # Without its bar, Trainer print()s every log dict instead (PrinterCallback): quiet means neither.
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
     _kernelize_for_training(trainer.model)
     start = time.perf_counter()
     output = trainer.train()
@@ -175,7 +183,7 @@ def _arguments_from_settings(settings: TrainingSettings, output_dir: str):
         raise ValueError(f"extra_arguments sets {clashing}, which TrainingSettings fields set: set those fields instead "
                          "(output_dir is the launcher's argument).")
     defaults = {  # the launcher's choices; extra_arguments may change them (report_to=["tensorboard"], ...)
-        "save_strategy": "no", "report_to": [], "disable_tqdm": False, "dataloader_num_workers": 0,
+        "save_strategy": "no", "report_to": [], "disable_tqdm": not settings.progress, "dataloader_num_workers": 0,
         # Pinned memory only helps copies to an accelerator; without one torch warns on every DataLoader.
         "dataloader_pin_memory": not settings.use_cpu and _has_accelerator(),
     }

@@ -148,7 +148,7 @@ def permute_for_pruning(
             change = absorb_permutations(model, sites, base)
             norms = _permuted_norms(norms, sites, base)
         learned, training = learn_permutations(model, sites, norms, calibration_ids, permutation, kept, group,
-                                               batch_size=config.batch_size, skip=config.skip)
+                                               batch_size=config.batch_size, skip=config.skip, progress=progress)
         change = max(change, absorb_permutations(model, sites, learned))
         perms = learned if base is None else {name: base[name][learned[name]] for name in learned}
         start_perms = base or {site.name: torch.arange(site.width) for site in sites}

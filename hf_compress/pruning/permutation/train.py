@@ -52,6 +52,7 @@ def learn_permutations(
     initial: Mapping[str, torch.Tensor] | None = None,
     batch_size: int = 8,
     skip: Sequence[str] = (),
+    progress: bool = True,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Learn the site permutations on ``training_ids`` (``[sequences, seq_len]``); return the best and training info.
 
@@ -63,7 +64,7 @@ def learn_permutations(
     ``selection_curve`` (``[step, mean score]``), ``selection_initial``, ``selection_best``,
     ``selection_lead`` and ``selection_lead_stderr`` (the kept one's lead over the start),
     ``selection_rejected`` (lower means that failed the margin), ``best_step`` (0: nothing beat the start),
-    and ``mask_rebuilds``.
+    and ``mask_rebuilds``. ``progress=False``: Trainer prints no progress bar or loss dicts.
     """
     from datasets import Dataset
     from transformers import TrainerCallback
@@ -146,7 +147,7 @@ def learn_permutations(
         lr_scheduler_type="cosine", seed=config.seed,
         # At least as often as keep-best scores: a time budget may stop training long before steps // 25.
         logging_steps=max(1, min(steps // 25, config.eval_every)),
-        use_cpu=device.type == "cpu",
+        use_cpu=device.type == "cpu", progress=progress,
     )
     frozen = {name: parameter.requires_grad for name, parameter in model.named_parameters()}
     training = model.training
@@ -154,23 +155,23 @@ def learn_permutations(
         parameter.requires_grad_(False)
     model.eval()  # dropout off: the loss must see the network that will be exported
     try:
-        progress = _Progress()
+        tracker = _Progress()
         # Inside prune(): the caller's random generators are not Trainer's to re-seed.
         with tempfile.TemporaryDirectory(prefix="hf_compress_permutation_") as folder, preserved_random_state():
-            result = train_with_trainer(learner, dataset, folder, settings, callbacks=[progress])
+            result = train_with_trainer(learner, dataset, folder, settings, callbacks=[tracker])
     finally:
         for name, parameter in model.named_parameters():
             parameter.requires_grad_(frozen[name])
         model.train(training)
     curve = [[entry["step"], entry["loss"]] for entry in result["log_history"] if "loss" in entry]
-    keep = progress.keep
+    keep = tracker.keep
     info = {
         "train_seconds": result["train_seconds"], "setup_seconds": setup, "steps": result["global_step"],
         "loss_curve": curve, "temperature_end": learner.temperature,
         "cost_parameters": sum(c.numel() for c in learner.costs), "objective": config.objective,
-        "objective_curve": progress.curve, "objective_initial": progress.curve[0][1],
-        "objective_best": dict(progress.curve)[keep.best_step], "best_step": keep.best_step,
-        "selection": config.selection, "selection_curve": progress.selection_curve,
+        "objective_curve": tracker.curve, "objective_initial": tracker.curve[0][1],
+        "objective_best": dict(tracker.curve)[keep.best_step], "best_step": keep.best_step,
+        "selection": config.selection, "selection_curve": tracker.selection_curve,
         "selection_initial": keep.start_mean, "selection_best": keep.best_mean,
         "selection_lead": keep.lead, "selection_lead_stderr": keep.lead_stderr,
         "selection_margin": config.selection_margin, "selection_rejected": keep.rejected,
@@ -179,4 +180,4 @@ def learn_permutations(
     logger.info("learned permutation: %d steps in %.0f s; %s %.5f at the start, kept %.5f (step %d; %d better means "
                 "inside %g standard errors rejected)", info["steps"], info["train_seconds"], config.selection,
                 keep.start_mean, keep.best_mean, keep.best_step, keep.rejected, config.selection_margin)
-    return learner.site_permutations(progress.keep.best), info
+    return learner.site_permutations(tracker.keep.best), info

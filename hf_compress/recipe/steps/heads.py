@@ -77,7 +77,7 @@ class HeadsStep(Step):
         training = self.fields["training"]
         data = training_data(training, state.tokenizer, state.seed)
         description = f"{training['text']} calibration text, {len(data)} windows of {training['seq_len']} tokens"
-        result = train_heads(state.model, heads, data, training_settings(training, state.seed, state.device),
+        result = train_heads(state.model, heads, data, training_settings(training, state.seed, state.device, progress),
                              data_description=description)
         state.heads = heads
         return {"training_loss": round(float(result["training_loss"]), 6), "training_steps": result["global_step"],

@@ -91,7 +91,7 @@ class QuantizeStep(Step):
             adapted = get_peft_model(state.model, config)
         data = training_data(training, state.tokenizer, state.seed)
         with tempfile.TemporaryDirectory(prefix="recipe-dlqat-") as scratch:
-            result = train_with_trainer(adapted, data, scratch, training_settings(training, state.seed, state.device))
+            result = train_with_trainer(adapted, data, scratch, training_settings(training, state.seed, state.device, progress))
         state.model = adapted.merge_and_quantize(progressbar=progress)
         state.format_recipes["quantization"] = {"method": "dlqat", **self.fields}
         return {"training_loss": round(float(result["training_loss"]), 6), "training_steps": result["global_step"],

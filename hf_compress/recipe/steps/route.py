@@ -70,7 +70,7 @@ class RouteStep(Step):
         else:
             data = training_data(training, state.tokenizer, config.seed + 1)  # as hf-compress route: not the search's windows
             train_token_router(state.model, schedule, data, config=config,
-                               args=training_settings(training, config.seed, state.device))
+                               args=training_settings(training, config.seed, state.device, progress))
         state.format_recipes["routing"] = {"token_sparsity": config.token_sparsity, "config": config.to_dict(),
                                            "static": self.fields["static"], "training": training}
         return {"block_sparsity": [round(r, 4) for r in schedule.block_sparsity]}

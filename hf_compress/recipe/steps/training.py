@@ -90,7 +90,8 @@ def check_scheduler(where: str, scheduler: Any) -> None:
         raise RecipeError(f"{where}: training.lr_scheduler_type must be one of {', '.join(usable)}, got {scheduler!r}.")
 
 
-def training_settings(training: dict[str, Any], seed: int, device: torch.device) -> TrainingSettings:
+def training_settings(training: dict[str, Any], seed: int, device: torch.device, progress: bool = True
+                      ) -> TrainingSettings:
     """``TrainingSettings`` for one step (logging ten times per run; on the CPU when the recipe runs there)."""
     from ...training import TrainingSettings
 
@@ -98,7 +99,7 @@ def training_settings(training: dict[str, Any], seed: int, device: torch.device)
         max_steps=training["max_steps"], learning_rate=training["learning_rate"],
         per_device_batch_size=training["batch_size"], warmup_steps=training["warmup_steps"],
         lr_scheduler_type=training["lr_scheduler_type"], logging_steps=max(1, training["max_steps"] // 10),
-        seed=seed, use_cpu=device.type == "cpu",
+        seed=seed, use_cpu=device.type == "cpu", progress=progress,
     )
 
 
