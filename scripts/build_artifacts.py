@@ -6,6 +6,13 @@ numbers measured here) and an entry in ``--out/manifest.json`` (repo name, kind,
 measurements and where each came from, every file with its sha256 and size, build seconds), which
 ``hf-compress publish --manifest OUT/manifest.json --namespace ORG`` pushes.
 
+``--namespace ORG`` builds the set for the Hub user or organisation ``ORG``: every card's loading snippet then
+loads its own repo, ``ORG/<name>`` (``from_pretrained("ORG/smollm2-135m-instruct-sds24")``,
+``custom_generate="ORG/smollm2-135m-instruct-fly"``), and the manifest records ``ORG`` for each artifact, so
+``publish`` refuses another namespace (the cards are hashed: publish cannot rewrite them). Without it the cards load
+the folder from disk and the set publishes to any namespace. A set built for one namespace resumes only with the
+same one (``--rebuild`` builds the selected artifacts again for another).
+
 Model artifacts are recipes (``recipes/artifacts/<name>.yaml``) run by ``hf_compress.recipe.run``; the
 drafting heads and the strategy folders are trained and saved by the speculative package itself:
 
@@ -33,8 +40,9 @@ whole set for the tiny random Llama in seconds (what tests/test_artifacts.py doe
 
 Usage:
     python scripts/build_artifacts.py --only sds24 sds24-dlqat4     # a part of the set (SmolLM2, long)
-    python scripts/build_artifacts.py                               # the whole set (see the README for times)
+    python scripts/build_artifacts.py --namespace ORG               # the whole set for ORG (README: times)
     python scripts/build_artifacts.py --quick --out /tmp/artifacts  # tiny model, every kind, seconds
+    python scripts/build_artifacts.py --quick --namespace ORG --out /tmp/artifacts  # the same, cards name ORG/<name>
     python scripts/build_artifacts.py --render artifacts            # rebuild the .md from the .json
     python scripts/build_artifacts.py --readme                      # README table from bench/results/artifacts.json
     python scripts/build_artifacts.py --zero-shot                   # score the built models (and the base) zero-shot
@@ -80,6 +88,7 @@ from hf_compress.hub.manifest import (
     describe_artifact,
     verify_manifest,
 )
+from hf_compress.hub.model_card import CARD_FILENAME
 from hf_compress.utils import atomic_file, file_lock
 
 
@@ -187,10 +196,14 @@ class Built:
 
 
 class Context:
-    """The run's settings and the base model, loaded once and only when a builder needs it."""
+    """The run's settings and the base model, loaded once and only when a builder needs it.
 
-    def __init__(self, scale: Scale, device: str, quick: bool):
-        self.scale, self.device, self.quick = scale, device, quick
+    ``namespace``: the Hub user or organisation the set is built for (cards load ``namespace/<name>``), or ``None``
+    (cards load the folder from disk).
+    """
+
+    def __init__(self, scale: Scale, device: str, quick: bool, namespace: str | None = None):
+        self.scale, self.device, self.quick, self.namespace = scale, device, quick, namespace
         self._base = None
 
     def base(self):
@@ -210,6 +223,10 @@ class Context:
 
     def repo_name(self, key: str) -> str:
         return f"{self.scale.prefix}-{key}"
+
+    def repo_id(self, key: str) -> str | None:
+        """``namespace/<repo name>``, the repo the artifact's card loads; ``None`` without a namespace."""
+        return None if self.namespace is None else f"{self.namespace}/{self.repo_name(key)}"
 
 
 # ---------------------------------------------------------------------------------------------- builders
@@ -246,7 +263,7 @@ def build_recipe(artifact: Artifact, folder: Path, ctx: Context) -> Built:
     previous = os.getcwd()
     os.chdir(folder.parent)
     try:
-        result = run(recipe, folder.name, device=ctx.device, progress=False)
+        result = run(recipe, folder.name, device=ctx.device, progress=False, repo_id=ctx.repo_id(artifact.key))
     finally:
         os.chdir(previous)
     last = result.records[-1]
@@ -298,13 +315,19 @@ def build_adapter(artifact: Artifact, folder: Path, ctx: Context) -> Built:
     base_model = ctx.base_hub_id
     for adapter_config in peft_model.peft_config.values():
         adapter_config.base_model_name_or_path = base_model  # a Hub id or nothing, never a local path
+    repo_id = ctx.repo_id(artifact.key)
+    # The repo it is published to when the set is built for a namespace, else the folder on disk (as recipe cards).
+    source, local = '"{repo_id}"', ""
+    if repo_id is None:
+        source, local = "folder", (f'folder = "{folder.name}/"  # this folder on your disk; from the Hub, use its repo '
+                                   'id ("<owner>/<repo>") instead\n')
     card = build_model_card(
         base_model=base_model, model_name=ctx.repo_name(artifact.key), recipe=recipe, metrics=records,
-        template="adapter",
+        template="adapter", repo_id=repo_id,
         load_snippet=("import hf_compress  # registers the DLQAT adapter type with peft\n"
-                      "from peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n\n"
+                      "from peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n\n" + local +
                       'base = AutoModelForCausalLM.from_pretrained("{base_model}")\n'
-                      'model = PeftModel.from_pretrained(base, "{repo_id}")\n'
+                      f"model = PeftModel.from_pretrained(base, {source})\n"
                       "packed = model.merge_and_quantize()  # real 3-bit weights"),
     )
     with atomic_directory(folder) as staging:
@@ -349,6 +372,7 @@ def build_amphista(artifact: Artifact, folder: Path, ctx: Context) -> Built:
     results["held_out_top1_accuracy"] = _result([round(float(a), 4) for a in accuracy[:, 0]],
                                                 "build: head_accuracy on held-out self-distilled sequences")
     strategy.save_pretrained(folder, base_model=ctx.base_hub_id)
+    _strategy_card_loads_repo(folder, ctx.repo_id(artifact.key))
     return Built(recipe={"method": "amphista", "heads": heads.config.to_diff_dict().get("training"),
                          "num_heads": s.heads_num_heads, "tree": tree.to_list()}, results=results)
 
@@ -360,6 +384,7 @@ def build_fly(artifact: Artifact, folder: Path, ctx: Context) -> Built:
     strategy = FLy(num_draft_tokens=ctx.scale.num_draft_tokens, entropy_threshold=0.3, window=6)
     results = _strategy_results(strategy, ctx)
     strategy.save_pretrained(folder, base_model=ctx.base_hub_id)
+    _strategy_card_loads_repo(folder, ctx.repo_id(artifact.key))
     return Built(recipe={"method": "fly", **strategy.settings()}, results=results)
 
 
@@ -404,8 +429,29 @@ def build_cospec(artifact: Artifact, folder: Path, ctx: Context) -> Built:
          "loose": calibration["chosen"].get("loose")},
         "build: calibrate_arbiter on held-out prompts (target: ≥ 99% of strict decoding's score; strict when none)")
     arbiter.save_pretrained(folder)
+    _strategy_card_loads_repo(folder, ctx.repo_id(artifact.key))
     return Built(recipe={"method": "cospec", "drafting": "ngram", "num_draft_tokens": s.num_draft_tokens,
                          "training": dataclasses.asdict(settings), "data": data}, results=results)
+
+
+def _strategy_card_loads_repo(folder: Path, repo_id: str | None) -> None:
+    """Make a saved strategy folder's card run ``custom_generate="<repo_id>"``.
+
+    The speculative package's ``save_pretrained`` writes ``custom_generate="<folder name>"`` (it knows no repo);
+    with a namespace the card must name the repo it is published to. The card is rewritten before the folder is
+    hashed into the manifest. A card without exactly one such call is an error (its format changed: fix this), never a
+    card published with the folder's name.
+    """
+    if repo_id is None:
+        return
+    card = folder / CARD_FILENAME
+    text = card.read_text(encoding="utf-8")
+    local = f'custom_generate="{folder.name}"'
+    if text.count(local) != 1:
+        raise RuntimeError(f"{card}: expected one `{local}` in the loading snippet to point at {repo_id}, found "
+                           f"{text.count(local)}; the strategy card's format changed.")
+    with atomic_file(card, encoding="utf-8") as handle:
+        handle.write(text.replace(local, f'custom_generate="{repo_id}"'))
 
 
 BUILDERS: dict[str, Callable[[Artifact, Path, Context], Built]] = {
@@ -511,21 +557,76 @@ def resolve_names(only: Sequence[str] | None) -> list[str]:
     return [key for key in ARTIFACTS if key in only]
 
 
+def check_namespace(namespace: str | None, scale: Scale) -> None:
+    """``--namespace``: ``None``, or a Hub user or organisation name with which every artifact's ``namespace/name``
+    is a valid repo id (a ValueError otherwise, before any work)."""
+    if namespace is None:
+        return
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    from hf_compress.hub.publish import check_namespace as check_hub_namespace
+
+    check_hub_namespace(namespace)
+    for key in ARTIFACTS:
+        try:
+            validate_repo_id(f"{namespace}/{scale.prefix}-{key}")
+        except HFValidationError as err:
+            raise ValueError(f"--namespace {namespace!r}: {namespace}/{scale.prefix}-{key} is not a valid repo id "
+                             f"({err}).") from None
+
+
+def _check_resumable(manifest: Manifest, names: Sequence[str], namespace: str | None) -> None:
+    """Refuse to resume artifacts whose cards were built for another namespace (they would be kept as built, their
+    cards loading the other namespace's repos): say how to resume them or build them again."""
+    built_for: dict[str | None, list[str]] = {}
+    for name in names:
+        entry = manifest.artifacts.get(name)
+        if entry is not None and entry.namespace != namespace:
+            built_for.setdefault(entry.namespace, []).append(name)
+    if not built_for:
+        return
+
+    def label(recorded: str | None) -> str:
+        return f"namespace {recorded!r}" if recorded is not None else "no namespace"
+
+    def loads(recorded: str | None) -> str:
+        return f"their cards load {recorded}/<name>" if recorded is not None else "their cards load their folder"
+
+    which = "; ".join(f"{', '.join(listed)} built for {label(recorded)} ({loads(recorded)})"
+                      for recorded, listed in built_for.items())
+    recorded = next(iter(built_for))
+    resume = f"--namespace {recorded}" if recorded is not None else "no --namespace"
+    raise SystemExit(
+        f"build_artifacts.py: {manifest.path} holds {which}, not for {label(namespace)}. Pass {resume} to resume the "
+        f"set as it was built, --rebuild to build these again for {label(namespace)}, or another --out. Nothing was "
+        "built."
+    )
+
+
 def build_set(
     out: str | Path, names: Sequence[str] | None = None, *, quick: bool = False, device: str = "cpu",
-    rebuild: bool = False,
+    rebuild: bool = False, namespace: str | None = None,
 ) -> Manifest:
     """Build (or resume) the set under ``out``; returns the manifest (``out/manifest.json``).
 
+    ``namespace``: the Hub user or organisation the set is built for; every card's loading snippet then loads
+    ``namespace/<name>`` and the manifest records it (``publish`` refuses another). Without one, cards load the
+    folder from disk. Artifacts built for another namespace are not resumed: refused unless ``rebuild``.
+
     Example:
-        >>> manifest = build_set("/tmp/artifacts", ["fly"], quick=True)  # doctest: +SKIP
+        >>> manifest = build_set("/tmp/artifacts", ["fly"], quick=True, namespace="my-org")  # doctest: +SKIP
     """
+    scale = QUICK if quick else FULL
+    check_namespace(namespace, scale)
+    keys = resolve_names(names)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / MANIFEST_FILENAME
     manifest = Manifest.load(path) if path.exists() else Manifest(path=path)
-    ctx = Context(QUICK if quick else FULL, device, quick)
-    for key in resolve_names(names):
+    ctx = Context(scale, device, quick, namespace)
+    if not rebuild:
+        _check_resumable(manifest, [ctx.repo_name(key) for key in keys], namespace)
+    for key in keys:
         artifact, name = ARTIFACTS[key], ctx.repo_name(key)
         if not rebuild and complete(manifest, name):
             logger.info("%s: already built, skipped (pass --rebuild to build it again)", name)
@@ -542,7 +643,7 @@ def build_set(
         built.results.setdefault("disk_bytes", _result(_disk_bytes(folder), "build: *.safetensors files on disk"))
         entry = describe_artifact(
             folder, name=name, kind=artifact.kind, base_model=ctx.base_hub_id, recipe=built.recipe,
-            metrics=built.metrics, build_seconds=seconds, results=built.results, root=out,
+            metrics=built.metrics, build_seconds=seconds, results=built.results, root=out, namespace=namespace,
         )
         # Parts of the set may build at once (two `--only` runs): re-read the manifest under a lock and add to it.
         with file_lock(out / ".manifest.lock"):
@@ -550,7 +651,13 @@ def build_set(
             manifest.add(entry)
             manifest.save(path)
         logger.info("%s built in %.0f s", name, seconds)
-    return Manifest.load(path) if path.exists() else manifest
+    manifest = Manifest.load(path) if path.exists() else manifest
+    recorded = sorted({str(entry.namespace) for entry in manifest.artifacts.values()})
+    if len(recorded) > 1:
+        logger.warning("%s now holds artifacts built for different namespaces (%s; None: cards load the folder): "
+                       "publish refuses those built for another namespace than its --namespace. Rebuild them with "
+                       "--namespace NS --rebuild --only ...", path, ", ".join(recorded))
+    return manifest
 
 
 def weights_digest(entry: Any) -> str:
@@ -865,6 +972,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", default="artifacts", help="folder of the artifact folders and manifest.json")
     parser.add_argument("--only", nargs="+", metavar="NAME", help=f"build only these: {', '.join(ARTIFACTS)}")
     parser.add_argument("--rebuild", action="store_true", help="build the selected artifacts again even if complete")
+    parser.add_argument("--namespace", default=None, metavar="ORG",
+                        help="the Hub user or organisation the set will be published to: every card's loading snippet "
+                             "loads ORG/<name>, and publish refuses another namespace (default: none, cards load the "
+                             "folder from disk)")
     parser.add_argument("--readme", action="store_true", help="only rewrite the README table from the results JSON")
     parser.add_argument("--zero-shot", action="store_true",
                         help="score the built model artifacts and the base zero-shot (bench/results/artifacts-zero-shot)")
@@ -873,6 +984,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         update_readme()
         return
     names = resolve_names(args.only)  # before any work: an unknown name is refused at once
+    try:
+        check_namespace(args.namespace, QUICK if args.quick else FULL)  # so is a namespace that makes no repo id
+    except ValueError as err:
+        raise SystemExit(f"build_artifacts.py: {err}") from None
     if not start_benchmark(args, render_zero_shot if args.zero_shot else render_saved):
         return
     scale = QUICK if args.quick else FULL
@@ -887,7 +1002,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                       save=save)
         return
     load_before = os.getloadavg()[0]
-    manifest = build_set(args.out, names, quick=args.quick, device=args.device, rebuild=args.rebuild)
+    manifest = build_set(args.out, names, quick=args.quick, device=args.device, rebuild=args.rebuild,
+                         namespace=args.namespace)
     name = f"{args.output_name}-quick" if args.quick else args.output_name
     table_rows = rows(manifest, zero_shot=_load_results(f"{ZERO_SHOT_NAME}-quick" if args.quick else ZERO_SHOT_NAME))
     table_rows = with_earlier_rows(table_rows, _load_payload(name), scale.prefix)
@@ -901,8 +1017,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 "out": str(args.out), "load_average": [round(load_before, 1), round(os.getloadavg()[0], 1)],
                 "cpu_count": os.cpu_count()}
     json_path, md_path = write_benchmark(name, settings, results, render({"settings": settings, "results": results}))
-    logger.info("wrote %s and %s; publish with: hf-compress publish --manifest %s --namespace ORG", json_path, md_path,
-                Path(args.out) / MANIFEST_FILENAME)
+    logger.info("wrote %s and %s; publish with: hf-compress publish --manifest %s --namespace %s", json_path, md_path,
+                Path(args.out) / MANIFEST_FILENAME, args.namespace or "ORG")
 
 
 if __name__ == "__main__":

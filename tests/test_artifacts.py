@@ -1,7 +1,8 @@
 """The ready-to-download set: build every artifact kind (quick mode, tiny Llama), publish it to the fake Hub,
 publish again (nothing uploaded), then run each artifact's user journey in a fresh interpreter that downloads
-it from the Hub. Bad inputs (a changed file, no namespace, an unknown name, a card number that was never
-measured) are refused before anything is pushed."""
+it from the Hub. The set is built for the namespace it is published to: every card loads its own repo, and
+publishing to another namespace is refused. Bad inputs (a changed file, no namespace, another namespace, an unknown
+name, a card number that was never measured) are refused before anything is pushed."""
 
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ KINDS = {"model", "router", "adapter", "strategy"}
 
 @pytest.fixture(scope="module")
 def built_set(tmp_path_factory) -> Path:
-    """The whole set in quick mode (tiny Llama), built once for the module; tests tamper with copies only.
+    """The whole set in quick mode (tiny Llama) for ``NAMESPACE``, built once for the module; tests tamper with
+    copies only.
 
     One torch thread: tiny models run fastest so, and on a loaded 2-core machine two threads wait on each other.
     """
@@ -39,7 +41,7 @@ def built_set(tmp_path_factory) -> Path:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        build_artifacts.build_set(out, quick=True)
+        build_artifacts.build_set(out, quick=True, namespace=NAMESPACE)
     finally:
         torch.set_num_threads(threads)
     return out / "manifest.json"
@@ -89,8 +91,67 @@ def test_build_covers_every_kind_and_resumes(built_set, tmp_path):
     assert f"| {stacked['name']} | model |" in text and f"{stacked['perplexity']:.2f}" in text
     # Resumable: a second run finds every artifact complete and rebuilds nothing (same files, same times).
     before = built_set.read_bytes()
-    build_artifacts.build_set(built_set.parent, quick=True)
+    build_artifacts.build_set(built_set.parent, quick=True, namespace=NAMESPACE)
     assert built_set.read_bytes() == before
+
+
+def test_every_card_loads_its_own_repo_and_no_other_namespace_publishes_it(built_set, fake_hub, capsys):
+    """Built with --namespace, each card's loading snippet (every kind) loads NAMESPACE/<name>, the repo publish
+    pushes it to; publishing to another namespace is refused before anything is hashed or sent."""
+    from hf_compress.cli.main import main
+
+    manifest = Manifest.load(built_set)
+    for name, entry in manifest.artifacts.items():
+        assert entry.namespace == NAMESPACE and entry.repo_id == f"{NAMESPACE}/{name}"
+        card = (manifest.folder_of(name) / "README.md").read_text()
+        snippet = card.rsplit("## How to ", 1)[1]  # "How to load" / "How to use": the card's last section
+        assert f'"{NAMESPACE}/{name}"' in snippet, (name, snippet)
+        assert "<owner>/<repo>" not in card and f'"{name}' not in snippet, (name, snippet)  # no folder snippet
+    with pytest.raises(ManifestError, match=rf"namespace 'other'.*built for namespace '{NAMESPACE}'.*"
+                                            rf"--namespace {NAMESPACE}, or rebuild.*--namespace other --rebuild"):
+        publish(built_set, "other")
+    with pytest.raises(ManifestError, match=f"built for namespace '{NAMESPACE}'"):
+        publish(built_set, "other", names=[f"{build_artifacts.QUICK.prefix}-fly"], dry_run=True)
+    assert main(["publish", "--manifest", str(built_set), "--namespace", "other"]) == 2
+    assert f"Publish with --namespace {NAMESPACE}" in capsys.readouterr().err
+    assert not fake_hub.repos and not fake_hub.requests
+
+
+def test_resuming_a_set_for_another_namespace_is_refused_before_any_work(set_copy):
+    """A set's cards name the namespace it was built for: a run for another (or none) would keep them as they are,
+    so it is refused, saying how to resume or rebuild; so is a namespace that makes no repo id."""
+    before = set_copy.read_bytes()
+    with pytest.raises(SystemExit, match=rf"-fly built for namespace '{NAMESPACE}' .*not for no namespace\. Pass "
+                                         rf"--namespace {NAMESPACE} to resume.*--rebuild"):
+        build_artifacts.build_set(set_copy.parent, ["fly"], quick=True)
+    with pytest.raises(SystemExit, match="not for namespace 'other'"):
+        build_artifacts.build_set(set_copy.parent, quick=True, namespace="other")
+    with pytest.raises(SystemExit, match="--namespace must be a user or organisation name without '/'"):
+        build_artifacts.main(["--quick", "--namespace", "a/b", "--out", str(set_copy.parent)])
+    assert set_copy.read_bytes() == before
+
+
+def test_a_set_built_without_namespace_loads_its_folders_and_publishes_anywhere(tmp_path, fake_hub, caplog):
+    """Without --namespace the cards load the folder from disk (they cannot know the repo) and the set goes to any
+    namespace, with a warning that its cards do not name the repos."""
+    import logging
+
+    prefix = build_artifacts.QUICK.prefix
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        manifest = build_artifacts.build_set(tmp_path / "set", ["dlqat3-adapter", "fly"], quick=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert {entry.namespace for entry in manifest.artifacts.values()} == {None}
+    adapter = (manifest.folder_of(f"{prefix}-dlqat3-adapter") / "README.md").read_text()
+    assert f'folder = "{prefix}-dlqat3-adapter/"' in adapter and "PeftModel.from_pretrained(base, folder)" in adapter
+    assert f'custom_generate="{prefix}-fly"' in (manifest.folder_of(f"{prefix}-fly") / "README.md").read_text()
+    with caplog.at_level(logging.WARNING, logger="hf_compress"):
+        results = publish(manifest, "anyone")
+    assert {(r.repo_id, r.status) for r in results} == {(f"anyone/{prefix}-dlqat3-adapter", "uploaded"),
+                                                         (f"anyone/{prefix}-fly", "uploaded")}
+    assert "built without a namespace" in caplog.text
 
 
 def test_rebuilding_part_of_the_set_elsewhere_keeps_the_other_rows_marked():
@@ -157,6 +218,7 @@ def test_publish_then_nothing_to_upload_then_fresh_process_journeys(built_set, f
         local = manifest.folder_of(result.name)
         assert {f.path for f in entry.files} <= set(remote)
         assert all(remote[f.path] == (local / f.path).read_bytes() for f in entry.files)
+        assert f'"{result.repo_id}"'.encode() in remote["README.md"]  # the card on the Hub loads this repo
 
     commits, requests = _commits(fake_hub), len(fake_hub.requests)
     second = publish(built_set, NAMESPACE)

@@ -571,3 +571,80 @@ def test_generate_py_finds_its_folder_only_inside_generate(tmp_path):
         module._this_repo_or_folder()
     with pytest.raises(RuntimeError, match="custom_generate="):
         generate(None)  # a generate() without a repo or folder name
+
+
+# ------------------------------------------------------------------------------------------------ publish
+
+
+def _one_artifact_set(root: Path, card_repo_id: str | None, namespace: str | None) -> Path:
+    """A manifest of one small artifact ``tiny`` whose card loads ``card_repo_id`` (or, with ``None``, the folder),
+    recorded as built for ``namespace``."""
+    from hf_compress.hub.manifest import build_manifest, describe_artifact
+
+    folder = root / "tiny"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    snippet = ('model = AutoModelForCausalLM.from_pretrained("{repo_id}")' if card_repo_id else
+               'model = AutoModelForCausalLM.from_pretrained("tiny/")  # this folder on your disk')
+    write_model_card(folder, _card(model_name="tiny", metrics=[], repo_id=card_repo_id, load_snippet=snippet))
+    entry = describe_artifact(folder, name="tiny", kind="model", base_model=None, recipe=RECIPE, namespace=namespace)
+    build_manifest([entry], root / "manifest.json")
+    return root / "manifest.json"
+
+
+def test_publish_refuses_a_namespace_other_than_the_cards_and_pushes_nothing(fake_hub, tmp_path, capsys):
+    from hf_compress.cli.main import main
+    from hf_compress.hub.manifest import Manifest, ManifestError
+    from hf_compress.hub.publish import publish
+
+    manifest = _one_artifact_set(tmp_path, "org/tiny", "org")
+    assert json.loads(manifest.read_text())["artifacts"][0]["namespace"] == "org"
+    assert Manifest.load(manifest).artifacts["tiny"].repo_id == "org/tiny"
+    for dry_run in (True, False):
+        with pytest.raises(ManifestError, match=r"namespace 'other'.*built for namespace 'org'.*Publish with "
+                                                r"--namespace org, or rebuild.*--namespace other --rebuild"):
+            publish(manifest, "other", dry_run=dry_run)
+    assert main(["publish", "--manifest", str(manifest), "--namespace", "other"]) == 2
+    assert "--namespace org" in capsys.readouterr().err
+    assert not fake_hub.repos and not fake_hub.requests
+    # The namespace it was built for: published, the card loading its own repo.
+    assert [(r.repo_id, r.status) for r in publish(manifest, "org")] == [("org/tiny", "uploaded")]
+    assert b'from_pretrained("org/tiny")' in fake_hub.files("org/tiny")["README.md"]
+
+
+def test_publish_without_a_recorded_namespace_goes_anywhere_with_a_warning(fake_hub, tmp_path, caplog):
+    import logging
+
+    from hf_compress.hub.manifest import Manifest
+    from hf_compress.hub.publish import publish
+
+    manifest = _one_artifact_set(tmp_path, None, None)
+    with caplog.at_level(logging.WARNING, logger="hf_compress"):
+        assert [r.status for r in publish(manifest, "anyone")] == ["uploaded"]
+    assert "tiny: built without a namespace" in caplog.text and "--namespace anyone" in caplog.text
+    # A manifest older than the field reads as built without one.
+    data = json.loads(manifest.read_text())
+    del data["artifacts"][0]["namespace"]
+    manifest.write_text(json.dumps(data))
+    assert Manifest.load(manifest).artifacts["tiny"].namespace is None
+    assert [r.status for r in publish(manifest, "someone", dry_run=True)] == ["planned"]
+
+
+def test_publish_checks_the_card_against_the_recorded_namespace(fake_hub, tmp_path):
+    """The manifest is not hashed: a namespace edited into or out of it does not get a card past its repo id."""
+    from hf_compress.hub.manifest import Manifest, ManifestError
+    from hf_compress.hub.publish import publish
+
+    manifest = _one_artifact_set(tmp_path / "a", None, "org")  # recorded for org, the card loads the folder
+    with pytest.raises(ManifestError, match="records namespace 'org', but the model card does not load org/tiny"):
+        publish(manifest, "org", dry_run=True)
+    manifest = _one_artifact_set(tmp_path / "b", "org/tiny", None)  # the namespace removed from the manifest
+    with pytest.raises(ManifestError, match="the model card loads org/tiny, not other/tiny"):
+        publish(manifest, "other", dry_run=True)
+    assert [r.status for r in publish(manifest, "org", dry_run=True)] == ["planned"]
+    data = json.loads(manifest.read_text())
+    data["artifacts"][0]["namespace"] = "a/b"
+    manifest.write_text(json.dumps(data))
+    with pytest.raises(ManifestError, match="namespace 'a/b' does not make a valid repo id"):
+        Manifest.load(manifest)
+    assert not fake_hub.repos

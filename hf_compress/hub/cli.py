@@ -1,8 +1,9 @@
 """``hf-compress publish``: push a built artifact set (its ``manifest.json``) to the Hub.
 
 Every artifact is verified first (files against their sha256 and size, cards against huggingface_hub's parser
-and the manifest's measurements); then each artifact whose repo does not already hold exactly these files is
-uploaded. ``--dry-run`` runs the checks and prints the plan without contacting the Hub.
+and the manifest's measurements, ``--namespace`` against the one the cards were built for); then each artifact
+whose repo does not already hold exactly these files is uploaded. ``--dry-run`` runs the checks and prints the
+plan without contacting the Hub.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from ..cli.main import command
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--manifest", required=True, help="the set's manifest.json (scripts/build_artifacts.py writes it)")
-    parser.add_argument("--namespace", default=None, help="Hub user or organisation the repos go to (required)")
+    parser.add_argument("--namespace", default=None,
+                        help="Hub user or organisation the repos go to (required); it must be the one the set "
+                             "was built for (build_artifacts.py --namespace), whose repo ids the cards name")
     parser.add_argument("--only", nargs="+", metavar="NAME", default=None, help="publish only these artifacts")
     parser.add_argument("--private", action="store_true", help="create new repos as private")
     parser.add_argument("--dry-run", action="store_true", help="check everything and print the plan; send nothing")

@@ -1,11 +1,12 @@
 """The manifest of a set of Hub-ready artifacts: what each folder holds, how it was made, what was measured.
 
 ``manifest.json`` sits next to the artifact folders (``scripts/build_artifacts.py`` writes it, ``hf-compress
-publish`` reads it). Per artifact it records the repo name, its kind (a model folder, a ``custom_generate``
-strategy folder, a PEFT adapter or a router), the base model, the recipe, every measured metric with where it
-came from, the build time, and every file that would be uploaded with its sha256 and size. Paths are relative
-(the folder to the manifest, a file to its folder), so a manifest records nothing about this machine and stays
-valid when the whole set is moved.
+publish`` reads it). Per artifact it records the repo name, the Hub namespace its card was written for (the card's
+loading snippet names ``namespace/name``; ``None``: built without one, the card loads the folder from disk), its
+kind (a model folder, a ``custom_generate`` strategy folder, a PEFT adapter or a router), the base model, the
+recipe, every measured metric with where it came from, the build time, and every file that would be uploaded with
+its sha256 and size. Paths are relative (the folder to the manifest, a file to its folder), so a manifest
+records nothing about this machine and stays valid when the whole set is moved.
 
 :func:`verify_manifest` re-reads every file: a missing, changed or unlisted file is an error naming it, so
 nothing is published that differs from what was built and measured.
@@ -114,12 +115,26 @@ class ArtifactEntry:
     files: list[FileEntry]
     build_seconds: float | None = None
     results: dict[str, Any] = dataclasses.field(default_factory=dict)
+    namespace: str | None = None
+    """The Hub user or organisation the card was written for (its snippets load ``namespace/name``); ``None``
+    for a card written without one (and for manifests older than the field)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _REPO_NAME.match(self.name):
             raise ManifestError(
                 f"Artifact name {self.name!r} is not a valid Hub repo name (letters, digits, '-', '_', '.')."
             )
+        if self.namespace is not None:
+            from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+            try:
+                if not isinstance(self.namespace, str) or "/" in self.namespace:
+                    raise HFValidationError("a user or organisation name without '/'")
+                validate_repo_id(f"{self.namespace}/{self.name}")
+            except HFValidationError as err:
+                raise ManifestError(
+                    f"Artifact {self.name!r}: namespace {self.namespace!r} does not make a valid repo id ({err})."
+                ) from None
         if self.kind not in ARTIFACT_KINDS:
             raise ManifestError(f"Artifact {self.name!r}: unknown kind {self.kind!r}; use one of {sorted(ARTIFACT_KINDS)}.")
         if Path(self.folder).is_absolute() or ".." in Path(self.folder).parts:
@@ -127,9 +142,15 @@ class ArtifactEntry:
         if not self.files:
             raise ManifestError(f"Artifact {self.name!r} lists no files.")
 
+    @property
+    def repo_id(self) -> str | None:
+        """``namespace/name``, the repo the card names; ``None`` when it was written without a namespace."""
+        return None if self.namespace is None else f"{self.namespace}/{self.name}"
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
+            "namespace": self.namespace,
             "kind": self.kind,
             "folder": self.folder,
             "base_model": self.base_model,
@@ -149,6 +170,7 @@ class ArtifactEntry:
                 metrics=[Measurement.from_dict(m) for m in data.get("metrics") or []],
                 files=[FileEntry(path=f["path"], sha256=f["sha256"], size=int(f["size"])) for f in data["files"]],
                 build_seconds=data.get("build_seconds"), results=dict(data.get("results") or {}),
+                namespace=data.get("namespace"),  # absent from manifests older than the field: None
             )
         except (KeyError, TypeError) as err:
             raise ManifestError(f"Malformed artifact entry {data.get('name', '?')!r}: missing or bad field {err}.") from None
@@ -256,11 +278,13 @@ def describe_artifact(
     build_seconds: float | None = None,
     results: Mapping[str, Any] | None = None,
     root: str | os.PathLike | None = None,
+    namespace: str | None = None,
 ) -> ArtifactEntry:
     """An :class:`ArtifactEntry` for a finished folder: the files ``push_to_hub`` would upload, hashed.
 
     ``root`` is the folder the manifest will sit in (default: ``folder``'s parent); ``folder`` is recorded
-    relative to it.
+    relative to it. ``namespace`` is the Hub user or organisation the folder's card names (``namespace/name``):
+    ``hf-compress publish`` then refuses any other.
     """
     from .push import plan_push
 
@@ -273,7 +297,7 @@ def describe_artifact(
         name=name, kind=kind, folder=os.path.relpath(folder.resolve(), root.resolve()).replace(os.sep, "/"),
         base_model=base_model, recipe=recipe, metrics=list(metrics), files=files,
         build_seconds=None if build_seconds is None else round(float(build_seconds), 1),
-        results=dict(results or {}),
+        results=dict(results or {}), namespace=namespace,
     )
 
 

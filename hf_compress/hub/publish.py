@@ -2,13 +2,16 @@
 
 Nothing is sent until every selected artifact has passed every check:
 
-1. the namespace is a valid Hub user/organisation name and every ``namespace/name`` a valid repo id;
+1. the namespace is a valid Hub user/organisation name and every ``namespace/name`` a valid repo id, and it
+   is the namespace each artifact's card was built for (``build_artifacts.py --namespace``: the card's loading
+   snippet names ``namespace/name``, and the card is hashed, so publish cannot rewrite it); an artifact built
+   without a namespace (its card loads the folder from disk) goes to any, with a warning;
 2. every file matches the manifest (sha256 and size) and no unlisted file would be uploaded
    (:func:`~.manifest.verify_manifest`);
 3. every folder has a ``README.md`` that ``huggingface_hub.ModelCard`` parses and
    :func:`~.model_card.validate_model_card` accepts, and each ``model-index`` value is one of the
    artifact's measurements in the manifest (same metric, dataset, split and value), so a card can only
-   publish measured numbers;
+   publish measured numbers, and a card names no ``owner/name`` repo of another owner than the namespace;
 4. :func:`~.push.plan_push` accepts the folder (allow-list, no pickles, no local paths).
 
 Then each artifact whose repo already holds every listed file with the same content (compared through
@@ -27,6 +30,7 @@ import dataclasses
 import hashlib
 import math
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -43,7 +47,7 @@ from .push import plan_push, push_to_hub
 
 logger = get_logger(__name__)
 
-__all__ = ["PublishResult", "check_publishable", "publish", "remote_differences"]
+__all__ = ["PublishResult", "check_namespace", "check_publishable", "publish", "remote_differences"]
 
 _CHUNK = 1 << 20
 
@@ -90,15 +94,23 @@ def publish(
 
     Raises:
         ValueError: no or an invalid namespace; :class:`~.manifest.ManifestError` for a bad manifest, a file
-            that does not match it, or a card whose numbers were not measured. Nothing has been pushed then.
+            that does not match it, a card whose numbers were not measured, or an artifact whose card was built
+            for another namespace (its snippet loads ``<that namespace>/<name>``). Nothing has been pushed then.
 
     Example:
         >>> publish("artifacts/manifest.json", "my-org", dry_run=True)  # doctest: +SKIP
     """
-    _check_namespace(namespace)  # before reading anything: a forgotten namespace is the first thing to say
-    manifest = check_publishable(manifest, names)
+    check_namespace(namespace)  # before reading anything: a forgotten namespace is the first thing to say
+    manifest = check_publishable(manifest, names, namespace=namespace)
     selected = check_names(manifest, names)
     repo_ids = _repo_ids(namespace, selected)
+    unnamed = [name for name in selected if manifest.artifacts[name].namespace is None]
+    if unnamed:
+        logger.warning(
+            "%s: built without a namespace, so the card's loading snippet loads the folder from disk, not %s/<name>; "
+            "rebuild with `python scripts/build_artifacts.py --namespace %s` for cards that load their repo.",
+            _some(unnamed), namespace, namespace,
+        )
     if dry_run:
         return [
             PublishResult(name, repo_ids[name], "planned", tuple(f.path for f in manifest.artifacts[name].files))
@@ -122,16 +134,24 @@ def publish(
     return results
 
 
-def check_publishable(manifest: str | os.PathLike | Manifest, names: Sequence[str] | None = None) -> Manifest:
-    """Every check :func:`publish` runs before sending anything (hashes, cards, measurements, push plan).
+def check_publishable(
+    manifest: str | os.PathLike | Manifest, names: Sequence[str] | None = None, *, namespace: str | None = None,
+) -> Manifest:
+    """Every check :func:`publish` runs before sending anything (namespace, hashes, cards, measurements, push
+    plan). With ``namespace``, an artifact whose card was built for another namespace is refused first, before
+    any file is hashed.
 
     Example:
-        >>> check_publishable("artifacts/manifest.json")  # doctest: +SKIP
+        >>> check_publishable("artifacts/manifest.json", namespace="my-org")  # doctest: +SKIP
     """
+    manifest = manifest if isinstance(manifest, Manifest) else Manifest.load(manifest)
+    selected = check_names(manifest, names)
+    if namespace is not None:
+        _check_built_for(manifest, selected, namespace)
     manifest = verify_manifest(manifest, names)
-    for name in check_names(manifest, names):
+    for name in selected:
         entry, folder = manifest.artifacts[name], manifest.folder_of(name)
-        _check_card(name, folder, entry)
+        _check_card(name, folder, entry, namespace)
         try:
             plan_push(folder)
         except ValueError as err:
@@ -169,7 +189,12 @@ def remote_differences(api: HfApi, repo_id: str, folder: str | os.PathLike, entr
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-def _check_namespace(namespace: str | None) -> None:
+def check_namespace(namespace: str | None) -> None:
+    """Refuse a missing or invalid Hub namespace (a user or organisation name, no ``/``) with a ValueError.
+
+    Example:
+        >>> check_namespace("my-org")
+    """
     if namespace is None or (isinstance(namespace, str) and not namespace.strip()):
         raise ValueError(
             "No namespace: pass the Hub user or organisation to publish under (--namespace ORG); nothing was pushed."
@@ -193,15 +218,62 @@ def _repo_ids(namespace: str, names: Sequence[str]) -> dict[str, str]:
     return ids
 
 
-def _check_card(name: str, folder: Path, entry: ArtifactEntry) -> None:
+def _check_built_for(manifest: Manifest, names: Sequence[str], namespace: str) -> None:
+    """Refuse artifacts whose cards were built for another namespace than ``namespace`` (naming what to do)."""
+    built_for: dict[str, list[str]] = {}
+    for name in names:
+        recorded = manifest.artifacts[name].namespace
+        if recorded is not None and recorded != namespace:
+            built_for.setdefault(recorded, []).append(name)
+    if not built_for:
+        return
+    which = "; ".join(f"{_some(listed)} were built for namespace {recorded!r}"
+                      for recorded, listed in built_for.items())
+    first = next(iter(built_for))
+    raise ManifestError(
+        f"Cannot publish to namespace {namespace!r}: the model cards of {which} (their loading snippets load "
+        f"{first}/<name>), and the cards are hashed in the manifest, so publish cannot change them. Publish with "
+        f"--namespace {first}, or rebuild the set for {namespace!r} "
+        f"(python scripts/build_artifacts.py --namespace {namespace} --rebuild, with the same --out and --only). "
+        "Nothing was pushed."
+    )
+
+
+def _some(names: Sequence[str], shown: int = 4) -> str:
+    """``a, b, c, d and 3 more``."""
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def _named_owners(text: str, name: str) -> set[str]:
+    """The owners of the quoted ``"owner/<name>"`` repo ids in a card's text (its loading snippet)."""
+    return set(re.findall(r"[\"']([A-Za-z0-9][A-Za-z0-9._-]*)/" + re.escape(name) + r"[\"']", text))
+
+
+def _check_card(name: str, folder: Path, entry: ArtifactEntry, namespace: str | None = None) -> None:
     card_path = folder / CARD_FILENAME
     if not card_path.is_file():
         raise ManifestError(f"Artifact {name!r} has no {CARD_FILENAME} model card; rebuild it.")
     try:
-        card = ModelCard(card_path.read_text(encoding="utf-8-sig"))  # huggingface_hub's own parser
+        text = card_path.read_text(encoding="utf-8-sig")
+        card = ModelCard(text)  # huggingface_hub's own parser
         validate_model_card(card)
     except ValueError as err:
         raise ManifestError(f"Artifact {name!r}: the model card does not parse: {err}") from None
+    owners = _named_owners(text, name)
+    if entry.namespace is not None and entry.namespace not in owners:
+        raise ManifestError(
+            f"Artifact {name!r}: the manifest records namespace {entry.namespace!r}, but the model card does not load "
+            f"{entry.repo_id}; rebuild the artifact (python scripts/build_artifacts.py --only ... --namespace "
+            f"{entry.namespace} --rebuild)."
+        )
+    expected = namespace if namespace is not None else entry.namespace
+    others = sorted(owners - {expected}) if expected is not None else []
+    if others:
+        raise ManifestError(
+            f"Artifact {name!r}: the model card loads {others[0]}/{name}, not {expected}/{name}; a card must name "
+            f"the repo it is published to. Publish with --namespace {others[0]}, or rebuild the artifact with "
+            f"--namespace {expected}."
+        )
     measured = [m.record for m in entry.metrics]
     for record in read_metrics(card):
         if not any(_same_measurement(record, m) for m in measured):
