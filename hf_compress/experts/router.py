@@ -10,16 +10,18 @@ mixed-batch inference (``generate(adapter_names=[...])``, ``mixed_batch="peft"``
 from __future__ import annotations
 
 import contextlib
+import copy
 import numbers
 import os
 from collections.abc import Sequence
 from typing import Any
 
 import torch
+from transformers import GenerationConfig
 
 from .. import _compat
 from ..modeling.generation import generation_setting, inferred_attention_mask
-from ..utils import get_logger
+from ..utils import InvalidArgumentTypeError, get_logger
 from .clustering import assign
 from .embedding import EmbeddingSpace, EmbeddingSpec, embed_batch, embed_texts
 from .mixed import stacked_lora
@@ -143,10 +145,19 @@ class ExpertRouter:
         ``experts`` overrides the routing (one expert index per row), e.g. for an oracle. Every other
         argument goes to ``PeftModel.generate``. Without ``attention_mask`` the padding is found as
         ``generate`` finds it (``pad_token_id`` tokens, unless it is also the end-of-sequence token), for the
-        routing too.
+        routing too. A ``GenerationConfig`` in the second place is taken as ``model.generate(inputs,
+        generation_config)`` takes it.
         """
         if input_ids is None and torch.is_tensor(kwargs.get("inputs")):
             input_ids = kwargs.pop("inputs")
+        if isinstance(attention_mask, GenerationConfig):  # generate(inputs, generation_config), as model.generate
+            if kwargs.get("generation_config") is not None:
+                raise TypeError("generate() got two generation configs: one positionally and generation_config=.")
+            kwargs["generation_config"], attention_mask = attention_mask, None
+        if attention_mask is not None and not torch.is_tensor(attention_mask):
+            raise InvalidArgumentTypeError(
+                f"attention_mask (the second positional argument) must be a tensor, got "
+                f"{type(attention_mask).__name__}; pass other generate() settings by keyword.")
         if attention_mask is None and input_ids is not None:
             attention_mask = inferred_attention_mask(self.model, input_ids, kwargs)
         rows = self._routed(input_ids, attention_mask, experts)
@@ -154,15 +165,25 @@ class ExpertRouter:
             kwargs["attention_mask"] = attention_mask
         copies = int(generation_setting(self.model, "num_return_sequences", kwargs) or 1)
         sampled = bool(generation_setting(self.model, "do_sample", kwargs))
+        beams = int(generation_setting(self.model, "num_beams", kwargs) or 1)
         with self._adapters(rows) as per_row:
-            if "adapter_names" in per_row and copies > 1 and sampled and int(
-                    generation_setting(self.model, "num_beams", kwargs) or 1) == 1:
+            if "adapter_names" in per_row and beams > 1 and "num_beams" not in kwargs:
+                # PEFT repeats adapter_names for a num_beams *keyword* only; beams set in a generation config expand
+                # the rows just the same, so repeat the names here.
+                per_row = {"adapter_names": [name for name in per_row["adapter_names"] for _ in range(beams)]}
+            elif "adapter_names" in per_row and copies > 1 and sampled and beams == 1:
                 # PEFT repeats adapter_names for beams only: expand the rows here, as generate would.
                 input_ids = input_ids.repeat_interleave(copies, dim=0)
                 if attention_mask is not None:
                     kwargs["attention_mask"] = attention_mask.repeat_interleave(copies, dim=0)
                 per_row = {"adapter_names": [name for name in per_row["adapter_names"] for _ in range(copies)]}
-                kwargs["num_return_sequences"] = 1
+                given = kwargs.get("generation_config")
+                if given is not None and "num_return_sequences" not in kwargs:
+                    # Set on a copy of the given config: a keyword next to a generation_config is deprecated.
+                    kwargs["generation_config"] = copy.deepcopy(given)
+                    kwargs["generation_config"].num_return_sequences = 1
+                else:
+                    kwargs["num_return_sequences"] = 1
             return self.model.generate(input_ids=input_ids, **per_row, **kwargs)
 
     def __call__(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, *,

@@ -83,6 +83,24 @@ class Amphista(SpeculativeDecoding):
             return DraftTree.chain(heads.num_heads)
         return heads.config.check_tree(self.tree if self.tree is not None else heads.config.tree)
 
+    def __call__(self, model, input_ids, logits_processor=None, stopping_criteria=None, generation_config=None,
+                 synced_gpus: bool = False, **model_kwargs):
+        # Refused before any forward (the engine would only find out at the first tree verification, mid-call).
+        config = generation_config if generation_config is not None else model.generation_config
+        rows = input_ids.shape[0]
+        mask = model_kwargs.get("attention_mask")
+        padded = mask is not None and not bool(mask.all())
+        beams = (config.num_beams or 1) > 1  # refused by the checks every strategy makes
+        if (rows > 1 or padded) and not beams and not self.drafter_for(model).tree.is_chain:
+            what = f"{rows} rows (a batch, or num_return_sequences)" if rows > 1 else "a left-padded row"
+            raise ValueError(
+                f"Amphista verifies a tree of drafts one sequence at a time (batch size 1, no padding), and this call "
+                f"has {what}. Pass tree='chain' (Amphista(heads, tree='chain') verifies left-padded batches), or "
+                "generate one prompt at a time."
+            )
+        return super().__call__(model, input_ids, logits_processor, stopping_criteria, generation_config,
+                                synced_gpus, **model_kwargs)
+
     def acceptance_rule(self, generation_config) -> AcceptanceRule:
         if generation_config.do_sample:
             return TypicalAcceptance(self.posterior_threshold, self.posterior_alpha)
