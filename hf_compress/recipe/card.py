@@ -6,7 +6,8 @@ model's measured records. The per-step table (base model first) and the recipe's
 here and put where the template marks them (``build_model_card`` fills a fixed set of template fields).
 
 Example:
-    >>> card = recipe_card(recipe, result, layout)  # doctest: +SKIP
+    >>> card = recipe_card(recipe, result.records, result.final_records, layout,
+    ...                    "HuggingFaceTB/SmolLM2-135M")  # doctest: +SKIP
     >>> "| 2 | quantize dlqat |" in str(card)  # doctest: +SKIP
     True
 """

@@ -9,7 +9,8 @@ their own ``config.json``), ``recipe.yaml``, ``recipe_results.json`` and the car
 ``atomic_directory``; the savers write into the staging folder.
 
 Example:
-    >>> layout, disk = write_folder(state, "out/", overwrite=False, recipe=recipe, finish=finish)  # doctest: +SKIP
+    >>> layout, disk = write_folder(state, "out/", overwrite=False, recipe=recipe,
+    ...                             base_model="HuggingFaceTB/SmolLM2-135M", finish=finish)  # doctest: +SKIP
 """
 
 from __future__ import annotations
