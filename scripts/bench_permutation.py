@@ -371,7 +371,7 @@ def _targets(rows: list[dict[str, Any]], permutations: dict[str, Any]) -> list[s
         goal = -0.20 if row["pruner"] == "wanda" else -0.05
         verdict = ("met" if change <= goal else "missed") if row["permutation"] == "learned" else "reference"
         training = (permutations.get(f"{row['pattern']} {row['permutation']}") or {}).get("training") or {}
-        start = (f" — all of it from its start: keep-best kept step 0, the learning added nothing"
+        start = (" — all of it from its start: keep-best kept step 0, the learning added nothing"
                  if row["permutation"] == "learned" and training.get("best_step") == 0 else "")
         lines.append(f"- {row['permutation']} + {row['pruner']} {row['pattern']}: perplexity {100 * change:+.1f}% ± "
                      f"{100 * stderr:.1f} vs none (target for learned ≤ {100 * goal:.0f}%): **{verdict}**{start}")

@@ -564,7 +564,7 @@ def _targets(rows: list[dict[str, Any]], settings: dict[str, Any]) -> list[str]:
     parameters_share = next((row["router_share"] for row in rows if "router_share" in row), None)
     for sparsity in sorted({row["sparsity"] for row in rows if row["sparsity"]}):
         at = {row["method"].split(" (")[0]: row for row in rows if row["sparsity"] == sparsity}
-        trained, static = at.get(TRAINED), at.get("static, searched schedule")
+        trained = at.get(TRAINED)
         if trained is None:
             continue
         if "zero_shot_retention" in trained:

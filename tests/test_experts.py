@@ -8,7 +8,6 @@ training: every expert then really changes the model's outputs, and the equality
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch

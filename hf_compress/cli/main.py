@@ -13,7 +13,11 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+
+if TYPE_CHECKING:
+    import torch
 
 
 # name -> (help, add_arguments(parser), run(args) -> exit code)

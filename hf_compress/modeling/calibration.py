@@ -438,7 +438,7 @@ class BlockContext:
         Example:
             >>> fresh = ctx.collect(lambda *_: HessianCollector(), names=["mlp.down_proj"])  # doctest: +SKIP
         """
-        layers = {n: l for n, l in self.linear_layers.items() if names is None or n in names}
+        layers = {n: layer for n, layer in self.linear_layers.items() if names is None or n in names}
         stats = _make_collectors(layers, collectors_for)
         with torch.no_grad(), _StatisticsPass(layers, stats, stop_early=True, block=self.block) as stats_pass:
             for hidden in self.inputs:

@@ -232,10 +232,10 @@ def check_is_base_model(model: PreTrainedModel, base_model: str) -> None:
               "base_model to the model you mean to compress")
     expected = _base_config(base_model, where)
     got = model.config
-    for field in ("model_type", *_SIZE_FIELDS):
-        want, have = (_config_value(config, field) for config in (expected, got))
+    for name in ("model_type", *_SIZE_FIELDS):
+        want, have = (_config_value(config, name) for config in (expected, got))
         if want != have:
-            raise RecipeError(f"{where} ({field} {want!r}) but the model passed has {field} {have!r}, so recipe.yaml "
+            raise RecipeError(f"{where} ({name} {want!r}) but the model passed has {name} {have!r}, so recipe.yaml "
                               f"and the card would describe another model; {advice}.")
     dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.is_floating_point()} -
                     {"float32"})

@@ -308,7 +308,7 @@ class TyrPruner(StructuralPruner):
                 break
             for position, unit_type in enumerate(UNIT_TYPES):  # re-centre on the best allocation
                 levels = best[position::2]
-                state.centres[unit_type] = [grids[unit_type].removed(i, l) for i, l in enumerate(levels)]
+                state.centres[unit_type] = [grids[unit_type].removed(i, level) for i, level in enumerate(levels)]
             state.iteration += 1
             state.generation = 0
             state.parent = []
