@@ -14,7 +14,8 @@ the folder from disk and the set publishes to any namespace. A set built for one
 same one (``--rebuild`` builds the selected artifacts again for another).
 
 Model artifacts are recipes (``recipes/artifacts/<name>.yaml``) run by ``hf_compress.recipe.run``; the
-drafting heads and the strategy folders are trained and saved by the speculative package itself:
+drafting heads and the strategy folders are trained and saved by the speculative package itself, each card carrying
+the speed measured here (speed-up over greedy ``generate()``, tokens/s, accepted length: ``_strategy_metrics``):
 
 ==============  ========  ==================================================================
 name            kind      what
@@ -88,7 +89,6 @@ from hf_compress.hub.manifest import (
     describe_artifact,
     verify_manifest,
 )
-from hf_compress.hub.model_card import CARD_FILENAME
 from hf_compress.utils import atomic_file, file_lock
 
 
@@ -371,10 +371,11 @@ def build_amphista(artifact: Artifact, folder: Path, ctx: Context) -> Built:
     results = _strategy_results(strategy, ctx)
     results["held_out_top1_accuracy"] = _result([round(float(a), 4) for a in accuracy[:, 0]],
                                                 "build: head_accuracy on held-out self-distilled sequences")
-    strategy.save_pretrained(folder, base_model=ctx.base_hub_id)
-    _strategy_card_loads_repo(folder, ctx.repo_id(artifact.key))
+    metrics = _strategy_metrics(results, ctx)
+    strategy.save_pretrained(folder, base_model=ctx.base_hub_id, repo_id=ctx.repo_id(artifact.key),
+                             metrics=[m.record for m in metrics])
     return Built(recipe={"method": "amphista", "heads": heads.config.to_diff_dict().get("training"),
-                         "num_heads": s.heads_num_heads, "tree": tree.to_list()}, results=results)
+                         "num_heads": s.heads_num_heads, "tree": tree.to_list()}, metrics=metrics, results=results)
 
 
 def build_fly(artifact: Artifact, folder: Path, ctx: Context) -> Built:
@@ -383,9 +384,10 @@ def build_fly(artifact: Artifact, folder: Path, ctx: Context) -> Built:
 
     strategy = FLy(num_draft_tokens=ctx.scale.num_draft_tokens, entropy_threshold=0.3, window=6)
     results = _strategy_results(strategy, ctx)
-    strategy.save_pretrained(folder, base_model=ctx.base_hub_id)
-    _strategy_card_loads_repo(folder, ctx.repo_id(artifact.key))
-    return Built(recipe={"method": "fly", **strategy.settings()}, results=results)
+    metrics = _strategy_metrics(results, ctx)
+    strategy.save_pretrained(folder, base_model=ctx.base_hub_id, repo_id=ctx.repo_id(artifact.key),
+                             metrics=[m.record for m in metrics])
+    return Built(recipe={"method": "fly", **strategy.settings()}, metrics=metrics, results=results)
 
 
 def build_cospec(artifact: Artifact, folder: Path, ctx: Context) -> Built:
@@ -428,30 +430,10 @@ def build_cospec(artifact: Artifact, folder: Path, ctx: Context) -> Built:
          "strict_score": calibration["strict_score"], "chosen_score": calibration["chosen"].get("score"),
          "loose": calibration["chosen"].get("loose")},
         "build: calibrate_arbiter on held-out prompts (target: ≥ 99% of strict decoding's score; strict when none)")
-    arbiter.save_pretrained(folder)
-    _strategy_card_loads_repo(folder, ctx.repo_id(artifact.key))
+    metrics = _strategy_metrics(results, ctx)
+    arbiter.save_pretrained(folder, repo_id=ctx.repo_id(artifact.key), metrics=[m.record for m in metrics])
     return Built(recipe={"method": "cospec", "drafting": "ngram", "num_draft_tokens": s.num_draft_tokens,
-                         "training": dataclasses.asdict(settings), "data": data}, results=results)
-
-
-def _strategy_card_loads_repo(folder: Path, repo_id: str | None) -> None:
-    """Make a saved strategy folder's card run ``custom_generate="<repo_id>"``.
-
-    The speculative package's ``save_pretrained`` writes ``custom_generate="<folder name>"`` (it knows no repo);
-    with a namespace the card must name the repo it is published to. The card is rewritten before the folder is
-    hashed into the manifest. A card without exactly one such call is an error (its format changed: fix this), never a
-    card published with the folder's name.
-    """
-    if repo_id is None:
-        return
-    card = folder / CARD_FILENAME
-    text = card.read_text(encoding="utf-8")
-    local = f'custom_generate="{folder.name}"'
-    if text.count(local) != 1:
-        raise RuntimeError(f"{card}: expected one `{local}` in the loading snippet to point at {repo_id}, found "
-                           f"{text.count(local)}; the strategy card's format changed.")
-    with atomic_file(card, encoding="utf-8") as handle:
-        handle.write(text.replace(local, f'custom_generate="{repo_id}"'))
+                         "training": dataclasses.asdict(settings), "data": data}, metrics=metrics, results=results)
 
 
 BUILDERS: dict[str, Callable[[Artifact, Path, Context], Built]] = {
@@ -529,6 +511,38 @@ def _strategy_results(strategy, ctx: Context) -> dict[str, Any]:
     """Tokens/s of the strategy against plain greedy on the base, its accepted length and whether it kept greedy's tokens."""
     model, tokenizer = ctx.base()
     return _side_by_side(model, model, tokenizer, ctx, custom_generate=strategy)
+
+
+# The strategy results that go on its card (model-index and results table), as (metric type, card label).
+STRATEGY_CARD_RESULTS = {
+    "speedup_vs_greedy": ("speedup", "speed-up over greedy generate() (median of per-prompt ratios)"),
+    "tokens_per_s": ("tokens_per_second", "tokens/s (median over prompts)"),
+    "mean_accepted_length": ("mean_accepted_length", "mean accepted length (tokens per target forward)"),
+}
+
+
+def _strategy_metrics(results: dict[str, Any], ctx: Context) -> list[Measurement]:
+    """The card's records of a strategy's measured speed (:func:`_strategy_results`), the same numbers as the
+    manifest's ``results``; the speed prompts, length and device are each record's config and settings."""
+    from hf_compress.evaluation.results import MetricRecord
+
+    s = ctx.scale
+    settings = {"prompts": s.speed_prompts, "max_new_tokens": s.max_new_tokens, "decoding": "greedy",
+                "device": device_description(ctx.device),
+                "baseline_tokens_per_s": round(results["baseline_tokens_per_s"]["value"], 2)}
+    measurements = []
+    for key, (metric_type, label) in STRATEGY_CARD_RESULTS.items():
+        if key not in results:
+            continue
+        record = MetricRecord(
+            task_type="text-generation", dataset_type="wikipedia",
+            dataset_name="English Wikipedia excerpt (openings of eval articles as prompts)", dataset_split="eval",
+            metric_type=metric_type, metric_name=label, metric_value=float(results[key]["value"]),
+            metric_config=f"prompts={s.speed_prompts},max_new_tokens={s.max_new_tokens},{ctx.device}",
+            settings=settings,
+        )
+        measurements.append(Measurement(record, results[key]["source"]))
+    return measurements
 
 
 # ---------------------------------------------------------------------------------------------- the run

@@ -71,6 +71,11 @@ def test_build_covers_every_kind_and_resumes(built_set, tmp_path):
     check_publishable(built_set)  # every card parses and each model-index value is one of the measurements
     models = [e for e in manifest.artifacts.values() if e.kind in ("model", "router", "adapter")]
     assert all(read_metrics(manifest.folder_of(e.name)) for e in models)  # measured cards, not empty ones
+    for entry in (e for e in manifest.artifacts.values() if e.kind == "strategy"):  # the speed the build measured
+        card = {(m.metric_type, m.metric_value) for m in read_metrics(manifest.folder_of(entry.name))}
+        assert card == {(m.record.metric_type, m.record.metric_value) for m in entry.metrics}, entry.name
+        assert ("speedup", entry.results["speedup_vs_greedy"]["value"]) in card, (entry.name, card)
+        assert "were recorded" not in (manifest.folder_of(entry.name) / "README.md").read_text()
     rows = {row["name"]: row for row in build_artifacts.rows(manifest)}
     assert all(rows[e.name]["perplexity"] > 1 for e in models)
     stacked = rows[f"{build_artifacts.QUICK.prefix}-sds24-dlqat4"]

@@ -14,8 +14,9 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -27,6 +28,10 @@ from ..utils import InvalidArgumentTypeError, atomic_directory, check_bool, chec
 from .acceptance import AcceptanceRule, LooseVerification, SpeculativeSampling, StrictGreedy
 from .drafting import CrossTokenizerDrafter, ModelDrafter, NgramDrafter
 from .engine import SpeculativeDecodingOutput, SpeculativeMetrics, speculative_decode
+
+
+if TYPE_CHECKING:
+    from ..evaluation.results import MetricRecord
 
 
 logger = get_logger(__name__)
@@ -280,13 +285,31 @@ class SpeculativeDecoding:
             "draft_tokenizer": _name_of(self.draft_tokenizer),
         }
 
-    def save_pretrained(self, save_directory: str | os.PathLike, *, base_model: str | None = None, overwrite: bool = False) -> Path:
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        *,
+        base_model: str | None = None,
+        overwrite: bool = False,
+        repo_id: str | None = None,
+        metrics: Sequence[MetricRecord] = (),
+    ) -> Path:
         """Write a folder that ``generate(custom_generate=<folder or repo>, trust_remote_code=True)`` runs.
 
         It holds ``custom_generate/generate.py`` (the settings embedded, since transformers copies only that
         file into its module cache; see :func:`render_generate_py`), ``custom_generate/requirements.txt`` and
         a ``README.md`` card. A draft model is referenced by its name or path (``draft_model.name_or_path``),
         not copied; a local path works on this machine only, and :meth:`push_to_hub` refuses it.
+
+        Args:
+            base_model: Hub id of the model the strategy decodes for: the card's ``base_model`` and the model its
+                "How to use" code loads (``None``: a ``BASE_MODEL`` placeholder there).
+            repo_id: The Hub repo the folder will be pushed to, which the card's code passes as
+                ``custom_generate=``; ``None`` = the folder's name (run from the folder's parent).
+                :meth:`push_to_hub` passes its own.
+            metrics: Measured results of this strategy (:class:`~hf_compress.evaluation.results.MetricRecord`,
+                e.g. its speed-up over greedy ``generate()``) for the card's ``model-index`` and results table;
+                only numbers actually measured belong here.
 
         Example:
             >>> FLy().save_pretrained("fly-ngram")  # doctest: +SKIP
@@ -295,12 +318,17 @@ class SpeculativeDecoding:
         self._check_saveable(settings)
         from ..hub import write_model_card
 
+        if repo_id is not None:
+            from huggingface_hub.utils import validate_repo_id
+
+            validate_repo_id(repo_id)  # an HFValidationError (a ValueError) before anything is written
+        card = self.model_card(Path(save_directory).name, base_model, settings, repo_id=repo_id, metrics=metrics)
         with atomic_directory(save_directory, overwrite=overwrite) as tmp:
             (tmp / "custom_generate").mkdir()
             (tmp / "custom_generate" / "generate.py").write_text(render_generate_py(self.method, settings))
             (tmp / "custom_generate" / "requirements.txt").write_text(custom_generate_requirement() + "\n")
             self._write_weights(tmp)
-            write_model_card(tmp, self.model_card(Path(save_directory).name, base_model, settings))
+            write_model_card(tmp, card)
         logger.info("Saved the %s strategy to %s", self.method, save_directory)
         return Path(save_directory)
 
@@ -314,24 +342,23 @@ class SpeculativeDecoding:
     def _write_weights(self, folder: Path) -> None:
         """Weights the folder ships (none: a draft model is referenced, not copied)."""
 
-    def model_card(self, name: str, base_model: str | None, settings: dict[str, Any]):
+    def model_card(self, name: str, base_model: str | None, settings: dict[str, Any], *, repo_id: str | None = None,
+                   metrics: Sequence[MetricRecord] = ()):
         from ..hub import build_model_card
 
         return build_model_card(
             base_model=base_model, model_name=name, recipe=settings, template="decoding_strategy",
-            extra_tags=["custom_generate", "speculative-decoding"],
-            load_snippet=(
-                "import hf_compress  # pip install hf-compress\n"
-                f'out = model.generate(**inputs, custom_generate="{name}", trust_remote_code=True)'
-            ),
+            extra_tags=["custom_generate", "speculative-decoding"], metrics=metrics, repo_id=repo_id or name,
+            load_snippet=usage_snippet(base_model, local=repo_id is None),
         )
 
-    def push_to_hub(self, repo_id: str, *, base_model: str | None = None, **push_kwargs):
+    def push_to_hub(self, repo_id: str, *, base_model: str | None = None, metrics: Sequence[MetricRecord] = (),
+                    **push_kwargs):
         """``save_pretrained`` into a temporary folder and upload it (see :func:`hf_compress.hub.push_to_hub`).
 
-        A draft model, tokenizer or heads referenced by a local path are refused before anything is sent (the
-        path would only work here, and would be published): push them first and build the strategy from
-        their repo ids.
+        The card's code runs ``custom_generate="<repo_id>"``. A draft model, tokenizer or heads referenced by a
+        local path are refused before anything is sent (the path would only work here, and would be published):
+        push them first and build the strategy from their repo ids.
 
         Example:
             >>> FLy(draft_model="me/draft").push_to_hub("me/fly")  # doctest: +SKIP
@@ -339,7 +366,8 @@ class SpeculativeDecoding:
         from ..hub import push_to_hub
 
         with tempfile.TemporaryDirectory() as tmp:
-            folder = self.save_pretrained(Path(tmp) / repo_id.split("/")[-1], base_model=base_model, **self._save_kwargs_for_push(repo_id))
+            folder = self.save_pretrained(Path(tmp) / repo_id.split("/")[-1], base_model=base_model, repo_id=repo_id,
+                                          metrics=metrics, **self._save_kwargs_for_push(repo_id))
             local = _local_references(read_generate_settings(folder))
             if local:
                 raise ValueError(
@@ -510,6 +538,35 @@ def _name_of(thing) -> str | None:
 # when generate.py runs (so a saved folder never records its absolute path, and still works once pushed).
 _REFERENCE_KEYS = ("heads", "arbiter", "draft_model", "tokenizer", "draft_tokenizer")
 HERE = "."
+
+
+def usage_snippet(base_model: str | None, *, local: bool = False) -> str:
+    """The "How to use" code of a strategy folder's card, runnable as written: it loads the base model and its
+    tokenizer, builds inputs and runs ``generate(custom_generate=..., trust_remote_code=True)``.
+
+    ``{base_model}`` and ``{repo_id}`` stay placeholders, filled in by :func:`hf_compress.hub.build_model_card`
+    (``BASE_MODEL`` when the card knows no base model; said so in a comment). ``local``: the folder is named by
+    its folder name (run from its parent folder), not a repo id. Greedy (``do_sample=False``): what the cards
+    describe, and the only mode CoSpec runs.
+
+    Example:
+        >>> print(usage_snippet("HuggingFaceTB/SmolLM2-135M").splitlines()[3])
+        model = AutoModelForCausalLM.from_pretrained("{base_model}")
+    """
+    base_note = "" if base_model else "  # none was recorded: the model this was saved for"
+    folder_note = "  # this folder, from its parent; once pushed, its repo id" if local else ""
+    return (
+        "import hf_compress  # pip install hf-compress: custom_generate/generate.py runs on it\n"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+        f'model = AutoModelForCausalLM.from_pretrained("{{base_model}}"){base_note}\n'
+        'tokenizer = AutoTokenizer.from_pretrained("{base_model}")\n'
+        'inputs = tokenizer("The capital of France is", return_tensors="pt").to(model.device)\n'
+        "out = model.generate(\n"
+        f'    **inputs, max_new_tokens=32, do_sample=False, custom_generate="{{repo_id}}",{folder_note}\n'
+        "    trust_remote_code=True,\n"
+        ")\n"
+        "print(tokenizer.decode(out[0], skip_special_tokens=True))"
+    )
 
 
 def render_generate_py(method: str, settings: dict[str, Any]) -> str:

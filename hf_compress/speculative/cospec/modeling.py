@@ -19,7 +19,9 @@ import hashlib
 import json
 import os
 import weakref
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -30,6 +32,11 @@ from ..acceptance import Verdict
 from ...modeling.identity import base_model_identity, check_base_model
 from .config import ArbiterConfig
 from .features import logit
+
+
+if TYPE_CHECKING:
+    from ...evaluation.results import MetricRecord
+
 
 __all__ = ["CoSpecArbiter", "tokenizer_fingerprint"]
 
@@ -206,21 +213,25 @@ class CoSpecArbiter(PreTrainedModel):
         return CoSpec(self, **settings)
 
     def save_pretrained(
-        self, save_directory: str | os.PathLike, *, overwrite: bool = False, arbiter_source: str | None = None, **kwargs
+        self, save_directory: str | os.PathLike, *, overwrite: bool = False, arbiter_source: str | None = None,
+        repo_id: str | None = None, metrics: Sequence[MetricRecord] = (), **kwargs
     ) -> Path:
         """Config + safetensors + model card + ``custom_generate/`` in one atomic write.
 
         ``custom_generate/generate.py`` loads the arbiter from ``arbiter_source`` (default ``"."``: the folder or
         repo ``custom_generate=`` names), with the drafting it was trained with (``config.draft_model_name_or_path``,
         ``None`` = n-gram prompt lookup), so ``generate(custom_generate=<folder or repo>, trust_remote_code=True)``
-        decodes with it.
+        decodes with it. ``repo_id``: the repo the card's code loads (``None``: the folder's name); ``metrics``:
+        measured results for the card. Other ``kwargs`` go to ``PreTrainedModel.save_pretrained``.
 
         Example:
             >>> arbiter.save_pretrained("smollm2-cospec")  # doctest: +SKIP
         """
         return self.strategy().save_pretrained(
-            save_directory, overwrite=overwrite, arbiter_source=arbiter_source, save_arbiter_kwargs=kwargs)
+            save_directory, overwrite=overwrite, arbiter_source=arbiter_source, repo_id=repo_id, metrics=metrics,
+            save_arbiter_kwargs=kwargs)
 
     def push_to_hub(self, repo_id: str, **push_kwargs):
-        """Save (recording ``repo_id`` as where ``custom_generate`` loads the arbiter from) and upload."""
+        """Save (recording ``repo_id`` as where ``custom_generate`` loads the arbiter from, and in the card's code)
+        and upload."""
         return self.strategy().push_to_hub(repo_id, **push_kwargs)

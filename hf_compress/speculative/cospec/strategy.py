@@ -7,8 +7,9 @@ a draft model (or n-gram prompt lookup) and :class:`~.rule.ArbiterRule` as its a
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -19,9 +20,14 @@ from ...hub import hub_model_id
 from ...utils import InvalidArgumentTypeError, check_choice, check_float, get_logger
 from ..acceptance import AcceptanceRule
 from ..engine import propose_draft
-from ..strategies import HERE, SpeculativeDecoding, register_strategy
+from ..strategies import HERE, SpeculativeDecoding, register_strategy, usage_snippet
 from .modeling import CoSpecArbiter
 from .rule import MODES, ArbiterRule, DecisionLog
+
+
+if TYPE_CHECKING:
+    from ...evaluation.results import MetricRecord
+
 
 __all__ = ["CoSpec"]
 
@@ -183,13 +189,17 @@ class CoSpec(SpeculativeDecoding):
         *,
         base_model: str | None = None,
         overwrite: bool = False,
+        repo_id: str | None = None,
+        metrics: Sequence[MetricRecord] = (),
         arbiter_source: str | None = None,
         save_arbiter_kwargs: dict[str, Any] | None = None,
     ) -> Path:
         """The ``custom_generate`` folder, with the arbiter's config and weights when it is in memory.
 
         ``arbiter_source`` is where the saved ``generate.py`` loads the arbiter from: by default ``"."`` (the
-        folder or repo ``custom_generate=`` names when it runs) for an arbiter in memory.
+        folder or repo ``custom_generate=`` names when it runs) for an arbiter in memory. ``base_model`` defaults
+        to the arbiter's target (its Hub id); ``repo_id`` (the repo the card's code loads) and ``metrics``
+        (measured results for the card) as in :meth:`SpeculativeDecoding.save_pretrained`.
 
         Example:
             >>> CoSpec(arbiter).save_pretrained("smollm2-cospec")  # doctest: +SKIP
@@ -201,7 +211,8 @@ class CoSpec(SpeculativeDecoding):
         previous = self._arbiter_source
         self._arbiter_source, self._save_arbiter_kwargs = arbiter_source or previous, save_arbiter_kwargs or {}
         try:
-            return super().save_pretrained(save_directory, base_model=base_model, overwrite=overwrite)
+            return super().save_pretrained(save_directory, base_model=base_model, overwrite=overwrite, repo_id=repo_id,
+                                           metrics=metrics)
         finally:
             self._arbiter_source = previous
 
@@ -227,7 +238,8 @@ class CoSpec(SpeculativeDecoding):
     def _save_kwargs_for_push(self, repo_id: str) -> dict[str, Any]:
         return {"arbiter_source": repo_id} if isinstance(self.arbiter, CoSpecArbiter) else {}
 
-    def model_card(self, name: str, base_model: str | None, settings: dict[str, Any]):
+    def model_card(self, name: str, base_model: str | None, settings: dict[str, Any], *, repo_id: str | None = None,
+                   metrics: Sequence[MetricRecord] = ()):
         from ...hub import build_model_card
 
         recipe: dict[str, Any] = {"method": "cospec", "decoding": settings}
@@ -243,9 +255,6 @@ class CoSpec(SpeculativeDecoding):
             recipe["parameters"] = sum(p.numel() for p in self.arbiter.parameters())
         return build_model_card(
             base_model=base_model, model_name=name, recipe=recipe, template=CARD_TEMPLATE,
-            extra_tags=["custom_generate", "speculative-decoding", "cospec"],
-            load_snippet=(
-                "import hf_compress  # pip install hf-compress\n"
-                f'out = model.generate(**inputs, custom_generate="{name}", trust_remote_code=True, do_sample=False)'
-            ),
+            extra_tags=["custom_generate", "speculative-decoding", "cospec"], metrics=metrics,
+            repo_id=repo_id or name, load_snippet=usage_snippet(base_model, local=repo_id is None),
         )

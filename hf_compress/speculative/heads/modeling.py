@@ -20,7 +20,9 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +32,10 @@ from transformers import PreTrainedModel
 from ...utils import get_logger
 from ...modeling.identity import base_model_identity, check_base_model
 from .config import AmphistaConfig, DraftHeadsConfig, MedusaConfig
+
+
+if TYPE_CHECKING:
+    from ...evaluation.results import MetricRecord
 
 
 __all__ = ["AmphistaHeads", "AutoEmbeddingBlock", "BaseParts", "DraftHeads", "MedusaHeads", "ResBlock", "load_heads"]
@@ -175,14 +181,17 @@ class DraftHeads(PreTrainedModel):
 
     # ------------------------------------------------------------------ sharing
     def save_pretrained(
-        self, save_directory: str | os.PathLike, *, overwrite: bool = False, heads_source: str | None = None, **kwargs
+        self, save_directory: str | os.PathLike, *, overwrite: bool = False, heads_source: str | None = None,
+        repo_id: str | None = None, metrics: Sequence[MetricRecord] = (), **kwargs
     ) -> Path:
         """Config + safetensors + model card + ``custom_generate/`` in one atomic write.
 
         ``custom_generate/generate.py`` loads the heads from ``heads_source`` (default ``"."``: the folder or
         repo that ``custom_generate=`` names, so no local path is recorded and a pushed copy of the folder
         works; :meth:`push_to_hub` records the repo id), so ``generate(custom_generate=<folder or repo>,
-        trust_remote_code=True)`` decodes with them.
+        trust_remote_code=True)`` decodes with them. ``repo_id``: the repo the card's code loads (``None``: the
+        folder's name); ``metrics``: measured results for the card. Other ``kwargs`` go to
+        ``PreTrainedModel.save_pretrained``.
 
         Example:
             >>> heads.save_pretrained("heads/")  # doctest: +SKIP
@@ -191,10 +200,12 @@ class DraftHeads(PreTrainedModel):
         from .strategy import Amphista
 
         strategy = Amphista(heads=self)
-        return strategy.save_pretrained(save_directory, overwrite=overwrite, heads_source=heads_source, save_heads_kwargs=kwargs)
+        return strategy.save_pretrained(save_directory, overwrite=overwrite, heads_source=heads_source, repo_id=repo_id,
+                                        metrics=metrics, save_heads_kwargs=kwargs)
 
     def push_to_hub(self, repo_id: str, **push_kwargs):
-        """Save (recording ``repo_id`` as where ``custom_generate`` finds the heads) and upload."""
+        """Save (recording ``repo_id`` as where ``custom_generate`` finds the heads, and in the card's code) and
+        upload."""
         from .strategy import Amphista
 
         return Amphista(heads=self).push_to_hub(repo_id, **push_kwargs)

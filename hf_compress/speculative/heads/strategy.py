@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transformers import PreTrainedModel
 
 from ...hub import hub_model_id
 from ...utils import InvalidArgumentTypeError, get_logger
 from ..acceptance import AcceptanceRule, StrictGreedy, TypicalAcceptance
-from ..strategies import HERE, SpeculativeDecoding, register_strategy
+from ..strategies import HERE, SpeculativeDecoding, register_strategy, usage_snippet
 from ..tree import DraftTree
 from .drafter import HeadsDrafter
 from .modeling import DraftHeads, MedusaHeads, load_heads
+
+
+if TYPE_CHECKING:
+    from ...evaluation.results import MetricRecord
 
 
 __all__ = ["Amphista"]
@@ -140,6 +145,8 @@ class Amphista(SpeculativeDecoding):
         *,
         base_model: str | None = None,
         overwrite: bool = False,
+        repo_id: str | None = None,
+        metrics: Sequence[MetricRecord] = (),
         heads_source: str | None = None,
         save_heads_kwargs: dict[str, Any] | None = None,
     ) -> Path:
@@ -147,7 +154,9 @@ class Amphista(SpeculativeDecoding):
 
         ``heads_source`` is where the saved ``generate.py`` loads the heads from: by default ``"."``, the
         folder or repo ``custom_generate=`` names when it runs (heads in memory; so the folder records no local
-        path and works once pushed), or the name the heads were given.
+        path and works once pushed), or the name the heads were given. ``base_model`` defaults to the heads'
+        base model (its Hub id); ``repo_id`` (the repo the card's code loads) and ``metrics`` (measured results
+        for the card) as in :meth:`SpeculativeDecoding.save_pretrained`.
 
         Example:
             >>> Amphista(heads).save_pretrained("smollm2-amphista")  # doctest: +SKIP
@@ -158,7 +167,8 @@ class Amphista(SpeculativeDecoding):
             base_model = base_model or hub_model_id(self.heads.config.base_model_name_or_path)
         self._heads_source, self._save_heads_kwargs = heads_source, save_heads_kwargs or {}
         try:
-            return super().save_pretrained(save_directory, base_model=base_model, overwrite=overwrite)
+            return super().save_pretrained(save_directory, base_model=base_model, overwrite=overwrite, repo_id=repo_id,
+                                           metrics=metrics)
         finally:
             self._heads_source = None
 
@@ -181,7 +191,8 @@ class Amphista(SpeculativeDecoding):
         # or repo id) is recorded as is, and refused by push_to_hub if it is a local folder.
         return {"heads_source": repo_id} if isinstance(self.heads, DraftHeads) else {}
 
-    def model_card(self, name: str, base_model: str | None, settings: dict[str, Any]):
+    def model_card(self, name: str, base_model: str | None, settings: dict[str, Any], *, repo_id: str | None = None,
+                   metrics: Sequence[MetricRecord] = ()):
         from ...hub import build_model_card
 
         heads = self.heads if isinstance(self.heads, DraftHeads) else None
@@ -197,11 +208,8 @@ class Amphista(SpeculativeDecoding):
             recipe["parameters"] = sum(p.numel() for p in heads.parameters())
         return build_model_card(
             base_model=base_model, model_name=name, recipe=recipe, template="drafting_heads",
-            extra_tags=["custom_generate", "speculative-decoding", "drafting-heads"],
-            load_snippet=(
-                "import hf_compress  # pip install hf-compress\n"
-                f'out = model.generate(**inputs, custom_generate="{name}", trust_remote_code=True)'
-            ),
+            extra_tags=["custom_generate", "speculative-decoding", "drafting-heads"], metrics=metrics,
+            repo_id=repo_id or name, load_snippet=usage_snippet(base_model, local=repo_id is None),
         )
 
 
