@@ -37,6 +37,14 @@ def test_eval_tiny_model_writes_json(tmp_path, capsys):
     assert results["zero_shot"]["arc_easy"]["n"] == 4
 
 
+def test_eval_prints_speed_and_kv_cache_results(capsys):
+    assert main(["eval", "--model", "tiny-llama", "--perplexity", "", "--tasks", "", "--speed-prompts", "1",
+                 "--kv-seq-len", "16", "--device", "cpu", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"generation: [0-9.]+ tokens/s on cpu \(median over 1 prompts\)", out), out
+    assert re.search(r"KV cache at 16 tokens: [0-9.]+ MiB", out), out
+
+
 def test_errors_are_one_line_with_exit_code_2(capsys):
     assert main(["eval", "--model", "no-such-model"]) == 2
     err = capsys.readouterr().err.strip()

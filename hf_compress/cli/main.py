@@ -263,6 +263,14 @@ def run_eval(args: argparse.Namespace) -> int:
     for record in records:
         split = f" [{record.dataset_split}]" if record.dataset_split else ""
         print(f"{record.dataset_type}{split} {record.metric_type}: {record.metric_value:.4f}")
+    # Speed and cache size are not model-card records, but they are what the user asked for: print them too.
+    generation = results.get("generation")
+    if generation:
+        print(f"generation: {generation['tokens_per_second']:.1f} tokens/s on {device} (median over "
+              f"{len(generation['per_prompt'])} prompts)")
+    kv_cache = results["memory"].get("kv_cache")
+    if kv_cache:
+        print(f"KV cache at {kv_cache['seq_len']} tokens: {kv_cache['kv_bytes'] / 2**20:.2f} MiB")
     if args.output:
         with atomic_file(args.output) as handle:
             json.dump(results, handle, indent=2, default=str)
