@@ -53,7 +53,7 @@ def run_route(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model)
     check_within_learned_positions(model, args.seq_len, "--seq-len is", "--seq-len")  # before the search's work
     text = load_text("wikipedia", "calibration")
-    schedule = search_schedule(model, text, config, tokenizer=tokenizer)
+    schedule = search_schedule(model, text, config, tokenizer=tokenizer, progress=not args.quiet)
     print("schedule:", " ".join(f"{r:.2f}" for r in schedule.block_sparsity))
     if args.static:
         static_router(model, schedule)

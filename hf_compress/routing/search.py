@@ -60,6 +60,7 @@ def search_schedule(
     config: TokenRouterConfig | None = None,
     *,
     tokenizer: Any = None,
+    progress: bool = True,
 ) -> RoutingSchedule:
     """Search per-block skip fractions averaging ``config.token_sparsity``, scored with the static router.
 
@@ -68,6 +69,7 @@ def search_schedule(
         calibration: token windows ``[N, L]`` (a tensor), or texts / a ``Dataset`` with ``tokenizer``.
         config: target sparsity and search settings.
         tokenizer: needed when ``calibration`` is text.
+        progress: show a progress bar over the generations.
 
     Example:
         >>> from hf_compress.assets import tiny_model
@@ -114,7 +116,8 @@ def search_schedule(
         uniform = _spread(units, num_blocks)
         population = [uniform] + [_mutate(uniform, cap, rng) for _ in range(config.population - 1)]
         history = []
-        for generation in tqdm(range(config.generations + 1), desc="schedule search", leave=False):
+        for generation in tqdm(range(config.generations + 1), desc="schedule search", leave=False,
+                               disable=not progress):
             population = sorted(set(population), key=fitness)[: config.population]
             history.append(fitness(population[0]))
             logger.info("generation %d: best calibration loss %.4f", generation, history[-1])

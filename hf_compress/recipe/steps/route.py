@@ -63,7 +63,7 @@ class RouteStep(Step):
         config = TokenRouterConfig(**{k: v for k, v in self.fields.items() if k not in ("static", "training")})
         training = self.fields["training"]
         schedule = search_schedule(state.model, load_calibration_text(training["text"]), config,
-                                   tokenizer=state.tokenizer)
+                                   tokenizer=state.tokenizer, progress=progress)
         logger.info("routing schedule: %s", " ".join(f"{r:.2f}" for r in schedule.block_sparsity))
         if self.fields["static"]:
             static_router(state.model, schedule)
