@@ -17,6 +17,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 # What Trainer writes: a dict per logging step and a summary dict (stdout), and a bar with no description (stderr).
 LOG_DICT = re.compile(r"\{'(loss|train_runtime)'")
 TRAINER_BAR = re.compile(r"(^|[\r\n])\s*\d+%\|")
+ANY_BAR = re.compile(r"\d+%\|")
 
 TRAINING_COMMANDS = {
     "route": (["route", "--model", "tiny-llama", "--generations", "1", "--population", "2", "--search-windows", "1",
@@ -36,7 +37,7 @@ def test_quiet_training_prints_no_progress_bar_or_log_dicts(name, tmp_path, caps
     assert main(["-q", *argv, "--save-dir", str(tmp_path / "out")]) == 0
     captured = capsys.readouterr()
     assert not LOG_DICT.search(captured.out), captured.out
-    assert not TRAINER_BAR.search(captured.err), captured.err
+    assert not ANY_BAR.search(captured.err), captured.err  # Trainer's, and the command's own (schedule search)
     assert result in captured.out  # the command's own results still reach stdout
     assert transformers_logging.get_verbosity() == verbosity
 
@@ -57,3 +58,12 @@ def test_quiet_learned_permutation_trains_without_bar_or_log_dicts(tmp_path, cap
     assert not LOG_DICT.search(captured.out), captured.out
     assert not TRAINER_BAR.search(captured.err), captured.err
     assert "saved to" in captured.out
+
+
+def test_progress_field_keeps_the_positional_order_of_the_earlier_fields():
+    """``progress`` came after ``extra_arguments``: a caller passing every field positionally keeps its
+    ``extra_arguments`` (inserted before it, the dict would silently become ``progress`` and be dropped)."""
+    from hf_compress.training import TrainingSettings
+
+    settings = TrainingSettings(10, 1e-3, 2, 1, 0, 0.0, "linear", 5, 0, True, {"report_to": ["tensorboard"]})
+    assert settings.extra_arguments == {"report_to": ["tensorboard"]} and settings.progress is True

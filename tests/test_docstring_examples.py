@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import doctest
 import importlib
+import importlib.util
 import pkgutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -60,9 +62,11 @@ def test_every_module_is_found():
 def _import_or_skip(name: str):
     try:
         return importlib.import_module(name)
-    except ImportError as err:
-        missing = err.name or ""
-        if missing and missing.partition(".")[0] != "hf_compress":
+    except ModuleNotFoundError as err:
+        # Only a package that is not installed at all: a name or submodule missing from an installed package
+        # (``from transformers import Gone``) is a failure, not a skip.
+        missing = (err.name or "").partition(".")[0]
+        if missing and missing != "hf_compress" and importlib.util.find_spec(missing) is None:
             pytest.skip(f"{name} imports {missing!r}, an optional package that is not installed")
         raise
 
@@ -105,3 +109,26 @@ def test_docstring_examples(name, tmp_path, monkeypatch):
     if missing_assets:
         pytest.skip("; ".join(f"{', '.join(names)}: an offline asset is not installed ({command})"
                               for command, names in missing_assets.items()))
+
+
+@pytest.mark.parametrize("source, skipped", [
+    ("import surely_not_an_installed_package_hfc", True),  # an optional package that is not installed
+    ("from json import no_such_name_hfc", False),  # a name gone from an installed package: a failure
+    ("import json.no_such_module_hfc", False),  # a submodule gone from an installed package: a failure
+])
+def test_only_a_package_that_is_not_installed_skips_a_module(source, skipped, tmp_path, monkeypatch):
+    (tmp_path / "module_with_import_hfc.py").write_text(source + "\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "module_with_import_hfc", raising=False)
+    if skipped:
+        with pytest.raises(pytest.skip.Exception, match="surely_not_an_installed_package_hfc"):
+            _import_or_skip("module_with_import_hfc")
+    else:
+        try:
+            _import_or_skip("module_with_import_hfc")
+        except ImportError:
+            pass
+        except pytest.skip.Exception as skip:
+            pytest.fail(f"a broken import was skipped as an optional package: {skip}")
+        else:
+            pytest.fail("the broken import was not raised")

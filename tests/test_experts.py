@@ -803,3 +803,20 @@ def test_seeds_numpy_cannot_take_are_refused_when_configured():
         ExpertConfig(seed=2**32)
     with pytest.raises(ValueError, match=r"seed must be an integer seed \(0 to 2\*\*32 - 1\), got -1"):
         select_indices(torch.eye(4), 2, "random", seed=-1)
+
+
+def test_the_base_model_checks_keep_their_earlier_import_paths(monkeypatch):
+    """The checks moved to hf_compress.modeling.identity; the names users imported before still work:
+    ``weight_fingerprint`` from ``hf_compress.quantization.dlqat`` (it was in its ``__all__``) and the module
+    ``hf_compress.speculative.base_identity`` (with a FutureWarning naming the new home)."""
+    import importlib
+    import sys
+
+    from hf_compress.modeling import identity
+    from hf_compress.quantization import dlqat
+
+    assert dlqat.weight_fingerprint is identity.weight_fingerprint and "weight_fingerprint" in dlqat.__all__
+    monkeypatch.delitem(sys.modules, "hf_compress.speculative.base_identity", raising=False)
+    with pytest.warns(FutureWarning, match="hf_compress.modeling.identity"):
+        old = importlib.import_module("hf_compress.speculative.base_identity")
+    assert old.check_base_model is identity.check_base_model and old.base_model_identity is identity.base_model_identity

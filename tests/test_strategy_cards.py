@@ -108,3 +108,16 @@ def test_saved_folder_card_code_runs_from_the_folder_s_parent(tmp_path, monkeypa
     with pytest.raises(ValueError, match="Repo id"):
         strategy.save_pretrained(tmp_path / "bad", repo_id="not a/repo/id")
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_subclass_overriding_model_card_with_the_earlier_signature_still_saves(tmp_path):
+    """``model_card`` gained ``repo_id=`` and ``metrics=``; a strategy that overrides it as before
+    (``model_card(self, name, base_model, settings)``) still saves, warned that its card names neither."""
+
+    class OwnCard(FLy):
+        def model_card(self, name, base_model, settings):
+            return super().model_card(name, base_model, settings)
+
+    with pytest.warns(FutureWarning, match="takes no repo_id= or metrics="):
+        folder = OwnCard(num_draft_tokens=4).save_pretrained(tmp_path / "own", repo_id="org/own", metrics=[SPEED])
+    assert (folder / "README.md").is_file() and (folder / "custom_generate" / "generate.py").is_file()

@@ -209,3 +209,24 @@ def test_saved_folders_follow_the_umask(tmp_path):
     finally:
         os.umask(previous)
     assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755  # not mkdtemp's 0700
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the umask from /proc (Linux)")
+def test_saves_read_the_umask_without_setting_it(tmp_path, monkeypatch):
+    """os.umask(0), even set straight back, leaves the whole process at umask 0 for a moment: a file another thread
+    creates then is world-writable. Where the kernel reports the umask, a save only reads it."""
+    previous = os.umask(0o027)
+    try:
+        def no_umask_changes(mask):
+            raise AssertionError(f"os.umask({mask:#o}) changed the process umask during a save")
+
+        monkeypatch.setattr(os, "umask", no_umask_changes)
+        with atomic_directory(tmp_path / "out") as staging:
+            (staging / "config.json").write_text("{}")
+        with atomic_file(tmp_path / "file.json") as handle:
+            handle.write("{}")
+        monkeypatch.undo()
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o750
+    assert stat.S_IMODE((tmp_path / "file.json").stat().st_mode) == 0o640

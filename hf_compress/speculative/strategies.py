@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import ast
 import copy
+import inspect
 import json
 import os
 import re
 import tempfile
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -322,7 +324,7 @@ class SpeculativeDecoding:
             from huggingface_hub.utils import validate_repo_id
 
             validate_repo_id(repo_id)  # an HFValidationError (a ValueError) before anything is written
-        card = self.model_card(Path(save_directory).name, base_model, settings, repo_id=repo_id, metrics=metrics)
+        card = self._card(Path(save_directory).name, base_model, settings, repo_id, metrics)
         with atomic_directory(save_directory, overwrite=overwrite) as tmp:
             (tmp / "custom_generate").mkdir()
             (tmp / "custom_generate" / "generate.py").write_text(render_generate_py(self.method, settings))
@@ -331,6 +333,20 @@ class SpeculativeDecoding:
             write_model_card(tmp, card)
         logger.info("Saved the %s strategy to %s", self.method, save_directory)
         return Path(save_directory)
+
+    def _card(self, name: str, base_model: str | None, settings: dict[str, Any], repo_id: str | None,
+              metrics: Sequence[MetricRecord]):
+        """:meth:`model_card`, also for a subclass that overrides it with the signature of before ``repo_id`` and
+        ``metrics`` (``model_card(name, base_model, settings)``): called as before, with a FutureWarning."""
+        parameters = inspect.signature(self.model_card).parameters
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()) or (
+                "repo_id" in parameters and "metrics" in parameters):
+            return self.model_card(name, base_model, settings, repo_id=repo_id, metrics=metrics)
+        warnings.warn(
+            f"{type(self).__name__}.model_card(name, base_model, settings) takes no repo_id= or metrics=: add these "
+            "keyword-only parameters (see SpeculativeDecoding.model_card); until then its card names neither the repo "
+            "nor the measured results.", FutureWarning, stacklevel=3)
+        return self.model_card(name, base_model, settings)
 
     def _check_saveable(self, settings: dict[str, Any]) -> None:
         if self.draft_model is not None and not settings["draft_model"]:

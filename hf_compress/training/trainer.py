@@ -43,10 +43,10 @@ class TrainingSettings:
     logging_steps: int = 10
     seed: int = 0
     use_cpu: bool = False
-    progress: bool = True
+    extra_arguments: dict[str, Any] | None = None
+    progress: bool = True  # last: a field added later must not shift the positional ones before it
     """``False``: no progress bar and no per-step loss dicts printed (the CLI's ``-q``); the losses still reach the
     returned ``log_history``."""
-    extra_arguments: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "per_device_batch_size", "gradient_accumulation_steps", "logging_steps"):

@@ -347,6 +347,17 @@ def file_lock(path: str | os.PathLike, timeout: float = -1, busy_message: str | 
 
 def _normal_mode(directory: bool = False) -> int:
     """The mode ``open()`` / ``mkdir()`` would give a new file or folder under the process's umask."""
-    mask = os.umask(0)  # the only way to read the umask; set straight back
+    return (0o777 if directory else 0o666) & ~_current_umask()
+
+
+def _current_umask() -> int:
+    # Linux reports the umask in /proc (kernel 4.7+). os.umask(0) is the portable way to read it, but it sets the
+    # process-wide umask to 0 until it is set back: a file another thread creates meanwhile is world-writable.
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    mask = os.umask(0)  # elsewhere: set straight back
     os.umask(mask)
-    return (0o777 if directory else 0o666) & ~mask
+    return mask

@@ -8,6 +8,7 @@ Importing this package adds ``DLQAT`` to ``peft.PeftType`` and registers the met
 from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 from peft.utils import register_peft_method
 
+from ...modeling.identity import weight_fingerprint  # lives in modeling.identity; still exported here, as before
 from .config import LORA_SPACES, DLQATConfig
 from .layer import DLQATLayer, DLQATLinear, LayerQuantization
 from .model import DLQATModel
@@ -22,6 +23,7 @@ __all__ = [
     "DLQATLinear",
     "DLQATModel",
     "LayerQuantization",
+    "weight_fingerprint",
 ]
 
 # Idempotent: a module reload must not fail on "already registered".
