@@ -576,17 +576,15 @@ def check_namespace(namespace: str | None, scale: Scale) -> None:
     is a valid repo id (a ValueError otherwise, before any work)."""
     if namespace is None:
         return
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
+    from hf_compress.hub.manifest import repo_id_in
     from hf_compress.hub.publish import check_namespace as check_hub_namespace
 
     check_hub_namespace(namespace)
-    for key in ARTIFACTS:
-        try:
-            validate_repo_id(f"{namespace}/{scale.prefix}-{key}")
-        except HFValidationError as err:
-            raise ValueError(f"--namespace {namespace!r}: {namespace}/{scale.prefix}-{key} is not a valid repo id "
-                             f"({err}).") from None
+    try:
+        for key in ARTIFACTS:
+            repo_id_in(namespace, f"{scale.prefix}-{key}")
+    except ValueError as err:
+        raise ValueError(f"--namespace {namespace!r}: {err}.") from None
 
 
 def _check_resumable(manifest: Manifest, names: Sequence[str], namespace: str | None) -> None:
@@ -610,8 +608,8 @@ def _check_resumable(manifest: Manifest, names: Sequence[str], namespace: str | 
                       for recorded, listed in built_for.items())
     recorded = next(iter(built_for))
     resume = f"--namespace {recorded}" if recorded is not None else "no --namespace"
-    raise SystemExit(
-        f"build_artifacts.py: {manifest.path} holds {which}, not for {label(namespace)}. Pass {resume} to resume the "
+    raise ValueError(
+        f"{manifest.path} holds {which}, not for {label(namespace)}. Pass {resume} to resume the "
         f"set as it was built, --rebuild to build these again for {label(namespace)}, or another --out. Nothing was "
         "built."
     )
@@ -1016,8 +1014,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                       save=save)
         return
     load_before = os.getloadavg()[0]
-    manifest = build_set(args.out, names, quick=args.quick, device=args.device, rebuild=args.rebuild,
-                         namespace=args.namespace)
+    try:
+        manifest = build_set(args.out, names, quick=args.quick, device=args.device, rebuild=args.rebuild,
+                             namespace=args.namespace)
+    except ValueError as err:  # a refusal before any work (another namespace's set): one line, not a traceback
+        raise SystemExit(f"build_artifacts.py: {err}") from None
     name = f"{args.output_name}-quick" if args.quick else args.output_name
     table_rows = rows(manifest, zero_shot=_load_results(f"{ZERO_SHOT_NAME}-quick" if args.quick else ZERO_SHOT_NAME))
     table_rows = with_earlier_rows(table_rows, _load_payload(name), scale.prefix)

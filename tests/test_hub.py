@@ -645,6 +645,6 @@ def test_publish_checks_the_card_against_the_recorded_namespace(fake_hub, tmp_pa
     data = json.loads(manifest.read_text())
     data["artifacts"][0]["namespace"] = "a/b"
     manifest.write_text(json.dumps(data))
-    with pytest.raises(ManifestError, match="namespace 'a/b' does not make a valid repo id"):
+    with pytest.raises(ManifestError, match="namespace 'a/b': the namespace must be a Hub user or organisation name without '/'"):
         Manifest.load(manifest)
     assert not fake_hub.repos

@@ -37,6 +37,7 @@ from ..utils import atomic_file, get_logger
 logger = get_logger(__name__)
 
 __all__ = [
+    "repo_id_in",
     "ARTIFACT_KINDS",
     "MANIFEST_FILENAME",
     "MANIFEST_SCHEMA_VERSION",
@@ -98,6 +99,25 @@ class Measurement:
         return cls(MetricRecord.from_dict(data), source)
 
 
+
+def repo_id_in(namespace: str, name: str) -> str:
+    """``namespace/name``, checked as a Hub repo id: a ValueError naming it otherwise (the one check the build, the
+    manifest and ``publish`` share).
+
+    Example:
+        >>> repo_id_in("my-org", "smollm2-135m-instruct-fly")
+        'my-org/smollm2-135m-instruct-fly'
+    """
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not isinstance(namespace, str) or not namespace.strip() or "/" in namespace:
+        raise ValueError(f"the namespace must be a Hub user or organisation name without '/', got {namespace!r}")
+    try:
+        validate_repo_id(f"{namespace}/{name}")
+    except HFValidationError as err:
+        raise ValueError(f"{namespace}/{name} is not a valid Hub repo id ({err})") from None
+    return f"{namespace}/{name}"
+
 @dataclasses.dataclass
 class ArtifactEntry:
     """One artifact of the set (see the module docstring); ``folder`` is relative to the manifest.
@@ -125,16 +145,10 @@ class ArtifactEntry:
                 f"Artifact name {self.name!r} is not a valid Hub repo name (letters, digits, '-', '_', '.')."
             )
         if self.namespace is not None:
-            from huggingface_hub.utils import HFValidationError, validate_repo_id
-
             try:
-                if not isinstance(self.namespace, str) or "/" in self.namespace:
-                    raise HFValidationError("a user or organisation name without '/'")
-                validate_repo_id(f"{self.namespace}/{self.name}")
-            except HFValidationError as err:
-                raise ManifestError(
-                    f"Artifact {self.name!r}: namespace {self.namespace!r} does not make a valid repo id ({err})."
-                ) from None
+                repo_id_in(self.namespace, self.name)
+            except ValueError as err:
+                raise ManifestError(f"Artifact {self.name!r}: namespace {self.namespace!r}: {err}") from None
         if self.kind not in ARTIFACT_KINDS:
             raise ManifestError(f"Artifact {self.name!r}: unknown kind {self.kind!r}; use one of {sorted(ARTIFACT_KINDS)}.")
         if Path(self.folder).is_absolute() or ".." in Path(self.folder).parts:

@@ -36,11 +36,10 @@ from pathlib import Path
 
 from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
-from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from .. import __version__
 from ..utils import get_logger
-from .manifest import ArtifactEntry, Manifest, ManifestError, check_names, verify_manifest
+from .manifest import ArtifactEntry, Manifest, ManifestError, check_names, repo_id_in, verify_manifest
 from .model_card import CARD_FILENAME, read_metrics, validate_model_card
 from .push import plan_push, push_to_hub
 
@@ -199,23 +198,17 @@ def check_namespace(namespace: str | None) -> None:
         raise ValueError(
             "No namespace: pass the Hub user or organisation to publish under (--namespace ORG); nothing was pushed."
         )
-    if not isinstance(namespace, str) or "/" in namespace:
-        raise ValueError(f"--namespace must be a user or organisation name without '/', got {namespace!r}.")
     try:
-        validate_repo_id(f"{namespace}/repo")
-    except HFValidationError as err:
-        raise ValueError(f"--namespace {namespace!r} is not a valid Hub user or organisation name ({err}).") from None
+        repo_id_in(namespace, "repo")
+    except ValueError as err:
+        raise ValueError(f"--namespace {namespace!r}: {err}.") from None
 
 
 def _repo_ids(namespace: str, names: Sequence[str]) -> dict[str, str]:
-    ids = {}
-    for name in names:
-        try:
-            validate_repo_id(f"{namespace}/{name}")
-        except HFValidationError as err:
-            raise ValueError(f"--namespace {namespace!r}: {namespace}/{name} is not a valid repo id ({err}).") from None
-        ids[name] = f"{namespace}/{name}"
-    return ids
+    try:
+        return {name: repo_id_in(namespace, name) for name in names}
+    except ValueError as err:
+        raise ValueError(f"--namespace {namespace!r}: {err}.") from None
 
 
 def _check_built_for(manifest: Manifest, names: Sequence[str], namespace: str) -> None:
