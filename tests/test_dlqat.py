@@ -485,10 +485,12 @@ def test_bf16_base_keeps_a_float32_grid_and_exports_bf16_scales(tmp_path):
 def test_casting_the_model_keeps_the_grid_in_float32():
     model = _dlqat()
     layer = next(m for m in model.modules() if isinstance(m, DLQATLinear))
-    scale, zero = layer.dlqat_scale["default"].clone(), layer.dlqat_zero["default"].clone()
     model.to(torch.bfloat16)
     assert layer.get_base_layer().weight.dtype == torch.bfloat16  # the model is cast ...
-    assert torch.equal(layer.dlqat_scale["default"], scale) and torch.equal(layer.dlqat_zero["default"], zero)  # ... its grid not
+    assert layer.dlqat_scale["default"].dtype == layer.dlqat_zero["default"].dtype == torch.float32  # ... its grid not,
+    expected = QuantizationGrid.fit(layer.get_base_layer().weight, 3, 24)  # which is refitted on the cast W0 (as a load
+    assert torch.equal(layer.dlqat_scale["default"], expected.scale)  # onto a bf16 base fits it), never bf16-rounded
+    assert torch.equal(layer.dlqat_zero["default"], expected.zero)
 
 
 def test_group_size_not_dividing_in_features_is_explained(caplog):

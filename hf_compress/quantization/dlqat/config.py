@@ -138,6 +138,13 @@ class DLQATConfig(PeftConfig):
         if self.layers_pattern is not None and not isinstance(self.layers_pattern, str):
             self.layers_pattern = check_str_list("layers_pattern", self.layers_pattern)
         self.modules_to_save = check_str_list("modules_to_save", self.modules_to_save, allow_none=True)
+        if (self.layers_to_transform is not None and isinstance(self.target_modules, str)
+                and self.target_modules.lower() != "all-linear"):
+            # PEFT matches a regex against the whole module name and would ignore layers_to_transform silently.
+            raise ValueError(
+                "layers_to_transform cannot be used with a regex string as target_modules; pass a list of module "
+                "names (e.g. ['q_proj', 'v_proj']) or 'all-linear', or put the layer indices into the regex."
+            )
         if self.layers_pattern and not self.layers_to_transform:
             raise ValueError("layers_pattern is only used together with layers_to_transform.")
 

@@ -7,7 +7,8 @@ For the active adapter the forward pass builds (see ``DLQATConfig`` for the form
 and computes ``x @ W_hat.T + bias``. ``W0`` (the base layer's weight), ``scale`` and ``zero`` are
 frozen; ``A``, ``B`` and ``alpha`` train. The arithmetic runs in float32 whatever the base dtype, and
 its result is cast to the input's dtype for the matmul. ``scale``/``zero`` are recomputed from ``W0``
-whenever the adapter is created or loaded, so they are not stored in the adapter. What is stored is
+whenever the adapter is created or loaded (and when a cast such as ``model.to(torch.bfloat16)`` changes W0), so
+they are not stored in the adapter. What is stored is
 a four-number *fingerprint* of ``W0``, so an adapter loaded onto a different base model is refused.
 
 On a pruned base (``DLQATConfig.keep_sparsity``) the codes of ``W0``'s exact zeros are pinned to the
@@ -110,8 +111,7 @@ class DLQATLayer(BaseTunerLayer):
     def update_layer(self, adapter_name: str, config: DLQATConfig, **kwargs: Any) -> None:
         """Add (or re-initialise) the adapter ``adapter_name`` with ``config``."""
         settings = LayerQuantization.from_config(config)
-        base = self.get_base_layer()
-        w0 = weight_matrix(base)
+        w0 = self.base_weight()  # the unmerged W0, also while another adapter is merged into the layer
         grid = QuantizationGrid.fit(w0, config.bits, config.group_size, config.symmetric)
         self.dlqat_settings[adapter_name] = settings
         self.dlqat_sparse[adapter_name] = keeps_sparsity(w0, config.keep_sparsity)
@@ -148,11 +148,18 @@ class DLQATLayer(BaseTunerLayer):
     # The quantized weight
     # ----------------------------------------------------------------------------------------------
 
+    def base_weight(self) -> torch.Tensor:
+        """``W0`` as ``[out, in]``: the base layer's weight, or the one set aside while an adapter is merged into it
+        (the grid, the sparsity mask and the codes are functions of ``W0``, never of a merged ``W_hat``)."""
+        if self._weight_before_merge is not None:
+            return self._weight_before_merge
+        return weight_matrix(self.get_base_layer())
+
     def _codes(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(codes, zero_columns, scale_per_group, index)``: the integer codes (STE-differentiable), the
         zero-points per column, the trained scale ``alpha * s`` per group, and each column's group."""
         settings = self.dlqat_settings[adapter]
-        w0 = weight_matrix(self.get_base_layer()).float()
+        w0 = self.base_weight().float()
         index = group_index(self.in_features, settings.group_size, w0.device)
         scale = self.dlqat_scale[adapter]
         scale_columns = scale.index_select(1, index)
@@ -177,7 +184,7 @@ class DLQATLayer(BaseTunerLayer):
         """The fixed ``[out, in]`` mask of kept weights (``W0 != 0``) when ``adapter`` keeps the sparsity, else ``None``."""
         if not self.dlqat_sparse.get(adapter, False):
             return None
-        return weight_matrix(self.get_base_layer()) != 0
+        return self.base_weight() != 0
 
     def quantized_weight(self, adapter: str) -> torch.Tensor:
         """The fake-quantized ``[out, in]`` float32 weight of ``adapter`` (differentiable in A, B, alpha)."""
@@ -193,7 +200,7 @@ class DLQATLayer(BaseTunerLayer):
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """``W_hat - W0`` in the base layer's ``[out, in]`` layout."""
-        return self.quantized_weight(adapter) - weight_matrix(self.get_base_layer()).float()
+        return self.quantized_weight(adapter) - self.base_weight().float()
 
     def _single_active_adapter(self) -> str | None:
         active = [name for name in self.active_adapters if name in self.dlqat_settings]
@@ -247,11 +254,21 @@ class DLQATLinear(nn.Module, DLQATLayer):
     def _apply(self, fn, recurse: bool = True):
         # model.half() / .to(torch.bfloat16) must not round the frozen grid (see update_layer): it follows the device
         # only. The float32 values are kept aside and put back on whatever device the cast moved them to.
+        # A cast that changes W0 itself (fp32 -> bf16 rounds it) refits the grid on the cast W0, in float32: the grid
+        # is a function of W0, so the adapter then behaves as it will once saved and loaded onto a base of that dtype.
         grids = [(store, key, value) for store in (self.dlqat_scale, self.dlqat_zero) for key, value in store.items()]
+        dtype_before = self.base_weight().dtype
         result = super()._apply(fn, recurse)
+        if self._weight_before_merge is not None:  # W0 set aside while merged follows the model like its weight
+            self._weight_before_merge = fn(self._weight_before_merge)
         for store, key, before in grids:
             if store[key].dtype != before.dtype:
                 store[key] = before.to(store[key].device)
+        if self.base_weight().dtype != dtype_before:
+            w0 = self.base_weight()
+            for adapter, settings in self.dlqat_settings.items():
+                grid = QuantizationGrid.fit(w0, settings.bits, settings.group_size, settings.symmetric)
+                self.dlqat_scale[adapter], self.dlqat_zero[adapter] = grid.scale, grid.zero
         return result
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from ...modeling import replace_module
+from ...modeling.layers import is_linear
 from ...utils import get_logger
 from ...formats.packed import PackedFormatConfig, attach_packed_format
 from ...formats.slim import slim_record
@@ -65,6 +66,11 @@ class DLQATModel(BaseTuner):
         # Quantizing only q/v (LoRA's default targets) would leave most of the model in full precision.
         if peft_config.target_modules is None:
             peft_config.target_modules = "all-linear"
+        if peft_config.layers_to_transform is not None and _is_all_linear(peft_config.target_modules):
+            # PEFT expands "all-linear" to full module names, which it matches without looking at
+            # layers_to_transform (on a model with fewer than 20 linear layers): name the layers by their last
+            # component instead, which PEFT matches together with the layer index.
+            peft_config.target_modules = _linear_leaf_names(self.model)
         return peft_config
 
     def _create_and_replace(
@@ -80,8 +86,15 @@ class DLQATModel(BaseTuner):
         if isinstance(target, DLQATLinear):
             target.update_layer(adapter_name, dlqat_config)
             return
-        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        new_module = DLQATLinear(base, adapter_name, dlqat_config)
+        if isinstance(target, BaseTunerLayer):
+            # Wrapping only its base layer would silently drop the other method's adapter.
+            raise ValueError(
+                f"{current_key} already carries an adapter of another PEFT method ({type(target).__module__}."
+                f"{type(target).__name__}); DL-QAT "
+                "quantizes the base weight and cannot be stacked on it. Merge that adapter into the model first "
+                "(model = peft_model.merge_and_unload()), then apply DL-QAT to the merged model."
+            )
+        new_module = DLQATLinear(target, adapter_name, dlqat_config)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)  # a second adapter is not trainable until set_adapter
         self._replace_module(parent, target_name, new_module, target)
@@ -112,6 +125,43 @@ class DLQATModel(BaseTuner):
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         _check_fingerprints(model, adapter_name, remapped)
         return remapped
+
+    # ----------------------------------------------------------------------------------------------
+    # Merging into a head tied to the input embedding
+    # ----------------------------------------------------------------------------------------------
+
+    def _tied_layers(self, adapter_names: list[str] | None) -> list[tuple[str, DLQATLayer]]:
+        """The DL-QAT layers of ``adapter_names`` (default: the active ones) whose base weight is the input embedding's."""
+        embedding = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
+        shared = getattr(embedding, "weight", None)
+        if shared is None:
+            return []
+        adapters = set(adapter_names or self.active_adapters)
+        return [
+            (name, m) for name, m in self.model.named_modules()
+            if isinstance(m, DLQATLayer) and adapters & m.dlqat_settings.keys() and m.get_base_layer().weight is shared
+        ]
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        tied = self._tied_layers(adapter_names)
+        if tied:
+            raise ValueError(
+                f"{tied[0][0]} shares its weight with the input embedding (tie_word_embeddings): merging the DL-QAT "
+                "adapter into it would quantize the embedding too. Use merge_and_unload() or merge_and_quantize() "
+                "(both untie the head), or load the base model with tie_word_embeddings=False."
+            )
+        super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
+    ) -> torch.nn.Module:
+        for name, layer in self._tied_layers(adapter_names):  # the head gets its own copy: the embedding stays W0
+            base = layer.get_base_layer()
+            base.weight = torch.nn.Parameter(base.weight.detach().clone(), requires_grad=base.weight.requires_grad)
+            logger.info("%s no longer shares the input embedding's weight, so that merging leaves the embedding as is", name)
+        model = super().merge_and_unload(progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
+        _untie_diverged_embeddings(model)
+        return model
 
     # ----------------------------------------------------------------------------------------------
     # Export
@@ -176,6 +226,24 @@ class DLQATModel(BaseTuner):
         if len(active) != 1:
             raise ValueError(f"Pass adapter_name: {len(active)} adapters are active ({active}).")
         return active[0]
+
+
+def _is_all_linear(target_modules: Any) -> bool:
+    return isinstance(target_modules, str) and target_modules.lower() == "all-linear"
+
+
+def _linear_leaf_names(model: torch.nn.Module) -> set[str]:
+    """Last name components of the model's linear layers but the output head, as "all-linear" picks them (an adapted
+    layer counts as its base layer)."""
+    tuner_layers = [name for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = set()
+    for name, module in model.named_modules():
+        inside_tuner = any(name.startswith(prefix + ".") for prefix in tuner_layers)
+        is_head = head is not None and (module is head or (isinstance(module, BaseTunerLayer) and module.get_base_layer() is head))
+        if name and not inside_tuner and not is_head and (isinstance(module, BaseTunerLayer) or is_linear(module)):
+            names.add(name.rsplit(".", 1)[-1])
+    return names
 
 
 def _json_scalar(value: Any) -> bool:
