@@ -1,7 +1,9 @@
 """LAMBADA last-word accuracy: does the first word a model writes after the passage equal its last word?
 
-The standard score (Paperno et al., 2016; lm-eval's ``lambada_openai``): the prediction counts when the
-word matches exactly, ignoring case and the punctuation around it ("Signs." matches "signs").
+Scored on generated text (Paperno et al., 2016): the prediction counts when its first word matches the last
+word, ignoring case and the punctuation around it ("Signs." matches "signs"). Not lm-eval's ``lambada_openai``
+number, which scores log-likelihoods: its ``acc`` counts a passage when greedy decoding reproduces the target's
+tokens exactly (case and all), so it is a little stricter than this and not directly comparable.
 
 Example:
     >>> last_word_accuracy(" signs. She", ["signs"])

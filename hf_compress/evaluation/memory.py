@@ -10,6 +10,7 @@ import torch
 from transformers import Cache, DynamicCache, PreTrainedModel
 
 from .. import _compat
+from ..modeling.layers import check_within_learned_positions
 from ..utils import InvalidArgumentTypeError, check_int, check_path, check_str
 
 
@@ -54,8 +55,9 @@ def cache_bytes(cache: Cache) -> int:
 
     A cache that knows its own footprint (``memory_footprint()`` returning bytes held, as hf_compress
     caches do) is asked; otherwise every key/value tensor a layer holds is summed, including the ones kept
-    in tuples (transformers' quantized layers keep ``(codes, scale)`` pairs in ``_quantized_keys`` next to
-    an empty ``keys`` tensor). Bookkeeping tensors (a sliding window's size) are not cache payload.
+    in tuples and dicts (transformers' quantized layers keep ``(codes, scale)`` pairs, HQQ's ``(codes, meta)``
+    with the scales and zero points in ``meta``, in ``_quantized_keys`` next to an empty ``keys`` tensor).
+    Bookkeeping tensors (a sliding window's size) are not cache payload.
     """
     footprint = getattr(cache, "memory_footprint", None)
     if callable(footprint):
@@ -64,12 +66,21 @@ def cache_bytes(cache: Cache) -> int:
     total = 0
     for layer in cache.layers:
         for name, value in vars(layer).items():
-            if "key" not in name and "value" not in name:
-                continue
-            for tensor in value if isinstance(value, (tuple, list)) else (value,):
-                if isinstance(tensor, torch.Tensor):
-                    total += tensor.numel() * tensor.element_size()
+            if "key" in name or "value" in name:
+                total += _tensor_bytes(value)
     return total
+
+
+def _tensor_bytes(value: Any) -> int:
+    # Tensors, also inside tuples, lists and dicts: HQQ's quantized layers keep (codes, meta) with the scales and
+    # zero points in the meta dict.
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (tuple, list)):
+        return sum(_tensor_bytes(item) for item in value)
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(item) for item in value.values())
+    return 0
 
 
 @torch.inference_mode()
@@ -86,6 +97,7 @@ def measure_kv_cache_bytes(
     check_int("batch_size", batch_size, minimum=1)
     if cache is not None and not isinstance(cache, Cache):
         raise InvalidArgumentTypeError(f"cache must be a transformers Cache or None, got {type(cache).__name__}.")
+    check_within_learned_positions(model, seq_len, "seq_len is", "seq_len")
     cache = cache if cache is not None else DynamicCache(config=model.config)
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.get_text_config().vocab_size, (batch_size, seq_len), generator=generator)

@@ -35,6 +35,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .. import _compat
 from ..utils import InvalidArgumentTypeError, check_bool, check_int
+from .perplexity import evaluation_mode
 from .report import synchronize
 
 
@@ -210,14 +211,15 @@ def compare_generation_speed(
         return out, elapsed, ids.shape[1], streamer
 
     names = list(settings)
-    for prompt in list(prompts)[:warmup]:
-        for name in names:
-            run(prompt, settings[name])
     timings = {name: _Timings(settings[name].get("custom_generate")) for name in names}
-    for index, prompt in enumerate(tqdm(prompts, desc="generation speed", disable=not progress)):
-        for offset in range(len(names)):  # rotate which variant goes first
-            name = names[(index + offset) % len(names)]
-            timings[name].add(*run(prompt, settings[name]))
+    with evaluation_mode(model):  # dropout off: a model left in training mode would sample through it
+        for prompt in list(prompts)[:warmup]:
+            for name in names:
+                run(prompt, settings[name])
+        for index, prompt in enumerate(tqdm(prompts, desc="generation speed", disable=not progress)):
+            for offset in range(len(names)):  # rotate which variant goes first
+                name = names[(index + offset) % len(names)]
+                timings[name].add(*run(prompt, settings[name]))
     return {name: timings[name].result(len(prompts), max_new_tokens, reference) for name in names}
 
 

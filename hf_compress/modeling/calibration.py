@@ -687,7 +687,10 @@ def calibration_batches(
     are joined with a blank line and tokenized once without special tokens, as for perplexity; then
     ``num_sequences`` window starts are drawn uniformly with a ``torch.Generator`` seeded with
     ``seed`` (windows may overlap, as Wanda/SparseGPT's random C4 windows may). Same text, tokenizer
-    and seed give the same windows.
+    and seed give the same windows. A tokenizer that starts every text with BOS (Llama, Mistral, Gemma 3) gets
+    windows of BOS + ``seq_len - 1`` text tokens, as perplexity windows do: such models see a BOS in training
+    and behave differently without one (Gemma 3 270M's perplexity nearly doubles), so the statistics and losses
+    calibration feeds a method come from the inputs the model will serve.
 
     Raises:
         ValueError: the text has fewer than ``seq_len`` tokens.
@@ -699,18 +702,26 @@ def calibration_batches(
     """
     if num_sequences < 1 or seq_len < 1:
         raise ValueError(f"num_sequences and seq_len must be positive, got {num_sequences} and {seq_len}.")
-    from ..evaluation.perplexity import tokenize_stream  # lazy: evaluation is not needed to import modeling
+    # lazy: evaluation is not needed to import modeling
+    from ..evaluation.perplexity import tokenize_stream, window_bos
 
+    bos = window_bos(tokenizer)
+    if bos is not None and seq_len < 2:
+        raise ValueError(f"seq_len must be at least 2 for a tokenizer that starts each window with BOS, got {seq_len}.")
     texts = [texts_or_dataset] if isinstance(texts_or_dataset, str) else texts_or_dataset
     stream = tokenize_stream(texts, tokenizer)
-    if stream.numel() < seq_len:
+    length = seq_len if bos is None else seq_len - 1
+    if stream.numel() < length:
         raise ValueError(
             f"the calibration text has {stream.numel()} tokens, fewer than seq_len={seq_len}; "
             "pass more text or a smaller seq_len."
         )
     generator = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, stream.numel() - seq_len + 1, (num_sequences,), generator=generator)
-    return torch.stack([stream[start : start + seq_len] for start in starts.tolist()])
+    starts = torch.randint(0, stream.numel() - length + 1, (num_sequences,), generator=generator)
+    windows = torch.stack([stream[start : start + length] for start in starts.tolist()])
+    if bos is not None:
+        windows = torch.cat([windows.new_full((num_sequences, 1), bos), windows], dim=1)
+    return windows
 
 
 @torch.no_grad()
