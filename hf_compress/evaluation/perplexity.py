@@ -13,9 +13,9 @@ Procedure (fixed, so numbers are comparable across methods and runs):
 A tokenizer that starts every text with its BOS token (Llama, Mistral, Gemma) says the model was trained to
 see one: each window then starts with BOS followed by ``window - 1`` text tokens, all of them scored (the
 first from BOS alone, as lm-eval's rolling log-likelihood scores a document's first token), so a window still
-holds ``window`` positions and predicts ``window - 1`` tokens. Without it Gemma 3 270M's perplexity on the
-Wikipedia excerpt nearly doubles (31.3 instead of 16.9, 8 windows of 512). Tokenizers that add no BOS
-(SmolLM2, GPT-2, the tiny models) are scored exactly as above.
+holds ``window`` positions and predicts ``window - 1`` tokens. Without it Gemma 3 is scored on inputs unlike
+any it was trained on, and its perplexity is inflated. Tokenizers that add no BOS (SmolLM2, GPT-2, the tiny
+models) are scored exactly as above.
 
 Windows have equal length, so batches need no padding.
 """

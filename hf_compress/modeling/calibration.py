@@ -689,7 +689,7 @@ def calibration_batches(
     ``seed`` (windows may overlap, as Wanda/SparseGPT's random C4 windows may). Same text, tokenizer
     and seed give the same windows. A tokenizer that starts every text with BOS (Llama, Mistral, Gemma 3) gets
     windows of BOS + ``seq_len - 1`` text tokens, as perplexity windows do: such models see a BOS in training
-    and behave differently without one (Gemma 3 270M's perplexity nearly doubles), so the statistics and losses
+    and behave differently without one (Gemma 3's perplexity is inflated), so the statistics and losses
     calibration feeds a method come from the inputs the model will serve.
 
     Raises:
