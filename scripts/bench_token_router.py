@@ -21,12 +21,6 @@ Measured:
   the same rounds, right after the models are built and before anything else runs);
 - router parameters, search and training seconds.
 
-``--factor-probe`` asks whether the static rule is a local optimum of what the router can express: the static router
-(the untrained router's exact ranking) is nudged along the attention factor and along the rank factor (one hidden unit
-reading ``4·factor``, its output weight ``α``), and each setting's tail KL to the dense model is measured on held-out
-Wikipedia windows (after the perplexity ones), paired with the static rule window by window. Its table is
-``token_router-factors``.
-
 ``--prefill-only`` measures prefill speed alone, on any device (the GPU check of issue 21): dense, the static router
 and the router's inference path (features computed at every block) with the searched schedule of a committed run
 (``--schedule-from``), and ShortGPT at the same FLOP budget, at one or more prompt lengths and dtypes; the speed-ups
@@ -72,8 +66,8 @@ from hf_compress.pruning import (
     BlockPrunerConfig, BlockPrunerPruner, BlockRemovalConfig, BlockRemovalPruner, SLEBConfig, SLEBPruner,
 )
 from hf_compress.routing import (
-    RoutingSchedule, TokenRouterConfig, install_routing, routing_disabled, routing_mode, routing_state,
-    search_schedule, train_token_router,
+    RoutingSchedule, TokenRouterConfig, install_routing, routing_mode, routing_state, search_schedule,
+    train_token_router,
 )
 from hf_compress.training import TrainingSettings, causal_lm_dataset
 
@@ -120,30 +114,17 @@ def main() -> None:
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="--prefill-only on CUDA: replay each forward as a captured CUDA graph, which removes the "
                              "per-kernel launch cost that bounds a small model's prefill (the GPU's own time)")
-    parser.add_argument("--factor-probe", action="store_true",
-                        help="held-out tail KL of the static rule nudged along the router's attention and rank factors")
-    parser.add_argument("--probe-windows", type=int, default=32, help="--factor-probe: held-out 512-token windows")
-    parser.add_argument("--probe-alphas", type=float, nargs="+", default=[-0.1, -0.03, -0.01, -0.003, 0.003, 0.01,
-                                                                          0.03, 0.1],
-                        help="--factor-probe: output weights of the unit reading the factor")
     args = parser.parse_args()
     if args.prefill_only and args.render is None and args.output_name == "token_router":
         args.output_name = "token_router-prefill" + ("-graphs" if args.cuda_graphs else "")
-    if args.factor_probe and args.render is None and args.output_name == "token_router":
-        args.output_name = "token_router-factors"
     if args.cuda_graphs and not args.prefill_only:
         parser.error("--cuda-graphs times --prefill-only runs")
     if not args.prefill_only:
         args.supported_devices = ("cpu",)  # the full run (search, training, zero-shot) is CPU-sized
-    render = (_prefill_markdown if _is_prefill_table(args.render)
-              else _factors_markdown if _is_factors_table(args.render) else _markdown)
-    if not start_benchmark(args, render):
+    if not start_benchmark(args, _prefill_markdown if _is_prefill_table(args.render) else _markdown):
         return
     if args.prefill_only:
         _prefill_only(args)
-        return
-    if args.factor_probe:
-        _factor_probe(args)
         return
     if args.quick:
         args.model, args.ppl_windows, args.limit, args.train_steps, args.tail = "tiny-llama", 2, 2, 2, 32
@@ -477,91 +458,6 @@ def _prefill_only(args) -> None:
     settings.update(sparsity=sparsity, total_seconds=round(time.perf_counter() - started))
     payload = {"settings": settings, "rows": rows}
     write_benchmark(args.output_name, settings, {"rows": rows}, _prefill_markdown(payload))
-
-
-FACTORS = {"attention": 1, "rank": 2}  # the factor's index in router_features()
-
-
-@torch.no_grad()
-def _factor_probe(args) -> None:
-    """Tail KL to the dense model of the static rule and of the static rule nudged along each factor."""
-    sparsity = max(args.sparsities)
-    if args.quick:
-        args.model, args.ppl_windows, args.probe_windows, args.tail = "tiny-llama", 1, 2, 32
-        args.probe_alphas, args.schedule_from = [-0.1, 0.1], None  # a uniform schedule on the tiny model
-    model, tokenizer = tiny_model("llama", num_hidden_layers=4) if args.quick else load_model(args.model)
-    model.eval()
-    num_blocks = len(find_decoder_blocks(model)[1])
-    schedule = (RoutingSchedule.uniform(sparsity, num_blocks) if args.quick
-                else _committed_schedule(args.schedule_from, sparsity))
-    length = 64 if args.quick else 512
-    windows = token_windows(tokenize_stream(load_text("wikipedia", "eval"), tokenizer), length,
-                            args.ppl_windows + args.probe_windows)[args.ppl_windows:]  # not the perplexity windows
-    install_routing(model, schedule, mode="router")
-    router = routing_state(model).router
-    static_state = {name: value.clone() for name, value in router.state_dict().items()}
-    with routing_disabled(model):
-        teachers = [torch.log_softmax(model(input_ids=w[None], use_cache=False).logits[0, -args.tail:].float(), -1)
-                    for w in windows]
-
-    def tail_kls() -> list[float]:
-        kls = []
-        for window, teacher in zip(windows, teachers):
-            student = torch.log_softmax(model(input_ids=window[None], use_cache=False).logits[0, -args.tail:].float(), -1)
-            kls.append(float((teacher.exp() * (teacher - student)).sum(-1).mean()))
-        return kls
-
-    started = time.perf_counter()
-    static = tail_kls()
-    rows: list[dict[str, Any]] = [{"factor": "none (static rule)", "alpha": 0.0, "kls": static,
-                                   "tail_kl": statistics.fmean(static), "difference": 0.0, "difference_se": 0.0}]
-    for factor, alpha in itertools.product(FACTORS, args.probe_alphas):
-        router.load_state_dict(static_state)
-        unit = 2  # units 0 and 1 carry the static rule; every other unit's output weight is 0 in it
-        router.hidden.weight[unit] = 0.0
-        router.hidden.bias[unit] = 0.0
-        router.hidden.weight[unit, FACTORS[factor]] = 4.0
-        router.output.weight[0, unit] = alpha
-        kls = tail_kls()
-        differences = [a - b for a, b in zip(kls, static)]
-        rows.append({"factor": factor, "alpha": alpha, "kls": kls, "tail_kl": statistics.fmean(kls),
-                     "difference": statistics.fmean(differences),
-                     "difference_se": statistics.stdev(differences) / math.sqrt(len(differences))})
-        logger.info("%s alpha %+g: tail KL %.5f (static %.5f)", factor, alpha, rows[-1]["tail_kl"], rows[0]["tail_kl"])
-    router.load_state_dict(static_state)
-    settings = {k: v for k, v in vars(args).items() if k not in ("render", "supported_devices")}
-    settings.update(sparsity=sparsity, window_tokens=length, total_seconds=round(time.perf_counter() - started))
-    payload = {"settings": settings, "rows": rows}
-    write_benchmark(args.output_name, settings, {"rows": rows}, _factors_markdown(payload))
-
-
-def _is_factors_table(name: str | None) -> bool:
-    return bool(name) and name.split("/")[-1].startswith("token_router-factors")
-
-
-def _factors_markdown(payload: dict[str, Any]) -> str:
-    rows = payload["rows"] if "rows" in payload else payload["results"]["rows"]
-    settings = payload["settings"]
-    lines = [f"# Is the static rule a local optimum of the router? (SmolLM2-135M, token sparsity {settings['sparsity']})",
-             "", "| factor | α | held-out tail KL | − static rule (paired) | reading |", "|---|---|---|---|---|"]
-    for row in rows:
-        difference, se = row["difference"], row["difference_se"]
-        if row["alpha"] == 0.0:
-            reading = "—"
-        else:
-            reading = ("lower (better)" if difference < -2 * se else "higher (worse)" if difference > 2 * se
-                       else "tie")
-        lines.append(f"| {row['factor']} | {row['alpha']:+g} | {row['tail_kl']:.5f} | "
-                     f"{difference:+.5f} ± {se:.5f} | {reading} |")
-    source = (f"{settings['schedule_from']}.json's searched schedule" if settings.get("schedule_from")
-              else "a uniform schedule")
-    lines += ["", f"The static router with {source}; one router unit "
-              "reads 4 × the factor (attention: the log-bounded attention proxy, rank: its rank / n) and adds α × its "
-              "GELU to the static rule's logit, so |α| small reorders only tokens near each block's cut. Tail KL: "
-              f"KL(dense ‖ routed) on the last {settings['tail']} tokens of {settings['probe_windows']} Wikipedia "
-              f"eval windows of {settings['window_tokens']} tokens, after the {settings['ppl_windows']} perplexity "
-              "windows; ± one paired standard error over windows; differences within two are ties."]
-    return "\n".join(lines)
 
 
 def _is_prefill_table(name: str | None) -> bool:
