@@ -294,8 +294,9 @@ class _ReferenceHessian:
         self.num_tokens = total
 
 
-def _reference_prune_columns(W, U, pattern, blocksize) -> None:
+def _reference_prune_columns(W, U, pattern, blocksize, fixed=None) -> None:
     """The OBS column sweep as first written (one indexing call per use, a separate error copy)."""
+    assert fixed is None  # dense models: no layer was pruned before, nothing to keep at zero
     cols = W.shape[1]
     m, n = pattern.group_size, pattern.kept_per_group
     for i1 in range(0, cols, blocksize):

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import _compat
 from ..modeling import (
     BlockContext,
     Collector,
@@ -144,7 +145,9 @@ class MaskPruner(BasePruner):
     # ------------------------------------------------------------------------------------------ lifecycle
 
     def plan(self, config: PruningConfig) -> int:
-        """Check that some layer is left to prune and that N:M groups fit every layer; returns the layer count."""
+        """Check that the weights are loaded, that some layer is left to prune and that N:M groups fit every
+        layer; returns the layer count."""
+        _check_weights_loaded(self.model)
         return self._check_layers(config)
 
     def run(self, config: PruningConfig, plan: Any, calibration_ids: torch.Tensor | None, progress: bool) -> PruningReport:
@@ -262,6 +265,44 @@ class MaskPruner(BasePruner):
                 layers = self._block_layers(name, block, config.skip)
                 with onloaded(block):  # accelerate-offloaded weights are edited in place and written back
                     report.layers.extend(self.prune_block(name, layers, {}, config))
+
+
+def _check_weights_loaded(model: nn.Module) -> None:
+    """Refuse a model with weights on the ``meta`` device that accelerate does not hold offloaded elsewhere
+    (built under ``init_empty_weights``/``torch.device("meta")``, never loaded): nothing to prune or calibrate.
+    Offloaded models (``cpu_offload``, ``device_map`` with ``"cpu"``/``"disk"``) are pruned block by block."""
+    held: set[int] = set()  # tensors whose values an offload hook keeps
+    for name, module in model.named_modules():
+        hook = _compat.accelerate_hook(module)
+        if getattr(hook, "offload", False) and getattr(hook, "weights_map", None) is not None:
+            recurse = bool(getattr(hook, "place_submodules", False))
+            held.update(id(t) for t in (*module.parameters(recurse=recurse), *module.buffers(recurse=recurse)))
+            _check_offload_keeps_edits(f"{name}.", hook.weights_map, module.named_parameters(recurse=recurse))
+    empty = [name for name, tensor in (*model.named_parameters(), *model.named_buffers())
+             if tensor.is_meta and id(tensor) not in held]
+    if empty:
+        raise ValueError(
+            f"{len(empty)} weights of {type(model).__name__} are on the 'meta' device with no offloaded copy "
+            f"({', '.join(empty[:3])}{', ...' if len(empty) > 3 else ''}): the model was built without its weights. "
+            "Load it with from_pretrained (device_map offloading is supported) before pruning."
+        )
+
+
+def _check_offload_keeps_edits(prefix: str, weights_map: Any, parameters: Any) -> None:
+    """Refuse an offload store that hands out a fresh copy at every read (accelerate's disk offload reads a
+    read-only memory map): the pruned weights written back there would be dropped, leaving the layer dense."""
+    for name, _ in parameters:
+        try:
+            first, second = weights_map[name], weights_map[name]
+        except KeyError:
+            continue
+        if first.data_ptr() != second.data_ptr():
+            raise ValueError(
+                f"{prefix}{name} is offloaded to disk, where accelerate keeps no edits: the pruned weights would be "
+                "silently dropped. Load the model with device_map entries 'cpu' or a GPU instead of 'disk' (or on "
+                "one device)."
+            )
+        return  # one tensor per store tells
 
 
 def _describe(pattern: SparsityPattern) -> str:

@@ -91,6 +91,7 @@ def sparse_state_dict(
     converted = _keys_under_model_conversions(model)
 
     state_dict = model.state_dict()
+    _fill_offloaded(model, state_dict)  # before reading any weight: refuses a model without weights
     compressed: list[str] = []
     dense_bytes = stored_bytes = 0
     for name, module in model.named_modules():
@@ -205,6 +206,41 @@ def _check_model(model: nn.Module) -> None:
     if _compat.quantizer_of(model) is not None or quantization:
         raise ValueError(f"the model is quantized ({method or 'unknown method'}); sparse storage needs dense float "
                          "weights.")
+
+
+def _fill_offloaded(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """Replace the ``meta`` placeholders of accelerate-offloaded weights in ``state_dict`` with their values.
+
+    ``model.state_dict()`` of an offloaded model (``cpu_offload``, ``device_map`` with ``"cpu"``/``"disk"``) holds
+    ``meta`` tensors, which safetensors cannot write; the values are read module by module (one offloaded
+    module on its execution device at a time). A ``meta`` tensor that no offload hook holds (a model that was
+    never loaded) is refused.
+    """
+    if not any(tensor.is_meta for tensor in state_dict.values()):
+        return
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        missing = [key for key in module.state_dict(keep_vars=True) if state_dict.get(prefix + key) is not None
+                   and state_dict[prefix + key].is_meta]
+        if not missing or not _offloaded_here(module):
+            continue
+        with onloaded(module):
+            values = module.state_dict()
+            for key in missing:
+                if not values[key].is_meta:
+                    state_dict[prefix + key] = values[key].detach().to("cpu", copy=True)
+    left = [key for key, tensor in state_dict.items() if tensor.is_meta]
+    if left:
+        raise ValueError(
+            f"{len(left)} tensors of the model are on the 'meta' device with no offloaded copy to read "
+            f"({', '.join(left[:3])}{', ...' if len(left) > 3 else ''}): the model holds no weights there. Load it "
+            "with from_pretrained (device_map offloading is supported)."
+        )
+
+
+def _offloaded_here(module: nn.Module) -> bool:
+    hook = _compat.accelerate_hook(module)
+    return bool(getattr(hook, "offload", False)) and getattr(hook, "weights_map", None) is not None
 
 
 def _recipe_to_dict(recipe: Any) -> dict[str, Any] | None:

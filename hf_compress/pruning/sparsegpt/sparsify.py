@@ -14,7 +14,8 @@ reference implementation:
 5. masks: unstructured: at the start of each block, prune the ``s``-fraction of the block with the
    lowest saliency ``w² / d²`` (adaptive, per-block mask); N:M: at every M-th column, in each row
    prune the ``M − N`` lowest-saliency entries of the next M columns, computed on the already
-   updated weights.
+   updated weights. A layer pruned before (at least 10% exact zeros) keeps its zeros: they are pruned
+   first, whatever the updates made of them, so a second prune gives the union of both masks.
 
 All arithmetic is fp32 whatever the model's dtype; the result is cast back when written.
 
@@ -47,6 +48,9 @@ __all__ = ["FactorCache", "HessianFactor", "cpu_threads", "factor_hessian", "spa
 logger = get_logger(__name__)
 
 _MAX_DAMPING_RETRIES = 6
+# Fraction of exact zeros from which a weight counts as pruned before (keep_zeros=None); the threshold of DL-QAT's
+# keep_sparsity="auto" (quantization.grid.SPARSITY_THRESHOLD).
+_PRUNED_BEFORE = 0.1
 # Elements of work per CPU thread in the column loop. Each step touches at most rows x blocksize floats
 # (73k for a 576-row layer); below this size OpenMP's fork/join costs more than the arithmetic, and on a
 # shared machine an oversubscribed thread team made a step ~300x slower (12 ms vs 20 us, measured).
@@ -130,13 +134,18 @@ def sparsegpt_prune(
     percdamp: float = 0.01,
     name: str = "layer",
     factors: FactorCache | None = None,
+    keep_zeros: bool | None = None,
 ) -> torch.Tensor:
     """SparseGPT on one ``[out, in]`` weight with its ``[in, in]`` Hessian; returns the new fp32 weight.
 
     ``weight`` and ``hessian`` are not modified. For N:M, ``blocksize`` is rounded down to a multiple
     of M so that no group straddles two blocks (the N:M result does not otherwise depend on it).
     ``factors``: a ``FactorCache`` shared by consecutive calls, so layers with equal Hessians (q/k/v)
-    factor it once; the result is bit-identical to calling without it.
+    factor it once; the result is bit-identical to calling without it. ``keep_zeros``: whether weights that
+    are already exactly zero stay zero (they count among the pruned ones; more of them than the pattern prunes
+    all stay). Otherwise the OBS updates of other columns bring some of them back, silently undoing an earlier
+    prune. ``None`` (default): when at least 10% of the weight is zero, i.e. the layer was pruned before (a
+    dense trained weight holds a few exact zeros, 0.03% in SmolLM2, which the reference algorithm updates).
 
     Example:
         >>> x = torch.randn(256, 8, generator=torch.Generator().manual_seed(0))
@@ -158,6 +167,9 @@ def sparsegpt_prune(
         raise ValueError(f"blocksize must be positive, got {blocksize}.")
 
     W = weight.detach().to(dtype=torch.float32, copy=True)
+    fixed = W == 0
+    if keep_zeros is None:
+        keep_zeros = int(fixed.sum()) >= _PRUNED_BEFORE * fixed.numel()
     # Threads sized to the work of one column step (rows x blocksize elements at most).
     with cpu_threads(rows * blocksize // _ELEMENTS_PER_THREAD, W.device):
         hessian = hessian.detach().to(W.device)
@@ -167,12 +179,21 @@ def sparsegpt_prune(
             factor = factors.get(hessian, percdamp, name)
         if factor.dead.any():
             W[:, factor.dead] = 0.0
-        _prune_columns(W, factor.upper, pattern, blocksize)
+        if keep_zeros and fixed.any():  # pruned before: the masks are the union of both prunes
+            _prune_columns(W, factor.upper, pattern, blocksize, fixed)
+        else:
+            _prune_columns(W, factor.upper, pattern, blocksize)
     return W
 
 
-def _prune_columns(W: torch.Tensor, U: torch.Tensor, pattern: SparsityPattern, blocksize: int) -> None:
+def _prune_columns(
+    W: torch.Tensor, U: torch.Tensor, pattern: SparsityPattern, blocksize: int, fixed: torch.Tensor | None = None
+) -> None:
     """The lazy-batch OBS sweep over the columns of ``W`` (in place).
+
+    ``fixed``: entries pruned whatever their saliency (weights that were already zero), counted among the
+    entries each group (N:M) or block (unstructured) prunes; more of them than the pattern prunes are all kept
+    at zero.
 
     The column loop runs once per input feature, so it works on views made once per block (``unbind``)
     and writes each error straight into its column of ``errors``: fewer tensor calls per column, the
@@ -186,16 +207,22 @@ def _prune_columns(W: torch.Tensor, U: torch.Tensor, pattern: SparsityPattern, b
         U1 = U[i1:i2, i1:i2]
         d1 = U1.diagonal()
         errors = torch.zeros_like(W1)
+        fixed1 = None if fixed is None else fixed[:, i1:i2]
         if pattern.is_n_m:
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
         else:
-            mask1 = unstructured_mask((W1 / d1).pow(2), pattern.ratio, per_row=False)
+            mask1 = unstructured_mask(_saliency(W1, d1, fixed1), pattern.ratio, per_row=False)
+            if fixed1 is not None:
+                mask1 |= fixed1
         zero = W1.new_zeros(())
         columns, masks, column_errors, diagonal = W1.unbind(1), mask1.unbind(1), errors.unbind(1), d1.unbind()
         for i in range(i2 - i1):
             if pattern.is_n_m and i % m == 0:  # type: ignore[operator]
                 group = slice(i, i + m)  # type: ignore[operator]
-                mask1[:, group] = n_m_mask((W1[:, group] / d1[group]).pow(2), n, m)  # type: ignore[arg-type]
+                fixed_group = None if fixed1 is None else fixed1[:, group]
+                mask1[:, group] = n_m_mask(_saliency(W1[:, group], d1[group], fixed_group), n, m)  # type: ignore[arg-type]
+                if fixed_group is not None:
+                    mask1[:, group] |= fixed_group
             mask, err = masks[i], column_errors[i]
             # e = (w − q) / d with q = w except the pruned entries, which are zeroed.
             torch.div(torch.where(mask, columns[i], zero), diagonal[i], out=err)
@@ -205,6 +232,12 @@ def _prune_columns(W: torch.Tensor, U: torch.Tensor, pattern: SparsityPattern, b
         W[:, i1:i2] = W1
         if i2 < cols:  # lazy update of every column right of the block
             W[:, i2:].addmm_(errors, U[i1:i2, i2:], alpha=-1.0)
+
+
+def _saliency(W1: torch.Tensor, d1: torch.Tensor, fixed: torch.Tensor | None) -> torch.Tensor:
+    """``w² / d²``; already-pruned (``fixed``) entries score -1, below any weight, so they are selected first."""
+    scores = (W1 / d1).pow(2)
+    return scores if fixed is None else scores.masked_fill(fixed, -1.0)
 
 
 @contextlib.contextmanager
