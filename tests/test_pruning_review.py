@@ -76,3 +76,13 @@ def test_model_without_weights_is_refused_clearly(tmp_path) -> None:
     with pytest.raises(ValueError, match="'meta' device"):
         save_pruned(model, None, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_second_prune_keeps_the_first_in_the_recorded_recipe():
+    # config.json's record named only the last prune ("0.3" on a model that was 50% sparse).
+    model, tokenizer = tiny_model("llama")
+    MagnitudePruner(model, tokenizer).prune(0.5, progress=False)
+    MagnitudePruner(model, tokenizer).prune(0.3, progress=False)
+    record = model.config.hf_compress
+    assert record["pruning"]["sparsity"] == 0.3
+    assert [earlier["sparsity"] for earlier in record["earlier_pruning"]] == [0.5]

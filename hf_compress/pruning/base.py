@@ -306,6 +306,9 @@ class BasePruner(ABC):
         # A plain dict attribute is serialised into config.json and restored by from_pretrained (checked on
         # transformers 5.23); other hf_compress entries (e.g. a later quantization) are kept.
         recipe = dict(getattr(model_config, RECIPE_KEY, None) or {})
+        if recipe.get("pruning") is not None:
+            # A prune of a pruned model: the record must name every prune that shaped the weights, not the last only.
+            recipe["earlier_pruning"] = [*recipe.get("earlier_pruning", []), recipe["pruning"]]
         recipe.update({"pruning": config.to_dict(), "version": __version__})
         setattr(model_config, RECIPE_KEY, recipe)
 
