@@ -29,6 +29,7 @@ import importlib
 import importlib.metadata
 import inspect
 import re
+import types
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +45,7 @@ __all__ = [
     "PRIVATE_NAMES",
     "VersionTooOldError",
     "accelerate_hook",
+    "accelerate_repoint_forward",
     "attach_quantizer",
     "attention_implementation",
     "cache_from_model_kwargs",
@@ -616,6 +618,19 @@ def accelerate_hook(module: nn.Module) -> Any:
     return getattr(module, "_hf_hook", None)
 
 
+def accelerate_repoint_forward(module: nn.Module, current: Any, new: Any) -> None:
+    """Make an accelerate-hooked ``module`` run ``new`` (a function taking the module first) where it ran ``current``.
+
+    ``add_hook_to_module`` saves the module's bound forward as ``module._old_forward`` and calls that one, so a later
+    change of the module's class (the token router's routed blocks) does not reach a hooked module. Nothing happens
+    when the saved forward is not ``current`` bound to ``module`` (no hook, or another wrapper). Checked on accelerate
+    1.16.0.
+    """
+    saved = module.__dict__.get("_old_forward")
+    if getattr(saved, "__self__", None) is module and getattr(saved, "__func__", None) is current:
+        module._old_forward = types.MethodType(new, module)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Assumptions, checked against the installed versions
 # ----------------------------------------------------------------------------------------------------
@@ -628,6 +643,7 @@ PRIVATE_NAMES: tuple[str, ...] = (
     "AUTO_QUANTIZER_MAPPING",
     "AUTO_QUANTIZATION_CONFIG_MAPPING",
     "_hf_hook",
+    "_old_forward",
     "_buffer_dict",
     "_member_map_",
     "_value2member_map_",
@@ -745,7 +761,10 @@ def check_assumptions() -> list[str]:
         problems.append(f"peft: {error}")
 
     try:
-        from accelerate.hooks import AlignDevicesHook
+        from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+        expect("module._old_forward(" in inspect.getsource(add_hook_to_module),
+               "accelerate: a hooked module no longer runs module._old_forward (accelerate_repoint_forward)")
 
         for attr in ("pre_forward", "post_forward"):
             expect(hasattr(AlignDevicesHook, attr), f"accelerate: AlignDevicesHook has no {attr} (accelerate_hook)")

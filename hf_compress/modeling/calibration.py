@@ -738,7 +738,7 @@ def calibration_loss(model: nn.Module, windows: torch.Tensor, batch_size: int = 
         >>> calibration_loss(tiny_model("llama")[0], ids) > 0
         True
     """
-    device = next(model.parameters()).device
+    device = _input_device(model)  # not a parameter's: an accelerate-offloaded one is on 'meta'
     scored = max(1, round(tail * (windows.shape[1] - 1)))
     # logits_to_keep only when it saves work: the whole-window reading runs on models without that argument too
     keep = {"logits_to_keep": scored + 1} if tail < 1.0 else {}

@@ -35,6 +35,7 @@ from .. import _compat
 __all__ = [
     "LINEAR_TYPES",
     "find_decoder_blocks",
+    "check_not_disk_offloaded",
     "check_not_offloaded",
     "check_within_learned_positions",
     "learned_position_limit",
@@ -43,6 +44,7 @@ __all__ = [
     "is_linear",
     "matches_any",
     "module_execution_device",
+    "disk_offloaded",
     "onloaded",
     "out_features",
     "replace_module",
@@ -315,7 +317,8 @@ def onloaded(module: nn.Module) -> Iterator[nn.Module]:
     the block use them as they are; on exit, the (possibly edited) values are written back to the
     offload store and the module is offloaded again. For modules without offloading this does nothing.
 
-    Disk offload writes back into the loader's tensors, which may be read-only memory maps: untested.
+    Disk offload keeps no edits (each read is a fresh copy of a memory map): a method that edits weights refuses
+    such models first (``check_not_disk_offloaded``).
 
     Example:
         >>> with onloaded(block):  # doctest: +SKIP
@@ -341,9 +344,12 @@ def onloaded(module: nn.Module) -> Iterator[nn.Module]:
             hook.post_forward(sub, None)
 
 
-def check_not_offloaded(model: nn.Module, work: str, instead: str = "") -> None:
-    """Refuse a model whose weights accelerate keeps offloaded (on the meta device) for ``work`` that reads and
-    rewrites many layers at once (``instead``: another way to say, e.g. "or use permutation=None").
+def check_not_offloaded(
+    model: nn.Module, work: str, instead: str = "", does: str = "reads and rewrites many layers at once"
+) -> None:
+    """Refuse a model whose weights accelerate keeps offloaded (on the meta device), CPU or disk, for ``work`` that
+    ``does`` what offloading cannot serve (``instead``: another way to say, e.g. "or use permutation=None").
+    Work that only edits weights in place, block by block, needs ``check_not_disk_offloaded`` alone.
 
     Example:
         >>> from hf_compress.assets import tiny_model
@@ -351,8 +357,53 @@ def check_not_offloaded(model: nn.Module, work: str, instead: str = "") -> None:
     """
     offloaded = next((name for name, p in model.named_parameters() if p.device.type == "meta"), None)
     if offloaded is not None:
-        raise ValueError(f"{work} reads and rewrites many layers at once, but {offloaded} (and maybe more) is "
+        raise ValueError(f"{work} {does}, but {offloaded} (and maybe more) is "
                          f"offloaded by accelerate. Load the model without offloading (on one device){instead}.")
+
+
+def disk_offloaded(model: nn.Module) -> str | None:
+    """The name of a parameter whose accelerate offload store keeps no edits (``None`` when there is none).
+
+    accelerate's disk offload (``device_map`` entries ``"disk"``, ``disk_offload``) reads each weight from a read-only
+    memory map, a fresh copy at every read: a value written back there (``onloaded``, ``.weight.data``) is dropped
+    without a word. CPU offload (``cpu_offload``, ``device_map`` entries ``"cpu"`` beside a GPU) keeps its tensors,
+    so edits written back stay. One tensor per store tells.
+
+    Example:
+        >>> from hf_compress.assets import tiny_model
+        >>> disk_offloaded(tiny_model("llama")[0]) is None
+        True
+    """
+    for prefix, module in model.named_modules():
+        if not _is_offloaded(module):
+            continue
+        hook = _compat.accelerate_hook(module)
+        recurse = bool(getattr(hook, "place_submodules", False))
+        for name, _ in module.named_parameters(recurse=recurse):
+            try:
+                first, second = hook.weights_map[name], hook.weights_map[name]
+            except KeyError:
+                continue
+            if first.data_ptr() != second.data_ptr():
+                return f"{prefix}.{name}" if prefix else name
+            break
+    return None
+
+
+def check_not_disk_offloaded(model: nn.Module, work: str, instead: str = "") -> None:
+    """Refuse a model with disk-offloaded weights for ``work`` that writes weights in place (``work`` names what would be
+    lost, e.g. "the pruned weights"); CPU-offloaded models pass (``onloaded`` writes their edits back).
+
+    Example:
+        >>> from hf_compress.assets import tiny_model
+        >>> check_not_disk_offloaded(tiny_model("llama")[0], "the pruned weights")
+    """
+    name = disk_offloaded(model)
+    if name is not None:
+        raise ValueError(
+            f"{name} is offloaded to disk, where accelerate keeps no edits: {work} would be silently dropped. Load "
+            f"the model with device_map entries 'cpu' or a GPU instead of 'disk' (or on one device){instead}."
+        )
 
 
 def _is_offloaded(module: nn.Module) -> bool:

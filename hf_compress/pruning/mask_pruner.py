@@ -45,6 +45,7 @@ from ..modeling import (
     onloaded,
     weight_matrix,
 )
+from ..modeling.layers import check_not_disk_offloaded
 from ..utils import get_logger
 from .base import BasePruner
 from .config import PruningConfig, SparsityPattern
@@ -270,14 +271,15 @@ class MaskPruner(BasePruner):
 def _check_weights_loaded(model: nn.Module) -> None:
     """Refuse a model with weights on the ``meta`` device that accelerate does not hold offloaded elsewhere
     (built under ``init_empty_weights``/``torch.device("meta")``, never loaded): nothing to prune or calibrate.
-    Offloaded models (``cpu_offload``, ``device_map`` with ``"cpu"``/``"disk"``) are pruned block by block."""
+    CPU-offloaded models (``cpu_offload``, ``device_map`` with ``"cpu"``) are pruned block by block; disk-offloaded
+    ones are refused (``check_not_disk_offloaded``: accelerate would drop the pruned weights)."""
     held: set[int] = set()  # tensors whose values an offload hook keeps
-    for name, module in model.named_modules():
+    for module in model.modules():
         hook = _compat.accelerate_hook(module)
         if getattr(hook, "offload", False) and getattr(hook, "weights_map", None) is not None:
             recurse = bool(getattr(hook, "place_submodules", False))
             held.update(id(t) for t in (*module.parameters(recurse=recurse), *module.buffers(recurse=recurse)))
-            _check_offload_keeps_edits(f"{name}.", hook.weights_map, module.named_parameters(recurse=recurse))
+    check_not_disk_offloaded(model, "the pruned weights")
     empty = [name for name, tensor in (*model.named_parameters(), *model.named_buffers())
              if tensor.is_meta and id(tensor) not in held]
     if empty:
@@ -286,23 +288,6 @@ def _check_weights_loaded(model: nn.Module) -> None:
             f"({', '.join(empty[:3])}{', ...' if len(empty) > 3 else ''}): the model was built without its weights. "
             "Load it with from_pretrained (device_map offloading is supported) before pruning."
         )
-
-
-def _check_offload_keeps_edits(prefix: str, weights_map: Any, parameters: Any) -> None:
-    """Refuse an offload store that hands out a fresh copy at every read (accelerate's disk offload reads a
-    read-only memory map): the pruned weights written back there would be dropped, leaving the layer dense."""
-    for name, _ in parameters:
-        try:
-            first, second = weights_map[name], weights_map[name]
-        except KeyError:
-            continue
-        if first.data_ptr() != second.data_ptr():
-            raise ValueError(
-                f"{prefix}{name} is offloaded to disk, where accelerate keeps no edits: the pruned weights would be "
-                "silently dropped. Load the model with device_map entries 'cpu' or a GPU instead of 'disk' (or on "
-                "one device)."
-            )
-        return  # one tensor per store tells
 
 
 def _describe(pattern: SparsityPattern) -> str:

@@ -21,7 +21,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ..formats.packed import PackedFormatConfig, attach_packed_format
 from ..formats.slim import slim_record
-from ..modeling.layers import find_decoder_blocks, find_linear_layers, replace_module, weight_matrix
+from ..modeling.layers import check_not_offloaded, find_decoder_blocks, find_linear_layers, replace_module, weight_matrix
 from ..utils import InvalidArgumentTypeError, check_bool, check_str_list
 from .grid import QuantizationGrid, check_grid_arguments, check_keep_sparsity, keeps_sparsity
 from .packed_linear import PackedLinear
@@ -66,6 +66,7 @@ def quantize_rtn(
             f"The model already holds {already} packed layers: quantize the float model instead (all layers at once; "
             "`skip` keeps some in full precision), or call `model.dequantize()` first."
         )
+    check_not_offloaded(model, "Round-to-nearest quantization")  # offloaded weights are on 'meta'
     slim = slim_record(model)  # measured on the nn.Linear layers, before they are replaced
     prefix, blocks = find_decoder_blocks(model)
     names = []

@@ -65,7 +65,7 @@ from torch import nn
 
 from .. import _compat
 from ..modeling.generation import generation_setting
-from ..modeling.layers import find_decoder_blocks
+from ..modeling.layers import find_decoder_blocks, module_execution_device
 from .router import TokenRouter, decoded_token_features, router_features, select_tokens, static_scores
 from .schedule import RoutingSchedule, skip_count
 
@@ -157,14 +157,20 @@ def install_routing(
     if existing is not None:
         remove_routing(model)
     if router is None:
-        reference = next(model.parameters())
-        router = TokenRouter(router_hidden_size).to(device=reference.device, dtype=torch.float32)
+        device = next(model.parameters()).device  # 'meta' while a routed checkpoint loads: the router loads too
+        if device.type == "meta" and any(_compat.accelerate_hook(m) is not None for m in model.modules()):
+            device = module_execution_device(model.get_input_embeddings())  # offloaded: where hidden states start
+        router = TokenRouter(router_hidden_size).to(device=device, dtype=torch.float32)
     decoder.token_router = router
     state = RoutingState(schedule, router, mode, route_decode)
     layer_types = getattr(config.get_text_config(), "layer_types", None)
     window = getattr(config.get_text_config(), "sliding_window", None)
     for index, block in enumerate(blocks):
-        block.__class__ = _routed_class(type(block))
+        base = type(block)
+        block.__class__ = _routed_class(base)
+        # A block dispatched by accelerate (device_map over several devices, offload) runs the forward its hook saved:
+        # without this it would compute every token, silently.
+        _compat.accelerate_repoint_forward(block, base.forward, RoutedLayerMixin.forward)
         block._routing_state = state
         block._routing_index = index
         slides = layer_types[index] == "sliding_attention" if layer_types is not None else window is not None
@@ -205,6 +211,7 @@ def remove_routing(model: nn.Module) -> None:
     decoder = model.get_submodule(prefix.rsplit(".", 1)[0]) if "." in prefix else model
     for block in blocks:
         if isinstance(block, RoutedLayerMixin):
+            _compat.accelerate_repoint_forward(block, RoutedLayerMixin.forward, block._routing_base.forward)
             block.__class__ = block._routing_base
             for name in ("_routing_state", "_routing_index", "_routing_window", "_routing_config"):
                 block.__dict__.pop(name, None)

@@ -29,7 +29,13 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from ..modeling.layers import check_within_learned_positions, find_decoder_blocks, learned_position_limit
+from ..modeling.layers import (
+    check_not_offloaded,
+    check_within_learned_positions,
+    find_decoder_blocks,
+    learned_position_limit,
+    module_execution_device,
+)
 from ..training import TrainingSettings, train_with_trainer
 from ..utils import get_logger
 from .config import TokenRouterConfig
@@ -156,7 +162,7 @@ class KeepBestRouter(TrainerCallback):
         """Mean tail KL of the routed model (inference path: gathered blocks) on the held-out windows."""
         total = 0.0
         was_training = self.model.training
-        device = next(self.model.parameters()).device
+        device = module_execution_device(self.model.get_input_embeddings())  # 'meta' parameters under offload
         self.model.eval()
         try:
             for row in self.windows:
@@ -243,6 +249,8 @@ def train_token_router(
     """
     # Every check before the model changes: a refused call leaves it as it came.
     schedule.check_blocks(len(find_decoder_blocks(model)[1]))
+    check_not_offloaded(model, "Training the token router", does="runs through Trainer, which moves the model to "
+                        "one device")
     _refuse_gradient_checkpointing(model, args)
     state = routing_state(model)
     if config is None:

@@ -44,6 +44,7 @@ from ...utils import get_logger
 from ..config import PruningConfig
 from ..mask_pruner import LayerReport, MaskPruner, PruningReport
 from ..registry import PRUNERS
+from ..sparsegpt.sparsify import _PRUNED_BEFORE as PRUNED_BEFORE
 from .config import SDSConfig
 
 
@@ -89,6 +90,10 @@ class SDSPruner(MaskPruner):
         layers, teacher = ctx.linear_layers, ctx.dense_outputs
         weights = [layer.weight for layer in layers.values()]
         scales = {name: _scales(layer.weight) for name, layer in layers.items()}  # of the dense weights
+        # A layer pruned before (>= 10% exact zeros, SparseGPT's keep_zeros threshold) keeps those zeros fixed: the
+        # base pruners select them first, and re-dense must not bring them back (the result is the union of masks).
+        earlier = {name: layer.weight == 0 for name, layer in layers.items()
+                   if int((layer.weight == 0).sum()) >= PRUNED_BEFORE * layer.weight.numel()}
 
         # (1) first sparse step
         base.prune_block(ctx.name, layers, ctx.stats, base_config)
@@ -98,12 +103,19 @@ class SDSPruner(MaskPruner):
         }
 
         # (2) re-dense: all weights trainable again (pruned ones restart at zero), distilled from the
-        #     dense block
+        #     dense block; the zeros of an earlier prune stay zero
         if config.redense_epochs:
+            fixed = [(layer.weight, ~earlier[name]) for name, layer in layers.items() if name in earlier]
+
+            def keep_earlier_zeros() -> None:
+                for weight, kept in fixed:
+                    weight.mul_(kept)
+
             diagnostics["redense_loss_per_epoch"] = train_block_reconstruction(
                 ctx, teacher, weights, epochs=config.redense_epochs,
                 learning_rate=config.redense_learning_rate, relative_learning_rate=True,
                 regularizer=_regularizer(layers, scales, first, config), seed=config.calibration_seed,
+                after_step=keep_earlier_zeros if fixed else None,
             )
         diagnostics["error_after_redense"] = reconstruction_error(ctx, teacher)
 
@@ -113,7 +125,9 @@ class SDSPruner(MaskPruner):
             stats = ctx.collect(lambda name, layer: base.collectors_for(name, layer, base_config))
         reports = base.prune_block(ctx.name, layers, stats, base_config)
         diagnostics["error_after_second_prune"] = reconstruction_error(ctx, teacher)
-        pruned_first = {name: first[name] == 0 for name in layers}
+        # of the zeros this first prune added (an earlier prune's stay zero anyway)
+        pruned_first = {name: (first[name] == 0) & ~earlier[name] if name in earlier else first[name] == 0
+                        for name in layers}
         again = sum(int((pruned_first[name] & (layer.weight == 0)).sum()) for name, layer in layers.items())
         total = sum(int(mask.sum()) for mask in pruned_first.values())
         diagnostics["reselected_fraction"] = again / total if total else 1.0

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from ...modeling import replace_module
+from ...modeling.layers import check_not_offloaded
 from ...modeling.layers import is_linear
 from ...utils import get_logger
 from ...formats.packed import PackedFormatConfig, attach_packed_format
@@ -100,6 +101,8 @@ class DLQATModel(BaseTuner):
         self._replace_module(parent, target_name, new_module, target)
 
     def _pre_injection_hook(self, model: torch.nn.Module, config: DLQATConfig, adapter_name: str) -> None:
+        # W0 is read at once (the grid is fitted to it, merging writes it): offloaded weights are on 'meta'.
+        check_not_offloaded(model, "DL-QAT")
         # A slim model's widths are measured on its nn.Linear layers, which the injection is about to wrap.
         if getattr(self, "_slim_widths", None) is None:
             self._slim_widths = slim_record(model)
