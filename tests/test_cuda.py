@@ -327,7 +327,8 @@ def journey_stacked_prune_quantize_reload(device, tmp_path) -> None:
     model.to(device)
     PRUNERS["magnitude"](model, tokenizer).prune("2:4", progress=False)
     packed = quantize_rtn(model, bits=4, group_size=32)  # the 2:4 mask kept: mask + codes of the kept weights
-    assert all(m.is_sparse for m in packed.modules() if isinstance(m, PackedLinear))
+    packed_layers = [m for m in packed.modules() if isinstance(m, PackedLinear)]
+    assert len(packed_layers) == 14 and all(m.is_sparse for m in packed_layers)  # 7 linears x 2 blocks, none dense
     save_packed(packed, tokenizer, tmp_path / "stacked")
     ids = _ids(device)
     assert torch.equal(_logits(_reloaded(tmp_path / "stacked", device), ids), _logits(packed, ids))

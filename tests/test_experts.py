@@ -671,7 +671,9 @@ def test_a_failed_per_row_call_leaves_no_peft_hook_behind():
     batch = tokenizer(["3 + 4 = ", "Spell ABCDE: "], return_tensors="pt", padding=True)
     with torch.no_grad():
         before = router(**batch, experts=[1, 1]).logits
-        with pytest.raises(Exception):  # labels of the wrong shape: the loss fails inside PEFT's hooked forward
+        # labels of the wrong shape: the loss fails inside PEFT's hooked forward (not an error of the call itself,
+        # raised before any hook is installed, which would leave nothing to clean up)
+        with pytest.raises(ValueError, match="Expected input batch_size .* to match target batch_size"):
             router(**batch, experts=[0, 1], labels=torch.zeros(5, 3, dtype=torch.long))
         assert all(not module._forward_pre_hooks for module in router.model.modules() if hasattr(module, "lora_A"))
         assert torch.equal(router(**batch, experts=[1, 1]).logits, before)

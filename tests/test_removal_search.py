@@ -159,7 +159,8 @@ def test_greedy_search_from_saved_block_inputs_equals_whole_forwards(arch):
         slow = greedy_removal(model, ids, candidates, costs, budget=3.0, batch_size=2, progress=False,
                               reuse_prefix=False)
         assert fast.removed == slow.removed and len(fast.removed) == 3
-        for quick, reference in zip(fast.history, slow.history):
+        assert len(fast.history) == len(slow.history) == 3
+        for quick, reference in zip(fast.history, slow.history, strict=True):
             assert quick["loss"] == pytest.approx(reference["loss"], rel=1e-5)
 
 

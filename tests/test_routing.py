@@ -639,7 +639,7 @@ def test_a_refused_install_leaves_the_model_unrouted():
         assert torch.equal(model(ids).logits, before)
 
 
-def test_cli_route_saves_a_loadable_folder(tmp_path):
+def test_cli_route_saves_a_loadable_folder(tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
     from hf_compress.cli.main import main
@@ -650,8 +650,12 @@ def test_cli_route_saves_a_loadable_folder(tmp_path):
     assert code == 0
     loaded = AutoModelForCausalLM.from_pretrained(target)
     assert math.isclose(routing_state(loaded).schedule.mean_sparsity, 0.3)
-    with pytest.raises(SystemExit):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:  # refused for its value, not any usage error argparse may raise
         main(["route", "--sparsity", "1.2", "--save-dir", str(tmp_path / "other")])
+    assert exit_info.value.code == 2
+    assert "argument --sparsity: must be a number in [0, 1), got '1.2'" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()
 
 
 # --- what this session's fixes rely on --------------------------------------------------------------------------

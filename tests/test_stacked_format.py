@@ -417,16 +417,18 @@ def test_slim_pruned_dlqat_stacked_save_reload(attach, tmp_path):
     _pruned(model=model, tokenizer=tokenizer)
     peft_model = _dlqat(model)
     packed = peft_model.merge_and_quantize()
-    assert all(m.is_sparse for m in packed.modules() if isinstance(m, PackedLinear))
+    packed_layers = [m for m in packed.modules() if isinstance(m, PackedLinear)]
+    assert len(packed_layers) == 14 and all(m.is_sparse for m in packed_layers)
     before = _logits(packed)
     folder = save_packed(packed, tokenizer, tmp_path / "stacked")
     config = json.loads((folder / "config.json").read_text())["quantization_config"]
     assert config["slim"]["layers"] == widths and len(config["sparse_modules"]) == 14
     loaded = AutoModelForCausalLM.from_pretrained(folder)
     assert torch.equal(_logits(loaded), before)
-    for module in loaded.modules():
-        if isinstance(module, PackedLinear):
-            assert check_pattern(module.dequantized_weight(), "2:4")
+    loaded_layers = [m for m in loaded.modules() if isinstance(m, PackedLinear)]
+    assert len(loaded_layers) == 14
+    for module in loaded_layers:
+        assert module.is_sparse and check_pattern(module.dequantized_weight(), "2:4")
 
 
 def test_slim_widths_inside_a_stacked_checkpoint_are_checked(tmp_path):

@@ -123,7 +123,8 @@ def test_calibration_scores_word_answers(pair):
     held_out = HeldOut.prepare(model, items, tok, "lambada_accuracy", target_keep=0.99, max_new_tokens=20,
                                stop_at_newline=False)
     answers = held_out.run(SpeculativeDecoding(draft, draft_confidence_threshold=None, num_draft_tokens=4))["answers"]
-    for prompt, answer in zip(PROMPTS, answers):
+    assert len(answers) == len(PROMPTS)  # one answer per held-out prompt: the loop below checks them all
+    for prompt, answer in zip(PROMPTS, answers, strict=True):
         ids = ids_of(tok, prompt)
         greedy = generate_answer(model, ids, tok, max_new_tokens=20, stop_ids=[], answer_unit="word")
         assert answer == first_word(tok.decode(greedy[ids.shape[1]:])) and " " not in answer
