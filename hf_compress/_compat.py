@@ -622,13 +622,15 @@ def accelerate_repoint_forward(module: nn.Module, current: Any, new: Any) -> Non
     """Make an accelerate-hooked ``module`` run ``new`` (a function taking the module first) where it ran ``current``.
 
     ``add_hook_to_module`` saves the module's bound forward as ``module._old_forward`` and calls that one, so a later
-    change of the module's class (the token router's routed blocks) does not reach a hooked module. Nothing happens
-    when the saved forward is not ``current`` bound to ``module`` (no hook, or another wrapper). Checked on accelerate
-    1.16.0.
+    change of the module's class (the token router's routed blocks) does not reach a hooked module.
+    ``remove_hook_from_module`` leaves that saved forward behind as the instance's ``forward``: repointed too, or an
+    unhooked block would keep running the forward of a class it no longer has (or never had). Nothing happens when
+    neither is ``current`` bound to ``module`` (no hook, or another wrapper). Checked on accelerate 1.16.0.
     """
-    saved = module.__dict__.get("_old_forward")
-    if getattr(saved, "__self__", None) is module and getattr(saved, "__func__", None) is current:
-        module._old_forward = types.MethodType(new, module)
+    for name in ("_old_forward", "forward"):
+        saved = module.__dict__.get(name)
+        if getattr(saved, "__self__", None) is module and getattr(saved, "__func__", None) is current:
+            setattr(module, name, types.MethodType(new, module))
 
 
 # ----------------------------------------------------------------------------------------------------

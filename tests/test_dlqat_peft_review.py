@@ -87,3 +87,17 @@ def test_model_cast_after_wrapping_reloads_to_the_same_logits(tmp_path):
     model.save_pretrained(tmp_path)
     loaded = PeftModel.from_pretrained(tiny_model("qwen3", seed=1)[0].to(torch.bfloat16), tmp_path)
     assert torch.equal(_logits(loaded), expected)
+
+
+def test_model_cast_while_merged_merges_again_on_the_refitted_grid():
+    # The cast refits the grid on the cast W0, but a merged layer kept W_hat of the old grid: merge_and_unload then
+    # exported other weights than the unmerged (or saved and reloaded) adapter computes.
+    torch.manual_seed(0)
+    merged = get_peft_model(tiny_model("qwen3", seed=1)[0], _config())
+    torch.manual_seed(0)
+    plain = get_peft_model(tiny_model("qwen3", seed=1)[0], _config()).to(torch.bfloat16)
+    merged.merge_adapter()
+    merged.to(torch.bfloat16)
+    assert torch.equal(_logits(merged), _logits(plain))
+    merged.unmerge_adapter()
+    assert torch.equal(_logits(merged), _logits(plain))

@@ -108,3 +108,50 @@ def test_sds_on_a_pruned_model_keeps_the_earlier_zeros() -> None:
         assert check_pattern(weight, "2:4"), name
         assert bool((weight[first[name]] == 0).all()), f"{name}: zeros of the earlier prune came back"
     assert pruner.report.overall_sparsity > 0.5  # the union of both masks
+
+
+def test_remove_routing_of_a_routed_checkpoint_loaded_with_a_device_map(tmp_path) -> None:
+    # accelerate hooks the blocks after the routed classes are in place, saving the routed class's forward: a
+    # GradientCheckpointingLayer subclass's own wrapper, not RoutedLayerMixin.forward. remove_routing left it there,
+    # and the next forward crashed in super() (the block no longer a RoutedLayerMixin).
+    from hf_compress.routing import RoutingSchedule, install_routing, remove_routing
+
+    model, _ = tiny_model("llama")
+    with torch.no_grad():
+        dense = model(IDS).logits
+        install_routing(model, RoutingSchedule([0.3, 0.5]), mode="static")
+        routed = model(IDS).logits
+    model.save_pretrained(tmp_path / "routed")
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.norm": "cpu",
+                  "model.rotary_emb": "cpu", "lm_head": "cpu", "model.token_router": "cpu"}
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "routed", device_map=device_map,
+                                                  offload_folder=tmp_path / "offload")
+    with torch.no_grad():
+        assert torch.allclose(loaded(IDS).logits, routed, atol=1e-5)
+        remove_routing(loaded)
+        assert torch.allclose(loaded(IDS).logits, dense, atol=1e-5)
+
+
+def test_routing_of_blocks_whose_accelerate_hooks_were_removed() -> None:
+    # remove_hook_from_module leaves the saved forward as the instance's forward: a block unhooked before routing was
+    # installed computed every token (silently dense), one unhooked after crashed once routing was removed.
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module, remove_hook_from_submodules
+
+    from hf_compress.routing import RoutingSchedule, install_routing, remove_routing
+
+    plain, _ = tiny_model("llama")
+    hooked, _ = tiny_model("llama")
+    for block in find_decoder_blocks(hooked)[1]:
+        add_hook_to_module(block, AlignDevicesHook(execution_device=torch.device("cpu")))
+    with torch.no_grad():
+        dense = plain(IDS).logits
+        install_routing(plain, RoutingSchedule([0.3, 0.5]), mode="static")
+        routed = plain(IDS).logits
+        remove_hook_from_submodules(hooked)
+        install_routing(hooked, RoutingSchedule([0.3, 0.5]), mode="static")
+        assert torch.allclose(hooked(IDS).logits, routed, atol=1e-5)
+        for block in find_decoder_blocks(hooked)[1]:
+            add_hook_to_module(block, AlignDevicesHook(execution_device=torch.device("cpu")))
+        remove_hook_from_submodules(hooked)
+        remove_routing(hooked)
+        assert torch.equal(hooked(IDS).logits, dense)

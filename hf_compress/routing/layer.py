@@ -169,8 +169,9 @@ def install_routing(
         base = type(block)
         block.__class__ = _routed_class(base)
         # A block dispatched by accelerate (device_map over several devices, offload) runs the forward its hook saved:
-        # without this it would compute every token, silently.
-        _compat.accelerate_repoint_forward(block, base.forward, RoutedLayerMixin.forward)
+        # without this it would compute every token, silently. The routed class's own forward, not the mixin's:
+        # transformers wraps each GradientCheckpointingLayer subclass's forward (checkpointing, outermost only).
+        _compat.accelerate_repoint_forward(block, base.forward, type(block).forward)
         block._routing_state = state
         block._routing_index = index
         slides = layer_types[index] == "sliding_attention" if layer_types is not None else window is not None
@@ -211,8 +212,9 @@ def remove_routing(model: nn.Module) -> None:
     decoder = model.get_submodule(prefix.rsplit(".", 1)[0]) if "." in prefix else model
     for block in blocks:
         if isinstance(block, RoutedLayerMixin):
-            _compat.accelerate_repoint_forward(block, RoutedLayerMixin.forward, block._routing_base.forward)
-            block.__class__ = block._routing_base
+            routed, base = type(block), block._routing_base
+            block.__class__ = base
+            _compat.accelerate_repoint_forward(block, routed.forward, base.forward)
             for name in ("_routing_state", "_routing_index", "_routing_window", "_routing_config"):
                 block.__dict__.pop(name, None)
     model.__dict__.pop("generate", None)

@@ -269,6 +269,9 @@ class DLQATLinear(nn.Module, DLQATLayer):
             for adapter, settings in self.dlqat_settings.items():
                 grid = QuantizationGrid.fit(w0, settings.bits, settings.group_size, settings.symmetric)
                 self.dlqat_scale[adapter], self.dlqat_zero[adapter] = grid.scale, grid.zero
+            if self.merged:  # the merged W_hat came from the old grid: merge again on the refitted one
+                with torch.no_grad():
+                    set_weight_matrix(self.get_base_layer(), self.quantized_weight(self.merged_adapters[0]))
         return result
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
