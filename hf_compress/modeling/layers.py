@@ -43,8 +43,10 @@ __all__ = [
     "in_features",
     "is_linear",
     "matches_any",
+    "missing_weights",
     "module_execution_device",
     "disk_offloaded",
+    "is_offloaded",
     "onloaded",
     "out_features",
     "replace_module",
@@ -324,7 +326,7 @@ def onloaded(module: nn.Module) -> Iterator[nn.Module]:
         >>> with onloaded(block):  # doctest: +SKIP
         ...     weight_matrix(block.self_attn.q_proj)[:, :8] = 0
     """
-    offloaded = [sub for sub in module.modules() if _is_offloaded(sub)]
+    offloaded = [sub for sub in module.modules() if is_offloaded(sub)]
     entered: list[nn.Module] = []
     try:
         for sub in offloaded:
@@ -375,7 +377,7 @@ def disk_offloaded(model: nn.Module) -> str | None:
         True
     """
     for prefix, module in model.named_modules():
-        if not _is_offloaded(module):
+        if not is_offloaded(module):
             continue
         hook = _compat.accelerate_hook(module)
         recurse = bool(getattr(hook, "place_submodules", False))
@@ -388,6 +390,24 @@ def disk_offloaded(model: nn.Module) -> str | None:
                 return f"{prefix}.{name}" if prefix else name
             break
     return None
+
+
+def missing_weights(model: nn.Module) -> list[str]:
+    """Names of the parameters and buffers on the ``meta`` device that no accelerate offload hook holds a value for:
+    weights the model was built without (``init_empty_weights``, ``torch.device("meta")``), never loaded.
+
+    Example:
+        >>> from hf_compress.assets import tiny_model
+        >>> missing_weights(tiny_model("llama")[0])
+        []
+    """
+    held: set[int] = set()  # tensors whose values an offload hook keeps
+    for module in model.modules():
+        if is_offloaded(module):
+            recurse = bool(getattr(_compat.accelerate_hook(module), "place_submodules", False))
+            held.update(id(t) for t in (*module.parameters(recurse=recurse), *module.buffers(recurse=recurse)))
+    return [name for name, tensor in (*model.named_parameters(), *model.named_buffers())
+            if tensor.is_meta and id(tensor) not in held]
 
 
 def check_not_disk_offloaded(model: nn.Module, work: str, instead: str = "") -> None:
@@ -406,7 +426,8 @@ def check_not_disk_offloaded(model: nn.Module, work: str, instead: str = "") -> 
         )
 
 
-def _is_offloaded(module: nn.Module) -> bool:
+def is_offloaded(module: nn.Module) -> bool:
+    """Whether an accelerate offload hook keeps this module's weights elsewhere (CPU or disk) between forwards."""
     hook = _compat.accelerate_hook(module)
     # ``offload`` and ``weights_map`` are AlignDevicesHook attributes, read duck-typed so accelerate need not
     # be imported; hooks without them (e.g. a SequentialHook) are skipped.

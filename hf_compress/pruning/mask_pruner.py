@@ -34,7 +34,6 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .. import _compat
 from ..modeling import (
     BlockContext,
     Collector,
@@ -45,7 +44,7 @@ from ..modeling import (
     onloaded,
     weight_matrix,
 )
-from ..modeling.layers import check_not_disk_offloaded
+from ..modeling.layers import check_not_disk_offloaded, missing_weights
 from ..utils import get_logger
 from .base import BasePruner
 from .config import PruningConfig, SparsityPattern
@@ -273,15 +272,8 @@ def _check_weights_loaded(model: nn.Module) -> None:
     (built under ``init_empty_weights``/``torch.device("meta")``, never loaded): nothing to prune or calibrate.
     CPU-offloaded models (``cpu_offload``, ``device_map`` with ``"cpu"``) are pruned block by block; disk-offloaded
     ones are refused (``check_not_disk_offloaded``: accelerate would drop the pruned weights)."""
-    held: set[int] = set()  # tensors whose values an offload hook keeps
-    for module in model.modules():
-        hook = _compat.accelerate_hook(module)
-        if getattr(hook, "offload", False) and getattr(hook, "weights_map", None) is not None:
-            recurse = bool(getattr(hook, "place_submodules", False))
-            held.update(id(t) for t in (*module.parameters(recurse=recurse), *module.buffers(recurse=recurse)))
     check_not_disk_offloaded(model, "the pruned weights")
-    empty = [name for name, tensor in (*model.named_parameters(), *model.named_buffers())
-             if tensor.is_meta and id(tensor) not in held]
+    empty = missing_weights(model)
     if empty:
         raise ValueError(
             f"{len(empty)} weights of {type(model).__name__} are on the 'meta' device with no offloaded copy "

@@ -45,7 +45,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.core_model_loading import WeightConverter
 
 from .. import _compat
-from ..modeling.layers import find_decoder_blocks, find_linear_layers, onloaded
+from ..modeling.layers import find_decoder_blocks, find_linear_layers, is_offloaded, onloaded
 from ..formats.base import quant_method_of
 from ..formats.integrity import seal_checkpoint
 from ..formats.slim import FORMAT_NAME as SLIM_FORMAT, slim_record
@@ -222,7 +222,7 @@ def _fill_offloaded(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> No
         prefix = f"{name}." if name else ""
         missing = [key for key in module.state_dict(keep_vars=True) if state_dict.get(prefix + key) is not None
                    and state_dict[prefix + key].is_meta]
-        if not missing or not _offloaded_here(module):
+        if not missing or not is_offloaded(module):
             continue
         with onloaded(module):
             values = module.state_dict()
@@ -236,11 +236,6 @@ def _fill_offloaded(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> No
             f"({', '.join(left[:3])}{', ...' if len(left) > 3 else ''}): the model holds no weights there. Load it "
             "with from_pretrained (device_map offloading is supported)."
         )
-
-
-def _offloaded_here(module: nn.Module) -> bool:
-    hook = _compat.accelerate_hook(module)
-    return bool(getattr(hook, "offload", False)) and getattr(hook, "weights_map", None) is not None
 
 
 def _recipe_to_dict(recipe: Any) -> dict[str, Any] | None:
