@@ -590,11 +590,7 @@ def check_namespace(namespace: str | None, scale: Scale) -> None:
 def _check_resumable(manifest: Manifest, names: Sequence[str], namespace: str | None) -> None:
     """Refuse to resume artifacts whose cards were built for another namespace (they would be kept as built, their
     cards loading the other namespace's repos): say how to resume them or build them again."""
-    built_for: dict[str | None, list[str]] = {}
-    for name in names:
-        entry = manifest.artifacts.get(name)
-        if entry is not None and entry.namespace != namespace:
-            built_for.setdefault(entry.namespace, []).append(name)
+    built_for = manifest.built_for_other_namespaces(names, namespace)
     if not built_for:
         return
 

@@ -214,6 +214,16 @@ class Manifest:
     def folder_of(self, name: str) -> Path:
         return self.root / self.artifacts[name].folder
 
+    def built_for_other_namespaces(self, names: Sequence[str], namespace: str | None) -> dict[str | None, list[str]]:
+        """The artifacts among ``names`` whose cards were built for another namespace than ``namespace``, grouped by
+        the one recorded (``None``: built without one); names the manifest does not hold are left out."""
+        built_for: dict[str | None, list[str]] = {}
+        for name in names:
+            entry = self.artifacts.get(name)
+            if entry is not None and entry.namespace != namespace:
+                built_for.setdefault(entry.namespace, []).append(name)
+        return built_for
+
     def add(self, entry: ArtifactEntry) -> None:
         """Add ``entry``, replacing an entry of the same name (a rebuilt artifact)."""
         self.artifacts[entry.name] = entry

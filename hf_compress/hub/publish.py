@@ -213,11 +213,9 @@ def _repo_ids(namespace: str, names: Sequence[str]) -> dict[str, str]:
 
 def _check_built_for(manifest: Manifest, names: Sequence[str], namespace: str) -> None:
     """Refuse artifacts whose cards were built for another namespace than ``namespace`` (naming what to do)."""
-    built_for: dict[str, list[str]] = {}
-    for name in names:
-        recorded = manifest.artifacts[name].namespace
-        if recorded is not None and recorded != namespace:
-            built_for.setdefault(recorded, []).append(name)
+    # Built without a namespace: publishable anywhere (publish() warns that the cards load their folder).
+    built_for = {recorded: listed for recorded, listed in manifest.built_for_other_namespaces(names, namespace).items()
+                 if recorded is not None}
     if not built_for:
         return
     which = "; ".join(f"{_some(listed)} were built for namespace {recorded!r}"
