@@ -22,7 +22,6 @@ Windows have equal length, so batches need no padding.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import math
 import time
@@ -34,7 +33,7 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..modeling.layers import check_within_learned_positions
+from ..modeling.layers import check_within_learned_positions, evaluation_mode
 from ..utils import InvalidArgumentTypeError, check_bool, check_int, get_logger
 from .results import MetricRecord
 
@@ -129,7 +128,13 @@ def evaluate_perplexity(
             batch = batch.to(device)
             if bos is not None:
                 batch = torch.cat([batch.new_full((batch.shape[0], 1), bos), batch], dim=1)
-            total_nll, total_tokens = _add_window_nll(model, batch, scored, total_nll, total_tokens)
+            logits = model(input_ids=batch, use_cache=False).logits[:, -scored - 1:-1]
+            targets = batch[:, -scored:]
+            nll = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="sum"
+            )
+            total_nll += nll.item()
+            total_tokens += targets.numel()
     seconds = time.perf_counter() - start
     mean_nll = total_nll / total_tokens
     logger.info("perplexity %.3f over %d tokens (%d windows of %d) in %.1fs",
@@ -147,15 +152,6 @@ def evaluate_perplexity(
     }
 
 
-def _add_window_nll(model, batch: torch.Tensor, scored: int, total_nll: float, total_tokens: int) -> tuple[float, int]:
-    logits = model(input_ids=batch, use_cache=False).logits[:, -scored - 1:-1]
-    targets = batch[:, -scored:]
-    nll = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="sum"
-    )
-    return total_nll + nll.item(), total_tokens + targets.numel()
-
-
 def window_bos(tokenizer: PreTrainedTokenizerBase) -> int | None:
     """The BOS id a perplexity window starts with: the tokenizer's, when it puts one before every text; else ``None``.
 
@@ -169,18 +165,6 @@ def window_bos(tokenizer: PreTrainedTokenizerBase) -> int | None:
         return None
     ids = tokenizer("a", return_attention_mask=False)["input_ids"]
     return bos if ids and ids[0] == bos else None
-
-
-@contextlib.contextmanager
-def evaluation_mode(model: torch.nn.Module):
-    """``model.eval()`` for the measurement, the caller's training mode restored after it (dropout off: a model
-    left in training mode, after ``Trainer.train()`` say, would otherwise be measured with random dropout)."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
 
 
 def check_score_last(score_last: int | None, window: int) -> None:

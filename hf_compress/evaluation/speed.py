@@ -35,7 +35,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .. import _compat
 from ..utils import InvalidArgumentTypeError, check_bool, check_int
-from .perplexity import evaluation_mode
+from ..modeling.layers import evaluation_mode
 from .report import synchronize
 
 

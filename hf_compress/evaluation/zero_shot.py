@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from .. import _compat
 from ..assets.zero_shot import PROMPT_FORMATS, TASK_DATASETS, ZERO_SHOT_TASKS, load_zero_shot_task
+from ..modeling.layers import evaluation_mode
 from ..utils import InvalidArgumentTypeError, check_bool, check_choice, check_int, check_seed, get_logger
 from .results import MetricRecord
 from .uncertainty import standard_error
@@ -487,18 +488,14 @@ def evaluate_zero_shot(
     check_bool("share_context", share_context)
     check_bool("progress", progress)
     check_bool("return_per_example", return_per_example)
-    was_training = model.training
-    model.eval()
     results: dict[str, Any] = {}
-    try:
+    with evaluation_mode(model):
         for task in tasks:
             task_limit = limit.get(task) if isinstance(limit, Mapping) else limit
             results[task] = _evaluate_task(
                 model, tokenizer, task, task_limit, seed, batch_size, backend, share_context, progress,
                 return_per_example,
             )
-    finally:
-        model.train(was_training)
     scores = [results[task]["score"] for task in tasks]
     results["average"] = {
         "score": sum(scores) / len(scores) if scores else float("nan"),

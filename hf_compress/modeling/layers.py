@@ -46,6 +46,7 @@ __all__ = [
     "missing_weights",
     "module_execution_device",
     "disk_offloaded",
+    "evaluation_mode",
     "is_offloaded",
     "onloaded",
     "out_features",
@@ -344,6 +345,28 @@ def onloaded(module: nn.Module) -> Iterator[nn.Module]:
             hook = _compat.accelerate_hook(sub)
             hook.offload = True
             hook.post_forward(sub, None)
+
+
+@contextlib.contextmanager
+def evaluation_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model.eval()`` inside the block, the caller's training mode restored after it: a measurement of a model left
+    in training mode (after ``Trainer.train()``, say) would otherwise run with random dropout.
+
+    Example:
+        >>> from hf_compress.assets import tiny_model
+        >>> model = tiny_model("llama")[0].train()
+        >>> with evaluation_mode(model):
+        ...     model.training
+        False
+        >>> model.training
+        True
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def check_not_offloaded(

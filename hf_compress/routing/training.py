@@ -32,6 +32,7 @@ from transformers import TrainerCallback
 from ..modeling.layers import (
     check_not_offloaded,
     check_within_learned_positions,
+    evaluation_mode,
     find_decoder_blocks,
     learned_position_limit,
     module_execution_device,
@@ -161,10 +162,8 @@ class KeepBestRouter(TrainerCallback):
     def validation_kl(self) -> float:
         """Mean tail KL of the routed model (inference path: gathered blocks) on the held-out windows."""
         total = 0.0
-        was_training = self.model.training
         device = module_execution_device(self.model.get_input_embeddings())  # 'meta' parameters under offload
-        self.model.eval()
-        try:
+        with evaluation_mode(self.model):
             for row in self.windows:
                 ids = row["input_ids"][None].to(device)
                 mask = row.get("attention_mask")
@@ -173,8 +172,6 @@ class KeepBestRouter(TrainerCallback):
                     teacher = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
                 student = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
                 total += float(_tail_kl(teacher, student, ids, mask, self.config.loss_tail))
-        finally:
-            self.model.train(was_training)
         return total / len(self.windows)
 
     def _check(self, step: int) -> None:
