@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from ..modeling.layers import evaluation_mode
 from ..utils import check_int
 from .data import example_tokens, instruction_rows
 
@@ -54,9 +55,7 @@ def completion_losses(model, tokenizer, dataset, *, max_length: int = 256, batch
     device = next(model.parameters()).device
     losses = torch.empty(len(sequences))
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]))  # similar lengths: little padding
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluation_mode(model):
         for start in tqdm(range(0, len(order), batch_size), desc="completion loss", disable=not progress,
                           leave=False):
             chunk = order[start : start + batch_size]
@@ -75,6 +74,4 @@ def completion_losses(model, tokenizer, dataset, *, max_length: int = 256, batch
                                                     reduction="none").cpu()
             target = scored[:, 1:]
             losses[chunk] = (nll * target).sum(1) / target.sum(1).clamp_min(1)
-    finally:
-        model.train(was_training)
     return losses

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..modeling.layers import evaluation_mode
 from ..utils import get_logger
 from .config import EvaluationSpec
 
@@ -43,12 +44,8 @@ def measure(
     """Perplexity (and zero-shot where asked) plus :func:`weight_bytes`; returns (numbers, model-card records)."""
     from ..evaluation.suite import headline_metrics, run_evaluation
 
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluation_mode(model):
         results, records = run_evaluation(model, tokenizer, spec.settings(zero_shot=zero_shot), progress=progress)
-    finally:
-        model.train(was_training)
     metrics: dict[str, Any] = headline_metrics(results, spec.text)
     metrics.update(weight_bytes(model))
     metrics["decoder_linear_vs_base_fp32"] = round(metrics["decoder_linear_bytes"] / base_linear_fp32, 6)

@@ -77,22 +77,19 @@ def check_reload(model: Any, folder: Path, tolerance: float = 1e-4) -> float:
     import torch
     from transformers import AutoModelForCausalLM
 
-    was_training = model.training
-    model.eval()
+    from ..modeling.layers import evaluation_mode
+
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.get_text_config().vocab_size, (1, 16), generator=generator).to(model.device)
     advice = "the format cannot yet store this combination of steps: run them as separate recipes."
     try:
-        try:
-            with _compat.quiet_weight_progress():
-                reloaded = AutoModelForCausalLM.from_pretrained(folder).to(model.device).eval()
-        except Exception as error:  # whatever the format raised: the folder must not be installed
-            raise RuntimeError(f"the saved folder does not load back ({' '.join(str(error).split())}), so nothing was "
-                               f"saved; {advice}") from error
-        with torch.no_grad():
-            expected, got = model(ids).logits.float(), reloaded(ids).logits.float()
-    finally:
-        model.train(was_training)
+        with _compat.quiet_weight_progress():
+            reloaded = AutoModelForCausalLM.from_pretrained(folder).to(model.device).eval()
+    except Exception as error:  # whatever the format raised: the folder must not be installed
+        raise RuntimeError(f"the saved folder does not load back ({' '.join(str(error).split())}), so nothing was "
+                           f"saved; {advice}") from error
+    with torch.no_grad(), evaluation_mode(model):
+        expected, got = model(ids).logits.float(), reloaded(ids).logits.float()
     difference = float((expected - got).abs().max())
     if not difference <= tolerance * max(1.0, float(expected.abs().max())):
         raise RuntimeError(

@@ -29,7 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..modeling.calibration import calibration_loss
-from ..modeling.layers import check_within_learned_positions, find_decoder_blocks
+from ..modeling.layers import check_within_learned_positions, evaluation_mode, find_decoder_blocks
 from ..utils import get_logger
 from .config import TokenRouterConfig
 from .layer import install_routing, remove_routing, routing_mode, routing_state
@@ -100,8 +100,6 @@ def search_schedule(
     installed_here = routing_state(model) is None
     if installed_here:
         install_routing(model, RoutingSchedule.uniform(target, num_blocks), mode="static")
-    was_training = model.training
-    model.eval()
     scores: dict[tuple[int, ...], float] = {}
 
     def fitness(genes: tuple[int, ...]) -> float:
@@ -113,36 +111,37 @@ def search_schedule(
 
     start = time.perf_counter()
     try:
-        uniform = _spread(units, num_blocks)
-        population = [uniform] + [_mutate(uniform, cap, rng) for _ in range(config.population - 1)]
-        history = []
-        for generation in tqdm(range(config.generations + 1), desc="schedule search", leave=False,
-                               disable=not progress):
-            population = sorted(set(population), key=fitness)[: config.population]
-            history.append(fitness(population[0]))
-            logger.info("generation %d: best calibration loss %.4f", generation, history[-1])
-            if generation == config.generations:
-                break
-            parents = population[: max(2, len(population) // 2)]
-            if len(parents) < 2:  # one distinct candidate (a single block: the budget fixes its schedule)
-                break
-            children = []
-            while len(parents) + len(children) < config.population:
-                mother, father = rng.sample(parents, 2)
-                child = _repair(_crossover(mother, father, rng), units, cap, rng)
-                children.append(_mutate(child, cap, rng))
-            population = parents + children
-        best = min(scores, key=scores.get)
-        # The exact uniform schedule (every block r = target) need not be a whole number of units (0.22 is 4.4 per
-        # block); it is scored too and wins ties: with the static rule a uniform schedule leaves no token that is
-        # computed at some blocks and not others (such a token writes keys from a stale state at the blocks that
-        # compute it), and measured on SmolLM2 (0.22: 0.2/0.25 mix, tail ppl 26.5 vs 15.6 for uniform 0.3) that matters.
-        with routing_mode(model, "static", RoutingSchedule.uniform(target, num_blocks)):
-            uniform_loss = calibration_loss(model, windows, tail=config.loss_tail)
+        with evaluation_mode(model):
+            uniform = _spread(units, num_blocks)
+            population = [uniform] + [_mutate(uniform, cap, rng) for _ in range(config.population - 1)]
+            history = []
+            for generation in tqdm(range(config.generations + 1), desc="schedule search", leave=False,
+                                   disable=not progress):
+                population = sorted(set(population), key=fitness)[: config.population]
+                history.append(fitness(population[0]))
+                logger.info("generation %d: best calibration loss %.4f", generation, history[-1])
+                if generation == config.generations:
+                    break
+                parents = population[: max(2, len(population) // 2)]
+                if len(parents) < 2:  # one distinct candidate (a single block: the budget fixes its schedule)
+                    break
+                children = []
+                while len(parents) + len(children) < config.population:
+                    mother, father = rng.sample(parents, 2)
+                    child = _repair(_crossover(mother, father, rng), units, cap, rng)
+                    children.append(_mutate(child, cap, rng))
+                population = parents + children
+            best = min(scores, key=scores.get)
+            # The exact uniform schedule (every block r = target) need not be a whole number of units (0.22 is
+            # 4.4 per block); it is scored too and wins ties: with the static rule a uniform schedule leaves no
+            # token that is computed at some blocks and not others (such a token writes keys from a stale state at
+            # the blocks that compute it), and measured on SmolLM2 (0.22: 0.2/0.25 mix, tail ppl 26.5 vs 15.6 for
+            # uniform 0.3) that matters.
+            with routing_mode(model, "static", RoutingSchedule.uniform(target, num_blocks)):
+                uniform_loss = calibration_loss(model, windows, tail=config.loss_tail)
     finally:
         if installed_here:
             remove_routing(model)
-        model.train(was_training)
     exact_uniform = uniform_loss <= scores[best]
     return RoutingSchedule(
         [target] * num_blocks if exact_uniform else [count * unit for count in best],

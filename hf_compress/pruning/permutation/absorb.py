@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from ...modeling.layers import evaluation_mode
 from ...utils import get_logger
 from .matching import is_permutation
 from .sites import PermutationSite
@@ -100,9 +101,5 @@ def _probe_ids(model: nn.Module) -> torch.Tensor | None:
 
 @torch.no_grad()
 def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    training = model.training
-    model.eval()
-    try:
+    with evaluation_mode(model):
         return model(input_ids=ids).logits.float()
-    finally:
-        model.train(training)

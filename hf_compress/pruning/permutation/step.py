@@ -27,7 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ...modeling import InputNormCollector
-from ...modeling.layers import check_not_offloaded
+from ...modeling.layers import check_not_offloaded, evaluation_mode
 from ...utils import get_logger
 from .absorb import absorb_permutations
 from .config import LearnedPermutationConfig, SwapPermutationConfig
@@ -231,14 +231,12 @@ def collect_input_norms(
     handles = [layer.register_forward_pre_hook(lambda _, args, c=collectors[name]: c.add_batch(args[0]))
                for name, layer in layers.items()]
     device = model.get_input_embeddings().weight.device
-    training = model.training
-    model.eval()
     try:
-        for begin in tqdm(range(0, ids.shape[0], batch_size), desc="permutation statistics", disable=not progress,
-                          leave=False):
-            model(input_ids=ids[begin:begin + batch_size].to(device), use_cache=False)
+        with evaluation_mode(model):
+            for begin in tqdm(range(0, ids.shape[0], batch_size), desc="permutation statistics",
+                              disable=not progress, leave=False):
+                model(input_ids=ids[begin:begin + batch_size].to(device), use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
-        model.train(training)
     return {name: collector.norms for name, collector in collectors.items()}
