@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from .. import _compat
-from ..modeling.layers import check_not_offloaded
+from ..modeling.layers import TRAINS_ON_ONE_DEVICE, check_not_offloaded
 from ..training import TrainingSettings, train_with_trainer
 from ..utils import get_logger
 from .clustering import kmeans
@@ -95,7 +95,7 @@ def train_experts(
     if hasattr(model, "peft_config"):
         raise ValueError("model already carries PEFT adapters; pass the plain base model (the experts are "
                          "added to it as new LoRA adapters).")
-    check_not_offloaded(model, "Training experts", does="runs through Trainer, which moves the model to one device")
+    check_not_offloaded(model, "Training experts", does=TRAINS_ON_ONE_DEVICE)
     args = args if args is not None else TrainingSettings()
     if not isinstance(args, (TrainingArguments, TrainingSettings)):
         raise TypeError(f"args must be transformers.TrainingArguments or TrainingSettings, got {type(args).__name__}.")

@@ -369,6 +369,10 @@ def evaluation_mode(model: nn.Module) -> Iterator[nn.Module]:
         model.train(was_training)
 
 
+# ``does`` for work that trains through ``hf_compress.training`` (Trainer places the whole model on one device).
+TRAINS_ON_ONE_DEVICE = "runs through Trainer, which moves the model to one device"
+
+
 def check_not_offloaded(
     model: nn.Module, work: str, instead: str = "", does: str = "reads and rewrites many layers at once"
 ) -> None:

@@ -30,6 +30,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from ..modeling.layers import (
+    TRAINS_ON_ONE_DEVICE,
     check_not_offloaded,
     check_within_learned_positions,
     evaluation_mode,
@@ -246,8 +247,7 @@ def train_token_router(
     """
     # Every check before the model changes: a refused call leaves it as it came.
     schedule.check_blocks(len(find_decoder_blocks(model)[1]))
-    check_not_offloaded(model, "Training the token router", does="runs through Trainer, which moves the model to "
-                        "one device")
+    check_not_offloaded(model, "Training the token router", does=TRAINS_ON_ONE_DEVICE)
     _refuse_gradient_checkpointing(model, args)
     state = routing_state(model)
     if config is None:
