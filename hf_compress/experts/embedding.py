@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..modeling.layers import find_decoder_blocks
+from ..modeling.layers import evaluation_mode, find_decoder_blocks
 from ..utils import check_int
 
 
@@ -119,16 +119,13 @@ def embed_batch(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
     _, blocks = find_decoder_blocks(_plain_model(model))
     handle = blocks[spec.layer].register_forward_hook(stop)
     disable = model.disable_adapter() if hasattr(model, "disable_adapter") else _nothing()
-    was_training = model.training
-    model.eval()  # dropout would make the embedding of a prompt random
     try:
-        with disable:
+        with disable, evaluation_mode(model):  # dropout would make the embedding of a prompt random
             _plain_model(model)(input_ids=ids, attention_mask=mask, use_cache=False)
     except _Stop:
         pass
     finally:
         handle.remove()
-        model.train(was_training)
     if not captured:
         raise RuntimeError(f"Decoder block {spec.layer} did not run; cannot embed with this model.")
     hidden = captured[0].float()

@@ -55,7 +55,7 @@ from tqdm.auto import tqdm
 
 from .. import _compat
 from ..utils import get_logger
-from .layers import find_decoder_blocks, find_linear_layers, module_execution_device, onloaded
+from .layers import evaluation_mode, find_decoder_blocks, find_linear_layers, module_execution_device, onloaded
 
 
 if TYPE_CHECKING:
@@ -258,7 +258,7 @@ def capture_block_inputs(
     ids = _check_ids(calibration_ids)
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
-    with _eval_mode(model), torch.no_grad():
+    with evaluation_mode(model), torch.no_grad():
         return _capture(model, ids, batch_size, storage_device)
 
 
@@ -502,7 +502,7 @@ def for_each_block(
     """
     block_name, blocks = find_decoder_blocks(model)
     storage = torch.device(storage_device) if storage_device is not None else None
-    with _eval_mode(model):
+    with evaluation_mode(model):  # dropout off: deterministic statistics and activations
         with torch.no_grad():
             if isinstance(calibration_ids, BlockInputs):
                 captured = calibration_ids
@@ -533,17 +533,6 @@ def for_each_block(
             finally:
                 bar.close()
         return hidden
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    # Dropout off, so statistics and propagated activations are deterministic; the caller's mode is restored.
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 def _process_block(
