@@ -135,8 +135,8 @@ def search_schedule(
             # The exact uniform schedule (every block r = target) need not be a whole number of units (0.22 is
             # 4.4 per block); it is scored too and wins ties: with the static rule a uniform schedule leaves no
             # token that is computed at some blocks and not others (such a token writes keys from a stale state at
-            # the blocks that compute it), and measured on SmolLM2 (0.22: 0.2/0.25 mix, tail ppl 26.5 vs 15.6 for
-            # uniform 0.3) that matters.
+            # the blocks that compute it); on SmolLM2 that costs a lot (a development check at 0.22: tail ppl
+            # about 27 for a 0.20/0.25 mix vs 16 uniform; docs/architecture.md).
             with routing_mode(model, "static", RoutingSchedule.uniform(target, num_blocks)):
                 uniform_loss = calibration_loss(model, windows, tail=config.loss_tail)
     finally:
