@@ -161,6 +161,19 @@ def test_quantize_rtn_and_dlqat_write_loadable_packed_checkpoints(tmp_path):
     assert main(["quantize", "rtn", "--model", "tiny-llama", "--save-dir", str(tmp_path / "q")]) == 2
 
 
+def test_quantize_dlqat_of_a_packed_checkpoint_is_refused_before_training(tmp_path, monkeypatch, capsys):
+    from hf_compress import training
+
+    assert main(["quantize", "rtn", "--model", "tiny-llama", "--group-size", "32", "--save-dir",
+                 str(tmp_path / "rtn"), "-q"]) == 0
+    monkeypatch.setattr(training, "train_with_trainer", lambda *a, **k: pytest.fail("trained a packed model"))
+    capsys.readouterr()
+    assert main(["quantize", "dlqat", "--model", str(tmp_path / "rtn"), "--save-dir", str(tmp_path / "q"), "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("hf-compress: error: The model already holds 14 packed layers: pass the float model"), err
+    assert not (tmp_path / "q").exists()
+
+
 def test_quantize_rtn_refuses_the_flags_only_dlqat_reads_before_any_work(tmp_path, monkeypatch, capsys):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the flags were checked")

@@ -273,6 +273,22 @@ def test_packed_model_is_small_in_memory_and_dequantizes():
     assert torch.equal(_logits(restored), logits) and not restored.is_quantized
 
 
+def test_rtn_skipping_every_layer_is_refused():
+    model, _ = tiny_model("llama")
+    with pytest.raises(ValueError, match=r"no layers to quantize.*skip=\['\*'\]"):
+        quantize_rtn(model, bits=4, group_size=32, skip=["*"])  # would be marked packed with 0 packed layers
+    assert not getattr(model, "is_quantized", False) and getattr(model.config, "quantization_config", None) is None
+
+
+def test_dlqat_export_of_an_already_packed_model_is_refused_before_packing():
+    # Only the float head can take the adapter; exporting it would write a config listing that one layer of 15.
+    packed = quantize_rtn(tiny_model("llama")[0], bits=4, group_size=32)
+    model = get_peft_model(packed, DLQATConfig(bits=3, group_size=32, r=2, target_modules=["lm_head"]))
+    with pytest.raises(ValueError, match="already holds 14 packed layers.*dequantize"):
+        model.merge_and_quantize()
+    assert isinstance(model.base_model.model.lm_head, DLQATLinear)  # refused before any layer was packed
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])  # GPT-2's Conv1D stores its weight [in, out]
 def test_dequantized_model_saves_and_reloads(arch, tmp_path):
     packed = quantize_rtn(tiny_model(arch)[0], bits=3, group_size=24)
@@ -283,6 +299,18 @@ def test_dequantized_model_saves_and_reloads(arch, tmp_path):
         restored = model.dequantize()
         restored.save_pretrained(tmp_path / name)
         assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(tmp_path / name)), logits)
+
+
+def test_dequantize_after_casting_follows_the_model_dtype(tmp_path):
+    # config.dtype stays float32 through model.to(dtype): the float layers must take the model's dtype, not that.
+    packed = quantize_rtn(tiny_model("gpt2")[0], bits=4, group_size=32)
+    packed.save_pretrained(tmp_path / "q")
+    for model in (packed, AutoModelForCausalLM.from_pretrained(tmp_path / "q")):
+        model.to(torch.bfloat16)
+        logits = _logits(model)
+        restored = model.dequantize()
+        assert {p.dtype for p in restored.parameters()} == {torch.bfloat16}
+        assert torch.allclose(_logits(restored).float(), logits.float(), atol=0.05)
 
 
 def test_merge_and_unload_gives_float_model_on_the_grid():

@@ -4,7 +4,7 @@ A model exported by ``DLQATModel.merge_and_quantize()`` (or ``hf_compress.quanti
 layers in place of the quantized ``nn.Linear`` ones. Its ``save_pretrained`` writes their buffers
 (``qweight``, ``scales``, ``qzeros``; see ``packed_linear``) and a ``quantization_config``::
 
-    {"quant_method": "hf_compress_packed", "format_version": 1, "bits": 3, "group_size": 128,
+    {"quant_method": "hf_compress_packed", "format_version": 2, "bits": 3, "group_size": 128,
      "symmetric": false, "modules": ["model.layers.0.self_attn.q_proj", ...], "recipe": {...}}
 
 **Stacked sparse + low-bit** (format version 3): when packed layers carry a sparsity mask (a pruned model
@@ -66,6 +66,7 @@ __all__ = [
     "PackedFormatConfig",
     "PackedFormatQuantizer",
     "attach_packed_format",
+    "check_not_packed",
     "packed_size",
     "save_packed",
 ]
@@ -189,7 +190,9 @@ class PackedFormatQuantizer(CompressedFormatQuantizer):
 
     def dequantize(self, model: PreTrainedModel, dtype: torch.dtype | None = None) -> PreTrainedModel:
         slim = getattr(self.quantization_config, "slim", None)
-        model = super().dequantize(model, dtype=dtype)
+        # HfQuantizer's default is config.dtype, which model.to(dtype) leaves behind: the float layers must match
+        # the rest of the model as it is now.
+        model = super().dequantize(model, dtype=dtype if dtype is not None else model.dtype)
         keep_slim_widths(model, slim)  # a float slim model still needs its widths to save and load again
         return model
 
@@ -284,6 +287,15 @@ def sync_packed_config(model: nn.Module, config: PackedFormatConfig) -> PackedFo
         config.slim = slim_record(model)
     config.format_version = required_version(config.sparse_modules, config.slim)
     return config
+
+
+def check_not_packed(model: nn.Module, hint: str) -> None:
+    """Refuse a model that already holds packed layers, before any work: a new ``quantization_config`` would list
+    only the layers packed now (one bit width, one module list), a checkpoint no loader accepts. ``hint``: what to
+    do instead."""
+    already = sum(isinstance(module, PackedLinear) for module in model.modules())
+    if already:
+        raise ValueError(f"The model already holds {already} packed layers: {hint}, or call `model.dequantize()` first.")
 
 
 def attach_packed_format(model: PreTrainedModel, config: PackedFormatConfig) -> PreTrainedModel:

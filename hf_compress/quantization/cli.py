@@ -52,7 +52,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     from .. import _compat
     from ..assets import load_model, load_text
     from ..training import TrainingSettings, causal_lm_dataset, train_with_trainer
-    from ..formats.packed import save_packed
+    from ..formats.packed import check_not_packed, save_packed
     from ..hub import hub_model_id, write_model_card
     from ..modeling.layers import check_within_learned_positions
     from ..utils import atomic_directory, check_save_dir
@@ -74,6 +74,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         use_lora=args.method == "dlqat" and not args.no_lora,
     )
     model, tokenizer = load_model(args.model)
+    check_not_packed(model, f"pass the float model to `quantize {args.method}` instead")  # before any training
     if args.method == "dlqat":
         check_within_learned_positions(model, args.seq_len, "--seq-len is", "--seq-len")  # before training starts
     if args.method == "dlqat":

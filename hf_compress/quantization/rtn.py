@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 from transformers.pytorch_utils import Conv1D
 
-from ..formats.packed import PackedFormatConfig, attach_packed_format
+from ..formats.packed import PackedFormatConfig, attach_packed_format, check_not_packed
 from ..formats.slim import slim_record
 from ..modeling.layers import check_not_offloaded, find_decoder_blocks, find_linear_layers, replace_module, weight_matrix
 from ..utils import InvalidArgumentTypeError, check_bool, check_str_list
@@ -60,12 +60,7 @@ def quantize_rtn(
     check_bool("symmetric", symmetric)
     check_keep_sparsity(keep_sparsity)
     skip = check_str_list("skip", skip, hint="skip holds fnmatch patterns of layer names, e.g. '*down_proj'.")
-    already = sum(isinstance(m, PackedLinear) for m in model.modules())
-    if already:  # its quantization_config would list only the new layers: a checkpoint no loader accepts
-        raise ValueError(
-            f"The model already holds {already} packed layers: quantize the float model instead (all layers at once; "
-            "`skip` keeps some in full precision), or call `model.dequantize()` first."
-        )
+    check_not_packed(model, "quantize the float model instead (all layers at once; `skip` keeps some in full precision)")
     check_not_offloaded(model, "Round-to-nearest quantization")  # offloaded weights are on 'meta'
     slim = slim_record(model)  # measured on the nn.Linear layers, before they are replaced
     prefix, blocks = find_decoder_blocks(model)
@@ -82,5 +77,10 @@ def quantize_rtn(
             packed.replaces_conv1d = isinstance(layer, Conv1D)
             replace_module(model, f"{qualified}.{name}", packed)
             names.append(f"{qualified}.{name}")
+    if not names:  # nothing was replaced: a "packed" model of float layers would only mislabel the checkpoint
+        raise ValueError(
+            f"no layers to quantize: the {len(blocks)} decoder blocks of {type(model).__name__} hold no "
+            f"nn.Linear/Conv1D left after skip={skip}."
+        )
     config = PackedFormatConfig(bits, group_size, symmetric, names, recipe={"method": "rtn"}, slim=slim)
     return attach_packed_format(model, config)

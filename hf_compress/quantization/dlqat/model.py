@@ -36,7 +36,7 @@ from ...modeling import replace_module
 from ...modeling.layers import check_not_offloaded
 from ...modeling.layers import is_linear
 from ...utils import get_logger
-from ...formats.packed import PackedFormatConfig, attach_packed_format
+from ...formats.packed import PackedFormatConfig, attach_packed_format, check_not_packed
 from ...formats.slim import slim_record
 from ...hub.model_card import hub_model_id
 from ..packed_linear import PackedLinear
@@ -192,6 +192,7 @@ class DLQATModel(BaseTuner):
         config = self.peft_config[adapter]
         if not isinstance(config, DLQATConfig):
             raise TypeError(f"adapter {adapter!r} is not a DL-QAT adapter.")
+        check_not_packed(self.model, "put the DL-QAT adapter on the float model instead (all layers at once)")
         layers = [(name, m) for name, m in self.model.named_modules() if isinstance(m, DLQATLayer)]
         names = []
         for name, layer in tqdm(layers, desc="Packing DL-QAT layers", disable=not progressbar):
