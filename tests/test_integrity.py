@@ -78,6 +78,23 @@ def test_sealed_checkpoint_loads_equal_and_any_changed_byte_is_refused(tmp_path,
         AutoModelForCausalLM.from_pretrained(folder)
 
 
+def test_an_edited_grid_field_is_refused_but_the_recipe_may_change(tmp_path):
+    # 64 and 128 columns make 3 and 6 groups of 24 or of 22: the tensors fit either, only the seal can tell.
+    model, tokenizer = tiny_model("llama")
+    packed = quantize_rtn(model, bits=4, group_size=24)
+    folder = save_packed(packed, tokenizer, tmp_path / "packed")
+    for field, value in (("group_size", 22), ("symmetric", True)):
+        original = json.loads((folder / "config.json").read_text())
+        _edit_config(folder, lambda q: q.update({field: value}))
+        with pytest.raises(CheckpointIntegrityError, match="quantization_config differs from the one saved"):
+            AutoModelForCausalLM.from_pretrained(folder)
+        (folder / "config.json").write_text(json.dumps(original))
+    _edit_config(folder, lambda q: q["recipe"].update({"note": "edited by hand"}))  # describes, reads nothing
+    assert torch.equal(AutoModelForCausalLM.from_pretrained(folder)(INPUT).logits, packed(INPUT).logits)
+    _edit_config(folder, lambda q: q["integrity"].pop("config"))  # a record sealed before config digests
+    assert torch.equal(AutoModelForCausalLM.from_pretrained(folder)(INPUT).logits, packed(INPUT).logits)
+
+
 def test_a_plain_resave_of_a_loaded_model_carries_no_stale_checksums(tmp_path):
     packed, folder = _packed(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(folder)

@@ -41,7 +41,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .. import _compat
 from ..utils import get_logger
-from .integrity import CheckpointReader, check_tensors_match_model
+from .integrity import CheckpointReader, check_tensors_match_model, verify_config_digest
 
 
 if TYPE_CHECKING:
@@ -155,7 +155,9 @@ class CompressedFormatQuantizer(HfQuantizer):
             return self.prepare_model(model)
         with CheckpointReader(files) as reader:
             self.check_checkpoint(model, reader)
-            reader.verify_digests(getattr(self.quantization_config, "integrity", None))
+            integrity = getattr(self.quantization_config, "integrity", None)
+            reader.verify_digests(integrity)
+            verify_config_digest(integrity, self.quantization_config.to_dict())
             model = self.prepare_model(model)
             check_tensors_match_model(model, reader, stored_differently=self.stored_differently())
         return model

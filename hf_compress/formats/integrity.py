@@ -9,8 +9,10 @@ files through a memory map: nothing is loaded twice and nothing is allocated fro
 before that size is checked against the file.
 
 The digests live in ``config.json`` (``quantization_config.integrity``: algorithm and one 64-bit digest per
-tensor) because ``config.json`` is the one file every loader reads, locally or from the Hub. A checkpoint
-without them (written by a plain ``save_pretrained`` of a loaded model) still gets every structural check.
+tensor) because ``config.json`` is the one file every loader reads, locally or from the Hub. The record also
+holds a digest of the ``quantization_config`` fields that say how the tensors are read (all but ``recipe``):
+an edited ``group_size`` or ``symmetric`` would otherwise load wrong weights from intact tensors. A checkpoint
+without a record (written by a plain ``save_pretrained`` of a loaded model) still gets every structural check.
 
 Example:
     >>> seal_checkpoint("llama-2-4")  # doctest: +SKIP
@@ -42,6 +44,7 @@ __all__ = [
     "check_tensors_match_model",
     "read_header",
     "seal_checkpoint",
+    "verify_config_digest",
 ]
 
 DIGEST_ALGORITHM = "sha256/64"
@@ -55,6 +58,8 @@ _TORCH_DTYPE = {
     "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "F16": torch.float16,
     "BF16": torch.bfloat16, "I32": torch.int32, "F32": torch.float32, "I64": torch.int64, "F64": torch.float64,
 }
+# Fields that describe how a checkpoint was made, not how its tensors are read: editing them changes no weight.
+_UNSEALED_CONFIG_FIELDS = frozenset({"integrity", "recipe"})
 _MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
 _SMALL_TENSOR_BYTES = 256 * 2**20  # the most ``CheckpointReader.read`` copies into memory at once
 
@@ -321,6 +326,36 @@ def seal_checkpoint(folder: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{config_path} has no quantization_config; only compressed checkpoints are sealed.")
     with CheckpointReader(sorted(folder.glob("*.safetensors"))) as reader:
         record = {"algorithm": DIGEST_ALGORITHM, "tensors": reader.digests()}
+    fields = sorted(set(config["quantization_config"]) - _UNSEALED_CONFIG_FIELDS)
+    record["config"] = {"fields": fields, "digest": _config_digest(config["quantization_config"], fields)}
     config["quantization_config"]["integrity"] = record
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return record
+
+
+def verify_config_digest(integrity: Mapping[str, Any] | None, quantization_config: Mapping[str, Any]) -> None:
+    """Compare the ``quantization_config`` a checkpoint loads with (``to_dict()``) with the digest sealed at save.
+
+    Nothing to do without a record, or with one from before config digests were recorded.
+
+    Example:
+        >>> verify_config_digest(None, {"bits": 4})
+
+    Raises:
+        CheckpointIntegrityError: a sealed field was edited or removed.
+    """
+    sealed = (integrity or {}).get("config") if isinstance(integrity, Mapping) else None
+    if sealed is None:
+        return
+    fields = sealed.get("fields") if isinstance(sealed, Mapping) else None
+    if not isinstance(fields, list) or not all(isinstance(name, str) for name in fields):
+        raise _corrupt("config.json", "quantization_config.integrity.config is malformed")
+    missing = [name for name in fields if name not in quantization_config]
+    if missing or _config_digest(quantization_config, fields) != sealed.get("digest"):
+        detail = f"its field {missing[0]!r} is missing" if missing else f"one of its fields {', '.join(fields)} was changed"
+        raise _corrupt("config.json", f"quantization_config differs from the one saved with these weights ({detail})")
+
+
+def _config_digest(quantization_config: Mapping[str, Any], fields: Iterable[str]) -> str:
+    text = json.dumps({name: quantization_config.get(name) for name in fields}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
