@@ -260,3 +260,101 @@ def test_a_removed_sublayer_the_widths_cannot_record_is_refused_at_save(tmp_path
     with pytest.raises(ValueError, match="lost a sub-block"):
         save_slim(model, tokenizer, tmp_path / "mlp-removed")
     assert not (tmp_path / "mlp-removed").exists()
+
+
+# ------------------------------------------------------------------------------------ the user's own save
+
+
+def test_the_pruned_model_saves_and_pushes_itself_loadably_without_save_dir(tmp_path, fake_hub):
+    # prune() without save_dir, then the user's own save_pretrained / push_to_hub: the widths must be on the config,
+    # or the removed sub-blocks reload with random weights (only a "MISSING" warning).
+    model, tokenizer = _model("llama")
+    pruned = BlockPrunerPruner(model, tokenizer).prune(BlockPrunerConfig(target_sparsity=0.3, **SMALL), TEXT,
+                                                       progress=False)
+    pruned.save_pretrained(tmp_path / "own")
+    pruned.push_to_hub("user/tiny-block-pruner")
+    ids = _ids()
+    for source in (tmp_path / "own", "user/tiny-block-pruner"):
+        loaded = AutoModelForCausalLM.from_pretrained(source)
+        assert layer_widths(loaded) == layer_widths(pruned)
+        with torch.no_grad():
+            assert torch.equal(loaded(ids).logits, pruned(ids).logits)
+
+
+def test_removing_blocks_from_a_loaded_slim_model_saves_a_checkpoint_that_loads(tmp_path):
+    # A slim checkpoint's widths stay on the loaded config; once the only narrowed block is removed the model needs
+    # no slim record, and the stale one (4 blocks for a 3-block model) made the saved checkpoint unloadable.
+    model, tokenizer = _model("llama")
+    remove_sublayers(find_decoder_blocks(model)[1][2], mlp=True)
+    attach_slim_format(model)
+    model.save_pretrained(tmp_path / "slim")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "slim")
+
+    class RemoveBlockTwo(BlockRemovalPruner):
+        def decide(self, config, plan, evidence, progress):
+            return {"influence": evidence, "removed_blocks": [2]}
+
+    pruned = RemoveBlockTwo(loaded, tokenizer).prune(BlockRemovalConfig(target_sparsity=0.25, **SMALL), TEXT,
+                                                     save_dir=tmp_path / "short", progress=False)
+    assert "hf_compress_slim" not in (tmp_path / "short" / "config.json").read_text()
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "short")
+    with torch.no_grad():
+        assert torch.equal(reloaded(_ids()).logits, pruned(_ids()).logits)
+
+
+def test_block_removal_saves_a_multimodal_model(tmp_path):
+    # Gemma 3 with a vision tower: the widths live on the text config (the top-level config has no heads).
+    from transformers import AutoModelForImageTextToText, Gemma3Config, Gemma3ForConditionalGeneration
+
+    from hf_compress.assets.tiny_models import tiny_config, tiny_tokenizer
+
+    text = tiny_config("gemma3", num_hidden_layers=4, layer_types=["sliding_attention", "full_attention"] * 2)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                  patch_size=8)
+    torch.manual_seed(0)
+    model = Gemma3ForConditionalGeneration(Gemma3Config(text_config=text.to_dict(), vision_config=vision,
+                                                        mm_tokens_per_image=4)).eval()
+    pruned = BlockRemovalPruner(model, tiny_tokenizer()).prune(
+        BlockRemovalConfig(target_sparsity=0.25, **SMALL), TEXT, save_dir=tmp_path / "short", progress=False)
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "short")
+    assert loaded.config.text_config.num_hidden_layers == 3
+    with torch.no_grad():
+        assert torch.equal(loaded(_ids()).logits, pruned(_ids()).logits)
+
+
+def test_greedy_search_takes_a_cheaper_candidate_when_the_least_harmful_one_overshoots():
+    # The silenced MLP is the least harmful but costs 2.5 for a budget of 1: removing it lands farther from the budget
+    # than removing nothing. The search used to stop there (BlockPruner then saved the dense model); the attention,
+    # costing exactly the budget, is the nearest achievable.
+    model, _ = _model("llama")
+    _silence(find_decoder_blocks(model)[1][2], "mlp")
+    for reuse in (True, False):
+        result = greedy_removal(model, _ids(shape=(2, 32)), [[(2, "mlp")], [(1, "attention")]], costs=[2.5, 1.0],
+                                budget=1.0, progress=False, reuse_prefix=reuse)
+        assert result.removed == [1]
+
+
+def test_block_pruner_refuses_targets_removing_nothing_or_everything_and_skips_removed_sub_blocks():
+    model, tokenizer = _model("llama")
+    pruner = BlockPrunerPruner(model, tokenizer)
+    with pytest.raises(ValueError, match="nearer to removing nothing.*use at least 0.04"):
+        pruner.prune(BlockPrunerConfig(target_sparsity=0.01, **SMALL), TEXT, progress=False)
+    with pytest.raises(ValueError, match="could remove every attention and MLP sub-block.*use less than 0.9"):
+        pruner.prune(BlockPrunerConfig(target_sparsity=0.95, **SMALL), TEXT, progress=False)
+    assert layer_widths(model) == [{"key_value_heads": 2, "intermediate_size": 128}] * 4  # refused before any change
+    remove_sublayers(find_decoder_blocks(model)[1][1], attention=True)
+    units = pruner.plan(BlockPrunerConfig(target_sparsity=0.2, **SMALL))
+    assert (1, "attention") not in [unit[:2] for unit in units] and len(units) == 7  # costs nothing: not a candidate
+
+
+@pytest.mark.parametrize("pruner_class", [BlockRemovalPruner, SLEBPruner])
+def test_blocks_that_cannot_move_are_refused_before_the_search(pruner_class, monkeypatch):
+    # GPT-2 with scale_attn_by_inverse_layer_idx: remove_blocks refuses to renumber its blocks. SLEB found out only
+    # after its whole search; both methods now refuse before calibrating.
+    model, tokenizer = tiny_model("gpt2", n_layer=4, scale_attn_by_inverse_layer_idx=True)
+    config_class = BlockRemovalConfig if pruner_class is BlockRemovalPruner else SLEBConfig
+    pruner = pruner_class(model, tokenizer)
+    monkeypatch.setattr(pruner, "calibrate", lambda *args: pytest.fail("calibrated before refusing"))
+    with pytest.raises(ValueError, match=r"scale_attn_by_inverse_layer_idx.*remove_blocks\(model, \[3\]\)"):
+        pruner.prune(config_class(target_sparsity=0.25, **SMALL), TEXT, progress=False)
+    assert model.config.num_hidden_layers == 4

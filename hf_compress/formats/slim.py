@@ -55,6 +55,7 @@ if TYPE_CHECKING:
 __all__ = [
     "FORMAT_NAME", "SlimFormatConfig", "SlimFormatQuantizer", "apply_slim_record", "attach_slim_format",
     "check_slim_widths", "keep_slim_widths", "measurable_widths", "needs_slim_format", "save_slim", "slim_record",
+    "sync_slim_format",
 ]
 
 FORMAT_NAME = "hf_compress_slim"
@@ -178,6 +179,20 @@ def attach_slim_format(model: PreTrainedModel, recipe: Mapping[str, Any] | None 
     return config
 
 
+def sync_slim_format(model: PreTrainedModel, recipe: Mapping[str, Any] | None = None) -> SlimFormatConfig | None:
+    """Make the model's config describe its widths as they are now, so ``save_pretrained`` / ``push_to_hub`` write a
+    checkpoint that loads back: a ``SlimFormatConfig`` where the stock config cannot describe them, and no slim record
+    where it can (one left from loading or an earlier prune would name blocks or widths the model no longer has).
+
+    Returns the ``SlimFormatConfig`` now on the config, or ``None``.
+    """
+    if needs_slim_format(model):
+        return attach_slim_format(model, recipe=recipe)
+    if isinstance(getattr(model.config, "quantization_config", None), SlimFormatConfig):
+        del model.config.quantization_config
+    return None
+
+
 def measurable_widths(model: PreTrainedModel) -> list[dict[str, int]] | None:
     """:func:`layer_widths`, or ``None`` where they cannot be read (GPT-2's fused ``c_attn``) and no sub-block is
     removed: such a model can only have lost whole blocks, which its config (``num_hidden_layers``) describes.
@@ -200,7 +215,7 @@ def needs_slim_format(model: PreTrainedModel) -> bool:
     widths = measurable_widths(model)
     if widths is None:
         return False
-    config = model.config
+    config = model.config.get_text_config()  # a multimodal model's widths are its text config's
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     channels = getattr(config, "intermediate_size", None) or getattr(config, "ffn_dim", None)
     expected = {"key_value_heads": kv_heads, "intermediate_size": channels}
@@ -231,8 +246,7 @@ def save_slim(
 
     target = check_save_dir(save_dir, overwrite)
     recipe = dict(recipe or {"method": "structured"})
-    if needs_slim_format(model):
-        attach_slim_format(model, recipe=recipe)
+    sync_slim_format(model, recipe)
     widths = measurable_widths(model)
     card_recipe = {**recipe, "layers": widths} if widths is not None else recipe
     with atomic_directory(target, overwrite=overwrite) as staging:

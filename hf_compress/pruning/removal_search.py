@@ -70,8 +70,9 @@ def greedy_removal(
 ) -> RemovalSearchResult:
     """Remove candidates one at a time, always the one whose absence raises the calibration loss least.
 
-    Stops at the removed cost nearest to ``budget`` (a round that would overshoot by more than it would still fall
-    short is not taken). The model is unchanged afterwards. ``reuse_prefix=False`` scores every candidate with a
+    Stops at the removed cost nearest to ``budget``: a round chooses among the candidates that would not overshoot it
+    by more than it still falls short (a cheaper one may fit where the least harmful would not), and the search ends
+    when none does. The model is unchanged afterwards. ``reuse_prefix=False`` scores every candidate with a
     whole forward (the reference the shortcut is tested against).
     """
     if len(candidates) != len(costs):
@@ -84,17 +85,20 @@ def greedy_removal(
     remaining = list(range(len(candidates)))
     bar = tqdm(desc="removal search", unit="round", disable=not progress)
     while remaining and spent < budget:
+        # Only candidates that bring the removed cost nearer the budget: with unequal costs (an MLP is twice an
+        # attention) the least harmful one overshooting must not end the search while a cheaper one still fits.
+        fitting = [index for index in remaining if spent + costs[index] - budget <= budget - spent]
+        if not fitting:
+            break
         if prefix is None:
             losses = {}
-            for index in tqdm(remaining, desc="candidates", leave=False, disable=not progress):
+            for index in tqdm(fitting, desc="candidates", leave=False, disable=not progress):
                 with sublayers_switched_off(blocks, [*removed_units, *candidates[index]]):
                     losses[index] = calibration_loss(model, calibration_ids, batch_size)
         else:
-            losses = prefix.losses(removed_units, {index: candidates[index] for index in remaining}, progress)
-        best = min(remaining, key=losses.__getitem__)
+            losses = prefix.losses(removed_units, {index: candidates[index] for index in fitting}, progress)
+        best = min(fitting, key=losses.__getitem__)
         after = spent + costs[best]
-        if after > budget and after - budget > budget - spent:
-            break
         remaining.remove(best)
         removed_units.extend(candidates[best])
         spent = after

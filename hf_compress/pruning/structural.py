@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from ..formats.slim import measurable_widths, save_slim
+from ..formats.slim import measurable_widths, save_slim, sync_slim_format
 from ..hub import hub_model_id
 from ..modeling.structure import decoder_parameter_count
 from ..utils import get_logger
@@ -126,6 +126,11 @@ class StructuralPruner(BasePruner):
         logger.info("%s: %d -> %d decoder parameters (%.2f%% removed, target %.2f%%)", type(self).__name__,
                     report.dense_parameters, report.pruned_parameters, 100 * report.achieved_sparsity,
                     100 * config.target_sparsity)
+        # The widths go on the config now, not only in save(): the user's own save_pretrained / push_to_hub of the
+        # returned model must write a checkpoint that loads back (else removed or narrowed layers reload random).
+        self.report = report
+        if getattr(self.model, "config", None) is not None:  # a bare nn.Module has no config to write
+            sync_slim_format(self.model, self.recipe(config))
         return report
 
     def save(self, save_dir: Path, overwrite: bool, config: PruningConfig) -> None:

@@ -23,7 +23,7 @@ import torch
 
 from ...modeling import find_decoder_blocks
 from ...modeling.structure import decoder_parameter_count, layer_widths
-from ...modeling.sublayers import remove_sublayers, sublayer_name
+from ...modeling.sublayers import remove_sublayers, removed_sublayers, sublayer_name
 from ...utils import get_logger
 from ..removal_search import greedy_removal
 from ..structural import StructuralPruner
@@ -54,9 +54,26 @@ class BlockPrunerPruner(StructuralPruner):
         total = decoder_parameter_count(self.model)
         units = []
         for index, block in enumerate(blocks):
+            gone = removed_sublayers(block)
             for kind in ("attention", "mlp"):
                 module = getattr(block, sublayer_name(block, kind))
-                units.append((index, kind, sum(p.numel() for p in module.parameters()) / total))
+                if not gone[kind]:  # a second prune: one already removed costs nothing and must not be counted again
+                    units.append((index, kind, sum(p.numel() for p in module.parameters()) / total))
+        if not units:
+            raise ValueError("every attention and MLP sub-block of this model is already removed; nothing is left to prune.")
+        smallest = min(share for _, _, share in units)
+        if smallest > 2 * config.target_sparsity:  # removing even the smallest lands farther from the target than none
+            raise ValueError(
+                f"target_sparsity {config.target_sparsity} is nearer to removing nothing than to removing the smallest "
+                f"sub-block ({smallest:.4f} of the decoder parameters); use at least {smallest / 2:.4f}."
+            )
+        # At or above this the search may take the last sub-block too (whichever is left last, if it is the largest).
+        ceiling = sum(share for _, _, share in units) - max(share for _, _, share in units) / 2
+        if config.target_sparsity >= ceiling:
+            raise ValueError(
+                f"target_sparsity {config.target_sparsity} could remove every attention and MLP sub-block, leaving no "
+                f"decoder computation; use less than {ceiling:.4f}."
+            )
         return units
 
     def calibrate(self, config: BlockPrunerConfig, plan: list, calibration_ids: torch.Tensor | None,

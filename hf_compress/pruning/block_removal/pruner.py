@@ -65,6 +65,15 @@ class BlockRemovalPruner(StructuralPruner):
                 f"target_sparsity {config.target_sparsity} removes {count} of {len(blocks)} blocks; it must remove "
                 "at least one and keep at least one."
             )
+        text_config = self.model.config.get_text_config() if hasattr(self.model, "config") else None
+        if getattr(text_config, "scale_attn_by_inverse_layer_idx", False):
+            # remove_blocks refuses to move such blocks: refuse here, before the calibration and search, not after.
+            raise ValueError(
+                f"{type(self.model).__name__} scales attention by the inverse layer index "
+                "(scale_attn_by_inverse_layer_idx), so a block cannot move and only the last blocks could go; this "
+                f"method chooses blocks anywhere. Truncate the model instead: remove_blocks(model, "
+                f"{list(range(len(blocks) - count, len(blocks)))}) from hf_compress.modeling.structure."
+            )
         return count
 
     def calibrate(self, config: BlockRemovalConfig, plan: int, calibration_ids: torch.Tensor | None,
