@@ -67,6 +67,7 @@ __all__ = [
     "forward_pre_hooks_restored",
     "mask_function_of",
     "model_conversions",
+    "model_names_of_checkpoint_keys",
     "pad_token_tensor",
     "peft_buffer_dict",
     "quantizer_of",
@@ -409,6 +410,26 @@ def model_conversions(model: PreTrainedModel) -> list:
     from transformers.conversion_mapping import get_model_conversion_mapping
 
     return list(get_model_conversion_mapping(model, add_legacy=False))
+
+
+def model_names_of_checkpoint_keys(model: PreTrainedModel, keys: Iterator[str] | list[str]) -> dict[str, str]:
+    """Model tensor name → checkpoint key, for the keys ``from_pretrained`` renames as it loads them (a multimodal
+    model saves ``language_model.model.*`` for its ``model.language_model.*``).
+
+    Only the architecture's renamings apply (legacy ones included, as loading accepts them); converters that merge
+    or split tensors map no single key to a single name. Checked on 5.23.0, 5.24.0 and 5.25.0.
+    """
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming
+
+    renamings = [c for c in get_model_conversion_mapping(model) if isinstance(c, WeightRenaming)]
+    names: dict[str, str] = {}
+    for key in keys:
+        name = key
+        for renaming in renamings:
+            name, _ = renaming.rename_source_key(name)
+        names.setdefault(name, key)
+    return names
 
 
 def set_model_conversions(model: PreTrainedModel, conversions: list) -> None:

@@ -302,8 +302,11 @@ def test_removing_blocks_from_a_loaded_slim_model_saves_a_checkpoint_that_loads(
         assert torch.equal(reloaded(_ids()).logits, pruned(_ids()).logits)
 
 
-def test_block_removal_saves_a_multimodal_model(tmp_path):
-    # Gemma 3 with a vision tower: the widths live on the text config (the top-level config has no heads).
+@pytest.mark.parametrize("method", ["block_removal", "block_pruner"])
+def test_structural_pruning_saves_a_multimodal_model_that_loads(method, tmp_path):
+    # Gemma 3 with a vision tower: the widths live on the text config (the top-level config has no heads), and its
+    # checkpoint keys are saved under legacy names (language_model.model.*), which the slim format's check of the
+    # stored tensors must map as loading does.
     from transformers import AutoModelForImageTextToText, Gemma3Config, Gemma3ForConditionalGeneration
 
     from hf_compress.assets.tiny_models import tiny_config, tiny_tokenizer
@@ -314,10 +317,13 @@ def test_block_removal_saves_a_multimodal_model(tmp_path):
     torch.manual_seed(0)
     model = Gemma3ForConditionalGeneration(Gemma3Config(text_config=text.to_dict(), vision_config=vision,
                                                         mm_tokens_per_image=4)).eval()
-    pruned = BlockRemovalPruner(model, tiny_tokenizer()).prune(
-        BlockRemovalConfig(target_sparsity=0.25, **SMALL), TEXT, save_dir=tmp_path / "short", progress=False)
-    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "short")
-    assert loaded.config.text_config.num_hidden_layers == 3
+    if method == "block_removal":
+        pruner, config = BlockRemovalPruner(model, tiny_tokenizer()), BlockRemovalConfig(target_sparsity=0.25, **SMALL)
+    else:
+        pruner, config = BlockPrunerPruner(model, tiny_tokenizer()), BlockPrunerConfig(target_sparsity=0.2, **SMALL)
+    pruned = pruner.prune(config, TEXT, save_dir=tmp_path / "pruned", progress=False)
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "pruned")
+    assert loaded.config.text_config.num_hidden_layers == pruned.config.text_config.num_hidden_layers
     with torch.no_grad():
         assert torch.equal(loaded(_ids()).logits, pruned(_ids()).logits)
 

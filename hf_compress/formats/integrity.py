@@ -289,12 +289,18 @@ def check_tensors_match_model(model: torch.nn.Module, reader: CheckpointReader, 
     required += [(name, tensor) for name, tensor in model.named_buffers() if name in state_keys]
     prefix = getattr(model, "base_model_prefix", "") or ""
 
+    renamed: dict[str, str] | None = None
+
     def stored_name(name: str) -> str | None:
+        nonlocal renamed
         # A head model's checkpoint loads into its base model and the other way round: "model." comes and goes.
-        for candidate in (name, f"{prefix}.{name}", name.removeprefix(f"{prefix}.")):
+        candidates = (name, f"{prefix}.{name}", name.removeprefix(f"{prefix}."))
+        for candidate in candidates:
             if candidate in reader.entries:
                 return candidate
-        return None
+        if renamed is None:  # keys transformers renames at load (a multimodal model's legacy names)
+            renamed = _compat.model_names_of_checkpoint_keys(model, reader.entries) if hasattr(model, "config") else {}
+        return next((renamed[candidate] for candidate in candidates if candidate in renamed), None)
 
     stored = {name: stored_name(name) for name, _ in required}
     missing = [name for name, key in stored.items() if key is None]
