@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -343,6 +344,8 @@ def test_crop_reorder_select_repeat_on_a_filled_cache():
     assert layer._full_keys().shape[0] == 4 and layer.qbar.shape[0] == 4
     cache.batch_select_indices(torch.tensor([0, 3]))
     assert torch.equal(layer._full_keys(), keys[[1, 0], :, :23])
+    cache.batch_select_indices(torch.tensor([False, True]))  # a row mask, as DynamicCache takes it
+    assert torch.equal(layer._full_keys(), keys[[0], :, :23]) and torch.equal(layer._full_values(), values[[0], :, :23])
     with pytest.raises(ValueError, match="negative"):
         cache.crop(3)
     cache.reset()
@@ -441,3 +444,45 @@ def test_unservable_or_mismatched_configs_raise():
     fresh(_prompt(1, 10), **cache_kwargs(fresh, detached))
     with pytest.raises(RuntimeError, match="never handed its queries"):
         fresh(_prompt(1, 1), **cache_kwargs(fresh, detached))
+
+
+def _storage_bytes(tensors) -> int:
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if t is not None}
+    return sum(storages.values())
+
+
+def test_memory_footprint_counts_everything_a_prefill_leaves_alive():
+    model, _ = tiny_model("gemma3")  # a dense sliding-window layer beside the pruned full-attention one
+    cache = SparKCache(model.config, channel_ratio=0.5, value_channel_ratio=0.5, recent_window=8)
+    with torch.no_grad():
+        model(_prompt(1, 300), **cache_kwargs(model, cache))
+    pruned = cache.layers[1]
+    # the dense recent window is its own tensor, not a view keeping the whole prompt's dense keys/values alive
+    assert pruned.keys.untyped_storage().nbytes() == pruned.keys.nbytes
+    assert pruned.values.untyped_storage().nbytes() == pruned.values.nbytes
+    alive = [cache.layers[0].keys, cache.layers[0].values, pruned.keys, pruned.values, pruned.qbar]
+    for store in (pruned.old_keys, pruned.old_values):
+        alive += [getattr(store, f.name) for f in dataclasses.fields(store) if isinstance(getattr(store, f.name), torch.Tensor)]
+    assert cache.memory_footprint()["held"] == _storage_bytes(alive)
+
+
+def test_a_filled_cache_refuses_a_new_batch_clearly():
+    for arch in ("llama", "gemma3"):  # gemma3's first layer is a sliding-window one
+        model, _ = tiny_model(arch)
+        cache = SparKCache(model.config, channel_ratio=0.5, recent_window=4)
+        _greedy(model, _prompt(2, 30), cache)
+        with pytest.raises(ValueError, match="holds 2 sequence.*batch of 1.*new cache"):
+            _greedy(model, _prompt(1, 40, seed=1), cache)
+        cache.reset()
+        assert _greedy(model, _prompt(1, 40, seed=1), cache).shape == (1, 48)
+
+
+def test_structured_cache_takes_its_settings_by_name_and_has_no_recovery():
+    from hf_compress.recipe.steps.generation import _parse_cache
+
+    model, _ = tiny_model("llama")
+    cache = StructuredChannelCache(model.config, channel_ratio=0.5, recent_window=8, compression_interval=4)
+    assert cache.settings["recent_window"] == 8 and cache.settings["recovery"] is False
+    assert _parse_cache("step", {"method": "structured", "recent_window": 8})["recent_window"] == 8
+    with pytest.raises(TypeError, match="recovery"):  # it was silently ignored: shared channels read as zeros
+        StructuredChannelCache(model.config, recovery=True)

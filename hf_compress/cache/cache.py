@@ -16,10 +16,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import torch
 from transformers import PretrainedConfig
 from transformers.cache_utils import Cache, DynamicSlidingWindowLayer, get_layer_types_and_kwargs
 
 from ..utils import InvalidArgumentTypeError, check_bool, check_float, check_int
+from .channels import held_bytes
 from .layer import ChannelPrunedLayer
 from .query_capture import install_query_capture
 from .read import ReadScratch
@@ -45,8 +47,6 @@ def check_decoder_config(config: Any, owner: str = "SparKCache") -> None:
         ...
         ValueError: config: SparKCache serves decoder-only causal LMs, but this 't5' config is an encoder-decoder model...
     """
-    import torch
-
     if isinstance(config, torch.nn.Module):
         raise InvalidArgumentTypeError(
             f"config must be the model's config: pass model.config to {owner}, not the model "
@@ -181,6 +181,18 @@ class SparKCache(Cache):
         install_query_capture(config)
         super().__init__(layers=layers)
 
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        # A filled cache handed to a new batch (reused across generate() calls) would otherwise fail deep in a cat.
+        layer = self.layers[layer_idx]
+        if layer.get_seq_length() > 0 and layer.keys.shape[0] != key_states.shape[0]:
+            raise ValueError(
+                f"this {type(self).__name__} already holds {layer.keys.shape[0]} sequence(s) of "
+                f"{layer.get_seq_length()} tokens, but this forward brings a batch of {key_states.shape[0]}. A cache "
+                "serves one batch from its prompt on: pass a new cache to each generate() call (or call cache.reset())."
+            )
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
     def memory_footprint(self) -> dict[str, int | float]:
         """Bytes held by every layer now, and what ``DynamicCache`` would hold for the same tokens.
 
@@ -197,7 +209,7 @@ class SparKCache(Cache):
                 footprint = layer.memory_footprint()
                 held, dense = held + footprint["held"], dense + footprint["dense_equivalent"]
             elif layer.is_initialized:
-                size = sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
+                size = held_bytes(layer.keys, layer.values)  # after a prefill, a view of the whole prompt's states
                 held, dense = held + size, dense + size
         return {"held": held, "dense_equivalent": dense, "ratio": held / dense if dense else 1.0,
                 "read_scratch": self.read_scratch.nbytes}
@@ -211,7 +223,8 @@ class StructuredChannelCache(SparKCache):
     """Baseline: the same channels pruned for every token of a head (ThinK-like), no recovery.
 
     Channels are scored once from the prompt, ``||Q_window[:, i]|| * ||K[:, i]||``, and the lowest
-    ``channel_ratio`` of each head are dropped for all tokens; only kept values are stored.
+    ``channel_ratio`` of each head are dropped for all tokens; only kept values are stored. Arguments are
+    ``SparKCache``'s, without ``recovery``.
 
     Example:
         >>> cache = StructuredChannelCache(model.config, channel_ratio=0.5)  # doctest: +SKIP
@@ -219,9 +232,23 @@ class StructuredChannelCache(SparKCache):
 
     _per_token = False
 
-    def __init__(self, config: PretrainedConfig, channel_ratio: float = 0.5, **kwargs: Any):
-        kwargs.setdefault("recovery", False)
-        super().__init__(config, channel_ratio=channel_ratio, **kwargs)
+    # Explicit arguments, not **kwargs: callers read them from the signature (the recipe's cache settings), and
+    # SparKCache's `recovery` is left out, as shared channels are read back as zeros.
+    def __init__(
+        self,
+        config: PretrainedConfig,
+        channel_ratio: float = 0.5,
+        value_channel_ratio: float = 0.0,
+        observation_window: int = 32,
+        recent_window: int = 32,
+        token_budget: int | None = None,
+        compression_interval: int = 16,
+    ):
+        super().__init__(
+            config, channel_ratio=channel_ratio, value_channel_ratio=value_channel_ratio,
+            observation_window=observation_window, recent_window=recent_window, token_budget=token_budget,
+            recovery=False, compression_interval=compression_interval,
+        )
 
 
 def _attention_shape(config: PretrainedConfig) -> tuple[int, int]:

@@ -138,11 +138,15 @@ def append_tokens(held: torch.Tensor, new: torch.Tensor, buffer: torch.Tensor | 
     return buffer[:, :, : length + added], buffer
 
 
-def held_bytes(tensor: torch.Tensor, buffer: torch.Tensor | None = None) -> int:
-    """Bytes ``tensor`` keeps allocated: its buffer's whole capacity when it is a prefix of ``buffer``."""
-    if buffer is not None and tensor.data_ptr() == buffer.data_ptr():
-        return buffer.numel() * buffer.element_size()
-    return tensor.numel() * tensor.element_size()
+def held_bytes(*tensors: torch.Tensor | None) -> int:
+    """Bytes ``tensors`` keep allocated: each distinct storage whole, as a view keeps its base alive (an append
+    buffer's headroom, a window sliced off a larger tensor) and two views of one base hold it once."""
+    storages = {}
+    for tensor in tensors:
+        if tensor is not None:
+            storage = tensor.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
 
 
 @dataclasses.dataclass
@@ -170,11 +174,7 @@ class _TokenStore:
     @property
     def nbytes(self) -> int:
         """Bytes allocated for the held tokens, append headroom included."""
-        return sum(
-            held_bytes(v, self._buffers.get(f.name))
-            for f in dataclasses.fields(self)
-            if isinstance(v := getattr(self, f.name), torch.Tensor)
-        )
+        return held_bytes(*self._tensors())
 
     def append(self: Store, other: Store) -> Store:
         """This store with ``other``'s tokens after its own (in place; returns ``self``)."""

@@ -216,6 +216,8 @@ class ChannelPrunedLayer(CacheLayerMixin):
         self._apply_batch(lambda store: store.select_batch(beam_idx), lambda t: t.index_select(0, beam_idx.to(t.device)))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if indices.dtype == torch.bool:  # a row mask, as DynamicLayer takes it; the stores' index_select needs indices
+            indices = indices.nonzero().flatten()
         self._apply_batch(lambda store: store.select_batch(indices), lambda t: t[indices])
 
     def batch_repeat_interleave(self, repeats: int) -> None:
@@ -232,9 +234,7 @@ class ChannelPrunedLayer(CacheLayerMixin):
         """Bytes actually held, and what a DynamicCache layer would hold for the same tokens."""
         if not self.is_initialized:
             return {"held": 0, "dense_equivalent": 0}
-        tensors = [self.keys, self.qbar, self.key_channels, self.value_channels]
-        held = sum(t.numel() * t.element_size() for t in tensors if t is not None)
-        held += held_bytes(self.values, self._value_buffer)
+        held = held_bytes(self.keys, self.values, self.qbar, self.key_channels, self.value_channels)
         held += sum(store.nbytes for store in (self.old_keys, self.old_values) if store is not None)
         batch = self.keys.shape[0]
         dense = 2 * batch * self.num_kv_heads * self.held_tokens * self.head_dim * self.keys.element_size()
@@ -294,11 +294,12 @@ class ChannelPrunedLayer(CacheLayerMixin):
         overflow = self.keys.shape[2] - self.recent_window
         if overflow < minimum:
             return
-        keys, self.keys = self.keys[:, :, :overflow], self.keys[:, :, overflow:]
+        # The window is copied out: a view would keep the whole dense tensor (the prompt's, after prefill) alive.
+        keys, self.keys = self.keys[:, :, :overflow], self.keys[:, :, overflow:].clone()
         new_keys = self._compress_keys(keys)
         self.old_keys = new_keys if self.old_keys is None else self.old_keys.append(new_keys)
         if self.values_pruned:
-            values, self.values = self.values[:, :, :overflow], self.values[:, :, overflow:]
+            values, self.values = self.values[:, :, :overflow], self.values[:, :, overflow:].clone()
             new_values = self._compress_values(values)
             self.old_values = new_values if self.old_values is None else self.old_values.append(new_values)
 
