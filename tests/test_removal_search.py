@@ -302,6 +302,21 @@ def test_removing_blocks_from_a_loaded_slim_model_saves_a_checkpoint_that_loads(
         assert torch.equal(reloaded(_ids()).logits, pruned(_ids()).logits)
 
 
+def test_remove_blocks_by_hand_on_a_loaded_slim_model_keeps_its_own_save_loadable(tmp_path):
+    # The loaded slim record (4 blocks) would otherwise be written for a 3-block model: a folder that does not load.
+    model, _ = _model("llama")
+    remove_sublayers(find_decoder_blocks(model)[1][1], mlp=True)
+    attach_slim_format(model)
+    model.save_pretrained(tmp_path / "slim")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "slim")
+    remove_blocks(loaded, [3])
+    loaded.save_pretrained(tmp_path / "shorter")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "shorter")
+    assert layer_widths(reloaded) == layer_widths(loaded)
+    with torch.no_grad():
+        assert torch.equal(reloaded(_ids()).logits, loaded(_ids()).logits)
+
+
 @pytest.mark.parametrize("method", ["block_removal", "block_pruner"])
 def test_structural_pruning_saves_a_multimodal_model_that_loads(method, tmp_path):
     # Gemma 3 with a vision tower: the widths live on the text config (the top-level config has no heads), and its

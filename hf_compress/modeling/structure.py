@@ -394,3 +394,9 @@ def remove_blocks(model: nn.Module, indices: Sequence[int]) -> None:
             if "layer" in field and isinstance(value, (list, tuple)) and len(value) == len(blocks):
                 text_config.__dict__[field] = type(value)(value[i] for i in kept)
         text_config.num_hidden_layers = len(kept)
+    record = getattr(config, "quantization_config", None)
+    if record is not None:
+        from ..formats.slim import SlimFormatConfig, sync_slim_format  # formats build on modeling: imported here
+
+        if isinstance(record, SlimFormatConfig):
+            sync_slim_format(model)  # a loaded record lists the blocks as they were; save_pretrained writes it
