@@ -243,6 +243,7 @@ def recipe_for(key: str, ctx: Context) -> dict[str, Any]:
     if ctx.quick:
         recipe["name"] = ctx.repo_name(key)
         recipe["base_model"] = ctx.scale.base
+        recipe.pop("description", None)  # it describes the full-size artifact (its model, its settings)
         recipe["evaluation"] = {**(recipe.get("evaluation") or {}), **QUICK_EVALUATION}
         if recipe["evaluation"].get("score_last"):  # the tail of a quick window
             recipe["evaluation"]["score_last"] = QUICK_EVALUATION["window"] // 4

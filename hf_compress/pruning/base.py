@@ -310,6 +310,10 @@ class BasePruner(ABC):
             # A prune of a pruned model: the record must name every prune that shaped the weights, not the last only.
             recipe["earlier_pruning"] = [*recipe.get("earlier_pruning", []), recipe["pruning"]]
         recipe.update({"pruning": config.to_dict(), "version": __version__})
+        if not recipe.get("base_model"):  # the original Hub model, for the cards of later steps (a folder has none)
+            from ..hub.model_card import hub_model_id
+
+            recipe["base_model"] = hub_model_id(getattr(model_config, "name_or_path", None))
         setattr(model_config, RECIPE_KEY, recipe)
 
 

@@ -134,5 +134,7 @@ class StructuralPruner(BasePruner):
         return report
 
     def save(self, save_dir: Path, overwrite: bool, config: PruningConfig) -> None:
+        record = getattr(self.model.config, "hf_compress", None) or {}  # names the base of a pruned folder
+        base_model = hub_model_id(getattr(self.model.config, "name_or_path", None)) or record.get("base_model")
         save_slim(self.model, self.tokenizer, save_dir, overwrite=overwrite, recipe=self.recipe(config),
-                  base_model=hub_model_id(getattr(self.model.config, "name_or_path", None)))
+                  base_model=base_model)

@@ -74,6 +74,9 @@ def run_quantize(args: argparse.Namespace) -> int:
         use_lora=args.method == "dlqat" and not args.no_lora,
     )
     model, tokenizer = load_model(args.model)
+    # A pruned input stays sparse (keep_sparsity): the card must name the prune(s) that shaped these weights too.
+    record = getattr(model.config, "hf_compress", None) or {}
+    pruned_before = [*record.get("earlier_pruning", []), *([record["pruning"]] if record.get("pruning") else [])]
     check_not_packed(model, f"pass the float model to `quantize {args.method}` instead")  # before any training
     if args.method == "dlqat":
         check_within_learned_positions(model, args.seq_len, "--seq-len is", "--seq-len")  # before training starts
@@ -90,9 +93,11 @@ def run_quantize(args: argparse.Namespace) -> int:
         with tempfile.TemporaryDirectory() as scratch:
             train_with_trainer(model, data, scratch, settings)
     # Cards and adapter configs name the base model by its Hub id, never by a local path (None without one).
-    base_model = hub_model_id(getattr(model.config, "name_or_path", None))
-    fields = _RECIPE_FIELDS if args.method == "dlqat" else ("bits", "group_size", "symmetric")
+    base_model = hub_model_id(getattr(model.config, "name_or_path", None)) or record.get("base_model")
+    fields = _RECIPE_FIELDS if args.method == "dlqat" else ("bits", "group_size", "symmetric", "keep_sparsity")
     recipe = {"method": args.method, **{k: v for k, v in config.to_dict().items() if k in fields}}
+    if pruned_before:
+        recipe["pruned_before"] = pruned_before
     if args.method == "dlqat":
         recipe["training"] = {"steps": args.steps, "learning_rate": args.learning_rate,
                               "batch_size": args.batch_size, "seq_len": args.seq_len,
@@ -107,7 +112,7 @@ def run_quantize(args: argparse.Namespace) -> int:
                 write_model_card(folder, _model_card(base_model, recipe, "adapter"))
     # rtn packs in place, recording "rtn" in config.json (an untrained DL-QAT export would record "dlqat").
     packed = model.merge_and_quantize() if args.method == "dlqat" else quantize_rtn(
-        model, bits=args.bits, group_size=args.group_size, symmetric=args.symmetric)
+        model, bits=args.bits, group_size=args.group_size, symmetric=args.symmetric, keep_sparsity=config.keep_sparsity)
     save_packed(packed, tokenizer, args.save_dir, overwrite=args.overwrite,
                 card=_model_card(base_model, recipe, "compressed_model"))
     size = packed_size(packed)
@@ -128,7 +133,8 @@ def _check_method_flags(args: argparse.Namespace) -> None:
             setattr(args, name, default)
 
 
-_RECIPE_FIELDS = ("bits", "group_size", "symmetric", "r", "lora_alpha", "lora_space", "use_magnitude", "use_lora")
+_RECIPE_FIELDS = ("bits", "group_size", "symmetric", "r", "lora_alpha", "lora_space", "use_magnitude", "use_lora",
+                  "keep_sparsity")
 
 
 def _model_card(base_model: str, recipe: dict, template: str):
@@ -149,7 +155,8 @@ def _model_card(base_model: str, recipe: dict, template: str):
                    'base = AutoModelForCausalLM.from_pretrained("{base_model}")\n'
                    'model = PeftModel.from_pretrained(base, "{repo_id}")\n'
                    "packed = model.merge_and_quantize()  # real low-bit weights")
+    pruning_tags = [p["method"] for p in recipe.get("pruned_before", []) if isinstance(p.get("method"), str)]
     return build_model_card(
         base_model=base_model, model_name=name, recipe=recipe, template=template, load_snippet=snippet,
-        base_model_relation="quantized" if template == "compressed_model" else None,
+        extra_tags=pruning_tags, base_model_relation="quantized" if template == "compressed_model" else None,
     )
