@@ -61,3 +61,16 @@ def test_a_second_structural_prune_of_a_saved_folder_keeps_the_original_base_mod
     BlockRemovalPruner(again, tokenizer).prune(BlockRemovalConfig(sparsity=0.3, **settings), text,
                                                save_dir=tmp_path / "twice", progress=False)
     assert load_card(tmp_path / "twice").data.base_model == "org/tiny-llama"
+
+
+def test_the_uncompressed_baseline_card_does_not_claim_compression():
+    # The demo saves the dense model beside its compressed variants with {"method": "none"}.
+    from hf_compress.hub import build_model_card
+
+    card = build_model_card(base_model="HuggingFaceTB/SmolLM2-135M-Instruct", model_name="m-dense",
+                            recipe={"method": "none"})
+    assert "unmodified copy of [HuggingFaceTB/SmolLM2-135M-Instruct]" in card.text
+    assert "compressed version" not in card.text and "using none" not in card.text
+    assert card.data.tags == ["hf_compress"]
+    compressed = build_model_card(base_model="org/x", model_name="m", recipe={"method": "rtn"})
+    assert "compressed version of [org/x]" in compressed.text and "using rtn" in compressed.text

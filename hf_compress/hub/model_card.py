@@ -186,7 +186,8 @@ def build_model_card(
 
     recipe = _jsonable(dict(recipe), "`recipe`")
     methods = _method_names(recipe)
-    tags = [HF_COMPRESS_TAG, *methods, *extra_tags]
+    uncompressed = methods == ["none"]  # a baseline saved beside compressed variants (the demo's dense model)
+    tags = [HF_COMPRESS_TAG, *(m for m in methods if m != "none"), *extra_tags]
 
     eval_results = [metric_to_eval_result(m) for m in metrics]
     _check_groupable(eval_results)
@@ -227,6 +228,7 @@ def build_model_card(
         model_name=model_name,
         base_model=base_model,
         methods=methods,
+        uncompressed=uncompressed,
         recipe_yaml=yaml.safe_dump(recipe, sort_keys=False, default_flow_style=False).strip(),
         metric_rows=[_table_row(m) for m in metrics],
         load_snippet=load_snippet,
