@@ -111,7 +111,7 @@ def run_demo(
             compressed, recipe = method.apply(model, tokenizer, calibration)
             results, records = run_evaluation(compressed, tokenizer, settings, progress=progress)
             _write_artifact(staging / method.name, compressed, tokenizer, method.save, base_model,
-                            f"{short_name}-{method.name}", recipe, records, results)
+                            f"{short_name}-{method.name}", recipe, records, results, base_records=dense_records)
             rows.append(_row(method.name, results, staging / method.name))
             del compressed
         _write_json(staging / "summary.json", {"model": short_name if os.path.exists(str(model_name)) else model_name, "settings": settings.to_dict(), "rows": rows})
@@ -155,12 +155,13 @@ def _fmt(value: Any) -> str:
 
 
 def _write_artifact(folder: Path, model, tokenizer, save, base_model: str | None, name: str, recipe: dict[str, Any],
-                    records, results: dict[str, Any]) -> None:
+                    records, results: dict[str, Any], base_records=()) -> None:
     """A Hub-ready folder: what ``from_pretrained`` needs, a model card with measured metrics, raw results."""
     from .hub import build_model_card, write_model_card
 
     (save or _save_pretrained)(model, tokenizer, folder)
-    card = build_model_card(base_model=base_model, model_name=name, recipe=recipe, metrics=records)
+    card = build_model_card(base_model=base_model, model_name=name, recipe=recipe, metrics=records,
+                            base_metrics=base_records)
     write_model_card(folder, card)
     _write_json(folder / "results.json", results)
 

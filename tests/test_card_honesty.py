@@ -74,3 +74,20 @@ def test_the_uncompressed_baseline_card_does_not_claim_compression():
     assert card.data.tags == ["hf_compress"]
     compressed = build_model_card(base_model="org/x", model_name="m", recipe={"method": "rtn"})
     assert "compressed version of [org/x]" in compressed.text and "using rtn" in compressed.text
+
+
+def test_a_compressed_card_shows_the_base_model_measured_in_the_same_run_beside_its_own():
+    from hf_compress.evaluation.results import MetricRecord
+    from hf_compress.hub import build_model_card
+
+    def ppl(value, window=512):
+        return MetricRecord("text-generation", "wikipedia", "Wikipedia", "perplexity", value, dataset_split="eval",
+                            settings={"window": window})
+
+    card = build_model_card(base_model="org/x", model_name="m", recipe={"method": "rtn"},
+                            metrics=[ppl(25.5), ppl(30.25, window=256)], base_metrics=[ppl(20.5)])
+    assert "| perplexity | Wikipedia | eval | 25.5 | 20.5 | window=512 |" in card.text
+    assert "| perplexity | Wikipedia | eval | 30.25 | — | window=256 |" in card.text  # other settings: not comparable
+    assert [r.metric_value for r in card.data.eval_results] == [25.5, 30.25]  # model-index: this model only
+    plain = build_model_card(base_model="org/x", model_name="m", recipe={"method": "rtn"}, metrics=[ppl(25.5)])
+    assert "| perplexity | Wikipedia | eval | 25.5 | window=512 |" in plain.text and "Base model |" not in plain.text

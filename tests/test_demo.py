@@ -41,6 +41,13 @@ def test_demo_writes_hub_ready_folders(tmp_path):
     assert read_recipe(folder) == {"method": "halve", "factor": 0.5}
     metrics = {m.metric_type: m.metric_value for m in read_metrics(folder)}
     assert metrics["perplexity"] == pytest.approx(halved["ppl_wikipedia"], rel=1e-3)
+    # Every measured row of the card shows the dense model's number from the same run beside its own.
+    dense_values = {m.metric_name or m.metric_type: m.metric_value for m in read_metrics(out / "dense")}
+    rows = [line.split(" | ") for line in (folder / "README.md").read_text().splitlines()
+            if line.startswith("| ") and line.split(" | ")[0].strip("| ") in dense_values]
+    assert len(rows) == len(dense_values) >= 3
+    for row in rows:
+        assert float(row[4]) == pytest.approx(dense_values[row[0].strip("| ")], rel=1e-5), row
     reloaded = AutoModelForCausalLM.from_pretrained(folder)
     assert reloaded.config.model_type == "llama"
     assert json.loads((out / "summary.json").read_text())["rows"][1]["model"] == "halve"

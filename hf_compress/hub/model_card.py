@@ -128,6 +128,7 @@ def build_model_card(
     model_name: str,
     recipe: Mapping[str, Any],
     metrics: Sequence[MetricRecord] = (),
+    base_metrics: Sequence[MetricRecord] = (),
     template: str | os.PathLike = "compressed_model",
     library_name: str | None = None,
     repo_id: str | None = None,
@@ -149,6 +150,8 @@ def build_model_card(
             ``{"stages": [{"method": "wanda", ...}, {"method": "gptq", ...}]}``; every name becomes a tag.
         metrics: Measured results only (from ``hf_compress.evaluation``); they fill ``model-index`` and the
             results table. With none, the card has no ``model-index`` and says nothing was measured.
+        base_metrics: The base model's results from the same run and settings, shown beside this model's in the
+            results table (what the compression cost); they never enter ``model-index``, which describes this model.
         template: ``"compressed_model"`` (a full model), ``"adapter"`` (weights applied on top of
             ``base_model``), or the path of a custom Markdown + Jinja template.
         library_name: The library that *loads* the artifact, which is what the Hub's ``library_name`` means
@@ -190,6 +193,7 @@ def build_model_card(
     tags = [HF_COMPRESS_TAG, *(m for m in methods if m != "none"), *extra_tags]
 
     eval_results = [metric_to_eval_result(m) for m in metrics]
+    base_values = {_comparable(m): m.metric_value for m in base_metrics}
     _check_groupable(eval_results)
 
     if load_snippet is None:
@@ -230,7 +234,8 @@ def build_model_card(
         methods=methods,
         uncompressed=uncompressed,
         recipe_yaml=yaml.safe_dump(recipe, sort_keys=False, default_flow_style=False).strip(),
-        metric_rows=[_table_row(m) for m in metrics],
+        metric_rows=[_table_row(m, base_values) for m in metrics],
+        has_baseline=bool(base_metrics),
         load_snippet=load_snippet,
         hf_compress_version=__version__,
     )
@@ -441,7 +446,16 @@ def _cell(value: Any) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
-def _table_row(record: MetricRecord) -> dict[str, str]:
+def _comparable(record: MetricRecord) -> str:
+    # Two records compare when they measured the same thing the same way; only the model (and so the standard
+    # error, which the settings carry) differs.
+    settings = {key: value for key, value in record.settings.items() if "stderr" not in key}
+    return json.dumps([record.metric_type, record.metric_name, record.dataset_type, record.dataset_split,
+                       record.metric_config, settings], sort_keys=True, default=str)
+
+
+def _table_row(record: MetricRecord, base_values: Mapping[str, float] | None = None) -> dict[str, str]:
+    base = (base_values or {}).get(_comparable(record))
     settings = ", ".join(
         f"{k}={v if isinstance(v, (str, int, float)) else json.dumps(v)}" for k, v in record.settings.items()
     )
@@ -450,5 +464,6 @@ def _table_row(record: MetricRecord) -> dict[str, str]:
         "dataset": _cell(record.dataset_name),
         "split": _cell(record.dataset_split or "—"),
         "value": _cell(f"{float(record.metric_value):.6g}"),
+        "base": "—" if base is None else _cell(f"{float(base):.6g}"),
         "settings": _cell(settings or "—"),
     }
