@@ -280,6 +280,25 @@ def test_rtn_skipping_every_layer_is_refused():
     assert not getattr(model, "is_quantized", False) and getattr(model.config, "quantization_config", None) is None
 
 
+def test_non_finite_weights_are_refused_before_anything_is_packed():
+    # A diverged adapter (or a broken base) would otherwise export NaN scales that load and answer garbage.
+    model = get_peft_model(tiny_model("llama")[0], DLQATConfig(bits=4, group_size=32, r=2))
+    layers = [m for m in model.modules() if isinstance(m, DLQATLinear)]
+    with torch.no_grad():
+        layers[3].dlqat_B["default"].fill_(float("nan"))
+    with pytest.raises(ValueError, match=r"o_proj\.dlqat_B\.default is not finite.*lower learning rate"):
+        model.merge_and_quantize()
+    assert sum(isinstance(m, DLQATLinear) for m in model.modules()) == len(layers)  # nothing packed
+    plain, _ = tiny_model("llama")
+    with torch.no_grad():
+        plain.model.layers[1].mlp.up_proj.weight[0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"layers\.1\.mlp\.up_proj holds non-finite weights"):
+        quantize_rtn(plain, bits=4, group_size=32)
+    assert not any(isinstance(m, PackedLinear) for m in plain.modules())  # refused before the first layer
+    with pytest.raises(ValueError, match="scales or zero-points are not finite"):
+        PackedLinear.from_codes(torch.zeros(4, 32), torch.full((4, 1), float("nan")), torch.zeros(4, 1), 4, 32)
+
+
 def test_dlqat_export_of_an_already_packed_model_is_refused_before_packing():
     # Only the float head can take the adapter; exporting it would write a config listing that one layer of 15.
     packed = quantize_rtn(tiny_model("llama")[0], bits=4, group_size=32)

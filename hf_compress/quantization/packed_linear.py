@@ -154,6 +154,9 @@ class PackedLinear(nn.Module):
                 f"scales/zeros must have shape {tuple(layer.scales.shape)} for {in_features} inputs in groups of "
                 f"{layer.group_size}; got {tuple(scales.shape)} and {tuple(zeros.shape)}."
             )
+        if not (torch.isfinite(scales).all() and torch.isfinite(zeros).all()):
+            raise ValueError("the grid's scales or zero-points are not finite (NaN or inf): the weights being packed "
+                             "are not finite. Check the model (a diverged training run?) before quantizing it.")
         zeros = zeros.round()
         if zeros.numel() and not (0 <= float(zeros.min()) and float(zeros.max()) < 2**bits):
             raise ValueError(f"zero-points must lie in [0, {2**bits}) for {bits}-bit codes, got values in "

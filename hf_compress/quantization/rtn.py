@@ -64,19 +64,22 @@ def quantize_rtn(
     check_not_offloaded(model, "Round-to-nearest quantization")  # offloaded weights are on 'meta'
     slim = slim_record(model)  # measured on the nn.Linear layers, before they are replaced
     prefix, blocks = find_decoder_blocks(model)
+    layers = {f"{prefix}.{index}.{name}": layer for index, block in enumerate(blocks)
+              for name, layer in find_linear_layers(block, skip=skip, qualified_prefix=f"{prefix}.{index}").items()}
+    broken = next((name for name, layer in layers.items() if not torch.isfinite(weight_matrix(layer)).all()), None)
+    if broken is not None:  # before any layer is replaced: a refused model stays as it came
+        raise ValueError(f"{broken} holds non-finite weights (NaN or inf); quantize a finite model.")
     names = []
-    for index, block in enumerate(blocks):
-        qualified = f"{prefix}.{index}"
-        for name, layer in find_linear_layers(block, skip=skip, qualified_prefix=qualified).items():
-            w = weight_matrix(layer)
-            grid = QuantizationGrid.fit(w, bits, group_size, symmetric)
-            packed = PackedLinear.from_codes(
-                grid.quantize(w), grid.scale, grid.zero, bits, group_size,
-                bias=layer.bias, dtype=w.dtype, mask=(w != 0) if keeps_sparsity(w, keep_sparsity) else None,
-            )
-            packed.replaces_conv1d = isinstance(layer, Conv1D)
-            replace_module(model, f"{qualified}.{name}", packed)
-            names.append(f"{qualified}.{name}")
+    for name, layer in layers.items():
+        w = weight_matrix(layer)
+        grid = QuantizationGrid.fit(w, bits, group_size, symmetric)
+        packed = PackedLinear.from_codes(
+            grid.quantize(w), grid.scale, grid.zero, bits, group_size,
+            bias=layer.bias, dtype=w.dtype, mask=(w != 0) if keeps_sparsity(w, keep_sparsity) else None,
+        )
+        packed.replaces_conv1d = isinstance(layer, Conv1D)
+        replace_module(model, name, packed)
+        names.append(name)
     if not names:  # nothing was replaced: a "packed" model of float layers would only mislabel the checkpoint
         raise ValueError(
             f"no layers to quantize: the {len(blocks)} decoder blocks of {type(model).__name__} hold no "

@@ -194,6 +194,10 @@ class DLQATModel(BaseTuner):
             raise TypeError(f"adapter {adapter!r} is not a DL-QAT adapter.")
         check_not_packed(self.model, "put the DL-QAT adapter on the float model instead (all layers at once)")
         layers = [(name, m) for name, m in self.model.named_modules() if isinstance(m, DLQATLayer)]
+        broken = next((f"{name}.{tensor}" for name, layer in layers for tensor in _non_finite(layer, adapter)), None)
+        if broken is not None:  # before any layer is packed: a refused model stays as it came
+            raise ValueError(f"{broken} is not finite (NaN or inf): the adapter diverged or the base model is broken; "
+                             "retrain with a lower learning rate (or check the base model) before exporting.")
         names = []
         for name, layer in tqdm(layers, desc="Packing DL-QAT layers", disable=not progressbar):
             if layer.merged:
@@ -272,6 +276,14 @@ def _check_fingerprints(model: torch.nn.Module, adapter_name: str, state_dict: d
             f"layer(s) (e.g. {mismatched[0]}) do not match the ones it was fitted to. Load it onto the base "
             "model named in its adapter_config.json (base_model_name_or_path)."
         )
+
+
+def _non_finite(layer: DLQATLayer, adapter: str) -> list[str]:
+    """Names of the tensors ``adapter``'s export reads from ``layer`` (its own and the base weight) holding NaN or inf."""
+    tensors = [*layer.named_parameters(), *layer.named_buffers()]
+    return [name for name, tensor in tensors
+            if (adapter in name.split(".") or name.startswith("base_layer.")) and tensor.is_floating_point()
+            and not bool(torch.isfinite(tensor).all())]
 
 
 def _unwrap_auxiliary_modules(model: torch.nn.Module, adapter: str) -> None:
