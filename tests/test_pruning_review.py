@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 from hf_compress.assets import tiny_model
 from hf_compress.assets.tiny_models import tiny_config, tiny_tokenizer
 from hf_compress.modeling import find_decoder_blocks, find_linear_layers, weight_matrix
-from hf_compress.pruning import MagnitudePruner, SparseGPTConfig, SparseGPTPruner, check_pattern
+from hf_compress.pruning import MagnitudeConfig, MagnitudePruner, SparseGPTConfig, SparseGPTPruner, check_pattern
 from hf_compress.pruning.storage import save_pruned
 
 
@@ -86,3 +86,23 @@ def test_a_second_prune_keeps_the_first_in_the_recorded_recipe():
     record = model.config.hf_compress
     assert record["pruning"]["sparsity"] == 0.3
     assert [earlier["sparsity"] for earlier in record["earlier_pruning"]] == [0.5]
+
+
+def test_skip_patterns_that_match_nothing_are_refused_before_any_change(caplog):
+    # A typo ('*down-proj') would otherwise prune or quantize the very layers it meant to keep, without a word.
+    from hf_compress.quantization import quantize_rtn
+
+    model, tokenizer = tiny_model("llama")
+    before = {name: parameter.clone() for name, parameter in model.named_parameters()}
+    with pytest.raises(ValueError, match=r"skip=\['\*down-proj'\] matches no linear layer.*'self_attn\.q_proj'"):
+        MagnitudePruner(model, tokenizer).prune(MagnitudeConfig(sparsity="2:4", skip=["*down-proj"]), progress=False)
+    with pytest.raises(ValueError, match=r"skip=\['\*down-proj'\] matches no linear layer"):
+        quantize_rtn(model, bits=4, group_size=32, skip=["*down-proj"])
+    assert all(torch.equal(parameter, before[name]) for name, parameter in model.named_parameters())
+    # One list for several architectures: the patterns that match do their work, the others are only logged.
+    with caplog.at_level("WARNING", logger="hf_compress.modeling.layers"):
+        MagnitudePruner(model, tokenizer).prune(MagnitudeConfig(sparsity="2:4", skip=["*down_proj", "*c_fc"]),
+                                                progress=False)
+    assert "['*c_fc'] match no linear layer" in caplog.text
+    assert not torch.equal(model.model.layers[0].mlp.up_proj.weight, before["model.layers.0.mlp.up_proj.weight"])
+    assert torch.equal(model.model.layers[0].mlp.down_proj.weight, before["model.layers.0.mlp.down_proj.weight"])

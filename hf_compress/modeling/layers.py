@@ -30,6 +30,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .. import _compat
+from ..utils.logging import get_logger
 
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "find_decoder_blocks",
     "check_not_disk_offloaded",
     "check_not_offloaded",
+    "check_skip_patterns",
     "check_within_learned_positions",
     "learned_position_limit",
     "find_linear_layers",
@@ -54,6 +56,8 @@ __all__ = [
     "set_weight_matrix",
     "weight_matrix",
 ]
+
+logger = get_logger(__name__)
 
 LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D)
 """Module types treated as linear layers (``Conv1D`` is GPT-2's transposed linear layer)."""
@@ -140,6 +144,33 @@ def matches_any(name: str, patterns: Sequence[str]) -> bool:
     if isinstance(patterns, str):  # a lone string would otherwise be matched character by character
         patterns = [patterns]
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def check_skip_patterns(model: nn.Module, skip: Sequence[str]) -> None:
+    """Refuse ``skip`` patterns of which none matches a linear layer of the decoder blocks, as peft refuses
+    ``target_modules`` that match nothing: a typo would otherwise compress the layers it meant to keep. A list
+    where some patterns match (one written for several architectures) only logs the others.
+
+    Example:
+        >>> from hf_compress.assets import tiny_model
+        >>> check_skip_patterns(tiny_model("llama")[0], ["*down_proj"])
+    """
+    if isinstance(skip, str):
+        skip = [skip]
+    if not skip:
+        return
+    prefix, blocks = find_decoder_blocks(model)
+    names = [(name, f"{prefix}.{index}.{name}") for index, block in enumerate(blocks) for name in find_linear_layers(block)]
+    unused = [pattern for pattern in skip
+              if not any(fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(qualified, pattern)
+                         for name, qualified in names)]
+    if not unused:
+        return
+    example = f"{names[0][0]!r} (or {names[0][1]!r})" if names else "none"
+    if len(unused) == len(skip):
+        raise ValueError(f"skip={list(skip)} matches no linear layer of the decoder blocks, whose names look like "
+                         f"{example}; fix the pattern(s) (`*` also spans dots, e.g. '*down_proj').")
+    logger.warning("skip patterns %s match no linear layer of this model (names look like %s)", unused, example)
 
 
 def find_linear_layers(

@@ -44,7 +44,7 @@ from ..modeling import (
     onloaded,
     weight_matrix,
 )
-from ..modeling.layers import check_not_disk_offloaded, missing_weights
+from ..modeling.layers import check_not_disk_offloaded, check_skip_patterns, missing_weights
 from ..utils import get_logger
 from .base import BasePruner
 from .config import PruningConfig, SparsityPattern
@@ -231,6 +231,7 @@ class MaskPruner(BasePruner):
 
     def _check_layers(self, config: PruningConfig) -> int:
         block_name, blocks = find_decoder_blocks(self.model)  # ValueError for a model without blocks
+        check_skip_patterns(self.model, config.skip)
         layers = {
             f"{block_name}.{index}.{name}": layer
             for index, block in enumerate(blocks)

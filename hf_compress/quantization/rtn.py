@@ -21,7 +21,9 @@ from transformers.pytorch_utils import Conv1D
 
 from ..formats.packed import PackedFormatConfig, attach_packed_format, check_not_packed
 from ..formats.slim import slim_record
-from ..modeling.layers import check_not_offloaded, find_decoder_blocks, find_linear_layers, replace_module, weight_matrix
+from ..modeling.layers import (
+    check_not_offloaded, check_skip_patterns, find_decoder_blocks, find_linear_layers, replace_module, weight_matrix,
+)
 from ..utils import InvalidArgumentTypeError, check_bool, check_str_list
 from .grid import QuantizationGrid, check_grid_arguments, check_keep_sparsity, keeps_sparsity
 from .packed_linear import PackedLinear
@@ -64,6 +66,7 @@ def quantize_rtn(
     check_not_offloaded(model, "Round-to-nearest quantization")  # offloaded weights are on 'meta'
     slim = slim_record(model)  # measured on the nn.Linear layers, before they are replaced
     prefix, blocks = find_decoder_blocks(model)
+    check_skip_patterns(model, skip)
     layers = {f"{prefix}.{index}.{name}": layer for index, block in enumerate(blocks)
               for name, layer in find_linear_layers(block, skip=skip, qualified_prefix=f"{prefix}.{index}").items()}
     broken = next((name for name, layer in layers.items() if not torch.isfinite(weight_matrix(layer)).all()), None)
