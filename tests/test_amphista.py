@@ -10,11 +10,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from hf_compress import _compat
 from hf_compress.assets import tiny_model
 from hf_compress.hub import read_recipe
 from hf_compress.recipe.config import RecipeError
 from hf_compress.recipe.steps.heads import HeadsStep
 from hf_compress.speculative import StrictGreedy, TypicalAcceptance
+from hf_compress.speculative.drafting import Draft
 from hf_compress.speculative.heads import (
     Amphista,
     AmphistaConfig,
@@ -236,6 +238,40 @@ def test_a_left_padded_row_gets_the_drafts_it_gets_alone():
     torch.testing.assert_close(padded, first_draft_logits(torch.tensor([row]), None), rtol=1e-4, atol=1e-4)
 
 
+def test_a_left_padded_batch_continues_a_pre_filled_cache():
+    """The adaptation stages see only what the engine feeds (not the pre-filled prefix): the padding mask must match."""
+    from transformers import DynamicCache
+
+    model, _ = tiny_model("llama")
+    heads = AmphistaHeads.for_model(model, AmphistaConfig(num_heads=2, num_attention_heads=2))
+    batch = torch.tensor([[0, 0, 5, 9, 13], [40, 41, 42, 43, 44]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    cache, name = DynamicCache(config=model.config), _compat.cache_kwarg_name(model)
+    with torch.no_grad():
+        model(batch[:, :3], attention_mask=mask[:, :3], use_cache=True, **{name: cache})
+    out = model.generate(batch, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                         custom_generate=Amphista(heads, tree="chain"), **{name: cache})
+    assert torch.equal(out, model.generate(batch, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0))
+
+
+def test_metrics_count_only_the_drafts_emitted_before_a_stop_inside_a_round():
+    model, _ = tiny_model("opt")
+    heads = AmphistaHeads.for_model(model, MedusaConfig(num_heads=4))
+    for first in range(3, 250):  # a prompt whose greedy text starts with two different tokens
+        ids = torch.tensor([[first, 9, 13, 200, 7]])
+        full = model.generate(ids, max_new_tokens=8, do_sample=False)[0].tolist()
+        if full[5] != full[6]:
+            break
+    strategy = Amphista(heads, tree="chain")
+    drafter = strategy.drafter_for(model)  # an oracle: drafts the greedy text, all accepted
+    drafter.propose = lambda input_ids, mask, budget: Draft(torch.tensor([full[input_ids.shape[1]:][:budget]]))
+    out = model.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=full[6], custom_generate=strategy)
+    assert out[0].tolist() == full[:7]  # EOS is the second of the round's four accepted drafts
+    metrics = strategy.last_metrics
+    assert (metrics.new_tokens, metrics.draft_tokens_accepted, metrics.draft_tokens_accepted_by_rule) == (2, 2, 4)
+    assert metrics.acceptance_rate == 0.5  # two of the four drafts were used; the rest lie past the stop
+
+
 def test_typical_acceptance_thresholds_and_sampling_runs(llama_amphista):
     rule = TypicalAcceptance()  # ε = 0.09, δ = 0.3
     confident = torch.tensor([[[10.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]])
@@ -304,10 +340,52 @@ def test_windows_too_short_to_learn_from_are_refused():
     heads = AmphistaHeads.for_model(model, MedusaConfig(num_heads=2))
     data = causal_lm_dataset(["some text here and more " * 40], tok, num_sequences=4, seq_len=2)
     for dataset in (data, cache_base_features(model, data)):
-        with pytest.raises(ValueError, match="at least 3 tokens; this dataset has windows of 2"):
+        with pytest.raises(ValueError, match="at least 4 tokens for 2 heads .*this dataset has windows of 2"):
             train_heads(model, heads, dataset, quick_settings(2), cache_features=False)
+    # Windows long enough for the first heads only would leave the far ones untrained (their targets lie past the end).
+    four = AmphistaHeads.for_model(model, MedusaConfig(num_heads=4))
+    data = causal_lm_dataset(["some text here and more " * 40], tok, num_sequences=4, seq_len=5)
+    with pytest.raises(ValueError, match="at least 6 tokens for 4 heads .*far heads untrained.*windows of 5"):
+        train_heads(model, four, data, quick_settings(2))
     with pytest.raises(RecipeError, match=r"training\.seq_len must be an integer >= 3, got 2"):
-        HeadsStep.parse(1, {"method": "medusa", "training": {"seq_len": 2}}, seed=0)
+        HeadsStep.parse(1, {"method": "medusa", "num_heads": 1, "training": {"seq_len": 2}}, seed=0)
+    with pytest.raises(RecipeError, match=r"training\.seq_len must be an integer >= 6, got 5.*4 drafting heads"):
+        HeadsStep.parse(1, {"method": "medusa", "num_heads": 4, "training": {"seq_len": 5}}, seed=0)  # before any step
+
+
+def test_heads_in_another_dtype_than_the_base_draft_and_train():
+    """Float32 heads (trained weights kept in full precision) on a bfloat16 base share its bfloat16 lm_head."""
+    model, tok = tiny_model("llama")
+    base = copy.deepcopy(model).to(torch.bfloat16)
+    heads = AmphistaHeads.for_model(model, AmphistaConfig(num_heads=2, num_attention_heads=2))
+    ids = torch.tensor([PROMPTS[0]])
+    reference = base.generate(ids, max_new_tokens=6, do_sample=False)
+    for tree in ("chain", [(0,), (1,), (0, 0)]):
+        out = base.generate(ids, max_new_tokens=6, do_sample=False, custom_generate=Amphista(heads, tree=tree))
+        assert torch.equal(out, reference)
+    data = causal_lm_dataset(["some text here and more " * 40], tok, num_sequences=4, seq_len=8)
+    for cache_features in (True, False):
+        train_heads(base, heads, data, quick_settings(2), cache_features=cache_features)
+    assert heads.dtype == torch.float32
+
+
+def test_heads_train_on_a_peft_model_with_its_decode_time_features():
+    """A PEFT model's ``base_model`` is the tuner (it returns logits): features come from its decoder, as when decoding."""
+    from peft import LoraConfig, get_peft_model
+
+    model, tok = tiny_model("opt", word_embed_proj_dim=32)  # the decoder projects down to the lm_head's width
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    heads = AmphistaHeads.for_model(peft_model, AmphistaConfig(num_heads=2, num_attention_heads=2))
+    data = causal_lm_dataset(["some text here and more " * 40], tok, num_sequences=4, seq_len=8)
+    cached = cache_base_features(peft_model, data)
+    assert cached.hidden_states.shape[-1] == 32
+    for cache_features in (True, False):
+        train_heads(peft_model, heads, data, quick_settings(2), cache_features=cache_features)
+    assert [n for n, p in peft_model.named_parameters() if p.requires_grad] == [
+        n for n, p in peft_model.named_parameters() if "lora_" in n]  # the adapters stay trainable
+    ids = torch.tensor([PROMPTS[0]])
+    out = peft_model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, custom_generate=Amphista(heads))
+    assert torch.equal(out, peft_model.generate(input_ids=ids, max_new_tokens=6, do_sample=False))
 
 
 def test_time_budget_stops_training():

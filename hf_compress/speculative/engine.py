@@ -279,8 +279,8 @@ class SpeculativeMetrics:
 
     target_forwards: int = 0
     draft_tokens_proposed: int = 0
-    draft_tokens_accepted: int = 0  # drafts emitted (after the batch cut)
-    draft_tokens_accepted_by_rule: int = 0  # before the batch cut (equal at batch size 1)
+    draft_tokens_accepted: int = 0  # drafts emitted (after the batch cut, none past a stop inside the round)
+    draft_tokens_accepted_by_rule: int = 0  # before the batch cut and stops (equal at batch size 1 without a stop)
     new_tokens: int = 0
     rows: int = 1
     wall_time_s: float = 0.0
@@ -415,7 +415,6 @@ def speculative_decode(
         metrics.target_forwards += 1
         active_rows = int(unfinished.sum())
         metrics.draft_tokens_proposed += step.num_drafts * active_rows
-        metrics.draft_tokens_accepted += (step.tokens.shape[1] - 1) * active_rows
         metrics.draft_tokens_accepted_by_rule += int(step.verdict.num_accepted[unfinished].sum())
 
         finished_all = False
@@ -427,6 +426,8 @@ def speculative_decode(
             input_ids = torch.cat([input_ids, token.unsqueeze(1)], dim=1)
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
             metrics.new_tokens += int(unfinished.sum())
+            if j < step.tokens.shape[1] - 1:  # an accepted draft, counted only if emitted (not past a stop mid-round)
+                metrics.draft_tokens_accepted += int(unfinished.sum())
             if want_scores:
                 scores_out.append(step.scores[:, j])
             if want_logits:

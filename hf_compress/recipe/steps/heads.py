@@ -48,10 +48,11 @@ class HeadsStep(Step):
         fields = check_keys(where, data, {"method", "training", *names})
         fields.pop("method")
         training = parse_training(where, fields.pop("training", None), HEADS_TRAINING)
-        with refused_as(where):  # the first head learns the token two past each position
-            check_int("training.seq_len", training["seq_len"], minimum=MIN_WINDOW,
-                      hint=f"Drafting heads learn from windows of at least {MIN_WINDOW} tokens.")
         config = _config(where, configs[method], fields)
+        needed = MIN_WINDOW + config.num_heads - 1  # head k learns the token 2 + k past each position
+        with refused_as(where):
+            check_int("training.seq_len", training["seq_len"], minimum=needed,
+                      hint=f"{config.num_heads} drafting heads learn from windows of at least {needed} tokens.")
         resolved = {name: copy.deepcopy(getattr(config, name)) for name in names}
         return cls(index, method, {**resolved, "training": training})
 

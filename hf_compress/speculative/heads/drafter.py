@@ -58,7 +58,9 @@ class HeadsDrafter:
             # The heads' context is every position before the newest token; its left padding must stay unseen.
             padding = None
             if attention_mask is not None and not bool(attention_mask.all()):
-                padding = attention_mask[:, : input_ids.shape[1] - 1]
+                # Only the positions the stages have seen: a cache pre-filled before generate() holds the first ones.
+                seen = hidden.shape[1] + (0 if self._past is None else self._past[0][0].shape[2])
+                padding = attention_mask[:, input_ids.shape[1] - 1 - seen : input_ids.shape[1] - 1]
             features, self._past = self.heads.features(hidden, next_tokens, self.base, self._past, slice(-1, None),
                                                        attention_mask=padding)
         else:

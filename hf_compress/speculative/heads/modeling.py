@@ -168,10 +168,12 @@ class DraftHeads(PreTrainedModel):
 
     def project(self, features: torch.Tensor, base: BaseParts, head: int | None = None) -> torch.Tensor:
         """Logits of the first heads' ``features`` ``(..., k, d)`` → ``(..., k, V)``, or of one head's ``(..., d)``."""
-        if head is not None:
-            return (self.projections[head] if self.projections is not None else base.lm_head)(features)
         if self.projections is None:
-            return base.lm_head(features)
+            # The shared base lm_head may be in another dtype than the heads (fp32 heads on a bf16 base).
+            weight = getattr(base.lm_head, "weight", None)
+            return base.lm_head(features if weight is None else features.to(weight.dtype))
+        if head is not None:
+            return self.projections[head](features)
         return torch.stack([self.projections[k](features[..., k, :]) for k in range(features.shape[-2])], dim=-2)
 
     def forward(self, hidden_states: torch.Tensor, next_tokens: torch.LongTensor, base: BaseParts) -> torch.Tensor:
