@@ -6,7 +6,20 @@ code changes, multi-process training (``accelerate launch`` / ``torchrun``: DDP,
 """
 
 from .data import causal_lm_dataset
-from .trainer import TrainingSettings, preserved_random_state, train_with_trainer
+from .trainer import (
+    TrainingSettings,
+    largest_over_processes,
+    preserved_random_state,
+    process_count,
+    train_with_trainer,
+)
 
 
-__all__ = ["TrainingSettings", "causal_lm_dataset", "preserved_random_state", "train_with_trainer"]
+__all__ = [
+    "TrainingSettings",
+    "causal_lm_dataset",
+    "largest_over_processes",
+    "preserved_random_state",
+    "process_count",
+    "train_with_trainer",
+]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import random
 import time
 from collections.abc import Iterator
@@ -19,7 +20,9 @@ if TYPE_CHECKING:
     from transformers import TrainingArguments
 
 
-__all__ = ["TrainingSettings", "preserved_random_state", "train_with_trainer"]
+__all__ = [
+    "TrainingSettings", "largest_over_processes", "preserved_random_state", "process_count", "train_with_trainer",
+]
 
 logger = get_logger(__name__)
 
@@ -87,6 +90,42 @@ def preserved_random_state() -> Iterator[None]:
         finally:
             random.setstate(python_state)
             numpy.random.set_state(numpy_state)
+
+
+def process_count() -> int:
+    """How many processes train together: the process group's size, else ``WORLD_SIZE`` as ``torchrun`` and
+    ``accelerate launch`` set it (the group may start only with the Trainer), else 1.
+
+    Example:
+        >>> process_count()
+        1
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def largest_over_processes(value: float, device: Any = "cpu") -> float:
+    """The largest ``value`` over the processes training together (``value`` itself in one process).
+
+    A callback that decides from a per-process reading (wall time) must decide alike on every rank: one rank
+    stopping alone leaves the others waiting in DDP's gradient all-reduce forever. Every rank must call it at the
+    same point; ``device`` is the Trainer's (``args.device``: NCCL reduces CUDA tensors only).
+
+    Example:
+        >>> largest_over_processes(2.5)
+        2.5
+    """
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    reading = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(reading, op=dist.ReduceOp.MAX)
+    return float(reading.item())
 
 
 def train_with_trainer(

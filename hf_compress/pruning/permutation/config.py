@@ -77,7 +77,7 @@ class LearnedPermutationConfig(_PermutationConfigJSON):
         epochs: passes over the training windows (the calibration windows unless
             ``num_training_sequences`` is set).
         num_training_sequences: training windows (of the calibration length); ``None``: the calibration ones.
-        batch_size: windows per optimiser step.
+        batch_size: windows per optimiser step (on each process, when several train together).
         learning_rate: AdamW learning rate of the cost matrices (cosine schedule).
         sinkhorn_iterations: log-domain Sinkhorn iterations per step.
         temperature_start, temperature_end: the linear annealing of ``τ`` (relative to the cost

@@ -69,7 +69,13 @@ def learn_permutations(
     from datasets import Dataset
     from transformers import TrainerCallback
 
-    from ...training import TrainingSettings, preserved_random_state, train_with_trainer
+    from ...training import (
+        TrainingSettings,
+        largest_over_processes,
+        preserved_random_state,
+        process_count,
+        train_with_trainer,
+    )
 
     if config.num_training_sequences is not None:
         training_ids = training_ids[: config.num_training_sequences]
@@ -85,7 +91,8 @@ def learn_permutations(
         evaluation = torch.arange(min(config.eval_sequences, total), device=training_ids.device)
         logger.warning("learned permutation: %d windows are too few to hold %d out; keep-best scores training "
                        "windows", total, config.eval_sequences)
-    steps = max(1, math.ceil(config.epochs * len(train_rows) / config.batch_size))
+    # Every process takes its own batch_size windows per step: the epochs are over all of them together.
+    steps = max(1, math.ceil(config.epochs * len(train_rows) / (config.batch_size * process_count())))
     blockwise = config.objective == "block"
     device = next(model.parameters()).device
     evaluation_ids = training_ids[evaluation].to(device)
@@ -122,15 +129,18 @@ def learn_permutations(
             self.selection_curve.append([step, float(scores.double().mean())])  # as KeepBest averages
             self.keep.offer(step, hard, scores)
 
+        def elapsed(self, args) -> float:  # one reading for every rank: they anneal and stop alike
+            return largest_over_processes(time.perf_counter() - self.start, args.device)
+
         def on_step_begin(self, args, state, control, **kwargs):
             progress = state.global_step / max(1, state.max_steps - 1)
             if config.max_train_seconds is not None:  # a budget that stops training early still anneals fully
-                progress = max(progress, (time.perf_counter() - self.start) / config.max_train_seconds)
+                progress = max(progress, self.elapsed(args) / config.max_train_seconds)
             learner.progress = min(progress, 1.0)
 
         def on_step_end(self, args, state, control, **kwargs):
             budget = config.max_train_seconds
-            if budget is not None and time.perf_counter() - self.start > budget:
+            if budget is not None and self.elapsed(args) > budget:
                 logger.warning("learned permutation: stopping at step %d (max_train_seconds=%g)",
                                state.global_step, budget)
                 control.should_training_stop = True

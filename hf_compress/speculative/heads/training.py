@@ -31,7 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, TrainerCallback
 
-from ...training import TrainingSettings, train_with_trainer
+from ...training import TrainingSettings, largest_over_processes, train_with_trainer
 from ...utils import get_logger
 from ...modeling.identity import record_base_model
 from .modeling import BaseParts, DraftHeads
@@ -105,7 +105,7 @@ class HeadsTrainingModule(nn.Module):
         self.heads = heads
         self.lm_head = model.get_output_embeddings()
         self.embeddings = model.get_input_embeddings()
-        self.body = None if features_cached else model.base_model
+        self.body = None if features_cached else _feature_body(model)
         for module in (self.lm_head, self.embeddings, self.body):
             if module is not None:
                 module.requires_grad_(False)
@@ -147,7 +147,7 @@ def cache_base_features(model: PreTrainedModel, dataset: Dataset, batch_size: in
     # Kept on the CPU with the cached features (the Trainer moves each batch to the device).
     input_ids = torch.tensor(dataset["input_ids"], device="cpu")
     labels = torch.tensor(dataset["labels"], device="cpu") if "labels" in dataset.column_names else input_ids.clone()
-    body = model.base_model
+    body = _feature_body(model)
     device = model.get_input_embeddings().weight.device
     chunks = []
     with _eval_mode(model):
@@ -198,7 +198,8 @@ class TimeBudget(TrainerCallback):
         self.started = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if time.perf_counter() - self.started >= self.seconds:
+        # Each rank reads its own clock: all stop once any crosses the budget, or DDP waits forever on the rest.
+        if largest_over_processes(time.perf_counter() - self.started, args.device) >= self.seconds:
             self.stopped_early = state.global_step < state.max_steps
             control.should_training_stop = True
 
@@ -232,11 +233,12 @@ def train_heads(
     """
     heads.check_compatible(model)
     shortest = _shortest_window(dataset)
-    if shortest is not None and shortest < MIN_WINDOW:
+    needed = MIN_WINDOW + heads.num_heads - 1  # the last head's target is num_heads + 1 tokens past position 0
+    if shortest is not None and shortest < needed:
         raise ValueError(
             f"Heads learn the token 2 + k positions after each one, so every training window needs at least "
-            f"{MIN_WINDOW} tokens; this dataset has windows of {shortest}. Make longer windows (e.g. "
-            f"causal_lm_dataset(..., seq_len=64))."
+            f"{needed} tokens for {heads.num_heads} heads (shorter ones leave the far heads untrained); this dataset "
+            f"has windows of {shortest}. Make longer windows (e.g. causal_lm_dataset(..., seq_len=64)) or use fewer heads."
         )
     record_base_model(heads.config, model)  # heads saved before identities were recorded get one
     if args is None:
@@ -267,6 +269,14 @@ def train_heads(
         "stopped_by_budget": result["stopped_by_budget"],
     }
     return result
+
+
+def _feature_body(model: PreTrainedModel) -> nn.Module:
+    """The module whose ``last_hidden_state`` feeds the ``lm_head``: what the engine hooks at decode time.
+
+    ``get_decoder()``, not ``base_model``: a PEFT model's ``base_model`` is the tuner, which returns logits.
+    """
+    return model.get_decoder()
 
 
 def _shortest_window(dataset: Dataset | FeatureDataset) -> int | None:

@@ -1,0 +1,72 @@
+"""Every training entry point but DL-QAT (its own test is in ``test_dlqat.py``) under 2-process DDP on CPU: the token
+router, the experts, drafting heads and the learned permutation train to identical replicas, equal to one process
+over the same windows where that holds, and a wall-time budget stops every rank at the same step."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import training_ddp_worker as worker
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """The 2-process run: its folder, exit code and output's end (a hung run is stopped: a non-zero code)."""
+    out = tmp_path_factory.mktemp("ddp")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(Path(worker.__file__)), str(out)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        output, _ = process.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        process.terminate()  # torchrun passes SIGTERM on to its workers (a SIGKILL would orphan them, hung)
+        output, _ = process.communicate(timeout=60)
+    return out, process.returncode, output[-3000:]
+
+
+@pytest.fixture(scope="module")
+def ranks(run):
+    out, _, output = run
+    assert all((out / f"rank{k}.pt").exists() for k in (0, 1)), output
+    loaded = [torch.load(out / f"rank{k}.pt", weights_only=False) for k in (0, 1)]
+    assert all(r["world_size"] == 2 and r["distributed"] for r in loaded)
+    return loaded
+
+
+def _same(first: dict, second: dict, **tolerance) -> None:
+    assert first.keys() == second.keys()
+    for name in first:
+        torch.testing.assert_close(first[name], second[name], msg=name, **tolerance)
+
+
+@pytest.mark.parametrize("entry", ["router", "experts", "heads", "permutation"])
+def test_replicas_end_identical(ranks, entry):
+    zero, one = (r[entry] for r in ranks)
+    assert zero["trained"]
+    _same(zero["tensors"], one["tensors"], rtol=0, atol=0)
+    assert {k: v for k, v in zero.items() if k != "tensors"} == {k: v for k, v in one.items() if k != "tensors"}
+
+
+def test_two_processes_match_one_with_the_same_windows_per_step(ranks):
+    # One process with twice the batch sees the same windows per step: the heads' mean loss gives the same update.
+    _same(ranks[0]["heads"]["tensors"], worker.heads(batch=4)["tensors"], rtol=1e-4, atol=1e-5)
+    # The learned permutation's epochs count every process's windows: 4 training windows, 1 per process per step.
+    single = worker.permutation(batch=2)
+    assert ranks[0]["permutation"]["steps"] == single["steps"] == 2
+    _same(ranks[0]["permutation"]["tensors"], single["tensors"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("entry", ["budget_heads", "budget_permutation"])
+def test_a_time_budget_stops_every_rank_at_the_same_step(run, entry):
+    out, returncode, output = run
+    assert returncode == 0, output
+    zero, one = (torch.load(out / f"budget-rank{k}.pt", weights_only=False)[entry] for k in (0, 1))
+    assert zero["steps"] == one["steps"] < 4  # rank 1's fast clock stopped it early: rank 0 stopped with it
+    _same(zero["tensors"], one["tensors"], rtol=0, atol=0)
