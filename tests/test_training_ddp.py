@@ -70,3 +70,20 @@ def test_a_time_budget_stops_every_rank_at_the_same_step(run, entry):
     zero, one = (torch.load(out / f"budget-rank{k}.pt", weights_only=False)[entry] for k in (0, 1))
     assert zero["steps"] == one["steps"] < 4  # rank 1's fast clock stopped it early: rank 0 stopped with it
     _same(zero["tensors"], one["tensors"], rtol=0, atol=0)
+
+
+def test_the_cli_trains_under_torchrun_and_only_rank_zero_writes(tmp_path):
+    # Both ranks trained the same adapter; both writing the one --save-dir collided ("already holds a model", or a
+    # staging folder gone under the other rank's feet).
+    from transformers import AutoModelForCausalLM
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+               "hf_compress", "quantize", "dlqat", "--model", "tiny-llama", "--group-size", "32", "--rank", "2",
+               "--steps", "2", "--batch-size", "1", "--seq-len", "32", "--save-dir", str(tmp_path / "q"),
+               "--adapter-dir", str(tmp_path / "adapter"), "-q"]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=240)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert done.stdout.count("saved to") == 1
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "q").config.quantization_config.bits == 4
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()

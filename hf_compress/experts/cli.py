@@ -132,7 +132,7 @@ def _train(args: argparse.Namespace) -> int:
 
     from ..assets import load_model
     from ..cli.config_flags import config_kwargs
-    from ..training import TrainingSettings
+    from ..training import TrainingSettings, is_main_process
     from ..utils import check_save_dir
     from .config import ExpertConfig
     from .data import instruction_rows
@@ -173,6 +173,8 @@ def _train(args: argparse.Namespace) -> int:
                                 per_device_batch_size=args.batch_size, logging_steps=max(1, args.steps // 10),
                                 seed=config.seed, use_cpu=device.type == "cpu", progress=not args.quiet)
     router = train_experts(model, dataset, config, args=settings, tokenizer=tokenizer, embeddings=raw)
+    if not is_main_process():  # under torchrun every process trained alike; rank 0 writes
+        return 0
     router.info["data"] = source
     router.save_pretrained(args.save_dir, overwrite=args.overwrite)
     tasks = dataset["task"] if "task" in dataset.column_names else None

@@ -51,7 +51,7 @@ def run_quantize(args: argparse.Namespace) -> int:
 
     from .. import _compat
     from ..assets import load_model, load_text
-    from ..training import TrainingSettings, causal_lm_dataset, train_with_trainer
+    from ..training import TrainingSettings, causal_lm_dataset, is_main_process, train_with_trainer
     from ..formats.packed import check_not_packed, save_packed
     from ..hub import hub_model_id, write_model_card
     from ..modeling.layers import check_within_learned_positions
@@ -92,6 +92,8 @@ def run_quantize(args: argparse.Namespace) -> int:
                                     progress=not args.quiet)
         with tempfile.TemporaryDirectory() as scratch:
             train_with_trainer(model, data, scratch, settings)
+        if not is_main_process():  # under torchrun every process trained alike; rank 0 writes
+            return 0
     # Cards and adapter configs name the base model by its Hub id, never by a local path (None without one).
     base_model = hub_model_id(getattr(model.config, "name_or_path", None)) or record.get("base_model")
     fields = _RECIPE_FIELDS if args.method == "dlqat" else ("bits", "group_size", "symmetric", "keep_sparsity")

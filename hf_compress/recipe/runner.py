@@ -152,6 +152,7 @@ def run(
     from ..hub import hub_model_id
     from .card import recipe_card
     from .measure import decoder_linear_fp32_bytes, measure
+    from ..training import is_main_process
     from .save import write_folder
     from .steps import RecipeState
 
@@ -212,6 +213,8 @@ def run(
                            folder=Path(target).resolve().name)
         return card, result.to_dict()
 
+    if not is_main_process():  # under torchrun every process ran the recipe alike; rank 0 writes the folder
+        return result
     with torch.no_grad():
         write_folder(state, target, overwrite=overwrite, recipe=recipe, base_model=base_model, finish=finish)
     return result

@@ -41,7 +41,7 @@ def run_route(args: argparse.Namespace) -> int:
     from ..assets import load_model, load_text
     from ..hub import hub_model_id
     from ..modeling.layers import check_within_learned_positions
-    from ..training import TrainingSettings, causal_lm_dataset
+    from ..training import TrainingSettings, causal_lm_dataset, is_main_process
     from ..utils import check_save_dir
     from . import TokenRouterConfig, save_routed, search_schedule, static_router, train_token_router
 
@@ -62,6 +62,8 @@ def run_route(args: argparse.Namespace) -> int:
         settings = TrainingSettings(max_steps=args.steps, learning_rate=args.learning_rate, per_device_batch_size=1,
                                     logging_steps=max(1, args.steps // 10), progress=not args.quiet)
         train_token_router(model, schedule, data, args=settings, config=config)
+    if not is_main_process():  # under torchrun every process trained alike; rank 0 writes
+        return 0
     recipe = {"token_sparsity": args.sparsity, "config": config.to_dict(),
               "data": "hf_compress wikipedia calibration split"}
     target = save_routed(model, tokenizer, args.save_dir, overwrite=args.overwrite, recipe=recipe,

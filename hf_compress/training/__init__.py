@@ -8,6 +8,7 @@ code changes, multi-process training (``accelerate launch`` / ``torchrun``: DDP,
 from .data import causal_lm_dataset
 from .trainer import (
     TrainingSettings,
+    is_main_process,
     largest_over_processes,
     preserved_random_state,
     process_count,
@@ -18,6 +19,7 @@ from .trainer import (
 __all__ = [
     "TrainingSettings",
     "causal_lm_dataset",
+    "is_main_process",
     "largest_over_processes",
     "preserved_random_state",
     "process_count",

@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 
 
 __all__ = [
-    "TrainingSettings", "largest_over_processes", "preserved_random_state", "process_count", "train_with_trainer",
+    "TrainingSettings", "is_main_process", "largest_over_processes", "preserved_random_state", "process_count",
+    "train_with_trainer",
 ]
 
 logger = get_logger(__name__)
@@ -105,6 +106,23 @@ def process_count() -> int:
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size()
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    """Whether this process writes the results: rank 0 of the processes training together (``True`` alone).
+
+    Under ``torchrun`` / ``accelerate launch`` every process trains the same model; one writing a folder is
+    enough, and several writing the same one collide.
+
+    Example:
+        >>> is_main_process()
+        True
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def largest_over_processes(value: float, device: Any = "cpu") -> float:
@@ -214,7 +232,8 @@ def _arguments_from_settings(settings: TrainingSettings, output_dir: str):
         "lr_scheduler_type": settings.lr_scheduler_type,
         "logging_steps": settings.logging_steps,
         "seed": settings.seed,
-        "use_cpu": settings.use_cpu,
+        # Without an accelerator, torchrun's processes train apart unless told the CPU is the device (gloo DDP).
+        "use_cpu": settings.use_cpu or not _has_accelerator(),
     }
     extra = dict(settings.extra_arguments or {})
     clashing = sorted(set(extra) & set(owned))
