@@ -466,6 +466,21 @@ def test_a_failed_training_run_hands_the_base_model_back_plain(monkeypatch, tmp_
     assert router.adapter_names == ["expert_0", "expert_1"]
 
 
+def test_training_is_reproducible_from_the_config_seed_whatever_the_callers_generator():
+    # The first LoRA's random A was drawn from the caller's generator: two calls gave two sets of experts.
+    rows, _ = _task_rows(8)
+    settings = TrainingSettings(max_steps=1, per_device_batch_size=2, learning_rate=1e-3, use_cpu=True, progress=False)
+    weights = []
+    for caller_seed in (1, 2):
+        torch.manual_seed(caller_seed)
+        model, tokenizer = tiny_model("llama")
+        router = train_experts(model, Dataset.from_list(rows), ExpertConfig(num_experts=2, r=2, seq_len=32),
+                               args=settings, tokenizer=tokenizer)
+        weights.append({n: p.detach().clone() for n, p in router.model.named_parameters() if "lora_" in n})
+    assert weights[0].keys() == weights[1].keys() and weights[0]
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+
+
 def test_shared_warmup_starts_every_expert_from_one_lora_trained_on_all_data(monkeypatch, tmp_path):
     model, tokenizer = tiny_model("llama")
     rows, tasks = _task_rows(6)

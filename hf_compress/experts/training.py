@@ -11,7 +11,7 @@ import torch
 
 from .. import _compat
 from ..modeling.layers import TRAINS_ON_ONE_DEVICE, check_not_offloaded
-from ..training import TrainingSettings, train_with_trainer
+from ..training import TrainingSettings, preserved_random_state, train_with_trainer
 from ..utils import get_logger
 from .clustering import kmeans
 from .config import ExpertConfig
@@ -152,7 +152,9 @@ def train_experts(
                 members = torch.nonzero(labels == index).flatten().tolist()
                 cluster = InstructionRows([rows.prompts[i] for i in members], [rows.completions[i] for i in members])
                 data = packed_instruction_dataset(cluster, tokenizer, config.seq_len, seed=config.seed + index)
-                with _compat.third_party_warnings_silenced():
+                # Each expert's LoRA starts from its own seed, not from whatever state the caller's generator is in.
+                with _compat.third_party_warnings_silenced(), preserved_random_state():
+                    torch.manual_seed(config.seed + index)
                     if peft_model is None:
                         peft_model = get_peft_model(model, config.lora_config(model), adapter_name=name)
                     else:
@@ -194,7 +196,8 @@ def _shared_warmup(model, rows: InstructionRows, tokenizer, config: ExpertConfig
     from peft import get_peft_model, get_peft_model_state_dict
 
     data = packed_instruction_dataset(rows, tokenizer, config.seq_len, seed=config.seed + config.num_experts)
-    with _compat.third_party_warnings_silenced():
+    with _compat.third_party_warnings_silenced(), preserved_random_state():
+        torch.manual_seed(config.seed + config.num_experts)  # seeded like the experts' own adapters
         peft_model = get_peft_model(model, config.lora_config(model), adapter_name=_WARMUP_ADAPTER)
     logger.info("shared warm-up on all %d examples (%d windows of %d tokens), %d steps", len(rows), len(data),
                 config.seq_len, steps)
