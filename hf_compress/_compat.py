@@ -151,6 +151,9 @@ replace modules whose forward a kernel would swap out. Checked on: transformers 
 CACHE_KWARGS: tuple[str, ...] = ("cache", "past_key_values")
 """The names a model kwarg holding the KV cache has had: ``cache`` (transformers ≥ 5.24), ``past_key_values``."""
 
+BLOCK_CACHE_KWARGS: tuple[str, ...] = (*CACHE_KWARGS, "layer_past")
+"""The names a decoder block's cache argument has: those, or ``layer_past`` (GPT-NeoX, GPT-Neo, BigCode in 5.25)."""
+
 
 def _transformers_uses_cache_kwarg() -> bool:
     from transformers.generation import utils as generation_utils
@@ -576,6 +579,17 @@ def dora_adapters(model: nn.Module, adapter_names: list[str]) -> list[str]:
     return [name for name in adapter_names if name in found]
 
 
+def auxiliary_adapters(model: nn.Module, adapter_names: list[str]) -> list[str]:
+    """The adapters of ``adapter_names`` that a peft training wrapper holds (``modules_to_save``, trainable
+    tokens): a whole module or token rows of their own, not a ``B·A·x`` update. Reads
+    ``AuxiliaryTrainingWrapper._get_available_adapters()``; checked on peft 0.21.2."""
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    found = {name for module in model.modules() if isinstance(module, AuxiliaryTrainingWrapper)
+             for name in module._get_available_adapters()}
+    return [name for name in adapter_names if name in found]
+
+
 @contextlib.contextmanager
 def forward_pre_hooks_restored(model: nn.Module) -> Iterator[None]:
     """Inside, forward pre-hooks may be added to ``model``'s modules; on leaving, even by an error, any hook
@@ -680,6 +694,7 @@ PRIVATE_NAMES: tuple[str, ...] = (
     "modeling_llama",
     "__globals__",
     "_forward_pre_hooks",
+    "_get_available_adapters",
 )
 """Private or unstable names of other libraries that only this module may use (``tests/test_compat.py``)."""
 
@@ -776,6 +791,11 @@ def check_assumptions() -> list[str]:
                "(lora_linear_factors)")
         expect(isinstance(getattr(layer, "use_dora", None), dict) and dora_adapters(probe, ["probe"]) == [],
                "peft: a LoRA layer no longer keeps use_dora per adapter (dora_adapters)")
+        saved = inject_adapter_in_model(LoraConfig(r=2, target_modules=["0"], modules_to_save=["1"]),
+                                        torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 3)),
+                                        adapter_name="probe")
+        expect(auxiliary_adapters(saved, ["probe", "other"]) == ["probe"],
+               "peft: modules_to_save wrappers no longer list their adapters (auxiliary_adapters)")
         expect(isinstance(getattr(layer, "_forward_pre_hooks", None), dict)
                and isinstance(getattr(layer, "_forward_pre_hooks_with_kwargs", None), dict),
                "torch: modules no longer keep _forward_pre_hooks / _forward_pre_hooks_with_kwargs dicts "

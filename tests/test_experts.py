@@ -837,3 +837,51 @@ def test_the_base_model_checks_keep_their_earlier_import_paths(monkeypatch):
     with pytest.warns(FutureWarning, match="hf_compress.modeling.identity"):
         old = importlib.import_module("hf_compress.speculative.base_identity")
     assert old.check_base_model is identity.check_base_model and old.base_model_identity is identity.base_model_identity
+
+
+def test_modules_to_save_experts_mix_with_their_own_modules():
+    # disable_adapter() switches modules_to_save off too: the stacked path must leave such experts to PEFT.
+    router, tokenizer = _two_adapter_router(modules_to_save=["lm_head"])
+    with torch.no_grad():
+        for name, parameter in router.model.named_parameters():
+            if "modules_to_save" in name:
+                parameter.add_(torch.randn(parameter.shape, generator=torch.Generator().manual_seed(len(name))))
+    batch = tokenizer(["3 + 4 = ", "Spell ABCDE: "], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        mixed = router(**batch, experts=[0, 1]).logits
+    torch.testing.assert_close(mixed, _rows_alone(router, batch, [0, 1]), rtol=1e-5, atol=1e-5)
+
+
+def test_a_base_with_fewer_blocks_than_the_embedding_block_is_refused_clearly(tmp_path):
+    from hf_compress.experts.embedding import EmbeddingSpec
+
+    router, _ = _two_adapter_router()
+    router.spec = EmbeddingSpec(layer=1)
+    router.save_pretrained(tmp_path / "experts")
+    shallow, _ = tiny_model("llama", num_hidden_layers=1)
+    with pytest.raises(ValueError, match="trained on another base model .*block 1.* 1 blocks"):
+        ExpertRouter.from_pretrained(tmp_path / "experts", base_model=shallow)
+    assert not hasattr(shallow, "peft_config")
+
+
+def test_router_refuses_repeated_adapter_names_and_centroids_of_another_width():
+    router, _ = _two_adapter_router()
+    args = (router.model, torch.eye(2, 64), router.space, router.spec)
+    with pytest.raises(ValueError, match=r"Adapter\(s\) \['first'\] are named for more than one cluster"):
+        ExpertRouter(*args, ["first", "first"])
+    with pytest.raises(ValueError, match=r"centroids \(2, 32\) do not fit the embedding space of width 64"):
+        ExpertRouter(router.model, torch.eye(2, 32), router.space, router.spec, ["first", "second"])
+    assert router.route_texts([]).tolist() == []
+    with pytest.raises(ValueError, match=r"Text\(s\) \[0\] tokenise to no tokens"):
+        router.route_texts(["", "x"])
+
+
+@pytest.mark.parametrize(("rows", "message"), [
+    ([{"prompt": "Q: hi\nA:", "completion": ""}], "row 0: `completion` is empty"),
+    ([{"prompt": "a", "completion": "b"}, {"prompt": "", "completion": "b"}], "row 1: `prompt` is empty"),
+    (["text", ""], "row 1: `text` is empty"),
+])
+def test_empty_prompts_and_completions_are_refused_before_training(rows, message):
+    # An empty completion read as a text row: the expert would be trained to write the prompt.
+    with pytest.raises(ValueError, match=message):
+        instruction_rows(rows)

@@ -52,11 +52,12 @@ def instruction_rows(dataset: Dataset | Sequence[dict[str, Any]] | Sequence[str]
         if not dataset:
             raise ValueError(f"{argument} is empty; pass at least one example.")
         if all(isinstance(row, str) for row in dataset):
-            return InstructionRows(list(dataset), [""] * len(dataset))
-        if not all(isinstance(row, dict) for row in dataset):
+            columns, get = {"text"}, lambda name: list(dataset)  # noqa: E731
+        elif not all(isinstance(row, dict) for row in dataset):
             raise TypeError(f"{argument} must be a datasets.Dataset, a list of dicts or a list of strings.")
-        columns = set(dataset[0]) if dataset else set()
-        get = lambda name: [row.get(name) for row in dataset]  # noqa: E731  (a missing field: the type check below)
+        else:
+            columns = set(dataset[0])
+            get = lambda name: [row.get(name) for row in dataset]  # noqa: E731  (a missing field: the type check below)
     else:
         raise TypeError(f"{argument} must be a datasets.Dataset, a list of dicts or a list of strings, "
                         f"got {type(dataset).__name__}.")
@@ -74,6 +75,15 @@ def instruction_rows(dataset: Dataset | Sequence[dict[str, Any]] | Sequence[str]
         bad = next((i for i, v in enumerate(values) if not isinstance(v, str)), None)
         if bad is not None:
             raise TypeError(f"{argument} row {bad}: `{name}` must be a string, got {type(values[bad]).__name__}.")
+    instruction = {"prompt", "completion"} <= columns
+    blank = next((i for i, v in enumerate(prompts) if not v), None)
+    if blank is not None:
+        raise ValueError(f"{argument} row {blank}: `{'prompt' if instruction else 'text'}` is empty; it is what gets "
+                         "embedded and routed, so fill it in or remove the row.")
+    blank = next((i for i, v in enumerate(completions) if not v), None) if instruction else None
+    if blank is not None:  # "" marks a text row: the prompt itself would be trained on
+        raise ValueError(f"{argument} row {blank}: `completion` is empty, so training would score its prompt; give it a "
+                         "completion or remove the row.")
     return InstructionRows(prompts, completions)
 
 

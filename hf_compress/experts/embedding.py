@@ -154,7 +154,12 @@ def embed_texts(model: nn.Module, tokenizer, texts: Sequence[str], spec: Embeddi
         >>> embed_texts(model, tokenizer, ["a", "bc"], spec, progress=False).shape
         torch.Size([2, 64])
     """
+    if not texts:
+        raise ValueError("texts is empty; pass at least one text to embed.")
     encoded = [tokenizer(text, add_special_tokens=True)["input_ids"][: spec.max_length] for text in texts]
+    empty = [i for i, ids in enumerate(encoded) if not ids]
+    if empty:
+        raise ValueError(f"Text(s) {empty[:5]} tokenise to no tokens (an empty prompt?); remove them or give them text.")
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     device = next(model.parameters()).device
     out: torch.Tensor | None = None

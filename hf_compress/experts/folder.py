@@ -267,6 +267,11 @@ def load_experts(cls, path, base_model, *, tokenizer=None, revision: str | None 
                          "trained on (e.g. AutoModelForCausalLM.from_pretrained(...)).")
     folder, config = read_experts_config(path, revision)
     spec = EmbeddingSpec(**config["embedding"])
+    _, blocks = find_decoder_blocks(_plain(base_model))
+    if spec.layer >= len(blocks):  # before base_fingerprint indexes that block
+        raise ValueError(f"The experts in {path} were trained on another base model (they embed at decoder block "
+                         f"{spec.layer}; the given model has {len(blocks)} blocks); load the base model they were "
+                         "trained on and pass it as base_model (hf-compress experts route: --base).")
     _check_fingerprint(config["base_model_fingerprint"], base_fingerprint(base_model, spec), str(path))
     names = list(config["experts"])
     damaged = "the save is incomplete or damaged; re-save it (ExpertRouter.save_pretrained) or re-download it."

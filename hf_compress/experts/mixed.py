@@ -31,8 +31,9 @@ def stacked_lora(model: nn.Module, adapter_names: Sequence[str], rows: Sequence[
     """Inside, ``model`` (a ``PeftModel`` in eval mode) runs batch row ``i`` through ``adapter_names[rows[i]]``.
 
     Yields ``True``; yields ``False`` and changes nothing when some LoRA layer is not a plain LoRA linear
-    (e.g. DoRA), so the caller can fall back to ``adapter_names=``. Rows repeated by ``generate`` (beams,
-    ``num_return_sequences``: each row expanded in place) keep their expert.
+    (e.g. DoRA) or an expert has ``modules_to_save`` / trainable tokens, so the caller can fall back to
+    ``adapter_names=``. Rows repeated by ``generate`` (beams, ``num_return_sequences``: each row expanded in
+    place) keep their expert.
 
     Example:
         >>> with stacked_lora(router.model, router.adapter_names, [0, 2, 1]) as ok:  # doctest: +SKIP
@@ -42,8 +43,8 @@ def stacked_lora(model: nn.Module, adapter_names: Sequence[str], rows: Sequence[
     with torch.no_grad():  # the stacked weights are inference copies, not part of any graph
         layers = [(module, _compat.lora_linear_factors(module, names)) for module in model.modules()
                   if isinstance(getattr(module, "lora_A", None), nn.ModuleDict)]
-    if not layers or any(factors is None for _, factors in layers):
-        yield False
+    if not layers or any(factors is None for _, factors in layers) or _compat.auxiliary_adapters(model, names):
+        yield False  # modules_to_save etc.: disable_adapter() would switch them off for every row
         return
     experts = torch.as_tensor(list(rows), dtype=torch.long, device="cpu")
     if experts.numel() and not (0 <= int(experts.min()) and int(experts.max()) < len(names)):

@@ -58,6 +58,13 @@ class ExpertRouter:
         if len(centroids) != len(adapter_names):
             raise ValueError(f"The router has {len(centroids)} centroids but {len(adapter_names)} experts; "
                              "every cluster needs exactly one expert adapter.")
+        repeated = sorted({name for name in adapter_names if list(adapter_names).count(name) > 1})
+        if repeated:
+            raise ValueError(f"Adapter(s) {repeated} are named for more than one cluster; give each cluster its own "
+                             "expert adapter.")
+        if centroids.dim() != 2 or centroids.shape[1] != space.mean.shape[0]:
+            raise ValueError(f"The centroids {tuple(centroids.shape)} do not fit the embedding space of width "
+                             f"{space.mean.shape[0]}; pass one centroid [hidden] per expert, from that space.")
         self.mixed_batch = mixed_batch
         self.model = model
         self.centroids = torch.nn.functional.normalize(centroids.float(), dim=1)
@@ -109,7 +116,7 @@ class ExpertRouter:
         """Expert index of each prompt text (tokenised with the router's tokenizer)."""
         if self.tokenizer is None:
             raise ValueError("This router has no tokenizer; pass tokenizer=... to from_pretrained, or route token ids.")
-        if self.num_experts == 1:
+        if self.num_experts == 1 or not texts:
             return torch.zeros(len(texts), dtype=torch.long, device="cpu")
         raw = embed_texts(self.model, self.tokenizer, list(texts), self.spec, batch_size=batch_size, progress=False)
         return assign(self.space(raw), self.centroids)
