@@ -176,9 +176,14 @@ def _masked_reference(model, ids, schedule, prompt_length):
         kept[1 : 1 + skip] = False
         positions = torch.arange(length)
         allowed = (positions[None, :] <= positions[:, None]) & (kept[None, :] | torch.eye(length, dtype=torch.bool))
+        local = getattr(config, "attention_layers", None)  # GPT-Neo's local layers
         if layer_types is not None and layer_types[index] == "sliding_attention":
             allowed &= (positions[:, None] - positions[None, :]) < config.sliding_window
+        elif local is not None and local[index] == "local":
+            allowed &= (positions[:, None] - positions[None, :]) < config.window_size
         mask = allowed[None, None].expand(ids.shape[0], 1, length, length)
+        if _compat.attention_implementation(model.config) == "eager":  # GPT-Neo adds the mask
+            mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
 
         def pre(module, args, kwargs, mask=mask):
             bound = inspect.signature(module.forward).bind(*args, **kwargs).arguments
@@ -248,6 +253,51 @@ def test_cached_decoding_equals_masked_reference(arch):
     for step, scores in enumerate(output.scores):
         reference = _masked_reference(plain, sequence[:, : 36 + step], schedule, prompt_length=36)[:, -1]
         torch.testing.assert_close(scores, reference, atol=1e-4, rtol=1e-4)
+
+
+def _tiny_from_config(model_type, **fields):
+    """A seeded tiny model of an architecture ``tiny_model`` does not build."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(model_type, vocab_size=256, pad_token_id=0, bos_token_id=1, eos_token_id=2, **fields)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def test_gpt_neo_local_layers_keep_their_window():
+    """GPT-Neo's local layers attend within window_size (config.attention_layers, not layer_types/sliding_window)."""
+    model = _tiny_from_config("gpt_neo", hidden_size=64, num_layers=2, num_heads=4, window_size=8,
+                              attention_types=[[["local", "global"], 1]])
+    plain = copy.deepcopy(model)
+    schedule = RoutingSchedule([0.3, 0.5])
+    static_router(model, schedule)
+    ids = _ids(1, 30)
+    with torch.no_grad():
+        routed = model(ids, use_cache=False).logits
+    torch.testing.assert_close(routed, _masked_reference(plain, ids, schedule, prompt_length=30), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ["gpt_neox", "gpt_neo"])
+def test_blocks_taking_layer_past_get_the_scattering_cache(model_type):
+    """GPT-NeoX / GPT-Neo blocks take their cache as `layer_past`: it held only the kept tokens, so the cache lost
+    its positions (a batch's decode step crashed)."""
+    fields = dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, intermediate_size=128) \
+        if model_type == "gpt_neox" else dict(hidden_size=64, num_heads=4, num_layers=2, window_size=8,
+                                             attention_types=[[["local", "global"], 1]])
+    model = _tiny_from_config(model_type, **fields)
+    static_router(model, RoutingSchedule([0.3, 0.5]))
+    rows = [_ids(1, 30, seed=2)[0], _ids(1, 21, seed=3)[0]]
+    ids, mask = _left_padded(rows)
+    batched = _greedy(model, ids, mask)
+    for index, row in enumerate(rows):
+        assert batched[index, ids.shape[1]:].tolist() == _greedy(model, row[None])[0, len(row):].tolist()
+
+
+def test_alibi_models_are_refused_clearly():
+    model = _tiny_from_config("bloom", hidden_size=64, n_layer=2, n_head=4)
+    static_router(model, RoutingSchedule([0.3, 0.5]))
+    with pytest.raises(NotImplementedError, match="ALiBi position biases"):
+        model(_ids(1, 12))
 
 
 # --- batches, padding -----------------------------------------------------------------------------------------
@@ -480,6 +530,34 @@ def test_trainer_updates_only_the_router():
     assert changed and all(".token_router." in name for name in changed)
     assert routing_state(routed).mode == "router"
     assert routing_state(routed).schedule.search["training"]["steps"] == 3
+
+
+def test_router_training_runs_the_frozen_model_without_dropout():
+    """Trainer puts the training module in train mode; GPT-2's dropout (0.1) must not make the teacher and the
+    student random (a loss that differs between two identical forwards)."""
+    from hf_compress.routing.training import RouterTrainingModule
+
+    model, _ = tiny_model("gpt2")
+    install_routing(model, RoutingSchedule([0.3, 0.5]), mode="router")
+    module = RouterTrainingModule(model, TokenRouterConfig(0.4)).train()
+    assert module.training and not model.training
+    ids = _ids(1, 24)
+    assert torch.equal(module(ids)["loss"], module(ids)["loss"])
+
+
+def test_router_training_on_a_schedule_that_skips_nothing_returns_the_base_model():
+    """`hf-compress route --sparsity 0`: no block skips, so the router gets no gradient; Trainer's backward failed."""
+    from hf_compress.training import TrainingSettings, causal_lm_dataset
+
+    model, tokenizer = tiny_model("llama")
+    ids = _ids(1, 24)
+    with torch.no_grad():
+        base = model(ids).logits
+    data = causal_lm_dataset(["the quick brown fox jumps over the lazy dog " * 40], tokenizer, num_sequences=4, seq_len=24)
+    routed = train_token_router(model, RoutingSchedule([0.0, 0.0]), data, args=TrainingSettings(max_steps=2, use_cpu=True))
+    assert routing_state(routed).schedule.search["training"]["steps"] == 0
+    with torch.no_grad():
+        assert torch.equal(routed(ids).logits, base)
 
 
 def test_guide_loss_decays_over_optimizer_steps(monkeypatch, tmp_path):

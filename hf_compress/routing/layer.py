@@ -165,6 +165,10 @@ def install_routing(
     state = RoutingState(schedule, router, mode, route_decode)
     layer_types = getattr(config.get_text_config(), "layer_types", None)
     window = getattr(config.get_text_config(), "sliding_window", None)
+    local = getattr(config.get_text_config(), "attention_layers", None)
+    if layer_types is None and local is not None:  # GPT-Neo: "local" layers attend within window_size
+        layer_types = ["sliding_attention" if kind == "local" else "full_attention" for kind in local]
+        window = getattr(config.get_text_config(), "window_size", None)
     for index, block in enumerate(blocks):
         base = type(block)
         block.__class__ = _routed_class(base)
@@ -430,7 +434,7 @@ def _decode_rule(state: RoutingState, valid: torch.Tensor, sparsity: float,
 
 def _routed_forward(block: nn.Module, state: RoutingState, sparsity: float, args: tuple, kwargs: dict) -> Any:
     hidden, call = _call_arguments(block, args, kwargs)
-    cache_name = next((name for name in _compat.CACHE_KWARGS if call.get(name) is not None), None)
+    cache_name = next((name for name in _compat.BLOCK_CACHE_KWARGS if call.get(name) is not None), None)
     cache = call[cache_name] if cache_name else None
     batch, length = hidden.shape[:2]
     if length != state.query_length:
@@ -445,6 +449,12 @@ def _routed_forward(block: nn.Module, state: RoutingState, sparsity: float, args
     tail_routing = prompt and state.tail > 0 and routes_decoded
     if not prompt and not decode_routing and (cache is None or past == 0):
         return super(RoutedLayerMixin, block).forward(*args, **kwargs)
+    biased = next((name for name in ("alibi", "position_bias") if isinstance(call.get(name), torch.Tensor)), None)
+    if biased is not None:  # (batch·heads, 1, length) biases the gather would leave at full length
+        raise NotImplementedError(
+            f"{type(block).__name__} adds ALiBi position biases ({biased!r}), which token routing does not gather; "
+            "route a model with rotary or learned positions (Llama, Qwen, Gemma, GPT-2, OPT, GPT-NeoX, ...)."
+        )
 
     logits = None
     shared: torch.Tensor | None = None  # the positions every row keeps, when all rows keep the same ones

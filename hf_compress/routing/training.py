@@ -82,6 +82,12 @@ class RouterTrainingModule(nn.Module):
         self.progress = 0.0  # share of the optimizer steps done (GuideDecay sets it); the guide loss decays with it
         self.last_losses: dict[str, float] = {}
 
+    def train(self, mode: bool = True) -> RouterTrainingModule:
+        """Only the module switches mode: the frozen model stays in eval (no dropout in teacher or student)."""
+        super().train(mode)
+        self.model.eval()
+        return self
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, labels: Any = None) -> dict:
         if self.model.training:  # transformers checkpoints blocks in training mode only
             _refuse_gradient_checkpointing(self.model)
@@ -228,6 +234,7 @@ def train_token_router(
 
     When model selection keeps the untrained starting router (the static rule) and ``route_decode`` is off, the
     model is returned in ``"static"`` mode instead: the same tokens, without the router's features to compute.
+    A schedule that skips no token trains nothing (0 steps): the model is the base model.
 
     A model that is routed already keeps its router (``config.router_hidden_size`` must be its size; without a
     ``config``, the default one takes the router's size and ``route_decode`` from the model) and takes ``schedule``
@@ -273,6 +280,13 @@ def train_token_router(
         state.schedule = schedule
         state.mode = "router"
         state.route_decode = config.route_decode
+    if schedule.is_dense:
+        # No block skips a token (`route --sparsity 0`): the router has nothing to learn and no gradient.
+        if not state.route_decode and _is_fresh_router(state.router):
+            state.mode = "static"
+        schedule.search = {**schedule.search, "training": {"steps": 0, "skipped": "the schedule skips no token"}}
+        logger.info("router training skipped: the schedule skips no token")
+        return model
     model.requires_grad_(False)
     state.router.requires_grad_(True)
     state.router.float()
