@@ -262,6 +262,8 @@ def test_metrics_count_only_the_drafts_emitted_before_a_stop_inside_a_round():
         full = model.generate(ids, max_new_tokens=8, do_sample=False)[0].tolist()
         if full[5] != full[6]:
             break
+    else:
+        pytest.fail("no prompt found whose greedy text starts with two different tokens")
     strategy = Amphista(heads, tree="chain")
     drafter = strategy.drafter_for(model)  # an oracle: drafts the greedy text, all accepted
     drafter.propose = lambda input_ids, mask, budget: Draft(torch.tensor([full[input_ids.shape[1]:][:budget]]))

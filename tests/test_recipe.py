@@ -350,6 +350,20 @@ def test_a_different_seed_gives_different_weights(tmp_path, prune_then_quantize)
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
+def test_cli_run_on_a_rank_other_than_zero_runs_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    # Under torchrun every rank runs the recipe and rank 0 writes; the others ended in a KeyError (exit 2), which
+    # made the launcher stop rank 0 too.
+    from hf_compress.cli.main import main
+
+    path = tmp_path / "recipe.yaml"
+    Recipe.from_dict(recipe({"prune": {"method": "magnitude", "sparsity": "2:4"}})).save_yaml(path)
+    monkeypatch.setenv("RANK", "1")
+    assert main(["recipe", "run", str(path), "--save-dir", str(tmp_path / "out"), "--device", "cpu", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "1. prune magnitude: perplexity" in out and "saved to" not in out
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_check_and_run(tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 

@@ -294,7 +294,8 @@ class ChannelPrunedLayer(CacheLayerMixin):
         overflow = self.keys.shape[2] - self.recent_window
         if overflow < minimum:
             return
-        # The window is copied out: a view would keep the whole dense tensor (the prompt's, after prefill) alive.
+        # The window is copied out: a view would keep the whole tensor alive until the layer's next update (after
+        # prefill, the prompt's: every layer at once holds as much as the dense cache through the first decode step).
         keys, self.keys = self.keys[:, :, :overflow], self.keys[:, :, overflow:].clone()
         new_keys = self._compress_keys(keys)
         self.old_keys = new_keys if self.old_keys is None else self.old_keys.append(new_keys)

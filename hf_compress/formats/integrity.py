@@ -10,7 +10,7 @@ before that size is checked against the file.
 
 The digests live in ``config.json`` (``quantization_config.integrity``: algorithm and one 64-bit digest per
 tensor) because ``config.json`` is the one file every loader reads, locally or from the Hub. The record also
-holds a digest of the ``quantization_config`` fields that say how the tensors are read (all but ``recipe``):
+holds a digest of the ``quantization_config`` fields that say how the tensors are read (not ``recipe``, ``storage``):
 an edited ``group_size`` or ``symmetric`` would otherwise load wrong weights from intact tensors. A checkpoint
 without a record (written by a plain ``save_pretrained`` of a loaded model) still gets every structural check.
 
@@ -58,8 +58,9 @@ _TORCH_DTYPE = {
     "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "F16": torch.float16,
     "BF16": torch.bfloat16, "I32": torch.int32, "F32": torch.float32, "I64": torch.int64, "F64": torch.float64,
 }
-# Fields that describe how a checkpoint was made, not how its tensors are read: editing them changes no weight.
-_UNSEALED_CONFIG_FIELDS = frozenset({"integrity", "recipe"})
+# Fields that describe how a checkpoint was made or what it measured, not how its tensors are read: editing them
+# changes no weight (the sparse format's ``storage`` sizes and ``min_sparsity`` threshold are read by nothing at load).
+_UNSEALED_CONFIG_FIELDS = frozenset({"integrity", "recipe", "storage", "min_sparsity"})
 _MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
 _SMALL_TENSOR_BYTES = 256 * 2**20  # the most ``CheckpointReader.read`` copies into memory at once
 

@@ -256,6 +256,19 @@ def hub_model_id(name_or_path: str | None) -> str | None:
     return name if name.count("/") == 1 and not os.path.exists(name) else None
 
 
+def base_model_of(config: Any) -> str | None:
+    """The Hub id a model derives from: its ``name_or_path`` when that is a Hub id, else the original base an
+    earlier hf_compress step recorded in ``config.hf_compress["base_model"]`` (a pruned folder loaded again).
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> base_model_of(SimpleNamespace(name_or_path="/tmp/pruned", hf_compress={"base_model": "org/model"}))
+        'org/model'
+    """
+    record = getattr(config, "hf_compress", None) or {}
+    return hub_model_id(getattr(config, "name_or_path", None)) or record.get("base_model")
+
+
 def write_model_card(folder: str | os.PathLike, card: ModelCard) -> Path:
     """Validate ``card`` and write it as ``folder/README.md`` atomically (a crash never leaves half a card).
 

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from ..formats.slim import measurable_widths, save_slim, sync_slim_format
-from ..hub import hub_model_id
+from ..hub import base_model_of
 from ..modeling.structure import decoder_parameter_count
 from ..utils import get_logger
 from .base import BasePruner
@@ -134,7 +134,5 @@ class StructuralPruner(BasePruner):
         return report
 
     def save(self, save_dir: Path, overwrite: bool, config: PruningConfig) -> None:
-        record = getattr(self.model.config, "hf_compress", None) or {}  # names the base of a pruned folder
-        base_model = hub_model_id(getattr(self.model.config, "name_or_path", None)) or record.get("base_model")
         save_slim(self.model, self.tokenizer, save_dir, overwrite=overwrite, recipe=self.recipe(config),
-                  base_model=base_model)
+                  base_model=base_model_of(self.model.config))  # a pruned folder's config names the original

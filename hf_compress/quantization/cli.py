@@ -53,7 +53,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     from ..assets import load_model, load_text
     from ..training import TrainingSettings, causal_lm_dataset, is_main_process, train_with_trainer
     from ..formats.packed import check_not_packed, save_packed
-    from ..hub import hub_model_id, write_model_card
+    from ..hub import base_model_of, write_model_card
     from ..modeling.layers import check_within_learned_positions
     from ..utils import atomic_directory, check_save_dir
     from . import DLQATConfig, packed_size, quantize_rtn
@@ -95,7 +95,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         if not is_main_process():  # under torchrun every process trained alike; rank 0 writes
             return 0
     # Cards and adapter configs name the base model by its Hub id, never by a local path (None without one).
-    base_model = hub_model_id(getattr(model.config, "name_or_path", None)) or record.get("base_model")
+    base_model = base_model_of(model.config)
     fields = _RECIPE_FIELDS if args.method == "dlqat" else ("bits", "group_size", "symmetric", "keep_sparsity")
     recipe = {"method": args.method, **{k: v for k, v in config.to_dict().items() if k in fields}}
     if pruned_before:

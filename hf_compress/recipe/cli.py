@@ -47,5 +47,6 @@ def run_recipe(args: argparse.Namespace) -> int:
         print(f"{record.index}. {record.name}: perplexity {metrics['perplexity']:.4f}, "
               f"{metrics['stored_bytes'] / 1e6:.2f} MB stored, decoder linears "
               f"{metrics['decoder_linear_vs_base_fp32']:.3f}x the base's fp32 ({record.seconds:.1f} s)")
-    print(f"saved to {result.save_dir} ({result.final_metrics['folder_disk_bytes'] / 1e6:.2f} MB on disk)")
+    if "folder_disk_bytes" in result.final_metrics:  # not on the other ranks under torchrun: rank 0 writes
+        print(f"saved to {result.save_dir} ({result.final_metrics['folder_disk_bytes'] / 1e6:.2f} MB on disk)")
     return 0

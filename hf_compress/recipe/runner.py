@@ -214,6 +214,7 @@ def run(
         return card, result.to_dict()
 
     if not is_main_process():  # under torchrun every process ran the recipe alike; rank 0 writes the folder
+        result.final_metrics, result.seconds = dict(records[-1].metrics), time.perf_counter() - started
         return result
     with torch.no_grad():
         write_folder(state, target, overwrite=overwrite, recipe=recipe, base_model=base_model, finish=finish)

@@ -89,7 +89,7 @@ class RouterTrainingModule(nn.Module):
         return self
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, labels: Any = None) -> dict:
-        if self.model.training:  # transformers checkpoints blocks in training mode only
+        if self.model.training:  # put there from outside this module's train(): checkpointing would run
             _refuse_gradient_checkpointing(self.model)
         state = routing_state(self.model)
         with torch.no_grad(), routing_disabled(self.model):
@@ -234,7 +234,8 @@ def train_token_router(
 
     When model selection keeps the untrained starting router (the static rule) and ``route_decode`` is off, the
     model is returned in ``"static"`` mode instead: the same tokens, without the router's features to compute.
-    A schedule that skips no token trains nothing (0 steps): the model is the base model.
+    A schedule that skips no token trains nothing (0 steps): the model comes back routed in ``"static"`` mode, which
+    computes every token (the base model's logits).
 
     A model that is routed already keeps its router (``config.router_hidden_size`` must be its size; without a
     ``config``, the default one takes the router's size and ``route_decode`` from the model) and takes ``schedule``

@@ -171,7 +171,8 @@ class DraftHeads(PreTrainedModel):
         if self.projections is None:
             # The shared base lm_head may be in another dtype than the heads (fp32 heads on a bf16 base).
             weight = getattr(base.lm_head, "weight", None)
-            return base.lm_head(features if weight is None else features.to(weight.dtype))
+            cast = weight is not None and weight.is_floating_point()  # a quantized head takes its own input dtype
+            return base.lm_head(features.to(weight.dtype) if cast else features)
         if head is not None:
             return self.projections[head](features)
         return torch.stack([self.projections[k](features[..., k, :]) for k in range(features.shape[-2])], dim=-2)
