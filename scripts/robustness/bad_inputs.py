@@ -200,6 +200,8 @@ def _pruners(workdir: pathlib.Path) -> list[Case]:
         ("prune progress=None", lambda: wanda().prune(small, _texts(), progress=None), ["progress"]),
         ("tyr prune work_dir=123", lambda: TyrPruner(*_tiny()).prune(TyrConfig(), _texts(), work_dir=123),
          ["work_dir"]),
+        ("magnitude skip pattern matching nothing", lambda: MagnitudePruner(*_fresh()).prune(
+            MagnitudeConfig(sparsity="2:4", skip=["*down-proj"]), progress=False), ["skip"]),
         ("tyr on gpt2 (fused c_attn)", lambda: TyrPruner(*_fresh("gpt2")).prune(
             TyrConfig(num_calibration_sequences=2, calibration_seq_len=16, num_search_sequences=1200), _texts()),
          ["c_attn"]),
@@ -224,6 +226,18 @@ def _quantization() -> list[Case]:
         from peft import get_peft_model
 
         return get_peft_model(_fresh()[0], DLQATConfig(target_modules=["no_such_proj"]))
+
+    def _nan_weight():
+        model = _fresh()[0]
+        model.model.layers[0].mlp.up_proj.weight.data[0, 0] = NAN
+        return model
+
+    def diverged_export():
+        from peft import get_peft_model
+
+        model = get_peft_model(_fresh()[0], DLQATConfig(bits=4, group_size=32, r=2))
+        next(p for n, p in model.named_parameters() if "dlqat_B" in n).data.fill_(NAN)
+        return model.merge_and_quantize()
 
     bad = [
         ("lora_alpha=nan", lambda: DLQATConfig(lora_alpha=NAN), ["lora_alpha"]),
@@ -251,6 +265,9 @@ def _quantization() -> list[Case]:
         ("rtn skip=5", lambda: quantize_rtn(_fresh()[0], skip=5), ["skip"]),
         ("rtn symmetric='yes'", lambda: quantize_rtn(_fresh()[0], symmetric="yes"), ["symmetric"]),
         ("rtn of a string", lambda: quantize_rtn("model"), ["model"]),
+        ("rtn skip pattern matching nothing", lambda: quantize_rtn(_fresh()[0], skip=["*down-proj"]), ["skip"]),
+        ("rtn of a model with a NaN weight", lambda: quantize_rtn(_nan_weight()), ["non-finite"]),
+        ("dlqat export of a diverged adapter", diverged_export, ["not finite"]),
     ]
     valid = [
         ("dlqat edge values", lambda: DLQATConfig(bits=2, group_size=-1, r=1, lora_alpha=0.5)),
