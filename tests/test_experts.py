@@ -438,6 +438,9 @@ def test_train_experts_bad_inputs():
         train_experts(model, rows, ExpertConfig(num_experts=5), tokenizer=tokenizer)
     with pytest.raises(ValueError, match=r"Cluster\(s\) \[1\] are empty"):
         train_experts(model, rows, ExpertConfig(num_experts=3), tokenizer=tokenizer, clusters=[0, 0, 2, 2])
+    for labels, shown in (([0, 0.7, 1, 1], "0.7"), ([0, True, 1, 1], "True")):  # not truncated to 0, read as 1
+        with pytest.raises(ValueError, match=f"clusters must be integers in 0..1 .*got {shown}"):
+            train_experts(model, rows, ExpertConfig(num_experts=2), tokenizer=tokenizer, clusters=labels)
     with pytest.raises(ValueError, match="num_experts must be a positive integer"):
         ExpertConfig(num_experts=0)
 

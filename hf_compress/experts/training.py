@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import tempfile
 from collections.abc import Sequence
 from typing import Any
@@ -221,7 +222,11 @@ def _clusters(embeddings: torch.Tensor, k: int, config: ExpertConfig, clusters):
         return result.labels, result.centroids, {"method": "spherical k-means", "seed": config.seed,
                                                   "restarts": config.kmeans_restarts,
                                                   "inertia": round(result.inertia, 6)}
-    labels = torch.as_tensor(list(clusters), dtype=torch.long, device=embeddings.device)
+    values = list(clusters.tolist() if isinstance(clusters, torch.Tensor) else clusters)
+    bad = next((v for v in values if isinstance(v, bool) or not isinstance(v, numbers.Integral)), None)
+    if bad is not None:  # as_tensor(dtype=long) would truncate 0.7 to 0 and read True as 1
+        raise ValueError(f"clusters must be integers in 0..{k - 1} (num_experts={k}), got {bad!r}.")
+    labels = torch.as_tensor(values, dtype=torch.long, device=embeddings.device)
     if labels.shape != (len(embeddings),):
         raise ValueError(f"clusters must give one cluster per example ({len(embeddings)}), got {len(labels)}.")
     if labels.min() < 0 or labels.max() >= k:
