@@ -13,6 +13,7 @@ import contextlib
 import copy
 import numbers
 import os
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -58,7 +59,7 @@ class ExpertRouter:
         if len(centroids) != len(adapter_names):
             raise ValueError(f"The router has {len(centroids)} centroids but {len(adapter_names)} experts; "
                              "every cluster needs exactly one expert adapter.")
-        repeated = sorted({name for name in adapter_names if list(adapter_names).count(name) > 1})
+        repeated = sorted(name for name, count in Counter(adapter_names).items() if count > 1)
         if repeated:
             raise ValueError(f"Adapter(s) {repeated} are named for more than one cluster; give each cluster its own "
                              "expert adapter.")

@@ -160,13 +160,16 @@ def check_skip_patterns(model: nn.Module, skip: Sequence[str]) -> None:
     if not skip:
         return
     prefix, blocks = find_decoder_blocks(model)
-    names = [(name, f"{prefix}.{index}.{name}") for index, block in enumerate(blocks) for name in find_linear_layers(block)]
-    unused = [pattern for pattern in skip
-              if not any(fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(qualified, pattern)
-                         for name, qualified in names)]
+
+    def kept(patterns: Sequence[str]) -> list[str]:  # matched as the compression methods match them
+        return [f"{prefix}.{index}.{name}" for index, block in enumerate(blocks)
+                for name in find_linear_layers(block, patterns, qualified_prefix=f"{prefix}.{index}")]
+
+    every = kept(())
+    unused = [pattern for pattern in skip if len(kept([pattern])) == len(every)]
     if not unused:
         return
-    example = f"{names[0][0]!r} (or {names[0][1]!r})" if names else "none"
+    example = f"{every[0].removeprefix(f'{prefix}.0.')!r} (or {every[0]!r})" if every else "none"
     if len(unused) == len(skip):
         raise ValueError(f"skip={list(skip)} matches no linear layer of the decoder blocks, whose names look like "
                          f"{example}; fix the pattern(s) (`*` also spans dots, e.g. '*down_proj').")

@@ -69,10 +69,15 @@ def quantize_rtn(
     check_skip_patterns(model, skip)
     layers = {f"{prefix}.{index}.{name}": layer for index, block in enumerate(blocks)
               for name, layer in find_linear_layers(block, skip=skip, qualified_prefix=f"{prefix}.{index}").items()}
+    # Refused before any layer is replaced: a refused model stays as it came.
+    if not layers:  # a "packed" model of float layers would only mislabel the checkpoint
+        raise ValueError(
+            f"no layers to quantize: the {len(blocks)} decoder blocks of {type(model).__name__} hold no "
+            f"nn.Linear/Conv1D left after skip={skip}."
+        )
     broken = next((name for name, layer in layers.items() if not torch.isfinite(weight_matrix(layer)).all()), None)
-    if broken is not None:  # before any layer is replaced: a refused model stays as it came
+    if broken is not None:
         raise ValueError(f"{broken} holds non-finite weights (NaN or inf); quantize a finite model.")
-    names = []
     for name, layer in layers.items():
         w = weight_matrix(layer)
         grid = QuantizationGrid.fit(w, bits, group_size, symmetric)
@@ -82,11 +87,5 @@ def quantize_rtn(
         )
         packed.replaces_conv1d = isinstance(layer, Conv1D)
         replace_module(model, name, packed)
-        names.append(name)
-    if not names:  # nothing was replaced: a "packed" model of float layers would only mislabel the checkpoint
-        raise ValueError(
-            f"no layers to quantize: the {len(blocks)} decoder blocks of {type(model).__name__} hold no "
-            f"nn.Linear/Conv1D left after skip={skip}."
-        )
-    config = PackedFormatConfig(bits, group_size, symmetric, names, recipe={"method": "rtn"}, slim=slim)
+    config = PackedFormatConfig(bits, group_size, symmetric, list(layers), recipe={"method": "rtn"}, slim=slim)
     return attach_packed_format(model, config)

@@ -101,11 +101,8 @@ def process_count() -> int:
         >>> process_count()
         1
     """
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    group = _process_group()
+    return group.get_world_size() if group else int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def is_main_process() -> bool:
@@ -118,11 +115,8 @@ def is_main_process() -> bool:
         >>> is_main_process()
         True
     """
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank() == 0
-    return int(os.environ.get("RANK", "0")) == 0
+    group = _process_group()
+    return (group.get_rank() if group else int(os.environ.get("RANK", "0"))) == 0
 
 
 def largest_over_processes(value: float, device: Any = "cpu") -> float:
@@ -137,13 +131,20 @@ def largest_over_processes(value: float, device: Any = "cpu") -> float:
         2.5
     """
     import torch
-    import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    group = _process_group()
+    if group is None or group.get_world_size() == 1:
         return value
     reading = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(reading, op=dist.ReduceOp.MAX)
+    group.all_reduce(reading, op=group.ReduceOp.MAX)
     return float(reading.item())
+
+
+def _process_group() -> Any:
+    """``torch.distributed`` when a process group is running (torchrun, accelerate launch), else ``None``."""
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
 
 
 def train_with_trainer(

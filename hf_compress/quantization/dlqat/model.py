@@ -33,8 +33,7 @@ from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from ...modeling import replace_module
-from ...modeling.layers import check_not_offloaded
-from ...modeling.layers import is_linear
+from ...modeling.layers import check_not_offloaded, is_linear
 from ...utils import get_logger
 from ...formats.packed import PackedFormatConfig, attach_packed_format, check_not_packed
 from ...formats.slim import slim_record
