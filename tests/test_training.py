@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 
 from hf_compress.assets import tiny_model, tiny_tokenizer
@@ -34,3 +36,115 @@ def test_extra_arguments_change_the_launchers_defaults_and_may_not_shadow_settin
     with pytest.raises(ValueError, match="weight_decay"):
         TrainingSettings(weight_decay=-0.1)
 
+
+
+# ------------------------------------------------------------------ resuming an interrupted run
+
+
+def _checkpointing(output_dir, max_steps, resume=None):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(output_dir=str(output_dir), max_steps=max_steps, save_strategy="steps", save_steps=2,
+                             per_device_train_batch_size=1, learning_rate=1e-2, use_cpu=True, report_to=[], seed=0,
+                             disable_tqdm=True, resume_from_checkpoint=resume)
+
+
+def _step_counter(interrupt_after: int | None = None):
+    """A ``TrainerCallback`` counting the optimizer steps this run executed (not the ones restored); with
+    ``interrupt_after``, it stops the run there, as a crash would after that step's checkpoint."""
+    from transformers import TrainerCallback
+
+    class Counter(TrainerCallback):
+        count = 0
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.count += 1
+            if state.global_step == interrupt_after:
+                control.should_training_stop = True
+
+    return Counter()
+
+
+def test_dlqat_training_resumed_from_a_checkpoint_ends_where_the_uninterrupted_run_does(tmp_path):
+    """``TrainingArguments.resume_from_checkpoint`` is for the script to pass on; the launcher is that script. A run
+    stopped after its step-2 checkpoint and resumed must end with the uninterrupted run's adapter, not retrain
+    from scratch (which it silently did)."""
+    import torch
+    from peft import get_peft_model
+
+    from hf_compress.quantization import DLQATConfig
+
+    data = causal_lm_dataset(["one two three four five six " * 40], tiny_tokenizer(), num_sequences=8, seq_len=16)
+
+    def adapter(output_dir, resume=None, interrupt_after=None):
+        torch.manual_seed(0)
+        model = get_peft_model(tiny_model("llama")[0], DLQATConfig(bits=4, group_size=32, r=2))
+        steps = _step_counter(interrupt_after)
+        result = train_with_trainer(model, data, str(output_dir), _checkpointing(output_dir, 4, resume),
+                                    callbacks=[steps])
+        trained = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+        return result, steps.count, trained
+
+    _, _, straight = adapter(tmp_path / "straight")
+    adapter(tmp_path / "stopped", interrupt_after=2)  # the interrupted run: its last checkpoint is checkpoint-2
+    result, steps_run, resumed = adapter(tmp_path / "stopped", resume=True)
+    assert (result["global_step"], steps_run) == (4, 2)  # steps 3 and 4 only, not the whole run again
+    assert straight.keys() == resumed.keys() and straight
+    for name, value in straight.items():
+        torch.testing.assert_close(resumed[name], value, rtol=0, atol=0, msg=name)
+
+
+def test_router_training_resumed_from_a_checkpoint_ends_where_the_uninterrupted_run_does(tmp_path):
+    import torch
+
+    from hf_compress.routing import RoutingSchedule, TokenRouterConfig, routing_state, train_token_router
+
+    data = causal_lm_dataset(["alpha beta gamma delta epsilon " * 60], tiny_tokenizer(), num_sequences=8, seq_len=24)
+    config = TokenRouterConfig(token_sparsity=0.3, validation_windows=0)  # no keep-best: the last router is kept
+
+    def router(output_dir, max_steps=4, resume=None, interrupt_after=None):
+        model, _ = tiny_model("llama")
+        schedule = RoutingSchedule([0.3] * model.config.num_hidden_layers)
+        interrupt = _step_counter(interrupt_after)
+        with _extra_callback(interrupt):
+            train_token_router(model, schedule, data, config=config, args=_checkpointing(output_dir, max_steps, resume))
+        steps_run = interrupt.count
+        return {name: value.clone() for name, value in routing_state(model).router.state_dict().items()}, steps_run
+
+    straight, _ = router(tmp_path / "straight")
+    assert not torch.equal(straight["output.weight"], router(tmp_path / "short", 1)[0]["output.weight"])  # it trains
+    router(tmp_path / "stopped", interrupt_after=2)
+    resumed, steps_run = router(tmp_path / "stopped", resume=str(tmp_path / "stopped" / "checkpoint-2"))
+    assert steps_run == 2
+    for name, value in straight.items():
+        torch.testing.assert_close(resumed[name], value, rtol=0, atol=0, msg=name)
+
+
+@contextlib.contextmanager
+def _extra_callback(callback):
+    """Every ``Trainer`` that router training builds gets ``callback`` too (it builds its own callback list)."""
+    import hf_compress.routing.training as routing_training
+
+    original = routing_training.train_with_trainer
+
+    def with_callback(*args, callbacks=None, **kwargs):
+        return original(*args, callbacks=[*(callbacks or []), callback], **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(routing_training, "train_with_trainer", with_callback)
+        yield
+
+
+def test_resuming_needs_a_checkpoint_and_experts_refuse_it(tmp_path):
+    from hf_compress.experts import ExpertConfig, train_experts
+
+    data = causal_lm_dataset(["text " * 50], tiny_tokenizer(), num_sequences=2, seq_len=16)
+    model, _ = tiny_model("llama")
+    with pytest.raises(ValueError, match="checkpoint"):  # Trainer's own message: nothing to resume in output_dir
+        train_with_trainer(model, data, str(tmp_path), _checkpointing(tmp_path / "empty", 2, resume=True))
+    rows = [{"prompt": f"question {i}", "completion": f"answer {i}"} for i in range(4)]
+    with pytest.raises(ValueError, match="one Trainer per expert.*resume_from_checkpoint unset"):
+        train_experts(model, rows, ExpertConfig(num_experts=2, r=2), args=_checkpointing(tmp_path / "x", 2, True))
+    settings = TrainingSettings(max_steps=2, extra_arguments={"resume_from_checkpoint": "run/checkpoint-2"})
+    with pytest.raises(ValueError, match="one Trainer per expert"):
+        train_experts(model, rows, ExpertConfig(num_experts=2, r=2), args=settings)

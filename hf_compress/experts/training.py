@@ -100,6 +100,10 @@ def train_experts(
     args = args if args is not None else TrainingSettings()
     if not isinstance(args, (TrainingArguments, TrainingSettings)):
         raise TypeError(f"args must be transformers.TrainingArguments or TrainingSettings, got {type(args).__name__}.")
+    if _resume_asked(args):
+        raise ValueError("train_experts runs one Trainer per expert from these arguments, so one checkpoint to resume "
+                         "from would be loaded into every expert: leave resume_from_checkpoint unset (train the "
+                         "experts again, or train each cluster's adapter yourself with clusters=).")
     if config.shared_warmup > 0 and not (args.max_steps and args.max_steps > 1):
         raise ValueError("shared_warmup is a fraction of the step budget: set max_steps >= 2 in args "
                          "(e.g. TrainingArguments(..., max_steps=400)), or use shared_warmup=0.")
@@ -237,6 +241,13 @@ def _clusters(embeddings: torch.Tensor, k: int, config: ExpertConfig, clusters):
         raise ValueError(f"Cluster(s) {empty} are empty: every one of the {k} experts needs examples.")
     sums = torch.zeros(k, embeddings.shape[1], device=embeddings.device).index_add_(0, labels, embeddings.float())
     return labels, torch.nn.functional.normalize(sums, dim=1), {"method": "given"}
+
+
+def _resume_asked(args) -> bool:
+    """Whether ``args`` ask ``Trainer`` to resume (``train_with_trainer`` honours ``resume_from_checkpoint``)."""
+    if isinstance(args, TrainingSettings):
+        return bool((args.extra_arguments or {}).get("resume_from_checkpoint"))
+    return bool(args.resume_from_checkpoint)
 
 
 def _with_steps(args, steps: int, scratch: str):

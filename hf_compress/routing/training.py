@@ -190,7 +190,7 @@ class KeepBestRouter(TrainerCallback):
         logger.info("router validation KL %.5f at step %d (best %.5f at step %d)", value, step, *self.best[:2])
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self._check(0)
+        self._check(state.global_step)  # past 0 when resumed from a checkpoint: selection starts from there
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step % self.every == 0 and state.global_step < state.max_steps:

@@ -161,6 +161,12 @@ def train_with_trainer(
     Trainer itself (``save_strategy="no"`` from settings); the caller saves what it trained. Returns the
     Trainer's metrics plus ``train_seconds`` and ``log_history``.
 
+    ``resume_from_checkpoint`` in the arguments (``TrainingArguments(..., save_steps=50,
+    resume_from_checkpoint=True)``, or ``extra_arguments={"resume_from_checkpoint": "run/checkpoint-50"}``) resumes
+    an interrupted run: Trainer restores the trained weights, optimizer, scheduler, random state and step. Trainer
+    itself leaves that field to the calling script, and here this function is the script; ``True`` takes the last
+    checkpoint in ``output_dir`` (so give one that outlives the run).
+
     Example:
         >>> from peft import get_peft_model
         >>> from hf_compress.assets import tiny_model, tiny_tokenizer
@@ -190,7 +196,7 @@ def train_with_trainer(
         trainer.remove_callback(PrinterCallback)
     _kernelize_for_training(trainer.model)
     start = time.perf_counter()
-    output = trainer.train()
+    output = trainer.train(resume_from_checkpoint=arguments.resume_from_checkpoint)
     seconds = time.perf_counter() - start
     logger.info("trained %d steps in %.1f s (loss %.4f)", trainer.state.global_step, seconds, output.training_loss)
     return {
