@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 
 import pytest
+import safetensors.torch
 
 from hf_compress.assets import tiny_model, tiny_tokenizer
 from hf_compress.training import TrainingSettings, causal_lm_dataset, train_with_trainer
@@ -103,7 +104,7 @@ def test_router_training_resumed_from_a_checkpoint_ends_where_the_uninterrupted_
     config = TokenRouterConfig(token_sparsity=0.3, validation_windows=0)  # no keep-best: the last router is kept
 
     def router(output_dir, max_steps=4, resume=None, interrupt_after=None):
-        model, _ = tiny_model("llama")
+        model, _ = tiny_model("llama", tie_word_embeddings=True)  # as SmolLM2: checkpointing the model failed
         schedule = RoutingSchedule([0.3] * model.config.num_hidden_layers)
         interrupt = _step_counter(interrupt_after)
         with _extra_callback(interrupt):
@@ -116,23 +117,56 @@ def test_router_training_resumed_from_a_checkpoint_ends_where_the_uninterrupted_
     router(tmp_path / "stopped", interrupt_after=2)
     resumed, steps_run = router(tmp_path / "stopped", resume=str(tmp_path / "stopped" / "checkpoint-2"))
     assert steps_run == 2
+    checkpoint = safetensors.torch.load_file(tmp_path / "stopped" / "checkpoint-2" / "model.safetensors")
+    assert sorted(checkpoint) == sorted(f"model.model.token_router.{name}" for name in straight)  # the router only
     for name, value in straight.items():
         torch.testing.assert_close(resumed[name], value, rtol=0, atol=0, msg=name)
 
 
 @contextlib.contextmanager
-def _extra_callback(callback):
-    """Every ``Trainer`` that router training builds gets ``callback`` too (it builds its own callback list)."""
-    import hf_compress.routing.training as routing_training
+def _extra_callback(callback, module=None):
+    """Every ``Trainer`` that ``module`` (router training by default) builds gets ``callback`` too (the training
+    functions build their own callback lists)."""
+    if module is None:
+        import hf_compress.routing.training as module
 
-    original = routing_training.train_with_trainer
+    original = module.train_with_trainer
 
     def with_callback(*args, callbacks=None, **kwargs):
         return original(*args, callbacks=[*(callbacks or []), callback], **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(routing_training, "train_with_trainer", with_callback)
+        patch.setattr(module, "train_with_trainer", with_callback)
         yield
+
+
+def test_heads_training_checkpoints_the_heads_only_and_resumes(tmp_path):
+    import torch
+
+    from hf_compress.speculative.heads import AmphistaConfig, AmphistaHeads, self_distillation_dataset, train_heads
+    from hf_compress.speculative.heads import training as heads_training
+
+    base, _ = tiny_model("llama", tie_word_embeddings=True)
+    prompts = torch.randint(3, 250, (8, 6), generator=torch.Generator().manual_seed(0))
+    data = self_distillation_dataset(base, prompts, 20, batch_size=8)
+
+    def heads(output_dir, resume=None, interrupt_after=None):
+        model, _ = tiny_model("llama", tie_word_embeddings=True)
+        torch.manual_seed(0)
+        trained = AmphistaHeads.for_model(model, AmphistaConfig(num_heads=2))
+        counter = _step_counter(interrupt_after)
+        with _extra_callback(counter, heads_training):
+            train_heads(model, trained, data, _checkpointing(output_dir, 4, resume))
+        return {name: value.clone() for name, value in trained.state_dict().items()}, counter.count
+
+    straight, _ = heads(tmp_path / "straight")
+    heads(tmp_path / "stopped", interrupt_after=2)
+    resumed, steps_run = heads(tmp_path / "stopped", resume=True)
+    assert steps_run == 2
+    for name, value in straight.items():
+        torch.testing.assert_close(resumed[name], value, rtol=0, atol=0, msg=name)
+    checkpoint = safetensors.torch.load_file(tmp_path / "stopped" / "checkpoint-2" / "model.safetensors")
+    assert sorted(checkpoint) == sorted(f"heads.{name}" for name in straight)
 
 
 def test_resuming_needs_a_checkpoint_and_experts_refuse_it(tmp_path):

@@ -38,7 +38,7 @@ from ..modeling.layers import (
     learned_position_limit,
     module_execution_device,
 )
-from ..training import TrainingSettings, train_with_trainer
+from ..training import FrozenModelTrainingModule, TrainingSettings, train_with_trainer
 from ..utils import get_logger
 from .config import TokenRouterConfig
 from .layer import install_routing, routing_disabled, routing_state
@@ -72,8 +72,9 @@ def router_losses(collected: list, config: TokenRouterConfig, guide_scale: float
     }
 
 
-class RouterTrainingModule(nn.Module):
-    """What ``Trainer`` trains: the routed model (frozen) whose router is the only trainable part."""
+class RouterTrainingModule(FrozenModelTrainingModule, nn.Module):
+    """What ``Trainer`` trains: the routed model (frozen) whose router is the only trainable part (and the only
+    part its checkpoints hold)."""
 
     def __init__(self, model: PreTrainedModel, config: TokenRouterConfig) -> None:
         super().__init__()
@@ -81,6 +82,9 @@ class RouterTrainingModule(nn.Module):
         self.config = config
         self.progress = 0.0  # share of the optimizer steps done (GuideDecay sets it); the guide loss decays with it
         self.last_losses: dict[str, float] = {}
+
+    def trained_part(self) -> nn.Module:
+        return routing_state(self.model).router
 
     def train(self, mode: bool = True) -> RouterTrainingModule:
         """Only the module switches mode: the frozen model stays in eval (no dropout in teacher or student)."""

@@ -7,6 +7,7 @@ code changes, multi-process training (``accelerate launch`` / ``torchrun``: DDP,
 
 from .data import causal_lm_dataset
 from .trainer import (
+    FrozenModelTrainingModule,
     TrainingSettings,
     is_main_process,
     largest_over_processes,
@@ -17,6 +18,7 @@ from .trainer import (
 
 
 __all__ = [
+    "FrozenModelTrainingModule",
     "TrainingSettings",
     "causal_lm_dataset",
     "is_main_process",

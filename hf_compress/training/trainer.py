@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 
 __all__ = [
-    "TrainingSettings", "is_main_process", "largest_over_processes", "preserved_random_state", "process_count",
+    "FrozenModelTrainingModule", "TrainingSettings", "is_main_process", "largest_over_processes", "preserved_random_state", "process_count",
     "train_with_trainer",
 ]
 
@@ -145,6 +145,48 @@ def _process_group() -> Any:
     import torch.distributed as dist
 
     return dist if dist.is_available() and dist.is_initialized() else None
+
+
+class FrozenModelTrainingModule:
+    """Mixin for a module that ``Trainer`` trains around a frozen model: its ``state_dict`` — what ``Trainer``
+    checkpoints (``save_steps``) and resumes from — holds the trained part only (``trained_part()``).
+
+    The frozen model's weights need no checkpoint, and writing them would fail: ``Trainer`` saves a module that
+    is not a ``PreTrainedModel`` with ``safetensors.save_file``, which refuses tied embeddings (SmolLM2, Gemma).
+    ``load_state_dict`` takes such a state dict back into the trained part (resuming reports no missing keys).
+
+    Example:
+        >>> from torch import nn
+        >>> class Wrapper(FrozenModelTrainingModule, nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.frozen, self.head = nn.Linear(2, 2), nn.Linear(2, 1)
+        ...     def trained_part(self):
+        ...         return self.head
+        >>> sorted(Wrapper().state_dict())
+        ['head.bias', 'head.weight']
+    """
+
+    def trained_part(self) -> nn.Module:
+        raise NotImplementedError
+
+    def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> Any:
+        part, name = self._trained_part_and_prefix()
+        return part.state_dict(destination=destination, prefix=f"{prefix}{name}", keep_vars=keep_vars)
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        part, name = self._trained_part_and_prefix()
+        outside = [key for key in state_dict if not key.startswith(name)]
+        if strict and outside:
+            raise RuntimeError(f"the state dict holds keys outside the trained part ({name}*): {outside[:5]}")
+        result = part.load_state_dict({key[len(name):]: value for key, value in state_dict.items()
+                                       if key.startswith(name)}, strict=strict, assign=assign)
+        return type(result)([name + key for key in result.missing_keys],  # torch's (missing, unexpected) tuple
+                            [name + key for key in result.unexpected_keys] + outside)
+
+    def _trained_part_and_prefix(self) -> tuple[nn.Module, str]:
+        part = self.trained_part()
+        return part, next(f"{name}." for name, module in self.named_modules() if module is part)
 
 
 def train_with_trainer(

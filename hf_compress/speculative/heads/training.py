@@ -31,7 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, TrainerCallback
 
-from ...training import TrainingSettings, largest_over_processes, train_with_trainer
+from ...training import FrozenModelTrainingModule, TrainingSettings, largest_over_processes, train_with_trainer
 from ...utils import get_logger
 from ...modeling.identity import record_base_model
 from .modeling import BaseParts, DraftHeads
@@ -94,8 +94,9 @@ def heads_loss(
     return total, per_head
 
 
-class HeadsTrainingModule(nn.Module):
-    """What ``Trainer`` trains: the heads, plus the frozen base (or only its output/input embeddings).
+class HeadsTrainingModule(FrozenModelTrainingModule, nn.Module):
+    """What ``Trainer`` trains: the heads, plus the frozen base (or only its output/input embeddings); its
+    checkpoints hold the heads only.
 
     With ``features_cached`` the batches carry ``hidden_states`` and the base body is not held at all.
     """
@@ -109,6 +110,9 @@ class HeadsTrainingModule(nn.Module):
         for module in (self.lm_head, self.embeddings, self.body):
             if module is not None:
                 module.requires_grad_(False)
+
+    def trained_part(self) -> nn.Module:
+        return self.heads
 
     def train(self, mode: bool = True) -> HeadsTrainingModule:
         super().train(mode)
