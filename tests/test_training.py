@@ -140,6 +140,31 @@ def _extra_callback(callback, module=None):
         yield
 
 
+def test_router_training_evaluates_on_its_eval_dataset_when_the_arguments_ask(tmp_path):
+    """An ``eval_strategy`` in the caller's TrainingArguments made Trainer refuse to start ("you didn't pass an
+    eval_dataset to Trainer") although the caller had passed ``eval_dataset`` to ``train_token_router``."""
+    from transformers import TrainerCallback, TrainingArguments
+
+    from hf_compress.routing import RoutingSchedule, train_token_router
+
+    class EvalLosses(TrainerCallback):
+        def __init__(self):
+            self.losses = []
+
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            self.losses.append(metrics["eval_loss"])
+
+    model, tokenizer = tiny_model("llama")
+    data = causal_lm_dataset(["alpha beta gamma delta " * 60], tokenizer, num_sequences=8, seq_len=24)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, eval_strategy="steps", eval_steps=1, use_cpu=True,
+                             report_to=[], disable_tqdm=True, per_device_train_batch_size=2)
+    evaluations = EvalLosses()
+    with _extra_callback(evaluations):
+        train_token_router(model, RoutingSchedule([0.3] * model.config.num_hidden_layers), data, args=args,
+                           eval_dataset=data.select(range(2)))
+    assert len(evaluations.losses) == 2 and all(loss > 0 for loss in evaluations.losses)
+
+
 def test_heads_training_checkpoints_the_heads_only_and_resumes(tmp_path):
     import torch
 

@@ -248,6 +248,8 @@ def train_token_router(
     Model selection (:class:`KeepBestRouter`): every ``config.validation_every`` steps, and before the first, the
     routed model's tail KL to the dense model is measured on held-out windows (``eval_dataset``, or the last
     ``config.validation_windows`` rows of ``dataset``, which are then not trained on); the best router is kept.
+    ``eval_dataset`` is also ``Trainer``'s evaluation set, for an ``eval_strategy`` in ``args`` (``eval_loss``: the
+    training loss on it).
 
     Example:
         >>> from hf_compress.assets import tiny_model
@@ -309,7 +311,7 @@ def train_token_router(
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
         result = train_with_trainer(module, dataset, output_dir or scratch, settings,
-                                    callbacks=[*callbacks, GuideDecay(module)])
+                                    callbacks=[*callbacks, GuideDecay(module)], eval_dataset=eval_dataset)
     model.requires_grad_(False)
     model.eval()
     selection = None

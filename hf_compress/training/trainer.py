@@ -196,12 +196,14 @@ def train_with_trainer(
     settings: TrainingSettings | TrainingArguments | None = None,
     *,
     callbacks: list | None = None,
+    eval_dataset: Dataset | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` (e.g. a ``PeftModel``) on ``train_dataset`` with ``transformers.Trainer``.
 
     ``settings`` are our few knobs, or a full ``TrainingArguments`` used as given. Nothing is saved by the
     Trainer itself (``save_strategy="no"`` from settings); the caller saves what it trained. Returns the
-    Trainer's metrics plus ``train_seconds`` and ``log_history``.
+    Trainer's metrics plus ``train_seconds`` and ``log_history``. ``eval_dataset`` is Trainer's, for an
+    ``eval_strategy`` in the arguments.
 
     ``resume_from_checkpoint`` in the arguments (``TrainingArguments(..., save_steps=50,
     resume_from_checkpoint=True)``, or ``extra_arguments={"resume_from_checkpoint": "run/checkpoint-50"}``) resumes
@@ -229,7 +231,8 @@ def train_with_trainer(
     else:
         arguments = _arguments_from_settings(settings or TrainingSettings(), output_dir)
     trainer = Trainer(
-        model=model, args=arguments, train_dataset=train_dataset, data_collator=default_data_collator, callbacks=callbacks
+        model=model, args=arguments, train_dataset=train_dataset, data_collator=default_data_collator, callbacks=callbacks,
+        eval_dataset=eval_dataset,  # for eval_strategy in the caller's TrainingArguments; Trainer refuses it without
     )
     if isinstance(settings, TrainingSettings) and not settings.progress:
         # Without its bar, Trainer print()s every log dict instead (PrinterCallback): quiet means neither.
