@@ -194,6 +194,34 @@ def test_heads_training_checkpoints_the_heads_only_and_resumes(tmp_path):
     assert sorted(checkpoint) == sorted(f"heads.{name}" for name in straight)
 
 
+def test_heads_training_evaluates_and_keeps_the_best_checkpoint(tmp_path):
+    """``eval_strategy`` with ``load_best_model_at_end``: Trainer evaluates the heads on ``eval_dataset`` (cached
+    like the training windows) and loads the best checkpoint back into the heads, which are all it holds. "Best" is
+    the highest loss here, so that the checkpoint loaded back is not the last step's."""
+    import torch
+    from transformers import TrainingArguments
+
+    from hf_compress.speculative.heads import AmphistaConfig, AmphistaHeads, self_distillation_dataset, train_heads
+
+    model, _ = tiny_model("llama", tie_word_embeddings=True)
+    prompts = torch.randint(3, 250, (8, 6), generator=torch.Generator().manual_seed(0))
+    data = self_distillation_dataset(model, prompts, 20, batch_size=8)
+    heads = AmphistaHeads.for_model(model, AmphistaConfig(num_heads=2))
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, eval_strategy="steps", eval_steps=2,
+                             save_strategy="steps", save_steps=2, load_best_model_at_end=True, use_cpu=True,
+                             metric_for_best_model="eval_loss", greater_is_better=True,
+                             report_to=[], disable_tqdm=True, per_device_train_batch_size=4, learning_rate=3e-3)
+    result = train_heads(model, heads, data, args, eval_dataset=data.select(range(4)))
+    losses = {row["step"]: row["eval_loss"] for row in result["log_history"] if "eval_loss" in row}
+    assert sorted(losses) == [2, 4]
+    assert max(losses, key=losses.get) == 2  # training lowered the loss: the "best" is the earlier checkpoint
+    loaded_back, last = (safetensors.torch.load_file(tmp_path / f"checkpoint-{step}" / "model.safetensors")
+                         for step in (2, 4))
+    for name, value in heads.state_dict().items():
+        assert torch.equal(value, loaded_back[f"heads.{name}"]), name
+    assert any(not torch.equal(value, last[f"heads.{name}"]) for name, value in heads.state_dict().items())
+
+
 def test_resuming_needs_a_checkpoint_and_experts_refuse_it(tmp_path):
     from hf_compress.experts import ExpertConfig, train_experts
 

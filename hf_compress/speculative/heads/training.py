@@ -217,6 +217,7 @@ def train_heads(
     cache_features: bool = True,
     max_train_seconds: float | None = None,
     data_description: str | None = None,
+    eval_dataset: Dataset | FeatureDataset | None = None,
 ) -> dict[str, Any]:
     """Train ``heads`` on ``dataset`` with ``Trainer``; the base model stays frozen and unchanged.
 
@@ -231,6 +232,8 @@ def train_heads(
         max_train_seconds: Wall-clock budget; training stops after the step that crosses it. The learning
             rate schedule still follows ``max_steps``, so choose ``max_steps`` to roughly fit the budget.
         data_description: Recorded with the training summary in ``heads.config.training`` (model card).
+        eval_dataset: Windows like ``dataset``'s, for an ``eval_strategy`` in ``args`` (``TrainingArguments``):
+            ``eval_loss`` is the heads' training loss on them (cached like ``dataset`` when ``cache_features``).
 
     Returns:
         The Trainer's metrics plus ``train_seconds``, ``global_step``, ``stopped_by_budget``, ``log_history``.
@@ -251,13 +254,16 @@ def train_heads(
     if cache_features and not features_cached:
         dataset = cache_base_features(model, dataset)
         features_cached = True
+    if eval_dataset is not None and features_cached and not isinstance(eval_dataset, FeatureDataset):
+        eval_dataset = cache_base_features(model, eval_dataset)  # the training module holds no base body then
     trained = [p for p in model.parameters() if p.requires_grad]
     module = HeadsTrainingModule(heads, model, features_cached)
     heads.train()
     callbacks = [TimeBudget(max_train_seconds)] if max_train_seconds else []
     try:
         with tempfile.TemporaryDirectory() as output_dir, _eval_mode(model):  # the base comes back in its own mode
-            result = train_with_trainer(module, dataset, getattr(args, "output_dir", None) or output_dir, args, callbacks=callbacks)
+            result = train_with_trainer(module, dataset, getattr(args, "output_dir", None) or output_dir, args,
+                                        callbacks=callbacks, eval_dataset=eval_dataset)
     finally:
         for p in trained:  # the base model is handed back as it came
             p.requires_grad_(True)
