@@ -332,3 +332,96 @@ def test_every_command_runs_as_a_module(module):
                           timeout=120)
     assert done.returncode == 0, done.stderr
     assert "--sparsity" in done.stdout
+
+
+def _help(capsys, argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--help"])
+    assert exit_info.value.code == 0
+    return " ".join(capsys.readouterr().out.split())
+
+
+def _one_line_error(capsys, argv: list[str]) -> str:
+    assert main(argv) == 2, argv
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("hf-compress: error: ") and "\n" not in err and "Traceback" not in err, err
+    return err[len("hf-compress: error: "):]
+
+
+def test_help_shows_the_model_and_evaluation_defaults(capsys):
+    """A newcomer who leaves --model out loads SmolLM2-135M: every command's help says so."""
+    for argv in (["prune", "wanda"], ["quantize"], ["route"], ["eval"]):
+        assert "(default: smollm2-135m)" in _help(capsys, argv), argv
+    eval_help = _help(capsys, ["eval"])
+    for shown in ("(default: wikipedia,news)", "(default: arc_easy)", "(default 0: none)", "(default: print only)"):
+        assert shown in eval_help, shown
+
+
+def test_generated_flags_are_listed_once_and_summaries_have_no_rest_markup(capsys):
+    sleb = _help(capsys, ["prune", "sleb"])
+    assert "--protected-blocks PROTECTED_BLOCKS, --protected-blocks" not in sleb
+    assert "``" not in _help(capsys, ["prune"])
+    demo = _help(capsys, ["demo"])
+    assert "every available method" not in demo and "magnitude, Wanda and SparseGPT" in demo
+
+
+def test_a_json_flag_that_is_not_json_names_the_flag_and_the_fix(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["prune", "sds", "--base-options", "{bad", "--save-dir", "out"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --base-options: must be JSON such as" in err and "invalid loads value" not in err, err
+
+
+def test_occupied_save_dir_errors_name_the_flag_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before --save-dir was checked")
+
+    monkeypatch.setattr("hf_compress.assets.load_model", refuse)
+    monkeypatch.setattr("hf_compress.assets.resolve.load_model", refuse)
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "notes.txt").write_text("mine")
+    recipe = Path(__file__).parents[1] / "examples" / "recipes" / "tiny-llama-magnitude24-dlqat4-fly.yaml"
+    for argv in (["prune", "magnitude", "--model", "tiny-llama", "--save-dir", str(occupied)],
+                 ["recipe", "run", str(recipe), "--save-dir", str(occupied)]):
+        err = _one_line_error(capsys, [*argv, "-q"])
+        assert err.startswith(f"--save-dir {occupied} is not empty"), err  # was `save_dir ...`
+    assert [p.name for p in occupied.iterdir()] == ["notes.txt"]
+
+
+def test_flags_that_cannot_work_together_are_refused_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the flags were checked")
+
+    monkeypatch.setattr("hf_compress.assets.load_model", refuse)
+    monkeypatch.setattr("hf_compress.assets.resolve.load_model", refuse)
+    out = str(tmp_path / "out")
+    cases = {
+        # both ablations left nothing trainable: torch failed inside Trainer ("element 0 of tensors does not require grad")
+        ("quantize", "dlqat", "--no-magnitude", "--no-lora", "--save-dir", out):
+            "--no-magnitude and --no-lora together leave DL-QAT nothing to train",
+        # --static trains nothing: the training flags were silently ignored
+        ("route", "--static", "--steps", "5", "--save-dir", out): "--steps sets router training, which --static skips",
+        ("route", "--static", "--steps", "5", "--learning-rate", "0.1", "--save-dir", out):
+            "--steps and --learning-rate set router training",
+        # the messages named the settings' fields (zero_shot_tasks, perplexity_sets), not the flags
+        ("eval", "--tasks", "arc-easy,piqa"): "--tasks: unknown zero-shot task 'arc-easy' (did you mean 'arc_easy'?)",
+        ("eval", "--perplexity", "wiki"): "--perplexity: unknown text set 'wiki' (did you mean 'wikipedia'?)",
+    }
+    for argv, start in cases.items():
+        err = _one_line_error(capsys, [*argv, "--model", "tiny-llama", "-q"])
+        assert err.startswith(start), err
+    assert not any(tmp_path.iterdir())
+
+
+def test_route_fills_in_the_training_defaults_when_it_trains():
+    import argparse
+
+    from hf_compress.routing.cli import _check_training_flags
+
+    args = argparse.Namespace(static=False, steps=None, learning_rate=None)
+    _check_training_flags(args)
+    assert (args.steps, args.learning_rate) == (200, 1e-3)
+    args = argparse.Namespace(static=True, steps=None, learning_rate=None)
+    _check_training_flags(args)  # --static alone: nothing to refuse

@@ -45,7 +45,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class: type,
         spellings = item.metadata.get("cli", [])
         if spellings is None:
             continue
-        flags = [f"--{item.name.replace('_', '-')}", *spellings]
+        flags = list(dict.fromkeys([f"--{item.name.replace('_', '-')}", *spellings]))  # a spelling may repeat the name
         default = defaults.get(item.name, _default(item))
         kwargs: dict[str, Any] = {"dest": _PREFIX + item.name, "default": argparse.SUPPRESS}
         kwargs.update(_parsing(item))
@@ -83,6 +83,22 @@ class _AppendSplit(argparse.Action):
         setattr(namespace, self.dest, items)
 
 
+def _json(text: str) -> Any:
+    """An argparse ``type`` for a JSON flag (the config checks the value's shape); text that is not JSON reads
+    ``argument --flag: must be JSON such as ...`` instead of argparse's ``invalid loads value``.
+
+    Example:
+        >>> _json('{"percdamp": 0.02}')
+        {'percdamp': 0.02}
+    """
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(
+            f"must be JSON such as '{{\"name\": 1}}' (in single quotes for the shell), got {text!r} ({err})"
+        ) from None
+
+
 def _parsing(item: dataclasses.Field) -> dict[str, Any]:
     annotation = str(item.type).replace(" ", "")
     if "type" in item.metadata:
@@ -94,7 +110,7 @@ def _parsing(item: dataclasses.Field) -> dict[str, Any]:
     if annotation.startswith("tuple[int"):
         return {"type": int, "nargs": "*"}
     if annotation.startswith("dict["):
-        return {"type": json.loads, "metavar": "JSON"}
+        return {"type": _json, "metavar": "JSON"}
     if annotation == "int":
         return {"type": int}
     if annotation == "float":

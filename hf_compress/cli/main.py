@@ -222,29 +222,36 @@ def run_info(args: argparse.Namespace) -> int:
 
 def _eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m",
-                        help="reference name (smollm2-135m, gemma3-270m), tiny-<arch>, a folder, or a Hub id")
+                        help="reference name (smollm2-135m, gemma3-270m), tiny-<arch>, a folder, or a Hub id "
+                             "(default: smollm2-135m)")
     parser.add_argument("--perplexity", default="wikipedia,news",
-                        help="comma-separated text sets for perplexity ('' for none): wikipedia, news")
+                        help="comma-separated text sets for perplexity ('' for none): wikipedia, news "
+                             "(default: wikipedia,news)")
     parser.add_argument("--window", type=int_at_least(2), default=512, help="perplexity window in tokens (default 512)")
     parser.add_argument("--max-windows", type=int_at_least(1), default=None,
                         help="evenly spaced subset of windows per text set (default: all)")
     parser.add_argument("--tasks", default="arc_easy",
                         help="comma-separated zero-shot tasks ('' for none): arc_easy, arc_challenge, piqa, "
-                             "hellaswag, boolq, winogrande")
-    parser.add_argument("--limit", type=int_at_least(1), default=None, help="fixed seeded subset of each zero-shot task")
+                             "hellaswag, boolq, winogrande (default: arc_easy)")
+    parser.add_argument("--limit", type=int_at_least(1), default=None,
+                        help="fixed seeded subset of each zero-shot task (default: every example)")
     parser.add_argument("--speed-prompts", type=int_at_least(0), default=0,
-                        help="prompts for a greedy tokens/s measurement")
-    parser.add_argument("--kv-seq-len", type=int_at_least(1), default=None, help="measure KV-cache bytes at this length")
-    parser.add_argument("--output", default=None, help="write the results JSON here")
+                        help="prompts for a greedy tokens/s measurement (default 0: none)")
+    parser.add_argument("--kv-seq-len", type=int_at_least(1), default=None,
+                        help="measure KV-cache bytes at this length (default: not measured)")
+    parser.add_argument("--output", default=None, help="write the results JSON to this file (default: print only)")
     device_argument(parser)
 
 
 @command("eval", "measure perplexity, zero-shot accuracy, speed and memory of a model", _eval_arguments)
 def run_eval(args: argparse.Namespace) -> int:
     from ..assets.resolve import load_model
-    from ..evaluation.suite import EvaluationSettings, run_evaluation
+    from ..assets.zero_shot import ZERO_SHOT_TASKS
+    from ..evaluation.suite import PERPLEXITY_SETS, EvaluationSettings, run_evaluation
     from ..utils import atomic_file
 
+    _check_names("--perplexity", _split(args.perplexity), tuple(PERPLEXITY_SETS), "text set")
+    _check_names("--tasks", _split(args.tasks), ZERO_SHOT_TASKS, "zero-shot task")
     settings = EvaluationSettings(
         perplexity_sets=_split(args.perplexity), window=args.window, max_windows=args.max_windows,
         zero_shot_tasks=_split(args.tasks), zero_shot_limit=args.limit, speed_prompts=args.speed_prompts,
@@ -283,12 +290,15 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def _demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m", help="model to compress (default: smollm2-135m)")
-    parser.add_argument("--output-dir", default="hf_compress_demo", help="where the Hub-ready folders go")
+    parser.add_argument("--output-dir", default="hf_compress_demo",
+                        help="the folder that receives one Hub-ready folder per model (default: hf_compress_demo)")
     parser.add_argument("--full", action="store_true", help="full evaluation sets instead of the quick subsets")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into a non-empty --output-dir: its model folders are replaced, other files are kept")
 
 
-@command("demo", "evaluate the default model, compress it with every available method, compare", _demo_arguments)
+@command("demo", "evaluate a model, prune it 2:4 with magnitude, Wanda and SparseGPT, evaluate again, compare",
+         _demo_arguments)
 def run_demo_command(args: argparse.Namespace) -> int:
     from ..demo import FULL_SETTINGS, QUICK_SETTINGS, format_table, run_demo
 
@@ -301,6 +311,25 @@ def run_demo_command(args: argparse.Namespace) -> int:
 
 def _split(value: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+def _check_names(flag: str, names: Sequence[str], known: Sequence[str], what: str) -> None:
+    """Refuse a name outside ``known`` in one line naming ``flag`` (and the nearest known name, if any).
+
+    Example:
+        >>> _check_names("--tasks", ["arc-easy"], ["arc_easy", "piqa"], "zero-shot task")
+        Traceback (most recent call last):
+        ...
+        ValueError: --tasks: unknown zero-shot task 'arc-easy' (did you mean 'arc_easy'?); pass a comma-separated list of arc_easy, piqa, or '' for none.
+    """
+    import difflib
+
+    for name in names:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"{flag}: unknown {what} {name!r}{hint}; pass a comma-separated list of "
+                             f"{', '.join(known)}, or '' for none.")
 
 
 if __name__ == "__main__":

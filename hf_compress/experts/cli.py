@@ -72,7 +72,8 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--learning-rate", type=positive_float, default=1e-3, help="AdamW learning rate (default 1e-3)")
     train.add_argument("--batch-size", type=int_at_least(1), default=4, help="windows per step (default 4)")
     train.add_argument("--save-dir", required=True, help="folder for the experts")
-    train.add_argument("--overwrite", action="store_true", help="replace experts already in --save-dir")
+    train.add_argument("--overwrite", action="store_true",
+                       help="save into a non-empty --save-dir: the experts there are replaced, other files are kept")
     device_argument(train)
     add_config_arguments(train, ExpertConfig)
 

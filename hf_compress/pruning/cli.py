@@ -22,15 +22,20 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     common = common_flags()
     methods = parser.add_subparsers(dest="method", metavar="METHOD", required=True)
     for method, pruner_class in PRUNERS.items():
-        summary = (pruner_class.__doc__ or method).strip().splitlines()[0]
+        summary = (pruner_class.__doc__ or method).strip().splitlines()[0].replace("``", "")  # reST markup
         child = methods.add_parser(method, help=summary, description=summary, parents=[common])
-        child.add_argument("--model", default="smollm2-135m", help="reference name, tiny-<arch>, folder or Hub id")
+        child.add_argument("--model", default="smollm2-135m",
+                           help="reference name, tiny-<arch>, folder or Hub id (default: smollm2-135m)")
         child.add_argument("--save-dir", required=True, help="folder for the pruned checkpoint")
-        child.add_argument("--overwrite", action="store_true", help="replace a model already in --save-dir")
-        child.add_argument("--calibration-text", default="wikipedia",
-                           help="'wikipedia' (calibration split), 'news', or a UTF-8 text file (default: wikipedia)")
+        child.add_argument("--overwrite", action="store_true",
+                           help="save into a non-empty --save-dir: its model is replaced, other files are kept")
+        calibration_help = "'wikipedia' (calibration split), 'news', or a UTF-8 text file (default: wikipedia)"
+        if not pruner_class.requires_calibration:
+            calibration_help += f"; {method} reads it only with --permutation learned"
+        child.add_argument("--calibration-text", default="wikipedia", help=calibration_help)
         child.add_argument("--options", f"--{method.replace('_', '-')}-options", dest="options", default=None,
-                           metavar="JSON", help="more config fields as a JSON object, e.g. '{\"batch_size\": 4}'")
+                           metavar="JSON", help="more config fields as a JSON object, e.g. '{\"batch_size\": 4}' "
+                                                "(a flag given for the same field wins)")
         device_argument(child)
         add_config_arguments(child, pruner_class.config_class, defaults=pruner_class.cli_defaults)
         pruner_class.add_cli_arguments(child)
@@ -41,9 +46,11 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
 def run_prune(args: argparse.Namespace) -> int:
     from ..assets import load_calibration_text
     from ..cli.config_flags import config_kwargs
+    from ..utils import check_save_dir
     from .permutation import LearnedPermutationConfig
 
     pruner_class = args.pruner_class
+    check_save_dir(args.save_dir, args.overwrite, argument="--save-dir")  # the messages name the flag, not save_dir
     fields = {**pruner_class.cli_defaults, **_options(args.options), **config_kwargs(args)}
     known = {field.name for field in dataclasses.fields(pruner_class.config_class)}
     unknown = sorted(set(fields) - known)

@@ -28,7 +28,8 @@ _DLQAT_ONLY_DEFAULTS: dict[str, Any] = {
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("method", choices=("dlqat", "rtn"), help="DL-QAT training, or round-to-nearest")
-    parser.add_argument("--model", default="smollm2-135m", help="reference name, tiny-<arch>, folder or Hub id")
+    parser.add_argument("--model", default="smollm2-135m",
+                        help="reference name, tiny-<arch>, folder or Hub id (default: smollm2-135m)")
     parser.add_argument("--bits", type=int, default=4, help="weight bits, 2 to 8 (default 4)")
     parser.add_argument("--group-size", type=int, default=128, help="inputs per group; -1 per-channel (default 128)")
     parser.add_argument("--symmetric", action="store_true", help="symmetric grid (default asymmetric)")
@@ -38,11 +39,15 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--learning-rate", type=positive_float, default=None, help="dlqat: AdamW learning rate (1e-3)")
     parser.add_argument("--batch-size", type=int_at_least(1), default=None, help="dlqat: sequences per step (default 4)")
     parser.add_argument("--seq-len", type=int_at_least(2), default=None, help="dlqat: tokens per sequence (default 256)")
-    parser.add_argument("--no-magnitude", action="store_true", default=None, help="dlqat ablation: LoRA only")
-    parser.add_argument("--no-lora", action="store_true", default=None, help="dlqat ablation: group magnitudes only")
+    parser.add_argument("--no-magnitude", action="store_true", default=None,
+                        help="dlqat ablation: LoRA only (not with --no-lora)")
+    parser.add_argument("--no-lora", action="store_true", default=None,
+                        help="dlqat ablation: group magnitudes only (not with --no-magnitude)")
     parser.add_argument("--save-dir", required=True, help="folder for the packed low-bit checkpoint")
     parser.add_argument("--adapter-dir", default=None, help="dlqat: also save the trained adapter here")
-    parser.add_argument("--overwrite", action="store_true", help="replace what is already in the output folders")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="save into a non-empty --save-dir / --adapter-dir: the model or adapter there is "
+                             "replaced, other files are kept")
 
 
 @command("quantize", "quantize a model to packed low-bit weights (DL-QAT training or RTN)", _arguments)
@@ -130,6 +135,9 @@ def _check_method_flags(args: argparse.Namespace) -> None:
         one = len(given) == 1
         raise ValueError(f"{', '.join(given)} {'applies' if one else 'apply'} to `quantize dlqat` only (rtn trains "
                          f"nothing): drop {'it' if one else 'them'} or run `hf-compress quantize dlqat`.")
+    if args.no_magnitude and args.no_lora:  # nothing would be trainable: torch would fail inside Trainer
+        raise ValueError("--no-magnitude and --no-lora together leave DL-QAT nothing to train; drop one of them "
+                         "(or run `hf-compress quantize rtn` for round-to-nearest without training).")
     for name, default in _DLQAT_ONLY_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, default)

@@ -22,7 +22,8 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
                              description="run a recipe and save the final model folder", parents=[common])
     run.add_argument("recipe", help="the recipe YAML file")
     run.add_argument("--save-dir", required=True, help="folder for the final model, recipe.yaml and its card")
-    run.add_argument("--overwrite", action="store_true", help="save into a non-empty --save-dir")
+    run.add_argument("--overwrite", action="store_true",
+                     help="save into a non-empty --save-dir: its model is replaced, other files are kept")
     run.add_argument("--repo-id", metavar="OWNER/NAME",
                      help="the Hub repo the folder will be pushed to, named by the card's loading snippet "
                           "(default: the snippet loads the folder from disk)")
@@ -32,6 +33,7 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
 @command("recipe", "run several methods as one measured, reproducible recipe (hf-compress recipe run|check)",
          _arguments)
 def run_recipe(args: argparse.Namespace) -> int:
+    from ..utils import check_save_dir
     from .runner import load_recipe, run
 
     recipe = load_recipe(args.recipe)
@@ -40,6 +42,7 @@ def run_recipe(args: argparse.Namespace) -> int:
         for line in recipe.check():
             print(f"  {line}")
         return 0
+    check_save_dir(args.save_dir, args.overwrite, argument="--save-dir")  # the messages name the flag, not save_dir
     result = run(recipe, args.save_dir, device=args.device, overwrite=args.overwrite, progress=not args.quiet,
                  repo_id=args.repo_id)
     for record in result.records:

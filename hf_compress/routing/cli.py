@@ -23,17 +23,21 @@ def _sparsity(text: str) -> float:
 
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2-135m", help="reference name, tiny-<arch>, folder or Hub id")
+    parser.add_argument("--model", default="smollm2-135m",
+                        help="reference name, tiny-<arch>, folder or Hub id (default: smollm2-135m)")
     parser.add_argument("--sparsity", type=_sparsity, default=0.3, help="mean fraction of tokens a block skips (0.3)")
     parser.add_argument("--generations", type=int_at_least(0), default=8, help="schedule search generations (8)")
     parser.add_argument("--population", type=int_at_least(2), default=12, help="schedule search population (12)")
     parser.add_argument("--search-windows", type=int_at_least(1), default=4, help="calibration windows per score (4)")
     parser.add_argument("--seq-len", type=int_at_least(2), default=256, help="tokens per window (256)")
-    parser.add_argument("--steps", type=int_at_least(1), default=200, help="router training steps (200)")
-    parser.add_argument("--learning-rate", type=positive_float, default=1e-3, help="router AdamW learning rate (1e-3)")
-    parser.add_argument("--static", action="store_true", help="no training: save the static router")
+    # Training flags default to None so that one given with --static (which trains nothing) can be refused.
+    parser.add_argument("--steps", type=int_at_least(1), default=None, help="router training steps (200)")
+    parser.add_argument("--learning-rate", type=positive_float, default=None, help="router AdamW learning rate (1e-3)")
+    parser.add_argument("--static", action="store_true",
+                        help="no training: save the static router (not with --steps / --learning-rate)")
     parser.add_argument("--save-dir", required=True, help="folder for the routed model")
-    parser.add_argument("--overwrite", action="store_true", help="replace what is already in --save-dir")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="save into a non-empty --save-dir: its model is replaced, other files are kept")
 
 
 @command("route", "token router (FTP): tokens skip the blocks they don't need", _arguments)
@@ -45,6 +49,7 @@ def run_route(args: argparse.Namespace) -> int:
     from ..utils import check_save_dir
     from . import TokenRouterConfig, save_routed, search_schedule, static_router, train_token_router
 
+    _check_training_flags(args)
     check_save_dir(args.save_dir, args.overwrite, argument="--save-dir")
     config = TokenRouterConfig(
         token_sparsity=args.sparsity, generations=args.generations, population=args.population,
@@ -70,3 +75,18 @@ def run_route(args: argparse.Namespace) -> int:
                          base_model=hub_model_id(getattr(model.config, "name_or_path", None)))
     print(f"saved the routed model to {target}")
     return 0
+
+
+_TRAINING_DEFAULTS = {"steps": 200, "learning_rate": 1e-3}
+
+
+def _check_training_flags(args: argparse.Namespace) -> None:
+    """Refuse training flags given with ``--static`` (it would silently ignore them), then fill in their defaults."""
+    given = [f"--{name.replace('_', '-')}" for name in _TRAINING_DEFAULTS if getattr(args, name) is not None]
+    if args.static and given:
+        one = len(given) == 1
+        raise ValueError(f"{' and '.join(given)} {'sets' if one else 'set'} router training, which --static skips: "
+                         f"drop {'it' if one else 'them'} or drop --static.")
+    for name, default in _TRAINING_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
