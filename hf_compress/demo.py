@@ -8,6 +8,7 @@ comparison table. Methods register themselves in :data:`DEMO_METHODS` as they la
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from collections.abc import Callable
@@ -31,7 +32,8 @@ class DemoMethod:
     """A compression step of the demo.
 
     ``apply(model, tokenizer, calibration_texts)`` returns the compressed model and its recipe (a
-    JSON-ready dict recorded in the model card); ``save(model, tokenizer, folder)`` writes it so that
+    JSON-ready dict recorded in the model card); an ``apply`` with a ``progress`` keyword gets the demo's
+    (``hf-compress demo -q``: no bars). ``save(model, tokenizer, folder)`` writes it so that
     ``from_pretrained(folder)`` loads it.
     """
 
@@ -108,7 +110,8 @@ def run_demo(
             logger.info("Applying %s", method.name)
             if index:  # methods may change the model in place: each starts from a fresh dense copy
                 model, tokenizer = load_model(model_name)
-            compressed, recipe = method.apply(model, tokenizer, calibration)
+            quiet = {} if "progress" not in inspect.signature(method.apply).parameters else {"progress": progress}
+            compressed, recipe = method.apply(model, tokenizer, calibration, **quiet)
             results, records = run_evaluation(compressed, tokenizer, settings, progress=progress)
             _write_artifact(staging / method.name, compressed, tokenizer, method.save, base_model,
                             f"{short_name}-{method.name}", recipe, records, results, base_records=dense_records)

@@ -79,3 +79,22 @@ def test_default_demo_methods_import_and_name_the_pruners():
 
     names = [method.name for method in default_demo_methods()]
     assert names == ["magnitude-2of4", "wanda-2of4", "sparsegpt-2of4"], names
+
+
+def test_quiet_demo_reaches_methods_that_take_progress(tmp_path, capsys):
+    """``demo -q`` (``progress=False``) printed every pruner's bar: the methods were never told. A method whose
+    ``apply`` has a ``progress`` keyword gets it; the three-argument form still works (``_halve_weights``)."""
+    from hf_compress.pruning.demo import demo_methods
+
+    seen = []
+
+    def halve_quietly(model, tokenizer, calibration, progress=True):
+        seen.append(progress)
+        return _halve_weights(model, tokenizer, calibration)
+
+    magnitude = demo_methods()[0]
+    run_demo("tiny-llama", tmp_path / "demo", settings=SETTINGS, progress=False,
+             methods=[DemoMethod("quiet", "halve", halve_quietly), DemoMethod("plain", "halve", _halve_weights),
+                      magnitude])
+    assert seen == [False]
+    assert "%|" not in capsys.readouterr().err  # no bar at all, the magnitude pruner's included

@@ -175,8 +175,10 @@ class PruningConfig:
             the decoder block (``"self_attn.*"``, ``"*down_proj"``) and the qualified name
             (``"model.layers.0.*"``). Embeddings and ``lm_head`` sit outside the decoder blocks and
             are never pruned.
-        num_calibration_sequences, calibration_seq_len, calibration_seed: the calibration windows
+        num_calibration_sequences: how many calibration windows are drawn from the calibration text
             (``hf_compress.modeling.calibration_batches``); ignored by methods without calibration.
+        calibration_seq_len: tokens per calibration window.
+        calibration_seed: seed of the windows' start positions in the calibration text.
         batch_size: calibration sequences per forward micro-batch.
         permutation: reorder input channels before an N:M prune (absorbed into the neighbouring
             weights, so the checkpoint stays an ordinary N:M one): none, ria (heuristic channel
@@ -332,7 +334,11 @@ def check_number(config: Any, name: str, positive: bool, high: float | None = No
 class StructuralPruningConfig(PruningConfig):
     """Shared by the structural pruners: ``target_sparsity`` (the fraction of decoder-block parameters to
     remove; ``sparsity`` mirrors it for reports) and CPU-sized calibration defaults. ``skip`` is refused:
-    the budget is global and whole heads, channels or blocks go."""
+    the budget is global and whole heads, channels or blocks go.
+
+    Args:
+        target_sparsity: the fraction of decoder-block parameters to remove, in (0, 1): ``0.3`` or ``"30%"``.
+    """
 
     target_sparsity: float = field(default=0.3, metadata={"cli": ["--sparsity"], "type": str})
     num_calibration_sequences: int = field(default=64, metadata={"cli": ["--calibration-sequences"]})

@@ -35,10 +35,11 @@ def demo_methods() -> list[DemoMethod]:
 def _method(config: PruningConfig) -> DemoMethod:
     from . import PRUNERS
 
-    def apply(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, calibration) -> tuple[PreTrainedModel, dict[str, Any]]:
+    def apply(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, calibration,
+              progress: bool = True) -> tuple[PreTrainedModel, dict[str, Any]]:
         pruner = PRUNERS[config.method].from_pretrained(model, tokenizer=tokenizer)
         data = calibration if pruner.requires_calibration else None
-        pruned = pruner.prune(config, data, tokenizer=tokenizer)
+        pruned = pruner.prune(config, data, tokenizer=tokenizer, progress=progress)
         return pruned, {**config.to_dict(), "overall_sparsity": pruner.report.overall_sparsity}
 
     def save(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:

@@ -21,6 +21,9 @@ class SLEBConfig(BlockRemovalConfig):
     (SLEB's code: one at each end). The paper scores 128 windows of 2,048 tokens; the CPU default here is
     16 × 256 (every round scores every remaining block with a full forward over them).
 
+    Args:
+        protected_blocks: blocks at each end of the model that are never removed.
+
     Example:
         >>> SLEBConfig(target_sparsity=0.2).num_calibration_sequences
         16
