@@ -425,3 +425,31 @@ def test_route_fills_in_the_training_defaults_when_it_trains():
     assert (args.steps, args.learning_rate) == (200, 1e-3)
     args = argparse.Namespace(static=True, steps=None, learning_rate=None)
     _check_training_flags(args)  # --static alone: nothing to refuse
+
+
+def test_route_searches_on_the_device_it_is_given(tmp_path, monkeypatch, capsys):
+    """``route`` had no --device: on a GPU machine its schedule search (the long part) ran on the CPU."""
+    from hf_compress.cli.main import resolve_device
+    from hf_compress.routing import search as routing_search
+
+    devices = []
+    original = routing_search.calibration_loss
+
+    def recording(model, windows, **kwargs):
+        devices.append(next(model.parameters()).device.type)
+        return original(model, windows, **kwargs)
+
+    monkeypatch.setattr(routing_search, "calibration_loss", recording)
+    assert main(["route", "--model", "tiny-llama", "--static", "--generations", "0", "--population", "2",
+                 "--search-windows", "1", "--seq-len", "16", "--device", "cpu", "--save-dir", str(tmp_path / "a")]) == 0
+    assert devices and set(devices) == {"cpu"}
+    if not torch.cuda.is_available():  # refused in one line before the model loads
+        assert main(["route", "--device", "cuda", "--save-dir", str(tmp_path / "b")]) == 2
+        assert "no CUDA GPU is available here" in capsys.readouterr().err
+        assert not (tmp_path / "b").exists()
+    # Under torchrun, "auto" is this process's GPU (the one Trainer trains on), not the first one for every rank.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert resolve_device("auto") == torch.device("cuda", 1)
+    monkeypatch.delenv("LOCAL_RANK")
+    assert resolve_device("auto") == torch.device("cuda")

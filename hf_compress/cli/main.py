@@ -92,6 +92,9 @@ def device_argument(parser: argparse.ArgumentParser) -> None:
 def resolve_device(name: str) -> torch.device:
     """The ``--device`` value as a ``torch.device``, refusing in one line a device this machine lacks.
 
+    ``auto`` under ``torchrun`` / ``accelerate launch`` is this process's own GPU (``LOCAL_RANK``), the one
+    ``Trainer`` trains on, not every process on the first GPU.
+
     Example:
         >>> resolve_device("cpu")
         device(type='cpu')
@@ -99,7 +102,10 @@ def resolve_device(name: str) -> torch.device:
     import torch
 
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        local_rank = os.environ.get("LOCAL_RANK")
+        return torch.device("cuda", int(local_rank)) if local_rank is not None else torch.device("cuda")
     try:
         device = torch.device(name)
     except RuntimeError:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..cli.main import command, int_at_least, positive_float
+from ..cli.main import command, device_argument, int_at_least, positive_float, resolve_device
 
 
 def _sparsity(text: str) -> float:
@@ -36,6 +36,7 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--static", action="store_true",
                         help="no training: save the static router (not with --steps / --learning-rate)")
     parser.add_argument("--save-dir", required=True, help="folder for the routed model")
+    device_argument(parser)  # the schedule search runs there; Trainer then trains on its own device
     parser.add_argument("--overwrite", action="store_true",
                         help="save into a non-empty --save-dir: its model is replaced, other files are kept")
 
@@ -51,11 +52,13 @@ def run_route(args: argparse.Namespace) -> int:
 
     _check_training_flags(args)
     check_save_dir(args.save_dir, args.overwrite, argument="--save-dir")
+    device = resolve_device(args.device)  # checked before the model loads
     config = TokenRouterConfig(
         token_sparsity=args.sparsity, generations=args.generations, population=args.population,
         search_windows=args.search_windows, search_seq_len=args.seq_len,
     )
     model, tokenizer = load_model(args.model)
+    model.to(device)
     check_within_learned_positions(model, args.seq_len, "--seq-len is", "--seq-len")  # before the search's work
     text = load_text("wikipedia", "calibration")
     schedule = search_schedule(model, text, config, tokenizer=tokenizer, progress=not args.quiet)
