@@ -14,6 +14,7 @@ Example:
     >>> experts.save_pretrained("experts/")  # doctest: +SKIP
     >>> router = ExpertRouter.from_pretrained("experts/", base_model=fresh_base)  # doctest: +SKIP
     >>> router.generate(**tokenizer(prompts, return_tensors="pt", padding=True))  # doctest: +SKIP
+    >>> pipeline("text-generation", model=router, tokenizer=tokenizer)(prompts)  # doctest: +SKIP
 """
 
 from .config import ExpertConfig

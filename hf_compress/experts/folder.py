@@ -11,12 +11,15 @@ experts/
 ```
 
 Loading checks, before any adapter is attached: the folder's format, the base model's fingerprint (four
-numbers of its input embeddings and of the pooled block's first weight, tolerant to a bf16 copy), that the
-router has exactly one centroid per expert, that every expert folder is there, and that the router's and
-every adapter's tensors, every ``adapter_config.json`` and the expert list and embedding spec still have the
-digests recorded at save (``experts_config.json`` → ``integrity``, as the compressed formats'
-``seal_checkpoint``): an edited adapter, scaling or expert order would otherwise load and answer wrong. A load
-that fails while PEFT attaches the adapters puts the base model's layers back.
+numbers of its input embeddings and of the pooled block's first weight, tolerant to a bf16 copy; and eight
+elements of the base weight of every layer the adapters change, each equal to within 2**-7 relative, which a
+bf16 or float16 copy keeps: a base fine-tuned further, or with other weights in an adapted layer, is refused
+where the four numbers alone let it load), that the router has exactly one centroid per expert, that every
+expert folder is there, and that the router's and every adapter's tensors, every ``adapter_config.json`` and
+the expert list and embedding spec still have the digests recorded at save (``experts_config.json`` →
+``integrity``, as the compressed formats' ``seal_checkpoint``): an edited adapter, scaling or expert order
+would otherwise load and answer wrong. A load that fails while PEFT attaches the adapters puts the base model's
+layers back.
 """
 
 from __future__ import annotations
@@ -36,11 +39,12 @@ from ..formats.integrity import DIGEST_ALGORITHM, CheckpointIntegrityError, Chec
 from ..hub import build_model_card, hub_model_id, write_model_card
 from ..modeling.identity import fingerprints_match, weight_fingerprint
 from ..modeling.layers import find_decoder_blocks
-from ..utils import atomic_directory, atomic_file, check_save_dir, get_logger
+from ..utils import InvalidArgumentTypeError, atomic_directory, atomic_file, check_save_dir, get_logger
 from .embedding import EmbeddingSpace, EmbeddingSpec
 
 
-__all__ = ["CONFIG_NAME", "ROUTER_NAME", "base_fingerprint", "load_experts", "read_experts_config", "save_experts"]
+__all__ = ["CONFIG_NAME", "ROUTER_NAME", "TARGET_SAMPLES", "base_fingerprint", "check_targets", "load_experts",
+           "read_experts_config", "save_experts", "target_fingerprint"]
 
 logger = get_logger(__name__)
 
@@ -81,6 +85,64 @@ def base_fingerprint(model, spec: EmbeddingSpec) -> dict[str, Any]:
     }
 
 
+TARGET_SAMPLES = 8
+"""Elements recorded per adapted base weight (evenly spaced over the flattened weight)."""
+# A bf16 copy of a float32 weight is within half a bf16 ulp (2**-8 relative), a float16 copy within 2**-11: a bf16
+# save loaded onto a float16 copy of the base differs by up to their sum. Weights moved further (by a fine-tune of
+# the base, say) are refused.
+_TARGET_RTOL = 2.0 ** -7
+_TARGET_ATOL = 1e-7  # float16 subnormals
+
+
+def _samples(weight: torch.Tensor) -> torch.Tensor:
+    flat = weight.detach().reshape(-1)
+    index = torch.linspace(0, flat.numel() - 1, min(TARGET_SAMPLES, flat.numel()), device="cpu").round().long()
+    return flat[index.to(flat.device)].float().cpu()
+
+
+def target_fingerprint(model) -> dict[str, list[float]]:
+    """A few elements of the base weight of every layer PEFT wrapped in ``model`` (a ``PeftModel``), by the
+    layer's name in the base model: what :func:`check_targets` compares on another base model.
+
+    Example:
+        >>> from peft import LoraConfig, get_peft_model
+        >>> from hf_compress.assets import tiny_model
+        >>> peft_model = get_peft_model(tiny_model("llama")[0], LoraConfig(r=2, target_modules=["q_proj"]))
+        >>> sorted(target_fingerprint(peft_model))
+        ['model.layers.0.self_attn.q_proj', 'model.layers.1.self_attn.q_proj']
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    found = {}
+    for name, module in _plain(model).named_modules():
+        if isinstance(module, BaseTunerLayer):
+            weight = getattr(module.get_base_layer(), "weight", None)
+            if isinstance(weight, torch.Tensor) and weight.device.type != "meta":  # offloaded (accelerate): unread
+                found[name] = [float(f"{value:.9g}") for value in _samples(weight).tolist()]
+    return found
+
+
+def check_targets(saved: dict[str, list[float]], base_model, folder: str) -> None:
+    """Refuse ``base_model`` unless each recorded layer exists with the recorded elements (to 2**-7 relative)."""
+    for name, values in saved.items():
+        try:
+            weight = base_model.get_submodule(name).weight
+        except AttributeError:
+            weight = None
+        if isinstance(weight, torch.Tensor) and weight.device.type == "meta":
+            continue  # offloaded by accelerate: its values are not in memory to compare
+        recorded = torch.tensor(values, dtype=torch.float32, device="cpu")
+        current = _samples(weight) if isinstance(weight, torch.Tensor) and weight.numel() else None
+        if current is None or current.shape != recorded.shape or not bool(
+                ((current - recorded).abs() <= _TARGET_ATOL + _TARGET_RTOL * torch.maximum(current.abs(),
+                                                                                         recorded.abs())).all()):
+            what = "has no such weight" if current is None else "has other weights"
+            raise ValueError(
+                f"The experts in {folder} were trained on another base model: the given model {what} at {name}, a "
+                "layer the experts adapt (a fine-tune or another checkpoint of the same architecture?); load the base "
+                "model they were trained on and pass it as base_model (hf-compress experts route: --base).")
+
+
 def _check_fingerprint(saved: dict[str, Any], current: dict[str, Any], folder: str) -> None:
     shapes = ("model_type", "hidden_size", "vocab_size", "num_blocks")
     differs = [k for k in shapes if saved.get(k) != current.get(k)]
@@ -113,7 +175,7 @@ def save_experts(router, save_dir, *, overwrite: bool = False, metrics=(), model
         "format_version": FORMAT_VERSION,
         "hf_compress_version": __version__,
         "base_model": base_model,
-        "base_model_fingerprint": base_fingerprint(model, router.spec),
+        "base_model_fingerprint": {**base_fingerprint(model, router.spec), "targets": target_fingerprint(model)},
         "experts": router.adapter_names,
         "embedding": router.spec.to_dict(),
         "routing": "nearest centroid by cosine similarity of standardised, L2-normalised embeddings",
@@ -262,6 +324,11 @@ def load_experts(cls, path, base_model, *, tokenizer=None, revision: str | None 
     """Read a folder written by :func:`save_experts` and attach its experts to ``base_model``."""
     from peft import PeftModel
 
+    if not isinstance(base_model, torch.nn.Module):
+        raise InvalidArgumentTypeError(
+            f"base_model must be the loaded base model (e.g. AutoModelForCausalLM.from_pretrained(...)), got "
+            f"{type(base_model).__name__} {base_model!r:.80}; the folder records its base model's Hub id in "
+            f"{CONFIG_NAME} ('base_model').")
     if hasattr(base_model, "peft_config"):
         raise ValueError("base_model already carries PEFT adapters; pass the plain base model the experts were "
                          "trained on (e.g. AutoModelForCausalLM.from_pretrained(...)).")
@@ -273,6 +340,8 @@ def load_experts(cls, path, base_model, *, tokenizer=None, revision: str | None 
                          f"{spec.layer}; the given model has {len(blocks)} blocks); load the base model they were "
                          "trained on and pass it as base_model (hf-compress experts route: --base).")
     _check_fingerprint(config["base_model_fingerprint"], base_fingerprint(base_model, spec), str(path))
+    # Folders saved before hf_compress recorded the adapted weights have no "targets": the four numbers above only.
+    check_targets(config["base_model_fingerprint"].get("targets") or {}, base_model, str(path))
     names = list(config["experts"])
     damaged = "the save is incomplete or damaged; re-save it (ExpertRouter.save_pretrained) or re-download it."
     try:

@@ -5,6 +5,13 @@ only) and picks the expert whose cluster centroid is most cosine-similar. Then o
 per step, each row through its own LoRA weights: the experts stay ordinary PEFT adapters, and a batch that
 mixes them runs either stacked (:mod:`.mixed`, the default: one adapter's amount of work) or through PEFT's
 mixed-batch inference (``generate(adapter_names=[...])``, ``mixed_batch="peft"``).
+
+The router is not a ``PreTrainedModel`` and does not pretend to be one: it wraps one (``router.model``, the
+``PeftModel``) and exposes what ``transformers.pipeline("text-generation", model=router, tokenizer=...)`` reads of
+a model (``config``, ``generation_config``, ``device``, ``dtype``, ``to``, ``can_generate``), so the pipeline's
+batches go through :meth:`ExpertRouter.generate` and every prompt is routed. transformers logs "The model
+'ExpertRouter' is not supported for text-generation" when that pipeline is built (it checks the class name against
+its list of causal-LM classes); the pipeline runs all the same.
 """
 
 from __future__ import annotations
@@ -15,18 +22,26 @@ import numbers
 import os
 from collections import Counter
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import GenerationConfig
 
 from .. import _compat
 from ..modeling.generation import generation_setting, inferred_attention_mask
+from ..modeling.layers import find_decoder_blocks
 from ..utils import InvalidArgumentTypeError, get_logger
 from .clustering import assign
 from .embedding import EmbeddingSpace, EmbeddingSpec, embed_batch, embed_texts
 from .mixed import stacked_lora
 
+
+if TYPE_CHECKING:  # pragma: no cover
+    from huggingface_hub import CommitInfo
+    from peft import PeftModel
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
+    from transformers.generation.utils import GenerateOutput
+    from transformers.modeling_outputs import CausalLMOutputWithPast
 
 __all__ = ["ExpertRouter"]
 
@@ -40,19 +55,44 @@ matmuls per layer, :mod:`~hf_compress.experts.mixed`) or ``"peft"`` (PEFT's ``ad
 class ExpertRouter:
     """A ``PeftModel`` holding one LoRA adapter per expert, plus the centroids that route to them.
 
-    Built by :func:`~hf_compress.experts.train_experts` or :meth:`from_pretrained`. ``generate`` and
-    ``__call__`` take the usual token batch (any padding side) and route every row. ``mixed_batch``: how a
-    batch mixing experts runs (:data:`MIXED_BATCH_PATHS`; an attribute, so it can be switched on a loaded router).
+    Built by :func:`~hf_compress.experts.train_experts` or :meth:`from_pretrained` (or by hand, as below: a
+    ``PeftModel`` with the adapters, one centroid per adapter in the :class:`EmbeddingSpace`). ``generate`` and
+    ``__call__`` take the usual token batch (any padding side) and route every row; ``experts=[...]`` (indices)
+    or ``adapter_names=[...]`` (names) override the routing. ``mixed_batch``: how a batch mixing experts runs
+    (:data:`MIXED_BATCH_PATHS`; an attribute, so it can be switched on a loaded router).
+
+    Like a model: ``to`` / ``cpu`` / ``cuda`` move ``router.model`` (the routing tensors stay on the CPU, where
+    routing compares embeddings), ``eval()``, ``device``, ``dtype``, ``config``, ``generation_config``, and
+    ``transformers.pipeline("text-generation", model=router, tokenizer=tokenizer)`` routes every prompt (see the
+    module docstring). Routed calls run in eval mode (PEFT's per-row adapters are inference only), so
+    ``train()`` is refused: train an expert as the PEFT adapter it is (``router.model.set_adapter(name)``).
 
     Example:
-        >>> router = ExpertRouter.from_pretrained("experts/", base_model=model)  # doctest: +SKIP
-        >>> batch = tokenizer(prompts, return_tensors="pt", padding=True)  # doctest: +SKIP
-        >>> router.generate(**batch, max_new_tokens=32)  # doctest: +SKIP
+        >>> from peft import LoraConfig, get_peft_model
+        >>> from hf_compress.assets import tiny_model
+        >>> from hf_compress.experts import EmbeddingSpace, EmbeddingSpec, ExpertRouter, embed_texts
+        >>> base, tokenizer = tiny_model("llama")
+        >>> prompts = ["3 + 4 = ", "Spell ABCDE: "]
+        >>> spec = EmbeddingSpec.for_model(base)
+        >>> raw = embed_texts(base, tokenizer, prompts, spec, progress=False)  # one centroid per prompt here
+        >>> space = EmbeddingSpace.fit(raw)
+        >>> lora = LoraConfig(r=2, target_modules=["q_proj", "v_proj"])
+        >>> model = get_peft_model(base, lora, adapter_name="math")
+        >>> model.add_adapter("spelling", lora)
+        >>> router = ExpertRouter(model, space(raw), space, spec, ["math", "spelling"], tokenizer=tokenizer).eval()
+        >>> router.route_texts(["9 + 1 = ", "Spell QWXYZ: "]).tolist()
+        [0, 1]
+        >>> tokenizer.padding_side = "left"
+        >>> batch = tokenizer(prompts, return_tensors="pt", padding=True)
+        >>> router.generate(**batch, max_new_tokens=4, do_sample=False).shape  # each row through its expert
+        torch.Size([2, 17])
+        >>> router  # doctest: +ELLIPSIS
+        ExpertRouter(2 experts ['math', 'spelling'] on LlamaForCausalLM, routing at decoder block 0 of 2 ...)
     """
 
-    def __init__(self, model, centroids: torch.Tensor, space: EmbeddingSpace, spec: EmbeddingSpec,
-                 adapter_names: Sequence[str], *, tokenizer=None, info: dict[str, Any] | None = None,
-                 mixed_batch: str = "stacked") -> None:
+    def __init__(self, model: PeftModel, centroids: torch.Tensor, space: EmbeddingSpace, spec: EmbeddingSpec,
+                 adapter_names: Sequence[str], *, tokenizer: PreTrainedTokenizerBase | None = None,
+                 info: dict[str, Any] | None = None, mixed_batch: str = "stacked") -> None:
         missing = [name for name in adapter_names if name not in getattr(model, "peft_config", {})]
         if missing:
             raise ValueError(f"The model has no adapter(s) {missing}; load every expert before routing to it.")
@@ -92,7 +132,83 @@ class ExpertRouter:
 
     @property
     def device(self) -> torch.device:
+        """The device of the model's first parameter (where inputs go)."""
         return next(self.model.parameters()).device
+
+    # ------------------------------------------------------------------------------------------ like a model
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The base model's floating-point dtype."""
+        return self.model.dtype
+
+    @property
+    def config(self) -> PretrainedConfig:
+        """The base model's config."""
+        return self.model.config
+
+    @property
+    def generation_config(self) -> GenerationConfig:
+        """The base model's generation config: the defaults of :meth:`generate`."""
+        return self.model.generation_config
+
+    @generation_config.setter
+    def generation_config(self, config: GenerationConfig) -> None:
+        self.model.generation_config = config
+
+    @property
+    def hf_device_map(self) -> dict[str, Any] | None:
+        """The base model's accelerate device map, if it was loaded with one (a pipeline then moves nothing)."""
+        return getattr(self.model, "hf_device_map", None)
+
+    @property
+    def input_modalities(self) -> Any:
+        return self.model.input_modalities
+
+    @property
+    def output_modalities(self) -> Any:
+        return self.model.output_modalities
+
+    def can_generate(self) -> bool:
+        """Whether the base model can ``generate`` (what ``transformers.pipeline`` asks a model)."""
+        return bool(self.model.can_generate())
+
+    @property
+    def training(self) -> bool:
+        """Whether the model is in training mode (routed calls switch it to eval mode)."""
+        return self.model.training
+
+    def to(self, *args: Any, **kwargs: Any) -> ExpertRouter:
+        """Move or cast the model's parameters as ``torch.nn.Module.to`` does; returns the router.
+
+        The centroids and the standardisation stay on the CPU in float32: routing pools the hidden states,
+        brings them to the CPU and compares them there, whatever the model's device or dtype.
+        """
+        self.model.to(*args, **kwargs)
+        return self
+
+    def cpu(self) -> ExpertRouter:
+        """``to("cpu")``."""
+        return self.to("cpu")
+
+    def cuda(self, device: int | torch.device | None = None) -> ExpertRouter:
+        """``to`` the current (or the given) CUDA device."""
+        self.model.cuda(device)
+        return self
+
+    def eval(self) -> ExpertRouter:
+        """Put the model in eval mode (as every routed call does); returns the router."""
+        self.model.eval()
+        return self
+
+    def train(self, mode: bool = True) -> ExpertRouter:
+        """``train(False)`` is :meth:`eval`; ``train()`` is refused: the router runs inference only."""
+        if not mode:
+            return self.eval()
+        raise ValueError("ExpertRouter runs inference only: each call switches the model to eval mode (PEFT's "
+                         "per-row adapters and the stacked mixed batch are inference paths). Train an expert as the "
+                         "PEFT adapter it is (router.model.set_adapter(name); router.model.train()), or train new "
+                         "experts with train_experts.")
 
     # ------------------------------------------------------------------------------------------ routing
 
@@ -114,7 +230,7 @@ class ExpertRouter:
         return assign(self.embed(input_ids, attention_mask), self.centroids)
 
     def route_texts(self, texts: Sequence[str], batch_size: int = 16) -> torch.Tensor:
-        """Expert index of each prompt text (tokenised with the router's tokenizer)."""
+        """Expert index of each prompt text (tokenised with the router's tokenizer), ``[len(texts)]`` on the CPU."""
         if self.tokenizer is None:
             raise ValueError("This router has no tokenizer; pass tokenizer=... to from_pretrained, or route token ids.")
         if self.num_experts == 1 or not texts:
@@ -131,9 +247,38 @@ class ExpertRouter:
             raise ValueError(f"Expert indices must be in 0..{self.num_experts - 1}, got {bad[:5]}.")
         return [self.adapter_names[int(i)] for i in indices]
 
+    def _experts_of(self, experts, kwargs: dict[str, Any]):
+        """``experts=``, or PEFT's ``adapter_names=`` (popped from ``kwargs``) as expert indices."""
+        names = kwargs.pop("adapter_names", None)
+        if names is None:
+            return experts
+        if experts is not None:
+            raise TypeError("Pass experts= (indices) or adapter_names= (names), not both.")
+        if isinstance(names, str) or not isinstance(names, Sequence):
+            raise InvalidArgumentTypeError(f"adapter_names must be a list of adapter names, one per row, got "
+                                           f"{type(names).__name__}.")
+        unknown = sorted({name for name in names if name not in self.adapter_names}, key=str)
+        if unknown:
+            raise ValueError(f"adapter_names {unknown} are not experts of this router (it routes to "
+                             f"{self.adapter_names}); for rows without an expert (PEFT's '__base__') or other "
+                             "adapters, call router.model.generate(..., adapter_names=[...]) directly.")
+        return [self.adapter_names.index(name) for name in names]
+
     def _routed(self, input_ids, attention_mask, experts) -> list[int]:
         if input_ids is None:
-            raise ValueError("Pass input_ids (a token batch) to route; inputs_embeds cannot be routed.")
+            raise ValueError("No input_ids: there is nothing to route (an empty prompt, e.g. pipeline(\"\"), or "
+                             "inputs_embeds, which cannot be embedded for routing). Give each prompt some text, or "
+                             "run one expert directly: router.model.set_adapter(name); router.model.generate(...).")
+        if not torch.is_tensor(input_ids) or input_ids.dim() != 2:
+            raise InvalidArgumentTypeError(
+                f"input_ids must be a [batch, length] tensor of token ids, got "
+                f"{tuple(input_ids.shape) if torch.is_tensor(input_ids) else type(input_ids).__name__}; tokenize with "
+                "return_tensors='pt' (a single prompt is a batch of one).")
+        if input_ids.shape[0] == 0:
+            raise ValueError("The batch has no rows; pass at least one prompt.")
+        if input_ids.shape[1] == 0:
+            raise ValueError("The prompts are empty (input_ids has no tokens): there is nothing to route; give each "
+                             "prompt some text.")
         if experts is None:
             experts = self.route(input_ids, attention_mask)
         elif len(experts) != len(input_ids):
@@ -146,11 +291,14 @@ class ExpertRouter:
 
     # ------------------------------------------------------------------------------------------ inference
 
-    def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, *,
-                 experts: torch.Tensor | Sequence[int] | None = None, **kwargs: Any):
-        """``generate()`` with every row routed to its expert (PEFT mixed-batch ``adapter_names``).
+    def generate(self, input_ids: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | GenerationConfig | None = None, *,
+                 experts: torch.Tensor | Sequence[int] | None = None,
+                 **kwargs: Any) -> GenerateOutput | torch.LongTensor:
+        """``generate()`` with every row routed to its expert; returns what ``model.generate`` returns.
 
-        ``experts`` overrides the routing (one expert index per row), e.g. for an oracle. Every other
+        ``experts`` overrides the routing (one expert index per row), e.g. for an oracle; ``adapter_names``
+        (PEFT's keyword: one of the router's expert names per row) does the same by name. Every other
         argument goes to ``PeftModel.generate``. Without ``attention_mask`` the padding is found as
         ``generate`` finds it (``pad_token_id`` tokens, unless it is also the end-of-sequence token), for the
         routing too. A ``GenerationConfig`` in the second place is taken as ``model.generate(inputs,
@@ -158,6 +306,7 @@ class ExpertRouter:
         """
         if input_ids is None and torch.is_tensor(kwargs.get("inputs")):
             input_ids = kwargs.pop("inputs")
+        experts = self._experts_of(experts, kwargs)
         if isinstance(attention_mask, GenerationConfig):  # generate(inputs, generation_config), as model.generate
             if kwargs.get("generation_config") is not None:
                 raise TypeError("generate() got two generation configs: one positionally and generation_config=.")
@@ -195,8 +344,10 @@ class ExpertRouter:
             return self.model.generate(input_ids=input_ids, **per_row, **kwargs)
 
     def __call__(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, *,
-                 experts: torch.Tensor | Sequence[int] | None = None, **kwargs: Any):
-        """A forward pass with every row routed to its expert (returns the model's output, e.g. logits)."""
+                 experts: torch.Tensor | Sequence[int] | None = None, **kwargs: Any) -> CausalLMOutputWithPast:
+        """A forward pass with every row routed to its expert (returns the model's output, e.g. logits);
+        ``experts`` / ``adapter_names`` override the routing as in :meth:`generate`."""
+        experts = self._experts_of(experts, kwargs)
         rows = self._routed(input_ids, attention_mask, experts)
         with self._adapters(rows) as per_row:
             return self.model(input_ids=input_ids, attention_mask=attention_mask, **per_row, **kwargs)
@@ -233,7 +384,7 @@ class ExpertRouter:
 
     # ------------------------------------------------------------------------------------------ files
 
-    def save_pretrained(self, save_dir: str | os.PathLike, *, overwrite: bool = False, metrics=(),
+    def save_pretrained(self, save_dir: str | os.PathLike, *, overwrite: bool = False, metrics: Sequence[Any] = (),
                         model_name: str | None = None, repo_id: str | None = None) -> None:
         """Write the folder: ``experts_config.json``, ``router.safetensors``, one PEFT adapter folder per
         expert (each loadable with ``PeftModel.from_pretrained`` alone) and a ``README.md`` card; atomic.
@@ -245,7 +396,7 @@ class ExpertRouter:
 
         save_experts(self, save_dir, overwrite=overwrite, metrics=metrics, model_name=model_name, repo_id=repo_id)
 
-    def push_to_hub(self, repo_id: str, *, metrics=(), **kwargs: Any):
+    def push_to_hub(self, repo_id: str, *, metrics: Sequence[Any] = (), **kwargs: Any) -> CommitInfo:
         """Save to a temporary folder and upload it with :func:`hf_compress.hub.push_to_hub` (``kwargs``)."""
         import tempfile
 
@@ -259,17 +410,32 @@ class ExpertRouter:
             return push_to_hub(folder, repo_id, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, base_model, *, tokenizer=None,
-                        revision: str | None = None) -> ExpertRouter:
+    def from_pretrained(cls, path: str | os.PathLike, base_model: torch.nn.Module, *,
+                        tokenizer: PreTrainedTokenizerBase | None = None, revision: str | None = None) -> ExpertRouter:
         """Load a saved expert folder (local, or a Hub repo id) onto ``base_model`` (a plain causal LM).
 
-        Raises ``ValueError`` when the folder was trained on another base model, when its router and its
-        adapters disagree, or when it is not an expert folder.
+        PEFT's argument order, ``from_pretrained(base_model, path)``, is taken too. Raises ``ValueError`` when
+        the folder was trained on another base model, when its router and its adapters disagree, or when it is
+        not an expert folder.
+
+        Example:
+            >>> router = ExpertRouter.from_pretrained("experts/", AutoModelForCausalLM.from_pretrained(base_id),
+            ...                                       tokenizer=tokenizer)  # doctest: +SKIP
         """
         from .folder import load_experts
 
+        if isinstance(path, torch.nn.Module) and isinstance(base_model, (str, os.PathLike)):
+            path, base_model = base_model, path  # PeftModel.from_pretrained(model, model_id) order
         return load_experts(cls, path, base_model, tokenizer=tokenizer, revision=revision)
 
     def __repr__(self) -> str:
-        return (f"ExpertRouter({self.num_experts} experts {self.adapter_names}, embedding block {self.spec.layer}, "
-                f"pooling {self.spec.pooling})")
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        try:
+            blocks = len(find_decoder_blocks(base)[1])
+        except ValueError:
+            blocks = "?"
+        name = getattr(base, "name_or_path", None)
+        on = f"{type(base).__name__}" + (f" {name!r}" if name else "")
+        return (f"ExpertRouter({self.num_experts} experts {self.adapter_names} on {on}, routing at decoder block "
+                f"{self.spec.layer} of {blocks} ({self.spec.pooling} of the first {self.spec.max_length} tokens), "
+                f"mixed batches {self.mixed_batch!r}, {self.dtype} on {self.device})")
