@@ -581,13 +581,18 @@ def _targets(rows: list[dict[str, Any]], settings: dict[str, Any]) -> list[str]:
                   if row is not trained and not name.startswith(("random", "static, uniform"))]
         for name, other in others:
             paired = (other.get("paired") or {}).get("paired_vs_trained")
-            if paired is not None:
-                gap, noise = paired["difference"], 2 * paired["stderr"]
+            if paired is not None and dense.get("zero_shot_avg"):
+                # The target is in points of retention (score / dense score), not of accuracy: 3 retention points
+                # are 3% of the dense average, so both the gap and its standard error are divided by it.
+                scale = dense["zero_shot_avg"]
+                gap, error = paired["difference"] / scale, paired["stderr"] / scale
+                noise = 2 * error
                 verdict = ("met" if gap >= 0.03 and gap > noise else
                            "tie within noise" if abs(gap) <= noise else "better, by less than 3 points" if gap > 0
                            else "missed")
-                lines.append(f"- {sparsity:.2f}: zero-shot trained − {name} = {100 * gap:+.1f} ± {100 * paired['stderr']:.1f} "
-                             f"points, paired (target ≥ +3): {verdict}")
+                lines.append(f"- {sparsity:.2f}: zero-shot retention trained − {name} = {100 * gap:+.1f} ± "
+                             f"{100 * error:.1f} points ({100 * paired['difference']:+.1f} ± "
+                             f"{100 * paired['stderr']:.1f} accuracy points), paired (target ≥ +3): {verdict}")
             for label, key in (("tail", "tail_perplexity"), ("all-token", "perplexity")):
                 verdict = "met" if trained[key] < other[key] else "missed"
                 lines.append(f"- {sparsity:.2f}: {label} ppl trained {trained[key]:.4g} vs {name} {other[key]:.4g} "
