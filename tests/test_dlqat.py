@@ -273,6 +273,39 @@ def test_packed_model_is_small_in_memory_and_dequantizes():
     assert torch.equal(_logits(restored), logits) and not restored.is_quantized
 
 
+def _replaced_layers_alive(monkeypatch, module) -> list[int]:
+    """After each ``replace_module`` call of ``module``: how many of the layers replaced so far are still alive."""
+    import weakref
+
+    replaced, alive = [], []
+    original = module.replace_module
+
+    def replace(model, name, new):
+        replaced.append(weakref.ref(model.get_submodule(name)))
+        original(model, name, new)
+        alive.append(sum(ref() is not None for ref in replaced))
+
+    monkeypatch.setattr(module, "replace_module", replace)
+    return alive
+
+
+def test_packing_and_dequantizing_free_each_replaced_layer(monkeypatch):
+    # Layer by layer: a 7B model must never hold the float weights and the packed codes of every layer at once.
+    from hf_compress.formats import packed as packed_format
+    from hf_compress.quantization import rtn
+    from hf_compress.quantization.dlqat import model as dlqat_model
+
+    alive = _replaced_layers_alive(monkeypatch, rtn)
+    packed = quantize_rtn(tiny_model("llama")[0], bits=4, group_size=32)
+    assert len(alive) == 14 and max(alive) <= 1  # the one being replaced
+    alive = _replaced_layers_alive(monkeypatch, packed_format)
+    packed.dequantize()
+    assert len(alive) == 14 and max(alive) <= 1
+    alive = _replaced_layers_alive(monkeypatch, dlqat_model)
+    get_peft_model(tiny_model("llama")[0], DLQATConfig(bits=4, group_size=32, r=2)).merge_and_quantize()
+    assert len(alive) == 14 and max(alive) <= 1
+
+
 def test_rtn_skipping_every_layer_is_refused():
     model, _ = tiny_model("llama")
     with pytest.raises(ValueError, match=r"no layers to quantize.*skip=\['\*'\]"):

@@ -344,6 +344,33 @@ def test_too_short_or_malformed_calibration_data_is_rejected() -> None:
         for_each_block(model, torch.arange(10), progress=False)
 
 
+def test_calibration_loss_holds_one_batch_of_logits(monkeypatch) -> None:
+    # [batch, seq, vocab] logits are the largest tensor of a search's forward (4 GiB for 8 x 2048 tokens of a 32k
+    # vocabulary): the loss takes a float copy and a log-softmax of one window's at a time, and a batch's logits are
+    # gone before the next batch's forward.
+    import weakref
+
+    from hf_compress.modeling import calibration_loss
+
+    model, _ = tiny_model("llama")
+    ids = _ids(4, 16)
+    with torch.no_grad():
+        logits = model(ids).logits[:, :-1]
+    expected = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    previous: list[weakref.ref] = []
+    alive_at_forward = []
+    model.register_forward_pre_hook(lambda *_: alive_at_forward.append(any(r() is not None for r in previous)))
+    model.register_forward_hook(lambda module, args, output: previous.append(weakref.ref(output.logits)))
+    scored_rows = []
+    cross_entropy = torch.nn.functional.cross_entropy
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy",
+                        lambda inputs, *args, **kwargs: scored_rows.append(inputs.numel() // inputs.shape[-1])
+                        or cross_entropy(inputs, *args, **kwargs))
+    assert calibration_loss(model, ids, batch_size=2) == pytest.approx(float(expected), rel=1e-5)
+    assert max(scored_rows) == 15  # one window's predicted tokens, not the batch's 30
+    assert alive_at_forward == [False, False]
+
+
 # ------------------------------------------------------------------------------------- removing whole blocks
 
 

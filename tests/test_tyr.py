@@ -311,6 +311,28 @@ def test_block_removal_drops_whole_blocks_and_saves_a_standard_checkpoint(tmp_pa
     assert out.shape[1] == ids.shape[1] + 4
 
 
+def test_block_influence_keeps_no_second_copy_of_the_activations(monkeypatch):
+    # 1 - cos(input, output) needs one micro-batch's outputs at a time, not the block's outputs on every sequence
+    # beside its inputs (a second [N, seq, hidden] copy).
+    from hf_compress.modeling import for_each_block
+    from hf_compress.pruning.block_removal import pruner as removal
+
+    model, _ = tiny_model("llama", num_hidden_layers=3)
+    ids = _ids(0, (4, 24))
+    reference = []
+
+    def cosine(ctx):
+        pairs = [torch.nn.functional.cosine_similarity(x, y, dim=-1) for x, y in zip(ctx.inputs, ctx.dense_outputs)]
+        reference.append(1 - float(torch.cat(pairs).mean()))
+
+    for_each_block(model, ids, cosine, batch_size=2, keep_dense_outputs=True, progress=False)
+    kept = []
+    monkeypatch.setattr(removal, "for_each_block", lambda model, ids, callback, **kwargs: for_each_block(
+        model, ids, lambda ctx: (kept.append(ctx.dense_outputs), callback(ctx)), **kwargs))
+    assert removal.block_influence(model, ids, batch_size=2, progress=False) == pytest.approx(reference, abs=1e-6)
+    assert kept == [None, None, None]
+
+
 def test_cli_prunes_with_tyr_and_refuses_n_m(tmp_path, capsys):
     from hf_compress.cli.main import main
 

@@ -203,7 +203,10 @@ class PackedFormatQuantizer(CompressedFormatQuantizer):
     def _dequantize(self, model: PreTrainedModel, dtype: torch.dtype | str | None = None) -> PreTrainedModel:
         if isinstance(dtype, str):  # a loaded model's config.dtype is a name ("float32")
             dtype = getattr(torch, dtype)
-        for name, module in list(model.named_modules()):
+        # By name, not a list of the modules: each packed layer is freed once its float layer replaces it.
+        names = [name for name, module in model.named_modules() if isinstance(module, PackedLinear)]
+        for name in names:
+            module = model.get_submodule(name)
             if isinstance(module, PackedLinear):
                 target = dtype or module.scales.dtype
                 weight = module.dequantized_weight(target)  # (out, in)

@@ -734,11 +734,15 @@ def calibration_loss(model: nn.Module, windows: torch.Tensor, batch_size: int = 
     total, count = 0.0, 0
     for start in range(0, len(windows), batch_size):
         batch = windows[start : start + batch_size].to(device)
-        logits = model(input_ids=batch, use_cache=False, **keep).logits[:, -scored - 1 : -1].float()
+        logits = model(input_ids=batch, use_cache=False, **keep).logits
         targets = batch[:, -scored:]
-        loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
-        total += float(loss)
+        # Window by window: the float copy and log-softmax of one window's logits, not of the batch's (each as large
+        # as the logits the forward holds); and those are dropped before the next forward makes its own.
+        for row in range(targets.shape[0]):
+            loss = nn.functional.cross_entropy(logits[row, -scored - 1 : -1].float(), targets[row], reduction="sum")
+            total += float(loss)
         count += targets.numel()
+        del logits
     return total / count
 
 

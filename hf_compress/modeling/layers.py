@@ -217,6 +217,9 @@ def find_linear_layers(
             visit(f"{name}.", child)
 
     visit("", module)
+    # ``visit`` refers to itself: that cycle would keep ``found`` (and layers the caller replaces, such as the float
+    # layers quantize_rtn packs) alive after the caller drops it, until the next garbage collection.
+    del visit
     return found
 
 

@@ -78,7 +78,9 @@ def quantize_rtn(
     broken = next((name for name, layer in layers.items() if not torch.isfinite(weight_matrix(layer)).all()), None)
     if broken is not None:
         raise ValueError(f"{broken} holds non-finite weights (NaN or inf); quantize a finite model.")
-    for name, layer in layers.items():
+    names = list(layers)
+    for name in names:
+        layer = layers.pop(name)  # the float layer is freed once replaced: never float and packed weights of all
         w = weight_matrix(layer)
         grid = QuantizationGrid.fit(w, bits, group_size, symmetric)
         packed = PackedLinear.from_codes(
@@ -87,5 +89,5 @@ def quantize_rtn(
         )
         packed.replaces_conv1d = isinstance(layer, Conv1D)
         replace_module(model, name, packed)
-    config = PackedFormatConfig(bits, group_size, symmetric, list(layers), recipe={"method": "rtn"}, slim=slim)
+    config = PackedFormatConfig(bits, group_size, symmetric, names, recipe={"method": "rtn"}, slim=slim)
     return attach_packed_format(model, config)

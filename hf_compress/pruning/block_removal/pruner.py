@@ -39,14 +39,13 @@ def block_influence(model: nn.Module, calibration_ids: torch.Tensor, batch_size:
 
     def measure(ctx: BlockContext) -> None:
         total, count = 0.0, 0
-        for hidden, out in zip(ctx.inputs, ctx.dense_outputs, strict=True):  # type: ignore[arg-type]
-            cosine = torch.nn.functional.cosine_similarity(hidden.float(), out.float(), dim=-1)
+        for hidden in ctx.inputs:  # one micro-batch's outputs at a time, not a second copy of the block's activations
+            cosine = torch.nn.functional.cosine_similarity(hidden.float(), ctx.forward(hidden).float(), dim=-1)
             total += float(cosine.sum())
             count += cosine.numel()
         influence.append(1 - total / count)
 
-    for_each_block(model, calibration_ids, measure, batch_size=batch_size, keep_dense_outputs=True,
-                   progress=progress)
+    for_each_block(model, calibration_ids, measure, batch_size=batch_size, progress=progress, return_outputs=False)
     return influence
 
 

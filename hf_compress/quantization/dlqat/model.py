@@ -198,7 +198,9 @@ class DLQATModel(BaseTuner):
             raise ValueError(f"{broken} is not finite (NaN or inf): the adapter diverged or the base model is broken; "
                              "retrain with a lower learning rate (or check the base model) before exporting.")
         names = []
-        for name, layer in tqdm(layers, desc="Packing DL-QAT layers", disable=not progressbar):
+        layers.reverse()  # popped in model order, so each replaced layer (its float W0) is freed before the next is packed
+        for _ in tqdm(range(len(layers)), desc="Packing DL-QAT layers", disable=not progressbar):
+            name, layer = layers.pop()
             if layer.merged:
                 layer.unmerge()
             base = layer.get_base_layer()
