@@ -202,24 +202,28 @@ def find_linear_layers(
             qualified_prefix is not None and matches_any(f"{qualified_prefix}.{name}", skip)
         )
 
-    def visit(prefix: str, current: nn.Module) -> None:
-        for child_name, child in current.named_children():
-            name = f"{prefix}{child_name}"
-            base = _peft_base_layer(child)
-            if base is not None:
-                if is_linear(base) and not skipped(name):
-                    found[name] = base
-                continue  # do not descend into the adapter's own layers
-            if is_linear(child):
-                if not skipped(name):
-                    found[name] = child
-                continue
-            visit(f"{name}.", child)
-
-    visit("", module)
-    # ``visit`` refers to itself: that cycle would keep ``found`` (and layers the caller replaces, such as the float
-    # layers quantize_rtn packs) alive after the caller drops it, until the next garbage collection.
-    del visit
+    # Depth first, in module order, with a stack of child iterators rather than a recursive closure: a closure that
+    # calls itself is a reference cycle, which kept ``found`` (and the float layers a caller such as quantize_rtn
+    # replaces) alive after the caller dropped it, until the next garbage collection.
+    pending = [("", iter(module.named_children()))]
+    while pending:
+        prefix, children = pending[-1]
+        entry = next(children, None)
+        if entry is None:
+            pending.pop()
+            continue
+        child_name, child = entry
+        name = f"{prefix}{child_name}"
+        base = _peft_base_layer(child)
+        if base is not None:
+            if is_linear(base) and not skipped(name):
+                found[name] = base
+            continue  # do not descend into the adapter's own layers
+        if is_linear(child):
+            if not skipped(name):
+                found[name] = child
+            continue
+        pending.append((f"{name}.", iter(child.named_children())))
     return found
 
 
