@@ -84,6 +84,25 @@ def positive_float(text: str) -> float:
     return value
 
 
+def refuse_unused_flags(args: argparse.Namespace, defaults: dict[str, Any], unused: bool,
+                        refusal: Callable[[list[str]], str]) -> None:
+    """For flags the parser leaves ``None``, so that one the user gave stands apart from one left out: when the
+    chosen mode ignores them (``unused``), refuse the given ones with ``refusal(flags)``; then fill in ``defaults``.
+
+    Example:
+        >>> args = argparse.Namespace(steps=None, static=False)
+        >>> refuse_unused_flags(args, {"steps": 200}, args.static, lambda flags: f"{flags} unused")
+        >>> args.steps
+        200
+    """
+    given = [f"--{name.replace('_', '-')}" for name in defaults if getattr(args, name) is not None]
+    if unused and given:
+        raise ValueError(refusal(given))
+    for name, default in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+
+
 def device_argument(parser: argparse.ArgumentParser) -> None:
     """``--device``: where the model runs (``auto`` = CUDA when present); read it with :func:`resolve_device`."""
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... or auto (CUDA when present; default)")

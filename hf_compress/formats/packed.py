@@ -207,22 +207,21 @@ class PackedFormatQuantizer(CompressedFormatQuantizer):
         names = [name for name, module in model.named_modules() if isinstance(module, PackedLinear)]
         for name in names:
             module = model.get_submodule(name)
-            if isinstance(module, PackedLinear):
-                target = dtype or module.scales.dtype
-                weight = module.dequantized_weight(target)  # (out, in)
-                if module.replaces_conv1d:  # the architecture's own layer, [in, out], so the float model reloads
-                    linear = Conv1D(module.out_features, module.in_features)
-                    weight = weight.T
-                    if module.bias is None:
-                        linear.bias = None
-                else:
-                    linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-                linear.to(device=module.qweight.device, dtype=target)
-                with torch.no_grad():
-                    linear.weight.copy_(weight)
-                    if module.bias is not None:
-                        linear.bias.copy_(module.bias)
-                replace_module(model, name, linear)
+            target = dtype or module.scales.dtype
+            weight = module.dequantized_weight(target)  # (out, in)
+            if module.replaces_conv1d:  # the architecture's own layer, [in, out], so the float model reloads
+                linear = Conv1D(module.out_features, module.in_features)
+                weight = weight.T
+                if module.bias is None:
+                    linear.bias = None
+            else:
+                linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            linear.to(device=module.qweight.device, dtype=target)
+            with torch.no_grad():
+                linear.weight.copy_(weight)
+                if module.bias is not None:
+                    linear.bias.copy_(module.bias)
+            replace_module(model, name, linear)
         return model
 
 

@@ -15,11 +15,11 @@ import os
 import tempfile
 from typing import Any
 
-from ..cli.main import command, int_at_least, positive_float
+from ..cli.main import command, int_at_least, positive_float, refuse_unused_flags
 
 
 # The flags only `quantize dlqat` reads, with their defaults. The parser leaves them None, so that a flag the user gave
-# (refused with rtn, which would ignore it) stands apart from one left out; _check_method_flags then fills these in.
+# (refused with rtn, which would ignore it) stands apart from one left out; refuse_unused_flags then fills these in.
 _DLQAT_ONLY_DEFAULTS: dict[str, Any] = {
     "rank": 16, "steps": 100, "learning_rate": 1e-3, "batch_size": 4, "seq_len": 256,
     "no_magnitude": False, "no_lora": False, "adapter_dir": None,
@@ -130,17 +130,16 @@ def run_quantize(args: argparse.Namespace) -> int:
 
 def _check_method_flags(args: argparse.Namespace) -> None:
     """Refuse dlqat-only flags given with rtn (it would silently ignore them), then fill in their defaults."""
-    given = [f"--{name.replace('_', '-')}" for name in _DLQAT_ONLY_DEFAULTS if getattr(args, name) is not None]
-    if args.method == "rtn" and given:
+
+    def refusal(given: list[str]) -> str:
         one = len(given) == 1
-        raise ValueError(f"{', '.join(given)} {'applies' if one else 'apply'} to `quantize dlqat` only (rtn trains "
-                         f"nothing): drop {'it' if one else 'them'} or run `hf-compress quantize dlqat`.")
+        return (f"{', '.join(given)} {'applies' if one else 'apply'} to `quantize dlqat` only (rtn trains nothing): "
+                f"drop {'it' if one else 'them'} or run `hf-compress quantize dlqat`.")
+
+    refuse_unused_flags(args, _DLQAT_ONLY_DEFAULTS, args.method == "rtn", refusal)
     if args.no_magnitude and args.no_lora:  # nothing would be trainable: torch would fail inside Trainer
         raise ValueError("--no-magnitude and --no-lora together leave DL-QAT nothing to train; drop one of them "
                          "(or run `hf-compress quantize rtn` for round-to-nearest without training).")
-    for name, default in _DLQAT_ONLY_DEFAULTS.items():
-        if getattr(args, name) is None:
-            setattr(args, name, default)
 
 
 _RECIPE_FIELDS = ("bits", "group_size", "symmetric", "r", "lora_alpha", "lora_space", "use_magnitude", "use_lora",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..cli.main import command, device_argument, int_at_least, positive_float, resolve_device
+from ..cli.main import command, device_argument, int_at_least, positive_float, refuse_unused_flags, resolve_device
 
 
 def _sparsity(text: str) -> float:
@@ -85,11 +85,10 @@ _TRAINING_DEFAULTS = {"steps": 200, "learning_rate": 1e-3}
 
 def _check_training_flags(args: argparse.Namespace) -> None:
     """Refuse training flags given with ``--static`` (it would silently ignore them), then fill in their defaults."""
-    given = [f"--{name.replace('_', '-')}" for name in _TRAINING_DEFAULTS if getattr(args, name) is not None]
-    if args.static and given:
+
+    def refusal(given: list[str]) -> str:
         one = len(given) == 1
-        raise ValueError(f"{' and '.join(given)} {'sets' if one else 'set'} router training, which --static skips: "
-                         f"drop {'it' if one else 'them'} or drop --static.")
-    for name, default in _TRAINING_DEFAULTS.items():
-        if getattr(args, name) is None:
-            setattr(args, name, default)
+        return (f"{' and '.join(given)} {'sets' if one else 'set'} router training, which --static skips: "
+                f"drop {'it' if one else 'them'} or drop --static.")
+
+    refuse_unused_flags(args, _TRAINING_DEFAULTS, args.static, refusal)

@@ -21,8 +21,8 @@ if TYPE_CHECKING:
 
 
 __all__ = [
-    "FrozenModelTrainingModule", "TrainingSettings", "is_main_process", "largest_over_processes", "preserved_random_state", "process_count",
-    "train_with_trainer",
+    "FrozenModelTrainingModule", "TrainingSettings", "is_main_process", "largest_over_processes",
+    "preserved_random_state", "process_count", "train_with_trainer",
 ]
 
 logger = get_logger(__name__)
