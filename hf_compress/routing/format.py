@@ -9,8 +9,10 @@ schedule in ``config.json``::
 
 After ``import hf_compress``, ``AutoModelForCausalLM.from_pretrained(folder)`` builds the architecture, installs
 routing (so the router's weights stream in with the rest, checksummed like every hf_compress checkpoint), and
-returns the routed model. Stock transformers without hf_compress refuses the folder (unknown ``quant_method``)
-rather than loading a model that silently computes every token.
+returns the routed model. Stock transformers without hf_compress does not refuse the folder: it warns "Unknown
+quantization type, got hf_compress_routed", lists the router's tensors as UNEXPECTED and returns the dense base model,
+which computes every token (the base's outputs, none of the routing's speed). Making it refuse would take storing a
+base tensor in another shape, which every ``state_dict`` consumer (Trainer checkpoints, PEFT) would then meet.
 
 Example:
     >>> import hf_compress  # doctest: +SKIP

@@ -190,8 +190,8 @@ def install_routing(
     model.generate = types.MethodType(_generate_knowing_the_prompt, model)
     setattr(model, PROMPT_AWARE_GENERATE, model.generate)
     if not _being_loaded(model):
-        # Recorded on the config at once, so that a plain save_pretrained writes a routed checkpoint (and a stock
-        # transformers refuses it) instead of a folder that would load as the dense model.
+        # Recorded on the config at once, so that a plain save_pretrained writes a routed checkpoint (which loads
+        # routed after `import hf_compress`) instead of a folder that would always load as the dense model.
         from .format import attach_routed_format
 
         try:
