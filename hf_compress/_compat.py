@@ -46,6 +46,7 @@ __all__ = [
     "VersionTooOldError",
     "accelerate_hook",
     "accelerate_repoint_forward",
+    "accept_in_text_generation_pipeline",
     "attach_quantizer",
     "attention_implementation",
     "cache_from_model_kwargs",
@@ -638,6 +639,25 @@ PEFT_ADAPTER_LOAD_HOOK = "_remap_adapter_state_dict_for_load"
 the weights' fingerprints. Checked on peft 0.21.2."""
 
 
+def accept_in_text_generation_pipeline(class_name: str) -> None:
+    """Let ``transformers.pipeline("text-generation", model=...)`` take a model whose class is ``class_name``
+    without logging "The model '<class_name>' is not supported for text-generation" (idempotent).
+
+    ``Pipeline.check_model_type`` compares the model's class name with the task's causal-LM classes plus the
+    PEFT wrappers listed for the task in ``transformers.pipelines.base.SUPPORTED_PEFT_TASKS`` (how
+    ``PeftModelForCausalLM`` passes); the name is added to that list, which nothing else reads. The pipeline
+    itself is unchanged: it still calls the model's own ``generate``. Checked on transformers 5.25.0.
+    """
+    from transformers.pipelines import base
+
+    supported = getattr(base, "SUPPORTED_PEFT_TASKS", None)
+    if not isinstance(supported, dict):  # a release without the list: the pipeline only logs its error line
+        return
+    names = supported.setdefault("text-generation", [])
+    if class_name not in names:
+        names.append(class_name)
+
+
 # ----------------------------------------------------------------------------------------------------
 # accelerate
 # ----------------------------------------------------------------------------------------------------
@@ -695,6 +715,7 @@ PRIVATE_NAMES: tuple[str, ...] = (
     "__globals__",
     "_forward_pre_hooks",
     "_get_available_adapters",
+    "SUPPORTED_PEFT_TASKS",
 )
 """Private or unstable names of other libraries that only this module may use (``tests/test_compat.py``)."""
 
@@ -764,6 +785,12 @@ def check_assumptions() -> list[str]:
 
         expect("add_legacy" in inspect.signature(get_model_conversion_mapping).parameters,
                "transformers: get_model_conversion_mapping() takes no add_legacy (model_conversions)")
+        from transformers.pipelines import base as pipelines_base
+
+        expect(isinstance(getattr(pipelines_base, "SUPPORTED_PEFT_TASKS", None), dict)
+               and "SUPPORTED_PEFT_TASKS" in inspect.getsource(pipelines_base.Pipeline.check_model_type),
+               "transformers: Pipeline.check_model_type no longer reads a SUPPORTED_PEFT_TASKS dict "
+               "(accept_in_text_generation_pipeline)")
     except ImportError as error:
         problems.append(f"transformers: {error}")
 

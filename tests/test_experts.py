@@ -517,6 +517,28 @@ def test_shared_warmup_starts_every_expert_from_one_lora_trained_on_all_data(mon
         ExpertConfig(shared_warmup=1.0)
 
 
+def test_each_training_run_saves_its_checkpoints_in_its_own_folder_of_output_dir(tmp_path):
+    # One Trainer per run in one output_dir: expert_1's checkpoint-N overwrote expert_0's (and the warm-up's).
+    model, tokenizer = tiny_model("llama")
+    rows, tasks = _task_rows(4)
+    out = tmp_path / "out"
+    args = TrainingArguments(str(out), max_steps=6, save_strategy="steps", save_steps=1, per_device_train_batch_size=2,
+                             report_to=[], use_cpu=True, disable_tqdm=True)
+    config = ExpertConfig(num_experts=2, r=2, seq_len=16, shared_warmup=0.5)
+    router = train_experts(model, rows, config, args=args, tokenizer=tokenizer, clusters=tasks)
+    runs = {run["adapter"]: run["steps"] for run in router.info["training"]["experts"]}
+    runs["shared_warmup"] = router.info["training"]["shared_warmup"]["steps"]
+    assert runs == {"shared_warmup": 3, "expert_0": 2, "expert_1": 1}
+    assert sorted(path.name for path in out.iterdir()) == sorted(runs)  # nothing written next to the run folders
+    for adapter, steps in runs.items():
+        checkpoints = sorted(path.name for path in (out / adapter).iterdir())
+        assert checkpoints == [f"checkpoint-{step}" for step in range(1, steps + 1)]
+        for step in range(1, steps + 1):  # each checkpoint is its own run's: its trainer state counts that run's steps
+            state = json.loads((out / adapter / f"checkpoint-{step}" / "trainer_state.json").read_text())
+            assert state["global_step"] == step and state["max_steps"] == steps
+    assert args.output_dir == str(out)  # the caller's arguments are left as given
+
+
 def _gpt2_router():
     """Two rank-2 experts on a tiny GPT-2 (Conv1D layers), one per task."""
     model, tokenizer = tiny_model("gpt2")

@@ -7,8 +7,10 @@ centroid per task (arithmetic, spelling) in the base model's embedding space, so
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
+import logging
 
 import pytest
 import torch
@@ -64,10 +66,27 @@ def _batch(tokenizer, prompts=PROMPTS):
 # ------------------------------------------------------------------------------------------------ pipeline()
 
 
+@contextlib.contextmanager
+def _transformers_errors():
+    """The error lines transformers logs inside (its loggers do not propagate to pytest's caplog)."""
+    records = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = records.append
+    library = logging.getLogger("transformers")
+    library.addHandler(handler)
+    try:
+        yield records
+    finally:
+        library.removeHandler(handler)
+
+
 def test_pipeline_routes_every_prompt_as_generate_does(built):
     router, tokenizer = built
     assert router.route(**_batch(tokenizer)).tolist() == ROUTES
-    generator = pipeline("text-generation", model=router, tokenizer=tokenizer)
+    with _transformers_errors() as errors:
+        generator = pipeline("text-generation", model=router, tokenizer=tokenizer)
+    # transformers checks the class name against the causal LMs it knows: the router declared itself, no error line
+    assert [record.getMessage() for record in errors] == []
     assert generator.model is router and "ExpertRouter" in repr(generator)
     settings = dict(**GREEDY, return_tensors=True)
     alone = []
@@ -85,6 +104,17 @@ def test_pipeline_routes_every_prompt_as_generate_does(built):
     assert text.startswith(PROMPTS[1])
     with pytest.raises(ValueError, match="nothing to route"):
         generator("", max_new_tokens=2)
+
+
+def test_the_pipeline_error_line_is_caught_for_a_class_not_declared(built):
+    # The check above can fail: a router whose class never ran ExpertRouter.__init__ is reported by transformers.
+    router, tokenizer = built
+    undeclared = type("UndeclaredRouter", (ExpertRouter,), {})
+    stray = undeclared.__new__(undeclared)
+    stray.__dict__.update(vars(router))
+    with _transformers_errors() as errors:
+        pipeline("text-generation", model=stray, tokenizer=tokenizer)
+    assert any("'UndeclaredRouter' is not supported for text-generation" in record.getMessage() for record in errors)
 
 
 # ------------------------------------------------------------------------------------------------ moves and modes

@@ -9,9 +9,10 @@ mixed-batch inference (``generate(adapter_names=[...])``, ``mixed_batch="peft"``
 The router is not a ``PreTrainedModel`` and does not pretend to be one: it wraps one (``router.model``, the
 ``PeftModel``) and exposes what ``transformers.pipeline("text-generation", model=router, tokenizer=...)`` reads of
 a model (``config``, ``generation_config``, ``device``, ``dtype``, ``to``, ``can_generate``), so the pipeline's
-batches go through :meth:`ExpertRouter.generate` and every prompt is routed. transformers logs "The model
-'ExpertRouter' is not supported for text-generation" when that pipeline is built (it checks the class name against
-its list of causal-LM classes); the pipeline runs all the same.
+batches go through :meth:`ExpertRouter.generate` and every prompt is routed. The pipeline checks the model's
+class name against its causal-LM classes and the PEFT wrappers it accepts; a router adds its class name to the
+latter when it is built (:func:`hf_compress._compat.accept_in_text_generation_pipeline`), so building the pipeline
+logs no "The model 'ExpertRouter' is not supported for text-generation".
 """
 
 from __future__ import annotations
@@ -114,6 +115,8 @@ class ExpertRouter:
         self.adapter_names = list(adapter_names)
         self.tokenizer = tokenizer
         self.info = dict(info or {})
+        # transformers.pipeline("text-generation", model=router) checks the model's class name; accept this one.
+        _compat.accept_in_text_generation_pipeline(type(self).__name__)
 
     @property
     def mixed_batch(self) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+import os
 import tempfile
 from collections.abc import Sequence
 from typing import Any
@@ -71,7 +72,11 @@ def train_experts(
         config: :class:`ExpertConfig` (number of experts, LoRA settings, embedding, clustering).
         args: ``transformers.TrainingArguments`` or :class:`~hf_compress.training.TrainingSettings` for the
             ``Trainer`` (default ``TrainingSettings()``). With ``config.split_steps`` its ``max_steps`` is
-            the total over all experts, shared in proportion to cluster sizes.
+            the total over all experts, shared in proportion to cluster sizes. Each training run (every
+            expert, and the shared warm-up) writes under its own sub-folder of ``TrainingArguments.output_dir``,
+            named after its adapter (``out/expert_0/checkpoint-50``, ``out/shared_warmup/...``), so the runs'
+            checkpoints and ``save_total_limit`` rotation stay apart. ``TrainingSettings`` keep nothing (their
+            runs write to a scratch folder removed after training).
         tokenizer: The model's tokenizer (default: loaded from ``model.name_or_path``).
         clusters: An explicit cluster per example (``0..num_experts-1``) instead of k-means, e.g. task labels
             or a random partition for a baseline; the centroids are then the clusters' mean directions.
@@ -169,7 +174,7 @@ def train_experts(
                 peft_model.set_adapter(name)  # only this expert's LoRA weights train
                 logger.info("training %s on %d examples (%d windows of %d tokens), %s steps", name, len(members),
                             len(data), config.seq_len, steps[index])
-                result = train_with_trainer(peft_model, data, scratch, _with_steps(args, steps[index], scratch))
+                result = train_with_trainer(peft_model, data, scratch, _with_steps(args, steps[index], scratch, name))
                 results.append({"adapter": name, "examples": len(members), "windows": len(data),
                                 "steps": result["global_step"], "train_seconds": round(result["train_seconds"], 3),
                                 "training_loss": result["training_loss"]})
@@ -206,7 +211,7 @@ def _shared_warmup(model, rows: InstructionRows, tokenizer, config: ExpertConfig
         peft_model = get_peft_model(model, config.lora_config(model), adapter_name=_WARMUP_ADAPTER)
     logger.info("shared warm-up on all %d examples (%d windows of %d tokens), %d steps", len(rows), len(data),
                 config.seq_len, steps)
-    result = train_with_trainer(peft_model, data, scratch, _with_steps(args, steps, scratch))
+    result = train_with_trainer(peft_model, data, scratch, _with_steps(args, steps, scratch, _WARMUP_ADAPTER))
     record = {"adapter": _WARMUP_ADAPTER, "examples": len(rows), "windows": len(data), "steps": result["global_step"],
               "train_seconds": round(result["train_seconds"], 3), "training_loss": result["training_loss"]}
     weights = {key: value.detach().clone()
@@ -250,8 +255,15 @@ def _resume_asked(args) -> bool:
     return bool(args.resume_from_checkpoint)
 
 
-def _with_steps(args, steps: int, scratch: str):
+def _with_steps(args, steps: int, scratch: str, adapter: str):
+    """``args`` for the run that trains ``adapter`` for ``steps`` steps.
+
+    The user's ``output_dir`` gets one sub-folder per run, named after its adapter: one ``Trainer`` per expert in
+    one folder would overwrite each other's ``checkpoint-N`` and rotate each other's out (``save_total_limit``).
+    ``TrainingSettings`` runs write to ``scratch`` (removed after training; they save nothing unless asked).
+    """
     if isinstance(args, TrainingSettings):
         return dataclasses.replace(args, max_steps=steps)
-    # TrainingArguments is a dataclass; replace() re-runs its checks. Nothing is saved (the router saves).
-    return dataclasses.replace(args, max_steps=steps, output_dir=args.output_dir or scratch)
+    # TrainingArguments is a dataclass; replace() re-runs its checks.
+    output_dir = os.path.join(args.output_dir, adapter) if args.output_dir else scratch
+    return dataclasses.replace(args, max_steps=steps, output_dir=output_dir)
