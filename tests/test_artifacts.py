@@ -344,8 +344,10 @@ def test_unlisted_file_bad_manifest_and_unmeasured_card_number_are_refused(set_c
 def test_cli_publish_reports_one_line_errors(set_copy, fake_hub, capsys):
     from hf_compress.cli.main import main
 
-    assert main(["publish", "--manifest", str(set_copy)]) == 2
-    assert "No namespace" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # argparse: --namespace is required, even for --dry-run
+        main(["publish", "--manifest", str(set_copy)])
+    assert exit_info.value.code == 2
+    assert "the following arguments are required: --namespace" in capsys.readouterr().err
     assert main(["publish", "--manifest", str(set_copy), "--namespace", NAMESPACE, "--dry-run"]) == 0
     assert "planned" in capsys.readouterr().out and not fake_hub.repos
     assert main(["publish", "--manifest", str(set_copy), "--namespace", NAMESPACE, "--only", "tiny-llama-fly", "nope"]) == 2

@@ -185,6 +185,7 @@ def test_quantize_rtn_refuses_the_flags_only_dlqat_reads_before_any_work(tmp_pat
         ("--rank", "4", "--learning-rate", "1e-2", "--no-lora"): "--rank, --learning-rate, --no-lora apply",
         ("--batch-size", "2", "--seq-len", "64", "--no-magnitude"): "--batch-size, --seq-len, --no-magnitude apply",
         ("--adapter-dir", str(tmp_path / "adapter")): "--adapter-dir applies",
+        ("--calibration-text", "news"): "--calibration-text applies",  # rtn reads no text
     }
     for flags, start in cases.items():
         assert main([*rtn, *flags]) == 2, flags
@@ -453,3 +454,105 @@ def test_route_searches_on_the_device_it_is_given(tmp_path, monkeypatch, capsys)
     assert resolve_device("auto") == torch.device("cuda", 1)
     monkeypatch.delenv("LOCAL_RANK")
     assert resolve_device("auto") == torch.device("cuda")
+
+
+def test_quantize_runs_on_the_device_it_is_given(tmp_path, monkeypatch, capsys):
+    """``quantize`` had no --device: rtn packed and dlqat trained wherever the model loaded (Trainer chose the GPU)."""
+    import hf_compress.assets
+    import hf_compress.quantization
+    from hf_compress import training
+    from hf_compress.cli.main import build_parser
+
+    assert build_parser().parse_args(["quantize", "rtn", "--device", "cpu", "--save-dir", "q"]).device == "cpu"
+    assert build_parser().parse_args(["quantize", "rtn", "--save-dir", "q"]).device == "auto"
+    moved, seen = [], {}
+    original_load, original_rtn = hf_compress.assets.load_model, hf_compress.quantization.quantize_rtn
+
+    def load_recording_moves(*args, **kwargs):
+        model, tokenizer = original_load(*args, **kwargs)
+        to = model.to
+        model.to = lambda *a, **k: (moved.append(torch.device(*a)), to(*a, **k))[1]
+        return model, tokenizer
+
+    def rtn_recording(model, **kwargs):
+        seen["rtn"] = next(model.parameters()).device
+        return original_rtn(model, **kwargs)
+
+    def no_training(model, data, output_dir, settings, **kwargs):
+        seen.update(trained_on=next(model.parameters()).device, use_cpu=settings.use_cpu)
+        return {}
+
+    monkeypatch.setattr(hf_compress.assets, "load_model", load_recording_moves)
+    monkeypatch.setattr(hf_compress.quantization, "quantize_rtn", rtn_recording)
+    monkeypatch.setattr(training, "train_with_trainer", no_training)
+    assert main(["quantize", "rtn", "--model", "tiny-llama", "--group-size", "32", "--device", "cpu",
+                 "--save-dir", str(tmp_path / "rtn"), "-q"]) == 0
+    assert moved == [torch.device("cpu")] and seen["rtn"] == torch.device("cpu")
+    assert main(["quantize", "dlqat", "--model", "tiny-llama", "--group-size", "32", "--steps", "1", "--batch-size",
+                 "1", "--seq-len", "16", "--device", "cpu", "--save-dir", str(tmp_path / "dlqat"), "-q"]) == 0
+    # Trainer places the model itself: use_cpu is what keeps it on the CPU on a GPU machine.
+    assert moved[1:] == [torch.device("cpu")] and seen["trained_on"] == torch.device("cpu") and seen["use_cpu"]
+    if not torch.cuda.is_available():  # refused in one line before the model loads
+        moved.clear()
+        err = _one_line_error(capsys, ["quantize", "rtn", "--model", "tiny-llama", "--device", "cuda",
+                                       "--save-dir", str(tmp_path / "cuda")])
+        assert "no CUDA GPU is available here" in err and not moved and not (tmp_path / "cuda").exists()
+
+
+def test_calibration_text_reaches_the_loader_of_every_command_that_reads_text(tmp_path, monkeypatch):
+    """``quantize dlqat`` and ``route`` trained and searched on the Wikipedia split whatever the user wanted."""
+    import hf_compress.assets
+    from hf_compress import training
+    from hf_compress.hub import read_recipe
+
+    asked = []
+    original = hf_compress.assets.load_calibration_text
+
+    def recording(spec="wikipedia"):
+        asked.append(spec)
+        return original(spec)
+
+    monkeypatch.setattr(hf_compress.assets, "load_calibration_text", recording)
+    monkeypatch.setattr(training, "train_with_trainer", lambda *args, **kwargs: {})
+    commands = {
+        "prune": ["prune", "wanda", "--calibration-sequences", "2", "--seq-len", "16"],
+        "quantize": ["quantize", "dlqat", "--group-size", "32", "--steps", "1", "--batch-size", "1", "--seq-len", "16"],
+        "route": ["route", "--static", "--generations", "0", "--population", "2", "--search-windows", "1",
+                  "--seq-len", "16"],
+    }
+    for name, argv in commands.items():
+        asked.clear()
+        assert main([*argv, "--model", "tiny-llama", "--calibration-text", "news", "--device", "cpu",
+                     "--save-dir", str(tmp_path / name), "-q"]) == 0, name
+        assert asked == ["news"], name
+    assert read_recipe(tmp_path / "quantize")["training"]["data"] == "hf_compress news corpus"  # not "wikipedia"
+
+
+def test_an_unknown_calibration_text_is_refused_by_argparse_with_the_valid_names(tmp_path, monkeypatch, capsys):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before --calibration-text was checked")
+
+    monkeypatch.setattr("hf_compress.assets.load_model", refuse)
+    for argv in (["prune", "wanda"], ["quantize", "dlqat"], ["route"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*argv, "--calibration-text", "wiki", "--save-dir", str(tmp_path / "out")])
+        assert exit_info.value.code == 2, argv
+        err = capsys.readouterr().err
+        assert ("argument --calibration-text: unknown calibration text 'wiki' (did you mean 'wikipedia'?); "
+                "pass 'wikipedia', 'news' or the path of a UTF-8 text file") in err, err
+    # A path is the loader's to check (missing, unreadable or empty), still in one line before the model loads.
+    for argv in (["quantize", "dlqat"], ["route"]):
+        err = _one_line_error(capsys, [*argv, "--calibration-text", str(tmp_path / "missing.txt"),
+                                       "--save-dir", str(tmp_path / "out"), "-q"])
+        assert err.startswith(f"calibration text '{tmp_path / 'missing.txt'}' is neither 'wikipedia', 'news'"), err
+    assert not any(tmp_path.iterdir())
+
+
+def test_publish_requires_a_namespace_on_the_command_line(tmp_path, capsys):
+    """publish() refuses a missing namespace (even with --dry-run): argparse says so, and --help marks it required."""
+    usage = _help(capsys, ["publish"])
+    assert "--namespace NAMESPACE" in usage and "[--namespace" not in usage
+    with pytest.raises(SystemExit) as exit_info:
+        main(["publish", "--manifest", str(tmp_path / "manifest.json"), "--dry-run"])
+    assert exit_info.value.code == 2
+    assert "the following arguments are required: --namespace" in capsys.readouterr().err

@@ -108,6 +108,66 @@ def device_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... or auto (CUDA when present; default)")
 
 
+DEFAULT_CALIBRATION_TEXT = "wikipedia"
+
+
+def calibration_text_argument(parser: argparse.ArgumentParser, *, default: str | None = DEFAULT_CALIBRATION_TEXT,
+                              help_prefix: str = "", help_suffix: str = "") -> None:
+    """``--calibration-text``: an offline text set or a UTF-8 text file (one definition for ``prune``, ``quantize``
+    and ``route``); load it with ``assets.load_calibration_text``.
+
+    ``default=None`` leaves the flag ``None`` when it is not given, for :func:`refuse_unused_flags` (the help still
+    shows the default that fills in). A misspelled name is refused by argparse (:func:`calibration_text`).
+    """
+    parser.add_argument("--calibration-text", type=calibration_text, default=default,
+                        help=f"{help_prefix}'wikipedia' (calibration split), 'news', or a UTF-8 text file "
+                             f"(default: {DEFAULT_CALIBRATION_TEXT}){help_suffix}")
+
+
+def calibration_text(text: str) -> str:
+    """An argparse ``type`` for ``--calibration-text``: a text set name, or a path, returned unchanged.
+
+    A value that names no text set and does not look like a path (no folder separator, no suffix) is refused here,
+    listing the names, instead of after the model has loaded. A path is left to ``load_calibration_text``, which
+    reports a missing, unreadable or empty file in one place (the commands load the text before the model).
+
+    Example:
+        >>> calibration_text("news")
+        'news'
+        >>> calibration_text("wiki")
+        Traceback (most recent call last):
+        ...
+        argparse.ArgumentTypeError: unknown calibration text 'wiki' (did you mean 'wikipedia'?); pass 'wikipedia', 'news' or the path of a UTF-8 text file.
+    """
+    import difflib
+
+    from ..assets.text import CALIBRATION_TEXTS
+
+    looks_like_path = any(sep and sep in text for sep in (os.sep, os.altsep, ".")) or os.path.exists(text)
+    if text in CALIBRATION_TEXTS or looks_like_path:
+        return text
+    close = difflib.get_close_matches(text, CALIBRATION_TEXTS, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise argparse.ArgumentTypeError(f"unknown calibration text {text!r}{hint}; pass "
+                                     f"{', '.join(repr(name) for name in CALIBRATION_TEXTS)} or the path of a UTF-8 "
+                                     "text file.")
+
+
+def calibration_text_record(spec: str) -> str:
+    """What a model card's recipe says the text was: the offline set, or a file by its name only (a local path
+    means nothing on the Hub and may name the user's folders).
+
+    Example:
+        >>> calibration_text_record("/home/me/notes.txt")
+        'the text file notes.txt'
+    """
+    if spec == "wikipedia":
+        return "hf_compress wikipedia calibration split"
+    if spec == "news":
+        return "hf_compress news corpus"
+    return f"the text file {os.path.basename(spec)}"
+
+
 def resolve_device(name: str) -> torch.device:
     """The ``--device`` value as a ``torch.device``, refusing in one line a device this machine lacks.
 

@@ -15,7 +15,9 @@ from ..cli.main import command
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--manifest", required=True, help="the set's manifest.json (scripts/build_artifacts.py writes it)")
-    parser.add_argument("--namespace", default=None,
+    # Required: publish() refuses a missing namespace even for --dry-run (the plan is namespace/<name>), so argparse
+    # says so with the usage line, and --help marks it required, instead of a run-time error after parsing.
+    parser.add_argument("--namespace", required=True,
                         help="Hub user or organisation the repos go to (required); it must be the one the set "
                              "was built for (build_artifacts.py --namespace), whose repo ids the cards name")
     parser.add_argument("--only", nargs="+", metavar="NAME", default=None, help="publish only these artifacts")

@@ -12,7 +12,7 @@ import argparse
 import dataclasses
 import json
 
-from ..cli.main import command, common_flags, device_argument, resolve_device
+from ..cli.main import calibration_text_argument, command, common_flags, device_argument, resolve_device
 
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,10 +29,8 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
         child.add_argument("--save-dir", required=True, help="folder for the pruned checkpoint")
         child.add_argument("--overwrite", action="store_true",
                            help="save into a non-empty --save-dir: its model is replaced, other files are kept")
-        calibration_help = "'wikipedia' (calibration split), 'news', or a UTF-8 text file (default: wikipedia)"
-        if not pruner_class.requires_calibration:
-            calibration_help += f"; {method} reads it only with --permutation learned"
-        child.add_argument("--calibration-text", default="wikipedia", help=calibration_help)
+        calibration_text_argument(child, help_suffix="" if pruner_class.requires_calibration
+                                  else f"; {method} reads it only with --permutation learned")
         child.add_argument("--options", f"--{method.replace('_', '-')}-options", dest="options", default=None,
                            metavar="JSON", help="more config fields as a JSON object, e.g. '{\"batch_size\": 4}' "
                                                 "(a flag given for the same field wins)")

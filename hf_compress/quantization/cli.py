@@ -1,8 +1,8 @@
 """``hf-compress quantize dlqat|rtn``: quantize a model to packed low-bit weights from the command line.
 
-``dlqat`` trains a DL-QAT adapter with ``Trainer`` on the Wikipedia calibration split, then exports it
-with ``merge_and_quantize()``. ``rtn`` packs the round-to-nearest weights with no training. Either way
-``--save-dir`` receives an ``hf_compress_packed`` checkpoint (with the tokenizer) that
+``dlqat`` trains a DL-QAT adapter with ``Trainer`` on ``--calibration-text`` (default: the Wikipedia calibration
+split), then exports it with ``merge_and_quantize()``. ``rtn`` packs the round-to-nearest weights with no
+training. Either way ``--save-dir`` receives an ``hf_compress_packed`` checkpoint (with the tokenizer) that
 ``AutoModelForCausalLM.from_pretrained`` loads after ``import hf_compress``. ``--adapter-dir`` also keeps
 the trained adapter (``PeftModel.from_pretrained(base, adapter_dir)``). Both folders get a model card
 with the recipe (and no metrics: this command measures none; ``hf-compress eval`` does).
@@ -15,14 +15,24 @@ import os
 import tempfile
 from typing import Any
 
-from ..cli.main import command, int_at_least, positive_float, refuse_unused_flags
+from ..cli.main import (
+    DEFAULT_CALIBRATION_TEXT,
+    calibration_text_argument,
+    calibration_text_record,
+    command,
+    device_argument,
+    int_at_least,
+    positive_float,
+    refuse_unused_flags,
+    resolve_device,
+)
 
 
 # The flags only `quantize dlqat` reads, with their defaults. The parser leaves them None, so that a flag the user gave
 # (refused with rtn, which would ignore it) stands apart from one left out; refuse_unused_flags then fills these in.
 _DLQAT_ONLY_DEFAULTS: dict[str, Any] = {
     "rank": 16, "steps": 100, "learning_rate": 1e-3, "batch_size": 4, "seq_len": 256,
-    "no_magnitude": False, "no_lora": False, "adapter_dir": None,
+    "no_magnitude": False, "no_lora": False, "adapter_dir": None, "calibration_text": DEFAULT_CALIBRATION_TEXT,
 }
 
 
@@ -45,6 +55,8 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
                         help="dlqat ablation: group magnitudes only (not with --no-magnitude)")
     parser.add_argument("--save-dir", required=True, help="folder for the packed low-bit checkpoint")
     parser.add_argument("--adapter-dir", default=None, help="dlqat: also save the trained adapter here")
+    calibration_text_argument(parser, default=None, help_prefix="dlqat: training text, ")
+    device_argument(parser)  # rtn packs there; dlqat trains there (Trainer places the model: see run_quantize)
     parser.add_argument("--overwrite", action="store_true",
                         help="save into a non-empty --save-dir / --adapter-dir: the model or adapter there is "
                              "replaced, other files are kept")
@@ -55,7 +67,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     from peft import get_peft_model
 
     from .. import _compat
-    from ..assets import load_model, load_text
+    from ..assets import load_calibration_text, load_model
     from ..training import TrainingSettings, causal_lm_dataset, is_main_process, train_with_trainer
     from ..formats.packed import check_not_packed, save_packed
     from ..hub import base_model_of, write_model_card
@@ -72,6 +84,9 @@ def run_quantize(args: argparse.Namespace) -> int:
         if os.path.commonpath([model_dir, adapter_dir]) in (model_dir, adapter_dir):
             raise ValueError(f"--adapter-dir {args.adapter_dir} and --save-dir {args.save_dir} are the same folder or "
                              "one holds the other: each save replaces its whole folder. Pass two separate folders.")
+    device = resolve_device(args.device)  # checked before the model loads
+    # A bad text file is reported before the (possibly slow) model load; rtn trains on nothing.
+    text = load_calibration_text(args.calibration_text) if args.method == "dlqat" else None
     config = DLQATConfig(
         bits=args.bits, group_size=args.group_size, symmetric=args.symmetric, r=args.rank,
         lora_alpha=float(args.rank), target_modules="all-linear",
@@ -79,6 +94,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         use_lora=args.method == "dlqat" and not args.no_lora,
     )
     model, tokenizer = load_model(args.model)
+    model.to(device)
     # A pruned input stays sparse (keep_sparsity): the card must name the prune(s) that shaped these weights too.
     record = getattr(model.config, "hf_compress", None) or {}
     pruned_before = [*record.get("earlier_pruning", []), *([record["pruning"]] if record.get("pruning") else [])]
@@ -90,11 +106,11 @@ def run_quantize(args: argparse.Namespace) -> int:
             model = get_peft_model(model, config)
         trainable, total = model.get_nb_trainable_parameters()
         print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
-        data = causal_lm_dataset(load_text("wikipedia", "calibration"), tokenizer,
-                                 num_sequences=args.steps * args.batch_size, seq_len=args.seq_len)
+        data = causal_lm_dataset(text, tokenizer, num_sequences=args.steps * args.batch_size, seq_len=args.seq_len)
+        # Trainer places the model itself: use_cpu keeps it on the CPU when --device cpu is asked on a GPU machine.
         settings = TrainingSettings(max_steps=args.steps, learning_rate=args.learning_rate,
                                     per_device_batch_size=args.batch_size, logging_steps=max(1, args.steps // 10),
-                                    progress=not args.quiet)
+                                    use_cpu=device.type == "cpu", progress=not args.quiet)
         with tempfile.TemporaryDirectory() as scratch:
             train_with_trainer(model, data, scratch, settings)
         if not is_main_process():  # under torchrun every process trained alike; rank 0 writes
@@ -108,7 +124,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     if args.method == "dlqat":
         recipe["training"] = {"steps": args.steps, "learning_rate": args.learning_rate,
                               "batch_size": args.batch_size, "seq_len": args.seq_len,
-                              "data": "hf_compress wikipedia calibration split"}
+                              "data": calibration_text_record(args.calibration_text)}
         if args.adapter_dir:
             # peft records the base model's name_or_path (a local folder here, maybe): record the Hub id or none.
             for adapter_config in model.peft_config.values():

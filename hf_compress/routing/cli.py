@@ -1,15 +1,25 @@
 """``hf-compress route``: search a schedule, train the token router, save a routed model folder.
 
-Calibration (schedule search) and router training both draw from the Wikipedia calibration split; the saved
-folder loads with ``AutoModelForCausalLM.from_pretrained`` after ``import hf_compress``. ``--static`` skips
-training and saves the static positional router with the searched schedule.
+Calibration (schedule search) and router training both draw from ``--calibration-text`` (default: the Wikipedia
+calibration split); the saved folder loads with ``AutoModelForCausalLM.from_pretrained`` after
+``import hf_compress``. ``--static`` skips training and saves the static positional router with the searched
+schedule.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from ..cli.main import command, device_argument, int_at_least, positive_float, refuse_unused_flags, resolve_device
+from ..cli.main import (
+    calibration_text_argument,
+    calibration_text_record,
+    command,
+    device_argument,
+    int_at_least,
+    positive_float,
+    refuse_unused_flags,
+    resolve_device,
+)
 
 
 def _sparsity(text: str) -> float:
@@ -36,6 +46,7 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--static", action="store_true",
                         help="no training: save the static router (not with --steps / --learning-rate)")
     parser.add_argument("--save-dir", required=True, help="folder for the routed model")
+    calibration_text_argument(parser, help_prefix="schedule search and router training text: ")
     device_argument(parser)  # the schedule search runs there; Trainer then trains on its own device
     parser.add_argument("--overwrite", action="store_true",
                         help="save into a non-empty --save-dir: its model is replaced, other files are kept")
@@ -43,7 +54,7 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
 
 @command("route", "token router (FTP): tokens skip the blocks they don't need", _arguments)
 def run_route(args: argparse.Namespace) -> int:
-    from ..assets import load_model, load_text
+    from ..assets import load_calibration_text, load_model
     from ..hub import hub_model_id
     from ..modeling.layers import check_within_learned_positions
     from ..training import TrainingSettings, causal_lm_dataset, is_main_process
@@ -53,6 +64,7 @@ def run_route(args: argparse.Namespace) -> int:
     _check_training_flags(args)
     check_save_dir(args.save_dir, args.overwrite, argument="--save-dir")
     device = resolve_device(args.device)  # checked before the model loads
+    text = load_calibration_text(args.calibration_text)  # a bad text file is reported before the model loads too
     config = TokenRouterConfig(
         token_sparsity=args.sparsity, generations=args.generations, population=args.population,
         search_windows=args.search_windows, search_seq_len=args.seq_len,
@@ -60,7 +72,6 @@ def run_route(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model)
     model.to(device)
     check_within_learned_positions(model, args.seq_len, "--seq-len is", "--seq-len")  # before the search's work
-    text = load_text("wikipedia", "calibration")
     schedule = search_schedule(model, text, config, tokenizer=tokenizer, progress=not args.quiet)
     print("schedule:", " ".join(f"{r:.2f}" for r in schedule.block_sparsity))
     if args.static:
@@ -73,7 +84,7 @@ def run_route(args: argparse.Namespace) -> int:
     if not is_main_process():  # under torchrun every process trained alike; rank 0 writes
         return 0
     recipe = {"token_sparsity": args.sparsity, "config": config.to_dict(),
-              "data": "hf_compress wikipedia calibration split"}
+              "data": calibration_text_record(args.calibration_text)}
     target = save_routed(model, tokenizer, args.save_dir, overwrite=args.overwrite, recipe=recipe,
                          base_model=hub_model_id(getattr(model.config, "name_or_path", None)))
     print(f"saved the routed model to {target}")
