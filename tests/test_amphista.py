@@ -5,10 +5,14 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, pipeline
 
 from hf_compress import _compat
 from hf_compress.assets import tiny_model
@@ -484,6 +488,71 @@ def test_push_to_fake_hub_and_generate_from_the_pushed_repo(llama_amphista, fake
     assert torch.equal(out, reference)
     loaded = DraftHeads.from_pretrained("user/tiny-amphista")
     assert loaded.config.tree == [[0], [1], [0, 0]]  # the saved default tree travels with the heads
+    with pytest.raises(ValueError, match=r"user/tiny-amphista holds Amphista drafting heads \(hf_compress, model type hf_compress_amphista\)"):
+        AutoModelForCausalLM.from_pretrained("user/tiny-amphista")  # a heads repo is not a model
+
+
+def test_auto_classes_refuse_a_heads_folder_saying_how_to_decode_with_it(llama_amphista, tmp_path):
+    model, heads, _ = llama_amphista
+    folder = heads.save_pretrained(tmp_path / "heads")
+    config = AutoConfig.from_pretrained(folder)  # reading the config is fine: it is the heads' own
+    assert isinstance(config, AmphistaConfig)
+    assert config.base_model_identity == heads.config.base_model_identity and config.num_heads == heads.num_heads
+    what = (rf"{folder} holds Amphista drafting heads \(hf_compress, model type hf_compress_amphista\) for a llama base "
+            r"model of hidden size 64 and 256 tokens whose name was not recorded, not a model")
+    for auto_class in (AutoModelForCausalLM, AutoModel):
+        with pytest.raises(ValueError, match=what) as error:
+            auto_class.from_pretrained(folder)
+        assert f"custom_generate=Amphista({str(folder)!r})" in str(error.value)
+        assert f"DraftHeads.from_pretrained({str(folder)!r})" in str(error.value)
+        assert "AutoModelForCausalLM.from_pretrained(BASE_MODEL)" in str(error.value)  # no base name was recorded
+    with pytest.raises(ValueError, match=what):  # pipeline wraps the error, whose text it keeps
+        pipeline("text-generation", model=str(folder))
+    with pytest.raises(ValueError, match=r"configures drafting heads, not a model.*DraftHeads\.for_model"):
+        AutoModelForCausalLM.from_config(config)
+    # The call the error shows decodes with the heads; their own loader is unchanged.
+    ids = torch.tensor([PROMPTS[0]])
+    out = model.generate(ids, max_new_tokens=6, do_sample=False, custom_generate=Amphista(str(folder)))
+    assert torch.equal(out, model.generate(ids, max_new_tokens=6, do_sample=False))
+    assert isinstance(DraftHeads.from_pretrained(folder), AmphistaHeads)
+    medusa = DraftHeads.for_model(model, MedusaConfig(num_heads=2))
+    medusa.config.base_model_name_or_path = "HuggingFaceTB/SmolLM2-135M"
+    medusa.save_pretrained(tmp_path / "medusa")
+    with pytest.raises(ValueError, match=r"holds Medusa drafting heads \(hf_compress, model type hf_compress_medusa\) for the base model "
+                                         r"HuggingFaceTB/SmolLM2-135M, not a model") as error:
+        AutoModelForCausalLM.from_pretrained(tmp_path / "medusa")
+    assert "AutoModelForCausalLM.from_pretrained('HuggingFaceTB/SmolLM2-135M')" in str(error.value)
+
+
+def test_a_heads_folder_in_a_fresh_interpreter_without_and_with_the_heads_package(llama_amphista, tmp_path):
+    """Plain transformers can only say it does not know the model type; importing the heads registers the refusal."""
+    _, heads, _ = llama_amphista
+    folder = heads.save_pretrained(tmp_path / "heads")
+    script = textwrap.dedent(
+        f"""
+        import sys
+        from transformers import AutoModelForCausalLM
+        try:
+            AutoModelForCausalLM.from_pretrained({str(folder)!r})
+        except ValueError as error:
+            print("PLAIN:", error)
+        else:
+            sys.exit("loaded without hf_compress")
+        import hf_compress.speculative.heads
+        try:
+            AutoModelForCausalLM.from_pretrained({str(folder)!r})
+        except ValueError as error:
+            print("REGISTERED:", error)
+        else:
+            sys.exit("loaded heads as a model")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    plain, registered = result.stdout.split("REGISTERED:")
+    assert "PLAIN:" in plain and "hf_compress_amphista" in plain  # transformers names the model type, nothing more
+    assert f"{folder} holds Amphista drafting heads (hf_compress, model type hf_compress_amphista)" in registered
+    assert f"custom_generate=Amphista({str(folder)!r})" in registered
 
 
 # ------------------------------------------------------------------------------------ bad input

@@ -10,6 +10,7 @@ Example:
 """
 
 from ..tree import DraftTree
+from .auto import register_auto_classes
 from .config import AmphistaConfig, DraftHeadsConfig, MedusaConfig
 from .drafter import HeadsDrafter
 from .modeling import AmphistaHeads, AutoEmbeddingBlock, BaseParts, DraftHeads, MedusaHeads, load_heads
@@ -24,6 +25,9 @@ from .training import (
     train_heads,
 )
 
+
+# A heads folder given to AutoModelForCausalLM / AutoModel / pipeline is refused saying how to load it.
+register_auto_classes()
 
 __all__ = [
     "Amphista",
