@@ -112,6 +112,15 @@ def test_features_and_rule_on_hand_built_logits(pair):
     assert [(d.index, d.keep_draft, d.draft_token, d.target_token) for d in log.decisions] == [(1, True, 9, 2)]
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_features_meet_hidden_states_on_another_device():
+    """A model split over devices returns its logits on the input's device and its final states on its last one."""
+    logits = torch.randn(1, 3, 8, device="cuda")
+    features = mismatch_features(torch.tensor([[1, 2]], device="cuda"), logits, torch.randn(1, 3, 4))  # states: CPU
+    assert features.device.type == "cuda" and features.shape == (1, 2, len(FEATURE_NAMES) + 4)
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_arbiter_disabled_is_greedy_generate(arch, pair):
     model, tok = tiny_model(arch)
@@ -272,6 +281,60 @@ def test_reinforce_step_moves_the_policy_towards_rewarded_actions(pair):
     assert arbiter(features).sigmoid().mean().item() < middle
 
 
+def test_the_entropy_bonus_moves_the_policy_towards_indecision(pair):
+    """Equal rewards give every episode an advantage of 0: only the entropy bonus is left, and it must push a sure
+    policy towards P(DRAFT) = 0.5 (a BCE against a detached p has a zero gradient: the bonus did nothing)."""
+    model, _, _ = pair
+    arbiter = CoSpecArbiter.for_model(model, ArbiterConfig(use_hidden_states=False))  # P(DRAFT) 0.05 everywhere
+    features = torch.randn(4, arbiter.config.num_features, generator=torch.Generator().manual_seed(0))
+    before = arbiter(features).sigmoid().mean().item()
+    optimizer = torch.optim.SGD(arbiter.parameters(), lr=0.5)
+    group = [Episode(features, torch.zeros(4), reward=1.0), Episode(features, torch.ones(4), reward=1.0)]
+    for _ in range(3):
+        reinforce_step(arbiter, optimizer, [group], entropy_bonus=1.0)
+    assert arbiter(features).sigmoid().mean().item() > before + 0.02
+    with torch.no_grad():  # and without the bonus, zero advantages leave the policy where it is
+        still = arbiter(features).clone()
+    reinforce_step(arbiter, optimizer, [group], entropy_bonus=0.0)
+    torch.testing.assert_close(arbiter(features), still)
+
+
+def test_rl_needs_groups_of_two_rollouts():
+    with pytest.raises(ValueError, match="group_size=1 gives every rollout an advantage of 0"):
+        ArbiterTrainingSettings(group_size=1)
+    assert ArbiterTrainingSettings(group_size=1, rl_steps=0).group_size == 1  # warm start only: no groups
+
+
+def test_train_arbiter_is_reproducible_and_says_when_its_folder_drafts_otherwise(pair, tmp_path, caplog):
+    model, tok, draft = pair
+    settings = quick_settings(max_new_tokens=4, max_forks_per_prompt=1, warm_start_steps=0, rl_steps=0)
+    config = ArbiterConfig(use_hidden_states=False, mlp_hidden_size=8)  # a hidden layer: random initial weights
+    arbiters = []
+    for global_seed in (1, 2):  # the global RNG differs; settings.seed does not
+        torch.manual_seed(global_seed)
+        arbiters.append(train_arbiter(model, draft, task(tok)[:2], reward=lambda text, answers: 0.0, tokenizer=tok,
+                                      settings=settings, config=config))
+    for first, second in zip(arbiters[0].parameters(), arbiters[1].parameters()):
+        assert torch.equal(first, second)
+    # Trained with an unnamed in-memory draft model: the saved folder cannot name it, and says so.
+    assert arbiters[0].config.training["drafter"] == "model" and arbiters[0].config.draft_model_name_or_path is None
+    with caplog.at_level(logging.WARNING, logger="hf_compress"):
+        arbiters[0].save_pretrained(tmp_path / "unnamed")
+    assert "drafts by n-gram prompt lookup unless generate() is given draft_model=" in caplog.text
+    caplog.clear()
+    ngram = train_arbiter(model, "ngram", task(tok)[:1], reward=lambda text, answers: 0.0, tokenizer=tok,
+                          settings=settings, config=ArbiterConfig(use_hidden_states=False))
+    with caplog.at_level(logging.WARNING, logger="hf_compress"):
+        ngram.save_pretrained(tmp_path / "ngram")
+    assert ngram.config.training["drafter"] == "ngram" and "n-gram prompt lookup" not in caplog.text
+    # A copy of the target (an int8 self-draft) keeps the target's name: the folder would draft with the target.
+    named = copy.deepcopy(ngram)
+    named.config.base_model_name_or_path = named.config.draft_model_name_or_path = "org/target"
+    with caplog.at_level(logging.WARNING, logger="hf_compress"):
+        named.save_pretrained(tmp_path / "self-draft")
+    assert "records its target 'org/target' as its draft model" in caplog.text
+
+
 def test_train_arbiter_rl_lowers_target_forwards_on_a_cost_only_reward(pair):
     model, tok, draft = pair
     # Constant task score: the reward is only −λ · target forwards, so keeping drafts is right everywhere.
@@ -362,6 +425,29 @@ def test_custom_generate_folder_and_hub_round_trip(pair, mixed_arbiter, tmp_path
                               trust_remote_code=True)
     assert torch.equal(from_folder, reference) and torch.equal(from_hub, reference)
     assert CoSpecArbiter.from_pretrained("user/tiny-cospec").config.threshold == mixed_arbiter.config.threshold
+
+
+def test_the_engine_refuses_an_arbiter_rule_for_another_target(pair, mixed_arbiter):
+    """The arbiter as a plain acceptance rule of the engine (no CoSpec strategy around it) is checked too."""
+    model, tok, draft = pair
+    ids = tok(PROMPTS[0], return_tensors="pt").input_ids
+    for rule in (mixed_arbiter, mixed_arbiter.as_rule(threshold=0.3)):
+        with pytest.raises(ValueError, match="Wrong base model for this CoSpec arbiter"):
+            draft.generate(ids, max_new_tokens=4, do_sample=False, custom_generate=SpeculativeDecoding(acceptance=rule))
+        model.generate(ids, max_new_tokens=4, do_sample=False, custom_generate=SpeculativeDecoding(acceptance=rule))
+
+
+def test_arbiters_for_a_dynamic_int8_target_and_a_clear_error_without_an_lm_head(pair):
+    model, tok, _ = pair
+    int8 = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8)
+    arbiter = CoSpecArbiter.for_model(int8, tokenizer=tok)  # its lm_head's `weight` is a method, not a tensor
+    ids = tok(PROMPTS[2], return_tensors="pt").input_ids
+    assert torch.equal(int8.generate(ids, max_new_tokens=8, do_sample=False, custom_generate=CoSpec(arbiter, mode="strict")),
+                       int8.generate(ids, max_new_tokens=8, do_sample=False))
+    with pytest.raises(ValueError, match="no output projection to the vocabulary"):
+        CoSpecArbiter.for_model(model.model)
+    with pytest.raises(ValueError, match="no output projection to the vocabulary"):
+        arbiter.check_compatible(model.model)
 
 
 # ------------------------------------------------------------------------------------ FLy calibration

@@ -153,6 +153,26 @@ def test_default_candidates_come_from_the_held_out_mismatches(pair):
     assert arbiter.config.threshold == thresholds[-1]  # every answer passes: the loosest wins
 
 
+def test_calibration_drafts_as_the_arbiter_was_trained_by_default(pair):
+    """Without num_draft_tokens, the threshold is chosen for the arbiter's own drafting (what its saved folder runs),
+    not CoSpec's default of 8."""
+    model, tok, draft = pair
+    arbiter = warm_arbiter(model, tok)
+    arbiter.config.num_draft_tokens = 2
+    held_out = [{"prompt": p, "answers": ["x"]} for p in PROMPTS[:2]]
+    calibrate_arbiter(arbiter, model, draft, held_out, 0.99, tokenizer=tok, reward=lambda text, answers: 1.0,
+                      thresholds=(0.0,), max_new_tokens=12, stop_at_newline=False)
+    report = arbiter.config.calibration
+    forwards = 0
+    for prompt in PROMPTS[:2]:  # threshold 0.0 keeps every draft: forwards depend on how many are drafted
+        strategy = CoSpec(arbiter, draft, threshold=0.0, num_draft_tokens=2)
+        model.generate(tok(prompt, return_tensors="pt").input_ids, max_new_tokens=12, do_sample=False,
+                       custom_generate=strategy)
+        forwards += strategy.last_metrics.target_forwards
+    assert report["tried"][1]["target_forwards"] == forwards
+    assert report["num_draft_tokens"] == 2 and report["use_ngram"] is False
+
+
 def test_calibrate_arbiter_bad_input(pair):
     model, tok, draft = pair
     arbiter = warm_arbiter(model, tok)
@@ -210,6 +230,11 @@ def test_train_arbiter_with_held_out_prompts_returns_a_calibrated_arbiter(pair):
     settings = quick_settings(max_new_tokens=8, max_forks_per_prompt=1, rl_steps=0, warm_start_steps=5)
     with pytest.raises(ValueError, match="target_keep"):
         train_arbiter(model, draft, train, tokenizer=tok, held_out=held_out, target_keep=0.0)
+    # Malformed held-out prompts are refused before training starts (the reward would score its first answer).
+    mixed = [held_out[0], {"prompt": PROMPTS[3], "answers": []}]
+    untouched = lambda text, answers: pytest.fail("train_arbiter trained before checking held_out")
+    with pytest.raises(ValueError, match="mixes items with reference answers and 1 without"):
+        train_arbiter(model, draft, train, reward=untouched, tokenizer=tok, settings=settings, held_out=mixed)
     arbiter = train_arbiter(model, draft, train, reward=lambda text, answers: 1.0, tokenizer=tok, settings=settings,
                             config=ArbiterConfig(use_hidden_states=False), num_draft_tokens=4, held_out=held_out)
     report = arbiter.config.calibration

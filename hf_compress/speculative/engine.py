@@ -356,6 +356,9 @@ def speculative_decode(
     criteria), and the returned cache holds every token but the last, as ``generate()``'s does.
     """
     check_int("num_draft_tokens", num_draft_tokens, minimum=1)
+    check = getattr(rule, "check_compatible", None)
+    if callable(check):  # a learned rule (a CoSpec arbiter, its ArbiterRule) refuses a target it was not trained for
+        check(model)
     started = time.perf_counter()
     batch, prompt_length = input_ids.shape
     has_padding = attention_mask is not None and not bool(attention_mask.all())

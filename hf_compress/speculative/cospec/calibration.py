@@ -84,7 +84,9 @@ def calibrate_arbiter(
         thresholds: Candidate thresholds on P(DRAFT); default :func:`quantile_thresholds` of ``keep_shares``.
         reward, max_new_tokens, stop_at_newline, confidence: As for :func:`~..calibration.calibrate_fly`.
         cospec_kwargs: Drafting settings of :class:`~.strategy.CoSpec` (``num_draft_tokens``, ``use_ngram``,
-            ``draft_tokenizer`` for a cross-tokenizer pair, ...).
+            ``draft_tokenizer`` for a cross-tokenizer pair, ...); ``num_draft_tokens`` and ``use_ngram`` default to
+            the arbiter's (``config``: what it was trained with and what its saved ``custom_generate`` folder uses),
+            so the threshold is chosen for the drafting it will run with.
 
     Returns:
         ``arbiter``, with ``config.threshold`` chosen (``1.0`` = strict when no candidate qualifies) and
@@ -96,6 +98,8 @@ def calibrate_arbiter(
                            max_new_tokens=max_new_tokens, stop_at_newline=stop_at_newline, confidence=confidence)
     arbiter.check_compatible(model, tokenizer)
     draft = None if drafter == "ngram" else drafter
+    cospec_kwargs.setdefault("num_draft_tokens", arbiter.config.num_draft_tokens)
+    cospec_kwargs.setdefault("use_ngram", arbiter.config.use_ngram)
     if cospec_kwargs.get("draft_tokenizer") is not None:
         cospec_kwargs["tokenizer"] = tokenizer
     strict_strategy = CoSpec(arbiter, draft, mode="strict", **cospec_kwargs)
@@ -116,6 +120,8 @@ def calibrate_arbiter(
     arbiter.config.calibration = {
         **held.report(target_keep, strict, tried, best, ("threshold",)),
         "mismatches_met": len(log.decisions),
+        "num_draft_tokens": cospec_kwargs["num_draft_tokens"],
+        "use_ngram": cospec_kwargs["use_ngram"],
     }
     arbiter.config.calibration["chosen"]["threshold"] = arbiter.config.threshold
     return arbiter

@@ -85,7 +85,9 @@ def mismatch_features(
     ], dim=-1)
     if hidden_states is None:
         return scalars
-    return torch.cat([scalars, hidden_states[:, 1 : k + 1].float()], dim=-1)
+    # On a model split over devices (device_map) the logits come back on the input's device but the decoder's states
+    # stay on its last one.
+    return torch.cat([scalars, hidden_states[:, 1 : k + 1].to(scalars.device, torch.float32)], dim=-1)
 
 
 def _following_matches(exact: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ...utils import InvalidArgumentTypeError
+from ...utils import InvalidArgumentTypeError, get_logger
 from ..acceptance import Verdict
 from ...modeling.identity import base_model_identity, check_base_model
 from .config import ArbiterConfig
@@ -39,6 +39,8 @@ if TYPE_CHECKING:
 
 
 __all__ = ["CoSpecArbiter", "tokenizer_fingerprint"]
+
+logger = get_logger(__name__)
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -64,6 +66,16 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
 
 
 _FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _output_head(model: PreTrainedModel):
+    """The target's vocabulary projection, whose input width and rows an arbiter is built for."""
+    head = model.get_output_embeddings()
+    if head is None or getattr(head, "in_features", None) is None or getattr(head, "out_features", None) is None:
+        raise ValueError(
+            f"{type(model).__name__} has no output projection to the vocabulary (lm_head), so it cannot be a CoSpec "
+            "target: pass the causal LM (AutoModelForCausalLM), not its base model.")
+    return head
 
 
 class CoSpecArbiter(PreTrainedModel):
@@ -132,7 +144,7 @@ class CoSpecArbiter(PreTrainedModel):
         if not isinstance(model, PreTrainedModel):
             raise InvalidArgumentTypeError(f"model must be the target causal LM (PreTrainedModel), got {type(model).__name__}.")
         config = ArbiterConfig() if config is None else ArbiterConfig.from_dict(config.to_dict())  # never mutate
-        head = model.get_output_embeddings()
+        head = _output_head(model)
         config.hidden_size, config.vocab_size = head.in_features, head.out_features
         config.base_model_name_or_path = model.config.name_or_path or None
         config.base_model_identity = base_model_identity(model)
@@ -140,12 +152,13 @@ class CoSpecArbiter(PreTrainedModel):
             config.tokenizer_fingerprint = tokenizer_fingerprint(tokenizer)
         arbiter = cls(config)
         arbiter.init_weights()
-        return arbiter.to(head.weight.device)
+        weight = getattr(head, "weight", None)  # a method, not a tensor, on a dynamically quantized head
+        return arbiter.to(weight.device if isinstance(weight, torch.Tensor) else model.device)
 
     def check_compatible(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None = None) -> None:
         """Raise a clear error if this arbiter was trained for a target of another width, vocabulary, weights or
         tokenizer."""
-        head = model.get_output_embeddings()
+        head = _output_head(model)
         hidden, vocab = head.in_features, head.out_features
         if (hidden, vocab) != (self.config.hidden_size, self.config.vocab_size):
             raise ValueError(
@@ -227,11 +240,32 @@ class CoSpecArbiter(PreTrainedModel):
         Example:
             >>> arbiter.save_pretrained("smollm2-cospec")  # doctest: +SKIP
         """
-        return self.strategy().save_pretrained(
+        return self._saved_strategy().save_pretrained(
             save_directory, overwrite=overwrite, arbiter_source=arbiter_source, repo_id=repo_id, metrics=metrics,
             save_arbiter_kwargs=kwargs)
 
     def push_to_hub(self, repo_id: str, **push_kwargs):
         """Save (recording ``repo_id`` as where ``custom_generate`` loads the arbiter from, and in the card's code)
         and upload."""
-        return self.strategy().push_to_hub(repo_id, **push_kwargs)
+        return self._saved_strategy().push_to_hub(repo_id, **push_kwargs)
+
+    def _saved_strategy(self):
+        """:meth:`strategy`, warning when the saved ``custom_generate`` folder would draft otherwise than in training.
+
+        ``draft_model_name_or_path=None`` means n-gram drafts, which is also what an arbiter trained with an unnamed
+        in-memory draft model records: its folder would decode with another drafter unless told which.
+        """
+        if (self.config.training or {}).get("drafter") == "model" and self.config.draft_model_name_or_path is None:
+            logger.warning(
+                "This CoSpec arbiter was trained with a draft model that has no name or path, so the custom_generate "
+                "folder it saves drafts by n-gram prompt lookup unless generate() is given draft_model=. To record the "
+                "draft, save or push it (`draft.save_pretrained(dir)`), set `arbiter.config.draft_model_name_or_path` "
+                "to that folder or Hub id, and save again.")
+        draft = self.config.draft_model_name_or_path
+        if draft is not None and draft == self.config.base_model_name_or_path:
+            logger.warning(
+                "This CoSpec arbiter records its target %r as its draft model (a copy of the target, e.g. quantized, "
+                "keeps the target's name): its custom_generate folder would draft with the full target itself. Save "
+                "the draft under its own name, set `arbiter.config.draft_model_name_or_path` to it, and save again.",
+                draft)
+        return self.strategy()

@@ -123,6 +123,10 @@ class ArbiterRule:
         # The fixed modes still read them when logging, so logged features match what "policy" would see.
         return self.arbiter.config.use_hidden_states and (self.consults_arbiter or self.log is not None)
 
+    def check_compatible(self, model, tokenizer=None) -> None:
+        """The arbiter's check against the target (the engine runs it before decoding with this rule)."""
+        self.arbiter.check_compatible(model, tokenizer)
+
     @torch.no_grad()
     def verify(self, draft_tokens, target_logits, draft_probs=None, hidden_states=None) -> Verdict:
         k = draft_tokens.shape[1]

@@ -94,11 +94,13 @@ class ArbiterTrainingSettings:
             the score does not; on prompts the target gets wholly wrong, ties at 0 still need the same answer).
         warm_start_steps / warm_start_learning_rate: Full-batch Adam steps of the logistic regression.
         weight_decay: L2 on the arbiter's weights (warm start and RL).
-        rl_steps / rl_prompts_per_step / group_size: RL updates, prompts per update, rollouts per prompt.
+        rl_steps / rl_prompts_per_step / group_size: RL updates, prompts per update, rollouts per prompt (at least
+            2: the group's mean reward is each rollout's baseline).
         rl_learning_rate: AdamW learning rate of the RL stage.
         cost_per_forward: λ, the reward's price of one target forward (in task-score units).
         entropy_bonus: β, keeps the policy from collapsing to a deterministic one too early.
-        seed: Seeds the rollouts' sampling and the prompt order.
+        seed: Seeds a fresh arbiter's initial weights (an MLP's hidden layer), the rollouts' sampling and the prompt
+            order: the same call trains the same arbiter.
     """
 
     max_new_tokens: int = 32
@@ -123,6 +125,10 @@ class ArbiterTrainingSettings:
             check_int(name, getattr(self, name), minimum=0)
         check_bool("stop_at_newline", self.stop_at_newline)
         check_choice("label_rule", self.label_rule, LABEL_RULES)
+        if self.rl_steps and self.group_size < 2:
+            raise ValueError(
+                "group_size=1 gives every rollout an advantage of 0 (its group's own mean is the baseline), so the RL "
+                "stage would learn nothing: use group_size >= 2, or rl_steps=0 for the warm start only.")
         for name in ("warm_start_learning_rate", "rl_learning_rate"):
             check_float(name, getattr(self, name), low=0.0, low_open=True)
         for name in ("weight_decay", "cost_per_forward", "entropy_bonus"):
@@ -329,8 +335,10 @@ def reinforce_step(
                 continue
             logits = arbiter(episode.features.to(device))
             log_prob = -F.binary_cross_entropy_with_logits(logits, episode.actions.to(device), reduction="sum")
+            # Bernoulli entropy −p log p − (1 − p) log(1 − p), differentiated through p too: the bonus must move the
+            # policy (as a BCE against a detached p its gradient σ(z) − p is exactly zero).
             probabilities = logits.sigmoid()
-            entropy = F.binary_cross_entropy_with_logits(logits, probabilities.detach(), reduction="mean")
+            entropy = -(probabilities * F.logsigmoid(logits) + (1 - probabilities) * F.logsigmoid(-logits)).mean()
             terms.append(-float(advantage) * log_prob)
             entropies.append(entropy)
             used += 1
@@ -460,9 +468,17 @@ def train_arbiter(
     if not isinstance(settings, ArbiterTrainingSettings):
         raise InvalidArgumentTypeError(f"settings must be ArbiterTrainingSettings, got {type(settings).__name__}.")
     examples = task_examples(task_dataset, tokenizer)
+    if held_out is not None:  # refuse malformed held-out prompts now, not after the whole training run
+        from ..calibration import HeldOut
+
+        held_out = held_out if isinstance(held_out, (list, tuple)) else list(held_out)  # read twice: here and below
+        HeldOut.prepare(model, held_out, tokenizer, reward_fn, target_keep=target_keep,
+                        max_new_tokens=settings.max_new_tokens, stop_at_newline=settings.stop_at_newline)
     draft = None if drafter_or_draft_model == "ngram" else drafter_or_draft_model
     if arbiter is None:
-        arbiter = CoSpecArbiter.for_model(model, config, tokenizer)
+        with torch.random.fork_rng(devices=[]):  # the init (on the CPU) follows settings.seed, not the global RNG
+            torch.manual_seed(settings.seed)
+            arbiter = CoSpecArbiter.for_model(model, config, tokenizer)
     else:
         arbiter.check_compatible(model, tokenizer)
         record_base_model(arbiter.config, model)  # an arbiter saved before identities were recorded gets one
@@ -487,6 +503,7 @@ def train_arbiter(
     arbiter.config.training = {
         "data": data_description,
         "prompts": len(examples),
+        "drafter": "ngram" if draft is None else "model",  # a model without a name cannot be recorded above
         "reward": reward if isinstance(reward, str) else getattr(reward, "__name__", "custom"),
         "mismatches_seen": oracle.mismatches_seen,
         "oracle_labels": len(oracle),
