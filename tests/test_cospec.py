@@ -379,6 +379,23 @@ def test_save_reload_gives_identical_decisions(pair, mixed_arbiter, tmp_path):
         mixed_arbiter.save_pretrained(tmp_path / "arb")
 
 
+def test_cospec_drafts_as_many_tokens_as_its_arbiter_was_trained_with(pair, mixed_arbiter, tmp_path):
+    """Three features count positions in the round: CoSpec(arbiter) drafts the arbiter's length unless told."""
+    model, tok, draft = pair
+    arbiter = copy.deepcopy(mixed_arbiter)
+    arbiter.config.num_draft_tokens = 3
+    folder = arbiter.save_pretrained(tmp_path / "arb3")
+    ids = tok(PROMPTS[1], return_tensors="pt").input_ids
+    outputs = {}
+    for name, strategy in (("object", CoSpec(arbiter, draft)), ("folder", CoSpec(str(folder), draft)),
+                           ("explicit", CoSpec(arbiter, draft, num_draft_tokens=3)),
+                           ("other", CoSpec(arbiter, draft, num_draft_tokens=5))):
+        outputs[name] = model.generate(ids, max_new_tokens=12, do_sample=False, custom_generate=strategy)
+        assert strategy.num_draft_tokens == (5 if name == "other" else 3), name
+    assert torch.equal(outputs["object"], outputs["explicit"]) and torch.equal(outputs["folder"], outputs["explicit"])
+    assert CoSpec(mixed_arbiter, draft).num_draft_tokens == mixed_arbiter.config.num_draft_tokens == 8
+
+
 def test_an_arbiter_for_another_target_of_the_same_shape_is_refused(pair, mixed_arbiter, tmp_path, caplog):
     model, tok, draft = pair
     ids = tok(PROMPTS[0], return_tensors="pt").input_ids

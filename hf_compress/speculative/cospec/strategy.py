@@ -21,6 +21,7 @@ from ...utils import InvalidArgumentTypeError, check_choice, check_float, get_lo
 from ..acceptance import AcceptanceRule
 from ..engine import propose_draft
 from ..strategies import HERE, SpeculativeDecoding, register_strategy, usage_snippet
+from .config import ArbiterConfig
 from .modeling import CoSpecArbiter
 from .rule import MODES, ArbiterRule, DecisionLog
 
@@ -77,10 +78,11 @@ class CoSpec(SpeculativeDecoding):
         threshold: P(DRAFT) above which a mismatch keeps the draft token; default the arbiter's saved one.
         mode: ``"policy"`` (the threshold), ``"sample"`` (stochastic, as in RL rollouts), ``"strict"``
             (arbiter disabled: strict verification) or ``"accept"`` (keep every draft token).
-        num_draft_tokens, use_ngram, tokenizer, draft_tokenizer, ...: as for
-            :class:`~..strategies.SpeculativeDecoding` (cross-tokenizer drafts work too), except that a draft
-            model drafts the full length by default (``draft_confidence_threshold=None``), as the arbiter was
-            trained.
+        num_draft_tokens: Tokens drafted per target forward; default the arbiter's (``config.num_draft_tokens``,
+            what it was trained and calibrated with: three of its features count positions in the round).
+        use_ngram, tokenizer, draft_tokenizer, ...: as for :class:`~..strategies.SpeculativeDecoding`
+            (cross-tokenizer drafts work too), except that a draft model drafts the full length by default
+            (``draft_confidence_threshold=None``), as the arbiter was trained.
 
     Example:
         >>> out = model.generate(**inputs, custom_generate=CoSpec(arbiter, draft_model=draft))  # doctest: +SKIP
@@ -96,7 +98,7 @@ class CoSpec(SpeculativeDecoding):
         *,
         threshold: float | None = None,
         mode: str = "policy",
-        num_draft_tokens: int = 8,
+        num_draft_tokens: int | None = None,
         use_ngram: bool = False,
         max_ngram_size: int = 4,
         num_ngram_pred_tokens: int = 6,
@@ -104,6 +106,10 @@ class CoSpec(SpeculativeDecoding):
         draft_tokenizer: PreTrainedTokenizerBase | str | None = None,
         draft_confidence_threshold: float | None = None,
     ):
+        # Until the arbiter is loaded (a folder or Hub id loads on first use), its config's default stands in.
+        self._draft_length_given = num_draft_tokens is not None
+        if not self._draft_length_given:
+            num_draft_tokens = (arbiter.config if isinstance(arbiter, CoSpecArbiter) else ArbiterConfig).num_draft_tokens
         super().__init__(
             draft_model, num_draft_tokens=num_draft_tokens, tokenizer=tokenizer, draft_tokenizer=draft_tokenizer,
             use_ngram=use_ngram, max_ngram_size=max_ngram_size, num_ngram_pred_tokens=num_ngram_pred_tokens,
@@ -134,6 +140,8 @@ class CoSpec(SpeculativeDecoding):
             self._arbiter_source = str(self.arbiter)
             self.arbiter = CoSpecArbiter.from_pretrained(self.arbiter)
             self.arbiter.eval()
+            if not self._draft_length_given:
+                self.num_draft_tokens = self.arbiter.config.num_draft_tokens
         if model is not None:
             self.arbiter.check_compatible(model, self.tokenizer if isinstance(self.tokenizer, PreTrainedTokenizerBase) else None)
             self.arbiter.to(model.device)
