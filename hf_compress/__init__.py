@@ -4,8 +4,9 @@
 transformers/peft/accelerate are at least the releases hf_compress was tested with, and arranges for
 its checkpoint formats to register with transformers and its PEFT method with peft as soon as those are
 imported. A plain ``AutoModelForCausalLM.from_pretrained`` then loads sparse, packed and slim checkpoints,
-and ``PeftModel.from_pretrained`` loads DL-QAT adapters. Subpackages are imported on first use, so
-``hf_compress.recipe.run(...)`` works after a bare ``import hf_compress``.
+and ``PeftModel.from_pretrained`` loads DL-QAT adapters; given a drafting-heads or CoSpec arbiter folder, it
+says what the folder is and how to decode with it (:mod:`hf_compress.utils.model_types`). Subpackages are
+imported on first use, so ``hf_compress.recipe.run(...)`` works after a bare ``import hf_compress``.
 
 Example:
     >>> import hf_compress
@@ -22,6 +23,7 @@ from importlib.util import find_spec as _find_spec
 from . import _compat
 from .formats import register_lazily as _register_formats
 from .utils.import_hooks import when_imported as _when_imported
+from .utils.model_types import register_lazily as _register_model_types
 
 
 _compat.check_minimum_versions()
@@ -33,6 +35,7 @@ def _register_peft_methods(_peft_module) -> None:
 
 
 _register_formats()
+_register_model_types()  # heads and arbiter folders: AutoModelForCausalLM says what they are
 _when_imported("peft", _register_peft_methods)
 
 

@@ -11,6 +11,7 @@ Example:
     >>> arbiter.save_pretrained("arb/"); arbiter.push_to_hub("me/smollm2-cospec")         # doctest: +SKIP
 """
 
+from . import auto as _auto  # noqa: F401 - registers the Auto classes: AutoModelForCausalLM refuses an arbiter
 from .calibration import DEFAULT_KEEP_SHARES, calibrate_arbiter, quantile_thresholds
 from .config import ArbiterConfig
 from .features import FEATURE_NAMES, mismatch_features
