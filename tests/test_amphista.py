@@ -16,7 +16,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, pipeline
 
 from hf_compress import _compat
 from hf_compress.assets import tiny_model
-from hf_compress.hub import read_recipe
+from hf_compress.hub import load_card, read_recipe
 from hf_compress.recipe.config import RecipeError
 from hf_compress.recipe.steps.heads import HeadsStep
 from hf_compress.speculative import StrictGreedy, TypicalAcceptance
@@ -414,6 +414,7 @@ def test_save_load_gives_the_same_drafts(llama_amphista, tmp_path):
     assert "lm_head" not in (folder / "model.safetensors").read_bytes()[:4096].decode("latin-1")  # shared, not stored
     recipe = read_recipe(folder)
     assert recipe["method"] == "amphista" and recipe["heads"]["training"]["steps"] == 40
+    assert load_card(folder).data.pipeline_tag is None  # heads are not a text-generation model
     loaded = DraftHeads.from_pretrained(folder)
     assert isinstance(loaded, AmphistaHeads)
     hidden, tokens = torch.randn(1, 6, 64), torch.randint(0, 256, (1, 6))

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from transformers import GenerationConfig
 
 from hf_compress.assets import tiny_model
-from hf_compress.hub import read_recipe
+from hf_compress.hub import load_card, read_recipe
 from hf_compress.speculative import (
     FLy,
     LooseVerification,
@@ -364,6 +364,7 @@ def test_save_reload_gives_identical_decisions(pair, mixed_arbiter, tmp_path):
     for name in ("config.json", "model.safetensors", "README.md", "custom_generate/generate.py"):
         assert (folder / name).is_file(), name
     assert read_recipe(folder)["method"] == "cospec"
+    assert load_card(folder).data.pipeline_tag is None  # an arbiter is not a text-generation model
     loaded = CoSpecArbiter.from_pretrained(folder)
     features = torch.randn(32, mixed_arbiter.config.num_features)
     torch.testing.assert_close(loaded(features), mixed_arbiter(features))

@@ -13,6 +13,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from hf_compress.assets import tiny_model
 from hf_compress.cache import cache_kwargs
+from hf_compress.hub import load_card
 from hf_compress.speculative import (
     CachedSequence,
     FLy,
@@ -568,6 +569,8 @@ def test_save_load_and_push_custom_generate_folder(tmp_path, fake_hub, monkeypat
     strict = FLy(draft, loose=False, window=4)
     folder = strict.save_pretrained(tmp_path / "fly-strict")
     assert (folder / "custom_generate" / "generate.py").is_file() and (folder / "README.md").is_file()
+    card = load_card(folder).data  # a strategy, not a model: no text-generation pipeline tag for the Hub to offer
+    assert card.pipeline_tag is None and card.library_name == "transformers" and "custom_generate" in card.tags
     loads = []
     real_from_pretrained = AutoModelForCausalLM.from_pretrained
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained",

@@ -366,6 +366,9 @@ class SpeculativeDecoding:
             base_model=base_model, model_name=name, recipe=settings, template="decoding_strategy",
             extra_tags=["custom_generate", "speculative-decoding"], metrics=metrics, repo_id=repo_id or name,
             load_snippet=usage_snippet(base_model, local=repo_id is None),
+            # No pipeline tag: the folder is a decoding strategy for a base model, and the Hub's "Use this model"
+            # would offer pipeline("text-generation", model=<this repo>), which cannot run it.
+            pipeline_tag=None,
         )
 
     def push_to_hub(self, repo_id: str, *, base_model: str | None = None, metrics: Sequence[MetricRecord] = (),

@@ -265,4 +265,5 @@ class CoSpec(SpeculativeDecoding):
             base_model=base_model, model_name=name, recipe=recipe, template=CARD_TEMPLATE,
             extra_tags=["custom_generate", "speculative-decoding", "cospec"], metrics=metrics,
             repo_id=repo_id or name, load_snippet=usage_snippet(base_model, local=repo_id is None),
+            pipeline_tag=None,  # not a causal LM: the Hub must not offer pipeline("text-generation", model=<this repo>)
         )

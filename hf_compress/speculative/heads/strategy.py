@@ -210,6 +210,7 @@ class Amphista(SpeculativeDecoding):
             base_model=base_model, model_name=name, recipe=recipe, template="drafting_heads",
             extra_tags=["custom_generate", "speculative-decoding", "drafting-heads"], metrics=metrics,
             repo_id=repo_id or name, load_snippet=usage_snippet(base_model, local=repo_id is None),
+            pipeline_tag=None,  # not a model: pipeline("text-generation", model=<this repo>) cannot run it
         )
 
 
