@@ -389,6 +389,10 @@ def test_cli_check_and_run(tmp_path, capsys):
     assert error.startswith("hf-compress: error: ") and "put `prune` first" in error and error.count("\n") == 1
     assert main(["recipe", "run", str(bad), "--save-dir", str(tmp_path / "never")]) == 2
     assert not (tmp_path / "never").exists()
+    capsys.readouterr()
+    assert main(["recipe", "run", str(path), "--save-dir", str(tmp_path / "never"), "--repo-id", "tiny-recipe"]) == 2
+    assert "error: --repo-id must be the Hub repo the folder will be pushed to" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
 
 
 def test_heads_and_generation_recipe_folder_runs_its_journey(tmp_path):
@@ -500,6 +504,115 @@ def test_a_model_that_is_not_the_recipes_base_is_refused_before_any_work(tmp_pat
     check_is_base_model(folder_model, str(tmp_path / "base"))
     with pytest.raises(RecipeError, match="model_type 'qwen3'"):
         check_is_base_model(base, str(tmp_path / "base"))
+
+
+@pytest.mark.parametrize("steps, message", [
+    ([{"prune": WANDA}, {"quantize": {**DLQAT, "training": {"max_steps": 2, "seq_len": 600}}}],
+     "step 2 (quantize dlqat): training.seq_len is 600 tokens, but this model has learned positions for 512 only; "
+     "use training.seq_len <= 512."),
+    ([{"prune": WANDA}, {"heads": {**HEADS, "training": {"max_steps": 2, "seq_len": 600}}}],
+     "step 2 (heads amphista): training.seq_len is 600 tokens"),
+    ([{"route": {"method": "token_router", "search_seq_len": 600}}], "step 1 (route token_router): search_seq_len is 600"),
+    ([{"prune": {**WANDA, "calibration_seq_len": 600}}], "step 1 (prune wanda): calibration_seq_len is 600 tokens"),
+])
+def test_windows_longer_than_learned_positions_are_refused_before_any_work(tmp_path, monkeypatch, steps, message):
+    # GPT-2's position table has 512 rows: a step's longer windows ended in "IndexError: index out of range in
+    # self" from inside the model, after the earlier steps had run.
+    import hf_compress.recipe.measure as measure
+
+    monkeypatch.setattr(measure, "measure", lambda *a, **k: pytest.fail("measured before the lengths were checked"))
+    with pytest.raises(RecipeError) as error:
+        run(recipe(*steps, base_model="tiny-gpt2"), tmp_path / "out", progress=False)
+    assert message in str(error.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_saving_over_the_base_models_own_folder_is_refused_before_loading(tmp_path, monkeypatch, capsys):
+    # With --overwrite the run replaced the folder recipe.yaml names as its base: the card's "rerunning recipe.yaml
+    # rebuilds these weights" became false, and a rerun would compress the compressed model.
+    import hf_compress.assets
+    from hf_compress.assets import tiny_model
+    from hf_compress.cli.main import main
+
+    tiny_model("llama", save_dir=tmp_path / "base")
+    monkeypatch.setattr(hf_compress.assets, "load_model", lambda *a, **k: pytest.fail("loaded before the check"))
+    data = recipe({"prune": {"method": "magnitude", "sparsity": "2:4"}}, base_model=str(tmp_path / "base"))
+    with pytest.raises(RecipeError, match="is the recipe's base_model folder"):
+        run(data, tmp_path / "base", overwrite=True, progress=False)
+    path = tmp_path / "recipe.yaml"
+    Recipe.from_dict(data).save_yaml(path)
+    monkeypatch.chdir(tmp_path)
+    assert main(["recipe", "run", str(path), "--save-dir", "./base/", "--overwrite"]) == 2
+    assert "error: --save-dir ./base/ is the recipe's base_model folder" in capsys.readouterr().err
+    assert not (tmp_path / "base" / "recipe.yaml").exists()
+
+
+def test_a_model_from_another_hub_repo_is_refused_even_with_the_same_config(tmp_path, monkeypatch):
+    # SmolLM2-135M and SmolLM2-135M-Instruct share a config: the card named the passed model's repo as base_model
+    # while recipe.yaml (and the card's compression.recipe) named the recipe's, which a rerun rebuilds from.
+    import hf_compress.recipe.runner as runner
+    from hf_compress.assets import tiny_model
+    from hf_compress.assets.tiny_models import tiny_config
+
+    monkeypatch.setattr(runner, "_base_config", lambda base_model, where: tiny_config("llama"))  # as the Hub's
+    model, tokenizer = tiny_model("llama")
+    model.config.name_or_path = "someorg/tiny-instruct"  # what from_pretrained("someorg/tiny-instruct") records
+    data = recipe({"prune": {"method": "magnitude", "sparsity": "2:4"}}, base_model="someorg/tiny-base")
+    with pytest.raises(RecipeError) as error:
+        run(data, tmp_path / "out", model=model, tokenizer=tokenizer, progress=False)
+    assert ("the recipe's base_model is 'someorg/tiny-base' but the model passed was loaded from "
+            "someorg/tiny-instruct, so the card would name someorg/tiny-instruct") in str(error.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_base_model_saved_by_hf_compress_keeps_its_format_and_the_order_rules(tmp_path, monkeypatch):
+    """A folder an earlier recipe saved (sparse, packed) as base_model: the steps that cannot follow what it already
+    is are refused before any work, and the final folder keeps its format, so the card's bytes are the disk's."""
+    from safetensors import safe_open
+
+    import hf_compress.recipe.measure as measure
+    from hf_compress.assets import tiny_model
+    from hf_compress.hub import load_card, read_recipe
+
+    magnitude = {"prune": {"method": "magnitude", "sparsity": "2:4"}}
+    rtn = {"quantize": {"method": "rtn", "bits": 4, "group_size": 32}}
+    model, tokenizer = tiny_model("llama")
+    model.config.name_or_path = "org/tiny-llama"  # as if loaded from the Hub
+    sparse = run(recipe(magnitude), tmp_path / "sparse", model=model, tokenizer=tokenizer, progress=False).save_dir
+    packed = run(recipe(rtn), tmp_path / "packed", progress=False).save_dir
+
+    # a pruned base with a step that leaves the weights alone: saved sparse again, as its measured bytes say (it
+    # was saved dense, 1.5x the bytes the card stated)
+    result = run(recipe({"generation": {"strategy": "fly"}}, base_model=str(sparse)), tmp_path / "fly", progress=False)
+    assert json.loads((result.save_dir / "config.json").read_text())["quantization_config"]["quant_method"] == (
+        "hf_compress_sparse")
+    with safe_open(str(result.save_dir / "model.safetensors"), framework="pt") as handle:
+        on_disk = sum(handle.get_tensor(key).numel() * handle.get_tensor(key).element_size() for key in handle.keys())
+    assert result.final_metrics["stored_bytes"] == on_disk
+    card = load_card(result.save_dir)  # names the original Hub model, and says the base was already pruned
+    assert card.data.base_model == "org/tiny-llama"
+    assert read_recipe(card)["base_model_already"] == ["mask-pruned (decoder weights with many zeros, stored sparse)"]
+    assert "The recipe's base model was already mask-pruned" in card.text
+    # a packed base measures against the float layers it stands for (it divided by zero after loading)
+    result = run(recipe({"generation": {"strategy": "fly"}}, base_model=str(packed)), tmp_path / "packed-fly",
+                 progress=False)
+    assert 0 < result.base.metrics["decoder_linear_vs_base_fp32"] < 0.2
+
+    def no_measuring(*args, **kwargs):
+        raise AssertionError("the base model was measured before the steps were checked against it")
+
+    monkeypatch.setattr(measure, "measure", no_measuring)
+    for base, step, message in (
+        (packed, rtn, "step 1 (quantize rtn) cannot follow the base model, which is already quantized (packed low-bit "
+                      "layers), as if by an earlier step: two quantize steps"),
+        (packed, magnitude, "which is already quantized (packed low-bit layers), as if by an earlier step: quantize "
+                            "(DL-QAT/RTN) before pruning"),
+        (sparse, {"prune": {"method": "magnitude", "sparsity": 0.5}}, "which is already mask-pruned"),
+    ):
+        with pytest.raises(RecipeError) as error:
+            run(recipe(step, base_model=str(base)), tmp_path / "never", progress=False)
+        assert str(error.value).startswith(f"recipe: base_model {str(base)!r}: steps: ") and message in str(error.value)
+    assert not (tmp_path / "never").exists()
 
 
 @pytest.mark.parametrize("step, saved_as", [

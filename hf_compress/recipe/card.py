@@ -51,23 +51,32 @@ class FolderLayout:
 
 def recipe_card(recipe: Recipe, records: Sequence[StepRecord], final_metrics: Sequence[MetricRecord],
                 layout: FolderLayout, base_model: str | None, *, repo_id: str | None = None,
-                folder: str = "out") -> ModelCard:
+                folder: str = "out", base_facts: dict[str, str] | None = None) -> ModelCard:
     """The card of the final folder (``model-index`` = ``final_metrics``, measured on the final model).
 
     Its loading snippet names ``repo_id`` (the Hub repo the folder goes to) when known, else the saved ``folder``
     (its own name, without the path to it, which a card read elsewhere cannot know): the recipe's name alone is
-    no repo id.
+    no repo id. ``base_facts`` (``steps.model_facts``): what the base model already was (a folder hf_compress
+    saved), which the card says (``compression.recipe.base_model_already`` and a sentence), since the steps
+    listed are not all that was done to the weights.
     """
     stages = [{"kind": step.kind, "method": step.method or step.fields.get("cache", {}).get("method", step.kind),
                **step.to_dict()} for step in recipe.steps]
     card_recipe = {"stages": stages, "name": recipe.name, "base_model": recipe.base_model, "seed": recipe.seed,
                    "evaluation": recipe.evaluation.to_dict()}
+    already = [base_facts[fact] for fact in sorted(base_facts or {})]
+    if already:
+        card_recipe["base_model_already"] = already
     card = build_model_card(
         base_model=base_model, model_name=recipe.name, recipe=card_recipe, metrics=final_metrics, template=TEMPLATE,
         repo_id=repo_id, load_snippet=load_snippet(layout, repo_id, folder), extra_tags=["hf_compress-recipe"],
     )
+    description = recipe.description.strip() if recipe.description else ""
+    if already:
+        description = (f"The recipe's base model was already {' and '.join(already)} when its steps began (by an "
+                       "earlier compression); the steps below come on top of that.\n\n" + description).strip()
     card.text = card.text.replace(STEPS_MARKER, steps_table(records, recipe.evaluation.score_last)).replace(
-        DESCRIPTION_MARKER, recipe.description.strip() if recipe.description else "")
+        DESCRIPTION_MARKER, description)
     validate_model_card(card)
     return card
 

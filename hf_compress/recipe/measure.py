@@ -72,8 +72,15 @@ def weight_bytes(model: torch.nn.Module) -> dict[str, int]:
 
 
 def decoder_linear_fp32_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the decoder-block linear weights held in fp32 (the reference of the stacking target)."""
-    return sum(4 * weight.numel() for weight in _decoder_linear_weights(model))
+    """Bytes of the decoder-block linear weights held in fp32 (the reference of the stacking target); a packed layer
+    (a ``base_model`` saved quantized) counts as the float layer it stands for."""
+    from ..modeling.layers import find_decoder_blocks
+    from ..quantization.packed_linear import PackedLinear
+
+    _, blocks = find_decoder_blocks(model)
+    packed = sum(4 * module.in_features * module.out_features for block in blocks for module in block.modules()
+                 if isinstance(module, PackedLinear))
+    return packed + sum(4 * weight.numel() for weight in _decoder_linear_weights(model))
 
 
 def _decoder_linear_weights(model: torch.nn.Module) -> Iterator[torch.Tensor]:

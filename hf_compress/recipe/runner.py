@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..utils import InvalidArgumentTypeError, check_save_dir, get_logger
-from .config import Recipe
+from .config import Recipe, RecipeError
 
 
 if TYPE_CHECKING:
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from ..evaluation.results import MetricRecord
 
 
-__all__ = ["RecipeResult", "StepRecord", "check_is_base_model", "load_recipe", "run"]
+__all__ = ["RecipeResult", "StepRecord", "check_is_base_model", "check_not_base_folder", "load_recipe", "run"]
 
 logger = get_logger(__name__)
 
@@ -136,8 +136,10 @@ def run(
         and, where the recipe sets them, ``custom_generate/`` or ``heads/``.
 
     Raises:
-        RecipeError: the recipe is wrong (before anything is loaded), a step's settings do not fit the model, or
-            ``model`` is not the recipe's base model (both before any step runs).
+        RecipeError: the recipe is wrong or ``save_dir`` is the ``base_model``'s own folder (before anything is
+            loaded); a step's settings do not fit the model, ``model`` is not the recipe's base model, or a step
+            cannot follow what the base model already is (a ``base_model`` saved packed, routed, slim or pruned by
+            hf_compress: ``steps.model_facts``), all before any step runs.
         FileExistsError: ``save_dir`` is not empty and ``overwrite`` is false (before anything is loaded).
         ValueError: ``repo_id`` is not a valid Hub repo id (before anything is loaded).
 
@@ -149,16 +151,17 @@ def run(
     from tqdm.auto import tqdm
     from transformers import set_seed
 
-    from ..hub import hub_model_id
+    from ..hub import base_model_of
     from .card import recipe_card
     from .measure import decoder_linear_fp32_bytes, measure
     from ..training import is_main_process
     from .save import write_folder
-    from .steps import RecipeState
+    from .steps import RecipeState, check_order, model_facts
 
     started = time.perf_counter()
     recipe = load_recipe(recipe)
     target = check_save_dir(save_dir, overwrite)
+    check_not_base_folder(recipe, target)
     if model is not None and tokenizer is None:
         raise ValueError("run(model=...) needs the model's tokenizer too: pass tokenizer=.")
     _check_repo_id(repo_id)
@@ -170,12 +173,20 @@ def run(
         model, tokenizer = load_model(recipe.base_model)
     else:
         check_is_base_model(model, recipe.base_model)
+    facts = model_facts(model)  # a base_model saved by hf_compress: the steps must fit what it already is
+    try:
+        check_order(recipe.steps, facts)
+    except RecipeError as error:
+        raise RecipeError(f"recipe: base_model {recipe.base_model!r}: {error}") from None
     if device is not None:
         model.to(device)
-    state = RecipeState(model=model, tokenizer=tokenizer, device=device or model.device, seed=recipe.seed)
+    state = RecipeState(model=model, tokenizer=tokenizer, device=device or model.device, seed=recipe.seed,
+                        facts=set(facts))
     for step in recipe.steps:
         step.check_model(state)
-    base_model = hub_model_id(getattr(model.config, "name_or_path", None))
+    # The card's base_model: the Hub model the recipe names (which recipe.yaml rebuilds from), else the model's own
+    # (a folder hf_compress saved records the Hub model it came from, as every other card of the library names it).
+    base_model = recipe_hub_id(recipe.base_model) or base_model_of(model.config)
     base_fp32 = decoder_linear_fp32_bytes(model)
     zero_shot = bool(recipe.evaluation.zero_shot_tasks)
 
@@ -210,7 +221,7 @@ def run(
         result.final_metrics = {**records[-1].metrics, **disk}
         result.seconds = time.perf_counter() - started
         card = recipe_card(recipe, result.records, final_records, layout, base_model, repo_id=repo_id,
-                           folder=Path(target).resolve().name)
+                           folder=Path(target).resolve().name, base_facts=facts)
         return card, result.to_dict()
 
     if not is_main_process():  # under torchrun every process ran the recipe alike; rank 0 writes the folder
@@ -225,15 +236,22 @@ def check_is_base_model(model: PreTrainedModel, base_model: str) -> None:
     """Refuse a ``run(model=...)`` that is not the recipe's ``base_model``: the folder's ``recipe.yaml`` and card
     would name a model it was not built from, and rerunning ``recipe.yaml`` would not rebuild it.
 
-    The base's config is read without its weights (a tiny model's is built; a Hub id's comes from the cache or
-    the Hub); the architecture and the sizes must match. Weights in another dtype than the float32 ``load_model``
-    gives are accepted with a warning (a rerun may differ by rounding).
+    When both name a Hub model (the recipe's ``base_model`` a Hub id or a reference model, the model's
+    ``name_or_path`` a Hub id), they must be the same one: ``SmolLM2-135M`` and ``SmolLM2-135M-Instruct`` share
+    a config, and the card names the model's. Then the base's config is read without its weights (a tiny model's
+    is built; a Hub id's comes from the cache or the Hub); the architecture and the sizes must match. Weights in
+    another dtype than the float32 ``load_model`` gives are accepted with a warning (a rerun may differ by rounding).
     """
-    from .config import RecipeError
+    from ..hub import hub_model_id
 
     where = f"run(model=...): the recipe's base_model is {base_model!r}"
     advice = (f"pass the model load_model({base_model!r}) gives (or no model, to load it), or set the recipe's "
               "base_model to the model you mean to compress")
+    named, loaded = recipe_hub_id(base_model), hub_model_id(getattr(model.config, "name_or_path", None))
+    if named and loaded and named.lower() != loaded.lower():
+        hub = f" (the Hub model {named})" if named != base_model else ""
+        raise RecipeError(f"{where}{hub} but the model passed was loaded from {loaded}, so the card would name "
+                          f"{loaded} as the base model while recipe.yaml rebuilds from {named}; {advice}.")
     expected = _base_config(base_model, where)
     got = model.config
     for name in ("model_type", *_SIZE_FIELDS):
@@ -246,6 +264,22 @@ def check_is_base_model(model: PreTrainedModel, base_model: str) -> None:
     if dtypes:  # a bf16 model on a GPU is the common case: say so, do not refuse
         logger.warning("run(model=...): the model passed holds %s weights; a rerun of recipe.yaml loads %s in "
                        "float32, so its weights may differ by rounding.", ", ".join(dtypes), base_model)
+
+
+def recipe_hub_id(base_model: str) -> str | None:
+    """The Hub model a recipe's ``base_model`` names: a reference model's upstream id, or the Hub id itself;
+    ``None`` for a tiny model or a folder.
+
+    Example:
+        >>> recipe_hub_id("smollm2-135m"), recipe_hub_id("org/model"), recipe_hub_id("tiny-llama")
+        ('HuggingFaceTB/SmolLM2-135M-Instruct', 'org/model', None)
+    """
+    from ..assets.reference_models import REFERENCE_MODELS
+    from ..hub import hub_model_id
+
+    if base_model in REFERENCE_MODELS:
+        return REFERENCE_MODELS[base_model].hub_id
+    return hub_model_id(base_model)
 
 
 # Architecture sizes compared by check_is_base_model (transformers maps them onto GPT-2's n_embd, n_layer, ...).
@@ -277,7 +311,36 @@ def _base_config(base_model: str, where: str) -> Any:
                           "folder or Hub id whose config is readable.") from None
 
 
-def _check_repo_id(repo_id: str | None) -> None:
+def check_not_base_folder(recipe: Recipe, save_dir: str | os.PathLike, argument: str = "save_dir") -> None:
+    """Refuse a ``save_dir`` that is the recipe's ``base_model`` folder (with ``overwrite``): the run would replace
+    the model that ``recipe.yaml`` names as its base, so the card's "rerunning recipe.yaml rebuilds these weights"
+    would be false and a rerun would start from the compressed model.
+
+    Example:
+        >>> import os
+        >>> os.makedirs("models/base", exist_ok=True)
+        >>> recipe = Recipe.from_dict({"name": "x", "base_model": "models/base",
+        ...                            "steps": [{"prune": {"method": "magnitude", "sparsity": "2:4"}}]})
+        >>> check_not_base_folder(recipe, "models/base/")
+        Traceback (most recent call last):
+        ...
+        hf_compress.recipe.config.RecipeError: save_dir models/base/ is the recipe's base_model folder ...
+    """
+    from ..assets.reference_models import REFERENCE_MODELS
+    from ..assets.tiny_models import TINY_ARCHITECTURES
+
+    name = recipe.base_model
+    if name in REFERENCE_MODELS or (name.startswith("tiny-") and name[len("tiny-"):] in TINY_ARCHITECTURES):
+        return  # load_model does not read these from a folder of that name
+    base, target = (Path(path).expanduser().resolve() for path in (name, save_dir))
+    if base.is_dir() and base == target:
+        raise RecipeError(f"{argument} {save_dir} is the recipe's base_model folder ({recipe.base_model}): the run would "
+                          "replace the model recipe.yaml names as its base, so it could never be rebuilt; save to "
+                          "another folder.")
+
+
+def _check_repo_id(repo_id: str | None, argument: str = "repo_id") -> None:
+    """Refuse a ``repo_id`` that is not ``owner/name`` (``argument``: how the message names it, the CLI's flag)."""
     if repo_id is None:
         return
     from huggingface_hub.errors import HFValidationError
@@ -288,7 +351,7 @@ def _check_repo_id(repo_id: str | None) -> None:
             raise HFValidationError("expected owner/name")
         validate_repo_id(repo_id)
     except HFValidationError as error:
-        raise ValueError(f"repo_id must be the Hub repo the folder will be pushed to, as owner/name, got {repo_id!r} "
+        raise ValueError(f"{argument} must be the Hub repo the folder will be pushed to, as owner/name, got {repo_id!r} "
                          f"({error}).") from None
 
 

@@ -10,7 +10,7 @@
 ``training:`` mapping the training steps share.
 """
 
-from .base import STEP_KINDS, RecipeState, Step, check_order, parse_step
+from .base import STEP_KINDS, RecipeState, Step, check_order, model_facts, parse_step
 from .generation import GenerationStep
 from .heads import HeadsStep
 from .prune import PruneStep
@@ -28,5 +28,6 @@ __all__ = [
     "RouteStep",
     "Step",
     "check_order",
+    "model_facts",
     "parse_step",
 ]

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
-__all__ = ["STEP_KINDS", "RecipeState", "Step", "check_order", "parse_step"]
+__all__ = ["STEP_KINDS", "RecipeState", "Step", "check_order", "model_facts", "parse_step"]
 
 STEP_KINDS: dict[str, type[Step]] = {}
 """Step class by kind (``prune``, ``quantize``, ``route``, ``heads``, ``generation``), filled by the classes."""
@@ -177,12 +177,18 @@ def parse_step(index: int, raw: Any, seed: int) -> Step:
     return step
 
 
-def check_order(steps: list[Step]) -> None:
-    """Refuse an impossible order, naming both steps and saying why; nothing else is looked at."""
+def check_order(steps: list[Step], base_facts: Mapping[str, str] | None = None) -> None:
+    """Refuse an impossible order, naming both steps and saying why; nothing else is looked at.
+
+    ``base_facts`` (:func:`model_facts`) are the facts the loaded base model already holds when ``base_model`` is
+    an hf_compress checkpoint (``{"packed": "quantized (packed low-bit layers)"}``): a step refused after such a
+    fact is refused after the base model too, as if an earlier step had produced it.
+    """
+    base_facts = dict(base_facts or {})
     seen: dict[str, Step] = {}
     for position, step in enumerate(steps):
         for fact, reason in step.requires().items():
-            if fact not in seen:
+            if fact not in seen and fact not in base_facts:
                 raise RecipeError(f"steps: {step.where(step.index, step.method)}: {reason}")
         for fact, reason in step.refused_after().items():
             if fact in seen:
@@ -191,9 +197,43 @@ def check_order(steps: list[Step]) -> None:
                     f"steps: {step.where(step.index, step.method)} cannot follow "
                     f"{earlier.where(earlier.index, earlier.method)}: {reason}"
                 )
+            if fact in base_facts:
+                raise RecipeError(
+                    f"steps: {step.where(step.index, step.method)} cannot follow the base model, which is already "
+                    f"{base_facts[fact]}, as if by an earlier step: {reason}"
+                )
         step.check_after(steps[:position])
         for fact in step.produces():
             seen.setdefault(fact, step)
+
+
+def model_facts(model: PreTrainedModel) -> dict[str, str]:
+    """The facts a loaded base model already holds, each with what it means: ``base_model`` may be a folder (or
+    repo) an earlier hf_compress run saved, which loads packed, routed, slim or with pruned (zero) weights.
+
+    The run checks the steps' order against them (:func:`check_order`) and starts from them, so the final folder is
+    saved in the format the model is in (a pruned base stays sparse on disk, as its measured bytes say).
+
+    Example:
+        >>> from hf_compress.assets import tiny_model
+        >>> model_facts(tiny_model("llama")[0])
+        {}
+    """
+    from ...formats.slim import slim_record
+    from ...pruning.storage import sparse_state_dict
+    from ...quantization.packed_linear import PackedLinear
+    from ...routing.layer import routing_state
+
+    facts: dict[str, str] = {}
+    if any(isinstance(module, PackedLinear) for module in model.modules()):
+        facts["packed"] = "quantized (packed low-bit layers)"
+    if routing_state(model) is not None:
+        facts["routed"] = "token-routed"
+    if slim_record(model) is not None:
+        facts["slim"] = "structurally pruned (its blocks have widths of their own)"
+    if "packed" not in facts and sparse_state_dict(model)[1]:  # what save_pruned (and the measured bytes) store sparse
+        facts["sparse"] = "mask-pruned (decoder weights with many zeros, stored sparse)"
+    return facts
 
 
 def _load_step_kinds() -> None:

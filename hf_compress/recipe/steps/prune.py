@@ -18,7 +18,7 @@ from typing import Any
 from ...utils import get_logger
 from ..config import RecipeError, check_keys, refused_as
 from .base import ROUTE_STACKING, RecipeState, Step
-from .training import check_text
+from .training import check_lengths, check_text
 
 
 logger = get_logger(__name__)
@@ -103,15 +103,26 @@ class PruneStep(Step):
                     f"{step.index + 1}."
                 )
 
+    def check_model(self, state: RecipeState) -> None:
+        # The pruner checks its calibration windows only when it runs, after the earlier steps' work.
+        if self._calibrates():
+            check_lengths(self.where(self.index, self.method), state.model,
+                          {"calibration_seq_len": self.fields.get("calibration_seq_len")})
+
+    def _calibrates(self) -> bool:
+        from ...pruning.permutation import LearnedPermutationConfig
+        from ...pruning.registry import PRUNERS
+
+        trains = isinstance(getattr(self.config(), "permutation", None), LearnedPermutationConfig)
+        return PRUNERS[self.method].requires_calibration or trains
+
     def apply(self, state: RecipeState, progress: bool) -> dict[str, Any]:
         from ...assets import load_calibration_text
-        from ...pruning.permutation import LearnedPermutationConfig
         from ...pruning.registry import PRUNERS
 
         pruner_class = PRUNERS[self.method]
         config = self.config()
-        trains = isinstance(getattr(config, "permutation", None), LearnedPermutationConfig)
-        text = load_calibration_text(self.fields["calibration_text"]) if pruner_class.requires_calibration or trains else None
+        text = load_calibration_text(self.fields["calibration_text"]) if self._calibrates() else None
         pruner = pruner_class(state.model, state.tokenizer)
         state.model = pruner.prune(config, text, progress=progress)
         state.format_recipes["pruning"] = config.to_dict()

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from ...training import TrainingSettings
 
 
-__all__ = ["TRAINING_DEFAULTS", "check_scheduler", "check_text", "parse_training", "training_data",
+__all__ = ["TRAINING_DEFAULTS", "check_lengths", "check_scheduler", "check_text", "parse_training", "training_data",
            "training_settings"]
 
 TRAINING_DEFAULTS: dict[str, Any] = {
@@ -75,6 +75,27 @@ def check_text(where: str, name: str, text: Any) -> None:
         return
     raise RecipeError(f"{where}: {name} must be {', '.join(repr(t) for t in CALIBRATION_TEXTS)} or the path of an "
                       f"existing UTF-8 text file (relative to the working directory), got {text!r}.")
+
+
+def check_lengths(where: str, model: Any, lengths: dict[str, Any]) -> None:
+    """Refuse, before the first step runs, token lengths (``{"training.seq_len": 600}``) longer than a learned
+    position table (GPT-2, OPT): the step would otherwise end in an ``IndexError`` deep in the model, after the
+    earlier steps' work.
+
+    Example:
+        >>> from hf_compress.assets import tiny_model
+        >>> check_lengths("step 2 (quantize dlqat)", tiny_model("gpt2")[0], {"training.seq_len": 600})
+        Traceback (most recent call last):
+        ...
+        hf_compress.recipe.config.RecipeError: step 2 (quantize dlqat): training.seq_len is 600 tokens, but this
+        model has learned positions for 512 only; use training.seq_len <= 512.
+    """
+    from ...modeling.layers import check_within_learned_positions
+
+    with refused_as(where):
+        for setting, length in lengths.items():
+            if isinstance(length, int):
+                check_within_learned_positions(model, length, f"{setting} is", setting)
 
 
 def check_scheduler(where: str, scheduler: Any) -> None:
