@@ -145,6 +145,8 @@ def test_quantize_rtn_and_dlqat_write_loadable_packed_checkpoints(tmp_path):
     assert sum(isinstance(m, PackedLinear) for m in rtn.modules()) == 14
     assert read_recipe(tmp_path / "rtn")["method"] == "rtn" and "r" not in read_recipe(tmp_path / "rtn")
     assert rtn.config.quantization_config.recipe["method"] == "rtn"  # config.json agrees with the card
+    # The card's code loads the folder by its name (not by the card's title, "model-rtn-4bit", which is no folder)
+    assert 'AutoModelForCausalLM.from_pretrained("rtn")' in (tmp_path / "rtn" / "README.md").read_text()
 
     assert main(["quantize", "dlqat", "--model", "tiny-llama", "--bits", "3", "--group-size", "32",
                  "--rank", "2", "--steps", "2", "--batch-size", "2", "--seq-len", "32",
@@ -153,6 +155,7 @@ def test_quantize_rtn_and_dlqat_write_loadable_packed_checkpoints(tmp_path):
     assert packed.config.quantization_config.bits == 3
     recipe = read_recipe(tmp_path / "q")
     assert recipe["method"] == "dlqat" and recipe["training"]["steps"] == 2
+    assert 'PeftModel.from_pretrained(base, "adapter")' in (tmp_path / "adapter" / "README.md").read_text()
     adapter = PeftModel.from_pretrained(tiny_model("llama")[0], tmp_path / "adapter")
     ids = torch.tensor([[1, 72, 101, 108, 108, 111]])
     with torch.no_grad():

@@ -132,12 +132,12 @@ def run_quantize(args: argparse.Namespace) -> int:
             model.get_base_model().name_or_path = base_model
             with atomic_directory(args.adapter_dir, overwrite=args.overwrite) as folder:
                 model.save_pretrained(folder)
-                write_model_card(folder, _model_card(base_model, recipe, "adapter"))
+                write_model_card(folder, _model_card(base_model, recipe, "adapter", args.adapter_dir))
     # rtn packs in place, recording "rtn" in config.json (an untrained DL-QAT export would record "dlqat").
     packed = model.merge_and_quantize() if args.method == "dlqat" else quantize_rtn(
         model, bits=args.bits, group_size=args.group_size, symmetric=args.symmetric, keep_sparsity=config.keep_sparsity)
     save_packed(packed, tokenizer, args.save_dir, overwrite=args.overwrite,
-                card=_model_card(base_model, recipe, "compressed_model"))
+                card=_model_card(base_model, recipe, "compressed_model", args.save_dir))
     size = packed_size(packed)
     print(f"{args.method} {args.bits}-bit (group {args.group_size}): {size['layers']} packed layers, "
           f"{size['packed'] / size['bf16']:.3f}x their bf16 bytes, saved to {args.save_dir}")
@@ -162,8 +162,10 @@ _RECIPE_FIELDS = ("bits", "group_size", "symmetric", "r", "lora_alpha", "lora_sp
                   "keep_sparsity")
 
 
-def _model_card(base_model: str, recipe: dict, template: str):
-    """A model card with the recipe; it lists no metrics, since this command measures none."""
+def _model_card(base_model: str, recipe: dict, template: str, folder: str):
+    """A model card with the recipe; it lists no metrics, since this command measures none. Its code loads the
+    folder by its name (as from its parent folder, or as a Hub repo of that name once pushed), never by the card's
+    title, which names no folder or repo."""
     from ..hub import build_model_card
 
     name = f"{str(base_model or 'model').rpartition('/')[2]}-{recipe['method']}-{recipe['bits']}bit"
@@ -184,4 +186,5 @@ def _model_card(base_model: str, recipe: dict, template: str):
     return build_model_card(
         base_model=base_model, model_name=name, recipe=recipe, template=template, load_snippet=snippet,
         extra_tags=pruning_tags, base_model_relation="quantized" if template == "compressed_model" else None,
+        repo_id=os.path.basename(os.path.normpath(folder)),
     )
