@@ -31,8 +31,8 @@ from torch import nn
 from ..utils import InvalidArgumentTypeError, get_logger
 
 
-__all__ = ["base_model_identity", "check_base_model", "check_identity_field", "fingerprints_match", "record_base_model",
-           "same_base_model", "weight_fingerprint"]
+__all__ = ["base_model_identity", "check_base_model", "check_identity_field", "describe_base_model", "fingerprints_match",
+           "record_base_model", "same_base_model", "weight_fingerprint"]
 
 logger = get_logger(__name__)
 
@@ -100,6 +100,25 @@ def record_base_model(config: Any, model: nn.Module) -> None:
     """Record ``model``'s :func:`base_model_identity` in ``config.base_model_identity`` unless one is there already."""
     if config.base_model_identity is None:
         config.base_model_identity = base_model_identity(model)
+
+
+def describe_base_model(config: Any, role: str = "base") -> tuple[str, str]:
+    """How an add-on's config names the model it was built for: ``(description, argument)`` for a message, e.g.
+    ``("the base model org/m", "'org/m'")``, or, without a recorded name, its type and sizes and a placeholder.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> describe_base_model(SimpleNamespace(base_model_name_or_path=None, base_model_identity={"model_type": "llama"},
+        ...                                     hidden_size=64, vocab_size=256), role="target")
+        ('a llama target model of hidden size 64 and 256 tokens whose name was not recorded', 'TARGET_MODEL')
+    """
+    name = config.base_model_name_or_path
+    if name:
+        return f"the {role} model {name}", repr(name)
+    model_type = (config.base_model_identity or {}).get("model_type")
+    kind = f"a {model_type} {role} model" if model_type else f"a {role} model"
+    return (f"{kind} of hidden size {config.hidden_size} and {config.vocab_size} tokens whose name was not recorded",
+            f"{role.upper()}_MODEL")
 
 
 def check_base_model(config: Any, model: nn.Module, what: str, remedy: str) -> None:

@@ -29,6 +29,7 @@ import os
 from pathlib import Path
 from typing import Any, NoReturn
 
+from ...modeling.identity import describe_base_model
 from .config import ArbiterConfig
 from .modeling import CoSpecArbiter
 
@@ -41,15 +42,7 @@ _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revi
 def arbiter_is_not_a_causal_lm(source: str | os.PathLike, config: ArbiterConfig) -> str:
     """The message for an attempt to load arbiter folder ``source`` as a causal LM: what it holds, what to call."""
     source = str(source)
-    target = config.base_model_name_or_path
-    if target:
-        for_target, target_arg = f"the target model {target}", repr(target)
-    else:
-        identity = config.base_model_identity or {}
-        arch = f"a {identity['model_type']} target model" if identity.get("model_type") else "a target model"
-        for_target = (f"{arch} of hidden size {config.hidden_size} and {config.vocab_size} tokens whose name was not "
-                      "recorded")
-        target_arg = "TARGET_MODEL"
+    for_target, target_arg = describe_base_model(config, role="target")
     draft = config.draft_model_name_or_path
     if draft:
         drafting, draft_arg = f"the draft model {draft}", f", draft_model={draft!r}"

@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 from typing import Any, NoReturn
 
+from ...modeling.identity import describe_base_model
 from .config import AmphistaConfig, DraftHeadsConfig, MedusaConfig
 
 
@@ -36,15 +37,7 @@ def heads_are_not_a_model(source: str | os.PathLike, config: DraftHeadsConfig) -
     """The message for an attempt to load heads folder ``source`` as a model: what it holds, what to call."""
     source = str(source)
     kind = "Medusa" if isinstance(config, MedusaConfig) else "Amphista"
-    base = config.base_model_name_or_path
-    if base:
-        for_base, base_arg = f"the base model {base}", repr(base)
-    else:
-        identity = config.base_model_identity or {}
-        arch = f"a {identity['model_type']} base model" if identity.get("model_type") else "a base model"
-        for_base = (f"{arch} of hidden size {config.hidden_size} and {config.vocab_size} tokens whose name was not "
-                    "recorded")
-        base_arg = "BASE_MODEL"
+    for_base, base_arg = describe_base_model(config)
     return (
         f"{source} holds {kind} drafting heads (hf_compress, model type {config.model_type}) for {for_base}, not a "
         "model: the heads draft tokens that the base model verifies, and cannot generate on their own. Load the base "
