@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import pytest
 import safetensors.torch
@@ -235,3 +236,9 @@ def test_resuming_needs_a_checkpoint_and_experts_refuse_it(tmp_path):
     settings = TrainingSettings(max_steps=2, extra_arguments={"resume_from_checkpoint": "run/checkpoint-2"})
     with pytest.raises(ValueError, match="one Trainer per expert"):
         train_experts(model, rows, ExpertConfig(num_experts=2, r=2), args=settings)
+    # Pushing from every expert's Trainer would send them all to one repo: refused before any work, both ways.
+    pushing = dataclasses.replace(_checkpointing(tmp_path / "y", 2), push_to_hub=True, hub_model_id="me/experts")
+    for args in (pushing, TrainingSettings(max_steps=2, extra_arguments={"push_to_hub": True})):
+        with pytest.raises(ValueError, match="every expert would push to the same Hub repo.*experts.push_to_hub"):
+            train_experts(model, rows, ExpertConfig(num_experts=2, r=2), args=args)
+    assert not hasattr(model, "peft_config")  # refused before any adapter was added

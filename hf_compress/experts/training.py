@@ -109,6 +109,10 @@ def train_experts(
         raise ValueError("train_experts runs one Trainer per expert from these arguments, so one checkpoint to resume "
                          "from would be loaded into every expert: leave resume_from_checkpoint unset (train the "
                          "experts again, or train each cluster's adapter yourself with clusters=).")
+    if _push_asked(args):
+        raise ValueError("train_experts runs one Trainer per expert from these arguments, so every expert would push "
+                         "to the same Hub repo: leave push_to_hub unset and push the trained experts together with "
+                         "`experts.push_to_hub(repo_id)` (every adapter, the router and a card in one repo).")
     if config.shared_warmup > 0 and not (args.max_steps and args.max_steps > 1):
         raise ValueError("shared_warmup is a fraction of the step budget: set max_steps >= 2 in args "
                          "(e.g. TrainingArguments(..., max_steps=400)), or use shared_warmup=0.")
@@ -253,6 +257,13 @@ def _resume_asked(args) -> bool:
     if isinstance(args, TrainingSettings):
         return bool((args.extra_arguments or {}).get("resume_from_checkpoint"))
     return bool(args.resume_from_checkpoint)
+
+
+def _push_asked(args) -> bool:
+    """Whether ``args`` ask each ``Trainer`` to push to the Hub (``push_to_hub``)."""
+    if isinstance(args, TrainingSettings):
+        return bool((args.extra_arguments or {}).get("push_to_hub"))
+    return bool(args.push_to_hub)
 
 
 def _with_steps(args, steps: int, scratch: str, adapter: str):
