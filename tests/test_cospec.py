@@ -5,11 +5,18 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import GenerationConfig
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+)
 
 from hf_compress.assets import tiny_model
 from hf_compress.hub import load_card, read_recipe
@@ -39,7 +46,8 @@ from hf_compress.speculative.cospec import (
     tokenizer_fingerprint,
     train_arbiter,
 )
-from hf_compress.speculative.drafting import Draft
+from hf_compress.speculative.drafting import CrossTokenizerDrafter, Draft
+from hf_compress.speculative.strategies import read_generate_settings
 
 PROMPTS = ["the cat sat on", "abcabcabc", "hello world, hello", "12 + 34 ="]
 
@@ -110,6 +118,32 @@ def test_features_and_rule_on_hand_built_logits(pair):
     log = DecisionLog()
     ArbiterRule(arbiter, mode="accept", log=log).verify(drafts, logits)
     assert [(d.index, d.keep_draft, d.draft_token, d.target_token) for d in log.decisions] == [(1, True, 9, 2)]
+
+
+
+def test_features_stay_finite_when_the_logits_processors_mask_most_of_the_vocabulary(pair):
+    """Fewer than k tokens with finite logits (a processor masked the rest to -inf): masked tokens have probability 0."""
+    model, _, _ = pair
+    logits = torch.full((1, 4, 256), -math.inf)
+    logits[0, :, 5] = 2.0  # the target's choice everywhere
+    logits[0, 0, 7] = 1.0  # two finite tokens at position 0, one at the others (k = 3)
+    drafts = torch.tensor([[7, 9, 5]])  # a finite mismatch, a masked one, a match
+    features = mismatch_features(drafts, logits, torch.zeros(1, 4, 64), entropy_top_k=3)
+    assert torch.isfinite(features).all(), features[0, :, :len(FEATURE_NAMES)]
+    entropy = features[0, :, FEATURE_NAMES.index("top_k_entropy")]
+    p = torch.tensor([2.0, 1.0]).softmax(0)
+    assert entropy[0].item() == pytest.approx(float(-(p * p.log()).sum()), abs=1e-6)  # the two finite tokens only
+    assert entropy[1].item() == 0.0 and entropy[2].item() == 0.0  # one finite token: the target is sure
+    assert features[0, :, FEATURE_NAMES.index("entropy")].tolist()[1:] == [0.0, 0.0]
+    # The arbiter reading them decides (a NaN logit compares False: silently strict) and logs finite features.
+    keen = CoSpecArbiter.for_model(model, ArbiterConfig(use_hidden_states=False))
+    with torch.no_grad():
+        keen.net[-1].weight.fill_(0.1)
+        keen.net[-1].bias.fill_(10.0)
+    log = DecisionLog()
+    verdict = ArbiterRule(keen, log=log).verify(drafts, logits)
+    assert verdict.num_accepted.tolist() == [1] and verdict.next_token.tolist() == [5]  # 7 kept, 9 banned
+    assert [d.index for d in log.decisions] == [0] and torch.isfinite(log.decisions[0].features).all()
 
 
 @pytest.mark.cuda
@@ -262,6 +296,33 @@ def test_decisions_past_where_the_answer_stopped_are_not_learned_from():
     assert len(labels) == 0 and labels.mismatches_seen == 0
 
 
+
+class SureInRow1(LogitsProcessor):
+    """Masks every token but the target's choice in batch row 1: no mismatch can be kept there (row 1 is strict)."""
+
+    def __call__(self, input_ids, scores):
+        scores = scores.clone()
+        scores[1] = torch.where(scores[1] == scores[1].max(), scores[1], torch.full_like(scores[1], -math.inf))
+        return scores
+
+
+def test_the_decision_log_keeps_only_decisions_the_batch_cut_let_take_effect(pair):
+    """In a batch a round emits as many drafts as the row that accepted fewest: row 0's later decisions never took
+    effect (the next round decides those positions again), so the log must drop them."""
+    model, tok, draft = pair
+    arbiter = CoSpecArbiter.for_model(model, ArbiterConfig(use_hidden_states=False), tok)
+    ids = tok(PROMPTS[:2], return_tensors="pt", padding=True)
+    strategy = CoSpec(arbiter, draft, mode="accept", num_draft_tokens=4)  # row 0 keeps every draft, row 1 none
+    strategy.decision_log = log = DecisionLog()
+    out = model.generate(**ids, max_new_tokens=16, do_sample=False, logits_processor=LogitsProcessorList([SureInRow1()]),
+                         custom_generate=strategy)
+    assert strategy.last_metrics.draft_tokens_accepted_by_rule > strategy.last_metrics.draft_tokens_accepted  # cut
+    positions = [len(d.context) + d.index for d in log.decisions]
+    assert log.decisions and positions == sorted(set(positions))  # each position decided once, in order
+    for decision, position in zip(log.decisions, positions):  # and each decision is what row 0 emitted there
+        assert decision.keep_draft and int(out[0, position]) == decision.draft_token
+
+
 def test_reinforce_step_moves_the_policy_towards_rewarded_actions(pair):
     model, _, _ = pair
     arbiter = CoSpecArbiter.for_model(model, ArbiterConfig(use_hidden_states=False))
@@ -378,6 +439,95 @@ def test_save_reload_gives_identical_decisions(pair, mixed_arbiter, tmp_path):
     assert first.last_metrics.target_forwards == second.last_metrics.target_forwards
     with pytest.raises(FileExistsError):
         mixed_arbiter.save_pretrained(tmp_path / "arb")
+
+
+
+def permuted_tokenizer(tok):
+    """The byte tokenizer with its ids (but the three special tokens) shuffled: another vocabulary of the same size."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    spec = json.loads(tok.backend_tokenizer.to_str())
+    spec["model"]["vocab"] = {ch: i if i < 3 else 3 + (i - 3 + 101) % 253 for ch, i in spec["model"]["vocab"].items()}
+    other = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), padding_side="left")
+    other.pad_token, other.bos_token, other.eos_token = tok.pad_token, tok.bos_token, tok.eos_token
+    return other
+
+
+def test_a_cross_tokenizer_arbiter_records_its_draft_tokenizer_and_refuses_another(pair, tmp_path, caplog):
+    """A draft with another vocabulary of the same size: without its tokenizer the draft's ids would be read as the
+    target's, silently. The arbiter records the draft tokenizer, its folder drafts through it unasked, and a draft
+    tokenizer of another vocabulary is refused."""
+    model, tok, draft = pair
+    tok.save_pretrained(tmp_path / "target-tok")
+    permuted_tokenizer(tok).save_pretrained(tmp_path / "draft-tok")
+    draft.save_pretrained(tmp_path / "draft")
+    target_tok = AutoTokenizer.from_pretrained(tmp_path / "target-tok")
+    draft_tok = AutoTokenizer.from_pretrained(tmp_path / "draft-tok")
+    named_draft = AutoModelForCausalLM.from_pretrained(tmp_path / "draft").eval()
+    settings = quick_settings(max_new_tokens=4, max_forks_per_prompt=1, warm_start_steps=0, rl_steps=0)
+    arbiter = train_arbiter(model, named_draft, task(tok)[:1], reward=lambda text, answers: 0.0, tokenizer=target_tok,
+                            draft_tokenizer=draft_tok, settings=settings, num_draft_tokens=4,
+                            config=ArbiterConfig(use_hidden_states=False))
+    config = arbiter.config
+    assert config.draft_tokenizer_fingerprint == tokenizer_fingerprint(draft_tok) != config.tokenizer_fingerprint
+    assert config.draft_tokenizer_name_or_path == str(tmp_path / "draft-tok")
+    assert config.tokenizer_name_or_path == str(tmp_path / "target-tok")
+    config.threshold = 0.0  # keep every draft token: the output shows which tokens the drafter proposed
+    ids = tok(PROMPTS[2], return_tensors="pt").input_ids
+
+    def run(strategy, **kwargs):
+        return model.generate(ids, max_new_tokens=12, do_sample=False, custom_generate=strategy, **kwargs)
+
+    reference = run(CoSpec(arbiter, named_draft, tokenizer=target_tok, draft_tokenizer=draft_tok))
+    misread = SpeculativeDecoding(named_draft, draft_confidence_threshold=None, num_draft_tokens=4,
+                                  acceptance=arbiter.as_rule())
+    assert not torch.equal(run(misread), reference)  # the draft's ids read as the target's: other drafts, other text
+    # In memory, from the folder and through the folder's custom_generate code: the recorded tokenizers, unasked.
+    unasked = CoSpec(arbiter, named_draft)
+    assert torch.equal(run(unasked), reference) and isinstance(unasked.drafter_for(model), CrossTokenizerDrafter)
+    folder = arbiter.save_pretrained(tmp_path / "arb")
+    saved = read_generate_settings(folder)
+    assert (saved["tokenizer"], saved["draft_tokenizer"]) == (str(tmp_path / "target-tok"), str(tmp_path / "draft-tok"))
+    assert json.loads((folder / "config.json").read_text())["draft_tokenizer_name_or_path"] == "draft-tok"  # portable
+    assert torch.equal(run(str(folder), trust_remote_code=True), reference)
+    assert torch.equal(run(str(folder), trust_remote_code=True, tokenizer=target_tok), reference)
+    # Another draft tokenizer (here the target's own) is refused, saying what to pass.
+    for strategy, kwargs in ((CoSpec(arbiter, named_draft, tokenizer=target_tok, draft_tokenizer=target_tok), {}),
+                             (str(folder), dict(trust_remote_code=True, draft_tokenizer=target_tok, tokenizer=target_tok))):
+        with pytest.raises(ValueError, match=r"other draft tokenizer.*draft-tok"):
+            run(strategy, **kwargs)
+    # A draft tokenizer without a name cannot be loaded by the folder: it says what to pass, never drafts misread.
+    unnamed = copy.deepcopy(arbiter)
+    unnamed.config.draft_tokenizer_name_or_path = None
+    with pytest.raises(ValueError, match="pass draft_tokenizer="):
+        run(CoSpec(unnamed, named_draft))
+    with caplog.at_level(logging.WARNING, logger="hf_compress"):
+        unnamed_folder = unnamed.save_pretrained(tmp_path / "unnamed")
+    assert "draft_tokenizer=" in caplog.text
+    with pytest.raises(ValueError, match="pass draft_tokenizer="):
+        run(str(unnamed_folder), trust_remote_code=True)
+    assert torch.equal(run(str(unnamed_folder), trust_remote_code=True, draft_tokenizer=draft_tok, tokenizer=target_tok),
+                       reference)
+    # Another draft model than the recorded one: its tokenizer is not guessed.
+    with pytest.raises(ValueError, match="pass draft_tokenizer="):
+        run(CoSpec(arbiter, copy.deepcopy(draft)))
+    # A folder saved before the draft tokenizer was recorded still loads and decodes as told.
+    old_config = json.loads((folder / "config.json").read_text())
+    for key in ("draft_tokenizer_name_or_path", "draft_tokenizer_fingerprint", "tokenizer_name_or_path"):
+        del old_config[key]
+    (folder / "config.json").write_text(json.dumps(old_config))
+    old = CoSpecArbiter.from_pretrained(folder)
+    assert old.config.draft_tokenizer_fingerprint is None
+    assert torch.equal(run(CoSpec(old, named_draft, tokenizer=target_tok, draft_tokenizer=draft_tok)), reference)
+    # A strategy built with a cross-tokenizer pair records it with the arbiter it saves.
+    strategy_folder = CoSpec(old, named_draft, tokenizer=target_tok, draft_tokenizer=draft_tok).save_pretrained(
+        tmp_path / "strategy")
+    recorded = CoSpecArbiter.from_pretrained(strategy_folder).config
+    assert recorded.draft_tokenizer_fingerprint == config.draft_tokenizer_fingerprint
+    assert old.config.draft_tokenizer_fingerprint is None  # the arbiter in memory is left as it was
+    with pytest.raises(ValueError, match="other draft tokenizer"):
+        run(str(strategy_folder), trust_remote_code=True, draft_tokenizer=target_tok, tokenizer=target_tok)
 
 
 def test_cospec_drafts_as_many_tokens_as_its_arbiter_was_trained_with(pair, mixed_arbiter, tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -240,6 +242,33 @@ def test_train_arbiter_with_held_out_prompts_returns_a_calibrated_arbiter(pair):
     report = arbiter.config.calibration
     assert report is not None and report["prompts"] == 2 and report["target_keep"] == 0.99
     assert arbiter.config.threshold == report["chosen"]["threshold"]
+
+
+
+def test_a_failed_calibration_keeps_the_trained_arbiter(pair, caplog):
+    """Calibration runs after the whole training: if it fails, the trained arbiter is returned (uncalibrated, with a
+    warning saying why, which threshold it holds and how to calibrate later), not lost with the exception."""
+    model, tok, draft = pair
+    train = [{"prompt": p, "answers": ["x"]} for p in PROMPTS[:2]]
+    held_out = [{"prompt": p, "answers": ["x"]} for p in PROMPTS[2:]]
+    settings = quick_settings(max_new_tokens=6, max_forks_per_prompt=1, rl_steps=0, warm_start_steps=5)
+    with caplog.at_level(logging.WARNING, logger="hf_compress"):
+        arbiter = train_arbiter(model, draft, train, reward=lambda text, answers: 0.0, tokenizer=tok, settings=settings,
+                                config=ArbiterConfig(use_hidden_states=False, threshold=0.7), num_draft_tokens=4,
+                                held_out=held_out)  # the target scores 0 on held_out: nothing to calibrate against
+    assert isinstance(arbiter, CoSpecArbiter) and arbiter.config.training["oracle_labels"] > 0  # the training is kept
+    assert arbiter.config.calibration is None and arbiter.config.threshold == 0.7  # uncalibrated, as configured
+    assert "scores 0" in arbiter.config.training["calibration_error"]
+    assert "calibration on held_out failed" in caplog.text and "scores 0" in caplog.text
+    assert "threshold 0.7" in caplog.text and "calibrate_arbiter" in caplog.text
+    # Calibrating it later, on prompts the target answers, works on the returned arbiter.
+    arbiter.calibrate(model, draft, held_out, 0.99, tokenizer=tok, reward=lambda text, answers: 1.0, max_new_tokens=6,
+                      stop_at_newline=False)
+    assert arbiter.config.calibration is not None and "calibration_error" not in arbiter.config.training
+    # Training it again drops the calibration of its previous weights.
+    again = train_arbiter(model, draft, train, reward=lambda text, answers: 0.0, tokenizer=tok, settings=settings,
+                          arbiter=arbiter, num_draft_tokens=4)
+    assert again.config.calibration is None
 
 
 # ------------------------------------------------------------------------------------ devices

@@ -124,5 +124,7 @@ def calibrate_arbiter(
         "use_ngram": cospec_kwargs["use_ngram"],
     }
     arbiter.config.calibration["chosen"]["threshold"] = arbiter.config.threshold
+    if isinstance(arbiter.config.training, dict):
+        arbiter.config.training.pop("calibration_error", None)  # a failed calibration of train_arbiter's, now done
     return arbiter
 

@@ -32,6 +32,13 @@ class ArbiterConfig(PreTrainedConfig):
         num_draft_tokens / draft_model_name_or_path / use_ngram: The drafting the arbiter was trained with,
             used by the ``custom_generate`` folder it saves (``None`` draft model = n-gram prompt lookup).
         base_model_name_or_path / tokenizer_fingerprint: The target it was trained for.
+        tokenizer_name_or_path: Where the target's tokenizer loads from (its ``name_or_path`` when ``for_model``
+            or ``train_arbiter`` got a named one); a cross-tokenizer ``custom_generate`` folder loads it.
+        draft_tokenizer_name_or_path / draft_tokenizer_fingerprint: The draft model's tokenizer when it differs from
+            the target's (a cross-tokenizer pair, set by ``train_arbiter``, and in the config a ``CoSpec`` built
+            with such a pair saves; ``None`` otherwise): the saved strategy
+            drafts through it without being told, and a draft tokenizer of another vocabulary is refused (its token
+            ids would be read with the wrong vocabulary). ``None`` in folders saved before they were recorded.
         base_model_identity: The target's text model type and a few entries of its input embeddings (filled by
             ``for_model``), checked before decoding so an arbiter trained for another target of the same shape is
             refused.
@@ -58,6 +65,9 @@ class ArbiterConfig(PreTrainedConfig):
     use_ngram: bool = False
     base_model_name_or_path: str | None = None
     tokenizer_fingerprint: str | None = None
+    tokenizer_name_or_path: str | None = None
+    draft_tokenizer_name_or_path: str | None = None
+    draft_tokenizer_fingerprint: str | None = None
     base_model_identity: dict | None = None
     training: dict | None = None
     calibration: dict | None = None
@@ -75,7 +85,8 @@ class ArbiterConfig(PreTrainedConfig):
             "initial_draft_probability", self.initial_draft_probability, low=0.0, high=1.0, low_open=True, high_open=True)
         check_int("num_draft_tokens", self.num_draft_tokens, minimum=1)
         check_bool("use_ngram", self.use_ngram)
-        for name in ("draft_model_name_or_path", "base_model_name_or_path", "tokenizer_fingerprint"):
+        for name in ("draft_model_name_or_path", "base_model_name_or_path", "tokenizer_fingerprint",
+                     "tokenizer_name_or_path", "draft_tokenizer_name_or_path", "draft_tokenizer_fingerprint"):
             check_str(name, getattr(self, name), allow_none=True)
         check_identity_field(self.base_model_identity)
         for name in ("training", "calibration"):

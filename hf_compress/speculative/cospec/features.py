@@ -4,7 +4,8 @@ Everything comes from the one verification forward the engine runs anyway (no ex
 
 - ``target_logp_draft`` / ``target_logp_choice``: log p_T of the draft token and of the target's own choice;
 - ``logp_gap``: their difference (how much worse the draft token is, in nats; 0 at an exact match);
-- ``top_k_entropy``: FLy's gate statistic (top-3 entropy; low = the target is sure);
+- ``top_k_entropy``: FLy's gate statistic (top-3 entropy; low = the target is sure; tokens a logits processor
+  masked to ``-inf`` count as probability 0, so the features stay finite while any token is left);
 - ``entropy``: the full entropy of p_T;
 - ``log_rank``: ``log(1 + rank of the draft token under the target)`` (0 = the target's own choice);
 - ``following_matches``: share of the drafts *after* this one that the target confirms exactly, counted
@@ -65,7 +66,9 @@ def mismatch_features(
     logp_choice = log_probs.max(dim=-1).values
     probs = log_probs.exp()
     top = log_probs.topk(min(entropy_top_k, log_probs.shape[-1]), dim=-1).values
-    top_k_entropy = -(top.exp() * top).sum(dim=-1)
+    # Fewer than k finite logits (a logits processor masked the rest to -inf): a masked token has probability 0 and
+    # adds nothing (0 · -inf would be NaN).
+    top_k_entropy = -torch.where(top > -math.inf, top.exp() * top, torch.zeros_like(top)).sum(dim=-1)
     entropy = -(probs * log_probs.clamp_min(-1e4)).sum(dim=-1)
     rank = (log_probs > logp_draft.unsqueeze(-1)).sum(dim=-1).float()
     exact = logp_draft >= logp_choice  # the draft token is (one of) the target's argmax

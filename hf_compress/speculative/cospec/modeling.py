@@ -150,6 +150,7 @@ class CoSpecArbiter(PreTrainedModel):
         config.base_model_identity = base_model_identity(model)
         if tokenizer is not None:
             config.tokenizer_fingerprint = tokenizer_fingerprint(tokenizer)
+            config.tokenizer_name_or_path = tokenizer.name_or_path or None
         arbiter = cls(config)
         arbiter.init_weights()
         weight = getattr(head, "weight", None)  # a method, not a tensor, on a dynamically quantized head
@@ -217,11 +218,22 @@ class CoSpecArbiter(PreTrainedModel):
 
     # ------------------------------------------------------------------ sharing
     def strategy(self, **kwargs):
-        """The :class:`~.strategy.CoSpec` strategy this arbiter was trained with (``kwargs`` override)."""
+        """The :class:`~.strategy.CoSpec` strategy this arbiter was trained with (``kwargs`` override).
+
+        A cross-tokenizer pair's recorded tokenizers (``config.tokenizer_name_or_path``, else the target's name, and
+        ``config.draft_tokenizer_name_or_path``) come with the recorded draft model, unless ``kwargs`` name another
+        draft model or tokenizer.
+        """
         from .strategy import CoSpec
 
-        settings = dict(draft_model=self.config.draft_model_name_or_path, num_draft_tokens=self.config.num_draft_tokens,
-                        use_ngram=self.config.use_ngram)
+        config = self.config
+        settings = dict(draft_model=config.draft_model_name_or_path, num_draft_tokens=config.num_draft_tokens,
+                        use_ngram=config.use_ngram)
+        pair = dict(tokenizer=config.tokenizer_name_or_path or config.base_model_name_or_path,
+                    draft_tokenizer=config.draft_tokenizer_name_or_path)
+        if (config.draft_tokenizer_fingerprint is not None and config.draft_model_name_or_path is not None
+                and all(pair.values()) and not {"draft_model", "tokenizer", "draft_tokenizer"} & set(kwargs)):
+            settings.update(pair)
         settings.update(kwargs)
         return CoSpec(self, **settings)
 
@@ -262,6 +274,16 @@ class CoSpecArbiter(PreTrainedModel):
                 "draft, save or push it (`draft.save_pretrained(dir)`), set `arbiter.config.draft_model_name_or_path` "
                 "to that folder or Hub id, and save again.")
         draft = self.config.draft_model_name_or_path
+        if self.config.draft_tokenizer_fingerprint is not None and not (
+                self.config.draft_tokenizer_name_or_path
+                and (self.config.tokenizer_name_or_path or self.config.base_model_name_or_path)):
+            logger.warning(
+                "This CoSpec arbiter was trained with a draft model whose tokenizer differs from the target's, and does "
+                "not record where %s loads from, so its custom_generate folder refuses to draft until generate() is "
+                "given draft_tokenizer= (the draft's) and tokenizer= (the target's). To record them, set "
+                "`arbiter.config.draft_tokenizer_name_or_path` and `arbiter.config.tokenizer_name_or_path` to their "
+                "folders or Hub ids and save again.",
+                "the draft's tokenizer" if not self.config.draft_tokenizer_name_or_path else "the target's tokenizer")
         if draft is not None and draft == self.config.base_model_name_or_path:
             logger.warning(
                 "This CoSpec arbiter records its target %r as its draft model (a copy of the target, e.g. quantized, "

@@ -55,7 +55,9 @@ class Decision:
 @dataclass
 class DecisionLog:
     """Decisions of batch row 0, in order; ``context`` is set by the strategy's drafter wrapper each round, and
-    the strategy drops, after each ``generate()`` call, those past where row 0 stopped (:meth:`drop_past`)."""
+    the strategy drops (:meth:`drop_past`) those that did not take effect: in a batch, those past the round's cut
+    (the row that accepted fewest drafts ends every row's round), and after each ``generate()`` call those past where
+    row 0 stopped."""
 
     decisions: list[Decision] = field(default_factory=list)
     context: torch.LongTensor | None = None

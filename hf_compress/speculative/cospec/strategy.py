@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.generation import StoppingCriteriaList
 from transformers.generation.stopping_criteria import MaxLengthCriteria
 
@@ -20,9 +20,9 @@ from ...hub import hub_model_id
 from ...utils import InvalidArgumentTypeError, check_choice, check_float, get_logger
 from ..acceptance import AcceptanceRule
 from ..engine import propose_draft
-from ..strategies import HERE, SpeculativeDecoding, register_strategy, usage_snippet
+from ..strategies import HERE, SpeculativeDecoding, _name_of, register_strategy, usage_snippet
 from .config import ArbiterConfig
-from .modeling import CoSpecArbiter
+from .modeling import CoSpecArbiter, tokenizer_fingerprint
 from .rule import MODES, ArbiterRule, DecisionLog
 
 
@@ -34,6 +34,27 @@ __all__ = ["CoSpec"]
 
 logger = get_logger(__name__)
 CARD_TEMPLATE = Path(__file__).resolve().parents[2] / "hub" / "templates" / "acceptance_arbiter.md"
+
+
+# Config fields that name where something loads from: a local absolute path is saved as its folder's name only.
+_NAME_FIELDS = ("base_model_name_or_path", "draft_model_name_or_path", "tokenizer_name_or_path",
+                "draft_tokenizer_name_or_path")
+
+
+def _recorded_pair(config: ArbiterConfig) -> str:
+    return (f"the draft model {config.draft_model_name_or_path or '(name not recorded)'}, whose tokenizer differs from "
+            f"the target's (draft tokenizer {config.draft_tokenizer_name_or_path or '(name not recorded)'}, vocabulary "
+            f"fingerprint {config.draft_tokenizer_fingerprint})")
+
+
+def _another_draft_tokenizer(config: ArbiterConfig, given: str) -> str:
+    name = config.draft_tokenizer_name_or_path
+    load = f" (AutoTokenizer.from_pretrained({name!r}))" if name else ""
+    return (f"This CoSpec arbiter was trained with another draft tokenizer than the draft_tokenizer given (vocabulary "
+            f"fingerprint {given}): it was trained with {_recorded_pair(config)}, so the draft model's token ids would "
+            f"be read with the wrong vocabulary. Pass that draft model's own tokenizer as draft_tokenizer={load} and "
+            "the target's as tokenizer=; to draft with another model and tokenizer, train an arbiter for that pair "
+            "(train_arbiter(..., draft_tokenizer=...)).")
 
 
 class _RowEnd(StoppingCriteriaList):
@@ -51,15 +72,27 @@ class _RowEnd(StoppingCriteriaList):
 
 
 class _RoundContext:
-    """Drafter wrapper that tells the decision log which sequence each round was drafted from."""
+    """Drafter wrapper that tells the decision log which sequence each round was drafted from, and drops the previous
+    round's decisions that did not take effect.
+
+    In a batch a round emits, per row, only as many drafts as the row that accepted fewest (the engine's cut, see
+    :mod:`..engine`): row 0's decisions past that cut never took effect (the next round decides those positions
+    again). The sequence the next round is drafted from ends where the cut did, so every decision at or past its length
+    is dropped (at batch size 1 there is no cut and nothing is dropped here); :meth:`CoSpec.__call__` does the same
+    for the last round.
+    """
 
     def __init__(self, drafter, log: DecisionLog):
         self.drafter, self.log = drafter, log
+        self.round_start = len(log.decisions)
 
     def reset(self) -> None:
         self.drafter.reset()
+        self.round_start = len(self.log.decisions)
 
     def propose(self, input_ids, attention_mask, max_tokens, active=None):
+        self.log.drop_past(input_ids.shape[1], since=self.round_start)
+        self.round_start = len(self.log.decisions)
         self.log.context = input_ids
         return propose_draft(self.drafter, input_ids, attention_mask, max_tokens, active)
 
@@ -82,7 +115,11 @@ class CoSpec(SpeculativeDecoding):
             what it was trained and calibrated with: three of its features count positions in the round).
         use_ngram, tokenizer, draft_tokenizer, ...: as for :class:`~..strategies.SpeculativeDecoding`
             (cross-tokenizer drafts work too), except that a draft model drafts the full length by default
-            (``draft_confidence_threshold=None``), as the arbiter was trained.
+            (``draft_confidence_threshold=None``), as the arbiter was trained. An arbiter trained with a
+            cross-tokenizer pair records its draft tokenizer: drafting with the recorded draft model, the recorded
+            tokenizers are loaded when none are given (the target's from ``config.tokenizer_name_or_path``, else the
+            target's name); with another draft model they must be given; and a ``draft_tokenizer`` of another
+            vocabulary than the recorded one is refused.
 
     Example:
         >>> out = model.generate(**inputs, custom_generate=CoSpec(arbiter, draft_model=draft))  # doctest: +SKIP
@@ -154,6 +191,9 @@ class CoSpec(SpeculativeDecoding):
             return super().__call__(model, input_ids, logits_processor, stopping_criteria, generation_config,
                                     synced_gpus, **model_kwargs)
         # Row 0 can stop inside a round, after the round's decisions were logged: note where, drop what lies past it.
+        # (Decisions past a round's batch cut are dropped as the next round is drafted, by _RoundContext, and those of
+        # the last round here. A last round without room to draft follows one whose decisions all took effect: that
+        # round's drafts reached max_length - 1.)
         first = len(log.decisions)
         if stopping_criteria is None:
             config = generation_config if generation_config is not None else model.generation_config
@@ -172,9 +212,91 @@ class CoSpec(SpeculativeDecoding):
                            generator=self.generator)
 
     def drafter_for(self, model: PreTrainedModel):
-        drafter = super().drafter_for(model)  # first: it loads tokenizers given by name, which the check reads
+        self._use_recorded_tokenizers(self.load_arbiter())  # a cross-tokenizer arbiter's, when none were given
+        drafter = super().drafter_for(model)  # it loads tokenizers given by name, which the checks read
         self.load_arbiter(model)
+        self._check_draft_tokenizer()
         return drafter if self.decision_log is None else _RoundContext(drafter, self.decision_log)
+
+    # ------------------------------------------------------------------ cross-tokenizer pairs
+    def _use_recorded_tokenizers(self, arbiter: CoSpecArbiter) -> None:
+        """Give a draft model without a draft tokenizer the one a cross-tokenizer arbiter recorded, if it is the draft
+        model the arbiter recorded; otherwise refuse (its ids would be read as the target's)."""
+        config = arbiter.config
+        if config.draft_tokenizer_fingerprint is None or self.draft_model is None or self.draft_tokenizer is not None:
+            return
+        target = self.tokenizer if self.tokenizer is not None else (
+            config.tokenizer_name_or_path or config.base_model_name_or_path)
+        if not self._drafts_with_recorded_model(config):
+            why = (f"the draft model given ({_name_of(self.draft_model) or 'without a name'}) is not the recorded one, "
+                   "so its tokenizer is not guessed")
+        elif not config.draft_tokenizer_name_or_path:
+            why = "the draft tokenizer's name or path was not recorded"
+        elif not target:
+            why = "the target tokenizer's name or path was not recorded"
+        else:
+            self.draft_tokenizer = self._load_recorded(config.draft_tokenizer_name_or_path, "draft tokenizer", config)
+            if isinstance(target, (str, os.PathLike)):
+                target = self._load_recorded(target, "target tokenizer", config)
+            self.tokenizer = target
+            return
+        raise ValueError(self._pair_needed(config, why))
+
+    def _load_recorded(self, name, what: str, config: ArbiterConfig) -> PreTrainedTokenizerBase:
+        try:
+            return AutoTokenizer.from_pretrained(name)
+        except (OSError, ValueError) as error:
+            why = f"its recorded {what} {str(name)!r} does not load here ({error})"
+            raise ValueError(self._pair_needed(config, why)) from error
+
+    def _drafts_with_recorded_model(self, config: ArbiterConfig) -> bool:
+        """Whether the draft model is, by name, the one the arbiter recorded (``config.json`` keeps a local folder's
+        name only)."""
+        from ..heads.strategy import _portable_name
+
+        given, recorded = _name_of(self.draft_model), config.draft_model_name_or_path
+        if not given or not recorded:
+            return False
+        return given == recorded or (os.path.isabs(os.path.expanduser(given)) and _portable_name(given) == recorded)
+
+    @staticmethod
+    def _pair_needed(config: ArbiterConfig, why: str) -> str:
+        return (f"This CoSpec arbiter was trained with {_recorded_pair(config)}, and {why}: pass draft_tokenizer= (the "
+                "draft model's tokenizer) and tokenizer= (the target's), to CoSpec or to generate() with a "
+                "custom_generate folder. Without them the draft model's token ids would be read as the target's.")
+
+    def _check_draft_tokenizer(self) -> None:
+        """Refuse a draft tokenizer of another vocabulary than the one a cross-tokenizer arbiter was trained with."""
+        config = self.arbiter.config
+        recorded = config.draft_tokenizer_fingerprint
+        if recorded is None or self.draft_model is None or not isinstance(self.draft_tokenizer, PreTrainedTokenizerBase):
+            return
+        given = tokenizer_fingerprint(self.draft_tokenizer)
+        if given != recorded:
+            raise ValueError(_another_draft_tokenizer(config, given))
+
+    def _pair_record(self) -> dict[str, Any]:
+        """The config fields a cross-tokenizer pair of this strategy records with the arbiter it saves (``{}`` for a
+        draft sharing the target's vocabulary, or none)."""
+        if self.draft_model is None or self.draft_tokenizer is None or self.tokenizer is None:
+            return {}
+        config = self.arbiter.config
+        named = [name for name in ("tokenizer", "draft_tokenizer") if isinstance(getattr(self, name), (str, os.PathLike))]
+        if named and config.draft_tokenizer_fingerprint is not None:
+            return {}  # recorded already (arbiter.save_pretrained names them): checked when the folder drafts
+        for name in named:  # as drafter_for loads them
+            setattr(self, name, AutoTokenizer.from_pretrained(getattr(self, name)))
+        draft = tokenizer_fingerprint(self.draft_tokenizer)
+        if draft == tokenizer_fingerprint(self.tokenizer):
+            return {}
+        if config.draft_tokenizer_fingerprint not in (None, draft):
+            raise ValueError(_another_draft_tokenizer(config, draft))
+        return {
+            "draft_tokenizer_fingerprint": draft,
+            "draft_tokenizer_name_or_path": _name_of(self.draft_tokenizer) or config.draft_tokenizer_name_or_path,
+            "tokenizer_name_or_path": _name_of(self.tokenizer) or config.tokenizer_name_or_path,
+            "draft_model_name_or_path": _name_of(self.draft_model) or config.draft_model_name_or_path,
+        }
 
     # ------------------------------------------------------------------ serialisation
     def settings(self) -> dict[str, Any]:
@@ -207,22 +329,33 @@ class CoSpec(SpeculativeDecoding):
         ``arbiter_source`` is where the saved ``generate.py`` loads the arbiter from: by default ``"."`` (the
         folder or repo ``custom_generate=`` names when it runs) for an arbiter in memory. ``base_model`` defaults
         to the arbiter's target (its Hub id); ``repo_id`` (the repo the card's code loads) and ``metrics``
-        (measured results for the card) as in :meth:`SpeculativeDecoding.save_pretrained`.
+        (measured results for the card) as in :meth:`SpeculativeDecoding.save_pretrained`. A cross-tokenizer pair
+        (a ``draft_tokenizer`` of another vocabulary) is recorded in the saved config (the draft tokenizer's
+        fingerprint and name, the target tokenizer's and the draft model's names), so the folder refuses another
+        draft tokenizer; the arbiter in memory is left as it is.
 
         Example:
             >>> CoSpec(arbiter).save_pretrained("smollm2-cospec")  # doctest: +SKIP
             >>> model.generate(ids, custom_generate="smollm2-cospec", trust_remote_code=True)  # doctest: +SKIP
         """
+        record: dict[str, Any] = {}
         if isinstance(self.arbiter, CoSpecArbiter):
             arbiter_source = arbiter_source or HERE
             base_model = base_model or hub_model_id(self.arbiter.config.base_model_name_or_path)
+            record = self._pair_record()  # a cross-tokenizer pair: saved with the arbiter, which stays as it is
+        config = self.arbiter.config if record else None
+        kept = {key: getattr(config, key) for key in record}
         previous = self._arbiter_source
         self._arbiter_source, self._save_arbiter_kwargs = arbiter_source or previous, save_arbiter_kwargs or {}
         try:
+            for key, value in record.items():
+                setattr(config, key, value)
             return super().save_pretrained(save_directory, base_model=base_model, overwrite=overwrite, repo_id=repo_id,
                                            metrics=metrics)
         finally:
             self._arbiter_source = previous
+            for key, value in kept.items():
+                setattr(config, key, value)
 
     def _check_saveable(self, settings: dict[str, Any]) -> None:
         super()._check_saveable(settings)
@@ -234,7 +367,7 @@ class CoSpec(SpeculativeDecoding):
             from ..heads.strategy import _portable_name
 
             config = self.arbiter.config
-            names = {k: getattr(config, k) for k in ("base_model_name_or_path", "draft_model_name_or_path")}
+            names = {k: getattr(config, k) for k in _NAME_FIELDS}
             for key, value in names.items():  # never a local absolute path in config.json
                 setattr(config, key, _portable_name(value))
             try:
@@ -256,7 +389,7 @@ class CoSpec(SpeculativeDecoding):
 
             arbiter = {k: v for k, v in self.arbiter.config.to_diff_dict().items()
                        if k not in ("transformers_version", "architectures", "base_model_identity")}  # numbers
-            for key in ("base_model_name_or_path", "draft_model_name_or_path"):
+            for key in _NAME_FIELDS:
                 if key in arbiter:
                     arbiter[key] = _portable_name(arbiter[key])
             recipe["arbiter"] = arbiter

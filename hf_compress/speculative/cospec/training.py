@@ -29,6 +29,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import os
 import random
 import time
 from collections.abc import Sequence
@@ -38,7 +39,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from ...evaluation.squad import normalize_answer
 from ...utils import InvalidArgumentTypeError, check_bool, check_choice, check_float, check_int, get_logger
@@ -56,7 +57,7 @@ from ..task_answers import (
     task_examples,
 )
 from .config import ArbiterConfig
-from .modeling import CoSpecArbiter
+from .modeling import CoSpecArbiter, tokenizer_fingerprint
 from .rule import Decision, DecisionLog
 from .strategy import CoSpec
 
@@ -430,7 +431,7 @@ def train_arbiter(
     settings: ArbiterTrainingSettings | None = None,
     num_draft_tokens: int = 8,
     use_ngram: bool = False,
-    draft_tokenizer: PreTrainedTokenizerBase | None = None,
+    draft_tokenizer: PreTrainedTokenizerBase | str | os.PathLike | None = None,
     data_description: str | None = None,
     held_out: Sequence[Any] | None = None,
     target_keep: float = 0.99,
@@ -448,19 +449,34 @@ def train_arbiter(
         config / arbiter: Settings of a fresh arbiter, or an arbiter to continue training.
         settings: :class:`ArbiterTrainingSettings` (forks, warm start, RL steps, λ = ``cost_per_forward``).
         num_draft_tokens, use_ngram, draft_tokenizer: Drafting (as :class:`~.strategy.CoSpec`); a draft with
-            another tokenizer needs ``draft_tokenizer``.
+            another tokenizer needs ``draft_tokenizer`` (a tokenizer, folder or Hub id). The arbiter then records
+            it (``config.draft_tokenizer_fingerprint``, and its ``name_or_path`` as
+            ``config.draft_tokenizer_name_or_path``), so its saved folder drafts through it without being told and
+            refuses a draft tokenizer of another vocabulary; name it (load it from a folder or Hub id) for the folder
+            to load it.
         held_out / target_keep: Prompts disjoint from ``task_dataset`` to calibrate the threshold on afterwards
             (:func:`~.calibration.calibrate_arbiter`: the loosest threshold keeping ``target_keep`` of strict
-            decoding's score there, else strict). Recommended: an uncalibrated arbiter can lose quality.
+            decoding's score there, else strict). Recommended: an uncalibrated arbiter can lose quality. Malformed
+            held-out prompts are refused before training starts; if the calibration itself fails after training
+            (e.g. the target scores 0 on the held-out prompts, or an out-of-memory error), the trained arbiter is
+            still returned, uncalibrated: a WARNING gives the reason, ``config.training["calibration_error"]``
+            records it, ``config.calibration`` is ``None`` and ``config.threshold`` keeps its configured value
+            (``0.5`` by default). Calibrate it then with :func:`~.calibration.calibrate_arbiter`.
 
     Returns:
         The trained arbiter; ``arbiter.config.training`` holds the summary and the RL log history, and
-        ``arbiter.config.calibration`` the held-out calibration.
+        ``arbiter.config.calibration`` the held-out calibration (``None`` without ``held_out`` or when it failed;
+        training an arbiter again drops the calibration of its former weights).
     """
     if not isinstance(model, PreTrainedModel):
         raise InvalidArgumentTypeError(f"model must be the target causal LM (PreTrainedModel), got {type(model).__name__}.")
     if not isinstance(tokenizer, PreTrainedTokenizerBase):
         raise InvalidArgumentTypeError(f"tokenizer must be the target's tokenizer, got {type(tokenizer).__name__}.")
+    if isinstance(draft_tokenizer, (str, os.PathLike)):
+        draft_tokenizer = AutoTokenizer.from_pretrained(draft_tokenizer)
+    elif draft_tokenizer is not None and not isinstance(draft_tokenizer, PreTrainedTokenizerBase):
+        raise InvalidArgumentTypeError(
+            f"draft_tokenizer must be the draft model's tokenizer, a folder or a Hub id, got {type(draft_tokenizer).__name__}.")
     reward_fn = resolve_reward(reward)
     check_float("target_keep", target_keep, low=0.0, high=1.0, low_open=True,
                 hint="It is the share of strict decoding's score to keep on held_out, e.g. 0.99.")
@@ -485,6 +501,12 @@ def train_arbiter(
     arbiter.config.num_draft_tokens, arbiter.config.use_ngram = num_draft_tokens, use_ngram
     arbiter.config.draft_model_name_or_path = draft if isinstance(draft, str) else (
         getattr(draft, "name_or_path", None) or None)
+    arbiter.config.tokenizer_name_or_path = tokenizer.name_or_path or arbiter.config.tokenizer_name_or_path
+    # A draft with another vocabulary: recorded, so the saved folder drafts through its tokenizer (and refuses another).
+    cross = (draft is not None and draft_tokenizer is not None
+             and tokenizer_fingerprint(draft_tokenizer) != tokenizer_fingerprint(tokenizer))
+    arbiter.config.draft_tokenizer_fingerprint = tokenizer_fingerprint(draft_tokenizer) if cross else None
+    arbiter.config.draft_tokenizer_name_or_path = (draft_tokenizer.name_or_path or None) if cross else None
     pair = dict(tokenizer=tokenizer, draft_tokenizer=draft_tokenizer) if draft_tokenizer is not None else {}
     strategy = CoSpec(arbiter, draft_model=draft, num_draft_tokens=num_draft_tokens, use_ngram=use_ngram, **pair)
     started = time.perf_counter()
@@ -514,12 +536,23 @@ def train_arbiter(
         "log_history": history,
         "train_seconds": round(time.perf_counter() - started, 1),
     }
+    arbiter.config.calibration = None  # a calibration of the weights before this training no longer holds
     if not all(torch.isfinite(p).all() for p in arbiter.parameters()):
         raise RuntimeError("Arbiter training diverged (non-finite weights); lower the learning rates.")
     if held_out is not None:
         from .calibration import calibrate_arbiter
 
-        calibrate_arbiter(arbiter, model, draft, held_out, target_keep, tokenizer=tokenizer, reward=reward,
-                          max_new_tokens=settings.max_new_tokens, stop_at_newline=settings.stop_at_newline,
-                          num_draft_tokens=num_draft_tokens, use_ngram=use_ngram, draft_tokenizer=draft_tokenizer)
+        try:
+            calibrate_arbiter(arbiter, model, draft, held_out, target_keep, tokenizer=tokenizer, reward=reward,
+                              max_new_tokens=settings.max_new_tokens, stop_at_newline=settings.stop_at_newline,
+                              num_draft_tokens=num_draft_tokens, use_ngram=use_ngram, draft_tokenizer=draft_tokenizer)
+        except Exception as error:  # noqa: BLE001 - whatever failed, the trained arbiter must not be lost with it
+            reason = f"{type(error).__name__}: {error}"
+            arbiter.config.training["calibration_error"] = reason
+            logger.warning(
+                "CoSpec: the calibration on held_out failed after training (%s). The trained arbiter is returned "
+                "uncalibrated, at threshold %s (its config's; arbiter.config.calibration is None): save it now, then "
+                "calibrate it with calibrate_arbiter(arbiter, model, draft, held_out_prompts, target_keep, "
+                "tokenizer=...) (or arbiter.calibrate(...)) on held-out prompts the target answers.",
+                reason, arbiter.config.threshold, exc_info=not isinstance(error, ValueError))
     return arbiter
