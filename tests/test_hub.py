@@ -284,6 +284,8 @@ def test_a_new_version_replaces_the_files_of_the_old_one(fake_hub, tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, second.eval()(ids).logits)
 
+    for folder in (old, new):  # the cards name the repo they go to (push_to_hub refuses another)
+        write_model_card(folder, _card(model_name="tiny", repo_id="user/kept"))
     push_to_hub(old, "user/kept")
     push_to_hub(new, "user/kept", delete_stale=False)  # only adds and overwrites
     assert "model.safetensors" in fake_hub.files("user/kept")
@@ -312,6 +314,66 @@ def test_push_pull_request_branch_and_bare_name(fake_hub, tmp_path):
     push_to_hub(folder, "user/small", revision="v2")  # a missing branch is created from main
     assert "README.md" in fake_hub.files("user/small", "v2")
     assert "README.md" not in fake_hub.files("user/small")
+
+
+def test_a_card_built_for_another_repo_is_not_pushed(fake_hub, tmp_path):
+    # The card's code loads the repo it was built for (compression.repo_id): pushed elsewhere it would load that one.
+    folder = _small_artifact(tmp_path / "a", card=False)
+    write_model_card(folder, _card(metrics=(), repo_id="user/a"))
+    assert yaml.safe_load(REGEX_YAML_BLOCK.search((folder / "README.md").read_text()).group(2))[
+        "compression"]["repo_id"] == "user/a"
+    for target in ("user/b", "other/a", "b"):  # a bare name: the token owner's namespace, and already another name
+        with pytest.raises(ValueError, match=rf"Cannot push .* to {target}: its model card README.md was built for "
+                                             r"the Hub repo user/a: its loading code loads user/a.*Rebuild the folder "
+                                             rf"for {target} .*or push it to user/a\. Nothing was pushed"):
+            push_to_hub(folder, target)
+    assert fake_hub.repos == {} and fake_hub.requests == []
+    push_to_hub(folder, "user/a")
+    push_to_hub(folder, "a")  # the bare name of the token owner's (user's) repo
+    assert set(fake_hub.repos) == {("model", "user/a")}
+
+
+def test_cards_that_name_their_folder_or_a_placeholder_push_anywhere(fake_hub, tmp_path):
+    from hf_compress.speculative.strategies import usage_snippet
+
+    # The folder's name (save_routed, save_slim, the quantize CLI) or a local strategy snippet: no repo recorded.
+    folder = _small_artifact(tmp_path / "tiny", card=False)
+    write_model_card(folder, _card(metrics=(), repo_id="tiny"))
+    assert "repo_id" not in _metadata(_card(metrics=(), repo_id="tiny"))["compression"]
+    push_to_hub(folder, "user/anything")
+    strategy = _small_artifact(tmp_path / "fly", card=False)
+    write_model_card(strategy, build_model_card(base_model="HuggingFaceTB/SmolLM2-135M", model_name="fly",
+                                                recipe={"method": "fly"}, load_snippet=usage_snippet(None, local=True)))
+    push_to_hub(strategy, "user/fly-elsewhere")
+    # A card that is not hf_compress's, whatever its text quotes, is the author's own.
+    own = _small_artifact(tmp_path / "own", card=False)
+    (own / "README.md").write_text('---\nlicense: mit\n---\n# fork\n\nForked from "someone/own".\n')
+    push_to_hub(own, "user/own")
+    assert {"user/anything", "user/fly-elsewhere", "user/own"} <= {repo for _, repo in fake_hub.repos}
+
+
+def test_nested_and_older_cards_are_checked_too(fake_hub, tmp_path):
+    # A nested artifact's card (a recipe's heads/, an expert adapter) counts as the root card does.
+    folder = _small_artifact(tmp_path / "root")
+    (folder / "heads").mkdir()
+    write_model_card(folder / "heads", _card(metrics=(), model_name="heads", repo_id="user/root"))
+    with pytest.raises(ValueError, match="its model card heads/README.md was built for the Hub repo user/root"):
+        push_to_hub(folder, "user/other")
+    # A card written before compression.repo_id was recorded: its code's quoted "owner/<name>" (publish's check),
+    # not the card's base model, which may share the repo's name.
+    older = _small_artifact(tmp_path / "older", card=False)
+    card = _card(metrics=(), model_name="tiny", repo_id="org/tiny")
+    del card.data.compression["repo_id"]
+    write_model_card(older, card)
+    with pytest.raises(ValueError, match="was built for the Hub repo org/tiny"):
+        push_to_hub(older, "user/tiny")
+    assert fake_hub.repos == {}
+    push_to_hub(older, "user/another-name")  # no owner/another-name in its text: nothing recorded for that name
+    adapter = _small_artifact(tmp_path / "adapter", card=False)
+    write_model_card(adapter, build_model_card(base_model="HuggingFaceTB/SmolLM2-135M", model_name="SmolLM2-135M",
+                                               recipe={"method": "dlqat"}, template="adapter"))
+    assert '"HuggingFaceTB/SmolLM2-135M"' in (adapter / "README.md").read_text()  # the PEFT code loads its base
+    push_to_hub(adapter, "user/SmolLM2-135M")
 
 
 def test_push_without_xet_uses_create_commit(fake_hub, tmp_path, monkeypatch):
@@ -362,14 +424,15 @@ def test_push_refuses_bad_folders(tmp_path):
 SECRET = "hf_SECRET_do_not_leak_0123456789"
 
 
-def _messy_folder(folder):
-    """A tiny saved model + tokenizer + card, next to what a training run and a shell leave behind."""
+def _messy_folder(folder, repo_id="user/tiny"):
+    """A tiny saved model + tokenizer + card (built for ``repo_id``), next to what a training run and a shell leave
+    behind."""
     from hf_compress.assets.tiny_models import tiny_model
 
     model, tokenizer = tiny_model("llama")
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    write_model_card(folder, _card(model_name="tiny", repo_id="user/tiny"))
+    write_model_card(folder, _card(model_name="tiny", repo_id=repo_id))
     junk = {
         ".env": f"HF_TOKEN={SECRET}\n",
         ".git-credentials": f"https://user:{SECRET}@huggingface.co\n",
@@ -421,7 +484,7 @@ def test_push_uploads_only_allow_listed_files(fake_hub, tmp_path, caplog):
 
 def test_push_opt_ins(fake_hub, tmp_path):
     folder = tmp_path / "tiny"
-    _messy_folder(folder)
+    _messy_folder(folder, repo_id="user/pickles")
     push_to_hub(folder, "user/pickles", allow_pickles=True)
     stored = fake_hub.files("user/pickles")
     assert {"optimizer.pt", "training_args.bin"} <= set(stored)

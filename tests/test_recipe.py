@@ -395,7 +395,7 @@ def test_cli_check_and_run(tmp_path, capsys):
     assert not (tmp_path / "never").exists()
 
 
-def test_heads_and_generation_recipe_folder_runs_its_journey(tmp_path):
+def test_heads_and_generation_recipe_folder_runs_its_journey(tmp_path, monkeypatch, capfd):
     from transformers import AutoModelForCausalLM
 
     from hf_compress.cache import SparKCache, cache_kwargs
@@ -403,7 +403,11 @@ def test_heads_and_generation_recipe_folder_runs_its_journey(tmp_path):
     data = recipe({"prune": {"method": "magnitude", "sparsity": "2:4"}}, {"heads": HEADS},
                   {"generation": {"strategy": "amphista", "tree": "chain", "cache": {"method": "spark",
                                                                                      "channel_ratio": 0.5}}})
+    capfd.readouterr()
     result = run(data, tmp_path / "out", progress=False)
+    drawn = capfd.readouterr().err
+    # progress=False (the CLI's -q) also silences the heads step: its feature caching and its heads' save
+    assert "caching base features" not in drawn and "Writing model shards" not in drawn, drawn
     folder = result.save_dir
     assert (folder / "heads" / "custom_generate" / "generate.py").is_file()
     assert result.steps[1].metrics["heads_bytes"] > 0
@@ -424,6 +428,45 @@ def test_heads_and_generation_recipe_folder_runs_its_journey(tmp_path):
     plan = plan_push(folder)  # a push carries the heads' generate code and card, which the card's snippet loads
     assert {"heads/custom_generate/generate.py", "heads/README.md"} <= set(plan.files)
     assert not [path for path in plan.skipped if path.startswith("heads/")], plan.skipped
+    # The heads' own card describes them where they are: beside the compressed model at the root, which its code
+    # loads (not the original base) with the heads' sub-folder as custom_generate (a bare "heads" cannot work).
+    heads_card = (folder / "heads" / "README.md").read_text()
+    assert "not in this repo" not in heads_card and "the model at the root of this repo" in heads_card
+    snippet = _card_snippet(folder / "heads", "## How to use")
+    assert 'folder = "out/"' in snippet and "from_pretrained(folder)" in snippet
+    assert 'custom_generate=f"{folder}/heads"' in snippet and 'custom_generate="heads"' not in snippet
+    monkeypatch.chdir(tmp_path)  # from the folder's parent, as the snippet says
+    scope: dict = {}
+    exec(snippet, scope)
+    assert scope["out"].shape[1] > scope["inputs"]["input_ids"].shape[1]
+
+
+def test_the_heads_card_of_a_recipe_for_a_hub_repo_loads_the_root_model(tmp_path):
+    from hf_compress.assets import tiny_model
+    from hf_compress.hub import read_recipe
+    from hf_compress.hub.model_card import load_card
+    from hf_compress.hub.push import check_cards_name_repo, plan_push
+    from hf_compress.recipe.card import FolderLayout, load_snippet
+    from hf_compress.recipe.save import _save_generation
+    from hf_compress.recipe.steps import RecipeState
+    from hf_compress.speculative.heads import AmphistaConfig, AmphistaHeads
+
+    model, tokenizer = tiny_model("llama")
+    heads = AmphistaHeads.for_model(model, AmphistaConfig(num_heads=2, num_attention_heads=2))
+    state = RecipeState(model=model, tokenizer=tokenizer, device=model.device, seed=0, heads=heads)
+    folder = tmp_path / "staging"
+    folder.mkdir()
+    layout = _save_generation(state, folder, "HuggingFaceTB/SmolLM2-135M", repo_id="me/tiny-heads", folder_name="out")
+    snippet = _card_snippet(folder / "heads", "## How to use")
+    # the root card's code for the heads (no cache lines: they are the root card's), from the root repo
+    assert snippet.strip() == load_snippet(FolderLayout(heads_folder=layout.heads_folder), "me/tiny-heads", "out")
+    assert 'snapshot_download("me/tiny-heads")' in snippet and 'custom_generate=f"{folder}/heads"' in snippet
+    card = load_card(folder / "heads")
+    assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M" and read_recipe(card)["method"] == "amphista"
+    assert card.data.compression["repo_id"] == "me/tiny-heads"  # built for the root repo, which push_to_hub checks
+    check_cards_name_repo(plan_push(folder), "me/tiny-heads")
+    with pytest.raises(ValueError, match=r"heads/README.md was built for the Hub repo me/tiny-heads.*--repo-id me/other"):
+        check_cards_name_repo(plan_push(folder), "me/other")
 
 
 def test_strategy_recipe_saves_custom_generate_next_to_the_model(tmp_path):
@@ -449,9 +492,9 @@ def test_strategy_recipe_saves_custom_generate_next_to_the_model(tmp_path):
     assert torch.equal(own.generate(input_ids=ids, max_new_tokens=12, do_sample=False), greedy)
 
 
-def _card_snippet(folder: Path) -> str:
+def _card_snippet(folder: Path, section: str = "## How to load") -> str:
     card = (folder / "README.md").read_text()
-    return card.split("## How to load", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    return card.split(section, 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
 
 
 def test_the_cards_loading_snippet_loads_the_folder_it_names(tmp_path, monkeypatch, fake_hub):
@@ -475,6 +518,78 @@ def test_the_cards_loading_snippet_loads_the_folder_it_names(tmp_path, monkeypat
     with pytest.raises(ValueError, match="repo_id must be the Hub repo the folder will be pushed to, as owner/name"):
         run(copy.deepcopy(data), "never", repo_id="tiny-recipe")
     assert not (elsewhere / "never").exists()
+
+
+def test_a_folder_built_for_one_repo_is_not_pushed_to_another(tmp_path, monkeypatch, fake_hub):
+    # Built with --repo-id me/a, the card's code loads me/a: pushed to me/b, it would load another repo.
+    from hf_compress.hub import push_to_hub
+
+    monkeypatch.chdir(tmp_path)
+    run(recipe({"prune": {"method": "magnitude", "sparsity": "2:4"}}), "a", progress=False, repo_id="me/a")
+    for target in ("me/b", "b"):  # a bare name goes to the token owner's namespace: its name is already another
+        with pytest.raises(ValueError, match=r"Cannot push .* to (me/)?b: its model card README.md was built for "
+                                             r"the Hub repo me/a.*--repo-id (me/)?b.*or push it to me/a"):
+            push_to_hub("a", target)
+    assert not fake_hub.repos and not fake_hub.requests  # refused before the repo was created
+    push_to_hub("a", "me/a")
+    assert b'from_pretrained("me/a")' in fake_hub.files("me/a")["README.md"]
+
+
+def test_local_paths_are_named_in_a_warning_before_any_work(tmp_path, monkeypatch, caplog):
+    # A local base_model or calibration text ran to completion and only then did push_to_hub refuse the folder
+    # (recipe.yaml, the card and recipe_results.json hold the paths): the run says so before it starts.
+    import logging
+
+    import hf_compress.assets
+    from hf_compress.assets import tiny_model
+    from hf_compress.hub.push import plan_push
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Stop
+
+    tiny_model("llama", save_dir=tmp_path / "base")
+    text = tmp_path / "text.txt"
+    text.write_text("Some calibration words. " * 300)
+    base = str(tmp_path / "base")
+    monkeypatch.setattr(hf_compress.assets, "load_model", stop)
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="hf_compress"):
+        with pytest.raises(Stop):  # warned before the model loads
+            run(recipe({"prune": {**WANDA, "calibration_text": str(text)}}, {"heads": HEADS}, base_model=base),
+                "out", progress=False)
+        warned = caplog.text
+        assert (f"base_model '{base}', step 1 (prune wanda) calibration_text '{text}'" in warned
+                and "step 2 (heads amphista)" not in warned)  # the heads' text is an offline set
+        assert "push_to_hub will refuse to push it" in warned and f"{base}, {text}" in warned
+        assert "name the base model by its Hub id" in warned and "offline calibration text set (wikipedia, news)" in warned
+        caplog.clear()
+        # Relative paths push (nothing absolute is recorded), but recipe.yaml names files of this machine.
+        with pytest.raises(Stop):
+            run(recipe({"heads": {**HEADS, "training": {**HEADS["training"], "text": "text.txt"}}}, base_model="base"),
+                "out", progress=False)
+        warned = caplog.text
+        assert "base_model 'base', step 1 (heads amphista) training.text 'text.txt'" in warned
+        assert "rebuilds it only on this machine" in warned and "push_to_hub will refuse" not in warned
+        caplog.clear()
+        with pytest.raises(Stop):  # a generation step's draft model given as a folder
+            run(recipe({"prune": WANDA}, {"generation": {"strategy": "speculative_decoding", "draft_model": base}}),
+                "out", progress=False)
+        assert (f"step 2 (generation speculative_decoding) draft_model '{base}'" in caplog.text
+                and "name the strategy's models by their Hub ids" in caplog.text)
+        caplog.clear()
+        with pytest.raises(Stop):  # reference / tiny models, Hub ids and the offline text sets: nothing to say
+            run(recipe({"prune": WANDA}), "out", progress=False)
+        with pytest.raises(Stop):
+            run(recipe({"prune": WANDA}, base_model="someorg/tiny-base"), "out", progress=False)
+        assert "this machine" not in caplog.text
+    # What the warning says: with the absolute path, the folder the run saves cannot be pushed.
+    monkeypatch.undo()
+    run(recipe({"prune": {"method": "magnitude", "sparsity": "2:4"}}, base_model=base), tmp_path / "out", progress=False)
+    with pytest.raises(ValueError, match="would publish absolute paths of this machine: README.md holds"):
+        plan_push(tmp_path / "out")
 
 
 def test_a_model_that_is_not_the_recipes_base_is_refused_before_any_work(tmp_path, monkeypatch):

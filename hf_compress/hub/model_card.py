@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,8 @@ logger = get_logger(__name__)
 
 HF_COMPRESS_TAG = "hf_compress"
 COMPRESSION_METADATA_KEY = "compression"
+REPO_ID_KEY = "repo_id"
+"""Key of the ``compression`` block holding the Hub repo a card was built for (its loading code loads it)."""
 CARD_FILENAME = "README.md"
 TEMPLATES_DIR = Path(__file__).parent / "templates"
 # Built-in templates: name -> (default library_name, default base_model_relation).
@@ -138,6 +141,7 @@ def build_model_card(
     base_model_relation: str | None = None,
     load_snippet: str | None = None,
     extra_metadata: Mapping[str, Any] | None = None,
+    template_fields: Mapping[str, Any] | None = None,
 ) -> ModelCard:
     """Build the model card of an hf_compress artifact.
 
@@ -159,7 +163,10 @@ def build_model_card(
             ``"transformers"`` for ``compressed_model`` (a plain transformers checkpoint), ``"peft"`` for
             ``adapter``. Use ``"hf_compress"`` only for artifacts that nothing else can load. Whatever its
             value, ``hf_compress`` is always among the tags.
-        repo_id: Repo id used in the "How to load" snippet; defaults to ``model_name``.
+        repo_id: Repo id used in the "How to load" snippet; defaults to ``model_name``. A Hub repo id
+            (``owner/name``) is also recorded as ``compression.repo_id``: the repo the card was built for, which
+            :func:`~hf_compress.hub.push_to_hub` checks against where it pushes (a name without an owner, such
+            as the folder's, is a placeholder and is not recorded).
         extra_tags: Tags added after ``hf_compress`` and the method names.
         license: SPDX-like license id (e.g. ``"apache-2.0"``); by default the base model's when it is a reference
             model (a derivative carries its base's license).
@@ -169,6 +176,8 @@ def build_model_card(
         load_snippet: Python code for the "How to load" section; default snippets exist for ``transformers``
             and ``peft``; ``{repo_id}`` and ``{base_model}`` are filled in, in a given snippet too.
         extra_metadata: More YAML metadata (e.g. ``{"datasets": [...], "language": "en"}``).
+        template_fields: More variables for the template (a custom one's, or a built-in template's optional
+            ones: ``drafting_heads`` takes ``beside_model``, heads saved in a sub-folder of their model's folder).
 
     Returns:
         A ``huggingface_hub.ModelCard``, already checked with :func:`validate_model_card`.
@@ -184,6 +193,7 @@ def build_model_card(
     template_path, template_library, template_relation = _resolve_template(template)
     library_name = library_name or template_library
     base_model_relation = base_model_relation or template_relation
+    recorded_repo = repo_id if _is_hub_repo_id(repo_id) else None
     repo_id = repo_id or model_name
     license = license or _base_license(base_model)
 
@@ -213,6 +223,7 @@ def build_model_card(
         "library": HF_COMPRESS_TAG,
         "version": __version__,
         "recipe": recipe,
+        **({REPO_ID_KEY: recorded_repo} if recorded_repo else {}),
     }
     card_data = ModelCardData(
         base_model=base_model,
@@ -238,9 +249,57 @@ def build_model_card(
         has_baseline=bool(base_metrics),
         load_snippet=load_snippet,
         hf_compress_version=__version__,
+        **_template_fields(template_fields),
     )
     validate_model_card(card)
     return card
+
+
+def card_built_for_other_repo(source: str | os.PathLike | ModelCard, repo_id: str) -> str | None:
+    """The Hub repo other than ``repo_id`` that a card was built to load, or ``None`` (it names ``repo_id``, or
+    no repo at all).
+
+    Only what an hf_compress card (one with ``compression`` metadata) positively records counts: the
+    ``compression.repo_id`` that :func:`build_model_card` records for an ``owner/name`` ``repo_id``, else (a
+    card written before it was recorded) a quoted ``"owner/<name>"`` in its text with ``repo_id``'s name and
+    another owner (what its loading code loads), the card's ``base_model`` excepted. A card whose code names its
+    folder, or a placeholder, records none. Repo ids compare case-insensitively, as the Hub resolves them; a
+    ``repo_id`` without an owner (a bare name, which the Hub puts in the token owner's namespace) is compared by
+    its name only. :func:`~hf_compress.hub.push_to_hub` and :func:`~hf_compress.hub.publish.publish` both
+    refuse a card this names another repo for.
+
+    Example:
+        >>> card = build_model_card(base_model=None, model_name="tiny", recipe={"method": "wanda"}, repo_id="me/a")
+        >>> card_built_for_other_repo(card, "me/b"), card_built_for_other_repo(card, "Me/A")
+        ('me/a', None)
+    """
+    card = load_card(source)
+    block = card.data.get(COMPRESSION_METADATA_KEY)
+    if not isinstance(block, dict):
+        return None  # not an hf_compress card: its text is the author's own
+    owner, _, name = repo_id.rpartition("/")
+    recorded = block.get(REPO_ID_KEY)
+    if _is_hub_repo_id(recorded):
+        recorded_owner, _, recorded_name = recorded.partition("/")
+        same = recorded_name.casefold() == name.casefold() and (
+            not owner or recorded_owner.casefold() == owner.casefold())
+        return None if same else recorded
+    if not owner:
+        return None
+    base = card.data.get("base_model")
+    others = sorted(found for found in named_owners(card.content, name)
+                    if found.casefold() != owner.casefold() and f"{found}/{name}" != base)
+    return f"{others[0]}/{name}" if others else None
+
+
+def named_owners(text: str, name: str) -> set[str]:
+    """The owners of the quoted ``"owner/<name>"`` repo ids in a card's text (its loading snippet).
+
+    Example:
+        >>> sorted(named_owners('from_pretrained("me/tiny"); x = "org/tiny"; y = "org/other"', "tiny"))
+        ['me', 'org']
+    """
+    return set(re.findall(r"[\"']([A-Za-z0-9][A-Za-z0-9._-]*)/" + re.escape(name) + r"[\"']", text))
 
 
 def hub_model_id(name_or_path: str | None) -> str | None:
@@ -396,6 +455,33 @@ def validate_model_card(source: str | os.PathLike | ModelCard) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+
+
+def _is_hub_repo_id(repo_id: Any) -> bool:
+    """Whether ``repo_id`` is a Hub repo id with its owner (``owner/name``), not a folder name or a placeholder."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if not isinstance(repo_id, str) or repo_id.count("/") != 1:
+        return False
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        return False
+    return True
+
+
+_TEMPLATE_FIELDS = ("model_name", "base_model", "methods", "uncompressed", "recipe_yaml", "metric_rows",
+                    "has_baseline", "load_snippet", "hf_compress_version", "card_data")
+
+
+def _template_fields(fields: Mapping[str, Any] | None) -> dict[str, Any]:
+    fields = dict(fields or {})
+    taken = sorted(set(fields) & set(_TEMPLATE_FIELDS))
+    if taken:
+        raise ValueError(f"template_fields cannot set {', '.join(taken)}: build_model_card fills them; pass them as "
+                         "its own arguments.")
+    return fields
 
 
 def _resolve_template(template: str | os.PathLike) -> tuple[Path, str, str | None]:

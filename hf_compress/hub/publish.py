@@ -30,7 +30,6 @@ import dataclasses
 import hashlib
 import math
 import os
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -40,7 +39,7 @@ from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundErro
 from .. import __version__
 from ..utils import get_logger
 from .manifest import ArtifactEntry, Manifest, ManifestError, check_names, repo_id_in, verify_manifest
-from .model_card import CARD_FILENAME, read_metrics, validate_model_card
+from .model_card import CARD_FILENAME, card_built_for_other_repo, named_owners, read_metrics, validate_model_card
 from .push import plan_push, push_to_hub
 
 
@@ -235,11 +234,6 @@ def _some(names: Sequence[str], shown: int = 4) -> str:
     return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
-def _named_owners(text: str, name: str) -> set[str]:
-    """The owners of the quoted ``"owner/<name>"`` repo ids in a card's text (its loading snippet)."""
-    return set(re.findall(r"[\"']([A-Za-z0-9][A-Za-z0-9._-]*)/" + re.escape(name) + r"[\"']", text))
-
-
 def _check_card(name: str, folder: Path, entry: ArtifactEntry, namespace: str | None = None) -> None:
     card_path = folder / CARD_FILENAME
     if not card_path.is_file():
@@ -250,7 +244,7 @@ def _check_card(name: str, folder: Path, entry: ArtifactEntry, namespace: str | 
         validate_model_card(card)
     except ValueError as err:
         raise ManifestError(f"Artifact {name!r}: the model card does not parse: {err}") from None
-    owners = _named_owners(text, name)
+    owners = named_owners(text, name)
     if entry.namespace is not None and entry.namespace not in owners:
         raise ManifestError(
             f"Artifact {name!r}: the manifest records namespace {entry.namespace!r}, but the model card does not load "
@@ -258,12 +252,14 @@ def _check_card(name: str, folder: Path, entry: ArtifactEntry, namespace: str | 
             f"{entry.namespace} --rebuild)."
         )
     expected = namespace if namespace is not None else entry.namespace
-    others = sorted(owners - {expected}) if expected is not None else []
-    if others:
+    # The check push_to_hub makes too: the repo the card was built for (recorded, or named by its loading code).
+    other = card_built_for_other_repo(card, f"{expected}/{name}") if expected is not None else None
+    if other:
+        owner, _, other_name = other.partition("/")
+        elsewhere = f"Publish with --namespace {owner}, or rebuild" if other_name == name else "Rebuild"
         raise ManifestError(
-            f"Artifact {name!r}: the model card loads {others[0]}/{name}, not {expected}/{name}; a card must name "
-            f"the repo it is published to. Publish with --namespace {others[0]}, or rebuild the artifact with "
-            f"--namespace {expected}."
+            f"Artifact {name!r}: the model card loads {other}, not {expected}/{name}; a card must name the repo it "
+            f"is published to. {elsewhere} the artifact with --namespace {expected}."
         )
     measured = [m.record for m in entry.metrics]
     for record in read_metrics(card):

@@ -16,6 +16,11 @@ is uploaded is decided, and checked, before anything is sent (the repo is not ev
 - **No local path leaks**: text files (and safetensors headers) that would be uploaded are scanned for
   absolute paths of this machine (the folder itself, the home directory, the working directory, the Hugging
   Face caches, existing files under the temporary directory); one found is an error naming the file.
+- **The cards name this repo**: a model card to upload (``README.md``, or a nested artifact's) that was built
+  for another Hub repo (``compression.repo_id``, e.g. a recipe run with ``--repo-id me/a`` pushed to ``me/b``:
+  its loading code would load ``me/a``) is an error saying to rebuild the folder for the target repo
+  (:func:`~.model_card.card_built_for_other_repo`, the check ``publish`` makes). Cards that name their folder
+  or a placeholder go anywhere.
 
 The exact list of uploaded files is logged at INFO and passed to ``upload_folder`` as literal patterns, so
 exactly those files are sent; :func:`plan_push` returns the same decision without uploading anything.
@@ -41,7 +46,7 @@ from .._compat import hub_default_ignore_patterns
 
 from .. import __version__
 from ..utils import get_logger
-from .model_card import CARD_FILENAME, validate_model_card
+from .model_card import CARD_FILENAME, card_built_for_other_repo, validate_model_card
 
 
 logger = get_logger(__name__)
@@ -51,7 +56,9 @@ __all__ = [
     "PICKLE_PATTERNS",
     "SKIPPED_FOLDERS",
     "PushPlan",
+    "check_cards_name_repo",
     "find_local_paths",
+    "local_paths_in",
     "plan_push",
     "push_to_hub",
 ]
@@ -263,7 +270,8 @@ def push_to_hub(
     Every check runs before the repo is created or anything is sent: the ``README.md`` model card (see
     :func:`~hf_compress.hub.write_model_card`) is validated offline, the files to upload are chosen (see
     :func:`plan_push` and the module docstring: an allow-list; no training leftovers; no pickles or dotfiles
-    unless opted in) and scanned for absolute local paths. The exact file list is logged at INFO and
+    unless opted in) and scanned for absolute local paths, and no card to upload may have been built for
+    another repo than ``repo_id`` (:func:`check_cards_name_repo`). The exact file list is logged at INFO and
     uploaded, skipped files are named in one warning.
 
     Args:
@@ -323,11 +331,14 @@ def push_to_hub(
             "`hf_compress.hub.write_model_card(folder, hf_compress.hub.build_model_card(...))`, "
             "or pass `allow_missing_card=True`."
         )
+    check_cards_name_repo(plan, repo_id)
     if plan.skipped:
         logger.warning("Not uploading %d file(s) of %s: %s", len(plan.skipped), folder, plan.skipped_summary())
 
     api = HfApi(token=token, library_name="hf_compress", library_version=__version__)
     repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    if "/" not in repo_id:  # a bare name: its owner is known now (the token's), still before any upload
+        check_cards_name_repo(plan, repo_url.repo_id)
     repo_id = repo_url.repo_id  # the full "namespace/name", even if a bare name was given
     if revision is not None and not revision.startswith("refs/pr/"):
         api.create_branch(repo_id, branch=revision, exist_ok=True)
@@ -358,6 +369,34 @@ def push_to_hub(
         logger.info("Opened pull request %s", commit.pr_url)
     logger.info("Pushed %s to %s: %s", folder, repo_id, commit.commit_url)
     return commit
+
+
+def check_cards_name_repo(plan: PushPlan, repo_id: str) -> None:
+    """Refuse (``ValueError``) to push ``plan`` to ``repo_id`` when a model card it uploads (``README.md`` or a
+    nested artifact's ``*/README.md``) was built for another Hub repo (:func:`card_built_for_other_repo`): the
+    card's loading code would load that repo, not this one.
+
+    Example:
+        >>> check_cards_name_repo(plan_push("out/recipe"), "me/b")  # doctest: +SKIP
+        Traceback (most recent call last):
+        ...
+        ValueError: Cannot push .../out/recipe to me/b: its model card README.md was built for the Hub repo me/a ...
+    """
+    for path in plan.files:
+        if path.rsplit("/", 1)[-1] != CARD_FILENAME:
+            continue
+        try:
+            other = card_built_for_other_repo(plan.folder / path, repo_id)
+        except (OSError, ValueError):  # a nested README.md that is no model card (the root one is validated)
+            continue
+        if other:
+            raise ValueError(
+                f"Cannot push {plan.folder} to {repo_id}: its model card {path} was built for the Hub repo {other}: "
+                f"its loading code loads {other}, so on {repo_id} the card would load another repo. Rebuild the "
+                f"folder for {repo_id} (a recipe: `hf-compress recipe run RECIPE --save-dir DIR --repo-id {repo_id}` "
+                f"or run(..., repo_id={repo_id!r}); another artifact: its save_pretrained(..., repo_id={repo_id!r})), "
+                f"or push it to {other}. Nothing was pushed."
+            )
 
 
 # ---------------------------------------------------------------------------------------------- selection
@@ -411,20 +450,35 @@ def find_local_paths(folder: str | os.PathLike, files: Sequence[str]) -> list[tu
         [('custom_generate/generate.py', '/home/me/heads')]
     """
     folder = Path(folder)
-    mentioned, beneath, existing = _local_path_patterns(folder)
+    patterns = _local_path_patterns(folder)
     found: list[tuple[str, str]] = []
     for relative in files:
         text = _readable_text(folder / relative)
-        if text is None:
-            continue
-        seen = set()
-        for pattern, must_exist in ((mentioned, False), (beneath, False), (existing, True), (_OTHER_ROOTS, True)):
-            for match in pattern.finditer(text) if pattern is not None else ():
-                path = match.group(0).rstrip(".:")
-                if not must_exist or os.path.lexists(path):
-                    seen.add(path)
-        found.extend((relative, path) for path in sorted(seen))
+        if text is not None:
+            found.extend((relative, path) for path in _paths_in(text, patterns))
     return found
+
+
+def local_paths_in(text: str, folder: str | os.PathLike) -> list[str]:
+    """The absolute paths of this machine in ``text`` that :func:`find_local_paths` finds in a file of ``folder``
+    (the artifact's folder, which need not exist yet): text that :func:`plan_push` would refuse to upload.
+
+    Example:
+        >>> local_paths_in("tool: /usr/bin/env, model: org/name", "out/")
+        []
+    """
+    return _paths_in(text, _local_path_patterns(Path(folder)))
+
+
+def _paths_in(text: str, patterns: tuple[re.Pattern | None, re.Pattern | None, re.Pattern | None]) -> list[str]:
+    mentioned, beneath, existing = patterns
+    seen = set()
+    for pattern, must_exist in ((mentioned, False), (beneath, False), (existing, True), (_OTHER_ROOTS, True)):
+        for match in pattern.finditer(text) if pattern is not None else ():
+            path = match.group(0).rstrip(".:")
+            if not must_exist or os.path.lexists(path):
+                seen.add(path)
+    return sorted(seen)
 
 
 def _local_path_patterns(folder: Path) -> tuple[re.Pattern | None, re.Pattern | None, re.Pattern | None]:

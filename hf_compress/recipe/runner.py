@@ -33,7 +33,8 @@ if TYPE_CHECKING:
     from ..evaluation.results import MetricRecord
 
 
-__all__ = ["RecipeResult", "StepRecord", "check_is_base_model", "check_not_base_folder", "load_recipe", "run"]
+__all__ = ["RecipeResult", "StepRecord", "check_is_base_model", "check_not_base_folder", "load_recipe",
+           "local_references", "run", "warn_local_references"]
 
 logger = get_logger(__name__)
 
@@ -127,13 +128,17 @@ def run(
         device: where the steps run (``"cpu"``, ``"cuda"``, ``"auto"``, a ``torch.device``); default: where the
             model is (the CPU for a loaded one).
         overwrite: save into a non-empty ``save_dir``.
-        progress: progress bars.
+        progress: progress bars, the steps' own (training, feature caching) included.
         repo_id: the Hub repo (``owner/name``) the folder will be pushed to, which the card's loading snippet
             then names; without it the snippet loads the saved folder from disk.
 
     Returns:
         A :class:`RecipeResult`; the folder holds the model, ``recipe.yaml``, ``recipe_results.json``, the card
         and, where the recipe sets them, ``custom_generate/`` or ``heads/``.
+
+    A recipe naming a local folder or text file (``base_model``, ``calibration_text``, ``training.text``, a
+    ``generation`` step's draft model) runs, with a warning logged before any work: the folder records those paths, so ``push_to_hub`` refuses it when
+    they are absolute, and its ``recipe.yaml`` rebuilds it only on this machine (:func:`warn_local_references`).
 
     Raises:
         RecipeError: the recipe is wrong or ``save_dir`` is the ``base_model``'s own folder (before anything is
@@ -165,6 +170,7 @@ def run(
     if model is not None and tokenizer is None:
         raise ValueError("run(model=...) needs the model's tokenizer too: pass tokenizer=.")
     _check_repo_id(repo_id)
+    warn_local_references(recipe, target)  # now, not an hour later when push_to_hub refuses the folder
     device = _resolve_device(device)
     if model is None:
         from ..assets import load_model
@@ -228,8 +234,75 @@ def run(
         result.final_metrics, result.seconds = dict(records[-1].metrics), time.perf_counter() - started
         return result
     with torch.no_grad():
-        write_folder(state, target, overwrite=overwrite, recipe=recipe, base_model=base_model, finish=finish)
+        write_folder(state, target, overwrite=overwrite, recipe=recipe, base_model=base_model, finish=finish,
+                     repo_id=repo_id)
     return result
+
+
+def local_references(recipe: Recipe) -> list[tuple[str, str]]:
+    """``(field, value)`` for each field of ``recipe`` that names something on this machine only: a
+    ``base_model`` that is a local folder, a ``calibration_text`` / ``training.text`` that is a text file (not one
+    of the offline text sets), a ``generation`` step's setting naming an existing file or folder (a draft model).
+    ``recipe.yaml``, the card and ``recipe_results.json`` record them as written.
+
+    Example:
+        >>> local_references(Recipe.from_dict({"name": "x", "base_model": "tiny-llama",
+        ...     "steps": [{"prune": {"method": "magnitude", "sparsity": "2:4"}}]}))
+        []
+    """
+    from ..assets.reference_models import REFERENCE_MODELS
+    from ..assets.text import CALIBRATION_TEXTS
+    from ..assets.tiny_models import TINY_ARCHITECTURES
+
+    found = []
+    name = recipe.base_model
+    tiny = name.startswith("tiny-") and name[len("tiny-"):] in TINY_ARCHITECTURES
+    if name not in REFERENCE_MODELS and not tiny and Path(name).expanduser().exists():  # what load_model reads
+        found.append(("base_model", name))
+    for step in recipe.steps:
+        fields = step.to_dict()
+        training = fields.get("training") if isinstance(fields.get("training"), dict) else {}
+        texts = [("calibration_text", fields.get("calibration_text")), ("training.text", training.get("text"))]
+        where = step.where(step.index, step.method)
+        for key, value in texts:
+            if isinstance(value, str) and value not in CALIBRATION_TEXTS:  # parsing checked it is a file
+                found.append((f"{where} {key}", value))
+        if step.kind == "generation":  # a strategy's draft model (or arbiter) given as a folder
+            found += [(f"{where} {key}", value) for key, value in fields.items()
+                      if key not in ("method", "strategy") and isinstance(value, str) and value
+                      and Path(value).expanduser().exists()]
+    return found
+
+
+def warn_local_references(recipe: Recipe, save_dir: str | os.PathLike) -> None:
+    """Warn, before any work, that the folder will record local paths (:func:`local_references`): with an
+    absolute path ``push_to_hub`` refuses the folder (it publishes no path of this machine), and either way its
+    ``recipe.yaml`` rebuilds it only on this machine. A local run is legitimate: this only warns."""
+    from ..assets.text import CALIBRATION_TEXTS
+    from ..hub.push import local_paths_in
+
+    found = local_references(recipe)
+    if not found:
+        return
+    listed = ", ".join(f"{field} {value!r}" for field, value in found)
+    blocked = sorted({path for _, value in found for path in local_paths_in(value, save_dir)})
+    if blocked:
+        what = (f"push_to_hub will refuse to push it (it publishes no absolute path of this machine: "
+                f"{', '.join(blocked)}), and its recipe.yaml rebuilds it only on this machine. To publish it")
+    else:
+        what = ("its recipe.yaml rebuilds it only on this machine (pushed, the folder cannot be rebuilt elsewhere). "
+                "For a folder that rebuilds anywhere")
+    fixes = []
+    if any(field == "base_model" for field, _ in found):
+        fixes.append("name the base model by its Hub id (push that folder to the Hub first)")
+    if any(field.endswith("text") for field, _ in found):
+        fixes.append(f"use an offline calibration text set ({', '.join(CALIBRATION_TEXTS)}) instead of a text file")
+    if any(field != "base_model" and not field.endswith("text") for field, _ in found):
+        fixes.append("name the strategy's models by their Hub ids")
+    logger.warning(
+        "recipe %r names files or folders of this machine: %s. The saved folder's recipe.yaml, card and "
+        "recipe_results.json record them as written, so %s, %s, and run again; a local run needs nothing more.",
+        recipe.name, listed, what, " and ".join(fixes))
 
 
 def check_is_base_model(model: PreTrainedModel, base_model: str) -> None:

@@ -5,7 +5,8 @@ sparsity mask when the layers carry one), ``save_routed`` (token router), ``save
 ``save_slim`` (structural), else a plain ``save_pretrained``; the staged folder is loaded back with
 ``from_pretrained`` and must give the in-memory model's logits (``check_reload``). Beside it: ``custom_generate/`` (a strategy
 without weights), ``heads/`` (drafting heads with their ``custom_generate`` strategy: heads and model each need
-their own ``config.json``), ``recipe.yaml``, ``recipe_results.json`` and the card. Everything is staged in one
+their own ``config.json``; the heads' card loads the model at the root with them, as the root card does),
+``recipe.yaml``, ``recipe_results.json`` and the card. Everything is staged in one
 ``atomic_directory``; the savers write into the staging folder.
 
 Example:
@@ -46,16 +47,18 @@ RESULTS_FILE = "recipe_results.json"
 
 def write_folder(
     state: RecipeState, target: str | os.PathLike, *, overwrite: bool, recipe: Recipe, base_model: str | None,
-    finish: Callable[[FolderLayout, dict[str, int]], tuple[ModelCard, dict[str, Any]]],
+    finish: Callable[[FolderLayout, dict[str, int]], tuple[ModelCard, dict[str, Any]]], repo_id: str | None = None,
 ) -> tuple[FolderLayout, dict[str, int]]:
     """Stage the model, the generation settings and ``recipe.yaml``; ``finish(layout, disk)`` returns the card and
-    the results written beside them (it sees the staged bytes on disk); then the folder replaces ``target``."""
+    the results written beside them (it sees the staged bytes on disk); then the folder replaces ``target``.
+    ``repo_id``: the Hub repo the folder goes to (``run``'s), which the heads' card names as the root card does."""
     from ..hub import write_model_card
 
     with atomic_directory(target, overwrite=overwrite) as staging:
         save_model(state, staging, base_model)
         reload_difference = check_reload(state.model, staging)
-        layout = _save_generation(state, staging, base_model)
+        layout = _save_generation(state, staging, base_model, repo_id=repo_id,
+                                  folder_name=Path(target).resolve().name)
         recipe.save_yaml(staging / RECIPE_FILE)
         disk = {
             "reload_max_logit_difference": reload_difference,
@@ -134,15 +137,25 @@ def save_model(state: RecipeState, folder: Path, base_model: str | None) -> str:
     return "dense"
 
 
-def _save_generation(state: RecipeState, folder: Path, base_model: str | None) -> FolderLayout:
-    """The strategy (and heads) of the recipe, where ``generate(custom_generate=...)`` finds them."""
+def _save_generation(state: RecipeState, folder: Path, base_model: str | None, *, repo_id: str | None = None,
+                     folder_name: str = "out") -> FolderLayout:
+    """The strategy (and heads) of the recipe, where ``generate(custom_generate=...)`` finds them.
+
+    The heads' own card (``heads/README.md``) describes them as what they are here: heads for the compressed
+    model at the root of the folder (or of ``repo_id``), with the root card's code that loads that model and
+    passes ``<root>/heads`` as ``custom_generate`` (``folder_name``: the root folder's name, for that code)."""
+    from .card import load_snippet
+
     strategy = state.strategy
     if state.heads is not None:
         if strategy is None:
             from ..speculative.heads import Amphista
 
             strategy = Amphista(state.heads)
-        strategy.save_pretrained(folder / HEADS_FOLDER, base_model=base_model)
+        beside = load_snippet(FolderLayout(heads_folder=HEADS_FOLDER), repo_id, folder_name)
+        with _compat.quiet_weight_progress():  # as the model's own save: no "Writing model shards" bar
+            strategy.save_pretrained(folder / HEADS_FOLDER, base_model=base_model, repo_id=repo_id,
+                                     beside_model=beside)
         return FolderLayout(heads_folder=HEADS_FOLDER, cache=state.cache)
     if strategy is not None:
         # The strategy's own folder (its checks, its generate.py); only custom_generate/ joins the model's folder,

@@ -79,6 +79,7 @@ class Amphista(SpeculativeDecoding):
         self.posterior_threshold = posterior_threshold
         self.posterior_alpha = posterior_alpha
         self._heads_source: str | None = None
+        self._beside_model: str | None = None
         if isinstance(heads, DraftHeads):
             self.num_draft_tokens = self.draft_tree(heads).depth
 
@@ -149,6 +150,7 @@ class Amphista(SpeculativeDecoding):
         metrics: Sequence[MetricRecord] = (),
         heads_source: str | None = None,
         save_heads_kwargs: dict[str, Any] | None = None,
+        beside_model: str | None = None,
     ) -> Path:
         """The ``custom_generate`` folder, with the heads' config and weights when they are in memory.
 
@@ -158,6 +160,12 @@ class Amphista(SpeculativeDecoding):
         base model (its Hub id); ``repo_id`` (the repo the card's code loads) and ``metrics`` (measured results
         for the card) as in :meth:`SpeculativeDecoding.save_pretrained`.
 
+        ``beside_model``: the folder is a sub-folder of the folder of the model the heads draft for (a recipe's
+        ``heads/`` beside its compressed model), and this is the code that loads that model and decodes with these
+        heads (``custom_generate=<that folder>/<sub-folder>``, as that folder's card shows it). The card then shows
+        it instead of loading ``base_model`` with ``custom_generate=<this folder>``, and says that the model is the
+        one at the root of the repo.
+
         Example:
             >>> Amphista(heads).save_pretrained("smollm2-amphista")  # doctest: +SKIP
             >>> model.generate(ids, custom_generate="smollm2-amphista", trust_remote_code=True)  # doctest: +SKIP
@@ -166,11 +174,12 @@ class Amphista(SpeculativeDecoding):
             heads_source = heads_source or HERE
             base_model = base_model or hub_model_id(self.heads.config.base_model_name_or_path)
         self._heads_source, self._save_heads_kwargs = heads_source, save_heads_kwargs or {}
+        self._beside_model = beside_model
         try:
             return super().save_pretrained(save_directory, base_model=base_model, overwrite=overwrite, repo_id=repo_id,
                                            metrics=metrics)
         finally:
-            self._heads_source = None
+            self._heads_source = self._beside_model = None
 
     def _check_saveable(self, settings: dict[str, Any]) -> None:
         if not settings["heads"]:
@@ -206,11 +215,14 @@ class Amphista(SpeculativeDecoding):
             if "base_model_name_or_path" in recipe["heads"]:
                 recipe["heads"]["base_model_name_or_path"] = _portable_name(recipe["heads"]["base_model_name_or_path"])
             recipe["parameters"] = sum(p.numel() for p in heads.parameters())
+        beside = getattr(self, "_beside_model", None)  # a sub-folder of the model's own folder (save_pretrained)
         return build_model_card(
             base_model=base_model, model_name=name, recipe=recipe, template="drafting_heads",
             extra_tags=["custom_generate", "speculative-decoding", "drafting-heads"], metrics=metrics,
-            repo_id=repo_id or name, load_snippet=usage_snippet(base_model, local=repo_id is None),
+            repo_id=repo_id or name,
+            load_snippet=beside if beside is not None else usage_snippet(base_model, local=repo_id is None),
             pipeline_tag=None,  # not a model: pipeline("text-generation", model=<this repo>) cannot run it
+            template_fields={"beside_model": beside is not None},
         )
 
 

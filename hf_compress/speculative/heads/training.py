@@ -146,8 +146,10 @@ class FeatureDataset(torch.utils.data.Dataset):
 
 
 @torch.no_grad()
-def cache_base_features(model: PreTrainedModel, dataset: Dataset, batch_size: int = 8) -> FeatureDataset:
-    """Run the base model once over ``dataset`` (``input_ids``, optional ``labels``) and keep its features."""
+def cache_base_features(model: PreTrainedModel, dataset: Dataset, batch_size: int = 8, *, progress: bool = True
+                        ) -> FeatureDataset:
+    """Run the base model once over ``dataset`` (``input_ids``, optional ``labels``) and keep its features
+    (``progress``: its progress bar)."""
     # Kept on the CPU with the cached features (the Trainer moves each batch to the device).
     input_ids = torch.tensor(dataset["input_ids"], device="cpu")
     labels = torch.tensor(dataset["labels"], device="cpu") if "labels" in dataset.column_names else input_ids.clone()
@@ -155,7 +157,8 @@ def cache_base_features(model: PreTrainedModel, dataset: Dataset, batch_size: in
     device = model.get_input_embeddings().weight.device
     chunks = []
     with _eval_mode(model):
-        for start in tqdm(range(0, len(input_ids), batch_size), desc="caching base features", unit="batch"):
+        for start in tqdm(range(0, len(input_ids), batch_size), desc="caching base features", unit="batch",
+                          disable=not progress):
             batch = input_ids[start : start + batch_size].to(device)
             chunks.append(body(input_ids=batch).last_hidden_state.cpu())
     return FeatureDataset(input_ids, labels, torch.cat(chunks))
@@ -228,6 +231,8 @@ def train_heads(
             :class:`FeatureDataset` already cached.
         args: ``TrainingArguments`` (used as given, so multi-GPU launchers work unchanged) or
             :class:`~hf_compress.training.TrainingSettings`; default: 1e-3, cosine, 100 steps (Medusa's lr).
+            Its progress setting (``TrainingSettings.progress``, ``TrainingArguments.disable_tqdm``) also
+            governs the feature-caching bar.
         cache_features: Compute the base features once before training (see :func:`cache_base_features`).
         max_train_seconds: Wall-clock budget; training stops after the step that crosses it. The learning
             rate schedule still follows ``max_steps``, so choose ``max_steps`` to roughly fit the budget.
@@ -250,12 +255,14 @@ def train_heads(
     record_base_model(heads.config, model)  # heads saved before identities were recorded get one
     if args is None:
         args = TrainingSettings(max_steps=100, learning_rate=1e-3, lr_scheduler_type="cosine")
+    progress = _shows_progress(args)
     features_cached = isinstance(dataset, FeatureDataset)
     if cache_features and not features_cached:
-        dataset = cache_base_features(model, dataset)
+        dataset = cache_base_features(model, dataset, progress=progress)
         features_cached = True
     if eval_dataset is not None and features_cached and not isinstance(eval_dataset, FeatureDataset):
-        eval_dataset = cache_base_features(model, eval_dataset)  # the training module holds no base body then
+        # the training module holds no base body then
+        eval_dataset = cache_base_features(model, eval_dataset, progress=progress)
     trained = [p for p in model.parameters() if p.requires_grad]
     module = HeadsTrainingModule(heads, model, features_cached)
     heads.train()
@@ -279,6 +286,14 @@ def train_heads(
         "stopped_by_budget": result["stopped_by_budget"],
     }
     return result
+
+
+def _shows_progress(args: Any) -> bool:
+    """Whether the training run ``args`` describes draws progress bars: ``TrainingSettings.progress`` (the CLI's
+    ``-q``, a recipe's ``progress``), or not ``TrainingArguments.disable_tqdm``."""
+    if isinstance(args, TrainingSettings):
+        return args.progress
+    return not getattr(args, "disable_tqdm", False)
 
 
 def _feature_body(model: PreTrainedModel) -> nn.Module:
