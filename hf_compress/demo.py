@@ -20,7 +20,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .evaluation.memory import disk_bytes
 from .evaluation.suite import EvaluationSettings, run_evaluation
-from .hub import hub_model_id
+from .hub import base_weights_of, hub_model_id
 from .utils import atomic_directory, atomic_file, get_logger
 
 
@@ -95,13 +95,14 @@ def run_demo(
     model, tokenizer = load_model(model_name)
     # A card names the base model by its Hub id (the reference models know theirs), never by a local path.
     base_model = hub_model_id(getattr(model.config, "name_or_path", None))
+    base_weights = base_weights_of(model.config)  # a reference model: the GGUF its weights were de-quantized from
     short_name = (base_model or str(model_name)).rstrip("/").rpartition("/")[2]
     logger.info("Evaluating the dense model %s", model_name)
     rows = []
     with atomic_directory(output_dir, overwrite=True) as staging:
         dense_results, dense_records = run_evaluation(model, tokenizer, settings, progress=progress)
         _write_artifact(staging / "dense", model, tokenizer, None, base_model, f"{short_name}-dense", {"method": "none"},
-                        dense_records, dense_results)
+                        dense_records, dense_results, base_weights=base_weights)
         rows.append(_row("dense", dense_results, staging / "dense"))
         if not methods:
             logger.warning("No compression method is registered yet; the demo only measures the dense model.")
@@ -114,7 +115,8 @@ def run_demo(
             compressed, recipe = method.apply(model, tokenizer, calibration, **quiet)
             results, records = run_evaluation(compressed, tokenizer, settings, progress=progress)
             _write_artifact(staging / method.name, compressed, tokenizer, method.save, base_model,
-                            f"{short_name}-{method.name}", recipe, records, results, base_records=dense_records)
+                            f"{short_name}-{method.name}", recipe, records, results, base_records=dense_records,
+                            base_weights=base_weights)
             rows.append(_row(method.name, results, staging / method.name))
             del compressed
         _write_json(staging / "summary.json", {"model": short_name if os.path.exists(str(model_name)) else model_name, "settings": settings.to_dict(), "rows": rows})
@@ -158,13 +160,14 @@ def _fmt(value: Any) -> str:
 
 
 def _write_artifact(folder: Path, model, tokenizer, save, base_model: str | None, name: str, recipe: dict[str, Any],
-                    records, results: dict[str, Any], base_records=()) -> None:
-    """A Hub-ready folder: what ``from_pretrained`` needs, a model card with measured metrics, raw results."""
+                    records, results: dict[str, Any], base_records=(), base_weights=None) -> None:
+    """A Hub-ready folder: what ``from_pretrained`` needs, a model card with measured metrics, raw results.
+    ``base_weights``: the dense model's GGUF origin (``hub.base_weights_of``), which the card states."""
     from .hub import build_model_card, write_model_card
 
     (save or _save_pretrained)(model, tokenizer, folder)
     card = build_model_card(base_model=base_model, model_name=name, recipe=recipe, metrics=records,
-                            base_metrics=base_records)
+                            base_metrics=base_records, base_weights=base_weights)
     write_model_card(folder, card)
     _write_json(folder / "results.json", results)
 

@@ -80,7 +80,7 @@ from hf_compress.evaluation.report import (
     start_benchmark,
     write_benchmark,
 )
-from hf_compress.hub import hub_model_id
+from hf_compress.hub import base_weights_of, hub_model_id
 from hf_compress.hub.manifest import (
     MANIFEST_FILENAME,
     Manifest,
@@ -296,6 +296,7 @@ def build_adapter(artifact: Artifact, folder: Path, ctx: Context) -> Built:
 
     s = ctx.scale
     model, tokenizer = load_model(s.base)  # a copy of its own: the adapter wraps its layers
+    base_weights = base_weights_of(model.config)  # a reference model's GGUF origin, which the card states
     config = DLQATConfig(bits=3, group_size=s.adapter_group_size, r=16, lora_alpha=16.0, target_modules="all-linear")
     with _compat.third_party_warnings_silenced():
         peft_model = get_peft_model(model.to(ctx.device), config)
@@ -324,7 +325,7 @@ def build_adapter(artifact: Artifact, folder: Path, ctx: Context) -> Built:
                                    'id ("<owner>/<repo>") instead\n')
     card = build_model_card(
         base_model=base_model, model_name=ctx.repo_name(artifact.key), recipe=recipe, metrics=records,
-        template="adapter", repo_id=repo_id,
+        template="adapter", repo_id=repo_id, base_weights=base_weights,
         load_snippet=("import hf_compress  # registers the DLQAT adapter type with peft\n"
                       "from peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n\n" + local +
                       'base = AutoModelForCausalLM.from_pretrained("{base_model}")\n'
@@ -387,7 +388,7 @@ def build_fly(artifact: Artifact, folder: Path, ctx: Context) -> Built:
     results = _strategy_results(strategy, ctx)
     metrics = _strategy_metrics(results, ctx)
     strategy.save_pretrained(folder, base_model=ctx.base_hub_id, repo_id=ctx.repo_id(artifact.key),
-                             metrics=[m.record for m in metrics])
+                             metrics=[m.record for m in metrics], base_weights=base_weights_of(ctx.base()[0].config))
     return Built(recipe={"method": "fly", **strategy.settings()}, metrics=metrics, results=results)
 
 

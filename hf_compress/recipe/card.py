@@ -51,14 +51,16 @@ class FolderLayout:
 
 def recipe_card(recipe: Recipe, records: Sequence[StepRecord], final_metrics: Sequence[MetricRecord],
                 layout: FolderLayout, base_model: str | None, *, repo_id: str | None = None,
-                folder: str = "out", base_facts: dict[str, str] | None = None) -> ModelCard:
+                folder: str = "out", base_facts: dict[str, str] | None = None,
+                base_weights: dict[str, Any] | None = None) -> ModelCard:
     """The card of the final folder (``model-index`` = ``final_metrics``, measured on the final model).
 
     Its loading snippet names ``repo_id`` (the Hub repo the folder goes to) when known, else the saved ``folder``
     (its own name, without the path to it, which a card read elsewhere cannot know): the recipe's name alone is
     no repo id. ``base_facts`` (``steps.model_facts``): what the base model already was (a folder hf_compress
     saved), which the card says (``compression.recipe.base_model_already`` and a sentence), since the steps
-    listed are not all that was done to the weights.
+    listed are not all that was done to the weights. ``base_weights`` (``hub.base_weights_of`` of the base model):
+    the GGUF a reference base model was de-quantized from, which the card states (``compression.base_weights``).
     """
     stages = [{"kind": step.kind, "method": step.method or step.fields.get("cache", {}).get("method", step.kind),
                **step.to_dict()} for step in recipe.steps]
@@ -70,6 +72,7 @@ def recipe_card(recipe: Recipe, records: Sequence[StepRecord], final_metrics: Se
     card = build_model_card(
         base_model=base_model, model_name=recipe.name, recipe=card_recipe, metrics=final_metrics, template=TEMPLATE,
         repo_id=repo_id, load_snippet=load_snippet(layout, repo_id, folder), extra_tags=["hf_compress-recipe"],
+        base_weights=base_weights,
     )
     description = recipe.description.strip() if recipe.description else ""
     if already:

@@ -156,7 +156,7 @@ def run(
     from tqdm.auto import tqdm
     from transformers import set_seed
 
-    from ..hub import base_model_of
+    from ..hub import base_model_of, base_weights_of
     from .card import recipe_card
     from .measure import decoder_linear_fp32_bytes, measure
     from ..training import is_main_process
@@ -193,6 +193,7 @@ def run(
     # The card's base_model: the Hub model the recipe names (which recipe.yaml rebuilds from), else the model's own
     # (a folder hf_compress saved records the Hub model it came from, as every other card of the library names it).
     base_model = recipe_hub_id(recipe.base_model) or base_model_of(model.config)
+    base_weights = base_weights_of(model.config)  # a reference model (or a folder saved from one): its GGUF origin
     base_fp32 = decoder_linear_fp32_bytes(model)
     zero_shot = bool(recipe.evaluation.zero_shot_tasks)
 
@@ -227,7 +228,7 @@ def run(
         result.final_metrics = {**records[-1].metrics, **disk}
         result.seconds = time.perf_counter() - started
         card = recipe_card(recipe, result.records, final_records, layout, base_model, repo_id=repo_id,
-                           folder=Path(target).resolve().name, base_facts=facts)
+                           folder=Path(target).resolve().name, base_facts=facts, base_weights=base_weights)
         return card, result.to_dict()
 
     if not is_main_process():  # under torchrun every process ran the recipe alike; rank 0 writes the folder

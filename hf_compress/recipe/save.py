@@ -144,9 +144,13 @@ def _save_generation(state: RecipeState, folder: Path, base_model: str | None, *
     The heads' own card (``heads/README.md``) describes them as what they are here: heads for the compressed
     model at the root of the folder (or of ``repo_id``), with the root card's code that loads that model and
     passes ``<root>/heads`` as ``custom_generate`` (``folder_name``: the root folder's name, for that code)."""
+    from ..hub import base_weights_of
     from .card import load_snippet
 
     strategy = state.strategy
+    # A reference model's GGUF origin, which the cards state (passed only when there is one: a registered strategy of
+    # its own may override save_pretrained without that argument).
+    stated = {"base_weights": base_weights} if (base_weights := base_weights_of(state.model.config)) else {}
     if state.heads is not None:
         if strategy is None:
             from ..speculative.heads import Amphista
@@ -155,13 +159,13 @@ def _save_generation(state: RecipeState, folder: Path, base_model: str | None, *
         beside = load_snippet(FolderLayout(heads_folder=HEADS_FOLDER), repo_id, folder_name)
         with _compat.quiet_weight_progress():  # as the model's own save: no "Writing model shards" bar
             strategy.save_pretrained(folder / HEADS_FOLDER, base_model=base_model, repo_id=repo_id,
-                                     beside_model=beside)
+                                     beside_model=beside, **stated)
         return FolderLayout(heads_folder=HEADS_FOLDER, cache=state.cache)
     if strategy is not None:
         # The strategy's own folder (its checks, its generate.py); only custom_generate/ joins the model's folder,
         # whose card describes both.
         with tempfile.TemporaryDirectory(prefix="recipe-strategy-") as scratch:
-            saved = strategy.save_pretrained(Path(scratch) / "strategy", base_model=base_model)
+            saved = strategy.save_pretrained(Path(scratch) / "strategy", base_model=base_model, **stated)
             shutil.copytree(saved / "custom_generate", folder / "custom_generate")
         return FolderLayout(custom_generate=True, cache=state.cache)
     return FolderLayout(cache=state.cache)

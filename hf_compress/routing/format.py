@@ -172,7 +172,7 @@ def save_routed(
     Example:
         >>> save_routed(routed, tokenizer, "smollm2-routed-30")  # doctest: +SKIP
     """
-    from ..hub import build_model_card, write_model_card
+    from ..hub import base_weights_of, build_model_card, write_model_card
     from ..utils import atomic_directory, check_save_dir
 
     target = check_save_dir(save_dir, overwrite)
@@ -194,6 +194,7 @@ def save_routed(
             tokenizer.save_pretrained(staging)
         card = build_model_card(
             base_model=base_model, model_name=model_name or target.name, recipe=card_recipe, metrics=metrics or (),
+            base_weights=base_weights_of(model.config),
         )
         write_model_card(staging, card)
     return target

@@ -16,7 +16,7 @@ import os
 import re
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -295,6 +295,7 @@ class SpeculativeDecoding:
         overwrite: bool = False,
         repo_id: str | None = None,
         metrics: Sequence[MetricRecord] = (),
+        base_weights: Mapping[str, Any] | None = None,
     ) -> Path:
         """Write a folder that ``generate(custom_generate=<folder or repo>, trust_remote_code=True)`` runs.
 
@@ -312,6 +313,8 @@ class SpeculativeDecoding:
             metrics: Measured results of this strategy (:class:`~hf_compress.evaluation.results.MetricRecord`,
                 e.g. its speed-up over greedy ``generate()``) for the card's ``model-index`` and results table;
                 only numbers actually measured belong here.
+            base_weights: The GGUF origin of the reference model the results were measured with
+                (``hf_compress.hub.base_weights_of(model.config)``), which the card states; ``None``: none.
 
         Example:
             >>> FLy().save_pretrained("fly-ngram")  # doctest: +SKIP
@@ -324,7 +327,12 @@ class SpeculativeDecoding:
             from huggingface_hub.utils import validate_repo_id
 
             validate_repo_id(repo_id)  # an HFValidationError (a ValueError) before anything is written
-        card = self._card(Path(save_directory).name, base_model, settings, repo_id, metrics)
+        # model_card reads it from here: a subclass's override keeps the signature it had before base_weights.
+        previous, self._base_weights = getattr(self, "_base_weights", None), base_weights
+        try:
+            card = self._card(Path(save_directory).name, base_model, settings, repo_id, metrics)
+        finally:
+            self._base_weights = previous
         with atomic_directory(save_directory, overwrite=overwrite) as tmp:
             (tmp / "custom_generate").mkdir()
             (tmp / "custom_generate" / "generate.py").write_text(render_generate_py(self.method, settings))
@@ -368,11 +376,11 @@ class SpeculativeDecoding:
             load_snippet=usage_snippet(base_model, local=repo_id is None),
             # No pipeline tag: the folder is a decoding strategy for a base model, and the Hub's "Use this model"
             # would offer pipeline("text-generation", model=<this repo>), which cannot run it.
-            pipeline_tag=None,
+            pipeline_tag=None, base_weights=getattr(self, "_base_weights", None),
         )
 
     def push_to_hub(self, repo_id: str, *, base_model: str | None = None, metrics: Sequence[MetricRecord] = (),
-                    **push_kwargs):
+                    base_weights: Mapping[str, Any] | None = None, **push_kwargs):
         """``save_pretrained`` into a temporary folder and upload it (see :func:`hf_compress.hub.push_to_hub`).
 
         The card's code runs ``custom_generate="<repo_id>"``. A draft model, tokenizer or heads referenced by a
@@ -386,7 +394,8 @@ class SpeculativeDecoding:
 
         with tempfile.TemporaryDirectory() as tmp:
             folder = self.save_pretrained(Path(tmp) / repo_id.split("/")[-1], base_model=base_model, repo_id=repo_id,
-                                          metrics=metrics, **self._save_kwargs_for_push(repo_id))
+                                          metrics=metrics, base_weights=base_weights,
+                                          **self._save_kwargs_for_push(repo_id))
             local = _local_references(read_generate_settings(folder))
             if local:
                 raise ValueError(

@@ -42,6 +42,9 @@ class ArbiterConfig(PreTrainedConfig):
         base_model_identity: The target's text model type and a few entries of its input embeddings (filled by
             ``for_model``), checked before decoding so an arbiter trained for another target of the same shape is
             refused.
+        base_weights: Where the target's weights came from when it is a reference model (a GGUF de-quantized to
+            float32: ``hf_compress.hub.base_weights_of``), filled by ``for_model`` and stated on the arbiter's card;
+            ``None`` for any other target (and in folders saved before it was recorded).
         training: What ``train_arbiter`` did (data, oracle labels, RL steps, λ), for the model card.
         calibration: What ``calibrate_arbiter`` did (held-out prompts, target share kept, every threshold tried,
             the one chosen and now in ``threshold``), for the model card; ``None`` = not calibrated.
@@ -69,6 +72,7 @@ class ArbiterConfig(PreTrainedConfig):
     draft_tokenizer_name_or_path: str | None = None
     draft_tokenizer_fingerprint: str | None = None
     base_model_identity: dict | None = None
+    base_weights: dict | None = None
     training: dict | None = None
     calibration: dict | None = None
 
@@ -89,7 +93,7 @@ class ArbiterConfig(PreTrainedConfig):
                      "tokenizer_name_or_path", "draft_tokenizer_name_or_path", "draft_tokenizer_fingerprint"):
             check_str(name, getattr(self, name), allow_none=True)
         check_identity_field(self.base_model_identity)
-        for name in ("training", "calibration"):
+        for name in ("training", "calibration", "base_weights"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), dict):
                 raise InvalidArgumentTypeError(f"{name} must be a dict or None, got {type(getattr(self, name)).__name__}.")
         super().__post_init__(**kwargs)

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ...hub import base_weights_of
 from ...utils import InvalidArgumentTypeError, get_logger
 from ..acceptance import Verdict
 from ...modeling.identity import base_model_identity, check_base_model
@@ -148,6 +149,7 @@ class CoSpecArbiter(PreTrainedModel):
         config.hidden_size, config.vocab_size = head.in_features, head.out_features
         config.base_model_name_or_path = model.config.name_or_path or None
         config.base_model_identity = base_model_identity(model)
+        config.base_weights = base_weights_of(model.config)  # a reference target's GGUF origin, for the card
         if tokenizer is not None:
             config.tokenizer_fingerprint = tokenizer_fingerprint(tokenizer)
             config.tokenizer_name_or_path = tokenizer.name_or_path or None

@@ -7,7 +7,7 @@ a draft model (or n-gram prompt lookup) and :class:`~.rule.ArbiterRule` as its a
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -323,6 +323,7 @@ class CoSpec(SpeculativeDecoding):
         metrics: Sequence[MetricRecord] = (),
         arbiter_source: str | None = None,
         save_arbiter_kwargs: dict[str, Any] | None = None,
+        base_weights: Mapping[str, Any] | None = None,
     ) -> Path:
         """The ``custom_generate`` folder, with the arbiter's config and weights when it is in memory.
 
@@ -332,7 +333,9 @@ class CoSpec(SpeculativeDecoding):
         (measured results for the card) as in :meth:`SpeculativeDecoding.save_pretrained`. A cross-tokenizer pair
         (a ``draft_tokenizer`` of another vocabulary) is recorded in the saved config (the draft tokenizer's
         fingerprint and name, the target tokenizer's and the draft model's names), so the folder refuses another
-        draft tokenizer; the arbiter in memory is left as it is.
+        draft tokenizer; the arbiter in memory is left as it is. ``base_weights`` (the GGUF origin of a reference
+        target, which the card states) defaults to the one the arbiter recorded when it was built
+        (``config.base_weights``).
 
         Example:
             >>> CoSpec(arbiter).save_pretrained("smollm2-cospec")  # doctest: +SKIP
@@ -342,6 +345,7 @@ class CoSpec(SpeculativeDecoding):
         if isinstance(self.arbiter, CoSpecArbiter):
             arbiter_source = arbiter_source or HERE
             base_model = base_model or hub_model_id(self.arbiter.config.base_model_name_or_path)
+            base_weights = base_weights or getattr(self.arbiter.config, "base_weights", None)
             record = self._pair_record()  # a cross-tokenizer pair: saved with the arbiter, which stays as it is
         config = self.arbiter.config if record else None
         kept = {key: getattr(config, key) for key in record}
@@ -351,7 +355,7 @@ class CoSpec(SpeculativeDecoding):
             for key, value in record.items():
                 setattr(config, key, value)
             return super().save_pretrained(save_directory, base_model=base_model, overwrite=overwrite, repo_id=repo_id,
-                                           metrics=metrics)
+                                           metrics=metrics, base_weights=base_weights)
         finally:
             self._arbiter_source = previous
             for key, value in kept.items():
@@ -388,7 +392,8 @@ class CoSpec(SpeculativeDecoding):
             from ..heads.strategy import _portable_name
 
             arbiter = {k: v for k, v in self.arbiter.config.to_diff_dict().items()
-                       if k not in ("transformers_version", "architectures", "base_model_identity")}  # numbers
+                       # numbers; base_weights goes to the card's compression.base_weights and its paragraph
+                       if k not in ("transformers_version", "architectures", "base_model_identity", "base_weights")}
             for key in _NAME_FIELDS:
                 if key in arbiter:
                     arbiter[key] = _portable_name(arbiter[key])
@@ -399,4 +404,5 @@ class CoSpec(SpeculativeDecoding):
             extra_tags=["custom_generate", "speculative-decoding", "cospec"], metrics=metrics,
             repo_id=repo_id or name, load_snippet=usage_snippet(base_model, local=repo_id is None),
             pipeline_tag=None,  # not a causal LM: the Hub must not offer pipeline("text-generation", model=<this repo>)
+            base_weights=getattr(self, "_base_weights", None),
         )

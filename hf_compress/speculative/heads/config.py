@@ -1,8 +1,8 @@
 """Configurations of drafting heads: Medusa (independent heads) and Amphista (heads that talk to each other).
 
 Both are ``transformers`` configs (``config.json`` round-trips, ``push_to_hub`` works); the fields that tie
-heads to a base model (``hidden_size``, ``vocab_size``, ``base_model_name_or_path``, ``base_model_identity``)
-are filled in by :meth:`~.modeling.DraftHeads.for_model`.
+heads to a base model (``hidden_size``, ``vocab_size``, ``base_model_name_or_path``, ``base_model_identity``,
+``base_weights``) are filled in by :meth:`~.modeling.DraftHeads.for_model`.
 """
 
 from __future__ import annotations
@@ -32,6 +32,9 @@ class DraftHeadsConfig(PreTrainedConfig):
         base_model_identity: The base model's text model type and a few entries of its input embeddings (filled
             by ``for_model``), checked before decoding so heads trained for another model of the same shape are
             refused.
+        base_weights: Where the base model's weights came from when it is a reference model (a GGUF de-quantized to
+            float32: ``hf_compress.hub.base_weights_of``), filled by ``for_model`` and stated on the heads' card;
+            ``None`` for any other base (and in folders saved before it was recorded).
     """
 
     model_type = "hf_compress_draft_heads"
@@ -41,6 +44,7 @@ class DraftHeadsConfig(PreTrainedConfig):
     vocab_size: int | None = None
     base_model_name_or_path: str | None = None
     base_model_identity: dict | None = None
+    base_weights: dict | None = None
     top_k: int = 10
     tree: list | None = None
     share_lm_head: bool = False
@@ -59,8 +63,9 @@ class DraftHeadsConfig(PreTrainedConfig):
         check_bool("share_lm_head", self.share_lm_head)
         self.loss_decay = check_float("loss_decay", self.loss_decay, low=0.0, high=1.0, low_open=True)
         self.initializer_range = check_float("initializer_range", self.initializer_range, low=0.0, low_open=True)
-        if self.training is not None and not isinstance(self.training, dict):
-            raise InvalidArgumentTypeError(f"training must be a dict or None, got {type(self.training).__name__}.")
+        for name in ("training", "base_weights"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), dict):
+                raise InvalidArgumentTypeError(f"{name} must be a dict or None, got {type(getattr(self, name)).__name__}.")
         if self.tree is not None:
             self.tree = self.check_tree(self.tree).to_list()
         super().__post_init__(**kwargs)

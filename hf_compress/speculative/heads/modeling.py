@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
+from ...hub import base_weights_of
 from ...utils import get_logger
 from ...modeling.identity import base_model_identity, check_base_model
 from .config import AmphistaConfig, DraftHeadsConfig, MedusaConfig
@@ -89,6 +90,7 @@ class DraftHeads(PreTrainedModel):
         config.vocab_size = model.get_output_embeddings().out_features
         config.base_model_name_or_path = model.config.name_or_path or None
         config.base_model_identity = base_model_identity(model)
+        config.base_weights = base_weights_of(model.config)  # a reference model's GGUF origin, for the heads' card
         if isinstance(config, AmphistaConfig):
             config.check_widths()  # now that hidden_size is known
         heads = heads_class(config)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -151,6 +151,7 @@ class Amphista(SpeculativeDecoding):
         heads_source: str | None = None,
         save_heads_kwargs: dict[str, Any] | None = None,
         beside_model: str | None = None,
+        base_weights: Mapping[str, Any] | None = None,
     ) -> Path:
         """The ``custom_generate`` folder, with the heads' config and weights when they are in memory.
 
@@ -166,6 +167,9 @@ class Amphista(SpeculativeDecoding):
         it instead of loading ``base_model`` with ``custom_generate=<this folder>``, and says that the model is the
         one at the root of the repo.
 
+        ``base_weights`` (the GGUF origin of a reference base model, which the card states) defaults to the one the
+        heads recorded when they were built (``config.base_weights``).
+
         Example:
             >>> Amphista(heads).save_pretrained("smollm2-amphista")  # doctest: +SKIP
             >>> model.generate(ids, custom_generate="smollm2-amphista", trust_remote_code=True)  # doctest: +SKIP
@@ -173,11 +177,12 @@ class Amphista(SpeculativeDecoding):
         if isinstance(self.heads, DraftHeads):
             heads_source = heads_source or HERE
             base_model = base_model or hub_model_id(self.heads.config.base_model_name_or_path)
+            base_weights = base_weights or getattr(self.heads.config, "base_weights", None)
         self._heads_source, self._save_heads_kwargs = heads_source, save_heads_kwargs or {}
         self._beside_model = beside_model
         try:
             return super().save_pretrained(save_directory, base_model=base_model, overwrite=overwrite, repo_id=repo_id,
-                                           metrics=metrics)
+                                           metrics=metrics, base_weights=base_weights)
         finally:
             self._heads_source = self._beside_model = None
 
@@ -210,7 +215,8 @@ class Amphista(SpeculativeDecoding):
         if heads is not None:
             recipe["heads"] = {
                 k: v for k, v in heads.config.to_diff_dict().items()
-                if k not in ("transformers_version", "architectures", "base_model_identity")  # numbers, not a setting
+                # numbers, not a setting; base_weights goes to the card's compression.base_weights and its paragraph
+                if k not in ("transformers_version", "architectures", "base_model_identity", "base_weights")
             }
             if "base_model_name_or_path" in recipe["heads"]:
                 recipe["heads"]["base_model_name_or_path"] = _portable_name(recipe["heads"]["base_model_name_or_path"])
@@ -222,7 +228,7 @@ class Amphista(SpeculativeDecoding):
             repo_id=repo_id or name,
             load_snippet=beside if beside is not None else usage_snippet(base_model, local=repo_id is None),
             pipeline_tag=None,  # not a model: pipeline("text-generation", model=<this repo>) cannot run it
-            template_fields={"beside_model": beside is not None},
+            template_fields={"beside_model": beside is not None}, base_weights=getattr(self, "_base_weights", None),
         )
 
 
