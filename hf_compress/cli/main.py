@@ -321,7 +321,7 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int_at_least(1), default=None,
                         help="fixed seeded subset of each zero-shot task (default: every example)")
     parser.add_argument("--speed-prompts", type=int_at_least(0), default=0,
-                        help="prompts for a greedy tokens/s measurement (default 0: none)")
+                        help="prompts for a greedy tokens/s measurement, 64 new tokens each (default 0: none)")
     parser.add_argument("--kv-seq-len", type=int_at_least(1), default=None,
                         help="measure KV-cache bytes at this length (default: not measured)")
     parser.add_argument("--output", default=None, help="write the results JSON to this file (default: print only)")
@@ -354,7 +354,14 @@ def run_eval(args: argparse.Namespace) -> int:
     results["model"] = args.model
     for record in records:
         split = f" [{record.dataset_split}]" if record.dataset_split else ""
-        print(f"{record.dataset_type}{split} {record.metric_type}: {record.metric_value:.4f}")
+        # A zero-shot record's config tells tasks of one dataset apart (ARC-Easy and ARC-Challenge are both
+        # allenai/ai2_arc); n says how many examples the accuracy is over.
+        dataset = record.dataset_type
+        n = ""
+        if record.task_type == "multiple-choice":
+            dataset += f" ({record.metric_config})" if record.metric_config else ""
+            n = f" (n={record.settings['n']})" if "n" in record.settings else ""
+        print(f"{dataset}{split} {record.metric_type}: {record.metric_value:.4f}{n}")
     # Speed and cache size are not model-card records, but they are what the user asked for: print them too.
     generation = results.get("generation")
     if generation:

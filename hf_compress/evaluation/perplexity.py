@@ -18,6 +18,11 @@ any it was trained on, and its perplexity is inflated. Tokenizers that add no BO
 models) are scored exactly as above.
 
 Windows have equal length, so batches need no padding.
+
+A window longer than the positions the model's config states (``max_position_embeddings``) is refused for learned
+position tables (GPT-2, OPT: it would index past them) and, for rotary models, which run past it without an
+error, measured with a warning and recorded (``max_position_embeddings`` in the result and the card's settings):
+the model is then extrapolating, and the number is not comparable with one measured within its positions.
 """
 
 from __future__ import annotations
@@ -99,7 +104,9 @@ def evaluate_perplexity(
 
     Returns a JSON-ready dict: ``perplexity``, ``nll`` (mean, nats/token), ``tokens`` (predicted),
     ``windows``, ``window``, ``max_windows``, ``score_last``, ``bos`` (each window started with the tokenizer's
-    BOS: see the module docstring), ``seconds``. The model is measured in eval mode (its mode is restored after).
+    BOS: see the module docstring), ``max_position_embeddings`` (the config's positions when ``window`` exceeds
+    them, else ``None``: see the module docstring), ``seconds``. The model is measured in eval mode (its mode is
+    restored after).
 
     Example:
         >>> from hf_compress.assets import load_text
@@ -115,11 +122,26 @@ def evaluate_perplexity(
     check_bool("progress", progress)
     check_tokenizer(tokenizer)
     check_within_learned_positions(model, window, "window is", "window")
+    positions = position_limit(model)
+    beyond = positions is not None and window > positions
+    if beyond:  # rotary/computed positions run past it without an error, as transformers lets them (and warns)
+        logger.warning(
+            "window is %d tokens, but this model's config states %d positions (max_position_embeddings): the model "
+            "extrapolates past what it was trained on, and this perplexity is not comparable with one measured at "
+            "window <= %d. The card records it (max_position_embeddings=%d); use window <= %d for a standard number.",
+            window, positions, positions, positions, positions)
     scored = window - 1 if score_last is None else score_last
     bos = window_bos(tokenizer)
     if bos is not None and window < 3:
         raise ValueError(f"window must be at least 3 tokens for a tokenizer that starts each window with BOS, got {window}.")
-    windows = token_windows(tokenize_stream(texts, tokenizer), window if bos is None else window - 1, max_windows)
+    stream = tokenize_stream(texts, tokenizer)
+    text_tokens = window if bos is None else window - 1
+    if stream.numel() < text_tokens:
+        most = stream.numel() + (bos is not None)
+        raise ValueError(f"The text has {stream.numel()} tokens, fewer than one window of {window}"
+                         + (" (BOS and " + str(text_tokens) + " text tokens)" if bos is not None else "")
+                         + f"; use window <= {most} or pass more text.")
+    windows = token_windows(stream, text_tokens, max_windows)
     device = model.device
     total_nll, total_tokens = 0.0, 0
     start = time.perf_counter()
@@ -148,8 +170,26 @@ def evaluate_perplexity(
         "max_windows": max_windows,
         "score_last": score_last,
         "bos": bos is not None,
+        "max_position_embeddings": positions if beyond else None,
         "seconds": seconds,
     }
+
+
+def position_limit(model: PreTrainedModel) -> int | None:
+    """The positions a model's (text) config states (``n_positions``, ``max_position_embeddings`` or ``n_ctx``, as
+    lm-eval reads them), or ``None`` when it states none.
+
+    Example:
+        >>> from hf_compress.assets import tiny_model
+        >>> position_limit(tiny_model("llama")[0])
+        512
+    """
+    config = model.config.get_text_config()
+    for name in ("n_positions", "max_position_embeddings", "n_ctx"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def window_bos(tokenizer: PreTrainedTokenizerBase) -> int | None:
@@ -201,6 +241,8 @@ def perplexity_record(result: dict[str, Any], dataset_type: str, dataset_name: s
         settings["score_last"] = last
     if result.get("bos"):
         settings["bos_per_window"] = True
+    if result.get("max_position_embeddings"):  # the window ran past the config's positions: say so on the card
+        settings["max_position_embeddings"] = result["max_position_embeddings"]
     return MetricRecord(
         task_type="text-generation",
         dataset_type=dataset_type,

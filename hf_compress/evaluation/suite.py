@@ -122,11 +122,14 @@ def run_evaluation(
         results["zero_shot"] = zero_shot
         records.extend(zero_shot_records(zero_shot))
     if settings.speed_prompts:
+        # Exactly max_new_tokens per prompt: a model that stops early (EOS) would spread the prefill over fewer
+        # tokens and look slower, and models compared in one table (dense vs. pruned) would time different work.
         speed = measure_generation_speed(
             model, tokenizer, prompts, max_new_tokens=settings.max_new_tokens,
-            progress=progress,
+            progress=progress, force_length=True,
         )
         speed.pop("outputs")
+        speed["force_length"] = True
         results["generation"] = speed
     if settings.kv_seq_len:
         results["memory"]["kv_cache"] = measure_kv_cache_bytes(model, settings.kv_seq_len)

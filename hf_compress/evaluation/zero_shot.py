@@ -12,7 +12,11 @@ EleutherAI's lm-evaluation-harness 0.4 does for ``output_type: multiple_choice``
   tokens, and the tokenizer's own special-token behaviour decides about BOS (``encode``'s default
   ``add_special_tokens=True``, skipped when the text already starts with the BOS string).
 
-Task data and prompts come from :mod:`hf_compress.assets.zero_shot` (offline, lm-eval prompt formats).
+Task data and prompts come from :mod:`hf_compress.assets.zero_shot` (offline, lm-eval prompt formats). Every task
+is scored on its *validation* split (the records say so). lm-eval scores the same split for PIQA, HellaSwag, BoolQ
+and Winogrande, but ``arc_easy`` / ``arc_challenge`` on the ARC *test* split (2,376 / 1,172 questions), which is not
+available offline: ARC numbers here are validation-split numbers (570 / 299 questions), comparable with each other,
+not with published lm-eval ARC scores.
 
 Two scoring backends give the same numbers (checked to float tolerance in ``tests/test_zero_shot.py``):
 
@@ -142,7 +146,8 @@ def loglikelihoods(
     """Summed log-probability of each ``continuation`` given its ``context``, for a causal LM.
 
     Args:
-        model: a causal LM (``AutoModelForCausalLM``), used as is (device and dtype untouched).
+        model: a causal LM (``AutoModelForCausalLM``), used as is (device and dtype untouched), in eval mode
+            (its mode is restored after).
         tokenizer: its tokenizer.
         requests: ``(context, continuation)`` pairs.
         batch_size: continuations scored per forward pass.
@@ -162,7 +167,8 @@ def loglikelihoods(
         2
     """
     if backend == "lm_eval":
-        return _lm_eval_loglikelihoods(model, tokenizer, requests, batch_size, max_length, progress)
+        with evaluation_mode(model):  # dropout off (a model left in training mode after Trainer.train())
+            return _lm_eval_loglikelihoods(model, tokenizer, requests, batch_size, max_length, progress)
     if backend != "native":
         raise ValueError(f"backend must be 'native' or 'lm_eval', got {backend!r}")
     if batch_size < 1:
@@ -172,7 +178,8 @@ def loglikelihoods(
     groups = _group(encoded, share_context)
     scores = [0.0] * len(requests)
     bar = tqdm(total=len(requests), desc=desc, disable=not progress, leave=False)
-    with torch.inference_mode(), bar:
+    # Eval mode inside (the caller's mode restored after): a model left in training mode would score through dropout.
+    with torch.inference_mode(), evaluation_mode(model), bar:
         for batch in _batches(groups, batch_size):
             for index, value in _score_batch(model, batch):
                 scores[index] = value
