@@ -121,6 +121,37 @@ def test_absorbed_random_permutations_keep_the_dense_logits(arch):
     torch.testing.assert_close(_logits(model), before, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_a_model_with_sub_blocks_removed_by_block_pruner_is_permuted_exactly(arch, tmp_path):
+    # BlockPruner leaves parameter-free stand-ins for removed attention / MLP sub-blocks; the permutation refused the
+    # whole model ("needs separate q/k/v/o ... GPT-2's Conv1D") although such a sub-block neither reads nor writes
+    # the stream: it simply has no site.
+    from transformers import AutoModelForCausalLM
+
+    from hf_compress.modeling.sublayers import remove_sublayers
+
+    extra = {"layer_types": ["sliding_attention", "full_attention"] * 2} if arch == "gemma3" else {}
+    model, tokenizer = tiny_model(arch, num_hidden_layers=4, **extra)
+    blocks = model.model.layers
+    remove_sublayers(blocks[1], attention=True)
+    remove_sublayers(blocks[2], mlp=True)
+    remove_sublayers(blocks[3], attention=True, mlp=True)
+    _randomise_vectors(model)
+    before = _logits(model)
+    sites = find_sites(model)
+    assert [site.kind for site in sites].count("attention") == 2 * 2  # blocks 0 and 2, two key/value heads each
+    assert [site.kind for site in sites].count("ffn") == 2  # blocks 0 and 1
+    generator = torch.Generator().manual_seed(0)
+    absorb_permutations(model, sites, {site.name: torch.randperm(site.width, generator=generator) for site in sites})
+    torch.testing.assert_close(_logits(model), before, atol=1e-5, rtol=1e-5)
+    pruner = WandaPruner(model, tokenizer)
+    pruner.prune(WandaConfig(sparsity="2:4", permutation="ria", **SMALL), CALIBRATION_TEXT, save_dir=tmp_path / "out",
+                 progress=False)
+    assert pruner.permutation_report.sites == len(sites) and pruner.report.overall_sparsity == 0.5
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    torch.testing.assert_close(_logits(loaded), _logits(model), atol=0, rtol=0)
+
+
 def test_gqa_heads_share_one_permutation_per_value_head():
     model, _ = tiny_model("llama")  # 4 query heads, 2 key/value heads of 16 dims
     attention = [site for site in find_sites(model) if site.kind == "attention"]
@@ -631,6 +662,11 @@ def test_bad_permutation_configs_raise_clear_errors():
     with pytest.raises(ValueError, match="needs calibration_dataset"):
         PRUNERS["magnitude"](model, tokenizer).prune(
             MagnitudeConfig(sparsity="2:4", permutation=LearnedPermutationConfig(groups=2)), progress=False)
+    # The training windows are the first calibration windows: asking for more was silently capped at what there was.
+    with pytest.raises(ValueError, match="num_training_sequences=16 .* than the 4 calibration windows"):
+        WandaPruner(model, tokenizer).prune(
+            WandaConfig(sparsity="2:4", permutation=LearnedPermutationConfig(groups=2, num_training_sequences=16),
+                        **SMALL), CALIBRATION_TEXT, progress=False)
     for name, parameter in model.named_parameters():  # nothing was touched
         assert torch.equal(parameter, before[name])
 

@@ -204,6 +204,16 @@ def test_sleb_removes_the_least_harmful_block_never_a_protected_one_and_saves_a_
     assert opt.config.num_hidden_layers == 4  # refused before any change
 
 
+def test_sleb_config_stores_a_plain_int_so_its_recipe_saves():
+    # protected_blocks was checked but not normalised: a numpy integer (from a sweep) passed, and the recipe then
+    # failed to serialise at save time, after the whole search.
+    import numpy as np
+
+    config = SLEBConfig(target_sparsity=0.25, protected_blocks=np.int64(1))
+    assert type(config.protected_blocks) is int
+    assert SLEBConfig.from_dict(json.loads(config.to_json_string())) == config
+
+
 @pytest.mark.parametrize("pruner_class", [BlockRemovalPruner, SLEBPruner])
 def test_whole_block_removal_saves_and_reloads_gpt2(pruner_class, tmp_path):
     # GPT-2's fused c_attn hides the per-block widths; removing whole blocks needs none (its config says how many).

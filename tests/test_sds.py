@@ -128,6 +128,45 @@ def test_sds_on_a_bf16_model_trains_in_fp32_and_keeps_the_dtype() -> None:
         assert block["error_after_redense"] < block["error_after_first_prune"]
 
 
+def test_a_block_whose_layers_are_all_skipped_stays_dense() -> None:
+    # A skip pattern covering a whole block (as Wanda and SparseGPT accept) made SDS raise inside the re-dense step,
+    # after the earlier blocks were already pruned.
+    model, tokenizer = tiny_model("llama")
+    before = {name: p.detach().clone() for name, p in model.model.layers[1].named_parameters()}
+    pruner = SDSPruner(model, tokenizer)
+    pruner.prune(SDSConfig(sparsity="2:4", base="wanda", skip=["model.layers.1.*"], final_tuning_epochs=1, **FAST),
+                 CALIBRATION_TEXT, progress=False)
+    assert all(layer.name.startswith("model.layers.0.") for layer in pruner.report.layers)
+    assert [block["block"] for block in pruner.report.blocks] == ["model.layers.0"]
+    assert pruner.report.overall_sparsity == 0.5
+    for name, parameter in model.model.layers[1].named_parameters():
+        assert torch.equal(parameter, before[name]), name
+
+
+def test_sparsegpt_holds_no_hessian_factor_past_a_block(monkeypatch) -> None:
+    # SparseGPT reuses a Hessian's Cholesky factor within a block (q/k/v, gate/up share inputs). A copy of the last
+    # Hessian and its factor ([in, in] each: ~1 GB for a 7B down_proj) stayed held into the next block and, under
+    # SDS (which calls the base pruner's prune_block without its run()), after the whole prune.
+    from hf_compress.pruning.sparsegpt.pruner import SparseGPTPruner
+
+    held = []
+    original = SparseGPTPruner.prune_block
+
+    def spy(self, *args, **kwargs):
+        reports = original(self, *args, **kwargs)
+        held.append(self._factors._factor is not None or self._gram_cache._input is not None)
+        return reports
+
+    monkeypatch.setattr(SparseGPTPruner, "prune_block", spy)
+    model, tokenizer = tiny_model("llama")
+    pruner = SDSPruner(model, tokenizer)
+    pruner.prune(SDSConfig(sparsity="2:4", base="sparsegpt", **SMALL, redense_epochs=1), CALIBRATION_TEXT,
+                 progress=False)
+    assert len(held) == 4 and not any(held)  # two prunes per block, two blocks
+    base = pruner._base_pruner[1]
+    assert base._factors._factor is None and base._factors._hessian is None
+
+
 @pytest.mark.compat_smoke
 def test_sds_save_and_reload_bit_identical(tmp_path) -> None:
     model, tokenizer = tiny_model("mistral")

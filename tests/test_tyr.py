@@ -118,6 +118,21 @@ def test_fused_attention_is_refused():
         block_structure(_blocks(model)[0])
 
 
+def test_structures_a_method_cannot_cut_are_refused_with_a_way_forward():
+    # Týr on GPT-2 (fused c_attn) and BlockPruner on OPT (fc1/fc2 directly in the block) said what they lacked but
+    # not what to use instead; both now name the whole-block methods, before any calibration.
+    from hf_compress.pruning import BlockPrunerConfig, BlockPrunerPruner
+
+    model, tokenizer = tiny_model("gpt2")
+    with pytest.raises(ValueError, match=r"c_attn.*BlockRemovalPruner"):
+        TyrPruner(model, tokenizer).prune(TyrConfig(target_sparsity=0.3, allocation="uniform", calibration_seq_len=32),
+                                          TEXT, progress=False)
+    model, tokenizer = tiny_model("opt")
+    with pytest.raises(ValueError, match=r"separate mlp module.*BlockRemovalPruner"):
+        BlockPrunerPruner(model, tokenizer).prune(BlockPrunerConfig(target_sparsity=0.3, calibration_seq_len=32),
+                                                  TEXT, progress=False)
+
+
 # ------------------------------------------------------------------------------------ local pruner
 
 
@@ -282,6 +297,15 @@ def test_bad_targets_are_refused():
         TyrConfig(selection_tokens=(64, 128), selection_survivors=(40,), offspring=32)
     with pytest.raises(ValueError, match="search pool"):
         TyrConfig(selection_tokens=(10**6,), selection_survivors=())
+
+
+def test_the_uniform_baseline_needs_no_search_pool():
+    # allocation="uniform" runs no search, so the search pool's size is no reason to refuse it (it was: 64 x 128
+    # tokens < the default last selection stage of 16,384, a refusal about a search the baseline never runs).
+    config = TyrConfig(target_sparsity=0.3, allocation="uniform", calibration_seq_len=128)
+    assert config.num_search_sequences * config.calibration_seq_len < config.selection_tokens[-1]
+    with pytest.raises(ValueError, match="search pool"):
+        TyrConfig(target_sparsity=0.3, allocation="search", calibration_seq_len=128)
 
 
 # --------------------------------------------------------------------------------- block removal

@@ -44,8 +44,10 @@ __all__ = [
     "BlockStructure",
     "FeedForwardStructure",
     "apply_layer_widths",
+    "attention_structure",
     "block_structure",
     "decoder_parameter_count",
+    "feed_forward_structure",
     "layer_widths",
     "remove_blocks",
     "shrink_block",
@@ -161,12 +163,13 @@ def block_structure(block: nn.Module) -> BlockStructure:
         ValueError: the block has no separate ``q_proj``/``k_proj``/``v_proj`` ``nn.Linear`` layers (e.g.
             GPT-2's fused ``c_attn``) or no recognised FFN layout, with what was found.
     """
-    attention = _find_attention(block)
-    ffn = _find_ffn(block)
+    attention = attention_structure(block)
+    ffn = feed_forward_structure(block)
     return BlockStructure(attention, ffn)
 
 
-def _find_attention(block: nn.Module) -> AttentionStructure:
+def attention_structure(block: nn.Module) -> AttentionStructure:
+    """The attention projections of a decoder block (separate q/k/v ``nn.Linear`` layers), grouped by head."""
     for path in ATTENTION_NAMES:
         module = getattr(block, path, None)
         if module is None:
@@ -193,7 +196,8 @@ def _find_attention(block: nn.Module) -> AttentionStructure:
     )
 
 
-def _find_ffn(block: nn.Module) -> FeedForwardStructure:
+def feed_forward_structure(block: nn.Module) -> FeedForwardStructure:
+    """The feed-forward projections of a decoder block (gated or plain), by hidden unit."""
     for path, inputs, output in _FFN_LAYOUTS:
         module = getattr(block, path, None) if path else block
         if module is None:
@@ -308,8 +312,8 @@ def layer_widths(model: nn.Module) -> list[dict[str, int]]:
     widths = []
     for block in blocks:
         removed = removed_sublayers(block)
-        widths.append({"key_value_heads": 0 if removed["attention"] else _find_attention(block).num_units,
-                       "intermediate_size": 0 if removed["mlp"] else _find_ffn(block).num_units})
+        widths.append({"key_value_heads": 0 if removed["attention"] else attention_structure(block).num_units,
+                       "intermediate_size": 0 if removed["mlp"] else feed_forward_structure(block).num_units})
     return widths
 
 

@@ -51,12 +51,17 @@ class BlockPrunerPruner(StructuralPruner):
                 f"BlockPruner cannot prune {type(self.model).__name__}: a checkpoint without one of its sub-blocks "
                 f"could not record it ({err}). Remove whole blocks instead (ShortGPT or SLEB)."
             ) from None
+        try:  # the search switches sub-blocks off by their modules: check before calibrating
+            names = [{kind: sublayer_name(block, kind) for kind in ("attention", "mlp")} for block in blocks]
+        except ValueError as error:
+            raise ValueError(f"BlockPruner removes attention and MLP sub-blocks, and {error} Remove whole blocks "
+                             "instead (ShortGPT: BlockRemovalPruner).") from None
         total = decoder_parameter_count(self.model)
         units = []
         for index, block in enumerate(blocks):
             gone = removed_sublayers(block)
             for kind in ("attention", "mlp"):
-                module = getattr(block, sublayer_name(block, kind))
+                module = getattr(block, names[index][kind])
                 if not gone[kind]:  # a second prune: one already removed costs nothing and must not be counted again
                     units.append((index, kind, sum(p.numel() for p in module.parameters()) / total))
         if not units:

@@ -20,9 +20,9 @@ those inputs, so the permuted model computes exactly what the original did with 
   positions), every norm's weight and bias, every reader's columns, every writer's rows and biases,
   and ``lm_head``'s columns. That is the choice made here: one stream permutation per model.
 
-``find_sites`` discovers them (through ``modeling.structure.block_structure``) and refuses models
-where some parameter is neither a known reader nor a known writer of the stream (fused ``c_attn``,
-projections in/out of the embedding width, ...): permuting them would silently change the function.
+``find_sites`` discovers them (through ``modeling.structure``; a sub-block BlockPruner removed has none)
+and refuses models where some parameter is neither a known reader nor a known writer of the stream (fused
+``c_attn``, projections in/out of the embedding width, ...): permuting them would silently change the function.
 
 Example:
     >>> from hf_compress.assets import tiny_model
@@ -39,7 +39,8 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from ...modeling import find_decoder_blocks, find_linear_layers
-from ...modeling.structure import block_structure
+from ...modeling.structure import FeedForwardStructure, attention_structure, feed_forward_structure
+from ...modeling.sublayers import removed_sublayers
 
 __all__ = ["PermutationSite", "Reader", "Writer", "find_sites"]
 
@@ -99,49 +100,47 @@ def find_sites(model: nn.Module, skip: Sequence[str] = ()) -> list[PermutationSi
     module_names = {id(module): name for name, module in model.named_modules()}
     stream = PermutationSite("stream", "stream", hidden)
     heads: list[list[PermutationSite]] = []  # per block: blocks may keep different numbers of heads (Týr)
-    ffns: list[PermutationSite] = []
+    ffns: list[PermutationSite | None] = []  # None: the block's MLP was removed (BlockPruner)
     covered: set[int] = set()  # parameters the sites account for (moved, or not on the stream)
     inside_attention: set[int] = set()
 
     for index, block in enumerate(blocks):
         prefix = f"{block_prefix}.{index}"
+        # A sub-block BlockPruner removed (a parameter-free stand-in adding zeros) neither reads nor writes the stream.
+        gone = removed_sublayers(block)
         try:
-            structure = block_structure(block)
+            attention = None if gone["attention"] else attention_structure(block)
+            ffn = None if gone["mlp"] else feed_forward_structure(block)
         except ValueError as error:
             raise ValueError(f"channel permutation needs separate q/k/v/o and FFN nn.Linear layers ({error}); prune "
                              "this model with permutation=None.") from None
         pruned = {id(layer) for layer in find_linear_layers(block, skip, qualified_prefix=prefix).values()}
-        attention, ffn = structure.attention, structure.ffn
-        stream_readers = [attention.q, attention.k, attention.v, *ffn.inputs]
+        attention_layers = [] if attention is None else [attention.q, attention.k, attention.v, attention.output]
+        ffn_layers = [] if ffn is None else [*ffn.inputs, ffn.output]
+        stream_readers = [*attention_layers[:3], *ffn_layers[:-1]]
         for layer in stream_readers:
             if layer.in_features != hidden:
                 raise ValueError(f"{module_names[id(layer)]} reads {layer.in_features} channels, not the stream's "
                                  f"{hidden}; its residual stream cannot be permuted. Use permutation=None.")
             stream.readers.append(Reader(module_names[id(layer)], layer, 0, id(layer) in pruned))
-        for layer in (attention.output, ffn.output):
+        for layer in (*attention_layers[3:], *ffn_layers[-1:]):
             _add_writer_rows(stream, module_names[id(layer)], layer, 0)
-        for module in attention.module.modules():
-            inside_attention.update(id(p) for p in module.parameters(recurse=False))
-        for layer in (attention.q, attention.k, attention.v, attention.output, *ffn.inputs, ffn.output):
+        for layer in (*attention_layers, *ffn_layers):
             covered.update(id(p) for p in layer.parameters())
-
-        head_dim, per_unit = attention.head_dim, attention.heads_per_unit
-        output_name = module_names[id(attention.output)]
         heads.append([])
-        for unit in range(attention.num_units):
-            site = PermutationSite(f"{prefix}.{attention.path}[kv head {unit}]", "attention", head_dim)
-            for head in range(unit * per_unit, (unit + 1) * per_unit):
-                site.readers.append(Reader(output_name, attention.output, head * head_dim,
-                                           id(attention.output) in pruned))
-            _add_writer_rows(site, module_names[id(attention.v)], attention.v, unit * head_dim)
-            heads[-1].append(site)
-
-        site = PermutationSite(f"{prefix}.{'.'.join(p for p in (ffn.path, ffn.output_name) if p)}", "ffn",
-                               ffn.output.in_features)
-        site.readers.append(Reader(module_names[id(ffn.output)], ffn.output, 0, id(ffn.output) in pruned))
-        for layer in ffn.inputs:
-            _add_writer_rows(site, module_names[id(layer)], layer, 0)
-        ffns.append(site)
+        if attention is not None:
+            for module in attention.module.modules():
+                inside_attention.update(id(p) for p in module.parameters(recurse=False))
+            head_dim, per_unit = attention.head_dim, attention.heads_per_unit
+            output_name = module_names[id(attention.output)]
+            for unit in range(attention.num_units):
+                site = PermutationSite(f"{prefix}.{attention.path}[kv head {unit}]", "attention", head_dim)
+                for head in range(unit * per_unit, (unit + 1) * per_unit):
+                    site.readers.append(Reader(output_name, attention.output, head * head_dim,
+                                               id(attention.output) in pruned))
+                _add_writer_rows(site, module_names[id(attention.v)], attention.v, unit * head_dim)
+                heads[-1].append(site)
+        ffns.append(None if ffn is None else _ffn_site(prefix, ffn, module_names, pruned))
 
     # The stream's other writers: embeddings (also learned positions) and every normalisation outside attention.
     output_embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -168,7 +167,19 @@ def find_sites(model: nn.Module, skip: Sequence[str] = ()) -> list[PermutationSi
             f"{', ...' if len(unknown) > 4 else ''} touch(es) the residual stream in a way the library does not "
             "know (only embeddings, norms and q/k/v/o, FFN and lm_head linear layers are). Use permutation=None."
         )
-    return [stream, *(site for block_heads, ffn in zip(heads, ffns, strict=True) for site in (*block_heads, ffn))]
+    return [stream, *(site for block_heads, ffn in zip(heads, ffns, strict=True)
+                      for site in (*block_heads, *([] if ffn is None else [ffn])))]
+
+
+def _ffn_site(prefix: str, ffn: FeedForwardStructure, module_names: dict[int, str],
+              pruned: set[int]) -> PermutationSite:
+    """The FFN's intermediate channels: ``down_proj``'s (``fc2``'s) input columns, ``gate``/``up`` (``fc1``) rows."""
+    site = PermutationSite(f"{prefix}.{'.'.join(p for p in (ffn.path, ffn.output_name) if p)}", "ffn",
+                           ffn.output.in_features)
+    site.readers.append(Reader(module_names[id(ffn.output)], ffn.output, 0, id(ffn.output) in pruned))
+    for layer in ffn.inputs:
+        _add_writer_rows(site, module_names[id(layer)], layer, 0)
+    return site
 
 
 def _add_writer_rows(site: PermutationSite, name: str, layer: nn.Linear, start: int) -> None:

@@ -115,6 +115,12 @@ def permute_for_pruning(
     permutation = config.permutation
     if isinstance(permutation, LearnedPermutationConfig) and calibration_ids is None:
         raise ValueError("a learned permutation trains on calibration text: pass calibration_dataset to prune().")
+    wanted = getattr(permutation, "num_training_sequences", None)
+    if wanted is not None and calibration_ids is not None and wanted > calibration_ids.shape[0]:
+        # The training windows are the first of the calibration windows: more cannot be had from them.
+        raise ValueError(f"num_training_sequences={wanted} of the learned permutation asks for more windows than the "
+                         f"{calibration_ids.shape[0]} calibration windows it trains on; raise "
+                         f"num_calibration_sequences to at least {wanted} or lower num_training_sequences.")
     readers = {reader.name: reader.layer for site in sites for reader in site.scored_readers}
     norms = None
     if calibration_ids is not None:

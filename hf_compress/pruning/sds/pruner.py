@@ -88,6 +88,8 @@ class SDSPruner(MaskPruner):
         assert isinstance(config, SDSConfig) and ctx.dense_outputs is not None
         base, base_config = self._base(config)
         layers, teacher = ctx.linear_layers, ctx.dense_outputs
+        if not layers:  # every layer of the block is skipped: nothing to prune, re-dense or tune
+            return []
         weights = [layer.weight for layer in layers.values()]
         scales = {name: _scales(layer.weight) for name, layer in layers.items()}  # of the dense weights
         # A layer pruned before (>= 10% exact zeros, SparseGPT's keep_zeros threshold) keeps those zeros fixed: the

@@ -35,4 +35,4 @@ class SLEBConfig(BlockRemovalConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_int("protected_blocks", self.protected_blocks, minimum=0)
+        self.protected_blocks = check_int("protected_blocks", self.protected_blocks, minimum=0)

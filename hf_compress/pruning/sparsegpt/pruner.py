@@ -10,7 +10,7 @@ from torch import nn
 from ...modeling import Collector, HessianCollector, set_weight_matrix, weight_matrix
 from ...utils import get_logger
 from ..config import PruningConfig
-from ..mask_pruner import MaskPruner
+from ..mask_pruner import LayerReport, MaskPruner
 from .config import SparseGPTConfig
 from .sparsify import FactorCache, cpu_threads, sparsegpt_prune
 
@@ -99,6 +99,14 @@ class SparseGPTPruner(MaskPruner):
             return super().run(config, plan, calibration_ids, progress)
         finally:  # drop the last activation and Hessian the caches hold
             self._gram_cache.clear()
+            self._factors.clear()
+
+    def prune_block(self, block_name: str, layers: dict[str, nn.Module], stats: dict[str, list[Collector]],
+                    config: PruningConfig) -> list[LayerReport]:
+        try:
+            return super().prune_block(block_name, layers, stats, config)
+        finally:  # a factor is reused within a block only (q/k/v, gate/up): hold no [in, in] matrix past it,
+            self._gram_cache.clear()  # nor after a wrapper (SDS) that calls prune_block without run()
             self._factors.clear()
 
     def collectors_for(self, name: str, layer: nn.Module, config: PruningConfig) -> list[Collector]:

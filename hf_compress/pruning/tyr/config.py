@@ -115,7 +115,7 @@ class TyrConfig(StructuralPruningConfig):
                 f"selection_survivors must shrink from offspring={self.offspring}: got {survivors}."
             )
         pool = self.num_search_sequences * self.calibration_seq_len
-        if tokens[-1] > pool:
+        if self.allocation == "search" and tokens[-1] > pool:  # the uniform baseline runs no search
             raise ValueError(
                 f"the last selection stage needs {tokens[-1]} tokens but the search pool holds {pool} "
                 f"(num_search_sequences × calibration_seq_len); raise num_search_sequences."

@@ -223,7 +223,12 @@ class TyrPruner(StructuralPruner):
         """The blocks' structures and the centre allocation (refuses fused attention, unequal blocks, an
         unreachable target)."""
         _, blocks = find_decoder_blocks(self.model)
-        structures = [block_structure(block) for block in blocks]
+        try:
+            structures = [block_structure(block) for block in blocks]
+        except ValueError as error:
+            raise ValueError(f"Týr removes key/value-head groups and FFN channels: {error} Remove whole blocks "
+                             "instead (BlockRemovalPruner, SLEBPruner), or prune inside the layers (WandaPruner, "
+                             "SparseGPTPruner).") from None
         return structures, BudgetPlan.from_target(structures, decoder_parameter_count(self.model), config.target_sparsity,
                                                   config.channel_multiple)
 
