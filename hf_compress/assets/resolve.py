@@ -21,6 +21,28 @@ from .reference_models import REFERENCE_MODELS, load_reference_model
 from .tiny_models import TINY_ARCHITECTURES, tiny_model
 
 
+def tiny_architecture(name: str) -> str | None:
+    """The architecture of a ``"tiny-<arch>"`` name that :func:`load_model` builds, else ``None``.
+
+    Example:
+        >>> tiny_architecture("tiny-llama"), tiny_architecture("tiny-nope"), tiny_architecture("org/tiny-llama")
+        ('llama', None, None)
+    """
+    arch = name.removeprefix("tiny-")
+    return arch if name.startswith("tiny-") and arch in TINY_ARCHITECTURES else None
+
+
+def is_builtin_model(name: str) -> bool:
+    """Whether :func:`load_model` builds ``name`` itself (a reference model or ``tiny-<arch>``), reading no folder or
+    Hub repo of that name.
+
+    Example:
+        >>> is_builtin_model("smollm2-135m"), is_builtin_model("tiny-gpt2"), is_builtin_model("models/base")
+        (True, True, False)
+    """
+    return name in REFERENCE_MODELS or tiny_architecture(name) is not None
+
+
 def load_model(
     name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -40,8 +62,9 @@ def load_model(
     name = str(name_or_path)
     if name in REFERENCE_MODELS:
         return load_reference_model(name, dtype=dtype)
-    if name.startswith("tiny-") and name[len("tiny-"):] in TINY_ARCHITECTURES:
-        model, tokenizer = tiny_model(name[len("tiny-"):])
+    arch = tiny_architecture(name)
+    if arch is not None:
+        model, tokenizer = tiny_model(arch)
         return model.to(dtype), tokenizer
     path = Path(name).expanduser()
     if path.exists() and not path.is_dir():

@@ -206,7 +206,7 @@ def build_model_card(
     template_path, template_library, template_relation = _resolve_template(template)
     library_name = library_name or template_library
     base_model_relation = base_model_relation or template_relation
-    recorded_repo = repo_id if _is_hub_repo_id(repo_id) else None
+    recorded_repo = repo_id if repo_id_problem(repo_id) is None else None
     repo_id = repo_id or model_name
     license = license or _base_license(base_model)
 
@@ -295,7 +295,7 @@ def card_built_for_other_repo(source: str | os.PathLike | ModelCard, repo_id: st
         return None  # not an hf_compress card: its text is the author's own
     owner, _, name = repo_id.rpartition("/")
     recorded = block.get(REPO_ID_KEY)
-    if _is_hub_repo_id(recorded):
+    if repo_id_problem(recorded) is None:
         recorded_owner, _, recorded_name = recorded.partition("/")
         same = recorded_name.casefold() == name.casefold() and (
             not owner or recorded_owner.casefold() == owner.casefold())
@@ -580,18 +580,24 @@ def validate_model_card(source: str | os.PathLike | ModelCard) -> None:
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-def _is_hub_repo_id(repo_id: Any) -> bool:
-    """Whether ``repo_id`` is a Hub repo id with its owner (``owner/name``), not a folder name or a placeholder."""
+def repo_id_problem(repo_id: Any) -> str | None:
+    """Why ``repo_id`` is not a Hub repo id with its owner (``owner/name``: not a folder name or a placeholder), or
+    ``None`` when it is one.
+
+    Example:
+        >>> repo_id_problem("me/model"), repo_id_problem("model")
+        (None, 'expected owner/name')
+    """
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
     if not isinstance(repo_id, str) or repo_id.count("/") != 1:
-        return False
+        return "expected owner/name"
     try:
         validate_repo_id(repo_id)
-    except HFValidationError:
-        return False
-    return True
+    except HFValidationError as error:
+        return str(error)
+    return None
 
 
 _TEMPLATE_FIELDS = ("model_name", "base_model", "methods", "uncompressed", "recipe_yaml", "metric_rows",

@@ -34,7 +34,7 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
          _arguments)
 def run_recipe(args: argparse.Namespace) -> int:
     from ..utils import check_save_dir
-    from .runner import _check_repo_id, check_not_base_folder, load_recipe, run
+    from .runner import check_not_base_folder, check_repo_id, load_recipe, run
 
     recipe = load_recipe(args.recipe)
     if args.action == "check":
@@ -44,7 +44,7 @@ def run_recipe(args: argparse.Namespace) -> int:
         return 0
     check_save_dir(args.save_dir, args.overwrite, argument="--save-dir")  # the messages name the flag, not save_dir
     check_not_base_folder(recipe, args.save_dir, argument="--save-dir")
-    _check_repo_id(args.repo_id, argument="--repo-id")
+    check_repo_id(args.repo_id, argument="--repo-id")
     result = run(recipe, args.save_dir, device=args.device, overwrite=args.overwrite, progress=not args.quiet,
                  repo_id=args.repo_id)
     for record in result.records:

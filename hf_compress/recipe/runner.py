@@ -33,8 +33,8 @@ if TYPE_CHECKING:
     from ..evaluation.results import MetricRecord
 
 
-__all__ = ["RecipeResult", "StepRecord", "check_is_base_model", "check_not_base_folder", "load_recipe",
-           "local_references", "run", "warn_local_references"]
+__all__ = ["RecipeResult", "StepRecord", "check_is_base_model", "check_not_base_folder", "check_repo_id",
+           "load_recipe", "local_references", "run", "warn_local_references"]
 
 logger = get_logger(__name__)
 
@@ -169,7 +169,7 @@ def run(
     check_not_base_folder(recipe, target)
     if model is not None and tokenizer is None:
         raise ValueError("run(model=...) needs the model's tokenizer too: pass tokenizer=.")
-    _check_repo_id(repo_id)
+    check_repo_id(repo_id)
     warn_local_references(recipe, target)  # now, not an hour later when push_to_hub refuses the folder
     device = _resolve_device(device)
     if model is None:
@@ -251,15 +251,11 @@ def local_references(recipe: Recipe) -> list[tuple[str, str]]:
         ...     "steps": [{"prune": {"method": "magnitude", "sparsity": "2:4"}}]}))
         []
     """
-    from ..assets.reference_models import REFERENCE_MODELS
     from ..assets.text import CALIBRATION_TEXTS
-    from ..assets.tiny_models import TINY_ARCHITECTURES
 
     found = []
-    name = recipe.base_model
-    tiny = name.startswith("tiny-") and name[len("tiny-"):] in TINY_ARCHITECTURES
-    if name not in REFERENCE_MODELS and not tiny and Path(name).expanduser().exists():  # what load_model reads
-        found.append(("base_model", name))
+    if _base_model_path(recipe) is not None:
+        found.append(("base_model", recipe.base_model))
     for step in recipe.steps:
         fields = step.to_dict()
         training = fields.get("training") if isinstance(fields.get("training"), dict) else {}
@@ -370,11 +366,12 @@ def _base_config(base_model: str, where: str) -> Any:
     from transformers import AutoConfig
 
     from ..assets.reference_models import REFERENCE_MODELS, reference_model_path
-    from ..assets.tiny_models import TINY_ARCHITECTURES, tiny_config
+    from ..assets.resolve import tiny_architecture
+    from ..assets.tiny_models import tiny_config
     from .config import RecipeError
 
-    arch = base_model.removeprefix("tiny-")
-    if base_model.startswith("tiny-") and arch in TINY_ARCHITECTURES:
+    arch = tiny_architecture(base_model)
+    if arch is not None:
         return tiny_config(arch)
     try:  # a reference model's config is that of its converted checkpoint, which loading it would make too
         return AutoConfig.from_pretrained(
@@ -400,33 +397,30 @@ def check_not_base_folder(recipe: Recipe, save_dir: str | os.PathLike, argument:
         ...
         hf_compress.recipe.config.RecipeError: save_dir models/base/ is the recipe's base_model folder ...
     """
-    from ..assets.reference_models import REFERENCE_MODELS
-    from ..assets.tiny_models import TINY_ARCHITECTURES
-
-    name = recipe.base_model
-    if name in REFERENCE_MODELS or (name.startswith("tiny-") and name[len("tiny-"):] in TINY_ARCHITECTURES):
-        return  # load_model does not read these from a folder of that name
-    base, target = (Path(path).expanduser().resolve() for path in (name, save_dir))
-    if base.is_dir() and base == target:
+    base = _base_model_path(recipe)
+    if base is not None and base.is_dir() and base.resolve() == Path(save_dir).expanduser().resolve():
         raise RecipeError(f"{argument} {save_dir} is the recipe's base_model folder ({recipe.base_model}): the run would "
                           "replace the model recipe.yaml names as its base, so it could never be rebuilt; save to "
                           "another folder.")
 
 
-def _check_repo_id(repo_id: str | None, argument: str = "repo_id") -> None:
-    """Refuse a ``repo_id`` that is not ``owner/name`` (``argument``: how the message names it, the CLI's flag)."""
-    if repo_id is None:
-        return
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
+def _base_model_path(recipe: Recipe) -> Path | None:
+    """The local path ``load_model`` reads ``recipe.base_model`` from: ``None`` for a name it builds itself (a
+    reference or tiny model) or a Hub id."""
+    from ..assets.resolve import is_builtin_model
 
-    try:
-        if not isinstance(repo_id, str) or repo_id.count("/") != 1:
-            raise HFValidationError("expected owner/name")
-        validate_repo_id(repo_id)
-    except HFValidationError as error:
+    path = Path(recipe.base_model).expanduser()
+    return None if is_builtin_model(recipe.base_model) or not path.exists() else path
+
+
+def check_repo_id(repo_id: str | None, argument: str = "repo_id") -> None:
+    """Refuse a ``repo_id`` that is not ``owner/name`` (``argument``: how the message names it, the CLI's flag)."""
+    from ..hub.model_card import repo_id_problem
+
+    problem = None if repo_id is None else repo_id_problem(repo_id)
+    if problem:
         raise ValueError(f"{argument} must be the Hub repo the folder will be pushed to, as owner/name, got {repo_id!r} "
-                         f"({error}).") from None
+                         f"({problem}).")
 
 
 def _resolve_device(device: str | torch.device | None) -> torch.device | None:
