@@ -38,7 +38,7 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..modeling.layers import check_within_learned_positions, evaluation_mode
+from ..modeling.layers import check_within_learned_positions, evaluation_mode, position_limit
 from ..utils import InvalidArgumentTypeError, check_bool, check_int, get_logger
 from .results import MetricRecord
 
@@ -173,23 +173,6 @@ def evaluate_perplexity(
         "max_position_embeddings": positions if beyond else None,
         "seconds": seconds,
     }
-
-
-def position_limit(model: PreTrainedModel) -> int | None:
-    """The positions a model's (text) config states (``n_positions``, ``max_position_embeddings`` or ``n_ctx``, as
-    lm-eval reads them), or ``None`` when it states none.
-
-    Example:
-        >>> from hf_compress.assets import tiny_model
-        >>> position_limit(tiny_model("llama")[0])
-        512
-    """
-    config = model.config.get_text_config()
-    for name in ("n_positions", "max_position_embeddings", "n_ctx"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 def window_bos(tokenizer: PreTrainedTokenizerBase) -> int | None:

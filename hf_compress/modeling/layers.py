@@ -41,6 +41,7 @@ __all__ = [
     "check_skip_patterns",
     "check_within_learned_positions",
     "learned_position_limit",
+    "position_limit",
     "find_linear_layers",
     "in_features",
     "is_linear",
@@ -516,6 +517,23 @@ def _write_back(module: nn.Module) -> None:
                 stored.copy_(tensor.to(stored.device, stored.dtype))
 
 
+def position_limit(model: nn.Module) -> int | None:
+    """The positions a model's (text) config states (``n_positions``, ``max_position_embeddings`` or ``n_ctx``, as
+    lm-eval reads them), or ``None`` when it states none.
+
+    Example:
+        >>> from hf_compress.assets import tiny_model
+        >>> position_limit(tiny_model("llama")[0])
+        512
+    """
+    config = model.config.get_text_config()
+    for name in ("n_positions", "max_position_embeddings", "n_ctx"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def learned_position_limit(model: nn.Module) -> int | None:
     """How many positions a model with *learned* position embeddings (GPT-2, OPT) has; ``None`` for rotary or other
     computed positions, which have no table to run off (only a trained length to extrapolate past).
@@ -525,9 +543,8 @@ def learned_position_limit(model: nn.Module) -> int | None:
         >>> learned_position_limit(tiny_model("gpt2")[0]), learned_position_limit(tiny_model("llama")[0])
         (512, None)
     """
-    config = model.config.get_text_config()
-    limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
-    if not limit:
+    limit = position_limit(model)
+    if limit is None:
         return None
     tokens = model.get_input_embeddings()  # a second embedding table sized like the positions: learned ones
     learned = any(isinstance(m, nn.Embedding) and m is not tokens and limit <= m.num_embeddings <= limit + 2
