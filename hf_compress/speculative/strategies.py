@@ -554,6 +554,18 @@ def _vocab_size(model: PreTrainedModel) -> int:
     return rows if rows is not None else model.config.vocab_size
 
 
+def portable_name(name_or_path: str | None) -> str | None:
+    """A model's or tokenizer's name fit to publish: a local absolute path becomes its folder's name.
+
+    Example:
+        >>> portable_name("/home/me/models/draft"), portable_name("org/draft")
+        ('draft', 'org/draft')
+    """
+    if name_or_path and os.path.isabs(os.path.expanduser(name_or_path)):
+        return Path(name_or_path).name or None
+    return name_or_path
+
+
 def _name_of(thing) -> str | None:
     if thing is None:
         return None

@@ -20,7 +20,7 @@ from ...hub import hub_model_id
 from ...utils import InvalidArgumentTypeError, check_choice, check_float, get_logger
 from ..acceptance import AcceptanceRule
 from ..engine import propose_draft
-from ..strategies import HERE, SpeculativeDecoding, _name_of, register_strategy, usage_snippet
+from ..strategies import HERE, SpeculativeDecoding, _name_of, portable_name, register_strategy, usage_snippet
 from .config import ArbiterConfig
 from .modeling import CoSpecArbiter, tokenizer_fingerprint
 from .rule import MODES, ArbiterRule, DecisionLog
@@ -252,12 +252,10 @@ class CoSpec(SpeculativeDecoding):
     def _drafts_with_recorded_model(self, config: ArbiterConfig) -> bool:
         """Whether the draft model is, by name, the one the arbiter recorded (``config.json`` keeps a local folder's
         name only)."""
-        from ..heads.strategy import _portable_name
-
         given, recorded = _name_of(self.draft_model), config.draft_model_name_or_path
         if not given or not recorded:
             return False
-        return given == recorded or (os.path.isabs(os.path.expanduser(given)) and _portable_name(given) == recorded)
+        return recorded in (given, portable_name(given))
 
     @staticmethod
     def _pair_needed(config: ArbiterConfig, why: str) -> str:
@@ -368,12 +366,11 @@ class CoSpec(SpeculativeDecoding):
 
     def _write_weights(self, folder: Path) -> None:
         if isinstance(self.arbiter, CoSpecArbiter):
-            from ..heads.strategy import _portable_name
 
             config = self.arbiter.config
             names = {k: getattr(config, k) for k in _NAME_FIELDS}
             for key, value in names.items():  # never a local absolute path in config.json
-                setattr(config, key, _portable_name(value))
+                setattr(config, key, portable_name(value))
             try:
                 PreTrainedModel.save_pretrained(self.arbiter, folder, **self._save_arbiter_kwargs)
             finally:
@@ -389,14 +386,13 @@ class CoSpec(SpeculativeDecoding):
 
         recipe: dict[str, Any] = {"method": "cospec", "decoding": settings}
         if isinstance(self.arbiter, CoSpecArbiter):
-            from ..heads.strategy import _portable_name
 
             arbiter = {k: v for k, v in self.arbiter.config.to_diff_dict().items()
                        # numbers; base_weights goes to the card's compression.base_weights and its paragraph
                        if k not in ("transformers_version", "architectures", "base_model_identity", "base_weights")}
             for key in _NAME_FIELDS:
                 if key in arbiter:
-                    arbiter[key] = _portable_name(arbiter[key])
+                    arbiter[key] = portable_name(arbiter[key])
             recipe["arbiter"] = arbiter
             recipe["parameters"] = sum(p.numel() for p in self.arbiter.parameters())
         return build_model_card(

@@ -12,7 +12,7 @@ from transformers import PreTrainedModel
 from ...hub import hub_model_id
 from ...utils import InvalidArgumentTypeError, get_logger
 from ..acceptance import AcceptanceRule, StrictGreedy, TypicalAcceptance
-from ..strategies import HERE, SpeculativeDecoding, register_strategy, usage_snippet
+from ..strategies import HERE, SpeculativeDecoding, portable_name, register_strategy, usage_snippet
 from ..tree import DraftTree
 from .drafter import HeadsDrafter
 from .modeling import DraftHeads, MedusaHeads, load_heads
@@ -194,7 +194,7 @@ class Amphista(SpeculativeDecoding):
         if isinstance(self.heads, DraftHeads):
             config = self.heads.config
             base = config.base_model_name_or_path
-            config.base_model_name_or_path = _portable_name(base)  # never a local absolute path in config.json
+            config.base_model_name_or_path = portable_name(base)  # never a local absolute path in config.json
             try:
                 PreTrainedModel.save_pretrained(self.heads, folder, **self._save_heads_kwargs)
             finally:
@@ -219,7 +219,7 @@ class Amphista(SpeculativeDecoding):
                 if k not in ("transformers_version", "architectures", "base_model_identity", "base_weights")
             }
             if "base_model_name_or_path" in recipe["heads"]:
-                recipe["heads"]["base_model_name_or_path"] = _portable_name(recipe["heads"]["base_model_name_or_path"])
+                recipe["heads"]["base_model_name_or_path"] = portable_name(recipe["heads"]["base_model_name_or_path"])
             recipe["parameters"] = sum(p.numel() for p in heads.parameters())
         beside = getattr(self, "_beside_model", None)  # a sub-folder of the model's own folder (save_pretrained)
         return build_model_card(
@@ -230,10 +230,3 @@ class Amphista(SpeculativeDecoding):
             pipeline_tag=None,  # not a model: pipeline("text-generation", model=<this repo>) cannot run it
             template_fields={"beside_model": beside is not None}, base_weights=getattr(self, "_base_weights", None),
         )
-
-
-def _portable_name(name_or_path: str | None) -> str | None:
-    """A base model's name fit to publish: a local absolute path becomes its folder name."""
-    if name_or_path and os.path.isabs(os.path.expanduser(name_or_path)):
-        return Path(name_or_path).name or None
-    return name_or_path
