@@ -23,11 +23,13 @@ Example:
 from __future__ import annotations
 
 import importlib
+import os
 from types import ModuleType
-from typing import Any
+from typing import Any, NoReturn
 
 
-__all__ = ["MODEL_TYPE_MODULES", "load_model_type", "register_lazily"]
+__all__ = ["HUB_DOWNLOAD_KWARGS", "MODEL_TYPE_MODULES", "NotThisModelClass", "hub_download_kwargs", "load_model_type",
+           "register_lazily"]
 
 MODEL_TYPE_MODULES: dict[str, str] = {
     "hf_compress_amphista": "hf_compress.speculative.heads",
@@ -97,3 +99,47 @@ class _Placeholders:
 for _model_type in MODEL_TYPE_MODULES:
     setattr(_Placeholders, _model_type, _placeholder(_model_type))
 del _model_type
+
+
+HUB_DOWNLOAD_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
+"""The ``from_pretrained`` keywords that say where and how to download, which a config's own loader takes too."""
+
+
+def hub_download_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The :data:`HUB_DOWNLOAD_KWARGS` among a ``from_pretrained`` call's ``kwargs``.
+
+    Example:
+        >>> hub_download_kwargs({"revision": "main", "dtype": "auto"})
+        {'revision': 'main'}
+    """
+    return {key: kwargs[key] for key in HUB_DOWNLOAD_KWARGS if key in kwargs}
+
+
+class NotThisModelClass:
+    """Stands for ``config_class`` in an Auto model class's mapping (``AutoModelForCausalLM.register``) when folders
+    of that config are not such a model: loading or building one raises a ``ValueError`` that says what it is.
+
+    A subclass sets ``config_class`` and the two messages: :meth:`refusal` (for a folder, with its config) and
+    :meth:`from_config_refusal` (for ``Auto*.from_config``).
+    """
+
+    config_class: type
+
+    @classmethod
+    def refusal(cls, source: str | os.PathLike, config: Any) -> str:
+        raise NotImplementedError
+
+    @classmethod
+    def from_config_refusal(cls, config: Any) -> str:
+        raise NotImplementedError
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, config: Any = None,
+                        **kwargs: Any) -> NoReturn:
+        if not isinstance(config, cls.config_class):  # called directly, not by an Auto class that read the config
+            config = cls.config_class.from_pretrained(pretrained_model_name_or_path, **hub_download_kwargs(kwargs))
+        raise ValueError(cls.refusal(pretrained_model_name_or_path, config))
+
+    @classmethod
+    def _from_config(cls, config: Any, **kwargs: Any) -> NoReturn:  # what Auto*.from_config calls
+        raise ValueError(cls.from_config_refusal(config))

@@ -27,16 +27,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, NoReturn
 
 from ...modeling.identity import describe_base_model
+from ...utils.model_types import NotThisModelClass
 from .config import ArbiterConfig
 from .modeling import CoSpecArbiter
 
 
 __all__ = ["CoSpecArbiterIsNotACausalLM", "arbiter_is_not_a_causal_lm", "register_auto_classes"]
 
-_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
 
 
 def arbiter_is_not_a_causal_lm(source: str | os.PathLike, config: ArbiterConfig) -> str:
@@ -66,25 +65,19 @@ def arbiter_is_not_a_causal_lm(source: str | os.PathLike, config: ArbiterConfig)
     return message + f"CoSpecArbiter.from_pretrained({source!r}) (or AutoModel) loads the arbiter itself."
 
 
-class CoSpecArbiterIsNotACausalLM:
+class CoSpecArbiterIsNotACausalLM(NotThisModelClass):
     """Stands for the arbiter in ``AutoModelForCausalLM``'s mapping; loading or building it raises a clear error."""
 
     config_class: type[ArbiterConfig] = ArbiterConfig
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, config: Any = None,
-                        **kwargs: Any) -> NoReturn:
-        if not isinstance(config, ArbiterConfig):  # called directly, not by an Auto class that read the config
-            hub_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if key in kwargs}
-            config = ArbiterConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
-        raise ValueError(arbiter_is_not_a_causal_lm(pretrained_model_name_or_path, config))
+    def refusal(cls, source: str | os.PathLike, config: ArbiterConfig) -> str:
+        return arbiter_is_not_a_causal_lm(source, config)
 
     @classmethod
-    def _from_config(cls, config: ArbiterConfig, **kwargs: Any) -> NoReturn:
-        raise ValueError(
-            "ArbiterConfig configures a CoSpec arbiter, not a causal LM, so AutoModelForCausalLM cannot build it. Build "
-            "one for a target with CoSpecArbiter.for_model(model, config), or AutoModel.from_config(config)."
-        )
+    def from_config_refusal(cls, config: ArbiterConfig) -> str:
+        return ("ArbiterConfig configures a CoSpec arbiter, not a causal LM, so AutoModelForCausalLM cannot build it. "
+                "Build one for a target with CoSpecArbiter.for_model(model, config), or AutoModel.from_config(config).")
 
 
 def register_auto_classes() -> None:

@@ -24,9 +24,9 @@ Example:
 from __future__ import annotations
 
 import os
-from typing import Any, NoReturn
 
 from ...modeling.identity import describe_base_model
+from ...utils.model_types import NotThisModelClass
 from .config import AmphistaConfig, DraftHeadsConfig, MedusaConfig
 
 
@@ -50,26 +50,19 @@ def heads_are_not_a_model(source: str | os.PathLike, config: DraftHeadsConfig) -
     )
 
 
-class _HeadsAreNotAModel:
+class _HeadsAreNotAModel(NotThisModelClass):
     """Stands for drafting heads in the Auto model mappings; loading or building it raises a clear error."""
 
     config_class: type[DraftHeadsConfig] = DraftHeadsConfig
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, config: Any = None,
-                        **kwargs: Any) -> NoReturn:
-        if not isinstance(config, DraftHeadsConfig):  # called directly, not by an Auto class that read the config
-            from .modeling import _hub_kwargs
-
-            config = cls.config_class.from_pretrained(pretrained_model_name_or_path, **_hub_kwargs(kwargs))
-        raise ValueError(heads_are_not_a_model(pretrained_model_name_or_path, config))
+    def refusal(cls, source: str | os.PathLike, config: DraftHeadsConfig) -> str:
+        return heads_are_not_a_model(source, config)
 
     @classmethod
-    def _from_config(cls, config: DraftHeadsConfig, **kwargs: Any) -> NoReturn:
-        raise ValueError(
-            f"{type(config).__name__} configures drafting heads, not a model, so an Auto model class cannot build "
-            "it. Build heads for a model with DraftHeads.for_model(model, config) (hf_compress.speculative.heads)."
-        )
+    def from_config_refusal(cls, config: DraftHeadsConfig) -> str:
+        return (f"{type(config).__name__} configures drafting heads, not a model, so an Auto model class cannot build "
+                "it. Build heads for a model with DraftHeads.for_model(model, config) (hf_compress.speculative.heads).")
 
 
 class MedusaHeadsAreNotAModel(_HeadsAreNotAModel):

@@ -32,6 +32,7 @@ from transformers import PreTrainedModel
 from ...hub import base_weights_of
 from ...utils import get_logger
 from ...modeling.identity import base_model_identity, check_base_model
+from ...utils.model_types import hub_download_kwargs
 from .config import AmphistaConfig, DraftHeadsConfig, MedusaConfig
 
 
@@ -114,7 +115,7 @@ class DraftHeads(PreTrainedModel):
         """
         from transformers.utils import cached_file
 
-        config_file = cached_file(pretrained_model_name_or_path, "config.json", **_hub_kwargs(kwargs))
+        config_file = cached_file(pretrained_model_name_or_path, "config.json", **hub_download_kwargs(kwargs))
         model_type = json.loads(Path(config_file).read_text()).get("model_type")
         heads_class = _CLASS_BY_MODEL_TYPE.get(model_type)
         if heads_class is None:
@@ -401,8 +402,3 @@ def load_heads(source: str | os.PathLike | DraftHeads, **kwargs) -> DraftHeads:
     if isinstance(source, DraftHeads):
         return source
     return DraftHeads.from_pretrained(source, **kwargs)
-
-
-def _hub_kwargs(kwargs: dict) -> dict:
-    keys = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
-    return {k: kwargs[k] for k in keys if k in kwargs}
