@@ -106,11 +106,11 @@ def train_experts(
     args = args if args is not None else TrainingSettings()
     if not isinstance(args, (TrainingArguments, TrainingSettings)):
         raise TypeError(f"args must be transformers.TrainingArguments or TrainingSettings, got {type(args).__name__}.")
-    if _resume_asked(args):
+    if _asked(args, "resume_from_checkpoint"):
         raise ValueError("train_experts runs one Trainer per expert from these arguments, so one checkpoint to resume "
                          "from would be loaded into every expert: leave resume_from_checkpoint unset (train the "
                          "experts again, or train each cluster's adapter yourself with clusters=).")
-    if _push_asked(args):
+    if _asked(args, "push_to_hub"):
         raise ValueError("train_experts runs one Trainer per expert from these arguments, so every expert would push "
                          "to the same Hub repo: leave push_to_hub unset and push the trained experts together with "
                          "`experts.push_to_hub(repo_id)` (every adapter, the router and a card in one repo).")
@@ -256,18 +256,12 @@ def _clusters(embeddings: torch.Tensor, k: int, config: ExpertConfig, clusters):
     return labels, torch.nn.functional.normalize(sums, dim=1), {"method": "given"}
 
 
-def _resume_asked(args) -> bool:
-    """Whether ``args`` ask ``Trainer`` to resume (``train_with_trainer`` honours ``resume_from_checkpoint``)."""
+def _asked(args, argument: str) -> bool:
+    """Whether ``args`` set the ``TrainingArguments`` field ``argument`` (``resume_from_checkpoint``, which
+    ``train_with_trainer`` honours; ``push_to_hub``), directly or through ``TrainingSettings.extra_arguments``."""
     if isinstance(args, TrainingSettings):
-        return bool((args.extra_arguments or {}).get("resume_from_checkpoint"))
-    return bool(args.resume_from_checkpoint)
-
-
-def _push_asked(args) -> bool:
-    """Whether ``args`` ask each ``Trainer`` to push to the Hub (``push_to_hub``)."""
-    if isinstance(args, TrainingSettings):
-        return bool((args.extra_arguments or {}).get("push_to_hub"))
-    return bool(args.push_to_hub)
+        return bool((args.extra_arguments or {}).get(argument))
+    return bool(getattr(args, argument))
 
 
 def _with_steps(args, steps: int, scratch: str, adapter: str):
