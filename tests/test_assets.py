@@ -265,6 +265,21 @@ def test_news_corpus():
     assert all(len(t) > 100 for t in news["text"])
 
 
+def test_calibrating_on_news_warns_that_news_perplexity_is_then_in_sample(caplog):
+    """The news calibration text is the whole news perplexity set: choosing it says so; Wikipedia's calibration
+    split (disjoint from its eval split) does not warn."""
+    import logging
+
+    from hf_compress.assets import load_calibration_text
+
+    with caplog.at_level(logging.WARNING, logger="hf_compress"):
+        assert len(load_calibration_text("wikipedia")) > 0
+    assert not caplog.records
+    with caplog.at_level(logging.WARNING, logger="hf_compress"):
+        assert len(load_calibration_text("news")) == 300
+    assert "'news' perplexity set" in caplog.text and "calibration data" in caplog.text
+
+
 def test_a_damaged_reference_conversion_is_converted_again(tmp_path):
     import json
 

@@ -188,6 +188,26 @@ def test_an_uncompressed_copy_of_a_reference_model_is_not_called_a_copy_of_the_h
     assert "an unmodified copy of [HuggingFaceTB/SmolLM2-135M-Instruct]" in plain.text
 
 
+def test_manifest_records_the_base_weights_its_card_states(tmp_path):
+    """An artifact set's manifest says where the base weights came from exactly as each card does (and nothing for a
+    card on a Hub-checkpoint base); the record survives a save and load of the manifest."""
+    from hf_compress.hub.manifest import Manifest, build_manifest, describe_artifact
+
+    entries = []
+    for name, base_weights in (("from-gguf", BASE_WEIGHTS), ("from-hub", None)):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text("{}")
+        write_model_card(folder, _card(model_name=name, base_weights=base_weights))
+        entries.append(describe_artifact(folder, name=name, kind="model", base_model="HuggingFaceTB/SmolLM2-135M",
+                                         recipe=RECIPE))
+    build_manifest(entries, tmp_path / "manifest.json")
+    loaded = Manifest.load(tmp_path / "manifest.json").artifacts
+    assert loaded["from-gguf"].base_weights == BASE_WEIGHTS
+    assert loaded["from-hub"].base_weights is None
+    assert json.loads((tmp_path / "manifest.json").read_text())["artifacts"][0]["base_weights"] == BASE_WEIGHTS
+
+
 def test_base_weights_of_reads_the_config_record():
     from types import SimpleNamespace
 

@@ -3,9 +3,10 @@
 ``manifest.json`` sits next to the artifact folders (``scripts/build_artifacts.py`` writes it, ``hf-compress
 publish`` reads it). Per artifact it records the repo name, the Hub namespace its card was written for (the card's
 loading snippet names ``namespace/name``; ``None``: built without one, the card loads the folder from disk), its
-kind (a model folder, a ``custom_generate`` strategy folder, a PEFT adapter or a router), the base model, the
-recipe, every measured metric with where it came from, the build time, and every file that would be uploaded with
-its sha256 and size. Paths are relative (the folder to the manifest, a file to its folder), so a manifest
+kind (a model folder, a ``custom_generate`` strategy folder, a PEFT adapter or a router), the base model (and,
+as its card states it, where the base weights really came from when they are not that Hub checkpoint), the
+recipe, every measured metric with where it came from, the build time, and every file that would be uploaded
+with its sha256 and size. Paths are relative (the folder to the manifest, a file to its folder), so a manifest
 records nothing about this machine and stays valid when the whole set is moved.
 
 :func:`verify_manifest` re-reads every file: a missing, changed or unlisted file is an error naming it, so
@@ -138,6 +139,10 @@ class ArtifactEntry:
     namespace: str | None = None
     """The Hub user or organisation the card was written for (its snippets load ``namespace/name``); ``None``
     for a card written without one (and for manifests older than the field)."""
+    base_weights: dict[str, Any] | None = None
+    """Where the base model's weights really came from when they are not the Hub checkpoint ``base_model`` names
+    (a reference model's ``config.hf_compress["base_weights"]`` record: the GGUF it was de-quantized from), as the
+    card states it; ``None`` for the Hub checkpoint itself (and for manifests older than the field)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _REPO_NAME.match(self.name):
@@ -168,6 +173,7 @@ class ArtifactEntry:
             "kind": self.kind,
             "folder": self.folder,
             "base_model": self.base_model,
+            "base_weights": self.base_weights,
             "recipe": self.recipe,
             "metrics": [m.to_dict() for m in self.metrics],
             "results": self.results,
@@ -185,6 +191,7 @@ class ArtifactEntry:
                 files=[FileEntry(path=f["path"], sha256=f["sha256"], size=int(f["size"])) for f in data["files"]],
                 build_seconds=data.get("build_seconds"), results=dict(data.get("results") or {}),
                 namespace=data.get("namespace"),  # absent from manifests older than the field: None
+                base_weights=data.get("base_weights"),  # likewise
             )
         except (KeyError, TypeError) as err:
             raise ManifestError(f"Malformed artifact entry {data.get('name', '?')!r}: missing or bad field {err}.") from None
@@ -308,7 +315,8 @@ def describe_artifact(
 
     ``root`` is the folder the manifest will sit in (default: ``folder``'s parent); ``folder`` is recorded
     relative to it. ``namespace`` is the Hub user or organisation the folder's card names (``namespace/name``):
-    ``hf-compress publish`` then refuses any other.
+    ``hf-compress publish`` then refuses any other. The base weights' provenance is recorded as the folder's card
+    states it (``compression.base_weights``), so the manifest and the card cannot disagree.
     """
     from .push import plan_push
 
@@ -322,7 +330,20 @@ def describe_artifact(
         base_model=base_model, recipe=recipe, metrics=list(metrics), files=files,
         build_seconds=None if build_seconds is None else round(float(build_seconds), 1),
         results=dict(results or {}), namespace=namespace,
+        base_weights=_card_base_weights(folder),
     )
+
+
+def _card_base_weights(folder: Path) -> dict[str, Any] | None:
+    """The ``compression.base_weights`` record of the hf_compress card in ``folder`` (``None``: no card, another
+    card, or a Hub checkpoint base)."""
+    from .model_card import BASE_WEIGHTS_KEY, CARD_FILENAME, COMPRESSION_METADATA_KEY, load_card
+
+    if not (folder / CARD_FILENAME).is_file():
+        return None
+    block = load_card(folder).data.get(COMPRESSION_METADATA_KEY)
+    record = block.get(BASE_WEIGHTS_KEY) if isinstance(block, dict) else None
+    return dict(record) if isinstance(record, Mapping) else None
 
 
 def build_manifest(artifacts: Iterable[ArtifactEntry], path: str | os.PathLike) -> Manifest:
