@@ -103,7 +103,8 @@ def main() -> None:
                         help="prompt lengths of the prefill timing (the full run times the first)")
     parser.add_argument("--batch-size", type=int, nargs="+", default=[1],
                         help="--prefill-only: prompts per forward (each --prefill-tokens long, no padding)")
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=7,
+                        help="prefill timing rounds (0: no timing, for a run that only measures quality)")
     parser.add_argument("--prefill-only", action="store_true",
                         help="only time prefill (dense, static router, router path, ShortGPT) on --device")
     parser.add_argument("--schedule-from", default="token_router", metavar="NAME",
@@ -203,7 +204,7 @@ def main() -> None:
             pruner.prune(removal_config(target_sparsity=flops, num_calibration_sequences=args.removal_sequences,
                                         calibration_seq_len=args.seq_len), calibration, progress=False)
             removal[label] = (pruned, pruner.report, time.perf_counter() - begin)
-        if full:
+        if full and args.rounds:
             timed = {"dense": model, "trained router": trained, "static router": static,
                      **{label: value[0] for label, value in removal.items()}}
             prefill = {name: statistics.median(rounds) for name, rounds in
@@ -551,9 +552,10 @@ def _markdown(payload: dict[str, Any]) -> str:
                   f"{settings.get('seq_len')} tokens; router training: {settings.get('train_steps')} steps of one "
                   f"{settings.get('seq_len')}-token window, learning rate {settings.get('learning_rate', 1e-3):g}; ShortGPT / SLEB / BlockPruner: "
                   f"{settings.get('removal_sequences')} calibration windows of {settings.get('seq_len')} tokens (their "
-                  "search seconds in the search column). Prefill: one "
-                  f"{_first_length(settings)}-token prompt, median of {settings.get('rounds')} round-robin rounds "
-                  "with nothing else running (ratios side by side)."]
+                  "search seconds in the search column). "
+                  + (f"Prefill: one {_first_length(settings)}-token prompt, median of {settings.get('rounds')} "
+                     "round-robin rounds with nothing else running (ratios side by side)." if settings.get("rounds")
+                     else "Prefill: not timed (--rounds 0).")]
     return "\n".join(lines) + "\n"
 
 
