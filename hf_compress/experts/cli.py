@@ -154,6 +154,10 @@ def _train(args: argparse.Namespace) -> int:
         raise ValueError(f"--num-experts {config.num_experts} exceeds the {kept} examples to train on{of}; use "
                          f"--num-experts <= {kept}, a larger --select or more data (every expert needs examples).")
     device = resolve_device(args.device)
+    # Trainer places the model itself: the settings' device keeps training where --device says (checked now).
+    settings = TrainingSettings(max_steps=args.steps, learning_rate=args.learning_rate,
+                                per_device_batch_size=args.batch_size, logging_steps=max(1, args.steps // 10),
+                                seed=config.seed, progress=not args.quiet, device=device)
     model, tokenizer = load_model(args.base)
     model.to(device)
     spec = EmbeddingSpec.for_model(model, config.embedding_layer, config.embedding_max_length)
@@ -170,9 +174,6 @@ def _train(args: argparse.Namespace) -> int:
         raw = raw[report.indices]
         print(f"selection ({args.select_method}): kept {report.kept} of {report.pool_size} examples, mean distance "
               f"to the nearest kept {report.mean_distance:.4f} (random subset {report.random_mean_distance:.4f})")
-    settings = TrainingSettings(max_steps=args.steps, learning_rate=args.learning_rate,
-                                per_device_batch_size=args.batch_size, logging_steps=max(1, args.steps // 10),
-                                seed=config.seed, use_cpu=device.type == "cpu", progress=not args.quiet)
     router = train_experts(model, dataset, config, args=settings, tokenizer=tokenizer, embeddings=raw)
     if not is_main_process():  # under torchrun every process trained alike; rank 0 writes
         return 0

@@ -85,6 +85,11 @@ def run_quantize(args: argparse.Namespace) -> int:
             raise ValueError(f"--adapter-dir {args.adapter_dir} and --save-dir {args.save_dir} are the same folder or "
                              "one holds the other: each save replaces its whole folder. Pass two separate folders.")
     device = resolve_device(args.device)  # checked before the model loads
+    settings = None
+    if args.method == "dlqat":  # Trainer places the model itself: the settings' device keeps it where --device says
+        settings = TrainingSettings(max_steps=args.steps, learning_rate=args.learning_rate,
+                                    per_device_batch_size=args.batch_size, logging_steps=max(1, args.steps // 10),
+                                    progress=not args.quiet, device=device)
     # A bad text file is reported before the (possibly slow) model load; rtn trains on nothing.
     text = load_calibration_text(args.calibration_text) if args.method == "dlqat" else None
     config = DLQATConfig(
@@ -107,10 +112,6 @@ def run_quantize(args: argparse.Namespace) -> int:
         trainable, total = model.get_nb_trainable_parameters()
         print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
         data = causal_lm_dataset(text, tokenizer, num_sequences=args.steps * args.batch_size, seq_len=args.seq_len)
-        # Trainer places the model itself: use_cpu keeps it on the CPU when --device cpu is asked on a GPU machine.
-        settings = TrainingSettings(max_steps=args.steps, learning_rate=args.learning_rate,
-                                    per_device_batch_size=args.batch_size, logging_steps=max(1, args.steps // 10),
-                                    use_cpu=device.type == "cpu", progress=not args.quiet)
         with tempfile.TemporaryDirectory() as scratch:
             train_with_trainer(model, data, scratch, settings)
         if not is_main_process():  # under torchrun every process trained alike; rank 0 writes

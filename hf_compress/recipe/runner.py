@@ -125,8 +125,10 @@ def run(
             architecture or size than the base's config is refused before any work (one in another dtype than
             the float32 a rerun loads is accepted with a warning). Its weights are not compared: do not pass a model you have already changed; to
             compress another model, name it (its folder or Hub id) as the recipe's ``base_model``.
-        device: where the steps run (``"cpu"``, ``"cuda"``, ``"auto"``, a ``torch.device``); default: where the
-            model is (the CPU for a loaded one).
+        device: where the steps run (``"cpu"``, ``"cuda"``, ``"auto"``, a ``torch.device``), training steps
+            included; default: where the model is (the CPU for a loaded one). A ``cuda:N`` that ``Trainer`` would
+            not train on (``N > 0`` in one process: use ``CUDA_VISIBLE_DEVICES=N``) is refused before any step
+            runs when a step trains.
         overwrite: save into a non-empty ``save_dir``.
         progress: progress bars, the steps' own (training, feature caching) included.
         repo_id: the Hub repo (``owner/name``) the folder will be pushed to, which the card's loading snippet

@@ -47,7 +47,7 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
                         help="no training: save the static router (not with --steps / --learning-rate)")
     parser.add_argument("--save-dir", required=True, help="folder for the routed model")
     calibration_text_argument(parser, help_prefix="schedule search and router training text: ")
-    device_argument(parser)  # the schedule search runs there; Trainer then trains on its own device
+    device_argument(parser)  # the schedule search and the router training run there
     parser.add_argument("--overwrite", action="store_true",
                         help="save into a non-empty --save-dir: its model is replaced, other files are kept")
 
@@ -64,6 +64,10 @@ def run_route(args: argparse.Namespace) -> int:
     _check_training_flags(args)
     check_save_dir(args.save_dir, args.overwrite, argument="--save-dir")
     device = resolve_device(args.device)  # checked before the model loads
+    # Trainer places the model itself: the settings' device keeps training where --device says (checked now).
+    settings = None if args.static else TrainingSettings(
+        max_steps=args.steps, learning_rate=args.learning_rate, per_device_batch_size=1,
+        logging_steps=max(1, args.steps // 10), progress=not args.quiet, device=device)
     text = load_calibration_text(args.calibration_text)  # a bad text file is reported before the model loads too
     config = TokenRouterConfig(
         token_sparsity=args.sparsity, generations=args.generations, population=args.population,
@@ -78,8 +82,6 @@ def run_route(args: argparse.Namespace) -> int:
         static_router(model, schedule)
     else:
         data = causal_lm_dataset(text, tokenizer, num_sequences=args.steps, seq_len=args.seq_len, seed=config.seed + 1)
-        settings = TrainingSettings(max_steps=args.steps, learning_rate=args.learning_rate, per_device_batch_size=1,
-                                    logging_steps=max(1, args.steps // 10), progress=not args.quiet)
         train_token_router(model, schedule, data, args=settings, config=config)
     if not is_main_process():  # under torchrun every process trained alike; rank 0 writes
         return 0

@@ -9,6 +9,7 @@ from .data import causal_lm_dataset
 from .trainer import (
     FrozenModelTrainingModule,
     TrainingSettings,
+    check_training_device,
     is_main_process,
     largest_over_processes,
     preserved_random_state,
@@ -21,6 +22,7 @@ __all__ = [
     "FrozenModelTrainingModule",
     "TrainingSettings",
     "causal_lm_dataset",
+    "check_training_device",
     "is_main_process",
     "largest_over_processes",
     "preserved_random_state",

@@ -15,14 +15,15 @@ from ..utils import get_logger
 
 
 if TYPE_CHECKING:
+    import torch
     from datasets import Dataset
     from torch import nn
     from transformers import TrainingArguments
 
 
 __all__ = [
-    "FrozenModelTrainingModule", "TrainingSettings", "is_main_process", "largest_over_processes",
-    "preserved_random_state", "process_count", "train_with_trainer",
+    "FrozenModelTrainingModule", "TrainingSettings", "check_training_device", "is_main_process",
+    "largest_over_processes", "preserved_random_state", "process_count", "train_with_trainer",
 ]
 
 logger = get_logger(__name__)
@@ -32,9 +33,16 @@ logger = get_logger(__name__)
 class TrainingSettings:
     """The few knobs the CLI and the benchmarks set; anything else goes in ``extra_arguments``.
 
+    ``device`` is where training runs, as the caller's ``--device`` says (``"cpu"``, ``"cuda"``, ``"cuda:0"``, a
+    ``torch.device``; kept as its string); ``None`` leaves it to ``Trainer`` (its first GPU when there is one).
+    ``"cpu"`` sets ``use_cpu``. A GPU ``Trainer`` would not train on is refused here, before any work: see
+    :func:`check_training_device`.
+
     Example:
         >>> TrainingSettings(max_steps=10).learning_rate
         0.0001
+        >>> TrainingSettings(device="cpu").use_cpu
+        True
     """
 
     max_steps: int = 100
@@ -48,11 +56,25 @@ class TrainingSettings:
     seed: int = 0
     use_cpu: bool = False
     extra_arguments: dict[str, Any] | None = None
-    progress: bool = True  # last: a field added later must not shift the positional ones before it
+    progress: bool = True  # fields added later go last: they must not shift the positional ones before them
     """``False``: no progress bar and no per-step loss dicts printed (the CLI's ``-q``); the losses still reach the
     returned ``log_history``."""
+    device: str | None = None
 
     def __post_init__(self) -> None:
+        if self.device is not None:
+            import torch
+
+            if not isinstance(self.device, (str, torch.device)):
+                raise TypeError(f"device must be a string such as 'cpu' or a torch.device, got {self.device!r}.")
+            try:
+                self.device = str(torch.device(self.device))  # a string: the settings are recorded as JSON
+            except RuntimeError:
+                raise ValueError(f"device {self.device!r} is not a device; pass cpu, cuda or cuda:N.") from None
+            if self.use_cpu and self.device != "cpu":
+                raise ValueError(f"use_cpu=True contradicts device={self.device!r}: drop one of them.")
+            check_training_device(self.device)
+            self.use_cpu = self.device == "cpu"
         for name in ("max_steps", "per_device_batch_size", "gradient_accumulation_steps", "logging_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -63,6 +85,53 @@ class TrainingSettings:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}.")
         if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be a non-negative integer, got {self.warmup_steps!r}.")
+
+
+def check_training_device(device: str | torch.device | None) -> None:
+    """Refuse, before any work, a device ``Trainer`` would not train on.
+
+    ``Trainer`` places the model itself (``TrainingArguments`` picks the device; ``use_cpu`` asks for the CPU).
+    Under ``torchrun`` / ``accelerate launch`` (``LOCAL_RANK`` set) each process trains on its own GPU,
+    ``cuda:(LOCAL_RANK % GPU count)``. In one process it trains on ``cuda:0`` whatever the current CUDA device
+    (transformers' ``TrainingArguments._setup_devices`` sets ``cuda:0`` current), so ``cuda:1`` there would be
+    ignored, the model moved to ``cuda:0``: ``CUDA_VISIBLE_DEVICES=1`` makes that GPU ``cuda:0`` instead.
+    ``None``, ``"cpu"`` and an index-less ``"cuda"`` always fit.
+
+    Example:
+        >>> check_training_device("cpu")
+        >>> check_training_device("mps")
+        Traceback (most recent call last):
+        ...
+        ValueError: training device 'mps': hf_compress trains on cpu or cuda; leave the device unset ...
+    """
+    import torch
+
+    if device is None:
+        return
+    device = torch.device(device)
+    if device.type == "cpu":
+        return
+    if device.type != "cuda":
+        raise ValueError(f"training device {str(device)!r}: hf_compress trains on cpu or cuda; leave the device unset "
+                         "to train where Trainer picks.")
+    if not torch.cuda.is_available():
+        raise ValueError(f"training device {device}: no CUDA GPU is available here; train on cpu.")
+    if device.index is None:
+        return
+    local_rank = os.environ.get("LOCAL_RANK")
+    if local_rank is not None:
+        own = int(local_rank) % torch.cuda.device_count()
+        if device.index != own:
+            raise ValueError(
+                f"training device {device}: under torchrun / accelerate launch (LOCAL_RANK={local_rank}) this process "
+                f"trains on its own GPU, cuda:{own}; pass auto or cuda, or choose each process's GPUs with "
+                "CUDA_VISIBLE_DEVICES."
+            )
+    elif device.index != 0:
+        raise ValueError(
+            f"training device {device}: in one process, transformers' Trainer trains on cuda:0, whatever the current "
+            f"device; run with CUDA_VISIBLE_DEVICES={device.index} and device cuda (that GPU is then cuda:0)."
+        )
 
 
 @contextlib.contextmanager
@@ -200,7 +269,9 @@ def train_with_trainer(
 ) -> dict[str, Any]:
     """Train ``model`` (e.g. a ``PeftModel``) on ``train_dataset`` with ``transformers.Trainer``.
 
-    ``settings`` are our few knobs, or a full ``TrainingArguments`` used as given. Nothing is saved by the
+    ``settings`` are our few knobs, or a full ``TrainingArguments`` used as given (where they train included). With
+    ``TrainingSettings``, training runs on their ``device`` (checked again here); without one, where ``Trainer``
+    picks. Nothing is saved by the
     Trainer itself (``save_strategy="no"`` from settings); the caller saves what it trained. Returns the
     Trainer's metrics plus ``train_seconds`` and ``log_history``. ``eval_dataset`` is Trainer's, for an
     ``eval_strategy`` in the arguments.
@@ -273,6 +344,11 @@ def _kernelize_for_training(model: nn.Module) -> None:
 def _arguments_from_settings(settings: TrainingSettings, output_dir: str):
     from transformers import TrainingArguments
 
+    # Checked again: a field set after the settings were made skipped __post_init__.
+    device = None if settings.device is None else str(settings.device)
+    check_training_device(device)
+    _warn_if_replicated(device)
+    use_cpu = settings.use_cpu or device == "cpu"
     owned = {
         "output_dir": output_dir,
         "max_steps": settings.max_steps,
@@ -285,7 +361,7 @@ def _arguments_from_settings(settings: TrainingSettings, output_dir: str):
         "logging_steps": settings.logging_steps,
         "seed": settings.seed,
         # Without an accelerator, torchrun's processes train apart unless told the CPU is the device (gloo DDP).
-        "use_cpu": settings.use_cpu or not _has_accelerator(),
+        "use_cpu": use_cpu or not _has_accelerator(),
     }
     extra = dict(settings.extra_arguments or {})
     clashing = sorted(set(extra) & set(owned))
@@ -295,9 +371,21 @@ def _arguments_from_settings(settings: TrainingSettings, output_dir: str):
     defaults = {  # the launcher's choices; extra_arguments may change them (report_to=["tensorboard"], ...)
         "save_strategy": "no", "report_to": [], "disable_tqdm": not settings.progress, "dataloader_num_workers": 0,
         # Pinned memory only helps copies to an accelerator; without one torch warns on every DataLoader.
-        "dataloader_pin_memory": not settings.use_cpu and _has_accelerator(),
+        "dataloader_pin_memory": not use_cpu and _has_accelerator(),
     }
     return TrainingArguments(**owned, **{**defaults, **extra})
+
+
+def _warn_if_replicated(device: str | None) -> None:
+    """Warn when a named GPU will not be the only one: in one process with several GPUs visible, ``Trainer``
+    replicates the model over all of them (``nn.DataParallel``)."""
+    import torch
+
+    if (device is not None and device.startswith("cuda") and "LOCAL_RANK" not in os.environ
+            and torch.cuda.device_count() > 1):
+        logger.warning("training on %s: Trainer replicates the model over all %d visible GPUs in one process "
+                       "(nn.DataParallel); run with CUDA_VISIBLE_DEVICES=%d to train on that GPU alone.",
+                       device, torch.cuda.device_count(), torch.device(device).index or 0)
 
 
 def _has_accelerator() -> bool:

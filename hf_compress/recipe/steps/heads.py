@@ -20,7 +20,7 @@ from typing import Any
 from ...utils import check_int, get_logger
 from ..config import check_keys, refused_as
 from .base import RecipeState, Step
-from .training import check_lengths, parse_training, training_data, training_settings
+from .training import check_device, check_lengths, parse_training, training_data, training_settings
 
 
 logger = get_logger(__name__)
@@ -68,6 +68,7 @@ class HeadsStep(Step):
                 {**self.config_fields(), "hidden_size": hidden})  # e.g. Amphista's attention heads divide it
         check_lengths(self.where(self.index, self.method), state.model,
                       {"training.seq_len": self.fields["training"]["seq_len"]})
+        check_device(self.where(self.index, self.method), state.device)
 
     def config_fields(self) -> dict[str, Any]:
         return {k: v for k, v in self.fields.items() if k != "training"}

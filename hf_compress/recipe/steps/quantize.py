@@ -19,7 +19,7 @@ from typing import Any
 from ...utils import check_str_list, get_logger
 from ..config import RecipeError, check_keys, refused_as
 from .base import ROUTE_STACKING, RecipeState, Step
-from .training import check_lengths, parse_training, training_data, training_settings
+from .training import check_device, check_lengths, parse_training, training_data, training_settings
 
 
 logger = get_logger(__name__)
@@ -73,6 +73,7 @@ class QuantizeStep(Step):
         # PEFT finds out only when it wraps the model, after the earlier steps' work.
         if self.method == "dlqat":
             _check_targets(self.where(self.index, self.method), self.fields, state.model)
+            check_device(self.where(self.index, self.method), state.device)
             check_lengths(self.where(self.index, self.method), state.model,
                           {"training.seq_len": self.fields["training"]["seq_len"]})
 

@@ -18,7 +18,7 @@ from typing import Any
 from ...utils import get_logger
 from ..config import RecipeError, check_keys, refused_as
 from .base import ROUTE_STACKING, RecipeState, Step
-from .training import check_lengths, parse_training, training_data, training_settings
+from .training import check_device, check_lengths, parse_training, training_data, training_settings
 
 
 logger = get_logger(__name__)
@@ -59,6 +59,8 @@ class RouteStep(Step):
     def check_model(self, state: RecipeState) -> None:
         lengths = {"search_seq_len": self.fields["search_seq_len"], "training.seq_len": self.fields["training"]["seq_len"]}
         check_lengths(self.where(self.index, self.method), state.model, lengths)
+        if not self.fields["static"]:
+            check_device(self.where(self.index, self.method), state.device)
 
     def apply(self, state: RecipeState, progress: bool) -> dict[str, Any]:
         from ...assets import load_calibration_text

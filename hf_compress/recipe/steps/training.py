@@ -25,8 +25,8 @@ if TYPE_CHECKING:
     from ...training import TrainingSettings
 
 
-__all__ = ["TRAINING_DEFAULTS", "check_lengths", "check_scheduler", "check_text", "parse_training", "training_data",
-           "training_settings"]
+__all__ = ["TRAINING_DEFAULTS", "check_device", "check_lengths", "check_scheduler", "check_text", "parse_training",
+           "training_data", "training_settings"]
 
 TRAINING_DEFAULTS: dict[str, Any] = {
     "max_steps": 100,
@@ -111,16 +111,30 @@ def check_scheduler(where: str, scheduler: Any) -> None:
         raise RecipeError(f"{where}: training.lr_scheduler_type must be one of {', '.join(usable)}, got {scheduler!r}.")
 
 
+def check_device(where: str, device: torch.device) -> None:
+    """Refuse, before the first step runs, a recipe device its training steps cannot train on (``cuda:1`` in one
+    process: ``Trainer`` would move the model to ``cuda:0``; see ``hf_compress.training.check_training_device``).
+
+    Example:
+        >>> import torch
+        >>> check_device("step 2 (quantize dlqat)", torch.device("cpu"))
+    """
+    from ...training import check_training_device
+
+    with refused_as(where):
+        check_training_device(device)
+
+
 def training_settings(training: dict[str, Any], seed: int, device: torch.device, progress: bool = True
                       ) -> TrainingSettings:
-    """``TrainingSettings`` for one step (logging ten times per run; on the CPU when the recipe runs there)."""
+    """``TrainingSettings`` for one step (logging ten times per run), training on the recipe's ``device``."""
     from ...training import TrainingSettings
 
     return TrainingSettings(
         max_steps=training["max_steps"], learning_rate=training["learning_rate"],
         per_device_batch_size=training["batch_size"], warmup_steps=training["warmup_steps"],
         lr_scheduler_type=training["lr_scheduler_type"], logging_steps=max(1, training["max_steps"] // 10),
-        seed=seed, use_cpu=device.type == "cpu", progress=progress,
+        seed=seed, progress=progress, device=device,
     )
 
 
