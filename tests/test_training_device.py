@@ -164,3 +164,27 @@ def test_the_launcher_checks_again_and_warns_when_trainer_will_replicate(monkeyp
         train_with_trainer(torch.nn.Linear(2, 2), [], str(tmp_path), TrainingSettings(max_steps=1, device="cuda:0"))
     assert "replicates the model over all 2 visible GPUs" in caplog.text and "CUDA_VISIBLE_DEVICES=0" in caplog.text
 
+
+
+def test_a_learned_permutation_checks_its_training_device_before_any_work(monkeypatch):
+    """prune() with a learned permutation trains through Trainer on the model's device: that device is checked
+    (check_training_device) with the sites, before calibration or any permutation work."""
+    import hf_compress.training
+    from hf_compress.assets import tiny_model
+    from hf_compress.pruning import LearnedPermutationConfig, WandaConfig, WandaPruner
+
+    checked = []
+
+    def refusing(device):
+        checked.append(torch.device(device))
+        raise ValueError("refused device")
+
+    monkeypatch.setattr(hf_compress.training, "check_training_device", refusing)
+    model, tokenizer = tiny_model("llama")
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    config = WandaConfig(sparsity="2:4", permutation=LearnedPermutationConfig(groups=2, epochs=1.0), num_calibration_sequences=4,
+                         calibration_seq_len=16)
+    with pytest.raises(ValueError, match="refused device"):
+        WandaPruner(model, tokenizer).prune(config, ["some calibration text " * 40], progress=False)
+    assert checked == [torch.device("cpu")]
+    assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())

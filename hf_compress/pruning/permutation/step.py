@@ -81,7 +81,8 @@ def check_permutation(model: nn.Module, config: PruningConfig) -> list[Permutati
 
     Raises:
         ValueError: no N:M pattern, offloaded weights, a model whose stream or heads cannot be permuted, an N:M group
-            straddling an attention head, or learned groups that do not divide a site's width.
+            straddling an attention head, learned groups that do not divide a site's width, or a learned permutation
+            on a GPU ``Trainer`` would not train on (``check_training_device``).
     """
     pattern = config.pattern
     if not pattern.is_n_m:
@@ -98,6 +99,10 @@ def check_permutation(model: nn.Module, config: PruningConfig) -> list[Permutati
                              "straddle heads, which a within-head permutation cannot serve. Use permutation=None.")
         if isinstance(config.permutation, LearnedPermutationConfig):
             config.permutation.group_width(site.width, site.name, group)
+    if isinstance(config.permutation, LearnedPermutationConfig):  # trained by Trainer, on the model's device
+        from ...training import check_training_device
+
+        check_training_device(next(model.parameters()).device)
     return sites
 
 

@@ -157,7 +157,7 @@ def learn_permutations(
         lr_scheduler_type="cosine", seed=config.seed,
         # At least as often as keep-best scores: a time budget may stop training long before steps // 25.
         logging_steps=max(1, min(steps // 25, config.eval_every)),
-        use_cpu=device.type == "cpu", progress=progress,
+        progress=progress, device=device,  # where the model is: Trainer would otherwise pick its first GPU
     )
     frozen = {name: parameter.requires_grad for name, parameter in model.named_parameters()}
     training = model.training
