@@ -8,7 +8,7 @@ import logging
 
 from hf_compress.assets import load_model
 from hf_compress.evaluation.suite import EvaluationSettings, run_evaluation
-from hf_compress.hub import build_model_card, write_model_card
+from hf_compress.hub import base_model_of, base_weights_of, build_model_card, write_model_card
 
 
 parser = argparse.ArgumentParser()
@@ -22,7 +22,9 @@ settings = EvaluationSettings(max_windows=16, zero_shot_tasks=("arc_easy",), zer
 results, records = run_evaluation(model, tokenizer, settings)
 model.save_pretrained(args.output)
 tokenizer.save_pretrained(args.output)
-card = build_model_card(base_model=getattr(model.config, "_name_or_path", None) or None,
-                        model_name=f"{args.model}-evaluated", recipe={"method": "none"}, metrics=records)
+# base_model_of: the Hub id the model came from (never a local path); base_weights_of: where a reference model's
+# weights really came from (a de-quantized GGUF), which the card states.
+card = build_model_card(base_model=base_model_of(model.config), model_name=f"{args.model}-evaluated",
+                        recipe={"method": "none"}, metrics=records, base_weights=base_weights_of(model.config))
 write_model_card(args.output, card)
 print(card.content[:1500])

@@ -241,6 +241,26 @@ def test_recipe_defaults_to_the_pruners_record(tmp_path):
     assert config["quantization_config"]["recipe"] == {"method": "magnitude", "sparsity": "2:4"}
 
 
+def test_the_folder_has_a_card_with_the_recipe_storage_and_base_weights(tmp_path):
+    """A mask-pruned folder is an artifact to push like the others: its card states the recipe, the stored bytes,
+    the Hub base the config names and where the base weights came from (as save_slim's card does)."""
+    from hf_compress.hub import read_recipe
+    from hf_compress.hub.model_card import load_card
+
+    model, tokenizer = tiny_model("llama")
+    _prune(model, "2:4")
+    base_weights = {"source": "gguf", "file": "model.Q4_1.gguf", "package": "llm-x==1.0", "tensor_types": {"Q4_1": 7}}
+    model.config.hf_compress = {"pruning": {"method": "wanda", "sparsity": "2:4"}, "base_model": "org/base",
+                                "base_weights": base_weights}
+    path = save_pruned(model, tokenizer, tmp_path / "pruned")
+    card = load_card(path)
+    recipe = read_recipe(card)
+    assert recipe["method"] == "wanda" and recipe["storage"]["ratio"] < 0.6
+    assert card.data.base_model == "org/base"
+    assert card.data.to_dict()["compression"]["base_weights"] == base_weights
+    assert "Base weights" in card.text and card.text.lstrip().startswith("# pruned")
+
+
 def test_loaded_model_saves_dense_and_can_be_stored_sparse_again(tmp_path):
     model, tokenizer = tiny_model("opt")
     _prune(model, "50%")
@@ -295,11 +315,12 @@ def test_overwrite_replaces_and_an_existing_folder_without_model_keeps_its_files
 
     notes = tmp_path / "notes"
     notes.mkdir()
-    (notes / "README.md").write_text("my notes")
+    (notes / "notes.txt").write_text("my notes")
     with pytest.raises(FileExistsError, match="not empty .* holds no model.*overwrite=True"):
         save_pruned(model, tokenizer, notes)  # a folder of other files is never written without consent
     save_pruned(model, tokenizer, notes, overwrite=True)
-    assert (notes / "README.md").read_text() == "my notes" and (notes / "model.safetensors").exists()
+    assert (notes / "notes.txt").read_text() == "my notes" and (notes / "model.safetensors").exists()
+    assert "hf_compress" in (notes / "README.md").read_text()  # the card is part of what the save writes
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 

@@ -132,8 +132,11 @@ def save_pruned(
     recipe: Mapping[str, Any] | Any | None = None,
     min_sparsity: float = 0.25,
     max_shard_size: int | str = "5GB",
+    model_name: str | None = None,
+    base_model: str | None = None,
 ) -> Path:
-    """Save a pruned model (and its tokenizer) with sparse linear weights; ``from_pretrained`` restores it.
+    """Save a pruned model (and its tokenizer) with sparse linear weights, and its model card;
+    ``from_pretrained`` restores it.
 
     Args:
         model: a transformers model (not PEFT-wrapped: merge adapters first with ``merge_and_unload``).
@@ -147,6 +150,9 @@ def save_pruned(
             ``model.config.hf_compress["pruning"]``, if any.
         min_sparsity: decoder-block linear weights with at least this fraction of zeros are stored sparse.
         max_shard_size: passed to ``save_pretrained``.
+        model_name: the card's title (default: the folder's name).
+        base_model: the Hub id the card names as the base (default: the model's own, or the original base an
+            earlier hf_compress step recorded; a local path is never written).
 
     Returns:
         The folder. Bytes of the decoder-block linear weights, dense versus stored, are logged and
@@ -161,6 +167,8 @@ def save_pruned(
         >>> path = save_pruned(model, tokenizer, "llama-2-4", recipe=config)  # doctest: +SKIP
         >>> AutoModelForCausalLM.from_pretrained(path)  # after `import hf_compress`  # doctest: +SKIP
     """
+    from ..hub import base_model_of, base_weights_of, build_model_card, write_model_card
+
     target = check_save_dir(save_dir, overwrite)
     _check_model(model)
     if recipe is None:  # the pruners record theirs on the config (``hf_compress.pruning.base.RECIPE_KEY``)
@@ -180,6 +188,14 @@ def save_pruned(
         seal_checkpoint(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
+        # The card states the recipe, the stored bytes and where the base weights came from; no metrics, since
+        # nothing was measured here (hf_compress.evaluation's records can be added with write_model_card).
+        card = build_model_card(
+            base_model=base_model or base_model_of(model.config), model_name=model_name or target.name,
+            recipe={**(recipe_dict or {"method": "sparse"}), "storage": storage},
+            base_weights=base_weights_of(model.config),
+        )
+        write_model_card(staging, card)
     logger.info(
         "saved %s: %d decoder-block linear weights sparse, %d -> %d bytes (%.3fx)", target,
         len(compressed), storage["dense_linear_bytes"], storage["stored_linear_bytes"], storage["ratio"],
