@@ -197,6 +197,20 @@ def test_fast_read_is_bit_identical_to_the_reference(dtype, head_dim, keep):
         assert torch.equal(read_values(values, scratch=scratch), values.densify_values())
 
 
+def test_float16_recovery_of_a_channel_no_query_uses_stays_finite_in_every_reader():
+    """Recovery divides a token's fill by sqrt(qbar[i]): with large keys and a channel the queries never use
+    (qbar at the floor), the quotient passes float16's range. Every reader clamps it to 65504 (no inf, so no nan in
+    attention) and they stay bit-identical; bfloat16 and float32 need no clamp."""
+    states, qbar = _random_store(64, 32, torch.float32, seed=3)
+    states = (states * 1000).to(torch.float16)  # fills of hundreds: divided by sqrt(1e-6), far past 65504
+    keys = PerTokenChannels.compress_keys(states, qbar, 32)
+    reference = keys.densify_keys(qbar)
+    assert bool(torch.isfinite(reference).all()) and reference.abs().max().item() == 65504.0
+    assert torch.equal(read_keys(keys, qbar), reference)
+    keys.fill.requires_grad_(True)  # the differentiable path
+    assert torch.equal(read_keys(keys, qbar).detach(), reference)
+
+
 def test_long_reads_go_in_token_chunks_with_bounded_scratch(monkeypatch):
     states, qbar = _random_store(16, 6, torch.float32)
     keys = PerTokenChannels.compress_keys(states, qbar, 6)
@@ -303,6 +317,20 @@ def test_appends_write_in_place_with_bounded_headroom():
     view, buffer = append_tokens(torch.zeros(1, 1, 2, 3), torch.ones(1, 1, 1, 3), None)
     again, same = append_tokens(view[:, :, :1], torch.full((1, 1, 1, 3), 2.0), buffer)  # after a crop
     assert same is buffer and again.tolist() == [[[[0.0] * 3, [2.0] * 3]]]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_triton_float16_recovery_is_clamped_like_the_reference_on_cuda():
+    pytest.importorskip("triton")
+    states, qbar = _random_store(64, 32, torch.float32, seed=3, device="cuda")
+    keys = PerTokenChannels.compress_keys((states * 1000).to(torch.float16), qbar, 32)
+    assert triton_read.usable(keys.kept)
+    with torch.inference_mode():
+        fast = read_keys(keys, qbar, out=torch.empty(2, 3, 37, 64, dtype=torch.float16, device="cuda"))
+        reference = keys.densify_keys(qbar)
+    assert bool(torch.isfinite(fast).all()) and fast.abs().max().item() == 65504.0
+    torch.testing.assert_close(fast, reference, rtol=1e-3, atol=0)
 
 
 @pytest.mark.cuda

@@ -53,6 +53,22 @@ __all__ = [
 # Below this a query channel norm counts as zero: recovery divides by it.
 QBAR_FLOOR = 1e-6
 
+
+def recovery_limit(dtype: torch.dtype) -> float | None:
+    """The largest recovered key magnitude a store of ``dtype`` holds, where that dtype's range is narrower than
+    float32's (float16: 65504); ``None`` otherwise.
+
+    Recovery divides a token's fill by ``sqrt(qbar[i])``: for a channel the queries hardly use, that can pass
+    float16's range and become ``inf`` (then ``nan`` in attention). Every reader clamps the float32 quotient to
+    this limit before rounding, so they stay bit-identical.
+
+    Example:
+        >>> recovery_limit(torch.float16), recovery_limit(torch.bfloat16)
+        (65504.0, None)
+    """
+    limit = torch.finfo(dtype).max
+    return limit if limit < torch.finfo(torch.float32).max else None
+
 Store = TypeVar("Store", bound="_TokenStore")
 
 
@@ -287,7 +303,10 @@ class PerTokenChannels(_TokenStore):
         channel = torch.arange(self.head_dim, device=dense.device, dtype=torch.int16)
         pruned_rank = (channel - kept_before).long().clamp_(0, max(pruned - 1, 0))
         signs = unpack_bits(self.sign_bits, pruned).gather(-1, pruned_rank)
-        magnitude = (self.fill.unsqueeze(-1) / qbar.clamp_min(QBAR_FLOOR).sqrt().unsqueeze(2)).to(dense.dtype)
+        magnitude = self.fill.unsqueeze(-1) / qbar.clamp_min(QBAR_FLOOR).sqrt().unsqueeze(2)
+        if (limit := recovery_limit(dense.dtype)) is not None:
+            magnitude = magnitude.clamp_max(limit)
+        magnitude = magnitude.to(dense.dtype)
         recovered = torch.where(signs, magnitude, -magnitude)
         return torch.where(kept_mask, dense, recovered)
 

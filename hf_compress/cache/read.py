@@ -41,7 +41,7 @@ import math
 import torch
 
 from . import triton_read
-from .channels import QBAR_FLOOR
+from .channels import QBAR_FLOOR, recovery_limit
 
 
 __all__ = ["ReadScratch", "read_keys", "read_values"]
@@ -236,13 +236,17 @@ def read_keys(store, qbar: torch.Tensor | None, out: torch.Tensor | None = None,
     divisors = root.view(batch * heads * groups, 1, 8).expand(-1, 256, 8).masked_fill(tables.kept, 1.0)
     row = torch.arange(0, batch * heads * groups * 256, 256, device=kept.device, dtype=torch.int32)
     row = store.kept_bits.int().add_(row.view(batch, heads, 1, groups)).view(-1)
-    # float32 division rounded once to the keys' dtype: exactly the reference's `fill / sqrt(qbar)`.
+    # float32 division rounded once to the keys' dtype: exactly the reference's `fill / sqrt(qbar)`, clamped
+    # where the dtype's range is narrower (float16: a quotient past 65504 rounds to inf, clamped back to 65504).
+    limit = recovery_limit(kept.dtype)
     if differentiable:
         divisor = divisors.view(-1, 8).index_select(0, row).view(*lead, groups * 8)[..., :head_dim]
-        return torch.div(rebuilt, divisor).to(kept.dtype)
+        quotient = torch.div(rebuilt, divisor)
+        return (quotient if limit is None else quotient.clamp(-limit, limit)).to(kept.dtype)
     divisor = scratch.take("divisor", row.numel() * 8, torch.float32, kept.device).view(-1, 8)
     torch.index_select(divisors.view(-1, 8), 0, row, out=divisor)
-    return out.div_(divisor.view(*lead, groups * 8)[..., :head_dim])
+    out.div_(divisor.view(*lead, groups * 8)[..., :head_dim])
+    return out if limit is None else out.clamp_(-limit, limit)
 
 
 def read_values(store, out: torch.Tensor | None = None, scratch: ReadScratch | None = None) -> torch.Tensor:

@@ -4,7 +4,8 @@ Used by ``read.py`` only when ``triton`` imports and the store lives on a CUDA d
 PyTorch byte-table path runs. One program handles ``BLOCK_T`` tokens of one (batch, head): it loads each
 token's kept-channel bitmask, takes every channel's rank among the kept ones with a ``cumsum`` over the
 channel axis, loads kept values by rank and, for pruned channels, the sign bit at their rank among the pruned
-ones, and writes ``±fill / sqrt(qbar[i])`` (keys, SparK's recovery), the fill (values) or zero. Each
+ones, and writes ``±fill / sqrt(qbar[i])`` (keys, SparK's recovery; clamped to ``recovery_limit`` as every reader
+does), the fill (values) or zero. Each
 compressed byte is read once and each output element written once.
 
 ``sqrt(qbar)`` is computed by PyTorch as in the reference; the division is IEEE round-to-nearest
@@ -22,7 +23,7 @@ import functools
 
 import torch
 
-from .channels import QBAR_FLOOR
+from .channels import QBAR_FLOOR, recovery_limit
 
 
 __all__ = ["read_channels", "usable"]
@@ -42,7 +43,7 @@ def _kernel():
 
     @triton.jit
     def read_kernel(
-        kept_ptr, bits_ptr, signs_ptr, fill_ptr, root_ptr, out_ptr, tokens,
+        kept_ptr, bits_ptr, signs_ptr, fill_ptr, root_ptr, out_ptr, tokens, limit,
         kept_bh, kept_t, bits_bh, bits_t, signs_bh, signs_t, fill_bh, fill_t, out_bh, out_t,
         HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, MODE: tl.constexpr,
         EXACT_DIVISION: tl.constexpr,
@@ -68,6 +69,7 @@ def _kernel():
                 magnitude = tl.div_rn(fill, root)
             else:
                 magnitude = fill / root
+            magnitude = tl.minimum(magnitude, limit)  # float16's range (recovery_limit); float32's max otherwise
             magnitude = magnitude.to(out_ptr.dtype.element_ty)
             rebuilt = tl.where(positive, magnitude, -magnitude)
         elif MODE == 1:
@@ -108,8 +110,9 @@ def read_channels(store, qbar: torch.Tensor | None, out: torch.Tensor, mode: str
         signs, signs_bh, signs_t, root = bits, bits_bh, bits_t, fill
     block_t = 32
     grid = (batch * heads, triton.cdiv(tokens, block_t))
+    limit = recovery_limit(out.dtype)
     kernel[grid](
-        kept, bits, signs, fill, root, target, tokens,
+        kept, bits, signs, fill, root, target, tokens, torch.finfo(torch.float32).max if limit is None else limit,
         kept_bh, kept_t, bits_bh, bits_t, signs_bh, signs_t, fill_bh, fill_t, out_bh, out_t,
         HEAD_DIM=head_dim, BLOCK_T=block_t, BLOCK_D=triton.next_power_of_2(head_dim), MODE=_MODES[mode],
         EXACT_DIVISION=exact_division,
