@@ -27,6 +27,17 @@ def test_a_failed_hub_kernel_download_says_how_to_train_without_it(tmp_path):
         train_with_trainer(model, data, str(tmp_path / "run"), TrainingSettings(max_steps=1, use_cpu=True))
 
 
+def test_broadcast_from_main_in_one_process_returns_the_object_and_starts_no_process_group():
+    import torch
+
+    from hf_compress.training import broadcast_from_main
+
+    decision = {"best_step": 3, "scores": torch.tensor([0.5, 0.25])}
+    assert broadcast_from_main(decision) is decision
+    assert broadcast_from_main(decision, TrainingSettings(use_cpu=True)) is decision
+    assert not torch.distributed.is_initialized()
+
+
 def test_extra_arguments_change_the_launchers_defaults_and_may_not_shadow_settings(tmp_path):
     from hf_compress.training.trainer import _arguments_from_settings
 

@@ -1,6 +1,7 @@
 """Every training entry point but DL-QAT (its own test is in ``test_dlqat.py``) under 2-process DDP on CPU: the token
 router, the experts, drafting heads and the learned permutation train to identical replicas, equal to one process
-over the same windows where that holds, and a wall-time budget stops every rank at the same step."""
+over the same windows where that holds, decisions taken from measurements are rank 0's on every rank, and a
+wall-time budget stops every rank at the same step."""
 
 from __future__ import annotations
 
@@ -52,6 +53,24 @@ def test_replicas_end_identical(ranks, entry):
     assert zero["trained"]
     _same(zero["tensors"], one["tensors"], rtol=0, atol=0)
     assert {k: v for k, v in zero.items() if k != "tensors"} == {k: v for k, v in one.items() if k != "tensors"}
+
+
+def test_decisions_from_measurements_are_rank_zeros_on_every_rank(ranks):
+    """Rank 1's measurements were perturbed so that, alone, it would decide otherwise (as a GPU's last-bit differences
+    can): every rank keeps rank 0's subset, clusters, schedule, router and permutation, so the replicas stay identical."""
+    zero, one = ranks
+    own = one["own"]  # what rank 1 decided from its own measurements
+    assert one["selection"] == zero["selection"]
+    assert own["selection"][0] != zero["selection"]["indices"]
+    assert one["experts"]["labels"] == zero["experts"]["labels"] != own["experts"][0]
+    assert one["search"] == zero["search"] and not zero["search"]["search"]["exact_uniform"]  # rank 1 alone: uniform
+    kept = zero["router_keep_best"]
+    assert kept["selection"]["best_step"] != kept["selection"]["history"][-1]["step"]  # rank 1 alone: the last
+    assert {k: v for k, v in one["router_keep_best"].items() if k != "tensors"} == {
+        k: v for k, v in kept.items() if k != "tensors"}
+    _same(kept["tensors"], one["router_keep_best"]["tensors"], rtol=0, atol=0)
+    # Rank 1 alone would keep the last candidate; the rest of the entry is compared in test_replicas_end_identical.
+    assert one["permutation"]["best_step"] == zero["permutation"]["best_step"] != zero["permutation"]["steps"]
 
 
 def test_two_processes_match_one_with_the_same_windows_per_step(ranks):

@@ -5,14 +5,21 @@ Each rank trains the same tiny models, then writes ``<out>/rank<k>.pt``: per ent
 what the run reported. DDP all-reduces the gradients, so every rank must end with the same tensors, equal to a one
 process run over the same windows where the loss is a plain mean. ``budget_*`` runs make rank 1's clock run 1000x
 fast: a wall-time budget must still stop every rank at the same step (one stopping alone hangs the others).
+
+Decisions taken from measurements (the data selection, the experts' clusters, the router's schedule search, the
+router's and the permutation's keep-best) must be rank 0's on every rank: rank 1's measurements are perturbed (``perturbed_on_rank_1``), as a GPU's
+last-bit differences would, exaggerated so that rank 1 alone would decide otherwise; what it decided alone is
+recorded in ``OWN`` (saved as ``own``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
 import types
+from collections.abc import Iterator
 
 import torch
 
@@ -29,6 +36,32 @@ def settings(steps: int, batch: int, **fields) -> TrainingSettings:
     extra = {"ddp_backend": "gloo", "ddp_timeout": 60} if WORLD > 1 else None
     return TrainingSettings(max_steps=steps, learning_rate=1e-2, per_device_batch_size=batch, logging_steps=1,
                             use_cpu=True, progress=False, extra_arguments=extra, **fields)
+
+
+OWN: dict[str, list] = {}  # rank 1's own decisions, from its perturbed measurements
+
+
+@contextlib.contextmanager
+def perturbed_on_rank_1(owner, name: str, perturb) -> Iterator[None]:
+    """On rank 1, ``owner.name`` returns ``perturb(its result)`` inside the block (elsewhere it is left alone)."""
+    if RANK != 1:
+        yield
+        return
+    original = getattr(owner, name)
+    setattr(owner, name, lambda *args, **kwargs: perturb(original(*args, **kwargs)))
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
+
+
+def recorded_on_rank_1(owner, name: str, key: str, result=lambda value: value):
+    """On rank 1, ``result(...)`` of every call of ``owner.name`` in the block is appended to ``OWN[key]``."""
+    def record(value):
+        OWN.setdefault(key, []).append(result(value))
+        return value
+
+    return perturbed_on_rank_1(owner, name, record)
 
 
 def fast_clock_on_rank_1(module) -> None:
@@ -52,10 +85,54 @@ def router() -> dict:
     return {"tensors": state.router.state_dict(), "trained": not _is_fresh_router(state.router)}
 
 
+def search() -> dict:
+    from hf_compress.routing import TokenRouterConfig, search_schedule
+    from hf_compress.routing import search as searching
+
+    model, _ = tiny_model("llama", seed=0)
+    ids = torch.randint(3, 256, (4, 24), generator=torch.Generator().manual_seed(0))
+    # Rank 1 measures every schedule alike: alone, it would keep the exactly uniform one (it wins ties).
+    with perturbed_on_rank_1(searching, "calibration_loss", lambda loss: 0.0):
+        schedule = search_schedule(model, ids, TokenRouterConfig(token_sparsity=0.3, generations=1, population=4),
+                                   progress=False)
+    return {"block_sparsity": schedule.block_sparsity, "search": schedule.search}
+
+
+def router_keep_best() -> dict:
+    from hf_compress.routing import RoutingSchedule, TokenRouterConfig, routing_state, train_token_router
+    from hf_compress.routing.training import KeepBestRouter
+
+    model, tokenizer = tiny_model("llama", seed=0)
+    data = causal_lm_dataset([TEXT], tokenizer, num_sequences=10, seq_len=24)
+    config = TokenRouterConfig(token_sparsity=0.4, validation_windows=2, validation_every=1)
+    # Rank 1 measures each router far better than the one before: alone, it would keep the last.
+    checks = iter(range(100))
+    with perturbed_on_rank_1(KeepBestRouter, "validation_kl", lambda value: value - next(checks)):
+        train_token_router(model, RoutingSchedule([0.3, 0.5]), data, args=settings(3, 2), config=config)
+    state = routing_state(model)
+    return {"tensors": state.router.state_dict(), "mode": state.mode,
+            "selection": state.schedule.search["training"]["selection"]}
+
+
+def selection() -> dict:
+    from hf_compress.experts import select_data
+    from hf_compress.experts import selection as selecting
+
+    model, tokenizer = tiny_model("llama", seed=0)
+    prompts = [f"{i % 10} + {(3 * i) % 10} = " if i % 2 else f"Spell {chr(65 + i)}{chr(70 + i)}: " for i in range(16)]
+    # Run first, before any Trainer: the selection starts the process group itself. Rank 1 embeds the pool
+    # with its rows reversed, and records the subset it would keep (select_indices' first call) alone.
+    with perturbed_on_rank_1(selecting, "embed_texts", lambda raw: raw.flip(0)), \
+            recorded_on_rank_1(selecting, "select_indices", "selection"):
+        _, report = select_data(prompts, model, 0.25, tokenizer=tokenizer, return_report=True)
+    return {"indices": report.indices, "mean_distance": report.mean_distance}
+
+
 def experts() -> dict:
     from datasets import Dataset
 
     from hf_compress.experts import ExpertConfig, train_experts
+    from hf_compress.experts import training as experts_training
 
     model, tokenizer = tiny_model("llama", seed=0)
     rows = []
@@ -64,9 +141,13 @@ def experts() -> dict:
         word = "".join(chr(65 + (i * 7 + j) % 26) for j in range(5))
         rows.append({"prompt": f"Spell {word}: ", "completion": " ".join(word)})
     torch.manual_seed(0)  # the LoRA initialisation
-    router = train_experts(model, Dataset.from_list(rows), ExpertConfig(num_experts=2, r=2, seq_len=32,
-                                                                        shared_warmup=0.5),
-                           args=settings(4, 1), tokenizer=tokenizer)
+    # Rank 1 embeds other prompts (random rows) and records the clusters it would train alone.
+    noise = torch.Generator().manual_seed(1)
+    with perturbed_on_rank_1(experts_training, "embed_texts", lambda raw: torch.randn(raw.shape, generator=noise)), \
+            recorded_on_rank_1(experts_training, "kmeans", "experts", lambda clustering: clustering.labels.tolist()):
+        router = train_experts(model, Dataset.from_list(rows), ExpertConfig(num_experts=2, r=2, seq_len=32,
+                                                                            shared_warmup=0.5),
+                               args=settings(4, 1), tokenizer=tokenizer)
     tensors = {n: p for n, p in router.model.named_parameters() if "lora_" in n}
     return {"tensors": tensors, "trained": all(bool(p.any()) for n, p in tensors.items() if "lora_B" in n),
             "labels": router.training_labels, "steps": router.info["training"]["total_steps"]}
@@ -102,17 +183,23 @@ def permutation(budget: float | None = None, batch: int = 1) -> dict:
     if budget:
         fast_clock_on_rank_1(permutation_training)
     config = WandaConfig(sparsity="2:4", permutation=learned, batch_size=2)
-    report = permute_for_pruning(model, config, check_permutation(model, config), ids, progress=False)
+    # Rank 1 scores each candidate far better than the one before: alone, it would keep the last.
+    offers = iter(range(100))
+    with perturbed_on_rank_1(permutation_training, "sequential_pruned_losses", lambda losses: losses - next(offers)):
+        report = permute_for_pruning(model, config, check_permutation(model, config), ids, progress=False)
     training = report.training
     curve = training["objective_curve"]
     return {"tensors": dict(model.named_parameters()), "trained": curve[-1][1] != curve[0][1], "steps": training["steps"],
-            "temperature_end": training["temperature_end"], "objective_curve": curve}
+            "temperature_end": training["temperature_end"], "objective_curve": curve, "best_step": training["best_step"],
+            "selection_curve": training["selection_curve"]}
 
 
 def main(out: str) -> None:
-    results = {"rank": RANK, "world_size": WORLD, "router": router(), "experts": experts(), "heads": heads(),
+    results = {"rank": RANK, "world_size": WORLD, "selection": selection(), "router": router(),
+               "router_keep_best": router_keep_best(), "search": search(), "experts": experts(), "heads": heads(),
                "permutation": permutation()}
     results["distributed"] = torch.distributed.is_initialized()
+    results["own"] = OWN
     torch.save(results, os.path.join(out, f"rank{RANK}.pt"))
     # Last, in a file of their own: a budget that stops one rank alone hangs the run here.
     budgets = {"budget_heads": heads(budget=20.0), "budget_permutation": permutation(budget=20.0)}

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from ..training import broadcast_from_main
 from ..utils import check_choice, check_float, check_int, check_seed, get_logger
 from .data import instruction_rows
 from .embedding import DEFAULT_EMBEDDING_TOKENS, EmbeddingSpace, EmbeddingSpec, embed_texts
@@ -250,9 +251,13 @@ def select_data(
     random_mean, _ = coverage(embeddings, select_indices(embeddings, count, "random", seed))
     report = SelectionReport(method, budget, n, count, indices, mean_distance, max_distance, random_mean,
                              spec.to_dict(), weighting)
+    # Under torchrun every rank embedded and scored the pool itself (GPU kernels may differ in the last bits):
+    # rank 0's subset on every rank, or the ranks would train on different data.
+    report = broadcast_from_main(report)
     logger.info("kept %d of %d examples (%s%s): mean distance to nearest kept %.4f (random subset %.4f)",
-                count, n, method, f", weighted by {weighting}" if weighting else "", mean_distance, random_mean)
-    subset = _subset(dataset, indices, report)
+                count, n, method, f", weighted by {weighting}" if weighting else "", report.mean_distance,
+                report.random_mean_distance)
+    subset = _subset(dataset, report.indices, report)
     return (subset, report) if return_report else subset
 
 

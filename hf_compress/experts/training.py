@@ -14,7 +14,7 @@ import torch
 from .. import _compat
 from ..hub import base_weights_of
 from ..modeling.layers import TRAINS_ON_ONE_DEVICE, check_not_offloaded
-from ..training import TrainingSettings, preserved_random_state, train_with_trainer
+from ..training import TrainingSettings, broadcast_from_main, preserved_random_state, train_with_trainer
 from ..utils import get_logger
 from .clustering import kmeans
 from .config import ExpertConfig
@@ -140,6 +140,9 @@ def train_experts(
             raise ValueError(f"embeddings has {embeddings.shape[0]} rows for {len(rows)} examples.")
         space = EmbeddingSpace.fit(embeddings)
         labels, centroids, clustering = _clusters(space(embeddings), k, config, clusters)
+        # Every rank embedded the prompts itself, and GPU kernels may differ in the last bits: rank 0's space and
+        # clusters on every rank, or ranks train different clusters (different step counts hang DDP).
+        space, labels, centroids, clustering = broadcast_from_main((space, labels, centroids, clustering), args)
     sizes = torch.bincount(labels, minlength=k).tolist()
     logger.info("clustered %d examples into %d experts of sizes %s", len(rows), k, sizes)
 

@@ -29,6 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..modeling.calibration import calibration_loss
+from ..training import broadcast_from_main
 from ..modeling.layers import check_within_learned_positions, evaluation_mode, find_decoder_blocks
 from ..utils import get_logger
 from .config import TokenRouterConfig
@@ -143,7 +144,9 @@ def search_schedule(
         if installed_here:
             remove_routing(model)
     exact_uniform = uniform_loss <= scores[best]
-    return RoutingSchedule(
+    # Under torchrun every rank searched with its own losses (GPU kernels may differ in the last bits): rank 0's
+    # schedule on every rank, or the ranks would train routers for different schedules.
+    return broadcast_from_main(RoutingSchedule(
         [target] * num_blocks if exact_uniform else [count * unit for count in best],
         search={
             "method": "evolutionary", "fitness": f"static-router calibration loss, last {config.loss_tail:g} of each window",
@@ -152,7 +155,7 @@ def search_schedule(
             "population": config.population, "unit": unit, "history": history,
             "windows": list(windows.shape), "seconds": round(time.perf_counter() - start, 2),
         },
-    )
+    ))
 
 
 def _windows(calibration: Any, tokenizer: Any, config: TokenRouterConfig) -> torch.Tensor:

@@ -38,7 +38,7 @@ from ..modeling.layers import (
     learned_position_limit,
     module_execution_device,
 )
-from ..training import FrozenModelTrainingModule, TrainingSettings, train_with_trainer
+from ..training import FrozenModelTrainingModule, TrainingSettings, broadcast_from_main, train_with_trainer
 from ..utils import get_logger
 from .config import TokenRouterConfig
 from .layer import install_routing, routing_disabled, routing_state
@@ -185,8 +185,10 @@ class KeepBestRouter(TrainerCallback):
                 total += float(_tail_kl(teacher, student, ids, mask, self.config.loss_tail))
         return total / len(self.windows)
 
-    def _check(self, step: int) -> None:
-        value = self.validation_kl()
+    def _check(self, step: int, args: TrainingArguments) -> None:
+        # Rank 0's measurement on every rank (GPU kernels may differ in the last bits): ranks that chose different
+        # steps would keep different routers.
+        value = broadcast_from_main(self.validation_kl(), args)
         self.history.append({"step": step, "validation_kl": value})
         if self.best is None or value < self.best[0]:
             router = routing_state(self.model).router
@@ -194,14 +196,14 @@ class KeepBestRouter(TrainerCallback):
         logger.info("router validation KL %.5f at step %d (best %.5f at step %d)", value, step, *self.best[:2])
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self._check(state.global_step)  # past 0 when resumed from a checkpoint: selection starts from there
+        self._check(state.global_step, args)  # past 0 when resumed from a checkpoint: selection starts from there
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step % self.every == 0 and state.global_step < state.max_steps:
-            self._check(state.global_step)
+            self._check(state.global_step, args)
 
     def on_train_end(self, args, state, control, **kwargs):
-        self._check(state.global_step)
+        self._check(state.global_step, args)
         routing_state(self.model).router.load_state_dict(self.best[2])
 
 

@@ -9,6 +9,7 @@ from .data import causal_lm_dataset
 from .trainer import (
     FrozenModelTrainingModule,
     TrainingSettings,
+    broadcast_from_main,
     check_training_device,
     is_main_process,
     largest_over_processes,
@@ -21,6 +22,7 @@ from .trainer import (
 __all__ = [
     "FrozenModelTrainingModule",
     "TrainingSettings",
+    "broadcast_from_main",
     "causal_lm_dataset",
     "check_training_device",
     "is_main_process",

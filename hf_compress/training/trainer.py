@@ -9,7 +9,7 @@ import random
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..utils import get_logger
 
@@ -22,11 +22,13 @@ if TYPE_CHECKING:
 
 
 __all__ = [
-    "FrozenModelTrainingModule", "TrainingSettings", "check_training_device", "is_main_process",
+    "FrozenModelTrainingModule", "TrainingSettings", "broadcast_from_main", "check_training_device", "is_main_process",
     "largest_over_processes", "preserved_random_state", "process_count", "train_with_trainer",
 ]
 
 logger = get_logger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -207,6 +209,52 @@ def largest_over_processes(value: float, device: Any = "cpu") -> float:
     reading = torch.tensor([value], dtype=torch.float64, device=device)
     group.all_reduce(reading, op=group.ReduceOp.MAX)
     return float(reading.item())
+
+
+def broadcast_from_main(obj: T, args: TrainingSettings | TrainingArguments | None = None) -> T:
+    """Rank 0's ``obj`` on every process training together (``obj`` itself in one process).
+
+    A decision taken from a per-process measurement (a held-out score that picks a step, an embedding that is
+    clustered, a subset that is selected) must be the same on every rank. On GPUs, non-deterministic kernels make
+    two ranks' numbers differ in the last bits: ranks deciding on their own then keep different results (silently
+    divergent replicas) or run different numbers of steps (DDP's collectives hang). So every rank measures, then
+    takes rank 0's result from here. Every rank must call it at the same point, with the same kind of ``obj``.
+
+    ``obj``: anything picklable; tensors should be on the CPU (a pickled CUDA tensor comes back on rank 0's GPU).
+    ``args``: the run's ``TrainingSettings`` or ``TrainingArguments``. Under ``torchrun`` / ``accelerate launch``
+    before any ``Trainer`` has started the process group (a decision before training), the group is started here
+    as ``Trainer`` will start it from ``args`` (default ``TrainingSettings()``); ``TrainingArguments`` also name this
+    process's device, which NCCL needs for the bytes it sends.
+
+    Example:
+        >>> broadcast_from_main({"best_step": 3})
+        {'best_step': 3}
+    """
+    group = _process_group()
+    if group is None and process_count() > 1:
+        group = _start_process_group(args)
+    if group is None or group.get_world_size() == 1:
+        return obj
+    from transformers import TrainingArguments
+
+    # NCCL moves the pickled bytes through this process's GPU: the Trainer's device (torch would otherwise take
+    # the current CUDA device, which accelerate sets to the same one).
+    device = args.device if isinstance(args, TrainingArguments) else None
+    objects = [obj if group.get_rank() == 0 else None]
+    group.broadcast_object_list(objects, src=0, device=device)
+    return objects[0]
+
+
+def _start_process_group(args: TrainingSettings | TrainingArguments | None) -> Any:
+    """Start the process group as ``Trainer`` will (reading ``TrainingArguments.device`` sets up accelerate's
+    state: backend, this process's GPU); ``torch.distributed``, or ``None`` when none starts."""
+    from transformers import TrainingArguments
+
+    if not isinstance(args, TrainingArguments):
+        # Nothing is written to output_dir: the arguments only start the group.
+        args = _arguments_from_settings(args or TrainingSettings(), "hf_compress_process_group")
+    _ = args.device
+    return _process_group()
 
 
 def _process_group() -> Any:

@@ -71,6 +71,7 @@ def learn_permutations(
 
     from ...training import (
         TrainingSettings,
+        broadcast_from_main,
         largest_over_processes,
         preserved_random_state,
         process_count,
@@ -114,18 +115,22 @@ def learn_permutations(
             self.curve: list[list[float]] = []  # [step, training objective]
             self.selection_curve: list[list[float]] = []  # [step, mean selection score]
             self.keep = KeepBest(config.selection_margin)
-            self.score(0)
+            self.score(0, settings)  # before Trainer: the settings start the process group under torchrun
 
-        def score(self, step: int) -> None:
+        def score(self, step: int, args: Any) -> None:
             hard = list(learner.decode())  # a list of its own: later partial decodes replace entries of the learner's
-            self.curve.append([step, learner.objective(hard, evaluation)])
+            objective = learner.objective(hard, evaluation)
             if config.selection == "sequential_ce":
                 scores = sequential_pruned_losses(model, learner.site_permutations(hard), f"{kept}:{group}",
                                                   evaluation_ids, skip, batch_size=2)
             elif config.selection == "pruned_ce":
                 scores = learner.pruned_losses(hard, evaluation_ids)
             else:
-                scores = torch.tensor([self.curve[-1][1]])
+                scores = torch.tensor([objective])
+            # Rank 0's scores on every rank (GPU kernels may differ in the last bits): ranks keeping different
+            # candidates would absorb different permutations.
+            objective, scores = broadcast_from_main((objective, scores.detach().cpu()), args)
+            self.curve.append([step, objective])
             self.selection_curve.append([step, float(scores.double().mean())])  # as KeepBest averages
             self.keep.offer(step, hard, scores)
 
@@ -146,11 +151,11 @@ def learn_permutations(
                 control.should_training_stop = True
                 control.should_log = True  # the loss curve ends where training did
             if state.global_step % config.eval_every == 0 or control.should_training_stop:
-                self.score(state.global_step)
+                self.score(state.global_step, args)
 
         def on_train_end(self, args, state, control, **kwargs):
             if self.curve[-1][0] != state.global_step:
-                self.score(state.global_step)
+                self.score(state.global_step, args)
 
     settings = TrainingSettings(
         max_steps=steps, learning_rate=config.learning_rate, per_device_batch_size=config.batch_size,
