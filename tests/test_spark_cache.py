@@ -488,10 +488,12 @@ def test_memory_footprint_counts_everything_a_prefill_leaves_alive():
     # the dense recent window is its own tensor, not a view keeping the whole prompt's dense keys/values alive
     assert pruned.keys.untyped_storage().nbytes() == pruned.keys.nbytes
     assert pruned.values.untyped_storage().nbytes() == pruned.values.nbytes
-    alive = [cache.layers[0].keys, cache.layers[0].values, pruned.keys, pruned.values, pruned.qbar]
+    alive = [pruned.keys, pruned.values, pruned.qbar]
     for store in (pruned.old_keys, pruned.old_values):
         alive += [getattr(store, f.name) for f in dataclasses.fields(store) if isinstance(getattr(store, f.name), torch.Tensor)]
-    assert cache.memory_footprint()["held"] == _storage_bytes(alive)
+    # the dense sliding-window layer counts the window it keeps, as measure_kv_cache_bytes does in a DynamicCache
+    window = cache.layers[0].keys.nbytes + cache.layers[0].values.nbytes
+    assert cache.memory_footprint()["held"] == _storage_bytes(alive) + window
 
 
 def test_a_filled_cache_refuses_a_new_batch_clearly():
@@ -514,3 +516,43 @@ def test_structured_cache_takes_its_settings_by_name_and_has_no_recovery():
     assert _parse_cache("step", {"method": "structured", "recent_window": 8})["recent_window"] == 8
     with pytest.raises(TypeError, match="recovery"):  # it was silently ignored: shared channels read as zeros
         StructuredChannelCache(model.config, recovery=True)
+
+
+def test_footprint_counts_a_sliding_window_layer_as_measure_kv_cache_bytes_does():
+    # A dense sliding-window layer (Gemma 3's local layers) is the same transformers layer in a SparKCache and in a
+    # DynamicCache, so both measures must count it alike: after a prefill longer than the window it keeps the last
+    # window - 1 tokens (a view of the prefill's states, until the next update). SparK counted the whole prompt there
+    # and measure_kv_cache_bytes the window, so on Gemma-3-270M at 1024 tokens SparK at 50% read 1.65x dense.
+    from hf_compress.evaluation import measure_kv_cache_bytes
+
+    model, _ = tiny_model("gemma3")  # layer 0 slides over 32 tokens, layer 1 is pruned
+    tokens = 4 * model.config.sliding_window
+    dense = measure_kv_cache_bytes(model, tokens)["kv_bytes"]
+    spark = SparKCache(model.config, channel_ratio=0.5, value_channel_ratio=0.5, recent_window=8)
+    held = measure_kv_cache_bytes(model, tokens, cache=spark)["kv_bytes"]
+    footprint = spark.memory_footprint()
+    assert footprint["held"] == held
+    assert footprint["dense_equivalent"] == dense  # what a DynamicCache holds for the same tokens, as measured
+    assert held < dense  # half the full-attention layer's channels pruned: less than dense, whatever the window
+    sliding = spark.layers[0]
+    assert sliding.keys.shape[-2] == model.config.sliding_window - 1
+    window_bytes = sliding.keys.nbytes + sliding.values.nbytes
+    pruned = spark.layers[1].memory_footprint()
+    assert footprint["held"] == pruned["held"] + window_bytes
+
+
+def test_footprint_of_an_evicting_cache_compares_with_the_dense_cache_of_the_whole_prompt():
+    # With SnapKV eviction (token_budget), dense_equivalent is what a DynamicCache holds for the same prompt: every
+    # token seen. It counted the tokens left after eviction, so the ratio hid the eviction (0.99 on Gemma-3-270M at
+    # 600 tokens with token_budget=128, when the cache held 0.84x the dense one).
+    from hf_compress.evaluation import measure_kv_cache_bytes
+
+    model, _ = tiny_model("gemma3")
+    tokens = 100
+    dense = measure_kv_cache_bytes(model, tokens)["kv_bytes"]
+    spark = SparKCache(model.config, channel_ratio=0.5, token_budget=40, recent_window=4)
+    held = measure_kv_cache_bytes(model, tokens, cache=spark)["kv_bytes"]
+    assert spark.layers[1].held_tokens < tokens  # the full-attention layer evicted
+    footprint = spark.memory_footprint()
+    assert footprint["dense_equivalent"] == dense
+    assert footprint["ratio"] == pytest.approx(held / dense)

@@ -21,7 +21,6 @@ from transformers import PretrainedConfig
 from transformers.cache_utils import Cache, DynamicSlidingWindowLayer, get_layer_types_and_kwargs
 
 from ..utils import InvalidArgumentTypeError, check_bool, check_float, check_int
-from .channels import held_bytes
 from .layer import ChannelPrunedLayer
 from .query_capture import install_query_capture
 from .read import ReadScratch
@@ -196,6 +195,10 @@ class SparKCache(Cache):
     def memory_footprint(self) -> dict[str, int | float]:
         """Bytes held by every layer now, and what ``DynamicCache`` would hold for the same tokens.
 
+        A compressed layer counts every storage it keeps alive (append headroom included); a dense sliding-window layer
+        counts the window it keeps, as :func:`hf_compress.evaluation.measure_kv_cache_bytes` counts it in a
+        ``DynamicCache``, so ``held`` compares with that measure of the default cache.
+
         ``read_scratch`` is apart from ``held``: the buffers one layer's read works in (positions, source rows,
         divisors), shared by all layers, which a read would otherwise allocate and free each time.
 
@@ -203,13 +206,18 @@ class SparKCache(Cache):
             >>> cache.memory_footprint()  # doctest: +SKIP
             {'held': 1482752, 'dense_equivalent': 2359296, 'ratio': 0.628, 'read_scratch': 65536}
         """
+        from ..evaluation.memory import cache_layer_bytes  # lazily: the evaluation package is not needed to decode
+
         held = dense = 0
         for layer in self.layers:
             if isinstance(layer, ChannelPrunedLayer):
                 footprint = layer.memory_footprint()
                 held, dense = held + footprint["held"], dense + footprint["dense_equivalent"]
             elif layer.is_initialized:
-                size = held_bytes(layer.keys, layer.values)  # after a prefill, a view of the whole prompt's states
+                # A dense sliding-window layer, the same as in a DynamicCache: counted as measure_kv_cache_bytes counts
+                # it there (the window it keeps, not the prefill's states its view still pins until the next update),
+                # so the two measures compare.
+                size = cache_layer_bytes(layer)
                 held, dense = held + size, dense + size
         return {"held": held, "dense_equivalent": dense, "ratio": held / dense if dense else 1.0,
                 "read_scratch": self.read_scratch.nbytes}

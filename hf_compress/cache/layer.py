@@ -231,13 +231,14 @@ class ChannelPrunedLayer(CacheLayerMixin):
         return self.keys.shape[2] + (self.old_keys.num_tokens if self.old_keys is not None else 0)
 
     def memory_footprint(self) -> dict[str, int]:
-        """Bytes actually held, and what a DynamicCache layer would hold for the same tokens."""
+        """Bytes actually held, and what a DynamicCache layer would hold for the same tokens: every token seen, those
+        SnapKV evicted (``token_budget``) included, so the ratio shows the eviction too."""
         if not self.is_initialized:
             return {"held": 0, "dense_equivalent": 0}
         held = held_bytes(self.keys, self.values, self.qbar, self.key_channels, self.value_channels)
         held += sum(store.nbytes for store in (self.old_keys, self.old_values) if store is not None)
         batch = self.keys.shape[0]
-        dense = 2 * batch * self.num_kv_heads * self.held_tokens * self.head_dim * self.keys.element_size()
+        dense = 2 * batch * self.num_kv_heads * self.seen_tokens * self.head_dim * self.keys.element_size()
         return {"held": held, "dense_equivalent": dense}
 
     # ------------------------------------------------------------------ internals

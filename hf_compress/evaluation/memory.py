@@ -63,12 +63,23 @@ def cache_bytes(cache: Cache) -> int:
     if callable(footprint):
         held = footprint()
         return int(held["held"] if isinstance(held, dict) else held)
-    total = 0
-    for layer in cache.layers:
-        for name, value in vars(layer).items():
-            if "key" in name or "value" in name:
-                total += _tensor_bytes(value)
-    return total
+    return sum(cache_layer_bytes(layer) for layer in cache.layers)
+
+
+def cache_layer_bytes(layer: Any) -> int:
+    """Bytes of keys and values one transformers cache layer keeps: the elements of its key/value tensors.
+
+    A sliding-window layer (Gemma 3's local layers) keeps the last ``sliding_window - 1`` tokens, which after a
+    longer prefill are a view of that forward's states until its next update: the window is counted, what it keeps
+    from then on. hf_compress caches count such a dense layer with this too, so their footprint compares with a
+    ``DynamicCache`` measured here.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> cache_layer_bytes(SimpleNamespace(keys=torch.zeros(2, 3), values=torch.zeros(2, 3), sliding_window=4))
+        48
+    """
+    return sum(_tensor_bytes(value) for name, value in vars(layer).items() if "key" in name or "value" in name)
 
 
 def _tensor_bytes(value: Any) -> int:
