@@ -159,7 +159,11 @@ def test_the_launcher_checks_again_and_warns_when_trainer_will_replicate(monkeyp
     with pytest.raises(ValueError, match="CUDA_VISIBLE_DEVICES=1"):
         train_with_trainer(torch.nn.Linear(2, 2), [], str(tmp_path), settings)
 
-    _stop_at_trainer(monkeypatch)
+    # The warning comes before TrainingArguments, which would set up the (simulated) GPU for real: stop there.
+    def stopping(self, *args, **kwargs):
+        raise _Stop
+
+    monkeypatch.setattr(transformers.TrainingArguments, "__post_init__", stopping)
     with caplog.at_level(logging.WARNING, logger="hf_compress"), pytest.raises(_Stop):
         train_with_trainer(torch.nn.Linear(2, 2), [], str(tmp_path), TrainingSettings(max_steps=1, device="cuda:0"))
     assert "replicates the model over all 2 visible GPUs" in caplog.text and "CUDA_VISIBLE_DEVICES=0" in caplog.text

@@ -55,8 +55,8 @@ QBAR_FLOOR = 1e-6
 
 
 def recovery_limit(dtype: torch.dtype) -> float | None:
-    """The largest recovered key magnitude a store of ``dtype`` holds, where that dtype's range is narrower than
-    float32's (float16: 65504); ``None`` otherwise.
+    """The largest recovered key magnitude a store of ``dtype`` holds, where that dtype's exponent range is narrower
+    than float32's (float16: 65504); ``None`` otherwise.
 
     Recovery divides a token's fill by ``sqrt(qbar[i])``: for a channel the queries hardly use, that can pass
     float16's range and become ``inf`` (then ``nan`` in attention). Every reader clamps the float32 quotient to
@@ -67,7 +67,8 @@ def recovery_limit(dtype: torch.dtype) -> float | None:
         (65504.0, None)
     """
     limit = torch.finfo(dtype).max
-    return limit if limit < torch.finfo(torch.float32).max else None
+    # bfloat16 has float32's exponent range (its max only a rounding below): no clamp, no extra pass over a read.
+    return limit if limit < 2.0**127 else None
 
 Store = TypeVar("Store", bound="_TokenStore")
 
