@@ -76,7 +76,7 @@ def cache_layer_bytes(layer: Any) -> int:
 
     Example:
         >>> from types import SimpleNamespace
-        >>> cache_layer_bytes(SimpleNamespace(keys=torch.zeros(2, 3), values=torch.zeros(2, 3), sliding_window=4))
+        >>> cache_layer_bytes(SimpleNamespace(keys=torch.zeros(2, 3), values=torch.zeros(2, 3), cumulative_length=6))
         48
     """
     return sum(_tensor_bytes(value) for name, value in vars(layer).items() if "key" in name or "value" in name)

@@ -29,8 +29,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..modeling.calibration import calibration_loss
-from ..training import broadcast_from_main
 from ..modeling.layers import check_within_learned_positions, evaluation_mode, find_decoder_blocks
+from ..training import broadcast_from_main
 from ..utils import get_logger
 from .config import TokenRouterConfig
 from .layer import install_routing, remove_routing, routing_mode, routing_state
