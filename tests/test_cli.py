@@ -130,17 +130,21 @@ def test_prune_sds_records_its_base_in_the_saved_recipe(tmp_path, capsys):
     assert (recipe["method"], recipe["base"], recipe["redense_epochs"], recipe["sparsity"]) == ("sds", "wanda", 1, "4:8")
 
 
-def test_quantize_rtn_and_dlqat_write_loadable_packed_checkpoints(tmp_path):
+def test_quantize_rtn_and_dlqat_write_loadable_packed_checkpoints(tmp_path, capsys):
     import hf_compress.quantization  # noqa: F401  (registers the format)
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from hf_compress.assets import tiny_model
+    from hf_compress.evaluation import disk_bytes
     from hf_compress.hub import read_recipe
     from hf_compress.quantization import PackedLinear
 
     assert main(["quantize", "rtn", "--model", "tiny-llama", "--bits", "4", "--group-size", "32",
                  "--save-dir", str(tmp_path / "rtn")]) == 0
+    # The layers' ratio leaves out the unpacked embeddings; the whole checkpoint's size is printed beside it.
+    checkpoint_mb = disk_bytes(tmp_path / "rtn", "*.safetensors") / 1e6
+    assert f"; checkpoint {checkpoint_mb:.1f} MB on disk (embeddings and norms unpacked)" in capsys.readouterr().out
     rtn = AutoModelForCausalLM.from_pretrained(tmp_path / "rtn")
     assert sum(isinstance(m, PackedLinear) for m in rtn.modules()) == 14
     assert read_recipe(tmp_path / "rtn")["method"] == "rtn" and "r" not in read_recipe(tmp_path / "rtn")

@@ -124,12 +124,14 @@ def test_recipe_training_step_refuses_cuda_1_before_any_step_runs(step, where, m
     from hf_compress.recipe import runner
 
     model, tokenizer = tiny_model("llama")
-    monkeypatch.setattr(model, "to", lambda *args, **kwargs: model)  # no GPU here: stay where it is
+    moved = []
+    monkeypatch.setattr(model, "to", lambda *args, **kwargs: moved.append(args) or model)  # no GPU here
     monkeypatch.setattr(runner, "_summary", lambda metrics: pytest.fail("a step ran before the refusal"))
     recipe = {"name": "tiny-training", "base_model": "tiny-llama", "seed": 0, "steps": [step],
               "evaluation": {"perplexity_windows": 1, "window": 16}}
     with pytest.raises(RecipeError, match=rf"^step 1 \({where}\): .*CUDA_VISIBLE_DEVICES=1"):
         run(recipe, tmp_path / "out", model=model, tokenizer=tokenizer, device=torch.device("cuda", 1))
+    assert not moved  # refused before the whole model went to a device the step cannot train on
 
 
 def test_one_process_takes_cuda_and_cuda_0_but_not_cuda_1(two_gpus):

@@ -73,6 +73,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     from ..hub import base_model_of, base_weights_of, write_model_card
     from ..modeling.layers import check_within_learned_positions
     from ..utils import atomic_directory, check_save_dir
+    from ..evaluation.memory import disk_bytes
     from . import DLQATConfig, packed_size, quantize_rtn
 
     _check_method_flags(args)
@@ -142,8 +143,11 @@ def run_quantize(args: argparse.Namespace) -> int:
     save_packed(packed, tokenizer, args.save_dir, overwrite=args.overwrite,
                 card=_model_card(base_model, recipe, "compressed_model", args.save_dir, base_weights))
     size = packed_size(packed)
+    # The whole checkpoint too: embeddings and norms stay float (Gemma-3's 262k-token table outweighs its layers).
+    checkpoint_mb = disk_bytes(args.save_dir, "*.safetensors") / 1e6
     print(f"{args.method} {args.bits}-bit (group {args.group_size}): {size['layers']} packed layers, "
-          f"{size['packed'] / size['bf16']:.3f}x their bf16 bytes, saved to {args.save_dir}")
+          f"{size['packed'] / size['bf16']:.3f}x their bf16 bytes; checkpoint {checkpoint_mb:.1f} MB on disk "
+          f"(embeddings and norms unpacked), saved to {args.save_dir}")
     return 0
 
 

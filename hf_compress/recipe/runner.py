@@ -186,12 +186,12 @@ def run(
         check_order(recipe.steps, facts)
     except RecipeError as error:
         raise RecipeError(f"recipe: base_model {recipe.base_model!r}: {error}") from None
-    if device is not None:
-        model.to(device)
     state = RecipeState(model=model, tokenizer=tokenizer, device=device or model.device, seed=recipe.seed,
                         facts=set(facts))
     for step in recipe.steps:
         step.check_model(state)
+    if device is not None:  # after the checks: a device a step refuses must not cost a move of the whole model first
+        model.to(device)
     # The card's base_model: the Hub model the recipe names (which recipe.yaml rebuilds from), else the model's own
     # (a folder hf_compress saved records the Hub model it came from, as every other card of the library names it).
     base_model = recipe_hub_id(recipe.base_model) or base_model_of(model.config)
