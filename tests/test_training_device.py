@@ -194,3 +194,28 @@ def test_a_learned_permutation_checks_its_training_device_before_any_work(monkey
         WandaPruner(model, tokenizer).prune(config, ["some calibration text " * 40], progress=False)
     assert checked == [torch.device("cpu")]
     assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
+
+
+@pytest.mark.parametrize("argv", [
+    ["route", "--model", "tiny-llama", "--static", "--generations", "0", "--population", "2", "--search-windows", "1",
+     "--seq-len", "16"],
+    ["route", "--model", "tiny-llama", "--steps", "1", "--generations", "0", "--population", "2", "--search-windows",
+     "1", "--seq-len", "16"],
+    ["experts", "train", "--base", "tiny-llama", "--data", "boolq,piqa", "--per-task", "4", "--holdout", "0",
+     "--num-experts", "1", "--steps", "1", "--select", "0.5"],
+], ids=["route --static", "route", "experts train --select"])
+def test_a_cpu_run_under_torchrun_shares_its_first_decision_over_a_cpu_group(argv, monkeypatch, tmp_path, capsys):
+    """The schedule / the selected subset is rank 0's on every rank, shared before any Trainer has started the process
+    group: it starts as the run's Trainer would start it, on the CPU for ``--device cpu`` (not NCCL by default)."""
+    monkeypatch.setattr(launcher, "_has_accelerator", lambda: True)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun's; no group has started yet
+    started = []
+
+    def starting(args):
+        started.append(args)
+        raise RuntimeError("stopped where the process group would start")
+
+    monkeypatch.setattr(launcher, "_start_process_group", starting)
+    assert main(["-q", *argv, "--device", "cpu", "--save-dir", str(tmp_path / "out")]) != 0
+    assert "stopped where the process group would start" in capsys.readouterr().err
+    assert len(started) == 1 and started[0] is not None and started[0].device == "cpu"

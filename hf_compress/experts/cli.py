@@ -170,7 +170,7 @@ def _train(args: argparse.Namespace) -> int:
         dataset, report = select_data(dataset, model, args.select, tokenizer=tokenizer, method=args.select_method,
                                       seed=config.seed, embedding_layer=spec.layer,
                                       embedding_max_length=spec.max_length, embeddings=raw,
-                                      weights=args.select_weights, return_report=True)
+                                      weights=args.select_weights, return_report=True, args=settings)
         raw = raw[report.indices]
         print(f"selection ({args.select_method}): kept {report.kept} of {report.pool_size} examples, mean distance "
               f"to the nearest kept {report.mean_distance:.4f} (random subset {report.random_mean_distance:.4f})")

@@ -27,15 +27,19 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..training import broadcast_from_main
+from ..training import TrainingSettings, broadcast_from_main
 from ..utils import check_choice, check_float, check_int, check_seed, get_logger
 from .data import instruction_rows
 from .embedding import DEFAULT_EMBEDDING_TOKENS, EmbeddingSpace, EmbeddingSpec, embed_texts
 from .need import completion_losses
+
+
+if TYPE_CHECKING:
+    from transformers import TrainingArguments
 
 
 __all__ = ["SELECTION_KEY", "SELECTION_METHODS", "WEIGHTINGS", "SelectionReport", "coverage", "kept_count",
@@ -192,6 +196,7 @@ def select_data(
     embeddings: torch.Tensor | None = None,
     weights: torch.Tensor | str | None = None,
     return_report: bool = False,
+    args: TrainingSettings | TrainingArguments | None = None,
 ):
     """Keep ``kept_count(n, budget)`` examples (``budget * n`` rounded half up) of ``dataset`` that cover its
     semantic space (ASSL selection).
@@ -211,6 +216,9 @@ def select_data(
             (:func:`~.need.completion_losses`, one forward per example), or one weight per example already
             computed; ``facility_location`` only. Default: every example counts the same.
         return_report: Also return the :class:`SelectionReport`.
+        args: The run's ``TrainingSettings`` / ``TrainingArguments`` (those ``train_experts`` gets next). Under
+            ``torchrun`` rank 0's subset is shared with the other ranks through the process group ``Trainer`` will
+            use, started from these (a run training on the CPU needs a CPU group, not the default GPU one).
 
     Returns:
         The subset, same type as ``dataset`` and in its order; for a ``Dataset`` its ``info.description``
@@ -253,7 +261,7 @@ def select_data(
                              spec.to_dict(), weighting)
     # Under torchrun every rank embedded and scored the pool itself (GPU kernels may differ in the last bits):
     # rank 0's subset on every rank, or the ranks would train on different data.
-    report = broadcast_from_main(report)
+    report = broadcast_from_main(report, args)
     logger.info("kept %d of %d examples (%s%s): mean distance to nearest kept %.4f (random subset %.4f)",
                 count, n, method, f", weighted by {weighting}" if weighting else "", report.mean_distance,
                 report.random_mean_distance)

@@ -64,10 +64,11 @@ def run_route(args: argparse.Namespace) -> int:
     _check_training_flags(args)
     check_save_dir(args.save_dir, args.overwrite, argument="--save-dir")
     device = resolve_device(args.device)  # checked before the model loads
-    # Trainer places the model itself: the settings' device keeps training where --device says (checked now).
-    settings = None if args.static else TrainingSettings(
-        max_steps=args.steps, learning_rate=args.learning_rate, per_device_batch_size=1,
-        logging_steps=max(1, args.steps // 10), progress=not args.quiet, device=device)
+    if args.static:  # trains nothing, so any GPU will do; under torchrun a CPU run shares its schedule over a CPU group
+        settings = TrainingSettings(device="cpu") if device.type == "cpu" else None
+    else:  # Trainer places the model itself: the settings' device keeps training where --device says (checked now)
+        settings = TrainingSettings(max_steps=args.steps, learning_rate=args.learning_rate, per_device_batch_size=1,
+                                    logging_steps=max(1, args.steps // 10), progress=not args.quiet, device=device)
     text = load_calibration_text(args.calibration_text)  # a bad text file is reported before the model loads too
     config = TokenRouterConfig(
         token_sparsity=args.sparsity, generations=args.generations, population=args.population,
@@ -76,7 +77,7 @@ def run_route(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model)
     model.to(device)
     check_within_learned_positions(model, args.seq_len, "--seq-len is", "--seq-len")  # before the search's work
-    schedule = search_schedule(model, text, config, tokenizer=tokenizer, progress=not args.quiet)
+    schedule = search_schedule(model, text, config, tokenizer=tokenizer, progress=not args.quiet, args=settings)
     print("schedule:", " ".join(f"{r:.2f}" for r in schedule.block_sparsity))
     if args.static:
         static_router(model, schedule)

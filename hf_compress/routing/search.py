@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import random
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -30,11 +30,15 @@ from tqdm.auto import tqdm
 
 from ..modeling.calibration import calibration_loss
 from ..modeling.layers import check_within_learned_positions, evaluation_mode, find_decoder_blocks
-from ..training import broadcast_from_main
+from ..training import TrainingSettings, broadcast_from_main
 from ..utils import get_logger
 from .config import TokenRouterConfig
 from .layer import install_routing, remove_routing, routing_mode, routing_state
 from .schedule import RoutingSchedule
+
+
+if TYPE_CHECKING:
+    from transformers import TrainingArguments
 
 
 __all__ = ["search_schedule", "static_router"]
@@ -62,6 +66,7 @@ def search_schedule(
     *,
     tokenizer: Any = None,
     progress: bool = True,
+    args: TrainingSettings | TrainingArguments | None = None,
 ) -> RoutingSchedule:
     """Search per-block skip fractions averaging ``config.token_sparsity``, scored with the static router.
 
@@ -71,6 +76,9 @@ def search_schedule(
         config: target sparsity and search settings.
         tokenizer: needed when ``calibration`` is text.
         progress: show a progress bar over the generations.
+        args: the run's ``TrainingSettings`` / ``TrainingArguments`` (those router training gets next). Under
+            ``torchrun`` rank 0's schedule is shared with the other ranks through the process group ``Trainer`` will
+            use, started from these (a run training on the CPU needs a CPU group, not the default GPU one).
 
     Example:
         >>> from hf_compress.assets import tiny_model
@@ -155,7 +163,7 @@ def search_schedule(
             "population": config.population, "unit": unit, "history": history,
             "windows": list(windows.shape), "seconds": round(time.perf_counter() - start, 2),
         },
-    ))
+    ), args)
 
 
 def _windows(calibration: Any, tokenizer: Any, config: TokenRouterConfig) -> torch.Tensor:

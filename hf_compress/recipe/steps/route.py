@@ -68,15 +68,16 @@ class RouteStep(Step):
 
         config = TokenRouterConfig(**{k: v for k, v in self.fields.items() if k not in ("static", "training")})
         training = self.fields["training"]
+        static_on_gpu = self.fields["static"] and state.device.type != "cpu"  # trains nothing: any GPU will do
+        settings = None if static_on_gpu else training_settings(training, config.seed, state.device, progress)
         schedule = search_schedule(state.model, load_calibration_text(training["text"]), config,
-                                   tokenizer=state.tokenizer, progress=progress)
+                                   tokenizer=state.tokenizer, progress=progress, args=settings)
         logger.info("routing schedule: %s", " ".join(f"{r:.2f}" for r in schedule.block_sparsity))
         if self.fields["static"]:
             static_router(state.model, schedule)
         else:
             data = training_data(training, state.tokenizer, config.seed + 1)  # as hf-compress route: not the search's windows
-            train_token_router(state.model, schedule, data, config=config,
-                               args=training_settings(training, config.seed, state.device, progress))
+            train_token_router(state.model, schedule, data, config=config, args=settings)
         state.format_recipes["routing"] = {"token_sparsity": config.token_sparsity, "config": config.to_dict(),
                                            "static": self.fields["static"], "training": training}
         return {"block_sparsity": [round(r, 4) for r in schedule.block_sparsity]}
