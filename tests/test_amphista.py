@@ -12,7 +12,7 @@ import textwrap
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, pipeline
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, DynamicCache, pipeline
 
 from hf_compress import _compat
 from hf_compress.assets import tiny_model
@@ -215,6 +215,11 @@ def test_trees_fall_back_to_chains_at_gemma3_s_sliding_window():
         ids = torch.randint(3, 250, (1, length), generator=torch.Generator().manual_seed(1))
         reference = model.generate(ids, max_new_tokens=12, do_sample=False)
         assert torch.equal(model.generate(ids, max_new_tokens=12, do_sample=False, custom_generate=strategy), reference)
+        # A config-less DynamicCache() has no sliding layers, but the model still attends within its window: the
+        # window comes from the config too (trees verified past it let the sliding layers see the whole past).
+        cache = {_compat.cache_kwarg_name(model): DynamicCache()}
+        out = model.generate(ids, max_new_tokens=12, do_sample=False, custom_generate=strategy, **cache)
+        assert torch.equal(out, reference)
 
 
 def test_a_left_padded_row_gets_the_drafts_it_gets_alone():

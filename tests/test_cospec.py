@@ -650,6 +650,26 @@ def test_fly_calibrate_meets_the_target_on_held_out_prompts(pair):
                        model.generate(ids, max_new_tokens=12, do_sample=False))
 
 
+def test_fly_calibrate_loads_a_draft_given_by_path_once(pair, tmp_path, monkeypatch):
+    import transformers
+
+    model, tok, draft = pair
+    draft.save_pretrained(tmp_path / "draft")
+    loads = []
+    original = transformers.AutoModelForCausalLM.from_pretrained.__func__
+
+    def counting(cls, *args, **kwargs):
+        loads.append(args[0])
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", classmethod(counting))
+    fly = FLy.calibrate(model, str(tmp_path / "draft"), PROMPTS[:2], target_keep=0.5, tokenizer=tok,
+                        thresholds=(0.1, 0.05, 0.0), windows=(1,), max_new_tokens=4, stop_at_newline=False,
+                        use_ngram=False)
+    assert len(fly.calibration["tried"]) >= 2 and loads == [str(tmp_path / "draft")]  # the strict run's load only
+    assert fly.draft_model is not None and not isinstance(fly.draft_model, str)
+
+
 # ------------------------------------------------------------------------------------ bad input
 def test_bad_input_gives_clear_errors(pair, mixed_arbiter, tmp_path):
     model, tok, draft = pair

@@ -243,6 +243,15 @@ def test_fly_entropy_gate_and_ablations():
     assert LooseVerification(loose=False).verify(drafts, _logits(choices.tolist())).num_accepted.item() == 0
 
 
+def test_fly_gate_stays_closed_when_a_logits_processor_leaves_fewer_than_top_k_tokens():
+    """A token a processor banned (-inf) adds nothing to the entropy (0 · -inf was NaN, which opened the gate)."""
+    logits = torch.full((1, 4, 8), -torch.inf)
+    logits[..., 0], logits[..., 1] = 10.0, 0.0  # two tokens allowed; the target is sure of token 0
+    assert 0.0 < float(top_k_entropy(logits[0, 0])) < 0.01
+    verdict = LooseVerification(0.3, window=2).verify(torch.tensor([[1, 0, 0]]), logits)
+    assert verdict.num_accepted.tolist() == [0] and verdict.next_token.tolist() == [0]
+
+
 def test_fly_keeps_draft_token_when_loosely_accepted():
     model, tok = tiny_model("llama")
     ids = tok(PROMPTS[:1], return_tensors="pt").input_ids
@@ -439,6 +448,55 @@ def test_stopping_inside_a_round_leaves_generates_cache():
     follow = torch.cat([out.sequences, torch.tensor([[5, 6, 7]])], dim=1)  # the conversation goes on from that cache
     continued = model.generate(follow, **cache_kwargs(model, out.past_key_values), max_new_tokens=4, do_sample=False)
     assert torch.equal(continued, model.generate(follow, max_new_tokens=4, do_sample=False))
+
+
+def test_the_call_hands_back_a_trimmable_cache_and_holds_no_draft_state():
+    """As generate(): the returned Gemma3 cache's sliding layers stop recording their past, so decoding on trims them
+    to the window again; the draft model's cache is released when the call returns, not at the next call."""
+    model, tok = tiny_model("gemma3")
+    window = model.config.sliding_window
+    ids = tok(PROMPTS[:1], return_tensors="pt").input_ids
+    strategy = SpeculativeDecoding(perturbed(model, 0.1), num_draft_tokens=4, draft_confidence_threshold=None)
+    out = model.generate(ids, max_new_tokens=window, do_sample=False, return_dict_in_generate=True,
+                         custom_generate=strategy)
+    assert strategy._drafter._sequence is None
+    sliding = [layer for layer in out.past_key_values.layers if getattr(layer, "sliding_window", None)]
+    assert sliding and not any(layer.record_past for layer in sliding)
+    model.generate(out.sequences, **cache_kwargs(model, out.past_key_values), max_new_tokens=window, do_sample=False)
+    assert all(layer.keys.shape[-2] < window for layer in sliding)
+
+
+def test_scores_are_kept_only_when_a_dict_output_returns_them():
+    from transformers import MaxLengthCriteria, StoppingCriteriaList
+
+    from hf_compress.speculative.engine import speculative_decode
+
+    model, tok = tiny_model("llama")
+    ids = tok(PROMPTS[:1], return_tensors="pt").input_ids
+    for returned in (False, True):
+        config = GenerationConfig(max_length=ids.shape[1] + 6, do_sample=False, output_scores=True,
+                                  output_logits=True, return_dict_in_generate=returned)
+        _, _, extras = speculative_decode(model, ids, NgramDrafter(), StrictGreedy(), 4, generation_config=config,
+                                          stopping_criteria=StoppingCriteriaList([MaxLengthCriteria(config.max_length)]))
+        assert (extras["scores"] is not None, extras["logits"] is not None) == (returned, returned)
+
+
+@pytest.mark.parametrize("target_rows, draft_rows", [(320, 256), (256, 320)], ids=["draft smaller", "draft larger"])
+def test_a_draft_padded_to_another_vocabulary_size_drafts_with_the_same_tokenizer(target_rows, draft_rows):
+    """Qwen2.5-0.5B (151,936 rows) drafting for the 7B (152,064): one tokenizer, embeddings padded differently. Given
+    both tokenizers it drafts token ids (never a row past the target's vocabulary); without them it says to pass them."""
+    model, tok = tiny_model("llama", vocab_size=target_rows)
+    draft, _ = tiny_model("llama", seed=1, vocab_size=draft_rows)
+    with torch.no_grad():  # the larger draft prefers its padding rows: they must never be proposed
+        draft.lm_head.weight[256:] = 0.0
+        draft.lm_head.weight[256:, 0] = 1e3
+    ids = tok(PROMPTS[:1], return_tensors="pt").input_ids
+    reference = model.generate(ids, max_new_tokens=12, do_sample=False)
+    strategy = SpeculativeDecoding(draft, tokenizer=tok, draft_tokenizer=tok, num_draft_tokens=4)
+    assert torch.equal(model.generate(ids, max_new_tokens=12, do_sample=False, custom_generate=strategy), reference)
+    assert type(strategy._drafter).__name__ == "ModelDrafter"
+    with pytest.raises(ValueError, match=rf"vocabulary \({draft_rows} tokens\) differs .*Pass both `tokenizer=`"):
+        model.generate(ids, max_new_tokens=2, do_sample=False, custom_generate=SpeculativeDecoding(draft))
 
 
 def test_rows_stopped_without_eos_are_decoded_on_as_generate_does():

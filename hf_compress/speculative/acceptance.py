@@ -12,6 +12,8 @@ Shapes, for a batch of ``B`` rows and ``k`` drafts: ``draft_tokens`` ``(B, k)``,
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -172,8 +174,10 @@ def top_k_entropy(logits: torch.Tensor, top_k: int = 3) -> torch.Tensor:
     """
     check_int("top_k", top_k, minimum=1)
     log_probs = logits.float().log_softmax(dim=-1)
-    top = log_probs.topk(top_k, dim=-1).values
-    return -(top.exp() * top).sum(dim=-1)
+    top = log_probs.topk(min(top_k, log_probs.shape[-1]), dim=-1).values
+    # A token a logits processor banned (-inf) has probability 0 and adds nothing (0 · -inf would be NaN, which no
+    # threshold calls confident: the gate would open on a target sure of its one allowed token).
+    return -torch.where(top > -math.inf, top.exp() * top, torch.zeros_like(top)).sum(dim=-1)
 
 
 class LooseVerification:

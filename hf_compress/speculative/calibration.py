@@ -255,6 +255,12 @@ def calibrate_fly(
         fly_kwargs["tokenizer"] = tokenizer  # a cross-tokenizer pair: the target's tokenizer is this one
     strict_strategy = strategy_class(draft, loose=False, **fly_kwargs)
     strict = held.strict(strict_strategy)
+    # The strict run loaded a draft (and tokenizers) given by name: every candidate reuses them, not loads its own.
+    if draft is not None:
+        draft = strict_strategy.draft_model
+    for name in ("tokenizer", "draft_tokenizer"):
+        if fly_kwargs.get(name) is not None:
+            fly_kwargs[name] = getattr(strict_strategy, name)
     best, tried = sweep_settings(
         lambda s: held.run(strategy_class(draft, entropy_threshold=s[1], window=s[0], **fly_kwargs)),
         [[(w, t) for t in thresholds] for w in windows], strict, target_keep,

@@ -10,6 +10,8 @@ a batch row that has finished must not keep a confidence-stopped draft going.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -142,7 +144,7 @@ class ModelDrafter:
     """
 
     def __init__(self, draft_model: PreTrainedModel, accelerator: NgramDrafter | None = None, *,
-                 confidence_threshold: float | None = None):
+                 confidence_threshold: float | None = None, vocab_size: int | None = None):
         if not isinstance(draft_model, PreTrainedModel):
             raise InvalidArgumentTypeError(
                 f"draft_model must be a loaded causal LM (PreTrainedModel), got {type(draft_model).__name__}."
@@ -152,6 +154,10 @@ class ModelDrafter:
         self.confidence_threshold = check_float(
             "confidence_threshold", confidence_threshold, low=0.0, high=1.0, allow_none=True,
             hint="The draft stops after a token it gives a lower probability; None drafts the full budget.")
+        # The target's vocabulary size, when the draft's embedding is padded larger (same tokenizer, e.g. a 0.5B
+        # Qwen2.5 drafting for the 7B): the draft never proposes a padding row the target has no logit for.
+        self.vocab_size = check_int("vocab_size", vocab_size, minimum=1, allow_none=True)
+        self._limit = self._within_target_vocabulary if vocab_size is not None else None
         self.draft_model = draft_model
         self.accelerator = accelerator
         self._greedy = StrictGreedy()
@@ -202,7 +208,8 @@ class ModelDrafter:
             if self.accelerator is not None and room > 0:
                 context_mask = torch.cat([mask, torch.ones_like(produced)], dim=1)
                 guesses = self.accelerator.propose(context, context_mask, room).tokens
-            step = verify_and_advance(self._sequence, pending, guesses, self._greedy, pending_mask=pending_mask)
+            step = verify_and_advance(self._sequence, pending, guesses, self._greedy, pending_mask=pending_mask,
+                                      context=context, logits_processor=self._limit)
             if self.confidence_threshold is not None:
                 unsure_rows, last = self._unsure_so_far(step.scores, unsure_rows)
                 if last is not None:
@@ -211,6 +218,11 @@ class ModelDrafter:
             pending, pending_mask = step.tokens[:, -1:], None
         self._ids = torch.cat([input_ids, produced], dim=1)[:, : self._sequence.length]
         return Draft(produced[:, :keep])
+
+    def _within_target_vocabulary(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if scores.shape[-1] <= self.vocab_size:
+            return scores
+        return scores.index_fill(-1, torch.arange(self.vocab_size, scores.shape[-1], device=scores.device), -math.inf)
 
     def _unsure_so_far(self, scores: torch.Tensor, unsure_rows: torch.Tensor) -> tuple[torch.Tensor, int | None]:
         """Rows that have drafted an unsure token after this step's tokens, and the index of the step's token at which

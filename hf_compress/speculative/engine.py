@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import Cache, DynamicCache, PreTrainedModel, StaticCache
-from transformers.cache_utils import DynamicLayer, StaticLayer
+from transformers.cache_utils import DynamicLayer, StaticLayer, get_layer_types_and_kwargs
 from transformers.generation import GenerateDecoderOnlyOutput
 
 from .. import _compat
@@ -75,6 +75,10 @@ class CachedSequence:
         # of every fed token; they are taken from the decoder's output, before the vocabulary projection.
         self.capture_hidden_states = False
         self.hidden_states: torch.Tensor | None = None
+        # The model attends within its sliding windows whatever the cache holds (a config-less DynamicCache() keeps
+        # every token of a sliding layer): the windows its config declares bound tree verification too.
+        _, layer_kwargs = get_layer_types_and_kwargs(model.config.get_text_config())
+        self._config_window = min((kw["sliding_window"] for kw in layer_kwargs if kw.get("sliding_window")), default=None)
 
     @property
     def length(self) -> int:
@@ -120,14 +124,22 @@ class CachedSequence:
                 hook.remove()
         return logits[:, -num_logits:].float()
 
+    def finish(self) -> None:
+        """Hand the cache back as ``generate()`` does: sliding-window layers stop recording their past (kept for
+        rollbacks), so that decoding on with the returned cache trims them to their window again."""
+        for layer in getattr(self.cache, "layers", ()):
+            if hasattr(layer, "record_past"):
+                layer.record_past = False
+
     def _keep_hidden_states(self, module, args, output) -> None:
         self.hidden_states = output[0] if isinstance(output, tuple) else output.last_hidden_state
 
     @property
     def sliding_window(self) -> int | None:
-        """The shortest sliding window among the cache's layers (``None``: every layer keeps every token)."""
+        """The shortest sliding window among the model's layers and the cache's (``None``: every layer attends to
+        and keeps every token)."""
         windows = [getattr(layer, "sliding_window", None) for layer in getattr(self.cache, "layers", ())]
-        return min((w for w in windows if w), default=None)
+        return min((w for w in [*windows, self._config_window] if w), default=None)
 
     def tree_fits(self, num_tokens: int) -> bool:
         """Whether ``num_tokens`` more (pending tokens and tree nodes) can be verified as a tree: every node must
@@ -376,7 +388,9 @@ def speculative_decode(
     has_eos_criterion = any(hasattr(criterion, "eos_token_id") for criterion in stopping_criteria or ())
     pad = _compat.pad_token_tensor(generation_config) if has_eos_criterion else None
     max_length = generation_config.max_length
-    want_scores, want_logits = generation_config.output_scores, generation_config.output_logits
+    # As generate(): scores and logits are kept only when a dict output will return them.
+    returned = generation_config.return_dict_in_generate
+    want_scores, want_logits = returned and generation_config.output_scores, returned and generation_config.output_logits
     scores_out, logits_out = [], []
     unfinished = torch.ones(batch, dtype=torch.bool, device=input_ids.device)
     metrics = SpeculativeMetrics(rows=batch)
@@ -450,6 +464,8 @@ def speculative_decode(
             break
         pending, pending_mask = step.tokens[:, -1:], None
 
+    drafter.reset()  # a draft model's cache, the heads' state: released now, not held until the next call
+    target.finish()
     if streamer is not None:
         streamer.end()
     metrics.wall_time_s = time.perf_counter() - started

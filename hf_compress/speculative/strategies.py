@@ -261,18 +261,22 @@ class SpeculativeDecoding:
             if self.use_ngram
             else None
         )
-        same_vocab = _vocab_size(draft) == _vocab_size(model)
+        draft_rows, target_rows = _vocab_size(draft), _vocab_size(model)
         confidence = self.draft_confidence_threshold
         if self.tokenizer is not None and self.tokenizer.get_vocab() != self.draft_tokenizer.get_vocab():
             return CrossTokenizerDrafter(draft, self.tokenizer, self.draft_tokenizer, accelerator,
                                          confidence_threshold=confidence)
-        if not same_vocab:
+        if draft_rows != target_rows and self.tokenizer is None:
+            # Embeddings padded to other sizes (Qwen2.5-0.5B's 151,936 rows, the 7B's 152,064) share one tokenizer;
+            # only the tokenizers can tell that apart from two vocabularies.
             raise ValueError(
-                f"The draft model's vocabulary ({_vocab_size(draft)} tokens) differs from the target's "
-                f"({_vocab_size(model)}). To draft across tokenizers pass both `tokenizer=` (the target's) and "
-                "`draft_tokenizer=`; otherwise use a draft model that shares the target's tokenizer."
+                f"The draft model's vocabulary ({draft_rows} tokens) differs from the target's ({target_rows}). Pass "
+                "both `tokenizer=` (the target's) and `draft_tokenizer=`: the same tokenizer (embeddings padded to "
+                "other sizes) drafts token ids directly, different ones draft through text."
             )
-        return ModelDrafter(draft, accelerator, confidence_threshold=confidence)
+        # Same tokenizer: a draft padded larger never proposes a row past the target's vocabulary.
+        limit = target_rows if draft_rows > target_rows else None
+        return ModelDrafter(draft, accelerator, confidence_threshold=confidence, vocab_size=limit)
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
