@@ -224,6 +224,17 @@ def test_long_reads_go_in_token_chunks_with_bounded_scratch(monkeypatch):
     assert scratch.nbytes <= 1.1 * (2 * 3 * 16 * 5) * (8 + 4 + 4) + 3 * 64 * 8
 
 
+def test_a_read_one_token_wide_past_the_limit_is_not_chunked_further(monkeypatch):
+    """A batch wider than the limit on its own (a 7B model's 32 KV heads x 128 channels, > 1,024 rows) is read one
+    token at a time: a one-token chunk is read whole instead of chunked again (unbounded recursion)."""
+    states, qbar = _random_store(16, 6, torch.float32)
+    keys = PerTokenChannels.compress_keys(states, qbar, 6)
+    values = PerTokenChannels.compress_values(states, 6)
+    monkeypatch.setattr(read_module, "_MAX_POSITIONS_PER_READ", 32)  # less than one token's positions
+    assert torch.equal(read_keys(keys, qbar, scratch=ReadScratch()), keys.densify_keys(qbar))
+    assert torch.equal(read_values(values, scratch=ReadScratch()), values.densify_values())
+
+
 def test_read_tables_one_lookup_or_two():
     # (256, 128) is past the one-lookup table's size limit: keys take the two-lookup path (tested above)
     assert _tables(64, 32, torch.device("cpu")).key is not None
@@ -431,6 +442,48 @@ def test_token_budget_evicts_prompt_tokens():
     mask[0, :5] = 0
     with pytest.raises(ValueError, match="unpadded"):
         _greedy(model, _prompt(length=70), SparKCache(model.config, token_budget=40), attention_mask=mask)
+
+
+def test_crop_after_eviction_stays_within_the_tail_it_knows():
+    """After SnapKV eviction each head holds other earlier tokens: a crop is exact within the kept observation window
+    and what came after it, and refused past it (it would cut kept prompt tokens and leave rejected drafts)."""
+    model, _ = tiny_model("llama")
+    ids = _prompt(batch=1, length=80)
+    cache = SparKCache(model.config, channel_ratio=0.0, recent_window=100, observation_window=8, token_budget=24)
+    model(ids, **cache_kwargs(model, cache))
+    reference = DynamicCache()
+    model(ids[:, :76], **cache_kwargs(model, reference))
+    cache.crop(-4)  # inside the kept window: the held tail is still the last positions
+    held = cache.layers[0].keys
+    assert torch.equal(held[:, :, -4:], reference.layers[0].keys[:, :, -4:]) and cache.get_seq_length() == 76
+    with pytest.raises(ValueError, match=r"cannot crop 20 tokens: token eviction .*last 4 held tokens.*"
+                                         r"observation_window \(8\)"):
+        cache.crop(-20)
+    model(ids[:, 76:], **cache_kwargs(model, cache))  # tokens appended after the eviction are croppable too
+    cache.crop(-8)
+    assert cache.get_seq_length() == 72
+
+
+def test_a_cache_filled_under_inference_mode_can_be_reused_outside_it():
+    model, _ = tiny_model("llama")
+    ids = _prompt(batch=1, length=60)
+    for ratio in (0.0, 0.5):
+        cache, reference = SparKCache(model.config, channel_ratio=ratio), SparKCache(model.config, channel_ratio=ratio)
+        with torch.inference_mode():
+            out = _greedy(model, ids, cache, max_new_tokens=20)
+        follow = torch.cat([out, _prompt(batch=1, length=5, seed=1)], dim=1)
+        continued = _greedy(model, follow, cache, max_new_tokens=8)  # wrote into inference tensors: RuntimeError
+        _greedy(model, ids, reference, max_new_tokens=20)
+        assert torch.equal(continued, _greedy(model, follow, reference, max_new_tokens=8))
+
+
+def test_ratio_zero_prefill_holds_no_more_than_the_dense_cache():
+    """With nothing pruned the compressed part is a copy, not a view pinning the whole prefill beside the window."""
+    model, _ = tiny_model("llama")
+    cache = SparKCache(model.config, channel_ratio=0.0)
+    model(_prompt(batch=1, length=200), **cache_kwargs(model, cache))
+    footprint = cache.layers[0].memory_footprint()
+    assert footprint["held"] <= 1.02 * footprint["dense_equivalent"], footprint
 
 
 def test_structured_baseline_keeps_one_channel_set_per_head():

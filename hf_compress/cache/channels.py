@@ -145,6 +145,8 @@ def append_tokens(held: torch.Tensor, new: torch.Tensor, buffer: torch.Tensor | 
         and buffer.shape[2] >= length + added
         and buffer.dtype == new.dtype
         and buffer.device == new.device
+        # A buffer made under torch.inference_mode() cannot be written outside it (a cache reused after such a call).
+        and (not buffer.is_inference() or torch.is_inference_mode_enabled())
     )
     if not fits:
         needed = length + added

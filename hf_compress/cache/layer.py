@@ -118,6 +118,9 @@ class ChannelPrunedLayer(CacheLayerMixin):
         self.key_channels: torch.Tensor | None = None  # structured: (B, H, keep) per head
         self.value_channels: torch.Tensor | None = None
         self.seen_tokens = 0  # positions seen, evicted ones included
+        # After SnapKV eviction each head holds other earlier tokens: only this many last held tokens (the observation
+        # window, then everything appended) are known to be the last positions, which is as far as crop() can go.
+        self.croppable_tail: int | None = None
         self.awaiting_queries = False
         self.is_initialized = False
 
@@ -149,6 +152,8 @@ class ChannelPrunedLayer(CacheLayerMixin):
         else:
             self.values, self._value_buffer = append_tokens(self.values, value_states, self._value_buffer)
         self.seen_tokens += key_states.shape[-2]
+        if self.croppable_tail is not None:
+            self.croppable_tail += key_states.shape[-2]
         if self.qbar is None:
             self.awaiting_queries = True
             await_queries(self)
@@ -193,6 +198,15 @@ class ChannelPrunedLayer(CacheLayerMixin):
             return
         if remove > self.held_tokens:
             raise ValueError(f"cannot crop {remove} tokens, the layer holds {self.held_tokens}.")
+        if self.croppable_tail is not None:
+            if remove > self.croppable_tail:
+                raise ValueError(
+                    f"cannot crop {remove} tokens: token eviction (token_budget) kept other earlier tokens in each head, "
+                    f"and only the last {self.croppable_tail} held tokens are the sequence's last positions. Draft at most "
+                    f"observation_window ({self.observation_window}) tokens per round (assisted decoding's "
+                    "num_assistant_tokens), or drop token_budget."
+                )
+            self.croppable_tail -= remove
         recent = self.keys.shape[2]
         from_recent = min(remove, recent)
         self.keys = self.keys[:, :, : recent - from_recent]
@@ -306,8 +320,8 @@ class ChannelPrunedLayer(CacheLayerMixin):
             self.old_values = new_values if self.old_values is None else self.old_values.append(new_values)
 
     def _compress_keys(self, keys: torch.Tensor) -> PerTokenChannels | SharedChannels | DenseTokens:
-        if self.keep_keys == self.head_dim:  # nothing pruned: no bitmask to pay for
-            return DenseTokens(keys)
+        if self.keep_keys == self.head_dim:  # nothing pruned: no bitmask to pay for; a copy, not a view pinning the
+            return DenseTokens(keys.clone())  # whole prefill next to the window copied out of it
         if not self.per_token:
             return SharedChannels.compress(keys, self.key_channels)
         return PerTokenChannels.compress_keys(keys, self.qbar, self.keep_keys)
@@ -336,6 +350,7 @@ class ChannelPrunedLayer(CacheLayerMixin):
                 "the padding mask. Run padded prompts one by one, or drop token_budget."
             )
         keep = snapkv_keep_indices(query, self.keys, self.token_budget, self.observation_window, scaling)
+        self.croppable_tail = min(self.observation_window, query.shape[2], self.keys.shape[2])  # the kept window
         self.keys = DenseTokens(self.keys).gather_tokens(keep).states
         self.values = DenseTokens(self.values).gather_tokens(keep).states
         self._value_buffer = None

@@ -187,7 +187,9 @@ def _token_chunks(store) -> int | None:
     """Tokens per chunk when one read of ``store`` would pass ``_MAX_POSITIONS_PER_READ``, else ``None``."""
     batch, heads, tokens = store.kept.shape[:3]
     per_token = batch * heads * store.head_dim
-    return max(1, _MAX_POSITIONS_PER_READ // per_token) if tokens * per_token > _MAX_POSITIONS_PER_READ else None
+    if tokens <= 1 or tokens * per_token <= _MAX_POSITIONS_PER_READ:  # one token is read whole, however wide
+        return None
+    return max(1, _MAX_POSITIONS_PER_READ // per_token)
 
 
 def read_keys(store, qbar: torch.Tensor | None, out: torch.Tensor | None = None,
