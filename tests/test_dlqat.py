@@ -332,10 +332,19 @@ def test_non_finite_weights_are_refused_before_anything_is_packed():
         PackedLinear.from_codes(torch.zeros(4, 32), torch.full((4, 1), float("nan")), torch.zeros(4, 1), 4, 32)
 
 
-def test_dlqat_export_of_an_already_packed_model_is_refused_before_packing():
-    # Only the float head can take the adapter; exporting it would write a config listing that one layer of 15.
+def test_dlqat_on_an_already_packed_model_is_refused_before_training_and_before_packing(monkeypatch):
+    # Only the float head could take the adapter, and exporting it would write a config listing that one layer of 15:
+    # refused when the adapter is added, before any training, ...
     packed = quantize_rtn(tiny_model("llama")[0], bits=4, group_size=32)
-    model = get_peft_model(packed, DLQATConfig(bits=3, group_size=32, r=2, target_modules=["lm_head"]))
+    config = DLQATConfig(bits=3, group_size=32, r=2, target_modules=["lm_head"])
+    with pytest.raises(ValueError, match="already holds 14 packed layers.*dequantize"):
+        get_peft_model(packed, config)
+    # ... and again at export, for an adapter that got there another way.
+    from hf_compress.quantization.dlqat import model as dlqat_model
+
+    monkeypatch.setattr(dlqat_model, "check_not_packed", lambda *args: None)
+    model = get_peft_model(packed, config)
+    monkeypatch.undo()
     with pytest.raises(ValueError, match="already holds 14 packed layers.*dequantize"):
         model.merge_and_quantize()
     assert isinstance(model.base_model.model.lm_head, DLQATLinear)  # refused before any layer was packed
@@ -508,6 +517,15 @@ def test_adapter_onto_a_different_base_is_refused(tmp_path):
     # the same base in bf16 is the same model: accepted
     same = tiny_model("llama", seed=0)[0].to(torch.bfloat16)
     PeftModel.from_pretrained(same, tmp_path / "adapter")
+    # transformers' own adapter loading (model.load_adapter, from_pretrained of an adapter folder) writes the weights
+    # itself: the adapter is refused at its first use instead of quantizing another model's weights silently
+    other = tiny_model("llama", seed=1)[0]
+    other.load_adapter(str(tmp_path / "adapter"))
+    with pytest.raises(ValueError, match=r"\('default'\) was trained on a different base model"):
+        _logits(other)
+    same = tiny_model("llama", seed=0)[0]
+    same.load_adapter(str(tmp_path / "adapter"))
+    assert torch.allclose(_logits(same), _logits(model), atol=1e-5)
 
 
 def test_packed_checkpoint_from_another_model_is_refused(tmp_path):
@@ -571,6 +589,41 @@ def test_casting_the_model_keeps_the_grid_in_float32():
     expected = QuantizationGrid.fit(layer.get_base_layer().weight, 3, 24)  # which is refitted on the cast W0 (as a load
     assert torch.equal(layer.dlqat_scale["default"], expected.scale)  # onto a bf16 base fits it), never bf16-rounded
     assert torch.equal(layer.dlqat_zero["default"], expected.zero)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gemma3"])
+def test_casting_refits_the_grid_of_a_head_tied_to_the_embedding(arch, tmp_path):
+    """The embedding's own cast reaches the tied head's weight first: the head's grid is refitted all the same, so the
+    cast adapter equals the same adapter loaded onto a base of that dtype."""
+    base, _ = tiny_model(arch)
+    model = get_peft_model(base, DLQATConfig(bits=3, group_size=32, r=2, target_modules=["lm_head"], init_weights=False))
+    model.save_pretrained(tmp_path / "adapter")
+    model.to(torch.bfloat16)
+    loaded = PeftModel.from_pretrained(tiny_model(arch)[0].to(torch.bfloat16), tmp_path / "adapter")
+    head, reference = (next(m for m in x.modules() if isinstance(m, DLQATLinear)) for x in (model, loaded))
+    assert torch.equal(head.dlqat_scale["default"], reference.dlqat_scale["default"])
+    assert torch.equal(head.dlqat_zero["default"], reference.dlqat_zero["default"])
+
+
+def test_layer_zero_is_a_layer_to_transform():
+    config = DLQATConfig(layers_to_transform=0, layers_pattern="layers", target_modules=["q_proj"])
+    model = get_peft_model(tiny_model("llama")[0], config)
+    assert [n for n, m in model.named_modules() if isinstance(m, DLQATLinear)] == [
+        "base_model.model.model.layers.0.self_attn.q_proj"]
+
+
+def test_an_adapter_on_a_packed_model_is_refused_as_packed():
+    packed = quantize_rtn(tiny_model("llama")[0], bits=4, group_size=32)
+    with pytest.raises(ValueError, match="already holds 14 packed layers: put the DL-QAT adapter on the float model"):
+        get_peft_model(packed, DLQATConfig())
+
+
+def test_a_packed_model_made_under_inference_mode_runs_outside_it():
+    with torch.inference_mode():
+        packed = quantize_rtn(tiny_model("llama")[0].to(torch.bfloat16), bits=4, group_size=32)
+        inside = packed(IDS).logits
+    with torch.no_grad():
+        assert torch.equal(packed(IDS).logits, inside)  # the CPU int4 kernel's cache key read a version they lack
 
 
 def test_group_size_not_dividing_in_features_is_explained(caplog):

@@ -262,8 +262,9 @@ class PackedLinear(nn.Module):
         return stored if self.kept is None else (*stored, self.qmask)
 
     def _cache_key(self) -> tuple:
-        # Any in-place change of the stored tensors (load_state_dict, copy_) bumps a version: rebuild then.
-        return tuple((t.data_ptr(), t._version) for t in self._stored())
+        # Any in-place change of the stored tensors (load_state_dict, copy_) bumps a version: rebuild then. Tensors
+        # made under torch.inference_mode() keep no version (and cannot be changed in place outside it).
+        return tuple((t.data_ptr(), None if t.is_inference() else t._version) for t in self._stored())
 
     def _int4_weight(self) -> cpu_int4.Int4Weight | None:
         """The CPU kernel's form of the codes (built once); ``None`` for a sparse layer it would not keep exact."""

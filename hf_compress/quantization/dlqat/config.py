@@ -145,7 +145,7 @@ class DLQATConfig(PeftConfig):
                 "layers_to_transform cannot be used with a regex string as target_modules; pass a list of module "
                 "names (e.g. ['q_proj', 'v_proj']) or 'all-linear', or put the layer indices into the regex."
             )
-        if self.layers_pattern and not self.layers_to_transform:
+        if self.layers_pattern and self.layers_to_transform is None:  # layer 0 is a layer
             raise ValueError("layers_pattern is only used together with layers_to_transform.")
 
     @property

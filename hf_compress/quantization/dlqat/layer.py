@@ -42,7 +42,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from ... import _compat
-from ...modeling.identity import weight_fingerprint
+from ...modeling.identity import fingerprints_match, weight_fingerprint
 from ...modeling.layers import in_features, is_linear, out_features, set_weight_matrix, weight_matrix
 from ..grid import QuantizationGrid, group_index, keeps_sparsity, round_clamp_ste
 from .config import DLQATConfig
@@ -83,7 +83,8 @@ class DLQATLayer(BaseTunerLayer):
     """State of DL-QAT adapters on one linear layer (``nn.Linear`` or transformers ``Conv1D``)."""
 
     adapter_layer_names = ("dlqat_A", "dlqat_B", "dlqat_magnitude")
-    other_param_names = ("dlqat_scale", "dlqat_zero", "dlqat_fingerprint", "dlqat_settings", "dlqat_sparse")
+    other_param_names = ("dlqat_scale", "dlqat_zero", "dlqat_fingerprint", "dlqat_settings", "dlqat_sparse",
+                         "dlqat_grid_dtype")
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
@@ -96,6 +97,7 @@ class DLQATLayer(BaseTunerLayer):
         self.dlqat_fingerprint = BufferDict({}, persistent=True)
         self.dlqat_settings: dict[str, LayerQuantization] = {}
         self.dlqat_sparse: dict[str, bool] = {}  # per adapter: the base's zeros stay fixed (keep_sparsity)
+        self.dlqat_grid_dtype: dict[str, torch.dtype] = {}  # per adapter: the dtype of the W0 its grid was fitted on
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self._weight_before_merge: torch.Tensor | None = None
@@ -127,6 +129,7 @@ class DLQATLayer(BaseTunerLayer):
         # It was fitted on W0's device, so it is already where the layer runs.
         self.dlqat_scale[adapter_name] = grid.scale
         self.dlqat_zero[adapter_name] = grid.zero
+        self.dlqat_grid_dtype[adapter_name] = w0.dtype
         self.dlqat_fingerprint[adapter_name] = weight_fingerprint(w0)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
@@ -155,10 +158,32 @@ class DLQATLayer(BaseTunerLayer):
             return self._weight_before_merge
         return weight_matrix(self.get_base_layer())
 
+    def _check_fingerprint(self, adapter: str) -> None:
+        """Refuse, at its first use, an adapter whose weights were fitted to another base model's ``W0``.
+
+        ``PeftModel.from_pretrained`` checks every layer as it loads (``DLQATModel``), but transformers' own adapter
+        loading (``model.load_adapter()``, ``from_pretrained`` of an adapter folder) writes the weights itself: the
+        check runs here too, once per loaded fingerprint (the buffer's identity and version say whether it is new).
+        """
+        stored = self.dlqat_fingerprint[adapter]
+        key = (adapter, id(stored), None if stored.is_inference() else stored._version)
+        checked = self.__dict__.setdefault("_fingerprints_checked", set())
+        if key in checked:
+            return
+        w0 = self.base_weight()
+        if not w0.is_meta and not fingerprints_match(stored, weight_fingerprint(w0)):
+            raise ValueError(
+                f"This DL-QAT adapter ({adapter!r}) was trained on a different base model: the weights of this "
+                f"{type(self.get_base_layer()).__name__} ({self.out_features} x {self.in_features}) do not match the ones "
+                "it was fitted to. Load it onto the base model named in its adapter_config.json (base_model_name_or_path)."
+            )
+        checked.add(key)
+
     def _codes(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(codes, zero_columns, scale_per_group, index)``: the integer codes (STE-differentiable), the
         zero-points per column, the trained scale ``alpha * s`` per group, and each column's group."""
         settings = self.dlqat_settings[adapter]
+        self._check_fingerprint(adapter)
         w0 = self.base_weight().float()
         index = group_index(self.in_features, settings.group_size, w0.device)
         scale = self.dlqat_scale[adapter]
@@ -256,19 +281,23 @@ class DLQATLinear(nn.Module, DLQATLayer):
         # only. The float32 values are kept aside and put back on whatever device the cast moved them to.
         # A cast that changes W0 itself (fp32 -> bf16 rounds it) refits the grid on the cast W0, in float32: the grid
         # is a function of W0, so the adapter then behaves as it will once saved and loaded onto a base of that dtype.
+        # The dtype W0 had when each grid was fitted, not the one it has now: a head tied to the input embedding sees
+        # its weight cast already, by the embedding's own _apply earlier in the same model.to(...).
         grids = [(store, key, value) for store in (self.dlqat_scale, self.dlqat_zero) for key, value in store.items()]
-        dtype_before = self.base_weight().dtype
         result = super()._apply(fn, recurse)
         if self._weight_before_merge is not None:  # W0 set aside while merged follows the model like its weight
             self._weight_before_merge = fn(self._weight_before_merge)
         for store, key, before in grids:
             if store[key].dtype != before.dtype:
                 store[key] = before.to(store[key].device)
-        if self.base_weight().dtype != dtype_before:
-            w0 = self.base_weight()
-            for adapter, settings in self.dlqat_settings.items():
+        w0 = self.base_weight()
+        refit = [adapter for adapter, dtype in self.dlqat_grid_dtype.items() if dtype != w0.dtype]
+        if refit:
+            for adapter in refit:
+                settings = self.dlqat_settings[adapter]
                 grid = QuantizationGrid.fit(w0, settings.bits, settings.group_size, settings.symmetric)
                 self.dlqat_scale[adapter], self.dlqat_zero[adapter] = grid.scale, grid.zero
+                self.dlqat_grid_dtype[adapter] = w0.dtype
             if self.merged:  # the merged W_hat came from the old grid: merge again on the refitted one
                 with torch.no_grad():
                     set_weight_matrix(self.get_base_layer(), self.quantized_weight(self.merged_adapters[0]))

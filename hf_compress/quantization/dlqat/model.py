@@ -102,6 +102,8 @@ class DLQATModel(BaseTuner):
     def _pre_injection_hook(self, model: torch.nn.Module, config: DLQATConfig, adapter_name: str) -> None:
         # W0 is read at once (the grid is fitted to it, merging writes it): offloaded weights are on 'meta'.
         check_not_offloaded(model, "DL-QAT")
+        # "all-linear" skips packed layers: peft would only say that no target module matched.
+        check_not_packed(model, "put the DL-QAT adapter on the float model instead")
         # A slim model's widths are measured on its nn.Linear layers, which the injection is about to wrap.
         if getattr(self, "_slim_widths", None) is None:
             self._slim_widths = slim_record(model)
