@@ -241,6 +241,30 @@ def test_a_copy_without_history_names_its_commit_and_a_note_reaches_the_table(tm
     assert "Commit note: set from the staged commit" in rebuilt
 
 
+def test_a_fresh_results_table_does_not_make_the_code_dirty(tmp_path):
+    """One benchmark's new table (a tracked file under bench/results/) must not mark the next benchmark's code dirty."""
+    import subprocess
+
+    from hf_compress.evaluation.report import _git_commit
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    (tmp_path / "bench" / "results").mkdir(parents=True)
+    (tmp_path / "bench" / "results" / "a.md").write_text("old table")
+    (tmp_path / "code.py").write_text("x = 1")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-q", "-m", "start")
+    sha = _git_commit(tmp_path)
+    assert sha is not None and not sha.endswith("+dirty")
+    (tmp_path / "bench" / "results" / "a.md").write_text("new table")
+    assert _git_commit(tmp_path) == sha
+    (tmp_path / "code.py").write_text("x = 2")
+    assert _git_commit(tmp_path) == sha + "+dirty"
+
+
 def test_speed_ratio_pairs_rounds_and_falls_back_to_medians_for_a_cut_run():
     from hf_compress.evaluation import speed_ratio
 

@@ -76,7 +76,9 @@ def machine_info() -> dict[str, Any]:
 
 @functools.cache
 def source_commit() -> str | None:
-    """The git commit of the code that ran (``<sha>+dirty`` when tracked files differ from it); ``None`` outside git.
+    """The git commit of the code that ran (``<sha>+dirty`` when tracked files other than ``bench/results/`` differ
+    from it); ``None`` outside git. Results are outputs, not code: one benchmark's fresh table does not make the next
+    benchmark's code "dirty".
 
     Recorded with every benchmark so a table says which code produced it. Read once per process (the first call:
     :func:`start_benchmark` makes it at the start), so a long run that saves results after later commits still
@@ -87,15 +89,18 @@ def source_commit() -> str | None:
         >>> source_commit()  # doctest: +SKIP
         '9b3fc25e1c0d…'
     """
-    import subprocess
-
     if os.environ.get("HF_COMPRESS_SOURCE_COMMIT"):
         return os.environ["HF_COMPRESS_SOURCE_COMMIT"]
-    root = Path(__file__).resolve().parents[2]
+    return _git_commit(Path(__file__).resolve().parents[2])
+
+
+def _git_commit(root: Path) -> str | None:
+    import subprocess
+
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results"],
+                               cwd=root, capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
     return sha + ("+dirty" if dirty else "")
