@@ -166,9 +166,9 @@ class DLQATLayer(BaseTunerLayer):
         check runs here too, once per loaded fingerprint (the buffer's identity and version say whether it is new).
         """
         stored = self.dlqat_fingerprint[adapter]
-        key = (adapter, id(stored), None if stored.is_inference() else stored._version)
-        checked = self.__dict__.setdefault("_fingerprints_checked", set())
-        if key in checked:
+        version = None if stored.is_inference() else stored._version
+        checked = self.__dict__.setdefault("_fingerprints_checked", {})  # adapter -> (the tensor checked, its version)
+        if adapter in checked and checked[adapter][0] is stored and checked[adapter][1] == version:
             return
         w0 = self.base_weight()
         if not w0.is_meta and not fingerprints_match(stored, weight_fingerprint(w0)):
@@ -177,7 +177,7 @@ class DLQATLayer(BaseTunerLayer):
                 f"{type(self.get_base_layer()).__name__} ({self.out_features} x {self.in_features}) do not match the ones "
                 "it was fitted to. Load it onto the base model named in its adapter_config.json (base_model_name_or_path)."
             )
-        checked.add(key)
+        checked[adapter] = (stored, version)
 
     def _codes(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(codes, zero_columns, scale_per_group, index)``: the integer codes (STE-differentiable), the
