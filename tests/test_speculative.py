@@ -466,6 +466,16 @@ def test_the_call_hands_back_a_trimmable_cache_and_holds_no_draft_state():
     assert all(layer.keys.shape[-2] < window for layer in sliding)
 
 
+def test_inputs_on_another_device_than_the_model_are_refused_with_the_move_to_make(monkeypatch):
+    """generate() accepts inputs left on the CPU for a model on a GPU; the strategies say to move them instead of
+    failing on a device mismatch deep in a round (a device the model is not on is simulated here)."""
+    model, tok = tiny_model("llama")
+    ids = tok(PROMPTS[:1], return_tensors="pt").input_ids
+    monkeypatch.setattr(type(model), "device", property(lambda self: torch.device("cuda", 0)))
+    with pytest.raises(ValueError, match=r"inputs are on cpu but the model is on cuda:0.*inputs.to\(model.device\)"):
+        model.generate(ids, max_new_tokens=4, do_sample=False, custom_generate=SpeculativeDecoding())
+
+
 def test_scores_are_kept_only_when_a_dict_output_returns_them():
     from transformers import MaxLengthCriteria, StoppingCriteriaList
 

@@ -371,6 +371,11 @@ def speculative_decode(
     check = getattr(rule, "check_compatible", None)
     if callable(check):  # a learned rule (a CoSpec arbiter, its ArbiterRule) refuses a target it was not trained for
         check(model)
+    if model.device.type != "meta" and input_ids.device != model.device:
+        # generate() itself moves each forward's inputs and keeps its bookkeeping on theirs; here the rounds, the
+        # drafters and the logits processors all work on the model's device.
+        raise ValueError(f"The inputs are on {input_ids.device} but the model is on {model.device}: speculative decoding "
+                         "runs on the model's device; move them there first (`inputs.to(model.device)`).")
     started = time.perf_counter()
     batch, prompt_length = input_ids.shape
     has_padding = attention_mask is not None and not bool(attention_mask.all())
