@@ -254,6 +254,23 @@ def argument_of_calling_generate(name: str) -> Any:
         del frame
 
 
+def generate_syncs_gpus(model: Any) -> bool:
+    """Whether the calling ``generate()`` turned ``synced_gpus`` on by itself: left unset, it is on for a model sharded
+    by DeepSpeed ZeRO-3 or FSDP over several processes. transformers decides it but does not pass it to a
+    ``custom_generate`` callable, which must then not decode on its own (the ranks would hang).
+    """
+    if argument_of_calling_generate("synced_gpus") is not None:  # given explicitly: the caller reads it as passed
+        return False
+    import torch
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+    from transformers.integrations.fsdp import is_fsdp_managed_module
+
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if not distributed or torch.distributed.get_world_size() < 2:
+        return False
+    return bool(is_deepspeed_zero3_enabled() or is_fsdp_managed_module(model))
+
+
 def pad_token_tensor(generation_config: Any) -> torch.Tensor | None:
     """The pad token as a tensor, as ``generate()`` prepared it on the config (``_pad_token_tensor``)."""
     return getattr(generation_config, "_pad_token_tensor", None)

@@ -140,3 +140,25 @@ def test_expert_router_sampled_copies_from_a_config_add_no_deprecated_keyword(ex
         assert not generation_keywords, generation_keywords
     assert outputs["peft"].shape[0] == 4 and torch.equal(outputs["peft"], outputs["stacked"])
     assert config.num_return_sequences == 2  # the caller's config is left as it was
+
+
+# ------------------------------------------------------------------------------------ sharded models
+@pytest.mark.parametrize("how", ["given", "zero3"])
+def test_synced_gpus_given_or_set_by_generate_for_sharding_is_refused(how, monkeypatch):
+    """Under DeepSpeed ZeRO-3 / FSDP over several processes generate() turns synced_gpus on by itself, but does not
+    pass it to a custom_generate callable: the strategy must refuse (decoding on its own, the ranks would hang)."""
+    import transformers.integrations.deepspeed as deepspeed
+
+    from hf_compress.speculative import SpeculativeDecoding
+
+    model, tok = tiny_model("llama")
+    ids = tok(["abcabc"], return_tensors="pt").input_ids
+    kwargs = {}
+    if how == "given":
+        kwargs["synced_gpus"] = True
+    else:
+        monkeypatch.setattr(deepspeed, "is_deepspeed_zero3_enabled", lambda: True)
+        monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+        monkeypatch.setattr(torch.distributed, "get_world_size", lambda *args: 2)
+    with pytest.raises(ValueError, match=r"synced_gpus=True \(given, or set by generate\(\) for DeepSpeed ZeRO-3"):
+        model.generate(ids, max_new_tokens=4, do_sample=False, custom_generate=SpeculativeDecoding(), **kwargs)

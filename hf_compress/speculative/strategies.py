@@ -172,7 +172,7 @@ class SpeculativeDecoding:
             raise ValueError(f"{type(self).__name__} supports decoder-only models only.")
         if (generation_config.num_beams or 1) > 1:
             raise ValueError("Speculative decoding does not combine with beam search: use num_beams=1.")
-        self.check_generate_arguments(generation_config, synced_gpus)
+        self.check_generate_arguments(generation_config, synced_gpus or _compat.generate_syncs_gpus(model))
         if model_kwargs.get("use_cache") is False:
             raise ValueError("Speculative decoding needs the KV cache: drop use_cache=False.")
         unexpected = sorted(k for k, v in model_kwargs.items() if v is not None and k not in _HANDLED_MODEL_KWARGS)
@@ -224,7 +224,7 @@ class SpeculativeDecoding:
         if guidance is not None and guidance != 1:
             refused.append("guidance_scale")
         if synced_gpus or _compat.argument_of_calling_generate("synced_gpus"):
-            refused.append("synced_gpus=True")
+            refused.append("synced_gpus=True (given, or set by generate() for DeepSpeed ZeRO-3 / FSDP sharding)")
         if refused:
             raise ValueError(
                 f"{type(self).__name__} drafts and verifies by itself and cannot honour the generate() argument(s) "
