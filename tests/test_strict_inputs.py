@@ -155,6 +155,7 @@ def test_strategies_refuse_bad_values(build, error, name):
         ({"penalty_alpha": 0.6, "top_k": 4}, "penalty_alpha"),
         ({"guidance_scale": 1.5}, "guidance_scale"),
         ({"dola_layers": "low"}, "dola_layers"),
+        ({"prefill_chunk_size": 2}, "prefill_chunk_size"),
         ({"output_hidden_states": True, "return_dict_in_generate": True}, "output_hidden_states"),
     ],
 )

@@ -201,14 +201,15 @@ class SpeculativeDecoding:
 
         The strategy drafts and verifies by itself, so other drafting (``assistant_model``,
         ``prompt_lookup_num_tokens``, ...), other search modes (beams, contrastive search, DoLa, constraints),
-        classifier-free guidance (its logits processor keeps a one-token-per-step cache of its own) and
-        per-step attentions / hidden states are refused with one line naming them.
+        classifier-free guidance (its logits processor keeps a one-token-per-step cache of its own), chunked
+        prefill and per-step attentions / hidden states are refused with one line naming them.
         """
         refused = []
         if _compat.argument_of_calling_generate("assistant_model") is not None:
             refused.append("assistant_model")
+        # prefill_chunk_size: the prompt goes through in one forward with the first round's drafts.
         for name in ("prompt_lookup_num_tokens", "assistant_early_exit", "dola_layers", "constraints",
-                     "force_words_ids"):
+                     "force_words_ids", "prefill_chunk_size"):
             if getattr(generation_config, name, None) is not None:
                 refused.append(name)
         if getattr(generation_config, "use_mtp", None):
