@@ -523,6 +523,8 @@ def test_unservable_or_mismatched_configs_raise():
     fresh, _ = tiny_model("qwen2")
     detached = SparKCache(copy.deepcopy(fresh.config))  # capture installed on a copy, not on the model
     fresh(_prompt(1, 10), **cache_kwargs(fresh, detached))
+    with pytest.raises(RuntimeError, match="never handed its queries"):  # a prefill alone: its footprint is asked
+        detached.layers[0].memory_footprint()
     with pytest.raises(RuntimeError, match="never handed its queries"):
         fresh(_prompt(1, 1), **cache_kwargs(fresh, detached))
 

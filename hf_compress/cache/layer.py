@@ -140,12 +140,7 @@ class ChannelPrunedLayer(CacheLayerMixin):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        if self.awaiting_queries:
-            raise RuntimeError(
-                "the attention of the previous forward never handed its queries to the cache. SparK needs them: build "
-                "the cache from the model's own config object, SparKCache(model.config, ...) (not a copy), which routes "
-                "attention through hf_compress's query capture; flash/flex attention are not supported."
-            )
+        self._check_queries_arrived()
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         if self.values_pruned:
             self.values = torch.cat([self.values, value_states], dim=-2)
@@ -160,6 +155,14 @@ class ChannelPrunedLayer(CacheLayerMixin):
         else:
             self._compress_overflow(minimum=self.compression_interval)
         return self._full_keys(), self._full_values()
+
+    def _check_queries_arrived(self) -> None:
+        if self.awaiting_queries:
+            raise RuntimeError(
+                "the attention of the previous forward never handed its queries to the cache. SparK needs them: build "
+                "the cache from the model's own config object, SparKCache(model.config, ...) (not a copy), which routes "
+                "attention through hf_compress's query capture; flash/flex attention are not supported."
+            )
 
     def observe_queries(self, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float | None = None):
         """Called by the query-capturing attention right after the forward that filled this layer."""
@@ -249,6 +252,7 @@ class ChannelPrunedLayer(CacheLayerMixin):
         SnapKV evicted (``token_budget``) included, so the ratio shows the eviction too."""
         if not self.is_initialized:
             return {"held": 0, "dense_equivalent": 0}
+        self._check_queries_arrived()  # else the prompt was never compressed: a dense footprint, reported as SparK's
         held = held_bytes(self.keys, self.values, self.qbar, self.key_channels, self.value_channels)
         held += sum(store.nbytes for store in (self.old_keys, self.old_values) if store is not None)
         batch = self.keys.shape[0]
