@@ -476,6 +476,43 @@ def test_inputs_on_another_device_than_the_model_are_refused_with_the_move_to_ma
         model.generate(ids, max_new_tokens=4, do_sample=False, custom_generate=SpeculativeDecoding())
 
 
+def _sentencepiece_like_tokenizer(words):
+    """A word-level tokenizer that marks word starts with "▁" and drops a text's leading space on decode, as
+    SentencePiece tokenizers (Llama, Gemma) do."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<pad>": 1, **{f"\u2581{w}": i + 2 for i, w in enumerate(words)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    tokenizer.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", pad_token="<pad>")
+
+
+def test_cross_tokenizer_drafts_keep_the_space_a_sentencepiece_draft_decodes_away():
+    """Decoded alone, a SentencePiece draft's new words lose the space before them ("sat on", not " sat on"); the
+    target then re-encoded a text that does not continue its sequence. They are decoded with the context now."""
+    from hf_compress.assets import tiny_tokenizer
+    from hf_compress.speculative.drafting import CrossTokenizerDrafter, Draft
+
+    draft_tok, target_tok = _sentencepiece_like_tokenizer(["the", "cat", "sat", "on", "mat"]), tiny_tokenizer()
+    draft_model, _ = tiny_model("llama", vocab_size=len(draft_tok))
+    drafter = CrossTokenizerDrafter(draft_model, target_tok, draft_tok)
+
+    class Proposes:  # the draft model's greedy continuation, fixed: "▁sat ▁on"
+        def reset(self):
+            pass
+
+        def propose(self, input_ids, attention_mask, max_tokens, active=None):
+            assert draft_tok.decode(input_ids[0]) == "the cat"  # the target's text, re-encoded for the draft
+            return Draft(torch.tensor([draft_tok.convert_tokens_to_ids(["\u2581sat", "\u2581on"])]))
+
+    drafter.inner = Proposes()
+    ids = target_tok("the cat", return_tensors="pt").input_ids
+    proposal = drafter.propose(ids, None, 10).tokens
+    assert target_tok.decode(proposal[0]) == " sat o"  # the last re-encoded token may be a cut word: dropped
+
+
 def test_scores_are_kept_only_when_a_dict_output_returns_them():
     from transformers import MaxLengthCriteria, StoppingCriteriaList
 

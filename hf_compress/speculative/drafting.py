@@ -285,8 +285,50 @@ class CrossTokenizerDrafter:
             encoded = self.draft_tokenizer(texts, return_tensors="pt", padding=True, padding_side="left")
         draft = self.inner.propose(encoded["input_ids"], encoded["attention_mask"], max_tokens, active=active)
         rows = []
-        for text in self.draft_tokenizer.batch_decode(draft.tokens, skip_special_tokens=True):
-            ids = self.target_tokenizer(text, add_special_tokens=False)["input_ids"]
+        for b, new in enumerate(draft.tokens.tolist()):
+            context = encoded["input_ids"][b][encoded["attention_mask"][b].bool()].tolist()
+            text = continuation_text(self.draft_tokenizer, context, new)
+            ids = continuation_ids(self.target_tokenizer, texts[b], text)
             ids = ids[:-1] if len(ids) > 1 else ids
             rows.append(torch.tensor(ids[:max_tokens], dtype=torch.long, device=input_ids.device))
         return Draft(pad_rows(rows, input_ids, input_ids[:, -1]))
+
+
+# How much context the new tokens are decoded / re-encoded with: enough for the seam, a small fraction of a long prompt.
+_SEAM_TOKENS, _SEAM_CHARACTERS = 8, 64
+
+
+def continuation_text(tokenizer: PreTrainedTokenizerBase, context: list[int], new: list[int]) -> str:
+    """The text the token ids ``new`` add after ``context``: decoded with the context's last tokens, whose own text is
+    then cut off. Decoded alone, a SentencePiece tokenizer drops the space before the first new word.
+
+    Example:
+        >>> from hf_compress.assets import tiny_tokenizer
+        >>> tokenizer = tiny_tokenizer()
+        >>> continuation_text(tokenizer, tokenizer("the cat")["input_ids"], tokenizer(" sat")["input_ids"])
+        ' sat'
+    """
+    context = context[-_SEAM_TOKENS:]
+    before = tokenizer.decode(context, skip_special_tokens=True)
+    both = tokenizer.decode(context + new, skip_special_tokens=True)
+    return both[len(before):] if both.startswith(before) else tokenizer.decode(new, skip_special_tokens=True)
+
+
+def continuation_ids(tokenizer: PreTrainedTokenizerBase, context: str, text: str) -> list[int]:
+    """``tokenizer``'s ids for ``text`` where it continues the text ``context``: encoded with the context's tail,
+    whose own ids are then cut off (a tokenizer that marks the first word of a text, as SentencePiece's prefix space
+    does, would otherwise encode the continuation as a text of its own). Where the seam merges a context token with
+    the new text, ``text`` is encoded alone.
+
+    Example:
+        >>> from hf_compress.assets import tiny_tokenizer
+        >>> tokenizer = tiny_tokenizer()
+        >>> tokenizer.decode(continuation_ids(tokenizer, "the cat", " sat"))
+        ' sat'
+    """
+    tail = context[-_SEAM_CHARACTERS:]
+    before = tokenizer(tail, add_special_tokens=False)["input_ids"]
+    both = tokenizer(tail + text, add_special_tokens=False)["input_ids"]
+    if both[: len(before)] == before:
+        return both[len(before):]
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
