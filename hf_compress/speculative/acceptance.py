@@ -13,7 +13,6 @@ Shapes, for a batch of ``B`` rows and ``k`` drafts: ``draft_tokens`` ``(B, k)``,
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 from typing import Protocol
 

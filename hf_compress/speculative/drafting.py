@@ -11,7 +11,6 @@ a batch row that has finished must not keep a confidence-stopped draft going.
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 from typing import Protocol
 
