@@ -165,6 +165,8 @@ class DLQATLayer(BaseTunerLayer):
         loading (``model.load_adapter()``, ``from_pretrained`` of an adapter folder) writes the weights itself: the
         check runs here too, once per loaded fingerprint (the buffer's identity and version say whether it is new).
         """
+        if torch.compiler.is_compiling():  # not traceable (dynamo refuses is_inference()); eager calls check
+            return
         stored = self.dlqat_fingerprint[adapter]
         version = None if stored.is_inference() else stored._version
         checked = self.__dict__.setdefault("_fingerprints_checked", {})  # adapter -> (the tensor checked, its version)
