@@ -255,12 +255,13 @@ def argument_of_calling_generate(name: str) -> Any:
 
 
 def generate_syncs_gpus(model: Any) -> bool:
-    """Whether the calling ``generate()`` turned ``synced_gpus`` on by itself: left unset, it is on for a model sharded
-    by DeepSpeed ZeRO-3 or FSDP over several processes. transformers decides it but does not pass it to a
-    ``custom_generate`` callable, which must then not decode on its own (the ranks would hang).
+    """Whether the calling ``generate()`` synchronises GPUs: ``synced_gpus`` as given, or, left unset, on for a model
+    sharded by DeepSpeed ZeRO-3 or FSDP over several processes. transformers decides it but passes it to a
+    ``custom_generate`` callable in neither case, which must then not decode on its own (the ranks would hang).
     """
-    if argument_of_calling_generate("synced_gpus") is not None:  # given explicitly: the caller reads it as passed
-        return False
+    given = argument_of_calling_generate("synced_gpus")
+    if given is not None:
+        return bool(given)
     import torch
     from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
     from transformers.integrations.fsdp import is_fsdp_managed_module

@@ -172,7 +172,11 @@ def top_k_entropy(logits: torch.Tensor, top_k: int = 3) -> torch.Tensor:
     FLy's confidence measure: low values mean the target is sure of its choice.
     """
     check_int("top_k", top_k, minimum=1)
-    log_probs = logits.float().log_softmax(dim=-1)
+    return top_k_entropy_of_log_probs(logits.float().log_softmax(dim=-1), top_k)
+
+
+def top_k_entropy_of_log_probs(log_probs: torch.Tensor, top_k: int) -> torch.Tensor:
+    """:func:`top_k_entropy` from log-probabilities already computed (the CoSpec features reuse theirs)."""
     top = log_probs.topk(min(top_k, log_probs.shape[-1]), dim=-1).values
     # A token a logits processor banned (-inf) has probability 0 and adds nothing (0 · -inf would be NaN, which no
     # threshold calls confident: the gate would open on a target sure of its one allowed token).

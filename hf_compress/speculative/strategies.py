@@ -224,7 +224,7 @@ class SpeculativeDecoding:
         guidance = getattr(generation_config, "guidance_scale", None)
         if guidance is not None and guidance != 1:
             refused.append("guidance_scale")
-        if synced_gpus or _compat.argument_of_calling_generate("synced_gpus"):
+        if synced_gpus:
             refused.append("synced_gpus=True (given, or set by generate() for DeepSpeed ZeRO-3 / FSDP sharding)")
         if refused:
             raise ValueError(

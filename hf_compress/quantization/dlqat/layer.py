@@ -98,6 +98,7 @@ class DLQATLayer(BaseTunerLayer):
         self.dlqat_settings: dict[str, LayerQuantization] = {}
         self.dlqat_sparse: dict[str, bool] = {}  # per adapter: the base's zeros stay fixed (keep_sparsity)
         self.dlqat_grid_dtype: dict[str, torch.dtype] = {}  # per adapter: the dtype of the W0 its grid was fitted on
+        self._fingerprints_checked: dict[str, tuple[torch.Tensor, int | None]] = {}  # adapter -> (tensor, version)
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self._weight_before_merge: torch.Tensor | None = None
@@ -169,8 +170,8 @@ class DLQATLayer(BaseTunerLayer):
             return
         stored = self.dlqat_fingerprint[adapter]
         version = None if stored.is_inference() else stored._version
-        checked = self.__dict__.setdefault("_fingerprints_checked", {})  # adapter -> (the tensor checked, its version)
-        if adapter in checked and checked[adapter][0] is stored and checked[adapter][1] == version:
+        checked = self._fingerprints_checked.get(adapter)
+        if checked is not None and checked[0] is stored and checked[1] == version:
             return
         w0 = self.base_weight()
         if not w0.is_meta and not fingerprints_match(stored, weight_fingerprint(w0)):
@@ -179,7 +180,7 @@ class DLQATLayer(BaseTunerLayer):
                 f"{type(self.get_base_layer()).__name__} ({self.out_features} x {self.in_features}) do not match the ones "
                 "it was fitted to. Load it onto the base model named in its adapter_config.json (base_model_name_or_path)."
             )
-        checked[adapter] = (stored, version)
+        self._fingerprints_checked[adapter] = (stored, version)
 
     def _codes(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(codes, zero_columns, scale_per_group, index)``: the integer codes (STE-differentiable), the

@@ -32,6 +32,9 @@ import math
 
 import torch
 
+from ..acceptance import top_k_entropy_of_log_probs
+
+
 __all__ = ["FEATURE_NAMES", "NUM_SCALAR_FEATURES", "mismatch_features"]
 
 FEATURE_NAMES = (
@@ -65,10 +68,7 @@ def mismatch_features(
     logp_draft = log_probs.gather(-1, draft_tokens.unsqueeze(-1)).squeeze(-1)
     logp_choice = log_probs.max(dim=-1).values
     probs = log_probs.exp()
-    top = log_probs.topk(min(entropy_top_k, log_probs.shape[-1]), dim=-1).values
-    # Fewer than k finite logits (a logits processor masked the rest to -inf): a masked token has probability 0 and
-    # adds nothing (0 · -inf would be NaN).
-    top_k_entropy = -torch.where(top > -math.inf, top.exp() * top, torch.zeros_like(top)).sum(dim=-1)
+    top_k_entropy = top_k_entropy_of_log_probs(log_probs, entropy_top_k)  # FLy's gate statistic, banned tokens ignored
     entropy = -(probs * log_probs.clamp_min(-1e4)).sum(dim=-1)
     rank = (log_probs > logp_draft.unsqueeze(-1)).sum(dim=-1).float()
     exact = logp_draft >= logp_choice  # the draft token is (one of) the target's argmax
