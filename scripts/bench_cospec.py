@@ -39,6 +39,8 @@ Usage:
     python scripts/bench_cospec.py --probe --pairs ngram int8 cross --train 12 --output-name cospec-probe
     python scripts/bench_cospec.py --task lambada --pairs ngram --train 96 --held-out 48 --test 100 --rl-steps 8 \\
         --output-name cospec-lambada-ngram       # add --calibration-confidence 0.9 for the bounded calibration
+    python scripts/bench_cospec.py --pairs ngram --min-ngram-size 2 --train 128 --held-out 64 --test 100 --rl-steps 8 \\
+        --keep-shares 0.05 0.1 0.25 0.5 --output-name cospec-ngram-min2   # no 1-token prompt-lookup matches
     python scripts/bench_cospec.py --render cospec  # rebuild the .md from the .json
 """
 
@@ -107,12 +109,14 @@ def split(tokenizer, count: int, offset: int, task: str = "squad") -> list[dict[
             for d in squad_documents(count, offset)]
 
 
-def build_pair(name: str, device: str = "cpu"):
+def build_pair(name: str, device: str = "cpu", min_ngram_size: int = 1):
     """(target, tokenizer, draft or None, strategy kwargs, description), the models on ``device``."""
     smol, smol_tok = load_model("smollm2-135m")
     smol.to(device)
     if name == "ngram":
-        return smol, smol_tok, None, {}, "SmolLM2-135M-Instruct + n-gram prompt lookup (max n 4)"
+        lookup = "max n 4" if min_ngram_size == 1 else f"n 4 down to {min_ngram_size}"
+        return (smol, smol_tok, None, {"min_ngram_size": min_ngram_size},
+                f"SmolLM2-135M-Instruct + n-gram prompt lookup ({lookup})")
     if name == "int8":
         draft = torch.ao.quantization.quantize_dynamic(copy.deepcopy(smol), {torch.nn.Linear}, dtype=torch.qint8)
         return smol, smol_tok, draft, {"use_ngram": True}, "SmolLM2-135M-Instruct + its dynamic-int8 self-draft"
@@ -166,7 +170,7 @@ def evaluate(target, tokenizer, strategies: dict[str, Any], examples, args, stop
 def probe_pair(name: str, args) -> dict[str, Any]:
     """Oracle labels only (``--probe``): how often is a mismatch harmless to the score on this pair and task?"""
     started = time.perf_counter()
-    target, tok, draft, pair_kwargs, description = build_pair(name, args.device)
+    target, tok, draft, pair_kwargs, description = build_pair(name, args.device, args.min_ngram_size)
     strategy_kwargs = dict(num_draft_tokens=args.num_draft_tokens, **pair_kwargs)
     if "draft_tokenizer" in pair_kwargs:
         strategy_kwargs["tokenizer"] = tok
@@ -193,7 +197,7 @@ def probe_lines(pair: str, result: dict[str, Any]) -> list[str]:
 
 def run_pair(name: str, args) -> dict[str, Any]:
     started = time.perf_counter()
-    target, tok, draft, pair_kwargs, description = build_pair(name, args.device)
+    target, tok, draft, pair_kwargs, description = build_pair(name, args.device, args.min_ngram_size)
     k = args.num_draft_tokens
     strategy_kwargs = dict(num_draft_tokens=k, **pair_kwargs)
     if "draft_tokenizer" in pair_kwargs:
@@ -214,14 +218,15 @@ def run_pair(name: str, args) -> dict[str, Any]:
         max_new_tokens=args.answer_tokens, max_forks_per_prompt=args.forks, rl_steps=args.rl_steps,
         rl_prompts_per_step=args.rl_prompts, group_size=args.group_size, cost_per_forward=args.cost_per_forward,
         rl_learning_rate=args.rl_learning_rate, label_rule=args.label_rule)
-    use_ngram = pair_kwargs.get("use_ngram", False)
+    drafting = dict(num_draft_tokens=k, use_ngram=pair_kwargs.get("use_ngram", False),
+                    min_ngram_size=pair_kwargs.get("min_ngram_size", 1))
     t = time.perf_counter()
-    judge = CoSpecArbiter.for_model(target, ArbiterConfig(use_hidden_states=True, num_draft_tokens=k, use_ngram=use_ngram), tok)
+    judge = CoSpecArbiter.for_model(target, ArbiterConfig(use_hidden_states=True, **drafting), tok)
     train_examples = task_examples(train)
     oracle = collect_oracle_labels(target, CoSpec(judge, draft, **strategy_kwargs), train_examples, tok, reward, settings)
     warm_judge = fit_warm_start(judge, oracle, settings)
     cospec = CoSpecArbiter.for_model(
-        target, ArbiterConfig(use_hidden_states=args.cospec_hidden_states, num_draft_tokens=k, use_ngram=use_ngram), tok)
+        target, ArbiterConfig(use_hidden_states=args.cospec_hidden_states, **drafting), tok)
     cospec_oracle = oracle if args.cospec_hidden_states else OracleLabels(
         oracle.features[:, :NUM_SCALAR_FEATURES], oracle.labels, oracle.target_scores, oracle.mismatches_seen,
         oracle.harmless, oracle.target_positive)
@@ -272,6 +277,9 @@ def run_pair(name: str, args) -> dict[str, Any]:
         "judge-head (calibrated)": CoSpec(judge, draft, **strategy_kwargs),
         "cospec (calibrated)": CoSpec(cospec, draft, **strategy_kwargs),
     }
+    if strategy_kwargs.get("min_ngram_size", 1) > 1:  # what the shorter matches cost or bring, in the same run
+        methods["strict (min n 1)"] = SpeculativeDecoding(draft, draft_confidence_threshold=None,
+                                                          **{**strategy_kwargs, "min_ngram_size": 1})
     for tau in args.thresholds:  # uncalibrated points of the knob, for the curve and the calibration's effect
         methods[f"cospec@{tau:g}"] = CoSpec(uncalibrated, draft, threshold=tau, **strategy_kwargs)
     arbiters = {"judge-head (calibrated)": (judge, held_labels, judge.config.threshold),
@@ -463,6 +471,8 @@ def main() -> None:
     parser.add_argument("--test", type=int, default=40)
     parser.add_argument("--answer-tokens", type=int, default=16)
     parser.add_argument("--num-draft-tokens", type=int, default=10)
+    parser.add_argument("--min-ngram-size", type=int, default=1,
+                        help="ngram pair: the shortest suffix the prompt lookup matches (2 skips 1-token matches)")
     parser.add_argument("--forks", type=int, default=6, help="oracle forks per training prompt")
     parser.add_argument("--label-rule", choices=("answer", "score"), default="answer")
     parser.add_argument("--cospec-hidden-states", action="store_true",
@@ -486,6 +496,10 @@ def main() -> None:
     parser.add_argument("--agreement-prompts", type=int, default=6)
     parser.add_argument("--agreement-forks", type=int, default=3)
     args = parser.parse_args()
+    if not 1 <= args.min_ngram_size <= 4:
+        parser.error("--min-ngram-size goes from 1 to the lookup's max n, 4")
+    if args.min_ngram_size != 1 and set(args.pairs) != {"ngram"}:
+        parser.error("--min-ngram-size is a setting of the ngram pair's prompt lookup; run it with --pairs ngram")
     if not start_benchmark(args, markdown):
         return
     if args.quick:

@@ -46,6 +46,7 @@ from hf_compress.speculative.cospec import (
     tokenizer_fingerprint,
     train_arbiter,
 )
+from hf_compress.speculative.cospec.auto import arbiter_is_not_a_causal_lm
 from hf_compress.speculative.drafting import CrossTokenizerDrafter, Draft
 from hf_compress.speculative.strategies import read_generate_settings
 
@@ -394,6 +395,21 @@ def test_train_arbiter_is_reproducible_and_says_when_its_folder_drafts_otherwise
     with caplog.at_level(logging.WARNING, logger="hf_compress"):
         named.save_pretrained(tmp_path / "self-draft")
     assert "records its target 'org/target' as its draft model" in caplog.text
+
+
+def test_an_arbiter_records_the_n_gram_lookup_it_was_trained_with(pair):
+    model, tok, _ = pair
+    settings = quick_settings(max_new_tokens=4, max_forks_per_prompt=1, warm_start_steps=0, rl_steps=0)
+    arbiter = train_arbiter(model, "ngram", task(tok)[:1], reward=lambda text, answers: 0.0, tokenizer=tok,
+                            settings=settings, config=ArbiterConfig(use_hidden_states=False), min_ngram_size=2)
+    assert arbiter.config.min_ngram_size == 2 and arbiter.strategy().min_ngram_size == 2
+    assert ArbiterConfig.from_dict(arbiter.config.to_dict()).min_ngram_size == 2
+    assert "custom_generate=CoSpec('arb', min_ngram_size=2)" in arbiter_is_not_a_causal_lm("arb", arbiter.config)
+    arbiter.config.draft_model_name_or_path = "org/draft"  # a draft model without n-gram lookup: the setting is moot
+    assert "CoSpec('arb', draft_model='org/draft')" in arbiter_is_not_a_causal_lm("arb", arbiter.config)
+    with pytest.raises(ValueError, match="min_ngram_size"):
+        train_arbiter(model, "ngram", task(tok)[:1], tokenizer=tok, arbiter=arbiter, min_ngram_size=0)
+    assert arbiter.config.min_ngram_size == 2  # refused before the given arbiter's config was touched
 
 
 def test_train_arbiter_rl_lowers_target_forwards_on_a_cost_only_reward(pair):

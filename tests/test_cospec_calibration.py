@@ -160,7 +160,7 @@ def test_calibration_drafts_as_the_arbiter_was_trained_by_default(pair):
     not CoSpec's default of 8."""
     model, tok, draft = pair
     arbiter = warm_arbiter(model, tok)
-    arbiter.config.num_draft_tokens = 2
+    arbiter.config.num_draft_tokens, arbiter.config.min_ngram_size = 2, 2
     held_out = [{"prompt": p, "answers": ["x"]} for p in PROMPTS[:2]]
     calibrate_arbiter(arbiter, model, draft, held_out, 0.99, tokenizer=tok, reward=lambda text, answers: 1.0,
                       thresholds=(0.0,), max_new_tokens=12, stop_at_newline=False)
@@ -172,7 +172,7 @@ def test_calibration_drafts_as_the_arbiter_was_trained_by_default(pair):
                        custom_generate=strategy)
         forwards += strategy.last_metrics.target_forwards
     assert report["tried"][1]["target_forwards"] == forwards
-    assert report["num_draft_tokens"] == 2 and report["use_ngram"] is False
+    assert report["num_draft_tokens"] == 2 and report["use_ngram"] is False and report["min_ngram_size"] == 2
 
 
 def test_calibrate_arbiter_bad_input(pair):

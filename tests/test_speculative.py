@@ -279,6 +279,31 @@ def test_ngram_drafter_earliest_match_and_reuse():
     assert NgramDrafter().propose(torch.tensor([[7, 8]]), None, 3).tokens.shape == (1, 0)
 
 
+def test_min_ngram_size_skips_one_token_matches_and_keeps_strict_output():
+    model, tok = tiny_model("llama")
+    # The context ends in token 5, seen once before (then followed by 6 7 8); no longer suffix recurs.
+    ids = torch.tensor([[9, 5, 6, 7, 8, 3, 4, 5]])
+    assert NgramDrafter(2, min_ngram_size=1).propose(ids, None, 3).tokens.tolist() == [[6, 7, 8]]
+    assert NgramDrafter(2, min_ngram_size=2).propose(ids, None, 3).tokens.shape == (1, 0)
+    reference = model.generate(ids, max_new_tokens=12, do_sample=False)
+    proposed = {}
+    for minimum in (1, 2):
+        for strategy in (SpeculativeDecoding(min_ngram_size=minimum), FLy(loose=False, min_ngram_size=minimum)):
+            out = model.generate(ids, max_new_tokens=12, do_sample=False, custom_generate=strategy)
+            assert torch.equal(out, reference)
+            assert strategy.drafter_for(model).min_ngram_size == minimum
+            assert strategy_from_dict(strategy.to_dict()).min_ngram_size == minimum
+            proposed[minimum, type(strategy)] = strategy.last_metrics.draft_tokens_proposed
+    assert proposed[2, SpeculativeDecoding] < proposed[1, SpeculativeDecoding]
+    old = SpeculativeDecoding().to_dict()
+    del old["min_ngram_size"]  # a folder saved before the argument existed
+    assert strategy_from_dict(old).min_ngram_size == 1
+    accelerated = SpeculativeDecoding(perturbed(model, 0.1), use_ngram=True, min_ngram_size=2)
+    assert accelerated.drafter_for(model).accelerator.min_ngram_size == 2  # the draft model's n-gram lookup too
+    with pytest.raises(ValueError, match="min_ngram_size .3. is above max_ngram_size .2."):
+        FLy(max_ngram_size=2, min_ngram_size=3)
+
+
 def test_cache_lengths_after_rollback():
     model, tok = tiny_model("gemma3")  # sliding-window layers too
     sequence = CachedSequence(model, DynamicCache(config=model.config))

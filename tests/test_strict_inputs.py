@@ -128,6 +128,7 @@ def test_configs_accept_valid_edges():
         (lambda: SpeculativeDecoding(num_draft_tokens=True), TypeError, "num_draft_tokens"),
         (lambda: SpeculativeDecoding(123), TypeError, "draft_model"),
         (lambda: SpeculativeDecoding(max_ngram_size="4"), TypeError, "max_ngram_size"),
+        (lambda: SpeculativeDecoding(min_ngram_size=0), ValueError, "min_ngram_size"),
         (lambda: SpeculativeDecoding(drafter=object()), TypeError, "drafter"),
         (lambda: SpeculativeDecoding(draft_confidence_threshold="0.4"), TypeError, "draft_confidence_threshold"),
         (lambda: SpeculativeDecoding(draft_confidence_threshold=NAN), ValueError, "draft_confidence_threshold"),

@@ -70,6 +70,10 @@ class SpeculativeDecoding:
             distribution speculative sampling draws from. A strategy saved before this argument existed loads
             with the default.
         max_ngram_size / num_ngram_pred_tokens: n-gram search settings (the n-gram drafter and MLA).
+        min_ngram_size: The shortest suffix the n-gram search matches (1, as transformers' prompt lookup). A
+            1-token match (a newline, a comma) is weak evidence: after a chat template's ``assistant\\n`` it matches
+            the first newline of the prompt and drafts the system prompt. ``2`` skips such matches; see
+            ``bench/results/cospec-ngram-min2.md`` for what it changed on SQuAD with SmolLM2-135M.
         drafter / acceptance: Custom drafter or rule instead of the ones built from the arguments above.
 
     Example:
@@ -93,6 +97,7 @@ class SpeculativeDecoding:
         use_ngram: bool = False,
         max_ngram_size: int = 4,
         num_ngram_pred_tokens: int = 6,
+        min_ngram_size: int = 1,
         draft_confidence_threshold: float | None = DRAFT_CONFIDENCE_THRESHOLD,
         drafter=None,
         acceptance: AcceptanceRule | None = None,
@@ -115,6 +120,10 @@ class SpeculativeDecoding:
             raise ValueError("Pass both `tokenizer` (the target's) and `draft_tokenizer`, or neither.")
         check_bool("use_ngram", use_ngram)
         check_int("max_ngram_size", max_ngram_size, minimum=1)
+        check_int("min_ngram_size", min_ngram_size, minimum=1)
+        if min_ngram_size > max_ngram_size:
+            raise ValueError(f"min_ngram_size ({min_ngram_size}) is above max_ngram_size ({max_ngram_size}); the n-gram "
+                             "search tries suffix lengths from max_ngram_size down to min_ngram_size.")
         check_int("num_ngram_pred_tokens", num_ngram_pred_tokens, minimum=1)
         if drafter is not None and not (callable(getattr(drafter, "propose", None)) and callable(getattr(drafter, "reset", None))):
             raise InvalidArgumentTypeError(
@@ -132,6 +141,7 @@ class SpeculativeDecoding:
         self.draft_tokenizer = draft_tokenizer
         self.use_ngram = use_ngram
         self.max_ngram_size = max_ngram_size
+        self.min_ngram_size = min_ngram_size
         self.num_ngram_pred_tokens = num_ngram_pred_tokens
         self.draft_confidence_threshold = draft_confidence_threshold
         self.acceptance = acceptance
@@ -152,6 +162,7 @@ class SpeculativeDecoding:
             "num_draft_tokens": self.num_draft_tokens,
             "use_ngram": self.use_ngram,
             "max_ngram_size": self.max_ngram_size,
+            "min_ngram_size": self.min_ngram_size,
             "num_ngram_pred_tokens": self.num_ngram_pred_tokens,
             "draft_confidence_threshold": self.draft_confidence_threshold,
         }
@@ -246,7 +257,8 @@ class SpeculativeDecoding:
             if isinstance(getattr(self, name), (str, os.PathLike)):
                 setattr(self, name, AutoTokenizer.from_pretrained(getattr(self, name)))
         if self._drafter is None or self._drafter_target is not model:
-            self._drafter = NgramDrafter(self.max_ngram_size) if self.draft_model is None else self._model_drafter(model)
+            self._drafter = (NgramDrafter(self.max_ngram_size, self.min_ngram_size) if self.draft_model is None
+                             else self._model_drafter(model))
             self._drafter_target = model
         return self._drafter
 
@@ -258,7 +270,8 @@ class SpeculativeDecoding:
                 "(`draft_model.to(model.device)`)."
             )
         accelerator = (
-            NgramDrafter(self.max_ngram_size, num_pred_tokens=self.num_ngram_pred_tokens, reuse_last_proposal=True)
+            NgramDrafter(self.max_ngram_size, self.min_ngram_size, num_pred_tokens=self.num_ngram_pred_tokens,
+                         reuse_last_proposal=True)
             if self.use_ngram
             else None
         )
@@ -456,6 +469,7 @@ class FLy(SpeculativeDecoding):
         use_ngram: bool = True,
         max_ngram_size: int = 4,
         num_ngram_pred_tokens: int = 6,
+        min_ngram_size: int = 1,
         tokenizer: PreTrainedTokenizerBase | str | None = None,
         draft_tokenizer: PreTrainedTokenizerBase | str | None = None,
         draft_confidence_threshold: float | None = None,
@@ -463,7 +477,7 @@ class FLy(SpeculativeDecoding):
         super().__init__(
             draft_model, num_draft_tokens=num_draft_tokens, tokenizer=tokenizer, draft_tokenizer=draft_tokenizer,
             use_ngram=use_ngram, max_ngram_size=max_ngram_size, num_ngram_pred_tokens=num_ngram_pred_tokens,
-            draft_confidence_threshold=draft_confidence_threshold,
+            min_ngram_size=min_ngram_size, draft_confidence_threshold=draft_confidence_threshold,
         )
         # validates the knobs now, not mid-generate
         LooseVerification(entropy_threshold, entropy_top_k, window, use_window=use_window, loose=loose)

@@ -49,7 +49,10 @@ def arbiter_is_not_a_causal_lm(source: str | os.PathLike, config: ArbiterConfig)
         drafting, draft_arg = "a draft model whose name was not recorded", ", draft_model=DRAFT_MODEL"
     else:
         drafting, draft_arg = "n-gram prompt lookup", ""
-    strategy = f"CoSpec({source!r}{draft_arg}{', use_ngram=True' if draft and config.use_ngram else ''})"
+    ngram_lookup = not draft_arg or config.use_ngram  # n-gram drafting, or a draft model sped up by it
+    ngram_args = (", use_ngram=True" if draft_arg and config.use_ngram else "") + (
+        f", min_ngram_size={config.min_ngram_size}" if ngram_lookup and config.min_ngram_size != 1 else "")
+    strategy = f"CoSpec({source!r}{draft_arg}{ngram_args})"
     message = (
         f"{source} holds a CoSpec arbiter (hf_compress, model type {config.model_type}) for {for_target}, not a causal "
         "LM: at each draft/target mismatch it decides whether the draft token stays, and cannot generate on its own. "

@@ -84,7 +84,8 @@ def calibrate_arbiter(
         thresholds: Candidate thresholds on P(DRAFT); default :func:`quantile_thresholds` of ``keep_shares``.
         reward, max_new_tokens, stop_at_newline, confidence: As for :func:`~..calibration.calibrate_fly`.
         cospec_kwargs: Drafting settings of :class:`~.strategy.CoSpec` (``num_draft_tokens``, ``use_ngram``,
-            ``draft_tokenizer`` for a cross-tokenizer pair, ...); ``num_draft_tokens`` and ``use_ngram`` default to
+            ``draft_tokenizer`` for a cross-tokenizer pair, ...); ``num_draft_tokens``, ``use_ngram`` and
+            ``min_ngram_size`` default to
             the arbiter's (``config``: what it was trained with and what its saved ``custom_generate`` folder uses),
             so the threshold is chosen for the drafting it will run with.
 
@@ -100,6 +101,7 @@ def calibrate_arbiter(
     draft = None if drafter == "ngram" else drafter
     cospec_kwargs.setdefault("num_draft_tokens", arbiter.config.num_draft_tokens)
     cospec_kwargs.setdefault("use_ngram", arbiter.config.use_ngram)
+    cospec_kwargs.setdefault("min_ngram_size", arbiter.config.min_ngram_size)
     if cospec_kwargs.get("draft_tokenizer") is not None:
         cospec_kwargs["tokenizer"] = tokenizer
     strict_strategy = CoSpec(arbiter, draft, mode="strict", **cospec_kwargs)
@@ -122,6 +124,7 @@ def calibrate_arbiter(
         "mismatches_met": len(log.decisions),
         "num_draft_tokens": cospec_kwargs["num_draft_tokens"],
         "use_ngram": cospec_kwargs["use_ngram"],
+        "min_ngram_size": cospec_kwargs["min_ngram_size"],
     }
     arbiter.config.calibration["chosen"]["threshold"] = arbiter.config.threshold
     if isinstance(arbiter.config.training, dict):

@@ -29,8 +29,9 @@ class ArbiterConfig(PreTrainedConfig):
         threshold: Default decision threshold on P(DRAFT): the speed–quality knob (``CoSpec(threshold=)``
             overrides it). ``1.0`` never keeps a mismatching draft (strict), ``0.0`` always does.
         initial_draft_probability: P(DRAFT) of a fresh arbiter (bias only): near strict decoding.
-        num_draft_tokens / draft_model_name_or_path / use_ngram: The drafting the arbiter was trained with,
-            used by the ``custom_generate`` folder it saves (``None`` draft model = n-gram prompt lookup).
+        num_draft_tokens / draft_model_name_or_path / use_ngram / min_ngram_size: The drafting the arbiter was
+            trained with, used by the ``custom_generate`` folder it saves and by ``calibrate_arbiter`` (``None``
+            draft model = n-gram prompt lookup; ``min_ngram_size`` as for ``SpeculativeDecoding``).
         base_model_name_or_path / tokenizer_fingerprint: The target it was trained for.
         tokenizer_name_or_path: Where the target's tokenizer loads from (its ``name_or_path`` when ``for_model``
             or ``train_arbiter`` got a named one); a cross-tokenizer ``custom_generate`` folder loads it.
@@ -66,6 +67,7 @@ class ArbiterConfig(PreTrainedConfig):
     num_draft_tokens: int = 8
     draft_model_name_or_path: str | None = None
     use_ngram: bool = False
+    min_ngram_size: int = 1
     base_model_name_or_path: str | None = None
     tokenizer_fingerprint: str | None = None
     tokenizer_name_or_path: str | None = None
@@ -89,6 +91,7 @@ class ArbiterConfig(PreTrainedConfig):
             "initial_draft_probability", self.initial_draft_probability, low=0.0, high=1.0, low_open=True, high_open=True)
         check_int("num_draft_tokens", self.num_draft_tokens, minimum=1)
         check_bool("use_ngram", self.use_ngram)
+        check_int("min_ngram_size", self.min_ngram_size, minimum=1)
         for name in ("draft_model_name_or_path", "base_model_name_or_path", "tokenizer_fingerprint",
                      "tokenizer_name_or_path", "draft_tokenizer_name_or_path", "draft_tokenizer_fingerprint"):
             check_str(name, getattr(self, name), allow_none=True)

@@ -230,7 +230,7 @@ class CoSpecArbiter(PreTrainedModel):
 
         config = self.config
         settings = dict(draft_model=config.draft_model_name_or_path, num_draft_tokens=config.num_draft_tokens,
-                        use_ngram=config.use_ngram)
+                        use_ngram=config.use_ngram, min_ngram_size=config.min_ngram_size)
         pair = dict(tokenizer=config.tokenizer_name_or_path or config.base_model_name_or_path,
                     draft_tokenizer=config.draft_tokenizer_name_or_path)
         if (config.draft_tokenizer_fingerprint is not None and config.draft_model_name_or_path is not None

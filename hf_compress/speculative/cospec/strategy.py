@@ -113,7 +113,7 @@ class CoSpec(SpeculativeDecoding):
             (arbiter disabled: strict verification) or ``"accept"`` (keep every draft token).
         num_draft_tokens: Tokens drafted per target forward; default the arbiter's (``config.num_draft_tokens``,
             what it was trained and calibrated with: three of its features count positions in the round).
-        use_ngram, tokenizer, draft_tokenizer, ...: as for :class:`~..strategies.SpeculativeDecoding`
+        use_ngram, min_ngram_size, tokenizer, draft_tokenizer, ...: as for :class:`~..strategies.SpeculativeDecoding`
             (cross-tokenizer drafts work too), except that a draft model drafts the full length by default
             (``draft_confidence_threshold=None``), as the arbiter was trained. An arbiter trained with a
             cross-tokenizer pair records its draft tokenizer: drafting with the recorded draft model, the recorded
@@ -139,6 +139,7 @@ class CoSpec(SpeculativeDecoding):
         use_ngram: bool = False,
         max_ngram_size: int = 4,
         num_ngram_pred_tokens: int = 6,
+        min_ngram_size: int = 1,
         tokenizer: PreTrainedTokenizerBase | str | None = None,
         draft_tokenizer: PreTrainedTokenizerBase | str | None = None,
         draft_confidence_threshold: float | None = None,
@@ -150,7 +151,7 @@ class CoSpec(SpeculativeDecoding):
         super().__init__(
             draft_model, num_draft_tokens=num_draft_tokens, tokenizer=tokenizer, draft_tokenizer=draft_tokenizer,
             use_ngram=use_ngram, max_ngram_size=max_ngram_size, num_ngram_pred_tokens=num_ngram_pred_tokens,
-            draft_confidence_threshold=draft_confidence_threshold,
+            min_ngram_size=min_ngram_size, draft_confidence_threshold=draft_confidence_threshold,
         )
         if arbiter is None:
             raise ValueError("CoSpec needs a trained arbiter: pass `arbiter=` (a CoSpecArbiter, folder or Hub id; "

@@ -431,6 +431,7 @@ def train_arbiter(
     settings: ArbiterTrainingSettings | None = None,
     num_draft_tokens: int = 8,
     use_ngram: bool = False,
+    min_ngram_size: int = 1,
     draft_tokenizer: PreTrainedTokenizerBase | str | os.PathLike | None = None,
     data_description: str | None = None,
     held_out: Sequence[Any] | None = None,
@@ -448,7 +449,8 @@ def train_arbiter(
         tokenizer: The target's tokenizer (decodes answers; its fingerprint is saved with the arbiter).
         config / arbiter: Settings of a fresh arbiter, or an arbiter to continue training.
         settings: :class:`ArbiterTrainingSettings` (forks, warm start, RL steps, λ = ``cost_per_forward``).
-        num_draft_tokens, use_ngram, draft_tokenizer: Drafting (as :class:`~.strategy.CoSpec`); a draft with
+        num_draft_tokens, use_ngram, min_ngram_size, draft_tokenizer: Drafting (as :class:`~.strategy.CoSpec`,
+            recorded in the arbiter's config); a draft with
             another tokenizer needs ``draft_tokenizer`` (a tokenizer, folder or Hub id). The arbiter then records
             it (``config.draft_tokenizer_fingerprint``, and its ``name_or_path`` as
             ``config.draft_tokenizer_name_or_path``), so its saved folder drafts through it without being told and
@@ -478,6 +480,10 @@ def train_arbiter(
         raise InvalidArgumentTypeError(
             f"draft_tokenizer must be the draft model's tokenizer, a folder or a Hub id, got {type(draft_tokenizer).__name__}.")
     reward_fn = resolve_reward(reward)
+    # Checked before anything is recorded in a given arbiter's config.
+    check_int("num_draft_tokens", num_draft_tokens, minimum=1)
+    check_bool("use_ngram", use_ngram)
+    check_int("min_ngram_size", min_ngram_size, minimum=1)
     check_float("target_keep", target_keep, low=0.0, high=1.0, low_open=True,
                 hint="It is the share of strict decoding's score to keep on held_out, e.g. 0.99.")
     settings = settings or ArbiterTrainingSettings()
@@ -499,6 +505,7 @@ def train_arbiter(
         arbiter.check_compatible(model, tokenizer)
         record_base_model(arbiter.config, model)  # an arbiter saved before identities were recorded gets one
     arbiter.config.num_draft_tokens, arbiter.config.use_ngram = num_draft_tokens, use_ngram
+    arbiter.config.min_ngram_size = min_ngram_size
     arbiter.config.draft_model_name_or_path = draft if isinstance(draft, str) else (
         getattr(draft, "name_or_path", None) or None)
     arbiter.config.tokenizer_name_or_path = tokenizer.name_or_path or arbiter.config.tokenizer_name_or_path
@@ -508,7 +515,8 @@ def train_arbiter(
     arbiter.config.draft_tokenizer_fingerprint = tokenizer_fingerprint(draft_tokenizer) if cross else None
     arbiter.config.draft_tokenizer_name_or_path = (draft_tokenizer.name_or_path or None) if cross else None
     pair = dict(tokenizer=tokenizer, draft_tokenizer=draft_tokenizer) if draft_tokenizer is not None else {}
-    strategy = CoSpec(arbiter, draft_model=draft, num_draft_tokens=num_draft_tokens, use_ngram=use_ngram, **pair)
+    strategy = CoSpec(arbiter, draft_model=draft, num_draft_tokens=num_draft_tokens, use_ngram=use_ngram,
+                      min_ngram_size=min_ngram_size, **pair)
     started = time.perf_counter()
     requires_grad = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)
@@ -545,7 +553,8 @@ def train_arbiter(
         try:
             calibrate_arbiter(arbiter, model, draft, held_out, target_keep, tokenizer=tokenizer, reward=reward,
                               max_new_tokens=settings.max_new_tokens, stop_at_newline=settings.stop_at_newline,
-                              num_draft_tokens=num_draft_tokens, use_ngram=use_ngram, draft_tokenizer=draft_tokenizer)
+                              num_draft_tokens=num_draft_tokens, use_ngram=use_ngram, min_ngram_size=min_ngram_size,
+                              draft_tokenizer=draft_tokenizer)
         except Exception as error:  # noqa: BLE001 - whatever failed, the trained arbiter must not be lost with it
             reason = f"{type(error).__name__}: {error}"
             arbiter.config.training["calibration_error"] = reason
