@@ -42,12 +42,14 @@ Usage:
     python scripts/bench_cospec.py --pairs ngram --min-ngram-size 2 --train 128 --held-out 64 --test 100 --rl-steps 8 \\
         --keep-shares 0.05 0.1 0.25 0.5 --output-name cospec-ngram-min2   # no 1-token prompt-lookup matches
     python scripts/bench_cospec.py --render cospec  # rebuild the .md from the .json
+    python scripts/bench_cospec.py --summary cospec cospec-int8 cospec-cross --output-name cospec-summary
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import logging
 import statistics
 import sys
@@ -65,6 +67,7 @@ from hf_compress.evaluation.report import benchmark_parser, device_description, 
 from hf_compress.evaluation.speed import compare_generation_speed
 from hf_compress.evaluation.squad import squad_documents
 from hf_compress.evaluation.uncertainty import paired_difference, standard_error
+from hf_compress.utils.files import atomic_file
 from hf_compress.speculative import FLy, SpeculativeDecoding
 from hf_compress.speculative.cospec import (
     ArbiterConfig,
@@ -317,6 +320,64 @@ def run_pair(name: str, args) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------ report
+SUMMARY_METHODS = ("fly", "fly-calibrated", "judge-head (calibrated)", "cospec (calibrated)")
+
+
+def summary_markdown(payloads: dict[str, dict[str, Any]]) -> str:
+    """One line per pair of each stored run: what every loose rule kept of strict's score, at what whole-call speed."""
+    lines = ["# CoSpec and FLy in every stored run: score kept vs strict, whole-call speed-up over strict (test split)", "",
+             "Each cell is the method's test score as a share of strict verification's (same drafter, same questions) and "
+             "its whole-call tokens/s over strict's, both from the named run's own table (`bench/results/<run>.md`, "
+             "which has the standard errors, the paired differences and the calibration sweeps). Issue 23's bar for "
+             "CoSpec: ≥ 99% at ≥ 1.2× on the CPU (≥ 1.3× on a GPU). Runs made before a later fix of the code they "
+             "measure keep their own commit; read them with it.", "",
+             "| run | pair | task | train / held-out / test | strict score | FLy (paper θ) | FLy calibrated | judge head | "
+             "CoSpec | CoSpec meets the bar | commit | device |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, payload in payloads.items():
+        s = payload["settings"]
+        speed_target = s.get("speed_target", 1.2)
+        for pair, result in payload["results"].items():
+            if result.get("probe"):
+                continue
+            m = result["methods"]
+            strict = m["strict"]
+            cells = []
+            for method in SUMMARY_METHODS:
+                r = m.get(method)
+                cells.append("—" if r is None or r.get("f1_kept") is None else
+                             f"{100 * r['f1_kept']:.1f}% · {r['speedup_vs_strict']:.2f}×")
+            cospec = m.get("cospec (calibrated)") or {}
+            met = (cospec.get("f1_kept") or 0) >= 0.99 and cospec.get("speedup_vs_strict", 0) >= speed_target
+            lines.append(
+                f"| {name} | {pair}: {result['pair']} | {TASKS[s.get('task', 'squad')]['title']} | "
+                f"{s['train']} / {s['held_out']} / {s['test']} | {strict['f1']:.1f} ± {strict['f1_se']:.1f} | "
+                + " | ".join(cells) + f" | {'yes' if met else 'no'} (≥ {speed_target}×) | {_short_commit(payload['commit'])} | "
+                f"{payload.get('device') or 'cpu'} |")
+    return "\n".join(lines) + "\n"
+
+
+def _short_commit(commit: str) -> str:
+    """``abc1234`` or ``abc1234+dirty`` (a run whose code had uncommitted changes says so)."""
+    return commit[:7] + ("+dirty" if commit.endswith("+dirty") else "")
+
+
+def write_summary(names: list[str], output_name: str) -> Path:
+    """``bench/results/<output_name>.md`` from the stored runs ``names`` (``gpu/<name>`` for a GPU run)."""
+    base = Path(__file__).resolve().parent.parent / "bench" / "results"
+    payloads = {}
+    for name in names:
+        path = base / f"{name}.json"
+        if not path.exists():
+            raise SystemExit(f"bench_cospec.py --summary: no stored run {path}; name files of bench/results without .json")
+        payloads[name] = json.loads(path.read_text(encoding="utf-8"))
+    target = base / f"{output_name}.md"
+    command = " ".join(["python", "scripts/bench_cospec.py", "--summary", *names, "--output-name", output_name])
+    with atomic_file(target) as handle:
+        handle.write(summary_markdown(payloads) + f"\nRebuilt from the stored runs by: `{command}`\n")
+    return target
+
+
 def _paired_difference(scores: list[float] | None, strict: list[float] | None) -> str:
     """Mean per-question F1 difference to strict ± its standard error (the same questions, so paired)."""
     if not scores or not strict or len(scores) != len(strict) or len(scores) < 2:
@@ -463,6 +524,8 @@ def main() -> None:
     parser.add_argument("--pairs", nargs="+", choices=PAIRS, default=["ngram"])
     parser.add_argument("--task", choices=tuple(TASKS), default="squad",
                         help="squad: F1 of the first line; lambada: last-word accuracy of the first word")
+    parser.add_argument("--summary", nargs="+", metavar="NAME",
+                        help="only write bench/results/<--output-name>.md: one line per pair of these stored runs")
     parser.add_argument("--probe", action="store_true",
                         help="only mine oracle labels on --train prompts per pair: how often a mismatch is harmless")
     parser.add_argument("--offset", type=int, default=100, help="first task example used (SQuAD: after bench_speculative's)")
@@ -496,6 +559,9 @@ def main() -> None:
     parser.add_argument("--agreement-prompts", type=int, default=6)
     parser.add_argument("--agreement-forks", type=int, default=3)
     args = parser.parse_args()
+    if args.summary:
+        print(write_summary(args.summary, args.output_name))
+        return
     if not 1 <= args.min_ngram_size <= 4:
         parser.error("--min-ngram-size goes from 1 to the lookup's max n, 4")
     if args.min_ngram_size != 1 and set(args.pairs) != {"ngram"}:

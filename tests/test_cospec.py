@@ -407,8 +407,9 @@ def test_an_arbiter_records_the_n_gram_lookup_it_was_trained_with(pair):
     assert "custom_generate=CoSpec('arb', min_ngram_size=2)" in arbiter_is_not_a_causal_lm("arb", arbiter.config)
     arbiter.config.draft_model_name_or_path = "org/draft"  # a draft model without n-gram lookup: the setting is moot
     assert "CoSpec('arb', draft_model='org/draft')" in arbiter_is_not_a_causal_lm("arb", arbiter.config)
-    with pytest.raises(ValueError, match="min_ngram_size"):
-        train_arbiter(model, "ngram", task(tok)[:1], tokenizer=tok, arbiter=arbiter, min_ngram_size=0)
+    for bad in (0, 5):  # below 1, above the lookup's max_ngram_size (4)
+        with pytest.raises(ValueError, match="min_ngram_size"):
+            train_arbiter(model, "ngram", task(tok)[:1], tokenizer=tok, arbiter=arbiter, min_ngram_size=bad)
     assert arbiter.config.min_ngram_size == 2  # refused before the given arbiter's config was touched
 
 

@@ -480,10 +480,6 @@ def train_arbiter(
         raise InvalidArgumentTypeError(
             f"draft_tokenizer must be the draft model's tokenizer, a folder or a Hub id, got {type(draft_tokenizer).__name__}.")
     reward_fn = resolve_reward(reward)
-    # Checked before anything is recorded in a given arbiter's config.
-    check_int("num_draft_tokens", num_draft_tokens, minimum=1)
-    check_bool("use_ngram", use_ngram)
-    check_int("min_ngram_size", min_ngram_size, minimum=1)
     check_float("target_keep", target_keep, low=0.0, high=1.0, low_open=True,
                 hint="It is the share of strict decoding's score to keep on held_out, e.g. 0.99.")
     settings = settings or ArbiterTrainingSettings()
@@ -504,6 +500,10 @@ def train_arbiter(
     else:
         arbiter.check_compatible(model, tokenizer)
         record_base_model(arbiter.config, model)  # an arbiter saved before identities were recorded gets one
+    # Built (its drafting arguments checked) before they are recorded in a given arbiter's config.
+    pair = dict(tokenizer=tokenizer, draft_tokenizer=draft_tokenizer) if draft_tokenizer is not None else {}
+    strategy = CoSpec(arbiter, draft_model=draft, num_draft_tokens=num_draft_tokens, use_ngram=use_ngram,
+                      min_ngram_size=min_ngram_size, **pair)
     arbiter.config.num_draft_tokens, arbiter.config.use_ngram = num_draft_tokens, use_ngram
     arbiter.config.min_ngram_size = min_ngram_size
     arbiter.config.draft_model_name_or_path = draft if isinstance(draft, str) else (
@@ -514,9 +514,6 @@ def train_arbiter(
              and tokenizer_fingerprint(draft_tokenizer) != tokenizer_fingerprint(tokenizer))
     arbiter.config.draft_tokenizer_fingerprint = tokenizer_fingerprint(draft_tokenizer) if cross else None
     arbiter.config.draft_tokenizer_name_or_path = (draft_tokenizer.name_or_path or None) if cross else None
-    pair = dict(tokenizer=tokenizer, draft_tokenizer=draft_tokenizer) if draft_tokenizer is not None else {}
-    strategy = CoSpec(arbiter, draft_model=draft, num_draft_tokens=num_draft_tokens, use_ngram=use_ngram,
-                      min_ngram_size=min_ngram_size, **pair)
     started = time.perf_counter()
     requires_grad = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)
