@@ -397,12 +397,20 @@ def test_train_arbiter_is_reproducible_and_says_when_its_folder_drafts_otherwise
     assert "records its target 'org/target' as its draft model" in caplog.text
 
 
-def test_an_arbiter_records_the_n_gram_lookup_it_was_trained_with(pair):
+def test_an_arbiter_records_the_n_gram_lookup_it_was_trained_with(pair, tmp_path):
     model, tok, _ = pair
     settings = quick_settings(max_new_tokens=4, max_forks_per_prompt=1, warm_start_steps=0, rl_steps=0)
     arbiter = train_arbiter(model, "ngram", task(tok)[:1], reward=lambda text, answers: 0.0, tokenizer=tok,
                             settings=settings, config=ArbiterConfig(use_hidden_states=False), min_ngram_size=2)
     assert arbiter.config.min_ngram_size == 2 and arbiter.strategy().min_ngram_size == 2
+    assert CoSpec(arbiter).min_ngram_size == 2 and CoSpec(arbiter, min_ngram_size=1).min_ngram_size == 1
+    folder = arbiter.save_pretrained(tmp_path / "arbiter")
+    from_folder = CoSpec(str(folder))  # the arbiter loads on first use; so does the lookup it was trained with
+    ids = tok("abcabcab", return_tensors="pt").input_ids
+    model.generate(ids, max_new_tokens=4, do_sample=False, custom_generate=from_folder)
+    assert from_folder.min_ngram_size == 2 and from_folder.drafter_for(model).min_ngram_size == 2
+    with pytest.raises(ValueError, match="at least 2 tokens .config.min_ngram_size., above this strategy's max_ngram_size=1"):
+        model.generate(ids, max_new_tokens=4, do_sample=False, custom_generate=CoSpec(str(folder), max_ngram_size=1))
     assert ArbiterConfig.from_dict(arbiter.config.to_dict()).min_ngram_size == 2
     assert "custom_generate=CoSpec('arb', min_ngram_size=2)" in arbiter_is_not_a_causal_lm("arb", arbiter.config)
     arbiter.config.draft_model_name_or_path = "org/draft"  # a draft model without n-gram lookup: the setting is moot

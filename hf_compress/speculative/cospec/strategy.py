@@ -113,7 +113,9 @@ class CoSpec(SpeculativeDecoding):
             (arbiter disabled: strict verification) or ``"accept"`` (keep every draft token).
         num_draft_tokens: Tokens drafted per target forward; default the arbiter's (``config.num_draft_tokens``,
             what it was trained and calibrated with: three of its features count positions in the round).
-        use_ngram, min_ngram_size, tokenizer, draft_tokenizer, ...: as for :class:`~..strategies.SpeculativeDecoding`
+        min_ngram_size: The shortest suffix the n-gram lookup matches; default the arbiter's
+            (``config.min_ngram_size``: the drafts it was trained and calibrated on).
+        use_ngram, tokenizer, draft_tokenizer, ...: as for :class:`~..strategies.SpeculativeDecoding`
             (cross-tokenizer drafts work too), except that a draft model drafts the full length by default
             (``draft_confidence_threshold=None``), as the arbiter was trained. An arbiter trained with a
             cross-tokenizer pair records its draft tokenizer: drafting with the recorded draft model, the recorded
@@ -139,15 +141,19 @@ class CoSpec(SpeculativeDecoding):
         use_ngram: bool = False,
         max_ngram_size: int = 4,
         num_ngram_pred_tokens: int = 6,
-        min_ngram_size: int = 1,
+        min_ngram_size: int | None = None,
         tokenizer: PreTrainedTokenizerBase | str | None = None,
         draft_tokenizer: PreTrainedTokenizerBase | str | None = None,
         draft_confidence_threshold: float | None = None,
     ):
         # Until the arbiter is loaded (a folder or Hub id loads on first use), its config's default stands in.
         self._draft_length_given = num_draft_tokens is not None
+        self._lookup_given = min_ngram_size is not None
+        config = arbiter.config if isinstance(arbiter, CoSpecArbiter) else ArbiterConfig
         if not self._draft_length_given:
-            num_draft_tokens = (arbiter.config if isinstance(arbiter, CoSpecArbiter) else ArbiterConfig).num_draft_tokens
+            num_draft_tokens = config.num_draft_tokens
+        if not self._lookup_given:
+            min_ngram_size = config.min_ngram_size
         super().__init__(
             draft_model, num_draft_tokens=num_draft_tokens, tokenizer=tokenizer, draft_tokenizer=draft_tokenizer,
             use_ngram=use_ngram, max_ngram_size=max_ngram_size, num_ngram_pred_tokens=num_ngram_pred_tokens,
@@ -169,6 +175,15 @@ class CoSpec(SpeculativeDecoding):
         self.generator: torch.Generator | None = None  # random source of mode="sample"
         self._arbiter_source: str | None = None
 
+    def _recorded_lookup(self, config: ArbiterConfig) -> int:
+        """The arbiter's ``min_ngram_size``, refused when this strategy's ``max_ngram_size`` cannot honour it."""
+        if config.min_ngram_size > self.max_ngram_size:
+            raise ValueError(
+                f"The arbiter was trained on n-gram lookups of at least {config.min_ngram_size} tokens "
+                f"(config.min_ngram_size), above this strategy's max_ngram_size={self.max_ngram_size}; pass a "
+                f"max_ngram_size of at least {config.min_ngram_size}, or min_ngram_size= to decode with other drafts.")
+        return config.min_ngram_size
+
     def load_arbiter(self, model: PreTrainedModel | None = None) -> CoSpecArbiter:
         """The arbiter, loaded on first use (onto ``model``'s device) and checked against ``model`` (and against the
         target's tokenizer when the strategy has one: a cross-tokenizer pair; ``generate()`` does not hand its
@@ -180,6 +195,8 @@ class CoSpec(SpeculativeDecoding):
             self.arbiter.eval()
             if not self._draft_length_given:
                 self.num_draft_tokens = self.arbiter.config.num_draft_tokens
+            if not self._lookup_given:
+                self.min_ngram_size = self._recorded_lookup(self.arbiter.config)
         if model is not None:
             self.arbiter.check_compatible(model, self.tokenizer if isinstance(self.tokenizer, PreTrainedTokenizerBase) else None)
             self.arbiter.to(model.device)
