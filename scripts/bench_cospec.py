@@ -67,7 +67,6 @@ from hf_compress.evaluation.report import benchmark_parser, device_description, 
 from hf_compress.evaluation.speed import compare_generation_speed
 from hf_compress.evaluation.squad import squad_documents
 from hf_compress.evaluation.uncertainty import paired_difference, standard_error
-from hf_compress.utils.files import atomic_file
 from hf_compress.speculative import FLy, SpeculativeDecoding
 from hf_compress.speculative.cospec import (
     ArbiterConfig,
@@ -89,6 +88,7 @@ from hf_compress.speculative.task_answers import (
     stop_token_ids,
     task_examples,
 )
+from hf_compress.utils.files import atomic_file
 
 logger = logging.getLogger("bench_cospec")
 PAIRS = ("ngram", "int8", "cross")
@@ -525,7 +525,8 @@ def main() -> None:
     parser.add_argument("--task", choices=tuple(TASKS), default="squad",
                         help="squad: F1 of the first line; lambada: last-word accuracy of the first word")
     parser.add_argument("--summary", nargs="+", metavar="NAME",
-                        help="only write bench/results/<--output-name>.md: one line per pair of these stored runs")
+                        help="only write bench/results/<--output-name, default cospec-summary>.md: one line per pair of "
+                             "these stored runs")
     parser.add_argument("--probe", action="store_true",
                         help="only mine oracle labels on --train prompts per pair: how often a mismatch is harmless")
     parser.add_argument("--offset", type=int, default=100, help="first task example used (SQuAD: after bench_speculative's)")
@@ -560,7 +561,11 @@ def main() -> None:
     parser.add_argument("--agreement-forks", type=int, default=3)
     args = parser.parse_args()
     if args.summary:
-        print(write_summary(args.summary, args.output_name))
+        # Never over a run's own table: the default name is the main run's.
+        name = "cospec-summary" if args.output_name == parser.get_default("output_name") else args.output_name
+        if name in args.summary or (Path(__file__).resolve().parent.parent / "bench" / "results" / f"{name}.json").exists():
+            parser.error(f"--output-name {name} is a stored run; the summary needs a name of its own (e.g. cospec-summary)")
+        print(write_summary(args.summary, name))
         return
     if not 1 <= args.min_ngram_size <= 4:
         parser.error("--min-ngram-size goes from 1 to the lookup's max n, 4")
