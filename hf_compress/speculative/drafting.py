@@ -81,7 +81,8 @@ class NgramDrafter:
         check_int("max_ngram_size", max_ngram_size, minimum=1)
         check_int("min_ngram_size", min_ngram_size, minimum=1)
         if min_ngram_size > max_ngram_size:
-            raise ValueError(f"Need 1 <= min_ngram_size <= max_ngram_size, got {min_ngram_size}, {max_ngram_size}.")
+            raise ValueError(f"min_ngram_size ({min_ngram_size}) is above max_ngram_size ({max_ngram_size}); the n-gram "
+                             "search tries suffix lengths from max_ngram_size down to min_ngram_size.")
         check_int("num_pred_tokens", num_pred_tokens, minimum=1, allow_none=True)
         check_bool("reuse_last_proposal", reuse_last_proposal)
         self.max_ngram_size = max_ngram_size

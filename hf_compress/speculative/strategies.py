@@ -120,11 +120,7 @@ class SpeculativeDecoding:
         if (tokenizer is None) != (draft_tokenizer is None):
             raise ValueError("Pass both `tokenizer` (the target's) and `draft_tokenizer`, or neither.")
         check_bool("use_ngram", use_ngram)
-        check_int("max_ngram_size", max_ngram_size, minimum=1)
-        check_int("min_ngram_size", min_ngram_size, minimum=1)
-        if min_ngram_size > max_ngram_size:
-            raise ValueError(f"min_ngram_size ({min_ngram_size}) is above max_ngram_size ({max_ngram_size}); the n-gram "
-                             "search tries suffix lengths from max_ngram_size down to min_ngram_size.")
+        NgramDrafter(max_ngram_size, min_ngram_size)  # checks the lookup's sizes now, not mid-generate
         check_int("num_ngram_pred_tokens", num_ngram_pred_tokens, minimum=1)
         if drafter is not None and not (callable(getattr(drafter, "propose", None)) and callable(getattr(drafter, "reset", None))):
             raise InvalidArgumentTypeError(
