@@ -24,7 +24,10 @@ Variants, every trained one with the same total optimizer steps (``--steps``, ba
 - ``experts-oracle``: the same experts, each query sent to its task's expert (the cluster holding most of
   that task's training examples);
 - ``experts-warm``: ``experts-routed`` with a shared warm start (``ExpertConfig.shared_warmup``, the
-  ``--shared-warmup`` fraction of the steps on one LoRA over all data, then the experts split the rest).
+  ``--shared-warmup`` fraction of the steps on one LoRA over all data, then the experts split the rest);
+- ``experts-joint``: ``experts-routed`` trained jointly (``ExpertConfig.joint_training``): one run of ``--steps``
+  steps whose batches mix the clusters, each row training its own expert, so every expert is updated at every
+  step instead of at its share of the steps (same steps, batch and tokens as ``lora-all``).
 
 Scores: multiple-choice accuracy (lm-eval's metric of record: acc_norm for ARC/PIQA/HellaSwag, acc for
 BoolQ/Winogrande), SQuAD token F1 of a greedy answer (``--squad-new-tokens``, cut at the first newline),
@@ -92,7 +95,8 @@ logger = logging.getLogger("bench_experts")
 TASKS = ("arc_easy", "arc_challenge", "piqa", "hellaswag", "boolq", "winogrande", "squad", "gsm8k")
 AVERAGED = TASKS[:-1]
 VARIANTS = ("base", "lora-all", "lora-assl", "lora-random", "lora-assl-epochs", "lora-random-epochs", "lora-assl-loss",
-            "lora-assl-loss-epochs", "experts-random", "experts-routed", "experts-oracle", "experts-warm")
+            "lora-assl-loss-epochs", "experts-random", "experts-routed", "experts-oracle", "experts-warm",
+            "experts-joint")
 # Subset variants: the selection each trains on (its key in results["selection"]).
 SUBSETS = {"lora-all": None, "lora-assl": "facility_location", "lora-random": "random",
            "lora-assl-loss": "facility_location_loss"}
@@ -412,8 +416,9 @@ def main() -> None:
             if variant == "experts-random":
                 generator = torch.Generator().manual_seed(args.seed)
                 clusters = torch.randperm(len(train), generator=generator) % args.experts
-            warm = dataclasses.replace(config, shared_warmup=args.shared_warmup) if variant == "experts-warm" else config
-            router = train_experts(model, train, warm, args=training, tokenizer=tokenizer, clusters=clusters,
+            variant_config = {"experts-warm": dataclasses.replace(config, shared_warmup=args.shared_warmup),
+                              "experts-joint": dataclasses.replace(config, joint_training=True)}.get(variant, config)
+            router = train_experts(model, train, variant_config, args=training, tokenizer=tokenizer, clusters=clusters,
                                    embeddings=pool_embeddings)
             mapping = oracle_experts(router, train)
             entry["kept"] = len(train)
@@ -645,6 +650,12 @@ def _target_lines(results: dict[str, Any]) -> list[str]:
                      f"{plus_two_points('experts-warm')}"
                      + (f"; vs the same experts without it: {difference('experts-warm', 'experts-routed')}"
                         if "experts-routed" in variants else "") + ".")
+    if {"experts-joint", "lora-all"} <= variants.keys():
+        lines.append(f"- Routed experts trained jointly vs one LoRA on all data (target ≥ +2 points): "
+                     f"{plus_two_points('experts-joint')}"
+                     + (f"; vs the same experts trained one after another: "
+                        f"{difference('experts-joint', 'experts-routed')}" if "experts-routed" in variants else "")
+                     + ".")
     if {"lora-assl", "lora-all", "lora-random"} <= variants.keys():
         keep = variants["lora-assl"]["average"] / variants["lora-all"]["average"]
         lines.append(f"- ASSL subset vs full data (target ≥ 95% of the full-data score): {keep:.1%} "

@@ -38,6 +38,10 @@ class ExpertConfig:
             expert starts from its weights and trains the remaining steps on its cluster (split as above).
             What all clusters need (the answer formats) is then learnt once instead of once per expert.
             0 (default) starts every expert from PEFT's fresh initialisation.
+        joint_training: Train all experts in one ``Trainer`` run of ``max_steps`` steps instead of one run
+            each: every batch mixes the clusters (in proportion to their sizes) and each row trains its own
+            expert, so every expert is updated at every step (``max_steps`` updates each, for the compute
+            of one adapter's run) instead of its share of the steps. ``split_steps`` then does not apply.
         seed: Seed of the clustering and of the training-window order.
 
     Example:
@@ -57,6 +61,7 @@ class ExpertConfig:
     kmeans_iterations: int = 100
     split_steps: bool = True
     shared_warmup: float = 0.0
+    joint_training: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -77,6 +82,7 @@ class ExpertConfig:
         check_bool("split_steps", self.split_steps)
         check_float("shared_warmup", self.shared_warmup, low=0.0, high=1.0, high_open=True,
                     hint="It is the fraction of max_steps trained on all the data before the experts split.")
+        check_bool("joint_training", self.joint_training)
         check_seed("seed", self.seed, numpy=True)
 
     @staticmethod

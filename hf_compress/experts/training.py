@@ -21,6 +21,7 @@ from .config import ExpertConfig
 from .data import InstructionRows, instruction_rows, packed_instruction_dataset
 from .embedding import EmbeddingSpace, EmbeddingSpec, embed_texts
 from .folder import strip_lora
+from .joint import JointExpertsTrainingModule
 from .router import ExpertRouter
 from .selection import resolve_tokenizer, selection_of
 
@@ -150,7 +151,10 @@ def train_experts(
     if config.shared_warmup > 0 and k > 1:
         warmup_steps = min(max(round(total_steps * config.shared_warmup), 1), total_steps - 1)
         total_steps -= warmup_steps
-    if config.split_steps and total_steps and total_steps > 0:
+    joint = config.joint_training and k > 1
+    if joint:
+        steps = [total_steps] * k  # one run: every expert is updated at each of its steps
+    elif config.split_steps and total_steps and total_steps > 0:
         steps = split_steps(total_steps, sizes)
         if sum(steps) > total_steps:
             logger.warning("max_steps=%d < %d experts: every expert still trains 1 step (%d in all).",
@@ -159,7 +163,8 @@ def train_experts(
         steps = [total_steps] * k
 
     results: list[dict[str, Any]] = []
-    peft_model, warmup, start_from = None, None, None
+    windows: list = []  # joint training: each cluster's windows, tagged with its expert
+    peft_model, warmup, start_from, joint_run = None, None, None, None
     try:
         with tempfile.TemporaryDirectory(prefix="hf_compress-experts-") as scratch:
             if warmup_steps:
@@ -179,26 +184,36 @@ def train_experts(
                         peft_model.add_adapter(name, config.lora_config(model))
                     if start_from is not None:
                         set_peft_model_state_dict(peft_model, start_from, adapter_name=name)
+                record = {"adapter": name, "examples": len(members), "windows": len(data)}
+                if joint:
+                    windows.append(data.add_column("expert", [index] * len(data)))
+                    results.append(record)
+                    continue
                 peft_model.set_adapter(name)  # only this expert's LoRA weights train
                 logger.info("training %s on %d examples (%d windows of %d tokens), %s steps", name, len(members),
                             len(data), config.seq_len, steps[index])
                 result = train_with_trainer(peft_model, data, scratch, _with_steps(args, steps[index], scratch, name))
-                results.append({"adapter": name, "examples": len(members), "windows": len(data),
-                                "steps": result["global_step"], "train_seconds": round(result["train_seconds"], 3),
+                results.append({**record, "steps": result["global_step"],
+                                "train_seconds": round(result["train_seconds"], 3),
                                 "training_loss": result["training_loss"]})
+            if joint:
+                joint_run = _train_jointly(peft_model, [config.adapter_name(i) for i in range(k)], windows, args,
+                                           total_steps, scratch)
     except BaseException:
         # An interrupted or failed run hands the caller's model back as it came (PEFT wraps it in place).
         strip_lora(model)
         raise
     if warmup is not None:
         peft_model.delete_adapter(_WARMUP_ADAPTER)  # its weights live on in every expert
+    peft_model.set_adapter(config.adapter_name(0))  # one active adapter, as after the per-expert runs
     peft_model.eval()
-    runs = results + ([warmup] if warmup is not None else [])
+    runs = ([joint_run] if joint_run is not None else results) + ([warmup] if warmup is not None else [])
     info = {
         "config": config.to_dict(),
         "cluster_sizes": sizes,
         "clustering": clustering,
-        "training": {"experts": results, **({"shared_warmup": warmup} if warmup is not None else {}),
+        "training": {"experts": results, **({"joint": joint_run} if joint_run is not None else {}),
+                     **({"shared_warmup": warmup} if warmup is not None else {}),
                      "total_steps": sum(r["steps"] for r in runs),
                      "train_seconds": round(sum(r["train_seconds"] for r in runs), 3)},
         "selection": selection_of(dataset),
@@ -228,6 +243,18 @@ def _shared_warmup(model, rows: InstructionRows, tokenizer, config: ExpertConfig
     weights = {key: value.detach().clone()
                for key, value in get_peft_model_state_dict(peft_model, adapter_name=_WARMUP_ADAPTER).items()}
     return peft_model, record, weights
+
+
+def _train_jointly(peft_model, names: list[str], windows: list, args, steps: int, scratch: str) -> dict[str, Any]:
+    """All experts in one ``Trainer`` run of ``steps`` steps over every cluster's windows (``expert`` column)."""
+    from datasets import concatenate_datasets
+
+    data = concatenate_datasets(windows)  # Trainer's sampler shuffles: batches mix the clusters by size
+    logger.info("training %d experts jointly on %d windows, %s steps", len(names), len(data), steps)
+    result = train_with_trainer(JointExpertsTrainingModule(peft_model, names), data, scratch,
+                                _with_steps(args, steps, scratch, "experts"))
+    return {"adapters": names, "windows": len(data), "steps": result["global_step"],
+            "train_seconds": round(result["train_seconds"], 3), "training_loss": result["training_loss"]}
 
 
 def _plain_width(model) -> int:
