@@ -30,6 +30,7 @@ from hf_compress.experts import (
 )
 from hf_compress.experts.clustering import assign, kmeans
 from hf_compress.experts.embedding import EmbeddingSpec, default_embedding_layer, embed_batch
+from hf_compress.experts.joint import JointExpertsTrainingModule, rows_through_experts
 from hf_compress.experts import training as training_module
 from hf_compress.experts.training import split_steps, train_experts
 from hf_compress.training import TrainingSettings
@@ -910,3 +911,125 @@ def test_empty_prompts_and_completions_are_refused_before_training(rows, message
     # An empty completion read as a text row: the expert would be trained to write the prompt.
     with pytest.raises(ValueError, match=message):
         instruction_rows(rows)
+
+
+# ---------------------------------------------------------------------------------------------- joint training
+
+
+def _two_lora_experts(seed: int = 0):
+    """A tiny Llama with two LoRA adapters whose B matrices are random (PEFT starts them at zero)."""
+    from peft import get_peft_model
+
+    model, tokenizer = tiny_model("llama")
+    config = ExpertConfig(num_experts=2, r=2, seq_len=16)
+    peft_model = get_peft_model(model, config.lora_config(model), adapter_name="expert_0")
+    peft_model.add_adapter("expert_1", config.lora_config(model))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(0.3 * torch.randn(parameter.shape, generator=generator))
+    return peft_model, tokenizer
+
+
+def test_rows_through_experts_gives_each_row_its_own_expert_and_only_its_gradient():
+    peft_model, _ = _two_lora_experts()
+    names = ["expert_0", "expert_1"]
+    ids = torch.randint(3, 200, (3, 7), generator=torch.Generator().manual_seed(1))
+    experts = torch.tensor([1, 0, 1])
+    alone = []
+    with torch.no_grad():
+        for row, expert in zip(ids, experts.tolist()):
+            peft_model.set_adapter(names[expert])
+            alone.append(peft_model(input_ids=row[None]).logits)
+    module = JointExpertsTrainingModule(peft_model, names)  # both adapters active and trainable
+    assert peft_model.base_model.active_adapter == names
+    logits = module(input_ids=ids, expert=experts).logits
+    torch.testing.assert_close(logits, torch.cat(alone), rtol=1e-5, atol=1e-5)
+    # Without the routing, both adapters' updates would be added to every row: the masks do the work.
+    with torch.no_grad():
+        assert not torch.allclose(peft_model(input_ids=ids).logits, logits, atol=1e-3)
+    # Row 1's loss (expert_0) reaches expert_0's weights only.
+    peft_model.zero_grad()
+    module(input_ids=ids[1:2], expert=torch.tensor([0]), labels=ids[1:2]).loss.backward()
+    grads = {name: parameter.grad for name, parameter in peft_model.named_parameters() if parameter.requires_grad}
+    assert all(grad is not None and grad.abs().sum() > 0 for name, grad in grads.items() if "expert_0" in name)
+    assert all(grad is None or not grad.any() for name, grad in grads.items() if "expert_1" in name)
+    # The checkpoint Trainer writes holds the experts' weights only, and loads back.
+    state = module.state_dict()
+    assert state and all("lora_" in name for name in state)
+    assert not module.load_state_dict({name: torch.zeros_like(value) for name, value in state.items()}).missing_keys
+    assert all(not parameter.any() for name, parameter in peft_model.named_parameters() if name.endswith(
+        "lora_B.expert_1.weight"))
+    with pytest.raises(RuntimeError, match="does not match"):
+        module.load_state_dict({"model.unknown": torch.zeros(1)})
+    with pytest.raises(ValueError, match="one index in 0..1 per batch row"):
+        module(input_ids=ids, expert=torch.tensor([0, 2, 1]))
+
+
+def test_joint_training_updates_every_expert_in_one_run_of_max_steps(monkeypatch):
+    model, tokenizer = tiny_model("llama")
+    rows, tasks = _task_rows(8)
+    runs = []
+
+    def recording(module, data, scratch, args):
+        runs.append((type(module).__name__, len(data), sorted(set(data["expert"]))))
+        return real(module, data, scratch, args)
+
+    real = training_module.train_with_trainer
+    monkeypatch.setattr(training_module, "train_with_trainer", recording)
+    settings = TrainingSettings(max_steps=4, per_device_batch_size=4, learning_rate=1e-2, use_cpu=True, logging_steps=1)
+    config = ExpertConfig(num_experts=2, r=2, seq_len=16, joint_training=True)
+    router = train_experts(model, rows, config, args=settings, tokenizer=tokenizer, clusters=tasks)
+    training = router.info["training"]
+    assert runs == [("JointExpertsTrainingModule", training["joint"]["windows"], [0, 1])]
+    assert training["joint"]["steps"] == training["total_steps"] == 4
+    assert sum(e["windows"] for e in training["experts"]) == training["joint"]["windows"]
+    for name in ("expert_0", "expert_1"):  # PEFT starts B at zero: both moved, in one run of 4 steps
+        assert any(parameter.any() for key, parameter in router.model.named_parameters()
+                   if key.endswith(f"lora_B.{name}.weight"))
+    assert router.model.active_adapters == ["expert_0"] and not router.model.training
+    # The experts differ (each trained on its own task's rows), and route as the sequential ones do.
+    lora_b = {name: torch.cat([p.flatten() for key, p in router.model.named_parameters()
+                               if key.endswith(f"lora_B.{name}.weight")]) for name in ("expert_0", "expert_1")}
+    assert not torch.allclose(lora_b["expert_0"], lora_b["expert_1"])
+    with pytest.raises(ValueError, match="joint_training"):
+        ExpertConfig(joint_training="yes")
+
+
+def test_joint_training_refuses_lora_variants():
+    from peft import LoraConfig, get_peft_model
+
+    model, _ = tiny_model("llama")
+    dora = LoraConfig(r=2, target_modules="all-linear", use_dora=True, task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, dora, adapter_name="expert_0")
+    with pytest.raises(ValueError, match="plain LoRA"):
+        with rows_through_experts(peft_model, ["expert_0"], torch.tensor([0])):
+            pass
+
+
+def test_a_joint_run_resumes_from_its_checkpoint(tmp_path):
+    # One Trainer run for every expert: resume_from_checkpoint is honoured (refused for one run per expert).
+    rows, tasks = _task_rows(4)
+    config = ExpertConfig(num_experts=2, r=2, seq_len=16, joint_training=True)
+
+    def arguments(steps, **extra):
+        return TrainingArguments(str(tmp_path / "out"), max_steps=steps, save_strategy="steps", save_steps=2,
+                                 per_device_train_batch_size=2, learning_rate=1e-2, report_to=[], use_cpu=True,
+                                 disable_tqdm=True, seed=0, **extra)
+
+    model, tokenizer = tiny_model("llama")
+    whole = train_experts(model, rows, config, args=arguments(4), tokenizer=tokenizer, clusters=tasks)
+    expected = {n: p.detach().clone() for n, p in whole.model.named_parameters() if "lora_" in n}
+    assert sorted(p.name for p in (tmp_path / "out" / "experts").iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    (tmp_path / "out" / "experts" / "checkpoint-4").rename(tmp_path / "moved")  # as if stopped after step 2
+    model, _ = tiny_model("llama")
+    resumed = train_experts(model, rows, config, args=arguments(4, resume_from_checkpoint=True), tokenizer=tokenizer,
+                            clusters=tasks)
+    assert resumed.info["training"]["joint"]["steps"] == 4
+    for name, parameter in resumed.model.named_parameters():
+        if "lora_" in name:
+            torch.testing.assert_close(parameter, expected[name])
+    with pytest.raises(ValueError, match=r"joint_training=True\) without shared_warmup"):
+        train_experts(tiny_model("llama")[0], rows, ExpertConfig(num_experts=2, r=2, seq_len=16),
+                      args=arguments(4, resume_from_checkpoint=True), tokenizer=tokenizer, clusters=tasks)

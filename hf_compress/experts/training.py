@@ -107,10 +107,12 @@ def train_experts(
     args = args if args is not None else TrainingSettings()
     if not isinstance(args, (TrainingArguments, TrainingSettings)):
         raise TypeError(f"args must be transformers.TrainingArguments or TrainingSettings, got {type(args).__name__}.")
-    if _asked(args, "resume_from_checkpoint"):
+    one_run = config.joint_training and config.num_experts > 1 and config.shared_warmup == 0
+    if _asked(args, "resume_from_checkpoint") and not one_run:
         raise ValueError("train_experts runs one Trainer per expert from these arguments, so one checkpoint to resume "
                          "from would be loaded into every expert: leave resume_from_checkpoint unset (train the "
-                         "experts again, or train each cluster's adapter yourself with clusters=).")
+                         "experts again, or train each cluster's adapter yourself with clusters=), or train them in "
+                         "one run that can resume: ExpertConfig(joint_training=True) without shared_warmup.")
     if _asked(args, "push_to_hub"):
         raise ValueError("train_experts runs one Trainer per expert from these arguments, so every expert would push "
                          "to the same Hub repo: leave push_to_hub unset and push the trained experts together with "
