@@ -590,31 +590,6 @@ def lora_linear_factors(module: nn.Module, adapter_names: list[str]) -> tuple[to
     return a, b, ranks
 
 
-def lora_update_layers(model: nn.Module, adapter_names: list[str]) -> list[tuple[int, nn.Module]] | None:
-    """Every ``(index, lora_B)`` pair of ``model``'s plain LoRA linear layers, ``index`` being the adapter's place
-    in ``adapter_names``: ``lora_B``'s output is that adapter's update before its scaling, so a forward hook that
-    multiplies it by a per-row 0/1 mask keeps the update on that adapter's rows only, with gradients. ``None``
-    when some layer holding one of these adapters is not a plain LoRA ``Linear`` (DoRA or another variant, a bias
-    on ``lora_B``, an embedding or convolution), whose update is not ``lora_B``'s output times a scale.
-    Reads the layer's ``lora_B`` / ``lora_variant`` attributes; checked on peft 0.21.2."""
-    from peft.tuners.lora import LoraLayer
-    from peft.tuners.lora import Linear as LoraLinear
-
-    found = []
-    for module in model.modules():
-        if not isinstance(module, LoraLayer):
-            continue
-        held = [(index, name) for index, name in enumerate(adapter_names) if name in module.lora_B]
-        if not held:
-            continue
-        plain = isinstance(module, LoraLinear) and not any(name in getattr(module, "lora_variant", {})
-                                                            for _, name in held)
-        if not plain or any(module.lora_B[name].bias is not None for _, name in held):
-            return None
-        found += [(index, module.lora_B[name]) for index, name in held]
-    return found
-
-
 def dora_adapters(model: nn.Module, adapter_names: list[str]) -> list[str]:
     """The adapters of ``adapter_names`` that are DoRA in some layer (peft refuses them on its per-row
     ``adapter_names=`` path). Reads LoRA layers' ``use_dora`` mapping; checked on peft 0.21.2."""

@@ -942,13 +942,19 @@ def test_rows_through_experts_gives_each_row_its_own_expert_and_only_its_gradien
         for row, expert in zip(ids, experts.tolist()):
             peft_model.set_adapter(names[expert])
             alone.append(peft_model(input_ids=row[None]).logits)
-    module = JointExpertsTrainingModule(peft_model, names)  # both adapters active and trainable
-    assert peft_model.base_model.active_adapter == names
+    module = JointExpertsTrainingModule(peft_model, names)  # no adapter active in PEFT, both trainable
+    assert {name for name, p in peft_model.named_parameters() if p.requires_grad} == {
+        name for name, _ in peft_model.named_parameters() if "lora_" in name}
     logits = module(input_ids=ids, expert=experts).logits
     torch.testing.assert_close(logits, torch.cat(alone), rtol=1e-5, atol=1e-5)
-    # Without the routing, both adapters' updates would be added to every row: the masks do the work.
+    # Outside, no expert changes the model: the hooks add every update.
     with torch.no_grad():
         assert not torch.allclose(peft_model(input_ids=ids).logits, logits, atol=1e-3)
+    # An expert active in PEFT would add its update to every row too: refused.
+    peft_model.base_model.set_adapter("expert_1")
+    with pytest.raises(ValueError, match=r"set_adapter\(\[\]\)"):
+        module(input_ids=ids, expert=experts)
+    JointExpertsTrainingModule(peft_model, names)
     # Row 1's loss (expert_0) reaches expert_0's weights only.
     peft_model.zero_grad()
     module(input_ids=ids[1:2], expert=torch.tensor([0]), labels=ids[1:2]).loss.backward()

@@ -3,13 +3,14 @@
 Trained one after another, K experts sharing a budget of S optimizer steps get about S/K updates each, while one
 LoRA on all the data gets S. Trained jointly, one ``Trainer`` run of S steps draws each batch from every cluster
 (in proportion to their sizes, as one LoRA on all the data sees them) and sends each row through its own
-expert, so every expert gets S (smaller) updates for the same tokens and compute: the LoRA updates of the other
-experts are computed too but masked to zero on the row, which costs K small matmuls per layer instead of one.
+expert, so every expert gets S (smaller) updates for the same tokens.
 
-All K adapters are active in PEFT during the run (``LoraModel.set_adapter([...])``, which also makes them the
-trainable ones); a forward hook on each adapter's ``lora_B`` multiplies its update by a 0/1 mask of the rows
-routed to it, so a row's loss reaches its own expert's weights only. PEFT's own per-row path
-(``adapter_names=``) is inference-only (it refuses a model in training mode).
+The update is computed as :mod:`.mixed` computes it for a mixed batch at inference — the K adapters' ``A``
+stacked, a row mask keeping each row's own expert's columns, the ``B`` stacked — but from the live weights, so
+gradients reach every expert through its own rows only. PEFT computes no adapter meanwhile (none is active; the
+experts' weights are made trainable by hand): its own per-row path (``adapter_names=``) refuses a model in
+training mode, and running all K adapters on every row and masking the results costs K passes over every
+layer's output.
 """
 
 from __future__ import annotations
@@ -27,55 +28,66 @@ from .. import _compat
 __all__ = ["JointExpertsTrainingModule", "rows_through_experts"]
 
 
-class LoadedKeys(NamedTuple):
-    """What ``load_state_dict`` reports, as torch's own result (``Trainer`` reads both fields after resuming)."""
-
-    missing_keys: list[str]
-    unexpected_keys: list[str]
+def _expert_layers(model: nn.Module, names: list[str]) -> list[nn.Module]:
+    """The LoRA layers holding some of ``names``; refuses ones that are not plain LoRA linears."""
+    layers = [module for module in model.modules()
+              if isinstance(getattr(module, "lora_A", None), nn.ModuleDict) and any(n in module.lora_A for n in names)]
+    with torch.no_grad():
+        if not layers or any(_compat.lora_linear_factors(module, names) is None for module in layers):
+            raise ValueError("Joint expert training needs plain LoRA linear layers (no DoRA or other LoRA variant, "
+                             "no lora_bias): train these experts one after another "
+                             "(ExpertConfig(joint_training=False)).")
+    return layers
 
 
 @contextlib.contextmanager
 def rows_through_experts(model: nn.Module, adapter_names: Sequence[str], experts: torch.Tensor) -> Iterator[None]:
-    """Inside, ``model`` (a ``PeftModel`` whose ``adapter_names`` are all active) adds to batch row ``i`` only the
-    update of ``adapter_names[experts[i]]``, keeping gradients (for training; :func:`~.mixed.stacked_lora` is the
-    inference path).
+    """Inside, ``model`` (a ``PeftModel`` with no active adapter, see :class:`JointExpertsTrainingModule`) adds to
+    batch row ``i`` the update of ``adapter_names[experts[i]]`` only, with gradients (for training;
+    :func:`~.mixed.stacked_lora` is the inference path).
 
     Example:
-        >>> model.base_model.set_adapter(["expert_0", "expert_1"])  # doctest: +SKIP
+        >>> module = JointExpertsTrainingModule(model, ["expert_0", "expert_1"])  # doctest: +SKIP
         >>> with rows_through_experts(model, ["expert_0", "expert_1"], torch.tensor([1, 0])):  # doctest: +SKIP
         ...     loss = model(input_ids=ids, labels=ids).loss
     """
     names = list(adapter_names)
-    layers = _compat.lora_update_layers(model, names)
-    if layers is None:
-        raise ValueError("Joint expert training needs plain LoRA linear layers (no DoRA or other LoRA variant, no "
-                         "lora_bias): train these experts one after another (ExpertConfig(joint_training=False)).")
+    layers = _expert_layers(model, names)
+    if any(name in names for module in layers for name in module.active_adapters):
+        raise ValueError("An expert is active in PEFT, which would add its update to every row as well: call "
+                         "model.base_model.set_adapter([]) first (JointExpertsTrainingModule does).")
     experts = torch.as_tensor(experts, dtype=torch.long)
     if experts.dim() != 1 or (experts.numel() and not (0 <= int(experts.min()) and int(experts.max()) < len(names))):
         raise ValueError(f"experts must be one index in 0..{len(names) - 1} per batch row, got {experts.tolist()[:8]}.")
-    masks: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
+    one_hot = nn.functional.one_hot(experts.cpu(), len(names))
+    masks: dict[tuple, torch.Tensor] = {}  # by (ranks, device, dtype): layers of one shape share a mask
 
-    def mask_for(index: int, like: torch.Tensor) -> torch.Tensor:
-        key = (index, like.device, like.dtype)
+    def add_update(module, args, output):
+        x = args[0]
+        if x.shape[0] != one_hot.shape[0]:
+            raise RuntimeError(f"A batch of {x.shape[0]} rows was routed as {one_hot.shape[0]} rows.")
+        a, b, ranks = _compat.lora_linear_factors(module, names)  # the live weights: gradients reach each expert
+        key = (tuple(ranks), a.device, a.dtype)
         if key not in masks:
-            masks[key] = (experts == index).to(device=like.device, dtype=like.dtype)
-        mask = masks[key]
-        return mask.view(mask.shape[0], *([1] * (like.dim() - 1)))
+            masks[key] = one_hot.to(a.device).repeat_interleave(torch.tensor(ranks, device=a.device), dim=1).to(a.dtype)
+        mask = masks[key].view(x.shape[0], *([1] * (x.dim() - 2)), -1)
+        dropout = module.lora_dropout[next(name for name in names if name in module.lora_A)]  # one config for all
+        low = nn.functional.linear(dropout(x).to(a.dtype), a) * mask
+        return output + nn.functional.linear(low, b).to(output.dtype)
 
-    def hook_for(index: int):
-        def keep_own_rows(module, args, output):
-            if output.shape[0] != experts.shape[0]:
-                raise RuntimeError(f"A batch of {output.shape[0]} rows was routed as {experts.shape[0]} rows.")
-            return output * mask_for(index, output)
-
-        return keep_own_rows
-
-    handles = [module.register_forward_hook(hook_for(index)) for index, module in layers]
+    handles = [module.register_forward_hook(add_update) for module in layers]
     try:
         yield
     finally:
         for handle in handles:
             handle.remove()
+
+
+class LoadedKeys(NamedTuple):
+    """What ``load_state_dict`` reports, as torch's own result (``Trainer`` reads both fields after resuming)."""
+
+    missing_keys: list[str]
+    unexpected_keys: list[str]
 
 
 class JointExpertsTrainingModule(nn.Module):
@@ -95,7 +107,14 @@ class JointExpertsTrainingModule(nn.Module):
         super().__init__()
         self.model = model
         self.adapter_names = list(adapter_names)
-        model.base_model.set_adapter(self.adapter_names)  # active and trainable, before Trainer builds its optimizer
+        # No adapter active in PEFT (the hooks add the updates), every expert trainable: before Trainer builds its
+        # optimizer. set_adapter([]) also freezes them all, hence requires_grad by hand after it.
+        model.base_model.set_adapter([])
+        for module in _expert_layers(model, self.adapter_names):
+            for name in self.adapter_names:
+                if name in module.lora_A:
+                    module.lora_A[name].requires_grad_(True)
+                    module.lora_B[name].requires_grad_(True)
 
     def forward(self, input_ids: torch.Tensor, expert: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None) -> Any:
