@@ -62,6 +62,8 @@ Usage:
     python scripts/bench_experts.py --train-per-task 200 --test-per-task 99 --steps 200 --batch-size 8 --seq-len 256 \
         --embedding-max-length 128 --squad-new-tokens 16 --eval-batch 16 --skip-overhead --variants lora-assl-epochs \
         lora-random-epochs --output-name experts-200steps --extend   # the same subsets at equal epochs (~25 min)
+    python scripts/bench_experts.py --training-speed --train-per-task 100 --test-per-task 100 --batch-size 8 \
+        --seq-len 256 --overhead-repeats 7 --output-name experts-training-speed   # joint vs one adapter, per step
     python scripts/bench_experts.py --quick --output-name experts-smoke   # tiny model, to check the script
     python scripts/bench_experts.py --render experts
 """
@@ -86,7 +88,16 @@ from hf_compress.evaluation.report import (
 from hf_compress.evaluation.squad import squad_scores
 from hf_compress.evaluation.uncertainty import average_standard_error, paired_task_average_difference, standard_error
 from hf_compress.evaluation.zero_shot import PRIMARY_METRIC, loglikelihoods
-from hf_compress.experts import ExpertConfig, EmbeddingSpec, embed_texts, select_data, train_experts
+from hf_compress.experts import (
+    EmbeddingSpec,
+    ExpertConfig,
+    embed_texts,
+    instruction_rows,
+    packed_instruction_dataset,
+    select_data,
+    train_experts,
+)
+from hf_compress.experts.joint import JointExpertsTrainingModule
 from hf_compress.training import TrainingSettings
 
 
@@ -259,6 +270,44 @@ def generation_overhead(router, tokenizer, test: list[dict], args) -> dict[str, 
             "mixed_peft_vs_single": medians["mixed_no_routing_peft"] / medians["single_adapter"]}
 
 
+def training_speed(base, tokenizer, train: list[dict], config: ExpertConfig, args) -> dict[str, Any]:
+    """Seconds per optimizer step (forward, backward, AdamW) of one LoRA adapter and of K experts trained jointly
+    (``JointExpertsTrainingModule``, the rows of each batch spread over the experts), on the same training
+    windows, interleaved step by step so a load change hits both alike; medians after one untimed step each."""
+    from peft import get_peft_model
+
+    windows = packed_instruction_dataset(instruction_rows(train), tokenizer, args.seq_len, seed=0)
+    batches = [{key: torch.tensor(windows[i : i + args.batch_size][key], device=args.device)
+                for key in ("input_ids", "labels")}
+               for i in range(0, (args.overhead_repeats + 1) * args.batch_size, args.batch_size)]
+    experts = torch.arange(args.batch_size) % args.experts  # every expert in every batch
+    names = [config.adapter_name(i) for i in range(args.experts)]
+    single = get_peft_model(copy.deepcopy(base), config.lora_config(base))
+    joint_model = get_peft_model(copy.deepcopy(base), config.lora_config(base), adapter_name=names[0])
+    for name in names[1:]:
+        joint_model.add_adapter(name, config.lora_config(base))
+    joint = JointExpertsTrainingModule(joint_model, names)
+    runs = {"single_adapter": (single, lambda batch: single(**batch)),
+            "joint_experts": (joint, lambda batch: joint(**batch, expert=experts))}
+    optimizers = {name: torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=args.learning_rate)
+                  for name, (module, _) in runs.items()}
+    timings: dict[str, list[float]] = {name: [] for name in runs}
+    for step, batch in enumerate(batches):
+        for name, (module, forward) in runs.items():
+            module.train()
+            start = time.perf_counter()
+            forward(batch).loss.backward()
+            optimizers[name].step()
+            optimizers[name].zero_grad()
+            synchronize(args.device)
+            if step:  # the first step of each warms the allocator and the kernels
+                timings[name].append(time.perf_counter() - start)
+    medians = {name: statistics.median(values) for name, values in timings.items()}
+    return {"steps": len(batches) - 1, "batch": args.batch_size, "seq_len": args.seq_len, "experts": args.experts,
+            "median_seconds": medians, "seconds": timings,
+            "joint_vs_single": medians["joint_experts"] / medians["single_adapter"]}
+
+
 def routing_probe(base, tokenizer, train: list[dict], test: list[dict], config: ExpertConfig, args) -> list[dict]:
     """For each embedding block and prompt length: k-means (the experts' clustering) of the training prompts, the
     share of training prompts in their task's majority cluster (purity) and of test queries routed to it."""
@@ -314,6 +363,10 @@ def main() -> None:
     parser.add_argument("--overhead-only", action="store_true",
                         help="train the routed experts and time generation only (speed does not depend on how long "
                              "the experts trained); pair with --output-name experts-overhead")
+    parser.add_argument("--training-speed", action="store_true",
+                        help="no evaluation: time optimizer steps of K experts trained jointly against one adapter, "
+                             "interleaved on the same batches (--overhead-repeats steps each); pair with "
+                             "--output-name experts-training-speed")
     parser.add_argument("--routing-probe", action="store_true",
                         help="no training: k-means purity and routing accuracy for each --probe-layers x --probe-lengths "
                              "embedding (why the default block and length); pair with --output-name experts-routing")
@@ -350,6 +403,10 @@ def main() -> None:
                                 use_cpu=args.device == "cpu", seed=0)
     if args.routing_probe:
         results = {"routing_probe": routing_probe(base, tokenizer, train, test, config, args)}
+        write_benchmark(args.output_name, settings, results, markdown({"settings": settings, "results": results}))
+        return
+    if args.training_speed:
+        results = {"training_speed": training_speed(base, tokenizer, train, config, args)}
         write_benchmark(args.output_name, settings, results, markdown({"settings": settings, "results": results}))
         return
     start = time.perf_counter()
@@ -468,7 +525,15 @@ def _earlier_run(name: str, settings: dict[str, Any]) -> dict[str, Any]:
     own["variants"] = [v for v in payload["results"]["variants"]
                        if all(v not in run["variants"] for run in payload["results"].get("earlier_runs", []))]
     return {"variants": dict(payload["results"]["variants"]),
-            "earlier_runs": [*payload["results"].get("earlier_runs", []), own]}
+            "earlier_runs": kept_runs([*payload["results"].get("earlier_runs", []), own],
+                                      payload["results"]["variants"])}
+
+
+def kept_runs(runs: list[dict[str, Any]], variants: dict[str, Any]) -> list[dict[str, Any]]:
+    """``runs`` naming only the variants still stored (a variant deleted from the JSON to be measured again
+    comes from the new run), without the runs left with none."""
+    kept = [{**run, "variants": [v for v in run["variants"] if v in variants]} for run in runs]
+    return [run for run in kept if run["variants"]]
 
 
 def _short_commit(commit: str | None) -> str:
@@ -497,6 +562,18 @@ def markdown(payload: dict[str, Any]) -> str:
         return _overhead_markdown(settings, results)
     if settings.get("routing_probe"):
         return _routing_markdown(settings, results)
+    if settings.get("training_speed"):
+        speed = results["training_speed"]
+        m = speed["median_seconds"]
+        return "\n".join([
+            f"# Expert training: one joint step of K experts vs one adapter's step ({settings['model']})", "",
+            f"Seconds per optimizer step (forward, backward, AdamW) on the same {speed['batch']} x {speed['seq_len']}-token "
+            f"training windows, LoRA r={settings['r']} on every linear layer, median of {speed['steps']} steps each, "
+            "interleaved step by step after one untimed step each. The joint step trains "
+            f"{speed['experts']} experts (`ExpertConfig(joint_training=True)`), the batch's rows spread over them.", "",
+            "| run | s / step | vs one adapter |", "|---|---|---|",
+            f"| one adapter | {m['single_adapter']:.2f} | 1.00x |",
+            f"| {speed['experts']} experts, joint | {m['joint_experts']:.2f} | {speed['joint_vs_single']:.2f}x |", ""]) + "\n"
     lines = [
         "# SilverSight / ASSL experts (SmolLM2-135M-Instruct, multi-task instruction mix)",
         "",

@@ -967,8 +967,14 @@ def test_rows_through_experts_gives_each_row_its_own_expert_and_only_its_gradien
     assert not module.load_state_dict({name: torch.zeros_like(value) for name, value in state.items()}).missing_keys
     assert all(not parameter.any() for name, parameter in peft_model.named_parameters() if name.endswith(
         "lora_B.expert_1.weight"))
-    with pytest.raises(RuntimeError, match="does not match"):
-        module.load_state_dict({"model.unknown": torch.zeros(1)})
+    for other in ({**state, "model.unknown": torch.zeros(1)},  # another run's experts: refused even when lenient
+                  {name: value[:1] for name, value in state.items()}):  # another rank would broadcast silently
+        with pytest.raises(RuntimeError, match="does not match these experts"):
+            module.load_state_dict(other, strict=False)
+    # Trainer passes num_items_in_batch on (gradient accumulation weighs tokens as the per-expert runs do).
+    mean = module(input_ids=ids, expert=experts, labels=ids).loss
+    summed = module(input_ids=ids, expert=experts, labels=ids, num_items_in_batch=torch.tensor(1)).loss
+    torch.testing.assert_close(summed, mean * ids[:, 1:].numel())
     with pytest.raises(ValueError, match="one index in 0..1 per batch row"):
         module(input_ids=ids, expert=torch.tensor([0, 2, 1]))
 
@@ -1001,6 +1007,21 @@ def test_joint_training_updates_every_expert_in_one_run_of_max_steps(monkeypatch
     assert not torch.allclose(lora_b["expert_0"], lora_b["expert_1"])
     with pytest.raises(ValueError, match="joint_training"):
         ExpertConfig(joint_training="yes")
+
+
+def test_joint_training_refuses_gradient_checkpointing(tmp_path):
+    # The backward pass would recompute the blocks without the per-row updates (and train nothing, silently).
+    rows, tasks = _task_rows(4)
+    config = ExpertConfig(num_experts=2, r=2, seq_len=16, joint_training=True)
+    model, tokenizer = tiny_model("llama")
+    asked = TrainingArguments(str(tmp_path), max_steps=2, activation_checkpointing=True, report_to=[], use_cpu=True)
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        train_experts(model, rows, config, args=asked, tokenizer=tokenizer, clusters=tasks)
+    model.activation_checkpointing_enable()
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        train_experts(model, rows, config, args=TrainingSettings(max_steps=2, use_cpu=True), tokenizer=tokenizer,
+                      clusters=tasks)
+    assert not hasattr(model, "peft_config")  # refused before any change
 
 
 def test_joint_training_refuses_lora_variants():

@@ -40,8 +40,9 @@ class ExpertConfig:
             0 (default) starts every expert from PEFT's fresh initialisation.
         joint_training: Train all experts in one ``Trainer`` run of ``max_steps`` steps instead of one run
             each: every batch mixes the clusters (in proportion to their sizes) and each row trains its own
-            expert, so every expert is updated at every step (``max_steps`` updates each, for the compute
-            of one adapter's run) instead of its share of the steps. ``split_steps`` then does not apply.
+            expert, so every expert is updated at each step its cluster has rows in the batch (nearly all of
+            ``max_steps``, for about the compute of one adapter's run) instead of its share of the steps.
+            ``split_steps`` then does not apply; gradient checkpointing is refused.
         seed: Seed of the clustering and of the training-window order.
 
     Example:

@@ -91,17 +91,21 @@ class LoadedKeys(NamedTuple):
 
 
 class JointExpertsTrainingModule(nn.Module):
-    """What ``Trainer`` trains in a joint run: the ``PeftModel`` with every expert active and trainable, each
-    batch row (its ``expert`` column) through its own expert.
+    """What ``Trainer`` trains in a joint run: the ``PeftModel`` with no adapter active in PEFT and every expert
+    trainable, each batch row (its ``expert`` column) through its own expert (:func:`rows_through_experts`).
 
     Its ``state_dict`` (what ``Trainer`` checkpoints) holds the experts' LoRA weights only: the frozen base
     needs no checkpoint, and ``Trainer`` writes a module that is not a ``PreTrainedModel`` with
-    ``safetensors.save_file``, which refuses tied embeddings.
+    ``safetensors.save_file``, which refuses tied embeddings. ``load_state_dict`` takes back exactly such a
+    checkpoint, strictly (keys and shapes) even where ``Trainer`` asks for a lenient load: a checkpoint of other
+    experts would otherwise resume a run half-loaded.
 
     Example:
         >>> module = JointExpertsTrainingModule(peft_model, ["expert_0", "expert_1"])  # doctest: +SKIP
         >>> train_with_trainer(module, data_with_expert_column, "out")  # doctest: +SKIP
     """
+
+    _keys_to_ignore_on_save = None  # Trainer reads it after a resume that reports missing keys
 
     def __init__(self, model: nn.Module, adapter_names: Sequence[str]) -> None:
         super().__init__()
@@ -117,9 +121,11 @@ class JointExpertsTrainingModule(nn.Module):
                     module.lora_B[name].requires_grad_(True)
 
     def forward(self, input_ids: torch.Tensor, expert: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None) -> Any:
+                labels: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        # **kwargs: Trainer then passes num_items_in_batch, so gradient accumulation weighs every completion token
+        # alike, as in the per-expert runs (it reads that from this signature).
         with rows_through_experts(self.model, self.adapter_names, expert):
-            return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
 
     def _trained(self) -> dict[str, nn.Parameter]:
         return {name: parameter for name, parameter in self.named_parameters() if parameter.requires_grad}
@@ -134,9 +140,11 @@ class JointExpertsTrainingModule(nn.Module):
         trained = self._trained()
         missing = [name for name in trained if name not in state_dict]
         unexpected = [name for name in state_dict if name not in trained]
-        if strict and (missing or unexpected):
-            raise RuntimeError(f"joint expert checkpoint does not match the experts: missing {missing[:5]}, "
-                               f"unexpected {unexpected[:5]}")
+        reshaped = [name for name in trained if name in state_dict and state_dict[name].shape != trained[name].shape]
+        if missing or unexpected or reshaped:
+            raise RuntimeError(f"The joint expert checkpoint does not match these experts (missing {missing[:3]}, "
+                               f"unexpected {unexpected[:3]}, other shape {reshaped[:3]}): resume with the "
+                               "ExpertConfig and data of the run that wrote it, or start a new run.")
         with torch.no_grad():
             for name, value in state_dict.items():
                 if name in trained:

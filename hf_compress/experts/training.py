@@ -77,8 +77,10 @@ def train_experts(
             the total over all experts, shared in proportion to cluster sizes. Each training run (every
             expert, and the shared warm-up) writes under its own sub-folder of ``TrainingArguments.output_dir``,
             named after its adapter (``out/expert_0/checkpoint-50``, ``out/shared_warmup/...``), so the runs'
-            checkpoints and ``save_total_limit`` rotation stay apart. ``TrainingSettings`` keep nothing (their
-            runs write to a scratch folder removed after training).
+            checkpoints and ``save_total_limit`` rotation stay apart. With ``config.joint_training`` one run of
+            ``max_steps`` trains every expert (``split_steps`` does not apply) and writes under ``out/experts/``;
+            it alone, or a single expert's run, can resume (``resume_from_checkpoint``). ``TrainingSettings``
+            keep nothing (their runs write to a scratch folder removed after training).
         tokenizer: The model's tokenizer (default: loaded from ``model.name_or_path``).
         clusters: An explicit cluster per example (``0..num_experts-1``) instead of k-means, e.g. task labels
             or a random partition for a baseline; the centroids are then the clusters' mean directions.
@@ -107,7 +109,7 @@ def train_experts(
     args = args if args is not None else TrainingSettings()
     if not isinstance(args, (TrainingArguments, TrainingSettings)):
         raise TypeError(f"args must be transformers.TrainingArguments or TrainingSettings, got {type(args).__name__}.")
-    one_run = config.joint_training and config.num_experts > 1 and config.shared_warmup == 0
+    one_run = config.num_experts == 1 or (config.joint_training and config.shared_warmup == 0)
     if _asked(args, "resume_from_checkpoint") and not one_run:
         raise ValueError("train_experts runs one Trainer per expert from these arguments, so one checkpoint to resume "
                          "from would be loaded into every expert: leave resume_from_checkpoint unset (train the "
@@ -117,6 +119,14 @@ def train_experts(
         raise ValueError("train_experts runs one Trainer per expert from these arguments, so every expert would push "
                          "to the same Hub repo: leave push_to_hub unset and push the trained experts together with "
                          "`experts.push_to_hub(repo_id)` (every adapter, the router and a card in one repo).")
+    checkpointing = [flag for flag in ("activation_checkpointing", "gradient_checkpointing") if _asked(args, flag)]
+    if config.joint_training and config.num_experts > 1 and (
+            checkpointing or any(getattr(module, "gradient_checkpointing", False) is True for module in model.modules())):
+        raise ValueError("Joint expert training cannot run with gradient checkpointing: the blocks it recomputes in "
+                         "the backward pass would run without the experts' per-row updates. Leave "
+                         f"{' and '.join(checkpointing) or 'it'} off (model.activation_checkpointing_disable(); "
+                         "gradient_checkpointing_disable() before transformers 5.25), or "
+                         "train the experts one after another (joint_training=False).")
     if config.shared_warmup > 0 and not (args.max_steps and args.max_steps > 1):
         raise ValueError("shared_warmup is a fraction of the step budget: set max_steps >= 2 in args "
                          "(e.g. TrainingArguments(..., max_steps=400)), or use shared_warmup=0.")
@@ -290,10 +300,11 @@ def _clusters(embeddings: torch.Tensor, k: int, config: ExpertConfig, clusters):
 
 def _asked(args, argument: str) -> bool:
     """Whether ``args`` set the ``TrainingArguments`` field ``argument`` (``resume_from_checkpoint``, which
-    ``train_with_trainer`` honours; ``push_to_hub``), directly or through ``TrainingSettings.extra_arguments``."""
+    ``train_with_trainer`` honours; ``push_to_hub``; gradient checkpointing), directly or through
+    ``TrainingSettings.extra_arguments``."""
     if isinstance(args, TrainingSettings):
         return bool((args.extra_arguments or {}).get(argument))
-    return bool(getattr(args, argument))
+    return bool(getattr(args, argument, None))  # activation_checkpointing is new in transformers 5.25
 
 
 def _with_steps(args, steps: int, scratch: str, adapter: str):
