@@ -163,16 +163,13 @@ def train_experts(
     if config.shared_warmup > 0 and k > 1:
         warmup_steps = min(max(round(total_steps * config.shared_warmup), 1), total_steps - 1)
         total_steps -= warmup_steps
-    joint = config.joint_training and k > 1
-    if joint:
-        steps = [total_steps] * k  # one run: every expert is updated at each of its steps
-    elif config.split_steps and total_steps and total_steps > 0:
+    joint = config.joint_training and k > 1  # one run of total_steps trains them all: nothing to split
+    steps = [total_steps] * k
+    if not joint and config.split_steps and total_steps and total_steps > 0:
         steps = split_steps(total_steps, sizes)
         if sum(steps) > total_steps:
             logger.warning("max_steps=%d < %d experts: every expert still trains 1 step (%d in all).",
                            total_steps, k, sum(steps))
-    else:
-        steps = [total_steps] * k
 
     results: list[dict[str, Any]] = []
     windows: list = []  # joint training: each cluster's windows, tagged with its expert
