@@ -516,8 +516,10 @@ def _earlier_run(name: str, settings: dict[str, Any]) -> dict[str, Any]:
     if not path.is_file():
         raise SystemExit(f"--extend: {path} does not exist; run without --extend first.")
     payload = json.loads(path.read_text())
-    differing = sorted(k for k in set(settings) | set(payload["settings"])
-                       if k not in _RUN_ONLY_SETTINGS and settings.get(k) != payload["settings"].get(k))
+    stored = payload["settings"]
+    # An option one of the runs does not know (added since) counts as the same when the other leaves it off.
+    differing = sorted(k for k in set(settings) | set(stored) if k not in _RUN_ONLY_SETTINGS and (
+        settings.get(k) != stored.get(k) if k in settings and k in stored else bool(settings.get(k, stored.get(k)))))
     if differing:
         raise SystemExit(f"--extend: {path} was run with other settings ({', '.join(differing)}); pass the same "
                          "options as that run (its command is in the file) or choose another --output-name.")

@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import logging
 import os
 import re
@@ -550,9 +551,14 @@ def _strategy_metrics(results: dict[str, Any], ctx: Context) -> list[Measurement
 # ---------------------------------------------------------------------------------------------- the run
 
 
-def complete(manifest: Manifest, name: str) -> bool:
-    """Whether ``name`` is built: in the manifest, and its folder matches the entry file for file."""
+def complete(manifest: Manifest, name: str, recipe: dict[str, Any] | None = None) -> bool:
+    """Whether ``name`` is built: in the manifest, its folder matches the entry file for file, and, for a model
+    artifact (``recipe``: what its recipe file gives now), it was built from that recipe: an edited recipe file
+    rebuilds it instead of keeping the old model under the new recipe's name."""
     if name not in manifest.artifacts:
+        return False
+    if recipe is not None and _as_json(manifest.artifacts[name].recipe) != _as_json(recipe):
+        logger.info("%s was built from another recipe than recipes/artifacts/ holds now: rebuilding it", name)
         return False
     try:
         verify_manifest(manifest, [name])
@@ -560,6 +566,11 @@ def complete(manifest: Manifest, name: str) -> bool:
         logger.info("%s is incomplete (%s): rebuilding it", name, err)
         return False
     return True
+
+
+def _as_json(value: Any) -> Any:
+    """``value`` as the manifest stores it (tuples become lists), so a recipe compares equal to its stored copy."""
+    return json.loads(json.dumps(value, default=str))
 
 
 def resolve_names(only: Sequence[str] | None) -> list[str]:
@@ -638,7 +649,12 @@ def build_set(
         _check_resumable(manifest, [ctx.repo_name(key) for key in keys], namespace)
     for key in keys:
         artifact, name = ARTIFACTS[key], ctx.repo_name(key)
-        if not rebuild and complete(manifest, name):
+        recipe = None
+        if artifact.builder == "recipe":  # the others' settings are this script's constants
+            from hf_compress.recipe import Recipe
+
+            recipe = Recipe.from_dict(recipe_for(key, ctx)).to_dict()
+        if not rebuild and complete(manifest, name, recipe):
             logger.info("%s: already built, skipped (pass --rebuild to build it again)", name)
             continue
         folder = out / name
@@ -927,7 +943,6 @@ def targets_text(targets: dict[str, Any]) -> str:
 
 def update_readme(results_json: Path = ROOT / "bench" / "results" / f"{RESULTS_NAME}.json", readme: Path = README) -> None:
     """Replace the README's artifact table (between its markers) with the one built from ``results_json``."""
-    import json
 
     payload = json.loads(results_json.read_text(encoding="utf-8"))
     zero_shot_json, zero_shot_note = results_json.with_name(f"{ZERO_SHOT_NAME}.json"), ""
@@ -955,7 +970,6 @@ def update_readme(results_json: Path = ROOT / "bench" / "results" / f"{RESULTS_N
 
 def _load_payload(name: str) -> dict[str, Any] | None:
     """The whole of ``bench/results/<name>.json`` (``None`` when there is none)."""
-    import json
 
     from hf_compress.evaluation.report import results_directory
 

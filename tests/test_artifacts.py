@@ -100,6 +100,26 @@ def test_build_covers_every_kind_and_resumes(built_set, tmp_path):
     assert built_set.read_bytes() == before
 
 
+def test_an_edited_recipe_file_rebuilds_its_artifact(set_copy, tmp_path, monkeypatch):
+    """Resuming skips a built model only if its recipe file is unchanged: an edit builds it again instead of
+    keeping the old model (and its manifest, card and table row) under the new recipe."""
+    class Rebuilt(Exception):
+        pass
+
+    def builder(artifact, folder, ctx):
+        raise Rebuilt(artifact.key)
+
+    recipes = tmp_path / "recipes"
+    shutil.copytree(build_artifacts.RECIPES, recipes)
+    monkeypatch.setattr(build_artifacts, "RECIPES", recipes)
+    monkeypatch.setitem(build_artifacts.BUILDERS, "recipe", builder)
+    build_artifacts.build_set(set_copy.parent, ["sds24"], quick=True, namespace=NAMESPACE)  # unchanged: skipped
+    path = recipes / "sds24.yaml"
+    path.write_text(path.read_text().replace("base: wanda", "base: magnitude"))
+    with pytest.raises(Rebuilt, match="sds24"):
+        build_artifacts.build_set(set_copy.parent, ["sds24"], quick=True, namespace=NAMESPACE)
+
+
 def test_every_card_loads_its_own_repo_and_no_other_namespace_publishes_it(built_set, fake_hub, capsys):
     """Built with --namespace, each card's loading snippet (every kind) loads NAMESPACE/<name>, the repo publish
     pushes it to; publishing to another namespace is refused before anything is hashed or sent."""

@@ -481,6 +481,22 @@ def test_save_load_gives_equal_logits_and_generations(arch, tmp_path):
     assert "token_router" in card and "0.25" in card
 
 
+def test_a_routed_folder_saved_again_keeps_its_recipe(tmp_path):
+    """Loaded and saved again without a recipe (a recipe adding heads to a routed base): the sparsity, router and
+    training settings it was saved with stay on record, in the config and on the card."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    model, tokenizer = tiny_model("llama")
+    install_routing(model, RoutingSchedule([0.25, 0.5]), mode="router")
+    save_routed(model, tokenizer, tmp_path / "routed", recipe={"token_sparsity": 0.375, "config": {"seed": 7}})
+    save_routed(AutoModelForCausalLM.from_pretrained(tmp_path / "routed"), tokenizer, tmp_path / "again")
+    recipe = json.loads((tmp_path / "again" / "config.json").read_text())["quantization_config"]["recipe"]
+    assert recipe == {"method": "token_router", "token_sparsity": 0.375, "config": {"seed": 7}}
+    assert "0.375" in (tmp_path / "again" / "README.md").read_text()
+
+
 def test_router_saved_for_other_features_is_refused(tmp_path):
     """A router trained on another version of the input factors would load and route wrongly: refuse it."""
     import json
@@ -883,6 +899,27 @@ def test_chunked_prefill_is_refused():
     chunked = _greedy(model, short)
     model.generation_config.prefill_chunk_size = None
     assert torch.equal(chunked, _greedy(model, short))
+
+
+def test_a_cache_holding_part_of_the_prompt_is_refused():
+    """generate(prompt, cache=<the prompt's first tokens>) routed the cached prefix as a whole prompt and computed the
+    rest at every block: another output than without the cache. Continuing one token at a time stays allowed."""
+    from transformers import DynamicCache
+
+    model, _ = tiny_model("llama")
+    install_routing(model, RoutingSchedule([0.5, 0.5]))
+    ids = _ids(1, 24)
+    prefix = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(ids[:, :16], **{_compat.cache_kwarg_name(model): prefix})
+    kwarg = _compat.cache_kwarg_name(model)  # generate() passes it on to the model under the same name
+    with pytest.raises(ValueError, match="holding 16 of this prompt's 24 tokens"):
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False, **{kwarg: prefix})
+    one_more = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(ids[:, :23], **{_compat.cache_kwarg_name(model): one_more})
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False, **{kwarg: one_more})
+    assert out.shape == (1, 26)
 
 
 def _router_reading_position_and_rank(router: TokenRouter, threshold: float) -> None:

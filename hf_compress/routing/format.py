@@ -142,15 +142,20 @@ def attach_routed_format(model: PreTrainedModel, recipe: Mapping[str, Any] | Non
     method = quant_method_of(existing)
     if existing is not None and method != FORMAT_NAME:
         raise ValueError(f"the model is already in the {method} format; token routing needs a float model.")
-    earlier_recipe = existing.get("recipe") if isinstance(existing, Mapping) else getattr(existing, "recipe", None)
     config = RoutedFormatConfig(
         block_sparsity=state.schedule.block_sparsity, mode=state.mode,
         router_hidden_size=state.router.hidden.out_features, route_decode=state.route_decode,
-        router_features=ROUTER_FEATURES_VERSION, recipe=recipe if recipe is not None else earlier_recipe,
+        router_features=ROUTER_FEATURES_VERSION, recipe=recipe if recipe is not None else _recorded_recipe(model),
     )
     config.__dict__["_state"] = state
     model.config.quantization_config = config
     return config
+
+
+def _recorded_recipe(model: PreTrainedModel) -> Mapping[str, Any] | None:
+    """The recipe a routed model loaded from a folder carries (its ``quantization_config.recipe``), if any."""
+    existing = getattr(model.config, "quantization_config", None)
+    return existing.get("recipe") if isinstance(existing, Mapping) else getattr(existing, "recipe", None)
 
 
 def save_routed(
@@ -179,7 +184,9 @@ def save_routed(
     state = routing_state(model)
     if state is None:
         raise ValueError("the model has no token routing; build one with search_schedule / train_token_router.")
-    recipe = {"method": "token_router", **dict(recipe or {})}
+    # No recipe given (a routed folder loaded and saved again, e.g. by a recipe that adds heads): keep the one it
+    # was saved with, so its sparsity and router settings stay on record.
+    recipe = {"method": "token_router", **dict((recipe if recipe is not None else _recorded_recipe(model)) or {})}
     attach_routed_format(model, recipe=recipe)
     card_recipe = {
         **recipe, "mode": state.mode, "block_sparsity": [round(r, 4) for r in state.schedule.block_sparsity],

@@ -32,10 +32,13 @@ What a skipped token means (the contract the tests check):
   the prompt and every token generated so far: during ``generate()`` the routed model knows its prompt's length,
   and the tokens past it are treated as decoded tokens (computed at every block, or routed by the decode rule), so
   assisted, prompt-lookup and cacheless decoding stay equal to greedy decoding. A prompt fed in chunks
-  (``prefill_chunk_size``) would be routed chunk by chunk, and is refused.
+  (``prefill_chunk_size``) would be routed chunk by chunk, and is refused; so is ``generate()`` given a cache that
+  holds part of the prompt with more than one prompt token after it (a prefilled shared prefix), whose cached part
+  was routed as a whole prompt and whose rest would be computed as decoded tokens.
 - **Outputs.** ``output_attentions`` is refused: a block attends among its kept tokens only.
 - **Batches.** Each row selects among its own non-padding tokens (left padding: positions count from the row's
-  first real token), so a row gets the same selection alone and in a batch. Rows that keep fewer tokens than the
+  first real token), so a row gets the same selection alone and in a batch (in float32: in bf16 a padded batch's
+  hidden states round differently, which can flip a near-tie of the trained router's scores). Rows that keep fewer tokens than the
   longest are filled up with padding positions (computed, then dropped and masked) so the gathered batch is
   rectangular. Right padding is refused during a routed prompt forward.
 - **Sparsity 0.** A block whose schedule entry is 0 runs the original forward untouched, so a schedule of zeros
@@ -290,6 +293,17 @@ def _generate_knowing_the_prompt(self: nn.Module, *args: Any, **kwargs: Any) -> 
                 f"generate(prefill_chunk_size={chunk}) would feed this {inputs.shape[1]}-token prompt in chunks, and a "
                 "routed model routes a prompt in one forward (its tokens are ranked among the whole prompt); pass "
                 "prefill_chunk_size=None (and leave it unset in the generation config)."
+            )
+        cache = _compat.cache_from_model_kwargs(kwargs)
+        cached = int(cache.get_seq_length()) if hasattr(cache, "get_seq_length") else 0
+        if cached and inputs.shape[1] - cached > 1 and state.enabled and not state.schedule.is_dense:
+            # The cached part was ranked as if it were the whole prompt, and the rest would be fed as decoded tokens
+            # (computed at every block): another output than the same prompt generated without the cache, silently.
+            raise ValueError(
+                f"generate() was given a cache holding {cached} of this prompt's {inputs.shape[1]} tokens, and a routed "
+                "model routes a prompt in one forward (its tokens are ranked among the whole prompt): the other "
+                f"{inputs.shape[1] - cached} would be computed at every block as decoded tokens. Pass the whole prompt "
+                "without the cache, or continue from a cache one new token at a time."
             )
         state.prompt_length = inputs.shape[1]
     try:
