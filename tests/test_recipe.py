@@ -75,6 +75,8 @@ TEXT_CHOICES = "must be 'wikipedia', 'news' or the path of an existing UTF-8 tex
      "step 1 (route token_router): training.lr_scheduler_type 'reduce_lr_on_plateau' needs an evaluation strategy"),
     (recipe({"prune": WANDA}, evaluation={"zero_shot_tasks": ["arc_esy"]}),
      "evaluation: zero_shot_tasks must be one of 'arc_easy', 'arc_challenge', 'piqa'"),
+    (recipe({"prune": WANDA}, base_model="tiny-lama"),
+     "recipe: base_model 'tiny-lama' is neither a reference model (smollm2-135m"),
 ])
 def test_typos_that_would_fail_mid_run_are_refused_when_parsed(data, message):
     with pytest.raises(RecipeError) as error:

@@ -548,6 +548,32 @@ def test_trainer_updates_only_the_router():
     assert routing_state(routed).schedule.search["training"]["steps"] == 3
 
 
+def test_a_failed_router_training_hands_the_model_back_as_it_came():
+    """Right-padded rows fail inside the first training forward: the model was left routed (a later save wrote a
+    routed checkpoint with an untrained router) and frozen; a routed model kept its old router only partly."""
+    from datasets import Dataset
+
+    from hf_compress.training import TrainingSettings
+
+    ids = _ids(2, 16).tolist()
+    right_padded = Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * 12 + [0] * 4] * 2, "labels": ids})
+    settings = TrainingSettings(max_steps=2, per_device_batch_size=1, use_cpu=True)
+    model, _ = tiny_model("llama")
+    model.lm_head.requires_grad_(False)  # the caller's choices of what trains are restored, not reset
+    trainable = {name: p.requires_grad for name, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="right padding is not supported"):
+        train_token_router(model, RoutingSchedule([0.3, 0.5]), right_padded, args=settings)
+    assert routing_state(model) is None and not hasattr(model.config, "quantization_config")
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == trainable
+    state = install_routing(model, RoutingSchedule([0.25, 0.25]), mode="static")
+    _randomise_router(state.router)
+    weights = {k: v.clone() for k, v in state.router.state_dict().items()}
+    with pytest.raises(ValueError, match="right padding is not supported"):
+        train_token_router(model, RoutingSchedule([0.3, 0.5]), right_padded, args=settings)
+    assert routing_state(model) is state and state.mode == "static" and state.schedule.block_sparsity == [0.25, 0.25]
+    assert all(torch.equal(state.router.state_dict()[k], v) for k, v in weights.items())
+
+
 def test_router_training_runs_the_frozen_model_without_dropout():
     """Trainer puts the training module in train mode; GPT-2's dropout (0.1) must not make the teacher and the
     student random (a loss that differs between two identical forwards)."""

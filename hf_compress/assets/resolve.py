@@ -76,12 +76,8 @@ def load_model(
             f"{name}: no such folder; pass an existing folder saved with save_pretrained, a reference model "
             f"({', '.join(REFERENCE_MODELS)}), tiny-<arch> or a Hub id (owner/name)."
         )
-    elif name.count("/") != 1:
-        raise ValueError(
-            f"{name!r} is neither a reference model ({', '.join(REFERENCE_MODELS)}), a tiny model "
-            f"(tiny-{'/tiny-'.join(TINY_ARCHITECTURES)}), an existing folder, nor a Hub id (owner/name)."
-        )
     else:
+        check_model_name_form(name)
         _check_hub_id(name)
     check_causal_lm_config(AutoConfig.from_pretrained(path if path.is_dir() else name), name)
     with _compat.quiet_weight_progress():
@@ -132,6 +128,25 @@ def check_causal_lm_config(config: PretrainedConfig, name: str) -> None:
         f"{name}: not a decoder-only causal LM (model_type {model_type}, {kind}); hf_compress needs "
         "AutoModelForCausalLM models."
     )
+
+
+def check_model_name_form(name: str) -> None:
+    """Refuse, reading nothing but the name (and whether such a folder exists), a name ``load_model`` can never
+    resolve: not a reference model, ``tiny-<arch>``, a folder (existing, or written as a path) nor ``owner/name``.
+
+    Example:
+        >>> check_model_name_form("HuggingFaceTB/SmolLM2-135M")  # a Hub id: whether it exists is load_model's to say
+        >>> check_model_name_form("tiny-lama")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ValueError: 'tiny-lama' is neither a reference model ...
+    """
+    if is_builtin_model(name) or Path(name).expanduser().exists() or _looks_like_a_path(name):
+        return
+    if name.count("/") != 1:
+        raise ValueError(
+            f"{name!r} is neither a reference model ({', '.join(REFERENCE_MODELS)}), a tiny model "
+            f"(tiny-{'/tiny-'.join(TINY_ARCHITECTURES)}), an existing folder, nor a Hub id (owner/name)."
+        )
 
 
 def _looks_like_a_path(name: str) -> bool:

@@ -200,6 +200,12 @@ class Recipe:
         base_model = values["base_model"]
         if not isinstance(base_model, str) or not base_model.strip():
             raise RecipeError(f"recipe: base_model must be a model name, folder or Hub id, got {base_model!r}.")
+        from ..assets.resolve import check_model_name_form
+
+        try:
+            check_model_name_form(base_model)  # a typo caught by `recipe check`, not once `run` loads the model
+        except ValueError as err:
+            raise RecipeError(f"recipe: base_model {err}") from None
         seed = values.get("seed", 0)
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
             raise RecipeError(f"recipe: seed must be an integer in [0, 2**32), got {seed!r}.")

@@ -136,7 +136,8 @@ def install_routing(
     router_hidden_size: int = 64,
     route_decode: bool = False,
 ) -> RoutingState:
-    """Route ``model``'s decoder blocks by ``schedule``, in place; returns the shared state (idempotent per model).
+    """Route ``model``'s decoder blocks by ``schedule``, in place; returns the shared state. Routing the model
+    already had is replaced (its router, mode and recorded recipe are dropped; pass ``router=`` to keep a router).
 
     ``mode`` defaults to ``"router"`` when a router is given, else ``"static"`` (a fresh router is still attached so
     the model can be trained and saved).
@@ -355,8 +356,8 @@ def _begin_forward(module: nn.Module, args: tuple, kwargs: dict) -> None:
         # A row is left-padded when its non-padding tokens form a suffix: once real, real until the end.
         if bool((current[:, :-1] & ~current[:, 1:]).any()):
             raise ValueError(
-                "token routing needs left padding for batched prompts (a row has padding after its tokens); "
-                "set tokenizer.padding_side = 'left'."
+                "token routing needs left padding (a row has padding after its tokens: right padding is not "
+                "supported); set tokenizer.padding_side = 'left'."
             )
     state.valid = valid
     state.past_length = past

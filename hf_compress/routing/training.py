@@ -41,7 +41,7 @@ from ..modeling.layers import (
 from ..training import FrozenModelTrainingModule, TrainingSettings, broadcast_from_main, train_with_trainer
 from ..utils import get_logger
 from .config import TokenRouterConfig
-from .layer import install_routing, routing_disabled, routing_state
+from .layer import install_routing, remove_routing, routing_disabled, routing_state
 from .router import TokenRouter
 from .schedule import RoutingSchedule
 
@@ -282,6 +282,28 @@ def train_token_router(
             if rows is not None and len(rows):
                 longest = max(len(ids) for ids in rows["input_ids"])
                 check_within_learned_positions(model, longest, "the longest training row has", "seq_len")
+    trainable = {name: parameter.requires_grad for name, parameter in model.named_parameters()}
+    earlier = None if state is None else (state.schedule, state.mode, state.route_decode,
+                                          {k: v.detach().clone() for k, v in state.router.state_dict().items()})
+    try:
+        return _train(model, schedule, dataset, args, config, output_dir, eval_dataset)
+    except BaseException:
+        # A failed or interrupted run hands the model back as it came: a routed model left behind would save as a
+        # routed checkpoint with an untrained router.
+        if earlier is None:
+            if routing_state(model) is not None:
+                remove_routing(model)
+        else:
+            state.schedule, state.mode, state.route_decode, weights = earlier
+            state.router.load_state_dict(weights)
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(trainable.get(name, False))
+        raise
+
+
+def _train(model, schedule: RoutingSchedule, dataset, args, config: TokenRouterConfig, output_dir, eval_dataset):
+    """``train_token_router`` past its checks."""
+    state = routing_state(model)
     if state is None:
         state = install_routing(model, schedule, mode="router", router_hidden_size=config.router_hidden_size,
                                 route_decode=config.route_decode)
