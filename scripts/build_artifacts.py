@@ -943,7 +943,6 @@ def targets_text(targets: dict[str, Any]) -> str:
 
 def update_readme(results_json: Path = ROOT / "bench" / "results" / f"{RESULTS_NAME}.json", readme: Path = README) -> None:
     """Replace the README's artifact table (between its markers) with the one built from ``results_json``."""
-
     payload = json.loads(results_json.read_text(encoding="utf-8"))
     zero_shot_json, zero_shot_note = results_json.with_name(f"{ZERO_SHOT_NAME}.json"), ""
     if zero_shot_json.is_file():  # scored after the build: its column joins the build's rows by weights
@@ -970,7 +969,6 @@ def update_readme(results_json: Path = ROOT / "bench" / "results" / f"{RESULTS_N
 
 def _load_payload(name: str) -> dict[str, Any] | None:
     """The whole of ``bench/results/<name>.json`` (``None`` when there is none)."""
-
     from hf_compress.evaluation.report import results_directory
 
     path = results_directory() / f"{name}.json"

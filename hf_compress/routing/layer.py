@@ -38,9 +38,9 @@ What a skipped token means (the contract the tests check):
 - **Outputs.** ``output_attentions`` is refused: a block attends among its kept tokens only.
 - **Batches.** Each row selects among its own non-padding tokens (left padding: positions count from the row's
   first real token), so a row gets the same selection alone and in a batch (in float32: in bf16 a padded batch's
-  hidden states round differently, which can flip a near-tie of the trained router's scores). Rows that keep fewer tokens than the
-  longest are filled up with padding positions (computed, then dropped and masked) so the gathered batch is
-  rectangular. Right padding is refused during a routed prompt forward.
+  hidden states round differently, which can flip a near-tie of the trained router's scores). Rows that keep
+  fewer tokens than the longest are filled up with padding positions (computed, then dropped and masked) so the
+  gathered batch is rectangular. Right padding is refused during a routed prompt forward.
 - **Sparsity 0.** A block whose schedule entry is 0 runs the original forward untouched, so a schedule of zeros
   is the base model exactly.
 
