@@ -149,8 +149,14 @@ PY
   tail -c +$((PART_ONE_MIB * 1048576 + 1)) "$tmp/$MODEL_WHEEL" > $stage/model/part-2
   rm -rf "$tmp"
   # The lent machine gets the tree without its history: results name the commit it was copied from.
-  git diff --quiet HEAD -- || echo "the tree differs from HEAD: commit before the GPU run, then stage again"
-  git rev-parse HEAD > $stage/data/commit
+  # The rule of hf_compress.evaluation.report.source_commit: tracked changes outside bench/results, or code files
+  # not committed yet, make it <sha>+dirty (edits made after staging still run under what is written here).
+  commit=$(git rev-parse HEAD)
+  if ! git diff --quiet HEAD -- . ':!bench/results' || [ -n "$(git ls-files --others --exclude-standard -- hf_compress scripts)" ]; then
+    echo "the tree differs from HEAD: results will name $commit+dirty (commit before the GPU run, then stage again)"
+    commit="$commit+dirty"
+  fi
+  echo "$commit" > $stage/data/commit
   tree=$(git ls-files -z --cached --others --exclude-standard | du -cb --files0-from=- | tail -1 | cut -f1)
   first=$(du -cb $stage/whl $stage/data $stage/model/part-1 | tail -1 | cut -f1)
   second=$(du -cb $stage/model/part-2 | tail -1 | cut -f1)

@@ -261,6 +261,13 @@ def test_a_fresh_results_table_does_not_make_the_code_dirty(tmp_path):
     assert sha is not None and not sha.endswith("+dirty")
     (tmp_path / "bench" / "results" / "a.md").write_text("new table")
     assert _git_commit(tmp_path) == sha
+    (tmp_path / "notes.txt").write_text("an untracked note says nothing about the code")
+    (tmp_path / "bench" / "results" / "b.md").write_text("a new table, not committed yet")
+    assert _git_commit(tmp_path) == sha
+    (tmp_path / "scripts").mkdir()
+    (tmp_path / "scripts" / "bench_new.py").write_text("print(1)")  # a new benchmark script ran, uncommitted
+    assert _git_commit(tmp_path) == sha + "+dirty"
+    (tmp_path / "scripts" / "bench_new.py").unlink()
     (tmp_path / "code.py").write_text("x = 2")
     assert _git_commit(tmp_path) == sha + "+dirty"
 

@@ -77,7 +77,7 @@ def machine_info() -> dict[str, Any]:
 @functools.cache
 def source_commit() -> str | None:
     """The git commit of the code that ran (``<sha>+dirty`` when tracked files other than ``bench/results/`` differ
-    from it); ``None`` outside git. Results are outputs, not code: one benchmark's fresh table does not make the next
+    from it, or files under ``hf_compress/`` or ``scripts/`` are not committed yet); ``None`` outside git. Results are outputs, not code: one benchmark's fresh table does not make the next
     benchmark's code "dirty".
 
     Recorded with every benchmark so a table says which code produced it. Read once per process (the first call:
@@ -99,11 +99,19 @@ def _git_commit(root: Path) -> str | None:
 
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results"],
-                               cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain", "--", ".", ":!bench/results"],
+                                cwd=root, capture_output=True, text=True, check=True).stdout.splitlines()
     except (OSError, subprocess.CalledProcessError):
         return None
+    # A file not committed yet under the code's folders (a new module or benchmark script) ran too; other
+    # untracked files (notes, logs) say nothing about the code. Ignored files are not listed at all.
+    dirty = [line for line in status if not line.startswith("??") or line[3:].startswith(UNCOMMITTED_CODE)]
     return sha + ("+dirty" if dirty else "")
+
+
+UNCOMMITTED_CODE = ("hf_compress/", "scripts/")
+"""Folders whose files not yet committed make a run's commit ``+dirty`` (tracked changes anywhere outside
+``bench/results/`` do)."""
 
 
 def benchmark_parser(
