@@ -405,6 +405,45 @@ def test_removing_blocks_of_a_multimodal_model_edits_its_text_config(tmp_path):
     assert torch.equal(_reloaded_logits(model, ids, tmp_path / "m"), expected)
 
 
+@pytest.mark.parametrize("placement", [{"decoder_sparse_step": 2}, {"mlp_only_layers": [2]}])
+def test_removing_blocks_of_a_moe_model_keeps_each_block_its_kind(tmp_path, placement):
+    """Qwen-MoE picks a block's kind by its index (decoder_sparse_step, mlp_only_layers): after a removal the stale
+    fields rebuilt an MLP where a mixture of experts was, whose weights from_pretrained then initialised at random."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from hf_compress.modeling.structure import remove_blocks
+
+    config = AutoConfig.for_model("qwen3_moe", vocab_size=256, hidden_size=64, intermediate_size=128,
+                                  moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, num_hidden_layers=4,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, pad_token_id=0,
+                                  bos_token_id=1, eos_token_id=2, **placement)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    drop = 1 if "decoder_sparse_step" in placement else 0
+    kinds = [type(layer.mlp).__name__ for i, layer in enumerate(model.model.layers) if i != drop]
+    assert len(set(kinds)) == 2  # both kinds remain, in an order the old fields would not rebuild
+    remove_blocks(model, [drop])
+    ids = torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(ids).logits
+    model.save_pretrained(tmp_path / "moe")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "moe").eval()
+    assert [type(layer.mlp).__name__ for layer in reloaded.model.layers] == kinds
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, expected)
+
+
+def test_removing_blocks_refuses_moe_placement_by_index_arithmetic():
+    """ERNIE-4.5-MoE / DeepSeek-V2 place MoE blocks by start index or frequency, with no per-layer override."""
+    from hf_compress.modeling.structure import remove_blocks
+
+    model, _ = tiny_model("llama")
+    model.config.moe_layer_start_index = 1
+    with pytest.raises(ValueError, match=r"by index \(moe_layer_start_index=1\)"):
+        remove_blocks(model, [0])
+    assert len(model.model.layers) == 2 and model.config.num_hidden_layers == 2  # refused before any change
+
+
 def test_removing_blocks_slices_every_per_layer_list_and_refuses_moving_gpt2_scaled_blocks(tmp_path):
     from transformers import AutoModelForCausalLM, GPT2Config, SmolLM3Config
 

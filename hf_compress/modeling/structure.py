@@ -355,12 +355,58 @@ def decoder_parameter_count(model: nn.Module) -> int:
 # --------------------------------------------------------------------------------------------------
 
 
+LAYER_INDEX_LISTS = ("mlp_only_layers", "moe_layers")
+"""Config fields that list layers by index (Qwen-MoE's dense layers, Llama 4's MoE layers): renumbered when blocks
+are removed, not filtered as per-layer lists."""
+
+UNMOVABLE_LAYER_PATTERNS = ("moe_layer_start_index", "moe_layer_end_index", "moe_layer_interval", "moe_layer_freq")
+"""Config fields that place MoE layers by index arithmetic with no per-layer override: which blocks are MoE could
+not be kept once blocks move, so removing blocks from such a model is refused."""
+
+
+def _renumbered_layer_index_fields(config: Any, kept: list[int]) -> dict[str, Any]:
+    """The config fields that pick a layer's kind by its index, rewritten for the ``kept`` blocks (in order), so each
+    block is rebuilt at its new index as the kind it is; refuses a pattern that cannot follow.
+
+    A block built at another index from such a field would be the other kind (an MLP where a mixture of experts
+    was): its weights would not load, and ``from_pretrained`` initialises them at random with only a load report.
+    """
+    new_index = {old: new for new, old in enumerate(kept)}
+    fields: dict[str, Any] = {}
+    for field in UNMOVABLE_LAYER_PATTERNS:
+        value = getattr(config, field, None)
+        if value is not None and not (field in ("moe_layer_interval", "moe_layer_freq") and value == 1):
+            raise ValueError(f"this model places its mixture-of-experts layers by index ({field}={value}), so removing "
+                             "blocks would rebuild some as the other kind; remove blocks from a model without it.")
+    for field in LAYER_INDEX_LISTS:
+        value = getattr(config, field, None)
+        if isinstance(value, (list, tuple)):
+            fields[field] = type(value)(new_index[i] for i in value if i in new_index)
+    step = getattr(config, "decoder_sparse_step", None)
+    if isinstance(step, int) and step > 1 and (getattr(config, "num_experts", 0) or 0) > 0:
+        # Qwen-MoE: a layer is MoE when (index + 1) % step == 0 and it is not in mlp_only_layers. Moved blocks keep
+        # their kind with step 1 and every dense one listed.
+        if not hasattr(config, "mlp_only_layers"):
+            raise ValueError(f"this model places its mixture-of-experts layers every {step} blocks "
+                             "(decoder_sparse_step), so removing blocks would rebuild some as the other kind.")
+        dense = set(getattr(config, "mlp_only_layers") or [])
+        fields["decoder_sparse_step"] = 1
+        fields["mlp_only_layers"] = [new_index[i] for i in kept if i in dense or (i + 1) % step != 0]
+    first_dense = getattr(config, "first_k_dense_replace", None)
+    if isinstance(first_dense, int) and first_dense > 0:  # DeepSeek, GLM-4-MoE: the first k blocks are dense
+        fields["first_k_dense_replace"] = sum(1 for i in kept if i < first_dense)
+    return fields
+
+
 def remove_blocks(model: nn.Module, indices: Sequence[int]) -> None:
     """Delete decoder blocks in place and renumber what remains, so caches and ``config`` stay consistent.
 
     Every submodule's ``layer_idx`` is renumbered (the cache index an attention layer writes to); the text config's
     ``num_hidden_layers`` and its per-layer lists (``layer_types``, ``no_rope_layers``, ...) follow, on the text config
-    of a multimodal model too.
+    of a multimodal model too, and so do the fields that pick a block's kind by its index (Qwen-MoE's
+    ``mlp_only_layers`` / ``decoder_sparse_step``, Llama 4's ``moe_layers``, DeepSeek's ``first_k_dense_replace``):
+    each block reloads as the kind it is. Index arithmetic that cannot follow (``moe_layer_start_index``, ...) is
+    refused.
 
     Example:
         >>> from hf_compress.assets import tiny_model
@@ -383,6 +429,7 @@ def remove_blocks(model: nn.Module, indices: Sequence[int]) -> None:
         # block would compute otherwise once reloaded.
         raise ValueError("this model scales attention by the inverse layer index (scale_attn_by_inverse_layer_idx), "
                          "so blocks cannot move: remove blocks from the end only.")
+    index_fields = _renumbered_layer_index_fields(text_config, kept) if drop and text_config else {}
     new_blocks = nn.ModuleList([blocks[i] for i in kept])
     for new_index, block in enumerate(new_blocks):
         for module in block.modules():
@@ -395,8 +442,10 @@ def remove_blocks(model: nn.Module, indices: Sequence[int]) -> None:
         # Every per-layer list follows (layer_types, SmolLM3's no_rope_layers, ...). Written around the validating
         # __setattr__: layer_types and num_hidden_layers are checked against each other.
         for field, value in list(vars(text_config).items()):
-            if "layer" in field and isinstance(value, (list, tuple)) and len(value) == len(blocks):
+            if (field not in LAYER_INDEX_LISTS and "layer" in field and isinstance(value, (list, tuple))
+                    and len(value) == len(blocks)):
                 text_config.__dict__[field] = type(value)(value[i] for i in kept)
+        text_config.__dict__.update(index_fields)
         text_config.num_hidden_layers = len(kept)
     record = getattr(config, "quantization_config", None)
     if record is not None:
