@@ -934,6 +934,7 @@ def _two_lora_experts(seed: int = 0):
 
 def test_rows_through_experts_gives_each_row_its_own_expert_and_only_its_gradient():
     peft_model, _ = _two_lora_experts()
+    peft_model.double()  # the batch and the rows alone block their matmuls differently: float32 rounding is ~1e-5
     names = ["expert_0", "expert_1"]
     ids = torch.randint(3, 200, (3, 7), generator=torch.Generator().manual_seed(1))
     experts = torch.tensor([1, 0, 1])
