@@ -92,6 +92,7 @@ from hf_compress.utils.files import atomic_file
 
 logger = logging.getLogger("bench_cospec")
 PAIRS = ("ngram", "int8", "cross")
+STORED_RUNS = Path(__file__).resolve().parent.parent / "bench" / "results"  # what --summary reads and writes
 # What each task asks, its reward, the name of its score, and how the table describes its prompts and answers.
 TASKS: dict[str, dict[str, str]] = {
     "squad": {"reward": "squad_f1", "metric": "F1", "title": "SQuAD", "item": "question",
@@ -364,14 +365,13 @@ def _short_commit(commit: str) -> str:
 
 def write_summary(names: list[str], output_name: str) -> Path:
     """``bench/results/<output_name>.md`` from the stored runs ``names`` (``gpu/<name>`` for a GPU run)."""
-    base = Path(__file__).resolve().parent.parent / "bench" / "results"
     payloads = {}
     for name in names:
-        path = base / f"{name}.json"
+        path = STORED_RUNS / f"{name}.json"
         if not path.exists():
             raise SystemExit(f"bench_cospec.py --summary: no stored run {path}; name files of bench/results without .json")
         payloads[name] = json.loads(path.read_text(encoding="utf-8"))
-    target = base / f"{output_name}.md"
+    target = STORED_RUNS / f"{output_name}.md"
     command = " ".join(["python", "scripts/bench_cospec.py", "--summary", *names, "--output-name", output_name])
     with atomic_file(target) as handle:
         handle.write(summary_markdown(payloads) + f"\nRebuilt from the stored runs by: `{command}`\n")
@@ -563,7 +563,7 @@ def main() -> None:
     if args.summary:
         # Never over a run's own table: the default name is the main run's.
         name = "cospec-summary" if args.output_name == parser.get_default("output_name") else args.output_name
-        if name in args.summary or (Path(__file__).resolve().parent.parent / "bench" / "results" / f"{name}.json").exists():
+        if name in args.summary or (STORED_RUNS / f"{name}.json").exists():
             parser.error(f"--output-name {name} is a stored run; the summary needs a name of its own (e.g. cospec-summary)")
         print(write_summary(args.summary, name))
         return

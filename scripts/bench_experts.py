@@ -565,17 +565,7 @@ def markdown(payload: dict[str, Any]) -> str:
     if settings.get("routing_probe"):
         return _routing_markdown(settings, results)
     if settings.get("training_speed"):
-        speed = results["training_speed"]
-        m = speed["median_seconds"]
-        return "\n".join([
-            f"# Expert training: one joint step of K experts vs one adapter's step ({settings['model']})", "",
-            f"Seconds per optimizer step (forward, backward, AdamW) on the same {speed['batch']} x {speed['seq_len']}-token "
-            f"training windows, LoRA r={settings['r']} on every linear layer, median of {speed['steps']} steps each, "
-            "interleaved step by step after one untimed step each. The joint step trains "
-            f"{speed['experts']} experts (`ExpertConfig(joint_training=True)`), the batch's rows spread over them.", "",
-            "| run | s / step | vs one adapter |", "|---|---|---|",
-            f"| one adapter | {m['single_adapter']:.2f} | 1.00x |",
-            f"| {speed['experts']} experts, joint | {m['joint_experts']:.2f} | {speed['joint_vs_single']:.2f}x |", ""]) + "\n"
+        return _training_speed_markdown(settings, results)
     lines = [
         "# SilverSight / ASSL experts (SmolLM2-135M-Instruct, multi-task instruction mix)",
         "",
@@ -658,6 +648,20 @@ def _overhead_markdown(settings: dict[str, Any], results: dict[str, Any]) -> str
     return "\n".join(lines + _target_lines(results)) + "\n"
 
 
+def _training_speed_markdown(settings: dict[str, Any], results: dict[str, Any]) -> str:
+    speed = results["training_speed"]
+    m = speed["median_seconds"]
+    return "\n".join([
+        f"# Expert training: one joint step of K experts vs one adapter's step ({settings['model']})", "",
+        f"Seconds per optimizer step (forward, backward, AdamW) on the same {speed['batch']} x {speed['seq_len']}-token "
+        f"training windows, LoRA r={settings['r']} on every linear layer, median of {speed['steps']} steps each, "
+        "interleaved step by step after one untimed step each. The joint step trains "
+        f"{speed['experts']} experts (`ExpertConfig(joint_training=True)`), the batch's rows spread over them.", "",
+        "| run | s / step | vs one adapter |", "|---|---|---|",
+        f"| one adapter | {m['single_adapter']:.2f} | 1.00x |",
+        f"| {speed['experts']} experts, joint | {m['joint_experts']:.2f} | {speed['joint_vs_single']:.2f}x |", ""]) + "\n"
+
+
 def _routing_markdown(settings: dict[str, Any], results: dict[str, Any]) -> str:
     lines = [f"# Expert routing: which embedding block and prompt length ({settings['model']})", "",
              f"No training. The {settings['examples']['train']} training prompts of the benchmark's task mix are "
@@ -724,17 +728,13 @@ def _target_lines(results: dict[str, Any]) -> list[str]:
 
     if {"experts-routed", "lora-all"} <= variants.keys():
         lines.append(f"- Routed experts vs one LoRA on all data (target ≥ +2 points): {plus_two_points('experts-routed')}.")
-    if {"experts-warm", "lora-all"} <= variants.keys():
-        lines.append(f"- Routed experts with a shared warm start vs one LoRA on all data (target ≥ +2 points): "
-                     f"{plus_two_points('experts-warm')}"
-                     + (f"; vs the same experts without it: {difference('experts-warm', 'experts-routed')}"
-                        if "experts-routed" in variants else "") + ".")
-    if {"experts-joint", "lora-all"} <= variants.keys():
-        lines.append(f"- Routed experts trained jointly vs one LoRA on all data (target ≥ +2 points): "
-                     f"{plus_two_points('experts-joint')}"
-                     + (f"; vs the same experts trained one after another: "
-                        f"{difference('experts-joint', 'experts-routed')}" if "experts-routed" in variants else "")
-                     + ".")
+    for variant, how, plain in (("experts-warm", "with a shared warm start", "the same experts without it"),
+                                ("experts-joint", "trained jointly", "the same experts trained one after another")):
+        if {variant, "lora-all"} <= variants.keys():
+            lines.append(f"- Routed experts {how} vs one LoRA on all data (target ≥ +2 points): "
+                         f"{plus_two_points(variant)}"
+                         + (f"; vs {plain}: {difference(variant, 'experts-routed')}" if "experts-routed" in variants
+                            else "") + ".")
     if {"lora-assl", "lora-all", "lora-random"} <= variants.keys():
         keep = variants["lora-assl"]["average"] / variants["lora-all"]["average"]
         lines.append(f"- ASSL subset vs full data (target ≥ 95% of the full-data score): {keep:.1%} "

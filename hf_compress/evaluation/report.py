@@ -77,8 +77,8 @@ def machine_info() -> dict[str, Any]:
 @functools.cache
 def source_commit() -> str | None:
     """The git commit of the code that ran (``<sha>+dirty`` when tracked files other than ``bench/results/`` differ
-    from it, or files under ``hf_compress/`` or ``scripts/`` are not committed yet); ``None`` outside git. Results are outputs, not code: one benchmark's fresh table does not make the next
-    benchmark's code "dirty".
+    from it, or files under ``hf_compress/`` or ``scripts/`` are not committed yet); ``None`` outside git. Results
+    are outputs, not code: one benchmark's fresh table does not make the next benchmark's code "dirty".
 
     Recorded with every benchmark so a table says which code produced it. Read once per process (the first call:
     :func:`start_benchmark` makes it at the start), so a long run that saves results after later commits still
@@ -92,6 +92,11 @@ def source_commit() -> str | None:
     if os.environ.get("HF_COMPRESS_SOURCE_COMMIT"):
         return os.environ["HF_COMPRESS_SOURCE_COMMIT"]
     return _git_commit(Path(__file__).resolve().parents[2])
+
+
+UNCOMMITTED_CODE = ("hf_compress/", "scripts/")
+"""Folders whose files not yet committed make a run's commit ``+dirty`` (tracked changes anywhere outside
+``bench/results/`` do)."""
 
 
 def _git_commit(root: Path) -> str | None:
@@ -108,10 +113,6 @@ def _git_commit(root: Path) -> str | None:
     dirty = [line for line in status if not line.startswith("??") or line[3:].startswith(UNCOMMITTED_CODE)]
     return sha + ("+dirty" if dirty else "")
 
-
-UNCOMMITTED_CODE = ("hf_compress/", "scripts/")
-"""Folders whose files not yet committed make a run's commit ``+dirty`` (tracked changes anywhere outside
-``bench/results/`` do)."""
 
 
 def benchmark_parser(

@@ -14,7 +14,13 @@ import torch
 from .. import _compat
 from ..hub import base_weights_of
 from ..modeling.layers import TRAINS_ON_ONE_DEVICE, check_not_offloaded
-from ..training import TrainingSettings, broadcast_from_main, preserved_random_state, train_with_trainer
+from ..training import (
+    TrainingSettings,
+    broadcast_from_main,
+    preserved_random_state,
+    refuse_gradient_checkpointing,
+    train_with_trainer,
+)
 from ..utils import get_logger
 from .clustering import kmeans
 from .config import ExpertConfig
@@ -30,6 +36,11 @@ __all__ = ["split_steps", "train_experts"]
 
 logger = get_logger(__name__)
 
+
+JOINT_CHECKPOINTING_REFUSED = (
+    "joint expert training cannot run with gradient checkpointing (the blocks it recomputes in the backward pass "
+    "would run without the experts' per-row updates; or train the experts one after another, joint_training=False)"
+)
 
 _WARMUP_ADAPTER = "shared_warmup"  # trained first with ExpertConfig.shared_warmup, deleted once copied
 
@@ -119,14 +130,8 @@ def train_experts(
         raise ValueError("train_experts runs one Trainer per expert from these arguments, so every expert would push "
                          "to the same Hub repo: leave push_to_hub unset and push the trained experts together with "
                          "`experts.push_to_hub(repo_id)` (every adapter, the router and a card in one repo).")
-    checkpointing = [flag for flag in ("activation_checkpointing", "gradient_checkpointing") if _asked(args, flag)]
-    if config.joint_training and config.num_experts > 1 and (
-            checkpointing or any(getattr(module, "gradient_checkpointing", False) is True for module in model.modules())):
-        raise ValueError("Joint expert training cannot run with gradient checkpointing: the blocks it recomputes in "
-                         "the backward pass would run without the experts' per-row updates. Leave "
-                         f"{' and '.join(checkpointing) or 'it'} off (model.activation_checkpointing_disable(); "
-                         "gradient_checkpointing_disable() before transformers 5.25), or "
-                         "train the experts one after another (joint_training=False).")
+    if config.joint_training and config.num_experts > 1:
+        refuse_gradient_checkpointing(model, args, reason=JOINT_CHECKPOINTING_REFUSED)
     if config.shared_warmup > 0 and not (args.max_steps and args.max_steps > 1):
         raise ValueError("shared_warmup is a fraction of the step budget: set max_steps >= 2 in args "
                          "(e.g. TrainingArguments(..., max_steps=400)), or use shared_warmup=0.")
@@ -297,11 +302,10 @@ def _clusters(embeddings: torch.Tensor, k: int, config: ExpertConfig, clusters):
 
 def _asked(args, argument: str) -> bool:
     """Whether ``args`` set the ``TrainingArguments`` field ``argument`` (``resume_from_checkpoint``, which
-    ``train_with_trainer`` honours; ``push_to_hub``; gradient checkpointing), directly or through
-    ``TrainingSettings.extra_arguments``."""
+    ``train_with_trainer`` honours; ``push_to_hub``), directly or through ``TrainingSettings.extra_arguments``."""
     if isinstance(args, TrainingSettings):
         return bool((args.extra_arguments or {}).get(argument))
-    return bool(getattr(args, argument, None))  # activation_checkpointing is new in transformers 5.25
+    return bool(getattr(args, argument))
 
 
 def _with_steps(args, steps: int, scratch: str, adapter: str):

@@ -38,7 +38,13 @@ from ..modeling.layers import (
     learned_position_limit,
     module_execution_device,
 )
-from ..training import FrozenModelTrainingModule, TrainingSettings, broadcast_from_main, train_with_trainer
+from ..training import (
+    FrozenModelTrainingModule,
+    TrainingSettings,
+    broadcast_from_main,
+    refuse_gradient_checkpointing,
+    train_with_trainer,
+)
 from ..utils import get_logger
 from .config import TokenRouterConfig
 from .layer import install_routing, remove_routing, routing_disabled, routing_state
@@ -94,7 +100,7 @@ class RouterTrainingModule(FrozenModelTrainingModule, nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, labels: Any = None) -> dict:
         if self.model.training:  # put there from outside this module's train(): checkpointing would run
-            _refuse_gradient_checkpointing(self.model)
+            refuse_gradient_checkpointing(self.model, reason=GRADIENT_CHECKPOINTING_REFUSED)
         state = routing_state(self.model)
         with torch.no_grad(), routing_disabled(self.model):
             teacher = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits.float()
@@ -116,22 +122,6 @@ GRADIENT_CHECKPOINTING_REFUSED = (
     "router training cannot run with gradient checkpointing (the blocks it recomputes in the backward pass, after "
     "the routed forward, would route again, differently, or leave the router without a gradient)"
 )
-
-
-def _refuse_gradient_checkpointing(model: nn.Module, settings: Any = None) -> None:
-    """Refuse, before any work, gradient checkpointing on ``model`` or asked of ``Trainer`` by ``settings``."""
-    if any(getattr(module, "gradient_checkpointing", False) is True for module in model.modules()):
-        raise ValueError(f"{GRADIENT_CHECKPOINTING_REFUSED}; call model.activation_checkpointing_disable() first "
-                         "(gradient_checkpointing_disable() before transformers 5.25).")
-    # activation_checkpointing is gradient_checkpointing's newer name (transformers 5.25); TrainingArguments sets both.
-    flags = ("activation_checkpointing", "gradient_checkpointing")
-    if isinstance(settings, TrainingSettings):
-        asked = dict(settings.extra_arguments or {})
-    else:  # TrainingArguments, or none
-        asked = {name: getattr(settings, name, None) for name in flags}
-    named = [name for name in flags if asked.get(name)]
-    if named:
-        raise ValueError(f"{GRADIENT_CHECKPOINTING_REFUSED}; leave {' and '.join(named)} off in the training arguments.")
 
 
 def _tail_kl(teacher: torch.Tensor, student: torch.Tensor, input_ids: torch.Tensor,
@@ -264,7 +254,7 @@ def train_token_router(
     # Every check before the model changes: a refused call leaves it as it came.
     schedule.check_blocks(len(find_decoder_blocks(model)[1]))
     check_not_offloaded(model, "Training the token router", does=TRAINS_ON_ONE_DEVICE)
-    _refuse_gradient_checkpointing(model, args)
+    refuse_gradient_checkpointing(model, args, reason=GRADIENT_CHECKPOINTING_REFUSED)
     state = routing_state(model)
     if config is None:
         installed = {} if state is None else {"router_hidden_size": state.router.hidden.out_features,

@@ -15,6 +15,7 @@ from .trainer import (
     largest_over_processes,
     preserved_random_state,
     process_count,
+    refuse_gradient_checkpointing,
     train_with_trainer,
 )
 
@@ -29,5 +30,6 @@ __all__ = [
     "largest_over_processes",
     "preserved_random_state",
     "process_count",
+    "refuse_gradient_checkpointing",
     "train_with_trainer",
 ]

@@ -306,6 +306,29 @@ class FrozenModelTrainingModule:
         return part, next(f"{name}." for name, module in self.named_modules() if module is part)
 
 
+def refuse_gradient_checkpointing(model: nn.Module, settings: Any = None, *, reason: str) -> None:
+    """Refuse, before any work, gradient checkpointing on ``model`` or asked of ``Trainer`` by ``settings``
+    (``TrainingArguments``, or ``TrainingSettings`` through its ``extra_arguments``), for a training whose forward
+    the backward pass's recomputation would not repeat; ``reason`` says why, and the message says what to turn off.
+
+    Example:
+        >>> from hf_compress.assets import tiny_model
+        >>> refuse_gradient_checkpointing(tiny_model("llama")[0], reason="this training cannot checkpoint")
+    """
+    if any(getattr(module, "gradient_checkpointing", False) is True for module in model.modules()):
+        raise ValueError(f"{reason}; call model.activation_checkpointing_disable() first "
+                         "(gradient_checkpointing_disable() before transformers 5.25).")
+    # activation_checkpointing is gradient_checkpointing's newer name (transformers 5.25); TrainingArguments sets both.
+    flags = ("activation_checkpointing", "gradient_checkpointing")
+    if isinstance(settings, TrainingSettings):
+        asked = dict(settings.extra_arguments or {})
+    else:  # TrainingArguments, or none
+        asked = {name: getattr(settings, name, None) for name in flags}
+    named = [name for name in flags if asked.get(name)]
+    if named:
+        raise ValueError(f"{reason}; leave {' and '.join(named)} off in the training arguments.")
+
+
 def train_with_trainer(
     model: nn.Module,
     train_dataset: Dataset,
