@@ -453,6 +453,80 @@ def test_prepared_masks_are_refused_with_the_fix():
                        cache_implementation="static", pad_token_id=0)
 
 
+def test_an_unrouted_model_takes_prepared_masks():
+    """A schedule of zeros is the base model and routing_disabled runs it: a 4-D mask (a static cache's) is theirs
+    to take. Both were refused, as if routed."""
+    base, _ = tiny_model("llama")
+    ids = _ids(1, 8)
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False, pad_token_id=0,
+                  cache_implementation="static")
+    expected = base.generate(ids, **kwargs)
+    dense = copy.deepcopy(base)
+    install_routing(dense, RoutingSchedule([0.0, 0.0]))
+    assert torch.equal(dense.generate(ids, **kwargs), expected)
+    routed = copy.deepcopy(base)
+    install_routing(routed, RoutingSchedule([0.5, 0.5]))
+    with routing_disabled(routed):
+        assert torch.equal(routed.generate(ids, **kwargs), expected)
+
+
+@pytest.mark.parametrize("additive", [False, True])
+def test_a_chunk_after_the_prompt_takes_its_own_4d_mask(additive):
+    """A draft tree's verification chunk comes with an ancestor mask: root a, children b and c (both one position
+    after a). c's logits under the tree mask are those of the chunk [a, c] fed alone. A routed block reading its own
+    causal mask instead let c see b."""
+    from transformers import DynamicCache
+
+    model, _ = tiny_model("llama")
+    install_routing(model, RoutingSchedule([0.5, 0.5]))
+    prompt, chunk = _ids(1, 12), _ids(1, 3, seed=1)
+    kwarg = _compat.cache_kwarg_name(model)
+
+    def after_prompt():
+        cache = DynamicCache(config=model.config)
+        model(prompt, **{kwarg: cache})  # a routed prompt forward: skipped slots hold zeros
+        return {kwarg: cache}
+
+    allowed = torch.ones(3, 15, dtype=torch.bool)
+    allowed[0, 13:] = False  # a sees the prompt and itself
+    allowed[1, 14] = False   # b sees the prompt and a
+    allowed[2, 13] = False   # c sees the prompt and a
+    mask = allowed[None, None]
+    if additive:
+        mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+    with torch.no_grad():
+        tree = model(chunk, attention_mask=mask, position_ids=torch.tensor([[12, 13, 13]]), **after_prompt()).logits
+        path = model(chunk[:, [0, 2]], attention_mask=torch.ones(1, 14, dtype=torch.long), **after_prompt()).logits
+        causal = model(chunk, attention_mask=torch.ones(1, 15, dtype=torch.long), **after_prompt()).logits
+    torch.testing.assert_close(tree[:, [0, 2]], path)
+    assert not torch.allclose(tree[:, 2], causal[:, 2], atol=1e-3)  # the check above can tell the masks apart
+
+
+def test_amphista_tree_decoding_of_a_routed_model_equals_its_greedy_decoding():
+    from hf_compress.speculative.heads import Amphista, AmphistaConfig, AmphistaHeads
+
+    model, _ = tiny_model("llama")
+    torch.manual_seed(0)
+    heads = AmphistaHeads.for_model(model, AmphistaConfig(num_heads=3, num_attention_heads=2)).eval()
+    install_routing(model, RoutingSchedule([0.3, 0.5]))
+    ids = _ids(1, 20)
+    strategy = Amphista(heads, tree=[[0], [1], [0, 0], [0, 1], [0, 0, 0]])
+    assert torch.equal(_greedy(model, ids, new=12), model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False, pad_token_id=0,
+        custom_generate=strategy))
+
+
+def test_a_routed_model_drafts_for_another_through_assistant_model():
+    """transformers' assisted generation calls the draft with the tokens the target accepted after the draft's cache;
+    a routed draft refused that as a partly cached prompt from its second round on."""
+    target, _ = tiny_model("llama")
+    draft, _ = tiny_model("llama")
+    install_routing(draft, RoutingSchedule([0.3, 0.5]))
+    ids = _ids(1, 20)
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False, pad_token_id=0)
+    assert torch.equal(target.generate(ids, assistant_model=draft, **kwargs), target.generate(ids, **kwargs))
+
+
 # --- save / load ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])

@@ -34,7 +34,10 @@ What a skipped token means (the contract the tests check):
   assisted, prompt-lookup and cacheless decoding stay equal to greedy decoding. A prompt fed in chunks
   (``prefill_chunk_size``) would be routed chunk by chunk, and is refused; so is ``generate()`` given a cache that
   holds part of the prompt with more than one prompt token after it (a prefilled shared prefix), whose cached part
-  was routed as a whole prompt and whose rest would be computed as decoded tokens.
+  was routed as a whole prompt and whose rest would be computed as decoded tokens. The exception is a routed model
+  drafting for another (``assistant_model=``): transformers calls it with the tokens the target accepted after its
+  cache, and those are decoded tokens. Tokens fed after a cached prompt may come with their own 4-D mask (a draft
+  tree's ancestor mask), which the routed blocks narrow to the keys they hold; a prompt forward needs the 2-D mask.
 - **Outputs.** ``output_attentions`` is refused: a block attends among its kept tokens only.
 - **Batches.** Each row selects among its own non-padding tokens (left padding: positions count from the row's
   first real token), so a row gets the same selection alone and in a batch (in float32: in bf16 a padded batch's
@@ -119,6 +122,7 @@ class RoutingState:
         # tokens), with the rotary tables gathered for it.
         self.selections: dict[Any, Any] = {}
         self.attention: str | None = None  # the blocks' attention implementation, read once per forward
+        self.prepared_mask: torch.Tensor | None = None  # a chunk's own 4-D mask (see _takes_prepared_mask)
 
 
 def routing_state(model: nn.Module) -> RoutingState | None:
@@ -297,7 +301,10 @@ def _generate_knowing_the_prompt(self: nn.Module, *args: Any, **kwargs: Any) -> 
             )
         cache = _compat.cache_from_model_kwargs(kwargs)
         cached = int(cache.get_seq_length()) if hasattr(cache, "get_seq_length") else 0
-        if cached and inputs.shape[1] - cached > 1 and state.enabled and not state.schedule.is_dense:
+        # transformers' assisted generation calls its draft model with the tokens the target accepted after the
+        # draft's cache: they are decoded tokens, not a prompt (and a draft's choices never change the output).
+        drafting = bool(generation_setting(self, "is_assistant", kwargs, args))
+        if cached and inputs.shape[1] - cached > 1 and state.enabled and not state.schedule.is_dense and not drafting:
             # The cached part was ranked as if it were the whole prompt, and the rest would be fed as decoded tokens
             # (computed at every block): another output than the same prompt generated without the cache, silently.
             raise ValueError(
@@ -327,15 +334,23 @@ def _begin_forward(module: nn.Module, args: tuple, kwargs: dict) -> None:
     query_length = tokens.shape[1]
     mask = arguments.get("attention_mask")
     cache = next((arguments[name] for name in _compat.CACHE_KWARGS if arguments.get(name) is not None), None)
-    if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
-        # generate() prepares such masks itself for a static (compileable) cache.
-        fix = ("generate(cache_implementation='static') prepares one: use the default dynamic cache with a routed "
-               "model." if getattr(cache, "is_compileable", False) else "Pass the tokenizer's attention_mask.")
-        raise ValueError(
-            "token routing needs the 2-D attention_mask (batch, length) of ones and zeros; got a prepared "
-            f"{type(mask).__name__} mask. {fix}"
-        )
     routed = state.enabled and not state.schedule.is_dense
+    state.prepared_mask = None
+    if routed and mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
+        if _takes_prepared_mask(state, mask, cache):
+            # A chunk fed after the prompt under its own 4-D mask (a draft tree's ancestor mask): every token is
+            # computed, so the routed block only narrows that mask to the keys its cache really holds.
+            state.prepared_mask = mask
+            mask = None
+        else:
+            # generate() prepares such masks itself for a static (compileable) cache.
+            fix = ("generate(cache_implementation='static') prepares one: use the default dynamic cache with a "
+                   "routed model." if getattr(cache, "is_compileable", False) else "Pass the tokenizer's attention_mask.")
+            raise ValueError(
+                "token routing needs the 2-D attention_mask (batch, length) of ones and zeros to route a prompt (a "
+                "4-D mask is taken only for tokens fed after a cached prompt, without route_decode); got a prepared "
+                f"{type(mask).__name__} mask. {fix}"
+            )
     attentions = arguments.get("output_attentions")
     if attentions is None:  # not passed, or passed as None: the config decides, as in transformers
         attentions = getattr(getattr(module, "config", None), "output_attentions", False)
@@ -345,10 +360,10 @@ def _begin_forward(module: nn.Module, args: tuple, kwargs: dict) -> None:
             "to return; pass output_attentions=False (for the dense model's maps, call it inside "
             "routing_disabled(model))."
         )
-    if mask is not None:
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
         valid = mask.bool()
         past = valid.shape[1] - query_length
-    else:
+    else:  # no mask, or a prepared one the blocks run with unrouted (or read as state.prepared_mask)
         valid = None
         past = cache.get_seq_length() if cache is not None else 0
     if valid is not None and past == 0 and query_length > 1 and routed:
@@ -371,6 +386,16 @@ def _begin_forward(module: nn.Module, args: tuple, kwargs: dict) -> None:
         # Each row's prompt tokens and all its tokens: a routed prompt's only device read (later forwards need none).
         state.counts, totals = torch.stack([valid[:, :prompt].sum(-1), valid.sum(-1)]).tolist()
         state.no_padding = all(count == query_length for count in totals)
+
+
+def _takes_prepared_mask(state: RoutingState, mask: Any, cache: Any) -> bool:
+    """Whether a forward's 4-D mask can stand in for the 2-D one: tokens fed after a cached prompt (decoded or
+    verified, never routed: ``route_decode`` ranks them by a padding mask it would not have), one mask for every
+    head."""
+    past = int(cache.get_seq_length()) if hasattr(cache, "get_seq_length") else 0
+    routes_decoded = state.route_decode and state.mode == "router"
+    return (isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.shape[1] == 1 and past > 0
+            and not getattr(cache, "is_compileable", False) and not routes_decoded)
 
 
 class RoutedLayerMixin:
@@ -576,6 +601,8 @@ def _routed_forward(block: nn.Module, state: RoutingState, sparsity: float, args
         if past == 0:
             visible = real if visible is None else visible & real  # fillers are invisible
         allowed = _allowed_keys(query_positions, key_positions, window, visible)
+        if state.prepared_mask is not None:
+            allowed = allowed & _allowed_by(state.prepared_mask, allowed.shape[-1])
         mask = _mask_for(block, allowed[:, None], hidden.dtype)
     call["attention_mask"] = mask
     if cache is not None:
@@ -659,6 +686,16 @@ def _allowed_keys(query_positions: torch.Tensor, key_positions: torch.Tensor, wi
     if visible is not None:
         allowed = allowed & visible[:, None, :]
     return allowed | (key_positions[:, None, :] == query_positions[:, :, None])
+
+
+def _allowed_by(mask: torch.Tensor, kv_length: int) -> torch.Tensor:
+    """``(B, Q, K)`` bool: the keys a prepared ``(B, 1, Q, K)`` mask (bool, or additive with its dtype's minimum or
+    ``-inf`` where masked) lets each query read."""
+    if mask.shape[-1] != kv_length:
+        raise ValueError(f"the 4-D attention_mask covers {mask.shape[-1]} keys, and this layer's cache holds {kv_length} "
+                         "with the new tokens; build the mask over the cached and the new tokens.")
+    allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min
+    return allowed[:, 0]
 
 
 def _take(states: torch.Tensor, keep: torch.Tensor, shared: torch.Tensor | None) -> torch.Tensor:
