@@ -620,6 +620,24 @@ def test_custom_generate_folder_and_hub_round_trip(pair, mixed_arbiter, tmp_path
     assert CoSpecArbiter.from_pretrained("user/tiny-cospec").config.threshold == mixed_arbiter.config.threshold
 
 
+def test_a_folder_saved_again_in_place_decodes_with_its_new_arbiter(pair, tmp_path):
+    """generate.py is the same file after the second save, so transformers keeps its module, and the strategy it
+    built from the first arbiter's files served the folder until the process ended."""
+    model, tok, _ = pair
+    ids = tok(PROMPTS[1], return_tensors="pt").input_ids
+    keen, strict = CoSpecArbiter.for_model(model), CoSpecArbiter.for_model(model)
+    with torch.no_grad():
+        keen.net[-1].bias.fill_(10.0)  # accepts every mismatching draft token
+    outputs = {}
+    for name, arbiter in (("keen", keen), ("strict", strict)):
+        reference = model.generate(ids, max_new_tokens=20, do_sample=False, custom_generate=CoSpec(arbiter))
+        folder = arbiter.save_pretrained(tmp_path / "cospec", overwrite=True)
+        outputs[name] = model.generate(ids, max_new_tokens=20, do_sample=False, custom_generate=str(folder),
+                                       trust_remote_code=True)
+        assert torch.equal(outputs[name], reference), name
+    assert not torch.equal(outputs["keen"], outputs["strict"])  # the two arbiters decide differently here
+
+
 def test_the_engine_refuses_an_arbiter_rule_for_another_target(pair, mixed_arbiter):
     """The arbiter as a plain acceptance rule of the engine (no CoSpec strategy around it) is checked too."""
     model, tok, draft = pair

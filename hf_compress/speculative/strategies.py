@@ -743,9 +743,27 @@ SETTINGS = json.loads(
 )
 _REFERENCE_KEYS = ("heads", "arbiter", "draft_model", "tokenizer", "draft_tokenizer")
 
-# The last strategy built, with the arguments it was built from: a saved draft model is loaded once, not on
-# every generate() call (transformers keeps this module loaded while the file is unchanged).
+# The last strategy built, with the arguments and the files it was built from: a saved draft model is loaded once,
+# not on every generate() call (transformers keeps this module loaded while this file is unchanged).
 _last = (None, None)
+
+
+def _files_now(settings):
+    """Name, size, modification time and inode of every file in the local folders the settings load from: a folder
+    saved again in place (a retrained arbiter, other heads) must not be served by the strategy built from its old
+    files."""
+    import os
+
+    state = []
+    for key in _REFERENCE_KEYS:
+        folder = settings.get(key)
+        if isinstance(folder, str) and os.path.isdir(folder):
+            for root, _, files in os.walk(folder):
+                for name in files:
+                    path = os.path.join(root, name)
+                    stat = os.stat(path)
+                    state.append((key, os.path.relpath(path, folder), stat.st_size, stat.st_mtime_ns, stat.st_ino))
+    return sorted(state)
 
 
 def _this_repo_or_folder():
@@ -775,13 +793,14 @@ def generate(*args, model, draft_model=None, draft_tokenizer=None, heads=None, a
     if any(settings.get(k) == "." and given[k] is None for k in _REFERENCE_KEYS):
         here = _this_repo_or_folder()
         settings.update({k: here for k in _REFERENCE_KEYS if settings.get(k) == "."})
+    files = _files_now(settings)
     key, strategy = _last
-    if key is None or any(a is not b for a, b in zip(key[0], arguments)) or key[1] != settings:
+    if key is None or any(a is not b for a, b in zip(key[0], arguments)) or key[1:] != (settings, files):
         strategy = strategy_from_dict(
             settings, draft_model=draft_model, draft_tokenizer=draft_tokenizer, tokenizer=kwargs.get("tokenizer"),
             heads=heads, arbiter=arbiter,
         )
-        _last = ((arguments, settings), strategy)
+        _last = ((arguments, settings, files), strategy)
     # Not model.generate: a folder loaded with trust_remote_code binds this function there. A model whose generate
     # hf_compress wrapped (a routed one records its prompt's length) keeps that one under this name
     # (hf_compress.routing.layer.PROMPT_AWARE_GENERATE); any other runs its class's generate.
