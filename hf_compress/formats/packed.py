@@ -47,6 +47,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .. import _compat
 from ..modeling.layers import in_features, out_features, replace_module
+from ..modeling.sublayers import removed_sublayer_markers
 from ..quantization.grid import check_grid_arguments
 from ..quantization.packed_linear import FORMAT_MARKER, PackedLinear
 from ..quantization.packing import packed_columns
@@ -186,6 +187,7 @@ class PackedFormatQuantizer(CompressedFormatQuantizer):
         for module in model.modules():
             if isinstance(module, PackedLinear):
                 module.expects_marker_in_state_dict = True
+        removed_sublayer_markers(model, saved=True)  # so do removed sub-blocks (apply_layer_widths)
         return super(CompressedFormatQuantizer, self).postprocess_model(model, **kwargs)
 
     def dequantize(self, model: PreTrainedModel, dtype: torch.dtype | None = None) -> PreTrainedModel:

@@ -45,7 +45,7 @@ from .base import CompressedFormatConfig, CompressedFormatQuantizer, quant_metho
 from .integrity import CheckpointIntegrityError, CheckpointReader, seal_checkpoint
 from ..modeling.layers import find_decoder_blocks
 from ..modeling.structure import apply_layer_widths, block_structure, layer_widths
-from ..modeling.sublayers import removed_sublayers
+from ..modeling.sublayers import removed_sublayer_markers, removed_sublayers
 
 
 if TYPE_CHECKING:
@@ -95,6 +95,7 @@ class SlimFormatQuantizer(CompressedFormatQuantizer):
         _compat.detach_quantizer(model)
         self.forget_integrity_record()
         model.config.quantization_config = self.quantization_config
+        removed_sublayer_markers(model, saved=True)  # loaded: its next save writes them (apply_layer_widths)
         return model
 
 

@@ -63,6 +63,7 @@ from transformers.core_model_loading import ConversionOps, WeightConverter
 from .base import CompressedFormatConfig, CompressedFormatQuantizer, register_format
 from .integrity import CheckpointIntegrityError, CheckpointReader, check_module_lists
 from .slim import apply_slim_record, keep_slim_widths
+from ..modeling.sublayers import removed_sublayer_markers
 from ..utils import get_logger
 
 
@@ -396,6 +397,7 @@ class SparseStorageQuantizer(CompressedFormatQuantizer):
         logger.info("decoded %d sparse weights (%s)", len(modules), FORMAT_NAME)
         # A slim model keeps its widths on its config (as one loaded from a slim checkpoint), so it saves again.
         keep_slim_widths(model, getattr(self.quantization_config, "slim", None))
+        removed_sublayer_markers(model, saved=True)  # loaded: its next save writes them (apply_layer_widths)
         return model
 
 

@@ -10,7 +10,10 @@ exactly as the model's own code expects (``Cache.get_seq_length()`` reads layer 
 layer of each attention type), at 1/(heads × head_dim) of a real layer's memory.
 
 In a slim checkpoint (``formats.slim``) a removed sub-block is a width of 0: ``key_value_heads = 0`` for the
-attention, ``intermediate_size = 0`` for the MLP.
+attention, ``intermediate_size = 0`` for the MLP. **Marker.** A removed sub-block saves one byte under the name of its
+first weight matrix (e.g. ``self_attn.q_proj.weight``): stock transformers, loading the checkpoint without
+hf_compress, finds that weight with a shape no projection has and refuses the checkpoint, instead of filling the
+missing sub-block with random weights. hf_compress's loaders skip the marker (:func:`removed_sublayer_markers`).
 
 Example:
     >>> from hf_compress.assets import tiny_model
@@ -39,6 +42,7 @@ __all__ = [
     "RemovedMLP",
     "removed_sublayers",
     "remove_sublayers",
+    "removed_sublayer_markers",
     "sublayer_name",
     "sublayers_switched_off",
 ]
@@ -47,11 +51,31 @@ ATTENTION_NAMES = ("self_attn", "attn", "attention")
 MLP_NAME = "mlp"
 
 
-class RemovedAttention(nn.Module):
+class _RemovedSublayer(nn.Module):
+    """A removed sub-block's state dict: only the marker (see the module docstring)."""
+
+    def __init__(self, marker: str | None = None) -> None:
+        super().__init__()
+        self.marker = marker  # the removed module's first weight matrix, relative to it (e.g. "q_proj.weight")
+        # Off while from_pretrained fills the model: the loader takes the state dict's keys for the model's tensors.
+        self.saves_marker = True
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.marker is not None and self.saves_marker:
+            destination[prefix + self.marker] = torch.zeros(1, dtype=torch.uint8)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if self.marker is not None:
+            state_dict.pop(prefix + self.marker, None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class RemovedAttention(_RemovedSublayer):
     """Stands in for a removed attention module: outputs zeros, writes a placeholder key/value to the cache."""
 
-    def __init__(self, layer_idx: int | None = None) -> None:
-        super().__init__()
+    def __init__(self, layer_idx: int | None = None, marker: str | None = None) -> None:
+        super().__init__(marker)
         self.layer_idx = layer_idx  # renumbered by remove_blocks like any attention's; the cache slot it writes
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
@@ -66,7 +90,7 @@ class RemovedAttention(nn.Module):
         return f"layer_idx={self.layer_idx}"
 
 
-class RemovedMLP(nn.Module):
+class RemovedMLP(_RemovedSublayer):
     """Stands in for a removed MLP: outputs zeros."""
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -107,11 +131,24 @@ def remove_sublayers(block: nn.Module, *, attention: bool = False, mlp: bool = F
         name = sublayer_name(block, "attention")
         original = getattr(block, name)
         if not isinstance(original, RemovedAttention):
-            setattr(block, name, RemovedAttention(_layer_index(original)))
+            setattr(block, name, RemovedAttention(_layer_index(original), _first_matrix(original)))
     if mlp:
         name = sublayer_name(block, "mlp")
-        if not isinstance(getattr(block, name), RemovedMLP):
-            setattr(block, name, RemovedMLP())
+        original = getattr(block, name)
+        if not isinstance(original, RemovedMLP):
+            setattr(block, name, RemovedMLP(_first_matrix(original)))
+
+
+def removed_sublayer_markers(model: nn.Module, *, saved: bool) -> list[str]:
+    """Switch the markers of the model's removed sub-blocks off (``saved=False``: a loader is about to fill the model,
+    and the checkpoint's markers are keys to skip) or on again (``saved=True``: loaded); returns their state-dict
+    keys."""
+    keys = []
+    for name, module in model.named_modules():
+        if isinstance(module, _RemovedSublayer) and module.marker is not None:
+            module.saves_marker = saved
+            keys.append(f"{name}.{module.marker}")
+    return keys
 
 
 @contextlib.contextmanager
@@ -138,6 +175,10 @@ def sublayers_switched_off(blocks: Sequence[nn.Module], units: Sequence[tuple[in
     finally:
         for block, name, module in reversed(saved):
             setattr(block, name, module)
+
+
+def _first_matrix(module: nn.Module) -> str | None:
+    return next((name for name, parameter in module.named_parameters() if parameter.dim() >= 2), None)
 
 
 def _layer_index(module: nn.Module) -> int | None:
