@@ -1061,3 +1061,19 @@ def test_a_joint_run_resumes_from_its_checkpoint(tmp_path):
     with pytest.raises(ValueError, match=r"joint_training=True\) without shared_warmup"):
         train_experts(tiny_model("llama")[0], rows, ExpertConfig(num_experts=2, r=2, seq_len=16),
                       args=arguments(4, resume_from_checkpoint=True), tokenizer=tokenizer, clusters=tasks)
+
+
+def test_an_absolute_warm_up_is_the_same_share_of_every_experts_run(tmp_path):
+    """max_steps is the budget of all the experts' runs together; warmup_steps was applied whole to each short run,
+    which then ended before its learning rate rose to the one asked for."""
+    from transformers import TrainingArguments
+
+    from hf_compress.experts.training import _with_steps
+
+    settings = TrainingSettings(max_steps=12, warmup_steps=6, use_cpu=True)
+    assert [_with_steps(settings, steps, str(tmp_path), "e").warmup_steps for steps in (4, 5, 3)] == [2, 3, 2]
+    assert _with_steps(settings, 12, str(tmp_path), "e").warmup_steps == 6  # one run of the whole budget
+    arguments = TrainingArguments(str(tmp_path), max_steps=12, warmup_steps=6, use_cpu=True, report_to=[])
+    assert _with_steps(arguments, 4, str(tmp_path), "e").warmup_steps == 2
+    ratio = TrainingArguments(str(tmp_path), max_steps=12, warmup_steps=0.5, use_cpu=True, report_to=[])
+    assert _with_steps(ratio, 4, str(tmp_path), "e").warmup_steps == 0.5  # a ratio is each run's already

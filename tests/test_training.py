@@ -135,6 +135,116 @@ def test_router_training_resumed_from_a_checkpoint_ends_where_the_uninterrupted_
         torch.testing.assert_close(resumed[name], value, rtol=0, atol=0, msg=name)
 
 
+def test_router_training_with_model_selection_resumes_to_the_uninterrupted_runs_router(tmp_path):
+    """The best step so far and its router go into each checkpoint; resumed, selection restarted at the checkpoint's
+    step and could keep a worse router than the uninterrupted run did."""
+    import torch
+
+    from hf_compress.routing import RoutingSchedule, TokenRouterConfig, routing_state, train_token_router
+
+    data = causal_lm_dataset(["alpha beta gamma delta epsilon zeta eta theta " * 80], tiny_tokenizer(),
+                             num_sequences=12, seq_len=24)
+    config = TokenRouterConfig(token_sparsity=0.3, validation_windows=2, validation_every=1)
+
+    def router(output_dir, resume=None, interrupt_after=None):
+        model, _ = tiny_model("llama")
+        args = dataclasses.replace(_checkpointing(output_dir, 6, resume), learning_rate=0.3,
+                                   per_device_train_batch_size=2)
+        with _extra_callback(_step_counter(interrupt_after)):
+            train_token_router(model, RoutingSchedule([0.3] * model.config.num_hidden_layers), data, config=config,
+                               args=args)
+        state = routing_state(model)
+        return state.router.state_dict(), state.mode, state.schedule.search["training"]["selection"]
+
+    straight = router(tmp_path / "straight")
+    assert 0 < straight[2]["best_step"] < 4  # kept a step before the interruption: the case that went wrong
+    router(tmp_path / "stopped", interrupt_after=4)
+    resumed = router(tmp_path / "stopped", resume=True)
+    assert resumed[1] == straight[1] and resumed[2] == straight[2]
+    for name, value in straight[0].items():
+        assert torch.equal(resumed[0][name], value), name
+
+
+def test_options_a_training_cannot_honour_are_refused_before_any_work(tmp_path):
+    """Label smoothing and NEFTune crashed deep inside Trainer for trainings with their own loss; Trainer's
+    load_best_model_at_end was silently overridden by the router's model selection; train_experts has no evaluation
+    set; the router's output_dir was ignored next to TrainingArguments that carry their own."""
+    import torch
+    from transformers import TrainingArguments
+
+    from hf_compress.experts import ExpertConfig, train_experts
+    from hf_compress.routing import RoutingSchedule, routing_state, train_token_router
+    from hf_compress.speculative.heads import AmphistaConfig, AmphistaHeads, train_heads
+
+    model, tokenizer = tiny_model("llama")
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    data = causal_lm_dataset(["alpha beta gamma delta " * 60], tokenizer, num_sequences=4, seq_len=16)
+    schedule = RoutingSchedule([0.3] * model.config.num_hidden_layers)
+    arguments = dict(output_dir=str(tmp_path), max_steps=2, use_cpu=True, report_to=[])
+    for extra, match in (({"label_smoothing_factor": 0.1}, "Router training cannot honour label_smoothing_factor"),
+                         ({"neftune_noise_alpha": 5.0}, "Router training cannot honour neftune_noise_alpha")):
+        with pytest.raises(ValueError, match=match):
+            train_token_router(model, schedule, data, args=TrainingSettings(use_cpu=True, extra_arguments=extra))
+    best = TrainingArguments(**arguments, eval_strategy="steps", save_strategy="steps", load_best_model_at_end=True)
+    with pytest.raises(ValueError, match="load_best_model_at_end.*validation_windows=0"):
+        train_token_router(model, schedule, data, args=best, eval_dataset=data)
+    with pytest.raises(ValueError, match="output_dir=.*differ"):
+        train_token_router(model, schedule, data, args=TrainingArguments(**arguments), output_dir=str(tmp_path / "b"))
+    heads = AmphistaHeads.for_model(model, AmphistaConfig(num_heads=2, num_attention_heads=2))
+    with pytest.raises(ValueError, match="Heads training cannot honour label_smoothing_factor"):
+        train_heads(model, heads, data, args=TrainingArguments(**arguments, label_smoothing_factor=0.1))
+    rows = [{"prompt": f"Q{i}: what is {i}?", "completion": f" {i}"} for i in range(8)]
+    with pytest.raises(ValueError, match="train_experts cannot honour eval_strategy"):
+        train_experts(model, rows, ExpertConfig(num_experts=2), TrainingArguments(**arguments, eval_strategy="steps"),
+                      tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="Joint expert training cannot honour neftune_noise_alpha"):
+        train_experts(model, rows, ExpertConfig(num_experts=2, joint_training=True),
+                      TrainingArguments(**arguments, neftune_noise_alpha=5.0), tokenizer=tokenizer)
+    assert routing_state(model) is None and not hasattr(model, "peft_config")
+    assert all(torch.equal(model.state_dict()[name], value) for name, value in before.items())
+
+
+def test_a_run_with_no_optimizer_step_is_an_error_not_an_untrained_result(tmp_path):
+    """dataloader_drop_last with fewer rows than a batch ran 0 steps: an expert came back (and was saved) untrained."""
+    from hf_compress.experts import ExpertConfig, train_experts
+
+    model, tokenizer = tiny_model("llama")
+    data = causal_lm_dataset(["alpha beta gamma delta " * 60], tokenizer, num_sequences=3, seq_len=16)
+    settings = TrainingSettings(max_steps=2, per_device_batch_size=4, use_cpu=True,
+                                extra_arguments={"dataloader_drop_last": True})
+    with pytest.raises(ValueError, match="no optimizer step on these 3 training rows.*dataloader_drop_last=False"):
+        train_with_trainer(model, data, str(tmp_path), settings)
+    rows = [{"prompt": f"Q{i}: what is {i}?", "completion": f" {i}"} for i in range(6)]
+    with pytest.raises(ValueError, match="no optimizer step"):
+        train_experts(model, rows, ExpertConfig(num_experts=2, seq_len=16), settings, tokenizer=tokenizer,
+                      clusters=[0, 0, 0, 0, 0, 1])
+    assert not hasattr(model, "peft_config")  # handed back as it came
+
+
+def test_interrupted_heads_training_hands_the_heads_back_as_they_came(tmp_path):
+    import torch
+    from transformers import TrainerCallback
+
+    import hf_compress.speculative.heads.training as heads_training
+    from hf_compress.speculative.heads import AmphistaConfig, AmphistaHeads, train_heads
+
+    class Interrupt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                raise KeyboardInterrupt
+
+    model, tokenizer = tiny_model("llama")
+    heads = AmphistaHeads.for_model(model, AmphistaConfig(num_heads=2, num_attention_heads=2))
+    data = causal_lm_dataset(["alpha beta gamma delta " * 60], tokenizer, num_sequences=4, seq_len=16)
+    before = {name: value.clone() for name, value in heads.state_dict().items()}
+    with _extra_callback(Interrupt(), heads_training), pytest.raises(KeyboardInterrupt):
+        train_heads(model, heads, data, TrainingSettings(max_steps=4, learning_rate=1e-2, use_cpu=True))
+    assert all(torch.equal(heads.state_dict()[name], value) for name, value in before.items())
+    assert heads.config.training is None
+    with pytest.raises(ValueError, match="scratch folder.*TrainingArguments\\(output_dir="):
+        train_heads(model, heads, data, TrainingSettings(use_cpu=True, extra_arguments={"save_strategy": "steps"}))
+
+
 @contextlib.contextmanager
 def _extra_callback(callback, module=None):
     """Every ``Trainer`` that ``module`` (router training by default) builds gets ``callback`` too (the training

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 import os
 import tempfile
@@ -15,9 +16,11 @@ from .. import _compat
 from ..hub import base_weights_of
 from ..modeling.layers import TRAINS_ON_ONE_DEVICE, check_not_offloaded
 from ..training import (
+    OWN_LOSS_REFUSED,
     TrainingSettings,
     broadcast_from_main,
     preserved_random_state,
+    refuse_arguments,
     refuse_gradient_checkpointing,
     train_with_trainer,
 )
@@ -85,7 +88,8 @@ def train_experts(
         config: :class:`ExpertConfig` (number of experts, LoRA settings, embedding, clustering).
         args: ``transformers.TrainingArguments`` or :class:`~hf_compress.training.TrainingSettings` for the
             ``Trainer`` (default ``TrainingSettings()``). With ``config.split_steps`` its ``max_steps`` is
-            the total over all experts, shared in proportion to cluster sizes. Each training run (every
+            the total over all experts, shared in proportion to cluster sizes, and an absolute ``warmup_steps``
+            the same share of each run (ceiling). Each training run (every
             expert, and the shared warm-up) writes under its own sub-folder of ``TrainingArguments.output_dir``,
             named after its adapter (``out/expert_0/checkpoint-50``, ``out/shared_warmup/...``), so the runs'
             checkpoints and ``save_total_limit`` rotation stay apart. With ``config.joint_training`` one run of
@@ -130,8 +134,12 @@ def train_experts(
         raise ValueError("train_experts runs one Trainer per expert from these arguments, so every expert would push "
                          "to the same Hub repo: leave push_to_hub unset and push the trained experts together with "
                          "`experts.push_to_hub(repo_id)` (every adapter, the router and a card in one repo).")
+    refuse_arguments(args, {"eval_strategy": "it takes no evaluation set (each expert trains on its own cluster); "
+                                             "score the experts after training (ExpertRouter.generate)"},
+                     what="train_experts")
     if config.joint_training and config.num_experts > 1:
         refuse_gradient_checkpointing(model, args, reason=JOINT_CHECKPOINTING_REFUSED)
+        refuse_arguments(args, OWN_LOSS_REFUSED, what="Joint expert training")
     if config.shared_warmup > 0 and not (args.max_steps and args.max_steps > 1):
         raise ValueError("shared_warmup is a fraction of the step budget: set max_steps >= 2 in args "
                          "(e.g. TrainingArguments(..., max_steps=400)), or use shared_warmup=0.")
@@ -315,8 +323,17 @@ def _with_steps(args, steps: int, scratch: str, adapter: str):
     one folder would overwrite each other's ``checkpoint-N`` and rotate each other's out (``save_total_limit``).
     ``TrainingSettings`` runs write to ``scratch`` (removed after training; they save nothing unless asked).
     """
+    changes: dict[str, Any] = {"max_steps": steps}
+    budget, warmup = args.max_steps, args.warmup_steps
+    if warmup >= 1 and budget and 0 < steps < budget:
+        # An absolute warm-up is a share of the whole budget (max_steps): each run warms up over the same share of
+        # its own steps, not the whole count (which could outlast a short expert's run, at a learning rate never
+        # reached). A fractional warmup_steps (TrainingArguments) is a ratio of each run already.
+        changes["warmup_steps"] = math.ceil(warmup * steps / budget)
+        logger.info("%s: warm-up of %d steps in its %d-step run (%s of the %d-step budget)", adapter,
+                    changes["warmup_steps"], steps, warmup, budget)
     if isinstance(args, TrainingSettings):
-        return dataclasses.replace(args, max_steps=steps)
+        return dataclasses.replace(args, **changes)
     # TrainingArguments is a dataclass; replace() re-runs its checks.
     output_dir = os.path.join(args.output_dir, adapter) if args.output_dir else scratch
-    return dataclasses.replace(args, max_steps=steps, output_dir=output_dir)
+    return dataclasses.replace(args, output_dir=output_dir, **changes)

@@ -21,13 +21,17 @@ from those alone the router cannot learn that a skipped token was worth computin
 
 from __future__ import annotations
 
+import json
+import os
 import tempfile
 import time
 from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from ..modeling.layers import (
     TRAINS_ON_ONE_DEVICE,
@@ -39,9 +43,11 @@ from ..modeling.layers import (
     module_execution_device,
 )
 from ..training import (
+    OWN_LOSS_REFUSED,
     FrozenModelTrainingModule,
     TrainingSettings,
     broadcast_from_main,
+    refuse_arguments,
     refuse_gradient_checkpointing,
     train_with_trainer,
 )
@@ -145,6 +151,11 @@ class GuideDecay(TrainerCallback):
         self.module.progress = state.global_step / max(1, state.max_steps)
 
 
+SELECTION_RECORD = "router_selection.json"
+SELECTION_WEIGHTS = "router_selection.safetensors"
+"""Files :class:`KeepBestRouter` adds to each ``Trainer`` checkpoint: its record and the best router's weights."""
+
+
 class KeepBestRouter(TrainerCallback):
     """Keeps the router state with the lowest held-out tail KL to the dense model, the starting (static) router
     included, and restores it when training ends: training can then only improve on the static router as measured
@@ -186,7 +197,35 @@ class KeepBestRouter(TrainerCallback):
         logger.info("router validation KL %.5f at step %d (best %.5f at step %d)", value, step, *self.best[:2])
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self._check(state.global_step, args)  # past 0 when resumed from a checkpoint: selection starts from there
+        if state.global_step > 0 and self._restore(args, state.global_step):
+            return  # resumed: the checkpoint's record goes on, measured up to its step
+        self._check(state.global_step, args)
+
+    def on_save(self, args, state, control, **kwargs):
+        # Trainer has just written checkpoint-<step>; the record (and the best router's weights) go with it.
+        if self.best is None or not state.is_world_process_zero:
+            return
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        save_file({k: v.cpu().contiguous() for k, v in self.best[2].items()}, os.path.join(folder, SELECTION_WEIGHTS))
+        with open(os.path.join(folder, SELECTION_RECORD), "w") as file:
+            json.dump({"best_validation_kl": self.best[0], "best_step": self.best[1], "history": self.history}, file)
+
+    def _restore(self, args, step: int) -> bool:
+        checkpoint = args.resume_from_checkpoint
+        if checkpoint is True or checkpoint == "True":  # Trainer's own reading of True: the last one in output_dir
+            checkpoint = get_last_checkpoint(args.output_dir)
+        record = os.path.join(str(checkpoint), SELECTION_RECORD)
+        if not checkpoint or not os.path.isfile(record):
+            logger.warning("resumed at step %d from a checkpoint without the router's selection record (%s): model "
+                           "selection starts again from this step", step, SELECTION_RECORD)
+            return False
+        with open(record) as file:
+            saved = json.load(file)
+        weights = load_file(os.path.join(str(checkpoint), SELECTION_WEIGHTS))
+        self.history = list(saved["history"])
+        self.best = (float(saved["best_validation_kl"]), int(saved["best_step"]), weights)
+        logger.info("router selection resumed: best %.5f at step %d", *self.best[:2])
+        return True
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step % self.every == 0 and state.global_step < state.max_steps:
@@ -240,8 +279,12 @@ def train_token_router(
     Model selection (:class:`KeepBestRouter`): every ``config.validation_every`` steps, and before the first, the
     routed model's tail KL to the dense model is measured on held-out windows (``eval_dataset``, or the last
     ``config.validation_windows`` rows of ``dataset``, which are then not trained on); the best router is kept.
+    Its record goes into every checkpoint (``save_steps``), so a resumed run keeps what the uninterrupted one would.
     ``eval_dataset`` is also ``Trainer``'s evaluation set, for an ``eval_strategy`` in ``args`` (``eval_loss``: the
-    training loss on it).
+    training loss on it); ``load_best_model_at_end`` is refused while model selection is on.
+
+    ``output_dir``: where ``Trainer`` writes checkpoints when ``args`` are ``TrainingSettings`` (default: a scratch
+    folder removed afterwards); ``TrainingArguments`` carry their own.
 
     Example:
         >>> from hf_compress.assets import tiny_model
@@ -255,7 +298,12 @@ def train_token_router(
     schedule.check_blocks(len(find_decoder_blocks(model)[1]))
     check_not_offloaded(model, "Training the token router", does=TRAINS_ON_ONE_DEVICE)
     refuse_gradient_checkpointing(model, args, reason=GRADIENT_CHECKPOINTING_REFUSED)
+    refuse_arguments(args, OWN_LOSS_REFUSED, what="Router training")
     state = routing_state(model)
+    given_dir = getattr(args, "output_dir", None)
+    if output_dir is not None and given_dir is not None and os.path.abspath(output_dir) != os.path.abspath(given_dir):
+        raise ValueError(f"output_dir={output_dir!r} and the TrainingArguments' output_dir={given_dir!r} differ, and "
+                         "Trainer writes to the latter; pass one of them.")
     if config is None:
         installed = {} if state is None else {"router_hidden_size": state.router.hidden.out_features,
                                               "route_decode": state.route_decode}
@@ -267,6 +315,11 @@ def train_token_router(
             f"pass router_hidden_size={size} to train this router, or call remove_routing(model) first to train a new "
             "one."
         )
+    if config.validation_windows:
+        refuse_arguments(args, {"load_best_model_at_end": "the router keeps its best step itself, by held-out tail KL "
+                                                          "(model selection); pass TokenRouterConfig(validation_windows="
+                                                          "0) to let Trainer choose by its metric instead"},
+                         what="Router training with model selection")
     if learned_position_limit(model) is not None:
         for rows in (dataset, eval_dataset):
             if rows is not None and len(rows):

@@ -7,6 +7,7 @@ code changes, multi-process training (``accelerate launch`` / ``torchrun``: DDP,
 
 from .data import causal_lm_dataset
 from .trainer import (
+    OWN_LOSS_REFUSED,
     FrozenModelTrainingModule,
     TrainingSettings,
     broadcast_from_main,
@@ -15,12 +16,14 @@ from .trainer import (
     largest_over_processes,
     preserved_random_state,
     process_count,
+    refuse_arguments,
     refuse_gradient_checkpointing,
     train_with_trainer,
 )
 
 
 __all__ = [
+    "OWN_LOSS_REFUSED",
     "FrozenModelTrainingModule",
     "TrainingSettings",
     "broadcast_from_main",
@@ -30,6 +33,7 @@ __all__ = [
     "largest_over_processes",
     "preserved_random_state",
     "process_count",
+    "refuse_arguments",
     "refuse_gradient_checkpointing",
     "train_with_trainer",
 ]

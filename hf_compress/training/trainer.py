@@ -22,8 +22,8 @@ if TYPE_CHECKING:
 
 
 __all__ = [
-    "FrozenModelTrainingModule", "TrainingSettings", "broadcast_from_main", "check_training_device", "is_main_process",
-    "largest_over_processes", "preserved_random_state", "process_count", "train_with_trainer",
+    "OWN_LOSS_REFUSED", "FrozenModelTrainingModule", "TrainingSettings", "broadcast_from_main", "check_training_device", "is_main_process",
+    "largest_over_processes", "preserved_random_state", "process_count", "refuse_arguments", "train_with_trainer",
 ]
 
 logger = get_logger(__name__)
@@ -329,6 +329,44 @@ def refuse_gradient_checkpointing(model: nn.Module, settings: Any = None, *, rea
         raise ValueError(f"{reason}; leave {' and '.join(named)} off in the training arguments.")
 
 
+OWN_LOSS_REFUSED: dict[str, str] = {
+    "label_smoothing_factor": "it computes its own loss, so Trainer's label smoother has no causal-LM logits to smooth",
+    "neftune_noise_alpha": "NEFTune puts noise on a causal LM's input embeddings, and what Trainer trains here is a "
+                           "module around the frozen model, not a causal LM",
+}
+"""Training arguments that a training computing its own loss around a frozen model (router, drafting heads, joint
+experts) cannot honour, with why: pass it to :func:`refuse_arguments`."""
+
+
+def refuse_arguments(settings: TrainingSettings | TrainingArguments | None, refused: dict[str, str], *,
+                     what: str) -> None:
+    """Refuse, before any work, a training argument ``what`` cannot honour: each field of ``refused`` (a
+    ``TrainingArguments`` field name: why) set away from its default in ``settings`` (``TrainingArguments``, or a
+    ``TrainingSettings``' ``extra_arguments``) raises ``ValueError`` with the reason and the default to leave it at.
+
+    Example:
+        >>> refuse_arguments(TrainingSettings(extra_arguments={"label_smoothing_factor": 0.1}), OWN_LOSS_REFUSED,
+        ...                  what="Router training")
+        Traceback (most recent call last):
+        ValueError: Router training cannot honour label_smoothing_factor=0.1: it computes its own loss, ...
+    """
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    if settings is None:
+        return
+    defaults = {field.name: field.default for field in dataclasses.fields(TrainingArguments)}
+    if isinstance(settings, TrainingSettings):
+        asked = dict(settings.extra_arguments or {})
+    else:
+        asked = {name: getattr(settings, name) for name in refused if hasattr(settings, name)}
+    for name, why in refused.items():
+        if name in asked and asked[name] != defaults.get(name):
+            raise ValueError(f"{what} cannot honour {name}={asked[name]!r}: {why}. Leave it at its default "
+                             f"({defaults.get(name)!r}).")
+
+
 def train_with_trainer(
     model: nn.Module,
     train_dataset: Dataset,
@@ -385,6 +423,15 @@ def train_with_trainer(
     start = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=arguments.resume_from_checkpoint)
     seconds = time.perf_counter() - start
+    if trainer.state.global_step == 0:
+        # Too few rows for one batch (dataloader_drop_last drops the partial one): the caller would get back, and
+        # save, an untrained model as a trained one.
+        raise ValueError(
+            f"Trainer ran no optimizer step on these {len(train_dataset)} training rows (per-device batch "
+            f"{arguments.per_device_train_batch_size} x {arguments.world_size} process(es), gradient accumulation "
+            f"{arguments.gradient_accumulation_steps}, dataloader_drop_last={arguments.dataloader_drop_last}), so "
+            "nothing was trained; give it more rows, a smaller batch, or dataloader_drop_last=False."
+        )
     logger.info("trained %d steps in %.1f s (loss %.4f)", trainer.state.global_step, seconds, output.training_loss)
     return {
         **output.metrics,

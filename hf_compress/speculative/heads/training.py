@@ -31,7 +31,14 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, TrainerCallback
 
-from ...training import FrozenModelTrainingModule, TrainingSettings, largest_over_processes, train_with_trainer
+from ...training import (
+    OWN_LOSS_REFUSED,
+    FrozenModelTrainingModule,
+    TrainingSettings,
+    largest_over_processes,
+    refuse_arguments,
+    train_with_trainer,
+)
 from ...utils import get_logger
 from ...modeling.identity import record_base_model
 from .modeling import BaseParts, DraftHeads
@@ -244,6 +251,12 @@ def train_heads(
         The Trainer's metrics plus ``train_seconds``, ``global_step``, ``stopped_by_budget``, ``log_history``.
     """
     heads.check_compatible(model)
+    refuse_arguments(args, OWN_LOSS_REFUSED, what="Heads training")
+    if isinstance(args, TrainingSettings) and any((args.extra_arguments or {}).get(name) not in (None, "no", False)
+                                                  for name in ("save_strategy", "resume_from_checkpoint")):
+        raise ValueError("TrainingSettings train the heads in a scratch folder removed afterwards, so its checkpoints "
+                         "could be neither kept nor resumed from: pass TrainingArguments(output_dir=..., "
+                         "save_strategy='steps', ...) to checkpoint and resume.")
     shortest = _shortest_window(dataset)
     needed = MIN_WINDOW + heads.num_heads - 1  # the last head's target is num_heads + 1 tokens past position 0
     if shortest is not None and shortest < needed:
@@ -265,12 +278,18 @@ def train_heads(
         eval_dataset = cache_base_features(model, eval_dataset, progress=progress)
     trained = [p for p in model.parameters() if p.requires_grad]
     module = HeadsTrainingModule(heads, model, features_cached)
+    earlier = {name: value.detach().clone() for name, value in heads.state_dict().items()}
     heads.train()
     callbacks = [TimeBudget(max_train_seconds)] if max_train_seconds else []
     try:
         with tempfile.TemporaryDirectory() as output_dir, _eval_mode(model):  # the base comes back in its own mode
             result = train_with_trainer(module, dataset, getattr(args, "output_dir", None) or output_dir, args,
                                         callbacks=callbacks, eval_dataset=eval_dataset)
+    except BaseException:
+        # A failed or interrupted run hands the heads back as they came: half-trained weights under the earlier
+        # run's training record would save with a card that does not describe them.
+        heads.load_state_dict(earlier)
+        raise
     finally:
         for p in trained:  # the base model is handed back as it came
             p.requires_grad_(True)
