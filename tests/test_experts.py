@@ -1077,3 +1077,18 @@ def test_an_absolute_warm_up_is_the_same_share_of_every_experts_run(tmp_path):
     assert _with_steps(arguments, 4, str(tmp_path), "e").warmup_steps == 2
     ratio = TrainingArguments(str(tmp_path), max_steps=12, warmup_steps=0.5, use_cpu=True, report_to=[])
     assert _with_steps(ratio, 4, str(tmp_path), "e").warmup_steps == 0.5  # a ratio is each run's already
+
+
+def test_inputs_embeds_with_the_experts_given_run_each_row_through_its_expert():
+    """Nothing needs routing when experts= is given, yet inputs_embeds were refused as impossible to route."""
+    router, tokenizer = _two_adapter_router()
+    tokenizer.padding_side = "left"
+    batch = tokenizer(["3 + 4 = ", "Spell ABCDE: "], return_tensors="pt", padding=True)
+    embeddings = router.model.get_input_embeddings()(batch.input_ids).detach()
+    greedy = dict(max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    from_ids = router.generate(**batch, experts=[0, 1], **greedy)[:, batch.input_ids.shape[1]:]
+    from_embeddings = router.generate(inputs_embeds=embeddings, attention_mask=batch.attention_mask, experts=[0, 1],
+                                      **greedy)
+    assert torch.equal(from_embeddings, from_ids)
+    with pytest.raises(ValueError, match="pass experts=.*with inputs_embeds"):
+        router.generate(inputs_embeds=embeddings, attention_mask=batch.attention_mask, **greedy)

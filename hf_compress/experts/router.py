@@ -267,11 +267,15 @@ class ExpertRouter:
                              "adapters, call router.model.generate(..., adapter_names=[...]) directly.")
         return [self.adapter_names.index(name) for name in names]
 
-    def _routed(self, input_ids, attention_mask, experts) -> list[int]:
+    def _routed(self, input_ids, attention_mask, experts, inputs_embeds=None) -> list[int]:
+        given_embeddings = torch.is_tensor(inputs_embeds) and inputs_embeds.dim() == 3
+        if input_ids is None and experts is not None and given_embeddings:
+            # The experts are given: nothing to embed for routing, only one valid expert per row to check.
+            return self._checked_experts(experts, inputs_embeds.shape[0])
         if input_ids is None:
             raise ValueError("No input_ids: there is nothing to route (an empty prompt, e.g. pipeline(\"\"), or "
-                             "inputs_embeds, which cannot be embedded for routing). Give each prompt some text, or "
-                             "run one expert directly: router.model.set_adapter(name); router.model.generate(...).")
+                             "inputs_embeds, which routing cannot embed). Give each prompt some text, or pass "
+                             "experts= (one expert index per row) with inputs_embeds.")
         if not torch.is_tensor(input_ids) or input_ids.dim() != 2:
             raise InvalidArgumentTypeError(
                 f"input_ids must be a [batch, length] tensor of token ids, got "
@@ -282,10 +286,12 @@ class ExpertRouter:
         if input_ids.shape[1] == 0:
             raise ValueError("The prompts are empty (input_ids has no tokens): there is nothing to route; give each "
                              "prompt some text.")
-        if experts is None:
-            experts = self.route(input_ids, attention_mask)
-        elif len(experts) != len(input_ids):
-            raise ValueError(f"experts has {len(experts)} entries for a batch of {len(input_ids)} rows.")
+        return self._checked_experts(self.route(input_ids, attention_mask) if experts is None else experts,
+                                     len(input_ids))
+
+    def _checked_experts(self, experts, batch: int) -> list[int]:
+        if len(experts) != batch:
+            raise ValueError(f"experts has {len(experts)} entries for a batch of {batch} rows.")
         if self.model.training:
             # Per-row adapters are inference (PEFT refuses them in training mode; no dropout either).
             self.model.eval()
@@ -320,7 +326,7 @@ class ExpertRouter:
                 f"{type(attention_mask).__name__}; pass other generate() settings by keyword.")
         if attention_mask is None and input_ids is not None:
             attention_mask = inferred_attention_mask(self.model, input_ids, kwargs)
-        rows = self._routed(input_ids, attention_mask, experts)
+        rows = self._routed(input_ids, attention_mask, experts, kwargs.get("inputs_embeds"))
         if attention_mask is not None:
             kwargs["attention_mask"] = attention_mask
         copies = int(generation_setting(self.model, "num_return_sequences", kwargs) or 1)
@@ -351,7 +357,7 @@ class ExpertRouter:
         """A forward pass with every row routed to its expert (returns the model's output, e.g. logits);
         ``experts`` / ``adapter_names`` override the routing as in :meth:`generate`."""
         experts = self._experts_of(experts, kwargs)
-        rows = self._routed(input_ids, attention_mask, experts)
+        rows = self._routed(input_ids, attention_mask, experts, kwargs.get("inputs_embeds"))
         with self._adapters(rows) as per_row:
             return self.model(input_ids=input_ids, attention_mask=attention_mask, **per_row, **kwargs)
 
