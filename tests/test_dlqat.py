@@ -634,3 +634,10 @@ def test_group_size_not_dividing_in_features_is_explained(caplog):
     assert "does not divide in_features [64, 128]" in caplog.text
     layer = model.base_model.model.model.layers[0].mlp.down_proj
     assert tuple(layer.dlqat_scale["default"].shape) == (64, 6)
+
+
+def test_merge_and_quantize_keeps_a_float64_models_dtype_in_its_scales():
+    """The scales were float32 under a float64 label (quantize_rtn keeps float64)."""
+    model = get_peft_model(tiny_model("llama")[0].double(), DLQATConfig(bits=4, group_size=16, r=2))
+    packed = model.merge_and_quantize()
+    assert {module.scales.dtype for module in packed.modules() if hasattr(module, "scales")} == {torch.float64}

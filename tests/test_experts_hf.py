@@ -259,3 +259,18 @@ def test_repr_says_what_the_router_is_and_public_methods_are_annotated(built):
         parameters = list(signature.parameters.values())[0 if inspect.ismethod(function) else 1:]
         unannotated = [p.name for p in parameters if p.annotation is inspect.Parameter.empty]
         assert not unannotated, (name, unannotated)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_router_cast_to_half_precision_comes_back_with_its_logits(dtype, tmp_path):
+    """PEFT loads adapters cast up to float32 by default: a router saved in bf16 reloaded with other logits."""
+    router, tokenizer = _router()
+    router.to(dtype)
+    batch = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        expected = router(**batch).logits
+    router.save_pretrained(tmp_path / "experts")
+    loaded = ExpertRouter.from_pretrained(tmp_path / "experts", tiny_model("llama")[0].to(dtype))
+    assert {p.dtype for n, p in loaded.model.named_parameters() if "lora_" in n} == {dtype}
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, expected)

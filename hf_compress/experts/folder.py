@@ -382,9 +382,12 @@ def load_experts(cls, path, base_model, *, tokenizer=None, revision: str | None 
     _verify_digests(folder, config, str(path), damaged)
     try:
         with _compat.third_party_warnings_silenced():
-            model = PeftModel.from_pretrained(base_model, str(folder / names[0]), adapter_name=names[0])
+            # In the dtype they were saved in (PEFT would cast half-precision adapters up to float32 by default, for
+            # training): a router cast to bf16 and saved must come back with its logits.
+            model = PeftModel.from_pretrained(base_model, str(folder / names[0]), adapter_name=names[0],
+                                              autocast_adapter_dtype=False)
             for name in names[1:]:
-                model.load_adapter(str(folder / name), adapter_name=name)
+                model.load_adapter(str(folder / name), adapter_name=name, autocast_adapter_dtype=False)
     except BaseException:
         # PEFT wraps the base in place before loading: give the user's model back, then the original error (out of
         # memory, a PEFT version that cannot read the config, ...: the checks above found the files intact).

@@ -213,7 +213,7 @@ class DLQATModel(BaseTuner):
             dtype = base.weight.dtype
             packed = PackedLinear.from_codes(
                 codes, scales, zeros, config.bits, config.group_size, bias=base.bias,
-                dtype=torch.float32 if dtype not in (torch.float16, torch.bfloat16) else dtype,
+                dtype=dtype if dtype.is_floating_point else torch.float32,  # the model's own (as quantize_rtn)
                 mask=layer.sparsity_mask(adapter),
             )
             packed.replaces_conv1d = isinstance(base, Conv1D)
