@@ -694,7 +694,7 @@ def test_embedded_settings_round_trip_any_string(tmp_path, name):
     tree = ast.parse(source)
     # Whatever the settings, the module has the same statements: nothing was injected.
     shape = [type(node).__name__ for node in tree.body]
-    assert shape == ["Expr", "Import", "Assign", "Assign", "Assign", "FunctionDef", "FunctionDef"]
+    assert shape == ["Expr", "Import", "Assign", "Assign", "Assign", "FunctionDef", "FunctionDef", "FunctionDef"]
     assert isinstance(tree.body[2].value.args[0], ast.Constant)
     path = tmp_path / "generate.py"
     path.write_text(source, encoding="utf-8")
