@@ -198,6 +198,10 @@ def test_a_lone_skip_pattern_is_a_list_of_one():
     ([{"prune": {"method": "tyr", "target_sparsity": 0.3}}, {"route": {"method": "token_router"}}],
      "`route` cannot stack with structural pruning that changes widths"),
     ([{"route": {"method": "token_router"}}, {"quantize": DLQAT}], "`route` cannot stack with `quantize` today"),
+    ([{"route": {"method": "token_router"}}, {"prune": {"method": "block_removal", "target_sparsity": 0.3}}],
+     "whole-block removal after it (block_removal, sleb) would leave entries for blocks that are gone; move the prune"),
+    ([{"route": {"method": "token_router"}}, {"prune": {"method": "tyr", "target_sparsity": 0.3}}],
+     "`route` cannot stack with structural pruning that changes widths"),
     ([{"route": {"method": "token_router"}}, {"generation": {"cache": "spark"}}], "a compressed cache after `route`"),
     ([{"generation": {"strategy": "amphista"}}],
      "step 1 (generation amphista): strategy amphista drafts with trained heads: add a `heads` step"),
@@ -441,6 +445,22 @@ def test_heads_and_generation_recipe_folder_runs_its_journey(tmp_path, monkeypat
     scope: dict = {}
     exec(snippet, scope)
     assert scope["out"].shape[1] > scope["inputs"]["input_ids"].shape[1]
+
+
+@pytest.mark.parametrize("base", ["HuggingFaceTB/SmolLM2-135M", None])
+def test_a_recipe_that_leaves_the_weights_unchanged_does_not_call_them_compressed(base):
+    """A recipe of heads and a decoding strategy only keeps the base model's weights: its card said "compressed"."""
+    from hf_compress.recipe.card import FolderLayout, recipe_card
+
+    def opening(*steps):
+        card = recipe_card(Recipe.from_dict(recipe(*steps)), [], [], FolderLayout(), base)
+        return card.text.split("# tiny-recipe", 1)[1].split("\n\n")[1]
+
+    for steps in ([{"generation": {"strategy": "fly"}}], [{"heads": HEADS}, {"generation": {"strategy": "amphista"}}]):
+        text = opening(*steps)
+        assert "weights unchanged" in text and "compressed" not in text, text
+    text = opening({"prune": WANDA}, {"generation": {"strategy": "fly"}})
+    assert "compressed" in text and "unchanged" not in text, text
 
 
 def test_the_heads_card_of_a_recipe_for_a_hub_repo_loads_the_root_model(tmp_path):

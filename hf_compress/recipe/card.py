@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 __all__ = ["FolderLayout", "recipe_card", "steps_table"]
 
 TEMPLATE = TEMPLATES_DIR / "recipe.md"
+WEIGHTLESS_STEPS = ("heads", "generation")
+"""Step kinds that leave the model's weights as they were (they add drafting heads or a decoding strategy)."""
 STEPS_MARKER = "<!-- hf_compress:recipe-steps -->"
 DESCRIPTION_MARKER = "<!-- hf_compress:recipe-description -->"
 
@@ -73,6 +75,9 @@ def recipe_card(recipe: Recipe, records: Sequence[StepRecord], final_metrics: Se
         base_model=base_model, model_name=recipe.name, recipe=card_recipe, metrics=final_metrics, template=TEMPLATE,
         repo_id=repo_id, load_snippet=load_snippet(layout, repo_id, folder), extra_tags=["hf_compress-recipe"],
         base_weights=base_weights,
+        # Heads and decoding strategies add to the model without touching its weights: such a card says so, not
+        # "compressed".
+        template_fields={"weights_unchanged": all(step.kind in WEIGHTLESS_STEPS for step in recipe.steps)},
     )
     description = recipe.description.strip() if recipe.description else ""
     if already:

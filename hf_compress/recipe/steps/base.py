@@ -42,6 +42,10 @@ HEADS_AFTER_WEIGHTS = (
     "drafting heads are trained on the final weights and this step changes them; put `heads` after every "
     "prune/quantize/route step."
 )
+BLOCKS_AFTER_ROUTE = (
+    "`route` searches and learns one schedule entry per decoder block, so whole-block removal after it (block_removal, "
+    "sleb) would leave entries for blocks that are gone; move the prune step before `route`."
+)
 ROUTE_STACKING = {
     "sparse": "`route` cannot stack with mask pruning today: the routed checkpoint format (hf_compress_routed) "
               "stores every weight dense, so the sparse storage would be lost; build them as separate artifacts.",

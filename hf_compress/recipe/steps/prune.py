@@ -17,7 +17,7 @@ from typing import Any
 
 from ...utils import get_logger
 from ..config import RecipeError, check_keys, refused_as
-from .base import ROUTE_STACKING, RecipeState, Step
+from .base import BLOCKS_AFTER_ROUTE, ROUTE_STACKING, RecipeState, Step
 from .training import check_lengths, check_text
 
 
@@ -79,8 +79,9 @@ class PruneStep(Step):
         return {"blocks" if _removes_whole_blocks(self.method) else "slim"}
 
     def refused_after(self) -> dict[str, str]:
-        refused = {**super().refused_after(), "packed": PACKED_BEFORE_PRUNE, "routed": ROUTE_STACKING["slim" if
-                   self.structural else "sparse"]}
+        after_route = (ROUTE_STACKING["sparse"] if not self.structural else BLOCKS_AFTER_ROUTE
+                       if _removes_whole_blocks(self.method) else ROUTE_STACKING["slim"])
+        refused = {**super().refused_after(), "packed": PACKED_BEFORE_PRUNE, "routed": after_route}
         if self.structural:
             refused.update(sparse=STRUCTURAL_AFTER_MASK, slim=TWO_STRUCTURAL, blocks=TWO_STRUCTURAL)
         else:
