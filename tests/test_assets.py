@@ -102,6 +102,19 @@ def test_load_model_path_that_does_not_exist_says_no_such_folder(tmp_path):
         assert message.startswith(f"{name}: no such folder") and "Repo id" not in message
 
 
+def test_load_model_on_an_experts_or_a_strategy_folder_says_what_it_holds_and_what_takes_it(tmp_path):
+    """hf-compress eval --model <experts folder> said to pass "the folder save_pretrained wrote", which it was."""
+    experts, strategy = tmp_path / "experts", tmp_path / "strategy"
+    experts.mkdir()
+    (experts / "experts_config.json").write_text("{}")
+    (strategy / "custom_generate").mkdir(parents=True)
+    (strategy / "custom_generate" / "generate.py").write_text("")
+    for folder, expected in ((experts, "ExpertRouter.from_pretrained("), (strategy, "custom_generate=")):
+        with pytest.raises(FileNotFoundError) as raised:
+            load_model(str(folder))
+        assert expected in _one_line(raised.value) and "save_pretrained wrote" not in _one_line(raised.value)
+
+
 def test_load_model_unknown_hub_id_says_offline_at_once():
     import time
 

@@ -163,9 +163,17 @@ def _looks_like_a_path(name: str) -> bool:
 def _check_folder(name: str, path: Path) -> None:
     """A saved model folder: ``config.json`` present, every safetensors file whole (a one-line error naming it)."""
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(
-            f"{name}: no config.json in this folder; pass the folder save_pretrained wrote (config.json and weights)."
-        )
+        # hf_compress writes two kinds of folders that are not models: say which one this is and what takes it.
+        if (path / "experts_config.json").is_file():
+            what = ("it holds LoRA experts and their router (ExpertRouter.save_pretrained), not a model: load the base "
+                    f"model it names and route with ExpertRouter.from_pretrained({name!r}, base_model=model) "
+                    "(or hf-compress experts route --experts FOLDER)")
+        elif (path / "custom_generate" / "generate.py").is_file():
+            what = ("it holds a decoding strategy (custom_generate/), not a model: pass it to "
+                    f"model.generate(..., custom_generate={name!r}, trust_remote_code=True) of the model it decodes")
+        else:
+            what = "pass the folder save_pretrained wrote (config.json and weights)"
+        raise FileNotFoundError(f"{name}: no config.json in this folder; {what}.")
     from ..formats.integrity import CheckpointIntegrityError, read_header
 
     for weights in sorted(path.glob("*.safetensors")):
