@@ -1090,5 +1090,13 @@ def test_inputs_embeds_with_the_experts_given_run_each_row_through_its_expert():
     from_embeddings = router.generate(inputs_embeds=embeddings, attention_mask=batch.attention_mask, experts=[0, 1],
                                       **greedy)
     assert torch.equal(from_embeddings, from_ids)
+    router.mixed_batch = "peft"  # PEFT's per-row path repeats the rows itself for sampled copies
+    sampled = dict(max_new_tokens=4, do_sample=True, num_return_sequences=2, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    from_ids = router.generate(**batch, experts=[0, 1], **sampled)[:, batch.input_ids.shape[1]:]
+    torch.manual_seed(0)
+    from_embeddings = router.generate(inputs_embeds=embeddings, attention_mask=batch.attention_mask, experts=[0, 1],
+                                      **sampled)
+    assert from_embeddings.shape[0] == 4 and torch.equal(from_embeddings, from_ids)
     with pytest.raises(ValueError, match="pass experts=.*with inputs_embeds"):
         router.generate(inputs_embeds=embeddings, attention_mask=batch.attention_mask, **greedy)

@@ -48,21 +48,44 @@ def _slim(tmp_path):
     return model, save_slim(model, tokenizer, tmp_path / "slim")
 
 
-def _slim_removed(tmp_path):
+def _removed(model) -> None:
     """Whole sub-blocks removed (BlockPruner, SLEB): widths of 0, whose weights are simply absent."""
-    model, tokenizer = tiny_model("llama")
     remove_sublayers(model.model.layers[0], mlp=True)
     remove_sublayers(model.model.layers[1], attention=True)
+
+
+def _slim_removed(tmp_path):
+    model, tokenizer = tiny_model("llama")
+    _removed(model)
     return model, save_slim(model, tokenizer, tmp_path / "slim")
 
 
-BUILDERS = {"sparse": _sparse, "packed": _packed, "slim": _slim, "slim-removed": _slim_removed}
+def _sparse_removed(tmp_path):
+    model, tokenizer = tiny_model("llama")
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "proj" in name:
+                parameter.mul_(torch.rand_like(parameter) > 0.5)
+    _removed(model)
+    return model, save_pruned(model, tokenizer, tmp_path / "sparse")
 
 
-def test_removed_sublayers_save_their_markers_again_after_a_reload(tmp_path):
+def _packed_removed(tmp_path):
+    model, tokenizer = tiny_model("llama")
+    _removed(model)
+    packed = quantize_rtn(model, bits=4, group_size=32)
+    return packed, save_packed(packed, tokenizer, tmp_path / "packed")
+
+
+BUILDERS = {"sparse": _sparse, "packed": _packed, "slim": _slim, "slim-removed": _slim_removed,
+            "sparse-removed": _sparse_removed, "packed-removed": _packed_removed}
+
+
+@pytest.mark.parametrize("fmt", [name for name in sorted(BUILDERS) if name.endswith("-removed")])
+def test_removed_sublayers_save_their_markers_again_after_a_reload(tmp_path, fmt):
     """The markers that make stock transformers refuse the checkpoint are skipped while loading and written again by
-    the loaded model's own save_pretrained; the logits stay equal throughout."""
-    model, folder = _slim_removed(tmp_path)
+    the loaded model's own save_pretrained (every format's post-processing); the logits stay equal throughout."""
+    model, folder = BUILDERS[fmt](tmp_path)
     markers = {"model.layers.0.mlp.gate_proj.weight", "model.layers.1.self_attn.q_proj.weight"}
     assert markers <= set(read_header(folder / "model.safetensors"))
     loaded = AutoModelForCausalLM.from_pretrained(folder)
@@ -72,6 +95,18 @@ def test_removed_sublayers_save_their_markers_again_after_a_reload(tmp_path):
     with torch.no_grad():
         expected = model(INPUT).logits
         assert torch.equal(loaded(INPUT).logits, expected) and torch.equal(again(INPUT).logits, expected)
+
+
+def test_widths_applied_by_hand_keep_the_markers_of_the_removed_sublayers(tmp_path):
+    """apply_layer_widths is public: a skeleton rebuilt with it saves its markers (only loaders switch them off)."""
+    from hf_compress.modeling.structure import apply_layer_widths, layer_widths
+
+    pruned, _ = _slim_removed(tmp_path)
+    rebuilt, tokenizer = tiny_model("llama")
+    apply_layer_widths(rebuilt, layer_widths(pruned))
+    rebuilt.load_state_dict(pruned.state_dict())
+    folder = save_slim(rebuilt, tokenizer, tmp_path / "rebuilt")
+    assert "model.layers.1.self_attn.q_proj.weight" in read_header(folder / "model.safetensors")
 
 
 def _edit_config(folder, change):

@@ -470,7 +470,7 @@ def test_an_unrouted_model_takes_prepared_masks():
         assert torch.equal(routed.generate(ids, **kwargs), expected)
 
 
-@pytest.mark.parametrize("additive", [False, True])
+@pytest.mark.parametrize("additive", [None, torch.finfo(torch.float32).min, -1e4])
 def test_a_chunk_after_the_prompt_takes_its_own_4d_mask(additive):
     """A draft tree's verification chunk comes with an ancestor mask: root a, children b and c (both one position
     after a). c's logits under the tree mask are those of the chunk [a, c] fed alone. A routed block reading its own
@@ -492,14 +492,17 @@ def test_a_chunk_after_the_prompt_takes_its_own_4d_mask(additive):
     allowed[1, 14] = False   # b sees the prompt and a
     allowed[2, 13] = False   # c sees the prompt and a
     mask = allowed[None, None]
-    if additive:
-        mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+    if additive is not None:  # masked with the dtype's minimum, or the older -1e4 (it was read as allowed)
+        mask = torch.zeros(mask.shape).masked_fill(~mask, additive)
     with torch.no_grad():
         tree = model(chunk, attention_mask=mask, position_ids=torch.tensor([[12, 13, 13]]), **after_prompt()).logits
         path = model(chunk[:, [0, 2]], attention_mask=torch.ones(1, 14, dtype=torch.long), **after_prompt()).logits
         causal = model(chunk, attention_mask=torch.ones(1, 15, dtype=torch.long), **after_prompt()).logits
     torch.testing.assert_close(tree[:, [0, 2]], path)
     assert not torch.allclose(tree[:, 2], causal[:, 2], atol=1e-3)  # the check above can tell the masks apart
+    soft = torch.zeros(mask.shape).masked_fill(~allowed[None, None], -2.0)  # a soft bias is no allowed/masked mask
+    with pytest.raises(ValueError, match="soft biases"), torch.no_grad():
+        model(chunk, attention_mask=soft, position_ids=torch.tensor([[12, 13, 13]]), **after_prompt())
 
 
 def test_amphista_tree_decoding_of_a_routed_model_equals_its_greedy_decoding():

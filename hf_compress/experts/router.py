@@ -339,7 +339,10 @@ class ExpertRouter:
                 per_row = {"adapter_names": [name for name in per_row["adapter_names"] for _ in range(beams)]}
             elif "adapter_names" in per_row and copies > 1 and sampled and beams == 1:
                 # PEFT repeats adapter_names for beams only: expand the rows here, as generate would.
-                input_ids = input_ids.repeat_interleave(copies, dim=0)
+                if input_ids is not None:
+                    input_ids = input_ids.repeat_interleave(copies, dim=0)
+                else:  # inputs_embeds with the experts given
+                    kwargs["inputs_embeds"] = kwargs["inputs_embeds"].repeat_interleave(copies, dim=0)
                 if attention_mask is not None:
                     kwargs["attention_mask"] = attention_mask.repeat_interleave(copies, dim=0)
                 per_row = {"adapter_names": [name for name in per_row["adapter_names"] for _ in range(copies)]}

@@ -187,7 +187,7 @@ class PackedFormatQuantizer(CompressedFormatQuantizer):
         for module in model.modules():
             if isinstance(module, PackedLinear):
                 module.expects_marker_in_state_dict = True
-        removed_sublayer_markers(model, saved=True)  # so do removed sub-blocks (apply_layer_widths)
+        removed_sublayer_markers(model, saved=True)  # so do removed sub-blocks (skip_markers_while_loading)
         return super(CompressedFormatQuantizer, self).postprocess_model(model, **kwargs)
 
     def dequantize(self, model: PreTrainedModel, dtype: torch.dtype | None = None) -> PreTrainedModel:

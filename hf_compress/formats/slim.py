@@ -34,6 +34,7 @@ Example:
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -54,8 +55,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FORMAT_NAME", "SlimFormatConfig", "SlimFormatQuantizer", "apply_slim_record", "attach_slim_format",
-    "check_slim_widths", "keep_slim_widths", "measurable_widths", "needs_slim_format", "save_slim", "slim_record",
-    "sync_slim_format",
+    "check_slim_widths", "keep_slim_widths", "measurable_widths", "needs_slim_format", "save_slim",
+    "skip_markers_while_loading", "slim_record", "sync_slim_format",
 ]
 
 FORMAT_NAME = "hf_compress_slim"
@@ -84,6 +85,7 @@ class SlimFormatQuantizer(CompressedFormatQuantizer):
 
     def prepare_model(self, model: PreTrainedModel) -> PreTrainedModel:
         apply_layer_widths(model, self.quantization_config.layers)
+        skip_markers_while_loading(model)
         return model
 
     def update_weight_conversions(self, weight_conversions: list, model: PreTrainedModel) -> list:
@@ -95,7 +97,7 @@ class SlimFormatQuantizer(CompressedFormatQuantizer):
         _compat.detach_quantizer(model)
         self.forget_integrity_record()
         model.config.quantization_config = self.quantization_config
-        removed_sublayer_markers(model, saved=True)  # loaded: its next save writes them (apply_layer_widths)
+        removed_sublayer_markers(model, saved=True)  # loaded: its next save writes them (skip_markers_while_loading)
         return model
 
 
@@ -155,6 +157,16 @@ def apply_slim_record(model: PreTrainedModel, record: Mapping[str, Any] | None) 
         raise CheckpointIntegrityError(f"config.json: quantization_config.slim must hold 'layers', got {record!r}.")
     check_slim_widths(model, record["layers"])
     apply_layer_widths(model, record["layers"])
+    skip_markers_while_loading(model)
+
+
+def skip_markers_while_loading(model: PreTrainedModel) -> None:
+    """Before the weights stream into a skeleton with removed sub-blocks: their markers (``modeling.sublayers``) are
+    checkpoint keys to skip quietly, not tensors of the model; the format's post-processing switches them on again
+    (``removed_sublayer_markers(model, saved=True)``), so the loaded model's next save writes them."""
+    markers = removed_sublayer_markers(model, saved=False)
+    if markers:
+        _compat.ignore_unexpected_keys(model, [rf"{re.escape(key)}$" for key in markers])
 
 
 def keep_slim_widths(model: PreTrainedModel, record: Mapping[str, Any] | None) -> None:

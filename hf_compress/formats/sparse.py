@@ -397,7 +397,7 @@ class SparseStorageQuantizer(CompressedFormatQuantizer):
         logger.info("decoded %d sparse weights (%s)", len(modules), FORMAT_NAME)
         # A slim model keeps its widths on its config (as one loaded from a slim checkpoint), so it saves again.
         keep_slim_widths(model, getattr(self.quantization_config, "slim", None))
-        removed_sublayer_markers(model, saved=True)  # loaded: its next save writes them (apply_layer_widths)
+        removed_sublayer_markers(model, saved=True)  # loaded: its next save writes them (skip_markers_while_loading)
         return model
 
 

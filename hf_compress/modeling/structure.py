@@ -28,7 +28,6 @@ Example:
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -36,9 +35,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import _compat
 from .layers import find_decoder_blocks
-from .sublayers import ATTENTION_NAMES, remove_sublayers, removed_sublayer_markers, removed_sublayers
+from .sublayers import ATTENTION_NAMES, remove_sublayers, removed_sublayers
 
 
 __all__ = [
@@ -344,11 +342,6 @@ def apply_layer_widths(model: nn.Module, widths: Sequence[dict[str, Any]]) -> No
             kept_ffn=torch.arange(channels, device="cpu") if 0 < channels < structure.ffn.num_units else None,
         )
         remove_sublayers(block, attention=kv_heads == 0, mlp=channels == 0)
-    # The loader fills the model from the checkpoint, where removed sub-blocks left their markers: skip them quietly
-    # (the format's post-processing switches them on again, for the next save).
-    markers = removed_sublayer_markers(model, saved=False)
-    if markers:
-        _compat.ignore_unexpected_keys(model, [rf"{re.escape(key)}$" for key in markers])
 
 
 def decoder_parameter_count(model: nn.Module) -> int:

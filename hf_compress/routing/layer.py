@@ -688,14 +688,26 @@ def _allowed_keys(query_positions: torch.Tensor, key_positions: torch.Tensor, wi
     return allowed | (key_positions[:, None, :] == query_positions[:, :, None])
 
 
+MASKED_AT_MOST = -1e4
+"""An additive mask's value at or below which a key counts as masked (``finfo.min``, ``-inf`` and the older -1e4)."""
+
+
 def _allowed_by(mask: torch.Tensor, kv_length: int) -> torch.Tensor:
-    """``(B, Q, K)`` bool: the keys a prepared ``(B, 1, Q, K)`` mask (bool, or additive with its dtype's minimum or
-    ``-inf`` where masked) lets each query read."""
+    """``(B, Q, K)`` bool: the keys a prepared ``(B, 1, Q, K)`` mask lets each query read: bool, or additive with 0
+    where allowed and ``MASKED_AT_MOST`` or less where masked (a soft bias between the two is refused: the routed
+    blocks build their own masks of allowed keys)."""
     if mask.shape[-1] != kv_length:
         raise ValueError(f"the 4-D attention_mask covers {mask.shape[-1]} keys, and this layer's cache holds {kv_length} "
-                         "with the new tokens; build the mask over the cached and the new tokens.")
-    allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min
-    return allowed[:, 0]
+                         "with the new tokens (a sliding-window layer keeps only its last window): build it over the "
+                         "keys every layer holds, or feed these tokens with the 2-D mask.")
+    if mask.dtype == torch.bool:
+        return mask[:, 0]
+    masked = mask <= MASKED_AT_MOST
+    if not bool((masked | (mask == 0)).all()):
+        raise ValueError("a routed model reads a 4-D attention_mask as allowed (0) or masked (-1e4 or less, e.g. the "
+                         "dtype's minimum or -inf); this one carries other values (soft biases). Pass a bool mask or "
+                         "one of those two values.")
+    return ~masked[:, 0]
 
 
 def _take(states: torch.Tensor, keep: torch.Tensor, shared: torch.Tensor | None) -> torch.Tensor:

@@ -202,8 +202,9 @@ class KeepBestRouter(TrainerCallback):
         self._check(state.global_step, args)
 
     def on_save(self, args, state, control, **kwargs):
-        # Trainer has just written checkpoint-<step>; the record (and the best router's weights) go with it.
-        if self.best is None or not state.is_world_process_zero:
+        # Trainer has just written checkpoint-<step> (on every process that writes checkpoints: one per node with
+        # save_on_each_node); the record and the best router's weights go with it.
+        if self.best is None or not args.should_save:
             return
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         save_file({k: v.cpu().contiguous() for k, v in self.best[2].items()}, os.path.join(folder, SELECTION_WEIGHTS))
@@ -211,21 +212,29 @@ class KeepBestRouter(TrainerCallback):
             json.dump({"best_validation_kl": self.best[0], "best_step": self.best[1], "history": self.history}, file)
 
     def _restore(self, args, step: int) -> bool:
-        checkpoint = args.resume_from_checkpoint
-        if checkpoint is True or checkpoint == "True":  # Trainer's own reading of True: the last one in output_dir
-            checkpoint = get_last_checkpoint(args.output_dir)
-        record = os.path.join(str(checkpoint), SELECTION_RECORD)
-        if not checkpoint or not os.path.isfile(record):
+        # Rank 0's record on every rank: ranks that disagreed on whether to measure again would call the collectives
+        # of _check unevenly, and hang.
+        saved = broadcast_from_main(self._read_record(args), args)
+        if saved is None:
             logger.warning("resumed at step %d from a checkpoint without the router's selection record (%s): model "
                            "selection starts again from this step", step, SELECTION_RECORD)
             return False
-        with open(record) as file:
-            saved = json.load(file)
-        weights = load_file(os.path.join(str(checkpoint), SELECTION_WEIGHTS))
-        self.history = list(saved["history"])
-        self.best = (float(saved["best_validation_kl"]), int(saved["best_step"]), weights)
+        record, weights = saved
+        self.history = list(record["history"])
+        self.best = (float(record["best_validation_kl"]), int(record["best_step"]), weights)
         logger.info("router selection resumed: best %.5f at step %d", *self.best[:2])
         return True
+
+    @staticmethod
+    def _read_record(args) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
+        checkpoint = args.resume_from_checkpoint
+        if checkpoint is True or checkpoint == "True":  # Trainer's own reading of True: the last one in output_dir
+            checkpoint = get_last_checkpoint(args.output_dir)
+        if not checkpoint or not os.path.isfile(os.path.join(str(checkpoint), SELECTION_RECORD)):
+            return None
+        with open(os.path.join(str(checkpoint), SELECTION_RECORD)) as file:
+            record = json.load(file)
+        return record, load_file(os.path.join(str(checkpoint), SELECTION_WEIGHTS))
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step % self.every == 0 and state.global_step < state.max_steps:
