@@ -5,6 +5,7 @@ The full matrix (76 corruptions) is ``scripts/bench_robustness.py``; these are o
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -27,8 +28,16 @@ from hf_compress.quantization import quantize_rtn
 INPUT = torch.arange(1, 17).unsqueeze(0)
 
 
-def _sparse(tmp_path):
+def _removed(model) -> None:
+    """Whole sub-blocks removed (BlockPruner, SLEB): widths of 0, whose weights are simply absent."""
+    remove_sublayers(model.model.layers[0], mlp=True)
+    remove_sublayers(model.model.layers[1], attention=True)
+
+
+def _sparse(tmp_path, removed: bool = False):
     model, tokenizer = tiny_model("llama")
+    if removed:
+        _removed(model)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if "proj" in name:
@@ -36,8 +45,10 @@ def _sparse(tmp_path):
     return model, save_pruned(model, tokenizer, tmp_path / "sparse")
 
 
-def _packed(tmp_path):
+def _packed(tmp_path, removed: bool = False):
     model, tokenizer = tiny_model("llama")
+    if removed:
+        _removed(model)
     packed = quantize_rtn(model, bits=4, group_size=32)
     return packed, save_packed(packed, tokenizer, tmp_path / "packed")
 
@@ -48,37 +59,15 @@ def _slim(tmp_path):
     return model, save_slim(model, tokenizer, tmp_path / "slim")
 
 
-def _removed(model) -> None:
-    """Whole sub-blocks removed (BlockPruner, SLEB): widths of 0, whose weights are simply absent."""
-    remove_sublayers(model.model.layers[0], mlp=True)
-    remove_sublayers(model.model.layers[1], attention=True)
-
-
 def _slim_removed(tmp_path):
     model, tokenizer = tiny_model("llama")
     _removed(model)
     return model, save_slim(model, tokenizer, tmp_path / "slim")
 
 
-def _sparse_removed(tmp_path):
-    model, tokenizer = tiny_model("llama")
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "proj" in name:
-                parameter.mul_(torch.rand_like(parameter) > 0.5)
-    _removed(model)
-    return model, save_pruned(model, tokenizer, tmp_path / "sparse")
-
-
-def _packed_removed(tmp_path):
-    model, tokenizer = tiny_model("llama")
-    _removed(model)
-    packed = quantize_rtn(model, bits=4, group_size=32)
-    return packed, save_packed(packed, tokenizer, tmp_path / "packed")
-
-
 BUILDERS = {"sparse": _sparse, "packed": _packed, "slim": _slim, "slim-removed": _slim_removed,
-            "sparse-removed": _sparse_removed, "packed-removed": _packed_removed}
+            "sparse-removed": functools.partial(_sparse, removed=True),
+            "packed-removed": functools.partial(_packed, removed=True)}
 
 
 @pytest.mark.parametrize("fmt", [name for name in sorted(BUILDERS) if name.endswith("-removed")])
