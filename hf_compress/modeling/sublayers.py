@@ -13,7 +13,8 @@ In a slim checkpoint (``formats.slim``) a removed sub-block is a width of 0: ``k
 attention, ``intermediate_size = 0`` for the MLP. **Marker.** A removed sub-block saves one byte under the name of its
 first weight matrix (e.g. ``self_attn.q_proj.weight``): stock transformers, loading the checkpoint without
 hf_compress, finds that weight with a shape no projection has and refuses the checkpoint, instead of filling the
-missing sub-block with random weights. hf_compress's loaders skip the marker (``formats.slim.skip_markers_while_loading``).
+missing sub-block with random weights. hf_compress's loaders skip the marker
+(``formats.slim.skip_markers_while_loading``).
 
 Example:
     >>> from hf_compress.assets import tiny_model

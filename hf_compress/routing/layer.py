@@ -345,7 +345,8 @@ def _begin_forward(module: nn.Module, args: tuple, kwargs: dict) -> None:
         else:
             # generate() prepares such masks itself for a static (compileable) cache.
             fix = ("generate(cache_implementation='static') prepares one: use the default dynamic cache with a "
-                   "routed model." if getattr(cache, "is_compileable", False) else "Pass the tokenizer's attention_mask.")
+                   "routed model." if getattr(cache, "is_compileable", False)
+                   else "Pass the tokenizer's attention_mask.")
             raise ValueError(
                 "token routing needs the 2-D attention_mask (batch, length) of ones and zeros to route a prompt (a "
                 "4-D mask is taken only for tokens fed after a cached prompt, without route_decode); got a prepared "
@@ -697,9 +698,9 @@ def _allowed_by(mask: torch.Tensor, kv_length: int) -> torch.Tensor:
     where allowed and ``MASKED_AT_MOST`` or less where masked (a soft bias between the two is refused: the routed
     blocks build their own masks of allowed keys)."""
     if mask.shape[-1] != kv_length:
-        raise ValueError(f"the 4-D attention_mask covers {mask.shape[-1]} keys, and this layer's cache holds {kv_length} "
-                         "with the new tokens (a sliding-window layer keeps only its last window): build it over the "
-                         "keys every layer holds, or feed these tokens with the 2-D mask.")
+        raise ValueError(f"the 4-D attention_mask covers {mask.shape[-1]} keys, and this layer's cache holds "
+                         f"{kv_length} with the new tokens (a sliding-window layer keeps only its last window): build "
+                         "it over the keys every layer holds, or feed these tokens with the 2-D mask.")
     if mask.dtype == torch.bool:
         return mask[:, 0]
     masked = mask <= MASKED_AT_MOST

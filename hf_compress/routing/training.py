@@ -325,10 +325,9 @@ def train_token_router(
             "one."
         )
     if config.validation_windows:
-        refuse_arguments(args, {"load_best_model_at_end": "the router keeps its best step itself, by held-out tail KL "
-                                                          "(model selection); pass TokenRouterConfig(validation_windows="
-                                                          "0) to let Trainer choose by its metric instead"},
-                         what="Router training with model selection")
+        keeps_its_best = ("the router keeps its best step itself, by held-out tail KL (model selection); pass "
+                          "TokenRouterConfig(validation_windows=0) to let Trainer choose by its metric instead")
+        refuse_arguments(args, {"load_best_model_at_end": keeps_its_best}, what="Router training with model selection")
     if learned_position_limit(model) is not None:
         for rows in (dataset, eval_dataset):
             if rows is not None and len(rows):

@@ -22,8 +22,9 @@ if TYPE_CHECKING:
 
 
 __all__ = [
-    "OWN_LOSS_REFUSED", "FrozenModelTrainingModule", "TrainingSettings", "broadcast_from_main", "check_training_device", "is_main_process",
-    "largest_over_processes", "preserved_random_state", "process_count", "refuse_arguments", "train_with_trainer",
+    "OWN_LOSS_REFUSED", "FrozenModelTrainingModule", "TrainingSettings", "broadcast_from_main", "check_training_device",
+    "is_main_process", "largest_over_processes", "preserved_random_state", "process_count", "refuse_arguments",
+    "train_with_trainer",
 ]
 
 logger = get_logger(__name__)
@@ -426,8 +427,9 @@ def train_with_trainer(
     if trainer.state.global_step == 0:
         # Too few rows for one batch (dataloader_drop_last drops the partial one): the caller would get back, and
         # save, an untrained model as a trained one.
+        rows = f"{len(train_dataset)} " if hasattr(train_dataset, "__len__") else ""  # an iterable dataset has none
         raise ValueError(
-            f"Trainer ran no optimizer step on these {len(train_dataset)} training rows (per-device batch "
+            f"Trainer ran no optimizer step on these {rows}training rows (per-device batch "
             f"{arguments.per_device_train_batch_size} x {arguments.world_size} process(es), gradient accumulation "
             f"{arguments.gradient_accumulation_steps}, dataloader_drop_last={arguments.dataloader_drop_last}), so "
             "nothing was trained; give it more rows, a smaller batch, or dataloader_drop_last=False."
