@@ -165,12 +165,11 @@ def _check_folder(name: str, path: Path) -> None:
     if not (path / "config.json").is_file():
         # hf_compress writes two kinds of folders that are not models: say which one this is and what takes it.
         if (path / "experts_config.json").is_file():
-            what = ("it holds LoRA experts and their router (ExpertRouter.save_pretrained), not a model: load the base "
-                    f"model it names and route with ExpertRouter.from_pretrained({name!r}, base_model=model) "
-                    "(or hf-compress experts route --experts FOLDER)")
+            what = ("it holds LoRA experts and their router, not a model: route with ExpertRouter.from_pretrained("
+                    "folder, base_model=<its base model>) or hf-compress experts route --experts FOLDER")
         elif (path / "custom_generate" / "generate.py").is_file():
-            what = ("it holds a decoding strategy (custom_generate/), not a model: pass it to "
-                    f"model.generate(..., custom_generate={name!r}, trust_remote_code=True) of the model it decodes")
+            what = ("it holds a decoding strategy, not a model: pass it to the model it decodes, as "
+                    "model.generate(..., custom_generate=folder, trust_remote_code=True)")
         else:
             what = "pass the folder save_pretrained wrote (config.json and weights)"
         raise FileNotFoundError(f"{name}: no config.json in this folder; {what}.")
