@@ -114,7 +114,6 @@ def _git_commit(root: Path) -> str | None:
     return sha + ("+dirty" if dirty else "")
 
 
-
 def benchmark_parser(
     description: str | None, output_name: str, threads: int | None = 2, devices: tuple[str, ...] = ("cpu",)
 ) -> argparse.ArgumentParser:

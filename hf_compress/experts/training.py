@@ -18,6 +18,7 @@ from ..modeling.layers import TRAINS_ON_ONE_DEVICE, check_not_offloaded
 from ..training import (
     OWN_LOSS_REFUSED,
     TrainingSettings,
+    asked_arguments,
     broadcast_from_main,
     preserved_random_state,
     refuse_arguments,
@@ -311,9 +312,7 @@ def _clusters(embeddings: torch.Tensor, k: int, config: ExpertConfig, clusters):
 def _asked(args, argument: str) -> bool:
     """Whether ``args`` set the ``TrainingArguments`` field ``argument`` (``resume_from_checkpoint``, which
     ``train_with_trainer`` honours; ``push_to_hub``), directly or through ``TrainingSettings.extra_arguments``."""
-    if isinstance(args, TrainingSettings):
-        return bool((args.extra_arguments or {}).get(argument))
-    return bool(getattr(args, argument))
+    return bool(asked_arguments(args, [argument]).get(argument))
 
 
 def _with_steps(args, steps: int, scratch: str, adapter: str):

@@ -7,7 +7,7 @@ import copy
 import os
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -22,9 +22,9 @@ if TYPE_CHECKING:
 
 
 __all__ = [
-    "OWN_LOSS_REFUSED", "FrozenModelTrainingModule", "TrainingSettings", "broadcast_from_main", "check_training_device",
-    "is_main_process", "largest_over_processes", "preserved_random_state", "process_count", "refuse_arguments",
-    "train_with_trainer",
+    "OWN_LOSS_REFUSED", "FrozenModelTrainingModule", "TrainingSettings", "asked_arguments", "broadcast_from_main",
+    "check_training_device", "is_main_process", "largest_over_processes", "preserved_random_state", "process_count",
+    "refuse_arguments", "train_with_trainer",
 ]
 
 logger = get_logger(__name__)
@@ -307,6 +307,22 @@ class FrozenModelTrainingModule:
         return part, next(f"{name}." for name, module in self.named_modules() if module is part)
 
 
+def asked_arguments(settings: TrainingSettings | TrainingArguments | None, names: Iterable[str]) -> dict[str, Any]:
+    """The ``TrainingArguments`` fields ``names`` as ``settings`` ask for them: a ``TrainingArguments``' own values,
+    or those a ``TrainingSettings``' ``extra_arguments`` give (a field they leave out is not asked for).
+
+    Example:
+        >>> asked_arguments(TrainingSettings(extra_arguments={"push_to_hub": True}), ["push_to_hub", "seed"])
+        {'push_to_hub': True}
+    """
+    if settings is None:
+        return {}
+    if isinstance(settings, TrainingSettings):
+        given = settings.extra_arguments or {}
+        return {name: given[name] for name in names if name in given}
+    return {name: getattr(settings, name) for name in names if hasattr(settings, name)}
+
+
 def refuse_gradient_checkpointing(model: nn.Module, settings: Any = None, *, reason: str) -> None:
     """Refuse, before any work, gradient checkpointing on ``model`` or asked of ``Trainer`` by ``settings``
     (``TrainingArguments``, or ``TrainingSettings`` through its ``extra_arguments``), for a training whose forward
@@ -321,10 +337,7 @@ def refuse_gradient_checkpointing(model: nn.Module, settings: Any = None, *, rea
                          "(gradient_checkpointing_disable() before transformers 5.25).")
     # activation_checkpointing is gradient_checkpointing's newer name (transformers 5.25); TrainingArguments sets both.
     flags = ("activation_checkpointing", "gradient_checkpointing")
-    if isinstance(settings, TrainingSettings):
-        asked = dict(settings.extra_arguments or {})
-    else:  # TrainingArguments, or none
-        asked = {name: getattr(settings, name, None) for name in flags}
+    asked = asked_arguments(settings, flags)
     named = [name for name in flags if asked.get(name)]
     if named:
         raise ValueError(f"{reason}; leave {' and '.join(named)} off in the training arguments.")
@@ -355,13 +368,10 @@ def refuse_arguments(settings: TrainingSettings | TrainingArguments | None, refu
 
     from transformers import TrainingArguments
 
-    if settings is None:
+    asked = asked_arguments(settings, refused)
+    if not asked:
         return
     defaults = {field.name: field.default for field in dataclasses.fields(TrainingArguments)}
-    if isinstance(settings, TrainingSettings):
-        asked = dict(settings.extra_arguments or {})
-    else:
-        asked = {name: getattr(settings, name) for name in refused if hasattr(settings, name)}
     for name, why in refused.items():
         if name in asked and asked[name] != defaults.get(name):
             raise ValueError(f"{what} cannot honour {name}={asked[name]!r}: {why}. Leave it at its default "
