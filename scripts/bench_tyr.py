@@ -13,6 +13,7 @@ Usage:
     python scripts/bench_tyr.py --quick               # a smoke run: tiny search, small subsets
     python scripts/bench_tyr.py --render tyr          # rebuild tyr.md from tyr.json
     python scripts/bench_tyr.py --speed-from tyr      # re-time every row's shapes, interleaved → tyr-speed.{json,md}
+    python scripts/bench_tyr.py --speed-from tyr --output-name tyr-speed-epyc   # the same, named for other hardware
 
 ``--speed-from`` exists because speed on a shared CPU drifts over a 50-minute run: it rebuilds each row's
 architecture from the widths (and removed blocks) recorded in the JSON (speed depends on shapes only, not on
@@ -69,9 +70,10 @@ def main() -> None:
     parser.add_argument("--speed-from", metavar="NAME", help="re-time the shapes of bench/results/NAME.json")
     parser.add_argument("--rounds", type=int, default=3, help="--speed-from: round-robin rounds (default 3)")
     args = parser.parse_args()
-    speed_table = (args.render or "").endswith("-speed")
-    render = (lambda payload: _speed_markdown(payload["settings"], payload["results"]["rows"])) if speed_table else (
-        lambda payload: _markdown(payload["settings"], payload["results"]["rows"]))
+    def render(payload: dict[str, Any]) -> str:  # a re-timing run's settings name the run it re-timed
+        markdown = _speed_markdown if "source" in payload["settings"] else _markdown
+        return markdown(payload["settings"], payload["results"]["rows"])
+
     if not start_benchmark(args, render):
         return
     if args.speed_from:
@@ -206,7 +208,9 @@ def _speed_rerun(args) -> None:
     settings = {"source": f"bench/results/{args.speed_from}.json", "model": source["settings"]["model"],
                 "rounds": args.rounds, "speed_prompts": args.speed_prompts, "max_new_tokens": args.max_new_tokens,
                 "prefill_tokens": 512, "threads": torch.get_num_threads()}
-    write_benchmark(f"{args.speed_from}-speed", settings, {"rows": results}, _speed_markdown(settings, results))
+    # --output-name names a re-timing on other hardware; by default it goes beside the run it re-times.
+    name = args.output_name if args.output_name != "tyr" else f"{args.speed_from}-speed"
+    write_benchmark(name, settings, {"rows": results}, _speed_markdown(settings, results))
 
 
 def _speed_markdown(settings: dict[str, Any], rows: list[dict[str, Any]]) -> str:
