@@ -19,8 +19,19 @@ TEST_WORKERS ?= 2
 $(PYTHON):
 	$(HOST_PYTHON) -m venv $(VENV)
 
+# requires-python in pyproject.toml: transformers 5.23, the oldest release hf_compress supports, needs 3.11.
+define PYTHON_CHECK
+import sys
+if sys.version_info < (3, 11):
+    sys.exit(f"hf_compress needs Python 3.11 or newer (transformers 5.23+ does); $(VENV) has {sys.version.split()[0]}. "
+             "Remove $(VENV) and run make again with HOST_PYTHON=python3.11 (or newer), or activate such an environment.")
+endef
+export PYTHON_CHECK
+
+# The Python check comes first: on an older one, pip would download torch before refusing hf_compress itself.
 # torch first, pinned to the local CPU wheel: an unpinned torch would pull several GB of CUDA packages.
 $(STAMP)/install: pyproject.toml $(CONSTRAINTS) | $(PYTHON)
+	@$(PYTHON) -c "$$PYTHON_CHECK"
 	$(PIP) install -q -c $(CONSTRAINTS) torch==2.13.0
 	$(PIP) install -q -c $(CONSTRAINTS) -e ".[eval,dev]"
 	@mkdir -p $(STAMP) && touch $@
