@@ -25,8 +25,8 @@ from pathlib import Path
 import hf_compress
 
 
-PACKAGE = Path(hf_compress.__file__).parent
-DOC = PACKAGE.parent / "docs" / "architecture.md"
+PACKAGE = Path(hf_compress.__file__).parent  # the code under test, wherever it is installed
+DOC = Path(__file__).resolve().parents[1] / "docs" / "architecture.md"  # the doc lives beside the tests, not the package
 
 FILE_SUFFIXES = {"py", "md", "json", "yaml", "txt", "sh", "safetensors", "toml"}
 OBJECT_ATTRIBUTES = {"config.hf_compress", "config.quantization_config", "model.generate"}
