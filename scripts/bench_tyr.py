@@ -70,6 +70,7 @@ def main() -> None:
     parser.add_argument("--speed-from", metavar="NAME", help="re-time the shapes of bench/results/NAME.json")
     parser.add_argument("--rounds", type=int, default=3, help="--speed-from: round-robin rounds (default 3)")
     args = parser.parse_args()
+
     def render(payload: dict[str, Any]) -> str:  # a re-timing run's settings name the run it re-timed
         markdown = _speed_markdown if "source" in payload["settings"] else _markdown
         return markdown(payload["settings"], payload["results"]["rows"])

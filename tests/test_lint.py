@@ -28,8 +28,8 @@ def test_ruff_finds_nothing():
 def test_code_runs_on_the_oldest_supported_python():
     """vermin reads the code for language features and standard-library names newer than ``requires-python``.
 
-    Python 3.11's ``typing.Self``, imported at run time, once made ``import hf_compress.pruning`` fail on 3.10, which
-    the suite (run on 3.11) could not see. ``# novermin`` marks an import that only type checkers execute.
+    requires-python once said 3.10 while ``hf_compress.pruning`` imported 3.11's ``typing.Self`` at run time; the
+    suite, run on 3.11, could not see it. A ``# novermin`` comment exempts a line only type checkers execute.
     """
     vermin = shutil.which("vermin", path=str(pathlib.Path(sys.executable).parent))
     if vermin is None:
