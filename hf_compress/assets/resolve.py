@@ -164,7 +164,9 @@ def _check_folder(name: str, path: Path) -> None:
     """A saved model folder: ``config.json`` present, every safetensors file whole (a one-line error naming it)."""
     if not (path / "config.json").is_file():
         # hf_compress writes two kinds of folders that are not models: say which one this is and what takes it.
-        if (path / "experts_config.json").is_file():
+        from ..experts.folder import CONFIG_NAME as EXPERTS_CONFIG
+
+        if (path / EXPERTS_CONFIG).is_file():
             what = ("it holds LoRA experts and their router, not a model: route with ExpertRouter.from_pretrained("
                     "folder, base_model=<its base model>) or hf-compress experts route --experts FOLDER")
         elif (path / "custom_generate" / "generate.py").is_file():

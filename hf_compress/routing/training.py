@@ -230,9 +230,10 @@ class KeepBestRouter(TrainerCallback):
         checkpoint = args.resume_from_checkpoint
         if checkpoint is True or checkpoint == "True":  # Trainer's own reading of True: the last one in output_dir
             checkpoint = get_last_checkpoint(args.output_dir)
-        if not checkpoint or not os.path.isfile(os.path.join(str(checkpoint), SELECTION_RECORD)):
+        record_path = os.path.join(str(checkpoint), SELECTION_RECORD)
+        if not checkpoint or not os.path.isfile(record_path):
             return None
-        with open(os.path.join(str(checkpoint), SELECTION_RECORD)) as file:
+        with open(record_path) as file:
             record = json.load(file)
         return record, load_file(os.path.join(str(checkpoint), SELECTION_WEIGHTS))
 
