@@ -596,3 +596,17 @@ def test_tree_decoding_on_smollm2_is_greedy_identical():
     reference = model.generate(ids, max_new_tokens=12, do_sample=False)
     strategy = Amphista(heads, tree=[(0,), (1,), (2,), (0, 0), (1, 0), (0, 0, 0)])
     assert torch.equal(model.generate(ids, max_new_tokens=12, do_sample=False, custom_generate=strategy), reference)
+
+
+def test_medusa_heads_bigger_than_their_model_are_warned_of(caplog):
+    model, _ = tiny_model("llama")
+    per_head = model.get_output_embeddings().weight.numel()
+    heavy = model.num_parameters() // per_head + 1  # the fewest heads whose own projections outweigh the model
+    with caplog.at_level("WARNING", logger="hf_compress.speculative.heads.modeling"):
+        AmphistaHeads.for_model(model, MedusaConfig(num_heads=heavy - 1))
+        assert not caplog.records
+        AmphistaHeads.for_model(model, MedusaConfig(num_heads=heavy, share_lm_head=True))
+        assert not caplog.records
+        AmphistaHeads.for_model(model, MedusaConfig(num_heads=heavy))
+    assert [record.levelname for record in caplog.records] == ["WARNING"]
+    assert "share_lm_head=True" in caplog.records[0].getMessage()

@@ -563,3 +563,45 @@ def test_publish_requires_a_namespace_on_the_command_line(tmp_path, capsys):
         main(["publish", "--manifest", str(tmp_path / "manifest.json"), "--dry-run"])
     assert exit_info.value.code == 2
     assert "the following arguments are required: --namespace" in capsys.readouterr().err
+
+
+def test_folders_that_are_not_whole_models_are_named_for_what_they_are(tmp_path, monkeypatch, capsys):
+    from peft import LoraConfig, get_peft_model
+
+    from hf_compress.assets import tiny_model
+    from hf_compress.speculative.heads import AmphistaConfig, AmphistaHeads
+
+    monkeypatch.chdir(tmp_path)
+    model, tokenizer = tiny_model("llama")
+    model.save_pretrained("no-tokenizer")
+    get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained("adapter")
+    AmphistaHeads.for_model(tiny_model("llama")[0], AmphistaConfig(num_heads=2)).save_pretrained("heads")
+    capsys.readouterr()
+    cases = {
+        "no-tokenizer": "no-tokenizer: no tokenizer files in this folder",
+        "adapter": "adapter: no config.json in this folder; it holds a PEFT adapter",
+        "heads": "heads holds Amphista drafting heads",
+    }
+    for folder, start in cases.items():
+        assert main(["prune", "magnitude", "--model", folder, "--save-dir", "out", "-q"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"hf-compress: error: {start}") and "\n" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_sigterm_unwinds_like_ctrl_c_and_leaves_no_staging_folder(tmp_path, monkeypatch, capsys):
+    import signal
+
+    from hf_compress.pruning import storage
+
+    def terminated_while_staging(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler raises here, in the middle of the staged save
+
+    monkeypatch.setattr(storage, "seal_checkpoint", terminated_while_staging)
+    before = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "pruned"
+    assert main(["prune", "magnitude", "--model", "tiny-llama", "--sparsity", "0.5", "--save-dir", str(out),
+                 "-q"]) == 128 + signal.SIGTERM
+    assert capsys.readouterr().err.strip() == "hf-compress: terminated"
+    assert list(tmp_path.iterdir()) == []  # neither the folder nor its staging
+    assert signal.getsignal(signal.SIGTERM) == before

@@ -702,7 +702,7 @@ def test_fly_calibrate_loads_a_draft_given_by_path_once(pair, tmp_path, monkeypa
     original = transformers.AutoModelForCausalLM.from_pretrained.__func__
 
     def counting(cls, *args, **kwargs):
-        loads.append(args[0])
+        loads.append(str(args[0]))
         return original(cls, *args, **kwargs)
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", classmethod(counting))

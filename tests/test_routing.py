@@ -1176,3 +1176,34 @@ def test_config_from_dict_refuses_unknown_keys():
         TokenRouterConfig.from_dict({"route_decoding": True})
     with pytest.raises(ValueError, match="no field 'zzz'; valid fields: token_sparsity, "):
         TokenRouterConfig.from_dict({"zzz": 1})
+
+
+# ------------------------------------------------------------------------ methods that rewrite weights refuse
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "tyr"])
+def test_pruners_refuse_a_routed_model_before_any_work(method, tmp_path):
+    from hf_compress.pruning import PRUNERS
+
+    model, tokenizer = tiny_model("llama")
+    install_routing(model, RoutingSchedule([0.5, 0.5]), mode="static")
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    pruner = PRUNERS[method](model, tokenizer)
+    with pytest.raises(ValueError, match="token-routed: prune the model it was routed from"):
+        pruner.prune(pruner.config_for_target(0.5), "some calibration text " * 200, save_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
+
+
+def test_quantizers_refuse_a_routed_model():
+    from peft import get_peft_model
+
+    from hf_compress.quantization import DLQATConfig, quantize_rtn
+
+    model, _ = tiny_model("llama")
+    install_routing(model, RoutingSchedule([0.5, 0.5]), mode="static")
+    with pytest.raises(ValueError, match="token-routed: quantize the model it was routed from"):
+        quantize_rtn(model, bits=4, group_size=32)
+    with pytest.raises(ValueError, match="token-routed: quantize the model it was routed from"):
+        get_peft_model(model, DLQATConfig(bits=4, group_size=32, target_modules="all-linear"))
+    assert not any(type(module).__name__ == "PackedLinear" for module in model.modules())

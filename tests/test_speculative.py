@@ -704,7 +704,7 @@ def test_save_load_and_push_custom_generate_folder(tmp_path, fake_hub, monkeypat
     loads = []
     real_from_pretrained = AutoModelForCausalLM.from_pretrained
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained",
-                        lambda *a, **k: loads.append(a[0]) or real_from_pretrained(*a, **k))
+                        lambda *a, **k: loads.append(str(a[0])) or real_from_pretrained(*a, **k))
     for _ in range(2):
         out = model.generate(ids, max_new_tokens=20, do_sample=False, custom_generate=str(folder), trust_remote_code=True)
         assert torch.equal(out, reference)
@@ -736,3 +736,15 @@ def test_save_load_and_push_custom_generate_folder(tmp_path, fake_hub, monkeypat
     assert not any(str(tmp_path).encode() in data for data in pushed.values())  # no local path reached the Hub
     # Settings round-trip through the dict embedded in generate.py.
     assert strategy_from_dict(strict.to_dict()).to_dict() == strict.to_dict()
+
+
+def test_a_draft_model_given_by_name_takes_the_librarys_names_and_fails_in_one_line(tmp_path):
+    target, tokenizer = tiny_model("llama")
+    ids = tokenizer("a b c d e f", return_tensors="pt").input_ids
+    greedy = target.generate(ids, max_new_tokens=6, do_sample=False)
+    by_name = SpeculativeDecoding("tiny-llama", num_draft_tokens=3)  # a name only load_model knows
+    assert torch.equal(target.generate(ids, max_new_tokens=6, do_sample=False, custom_generate=by_name), greedy)
+    assert by_name.draft_model.dtype == target.dtype and not by_name.draft_model.training
+    missing = SpeculativeDecoding(str(tmp_path / "no-such-draft"))
+    with pytest.raises(FileNotFoundError, match="no-such-draft: no such folder"):
+        target.generate(ids, max_new_tokens=6, do_sample=False, custom_generate=missing)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -16,7 +17,8 @@ from transformers import (
 )
 
 from .. import _compat
-from ..utils import InvalidArgumentTypeError, check_path
+from ..utils import InvalidArgumentTypeError, check_bool, check_path
+from ..utils.model_types import MODEL_TYPE_MODULES
 from .reference_models import REFERENCE_MODELS, load_reference_model
 from .tiny_models import TINY_ARCHITECTURES, tiny_model
 
@@ -44,8 +46,8 @@ def is_builtin_model(name: str) -> bool:
 
 
 def load_model(
-    name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32, *, with_tokenizer: bool = True
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     """Load a causal LM and its tokenizer from any of the names hf_compress accepts.
 
     - a reference model name (``"smollm2-135m"``, ``"gemma3-270m"``), loaded offline;
@@ -53,19 +55,24 @@ def load_model(
     - a local folder saved with ``save_pretrained``;
     - otherwise a Hub id, passed to ``from_pretrained`` (the only case that may reach the network).
 
+    ``with_tokenizer=False`` loads the model alone (the tokenizer returned is ``None``): a draft model that shares its
+    target's tokenizer needs none of its own.
+
     Example:
         >>> model, tokenizer = load_model("tiny-qwen3")
     """
     check_path("name_or_path", name_or_path, hint="Pass a reference model name, tiny-<arch>, a folder or a Hub id.")
     if not isinstance(dtype, torch.dtype):
         raise InvalidArgumentTypeError(f"dtype must be a torch.dtype (e.g. torch.bfloat16), got {dtype!r}.")
+    check_bool("with_tokenizer", with_tokenizer)
     name = str(name_or_path)
     if name in REFERENCE_MODELS:
-        return load_reference_model(name, dtype=dtype)
+        model, tokenizer = load_reference_model(name, dtype=dtype)
+        return model, tokenizer if with_tokenizer else None
     arch = tiny_architecture(name)
     if arch is not None:
         model, tokenizer = tiny_model(arch)
-        return model.to(dtype), tokenizer
+        return model.to(dtype), tokenizer if with_tokenizer else None
     path = Path(name).expanduser()
     if path.exists() and not path.is_dir():
         raise ValueError(f"{name} is a file; pass the folder that holds config.json and the weights.")
@@ -79,7 +86,16 @@ def load_model(
     else:
         check_model_name_form(name)
         _check_hub_id(name)
-    check_causal_lm_config(AutoConfig.from_pretrained(path if path.is_dir() else name), name)
+    config = AutoConfig.from_pretrained(path if path.is_dir() else name)
+    # hf_compress's heads and arbiter folders go on to from_pretrained, which refuses them saying what they are and
+    # how to decode with them.
+    if config.model_type not in MODEL_TYPE_MODULES:
+        check_causal_lm_config(config, name)
+        if with_tokenizer and path.is_dir() and not any(any(path.glob(pattern)) for pattern in _TOKENIZER_FILES):
+            raise FileNotFoundError(  # before the weights load; AutoTokenizer would blame sentencepiece or tiktoken
+                f"{name}: no tokenizer files in this folder (model.save_pretrained does not write them); save the "
+                "tokenizer there too: tokenizer.save_pretrained(folder)."
+            )
     with _compat.quiet_weight_progress():
         try:
             model = AutoModelForCausalLM.from_pretrained(
@@ -90,8 +106,9 @@ def load_model(
                 raise ValueError(f"{name}: a safetensors file could not be read ({err}); re-download it or "
                                  "save the model again.") from err
             raise
-    tokenizer = AutoTokenizer.from_pretrained(path if path.is_dir() else name)
-    return model, tokenizer
+    if not with_tokenizer:
+        return model, None
+    return model, AutoTokenizer.from_pretrained(path if path.is_dir() else name)
 
 
 def check_causal_lm_config(config: PretrainedConfig, name: str) -> None:
@@ -149,6 +166,19 @@ def check_model_name_form(name: str) -> None:
         )
 
 
+# What AutoTokenizer reads in one form or another (fast, sentencepiece, BPE, WordPiece, tiktoken tokenizers).
+_TOKENIZER_FILES = ("tokenizer*", "vocab*", "merges.txt", "*.model", "*.tiktoken", "special_tokens_map.json")
+
+
+def _adapter_base(path: Path) -> str:
+    """`` for <base model>`` as the adapter's config names it, or nothing."""
+    try:
+        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return ""
+    return f" for {base}" if isinstance(base, str) and base else ""
+
+
 def _looks_like_a_path(name: str) -> bool:
     """``./x``, ``../x``, ``/x``, ``~/x``, ``x/`` or ``a/b/c``: a folder the user meant, not a Hub id."""
     separators = ("/", os.sep) if os.sep != "/" else ("/",)
@@ -163,15 +193,19 @@ def _looks_like_a_path(name: str) -> bool:
 def _check_folder(name: str, path: Path) -> None:
     """A saved model folder: ``config.json`` present, every safetensors file whole (a one-line error naming it)."""
     if not (path / "config.json").is_file():
-        # hf_compress writes two kinds of folders that are not models: say which one this is and what takes it.
+        # Folders that are not models (hf_compress's, peft's): say which one this is and what takes it.
         from ..experts.folder import CONFIG_NAME as EXPERTS_CONFIG
 
         if (path / EXPERTS_CONFIG).is_file():
             what = ("it holds LoRA experts and their router, not a model: route with ExpertRouter.from_pretrained("
                     "folder, base_model=<its base model>) or hf-compress experts route --experts FOLDER")
-        elif (path / "custom_generate" / "generate.py").is_file():
+        elif (path / "custom_generate" / "generate.py").is_file() or (path / "generate.py").is_file():
             what = ("it holds a decoding strategy, not a model: pass it to the model it decodes, as "
                     "model.generate(..., custom_generate=folder, trust_remote_code=True)")
+        elif (path / "adapter_config.json").is_file():
+            what = (f"it holds a PEFT adapter{_adapter_base(path)}, not a model: load the base model and "
+                    "PeftModel.from_pretrained(base, folder), then merge it (merge_and_unload(); a DL-QAT adapter: "
+                    "merge_and_quantize()) and save that model, or pass the base model")
         else:
             what = "pass the folder save_pretrained wrote (config.json and weights)"
         raise FileNotFoundError(f"{name}: no config.json in this folder; {what}.")

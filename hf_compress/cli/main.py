@@ -11,7 +11,9 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -243,6 +245,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # `kill`, `timeout` and job schedulers stop a run with SIGTERM: unwind as for Ctrl-C, so no staging folder of a
+    # half-written save is left behind.
+    terminate = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if terminate else None
     try:
         code = args.run(args)
         sys.stdout.flush()  # a block-buffered pipe fails here, not at exit, so the reader's leaving is handled below
@@ -250,6 +256,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("hf-compress: interrupted", file=sys.stderr)
         return 130
+    except _Terminated:
+        print("hf-compress: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except BrokenPipeError:
         # The reader went away (`hf-compress ... | head`): stop quietly, as Unix tools do. Python would
         # flush stdout again at exit and fail once more, so point it at /dev/null first.
@@ -261,6 +270,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = " ".join(str(err).split()) or type(err).__name__
         print(f"hf-compress: error: {message} (run with --debug for the traceback)", file=sys.stderr)
         return 2
+    finally:
+        if terminate:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised where the run is; a ``BaseException`` like ``KeyboardInterrupt``, so that no ``except
+    Exception`` takes it for a failure to handle."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise _Terminated
 
 
 def _silence_stdout() -> None:

@@ -186,6 +186,7 @@ class BasePruner(ABC):
             self.tokenizer = tokenizer
         if save_dir is not None:
             check_save_dir(Path(save_dir), overwrite, self.model)
+        self._check_model_is_float()
         plan = self.plan(config)
         permutation_sites = self._check_permutation(config)
         calibration_ids = self._calibration_ids(config, calibration_dataset,
@@ -245,6 +246,18 @@ class BasePruner(ABC):
                 f"{type(self).__name__} takes a {self.config_class.__name__}, got {type(config).__name__}."
             )
         return config
+
+    def _check_model_is_float(self) -> None:
+        """Refuse, before any work, a model that an earlier method left in a form no pruner can take."""
+        from ..formats.packed import check_not_packed
+        from ..routing.layer import check_not_routed
+
+        # Packed layers are not linear layers to prune, and pruning their dequantized weights would discard what the
+        # quantizer fitted.
+        check_not_packed(self.model, "prune the float model, then quantize it")
+        check_not_routed(self.model, "prune the model it was routed from (routing leaves the weights as they are) "
+                                     "and route the pruned model anew: the schedule and router were fitted to the "
+                                     "weights before pruning")
 
     def _check_permutation(self, config: PruningConfig) -> Any:
         """The permutation sites when ``config.permutation`` is set (checked before any work), else ``None``."""

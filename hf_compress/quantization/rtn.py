@@ -26,6 +26,7 @@ from ..modeling.layers import (
 )
 from ..utils import InvalidArgumentTypeError, check_bool, check_str_list
 from .grid import QuantizationGrid, check_grid_arguments, check_keep_sparsity, keeps_sparsity
+from ..routing.layer import check_not_routed
 from .packed_linear import PackedLinear
 
 
@@ -34,6 +35,10 @@ if TYPE_CHECKING:
 
 
 __all__ = ["quantize_rtn"]
+
+ROUTED_HINT = ("quantize the model it was routed from instead: the routed format keeps every weight in float, so a "
+               "quantized checkpoint would drop the router")
+"""What RTN and DL-QAT tell the owner of a token-routed model (``check_not_routed``)."""
 
 
 @torch.no_grad()
@@ -63,6 +68,7 @@ def quantize_rtn(
     check_keep_sparsity(keep_sparsity)
     skip = check_str_list("skip", skip, hint="skip holds fnmatch patterns of layer names, e.g. '*down_proj'.")
     check_not_packed(model, "quantize the float model instead (all layers at once; `skip` keeps some in full precision)")
+    check_not_routed(model, ROUTED_HINT)
     check_not_offloaded(model, "Round-to-nearest quantization")  # offloaded weights are on 'meta'
     slim = slim_record(model)  # measured on the nn.Linear layers, before they are replaced
     prefix, blocks = find_decoder_blocks(model)

@@ -80,6 +80,7 @@ __all__ = [
     "ROUTING_MODES",
     "RoutedLayerMixin",
     "RoutingState",
+    "check_not_routed",
     "install_routing",
     "remove_routing",
     "routing_disabled",
@@ -129,6 +130,26 @@ def routing_state(model: nn.Module) -> RoutingState | None:
     """The routing state of a model with routing installed (``None`` otherwise)."""
     _, blocks = find_decoder_blocks(model)
     return getattr(blocks[0], "_routing_state", None) if len(blocks) else None
+
+
+def check_not_routed(model: nn.Module, hint: str) -> None:
+    """Refuse a token-routed model before a method that rewrites its weights does any work.
+
+    Pruning or quantizing would change the weights the router's schedule was searched and trained on, and save the
+    model in that method's format, which has no place for the router (the routed format stores float weights, every
+    one dense). ``hint``: what to do instead.
+
+    Example:
+        >>> from hf_compress.assets import tiny_model
+        >>> model = tiny_model("llama")[0]
+        >>> _ = install_routing(model, RoutingSchedule([0.5, 0.5]), mode="static")
+        >>> check_not_routed(model, "prune the model before routing it")
+        Traceback (most recent call last):
+        ...
+        ValueError: The model is token-routed: prune the model before routing it.
+    """
+    if any(isinstance(module, RoutedLayerMixin) for module in model.modules()):
+        raise ValueError(f"The model is token-routed: {hint}.")
 
 
 def install_routing(

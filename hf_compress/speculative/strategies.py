@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.generation import StoppingCriteriaList
 from transformers.generation.stopping_criteria import MaxLengthCriteria
 
@@ -59,7 +59,9 @@ class SpeculativeDecoding:
     ``return_dict_in_generate=True``).
 
     Args:
-        draft_model: A causal LM, or a path/Hub id loaded on first use with the target's dtype and device.
+        draft_model: A causal LM, or a name ``hf_compress.assets.load_model`` takes (a reference model such as
+            ``"smollm2-135m"``, ``tiny-<arch>``, a folder, a Hub id), loaded on first use with the target's dtype
+            and device.
         num_draft_tokens: Tokens drafted per target forward (>= 1).
         tokenizer / draft_tokenizer: Needed only when the two models' vocabularies differ.
         use_ngram: Speed up the draft model itself with n-gram lookup (FLy's multi-level acceleration).
@@ -245,11 +247,13 @@ class SpeculativeDecoding:
         if self._custom_drafter:
             return self._drafter
         if isinstance(self.draft_model, (str, os.PathLike)):
+            from ..assets import load_model
+
             logger.info("Loading draft model %s", self.draft_model)
-            with _compat.quiet_weight_progress():  # the first generate() call's own bookkeeping, not a download
-                self.draft_model = AutoModelForCausalLM.from_pretrained(self.draft_model, dtype=model.dtype)
+            # load_model: the names the library takes everywhere (reference, tiny-<arch>), and a one-line error for a
+            # missing folder or an unreachable Hub id rather than a minute of retries.
+            self.draft_model = load_model(self.draft_model, dtype=model.dtype, with_tokenizer=False)[0]
             self.draft_model.to(model.device)
-            self.draft_model.eval()
         for name in ("tokenizer", "draft_tokenizer"):
             if isinstance(getattr(self, name), (str, os.PathLike)):
                 setattr(self, name, AutoTokenizer.from_pretrained(getattr(self, name)))

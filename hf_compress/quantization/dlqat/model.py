@@ -38,7 +38,9 @@ from ...utils import get_logger
 from ...formats.packed import PackedFormatConfig, attach_packed_format, check_not_packed
 from ...formats.slim import slim_record
 from ...hub.model_card import hub_model_id
+from ...routing.layer import check_not_routed
 from ..packed_linear import PackedLinear
+from ..rtn import ROUTED_HINT
 from .config import DLQATConfig
 from ...modeling.identity import fingerprints_match
 from .layer import DLQATLayer, DLQATLinear
@@ -104,6 +106,7 @@ class DLQATModel(BaseTuner):
         check_not_offloaded(model, "DL-QAT")
         # "all-linear" skips packed layers: peft would only say that no target module matched.
         check_not_packed(model, "put the DL-QAT adapter on the float model instead")
+        check_not_routed(model, ROUTED_HINT)
         # A slim model's widths are measured on its nn.Linear layers, which the injection is about to wrap.
         if getattr(self, "_slim_widths", None) is None:
             self._slim_widths = slim_record(model)
@@ -194,6 +197,7 @@ class DLQATModel(BaseTuner):
         if not isinstance(config, DLQATConfig):
             raise TypeError(f"adapter {adapter!r} is not a DL-QAT adapter.")
         check_not_packed(self.model, "put the DL-QAT adapter on the float model instead (all layers at once)")
+        check_not_routed(self.model, ROUTED_HINT)
         layers = [(name, m) for name, m in self.model.named_modules() if isinstance(m, DLQATLayer)]
         broken = next((f"{name}.{tensor}" for name, layer in layers for tensor in _non_finite(layer, adapter)), None)
         if broken is not None:  # before any layer is packed: a refused model stays as it came

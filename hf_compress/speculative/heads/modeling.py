@@ -60,6 +60,25 @@ class BaseParts:
         return cls(model.get_output_embeddings(), model.get_input_embeddings())
 
 
+def _warn_if_projections_outweigh(model: PreTrainedModel, config: DraftHeadsConfig) -> None:
+    """Warn when heads with vocabulary projections of their own would be bigger than the model they draft for.
+
+    With a large vocabulary (Gemma's 262k tokens) each own projection is as big as the embedding: four of them can
+    outweigh the base model, and Adam's state doubles that again while training.
+    """
+    if config.share_lm_head:
+        return
+    own = config.num_heads * config.vocab_size * config.hidden_size
+    base = model.num_parameters()
+    if own > base:
+        logger.warning(
+            "%d heads with their own vocabulary projections hold %.0fM parameters (%d x %d x %d), %.1fx the base "
+            "model's %.0fM; share_lm_head=True (or AmphistaConfig) projects with the base lm_head instead.",
+            config.num_heads, own / 1e6, config.num_heads, config.vocab_size, config.hidden_size, own / base,
+            base / 1e6,
+        )
+
+
 class DraftHeads(PreTrainedModel):
     """Base class: building for a model, checking compatibility, projecting, loading by ``model_type``."""
 
@@ -94,6 +113,7 @@ class DraftHeads(PreTrainedModel):
         config.base_weights = base_weights_of(model.config)  # a reference model's GGUF origin, for the heads' card
         if isinstance(config, AmphistaConfig):
             config.check_widths()  # now that hidden_size is known
+        _warn_if_projections_outweigh(model, config)
         heads = heads_class(config)
         heads.initialise_from(model)
         head_weight = model.get_output_embeddings().weight
