@@ -940,6 +940,26 @@ def test_distillation_weights_the_last_real_tokens():
     assert _tail_weight(torch.zeros(1, 5, dtype=torch.long), None, 1.0).tolist() == [[1] * 5]
 
 
+@pytest.mark.parametrize("padding", ["none", "left"])
+def test_distillation_computes_logits_for_the_scored_tail_only_and_the_same_loss(padding):
+    from hf_compress.routing.training import _scored_tail, _tail_kl, _tail_weight
+
+    model, _ = tiny_model("llama")
+    install_routing(model, RoutingSchedule([0.5, 0.5]), mode="static")
+    ids = _ids(2, 12)
+    mask = {"none": None, "left": torch.tensor([[1] * 12, [0] * 5 + [1] * 7])}[padding]
+    tail, weight = _scored_tail(model, ids, mask, 0.25)
+    with torch.no_grad():
+        with routing_disabled(model):
+            teacher = model(input_ids=ids, attention_mask=mask).logits
+            teacher_tail = model(input_ids=ids, attention_mask=mask, **tail).logits
+        student = model(input_ids=ids, attention_mask=mask).logits
+        student_tail = model(input_ids=ids, attention_mask=mask, **tail).logits
+    assert teacher_tail.shape[1] == weight.shape[1] == 3
+    full = _tail_kl(teacher, student, _tail_weight(ids, mask, 0.25))
+    assert full > 0 and torch.allclose(_tail_kl(teacher_tail, student_tail, weight), full, rtol=1e-4, atol=1e-6)
+
+
 def test_loss_tail_is_checked():
     with pytest.raises(ValueError, match="loss_tail"):
         TokenRouterConfig(loss_tail=0.0)

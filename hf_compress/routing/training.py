@@ -21,6 +21,7 @@ from those alone the router cannot learn that a skipped token was worth computin
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import tempfile
@@ -108,18 +109,20 @@ class RouterTrainingModule(FrozenModelTrainingModule, nn.Module):
         if self.model.training:  # put there from outside this module's train(): checkpointing would run
             refuse_gradient_checkpointing(self.model, reason=GRADIENT_CHECKPOINTING_REFUSED)
         state = routing_state(self.model)
+        tail, weight = _scored_tail(self.model, input_ids, attention_mask, self.config.loss_tail)
         with torch.no_grad(), routing_disabled(self.model):
-            teacher = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits.float()
+            teacher = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                                 **tail).logits.float()
         state.collect = []
         try:
-            student = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits.float()
+            student = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                                 **tail).logits.float()
             collected = state.collect
         finally:
             state.collect = None
         guide_scale = max(0.0, 1.0 - self.progress)
         losses = router_losses(collected, self.config, guide_scale)
-        losses["distill"] = self.config.distill_weight * _tail_kl(teacher, student, input_ids, attention_mask,
-                                                                  self.config.loss_tail)
+        losses["distill"] = self.config.distill_weight * _tail_kl(teacher, student, weight)
         self.last_losses = {name: float(value.detach()) for name, value in losses.items()}
         return {"loss": sum(losses.values())}
 
@@ -130,14 +133,29 @@ GRADIENT_CHECKPOINTING_REFUSED = (
 )
 
 
-def _tail_kl(teacher: torch.Tensor, student: torch.Tensor, input_ids: torch.Tensor,
-             attention_mask: torch.Tensor | None, tail: float) -> torch.Tensor:
-    """KL(teacher ‖ student) of the next-token distributions, averaged over the last ``tail`` of each row's tokens."""
+def _tail_kl(teacher: torch.Tensor, student: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """KL(teacher ‖ student) of the next-token distributions, averaged over the positions ``weight`` scores."""
     log_teacher = torch.log_softmax(teacher, -1)
     log_student = torch.log_softmax(student, -1)
     kl = (log_teacher.exp() * (log_teacher - log_student)).sum(-1)
-    weight = _tail_weight(input_ids, attention_mask, tail)
     return (kl * weight).sum() / weight.sum().clamp(min=1)
+
+
+def _scored_tail(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                 tail: float) -> tuple[dict[str, int], torch.Tensor]:
+    """The forward keyword that computes logits only from the first scored position on, and those positions'
+    weights (:func:`_tail_weight`).
+
+    The ``[batch, length, vocabulary]`` float logits of teacher and student are the largest tensors router training
+    holds, and the loss reads only the last ``tail`` of each row: a model whose forward takes ``logits_to_keep``
+    runs its language-model head on that span alone.
+    """
+    weight = _tail_weight(input_ids, attention_mask, tail)
+    if "logits_to_keep" not in inspect.signature(model.forward).parameters:
+        return {}, weight
+    scored = weight.any(0).nonzero()
+    keep = weight.shape[1] - int(scored[0]) if len(scored) else 1
+    return {"logits_to_keep": keep}, weight[:, -keep:]
 
 
 class GuideDecay(TrainerCallback):
@@ -180,10 +198,11 @@ class KeepBestRouter(TrainerCallback):
                 ids = row["input_ids"][None].to(device)
                 mask = row.get("attention_mask")
                 mask = mask[None].to(device) if mask is not None else None
+                tail, weight = _scored_tail(self.model, ids, mask, self.config.loss_tail)
                 with routing_disabled(self.model):
-                    teacher = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
-                student = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
-                total += float(_tail_kl(teacher, student, ids, mask, self.config.loss_tail))
+                    teacher = self.model(input_ids=ids, attention_mask=mask, use_cache=False, **tail).logits.float()
+                student = self.model(input_ids=ids, attention_mask=mask, use_cache=False, **tail).logits.float()
+                total += float(_tail_kl(teacher, student, weight))
         return total / len(self.windows)
 
     def _check(self, step: int, args: TrainingArguments) -> None:
