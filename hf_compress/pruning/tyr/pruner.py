@@ -39,7 +39,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from ...modeling import calibration_batches, find_decoder_blocks
@@ -371,11 +372,11 @@ class TyrPruner(StructuralPruner):
             save_file(tensors, partial)
 
     def _restore_dense_outputs(self, structures: list[BlockStructure], path: Path) -> None:
-        stored = load_file(path)
-        with torch.no_grad():
+        # One tensor at a time: all blocks' output projections together are about a third of the model.
+        with torch.no_grad(), safe_open(path, framework="pt") as stored:
             for index, structure in enumerate(structures):
-                structure.attention.output.weight.copy_(stored[f"{index}.attention"])
-                structure.ffn.output.weight.copy_(stored[f"{index}.ffn"])
+                structure.attention.output.weight.copy_(stored.get_tensor(f"{index}.attention"))
+                structure.ffn.output.weight.copy_(stored.get_tensor(f"{index}.ffn"))
 
     def _fingerprint(self, config: TyrConfig, calibration_ids: torch.Tensor | None, pool: torch.Tensor) -> str:
         """What the work_dir's supernet and teacher depend on: the config, the text and the weights (sampled: an
