@@ -191,6 +191,28 @@ def test_gradients_reach_a_b_and_magnitudes():
     assert layer.dlqat_B["default"].grad.abs().sum() > 0 and layer.dlqat_magnitude["default"].grad.abs().sum() > 0
 
 
+def test_training_keeps_no_weight_sized_tensor_per_layer_and_the_same_gradients(monkeypatch):
+    def gradients(model):
+        model(IDS, labels=IDS).loss.backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+    model = _dlqat(init_weights=False)
+    weight_shapes = {tuple(m.base_layer.weight.shape) for m in model.modules() if isinstance(m, DLQATLinear)}
+    saved = []
+
+    def pack(tensor):
+        saved.append(tuple(tensor.shape))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        recomputed = gradients(model)
+    assert saved and not weight_shapes & set(saved)  # the fake-quantized weights are recomputed in the backward pass
+    model.zero_grad()
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda function, *args, use_reentrant: function(*args))
+    kept = gradients(model)
+    assert recomputed.keys() == kept.keys() and all(torch.equal(recomputed[k], kept[k]) for k in kept)
+
+
 @pytest.mark.parametrize("lora_space", ["quantization", "weight"])
 def test_lora_space_changes_the_update(lora_space):
     model = _dlqat(init_weights=False, lora_space=lora_space, use_magnitude=False)

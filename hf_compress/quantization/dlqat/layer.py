@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
@@ -316,6 +317,14 @@ class DLQATLinear(nn.Module, DLQATLayer):
         adapter = self._single_active_adapter()
         if adapter is None:
             return self.base_layer(x, *args, **kwargs)
+        if torch.is_grad_enabled():
+            # Recomputed in the backward pass: autograd would otherwise keep weight-sized intermediates of the fake
+            # quantization (about 13 bytes per weight) for every layer until the backward pass reaches it, several
+            # times the model while training. Only x is kept; the recomputation is elementwise over the weight.
+            return torch.utils.checkpoint.checkpoint(self._quantized_linear, x, adapter, use_reentrant=False)
+        return self._quantized_linear(x, adapter)
+
+    def _quantized_linear(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
         weight = self.quantized_weight(adapter).to(x.dtype)
         bias = self.get_base_layer().bias
         return nn.functional.linear(x, weight, None if bias is None else bias.to(x.dtype))
