@@ -24,9 +24,9 @@ from ..formats.slim import slim_record
 from ..modeling.layers import (
     check_not_offloaded, check_skip_patterns, find_decoder_blocks, find_linear_layers, replace_module, weight_matrix,
 )
+from ..routing.layer import check_not_routed
 from ..utils import InvalidArgumentTypeError, check_bool, check_str_list
 from .grid import QuantizationGrid, check_grid_arguments, check_keep_sparsity, keeps_sparsity
-from ..routing.layer import check_not_routed
 from .packed_linear import PackedLinear
 
 
