@@ -645,3 +645,13 @@ def test_calibration_token_ids_and_skip_patterns() -> None:
     for name in ("model.layers.0.mlp.down_proj", "model.layers.1.self_attn.q_proj"):
         assert torch.equal(model.get_submodule(name).weight, before[f"{name}.weight"]), name
     assert sparsity_of(model.model.layers[1].mlp.up_proj.weight) == 0.5
+
+
+def test_a_name_or_a_pipeline_given_as_the_model_is_refused_with_what_to_pass() -> None:
+    from transformers import pipeline
+
+    model, tokenizer = tiny_model("llama")
+    with pytest.raises(TypeError, match=r"got str\. MagnitudePruner\.from_pretrained\('tiny-llama'\) loads one"):
+        MagnitudePruner("tiny-llama")
+    with pytest.raises(TypeError, match=r"got TextGenerationPipeline\. Pass the pipeline's model \(pipe\.model\)"):
+        MagnitudePruner(pipeline("text-generation", model=model, tokenizer=tokenizer))

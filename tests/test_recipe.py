@@ -835,3 +835,11 @@ def test_a_cheap_recipe_on_smollm2(tmp_path):
     assert result.final_metrics["reload_max_logit_difference"] <= 1e-3
     assert result.final_metrics["model_disk_bytes"] < 0.5 * base["stored_bytes"]
     assert base["perplexity"] < pruned["perplexity"]
+
+
+def test_a_folder_given_as_the_recipe_file_is_named_as_a_folder(tmp_path):
+    with pytest.raises(IsADirectoryError, match="is a folder; pass the path of a recipe YAML file.$"):
+        Recipe.from_yaml(tmp_path)
+    (tmp_path / "recipe.yaml").write_text("name: x\n")
+    with pytest.raises(IsADirectoryError, match=r"YAML file \(.*recipe\.yaml\)\.$"):
+        Recipe.from_yaml(tmp_path)

@@ -85,7 +85,10 @@ class BasePruner(ABC):
         self, model: PreTrainedModel | nn.Module, tokenizer: PreTrainedTokenizerBase | None = None
     ) -> None:
         if not isinstance(model, nn.Module):
-            raise TypeError(f"{type(self).__name__} needs a torch model, got {type(model).__name__}.")
+            hint = (f" {type(self).__name__}.from_pretrained({model!r}) loads one by name." if isinstance(model, str)
+                    else " Pass the pipeline's model (pipe.model)." if hasattr(model, "model") and hasattr(model, "task")
+                    else "")
+            raise TypeError(f"{type(self).__name__} needs a torch model, got {type(model).__name__}.{hint}")
         _check_tokenizer(tokenizer)
         self.model = model
         self.tokenizer = tokenizer

@@ -232,6 +232,10 @@ class Recipe:
         import yaml
 
         path = Path(path)
+        if path.is_dir():
+            inside = (path / "recipe.yaml").is_file()  # a folder a recipe run (or a Hub download) wrote
+            raise IsADirectoryError(f"recipe file {path} is a folder; pass the path of a recipe YAML file"
+                                    + (f" ({path / 'recipe.yaml'})." if inside else "."))
         if not path.is_file():
             raise FileNotFoundError(f"recipe file {path} does not exist; pass the path of a recipe YAML file.")
         try:
