@@ -85,9 +85,10 @@ class BasePruner(ABC):
         self, model: PreTrainedModel | nn.Module, tokenizer: PreTrainedTokenizerBase | None = None
     ) -> None:
         if not isinstance(model, nn.Module):
+            from transformers import Pipeline
+
             hint = (f" {type(self).__name__}.from_pretrained({model!r}) loads one by name." if isinstance(model, str)
-                    else " Pass the pipeline's model (pipe.model)." if hasattr(model, "model") and hasattr(model, "task")
-                    else "")
+                    else " Pass the pipeline's model (pipe.model)." if isinstance(model, Pipeline) else "")
             raise TypeError(f"{type(self).__name__} needs a torch model, got {type(model).__name__}.{hint}")
         _check_tokenizer(tokenizer)
         self.model = model
@@ -189,7 +190,7 @@ class BasePruner(ABC):
             self.tokenizer = tokenizer
         if save_dir is not None:
             check_save_dir(Path(save_dir), overwrite, self.model)
-        self._check_model_is_float()
+        self._check_model_can_be_pruned()
         plan = self.plan(config)
         permutation_sites = self._check_permutation(config)
         calibration_ids = self._calibration_ids(config, calibration_dataset,
@@ -250,7 +251,7 @@ class BasePruner(ABC):
             )
         return config
 
-    def _check_model_is_float(self) -> None:
+    def _check_model_can_be_pruned(self) -> None:
         """Refuse, before any work, a model that an earlier method left in a form no pruner can take."""
         from ..formats.packed import check_not_packed
         from ..routing.layer import check_not_routed
