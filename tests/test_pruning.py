@@ -655,3 +655,13 @@ def test_a_name_or_a_pipeline_given_as_the_model_is_refused_with_what_to_pass() 
         MagnitudePruner("tiny-llama")
     with pytest.raises(TypeError, match=r"got TextGenerationPipeline\. Pass the pipeline's model \(pipe\.model\)"):
         MagnitudePruner(pipeline("text-generation", model=model, tokenizer=tokenizer))
+
+
+def test_a_packed_model_is_refused_by_pruners_before_any_work(tmp_path) -> None:
+    from hf_compress.quantization import quantize_rtn
+
+    model, tokenizer = tiny_model("llama")
+    quantize_rtn(model, bits=4, group_size=32)
+    with pytest.raises(ValueError, match=r"already holds 14 packed layers: prune the float model, then quantize it"):
+        MagnitudePruner(model, tokenizer).prune(0.5, save_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
