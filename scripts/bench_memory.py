@@ -16,6 +16,9 @@ Cases:
     router     token-router training (30% token sparsity in every block) for 2 steps: its loss reads a tail of each
                window, so full-vocabulary logits for every position are the cost the vocabulary multiplies
     wanda      Wanda 2:4 with 16 calibration sequences of 128 tokens: block by block
+    ria        the same with ``permutation="ria"``: the channel permutation scores every pruned weight, and the
+               residual stream's site is read by every block
+    swap       the same with ``SwapPermutationConfig(max_passes=2)``: RIA refined by channel swaps
 
 glibc keeps freed per-layer temporaries as heap it does not return, which hides what the code holds behind
 fragmentation; the children run with ``MALLOC_MMAP_THRESHOLD_=131072`` (recorded in the settings) so big buffers
@@ -23,6 +26,7 @@ are mapped and unmapped and the number is what the code keeps alive.
 
 Usage:
     python scripts/bench_memory.py [--baseline-rev 739d554] [--cases dlqat router wanda]
+    python scripts/bench_memory.py --cases ria swap --baseline-rev REV --output-name memory-permutation
 """
 
 from __future__ import annotations
@@ -46,8 +50,11 @@ SWEEPS = {
     "dlqat": ("layers", (4, 8, 16)),
     "router": ("vocab", (4096, 32768)),
     "wanda": ("layers", (4, 8, 16)),
+    "ria": ("layers", (4, 8, 12)),
+    "swap": ("layers", (4, 8, 12)),
 }
-QUICK_SWEEPS = {"dlqat": ("layers", (2,)), "router": ("vocab", (4096,)), "wanda": ("layers", (2,))}
+QUICK_SWEEPS = {"dlqat": ("layers", (2,)), "router": ("vocab", (4096,)), "wanda": ("layers", (2,)),
+                "ria": ("layers", (2,)), "swap": ("layers", (2,))}
 
 
 # ----------------------------------------------------------------------------------------------- child: one measurement
@@ -141,13 +148,15 @@ def _measure(case: str, value: int) -> dict:
         sampler.mark()
         train_token_router(model, RoutingSchedule([0.3] * layers), data, args=settings,
                            config=TokenRouterConfig(token_sparsity=0.3, validation_windows=2))
-    elif case == "wanda":
+    elif case in ("wanda", "ria", "swap"):
         from hf_compress.pruning import WandaConfig, WandaPruner
+        from hf_compress.pruning.permutation import SwapPermutationConfig
 
+        permutation = {"wanda": None, "ria": "ria", "swap": SwapPermutationConfig(max_passes=2)}[case]
         ids = _token_ids(16, 128, vocab)
         sampler.mark()
-        WandaPruner(model, None).prune(WandaConfig(sparsity="2:4", num_calibration_sequences=16,
-                                                   calibration_seq_len=128), ids, progress=False)
+        WandaPruner(model, None).prune(WandaConfig(sparsity="2:4", num_calibration_sequences=16, calibration_seq_len=128,
+                                                   permutation=permutation), ids, progress=False)
     else:
         raise ValueError(f"unknown case {case!r}; choose from {', '.join(SWEEPS)}")
     excess = sampler.excess()

@@ -9,8 +9,12 @@ import fnmatch
 import itertools
 import json
 import logging
+import os
 import random
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,9 +36,15 @@ from hf_compress.pruning import (
 from hf_compress.pruning.permutation import absorb_permutations, find_sites, hungarian, sinkhorn, swap_refine
 from hf_compress.pruning.permutation.learned import PermutationLearner
 from hf_compress.pruning.permutation.matching import is_permutation
-from hf_compress.pruning.permutation.ria import kept_score, ria_permutation
+from hf_compress.pruning.permutation.ria import SiteScores, kept_score, ria_permutation
 from hf_compress.pruning.permutation.selection import KeepBest, sequential_pruned_losses
-from hf_compress.pruning.permutation.swap import _best_disjoint_swaps, _ChannelTable, _exceedance_table
+from hf_compress.pruning.permutation.swap import (
+    _best_disjoint_swaps,
+    _ChannelTable,
+    _exact_gains,
+    _exceedance_table,
+    _sampled_rows,
+)
 from hf_compress.pruning.permutation.train import learn_permutations
 
 PERMUTABLE = ("llama", "mistral", "qwen2", "qwen3", "gemma3", "opt")
@@ -267,6 +277,78 @@ def test_swap_search_raises_the_kept_score_over_ria_and_never_lowers_it(seed, ke
             assert kept_score(scores, swapped, kept, group) <= best + 1e-6
     again = swap_refine(scores, refined, kept, group)  # nothing left to gain: unchanged after one pass
     assert torch.equal(again.perm, refined) and again.passes == 1 and again.converged
+
+
+def test_site_scores_are_each_readers_wanda_scores_over_the_sites_columns():
+    model, _ = tiny_model("llama")
+    sites = find_sites(model)
+    # o_proj reads one head's columns of its input: a reader that starts past column 0
+    site = next(site for site in sites if site.kind == "attention" and site.scored_readers[0].start > 0)
+    reader = site.scored_readers[0]
+    norms = {reader.name: torch.rand(reader.layer.in_features, generator=torch.Generator().manual_seed(0)) + 0.5
+             for site in sites for reader in site.scored_readers}
+    scores = SiteScores(site, norms)
+    columns = slice(reader.start, reader.start + site.width)
+    expected = reader.layer.weight.detach()[:, columns].abs() * norms[reader.name][columns]
+    torch.testing.assert_close(scores[0], expected / expected.sum())
+    assert scores.row_counts == [r.layer.out_features for r in site.scored_readers]
+    assert len(list(scores)) == len(scores) == len(site.scored_readers)
+
+
+def test_a_sampled_site_is_proposed_and_judged_reader_by_reader_as_on_the_whole_matrix():
+    # A site with more rows than max_rows is never concatenated: its sample and the exact gains of the proposed swaps
+    # are read reader by reader, and must equal the same steps on the whole [rows, width] matrix.
+    generator = torch.Generator().manual_seed(3)
+    channels = torch.rand(32, generator=generator) ** 4
+    scores = [torch.rand(rows, 32, generator=generator) * channels for rows in (5, 9, 4)]
+    matrix = torch.cat(scores)
+    perm = torch.randperm(32, generator=generator)
+    rows = torch.randperm(18, generator=generator)[:7]
+    torch.testing.assert_close(_sampled_rows(scores, [5, 9, 4], rows, perm), matrix[rows][:, perm], rtol=0, atol=0)
+    ordered = matrix[:, perm]
+    proposals = _best_disjoint_swaps(ordered, 2, 4)
+    assert proposals
+    assert _exact_gains(scores, perm, proposals, 2, 4, 0.0) == _exact_gains([ordered], None, proposals, 2, 4, 0.0)
+    # A swap that lowers the kept score is not accepted either way.
+    worst = [(int(ordered[:, 0:4].sum(0).argmax()), 4 + int(ordered[:, 4:8].sum(0).argmin()))]
+    assert _exact_gains(scores, perm, worst, 2, 4, 0.0) == _exact_gains([ordered], None, worst, 2, 4, 0.0)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RssAnon from /proc (Linux)")
+def test_the_permutation_step_never_holds_every_pruned_weights_scores_at_once():
+    # Every site's scores at once, and the residual stream's joined by torch.cat, were an fp32 copy of every pruned
+    # weight and more (2.7x their bytes): memory that grows with the model. Read reader by reader, the step holds
+    # about one reader's. Measured in a fresh interpreter, so nothing the suite freed earlier hides the peak.
+    script = """
+import ctypes, gc, sys, threading, time, torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from hf_compress.pruning import WandaConfig
+from hf_compress.pruning.permutation import check_permutation, permute_for_pruning
+torch.manual_seed(0)
+model = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=512, intermediate_size=1536, num_hidden_layers=6,
+                                     num_attention_heads=8, num_key_value_heads=2)).eval()
+config = WandaConfig(sparsity="2:4", permutation="ria")
+sites = check_permutation(model, config)
+pruned = 4 * sum(r.layer.weight.numel() for s in sites for r in s.scored_readers if r.start == 0)
+def anon():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("RssAnon:"))
+gc.collect(); ctypes.CDLL("libc.so.6").malloc_trim(0)
+base = peak = anon()
+def sample():
+    global peak
+    while True:
+        peak = max(peak, anon()); time.sleep(0.001)
+threading.Thread(target=sample, daemon=True).start()
+permute_for_pruning(model, config, sites, torch.randint(0, 256, (4, 32)), progress=False)
+time.sleep(0.05)
+print((peak - base) / pruned)
+"""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    excess_over_pruned_weights = float(result.stdout.strip().splitlines()[-1])
+    assert excess_over_pruned_weights < 1.0  # 2.7 when every site's scores were held (0.3 read reader by reader)
 
 
 @pytest.mark.parametrize(("kept", "group", "rows"), [(2, 4, 37), (1, 4, 5), (4, 8, 23), (3, 4, 2)])

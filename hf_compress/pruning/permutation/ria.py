@@ -28,22 +28,50 @@ import torch
 
 from .sites import PermutationSite
 
-__all__ = ["kept_score", "ria_permutation", "site_scores"]
+__all__ = ["SiteScores", "kept_score", "ria_permutation"]
 
 
-def site_scores(site: PermutationSite, input_norms: Mapping[str, torch.Tensor] | None) -> list[torch.Tensor]:
-    """The Wanda scores ``[rows, site.width]`` of each pruned reader's permuted columns, each summing to 1.
+class SiteScores(Sequence[torch.Tensor]):
+    """A site's Wanda scores: one ``[rows, site.width]`` tensor per pruned reader, each summing to 1, computed when read.
+
+    Held all at once, the scores are an fp32 copy of every pruned weight, and the residual stream's site alone is read
+    by every block's q/k/v/gate/up: memory that grows with the model. Read one reader at a time, a pass over them
+    holds one reader's scores. They are the scores of the weights as they are when read, so read them before the
+    permutation is absorbed (``absorb.py``), or with ``input_norms`` permuted alike (``step._permuted_norms``).
 
     ``input_norms`` maps a reader's name to its ``‖X_j‖₂`` (all its input columns); ``None`` scores ``|W|``.
+
+    Example:
+        >>> from hf_compress.assets import load_model
+        >>> from hf_compress.pruning.permutation import find_sites
+        >>> site = find_sites(load_model("tiny-llama", with_tokenizer=False)[0])[0]
+        >>> scores = SiteScores(site, None)
+        >>> len(scores) == len(site.scored_readers), sum(scores.row_counts) == sum(score.shape[0] for score in scores)
+        (True, True)
+        >>> round(float(scores[0].sum()), 4)
+        1.0
     """
-    scores = []
-    for reader in site.scored_readers:
-        weight = reader.layer.weight.detach()[:, reader.start:reader.start + site.width].float().abs()
-        if input_norms is not None:
-            norms = input_norms[reader.name][reader.start:reader.start + site.width]
+
+    def __init__(self, site: PermutationSite, input_norms: Mapping[str, torch.Tensor] | None) -> None:
+        self.site = site
+        self.input_norms = input_norms
+
+    def __len__(self) -> int:
+        return len(self.site.scored_readers)
+
+    def __getitem__(self, index: int) -> torch.Tensor:  # type: ignore[override]  # no slices: one reader at a time
+        reader = self.site.scored_readers[index]
+        width = self.site.width
+        weight = reader.layer.weight.detach()[:, reader.start:reader.start + width].float().abs()
+        if self.input_norms is not None:
+            norms = self.input_norms[reader.name][reader.start:reader.start + width]
             weight = weight * norms.to(weight.device).float().unsqueeze(0)
-        scores.append(weight / weight.sum().clamp_min(1e-30))
-    return scores
+        return weight / weight.sum().clamp_min(1e-30)
+
+    @property
+    def row_counts(self) -> list[int]:
+        """Rows of each reader's scores (its output features), without computing them."""
+        return [reader.layer.weight.shape[0] for reader in self.site.scored_readers]
 
 
 def kept_score(scores: Sequence[torch.Tensor], perm: torch.Tensor, kept: int, group: int) -> float:
@@ -56,13 +84,20 @@ def kept_score(scores: Sequence[torch.Tensor], perm: torch.Tensor, kept: int, gr
 
 
 def ria_permutation(scores: Sequence[torch.Tensor], kept: int, group: int) -> torch.Tensor:
-    """The best of the identity and RIA's two dealing orders for N:M groups of ``group`` channels."""
-    width = scores[0].shape[1] if scores else 0
+    """The best of the identity and RIA's two dealing orders for N:M groups of ``group`` channels.
+
+    ``scores`` are read once for the channels' importance and once per candidate (a :class:`SiteScores` is never held
+    whole).
+    """
+    importance = None
+    for score in scores:
+        column_sums = score.sum(dim=0).cpu()
+        importance = column_sums if importance is None else importance + column_sums
+    width = 0 if importance is None else importance.shape[0]
     # A permutation is a small index: built on the CPU by design (kept_score moves it to each score's device).
     identity = torch.arange(width, device="cpu")
-    if not scores or width % group:
+    if importance is None or width % group:
         return identity
-    importance = sum(score.sum(dim=0).cpu() for score in scores)
     ranked = torch.argsort(importance, descending=True, stable=True)  # channels, strongest first
     groups = width // group
     candidates = [identity]

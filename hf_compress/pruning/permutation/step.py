@@ -31,7 +31,7 @@ from ...modeling.layers import check_not_offloaded, evaluation_mode
 from ...utils import get_logger
 from .absorb import absorb_permutations
 from .config import LearnedPermutationConfig, SwapPermutationConfig
-from .ria import kept_score, ria_permutation, site_scores
+from .ria import SiteScores, kept_score, ria_permutation
 from .swap import swap_refine
 from .sites import PermutationSite, find_sites
 
@@ -130,14 +130,15 @@ def permute_for_pruning(
     norms = None
     if calibration_ids is not None:
         norms = collect_input_norms(model, readers, calibration_ids, config.batch_size, progress)
-    # One [rows of every pruned reader, width] tensor per site: one gather and one top-k per candidate.
-    scores = [[torch.cat(parts)] if parts else [] for parts in (site_scores(site, norms) for site in sites)]
+    # Scores are computed reader by reader when read (SiteScores), so every site's are never held at once; they are
+    # of the weights as they are now, so every score in the report is taken before a permutation is absorbed.
+    scores = [SiteScores(site, norms) for site in sites]
     # A site whose readers are all skipped has no N:M mask to improve: it stays as it is (its readers keep their
     # weights whole; the channels of their inputs need no order).
-    unscored = [site.name for site, score in zip(sites, scores, strict=True) if not score]
+    unscored = [site.name for site, score in zip(sites, scores, strict=True) if len(score) == 0]
     if unscored:
         logger.info("not permuting %d site(s) whose readers are all skipped: %s", len(unscored), ", ".join(unscored))
-        sites, scores = [site for site, s in zip(sites, scores) if s], [s for s in scores if s]
+        sites, scores = [site for site, s in zip(sites, scores) if len(s)], [s for s in scores if len(s)]
     kind = "learned" if isinstance(permutation, LearnedPermutationConfig) else (
         "swap" if isinstance(permutation, SwapPermutationConfig) else "ria")
     if not sites:
@@ -145,36 +146,38 @@ def permute_for_pruning(
                                  probe_logit_change=0.0, seconds=time.perf_counter() - start)
     training = search = None
     change = 0.0
+    identity = _total_kept_score(sites, scores, {site.name: torch.arange(site.width) for site in sites}, kept, group)
     if isinstance(permutation, LearnedPermutationConfig):
         from .train import learn_permutations  # imports Trainer
 
         assert calibration_ids is not None
         base = None
+        initial = identity
         if permutation.init != "identity":  # start from a heuristic's permutation, absorbed: the groups refine it
             base = {site.name: ria_permutation(score, kept, group) for site, score in zip(sites, scores, strict=True)}
             if permutation.init == "swap":
                 base, search = _swap_refined(sites, scores, base,
                                              SwapPermutationConfig(max_seconds=permutation.swap_seconds), kept, group,
                                              progress)
+            initial = _total_kept_score(sites, scores, base, kept, group)
             change = absorb_permutations(model, sites, base)
             norms = _permuted_norms(norms, sites, base)
         learned, training = learn_permutations(model, sites, norms, calibration_ids, permutation, kept, group,
                                                batch_size=config.batch_size, skip=config.skip, progress=progress)
+        # The start is absorbed and the norms permuted alike, so these are the scores in the start's order: the
+        # learned permutation applies to them as the composed one does to the original order.
+        chosen = _total_kept_score(sites, [SiteScores(site, norms) for site in sites], learned, kept, group)
         change = max(change, absorb_permutations(model, sites, learned))
         perms = learned if base is None else {name: base[name][learned[name]] for name in learned}
-        start_perms = base or {site.name: torch.arange(site.width) for site in sites}
-        training["kept_score_initial"] = sum(kept_score(s, start_perms[site.name], kept, group)
-                                             for site, s in zip(sites, scores, strict=True))
+        training["kept_score_initial"] = initial
     else:
         bar = tqdm(zip(sites, scores, strict=True), total=len(sites), desc="permutation", disable=not progress,
                    leave=False)
         perms = {site.name: ria_permutation(score, kept, group) for site, score in bar}
         if isinstance(permutation, SwapPermutationConfig):
             perms, search = _swap_refined(sites, scores, perms, permutation, kept, group, progress)
+        chosen = _total_kept_score(sites, scores, perms, kept, group)
         change = absorb_permutations(model, sites, perms)
-    identity = sum(kept_score(s, torch.arange(site.width, device="cpu"), kept, group)
-                   for site, s in zip(sites, scores, strict=True))
-    chosen = sum(kept_score(s, perms[site.name], kept, group) for site, s in zip(sites, scores, strict=True))
     moved = sum(int((perms[site.name] != torch.arange(site.width, device=perms[site.name].device)).sum()) for site in sites)
     report = PermutationReport(
         kind=kind, sites=len(sites), kept_score_identity=identity,
@@ -186,7 +189,13 @@ def permute_for_pruning(
     return report
 
 
-def _swap_refined(sites: list[PermutationSite], scores: list[list[torch.Tensor]], perms: dict[str, torch.Tensor],
+def _total_kept_score(sites: list[PermutationSite], scores: list[SiteScores], perms: dict[str, torch.Tensor], kept: int,
+                      group: int) -> float:
+    """``ria.kept_score`` of every site's permutation, summed over the sites."""
+    return sum(kept_score(score, perms[site.name], kept, group) for site, score in zip(sites, scores, strict=True))
+
+
+def _swap_refined(sites: list[PermutationSite], scores: list[SiteScores], perms: dict[str, torch.Tensor],
                   config: SwapPermutationConfig, kept: int, group: int,
                   progress: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Each site's permutation refined by channel swaps, and a summary of the search (``swap_search``).

@@ -17,7 +17,8 @@ Scoring all exchanges at once. In a row ``r``, let group ``A`` hold channel ``p`
 (built in row chunks) scores all ``C²`` exchanges of a site. A site read by many layers (the residual stream:
 every block's q/k/v/gate/up rows) has far more rows than a pass can afford, so ``H`` is built on a seeded
 sample of at most ``max_rows`` rows to *propose* swaps; each proposed swap's gain is then computed exactly on
-every row, and only swaps with an exact gain are applied (they touch disjoint groups, so their gains add).
+every row, and only swaps with an exact gain are applied (they touch disjoint groups, so their gains add). Such a
+site's scores are never held whole: the sample and the exact gains are read reader by reader (``ria.SiteScores``).
 
 Reusing ``H`` between passes. ``H[p, q]`` depends only on channel ``q``'s scores and on the group that holds
 ``p``, so after a pass only the rows of channels in the groups its swaps touched change. A site whose every row
@@ -46,7 +47,7 @@ from typing import NamedTuple
 
 import torch
 
-from .ria import kept_score
+from .ria import SiteScores, kept_score
 
 
 __all__ = ["SwapSearch", "swap_refine"]
@@ -76,33 +77,40 @@ def swap_refine(
 ) -> SwapSearch:
     """``perm`` improved by greedy channel exchanges between N:M groups (``kept`` of ``group``); never worse.
 
-    ``scores``: the site's ``[rows, width]`` Wanda scores (``ria.site_scores``) in the original channel order;
+    ``scores``: the site's ``[rows, width]`` Wanda scores (a ``ria.SiteScores``, or tensors) in the original channel
+    order;
     ``max_rows``: rows sampled to propose swaps (all rows judge them); ``deadline``: a ``time.perf_counter()``
     value after which no new pass starts (``None``: none, the result does not depend on the machine's speed).
     """
-    if not scores or not 0 < kept < group:
+    if len(scores) == 0 or not 0 < kept < group:
         return SwapSearch(perm, 0, True)
-    matrix = torch.cat([score.float() for score in scores])
-    width = matrix.shape[1]
+    row_counts = scores.row_counts if isinstance(scores, SiteScores) else [score.shape[0] for score in scores]
+    sampled = sum(row_counts) > max_rows
+    # Every row proposes on a small site (an FFN's, a head's): hold its scores. A site read by many layers is read
+    # reader by reader instead (see SiteScores), for the sample and for judging the proposals.
+    matrix = None if sampled else torch.cat([score.float() for score in scores])
+    width = _width(scores, matrix)
     if width % group or width // group < 2:
         return SwapSearch(perm, 0, True)
     initial = perm.to("cpu")
     perm = initial.clone()
     generator = torch.Generator(device="cpu").manual_seed(0)
-    floor = 1e-9 * float(matrix.double().sum()) + 1e-12  # a clear gain, not float noise (the sum is order-free)
-    sampled = matrix.shape[0] > max_rows
+    total = float(matrix.double().sum()) if matrix is not None else sum(float(score.double().sum()) for score in scores)
+    floor = 1e-9 * total + 1e-12  # a clear gain, not float noise (the sum is order-free)
     table = None if sampled else _ChannelTable(group)  # a sample changes every pass: nothing to reuse
     passes, converged = 0, False
     while passes < max_passes:
         if deadline is not None and time.perf_counter() > deadline:
             break
         passes += 1
-        ordered = matrix[:, perm.to(matrix.device)]
-        sample = ordered
-        if sampled:  # propose on a sample, judge on every row
-            rows = torch.randperm(ordered.shape[0], generator=generator)[:max_rows].to(ordered.device)
-            sample = ordered.index_select(0, rows)
-        swaps = _exact_gains(ordered, _best_disjoint_swaps(sample, kept, group, table, perm), kept, group, floor)
+        if matrix is not None:
+            ordered = matrix[:, perm.to(matrix.device)]
+            swaps = _exact_gains([ordered], None, _best_disjoint_swaps(ordered, kept, group, table, perm), kept,
+                                 group, floor)
+        else:  # propose on a sample, judge on every row
+            rows = torch.randperm(sum(row_counts), generator=generator)[:max_rows]
+            sample = _sampled_rows(scores, row_counts, rows, perm)
+            swaps = _exact_gains(scores, perm, _best_disjoint_swaps(sample, kept, group), kept, group, floor)
         if not swaps:
             converged = True
             break
@@ -111,30 +119,62 @@ def swap_refine(
             if table is not None:
                 table.touched(p, q)
     # Every swap's gain is exact in arithmetic; should float rounding have cost more than it won, keep the start.
-    if kept_score(scores, perm, kept, group) < kept_score(scores, initial, kept, group):
+    judged = [matrix] if matrix is not None else scores
+    if kept_score(judged, perm, kept, group) < kept_score(judged, initial, kept, group):
         perm = initial
     return SwapSearch(perm, passes, converged)
 
 
+def _width(scores: Sequence[torch.Tensor], matrix: torch.Tensor | None) -> int:
+    if matrix is not None:
+        return matrix.shape[1]
+    return scores.site.width if isinstance(scores, SiteScores) else scores[0].shape[1]
+
+
+def _sampled_rows(scores: Sequence[torch.Tensor], row_counts: list[int], rows: torch.Tensor,
+                  perm: torch.Tensor) -> torch.Tensor:
+    """``cat(scores)[rows][:, perm]``, gathered reader by reader (no reader's rows but the sampled ones are kept)."""
+    sample = None
+    offset = 0
+    for score, count in zip(scores, row_counts, strict=True):
+        hit = ((rows >= offset) & (rows < offset + count)).nonzero().squeeze(1)
+        if sample is None:
+            sample = torch.empty(rows.shape[0], perm.shape[0], dtype=torch.float32, device=score.device)
+        if hit.numel():
+            picked = (rows[hit] - offset).to(score.device)
+            sample[hit.to(score.device)] = score.float().index_select(0, picked)[:, perm.to(score.device)]
+        offset += count
+    assert sample is not None
+    return sample
+
+
 def _exact_gains(
-    ordered: torch.Tensor, swaps: list[tuple[int, int]], kept: int, group: int, floor: float,
+    scores: Sequence[torch.Tensor], perm: torch.Tensor | None, swaps: list[tuple[int, int]], kept: int, group: int,
+    floor: float,
 ) -> list[tuple[int, int]]:
-    """The ``swaps`` (disjoint groups) whose kept-score gain over every row of ``ordered`` exceeds ``floor``."""
+    """The ``swaps`` (disjoint groups) whose kept-score gain over every row of ``scores`` exceeds ``floor``.
+
+    ``scores`` are in the order ``perm`` (``None``: already in the current order); a swap moves only the columns of
+    its two groups, so only those are read from each score.
+    """
     if not swaps:
         return []
-    rows, width = ordered.shape
-    members = torch.arange(width, device=ordered.device).view(-1, group)
-    p = torch.tensor([a for a, _ in swaps], device=ordered.device)
-    q = torch.tensor([b for _, b in swaps], device=ordered.device)
+    members = torch.arange(_width(scores, None)).view(-1, group)
+    p = torch.tensor([a for a, _ in swaps])
+    q = torch.tensor([b for _, b in swaps])
     before_a, before_b = members[p // group], members[q // group]  # [k, M] column positions
     after_a = torch.where(before_a == p.unsqueeze(1), q.unsqueeze(1), before_a)
     after_b = torch.where(before_b == q.unsqueeze(1), p.unsqueeze(1), before_b)
+    # The positions' columns in each score: the scores are in the order perm.
+    columns = [positions if perm is None else perm.cpu()[positions] for positions in (after_a, after_b, before_a, before_b)]
+    gain = torch.zeros(len(swaps), dtype=torch.float64)
+    for score in scores:
+        def kept_sum(index: torch.Tensor, score: torch.Tensor = score) -> torch.Tensor:  # [k]: Σ_r top-N per group
+            values = score[:, index.reshape(-1).to(score.device)].float().view(score.shape[0], *index.shape)
+            return values.topk(kept, dim=-1).values.sum(-1).double().sum(0).cpu()
 
-    def kept_sum(columns: torch.Tensor) -> torch.Tensor:  # [k]: Σ_r top-N of the k groups' columns
-        values = ordered[:, columns.reshape(-1)].view(rows, *columns.shape)
-        return values.topk(kept, dim=-1).values.sum(-1).double().sum(0)
-
-    gain = kept_sum(after_a) + kept_sum(after_b) - kept_sum(before_a) - kept_sum(before_b)
+        gained_a, gained_b, lost_a, lost_b = (kept_sum(index) for index in columns)
+        gain += gained_a + gained_b - lost_a - lost_b
     return [swap for swap, value in zip(swaps, gain.tolist(), strict=True) if value > floor]
 
 
