@@ -155,8 +155,9 @@ def _measure(case: str, value: int) -> dict:
         permutation = {"wanda": None, "ria": "ria", "swap": SwapPermutationConfig(max_passes=2)}[case]
         ids = _token_ids(16, 128, vocab)
         sampler.mark()
-        WandaPruner(model, None).prune(WandaConfig(sparsity="2:4", num_calibration_sequences=16, calibration_seq_len=128,
-                                                   permutation=permutation), ids, progress=False)
+        config = WandaConfig(sparsity="2:4", num_calibration_sequences=16, calibration_seq_len=128,
+                             permutation=permutation)
+        WandaPruner(model, None).prune(config, ids, progress=False)
     else:
         raise ValueError(f"unknown case {case!r}; choose from {', '.join(SWEEPS)}")
     excess = sampler.excess()

@@ -32,7 +32,7 @@ __all__ = ["SiteScores", "kept_score", "ria_permutation"]
 
 
 class SiteScores(Sequence[torch.Tensor]):
-    """A site's Wanda scores: one ``[rows, site.width]`` tensor per pruned reader, each summing to 1, computed when read.
+    """A site's Wanda scores, one ``[rows, site.width]`` tensor per pruned reader (each summing to 1), read on demand.
 
     Held all at once, the scores are an fp32 copy of every pruned weight, and the residual stream's site alone is read
     by every block's q/k/v/gate/up: memory that grows with the model. Read one reader at a time, a pass over them

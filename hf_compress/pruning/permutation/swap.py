@@ -166,7 +166,8 @@ def _exact_gains(
     after_a = torch.where(before_a == p.unsqueeze(1), q.unsqueeze(1), before_a)
     after_b = torch.where(before_b == q.unsqueeze(1), p.unsqueeze(1), before_b)
     # The positions' columns in each score: the scores are in the order perm.
-    columns = [positions if perm is None else perm.cpu()[positions] for positions in (after_a, after_b, before_a, before_b)]
+    order = None if perm is None else perm.cpu()
+    columns = [positions if order is None else order[positions] for positions in (after_a, after_b, before_a, before_b)]
     gain = torch.zeros(len(swaps), dtype=torch.float64)
     for score in scores:
         def kept_sum(index: torch.Tensor, score: torch.Tensor = score) -> torch.Tensor:  # [k]: Σ_r top-N per group
