@@ -842,7 +842,7 @@ def test_cli_route_saves_a_loadable_folder(tmp_path, capsys):
     from hf_compress.cli.main import main
 
     target = tmp_path / "out"
-    code = main(["route", "--model", "tiny-llama", "--sparsity", "0.3", "--steps", "2", "--generations", "1",
+    code = main(["route", "--model", "tiny-llama", "--sparsity", "30%", "--steps", "2", "--generations", "1",
                  "--population", "3", "--search-windows", "2", "--seq-len", "32", "--save-dir", str(target)])
     assert code == 0
     loaded = AutoModelForCausalLM.from_pretrained(target)
@@ -851,7 +851,10 @@ def test_cli_route_saves_a_loadable_folder(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:  # refused for its value, not any usage error argparse may raise
         main(["route", "--sparsity", "1.2", "--save-dir", str(tmp_path / "other")])
     assert exit_info.value.code == 2
-    assert "argument --sparsity: must be a number in [0, 1), got '1.2'" in capsys.readouterr().err
+    assert "argument --sparsity: must be a fraction in [0, 1) such as 0.3 or 30%, got '1.2'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a weight pattern is not a fraction of tokens
+        main(["route", "--sparsity", "2:4", "--save-dir", str(tmp_path / "other")])
+    assert "fraction of tokens a block skips (e.g. 0.3 or 30%), not an N:M weight pattern" in capsys.readouterr().err
     assert not (tmp_path / "other").exists()
 
 

@@ -182,6 +182,9 @@ class BasePruner(ABC):
             ...              save_dir="smollm2-2of4")  # doctest: +SKIP
         """
         config = self._check_config(config)
+        if not config.pattern.is_n_m and config.pattern.ratio == 0:
+            logger.warning("%s with sparsity 0 removes no weight: the result is the dense model. Pass the fraction "
+                           "to remove, e.g. 0.5 or '2:4'.", type(self).__name__)
         _check_tokenizer(tokenizer)
         check_path("save_dir", save_dir, allow_none=True)
         check_bool("overwrite", overwrite)

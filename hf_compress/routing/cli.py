@@ -23,19 +23,23 @@ from ..cli.main import (
 
 
 def _sparsity(text: str) -> float:
+    from ..pruning.config import parse_sparsity  # the pruners' reading of a ratio: 0.3 and 30% alike
+
     try:
-        value = float(text)
+        pattern = parse_sparsity(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}") from None
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}")
-    return value
+        raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1) such as 0.3 or 30%, got {text!r}") from None
+    if pattern.is_n_m:
+        raise argparse.ArgumentTypeError(f"is the fraction of tokens a block skips (e.g. 0.3 or 30%), not an N:M "
+                                         f"weight pattern, got {text!r}")
+    return pattern.ratio
 
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m",
                         help="reference name, tiny-<arch>, folder or Hub id (default: smollm2-135m)")
-    parser.add_argument("--sparsity", type=_sparsity, default=0.3, help="mean fraction of tokens a block skips (0.3)")
+    parser.add_argument("--sparsity", type=_sparsity, default=0.3,
+                        help="mean fraction of tokens a block skips: 0.3 or 30%% (default 0.3)")
     parser.add_argument("--generations", type=int_at_least(0), default=8, help="schedule search generations (8)")
     parser.add_argument("--population", type=int_at_least(2), default=12, help="schedule search population (12)")
     parser.add_argument("--search-windows", type=int_at_least(1), default=4, help="calibration windows per score (4)")
