@@ -80,12 +80,19 @@ def test_gpt2_tiny_model_uses_conv1d():
 def test_load_model_names_and_clear_error(tmp_path):
     model, _ = load_model("tiny-mistral")
     assert model.config.model_type == "mistral"
-    with pytest.raises(ValueError, match="neither a reference model"):
+    with pytest.raises(ValueError, match="neither a reference model") as error:
         load_model("not-a-model")
+    assert "did you mean" not in str(error.value)  # nothing close: no guess
     (tmp_path / "weights.bin").write_bytes(b"")
     with pytest.raises(ValueError, match="is a file"):
         load_model(tmp_path / "weights.bin")
 
+
+@pytest.mark.parametrize(("typo", "meant"), [("tiny-lama", "tiny-llama"), ("smollm2", "smollm2-135m"),
+                                             ("gemma-3-270m", "gemma3-270m"), ("SmolLM2-135M", "smollm2-135m")])
+def test_a_mistyped_model_name_is_answered_with_the_name_meant(typo, meant):
+    with pytest.raises(ValueError, match=f"neither a reference model .*; did you mean '{meant}'\\?$"):
+        load_model(typo)
 
 
 def _one_line(error: BaseException) -> str:

@@ -155,14 +155,19 @@ def check_model_name_form(name: str) -> None:
         >>> check_model_name_form("HuggingFaceTB/SmolLM2-135M")  # a Hub id: whether it exists is load_model's to say
         >>> check_model_name_form("tiny-lama")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
-        ValueError: 'tiny-lama' is neither a reference model ...
+        ValueError: 'tiny-lama' is neither a reference model ...; did you mean 'tiny-llama'?
     """
     if is_builtin_model(name) or Path(name).expanduser().exists() or _looks_like_a_path(name):
         return
     if name.count("/") != 1:
+        import difflib
+
+        known = [*REFERENCE_MODELS, *(f"tiny-{arch}" for arch in TINY_ARCHITECTURES)]
+        close = difflib.get_close_matches(name.lower(), known, n=1, cutoff=0.6)
         raise ValueError(
             f"{name!r} is neither a reference model ({', '.join(REFERENCE_MODELS)}), a tiny model "
-            f"(tiny-{'/tiny-'.join(TINY_ARCHITECTURES)}), an existing folder, nor a Hub id (owner/name)."
+            f"(tiny-{'/tiny-'.join(TINY_ARCHITECTURES)}), an existing folder, nor a Hub id (owner/name)"
+            + (f"; did you mean {close[0]!r}?" if close else ".")
         )
 
 
