@@ -88,7 +88,10 @@ def swap_refine(
     sampled = sum(row_counts) > max_rows
     # Every row proposes on a small site (an FFN's, a head's): hold its scores. A site read by many layers is read
     # reader by reader instead (see SiteScores), for the sample and for judging the proposals.
-    matrix = None if sampled else torch.cat([score.float() for score in scores])
+    matrix = None
+    if not sampled:  # one device: a model split over GPUs by device_map has readers on several
+        parts = [score.float() for score in scores]
+        matrix = torch.cat([part.to(parts[0].device) for part in parts])
     width = _width(scores, matrix)
     if width % group or width // group < 2:
         return SwapSearch(perm, 0, True)
@@ -133,16 +136,19 @@ def _width(scores: Sequence[torch.Tensor], matrix: torch.Tensor | None) -> int:
 
 def _sampled_rows(scores: Sequence[torch.Tensor], row_counts: list[int], rows: torch.Tensor,
                   perm: torch.Tensor) -> torch.Tensor:
-    """``cat(scores)[rows][:, perm]``, gathered reader by reader (no reader's rows but the sampled ones are kept)."""
+    """``cat(scores)[rows][:, perm]``, gathered reader by reader (no reader's rows but the sampled ones are kept).
+
+    The sample lives on the first reader's device; readers on other GPUs (a model split by ``device_map``) send theirs.
+    """
     sample = None
     offset = 0
     for score, count in zip(scores, row_counts, strict=True):
-        hit = ((rows >= offset) & (rows < offset + count)).nonzero().squeeze(1)
         if sample is None:
             sample = torch.empty(rows.shape[0], perm.shape[0], dtype=torch.float32, device=score.device)
+        hit = ((rows >= offset) & (rows < offset + count)).nonzero().squeeze(1)
         if hit.numel():
-            picked = (rows[hit] - offset).to(score.device)
-            sample[hit.to(score.device)] = score.float().index_select(0, picked)[:, perm.to(score.device)]
+            picked = score.float().index_select(0, (rows[hit] - offset).to(score.device))[:, perm.to(score.device)]
+            sample[hit.to(sample.device)] = picked.to(sample.device)
         offset += count
     assert sample is not None
     return sample
