@@ -314,6 +314,48 @@ def test_a_sampled_site_is_proposed_and_judged_reader_by_reader_as_on_the_whole_
     assert _exact_gains(scores, perm, worst, 2, 4, 0.0) == _exact_gains([ordered], None, worst, 2, 4, 0.0)
 
 
+def test_swap_search_on_lazy_site_scores_equals_the_search_on_their_tensors():
+    # A site with more rows than max_rows takes the reader-by-reader path; on SiteScores it must search exactly as on
+    # the same scores given as tensors (tiny sites have fewer rows than the default max_rows: force the sample).
+    model, _ = tiny_model("llama")
+    for site in find_sites(model):
+        scores = SiteScores(site, None)
+        start = ria_permutation(scores, 2, 4)
+        lazy = swap_refine(scores, start, 2, 4, max_rows=16)
+        held = swap_refine(list(scores), start, 2, 4, max_rows=16)
+        assert torch.equal(lazy.perm, held.perm) and lazy.passes == held.passes, site.name
+        assert is_permutation(lazy.perm)
+
+
+@pytest.mark.parametrize("init", ["identity", "ria"])
+def test_learned_report_scores_the_composed_permutation_in_the_original_order(monkeypatch, init):
+    # The final kept score is taken after the start is absorbed (on the permuted weights and norms): it must equal
+    # the kept score of start∘learned on the original model. Random "learned" permutations, so the composition is
+    # exercised even when keep-best would have kept the start.
+    from hf_compress.pruning.permutation import check_permutation, permute_for_pruning, step, train
+
+    model, _ = tiny_model("llama")
+    dense = copy.deepcopy(model)
+    config = WandaConfig(sparsity="2:4", skip=["*layers.0.mlp*"], permutation=LearnedPermutationConfig(
+        groups=2, epochs=1.0, learning_rate=0.5, init=init))
+    sites = check_permutation(model, config)
+    absorbed, absorb = [], step.absorb_permutations
+    monkeypatch.setattr(step, "absorb_permutations", lambda m, s, p: (absorbed.append(dict(p)), absorb(m, s, p))[1])
+    generator = torch.Generator().manual_seed(1)
+    monkeypatch.setattr(train, "learn_permutations", lambda model, sites, *args, **kwargs: (
+        {site.name: torch.randperm(site.width, generator=generator) for site in sites}, {}))
+    ids = torch.randint(0, 256, (8, 16), generator=torch.Generator().manual_seed(0))
+    report = permute_for_pruning(model, config, sites, ids, progress=False)
+    assert len(absorbed) == (1 if init == "identity" else 2)
+    composed = absorbed[-1] if len(absorbed) == 1 else {name: absorbed[0][name][p] for name, p in absorbed[1].items()}
+    scored = [site for site in find_sites(dense, config.skip) if site.scored_readers]
+    readers = {reader.name: reader.layer for site in scored for reader in site.scored_readers}
+    norms = step.collect_input_norms(dense, readers, ids, config.batch_size, False)
+    expected = sum(kept_score(SiteScores(site, norms), composed[site.name], 2, 4) for site in scored)
+    assert report.kept_score == pytest.approx(expected, rel=1e-6)
+    assert report.kept_score != pytest.approx(report.kept_score_identity, rel=1e-6)  # the permutations did move
+
+
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RssAnon from /proc (Linux)")
 def test_the_permutation_step_never_holds_every_pruned_weights_scores_at_once():
     # Every site's scores at once, and the residual stream's joined by torch.cat, were an fp32 copy of every pruned
@@ -333,7 +375,11 @@ pruned = 4 * sum(r.layer.weight.numel() for s in sites for r in s.scored_readers
 def anon():
     with open("/proc/self/status") as status:
         return next(int(line.split()[1]) * 1024 for line in status if line.startswith("RssAnon:"))
-gc.collect(); ctypes.CDLL("libc.so.6").malloc_trim(0)
+gc.collect()
+try:  # freed heap back first, so the base is what is alive (glibc; elsewhere the base is only a little higher)
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+except OSError:
+    pass
 base = peak = anon()
 def sample():
     global peak
@@ -348,7 +394,9 @@ print((peak - base) / pruned)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     excess_over_pruned_weights = float(result.stdout.strip().splitlines()[-1])
-    assert excess_over_pruned_weights < 1.0  # 2.7 when every site's scores were held (0.3 read reader by reader)
+    # 2.7 when every site's scores were held and joined, 0.8 with only the residual stream's held whole; 0.25 read
+    # reader by reader.
+    assert excess_over_pruned_weights < 0.5
 
 
 @pytest.mark.parametrize(("kept", "group", "rows"), [(2, 4, 37), (1, 4, 5), (4, 8, 23), (3, 4, 2)])

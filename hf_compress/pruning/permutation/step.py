@@ -130,8 +130,9 @@ def permute_for_pruning(
     norms = None
     if calibration_ids is not None:
         norms = collect_input_norms(model, readers, calibration_ids, config.batch_size, progress)
-    # Scores are computed reader by reader when read (SiteScores), so every site's are never held at once; they are
-    # of the weights as they are now, so every score in the report is taken before a permutation is absorbed.
+    # Scores are computed reader by reader when read (SiteScores), so every site's are never held at once. They are
+    # of the weights as they are when read: every score in the report is taken before a permutation is absorbed,
+    # but the learned path's final one, taken on the start-absorbed weights with norms permuted alike (below).
     scores = [SiteScores(site, norms) for site in sites]
     # A site whose readers are all skipped has no N:M mask to improve: it stays as it is (its readers keep their
     # weights whole; the channels of their inputs need no order).
