@@ -261,7 +261,9 @@ def _growth_per_block(rows: list[dict], with_baseline: bool) -> list[str]:
             continue
         first, last = sweep[0], sweep[-1]
         blocks = last["value"] - first["value"]
-        slope = lambda version: (last[version]["peak_excess_bytes"] - first[version]["peak_excess_bytes"]) / blocks / 2**20
+        # rounded before printing, so a flat line reads +0.0 rather than -0.0
+        slope = lambda version: round((last[version]["peak_excess_bytes"] - first[version]["peak_excess_bytes"])
+                                      / blocks / 2**20, 1) + 0.0
         text = f"- {case}: the peak grows {slope('current'):+.1f} MB per block added now"
         if with_baseline:
             text += f", {slope('baseline'):+.1f} MB at the baseline"
