@@ -147,7 +147,9 @@ def permute_for_pruning(
                                  probe_logit_change=0.0, seconds=time.perf_counter() - start)
     training = search = None
     change = 0.0
-    identity = _total_kept_score(sites, scores, {site.name: torch.arange(site.width) for site in sites}, kept, group)
+    # A permutation is a small index, built on the CPU by design (kept_score moves it to each score's device).
+    unmoved = {site.name: torch.arange(site.width, device="cpu") for site in sites}
+    identity = _total_kept_score(sites, scores, unmoved, kept, group)
     if isinstance(permutation, LearnedPermutationConfig):
         from .train import learn_permutations  # imports Trainer
 

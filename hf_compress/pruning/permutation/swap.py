@@ -111,7 +111,7 @@ def swap_refine(
             swaps = _exact_gains([ordered], None, _best_disjoint_swaps(ordered, kept, group, table, perm), kept,
                                  group, floor)
         else:  # propose on a sample, judge on every row
-            rows = torch.randperm(sum(row_counts), generator=generator)[:max_rows]
+            rows = torch.randperm(sum(row_counts), generator=generator, device="cpu")[:max_rows]
             sample = _sampled_rows(scores, row_counts, rows, perm)
             swaps = _exact_gains(scores, perm, _best_disjoint_swaps(sample, kept, group), kept, group, floor)
         if not swaps:
@@ -165,16 +165,17 @@ def _exact_gains(
     """
     if not swaps:
         return []
-    members = torch.arange(_width(scores, None)).view(-1, group)
-    p = torch.tensor([a for a, _ in swaps])
-    q = torch.tensor([b for _, b in swaps])
+    # The swaps' column sets are small indices, built on the CPU and sent to each reader's device.
+    members = torch.arange(_width(scores, None), device="cpu").view(-1, group)
+    p = torch.tensor([a for a, _ in swaps], device="cpu")
+    q = torch.tensor([b for _, b in swaps], device="cpu")
     before_a, before_b = members[p // group], members[q // group]  # [k, M] column positions
     after_a = torch.where(before_a == p.unsqueeze(1), q.unsqueeze(1), before_a)
     after_b = torch.where(before_b == q.unsqueeze(1), p.unsqueeze(1), before_b)
     # The positions' columns in each score: the scores are in the order perm.
     order = None if perm is None else perm.cpu()
     columns = [positions if order is None else order[positions] for positions in (after_a, after_b, before_a, before_b)]
-    gain = torch.zeros(len(swaps), dtype=torch.float64)
+    gain = torch.zeros(len(swaps), dtype=torch.float64, device="cpu")
     for score in scores:
         def kept_sum(index: torch.Tensor, score: torch.Tensor = score) -> torch.Tensor:  # [k]: Σ_r top-N per group
             values = score[:, index.reshape(-1).to(score.device)].float().view(score.shape[0], *index.shape)
