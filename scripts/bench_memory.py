@@ -119,11 +119,12 @@ def _measure(case: str, value: int) -> dict:
     torch.set_num_threads(2)
     import hf_compress
     from datasets import Dataset
+    from hf_compress.evaluation.memory import parameter_bytes  # in every version a baseline may name
     from hf_compress.training import TrainingSettings
 
     layers, vocab = (value, 4096) if SWEEPS[case][0] == "layers" else (4, value)
     model = _random_llama(layers, vocab)
-    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    model_bytes = parameter_bytes(model)["parameters"]
     settings = TrainingSettings(max_steps=2, per_device_batch_size=2 if case == "router" else 1, learning_rate=1e-3,
                                 logging_steps=1, progress=False, use_cpu=True)
     sampler = _PeakSampler()

@@ -308,14 +308,15 @@ def test_a_sampled_site_is_proposed_and_judged_reader_by_reader_as_on_the_whole_
     ordered = matrix[:, perm]
     proposals = _best_disjoint_swaps(ordered, 2, 4)
     assert proposals
-    assert _exact_gains(scores, perm, proposals, 2, 4, 0.0) == _exact_gains([ordered], None, proposals, 2, 4, 0.0)
+    assert (_exact_gains(scores, perm, proposals, 32, 2, 4, 0.0)
+            == _exact_gains([ordered], None, proposals, 32, 2, 4, 0.0))
     # Each swap is accepted exactly when it raises the kept score (the objective, computed from scratch).
     worst = (int(ordered[:, 0:4].sum(0).argmax()), 4 + int(ordered[:, 4:8].sum(0).argmin()))
     for p, q in [*proposals, worst]:
         swapped = perm.clone()
         swapped[p], swapped[q] = perm[q], perm[p]
         gain = kept_score([matrix], swapped, 2, 4) - kept_score([matrix], perm, 2, 4)
-        assert _exact_gains(scores, perm, [(p, q)], 2, 4, 1e-6) == ([(p, q)] if gain > 1e-6 else [])
+        assert _exact_gains(scores, perm, [(p, q)], 32, 2, 4, 1e-6) == ([(p, q)] if gain > 1e-6 else [])
 
 
 def test_swap_search_on_lazy_site_scores_equals_the_search_on_their_tensors():

@@ -84,7 +84,7 @@ def swap_refine(
     """
     if len(scores) == 0 or not 0 < kept < group:
         return SwapSearch(perm, 0, True)
-    row_counts = scores.row_counts if isinstance(scores, SiteScores) else [score.shape[0] for score in scores]
+    row_counts, width = _layout(scores)
     sampled = sum(row_counts) > max_rows
     # Every row proposes on a small site (an FFN's, a head's): hold its scores. A site read by many layers is read
     # reader by reader instead (see SiteScores), for the sample and for judging the proposals.
@@ -92,7 +92,6 @@ def swap_refine(
     if not sampled:  # one device: a model split over GPUs by device_map has readers on several
         parts = [score.float() for score in scores]
         matrix = torch.cat([part.to(parts[0].device) for part in parts])
-    width = _width(scores, matrix)
     if width % group or width // group < 2:
         return SwapSearch(perm, 0, True)
     initial = perm.to("cpu")
@@ -108,12 +107,12 @@ def swap_refine(
         passes += 1
         if matrix is not None:
             ordered = matrix[:, perm.to(matrix.device)]
-            swaps = _exact_gains([ordered], None, _best_disjoint_swaps(ordered, kept, group, table, perm), kept,
-                                 group, floor)
+            swaps = _exact_gains([ordered], None, _best_disjoint_swaps(ordered, kept, group, table, perm), width,
+                                 kept, group, floor)
         else:  # propose on a sample, judge on every row
             rows = torch.randperm(sum(row_counts), generator=generator, device="cpu")[:max_rows]
             sample = _sampled_rows(scores, row_counts, rows, perm)
-            swaps = _exact_gains(scores, perm, _best_disjoint_swaps(sample, kept, group), kept, group, floor)
+            swaps = _exact_gains(scores, perm, _best_disjoint_swaps(sample, kept, group), width, kept, group, floor)
         if not swaps:
             converged = True
             break
@@ -128,10 +127,11 @@ def swap_refine(
     return SwapSearch(perm, passes, converged)
 
 
-def _width(scores: Sequence[torch.Tensor], matrix: torch.Tensor | None) -> int:
-    if matrix is not None:
-        return matrix.shape[1]
-    return scores.site.width if isinstance(scores, SiteScores) else scores[0].shape[1]
+def _layout(scores: Sequence[torch.Tensor]) -> tuple[list[int], int]:
+    """Each reader's rows and the site's width, read without computing a ``SiteScores``'s scores."""
+    if isinstance(scores, SiteScores):
+        return scores.row_counts, scores.site.width
+    return [score.shape[0] for score in scores], scores[0].shape[1]
 
 
 def _sampled_rows(scores: Sequence[torch.Tensor], row_counts: list[int], rows: torch.Tensor,
@@ -155,8 +155,8 @@ def _sampled_rows(scores: Sequence[torch.Tensor], row_counts: list[int], rows: t
 
 
 def _exact_gains(
-    scores: Sequence[torch.Tensor], perm: torch.Tensor | None, swaps: list[tuple[int, int]], kept: int, group: int,
-    floor: float,
+    scores: Sequence[torch.Tensor], perm: torch.Tensor | None, swaps: list[tuple[int, int]], width: int, kept: int,
+    group: int, floor: float,
 ) -> list[tuple[int, int]]:
     """The ``swaps`` (disjoint groups) whose kept-score gain over every row of ``scores`` exceeds ``floor``.
 
@@ -166,7 +166,7 @@ def _exact_gains(
     if not swaps:
         return []
     # The swaps' column sets are small indices, built on the CPU and sent to each reader's device.
-    members = torch.arange(_width(scores, None), device="cpu").view(-1, group)
+    members = torch.arange(width, device="cpu").view(-1, group)
     p = torch.tensor([a for a, _ in swaps], device="cpu")
     q = torch.tensor([b for _, b in swaps], device="cpu")
     before_a, before_b = members[p // group], members[q // group]  # [k, M] column positions
