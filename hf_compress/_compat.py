@@ -78,6 +78,8 @@ __all__ = [
     "set_attention_implementation",
     "set_hub_name",
     "set_model_conversions",
+    "apply_expert_gate",
+    "merged_checkpoint_key",
     "streamer_of_calling_generate",
     "third_party_warnings_silenced",
     "tied_weight_keys",
@@ -454,6 +456,34 @@ def model_names_of_checkpoint_keys(model: PreTrainedModel, keys: Iterator[str] |
     return names
 
 
+def merged_checkpoint_key(model: PreTrainedModel, name: str) -> str | None:
+    """The checkpoint key pattern (``*`` for an expert index) of one of the tensors the model's conversions merge into
+    tensor ``name`` when it loads (MoE experts saved one per expert, fused on load), or ``None`` when no converter
+    makes ``name``. Checked on 5.23.0, 5.24.0 and 5.25.0.
+    """
+    from transformers.core_model_loading import WeightConverter
+
+    for converter in model_conversions(model):
+        if not isinstance(converter, WeightConverter):
+            continue
+        try:
+            reverse = converter.reverse_transform()  # the direction save_pretrained takes: model name -> stored keys
+        except (ValueError, NotImplementedError):
+            continue
+        key, matched = reverse.rename_source_key(name)
+        if matched is not None:
+            return key
+    return None
+
+
+def apply_expert_gate(experts: nn.Module, gate_up: torch.Tensor) -> torch.Tensor:
+    """An experts module's gating of its ``gate_up_proj`` output (``act(gate) * up``, or the model's own: gpt-oss
+    interleaves and clamps), as transformers' experts implementations apply it (``_apply_gate``, which
+    ``use_experts_implementation`` gives every experts class). Checked on 5.23.0, 5.24.0 and 5.25.0.
+    """
+    return experts._apply_gate(gate_up)
+
+
 def set_model_conversions(model: PreTrainedModel, conversions: list) -> None:
     """Replace the conversions ``save_pretrained`` reverts (only if the model records any)."""
     if getattr(model, "_weight_conversions", None) is not None:
@@ -734,6 +764,7 @@ PRIVATE_NAMES: tuple[str, ...] = (
     "_forward_pre_hooks",
     "_get_available_adapters",
     "SUPPORTED_PEFT_TASKS",
+    "_apply_gate",
 )
 """Private or unstable names of other libraries that only this module may use (``tests/test_compat.py``)."""
 
@@ -799,6 +830,16 @@ def check_assumptions() -> list[str]:
 
         expect(callable(inspect.unwrap(LlamaAttention.forward).__globals__.get("eager_attention_forward")),
                "transformers: attention forwards no longer call their modeling file's eager_attention_forward")
+        from transformers.core_model_loading import WeightConverter
+        from transformers.integrations import moe
+
+        expect(hasattr(WeightConverter, "reverse_transform") and hasattr(WeightConverter, "rename_source_key"),
+               "transformers: WeightConverter has no reverse_transform() / rename_source_key() (merged_checkpoint_key)")
+        flags = {"has_gate", "has_bias", "is_transposed", "has_post_expert_norm"}
+        expect(flags <= set(inspect.signature(moe.use_experts_implementation).parameters)
+               and "_apply_gate" in inspect.getsource(moe.use_experts_implementation),
+               "transformers: use_experts_implementation no longer sets has_gate/has_bias/is_transposed/"
+               "has_post_expert_norm and _apply_gate on experts classes (modeling.fused_experts, apply_expert_gate)")
         from transformers.conversion_mapping import get_model_conversion_mapping
 
         expect("add_legacy" in inspect.signature(get_model_conversion_mapping).parameters,

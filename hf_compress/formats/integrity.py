@@ -303,13 +303,34 @@ def check_tensors_match_model(model: torch.nn.Module, reader: CheckpointReader, 
             renamed = _compat.model_names_of_checkpoint_keys(model, reader.entries) if hasattr(model, "config") else {}
         return next((renamed[candidate] for candidate in candidates if candidate in renamed), None)
 
+    starred: set[str] | None = None
+
+    def merged(name: str) -> bool:
+        # A tensor that loading assembles from several stored ones (MoE experts saved one per expert, fused on
+        # load): stored when its sources are; their shapes are the conversion's business, not checked here.
+        nonlocal starred, renamed
+        pattern = _compat.merged_checkpoint_key(model, name) if hasattr(model, "config") else None
+        if pattern is None:
+            return False
+        if starred is None:  # every stored key, renamed as loading renames it, with a number (expert index) as "*"
+            if renamed is None:
+                renamed = _compat.model_names_of_checkpoint_keys(model, reader.entries)
+            starred = {".".join(parts[:i] + ["*"] + parts[i + 1:])
+                       for parts in (key.split(".") for key in renamed)
+                       for i, part in enumerate(parts) if part.isdigit()}
+        return bool({pattern, f"{prefix}.{pattern}", pattern.removeprefix(f"{prefix}.")} & starred)
+
     stored = {name: stored_name(name) for name, _ in required}
+    stored = {name: key for name, key in stored.items() if key is not None or not merged(name)}
     missing = [name for name, key in stored.items() if key is None]
     if missing:
         raise _corrupt("checkpoint", f"{len(missing)} tensor(s) of the model are not stored, e.g. {missing[0]!r}")
     for name, tensor in required:
+        if name not in stored:
+            continue
         entry = reader.entries[stored[name]]
-        if stored[name] not in stored_differently and entry.shape != tuple(tensor.shape):
+        differently = name in stored_differently or stored[name] in stored_differently  # model or stored name
+        if not differently and entry.shape != tuple(tensor.shape):
             raise _corrupt(
                 f"{entry.file.name}, tensor {name!r}",
                 f"stored shape {list(entry.shape)} but the model (as config.json describes it) needs {list(tensor.shape)}",

@@ -130,10 +130,13 @@ class PackedFormatQuantizer(CompressedFormatQuantizer):
         and applied first (the layers' shapes depend on them)."""
         config = self.quantization_config
         apply_slim_record(model, getattr(config, "slim", None))
-        stored = {name[: -len(".qweight")] for name in reader.entries if name.endswith(".qweight")}
+        # Keys as the model names them -> as stored (save_pretrained reverts the architecture's renamings, which
+        # config.modules does not know; Phi-MoE stores its `mlp` as `block_sparse_moe`).
+        stored_keys = _compat.model_names_of_checkpoint_keys(model, list(reader.entries))
+        stored = {name[: -len(".qweight")] for name in stored_keys if name.endswith(".qweight")}
         check_module_lists(set(config.modules), stored, "modules", "packed")
         sparse = _sparse_modules(config)
-        masked = {name[: -len(".qmask")] for name in reader.entries if name.endswith(".qmask")}
+        masked = {name[: -len(".qmask")] for name in stored_keys if name.endswith(".qmask")}
         check_module_lists(set(sparse), masked, "sparse_modules", "masked packed")
         if not set(sparse) <= set(config.modules):
             raise CheckpointIntegrityError(
@@ -155,7 +158,7 @@ class PackedFormatQuantizer(CompressedFormatQuantizer):
                 "the config.json and the weights come from different models."
             )
         for name in sorted(stored):
-            check_packed_layer(reader, name, modules[name], config)
+            check_packed_layer(reader, name, modules[name], config, stored_keys)
 
     def prepare_model(self, model: PreTrainedModel) -> PreTrainedModel:
         config = self.quantization_config
@@ -227,8 +230,19 @@ class PackedFormatQuantizer(CompressedFormatQuantizer):
         return model
 
 
-def check_packed_layer(reader: CheckpointReader, name: str, layer: nn.Module, config: PackedFormatConfig) -> None:
-    """Refuse stored tensors of packed layer ``name`` that do not fit ``layer`` (``CheckpointIntegrityError``)."""
+def check_packed_layer(
+    reader: CheckpointReader, name: str, layer: nn.Module, config: PackedFormatConfig,
+    stored_keys: Mapping[str, str] | None = None,
+) -> None:
+    """Refuse stored tensors of packed layer ``name`` that do not fit ``layer`` (``CheckpointIntegrityError``).
+
+    ``stored_keys``: model key → stored key, where saving renamed some (``_compat.model_names_of_checkpoint_keys``).
+    """
+    stored_keys = stored_keys or {}
+
+    def key(part: str) -> str:
+        return stored_keys.get(f"{name}.{part}", f"{name}.{part}")
+
     if not hasattr(layer, "weight") or getattr(layer.weight, "ndim", 0) != 2:
         raise CheckpointIntegrityError(f"packed layer {name!r}: the model's module there is a {type(layer).__name__}, not a linear layer.")
     rows, columns = out_features(layer), in_features(layer)
@@ -252,22 +266,22 @@ def check_packed_layer(reader: CheckpointReader, name: str, layer: nn.Module, co
     if config.format_version >= 2:
         expected[FORMAT_MARKER] = (("U8",), (1,))
     for part, (dtypes, shape) in expected.items():
-        entry = reader.entries.get(f"{name}.{part}")
+        entry = reader.entries.get(key(part))
         if entry is None:
             raise CheckpointIntegrityError(f"packed layer {name!r}: {name}.{part} is missing; the checkpoint is incomplete, re-save it.")
         if entry.dtype not in dtypes or entry.shape != shape:
             raise CheckpointIntegrityError(
                 f"packed layer {name!r}: {part} is {entry.dtype} {list(entry.shape)}, expected {'/'.join(dtypes)} {list(shape)}."
             )
-    if layer.bias is None and f"{name}.bias" in reader.entries:
+    if layer.bias is None and key("bias") in reader.entries:
         raise CheckpointIntegrityError(f"packed layer {name!r}: a bias is stored but the architecture's layer has none.")
-    largest = int(reader.read(f"{name}.qzeros").max()) if rows and groups else 0
+    largest = int(reader.read(key("qzeros")).max()) if rows and groups else 0
     if largest >= 2**config.bits:
         raise CheckpointIntegrityError(
             f"packed layer {name!r}: zero-point {largest} is outside [0, {2**config.bits}) for {config.bits}-bit codes."
         )
     if kept is not None:
-        marked = check_bitmask_entry(reader, f"{name}.qmask", rows, columns, f"packed layer {name!r}")
+        marked = check_bitmask_entry(reader, key("qmask"), rows, columns, f"packed layer {name!r}")
         if marked != kept:
             raise CheckpointIntegrityError(
                 f"packed layer {name!r}: the mask keeps {marked} weights but codes for {kept} are stored "

@@ -54,12 +54,13 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from transformers.core_model_loading import ConversionOps, WeightConverter
 
+from .. import _compat
 from .base import CompressedFormatConfig, CompressedFormatQuantizer, register_format
 from .integrity import CheckpointIntegrityError, CheckpointReader, check_module_lists
 from .slim import apply_slim_record, keep_slim_widths
@@ -294,12 +295,19 @@ _POPCOUNT = torch.tensor([bin(byte).count("1") for byte in range(256)], dtype=to
 _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2")
 
 
-def check_sparse_triple(reader: CheckpointReader, module: str, parameter: torch.Tensor | None) -> None:
-    """Refuse an inconsistent stored weight of ``module`` (``CheckpointIntegrityError``); see the quantizer."""
+def check_sparse_triple(
+    reader: CheckpointReader, module: str, parameter: torch.Tensor | None, stored_keys: Mapping[str, str] | None = None
+) -> None:
+    """Refuse an inconsistent stored weight of ``module`` (``CheckpointIntegrityError``); see the quantizer.
+
+    ``stored_keys``: model key → stored key, where saving renamed some (``_compat.model_names_of_checkpoint_keys``).
+    """
     key = module + ".weight"
     where = f"sparse weight {key!r}"
-    entries = {part: reader.entries.get(key + part) for part in ("", BITMASK_SUFFIX, SHAPE_SUFFIX)}
-    missing = [key + part for part, entry in entries.items() if entry is None]
+    stored_keys = stored_keys or {}
+    keys = {part: stored_keys.get(key + part, key + part) for part in ("", BITMASK_SUFFIX, SHAPE_SUFFIX)}
+    entries = {part: reader.entries.get(stored) for part, stored in keys.items()}
+    missing = [keys[part] for part, entry in entries.items() if entry is None]
     if missing:
         raise CheckpointIntegrityError(f"{where}: {missing[0]!r} is missing; the checkpoint is incomplete, re-save it.")
     values, shape = entries[""], entries[SHAPE_SUFFIX]
@@ -307,7 +315,7 @@ def check_sparse_triple(reader: CheckpointReader, module: str, parameter: torch.
         raise CheckpointIntegrityError(f"{where}: the values must be a 1-D float tensor, got {values.dtype} {list(values.shape)}.")
     if shape.dtype != "I64" or len(shape.shape) != 1 or not 1 <= shape.numel <= 8:
         raise CheckpointIntegrityError(f"{where}: the shape must be 1 to 8 int64 values, got {shape.dtype} {list(shape.shape)}.")
-    dims = reader.read(key + SHAPE_SUFFIX).tolist()
+    dims = reader.read(keys[SHAPE_SUFFIX]).tolist()
     if parameter is not None and tuple(dims) != tuple(parameter.shape):
         raise CheckpointIntegrityError(
             f"{where}: stored shape {dims} but the model's weight is {list(parameter.shape)}; the config.json and "
@@ -317,7 +325,7 @@ def check_sparse_triple(reader: CheckpointReader, module: str, parameter: torch.
         raise CheckpointIntegrityError(f"{where}: stored shape {dims} is not a valid weight shape.")
     rows = dims[0] if len(dims) > 1 else 1
     cols = math.prod(dims) // rows
-    nonzeros = check_bitmask_entry(reader, key + BITMASK_SUFFIX, rows, cols, where)
+    nonzeros = check_bitmask_entry(reader, keys[BITMASK_SUFFIX], rows, cols, where)
     if nonzeros != values.numel:
         raise CheckpointIntegrityError(f"{where}: bitmask marks {nonzeros} non-zeros but {values.numel} values are stored.")
 
@@ -367,7 +375,11 @@ class SparseStorageQuantizer(CompressedFormatQuantizer):
         (a slim model's, once its recorded widths are checked and applied)."""
         apply_slim_record(model, getattr(self.quantization_config, "slim", None))
         suffix = ".weight" + BITMASK_SUFFIX
-        stored = {name[: -len(suffix)] for name in reader.entries if name.endswith(suffix)}
+        # Keys as the model names them -> as stored: save_pretrained reverts the architecture's renamings, which
+        # compressed_modules does not know, and a renaming may take a weight but not its bitmask (Phi-MoE stores
+        # `mlp.router.weight` as `block_sparse_moe.gate.weight`, its bitmask as `block_sparse_moe.router...`).
+        stored_keys = _compat.model_names_of_checkpoint_keys(model, list(reader.entries))
+        stored = {name[: -len(suffix)] for name in stored_keys if name.endswith(suffix)}
         listed = set(getattr(self.quantization_config, "compressed_modules", []) or [])
         check_module_lists(listed, stored, "compressed_modules", "sparse")
         parameters = dict(model.named_parameters())
@@ -387,7 +399,7 @@ class SparseStorageQuantizer(CompressedFormatQuantizer):
                 "the config.json and the weights come from different models."
             )
         for module in sorted(stored):
-            check_sparse_triple(reader, module, weight_of(module))
+            check_sparse_triple(reader, module, weight_of(module), stored_keys)
 
     def stored_differently(self) -> set[str]:
         return {f"{module}.weight" for module in getattr(self.quantization_config, "compressed_modules", [])}

@@ -55,6 +55,7 @@ from tqdm.auto import tqdm
 
 from .. import _compat
 from ..utils import get_logger
+from .fused_experts import experts_through_projections
 from .layers import evaluation_mode, find_decoder_blocks, find_linear_layers, module_execution_device, onloaded
 
 
@@ -461,6 +462,7 @@ def for_each_block(
     progress: bool = True,
     storage_device: torch.device | str | None = None,
     return_outputs: bool = True,
+    fused_experts: bool = False,
 ) -> list[torch.Tensor]:
     """Visit the decoder blocks in order with their calibration activations (sequential convention).
 
@@ -485,6 +487,9 @@ def for_each_block(
             out on); e.g. ``"cpu"`` to save accelerator memory.
         return_outputs: ``False`` skips re-running the last block after its callback (one block
             forward less, for callers that only edit weights); an empty list is returned.
+        fused_experts: also observe each expert of a mixture-of-experts block stored as 3-D parameters, as
+            ``ExpertProjection`` layers (``find_linear_layers(..., fused_experts=True)``) fed the tokens routed to
+            that expert; for callbacks that edit weights in place through ``weight_matrix`` / ``set_weight_matrix``.
 
     Returns:
         The outputs of the last block (the input of the final norm), micro-batch by micro-batch
@@ -526,7 +531,7 @@ def for_each_block(
                         index, f"{block_name}.{index}", block, captured.calls[index], hidden, len(blocks),
                         callback=callback, collectors_for=collectors_for, skip=skip,
                         keep_dense_outputs=keep_dense_outputs, storage=storage,
-                        propagate=return_outputs or index + 1 < len(blocks),
+                        propagate=return_outputs or index + 1 < len(blocks), fused_experts=fused_experts,
                     )
                     captured.hidden_states = hidden
                     bar.update()
@@ -549,21 +554,24 @@ def _process_block(
     keep_dense_outputs: bool,
     storage: torch.device | None,
     propagate: bool = True,
+    fused_experts: bool = False,
 ) -> list[torch.Tensor]:
     device = module_execution_device(block)
     call = call.on(device)  # move masks / rotary tables once per block, not once per micro-batch
-    layers = find_linear_layers(block, skip, qualified_prefix=name)
+    layers = find_linear_layers(block, skip, qualified_prefix=name, fused_experts=fused_experts)
     stats = _make_collectors(layers, collectors_for) if collectors_for is not None else {}
+    # Fused experts compute through their projection modules while observed, so the hooks see each expert's tokens.
+    routed = experts_through_projections(block, layers) if fused_experts else contextlib.nullcontext()
 
     dense: list[torch.Tensor] | None = None
     if keep_dense_outputs or callback is None:  # the block's outputs are wanted: full forwards
         dense = []
-        with _StatisticsPass(layers, stats, stop_early=False, block=block) as stats_pass:
+        with routed, _StatisticsPass(layers, stats, stop_early=False, block=block) as stats_pass:
             for hidden in inputs:
                 out = stats_pass.run(call, block, hidden, device)
                 dense.append(out if storage is None else out.to(storage))
     elif stats:  # only the statistics are wanted: each forward may end at the last observed layer
-        with _StatisticsPass(layers, stats, stop_early=True, block=block) as stats_pass:
+        with routed, _StatisticsPass(layers, stats, stop_early=True, block=block) as stats_pass:
             for hidden in inputs:
                 stats_pass.run(call, block, hidden, device)
     if callback is None:

@@ -31,6 +31,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .. import _compat
 from ..utils.logging import get_logger
+from .fused_experts import ExpertProjection, expert_projections, is_fused_experts
 
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "check_not_offloaded",
     "check_skip_patterns",
     "check_within_learned_positions",
+    "computes_linear",
     "learned_position_limit",
     "position_limit",
     "find_linear_layers",
@@ -62,6 +64,8 @@ logger = get_logger(__name__)
 
 LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D)
 """Module types treated as linear layers (``Conv1D`` is GPT-2's transposed linear layer)."""
+# One expert's projection in fused MoE weights: a linear layer for the weight view, never a module of the model.
+_VIEW_TYPES: tuple[type[nn.Module], ...] = (*LINEAR_TYPES, ExpertProjection)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -131,8 +135,31 @@ def _num_hidden_layers(model: nn.Module) -> int | None:
 
 
 def is_linear(module: nn.Module) -> bool:
-    """Whether ``module`` is an ``nn.Linear`` (or subclass) or a transformers ``Conv1D``."""
-    return isinstance(module, LINEAR_TYPES)
+    """Whether ``module`` is an ``nn.Linear`` (or subclass), a transformers ``Conv1D`` or one expert's projection in
+    fused MoE weights (``fused_experts.ExpertProjection``)."""
+    return isinstance(module, _VIEW_TYPES)
+
+
+def computes_linear(layer: nn.Module) -> bool:
+    """Whether calling ``layer`` returns its linear map, so a quantized layer may stand in for it: true for
+    ``nn.Linear`` and ``Conv1D``, and for subclasses whose own ``forward`` still returns one ``[..., out_features]``
+    tensor (Falcon's); false for subclasses that compute something else from the weight (Phi-MoE's and Llama 4's
+    routers return routing weights and expert indices). A subclass is probed once with a zero input row.
+
+    Example:
+        >>> computes_linear(nn.Linear(3, 5)), computes_linear(Conv1D(5, 3))
+        (True, True)
+    """
+    if type(layer).forward in (nn.Linear.forward, Conv1D.forward):
+        return True
+    weight = weight_matrix(layer)
+    probe = torch.zeros(1, weight.shape[1], dtype=weight.dtype, device=weight.device)
+    try:
+        with torch.no_grad():
+            output = layer(probe)
+    except Exception:  # noqa: BLE001 - any failure means the layer is not a plain linear map
+        return False
+    return isinstance(output, torch.Tensor) and tuple(output.shape) == (1, weight.shape[0])
 
 
 def matches_any(name: str, patterns: Sequence[str]) -> bool:
@@ -163,8 +190,10 @@ def check_skip_patterns(model: nn.Module, skip: Sequence[str]) -> None:
     prefix, blocks = find_decoder_blocks(model)
 
     def kept(patterns: Sequence[str]) -> list[str]:  # matched as the compression methods match them
+        # fused MoE experts too: the pruners take them, so "*experts*" is a pattern that matches
         return [f"{prefix}.{index}.{name}" for index, block in enumerate(blocks)
-                for name in find_linear_layers(block, patterns, qualified_prefix=f"{prefix}.{index}")]
+                for name in find_linear_layers(block, patterns, qualified_prefix=f"{prefix}.{index}",
+                                               fused_experts=True)]
 
     every = kept(())
     unused = [pattern for pattern in skip if len(kept([pattern])) == len(every)]
@@ -178,7 +207,7 @@ def check_skip_patterns(model: nn.Module, skip: Sequence[str]) -> None:
 
 
 def find_linear_layers(
-    module: nn.Module, skip: Sequence[str] = (), qualified_prefix: str | None = None
+    module: nn.Module, skip: Sequence[str] = (), qualified_prefix: str | None = None, *, fused_experts: bool = False
 ) -> dict[str, nn.Module]:
     """Every ``nn.Linear`` / ``Conv1D`` inside ``module``, by name relative to ``module``, in module order.
 
@@ -189,6 +218,10 @@ def find_linear_layers(
 
     A PEFT adapter layer (e.g. LoRA's ``lora.Linear``) is reported as its frozen base layer under the
     wrapper's name; the adapter's own small ``lora_A``/``lora_B`` layers are not compression targets.
+
+    ``fused_experts``: also report each expert's projections of a mixture-of-experts block stored as 3-D
+    parameters (``fused_experts.ExpertProjection``, named like ``mlp.experts.3.gate_up_proj``), for methods
+    that only read and write weights in place and calibrate through ``experts_through_projections``.
 
     Example:
         >>> from hf_compress.assets import tiny_model
@@ -223,6 +256,10 @@ def find_linear_layers(
         if is_linear(child):
             if not skipped(name):
                 found[name] = child
+            continue
+        if fused_experts and is_fused_experts(child):
+            found.update((key, projection) for key, projection in expert_projections(child, name).items()
+                         if not skipped(key))
             continue
         pending.append((f"{name}.", iter(child.named_children())))
     return found

@@ -42,12 +42,15 @@ from ..modeling import (
     for_each_block,
     in_features,
     onloaded,
+    set_weight_matrix,
     weight_matrix,
 )
+from ..modeling.fused_experts import ExpertProjection, warn_fused_experts_untouched
 from ..modeling.layers import check_not_disk_offloaded, check_skip_patterns, missing_weights
 from ..utils import get_logger
 from .base import BasePruner
 from .config import PruningConfig, SparsityPattern
+from .masks import pattern_mask
 
 
 __all__ = ["LayerReport", "MaskPruner", "PruningReport"]
@@ -123,6 +126,10 @@ class MaskPruner(BasePruner):
     cli_defaults: ClassVar[dict[str, Any]] = {"sparsity": "2:4"}  # the pattern sparse hardware runs
     keeps_dense_outputs: ClassVar[bool] = False
     """Whether ``prune_calibrated_block`` needs ``ctx.dense_outputs`` (the block's outputs before pruning)."""
+    prunes_fused_experts: ClassVar[bool] = True
+    """Whether the experts of a mixture-of-experts model stored as 3-D parameters are pruned too, each expert's
+    projection as a linear layer (``modeling.fused_experts``); a method that needs real ``nn.Linear`` parameters
+    (SDS trains them) sets it false, and those weights are left dense with a warning."""
 
     # ---------------------------------------------------------------------------------------- the hooks
 
@@ -169,6 +176,7 @@ class MaskPruner(BasePruner):
                 skip=config.skip, batch_size=config.batch_size, progress=progress,
                 keep_dense_outputs=self.keeps_dense_outputs,
                 return_outputs=False,  # the last block's outputs feed nothing: skip its re-run
+                fused_experts=self.prunes_fused_experts,
             )
         report.seconds = time.perf_counter() - start
         logger.info(
@@ -204,9 +212,17 @@ class MaskPruner(BasePruner):
         Reusable by wrappers (SDS) that drive ``for_each_block`` themselves.
         """
         reports = []
+        unrouted = 0
         for name, layer in layers.items():
             begin = time.perf_counter()
-            self.prune_layer(name, layer, stats.get(name, []), config)
+            layer_stats = stats.get(name, [])
+            if layer_stats and isinstance(layer, ExpertProjection) and all(getattr(s, "num_tokens", None) == 0 for s in layer_stats):
+                # The router sent this expert no calibration token: there is nothing to weigh its inputs by, so it
+                # is pruned by weight magnitude (Wanda with equal input norms).
+                _prune_by_magnitude(layer, config.pattern)
+                unrouted += 1
+            else:
+                self.prune_layer(name, layer, layer_stats, config)
             seconds = time.perf_counter() - begin
             weight = weight_matrix(layer)
             zeros = int((weight == 0).sum())
@@ -222,12 +238,16 @@ class MaskPruner(BasePruner):
             total = sum(r.shape[0] * r.shape[1] for r in reports)
             logger.info("%s: %d layers, sparsity %.2f%%, %.2fs", block_name, len(reports),
                         100 * zeros / total, sum(r.seconds for r in reports))
+        if unrouted:
+            logger.warning("%s: %d expert projections received no calibration token and were pruned by weight "
+                           "magnitude; more calibration sequences route tokens to more experts", block_name, unrouted)
         return reports
 
     # ---------------------------------------------------------------------------------------- internals
 
     def _block_layers(self, block_name: str, block: nn.Module, skip: Sequence[str]) -> dict[str, nn.Module]:
-        return find_linear_layers(block, skip, qualified_prefix=block_name)  # as for_each_block selects
+        # as for_each_block selects
+        return find_linear_layers(block, skip, qualified_prefix=block_name, fused_experts=self.prunes_fused_experts)
 
     def _check_layers(self, config: PruningConfig) -> int:
         block_name, blocks = find_decoder_blocks(self.model)  # ValueError for a model without blocks
@@ -242,6 +262,9 @@ class MaskPruner(BasePruner):
                 f"no prunable layers: the {len(blocks)} decoder blocks of {type(self.model).__name__} "
                 f"hold no nn.Linear/Conv1D left after skip={config.skip}."
             )
+        seen = {(id(layer.experts), layer.weight_name) for layer in layers.values() if isinstance(layer, ExpertProjection)}
+        if not seen:  # no expert read as linear layers (SDS, or a layout not recognised): say what stays dense
+            warn_fused_experts_untouched(self.model, type(self).__name__)
         pattern = config.pattern
         if pattern.is_n_m:
             group = pattern.group_size or 1
@@ -281,6 +304,11 @@ def _check_weights_loaded(model: nn.Module) -> None:
             f"({', '.join(empty[:3])}{', ...' if len(empty) > 3 else ''}): the model was built without its weights. "
             "Load it with from_pretrained (device_map offloading is supported) before pruning."
         )
+
+
+def _prune_by_magnitude(layer: nn.Module, pattern: SparsityPattern) -> None:
+    weight = weight_matrix(layer)
+    set_weight_matrix(layer, weight.masked_fill(pattern_mask(weight.abs().float(), pattern, per_row=True), 0))
 
 
 def _describe(pattern: SparsityPattern) -> str:

@@ -45,6 +45,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.core_model_loading import WeightConverter
 
 from .. import _compat
+from ..modeling.fused_experts import fused_expert_parameters
 from ..modeling.layers import find_decoder_blocks, find_linear_layers, is_offloaded, onloaded
 from ..formats.base import quant_method_of
 from ..formats.integrity import seal_checkpoint
@@ -66,7 +67,8 @@ def sparse_state_dict(
     fraction of zeros is at least ``min_sparsity`` and the encoding is actually smaller (below
     ``1 / (8 * itemsize)`` sparsity the bitmask costs more than it saves). Weights that the model's
     own checkpoint conversions rename-and-transform (e.g. fused on disk) are left dense, because
-    those conversions would otherwise act on the encoded tensors.
+    those conversions would otherwise act on the encoded tensors; so are the 3-D weights of fused MoE
+    experts, which count in the bytes below as stored dense.
 
     Returns:
         ``(state_dict, compressed_modules, storage)`` where ``storage`` holds ``dense_linear_bytes``
@@ -115,6 +117,15 @@ def sparse_state_dict(
             state_dict[key + SHAPE_SUFFIX] = packed.shape
         stored_bytes += packed.nbytes
         compressed.append(name)
+    # Fused MoE experts (3-D parameters) are linear weights too, and pruned like them, but stored dense: saving writes
+    # them one tensor per expert through the model's own conversions, which an encoded tensor would not survive.
+    parameters = dict(model.named_parameters())
+    fused = [parameters[name] for name in fused_expert_parameters(model) if name in parameters]
+    fused_bytes = sum(p.numel() * p.element_size() for p in fused)
+    if fused:
+        logger.info("%d fused expert weight tensors (%d bytes) are stored dense", len(fused), fused_bytes)
+    dense_bytes += fused_bytes
+    stored_bytes += fused_bytes
     storage = {
         "dense_linear_bytes": dense_bytes,
         "stored_linear_bytes": stored_bytes,

@@ -21,17 +21,21 @@ from transformers.pytorch_utils import Conv1D
 
 from ..formats.packed import PackedFormatConfig, attach_packed_format, check_not_packed
 from ..formats.slim import slim_record
+from ..modeling.fused_experts import warn_fused_experts_untouched
 from ..modeling.layers import (
-    check_not_offloaded, check_skip_patterns, find_decoder_blocks, find_linear_layers, replace_module, weight_matrix,
+    check_not_offloaded, check_skip_patterns, computes_linear, find_decoder_blocks, find_linear_layers, replace_module,
+    weight_matrix,
 )
 from ..routing.layer import check_not_routed
-from ..utils import InvalidArgumentTypeError, check_bool, check_str_list
+from ..utils import InvalidArgumentTypeError, check_bool, check_str_list, get_logger
 from .grid import QuantizationGrid, check_grid_arguments, check_keep_sparsity, keeps_sparsity
 from .packed_linear import PackedLinear
 
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
+
+logger = get_logger(__name__)
 
 
 __all__ = ["quantize_rtn"]
@@ -84,6 +88,13 @@ def quantize_rtn(
     broken = next((name for name, layer in layers.items() if not torch.isfinite(weight_matrix(layer)).all()), None)
     if broken is not None:
         raise ValueError(f"{broken} holds non-finite weights (NaN or inf); quantize a finite model.")
+    warn_fused_experts_untouched(model, "Round-to-nearest quantization")  # PackedLinear replaces nn.Linear only
+    routers = [name for name, layer in layers.items() if not computes_linear(layer)]
+    if routers:  # a PackedLinear computes x·Wᵀ, not what these compute from their weight
+        logger.warning("Round-to-nearest quantization leaves %d layers in full precision that are nn.Linear "
+                       "subclasses computing something other than a linear map (e.g. %s, a %s)", len(routers),
+                       routers[0], type(layers[routers[0]]).__name__)
+        layers = {name: layer for name, layer in layers.items() if name not in routers}
     names = list(layers)
     for name in names:
         layer = layers.pop(name)  # the float layer is freed once replaced: never float and packed weights of all

@@ -84,11 +84,13 @@ def decoder_linear_fp32_bytes(model: torch.nn.Module) -> int:
 
 
 def _decoder_linear_weights(model: torch.nn.Module) -> Iterator[torch.Tensor]:
-    """The weight of every linear layer in the decoder blocks (packed layers are not linears)."""
+    """The weight of every linear layer in the decoder blocks, each fused MoE expert's projections included (packed
+    layers are not linears)."""
     from ..modeling.layers import find_decoder_blocks, find_linear_layers, weight_matrix
 
     _, blocks = find_decoder_blocks(model)
-    return (weight_matrix(layer) for block in blocks for layer in find_linear_layers(block).values())
+    return (weight_matrix(layer) for block in blocks
+            for layer in find_linear_layers(block, fused_experts=True).values())
 
 
 def _unique_bytes(tensors: Any) -> int:

@@ -64,6 +64,7 @@ class SDSPruner(MaskPruner):
 
     config_class = SDSConfig
     keeps_dense_outputs = True
+    prunes_fused_experts = False  # its dense step trains nn.Linear parameters; fused experts stay dense, with a warning
     _base_pruner: tuple[PruningConfig, MaskPruner, PruningConfig] | None = None
 
     def _base(self, config: PruningConfig) -> tuple[MaskPruner, PruningConfig]:

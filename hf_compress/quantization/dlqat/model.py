@@ -33,11 +33,12 @@ from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from ...modeling import replace_module
-from ...modeling.layers import check_not_offloaded, is_linear
+from ...modeling.layers import check_not_offloaded, computes_linear, is_linear
 from ...utils import get_logger
 from ...formats.packed import PackedFormatConfig, attach_packed_format, check_not_packed
 from ...formats.slim import slim_record
 from ...hub.model_card import hub_model_id
+from ...modeling.fused_experts import warn_fused_experts_untouched
 from ...routing.layer import check_not_routed
 from ..packed_linear import PackedLinear
 from ..rtn import ROUTED_HINT
@@ -96,6 +97,12 @@ class DLQATModel(BaseTuner):
                 "quantizes the base weight and cannot be stacked on it. Merge that adapter into the model first "
                 "(model = peft_model.merge_and_unload()), then apply DL-QAT to the merged model."
             )
+        if not computes_linear(target):
+            # A router that subclasses nn.Linear (Phi-MoE, Llama 4) returns routing decisions, not x·Wᵀ: the adapter's
+            # forward would break the model. It stays as it is, as peft leaves any module it cannot adapt.
+            logger.warning("DL-QAT leaves %s (%s) unadapted: it computes something other than a linear map",
+                           current_key, type(target).__name__)
+            return
         new_module = DLQATLinear(target, adapter_name, dlqat_config)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)  # a second adapter is not trainable until set_adapter
@@ -107,6 +114,7 @@ class DLQATModel(BaseTuner):
         # "all-linear" skips packed layers: peft would only say that no target module matched.
         check_not_packed(model, "put the DL-QAT adapter on the float model instead")
         check_not_routed(model, ROUTED_HINT)
+        warn_fused_experts_untouched(model, "DL-QAT")  # its grid and adapter wrap nn.Linear layers
         # A slim model's widths are measured on its nn.Linear layers, which the injection is about to wrap.
         if getattr(self, "_slim_widths", None) is None:
             self._slim_widths = slim_record(model)
