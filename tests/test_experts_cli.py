@@ -177,8 +177,13 @@ def test_route_refuses_a_folder_built_on_another_base(trained, tmp_path, capsys)
     err = _error(capsys, ["experts", "route", "--experts", str(trained), "--base", "tiny-qwen2", "--prompt", "hi",
                           "--device", "cpu"])
     assert "were trained on another base model" in err and "--base" in err
-    err = _error(capsys, ["experts", "route", "--experts", str(trained), "--prompt", "hi"])
-    assert "records no base model" in err  # trained on a tiny model: no Hub id to fall back on
+    # Trained on tiny-llama, which has no Hub id: the folder records the name, so --base may be left out.
+    assert json.loads((trained / "experts_config.json").read_text())["builtin_base"] == "tiny-llama"
+    route = ["-q", "experts", "route", "--experts", str(trained), "--prompt", "hi", "--max-new-tokens", "0",
+             "--device", "cpu"]
+    assert main(route) == 0 and main([*route, "--base", "tiny-llama"]) == 0
+    without_base, with_base = capsys.readouterr().out.splitlines()
+    assert without_base == with_base
     assert "is not an expert folder" in _error(capsys, ["experts", "route", "--experts", str(tmp_path), "--base",
                                                         "tiny-llama", "--prompt", "hi"])
     assert "--prompt is empty" in _error(capsys, ["experts", "route", "--experts", str(trained), "--base", "tiny-llama",

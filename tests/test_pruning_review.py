@@ -106,3 +106,13 @@ def test_skip_patterns_that_match_nothing_are_refused_before_any_change(caplog):
     assert "['*c_fc'] match no linear layer" in caplog.text
     assert not torch.equal(model.model.layers[0].mlp.up_proj.weight, before["model.layers.0.mlp.up_proj.weight"])
     assert torch.equal(model.model.layers[0].mlp.down_proj.weight, before["model.layers.0.mlp.down_proj.weight"])
+
+
+def test_a_pruner_given_a_dict_or_another_methods_config_says_what_to_pass():
+    from hf_compress.pruning import SparseGPTConfig, WandaPruner
+
+    pruner = WandaPruner.from_pretrained("tiny-llama")
+    with pytest.raises(TypeError, match=r"got dict\. Build one from the dict: WandaConfig\.from_dict\(config\)"):
+        pruner.prune({"sparsity": "2:4"})
+    with pytest.raises(TypeError, match="got SparseGPTConfig. Prune with SparseGPTPruner for a SparseGPTConfig"):
+        pruner.prune(SparseGPTConfig(sparsity="2:4"))

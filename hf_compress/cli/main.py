@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -210,6 +211,22 @@ def common_flags() -> argparse.ArgumentParser:
     return common
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with the nearest valid name added to a mistyped choice's error (`hf-compress prune wandda`); the
+    sub-command parsers are made of the same class. Python 3.14's ``suggest_on_error`` does this; 3.11 has none."""
+
+    def error(self, message: str):  # type: ignore[override]
+        import difflib
+
+        mistyped = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if mistyped and "did you mean" not in message:
+            choices = [choice.strip().strip("'\"") for choice in mistyped.group(2).split(",")]
+            close = difflib.get_close_matches(mistyped.group(1), choices, n=1)
+            if close:
+                message = f"{message}; did you mean {close[0]!r}?"
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
     import importlib
 
@@ -218,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     for module in METHOD_COMMAND_MODULES:
         importlib.import_module(module)
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="hf-compress",
         description="LLM compression methods as first-class Hugging Face citizens.",
     )

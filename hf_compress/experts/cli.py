@@ -132,6 +132,7 @@ def _train(args: argparse.Namespace) -> int:
     from datasets import Dataset
 
     from ..assets import load_model
+    from ..assets.resolve import tiny_architecture
     from ..cli.config_flags import config_kwargs
     from ..training import TrainingSettings, is_main_process
     from ..utils import check_save_dir
@@ -178,6 +179,8 @@ def _train(args: argparse.Namespace) -> int:
     if not is_main_process():  # under torchrun every process trained alike; rank 0 writes
         return 0
     router.info["data"] = source
+    if tiny_architecture(args.base):  # a model hf_compress builds itself has no Hub id: route finds it by this name
+        router.info["builtin_base"] = args.base
     router.save_pretrained(args.save_dir, overwrite=args.overwrite)
     tasks = dataset["task"] if "task" in dataset.column_names else None
     for index, name in enumerate(router.adapter_names):
@@ -200,10 +203,12 @@ def recorded_base(config: dict[str, Any], experts: str) -> str:
     Example:
         >>> recorded_base({"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct"}, "experts/")
         'smollm2-135m'
+        >>> recorded_base({"base_model": None, "builtin_base": "tiny-llama"}, "experts/")
+        'tiny-llama'
     """
     from ..assets import REFERENCE_MODELS
 
-    base = config.get("base_model")
+    base = config.get("base_model") or config.get("builtin_base")
     if not base:
         raise ValueError(f"--experts {experts} records no base model (it was trained on a local or tiny model); pass "
                          "--base with the model it was trained on.")

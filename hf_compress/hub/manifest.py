@@ -253,16 +253,22 @@ class Manifest:
     def load(cls, path: str | os.PathLike) -> Manifest:
         """Read a manifest; a missing file, bad JSON or an unknown schema version is a :class:`ManifestError`."""
         path = Path(path)
+        folder = path if path.is_dir() else path.parent
         if path.is_dir():
             path = path / MANIFEST_FILENAME
+        # One model folder (its config.json, or the folder) is not a set: it is pushed on its own.
+        single = " It is one model folder: push it with hf_compress.hub.push_to_hub(folder, repo_id)."
+        one_model = (folder / "config.json").is_file() and not (folder / MANIFEST_FILENAME).is_file()
         if not path.is_file():
-            raise ManifestError(f"No manifest at {path}; build the set first (python scripts/build_artifacts.py).")
+            raise ManifestError(f"No manifest at {path}; build the set first (python scripts/build_artifacts.py)."
+                                + (single if one_model else ""))
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise ManifestError(f"{path} is not valid JSON ({err}); rebuild it with scripts/build_artifacts.py.") from None
         if not isinstance(data, dict) or not isinstance(data.get("artifacts"), list):
-            raise ManifestError(f"{path} is not an hf_compress manifest (no `artifacts` list).")
+            raise ManifestError(f"{path} is not an hf_compress manifest (no `artifacts` list)."
+                                + (single if one_model else ""))
         version = data.get("schema_version")
         if version != MANIFEST_SCHEMA_VERSION:
             raise ManifestError(

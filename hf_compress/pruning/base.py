@@ -26,7 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Self
 
@@ -249,9 +249,17 @@ class BasePruner(ABC):
         if isinstance(config, (str, float, int, SparsityPattern)) and not isinstance(config, bool):
             return self.config_for_target(config)
         if not isinstance(config, self.config_class):
-            raise TypeError(
-                f"{type(self).__name__} takes a {self.config_class.__name__}, got {type(config).__name__}."
-            )
+            wanted = self.config_class.__name__
+            if isinstance(config, Mapping):
+                hint = f" Build one from the dict: {wanted}.from_dict(config)."
+            elif isinstance(config, PruningConfig):
+                from .registry import PRUNERS  # the registry imports this module
+
+                owner = PRUNERS.get(config.method)
+                hint = f" Prune with {owner.__name__} for a {type(config).__name__}." if owner is not None else ""
+            else:
+                hint = ""
+            raise TypeError(f"{type(self).__name__} takes a {wanted}, got {type(config).__name__}.{hint}")
         return config
 
     def _check_model_can_be_pruned(self) -> None:

@@ -22,12 +22,13 @@ Example:
     >>> Recipe.from_dict({"name": "x", "base_model": "tiny-llama", "stepz": []})  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    hf_compress.recipe.config.RecipeError: recipe: unknown key 'stepz'; valid keys: base_model, description, ...
+    hf_compress.recipe.config.RecipeError: recipe: unknown key 'stepz' (did you mean 'steps'?); valid keys: base_model, description, ...
 """
 
 from __future__ import annotations
 
 import contextlib
+import difflib
 import dataclasses
 import os
 import re
@@ -81,14 +82,21 @@ def check_keys(where: str, data: Any, valid: Mapping[str, Any] | set[str] | list
         Traceback (most recent call last):
         ...
         hf_compress.recipe.config.RecipeError: evaluation: unknown key 'windows'; valid keys: perplexity_windows, text.
+        >>> check_keys("evaluation", {"txt": "news"}, {"perplexity_windows", "text"})
+        Traceback (most recent call last):
+        ...
+        hf_compress.recipe.config.RecipeError: evaluation: unknown key 'txt' (did you mean 'text'?); valid keys: perplexity_windows, text.
     """
     if not isinstance(data, Mapping):
         raise RecipeError(f"{where}: expected a mapping of {', '.join(sorted(valid))}, got {type(data).__name__}.")
     unknown = sorted(str(key) for key in data if key not in valid)
     if unknown:
         plural = "s" if len(unknown) > 1 else ""
+        close = difflib.get_close_matches(unknown[0], [str(key) for key in valid], n=1)
+        guess = f" (did you mean {close[0]!r}?)" if close else ""
         raise RecipeError(
-            f"{where}: unknown key{plural} {', '.join(repr(k) for k in unknown)}; valid keys: {', '.join(sorted(valid))}."
+            f"{where}: unknown key{plural} {', '.join(repr(k) for k in unknown)}{guess}; valid keys: "
+            f"{', '.join(sorted(valid))}."
         )
     missing = [key for key in required if key not in data]
     if missing:

@@ -21,6 +21,7 @@ from those alone the router cannot learn that a skipped token was worth computin
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import os
@@ -151,11 +152,17 @@ def _scored_tail(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
     runs its language-model head on that span alone.
     """
     weight = _tail_weight(input_ids, attention_mask, tail)
-    if "logits_to_keep" not in inspect.signature(model.forward).parameters:
+    if not _takes_logits_to_keep(type(model)):
         return {}, weight
     scored = weight.any(0).nonzero()
     keep = weight.shape[1] - int(scored[0]) if len(scored) else 1
     return {"logits_to_keep": keep}, weight[:, -keep:]
+
+
+@functools.cache
+def _takes_logits_to_keep(model_class: type) -> bool:
+    """Whether the class's forward takes ``logits_to_keep``: read once per class, not on every training forward."""
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
 
 
 class GuideDecay(TrainerCallback):
