@@ -78,6 +78,8 @@ __all__ = [
     "set_attention_implementation",
     "set_hub_name",
     "set_model_conversions",
+    "running_forward",
+    "forward_replaced",
     "apply_expert_gate",
     "merged_checkpoint_key",
     "streamer_of_calling_generate",
@@ -734,6 +736,30 @@ def accelerate_repoint_forward(module: nn.Module, current: Any, new: Any) -> Non
         saved = module.__dict__.get(name)
         if getattr(saved, "__self__", None) is module and getattr(saved, "__func__", None) is current:
             setattr(module, name, types.MethodType(new, module))
+
+
+def running_forward(module: nn.Module) -> Any:
+    """The bound forward ``module`` computes with now: for an accelerate-hooked module, the one its hook calls between
+    loading and offloading the weights (``module._old_forward``); else an instance ``forward`` or the class's."""
+    name = "_old_forward" if accelerate_hook(module) is not None and "_old_forward" in module.__dict__ else "forward"
+    return module.__dict__.get(name) or type(module).forward.__get__(module)
+
+
+@contextlib.contextmanager
+def forward_replaced(module: nn.Module, forward: Any) -> Iterator[None]:
+    """Inside, ``module`` computes ``forward(*args, **kwargs)`` instead; an accelerate-hooked module keeps its hook
+    (which loads and offloads the weights around the call): ``_old_forward`` is replaced, not the hook's wrapper.
+    Checked on accelerate 1.16.0."""
+    name = "_old_forward" if accelerate_hook(module) is not None and "_old_forward" in module.__dict__ else "forward"
+    had, previous = name in module.__dict__, module.__dict__.get(name)
+    module.__dict__[name] = forward
+    try:
+        yield
+    finally:
+        if had:
+            module.__dict__[name] = previous
+        else:
+            module.__dict__.pop(name, None)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -259,3 +259,23 @@ def test_dlqat_leaves_a_linear_subclass_router_unadapted():
     assert type(model.base_model.model.model.layers[0].self_attn.q_proj).__name__ == "DLQATLinear"
     with torch.no_grad():
         assert model(ids(1, 8)).logits.shape == (1, 8, 256)
+
+
+def test_a_cpu_offloaded_moe_model_is_pruned_as_the_same_model_in_memory():
+    """accelerate runs an offloaded module's forward inside its hook (which loads the weights): the experts are
+    computed through their projections there, and the hook is left as it was."""
+    from accelerate import cpu_offload
+
+    from hf_compress.modeling.layers import is_offloaded, onloaded
+
+    reference = moe_model("qwen3_moe")
+    WandaPruner(reference).prune(WandaConfig(sparsity="2:4", batch_size=2), ids(), progress=False)
+    model = cpu_offload(moe_model("qwen3_moe"), execution_device=torch.device("cpu"))
+    WandaPruner(model).prune(WandaConfig(sparsity="2:4", batch_size=2), ids(), progress=False)
+    experts = model.model.layers[0].mlp.experts
+    assert is_offloaded(experts) and "forward" in experts.__dict__  # accelerate's wrapper is still there
+    with onloaded(model):
+        pruned = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    assert all(torch.equal(pruned[name], tensor) for name, tensor in reference.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(model(ids(1, 8)).logits, reference(ids(1, 8)).logits)

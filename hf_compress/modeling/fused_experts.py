@@ -158,8 +158,7 @@ def experts_through_projections(block: nn.Module, layers: Mapping[str, nn.Module
         (id(layer.experts), layer.weight_name, layer.index): layer
         for layer in layers.values() if isinstance(layer, ExpertProjection)
     }
-    patched: list[nn.Module] = []
-    try:
+    with contextlib.ExitStack() as patched:
         for name, module in block.named_modules():
             if not is_fused_experts(module):
                 continue
@@ -171,16 +170,13 @@ def experts_through_projections(block: nn.Module, layers: Mapping[str, nn.Module
 
             routed = _routed_forward(module, [projection(first_name, e) for e in range(count)],
                                      [projection(down_name, e) for e in range(count)])
-            module.forward = _checked_once(name, module, routed)  # an instance attribute shadows the class's
-            patched.append(module)
+            # Replaced where the module's own forward runs: inside an accelerate hook's onloading, if it has one.
+            own = _compat.running_forward(module)
+            patched.enter_context(_compat.forward_replaced(module, _checked_once(name, module, routed, own)))
         yield
-    finally:
-        for module in patched:
-            module.__dict__.pop("forward", None)
 
 
-def _checked_once(name: str, experts: nn.Module, routed):
-    own = type(experts).forward.__get__(experts)
+def _checked_once(name: str, experts: nn.Module, routed, own):
     signature = inspect.signature(own)
     checked = False
 
