@@ -279,3 +279,23 @@ def test_a_cpu_offloaded_moe_model_is_pruned_as_the_same_model_in_memory():
     assert all(torch.equal(pruned[name], tensor) for name, tensor in reference.state_dict().items())
     with torch.no_grad():
         assert torch.equal(model(ids(1, 8)).logits, reference(ids(1, 8)).logits)
+
+
+def test_skipped_experts_run_as_the_model_runs_them_even_in_a_layout_not_read():
+    """skip=['*experts*'] is what the refusal of an unread layout suggests: it must then get past that layout."""
+    model = moe_model("qwen3_moe")
+    for block in find_decoder_blocks(model)[1]:
+        experts = block.mlp.experts
+
+        class ScaledExperts(type(experts)):
+            def forward(self, hidden_states, top_k_index, top_k_weights):
+                return 2 * super().forward(hidden_states, top_k_index, top_k_weights)
+
+        experts.__class__ = ScaledExperts
+    pruner = WandaPruner(model)
+    pruner.prune(WandaConfig(sparsity="2:4", batch_size=2, skip=["*experts*"]), ids(), progress=False)
+    assert pruner.report.overall_sparsity == 0.5
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with pytest.raises(NotImplementedError, match="differs from the model's own"):  # refused before any block changes
+        MagnitudePruner(model).prune(MagnitudeConfig(sparsity=0.75), progress=False)
+    assert all(torch.equal(tensor, before[name]) for name, tensor in model.state_dict().items())

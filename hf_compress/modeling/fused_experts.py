@@ -40,6 +40,7 @@ from ..utils.logging import get_logger
 
 __all__ = [
     "ExpertProjection",
+    "check_fused_experts_readable",
     "experts_through_projections",
     "expert_projections",
     "fused_expert_parameters",
@@ -147,8 +148,9 @@ def _routed_forward(experts: nn.Module, first: list[nn.Module], down: list[nn.Mo
 
 @contextlib.contextmanager
 def experts_through_projections(block: nn.Module, layers: Mapping[str, nn.Module]) -> Iterator[None]:
-    """Inside, every fused experts module of ``block`` computes through its ``ExpertProjection`` modules: those in
-    ``layers`` (the ones a method observes, with their hooks) and fresh ones for the experts left out (skip patterns).
+    """Inside, every fused experts module of ``block`` with a projection in ``layers`` computes through its
+    ``ExpertProjection`` modules: those in ``layers`` (the ones a method observes, with their hooks) and fresh ones for
+    the experts left out (skip patterns). An experts module none of whose projections is observed runs as it is.
 
     The first call of each experts module also runs the model's own experts forward on the same inputs and raises
     ``NotImplementedError`` when the two differ: a layout this library does not read correctly is refused, not
@@ -160,8 +162,8 @@ def experts_through_projections(block: nn.Module, layers: Mapping[str, nn.Module
     }
     with contextlib.ExitStack() as patched:
         for name, module in block.named_modules():
-            if not is_fused_experts(module):
-                continue
+            if not is_fused_experts(module) or not any(key[0] == id(module) for key in given):
+                continue  # not experts, or none of them observed (skipped): the model's own forward, unchecked
             first_name, down_name = _projection_names(module)
             count = getattr(module, down_name).shape[0]
 
@@ -174,6 +176,37 @@ def experts_through_projections(block: nn.Module, layers: Mapping[str, nn.Module
             own = _compat.running_forward(module)
             patched.enter_context(_compat.forward_replaced(module, _checked_once(name, module, routed, own)))
         yield
+
+
+def check_fused_experts_readable(model: nn.Module) -> None:
+    """Refuse (``NotImplementedError``), before any work, a model whose fused experts this module would compute wrongly:
+    one experts module of each class is run on 8 random tokens both ways (its own forward, expert by expert).
+
+    The same check runs again on the first calibration batch of every experts module (``experts_through_projections``);
+    this one comes first, so a pruner refuses before it changes any block.
+
+    Example:
+        >>> from hf_compress.assets import tiny_model
+        >>> check_fused_experts_readable(tiny_model("llama")[0])  # no experts: nothing to check
+    """
+    from .layers import onloaded  # layers imports this module
+
+    seen: set[type] = set()
+    generator = torch.Generator().manual_seed(0)
+    for name, module in model.named_modules():
+        if not is_fused_experts(module) or type(module) in seen:
+            continue
+        seen.add(type(module))
+        projections = list(expert_projections(module, name).values())
+        count = len(projections) // 2
+        with onloaded(module), torch.no_grad():
+            weight = projections[0].weight
+            tokens, k = 8, min(2, count)
+            hidden = torch.randn(tokens, weight.shape[1], generator=generator).to(weight.device, weight.dtype)
+            index = torch.stack([torch.randperm(count, generator=generator)[:k] for _ in range(tokens)]).to(weight.device)
+            weights = torch.rand(tokens, k, generator=generator).softmax(-1).to(weight.device, weight.dtype)
+            routed = _routed_forward(module, projections[0::2], projections[1::2])
+            _checked_once(name, module, routed, _compat.running_forward(module))(hidden, index, weights)
 
 
 def _checked_once(name: str, experts: nn.Module, routed, own):

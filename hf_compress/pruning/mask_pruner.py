@@ -45,7 +45,7 @@ from ..modeling import (
     set_weight_matrix,
     weight_matrix,
 )
-from ..modeling.fused_experts import ExpertProjection, warn_fused_experts_untouched
+from ..modeling.fused_experts import ExpertProjection, check_fused_experts_readable, warn_fused_experts_untouched
 from ..modeling.layers import check_not_disk_offloaded, check_skip_patterns, missing_weights
 from ..utils import get_logger
 from .base import BasePruner
@@ -265,6 +265,8 @@ class MaskPruner(BasePruner):
         seen = {(id(layer.experts), layer.weight_name) for layer in layers.values() if isinstance(layer, ExpertProjection)}
         if not seen:  # no expert read as linear layers (SDS, or a layout not recognised): say what stays dense
             warn_fused_experts_untouched(self.model, type(self).__name__)
+        else:  # before any block changes: an experts layout read wrongly is refused now, not halfway through
+            check_fused_experts_readable(self.model)
         pattern = config.pattern
         if pattern.is_n_m:
             group = pattern.group_size or 1
