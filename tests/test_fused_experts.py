@@ -299,3 +299,31 @@ def test_skipped_experts_run_as_the_model_runs_them_even_in_a_layout_not_read():
     with pytest.raises(NotImplementedError, match="differs from the model's own"):  # refused before any block changes
         MagnitudePruner(model).prune(MagnitudeConfig(sparsity=0.75), progress=False)
     assert all(torch.equal(tensor, before[name]) for name, tensor in model.state_dict().items())
+
+
+def test_a_checkpoint_whose_loading_splits_a_stored_tensor_loads(tmp_path):
+    """Sarvam-MoE stores attention as one query_key_value tensor that loading splits into q/k/v: no expert index."""
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("sarvam_moe", **_COMMON, intermediate_size=128, moe_intermediate_size=32,
+                                  num_experts=4, num_experts_per_tok=2, first_k_dense_replace=0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    WandaPruner(model).prune(WandaConfig(sparsity="2:4", batch_size=2), ids(), progress=False)
+    reloaded = AutoModelForCausalLM.from_pretrained(save_pruned(model, None, tmp_path / "pruned")).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids(2, 8)).logits, model(ids(2, 8)).logits)
+
+
+def test_convolution_weights_are_not_experts(caplog):
+    """Falcon-H1's Mamba conv1d weights are 3-D too: no MoE warning, and not counted as linear bytes."""
+    from hf_compress.pruning.storage import sparse_state_dict
+    from hf_compress.quantization.rtn import quantize_rtn
+
+    config = AutoConfig.for_model("falcon_h1", **_COMMON, intermediate_size=128)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    assert any(p.dim() == 3 for p in model.parameters()) and fused_expert_parameters(model) == {}
+    linear = sum(weight_matrix(layer).numel() * 4 for block in find_decoder_blocks(model)[1]
+                 for layer in find_linear_layers(block).values())
+    assert sparse_state_dict(model)[2]["dense_linear_bytes"] == linear
+    with caplog.at_level(logging.WARNING, logger="hf_compress"):
+        quantize_rtn(model, bits=4, group_size=16)
+    assert "mixture-of-experts" not in caplog.text

@@ -304,10 +304,11 @@ def check_tensors_match_model(model: torch.nn.Module, reader: CheckpointReader, 
         return next((renamed[candidate] for candidate in candidates if candidate in renamed), None)
 
     starred: set[str] | None = None
+    stored_names: set[str] = set()
 
     def merged(name: str) -> bool:
-        # A tensor that loading assembles from several stored ones (MoE experts saved one per expert, fused on
-        # load): stored when its sources are; their shapes are the conversion's business, not checked here.
+        # A tensor that loading makes from other stored ones (MoE experts saved one per expert and merged, a fused
+        # qkv split): stored when its sources are; their shapes are the conversion's business, not checked here.
         nonlocal starred, renamed
         pattern = _compat.merged_checkpoint_key(model, name) if hasattr(model, "config") else None
         if pattern is None:
@@ -318,7 +319,10 @@ def check_tensors_match_model(model: torch.nn.Module, reader: CheckpointReader, 
             starred = {".".join(parts[:i] + ["*"] + parts[i + 1:])
                        for parts in (key.split(".") for key in renamed)
                        for i, part in enumerate(parts) if part.isdigit()}
-        return bool({pattern, f"{prefix}.{pattern}", pattern.removeprefix(f"{prefix}.")} & starred)
+            stored_names.update(renamed)
+        candidates = {pattern, f"{prefix}.{pattern}", pattern.removeprefix(f"{prefix}.")}
+        # A pattern with an expert index matches a starred key; one without (a fused qkv that loading splits) a key.
+        return bool(candidates & starred) or bool(candidates & stored_names)
 
     stored = {name: stored_name(name) for name, _ in required}
     stored = {name: key for name, key in stored.items() if key is not None or not merged(name)}

@@ -240,15 +240,30 @@ def _checked_once(name: str, experts: nn.Module, routed, own):
     return forward
 
 
-def fused_expert_parameters(model: nn.Module) -> dict[str, int]:
-    """Name → element count of every parameter of more than two dimensions inside the decoder blocks: the stacked
-    weights of fused experts (recognised or not), which methods working on ``nn.Linear`` layers do not see."""
+def fused_expert_parameters(model: nn.Module, recognised_only: bool = False) -> dict[str, int]:
+    """Name → element count of the stacked expert weights inside the decoder blocks, which methods working on
+    ``nn.Linear`` layers do not see: the 3-D parameters of the experts modules read here (``is_fused_experts``) and,
+    unless ``recognised_only``, those of other modules named like experts (Llama 4's). Convolution weights (Mamba's
+    ``conv1d``) are not experts.
+
+    Example:
+        >>> from hf_compress.assets import tiny_model
+        >>> fused_expert_parameters(tiny_model("llama")[0])
+        {}
+    """
     from .layers import find_decoder_blocks  # layers imports this module
 
     prefix, blocks = find_decoder_blocks(model)
-    return {f"{prefix}.{index}.{name}": parameter.numel()
-            for index, block in enumerate(blocks) for name, parameter in block.named_parameters()
-            if parameter.dim() > 2}
+    found: dict[str, int] = {}
+    for index, block in enumerate(blocks):
+        for name, module in block.named_modules():
+            recognised = is_fused_experts(module)
+            if not recognised and (recognised_only or "expert" not in name.rpartition(".")[2].lower()
+                                   or isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))):
+                continue
+            found.update((f"{prefix}.{index}.{name}.{key}", parameter.numel())
+                         for key, parameter in module.named_parameters(recurse=False) if parameter.dim() == 3)
+    return found
 
 
 def warn_fused_experts_untouched(model: nn.Module, work: str) -> int:

@@ -120,7 +120,7 @@ def sparse_state_dict(
     # Fused MoE experts (3-D parameters) are linear weights too, and pruned like them, but stored dense: saving writes
     # them one tensor per expert through the model's own conversions, which an encoded tensor would not survive.
     parameters = dict(model.named_parameters())
-    fused = [parameters[name] for name in fused_expert_parameters(model) if name in parameters]
+    fused = [parameters[name] for name in fused_expert_parameters(model, recognised_only=True) if name in parameters]
     fused_bytes = sum(p.numel() * p.element_size() for p in fused)
     if fused:
         logger.info("%d fused expert weight tensors (%d bytes) are stored dense", len(fused), fused_bytes)
