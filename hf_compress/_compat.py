@@ -738,11 +738,16 @@ def accelerate_repoint_forward(module: nn.Module, current: Any, new: Any) -> Non
             setattr(module, name, types.MethodType(new, module))
 
 
+def _forward_slot(module: nn.Module) -> str:
+    """The instance attribute holding the forward ``module`` computes with: ``_old_forward`` under an accelerate hook
+    (called by the hook's wrapper between loading and offloading the weights), else ``forward``."""
+    return "_old_forward" if accelerate_hook(module) is not None and "_old_forward" in module.__dict__ else "forward"
+
+
 def running_forward(module: nn.Module) -> Any:
     """The bound forward ``module`` computes with now: for an accelerate-hooked module, the one its hook calls between
     loading and offloading the weights (``module._old_forward``); else an instance ``forward`` or the class's."""
-    name = "_old_forward" if accelerate_hook(module) is not None and "_old_forward" in module.__dict__ else "forward"
-    return module.__dict__.get(name) or type(module).forward.__get__(module)
+    return module.__dict__.get(_forward_slot(module)) or type(module).forward.__get__(module)
 
 
 @contextlib.contextmanager
@@ -750,7 +755,7 @@ def forward_replaced(module: nn.Module, forward: Any) -> Iterator[None]:
     """Inside, ``module`` computes ``forward(*args, **kwargs)`` instead; an accelerate-hooked module keeps its hook
     (which loads and offloads the weights around the call): ``_old_forward`` is replaced, not the hook's wrapper.
     Checked on accelerate 1.16.0."""
-    name = "_old_forward" if accelerate_hook(module) is not None and "_old_forward" in module.__dict__ else "forward"
+    name = _forward_slot(module)
     had, previous = name in module.__dict__, module.__dict__.get(name)
     module.__dict__[name] = forward
     try:

@@ -17,7 +17,7 @@ from transformers import (
 )
 
 from .. import _compat
-from ..utils import InvalidArgumentTypeError, check_bool, check_path
+from ..utils import InvalidArgumentTypeError, check_bool, check_path, closest_name
 from ..utils.model_types import MODEL_TYPE_MODULES
 from .reference_models import REFERENCE_MODELS, load_reference_model
 from .tiny_models import TINY_ARCHITECTURES, tiny_model
@@ -160,14 +160,12 @@ def check_model_name_form(name: str) -> None:
     if is_builtin_model(name) or Path(name).expanduser().exists() or _looks_like_a_path(name):
         return
     if name.count("/") != 1:
-        import difflib
-
         known = [*REFERENCE_MODELS, *(f"tiny-{arch}" for arch in TINY_ARCHITECTURES)]
-        close = difflib.get_close_matches(name.lower(), known, n=1, cutoff=0.6)
+        close = closest_name(name.lower(), known)
         raise ValueError(
             f"{name!r} is neither a reference model ({', '.join(REFERENCE_MODELS)}), a tiny model "
             f"(tiny-{'/tiny-'.join(TINY_ARCHITECTURES)}), an existing folder, nor a Hub id (owner/name)"
-            + (f"; did you mean {close[0]!r}?" if close else ".")
+            + (f"; did you mean {close!r}?" if close else ".")
         )
 
 

@@ -18,6 +18,8 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from ..utils.validation import closest_name
+
 
 if TYPE_CHECKING:
     import torch
@@ -142,15 +144,13 @@ def calibration_text(text: str) -> str:
         ...
         argparse.ArgumentTypeError: unknown calibration text 'wiki' (did you mean 'wikipedia'?); pass 'wikipedia', 'news' or the path of a UTF-8 text file.
     """
-    import difflib
-
     from ..assets.text import CALIBRATION_TEXTS
 
     looks_like_path = any(sep and sep in text for sep in (os.sep, os.altsep, ".")) or os.path.exists(text)
     if text in CALIBRATION_TEXTS or looks_like_path:
         return text
-    close = difflib.get_close_matches(text, CALIBRATION_TEXTS, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    close = closest_name(text, CALIBRATION_TEXTS)
+    hint = f" (did you mean {close!r}?)" if close else ""
     raise argparse.ArgumentTypeError(f"unknown calibration text {text!r}{hint}; pass "
                                      f"{', '.join(repr(name) for name in CALIBRATION_TEXTS)} or the path of a UTF-8 "
                                      "text file.")
@@ -216,14 +216,12 @@ class _Parser(argparse.ArgumentParser):
     sub-command parsers are made of the same class. Python 3.14's ``suggest_on_error`` does this; 3.11 has none."""
 
     def error(self, message: str):  # type: ignore[override]
-        import difflib
-
         mistyped = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
         if mistyped and "did you mean" not in message:
             choices = [choice.strip().strip("'\"") for choice in mistyped.group(2).split(",")]
-            close = difflib.get_close_matches(mistyped.group(1), choices, n=1)
+            close = closest_name(mistyped.group(1), choices)
             if close:
-                message = f"{message}; did you mean {close[0]!r}?"
+                message = f"{message}; did you mean {close!r}?"
         super().error(message)
 
 
@@ -454,12 +452,10 @@ def _check_names(flag: str, names: Sequence[str], known: Sequence[str], what: st
         ...
         ValueError: --tasks: unknown zero-shot task 'arc-easy' (did you mean 'arc_easy'?); pass a comma-separated list of arc_easy, piqa, or '' for none.
     """
-    import difflib
-
     for name in names:
         if name not in known:
-            close = difflib.get_close_matches(name, known, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            close = closest_name(name, known)
+            hint = f" (did you mean {close!r}?)" if close else ""
             raise ValueError(f"{flag}: unknown {what} {name!r}{hint}; pass a comma-separated list of "
                              f"{', '.join(known)}, or '' for none.")
 

@@ -166,6 +166,7 @@ class CheckpointReader:
     def __init__(self, files: Iterable[str | os.PathLike]) -> None:
         self.entries: dict[str, TensorEntry] = {}
         self._maps: dict[Path, mmap.mmap] = {}
+        self._keys_as_loaded: dict[str, str] | None = None
         for file in files:
             path = Path(file)
             if path.suffix != ".safetensors":
@@ -185,6 +186,17 @@ class CheckpointReader:
         for view in self._maps.values():
             view.close()
         self._maps.clear()
+
+    def keys_as_loaded(self, model: torch.nn.Module) -> dict[str, str]:
+        """Each stored key under the name loading gives it (``model``'s architecture renamings applied; save_pretrained
+        reverts them) → the stored key; computed once per reader, for the format's checks and the tensors' check alike.
+        """
+        if self._keys_as_loaded is None:
+            from .. import _compat
+
+            self._keys_as_loaded = (_compat.model_names_of_checkpoint_keys(model, list(self.entries))
+                                    if hasattr(model, "config") else {key: key for key in self.entries})
+        return self._keys_as_loaded
 
     def _bytes(self, entry: TensorEntry) -> memoryview:
         view = self._maps.get(entry.file)
@@ -290,17 +302,13 @@ def check_tensors_match_model(model: torch.nn.Module, reader: CheckpointReader, 
     required += [(name, tensor) for name, tensor in model.named_buffers() if name in state_keys]
     prefix = getattr(model, "base_model_prefix", "") or ""
 
-    renamed: dict[str, str] | None = None
-
     def stored_name(name: str) -> str | None:
-        nonlocal renamed
         # A head model's checkpoint loads into its base model and the other way round: "model." comes and goes.
         candidates = (name, f"{prefix}.{name}", name.removeprefix(f"{prefix}."))
         for candidate in candidates:
             if candidate in reader.entries:
                 return candidate
-        if renamed is None:  # keys transformers renames at load (a multimodal model's legacy names)
-            renamed = _compat.model_names_of_checkpoint_keys(model, reader.entries) if hasattr(model, "config") else {}
+        renamed = reader.keys_as_loaded(model)  # keys transformers renames at load (a multimodal model's legacy names)
         return next((renamed[candidate] for candidate in candidates if candidate in renamed), None)
 
     starred: set[str] | None = None
@@ -309,13 +317,12 @@ def check_tensors_match_model(model: torch.nn.Module, reader: CheckpointReader, 
     def merged(name: str) -> bool:
         # A tensor that loading makes from other stored ones (MoE experts saved one per expert and merged, a fused
         # qkv split): stored when its sources are; their shapes are the conversion's business, not checked here.
-        nonlocal starred, renamed
+        nonlocal starred
         pattern = _compat.merged_checkpoint_key(model, name) if hasattr(model, "config") else None
         if pattern is None:
             return False
         if starred is None:  # every stored key, renamed as loading renames it, with a number (expert index) as "*"
-            if renamed is None:
-                renamed = _compat.model_names_of_checkpoint_keys(model, reader.entries)
+            renamed = reader.keys_as_loaded(model)
             starred = {".".join(parts[:i] + ["*"] + parts[i + 1:])
                        for parts in (key.split(".") for key in renamed)
                        for i, part in enumerate(parts) if part.isdigit()}

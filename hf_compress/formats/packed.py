@@ -132,7 +132,7 @@ class PackedFormatQuantizer(CompressedFormatQuantizer):
         apply_slim_record(model, getattr(config, "slim", None))
         # Keys as the model names them -> as stored (save_pretrained reverts the architecture's renamings, which
         # config.modules does not know; Phi-MoE stores its `mlp` as `block_sparse_moe`).
-        stored_keys = _compat.model_names_of_checkpoint_keys(model, list(reader.entries))
+        stored_keys = reader.keys_as_loaded(model)
         stored = {name[: -len(".qweight")] for name in stored_keys if name.endswith(".qweight")}
         check_module_lists(set(config.modules), stored, "modules", "packed")
         sparse = _sparse_modules(config)
@@ -236,7 +236,7 @@ def check_packed_layer(
 ) -> None:
     """Refuse stored tensors of packed layer ``name`` that do not fit ``layer`` (``CheckpointIntegrityError``).
 
-    ``stored_keys``: model key → stored key, where saving renamed some (``_compat.model_names_of_checkpoint_keys``).
+    ``stored_keys``: model key → stored key, where saving renamed some (``CheckpointReader.keys_as_loaded``).
     """
     stored_keys = stored_keys or {}
 

@@ -60,7 +60,6 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 from transformers.core_model_loading import ConversionOps, WeightConverter
 
-from .. import _compat
 from .base import CompressedFormatConfig, CompressedFormatQuantizer, register_format
 from .integrity import CheckpointIntegrityError, CheckpointReader, check_module_lists
 from .slim import apply_slim_record, keep_slim_widths
@@ -300,7 +299,7 @@ def check_sparse_triple(
 ) -> None:
     """Refuse an inconsistent stored weight of ``module`` (``CheckpointIntegrityError``); see the quantizer.
 
-    ``stored_keys``: model key → stored key, where saving renamed some (``_compat.model_names_of_checkpoint_keys``).
+    ``stored_keys``: model key → stored key, where saving renamed some (``CheckpointReader.keys_as_loaded``).
     """
     key = module + ".weight"
     where = f"sparse weight {key!r}"
@@ -378,7 +377,7 @@ class SparseStorageQuantizer(CompressedFormatQuantizer):
         # Keys as the model names them -> as stored: save_pretrained reverts the architecture's renamings, which
         # compressed_modules does not know, and a renaming may take a weight but not its bitmask (Phi-MoE stores
         # `mlp.router.weight` as `block_sparse_moe.gate.weight`, its bitmask as `block_sparse_moe.router...`).
-        stored_keys = _compat.model_names_of_checkpoint_keys(model, list(reader.entries))
+        stored_keys = reader.keys_as_loaded(model)
         stored = {name[: -len(suffix)] for name in stored_keys if name.endswith(suffix)}
         listed = set(getattr(self.quantization_config, "compressed_modules", []) or [])
         check_module_lists(listed, stored, "compressed_modules", "sparse")

@@ -262,8 +262,7 @@ class MaskPruner(BasePruner):
                 f"no prunable layers: the {len(blocks)} decoder blocks of {type(self.model).__name__} "
                 f"hold no nn.Linear/Conv1D left after skip={config.skip}."
             )
-        seen = {(id(layer.experts), layer.weight_name) for layer in layers.values() if isinstance(layer, ExpertProjection)}
-        if not seen:  # no expert read as linear layers (SDS, or a layout not recognised): say what stays dense
+        if not any(isinstance(layer, ExpertProjection) for layer in layers.values()):  # no expert read as linear layers (SDS, or a layout not recognised): say what stays dense
             warn_fused_experts_untouched(self.model, type(self).__name__)
         else:  # before any block changes: an experts layout read wrongly is refused now, not halfway through
             check_fused_experts_readable(self.model)

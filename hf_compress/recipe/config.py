@@ -28,7 +28,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import difflib
 import dataclasses
 import os
 import re
@@ -37,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..utils import atomic_file
+from ..utils import atomic_file, closest_name
 
 
 if TYPE_CHECKING:
@@ -92,8 +91,8 @@ def check_keys(where: str, data: Any, valid: Mapping[str, Any] | set[str] | list
     unknown = sorted(str(key) for key in data if key not in valid)
     if unknown:
         plural = "s" if len(unknown) > 1 else ""
-        close = difflib.get_close_matches(unknown[0], [str(key) for key in valid], n=1)
-        guess = f" (did you mean {close[0]!r}?)" if close else ""
+        close = closest_name(unknown[0], [str(key) for key in valid])
+        guess = f" (did you mean {close!r}?)" if close else ""
         raise RecipeError(
             f"{where}: unknown key{plural} {', '.join(repr(k) for k in unknown)}{guess}; valid keys: "
             f"{', '.join(sorted(valid))}."

@@ -7,12 +7,11 @@ marked *(ours)* below; the benchmark (``scripts/bench_token_router.py``) states 
 
 from __future__ import annotations
 
-import difflib
 import json
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from ..utils.validation import check_bool, check_float, check_int, check_seed
+from ..utils.validation import check_bool, check_float, check_int, check_seed, closest_name
 
 
 __all__ = ["TokenRouterConfig"]
@@ -112,8 +111,8 @@ class TokenRouterConfig:
         known = [f.name for f in fields(cls)]
         for key in values:
             if key not in known:
-                close = difflib.get_close_matches(str(key), known, n=1)
-                hint = f"did you mean {close[0]!r}?" if close else f"valid fields: {', '.join(known)}."
+                close = closest_name(str(key), known)
+                hint = f"did you mean {close!r}?" if close else f"valid fields: {', '.join(known)}."
                 raise ValueError(f"TokenRouterConfig has no field {key!r}; {hint}")
         return cls(**values)
 

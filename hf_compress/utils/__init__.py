@@ -24,6 +24,7 @@ from .validation import (
     check_seed,
     check_str,
     check_str_list,
+    closest_name,
 )
 
 
@@ -45,6 +46,7 @@ __all__ = [
     "check_seed",
     "check_str",
     "check_str_list",
+    "closest_name",
     "file_lock",
     "get_logger",
     "holds_model",

@@ -28,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+import difflib
 import math
 import numbers
 import os
@@ -45,6 +46,7 @@ __all__ = [
     "check_seed",
     "check_str",
     "check_str_list",
+    "closest_name",
 ]
 
 
@@ -56,6 +58,17 @@ class InvalidArgumentTypeError(TypeError, ValueError):
         >>> isinstance(InvalidArgumentTypeError("x"), ValueError)
         True
     """
+
+
+def closest_name(name: str, known: Iterable[str], cutoff: float = 0.6) -> str | None:
+    """The known name nearest to a mistyped ``name`` (for a "did you mean" hint), or ``None`` when none is close.
+
+    Example:
+        >>> closest_name("wandda", ["magnitude", "wanda"]), closest_name("xyz", ["wanda"])
+        ('wanda', None)
+    """
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=cutoff)
+    return close[0] if close else None
 
 
 def _message(name: str, allowed: str, value: Any, hint: str) -> str:
