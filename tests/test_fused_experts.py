@@ -9,8 +9,10 @@ import logging
 
 import pytest
 import torch
+from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from hf_compress import _compat
 from hf_compress.modeling import find_decoder_blocks, find_linear_layers, set_weight_matrix, weight_matrix
 from hf_compress.modeling.fused_experts import (
     ExpertProjection,
@@ -188,9 +190,19 @@ def test_a_pruned_moe_model_saved_sparse_loads_with_equal_logits(kind, tmp_path)
     tokens = ids(2, 12, seed=1)
     with torch.no_grad():
         assert torch.equal(reloaded(tokens).logits, model(tokens).logits)
-    storage = json.loads((folder / "config.json").read_text())["quantization_config"]["storage"]
-    fused_bytes = sum(p.numel() * p.element_size() for p in fused(model).values())
-    assert fused_bytes > 0 and storage["stored_linear_bytes"] > fused_bytes  # experts counted, stored dense
+    config = json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert sorted(config["compressed_experts"]) == sorted(fused(model)) and config["format_version"] == 2
+    with safe_open(folder / "model.safetensors", "pt") as stored:
+        # Mixtral and Phi-MoE save `mlp.experts` as `block_sparse_moe.experts`
+        experts = {name: stored.get_tensor(key) for name, key in
+                   _compat.model_names_of_checkpoint_keys(model, list(stored.keys())).items() if "experts" in key}
+    # every expert weight stored encoded, in the model's fused layout: values, a bitmask row per expert, the shape
+    for name, parameter in fused(model).items():
+        assert name not in experts and experts[name + "_values"].numel() == parameter.numel() // 2
+        assert experts[name + "_bitmask"].shape[0] == parameter.shape[0]
+        assert experts[name + "_shape"].tolist() == list(parameter.shape)
+    # 2:4 in fp32 everywhere: (0.5 * 4 + 1/8) / 4 bytes per weight, plus the shapes
+    assert config["storage"]["ratio"] == pytest.approx(0.53125, abs=2e-3)
 
 
 @pytest.mark.parametrize("work", ["sds", "rtn"])
@@ -327,3 +339,62 @@ def test_convolution_weights_are_not_experts(caplog):
     with caplog.at_level(logging.WARNING, logger="hf_compress"):
         quantize_rtn(model, bits=4, group_size=16)
     assert "mixture-of-experts" not in caplog.text
+
+
+def _saved_pruned_moe(tmp_path):
+    model = moe_model("qwen3_moe")
+    WandaPruner(model).prune(WandaConfig(sparsity="2:4", batch_size=2), ids(), progress=False)
+    return model, save_pruned(model, None, tmp_path / "pruned")
+
+
+def _edit(folder, config_change=None, tensor_change=None) -> None:
+    from safetensors.torch import load_file, save_file
+
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"].pop("integrity")  # so that the format's own check is what refuses
+    if config_change:
+        config_change(config["quantization_config"])
+    (folder / "config.json").write_text(json.dumps(config))
+    if tensor_change:
+        tensors = load_file(folder / "model.safetensors")
+        tensor_change(tensors)
+        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+EXPERT = "model.layers.1.mlp.experts.down_proj"
+BROKEN_EXPERTS = {
+    "bitmask missing": (None, lambda t: t.pop(EXPERT + "_bitmask"), "have no sparse expert weights"),
+    "not listed": (lambda q: q["compressed_experts"].remove(EXPERT), None,
+                   "stored sparse expert weight.* not in quantization_config.compressed_experts"),
+    "values missing": (None, lambda t: t.pop(EXPERT + "_values"), "_values' is missing"),
+    "a value too few": (None, lambda t: t.update({EXPERT + "_values": t[EXPERT + "_values"][1:].clone()}),
+                        "bitmask marks .* non-zeros but .* values are stored"),
+    "other shape": (None, lambda t: t.update({EXPERT + "_shape": torch.tensor([4, 64, 16])}),
+                    r"stored shape \[4, 64, 16\] but the model's weight is \[4, 64, 32\]"),
+}
+
+
+@pytest.mark.parametrize("damage", list(BROKEN_EXPERTS))
+def test_a_damaged_sparse_expert_weight_is_refused_before_loading(tmp_path, damage):
+    from hf_compress.formats.integrity import CheckpointIntegrityError
+
+    _, folder = _saved_pruned_moe(tmp_path)
+    config_change, tensor_change, message = BROKEN_EXPERTS[damage]
+    _edit(folder, config_change, tensor_change)
+    with pytest.raises(CheckpointIntegrityError, match=message):
+        AutoModelForCausalLM.from_pretrained(folder)
+
+
+def test_only_a_checkpoint_with_encoded_experts_needs_format_version_2(tmp_path, monkeypatch):
+    """A hf_compress that reads version 1 only refuses encoded experts with an upgrade hint; a checkpoint whose
+    experts stay dense (not sparse enough) is still version 1, for it."""
+    from hf_compress.formats.sparse import SparseStorageConfig
+
+    _, folder = _saved_pruned_moe(tmp_path)
+    dense = save_pruned(moe_model("qwen3_moe"), None, tmp_path / "dense")
+    config = json.loads((dense / "config.json").read_text())["quantization_config"]
+    assert config["format_version"] == 1 and "compressed_experts" not in config
+    monkeypatch.setattr(SparseStorageConfig, "FORMAT_VERSION", 1)
+    with pytest.raises(ValueError, match="format version 2.*upgrade hf_compress"):
+        AutoModelForCausalLM.from_pretrained(folder)
+    AutoModelForCausalLM.from_pretrained(dense)

@@ -380,7 +380,7 @@ def test_newer_format_version_and_corrupt_checkpoint_fail_clearly(tmp_path):
     config = json.loads((fewer_blocks / "config.json").read_text())
     config["num_hidden_layers"] = 1
     (fewer_blocks / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointIntegrityError, match="stores 7 layer.*the model does not have"):
+    with pytest.raises(CheckpointIntegrityError, match="stores 7 weight.*the model does not have"):
         AutoModelForCausalLM.from_pretrained(fewer_blocks)
 
 

@@ -292,7 +292,8 @@ def check_tensors_match_model(model: torch.nn.Module, reader: CheckpointReader, 
     """Every parameter and persistent buffer of ``model`` (tied ones once) is stored, with its shape.
 
     transformers would initialise a missing tensor and carry on; a compressed checkpoint missing one is
-    corrupted, so it is refused here. ``stored_differently`` names keys a format stores in another shape.
+    corrupted, so it is refused here. ``stored_differently`` names keys a format stores in another shape, or under
+    other keys (a sparse fused expert parameter's ``_values``): the format's own check has found those.
     """
     from .. import _compat
 
@@ -331,8 +332,11 @@ def check_tensors_match_model(model: torch.nn.Module, reader: CheckpointReader, 
         # A pattern with an expert index matches a starred key; one without (a fused qkv that loading splits) a key.
         return bool(candidates & starred) or bool(candidates & stored_names)
 
+    def encoded(name: str) -> bool:
+        return any(candidate in stored_differently for candidate in (name, f"{prefix}.{name}", name.removeprefix(f"{prefix}.")))
+
     stored = {name: stored_name(name) for name, _ in required}
-    stored = {name: key for name, key in stored.items() if key is not None or not merged(name)}
+    stored = {name: key for name, key in stored.items() if key is not None or not (encoded(name) or merged(name))}
     missing = [name for name, key in stored.items() if key is None]
     if missing:
         raise _corrupt("checkpoint", f"{len(missing)} tensor(s) of the model are not stored, e.g. {missing[0]!r}")

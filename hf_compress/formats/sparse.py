@@ -26,12 +26,18 @@ The values keep the parameter's name on purpose: transformers without hf_compres
 ``weight`` with the wrong shape and refuses to load (``RuntimeError`` after a report listing
 the mismatch), instead of silently leaving randomly initialised layers.
 
+**Fused mixture-of-experts weights** (3-D ``[experts, ...]`` parameters such as
+``mlp.experts.gate_up_proj``; format version 2, listed in ``compressed_experts``) are encoded the
+same way, rows being experts, but stored as ``<parameter>_values`` / ``_bitmask`` / ``_shape``: under
+the parameter's own name, the model's save conversions (one tensor per expert) would act on the
+encoded values. A checkpoint without encoded experts stays version 1.
+
 **Loading.** ``config.json`` carries ``quantization_config = {"quant_method": "hf_compress_sparse", ...}``
 (``SparseStorageConfig``). ``SparseStorageQuantizer`` is registered with transformers under that
 name (``hf_compress.formats.base``); it appends one v5 ``WeightConverter`` that gathers
 ``weight``/``weight_bitmask``/``weight_shape`` of each parameter and runs ``SparseDecode``, which
-returns the dense tensor (a ``weight`` stored dense passes through unchanged). The model then
-holds ordinary dense ``nn.Linear``/``Conv1D`` weights.
+returns the dense tensor (a ``weight`` stored dense passes through unchanged), and one more per name of
+the encoded expert parameters. The model then holds ordinary dense ``nn.Linear``/``Conv1D`` weights.
 
 **2:4 semi-structured kernels (opt-in, CUDA).** Dense weights run dense kernels, however many zeros they
 hold. :func:`load_semi_structured` (or :func:`to_semi_structured` on a loaded model) swaps the weight of
@@ -76,6 +82,7 @@ __all__ = [
     "SEMI_STRUCTURED_DTYPES",
     "FORMAT_NAME",
     "SHAPE_SUFFIX",
+    "VALUES_SUFFIX",
     "SparseDecode",
     "SparseStorageConfig",
     "SparseStorageQuantizer",
@@ -96,6 +103,7 @@ logger = get_logger(__name__)
 FORMAT_NAME = "hf_compress_sparse"
 BITMASK_SUFFIX = "_bitmask"
 SHAPE_SUFFIX = "_shape"
+VALUES_SUFFIX = "_values"  # fused expert parameters only: a linear weight's values keep its own name
 
 # Bit j of each byte is column 8k + j (little-endian bit order, as numpy.packbits(..., bitorder="little")).
 _BIT_WEIGHTS = tuple(1 << j for j in range(8))
@@ -219,8 +227,9 @@ class SparseStorageConfig(CompressedFormatConfig):
     """``quantization_config`` of an ``hf_compress_sparse`` checkpoint (written by ``save_pruned``).
 
     Fields (all JSON): ``format`` (``"bitmask"``), ``format_version``, ``compressed_modules`` (module
-    names whose weight is stored sparse), ``min_sparsity`` (threshold used when saving), ``recipe``
-    (the pruning recipe, e.g. ``PruningConfig.to_dict()``, or ``None``), ``storage``
+    names whose weight is stored sparse), ``compressed_experts`` (fused expert parameters stored sparse, by
+    parameter name; version 2, which only a checkpoint with some needs), ``min_sparsity`` (threshold used
+    when saving), ``recipe`` (the pruning recipe, e.g. ``PruningConfig.to_dict()``, or ``None``), ``storage``
     (``dense_linear_bytes``, ``stored_linear_bytes``, ``ratio``, measured when saving) and, for a slim
     (Týr) model, ``slim`` (its per-block widths, see ``formats.slim.slim_record``).
 
@@ -230,7 +239,7 @@ class SparseStorageConfig(CompressedFormatConfig):
     """
 
     QUANT_METHOD = FORMAT_NAME
-    FORMAT_VERSION = 1
+    FORMAT_VERSION = 2
 
     def __init__(
         self,
@@ -239,10 +248,15 @@ class SparseStorageConfig(CompressedFormatConfig):
         recipe: dict[str, Any] | None = None,
         storage: dict[str, Any] | None = None,
         format: str = "bitmask",
+        compressed_experts: Sequence[str] = (),
         **kwargs: Any,
     ) -> None:
         if format != "bitmask":
             raise ValueError(f"unknown {FORMAT_NAME} encoding {format!r}; this hf_compress reads 'bitmask'.")
+        # Version 1 readers know nothing of encoded experts; a checkpoint without them stays readable by them.
+        kwargs.setdefault("format_version", 2 if compressed_experts else 1)
+        if compressed_experts:
+            kwargs["compressed_experts"] = list(compressed_experts)
         super().__init__(
             format=format, compressed_modules=list(compressed_modules), min_sparsity=min_sparsity,
             recipe=recipe, storage=storage, **kwargs,
@@ -255,23 +269,25 @@ class SparseDecode(ConversionOps):
     A ``weight`` without companions was stored dense and passes through. The values arrive already
     cast to the parameter's dtype by the loader (it casts floating-point checkpoint tensors, not the
     ``uint8`` bitmask or the ``int64`` shape), so ``from_pretrained(..., dtype=...)`` works as usual.
+    ``name`` and ``values_suffix`` select another parameter's triple (a fused expert parameter's
+    ``gate_up_proj_values``, ``gate_up_proj_bitmask``, ``gate_up_proj_shape``).
     """
+
+    def __init__(self, name: str = "weight", values_suffix: str = "") -> None:
+        self.name = name
+        self.values_suffix = values_suffix
 
     def convert(
         self, input_dict: dict[str, Any], full_layer_name: str | None = None, **kwargs: Any
     ) -> dict[str, Any]:
-        values = _single(input_dict.get("weight"))
-        bitmask = _single(input_dict.get("weight" + BITMASK_SUFFIX))
-        shape = _single(input_dict.get("weight" + SHAPE_SUFFIX))
-        key = full_layer_name if full_layer_name is not None else "weight"
-        if bitmask is None and shape is None:
+        names = [self.name + suffix for suffix in (self.values_suffix, BITMASK_SUFFIX, SHAPE_SUFFIX)]
+        values, bitmask, shape = (_single(input_dict.get(name)) for name in names)
+        key = full_layer_name if full_layer_name is not None else self.name
+        if bitmask is None and shape is None and not self.values_suffix:
             return {key: values}
         if values is None or bitmask is None or shape is None:
             found = sorted(k for k, v in input_dict.items() if _single(v) is not None)
-            raise ValueError(
-                f"incomplete {FORMAT_NAME} tensor for {key}: found {found}, expected weight, "
-                f"weight{BITMASK_SUFFIX} and weight{SHAPE_SUFFIX}."
-            )
+            raise ValueError(f"incomplete {FORMAT_NAME} tensor for {key}: found {found}, expected {', '.join(names)}.")
         return {key: decode_sparse(values, bitmask, shape)}
 
     @property
@@ -295,16 +311,18 @@ _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2")
 
 
 def check_sparse_triple(
-    reader: CheckpointReader, module: str, parameter: torch.Tensor | None, stored_keys: Mapping[str, str] | None = None
+    reader: CheckpointReader, key: str, parameter: torch.Tensor | None, stored_keys: Mapping[str, str] | None = None,
+    values_suffix: str = "",
 ) -> None:
-    """Refuse an inconsistent stored weight of ``module`` (``CheckpointIntegrityError``); see the quantizer.
+    """Refuse an inconsistent stored tensor ``key`` (``CheckpointIntegrityError``); see the quantizer.
 
     ``stored_keys``: model key → stored key, where saving renamed some (``CheckpointReader.keys_as_loaded``).
+    ``values_suffix``: ``VALUES_SUFFIX`` for a fused expert parameter, whose values are not under its own name.
     """
-    key = module + ".weight"
     where = f"sparse weight {key!r}"
     stored_keys = stored_keys or {}
-    keys = {part: stored_keys.get(key + part, key + part) for part in ("", BITMASK_SUFFIX, SHAPE_SUFFIX)}
+    names = {"": key + values_suffix, BITMASK_SUFFIX: key + BITMASK_SUFFIX, SHAPE_SUFFIX: key + SHAPE_SUFFIX}
+    keys = {part: stored_keys.get(name, name) for part, name in names.items()}
     entries = {part: reader.entries.get(stored) for part, stored in keys.items()}
     missing = [keys[part] for part, entry in entries.items() if entry is None]
     if missing:
@@ -359,17 +377,27 @@ class SparseStorageQuantizer(CompressedFormatQuantizer):
     Registered with transformers under ``quant_method="hf_compress_sparse"`` when
     ``hf_compress`` is imported. Every key ending in ``weight`` is routed through
     one ``WeightConverter`` (after the model's own converters, which keep precedence), gathering
-    ``weight``, ``weight_bitmask`` and ``weight_shape`` of a parameter for ``SparseDecode``.
+    ``weight``, ``weight_bitmask`` and ``weight_shape`` of a parameter for ``SparseDecode``; encoded
+    fused expert parameters get one converter per parameter name (``gate_up_proj_values``, ... →
+    ``gate_up_proj``).
     """
 
     config_class = SparseStorageConfig
 
     def weight_converters(self) -> list[WeightConverter]:
         sources = ["weight", "weight" + BITMASK_SUFFIX, "weight" + SHAPE_SUFFIX]
-        return [WeightConverter(sources, target_patterns="weight", operations=[SparseDecode()])]
+        converters = [WeightConverter(sources, target_patterns="weight", operations=[SparseDecode()])]
+        for name in sorted({key.rpartition(".")[2] for key in self._compressed_experts()}):
+            sources = [name + VALUES_SUFFIX, name + BITMASK_SUFFIX, name + SHAPE_SUFFIX]
+            converters.append(WeightConverter(sources, target_patterns=name,
+                                              operations=[SparseDecode(name, VALUES_SUFFIX)]))
+        return converters
+
+    def _compressed_experts(self) -> list[str]:
+        return list(getattr(self.quantization_config, "compressed_experts", None) or [])
 
     def check_checkpoint(self, model: PreTrainedModel, reader: CheckpointReader) -> None:
-        """The listed modules are exactly the stored ones; each stored triple is consistent with itself
+        """The listed modules (and expert parameters) are exactly the stored ones; each stored triple is consistent with itself
         (bitmask shape, popcount = number of values, zero padding bits) and with the model's weight shape
         (a slim model's, once its recorded widths are checked and applied)."""
         apply_slim_record(model, getattr(self.quantization_config, "slim", None))
@@ -381,31 +409,35 @@ class SparseStorageQuantizer(CompressedFormatQuantizer):
         stored = {name[: -len(suffix)] for name in stored_keys if name.endswith(suffix)}
         listed = set(getattr(self.quantization_config, "compressed_modules", []) or [])
         check_module_lists(listed, stored, "compressed_modules", "sparse")
+        # Every other bitmask belongs to a fused expert parameter (its values under `<parameter>_values`).
+        experts = {name[: -len(BITMASK_SUFFIX)] for name in stored_keys
+                   if name.endswith(BITMASK_SUFFIX) and not name.endswith(suffix)}
+        check_module_lists(set(self._compressed_experts()), experts, "compressed_experts", "sparse expert")
         parameters = dict(model.named_parameters())
         prefix = f"{getattr(model, 'base_model_prefix', '')}."
 
-        def weight_of(module: str) -> torch.nn.Parameter | None:
+        def parameter_of(key: str) -> torch.nn.Parameter | None:
             # A head model's checkpoint also loads into its base model (and back): the prefix comes and goes.
-            for name in (module, module.removeprefix(prefix), prefix + module):
-                if name + ".weight" in parameters:
-                    return parameters[name + ".weight"]
-            return None
+            return next((parameters[name] for name in (key, key.removeprefix(prefix), prefix + key)
+                         if name in parameters), None)
 
-        missing = [module for module in sorted(stored) if weight_of(module) is None]
+        keys = {f"{module}.weight": "" for module in stored} | {key: VALUES_SUFFIX for key in experts}
+        missing = [key for key in sorted(keys) if parameter_of(key) is None]
         if missing:
             raise CheckpointIntegrityError(
-                f"This sparse checkpoint stores {len(missing)} layer(s) the model does not have (e.g. {missing[0]!r}); "
+                f"This sparse checkpoint stores {len(missing)} weight(s) the model does not have (e.g. {missing[0]!r}); "
                 "the config.json and the weights come from different models."
             )
-        for module in sorted(stored):
-            check_sparse_triple(reader, module, weight_of(module), stored_keys)
+        for key, values_suffix in sorted(keys.items()):
+            check_sparse_triple(reader, key, parameter_of(key), stored_keys, values_suffix)
 
     def stored_differently(self) -> set[str]:
-        return {f"{module}.weight" for module in getattr(self.quantization_config, "compressed_modules", [])}
+        modules = getattr(self.quantization_config, "compressed_modules", [])
+        return {f"{module}.weight" for module in modules} | set(self._compressed_experts())
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         modules = getattr(self.quantization_config, "compressed_modules", [])
-        logger.info("decoded %d sparse weights (%s)", len(modules), FORMAT_NAME)
+        logger.info("decoded %d sparse weights (%s)", len(modules) + len(self._compressed_experts()), FORMAT_NAME)
         # A slim model keeps its widths on its config (as one loaded from a slim checkpoint), so it saves again.
         keep_slim_widths(model, getattr(self.quantization_config, "slim", None))
         removed_sublayer_markers(model, saved=True)  # loaded: its next save writes them (skip_markers_while_loading)

@@ -50,7 +50,14 @@ from ..modeling.layers import find_decoder_blocks, find_linear_layers, is_offloa
 from ..formats.base import quant_method_of
 from ..formats.integrity import seal_checkpoint
 from ..formats.slim import FORMAT_NAME as SLIM_FORMAT, slim_record
-from ..formats.sparse import BITMASK_SUFFIX, SHAPE_SUFFIX, SparseStorageConfig, encode_sparse
+from ..formats.sparse import (
+    BITMASK_SUFFIX,
+    SHAPE_SUFFIX,
+    VALUES_SUFFIX,
+    SparseStorageConfig,
+    SparseTensor,
+    encode_sparse,
+)
 from ..utils import atomic_directory, check_save_dir, get_logger
 
 
@@ -67,13 +74,14 @@ def sparse_state_dict(
     fraction of zeros is at least ``min_sparsity`` and the encoding is actually smaller (below
     ``1 / (8 * itemsize)`` sparsity the bitmask costs more than it saves). Weights that the model's
     own checkpoint conversions rename-and-transform (e.g. fused on disk) are left dense, because
-    those conversions would otherwise act on the encoded tensors; so are the 3-D weights of fused MoE
-    experts, which count in the bytes below as stored dense.
+    those conversions would otherwise act on the encoded tensors. The 3-D weights of fused MoE experts
+    (``mlp.experts.gate_up_proj``) are encoded by the same rule, under ``<parameter>_values``,
+    ``_bitmask`` and ``_shape`` (see ``formats.sparse``).
 
     Returns:
-        ``(state_dict, compressed_modules, storage)`` where ``storage`` holds ``dense_linear_bytes``
-        (all decoder-block linear weights stored dense), ``stored_linear_bytes`` (as stored here) and
-        their ``ratio``.
+        ``(state_dict, compressed, storage)``: ``compressed`` names the modules whose weight is encoded, then
+        the encoded fused expert parameters; ``storage`` holds ``dense_linear_bytes`` (all decoder-block
+        linear and expert weights stored dense), ``stored_linear_bytes`` (as stored here) and their ``ratio``.
 
     Example:
         >>> from hf_compress.assets import tiny_model
@@ -96,36 +104,43 @@ def sparse_state_dict(
     _fill_offloaded(model, state_dict)  # before reading any weight: refuses a model without weights
     compressed: list[str] = []
     dense_bytes = stored_bytes = 0
+
+    def encoded(weight: torch.Tensor, eligible: bool) -> SparseTensor | None:
+        """``weight`` encoded when it is sparse enough and the encoding is smaller; counts the bytes either way."""
+        nonlocal dense_bytes, stored_bytes
+        nbytes = weight.numel() * weight.element_size()
+        dense_bytes += nbytes
+        sparsity = float((weight == 0).sum()) / max(weight.numel(), 1)
+        packed = encode_sparse(weight) if eligible and sparsity >= min_sparsity else None
+        if packed is None or packed.nbytes >= nbytes:
+            stored_bytes += nbytes
+            return None
+        stored_bytes += packed.nbytes
+        return packed
+
     for name, module in model.named_modules():
         if id(module) not in targets:
             continue
         key = f"{name}.weight"
         with onloaded(module):  # accelerate-offloaded weights are read from their offload store
-            weight = module.weight.detach()
-            nbytes = weight.numel() * weight.element_size()
-            dense_bytes += nbytes
-            sparsity = float((weight == 0).sum()) / max(weight.numel(), 1)
             # A weight stored under another name (e.g. a torch parametrization) or transformed by the model's
             # own conversions stays dense.
-            eligible = sparsity >= min_sparsity and key in state_dict and key not in converted
-            packed = encode_sparse(weight) if eligible else None
-            if packed is None or packed.nbytes >= nbytes:
-                stored_bytes += nbytes
-                continue
-            state_dict[key] = packed.values
-            state_dict[key + BITMASK_SUFFIX] = packed.bitmask
-            state_dict[key + SHAPE_SUFFIX] = packed.shape
-        stored_bytes += packed.nbytes
-        compressed.append(name)
-    # Fused MoE experts (3-D parameters) are linear weights too, and pruned like them, but stored dense: saving writes
-    # them one tensor per expert through the model's own conversions, which an encoded tensor would not survive.
+            packed = encoded(module.weight.detach(), key in state_dict and key not in converted)
+        if packed is not None:
+            state_dict[key], state_dict[key + BITMASK_SUFFIX], state_dict[key + SHAPE_SUFFIX] = packed
+            compressed.append(name)
+    # Fused MoE experts (3-D parameters): saving would split `gate_up_proj` one tensor per expert through the model's
+    # own conversions, which encoded values would not survive, so the encoding goes under keys no conversion matches.
     parameters = dict(model.named_parameters())
-    fused = [parameters[name] for name in fused_expert_parameters(model, recognised_only=True) if name in parameters]
-    fused_bytes = sum(p.numel() * p.element_size() for p in fused)
-    if fused:
-        logger.info("%d fused expert weight tensors (%d bytes) are stored dense", len(fused), fused_bytes)
-    dense_bytes += fused_bytes
-    stored_bytes += fused_bytes
+    for key in [key for key in fused_expert_parameters(model, recognised_only=True) if key in parameters]:
+        # One stored under another name stays dense, as does one named `weight`: loading would take its bitmask and
+        # shape for a linear weight's (no known experts module names one so).
+        eligible = key in state_dict and key.rpartition(".")[2] != "weight"
+        packed = encoded(state_dict[key] if key in state_dict else parameters[key].detach(), eligible)
+        if packed is not None:
+            del state_dict[key]
+            state_dict[key + VALUES_SUFFIX], state_dict[key + BITMASK_SUFFIX], state_dict[key + SHAPE_SUFFIX] = packed
+            compressed.append(key)
     storage = {
         "dense_linear_bytes": dense_bytes,
         "stored_linear_bytes": stored_bytes,
@@ -188,8 +203,10 @@ def save_pruned(
     recipe_dict = _recipe_to_dict(recipe)
 
     state_dict, compressed, storage = sparse_state_dict(model, min_sparsity=min_sparsity)
+    experts = [name for name in compressed if name + VALUES_SUFFIX in state_dict]
     quantization_config = SparseStorageConfig(
-        compressed_modules=compressed, min_sparsity=min_sparsity, recipe=recipe_dict, storage=storage,
+        compressed_modules=[name for name in compressed if name not in experts], compressed_experts=experts,
+        min_sparsity=min_sparsity, recipe=recipe_dict, storage=storage,
         slim=slim_record(model),  # None unless the blocks have their own widths (Týr)
     )
     with atomic_directory(target, overwrite=overwrite) as staging:
