@@ -245,20 +245,36 @@ def test_computes_linear_tells_a_router_from_a_linear_layer():
     assert computes_linear(torch.nn.Linear(4, 3)) and computes_linear(Conv1D(3, 4)) and computes_linear(FalconLikeLinear(4, 3))
 
 
-def test_rtn_keeps_a_linear_subclass_router_and_the_packed_checkpoint_loads_with_equal_logits(tmp_path, caplog):
+def test_rtn_keeps_a_linear_subclass_router_and_the_packed_checkpoint_loads_with_equal_logits(tmp_path):
     """Phi-MoE's router subclasses nn.Linear but returns routing decisions; a PackedLinear in its place broke every
     forward. Its checkpoint also stores the router's marker under a renamed key (gate.weight)."""
     from hf_compress.formats.packed import save_packed
     from hf_compress.quantization.rtn import quantize_rtn
 
-    with caplog.at_level(logging.WARNING, logger="hf_compress"):
-        model = quantize_rtn(moe_model("phimoe"), bits=4, group_size=16)
-    assert "computing something other than a linear map (e.g. model.layers.0.mlp.router" in caplog.text
+    model = quantize_rtn(moe_model("phimoe"), bits=4, group_size=16)
     assert type(model.model.layers[0].mlp.router).__name__ == "PhimoeTopKRouter"
     reloaded = AutoModelForCausalLM.from_pretrained(save_packed(model, None, tmp_path / "packed")).eval()
     tokens = ids(2, 8)
     with torch.no_grad():
         assert torch.equal(reloaded(tokens).logits, model(tokens).logits)
+
+
+def test_rtn_keeps_a_linear_subclass_that_computes_something_else(caplog):
+    """Not only MoE routers: any nn.Linear subclass whose forward returns something else than the linear map stays."""
+    from hf_compress.assets import tiny_model
+    from hf_compress.quantization.rtn import quantize_rtn
+
+    class Scoring(torch.nn.Linear):  # returns scores and indices, as a router elsewhere than in an MoE block would
+        def forward(self, inputs):
+            return super().forward(inputs).topk(2, dim=-1)
+
+    model, _ = tiny_model("llama")
+    old = model.model.layers[0].mlp.down_proj
+    model.model.layers[0].mlp.down_proj = Scoring(old.in_features, old.out_features, bias=False)
+    with caplog.at_level(logging.WARNING, logger="hf_compress"):
+        quantize_rtn(model, bits=4, group_size=16)
+    assert "computing something other than a linear map (e.g. model.layers.0.mlp.down_proj, a Scoring)" in caplog.text
+    assert type(model.model.layers[0].mlp.down_proj) is Scoring
 
 
 def test_dlqat_leaves_a_linear_subclass_router_unadapted():
@@ -398,3 +414,33 @@ def test_only_a_checkpoint_with_encoded_experts_needs_format_version_2(tmp_path,
     with pytest.raises(ValueError, match="format version 2.*upgrade hf_compress"):
         AutoModelForCausalLM.from_pretrained(folder)
     AutoModelForCausalLM.from_pretrained(dense)
+
+
+ROUTER_CONFIGS = {  # family: (config overrides, its nn.Linear layers that route tokens to the experts)
+    "phimoe": ({}, ["mlp.router"]),  # a linear subclass returning routing weights and indices
+    "qwen2_moe": (dict(intermediate_size=128, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                       num_experts=4, num_experts_per_tok=2), ["mlp.shared_expert_gate"]),  # one gate value
+    "hunyuan_v1_moe": (dict(intermediate_size=32, num_experts=4, moe_topk=2), ["mlp.gate.wg"]),  # under a gate module
+}
+
+
+@pytest.mark.parametrize("kind", list(ROUTER_CONFIGS))
+def test_the_linear_layers_that_route_tokens_to_experts_are_left_as_they_are(kind):
+    from hf_compress.modeling.layers import router_layers
+    from hf_compress.quantization.rtn import quantize_rtn
+
+    overrides, routers = ROUTER_CONFIGS[kind]
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(kind, **{**_COMMON, **MOE_CONFIGS.get(kind, {}), **overrides})
+    model = AutoModelForCausalLM.from_config(config).eval()
+    block = find_decoder_blocks(model)[1][0]
+    assert sorted(router_layers(block)) == routers
+    assert not set(routers) & set(find_linear_layers(block, fused_experts=True))
+    before = {name: block.get_submodule(name).weight.detach().clone() for name in routers}
+    types = {name: type(block.get_submodule(name)) for name in routers}
+    # a skip pattern naming a router is not refused as a typo: it asks for what happens anyway
+    WandaPruner(model).prune(WandaConfig(sparsity="2:4", batch_size=2, skip=[f"*{routers[0]}"]), ids(), progress=False)
+    assert all(torch.equal(block.get_submodule(name).weight, weight) for name, weight in before.items())
+    assert float((block.mlp.experts.down_proj == 0).float().mean()) == 0.5  # the rest is pruned
+    quantize_rtn(model, bits=4, group_size=16)
+    assert {name: type(block.get_submodule(name)) for name in routers} == types

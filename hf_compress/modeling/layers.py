@@ -56,6 +56,7 @@ __all__ = [
     "onloaded",
     "out_features",
     "replace_module",
+    "router_layers",
     "set_weight_matrix",
     "weight_matrix",
 ]
@@ -196,7 +197,10 @@ def check_skip_patterns(model: nn.Module, skip: Sequence[str]) -> None:
                                                fused_experts=True)]
 
     every = kept(())
-    unused = [pattern for pattern in skip if len(kept([pattern])) == len(every)]
+    # MoE routers are left as they are anyway (router_layers): a pattern naming one is not a typo
+    routers = [(name, f"{prefix}.{index}.{name}") for index, block in enumerate(blocks) for name in router_layers(block)]
+    unused = [pattern for pattern in skip if len(kept([pattern])) == len(every)
+              and not any(matches_any(name, [pattern]) or matches_any(qualified, [pattern]) for name, qualified in routers)]
     if not unused:
         return
     example = f"{every[0].removeprefix(f'{prefix}.0.')!r} (or {every[0]!r})" if every else "none"
@@ -223,6 +227,9 @@ def find_linear_layers(
     parameters (``fused_experts.ExpertProjection``, named like ``mlp.experts.3.gate_up_proj``), for methods
     that only read and write weights in place and calibrate through ``experts_through_projections``.
 
+    The linear layers that route tokens to such experts (``router_layers``) are never reported: no method
+    compresses them, as no method compresses the routers that are not ``nn.Linear`` (most families').
+
     Example:
         >>> from hf_compress.assets import tiny_model
         >>> block = tiny_model("llama")[0].model.layers[0]
@@ -230,9 +237,10 @@ def find_linear_layers(
         ['self_attn.q_proj', 'self_attn.k_proj', 'self_attn.v_proj', 'self_attn.o_proj']
     """
     found: dict[str, nn.Module] = {}
+    routers = router_layers(module)
 
     def skipped(name: str) -> bool:
-        return matches_any(name, skip) or (
+        return name in routers or matches_any(name, skip) or (
             qualified_prefix is not None and matches_any(f"{qualified_prefix}.{name}", skip)
         )
 
@@ -262,6 +270,31 @@ def find_linear_layers(
                          if not skipped(key))
             continue
         pending.append((f"{name}.", iter(child.named_children())))
+    return found
+
+
+def router_layers(module: nn.Module) -> set[str]:
+    """Names (relative to ``module``) of the linear layers that route tokens to the experts of a fused experts
+    module: inside the experts' parent (the MoE block) but not among the experts, with one output per expert
+    (Phi-MoE's ``mlp.router``, Hunyuan's ``mlp.gate.wg``, AFMoE's ``mlp.router.gate``) or a single one (Qwen2-MoE's
+    ``shared_expert_gate``). Pruning or quantizing them would change which experts a token reaches.
+
+    Example:
+        >>> from hf_compress.assets import tiny_model
+        >>> router_layers(tiny_model("llama")[0].model.layers[0])
+        set()
+    """
+    found: set[str] = set()
+    for name, experts in module.named_modules():
+        if not is_fused_experts(experts):
+            continue
+        parent = name.rpartition(".")[0]
+        outputs = (1, experts.down_proj.shape[0])  # one gate value, or one score per expert
+        for child_name, child in module.get_submodule(parent).named_modules():
+            qualified = f"{parent}.{child_name}" if parent else child_name
+            layer = _peft_base_layer(child) or child
+            if is_linear(layer) and not qualified.startswith(f"{name}.") and out_features(layer) in outputs:
+                found.add(qualified)
     return found
 
 
