@@ -81,6 +81,7 @@ __all__ = [
     "running_forward",
     "forward_replaced",
     "apply_expert_gate",
+    "block_unpacks_mlp_output",
     "merged_checkpoint_key",
     "streamer_of_calling_generate",
     "third_party_warnings_silenced",
@@ -486,6 +487,21 @@ def apply_expert_gate(experts: nn.Module, gate_up: torch.Tensor) -> torch.Tensor
     return experts._apply_gate(gate_up)
 
 
+_UNPACKED_MLP_CALL = re.compile(r"^\s*\w+\s*,\s*\w+\s*=\s*self\.mlp\(", re.MULTILINE)
+
+
+def block_unpacks_mlp_output(block: nn.Module) -> bool:
+    """Whether a decoder layer's forward unpacks two values from its ``mlp`` (gpt-oss: ``hidden_states, _ =
+    self.mlp(hidden_states)``, the router scores second), read from the source of the layer's ``forward``: a module
+    standing in for a removed MLP must return as many. Checked on 5.23.0, 5.24.0 and 5.25.0 (gpt-oss, Zaya).
+    """
+    try:
+        source = inspect.getsource(inspect.unwrap(type(block).forward))
+    except (OSError, TypeError):  # no source (built dynamically): the usual single tensor
+        return False
+    return _UNPACKED_MLP_CALL.search(source) is not None
+
+
 def set_model_conversions(model: PreTrainedModel, conversions: list) -> None:
     """Replace the conversions ``save_pretrained`` reverts (only if the model records any)."""
     if getattr(model, "_weight_conversions", None) is not None:
@@ -871,6 +887,13 @@ def check_assumptions() -> list[str]:
                and "_apply_gate" in inspect.getsource(moe.use_experts_implementation),
                "transformers: use_experts_implementation no longer sets has_gate/has_bias/is_transposed/"
                "has_post_expert_norm and _apply_gate on experts classes (modeling.fused_experts, apply_expert_gate)")
+        from transformers.models.gpt_oss.modeling_gpt_oss import GptOssDecoderLayer
+        from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+        expect(block_unpacks_mlp_output(GptOssDecoderLayer.__new__(GptOssDecoderLayer))
+               and not block_unpacks_mlp_output(LlamaDecoderLayer.__new__(LlamaDecoderLayer)),
+               "transformers: gpt-oss's decoder layer no longer unpacks (hidden states, router scores) from its MLP, "
+               "or Llama's does (block_unpacks_mlp_output)")
         from transformers.conversion_mapping import get_model_conversion_mapping
 
         expect("add_legacy" in inspect.signature(get_model_conversion_mapping).parameters,

@@ -444,3 +444,22 @@ def test_the_linear_layers_that_route_tokens_to_experts_are_left_as_they_are(kin
     assert float((block.mlp.experts.down_proj == 0).float().mean()) == 0.5  # the rest is pruned
     quantize_rtn(model, bits=4, group_size=16)
     assert {name: type(block.get_submodule(name)) for name in routers} == types
+
+
+def test_sleb_scores_and_removes_blocks_of_a_model_whose_blocks_unpack_their_mlp_output(tmp_path, caplog):
+    """gpt-oss's decoder layer unpacks (hidden states, router scores) from its MLP: the module that stands in for a
+    switched-off MLP while SLEB scores a removal must return both."""
+    from hf_compress.modeling.sublayers import sublayers_switched_off
+    from hf_compress.pruning import SLEBConfig, SLEBPruner
+
+    model = moe_model("gpt_oss", num_hidden_layers=3, layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+    with sublayers_switched_off(model.model.layers, [(1, "mlp")]), torch.no_grad():
+        assert model(ids(1, 8)).logits.shape == (1, 8, 256)
+    with caplog.at_level(logging.WARNING, logger="hf_compress"):
+        SLEBPruner(model).prune(SLEBConfig(target_sparsity=0.3, num_calibration_sequences=2, calibration_seq_len=32,
+                                           protected_blocks=0), ids(), progress=False)
+    assert "scoring every candidate with whole forwards instead" not in caplog.text  # the shortcut held
+    assert model.config.num_hidden_layers == 2
+    reloaded = AutoModelForCausalLM.from_pretrained(save_pruned(model, None, tmp_path / "sleb")).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids(2, 8)).logits, model(ids(2, 8)).logits)

@@ -92,10 +92,16 @@ class RemovedAttention(_RemovedSublayer):
 
 
 class RemovedMLP(_RemovedSublayer):
-    """Stands in for a removed MLP: outputs zeros."""
+    """Stands in for a removed MLP: outputs zeros (and ``None`` for the router scores a block such as gpt-oss's
+    unpacks from its MLP, ``returns_pair``)."""
 
-    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return torch.zeros_like(hidden_states)
+    def __init__(self, marker: str | None = None, returns_pair: bool = False) -> None:
+        super().__init__(marker)
+        self.returns_pair = returns_pair
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor | tuple[torch.Tensor, None]:
+        zeros = torch.zeros_like(hidden_states)
+        return (zeros, None) if self.returns_pair else zeros
 
 
 def sublayer_name(block: nn.Module, kind: str) -> str:
@@ -137,7 +143,7 @@ def remove_sublayers(block: nn.Module, *, attention: bool = False, mlp: bool = F
         name = sublayer_name(block, "mlp")
         original = getattr(block, name)
         if not isinstance(original, RemovedMLP):
-            setattr(block, name, RemovedMLP(_first_matrix(original)))
+            setattr(block, name, RemovedMLP(_first_matrix(original), _compat.block_unpacks_mlp_output(block)))
 
 
 def removed_sublayer_markers(model: nn.Module, *, saved: bool) -> list[str]:
