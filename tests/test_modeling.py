@@ -317,6 +317,33 @@ def test_peft_wrapped_model() -> None:
 # ------------------------------------------------------------------------------------------------ data
 
 
+@pytest.mark.parametrize("model_type, overrides, argument", [
+    # Gemma 4's per-layer inputs (from the token ids, passed positionally), DeepSeek-V4's token ids for hash routing
+    ("gemma4_text", dict(vocab_size_per_layer_input=256, hidden_size_per_layer_input=16, sliding_window=16,
+                         layer_types=["sliding_attention", "full_attention"], num_kv_shared_layers=0),
+     "per_layer_input"),
+    ("deepseek_v4", dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32), "input_ids"),
+])
+def test_blocks_that_receive_per_sequence_inputs_are_not_calibrated_with_another_sequences(
+        model_type, overrides, argument) -> None:
+    """Block arguments are recorded from one sequence and replayed for all: Gemma 4 ran Wanda silently with the first
+    sequence's per-layer inputs for every sequence. Such a model is refused; magnitude pruning still works."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from hf_compress.pruning import MagnitudeConfig, MagnitudePruner, WandaConfig, WandaPruner
+
+    config = AutoConfig.for_model(model_type, vocab_size=256, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, **overrides)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.randint(3, 250, (4, 32), generator=torch.Generator().manual_seed(0))
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with pytest.raises(NotImplementedError, match=f"depend on the sequence's tokens.*\\({argument}\\)"):
+        WandaPruner(model).prune(WandaConfig(sparsity="2:4", batch_size=2), ids, progress=False)
+    assert all(torch.equal(tensor, before[name]) for name, tensor in model.state_dict().items())  # untouched
+    MagnitudePruner(model).prune(MagnitudeConfig(sparsity="2:4"), progress=False)
+
+
 def test_calibration_batches_are_deterministic_windows() -> None:
     datasets = pytest.importorskip("datasets")
     tokenizer = tiny_tokenizer()
@@ -429,6 +456,33 @@ def test_removing_blocks_of_a_moe_model_keeps_each_block_its_kind(tmp_path, plac
     model.save_pretrained(tmp_path / "moe")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "moe").eval()
     assert [type(layer.mlp).__name__ for layer in reloaded.model.layers] == kinds
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, expected)
+
+
+@pytest.mark.parametrize("kind, field", [("glm4_moe", "first_k_dense_replace"), ("afmoe", "num_dense_layers")])
+def test_removing_a_first_dense_block_keeps_the_others_mixtures_of_experts(tmp_path, kind, field):
+    """DeepSeek-style models make the first k blocks dense: with block 0 removed, block 1 (now 0) stays an MoE."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from hf_compress.modeling.structure import remove_blocks
+
+    config = AutoConfig.for_model(kind, vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                                  num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                  n_routed_experts=4, num_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
+                                  **{field: 2})
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    kinds = [type(layer.mlp).__name__ for layer in model.model.layers]
+    assert kinds[0] == kinds[1] != kinds[2]  # dense, dense, MoE
+    remove_blocks(model, [0])
+    assert getattr(model.config, field) == 1
+    ids = torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(ids).logits
+    model.save_pretrained(tmp_path / "moe")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "moe").eval()
+    assert [type(layer.mlp).__name__ for layer in reloaded.model.layers] == kinds[1:]
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, expected)
 

@@ -222,6 +222,33 @@ def test_gather_scatter_equals_masked_reference(arch):
     assert not torch.allclose(routed, plain(ids).logits, atol=1e-3)  # routing did change something
 
 
+@pytest.mark.parametrize("model_type", ["deepseek_v2", "qwen3_moe"])
+def test_routing_mixture_of_experts_and_complex_rotary_tables_equals_the_masked_reference(model_type):
+    """DeepSeek-V2 passes its rotary table as one complex tensor (freqs_cis), not (cos, sin); MoE blocks route the
+    kept tokens only."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(model_type, vocab_size=256, hidden_size=64, intermediate_size=64,
+                                  moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=4, head_dim=16, n_routed_experts=4, num_experts=4,
+                                  num_experts_per_tok=2, first_k_dense_replace=0, kv_lora_rank=16, q_lora_rank=16,
+                                  qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, n_group=1, topk_group=1)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    plain = copy.deepcopy(model)
+    ids = _ids(2, 24)
+    schedule = RoutingSchedule([0.3, 0.6])
+    static_router(model, schedule)
+    with torch.no_grad():
+        routed = model(ids, use_cache=False).logits
+    torch.testing.assert_close(routed, _masked_reference(plain, ids, schedule, prompt_length=24), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        assert not torch.allclose(routed, plain(ids).logits, atol=1e-3)  # routing did change something
+    install_routing(model, RoutingSchedule.uniform(0.0, 2), mode="router")
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, plain(ids).logits)
+
+
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_blocks_sharing_a_sparsity_reuse_one_selection_and_equal_the_reference(arch):
     """The static rule's selection (and gathered RoPE tables) is computed once per forward per skip count and

@@ -45,6 +45,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -270,28 +271,20 @@ def _capture(
     input_device = _input_device(model)
     storage = torch.device(storage_device) if storage_device is not None else None
 
-    # 1) Every block's arguments, from one forward of a single sequence.
-    calls: list[BlockCall | None] = [None] * len(blocks)
-
-    def record(index: int) -> Callable:
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            calls[index] = _split_call(args, kwargs)
-            if index == len(blocks) - 1:
-                raise _StopForward
-
-        return hook
-
-    handles = [block.register_forward_pre_hook(record(i), with_kwargs=True) for i, block in enumerate(blocks)]
-    try:
-        _forward_until_stop(model, ids[:1].to(input_device))
-    finally:
-        for handle in handles:
-            handle.remove()
-    missing = [i for i, call in enumerate(calls) if call is None]
-    if missing:
-        raise RuntimeError(
-            f"decoder blocks {missing} were not called during the model's forward; hf_compress cannot "
-            "calibrate a model that skips blocks."
+    # 1) Every block's arguments, from one forward of a single sequence, replayed for every sequence: refused when
+    # they depend on the sequence's tokens (Gemma 3n/4's per-layer inputs, DeepSeek-V4's token ids for its hash
+    # routing), as a second sequence tells.
+    first = ids[:1]
+    second = ids[1:2] if len(ids) > 1 and not torch.equal(ids[1:2], first) else first.roll(1, dims=-1)
+    calls = _record_calls(model, blocks, first.to(input_device))
+    positional = [name for name in inspect.signature(blocks[0].forward).parameters][1:]  # after the hidden states
+    differing = _differing_arguments(calls, _record_calls(model, blocks, second.to(input_device)), positional)
+    if differing:
+        raise NotImplementedError(
+            f"{type(blocks[0]).__name__} receives inputs that depend on the sequence's tokens besides the hidden "
+            f"states ({', '.join(differing)}); hf_compress replays one sequence's block arguments for every "
+            "calibration sequence, which would be wrong here, so it cannot calibrate this model. Methods without "
+            "calibration (magnitude pruning, RTN) work on it."
         )
 
     # 2) The first block's hidden states, micro-batch by micro-batch.
@@ -309,6 +302,58 @@ def _capture(
     finally:
         handle.remove()
     return BlockInputs(hidden_states=hidden_states, calls=calls)  # type: ignore[arg-type]
+
+
+def _record_calls(model: nn.Module, blocks: Sequence[nn.Module], ids: torch.Tensor) -> list[BlockCall]:
+    """Every block's arguments (minus the hidden states) in one forward of ``ids``, stopped at the last block."""
+    calls: list[BlockCall | None] = [None] * len(blocks)
+
+    def record(index: int) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            calls[index] = _split_call(args, kwargs)
+            if index == len(blocks) - 1:
+                raise _StopForward
+
+        return hook
+
+    handles = [block.register_forward_pre_hook(record(i), with_kwargs=True) for i, block in enumerate(blocks)]
+    try:
+        _forward_until_stop(model, ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [i for i, call in enumerate(calls) if call is None]
+    if missing:
+        raise RuntimeError(
+            f"decoder blocks {missing} were not called during the model's forward; hf_compress cannot "
+            "calibrate a model that skips blocks."
+        )
+    return calls  # type: ignore[return-value]
+
+
+def _differing_arguments(calls: list[BlockCall], others: list[BlockCall], positional: Sequence[str] = ()) -> list[str]:
+    """Names of the block arguments whose tensors differ between two recordings (in first-seen order); ``positional``
+    names the positional ones after the hidden states."""
+    differing: dict[str, None] = {}
+
+    def compare(name: str, value: Any, other: Any) -> None:
+        if torch.is_tensor(value):
+            if not (torch.is_tensor(other) and value.shape == other.shape and torch.equal(value, other)):
+                differing[name] = None
+        elif isinstance(value, (tuple, list)) and isinstance(other, (tuple, list)) and len(value) == len(other):
+            for item, other_item in zip(value, other):
+                compare(name, item, other_item)
+        elif isinstance(value, dict) and isinstance(other, dict):
+            for key in value:
+                compare(name, value[key], other.get(key))
+
+    for call, other in zip(calls, others):
+        for position, (value, other_value) in enumerate(zip(call.args, other.args)):
+            compare(positional[position] if position < len(positional) else f"argument {position + 1}", value,
+                    other_value)
+        for key, value in call.kwargs.items():
+            compare(key, value, other.kwargs.get(key))
+    return list(differing)
 
 
 def _forward_until_stop(model: nn.Module, ids: torch.Tensor) -> None:

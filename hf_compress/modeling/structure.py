@@ -359,6 +359,9 @@ LAYER_INDEX_LISTS = ("mlp_only_layers", "moe_layers")
 """Config fields that list layers by index (Qwen-MoE's dense layers, Llama 4's MoE layers): renumbered when blocks
 are removed, not filtered as per-layer lists."""
 
+FIRST_DENSE_FIELDS = ("first_k_dense_replace", "num_dense_layers")
+"""Config fields that make the first k blocks dense (DeepSeek, GLM-4-MoE; AFMoE, LFM2-MoE): k counts the kept ones."""
+
 UNMOVABLE_LAYER_PATTERNS = ("moe_layer_start_index", "moe_layer_end_index", "moe_layer_interval", "moe_layer_freq")
 """Config fields that place MoE layers by index arithmetic with no per-layer override: which blocks are MoE could
 not be kept once blocks move, so removing blocks from such a model is refused."""
@@ -392,9 +395,10 @@ def _renumbered_layer_index_fields(config: Any, kept: list[int]) -> dict[str, An
         dense = set(getattr(config, "mlp_only_layers") or [])
         fields["decoder_sparse_step"] = 1
         fields["mlp_only_layers"] = [new_index[i] for i in kept if i in dense or (i + 1) % step != 0]
-    first_dense = getattr(config, "first_k_dense_replace", None)
-    if isinstance(first_dense, int) and first_dense > 0:  # DeepSeek, GLM-4-MoE: the first k blocks are dense
-        fields["first_k_dense_replace"] = sum(1 for i in kept if i < first_dense)
+    for field in FIRST_DENSE_FIELDS:  # the kept dense blocks are still the first ones: only their count changes
+        first_dense = getattr(config, field, None)
+        if isinstance(first_dense, int) and first_dense > 0:
+            fields[field] = sum(1 for i in kept if i < first_dense)
     return fields
 
 
@@ -404,7 +408,8 @@ def remove_blocks(model: nn.Module, indices: Sequence[int]) -> None:
     Every submodule's ``layer_idx`` is renumbered (the cache index an attention layer writes to); the text config's
     ``num_hidden_layers`` and its per-layer lists (``layer_types``, ``no_rope_layers``, ...) follow, on the text config
     of a multimodal model too, and so do the fields that pick a block's kind by its index (Qwen-MoE's
-    ``mlp_only_layers`` / ``decoder_sparse_step``, Llama 4's ``moe_layers``, DeepSeek's ``first_k_dense_replace``):
+    ``mlp_only_layers`` / ``decoder_sparse_step``, Llama 4's ``moe_layers``, DeepSeek's ``first_k_dense_replace``,
+    AFMoE's ``num_dense_layers``):
     each block reloads as the kind it is. Index arithmetic that cannot follow (``moe_layer_start_index``, ...) is
     refused.
 

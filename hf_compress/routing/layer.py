@@ -592,13 +592,16 @@ def _routed_forward(block: nn.Module, state: RoutingState, sparsity: float, args
                 selection[key] = value.expand(batch, length).gather(1, keep) if value.dim() == 2 else value[keep[0]]
             call[name] = selection[key]
     embeddings = call.get("position_embeddings")
-    if isinstance(embeddings, (tuple, list)):
-        key = ("position_embeddings", *map(id, embeddings))
+    # (cos, sin), or one complex table (DeepSeek-V2's freqs_cis): [1 or batch, length, dim] each
+    tables = (embeddings,) if isinstance(embeddings, torch.Tensor) else embeddings
+    if isinstance(tables, (tuple, list)):
+        key = ("position_embeddings", *map(id, tables))
         if key not in selection:
-            selection[key] = tuple(
+            taken = tuple(
                 _take(table.expand(batch, length, table.shape[-1]), keep, shared if table.shape[0] == 1 else None)
-                for table in embeddings
+                for table in tables
             )
+            selection[key] = taken[0] if tables is not embeddings else taken
         call["position_embeddings"] = selection[key]
 
     query_positions = keep if past == 0 else past + keep  # cache positions of the computed tokens
