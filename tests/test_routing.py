@@ -222,17 +222,23 @@ def test_gather_scatter_equals_masked_reference(arch):
     assert not torch.allclose(routed, plain(ids).logits, atol=1e-3)  # routing did change something
 
 
-@pytest.mark.parametrize("model_type", ["deepseek_v2", "qwen3_moe"])
-def test_routing_mixture_of_experts_and_complex_rotary_tables_equals_the_masked_reference(model_type):
-    """DeepSeek-V2 passes its rotary table as one complex tensor (freqs_cis), not (cos, sin); MoE blocks route the
-    kept tokens only."""
+MORE_ROUTED = {  # beyond ARCHITECTURES: what their blocks receive differently
+    "deepseek_v2": dict(moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2, first_k_dense_replace=0,
+                        kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+                        n_group=1, topk_group=1),  # a complex rotary table (freqs_cis), not (cos, sin)
+    "qwen3_moe": dict(moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2),  # routed tokens reach experts
+    "gemma4_text": dict(vocab_size_per_layer_input=256, hidden_size_per_layer_input=16, sliding_window=16,
+                        layer_types=["sliding_attention", "full_attention"], num_kv_shared_layers=0),  # per-layer inputs
+}
+
+
+@pytest.mark.parametrize("model_type", list(MORE_ROUTED))
+def test_routing_mixture_of_experts_and_other_block_inputs_equals_the_masked_reference(model_type):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.for_model(model_type, vocab_size=256, hidden_size=64, intermediate_size=64,
-                                  moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                  num_key_value_heads=4, head_dim=16, n_routed_experts=4, num_experts=4,
-                                  num_experts_per_tok=2, first_k_dense_replace=0, kv_lora_rank=16, q_lora_rank=16,
-                                  qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, n_group=1, topk_group=1)
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, head_dim=16,
+                                  **MORE_ROUTED[model_type])
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).eval()
     plain = copy.deepcopy(model)

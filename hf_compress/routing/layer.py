@@ -603,6 +603,13 @@ def _routed_forward(block: nn.Module, state: RoutingState, sparsity: float, args
             )
             selection[key] = taken[0] if tables is not embeddings else taken
         call["position_embeddings"] = selection[key]
+    # Any other input with one vector per token (Gemma 4's per-layer inputs, [batch or 1, length, dim]) follows its
+    # tokens, as the hidden states do.
+    for name, value in list(call.items()):
+        if (name != "position_embeddings" and isinstance(value, torch.Tensor) and value.dim() == 3
+                and value.shape[1] == length and value.shape[0] in (1, batch)):
+            call[name] = _take(value.expand(batch, length, value.shape[-1]), keep,
+                               shared if value.shape[0] == 1 else None)
 
     query_positions = keep if past == 0 else past + keep  # cache positions of the computed tokens
     if cache is not None and past > 0:
