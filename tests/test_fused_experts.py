@@ -12,6 +12,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from checkpoint_edits import edit_checkpoint
 from hf_compress import _compat
 from hf_compress.modeling import find_decoder_blocks, find_linear_layers, set_weight_matrix, weight_matrix
 from hf_compress.modeling.fused_experts import (
@@ -363,20 +364,6 @@ def _saved_pruned_moe(tmp_path):
     return model, save_pruned(model, None, tmp_path / "pruned")
 
 
-def _edit(folder, config_change=None, tensor_change=None) -> None:
-    from safetensors.torch import load_file, save_file
-
-    config = json.loads((folder / "config.json").read_text())
-    config["quantization_config"].pop("integrity")  # so that the format's own check is what refuses
-    if config_change:
-        config_change(config["quantization_config"])
-    (folder / "config.json").write_text(json.dumps(config))
-    if tensor_change:
-        tensors = load_file(folder / "model.safetensors")
-        tensor_change(tensors)
-        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
-
-
 EXPERT = "model.layers.1.mlp.experts.down_proj"
 BROKEN_EXPERTS = {
     "bitmask missing": (None, lambda t: t.pop(EXPERT + "_bitmask"), "have no sparse expert weights"),
@@ -396,7 +383,7 @@ def test_a_damaged_sparse_expert_weight_is_refused_before_loading(tmp_path, dama
 
     _, folder = _saved_pruned_moe(tmp_path)
     config_change, tensor_change, message = BROKEN_EXPERTS[damage]
-    _edit(folder, config_change, tensor_change)
+    edit_checkpoint(folder, config_change, tensor_change)
     with pytest.raises(CheckpointIntegrityError, match=message):
         AutoModelForCausalLM.from_pretrained(folder)
 

@@ -8,9 +8,10 @@ import json
 import pytest
 import torch
 from peft import get_peft_model
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from checkpoint_edits import edit_checkpoint
 from hf_compress.assets import tiny_model
 from hf_compress.formats.integrity import CheckpointIntegrityError
 from hf_compress.formats.packed import save_packed
@@ -69,19 +70,6 @@ def _base_masks(model):
     prefix, blocks = find_decoder_blocks(model)
     return {f"{prefix}.{index}.{name}": weight_matrix(layer) != 0
             for index, block in enumerate(blocks) for name, layer in find_linear_layers(block).items()}
-
-
-def _edit(folder, config_change=None, tensor_change=None, drop_integrity=True):
-    config = json.loads((folder / "config.json").read_text())
-    if drop_integrity:
-        config["quantization_config"].pop("integrity", None)
-    if config_change:
-        config_change(config["quantization_config"])
-    (folder / "config.json").write_text(json.dumps(config))
-    if tensor_change:
-        tensors = load_file(folder / "model.safetensors")
-        tensor_change(tensors)
-        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -312,7 +300,7 @@ def test_corrupted_mask_is_refused_with_a_clear_error(tmp_path):
         tensors[f"{LAYER}.qmask"][0, 0] = 0xFF ^ original[0, 0]
 
     # Same number of kept weights, other positions: only the checksum can tell, and does.
-    _edit(folder, tensor_change=move_kept_weights, drop_integrity=False)
+    edit_checkpoint(folder, tensor_change=move_kept_weights, drop_integrity=False)
     with pytest.raises(CheckpointIntegrityError, match=rf"{LAYER}.qmask.*differ from the checksum"):
         AutoModelForCausalLM.from_pretrained(folder)
 
@@ -320,7 +308,7 @@ def test_corrupted_mask_is_refused_with_a_clear_error(tmp_path):
         tensors[f"{LAYER}.qmask"][0, 0] = 0xFF
 
     # A mask keeping more weights than there are codes: refused before the checksums are read.
-    _edit(folder, tensor_change=add_four, drop_integrity=False)
+    edit_checkpoint(folder, tensor_change=add_four, drop_integrity=False)
     with pytest.raises(CheckpointIntegrityError, match="the mask keeps 4100 weights but codes for 4096 are stored"):
         AutoModelForCausalLM.from_pretrained(folder)
 
@@ -328,19 +316,19 @@ def test_corrupted_mask_is_refused_with_a_clear_error(tmp_path):
 def test_corrupted_codes_and_config_are_refused(tmp_path):
     folder = _stacked_folder(tmp_path)
     truncate = lambda t: t.__setitem__(f"{LAYER}.qweight", t[f"{LAYER}.qweight"][:-4].clone())
-    _edit(folder, tensor_change=truncate)
+    edit_checkpoint(folder, tensor_change=truncate)
     with pytest.raises(CheckpointIntegrityError, match=r"qweight is U8 \[2044\], expected U8 \[2048\]"):
         AutoModelForCausalLM.from_pretrained(folder)
     folder = _stacked_folder(tmp_path / "b")
-    _edit(folder, config_change=lambda q: q["sparse_modules"].__setitem__(LAYER, 4000))
+    edit_checkpoint(folder, config_change=lambda q: q["sparse_modules"].__setitem__(LAYER, 4000))
     with pytest.raises(CheckpointIntegrityError, match=r"qweight is U8 \[2048\], expected U8 \[2000\]"):
         AutoModelForCausalLM.from_pretrained(folder)
-    _edit(folder, config_change=lambda q: q["sparse_modules"].pop(LAYER))
+    edit_checkpoint(folder, config_change=lambda q: q["sparse_modules"].pop(LAYER))
     with pytest.raises(CheckpointIntegrityError, match="stored masked packed weight.*not in quantization_config.sparse_modules"):
         AutoModelForCausalLM.from_pretrained(folder)
     folder = _stacked_folder(tmp_path / "c")
     codes = lambda t: t.__setitem__(f"{LAYER}.qweight", t[f"{LAYER}.qweight"] ^ 0xFF)
-    _edit(folder, tensor_change=codes, drop_integrity=False)
+    edit_checkpoint(folder, tensor_change=codes, drop_integrity=False)
     with pytest.raises(CheckpointIntegrityError, match=rf"{LAYER}.qweight.*differ from the checksum"):
         AutoModelForCausalLM.from_pretrained(folder)
 
@@ -434,10 +422,10 @@ def test_slim_pruned_dlqat_stacked_save_reload(attach, tmp_path):
 def test_slim_widths_inside_a_stacked_checkpoint_are_checked(tmp_path):
     model, tokenizer = _slim("llama")
     folder = save_packed(quantize_rtn(model, bits=4, group_size=32), tokenizer, tmp_path / "packed")
-    _edit(folder, config_change=lambda q: q["slim"]["layers"][1].__setitem__("intermediate_size", 10**6))
+    edit_checkpoint(folder, config_change=lambda q: q["slim"]["layers"][1].__setitem__("intermediate_size", 10**6))
     with pytest.raises(CheckpointIntegrityError, match=r"intermediate_size = 1000000 is outside \[0, 128\]"):
         AutoModelForCausalLM.from_pretrained(folder)
-    _edit(folder, config_change=lambda q: q.pop("slim"))  # widths lost: the layers no longer fit, refused
+    edit_checkpoint(folder, config_change=lambda q: q.pop("slim"))  # widths lost: the layers no longer fit, refused
     with pytest.raises(CheckpointIntegrityError, match="expected"):
         AutoModelForCausalLM.from_pretrained(folder)
 
