@@ -344,6 +344,25 @@ def test_blocks_that_receive_per_sequence_inputs_are_not_calibrated_with_another
     MagnitudePruner(model).prune(MagnitudeConfig(sparsity="2:4"), progress=False)
 
 
+@pytest.mark.parametrize("model_type", ["bloom", "xglm"])
+def test_blocks_that_take_one_sequences_arguments_for_one_sequence_only_ask_for_batch_size_1(model_type) -> None:
+    """Bloom's ALiBi biases and XGLM's masks must have the micro-batch's size; the one-sequence recording does not."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from hf_compress.pruning import WandaConfig, WandaPruner
+
+    config = AutoConfig.for_model(model_type, vocab_size=256, hidden_size=64, d_model=64, n_layer=2, num_layers=2,
+                                  n_head=4, attention_heads=4, ffn_dim=128)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.randint(3, 250, (4, 32), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"calibrate it with batch_size=1 \(was 2\)"):
+        WandaPruner(model).prune(WandaConfig(sparsity="2:4", batch_size=2), ids, progress=False)
+    pruner = WandaPruner(model)
+    pruner.prune(WandaConfig(sparsity="2:4", batch_size=1), ids, progress=False)
+    assert pruner.report.overall_sparsity == 0.5
+
+
 def test_calibration_batches_are_deterministic_windows() -> None:
     datasets = pytest.importorskip("datasets")
     tokenizer = tiny_tokenizer()

@@ -301,7 +301,30 @@ def _capture(
             _forward_until_stop(model, ids[start : start + batch_size].to(input_device))
     finally:
         handle.remove()
+    _check_replay_takes_batches(blocks[0], calls[0], hidden_states[0], batch_size)
     return BlockInputs(hidden_states=hidden_states, calls=calls)  # type: ignore[arg-type]
+
+
+def _check_replay_takes_batches(block: nn.Module, call: BlockCall, hidden: torch.Tensor, batch_size: int) -> None:
+    """Refuse, with the setting that works, a block that takes the recorded (one-sequence) arguments for one sequence
+    but not for a micro-batch: Bloom's ALiBi biases and XGLM's masks must have the batch's size."""
+    if hidden.shape[0] < 2:
+        return
+    device = module_execution_device(block)
+    with torch.no_grad():
+        try:
+            call(block, hidden[:2], device)
+            return
+        except (RuntimeError, ValueError):
+            try:
+                call(block, hidden[:1], device)
+            except (RuntimeError, ValueError):
+                return  # fails for one sequence too: the block's own error, raised where it is used
+    raise ValueError(
+        f"{type(block).__name__} takes the block arguments recorded for one sequence only for one sequence at a time "
+        f"(its masks or position biases must have the batch's size); calibrate it with batch_size=1 (was "
+        f"{batch_size})."
+    )
 
 
 def _record_calls(model: nn.Module, blocks: Sequence[nn.Module], ids: torch.Tensor) -> list[BlockCall]:
