@@ -303,17 +303,18 @@ def check_tensors_match_model(model: torch.nn.Module, reader: CheckpointReader, 
     required += [(name, tensor) for name, tensor in model.named_buffers() if name in state_keys]
     prefix = getattr(model, "base_model_prefix", "") or ""
 
-    def stored_name(name: str) -> str | None:
+    def variants(name: str) -> tuple[str, str, str]:
         # A head model's checkpoint loads into its base model and the other way round: "model." comes and goes.
-        candidates = (name, f"{prefix}.{name}", name.removeprefix(f"{prefix}."))
-        for candidate in candidates:
+        return name, f"{prefix}.{name}", name.removeprefix(f"{prefix}.")
+
+    def stored_name(name: str) -> str | None:
+        for candidate in variants(name):
             if candidate in reader.entries:
                 return candidate
         renamed = reader.keys_as_loaded(model)  # keys transformers renames at load (a multimodal model's legacy names)
-        return next((renamed[candidate] for candidate in candidates if candidate in renamed), None)
+        return next((renamed[candidate] for candidate in variants(name) if candidate in renamed), None)
 
     starred: set[str] | None = None
-    stored_names: set[str] = set()
 
     def merged(name: str) -> bool:
         # A tensor that loading makes from other stored ones (MoE experts saved one per expert and merged, a fused
@@ -322,18 +323,16 @@ def check_tensors_match_model(model: torch.nn.Module, reader: CheckpointReader, 
         pattern = _compat.merged_checkpoint_key(model, name) if hasattr(model, "config") else None
         if pattern is None:
             return False
+        renamed = reader.keys_as_loaded(model)
         if starred is None:  # every stored key, renamed as loading renames it, with a number (expert index) as "*"
-            renamed = reader.keys_as_loaded(model)
             starred = {".".join(parts[:i] + ["*"] + parts[i + 1:])
                        for parts in (key.split(".") for key in renamed)
                        for i, part in enumerate(parts) if part.isdigit()}
-            stored_names.update(renamed)
-        candidates = {pattern, f"{prefix}.{pattern}", pattern.removeprefix(f"{prefix}.")}
         # A pattern with an expert index matches a starred key; one without (a fused qkv that loading splits) a key.
-        return bool(candidates & starred) or bool(candidates & stored_names)
+        return any(candidate in starred or candidate in renamed for candidate in variants(pattern))
 
     def encoded(name: str) -> bool:
-        return any(candidate in stored_differently for candidate in (name, f"{prefix}.{name}", name.removeprefix(f"{prefix}.")))
+        return any(candidate in stored_differently for candidate in variants(name))
 
     stored = {name: stored_name(name) for name, _ in required}
     stored = {name: key for name, key in stored.items() if key is not None or not (encoded(name) or merged(name))}
