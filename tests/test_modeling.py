@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -345,22 +347,35 @@ def test_blocks_that_receive_per_sequence_inputs_are_not_calibrated_with_another
 
 
 @pytest.mark.parametrize("model_type", ["bloom", "xglm"])
-def test_blocks_that_take_one_sequences_arguments_for_one_sequence_only_ask_for_batch_size_1(model_type) -> None:
-    """Bloom's ALiBi biases and XGLM's masks must have the micro-batch's size; the one-sequence recording does not."""
+def test_blocks_that_take_one_sequences_arguments_for_one_sequence_only_are_calibrated_sequence_by_sequence(
+        model_type) -> None:
+    """Bloom's ALiBi biases and XGLM's masks must have the micro-batch's size, which the one-sequence recording does
+    not: their micro-batches run sequence by sequence, so any batch_size gives batch_size=1's weights exactly."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from hf_compress.pruning import WandaConfig, WandaPruner
+    from hf_compress.pruning import SparseGPTConfig, SparseGPTPruner, WandaConfig, WandaPruner
 
     config = AutoConfig.for_model(model_type, vocab_size=256, hidden_size=64, d_model=64, n_layer=2, num_layers=2,
                                   n_head=4, attention_heads=4, ffn_dim=128)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).eval()
     ids = torch.randint(3, 250, (4, 32), generator=torch.Generator().manual_seed(0))
-    with pytest.raises(ValueError, match=r"calibrate it with batch_size=1 \(was 2\)"):
-        WandaPruner(model).prune(WandaConfig(sparsity="2:4", batch_size=2), ids, progress=False)
-    pruner = WandaPruner(model)
-    pruner.prune(WandaConfig(sparsity="2:4", batch_size=1), ids, progress=False)
-    assert pruner.report.overall_sparsity == 0.5
+    captured = capture_block_inputs(model, ids, batch_size=3)
+    assert [call.rows_per_call for call in captured.calls] == [1, 1]
+    block, call = find_decoder_blocks(model)[1][0], captured.calls[0]
+    with torch.no_grad():
+        one_by_one = torch.cat([call(block, row) for row in captured.hidden_states[0].split(1)])
+        assert torch.equal(call(block, captured.hidden_states[0]), one_by_one)
+    for pruner_class, config_class in ((WandaPruner, WandaConfig), (SparseGPTPruner, SparseGPTConfig)):
+        weights = []
+        for batch_size in (1, 3):  # micro-batches of 3 and 1
+            pruned = copy.deepcopy(model)
+            pruner = pruner_class(pruned)
+            pruner.prune(config_class(sparsity="2:4", batch_size=batch_size), ids, progress=False)
+            assert pruner.report.overall_sparsity == 0.5
+            weights.append(pruned.state_dict())
+        assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0]), pruner_class.__name__
+    assert capture_block_inputs(tiny_model("llama")[0], ids, batch_size=2).calls[0].rows_per_call is None
 
 
 def test_calibration_batches_are_deterministic_windows() -> None:

@@ -25,7 +25,8 @@ statistics are held at a time. Everything runs under ``torch.no_grad()``; a call
 
 The extra block arguments are recorded with a batch of one sequence and broadcast over each
 micro-batch: calibration windows are full (no padding), so masks and rotary tables are the same for
-every sequence.
+every sequence. A block that accepts them for one sequence but not for two (Bloom's ALiBi biases and
+XGLM's masks carry the batch's size) is run one sequence at a time (``BlockCall.rows_per_call``).
 
 Example:
     >>> from hf_compress.assets import tiny_model
@@ -47,7 +48,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
@@ -183,12 +184,14 @@ class BlockCall:
     """How the model calls one block, minus the hidden states: extra positional and keyword arguments.
 
     ``hidden_states_keyword`` is set when the model passes the hidden states by keyword (``None``: as
-    the first positional argument, the transformers convention).
+    the first positional argument, the transformers convention). ``rows_per_call`` is set (to 1) for
+    blocks that take these arguments for one sequence only: longer batches are run piece by piece.
     """
 
     args: tuple[Any, ...] = ()
     kwargs: dict[str, Any] = field(default_factory=dict)
     hidden_states_keyword: str | None = None
+    rows_per_call: int | None = None
 
     def __call__(
         self, block: nn.Module, hidden_states: torch.Tensor, device: torch.device | None = None
@@ -196,8 +199,23 @@ class BlockCall:
         """Run ``block`` on ``hidden_states`` with these arguments, moved to ``device``."""
         return _hidden_states_of(self.output(block, hidden_states, device))
 
+    def pieces(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``hidden_states`` in the row counts the block takes these arguments for (itself, for most blocks)."""
+        if self.rows_per_call is None or hidden_states.shape[0] <= self.rows_per_call:
+            return (hidden_states,)
+        return hidden_states.split(self.rows_per_call)
+
     def output(self, block: nn.Module, hidden_states: torch.Tensor, device: torch.device | None = None) -> Any:
-        """What ``block`` returns, as the model's own loop receives it (a tensor, or a tuple from older blocks)."""
+        """What ``block`` returns, as the model's own loop receives it (a tensor, or a tuple from older blocks).
+
+        A batch run piece by piece (``rows_per_call``) returns its hidden states only, as a one-item tuple
+        when the block returns tuples: the other items (attention weights, caches) are per piece.
+        """
+        pieces = self.pieces(hidden_states)
+        if len(pieces) > 1:
+            outputs = [self.output(block, piece, device) for piece in pieces]
+            hidden = torch.cat([_hidden_states_of(output) for output in outputs])
+            return hidden if torch.is_tensor(outputs[0]) else (hidden,)
         args, kwargs = self.args, self.kwargs
         if device is not None:
             args, kwargs = _to_device((args, kwargs), device)
@@ -213,7 +231,7 @@ class BlockCall:
         half-precision model's block in float32.
         """
         args, kwargs = _to_device((self.args, self.kwargs), device, dtype)
-        return BlockCall(args, kwargs, self.hidden_states_keyword)
+        return replace(self, args=args, kwargs=kwargs)
 
 
 @dataclass
@@ -247,8 +265,9 @@ def capture_block_inputs(
 
     The hidden states are captured per micro-batch of ``batch_size`` sequences by stopping the
     forward at the first block; the other arguments are recorded on every block during one forward
-    of the first sequence alone (stopped before the last block runs). ``storage_device`` is where the
-    hidden states are kept (default: where the first block receives them).
+    of the first sequence alone (stopped before the last block runs). A block that takes them for
+    one sequence only gets its micro-batches sequence by sequence (``BlockCall.rows_per_call``).
+    ``storage_device`` is where the hidden states are kept (default: where the first block receives them).
 
     Example:
         >>> from hf_compress.assets import tiny_model
@@ -301,30 +320,29 @@ def _capture(
             _forward_until_stop(model, ids[start : start + batch_size].to(input_device))
     finally:
         handle.remove()
-    _check_replay_takes_batches(blocks[0], calls[0], hidden_states[0], batch_size)
+    if _takes_one_sequence_only(blocks[0], calls[0], torch.cat(hidden_states[:2])[:2]):
+        logger.info("%s takes the recorded block arguments for one sequence at a time (its masks or position biases "
+                    "carry the batch's size): calibration runs its blocks sequence by sequence", type(blocks[0]).__name__)
+        calls = [replace(call, rows_per_call=1) for call in calls]
     return BlockInputs(hidden_states=hidden_states, calls=calls)  # type: ignore[arg-type]
 
 
-def _check_replay_takes_batches(block: nn.Module, call: BlockCall, hidden: torch.Tensor, batch_size: int) -> None:
-    """Refuse, with the setting that works, a block that takes the recorded (one-sequence) arguments for one sequence
-    but not for a micro-batch: Bloom's ALiBi biases and XGLM's masks must have the batch's size."""
+def _takes_one_sequence_only(block: nn.Module, call: BlockCall, hidden: torch.Tensor) -> bool:
+    """True for a block that takes the recorded (one-sequence) arguments for one sequence but not for two: Bloom's
+    ALiBi biases and XGLM's masks must have the batch's size."""
     if hidden.shape[0] < 2:
-        return
+        return False  # one calibration sequence: no batch will have two
     device = module_execution_device(block)
     with torch.no_grad():
         try:
             call(block, hidden[:2], device)
-            return
+            return False
         except (RuntimeError, ValueError):
             try:
                 call(block, hidden[:1], device)
             except (RuntimeError, ValueError):
-                return  # fails for one sequence too: the block's own error, raised where it is used
-    raise ValueError(
-        f"{type(block).__name__} takes the block arguments recorded for one sequence only for one sequence at a time "
-        f"(its masks or position biases must have the batch's size); calibrate it with batch_size=1 (was "
-        f"{batch_size})."
-    )
+                return False  # fails for one sequence too: the block's own error, raised where it is used
+    return True
 
 
 def _record_calls(model: nn.Module, blocks: Sequence[nn.Module], ids: torch.Tensor) -> list[BlockCall]:
@@ -636,12 +654,13 @@ def _process_block(
         dense = []
         with routed, _StatisticsPass(layers, stats, stop_early=False, block=block) as stats_pass:
             for hidden in inputs:
-                out = stats_pass.run(call, block, hidden, device)
+                out = torch.cat([stats_pass.run(call, block, piece, device) for piece in call.pieces(hidden)])
                 dense.append(out if storage is None else out.to(storage))
     elif stats:  # only the statistics are wanted: each forward may end at the last observed layer
         with routed, _StatisticsPass(layers, stats, stop_early=True, block=block) as stats_pass:
             for hidden in inputs:
-                stats_pass.run(call, block, hidden, device)
+                for piece in call.pieces(hidden):  # each piece's forward may stop early on its own
+                    stats_pass.run(call, block, piece, device)
     if callback is None:
         return dense  # nothing can have changed the block  # type: ignore[return-value]
 
