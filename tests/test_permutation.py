@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from hf_compress.assets import tiny_model
+from hf_compress.assets import tiny_model, tiny_tokenizer
 from hf_compress.modeling import find_decoder_blocks, find_linear_layers, weight_matrix
 from hf_compress.pruning import (
     PRUNERS,
@@ -34,6 +34,7 @@ from hf_compress.pruning import (
     WandaPruner,
 )
 from hf_compress.pruning.permutation import absorb_permutations, find_sites, hungarian, sinkhorn, swap_refine
+from hf_compress.pruning.permutation.step import check_permutation
 from hf_compress.pruning.permutation.learned import PermutationLearner
 from hf_compress.pruning.permutation.matching import is_permutation
 from hf_compress.pruning.permutation.ria import SiteScores, kept_score, ria_permutation
@@ -232,6 +233,25 @@ def test_unknown_stream_parameters_and_fused_projections_are_refused():
     with pytest.raises(ValueError, match="separate q/k/v/o"):
         WandaPruner(gpt2, tokenizer).prune(WandaConfig(sparsity="2:4", permutation="ria", **SMALL),
                                            CALIBRATION_TEXT, progress=False)
+
+
+def test_a_stream_read_where_the_sites_do_not_look_is_refused_before_any_work():
+    """XGLM adds a sinusoidal position buffer to the stream, which no site moves: refused by a trial absorption on a
+    probe before the statistics and the search, the model as it came."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("xglm", vocab_size=256, d_model=64, num_layers=2, attention_heads=4, ffn_dim=128)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    pruner = WandaPruner(model, tiny_tokenizer())
+    with pytest.raises(ValueError, match="changed XGLMForCausalLM's logits .* restored; prune it with permutation=None"):
+        pruner.prune(WandaConfig(sparsity="2:4", permutation="ria", **SMALL), CALIBRATION_TEXT, progress=False)
+    assert all(torch.equal(tensor, before[name]) for name, tensor in model.state_dict().items())
+    model, tokenizer = tiny_model("llama")
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    check_permutation(model, WandaConfig(sparsity="2:4", permutation="ria"))  # the trial is undone exactly
+    assert all(torch.equal(tensor, before[name]) for name, tensor in model.state_dict().items())
 
 
 # ------------------------------------------------------------------------------------------ RIA objective

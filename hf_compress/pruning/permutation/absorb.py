@@ -86,7 +86,7 @@ def absorb_permutations(
             f"{tolerance:.3g}): some layer reads the permuted channels in a way the library does not know. The model "
             "was restored; prune it with permutation=None."
         )
-    logger.info("absorbed %d channel permutations; probe logits changed by at most %.2e", len(chosen), change)
+    logger.debug("absorbed %d channel permutations; probe logits changed by at most %.2e", len(chosen), change)
     return change
 
 

@@ -80,9 +80,10 @@ def check_permutation(model: nn.Module, config: PruningConfig) -> list[Permutati
     """The model's permutation sites, after checking that ``config.permutation`` can apply (before any work).
 
     Raises:
-        ValueError: no N:M pattern, offloaded weights, a model whose stream or heads cannot be permuted, an N:M group
-            straddling an attention head, learned groups that do not divide a site's width, or a learned permutation
-            on a GPU ``Trainer`` would not train on (``check_training_device``).
+        ValueError: no N:M pattern, offloaded weights, a model whose stream or heads cannot be permuted (also found
+            by absorbing a random permutation on a probe and undoing it), an N:M group straddling an attention head,
+            learned groups that do not divide a site's width, or a learned permutation on a GPU ``Trainer`` would not
+            train on (``check_training_device``).
     """
     pattern = config.pattern
     if not pattern.is_n_m:
@@ -103,7 +104,21 @@ def check_permutation(model: nn.Module, config: PruningConfig) -> list[Permutati
         from ...training import check_training_device
 
         check_training_device(next(model.parameters()).device)
+    _check_absorbable(model, sites)
     return sites
+
+
+def _check_absorbable(model: nn.Module, sites: list[PermutationSite]) -> None:
+    """Absorb a random permutation of every site and undo it, exactly: a model that reads the permuted channels where
+    the sites do not look (XGLM adds a sinusoidal position buffer to the stream) is refused before the search, which
+    can take many minutes, instead of after it."""
+    generator = torch.Generator().manual_seed(0)
+    trial = {site.name: torch.randperm(site.width, generator=generator) for site in sites}
+    try:
+        absorb_permutations(model, sites, trial)  # restores the model and raises when the logits change
+    except RuntimeError as error:
+        raise ValueError(str(error)) from None
+    absorb_permutations(model, sites, {name: torch.argsort(perm) for name, perm in trial.items()}, check=False)
 
 
 def permute_for_pruning(
