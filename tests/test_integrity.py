@@ -199,14 +199,35 @@ def test_truncated_file_names_the_file(tmp_path):
         AutoModelForCausalLM.from_pretrained(folder)
 
 
-@pytest.mark.parametrize("fmt", sorted(BUILDERS))
-def test_stock_transformers_refuses_every_format(tmp_path, fmt):
+# Each folder is loaded in turn by one fresh interpreter (one interpreter start, not one per format). A load's
+# output (transformers' loading report, then the traceback) goes to stderr after a line naming the folder; the
+# interpreter fails if a folder loads or hf_compress was imported along the way.
+_LOAD_EACH = """
+import sys, traceback
+from transformers import AutoModelForCausalLM
+for folder in sys.argv[1:]:
+    print("=== loading", folder, file=sys.stderr, flush=True)
+    try:
+        AutoModelForCausalLM.from_pretrained(folder)
+    except Exception:
+        traceback.print_exc()
+        sys.stderr.flush()
+    else:
+        sys.exit(f"{folder} loaded")
+assert not any(name.startswith("hf_compress") for name in sys.modules), "hf_compress was imported"
+"""
+
+
+def test_stock_transformers_refuses_every_format(tmp_path):
     """Without ``import hf_compress`` the checkpoint must fail to load, and the output must name the format."""
-    _, folder = BUILDERS[fmt](tmp_path)
-    code = "import sys; from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained(sys.argv[1])"
-    done = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, timeout=300)
-    assert done.returncode != 0
-    assert f"hf_compress_{fmt.split('-')[0]}" in done.stderr and "mismatch" in done.stderr
+    folders = {fmt: str(BUILDERS[fmt](tmp_path / fmt)[1]) for fmt in sorted(BUILDERS)}
+    done = subprocess.run([sys.executable, "-c", _LOAD_EACH, *folders.values()], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    outputs = dict(part.split("\n", 1) for part in done.stderr.split("=== loading ")[1:])
+    assert sorted(outputs) == sorted(folders.values())
+    for fmt, folder in folders.items():
+        assert f"hf_compress_{fmt.split('-')[0]}" in outputs[folder] and "mismatch" in outputs[folder], outputs[folder]
 
 
 def test_mismatched_tensors_names_the_missing_the_extra_and_the_changed(tmp_path):

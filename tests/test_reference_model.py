@@ -136,7 +136,8 @@ def test_smollm2_sparsegpt_2of4_beats_magnitude_and_reloads_exactly(smollm2, tmp
     calibration = load_text("wikipedia", "calibration")
     model, tokenizer = _fresh_smollm2()
     SparseGPTPruner(model, tokenizer).prune(
-        SparseGPTConfig(sparsity="2:4", num_calibration_sequences=8, calibration_seq_len=256), calibration,
+        # 8 x 128 tokens, a quarter less time than 8 x 256: perplexity still 5.9x below magnitude's (4 x 128: 3.0x)
+        SparseGPTConfig(sparsity="2:4", num_calibration_sequences=8, calibration_seq_len=128), calibration,
         save_dir=tmp_path / "sparsegpt", progress=False,
     )
     for layer in (model.model.layers[0].self_attn.q_proj, model.model.layers[29].mlp.down_proj):
