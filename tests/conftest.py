@@ -37,6 +37,13 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 hf_constants.HF_HUB_OFFLINE = True
 
 
+def pytest_collection_modifyitems(config, items):
+    """The real-model tests (up to a minute or more each, most of the suite's longest) run first. Under xdist's work
+    stealing the run then ends on short tests, instead of on one worker finishing a long test while the other waits
+    (they came last: test_reference_model, test_zero_shot). The order within each part is kept."""
+    items.sort(key=lambda item: item.get_closest_marker("real_model") is None)
+
+
 @pytest.fixture
 def fake_hub(tmp_path) -> FakeHub:
     """An in-memory Hub (see ``tests/fake_hub.py``) that every ``huggingface_hub`` call talks to.

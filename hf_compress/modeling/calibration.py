@@ -320,7 +320,8 @@ def _capture(
             _forward_until_stop(model, ids[start : start + batch_size].to(input_device))
     finally:
         handle.remove()
-    if _takes_one_sequence_only(blocks[0], calls[0], torch.cat(hidden_states[:2])[:2]):
+    first_two = torch.cat([hidden[:2] for hidden in hidden_states[:2]])[:2]  # across micro-batches of one
+    if _takes_one_sequence_only(blocks[0], calls[0], first_two):
         logger.info("%s takes the recorded block arguments for one sequence at a time (its masks or position biases "
                     "carry the batch's size): calibration runs its blocks sequence by sequence", type(blocks[0]).__name__)
         calls = [replace(call, rows_per_call=1) for call in calls]
@@ -654,7 +655,8 @@ def _process_block(
         dense = []
         with routed, _StatisticsPass(layers, stats, stop_early=False, block=block) as stats_pass:
             for hidden in inputs:
-                out = torch.cat([stats_pass.run(call, block, piece, device) for piece in call.pieces(hidden)])
+                outs = [stats_pass.run(call, block, piece, device) for piece in call.pieces(hidden)]
+                out = outs[0] if len(outs) == 1 else torch.cat(outs)
                 dense.append(out if storage is None else out.to(storage))
     elif stats:  # only the statistics are wanted: each forward may end at the last observed layer
         with routed, _StatisticsPass(layers, stats, stop_early=True, block=block) as stats_pass:
