@@ -34,11 +34,11 @@ from hf_compress.pruning import (
     WandaPruner,
 )
 from hf_compress.pruning.permutation import absorb_permutations, find_sites, hungarian, sinkhorn, swap_refine
-from hf_compress.pruning.permutation.step import check_permutation
 from hf_compress.pruning.permutation.learned import PermutationLearner
 from hf_compress.pruning.permutation.matching import is_permutation
 from hf_compress.pruning.permutation.ria import SiteScores, kept_score, ria_permutation
 from hf_compress.pruning.permutation.selection import KeepBest, sequential_pruned_losses
+from hf_compress.pruning.permutation.step import check_permutation
 from hf_compress.pruning.permutation.swap import (
     _best_disjoint_swaps,
     _ChannelTable,
@@ -248,7 +248,7 @@ def test_a_stream_read_where_the_sites_do_not_look_is_refused_before_any_work():
     with pytest.raises(ValueError, match="changed XGLMForCausalLM's logits .* restored; prune it with permutation=None"):
         pruner.prune(WandaConfig(sparsity="2:4", permutation="ria", **SMALL), CALIBRATION_TEXT, progress=False)
     assert all(torch.equal(tensor, before[name]) for name, tensor in model.state_dict().items())
-    model, tokenizer = tiny_model("llama")
+    model, _ = tiny_model("llama")
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     check_permutation(model, WandaConfig(sparsity="2:4", permutation="ria"))  # the trial is undone exactly
     assert all(torch.equal(tensor, before[name]) for name, tensor in model.state_dict().items())
