@@ -669,3 +669,27 @@ def test_a_packed_model_is_refused_by_pruners_before_any_work(tmp_path) -> None:
     with pytest.raises(ValueError, match=r"already holds 14 packed layers: prune the float model, then quantize it"):
         MagnitudePruner(model, tokenizer).prune(0.5, save_dir=tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_layers_a_token_forward_never_runs_are_refused_before_the_block_changes_and_skip_leaves_them_dense(method):
+    """TrOCR's cross-attention needs encoder states, so a forward of token ids alone never runs it: its layers get no
+    calibration input. Refused naming them and the skip pattern that works, before any weight of the block changes."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model("trocr", vocab_size=256, d_model=64, decoder_layers=2, decoder_attention_heads=4,
+                                  decoder_ffn_dim=128, cross_attention_hidden_size=64)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    ids = torch.randint(3, 250, (4, 32), generator=torch.Generator().manual_seed(0))
+    pruner = PRUNERS[method](model)
+    with pytest.raises(RuntimeError, match=r"encoder_attn.k_proj, .* received no calibration inputs.*Nothing in "
+                                           r"model.decoder.layers.0 was pruned.*skip=\['encoder_attn.\*'\]"):
+        pruner.prune(pruner.config_class(sparsity="2:4", batch_size=2), ids, progress=False)
+    assert all(torch.equal(tensor, before[name]) for name, tensor in model.state_dict().items())
+    pruner.prune(pruner.config_class(sparsity="2:4", batch_size=2, skip=["encoder_attn.*"]), ids, progress=False)
+    assert pruner.report.overall_sparsity == 0.5 and len(pruner.report.layers) == 2 * 6  # q, k, v, out, fc1, fc2
+    changed = {name for name, tensor in model.state_dict().items() if not torch.equal(tensor, before[name])}
+    assert changed == {f"model.decoder.layers.{index}.{layer}.weight" for index in range(2) for layer in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2")}

@@ -211,6 +211,7 @@ class MaskPruner(BasePruner):
 
         Reusable by wrappers (SDS) that drive ``for_each_block`` themselves.
         """
+        _check_every_layer_reached(type(self).__name__, block_name, layers, stats)
         reports = []
         unrouted = 0
         for name, layer in layers.items():
@@ -304,6 +305,23 @@ def _check_weights_loaded(model: nn.Module) -> None:
             f"{len(empty)} weights of {type(model).__name__} are on the 'meta' device with no offloaded copy "
             f"({', '.join(empty[:3])}{', ...' if len(empty) > 3 else ''}): the model was built without its weights. "
             "Load it with from_pretrained (device_map offloading is supported) before pruning."
+        )
+
+
+def _check_every_layer_reached(method: str, block_name: str, layers: dict[str, nn.Module],
+                               stats: dict[str, list[Collector]]) -> None:
+    """Refuse, before any layer of the block is pruned, layers whose collectors saw no token (an expert the router
+    sent none is handled apart): TrOCR's cross-attention does not run in a forward of token ids alone."""
+    unreached = [name for name, layer in layers.items()
+                 if not isinstance(layer, ExpertProjection) and stats.get(name)
+                 and all(getattr(collector, "num_tokens", None) == 0 for collector in stats[name])]
+    if unreached:
+        patterns = sorted({f"{name.rpartition('.')[0]}.*" if "." in name else name for name in unreached})
+        raise RuntimeError(
+            f"{', '.join(unreached)} in {block_name} received no calibration inputs: they do not run in a forward of "
+            f"token ids alone (cross-attention, for one, needs encoder states), so {method} has nothing to weigh "
+            f"them by. Nothing in {block_name} was pruned. Leave them dense with skip={patterns!r}, or prune them "
+            "without calibration (MagnitudePruner)."
         )
 
 

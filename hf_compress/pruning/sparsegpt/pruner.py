@@ -117,7 +117,7 @@ class SparseGPTPruner(MaskPruner):
         collector = next((s for s in stats if isinstance(s, HessianCollector)), None)
         if collector is None or collector.hessian is None:
             raise RuntimeError(
-                f"{name} received no calibration inputs; SparseGPT cannot prune it (skip it?)."
+                f"{name} received no calibration inputs; SparseGPT cannot prune it. Leave it dense with skip={[name]!r}."
             )
         self._gram_cache.clear()  # statistics are complete: drop the last activation it holds
         weight = weight_matrix(layer)

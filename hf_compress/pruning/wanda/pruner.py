@@ -57,7 +57,8 @@ class WandaPruner(MaskPruner):
     def prune_layer(self, name: str, layer: nn.Module, stats: list[Collector], config: PruningConfig) -> None:
         norms = next((s for s in stats if isinstance(s, InputNormCollector)), None)
         if norms is None or norms.sum_squares is None:
-            raise RuntimeError(f"{name} received no calibration inputs; Wanda cannot score it (skip it?).")
+            raise RuntimeError(f"{name} received no calibration inputs; Wanda cannot score it. Leave it dense with "
+                               f"skip={[name]!r}.")
         weight = weight_matrix(layer)
         mask = pattern_mask(wanda_scores(weight, norms.norms), config.pattern, per_row=True)
         set_weight_matrix(layer, weight.masked_fill(mask, 0))
