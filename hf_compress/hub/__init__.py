@@ -10,44 +10,21 @@ Example:
     >>> push_to_hub("out/SmolLM2-135M-wanda", "me/SmolLM2-135M-wanda")  # doctest: +SKIP
 """
 
-from .model_card import (
-    COMPRESSION_METADATA_KEY,
-    HF_COMPRESS_TAG,
-    TEMPLATES,
-    build_model_card,
-    eval_result_to_metric,
-    base_model_of,
-    base_weights_of,
-    hub_model_id,
-    load_card,
-    metric_to_eval_result,
-    read_metrics,
-    read_recipe,
-    validate_model_card,
-    write_model_card,
-)
-from .push import DEFAULT_ALLOW_PATTERNS, PICKLE_PATTERNS, PushPlan, find_local_paths, plan_push, push_to_hub
+from ..utils.import_hooks import lazy_exports
 
 
-__all__ = [
-    "COMPRESSION_METADATA_KEY",
-    "DEFAULT_ALLOW_PATTERNS",
-    "HF_COMPRESS_TAG",
-    "PICKLE_PATTERNS",
-    "TEMPLATES",
-    "PushPlan",
-    "build_model_card",
-    "eval_result_to_metric",
-    "find_local_paths",
-    "base_model_of",
-    "base_weights_of",
-    "hub_model_id",
-    "load_card",
-    "metric_to_eval_result",
-    "plan_push",
-    "push_to_hub",
-    "read_metrics",
-    "read_recipe",
-    "validate_model_card",
-    "write_model_card",
-]
+# Names load on first use: the CLI registers `hf-compress push` without importing torch (the cards import the
+# evaluation records, which import torch).
+_EXPORTS = {
+    **dict.fromkeys((
+        "COMPRESSION_METADATA_KEY", "HF_COMPRESS_TAG", "TEMPLATES", "build_model_card", "eval_result_to_metric",
+        "base_model_of", "base_weights_of", "hub_model_id", "load_card", "metric_to_eval_result", "read_metrics",
+        "read_recipe", "validate_model_card", "write_model_card",
+    ), "model_card"),
+    **dict.fromkeys(
+        ("DEFAULT_ALLOW_PATTERNS", "PICKLE_PATTERNS", "PushPlan", "find_local_paths", "plan_push", "push_to_hub"), "push"
+    ),
+}
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)
