@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -492,19 +490,6 @@ def test_trainer_trains_the_adapter_and_export_matches(tmp_path):
     assert len(changed) == len(before)
     fake_quant = _logits(model)
     assert torch.allclose(_logits(model.merge_and_quantize()), fake_quant, atol=1e-5)
-
-
-def test_ddp_two_processes_end_with_identical_adapters(tmp_path):
-    worker = Path(__file__).with_name("dlqat_ddp_worker.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(worker), str(tmp_path)]
-    result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=400, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{k}.json").read_text()) for k in (0, 1)]
-    assert all(r["world_size"] == 2 and r["distributed"] for r in ranks)
-    assert ranks[0]["after"] == ranks[1]["after"]  # gradients were all-reduced
-    assert ranks[0]["after"] != ranks[0]["before"]  # and training did happen
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
-"""Every training entry point but DL-QAT (its own test is in ``test_dlqat.py``) under 2-process DDP on CPU: the token
-router, the experts, drafting heads and the learned permutation train to identical replicas, equal to one process
+"""Every training entry point under 2-process DDP on CPU: the token router, the experts, drafting heads, the learned
+permutation and DL-QAT train to identical replicas, equal to one process
 over the same windows where that holds, decisions taken from measurements are rank 0's on every rank, and a
-wall-time budget stops every rank at the same step."""
+wall-time budget stops every rank at the same step. The same run has ``hf-compress quantize dlqat`` on both ranks:
+only rank 0 writes."""
 
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def _same(first: dict, second: dict, **tolerance) -> None:
         torch.testing.assert_close(first[name], second[name], msg=name, **tolerance)
 
 
-@pytest.mark.parametrize("entry", ["router", "experts", "heads", "permutation"])
+@pytest.mark.parametrize("entry", ["router", "experts", "heads", "permutation", "dlqat"])
 def test_replicas_end_identical(ranks, entry):
     zero, one = (r[entry] for r in ranks)
     assert zero["trained"]
@@ -91,18 +92,15 @@ def test_a_time_budget_stops_every_rank_at_the_same_step(run, entry):
     _same(zero["tensors"], one["tensors"], rtol=0, atol=0)
 
 
-def test_the_cli_trains_under_torchrun_and_only_rank_zero_writes(tmp_path):
+def test_the_cli_trains_under_torchrun_and_only_rank_zero_writes(run):
     # Both ranks trained the same adapter; both writing the one --save-dir collided ("already holds a model", or a
     # staging folder gone under the other rank's feet).
     from transformers import AutoModelForCausalLM
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-               "hf_compress", "quantize", "dlqat", "--model", "tiny-llama", "--group-size", "32", "--rank", "2",
-               "--steps", "2", "--batch-size", "1", "--seq-len", "32", "--save-dir", str(tmp_path / "q"),
-               "--adapter-dir", str(tmp_path / "adapter"), "-q"]
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=240)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    assert done.stdout.count("saved to") == 1
-    assert AutoModelForCausalLM.from_pretrained(tmp_path / "q").config.quantization_config.bits == 4
-    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    out, _, output = run
+    assert all((out / f"cli-rank{k}.pt").exists() for k in (0, 1)), output
+    zero, one = (torch.load(out / f"cli-rank{k}.pt", weights_only=False) for k in (0, 1))
+    assert zero["code"] == one["code"] == 0, output
+    assert "saved to" in zero["printed"] and "saved to" not in one["printed"]
+    assert AutoModelForCausalLM.from_pretrained(out / "q").config.quantization_config.bits == 4
+    assert (out / "adapter" / "adapter_config.json").is_file()

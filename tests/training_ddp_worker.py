@@ -1,10 +1,12 @@
-"""One rank of the 2-process test of every training entry point but DL-QAT (``torchrun --nproc_per_node 2``, gloo on
-CPU; see ``tests/test_training_ddp.py``). Without ``torchrun`` it runs the same functions in one process.
+"""One rank of the 2-process test of every training entry point (``torchrun --nproc_per_node 2``, gloo on CPU; see
+``tests/test_training_ddp.py``). Without ``torchrun`` it runs the same functions in one process.
 
 Each rank trains the same tiny models, then writes ``<out>/rank<k>.pt``: per entry point, the trained tensors and
 what the run reported. DDP all-reduces the gradients, so every rank must end with the same tensors, equal to a one
 process run over the same windows where the loss is a plain mean. ``budget_*`` runs make rank 1's clock run 1000x
 fast: a wall-time budget must still stop every rank at the same step (one stopping alone hangs the others).
+``cli-rank<k>.pt``: ``hf-compress quantize dlqat`` run on every rank, as ``torchrun -m hf_compress`` runs it (in this
+process, which spares two more interpreters): only rank 0 may write the folders and say so.
 
 Decisions taken from measurements (the data selection, the experts' clusters, the router's schedule search, the
 router's and the permutation's keep-best) must be rank 0's on every rank: rank 1's measurements are perturbed (``perturbed_on_rank_1``), as a GPU's
@@ -15,8 +17,10 @@ recorded in ``OWN`` (saved as ``own``).
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import sys
+import tempfile
 import time
 import types
 from collections.abc import Iterator
@@ -194,13 +198,43 @@ def permutation(budget: float | None = None, batch: int = 1) -> dict:
             "selection_curve": training["selection_curve"]}
 
 
+def dlqat() -> dict:
+    from peft import get_peft_model
+
+    from hf_compress.quantization import DLQATConfig
+    from hf_compress.training import train_with_trainer
+
+    model, tokenizer = tiny_model("llama", seed=0)
+    torch.manual_seed(0)
+    model = get_peft_model(model, DLQATConfig(bits=3, group_size=32, r=2))
+    before = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    data = causal_lm_dataset([TEXT], tokenizer, num_sequences=16, seq_len=32)
+    with tempfile.TemporaryDirectory() as scratch:
+        train_with_trainer(model, data, scratch, settings(3, 2))
+    tensors = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+    return {"tensors": tensors, "trained": any(not torch.equal(p, before[n]) for n, p in tensors.items())}
+
+
+def cli(out: str) -> dict:
+    """The exit code and printed output of ``hf-compress quantize dlqat`` on this rank (both ranks save to one folder)."""
+    from hf_compress.cli.main import main as hf_compress
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = hf_compress(["quantize", "dlqat", "--model", "tiny-llama", "--group-size", "32", "--rank", "2",
+                            "--steps", "2", "--batch-size", "1", "--seq-len", "32", "--save-dir", os.path.join(out, "q"),
+                            "--adapter-dir", os.path.join(out, "adapter"), "-q"])
+    return {"code": code, "printed": printed.getvalue()}
+
+
 def main(out: str) -> None:
     results = {"rank": RANK, "world_size": WORLD, "selection": selection(), "router": router(),
                "router_keep_best": router_keep_best(), "search": search(), "experts": experts(), "heads": heads(),
-               "permutation": permutation()}
+               "permutation": permutation(), "dlqat": dlqat()}
     results["distributed"] = torch.distributed.is_initialized()
     results["own"] = OWN
     torch.save(results, os.path.join(out, f"rank{RANK}.pt"))
+    torch.save(cli(out), os.path.join(out, f"cli-rank{RANK}.pt"))
     # Last, in a file of their own: a budget that stops one rank alone hangs the run here.
     budgets = {"budget_heads": heads(budget=20.0), "budget_permutation": permutation(budget=20.0)}
     torch.save(budgets, os.path.join(out, f"budget-rank{RANK}.pt"))
