@@ -330,7 +330,7 @@ def test_help_and_info_start_without_importing_torch():
         import contextlib, io, sys
         from hf_compress.cli.main import main
         for argv in (["info"], ["--help"], ["route", "--help"], ["eval", "--help"], ["quantize", "rtn", "--help"],
-                     ["recipe", "run", "--help"], ["publish", "--help"]):
+                     ["recipe", "run", "--help"], ["publish", "--help"], ["experts", "train", "--help"]):
             with contextlib.redirect_stdout(io.StringIO()) as out:
                 try:
                     code = main(argv)

@@ -40,9 +40,7 @@ def _fraction(text: str) -> float:
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
     from ..cli.config_flags import add_config_arguments
-    from .config import ExpertConfig
-    from .data import TASK_MIX_TASKS
-    from .selection import SELECTION_METHODS, WEIGHTINGS
+    from .config import SELECTION_METHODS, TASK_MIX_TASKS, WEIGHTINGS, ExpertConfig
 
     common = common_flags()
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)

@@ -6,10 +6,17 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..utils import check_bool, check_float, check_int, check_seed, check_str_list
-from .embedding import DEFAULT_EMBEDDING_TOKENS
 
 
-__all__ = ["ExpertConfig"]
+__all__ = ["DEFAULT_EMBEDDING_TOKENS", "SELECTION_METHODS", "TASK_MIX_TASKS", "WEIGHTINGS", "ExpertConfig"]
+
+# The choices the CLI offers, here so that `hf-compress experts --help` imports neither torch nor datasets.
+DEFAULT_EMBEDDING_TOKENS = 128
+"""Prompt tokens embedded by default (the first ones): the default of every ``embedding_max_length``."""
+# The offline tasks a mix can draw from (hf_compress.assets): multiple choice, SQuAD and GSM8K.
+TASK_MIX_TASKS = ("arc_easy", "arc_challenge", "piqa", "hellaswag", "boolq", "winogrande", "squad", "gsm8k")
+SELECTION_METHODS = ("facility_location", "k_center", "random")
+WEIGHTINGS = ("loss",)
 
 
 @dataclass

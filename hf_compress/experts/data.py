@@ -17,12 +17,11 @@ from typing import Any
 
 from datasets import Dataset
 
+from .config import TASK_MIX_TASKS
+
 
 __all__ = ["TASK_MIX_TASKS", "InstructionRows", "example_tokens", "instruction_rows", "packed_instruction_dataset",
            "read_instruction_file", "task_mix_rows"]
-
-# The offline tasks a mix can draw from (hf_compress.assets): multiple choice, SQuAD and GSM8K.
-TASK_MIX_TASKS = ("arc_easy", "arc_challenge", "piqa", "hellaswag", "boolq", "winogrande", "squad", "gsm8k")
 
 
 @dataclass(frozen=True)

@@ -28,13 +28,11 @@ from tqdm.auto import tqdm
 
 from ..modeling.layers import evaluation_mode, find_decoder_blocks
 from ..utils import check_int
+from .config import DEFAULT_EMBEDDING_TOKENS
 
 
 __all__ = ["DEFAULT_EMBEDDING_TOKENS", "EmbeddingSpace", "EmbeddingSpec", "default_embedding_layer", "embed_batch",
            "embed_texts"]
-
-DEFAULT_EMBEDDING_TOKENS = 128
-"""Prompt tokens embedded by default (the first ones): the default of every ``embedding_max_length``."""
 
 
 def default_embedding_layer(num_blocks: int) -> int:

@@ -33,6 +33,7 @@ import torch
 
 from ..training import TrainingSettings, broadcast_from_main
 from ..utils import check_choice, check_float, check_int, check_seed, get_logger
+from .config import SELECTION_METHODS, WEIGHTINGS
 from .data import instruction_rows
 from .embedding import DEFAULT_EMBEDDING_TOKENS, EmbeddingSpace, EmbeddingSpec, embed_texts
 from .need import completion_losses
@@ -47,8 +48,6 @@ __all__ = ["SELECTION_KEY", "SELECTION_METHODS", "WEIGHTINGS", "SelectionReport"
 
 logger = get_logger(__name__)
 
-SELECTION_METHODS = ("facility_location", "k_center", "random")
-WEIGHTINGS = ("loss",)
 SELECTION_KEY = "hf_compress_selection"
 """Key under which the selection summary is stored, as JSON, in the subset's ``info.description``."""
 
