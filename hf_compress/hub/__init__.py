@@ -13,8 +13,8 @@ Example:
 from ..utils.import_hooks import lazy_exports
 
 
-# Names load on first use: the CLI registers `hf-compress push` without importing torch (the cards import the
-# evaluation records, which import torch).
+# Names load on first use: the CLI registers `hf-compress publish` without importing torch (the cards import the
+# evaluation package, whose measurements import torch).
 _EXPORTS = {
     **dict.fromkeys((
         "COMPRESSION_METADATA_KEY", "HF_COMPRESS_TAG", "TEMPLATES", "build_model_card", "eval_result_to_metric",
