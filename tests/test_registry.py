@@ -15,6 +15,7 @@ from hf_compress.cli.main import main
 from hf_compress.modeling import set_weight_matrix, weight_matrix
 from hf_compress.pruning import PRUNERS, MaskPruner, PruningConfig, SDSConfig
 from hf_compress.pruning import registry
+from hf_compress.pruning.config import _REGISTRY as config_registry
 from hf_compress.pruning.sds import sds_bases
 from hf_compress.speculative import strategy_from_dict
 
@@ -46,6 +47,7 @@ def lowest_row_pruner():
 
     yield LowestRowPruner
     registry._PRUNERS.pop("test_lowest_row", None)
+    config_registry.pop("test_lowest_row", None)  # later CLI listings in this process would name it
 
 
 def test_a_defined_pruner_is_known_everywhere(lowest_row_pruner, tmp_path, capsys):
@@ -69,6 +71,26 @@ def test_a_defined_pruner_is_known_everywhere(lowest_row_pruner, tmp_path, capsy
 def test_family_bases_are_not_registered_and_every_method_folder_is():
     assert set(PRUNERS) == {"magnitude", "wanda", "sparsegpt", "sds", "tyr", "block_removal", "sleb", "block_pruner"}
     assert "" not in PRUNERS and all(cls.config_class.method == name for name, cls in PRUNERS.items())
+
+
+def test_configs_list_every_method_without_torch_and_a_lookup_imports_one_pruner():
+    """`hf-compress prune --help` lists the methods from their configs; `prune wanda ...` imports Wanda's pruner
+    only (every pruner, and torch, were imported for either before)."""
+    script = (
+        "import sys\n"
+        "from hf_compress.pruning import CONFIGS, PRUNERS\n"
+        "names = list(CONFIGS)\n"
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'listing imported torch'\n"
+        "assert PRUNERS['wanda'].config_class is CONFIGS['wanda']\n"
+        "others = [m for m in sys.modules if m.endswith('.pruner') and 'wanda' not in m]\n"
+        "assert not others, others\n"
+        "print(' '.join(names))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == sorted(PRUNERS)
+    with pytest.raises(KeyError, match="unknown pruning method 'nope'; known: block_pruner"):
+        PRUNERS["nope"]
 
 
 def test_cli_exposes_each_config_field_and_refuses_unknown_methods(capsys):

@@ -30,7 +30,9 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
 
 
 def command(name: str, help: str, add_arguments: Callable[[argparse.ArgumentParser], None] = lambda p: None):
-    """Register ``run(args) -> int`` as the sub-command ``name``.
+    """Register ``run(args) -> int`` as the sub-command ``name``; ``add_arguments(parser)`` adds its flags. One that
+    also takes ``argv`` gets the words after ``name`` on the command line, so that a command with sub-commands of its
+    own (``prune METHOD``) can build only the one named.
 
     Example:
         >>> @command("hello", "say hello")
@@ -235,6 +237,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         'info'
     """
     import importlib
+    import inspect
 
     from .. import __version__
 
@@ -255,8 +258,12 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     named = None if argv is None else next((word for word in argv if not word.startswith("-")), "")
     for name, (help_text, add_arguments, run) in COMMANDS.items():
         child = sub.add_parser(name, help=help_text, description=help_text, parents=[common])
-        if named is None or name == named:
+        if named is None:
             add_arguments(child)
+        elif name == named:
+            # A command with sub-commands of its own (``prune METHOD``) can take the rest of the line the same way.
+            takes_argv = "argv" in inspect.signature(add_arguments).parameters
+            add_arguments(child, **({"argv": argv[argv.index(named) + 1:]} if takes_argv else {}))
         child.set_defaults(run=run)
     return parser
 

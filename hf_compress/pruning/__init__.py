@@ -27,7 +27,7 @@ Example:
 import importlib
 import sys
 
-from .registry import PRUNERS, discover_methods
+from .registry import CONFIGS, PRUNERS, discover_configs, discover_methods
 
 
 _SHARED = {
@@ -82,4 +82,4 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_SHARED) | set(_METHODS))
 
 
-__all__ = ["PRUNERS", "discover_methods", *sorted(_SHARED), *sorted(_METHODS)]
+__all__ = ["CONFIGS", "PRUNERS", "discover_configs", "discover_methods", *sorted(_SHARED), *sorted(_METHODS)]

@@ -1,8 +1,8 @@
 """``hf-compress prune METHOD``: every registered pruner, with flags generated from its config.
 
-The methods come from the registry (``registry.PRUNERS``) and each method's flags from its config
-dataclass (``cli.config_flags``), so a new method folder appears here with all its settings and nothing
-in this file changes. Run options that are not config fields come from the pruner
+The methods come from the registry (``registry.CONFIGS``, one line each from the config's docstring) and the
+named method's flags from its config dataclass (``cli.config_flags``) and pruner (``registry.PRUNERS``), so a new
+method folder appears here with all its settings and nothing in this file changes. Run options that are not config fields come from the pruner
 (``add_cli_arguments`` / ``prune_kwargs_from_cli``, e.g. Týr's ``--work-dir``).
 """
 
@@ -11,19 +11,26 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+from collections.abc import Sequence
 
 from ..cli.main import calibration_text_argument, command, common_flags, device_argument, resolve_device
 
 
-def _arguments(parser: argparse.ArgumentParser) -> None:
+def _arguments(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> None:
+    """Every method is listed from its config; only the one ``argv`` names (all when ``argv`` is None) gets its
+    flags, which need its pruner class, and so torch: ``hf-compress prune --help`` imports neither."""
     from ..cli.config_flags import add_config_arguments
-    from .registry import PRUNERS
+    from .registry import CONFIGS, PRUNERS
 
     common = common_flags()
     methods = parser.add_subparsers(dest="method", metavar="METHOD", required=True)
-    for method, pruner_class in PRUNERS.items():
-        summary = (pruner_class.__doc__ or method).strip().splitlines()[0].replace("``", "")  # reST markup
+    named = None if argv is None else next((word for word in argv if not word.startswith("-")), "")
+    for method, config_class in CONFIGS.items():
+        summary = method_summary(config_class)
         child = methods.add_parser(method, help=summary, description=summary, parents=[common])
+        if named is not None and method != named:
+            continue
+        pruner_class = PRUNERS[method]
         child.add_argument("--model", default="smollm2-135m",
                            help="reference name, tiny-<arch>, folder or Hub id (default: smollm2-135m)")
         child.add_argument("--save-dir", required=True, help="folder for the pruned checkpoint")
@@ -68,6 +75,18 @@ def run_prune(args: argparse.Namespace) -> int:
                  **pruner_class.prune_kwargs_from_cli(args))
     print(f"{pruner.report.summary()}, saved to {args.save_dir}")
     return 0
+
+
+def method_summary(config_class: type) -> str:
+    """The first paragraph of a method's config docstring, on one line and without reST markup.
+
+    Example:
+        >>> from hf_compress.pruning.magnitude.config import MagnitudeConfig
+        >>> method_summary(MagnitudeConfig)
+        'Magnitude pruning: score |W|; an unstructured ratio is applied per layer (whole matrix).'
+    """
+    paragraph = (config_class.__doc__ or config_class.method).strip().split("\n\n")[0]
+    return " ".join(paragraph.split()).replace("``", "")
 
 
 def _options(text: str | None) -> dict:

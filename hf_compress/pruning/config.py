@@ -261,9 +261,9 @@ class PruningConfig:
         target: type[PruningConfig] = cls
         if method is not None:
             if method not in _REGISTRY:
-                from .registry import discover_methods
+                from .registry import discover_configs
 
-                discover_methods()  # method folders register their configs when imported
+                discover_configs()  # method folders register their configs when imported
             if method not in _REGISTRY:
                 raise ValueError(f"unknown pruning method {method!r}; known: {', '.join(sorted(_REGISTRY))}.")
             target = _REGISTRY[method]

@@ -1,12 +1,15 @@
-"""The pruner registry: every method folder under ``hf_compress/pruning/`` registers its pruner itself.
+"""The pruner registry: every method folder under ``hf_compress/pruning/`` registers its config and pruner itself.
 
-A pruner class registers when it is defined (``BasePruner.__init_subclass__``, keyed by its config's
-``method``); :func:`discover_methods` imports every method folder once, so the registry is complete
-without a hand-kept list. Adding a method means adding a folder (``config.py``, ``pruner.py``, an
-``__init__.py`` importing both): the CLI, SDS's bases and the benchmarks find it here.
+A config class registers when it is defined (``PruningConfig.__init_subclass__``, keyed by its ``method``), and so
+does a pruner class (``BasePruner.__init_subclass__``, keyed by its config's ``method``). A method folder
+(``config.py``, ``pruner.py``, an ``__init__.py`` exporting both lazily) is found without a hand-kept list:
+:func:`discover_configs` imports every folder's ``config.py``, which needs neither torch nor transformers, so
+``hf-compress prune --help`` lists the methods in a fraction of a second; :data:`PRUNERS` imports a method's
+``pruner.py`` when that method is first looked up, and every one when it is iterated. The CLI, SDS's bases, the
+recipes and the benchmarks find the methods here.
 
 Example:
-    >>> sorted(PRUNERS)
+    >>> sorted(CONFIGS)
     ['block_pruner', 'block_removal', 'magnitude', 'sds', 'sleb', 'sparsegpt', 'tyr', 'wanda']
     >>> PRUNERS["wanda"].__name__
     'WandaPruner'
@@ -15,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import pkgutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -23,12 +27,13 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .base import BasePruner
+    from .config import PruningConfig
 
 
-__all__ = ["PRUNERS", "discover_methods", "register_pruner"]
+__all__ = ["CONFIGS", "PRUNERS", "discover_configs", "discover_methods", "register_pruner"]
 
 _PRUNERS: dict[str, type[BasePruner]] = {}
-_discovered = False
+_discovered: set[str] = set()  # "config" and/or "pruner": which modules of every folder were imported
 
 
 def register_pruner(cls: type[BasePruner]) -> type[BasePruner]:
@@ -41,27 +46,71 @@ def register_pruner(cls: type[BasePruner]) -> type[BasePruner]:
     return cls
 
 
+def discover_configs() -> None:
+    """Import every method folder's ``config.py`` once (each registers its config; no torch is imported)."""
+    _import_every_folder("config")
+
+
 def discover_methods() -> None:
-    """Import every method folder of ``hf_compress.pruning`` once (each registers its pruner and config)."""
-    global _discovered
-    if _discovered:
+    """Import every method folder's ``config.py`` and ``pruner.py`` once (each registers its config and pruner)."""
+    _import_every_folder("config")
+    _import_every_folder("pruner")
+
+
+def _import_every_folder(module: str) -> None:
+    if module in _discovered:
         return
-    _discovered = True
     folder = Path(__file__).parent
-    for module in pkgutil.iter_modules([str(folder)]):
-        if module.ispkg:
-            importlib.import_module(f"{__package__}.{module.name}")
+    for package in pkgutil.iter_modules([str(folder)]):
+        if package.ispkg and (folder / package.name / f"{module}.py").is_file():
+            importlib.import_module(f"{__package__}.{package.name}.{module}")
+    _discovered.add(module)  # only once every folder imported: a failed import is raised again, not half-listed
 
 
-class _Registry(Mapping):
-    """Read-only ``method → pruner class`` view that discovers the method folders on first use."""
+def _configs() -> dict[str, type[PruningConfig]]:
+    from .config import _REGISTRY
+
+    discover_configs()
+    return _REGISTRY
+
+
+class _Configs(Mapping):
+    """Read-only ``method → config class`` view that imports the method folders' ``config.py`` on first use."""
+
+    def __getitem__(self, method: str) -> type[PruningConfig]:
+        configs = _configs()
+        try:
+            return configs[method]
+        except KeyError:
+            raise KeyError(f"unknown pruning method {method!r}; known: {', '.join(sorted(configs))}.") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(_configs()))
+
+    def __len__(self) -> int:
+        return len(_configs())
+
+    def __repr__(self) -> str:
+        return f"CONFIGS({', '.join(self)})"
+
+
+class _Pruners(Mapping):
+    """Read-only ``method → pruner class`` view. Looking one method up imports that method's ``pruner.py`` only
+    (found next to its config); iterating imports every method folder's."""
 
     def __getitem__(self, method: str) -> type[BasePruner]:
-        discover_methods()
+        if method not in _PRUNERS:
+            config_class = CONFIGS[method]  # an unknown method is refused here, listing the known ones
+            folder = config_class.__module__.rpartition(".")[0]
+            if importlib.util.find_spec(f"{folder}.pruner") is not None:
+                importlib.import_module(f"{folder}.pruner")
+        if method not in _PRUNERS:  # a config without a pruner in its folder (e.g. defined in a user's module)
+            discover_methods()
         try:
             return _PRUNERS[method]
         except KeyError:
-            raise KeyError(f"unknown pruning method {method!r}; known: {', '.join(sorted(_PRUNERS))}.") from None
+            raise KeyError(f"no pruner is registered for method {method!r}; known: {', '.join(sorted(_PRUNERS))}."
+                           ) from None
 
     def __iter__(self) -> Iterator[str]:
         discover_methods()
@@ -75,5 +124,8 @@ class _Registry(Mapping):
         return f"PRUNERS({', '.join(self)})"
 
 
-PRUNERS: Mapping[str, type[BasePruner]] = _Registry()
+CONFIGS: Mapping[str, type[PruningConfig]] = _Configs()
+"""Config class by method name, for every method folder; imports no pruner (and neither torch nor transformers)."""
+
+PRUNERS: Mapping[str, type[BasePruner]] = _Pruners()
 """Pruner class by method name (the ``method`` of its config), for every method folder."""

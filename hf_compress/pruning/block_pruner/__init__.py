@@ -1,7 +1,13 @@
 """BlockPruner: attention / MLP sub-blocks removed by greedy calibration-loss search: ``config.py`` + ``pruner.py``."""
 
-from .config import BlockPrunerConfig
-from .pruner import BlockPrunerPruner
+from ...utils.import_hooks import lazy_exports
 
 
-__all__ = ["BlockPrunerConfig", "BlockPrunerPruner"]
+# Names load on first use, so the config loads without the pruner and torch (`registry.discover_configs`).
+_EXPORTS = {
+    "BlockPrunerConfig": "config",
+    "BlockPrunerPruner": "pruner",
+}
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)

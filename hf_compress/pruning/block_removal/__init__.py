@@ -1,7 +1,14 @@
 """Block removal by influence (ShortGPT), the structural baseline: ``config.py`` + ``pruner.py``."""
 
-from .config import BlockRemovalConfig
-from .pruner import BlockRemovalPruner, block_influence
+from ...utils.import_hooks import lazy_exports
 
 
-__all__ = ["BlockRemovalConfig", "BlockRemovalPruner", "block_influence"]
+# Names load on first use, so the config loads without the pruner and torch (`registry.discover_configs`).
+_EXPORTS = {
+    "BlockRemovalConfig": "config",
+    "BlockRemovalPruner": "pruner",
+    "block_influence": "pruner",
+}
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)

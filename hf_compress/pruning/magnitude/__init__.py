@@ -1,7 +1,13 @@
 """Magnitude pruning: ``config.py`` (``MagnitudeConfig``) + ``pruner.py`` (``MagnitudePruner``)."""
 
-from .config import MagnitudeConfig
-from .pruner import MagnitudePruner
+from ...utils.import_hooks import lazy_exports
 
 
-__all__ = ["MagnitudeConfig", "MagnitudePruner"]
+# Names load on first use, so the config loads without the pruner and torch (`registry.discover_configs`).
+_EXPORTS = {
+    "MagnitudeConfig": "config",
+    "MagnitudePruner": "pruner",
+}
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)

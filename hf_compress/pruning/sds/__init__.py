@@ -1,7 +1,14 @@
 """SDS (Sparse-Dense-Sparse) around any layer-wise pruner: ``config.py`` + ``pruner.py``."""
 
-from .config import SDSConfig, sds_bases
-from .pruner import SDSPruner
+from ...utils.import_hooks import lazy_exports
 
 
-__all__ = ["SDSConfig", "SDSPruner", "sds_bases"]
+# Names load on first use, so the config loads without the pruner and torch (`registry.discover_configs`).
+_EXPORTS = {
+    "SDSConfig": "config",
+    "sds_bases": "config",
+    "SDSPruner": "pruner",
+}
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)

@@ -1,7 +1,13 @@
 """SLEB: whole blocks removed by greedy calibration-loss search: ``config.py`` + ``pruner.py``."""
 
-from .config import SLEBConfig
-from .pruner import SLEBPruner
+from ...utils.import_hooks import lazy_exports
 
 
-__all__ = ["SLEBConfig", "SLEBPruner"]
+# Names load on first use, so the config loads without the pruner and torch (`registry.discover_configs`).
+_EXPORTS = {
+    "SLEBConfig": "config",
+    "SLEBPruner": "pruner",
+}
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)

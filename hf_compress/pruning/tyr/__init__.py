@@ -10,9 +10,17 @@
 Block removal, the baseline, is its own method (``hf_compress.pruning.block_removal``).
 """
 
-from .config import TyrConfig
-from .local_pruner import LocalPruner, LocalPruneResult
-from .pruner import BudgetPlan, TyrPruner
+from ...utils.import_hooks import lazy_exports
 
 
-__all__ = ["BudgetPlan", "LocalPruneResult", "LocalPruner", "TyrConfig", "TyrPruner"]
+# Names load on first use, so the config loads without the pruner and torch (`registry.discover_configs`).
+_EXPORTS = {
+    "TyrConfig": "config",
+    "LocalPruner": "local_pruner",
+    "LocalPruneResult": "local_pruner",
+    "BudgetPlan": "pruner",
+    "TyrPruner": "pruner",
+}
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)
