@@ -65,7 +65,8 @@ REPLACEMENTS: list[tuple[str, str, str]] = [
     ('limit={"hellaswag": 1000}', "limit=4", "quick subsets"),
 ]
 
-_FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.DOTALL | re.MULTILINE)
+# A closing fence is bare: GitHub (CommonMark) reads "``` # text" as a line of the block, not its end.
+_FENCE = re.compile(r"^```(\w*)\n(.*?)^```[ \t]*$", re.DOTALL | re.MULTILINE)
 _INLINE_COMMAND = re.compile(r"(?<!`)`((?:optimum-cli )?hf-compress [^`]+)`")
 
 

@@ -56,8 +56,8 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--per-task", type=int_at_least(1), default=100,
                        help="task mix: examples per task (default 100)")
     train.add_argument("--holdout", type=int_at_least(0), default=100,
-                       help="task mix: skip the first N of each task's seeded subset, the ones `hf-compress eval "
-                            "--limit N` scores (default 100)")
+                       help="task mix: skip the first N of each task's seeded subset, so that training never sees the "
+                            "multiple-choice rows `hf-compress eval --limit N` scores (default 100)")
     train.add_argument("--select", type=_fraction, default=1.0, metavar="FRACTION",
                        help="keep this fraction of the data with ASSL selection before training (default 1: all)")
     train.add_argument("--select-method", choices=SELECTION_METHODS, default="facility_location",
@@ -66,7 +66,8 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
                        help="weight --select's coverage by the base model's loss on each completion (facility_location "
                             "only): what the model already predicts well gets fewer examples")
     train.add_argument("--steps", type=int_at_least(1), default=100,
-                       help="optimizer steps over all experts, shared in proportion to cluster sizes (default 100)")
+                       help="optimizer steps over all experts, shared in proportion to cluster sizes unless "
+                            "--no-split-steps or --joint-training (default 100)")
     train.add_argument("--learning-rate", type=positive_float, default=1e-3, help="AdamW learning rate (default 1e-3)")
     train.add_argument("--batch-size", type=int_at_least(1), default=4, help="windows per step (default 4)")
     train.add_argument("--save-dir", required=True, help="folder for the experts")

@@ -1,8 +1,8 @@
 """Training through ``transformers.Trainer``: token-window datasets and one launcher for every method.
 
-Methods that train (DL-QAT adapters, later drafting heads) hand ``train_with_trainer`` a model and a
-dataset; the ``Trainer`` underneath gives gradient accumulation, checkpointing, logging and, without
-code changes, multi-process training (``accelerate launch`` / ``torchrun``: DDP, FSDP, DeepSpeed).
+Methods that train (DL-QAT adapters, drafting heads, the token router, experts, learned permutations) hand
+``train_with_trainer`` a model and a dataset; the ``Trainer`` underneath gives gradient accumulation, checkpointing,
+logging and, without code changes, multi-process training (``accelerate launch`` / ``torchrun``: DDP, FSDP, DeepSpeed).
 """
 
 from .data import causal_lm_dataset

@@ -21,7 +21,7 @@ class _PassHelpThrough(argparse.Action):
 
 
 class HfCompressCommand(BaseOptimumCLICommand):
-    COMMAND = CommandInfo(name="hf-compress", help="hf_compress: prune, quantize, evaluate LLMs and run the demo (optimum-cli hf-compress --help lists the commands)")
+    COMMAND = CommandInfo(name="hf-compress", help="hf_compress: compress, evaluate and publish LLMs (optimum-cli hf-compress --help lists the commands)")
 
     @staticmethod
     def parse_args(parser):
