@@ -46,9 +46,12 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     # dlqat only (see _DLQAT_ONLY_DEFAULTS for the defaults): None marks a flag the user left out.
     parser.add_argument("--rank", type=int_at_least(1), default=None, help="dlqat: LoRA rank (default 16)")
     parser.add_argument("--steps", type=int_at_least(1), default=None, help="dlqat: Trainer steps (default 100)")
-    parser.add_argument("--learning-rate", type=positive_float, default=None, help="dlqat: AdamW learning rate (1e-3)")
-    parser.add_argument("--batch-size", type=int_at_least(1), default=None, help="dlqat: sequences per step (default 4)")
-    parser.add_argument("--seq-len", type=int_at_least(2), default=None, help="dlqat: tokens per sequence (default 256)")
+    parser.add_argument("--learning-rate", type=positive_float, default=None,
+                        help="dlqat: AdamW learning rate (default 1e-3)")
+    parser.add_argument("--batch-size", type=int_at_least(1), default=None,
+                        help="dlqat: sequences per step (default 4)")
+    parser.add_argument("--seq-len", type=int_at_least(2), default=None,
+                        help="dlqat: tokens per sequence (default 256)")
     parser.add_argument("--no-magnitude", action="store_true", default=None,
                         help="dlqat ablation: LoRA only (not with --no-lora)")
     parser.add_argument("--no-lora", action="store_true", default=None,

@@ -40,13 +40,17 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
                         help="reference name, tiny-<arch>, folder or Hub id (default: smollm2-135m)")
     parser.add_argument("--sparsity", type=_sparsity, default=0.3,
                         help="mean fraction of tokens a block skips: 0.3 or 30%% (default 0.3)")
-    parser.add_argument("--generations", type=int_at_least(0), default=8, help="schedule search generations (8)")
-    parser.add_argument("--population", type=int_at_least(2), default=12, help="schedule search population (12)")
-    parser.add_argument("--search-windows", type=int_at_least(1), default=4, help="calibration windows per score (4)")
-    parser.add_argument("--seq-len", type=int_at_least(2), default=256, help="tokens per window (256)")
+    parser.add_argument("--generations", type=int_at_least(0), default=8,
+                        help="schedule search generations (default 8)")
+    parser.add_argument("--population", type=int_at_least(2), default=12,
+                        help="schedule search population (default 12)")
+    parser.add_argument("--search-windows", type=int_at_least(1), default=4,
+                        help="calibration windows per score (default 4)")
+    parser.add_argument("--seq-len", type=int_at_least(2), default=256, help="tokens per window (default 256)")
     # Training flags default to None so that one given with --static (which trains nothing) can be refused.
-    parser.add_argument("--steps", type=int_at_least(1), default=None, help="router training steps (200)")
-    parser.add_argument("--learning-rate", type=positive_float, default=None, help="router AdamW learning rate (1e-3)")
+    parser.add_argument("--steps", type=int_at_least(1), default=None, help="router training steps (default 200)")
+    parser.add_argument("--learning-rate", type=positive_float, default=None,
+                        help="router AdamW learning rate (default 1e-3)")
     parser.add_argument("--static", action="store_true",
                         help="no training: save the static router (not with --steps / --learning-rate)")
     parser.add_argument("--save-dir", required=True, help="folder for the routed model")
