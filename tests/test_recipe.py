@@ -35,6 +35,8 @@ def recipe(*steps: dict, **top) -> dict:
     ({"name": "x", "steps": [{"prune": WANDA}]}, "missing 'base_model'"),
     (recipe({"prune": WANDA}, name="no spaces allowed"), "repo-style name"),
     (recipe({"distill": {"method": "kd"}}), "unknown step kind 'distill'; valid kinds: generation, heads, prune, quantize, route"),
+    (recipe({"prun": WANDA}), "unknown step kind 'prun' (did you mean 'prune'?); valid kinds: generation"),
+    (recipe({"prune": {"method": "wand"}}), "unknown method 'wand' (did you mean 'wanda'?); valid methods: block_pruner"),
     (recipe({"prune": WANDA, "quantize": DLQAT}), "one-key mapping"),
     (recipe({"prune": {"method": "lottery"}}), "unknown method 'lottery'; valid methods: block_pruner, block_removal, magnitude"),
     (recipe({"prune": {"sparsity": "2:4"}}), "step 1 (prune): missing 'method'"),

@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ..utils.validation import closest_name
+from ..utils.validation import closest_name, did_you_mean
 
 
 if TYPE_CHECKING:
@@ -151,9 +151,7 @@ def calibration_text(text: str) -> str:
     looks_like_path = any(sep and sep in text for sep in (os.sep, os.altsep, ".")) or os.path.exists(text)
     if text in CALIBRATION_TEXTS or looks_like_path:
         return text
-    close = closest_name(text, CALIBRATION_TEXTS)
-    hint = f" (did you mean {close!r}?)" if close else ""
-    raise argparse.ArgumentTypeError(f"unknown calibration text {text!r}{hint}; pass "
+    raise argparse.ArgumentTypeError(f"unknown calibration text {text!r}{did_you_mean(text, CALIBRATION_TEXTS)}; pass "
                                      f"{', '.join(repr(name) for name in CALIBRATION_TEXTS)} or the path of a UTF-8 "
                                      "text file.")
 
@@ -473,10 +471,8 @@ def _check_names(flag: str, names: Sequence[str], known: Sequence[str], what: st
     """
     for name in names:
         if name not in known:
-            close = closest_name(name, known)
-            hint = f" (did you mean {close!r}?)" if close else ""
-            raise ValueError(f"{flag}: unknown {what} {name!r}{hint}; pass a comma-separated list of "
-                             f"{', '.join(known)}, or '' for none.")
+            raise ValueError(f"{flag}: unknown {what} {name!r}{did_you_mean(name, known)}; pass a comma-separated "
+                             f"list of {', '.join(known)}, or '' for none.")
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..utils import atomic_file, closest_name
+from ..utils import atomic_file, did_you_mean
 
 
 if TYPE_CHECKING:
@@ -91,8 +91,7 @@ def check_keys(where: str, data: Any, valid: Mapping[str, Any] | set[str] | list
     unknown = sorted(str(key) for key in data if key not in valid)
     if unknown:
         plural = "s" if len(unknown) > 1 else ""
-        close = closest_name(unknown[0], [str(key) for key in valid])
-        guess = f" (did you mean {close!r}?)" if close else ""
+        guess = did_you_mean(unknown[0], [str(key) for key in valid])
         raise RecipeError(
             f"{where}: unknown key{plural} {', '.join(repr(k) for k in unknown)}{guess}; valid keys: "
             f"{', '.join(sorted(valid))}."

@@ -25,6 +25,7 @@ from .validation import (
     check_str,
     check_str_list,
     closest_name,
+    did_you_mean,
 )
 
 
@@ -47,6 +48,7 @@ __all__ = [
     "check_str",
     "check_str_list",
     "closest_name",
+    "did_you_mean",
     "file_lock",
     "get_logger",
     "holds_model",

@@ -71,6 +71,17 @@ def closest_name(name: str, known: Iterable[str], cutoff: float = 0.6) -> str | 
     return close[0] if close else None
 
 
+def did_you_mean(name: str, known: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the known name nearest to a mistyped ``name``, or ``""`` when none is close.
+
+    Example:
+        >>> f"unknown method 'wand'{did_you_mean('wand', ['magnitude', 'wanda'])}"
+        "unknown method 'wand' (did you mean 'wanda'?)"
+    """
+    close = closest_name(name, known)
+    return f" (did you mean {close!r}?)" if close else ""
+
+
 def _message(name: str, allowed: str, value: Any, hint: str) -> str:
     text = f"{name} must be {allowed}, got {value!r}."
     return f"{text} {hint}" if hint else text

@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from ...utils.validation import did_you_mean
 from ..config import RecipeError
 
 
@@ -118,7 +119,8 @@ class Step:
         if method is None:
             raise RecipeError(f"{cls.where(index)}: missing 'method'; one of {', '.join(methods)}.")
         if method not in methods:
-            raise RecipeError(f"{cls.where(index)}: unknown method {method!r}; valid methods: {', '.join(methods)}.")
+            raise RecipeError(f"{cls.where(index)}: unknown method {method!r}{did_you_mean(str(method), methods)}; "
+                              f"valid methods: {', '.join(methods)}.")
         return method
 
     def given_settings(self) -> dict[str, Any]:
@@ -172,7 +174,8 @@ def parse_step(index: int, raw: Any, seed: int) -> Step:
                           f"got {raw!r}.")
     (kind, data), = raw.items()
     if kind not in STEP_KINDS:
-        raise RecipeError(f"step {index + 1}: unknown step kind {kind!r}; valid kinds: {kinds}.")
+        raise RecipeError(f"step {index + 1}: unknown step kind {kind!r}{did_you_mean(str(kind), STEP_KINDS)}; "
+                          f"valid kinds: {kinds}.")
     data = {} if data is None else data
     if not isinstance(data, Mapping):
         raise RecipeError(f"step {index + 1} ({kind}): expected a mapping such as {{method: ...}}, got {data!r}.")
