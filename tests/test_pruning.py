@@ -436,6 +436,7 @@ def test_sparsegpt_factor_cache_reuses_only_equal_hessians() -> None:
 SMOLLM2_SPARSEGPT_MASKS_SHA256 = {
     "76925831e7691764ea9ae0123f1ba934b71ce34533064d606526c2eb46b6f0a0": None,  # an AVX512 x86 CI machine
     "d649b4e2d3f9c85a97e64edb12a70aa115361ed6a330cd174ebf67554904a484": ("AuthenticAMD", "25", "17"),  # Zen 4
+    "501a9b46854da79b910aaa9e4f142dbeb9ebb40064d34cc90282e4f968754e25": ("AuthenticAMD", "25", "1"),  # Zen 3 (EPYC)
 }
 
 
