@@ -3,6 +3,7 @@ and ``PruningConfig.from_dict``, with no list anywhere else to edit; strategies 
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from typing import ClassVar
 
 import pytest
 
-from hf_compress.cli.main import main
+from hf_compress.cli.main import build_parser, main
 from hf_compress.modeling import set_weight_matrix, weight_matrix
 from hf_compress.pruning import PRUNERS, MaskPruner, PruningConfig, SDSConfig
 from hf_compress.pruning import registry
@@ -91,6 +92,48 @@ def test_configs_list_every_method_without_torch_and_a_lookup_imports_one_pruner
     assert result.stdout.split() == sorted(PRUNERS)
     with pytest.raises(KeyError, match="unknown pruning method 'nope'; known: block_pruner"):
         PRUNERS["nope"]
+
+
+def test_a_config_without_a_pruner_is_left_out_or_refused(capsys):
+    """A config a script defines (no package to find a pruner in), with no pruner: the registry says it has none,
+    the full parser leaves it out, and naming it is a usage error, not a traceback."""
+    orphan = type("OrphanConfig", (PruningConfig,), {"__module__": "a_script", "method": "test_orphan"})
+    try:
+        assert config_registry["test_orphan"] is orphan
+        assert "test_orphan" not in PRUNERS and PRUNERS.get("test_orphan") is None
+        with pytest.raises(SystemExit) as error:
+            main(["prune", "test_orphan", "--help"])
+        assert error.value.code == 2
+        assert "no pruner is registered for method 'test_orphan'" in capsys.readouterr().err
+        parser = build_parser()  # every command and method built, as the README check does
+        with pytest.raises(SystemExit):
+            parser.parse_args(["prune", "test_orphan", "--save-dir", "out"])
+        assert "invalid choice: 'test_orphan'" in capsys.readouterr().err
+        assert parser.parse_args(["prune", "wanda", "--save-dir", "out"]).pruner_class is PRUNERS["wanda"]
+    finally:
+        config_registry.pop("test_orphan", None)
+
+
+def test_methods_are_found_in_a_zipped_install(tmp_path):
+    """Discovery asks the import system, not the file system: a zipped (or .pyc-only) package finds its methods."""
+    import zipfile
+    from pathlib import Path
+
+    import hf_compress
+
+    package = Path(hf_compress.__file__).parent
+    archive = tmp_path / "hf_compress.zip"
+    with zipfile.ZipFile(archive, "w") as zipped:
+        for path in package.rglob("*.py"):
+            zipped.write(path, path.relative_to(package.parent).as_posix())
+    script = ("import hf_compress.pruning as p\n"
+              "assert p.__file__.startswith(%r), p.__file__\n"
+              "print(' '.join(p.CONFIGS), type(p.PruningConfig.from_dict({'method': 'wanda'})).__name__)\n"
+              % str(archive))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(archive)}, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == [*sorted(PRUNERS), "WandaConfig"]
 
 
 def test_cli_exposes_each_config_field_and_refuses_unknown_methods(capsys):

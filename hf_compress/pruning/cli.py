@@ -26,11 +26,17 @@ def _arguments(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
     methods = parser.add_subparsers(dest="method", metavar="METHOD", required=True)
     named = None if argv is None else next((word for word in argv if not word.startswith("-")), "")
     for method, config_class in CONFIGS.items():
+        builds = named is None or method == named
+        try:
+            pruner_class = PRUNERS[method] if builds else None
+        except KeyError as error:  # a config registered without a pruner: left out, or refused when named
+            if named is None:
+                continue
+            parser.error(error.args[0])
         summary = method_summary(config_class)
         child = methods.add_parser(method, help=summary, description=summary, parents=[common])
-        if named is not None and method != named:
+        if pruner_class is None:
             continue
-        pruner_class = PRUNERS[method]
         child.add_argument("--model", default="smollm2-135m",
                            help="reference name, tiny-<arch>, folder or Hub id (default: smollm2-135m)")
         child.add_argument("--save-dir", required=True, help="folder for the pruned checkpoint")

@@ -21,7 +21,6 @@ import importlib
 import importlib.util
 import pkgutil
 from collections.abc import Iterator, Mapping
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 
@@ -60,11 +59,18 @@ def discover_methods() -> None:
 def _import_every_folder(module: str) -> None:
     if module in _discovered:
         return
-    folder = Path(__file__).parent
-    for package in pkgutil.iter_modules([str(folder)]):
-        if package.ispkg and (folder / package.name / f"{module}.py").is_file():
-            importlib.import_module(f"{__package__}.{package.name}.{module}")
+    for package in pkgutil.iter_modules(importlib.import_module(__package__).__path__):
+        name = f"{__package__}.{package.name}.{module}"
+        if package.ispkg and _find_module(name):  # find_spec, not a file check: zipped and .pyc-only installs too
+            importlib.import_module(name)
     _discovered.add(module)  # only once every folder imported: a failed import is raised again, not half-listed
+
+
+def _find_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # a parent that is not a package, or a relative name
+        return False
 
 
 def _configs() -> dict[str, type[PruningConfig]]:
@@ -101,8 +107,8 @@ class _Pruners(Mapping):
     def __getitem__(self, method: str) -> type[BasePruner]:
         if method not in _PRUNERS:
             config_class = CONFIGS[method]  # an unknown method is refused here, listing the known ones
-            folder = config_class.__module__.rpartition(".")[0]
-            if importlib.util.find_spec(f"{folder}.pruner") is not None:
+            folder = config_class.__module__.rpartition(".")[0]  # "" for a config defined in a script
+            if folder and _find_module(f"{folder}.pruner"):
                 importlib.import_module(f"{folder}.pruner")
         if method not in _PRUNERS:  # a config without a pruner in its folder (e.g. defined in a user's module)
             discover_methods()
