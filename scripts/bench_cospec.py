@@ -352,7 +352,7 @@ def summary_markdown(payloads: dict[str, dict[str, Any]]) -> str:
             met = (cospec.get("f1_kept") or 0) >= 0.99 and cospec.get("speedup_vs_strict", 0) >= speed_target
             lines.append(
                 f"| {name} | {pair}: {result['pair']} | {TASKS[s.get('task', 'squad')]['title']} | "
-                f"{s['train']} / {s['held_out']} / {s['test']} | {strict['f1']:.1f} ± {strict['f1_se']:.1f} | "
+                f"{s['train']} / {s['held_out']} / {_test_split(payload)} | {strict['f1']:.1f} ± {strict['f1_se']:.1f} | "
                 + " | ".join(cells) + f" | {'yes' if met else 'no'} (≥ {speed_target}×) | {_short_commit(payload['commit'])} | "
                 f"{payload.get('device') or 'cpu'} |")
     return "\n".join(lines) + "\n"
@@ -376,6 +376,19 @@ def write_summary(names: list[str], output_name: str) -> Path:
     with atomic_file(target) as handle:
         handle.write(summary_markdown(payloads) + f"\nRebuilt from the stored runs by: `{command}`\n")
     return target
+
+
+def _test_count(payload: dict[str, Any]) -> int:
+    """The test questions a run scored: ``--test`` asked for, fewer where the task ran out (runs before
+    ``squad_documents`` refused that scored what was left)."""
+    scored = [len(r["methods"]["strict"]["per_prompt_f1"]) for r in payload["results"].values()
+              if not r.get("probe") and r["methods"]["strict"].get("per_prompt_f1")]
+    return min(scored) if scored else payload["settings"]["test"]
+
+
+def _test_split(payload: dict[str, Any], noun: str = "") -> str:
+    asked, scored = payload["settings"]["test"], _test_count(payload)
+    return f"{scored}{noun}" + ("" if scored == asked else f" (of {asked} asked: the task ran out)")
 
 
 def _paired_difference(scores: list[float] | None, strict: list[float] | None) -> str:
@@ -409,7 +422,7 @@ def markdown(payload: dict[str, Any]) -> str:
             f"arbiter's threshold calibrated to keep ≥ {100 * s['target_keep']:.0f}% of strict {metric}"
             + (f" by the one-sided {100 * s['calibration_confidence']:.0f}% lower bound of the paired per-prompt score"
                if s.get("calibration_confidence") else "") + "; oracle agreement on "
-            f"{s['agreement_prompts']} prompts × ≤ {s['agreement_forks']} forks), {s['test']} test (the table). Answers: "
+            f"{s['agreement_prompts']} prompts × ≤ {s['agreement_forks']} forks), {_test_split(payload, ' test')}, scored in the table. Answers: "
             f"{answers}. Draft length "
             f"{s['num_draft_tokens']} for every method. Speed: median over test prompts of whole-call tokens/s (prefill "
             "included; answers are short) and of decode tokens/s after the first round, ratios of medians measured in "
@@ -453,7 +466,7 @@ def markdown(payload: dict[str, Any]) -> str:
                 f"| {method} | {tau} | {r['f1']:.1f} ± {r['f1_se']:.1f} | {kept} | "
                 f"{_paired_difference(r.get('per_prompt_f1'), strict_f1)} | {r['tokens_per_s']:.2f} | "
                 f"{r['speedup_vs_strict']:.2f} | {decode} | {decode_x} | {r['accepted_per_forward']:.2f} | "
-                f"{r['target_forwards']:.1f} | {r['same_as_strict']}/{s['test']} | {agreement} |")
+                f"{r['target_forwards']:.1f} | {r['same_as_strict']}/{_test_count(payload)} | {agreement} |")
         lines += ["", "Calibration on the held-out split (the speed–quality curve of each knob: score kept vs strict, "
                   "accepted tokens per target forward; the scan stops at the first setting below the target):", ""]
         calibrations = {"FLy θ": result["fly_calibration"], **{f"{k} τ": v for k, v in result.get("arbiter_calibration", {}).items()}}

@@ -438,7 +438,9 @@ def main() -> None:
         subset, report = select_data(train, base, args.budget, tokenizer=tokenizer, method=method, seed=args.seed,
                                      embeddings=pool_embeddings, weights=weights, return_report=True)
         subsets[method + (f"_{weights}" if weights else "")] = (subset, report.summary())
-    results["selection"] = {m: {**s, "tasks": _task_counts(sub)} for m, (sub, s) in subsets.items()}
+    # Merged: an extended run keeps the earlier run's selections (the same seed selects the same rows).
+    results["selection"] = {**results.get("selection", {}),
+                            **{m: {**s, "tasks": _task_counts(sub)} for m, (sub, s) in subsets.items()}}
 
     semantic = None
     for variant in args.variants:

@@ -39,3 +39,13 @@ def test_offline_documents_are_parsed_and_sliced():
         assert doc["question"] and doc["background"] and doc["answers"] and doc["title"]
         assert "Question:" in doc["body"] and not doc["body"].rstrip().endswith("Answer:")
         assert doc["question"] in doc["body"] and doc["background"] in doc["body"]
+
+
+def test_asking_for_more_questions_than_the_set_holds_is_refused():
+    """A benchmark split past the end was scored on the 8 questions left, under its 100-question settings."""
+    total = len(squad_documents())
+    assert len(squad_documents(8, offset=total - 8)) == 8
+    with pytest.raises(ValueError, match=f"the SQuAD set has {total} questions: 100 from offset {total - 8} go past"):
+        squad_documents(100, offset=total - 8)
+    with pytest.raises(ValueError, match="go past its end"):
+        squad_documents(None, offset=total + 1)

