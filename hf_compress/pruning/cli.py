@@ -2,8 +2,8 @@
 
 The methods come from the registry (``registry.CONFIGS``, one line each from the config's docstring) and the
 named method's flags from its config dataclass (``cli.config_flags``) and pruner (``registry.PRUNERS``), so a new
-method folder appears here with all its settings and nothing in this file changes. Run options that are not config fields come from the pruner
-(``add_cli_arguments`` / ``prune_kwargs_from_cli``, e.g. Týr's ``--work-dir``).
+method folder appears here with all its settings and nothing in this file changes. Run options that are not config
+fields come from the pruner (``add_cli_arguments`` / ``prune_kwargs_from_cli``, e.g. Týr's ``--work-dir``).
 """
 
 from __future__ import annotations
