@@ -225,6 +225,17 @@ class _Parser(argparse.ArgumentParser):
         super().error(message)
 
 
+def named_command(argv: Sequence[str] | None) -> str | None:
+    """The sub-command a command line names: its first word that is not a flag (the flags before it, ``--debug`` and
+    ``-q``, take no value); ``""`` when it names none, ``None`` without a command line.
+
+    Example:
+        >>> named_command(["-q", "prune", "wanda"]), named_command(["--help"]), named_command(None)
+        ('prune', '', None)
+    """
+    return None if argv is None else next((word for word in argv if not word.startswith("-")), "")
+
+
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The ``hf-compress`` parser. Given the command line ``argv``, only the sub-command it names gets its flags (the
     others are listed with their help): a method's flags come from its config and pruner classes, which import
@@ -252,8 +263,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
     parser.set_defaults(debug=False, quiet=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    # The top-level flags take no value, so the first word that is not a flag is the sub-command.
-    named = None if argv is None else next((word for word in argv if not word.startswith("-")), "")
+    named = named_command(argv)
     for name, (help_text, add_arguments, run) in COMMANDS.items():
         child = sub.add_parser(name, help=help_text, description=help_text, parents=[common])
         if named is None:

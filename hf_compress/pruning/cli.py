@@ -13,7 +13,8 @@ import dataclasses
 import json
 from collections.abc import Sequence
 
-from ..cli.main import calibration_text_argument, command, common_flags, device_argument, resolve_device
+from ..cli.main import (calibration_text_argument, command, common_flags, device_argument, named_command,
+                        resolve_device)
 
 
 def _arguments(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> None:
@@ -24,7 +25,7 @@ def _arguments(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
 
     common = common_flags()
     methods = parser.add_subparsers(dest="method", metavar="METHOD", required=True)
-    named = None if argv is None else next((word for word in argv if not word.startswith("-")), "")
+    named = named_command(argv)  # the method
     for method, config_class in CONFIGS.items():
         builds = named is None or method == named
         try:
