@@ -56,6 +56,7 @@ __all__ = [
     "check_assumptions",
     "check_minimum_versions",
     "checkpoint_files_of_preprocess",
+    "checkpoint_keys_of",
     "detach_quantizer",
     "eager_attention_forward",
     "extend_peft_type",
@@ -437,6 +438,30 @@ def model_conversions(model: PreTrainedModel) -> list:
     from transformers.conversion_mapping import get_model_conversion_mapping
 
     return list(get_model_conversion_mapping(model, add_legacy=False))
+
+
+def checkpoint_keys_of(model: PreTrainedModel, names: list[str]) -> dict[str, str]:
+    """Model tensor name -> the key ``save_pretrained`` writes it under (the architecture's renamings reverted), for
+    tensors written outside ``save_pretrained`` that no converter transforms (the sparse format's encoded weights,
+    written shard by shard). Uses ``transformers.core_model_loading.revert_weight_conversion``, save_pretrained's own
+    step, on empty placeholders. Checked on 5.23.0, 5.24.0 and 5.25.0.
+
+    Example:
+        >>> from hf_compress.assets import tiny_model
+        >>> checkpoint_keys_of(tiny_model("llama")[0], ["model.layers.0.mlp.up_proj.weight_bitmask"])
+        {'model.layers.0.mlp.up_proj.weight_bitmask': 'model.layers.0.mlp.up_proj.weight_bitmask'}
+    """
+    import torch
+    from transformers.core_model_loading import revert_weight_conversion
+
+    placeholders = {name: torch.empty(0) for name in names}
+    name_of = {id(tensor): name for name, tensor in placeholders.items()}
+    reverted = revert_weight_conversion(model, dict(placeholders))
+    keys = {name_of.get(id(tensor)): key for key, tensor in reverted.items()}
+    if len(reverted) != len(names) or set(keys) != set(names):  # a converter merged or split one: not a renaming
+        raise ValueError("save_pretrained transforms some of these tensors with an operation, not a renaming; they "
+                         f"cannot be written apart from it: {sorted(set(names) - set(keys))[:3]}")
+    return keys
 
 
 def model_names_of_checkpoint_keys(model: PreTrainedModel, keys: Iterator[str] | list[str]) -> dict[str, str]:
@@ -882,6 +907,10 @@ def check_assumptions() -> list[str]:
 
         expect(hasattr(WeightConverter, "reverse_transform") and hasattr(WeightConverter, "rename_source_key"),
                "transformers: WeightConverter has no reverse_transform() / rename_source_key() (merged_checkpoint_key)")
+        from transformers import core_model_loading
+
+        expect(callable(getattr(core_model_loading, "revert_weight_conversion", None)),
+               "transformers: core_model_loading has no revert_weight_conversion (checkpoint_keys_of)")
         flags = {"has_gate", "has_bias", "is_transposed", "has_post_expert_norm"}
         expect(flags <= set(inspect.signature(moe.use_experts_implementation).parameters)
                and "_apply_gate" in inspect.getsource(moe.use_experts_implementation),

@@ -812,8 +812,8 @@ def test_a_folder_that_would_not_reload_as_the_model_is_never_installed(tmp_path
 
     original = save.save_model
 
-    def save_then_drift(state, folder, base_model):  # a saver that loses something: the model no longer matches
-        kind = original(state, folder, base_model)
+    def save_then_drift(state, folder, base_model, **kwargs):  # a saver that loses something: the model no longer matches
+        kind = original(state, folder, base_model, **kwargs)
         with torch.no_grad():
             state.model.get_output_embeddings().weight.mul_(1.5)
         return kind

@@ -19,7 +19,7 @@ import hf_compress.formats.base  # noqa: F401
 from hf_compress.assets import tiny_model
 from hf_compress.modeling import find_decoder_blocks, find_linear_layers, weight_matrix
 from hf_compress.formats.base import registered_formats
-from hf_compress.formats.integrity import CheckpointIntegrityError
+from hf_compress.formats.integrity import CheckpointIntegrityError, read_header
 from hf_compress.formats.sparse import (
     FORMAT_NAME,
     SparseStorageConfig,
@@ -28,7 +28,7 @@ from hf_compress.formats.sparse import (
     pack_bitmask,
     unpack_bitmask,
 )
-from hf_compress.pruning.storage import save_pruned, sparse_state_dict
+from hf_compress.pruning.storage import PlannedWeight, plan_sparse_storage, save_pruned, sparse_state_dict
 
 
 ARCHS = ["llama", "gpt2", "opt", "gemma3"]
@@ -230,6 +230,68 @@ def test_layers_below_min_sparsity_stay_dense(tmp_path):
 
     _, modules, _ = sparse_state_dict(model, min_sparsity=0.05)
     assert modules == ["model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(8, 16), (5, 13), (3, 4, 10), (7,)])
+def test_the_plan_counts_the_encoding_it_does_not_make(shape, dtype):
+    weight = torch.randn(shape).to(dtype)
+    weight[torch.rand(shape, generator=torch.Generator().manual_seed(0)) < 0.6] = 0
+    planned = PlannedWeight("w", "w.weight", None, dtype, shape, int(torch.count_nonzero(weight)))
+    encoded = encode_sparse(weight)
+    assert planned.nbytes == encoded.nbytes
+    assert planned.stored_shapes == tuple(tuple(t.shape) for t in encoded)
+
+
+@pytest.mark.parametrize("shape", [(10, 13), (4, 3, 9), (7,)])
+def test_encoding_row_blocks_end_to_end_is_encoding_the_whole_weight(shape):
+    import io
+
+    from hf_compress.formats.shards import write_tensor
+    from hf_compress.pruning.storage import _row_blocks
+
+    weight = torch.randn(shape)
+    weight[torch.rand(shape, generator=torch.Generator().manual_seed(0)) < 0.5] = 0
+    whole = encode_sparse(weight)
+    for block_bytes in (1, 40, 2**30):  # one row per block, a few rows, everything
+        values, bitmask = io.BytesIO(), io.BytesIO()
+        for rows in _row_blocks(weight, block_bytes):
+            write_tensor(values, rows[rows != 0])
+            write_tensor(bitmask, pack_bitmask(rows != 0))
+        assert values.getvalue() == whole.values.numpy().tobytes()
+        assert bitmask.getvalue() == whole.bitmask.numpy().tobytes()
+
+
+@pytest.mark.parametrize("dense", ["sharded", "one file"])
+def test_past_the_shard_size_the_encoded_weights_get_shards_of_their_own(tmp_path, dense):
+    model, tokenizer = tiny_model("llama")
+    _prune(model, "50%")
+    plan = plan_sparse_storage(model)
+    if dense == "sharded":  # save_pretrained shards the dense weights too
+        shard_size = max(weight.nbytes for weight in plan.weights)
+    else:  # the dense weights fill one file exactly: the encoded ones go to shards of their own
+        one_file = save_pruned(model, None, tmp_path / "one") / "model.safetensors"
+        encoded = {key for weight in plan.weights for key in weight.stored_keys}
+        shard_size = sum(e.end - e.begin for k, e in read_header(one_file).items() if k not in encoded)
+    path = save_pruned(model, tokenizer, tmp_path / "pruned", max_shard_size=shard_size)
+    assert not (path / "model.safetensors").exists()
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    files = sorted(p.name for p in path.glob("*.safetensors"))
+    assert len(files) >= 2 and set(index["weight_map"].values()) == set(files)
+    assert files == [f"model-{i:05d}-of-{len(files):05d}.safetensors" for i in range(1, len(files) + 1)]
+    stored = {}
+    for file in files:
+        with safe_open(path / file, "pt") as handle:
+            stored.update(dict.fromkeys(handle.keys(), file))
+    assert stored == index["weight_map"]
+    for weight in plan.weights:  # a weight's three tensors in one file
+        assert len({stored[key] for key in weight.stored_keys}) == 1
+    if dense == "one file":
+        assert not any(key.endswith("_bitmask") for key, file in stored.items() if file == files[0])
+    assert index["metadata"]["total_size"] == sum(
+        entry.end - entry.begin for file in files for entry in read_header(path / file).values())
+    loaded = AutoModelForCausalLM.from_pretrained(path)  # verifies the sealed checksums of every file
+    _assert_same_weights(model, loaded)
 
 
 def test_recipe_defaults_to_the_pruners_record(tmp_path):

@@ -207,8 +207,8 @@ class BasePruner(ABC):
         self.report = self.run(config, plan, calibration_ids, progress)
         self._record_recipe(config)
         if save_dir is not None:
-            with _compat.quiet_weight_progress():  # a second of bookkeeping after the real work
-                self.save(Path(save_dir), overwrite, config)
+            with _compat.quiet_weight_progress():  # transformers' bars: a second of bookkeeping after the real work
+                self.save(Path(save_dir), overwrite, config, progress=progress)
         return self.model  # type: ignore[return-value]
 
     def config_for_target(self, target: float | str | SparsityPattern) -> PruningConfig:
@@ -224,8 +224,9 @@ class BasePruner(ABC):
         """Prune the model in place (calibrating on ``calibration_ids`` if the method needs it); return the report."""
 
     @abstractmethod
-    def save(self, save_dir: Path, overwrite: bool, config: PruningConfig) -> None:
-        """Write the pruned model, its tokenizer and card to ``save_dir`` (all or nothing)."""
+    def save(self, save_dir: Path, overwrite: bool, config: PruningConfig, progress: bool = True) -> None:
+        """Write the pruned model, its tokenizer and card to ``save_dir`` (all or nothing); ``progress``: a bar for
+        work that takes long on a big model (the sparse format's encoding)."""
 
     # ------------------------------------------------------------------------------------- command line
 

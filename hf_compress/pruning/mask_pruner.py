@@ -185,10 +185,10 @@ class MaskPruner(BasePruner):
         )
         return report
 
-    def save(self, save_dir: Path, overwrite: bool, config: PruningConfig) -> None:
+    def save(self, save_dir: Path, overwrite: bool, config: PruningConfig, progress: bool = True) -> None:
         from .storage import save_pruned  # sparse on-disk format; records model.config.hf_compress["pruning"]
 
-        save_pruned(self.model, self.tokenizer, save_dir, overwrite=overwrite)
+        save_pruned(self.model, self.tokenizer, save_dir, overwrite=overwrite, progress=progress)
 
     def prune_calibrated_block(
         self, ctx: BlockContext, config: PruningConfig, report: PruningReport

@@ -34,10 +34,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, NamedTuple
 
 import torch
 from torch import nn
@@ -48,27 +49,73 @@ from .. import _compat
 from ..modeling.fused_experts import fused_expert_parameters
 from ..modeling.layers import find_decoder_blocks, find_linear_layers, is_offloaded, onloaded
 from ..formats.base import quant_method_of
-from ..formats.integrity import seal_checkpoint
+from ..formats.integrity import read_header, seal_checkpoint
+from ..formats.shards import TensorSpec, index_weight_files, write_safetensors, write_tensor
 from ..formats.slim import FORMAT_NAME as SLIM_FORMAT, slim_record
 from ..formats.sparse import (
     BITMASK_SUFFIX,
     SHAPE_SUFFIX,
     VALUES_SUFFIX,
     SparseStorageConfig,
-    SparseTensor,
     encode_sparse,
+    pack_bitmask,
 )
 from ..utils import atomic_directory, check_save_dir, get_logger
 
 
-__all__ = ["save_pruned", "sparse_state_dict"]
+__all__ = ["PlannedWeight", "SparsePlan", "plan_sparse_storage", "save_pruned", "sparse_state_dict"]
 
 logger = get_logger(__name__)
 
-def sparse_state_dict(
-    model: PreTrainedModel, min_sparsity: float = 0.25
-) -> tuple[dict[str, torch.Tensor], list[str], dict[str, Any]]:
-    """The model's state dict with sparse-enough decoder-block linear weights in the stored encoding.
+class PlannedWeight(NamedTuple):
+    """A weight ``save_pruned`` stores encoded, located and measured but not held: the plan keeps no tensor."""
+
+    name: str  # the linear layer's module name, or the fused expert parameter's key
+    key: str  # the dense state-dict key it replaces
+    module: nn.Module | None  # the linear layer (read under ``onloaded``); ``None`` for a fused expert parameter
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    nonzeros: int
+
+    @property
+    def stored_keys(self) -> tuple[str, str, str]:
+        """Keys of the values, bitmask and shape (a linear weight's values keep its name, see ``formats.sparse``)."""
+        values = self.key if self.module is not None else self.key + VALUES_SUFFIX
+        return values, self.key + BITMASK_SUFFIX, self.key + SHAPE_SUFFIX
+
+    @property
+    def stored_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+        """Shapes of the values, bitmask and shape tensors, as ``encode_sparse`` makes them."""
+        rows = self.shape[0] if len(self.shape) > 1 else 1
+        columns = math.prod(self.shape) // rows if rows else 0
+        return (self.nonzeros,), (rows, -(-columns // 8)), (len(self.shape),)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the three stored tensors."""
+        values, bitmask, shape = (math.prod(s) for s in self.stored_shapes)
+        return values * self.dtype.itemsize + bitmask + shape * 8
+
+
+class SparsePlan(NamedTuple):
+    """What the sparse format stores encoded, and the bytes it takes, found without encoding anything."""
+
+    weights: tuple[PlannedWeight, ...]
+    storage: dict[str, Any]
+
+    @property
+    def compressed_modules(self) -> list[str]:
+        return [weight.name for weight in self.weights if weight.module is not None]
+
+    @property
+    def compressed_experts(self) -> list[str]:
+        return [weight.name for weight in self.weights if weight.module is None]
+
+
+def plan_sparse_storage(
+    model: PreTrainedModel, min_sparsity: float = 0.25, state_dict: Mapping[str, torch.Tensor] | None = None
+) -> SparsePlan:
+    """Which decoder-block weights the sparse format stores encoded, and the bytes, without holding any encoding.
 
     A linear weight (``nn.Linear`` or ``Conv1D``) inside the decoder blocks is encoded when its
     fraction of zeros is at least ``min_sparsity`` and the encoding is actually smaller (below
@@ -76,12 +123,95 @@ def sparse_state_dict(
     own checkpoint conversions rename-and-transform (e.g. fused on disk) are left dense, because
     those conversions would otherwise act on the encoded tensors. The 3-D weights of fused MoE experts
     (``mlp.experts.gate_up_proj``) are encoded by the same rule, under ``<parameter>_values``,
-    ``_bitmask`` and ``_shape`` (see ``formats.sparse``).
+    ``_bitmask`` and ``_shape`` (see ``formats.sparse``). ``state_dict``: the model's, when the caller
+    already holds it (offloaded weights filled in).
+
+    ``storage`` holds ``dense_linear_bytes`` (all decoder-block linear and expert weights stored dense),
+    ``stored_linear_bytes`` (as the format stores them) and their ``ratio``.
+
+    Example:
+        >>> from hf_compress.assets import tiny_model
+        >>> model, _ = tiny_model("gpt2")
+        >>> with torch.no_grad():
+        ...     model.transformer.h[0].mlp.c_fc.weight[::2] = 0
+        >>> plan_sparse_storage(model).compressed_modules
+        ['transformer.h.0.mlp.c_fc']
+    """
+    if not 0.0 < min_sparsity <= 1.0:
+        raise ValueError(f"min_sparsity must be in (0, 1], got {min_sparsity}.")
+    _, blocks = find_decoder_blocks(model)
+    targets = {id(layer) for block in blocks for layer in find_linear_layers(block).values()}
+    converted = _keys_under_model_conversions(model)
+    if state_dict is None:
+        state_dict = model.state_dict()
+        _fill_offloaded(model, state_dict)  # before reading any weight: refuses a model without weights
+    weights: list[PlannedWeight] = []
+    dense_bytes = stored_bytes = 0
+
+    def plan(name: str, key: str, module: nn.Module | None, weight: torch.Tensor, eligible: bool) -> None:
+        """Adds ``weight`` to the plan when it is sparse enough and the encoding is smaller; counts the bytes."""
+        nonlocal dense_bytes, stored_bytes
+        nbytes = weight.numel() * weight.element_size()
+        dense_bytes += nbytes
+        planned = None
+        if eligible and weight.ndim > 0:
+            nonzeros = int(torch.count_nonzero(weight))
+            if (weight.numel() - nonzeros) / max(weight.numel(), 1) >= min_sparsity:
+                planned = PlannedWeight(name, key, module, weight.dtype, tuple(weight.shape), nonzeros)
+        if planned is None or planned.nbytes >= nbytes:
+            stored_bytes += nbytes
+            return
+        stored_bytes += planned.nbytes
+        weights.append(planned)
+
+    for name, module in model.named_modules():
+        if id(module) not in targets:
+            continue
+        key = f"{name}.weight"
+        with onloaded(module):  # accelerate-offloaded weights are read from their offload store
+            # A weight stored under another name (e.g. a torch parametrization) or transformed by the model's
+            # own conversions stays dense.
+            plan(name, key, module, module.weight.detach(), key in state_dict and key not in converted)
+    # Fused MoE experts (3-D parameters): saving would split `gate_up_proj` one tensor per expert through the model's
+    # own conversions, which encoded values would not survive, so the encoding goes under keys no conversion matches.
+    parameters = dict(model.named_parameters())
+    for key in [key for key in fused_expert_parameters(model, recognised_only=True) if key in parameters]:
+        # One stored under another name stays dense, as does one named `weight`: loading would take its bitmask and
+        # shape for a linear weight's (no known experts module names one so).
+        eligible = key in state_dict and key.rpartition(".")[2] != "weight"
+        plan(key, key, None, state_dict[key] if key in state_dict else parameters[key].detach(), eligible)
+    storage = {
+        "dense_linear_bytes": dense_bytes,
+        "stored_linear_bytes": stored_bytes,
+        "ratio": round(stored_bytes / dense_bytes, 6) if dense_bytes else 1.0,
+    }
+    # Linear layers first, then expert parameters: the order `compressed` has always had.
+    ordered = [w for w in weights if w.module is not None] + [w for w in weights if w.module is None]
+    return SparsePlan(tuple(ordered), storage)
+
+
+def _from_weight(weight: PlannedWeight, state_dict: Mapping[str, torch.Tensor],
+                 make: Callable[[torch.Tensor], Any]) -> Any:
+    """``make`` applied to the planned weight's dense tensor (a linear layer's onloaded while ``make`` runs, when it
+    is offloaded)."""
+    if weight.module is None:
+        return make(state_dict[weight.key])
+    with onloaded(weight.module):
+        return make(weight.module.weight.detach())
+
+
+def sparse_state_dict(
+    model: PreTrainedModel, min_sparsity: float = 0.25
+) -> tuple[dict[str, torch.Tensor], list[str], dict[str, Any]]:
+    """The model's state dict with sparse-enough decoder-block linear weights in the stored encoding.
+
+    Which weights, by :func:`plan_sparse_storage`'s rule. This holds every encoded weight at once (about half
+    the pruned weights' bytes at 50% sparsity, on top of the model); ``save_pruned`` does not build it: it
+    makes and writes one encoded tensor at a time.
 
     Returns:
         ``(state_dict, compressed, storage)``: ``compressed`` names the modules whose weight is encoded, then
-        the encoded fused expert parameters; ``storage`` holds ``dense_linear_bytes`` (all decoder-block
-        linear and expert weights stored dense), ``stored_linear_bytes`` (as stored here) and their ``ratio``.
+        the encoded fused expert parameters; ``storage`` as :func:`plan_sparse_storage` counts it.
 
     Example:
         >>> from hf_compress.assets import tiny_model
@@ -94,59 +224,14 @@ def sparse_state_dict(
         >>> sorted(k.rpartition(".")[2] for k in state if k.startswith("transformer.h.0.mlp.c_fc."))
         ['bias', 'weight', 'weight_bitmask', 'weight_shape']
     """
-    if not 0.0 < min_sparsity <= 1.0:
-        raise ValueError(f"min_sparsity must be in (0, 1], got {min_sparsity}.")
-    _, blocks = find_decoder_blocks(model)
-    targets = {id(layer) for block in blocks for layer in find_linear_layers(block).values()}
-    converted = _keys_under_model_conversions(model)
-
     state_dict = model.state_dict()
-    _fill_offloaded(model, state_dict)  # before reading any weight: refuses a model without weights
-    compressed: list[str] = []
-    dense_bytes = stored_bytes = 0
-
-    def encoded(weight: torch.Tensor, eligible: bool) -> SparseTensor | None:
-        """``weight`` encoded when it is sparse enough and the encoding is smaller; counts the bytes either way."""
-        nonlocal dense_bytes, stored_bytes
-        nbytes = weight.numel() * weight.element_size()
-        dense_bytes += nbytes
-        sparsity = float((weight == 0).sum()) / max(weight.numel(), 1)
-        packed = encode_sparse(weight) if eligible and sparsity >= min_sparsity else None
-        if packed is None or packed.nbytes >= nbytes:
-            stored_bytes += nbytes
-            return None
-        stored_bytes += packed.nbytes
-        return packed
-
-    for name, module in model.named_modules():
-        if id(module) not in targets:
-            continue
-        key = f"{name}.weight"
-        with onloaded(module):  # accelerate-offloaded weights are read from their offload store
-            # A weight stored under another name (e.g. a torch parametrization) or transformed by the model's
-            # own conversions stays dense.
-            packed = encoded(module.weight.detach(), key in state_dict and key not in converted)
-        if packed is not None:
-            state_dict[key], state_dict[key + BITMASK_SUFFIX], state_dict[key + SHAPE_SUFFIX] = packed
-            compressed.append(name)
-    # Fused MoE experts (3-D parameters): saving would split `gate_up_proj` one tensor per expert through the model's
-    # own conversions, which encoded values would not survive, so the encoding goes under keys no conversion matches.
-    parameters = dict(model.named_parameters())
-    for key in [key for key in fused_expert_parameters(model, recognised_only=True) if key in parameters]:
-        # One stored under another name stays dense, as does one named `weight`: loading would take its bitmask and
-        # shape for a linear weight's (no known experts module names one so).
-        eligible = key in state_dict and key.rpartition(".")[2] != "weight"
-        packed = encoded(state_dict[key] if key in state_dict else parameters[key].detach(), eligible)
-        if packed is not None:
-            del state_dict[key]
-            state_dict[key + VALUES_SUFFIX], state_dict[key + BITMASK_SUFFIX], state_dict[key + SHAPE_SUFFIX] = packed
-            compressed.append(key)
-    storage = {
-        "dense_linear_bytes": dense_bytes,
-        "stored_linear_bytes": stored_bytes,
-        "ratio": round(stored_bytes / dense_bytes, 6) if dense_bytes else 1.0,
-    }
-    return state_dict, compressed, storage
+    _fill_offloaded(model, state_dict)
+    plan = plan_sparse_storage(model, min_sparsity, state_dict)
+    for weight in plan.weights:
+        packed = _from_weight(weight, state_dict, encode_sparse)
+        del state_dict[weight.key]
+        state_dict.update(zip(weight.stored_keys, packed))
+    return state_dict, [weight.name for weight in plan.weights], plan.storage
 
 
 def save_pruned(
@@ -160,6 +245,7 @@ def save_pruned(
     max_shard_size: int | str = "5GB",
     model_name: str | None = None,
     base_model: str | None = None,
+    progress: bool = True,
 ) -> Path:
     """Save a pruned model (and its tokenizer) with sparse linear weights, and its model card;
     ``from_pretrained`` restores it.
@@ -175,10 +261,14 @@ def save_pruned(
             ``to_dict()`` such as a ``PruningConfig``). By default, the one the pruners leave in
             ``model.config.hf_compress["pruning"]``, if any.
         min_sparsity: decoder-block linear weights with at least this fraction of zeros are stored sparse.
-        max_shard_size: passed to ``save_pretrained``.
+        max_shard_size: the largest weight file: passed to ``save_pretrained`` for the weights stored dense, and
+            the size of the shards the encoded weights go to when they do not fit beside them in one file. Either
+            way each encoded tensor is made, written and dropped before the next, so saving holds one weight's
+            encoding at a time beside the model.
         model_name: the card's title (default: the folder's name).
         base_model: the Hub id the card names as the base (default: the model's own, or the original base an
             earlier hf_compress step recorded; a local path is never written).
+        progress: a progress bar over the encoded tensors as they are written.
 
     Returns:
         The folder. Bytes of the decoder-block linear weights, dense versus stored, are logged and
@@ -202,17 +292,24 @@ def save_pruned(
         recipe = recorded.get("pruning") if isinstance(recorded, Mapping) else None
     recipe_dict = _recipe_to_dict(recipe)
 
-    state_dict, compressed, storage = sparse_state_dict(model, min_sparsity=min_sparsity)
-    experts = [name for name in compressed if name + VALUES_SUFFIX in state_dict]
+    state_dict = model.state_dict()
+    _fill_offloaded(model, state_dict)  # before reading any weight: refuses a model without weights
+    plan = plan_sparse_storage(model, min_sparsity, state_dict)
+    storage = plan.storage
     quantization_config = SparseStorageConfig(
-        compressed_modules=[name for name in compressed if name not in experts], compressed_experts=experts,
+        compressed_modules=plan.compressed_modules, compressed_experts=plan.compressed_experts,
         min_sparsity=min_sparsity, recipe=recipe_dict, storage=storage,
         slim=slim_record(model),  # None unless the blocks have their own widths (Týr)
     )
+    encoded = {weight.key for weight in plan.weights}
     with atomic_directory(target, overwrite=overwrite) as staging:
         with _attached(model, quantization_config), _compat.quiet_weight_progress():
-            # save_pretrained writes config/generation config, drops tied duplicates (lm_head) and shards.
-            model.save_pretrained(staging, state_dict=state_dict, max_shard_size=max_shard_size)
+            # save_pretrained writes config/generation config, drops tied duplicates (lm_head) and shards the
+            # weights stored dense; the encoded ones are written after, one tensor at a time.
+            dense = {key: tensor for key, tensor in state_dict.items() if key not in encoded}
+            model.save_pretrained(staging, state_dict=dense, max_shard_size=max_shard_size)
+        del dense
+        _write_encoded_shards(model, plan, state_dict, staging, max_shard_size, progress=progress)
         seal_checkpoint(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
@@ -226,9 +323,98 @@ def save_pruned(
         write_model_card(staging, card)
     logger.info(
         "saved %s: %d decoder-block linear weights sparse, %d -> %d bytes (%.3fx)", target,
-        len(compressed), storage["dense_linear_bytes"], storage["stored_linear_bytes"], storage["ratio"],
+        len(plan.weights), storage["dense_linear_bytes"], storage["stored_linear_bytes"], storage["ratio"],
     )
     return target
+
+
+def _write_encoded_shards(model: PreTrainedModel, plan: SparsePlan, state_dict: Mapping[str, torch.Tensor],
+                          folder: Path, max_shard_size: int | str, progress: bool = True) -> None:
+    """Write the planned weights encoded, one weight's encoding in memory at a time, next to the dense weights
+    ``save_pretrained`` wrote in ``folder``.
+
+    When everything fits in one file of ``max_shard_size`` (and ``save_pretrained`` wrote one), the encodings join
+    the dense tensors in ``model.safetensors``, which is rewritten (copied in chunks); otherwise they go to shards
+    of their own and every weight file is indexed as one sharded checkpoint. A weight's three tensors stay in one
+    file; their keys are those ``save_pretrained`` would write (the architecture's renamings reverted).
+    """
+    from huggingface_hub import split_state_dict_into_shards_factory
+    from tqdm.auto import tqdm
+    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
+
+    if not plan.weights:
+        return
+    stored_key = _compat.checkpoint_keys_of(model, [key for weight in plan.weights for key in weight.stored_keys])
+    bar = tqdm(total=2 * len(plan.weights), desc="writing sparse weights", unit="tensor", disable=not progress,
+               leave=False)
+
+    def specs(weight: PlannedWeight) -> list[TensorSpec]:
+        """The weight's values, bitmask and shape, each written when its turn comes, from row blocks of the weight
+        (so not even one whole weight's mask or values is held)."""
+        def write_values(handle: BinaryIO) -> None:
+            bar.update()
+            _from_weight(weight, state_dict, lambda dense: [write_tensor(handle, rows[rows != 0])
+                                                            for rows in _row_blocks(dense)])
+
+        def write_bitmask(handle: BinaryIO) -> None:
+            bar.update()
+            _from_weight(weight, state_dict, lambda dense: [write_tensor(handle, pack_bitmask(rows != 0))
+                                                            for rows in _row_blocks(dense)])
+
+        values_key, bitmask_key, shape_key = (stored_key[key] for key in weight.stored_keys)
+        values_shape, bitmask_shape, _ = weight.stored_shapes
+        return [TensorSpec(values_key, weight.dtype, values_shape, write_values),
+                TensorSpec(bitmask_key, torch.uint8, bitmask_shape, write_bitmask),
+                TensorSpec.of(shape_key, torch.tensor(weight.shape, dtype=torch.int64))]
+
+    single = folder / SAFE_WEIGHTS_NAME
+    sizes = {weight.key: weight.nbytes for weight in plan.weights}
+    with bar:
+        if not (folder / SAFE_WEIGHTS_INDEX_NAME).exists():
+            entries = read_header(single)
+            # Would the dense file (one entry, "") and the encodings fit in one shard?
+            together = split_state_dict_into_shards_factory(
+                {"": sum(e.end - e.begin for e in entries.values()), **sizes}, get_storage_size=lambda size: size,
+                filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size,
+            )
+            if not together.is_sharded:
+                merged = folder / (SAFE_WEIGHTS_NAME + ".partial")
+                write_safetensors(merged, [TensorSpec.copied_from(name, entry) for name, entry in entries.items()]
+                                  + [spec for weight in plan.weights for spec in specs(weight)],
+                                  metadata=_file_metadata(single))
+                merged.replace(single)
+                return
+        split = split_state_dict_into_shards_factory(
+            sizes, get_storage_size=lambda size: size, filename_pattern="sparse{suffix}.safetensors",
+            max_shard_size=max_shard_size,
+        )
+        weights = {weight.key: weight for weight in plan.weights}
+        added: dict[str, list[str]] = {}
+        for filename, keys in split.filename_to_tensors.items():
+            shard = [spec for key in keys for spec in specs(weights[key])]
+            write_safetensors(folder / filename, shard, metadata={"format": "pt"})
+            added[filename] = [spec.name for spec in shard]
+    index_weight_files(folder, added, total_parameters=model.num_parameters())
+
+
+def _row_blocks(dense: torch.Tensor, block_bytes: int = 64 * 2**20) -> Iterator[torch.Tensor]:
+    """Views of ``dense`` of whole rows (its first dimension), about ``block_bytes`` each; a 1-D tensor is one row.
+    The bitmask packs row by row and the values are row-major, so the blocks' encodings laid end to end are the
+    whole tensor's."""
+    if dense.ndim < 2:
+        yield dense
+        return
+    rows = max(1, block_bytes // max(1, dense[0].numel() * dense.element_size()))
+    for start in range(0, dense.shape[0], rows):
+        yield dense[start:start + rows]
+
+
+def _file_metadata(path: Path) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file (transformers writes ``{"format": "pt"}``)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return dict(handle.metadata() or {"format": "pt"})
 
 
 # --------------------------------------------------------------------------------------------------

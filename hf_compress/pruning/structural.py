@@ -133,6 +133,6 @@ class StructuralPruner(BasePruner):
             sync_slim_format(self.model, self.recipe(config))
         return report
 
-    def save(self, save_dir: Path, overwrite: bool, config: PruningConfig) -> None:
+    def save(self, save_dir: Path, overwrite: bool, config: PruningConfig, progress: bool = True) -> None:
         save_slim(self.model, self.tokenizer, save_dir, overwrite=overwrite, recipe=self.recipe(config),
                   base_model=base_model_of(self.model.config))  # a pruned folder's config names the original

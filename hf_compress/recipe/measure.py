@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -55,7 +56,7 @@ def measure(
 
 def weight_bytes(model: torch.nn.Module) -> dict[str, int]:
     """Bytes of the checkpoint's tensors (``stored_bytes``) and of its decoder-block linear weights, as stored."""
-    from ..pruning.storage import sparse_state_dict
+    from ..pruning.storage import plan_sparse_storage
     from ..quantization.packed_linear import PackedLinear
 
     packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
@@ -64,10 +65,11 @@ def weight_bytes(model: torch.nn.Module) -> dict[str, int]:
         dense = sum(weight.numel() * weight.element_size() for weight in _decoder_linear_weights(model))
         return {"stored_bytes": _unique_bytes(model.state_dict().values()),
                 "decoder_linear_bytes": dense + sum(m.packed_bytes() for m in packed)}
-    state_dict, _, storage = sparse_state_dict(model)  # the sparse format: pruned layers stored sparse-encoded
+    plan = plan_sparse_storage(model)  # the sparse format: pruned layers stored sparse-encoded
+    encoded = sum(weight.nbytes - math.prod(weight.shape) * weight.dtype.itemsize for weight in plan.weights)
     return {
-        "stored_bytes": _unique_bytes(state_dict.values()),
-        "decoder_linear_bytes": storage["stored_linear_bytes"],
+        "stored_bytes": _unique_bytes(model.state_dict().values()) + encoded,
+        "decoder_linear_bytes": plan.storage["stored_linear_bytes"],
     }
 
 

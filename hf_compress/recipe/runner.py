@@ -238,7 +238,7 @@ def run(
         return result
     with torch.no_grad():
         write_folder(state, target, overwrite=overwrite, recipe=recipe, base_model=base_model, finish=finish,
-                     repo_id=repo_id)
+                     repo_id=repo_id, progress=progress)
     return result
 
 

@@ -48,14 +48,16 @@ RESULTS_FILE = "recipe_results.json"
 def write_folder(
     state: RecipeState, target: str | os.PathLike, *, overwrite: bool, recipe: Recipe, base_model: str | None,
     finish: Callable[[FolderLayout, dict[str, int]], tuple[ModelCard, dict[str, Any]]], repo_id: str | None = None,
+    progress: bool = True,
 ) -> tuple[FolderLayout, dict[str, int]]:
     """Stage the model, the generation settings and ``recipe.yaml``; ``finish(layout, disk)`` returns the card and
     the results written beside them (it sees the staged bytes on disk); then the folder replaces ``target``.
-    ``repo_id``: the Hub repo the folder goes to (``run``'s), which the heads' card names as the root card does."""
+    ``repo_id``: the Hub repo the folder goes to (``run``'s), which the heads' card names as the root card does;
+    ``progress``: the savers' own bars (the sparse format's encoding)."""
     from ..hub import write_model_card
 
     with atomic_directory(target, overwrite=overwrite) as staging:
-        save_model(state, staging, base_model)
+        save_model(state, staging, base_model, progress=progress)
         reload_difference = check_reload(state.model, staging)
         layout = _save_generation(state, staging, base_model, repo_id=repo_id,
                                   folder_name=Path(target).resolve().name)
@@ -102,7 +104,7 @@ def check_reload(model: Any, folder: Path, tolerance: float = 1e-4) -> float:
     return difference
 
 
-def save_model(state: RecipeState, folder: Path, base_model: str | None) -> str:
+def save_model(state: RecipeState, folder: Path, base_model: str | None, progress: bool = True) -> str:
     """Save the model (and tokenizer) into ``folder`` with the saver of its format; returns the format's name."""
     from ..quantization.packed_linear import PackedLinear
     from ..routing.layer import routing_state
@@ -122,7 +124,8 @@ def save_model(state: RecipeState, folder: Path, base_model: str | None) -> str:
     if "sparse" in state.facts:
         from ..pruning.storage import save_pruned
 
-        save_pruned(model, tokenizer, folder, overwrite=True, recipe=state.format_recipes.get("pruning"))
+        save_pruned(model, tokenizer, folder, overwrite=True, recipe=state.format_recipes.get("pruning"),
+                    progress=progress)
         return "sparse"
     if state.facts & {"slim", "blocks"}:
         from ..formats.slim import save_slim

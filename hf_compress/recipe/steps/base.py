@@ -227,7 +227,7 @@ def model_facts(model: PreTrainedModel) -> dict[str, str]:
         {}
     """
     from ...formats.slim import slim_record
-    from ...pruning.storage import sparse_state_dict
+    from ...pruning.storage import plan_sparse_storage
     from ...quantization.packed_linear import PackedLinear
     from ...routing.layer import routing_state
 
@@ -238,7 +238,7 @@ def model_facts(model: PreTrainedModel) -> dict[str, str]:
         facts["routed"] = "token-routed"
     if slim_record(model) is not None:
         facts["slim"] = "structurally pruned (its blocks have widths of their own)"
-    if "packed" not in facts and sparse_state_dict(model)[1]:  # what save_pruned (and the measured bytes) store sparse
+    if "packed" not in facts and plan_sparse_storage(model).weights:  # what save_pruned (and the measured bytes) store sparse
         facts["sparse"] = "mask-pruned (decoder weights with many zeros, stored sparse)"
     return facts
 
