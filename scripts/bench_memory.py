@@ -201,7 +201,9 @@ def _run_child(case: str, value: int, library_root: Path | None) -> dict:
 def _export_revision(revision: str, into: Path) -> str:
     sha = subprocess.run(["git", "rev-parse", "--verify", f"{revision}^{{commit}}"], cwd=REPO, check=True,
                          capture_output=True, text=True).stdout.strip()
-    archive = subprocess.run(["git", "archive", sha, "hf_compress"], cwd=REPO, check=True, capture_output=True).stdout
+    # model_cards/: hf_compress/hub/templates links to it (savers write cards)
+    archive = subprocess.run(["git", "archive", sha, "hf_compress", "model_cards"], cwd=REPO, check=True,
+                             capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
     return sha
 
