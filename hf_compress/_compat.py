@@ -454,7 +454,7 @@ def checkpoint_keys_of(model: PreTrainedModel, names: list[str]) -> dict[str, st
     import torch
     from transformers.core_model_loading import revert_weight_conversion
 
-    placeholders = {name: torch.empty(0) for name in names}
+    placeholders = {name: torch.empty(0, device="cpu") for name in names}
     name_of = {id(tensor): name for name, tensor in placeholders.items()}
     reverted = revert_weight_conversion(model, dict(placeholders))
     keys = {name_of.get(id(tensor)): key for key, tensor in reverted.items()}

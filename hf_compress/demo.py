@@ -34,7 +34,7 @@ class DemoMethod:
     ``apply(model, tokenizer, calibration_texts)`` returns the compressed model and its recipe (a
     JSON-ready dict recorded in the model card); an ``apply`` with a ``progress`` keyword gets the demo's
     (``hf-compress demo -q``: no bars). ``save(model, tokenizer, folder)`` writes it so that
-    ``from_pretrained(folder)`` loads it.
+    ``from_pretrained(folder)`` loads it (a ``save`` with a ``progress`` keyword gets the demo's too).
     """
 
     name: str
@@ -111,12 +111,11 @@ def run_demo(
             logger.info("Applying %s", method.name)
             if index:  # methods may change the model in place: each starts from a fresh dense copy
                 model, tokenizer = load_model(model_name)
-            quiet = {} if "progress" not in inspect.signature(method.apply).parameters else {"progress": progress}
-            compressed, recipe = method.apply(model, tokenizer, calibration, **quiet)
+            compressed, recipe = method.apply(model, tokenizer, calibration, **_progress_for(method.apply, progress))
             results, records = run_evaluation(compressed, tokenizer, settings, progress=progress)
             _write_artifact(staging / method.name, compressed, tokenizer, method.save, base_model,
                             f"{short_name}-{method.name}", recipe, records, results, base_records=dense_records,
-                            base_weights=base_weights)
+                            base_weights=base_weights, progress=progress)
             rows.append(_row(method.name, results, staging / method.name))
             del compressed
         _write_json(staging / "summary.json", {"model": short_name if os.path.exists(str(model_name)) else model_name, "settings": settings.to_dict(), "rows": rows})
@@ -160,16 +159,24 @@ def _fmt(value: Any) -> str:
 
 
 def _write_artifact(folder: Path, model, tokenizer, save, base_model: str | None, name: str, recipe: dict[str, Any],
-                    records, results: dict[str, Any], base_records=(), base_weights=None) -> None:
+                    records, results: dict[str, Any], base_records=(), base_weights=None, progress: bool = True) -> None:
     """A Hub-ready folder: what ``from_pretrained`` needs, a model card with measured metrics, raw results.
     ``base_weights``: the dense model's GGUF origin (``hub.base_weights_of``), which the card states."""
     from .hub import build_model_card, write_model_card
 
-    (save or _save_pretrained)(model, tokenizer, folder)
+    if save is None:
+        _save_pretrained(model, tokenizer, folder)
+    else:
+        save(model, tokenizer, folder, **_progress_for(save, progress))
     card = build_model_card(base_model=base_model, model_name=name, recipe=recipe, metrics=records,
                             base_metrics=base_records, base_weights=base_weights)
     write_model_card(folder, card)
     _write_json(folder / "results.json", results)
+
+
+def _progress_for(function: Callable[..., Any], progress: bool) -> dict[str, bool]:
+    """``{"progress": progress}`` for a method's function that takes it (the demo's ``-q``), else nothing."""
+    return {"progress": progress} if "progress" in inspect.signature(function).parameters else {}
 
 
 def _save_pretrained(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:

@@ -42,8 +42,8 @@ def _method(config: PruningConfig) -> DemoMethod:
         pruned = pruner.prune(config, data, tokenizer=tokenizer, progress=progress)
         return pruned, {**config.to_dict(), "overall_sparsity": pruner.report.overall_sparsity}
 
-    def save(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
-        save_pruned(model, tokenizer, folder, recipe=config)
+    def save(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path, progress: bool = True) -> None:
+        save_pruned(model, tokenizer, folder, recipe=config, progress=progress)
 
     sparsity = str(config.sparsity).replace(":", "of")
     return DemoMethod(f"{config.method}-{sparsity}", f"{config.method} pruning to {config.sparsity}", apply, save)

@@ -365,7 +365,7 @@ def _write_encoded_shards(model: PreTrainedModel, plan: SparsePlan, state_dict: 
         values_shape, bitmask_shape, _ = weight.stored_shapes
         return [TensorSpec(values_key, weight.dtype, values_shape, write_values),
                 TensorSpec(bitmask_key, torch.uint8, bitmask_shape, write_bitmask),
-                TensorSpec.of(shape_key, torch.tensor(weight.shape, dtype=torch.int64))]
+                TensorSpec.of(shape_key, torch.tensor(weight.shape, dtype=torch.int64, device="cpu"))]  # metadata
 
     single = folder / SAFE_WEIGHTS_NAME
     sizes = {weight.key: weight.nbytes for weight in plan.weights}
