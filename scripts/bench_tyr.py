@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import statistics
 import tempfile
 import time
@@ -43,8 +44,16 @@ from hf_compress.evaluation.report import (
     synchronize,
     write_benchmark,
 )
+from hf_compress.evaluation.perplexity import evaluate_perplexity
 from hf_compress.evaluation.speed import measure_generation_speed
-from hf_compress.evaluation.suite import EvaluationSettings, evaluate_row
+from hf_compress.evaluation.suite import EvaluationSettings, headline_metrics
+from hf_compress.evaluation.uncertainty import (
+    average_standard_error,
+    paired_difference,
+    paired_task_average_difference,
+    standard_error,
+)
+from hf_compress.evaluation.zero_shot import evaluate_zero_shot
 from hf_compress.pruning import BlockRemovalConfig, BlockRemovalPruner, TyrConfig, TyrPruner
 from hf_compress.formats.slim import save_slim
 from hf_compress.modeling.structure import decoder_parameter_count
@@ -149,7 +158,22 @@ def _measure(model, tokenizer, settings, prompts, args, row: dict[str, Any]) -> 
     row["prefill_tokens_per_second"] = _prefill_speed(model, tokenizer)
     speed = measure_generation_speed(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, progress=False)
     row["decode_tokens_per_second"] = speed["tokens_per_second"]
-    return evaluate_row(model, tokenizer, settings, row, f"{row['method']} {row['target']:.2f}")
+    return _evaluate(model, tokenizer, settings, row)
+
+
+def _evaluate(model, tokenizer, settings: EvaluationSettings, row: dict[str, Any]) -> dict[str, Any]:
+    """Perplexity with each window's loss and zero-shot accuracy with each example's score: every row scores the same
+    windows and examples, so the table gives standard errors and paired differences."""
+    perplexity = evaluate_perplexity(model, tokenizer, load_text("wikipedia", "eval"), window=settings.window,
+                                     max_windows=settings.max_windows, batch_size=settings.batch_size, progress=False)
+    row["perplexity"], row["window_nlls"] = perplexity["perplexity"], perplexity["window_nlls"]
+    zero_shot = evaluate_zero_shot(model, tokenizer, tasks=settings.zero_shot_tasks, limit=settings.zero_shot_limit,
+                                   progress=False, return_per_example=True)
+    row.update(headline_metrics({"zero_shot": zero_shot}))
+    row["per_example"] = {task: zero_shot[task]["per_example"] for task in settings.zero_shot_tasks}
+    logger.info("%s %.2f: perplexity %.2f, zero-shot average %.4f", row["method"], row["target"], row["perplexity"],
+                row["zero_shot_average"])
+    return row
 
 
 @functools.cache
@@ -261,7 +285,10 @@ def _markdown(settings: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         f"{settings['speed']['prompts']} prompts. Sparsity = fraction of decoder-block parameters removed. "
         f"Týr settings beyond `TyrConfig` defaults: `{options}`; calibration 32 × 256 tokens. "
         "The speed columns were taken one model after another across the whole run on a shared CPU whose speed "
-        "drifts; `tyr-speed.md` re-times the same shapes side by side, round-robin, and is the one to quote."),
+        "drifts; `tyr-speed.md` re-times the same shapes side by side, round-robin, and is the one to quote."
+        + (" Perplexity ± one standard error over the windows (delta method); zero-shot average ± one standard error "
+           "over the examples; the targets compare rows paired over the same windows and examples."
+           if any("window_nlls" in row for row in rows) else "")),
         "",
         ("| target | method | removed | ppl | zero-shot avg (× dense) | params (M) | disk MB | prefill tok/s (×) "
         "| decode tok/s (×) | prune s | KV-head groups kept per layer (min–max) | FFN channels per layer (min–max) |"),
@@ -288,8 +315,9 @@ def _row(row: dict[str, Any], dense: dict[str, Any] | None) -> str:
         f"{row['target']:.0%}" if row["method"] != "dense" else "-",
         row["method"],
         f"{row['achieved_sparsity']:.3f}" if "achieved_sparsity" in row else "0",
-        f"{row['perplexity']:.2f}",
-        f"{zs:.4f} ({_ratio(zs, base_zs)})" if zs is not None else "",
+        f"{row['perplexity']:.2f}" + (f" ± {_perplexity_se(row):.2f}" if "window_nlls" in row else ""),
+        (f"{zs:.4f}" + (f" ± {_zero_shot_se(row):.4f}" if "per_example" in row else "") + f" ({_ratio(zs, base_zs)})"
+         if zs is not None else ""),
         f"{row['parameters'] / 1e6:.1f}",
         f"{row['disk_MB']:.1f}",
         f"{prefill:.0f} ({_ratio(prefill, dense and dense['prefill_tokens_per_second'])})",
@@ -302,6 +330,27 @@ def _row(row: dict[str, Any], dense: dict[str, Any] | None) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def _perplexity_se(row: dict[str, Any]) -> float:
+    """One standard error of the perplexity (delta method on the mean window loss)."""
+    return row["perplexity"] * (standard_error(row["window_nlls"]) or 0.0)
+
+
+def _zero_shot_se(row: dict[str, Any]) -> float:
+    return average_standard_error([standard_error(scores) or 0.0 for scores in row["per_example"].values()])
+
+
+def _paired_perplexity(a: dict[str, Any], b: dict[str, Any]) -> tuple[float, float] | None:
+    """Mean per-window loss difference ``a − b`` (nats; exp of it is the perplexity ratio) and its standard error."""
+    if "window_nlls" not in a or "window_nlls" not in b:
+        return None
+    return paired_difference(a["window_nlls"], b["window_nlls"])
+
+
+def _verdict(difference: float, stderr: float) -> str:
+    """Lower is better: beyond two standard errors either way, or a tie."""
+    return "lower" if difference < -2 * stderr else "higher" if difference > 2 * stderr else "a tie"
+
+
 def _targets(rows: list[dict[str, Any]], dense: dict[str, Any] | None) -> list[str]:
     lines = []
     by_key = {(r["method"], r["target"]): r for r in rows}
@@ -312,11 +361,28 @@ def _targets(rows: list[dict[str, Any]], dense: dict[str, Any] | None) -> list[s
         missing = [m for m, r in others.items() if r is not None and m not in beaten]
         verdict = "**met**" if not missing else f"**missed** (not below {', '.join(missing)})"
         shown = ", ".join(f"{m} {r['perplexity']:.2f}" for m, r in others.items() if r is not None)
+        paired = {m: _paired_perplexity(tyr, r) for m, r in others.items() if r is not None}
+        if any(value is not None for value in paired.values()):
+            ties = [m for m, value in paired.items() if value is not None and _verdict(*value) != "lower"]
+            verdict = "**met** beyond two standard errors" if not ties and not missing else (
+                f"**not shown** (within two standard errors of, or above, {', '.join(ties or missing)})")
+            shown += "; Týr/other perplexity, paired over the same windows: " + ", ".join(
+                f"{m} {math.exp(d):.3f}× (log {d:+.3f} ± {se:.3f}, {_verdict(d, se)})"
+                for m, (d, se) in paired.items())
+            zero_shot = [(m, paired_task_average_difference(tyr["per_example"], r["per_example"]))
+                         for m, r in others.items() if r is not None and "per_example" in r and "per_example" in tyr]
+            if zero_shot:
+                shown += "; zero-shot average, Týr − other (paired): " + ", ".join(
+                    f"{m} {100 * d:+.1f} ± {100 * se:.1f} points" for m, (d, se) in zero_shot)
         lines.append(f"- {target:.0%}: Týr perplexity {tyr['perplexity']:.2f} vs {shown}: {verdict}")
     half = by_key.get(("tyr", 0.5))
     if half and dense:
         kept = half["zero_shot_average"] / dense["zero_shot_average"]
-        lines.append(f"- 50%: Týr keeps {kept:.1%} of the dense zero-shot average (target ≥ 85%): "
+        spread = ""
+        if "per_example" in half and "per_example" in dense:
+            _, stderr = paired_task_average_difference(half["per_example"], dense["per_example"])
+            spread = f" ± {stderr / dense['zero_shot_average']:.1%} (paired)"
+        lines.append(f"- 50%: Týr keeps {kept:.1%}{spread} of the dense zero-shot average (target ≥ 85%): "
                      f"{'**met**' if kept >= 0.85 else '**missed**'}")
         speedup = half["decode_tokens_per_second"] / dense["decode_tokens_per_second"]
         smaller = half["parameters"] < dense["parameters"] and half["disk_MB"] < dense["disk_MB"]

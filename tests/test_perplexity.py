@@ -45,6 +45,10 @@ def test_perplexity_equals_hand_computation(arch):
     assert result["windows"] == ids.numel() // 64
     assert result["tokens"] == result["windows"] * 63
     assert result["perplexity"] == pytest.approx(_hand_perplexity(model, ids, 64), rel=1e-5)
+    # Each window's own mean loss, in window order: the first one by hand, and their mean is the overall one.
+    assert len(result["window_nlls"]) == result["windows"]
+    assert result["window_nlls"][0] == pytest.approx(math.log(_hand_perplexity(model, ids[:64], 64)), rel=1e-5)
+    assert sum(result["window_nlls"]) / result["windows"] == pytest.approx(result["nll"], rel=1e-9)
 
 
 def test_score_last_scores_only_the_tail_of_each_window():
@@ -74,6 +78,7 @@ def test_batch_size_does_not_change_perplexity():
     one = evaluate_perplexity(model, tokenizer, DOCS, window=32, batch_size=1, progress=False)
     many = evaluate_perplexity(model, tokenizer, DOCS, window=32, batch_size=5, progress=False)
     assert many["perplexity"] == pytest.approx(one["perplexity"], rel=1e-5)
+    assert many["window_nlls"] == pytest.approx(one["window_nlls"], rel=1e-5)
 
 
 def test_token_windows_subset_is_even_and_fixed():

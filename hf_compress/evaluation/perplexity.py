@@ -102,8 +102,9 @@ def evaluate_perplexity(
     the input). What a model that spends less compute on a prompt's earlier tokens (token routing) should be
     judged on: the continuation it is asked for, not its predictions inside the prompt.
 
-    Returns a JSON-ready dict: ``perplexity``, ``nll`` (mean, nats/token), ``tokens`` (predicted),
-    ``windows``, ``window``, ``max_windows``, ``score_last``, ``bos`` (each window started with the tokenizer's
+    Returns a JSON-ready dict: ``perplexity``, ``nll`` (mean, nats/token), ``window_nlls`` (each window's mean, in
+    window order: every window scores as many tokens, so their mean is ``nll``; for a standard error, or a paired
+    difference between two models on the same windows), ``tokens`` (predicted), ``windows``, ``window``, ``max_windows``, ``score_last``, ``bos`` (each window started with the tokenizer's
     BOS: see the module docstring), ``max_position_embeddings`` (the config's positions when ``window`` exceeds
     them, else ``None``: see the module docstring), ``seconds``. The model is measured in eval mode (its mode is
     restored after).
@@ -143,7 +144,8 @@ def evaluate_perplexity(
                          + f"; use window <= {most} or pass more text.")
     windows = token_windows(stream, text_tokens, max_windows)
     device = model.device
-    total_nll, total_tokens = 0.0, 0
+    window_nlls: list[float] = []
+    total_tokens = 0
     start = time.perf_counter()
     with evaluation_mode(model):
         for batch in tqdm(windows.split(batch_size), desc="perplexity", unit="batch", disable=not progress):
@@ -153,17 +155,18 @@ def evaluate_perplexity(
             logits = model(input_ids=batch, use_cache=False).logits[:, -scored - 1:-1]
             targets = batch[:, -scored:]
             nll = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="sum"
+                logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="none"
             )
-            total_nll += nll.item()
+            window_nlls.extend(nll.reshape(targets.shape).mean(dim=1).tolist())
             total_tokens += targets.numel()
     seconds = time.perf_counter() - start
-    mean_nll = total_nll / total_tokens
+    mean_nll = math.fsum(window_nlls) / len(window_nlls)
     logger.info("perplexity %.3f over %d tokens (%d windows of %d) in %.1fs",
                 math.exp(mean_nll), total_tokens, len(windows), window, seconds)
     return {
         "perplexity": math.exp(mean_nll),
         "nll": mean_nll,
+        "window_nlls": window_nlls,
         "tokens": total_tokens,
         "windows": len(windows),
         "window": window,
