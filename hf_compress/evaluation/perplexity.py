@@ -104,10 +104,10 @@ def evaluate_perplexity(
 
     Returns a JSON-ready dict: ``perplexity``, ``nll`` (mean, nats/token), ``window_nlls`` (each window's mean, in
     window order: every window scores as many tokens, so their mean is ``nll``; for a standard error, or a paired
-    difference between two models on the same windows), ``tokens`` (predicted), ``windows``, ``window``, ``max_windows``, ``score_last``, ``bos`` (each window started with the tokenizer's
-    BOS: see the module docstring), ``max_position_embeddings`` (the config's positions when ``window`` exceeds
-    them, else ``None``: see the module docstring), ``seconds``. The model is measured in eval mode (its mode is
-    restored after).
+    difference between two models on the same windows), ``tokens`` (predicted), ``windows``, ``window``,
+    ``max_windows``, ``score_last``, ``bos`` (each window started with the tokenizer's BOS: see the module
+    docstring), ``max_position_embeddings`` (the config's positions when ``window`` exceeds them, else ``None``: see
+    the module docstring), ``seconds``. The model is measured in eval mode (its mode is restored after).
 
     Example:
         >>> from hf_compress.assets import load_text

@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from collections.abc import Callable, Iterable, Mapping
@@ -31,8 +32,10 @@ __all__ = ["TensorSpec", "index_weight_files", "write_safetensors", "write_tenso
 _DTYPE_NAME = {
     torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.float16: "F16",
     torch.bfloat16: "BF16", torch.int32: "I32", torch.float32: "F32", torch.int64: "I64", torch.float64: "F64",
-    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.uint16: "U16", torch.uint32: "U32",
+    torch.uint64: "U64",
 }
+_DTYPE_OF_NAME = {name: dtype for dtype, name in _DTYPE_NAME.items()}
 _COPY_CHUNK = 64 * 2**20  # bytes copied at a time from an existing file
 
 
@@ -46,10 +49,7 @@ class TensorSpec(NamedTuple):
 
     @property
     def nbytes(self) -> int:
-        count = 1
-        for size in self.shape:
-            count *= size
-        return count * self.dtype.itemsize
+        return math.prod(self.shape) * self.dtype.itemsize
 
     @classmethod
     def of(cls, name: str, tensor: torch.Tensor) -> TensorSpec:
@@ -64,7 +64,7 @@ class TensorSpec(NamedTuple):
     @classmethod
     def copied_from(cls, name: str, entry: TensorEntry) -> TensorSpec:
         """A tensor of an existing safetensors file, copied byte for byte in chunks."""
-        dtype = next(d for d, n in _DTYPE_NAME.items() if n == entry.dtype)
+        dtype = _DTYPE_OF_NAME[entry.dtype]  # every dtype read_header accepts
 
         def copy(handle: BinaryIO) -> None:
             with open(entry.file, "rb") as source:
