@@ -8,7 +8,6 @@ comparison table. Methods register themselves in :data:`DEMO_METHODS` as they la
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 from collections.abc import Callable
@@ -21,7 +20,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from .evaluation.memory import disk_bytes
 from .evaluation.suite import EvaluationSettings, run_evaluation
 from .hub import base_weights_of, hub_model_id
-from .utils import atomic_directory, atomic_file, get_logger
+from .utils import atomic_directory, atomic_file, get_logger, progress_kwargs
 
 
 logger = get_logger(__name__)
@@ -111,7 +110,7 @@ def run_demo(
             logger.info("Applying %s", method.name)
             if index:  # methods may change the model in place: each starts from a fresh dense copy
                 model, tokenizer = load_model(model_name)
-            compressed, recipe = method.apply(model, tokenizer, calibration, **_progress_for(method.apply, progress))
+            compressed, recipe = method.apply(model, tokenizer, calibration, **progress_kwargs(method.apply, progress))
             results, records = run_evaluation(compressed, tokenizer, settings, progress=progress)
             _write_artifact(staging / method.name, compressed, tokenizer, method.save, base_model,
                             f"{short_name}-{method.name}", recipe, records, results, base_records=dense_records,
@@ -167,16 +166,11 @@ def _write_artifact(folder: Path, model, tokenizer, save, base_model: str | None
     if save is None:
         _save_pretrained(model, tokenizer, folder)
     else:
-        save(model, tokenizer, folder, **_progress_for(save, progress))
+        save(model, tokenizer, folder, **progress_kwargs(save, progress))
     card = build_model_card(base_model=base_model, model_name=name, recipe=recipe, metrics=records,
                             base_metrics=base_records, base_weights=base_weights)
     write_model_card(folder, card)
     _write_json(folder / "results.json", results)
-
-
-def _progress_for(function: Callable[..., Any], progress: bool) -> dict[str, bool]:
-    """``{"progress": progress}`` for a method's function that takes it (the demo's ``-q``), else nothing."""
-    return {"progress": progress} if "progress" in inspect.signature(function).parameters else {}
 
 
 def _save_pretrained(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:

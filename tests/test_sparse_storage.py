@@ -506,3 +506,27 @@ def test_plain_transformers_refuses_and_import_registers(tmp_path):
     assert "up_proj.weight" in result.stderr and "MISMATCH" in result.stderr
     expected = float(model.model.layers[0].mlp.up_proj.weight.detach().double().abs().sum())
     assert float(result.stdout.strip().splitlines()[-1]) == expected
+
+
+def test_stored_bytes_of_an_offloaded_model_are_its_weights_not_placeholders():
+    from accelerate import cpu_offload
+
+    from hf_compress.recipe.measure import weight_bytes
+
+    model, _ = tiny_model("llama")
+    _prune(model, "50%")
+    expected = weight_bytes(model)
+    cpu_offload(model, execution_device="cpu")  # every weight a 'meta' placeholder, read through a hook
+    assert weight_bytes(model) == expected and expected["stored_bytes"] > expected["decoder_linear_bytes"] > 0
+
+
+def test_a_pruner_whose_save_takes_no_progress_still_saves(tmp_path):
+    from hf_compress.pruning import MagnitudeConfig, MagnitudePruner
+
+    class OldStylePruner(MagnitudePruner):
+        def save(self, save_dir, overwrite, config):  # written before save took `progress`
+            super().save(save_dir, overwrite, config)
+
+    model, tokenizer = tiny_model("llama")
+    OldStylePruner(model, tokenizer).prune(MagnitudeConfig(sparsity=0.5), None, save_dir=tmp_path / "out", progress=False)
+    _assert_same_weights(model, AutoModelForCausalLM.from_pretrained(tmp_path / "out"))

@@ -81,7 +81,8 @@ class TensorSpec(NamedTuple):
 
 
 def write_tensor(handle: BinaryIO, tensor: torch.Tensor) -> None:
-    """Write ``tensor``'s bytes (row-major, little-endian as the host stores them) without copying it."""
+    """Write ``tensor``'s bytes (row-major, little-endian as the host stores them); a contiguous CPU tensor is
+    written from its own memory, anything else from one contiguous CPU copy."""
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
     if flat.numel():
         handle.write(memoryview(flat.view(torch.uint8).numpy()))

@@ -36,7 +36,7 @@ from torch import nn
 from .. import __version__, _compat
 from ..modeling import calibration_batches, check_within_learned_positions
 from ..utils import check_save_dir as check_save_folder
-from ..utils import InvalidArgumentTypeError, check_bool, check_path, get_logger
+from ..utils import InvalidArgumentTypeError, check_bool, check_path, get_logger, progress_kwargs
 from .config import PruningConfig, SparsityPattern, parse_sparsity
 from .registry import register_pruner
 
@@ -207,8 +207,8 @@ class BasePruner(ABC):
         self.report = self.run(config, plan, calibration_ids, progress)
         self._record_recipe(config)
         if save_dir is not None:
-            with _compat.quiet_weight_progress():  # transformers' bars: a second of bookkeeping after the real work
-                self.save(Path(save_dir), overwrite, config, progress=progress)
+            with _compat.quiet_weight_progress():  # transformers' own save bars; the format's encoding has its own
+                self.save(Path(save_dir), overwrite, config, **progress_kwargs(self.save, progress))
         return self.model  # type: ignore[return-value]
 
     def config_for_target(self, target: float | str | SparsityPattern) -> PruningConfig:
@@ -226,7 +226,7 @@ class BasePruner(ABC):
     @abstractmethod
     def save(self, save_dir: Path, overwrite: bool, config: PruningConfig, progress: bool = True) -> None:
         """Write the pruned model, its tokenizer and card to ``save_dir`` (all or nothing); ``progress``: a bar for
-        work that takes long on a big model (the sparse format's encoding)."""
+        work that takes long on a big model (the sparse format's encoding). An override may leave ``progress`` out."""
 
     # ------------------------------------------------------------------------------------- command line
 

@@ -63,7 +63,7 @@ from ..formats.sparse import (
 from ..utils import atomic_directory, check_save_dir, get_logger
 
 
-__all__ = ["PlannedWeight", "SparsePlan", "plan_sparse_storage", "save_pruned", "sparse_state_dict"]
+__all__ = ["PlannedWeight", "SparsePlan", "fill_offloaded", "plan_sparse_storage", "save_pruned", "sparse_state_dict"]
 
 logger = get_logger(__name__)
 
@@ -144,7 +144,7 @@ def plan_sparse_storage(
     converted = _keys_under_model_conversions(model)
     if state_dict is None:
         state_dict = model.state_dict()
-        _fill_offloaded(model, state_dict)  # before reading any weight: refuses a model without weights
+        fill_offloaded(model, state_dict)  # before reading any weight: refuses a model without weights
     weights: list[PlannedWeight] = []
     dense_bytes = stored_bytes = 0
 
@@ -225,7 +225,7 @@ def sparse_state_dict(
         ['bias', 'weight', 'weight_bitmask', 'weight_shape']
     """
     state_dict = model.state_dict()
-    _fill_offloaded(model, state_dict)
+    fill_offloaded(model, state_dict)
     plan = plan_sparse_storage(model, min_sparsity, state_dict)
     for weight in plan.weights:
         packed = _from_weight(weight, state_dict, encode_sparse)
@@ -293,23 +293,28 @@ def save_pruned(
     recipe_dict = _recipe_to_dict(recipe)
 
     state_dict = model.state_dict()
-    _fill_offloaded(model, state_dict)  # before reading any weight: refuses a model without weights
+    fill_offloaded(model, state_dict)  # before reading any weight: refuses a model without weights
     plan = plan_sparse_storage(model, min_sparsity, state_dict)
+    for weight in plan.weights:  # a linear weight is read from its layer when written: drop an offloaded one's copy
+        if weight.module is not None:
+            state_dict.pop(weight.key)
+    # The names save_pretrained would give the encoded tensors, found before anything is written.
+    stored_keys = _compat.checkpoint_keys_of(model, [key for weight in plan.weights for key in weight.stored_keys])
     storage = plan.storage
     quantization_config = SparseStorageConfig(
         compressed_modules=plan.compressed_modules, compressed_experts=plan.compressed_experts,
         min_sparsity=min_sparsity, recipe=recipe_dict, storage=storage,
         slim=slim_record(model),  # None unless the blocks have their own widths (Týr)
     )
-    encoded = {weight.key for weight in plan.weights}
     with atomic_directory(target, overwrite=overwrite) as staging:
         with _attached(model, quantization_config), _compat.quiet_weight_progress():
             # save_pretrained writes config/generation config, drops tied duplicates (lm_head) and shards the
             # weights stored dense; the encoded ones are written after, one tensor at a time.
+            encoded = {weight.key for weight in plan.weights}
             dense = {key: tensor for key, tensor in state_dict.items() if key not in encoded}
             model.save_pretrained(staging, state_dict=dense, max_shard_size=max_shard_size)
         del dense
-        _write_encoded_shards(model, plan, state_dict, staging, max_shard_size, progress=progress)
+        _write_encoded_shards(model, plan, state_dict, stored_keys, staging, max_shard_size, progress=progress)
         seal_checkpoint(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
@@ -329,14 +334,16 @@ def save_pruned(
 
 
 def _write_encoded_shards(model: PreTrainedModel, plan: SparsePlan, state_dict: Mapping[str, torch.Tensor],
-                          folder: Path, max_shard_size: int | str, progress: bool = True) -> None:
-    """Write the planned weights encoded, one weight's encoding in memory at a time, next to the dense weights
+                          stored_key: Mapping[str, str], folder: Path, max_shard_size: int | str,
+                          progress: bool = True) -> None:
+    """Write the planned weights encoded, a row block of one weight in memory at a time, next to the dense weights
     ``save_pretrained`` wrote in ``folder``.
 
     When everything fits in one file of ``max_shard_size`` (and ``save_pretrained`` wrote one), the encodings join
-    the dense tensors in ``model.safetensors``, which is rewritten (copied in chunks); otherwise they go to shards
-    of their own and every weight file is indexed as one sharded checkpoint. A weight's three tensors stay in one
-    file; their keys are those ``save_pretrained`` would write (the architecture's renamings reverted).
+    the dense tensors in ``model.safetensors``, which is rewritten (its tensors copied in chunks: the dense bytes
+    are written twice, and the disk holds both copies for a moment); otherwise they go to shards of their own and
+    every weight file is indexed as one sharded checkpoint. A weight's three tensors stay in one file, under
+    ``stored_key`` (the names ``save_pretrained`` would give them: the architecture's renamings reverted).
     """
     from huggingface_hub import split_state_dict_into_shards_factory
     from tqdm.auto import tqdm
@@ -344,13 +351,12 @@ def _write_encoded_shards(model: PreTrainedModel, plan: SparsePlan, state_dict: 
 
     if not plan.weights:
         return
-    stored_key = _compat.checkpoint_keys_of(model, [key for weight in plan.weights for key in weight.stored_keys])
     bar = tqdm(total=2 * len(plan.weights), desc="writing sparse weights", unit="tensor", disable=not progress,
                leave=False)
 
     def specs(weight: PlannedWeight) -> list[TensorSpec]:
         """The weight's values, bitmask and shape, each written when its turn comes, from row blocks of the weight
-        (so not even one whole weight's mask or values is held)."""
+        (so a weight over 64 MB never has its whole mask or values in memory)."""
         def write_values(handle: BinaryIO) -> None:
             bar.update()
             _from_weight(weight, state_dict, lambda dense: [write_tensor(handle, rows[rows != 0])
@@ -438,7 +444,7 @@ def _check_model(model: nn.Module) -> None:
                          "weights.")
 
 
-def _fill_offloaded(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+def fill_offloaded(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
     """Replace the ``meta`` placeholders of accelerate-offloaded weights in ``state_dict`` with their values.
 
     ``model.state_dict()`` of an offloaded model (``cpu_offload``, ``device_map`` with ``"cpu"``/``"disk"``) holds

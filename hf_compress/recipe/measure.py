@@ -56,7 +56,7 @@ def measure(
 
 def weight_bytes(model: torch.nn.Module) -> dict[str, int]:
     """Bytes of the checkpoint's tensors (``stored_bytes``) and of its decoder-block linear weights, as stored."""
-    from ..pruning.storage import plan_sparse_storage
+    from ..pruning.storage import fill_offloaded, plan_sparse_storage
     from ..quantization.packed_linear import PackedLinear
 
     packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
@@ -65,10 +65,12 @@ def weight_bytes(model: torch.nn.Module) -> dict[str, int]:
         dense = sum(weight.numel() * weight.element_size() for weight in _decoder_linear_weights(model))
         return {"stored_bytes": _unique_bytes(model.state_dict().values()),
                 "decoder_linear_bytes": dense + sum(m.packed_bytes() for m in packed)}
-    plan = plan_sparse_storage(model)  # the sparse format: pruned layers stored sparse-encoded
+    state_dict = model.state_dict()
+    fill_offloaded(model, state_dict)  # an offloaded model's tensors are 'meta' placeholders, which count nothing
+    plan = plan_sparse_storage(model, state_dict=state_dict)  # the sparse format: pruned layers stored sparse-encoded
     encoded = sum(weight.nbytes - math.prod(weight.shape) * weight.dtype.itemsize for weight in plan.weights)
     return {
-        "stored_bytes": _unique_bytes(model.state_dict().values()) + encoded,
+        "stored_bytes": _unique_bytes(state_dict.values()) + encoded,
         "decoder_linear_bytes": plan.storage["stored_linear_bytes"],
     }
 

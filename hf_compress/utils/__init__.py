@@ -1,4 +1,4 @@
-"""Small shared helpers: cache location, atomic writes, logging."""
+"""Small shared helpers: cache location, atomic writes, logging and progress."""
 
 from .files import (
     MODEL_FILE_PATTERNS,
@@ -12,7 +12,7 @@ from .files import (
     holds_model,
     sweep_stale_staging,
 )
-from .logging import get_logger
+from .logging import get_logger, progress_kwargs
 from .validation import (
     InvalidArgumentTypeError,
     check_bool,
@@ -52,5 +52,6 @@ __all__ = [
     "file_lock",
     "get_logger",
     "holds_model",
+    "progress_kwargs",
     "sweep_stale_staging",
 ]

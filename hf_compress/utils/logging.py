@@ -1,8 +1,11 @@
-"""Library logging: every module logs under the ``hf_compress`` logger; nothing prints."""
+"""Library logging: every module logs under the ``hf_compress`` logger; nothing prints (progress bars aside)."""
 
 from __future__ import annotations
 
+import inspect
 import logging
+from collections.abc import Callable
+from typing import Any
 
 
 _ROOT = "hf_compress"
@@ -18,3 +21,14 @@ def get_logger(name: str) -> logging.Logger:
     if name != _ROOT and not name.startswith(_ROOT + "."):
         name = f"{_ROOT}.{name}"
     return logging.getLogger(name)
+
+
+def progress_kwargs(function: Callable[..., Any], progress: bool) -> dict[str, bool]:
+    """``{"progress": progress}`` when ``function`` takes a ``progress`` keyword, else ``{}``: hands a caller's bar
+    switch (``-q``) on to a hook a user may have written without one.
+
+    Example:
+        >>> progress_kwargs(lambda model, progress=True: None, False), progress_kwargs(lambda model: None, False)
+        ({'progress': False}, {})
+    """
+    return {"progress": progress} if "progress" in inspect.signature(function).parameters else {}
