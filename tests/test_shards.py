@@ -12,7 +12,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from hf_compress.formats.integrity import read_header
-from hf_compress.formats.shards import TensorSpec, index_weight_files, write_safetensors
+from hf_compress.formats.shards import TensorSpec, index_weight_files, write_safetensors, write_tensor
+
+
+def _made_when_written(name, dtype, shape, make) -> TensorSpec:
+    """A tensor made only when its turn to be written comes, as the sparse save's encodings are."""
+    return TensorSpec(name, dtype, shape, lambda handle: write_tensor(handle, make()))
 
 
 def test_written_file_reads_back_with_safetensors_aligned_and_with_metadata(tmp_path):
@@ -40,7 +45,7 @@ def test_tensors_are_made_one_at_a_time(tmp_path):
             return tensor
         return make
 
-    specs = [TensorSpec.made_by(f"t{i}", torch.float32, (64,), maker(float(i))) for i in range(4)]
+    specs = [_made_when_written(f"t{i}", torch.float32, (64,), maker(float(i))) for i in range(4)]
     write_safetensors(tmp_path / "x.safetensors", specs)
     assert len(alive) == 4
     loaded = load_file(tmp_path / "x.safetensors")
@@ -48,7 +53,7 @@ def test_tensors_are_made_one_at_a_time(tmp_path):
 
 
 def test_a_tensor_of_the_wrong_size_and_bad_specs_are_refused(tmp_path):
-    wrong = TensorSpec.made_by("w", torch.float32, (4,), lambda: torch.zeros(3))
+    wrong = _made_when_written("w", torch.float32, (4,), lambda: torch.zeros(3))
     with pytest.raises(RuntimeError, match="wrote 12 bytes; its dtype and shape take 16"):
         write_safetensors(tmp_path / "x.safetensors", [wrong])
     with pytest.raises(ValueError, match="two tensors are named"):

@@ -57,11 +57,6 @@ class TensorSpec(NamedTuple):
         return cls(name, tensor.dtype, tuple(tensor.shape), lambda handle: write_tensor(handle, tensor))
 
     @classmethod
-    def made_by(cls, name: str, dtype: torch.dtype, shape: tuple[int, ...], make: Callable[[], torch.Tensor]) -> TensorSpec:
-        """A tensor made only when its turn to be written comes (and dropped after)."""
-        return cls(name, dtype, tuple(shape), lambda handle: write_tensor(handle, make()))
-
-    @classmethod
     def copied_from(cls, name: str, entry: TensorEntry) -> TensorSpec:
         """A tensor of an existing safetensors file, copied byte for byte in chunks."""
         dtype = _DTYPE_OF_NAME[entry.dtype]  # every dtype read_header accepts

@@ -357,20 +357,17 @@ def _write_encoded_shards(model: PreTrainedModel, plan: SparsePlan, state_dict: 
     def specs(weight: PlannedWeight) -> list[TensorSpec]:
         """The weight's values, bitmask and shape, each written when its turn comes, from row blocks of the weight
         (so a weight over 64 MB never has its whole mask or values in memory)."""
-        def write_values(handle: BinaryIO) -> None:
-            bar.update()
-            _from_weight(weight, state_dict, lambda dense: [write_tensor(handle, rows[rows != 0])
-                                                            for rows in _row_blocks(dense)])
-
-        def write_bitmask(handle: BinaryIO) -> None:
-            bar.update()
-            _from_weight(weight, state_dict, lambda dense: [write_tensor(handle, pack_bitmask(rows != 0))
-                                                            for rows in _row_blocks(dense)])
+        def block_by_block(encode: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[BinaryIO], None]:
+            def write(handle: BinaryIO) -> None:
+                bar.update()
+                _from_weight(weight, state_dict, lambda dense: [write_tensor(handle, encode(rows))
+                                                                for rows in _row_blocks(dense)])
+            return write
 
         values_key, bitmask_key, shape_key = (stored_key[key] for key in weight.stored_keys)
         values_shape, bitmask_shape, _ = weight.stored_shapes
-        return [TensorSpec(values_key, weight.dtype, values_shape, write_values),
-                TensorSpec(bitmask_key, torch.uint8, bitmask_shape, write_bitmask),
+        return [TensorSpec(values_key, weight.dtype, values_shape, block_by_block(lambda rows: rows[rows != 0])),
+                TensorSpec(bitmask_key, torch.uint8, bitmask_shape, block_by_block(lambda rows: pack_bitmask(rows != 0))),
                 TensorSpec.of(shape_key, torch.tensor(weight.shape, dtype=torch.int64, device="cpu"))]  # metadata
 
     single = folder / SAFE_WEIGHTS_NAME

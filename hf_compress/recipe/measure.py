@@ -16,7 +16,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -67,11 +66,11 @@ def weight_bytes(model: torch.nn.Module) -> dict[str, int]:
                 "decoder_linear_bytes": dense + sum(m.packed_bytes() for m in packed)}
     state_dict = model.state_dict()
     fill_offloaded(model, state_dict)  # an offloaded model's tensors are 'meta' placeholders, which count nothing
-    plan = plan_sparse_storage(model, state_dict=state_dict)  # the sparse format: pruned layers stored sparse-encoded
-    encoded = sum(weight.nbytes - math.prod(weight.shape) * weight.dtype.itemsize for weight in plan.weights)
-    return {
-        "stored_bytes": _unique_bytes(state_dict.values()) + encoded,
-        "decoder_linear_bytes": plan.storage["stored_linear_bytes"],
+    storage = plan_sparse_storage(model, state_dict=state_dict).storage  # pruned layers stored sparse-encoded
+    return {  # the dense state dict, less what the encoding saves on the decoder-block weights
+        "stored_bytes": _unique_bytes(state_dict.values()) + storage["stored_linear_bytes"]
+        - storage["dense_linear_bytes"],
+        "decoder_linear_bytes": storage["stored_linear_bytes"],
     }
 
 
