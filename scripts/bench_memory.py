@@ -21,6 +21,8 @@ Cases:
     swap       the same with ``SwapPermutationConfig(max_passes=2)``: RIA refined by channel swaps
     save       ``save_pruned`` of the model with half of each decoder linear weight zeroed (default shard size):
                the sparse encodings should be written, not all held at once
+    save-offloaded  the same model moved to accelerate's CPU offload (``cpu_offload``) before saving: its weights
+               already sit in the offload store in memory, so saving should not copy them out of it
 
 glibc keeps freed per-layer temporaries as heap it does not return, which hides what the code holds behind
 fragmentation; the children run with ``MALLOC_MMAP_THRESHOLD_=131072`` (recorded in the settings) so big buffers
@@ -30,6 +32,7 @@ Usage:
     python scripts/bench_memory.py [--baseline-rev 739d554] [--cases dlqat router wanda]
     python scripts/bench_memory.py --cases ria swap --baseline-rev REV --output-name memory-permutation
     python scripts/bench_memory.py --cases save --baseline-rev REV --output-name memory-save
+    python scripts/bench_memory.py --cases save-offloaded --baseline-rev REV --output-name memory-save-offloaded
 """
 
 from __future__ import annotations
@@ -56,9 +59,11 @@ SWEEPS = {
     "ria": ("layers", (4, 8, 12)),
     "swap": ("layers", (4, 8, 12)),
     "save": ("layers", (4, 8, 16)),
+    "save-offloaded": ("layers", (4, 8, 16)),
 }
 QUICK_SWEEPS = {"dlqat": ("layers", (2,)), "router": ("vocab", (4096,)), "wanda": ("layers", (2,)),
-                "ria": ("layers", (2,)), "swap": ("layers", (2,)), "save": ("layers", (2,))}
+                "ria": ("layers", (2,)), "swap": ("layers", (2,)), "save": ("layers", (2,)),
+                "save-offloaded": ("layers", (2,))}
 
 
 # ----------------------------------------------------------------------------------------------- child: one measurement
@@ -163,13 +168,17 @@ def _measure(case: str, value: int) -> dict:
         config = WandaConfig(sparsity="2:4", num_calibration_sequences=16, calibration_seq_len=128,
                              permutation=permutation)
         WandaPruner(model, None).prune(config, ids, progress=False)
-    elif case == "save":
+    elif case in ("save", "save-offloaded"):
         from hf_compress.pruning.storage import save_pruned
 
         with torch.no_grad():  # half of every decoder linear weight zeroed: about 0.53x stored
             for block in model.model.layers:
                 for layer in (m for m in block.modules() if isinstance(m, torch.nn.Linear)):
                     layer.weight[layer.weight.abs() <= layer.weight.abs().median()] = 0
+        if case == "save-offloaded":  # the store takes the CPU weights as they are: no second copy
+            from accelerate import cpu_offload
+
+            cpu_offload(model, execution_device=torch.device("cpu"))
         with tempfile.TemporaryDirectory() as output_dir:
             sampler.mark()
             save_pruned(model, None, Path(output_dir) / "pruned")

@@ -530,3 +530,37 @@ def test_a_pruner_whose_save_takes_no_progress_still_saves(tmp_path):
     model, tokenizer = tiny_model("llama")
     OldStylePruner(model, tokenizer).prune(MagnitudeConfig(sparsity=0.5), None, save_dir=tmp_path / "out", progress=False)
     _assert_same_weights(model, AutoModelForCausalLM.from_pretrained(tmp_path / "out"))
+
+
+def test_an_offloaded_models_weights_are_read_from_its_store_without_a_copy(tmp_path):
+    # Saving a CPU-offloaded model copied every weight out of the offload store first: twice the model in memory, on
+    # exactly the machines that offload because memory is short.
+    from accelerate import cpu_offload, disk_offload
+
+    from hf_compress.pruning.storage import fill_offloaded
+
+    model, _ = tiny_model("llama")
+    _prune(model, "50%")
+    expected = {key: tensor.clone() for key, tensor in model.state_dict().items()}
+    cpu_offload(model, execution_device="cpu")
+    state_dict = model.state_dict()
+    fill_offloaded(model, state_dict)
+    stores = {}
+    for name, module in model.named_modules():
+        hook = getattr(module, "_hf_hook", None)
+        if getattr(hook, "weights_map", None) is not None:
+            for key, _ in module.named_parameters(recurse=hook.place_submodules):
+                stores[f"{name}.{key}" if name else key] = hook.weights_map[key]
+    assert state_dict.keys() == expected.keys()
+    for key, tensor in state_dict.items():
+        assert torch.equal(tensor, expected[key]), key
+        assert tensor.data_ptr() == stores[key].data_ptr(), f"{key} was copied out of the store"
+
+    # A disk store hands out a fresh copy at each read: the values are still the model's.
+    model, _ = tiny_model("llama")
+    expected = {key: tensor.clone() for key, tensor in model.state_dict().items()}
+    disk_offload(model, str(tmp_path / "offload"), execution_device="cpu")
+    state_dict = model.state_dict()
+    assert any(tensor.is_meta for tensor in state_dict.values())
+    fill_offloaded(model, state_dict)
+    assert all(torch.equal(state_dict[key], expected[key]) for key in expected)

@@ -445,9 +445,10 @@ def fill_offloaded(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> Non
     """Replace the ``meta`` placeholders of accelerate-offloaded weights in ``state_dict`` with their values.
 
     ``model.state_dict()`` of an offloaded model (``cpu_offload``, ``device_map`` with ``"cpu"``/``"disk"``) holds
-    ``meta`` tensors, which safetensors cannot write; the values are read module by module (one offloaded
-    module on its execution device at a time). A ``meta`` tensor that no offload hook holds (a model that was
-    never loaded) is refused.
+    ``meta`` tensors, which safetensors cannot write. The values are the offload store's own tensors where it holds
+    them under the parameter's name and dtype: a CPU store's are already in memory, so filling copies nothing (a
+    disk store reads each one). Anything else is read by onloading its module, one at a time. A ``meta`` tensor that
+    no offload hook holds (a model that was never loaded) is refused.
     """
     if not any(tensor.is_meta for tensor in state_dict.values()):
         return
@@ -457,9 +458,22 @@ def fill_offloaded(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> Non
                    and state_dict[prefix + key].is_meta]
         if not missing or not is_offloaded(module):
             continue
+        store = _compat.accelerate_hook(module).weights_map
+        unread = []
+        for key in missing:
+            try:
+                stored = store[key]
+            except KeyError:  # a child's weight under the child's own hook, or a store keyed otherwise
+                stored = None
+            if stored is None or stored.is_meta or stored.dtype != state_dict[prefix + key].dtype:
+                unread.append(key)
+            else:
+                state_dict[prefix + key] = stored.detach()
+        if not unread:
+            continue
         with onloaded(module):
             values = module.state_dict()
-            for key in missing:
+            for key in unread:
                 if not values[key].is_meta:
                     state_dict[prefix + key] = values[key].detach().to("cpu", copy=True)
     left = [key for key, tensor in state_dict.items() if tensor.is_meta]
