@@ -63,7 +63,8 @@ from ..formats.sparse import (
 from ..utils import atomic_directory, check_save_dir, get_logger
 
 
-__all__ = ["PlannedWeight", "SparsePlan", "fill_offloaded", "plan_sparse_storage", "save_pruned", "sparse_state_dict"]
+__all__ = ["PlannedWeight", "SparsePlan", "fill_offloaded", "filled_state_dict", "plan_sparse_storage", "save_pruned",
+           "sparse_state_dict"]
 
 logger = get_logger(__name__)
 
@@ -143,8 +144,7 @@ def plan_sparse_storage(
     targets = {id(layer) for block in blocks for layer in find_linear_layers(block).values()}
     converted = _keys_under_model_conversions(model)
     if state_dict is None:
-        state_dict = model.state_dict()
-        fill_offloaded(model, state_dict)  # before reading any weight: refuses a model without weights
+        state_dict = filled_state_dict(model)  # before reading any weight: refuses a model without weights
     weights: list[PlannedWeight] = []
     dense_bytes = stored_bytes = 0
 
@@ -224,8 +224,7 @@ def sparse_state_dict(
         >>> sorted(k.rpartition(".")[2] for k in state if k.startswith("transformer.h.0.mlp.c_fc."))
         ['bias', 'weight', 'weight_bitmask', 'weight_shape']
     """
-    state_dict = model.state_dict()
-    fill_offloaded(model, state_dict)
+    state_dict = filled_state_dict(model)
     plan = plan_sparse_storage(model, min_sparsity, state_dict)
     for weight in plan.weights:
         packed = _from_weight(weight, state_dict, encode_sparse)
@@ -292,8 +291,7 @@ def save_pruned(
         recipe = recorded.get("pruning") if isinstance(recorded, Mapping) else None
     recipe_dict = _recipe_to_dict(recipe)
 
-    state_dict = model.state_dict()
-    fill_offloaded(model, state_dict)  # before reading any weight: refuses a model without weights
+    state_dict = filled_state_dict(model)  # before reading any weight: refuses a model without weights
     plan = plan_sparse_storage(model, min_sparsity, state_dict)
     for weight in plan.weights:  # a linear weight is read from its layer when written: drop an offloaded one's copy
         if weight.module is not None:
@@ -439,6 +437,22 @@ def _check_model(model: nn.Module) -> None:
     if _compat.quantizer_of(model) is not None or quantization:
         raise ValueError(f"the model is quantized ({method or 'unknown method'}); sparse storage needs dense float "
                          "weights.")
+
+
+def filled_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` with the values of accelerate-offloaded weights in place of their ``meta`` placeholders
+    (:func:`fill_offloaded`): what saving and byte counts read.
+
+    Example:
+        >>> from hf_compress.assets import tiny_model
+        >>> from accelerate import cpu_offload
+        >>> model = cpu_offload(tiny_model("llama")[0], execution_device="cpu")
+        >>> any(tensor.is_meta for tensor in filled_state_dict(model).values())
+        False
+    """
+    state_dict = model.state_dict()
+    fill_offloaded(model, state_dict)
+    return state_dict
 
 
 def fill_offloaded(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:

@@ -55,7 +55,7 @@ def measure(
 
 def weight_bytes(model: torch.nn.Module) -> dict[str, int]:
     """Bytes of the checkpoint's tensors (``stored_bytes``) and of its decoder-block linear weights, as stored."""
-    from ..pruning.storage import fill_offloaded, plan_sparse_storage
+    from ..pruning.storage import filled_state_dict, plan_sparse_storage
     from ..quantization.packed_linear import PackedLinear
 
     packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
@@ -64,8 +64,7 @@ def weight_bytes(model: torch.nn.Module) -> dict[str, int]:
         dense = sum(weight.numel() * weight.element_size() for weight in _decoder_linear_weights(model))
         return {"stored_bytes": _unique_bytes(model.state_dict().values()),
                 "decoder_linear_bytes": dense + sum(m.packed_bytes() for m in packed)}
-    state_dict = model.state_dict()
-    fill_offloaded(model, state_dict)  # an offloaded model's tensors are 'meta' placeholders, which count nothing
+    state_dict = filled_state_dict(model)  # an offloaded model's tensors are 'meta' placeholders, which count nothing
     storage = plan_sparse_storage(model, state_dict=state_dict).storage  # pruned layers stored sparse-encoded
     return {  # the dense state dict, less what the encoding saves on the decoder-block weights
         "stored_bytes": _unique_bytes(state_dict.values()) + storage["stored_linear_bytes"]
