@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from hf_compress.recipe import Recipe, RecipeError, run
+from hf_compress.recipe.save import reloaded_copy
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -241,8 +242,11 @@ def test_tyr_then_wanda_2_4_then_rtn_reloads_slim_sparse_and_packed(tmp_path):
     packed = [m for m in reloaded.modules() if isinstance(m, PackedLinear)]
     assert packed and all(m.is_sparse and check_pattern(m.dequantized_weight(), "2:4") for m in packed)
     ids = torch.tensor([[5, 17, 42, 99, 3, 64, 128, 7]])
+    # The reload check of a model on a GPU runs the copy one module at a time (accelerate's cpu_offload): same logits.
+    offloaded = reloaded_copy(folder, "cpu", one_module_at_a_time=True)
     with torch.no_grad():
-        assert torch.equal(reloaded(ids).logits, result.model.eval()(ids).logits)
+        expected = result.model.eval()(ids).logits
+        assert torch.equal(reloaded(ids).logits, expected) and torch.equal(offloaded(ids).logits, expected)
 
 
 def test_structural_then_n_m_is_accepted_when_the_widths_allow_it():
@@ -314,8 +318,11 @@ def test_prune_then_quantize_saves_a_folder_that_reloads_with_equal_logits(prune
     reloaded = AutoModelForCausalLM.from_pretrained(folder).eval()
     assert any(isinstance(m, PackedLinear) for m in reloaded.modules())
     ids = torch.tensor([[5, 17, 42, 99, 3, 64, 128, 7]])
+    # The reload check of a model on a GPU runs the copy one module at a time (accelerate's cpu_offload): same logits.
+    offloaded = reloaded_copy(folder, "cpu", one_module_at_a_time=True)
     with torch.no_grad():
-        assert torch.equal(reloaded(ids).logits, result.model.eval()(ids).logits)
+        expected = result.model.eval()(ids).logits
+        assert torch.equal(reloaded(ids).logits, expected) and torch.equal(offloaded(ids).logits, expected)
     # DL-QAT kept Wanda's 2:4 mask: every dequantized decoder weight has at most 2 non-zeros per 4 inputs
     dense = reloaded.dequantize()
     for block in dense.model.layers:
@@ -773,9 +780,12 @@ def test_route_and_structural_steps_save_in_their_formats(tmp_path, step, saved_
     else:
         assert "quantization_config" not in config and config["num_hidden_layers"] == 1
     reloaded = AutoModelForCausalLM.from_pretrained(result.save_dir).eval()
+    offloaded = reloaded_copy(result.save_dir, "cpu", one_module_at_a_time=True)  # as the reload check runs off the CPU
     ids = torch.tensor([[5, 17, 42, 99, 3, 64, 128, 7]])
     with torch.no_grad():
-        torch.testing.assert_close(reloaded(ids).logits, result.model.eval()(ids).logits, rtol=0, atol=1e-6)
+        expected = result.model.eval()(ids).logits
+        torch.testing.assert_close(reloaded(ids).logits, expected, rtol=0, atol=1e-6)
+        torch.testing.assert_close(offloaded(ids).logits, expected, rtol=0, atol=1e-6)
     assert result.final_metrics["perplexity"] != result.base.metrics["perplexity"]
 
 

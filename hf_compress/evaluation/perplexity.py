@@ -144,6 +144,9 @@ def evaluate_perplexity(
                          + f"; use window <= {most} or pass more text.")
     windows = token_windows(stream, text_tokens, max_windows)
     device = model.device
+    # Only the scored tail's logits when that saves work (the whole window stays the input); scoring every token keeps
+    # the plain call, which models without the argument take too.
+    keep = {"logits_to_keep": scored + 1} if scored < window - 1 else {}
     window_nlls: list[float] = []
     total_tokens = 0
     start = time.perf_counter()
@@ -152,13 +155,14 @@ def evaluate_perplexity(
             batch = batch.to(device)
             if bos is not None:
                 batch = torch.cat([batch.new_full((batch.shape[0], 1), bos), batch], dim=1)
-            logits = model(input_ids=batch, use_cache=False).logits[:, -scored - 1:-1]
+            logits = model(input_ids=batch, use_cache=False, **keep).logits
             targets = batch[:, -scored:]
-            nll = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="none"
-            )
-            window_nlls.extend(nll.reshape(targets.shape).mean(dim=1).tolist())
+            # Window by window: a float copy and log-softmax of one window's logits, not of the batch's.
+            for row in range(targets.shape[0]):
+                nll = torch.nn.functional.cross_entropy(logits[row, -scored - 1 : -1].float(), targets[row])
+                window_nlls.append(float(nll))
             total_tokens += targets.numel()
+            del logits
     seconds = time.perf_counter() - start
     mean_nll = math.fsum(window_nlls) / len(window_nlls)
     logger.info("perplexity %.3f over %d tokens (%d windows of %d) in %.1fs",

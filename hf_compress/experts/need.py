@@ -62,16 +62,21 @@ def completion_losses(model, tokenizer, dataset, *, max_length: int = 256, batch
             width = max(len(sequences[i][0]) for i in chunk)
             ids = torch.full((len(chunk), width), eos, dtype=torch.long)
             mask = torch.zeros_like(ids)
-            scored = torch.zeros(len(chunk), width, dtype=torch.bool)
             for row, index in enumerate(chunk):
                 tokens, first = sequences[index]
                 ids[row, : len(tokens)] = torch.tensor(tokens)
                 mask[row, : len(tokens)] = 1
-                scored[row, first : len(tokens)] = True
+            # Logits only from the earliest scored prediction on (prompts are most of each row), one row's float
+            # copy at a time: the batch's full-vocabulary logits in float were the largest thing held.
+            keep = width - min(sequences[i][1] for i in chunk) + 1
             with torch.no_grad():
-                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1].float()
-            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:].to(device),
-                                                    reduction="none").cpu()
-            target = scored[:, 1:]
-            losses[chunk] = (nll * target).sum(1) / target.sum(1).clamp_min(1)
+                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False,
+                               logits_to_keep=keep).logits
+            for row, index in enumerate(chunk):
+                tokens, first = sequences[index]
+                start_at = first - 1 - (width - keep)  # the logits' position that predicts token `first`
+                predicted = logits[row, start_at : start_at + len(tokens) - first].float()
+                target = ids[row, first : len(tokens)].to(device)
+                losses[index] = torch.nn.functional.cross_entropy(predicted, target).cpu()
+            del logits
     return losses

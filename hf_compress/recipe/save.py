@@ -78,9 +78,11 @@ def write_folder(
 def check_reload(model: Any, folder: Path, tolerance: float = 1e-4) -> float:
     """Load the saved ``folder`` with ``AutoModelForCausalLM.from_pretrained`` and compare its logits with the model
     in memory on fixed token ids; raise before anything is installed when they differ. Returns the largest
-    difference (0.0 when the format restores the weights exactly)."""
+    difference (0.0 when the format restores the weights exactly).
+
+    The reloaded copy is held in CPU memory; for a model on another device (a GPU) it runs there one module at a time
+    (:func:`reloaded_copy`), so that device never holds the model twice and both forwards use the same kernels."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     from ..modeling.layers import evaluation_mode
 
@@ -88,13 +90,13 @@ def check_reload(model: Any, folder: Path, tolerance: float = 1e-4) -> float:
     ids = torch.randint(0, model.config.get_text_config().vocab_size, (1, 16), generator=generator).to(model.device)
     advice = "the format cannot yet store this combination of steps: run them as separate recipes."
     try:
-        with _compat.quiet_weight_progress():
-            reloaded = AutoModelForCausalLM.from_pretrained(folder).to(model.device).eval()
+        reloaded = reloaded_copy(folder, model.device)
     except Exception as error:  # whatever the format raised: the folder must not be installed
         raise RuntimeError(f"the saved folder does not load back ({' '.join(str(error).split())}), so nothing was "
                            f"saved; {advice}") from error
     with torch.no_grad(), evaluation_mode(model):
-        expected, got = model(ids).logits.float(), reloaded(ids).logits.float()
+        expected, got = model(ids).logits.float(), reloaded(ids).logits.float().to(model.device)
+    del reloaded
     difference = float((expected - got).abs().max())
     if not difference <= tolerance * max(1.0, float(expected.abs().max())):
         raise RuntimeError(
@@ -102,6 +104,25 @@ def check_reload(model: Any, folder: Path, tolerance: float = 1e-4) -> float:
             f"nothing was saved; {advice}"
         )
     return difference
+
+
+def reloaded_copy(folder: Path, device: Any, *, one_module_at_a_time: bool | None = None) -> Any:
+    """``from_pretrained(folder)`` in CPU memory, in eval mode, whose forwards run on ``device``. Off the CPU (or with
+    ``one_module_at_a_time``) through accelerate's ``cpu_offload``: each module's weights visit ``device`` only for
+    its own forward."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    device = torch.device(device)
+    with _compat.quiet_weight_progress():
+        reloaded = AutoModelForCausalLM.from_pretrained(folder).eval()
+    if one_module_at_a_time is None:
+        one_module_at_a_time = device.type != "cpu"
+    if one_module_at_a_time:
+        from accelerate import cpu_offload
+
+        cpu_offload(reloaded, execution_device=device)
+    return reloaded
 
 
 def save_model(state: RecipeState, folder: Path, base_model: str | None, progress: bool = True) -> str:

@@ -273,7 +273,8 @@ def collect_input_norms(
         with evaluation_mode(model):
             for begin in tqdm(range(0, ids.shape[0], batch_size), desc="permutation statistics",
                               disable=not progress, leave=False):
-                model(input_ids=ids[begin:begin + batch_size].to(device), use_cache=False)
+                # one logit row: the output layer's full-vocabulary logits for every position are not needed here
+                model(input_ids=ids[begin:begin + batch_size].to(device), use_cache=False, logits_to_keep=1)
     finally:
         for handle in handles:
             handle.remove()

@@ -40,9 +40,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
+from ...formats.shards import TensorSpec, write_safetensors
 from ...modeling import calibration_batches, find_decoder_blocks
 from ...modeling.layers import check_not_offloaded
 from ...modeling.structure import BlockStructure, block_structure, decoder_parameter_count, shrink_block
@@ -364,12 +364,14 @@ class TyrPruner(StructuralPruner):
     def _store_dense_outputs(self, structures: list[BlockStructure], path: Path) -> None:
         if path.exists():
             return
-        tensors = {}
+        # Written one tensor at a time (a CPU copy of each in turn for a model on a GPU): together they are about a
+        # third of the model.
+        specs = []
         for index, structure in enumerate(structures):
-            tensors[f"{index}.attention"] = structure.attention.output.weight.detach().cpu().contiguous()
-            tensors[f"{index}.ffn"] = structure.ffn.output.weight.detach().cpu().contiguous()
+            specs.append(TensorSpec.of(f"{index}.attention", structure.attention.output.weight.detach()))
+            specs.append(TensorSpec.of(f"{index}.ffn", structure.ffn.output.weight.detach()))
         with atomic_path(path) as partial:
-            save_file(tensors, partial)
+            write_safetensors(partial, specs)
 
     def _restore_dense_outputs(self, structures: list[BlockStructure], path: Path) -> None:
         # One tensor at a time: all blocks' output projections together are about a third of the model.

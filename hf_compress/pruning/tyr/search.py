@@ -158,8 +158,11 @@ class SparseKLFitness:
         with torch.no_grad():
             for start in tqdm(range(0, pool.shape[0], batch_size), desc="teacher top-k", leave=False,
                               disable=not progress):
-                logits = model(pool[start : start + batch_size].to(device), use_cache=False).logits.float()
+                # top-k in the logits' own dtype: a float copy of a half-precision batch of full-vocabulary logits
+                # would be twice their size, for the same top values
+                logits = model(pool[start : start + batch_size].to(device), use_cache=False).logits
                 top = logits.topk(min(topk, logits.shape[-1]), dim=-1)
+                del logits
                 values.append(top.values.cpu().to(torch.bfloat16))
                 indices.append(top.indices.cpu().to(torch.int32))
         self.values = torch.cat(values)

@@ -133,7 +133,8 @@ class HeadsTrainingModule(FrozenModelTrainingModule, nn.Module):
             if self.body is None:
                 raise ValueError("The batches carry no cached `hidden_states`; train with cache_features=False instead.")
             with torch.no_grad():
-                hidden_states = self.body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+                hidden_states = self.body(input_ids=input_ids, attention_mask=attention_mask,
+                                          use_cache=False).last_hidden_state
         labels = input_ids if labels is None else labels
         loss, _ = heads_loss(self.heads, hidden_states, input_ids, labels, BaseParts(self.lm_head, self.embeddings))
         return {"loss": loss}
@@ -162,13 +163,16 @@ def cache_base_features(model: PreTrainedModel, dataset: Dataset, batch_size: in
     labels = torch.tensor(dataset["labels"], device="cpu") if "labels" in dataset.column_names else input_ids.clone()
     body = _feature_body(model)
     device = model.get_input_embeddings().weight.device
-    chunks = []
+    features = None  # filled in place: a list of chunks and their concatenation would hold the features twice
     with _eval_mode(model):
         for start in tqdm(range(0, len(input_ids), batch_size), desc="caching base features", unit="batch",
                           disable=not progress):
             batch = input_ids[start : start + batch_size].to(device)
-            chunks.append(body(input_ids=batch).last_hidden_state.cpu())
-    return FeatureDataset(input_ids, labels, torch.cat(chunks))
+            hidden = body(input_ids=batch, use_cache=False).last_hidden_state
+            if features is None:
+                features = torch.empty(*input_ids.shape, hidden.shape[-1], dtype=hidden.dtype, device="cpu")
+            features[start : start + len(batch)] = hidden.cpu()
+    return FeatureDataset(input_ids, labels, features)
 
 
 @torch.no_grad()
