@@ -21,6 +21,8 @@ Cases:
     swap       the same with ``SwapPermutationConfig(max_passes=2)``: RIA refined by channel swaps
     save       ``save_pruned`` of the model with half of each decoder linear weight zeroed (default shard size):
                the sparse encodings should be written, not all held at once
+    perplexity ``evaluate_perplexity`` on 8 windows of 512 tokens, batches of 4, against the vocabulary size: the
+               float copies of a batch's full-vocabulary logits are what grows
     save-offloaded  the same model moved to accelerate's CPU offload (``cpu_offload``) before saving: its weights
                already sit in the offload store in memory, so saving should not copy them out of it
 
@@ -33,6 +35,7 @@ Usage:
     python scripts/bench_memory.py --cases ria swap --baseline-rev REV --output-name memory-permutation
     python scripts/bench_memory.py --cases save --baseline-rev REV --output-name memory-save
     python scripts/bench_memory.py --cases save-offloaded --baseline-rev REV --output-name memory-save-offloaded
+    python scripts/bench_memory.py --cases perplexity --baseline-rev REV --output-name memory-perplexity
 """
 
 from __future__ import annotations
@@ -60,10 +63,11 @@ SWEEPS = {
     "swap": ("layers", (4, 8, 12)),
     "save": ("layers", (4, 8, 16)),
     "save-offloaded": ("layers", (4, 8, 16)),
+    "perplexity": ("vocab", (4096, 32768, 131072)),
 }
 QUICK_SWEEPS = {"dlqat": ("layers", (2,)), "router": ("vocab", (4096,)), "wanda": ("layers", (2,)),
                 "ria": ("layers", (2,)), "swap": ("layers", (2,)), "save": ("layers", (2,)),
-                "save-offloaded": ("layers", (2,))}
+                "save-offloaded": ("layers", (2,)), "perplexity": ("vocab", (4096,))}
 
 
 # ----------------------------------------------------------------------------------------------- child: one measurement
@@ -168,6 +172,13 @@ def _measure(case: str, value: int) -> dict:
         config = WandaConfig(sparsity="2:4", num_calibration_sequences=16, calibration_seq_len=128,
                              permutation=permutation)
         WandaPruner(model, None).prune(config, ids, progress=False)
+    elif case == "perplexity":
+        from hf_compress.assets import tiny_tokenizer
+        from hf_compress.evaluation.perplexity import evaluate_perplexity
+
+        text = " ".join(f"w{(i * 7919) % 251} t{i % 13}" for i in range(6000))  # ids below 256: any vocabulary
+        sampler.mark()
+        evaluate_perplexity(model, tiny_tokenizer(), [text], window=512, max_windows=8, batch_size=4, progress=False)
     elif case in ("save", "save-offloaded"):
         from hf_compress.pruning.storage import save_pruned
 
