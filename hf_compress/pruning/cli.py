@@ -13,8 +13,8 @@ import dataclasses
 import json
 from collections.abc import Sequence
 
-from ..cli.main import (calibration_text_argument, command, common_flags, device_argument, named_command,
-                        resolve_device)
+from ..cli.main import (calibration_text_argument, command, common_flags, device_argument, dtype_argument,
+                        named_command, resolve_device, resolve_dtype)
 
 
 def _arguments(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> None:
@@ -49,6 +49,7 @@ def _arguments(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
                            metavar="JSON", help="more config fields as a JSON object, e.g. '{\"batch_size\": 4}' "
                                                 "(a flag given for the same field wins)")
         device_argument(child)
+        dtype_argument(child)
         add_config_arguments(child, pruner_class.config_class, defaults=pruner_class.cli_defaults)
         pruner_class.add_cli_arguments(child)
         child.set_defaults(pruner_class=pruner_class)
@@ -76,7 +77,7 @@ def run_prune(args: argparse.Namespace) -> int:
     calibration = (load_calibration_text(args.calibration_text)
                    if pruner_class.requires_calibration or trains else None)
     device = resolve_device(args.device)
-    pruner = pruner_class.from_pretrained(args.model)
+    pruner = pruner_class.from_pretrained(args.model, dtype=resolve_dtype(args.dtype))
     pruner.model.to(device)
     pruner.prune(config, calibration, save_dir=args.save_dir, overwrite=args.overwrite, progress=not args.quiet,
                  **pruner_class.prune_kwargs_from_cli(args))

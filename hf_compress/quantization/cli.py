@@ -21,10 +21,12 @@ from ..cli.main import (
     calibration_text_record,
     command,
     device_argument,
+    dtype_argument,
     int_at_least,
     positive_float,
     refuse_unused_flags,
     resolve_device,
+    resolve_dtype,
 )
 
 
@@ -60,6 +62,7 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter-dir", default=None, help="dlqat: also save the trained adapter here")
     calibration_text_argument(parser, default=None, help_prefix="dlqat: training text, ")
     device_argument(parser)  # rtn packs there; dlqat trains there (Trainer places the model: see run_quantize)
+    dtype_argument(parser)
     parser.add_argument("--overwrite", action="store_true",
                         help="save into a non-empty --save-dir / --adapter-dir: the model or adapter there is "
                              "replaced, other files are kept")
@@ -102,7 +105,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         use_magnitude=args.method == "dlqat" and not args.no_magnitude,
         use_lora=args.method == "dlqat" and not args.no_lora,
     )
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, resolve_dtype(args.dtype))
     model.to(device)
     # A pruned input stays sparse (keep_sparsity): the card must name the prune(s) that shaped these weights too.
     record = getattr(model.config, "hf_compress", None) or {}

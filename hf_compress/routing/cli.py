@@ -15,10 +15,12 @@ from ..cli.main import (
     calibration_text_record,
     command,
     device_argument,
+    dtype_argument,
     int_at_least,
     positive_float,
     refuse_unused_flags,
     resolve_device,
+    resolve_dtype,
 )
 
 
@@ -56,6 +58,7 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--save-dir", required=True, help="folder for the routed model")
     calibration_text_argument(parser, help_prefix="schedule search and router training text: ")
     device_argument(parser)  # the schedule search and the router training run there
+    dtype_argument(parser)
     parser.add_argument("--overwrite", action="store_true",
                         help="save into a non-empty --save-dir: its model is replaced, other files are kept")
 
@@ -82,7 +85,7 @@ def run_route(args: argparse.Namespace) -> int:
         token_sparsity=args.sparsity, generations=args.generations, population=args.population,
         search_windows=args.search_windows, search_seq_len=args.seq_len,
     )
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, resolve_dtype(args.dtype))
     model.to(device)
     check_within_learned_positions(model, args.seq_len, "--seq-len is", "--seq-len")  # before the search's work
     schedule = search_schedule(model, text, config, tokenizer=tokenizer, progress=not args.quiet, args=settings)
