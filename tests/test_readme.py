@@ -62,7 +62,7 @@ REPLACEMENTS: list[tuple[str, str, str]] = [
     # evaluation
     ("max_windows=32, zero_shot_limit=200", "max_windows=2, zero_shot_limit=4", "quick subsets"),
     ('window=512)', 'window=512, max_windows=2)', "quick subset"),
-    ('limit={"hellaswag": 1000}', "limit=4", "quick subsets"),
+    ('limit={"hellaswag": 1000}', 'limit={"hellaswag": 4}', "quick subsets (arc_easy, left out, in full)"),
 ]
 
 # A closing fence is bare: GitHub (CommonMark) reads "``` # text" as a line of the block, not its end.

@@ -237,12 +237,22 @@ def test_limits_that_would_score_nothing_or_miss_a_task_are_refused():
     model, tokenizer = tiny_model("llama")
     with pytest.raises(ValueError, match="limit"):
         evaluate_zero_shot(model, tokenizer, ("arc_easy",), limit=0)
-    with pytest.raises(ValueError, match=r"\['arc-easy'\] that are not in tasks and leaves out \['arc_easy'\]"):
+    with pytest.raises(ValueError, match=r"limit names \['arc-easy'\], not in tasks \['arc_easy'\]: add them"):
         evaluate_zero_shot(model, tokenizer, ("arc_easy",), limit={"arc-easy": 5})
-    with pytest.raises(ValueError, match="one entry per task"):
-        EvaluationSettings(zero_shot_tasks=("arc_easy", "piqa"), zero_shot_limit={"arc_easy": 5})
+    with pytest.raises(ValueError, match=r"zero_shot_limit names \['hellaswag'\], not in zero_shot_tasks"):
+        EvaluationSettings(zero_shot_tasks=("arc_easy", "piqa"), zero_shot_limit={"arc_easy": 5, "hellaswag": 5})
     with pytest.raises(ValueError, match="zero_shot_limit"):
         EvaluationSettings(zero_shot_limit=0)
+
+
+def test_a_task_the_limit_mapping_leaves_out_is_scored_on_its_full_split():
+    # The README's own example (limit={"hellaswag": 1000} beside arc_easy) was refused.
+    from hf_compress.assets.zero_shot import load_zero_shot_task
+
+    model, tokenizer = tiny_model("llama")
+    results = evaluate_zero_shot(model, tokenizer, ("arc_easy", "boolq"), limit={"boolq": 3}, progress=False)
+    assert results["boolq"]["n"] == 3
+    assert results["arc_easy"]["n"] == len(load_zero_shot_task("arc_easy")) and results["arc_easy"]["limit"] is None
 
 
 def test_truncation_keeps_the_right_end():

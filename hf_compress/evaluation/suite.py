@@ -65,10 +65,11 @@ class EvaluationSettings:
         for value in limits:
             check_int("zero_shot_limit", value, minimum=1, allow_none=True,
                       hint="Pass None (full split), an int, or a {task: int | None} dict; zero_shot_tasks=() skips them.")
-        if isinstance(self.zero_shot_limit, dict) and set(self.zero_shot_limit) != set(self.zero_shot_tasks):
+        if isinstance(self.zero_shot_limit, dict) and set(self.zero_shot_limit) - set(self.zero_shot_tasks):
             raise ValueError(
-                f"zero_shot_limit has entries {sorted(self.zero_shot_limit)} but zero_shot_tasks are "
-                f"{list(self.zero_shot_tasks)}: give one entry per task (None = the full split)."
+                f"zero_shot_limit names {sorted(set(self.zero_shot_limit) - set(self.zero_shot_tasks))}, not in "
+                f"zero_shot_tasks {list(self.zero_shot_tasks)}: add them to zero_shot_tasks or drop them from "
+                "zero_shot_limit (a task the mapping leaves out is scored on its full split)."
             )
         check_int("speed_prompts", self.speed_prompts, minimum=0)
         check_int("max_new_tokens", self.max_new_tokens, minimum=1)

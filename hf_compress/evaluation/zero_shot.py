@@ -444,7 +444,7 @@ def evaluate_zero_shot(
         tokenizer: its tokenizer.
         tasks: names from :data:`~hf_compress.assets.zero_shot.ZERO_SHOT_TASKS`.
         limit: ``None`` for the full validation splits, an ``int`` for a fixed subset of every task, or a
-            ``{task: int | None}`` mapping. A subset is the first ``limit`` rows of the seeded permutation
+            ``{task: int | None}`` mapping (a task it leaves out gets its full split). A subset is the first ``limit`` rows of the seeded permutation
             described in :mod:`hf_compress.assets.zero_shot`.
         seed: seed of that permutation.
         batch_size: continuations scored per forward pass.
@@ -484,10 +484,10 @@ def evaluate_zero_shot(
         check_int("limit", value, minimum=1, allow_none=True,
                   hint="Pass None (full split), an int, or a {task: int | None} mapping; leave a task out of tasks "
                        "to skip it.")
-    if isinstance(limit, Mapping) and set(limit) != set(tasks):
+    if isinstance(limit, Mapping) and set(limit) - set(tasks):
         raise ValueError(
-            f"limit names tasks {sorted(set(limit) - set(tasks))} that are not in tasks and leaves out "
-            f"{sorted(set(tasks) - set(limit))}: give one entry per task (None = the full split)."
+            f"limit names {sorted(set(limit) - set(tasks))}, not in tasks {list(tasks)}: add them to tasks or drop "
+            "them from limit (a task the mapping leaves out is scored on its full split)."
         )
     check_seed("seed", seed, numpy=True)
     check_int("batch_size", batch_size, minimum=1)
