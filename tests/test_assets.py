@@ -64,6 +64,25 @@ def test_loaders_leave_hub_kernels_off(tmp_path):
         assert getattr(model, "kernels_mode", None) is None
 
 
+def test_load_model_passes_from_pretrained_keywords_and_dtype_names(tmp_path):
+    # A pruner given device_map skipped the name resolution: "smollm2-135m" and "tiny-llama" went to the Hub.
+    from hf_compress.pruning import WandaPruner
+
+    tiny_model("llama", save_dir=tmp_path / "base")
+    model, tokenizer = load_model(tmp_path / "base", "bfloat16", device_map="cpu", attn_implementation="eager")
+    assert model.dtype == torch.bfloat16 and model.device.type == "cpu" and tokenizer is not None
+    assert model.config._attn_implementation == "eager"  # the keywords reached from_pretrained
+    assert load_model(tmp_path / "base", "auto", with_tokenizer=False)[0].dtype == torch.float32
+    pruner = WandaPruner.from_pretrained("smollm2-135m", device_map="cpu", attn_implementation="eager")  # offline
+    assert pruner.model.config._attn_implementation == "eager" and pruner.tokenizer is not None
+    with pytest.raises(ValueError, match="tiny-llama is built in memory, not loaded: it takes no device_map"):
+        load_model("tiny-llama", device_map="cpu")
+    with pytest.raises(TypeError, match="dtype must be a torch.dtype .* or one of auto, float32"):
+        load_model("tiny-llama", "fp8")
+    with pytest.raises(TypeError, match="load_model's own dtype argument"):
+        load_model(tmp_path / "base", torch_dtype=torch.float16)
+
+
 def test_tiny_config_overrides_and_rejects_unknown_arch():
     assert tiny_config("llama", num_hidden_layers=3).num_hidden_layers == 3
     with pytest.raises(ValueError, match="Unknown tiny architecture 'bert'.*llama"):

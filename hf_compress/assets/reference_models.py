@@ -163,11 +163,12 @@ def _read_origin(folder: Path) -> dict[str, Any] | None:
 
 
 def load_reference_model(
-    name: str = DEFAULT_REFERENCE_MODEL, dtype: torch.dtype = torch.float32
+    name: str = DEFAULT_REFERENCE_MODEL, dtype: torch.dtype | str = torch.float32, **from_pretrained_kwargs: Any
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a reference model and its tokenizer, offline.
 
-    ``name`` is ``"smollm2-135m"`` (default) or ``"gemma3-270m"`` (optional; Gemma terms of use).
+    ``name`` is ``"smollm2-135m"`` (default) or ``"gemma3-270m"`` (optional; Gemma terms of use). Other keywords
+    (``device_map``, ``attn_implementation``, ...) go to ``from_pretrained`` of the converted local checkpoint.
 
     Example:
         >>> model, tokenizer = load_reference_model("smollm2-135m")  # doctest: +SKIP
@@ -176,7 +177,9 @@ def load_reference_model(
     """
     path = reference_model_path(name)
     with _compat.quiet_weight_progress():  # a local, already converted checkpoint: a second or two
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **_compat.LOAD_WITHOUT_HUB_KERNELS).eval()
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, **{**_compat.LOAD_WITHOUT_HUB_KERNELS, **from_pretrained_kwargs}
+        ).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     # from_pretrained records the local conversion cache as name_or_path; every card, adapter config and folder
     # written from this model should name its upstream Hub id instead (what PEFT and hub_model_id read).

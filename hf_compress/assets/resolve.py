@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
@@ -46,7 +47,8 @@ def is_builtin_model(name: str) -> bool:
 
 
 def load_model(
-    name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32, *, with_tokenizer: bool = True
+    name_or_path: str | os.PathLike, dtype: torch.dtype | str = torch.float32, *, with_tokenizer: bool = True,
+    **from_pretrained_kwargs: Any,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     """Load a causal LM and its tokenizer from any of the names hf_compress accepts.
 
@@ -58,21 +60,33 @@ def load_model(
     ``with_tokenizer=False`` loads the model alone (the tokenizer returned is ``None``): a draft model that shares its
     target's tokenizer needs none of its own.
 
+    ``dtype`` is a ``torch.dtype`` or its name (``"bfloat16"``; ``"auto"``: the checkpoint's own, float32 for a tiny
+    model). Other keywords (``device_map``, ``revision``, ``attn_implementation``, ...) go to ``from_pretrained`` for
+    a reference model, a folder or a Hub id; a tiny model is built in memory and takes none.
+
     Example:
         >>> model, tokenizer = load_model("tiny-qwen3")
+        >>> load_model("tiny-llama", "bfloat16", with_tokenizer=False)[0].dtype
+        torch.bfloat16
     """
     check_path("name_or_path", name_or_path, hint="Pass a reference model name, tiny-<arch>, a folder or a Hub id.")
-    if not isinstance(dtype, torch.dtype):
-        raise InvalidArgumentTypeError(f"dtype must be a torch.dtype (e.g. torch.bfloat16), got {dtype!r}.")
+    dtype = _resolve_dtype(dtype)
     check_bool("with_tokenizer", with_tokenizer)
     name = str(name_or_path)
+    if "dtype" in from_pretrained_kwargs or "torch_dtype" in from_pretrained_kwargs:
+        raise TypeError("pass the dtype as load_model's own dtype argument, once.")
     if name in REFERENCE_MODELS:
-        model, tokenizer = load_reference_model(name, dtype=dtype)
+        model, tokenizer = load_reference_model(name, dtype=dtype, **from_pretrained_kwargs)
         return model, tokenizer if with_tokenizer else None
     arch = tiny_architecture(name)
     if arch is not None:
+        if from_pretrained_kwargs:
+            raise ValueError(
+                f"{name} is built in memory, not loaded: it takes no {', '.join(sorted(from_pretrained_kwargs))}. "
+                "Move it with model.to(device) instead, or save it and load the folder."
+            )
         model, tokenizer = tiny_model(arch)
-        return model.to(dtype), tokenizer if with_tokenizer else None
+        return model.to(torch.float32 if dtype == "auto" else dtype), tokenizer if with_tokenizer else None
     path = Path(name).expanduser()
     if path.exists() and not path.is_dir():
         raise ValueError(f"{name} is a file; pass the folder that holds config.json and the weights.")
@@ -99,7 +113,8 @@ def load_model(
     with _compat.quiet_weight_progress():
         try:
             model = AutoModelForCausalLM.from_pretrained(
-                path if path.is_dir() else name, dtype=dtype, **_compat.LOAD_WITHOUT_HUB_KERNELS
+                path if path.is_dir() else name, dtype=dtype,
+                **{**_compat.LOAD_WITHOUT_HUB_KERNELS, **from_pretrained_kwargs},
             ).eval()
         except Exception as err:
             if type(err).__name__ == "SafetensorError":  # the Rust error names no file
@@ -109,6 +124,20 @@ def load_model(
     if not with_tokenizer:
         return model, None
     return model, AutoTokenizer.from_pretrained(path if path.is_dir() else name)
+
+
+_DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _resolve_dtype(dtype: torch.dtype | str) -> torch.dtype | str:
+    """``dtype`` as ``from_pretrained`` takes it: a ``torch.dtype``, or ``"auto"``."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str) and dtype in _DTYPE_NAMES:
+        return dtype if dtype == "auto" else getattr(torch, dtype)
+    raise InvalidArgumentTypeError(
+        f"dtype must be a torch.dtype (e.g. torch.bfloat16) or one of {', '.join(_DTYPE_NAMES)}, got {dtype!r}."
+    )
 
 
 def check_causal_lm_config(config: PretrainedConfig, name: str) -> None:

@@ -109,10 +109,9 @@ class BasePruner(ABC):
         """A pruner for a loaded model (used as is) or for a model to load.
 
         A name or path goes through ``hf_compress.assets.load_model`` (reference names such as
-        ``"smollm2-135m"``, ``"tiny-<arch>"``, a local folder, a Hub id) when ``load_kwargs`` holds at
-        most ``dtype``; with other keyword arguments (``device_map``, ``revision``, ...) it is loaded
-        with ``AutoModelForCausalLM.from_pretrained(path, **load_kwargs)``. The tokenizer is loaded
-        alongside unless one is given.
+        ``"smollm2-135m"``, ``"tiny-<arch>"``, a local folder, a Hub id), ``load_kwargs`` with it (``dtype``, and
+        ``device_map``, ``revision``, ... for ``from_pretrained``). The tokenizer is loaded alongside unless one is
+        given.
 
         Example:
             >>> pruner = SparseGPTPruner.from_pretrained("tiny-opt")  # doctest: +SKIP
@@ -124,15 +123,9 @@ class BasePruner(ABC):
                    hint="Pass a loaded model, a reference name (smollm2-135m), tiny-<arch>, a folder or a Hub id.")
         _check_tokenizer(tokenizer)
         name = os.fspath(model_or_path)
-        if not set(load_kwargs) - {"dtype"}:
-            from ..assets import load_model
+        from ..assets import load_model
 
-            model, loaded_tokenizer = load_model(name, **load_kwargs)
-        else:
-            from transformers import AutoModelForCausalLM, AutoTokenizer
-
-            model = AutoModelForCausalLM.from_pretrained(name, **load_kwargs).eval()
-            loaded_tokenizer = AutoTokenizer.from_pretrained(name) if tokenizer is None else None
+        model, loaded_tokenizer = load_model(name, with_tokenizer=tokenizer is None, **load_kwargs)
         return cls(model, tokenizer if tokenizer is not None else loaded_tokenizer)
 
     # ------------------------------------------------------------------------------------------ lifecycle
