@@ -90,6 +90,31 @@ def test_layers_with_their_own_head_size_are_sized_per_layer():
     assert _greedy(model, ids, cache).shape == expected.shape
 
 
+@pytest.mark.parametrize("cache_class", [SparKCache, StructuredChannelCache])
+def test_blocks_a_structured_prune_narrowed_are_sized_by_the_recorded_widths(cache_class, tmp_path):
+    # A Týr model keeps fewer key/value heads in some blocks: the cache was sized from num_key_value_heads and refused
+    # it, telling the user to build it from the config they had passed.
+    from transformers import AutoModelForCausalLM
+
+    from hf_compress.formats.slim import attach_slim_format
+    from hf_compress.modeling.structure import apply_layer_widths
+
+    model, _ = tiny_model("llama")
+    full = model.config.num_key_value_heads
+    apply_layer_widths(model, [{"key_value_heads": full - 1, "intermediate_size": 64},
+                               {"key_value_heads": full, "intermediate_size": 128}])
+    attach_slim_format(model)
+    model.save_pretrained(tmp_path / "slim")
+    ids = _prompt(batch=1, length=30)
+    for candidate in (model, AutoModelForCausalLM.from_pretrained(tmp_path / "slim").eval()):
+        expected = _greedy(candidate, ids, DynamicCache(config=candidate.config))
+        lossless = cache_class(candidate.config, channel_ratio=0.0, recent_window=4)
+        assert torch.equal(_greedy(candidate, ids, lossless), expected)
+        assert [layer.num_kv_heads for layer in lossless.layers] == [full - 1, full]
+        assert _greedy(candidate, ids, cache_class(candidate.config, channel_ratio=0.5, recent_window=4)).shape \
+            == expected.shape
+
+
 @pytest.mark.parametrize("channel_ratio", [0.0, 0.5])
 def test_backward_through_several_cached_forwards(channel_ratio):
     model, _ = tiny_model("llama")

@@ -138,6 +138,11 @@ class SparKCache(Cache):
         # Heterogeneous models (Gemma 4) give each layer its own head size: read it per layer where transformers
         # offers per-layer configs (5.25 on), from the model's config otherwise.
         per_layer = getattr(text_config, "per_layer_config", None)
+        # A slim (Týr) model's blocks keep their own number of key/value heads, recorded in its config.
+        from ..formats.slim import recorded_slim_record
+
+        slim = recorded_slim_record(config)
+        slim_heads = [int(layer["key_value_heads"]) for layer in slim["layers"]] if slim else None
         self.settings: dict[str, Any] = {
             "channel_ratio": channel_ratio,
             "value_channel_ratio": value_channel_ratio,
@@ -153,6 +158,8 @@ class SparKCache(Cache):
         for index, (layer_type, kwargs) in enumerate(zip(layer_types, layer_kwargs, strict=True)):
             if layer_type == "full_attention":
                 num_kv_heads, head_dim = _attention_shape(text_config if per_layer is None else per_layer[index])
+                if slim_heads is not None and index < len(slim_heads) and slim_heads[index] > 0:
+                    num_kv_heads = slim_heads[index]  # 0: the attention sub-block is removed, never filled
                 layers.append(
                     ChannelPrunedLayer(
                         key_ratio=channel_ratio,

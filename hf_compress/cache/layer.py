@@ -130,7 +130,8 @@ class ChannelPrunedLayer(CacheLayerMixin):
             raise ValueError(
                 f"the model stores keys of {key_states.shape[1]} heads x {key_states.shape[-1]} channels, but the cache "
                 f"was built for {self.num_kv_heads} x {self.head_dim}: build the cache from this model's own config "
-                "(SparKCache(model.config, ...))."
+                "(SparKCache(model.config, ...)); a model whose blocks were narrowed in memory must record its widths "
+                "there first (hf_compress.formats.slim.attach_slim_format(model), as the structured pruners do)."
             )
         self.dtype, self.device = key_states.dtype, key_states.device
         self.keys = key_states[:, :, :0]

@@ -55,8 +55,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FORMAT_NAME", "SlimFormatConfig", "SlimFormatQuantizer", "apply_slim_record", "attach_slim_format",
-    "check_slim_widths", "keep_slim_widths", "measurable_widths", "needs_slim_format", "save_slim",
-    "skip_markers_while_loading", "slim_record", "sync_slim_format",
+    "check_slim_widths", "keep_slim_widths", "measurable_widths", "needs_slim_format", "recorded_slim_record",
+    "save_slim", "skip_markers_while_loading", "slim_record", "sync_slim_format",
 ]
 
 FORMAT_NAME = "hf_compress_slim"
@@ -136,7 +136,23 @@ def slim_record(model: PreTrainedModel) -> dict[str, Any] | None:
         >>> slim_record(tiny_model("llama")[0]) is None
         True
     """
-    existing = getattr(model.config, "quantization_config", None)
+    recorded = recorded_slim_record(model.config)
+    if recorded is not None:
+        return recorded
+    # Widths that cannot be read (GPT-2's fused c_attn, or replaced layers) need no record: see measurable_widths.
+    return {"layers": layer_widths(model), "recipe": {}} if needs_slim_format(model) else None
+
+
+def recorded_slim_record(config: Any) -> dict[str, Any] | None:
+    """The slim record a config carries (a slim checkpoint's ``quantization_config``, or the ``slim`` entry of a
+    sparse/packed one), without a model to measure; ``None`` when it carries none.
+
+    Example:
+        >>> from hf_compress.assets import tiny_config
+        >>> recorded_slim_record(tiny_config("llama")) is None
+        True
+    """
+    existing = getattr(config, "quantization_config", None)
     if isinstance(existing, Mapping):
         method, fields = existing.get("quant_method"), dict(existing)
     else:
@@ -145,8 +161,7 @@ def slim_record(model: PreTrainedModel) -> dict[str, Any] | None:
         return {"layers": [dict(layer) for layer in fields.get("layers", [])], "recipe": dict(fields.get("recipe") or {})}
     if isinstance(fields.get("slim"), Mapping):
         return {"layers": [dict(layer) for layer in fields["slim"]["layers"]], "recipe": dict(fields["slim"].get("recipe") or {})}
-    # Widths that cannot be read (GPT-2's fused c_attn, or replaced layers) need no record: see measurable_widths.
-    return {"layers": layer_widths(model), "recipe": {}} if needs_slim_format(model) else None
+    return None
 
 
 def apply_slim_record(model: PreTrainedModel, record: Mapping[str, Any] | None) -> None:
