@@ -890,6 +890,18 @@ def test_a_base_with_fewer_blocks_than_the_embedding_block_is_refused_clearly(tm
     assert not hasattr(shallow, "peft_config")
 
 
+def test_a_missing_folder_and_texts_given_as_ids_get_errors_that_say_so(trained, tmp_path):
+    # "nope/" was taken for a Hub id (HFValidationError), or hidden behind "already carries PEFT adapters".
+    router, tokenizer, rows, _, _ = trained
+    with pytest.raises(FileNotFoundError, match="nope/: no such expert folder"):
+        ExpertRouter.from_pretrained("nope/", base_model=tiny_model("llama")[0])
+    with pytest.raises(FileNotFoundError, match="no such expert folder"):
+        ExpertRouter.from_pretrained(str(tmp_path / "missing"), base_model=router.model)  # a base already wrapped
+    with pytest.raises(TypeError, match=r"route takes token ids.*not list \(texts: route_texts\(texts\)\)"):
+        router.route([rows[0]["prompt"]])
+    assert router.route_texts(rows[0]["prompt"]).tolist() == router.route_texts([rows[0]["prompt"]]).tolist()
+
+
 def test_router_refuses_repeated_adapter_names_and_centroids_of_another_width():
     router, _ = _two_adapter_router()
     args = (router.model, torch.eye(2, 64), router.space, router.spec)

@@ -92,7 +92,7 @@ def load_model(
         raise ValueError(f"{name} is a file; pass the folder that holds config.json and the weights.")
     if path.is_dir():
         _check_folder(name, path)
-    elif _looks_like_a_path(name):
+    elif looks_like_a_path(name):
         raise FileNotFoundError(
             f"{name}: no such folder; pass an existing folder saved with save_pretrained, a reference model "
             f"({', '.join(REFERENCE_MODELS)}), tiny-<arch> or a Hub id (owner/name)."
@@ -186,7 +186,7 @@ def check_model_name_form(name: str) -> None:
         Traceback (most recent call last):
         ValueError: 'tiny-lama' is neither a reference model ...; did you mean 'tiny-llama'?
     """
-    if is_builtin_model(name) or Path(name).expanduser().exists() or _looks_like_a_path(name):
+    if is_builtin_model(name) or Path(name).expanduser().exists() or looks_like_a_path(name):
         return
     if name.count("/") != 1:
         known = [*REFERENCE_MODELS, *(f"tiny-{arch}" for arch in TINY_ARCHITECTURES)]
@@ -211,8 +211,13 @@ def _adapter_base(path: Path) -> str:
     return f" for {base}" if isinstance(base, str) and base else ""
 
 
-def _looks_like_a_path(name: str) -> bool:
-    """``./x``, ``../x``, ``/x``, ``~/x``, ``x/`` or ``a/b/c``: a folder the user meant, not a Hub id."""
+def looks_like_a_path(name: str) -> bool:
+    """``./x``, ``../x``, ``/x``, ``~/x``, ``x/`` or ``a/b/c``: a folder the user meant, not a Hub id.
+
+    Example:
+        >>> looks_like_a_path("experts/"), looks_like_a_path("owner/name")
+        (True, False)
+    """
     separators = ("/", os.sep) if os.sep != "/" else ("/",)
     return (
         name.startswith((".", "~", *separators))

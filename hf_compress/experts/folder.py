@@ -36,6 +36,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .. import __version__, _compat
+from ..assets.resolve import looks_like_a_path
 from ..formats.integrity import DIGEST_ALGORITHM, CheckpointIntegrityError, CheckpointReader
 from ..hub import base_weights_of, build_model_card, hub_model_id, write_model_card
 from ..modeling.identity import fingerprints_match, weight_fingerprint
@@ -336,10 +337,10 @@ def load_experts(cls, path, base_model, *, tokenizer=None, revision: str | None 
             f"base_model must be the loaded base model (e.g. AutoModelForCausalLM.from_pretrained(...)), got "
             f"{type(base_model).__name__} {base_model!r:.80}; the folder records its base model's Hub id in "
             f"{CONFIG_NAME} ('base_model').")
+    folder, config = read_experts_config(path, revision)  # a wrong path first: it is the likelier mistake
     if hasattr(base_model, "peft_config"):
         raise ValueError("base_model already carries PEFT adapters; pass the plain base model the experts were "
                          "trained on (e.g. AutoModelForCausalLM.from_pretrained(...)).")
-    folder, config = read_experts_config(path, revision)
     spec = EmbeddingSpec(**config["embedding"])
     _, blocks = find_decoder_blocks(_plain(base_model))
     if spec.layer >= len(blocks):  # before base_fingerprint indexes that block
@@ -435,7 +436,12 @@ def _local_folder(path, revision: str | None) -> Path:
     if os.path.isdir(path):
         return Path(path)
     name = os.fspath(path)
-    if name.count("/") != 1 or os.path.exists(name):
+    if os.path.exists(name):
+        raise ValueError(f"{path} is a file; pass the expert folder that holds {CONFIG_NAME}.")
+    if looks_like_a_path(name):
+        raise FileNotFoundError(f"{path}: no such expert folder; pass the folder ExpertRouter.save_pretrained (or "
+                                "hf-compress experts train --save-dir) wrote, or a Hub repo id (owner/name).")
+    if name.count("/") != 1:
         raise ValueError(f"{path} is neither an expert folder nor a Hub repo id (owner/name).")
     from huggingface_hub import snapshot_download
 

@@ -228,12 +228,19 @@ class ExpertRouter:
             >>> router.route(**tokenizer(["What is 2+2?"], return_tensors="pt"))  # doctest: +SKIP
             tensor([3])
         """
+        if not isinstance(input_ids, torch.Tensor):
+            hint = " (texts: route_texts(texts))" if isinstance(input_ids, (str, Sequence)) else ""
+            raise InvalidArgumentTypeError(
+                f"route takes token ids, a LongTensor [batch, length] (tokenizer(..., return_tensors='pt')), not "
+                f"{type(input_ids).__name__}{hint}.")
         if self.num_experts == 1:  # nothing to choose: no embedding forward
             return torch.zeros(len(input_ids), dtype=torch.long, device="cpu")
         return assign(self.embed(input_ids, attention_mask), self.centroids)
 
     def route_texts(self, texts: Sequence[str], batch_size: int = 16) -> torch.Tensor:
         """Expert index of each prompt text (tokenised with the router's tokenizer), ``[len(texts)]`` on the CPU."""
+        if isinstance(texts, str):  # one prompt, not a sequence of one-letter prompts
+            texts = [texts]
         if self.tokenizer is None:
             raise ValueError("This router has no tokenizer; pass tokenizer=... to from_pretrained, or route token ids.")
         if self.num_experts == 1 or not texts:
