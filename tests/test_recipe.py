@@ -243,7 +243,7 @@ def test_tyr_then_wanda_2_4_then_rtn_reloads_slim_sparse_and_packed(tmp_path):
     assert packed and all(m.is_sparse and check_pattern(m.dequantized_weight(), "2:4") for m in packed)
     ids = torch.tensor([[5, 17, 42, 99, 3, 64, 128, 7]])
     # The reload check of a model on a GPU runs the copy one module at a time (accelerate's cpu_offload): same logits.
-    offloaded = reloaded_copy(folder, "cpu", one_module_at_a_time=True)
+    offloaded = reloaded_copy(tmp_path / "out", "cpu", one_module_at_a_time=True)
     with torch.no_grad():
         expected = result.model.eval()(ids).logits
         assert torch.equal(reloaded(ids).logits, expected) and torch.equal(offloaded(ids).logits, expected)

@@ -564,3 +564,18 @@ def test_an_offloaded_models_weights_are_read_from_its_store_without_a_copy(tmp_
     assert any(tensor.is_meta for tensor in state_dict.values())
     fill_offloaded(model, state_dict)
     assert all(torch.equal(state_dict[key], expected[key]) for key in expected)
+
+
+def test_the_cards_snippet_loads_no_tokenizer_the_folder_does_not_hold(tmp_path):
+    # The snippet told users to load a tokenizer from a folder saved without one.
+    model, tokenizer = tiny_model("llama")
+    _prune(model, "2:4")
+    save_pruned(model, None, tmp_path / "bare", base_model="org/base")
+    save_pruned(model, None, tmp_path / "unnamed")
+    save_pruned(model, tokenizer, tmp_path / "whole", base_model="org/base")
+    bare = (tmp_path / "bare" / "README.md").read_text()
+    assert 'AutoTokenizer.from_pretrained("bare")' not in bare and 'AutoModelForCausalLM.from_pretrained("bare")' in bare
+    assert 'tokenizer = AutoTokenizer.from_pretrained("org/base")  # this folder holds no tokenizer' in bare
+    assert "# this folder holds no tokenizer: load the one" in (tmp_path / "unnamed" / "README.md").read_text()
+    whole = (tmp_path / "whole" / "README.md").read_text()
+    assert "holds no tokenizer" not in whole and 'tokenizer = AutoTokenizer.from_pretrained("whole")' in whole

@@ -460,11 +460,32 @@ def write_model_card(folder: str | os.PathLike, card: ModelCard) -> Path:
     """
     validate_model_card(card)
     path = Path(folder) / CARD_FILENAME
+    text = _tokenizer_line_for(Path(folder), str(card), card.data.base_model)
     # newline="" keeps the card's own line endings, as ModelCard.save does.
     with atomic_file(path, "w", encoding="utf-8", newline="") as handle:
-        handle.write(str(card))
-    logger.info("Wrote model card %s", path)
+        handle.write(text)
+    logger.debug("Wrote model card %s", path)  # often a staging folder: the saver names the final one
     return path
+
+
+_OWN_TOKENIZER_LINE = re.compile(r'^tokenizer = AutoTokenizer\.from_pretrained\("([^"]+)"\)$', re.MULTILINE)
+
+
+def _tokenizer_line_for(folder: Path, text: str, base_model: str | None) -> str:
+    """The loading snippet's tokenizer line, fitted to a model folder saved without a tokenizer: the base model's
+    tokenizer when the card names one, else no line (the snippet must run as written)."""
+    if not (folder / "config.json").is_file() or (folder / "tokenizer_config.json").is_file():
+        return text
+
+    def replace(match: re.Match) -> str:
+        if match.group(1) == base_model:  # already the base's (an adapter's snippet)
+            return match.group(0)
+        if base_model:
+            return (f'tokenizer = AutoTokenizer.from_pretrained("{base_model}")  # this folder holds no tokenizer: '
+                    "the base model's")
+        return "# this folder holds no tokenizer: load the one the model was trained with"
+
+    return _OWN_TOKENIZER_LINE.sub(replace, text)
 
 
 # ---------------------------------------------------------------------------------------------- reading
