@@ -714,3 +714,27 @@ def test_dtype_reaches_the_loader_of_every_command_that_loads_a_model(tmp_path, 
     assert main(["eval", "--model", "tiny-llama", "--dtype", "float16", "--perplexity", "wikipedia", "--max-windows",
                  "1", "--tasks", "", "--device", "cpu", "-q"]) == 0
     assert asked == [torch.float16]
+
+
+def test_eval_of_a_routed_model_warns_without_a_scored_tail_and_takes_one(tmp_path, caplog, capsys):
+    import logging
+
+    from hf_compress.assets import tiny_model
+    from hf_compress.routing import RoutingSchedule, install_routing
+
+    model, tokenizer = tiny_model("llama")
+    install_routing(model, RoutingSchedule([0.3, 0.5]), mode="static")
+    model.save_pretrained(tmp_path / "routed")
+    tokenizer.save_pretrained(tmp_path / "routed")
+    argv = ["eval", "--model", str(tmp_path / "routed"), "--perplexity", "wikipedia", "--max-windows", "1",
+            "--window", "64", "--tasks", "", "--device", "cpu"]
+    with caplog.at_level(logging.WARNING):
+        assert main(argv) == 0
+    assert "this model routes tokens" in caplog.text and "--score-last 128" in caplog.text
+    whole = capsys.readouterr().out
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert main([*argv, "--score-last", "16", "--output", str(tmp_path / "tail.json")]) == 0
+    assert "this model routes tokens" not in caplog.text
+    assert json.loads((tmp_path / "tail.json").read_text())["perplexity"]["wikipedia"]["score_last"] == 16
+    assert "perplexity" in whole

@@ -402,6 +402,9 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--window", type=int_at_least(2), default=512, help="perplexity window in tokens (default 512)")
     parser.add_argument("--max-windows", type=int_at_least(1), default=None,
                         help="evenly spaced subset of windows per text set (default: all)")
+    parser.add_argument("--score-last", type=int_at_least(1), default=None,
+                        help="perplexity of the last N tokens of each window only (a token-routed model's "
+                             "comparable number; default: every token)")
     parser.add_argument("--tasks", default="arc_easy",
                         help="comma-separated zero-shot tasks ('' for none): arc_easy, arc_challenge, piqa, "
                              "hellaswag, boolq, winogrande (default: arc_easy)")
@@ -427,7 +430,7 @@ def run_eval(args: argparse.Namespace) -> int:
     _check_names("--tasks", _split(args.tasks), ZERO_SHOT_TASKS, "zero-shot task")
     settings = EvaluationSettings(
         perplexity_sets=_split(args.perplexity), window=args.window, max_windows=args.max_windows,
-        zero_shot_tasks=_split(args.tasks), zero_shot_limit=args.limit, speed_prompts=args.speed_prompts,
+        score_last=args.score_last, zero_shot_tasks=_split(args.tasks), zero_shot_limit=args.limit, speed_prompts=args.speed_prompts,
         kv_seq_len=args.kv_seq_len,
     )
     # With none of these only the parameter bytes would be measured (not even printed): refused before the load.

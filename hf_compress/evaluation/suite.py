@@ -103,6 +103,15 @@ def run_evaluation(
     records: list[MetricRecord] = []
     start = time.perf_counter()
     results["memory"] = parameter_bytes(model)
+    if settings.perplexity_sets and settings.score_last is None:
+        from ..routing.layer import routing_state
+
+        if routing_state(model) is not None:
+            logger.warning(
+                "this model routes tokens: the earliest tokens of each window skip blocks by design, so perplexity "
+                "over every token says little about the continuation routing keeps. Score a tail for the comparable "
+                "number: score_last=128 (hf-compress eval --score-last 128)."
+            )
     for name in settings.perplexity_sets:
         if name not in PERPLEXITY_SETS:
             raise ValueError(f"Unknown perplexity set {name!r}; choose from {', '.join(PERPLEXITY_SETS)}.")
