@@ -748,3 +748,23 @@ def test_a_draft_model_given_by_name_takes_the_librarys_names_and_fails_in_one_l
     missing = SpeculativeDecoding(str(tmp_path / "no-such-draft"))
     with pytest.raises(FileNotFoundError, match="no-such-draft: no such folder"):
         target.generate(ids, max_new_tokens=6, do_sample=False, custom_generate=missing)
+
+
+def test_a_saved_strategy_finds_its_draft_from_any_folder_and_never_names_a_draft_changed_in_memory(tmp_path,
+                                                                                                  monkeypatch):
+    # A relative draft path was stored as typed (found only from the folder it was saved from); a draft pruned in
+    # memory was stored by the name of the unpruned folder it came from.
+    from hf_compress.assets import load_model
+    from hf_compress.pruning import MagnitudePruner
+
+    tiny_model("llama", save_dir=tmp_path / "draft")
+    monkeypatch.chdir(tmp_path)
+    FLy(draft_model="draft").save_pretrained("strategy")
+    generate_py = (tmp_path / "strategy" / "custom_generate" / "generate.py").read_text()
+    assert f'"draft_model": "{tmp_path / "draft"}"' in generate_py
+    draft, tokenizer = load_model("draft")
+    FLy(draft_model=draft).save_pretrained("unchanged")  # loaded and left as it is: its folder's weights
+    MagnitudePruner(draft, tokenizer).prune("2:4", progress=False)
+    with pytest.raises(ValueError, match="draft model was changed in memory since it was loaded from /.*/draft "):
+        FLy(draft_model=draft).save_pretrained("changed")
+    assert not (tmp_path / "changed").exists()

@@ -338,8 +338,9 @@ class SpeculativeDecoding:
         Example:
             >>> FLy().save_pretrained("fly-ngram")  # doctest: +SKIP
         """
-        settings = self.to_dict()
+        settings = _anchored_to_here(self.to_dict())
         self._check_saveable(settings)
+        self._check_draft_unchanged(settings)
         from ..hub import write_model_card
 
         if repo_id is not None:
@@ -380,6 +381,25 @@ class SpeculativeDecoding:
             raise ValueError(
                 "The draft model has no name or path to record; save it first (`draft.save_pretrained(dir)`) and "
                 "pass that directory or a Hub id as `draft_model`."
+            )
+
+    def _check_draft_unchanged(self, settings: dict[str, Any]) -> None:
+        """Refuse a draft model changed in memory since it was loaded from the local folder it names (pruned,
+        routed, quantized: the records hf_compress keeps on its config differ from the folder's): generate() would
+        load the folder's weights, not the ones measured."""
+        draft, name = self.draft_model, settings.get("draft_model")
+        if not isinstance(draft, PreTrainedModel) or not name or not os.path.isfile(os.path.join(name, "config.json")):
+            return
+        try:
+            saved = json.loads(Path(name, "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return  # not a config this can compare: loading it will say what is wrong
+        in_memory = json.loads(json.dumps(getattr(draft.config, "hf_compress", None) or {}, default=str))
+        if (saved.get("hf_compress") or {}) != in_memory:
+            raise ValueError(
+                f"The draft model was changed in memory since it was loaded from {name} (its compression records "
+                "differ from the folder's), and the strategy would load the folder's weights. Save the draft first "
+                "(`draft.save_pretrained(dir)`, or the method's own save) and pass that directory as `draft_model`."
             )
 
     def _write_weights(self, folder: Path) -> None:
@@ -584,6 +604,18 @@ def portable_name(name_or_path: str | None) -> str | None:
     if name_or_path and os.path.isabs(os.path.expanduser(name_or_path)):
         return Path(name_or_path).name or None
     return name_or_path
+
+
+def _anchored_to_here(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` with each relative path of an existing local folder made absolute: ``generate()`` would read it
+    against its own working directory, not the one the strategy was saved from."""
+    anchored = dict(settings)
+    for key in _REFERENCE_KEYS:
+        value = anchored.get(key)
+        if isinstance(value, str) and value != HERE and not os.path.isabs(os.path.expanduser(value)) \
+                and os.path.isdir(value):
+            anchored[key] = os.path.abspath(value)
+    return anchored
 
 
 def _name_of(thing) -> str | None:
