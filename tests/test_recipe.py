@@ -650,6 +650,17 @@ def test_a_model_that_is_not_the_recipes_base_is_refused_before_any_work(tmp_pat
     check_is_base_model(folder_model, str(tmp_path / "base"))
     with pytest.raises(RecipeError, match="model_type 'qwen3'"):
         check_is_base_model(base, str(tmp_path / "base"))
+    # Same sizes, other weights (pruned or edited in memory): recipe.yaml would not rebuild it, the card would lie.
+    pruned = copy.deepcopy(base)
+    with torch.no_grad():
+        pruned.model.layers[1].mlp.down_proj.weight[:, ::2] = 0
+    with pytest.raises(RecipeError, match=r"holds other values in model\.layers\.1\.mlp\.down_proj\.weight"):
+        check_is_base_model(pruned, "tiny-llama")
+    edited = copy.deepcopy(folder_model)
+    with torch.no_grad():
+        edited.model.layers[0].self_attn.q_proj.weight.mul_(1.5)
+    with pytest.raises(RecipeError, match=r"holds other values in model\.layers\.0\.self_attn\.q_proj\.weight"):
+        check_is_base_model(edited, str(tmp_path / "base"))
 
 
 @pytest.mark.parametrize("steps, message", [

@@ -331,6 +331,11 @@ def check_is_base_model(model: PreTrainedModel, base_model: str) -> None:
         if want != have:
             raise RecipeError(f"{where} ({name} {want!r}) but the model passed has {name} {have!r}, so recipe.yaml "
                               f"and the card would describe another model; {advice}.")
+    changed = _weight_unlike_the_base(model, base_model)
+    if changed is not None:
+        raise RecipeError(f"{where}, but the model passed holds other values in {changed} than that checkpoint (pruned, "
+                          "quantized or trained since it was loaded?), so recipe.yaml would not rebuild the folder "
+                          f"and the card would misstate its base; {advice}.")
     dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.is_floating_point()} -
                     {"float32"})
     if dtypes:  # a bf16 model on a GPU is the common case: say so, do not refuse
@@ -361,6 +366,90 @@ _SIZE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention
 
 def _config_value(config: Any, field: str) -> Any:
     return getattr(config if field == "model_type" else config.get_text_config(), field, None)
+
+
+def _weight_unlike_the_base(model: PreTrainedModel, base_model: str) -> str | None:
+    """The name of a decoder weight of ``model`` (the first block's first linear layer, the last block's last) whose
+    values differ from ``base_model``'s checkpoint, read tensor by tensor where it is on this machine (a tiny model is
+    built); ``None`` when they agree, or when the checkpoint is not here to read (a Hub id not in the cache, a
+    checkpoint in a compressed format), which the config check alone then vouches for."""
+    import torch
+
+    from ..assets.resolve import tiny_architecture
+    from ..assets.tiny_models import tiny_model
+    from ..modeling.layers import find_decoder_blocks, find_linear_layers, onloaded
+
+    block_name, blocks = find_decoder_blocks(model)
+    if not len(blocks):
+        return None
+    layers = {}
+    for index in (0, len(blocks) - 1):
+        found = list(find_linear_layers(blocks[index]).items())
+        for name, layer in (found[0], found[-1]) if found else ():
+            layers[f"{block_name}.{index}.{name}.weight"] = layer
+    arch = tiny_architecture(base_model)
+    if arch is not None:
+        stored = dict(tiny_model(arch)[0].named_parameters())
+        read = stored.get
+    else:
+        read = _checkpoint_reader(base_model, model, list(layers))
+        if read is None:
+            return None
+    for key, layer in layers.items():
+        value = read(key)
+        if value is None:
+            return None  # stored under another name or encoded: nothing to compare with
+        with onloaded(layer):
+            current = layer.weight.detach()
+            if value.shape != current.shape or not torch.equal(value.to(current.device, current.dtype), current):
+                return key
+    return None
+
+
+def _checkpoint_reader(base_model: str, model: PreTrainedModel, keys: list[str]) -> Any:
+    """``key -> tensor`` (``None`` when absent) over ``base_model``'s safetensors on this machine, one tensor per read;
+    ``None`` when there is no such checkpoint here."""
+    import json
+
+    from safetensors import safe_open
+
+    from .. import _compat
+    from ..assets.reference_models import REFERENCE_MODELS, reference_model_path
+
+    if base_model in REFERENCE_MODELS:
+        folder = Path(reference_model_path(base_model))
+    elif Path(base_model).expanduser().is_dir():
+        folder = Path(base_model).expanduser()
+    else:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = [try_to_load_from_cache(base_model, name) for name in ("model.safetensors.index.json",
+                                                                         "model.safetensors")]
+        paths = [Path(c) for c in cached if isinstance(c, str)]
+        if not paths:
+            return None
+        folder = paths[0].parent
+    index = folder / "model.safetensors.index.json"
+    try:
+        if index.is_file():
+            file_of = {key: folder / name for key, name in json.loads(index.read_text())["weight_map"].items()}
+        elif (folder / "model.safetensors").is_file():
+            with safe_open(str(folder / "model.safetensors"), framework="pt") as handle:
+                file_of = dict.fromkeys(handle.keys(), folder / "model.safetensors")
+        else:
+            return None
+        stored_keys = _compat.checkpoint_keys_of(model, keys)
+    except (OSError, ValueError, KeyError):
+        return None
+
+    def read(key: str) -> Any:
+        path = file_of.get(stored_keys.get(key, key))
+        if path is None or not path.is_file():
+            return None
+        with safe_open(str(path), framework="pt") as handle:
+            return handle.get_tensor(stored_keys.get(key, key))
+
+    return read
 
 
 def _base_config(base_model: str, where: str) -> Any:
