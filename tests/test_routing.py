@@ -1263,3 +1263,15 @@ def test_quantizers_refuse_a_routed_model():
     with pytest.raises(ValueError, match="token-routed: quantize the model it was routed from"):
         get_peft_model(model, DLQATConfig(bits=4, group_size=32, target_modules="all-linear"))
     assert not any(type(module).__name__ == "PackedLinear" for module in model.modules())
+
+
+def test_routing_a_model_narrowed_by_a_structured_prune_says_what_to_do_instead():
+    # It said "token routing needs a float model" of a Týr model, which is one.
+    from hf_compress.formats.slim import attach_slim_format
+    from hf_compress.modeling.structure import apply_layer_widths
+
+    model, _ = tiny_model("llama")
+    apply_layer_widths(model, [{"key_value_heads": 1, "intermediate_size": 64}] * 2)
+    attach_slim_format(model)
+    with pytest.raises(ValueError, match="narrowed by a structured prune .* route the dense model, or remove whole"):
+        install_routing(model, RoutingSchedule([0.3, 0.3]), mode="static")

@@ -141,6 +141,12 @@ def attach_routed_format(model: PreTrainedModel, recipe: Mapping[str, Any] | Non
     existing = getattr(model.config, "quantization_config", None)
     method = quant_method_of(existing)
     if existing is not None and method != FORMAT_NAME:
+        from ..formats.slim import FORMAT_NAME as SLIM_FORMAT
+
+        if method == SLIM_FORMAT:  # float weights, but blocks of their own widths, which this format cannot record
+            raise ValueError("the model's blocks were narrowed by a structured prune (Týr: the hf_compress_slim format), "
+                             "and a routed checkpoint cannot record their widths yet; route the dense model, or remove "
+                             "whole blocks instead (block_removal), which a routed checkpoint stores.")
         raise ValueError(f"the model is already in the {method} format; token routing needs a float model.")
     config = RoutedFormatConfig(
         block_sparsity=state.schedule.block_sparsity, mode=state.mode,
