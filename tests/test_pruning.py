@@ -419,6 +419,7 @@ def test_sparsegpt_factor_cache_reuses_only_equal_hessians() -> None:
     hessian = 2 * x.T @ x / 64
     cache = FactorCache()
     first = cache.get(hessian, 0.01)
+    assert cache._hessian.data_ptr() == hessian.data_ptr()  # held, not copied: a down projection's is ~0.5 GB at 7B
     assert cache.get(hessian.clone(), 0.01) is first  # an equal Hessian (q/k/v): factored once
     assert torch.equal(first.upper, factor_hessian(hessian, 0.01).upper)
     hessian[0, 0] += 1e-3  # changed in place after the first call: not fooled by the identity
