@@ -16,6 +16,7 @@ Cases:
     router     token-router training (30% token sparsity in every block) for 2 steps: its loss reads a tail of each
                window, so full-vocabulary logits for every position are the cost the vocabulary multiplies
     wanda      Wanda 2:4 with 16 calibration sequences of 128 tokens: block by block
+    sparsegpt  SparseGPT 2:4, the same calibration: one block's Hessians at a time, none copied
     ria        the same with ``permutation="ria"``: the channel permutation scores every pruned weight, and the
                residual stream's site is read by every block
     swap       the same with ``SwapPermutationConfig(max_passes=2)``: RIA refined by channel swaps
@@ -36,6 +37,7 @@ Usage:
     python scripts/bench_memory.py --cases save --baseline-rev REV --output-name memory-save
     python scripts/bench_memory.py --cases save-offloaded --baseline-rev REV --output-name memory-save-offloaded
     python scripts/bench_memory.py --cases perplexity --baseline-rev REV --output-name memory-perplexity
+    python scripts/bench_memory.py --cases sparsegpt --baseline-rev REV --output-name memory-sparsegpt
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ SWEEPS = {
     "dlqat": ("layers", (4, 8, 16)),
     "router": ("vocab", (4096, 32768)),
     "wanda": ("layers", (4, 8, 16)),
+    "sparsegpt": ("layers", (4, 8)),
     "ria": ("layers", (4, 8, 12)),
     "swap": ("layers", (4, 8, 12)),
     "save": ("layers", (4, 8, 16)),
@@ -66,6 +69,7 @@ SWEEPS = {
     "perplexity": ("vocab", (4096, 32768, 131072)),
 }
 QUICK_SWEEPS = {"dlqat": ("layers", (2,)), "router": ("vocab", (4096,)), "wanda": ("layers", (2,)),
+                "sparsegpt": ("layers", (2,)),
                 "ria": ("layers", (2,)), "swap": ("layers", (2,)), "save": ("layers", (2,)),
                 "save-offloaded": ("layers", (2,)), "perplexity": ("vocab", (4096,))}
 
@@ -162,6 +166,13 @@ def _measure(case: str, value: int) -> dict:
         sampler.mark()
         train_token_router(model, RoutingSchedule([0.3] * layers), data, args=settings,
                            config=TokenRouterConfig(token_sparsity=0.3, validation_windows=2))
+    elif case == "sparsegpt":
+        from hf_compress.pruning import SparseGPTConfig, SparseGPTPruner
+
+        ids = _token_ids(16, 128, vocab)
+        sampler.mark()
+        config = SparseGPTConfig(sparsity="2:4", num_calibration_sequences=16, calibration_seq_len=128)
+        SparseGPTPruner(model, None).prune(config, ids, progress=False)
     elif case in ("wanda", "ria", "swap"):
         from hf_compress.pruning import WandaConfig, WandaPruner
         from hf_compress.pruning.permutation import SwapPermutationConfig
