@@ -193,6 +193,7 @@ def test_quantize_rtn_refuses_the_flags_only_dlqat_reads_before_any_work(tmp_pat
         ("--rank", "4", "--learning-rate", "1e-2", "--no-lora"): "--rank, --learning-rate, --no-lora apply",
         ("--batch-size", "2", "--seq-len", "64", "--no-magnitude"): "--batch-size, --seq-len, --no-magnitude apply",
         ("--adapter-dir", str(tmp_path / "adapter")): "--adapter-dir applies",
+        ("--lora-alpha", "8"): "--lora-alpha applies",
         ("--calibration-text", "news"): "--calibration-text applies",  # rtn reads no text
     }
     for flags, start in cases.items():
@@ -216,8 +217,36 @@ def test_quantize_dlqat_fills_in_the_defaults_of_the_flags_left_out(tmp_path, mo
                  "--save-dir", str(tmp_path / "q"), "-q"]) == 0
     settings, (config,) = seen["settings"], seen["lora"].values()
     assert (settings.max_steps, settings.learning_rate, settings.per_device_batch_size) == (100, 1e-3, 4)
-    assert seen["rows"] == 400 and seen["seq_len"] == 256 and config.r == 16
+    assert seen["rows"] == 400 and seen["seq_len"] == 256 and config.r == 16 and config.lora_alpha == 16.0
     assert config.use_magnitude and config.use_lora
+
+
+def test_quantize_keeps_the_skipped_layers_in_full_precision_with_either_method(tmp_path, capsys):
+    # Both methods quantized every decoder linear layer: no flag kept one in full precision.
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from hf_compress.hub import read_recipe
+    from hf_compress.quantization import PackedLinear
+
+    common = ["--model", "tiny-llama", "--group-size", "32", "--device", "cpu", "-q", "--skip", "*down_proj",
+              "--skip", "model.layers.0.self_attn.q_proj,model.layers.1.self_attn.k_proj"]
+    assert main(["quantize", "rtn", *common, "--save-dir", str(tmp_path / "rtn")]) == 0
+    assert main(["quantize", "dlqat", *common, "--steps", "1", "--batch-size", "1", "--seq-len", "16",
+                 "--lora-alpha", "4", "--save-dir", str(tmp_path / "dlqat"), "--adapter-dir", str(tmp_path / "a")]) == 0
+    skipped = {"model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj", "model.layers.0.self_attn.q_proj",
+               "model.layers.1.self_attn.k_proj"}
+    for name in ("rtn", "dlqat"):
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / name)
+        layers = {n: type(m) for n, m in model.named_modules() if n.startswith("model.layers.") and n.count(".") == 4}
+        assert {n for n, kind in layers.items() if kind is torch.nn.Linear} == skipped, name
+        assert sum(kind is PackedLinear for kind in layers.values()) == 10, name
+        assert read_recipe(tmp_path / name)["skip"] == ["*down_proj", "model.layers.0.self_attn.q_proj",
+                                                        "model.layers.1.self_attn.k_proj"], name
+    adapter = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert adapter["lora_alpha"] == 4.0 and set(adapter["exclude_modules"]) == skipped
+    assert main(["quantize", "rtn", *common[:-4], "--skip", "nope", "--save-dir", str(tmp_path / "x")]) == 2
+    assert "skip=['nope'] matches no linear layer" in capsys.readouterr().err
 
 
 def test_eval_with_nothing_to_measure_is_refused_before_the_model_loads(tmp_path, monkeypatch, capsys):

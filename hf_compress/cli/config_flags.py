@@ -54,7 +54,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class: type,
         choices = item.metadata.get("choices")
         if choices is not None:
             kwargs["choices"] = choices() if callable(choices) else choices
-        if kwargs.get("action") is _AppendSplit:
+        if kwargs.get("action") is AppendSplit:
             helps[item.name] = helps.get(item.name, "") + " (repeat the flag, or separate values with commas)"
         shown = "" if default is dataclasses.MISSING else f" (default: {json.dumps(default) if isinstance(default, (list, tuple, dict)) else default})"
         kwargs["help"] = (helps.get(item.name, "").replace("``", "") + shown).strip().replace("%", "%%")
@@ -74,7 +74,7 @@ def _default(item: dataclasses.Field) -> Any:
     return dataclasses.MISSING
 
 
-class _AppendSplit(argparse.Action):
+class AppendSplit(argparse.Action):
     """A list flag: repeat it, or separate values with commas (``--target-modules q_proj,v_proj``)."""
 
     def __call__(self, parser, namespace, values, option_string=None) -> None:
@@ -106,7 +106,7 @@ def _parsing(item: dataclasses.Field) -> dict[str, Any]:
     if annotation == "bool":
         return {"action": argparse.BooleanOptionalAction}
     if annotation.startswith("list["):
-        return {"action": _AppendSplit}
+        return {"action": AppendSplit}
     if annotation.startswith("tuple[int"):
         return {"type": int, "nargs": "*"}
     if annotation.startswith("dict["):

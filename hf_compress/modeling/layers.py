@@ -40,6 +40,7 @@ __all__ = [
     "check_not_disk_offloaded",
     "check_not_offloaded",
     "check_skip_patterns",
+    "skipped_layer_names",
     "check_within_learned_positions",
     "computes_linear",
     "learned_position_limit",
@@ -208,6 +209,26 @@ def check_skip_patterns(model: nn.Module, skip: Sequence[str]) -> None:
         raise ValueError(f"skip={list(skip)} matches no linear layer of the decoder blocks, whose names look like "
                          f"{example}; fix the pattern(s) (`*` also spans dots, e.g. '*down_proj').")
     logger.warning("skip patterns %s match no linear layer of this model (names look like %s)", unused, example)
+
+
+def skipped_layer_names(model: nn.Module, skip: Sequence[str]) -> list[str]:
+    """Qualified names of the decoder blocks' linear layers that ``skip`` patterns match, as the compression methods
+    match them (block-relative or qualified names): for a library that takes module names instead (PEFT's
+    ``exclude_modules``).
+
+    Example:
+        >>> from hf_compress.assets import tiny_model
+        >>> skipped_layer_names(tiny_model("llama")[0], ["*down_proj"])
+        ['model.layers.0.mlp.down_proj', 'model.layers.1.mlp.down_proj']
+    """
+    prefix, blocks = find_decoder_blocks(model)
+    names = []
+    for index, block in enumerate(blocks):
+        qualified = f"{prefix}.{index}"
+        kept = find_linear_layers(block, skip, qualified_prefix=qualified)
+        names += [f"{qualified}.{name}" for name in find_linear_layers(block, qualified_prefix=qualified)
+                  if name not in kept]
+    return names
 
 
 def find_linear_layers(

@@ -15,6 +15,7 @@ import os
 import tempfile
 from typing import Any
 
+from ..cli.config_flags import AppendSplit
 from ..cli.main import (
     DEFAULT_CALIBRATION_TEXT,
     calibration_text_argument,
@@ -33,7 +34,7 @@ from ..cli.main import (
 # The flags only `quantize dlqat` reads, with their defaults. The parser leaves them None, so that a flag the user gave
 # (refused with rtn, which would ignore it) stands apart from one left out; refuse_unused_flags then fills these in.
 _DLQAT_ONLY_DEFAULTS: dict[str, Any] = {
-    "rank": 16, "steps": 100, "learning_rate": 1e-3, "batch_size": 4, "seq_len": 256,
+    "rank": 16, "lora_alpha": None, "steps": 100, "learning_rate": 1e-3, "batch_size": 4, "seq_len": 256,
     "no_magnitude": False, "no_lora": False, "adapter_dir": None, "calibration_text": DEFAULT_CALIBRATION_TEXT,
 }
 
@@ -46,7 +47,13 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--group-size", type=int, default=128, help="inputs per group; -1 per-channel (default 128)")
     parser.add_argument("--symmetric", action="store_true", help="symmetric grid (default asymmetric)")
     # dlqat only (see _DLQAT_ONLY_DEFAULTS for the defaults): None marks a flag the user left out.
+    parser.add_argument("--skip", action=AppendSplit, default=[],
+                        help="decoder-block layers kept in full precision: comma-separated fnmatch patterns of their "
+                             "names, e.g. '*down_proj' or 'model.layers.0.*' (default: quantize them all)")
     parser.add_argument("--rank", type=int_at_least(1), default=None, help="dlqat: LoRA rank (default 16)")
+    parser.add_argument("--lora-alpha", type=positive_float, default=None,
+                        help="dlqat: LoRA scaling numerator, the update being lora_alpha / rank * B @ A "
+                             "(default: the rank)")
     parser.add_argument("--steps", type=int_at_least(1), default=None, help="dlqat: Trainer steps (default 100)")
     parser.add_argument("--learning-rate", type=positive_float, default=None,
                         help="dlqat: AdamW learning rate (default 1e-3)")
@@ -77,7 +84,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     from ..training import TrainingSettings, causal_lm_dataset, is_main_process, train_with_trainer
     from ..formats.packed import check_not_packed, save_packed
     from ..hub import base_model_of, base_weights_of, write_model_card
-    from ..modeling.layers import check_within_learned_positions
+    from ..modeling.layers import check_skip_patterns, check_within_learned_positions, skipped_layer_names
     from ..utils import atomic_directory, check_save_dir
     from ..evaluation.memory import disk_bytes
     from . import DLQATConfig, packed_size, quantize_rtn
@@ -101,7 +108,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     text = load_calibration_text(args.calibration_text) if args.method == "dlqat" else None
     config = DLQATConfig(
         bits=args.bits, group_size=args.group_size, symmetric=args.symmetric, r=args.rank,
-        lora_alpha=float(args.rank), target_modules="all-linear",
+        lora_alpha=float(args.lora_alpha if args.lora_alpha is not None else args.rank), target_modules="all-linear",
         use_magnitude=args.method == "dlqat" and not args.no_magnitude,
         use_lora=args.method == "dlqat" and not args.no_lora,
     )
@@ -111,6 +118,9 @@ def run_quantize(args: argparse.Namespace) -> int:
     record = getattr(model.config, "hf_compress", None) or {}
     pruned_before = [*record.get("earlier_pruning", []), *([record["pruning"]] if record.get("pruning") else [])]
     check_not_packed(model, f"pass the float model to `quantize {args.method}` instead")  # before any training
+    check_skip_patterns(model, args.skip)  # a typo would quantize the layers meant to be kept
+    if args.skip:  # PEFT matches module names its own way: name the skipped layers as RTN's matcher finds them
+        config.exclude_modules = skipped_layer_names(model, args.skip)
     if args.method == "dlqat":
         check_within_learned_positions(model, args.seq_len, "--seq-len is", "--seq-len")  # before training starts
     if args.method == "dlqat":
@@ -128,6 +138,8 @@ def run_quantize(args: argparse.Namespace) -> int:
     base_weights = base_weights_of(model.config)  # a reference model's GGUF origin, which both cards state
     fields = _RECIPE_FIELDS if args.method == "dlqat" else ("bits", "group_size", "symmetric", "keep_sparsity")
     recipe = {"method": args.method, **{k: v for k, v in config.to_dict().items() if k in fields}}
+    if args.skip:
+        recipe["skip"] = list(args.skip)
     if pruned_before:
         recipe["pruned_before"] = pruned_before
     if args.method == "dlqat":
@@ -145,7 +157,8 @@ def run_quantize(args: argparse.Namespace) -> int:
                                                          base_weights))
     # rtn packs in place, recording "rtn" in config.json (an untrained DL-QAT export would record "dlqat").
     packed = model.merge_and_quantize() if args.method == "dlqat" else quantize_rtn(
-        model, bits=args.bits, group_size=args.group_size, symmetric=args.symmetric, keep_sparsity=config.keep_sparsity)
+        model, bits=args.bits, group_size=args.group_size, symmetric=args.symmetric, keep_sparsity=config.keep_sparsity,
+        skip=args.skip)
     save_packed(packed, tokenizer, args.save_dir, overwrite=args.overwrite,
                 card=_model_card(base_model, recipe, "compressed_model", args.save_dir, base_weights))
     size = packed_size(packed)
@@ -201,3 +214,4 @@ def _model_card(base_model: str, recipe: dict, template: str, folder: str, base_
         extra_tags=pruning_tags, base_model_relation="quantized" if template == "compressed_model" else None,
         repo_id=os.path.basename(os.path.normpath(folder)), base_weights=base_weights,
     )
+
