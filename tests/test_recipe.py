@@ -32,7 +32,7 @@ def recipe(*steps: dict, **top) -> dict:
 
 
 @pytest.mark.parametrize("data, message", [
-    (recipe({"prune": WANDA}, stepz=1), "unknown key 'stepz' (did you mean 'steps'?); valid keys: base_model, description, evaluation, name"),
+    (recipe({"prune": WANDA}, stepz=1), "unknown key 'stepz' (did you mean 'steps'?); valid keys: base_model, description, dtype, evaluation"),
     ({"name": "x", "steps": [{"prune": WANDA}]}, "missing 'base_model'"),
     (recipe({"prune": WANDA}, name="no spaces allowed"), "repo-style name"),
     (recipe({"distill": {"method": "kd"}}), "unknown step kind 'distill'; valid kinds: generation, heads, prune, quantize, route"),
@@ -866,3 +866,17 @@ def test_a_folder_given_as_the_recipe_file_is_named_as_a_folder(tmp_path):
     (tmp_path / "recipe.yaml").write_text("name: x\n")
     with pytest.raises(IsADirectoryError, match=r"YAML file \(.*recipe\.yaml\)\.$"):
         Recipe.from_yaml(tmp_path)
+
+
+def test_a_recipe_loads_its_base_in_the_dtype_it_names(tmp_path):
+    # Every recipe loaded its base in float32: twice a bf16 model's memory, with no field to ask otherwise.
+    import yaml
+
+    result = run(recipe({"prune": {"method": "magnitude", "sparsity": "2:4"}}, dtype="bfloat16"), tmp_path / "out",
+                 progress=False)
+    assert result.model.dtype == torch.bfloat16
+    saved = yaml.safe_load((tmp_path / "out" / "recipe.yaml").read_text())
+    assert saved["dtype"] == "bfloat16" and Recipe.from_dict(saved).dtype == "bfloat16"
+    assert "dtype" not in Recipe.from_dict(recipe({"prune": WANDA})).to_dict()  # the default is not written
+    with pytest.raises(RecipeError, match="recipe: dtype must be one of float32, bfloat16, float16, got 'fp8'"):
+        Recipe.from_dict(recipe({"prune": WANDA}, dtype="fp8"))

@@ -86,7 +86,7 @@ def load_model(
                 "Move it with model.to(device) instead, or save it and load the folder."
             )
         model, tokenizer = tiny_model(arch)
-        return model.to(torch.float32 if dtype == "auto" else dtype), tokenizer if with_tokenizer else None
+        return _cast_as_loaded(model, torch.float32 if dtype == "auto" else dtype), tokenizer if with_tokenizer else None
     path = Path(name).expanduser()
     if path.exists() and not path.is_dir():
         raise ValueError(f"{name} is a file; pass the folder that holds config.json and the weights.")
@@ -127,6 +127,22 @@ def load_model(
 
 
 _DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _cast_as_loaded(model: PreTrainedModel, dtype: torch.dtype) -> PreTrainedModel:
+    """``model`` in ``dtype`` as ``from_pretrained(..., dtype=dtype)`` would give it: parameters and saved buffers
+    cast, buffers that are not saved (rotary ``inv_freq``, computed in float32 by the module) left as they are.
+    ``model.to(dtype)`` casts those too, and a bf16 rotary table moves the logits (by 2e-3 on a tiny Llama)."""
+    if dtype == torch.float32:
+        return model
+    saved = set(model.state_dict())
+    unsaved = {name: buffer for name, buffer in model.named_buffers() if name not in saved}
+    model.to(dtype)
+    for name, buffer in unsaved.items():
+        owner, _, attribute = name.rpartition(".")
+        module = model.get_submodule(owner) if owner else model
+        module._buffers[attribute] = buffer
+    return model
 
 
 def _resolve_dtype(dtype: torch.dtype | str) -> torch.dtype | str:

@@ -188,8 +188,12 @@ class Recipe:
     seed: int = 0
     evaluation: EvaluationSpec = field(default_factory=EvaluationSpec)
     description: str | None = None
+    dtype: str = "float32"
+    """What ``base_model`` is loaded in: ``float32`` (the default, and what every stored benchmark used), or
+    ``bfloat16`` / ``float16`` for a model whose float32 copy would not fit."""
 
-    KEYS = ("name", "base_model", "seed", "evaluation", "steps", "description")
+    KEYS = ("name", "base_model", "dtype", "seed", "evaluation", "steps", "description")
+    DTYPES = ("float32", "bfloat16", "float16")
 
     @classmethod
     def from_dict(cls, data: Any) -> Recipe:
@@ -215,6 +219,9 @@ class Recipe:
         seed = values.get("seed", 0)
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
             raise RecipeError(f"recipe: seed must be an integer in [0, 2**32), got {seed!r}.")
+        dtype = values.get("dtype", "float32")
+        if dtype not in cls.DTYPES:
+            raise RecipeError(f"recipe: dtype must be one of {', '.join(cls.DTYPES)}, got {dtype!r}.")
         description = values.get("description")
         if description is not None and not isinstance(description, str):
             raise RecipeError(f"recipe: description must be text, got {type(description).__name__}.")
@@ -225,7 +232,7 @@ class Recipe:
         steps = [parse_step(index, raw, seed) for index, raw in enumerate(raw_steps)]
         check_order(steps)
         return cls(name=name, base_model=base_model, steps=steps, seed=seed, evaluation=evaluation,
-                   description=description)
+                   description=description, dtype=dtype)
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> Recipe:
@@ -257,7 +264,10 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved recipe in the input schema (every step with its defaults filled in)."""
-        data: dict[str, Any] = {"name": self.name, "base_model": self.base_model, "seed": self.seed}
+        data: dict[str, Any] = {"name": self.name, "base_model": self.base_model}
+        if self.dtype != "float32":  # written only when set: recipes from before the field read the same
+            data["dtype"] = self.dtype
+        data["seed"] = self.seed
         if self.description:
             data["description"] = self.description
         data["evaluation"] = self.evaluation.to_dict()

@@ -178,9 +178,11 @@ def run(
         from ..assets import load_model
 
         logger.info("loading %s", recipe.base_model)
-        model, tokenizer = load_model(recipe.base_model)
+        import torch
+
+        model, tokenizer = load_model(recipe.base_model, getattr(torch, recipe.dtype))
     else:
-        check_is_base_model(model, recipe.base_model)
+        check_is_base_model(model, recipe.base_model, recipe.dtype)
     facts = model_facts(model)  # a base_model saved by hf_compress: the steps must fit what it already is
     try:
         check_order(recipe.steps, facts)
@@ -304,7 +306,7 @@ def warn_local_references(recipe: Recipe, save_dir: str | os.PathLike) -> None:
         recipe.name, listed, what, " and ".join(fixes))
 
 
-def check_is_base_model(model: PreTrainedModel, base_model: str) -> None:
+def check_is_base_model(model: PreTrainedModel, base_model: str, dtype: str = "float32") -> None:
     """Refuse a ``run(model=...)`` that is not the recipe's ``base_model``: the folder's ``recipe.yaml`` and card
     would name a model it was not built from, and rerunning ``recipe.yaml`` would not rebuild it.
 
@@ -312,7 +314,8 @@ def check_is_base_model(model: PreTrainedModel, base_model: str) -> None:
     ``name_or_path`` a Hub id), they must be the same one: ``SmolLM2-135M`` and ``SmolLM2-135M-Instruct`` share
     a config, and the card names the model's. Then the base's config is read without its weights (a tiny model's
     is built; a Hub id's comes from the cache or the Hub); the architecture and the sizes must match. Weights in
-    another dtype than the float32 ``load_model`` gives are accepted with a warning (a rerun may differ by rounding).
+    another dtype than the recipe's ``dtype`` (float32 unless set) are accepted with a warning (a rerun may differ by
+    rounding).
     """
     from ..hub import hub_model_id
 
@@ -337,10 +340,11 @@ def check_is_base_model(model: PreTrainedModel, base_model: str) -> None:
                           "quantized or trained since it was loaded?), so recipe.yaml would not rebuild the folder "
                           f"and the card would misstate its base; {advice}.")
     dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.is_floating_point()} -
-                    {"float32"})
+                    {dtype})
     if dtypes:  # a bf16 model on a GPU is the common case: say so, do not refuse
         logger.warning("run(model=...): the model passed holds %s weights; a rerun of recipe.yaml loads %s in "
-                       "float32, so its weights may differ by rounding.", ", ".join(dtypes), base_model)
+                       "%s (the recipe's dtype), so its weights may differ by rounding.", ", ".join(dtypes),
+                       base_model, dtype)
 
 
 def recipe_hub_id(base_model: str) -> str | None:

@@ -90,7 +90,7 @@ def check_reload(model: Any, folder: Path, tolerance: float = 1e-4) -> float:
     ids = torch.randint(0, model.config.get_text_config().vocab_size, (1, 16), generator=generator).to(model.device)
     advice = "the format cannot yet store this combination of steps: run them as separate recipes."
     try:
-        reloaded = reloaded_copy(folder, model.device)
+        reloaded = reloaded_copy(folder, model.device, dtype=model.dtype)
     except Exception as error:  # whatever the format raised: the folder must not be installed
         raise RuntimeError(f"the saved folder does not load back ({' '.join(str(error).split())}), so nothing was "
                            f"saved; {advice}") from error
@@ -106,16 +106,16 @@ def check_reload(model: Any, folder: Path, tolerance: float = 1e-4) -> float:
     return difference
 
 
-def reloaded_copy(folder: Path, device: Any, *, one_module_at_a_time: bool | None = None) -> Any:
-    """``from_pretrained(folder)`` in CPU memory, in eval mode, whose forwards run on ``device``. Off the CPU (or with
-    ``one_module_at_a_time``) through accelerate's ``cpu_offload``: each module's weights visit ``device`` only for
-    its own forward."""
+def reloaded_copy(folder: Path, device: Any, *, dtype: Any = None, one_module_at_a_time: bool | None = None) -> Any:
+    """``from_pretrained(folder)`` in CPU memory (in ``dtype``: the checkpoint's own by default), in eval mode, whose
+    forwards run on ``device``. Off the CPU (or with ``one_module_at_a_time``) through accelerate's ``cpu_offload``:
+    each module's weights visit ``device`` only for its own forward."""
     import torch
     from transformers import AutoModelForCausalLM
 
     device = torch.device(device)
     with _compat.quiet_weight_progress():
-        reloaded = AutoModelForCausalLM.from_pretrained(folder).eval()
+        reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or "auto").eval()
     if one_module_at_a_time is None:
         one_module_at_a_time = device.type != "cpu"
     if one_module_at_a_time:
