@@ -101,3 +101,33 @@ def test_model_cast_while_merged_merges_again_on_the_refitted_grid():
     assert torch.equal(_logits(merged), _logits(plain))
     merged.unmerge_adapter()
     assert torch.equal(_logits(merged), _logits(plain))
+
+
+def test_per_row_adapter_names_are_refused_instead_of_ignored():
+    # PEFT strips adapter_names= unless the tuner handles it: every row silently ran the active adapter.
+    model = get_peft_model(tiny_model("llama")[0], _config())
+    model.add_adapter("other", _config(bits=4, r=1))
+    model.eval()
+    batch = IDS.repeat(2, 1)
+    with torch.no_grad(), pytest.raises(ValueError, match="one adapter per forward, not one per row"):
+        model(batch, adapter_names=["default", "other"])
+    with pytest.raises(ValueError, match="one adapter per forward"):
+        model.generate(batch, adapter_names=["default", "other"], max_new_tokens=2)
+    with torch.no_grad():
+        assert torch.equal(model(batch).logits, model(batch, adapter_names=None).logits)
+
+
+def test_a_target_that_is_not_linear_is_named_with_the_fix():
+    with pytest.raises(TypeError, match=r"model\.embed_tokens \(Embedding\) is neither: remove it from target_modules"):
+        get_peft_model(tiny_model("llama")[0], _config(target_modules=["embed_tokens"]))
+
+
+def test_expert_target_modules_given_as_one_string_stay_a_regex():
+    from hf_compress.experts import ExpertConfig
+
+    assert ExpertConfig(target_modules=r".*\.q_proj").target_modules == r".*\.q_proj"  # PEFT's regex, not one name
+    assert ExpertConfig(target_modules=["q_proj", "v_proj"]).target_modules == ["q_proj", "v_proj"]
+    lora = ExpertConfig(target_modules=r".*\.q_proj").lora_config(tiny_model("llama")[0])
+    adapted = get_peft_model(tiny_model("llama")[0], lora)
+    assert sorted(n for n, m in adapted.named_modules() if n.endswith("q_proj.lora_A")) == [
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A", "base_model.model.model.layers.1.self_attn.q_proj.lora_A"]

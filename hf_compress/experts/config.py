@@ -28,7 +28,8 @@ class ExpertConfig:
         r: LoRA rank of every expert.
         lora_alpha: LoRA scaling numerator (``lora_alpha / r`` scales the update).
         lora_dropout: Dropout on the LoRA input during training.
-        target_modules: Modules that get LoRA (PEFT's ``target_modules``; ``"all-linear"`` = every linear
+        target_modules: Modules that get LoRA (PEFT's ``target_modules``: names, or one string read as a regex of
+            the full module name; ``"all-linear"`` = every linear
             layer but the output head).
         seq_len: Token length of the packed training windows.
         embedding_layer: Decoder block whose output is pooled into the routing embedding; ``None`` = the
@@ -77,7 +78,10 @@ class ExpertConfig:
         check_int("r", self.r, minimum=1)
         check_float("lora_alpha", self.lora_alpha, low=0.0, low_open=True)
         check_float("lora_dropout", self.lora_dropout, low=0.0, high=1.0, high_open=True)
-        if self.target_modules != "all-linear":
+        if isinstance(self.target_modules, str):  # PEFT's meaning: "all-linear", or a regex the full name must match
+            if not self.target_modules.strip():
+                raise ValueError("target_modules is empty; pass 'all-linear', module names or a regex of full names.")
+        else:
             self.target_modules = check_str_list("target_modules", self.target_modules)
             if self.target_modules == ["all-linear"]:  # the CLI's --target-modules all-linear
                 self.target_modules = "all-linear"

@@ -383,8 +383,9 @@ def load_experts(cls, path, base_model, *, tokenizer=None, revision: str | None 
     _verify_digests(folder, config, str(path), damaged)
     try:
         with _compat.third_party_warnings_silenced():
-            # In the dtype they were saved in (PEFT would cast half-precision adapters up to float32 by default, for
-            # training): a router cast to bf16 and saved must come back with its logits.
+            # Not autocast: PEFT would cast a half-precision base's adapters up to float32 (for training). Without it
+            # they take the base's dtype, so a router cast to bf16 and saved comes back with its logits; an expert
+            # loaded alone on a half-precision base matches the router's with autocast_adapter_dtype=False too.
             model = PeftModel.from_pretrained(base_model, str(folder / names[0]), adapter_name=names[0],
                                               autocast_adapter_dtype=False)
             for name in names[1:]:

@@ -24,6 +24,8 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -97,6 +99,11 @@ class DLQATModel(BaseTuner):
                 "quantizes the base weight and cannot be stacked on it. Merge that adapter into the model first "
                 "(model = peft_model.merge_and_unload()), then apply DL-QAT to the merged model."
             )
+        if not is_linear(target):  # peft's LoRA adapts embeddings and convolutions too: say why this one does not
+            raise TypeError(
+                f"DL-QAT quantizes nn.Linear and transformers Conv1D layers; {current_key} "
+                f"({type(target).__name__}) is neither: remove it from target_modules (or use exclude_modules)."
+            )
         if not computes_linear(target):
             # A router that subclasses nn.Linear (Phi-MoE, Llama 4) returns routing decisions, not x·Wᵀ: the adapter's
             # forward would break the model. It stays as it is, as peft leaves any module it cannot adapt.
@@ -156,6 +163,17 @@ class DLQATModel(BaseTuner):
             (name, m) for name, m in self.model.named_modules()
             if isinstance(m, DLQATLayer) and adapters & m.dlqat_settings.keys() and m.get_base_layer().weight is shared
         ]
+
+    @contextlib.contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
+        """peft calls this around every forward and generate with their keywords: ``adapter_names=`` (one adapter
+        per row, as LoRA does) is refused, since the DL-QAT layers would run every row with the active adapter."""
+        if kwargs.get("adapter_names") is not None:
+            raise ValueError(
+                "DL-QAT runs one adapter per forward, not one per row: adapter_names= would be ignored and every row "
+                "run with the active adapter. Call set_adapter(name) and run each adapter's rows apart."
+            )
+        yield
 
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         tied = self._tied_layers(adapter_names)
