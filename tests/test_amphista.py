@@ -610,3 +610,20 @@ def test_medusa_heads_bigger_than_their_model_are_warned_of(caplog):
         AmphistaHeads.for_model(model, MedusaConfig(num_heads=heavy))
     assert [record.levelname for record in caplog.records] == ["WARNING"]
     assert "share_lm_head=True" in caplog.records[0].getMessage()
+
+
+def test_a_tree_with_a_cache_that_cannot_move_entries_is_refused_before_any_forward():
+    # The first tree verification found out, after the prompt was already written into the user's SparK cache.
+    from hf_compress.cache import SparKCache, cache_kwargs
+
+    model, _ = tiny_model("llama")
+    heads = AmphistaHeads.for_model(model, MedusaConfig(num_heads=3))
+    ids = torch.tensor([[5, 9, 13, 200, 7, 5, 9, 13]])
+    cache = SparKCache(model.config, channel_ratio=0.0, recent_window=4)
+    with pytest.raises(ValueError, match="SparKCache.*Pass tree='chain'"):
+        model.generate(ids, max_new_tokens=6, do_sample=False, custom_generate=Amphista(heads, tree=((0,), (1,))),
+                       **cache_kwargs(model, cache))
+    assert cache.get_seq_length() == 0  # nothing was fed
+    chained = model.generate(ids, max_new_tokens=6, do_sample=False, custom_generate=Amphista(heads, tree="chain"),
+                             **cache_kwargs(model, SparKCache(model.config, channel_ratio=0.0, recent_window=4)))
+    assert torch.equal(chained, model.generate(ids, max_new_tokens=6, do_sample=False))

@@ -768,3 +768,32 @@ def test_a_saved_strategy_finds_its_draft_from_any_folder_and_never_names_a_draf
     with pytest.raises(ValueError, match="draft model was changed in memory since it was loaded from /.*/draft "):
         FLy(draft_model=draft).save_pretrained("changed")
     assert not (tmp_path / "changed").exists()
+
+
+@pytest.mark.parametrize("drafts", ["ngram", "model"])
+def test_a_row_that_stops_first_leaves_generates_cache_for_the_next_turn(drafts):
+    # The rounds fed a finished row its own drafts while the returned sequence showed padding: a next turn that
+    # attends to those positions (the padded sequence with a mask of ones, as generate() itself extends it) went on
+    # from other keys and values than generate()'s.
+    model, tokenizer = tiny_model("llama")
+    tokenizer.padding_side = "left"
+    inputs = tokenizer(["abcabcabc hello world abc abc abc abc", "the quick brown fox jumps abc abc"],
+                       return_tensors="pt", padding=True)
+    start = inputs.input_ids.shape[1]
+    eos = int(model.generate(**inputs, max_new_tokens=8, do_sample=False)[0, start + 3])  # row 0 stops after 4 tokens
+    strategy = SpeculativeDecoding(tiny_model("llama")[0] if drafts == "model" else None, num_draft_tokens=4)
+    turns = []
+    for custom in (None, strategy):
+        first = model.generate(**inputs, max_new_tokens=20, do_sample=False, eos_token_id=eos, pad_token_id=0,
+                               return_dict_in_generate=True, custom_generate=custom)
+        follow = torch.cat([first.sequences, tokenizer([" next"] * 2, return_tensors="pt").input_ids], dim=1)
+        mask = torch.cat([inputs.attention_mask, torch.ones(2, follow.shape[1] - start, dtype=torch.long)], dim=1)
+        second = model.generate(follow, attention_mask=mask, **cache_kwargs(model, first.past_key_values),
+                                max_new_tokens=10, do_sample=False, eos_token_id=[], pad_token_id=0)
+        turns.append((first.sequences, first.past_key_values, second))
+    (stock_sequences, stock_cache, stock_next), (sequences, cache, following) = turns
+    assert torch.equal(sequences, stock_sequences) and (sequences[0] == 0).any()  # row 0 padded after its end
+    for stock_layer, layer in zip(stock_cache.layers, cache.layers):
+        torch.testing.assert_close(layer.keys, stock_layer.keys, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(layer.values, stock_layer.values, rtol=1e-4, atol=1e-5)
+    assert torch.equal(following, stock_next)

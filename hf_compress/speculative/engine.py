@@ -365,7 +365,10 @@ def speculative_decode(
     Returns the full sequences (prompt + new tokens), the metrics, and the per-token ``scores``/``logits``
     tuples (filled only if ``generation_config.output_scores``/``output_logits``), as ``generate()`` does.
     Finished rows are filled with ``pad_token_id`` like ``generate()`` (when an EOS criterion is among the stopping
-    criteria), and the returned cache holds every token but the last, as ``generate()``'s does.
+    criteria), and the returned cache holds every token but the last, as ``generate()``'s does (a finished row's
+    padding included, fed again after the loop when a dynamic cache let the rounds feed it the row's own drafts). A
+    finished row's scores and logits past its end are the rounds' (computed from its drafts, not from padding): the
+    tokens they would choose are replaced by padding.
     """
     check_int("num_draft_tokens", num_draft_tokens, minimum=1)
     check = getattr(rule, "check_compatible", None)
@@ -398,6 +401,8 @@ def speculative_decode(
     want_scores, want_logits = returned and generation_config.output_scores, returned and generation_config.output_logits
     scores_out, logits_out = [], []
     unfinished = torch.ones(batch, dtype=torch.bool, device=input_ids.device)
+    # Where each row's padding starts once it stopped (-1: still decoding): see _refeed_padding below.
+    first_pad = torch.full((batch,), -1, dtype=torch.long, device=input_ids.device)
     metrics = SpeculativeMetrics(rows=batch)
     drafter.reset()
     observe = getattr(drafter, "observe", None)  # drafters that read the target's features (heads)
@@ -455,7 +460,9 @@ def speculative_decode(
             if want_logits:
                 logits_out.append(step.logits[:, j])
             appended.append(token)
-            unfinished &= ~stopping_criteria(input_ids, step.scores[:, j])
+            stopped = unfinished & stopping_criteria(input_ids, step.scores[:, j])
+            first_pad[stopped] = input_ids.shape[1]
+            unfinished &= ~stopped
             if not unfinished.any():
                 finished_all = True
                 break
@@ -466,6 +473,8 @@ def speculative_decode(
             # generate()'s would (all but the last token), so out.past_key_values continues the conversation.
             if target.length > input_ids.shape[1] - 1:
                 target.crop(input_ids.shape[1] - 1)
+            if pad is not None:
+                _refeed_padding(target, input_ids, attention_mask, first_pad)
             break
         pending, pending_mask = step.tokens[:, -1:], None
 
@@ -482,3 +491,19 @@ def speculative_decode(
     )
     extras = {"scores": tuple(scores_out) if want_scores else None, "logits": tuple(logits_out) if want_logits else None}
     return input_ids, metrics, extras
+
+
+def _refeed_padding(target: CachedSequence, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    first_pad: torch.Tensor) -> None:
+    """Make the returned cache hold what ``generate()``'s holds for rows that stopped before the others: the padding
+    after their end, fed as tokens. The rounds fed such a row its own drafts and verified tokens instead (only the
+    returned sequence is padded), and a continuation that attends to those positions would read them. One forward
+    over the tokens from the earliest such padding on; caches other than a ``DynamicCache`` (SparK's, whose crop is
+    bounded by what it compressed) are left as the rounds made them."""
+    cached = input_ids.shape[1] - 1  # generate()'s cache holds every token but the last
+    stopped_early = (first_pad >= 0) & (first_pad < cached)
+    if not bool(stopped_early.any()) or type(target.cache) is not DynamicCache or target.length != cached:
+        return
+    start = int(first_pad[stopped_early].min())
+    target.crop(start)
+    target.feed(input_ids[:, start:cached], attention_mask[:, start:cached], num_logits=1)

@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from transformers import PreTrainedModel
+from transformers.cache_utils import DynamicLayer
 
+from ... import _compat
 from ...hub import hub_model_id
 from ...utils import InvalidArgumentTypeError, get_logger
 from ..acceptance import AcceptanceRule, StrictGreedy, TypicalAcceptance
@@ -103,6 +105,14 @@ class Amphista(SpeculativeDecoding):
                 f"Amphista verifies a tree of drafts one sequence at a time (batch size 1, no padding), and this call "
                 f"has {what}. Pass tree='chain' (Amphista(heads, tree='chain') verifies left-padded batches), or "
                 "generate one prompt at a time."
+            )
+        cache = model_kwargs.get(_compat.cache_kwarg_name(model))
+        layers = [layer for layer in getattr(cache, "layers", ()) if not isinstance(layer, DynamicLayer)]
+        if layers and not beams and not self.drafter_for(model).tree.is_chain:
+            raise ValueError(
+                f"Amphista's tree verification keeps the accepted branch by moving cache entries, which a "
+                f"{type(layers[0]).__name__} cache layer ({type(cache).__name__}) cannot do. Pass tree='chain' "
+                "(verified with any cache that can roll back), or leave the cache to generate()."
             )
         return super().__call__(model, input_ids, logits_processor, stopping_criteria, generation_config,
                                 synced_gpus, **model_kwargs)
