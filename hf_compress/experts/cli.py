@@ -22,7 +22,7 @@ from collections import Counter
 from typing import Any
 
 from ..cli.main import (command, common_flags, device_argument, dtype_argument, int_at_least, positive_float,
-                        resolve_device, resolve_dtype)
+                        resolve_device)
 from ..utils import get_logger
 
 
@@ -161,7 +161,7 @@ def _train(args: argparse.Namespace) -> int:
     settings = TrainingSettings(max_steps=args.steps, learning_rate=args.learning_rate,
                                 per_device_batch_size=args.batch_size, logging_steps=max(1, args.steps // 10),
                                 seed=config.seed, progress=not args.quiet, device=device)
-    model, tokenizer = load_model(args.base, resolve_dtype(args.dtype))
+    model, tokenizer = load_model(args.base, args.dtype)
     model.to(device)
     spec = EmbeddingSpec.for_model(model, config.embedding_layer, config.embedding_max_length)
     dataset = Dataset.from_list(rows)
@@ -230,7 +230,7 @@ def _route(args: argparse.Namespace) -> int:
     if any(not prompt.strip() for prompt in prompts):
         raise ValueError("--prompt is empty; pass the text to route.")
     device = resolve_device(args.device)
-    model, tokenizer = load_model(base, resolve_dtype(args.dtype))
+    model, tokenizer = load_model(base, args.dtype)
     router = ExpertRouter.from_pretrained(args.experts, base_model=model.to(device), tokenizer=tokenizer)
     tokenizer.padding_side = "left"  # generation continues each row at its end
     if tokenizer.pad_token is None:

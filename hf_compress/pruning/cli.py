@@ -14,7 +14,7 @@ import json
 from collections.abc import Sequence
 
 from ..cli.main import (calibration_text_argument, command, common_flags, device_argument, dtype_argument,
-                        named_command, resolve_device, resolve_dtype)
+                        named_command, resolve_device)
 
 
 def _arguments(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> None:
@@ -77,7 +77,7 @@ def run_prune(args: argparse.Namespace) -> int:
     calibration = (load_calibration_text(args.calibration_text)
                    if pruner_class.requires_calibration or trains else None)
     device = resolve_device(args.device)
-    pruner = pruner_class.from_pretrained(args.model, dtype=resolve_dtype(args.dtype))
+    pruner = pruner_class.from_pretrained(args.model, dtype=args.dtype)
     pruner.model.to(device)
     pruner.prune(config, calibration, save_dir=args.save_dir, overwrite=args.overwrite, progress=not args.quiet,
                  **pruner_class.prune_kwargs_from_cli(args))

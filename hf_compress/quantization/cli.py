@@ -27,7 +27,6 @@ from ..cli.main import (
     positive_float,
     refuse_unused_flags,
     resolve_device,
-    resolve_dtype,
 )
 
 
@@ -112,7 +111,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         use_magnitude=args.method == "dlqat" and not args.no_magnitude,
         use_lora=args.method == "dlqat" and not args.no_lora,
     )
-    model, tokenizer = load_model(args.model, resolve_dtype(args.dtype))
+    model, tokenizer = load_model(args.model, args.dtype)
     model.to(device)
     # A pruned input stays sparse (keep_sparsity): the card must name the prune(s) that shaped these weights too.
     record = getattr(model.config, "hf_compress", None) or {}

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..utils import atomic_file, did_you_mean
+from ..utils import DTYPE_NAMES, atomic_file, did_you_mean
 
 
 if TYPE_CHECKING:
@@ -193,7 +193,6 @@ class Recipe:
     ``bfloat16`` / ``float16`` for a model whose float32 copy would not fit."""
 
     KEYS = ("name", "base_model", "dtype", "seed", "evaluation", "steps", "description")
-    DTYPES = ("float32", "bfloat16", "float16")
 
     @classmethod
     def from_dict(cls, data: Any) -> Recipe:
@@ -220,8 +219,8 @@ class Recipe:
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
             raise RecipeError(f"recipe: seed must be an integer in [0, 2**32), got {seed!r}.")
         dtype = values.get("dtype", "float32")
-        if dtype not in cls.DTYPES:
-            raise RecipeError(f"recipe: dtype must be one of {', '.join(cls.DTYPES)}, got {dtype!r}.")
+        if dtype not in DTYPE_NAMES:
+            raise RecipeError(f"recipe: dtype must be one of {', '.join(DTYPE_NAMES)}, got {dtype!r}.")
         description = values.get("description")
         if description is not None and not isinstance(description, str):
             raise RecipeError(f"recipe: description must be text, got {type(description).__name__}.")

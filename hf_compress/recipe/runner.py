@@ -178,9 +178,7 @@ def run(
         from ..assets import load_model
 
         logger.info("loading %s", recipe.base_model)
-        import torch
-
-        model, tokenizer = load_model(recipe.base_model, getattr(torch, recipe.dtype))
+        model, tokenizer = load_model(recipe.base_model, recipe.dtype)
     else:
         check_is_base_model(model, recipe.base_model, recipe.dtype)
     facts = model_facts(model)  # a base_model saved by hf_compress: the steps must fit what it already is
@@ -413,12 +411,11 @@ def _weight_unlike_the_base(model: PreTrainedModel, base_model: str) -> str | No
 def _checkpoint_reader(base_model: str, model: PreTrainedModel, keys: list[str]) -> Any:
     """``key -> tensor`` (``None`` when absent) over ``base_model``'s safetensors on this machine, one tensor per read;
     ``None`` when there is no such checkpoint here."""
-    import json
-
     from safetensors import safe_open
 
     from .. import _compat
     from ..assets.reference_models import REFERENCE_MODELS, reference_model_path
+    from ..formats.integrity import read_header
 
     if base_model in REFERENCE_MODELS:
         folder = Path(reference_model_path(base_model))
@@ -433,25 +430,19 @@ def _checkpoint_reader(base_model: str, model: PreTrainedModel, keys: list[str])
         if not paths:
             return None
         folder = paths[0].parent
-    index = folder / "model.safetensors.index.json"
-    try:
-        if index.is_file():
-            file_of = {key: folder / name for key, name in json.loads(index.read_text())["weight_map"].items()}
-        elif (folder / "model.safetensors").is_file():
-            with safe_open(str(folder / "model.safetensors"), framework="pt") as handle:
-                file_of = dict.fromkeys(handle.keys(), folder / "model.safetensors")
-        else:
-            return None
+    try:  # the headers only: which file holds which tensor
+        entries = {name: entry for file in sorted(folder.glob("*.safetensors")) for name, entry in read_header(file).items()}
         stored_keys = _compat.checkpoint_keys_of(model, keys)
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError):
         return None
 
     def read(key: str) -> Any:
-        path = file_of.get(stored_keys.get(key, key))
-        if path is None or not path.is_file():
+        stored = stored_keys.get(key, key)
+        entry = entries.get(stored)
+        if entry is None:
             return None
-        with safe_open(str(path), framework="pt") as handle:
-            return handle.get_tensor(stored_keys.get(key, key))
+        with safe_open(str(entry.file), framework="pt") as handle:
+            return handle.get_tensor(stored)
 
     return read
 

@@ -20,7 +20,6 @@ from ..cli.main import (
     positive_float,
     refuse_unused_flags,
     resolve_device,
-    resolve_dtype,
 )
 
 
@@ -85,7 +84,7 @@ def run_route(args: argparse.Namespace) -> int:
         token_sparsity=args.sparsity, generations=args.generations, population=args.population,
         search_windows=args.search_windows, search_seq_len=args.seq_len,
     )
-    model, tokenizer = load_model(args.model, resolve_dtype(args.dtype))
+    model, tokenizer = load_model(args.model, args.dtype)
     model.to(device)
     check_within_learned_positions(model, args.seq_len, "--seq-len is", "--seq-len")  # before the search's work
     schedule = search_schedule(model, text, config, tokenizer=tokenizer, progress=not args.quiet, args=settings)

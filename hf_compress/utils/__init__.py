@@ -14,6 +14,7 @@ from .files import (
 )
 from .logging import get_logger, progress_kwargs
 from .validation import (
+    DTYPE_NAMES,
     InvalidArgumentTypeError,
     check_bool,
     check_choice,
@@ -30,6 +31,7 @@ from .validation import (
 
 
 __all__ = [
+    "DTYPE_NAMES",
     "InvalidArgumentTypeError",
     "MODEL_FILE_PATTERNS",
     "atomic_directory",

@@ -36,6 +36,7 @@ from collections.abc import Collection, Iterable
 from typing import Any
 
 __all__ = [
+    "DTYPE_NAMES",
     "InvalidArgumentTypeError",
     "check_bool",
     "check_choice",
@@ -48,6 +49,12 @@ __all__ = [
     "check_str_list",
     "closest_name",
 ]
+
+
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+"""The dtypes a model may be loaded in by name (``--dtype``, a recipe's ``dtype``, ``load_model``); float32 first, the
+default, and what every stored benchmark used. Here, with no torch import, so the CLI's help and recipe checks stay
+fast."""
 
 
 class InvalidArgumentTypeError(TypeError, ValueError):

@@ -99,7 +99,8 @@ class Amphista(SpeculativeDecoding):
         mask = model_kwargs.get("attention_mask")
         padded = mask is not None and not bool(mask.all())
         beams = (config.num_beams or 1) > 1  # refused by the checks every strategy makes
-        if (rows > 1 or padded) and not beams and not self.drafter_for(model).tree.is_chain:
+        verifies_tree = not beams and not self.drafter_for(model).tree.is_chain
+        if (rows > 1 or padded) and verifies_tree:
             what = f"{rows} rows (a batch, or num_return_sequences)" if rows > 1 else "a left-padded row"
             raise ValueError(
                 f"Amphista verifies a tree of drafts one sequence at a time (batch size 1, no padding), and this call "
@@ -108,7 +109,7 @@ class Amphista(SpeculativeDecoding):
             )
         cache = model_kwargs.get(_compat.cache_kwarg_name(model))
         layers = [layer for layer in getattr(cache, "layers", ()) if not isinstance(layer, DynamicLayer)]
-        if layers and not beams and not self.drafter_for(model).tree.is_chain:
+        if layers and verifies_tree:
             raise ValueError(
                 f"Amphista's tree verification keeps the accepted branch by moving cache entries, which a "
                 f"{type(layers[0]).__name__} cache layer ({type(cache).__name__}) cannot do. Pass tree='chain' "
