@@ -26,6 +26,8 @@ Cases:
                float copies of a batch's full-vocabulary logits are what grows
     save-offloaded  the same model moved to accelerate's CPU offload (``cpu_offload``) before saving: its weights
                already sit in the offload store in memory, so saving should not copy them out of it
+    tyr        Týr with uniform allocation (one supernet: 9 levels of every o_proj and down_proj, 30% of the
+               decoder parameters) and 16 calibration sequences of 128 tokens: each variant written as it is made
 
 glibc keeps freed per-layer temporaries as heap it does not return, which hides what the code holds behind
 fragmentation; the children run with ``MALLOC_MMAP_THRESHOLD_=131072`` (recorded in the settings) so big buffers
@@ -38,6 +40,7 @@ Usage:
     python scripts/bench_memory.py --cases save-offloaded --baseline-rev REV --output-name memory-save-offloaded
     python scripts/bench_memory.py --cases perplexity --baseline-rev REV --output-name memory-perplexity
     python scripts/bench_memory.py --cases sparsegpt --baseline-rev REV --output-name memory-sparsegpt
+    python scripts/bench_memory.py --cases tyr --baseline-rev REV --output-name memory-tyr
 """
 
 from __future__ import annotations
@@ -67,11 +70,12 @@ SWEEPS = {
     "save": ("layers", (4, 8, 16)),
     "save-offloaded": ("layers", (4, 8, 16)),
     "perplexity": ("vocab", (4096, 32768, 131072)),
+    "tyr": ("layers", (2, 4)),
 }
 QUICK_SWEEPS = {"dlqat": ("layers", (2,)), "router": ("vocab", (4096,)), "wanda": ("layers", (2,)),
                 "sparsegpt": ("layers", (2,)),
                 "ria": ("layers", (2,)), "swap": ("layers", (2,)), "save": ("layers", (2,)),
-                "save-offloaded": ("layers", (2,)), "perplexity": ("vocab", (4096,))}
+                "save-offloaded": ("layers", (2,)), "perplexity": ("vocab", (4096,)), "tyr": ("layers", (2,))}
 
 
 # ----------------------------------------------------------------------------------------------- child: one measurement
@@ -204,6 +208,15 @@ def _measure(case: str, value: int) -> dict:
         with tempfile.TemporaryDirectory() as output_dir:
             sampler.mark()
             save_pruned(model, None, Path(output_dir) / "pruned")
+    elif case == "tyr":
+        from hf_compress.pruning import TyrConfig, TyrPruner
+
+        ids = _token_ids(16, 128, vocab)
+        config = TyrConfig(target_sparsity=0.3, allocation="uniform", num_calibration_sequences=16,
+                           calibration_seq_len=128)
+        with tempfile.TemporaryDirectory() as work_dir:
+            sampler.mark()
+            TyrPruner(model, None).prune(config, ids, progress=False, work_dir=work_dir)
     else:
         raise ValueError(f"unknown case {case!r}; choose from {', '.join(SWEEPS)}")
     excess = sampler.excess()

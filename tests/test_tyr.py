@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-
+import re
 
 import pytest
 import torch
@@ -406,10 +406,36 @@ def test_propagation_modes_change_what_later_blocks_calibrate_on(tmp_path):
         TyrPruner(model, tokenizer).prune(config, TEXT, work_dir=tmp_path / propagation, progress=False)
         from safetensors.torch import load_file
 
-        results[propagation] = load_file(tmp_path / propagation / "iteration_0" / "block_1.safetensors")
+        results[propagation] = load_file(tmp_path / propagation / "iteration_0" / "block_1" / "ffn.0.safetensors")
     # block 0 sees the same inputs in every mode; block 1's variants depend on what block 0 propagated
     for other in ("expectation", "dense"):
-        assert not torch.equal(results["centre"]["ffn.0.weight"], results[other]["ffn.0.weight"])
+        assert not torch.equal(results["centre"]["weight"], results[other]["weight"])
+
+
+def test_the_supernet_holds_one_variant_at_a_time(tmp_path, monkeypatch):
+    import weakref
+
+    from hf_compress.pruning.tyr import local_pruner
+
+    alive: list[weakref.ref] = []
+    prune = local_pruner.LocalPruner.prune
+
+    def watched(self, *args, **kwargs):
+        # every variant made before this one has been written and dropped
+        assert all(reference() is None for reference in alive), "an earlier variant is still in memory"
+        result = prune(self, *args, **kwargs)
+        alive.append(weakref.ref(result.weight))
+        return result
+
+    monkeypatch.setattr(local_pruner.LocalPruner, "prune", watched)
+    model, tokenizer = tiny_model("llama")
+    config = _small_config(num_iterations=1, generations=1)
+    TyrPruner(model, tokenizer).prune(config, TEXT, work_dir=tmp_path, progress=False)
+    assert len(alive) > 4
+    names = [path.name for path in (tmp_path / "iteration_0" / "block_0").iterdir()]
+    assert {"attention.0.safetensors", "ffn.0.safetensors"} <= set(names)
+    assert all(re.fullmatch(r"(attention|ffn)\.-?\d+\.safetensors", name) for name in names), names
+    assert not [path for path in (tmp_path / "iteration_0").iterdir() if path.name.startswith(".")]  # no staging
 
 
 def test_an_offloaded_model_is_refused_before_the_search():

@@ -10,7 +10,7 @@
    (``modeling.structure.shrink_block``), and save it in the slim format.
 
 Everything a long run needs to resume lives in ``work_dir`` (dense output projections, teacher top-k,
-supernet block files, the search state after every generation).
+supernet block folders, the search state after every generation).
 
 Example:
     >>> from hf_compress.pruning import TyrConfig, TyrPruner

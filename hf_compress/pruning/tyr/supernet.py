@@ -2,10 +2,11 @@
 
 For each decoder block (visited with the shared ``for_each_block`` calibration pass), the Hessians of
 the two output projections (``o_proj`` and ``down_proj``, or their OPT names) are collected, and the
-``LocalPruner`` builds one variant per sparsity level around the layer's centre allocation. Variants
-are written to ``<directory>/block_<i>.safetensors`` as the kept unit indices and the re-fitted
-weight, so only one block's variants are in memory at a time and an interrupted build resumes at the
-first missing block. Before the pass moves on, the block is given the weight that stands for "this
+``LocalPruner`` builds one variant per sparsity level around the layer's centre allocation. Each variant
+is written to ``<directory>/block_<i>/<unit type>.<level>.safetensors`` (the kept unit indices and the
+re-fitted weight) as soon as it is made, so one variant is in memory at a time (at 7B, the nine levels of
+a down projection are 1.6 GB in float32); a block's folder appears whole once all its variants are written,
+and an interrupted build resumes at the first missing block. Before the pass moves on, the block is given the weight that stands for "this
 block will be pruned later" (``propagation``: the centre variant, the expectation over levels, or
 the dense weight), so the next block calibrates on what it will really see (expectation error
 accumulation).
@@ -28,7 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ...modeling import BlockContext, HessianCollector, for_each_block
-from ...utils import atomic_path, get_logger
+from ...utils import atomic_directory, get_logger
 from ...modeling.structure import BlockStructure, unit_channels
 from .local_pruner import LocalPruner
 
@@ -73,15 +74,18 @@ class Supernet:
         self.directory = Path(directory)
         self.grids = grids
 
-    def block_file(self, block: int) -> Path:
-        return self.directory / f"block_{block}.safetensors"
+    def block_folder(self, block: int) -> Path:
+        return self.directory / f"block_{block}"
+
+    def variant_file(self, block: int, unit_type: str, level: int) -> Path:
+        return self.block_folder(block) / f"{unit_type}.{level}.safetensors"
 
     def has_block(self, block: int) -> bool:
-        return self.block_file(block).exists()
+        return self.block_folder(block).is_dir()
 
     def variant(self, block: int, unit_type: str, level: int) -> tuple[torch.Tensor, torch.Tensor]:
-        with safe_open(self.block_file(block), framework="pt") as handle:
-            return handle.get_tensor(f"{unit_type}.{level}.kept"), handle.get_tensor(f"{unit_type}.{level}.weight")
+        with safe_open(self.variant_file(block, unit_type, level), framework="pt") as handle:
+            return handle.get_tensor("kept"), handle.get_tensor("weight")
 
 
 def build_supernet(
@@ -124,26 +128,26 @@ def build_supernet(
 def _build_block(
     ctx: BlockContext, structure: BlockStructure, supernet: Supernet, update_rounds: dict[str, int], damping: float
 ) -> None:
-    tensors: dict[str, torch.Tensor] = {}
-    metadata: dict[str, str] = {}
     layer_names = structure.output_layer_names
-    for unit_type in UNIT_TYPES:
-        layer = _output_layer(structure, unit_type)
-        hessian = ctx.stats[layer_names[unit_type]][0].hessian
-        unit_size = structure.attention.unit_size if unit_type == "attention" else 1
-        pruner = LocalPruner(layer.weight, hessian, unit_size, damping)
-        grid = supernet.grids[unit_type]
-        low, high = grid.bounds(ctx.index)
-        for level in range(low, high + 1):
-            result = pruner.prune(grid.removed(ctx.index, level), update_rounds[unit_type])
-            tensors[f"{unit_type}.{level}.kept"] = result.kept.to(torch.int64).contiguous()
-            tensors[f"{unit_type}.{level}.weight"] = result.weight.detach().cpu().contiguous()
-            metadata[f"{unit_type}.{level}"] = repr(result.relative_error)
-        logger.debug("block %d %s: %d levels, errors %s", ctx.index, unit_type, high - low + 1,
-                     {k: v for k, v in metadata.items() if k.startswith(unit_type)})
-    target = supernet.block_file(ctx.index)
-    with atomic_path(target) as partial:  # a block file is complete or absent: resuming trusts what exists
-        save_file(tensors, partial, metadata=metadata)
+    # The folder is complete or absent: resuming trusts a block folder that exists.
+    with atomic_directory(supernet.block_folder(ctx.index)) as staging:
+        for unit_type in UNIT_TYPES:
+            layer = _output_layer(structure, unit_type)
+            hessian = ctx.stats[layer_names[unit_type]][0].hessian
+            unit_size = structure.attention.unit_size if unit_type == "attention" else 1
+            pruner = LocalPruner(layer.weight, hessian, unit_size, damping)
+            grid = supernet.grids[unit_type]
+            low, high = grid.bounds(ctx.index)
+            errors = {}
+            for level in range(low, high + 1):
+                result = pruner.prune(grid.removed(ctx.index, level), update_rounds[unit_type])
+                tensors = {"kept": result.kept.to(torch.int64).contiguous(),
+                           "weight": result.weight.detach().cpu().contiguous()}
+                variant = staging / supernet.variant_file(ctx.index, unit_type, level).name
+                save_file(tensors, variant, metadata={"relative_error": repr(result.relative_error)})
+                errors[level] = result.relative_error
+                del result, tensors  # before the next level's variant is made
+            logger.debug("block %d %s: %d levels, errors %s", ctx.index, unit_type, high - low + 1, errors)
 
 
 def _output_layer(structure: BlockStructure, unit_type: str) -> torch.nn.Linear:
