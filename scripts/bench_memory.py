@@ -26,8 +26,9 @@ Cases:
                float copies of a batch's full-vocabulary logits are what grows
     save-offloaded  the same model moved to accelerate's CPU offload (``cpu_offload``) before saving: its weights
                already sit in the offload store in memory, so saving should not copy them out of it
-    tyr        Týr with uniform allocation (one supernet: 9 levels of every o_proj and down_proj, 30% of the
-               decoder parameters) and 16 calibration sequences of 128 tokens: each variant written as it is made
+    tyr        Týr at 30% of the decoder parameters, one iteration of the search cut to one generation of 2
+               offspring on 4 windows (the supernet, up to 9 levels of every o_proj and down_proj, is what is
+               measured), 16 calibration sequences of 128 tokens: each variant written as it is made
 
 glibc keeps freed per-layer temporaries as heap it does not return, which hides what the code holds behind
 fragmentation; the children run with ``MALLOC_MMAP_THRESHOLD_=131072`` (recorded in the settings) so big buffers
@@ -212,8 +213,9 @@ def _measure(case: str, value: int) -> dict:
         from hf_compress.pruning import TyrConfig, TyrPruner
 
         ids = _token_ids(16, 128, vocab)
-        config = TyrConfig(target_sparsity=0.3, allocation="uniform", num_calibration_sequences=16,
-                           calibration_seq_len=128)
+        config = TyrConfig(target_sparsity=0.3, num_iterations=1, generations=1, offspring=2,
+                           selection_tokens=(256, 512), selection_survivors=(1,), num_search_sequences=4, kl_topk=32,
+                           num_calibration_sequences=16, calibration_seq_len=128)
         with tempfile.TemporaryDirectory() as work_dir:
             sampler.mark()
             TyrPruner(model, None).prune(config, ids, progress=False, work_dir=work_dir)

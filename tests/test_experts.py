@@ -147,11 +147,19 @@ def test_select_data_weighted_by_loss_records_it():
         select_data(rows, model, budget=0.2, tokenizer=tokenizer, weights="entropy")
 
 
-@pytest.mark.parametrize("budget", [0, -0.1, 1.5, float("nan"), "0.2"])
+@pytest.mark.parametrize("budget", [0, -0.1, 1.5, float("nan"), "0%", "150%", "half"])
 def test_select_data_refuses_bad_budgets(budget):
     model, tokenizer = tiny_model("llama")
     with pytest.raises(ValueError, match="budget must be a number in \\(0, 1\\]"):
         select_data(["a", "b"], model, budget=budget, tokenizer=tokenizer)
+
+
+def test_select_data_reads_a_percentage_budget():
+    model, tokenizer = tiny_model("llama")
+    texts = [f"example number {i}" for i in range(20)]
+    assert select_data(texts, model, budget="25%", tokenizer=tokenizer) == select_data(
+        texts, model, budget=0.25, tokenizer=tokenizer)
+    assert len(select_data(texts, model, budget="100%", tokenizer=tokenizer)) == 20
 
 
 def test_bad_datasets_are_refused():

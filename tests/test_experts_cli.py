@@ -159,7 +159,7 @@ def test_train_bad_input_is_refused_before_the_model_loads(rows_file, tmp_path, 
     bad.write_text('{"prompt": "a", "completion": "b"}\n\n{"prompt": "c", \n')
     assert "line 3 is not valid JSON" in _error(capsys, [*train, str(bad)])
     bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "c"}\n')
-    assert "row 1: `completion` must be a string" in _error(capsys, [*train, str(bad)])
+    assert "row 2: `completion` must be a string" in _error(capsys, [*train, str(bad)])  # rows of a file from 1
     bad.write_text('{"question": "a"}\n')
     assert "needs `prompt` and `completion` columns" in _error(capsys, [*train, str(bad)])
     (tmp_path / "taken").mkdir()

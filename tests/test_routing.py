@@ -828,10 +828,15 @@ def test_router_training_that_keeps_the_starting_router_returns_the_static_rule(
 
 # --- bad input ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("value", [-0.1, 1.0, 1.5])
+@pytest.mark.parametrize("value", [-0.1, 1.0, 1.5, "100%", "-5%", "nan", "thirty"])
 def test_sparsity_outside_range_is_refused(value):
     with pytest.raises(ValueError, match=r"token_sparsity must be a number in \[0, 1\)"):
         TokenRouterConfig(token_sparsity=value)
+
+
+def test_sparsity_reads_a_percentage_as_the_pruners_do():
+    assert TokenRouterConfig(token_sparsity="30%").token_sparsity == pytest.approx(0.3)
+    assert TokenRouterConfig(token_sparsity=" 0.22 ").to_dict()["token_sparsity"] == 0.22  # stored as a number
 
 
 def test_schedule_length_must_match_blocks():

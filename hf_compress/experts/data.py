@@ -35,8 +35,12 @@ class InstructionRows:
         return len(self.prompts)
 
 
-def instruction_rows(dataset: Dataset | Sequence[dict[str, Any]] | Sequence[str], argument: str = "dataset") -> InstructionRows:
+def instruction_rows(dataset: Dataset | Sequence[dict[str, Any]] | Sequence[str], argument: str = "dataset",
+                     counted_from: int = 0) -> InstructionRows:
     """Read ``prompt``/``completion`` (or ``text``) rows; a clear error for any other layout.
+
+    An error names the row by its index (``counted_from=0``, as Python indexes a list or Dataset), or as the
+    n-th row of a file (``counted_from=1``).
 
     Example:
         >>> instruction_rows([{"prompt": "2+2=", "completion": " 4"}]).completions
@@ -70,19 +74,22 @@ def instruction_rows(dataset: Dataset | Sequence[dict[str, Any]] | Sequence[str]
                          f"column; it has {sorted(columns) or 'none'}.")
     if not prompts:
         raise ValueError(f"{argument} is empty; pass at least one example.")
+    def row(index: int) -> str:
+        return f"row {index + counted_from}"
+
     for name, values in (("prompt", prompts), ("completion", completions)):
         bad = next((i for i, v in enumerate(values) if not isinstance(v, str)), None)
         if bad is not None:
-            raise TypeError(f"{argument} row {bad}: `{name}` must be a string, got {type(values[bad]).__name__}.")
+            raise TypeError(f"{argument} {row(bad)}: `{name}` must be a string, got {type(values[bad]).__name__}.")
     instruction = {"prompt", "completion"} <= columns
     blank = next((i for i, v in enumerate(prompts) if not v), None)
     if blank is not None:
-        raise ValueError(f"{argument} row {blank}: `{'prompt' if instruction else 'text'}` is empty; it is what gets "
-                         "embedded and routed, so fill it in or remove the row.")
+        raise ValueError(f"{argument} {row(blank)}: `{'prompt' if instruction else 'text'}` is empty; it is what "
+                         "gets embedded and routed, so fill it in or remove the row.")
     blank = next((i for i, v in enumerate(completions) if not v), None) if instruction else None
     if blank is not None:  # "" marks a text row: the prompt itself would be trained on
-        raise ValueError(f"{argument} row {blank}: `completion` is empty, so training would score its prompt; give it a "
-                         "completion or remove the row.")
+        raise ValueError(f"{argument} {row(blank)}: `completion` is empty, so training would score its prompt; give "
+                         "it a completion or remove the row.")
     return InstructionRows(prompts, completions)
 
 
@@ -217,5 +224,5 @@ def read_instruction_file(path: str | os.PathLike, argument: str = "data") -> li
                          "prompt/completion (or text) fields.")
     if not rows:
         raise ValueError(f"{argument} {name} holds no rows; add prompt/completion (or text) rows.")
-    instruction_rows(rows, f"{argument} {name}")  # the fields, checked before any model loads
+    instruction_rows(rows, f"{argument} {name}", counted_from=1)  # the fields, checked before any model loads
     return rows

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..training import TrainingSettings, broadcast_from_main
-from ..utils import check_choice, check_float, check_int, check_seed, get_logger
+from ..utils import check_choice, check_fraction, check_int, check_seed, get_logger
 from .config import SELECTION_METHODS, WEIGHTINGS
 from .data import instruction_rows
 from .embedding import DEFAULT_EMBEDDING_TOKENS, EmbeddingSpace, EmbeddingSpec, embed_texts
@@ -184,7 +184,7 @@ def kept_count(pool_size: int, budget: float) -> int:
 def select_data(
     dataset,
     model,
-    budget: float = 0.2,
+    budget: float | str = 0.2,
     *,
     tokenizer=None,
     method: str = "facility_location",
@@ -204,7 +204,7 @@ def select_data(
         dataset: ``datasets.Dataset`` (``prompt``/``completion`` or ``text`` columns), a list of such
             dicts, or a list of strings. The prompts are embedded.
         model: The base causal LM whose hidden states define the space (the one the experts will train on).
-        budget: Fraction of the examples kept, in ``(0, 1]`` (at least one example is kept).
+        budget: Fraction of the examples kept, in ``(0, 1]``: ``0.2`` or ``"20%"`` (at least one example is kept).
         tokenizer: The model's tokenizer; default ``AutoTokenizer.from_pretrained(model.name_or_path)``.
         method: ``"facility_location"`` (default, see the module docstring), ``"k_center"`` or ``"random"``.
         seed: Seed of the random baseline (the other methods are deterministic).
@@ -230,8 +230,8 @@ def select_data(
         >>> len(select_data(texts, model, budget=0.25, tokenizer=tokenizer))
         5
     """
-    budget = check_float("budget", budget, low=0.0, high=1.0, low_open=True,
-                         hint="It is the fraction of the examples to keep, e.g. 0.2.")
+    budget = check_fraction("budget", budget, low_open=True, high_open=False,
+                            hint="It is the fraction of the examples to keep, e.g. 0.2 or '20%'.")
     check_choice("method", method, SELECTION_METHODS)
     check_seed("seed", seed, numpy=True)
     if weights is not None:  # before the embedding and loss passes

@@ -11,7 +11,7 @@ import json
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from ..utils.validation import check_bool, check_float, check_int, check_seed, closest_name
+from ..utils.validation import check_bool, check_float, check_fraction, check_int, check_seed, closest_name
 
 
 __all__ = ["TokenRouterConfig"]
@@ -22,7 +22,8 @@ class TokenRouterConfig:
     """Settings of the token router: target sparsity, router size, schedule search and training losses.
 
     Args:
-        token_sparsity: target mean fraction of tokens each block skips, in [0, 1) (0 = the base model exactly).
+        token_sparsity: target mean fraction of tokens each block skips, in [0, 1) (0 = the base model exactly):
+            ``0.3`` or ``"30%"``.
         router_hidden_size: hidden width of the shared 2-layer router MLP (paper: 64).
         schedule_step: granularity of a block's sparsity in the schedule search (ours: 0.05, as the spec proposes;
             adjusted so that the steps add up to exactly ``token_sparsity`` × number of blocks).
@@ -56,7 +57,7 @@ class TokenRouterConfig:
         ValueError: token_sparsity must be a number in [0, 1), got 1.0.
     """
 
-    token_sparsity: float = 0.3
+    token_sparsity: float | str = 0.3
     router_hidden_size: int = 64
     schedule_step: float = 0.05
     max_block_sparsity: float = 0.9
@@ -74,7 +75,8 @@ class TokenRouterConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        check_float("token_sparsity", self.token_sparsity, low=0.0, high=1.0, high_open=True)
+        self.token_sparsity = check_fraction("token_sparsity", self.token_sparsity,
+                                             hint="It is the mean fraction of tokens a block skips, e.g. 0.3 or '30%'.")
         check_int("router_hidden_size", self.router_hidden_size, minimum=1)
         check_float("schedule_step", self.schedule_step, low=0.0, high=1.0, low_open=True)
         check_float("max_block_sparsity", self.max_block_sparsity, low=0.0, high=1.0, high_open=True)

@@ -41,6 +41,7 @@ __all__ = [
     "check_bool",
     "check_choice",
     "check_float",
+    "check_fraction",
     "check_int",
     "check_int_sequence",
     "check_path",
@@ -194,6 +195,28 @@ def check_float(
         raise ValueError(_message(name, allowed, value, hint))
     if high is not None and (number >= high if high_open else number > high):
         raise ValueError(_message(name, allowed, value, hint))
+    return number
+
+
+def check_fraction(name: str, value: Any, *, low_open: bool = False, high_open: bool = True, hint: str = "") -> float:
+    """``value`` as a fraction between 0 and 1: a number, or a string of one (``"0.3"``) or of a percentage
+    (``"30%"``), as the pruners' ``sparsity`` and the command line take it. ``*_open``: that bound excluded.
+
+    Example:
+        >>> check_fraction("token_sparsity", "30%"), check_fraction("budget", 0.2, low_open=True, high_open=False)
+        (0.3, 0.2)
+    """
+    if not isinstance(value, str):
+        return check_float(name, value, low=0.0, high=1.0, low_open=low_open, high_open=high_open, hint=hint)
+    allowed = _float_range(0.0, 1.0, low_open, high_open) + ", or a percentage"
+    text = value.strip()
+    percent = text.endswith("%")
+    try:
+        number = float(text[:-1] if percent else text) / (100 if percent else 1)
+    except ValueError:
+        raise InvalidArgumentTypeError(_message(name, allowed, value, hint)) from None
+    if not (0.0 < number if low_open else 0.0 <= number) or not (number < 1.0 if high_open else number <= 1.0):
+        raise ValueError(_message(name, allowed, value, hint))  # NaN fails both comparisons
     return number
 
 
