@@ -770,6 +770,27 @@ def test_a_saved_strategy_finds_its_draft_from_any_folder_and_never_names_a_draf
     assert not (tmp_path / "changed").exists()
 
 
+@pytest.mark.parametrize("arch", ["mistral", "gemma3"])
+def test_a_row_that_stops_first_past_the_sliding_window(arch):
+    # Past the window a sliding layer keeps only its last tokens: the padding of a row that stopped rounds ago
+    # cannot be fed again (it crashed on a mask of other length than the keys).
+    prompts = torch.tensor([[0, 0, 0, 5, 6, 7, 8, 5, 6, 7, 8, 5], [9, 10, 11, 12, 9, 10, 11, 12, 9, 10, 11, 12]])
+    mask = (prompts != 0).long()
+    for seed in range(8):
+        model, _ = tiny_model(arch, seed=seed, sliding_window=6)
+        free = model.generate(prompts, attention_mask=mask, max_new_tokens=24, do_sample=False, eos_token_id=None)
+        row0, row1 = free[0, 12:].tolist(), free[1, 12:].tolist()
+        eos = next((t for t in row0[3:8] if t not in row1 and t not in row0[:3]), None)  # row 0 alone stops
+        if eos is not None:
+            break
+    assert eos is not None, "no token ends row 0 alone"
+    kwargs = dict(attention_mask=mask, max_new_tokens=24, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    stock = model.generate(prompts, **kwargs)
+    assert (stock[0] == 0).sum() > 3  # row 0 padded after its end
+    assert torch.equal(model.generate(prompts, custom_generate=SpeculativeDecoding(num_draft_tokens=4), **kwargs),
+                       stock)
+
+
 @pytest.mark.parametrize("drafts", ["ngram", "model"])
 def test_a_row_that_stops_first_leaves_generates_cache_for_the_next_turn(drafts):
     # The rounds fed a finished row its own drafts while the returned sequence showed padding: a next turn that

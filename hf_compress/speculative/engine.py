@@ -498,11 +498,17 @@ def _refeed_padding(target: CachedSequence, input_ids: torch.Tensor, attention_m
     """Make the returned cache hold what ``generate()``'s holds for rows that stopped before the others: the padding
     after their end, fed as tokens. The rounds fed such a row its own drafts and verified tokens instead (only the
     returned sequence is padded), and a continuation that attends to those positions would read them. One forward
-    over the tokens from the earliest such padding on; caches other than a ``DynamicCache`` (SparK's, whose crop is
-    bounded by what it compressed) are left as the rounds made them."""
+    over the tokens from the earliest such padding on. Left as the rounds made them: caches other than a
+    ``DynamicCache`` (SparK's, whose crop is bounded by what it compressed), and a cache whose sliding-window layers
+    have filled their window (they keep only its last tokens, so they cannot go back to the padding)."""
     cached = input_ids.shape[1] - 1  # generate()'s cache holds every token but the last
     stopped_early = (first_pad >= 0) & (first_pad < cached)
     if not bool(stopped_early.any()) or type(target.cache) is not DynamicCache or target.length != cached:
+        return
+    if any(getattr(layer, "is_sliding", False) and layer.get_seq_length() >= layer.sliding_window
+           for layer in target.cache.layers):
+        logger.debug("rows that stopped early keep their own drafts in the returned cache: its sliding-window layers "
+                     "hold only their window")
         return
     start = int(first_pad[stopped_early].min())
     target.crop(start)
