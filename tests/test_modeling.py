@@ -556,3 +556,54 @@ def test_removing_blocks_slices_every_per_layer_list_and_refuses_moving_gpt2_sca
     assert len(gpt2.transformer.h) == 3  # refused before any change
     remove_blocks(gpt2, [2])  # the last block: no index moves
     assert gpt2.config.n_layer == 2
+
+
+def test_removing_blocks_refuses_blocks_built_from_their_position():
+    """DiffLlama fixes each attention's lambda_init from its index when built, RecurrentGemma picks a block's kind from a
+    cycle of block_types: a moved block kept the old one in memory and reloaded as the new one (a recurrent block's
+    weights initialised at random, with only transformers' load report). Refused, and nothing changes."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from hf_compress.modeling.structure import remove_blocks
+
+    diffllama = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "diffllama", vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2))
+    with pytest.raises(ValueError, match=r"block 2's self_attn.lambda_init would be .* at index 1.*from the end only"):
+        remove_blocks(diffllama, [1])
+    assert len(diffllama.model.layers) == 4 and diffllama.config.num_hidden_layers == 4
+    remove_blocks(diffllama, [3])  # the last block: no index moves
+    assert diffllama.config.num_hidden_layers == 3
+
+    recurrent = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "recurrent_gemma", vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, lru_width=64, attention_window_size=16))
+    with pytest.raises(ValueError, match="block 3 would reload as RecurrentGemmaDecoderLayer at index 2 .*Recurrent"):
+        remove_blocks(recurrent, [2])
+    assert len(recurrent.model.layers) == 4
+
+
+def test_removing_blocks_renumbers_an_index_a_block_keeps_under_another_name(tmp_path):
+    """GPT-Neo's attention writes to the cache under its own layer_id: left as it was, generate() indexed past the
+    shortened cache."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from hf_compress.modeling.structure import remove_blocks
+
+    config = AutoConfig.for_model("gpt_neo", vocab_size=256, hidden_size=64, num_layers=4, num_heads=4,
+                                  attention_types=[[["global", "local"], 2]], max_position_embeddings=64,
+                                  window_size=4)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    remove_blocks(model, [1])
+    assert [block.attn.attention.layer_id for block in model.transformer.h] == [0, 1, 2]
+    ids = torch.randint(3, 256, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(ids, use_cache=False).logits
+    assert torch.equal(_reloaded_logits(model, ids, tmp_path / "neo"), expected)
+    generated = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    stepwise = ids
+    with torch.no_grad():
+        for _ in range(4):
+            stepwise = torch.cat([stepwise, model(stepwise, use_cache=False).logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(generated, stepwise)

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..utils.logging import get_logger
 from .layers import find_decoder_blocks
 from .sublayers import ATTENTION_NAMES, remove_sublayers, removed_sublayers
 
@@ -61,6 +62,8 @@ _FFN_LAYOUTS = (  # (module holding the FFN or "" for the block itself, input pr
     ("mlp", ("fc1",), "fc2"),
     ("", ("fc1",), "fc2"),
 )
+
+logger = get_logger(__name__)
 
 
 @dataclass
@@ -402,6 +405,88 @@ def _renumbered_layer_index_fields(config: Any, kept: list[int]) -> dict[str, An
     return fields
 
 
+def _text_config_without_blocks(text_config: Any, kept: list[int], num_blocks: int) -> dict[str, Any]:
+    """The text config fields that change when only the ``kept`` blocks remain (nothing is written here)."""
+    updates = _renumbered_layer_index_fields(text_config, kept)
+    # Every per-layer list follows (layer_types, SmolLM3's no_rope_layers, ...).
+    for field, value in list(vars(text_config).items()):
+        if (field not in LAYER_INDEX_LISTS and "layer" in field and isinstance(value, (list, tuple))
+                and len(value) == num_blocks):
+            updates[field] = type(value)(value[i] for i in kept)
+    updates["num_hidden_layers"] = len(kept)
+    return updates
+
+
+def _apply_config_updates(text_config: Any, updates: dict[str, Any]) -> None:
+    # Written around the validating __setattr__ (layer_types and num_hidden_layers are checked against each other),
+    # except the layer count, which goes through it: some configs name it otherwise (GPT-Neo's num_layers).
+    text_config.__dict__.update({k: v for k, v in updates.items() if k != "num_hidden_layers"})
+    if "num_hidden_layers" in updates:
+        text_config.num_hidden_layers = updates["num_hidden_layers"]
+
+
+def _positional_attributes(model: nn.Module, updates: dict[str, Any], kept: list[int]) -> list[tuple[int, str, str]]:
+    """Compare each kept block as the architecture builds it at its old index (the config as it is) and at its new one
+    (with ``updates``), on the ``meta`` device. Returns ``(new index, module path, attribute)`` of the integers that
+    are the block's own index (to renumber); raises when anything else differs.
+    """
+    import copy
+
+    config = model.config
+    moved = copy.deepcopy(config)
+    _apply_config_updates(moved.get_text_config(), updates)
+    try:
+        # The config as a reload reads it back: one that derives a per-layer list from another field (GPT-Neo's
+        # attention_layers from attention_types) derives it again.
+        moved = type(config).from_dict(moved.to_dict())
+        with torch.device("meta"):
+            before, after = type(model)(copy.deepcopy(config)), type(model)(moved)
+    except Exception as error:  # noqa: BLE001 - a constructor meta tensors do not suit: nothing to compare with
+        logger.warning("could not rebuild %s on the meta device to check that the kept blocks reload as they are "
+                       "(%s: %s); the removal goes on unchecked", type(model).__name__, type(error).__name__, error)
+        return []
+    old_blocks, new_blocks = find_decoder_blocks(before)[1], find_decoder_blocks(after)[1]
+    own_indices, differences = [], []
+    for new_index, old_index in enumerate(kept):
+        old_modules = dict(old_blocks[old_index].named_modules())
+        new_modules = dict(new_blocks[new_index].named_modules())
+        kinds = {path: type(module).__name__ for path, module in old_modules.items()}
+        rebuilt = {path: type(module).__name__ for path, module in new_modules.items()}
+        if kinds != rebuilt:
+            differences.append(f"block {old_index} would reload as {rebuilt['']} at index {new_index} "
+                               f"({', '.join(sorted(set(rebuilt.values()) - set(kinds.values())) or 'other parts')})")
+            continue
+        for path, module in old_modules.items():
+            old_values, new_values = _scalar_attributes(module), _scalar_attributes(new_modules[path])
+            for attribute in sorted(old_values.keys() | new_values.keys()):
+                old_value, new_value = old_values.get(attribute), new_values.get(attribute)
+                if old_value == new_value:
+                    continue
+                if old_value == old_index and new_value == new_index and type(old_value) is int:
+                    own_indices.append((new_index, path, attribute))
+                else:
+                    where = f"{path}.{attribute}" if path else attribute
+                    differences.append(f"block {old_index}'s {where} would be {new_value!r} at index {new_index}, "
+                                       f"not {old_value!r}")
+        shapes = {key: tuple(p.shape) for key, p in old_blocks[old_index].named_parameters()}
+        if shapes != {key: tuple(p.shape) for key, p in new_blocks[new_index].named_parameters()}:
+            differences.append(f"block {old_index}'s weights would take other shapes at index {new_index}")
+    if differences:
+        raise ValueError(
+            f"{type(model).__name__} builds its blocks from their position, and removing these blocks moves others: "
+            f"{'; '.join(differences[:3])}{'; ...' if len(differences) > 3 else ''}. The saved model would reload as "
+            "another model. Remove blocks from the end only (they then keep their indices), or use a method that "
+            "keeps every block."
+        )
+    return own_indices
+
+
+def _scalar_attributes(module: nn.Module) -> dict[str, Any]:
+    """The plain values a module set on itself when built (its settings), not its tensors or submodules."""
+    return {key: value for key, value in vars(module).items()
+            if not key.startswith("_") and key != "training" and isinstance(value, (bool, int, float, str))}
+
+
 def remove_blocks(model: nn.Module, indices: Sequence[int]) -> None:
     """Delete decoder blocks in place and renumber what remains, so caches and ``config`` stay consistent.
 
@@ -412,6 +497,12 @@ def remove_blocks(model: nn.Module, indices: Sequence[int]) -> None:
     AFMoE's ``num_dense_layers``):
     each block reloads as the kind it is. Index arithmetic that cannot follow (``moe_layer_start_index``, ...) is
     refused.
+
+    Before anything changes, the architecture is built twice on the ``meta`` device (no memory): from the config as it
+    is and as it will be. Each kept block must come out at its new index as it was built at its old one; an index a
+    block keeps for itself (GPT-Neo's ``layer_id``) is renumbered like ``layer_idx``, and anything else that depends
+    on the position (DiffLlama's ``lambda_init``, RecurrentGemma's cycle of ``block_types``) is refused: the saved
+    model would reload as another one.
 
     Example:
         >>> from hf_compress.assets import tiny_model
@@ -434,24 +525,20 @@ def remove_blocks(model: nn.Module, indices: Sequence[int]) -> None:
         # block would compute otherwise once reloaded.
         raise ValueError("this model scales attention by the inverse layer index (scale_attn_by_inverse_layer_idx), "
                          "so blocks cannot move: remove blocks from the end only.")
-    index_fields = _renumbered_layer_index_fields(text_config, kept) if drop and text_config else {}
+    updates = _text_config_without_blocks(text_config, kept, len(blocks)) if drop and text_config else {}
+    own_indices = _positional_attributes(model, updates, kept) if drop and text_config else []
     new_blocks = nn.ModuleList([blocks[i] for i in kept])
     for new_index, block in enumerate(new_blocks):
         for module in block.modules():
             if isinstance(getattr(module, "layer_idx", None), int):
                 module.layer_idx = new_index
+    for new_index, path, attribute in own_indices:
+        setattr(new_blocks[new_index].get_submodule(path), attribute, new_index)
     parent_name, _, attribute = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, attribute, new_blocks)
     if text_config is not None:
-        # Every per-layer list follows (layer_types, SmolLM3's no_rope_layers, ...). Written around the validating
-        # __setattr__: layer_types and num_hidden_layers are checked against each other.
-        for field, value in list(vars(text_config).items()):
-            if (field not in LAYER_INDEX_LISTS and "layer" in field and isinstance(value, (list, tuple))
-                    and len(value) == len(blocks)):
-                text_config.__dict__[field] = type(value)(value[i] for i in kept)
-        text_config.__dict__.update(index_fields)
-        text_config.num_hidden_layers = len(kept)
+        _apply_config_updates(text_config, updates)
     record = getattr(config, "quantization_config", None)
     if record is not None:
         from ..formats.slim import SlimFormatConfig, sync_slim_format  # formats build on modeling: imported here
