@@ -445,3 +445,40 @@ def test_an_offloaded_model_is_refused_before_the_search():
                            state_dict={k: v.clone() for k, v in model.state_dict().items()})
     with pytest.raises(ValueError, match="Týr's search reads and rewrites many layers at once.*offloaded"):
         TyrPruner(model, tokenizer).prune(_small_config(num_iterations=1, generations=2), TEXT, progress=False)
+
+
+def test_architectures_that_tie_heads_together_are_refused_before_anything_changes():
+    """StableLM's per-head norms went with positions, not heads: a slimmed block normed its kept heads with other
+    heads' norms, and reloaded the same way (no reload check could tell). OLMo-2's query norm spans every head: the
+    slimmed model failed at its first forward. Qwen3's norm is shared by the heads: its units can go. The check works
+    on a copy of a block: the model is left as it was."""
+    from transformers import AutoConfig
+
+    from hf_compress.modeling.structure import check_units_removable
+
+    def built(kind, **extra):
+        torch.manual_seed(0)
+        config = AutoConfig.for_model(kind, vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, **extra)
+        model = AutoModelForCausalLM.from_config(config).eval()
+        with torch.no_grad():  # norms as training leaves them, each its own (at initialisation they are all equal)
+            for name, parameter in model.named_parameters():
+                if "norm" in name:
+                    parameter.normal_(1.0, 0.5)
+        return model
+
+    ids = torch.randint(3, 256, (1, 8), generator=torch.Generator().manual_seed(1))
+    for model, reason in ((built("stablelm", qk_layernorm=True), "its block 0 computes another function"),
+                          (built("olmo2"), "its block 0 fails")):
+        with torch.no_grad():
+            before = model(ids).logits
+        with pytest.raises(ValueError, match=f"key/value-head group and an FFN channel removed, {reason}"):
+            TyrPruner(model, None).prune(_small_config(), ids.repeat(4, 4), progress=False)
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, before)  # put back as it was
+    model, _ = tiny_model("qwen3")
+    with torch.no_grad():
+        before = model(ids).logits
+    check_units_removable(model, [block_structure(block) for block in _blocks(model)])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before)

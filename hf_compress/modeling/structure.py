@@ -47,6 +47,7 @@ __all__ = [
     "apply_layer_widths",
     "attention_structure",
     "block_structure",
+    "check_units_removable",
     "decoder_parameter_count",
     "feed_forward_structure",
     "layer_widths",
@@ -254,6 +255,100 @@ def shrink_block(
         for name, layer in zip(ffn.input_names, ffn.inputs, strict=True):
             setattr(ffn.module, name, _sliced(layer, rows=kept_ffn))
         setattr(ffn.module, ffn.output_name, _sliced(ffn.output, columns=kept_ffn, weight=ffn_output_weight))
+
+
+def check_units_removable(model: nn.Module, structures: Sequence[BlockStructure]) -> None:
+    """Check that removing a unit is what zeroing it is, on this architecture.
+
+    A forward of a few random tokens records the inputs of one block of each kind; a float32 copy of that block then
+    runs twice: with its first attention unit and first FFN channel zeroed at the output projections, and with them
+    sliced off (``shrink_block``: every other unit moves down one place). The model itself is not changed.
+
+    The two differ when an architecture ties its heads or channels together outside q/k/v/o and the FFN's linear
+    layers (StableLM's per-head norms would pair each kept head with another head's norm; OLMo-2's query norm and
+    BitNet's sub-norms span every head; DiffLlama pairs heads) or reads the head count from its config (XGLM): the
+    slimmed model would compute another function, or fail at its first forward.
+
+    Raises:
+        ValueError: the two differ or the sliced block fails, naming the architecture.
+
+    Example:
+        >>> from hf_compress.assets import tiny_model
+        >>> model, _ = tiny_model("llama")
+        >>> check_units_removable(model, [block_structure(b) for b in model.model.layers])
+    """
+    import copy
+
+    blocks = find_decoder_blocks(model)[1]
+    kinds: dict[tuple, int] = {}  # one block per kind: its modules and weight shapes
+    for index, block in enumerate(blocks):
+        kind = tuple((name, type(module).__name__) for name, module in block.named_modules())
+        kinds.setdefault(kind + tuple((n, tuple(p.shape)) for n, p in block.named_parameters()), index)
+    recorded: dict[int, tuple] = {}
+
+    def record(index: int):
+        def hook(module, args, kwargs):
+            recorded[index] = _float32((args, kwargs))
+        return hook
+
+    hooks = [blocks[index].register_forward_pre_hook(record(index), with_kwargs=True) for index in kinds.values()]
+    parameter = next(model.parameters())
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = torch.randint(0, vocab, (1, 8), generator=torch.Generator().manual_seed(0)).to(parameter.device)
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for index in kinds.values():
+        structure = structures[index]
+        attention_units, ffn_units = structure.attention.num_units, structure.ffn.num_units
+        block = copy.deepcopy(blocks[index]).float()
+        copied = block_structure(block)
+        args, kwargs = recorded[index]
+        with torch.no_grad():
+            saved = (copied.attention.output.weight.clone(), copied.ffn.output.weight.clone())
+            if attention_units > 1:
+                copied.attention.output.weight[:, copied.attention.output_index(torch.tensor([0]))] = 0
+            if ffn_units > 1:
+                copied.ffn.output.weight[:, 0] = 0
+            zeroed = _first_tensor(block(*args, **kwargs))
+            copied.attention.output.weight.copy_(saved[0])
+            copied.ffn.output.weight.copy_(saved[1])
+            try:
+                shrink_block(copied, kept_attention=torch.arange(1, attention_units) if attention_units > 1 else None,
+                             kept_ffn=torch.arange(1, ffn_units) if ffn_units > 1 else None)
+                sliced = _first_tensor(block(*args, **kwargs))
+            except Exception as error:  # noqa: BLE001 - whatever the slimmed forward raises, the answer is the same
+                reason = f"its block {index} fails ({type(error).__name__}: {error})"
+            else:
+                difference = float((sliced - zeroed).abs().max())
+                reason = None if difference <= 1e-3 * (1 + float(zeroed.abs().max())) else (
+                    f"its block {index} computes another function than with those units zeroed (outputs differ by "
+                    f"{difference:.3g})")
+        del block, copied
+        if reason is not None:
+            raise ValueError(
+                f"{type(model).__name__}: with a key/value-head group and an FFN channel removed, {reason}. This "
+                "architecture ties heads or channels together outside the q/k/v/o and FFN linear layers (per-head or "
+                "full-width norms, paired heads, head counts read from the config), so they cannot be removed."
+            )
+
+
+def _float32(value: Any) -> Any:
+    """``value`` with every floating-point tensor in it (through tuples, lists and dicts) cast to float32."""
+    if torch.is_tensor(value):
+        return value.detach().float() if value.is_floating_point() else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_float32(item) for item in value)
+    if isinstance(value, dict):
+        return {key: _float32(item) for key, item in value.items()}
+    return value
+
+
+def _first_tensor(output: Any) -> torch.Tensor:
+    return output if torch.is_tensor(output) else output[0]
 
 
 def _check_units(kept: torch.Tensor, total: int, what: str) -> None:

@@ -54,7 +54,7 @@ class TokenRouterConfig:
         >>> TokenRouterConfig(token_sparsity=1.0)
         Traceback (most recent call last):
         ...
-        ValueError: token_sparsity must be a number in [0, 1), got 1.0.
+        ValueError: token_sparsity must be a number in [0, 1), got 1.0. It is the mean fraction ...
     """
 
     token_sparsity: float | str = 0.3

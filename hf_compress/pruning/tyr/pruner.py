@@ -45,7 +45,13 @@ from torch import nn
 from ...formats.shards import TensorSpec, write_safetensors
 from ...modeling import calibration_batches, find_decoder_blocks
 from ...modeling.layers import check_not_offloaded
-from ...modeling.structure import BlockStructure, block_structure, decoder_parameter_count, shrink_block
+from ...modeling.structure import (
+    BlockStructure,
+    block_structure,
+    check_units_removable,
+    decoder_parameter_count,
+    shrink_block,
+)
 from ...utils import atomic_path, check_path, file_lock, get_logger
 from ..config import PruningConfig
 from ..structural import StructuralPruner
@@ -230,6 +236,8 @@ class TyrPruner(StructuralPruner):
             raise ValueError(f"Týr removes key/value-head groups and FFN channels: {error} Remove whole blocks "
                              "instead (BlockRemovalPruner, SLEBPruner), or prune inside the layers (WandaPruner, "
                              "SparseGPTPruner).") from None
+        check_not_offloaded(self.model, "Týr's search")
+        check_units_removable(self.model, structures)
         return structures, BudgetPlan.from_target(structures, decoder_parameter_count(self.model), config.target_sparsity,
                                                   config.channel_multiple)
 
@@ -249,7 +257,6 @@ class TyrPruner(StructuralPruner):
             )
         work = self._work
         work.mkdir(parents=True, exist_ok=True)
-        check_not_offloaded(self.model, "Týr's search")
         fingerprint = self._fingerprint(config, calibration_ids, pool)
         state_path = work / STATE_FILE
         if state_path.exists():
