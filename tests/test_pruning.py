@@ -695,3 +695,21 @@ def test_layers_a_token_forward_never_runs_are_refused_before_the_block_changes_
     changed = {name for name, tensor in model.state_dict().items() if not torch.equal(tensor, before[name])}
     assert changed == {f"model.decoder.layers.{index}.{layer}.weight" for index in range(2) for layer in (
         "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2")}
+
+
+def test_a_layer_whose_weight_its_block_reads_itself_is_named_alone_in_the_skip_it_needs():
+    """Mamba's mixer reads dt_proj.weight instead of calling the layer: the refusal named skip=['mixer.*'], which
+    would also have left in_proj, x_proj and out_proj dense."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model("mamba", vocab_size=256, hidden_size=64, state_size=8, num_hidden_layers=2, expand=2,
+                                  conv_kernel=4)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.randint(3, 250, (4, 32), generator=torch.Generator().manual_seed(0))
+    pruner = PRUNERS["wanda"](model)
+    with pytest.raises(RuntimeError, match=r"mixer.dt_proj in backbone.layers.0 received no calibration inputs.*"
+                                           r"skip=\['mixer.dt_proj'\]"):
+        pruner.prune(pruner.config_class(sparsity="2:4", batch_size=2), ids, progress=False)
+    pruner.prune(pruner.config_class(sparsity="2:4", batch_size=2, skip=["mixer.dt_proj"]), ids, progress=False)
+    assert pruner.report.overall_sparsity == 0.5 and len(pruner.report.layers) == 2 * 3  # in_proj, x_proj, out_proj

@@ -316,12 +316,19 @@ def _check_every_layer_reached(method: str, block_name: str, layers: dict[str, n
                  if not isinstance(layer, ExpertProjection) and stats.get(name)
                  and all(getattr(collector, "num_tokens", None) == 0 for collector in stats[name])]
     if unreached:
-        patterns = sorted({f"{name.rpartition('.')[0]}.*" if "." in name else name for name in unreached})
+        # A module none of whose layers ran is skipped whole (TrOCR's encoder_attn.*); otherwise the layers by name,
+        # so that the pattern keeps no layer dense that did run (Mamba's mixer.* would cover in_proj and out_proj).
+        patterns = set()
+        for name in unreached:
+            parent = name.rpartition(".")[0]
+            siblings = [other for other in layers if other.rpartition(".")[0] == parent]
+            patterns.add(f"{parent}.*" if parent and set(siblings) <= set(unreached) else name)
         raise RuntimeError(
             f"{', '.join(unreached)} in {block_name} received no calibration inputs: they do not run in a forward of "
-            f"token ids alone (cross-attention, for one, needs encoder states), so {method} has nothing to weigh "
-            f"them by. Nothing in {block_name} was pruned. Leave them dense with skip={patterns!r}, or prune them "
-            "without calibration (MagnitudePruner)."
+            "token ids alone (cross-attention needs encoder states; a block may read a layer's weight itself, as "
+            f"Mamba's mixer does dt_proj's), so {method} has nothing to weigh them by. Nothing in {block_name} was "
+            f"pruned. Leave them dense with skip={sorted(patterns)!r}, or prune them without calibration "
+            "(MagnitudePruner)."
         )
 
 
