@@ -818,3 +818,49 @@ def test_a_row_that_stops_first_leaves_generates_cache_for_the_next_turn(drafts)
         torch.testing.assert_close(layer.keys, stock_layer.keys, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(layer.values, stock_layer.values, rtol=1e-4, atol=1e-5)
     assert torch.equal(following, stock_next)
+
+
+def _recurrent_model(kind: str):
+    from transformers import AutoConfig
+
+    settings = {
+        "mamba": dict(hidden_size=64, state_size=8, num_hidden_layers=2),
+        "qwen3_next": dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                           head_dim=16, intermediate_size=128, moe_intermediate_size=32, num_experts=4,
+                           num_experts_per_tok=2, linear_num_value_heads=4, linear_num_key_heads=2,
+                           linear_key_head_dim=16, linear_value_head_dim=16),
+        "recurrent_gemma": dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, lru_width=64,
+                                attention_window_size=16, intermediate_size=128),
+    }[kind]
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(kind, vocab_size=256, **settings)).eval()
+
+
+@pytest.mark.parametrize("kind", ["mamba", "qwen3_next"])
+def test_models_with_recurrent_layers_roll_back_their_states(kind):
+    # Mamba (recurrent layers only) and Qwen3-Next (linear attention beside attention) keep a state that runs through
+    # the tokens: the rounds record the states of as many tokens as they can reject, and go back to them.
+    model = _recurrent_model(kind)
+    prompts = torch.tensor([[0, 0, 0, 5, 6, 7, 8, 5, 6, 7, 8, 5], [9, 10, 11, 12, 9, 10, 11, 12, 9, 10, 11, 12]])
+    mask = (prompts != 0).long()
+    accepted = 0
+    for ids, attention_mask in ((prompts[1:], mask[1:]), (prompts, mask)):
+        kwargs = dict(attention_mask=attention_mask, max_new_tokens=40, do_sample=False, eos_token_id=None,
+                      pad_token_id=0)
+        strategy = SpeculativeDecoding(num_draft_tokens=4)
+        assert torch.equal(model.generate(ids, custom_generate=strategy, **kwargs), model.generate(ids, **kwargs))
+        metrics = strategy.last_metrics
+        assert metrics.draft_tokens_accepted < metrics.draft_tokens_proposed  # drafts were rejected: rolled back
+        accepted += metrics.draft_tokens_accepted
+    assert accepted > 0  # and some accepted: several tokens advanced the states in one forward
+
+
+def test_recurrent_models_that_cannot_roll_back_are_refused_clearly():
+    ids = torch.tensor([[5, 6, 7, 8, 5, 6, 7, 8, 5, 6, 7, 8]])
+    with pytest.raises(ValueError, match="RecurrentGemmaForCausalLM's cache cannot be rolled back .*plain generate"):
+        _recurrent_model("recurrent_gemma").generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0,
+                                                     custom_generate=SpeculativeDecoding(num_draft_tokens=4))
+    target, _ = tiny_model("llama")
+    with pytest.raises(ValueError, match="MambaForCausalLM keeps recurrent states .* draft with an attention-only model"):
+        target.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0,
+                        custom_generate=SpeculativeDecoding(_recurrent_model("mamba"), num_draft_tokens=4))

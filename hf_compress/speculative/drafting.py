@@ -19,7 +19,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..utils import InvalidArgumentTypeError, check_bool, check_float, check_int
 from .acceptance import StrictGreedy
-from .engine import CachedSequence, verify_and_advance
+from .engine import CachedSequence, has_recurrent_state, verify_and_advance
 from .tree import DraftTree
 
 
@@ -151,6 +151,14 @@ class ModelDrafter:
             )
         if accelerator is not None and not isinstance(accelerator, NgramDrafter):
             raise InvalidArgumentTypeError(f"accelerator must be an NgramDrafter or None, got {type(accelerator).__name__}.")
+        if has_recurrent_state(DynamicCache(config=draft_model.config)):
+            # The draft goes back to its common prefix with the target each round, further than the states a
+            # recurrent layer records; as the target, such a model is verified chain by chain.
+            raise ValueError(
+                f"{type(draft_model).__name__} keeps recurrent states (Mamba, linear attention or convolution layers), "
+                "which cannot be rolled back as far as a draft model is; draft with an attention-only model or with "
+                "n-grams (SpeculativeDecoding(num_draft_tokens=...) without a draft model)."
+            )
         self.confidence_threshold = check_float(
             "confidence_threshold", confidence_threshold, low=0.0, high=1.0, allow_none=True,
             hint="The draft stops after a token it gives a lower probability; None drafts the full budget.")

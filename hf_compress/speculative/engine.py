@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import Cache, DynamicCache, PreTrainedModel, StaticCache
-from transformers.cache_utils import DynamicLayer, StaticLayer, get_layer_types_and_kwargs
+from transformers.cache_utils import CacheLayerMixin, DynamicLayer, StaticLayer, get_layer_types_and_kwargs
 from transformers.generation import GenerateDecoderOnlyOutput
 
 from .. import _compat
@@ -53,6 +53,16 @@ def check_rollback_cache(cache: Cache) -> None:
         )
 
 
+def has_recurrent_state(cache: Cache) -> bool:
+    """Whether ``cache`` has layers that keep a recurrent state (Mamba, linear attention, short convolutions), which
+    go back only as many tokens as they recorded."""
+    return any(has_recurrent_state_layer(layer) for layer in getattr(cache, "layers", ()))
+
+
+def has_recurrent_state_layer(layer: object) -> bool:
+    return hasattr(layer, "update_recurrent_state") or hasattr(layer, "update_conv_state")
+
+
 class CachedSequence:
     """One model's decoding state: its KV cache plus the attention mask of every token already in it.
 
@@ -61,12 +71,21 @@ class CachedSequence:
     only when the batch has padding, as ``generate()`` drops an all-ones mask.
     """
 
-    def __init__(self, model: PreTrainedModel, cache: Cache | None = None, has_padding: bool = False):
+    def __init__(self, model: PreTrainedModel, cache: Cache | None = None, has_padding: bool = False,
+                 rollback_tokens: int | None = None):
         self.model = model
         self.cache = cache if cache is not None else DynamicCache(config=model.config)
         check_rollback_cache(self.cache)
         if hasattr(self.cache, "activate_past_recording"):
-            self.cache.activate_past_recording()  # sliding-window layers can then be cropped too
+            # Sliding-window layers can then be cropped too, and recurrent layers (Mamba, linear attention) keep the
+            # states of their last ``rollback_tokens`` tokens, the most one round can reject.
+            recording = {} if rollback_tokens is None else {"recurrent_states_to_keep": rollback_tokens}
+            self.cache.activate_past_recording(**recording)
+        self.has_recurrent_state = has_recurrent_state(self.cache)
+        # A model of recurrent layers only (Mamba) masks the padding of the tokens it is fed, and generate() hands it
+        # the mask at the prefill only: its states carry the rest.
+        layers = getattr(self.cache, "layers", ())
+        self._masks_prefill_only = bool(layers) and not any(isinstance(layer, CacheLayerMixin) for layer in layers)
         self.has_padding = has_padding
         self.mask: torch.Tensor | None = None
         self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
@@ -102,7 +121,7 @@ class CachedSequence:
         past = self.length
         self.mask = token_mask if self.mask is None else torch.cat([self.mask, token_mask], dim=1)
         positions = (self.mask.cumsum(-1) - 1).masked_fill(self.mask == 0, 0)[:, -tokens.shape[1] :]
-        attention_mask = self.mask if self.has_padding else None
+        attention_mask = self.mask if self.has_padding and not (self._masks_prefill_only and past) else None
         if tree is not None:
             attention_mask, positions = self._tree_inputs(tokens, tree, past)
         inputs = dict(
@@ -143,9 +162,10 @@ class CachedSequence:
 
     def tree_fits(self, num_tokens: int) -> bool:
         """Whether ``num_tokens`` more (pending tokens and tree nodes) can be verified as a tree: every node must
-        see every cached token, which a sliding-window layer stops keeping once the sequence reaches its window."""
+        see every cached token, which a sliding-window layer stops keeping once the sequence reaches its window, and
+        a recurrent layer's state runs through the tokens in order, not along a tree's branches."""
         window = self.sliding_window
-        return window is None or self.length + num_tokens < window
+        return not self.has_recurrent_state and (window is None or self.length + num_tokens < window)
 
     def _tree_inputs(self, tokens: torch.Tensor, tree: DraftTree, past: int) -> tuple[torch.Tensor, torch.Tensor]:
         if tokens.shape[0] != 1 or self.has_padding:
@@ -179,7 +199,13 @@ class CachedSequence:
         """Keep the first ``keep`` tokens of the cache (a no-op crop still trims sliding-window layers)."""
         if keep > self.length:
             raise ValueError(f"Cannot crop a sequence of {self.length} tokens to {keep}.")
-        self.cache.crop(-(self.length - keep))
+        try:
+            self.cache.crop(-(self.length - keep))
+        except TypeError as error:  # transformers' recurrent layers of a model that does not record what crop needs
+            raise ValueError(
+                f"{type(self.model).__name__}'s cache cannot be rolled back to an earlier token ({error}), which "
+                "speculative decoding does after every rejected draft; decode this model with plain generate()."
+            ) from error
         self.mask = self.mask[:, :keep]
 
 
@@ -384,7 +410,7 @@ def speculative_decode(
     has_padding = attention_mask is not None and not bool(attention_mask.all())
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    target = CachedSequence(model, cache, has_padding)
+    target = CachedSequence(model, cache, has_padding, rollback_tokens=num_draft_tokens)
     cached = target.cache.get_seq_length()
     if cached:  # generate() was given a pre-filled cache: its tokens are the start of the prompt
         if cached >= prompt_length:
@@ -426,8 +452,12 @@ def speculative_decode(
             # Past the sliding window a tree cannot be verified (every node must see the whole cache): verify its top-1
             # chain, without draft probabilities as for the tree. The sequence only grows: chains for the rest of the call.
             if not chain_fallback:
-                logger.info("The sequence reached the model's sliding window (%d): verifying chains instead of trees "
-                            "for the rest of this call.", target.sliding_window)
+                if target.has_recurrent_state:
+                    logger.info("%s keeps recurrent states, which run through tokens in order: verifying chains "
+                                "instead of trees.", type(model).__name__)
+                else:
+                    logger.info("The sequence reached the model's sliding window (%d): verifying chains instead of "
+                                "trees for the rest of this call.", target.sliding_window)
                 chain_fallback = True
             drafts, tree, probs = draft.tokens[:, tree.top_chain.to(draft.tokens.device)], None, None
         step = verify_and_advance(
@@ -505,10 +535,10 @@ def _refeed_padding(target: CachedSequence, input_ids: torch.Tensor, attention_m
     stopped_early = (first_pad >= 0) & (first_pad < cached)
     if not bool(stopped_early.any()) or type(target.cache) is not DynamicCache or target.length != cached:
         return
-    if any(getattr(layer, "is_sliding", False) and layer.get_seq_length() >= layer.sliding_window
-           for layer in target.cache.layers):
+    if target.has_recurrent_state or any(getattr(layer, "is_sliding", False) and
+                                         layer.get_seq_length() >= layer.sliding_window for layer in target.cache.layers):
         logger.debug("rows that stopped early keep their own drafts in the returned cache: its sliding-window layers "
-                     "hold only their window")
+                     "hold only their window, its recurrent layers only their last states")
         return
     start = int(first_pad[stopped_early].min())
     target.crop(start)
