@@ -162,7 +162,9 @@ class ChannelPrunedLayer(CacheLayerMixin):
             raise RuntimeError(
                 "the attention of the previous forward never handed its queries to the cache. SparK needs them: build "
                 "the cache from the model's own config object, SparKCache(model.config, ...) (not a copy), which routes "
-                "attention through hf_compress's query capture; flash/flex attention are not supported."
+                "attention through hf_compress's query capture; flash/flex attention are not supported, nor models "
+                "whose attention computes its scores itself instead of through transformers' attention functions "
+                "(BLOOM, GPT-Neo, XGLM)."
             )
 
     def observe_queries(self, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float | None = None):

@@ -184,7 +184,8 @@ class SpeculativeDecoding:
             raise ValueError("Speculative decoding does not combine with beam search: use num_beams=1.")
         self.check_generate_arguments(generation_config, synced_gpus or _compat.generate_syncs_gpus(model))
         if model_kwargs.get("use_cache") is False:
-            raise ValueError("Speculative decoding needs the KV cache: drop use_cache=False.")
+            raise ValueError("Speculative decoding needs the KV cache, but use_cache is False (passed to generate(), or "
+                             "the model's generation config, as MPT's is by default): pass use_cache=True.")
         unexpected = sorted(k for k, v in model_kwargs.items() if v is not None and k not in _HANDLED_MODEL_KWARGS)
         if unexpected:
             raise ValueError(f"{type(self).__name__} cannot pass {unexpected} to the model; generate from input_ids only.")
