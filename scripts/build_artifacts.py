@@ -298,7 +298,8 @@ def build_adapter(artifact: Artifact, folder: Path, ctx: Context) -> Built:
     s = ctx.scale
     model, tokenizer = load_model(s.base)  # a copy of its own: the adapter wraps its layers
     base_weights = base_weights_of(model.config)  # a reference model's GGUF origin, which the card states
-    config = DLQATConfig(bits=3, group_size=s.adapter_group_size, r=16, lora_alpha=16.0, target_modules="all-linear")
+    config = DLQATConfig(bits=3, group_size=s.adapter_group_size, r=16, lora_alpha=16.0, target_modules="all-linear",
+                         task_type="CAUSAL_LM")
     with _compat.third_party_warnings_silenced():
         peft_model = get_peft_model(model.to(ctx.device), config)
     data = causal_lm_dataset(load_text("wikipedia", "calibration"), tokenizer, num_sequences=s.adapter_steps * 4,

@@ -162,6 +162,7 @@ def test_quantize_rtn_and_dlqat_write_loadable_packed_checkpoints(tmp_path, caps
     assert recipe["method"] == "dlqat" and recipe["training"]["steps"] == 2
     assert 'PeftModel.from_pretrained(base, "adapter")' in (tmp_path / "adapter" / "README.md").read_text()
     adapter = PeftModel.from_pretrained(tiny_model("llama")[0], tmp_path / "adapter")
+    assert type(adapter).__name__ == "PeftModelForCausalLM"  # task_type recorded: pipeline() takes it without a word
     ids = torch.tensor([[1, 72, 101, 108, 108, 111]])
     with torch.no_grad():
         assert torch.allclose(adapter.merge_and_quantize()(ids).logits, packed(ids).logits, atol=1e-5)

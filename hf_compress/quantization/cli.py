@@ -110,6 +110,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         lora_alpha=float(args.lora_alpha if args.lora_alpha is not None else args.rank), target_modules="all-linear",
         use_magnitude=args.method == "dlqat" and not args.no_magnitude,
         use_lora=args.method == "dlqat" and not args.no_lora,
+        task_type="CAUSAL_LM",  # a saved adapter then loads as PeftModelForCausalLM (pipeline() accepts it quietly)
     )
     model, tokenizer = load_model(args.model, args.dtype)
     model.to(device)
