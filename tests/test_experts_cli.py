@@ -169,6 +169,9 @@ def test_train_bad_input_is_refused_before_the_model_loads(rows_file, tmp_path, 
     with pytest.raises(SystemExit) as exit_info:  # argparse's own refusal
         main(["experts", "train", "--data", str(rows_file), "--select", "0", *save])
     assert exit_info.value.code == 2 and "must be a fraction in (0, 1]" in capsys.readouterr().err
+    from hf_compress.experts.cli import _fraction
+
+    assert _fraction("20%") == _fraction("0.2") == 0.2  # as select_data's budget
     with pytest.raises(SystemExit):
         main(["experts", "train", "--data", str(rows_file), "--num-experts", "two", *save])
 

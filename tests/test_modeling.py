@@ -590,11 +590,13 @@ def test_removing_blocks_renumbers_an_index_a_block_keeps_under_another_name(tmp
 
     from hf_compress.modeling.structure import remove_blocks
 
-    config = AutoConfig.for_model("gpt_neo", vocab_size=256, hidden_size=64, num_layers=4, num_heads=4,
-                                  attention_types=[[["global", "local"], 2]], max_position_embeddings=64,
-                                  window_size=4)
+    def config():
+        return AutoConfig.for_model("gpt_neo", vocab_size=256, hidden_size=64, num_layers=4, num_heads=4,
+                                    attention_types=[[["global", "local"], 2]], max_position_embeddings=64,
+                                    window_size=4)
+
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).eval()
+    model = AutoModelForCausalLM.from_config(config()).eval()
     remove_blocks(model, [1])
     assert [block.attn.attention.layer_id for block in model.transformer.h] == [0, 1, 2]
     ids = torch.randint(3, 256, (1, 12), generator=torch.Generator().manual_seed(0))
@@ -602,6 +604,11 @@ def test_removing_blocks_renumbers_an_index_a_block_keeps_under_another_name(tmp
         expected = model(ids, use_cache=False).logits
     assert torch.equal(_reloaded_logits(model, ids, tmp_path / "neo"), expected)
     generated = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    from peft import LoraConfig, get_peft_model  # under PEFT too: the check builds the base model's class
+
+    wrapped = get_peft_model(AutoModelForCausalLM.from_config(config()), LoraConfig(target_modules=["q_proj"]))
+    remove_blocks(wrapped, [0])
+    assert [block.attn.attention.layer_id for block in wrapped.get_base_model().transformer.h] == [0, 1, 2]
     stepwise = ids
     with torch.no_grad():
         for _ in range(4):

@@ -482,3 +482,13 @@ def test_architectures_that_tie_heads_together_are_refused_before_anything_chang
     check_units_removable(model, [block_structure(block) for block in _blocks(model)])
     with torch.no_grad():
         assert torch.equal(model(ids).logits, before)
+
+
+def test_the_removal_check_runs_without_dropout_and_leaves_the_model_in_its_mode():
+    # In train mode two forwards differ by their dropout: the check refused every model fresh from from_config.
+    from hf_compress.modeling.structure import check_units_removable
+
+    model, _ = tiny_model("llama", attention_dropout=0.5)
+    model.train()
+    check_units_removable(model, [block_structure(block) for block in _blocks(model)])
+    assert all(module.training for module in model.modules())

@@ -23,20 +23,18 @@ from typing import Any
 
 from ..cli.main import (command, common_flags, device_argument, dtype_argument, int_at_least, positive_float,
                         resolve_device)
-from ..utils import get_logger
+from ..utils import check_fraction, get_logger
 
 
 logger = get_logger(__name__)
 
 
 def _fraction(text: str) -> float:
-    try:
-        value = float(text)
+    try:  # as select_data reads its budget: 0.2 or 20%
+        return check_fraction("--select", text, low_open=True, high_open=False)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1], got {text!r}") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1] (e.g. 0.2 keeps a fifth), got {text!r}")
-    return value
+        message = f"must be a fraction in (0, 1] (e.g. 0.2 or 20% keeps a fifth), got {text!r}"
+    raise argparse.ArgumentTypeError(message)
 
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,7 +58,8 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
                        help="task mix: skip the first N of each task's seeded subset, so that training never sees the "
                             "multiple-choice rows `hf-compress eval --limit N` scores (default 100)")
     train.add_argument("--select", type=_fraction, default=1.0, metavar="FRACTION",
-                       help="keep this fraction of the data with ASSL selection before training (default 1: all)")
+                       help="keep this fraction of the data with ASSL selection before training, 0.2 or 20%% "
+                            "(default 1: all)")
     train.add_argument("--select-method", choices=SELECTION_METHODS, default="facility_location",
                        help="how --select chooses (default facility_location; k_center and random are baselines)")
     train.add_argument("--select-weights", choices=WEIGHTINGS, default=None,

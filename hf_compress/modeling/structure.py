@@ -295,16 +295,19 @@ def check_units_removable(model: nn.Module, structures: Sequence[BlockStructure]
     parameter = next(model.parameters())
     vocab = model.get_input_embeddings().num_embeddings
     ids = torch.randint(0, vocab, (1, 8), generator=torch.Generator().manual_seed(0)).to(parameter.device)
+    modes = {module: module.training for module in model.modules()}  # dropout would make every forward differ
     try:
         with torch.no_grad():
-            model(input_ids=ids, use_cache=False)
+            model.eval()(input_ids=ids, use_cache=False)
     finally:
         for hook in hooks:
             hook.remove()
+        for module, training in modes.items():
+            module.training = training
     for index in kinds.values():
         structure = structures[index]
         attention_units, ffn_units = structure.attention.num_units, structure.ffn.num_units
-        block = copy.deepcopy(blocks[index]).float()
+        block = copy.deepcopy(blocks[index]).float().eval()
         copied = block_structure(block)
         args, kwargs = recorded[index]
         with torch.no_grad():
@@ -527,26 +530,36 @@ def _positional_attributes(model: nn.Module, updates: dict[str, Any], kept: list
     """
     import copy
 
-    config = model.config
+    from .. import _compat
+
+    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model  # under PEFT
+    config = base.config
     moved = copy.deepcopy(config)
     _apply_config_updates(moved.get_text_config(), updates)
+
+    def as_reloaded(config: Any) -> Any:
+        # The config as a reload reads it back (GPT-Neo derives attention_layers from attention_types again), both
+        # built with eager attention: the comparison is of the blocks, not of the attention classes an
+        # implementation picks (GPT-Neo's flash attention has its own), and builds nothing from the Hub.
+        config = type(config).from_dict(config.to_dict())
+        _compat.set_attention_implementation(config, "eager")
+        return config
+
     try:
-        # The config as a reload reads it back: one that derives a per-layer list from another field (GPT-Neo's
-        # attention_layers from attention_types) derives it again.
-        moved = type(config).from_dict(moved.to_dict())
         with torch.device("meta"):
-            before, after = type(model)(copy.deepcopy(config)), type(model)(moved)
+            before, after = type(base)(as_reloaded(copy.deepcopy(config))), type(base)(as_reloaded(moved))
     except Exception as error:  # noqa: BLE001 - a constructor meta tensors do not suit: nothing to compare with
         logger.warning("could not rebuild %s on the meta device to check that the kept blocks reload as they are "
-                       "(%s: %s); the removal goes on unchecked", type(model).__name__, type(error).__name__, error)
+                       "(%s: %s); the removal goes on unchecked", type(base).__name__, type(error).__name__, error)
         return []
     old_blocks, new_blocks = find_decoder_blocks(before)[1], find_decoder_blocks(after)[1]
-    own_indices, differences = [], []
+    own_indices, differences, unmoved = [], [], False
     for new_index, old_index in enumerate(kept):
         old_modules = dict(old_blocks[old_index].named_modules())
         new_modules = dict(new_blocks[new_index].named_modules())
         kinds = {path: type(module).__name__ for path, module in old_modules.items()}
         rebuilt = {path: type(module).__name__ for path, module in new_modules.items()}
+        found = len(differences)
         if kinds != rebuilt:
             differences.append(f"block {old_index} would reload as {rebuilt['']} at index {new_index} "
                                f"({', '.join(sorted(set(rebuilt.values()) - set(kinds.values())) or 'other parts')})")
@@ -566,12 +579,18 @@ def _positional_attributes(model: nn.Module, updates: dict[str, Any], kept: list
         shapes = {key: tuple(p.shape) for key, p in old_blocks[old_index].named_parameters()}
         if shapes != {key: tuple(p.shape) for key, p in new_blocks[new_index].named_parameters()}:
             differences.append(f"block {old_index}'s weights would take other shapes at index {new_index}")
+        unmoved |= old_index == new_index and len(differences) > found
     if differences:
+        listed = f"{'; '.join(differences[:3])}{'; ...' if len(differences) > 3 else ''}"
+        if unmoved:  # a block that keeps its index changes too: it reads the depth itself (MiniMax)
+            raise ValueError(
+                f"{type(base).__name__} builds its blocks from the number of blocks: {listed}. Any removal would make "
+                "the saved model reload as another model; use a method that keeps every block."
+            )
         raise ValueError(
-            f"{type(model).__name__} builds its blocks from their position, and removing these blocks moves others: "
-            f"{'; '.join(differences[:3])}{'; ...' if len(differences) > 3 else ''}. The saved model would reload as "
-            "another model. Remove blocks from the end only (they then keep their indices), or use a method that "
-            "keeps every block."
+            f"{type(base).__name__} builds its blocks from their position, and removing these blocks moves others: "
+            f"{listed}. The saved model would reload as another model. Remove blocks from the end only (they then "
+            "keep their indices), or use a method that keeps every block."
         )
     return own_indices
 

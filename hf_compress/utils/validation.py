@@ -217,7 +217,7 @@ def check_fraction(name: str, value: Any, *, low_open: bool = False, high_open: 
         raise InvalidArgumentTypeError(_message(name, allowed, value, hint)) from None
     if not (0.0 < number if low_open else 0.0 <= number) or not (number < 1.0 if high_open else number <= 1.0):
         raise ValueError(_message(name, allowed, value, hint))  # NaN fails both comparisons
-    return number
+    return number + 0.0  # "-0" is 0.0
 
 
 _SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
