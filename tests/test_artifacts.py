@@ -295,7 +295,7 @@ def test_publish_then_nothing_to_upload_then_fresh_process_journeys(built_set, f
     assert by_key["tyr30"]["loaded"]["quant_method"] == "hf_compress_slim"
     assert by_key["tyr30"]["loaded"]["parameters"] < dense_parameters  # physically smaller
     assert by_key["token-router"]["loaded"]["routed"] and not by_key["sds24"]["loaded"]["routed"]
-    assert by_key["dlqat3-adapter"]["loaded"] == {"class": "PeftModel", "peft_type": "PeftType.DLQAT"}
+    assert by_key["dlqat3-adapter"]["loaded"] == {"class": "PeftModelForCausalLM", "peft_type": "PeftType.DLQAT"}
     assert by_key["amphista"]["hub_tokens"] == by_key["amphista"]["greedy"]  # lossless greedy verification
 
 

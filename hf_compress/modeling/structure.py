@@ -310,18 +310,21 @@ def check_units_removable(model: nn.Module, structures: Sequence[BlockStructure]
         block = copy.deepcopy(blocks[index]).float().eval()
         copied = block_structure(block)
         args, kwargs = recorded[index]
+        device = copied.attention.output.weight.device
         with torch.no_grad():
             saved = (copied.attention.output.weight.clone(), copied.ffn.output.weight.clone())
             if attention_units > 1:
-                copied.attention.output.weight[:, copied.attention.output_index(torch.tensor([0]))] = 0
+                columns = copied.attention.output_index(torch.zeros(1, dtype=torch.long, device=device))
+                copied.attention.output.weight[:, columns] = 0
             if ffn_units > 1:
                 copied.ffn.output.weight[:, 0] = 0
             zeroed = _first_tensor(block(*args, **kwargs))
             copied.attention.output.weight.copy_(saved[0])
             copied.ffn.output.weight.copy_(saved[1])
             try:
-                shrink_block(copied, kept_attention=torch.arange(1, attention_units) if attention_units > 1 else None,
-                             kept_ffn=torch.arange(1, ffn_units) if ffn_units > 1 else None)
+                shrink_block(copied,
+                             kept_attention=torch.arange(1, attention_units, device=device) if attention_units > 1 else None,
+                             kept_ffn=torch.arange(1, ffn_units, device=device) if ffn_units > 1 else None)
                 sliced = _first_tensor(block(*args, **kwargs))
             except Exception as error:  # noqa: BLE001 - whatever the slimmed forward raises, the answer is the same
                 reason = f"its block {index} fails ({type(error).__name__}: {error})"
