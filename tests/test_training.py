@@ -363,3 +363,29 @@ def test_resuming_needs_a_checkpoint_and_experts_refuse_it(tmp_path):
         with pytest.raises(ValueError, match="every expert would push to the same Hub repo.*experts.push_to_hub"):
             train_experts(model, rows, ExpertConfig(num_experts=2, r=2), args=args)
     assert not hasattr(model, "peft_config")  # refused before any adapter was added
+
+
+def test_trainable_parameters_the_backward_never_reaches_are_named_after_the_first_step(caplog, tmp_path):
+    """Mamba's mixer reads dt_proj.weight itself: an adapter there never runs and never trains, and a DL-QAT export
+    packed the layer all the same. The launcher says so after the first step, naming the layers."""
+    import torch
+    from datasets import Dataset
+    from peft import get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from hf_compress.quantization import DLQATConfig
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "mamba", vocab_size=256, hidden_size=64, state_size=8, num_hidden_layers=2, expand=2, conv_kernel=4))
+    adapted = get_peft_model(model, DLQATConfig(bits=4, group_size=16, r=2, target_modules="all-linear"))
+    ids = torch.randint(3, 250, (4, 16), generator=torch.Generator().manual_seed(0)).tolist()
+    data = Dataset.from_dict({"input_ids": ids, "labels": ids})
+    with caplog.at_level("WARNING", logger="hf_compress"):
+        train_with_trainer(adapted, data, str(tmp_path), TrainingSettings(max_steps=2, use_cpu=True, progress=False,
+                                                                          per_device_batch_size=2))
+    warned = [record.getMessage() for record in caplog.records if "got no gradient" in record.getMessage()]
+    assert len(warned) == 1  # the first step only
+    assert "6 trainable tensors" in warned[0]
+    assert "backbone.layers.0.mixer.dt_proj, backbone.layers.1.mixer.dt_proj" in warned[0]
+    assert "in_proj" not in warned[0]

@@ -422,7 +422,8 @@ def train_with_trainer(
     else:
         arguments = _arguments_from_settings(settings or TrainingSettings(), output_dir)
     trainer = Trainer(
-        model=model, args=arguments, train_dataset=train_dataset, data_collator=default_data_collator, callbacks=callbacks,
+        model=model, args=arguments, train_dataset=train_dataset, data_collator=default_data_collator,
+        callbacks=[*(callbacks or []), _untrained_parameters_callback()],
         eval_dataset=eval_dataset,  # for eval_strategy in the caller's TrainingArguments; Trainer refuses it without
     )
     if isinstance(settings, TrainingSettings) and not settings.progress:
@@ -453,6 +454,48 @@ def train_with_trainer(
         "settings": asdict(settings) if isinstance(settings, TrainingSettings) else arguments.to_dict(),
         "log_history": trainer.state.log_history,
     }
+
+
+def _untrained_parameters_callback() -> Any:
+    """A callback that warns, at the first optimizer step, of trainable parameters the backward pass did not reach.
+
+    A layer whose weight its block reads itself (Mamba's mixer reads ``dt_proj.weight``) never runs its forward, so an
+    adapter on it gets no gradient: it stays as initialised, while a DL-QAT export would still pack the layer as if
+    trained. Nothing is said when no parameter has a gradient (ZeRO and FSDP keep gradients elsewhere).
+    """
+    from transformers import TrainerCallback
+
+    class UntrainedParameters(TrainerCallback):
+        checked = False
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            if self.checked or model is None:
+                return
+            self.checked = True
+            trainable = [(name, parameter) for name, parameter in model.named_parameters() if parameter.requires_grad]
+            missing = [name for name, parameter in trainable if parameter.grad is None]
+            if missing and len(missing) < len(trainable):
+                modules = sorted({_owning_layer(model, name) for name in missing})
+                logger.warning(
+                    "%d trainable tensors got no gradient in the first step, so they will not train: those of %s. "
+                    "The forward never ran them (a block may read a layer's weight itself, as Mamba's mixer does "
+                    "dt_proj's) or the loss does not reach them; leave them out of the adapted modules "
+                    "(exclude_modules).", len(missing), ", ".join(modules[:4]) + (", ..." if len(modules) > 4 else ""))
+
+    return UntrainedParameters()
+
+
+def _owning_layer(model: nn.Module, parameter_name: str) -> str:
+    """The layer a trainable tensor adapts (a PEFT layer, the one holding ``base_layer``), else the module holding it;
+    without PEFT's ``base_model.model.`` prefix."""
+    path = parameter_name.rpartition(".")[0]
+    prefix = path
+    while prefix:
+        if hasattr(model.get_submodule(prefix), "base_layer"):
+            path = prefix
+            break
+        prefix = prefix.rpartition(".")[0]
+    return path.removeprefix("base_model.model.")
 
 
 def _kernelize_for_training(model: nn.Module) -> None:
