@@ -492,3 +492,14 @@ def test_the_removal_check_runs_without_dropout_and_leaves_the_model_in_its_mode
     model.train()
     check_units_removable(model, [block_structure(block) for block in _blocks(model)])
     assert all(module.training for module in model.modules())
+
+
+def test_sparsity_is_no_second_name_for_the_structural_target():
+    """`sparsity` is the mask pruners' key; a structural config overwrote it with its default target_sparsity, so
+    TyrConfig(sparsity=0.6) (or a recipe step, or --options, saying so) pruned 30% and recorded sparsity=0.3."""
+    for config_class in (TyrConfig, BlockRemovalConfig):
+        with pytest.raises(ValueError, match=r"target_sparsity=0.3 .* but sparsity=0.6 was given: pass the fraction"):
+            config_class(sparsity=0.6)
+        saved = config_class(target_sparsity="60%").to_dict()
+        assert saved["sparsity"] == saved["target_sparsity"] == 0.6
+        assert config_class(**{k: v for k, v in saved.items() if k != "method"}).target_sparsity == 0.6  # round trip

@@ -330,6 +330,15 @@ def check_number(config: Any, name: str, positive: bool, high: float | None = No
     setattr(config, name, value)
 
 
+def _ratio_or_none(value: Any) -> float | None:
+    """``value`` read as an unstructured ratio, or None when it is not one."""
+    try:
+        pattern = parse_sparsity(value)
+    except (TypeError, ValueError):
+        return None
+    return None if pattern.is_n_m else pattern.ratio
+
+
 @dataclass
 class StructuralPruningConfig(PruningConfig):
     """Shared by the structural pruners: ``target_sparsity`` (the fraction of decoder-block parameters to
@@ -343,7 +352,7 @@ class StructuralPruningConfig(PruningConfig):
     target_sparsity: float = field(default=0.3, metadata={"cli": ["--sparsity"], "type": str})
     num_calibration_sequences: int = field(default=64, metadata={"cli": ["--calibration-sequences"]})
     calibration_seq_len: int = field(default=256, metadata={"cli": ["--seq-len"]})
-    sparsity: float | str = field(default=0.3, metadata={"cli": None})
+    sparsity: float | str | None = field(default=None, metadata={"cli": None})
     skip: list[str] = field(default_factory=list, metadata={"cli": None})
     permutation: Any = field(default=None, metadata={"cli": None})
 
@@ -365,6 +374,13 @@ class StructuralPruningConfig(PruningConfig):
             "target_sparsity", target, low=0.0, high=1.0, low_open=True, high_open=True,
             hint="It is the fraction of decoder-block parameters to remove (e.g. 0.3 or '30%').",
         )
+        if self.sparsity is not None and not math.isclose(_ratio_or_none(self.sparsity) or -1.0, self.target_sparsity):
+            # `sparsity` is the mask pruners' key; here it only mirrors target_sparsity (a saved config holds both).
+            raise ValueError(
+                f"{type(self).__name__} removes target_sparsity={self.target_sparsity:g} of the decoder parameters, "
+                f"but sparsity={self.sparsity!r} was given: pass the fraction as target_sparsity (the --sparsity flag); "
+                "sparsity only mirrors it."
+            )
         self.sparsity = self.target_sparsity
         super().__post_init__()
         if self.skip:
