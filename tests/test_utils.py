@@ -112,13 +112,15 @@ def test_a_folder_of_other_files_needs_overwrite_and_keeps_them(tmp_path):
     (target / "sub").mkdir(parents=True)
     (target / "sub" / "results.json").write_text("{}")
     (target / "model-00002-of-00002.safetensors").write_text("old shard")
+    (target / "recipe.yaml").write_text("name: another build")  # a recipe run's record of the old model
+    (target / "recipe_results.json").write_text("{}")
     with pytest.raises(FileExistsError, match="already holds a model"):
         with atomic_directory(target):
             pass
     with atomic_directory(target, overwrite=True) as staging:
         (staging / "model.safetensors").write_text("new")
     files = sorted(str(p.relative_to(target)) for p in target.rglob("*") if p.is_file())
-    assert files == ["model.safetensors", "sub/results.json"]  # the stale shard of the old model is dropped
+    assert files == ["model.safetensors", "sub/results.json"]  # the stale shard and recipe record are dropped
 
 
 def test_stale_staging_of_dead_writers_is_swept_and_live_ones_kept(tmp_path):

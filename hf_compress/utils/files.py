@@ -40,11 +40,13 @@ MODEL_FILE_PATTERNS: tuple[str, ...] = (
 STALE_ON_OVERWRITE: tuple[str, ...] = (
     "*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "*.gguf",
     "config.json", "generation_config.json", "adapter_config.json", "tokenizer*", "special_tokens_map.json",
-    "added_tokens.json", "vocab.*", "merges.txt", "chat_template.*", "custom_generate",
+    "added_tokens.json", "vocab.*", "merges.txt", "chat_template.*", "custom_generate", "experts_config.json",
+    "recipe.yaml", "recipe_results.json",
 )
 """Top-level entries of an old artifact that an overwrite drops even when the new save does not write them:
 the old model's weights (e.g. shards of a larger one), configs and tokenizer would otherwise be read
-together with the new ones. A top-level folder holding model files (:func:`holds_model`: an adapter, an
+together with the new ones, and a recipe run's record (``recipe.yaml``, ``recipe_results.json``) would describe
+another build. A top-level folder holding model files (:func:`holds_model`: an adapter, an
 expert, drafting heads) is part of the old artifact too and is dropped whole. Everything else (notes,
 results, a README) is the user's and is kept."""
 
