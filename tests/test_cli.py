@@ -769,3 +769,25 @@ def test_eval_of_a_routed_model_warns_without_a_scored_tail_and_takes_one(tmp_pa
     assert "this model routes tokens" not in caplog.text
     assert json.loads((tmp_path / "tail.json").read_text())["perplexity"]["wikipedia"]["score_last"] == 16
     assert "perplexity" in whole
+
+
+def test_an_adapter_trained_on_a_pruned_model_names_that_model_not_the_dense_hub_base(tmp_path, monkeypatch):
+    """The adapter's config named the dense Hub base, whose weights the adapter then refused, and its card loaded it."""
+    import json
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["prune", "magnitude", "--model", "tiny-llama", "--sparsity", "2:4", "--save-dir", "pruned", "-q"]) == 0
+    config = json.loads((tmp_path / "pruned" / "config.json").read_text())
+    config.setdefault("hf_compress", {})["base_model"] = "org/base"  # as a pruned Hub model records its origin
+    (tmp_path / "pruned" / "config.json").write_text(json.dumps(config))
+    assert main(["quantize", "dlqat", "--model", "pruned", "--bits", "4", "--group-size", "32", "--rank", "2",
+                 "--steps", "1", "--batch-size", "2", "--seq-len", "32", "--save-dir", "q", "--adapter-dir",
+                 "adapter", "-q"]) == 0
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] is None
+    card = (tmp_path / "adapter" / "README.md").read_text()
+    assert 'AutoModelForCausalLM.from_pretrained("pruned")' in card and "org/base" not in card
+    assert "org/base" in (tmp_path / "q" / "README.md").read_text()  # the packed model still names its origin
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "pruned"), tmp_path / "adapter")

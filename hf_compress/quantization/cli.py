@@ -147,14 +147,18 @@ def run_quantize(args: argparse.Namespace) -> int:
                               "batch_size": args.batch_size, "seq_len": args.seq_len,
                               "data": calibration_text_record(args.calibration_text)}
         if args.adapter_dir:
-            # peft records the base model's name_or_path (a local folder here, maybe): record the Hub id or none.
+            # peft records the base model's name_or_path (a local folder here, maybe): record the Hub id or none. A
+            # pruned base is not the Hub model (the adapter refuses that one's weights): none, and the card says to
+            # load the pruned model it was trained on.
+            adapter_base = None if pruned_before else base_model
             for adapter_config in model.peft_config.values():
-                adapter_config.base_model_name_or_path = base_model
-            model.get_base_model().name_or_path = base_model
+                adapter_config.base_model_name_or_path = adapter_base
+            model.get_base_model().name_or_path = adapter_base
+            trained_on = os.path.basename(os.path.normpath(args.model)) if pruned_before else None
             with atomic_directory(args.adapter_dir, overwrite=args.overwrite) as folder:
                 model.save_pretrained(folder)
                 write_model_card(folder, _model_card(base_model, recipe, "adapter", args.adapter_dir,
-                                                         base_weights))
+                                                         base_weights, trained_on=trained_on))
     # rtn packs in place, recording "rtn" in config.json (an untrained DL-QAT export would record "dlqat").
     packed = model.merge_and_quantize() if args.method == "dlqat" else quantize_rtn(
         model, bits=args.bits, group_size=args.group_size, symmetric=args.symmetric, keep_sparsity=config.keep_sparsity,
@@ -188,10 +192,12 @@ _RECIPE_FIELDS = ("bits", "group_size", "symmetric", "r", "lora_alpha", "lora_sp
                   "keep_sparsity")
 
 
-def _model_card(base_model: str, recipe: dict, template: str, folder: str, base_weights: dict | None = None):
+def _model_card(base_model: str, recipe: dict, template: str, folder: str, base_weights: dict | None = None,
+                trained_on: str | None = None):
     """A model card with the recipe; it lists no metrics, since this command measures none. Its code loads the
     folder by its name (as from its parent folder, or as a Hub repo of that name once pushed), never by the card's
-    title, which names no folder or repo."""
+    title, which names no folder or repo. ``trained_on``: the folder name of the pruned model an adapter was trained
+    on, which its code loads as the base (and the card names no Hub base: the adapter refuses its dense weights)."""
     from ..hub import build_model_card
 
     name = f"{str(base_model or 'model').rpartition('/')[2]}-{recipe['method']}-{recipe['bits']}bit"
@@ -205,12 +211,14 @@ def _model_card(base_model: str, recipe: dict, template: str, folder: str, base_
         snippet = ("import hf_compress  # registers the DLQAT adapter type with peft\n"
                    "from peft import PeftModel\n"
                    "from transformers import AutoModelForCausalLM\n\n"
-                   'base = AutoModelForCausalLM.from_pretrained("{base_model}")\n'
-                   'model = PeftModel.from_pretrained(base, "{repo_id}")\n'
+                   + (f'base = AutoModelForCausalLM.from_pretrained("{trained_on}")  # the pruned model it was trained on\n'
+                      if trained_on else 'base = AutoModelForCausalLM.from_pretrained("{base_model}")\n')
+                   + 'model = PeftModel.from_pretrained(base, "{repo_id}")\n'
                    "packed = model.merge_and_quantize()  # real low-bit weights")
     pruning_tags = [p["method"] for p in recipe.get("pruned_before", []) if isinstance(p.get("method"), str)]
     return build_model_card(
-        base_model=base_model, model_name=name, recipe=recipe, template=template, load_snippet=snippet,
+        base_model=None if trained_on else base_model, model_name=name, recipe=recipe, template=template,
+        load_snippet=snippet,
         extra_tags=pruning_tags, base_model_relation="quantized" if template == "compressed_model" else None,
         repo_id=os.path.basename(os.path.normpath(folder)), base_weights=base_weights,
     )
