@@ -791,3 +791,21 @@ def test_an_adapter_trained_on_a_pruned_model_names_that_model_not_the_dense_hub
     assert 'AutoModelForCausalLM.from_pretrained("pruned")' in card and "org/base" not in card
     assert "org/base" in (tmp_path / "q" / "README.md").read_text()  # the packed model still names its origin
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "pruned"), tmp_path / "adapter")
+
+
+def test_a_prune_records_the_calibration_text_it_read(tmp_path, monkeypatch):
+    """A news-calibrated checkpoint could not be told from a Wikipedia one (and a news perplexity on it is in-sample)."""
+    import json
+
+    from hf_compress.pruning import PruningConfig
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["prune", "wanda", "--model", "tiny-llama", "--sparsity", "2:4", "--calibration-text", "news",
+                 "--calibration-sequences", "2", "--seq-len", "32", "--save-dir", "wanda", "-q"]) == 0
+    record = json.loads((tmp_path / "wanda" / "config.json").read_text())["hf_compress"]["pruning"]
+    assert record["calibration_data"] == "hf_compress news corpus"
+    assert "calibration_data: hf_compress news corpus" in (tmp_path / "wanda" / "README.md").read_text()
+    assert PruningConfig.from_dict(record).sparsity == "2:4"  # the record still rebuilds its config
+    assert main(["prune", "magnitude", "--model", "tiny-llama", "--sparsity", "0.5", "--save-dir", "magnitude",
+                 "-q"]) == 0  # reads no text: records none
+    assert "calibration_data" not in json.loads((tmp_path / "magnitude" / "config.json").read_text())["hf_compress"]["pruning"]

@@ -37,7 +37,7 @@ from .. import __version__, _compat
 from ..modeling import calibration_batches, check_within_learned_positions
 from ..utils import check_save_dir as check_save_folder
 from ..utils import InvalidArgumentTypeError, check_bool, check_path, get_logger, progress_kwargs
-from .config import PruningConfig, SparsityPattern, parse_sparsity
+from .config import CALIBRATION_DATA_KEY, PruningConfig, SparsityPattern, parse_sparsity
 from .registry import register_pruner
 
 
@@ -96,6 +96,9 @@ class BasePruner(ABC):
         self.report: Any = None
         self.permutation_report: Any = None
         """The ``PermutationReport`` of the last ``prune`` with a ``permutation`` (``None`` otherwise)."""
+        self.calibration_data: str | None = None
+        """What the calibration text is (``"hf_compress news corpus"``), recorded with the recipe (config.json, card)
+        when a prune reads calibration text; the command line sets it from ``--calibration-text``."""
 
     # ------------------------------------------------------------------------------------------ loading
 
@@ -198,7 +201,7 @@ class BasePruner(ABC):
             self.permutation_report = permute_for_pruning(self.model, config, permutation_sites, calibration_ids,
                                                           progress)
         self.report = self.run(config, plan, calibration_ids, progress)
-        self._record_recipe(config)
+        self._record_recipe(config, calibrated=calibration_ids is not None)
         if save_dir is not None:
             with _compat.quiet_weight_progress():  # transformers' own save bars; the format's encoding has its own
                 self.save(Path(save_dir), overwrite, config, **progress_kwargs(self.save, progress))
@@ -321,7 +324,7 @@ class BasePruner(ABC):
         except ValueError as error:
             raise ValueError(f"calibration_dataset is unusable: {error}") from error
 
-    def _record_recipe(self, config: PruningConfig) -> None:
+    def _record_recipe(self, config: PruningConfig, calibrated: bool = False) -> None:
         model_config = getattr(self.model, "config", None)
         if model_config is None:
             return
@@ -331,7 +334,10 @@ class BasePruner(ABC):
         if recipe.get("pruning") is not None:
             # A prune of a pruned model: the record must name every prune that shaped the weights, not the last only.
             recipe["earlier_pruning"] = [*recipe.get("earlier_pruning", []), recipe["pruning"]]
-        recipe.update({"pruning": config.to_dict(), "version": __version__})
+        pruning = config.to_dict()
+        if calibrated and self.calibration_data:
+            pruning[CALIBRATION_DATA_KEY] = self.calibration_data
+        recipe.update({"pruning": pruning, "version": __version__})
         if not recipe.get("base_model"):  # the original Hub model, for the cards of later steps (a folder has none)
             from ..hub.model_card import hub_model_id
 

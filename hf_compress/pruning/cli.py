@@ -13,8 +13,8 @@ import dataclasses
 import json
 from collections.abc import Sequence
 
-from ..cli.main import (calibration_text_argument, command, common_flags, device_argument, dtype_argument,
-                        named_command, resolve_device)
+from ..cli.main import (calibration_text_argument, calibration_text_record, command, common_flags, device_argument,
+                        dtype_argument, named_command, resolve_device)
 
 
 def _arguments(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> None:
@@ -79,6 +79,8 @@ def run_prune(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     pruner = pruner_class.from_pretrained(args.model, dtype=args.dtype)
     pruner.model.to(device)
+    if calibration is not None:  # recorded with the recipe: a news-calibrated model says so
+        pruner.calibration_data = calibration_text_record(args.calibration_text)
     pruner.prune(config, calibration, save_dir=args.save_dir, overwrite=args.overwrite, progress=not args.quiet,
                  **pruner_class.prune_kwargs_from_cli(args))
     print(f"{pruner.report.summary()}, saved to {args.save_dir}")

@@ -163,6 +163,9 @@ def _ratio_pattern(ratio: float, error: ValueError) -> SparsityPattern:
 
 _REGISTRY: dict[str, type[PruningConfig]] = {}
 
+CALIBRATION_DATA_KEY = "calibration_data"
+"""The key a recorded recipe (``model.config.hf_compress["pruning"]``) gives the calibration text's description."""
+
 
 @dataclass
 class PruningConfig:
@@ -258,6 +261,7 @@ class PruningConfig:
         """
         data = dict(data)
         method = data.pop("method", None)
+        data.pop(CALIBRATION_DATA_KEY, None)  # a recorded recipe says what the text was; no setting of the method
         target: type[PruningConfig] = cls
         if method is not None:
             if method not in _REGISTRY:
