@@ -498,6 +498,17 @@ def test_route_fills_in_the_training_defaults_when_it_trains():
     _check_training_flags(args)  # --static alone: nothing to refuse
 
 
+def test_route_refuses_a_mask_pruned_model_as_a_recipe_does(tmp_path, monkeypatch, capsys):
+    """`route` stored a pruned model's weights dense and dropped its pruning from the card; a recipe refused it."""
+    assert main(["prune", "magnitude", "--model", "tiny-llama", "--sparsity", "0.5", "--save-dir",
+                 str(tmp_path / "pruned"), "-q"]) == 0
+    capsys.readouterr()
+    assert main(["route", "--model", str(tmp_path / "pruned"), "--static", "--save-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "is mask-pruned" in err and "cannot stack with mask pruning" in err
+    assert not (tmp_path / "r").exists()
+
+
 def test_route_searches_on_the_device_it_is_given(tmp_path, monkeypatch, capsys):
     """``route`` had no --device: on a GPU machine its schedule search (the long part) ran on the CPU."""
     from hf_compress.cli.main import resolve_device

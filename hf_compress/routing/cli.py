@@ -85,6 +85,7 @@ def run_route(args: argparse.Namespace) -> int:
         search_windows=args.search_windows, search_seq_len=args.seq_len,
     )
     model, tokenizer = load_model(args.model, args.dtype)
+    _check_stacking(args.model, model)  # before the search's work, as a recipe's route step is checked
     model.to(device)
     check_within_learned_positions(model, args.seq_len, "--seq-len is", "--seq-len")  # before the search's work
     schedule = search_schedule(model, text, config, tokenizer=tokenizer, progress=not args.quiet, args=settings)
@@ -105,6 +106,17 @@ def run_route(args: argparse.Namespace) -> int:
 
 
 _TRAINING_DEFAULTS = {"steps": 200, "learning_rate": 1e-3}
+
+
+def _check_stacking(name: str, model) -> None:
+    """Refuse a mask-pruned, slim or packed model as a recipe refuses a route step after one: the routed format
+    would store a pruned model's weights dense, without its pruning on the card."""
+    from ..recipe.steps.base import ROUTE_STACKING, model_facts
+
+    facts = model_facts(model)
+    for fact, reason in ROUTE_STACKING.items():
+        if fact in facts:
+            raise ValueError(f"--model {name} is {facts[fact]}: {reason}")
 
 
 def _check_training_flags(args: argparse.Namespace) -> None:
