@@ -503,3 +503,15 @@ def test_sparsity_is_no_second_name_for_the_structural_target():
         saved = config_class(target_sparsity="60%").to_dict()
         assert saved["sparsity"] == saved["target_sparsity"] == 0.6
         assert config_class(**{k: v for k, v in saved.items() if k != "method"}).target_sparsity == 0.6  # round trip
+
+
+def test_a_work_dir_inside_the_save_dir_or_a_file_is_refused_before_anything_is_written(tmp_path):
+    """The lock a run left in a work_dir equal to save_dir made the corrected rerun refuse save_dir as not empty."""
+    model, tokenizer = tiny_model("llama")
+    for work_dir in (tmp_path / "out", tmp_path / "out" / "work"):
+        with pytest.raises(ValueError, match="same folder or one holds the other"):
+            TyrPruner(model, tokenizer).prune(_small_config(), TEXT, save_dir=tmp_path / "out", work_dir=work_dir)
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(ValueError, match="work_dir .*afile is a file"):
+        TyrPruner(model, tokenizer).prune(_small_config(), TEXT, work_dir=tmp_path / "afile")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["afile"]

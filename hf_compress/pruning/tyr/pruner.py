@@ -202,6 +202,7 @@ class TyrPruner(StructuralPruner):
         """
         # The search pool is a second draw from the calibration text, and the work folder spans the stages.
         check_path("work_dir", work_dir, allow_none=True)
+        _check_work_dir(work_dir, save_dir)
         self._calibration_dataset = calibration_dataset
         temporary = work_dir is None
         self._work = Path(tempfile.mkdtemp(prefix="tyr-")) if temporary else Path(work_dir)
@@ -405,6 +406,21 @@ class TyrPruner(StructuralPruner):
             "weights_and_text": digest.hexdigest(),
         }
         return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _check_work_dir(work_dir: str | os.PathLike | None, save_dir: str | os.PathLike | None) -> None:
+    """Refuse, before anything is written, a work_dir that is a file, or that is save_dir or nested with it: the save
+    replaces save_dir whole and refuses a folder that holds anything (the work files, the run's lock)."""
+    if work_dir is None:
+        return
+    work = Path(work_dir).resolve()
+    if work.exists() and not work.is_dir():
+        raise ValueError(f"work_dir {work_dir} is a file; pass a folder (it is created if missing).")
+    if save_dir is not None:
+        save = Path(save_dir).resolve()
+        if work == save or save in work.parents or work in save.parents:
+            raise ValueError(f"work_dir {work_dir} and save_dir {save_dir} are the same folder or one holds the other; "
+                             "keep the work folder apart (e.g. tyr-work/ beside the saved model).")
 
 
 def _search_space(grids: dict[str, LevelGrid], layers: int) -> SearchSpace:
