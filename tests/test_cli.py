@@ -820,3 +820,18 @@ def test_a_prune_records_the_calibration_text_it_read(tmp_path, monkeypatch):
     assert main(["prune", "magnitude", "--model", "tiny-llama", "--sparsity", "0.5", "--save-dir", "magnitude",
                  "-q"]) == 0  # reads no text: records none
     assert "calibration_data" not in json.loads((tmp_path / "magnitude" / "config.json").read_text())["hf_compress"]["pruning"]
+
+
+def test_a_binary_file_given_as_text_is_named_in_the_error(tmp_path, capsys):
+    """A safetensors file passed as calibration text or as a recipe gave the codec's bare message."""
+    binary = tmp_path / "model.safetensors"
+    binary.write_bytes(b"\x90\x00\xff" * 10)
+    capsys.readouterr()
+    assert main(["prune", "wanda", "--model", "tiny-llama", "--calibration-text", str(binary), "--save-dir",
+                 str(tmp_path / "out")]) == 2
+    assert f"calibration text file {binary} is not UTF-8 text (byte 0x90 at offset 0)" in capsys.readouterr().err
+    assert main(["recipe", "check", str(binary)]) == 2
+    assert f"recipe file {binary} is not UTF-8 text" in capsys.readouterr().err
+    assert main(["experts", "train", "--data", str(binary), "--model", "tiny-llama", "--save-dir",
+                 str(tmp_path / "experts")]) == 2
+    assert "is not UTF-8 text" in capsys.readouterr().err

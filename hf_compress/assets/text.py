@@ -25,7 +25,7 @@ from pathlib import Path
 
 from datasets import Dataset
 
-from ..utils import InvalidArgumentTypeError, check_int, get_logger
+from ..utils import InvalidArgumentTypeError, check_int, get_logger, read_user_text
 from .catalog import GENSIM_INSTALL, GENSIM_WHEEL_GLOB
 from .locate import file_in_wheel
 
@@ -111,7 +111,7 @@ def load_calibration_text(spec: str | os.PathLike = "wikipedia") -> Dataset | li
     path = Path(name)
     if not path.is_file():
         raise ValueError(f"calibration text {name!r} is neither 'wikipedia', 'news' nor a readable text file.")
-    paragraphs = [p.strip() for p in path.read_text(encoding="utf-8").split("\n\n") if p.strip()]
+    paragraphs = [p.strip() for p in read_user_text(path, "calibration text file").split("\n\n") if p.strip()]
     if not paragraphs:
         raise ValueError(f"calibration text file {name} is empty.")
     return paragraphs

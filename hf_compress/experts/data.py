@@ -17,6 +17,7 @@ from typing import Any
 
 from datasets import Dataset
 
+from ..utils import read_user_text
 from .config import TASK_MIX_TASKS
 
 
@@ -198,8 +199,7 @@ def read_instruction_file(path: str | os.PathLike, argument: str = "data") -> li
     if not os.path.isfile(name):
         raise FileNotFoundError(f"{argument} {name}: no such file; pass a .jsonl file of prompt/completion (or "
                                 "text) rows.")
-    with open(name, encoding="utf-8") as handle:
-        text = handle.read()
+    text = read_user_text(name, f"{argument} file")
     if name.endswith(".json"):
         try:
             rows = json.loads(text)

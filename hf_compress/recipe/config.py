@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..utils import DTYPE_NAMES, atomic_file, did_you_mean
+from ..utils import DTYPE_NAMES, atomic_file, did_you_mean, read_user_text
 
 
 if TYPE_CHECKING:
@@ -251,7 +251,7 @@ class Recipe:
         if not path.is_file():
             raise FileNotFoundError(f"recipe file {path} does not exist; pass the path of a recipe YAML file.")
         try:
-            data = yaml.load(path.read_text(encoding="utf-8"), Loader=_unique_keys_loader())  # noqa: S506 (a SafeLoader)
+            data = yaml.load(read_user_text(path, "recipe file"), Loader=_unique_keys_loader())  # noqa: S506 (SafeLoader)
         except yaml.YAMLError as error:
             raise RecipeError(f"{path}: not valid YAML: {' '.join(str(error).split())}") from None
         except RecipeError as error:

@@ -10,6 +10,7 @@ from .files import (
     check_save_dir,
     file_lock,
     holds_model,
+    read_user_text,
     sweep_stale_staging,
 )
 from .logging import get_logger, progress_kwargs
@@ -56,6 +57,7 @@ __all__ = [
     "file_lock",
     "get_logger",
     "holds_model",
+    "read_user_text",
     "progress_kwargs",
     "sweep_stale_staging",
 ]

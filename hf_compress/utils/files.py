@@ -64,6 +64,21 @@ def holds_model(folder: str | os.PathLike) -> bool:
     return folder.is_dir() and any(any(folder.glob(pattern)) for pattern in MODEL_FILE_PATTERNS)
 
 
+def read_user_text(path: str | os.PathLike, what: str) -> str:
+    """The UTF-8 text of a file the user named (calibration text, a recipe, training rows); a binary or otherwise
+    encoded file is refused in one line that names it, not with the codec's bare message.
+
+    Example:
+        >>> read_user_text("model.safetensors", "calibration text file")  # doctest: +SKIP
+        ValueError: calibration text file model.safetensors is not UTF-8 text (byte 0x90 at offset 0) ...
+    """
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{what} {os.fspath(path)} is not UTF-8 text (byte 0x{error.object[error.start]:02x} at "
+                         f"offset {error.start}); pass a text file, or convert it to UTF-8.") from None
+
+
 def cache_dir(*parts: str) -> Path:
     """The hf_compress cache (``$HF_COMPRESS_CACHE``, default ``~/.cache/hf_compress``), created on use.
 
