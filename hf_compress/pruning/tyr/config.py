@@ -52,14 +52,24 @@ class TyrConfig(StructuralPruningConfig):
             one multiple per layer). Set it to ``M`` (or a multiple of it) when N:M pruning follows: the FFN
             output projection's input width must split into groups of ``M``; 8, 16 or 64 also suit GPU kernels.
         num_levels: sparsity levels per layer in a supernet (centre ± ``num_levels // 2``).
-        ffn_update_rounds, attention_update_rounds: OBS update rounds of the local pruner.
+        ffn_update_rounds: rounds in which the local pruner removes a layer's FFN channels, re-scoring the
+            rest after each (more rounds: better choices, more time).
+        attention_update_rounds: the same for a layer's key/value-head groups.
         damping: Hessian damping relative to its mean diagonal.
         propagation: which variant of an already pruned block feeds the next block while building the
             supernet: ``"centre"`` (the centre level: the intent of Týr's expectation error
             accumulation, "median" variant), ``"expectation"`` (the ``(1 - s)``-weighted mean of all
             levels) or ``"dense"`` (the dense block: what the released code does in effect).
-        generations, offspring, selection_tokens, selection_survivors, max_flips, kl_topk: the
-            evolutionary search (see the module docstring of ``hf_compress.pruning.tyr.search``).
+        generations: evolutionary-search generations per iteration (each makes offspring of the best candidate
+            so far; see ``hf_compress.pruning.tyr.search``).
+        offspring: candidates a generation makes, each moving level steps between layers of one type (the
+            budget stays exact).
+        selection_tokens: tokens each successive-halving stage scores the remaining candidates on (one value per
+            stage, growing).
+        selection_survivors: candidates kept after each stage but the last (one value fewer than
+            ``selection_tokens``).
+        max_flips: most level moves a mutation makes.
+        kl_topk: the dense model's top logits per token the fitness (sparse KL) compares a candidate on.
         num_search_sequences: windows of ``calibration_seq_len`` tokens in the search pool (drawn with
             ``search_seed`` from the calibration text, disjoint seed from the Hessian windows).
         search_seed: seeds mutations, stage sampling and the pool.
