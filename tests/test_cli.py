@@ -835,3 +835,14 @@ def test_a_binary_file_given_as_text_is_named_in_the_error(tmp_path, capsys):
     assert main(["experts", "train", "--data", str(binary), "--model", "tiny-llama", "--save-dir",
                  str(tmp_path / "experts")]) == 2
     assert "is not UTF-8 text" in capsys.readouterr().err
+
+
+def test_prune_refuses_calibration_flags_a_method_without_calibration_would_ignore(tmp_path, capsys):
+    """magnitude took --calibration-text news, --num-calibration-sequences and --batch-size without a word."""
+    for flags in (["--calibration-text", "news"], ["--num-calibration-sequences", "4", "--batch-size", "2"]):
+        capsys.readouterr()
+        assert main(["prune", "magnitude", "--model", "tiny-llama", "--sparsity", "0.5", "--save-dir",
+                     str(tmp_path / "m"), *flags]) == 2
+        err = capsys.readouterr().err
+        assert "to methods that read calibration text; magnitude reads none" in err and flags[0] in err
+    assert not (tmp_path / "m").exists()

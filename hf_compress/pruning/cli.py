@@ -13,8 +13,8 @@ import dataclasses
 import json
 from collections.abc import Sequence
 
-from ..cli.main import (calibration_text_argument, calibration_text_record, command, common_flags, device_argument,
-                        dtype_argument, named_command, resolve_device)
+from ..cli.main import (DEFAULT_CALIBRATION_TEXT, calibration_text_argument, calibration_text_record, command,
+                        common_flags, device_argument, dtype_argument, named_command, resolve_device)
 
 
 def _arguments(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> None:
@@ -43,7 +43,7 @@ def _arguments(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
         child.add_argument("--save-dir", required=True, help="folder for the pruned checkpoint")
         child.add_argument("--overwrite", action="store_true",
                            help="save into a non-empty --save-dir: its model is replaced, other files are kept")
-        calibration_text_argument(child, help_suffix="" if pruner_class.requires_calibration
+        calibration_text_argument(child, default=None, help_suffix="" if pruner_class.requires_calibration
                                   else f"; {method} reads it only with --permutation learned")
         child.add_argument("--options", f"--{method.replace('_', '-')}-options", dest="options", default=None,
                            metavar="JSON", help="more config fields as a JSON object, e.g. '{\"batch_size\": 4}' "
@@ -74,8 +74,17 @@ def run_prune(args: argparse.Namespace) -> int:
     config = pruner_class.config_class(**fields)
     # Everything the user typed is checked before the (possibly slow) model load.
     trains = isinstance(getattr(config, "permutation", None), LearnedPermutationConfig)  # trains on the text
-    calibration = (load_calibration_text(args.calibration_text)
-                   if pruner_class.requires_calibration or trains else None)
+    reads_text = pruner_class.requires_calibration or trains
+    if not reads_text:  # flags it would silently ignore, as quantize rtn refuses its training flags
+        given = ["--calibration-text"] * (args.calibration_text is not None) + [
+            f"--{name.replace('_', '-')}" for name in _CALIBRATION_FIELDS if name in config_kwargs(args)]
+        if given:
+            one = len(given) == 1
+            raise ValueError(f"{', '.join(given)} {'applies' if one else 'apply'} to methods that read calibration "
+                             f"text; {pruner_class.config_class.method} reads none (unless with --permutation "
+                             f"learned): drop {'it' if one else 'them'}.")
+    args.calibration_text = args.calibration_text or DEFAULT_CALIBRATION_TEXT
+    calibration = load_calibration_text(args.calibration_text) if reads_text else None
     device = resolve_device(args.device)
     pruner = pruner_class.from_pretrained(args.model, dtype=args.dtype)
     pruner.model.to(device)
@@ -85,6 +94,10 @@ def run_prune(args: argparse.Namespace) -> int:
                  **pruner_class.prune_kwargs_from_cli(args))
     print(f"{pruner.report.summary()}, saved to {args.save_dir}")
     return 0
+
+
+_CALIBRATION_FIELDS = ("num_calibration_sequences", "calibration_seq_len", "calibration_seed", "batch_size")
+"""Config fields that only shape the calibration windows and their forwards."""
 
 
 def method_summary(config_class: type) -> str:
