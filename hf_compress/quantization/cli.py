@@ -156,7 +156,9 @@ def run_quantize(args: argparse.Namespace) -> int:
             model.get_base_model().name_or_path = adapter_base
             trained_on = os.path.basename(os.path.normpath(args.model)) if pruned_before else None
             with atomic_directory(args.adapter_dir, overwrite=args.overwrite) as folder:
-                model.save_pretrained(folder)
+                # The embeddings are never resized: "auto" would only ask the Hub for the base config (a warning
+                # offline, even with -q).
+                model.save_pretrained(folder, save_embedding_layers=False)
                 write_model_card(folder, _model_card(base_model, recipe, "adapter", args.adapter_dir,
                                                          base_weights, trained_on=trained_on))
     # rtn packs in place, recording "rtn" in config.json (an untrained DL-QAT export would record "dlqat").
