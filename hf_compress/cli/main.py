@@ -478,7 +478,8 @@ def run_demo_command(args: argparse.Namespace) -> int:
 
 
 def _split(value: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in value.split(",") if part.strip())
+    """The comma-separated names, each once, in order (``wikipedia,wikipedia`` measured the set twice)."""
+    return tuple(dict.fromkeys(part.strip() for part in value.split(",") if part.strip()))
 
 
 def _check_names(flag: str, names: Sequence[str], known: Sequence[str], what: str) -> None:
