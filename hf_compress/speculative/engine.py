@@ -56,10 +56,10 @@ def check_rollback_cache(cache: Cache) -> None:
 def has_recurrent_state(cache: Cache) -> bool:
     """Whether ``cache`` has layers that keep a recurrent state (Mamba, linear attention, short convolutions), which
     go back only as many tokens as they recorded."""
-    return any(has_recurrent_state_layer(layer) for layer in getattr(cache, "layers", ()))
+    return any(_keeps_recurrent_state(layer) for layer in getattr(cache, "layers", ()))
 
 
-def has_recurrent_state_layer(layer: object) -> bool:
+def _keeps_recurrent_state(layer: object) -> bool:
     return hasattr(layer, "update_recurrent_state") or hasattr(layer, "update_conv_state")
 
 

@@ -6,10 +6,10 @@ the two output projections (``o_proj`` and ``down_proj``, or their OPT names) ar
 is written to ``<directory>/block_<i>/<unit type>.<level>.safetensors`` (the kept unit indices and the
 re-fitted weight) as soon as it is made, so one variant is in memory at a time (at 7B, the nine levels of
 a down projection are 1.6 GB in float32); a block's folder appears whole once all its variants are written,
-and an interrupted build resumes at the first missing block. Before the pass moves on, the block is given the weight that stands for "this
-block will be pruned later" (``propagation``: the centre variant, the expectation over levels, or
-the dense weight), so the next block calibrates on what it will really see (expectation error
-accumulation).
+and an interrupted build resumes at the first missing block. Before the pass moves on, the block is given
+the weight that stands for "this block will be pruned later" (``propagation``: the centre variant, the
+expectation over levels, or the dense weight), so the next block calibrates on what it will really see
+(expectation error accumulation).
 
 Example:
     >>> levels = LevelGrid(centre=[1, 2], step=1, max_removable=[3, 3], half_width=4)
