@@ -515,3 +515,15 @@ def test_a_work_dir_inside_the_save_dir_or_a_file_is_refused_before_anything_is_
     with pytest.raises(ValueError, match="work_dir .*afile is a file"):
         TyrPruner(model, tokenizer).prune(_small_config(), TEXT, work_dir=tmp_path / "afile")
     assert sorted(path.name for path in tmp_path.iterdir()) == ["afile"]
+
+
+def test_block_removal_says_when_whole_blocks_miss_the_target(caplog):
+    """0.3 of two blocks removed one, half the decoder, without a word."""
+    model, tokenizer = tiny_model("llama")
+    with caplog.at_level("WARNING", logger="hf_compress"):
+        assert BlockRemovalPruner(model, tokenizer).plan(BlockRemovalConfig(target_sparsity=0.3)) == 1
+    assert "target_sparsity 0.3 of 2 blocks is 1 whole blocks: 0.5 of the decoder removed" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="hf_compress"):
+        BlockRemovalPruner(model, tokenizer).plan(BlockRemovalConfig(target_sparsity=0.5))
+    assert "whole blocks" not in caplog.text

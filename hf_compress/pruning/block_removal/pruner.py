@@ -64,6 +64,9 @@ class BlockRemovalPruner(StructuralPruner):
                 f"target_sparsity {config.target_sparsity} removes {count} of {len(blocks)} blocks; it must remove "
                 "at least one and keep at least one."
             )
+        if abs(count / len(blocks) - config.target_sparsity) >= 0.05:  # few blocks: whole ones are coarse steps
+            logger.warning("target_sparsity %g of %d blocks is %d whole blocks: %.3g of the decoder removed.",
+                           config.target_sparsity, len(blocks), count, count / len(blocks))
         text_config = self.model.config.get_text_config() if hasattr(self.model, "config") else None
         if getattr(text_config, "scale_attn_by_inverse_layer_idx", False):
             # remove_blocks refuses to move such blocks: refuse here, before the calibration and search, not after.
