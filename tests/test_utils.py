@@ -232,3 +232,19 @@ def test_saves_read_the_umask_without_setting_it(tmp_path, monkeypatch):
         os.umask(previous)
     assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o750
     assert stat.S_IMODE((tmp_path / "file.json").stat().st_mode) == 0o640
+
+
+def test_a_full_disk_is_named_with_the_folder_being_saved(tmp_path):
+    """safetensors says only "I/O error: No space left on device (os error 28)", naming no folder."""
+    import errno
+
+    for raised in (RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)"),
+                   OSError(errno.ENOSPC, "No space left on device")):
+        with pytest.raises(OSError, match=f"no space left on the device of {tmp_path / 'out'} while saving") as info:
+            with atomic_directory(tmp_path / "out"):
+                raise raised
+        assert info.value.errno == errno.ENOSPC and info.value.__cause__ is raised
+    with pytest.raises(RuntimeError, match="something else"):  # other failures pass through as they are
+        with atomic_directory(tmp_path / "out"):
+            raise RuntimeError("something else")
+    assert list(tmp_path.iterdir()) == []

@@ -200,14 +200,21 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iter
         if target.is_dir():
             _carry_unrelated_files(target, staging)
         _install(staging, target)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
         for parent in created:  # innermost first; a folder something else wrote into meanwhile stays
             try:
                 parent.rmdir()
             except OSError:
                 break
+        if _out_of_space(error):  # safetensors says only "I/O error: No space left on device (os error 28)"
+            raise OSError(errno.ENOSPC, f"no space left on the device of {target} while saving there ({error}); "
+                                        "nothing was written: free some space or save elsewhere") from error
         raise
+
+
+def _out_of_space(error: BaseException) -> bool:
+    return getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in str(error)
 
 
 def _give_normal_permissions(folder: Path) -> None:
