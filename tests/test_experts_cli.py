@@ -220,3 +220,10 @@ def test_smollm2_folder_records_its_hub_id_and_routes_without_base(tmp_path, cap
     assert main(["-q", "experts", "route", "--experts", str(folder), "--prompt", "Question: Is water wet?\nAnswer:",
                  "--max-new-tokens", "0", "--device", "cpu"]) == 0  # the offline reference model, found by its id
     assert capsys.readouterr().out.startswith("expert_0\t")
+
+
+def test_a_task_mix_held_out_whole_is_refused_before_the_model_loads(tmp_path, capsys):
+    """A --holdout past every task's rows left none: the refusal spoke of "1 example", or of missing columns."""
+    err = _error(capsys, ["experts", "train", "--data", "gsm8k", "--per-task", "4", "--holdout", "100000",
+                          "--num-experts", "1", "--save-dir", str(tmp_path / "e"), *TINY])
+    assert "--data gsm8k gives no rows to train on (--holdout 100000" in err

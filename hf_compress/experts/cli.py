@@ -147,6 +147,9 @@ def _train(args: argparse.Namespace) -> int:
     check_save_dir(args.save_dir, args.overwrite, argument="--save-dir")
     config = ExpertConfig(**config_kwargs(args))
     rows, source = load_rows(args.data, args.per_task, args.holdout)
+    if not rows:  # before any count below reads a size of 0 as "1 example"
+        raise ValueError(f"--data {args.data} gives no rows to train on (--holdout {args.holdout} keeps the first rows "
+                         "of each task for evaluation); lower --holdout, raise --per-task or pass more data.")
     if args.select_weights and (args.select >= 1 or args.select_method != "facility_location"):
         raise ValueError("--select-weights weights the facility_location selection; use it with --select < 1 and "
                          "--select-method facility_location, or drop it.")
