@@ -1280,3 +1280,15 @@ def test_routing_a_model_narrowed_by_a_structured_prune_says_what_to_do_instead(
     attach_slim_format(model)
     with pytest.raises(ValueError, match="narrowed by a structured prune .* route the dense model, or remove whole"):
         install_routing(model, RoutingSchedule([0.3, 0.3]), mode="static")
+
+
+def test_a_model_with_recurrent_layers_is_refused_before_routing():
+    """Mamba and Qwen3-Next took a static router without a word, then failed in their first masked forward."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("mamba", vocab_size=256, hidden_size=64, state_size=8,
+                                                                  num_hidden_layers=2))
+    with pytest.raises(ValueError, match="MambaForCausalLM has recurrent layers .* needs a model of attention blocks"):
+        install_routing(model, RoutingSchedule([0.3, 0.3]))
+    assert not any("routing" in name for name, _ in model.named_modules())

@@ -53,7 +53,9 @@ __all__ = [
     "module_execution_device",
     "disk_offloaded",
     "evaluation_mode",
+    "has_recurrent_layers",
     "is_offloaded",
+    "keeps_recurrent_state",
     "onloaded",
     "out_features",
     "replace_module",
@@ -134,6 +136,32 @@ def _num_hidden_layers(model: nn.Module) -> int | None:
 # --------------------------------------------------------------------------------------------------
 # Linear layers
 # --------------------------------------------------------------------------------------------------
+
+
+def keeps_recurrent_state(cache_layer: object) -> bool:
+    """Whether a cache layer keeps a recurrent state (Mamba, linear attention, short convolutions): a state that runs
+    through every token in order, rather than one key/value entry per token."""
+    return hasattr(cache_layer, "update_recurrent_state") or hasattr(cache_layer, "update_conv_state")
+
+
+def has_recurrent_layers(model: nn.Module) -> bool:
+    """Whether the model has layers with a recurrent state, as the cache transformers builds for its config says.
+
+    Example:
+        >>> from hf_compress.assets import tiny_model
+        >>> has_recurrent_layers(tiny_model("llama")[0])
+        False
+    """
+    from transformers import DynamicCache
+
+    config = getattr(model, "config", None)
+    if config is None:
+        return False
+    try:
+        cache = DynamicCache(config=config)
+    except Exception:  # noqa: BLE001 - a config transformers builds no cache from has no layers to tell of
+        return False
+    return any(keeps_recurrent_state(layer) for layer in cache.layers)
 
 
 def is_linear(module: nn.Module) -> bool:

@@ -71,7 +71,7 @@ from torch import nn
 
 from .. import _compat
 from ..modeling.generation import generation_setting
-from ..modeling.layers import find_decoder_blocks, module_execution_device
+from ..modeling.layers import find_decoder_blocks, has_recurrent_layers, module_execution_device
 from .router import TokenRouter, decoded_token_features, router_features, select_tokens, static_scores
 from .schedule import RoutingSchedule, skip_count
 
@@ -176,6 +176,12 @@ def install_routing(
     check_causal_lm_config(config, type(model).__name__)
     if getattr(config, "use_bidirectional_attention", False):
         raise ValueError(f"{type(model).__name__} uses bidirectional attention; token routing needs a causal LM.")
+    if has_recurrent_layers(model):
+        # A skipped token would leave a hole in a state that runs through every token in order (and the models mask
+        # their padding with the full-length mask, which no longer fits the gathered tokens).
+        raise ValueError(f"{type(model).__name__} has recurrent layers (Mamba, linear attention or convolutions), whose "
+                         "state runs through every token in order; token routing skips tokens, so it needs a model "
+                         "of attention blocks only.")
     prefix, blocks = find_decoder_blocks(model)
     schedule.check_blocks(len(blocks))
     mode = mode or ("router" if router is not None else "static")

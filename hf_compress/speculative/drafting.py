@@ -19,7 +19,8 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..utils import InvalidArgumentTypeError, check_bool, check_float, check_int
 from .acceptance import StrictGreedy
-from .engine import CachedSequence, has_recurrent_state, verify_and_advance
+from ..modeling.layers import has_recurrent_layers
+from .engine import CachedSequence, verify_and_advance
 from .tree import DraftTree
 
 
@@ -151,7 +152,7 @@ class ModelDrafter:
             )
         if accelerator is not None and not isinstance(accelerator, NgramDrafter):
             raise InvalidArgumentTypeError(f"accelerator must be an NgramDrafter or None, got {type(accelerator).__name__}.")
-        if has_recurrent_state(DynamicCache(config=draft_model.config)):
+        if has_recurrent_layers(draft_model):
             # The draft goes back to its common prefix with the target each round, further than the states a
             # recurrent layer records; as the target, such a model is verified chain by chain.
             raise ValueError(

@@ -27,6 +27,7 @@ from transformers.cache_utils import CacheLayerMixin, DynamicLayer, StaticLayer,
 from transformers.generation import GenerateDecoderOnlyOutput
 
 from .. import _compat
+from ..modeling.layers import keeps_recurrent_state
 from ..utils import check_int, get_logger
 from .acceptance import AcceptanceRule, Verdict
 from .tree import DraftTree
@@ -56,11 +57,7 @@ def check_rollback_cache(cache: Cache) -> None:
 def has_recurrent_state(cache: Cache) -> bool:
     """Whether ``cache`` has layers that keep a recurrent state (Mamba, linear attention, short convolutions), which
     go back only as many tokens as they recorded."""
-    return any(_keeps_recurrent_state(layer) for layer in getattr(cache, "layers", ()))
-
-
-def _keeps_recurrent_state(layer: object) -> bool:
-    return hasattr(layer, "update_recurrent_state") or hasattr(layer, "update_conv_state")
+    return any(keeps_recurrent_state(layer) for layer in getattr(cache, "layers", ()))
 
 
 class CachedSequence:
