@@ -16,7 +16,7 @@ from peft import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from transformers import TrainingArguments
 
-from hf_compress.assets import tiny_model
+from hf_compress.assets import tiny_model, tiny_tokenizer
 from hf_compress.experts import (
     ExpertConfig,
     ExpertRouter,
@@ -667,14 +667,14 @@ def test_stacked_path_falls_back_to_peft_for_layers_it_cannot_stack(trained, mon
 # ---------------------------------------------------------------------------------------------- hand-built routers
 
 
-def _two_adapter_router(**lora):
-    """Adapters "first" and "second" (random B, and bias if any) on a tiny Llama, routed by hand (experts=...)."""
+def _two_adapter_router(arch="llama", target_modules=("q_proj", "v_proj"), **lora):
+    """Adapters "first" and "second" (random B, and bias if any) on a tiny model, routed by hand (experts=...)."""
     from peft import LoraConfig, get_peft_model
 
     from hf_compress.experts.embedding import EmbeddingSpace, EmbeddingSpec
 
-    model, tokenizer = tiny_model("llama")
-    config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], **lora)
+    model, tokenizer = tiny_model(arch)
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=list(target_modules), **lora)
     peft_model = get_peft_model(model, config, adapter_name="first")
     peft_model.add_adapter("second", config)
     hidden = model.config.hidden_size
@@ -712,6 +712,39 @@ def test_dora_experts_refuse_a_mixed_batch_clearly_and_run_alone():
     router.model.set_adapter("second")
     with torch.no_grad():
         assert torch.equal(alone, router.model(**batch).logits)
+
+
+def test_the_per_row_path_on_layers_fed_the_whole_batch_says_to_stack():
+    """OPT runs its FFN on the batch's tokens flattened together: PEFT's adapter_names check failed with a count of
+    rows against a count of tokens. The stacked default serves the same batch."""
+    router, tokenizer = _two_adapter_router("opt", target_modules=("fc1",))
+    batch = tokenizer(["3 + 4 = ", "Spell ABCDE: "], return_tensors="pt", padding=True)
+    router.mixed_batch = "peft"
+    with pytest.raises(ValueError, match="OPTForCausalLM runs some layers on the tokens of the whole batch at once.*"
+                                         "mixed_batch='stacked'"):
+        router(**batch, experts=[0, 1])
+    router.mixed_batch = "stacked"
+    with torch.no_grad():
+        mixed = router(**batch, experts=[0, 1]).logits
+    torch.testing.assert_close(mixed, _rows_alone(router, batch, [0, 1]), rtol=1e-5, atol=1e-5)
+
+
+def test_lora_on_fused_expert_parameters_is_refused_before_any_training(monkeypatch):
+    """Mixtral's all-linear reaches its fused experts and router through peft's ParamWrapper, which cannot mix
+    adapters in one batch: routed generation failed after the training was paid for."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from hf_compress.experts import training
+
+    config = AutoConfig.for_model("mixtral", vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                  num_experts_per_tok=2)
+    model = AutoModelForCausalLM.from_config(config)
+    monkeypatch.setattr(training, "embed_texts", lambda *a, **k: pytest.fail("embedded before refusing"))
+    rows, _ = _task_rows(8)
+    with pytest.raises(ValueError, match="puts LoRA on MixtralForCausalLM's fused parameters .*ParamWrapper"):
+        train_experts(model, rows, ExpertConfig(num_experts=2), tokenizer=tiny_tokenizer())
+    assert not hasattr(model, "peft_config")
 
 
 def test_a_failed_per_row_call_leaves_no_peft_hook_behind():

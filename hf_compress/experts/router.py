@@ -399,7 +399,17 @@ class ExpertRouter:
             raise ValueError(f"Experts {dora} use DoRA, which PEFT cannot mix in one batch. Route first "
                              "(router.route(...)), then run each expert's rows as their own batch (experts=[i] * n).")
         with _compat.forward_pre_hooks_restored(self.model):
-            yield {"adapter_names": names}
+            try:
+                yield {"adapter_names": names}
+            except ValueError as error:
+                if "Length of `adapter_names`" not in str(error):
+                    raise
+                # OPT and Qwen2-MoE run layers on the batch's tokens flattened together: PEFT cannot split those.
+                raise ValueError(
+                    f"{type(self.model.get_base_model()).__name__} runs some layers on the tokens of the whole batch "
+                    "at once, which PEFT's per-row adapter_names path cannot split by row; use mixed_batch='stacked' "
+                    "(the default), or run each expert's rows as their own batch."
+                ) from error
 
     # ------------------------------------------------------------------------------------------ files
 

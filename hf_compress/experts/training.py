@@ -145,6 +145,7 @@ def train_experts(
         raise ValueError("shared_warmup is a fraction of the step budget: set max_steps >= 2 in args "
                          "(e.g. TrainingArguments(..., max_steps=400)), or use shared_warmup=0.")
     rows = instruction_rows(dataset)
+    _check_mixed_batches_possible(model, config)  # before the embedding pass and any training
     k = config.num_experts
     if k > len(rows):
         raise ValueError(f"num_experts={k} exceeds the {len(rows)} examples; use num_experts <= {len(rows)} "
@@ -248,6 +249,31 @@ def train_experts(
                           tokenizer=tokenizer, info=info)
     router.training_labels = labels.tolist()  # each training example's expert (not saved)
     return router
+
+
+def _check_mixed_batches_possible(model, config: ExpertConfig) -> None:
+    """Refuse LoRA targets that peft wraps as parameters (``ParamWrapper``: an MoE's fused experts and router, which
+    ``"all-linear"`` reaches on Mixtral or Qwen3-Next): peft cannot run rows of different adapters through them, so a
+    routed batch would fail after the training was paid for. Probed on a copy of the architecture on the meta device."""
+    import copy
+
+    from peft import get_peft_model
+
+    try:
+        with torch.device("meta"), _compat.third_party_warnings_silenced():
+            probe = get_peft_model(type(model)(copy.deepcopy(model.config)), config.lora_config(model))
+    except Exception as error:  # noqa: BLE001 - an architecture that does not build on meta: training will tell
+        logger.debug("could not probe the LoRA targets on the meta device: %s", error)
+        return
+    wrapped = sorted({name.rpartition(".")[2] for name, module in probe.named_modules()
+                      if type(module).__name__ == "ParamWrapper" and not name.endswith(".base_layer")})
+    if wrapped:
+        raise ValueError(
+            f"target_modules={config.target_modules!r} puts LoRA on {type(model).__name__}'s fused parameters "
+            f"({', '.join(wrapped)}: peft's ParamWrapper), which cannot run rows of different experts in one batch, "
+            "as routed generation does. Name the linear layers instead, e.g. ExpertConfig(target_modules=['q_proj', "
+            "'k_proj', 'v_proj', 'o_proj'])."
+        )
 
 
 def _shared_warmup(model, rows: InstructionRows, tokenizer, config: ExpertConfig, args, steps: int, scratch: str):
