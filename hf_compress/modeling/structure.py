@@ -312,15 +312,13 @@ def check_units_removable(model: nn.Module, structures: Sequence[BlockStructure]
         args, kwargs = recorded[index]
         device = copied.attention.output.weight.device
         with torch.no_grad():
-            saved = (copied.attention.output.weight.clone(), copied.ffn.output.weight.clone())
+            # The zeroed columns are the very ones the slicing below drops: nothing to put back in between.
             if attention_units > 1:
                 columns = copied.attention.output_index(torch.zeros(1, dtype=torch.long, device=device))
                 copied.attention.output.weight[:, columns] = 0
             if ffn_units > 1:
                 copied.ffn.output.weight[:, 0] = 0
             zeroed = _first_tensor(block(*args, **kwargs))
-            copied.attention.output.weight.copy_(saved[0])
-            copied.ffn.output.weight.copy_(saved[1])
             try:
                 shrink_block(copied,
                              kept_attention=torch.arange(1, attention_units, device=device) if attention_units > 1 else None,
