@@ -255,13 +255,14 @@ def _check_mixed_batches_possible(model, config: ExpertConfig) -> None:
     """Refuse LoRA targets that peft wraps as parameters (``ParamWrapper``: an MoE's fused experts and router, which
     ``"all-linear"`` reaches on Mixtral or Qwen3-Next): peft cannot run rows of different adapters through them, so a
     routed batch would fail after the training was paid for. Probed on a copy of the architecture on the meta device."""
-    import copy
-
     from peft import get_peft_model
 
+    from ..modeling.layers import built_on_meta
+
     try:
+        skeleton = built_on_meta(type(model), model.config)
         with torch.device("meta"), _compat.third_party_warnings_silenced():
-            probe = get_peft_model(type(model)(copy.deepcopy(model.config)), config.lora_config(model))
+            probe = get_peft_model(skeleton, config.lora_config(model))
     except Exception as error:  # noqa: BLE001 - an architecture that does not build on meta: training will tell
         logger.debug("could not probe the LoRA targets on the meta device: %s", error)
         return

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -52,6 +53,7 @@ __all__ = [
     "missing_weights",
     "module_execution_device",
     "disk_offloaded",
+    "built_on_meta",
     "evaluation_mode",
     "has_recurrent_layers",
     "is_offloaded",
@@ -136,6 +138,25 @@ def _num_hidden_layers(model: nn.Module) -> int | None:
 # --------------------------------------------------------------------------------------------------
 # Linear layers
 # --------------------------------------------------------------------------------------------------
+
+
+def built_on_meta(model_class: type, config: Any) -> nn.Module:
+    """``model_class`` built from a copy of ``config`` on the ``meta`` device (no memory), with eager attention: the
+    modules the architecture makes, whatever attention implementation the config names (some have a class of their
+    own), and nothing fetched from the Hub for one.
+
+    Example:
+        >>> from hf_compress.assets import tiny_model
+        >>> model = tiny_model("llama")[0]
+        >>> next(built_on_meta(type(model), model.config).parameters()).device
+        device(type='meta')
+    """
+    import copy
+
+    config = copy.deepcopy(config)
+    _compat.set_attention_implementation(config, "eager")
+    with torch.device("meta"):
+        return model_class(config)
 
 
 def keeps_recurrent_state(cache_layer: object) -> bool:

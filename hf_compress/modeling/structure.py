@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from ..utils.logging import get_logger
-from .layers import find_decoder_blocks
+from .layers import built_on_meta, find_decoder_blocks
 from .sublayers import ATTENTION_NAMES, remove_sublayers, removed_sublayers
 
 
@@ -531,24 +531,18 @@ def _positional_attributes(model: nn.Module, updates: dict[str, Any], kept: list
     """
     import copy
 
-    from .. import _compat
-
     base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model  # under PEFT
     config = base.config
     moved = copy.deepcopy(config)
     _apply_config_updates(moved.get_text_config(), updates)
 
     def as_reloaded(config: Any) -> Any:
-        # The config as a reload reads it back (GPT-Neo derives attention_layers from attention_types again), both
-        # built with eager attention: the comparison is of the blocks, not of the attention classes an
-        # implementation picks (GPT-Neo's flash attention has its own), and builds nothing from the Hub.
-        config = type(config).from_dict(config.to_dict())
-        _compat.set_attention_implementation(config, "eager")
-        return config
+        # The config as a reload reads it back (GPT-Neo derives attention_layers from attention_types again).
+        return type(config).from_dict(config.to_dict())
 
-    try:
-        with torch.device("meta"):
-            before, after = type(base)(as_reloaded(copy.deepcopy(config))), type(base)(as_reloaded(moved))
+    try:  # both with eager attention: the comparison is of the blocks, not of an implementation's attention classes
+        before = built_on_meta(type(base), as_reloaded(config))
+        after = built_on_meta(type(base), as_reloaded(moved))
     except Exception as error:  # noqa: BLE001 - a constructor meta tensors do not suit: nothing to compare with
         logger.warning("could not rebuild %s on the meta device to check that the kept blocks reload as they are "
                        "(%s: %s); the removal goes on unchecked", type(base).__name__, type(error).__name__, error)
