@@ -84,7 +84,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     from ..formats.packed import check_not_packed, save_packed
     from ..hub import base_model_of, base_weights_of, write_model_card
     from ..modeling.layers import check_skip_patterns, check_within_learned_positions, skipped_layer_names
-    from ..utils import atomic_directory, check_save_dir
+    from ..utils import atomic_directory, check_save_dir, folders_overlap
     from ..evaluation.memory import disk_bytes
     from . import DLQATConfig, packed_size, quantize_rtn
 
@@ -93,8 +93,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     if args.adapter_dir:
         check_save_dir(args.adapter_dir, args.overwrite, argument="--adapter-dir")
     if args.adapter_dir:
-        model_dir, adapter_dir = (os.path.abspath(path) for path in (args.save_dir, args.adapter_dir))
-        if os.path.commonpath([model_dir, adapter_dir]) in (model_dir, adapter_dir):
+        if folders_overlap(args.save_dir, args.adapter_dir):
             raise ValueError(f"--adapter-dir {args.adapter_dir} and --save-dir {args.save_dir} are the same folder or "
                              "one holds the other: each save replaces its whole folder. Pass two separate folders.")
     device = resolve_device(args.device)  # checked before the model loads

@@ -17,9 +17,9 @@ from typing import Protocol
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
+from ..modeling.layers import has_recurrent_layers
 from ..utils import InvalidArgumentTypeError, check_bool, check_float, check_int
 from .acceptance import StrictGreedy
-from ..modeling.layers import has_recurrent_layers
 from .engine import CachedSequence, verify_and_advance
 from .tree import DraftTree
 

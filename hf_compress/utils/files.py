@@ -64,6 +64,17 @@ def holds_model(folder: str | os.PathLike) -> bool:
     return folder.is_dir() and any(any(folder.glob(pattern)) for pattern in MODEL_FILE_PATTERNS)
 
 
+def folders_overlap(first: str | os.PathLike, second: str | os.PathLike) -> bool:
+    """Whether two folders are the same one or one holds the other (a save that replaces one would take the other).
+
+    Example:
+        >>> folders_overlap("out", "out/adapter"), folders_overlap("out", "work")
+        (True, False)
+    """
+    a, b = Path(first).expanduser().resolve(), Path(second).expanduser().resolve()
+    return a == b or a in b.parents or b in a.parents
+
+
 def read_user_text(path: str | os.PathLike, what: str) -> str:
     """The UTF-8 text of a file the user named (calibration text, a recipe, training rows); a binary or otherwise
     encoded file is refused in one line that names it, not with the codec's bare message.

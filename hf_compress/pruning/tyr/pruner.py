@@ -52,7 +52,7 @@ from ...modeling.structure import (
     decoder_parameter_count,
     shrink_block,
 )
-from ...utils import atomic_path, check_path, file_lock, get_logger
+from ...utils import atomic_path, check_path, file_lock, folders_overlap, get_logger
 from ..config import PruningConfig
 from ..structural import StructuralPruner
 from .config import TyrConfig
@@ -413,14 +413,11 @@ def _check_work_dir(work_dir: str | os.PathLike | None, save_dir: str | os.PathL
     replaces save_dir whole and refuses a folder that holds anything (the work files, the run's lock)."""
     if work_dir is None:
         return
-    work = Path(work_dir).resolve()
-    if work.exists() and not work.is_dir():
+    if Path(work_dir).exists() and not Path(work_dir).is_dir():
         raise ValueError(f"work_dir {work_dir} is a file; pass a folder (it is created if missing).")
-    if save_dir is not None:
-        save = Path(save_dir).resolve()
-        if work == save or save in work.parents or work in save.parents:
-            raise ValueError(f"work_dir {work_dir} and save_dir {save_dir} are the same folder or one holds the other; "
-                             "keep the work folder apart (e.g. tyr-work/ beside the saved model).")
+    if save_dir is not None and folders_overlap(work_dir, save_dir):
+        raise ValueError(f"work_dir {work_dir} and save_dir {save_dir} are the same folder or one holds the other; "
+                         "keep the work folder apart (e.g. tyr-work/ beside the saved model).")
 
 
 def _search_space(grids: dict[str, LevelGrid], layers: int) -> SearchSpace:
