@@ -11,10 +11,11 @@ CONSTRAINTS ?= constraints.txt
 CACHE ?= $(or $(HF_COMPRESS_CACHE),$(HOME)/.cache/hf_compress)
 STAMP = $(VENV)/.hf_compress-make
 LATEST_VENV ?= .venv-latest
+OLDEST_VENV ?= .venv-oldest
 PYTEST_ARGS ?=
 TEST_WORKERS ?= 2
 
-.PHONY: install assets demo test test-real test-latest versions bench-reference bench-pruning bench-dlqat bench-speculative bench-spark bench-tyr bench-amphista bench-import bench-gpu bench-packed clean
+.PHONY: install assets demo test test-real test-latest test-oldest versions bench-reference bench-pruning bench-dlqat bench-speculative bench-spark bench-tyr bench-amphista bench-import bench-gpu bench-packed clean
 
 $(PYTHON):
 	$(HOST_PYTHON) -m venv $(VENV)
@@ -67,6 +68,17 @@ test-latest:
 	$(LATEST_VENV)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[eval,dev]" torch==2.13.0
 	$(LATEST_VENV)/bin/python scripts/compare_versions.py --constraints constraints.txt --index
 	$(LATEST_VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
+
+# The suite against the oldest releases pyproject.toml allows (its lower bounds pinned by scripts/oldest_constraints.py),
+# in $(OLDEST_VENV): a floor is a claim that those releases work. `make test-oldest PYTEST_ARGS="-m compat_smoke"`
+# runs the compatibility smoke only (what CI runs).
+test-oldest:
+	$(MAKE) --no-print-directory VENV=$(OLDEST_VENV) VIRTUAL_ENV= $(OLDEST_VENV)/bin/python
+	$(OLDEST_VENV)/bin/python scripts/oldest_constraints.py --output $(OLDEST_VENV)/oldest-constraints.txt
+	$(MAKE) --no-print-directory VENV=$(OLDEST_VENV) CONSTRAINTS=$(OLDEST_VENV)/oldest-constraints.txt VIRTUAL_ENV= \
+		install assets
+	$(OLDEST_VENV)/bin/python scripts/compare_versions.py --constraints constraints.txt
+	$(OLDEST_VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 # Which installed versions differ from constraints.txt.
 versions: install

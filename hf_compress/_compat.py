@@ -155,8 +155,9 @@ replace modules whose forward a kernel would swap out. Checked on: transformers 
 # generate() and the model's cache keyword (transformers 5.24 renamed `past_key_values` to `cache`)
 # ----------------------------------------------------------------------------------------------------
 
-CACHE_KWARGS: tuple[str, ...] = ("cache", "past_key_values")
-"""The names a model kwarg holding the KV cache has had: ``cache`` (transformers ≥ 5.24), ``past_key_values``."""
+CACHE_KWARGS: tuple[str, ...] = ("cache", "past_key_values", "cache_params")
+"""The names a model kwarg holding the KV cache has had: ``cache`` (transformers ≥ 5.24), ``past_key_values``, and
+``cache_params`` (Mamba before 5.25; checked on 5.23.0)."""
 
 BLOCK_CACHE_KWARGS: tuple[str, ...] = (*CACHE_KWARGS, "layer_past")
 """The names a decoder block's cache argument has: those, or ``layer_past`` (GPT-NeoX, GPT-Neo, BigCode in 5.25)."""
@@ -225,6 +226,56 @@ def cache_mask_sizes(cache: Any, query_length: int, layer_idx: int) -> tuple[int
     (dynamic full and sliding-window layers; tests/test_routing.py decodes against a masked reference).
     """
     return cache.get_mask_sizes(query_length, layer_idx)
+
+
+RECURRENT_ROLLBACK_RELEASE = "5.25.0"
+"""The first transformers whose recurrent cache layers (Mamba, linear attention, short convolutions) can be cropped
+back: ``activate_past_recording(recurrent_states_to_keep=n)`` records their states of the last ``n`` tokens. 5.23 and
+5.24 take no argument there, and such a layer with a recurrent state reports ``is_croppable`` False."""
+
+
+def records_recurrent_states(layers: Any) -> bool:
+    """Whether every one of these cache layers takes ``activate_past_recording(recurrent_states_to_keep=...)``.
+
+    Read from the layers' own signatures (a named parameter or ``**kwargs``). Checked on transformers 5.23.0 and
+    5.24.0 (no argument: False) and 5.25.0 (True).
+    """
+    for layer in layers:
+        method = getattr(layer, "activate_past_recording", None)
+        if method is None:  # nothing to record (Cache.activate_past_recording skips such layers too)
+            continue
+        parameters = inspect.signature(method).parameters.values()
+        if not any(p.name == "recurrent_states_to_keep" or p.kind is p.VAR_KEYWORD for p in parameters):
+            return False
+    return True
+
+
+def cache_layer_is_croppable(layer: Any) -> bool:
+    """Whether ``crop()`` can put a cache layer back as it was (the layer's own ``is_croppable``).
+
+    transformers 5.24 marks quantized layers (``BaseQuantizedLayer``) as not croppable; 5.23 lets them inherit
+    ``DynamicLayer``'s True, though their crop fails on the compressed states. Checked on 5.23.0, 5.24.0 and 5.25.0.
+    """
+    if getattr(layer, "is_croppable", True) is False:
+        return False
+    from transformers import cache_utils
+
+    quantized = getattr(cache_utils, "BaseQuantizedLayer", None)
+    return quantized is None or not isinstance(layer, quantized)
+
+
+def activate_past_recording(cache: Any, recurrent_states_to_keep: int | None = None) -> None:
+    """Have ``cache`` keep what cropping it back needs: sliding-window layers their full states and, given
+    ``recurrent_states_to_keep``, recurrent layers their states of that many last tokens.
+
+    The argument exists from transformers 5.25 on (:data:`RECURRENT_ROLLBACK_RELEASE`); it is passed only when given,
+    so a cache without recurrent layers records the same way on every supported release. Callers check the
+    recurrent layers with :func:`records_recurrent_states` first.
+    """
+    if recurrent_states_to_keep is None:
+        cache.activate_past_recording()
+    else:
+        cache.activate_past_recording(recurrent_states_to_keep=recurrent_states_to_keep)
 
 
 def streamer_of_calling_generate() -> Any:

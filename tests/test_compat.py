@@ -6,6 +6,7 @@ These are the tests the ``latest`` CI job runs first: a failure names the assump
 
 from __future__ import annotations
 
+import importlib.metadata
 import io
 import logging
 import re
@@ -13,10 +14,12 @@ import subprocess
 import sys
 import textwrap
 import tokenize
+import tomllib
 from pathlib import Path
 
 import pytest
 import torch
+from packaging.version import Version
 from transformers import DynamicCache
 
 from hf_compress import _compat
@@ -132,6 +135,28 @@ def test_import_refuses_an_old_transformers_in_a_fresh_process():
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
     assert "VersionTooOldError" in last and "transformers 5.0.0 is installed" in last and "pip install" in last
+
+
+def test_minimum_versions_are_the_lower_bounds_of_pyproject():
+    """The import-time check and pyproject.toml name the same floors (`make test-oldest` tests pyproject's)."""
+    dependencies = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["project"]["dependencies"]
+    floors = dict(re.match(r"([A-Za-z0-9._-]+)>=([0-9.]+)", item).groups() for item in dependencies if ">=" in item)
+    for name, minimum in _compat.MINIMUM_VERSIONS.items():
+        assert Version(floors[name]) == Version(minimum), name
+
+
+def test_rollback_helpers_read_the_installed_cache_layers():
+    """Recurrent layers record their states for a rollback from transformers 5.25 on; quantized layers never crop."""
+    from transformers import AutoConfig, QuantizedCache
+
+    mamba = AutoConfig.for_model("mamba", vocab_size=32, hidden_size=16, num_hidden_layers=2, state_size=4)
+    installed = _compat._release(importlib.metadata.version("transformers"))
+    expected = installed >= _compat._release(_compat.RECURRENT_ROLLBACK_RELEASE)
+    assert _compat.records_recurrent_states(DynamicCache(config=mamba).layers) == expected
+    llama = tiny_model("llama")[0].config
+    assert all(_compat.cache_layer_is_croppable(layer) for layer in DynamicCache(config=llama).layers)
+    assert not any(_compat.cache_layer_is_croppable(layer)
+                   for layer in QuantizedCache(backend="fp8", config=llama).layers)
 
 
 @pytest.mark.parametrize("architecture", ["llama", "gemma3", "gpt2", "opt"])

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from checkpoint_edits import edit_checkpoint
 from hf_compress import _compat
@@ -332,6 +333,8 @@ def test_skipped_experts_run_as_the_model_runs_them_even_in_a_layout_not_read():
 
 def test_a_checkpoint_whose_loading_splits_a_stored_tensor_loads(tmp_path):
     """Sarvam-MoE stores attention as one query_key_value tensor that loading splits into q/k/v: no expert index."""
+    if "sarvam_moe" not in CONFIG_MAPPING:
+        pytest.skip("Sarvam-MoE came with transformers 5.24")
     torch.manual_seed(0)
     config = AutoConfig.for_model("sarvam_moe", **_COMMON, intermediate_size=128, moe_intermediate_size=32,
                                   num_experts=4, num_experts_per_tok=2, first_k_dense_replace=0)

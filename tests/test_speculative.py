@@ -11,6 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache, GenerationConfig, StaticCache
 from transformers.generation.streamers import BaseStreamer
 
+from hf_compress import _compat
 from hf_compress.assets import tiny_model
 from hf_compress.cache import cache_kwargs
 from hf_compress.hub import load_card
@@ -842,6 +843,10 @@ def test_models_with_recurrent_layers_roll_back_their_states(kind):
     # the tokens: the rounds record the states of as many tokens as they can reject, and go back to them.
     model = _recurrent_model(kind)
     prompts = torch.tensor([[0, 0, 0, 5, 6, 7, 8, 5, 6, 7, 8, 5], [9, 10, 11, 12, 9, 10, 11, 12, 9, 10, 11, 12]])
+    if not _compat.records_recurrent_states(DynamicCache(config=model.config).layers):  # transformers before 5.25
+        with pytest.raises(ValueError, match=r"cannot roll back this model's recurrent layers .*transformers>=5\.25"):
+            model.generate(prompts, max_new_tokens=4, pad_token_id=0, custom_generate=SpeculativeDecoding())
+        return
     mask = (prompts != 0).long()
     accepted = 0
     for ids, attention_mask in ((prompts[1:], mask[1:]), (prompts, mask)):
@@ -857,7 +862,11 @@ def test_models_with_recurrent_layers_roll_back_their_states(kind):
 
 def test_recurrent_models_that_cannot_roll_back_are_refused_clearly():
     ids = torch.tensor([[5, 6, 7, 8, 5, 6, 7, 8, 5, 6, 7, 8]])
-    with pytest.raises(ValueError, match="RecurrentGemmaForCausalLM's cache cannot be rolled back .*plain generate"):
+    # Before transformers 5.25 no recurrent layer rolls back, and the refusal says which release does.
+    refusal = ("RecurrentGemmaForCausalLM's cache cannot be rolled back"
+               if _compat.records_recurrent_states(DynamicCache(config=_recurrent_model("mamba").config).layers) else
+               "cannot roll back this model's recurrent layers")
+    with pytest.raises(ValueError, match=f"{refusal} .*plain generate"):
         _recurrent_model("recurrent_gemma").generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0,
                                                      custom_generate=SpeculativeDecoding(num_draft_tokens=4))
     target, _ = tiny_model("llama")

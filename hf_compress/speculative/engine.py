@@ -45,8 +45,19 @@ def check_rollback_cache(cache: Cache) -> None:
         )
     if not hasattr(cache, "crop"):
         raise ValueError(f"{type(cache).__name__} has no `crop`; speculative decoding needs a cache that can roll back.")
+    recurrent = [layer for layer in getattr(cache, "layers", ()) if keeps_recurrent_state(layer)]
+    if recurrent and not _compat.records_recurrent_states(recurrent):
+        import transformers
+
+        release = _compat.RECURRENT_ROLLBACK_RELEASE
+        raise ValueError(
+            "Speculative decoding rolls the cache back after rejected drafts, and transformers "
+            f"{transformers.__version__} cannot roll back this model's recurrent layers (Mamba, linear attention, short "
+            f'convolutions); {release} can for most models that have them: pip install -U "transformers>={release}". '
+            "Or decode this model with plain generate()."
+        )
     # Layers say so themselves (transformers' quantized caches keep crop() but cannot undo their compressed states).
-    uncroppable = {type(layer).__name__ for layer in getattr(cache, "layers", ()) if getattr(layer, "is_croppable", True) is False}
+    uncroppable = {type(layer).__name__ for layer in getattr(cache, "layers", ()) if not _compat.cache_layer_is_croppable(layer)}
     if uncroppable:
         raise ValueError(
             f"Speculative decoding rolls the KV cache back after rejected drafts, which {type(cache).__name__}'s "
@@ -73,12 +84,11 @@ class CachedSequence:
         self.model = model
         self.cache = cache if cache is not None else DynamicCache(config=model.config)
         check_rollback_cache(self.cache)
+        self.has_recurrent_state = has_recurrent_state(self.cache)
         if hasattr(self.cache, "activate_past_recording"):
             # Sliding-window layers can then be cropped too, and recurrent layers (Mamba, linear attention) keep the
             # states of their last ``rollback_tokens`` tokens, the most one round can reject.
-            recording = {} if rollback_tokens is None else {"recurrent_states_to_keep": rollback_tokens}
-            self.cache.activate_past_recording(**recording)
-        self.has_recurrent_state = has_recurrent_state(self.cache)
+            _compat.activate_past_recording(self.cache, rollback_tokens if self.has_recurrent_state else None)
         # A model of recurrent layers only (Mamba) masks the padding of the tokens it is fed, and generate() hands it
         # the mask at the prefill only: its states carry the rest.
         layers = getattr(self.cache, "layers", ())
