@@ -15,7 +15,7 @@ OLDEST_VENV ?= .venv-oldest
 PYTEST_ARGS ?=
 TEST_WORKERS ?= 2
 
-.PHONY: install assets demo test test-real test-latest test-oldest versions bench-reference bench-pruning bench-dlqat bench-speculative bench-spark bench-tyr bench-amphista bench-import bench-gpu bench-packed clean
+.PHONY: install python-check assets demo test test-real test-latest test-oldest versions bench-reference bench-pruning bench-dlqat bench-speculative bench-spark bench-tyr bench-amphista bench-import bench-gpu bench-packed clean
 
 $(PYTHON):
 	$(HOST_PYTHON) -m venv $(VENV)
@@ -45,6 +45,10 @@ $(STAMP)/assets: | $(PYTHON)
 	$(PIP) download -q --no-deps gensim==4.4.0 -d "$(CACHE)/wheels"
 	@mkdir -p $(STAMP) && touch $@
 
+# The Python check alone, before anything runs in $(VENV) (test-oldest reads pyproject.toml with 3.11's tomllib).
+python-check: | $(PYTHON)
+	@$(PYTHON) -c "$$PYTHON_CHECK"
+
 install: $(STAMP)/install
 assets: $(STAMP)/assets
 
@@ -73,7 +77,7 @@ test-latest:
 # in $(OLDEST_VENV): a floor is a claim that those releases work. `make test-oldest PYTEST_ARGS="-m compat_smoke"`
 # runs the compatibility smoke only (what CI runs).
 test-oldest:
-	$(MAKE) --no-print-directory VENV=$(OLDEST_VENV) VIRTUAL_ENV= $(OLDEST_VENV)/bin/python
+	$(MAKE) --no-print-directory VENV=$(OLDEST_VENV) VIRTUAL_ENV= python-check
 	$(OLDEST_VENV)/bin/python scripts/oldest_constraints.py --output $(OLDEST_VENV)/oldest-constraints.txt
 	$(MAKE) --no-print-directory VENV=$(OLDEST_VENV) CONSTRAINTS=$(OLDEST_VENV)/oldest-constraints.txt VIRTUAL_ENV= \
 		install assets

@@ -157,7 +157,7 @@ replace modules whose forward a kernel would swap out. Checked on: transformers 
 
 CACHE_KWARGS: tuple[str, ...] = ("cache", "past_key_values", "cache_params")
 """The names a model kwarg holding the KV cache has had: ``cache`` (transformers ≥ 5.24), ``past_key_values``, and
-``cache_params`` (Mamba before 5.25; checked on 5.23.0)."""
+``cache_params`` (the Mamba family's forwards in 5.23.0; 5.24.0 renamed it ``cache``)."""
 
 BLOCK_CACHE_KWARGS: tuple[str, ...] = (*CACHE_KWARGS, "layer_past")
 """The names a decoder block's cache argument has: those, or ``layer_past`` (GPT-NeoX, GPT-Neo, BigCode in 5.25)."""
@@ -170,7 +170,8 @@ def _transformers_uses_cache_kwarg() -> bool:
 
 
 def cache_kwarg_name(model: PreTrainedModel) -> str:
-    """The keyword under which ``model.forward`` takes its KV cache: ``"cache"`` (5.24+) or ``"past_key_values"``.
+    """The keyword under which ``model.forward`` takes its KV cache: ``"cache"`` (5.24+), ``"past_key_values"`` or
+    ``"cache_params"`` (Mamba's family in 5.23).
 
     Read from the forward signature, so remote-code models that still take ``past_key_values`` under a newer
     transformers work too; a forward with neither (``**kwargs`` only) gets the installed transformers' name.

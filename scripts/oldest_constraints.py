@@ -13,24 +13,43 @@ The file is rewritten only when its text changes, so make's install step reruns 
 from __future__ import annotations
 
 import argparse
-import re
 import tomllib
 from pathlib import Path
+
+from packaging.version import Version
 
 
 PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 
 
 def lower_bounds(pyproject: Path = PYPROJECT) -> dict[str, str]:
-    """``{name: floor}`` of every main dependency with a ``>=`` bound."""
+    """``{name: floor}`` of every main dependency that applies here (its marker, if any, holds): the version of its
+    ``>=``, ``~=`` or ``==`` specifier. A requirement with none is left to pip; two that apply to one name with
+    different floors, or a floor its own specifiers exclude, are errors.
+
+    Example:
+        >>> lower_bounds()["transformers"]
+        '5.23'
+    """
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
     dependencies = tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]["dependencies"]
-    floors = {}
-    for requirement in dependencies:
-        match = re.match(r"\s*([A-Za-z0-9._-]+)\s*(?:\[[^\]]*\])?\s*([^;]*)", requirement)
-        name, specifiers = match.group(1), match.group(2)
-        floor = re.search(r">=\s*([0-9][^,\s]*)", specifiers)
-        if floor:
-            floors[name] = floor.group(1)
+    floors: dict[str, str] = {}
+    for text in dependencies:
+        requirement = Requirement(text)
+        if requirement.marker is not None and not requirement.marker.evaluate():
+            continue
+        found = [spec.version for spec in requirement.specifier if spec.operator in (">=", "~=", "==")]
+        if not found:
+            continue
+        floor = max(found, key=Version)
+        if not requirement.specifier.contains(floor, prereleases=True):
+            raise SystemExit(f"pyproject.toml: {text!r} excludes its own lower bound {floor}.")
+        name = canonicalize_name(requirement.name)
+        if floors.get(name, floor) != floor:
+            raise SystemExit(f"pyproject.toml: {name} has two lower bounds, {floors[name]} and {floor}.")
+        floors[name] = floor
     return floors
 
 

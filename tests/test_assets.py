@@ -6,7 +6,7 @@ import importlib.util
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_compress.assets import (
     TINY_ARCHITECTURES,
@@ -51,6 +51,16 @@ def test_tiny_model_save_dir_reloads(tmp_path):
     model, tokenizer = tiny_model("gpt2", save_dir=tmp_path)
     assert (tmp_path / "config.json").is_file()
     assert tokenizer.decode(tokenizer("héllo, wörld")["input_ids"]) == "héllo, wörld"
+
+
+def test_tiny_tokenizer_tokenizes_alike_after_a_reload(tmp_path):
+    """"ā" is the byte-level character of byte 1, the bos token: a reloaded copy reads it as bos, and so must the
+    tokenizer a tiny model is measured with (a saved tiny model's perplexity was not reproducible)."""
+    _, tokenizer = tiny_model("llama")
+    tokenizer.save_pretrained(tmp_path)
+    text = "Tōkyō, ā Ā Ă: plain bytes and the three special characters"
+    assert AutoTokenizer.from_pretrained(tmp_path)(text).input_ids == tokenizer(text).input_ids
+    assert tokenizer("ā").input_ids == [tokenizer.bos_token_id]
 
 
 def test_loaders_leave_hub_kernels_off(tmp_path):

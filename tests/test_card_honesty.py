@@ -323,3 +323,57 @@ def test_a_recipe_on_a_reference_model_states_its_base_weights_on_every_card(tmp
     assert _states_base_weights(folder) and _states_base_weights(folder / "heads")
     assert "These weights were built from" in load_card(folder).text
     assert json.loads((folder / "config.json").read_text())["hf_compress"]["base_weights"] == BASE_WEIGHTS
+
+
+def test_a_prune_of_a_pruned_model_names_every_prune_on_its_card(tmp_path):
+    """The earlier prune's zeros stay: a card naming only the last method would not rebuild the weights."""
+    from hf_compress.pruning import WandaConfig, WandaPruner
+
+    text = [" ".join(f"w{(i * 7919) % 251} t{i % 13}" for i in range(600))]
+    model, tokenizer = tiny_model("llama")
+    pruner = WandaPruner(model, tokenizer)
+    pruner.calibration_data = "hf_compress wikipedia calibration split"
+    pruner.prune(WandaConfig(sparsity=0.5, num_calibration_sequences=2, calibration_seq_len=32, batch_size=2), text,
+                 progress=False)
+    MagnitudePruner(model, tokenizer).prune(MagnitudeConfig(sparsity=0.7), save_dir=tmp_path / "twice",
+                                            progress=False)
+    card = load_card(tmp_path / "twice")
+    recipe = read_recipe(card)
+    assert recipe["method"] == "magnitude" and "num_calibration_sequences" not in recipe  # magnitude read no text
+    assert [(p["method"], p["sparsity"]) for p in recipe["earlier_pruning"]] == [("wanda", 0.5)]
+    assert recipe["earlier_pruning"][0]["calibration_data"] == "hf_compress wikipedia calibration split"
+    assert {"wanda", "magnitude"} <= set(card.data.tags)
+    # A structural prune on top keeps them all too (its slim card).
+    from hf_compress.pruning.block_removal import BlockRemovalConfig, BlockRemovalPruner
+
+    BlockRemovalPruner(model, tokenizer).prune(
+        BlockRemovalConfig(target_sparsity=0.5, num_calibration_sequences=2, calibration_seq_len=32, batch_size=2),
+        text, save_dir=tmp_path / "slim", progress=False)
+    card = load_card(tmp_path / "slim")
+    assert [p["method"] for p in read_recipe(card)["earlier_pruning"]] == ["wanda", "magnitude"]
+    assert {"wanda", "magnitude", "block_removal"} <= set(card.data.tags)
+
+
+def test_a_structural_card_says_what_text_it_calibrated_on(tmp_path):
+    from hf_compress.pruning.block_removal import BlockRemovalConfig, BlockRemovalPruner
+
+    text = [" ".join(f"w{(i * 7919) % 251} t{i % 13}" for i in range(600))]
+    model, tokenizer = tiny_model("llama", num_hidden_layers=3)
+    pruner = BlockRemovalPruner(model, tokenizer)
+    pruner.calibration_data = "hf_compress news corpus"
+    pruner.prune(BlockRemovalConfig(sparsity=0.3, num_calibration_sequences=2, calibration_seq_len=32, batch_size=2),
+                 text, save_dir=tmp_path / "slim", progress=False)
+    assert read_recipe(load_card(tmp_path / "slim"))["calibration_data"] == "hf_compress news corpus"
+
+
+def test_a_packed_card_s_code_runs_as_written_and_loads_the_tokenizer_too(tmp_path, monkeypatch):
+    import re
+
+    assert main(["quantize", "rtn", "--model", "tiny-llama", "--group-size", "32", "--save-dir",
+                 str(tmp_path / "rtn4"), "-q"]) == 0
+    snippet = re.search(r"```python\n(.*?)```", load_card(tmp_path / "rtn4").text, re.S).group(1)
+    monkeypatch.chdir(tmp_path)  # the code loads the folder by its name, as from its parent
+    scope: dict = {}
+    exec(snippet, scope)
+    ids = scope["tokenizer"]("a b", return_tensors="pt").input_ids
+    assert scope["model"].generate(ids, max_new_tokens=2, do_sample=False).shape[1] == ids.shape[1] + 2

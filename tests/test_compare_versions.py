@@ -68,3 +68,43 @@ def test_installable_but_held_back_and_all_newest(compare_versions, monkeypatch,
     _pip_stub(monkeypatch, compare_versions, index={"accelerate": "1.16.0"}, dry_run_error=None)
     compare_versions._report_newer_releases({"accelerate": "1.16.0"})
     assert capsys.readouterr().out.startswith("Every watched library is at the newest release")
+
+
+@pytest.fixture(scope="module")
+def oldest_constraints():
+    path = Path(__file__).resolve().parents[1] / "scripts" / "oldest_constraints.py"
+    spec = importlib.util.spec_from_file_location("oldest_constraints", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _pyproject(tmp_path, dependencies: list[str]) -> Path:
+    path = tmp_path / "pyproject.toml"
+    path.write_text("[project]\ndependencies = [\n" + "".join(f"  {d!r},\n" for d in dependencies) + "]\n")
+    return path
+
+
+def test_oldest_constraints_pin_each_lower_bound_that_applies(oldest_constraints, tmp_path):
+    """`make test-oldest` installs these pins: every form of lower bound, markers evaluated, nothing guessed."""
+    floors = oldest_constraints.lower_bounds(_pyproject(tmp_path, [
+        "torch>=2.13,<3", "foo[bar]>=1.2", "spaced >= 1.3 , < 2", "compat~=1.4.2", "reversed<3,>=2.5", "exact==1.1",
+        "Mixed_Case.Name>=0.9", 'applies>=2.0; python_version >= "3.11"', 'skipped>=9.0; python_version < "3.0"',
+        "unbounded<4",
+    ]))
+    assert floors == {"torch": "2.13", "foo": "1.2", "spaced": "1.3", "compat": "1.4.2", "reversed": "2.5",
+                      "exact": "1.1", "mixed-case-name": "0.9", "applies": "2.0"}
+    with pytest.raises(SystemExit, match="excludes its own lower bound 1.0"):
+        oldest_constraints.lower_bounds(_pyproject(tmp_path, ["excl>=1.0,!=1.0"]))
+    with pytest.raises(SystemExit, match="two lower bounds"):
+        oldest_constraints.lower_bounds(_pyproject(tmp_path, ["dup>=1.0", "dup>=2.0"]))
+
+
+def test_the_import_time_minimum_versions_are_pyproject_s_lower_bounds(oldest_constraints):
+    from packaging.version import Version
+
+    from hf_compress import _compat
+
+    floors = oldest_constraints.lower_bounds()
+    for name, minimum in _compat.MINIMUM_VERSIONS.items():
+        assert Version(floors[name]) == Version(minimum), name

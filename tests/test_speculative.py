@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache, GenerationConfig, StaticCache
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.generation.streamers import BaseStreamer
 
 from hf_compress import _compat
@@ -832,7 +833,11 @@ def _recurrent_model(kind: str):
                            linear_key_head_dim=16, linear_value_head_dim=16),
         "recurrent_gemma": dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, lru_width=64,
                                 attention_window_size=16, intermediate_size=128),
+        "olmo_hybrid": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                            head_dim=16, intermediate_size=128, pad_token_id=0, bos_token_id=1, eos_token_id=2),
     }[kind]
+    if kind not in CONFIG_MAPPING:
+        pytest.skip(f"{kind} is not in the installed transformers")
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(AutoConfig.for_model(kind, vocab_size=256, **settings)).eval()
 
@@ -844,7 +849,8 @@ def test_models_with_recurrent_layers_roll_back_their_states(kind):
     model = _recurrent_model(kind)
     prompts = torch.tensor([[0, 0, 0, 5, 6, 7, 8, 5, 6, 7, 8, 5], [9, 10, 11, 12, 9, 10, 11, 12, 9, 10, 11, 12]])
     if not _compat.records_recurrent_states(DynamicCache(config=model.config).layers):  # transformers before 5.25
-        with pytest.raises(ValueError, match=r"cannot roll back this model's recurrent layers .*transformers>=5\.25"):
+        with pytest.raises(ValueError, match=r"rolls back recurrent layers .* with transformers 5\.25\.0 or newer.*"
+                                             r"transformers>=5\.25"):
             model.generate(prompts, max_new_tokens=4, pad_token_id=0, custom_generate=SpeculativeDecoding())
         return
     mask = (prompts != 0).long()
@@ -860,12 +866,27 @@ def test_models_with_recurrent_layers_roll_back_their_states(kind):
     assert accepted > 0  # and some accepted: several tokens advanced the states in one forward
 
 
+@pytest.mark.parametrize("kind", ["mamba", "qwen3_next", "olmo_hybrid"])
+def test_a_round_whose_drafts_are_all_rejected_rolls_back_to_its_first_token(kind):
+    # A round feeds the pending token and num_draft_tokens drafts; rejecting every draft goes back to the state after
+    # the first of them, num_draft_tokens + 1 steps back (recording one state fewer was off by one: OLMo-Hybrid
+    # decoded other tokens than plain generate on most prompts).
+    model = _recurrent_model(kind)
+    if not _compat.records_recurrent_states(DynamicCache(config=model.config).layers):
+        pytest.skip("transformers before 5.25 refuses recurrent targets (test above)")
+    kwargs = dict(max_new_tokens=30, do_sample=False, eos_token_id=None, pad_token_id=0)
+    for seed in range(6):
+        ids = torch.randint(3, 256, (1, 4), generator=torch.Generator().manual_seed(seed)).repeat(1, 4)
+        strategy = SpeculativeDecoding(num_draft_tokens=4)
+        assert torch.equal(model.generate(ids, custom_generate=strategy, **kwargs), model.generate(ids, **kwargs)), seed
+
+
 def test_recurrent_models_that_cannot_roll_back_are_refused_clearly():
     ids = torch.tensor([[5, 6, 7, 8, 5, 6, 7, 8, 5, 6, 7, 8]])
     # Before transformers 5.25 no recurrent layer rolls back, and the refusal says which release does.
     refusal = ("RecurrentGemmaForCausalLM's cache cannot be rolled back"
                if _compat.records_recurrent_states(DynamicCache(config=_recurrent_model("mamba").config).layers) else
-               "cannot roll back this model's recurrent layers")
+               "rolls back recurrent layers")
     with pytest.raises(ValueError, match=f"{refusal} .*plain generate"):
         _recurrent_model("recurrent_gemma").generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0,
                                                      custom_generate=SpeculativeDecoding(num_draft_tokens=4))

@@ -115,7 +115,10 @@ def tiny_tokenizer() -> PreTrainedTokenizerBase:
     )
     backend.decoder = decoders.ByteLevel()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, padding_side="left")
-    tokenizer.pad_token, tokenizer.bos_token, tokenizer.eos_token = ordered[0], ordered[1], ordered[2]
+    # Registered as special tokens, as a saved and reloaded copy has them: the characters of bytes 0-2 in text
+    # ("ā" in "Tōkyō ā") then map to pad/bos/eos here too. Set as plain attributes, they were bytes in memory and
+    # special tokens after a reload, and a saved tiny model scored other ids than the one that was measured.
+    tokenizer.add_special_tokens({"pad_token": ordered[0], "bos_token": ordered[1], "eos_token": ordered[2]})
     return tokenizer
 
 

@@ -270,13 +270,15 @@ def save_slim(
         >>> save_slim(model, tokenizer, "smollm2-tyr-30", recipe=config.to_dict())  # doctest: +SKIP
     """
     from ..hub import base_weights_of, build_model_card, write_model_card
+    from ..hub.model_card import with_earlier_pruning
     from ..utils import atomic_directory, check_save_dir
 
     target = check_save_dir(save_dir, overwrite)
     recipe = dict(recipe or {"method": "structured"})
     sync_slim_format(model, recipe)
     widths = measurable_widths(model)
-    card_recipe = {**recipe, "layers": widths} if widths is not None else recipe
+    card_recipe, earlier_methods = with_earlier_pruning({**recipe, "layers": widths} if widths is not None else recipe,
+                                                        model.config)
     with atomic_directory(target, overwrite=overwrite) as staging:
         with _compat.quiet_weight_progress():  # a second of bookkeeping: no "Writing model shards" bar
             model.save_pretrained(staging)
@@ -286,7 +288,7 @@ def save_slim(
             tokenizer.save_pretrained(staging)
         card = build_model_card(
             base_model=base_model, model_name=model_name or target.name, recipe=card_recipe,
-            base_weights=base_weights_of(model.config),
+            base_weights=base_weights_of(model.config), extra_tags=earlier_methods,
         )
         write_model_card(staging, card)
     return target

@@ -362,6 +362,25 @@ def base_weights_of(config: Any) -> dict[str, Any] | None:
     return dict(entry) if isinstance(entry, Mapping) and entry else None
 
 
+def with_earlier_pruning(recipe: Mapping[str, Any], config: Any) -> tuple[dict[str, Any], list[str]]:
+    """``recipe`` plus the prunes recorded before it (``config.hf_compress["earlier_pruning"]``), and their method
+    names as extra tags: a prune of a pruned model keeps the earlier zeros, so a card naming only the last step would
+    not rebuild the weights it describes.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> config = SimpleNamespace(hf_compress={"earlier_pruning": [{"method": "wanda", "sparsity": 0.5}]})
+        >>> with_earlier_pruning({"method": "magnitude"}, config)[1]
+        ['wanda']
+    """
+    record = getattr(config, "hf_compress", None)
+    steps = record.get("earlier_pruning") if isinstance(record, Mapping) else None
+    earlier = [dict(step) for step in steps or () if isinstance(step, Mapping)]
+    if not earlier:
+        return dict(recipe), []
+    return {**recipe, "earlier_pruning": earlier}, [s["method"] for s in earlier if isinstance(s.get("method"), str)]
+
+
 # What each add-on's check of its base model does on the Hub checkpoint, whose weights differ from the de-quantized
 # GGUF's by its rounding (checked by rounding a model's weights the GGUF's way: tests/test_card_honesty.py). Keyed by
 # the method names a card's recipe lists, else by the template's name. {accepts}: whether the input-embedding check

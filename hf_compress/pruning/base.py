@@ -37,7 +37,7 @@ from .. import __version__, _compat
 from ..modeling import calibration_batches, check_within_learned_positions
 from ..utils import check_save_dir as check_save_folder
 from ..utils import InvalidArgumentTypeError, check_bool, check_path, get_logger, progress_kwargs
-from .config import CALIBRATION_DATA_KEY, PruningConfig, SparsityPattern, parse_sparsity
+from .config import CALIBRATION_DATA_KEY, CALIBRATION_FIELDS, PruningConfig, SparsityPattern, parse_sparsity
 from .registry import register_pruner
 
 
@@ -335,7 +335,10 @@ class BasePruner(ABC):
             # A prune of a pruned model: the record must name every prune that shaped the weights, not the last only.
             recipe["earlier_pruning"] = [*recipe.get("earlier_pruning", []), recipe["pruning"]]
         pruning = config.to_dict()
-        if calibrated and self.calibration_data:
+        if not calibrated:
+            for name in CALIBRATION_FIELDS:
+                pruning.pop(name, None)
+        elif self.calibration_data:
             pruning[CALIBRATION_DATA_KEY] = self.calibration_data
         recipe.update({"pruning": pruning, "version": __version__})
         if not recipe.get("base_model"):  # the original Hub model, for the cards of later steps (a folder has none)

@@ -166,6 +166,10 @@ _REGISTRY: dict[str, type[PruningConfig]] = {}
 CALIBRATION_DATA_KEY = "calibration_data"
 """The key a recorded recipe (``model.config.hf_compress["pruning"]``) gives the calibration text's description."""
 
+CALIBRATION_FIELDS = ("num_calibration_sequences", "calibration_seq_len", "calibration_seed", "batch_size")
+"""The ``PruningConfig`` fields that only shape calibration: a recipe recorded by a prune that read no calibration
+text (magnitude) leaves them out rather than state settings nothing used."""
+
 
 @dataclass
 class PruningConfig:

@@ -283,6 +283,7 @@ def save_pruned(
         >>> AutoModelForCausalLM.from_pretrained(path)  # after `import hf_compress`  # doctest: +SKIP
     """
     from ..hub import base_model_of, base_weights_of, build_model_card, write_model_card
+    from ..hub.model_card import with_earlier_pruning
 
     target = check_save_dir(save_dir, overwrite)
     _check_model(model)
@@ -318,10 +319,11 @@ def save_pruned(
             tokenizer.save_pretrained(staging)
         # The card states the recipe, the stored bytes and where the base weights came from; no metrics, since
         # nothing was measured here (hf_compress.evaluation's records can be added with write_model_card).
+        card_recipe, earlier_methods = with_earlier_pruning({**(recipe_dict or {"method": "sparse"}), "storage": storage},
+                                                            model.config)
         card = build_model_card(
             base_model=base_model or base_model_of(model.config), model_name=model_name or target.name,
-            recipe={**(recipe_dict or {"method": "sparse"}), "storage": storage},
-            base_weights=base_weights_of(model.config),
+            recipe=card_recipe, base_weights=base_weights_of(model.config), extra_tags=earlier_methods,
         )
         write_model_card(staging, card)
     logger.info(

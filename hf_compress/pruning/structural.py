@@ -32,7 +32,7 @@ from ..hub import base_model_of
 from ..modeling.structure import decoder_parameter_count
 from ..utils import get_logger
 from .base import BasePruner
-from .config import PruningConfig, SparsityPattern, StructuralPruningConfig, parse_sparsity
+from .config import CALIBRATION_DATA_KEY, PruningConfig, SparsityPattern, StructuralPruningConfig, parse_sparsity
 
 
 __all__ = ["StructuralPruner", "StructuredPruningReport"]
@@ -99,11 +99,14 @@ class StructuralPruner(BasePruner):
     def recipe(self, config: Any) -> dict[str, Any]:
         """What the saved checkpoint's card and ``quantization_config`` record about this run."""
         report = self.report
-        return {
+        recorded = {
             **config.to_dict(),
             "achieved_sparsity": round(report.achieved_sparsity, 6),
             "decoder_parameters": {"dense": report.dense_parameters, "pruned": report.pruned_parameters},
         }
+        if self.calibration_data:  # every structural method calibrates: say on what, as the mask pruners do
+            recorded[CALIBRATION_DATA_KEY] = self.calibration_data
+        return recorded
 
     # ------------------------------------------------------------------------------------------ lifecycle
 

@@ -206,8 +206,9 @@ def _model_card(base_model: str, recipe: dict, template: str, folder: str, base_
     # and the DLQAT adapter type with peft.
     if template == "compressed_model":
         snippet = ("import hf_compress  # registers the packed low-bit format with transformers\n"
-                   "from transformers import AutoModelForCausalLM\n\n"
-                   'model = AutoModelForCausalLM.from_pretrained("{repo_id}")')
+                   "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+                   'model = AutoModelForCausalLM.from_pretrained("{repo_id}")\n'
+                   'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")')
     else:
         snippet = ("import hf_compress  # registers the DLQAT adapter type with peft\n"
                    "from peft import PeftModel\n"

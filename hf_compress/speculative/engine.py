@@ -51,10 +51,11 @@ def check_rollback_cache(cache: Cache) -> None:
 
         release = _compat.RECURRENT_ROLLBACK_RELEASE
         raise ValueError(
-            "Speculative decoding rolls the cache back after rejected drafts, and transformers "
-            f"{transformers.__version__} cannot roll back this model's recurrent layers (Mamba, linear attention, short "
-            f'convolutions); {release} can for most models that have them: pip install -U "transformers>={release}". '
-            "Or decode this model with plain generate()."
+            "Speculative decoding rolls the cache back after rejected drafts, and hf_compress rolls back recurrent "
+            f"layers (Mamba, linear attention, short convolutions) with transformers {release} or newer, whose cache "
+            f"records their states; {transformers.__version__} is installed. Upgrade with "
+            f'pip install -U "transformers>={release}" (RecurrentGemma stays refused there: its cache cannot roll '
+            "back), or decode this model with plain generate()."
         )
     # Layers say so themselves (transformers' quantized caches keep crop() but cannot undo their compressed states).
     uncroppable = {type(layer).__name__ for layer in getattr(cache, "layers", ()) if not _compat.cache_layer_is_croppable(layer)}
@@ -87,8 +88,12 @@ class CachedSequence:
         self.has_recurrent_state = has_recurrent_state(self.cache)
         if hasattr(self.cache, "activate_past_recording"):
             # Sliding-window layers can then be cropped too, and recurrent layers (Mamba, linear attention) keep the
-            # states of their last ``rollback_tokens`` tokens, the most one round can reject.
-            _compat.activate_past_recording(self.cache, rollback_tokens if self.has_recurrent_state else None)
+            # states of their last tokens: crop() removing ``rollback_tokens`` (the most one round can reject) goes
+            # back to the state one step before those, so one more is kept. With exactly ``rollback_tokens``, a round
+            # whose drafts were all rejected resumed from a wrong state on Qwen3-Next and OLMo-Hybrid (other tokens
+            # than plain greedy decoding; Mamba's layers happened to be right).
+            recurrent_states = rollback_tokens + 1 if self.has_recurrent_state and rollback_tokens else None
+            _compat.activate_past_recording(self.cache, recurrent_states)
         # A model of recurrent layers only (Mamba) masks the padding of the tokens it is fed, and generate() hands it
         # the mask at the prefill only: its states carry the rest.
         layers = getattr(self.cache, "layers", ())
