@@ -1,4 +1,5 @@
-"""scripts/compare_versions.py: what `make test-latest` prints about versions (pip itself is stubbed out)."""
+"""scripts/compare_versions.py: what `make test-latest` prints about versions (pip itself is stubbed out); and
+scripts/oldest_constraints.py: the pins `make test-oldest` installs."""
 
 from __future__ import annotations
 
@@ -10,13 +11,17 @@ from pathlib import Path
 import pytest
 
 
-@pytest.fixture(scope="module")
-def compare_versions():
-    path = Path(__file__).resolve().parents[1] / "scripts" / "compare_versions.py"
-    spec = importlib.util.spec_from_file_location("compare_versions", path)
+def _script(name: str):
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def compare_versions():
+    return _script("compare_versions")
 
 
 def _pip_stub(monkeypatch, module, *, index: dict[str, str], dry_run_error: str | None):
@@ -72,11 +77,7 @@ def test_installable_but_held_back_and_all_newest(compare_versions, monkeypatch,
 
 @pytest.fixture(scope="module")
 def oldest_constraints():
-    path = Path(__file__).resolve().parents[1] / "scripts" / "oldest_constraints.py"
-    spec = importlib.util.spec_from_file_location("oldest_constraints", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _script("oldest_constraints")
 
 
 def _pyproject(tmp_path, dependencies: list[str]) -> Path:
