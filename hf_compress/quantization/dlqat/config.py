@@ -109,6 +109,16 @@ class DLQATConfig(PeftConfig):
     )
 
     def __post_init__(self) -> None:
+        if self.layers_to_transform is not None and isinstance(self.target_modules, str):
+            if self.target_modules.lower() != "all-linear":
+                # PEFT matches a regex against the whole module name and would ignore layers_to_transform silently.
+                raise ValueError(
+                    "layers_to_transform cannot be used with a regex string as target_modules; pass a list of module "
+                    "names (e.g. ['q_proj', 'v_proj']) or 'all-linear', or put the layer indices into the regex."
+                )
+            # None is DL-QAT's "all-linear" (DLQATModel applies layers_to_transform to those layers itself); peft 0.22
+            # refuses any string target_modules beside layers_to_transform (0.21.2 did not).
+            self.target_modules = None
         super().__post_init__()
         self.peft_type = DLQAT_PEFT_TYPE
         check_grid_arguments(self.bits, self.group_size)
@@ -138,13 +148,6 @@ class DLQATConfig(PeftConfig):
         if self.layers_pattern is not None and not isinstance(self.layers_pattern, str):
             self.layers_pattern = check_str_list("layers_pattern", self.layers_pattern)
         self.modules_to_save = check_str_list("modules_to_save", self.modules_to_save, allow_none=True)
-        if (self.layers_to_transform is not None and isinstance(self.target_modules, str)
-                and self.target_modules.lower() != "all-linear"):
-            # PEFT matches a regex against the whole module name and would ignore layers_to_transform silently.
-            raise ValueError(
-                "layers_to_transform cannot be used with a regex string as target_modules; pass a list of module "
-                "names (e.g. ['q_proj', 'v_proj']) or 'all-linear', or put the layer indices into the regex."
-            )
         if self.layers_pattern and self.layers_to_transform is None:  # layer 0 is a layer
             raise ValueError("layers_pattern is only used together with layers_to_transform.")
 
