@@ -56,6 +56,7 @@ __all__ = [
     "built_on_meta",
     "evaluation_mode",
     "has_recurrent_layers",
+    "has_recurrent_state",
     "is_offloaded",
     "keeps_recurrent_state",
     "onloaded",
@@ -182,7 +183,13 @@ def has_recurrent_layers(model: nn.Module) -> bool:
         cache = DynamicCache(config=config)
     except Exception:  # noqa: BLE001 - a config transformers builds no cache from has no layers to tell of
         return False
-    return any(keeps_recurrent_state(layer) for layer in cache.layers)
+    return has_recurrent_state(cache)
+
+
+def has_recurrent_state(cache: object) -> bool:
+    """Whether a cache has layers that keep a recurrent state (:func:`keeps_recurrent_state`), which go back only as
+    many tokens as they recorded."""
+    return any(keeps_recurrent_state(layer) for layer in getattr(cache, "layers", ()))
 
 
 def is_linear(module: nn.Module) -> bool:

@@ -60,6 +60,7 @@ def run_prune(args: argparse.Namespace) -> int:
     from ..assets import load_calibration_text
     from ..cli.config_flags import config_kwargs
     from ..utils import check_save_dir
+    from .config import CALIBRATION_FIELDS
     from .permutation import LearnedPermutationConfig
 
     pruner_class = args.pruner_class
@@ -77,7 +78,7 @@ def run_prune(args: argparse.Namespace) -> int:
     reads_text = pruner_class.requires_calibration or trains
     if not reads_text:  # flags it would silently ignore, as quantize rtn refuses its training flags
         given = ["--calibration-text"] * (args.calibration_text is not None) + [
-            f"--{name.replace('_', '-')}" for name in _CALIBRATION_FIELDS if name in config_kwargs(args)]
+            f"--{name.replace('_', '-')}" for name in CALIBRATION_FIELDS if name in config_kwargs(args)]
         if given:
             one = len(given) == 1
             raise ValueError(f"{', '.join(given)} {'applies' if one else 'apply'} to methods that read calibration "
@@ -94,10 +95,6 @@ def run_prune(args: argparse.Namespace) -> int:
                  **pruner_class.prune_kwargs_from_cli(args))
     print(f"{pruner.report.summary()}, saved to {args.save_dir}")
     return 0
-
-
-_CALIBRATION_FIELDS = ("num_calibration_sequences", "calibration_seq_len", "calibration_seed", "batch_size")
-"""Config fields that only shape the calibration windows and their forwards."""
 
 
 def method_summary(config_class: type) -> str:

@@ -27,7 +27,7 @@ from transformers.cache_utils import CacheLayerMixin, DynamicLayer, StaticLayer,
 from transformers.generation import GenerateDecoderOnlyOutput
 
 from .. import _compat
-from ..modeling.layers import keeps_recurrent_state
+from ..modeling.layers import has_recurrent_state, keeps_recurrent_state
 from ..utils import check_int, get_logger
 from .acceptance import AcceptanceRule, Verdict
 from .tree import DraftTree
@@ -64,12 +64,6 @@ def check_rollback_cache(cache: Cache) -> None:
             f"Speculative decoding rolls the KV cache back after rejected drafts, which {type(cache).__name__}'s "
             f"{sorted(uncroppable)[0]} layers cannot do. Use the default dynamic cache (or hf_compress's SparKCache)."
         )
-
-
-def has_recurrent_state(cache: Cache) -> bool:
-    """Whether ``cache`` has layers that keep a recurrent state (Mamba, linear attention, short convolutions), which
-    go back only as many tokens as they recorded."""
-    return any(keeps_recurrent_state(layer) for layer in getattr(cache, "layers", ()))
 
 
 class CachedSequence:
