@@ -98,6 +98,8 @@ def test_skip_count_is_exact_and_monotone():
     # Hand-computed: round half up, and never the first token.
     assert [skip_count(0.25, 2), skip_count(0.3, 10), skip_count(0.35, 10), skip_count(0.9, 3), skip_count(0.5, 1)] \
         == [1, 3, 4, 2, 0]
+    # 0.35 · 90 = 31.5 rounds up to 32, although floating point computes 31.499999999999996.
+    assert [skip_count(0.35, 90), skip_count(0.35, 170), skip_count(0.45, 10)] == [32, 60, 5]
     for r in (0.1, 0.3, 0.55, 0.9):
         skipped = [skip_count(r, n) for n in range(1, 60)]
         kept = [n - s for n, s in zip(range(1, 60), skipped)]
@@ -146,6 +148,18 @@ def test_search_returns_the_exact_uniform_schedule_when_it_scores_best(monkeypat
     assert [0.22] * 4 in seen and any(candidate != [0.22] * 4 for candidate in seen)
     assert schedule.block_sparsity == [0.22] * 4
     assert schedule.search["exact_uniform"] and schedule.search["best_loss"] == 0.0
+    assert math.isclose(schedule.mean_sparsity, 0.22, abs_tol=1e-9)
+
+
+def test_searched_rates_are_the_decimals_they_print_as(monkeypatch):
+    # 0.22 over 30 blocks is 132 units of 0.22 · 30 / 132, which floating point makes 0.049999999999999996: the
+    # schedule read 0.15000000000000002 and 0.049999999999999996 in config.json and the card.
+    model, _ = tiny_model("llama", num_hidden_layers=30)
+    _scripted_search_loss(monkeypatch, lambda schedule: -schedule[-1])
+    config = TokenRouterConfig(token_sparsity=0.22, population=4, generations=1, max_block_sparsity=0.9)
+    schedule = search_schedule(model, _ids(1, 8), config)
+    assert schedule.search["unit"] == 0.05 and not schedule.search["exact_uniform"]
+    assert all(rate == float(f"{rate:.2f}") for rate in schedule.block_sparsity), schedule.block_sparsity
     assert math.isclose(schedule.mean_sparsity, 0.22, abs_tol=1e-9)
 
 

@@ -82,4 +82,6 @@ def skip_count(block_sparsity: float, num_tokens: int) -> int:
     """
     if num_tokens <= 1:
         return 0
-    return min(int(block_sparsity * num_tokens + 0.5), num_tokens - 1)
+    # The 1e-9 keeps "half up" exact for rates that are not binary fractions: 0.35 · 90 is 31.499999999999996
+    # in floating point, which would skip 31 tokens where the rule says 32.
+    return min(int(block_sparsity * num_tokens + 0.5 + 1e-9), num_tokens - 1)
