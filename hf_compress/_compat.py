@@ -12,8 +12,8 @@ This module must stay cheap to import (``import hf_compress`` imports it): only 
 the top, everything else inside the functions.
 
 Checked on: transformers 5.23.0, 5.24.0 and 5.25.0 (with kernels 0.19.1, the first release of its new
-requirement on the package index), peft 0.21.2, accelerate 1.15.0 and 1.16.0 (the pinned set is
-``constraints.txt``).
+requirement on the package index), peft 0.21.2 and 0.22.0, accelerate 1.15.0 and 1.16.0, torch 2.13.0 and 2.14.1
+(the pinned set is ``constraints.txt``).
 
 Example:
     >>> from hf_compress.assets import tiny_model
@@ -49,9 +49,11 @@ __all__ = [
     "accept_in_text_generation_pipeline",
     "attach_quantizer",
     "attention_implementation",
+    "auto_model_types",
     "cache_from_model_kwargs",
     "cache_mask_sizes",
     "cache_kwarg_name",
+    "cache_layer_types",
     "cache_of_output",
     "check_assumptions",
     "check_minimum_versions",
@@ -64,6 +66,8 @@ __all__ = [
     "hub_default_ignore_patterns",
     "ignore_unexpected_keys",
     "is_attention_registered",
+    "is_lora_parameter_wrapper",
+    "lora_dropout_of",
     "lora_linear_factors",
     "dora_adapters",
     "forward_pre_hooks_restored",
@@ -76,9 +80,11 @@ __all__ = [
     "quiet_weight_progress",
     "register_quantization_format",
     "registered_quantization_config",
+    "replace_tuner_module",
     "set_attention_implementation",
     "set_hub_name",
     "set_model_conversions",
+    "sliding_window_cache_layer",
     "running_forward",
     "forward_replaced",
     "apply_expert_gate",
@@ -227,6 +233,47 @@ def cache_mask_sizes(cache: Any, query_length: int, layer_idx: int) -> tuple[int
     (dynamic full and sliding-window layers; tests/test_routing.py decodes against a masked reference).
     """
     return cache.get_mask_sizes(query_length, layer_idx)
+
+
+def cache_layer_types(text_config: PretrainedConfig) -> tuple[list[str], list[dict[str, Any]]]:
+    """``(layer_types, per-layer kwargs)`` with which ``DynamicCache(config=...)`` builds its layers (``"full_attention"``,
+    ``"sliding_attention"``, recurrent kinds; a sliding layer's kwargs carry its window).
+
+    ``transformers.cache_utils.get_layer_types_and_kwargs`` is not exported from ``transformers``; checked on
+    transformers 5.23.0, 5.24.0 and 5.25.0.
+    """
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    return get_layer_types_and_kwargs(text_config)
+
+
+def sliding_window_cache_layer(**kwargs: Any) -> Any:
+    """transformers' ``DynamicSlidingWindowLayer(**kwargs)``, the layer ``DynamicCache`` builds for a sliding-window
+    attention layer (not exported from ``transformers``; checked on 5.23.0–5.25.0)."""
+    from transformers.cache_utils import DynamicSlidingWindowLayer
+
+    return DynamicSlidingWindowLayer(**kwargs)
+
+
+def auto_model_types() -> dict[str, frozenset[str]]:
+    """The ``model_type`` names transformers' Auto classes map, by head: ``"base"`` (``AutoModel``),
+    ``"causal_lm"``, ``"image_text_to_text"`` and ``"masked_lm"``.
+
+    Read from ``transformers.models.auto.modeling_auto``'s ``MODEL_*_MAPPING_NAMES`` tables, which the package does
+    not export; checked on transformers 5.23.0–5.25.0.
+
+    Example:
+        >>> "llama" in auto_model_types()["causal_lm"]
+        True
+    """
+    from transformers.models.auto import modeling_auto
+
+    return {
+        "base": frozenset(modeling_auto.MODEL_MAPPING_NAMES),
+        "causal_lm": frozenset(modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES),
+        "image_text_to_text": frozenset(modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES),
+        "masked_lm": frozenset(modeling_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES),
+    }
 
 
 RECURRENT_ROLLBACK_RELEASE = "5.25.0"
@@ -687,6 +734,28 @@ def has_peft_adapters(model: nn.Module) -> bool:
     return bool(getattr(model, "_hf_peft_config_loaded", False))
 
 
+def replace_tuner_module(tuner: Any, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+    """Put ``new_module`` in place of ``child`` (``parent.<child_name>``) as peft's own tuners do in
+    ``_create_and_replace``: ``BaseTuner._replace_module`` moves it to the child's device and keeps the base layer's
+    state. Checked on peft 0.21.2 and 0.22.0."""
+    tuner._replace_module(parent, child_name, new_module, child)
+
+
+def lora_dropout_of(module: nn.Module, adapter_name: str) -> nn.Module:
+    """The dropout a peft LoRA layer applies to its input for ``adapter_name`` (``lora_dropout[adapter_name]``;
+    ``nn.Identity`` at ``lora_dropout=0``). Checked on peft 0.21.2 and 0.22.0."""
+    return module.lora_dropout[adapter_name]
+
+
+def is_lora_parameter_wrapper(module: nn.Module) -> bool:
+    """Whether ``module`` is peft's ``ParamWrapper``: LoRA on a bare parameter (a fused 3-D experts weight), which
+    adapts the weight itself, not a layer's output. Checked on peft 0.21.2 and 0.22.0."""
+    from peft.tuners import lora
+
+    wrapper = getattr(lora, "ParamWrapper", None)
+    return wrapper is not None and isinstance(module, wrapper)
+
+
 def lora_linear_factors(module: nn.Module, adapter_names: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[int]] | None:
     """``(A, B, ranks)`` of a peft LoRA linear layer's adapters stacked in ``adapter_names`` order: ``A`` is
     ``[sum(ranks), in]`` (every adapter's ``lora_A`` weight), ``B`` is ``[out, sum(ranks)]`` (every ``lora_B``
@@ -889,6 +958,14 @@ PRIVATE_NAMES: tuple[str, ...] = (
     "_get_available_adapters",
     "SUPPORTED_PEFT_TASKS",
     "_apply_gate",
+    "_replace_module",
+    "get_layer_types_and_kwargs",
+    "DynamicSlidingWindowLayer",
+    "MODEL_MAPPING_NAMES",
+    "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
+    "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES",
+    "MODEL_FOR_MASKED_LM_MAPPING_NAMES",
+    "ParamWrapper",
 )
 """Private or unstable names of other libraries that only this module may use (``tests/test_compat.py``)."""
 
@@ -907,6 +984,10 @@ def check_assumptions() -> list[str]:
     def expect(condition: bool, what: str) -> None:
         if not condition:
             problems.append(what)
+
+    def source_of(owner: Any, name: str) -> str:  # "" when the member is gone: the check then reports it
+        member = getattr(owner, name, None)
+        return inspect.getsource(member) if member is not None else ""
 
     try:
         from transformers import DynamicCache, GenerationConfig
@@ -985,6 +1066,25 @@ def check_assumptions() -> list[str]:
                and "SUPPORTED_PEFT_TASKS" in inspect.getsource(pipelines_base.Pipeline.check_model_type),
                "transformers: Pipeline.check_model_type no longer reads a SUPPORTED_PEFT_TASKS dict "
                "(accept_in_text_generation_pipeline)")
+        from transformers import LlamaConfig, trainer
+        from transformers.models.auto.auto_factory import _BaseAutoModelClass
+
+        layer_types, layer_kwargs = cache_layer_types(LlamaConfig(num_hidden_layers=2, sliding_window=4))
+        expect(len(layer_types) == 2 and len(layer_kwargs) == 2
+               and callable(getattr(sliding_window_cache_layer(sliding_window=4), "update", None)),
+               "transformers: cache_utils.get_layer_types_and_kwargs / DynamicSlidingWindowLayer(sliding_window=) "
+               "changed (cache_layer_types, sliding_window_cache_layer)")
+        expect("llama" in auto_model_types()["causal_lm"] and "bert" in auto_model_types()["masked_lm"],
+               "transformers: modeling_auto's MODEL_*_MAPPING_NAMES tables moved (auto_model_types)")
+        # Hooks and attributes other modules override, as the libraries' own subclasses do: renamed, an override
+        # would silently stop being called.
+        expect("._from_config(" in source_of(_BaseAutoModelClass, "from_config"),
+               "transformers: Auto*.from_config no longer calls the model class's _from_config "
+               "(utils/model_types.py refuses through it)")
+        expect("self._init_weights(" in inspect.getsource(PreTrainedModel),
+               "transformers: PreTrainedModel no longer initializes through _init_weights (speculative heads, arbiter)")
+        expect("_keys_to_ignore_on_save" in inspect.getsource(trainer),
+               "transformers: Trainer no longer reads _keys_to_ignore_on_save (experts/joint.py sets it)")
     except ImportError as error:
         problems.append(f"transformers: {error}")
 
@@ -995,6 +1095,25 @@ def check_assumptions() -> list[str]:
         expect(all(hasattr(PeftType, attr) for attr in ("_member_map_", "_value2member_map_", "_member_names_")),
                "peft: PeftType is no longer a plain Enum (extend_peft_type)")
         expect(hasattr(BaseTuner, PEFT_ADAPTER_LOAD_HOOK), f"peft: BaseTuner has no {PEFT_ADAPTER_LOAD_HOOK} to override")
+        from peft import PeftModel
+        from peft.tuners import lora
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        tuner_source = inspect.getsource(BaseTuner)
+        for hook in ("_prepare_adapter_config", "_create_and_replace", "_pre_injection_hook", "_post_injection_hook"):
+            expect(f"self.{hook}(" in tuner_source, f"peft: BaseTuner no longer calls {hook} (DL-QAT overrides it)")
+        expect(list(inspect.signature(getattr(BaseTuner, "_replace_module", lambda: None)).parameters)
+               == ["self", "parent", "child_name", "new_module", "child"],
+               "peft: BaseTuner._replace_module(parent, child_name, new_module, child) changed (replace_tuner_module)")
+        expect("._enable_peft_forward_hooks(" in source_of(PeftModel, "_enable_peft_forward_hooks"),
+               "peft: PeftModel no longer enters its tuner's _enable_peft_forward_hooks (DL-QAT refuses adapter_names "
+               "there)")
+        expect("self._disable_adapters" in inspect.getsource(BaseTunerLayer.disable_adapters.fget)
+               and "self._active_adapter" in inspect.getsource(BaseTunerLayer.active_adapter.fget),
+               "peft: BaseTunerLayer no longer keeps its state in _disable_adapters / _active_adapter (DLQATLayer "
+               "sets them, as peft's own layers do)")
+        expect(isinstance(getattr(lora, "ParamWrapper", None), type), "peft: lora.ParamWrapper is gone "
+               "(is_lora_parameter_wrapper)")
         peft_buffer_dict()
         import torch
 
@@ -1010,6 +1129,12 @@ def check_assumptions() -> list[str]:
                and layer.scaling["probe"] == 2 and hasattr(layer, "lora_variant"),
                "peft: a LoRA Linear no longer keeps lora_A / lora_B / scaling / lora_variant per adapter "
                "(lora_linear_factors)")
+        expect(isinstance(lora_dropout_of(layer, "probe"), torch.nn.Module),
+               "peft: a LoRA Linear no longer keeps lora_dropout per adapter (lora_dropout_of)")
+        module_source = inspect.getsource(torch.nn.Module)
+        expect("self._save_to_state_dict(" in module_source and "._load_from_state_dict(" in module_source,
+               "torch: nn.Module no longer saves and loads through _save_to_state_dict / _load_from_state_dict "
+               "(PackedLinear and slim sub-layers override them)")
         expect(isinstance(getattr(layer, "use_dora", None), dict) and dora_adapters(probe, ["probe"]) == [],
                "peft: a LoRA layer no longer keeps use_dora per adapter (dora_adapters)")
         saved = inject_adapter_in_model(LoraConfig(r=2, target_modules=["0"], modules_to_save=["1"]),

@@ -7,6 +7,7 @@ These are the tests the ``latest`` CI job runs first: a failure names the assump
 from __future__ import annotations
 
 import importlib.metadata
+import inspect
 import io
 import logging
 import re
@@ -36,6 +37,24 @@ PACKAGE = Path(__file__).resolve().parents[1] / "hf_compress"
 def test_every_private_assumption_holds_on_the_installed_versions():
     problems = _compat.check_assumptions()
     assert problems == [], "private APIs moved:\n" + "\n".join(problems)
+
+
+def test_assumption_checks_report_a_moved_hook(monkeypatch):
+    """An override of a renamed hook would silently never run: check_assumptions must say so."""
+    from peft import PeftModel
+    from peft.tuners.tuners_utils import BaseTuner
+    from transformers import trainer
+
+    monkeypatch.delattr(BaseTuner, "_replace_module")
+    monkeypatch.delattr(PeftModel, "_enable_peft_forward_hooks")
+    monkeypatch.setattr(inspect, "getsource", _source_without(inspect.getsource, trainer, "_keys_to_ignore_on_save"))
+    problems = "\n".join(_compat.check_assumptions())
+    for symptom in ("_replace_module", "_enable_peft_forward_hooks", "_keys_to_ignore_on_save"):
+        assert symptom in problems, problems
+
+
+def _source_without(getsource, module, name):
+    return lambda obj: getsource(obj).replace(name, "renamed") if obj is module else getsource(obj)
 
 
 def _private_names_used(path: Path) -> set[str]:

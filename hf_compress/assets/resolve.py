@@ -171,17 +171,13 @@ def check_causal_lm_config(config: PretrainedConfig, name: str) -> None:
         ...
         ValueError: my-t5/: not a decoder-only causal LM (model_type t5, an encoder-decoder); hf_compress needs AutoModelForCausalLM models.
     """
-    from transformers.models.auto.modeling_auto import (
-        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
-    )
-
+    auto_types = _compat.auto_model_types()
     model_type = getattr(config, "model_type", None)
     if getattr(config, "is_encoder_decoder", False):
         kind = "an encoder-decoder"
-    elif model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    elif model_type not in auto_types["causal_lm"]:
         kind = "no causal-LM class in transformers"
-    elif model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
+    elif model_type in auto_types["masked_lm"] and not getattr(config, "is_decoder", False):
         architectures = ", ".join(getattr(config, "architectures", None) or ()) or "no is_decoder"
         kind = f"a bidirectional encoder: {architectures}"
     else:

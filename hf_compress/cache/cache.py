@@ -18,8 +18,9 @@ from typing import Any
 
 import torch
 from transformers import PretrainedConfig
-from transformers.cache_utils import Cache, DynamicSlidingWindowLayer, get_layer_types_and_kwargs
+from transformers.cache_utils import Cache
 
+from .. import _compat
 from ..utils import InvalidArgumentTypeError, check_bool, check_float, check_int
 from .layer import ChannelPrunedLayer
 from .query_capture import install_query_capture
@@ -55,22 +56,16 @@ def check_decoder_config(config: Any, owner: str = "SparKCache") -> None:
         raise InvalidArgumentTypeError(
             f"config must be a transformers model config (pass model.config), got {type(config).__name__}."
         )
-    from transformers.models.auto.modeling_auto import (
-        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
-        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
-        MODEL_MAPPING_NAMES,
-    )
-
+    auto_types = _compat.auto_model_types()
     model_type = getattr(config, "model_type", None)
     if getattr(config, "is_encoder_decoder", False):
         raise ValueError(
             f"config: {owner} serves decoder-only causal LMs, but this {model_type!r} config is an encoder-decoder "
             "model; use the model's default cache."
         )
-    decoders = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) | set(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
-    encoder = model_type in MODEL_MAPPING_NAMES and model_type not in decoders
-    bidirectional = model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False)
+    decoders = auto_types["causal_lm"] | auto_types["image_text_to_text"]
+    encoder = model_type in auto_types["base"] and model_type not in decoders
+    bidirectional = model_type in auto_types["masked_lm"] and not getattr(config, "is_decoder", False)
     if encoder or bidirectional:
         raise ValueError(
             f"config: {owner} serves decoder-only causal LMs, but this {model_type!r} config is an encoder "
@@ -153,7 +148,7 @@ class SparKCache(Cache):
             "compression_interval": compression_interval,
         }
         self.read_scratch = ReadScratch()  # the layers read one at a time: one set of buffers serves them all
-        layer_types, layer_kwargs = get_layer_types_and_kwargs(text_config)
+        layer_types, layer_kwargs = _compat.cache_layer_types(text_config)
         layers = []
         for index, (layer_type, kwargs) in enumerate(zip(layer_types, layer_kwargs, strict=True)):
             if layer_type == "full_attention":
@@ -176,7 +171,7 @@ class SparKCache(Cache):
                     )
                 )
             elif layer_type in _DENSE_WINDOW_TYPES:
-                layers.append(DynamicSlidingWindowLayer(**kwargs))
+                layers.append(_compat.sliding_window_cache_layer(**kwargs))
             else:
                 raise ValueError(
                     f"layer {index} of this model is a {layer_type!r} layer; {type(self).__name__} serves attention "

@@ -71,7 +71,7 @@ def rows_through_experts(model: nn.Module, adapter_names: Sequence[str], experts
         if key not in masks:
             masks[key] = one_hot.to(a.device).repeat_interleave(torch.tensor(ranks, device=a.device), dim=1).to(a.dtype)
         mask = masks[key].view(x.shape[0], *([1] * (x.dim() - 2)), -1)
-        dropout = module.lora_dropout[next(name for name in names if name in module.lora_A)]  # one config for all
+        dropout = _compat.lora_dropout_of(module, next(name for name in names if name in module.lora_A))  # one config
         low = nn.functional.linear(dropout(x).to(a.dtype), a) * mask
         return output + nn.functional.linear(low, b).to(output.dtype)
 

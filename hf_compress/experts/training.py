@@ -267,7 +267,7 @@ def _check_mixed_batches_possible(model, config: ExpertConfig) -> None:
         logger.debug("could not probe the LoRA targets on the meta device: %s", error)
         return
     wrapped = sorted({name.rpartition(".")[2] for name, module in probe.named_modules()
-                      if type(module).__name__ == "ParamWrapper" and not name.endswith(".base_layer")})
+                      if _compat.is_lora_parameter_wrapper(module) and not name.endswith(".base_layer")})
     if wrapped:
         raise ValueError(
             f"target_modules={config.target_modules!r} puts LoRA on {type(model).__name__}'s fused parameters "

@@ -26,12 +26,14 @@ from typing import Any
 
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
-from huggingface_hub.repocard import REGEX_YAML_BLOCK
 from huggingface_hub.repocard_data import eval_results_to_model_index, model_index_to_eval_results
 
 from .. import __version__
 from ..evaluation.results import MetricRecord
 from ..utils import atomic_file, get_logger
+
+# A card's YAML metadata: the block between the "---" line that opens the file and the next one (as the Hub reads it).
+_YAML_BLOCK = re.compile(r"\A\s*---[ \t]*\r?\n(.*?)\r?\n---[ \t]*(?:\r?\n|\Z)", re.DOTALL)
 
 
 logger = get_logger(__name__)
@@ -579,11 +581,11 @@ def validate_model_card(source: str | os.PathLike | ModelCard) -> None:
                 f"No model card at {path}; write one with hf_compress.hub.write_model_card."
             )
         text = path.read_text(encoding="utf-8-sig")
-    match = REGEX_YAML_BLOCK.search(text)
+    match = _YAML_BLOCK.match(text)
     if match is None:
         raise ValueError("The model card has no YAML metadata block.")
     try:
-        metadata = yaml.safe_load(match.group(2))
+        metadata = yaml.safe_load(match.group(1))
     except yaml.YAMLError as err:
         raise ValueError(f"The model card's YAML metadata does not parse: {err}") from err
     if not isinstance(metadata, dict):

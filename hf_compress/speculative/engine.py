@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import Cache, DynamicCache, PreTrainedModel, StaticCache
-from transformers.cache_utils import CacheLayerMixin, DynamicLayer, StaticLayer, get_layer_types_and_kwargs
+from transformers.cache_utils import CacheLayerMixin, DynamicLayer, StaticLayer
 from transformers.generation import GenerateDecoderOnlyOutput
 
 from .. import _compat
@@ -102,7 +102,7 @@ class CachedSequence:
         self.hidden_states: torch.Tensor | None = None
         # The model attends within its sliding windows whatever the cache holds (a config-less DynamicCache() keeps
         # every token of a sliding layer): the windows its config declares bound tree verification too.
-        _, layer_kwargs = get_layer_types_and_kwargs(model.config.get_text_config())
+        _, layer_kwargs = _compat.cache_layer_types(model.config.get_text_config())
         self._config_window = min((kw["sliding_window"] for kw in layer_kwargs if kw.get("sliding_window")), default=None)
 
     @property

@@ -34,6 +34,7 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, Auxil
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
+from ... import _compat
 from ...modeling import replace_module
 from ...modeling.layers import check_not_offloaded, computes_linear, is_linear
 from ...utils import get_logger
@@ -113,7 +114,7 @@ class DLQATModel(BaseTuner):
         new_module = DLQATLinear(target, adapter_name, dlqat_config)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)  # a second adapter is not trainable until set_adapter
-        self._replace_module(parent, target_name, new_module, target)
+        _compat.replace_tuner_module(self, parent, target_name, new_module, target)
 
     def _pre_injection_hook(self, model: torch.nn.Module, config: DLQATConfig, adapter_name: str) -> None:
         # W0 is read at once (the grid is fitted to it, merging writes it): offloaded weights are on 'meta'.
