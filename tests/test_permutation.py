@@ -817,6 +817,11 @@ def test_bad_permutation_configs_raise_clear_errors():
         WandaPruner(model, tokenizer).prune(
             WandaConfig(sparsity="2:4", permutation=LearnedPermutationConfig(groups=3), **SMALL),
             CALIBRATION_TEXT, progress=False)
+    # The hint names divisors of the width it refuses (it suggested 64 or 32 for a 16-wide head).
+    with pytest.raises(ValueError, match=r"block_size 64 does not divide the width 16 .*\(e\.g\. 16 or 8\)"):
+        LearnedPermutationConfig(block_size=64).group_width(16, "model.layers.0.self_attn[kv head 0]")
+    with pytest.raises(ValueError, match=r"block_size 64 does not divide the width 100 .*\(e\.g\. 50 or 25\)"):
+        LearnedPermutationConfig(block_size=64).group_width(100, "a site")
     with pytest.raises(ValueError, match="head_dim 16 .* not a multiple of M=32"):
         WandaPruner(model, tokenizer).prune(WandaConfig(sparsity="2:32", permutation="ria", **SMALL),
                                             CALIBRATION_TEXT, progress=False)

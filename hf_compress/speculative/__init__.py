@@ -15,7 +15,7 @@ from .acceptance import (
     Verdict,
     top_k_entropy,
 )
-from .cospec import ArbiterConfig, ArbiterTrainingSettings, CoSpec, CoSpecArbiter, train_arbiter
+from .cospec import ArbiterConfig, ArbiterTrainingSettings, CoSpec, CoSpecArbiter, calibrate_arbiter, train_arbiter
 from .drafting import CrossTokenizerDrafter, Draft, Drafter, ModelDrafter, NgramDrafter
 from .engine import (
     CachedSequence,
@@ -50,6 +50,7 @@ __all__ = [
     "StrictGreedy",
     "TypicalAcceptance",
     "Verdict",
+    "calibrate_arbiter",
     "register_strategy",
     "speculative_decode",
     "strategy_from_dict",

@@ -202,9 +202,11 @@ class LearnedPermutationConfig(_PermutationConfigJSON):
         """
         if self.block_size is not None:
             if width % self.block_size:
+                divisors = [d for d in range(min(self.block_size, width), 0, -1) if width % d == 0][:2]
+                hint = " or ".join(map(str, divisors))
                 raise ValueError(
                     f"permutation block_size {self.block_size} does not divide the width {width} of {site}; "
-                    "pick a divisor (e.g. 64 or 32)."
+                    f"pick a divisor (e.g. {hint})."
                 )
             size = self.block_size
         else:
