@@ -985,9 +985,28 @@ def check_assumptions() -> list[str]:
         if not condition:
             problems.append(what)
 
-    def source_of(owner: Any, name: str) -> str:  # "" when the member is gone: the check then reports it
+    def expect_that(check: Any, what: str) -> None:
+        """``expect(check(), what)`` for a probe that raises when what it checks has gone (an attribute, a keyword)."""
+        try:
+            holds = bool(check())
+        except (AttributeError, KeyError, TypeError, ValueError, OSError):
+            holds = False
+        expect(holds, what)
+
+    def source(obj: Any) -> str:  # "" for what is gone or has no Python source
+        try:
+            return inspect.getsource(obj) if obj is not None else ""
+        except (TypeError, OSError):
+            return ""
+
+    def source_of(owner: Any, name: str) -> str:
         member = getattr(owner, name, None)
-        return inspect.getsource(member) if member is not None else ""
+        return source(getattr(member, "fget", member))  # a property: its getter
+
+    def calls(owner: Any, name: str, caller: Any = None) -> bool:
+        """``owner`` still has the hook ``name`` and ``caller`` (``owner``'s own source by default) calls it: an
+        override of a renamed or no longer called hook would silently never run."""
+        return hasattr(owner, name) and f".{name}(" in source(owner if caller is None else caller)
 
     try:
         from transformers import DynamicCache, GenerationConfig
@@ -1010,9 +1029,12 @@ def check_assumptions() -> list[str]:
         expect(isinstance(getattr(auto, "AUTO_QUANTIZER_MAPPING", None), dict)
                and isinstance(getattr(auto, "AUTO_QUANTIZATION_CONFIG_MAPPING", None), dict),
                "transformers: quantizers.auto has no AUTO_QUANTIZER_MAPPING / AUTO_QUANTIZATION_CONFIG_MAPPING dicts")
-        for hook in ("_process_model_before_weight_loading", "_process_model_after_weight_loading",
-                     "update_weight_conversions", "postprocess_model", "remove_quantization_config", "_dequantize"):
+        for hook in ("update_weight_conversions", "postprocess_model"):
             expect(hasattr(HfQuantizer, hook), f"transformers: HfQuantizer has no `{hook}` to override")
+        for hook in ("_process_model_before_weight_loading", "_process_model_after_weight_loading",
+                     "remove_quantization_config", "_dequantize"):
+            expect(calls(HfQuantizer, hook), f"transformers: HfQuantizer no longer has or calls `{hook}` (formats/ "
+                   "override it)")
         config = GenerationConfig()
         expect(hasattr(config, "_pad_token_tensor") or "_pad_token_tensor" in inspect.getsource(GenerationMixin),
                "transformers: generate() no longer prepares generation_config._pad_token_tensor (pad_token_tensor)")
@@ -1069,21 +1091,20 @@ def check_assumptions() -> list[str]:
         from transformers import LlamaConfig, trainer
         from transformers.models.auto.auto_factory import _BaseAutoModelClass
 
-        layer_types, layer_kwargs = cache_layer_types(LlamaConfig(num_hidden_layers=2, sliding_window=4))
-        expect(len(layer_types) == 2 and len(layer_kwargs) == 2
-               and callable(getattr(sliding_window_cache_layer(sliding_window=4), "update", None)),
+        expect_that(lambda: [len(found) for found in cache_layer_types(LlamaConfig(num_hidden_layers=2))] == [2, 2]
+                    and callable(getattr(sliding_window_cache_layer(sliding_window=4), "update", None)),
                "transformers: cache_utils.get_layer_types_and_kwargs / DynamicSlidingWindowLayer(sliding_window=) "
                "changed (cache_layer_types, sliding_window_cache_layer)")
-        expect("llama" in auto_model_types()["causal_lm"] and "bert" in auto_model_types()["masked_lm"],
+        expect_that(lambda: "llama" in auto_model_types()["causal_lm"] and "bert" in auto_model_types()["masked_lm"],
                "transformers: modeling_auto's MODEL_*_MAPPING_NAMES tables moved (auto_model_types)")
         # Hooks and attributes other modules override, as the libraries' own subclasses do: renamed, an override
         # would silently stop being called.
-        expect("._from_config(" in source_of(_BaseAutoModelClass, "from_config"),
+        expect(calls(PreTrainedModel, "_from_config", _BaseAutoModelClass),
                "transformers: Auto*.from_config no longer calls the model class's _from_config "
                "(utils/model_types.py refuses through it)")
-        expect("self._init_weights(" in inspect.getsource(PreTrainedModel),
+        expect(calls(PreTrainedModel, "_init_weights"),
                "transformers: PreTrainedModel no longer initializes through _init_weights (speculative heads, arbiter)")
-        expect("_keys_to_ignore_on_save" in inspect.getsource(trainer),
+        expect("_keys_to_ignore_on_save" in source(trainer),
                "transformers: Trainer no longer reads _keys_to_ignore_on_save (experts/joint.py sets it)")
     except ImportError as error:
         problems.append(f"transformers: {error}")
@@ -1094,22 +1115,24 @@ def check_assumptions() -> list[str]:
 
         expect(all(hasattr(PeftType, attr) for attr in ("_member_map_", "_value2member_map_", "_member_names_")),
                "peft: PeftType is no longer a plain Enum (extend_peft_type)")
-        expect(hasattr(BaseTuner, PEFT_ADAPTER_LOAD_HOOK), f"peft: BaseTuner has no {PEFT_ADAPTER_LOAD_HOOK} to override")
         from peft import PeftModel
         from peft.tuners import lora
         from peft.tuners.tuners_utils import BaseTunerLayer
+        from peft.utils import save_and_load
 
-        tuner_source = inspect.getsource(BaseTuner)
+        expect(calls(BaseTuner, PEFT_ADAPTER_LOAD_HOOK, save_and_load),
+               f"peft: BaseTuner no longer has {PEFT_ADAPTER_LOAD_HOOK}, or loading no longer calls it (DL-QAT "
+               "overrides it)")
         for hook in ("_prepare_adapter_config", "_create_and_replace", "_pre_injection_hook", "_post_injection_hook"):
-            expect(f"self.{hook}(" in tuner_source, f"peft: BaseTuner no longer calls {hook} (DL-QAT overrides it)")
-        expect(list(inspect.signature(getattr(BaseTuner, "_replace_module", lambda: None)).parameters)
-               == ["self", "parent", "child_name", "new_module", "child"],
+            expect(calls(BaseTuner, hook), f"peft: BaseTuner no longer has or calls {hook} (DL-QAT overrides it)")
+        expect_that(lambda: list(inspect.signature(BaseTuner._replace_module).parameters)
+                    == ["self", "parent", "child_name", "new_module", "child"],
                "peft: BaseTuner._replace_module(parent, child_name, new_module, child) changed (replace_tuner_module)")
         expect("._enable_peft_forward_hooks(" in source_of(PeftModel, "_enable_peft_forward_hooks"),
                "peft: PeftModel no longer enters its tuner's _enable_peft_forward_hooks (DL-QAT refuses adapter_names "
                "there)")
-        expect("self._disable_adapters" in inspect.getsource(BaseTunerLayer.disable_adapters.fget)
-               and "self._active_adapter" in inspect.getsource(BaseTunerLayer.active_adapter.fget),
+        expect("self._disable_adapters" in source_of(BaseTunerLayer, "disable_adapters")
+               and "self._active_adapter" in source_of(BaseTunerLayer, "active_adapter"),
                "peft: BaseTunerLayer no longer keeps its state in _disable_adapters / _active_adapter (DLQATLayer "
                "sets them, as peft's own layers do)")
         expect(isinstance(getattr(lora, "ParamWrapper", None), type), "peft: lora.ParamWrapper is gone "
@@ -1117,8 +1140,10 @@ def check_assumptions() -> list[str]:
         peft_buffer_dict()
         import torch
 
-        expect(list(inspect.signature(torch.nn.Module._apply).parameters)[:3] == ["self", "fn", "recurse"],
-               "torch: nn.Module._apply(fn, recurse) changed (overridden to keep float32 state through casts)")
+        expect_that(lambda: list(inspect.signature(torch.nn.Module._apply).parameters)[:3] == ["self", "fn", "recurse"]
+                    and calls(torch.nn.Module, "_apply"),
+                    "torch: nn.Module._apply(fn, recurse) changed or is no longer called (overridden to keep float32 "
+                    "state through casts)")
         from peft import LoraConfig, inject_adapter_in_model
 
         probe = inject_adapter_in_model(LoraConfig(r=2, lora_alpha=4, target_modules=["0"]),
@@ -1129,10 +1154,9 @@ def check_assumptions() -> list[str]:
                and layer.scaling["probe"] == 2 and hasattr(layer, "lora_variant"),
                "peft: a LoRA Linear no longer keeps lora_A / lora_B / scaling / lora_variant per adapter "
                "(lora_linear_factors)")
-        expect(isinstance(lora_dropout_of(layer, "probe"), torch.nn.Module),
+        expect_that(lambda: isinstance(lora_dropout_of(layer, "probe"), torch.nn.Module),
                "peft: a LoRA Linear no longer keeps lora_dropout per adapter (lora_dropout_of)")
-        module_source = inspect.getsource(torch.nn.Module)
-        expect("self._save_to_state_dict(" in module_source and "._load_from_state_dict(" in module_source,
+        expect(calls(torch.nn.Module, "_save_to_state_dict") and calls(torch.nn.Module, "_load_from_state_dict"),
                "torch: nn.Module no longer saves and loads through _save_to_state_dict / _load_from_state_dict "
                "(PackedLinear and slim sub-layers override them)")
         expect(isinstance(getattr(layer, "use_dora", None), dict) and dora_adapters(probe, ["probe"]) == [],

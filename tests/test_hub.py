@@ -67,6 +67,20 @@ def _card(**overrides) -> ModelCard:
 # ------------------------------------------------------------------------------------------------ cards
 
 
+@pytest.mark.parametrize("text", [
+    "---\nlicense: mit\n---\nbody", "  \n---\r\nlicense: mit\r\n---\r\nbody", "---\rlicense: mit\r---\rbody",
+    "---\nlicense: mit\n---", "--- \nlicense: mit\n---\n", "---\r\n---\r\n", "---\na: '---'\nb: 1\n---  \nx",
+    "no metadata\n---\na: 1\n---\n", "---\na: 1\n--- x\nb: 2\n---\n",
+])
+def test_card_metadata_is_read_as_the_hub_reads_it(text):
+    """The card's YAML block is found exactly where huggingface_hub finds it (CR-only line endings included)."""
+    from hf_compress.hub.model_card import _YAML_BLOCK
+
+    ours, hubs = _YAML_BLOCK.match(text), REGEX_YAML_BLOCK.search(text)
+    assert (ours is None) == (hubs is None)
+    assert ours is None or ours.group(1) == hubs.group(2)
+
+
 def test_card_metadata_and_model_index_round_trip():
     card = _card(extra_tags=["sparse"], license="apache-2.0")
     meta = _metadata(card)

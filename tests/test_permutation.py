@@ -822,6 +822,10 @@ def test_bad_permutation_configs_raise_clear_errors():
         LearnedPermutationConfig(block_size=64).group_width(16, "model.layers.0.self_attn[kv head 0]")
     with pytest.raises(ValueError, match=r"block_size 64 does not divide the width 100 .*\(e\.g\. 50 or 25\)"):
         LearnedPermutationConfig(block_size=64).group_width(100, "a site")
+    with pytest.raises(ValueError, match=r"width 100 .*\(e\.g\. 20 or 4\)"):  # whole N:M groups of 4 only
+        LearnedPermutationConfig(block_size=64).group_width(100, "a site", m=4)
+    with pytest.raises(ValueError, match=r"width 7 .*\(e\.g\. 7\)"):  # no smaller size of 2 or more divides 7
+        LearnedPermutationConfig(block_size=4).group_width(7, "a site")
     with pytest.raises(ValueError, match="head_dim 16 .* not a multiple of M=32"):
         WandaPruner(model, tokenizer).prune(WandaConfig(sparsity="2:32", permutation="ria", **SMALL),
                                             CALIBRATION_TEXT, progress=False)

@@ -33,7 +33,7 @@ from ..evaluation.results import MetricRecord
 from ..utils import atomic_file, get_logger
 
 # A card's YAML metadata: the block between the "---" line that opens the file and the next one (as the Hub reads it).
-_YAML_BLOCK = re.compile(r"\A\s*---[ \t]*\r?\n(.*?)\r?\n---[ \t]*(?:\r?\n|\Z)", re.DOTALL)
+_YAML_BLOCK = re.compile(r"\A\s*---(?:\r\n|\r|\n)(.*?)(?:\r\n|\r|\n)---[ \t]*(?:\r\n|\n|\Z)", re.DOTALL)
 
 
 logger = get_logger(__name__)

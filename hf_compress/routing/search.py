@@ -98,9 +98,7 @@ def search_schedule(
     units = round(target * num_blocks / config.schedule_step)
     if units == 0:
         return RoutingSchedule([target] * num_blocks, search={"method": "uniform", "reason": "budget below one step"})
-    # Rounded to 12 digits: the schedule then reads as decimals (0.05, not 0.049999999999999996) in config.json and
-    # the card, and a rate is the decimal it prints as; the budget stays exact to 1e-12.
-    unit = round(target * num_blocks / units, 12)
+    unit = target * num_blocks / units
     cap = min(units, int(config.max_block_sparsity / unit + 1e-9))
     if cap * num_blocks < units:
         raise ValueError(
@@ -115,7 +113,7 @@ def search_schedule(
 
     def fitness(genes: tuple[int, ...]) -> float:
         if genes not in scores:
-            schedule = RoutingSchedule([round(count * unit, 12) for count in genes])
+            schedule = RoutingSchedule(_rates(genes, unit))
             with routing_mode(model, "static", schedule):
                 scores[genes] = calibration_loss(model, windows, tail=config.loss_tail)
         return scores[genes]
@@ -157,15 +155,22 @@ def search_schedule(
     # Under torchrun every rank searched with its own losses (GPU kernels may differ in the last bits): rank 0's
     # schedule on every rank, or the ranks would train routers for different schedules.
     return broadcast_from_main(RoutingSchedule(
-        [target] * num_blocks if exact_uniform else [round(count * unit, 12) for count in best],
+        [target] * num_blocks if exact_uniform else _rates(best, unit),
         search={
             "method": "evolutionary", "fitness": f"static-router calibration loss, last {config.loss_tail:g} of each window",
             "best_loss": min(uniform_loss, scores[best]), "uniform_loss": uniform_loss, "exact_uniform": exact_uniform,
             "evaluated": len(scores) + 1, "generations": config.generations,
-            "population": config.population, "unit": unit, "history": history,
+            "population": config.population, "unit": round(unit, 12), "history": history,
             "windows": list(windows.shape), "seconds": round(time.perf_counter() - start, 2),
         },
     ), args)
+
+
+def _rates(counts: tuple[int, ...], unit: float) -> list[float]:
+    """Each block's skip rate, ``count`` units, rounded to 12 digits: the schedule then reads as decimals (0.15, not
+    0.15000000000000002) in config.json and the card, and a rate is the decimal it prints as (``skip_count`` rounds
+    half up on it); the budget stays exact to 1e-12."""
+    return [round(count * unit, 12) for count in counts]
 
 
 def _windows(calibration: Any, tokenizer: Any, config: TokenRouterConfig) -> torch.Tensor:

@@ -202,11 +202,13 @@ class LearnedPermutationConfig(_PermutationConfigJSON):
         """
         if self.block_size is not None:
             if width % self.block_size:
-                divisors = [d for d in range(min(self.block_size, width), 0, -1) if width % d == 0][:2]
-                hint = " or ".join(map(str, divisors))
+                # Suggest only sizes the config accepts here: at least 2, and whole N:M groups of m channels.
+                fits = [d for d in range(min(self.block_size, width), 1, -1) if width % d == 0 and d % m == 0][:2]
+                fits = fits or [width]  # the whole width is one group
+                hint = f"e.g. {' or '.join(map(str, fits))}"
                 raise ValueError(
                     f"permutation block_size {self.block_size} does not divide the width {width} of {site}; "
-                    f"pick a divisor (e.g. {hint})."
+                    f"pick a divisor ({hint})."
                 )
             size = self.block_size
         else:
