@@ -59,7 +59,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
 import math
 import types
@@ -449,10 +448,19 @@ def _routed_class(base: type) -> type:
     return _ROUTED_CLASSES[base]
 
 
-@functools.cache
+_FORWARD_SIGNATURES: dict[type, inspect.Signature] = {}
+
+
 def _forward_signature(base: type) -> inspect.Signature:
-    """``inspect.signature(base.forward)``, computed once per class (it costs more than a small block's kernels)."""
-    return inspect.signature(base.forward)
+    """``inspect.signature(base.forward)``, computed once per class (it costs more than a small block's kernels).
+
+    A plain dict, not ``functools.cache``: torch.compile (2.14) traces through a cache wrapper with a warning of
+    possible silent incorrectness, which every compiled routed forward printed.
+    """
+    signature = _FORWARD_SIGNATURES.get(base)
+    if signature is None:
+        signature = _FORWARD_SIGNATURES[base] = inspect.signature(base.forward)
+    return signature
 
 
 def _call_arguments(block: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, dict[str, Any]]:
