@@ -1093,10 +1093,10 @@ def check_assumptions() -> list[str]:
 
         expect_that(lambda: [len(found) for found in cache_layer_types(LlamaConfig(num_hidden_layers=2))] == [2, 2]
                     and callable(getattr(sliding_window_cache_layer(sliding_window=4), "update", None)),
-               "transformers: cache_utils.get_layer_types_and_kwargs / DynamicSlidingWindowLayer(sliding_window=) "
-               "changed (cache_layer_types, sliding_window_cache_layer)")
+                   "transformers: cache_utils.get_layer_types_and_kwargs / DynamicSlidingWindowLayer(sliding_window=) "
+                   "changed (cache_layer_types, sliding_window_cache_layer)")
         expect_that(lambda: "llama" in auto_model_types()["causal_lm"] and "bert" in auto_model_types()["masked_lm"],
-               "transformers: modeling_auto's MODEL_*_MAPPING_NAMES tables moved (auto_model_types)")
+                   "transformers: modeling_auto's MODEL_*_MAPPING_NAMES tables moved (auto_model_types)")
         # Hooks and attributes other modules override, as the libraries' own subclasses do: renamed, an override
         # would silently stop being called.
         expect(calls(PreTrainedModel, "_from_config", _BaseAutoModelClass),
@@ -1127,7 +1127,7 @@ def check_assumptions() -> list[str]:
             expect(calls(BaseTuner, hook), f"peft: BaseTuner no longer has or calls {hook} (DL-QAT overrides it)")
         expect_that(lambda: list(inspect.signature(BaseTuner._replace_module).parameters)
                     == ["self", "parent", "child_name", "new_module", "child"],
-               "peft: BaseTuner._replace_module(parent, child_name, new_module, child) changed (replace_tuner_module)")
+                   "peft: BaseTuner._replace_module(parent, child_name, new_module, child) changed (replace_tuner_module)")
         expect("._enable_peft_forward_hooks(" in source_of(PeftModel, "_enable_peft_forward_hooks"),
                "peft: PeftModel no longer enters its tuner's _enable_peft_forward_hooks (DL-QAT refuses adapter_names "
                "there)")
@@ -1155,7 +1155,7 @@ def check_assumptions() -> list[str]:
                "peft: a LoRA Linear no longer keeps lora_A / lora_B / scaling / lora_variant per adapter "
                "(lora_linear_factors)")
         expect_that(lambda: isinstance(lora_dropout_of(layer, "probe"), torch.nn.Module),
-               "peft: a LoRA Linear no longer keeps lora_dropout per adapter (lora_dropout_of)")
+                   "peft: a LoRA Linear no longer keeps lora_dropout per adapter (lora_dropout_of)")
         expect(calls(torch.nn.Module, "_save_to_state_dict") and calls(torch.nn.Module, "_load_from_state_dict"),
                "torch: nn.Module no longer saves and loads through _save_to_state_dict / _load_from_state_dict "
                "(PackedLinear and slim sub-layers override them)")
