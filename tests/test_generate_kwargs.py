@@ -64,6 +64,13 @@ def test_amphista_tree_refuses_batches_up_front_and_names_the_chain():
     assert torch.equal(out, model.generate(single, max_new_tokens=6, do_sample=False))
     with pytest.raises(ValueError, match="beam search"):
         model.generate(single, max_new_tokens=6, num_beams=2, custom_generate=Amphista(heads, tree=tree))
+    # A static cache cannot roll back either: the refusal does not send the user to the chain, which it refuses too.
+    with pytest.raises(ValueError, match=r"a static cache cannot do\. Use the default dynamic cache"):
+        model.generate(single, max_new_tokens=6, do_sample=False, cache_implementation="static",
+                       custom_generate=Amphista(heads, tree=tree))
+    with pytest.raises(ValueError, match=r"a static cache cannot do\. Use the default dynamic cache"):
+        model.generate(single, max_new_tokens=6, do_sample=False, cache_implementation="static",
+                       custom_generate=Amphista(heads, tree="chain"))
 
 
 # ------------------------------------------------------------------------------------ expert router

@@ -83,8 +83,12 @@ class SparKCache(Cache):
     ``config``: pass the model's own config object, ``model.config``. Precisely, from the last queries of the
     *first forward* that fills the cache (left padding left out): that is the prompt under ``generate()``, but
     the prompt and the first round's drafts under speculative decoding (transformers' assisted generation and
-    ours), and only the first chunk under chunked prefill, so such runs compress slightly differently from plain
-    greedy decoding with the same settings.
+    ours), and only the first chunk under chunked prefill. Tokens leaving the recent window are compressed when a
+    forward appends tokens (``compression_interval`` at a time), before that forward's queries read them: a forward
+    of k tokens (a verification round, a prefill chunk) reads some tokens compressed that one-token decoding still
+    read whole. So speculative decoding with this cache, even strict, can pick other tokens than plain greedy
+    decoding with the same cache settings (seen on a tiny random model with values pruned; pruned keys alone move
+    the logits much less): it reproduces greedy decoding exactly only with the default dynamic cache.
 
     Args:
         config: the model's config (``model.config``, not a copy).

@@ -14,6 +14,7 @@ from ... import _compat
 from ...hub import hub_model_id
 from ...utils import InvalidArgumentTypeError, get_logger
 from ..acceptance import AcceptanceRule, StrictGreedy, TypicalAcceptance
+from ..engine import check_rollback_cache
 from ..strategies import HERE, SpeculativeDecoding, portable_name, register_strategy, usage_snippet
 from ..tree import DraftTree
 from .drafter import HeadsDrafter
@@ -110,6 +111,7 @@ class Amphista(SpeculativeDecoding):
         cache = model_kwargs.get(_compat.cache_kwarg_name(model))
         layers = [layer for layer in getattr(cache, "layers", ()) if not isinstance(layer, DynamicLayer)]
         if layers and verifies_tree:
+            check_rollback_cache(cache)  # a cache no strategy can roll back (static) is refused as such, not sent to the chain
             raise ValueError(
                 f"Amphista's tree verification keeps the accepted branch by moving cache entries, which a "
                 f"{type(layers[0]).__name__} cache layer ({type(cache).__name__}) cannot do. Pass tree='chain' "
