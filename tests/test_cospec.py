@@ -53,6 +53,35 @@ from hf_compress.speculative.strategies import read_generate_settings
 PROMPTS = ["the cat sat on", "abcabcabc", "hello world, hello", "12 + 34 ="]
 
 
+def test_task_answers_in_squads_own_layout_and_rewards_that_are_not_numbers():
+    from hf_compress.speculative.task_answers import resolve_reward
+
+    squad = {"prompt": "Paris is the capital of", "answers": {"text": ["France", "france"], "answer_start": [19, 19]}}
+    tok = tiny_model("llama")[1]
+    assert task_examples([squad], tok)[0].answers == ["France", "france"]  # was ['text', 'answer_start']
+    with pytest.raises(ValueError, match="mapping without 'text'"):
+        task_examples([{"prompt": "x", "answers": {"answer_start": [0]}}], tok)
+    assert resolve_reward(lambda text, answers: text in answers)("a", ["a"]) == 1.0  # bools and numpy scores are numbers
+    for bad in (float("nan"), "high", None):
+        with pytest.raises(ValueError, match="The reward must return a finite number"):
+            resolve_reward(lambda text, answers, bad=bad: bad)("a", ["a"])
+
+
+def test_a_missing_arbiter_folder_is_named_as_such(pair, tmp_path):
+    model, tok, _ = pair
+    missing = str(tmp_path / "no" / "arbiter")
+    with pytest.raises(FileNotFoundError, match="no such folder"):  # was huggingface_hub's "Repo id must be ..."
+        CoSpecArbiter.from_pretrained(missing)
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        model.generate(tok("hi", return_tensors="pt").input_ids, max_new_tokens=2, custom_generate=CoSpec(missing))
+
+
+def test_train_arbiter_refuses_held_out_prompts_given_as_one_string(pair):
+    model, tok, _ = pair
+    with pytest.raises(TypeError, match="held_out must be a list of prompts"):  # it calibrated on each letter
+        train_arbiter(model, "ngram", task(tok)[:1], tokenizer=tok, held_out="the cat", settings=quick_settings())
+
+
 def quick_settings(**overrides) -> ArbiterTrainingSettings:
     values = dict(max_new_tokens=16, stop_at_newline=False, max_forks_per_prompt=3, warm_start_steps=50,
                   rl_steps=1, rl_prompts_per_step=2, group_size=2)

@@ -88,6 +88,21 @@ def test_selection_keeps_budget_is_deterministic_and_covers_better_than_random()
         assert len(select_indices(twins, 5, method)) == 5
 
 
+def test_given_embeddings_must_be_finite_and_as_wide_as_the_routing_space():
+    """A NaN row made the selection loop forever; a narrower space trained experts whose folder never loaded."""
+    model, tokenizer = tiny_model("llama")
+    rows, _ = _task_rows(6)
+    embeddings = torch.randn(len(rows), model.config.hidden_size)
+    embeddings[3, 0] = float("nan")
+    for method in ("facility_location", "k_center"):
+        with pytest.raises(ValueError, match="embeddings row 3 holds NaN or inf"):
+            select_data(rows, model, budget=0.5, tokenizer=tokenizer, embeddings=embeddings, method=method)
+    with pytest.raises(ValueError, match="embeddings row 3 holds NaN"):
+        train_experts(model, rows, ExpertConfig(num_experts=2), tokenizer=tokenizer, embeddings=embeddings)
+    with pytest.raises(ValueError, match=r"embeddings are 3 wide, but the router embeds queries .* \(64 wide\)"):
+        train_experts(model, rows, ExpertConfig(num_experts=2), tokenizer=tokenizer, embeddings=torch.rand(12, 3))
+
+
 def test_select_data_on_a_dataset():
     model, tokenizer = tiny_model("llama")
     rows, _ = _task_rows(15)

@@ -214,6 +214,12 @@ def test_a_run_with_no_optimizer_step_is_an_error_not_an_untrained_result(tmp_pa
                                 extra_arguments={"dataloader_drop_last": True})
     with pytest.raises(ValueError, match="no optimizer step on these 3 training rows.*dataloader_drop_last=False"):
         train_with_trainer(model, data, str(tmp_path), settings)
+    # Zero epochs is named as the cause (the message suggested dataloader_drop_last=False, which it already was).
+    from transformers import TrainingArguments
+
+    zero_epochs = TrainingArguments(output_dir=str(tmp_path), num_train_epochs=0, use_cpu=True, report_to=[])
+    with pytest.raises(ValueError, match="num_train_epochs=0 and no max_steps; set either above 0"):
+        train_with_trainer(model, data, str(tmp_path), zero_epochs)
     rows = [{"prompt": f"Q{i}: what is {i}?", "completion": f" {i}"} for i in range(6)]
     with pytest.raises(ValueError, match="no optimizer step"):
         train_experts(model, rows, ExpertConfig(num_experts=2, seq_len=16), settings, tokenizer=tokenizer,

@@ -31,8 +31,8 @@ from ..utils import check_int
 from .config import DEFAULT_EMBEDDING_TOKENS
 
 
-__all__ = ["DEFAULT_EMBEDDING_TOKENS", "EmbeddingSpace", "EmbeddingSpec", "default_embedding_layer", "embed_batch",
-           "embed_texts"]
+__all__ = ["DEFAULT_EMBEDDING_TOKENS", "EmbeddingSpace", "EmbeddingSpec", "check_given_embeddings",
+           "default_embedding_layer", "embed_batch", "embed_texts"]
 
 
 def default_embedding_layer(num_blocks: int) -> int:
@@ -137,6 +137,34 @@ class _nothing:
 
     def __exit__(self, *exc):
         return False
+
+
+def check_given_embeddings(embeddings: torch.Tensor, rows: int, width: int | None = None) -> torch.Tensor:
+    """Embeddings a caller passed instead of computing them (``embeddings=``): a finite ``[rows, width]`` tensor.
+
+    ``width``: the hidden size the router will embed queries in (``train_experts``); the selection takes any width.
+    A NaN row would make the selection loop forever and k-means fail deep inside.
+
+    Example:
+        >>> check_given_embeddings(torch.zeros(3, 4), rows=2)
+        Traceback (most recent call last):
+        ...
+        ValueError: embeddings has 3 rows for 2 examples.
+    """
+    if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 2 or not embeddings.is_floating_point():
+        raise ValueError("embeddings must be a float tensor [examples, width] (what embed_texts returns), got "
+                         f"{getattr(embeddings, 'shape', type(embeddings).__name__)}.")
+    if embeddings.shape[0] != rows:
+        raise ValueError(f"embeddings has {embeddings.shape[0]} rows for {rows} examples.")
+    if width is not None and embeddings.shape[1] != width:
+        raise ValueError(
+            f"embeddings are {embeddings.shape[1]} wide, but the router embeds queries with the model's hidden states "
+            f"({width} wide): pass embed_texts(model, ...) of this model, or leave embeddings=None.")
+    bad = (~torch.isfinite(embeddings).all(dim=1)).nonzero().flatten()
+    if len(bad):
+        raise ValueError(f"embeddings row {int(bad[0])} holds NaN or inf ({len(bad)} such rows); recompute them "
+                         "(embed_texts in float32) or leave embeddings=None.")
+    return embeddings
 
 
 def embed_texts(model: nn.Module, tokenizer, texts: Sequence[str], spec: EmbeddingSpec, *,

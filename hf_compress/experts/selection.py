@@ -35,7 +35,7 @@ from ..training import TrainingSettings, broadcast_from_main
 from ..utils import check_choice, check_fraction, check_int, check_seed, get_logger
 from .config import SELECTION_METHODS, WEIGHTINGS
 from .data import instruction_rows
-from .embedding import DEFAULT_EMBEDDING_TOKENS, EmbeddingSpace, EmbeddingSpec, embed_texts
+from .embedding import DEFAULT_EMBEDDING_TOKENS, EmbeddingSpace, EmbeddingSpec, check_given_embeddings, embed_texts
 from .need import completion_losses
 
 
@@ -243,10 +243,8 @@ def select_data(
     count = kept_count(n, budget)
     tokenizer = resolve_tokenizer(model, tokenizer)
     spec = EmbeddingSpec.for_model(model, embedding_layer, embedding_max_length)
-    raw = embeddings if embeddings is not None else embed_texts(model, tokenizer, rows.prompts, spec,
-                                                                  batch_size=batch_size)
-    if raw.shape[0] != n:
-        raise ValueError(f"embeddings has {raw.shape[0]} rows for {n} examples.")
+    raw = (check_given_embeddings(embeddings, n) if embeddings is not None
+           else embed_texts(model, tokenizer, rows.prompts, spec, batch_size=batch_size))
     embeddings = EmbeddingSpace.fit(raw)(raw)
     weighting = None
     if isinstance(weights, str):

@@ -29,7 +29,7 @@ from ..utils import get_logger
 from .clustering import kmeans
 from .config import ExpertConfig
 from .data import InstructionRows, instruction_rows, packed_instruction_dataset
-from .embedding import EmbeddingSpace, EmbeddingSpec, embed_texts
+from .embedding import EmbeddingSpace, EmbeddingSpec, check_given_embeddings, embed_texts
 from .folder import strip_lora
 from .joint import JointExpertsTrainingModule
 from .router import ExpertRouter
@@ -164,8 +164,8 @@ def train_experts(
     else:
         if embeddings is None:
             embeddings = embed_texts(model, tokenizer, rows.prompts, spec, batch_size=batch_size)
-        elif embeddings.shape[0] != len(rows):
-            raise ValueError(f"embeddings has {embeddings.shape[0]} rows for {len(rows)} examples.")
+        else:
+            embeddings = check_given_embeddings(embeddings, len(rows), _plain_width(model))
         space = EmbeddingSpace.fit(embeddings)
         labels, centroids, clustering = _clusters(space(embeddings), k, config, clusters)
         # Every rank embedded the prompts itself, and GPU kernels may differ in the last bits: rank 0's space and

@@ -15,7 +15,8 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Literal
@@ -52,7 +53,15 @@ class TaskReward:
             raise ValueError(f"answer_unit must be one of {ANSWER_UNITS}, got {self.answer_unit!r}.")
 
     def __call__(self, text: str, answers: list[str]) -> float:
-        return self.score(text, answers)
+        # Checked on every call: a NaN would make every comparison false and label every fork TARGET in silence.
+        score = self.score(text, answers)
+        try:
+            value = float(score)
+        except (TypeError, ValueError):
+            value = math.nan
+        if isinstance(score, (str, bytes)) or not math.isfinite(value):
+            raise ValueError(f"The reward must return a finite number, got {score!r} for the answer {text[:40]!r}.")
+        return value
 
 
 REWARDS: dict[str, TaskReward] = {
@@ -145,7 +154,13 @@ def task_examples(task_dataset: Sequence[Any], tokenizer: PreTrainedTokenizerBas
         answers = item.get("answers")
         if isinstance(answers, str):
             answers = [answers]
-        if not answers or not all(isinstance(a, str) for a in answers):
+        elif isinstance(answers, Mapping):  # SQuAD's own layout: {"text": [...], "answer_start": [...]}
+            if "text" not in answers:
+                raise ValueError(f"task_dataset[{i}]['answers'] is a mapping without 'text' (keys: "
+                                 f"{sorted(answers)[:5]}); give the reference answers as a list of strings.")
+            answers = answers["text"]
+            answers = [answers] if isinstance(answers, str) else answers
+        if not answers or isinstance(answers, Mapping) or not all(isinstance(a, str) for a in answers):
             raise ValueError(f"task_dataset[{i}] has no reference answers: give it 'answers' (a list of strings); "
                              "the reward scores the generated answer against them.")
         if item.get("input_ids") is not None:

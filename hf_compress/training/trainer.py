@@ -439,6 +439,9 @@ def train_with_trainer(
         # Too few rows for one batch (dataloader_drop_last drops the partial one): the caller would get back, and
         # save, an untrained model as a trained one.
         rows = f"{len(train_dataset)} " if hasattr(train_dataset, "__len__") else ""  # an iterable dataset has none
+        if arguments.max_steps <= 0 and arguments.num_train_epochs <= 0:
+            raise ValueError(f"Trainer ran no optimizer step: the training arguments ask for num_train_epochs="
+                             f"{arguments.num_train_epochs:g} and no max_steps; set either above 0.")
         raise ValueError(
             f"Trainer ran no optimizer step on these {rows}training rows (per-device batch "
             f"{arguments.per_device_train_batch_size} x {arguments.world_size} process(es), gradient accumulation "

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ...assets.resolve import looks_like_a_path
 from ...hub import base_weights_of
 from ...utils import InvalidArgumentTypeError, get_logger
 from ..acceptance import Verdict
@@ -124,6 +125,10 @@ class CoSpecArbiter(PreTrainedModel):
         an arbiter without its standardisation outputs NaN, which silently decodes strictly.
         """
         want_info = kwargs.pop("output_loading_info", False)
+        name = os.fspath(pretrained_model_name_or_path)
+        if not Path(name).expanduser().exists() and looks_like_a_path(name):  # not a Hub id: say so, not "repo id"
+            raise FileNotFoundError(f"{name}: no such folder; pass a folder saved by CoSpecArbiter.save_pretrained "
+                                    "or a Hub id (owner/name).")
         arbiter, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True,
                                                 **kwargs)
         missing = sorted(info.get("missing_keys") or ())

@@ -32,7 +32,7 @@ import copy
 import os
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -489,6 +489,10 @@ def train_arbiter(
     if held_out is not None:  # refuse malformed held-out prompts now, not after the whole training run
         from ..calibration import HeldOut
 
+        if isinstance(held_out, (str, bytes, Mapping)):  # list() would make prompts of its letters or keys
+            raise InvalidArgumentTypeError(
+                f"held_out must be a list of prompts (dicts with 'prompt' or 'input_ids', and 'answers'), got "
+                f"{type(held_out).__name__}.")
         held_out = held_out if isinstance(held_out, (list, tuple)) else list(held_out)  # read twice: here and below
         HeldOut.prepare(model, held_out, tokenizer, reward_fn, target_keep=target_keep,
                         max_new_tokens=settings.max_new_tokens, stop_at_newline=settings.stop_at_newline)
