@@ -76,6 +76,17 @@ def test_a_missing_arbiter_folder_is_named_as_such(pair, tmp_path):
         model.generate(tok("hi", return_tensors="pt").input_ids, max_new_tokens=2, custom_generate=CoSpec(missing))
 
 
+def test_calibration_candidates_and_prompts_of_the_wrong_shape_are_named(pair):
+    model, tok, draft = pair
+    with pytest.raises(TypeError, match=r"thresholds must be a list of candidates, e\.g\. thresholds=\[0\.5\]"):
+        FLy.calibrate(model, draft, PROMPTS, tokenizer=tok, thresholds=0.5)
+    with pytest.raises(TypeError, match="held_out_prompts must be a list of prompts"):  # was "'str' is not a mapping"
+        FLy.calibrate(model, draft, "the cat sat", tokenizer=tok)
+    # A generator is read once: it was used up by one check, then called empty.
+    with pytest.raises(ValueError, match="threshold"):  # reaches the candidates' own check, past the prompts
+        FLy.calibrate(model, draft, (p for p in PROMPTS), tokenizer=tok, thresholds=[])
+
+
 def test_train_arbiter_refuses_held_out_prompts_given_as_one_string(pair):
     model, tok, _ = pair
     with pytest.raises(TypeError, match="held_out must be a list of prompts"):  # it calibrated on each letter

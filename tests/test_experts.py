@@ -103,6 +103,25 @@ def test_given_embeddings_must_be_finite_and_as_wide_as_the_routing_space():
         train_experts(model, rows, ExpertConfig(num_experts=2), tokenizer=tokenizer, embeddings=torch.rand(12, 3))
 
 
+def test_routed_and_packed_bases_are_refused_up_front():
+    """They failed deep inside: the routing's left-padding check (with padding_side='left' set) and peft's 'no
+    target_modules'."""
+    from hf_compress.quantization import quantize_rtn
+    from hf_compress.routing.layer import install_routing
+    from hf_compress.routing.schedule import RoutingSchedule
+
+    rows, _ = _task_rows(4)
+    model, tokenizer = tiny_model("llama")
+    install_routing(model, RoutingSchedule([0.5, 0.5]), mode="static")
+    with pytest.raises(ValueError, match="The model is token-routed: train the experts on the model it was routed from"):
+        train_experts(model, rows, ExpertConfig(num_experts=2), tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="The model is token-routed: select with the model it was routed from"):
+        select_data(rows, model, budget=0.5, tokenizer=tokenizer)
+    packed = quantize_rtn(tiny_model("llama")[0], bits=4, group_size=32)
+    with pytest.raises(ValueError, match="already holds 14 packed layers: train the experts on the float model"):
+        train_experts(packed, rows, ExpertConfig(num_experts=2), tokenizer=tokenizer)
+
+
 def test_select_data_on_a_dataset():
     model, tokenizer = tiny_model("llama")
     rows, _ = _task_rows(15)

@@ -97,6 +97,11 @@ def test_tokenize_stream_caches_and_rejects_a_bare_string():
     assert tokenize_stream(DOCS, tokenizer) is tokenize_stream(list(DOCS), tokenizer)
     with pytest.raises(TypeError, match="list of documents"):
         tokenize_stream("just one string", tokenizer)
+    # The element type is named (the message said "got list" to a list of bytes or of dicts).
+    with pytest.raises(TypeError, match=r"got a list holding bytes \(decode bytes first"):
+        tokenize_stream([b"raw text"], tokenizer)
+    with pytest.raises(TypeError, match="got a list holding NoneType"):
+        tokenize_stream(["fine", None], tokenizer)
 
 
 def test_the_token_cache_tells_tokenizers_with_one_vocabulary_apart():

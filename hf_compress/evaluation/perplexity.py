@@ -254,10 +254,12 @@ def _texts(texts: Sequence[str] | Dataset) -> Iterable[str]:
     if isinstance(texts, str):
         raise TypeError("Pass a list of documents (or a Dataset with a 'text' column), not a single string.")
     documents = list(texts) if isinstance(texts, Iterable) else None
-    if documents is None or not all(isinstance(t, str) for t in documents):
+    odd = [t for t in documents if not isinstance(t, str)][:1] if documents is not None else []
+    if documents is None or odd:
+        got = type(texts).__name__ if documents is None else f"a {type(texts).__name__} holding {type(odd[0]).__name__}"
+        hint = " (decode bytes first: text.decode('utf-8'))" if odd and isinstance(odd[0], bytes) else ""
         raise InvalidArgumentTypeError(
-            "texts must be a list of documents (strings) or a Dataset with a 'text' column, "
-            f"got {type(texts).__name__}."
+            f"texts must be a list of documents (strings) or a Dataset with a 'text' column, got {got}{hint}."
         )
     return documents
 

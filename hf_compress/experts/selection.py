@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..routing.layer import check_not_routed
 from ..training import TrainingSettings, broadcast_from_main
 from ..utils import check_choice, check_fraction, check_int, check_seed, get_logger
 from .config import SELECTION_METHODS, WEIGHTINGS
@@ -232,6 +233,8 @@ def select_data(
     """
     budget = check_fraction("budget", budget, low_open=True, high_open=False,
                             hint="It is the fraction of the examples to keep, e.g. 0.2 or '20%'.")
+    check_not_routed(model, "select with the model it was routed from (the embedding pass pads on the right, which "
+                            "routing refuses)")
     check_choice("method", method, SELECTION_METHODS)
     check_seed("seed", seed, numpy=True)
     if weights is not None:  # before the embedding and loss passes

@@ -14,7 +14,9 @@ import torch
 
 from .. import _compat
 from ..hub import base_weights_of
+from ..formats.packed import check_not_packed
 from ..modeling.layers import TRAINS_ON_ONE_DEVICE, check_not_offloaded
+from ..routing.layer import check_not_routed
 from ..training import (
     OWN_LOSS_REFUSED,
     TrainingSettings,
@@ -122,6 +124,10 @@ def train_experts(
         raise ValueError("model already carries PEFT adapters; pass the plain base model (the experts are "
                          "added to it as new LoRA adapters).")
     check_not_offloaded(model, "Training experts", does=TRAINS_ON_ONE_DEVICE)
+    # Refused here, not by peft's "no target_modules" or the routing's left-padding check deep in the embedding pass.
+    check_not_routed(model, "train the experts on the model it was routed from: the embedding pass pads on the right, "
+                            "which routing refuses, and the experts folder has no place for the router")
+    check_not_packed(model, "train the experts on the float model (LoRA adapts nn.Linear layers), then quantize it")
     args = args if args is not None else TrainingSettings()
     if not isinstance(args, (TrainingArguments, TrainingSettings)):
         raise TypeError(f"args must be transformers.TrainingArguments or TrainingSettings, got {type(args).__name__}.")

@@ -28,7 +28,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from statistics import NormalDist
 from typing import Any
@@ -144,8 +144,12 @@ class HeldOut:
             raise InvalidArgumentTypeError(f"tokenizer must be the target's tokenizer, got {type(tokenizer).__name__}.")
         check_int("max_new_tokens", max_new_tokens, minimum=1)
         check_bool("stop_at_newline", stop_at_newline)
-        items = [{"prompt": p, "answers": None} if isinstance(p, str) else p for p in held_out_prompts] \
-            if isinstance(held_out_prompts, (list, tuple)) else held_out_prompts
+        if isinstance(held_out_prompts, (str, bytes, Mapping)) or not isinstance(held_out_prompts, Iterable):
+            raise InvalidArgumentTypeError(  # one string would be read as prompts of one letter each
+                "held_out_prompts must be a list of prompts (strings, or dicts with 'prompt' or 'input_ids' and "
+                f"optional 'answers'), got {type(held_out_prompts).__name__}.")
+        # A generator is read once, here: the checks below and the scoring read the list.
+        items = [{"prompt": p, "answers": None} if isinstance(p, str) else p for p in held_out_prompts]
         score_fn = resolve_reward(reward)  # an unknown name is refused whatever the prompts hold
         answered = [isinstance(i, TaskExample) or (isinstance(i, dict) and bool(i.get("answers"))) for i in items]
         if any(answered) and not all(answered):
@@ -246,6 +250,10 @@ def calibrate_fly(
     strategy_class = strategy_class or FLy
     held = HeldOut.prepare(model, held_out_prompts, tokenizer, reward, target_keep=target_keep,
                            max_new_tokens=max_new_tokens, stop_at_newline=stop_at_newline, confidence=confidence)
+    for name, values in (("thresholds", thresholds), ("windows", windows)):
+        if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+            raise InvalidArgumentTypeError(f"{name} must be a list of candidates, e.g. {name}=[{values!r}], got "
+                                           f"{type(values).__name__}.")
     thresholds = sorted({check_float("thresholds[]", t, low=0.0) for t in thresholds}, reverse=True)
     windows = [check_int("windows[]", w, minimum=1) for w in windows]
     if not thresholds or not windows:
