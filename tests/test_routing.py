@@ -163,6 +163,21 @@ def test_searched_rates_are_the_decimals_they_print_as(monkeypatch):
     assert math.isclose(schedule.mean_sparsity, 0.22, abs_tol=1e-9)
 
 
+def test_search_refuses_inputs_it_cannot_use_before_any_forward():
+    """They failed inside: an AttributeError on a model name, torch's embedding errors on float or foreign ids."""
+    model, tokenizer = tiny_model("llama", num_hidden_layers=2)
+    config = TokenRouterConfig(0.3, generations=1, population=2)
+    with pytest.raises(TypeError, match="model must be a transformers causal LM .* got str"):
+        search_schedule("llama", _ids(1, 8), config)
+    with pytest.raises(TypeError, match="config must be a TokenRouterConfig"):
+        search_schedule(model, _ids(1, 8), 0.3)
+    for ids, message in ((torch.rand(2, 8), "integer tensor"), (torch.zeros(0, 16, dtype=torch.long), "non-empty"),
+                         (torch.ones(2, 1, dtype=torch.long), "seq_len >= 2"),
+                         (torch.full((1, 8), 10_000), r"must lie in \[0, 256\)")):
+        with pytest.raises(ValueError, match=f"calibration token windows .*{message}"):
+            search_schedule(model, ids, config)
+
+
 def test_search_on_the_real_loss_leaves_the_model_unchanged():
     model, _ = tiny_model("llama", num_hidden_layers=4)
     ids = _ids(2, 24)

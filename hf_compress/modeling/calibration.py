@@ -74,6 +74,7 @@ __all__ = [
     "HessianCollector",
     "InputNormCollector",
     "calibration_batches",
+    "check_token_ids",
     "calibration_loss",
     "capture_block_inputs",
     "for_each_block",
@@ -758,6 +759,30 @@ class _StatisticsPass:
 # --------------------------------------------------------------------------------------------------
 # Calibration token windows
 # --------------------------------------------------------------------------------------------------
+
+
+def check_token_ids(model: nn.Module, ids: Any, what: str = "calibration token ids", min_length: int = 1) -> None:
+    """Refuse token ids the model cannot read: not a non-empty ``[N, L]`` integer tensor (``L >= min_length``), or
+    ids outside its vocabulary (another tokenizer's). Raised before any forward, which would fail on them inside
+    the embedding (an ``IndexError``, or a dtype error for floats).
+
+    Example:
+        >>> from hf_compress.assets import tiny_model
+        >>> check_token_ids(tiny_model("llama")[0], torch.tensor([[1, 2, 9999]]))
+        Traceback (most recent call last):
+        ...
+        ValueError: calibration token ids must lie in [0, 256) (the model's vocabulary), got values in [1, 9999]; tokenize with this model's tokenizer.
+    """
+    if (not torch.is_tensor(ids) or ids.ndim != 2 or ids.numel() == 0 or ids.is_floating_point()
+            or ids.is_complex() or ids.dtype == torch.bool or ids.shape[1] < min_length):
+        shape = f"shape {list(ids.shape)} ({ids.dtype})" if torch.is_tensor(ids) else type(ids).__name__
+        length = f" with seq_len >= {min_length}" if min_length > 1 else ""
+        raise ValueError(f"{what} must be a non-empty [num_sequences, seq_len] integer tensor{length}, got {shape}.")
+    vocab = model.get_input_embeddings().num_embeddings
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= vocab:
+        raise ValueError(f"{what} must lie in [0, {vocab}) (the model's vocabulary), got values in [{low}, {high}]; "
+                         "tokenize with this model's tokenizer.")
 
 
 def calibration_batches(

@@ -35,6 +35,7 @@ from torch import nn
 
 from .. import __version__, _compat
 from ..modeling import calibration_batches, check_within_learned_positions
+from ..modeling.calibration import check_token_ids
 from ..utils import check_save_dir as check_save_folder
 from ..utils import InvalidArgumentTypeError, check_bool, check_path, get_logger, progress_kwargs
 from .config import CALIBRATION_DATA_KEY, CALIBRATION_FIELDS, PruningConfig, SparsityPattern, parse_sparsity
@@ -294,16 +295,7 @@ class BasePruner(ABC):
                 "Dataset with a 'text' column) or a [num_sequences, seq_len] tensor of token ids."
             )
         if torch.is_tensor(dataset):
-            if dataset.ndim != 2 or dataset.numel() == 0 or dataset.is_floating_point():
-                raise ValueError(
-                    f"calibration token ids must be a non-empty [num_sequences, seq_len] integer tensor, got "
-                    f"shape {list(dataset.shape)} ({dataset.dtype})."
-                )
-            vocab = self.model.get_input_embeddings().num_embeddings
-            low, high = int(dataset.min()), int(dataset.max())
-            if low < 0 or high >= vocab:
-                raise ValueError(f"calibration token ids must lie in [0, {vocab}) (the model's vocabulary), got values "
-                                 f"in [{low}, {high}]; tokenize with this model's tokenizer.")
+            check_token_ids(self.model, dataset)
             check_within_learned_positions(self.model, dataset.shape[1], "the calibration tensor has",
                                            "calibration_seq_len")
             return dataset

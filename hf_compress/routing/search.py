@@ -28,10 +28,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..modeling.calibration import calibration_loss
+from transformers import PreTrainedModel
+
+from ..modeling.calibration import calibration_loss, check_token_ids
 from ..modeling.layers import check_within_learned_positions, evaluation_mode, find_decoder_blocks
 from ..training import TrainingSettings, broadcast_from_main
-from ..utils import get_logger
+from ..utils import InvalidArgumentTypeError, get_logger
 from .config import TokenRouterConfig
 from .layer import install_routing, remove_routing, routing_mode, routing_state
 from .schedule import RoutingSchedule
@@ -87,10 +89,16 @@ def search_schedule(
         >>> round(schedule.mean_sparsity, 6)
         0.25
     """
-    config = config or TokenRouterConfig()
+    if not isinstance(model, PreTrainedModel):
+        raise InvalidArgumentTypeError(f"model must be a transformers causal LM (PreTrainedModel), got "
+                                       f"{type(model).__name__}; load it first (hf_compress.assets.load_model).")
+    config = config if config is not None else TokenRouterConfig()
+    if not isinstance(config, TokenRouterConfig):
+        raise InvalidArgumentTypeError(f"config must be a TokenRouterConfig, e.g. TokenRouterConfig(token_sparsity=0.3), "
+                                       f"got {type(config).__name__}.")
     if not isinstance(calibration, torch.Tensor):  # refused before the text is tokenized
         check_within_learned_positions(model, config.search_seq_len, "search_seq_len is", "search_seq_len")
-    windows = _windows(calibration, tokenizer, config)
+    windows = _windows(model, calibration, tokenizer, config)
     check_within_learned_positions(model, windows.shape[1], "the calibration windows have", "[N, L] windows with L")
     _, blocks = find_decoder_blocks(model)
     num_blocks = len(blocks)
@@ -173,10 +181,9 @@ def _rates(counts: tuple[int, ...], unit: float) -> list[float]:
     return [round(count * unit, 12) for count in counts]
 
 
-def _windows(calibration: Any, tokenizer: Any, config: TokenRouterConfig) -> torch.Tensor:
+def _windows(model: nn.Module, calibration: Any, tokenizer: Any, config: TokenRouterConfig) -> torch.Tensor:
     if isinstance(calibration, torch.Tensor):
-        if calibration.dim() != 2 or calibration.shape[1] < 2:
-            raise ValueError(f"calibration token windows must be [N, L] with L >= 2, got shape {tuple(calibration.shape)}.")
+        check_token_ids(model, calibration, "calibration token windows", min_length=2)
         return calibration[: config.search_windows]
     if tokenizer is None:
         raise ValueError("calibration is text: pass tokenizer= (or pass token windows as an [N, L] tensor).")
