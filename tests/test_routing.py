@@ -178,6 +178,29 @@ def test_search_refuses_inputs_it_cannot_use_before_any_forward():
             search_schedule(model, ids, config)
 
 
+def test_router_training_and_installation_refuse_inputs_of_the_wrong_kind(tmp_path):
+    """They failed inside: 'list' has no attribute 'check_blocks', vars() on a string row, torch's num_samples=0."""
+    from hf_compress.routing import train_token_router
+    from hf_compress.training import TrainingSettings, causal_lm_dataset
+
+    model, tokenizer = tiny_model("llama", num_hidden_layers=2)
+    schedule = RoutingSchedule.uniform(0.3, 2)
+    data = causal_lm_dataset(["some text " * 40], tokenizer, num_sequences=2, seq_len=16)
+    settings = TrainingSettings(max_steps=1, use_cpu=True)
+    with pytest.raises(TypeError, match="schedule must be a RoutingSchedule .* got list"):
+        install_routing(model, [0.3, 0.3])
+    with pytest.raises(TypeError, match="schedule must be a RoutingSchedule"):
+        train_token_router(model, [0.3, 0.3], data, args=settings)
+    with pytest.raises(TypeError, match="config must be a TokenRouterConfig"):
+        train_token_router(model, schedule, data, args=settings, config=0.3)
+    with pytest.raises(TypeError, match="args must be transformers.TrainingArguments or TrainingSettings, got dict"):
+        train_token_router(model, schedule, data, args={})
+    for rows, what in ((["text"], "a list of str"), ([], "empty")):
+        with pytest.raises(ValueError, match=f"dataset must be rows of token ids .*got {what}"):
+            train_token_router(model, schedule, rows, args=settings)
+    assert routing_state(model) is None  # refused before any change
+
+
 def test_search_on_the_real_loss_leaves_the_model_unchanged():
     model, _ = tiny_model("llama", num_hidden_layers=4)
     ids = _ids(2, 24)

@@ -72,7 +72,7 @@ from .. import _compat
 from ..modeling.generation import generation_setting
 from ..modeling.layers import find_decoder_blocks, has_recurrent_layers, module_execution_device
 from .router import TokenRouter, decoded_token_features, router_features, select_tokens, static_scores
-from .schedule import RoutingSchedule, skip_count
+from .schedule import RoutingSchedule, check_schedule, skip_count
 
 
 __all__ = [
@@ -182,7 +182,7 @@ def install_routing(
                          "state runs through every token in order; token routing skips tokens, so it needs a model "
                          "of attention blocks only.")
     prefix, blocks = find_decoder_blocks(model)
-    schedule.check_blocks(len(blocks))
+    check_schedule(schedule).check_blocks(len(blocks))
     mode = mode or ("router" if router is not None else "static")
     if mode not in ROUTING_MODES:
         raise ValueError(f"mode must be one of {', '.join(ROUTING_MODES)}, got {mode!r}.")

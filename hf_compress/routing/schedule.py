@@ -6,10 +6,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..utils.validation import check_float
+from ..utils.validation import InvalidArgumentTypeError, check_float
 
 
-__all__ = ["RoutingSchedule", "skip_count"]
+__all__ = ["RoutingSchedule", "check_schedule", "skip_count"]
 
 
 @dataclass
@@ -68,6 +68,22 @@ class RoutingSchedule:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RoutingSchedule:
         return cls(list(values["block_sparsity"]), search=dict(values.get("search") or {}))
+
+
+def check_schedule(schedule: Any) -> RoutingSchedule:
+    """``schedule`` if it is a :class:`RoutingSchedule`; a clear error otherwise (a list of rates included).
+
+    Example:
+        >>> check_schedule([0.3, 0.3])
+        Traceback (most recent call last):
+        ...
+        hf_compress.utils.validation.InvalidArgumentTypeError: schedule must be a RoutingSchedule (what search_schedule returns, or RoutingSchedule([...]) / RoutingSchedule.uniform(rate, num_blocks)), got list.
+    """
+    if not isinstance(schedule, RoutingSchedule):
+        raise InvalidArgumentTypeError(
+            "schedule must be a RoutingSchedule (what search_schedule returns, or RoutingSchedule([...]) / "
+            f"RoutingSchedule.uniform(rate, num_blocks)), got {type(schedule).__name__}.")
+    return schedule
 
 
 def skip_count(block_sparsity: float, num_tokens: int) -> int:

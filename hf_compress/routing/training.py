@@ -27,12 +27,13 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import TrainerCallback
+from transformers import TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from ..modeling.layers import (
@@ -53,16 +54,16 @@ from ..training import (
     refuse_gradient_checkpointing,
     train_with_trainer,
 )
-from ..utils import get_logger
+from ..utils import InvalidArgumentTypeError, get_logger
 from .config import TokenRouterConfig
 from .layer import install_routing, remove_routing, routing_disabled, routing_state
 from .router import TokenRouter
-from .schedule import RoutingSchedule
+from .schedule import RoutingSchedule, check_schedule
 
 
 if TYPE_CHECKING:
     from datasets import Dataset
-    from transformers import PreTrainedModel, TrainingArguments
+    from transformers import PreTrainedModel
 
 
 __all__ = ["KeepBestRouter", "RouterTrainingModule", "router_losses", "train_token_router"]
@@ -287,6 +288,19 @@ def _is_fresh_router(router: nn.Module) -> bool:
     return all(torch.equal(value.detach().cpu().float(), fresh[name]) for name, value in router.state_dict().items())
 
 
+def _check_token_rows(name: str, rows: Any, required: bool) -> None:
+    if rows is None and not required:
+        return
+    if rows is not None and not (hasattr(rows, "__getitem__") and hasattr(rows, "__len__")):
+        return  # an iterable dataset: Trainer reads it as it streams
+    first = rows[0] if rows is not None and len(rows) else None
+    if not isinstance(first, Mapping) or "input_ids" not in first:
+        what = ("empty" if rows is not None and not len(rows) else
+                f"a {type(rows).__name__}" + (f" of {type(first).__name__}" if first is not None else ""))
+        raise ValueError(f"{name} must be rows of token ids ({{'input_ids': [...]}}, e.g. "
+                         f"hf_compress.training.causal_lm_dataset(texts, tokenizer, ...)), got {what}.")
+
+
 def train_token_router(
     model: PreTrainedModel,
     schedule: RoutingSchedule,
@@ -331,7 +345,15 @@ def train_token_router(
         ...                             args=TrainingSettings(max_steps=2, use_cpu=True))  # doctest: +SKIP
     """
     # Every check before the model changes: a refused call leaves it as it came.
-    schedule.check_blocks(len(find_decoder_blocks(model)[1]))
+    check_schedule(schedule).check_blocks(len(find_decoder_blocks(model)[1]))
+    if config is not None and not isinstance(config, TokenRouterConfig):
+        raise InvalidArgumentTypeError(f"config must be a TokenRouterConfig (or None: the schedule's sparsity), got "
+                                       f"{type(config).__name__}.")
+    if args is not None and not isinstance(args, (TrainingSettings, TrainingArguments)):
+        raise InvalidArgumentTypeError(f"args must be transformers.TrainingArguments or TrainingSettings, got "
+                                       f"{type(args).__name__}.")
+    for name, rows in (("dataset", dataset), ("eval_dataset", eval_dataset)):
+        _check_token_rows(name, rows, required=name == "dataset")
     check_not_offloaded(model, "Training the token router", does=TRAINS_ON_ONE_DEVICE)
     refuse_gradient_checkpointing(model, args, reason=GRADIENT_CHECKPOINTING_REFUSED)
     refuse_arguments(args, OWN_LOSS_REFUSED, what="Router training")
