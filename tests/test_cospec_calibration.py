@@ -102,6 +102,17 @@ def warm_arbiter(model, tok) -> CoSpecArbiter:
 COMMON = dict(max_new_tokens=12, stop_at_newline=False, num_draft_tokens=4)
 
 
+def test_calibrate_arbiter_refuses_no_candidates(pair):
+    """An empty keep_shares left the arbiter strict (threshold 1.0) in silence."""
+    model, tok, draft = pair
+    arbiter = CoSpecArbiter.for_model(model, ArbiterConfig(use_hidden_states=False), tok)
+    for kwargs in (dict(keep_shares=[]), dict(thresholds=()), dict(keep_shares=0.5)):
+        with pytest.raises(ValueError, match="must be a non-empty list of candidates"):
+            calibrate_arbiter(arbiter, model, draft, PROMPTS, 0.99, tokenizer=tok, **kwargs, **COMMON)
+    with pytest.raises(TypeError, match="config must be an ArbiterConfig"):
+        train_arbiter(model, "ngram", [{"prompt": "p", "answers": ["a"]}], tokenizer=tok, config={"threshold": 0.5})
+
+
 def test_calibrate_arbiter_keeps_a_loose_threshold_when_the_score_allows(pair, tmp_path):
     model, tok, draft = pair
     arbiter = warm_arbiter(model, tok)

@@ -29,7 +29,7 @@ from hf_compress.experts import (
     select_indices,
 )
 from hf_compress.experts.clustering import assign, kmeans
-from hf_compress.experts.embedding import EmbeddingSpec, default_embedding_layer, embed_batch
+from hf_compress.experts.embedding import EmbeddingSpec, default_embedding_layer, embed_batch, embed_texts
 from hf_compress.experts.joint import JointExpertsTrainingModule, rows_through_experts
 from hf_compress.experts import training as training_module
 from hf_compress.experts.training import split_steps, train_experts
@@ -120,6 +120,16 @@ def test_routed_and_packed_bases_are_refused_up_front():
     packed = quantize_rtn(tiny_model("llama")[0], bits=4, group_size=32)
     with pytest.raises(ValueError, match="already holds 14 packed layers: train the experts on the float model"):
         train_experts(packed, rows, ExpertConfig(num_experts=2), tokenizer=tokenizer)
+
+
+def test_embedding_inputs_of_the_wrong_kind_are_named():
+    model, tokenizer = tiny_model("llama")
+    rows, _ = _task_rows(3)
+    with pytest.raises(ValueError, match="batch_size must be"):  # was range()'s "arg 3 must not be zero"
+        select_data(rows, model, budget=0.5, tokenizer=tokenizer, batch_size=0)
+    spec = EmbeddingSpec.for_model(model)
+    with pytest.raises(TypeError, match=r"texts\[0\] is a dict \(pass each row's prompt text\)"):
+        embed_texts(model, tokenizer, [{"prompt": "x"}], spec)
 
 
 def test_select_data_on_a_dataset():

@@ -27,7 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..modeling.layers import evaluation_mode, find_decoder_blocks
-from ..utils import check_int
+from ..utils import InvalidArgumentTypeError, check_int
 from .config import DEFAULT_EMBEDDING_TOKENS
 
 
@@ -182,6 +182,11 @@ def embed_texts(model: nn.Module, tokenizer, texts: Sequence[str], spec: Embeddi
     """
     if not texts:
         raise ValueError("texts is empty; pass at least one text to embed.")
+    check_int("batch_size", batch_size, minimum=1)
+    odd = [i for i, text in enumerate(texts) if not isinstance(text, str)]
+    if odd:
+        raise InvalidArgumentTypeError(f"texts must be prompt strings; texts[{odd[0]}] is a {type(texts[odd[0]]).__name__} "
+                                       "(pass each row's prompt text).")
     encoded = [tokenizer(text, add_special_tokens=True)["input_ids"][: spec.max_length] for text in texts]
     empty = [i for i, ids in enumerate(encoded) if not ids]
     if empty:

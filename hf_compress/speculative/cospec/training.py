@@ -485,6 +485,9 @@ def train_arbiter(
     settings = settings or ArbiterTrainingSettings()
     if not isinstance(settings, ArbiterTrainingSettings):
         raise InvalidArgumentTypeError(f"settings must be ArbiterTrainingSettings, got {type(settings).__name__}.")
+    if config is not None and not isinstance(config, ArbiterConfig):
+        raise InvalidArgumentTypeError(f"config must be an ArbiterConfig (ArbiterConfig(**values) for a dict), got "
+                                       f"{type(config).__name__}.")
     examples = task_examples(task_dataset, tokenizer)
     if held_out is not None:  # refuse malformed held-out prompts now, not after the whole training run
         from ..calibration import HeldOut
