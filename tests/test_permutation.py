@@ -789,6 +789,17 @@ def test_a_site_whose_readers_are_all_skipped_is_left_as_it_is(permutation, skip
     assert any(not torch.equal(p, before[name]) for name, p in model.named_parameters())
 
 
+def test_a_model_with_peft_adapters_is_sent_to_merge_them_first():
+    """The LoRA-wrapped linears were taken for missing ones: 'needs separate q/k/v/o ...; prune with permutation=None'."""
+    from peft import LoraConfig, get_peft_model
+
+    model, tokenizer = tiny_model("llama")
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    with pytest.raises(ValueError, match=r"carries PEFT adapters .*merge_and_unload\(\)"):
+        WandaPruner(peft_model, tokenizer).prune(WandaConfig(sparsity="2:4", permutation="ria", **SMALL),
+                                                 CALIBRATION_TEXT, progress=False)
+
+
 def test_bad_permutation_configs_raise_clear_errors():
     with pytest.raises(ValueError, match="needs an N:M sparsity"):
         WandaConfig(sparsity=0.5, permutation="ria")

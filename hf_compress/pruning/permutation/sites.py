@@ -92,6 +92,9 @@ def find_sites(model: nn.Module, skip: Sequence[str] = ()) -> list[PermutationSi
         ValueError: the model's blocks have no separate q/k/v/o and FFN ``nn.Linear`` layers, or some
             parameter touches the residual stream in a way the library does not know.
     """
+    if hasattr(model, "peft_config"):  # its linears are wrapped by the adapter's layers, not missing
+        raise ValueError("channel permutation moves the base weights, and this model carries PEFT adapters around them; "
+                         "merge them first (model = model.merge_and_unload()) or prune the base model.")
     block_prefix, blocks = find_decoder_blocks(model)
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if not isinstance(embeddings, nn.Embedding):
