@@ -214,6 +214,11 @@ def test_a_run_with_no_optimizer_step_is_an_error_not_an_untrained_result(tmp_pa
                                 extra_arguments={"dataloader_drop_last": True})
     with pytest.raises(ValueError, match="no optimizer step on these 3 training rows.*dataloader_drop_last=False"):
         train_with_trainer(model, data, str(tmp_path), settings)
+    # An output_dir that is, or lies under, a file: Trainer's makedirs said only "File exists" / "Not a directory".
+    (tmp_path / "a-file").write_text("x")
+    for under in ("a-file", "a-file/expert_0"):
+        with pytest.raises(ValueError, match=f"output_dir .*{under}: .*a-file is a file"):
+            train_with_trainer(model, data, str(tmp_path / under), TrainingSettings(max_steps=1, use_cpu=True))
     # Zero epochs is named as the cause (the message suggested dataloader_drop_last=False, which it already was).
     from transformers import TrainingArguments
 
