@@ -639,8 +639,20 @@ def test_incomplete_or_foreign_folders_are_refused_as_arbiters(pair, mixed_arbit
     save_file({k: v for k, v in tensors.items() if not k.startswith("feature_")}, folder / "model.safetensors")
     with pytest.raises(ValueError, match=r"not a complete CoSpec arbiter: missing \['feature_mean', 'feature_std'\]"):
         CoSpecArbiter.from_pretrained(folder)
-    with pytest.raises(ValueError, match="not a complete CoSpec arbiter: it holds another model's weights"):
+    with pytest.raises(ValueError, match="holds a 'llama' model, not a CoSpec arbiter"):
         CoSpec(str(model.save_pretrained(tmp_path / "llama") or tmp_path / "llama"), draft).load_arbiter(model)
+    # A routed model's folder: its own format loaded first and failed with "no decoder blocks found".
+    from hf_compress.routing import save_routed
+    from hf_compress.routing.layer import install_routing, remove_routing
+    from hf_compress.routing.schedule import RoutingSchedule
+
+    install_routing(model, RoutingSchedule([0.5, 0.5]), mode="static")
+    try:
+        save_routed(model, tok, tmp_path / "routed")
+    finally:
+        remove_routing(model)
+    with pytest.raises(ValueError, match="holds a 'llama' model, not a CoSpec arbiter"):
+        CoSpecArbiter.from_pretrained(tmp_path / "routed")
     arbiter, info = CoSpecArbiter.from_pretrained(mixed_arbiter.save_pretrained(tmp_path / "whole"),
                                                   output_loading_info=True)
     assert not info["missing_keys"] and isinstance(arbiter, CoSpecArbiter)

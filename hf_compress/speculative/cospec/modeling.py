@@ -129,6 +129,15 @@ class CoSpecArbiter(PreTrainedModel):
         if not Path(name).expanduser().exists() and looks_like_a_path(name):  # not a Hub id: say so, not "repo id"
             raise FileNotFoundError(f"{name}: no such folder; pass a folder saved by CoSpecArbiter.save_pretrained "
                                     "or a Hub id (owner/name).")
+        local_config = Path(name).expanduser() / "config.json"
+        if local_config.is_file():  # another model's folder: its own format (a routed model's) would load first
+            try:
+                model_type = json.loads(local_config.read_text(encoding="utf-8")).get("model_type")
+            except (ValueError, AttributeError):
+                model_type = None
+            if model_type is not None and model_type != cls.config_class.model_type:
+                raise ValueError(f"{name} holds a {model_type!r} model, not a CoSpec arbiter; pass the folder "
+                                 "CoSpecArbiter.save_pretrained wrote (train one with train_arbiter).")
         arbiter, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True,
                                                 **kwargs)
         missing = sorted(info.get("missing_keys") or ())
