@@ -74,6 +74,10 @@ def test_a_missing_arbiter_folder_is_named_as_such(pair, tmp_path):
         CoSpecArbiter.from_pretrained(missing)
     with pytest.raises(FileNotFoundError, match="no such folder"):
         model.generate(tok("hi", return_tensors="pt").input_ids, max_new_tokens=2, custom_generate=CoSpec(missing))
+    from hf_compress.speculative.heads import load_heads
+
+    with pytest.raises(FileNotFoundError, match="no such folder; pass a folder saved by AmphistaHeads.save_pretrained"):
+        load_heads(missing)  # the drafting heads' loader said "Repo id must be ..." too
 
 
 def test_calibration_candidates_and_prompts_of_the_wrong_shape_are_named(pair):

@@ -223,6 +223,21 @@ def _adapter_base(path: Path) -> str:
     return f" for {base}" if isinstance(base, str) and base else ""
 
 
+def check_folder_exists(name: str | os.PathLike, saved_by: str) -> None:
+    """Refuse a missing folder given by path (``./x``, ``a/b/c``, ...) before huggingface_hub takes it for a malformed
+    Hub id ("Repo id must be in the form ..."). ``saved_by``: what writes such folders, for the message.
+
+    Example:
+        >>> check_folder_exists("./no/such/heads", "AmphistaHeads.save_pretrained")
+        Traceback (most recent call last):
+        ...
+        FileNotFoundError: ./no/such/heads: no such folder; pass a folder saved by AmphistaHeads.save_pretrained or a Hub id (owner/name).
+    """
+    name = os.fspath(name)
+    if not Path(name).expanduser().exists() and looks_like_a_path(name):
+        raise FileNotFoundError(f"{name}: no such folder; pass a folder saved by {saved_by} or a Hub id (owner/name).")
+
+
 def looks_like_a_path(name: str) -> bool:
     """``./x``, ``../x``, ``/x``, ``~/x``, ``x/`` or ``a/b/c``: a folder the user meant, not a Hub id.
 

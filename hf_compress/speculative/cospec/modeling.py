@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ...assets.resolve import looks_like_a_path
+from ...assets.resolve import check_folder_exists
 from ...hub import base_weights_of
 from ...utils import InvalidArgumentTypeError, get_logger
 from ..acceptance import Verdict
@@ -126,9 +126,7 @@ class CoSpecArbiter(PreTrainedModel):
         """
         want_info = kwargs.pop("output_loading_info", False)
         name = os.fspath(pretrained_model_name_or_path)
-        if not Path(name).expanduser().exists() and looks_like_a_path(name):  # not a Hub id: say so, not "repo id"
-            raise FileNotFoundError(f"{name}: no such folder; pass a folder saved by CoSpecArbiter.save_pretrained "
-                                    "or a Hub id (owner/name).")
+        check_folder_exists(name, "CoSpecArbiter.save_pretrained")
         local_config = Path(name).expanduser() / "config.json"
         if local_config.is_file():  # another model's folder: its own format (a routed model's) would load first
             try:

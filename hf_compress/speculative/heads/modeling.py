@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
+from ...assets.resolve import check_folder_exists
 from ...hub import base_weights_of
 from ...utils import get_logger
 from ...modeling.identity import base_model_identity, check_base_model
@@ -135,6 +136,7 @@ class DraftHeads(PreTrainedModel):
         """
         from transformers.utils import cached_file
 
+        check_folder_exists(pretrained_model_name_or_path, "AmphistaHeads.save_pretrained / MedusaHeads.save_pretrained")
         config_file = cached_file(pretrained_model_name_or_path, "config.json", **hub_download_kwargs(kwargs))
         model_type = json.loads(Path(config_file).read_text()).get("model_type")
         heads_class = _CLASS_BY_MODEL_TYPE.get(model_type)
