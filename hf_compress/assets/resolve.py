@@ -92,12 +92,9 @@ def load_model(
         raise ValueError(f"{name} is a file; pass the folder that holds config.json and the weights.")
     if path.is_dir():
         _check_folder(name, path)
-    elif looks_like_a_path(name):
-        raise FileNotFoundError(
-            f"{name}: no such folder; pass an existing folder saved with save_pretrained, a reference model "
-            f"({', '.join(REFERENCE_MODELS)}), tiny-<arch> or a Hub id (owner/name)."
-        )
     else:
+        check_folder_exists(name, "an existing folder saved with save_pretrained, a reference model "
+                                  f"({', '.join(REFERENCE_MODELS)}), tiny-<arch> or a Hub id (owner/name)")
         check_model_name_form(name)
         _check_hub_id(name)
     config = AutoConfig.from_pretrained(path if path.is_dir() else name)
@@ -223,19 +220,19 @@ def _adapter_base(path: Path) -> str:
     return f" for {base}" if isinstance(base, str) and base else ""
 
 
-def check_folder_exists(name: str | os.PathLike, saved_by: str) -> None:
+def check_folder_exists(name: str | os.PathLike, instead: str, folder: str = "folder") -> None:
     """Refuse a missing folder given by path (``./x``, ``a/b/c``, ...) before huggingface_hub takes it for a malformed
-    Hub id ("Repo id must be in the form ..."). ``saved_by``: what writes such folders, for the message.
+    Hub id ("Repo id must be in the form ..."). ``instead``: what to pass, for the message; ``folder``: what kind.
 
     Example:
-        >>> check_folder_exists("./no/such/heads", "AmphistaHeads.save_pretrained")
+        >>> check_folder_exists("./no/such/heads", "a folder saved by AmphistaHeads.save_pretrained or a Hub id")
         Traceback (most recent call last):
         ...
-        FileNotFoundError: ./no/such/heads: no such folder; pass a folder saved by AmphistaHeads.save_pretrained or a Hub id (owner/name).
+        FileNotFoundError: ./no/such/heads: no such folder; pass a folder saved by AmphistaHeads.save_pretrained or a Hub id.
     """
     name = os.fspath(name)
     if not Path(name).expanduser().exists() and looks_like_a_path(name):
-        raise FileNotFoundError(f"{name}: no such folder; pass a folder saved by {saved_by} or a Hub id (owner/name).")
+        raise FileNotFoundError(f"{name}: no such {folder}; pass {instead}.")
 
 
 def looks_like_a_path(name: str) -> bool:

@@ -36,7 +36,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .. import __version__, _compat
-from ..assets.resolve import looks_like_a_path
+from ..assets.resolve import check_folder_exists
 from ..formats.integrity import DIGEST_ALGORITHM, CheckpointIntegrityError, CheckpointReader
 from ..hub import base_weights_of, build_model_card, hub_model_id, write_model_card
 from ..modeling.identity import fingerprints_match, weight_fingerprint
@@ -439,9 +439,8 @@ def _local_folder(path, revision: str | None) -> Path:
     name = os.fspath(path)
     if os.path.exists(name):
         raise ValueError(f"{path} is a file; pass the expert folder that holds {CONFIG_NAME}.")
-    if looks_like_a_path(name):
-        raise FileNotFoundError(f"{path}: no such expert folder; pass the folder ExpertRouter.save_pretrained (or "
-                                "hf-compress experts train --save-dir) wrote, or a Hub repo id (owner/name).")
+    check_folder_exists(name, "the folder ExpertRouter.save_pretrained (or hf-compress experts train --save-dir) "
+                              "wrote, or a Hub repo id (owner/name)", folder="expert folder")
     if name.count("/") != 1:
         raise ValueError(f"{path} is neither an expert folder nor a Hub repo id (owner/name).")
     from huggingface_hub import snapshot_download

@@ -126,7 +126,7 @@ class CoSpecArbiter(PreTrainedModel):
         """
         want_info = kwargs.pop("output_loading_info", False)
         name = os.fspath(pretrained_model_name_or_path)
-        check_folder_exists(name, "CoSpecArbiter.save_pretrained")
+        check_folder_exists(name, "a folder saved by CoSpecArbiter.save_pretrained or a Hub id (owner/name)")
         local_config = Path(name).expanduser() / "config.json"
         if local_config.is_file():  # another model's folder: its own format (a routed model's) would load first
             try:

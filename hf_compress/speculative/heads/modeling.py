@@ -136,7 +136,8 @@ class DraftHeads(PreTrainedModel):
         """
         from transformers.utils import cached_file
 
-        check_folder_exists(pretrained_model_name_or_path, "AmphistaHeads.save_pretrained / MedusaHeads.save_pretrained")
+        check_folder_exists(pretrained_model_name_or_path, "a folder saved by AmphistaHeads.save_pretrained / "
+                                                           "MedusaHeads.save_pretrained or a Hub id (owner/name)")
         config_file = cached_file(pretrained_model_name_or_path, "config.json", **hub_download_kwargs(kwargs))
         model_type = json.loads(Path(config_file).read_text()).get("model_type")
         heads_class = _CLASS_BY_MODEL_TYPE.get(model_type)
