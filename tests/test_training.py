@@ -216,8 +216,9 @@ def test_a_run_with_no_optimizer_step_is_an_error_not_an_untrained_result(tmp_pa
         train_with_trainer(model, data, str(tmp_path), settings)
     # An output_dir that is, or lies under, a file: Trainer's makedirs said only "File exists" / "Not a directory".
     (tmp_path / "a-file").write_text("x")
-    for under in ("a-file", "a-file/expert_0"):
-        with pytest.raises(ValueError, match=f"output_dir .*{under}: .*a-file is a file"):
+    for under, message in (("a-file", "a-file is a file; pass a folder path"),
+                           ("a-file/expert_0", "a-file/expert_0 cannot be created: .*a-file is a file, not a folder")):
+        with pytest.raises(FileExistsError, match=f"output_dir .*{message}"):
             train_with_trainer(model, data, str(tmp_path / under), TrainingSettings(max_steps=1, use_cpu=True))
     # Zero epochs is named as the cause (the message suggested dataloader_drop_last=False, which it already was).
     from transformers import TrainingArguments

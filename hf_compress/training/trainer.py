@@ -9,10 +9,9 @@ import random
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ..utils import get_logger
+from ..utils import InvalidArgumentTypeError, check_folder_path, get_logger
 
 
 if TYPE_CHECKING:
@@ -321,6 +320,11 @@ def asked_arguments(settings: TrainingSettings | TrainingArguments | None, names
     if isinstance(settings, TrainingSettings):
         given = settings.extra_arguments or {}
         return {name: given[name] for name in names if name in given}
+    from transformers import TrainingArguments
+
+    if not isinstance(settings, TrainingArguments):  # every method reads its arguments here first
+        raise InvalidArgumentTypeError(f"args must be transformers.TrainingArguments or TrainingSettings, got "
+                                       f"{type(settings).__name__}.")
     return {name: getattr(settings, name) for name in names if hasattr(settings, name)}
 
 
@@ -379,14 +383,6 @@ def refuse_arguments(settings: TrainingSettings | TrainingArguments | None, refu
                              f"({defaults.get(name)!r}).")
 
 
-def _file_on_path(path: str | os.PathLike) -> Path | None:
-    """The file standing where ``path`` or one of its parent folders should be, if any."""
-    for candidate in (Path(path), *Path(path).parents):
-        if candidate.exists():
-            return candidate if not candidate.is_dir() else None
-    return None
-
-
 def train_with_trainer(
     model: nn.Module,
     train_dataset: Dataset,
@@ -430,10 +426,8 @@ def train_with_trainer(
             arguments.dataloader_pin_memory = False
     else:
         arguments = _arguments_from_settings(settings or TrainingSettings(), output_dir)
-    blocking = _file_on_path(arguments.output_dir) if arguments.output_dir else None
-    if blocking is not None:  # Trainer's makedirs would say only "File exists" / "Not a directory"
-        raise ValueError(f"output_dir {arguments.output_dir}: {blocking} is a file, and Trainer writes its checkpoints "
-                         "into a folder there; pass another folder path.")
+    if arguments.output_dir:  # Trainer's makedirs would say only "File exists" / "Not a directory"
+        check_folder_path(arguments.output_dir)
     trainer = Trainer(
         model=model, args=arguments, train_dataset=train_dataset, data_collator=default_data_collator,
         callbacks=[*(callbacks or []), _untrained_parameters_callback()],

@@ -163,6 +163,23 @@ def check_output_file(path: str | os.PathLike, argument: str = "path") -> Path:
     return target
 
 
+def check_folder_path(path: str | os.PathLike, argument: str = "output_dir") -> Path:
+    """Refuse, before any work, a folder path that cannot be created and written: a file, below a file, or not
+    writable. Unlike :func:`check_save_dir`, a folder that already holds files is fine (a training run's checkpoints).
+
+    Example:
+        >>> check_folder_path(__file__ + "/run")  # a path below this module's own file
+        Traceback (most recent call last):
+        ...
+        FileExistsError: output_dir .../files.py/run cannot be created: .../files.py is a file, not a folder; choose another path.
+    """
+    target = Path(path).expanduser()
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"{argument} {target} is a file; pass a folder path.")
+    _writable_ancestor(argument, target, target)
+    return target
+
+
 def _writable_ancestor(argument: str, target: Path, start: Path) -> Path:
     """``start`` or its nearest existing ancestor, which must be a writable folder for ``target`` to be written
     (a one-line error naming ``argument`` otherwise)."""
