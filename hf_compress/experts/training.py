@@ -115,7 +115,6 @@ def train_experts(
         >>> experts.save_pretrained("experts/")  # doctest: +SKIP
     """
     from peft import get_peft_model, set_peft_model_state_dict
-    from transformers import TrainingArguments
 
     config = config or ExpertConfig()
     if not isinstance(config, ExpertConfig):
@@ -128,9 +127,7 @@ def train_experts(
     check_not_routed(model, "train the experts on the model it was routed from: the embedding pass pads on the right, "
                             "which routing refuses, and the experts folder has no place for the router")
     check_not_packed(model, "train the experts on the float model (LoRA adapts nn.Linear layers), then quantize it")
-    args = args if args is not None else TrainingSettings()
-    if not isinstance(args, (TrainingArguments, TrainingSettings)):
-        raise TypeError(f"args must be transformers.TrainingArguments or TrainingSettings, got {type(args).__name__}.")
+    args = args if args is not None else TrainingSettings()  # another kind is refused by _asked (asked_arguments)
     one_run = config.num_experts == 1 or (config.joint_training and config.shared_warmup == 0)
     if _asked(args, "resume_from_checkpoint") and not one_run:
         raise ValueError("train_experts runs one Trainer per expert from these arguments, so one checkpoint to resume "

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import TrainerCallback, TrainingArguments
+from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from ..modeling.layers import (
@@ -63,7 +63,7 @@ from .schedule import RoutingSchedule, check_schedule
 
 if TYPE_CHECKING:
     from datasets import Dataset
-    from transformers import PreTrainedModel
+    from transformers import PreTrainedModel, TrainingArguments
 
 
 __all__ = ["KeepBestRouter", "RouterTrainingModule", "router_losses", "train_token_router"]
@@ -349,9 +349,6 @@ def train_token_router(
     if config is not None and not isinstance(config, TokenRouterConfig):
         raise InvalidArgumentTypeError(f"config must be a TokenRouterConfig (or None: the schedule's sparsity), got "
                                        f"{type(config).__name__}.")
-    if args is not None and not isinstance(args, (TrainingSettings, TrainingArguments)):
-        raise InvalidArgumentTypeError(f"args must be transformers.TrainingArguments or TrainingSettings, got "
-                                       f"{type(args).__name__}.")
     for name, rows in (("dataset", dataset), ("eval_dataset", eval_dataset)):
         _check_token_rows(name, rows, required=name == "dataset")
     check_not_offloaded(model, "Training the token router", does=TRAINS_ON_ONE_DEVICE)
