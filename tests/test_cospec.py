@@ -82,7 +82,7 @@ def test_a_missing_arbiter_folder_is_named_as_such(pair, tmp_path):
 
 def test_calibration_candidates_and_prompts_of_the_wrong_shape_are_named(pair):
     model, tok, draft = pair
-    with pytest.raises(TypeError, match=r"thresholds must be a list of candidates, e\.g\. thresholds=\[0\.5\]"):
+    with pytest.raises(TypeError, match=r"thresholds must be a non-empty list of candidates, e\.g\. thresholds=\[0\.5\]"):
         FLy.calibrate(model, draft, PROMPTS, tokenizer=tok, thresholds=0.5)
     with pytest.raises(TypeError, match="held_out_prompts must be a list of prompts"):  # was "'str' is not a mapping"
         FLy.calibrate(model, draft, "the cat sat", tokenizer=tok)

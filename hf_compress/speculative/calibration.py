@@ -50,7 +50,7 @@ from .task_answers import (
     task_examples,
 )
 
-__all__ = ["DEFAULT_THRESHOLDS", "HeldOut", "calibrate_fly", "sweep_settings"]
+__all__ = ["DEFAULT_THRESHOLDS", "HeldOut", "calibrate_fly", "candidate_list", "sweep_settings"]
 
 logger = get_logger(__name__)
 # FLy's top-3 entropy (not renormalised) never exceeds ln 3 ≈ 1.1 nats, so higher thresholds are strict decoding.
@@ -206,6 +206,25 @@ class HeldOut:
         }
 
 
+def candidate_list(name: str, values: Any) -> list:
+    """The candidate settings a calibration scans, as a list; refused when not a list or empty, since no candidate
+    at all would leave strict decoding chosen in silence.
+
+    Example:
+        >>> candidate_list("thresholds", 0.5)
+        Traceback (most recent call last):
+        ...
+        hf_compress.utils.validation.InvalidArgumentTypeError: thresholds must be a non-empty list of candidates, e.g. thresholds=[0.5], got float.
+    """
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise InvalidArgumentTypeError(f"{name} must be a non-empty list of candidates, e.g. {name}=[{values!r}], got "
+                                       f"{type(values).__name__}.")
+    values = list(values)
+    if not values:
+        raise ValueError(f"{name} must be a non-empty list of candidates, got none.")
+    return values
+
+
 def calibrate_fly(
     model: PreTrainedModel,
     drafter: PreTrainedModel | str | None,
@@ -250,14 +269,9 @@ def calibrate_fly(
     strategy_class = strategy_class or FLy
     held = HeldOut.prepare(model, held_out_prompts, tokenizer, reward, target_keep=target_keep,
                            max_new_tokens=max_new_tokens, stop_at_newline=stop_at_newline, confidence=confidence)
-    for name, values in (("thresholds", thresholds), ("windows", windows)):
-        if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
-            raise InvalidArgumentTypeError(f"{name} must be a list of candidates, e.g. {name}=[{values!r}], got "
-                                           f"{type(values).__name__}.")
-    thresholds = sorted({check_float("thresholds[]", t, low=0.0) for t in thresholds}, reverse=True)
-    windows = [check_int("windows[]", w, minimum=1) for w in windows]
-    if not thresholds or not windows:
-        raise ValueError("Pass at least one candidate threshold and one window.")
+    thresholds = sorted({check_float("thresholds[]", t, low=0.0) for t in candidate_list("thresholds", thresholds)},
+                        reverse=True)
+    windows = [check_int("windows[]", w, minimum=1) for w in candidate_list("windows", windows)]
     draft = None if drafter == "ngram" else drafter
     if fly_kwargs.get("draft_tokenizer") is not None:
         fly_kwargs["tokenizer"] = tokenizer  # a cross-tokenizer pair: the target's tokenizer is this one

@@ -19,14 +19,14 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ...utils import InvalidArgumentTypeError, check_float
-from ..calibration import HeldOut, sweep_settings
+from ..calibration import HeldOut, candidate_list, sweep_settings
 from ..task_answers import Reward
 from .modeling import CoSpecArbiter
 from .rule import DecisionLog
@@ -35,13 +35,6 @@ from .strategy import CoSpec
 __all__ = ["DEFAULT_KEEP_SHARES", "calibrate_arbiter", "quantile_thresholds"]
 
 DEFAULT_KEEP_SHARES = (0.1, 0.2, 0.35, 0.5, 0.75)
-
-
-def _candidates(name: str, values: Any) -> list:
-    # None at all would leave the arbiter strict in silence (no candidate qualifies).
-    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable) or not (values := list(values)):
-        raise ValueError(f"{name} must be a non-empty list of candidates, got {values!r}.")
-    return values
 
 
 def quantile_thresholds(probabilities: torch.Tensor, keep_shares: Sequence[float]) -> list[float]:
@@ -102,8 +95,8 @@ def calibrate_arbiter(
     """
     if not isinstance(arbiter, CoSpecArbiter):
         raise InvalidArgumentTypeError(f"arbiter must be a CoSpecArbiter, got {type(arbiter).__name__}.")
-    keep_shares = _candidates("keep_shares", keep_shares)
-    thresholds = None if thresholds is None else _candidates("thresholds", thresholds)
+    keep_shares = candidate_list("keep_shares", keep_shares)
+    thresholds = None if thresholds is None else candidate_list("thresholds", thresholds)
     held = HeldOut.prepare(model, held_out_prompts, tokenizer, reward, target_keep=target_keep,
                            max_new_tokens=max_new_tokens, stop_at_newline=stop_at_newline, confidence=confidence)
     arbiter.check_compatible(model, tokenizer)
