@@ -22,7 +22,7 @@ import torch
 from packaging.version import Version
 from peft import get_peft_model
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, pipeline
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, pipeline
 from transformers.integrations import peft as transformers_peft
 
 import hf_compress  # noqa: F401  (registers the formats with transformers, DL-QAT with peft)
@@ -339,6 +339,48 @@ def test_device_map_gives_equal_logits(artifacts, kind, device_map, tmp_path):
         assert _greedy(model, artifact.tokenizer) == _greedy(artifact.reference, artifact.tokenizer)
     else:
         _assert_format_kept(artifact, model)
+
+
+# ------------------------------------------------------------------------------------------------ another head
+
+
+@pytest.mark.parametrize("kind", [kind for kind in KINDS if kind != "dlqat-adapter"])
+def test_another_head_class_loads_the_compressed_base(artifacts, kind):
+    # A causal LM's folder into AutoModelForSequenceClassification is a common start for fine-tuning: the new head
+    # is initialised (transformers reports it), the compressed base loads as saved.
+    artifact = artifacts[kind]
+    model = AutoModelForSequenceClassification.from_pretrained(artifact.folder, num_labels=2).eval()
+    with torch.no_grad():
+        hidden = model.model(IDS).last_hidden_state
+        expected = artifact.reference.model(IDS).last_hidden_state
+    assert torch.equal(hidden, expected)
+    assert model.score.weight.shape == (2, model.config.hidden_size)
+    _assert_format_kept(artifact, model)
+
+
+def test_another_head_class_still_needs_a_complete_base(artifacts, tmp_path):
+    folder = shutil.copytree(artifacts["tyr"].folder, tmp_path / "truncated")
+    tensors = load_file(folder / "model.safetensors")
+    tensors.pop("model.norm.weight")
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"].pop("integrity")
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointIntegrityError, match="not stored, e.g. 'model.norm.weight'"):
+        AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2)
+
+
+@pytest.mark.parametrize("kind", SEALED)
+@pytest.mark.parametrize("override", [{"num_hidden_layers": 1}, {"intermediate_size": 64}])
+def test_an_overridden_architecture_is_named_not_blamed_on_the_files(artifacts, kind, override):
+    (name, value), = override.items()
+    saved = getattr(artifacts[kind].reference.config, name)
+    with pytest.raises(CheckpointIntegrityError, match="differs from its config.json") as error:
+        AutoModelForCausalLM.from_pretrained(artifacts[kind].folder, **override)
+    message = str(error.value)
+    assert f"{name}={value} (saved: {saved})" in message and "without overriding" in message
+    assert "corrupted" not in message and "re-download" not in message
+    AutoModelForCausalLM.from_pretrained(artifacts[kind].folder, use_cache=False)  # not an architecture field
 
 
 # ------------------------------------------------------------------------------------------------ integrity

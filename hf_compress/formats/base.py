@@ -34,6 +34,7 @@ from __future__ import annotations
 import copy
 import importlib
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from transformers.quantizers.base import HfQuantizer
@@ -41,7 +42,14 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .. import _compat
 from ..utils import get_logger
-from .integrity import CheckpointReader, check_tensors_match_model, verify_config_digest
+from .integrity import (
+    CheckpointIntegrityError,
+    CheckpointReader,
+    check_tensors_match_model,
+    config_overrides,
+    explain_overrides,
+    verify_config_digest,
+)
 
 
 if TYPE_CHECKING:
@@ -154,12 +162,20 @@ class CompressedFormatQuantizer(HfQuantizer):
             logger.warning("%s: no checkpoint files to check (loading from a state dict)", self.quantization_config.quant_method)
             return self.prepare_model(model)
         with CheckpointReader(files) as reader:
-            self.check_checkpoint(model, reader)
-            integrity = getattr(self.quantization_config, "integrity", None)
-            reader.verify_digests(integrity)
-            verify_config_digest(integrity, self.quantization_config.to_dict())
-            model = self.prepare_model(model)
-            check_tensors_match_model(model, reader, stored_differently=self.stored_differently())
+            try:
+                self.check_checkpoint(model, reader)
+                integrity = getattr(self.quantization_config, "integrity", None)
+                reader.verify_digests(integrity)
+                verify_config_digest(integrity, self.quantization_config.to_dict())
+                model = self.prepare_model(model)
+                check_tensors_match_model(model, reader, stored_differently=self.stored_differently())
+            except CheckpointIntegrityError as error:
+                # from_pretrained(folder, num_hidden_layers=1) builds another architecture than the one saved: say
+                # so, rather than blame the files.
+                overrides = config_overrides(model.config, Path(files[0]).parent)
+                if overrides:
+                    raise explain_overrides(error, overrides) from error
+                raise
         return model
 
     def stored_differently(self) -> set[str]:

@@ -27,6 +27,7 @@ import json
 import math
 import mmap
 import os
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,8 @@ __all__ = [
     "TensorEntry",
     "check_module_lists",
     "check_tensors_match_model",
+    "config_overrides",
+    "explain_overrides",
     "read_header",
     "seal_checkpoint",
     "verify_config_digest",
@@ -72,7 +75,8 @@ class CheckpointIntegrityError(ValueError):
     """
 
     def __init__(self, message: str) -> None:
-        if not any(hint in message for hint in ("re-download", "re-save", "upgrade", "save it again", "Save the model")):
+        hints = ("re-download", "re-save", "upgrade", "save it again", "Save the model", "without overriding")
+        if not any(hint in message for hint in hints):
             message = f"{message} The checkpoint is corrupted or was edited; re-download it (or save it again)."
         super().__init__(message)
 
@@ -90,6 +94,42 @@ class TensorEntry:
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
+
+
+_NOT_ARCHITECTURE = frozenset({"architectures", "auto_map", "dtype", "quantization_config", "torch_dtype",
+                                "transformers_version"})
+"""config.json fields that differ between a saved and a loaded config without changing the model's shapes."""
+
+_CORRUPT_SENTENCE = re.compile(r"[;.]?\s*the checkpoint is corrupted or (?:was edited|incomplete)[^.]*\.", re.IGNORECASE)
+
+
+def config_overrides(config: Any, folder: str | os.PathLike) -> dict[str, tuple[Any, Any]]:
+    """Fields of ``config`` (the one a model is being built from) that differ from ``folder/config.json``:
+    ``{name: (saved, loaded)}``, as ``from_pretrained(folder, num_hidden_layers=1)`` or ``config=`` makes them.
+
+    Example:
+        >>> config_overrides(model.config, "sparse-folder/")  # doctest: +SKIP
+        {'num_hidden_layers': (2, 1)}
+    """
+    path = Path(folder) / "config.json"
+    try:
+        saved = type(config).from_dict(json.loads(path.read_text(encoding="utf-8"))).to_dict()
+    except (OSError, ValueError, TypeError):
+        return {}
+    loaded = config.to_dict()
+    return {name: (value, loaded[name]) for name, value in sorted(saved.items())
+            if name in loaded and loaded[name] != value and name not in _NOT_ARCHITECTURE and not name.startswith("_")}
+
+
+def explain_overrides(error: CheckpointIntegrityError, overrides: Mapping[str, tuple[Any, Any]]) -> CheckpointIntegrityError:
+    """``error`` restated for a config overridden at load: the fields, not the file, are what to change."""
+    changes = ", ".join(f"{name}={loaded!r} (saved: {saved!r})" for name, (saved, loaded) in overrides.items())
+    found = _CORRUPT_SENTENCE.sub(".", str(error)).rstrip(". ")
+    return CheckpointIntegrityError(
+        f"This compressed checkpoint was loaded with a config that differs from its config.json: {changes} "
+        "(a from_pretrained keyword argument or config= sets them). Its weights fit only the architecture "
+        f"config.json describes; load it without overriding those fields. The check found: {found}."
+    )
 
 
 def _corrupt(where: str, what: str) -> CheckpointIntegrityError:
@@ -289,7 +329,8 @@ def check_module_lists(listed: set[str], stored: set[str], field: str, kind: str
 
 
 def check_tensors_match_model(model: torch.nn.Module, reader: CheckpointReader, stored_differently: set[str] = frozenset()) -> None:
-    """Every parameter and persistent buffer of ``model`` (tied ones once) is stored, with its shape.
+    """Every parameter and persistent buffer of ``model`` (tied ones once) is stored, with its shape; a head the
+    saved model did not have (``model`` is of another class than ``config.architectures`` names) may be missing.
 
     transformers would initialise a missing tensor and carry on; a compressed checkpoint missing one is
     corrupted, so it is refused here. ``stored_differently`` names keys a format stores in another shape, or under
@@ -334,8 +375,17 @@ def check_tensors_match_model(model: torch.nn.Module, reader: CheckpointReader, 
     def encoded(name: str) -> bool:
         return any(candidate in stored_differently for candidate in variants(name))
 
+    def new_head(name: str) -> bool:
+        # A checkpoint loaded into another head class than it was saved from (a causal LM's into
+        # AutoModelForSequenceClassification, a common start for fine-tuning) lacks that head by design: transformers
+        # initialises it and reports it. Only tensors outside the base model qualify; the base must be complete.
+        return other_head and bool(prefix) and not name.startswith(f"{prefix}.")
+
+    saved_classes = getattr(getattr(model, "config", None), "architectures", None) or []
+    other_head = bool(saved_classes) and type(model).__name__ not in saved_classes
     stored = {name: stored_name(name) for name, _ in required}
-    stored = {name: key for name, key in stored.items() if key is not None or not (encoded(name) or merged(name))}
+    stored = {name: key for name, key in stored.items()
+              if key is not None or not (encoded(name) or merged(name) or new_head(name))}
     missing = [name for name, key in stored.items() if key is None]
     if missing:
         raise _corrupt("checkpoint", f"{len(missing)} tensor(s) of the model are not stored, e.g. {missing[0]!r}")
