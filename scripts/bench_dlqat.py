@@ -71,7 +71,7 @@ def main() -> None:
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--rank", type=int, default=None, help="LoRA rank (default: largest keeping < 1%% trainable)")
     parser.add_argument("--max-windows", type=int, default=32, help="512-token eval windows (evenly spaced)")
-    parser.add_argument("--zero-shot-limit", type=int, default=50, help="seeded subset size per task (0: skip)")
+    parser.add_argument("--zero-shot-limit", type=int, default=500, help="seeded subset size per task (0: skip)")
     parser.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS), choices=TASKS,
                         help="zero-shot tasks")
     parser.add_argument("--base-dtype", default="bfloat16", choices=["bfloat16", "float32", "none"])
@@ -177,7 +177,8 @@ def _markdown(settings: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         "(`merge_and_quantize()`), evaluated through `dequantize()` (bit-identical logits, checked).",
         f"Perplexity: Wikipedia eval split, {evaluation['max_windows'] or 'all'} 512-token windows. Zero-shot: "
         + (", ".join(evaluation["zero_shot_tasks"]) + f" ({evaluation['zero_shot_limit']} seeded examples each; "
-           "average of acc_norm where defined)" if evaluation["zero_shot_tasks"] else "not run") + ".",
+           "average of acc_norm where defined, ± one standard error)" if evaluation["zero_shot_tasks"] else "not run")
+        + ".",
         "",
         "| setting | variant | LoRA r | trainable % | train s | ppl | gap closed | zero-shot avg | packed × bf16 "
         "| max Δlogit packed vs fake-quant |",
@@ -203,7 +204,10 @@ def _setting(setting: str) -> str:
 
 
 def _zs(row: dict[str, Any]) -> str:
-    return f"{row['zero_shot_average']:.4f}" if "zero_shot_average" in row else "n/a"
+    if "zero_shot_average" not in row:
+        return "n/a"
+    error = row.get("zero_shot_stderr")  # absent from runs before standard errors were kept
+    return f"{row['zero_shot_average']:.4f}" + (f" ± {error:.4f}" if error is not None else "")
 
 
 def _gap_closed(row, rows, base) -> float | None:

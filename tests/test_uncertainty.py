@@ -56,3 +56,17 @@ def test_task_average_weights_every_task_once_and_adds_errors_in_quadrature():
         paired_task_average_difference(a, b, tasks=["big", "missing_task"])
     with pytest.raises(ValueError, match="at least one"):
         average_standard_error([])
+
+
+def test_benchmark_rows_keep_the_zero_shot_standard_errors():
+    from hf_compress.evaluation.suite import headline_metrics
+
+    task = {"acc": 0.5, "acc_norm": 0.6, "score": 0.6, "n": 500, "metric": "acc_norm", "acc_stderr": 0.02,
+            "acc_norm_stderr": 0.03}
+    results = {"zero_shot": {"arc_easy": task, "boolq": {**task, "metric": "acc", "score": 0.5},
+                             "average": {"score": 0.55, "metric": "...", "tasks": ["arc_easy", "boolq"]}}}
+    row = headline_metrics(results)
+    assert row["zero_shot"]["arc_easy"]["score_stderr"] == 0.03 and row["zero_shot"]["boolq"]["score_stderr"] == 0.02
+    assert row["zero_shot_stderr"] == pytest.approx(average_standard_error([0.03, 0.02]))
+    results["zero_shot"]["boolq"]["acc_stderr"] = None  # one example: undefined, so no average error either
+    assert "zero_shot_stderr" not in headline_metrics(results)

@@ -14,6 +14,7 @@ from .memory import measure_kv_cache_bytes, parameter_bytes
 from .perplexity import check_score_last, evaluate_perplexity, perplexity_record
 from .results import MetricRecord
 from .speed import measure_generation_speed
+from .uncertainty import average_standard_error
 
 
 logger = get_logger(__name__)
@@ -149,7 +150,7 @@ def run_evaluation(
 
 def headline_metrics(results: dict[str, Any], perplexity_set: str = "wikipedia") -> dict[str, Any]:
     """The numbers a benchmark row keeps from ``run_evaluation``'s results: one perplexity and the zero-shot
-    average with its per-task scores (absent keys when that part was not run).
+    average with its per-task scores and standard errors (absent keys when that part was not run).
 
     Example:
         >>> headline_metrics({"perplexity": {"wikipedia": {"perplexity": 20.1}}})
@@ -164,6 +165,11 @@ def headline_metrics(results: dict[str, Any], perplexity_set: str = "wikipedia")
         row["zero_shot_average"] = zero_shot["average"]["score"]
         row["zero_shot_metric"] = zero_shot["average"]["metric"]
         row["zero_shot"] = {t: {k: zero_shot[t][k] for k in ("acc", "acc_norm", "score", "n")} for t in tasks}
+        errors = [zero_shot[t].get(f"{zero_shot[t]['metric']}_stderr") for t in tasks]
+        if tasks and all(error is not None for error in errors):
+            for task, error in zip(tasks, errors):
+                row["zero_shot"][task]["score_stderr"] = error
+            row["zero_shot_stderr"] = average_standard_error(errors)
     return row
 
 
