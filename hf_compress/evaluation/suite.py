@@ -8,7 +8,7 @@ from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..utils import InvalidArgumentTypeError, check_choice, check_int, check_str_list, get_logger
+from ..utils import InvalidArgumentTypeError, check_bool, check_choice, check_int, check_str_list, get_logger
 from ..modeling.layers import check_within_learned_positions
 from .memory import measure_kv_cache_bytes, parameter_bytes
 from .perplexity import check_score_last, evaluate_perplexity, perplexity_record
@@ -32,6 +32,7 @@ class EvaluationSettings:
 
     ``max_windows`` / ``zero_shot_limit`` select fixed, documented subsets (see
     :func:`~hf_compress.evaluation.token_windows` and the zero-shot loader); ``None`` means the full set.
+    ``zero_shot_per_example`` keeps each task's per-example scores, which paired comparisons of two models need.
 
     Example:
         >>> quick = EvaluationSettings(max_windows=32, zero_shot_tasks=("arc_easy",), zero_shot_limit=200)
@@ -43,6 +44,7 @@ class EvaluationSettings:
     score_last: int | None = None
     zero_shot_tasks: tuple[str, ...] = ("arc_easy",)
     zero_shot_limit: int | dict[str, int | None] | None = None
+    zero_shot_per_example: bool = False
     speed_prompts: int = 0
     max_new_tokens: int = 64
     kv_seq_len: int | None = None
@@ -72,6 +74,7 @@ class EvaluationSettings:
                 f"zero_shot_tasks {list(self.zero_shot_tasks)}: add them to zero_shot_tasks or drop them from "
                 "zero_shot_limit (a task the mapping leaves out is scored on its full split)."
             )
+        check_bool("zero_shot_per_example", self.zero_shot_per_example)
         check_int("speed_prompts", self.speed_prompts, minimum=0)
         check_int("max_new_tokens", self.max_new_tokens, minimum=1)
         check_int("kv_seq_len", self.kv_seq_len, minimum=1, allow_none=True)
@@ -128,7 +131,8 @@ def run_evaluation(
         from .zero_shot import evaluate_zero_shot, zero_shot_records
 
         zero_shot = evaluate_zero_shot(
-            model, tokenizer, tasks=settings.zero_shot_tasks, limit=settings.zero_shot_limit, progress=progress
+            model, tokenizer, tasks=settings.zero_shot_tasks, limit=settings.zero_shot_limit, progress=progress,
+            return_per_example=settings.zero_shot_per_example,
         )
         results["zero_shot"] = zero_shot
         records.extend(zero_shot_records(zero_shot))
@@ -170,6 +174,8 @@ def headline_metrics(results: dict[str, Any], perplexity_set: str = "wikipedia")
             for task, error in zip(tasks, errors):
                 row["zero_shot"][task]["score_stderr"] = error
             row["zero_shot_stderr"] = average_standard_error(errors)
+        if all("per_example" in zero_shot[t] for t in tasks):  # EvaluationSettings(zero_shot_per_example=True)
+            row["per_example"] = {t: [float(x) for x in zero_shot[t]["per_example"]] for t in tasks}
     return row
 
 
