@@ -383,6 +383,14 @@ def test_an_overridden_architecture_is_named_not_blamed_on_the_files(artifacts, 
     AutoModelForCausalLM.from_pretrained(artifacts[kind].folder, use_cache=False)  # not an architecture field
 
 
+def test_a_damaged_file_is_still_blamed_when_an_override_changes_no_shape(artifacts, tmp_path):
+    folder = shutil.copytree(artifacts["sparse-2:4"].folder, tmp_path / "corrupted")
+    name = _corrupt(folder / "model.safetensors")
+    with pytest.raises(CheckpointIntegrityError, match="checksum recorded at save") as error:
+        AutoModelForCausalLM.from_pretrained(folder, use_cache=False, rms_norm_eps=1e-5)
+    assert name in str(error.value) and "differs from its config.json" not in str(error.value)
+
+
 # ------------------------------------------------------------------------------------------------ integrity
 
 

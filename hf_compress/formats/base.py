@@ -172,7 +172,7 @@ class CompressedFormatQuantizer(HfQuantizer):
             except CheckpointIntegrityError as error:
                 # from_pretrained(folder, num_hidden_layers=1) builds another architecture than the one saved: say
                 # so, rather than blame the files.
-                overrides = config_overrides(model.config, Path(files[0]).parent)
+                overrides = config_overrides(model, Path(files[0]).parent)
                 if overrides:
                     raise explain_overrides(error, overrides) from error
                 raise

@@ -103,22 +103,32 @@ _NOT_ARCHITECTURE = frozenset({"architectures", "auto_map", "dtype", "quantizati
 _CORRUPT_SENTENCE = re.compile(r"[;.]?\s*the checkpoint is corrupted or (?:was edited|incomplete)[^.]*\.", re.IGNORECASE)
 
 
-def config_overrides(config: Any, folder: str | os.PathLike) -> dict[str, tuple[Any, Any]]:
-    """Fields of ``config`` (the one a model is being built from) that differ from ``folder/config.json``:
-    ``{name: (saved, loaded)}``, as ``from_pretrained(folder, num_hidden_layers=1)`` or ``config=`` makes them.
+def config_overrides(model: torch.nn.Module, folder: str | os.PathLike) -> dict[str, tuple[Any, Any]]:
+    """Fields of ``model.config`` (the config a model is being built from) that differ from ``folder/config.json``,
+    ``{name: (saved, loaded)}``, when they change the architecture's tensor shapes, as
+    ``from_pretrained(folder, num_hidden_layers=1)`` or ``config=`` can; ``{}`` when they do not (``use_cache=False``).
 
     Example:
-        >>> config_overrides(model.config, "sparse-folder/")  # doctest: +SKIP
+        >>> config_overrides(model, "sparse-folder/")  # doctest: +SKIP
         {'num_hidden_layers': (2, 1)}
     """
-    path = Path(folder) / "config.json"
+    config = model.config
     try:
-        saved = type(config).from_dict(json.loads(path.read_text(encoding="utf-8"))).to_dict()
+        saved_config = type(config).from_dict(json.loads((Path(folder) / "config.json").read_text(encoding="utf-8")))
     except (OSError, ValueError, TypeError):
         return {}
-    loaded = config.to_dict()
-    return {name: (value, loaded[name]) for name, value in sorted(saved.items())
-            if name in loaded and loaded[name] != value and name not in _NOT_ARCHITECTURE and not name.startswith("_")}
+    saved, loaded = saved_config.to_dict(), config.to_dict()
+    changed = {name: (value, loaded[name]) for name, value in sorted(saved.items())
+               if name in loaded and loaded[name] != value and name not in _NOT_ARCHITECTURE and not name.startswith("_")}
+    if not changed:
+        return {}
+    try:  # built on the meta device: no memory, only the shapes each config gives
+        with torch.device("meta"):
+            shapes = [{name: tuple(tensor.shape) for name, tensor in type(model)(built).state_dict().items()}
+                      for built in (saved_config, type(config).from_dict(loaded))]
+    except Exception:  # an architecture that cannot be built this way: say nothing rather than guess
+        return {}
+    return changed if shapes[0] != shapes[1] else {}
 
 
 def explain_overrides(error: CheckpointIntegrityError, overrides: Mapping[str, tuple[Any, Any]]) -> CheckpointIntegrityError:
