@@ -22,6 +22,7 @@ Usage:
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
@@ -67,21 +68,26 @@ def mixed_router(factor: str | None, weight: float, hidden_size: int = 64) -> To
     return router
 
 
-def main() -> None:
-    parser = benchmark_parser(__doc__, "router_features")
+def router_bench_parser(description: str, name: str, weights: list[float]) -> argparse.ArgumentParser:
+    """The flags this bench and ``bench_router_oracle.py`` share (the held-out rows must be the same)."""
+    parser = benchmark_parser(description, name)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--sparsity", type=float, default=0.3)
-    parser.add_argument("--weights", type=float, nargs="+", default=[0.25, 0.5, 1, 2, 4, 8])
+    parser.add_argument("--weights", type=float, nargs="+", default=weights)
     parser.add_argument("--train-steps", type=int, default=150, help="bench_token_router's, to hold out the same rows")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--ppl-windows", type=int, default=64, help="512-token Wikipedia eval windows")
     parser.add_argument("--tail", type=int, default=128)
-    args = parser.parse_args()
-    if not start_benchmark(args, _markdown):
-        return
+    return parser
+
+
+def router_bench_setup(args: argparse.Namespace, quick_weight: float) -> tuple[Any, Any, TokenRouterConfig,
+                                                                             RoutingSchedule, list[dict[str, Any]]]:
+    """Model, tokenizer, config, the recorded schedule (searched again when absent) and the held-out rows router
+    training selects on in ``bench_token_router.py``. ``--quick`` swaps in a tiny model and small settings."""
     if args.quick:
         args.model, args.weights, args.train_steps, args.seq_len, args.ppl_windows, args.tail = (
-            "tiny-llama", [1.0], 2, 32, 2, 16)
+            "tiny-llama", [quick_weight], 2, 32, 2, 16)
         model, tokenizer = tiny_model("llama")
     else:
         model, tokenizer = load_model(args.model)
@@ -93,7 +99,14 @@ def main() -> None:
         schedule = search_schedule(model, calibration, config, tokenizer=tokenizer)
     data = causal_lm_dataset(calibration, tokenizer, num_sequences=args.train_steps + config.validation_windows,
                              seq_len=args.seq_len, seed=1)
-    held_out = list(data.select(range(args.train_steps, len(data))))
+    return model, tokenizer, config, schedule, list(data.select(range(args.train_steps, len(data))))
+
+
+def main() -> None:
+    args = router_bench_parser(__doc__, "router_features", [0.25, 0.5, 1, 2, 4, 8]).parse_args()
+    if not start_benchmark(args, _markdown):
+        return
+    model, tokenizer, config, schedule, held_out = router_bench_setup(args, quick_weight=1.0)
     state = install_routing(model, schedule, mode="router")
     scorer = KeepBestRouter(model, held_out, config, every=1)
     rows = []

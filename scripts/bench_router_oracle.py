@@ -34,18 +34,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from hf_compress.assets import load_model, load_text, tiny_model
+from hf_compress.assets import load_text
 from hf_compress.evaluation.perplexity import token_windows, tokenize_stream
-from hf_compress.evaluation.report import benchmark_parser, start_benchmark, write_benchmark
-from hf_compress.modeling import find_decoder_blocks
-from hf_compress.routing import TokenRouterConfig, install_routing, search_schedule
+from hf_compress.evaluation.report import start_benchmark, write_benchmark
+from hf_compress.routing import install_routing
 from hf_compress.routing.layer import routing_disabled
 from hf_compress.routing.training import KeepBestRouter
-from hf_compress.training import causal_lm_dataset
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_router_features import _paired, _recorded_schedule, _verdict  # noqa: E402
+from bench_router_features import _paired, _verdict, router_bench_parser, router_bench_setup  # noqa: E402
 from bench_token_router import window_nlls  # noqa: E402
 
 
@@ -93,32 +91,10 @@ def oracle_scores(received: torch.Tensor, weight: float) -> torch.Tensor:
 
 
 def main() -> None:
-    parser = benchmark_parser(__doc__, "router_oracle")
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--sparsity", type=float, default=0.3)
-    parser.add_argument("--weights", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.5, 1])
-    parser.add_argument("--train-steps", type=int, default=150, help="bench_token_router's, to hold out the same rows")
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--ppl-windows", type=int, default=64, help="512-token Wikipedia eval windows")
-    parser.add_argument("--tail", type=int, default=128)
-    args = parser.parse_args()
+    args = router_bench_parser(__doc__, "router_oracle", [0.1, 0.2, 0.3, 0.5, 1]).parse_args()
     if not start_benchmark(args, _markdown):
         return
-    if args.quick:
-        args.model, args.weights, args.train_steps, args.seq_len, args.ppl_windows, args.tail = (
-            "tiny-llama", [0.3], 2, 32, 2, 16)
-        model, tokenizer = tiny_model("llama")
-    else:
-        model, tokenizer = load_model(args.model)
-    model.eval()
-    config = TokenRouterConfig(token_sparsity=args.sparsity)
-    calibration = load_text("wikipedia", "calibration")
-    schedule = _recorded_schedule(args.sparsity, len(find_decoder_blocks(model)[1]))
-    if schedule is None:
-        schedule = search_schedule(model, calibration, config, tokenizer=tokenizer)
-    data = causal_lm_dataset(calibration, tokenizer, num_sequences=args.train_steps + config.validation_windows,
-                             seq_len=args.seq_len, seed=1)
-    held_out = list(data.select(range(args.train_steps, len(data))))
+    model, tokenizer, config, schedule, held_out = router_bench_setup(args, quick_weight=0.3)
     windows = token_windows(tokenize_stream(load_text("wikipedia", "eval"), tokenizer), 512, args.ppl_windows)
 
     # The attention maps need eager attention; the routed forwards then run on the implementation they had.
