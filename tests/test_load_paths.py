@@ -22,12 +22,12 @@ import torch
 from packaging.version import Version
 from peft import get_peft_model
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, pipeline
+from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, pipeline
 from transformers.integrations import peft as transformers_peft
 
 import hf_compress  # noqa: F401  (registers the formats with transformers, DL-QAT with peft)
 from hf_compress.assets import tiny_model
-from hf_compress.formats.integrity import CheckpointIntegrityError, seal_checkpoint
+from hf_compress.formats.integrity import CheckpointIntegrityError, _differences, seal_checkpoint
 from hf_compress.formats.packed import save_packed
 from hf_compress.modeling import find_decoder_blocks
 from hf_compress.modeling.layers import find_linear_layers, weight_matrix
@@ -358,16 +358,50 @@ def test_another_head_class_loads_the_compressed_base(artifacts, kind):
     _assert_format_kept(artifact, model)
 
 
-def test_another_head_class_still_needs_a_complete_base(artifacts, tmp_path):
-    folder = shutil.copytree(artifacts["tyr"].folder, tmp_path / "truncated")
+def _drop_tensor(folder: Path, name: str) -> None:
+    """Remove ``name`` from the folder's weights and the checksums that would notice it: only the structure check
+    is left to refuse the folder."""
     tensors = load_file(folder / "model.safetensors")
-    tensors.pop("model.norm.weight")
+    tensors.pop(name)
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((folder / "config.json").read_text())
     config["quantization_config"].pop("integrity")
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointIntegrityError, match="not stored, e.g. 'model.norm.weight'"):
-        AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2)
+
+
+@pytest.mark.parametrize("load", [lambda folder: AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2),
+                                  AutoModel.from_pretrained], ids=["sequence-classification", "base-model"])
+def test_another_head_class_still_needs_a_complete_base(artifacts, tmp_path, load):
+    folder = shutil.copytree(artifacts["tyr"].folder, tmp_path / "truncated")
+    _drop_tensor(folder, "model.norm.weight")
+    with pytest.raises(CheckpointIntegrityError, match="not stored, e.g. '(model.)?norm.weight'"):
+        load(folder)
+
+
+def test_a_subclass_of_the_saved_class_needs_its_whole_head(tmp_path):
+    model, tokenizer = tiny_model("llama", tie_word_embeddings=False)
+    PRUNERS["magnitude"](model, tokenizer).prune("0.5", save_dir=tmp_path / "sparse", progress=False)
+    _drop_tensor(tmp_path / "sparse", "lm_head.weight")
+
+    class MyLlama(type(model)):
+        pass
+
+    with pytest.raises(CheckpointIntegrityError, match="not stored, e.g. 'lm_head.weight'"):
+        MyLlama.from_pretrained(tmp_path / "sparse")
+
+
+def test_a_new_heads_label_count_does_not_hide_a_damaged_file(artifacts, tmp_path):
+    folder = shutil.copytree(artifacts["sparse-2:4"].folder, tmp_path / "corrupted")
+    name = _corrupt(folder / "model.safetensors")
+    with pytest.raises(CheckpointIntegrityError, match="checksum recorded at save") as error:
+        AutoModelForSequenceClassification.from_pretrained(folder, num_labels=3)
+    assert name in str(error.value) and "differs from its config.json" not in str(error.value)
+
+
+def test_overridden_nested_config_fields_are_named_field_by_field():
+    saved = {"text_config": {"num_hidden_layers": 2, "hidden_size": 64}, "use_cache": True, "dtype": "float32"}
+    loaded = {"text_config": {"num_hidden_layers": 1, "hidden_size": 64}, "use_cache": True, "dtype": "bfloat16"}
+    assert dict(_differences(saved, loaded)) == {"text_config.num_hidden_layers": (2, 1)}
 
 
 @pytest.mark.parametrize("kind", SEALED)

@@ -33,7 +33,8 @@ from __future__ import annotations
 
 import copy
 import importlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -162,20 +163,15 @@ class CompressedFormatQuantizer(HfQuantizer):
             logger.warning("%s: no checkpoint files to check (loading from a state dict)", self.quantization_config.quant_method)
             return self.prepare_model(model)
         with CheckpointReader(files) as reader:
-            try:
+            with _overrides_named(model, files, reader):
                 self.check_checkpoint(model, reader)
-                integrity = getattr(self.quantization_config, "integrity", None)
-                reader.verify_digests(integrity)
-                verify_config_digest(integrity, self.quantization_config.to_dict())
+            # Damaged bytes or an edited quantization_config: no override explains those.
+            integrity = getattr(self.quantization_config, "integrity", None)
+            reader.verify_digests(integrity)
+            verify_config_digest(integrity, self.quantization_config.to_dict())
+            with _overrides_named(model, files, reader):
                 model = self.prepare_model(model)
                 check_tensors_match_model(model, reader, stored_differently=self.stored_differently())
-            except CheckpointIntegrityError as error:
-                # from_pretrained(folder, num_hidden_layers=1) builds another architecture than the one saved: say
-                # so, rather than blame the files.
-                overrides = config_overrides(model, Path(files[0]).parent)
-                if overrides:
-                    raise explain_overrides(error, overrides) from error
-                raise
         return model
 
     def stored_differently(self) -> set[str]:
@@ -224,6 +220,19 @@ class CompressedFormatQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return True
+
+
+@contextmanager
+def _overrides_named(model: PreTrainedModel, files: list[str], reader: CheckpointReader) -> Iterator[None]:
+    """A failed structure check on a config overridden at load (``from_pretrained(folder, num_hidden_layers=1)``
+    builds another architecture than the one saved) names the overridden fields, rather than blame the files."""
+    try:
+        yield
+    except CheckpointIntegrityError as error:
+        overrides = config_overrides(model, Path(files[0]).parent, reader.entries)
+        if overrides:
+            raise explain_overrides(error, overrides) from error
+        raise
 
 
 def register_format(quantizer_cls: type[CompressedFormatQuantizer]) -> type[CompressedFormatQuantizer]:

@@ -103,13 +103,15 @@ _NOT_ARCHITECTURE = frozenset({"architectures", "auto_map", "dtype", "quantizati
 _CORRUPT_SENTENCE = re.compile(r"[;.]?\s*the checkpoint is corrupted or (?:was edited|incomplete)[^.]*\.", re.IGNORECASE)
 
 
-def config_overrides(model: torch.nn.Module, folder: str | os.PathLike) -> dict[str, tuple[Any, Any]]:
+def config_overrides(model: torch.nn.Module, folder: str | os.PathLike, stored: Iterable[str]) -> dict[str, tuple[Any, Any]]:
     """Fields of ``model.config`` (the config a model is being built from) that differ from ``folder/config.json``,
-    ``{name: (saved, loaded)}``, when they change the architecture's tensor shapes, as
-    ``from_pretrained(folder, num_hidden_layers=1)`` or ``config=`` can; ``{}`` when they do not (``use_cache=False``).
+    ``{name: (saved, loaded)}`` (``text_config.num_hidden_layers`` for a nested one), when they change the shape or
+    number of tensors the checkpoint stores (``stored``: its keys), as ``from_pretrained(folder,
+    num_hidden_layers=1)`` or ``config=`` can; ``{}`` when they do not (``use_cache=False``, a new head's
+    ``num_labels``).
 
     Example:
-        >>> config_overrides(model, "sparse-folder/")  # doctest: +SKIP
+        >>> config_overrides(model, "sparse-folder/", reader.entries)  # doctest: +SKIP
         {'num_hidden_layers': (2, 1)}
     """
     config = model.config
@@ -117,18 +119,37 @@ def config_overrides(model: torch.nn.Module, folder: str | os.PathLike) -> dict[
         saved_config = type(config).from_dict(json.loads((Path(folder) / "config.json").read_text(encoding="utf-8")))
     except (OSError, ValueError, TypeError):
         return {}
-    saved, loaded = saved_config.to_dict(), config.to_dict()
-    changed = {name: (value, loaded[name]) for name, value in sorted(saved.items())
-               if name in loaded and loaded[name] != value and name not in _NOT_ARCHITECTURE and not name.startswith("_")}
+    loaded = config.to_dict()
+    changed = dict(_differences(saved_config.to_dict(), loaded))
     if not changed:
         return {}
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    # Modules the checkpoint stores something for (an encoded weight is stored under other keys of its module).
+    modules = {key.rsplit(".", 1)[0] for key in stored}
+
+    def is_stored(name: str) -> bool:
+        module = name.rsplit(".", 1)[0]
+        return any(candidate in modules for candidate in (module, f"{prefix}.{module}", module.removeprefix(f"{prefix}.")))
+
     try:  # built on the meta device: no memory, only the shapes each config gives
         with torch.device("meta"):
-            shapes = [{name: tuple(tensor.shape) for name, tensor in type(model)(built).state_dict().items()}
+            shapes = [{name: tuple(tensor.shape) for name, tensor in type(model)(built).state_dict().items()
+                       if is_stored(name)}
                       for built in (saved_config, type(config).from_dict(loaded))]
     except Exception:  # an architecture that cannot be built this way: say nothing rather than guess
         return {}
     return changed if shapes[0] != shapes[1] else {}
+
+
+def _differences(saved: Mapping[str, Any], loaded: Mapping[str, Any], path: str = "") -> Iterable[tuple[str, tuple[Any, Any]]]:
+    """``(dotted name, (saved, loaded))`` of the fields that differ, nested configs field by field."""
+    for name, value in sorted(saved.items()):
+        if name not in loaded or name in _NOT_ARCHITECTURE or name.startswith("_") or loaded[name] == value:
+            continue
+        if isinstance(value, Mapping) and isinstance(loaded[name], Mapping):
+            yield from _differences(value, loaded[name], f"{path}{name}.")
+        else:
+            yield f"{path}{name}", (value, loaded[name])
 
 
 def explain_overrides(error: CheckpointIntegrityError, overrides: Mapping[str, tuple[Any, Any]]) -> CheckpointIntegrityError:
@@ -338,9 +359,28 @@ def check_module_lists(listed: set[str], stored: set[str], field: str, kind: str
     raise _corrupt("config.json and the weights disagree", "; ".join(parts))
 
 
+def _saved_class_keys(model: torch.nn.Module) -> set[str] | None:
+    """The state-dict keys of the class the checkpoint was saved from (``config.architectures``), built from
+    ``model.config`` on the meta device; ``None`` when ``model`` is of that class, or that class is unknown here."""
+    import transformers
+
+    config = getattr(model, "config", None)
+    saved = (getattr(config, "architectures", None) or [None])[0]
+    if not isinstance(saved, str) or type(model).__name__ == saved:
+        return None
+    saved_class = getattr(transformers, saved, None)
+    if not isinstance(saved_class, type) or isinstance(model, saved_class):  # a subclass keeps the whole check
+        return None
+    try:
+        with torch.device("meta"):
+            return set(saved_class(config).state_dict())
+    except Exception:  # a class this config cannot build: keep every tensor required
+        return None
+
+
 def check_tensors_match_model(model: torch.nn.Module, reader: CheckpointReader, stored_differently: set[str] = frozenset()) -> None:
     """Every parameter and persistent buffer of ``model`` (tied ones once) is stored, with its shape; a head the
-    saved model did not have (``model`` is of another class than ``config.architectures`` names) may be missing.
+    saved class did not have (``model`` is of another class than ``config.architectures`` names) may be missing.
 
     transformers would initialise a missing tensor and carry on; a compressed checkpoint missing one is
     corrupted, so it is refused here. ``stored_differently`` names keys a format stores in another shape, or under
@@ -385,14 +425,14 @@ def check_tensors_match_model(model: torch.nn.Module, reader: CheckpointReader, 
     def encoded(name: str) -> bool:
         return any(candidate in stored_differently for candidate in variants(name))
 
+    saved_keys = _saved_class_keys(model)
+
     def new_head(name: str) -> bool:
         # A checkpoint loaded into another head class than it was saved from (a causal LM's into
         # AutoModelForSequenceClassification, a common start for fine-tuning) lacks that head by design: transformers
-        # initialises it and reports it. Only tensors outside the base model qualify; the base must be complete.
-        return other_head and bool(prefix) and not name.startswith(f"{prefix}.")
+        # initialises it and reports it. Only tensors the saved class does not have qualify.
+        return saved_keys is not None and not any(candidate in saved_keys for candidate in variants(name))
 
-    saved_classes = getattr(getattr(model, "config", None), "architectures", None) or []
-    other_head = bool(saved_classes) and type(model).__name__ not in saved_classes
     stored = {name: stored_name(name) for name, _ in required}
     stored = {name: key for name, key in stored.items()
               if key is not None or not (encoded(name) or merged(name) or new_head(name))}
