@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -131,14 +132,21 @@ def config_overrides(model: torch.nn.Module, folder: str | os.PathLike, stored: 
         module = name.rsplit(".", 1)[0]
         return any(candidate in modules for candidate in (module, f"{prefix}.{module}", module.removeprefix(f"{prefix}.")))
 
-    try:  # built on the meta device: no memory, only the shapes each config gives
-        with torch.device("meta"):
-            shapes = [{name: tuple(tensor.shape) for name, tensor in type(model)(built).state_dict().items()
-                       if is_stored(name)}
-                      for built in (saved_config, type(config).from_dict(loaded))]
-    except Exception:  # an architecture that cannot be built this way: say nothing rather than guess
+    shapes = [_meta_shapes(type(model), built) for built in (saved_config, type(config).from_dict(loaded))]
+    if None in shapes:  # an architecture that cannot be built this way: say nothing rather than guess
         return {}
-    return changed if shapes[0] != shapes[1] else {}
+    saved_shapes, loaded_shapes = ({name: shape for name, shape in built.items() if is_stored(name)} for built in shapes)
+    return changed if saved_shapes != loaded_shapes else {}
+
+
+def _meta_shapes(model_class: type, config: Any) -> dict[str, tuple[int, ...]] | None:
+    """The state-dict shapes of ``model_class(config)``, built on the meta device (no memory); ``None`` when that
+    class cannot be built from this config."""
+    try:
+        with torch.device("meta"):
+            return {name: tuple(tensor.shape) for name, tensor in model_class(config).state_dict().items()}
+    except Exception:  # whatever the class's constructor raises
+        return None
 
 
 def _differences(saved: Mapping[str, Any], loaded: Mapping[str, Any], path: str = "") -> Iterable[tuple[str, tuple[Any, Any]]]:
@@ -371,11 +379,8 @@ def _saved_class_keys(model: torch.nn.Module) -> set[str] | None:
     saved_class = getattr(transformers, saved, None)
     if not isinstance(saved_class, type) or isinstance(model, saved_class):  # a subclass keeps the whole check
         return None
-    try:
-        with torch.device("meta"):
-            return set(saved_class(config).state_dict())
-    except Exception:  # a class this config cannot build: keep every tensor required
-        return None
+    shapes = _meta_shapes(saved_class, config)  # None: a class this config cannot build keeps every tensor required
+    return None if shapes is None else set(shapes)
 
 
 def check_tensors_match_model(model: torch.nn.Module, reader: CheckpointReader, stored_differently: set[str] = frozenset()) -> None:
@@ -425,13 +430,16 @@ def check_tensors_match_model(model: torch.nn.Module, reader: CheckpointReader, 
     def encoded(name: str) -> bool:
         return any(candidate in stored_differently for candidate in variants(name))
 
-    saved_keys = _saved_class_keys(model)
+    @functools.cache
+    def saved_keys() -> set[str] | None:  # built only once a tensor is found missing
+        return _saved_class_keys(model)
 
     def new_head(name: str) -> bool:
         # A checkpoint loaded into another head class than it was saved from (a causal LM's into
         # AutoModelForSequenceClassification, a common start for fine-tuning) lacks that head by design: transformers
         # initialises it and reports it. Only tensors the saved class does not have qualify.
-        return saved_keys is not None and not any(candidate in saved_keys for candidate in variants(name))
+        keys = saved_keys()
+        return keys is not None and not any(candidate in keys for candidate in variants(name))
 
     stored = {name: stored_name(name) for name, _ in required}
     stored = {name: key for name, key in stored.items()
