@@ -84,6 +84,17 @@ def received_attention(model: nn.Module, ids: torch.Tensor, tail: int) -> dict[s
     return {name: value * length / value.sum(-1, keepdim=True) for name, value in received.items()}
 
 
+def eager_received_attention(model: nn.Module, windows: list[torch.Tensor], tail: int) -> list[dict[str, torch.Tensor]]:
+    """:func:`received_attention` of each window: the maps need eager attention, the routed forwards then run on the
+    implementation the model had."""
+    implementation = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        return [received_attention(model, ids, tail) for ids in windows]
+    finally:
+        model.set_attn_implementation(implementation)
+
+
 def oracle_scores(received: torch.Tensor, weight: float) -> torch.Tensor:
     """Position plus ``weight · log(1 + a·n)``: weight 0 ranks exactly as the static rule does."""
     length = received.shape[-1]
@@ -97,24 +108,18 @@ def main() -> None:
     model, tokenizer, config, schedule, held_out = router_bench_setup(args, quick_weight=0.3)
     windows = token_windows(tokenize_stream(load_text("wikipedia", "eval"), tokenizer), 512, args.ppl_windows)
 
-    # The attention maps need eager attention; the routed forwards then run on the implementation they had.
-    implementation = model.config._attn_implementation
-    model.set_attn_implementation("eager")
     held_out_tail = round(args.seq_len * config.loss_tail)
-    held_out_received = [received_attention(model, torch.as_tensor(row["input_ids"]), held_out_tail)
-                         for row in held_out]
-    model.set_attn_implementation(implementation)
-
+    held_out_received = eager_received_attention(model, [torch.as_tensor(row["input_ids"]) for row in held_out],
+                                                 held_out_tail)
     install_routing(model, schedule, mode="router").router = oracle = OracleRouter()
-    scorer = KeepBestRouter(model, held_out, config, every=1)
-    windows_of_scorer = scorer.windows
+    scorers = [KeepBestRouter(model, [row], config, every=1) for row in held_out]  # one per window: its own scores
 
     def validation_kl(oracle_name: str, weight: float) -> float:
         total = 0.0
-        for window, received in zip(windows_of_scorer, held_out_received):
-            oracle.scores, scorer.windows = oracle_scores(received[oracle_name], weight), [window]
+        for scorer, received in zip(scorers, held_out_received):
+            oracle.scores = oracle_scores(received[oracle_name], weight)
             total += scorer.validation_kl()
-        return total / len(windows_of_scorer)
+        return total / len(scorers)
 
     rows = []
     for name, weight in [("static rule", 0.0)] + [(name, w) for name in ORACLES for w in args.weights]:
@@ -123,14 +128,15 @@ def main() -> None:
         rows.append({"oracle": name, "weight": weight, "validation_kl": kl, "seconds": time.perf_counter() - start})
         logger.info("%s", rows[-1])
     static, best = rows[0], min(rows, key=lambda row: row["validation_kl"])
+    blocks = len(held_out_received[0][ORACLES[0]])
+    if best is not static:  # the static rule's scores need no attention (weight 0: position only)
+        with routing_disabled(model):
+            eval_received = eager_received_attention(model, list(windows), args.tail)
     for row in (static, best) if best is not static else (static,):
         row["eval"] = []
-        for window in windows:
-            model.set_attn_implementation("eager")
-            with routing_disabled(model):
-                received = received_attention(model, window, args.tail)["one ranking" if row is static else
-                                                                         row["oracle"]]
-            model.set_attn_implementation(implementation)
+        for index, window in enumerate(windows):
+            received = (torch.zeros(blocks, len(window)) if row is static
+                        else eval_received[index][row["oracle"]])
             oracle.scores = oracle_scores(received, row["weight"])
             row["eval"].append(float(window_nlls(model, window[None])[0][-args.tail:].mean()))
     settings = {k: v for k, v in vars(args).items() if k not in ("render", "supported_devices")}
