@@ -30,8 +30,10 @@ _compat.check_minimum_versions()
 
 
 def _register_peft_methods(_peft_module) -> None:
-    # Adds `DLQAT` to `peft.PeftType` and registers the method, so a saved adapter loads in a fresh process.
+    # Adds `DLQAT` to `peft.PeftType` and registers the method, so a saved adapter loads in a fresh process; and lets
+    # LoRA adapt packed low-bit layers (a LoRA adapter trained on a packed model loads there again).
     _importlib.import_module("hf_compress.quantization.dlqat")
+    _importlib.import_module("hf_compress.quantization.packed_lora")
 
 
 _register_formats()

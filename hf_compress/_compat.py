@@ -30,7 +30,7 @@ import importlib.metadata
 import inspect
 import re
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 
@@ -78,6 +78,7 @@ __all__ = [
     "peft_buffer_dict",
     "quantizer_of",
     "quiet_weight_progress",
+    "register_lora_layer",
     "register_quantization_format",
     "registered_quantization_config",
     "replace_tuner_module",
@@ -722,6 +723,63 @@ def extend_peft_type(name: str) -> Any:
     return member
 
 
+_LORA_LAYERS: dict[type, Callable[..., nn.Module]] = {}
+"""Layer types peft's LoRA does not know, and the factory that wraps each (``register_lora_layer``)."""
+
+
+def register_lora_layer(base_cls: type, factory: Callable[..., nn.Module]) -> None:
+    """Let peft's LoRA adapt layers of type ``base_cls`` with ``factory(target, adapter_name, config=..., **kwargs)``.
+
+    This holds in ``get_peft_model``, ``PeftModel.from_pretrained`` and ``load_adapter`` alike, and
+    ``target_modules="all-linear"`` counts these layers as linear. peft's own route,
+    ``LoraConfig._register_custom_module``, is kept on one config object: a config read back from a saved
+    ``adapter_config.json`` lacks it, so a saved adapter would not load again. Here peft's layer dispatch
+    (``LoraModel._create_new_module``) and its all-linear expansion (``tuners_utils._maybe_include_all_linear_layers``)
+    are wrapped once, trying the registered types first; every other layer takes peft's own path unchanged.
+    Checked on peft 0.21.2 and 0.22.0.
+    """
+    from peft.tuners import tuners_utils
+    from peft.tuners.lora import model as lora_model
+
+    _LORA_LAYERS[base_cls] = factory
+    create = lora_model.LoraModel.__dict__["_create_new_module"].__func__
+    if not getattr(create, "_hf_compress_wraps", None):
+        def _create_new_module(lora_config: Any, adapter_name: str, target: nn.Module, **kwargs: Any) -> nn.Module:
+            base = target.get_base_layer() if isinstance(target, tuners_utils.BaseTunerLayer) else target
+            for layer_cls, make in _LORA_LAYERS.items():
+                if isinstance(base, layer_cls):
+                    return make(target, adapter_name, config=lora_config, **kwargs)
+            return create(lora_config, adapter_name, target, **kwargs)
+
+        _create_new_module._hf_compress_wraps = create
+        lora_model.LoraModel._create_new_module = staticmethod(_create_new_module)
+    include = tuners_utils._maybe_include_all_linear_layers
+    if not getattr(include, "_hf_compress_wraps", None):
+        def _maybe_include_all_linear_layers(peft_config: Any, model: nn.Module) -> Any:
+            targets = getattr(peft_config, "target_modules", None)
+            all_linear = isinstance(targets, str) and targets.lower() == "all-linear"
+            peft_config = include(peft_config, model)
+            if all_linear and getattr(peft_config, "peft_type", None) == "LORA":  # PeftType is a str enum
+                peft_config.target_modules = set(peft_config.target_modules) | _registered_lora_targets(model)
+            return peft_config
+
+        _maybe_include_all_linear_layers._hf_compress_wraps = include
+        tuners_utils._maybe_include_all_linear_layers = _maybe_include_all_linear_layers
+
+
+def _registered_lora_targets(model: nn.Module) -> set[str]:
+    """Names of ``model``'s layers of a registered type, as peft's all-linear rule picks ``nn.Linear``: not the output
+    embeddings, not a layer already wrapped by an adapter (its ``base_layer``)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    types = tuple(_LORA_LAYERS)
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    wrapped = {f"{prefix}.{suffix}" for prefix, module in model.named_modules() if isinstance(module, BaseTunerLayer)
+               for suffix, _ in module.named_modules() if suffix}
+    return {name for name, module in model.named_modules()
+            if types and isinstance(module, types) and module is not output and name not in wrapped}
+
+
 def peft_buffer_dict() -> type:
     """peft's ``BufferDict`` (a ``ModuleDict`` of buffers, what LoRA-like layers keep per adapter)."""
     from peft.tuners._buffer_dict import BufferDict
@@ -966,6 +1024,8 @@ PRIVATE_NAMES: tuple[str, ...] = (
     "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES",
     "MODEL_FOR_MASKED_LM_MAPPING_NAMES",
     "ParamWrapper",
+    "_create_new_module",
+    "_maybe_include_all_linear_layers",
 )
 """Private or unstable names of other libraries that only this module may use (``tests/test_compat.py``)."""
 
@@ -1138,6 +1198,22 @@ def check_assumptions() -> list[str]:
         expect(isinstance(getattr(lora, "ParamWrapper", None), type), "peft: lora.ParamWrapper is gone "
                "(is_lora_parameter_wrapper)")
         peft_buffer_dict()
+        from peft.tuners import tuners_utils
+        from peft.tuners.lora import LoraModel
+        from peft.tuners.lora.layer import LoraLayer
+
+        create = LoraModel.__dict__.get("_create_new_module")
+        create = getattr(getattr(create, "__func__", None), "_hf_compress_wraps", None) or getattr(create, "__func__", None)
+        expect_that(lambda: list(inspect.signature(create).parameters) == ["lora_config", "adapter_name", "target", "kwargs"]
+                    and calls(LoraModel, "_create_new_module", LoraModel._create_and_replace),
+                    "peft: LoraModel._create_new_module(lora_config, adapter_name, target, **kwargs) changed or is no "
+                    "longer called (register_lora_layer)")
+        expect(callable(getattr(tuners_utils, "_maybe_include_all_linear_layers", None))
+               and "_maybe_include_all_linear_layers(" in source(BaseTuner),
+               "peft: BaseTuner no longer expands all-linear through tuners_utils._maybe_include_all_linear_layers "
+               "(register_lora_layer)")
+        expect(calls(LoraLayer, "resolve_lora_variant", LoraLayer.update_layer),
+               "peft: LoraLayer.update_layer no longer calls resolve_lora_variant (PackedLoraLinear checks there)")
         import torch
 
         expect_that(lambda: list(inspect.signature(torch.nn.Module._apply).parameters)[:3] == ["self", "fn", "recurse"]

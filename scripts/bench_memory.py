@@ -13,6 +13,9 @@ side on one machine in one run.
 
 Cases:
     dlqat      DL-QAT adapters (4-bit, group 128, r=16, all linear layers) trained for 2 steps with ``Trainer``
+    lora       LoRA (r=16, all linear layers) trained for 2 steps with ``Trainer`` on the float model
+    lora-packed  the same LoRA on the model packed to 4 bits first (``quantize_rtn``, group 128; "model" is then the
+               packed model's bytes): the backward dequantizes each layer again instead of keeping its float weight
     router     token-router training (30% token sparsity in every block) for 2 steps: its loss reads a tail of each
                window, so full-vocabulary logits for every position are the cost the vocabulary multiplies
     wanda      Wanda 2:4 with 16 calibration sequences of 128 tokens: block by block
@@ -42,6 +45,7 @@ Usage:
     python scripts/bench_memory.py --cases perplexity --baseline-rev REV --output-name memory-perplexity
     python scripts/bench_memory.py --cases sparsegpt --baseline-rev REV --output-name memory-sparsegpt
     python scripts/bench_memory.py --cases tyr --baseline-rev REV --output-name memory-tyr
+    python scripts/bench_memory.py --cases lora lora-packed --output-name memory-lora-packed
 """
 
 from __future__ import annotations
@@ -63,6 +67,8 @@ MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 # (case, knob, values): each value is one fresh interpreter per library version.
 SWEEPS = {
     "dlqat": ("layers", (4, 8, 16)),
+    "lora": ("layers", (4, 8, 16)),
+    "lora-packed": ("layers", (4, 8, 16)),
     "router": ("vocab", (4096, 32768)),
     "wanda": ("layers", (4, 8, 16)),
     "sparsegpt": ("layers", (4, 8)),
@@ -73,7 +79,8 @@ SWEEPS = {
     "perplexity": ("vocab", (4096, 32768, 131072)),
     "tyr": ("layers", (2, 4)),
 }
-QUICK_SWEEPS = {"dlqat": ("layers", (2,)), "router": ("vocab", (4096,)), "wanda": ("layers", (2,)),
+QUICK_SWEEPS = {"dlqat": ("layers", (2,)), "lora": ("layers", (2,)), "lora-packed": ("layers", (2,)),
+                "router": ("vocab", (4096,)), "wanda": ("layers", (2,)),
                 "sparsegpt": ("layers", (2,)),
                 "ria": ("layers", (2,)), "swap": ("layers", (2,)), "save": ("layers", (2,)),
                 "save-offloaded": ("layers", (2,)), "perplexity": ("vocab", (4096,)), "tyr": ("layers", (2,))}
@@ -160,6 +167,21 @@ def _measure(case: str, value: int) -> dict:
         data = Dataset.from_dict({"input_ids": ids, "labels": ids})
         sampler.mark()
         peft_model = get_peft_model(model, DLQATConfig(bits=4, group_size=128, r=16, target_modules="all-linear"))
+        with tempfile.TemporaryDirectory() as output_dir:
+            train_with_trainer(peft_model, data, output_dir, settings)
+    elif case in ("lora", "lora-packed"):
+        from peft import LoraConfig, get_peft_model
+        from hf_compress.training import train_with_trainer
+
+        if case == "lora-packed":
+            from hf_compress.quantization import quantize_rtn
+
+            model = quantize_rtn(model, bits=4, group_size=128)
+            model_bytes = sum(parameter_bytes(model)[kind] for kind in ("parameters", "buffers"))
+        ids = _token_ids(8, 64, vocab).tolist()
+        data = Dataset.from_dict({"input_ids": ids, "labels": ids})
+        sampler.mark()
+        peft_model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
         with tempfile.TemporaryDirectory() as output_dir:
             train_with_trainer(peft_model, data, output_dir, settings)
     elif case == "router":

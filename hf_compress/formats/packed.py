@@ -203,7 +203,9 @@ class PackedFormatQuantizer(CompressedFormatQuantizer):
 
     @property
     def is_trainable(self) -> bool:
-        return False
+        # Adapters train over the frozen codes (quantization.packed_lora); Trainer still refuses a packed model with
+        # no adapter attached ("purely quantized"), as it does for every quantization method.
+        return True
 
     def _dequantize(self, model: PreTrainedModel, dtype: torch.dtype | str | None = None) -> PreTrainedModel:
         if isinstance(dtype, str):  # a loaded model's config.dtype is a name ("float32")

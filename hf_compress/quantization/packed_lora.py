@@ -1,0 +1,101 @@
+"""LoRA over packed low-bit layers: fine-tune a packed checkpoint with peft and ``Trainer`` (QLoRA-style).
+
+Once ``hf_compress`` is imported, peft's LoRA adapts :class:`PackedLinear` layers like ``nn.Linear`` ones, in
+``get_peft_model``, ``PeftModel.from_pretrained`` and ``load_adapter``, and ``target_modules="all-linear"``
+includes them. The codes stay packed and frozen: the forward adds the adapters to the packed layer's output, and the
+backward dequantizes each layer again instead of keeping its float weight (``packed_linear._DequantizedMatmul``).
+
+The adapter's tensors have the same names and shapes as on the float model, so an adapter trained on the packed
+model loads onto the float one, and the other way round.
+
+What is refused, with the reason: LoRA variants (DoRA and the like) and initialisations that rewrite or read the
+base weight (PiSSA, OLoRA, LoftQ, ...), since the codes cannot take a float update; and merging, which would
+re-quantize the merged weight. ``model.dequantize()`` first gives float layers that merge as usual.
+
+Example:
+    >>> import torch
+    >>> from peft import LoraConfig, get_peft_model
+    >>> from hf_compress.assets import tiny_model
+    >>> from hf_compress.quantization import quantize_rtn
+    >>> model = quantize_rtn(tiny_model("llama")[0], bits=4, group_size=32)
+    >>> peft_model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
+    >>> type(peft_model.base_model.model.model.layers[0].self_attn.q_proj).__name__
+    'PackedLoraLinear'
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from peft.tuners.lora.layer import Linear as LoraLinear
+from transformers.pytorch_utils import Conv1D
+
+from .. import _compat
+from .packed_linear import PackedLinear
+
+
+__all__ = ["PackedLoraLinear", "SUPPORTED_INITIALIZATIONS"]
+
+SUPPORTED_INITIALIZATIONS: tuple[Any, ...] = (True, False, "gaussian")
+"""``LoraConfig.init_lora_weights`` values that leave the base weight alone (the others rewrite or read it)."""
+
+_MERGE_HINT = ("LoRA cannot be merged into packed low-bit codes without re-quantizing the merged weight. Call "
+               "`model.dequantize()` first (its packed layers become float ones), then merge; or keep the adapter "
+               "separate (it loads onto the packed model and onto the float one alike).")
+
+
+class PackedLoraLinear(LoraLinear):
+    """peft's LoRA ``Linear`` with a :class:`PackedLinear` as its base layer.
+
+    The forward, mixed-batch ``adapter_names``, dropout, rsLoRA and ``lora_bias`` are peft's own; only merging and the
+    base-weight-dependent options differ (see the module docstring).
+
+    Example:
+        >>> from peft import LoraConfig
+        >>> from hf_compress.quantization.grid import QuantizationGrid
+        >>> w = torch.randn(8, 16)
+        >>> grid = QuantizationGrid.fit(w, bits=4, group_size=8)
+        >>> packed = PackedLinear.from_codes(grid.quantize(w), grid.scale, grid.zero, bits=4, group_size=8)
+        >>> layer = PackedLoraLinear(packed, "default", config=LoraConfig(r=2), r=2, lora_alpha=4)
+        >>> x = torch.randn(3, 16)
+        >>> bool(torch.equal(layer(x), packed(x)))  # lora_B starts at zero
+        True
+    """
+
+    def __init__(self, base_layer: torch.nn.Module, adapter_name: str, config: Any, **kwargs: Any) -> None:
+        with warnings.catch_warnings():  # peft warns "proceed at your own risk" for each layer type it does not list
+            warnings.filterwarnings("ignore", message=r"Unsupported layer type .*PackedLinear", category=UserWarning)
+            super().__init__(base_layer, adapter_name, config=config, **kwargs)
+        # A packed layer computes x @ W.T with W [out, in], even where it stands for GPT-2's Conv1D.
+        self.fan_in_fan_out = False
+
+    def resolve_lora_variant(self, *, config: Any, **kwargs: Any) -> Any:
+        # peft resolves the variant on every adapter added to the layer, before initialising it: check each one here.
+        init = config.init_lora_weights
+        if not any(init is allowed or (isinstance(init, str) and init == allowed) for allowed in SUPPORTED_INITIALIZATIONS):
+            raise ValueError(f"LoRA on a packed low-bit layer supports init_lora_weights in {SUPPORTED_INITIALIZATIONS}, "
+                             f"got {init!r}: it rewrites or reads the base weight, which here is frozen packed codes. "
+                             "Use the default, or initialise on the float model and load the adapter onto this one.")
+        variant = super().resolve_lora_variant(config=config, **kwargs)
+        if variant is not None:
+            raise ValueError(f"LoRA on a packed low-bit layer supports plain LoRA only, not {type(variant).__name__} "
+                             "(DoRA and the other variants read or rescale the base weight). Train it on the float "
+                             "model, or drop the variant (e.g. use_dora=False).")
+        return variant
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        base = self.get_base_layer()
+        if isinstance(base, PackedLinear):
+            raise ValueError(_MERGE_HINT)
+        self.fan_in_fan_out = isinstance(base, Conv1D)  # dequantize() rebuilt the architecture's own layer
+        super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
+
+    def unmerge(self) -> None:
+        if isinstance(self.get_base_layer(), PackedLinear):
+            raise ValueError(_MERGE_HINT)
+        super().unmerge()
+
+
+_compat.register_lora_layer(PackedLinear, PackedLoraLinear)

@@ -1,0 +1,111 @@
+"""LoRA over packed low-bit layers (``hf_compress.quantization.packed_lora``): peft and Trainer on a packed checkpoint."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+import hf_compress  # noqa: F401  (registers the formats and the packed LoRA layer)
+from hf_compress.assets import tiny_model
+from hf_compress.quantization import PackedLinear, quantize_rtn
+from hf_compress.quantization.packed_lora import PackedLoraLinear
+
+
+def _packed_folder(tmp_path, arch: str = "llama"):
+    model, _ = tiny_model(arch, seed=0)
+    folder = tmp_path / f"packed-{arch}"
+    quantize_rtn(model, bits=4, group_size=32).save_pretrained(folder)
+    return folder
+
+
+def _ids(rows: int = 2, length: int = 12, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, 100, (rows, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _logits(model, ids) -> torch.Tensor:
+    model.eval()  # Trainer leaves the model in training mode (GPT-2's dropout)
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def _train(model, tmp_path, steps: int = 3) -> None:
+    dataset = [{"input_ids": row, "labels": row} for row in _ids(4, 16, seed=1)]
+    args = TrainingArguments(output_dir=str(tmp_path / "train"), max_steps=steps, per_device_train_batch_size=2,
+                             report_to=[], learning_rate=5e-2, use_cpu=True, save_strategy="no")
+    Trainer(model=model, args=args, train_dataset=dataset).train()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # gpt2: packed layers standing for Conv1D
+def test_trainer_trains_lora_on_a_packed_checkpoint_and_the_adapter_reloads(tmp_path, arch):
+    folder = _packed_folder(tmp_path, arch)
+    base = AutoModelForCausalLM.from_pretrained(folder)
+    packed_names = {name for name, module in base.named_modules() if isinstance(module, PackedLinear)}
+    ids = _ids()
+    before = _logits(base, ids)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    assert set(model.peft_config["default"].target_modules) == packed_names  # all-linear counts packed layers
+    assert torch.equal(_logits(model, ids), before)  # lora_B starts at zero
+    codes = {name: buffer.clone() for name, buffer in model.named_buffers() if name.endswith("qweight")}
+    _train(model, tmp_path)
+    trained = _logits(model, ids)
+    assert not torch.allclose(trained, before)
+    assert all(torch.equal(buffer, codes[name]) for name, buffer in model.named_buffers() if name in codes)
+    model.save_pretrained(tmp_path / "adapter")
+    again = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder), tmp_path / "adapter")
+    assert isinstance(again.base_model.model.get_submodule(sorted(packed_names)[0]), PackedLoraLinear)
+    assert torch.equal(_logits(again, ids), trained)
+
+
+def test_the_adapter_moves_between_the_packed_and_the_float_model(tmp_path):
+    folder = _packed_folder(tmp_path)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(folder), LoraConfig(r=4, target_modules="all-linear"))
+    _train(model, tmp_path, steps=2)
+    model.save_pretrained(tmp_path / "adapter")
+    ids = _ids()
+    float_base = AutoModelForCausalLM.from_pretrained(folder).dequantize()  # the weights the codes stand for
+    assert not any(isinstance(module, PackedLinear) for module in float_base.modules())
+    on_float = PeftModel.from_pretrained(float_base, tmp_path / "adapter")
+    torch.testing.assert_close(_logits(on_float, ids), _logits(model, ids), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_merging_refuses_packed_codes_and_works_after_dequantize(tmp_path, arch):
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(_packed_folder(tmp_path, arch)),
+                           LoraConfig(r=4, target_modules="all-linear", fan_in_fan_out=arch == "gpt2"))
+    _train(model, tmp_path, steps=2)
+    ids = _ids()
+    expected = _logits(model, ids)
+    with pytest.raises(ValueError, match=r"re-quantizing.*model\.dequantize\(\)"):
+        model.merge_and_unload()
+    assert torch.equal(_logits(model, ids), expected)  # nothing merged half-way
+    model.dequantize()
+    merged = model.merge_and_unload()
+    assert not any(isinstance(module, (PackedLinear, PackedLoraLinear)) for module in merged.modules())
+    torch.testing.assert_close(_logits(merged, ids), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"use_dora": True}, r"plain LoRA only.*DoraLinearVariant"),
+    ({"init_lora_weights": "pissa"}, r"init_lora_weights in .*got 'pissa'"),
+    ({"init_lora_weights": "olora"}, r"init_lora_weights in .*got 'olora'"),
+])
+def test_options_that_need_a_float_base_weight_are_refused(tmp_path, options, message):
+    base = AutoModelForCausalLM.from_pretrained(_packed_folder(tmp_path))
+    with pytest.raises(ValueError, match=message):
+        get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj"], **options))
+
+
+def test_a_second_adapter_is_checked_too(tmp_path):
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(_packed_folder(tmp_path)),
+                           LoraConfig(r=4, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="plain LoRA only"):
+        model.add_adapter("dora", LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+
+
+def test_trainer_still_refuses_a_packed_model_without_an_adapter(tmp_path):
+    base = AutoModelForCausalLM.from_pretrained(_packed_folder(tmp_path))
+    args = TrainingArguments(output_dir=str(tmp_path / "train"), max_steps=1, report_to=[], use_cpu=True)
+    with pytest.raises(ValueError, match="purely quantized"):
+        Trainer(model=base, args=args, train_dataset=[{"input_ids": _ids(1)[0], "labels": _ids(1)[0]}])
