@@ -109,3 +109,27 @@ def test_trainer_still_refuses_a_packed_model_without_an_adapter(tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path / "train"), max_steps=1, report_to=[], use_cpu=True)
     with pytest.raises(ValueError, match="purely quantized"):
         Trainer(model=base, args=args, train_dataset=[{"input_ids": _ids(1)[0], "labels": _ids(1)[0]}])
+
+
+def test_the_backward_pass_keeps_the_codes_not_a_float_weight():
+    torch.manual_seed(0)
+    weight = torch.randn(64, 96)
+    from hf_compress.quantization import QuantizationGrid
+
+    grid = QuantizationGrid.fit(weight, bits=4, group_size=32)
+    layer = PackedLinear.from_codes(grid.quantize(weight), grid.scale, grid.zero, bits=4, group_size=32)
+    x = torch.randn(5, 96, requires_grad=True)
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = layer(x)
+    assert all(t.numel() < weight.numel() for t in saved)  # no (64, 96) float weight held for the backward
+    y.square().sum().backward()
+    reference = x.detach().clone().requires_grad_(True)
+    torch.nn.functional.linear(reference, layer.dequantized_weight()).square().sum().backward()
+    torch.testing.assert_close(x.grad, reference.grad)
+
+    y = layer(x)
+    with torch.no_grad():
+        layer.scales.mul_(2)  # the codes change between the passes: the gradient would be through other weights
+    with pytest.raises(RuntimeError, match="changed between the forward and the backward"):
+        y.sum().backward()

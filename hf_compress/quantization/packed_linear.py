@@ -73,6 +73,26 @@ FORMAT_MARKER = "weight"
 """State-dict key of the one-byte marker each packed layer saves (the number of bits), see ``_save_to_state_dict``."""
 
 
+class _DequantizedMatmul(torch.autograd.Function):
+    """``x @ W.T`` for a packed layer's frozen ``W``, dequantized again in the backward pass rather than kept for it.
+
+    Autograd would otherwise hold every layer's float weight from the forward to the backward pass: the memory of
+    the unquantized model, which is what training adapters over a packed model (QLoRA-style) must not need.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: PackedLinear) -> torch.Tensor:
+        ctx.layer, ctx.key = layer, layer._cache_key()
+        return nn.functional.linear(x, layer.dequantized_weight(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        if ctx.layer._cache_key() != ctx.key:
+            raise RuntimeError("A packed layer's codes changed between the forward and the backward pass; the "
+                               "gradient would be taken through other weights. Change them outside a training step.")
+        return grad @ ctx.layer.dequantized_weight(grad.dtype), None
+
+
 class PackedLinear(nn.Module):
     """Linear layer over packed ``bits``-bit group-quantized weights (dequantize on the fly, or a kernel).
 
@@ -253,6 +273,9 @@ class PackedLinear(nn.Module):
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The reference computation: unpack and dequantize every code in ``x``'s dtype, then ``F.linear``."""
         bias = None if self.bias is None else self.bias.to(x.dtype)
+        if torch.is_grad_enabled() and x.requires_grad:  # adapters train through the frozen codes
+            y = _DequantizedMatmul.apply(x, self)
+            return y if bias is None else y + bias
         return nn.functional.linear(x, self.dequantized_weight(x.dtype), bias)
 
     # ---------------------------------------------------------------------------------- kernel cache
