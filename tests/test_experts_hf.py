@@ -161,6 +161,34 @@ def test_round_trip_in_either_argument_order_generates_the_same(built, saved, fa
         ExpertRouter.from_pretrained(saved, "HuggingFaceTB/SmolLM2-135M")
 
 
+def test_a_subfolder_and_the_download_keywords_load_as_peft_takes_them(built, saved, fake_hub, tmp_path):
+    from fake_hub import FAKE_TOKEN
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    router, tokenizer = built
+    batch = _batch(tokenizer)
+    HfApi().create_repo("me/several-artifacts")
+    HfApi().upload_folder(repo_id="me/several-artifacts", folder_path=str(saved), path_in_repo="experts")
+    HfApi().upload_file(repo_id="me/several-artifacts", path_or_fileobj=b"x" * 64, path_in_repo="other/big.bin")
+    cache = tmp_path / "cache"
+    loaded = ExpertRouter.from_pretrained("me/several-artifacts", tiny_model("llama")[0], tokenizer=tokenizer,
+                                          subfolder="experts", cache_dir=str(cache), token=FAKE_TOKEN)
+    assert loaded.route(**batch).tolist() == ROUTES
+    assert not list(cache.rglob("big.bin"))  # only the subfolder is downloaded
+    with pytest.raises(HfHubHTTPError, match="401"):  # the token reaches the Hub
+        ExpertRouter.from_pretrained("me/several-artifacts", tiny_model("llama")[0], subfolder="experts",
+                                     token="hf_wrong", cache_dir=str(tmp_path / "empty-cache"))
+    local = ExpertRouter.from_pretrained(saved.parent, tiny_model("llama")[0], tokenizer=tokenizer,
+                                         subfolder=saved.name)
+    assert local.route(**batch).tolist() == ROUTES
+    assert fake_hub.unhandled == []
+    with pytest.raises(ValueError, match="has no subfolder 'nope'"):
+        ExpertRouter.from_pretrained(saved.parent, tiny_model("llama")[0], subfolder="nope")
+    with pytest.raises(TypeError, match=r"Unexpected keyword argument\(s\) \['adapter_name'\].*subfolder="):
+        ExpertRouter.from_pretrained(saved, tiny_model("llama")[0], adapter_name="x")
+
+
 def test_a_fine_tuned_or_partly_different_base_is_refused(saved, tmp_path):
     def refused(base):
         with pytest.raises(ValueError, match="trained on another base model.*model.layers.*proj"):

@@ -45,7 +45,7 @@ from ..utils import InvalidArgumentTypeError, atomic_directory, atomic_file, che
 from .embedding import EmbeddingSpace, EmbeddingSpec
 
 
-__all__ = ["CONFIG_NAME", "ROUTER_NAME", "TARGET_SAMPLES", "base_fingerprint", "check_targets", "load_experts",
+__all__ = ["CONFIG_NAME", "HUB_KWARGS", "ROUTER_NAME", "TARGET_SAMPLES", "base_fingerprint", "check_targets", "load_experts",
            "read_experts_config", "save_experts", "target_fingerprint"]
 
 logger = get_logger(__name__)
@@ -328,8 +328,9 @@ def _expert_card(base_model, name, repo_id, adapter, index, recipe, base_weights
 # ---------------------------------------------------------------------------------------------- loading
 
 
-def load_experts(cls, path, base_model, *, tokenizer=None, revision: str | None = None):
-    """Read a folder written by :func:`save_experts` and attach its experts to ``base_model``."""
+def load_experts(cls, path, base_model, *, tokenizer=None, revision: str | None = None, **hub_kwargs: Any):
+    """Read a folder written by :func:`save_experts` and attach its experts to ``base_model`` (``hub_kwargs``: as
+    :func:`read_experts_config`)."""
     from peft import PeftModel
 
     if not isinstance(base_model, torch.nn.Module):
@@ -337,7 +338,7 @@ def load_experts(cls, path, base_model, *, tokenizer=None, revision: str | None 
             f"base_model must be the loaded base model (e.g. AutoModelForCausalLM.from_pretrained(...)), got "
             f"{type(base_model).__name__} {base_model!r:.80}; the folder records its base model's Hub id in "
             f"{CONFIG_NAME} ('base_model').")
-    folder, config = read_experts_config(path, revision)  # a wrong path first: it is the likelier mistake
+    folder, config = read_experts_config(path, revision, **hub_kwargs)  # a wrong path first: the likelier mistake
     if hasattr(base_model, "peft_config"):
         raise ValueError("base_model already carries PEFT adapters; pass the plain base model the experts were "
                          "trained on (e.g. AutoModelForCausalLM.from_pretrained(...)).")
@@ -412,15 +413,28 @@ def strip_lora(model) -> None:
     vars(model).pop("peft_config", None)  # it was absent: load_experts and train_experts refuse a PEFT model
 
 
-def read_experts_config(path, revision: str | None = None) -> tuple[Path, dict[str, Any]]:
+HUB_KWARGS = ("subfolder", "token", "cache_dir", "force_download", "local_files_only")
+"""The download keywords of ``from_pretrained`` an expert folder takes besides ``revision``."""
+
+
+def read_experts_config(path, revision: str | None = None, **hub_kwargs: Any) -> tuple[Path, dict[str, Any]]:
     """The local folder (a Hub repo is downloaded) and its checked ``experts_config.json``; no weights are read.
+
+    ``hub_kwargs``: any of :data:`HUB_KWARGS`; ``subfolder`` is the expert folder inside ``path``.
 
     Example:
         >>> folder, config = read_experts_config("experts/")  # doctest: +SKIP
         >>> config["base_model"], config["experts"]  # doctest: +SKIP
         ('HuggingFaceTB/SmolLM2-135M-Instruct', ['expert_0', 'expert_1', 'expert_2'])
     """
-    folder = _local_folder(path, revision)
+    unknown = sorted(set(hub_kwargs) - set(HUB_KWARGS))
+    if unknown:
+        raise TypeError(f"Unexpected keyword argument(s) {unknown} for loading an expert folder; it takes tokenizer=, "
+                        f"revision= and {', '.join(f'{name}=' for name in HUB_KWARGS)}.")
+    subfolder = hub_kwargs.pop("subfolder", None) or ""
+    folder = _local_folder(path, revision, subfolder, hub_kwargs) / subfolder
+    if subfolder and not folder.is_dir():
+        raise ValueError(f"{path} has no subfolder {subfolder!r}; pass the subfolder that holds {CONFIG_NAME}.")
     config_path = folder / CONFIG_NAME
     if not config_path.is_file():
         raise ValueError(f"{path} is not an expert folder: it has no {CONFIG_NAME} (save one with "
@@ -433,7 +447,7 @@ def read_experts_config(path, revision: str | None = None) -> tuple[Path, dict[s
     return folder, config
 
 
-def _local_folder(path, revision: str | None) -> Path:
+def _local_folder(path, revision: str | None, subfolder: str, download: dict[str, Any]) -> Path:
     if os.path.isdir(path):
         return Path(path)
     name = os.fspath(path)
@@ -445,4 +459,5 @@ def _local_folder(path, revision: str | None) -> Path:
         raise ValueError(f"{path} is neither an expert folder nor a Hub repo id (owner/name).")
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(name, revision=revision))
+    patterns = [f"{subfolder.strip('/')}/**"] if subfolder else None  # not the repo's other folders
+    return Path(snapshot_download(name, revision=revision, allow_patterns=patterns, **download))

@@ -440,12 +440,14 @@ class ExpertRouter:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, base_model: torch.nn.Module, *,
-                        tokenizer: PreTrainedTokenizerBase | None = None, revision: str | None = None) -> ExpertRouter:
+                        tokenizer: PreTrainedTokenizerBase | None = None, revision: str | None = None,
+                        **hub_kwargs: Any) -> ExpertRouter:
         """Load a saved expert folder (local, or a Hub repo id) onto ``base_model`` (a plain causal LM).
 
-        PEFT's argument order, ``from_pretrained(base_model, path)``, is taken too. Raises ``ValueError`` when
-        the folder was trained on another base model, when its router and its adapters disagree, or when it is
-        not an expert folder.
+        PEFT's argument order, ``from_pretrained(base_model, path)``, is taken too, and so are the download keywords
+        of ``from_pretrained``: ``subfolder`` (the folder inside ``path``), ``token``, ``cache_dir``,
+        ``force_download`` and ``local_files_only``. Raises ``ValueError`` when the folder was trained on another
+        base model, when its router and its adapters disagree, or when it is not an expert folder.
 
         Example:
             >>> router = ExpertRouter.from_pretrained("experts/", AutoModelForCausalLM.from_pretrained(base_id),
@@ -455,7 +457,7 @@ class ExpertRouter:
 
         if isinstance(path, torch.nn.Module) and isinstance(base_model, (str, os.PathLike)):
             path, base_model = base_model, path  # PeftModel.from_pretrained(model, model_id) order
-        return load_experts(cls, path, base_model, tokenizer=tokenizer, revision=revision)
+        return load_experts(cls, path, base_model, tokenizer=tokenizer, revision=revision, **hub_kwargs)
 
     def __repr__(self) -> str:
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
