@@ -103,10 +103,8 @@ def test_given_embeddings_must_be_finite_and_as_wide_as_the_routing_space():
         train_experts(model, rows, ExpertConfig(num_experts=2), tokenizer=tokenizer, embeddings=torch.rand(12, 3))
 
 
-def test_routed_and_packed_bases_are_refused_up_front():
-    """They failed deep inside: the routing's left-padding check (with padding_side='left' set) and peft's 'no
-    target_modules'."""
-    from hf_compress.quantization import quantize_rtn
+def test_a_routed_base_is_refused_up_front():
+    """It failed deep inside: the routing's left-padding check (with padding_side='left' set)."""
     from hf_compress.routing.layer import install_routing
     from hf_compress.routing.schedule import RoutingSchedule
 
@@ -117,9 +115,42 @@ def test_routed_and_packed_bases_are_refused_up_front():
         train_experts(model, rows, ExpertConfig(num_experts=2), tokenizer=tokenizer)
     with pytest.raises(ValueError, match="The model is token-routed: select with the model it was routed from"):
         select_data(rows, model, budget=0.5, tokenizer=tokenizer)
-    packed = quantize_rtn(tiny_model("llama")[0], bits=4, group_size=32)
-    with pytest.raises(ValueError, match="already holds 14 packed layers: train the experts on the float model"):
-        train_experts(packed, rows, ExpertConfig(num_experts=2), tokenizer=tokenizer)
+
+
+def test_experts_train_on_a_packed_base_and_load_onto_it_only(tmp_path):
+    """LoRA adapts packed layers (quantization/packed_lora.py): the experts train over the frozen codes, mixed batches
+    equal each row's own expert, and the folder's fingerprint is the packed base's."""
+    from hf_compress.quantization import quantize_rtn
+
+    rows, _ = _task_rows(16)
+    model, tokenizer = tiny_model("llama")
+    packed = quantize_rtn(model, bits=4, group_size=32)
+    settings = TrainingSettings(max_steps=2, per_device_batch_size=2, learning_rate=1e-3, use_cpu=True)
+    router = train_experts(packed, Dataset.from_list(rows), ExpertConfig(num_experts=2, r=4, seq_len=32),
+                           args=settings, tokenizer=tokenizer)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in router.model.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(0.2 * torch.randn(parameter.shape, generator=generator))
+    prompts = [row["prompt"] for row in rows[:6]]
+    routes = router.route_texts(prompts).tolist()
+    assert sorted(set(routes)) == [0, 1]
+    tokenizer.padding_side = "left"
+    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    mixed = router.generate(**batch, max_new_tokens=4, do_sample=False)[:, -4:]
+    for row, (prompt, expert) in enumerate(zip(prompts, routes)):
+        router.model.set_adapter(router.adapter_names[expert])
+        alone = router.model.generate(**tokenizer([prompt], return_tensors="pt"), max_new_tokens=4, do_sample=False)
+        assert alone[0, -4:].tolist() == mixed[row].tolist()
+    router.save_pretrained(tmp_path / "experts")
+    loaded = ExpertRouter.from_pretrained(tmp_path / "experts", quantize_rtn(tiny_model("llama")[0], bits=4,
+                                                                             group_size=32), tokenizer=tokenizer)
+    assert loaded.route_texts(prompts).tolist() == routes
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, router(**batch).logits)
+    with pytest.raises(ValueError, match="a quantized copy"):  # the float model the codes came from is another base
+        ExpertRouter.from_pretrained(tmp_path / "experts", tiny_model("llama")[0], tokenizer=tokenizer)
 
 
 def test_embedding_inputs_of_the_wrong_kind_are_named():

@@ -41,6 +41,7 @@ from ..formats.integrity import DIGEST_ALGORITHM, CheckpointIntegrityError, Chec
 from ..hub import base_weights_of, build_model_card, hub_model_id, write_model_card
 from ..modeling.identity import fingerprints_match, weight_fingerprint
 from ..modeling.layers import find_decoder_blocks
+from ..quantization.packed_linear import PackedLinear
 from ..utils import InvalidArgumentTypeError, atomic_directory, atomic_file, check_save_dir, get_logger
 from .embedding import EmbeddingSpace, EmbeddingSpec
 
@@ -73,8 +74,10 @@ def base_fingerprint(model, spec: EmbeddingSpec) -> dict[str, Any]:
     """
     plain = _plain(model)
     _, blocks = find_decoder_blocks(plain)
-    block_weight = next(p for name, p in blocks[spec.layer].named_parameters()
-                        if p.dim() == 2 and "lora_" not in name)
+    block = blocks[spec.layer]
+    block_weight = next((p for name, p in block.named_parameters() if p.dim() == 2 and "lora_" not in name), None)
+    if block_weight is None:  # every linear layer of a packed block keeps its weight as codes: take the first, dequantized
+        block_weight = next(module.weight for module in block.modules() if isinstance(module, PackedLinear))
     embeddings = plain.get_input_embeddings().weight
     config = getattr(plain.config, "text_config", None) or plain.config
     return {
@@ -141,8 +144,9 @@ def check_targets(saved: dict[str, list[float]], base_model, folder: str) -> Non
             what = "has no such weight" if current is None else "has other weights"
             raise ValueError(
                 f"The experts in {folder} were trained on another base model: the given model {what} at {name}, a "
-                "layer the experts adapt (a fine-tune or another checkpoint of the same architecture?); load the base "
-                "model they were trained on and pass it as base_model (hf-compress experts route: --base).")
+                "layer the experts adapt (a fine-tune, a quantized copy or another checkpoint of the same "
+                "architecture?); load the base model they were trained on and pass it as base_model (hf-compress "
+                "experts route: --base).")
 
 
 def _check_fingerprint(saved: dict[str, Any], current: dict[str, Any], folder: str) -> None:

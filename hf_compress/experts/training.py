@@ -14,7 +14,6 @@ import torch
 
 from .. import _compat
 from ..hub import base_weights_of
-from ..formats.packed import check_not_packed
 from ..modeling.layers import TRAINS_ON_ONE_DEVICE, check_not_offloaded
 from ..routing.layer import check_not_routed
 from ..training import (
@@ -126,7 +125,6 @@ def train_experts(
     # Refused here, not by peft's "no target_modules" or the routing's left-padding check deep in the embedding pass.
     check_not_routed(model, "train the experts on the model it was routed from: the embedding pass pads on the right, "
                             "which routing refuses, and the experts folder has no place for the router")
-    check_not_packed(model, "train the experts on the float model (LoRA adapts nn.Linear layers), then quantize it")
     args = args if args is not None else TrainingSettings()  # another kind is refused by _asked (asked_arguments)
     one_run = config.num_experts == 1 or (config.joint_training and config.shared_warmup == 0)
     if _asked(args, "resume_from_checkpoint") and not one_run:
