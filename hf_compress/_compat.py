@@ -725,23 +725,38 @@ def extend_peft_type(name: str) -> Any:
 
 _LORA_LAYERS: dict[type, Callable[..., nn.Module]] = {}
 """Layer types peft's LoRA does not know, and the factory that wraps each (``register_lora_layer``)."""
+_LORA_CONFIG_CHECKS: dict[type, Callable[[Any], None]] = {}
 
 
-def register_lora_layer(base_cls: type, factory: Callable[..., nn.Module]) -> None:
+def register_lora_layer(base_cls: type, factory: Callable[..., nn.Module],
+                        check_config: Callable[[Any], None] | None = None) -> None:
     """Let peft's LoRA adapt layers of type ``base_cls`` with ``factory(target, adapter_name, config=..., **kwargs)``.
 
     This holds in ``get_peft_model``, ``PeftModel.from_pretrained`` and ``load_adapter`` alike, and
-    ``target_modules="all-linear"`` counts these layers as linear. peft's own route,
-    ``LoraConfig._register_custom_module``, is kept on one config object: a config read back from a saved
-    ``adapter_config.json`` lacks it, so a saved adapter would not load again. Here peft's layer dispatch
-    (``LoraModel._create_new_module``) and its all-linear expansion (``tuners_utils._maybe_include_all_linear_layers``)
-    are wrapped once, trying the registered types first; every other layer takes peft's own path unchanged.
-    Checked on peft 0.21.2 and 0.22.0.
+    ``target_modules="all-linear"`` counts these layers as linear. ``check_config(lora_config)`` raises for a config
+    such layers cannot take; it runs before peft changes any layer, when the config targets one of them. peft's own
+    route, ``LoraConfig._register_custom_module``, is kept on one config object: a config read back from a saved
+    ``adapter_config.json`` lacks it, so a saved adapter would not load again. Here peft's new-adapter check
+    (``LoraModel._check_new_adapter_config``), layer dispatch (``LoraModel._create_new_module``) and all-linear
+    expansion (``tuners_utils._maybe_include_all_linear_layers``) are wrapped once, trying the registered types
+    first; every other layer takes peft's own path unchanged. Checked on peft 0.21.2 and 0.22.0.
     """
     from peft.tuners import tuners_utils
     from peft.tuners.lora import model as lora_model
 
     _LORA_LAYERS[base_cls] = factory
+    if check_config is not None:
+        _LORA_CONFIG_CHECKS[base_cls] = check_config
+    check_new = lora_model.LoraModel._check_new_adapter_config
+    if not getattr(check_new, "_hf_compress_wraps", None):
+        def _check_new_adapter_config(self: Any, config: Any) -> None:
+            check_new(self, config)
+            for layer_cls, check in _LORA_CONFIG_CHECKS.items():
+                if any(_lora_would_target(self, config, name) for name in _layers_of_type(self.model, layer_cls)):
+                    check(config)
+
+        _check_new_adapter_config._hf_compress_wraps = check_new
+        lora_model.LoraModel._check_new_adapter_config = _check_new_adapter_config
     create = lora_model.LoraModel.__dict__["_create_new_module"].__func__
     if not getattr(create, "_hf_compress_wraps", None):
         def _create_new_module(lora_config: Any, adapter_name: str, target: nn.Module, **kwargs: Any) -> nn.Module:
@@ -772,12 +787,30 @@ def _registered_lora_targets(model: nn.Module) -> set[str]:
     embeddings, not a layer already wrapped by an adapter (its ``base_layer``)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    types = tuple(_LORA_LAYERS)
+    layer_types = tuple(_LORA_LAYERS)
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     wrapped = {f"{prefix}.{suffix}" for prefix, module in model.named_modules() if isinstance(module, BaseTunerLayer)
                for suffix, _ in module.named_modules() if suffix}
     return {name for name, module in model.named_modules()
-            if types and isinstance(module, types) and module is not output and name not in wrapped}
+            if layer_types and isinstance(module, layer_types) and module is not output and name not in wrapped}
+
+
+def _layers_of_type(model: nn.Module, layer_cls: type) -> Iterator[str]:
+    """Names of ``model``'s layers of ``layer_cls``, an adapted one by its adapter layer's name (what a config's
+    ``target_modules`` matches), not by the ``base_layer`` inside it."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, module in model.named_modules():
+        base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+        if isinstance(base, layer_cls) and not name.endswith(".base_layer"):
+            yield name
+
+
+def _lora_would_target(tuner: Any, config: Any, name: str) -> bool:
+    targets = getattr(config, "target_modules", None)
+    if isinstance(targets, str) and targets.lower() == "all-linear":  # not expanded yet: every registered layer
+        return True
+    return bool(tuner._check_target_module_exists(config, name))  # an excluded module is falsy
 
 
 def peft_buffer_dict() -> type:
@@ -1026,6 +1059,8 @@ PRIVATE_NAMES: tuple[str, ...] = (
     "ParamWrapper",
     "_create_new_module",
     "_maybe_include_all_linear_layers",
+    "_check_new_adapter_config",
+    "_check_target_module_exists",
 )
 """Private or unstable names of other libraries that only this module may use (``tests/test_compat.py``)."""
 
@@ -1212,6 +1247,13 @@ def check_assumptions() -> list[str]:
                and "_maybe_include_all_linear_layers(" in source(BaseTuner),
                "peft: BaseTuner no longer expands all-linear through tuners_utils._maybe_include_all_linear_layers "
                "(register_lora_layer)")
+        check_new = getattr(LoraModel._check_new_adapter_config, "_hf_compress_wraps", LoraModel._check_new_adapter_config)
+        expect_that(lambda: list(inspect.signature(check_new).parameters) == ["self", "config"]
+                    and calls(BaseTuner, "_check_new_adapter_config", BaseTuner.inject_adapter)
+                    and list(inspect.signature(BaseTuner._check_target_module_exists).parameters)
+                    == ["peft_config", "key"],
+                    "peft: inject_adapter no longer checks a new adapter through _check_new_adapter_config(config), or "
+                    "_check_target_module_exists(peft_config, key) changed (register_lora_layer)")
         expect(calls(LoraLayer, "resolve_lora_variant", LoraLayer.update_layer),
                "peft: LoraLayer.update_layer no longer calls resolve_lora_variant (PackedLoraLinear checks there)")
         import torch

@@ -45,7 +45,7 @@ Usage:
     python scripts/bench_memory.py --cases perplexity --baseline-rev REV --output-name memory-perplexity
     python scripts/bench_memory.py --cases sparsegpt --baseline-rev REV --output-name memory-sparsegpt
     python scripts/bench_memory.py --cases tyr --baseline-rev REV --output-name memory-tyr
-    python scripts/bench_memory.py --cases lora lora-packed --output-name memory-lora-packed
+    python scripts/bench_memory.py --cases lora lora-packed --baseline-rev c8fc9de --output-name memory-lora-packed
 """
 
 from __future__ import annotations

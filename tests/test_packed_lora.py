@@ -91,17 +91,65 @@ def test_merging_refuses_packed_codes_and_works_after_dequantize(tmp_path, arch)
     ({"init_lora_weights": "pissa"}, r"init_lora_weights in .*got 'pissa'"),
     ({"init_lora_weights": "olora"}, r"init_lora_weights in .*got 'olora'"),
 ])
-def test_options_that_need_a_float_base_weight_are_refused(tmp_path, options, message):
-    base = AutoModelForCausalLM.from_pretrained(_packed_folder(tmp_path))
+def test_options_that_need_a_float_base_weight_are_refused_before_any_layer_changes(options, message):
+    # Layer 0 stays float and the embeddings are targeted too: peft would adapt them before reaching a packed layer.
+    model = quantize_rtn(tiny_model("llama", seed=0)[0], bits=4, group_size=32, skip=["model.layers.0.*"])
+    targets = ["embed_tokens", "q_proj", "v_proj"]
     with pytest.raises(ValueError, match=message):
-        get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj"], **options))
+        get_peft_model(model, LoraConfig(r=4, target_modules=targets, **options))
+    assert not any("lora_" in name for name, _ in model.named_parameters())
+    retried = get_peft_model(model, LoraConfig(r=4, target_modules=targets))  # as the message says
+    fresh = get_peft_model(quantize_rtn(tiny_model("llama", seed=0)[0], bits=4, group_size=32,
+                                        skip=["model.layers.0.*"]), LoraConfig(r=4, target_modules=targets))
+    trainable = lambda peft_model: sorted(n for n, p in peft_model.named_parameters() if p.requires_grad)  # noqa: E731
+    assert trainable(retried) == trainable(fresh)
+    assert all(not layer.lora_variant for layer in retried.modules() if hasattr(layer, "lora_variant"))
 
 
-def test_a_second_adapter_is_checked_too(tmp_path):
+def test_a_second_adapter_is_checked_before_any_layer_changes(tmp_path):
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(_packed_folder(tmp_path)),
-                           LoraConfig(r=4, target_modules=["q_proj"]))
+                           LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"]))
     with pytest.raises(ValueError, match="plain LoRA only"):
-        model.add_adapter("dora", LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+        model.add_adapter("dora", LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"], use_dora=True))
+    assert not any(".dora" in name for name, _ in model.named_parameters())
+
+
+@pytest.mark.parametrize("init", ["gaussian", "Gaussian", "orthogonal", "eva", False])
+def test_initialisations_that_leave_the_base_alone_are_taken(init):
+    model = quantize_rtn(tiny_model("llama", seed=0)[0], bits=4, group_size=32)
+    codes = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    ids = _ids()
+    before = _logits(model, ids)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=init))
+    assert all(torch.equal(buffer, codes[name.removeprefix("base_model.model.").replace(".base_layer", "")])
+               for name, buffer in peft_model.named_buffers() if name.endswith(("qweight", "scales", "qzeros")))
+    if init in ("gaussian", "Gaussian", "eva"):  # lora_B starts at zero; orthogonal starts at B·A = 0 up to rounding
+        assert torch.equal(_logits(peft_model, ids), before)
+
+
+def test_dequantize_keeps_the_adapters_base_frozen(tmp_path):
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(_packed_folder(tmp_path)),
+                           LoraConfig(r=4, target_modules="all-linear"))
+    trainable = sorted(name for name, p in model.named_parameters() if p.requires_grad)
+    model.dequantize()
+    assert not any(isinstance(module, PackedLinear) for module in model.modules())
+    assert sorted(name for name, p in model.named_parameters() if p.requires_grad) == trainable
+
+
+def test_per_sample_gradients_with_torch_func_reach_the_adapters():
+    model = get_peft_model(quantize_rtn(tiny_model("llama", seed=0)[0], bits=4, group_size=32),
+                           LoraConfig(r=4, target_modules="all-linear"))
+    params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+    ids = _ids(2)
+
+    def loss(values, row):
+        return torch.func.functional_call(model, values, (row[None],), {"labels": row[None]}).loss
+
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, ids)
+    first = torch.func.grad(loss)(params, ids[0])
+    for name in params:
+        torch.testing.assert_close(per_sample[name][0], first[name], rtol=1e-4, atol=1e-6)
+    assert any(bool(grad.abs().sum() > 0) for grad in first.values())
 
 
 def test_trainer_still_refuses_a_packed_model_without_an_adapter(tmp_path):

@@ -228,6 +228,9 @@ class PackedFormatQuantizer(CompressedFormatQuantizer):
                 linear.weight.copy_(weight)
                 if module.bias is not None:
                     linear.bias.copy_(module.bias)
+                    linear.bias.requires_grad_(module.bias.requires_grad)
+            if name.endswith(".base_layer"):  # a LoRA adapter's base (quantization.packed_lora): it stays frozen
+                linear.weight.requires_grad_(False)
             replace_module(model, name, linear)
         return model
 

@@ -80,10 +80,16 @@ class _DequantizedMatmul(torch.autograd.Function):
     the unquantized model, which is what training adapters over a packed model (QLoRA-style) must not need.
     """
 
+    generate_vmap_rule = True  # torch.func (per-sample gradients with vmap) works through it, as through F.linear
+
     @staticmethod
-    def forward(ctx, x: torch.Tensor, layer: PackedLinear) -> torch.Tensor:
-        ctx.layer, ctx.key = layer, layer._cache_key()
+    def forward(x: torch.Tensor, layer: PackedLinear) -> torch.Tensor:
         return nn.functional.linear(x, layer.dequantized_weight(x.dtype))
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple[torch.Tensor, PackedLinear], output: torch.Tensor) -> None:
+        layer = inputs[1]
+        ctx.layer, ctx.key = layer, layer._cache_key()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:

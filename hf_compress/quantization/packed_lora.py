@@ -8,9 +8,10 @@ backward dequantizes each layer again instead of keeping its float weight (``pac
 The adapter's tensors have the same names and shapes as on the float model, so an adapter trained on the packed
 model loads onto the float one, and the other way round.
 
-What is refused, with the reason: LoRA variants (DoRA and the like) and initialisations that rewrite or read the
-base weight (PiSSA, OLoRA, LoftQ, ...), since the codes cannot take a float update; and merging, which would
-re-quantize the merged weight. ``model.dequantize()`` first gives float layers that merge as usual.
+What is refused, with the reason, before any layer is changed: LoRA variants (DoRA and the like) and
+initialisations other than :data:`SUPPORTED_INITIALIZATIONS` (PiSSA, OLoRA, LoftQ, ... rewrite or decompose the base
+weight, which here is frozen codes); and merging, which would re-quantize the merged weight. ``model.dequantize()``
+first gives float layers that merge as usual.
 
 Example:
     >>> import torch
@@ -38,8 +39,9 @@ from .packed_linear import PackedLinear
 
 __all__ = ["PackedLoraLinear", "SUPPORTED_INITIALIZATIONS"]
 
-SUPPORTED_INITIALIZATIONS: tuple[Any, ...] = (True, False, "gaussian")
-"""``LoraConfig.init_lora_weights`` values that leave the base weight alone (the others rewrite or read it)."""
+SUPPORTED_INITIALIZATIONS: tuple[Any, ...] = (True, False, "gaussian", "orthogonal", "eva")
+"""``LoraConfig.init_lora_weights`` values that leave the base weight alone (strings in any case); the others rewrite
+or decompose it."""
 
 _MERGE_HINT = ("LoRA cannot be merged into packed low-bit codes without re-quantizing the merged weight. Call "
                "`model.dequantize()` first (its packed layers become float ones), then merge; or keep the adapter "
@@ -71,14 +73,28 @@ class PackedLoraLinear(LoraLinear):
         # A packed layer computes x @ W.T with W [out, in], even where it stands for GPT-2's Conv1D.
         self.fan_in_fan_out = False
 
+    @classmethod
+    def check_config(cls, config: Any) -> None:
+        """Raise ``ValueError`` if ``config`` asks for what a packed layer cannot take.
+
+        Run before peft changes any layer (``_compat.register_lora_layer``): peft checks each layer only as it
+        adapts it, so a refusal at the first packed layer would leave the layers before it (embeddings, layers kept
+        in float) already adapted.
+        """
+        probe = PackedLinear(8, 8, bits=4, group_size=8, bias=True)  # with a bias: lora_bias=True warns without one
+        cls(probe, "probe", config=config, r=8, lora_alpha=8)
+
     def resolve_lora_variant(self, *, config: Any, **kwargs: Any) -> Any:
         # peft resolves the variant on every adapter added to the layer, before initialising it: check each one here.
-        init = config.init_lora_weights
-        if not any(init is allowed or (isinstance(init, str) and init == allowed) for allowed in SUPPORTED_INITIALIZATIONS):
-            raise ValueError(f"LoRA on a packed low-bit layer supports init_lora_weights in {SUPPORTED_INITIALIZATIONS}, "
-                             f"got {init!r}: it rewrites or reads the base weight, which here is frozen packed codes. "
-                             "Use the default, or initialise on the float model and load the adapter onto this one.")
         variant = super().resolve_lora_variant(config=config, **kwargs)
+        if not isinstance(self.get_base_layer(), PackedLinear):  # dequantize() replaced the codes by a float layer
+            return variant
+        init = config.init_lora_weights
+        if not any(init is allowed or (isinstance(init, str) and isinstance(allowed, str) and init.lower() == allowed)
+                   for allowed in SUPPORTED_INITIALIZATIONS):
+            raise ValueError(f"LoRA on a packed low-bit layer supports init_lora_weights in {SUPPORTED_INITIALIZATIONS}, "
+                             f"got {init!r}: it rewrites or decomposes the base weight, which here is frozen packed "
+                             "codes. Use the default (init_lora_weights=True).")
         if variant is not None:
             raise ValueError(f"LoRA on a packed low-bit layer supports plain LoRA only, not {type(variant).__name__} "
                              "(DoRA and the other variants read or rescale the base weight). Train it on the float "
@@ -92,10 +108,5 @@ class PackedLoraLinear(LoraLinear):
         self.fan_in_fan_out = isinstance(base, Conv1D)  # dequantize() rebuilt the architecture's own layer
         super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
 
-    def unmerge(self) -> None:
-        if isinstance(self.get_base_layer(), PackedLinear):
-            raise ValueError(_MERGE_HINT)
-        super().unmerge()
 
-
-_compat.register_lora_layer(PackedLinear, PackedLoraLinear)
+_compat.register_lora_layer(PackedLinear, PackedLoraLinear, check_config=PackedLoraLinear.check_config)
