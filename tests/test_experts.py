@@ -125,14 +125,7 @@ def test_experts_train_on_a_packed_base_and_load_onto_it_only(tmp_path):
     rows, _ = _task_rows(16)
     model, tokenizer = tiny_model("llama")
     packed = quantize_rtn(model, bits=4, group_size=32)
-    settings = TrainingSettings(max_steps=2, per_device_batch_size=2, learning_rate=1e-3, use_cpu=True)
-    router = train_experts(packed, Dataset.from_list(rows), ExpertConfig(num_experts=2, r=4, seq_len=32),
-                           args=settings, tokenizer=tokenizer)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, parameter in router.model.named_parameters():
-            if "lora_B" in name:
-                parameter.copy_(0.2 * torch.randn(parameter.shape, generator=generator))
+    router = _two_experts(packed, tokenizer, rows, steps=2)
     prompts = [row["prompt"] for row in rows[:6]]
     routes = router.route_texts(prompts).tolist()
     assert sorted(set(routes)) == [0, 1]
@@ -306,12 +299,10 @@ def test_embedding_ignores_padding_side():
 # ---------------------------------------------------------------------------------------------- experts
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """Two experts trained on two distinct tasks (tiny Llama), given random LoRA B matrices, and saved."""
-    model, tokenizer = tiny_model("llama")
-    rows, tasks = _task_rows(16)
-    settings = TrainingSettings(max_steps=4, per_device_batch_size=2, learning_rate=1e-3, logging_steps=2, use_cpu=True)
+def _two_experts(model, tokenizer, rows, steps: int) -> ExpertRouter:
+    """Two experts trained on ``rows`` for ``steps``, given random LoRA B matrices so that routing shows in outputs."""
+    settings = TrainingSettings(max_steps=steps, per_device_batch_size=2, learning_rate=1e-3, logging_steps=2,
+                                use_cpu=True)
     router = train_experts(model, Dataset.from_list(rows), ExpertConfig(num_experts=2, r=4, seq_len=32),
                            args=settings, tokenizer=tokenizer)
     generator = torch.Generator().manual_seed(0)
@@ -319,6 +310,15 @@ def trained(tmp_path_factory):
         for name, parameter in router.model.named_parameters():
             if "lora_B" in name:
                 parameter.copy_(0.2 * torch.randn(parameter.shape, generator=generator))
+    return router
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Two experts trained on two distinct tasks (tiny Llama), given random LoRA B matrices, and saved."""
+    model, tokenizer = tiny_model("llama")
+    rows, tasks = _task_rows(16)
+    router = _two_experts(model, tokenizer, rows, steps=4)
     folder = tmp_path_factory.mktemp("experts") / "experts"
     router.save_pretrained(folder)
     return router, tokenizer, rows, tasks, folder
