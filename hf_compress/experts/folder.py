@@ -46,8 +46,8 @@ from ..utils import InvalidArgumentTypeError, atomic_directory, atomic_file, che
 from .embedding import EmbeddingSpace, EmbeddingSpec
 
 
-__all__ = ["CONFIG_NAME", "HUB_KWARGS", "ROUTER_NAME", "TARGET_SAMPLES", "base_fingerprint", "check_targets", "load_experts",
-           "read_experts_config", "save_experts", "target_fingerprint"]
+__all__ = ["CONFIG_NAME", "HUB_KWARGS", "ROUTER_NAME", "TARGET_SAMPLES", "base_fingerprint", "check_targets",
+           "load_experts", "read_experts_config", "save_experts", "target_fingerprint"]
 
 logger = get_logger(__name__)
 
@@ -76,7 +76,7 @@ def base_fingerprint(model, spec: EmbeddingSpec) -> dict[str, Any]:
     _, blocks = find_decoder_blocks(plain)
     block = blocks[spec.layer]
     block_weight = next((p for name, p in block.named_parameters() if p.dim() == 2 and "lora_" not in name), None)
-    if block_weight is None:  # every linear layer of a packed block keeps its weight as codes: take the first, dequantized
+    if block_weight is None:  # a packed block keeps its linear weights as codes: the first one, dequantized
         block_weight = next(module.weight for module in block.modules() if isinstance(module, PackedLinear))
     embeddings = plain.get_input_embeddings().weight
     config = getattr(plain.config, "text_config", None) or plain.config
