@@ -752,7 +752,7 @@ def register_lora_layer(base_cls: type, factory: Callable[..., nn.Module],
         def _check_new_adapter_config(self: Any, config: Any) -> None:
             check_new(self, config)
             for layer_cls, check in _LORA_CONFIG_CHECKS.items():
-                if any(_lora_would_target(self, config, name) for name in _layers_of_type(self.model, layer_cls)):
+                if any(_lora_would_target(self, config, name) for name, _ in _layers_of_type(self.model, layer_cls)):
                     check(config)
 
         _check_new_adapter_config._hf_compress_wraps = check_new
@@ -784,26 +784,20 @@ def register_lora_layer(base_cls: type, factory: Callable[..., nn.Module],
 
 def _registered_lora_targets(model: nn.Module) -> set[str]:
     """Names of ``model``'s layers of a registered type, as peft's all-linear rule picks ``nn.Linear``: not the output
-    embeddings, not a layer already wrapped by an adapter (its ``base_layer``)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    layer_types = tuple(_LORA_LAYERS)
+    embeddings."""
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    wrapped = {f"{prefix}.{suffix}" for prefix, module in model.named_modules() if isinstance(module, BaseTunerLayer)
-               for suffix, _ in module.named_modules() if suffix}
-    return {name for name, module in model.named_modules()
-            if layer_types and isinstance(module, layer_types) and module is not output and name not in wrapped}
+    return {name for name, layer in _layers_of_type(model, tuple(_LORA_LAYERS)) if layer is not output}
 
 
-def _layers_of_type(model: nn.Module, layer_cls: type) -> Iterator[str]:
-    """Names of ``model``'s layers of ``layer_cls``, an adapted one by its adapter layer's name (what a config's
-    ``target_modules`` matches), not by the ``base_layer`` inside it."""
+def _layers_of_type(model: nn.Module, layer_types: type | tuple[type, ...]) -> Iterator[tuple[str, nn.Module]]:
+    """``(name, layer)`` of ``model``'s layers of ``layer_types``, an adapted one under its adapter layer's name (what
+    a config's ``target_modules`` matches), not the ``base_layer`` inside it."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     for name, module in model.named_modules():
         base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
-        if isinstance(base, layer_cls) and not name.endswith(".base_layer"):
-            yield name
+        if isinstance(base, layer_types) and not name.endswith(".base_layer"):
+            yield name, base
 
 
 def _lora_would_target(tuner: Any, config: Any, name: str) -> bool:

@@ -158,19 +158,9 @@ def _measure(case: str, value: int) -> dict:
                                 logging_steps=1, progress=False, use_cpu=True)
     sampler = _PeakSampler()
     started = time.perf_counter()
-    if case == "dlqat":
-        from peft import get_peft_model
-        from hf_compress.quantization import DLQATConfig
-        from hf_compress.training import train_with_trainer
-
-        ids = _token_ids(8, 64, vocab).tolist()
-        data = Dataset.from_dict({"input_ids": ids, "labels": ids})
-        sampler.mark()
-        peft_model = get_peft_model(model, DLQATConfig(bits=4, group_size=128, r=16, target_modules="all-linear"))
-        with tempfile.TemporaryDirectory() as output_dir:
-            train_with_trainer(peft_model, data, output_dir, settings)
-    elif case in ("lora", "lora-packed"):
+    if case in ("dlqat", "lora", "lora-packed"):
         from peft import LoraConfig, get_peft_model
+        from hf_compress.quantization import DLQATConfig
         from hf_compress.training import train_with_trainer
 
         if case == "lora-packed":
@@ -178,10 +168,12 @@ def _measure(case: str, value: int) -> dict:
 
             model = quantize_rtn(model, bits=4, group_size=128)
             model_bytes = sum(parameter_bytes(model)[kind] for kind in ("parameters", "buffers"))
+        adapter = (DLQATConfig(bits=4, group_size=128, r=16, target_modules="all-linear") if case == "dlqat"
+                   else LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
         ids = _token_ids(8, 64, vocab).tolist()
         data = Dataset.from_dict({"input_ids": ids, "labels": ids})
         sampler.mark()
-        peft_model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+        peft_model = get_peft_model(model, adapter)
         with tempfile.TemporaryDirectory() as output_dir:
             train_with_trainer(peft_model, data, output_dir, settings)
     elif case == "router":
