@@ -181,3 +181,30 @@ def test_the_backward_pass_keeps_the_codes_not_a_float_weight():
         layer.scales.mul_(2)  # the codes change between the passes: the gradient would be through other weights
     with pytest.raises(RuntimeError, match="changed between the forward and the backward"):
         y.sum().backward()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lora_on_a_packed_model_trains_on_cuda_as_on_the_cpu(dtype):
+    """The adapters follow the packed layers' device and dtype; the gradients match the CPU's (same codes)."""
+    def adapted(device):
+        model = quantize_rtn(tiny_model("llama", seed=0)[0].to(dtype), bits=4, group_size=32).to(device)
+        torch.manual_seed(0)  # the same lora_A on both devices
+        return get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights="gaussian"))
+
+    ids = _ids()
+    grads = []
+    for device in ("cpu", "cuda"):
+        model = adapted(device)
+        layer = model.base_model.model.model.layers[0].self_attn.q_proj
+        assert layer.lora_A["default"].weight.device.type == device
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if "lora_B" in name:
+                    parameter.fill_(0.01)  # a non-zero update, so lora_A's gradient is not zero
+        model(ids.to(device), labels=ids.to(device)).loss.backward()
+        grads.append({name: p.grad.float().cpu() for name, p in model.named_parameters() if p.requires_grad})
+    tolerance = 1e-4 if dtype == torch.float32 else 5e-2
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=tolerance, atol=tolerance)
