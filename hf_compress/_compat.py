@@ -25,6 +25,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib
 import importlib.metadata
 import inspect
@@ -729,12 +730,14 @@ _LORA_CONFIG_CHECKS: dict[type, Callable[[Any], None]] = {}
 
 
 def register_lora_layer(base_cls: type, factory: Callable[..., nn.Module],
-                        check_config: Callable[[Any], None] | None = None) -> None:
+                        check_config: Callable[..., None] | None = None) -> None:
     """Let peft's LoRA adapt layers of type ``base_cls`` with ``factory(target, adapter_name, config=..., **kwargs)``.
 
     This holds in ``get_peft_model``, ``PeftModel.from_pretrained`` and ``load_adapter`` alike, and
-    ``target_modules="all-linear"`` counts these layers as linear. ``check_config(lora_config)`` raises for a config
-    such layers cannot take; it runs before peft changes any layer, when the config targets one of them. peft's own
+    ``target_modules="all-linear"`` counts these layers as linear. ``check_config(lora_config, saved=names)`` raises
+    for a config such layers cannot take; it runs before peft changes any layer, when the config targets one of them
+    (``target_modules``, peft's default targets for the model type included) or names one in ``modules_to_save``
+    (``names``: those layers, which peft would wrap in a trainable copy). peft's own
     route, ``LoraConfig._register_custom_module``, is kept on one config object: a config read back from a saved
     ``adapter_config.json`` lacks it, so a saved adapter would not load again. Here peft's new-adapter check
     (``LoraModel._check_new_adapter_config``), layer dispatch (``LoraModel._create_new_module``) and all-linear
@@ -751,9 +754,12 @@ def register_lora_layer(base_cls: type, factory: Callable[..., nn.Module],
     if not getattr(check_new, "_hf_compress_wraps", None):
         def _check_new_adapter_config(self: Any, config: Any) -> None:
             check_new(self, config)
+            targeting = _with_default_targets(self, config)
             for layer_cls, check in _LORA_CONFIG_CHECKS.items():
-                if any(_lora_would_target(self, config, name) for name, _ in _layers_of_type(self.model, layer_cls)):
-                    check(config)
+                names = [name for name, _ in _layers_of_type(self.model, layer_cls)]
+                saved = [name for name in names if _lora_would_save(config, name)]
+                if saved or any(_lora_would_target(self, targeting, name) for name in names):
+                    check(config, saved=saved)
 
         _check_new_adapter_config._hf_compress_wraps = check_new
         lora_model.LoraModel._check_new_adapter_config = _check_new_adapter_config
@@ -800,11 +806,32 @@ def _layers_of_type(model: nn.Module, layer_types: type | tuple[type, ...]) -> I
             yield name, base
 
 
+def _with_default_targets(tuner: Any, config: Any) -> Any:
+    """``config`` with peft's default ``target_modules`` for the model type filled in (a copy), as peft fills them in
+    only after the new-adapter check; ``config`` itself where it names its targets or peft knows no default."""
+    if getattr(config, "target_modules", None) is not None:
+        return config
+    # _prepare_adapter_config: the hook every peft tuner implements (DL-QAT too); check_assumptions checks its signature.
+    try:
+        return tuner._prepare_adapter_config(copy.copy(config), tuner.get_model_config(tuner.model))
+    except ValueError:  # no default for this model type: peft refuses the config itself right after this check
+        return config
+
+
 def _lora_would_target(tuner: Any, config: Any, name: str) -> bool:
     targets = getattr(config, "target_modules", None)
+    if targets is None:  # target_parameters only: no layer is wrapped
+        return False
     if isinstance(targets, str) and targets.lower() == "all-linear":  # not expanded yet: every registered layer
         return True
     return bool(tuner._check_target_module_exists(config, name))  # an excluded module is falsy
+
+
+def _lora_would_save(config: Any, name: str) -> bool:
+    """Whether peft would wrap layer ``name`` in a trainable copy for ``config.modules_to_save``."""
+    from peft.utils.other import _is_valid_match
+
+    return any(_is_valid_match(name, saved) for saved in getattr(config, "modules_to_save", None) or ())
 
 
 def peft_buffer_dict() -> type:
@@ -1055,6 +1082,7 @@ PRIVATE_NAMES: tuple[str, ...] = (
     "_maybe_include_all_linear_layers",
     "_check_new_adapter_config",
     "_check_target_module_exists",
+    "_is_valid_match",
 )
 """Private or unstable names of other libraries that only this module may use (``tests/test_compat.py``)."""
 
@@ -1248,6 +1276,20 @@ def check_assumptions() -> list[str]:
                     == ["peft_config", "key"],
                     "peft: inject_adapter no longer checks a new adapter through _check_new_adapter_config(config), or "
                     "_check_target_module_exists(peft_config, key) changed (register_lora_layer)")
+        from peft.utils import other as peft_other
+
+        expect_that(lambda: list(inspect.signature(BaseTuner._prepare_adapter_config).parameters)
+                    == ["self", "peft_config", "model_config"]
+                    and list(inspect.signature(BaseTuner.get_model_config).parameters) == ["model"]
+                    and source(BaseTuner.inject_adapter).index("._check_new_adapter_config(")
+                    < source(BaseTuner.inject_adapter).index("._prepare_adapter_config("),
+                    "peft: BaseTuner._prepare_adapter_config(peft_config, model_config) or get_model_config(model) "
+                    "changed, or default targets are no longer filled in after the new-adapter check "
+                    "(register_lora_layer)")
+        expect_that(lambda: list(inspect.signature(peft_other._is_valid_match).parameters) == ["key", "target_key"]
+                    and "_is_valid_match(" in source(peft_other._set_trainable),
+                    "peft: modules_to_save no longer matches layers through utils.other._is_valid_match(key, "
+                    "target_key) (register_lora_layer)")
         expect(calls(LoraLayer, "resolve_lora_variant", LoraLayer.update_layer),
                "peft: LoraLayer.update_layer no longer calls resolve_lora_variant (PackedLoraLinear checks there)")
         import torch

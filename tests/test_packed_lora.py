@@ -87,7 +87,7 @@ def test_merging_refuses_packed_codes_and_works_after_dequantize(tmp_path, arch)
 
 
 @pytest.mark.parametrize(("options", "message"), [
-    ({"use_dora": True}, r"plain LoRA only.*DoraLinearVariant"),
+    ({"use_dora": True}, r"plain LoRA and aLoRA only.*DoraLinearVariant"),
     ({"init_lora_weights": "pissa"}, r"init_lora_weights in .*got 'pissa'"),
     ({"init_lora_weights": "olora"}, r"init_lora_weights in .*got 'olora'"),
 ])
@@ -109,7 +109,7 @@ def test_options_that_need_a_float_base_weight_are_refused_before_any_layer_chan
 def test_a_second_adapter_is_checked_before_any_layer_changes(tmp_path):
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(_packed_folder(tmp_path)),
                            LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"]))
-    with pytest.raises(ValueError, match="plain LoRA only"):
+    with pytest.raises(ValueError, match="plain LoRA and aLoRA only"):
         model.add_adapter("dora", LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"], use_dora=True))
     assert not any(".dora" in name for name, _ in model.named_parameters())
 
@@ -127,13 +127,93 @@ def test_initialisations_that_leave_the_base_alone_are_taken(init):
         assert torch.equal(_logits(peft_model, ids), before)
 
 
-def test_dequantize_keeps_the_adapters_base_frozen(tmp_path):
+@pytest.mark.parametrize("targets", ["all-linear", ["q_proj", "v_proj"]])  # the untargeted layers too
+def test_dequantize_keeps_the_adapters_base_frozen(tmp_path, targets):
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(_packed_folder(tmp_path)),
-                           LoraConfig(r=4, target_modules="all-linear"))
+                           LoraConfig(r=4, target_modules=targets))
     trainable = sorted(name for name, p in model.named_parameters() if p.requires_grad)
     model.dequantize()
     assert not any(isinstance(module, PackedLinear) for module in model.modules())
     assert sorted(name for name, p in model.named_parameters() if p.requires_grad) == trainable
+
+
+def test_dequantize_without_adapters_gives_a_trainable_float_model(tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(_packed_folder(tmp_path)).dequantize()
+    assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_config_without_target_modules_takes_peft_defaults_and_is_checked(tmp_path, arch):
+    folder = _packed_folder(tmp_path, arch)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(folder), LoraConfig(r=4))
+    assert {name.rpartition(".")[2] for name, module in model.named_modules()
+            if isinstance(module, PackedLoraLinear)} == {"llama": {"q_proj", "v_proj"}, "gpt2": {"c_attn"}}[arch]
+    with pytest.raises(ValueError, match="DoraLinearVariant"):  # the default targets are packed: refused up front
+        get_peft_model(AutoModelForCausalLM.from_pretrained(folder), LoraConfig(r=4, use_dora=True))
+
+
+def test_modules_to_save_naming_a_packed_layer_is_refused_both_ways(tmp_path):
+    folder = _packed_folder(tmp_path)
+    with pytest.raises(ValueError, match=r"modules_to_save names packed low-bit layers .*down_proj"):
+        get_peft_model(AutoModelForCausalLM.from_pretrained(folder),
+                       LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["down_proj"]))
+    float_model = AutoModelForCausalLM.from_pretrained(folder).dequantize()
+    get_peft_model(float_model, LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["down_proj"])
+                   ).save_pretrained(tmp_path / "adapter")
+    packed = AutoModelForCausalLM.from_pretrained(folder)
+    with pytest.raises(ValueError, match="modules_to_save names packed"):
+        PeftModel.from_pretrained(packed, tmp_path / "adapter")
+    assert not any("lora_" in name for name, _ in packed.named_parameters())
+    # A float layer (lm_head, never packed) is saved as usual.
+    get_peft_model(packed, LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+
+
+def test_the_config_check_leaves_the_seed_to_the_adapters(tmp_path):
+    folder = _packed_folder(tmp_path)
+    initial = {}
+    for name, model in (("packed", AutoModelForCausalLM.from_pretrained(folder)),
+                        ("float", AutoModelForCausalLM.from_pretrained(folder).dequantize())):
+        torch.manual_seed(0)
+        peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"]))
+        initial[name] = {k: v for k, v in peft_model.state_dict().items() if "lora_A" in k}
+    assert initial["packed"].keys() == initial["float"].keys()
+    assert all(torch.equal(initial["packed"][k], initial["float"][k]) for k in initial["packed"])
+
+
+def test_dora_added_after_dequantize_equals_dora_on_the_float_model(tmp_path):
+    """GPT-2: dequantize() rebuilds Conv1D ([in, out]); the LoRA layer over it must transpose again (DoRA's norm)."""
+    folder = _packed_folder(tmp_path, "gpt2")
+    ids = _ids()
+    logits = {}
+    for name in ("packed", "float"):
+        base = AutoModelForCausalLM.from_pretrained(folder)
+        if name == "float":
+            base = base.dequantize()
+        model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", fan_in_fan_out=True))
+        if name == "packed":
+            model.dequantize()
+        model.add_adapter("dora", LoraConfig(r=4, target_modules="all-linear", use_dora=True, fan_in_fan_out=True))
+        model.set_adapter("dora")
+        with torch.no_grad():
+            for parameter_name, parameter in sorted(model.named_parameters()):
+                if ".dora" in parameter_name and "lora_magnitude" not in parameter_name:  # the same A and B in both
+                    parameter.copy_(torch.randn(parameter.shape, generator=torch.Generator().manual_seed(1)))
+        logits[name] = _logits(model, ids)
+    torch.testing.assert_close(logits["packed"], logits["float"], rtol=1e-5, atol=1e-5)
+
+
+def test_alora_reads_no_base_weight_and_is_taken(tmp_path):
+    folder = _packed_folder(tmp_path)
+    ids = _ids()
+    config = dict(r=4, target_modules=["q_proj", "v_proj"], alora_invocation_tokens=[int(ids[0, 5]), int(ids[0, 6])],
+                  init_lora_weights=False)
+    outputs = {}
+    for name in ("packed", "float"):
+        base = AutoModelForCausalLM.from_pretrained(folder)
+        torch.manual_seed(0)
+        model = get_peft_model(base.dequantize() if name == "float" else base, LoraConfig(**config))
+        outputs[name] = _logits(model, ids)
+    torch.testing.assert_close(outputs["packed"], outputs["float"], rtol=1e-5, atol=1e-5)
 
 
 def test_per_sample_gradients_with_torch_func_reach_the_adapters():

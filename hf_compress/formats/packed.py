@@ -210,6 +210,11 @@ class PackedFormatQuantizer(CompressedFormatQuantizer):
     def _dequantize(self, model: PreTrainedModel, dtype: torch.dtype | str | None = None) -> PreTrainedModel:
         if isinstance(dtype, str):  # a loaded model's config.dtype is a name ("float32")
             dtype = getattr(torch, dtype)
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        # With adapters attached (quantization.packed_lora), peft froze the whole base: the float layers stay frozen,
+        # targeted or not, or training after this would silently fine-tune them in full.
+        frozen = any(isinstance(module, BaseTunerLayer) for module in model.modules())
         # By name, not a list of the modules: each packed layer is freed once its float layer replaces it.
         names = [name for name, module in model.named_modules() if isinstance(module, PackedLinear)]
         for name in names:
@@ -229,8 +234,7 @@ class PackedFormatQuantizer(CompressedFormatQuantizer):
                 if module.bias is not None:
                     linear.bias.copy_(module.bias)
                     linear.bias.requires_grad_(module.bias.requires_grad)
-            if name.endswith(".base_layer"):  # a LoRA adapter's base (quantization.packed_lora): it stays frozen
-                linear.weight.requires_grad_(False)
+            linear.weight.requires_grad_(not frozen)
             replace_module(model, name, linear)
         return model
 

@@ -8,10 +8,11 @@ backward dequantizes each layer again instead of keeping its float weight (``pac
 The adapter's tensors have the same names and shapes as on the float model, so an adapter trained on the packed
 model loads onto the float one, and the other way round.
 
-What is refused, with the reason, before any layer is changed: LoRA variants (DoRA and the like) and
-initialisations other than :data:`SUPPORTED_INITIALIZATIONS` (PiSSA, OLoRA, LoftQ, ... rewrite or decompose the base
-weight, which here is frozen codes); and merging, which would re-quantize the merged weight. ``model.dequantize()``
-first gives float layers that merge as usual.
+What is refused, with the reason, before any layer is changed: LoRA variants other than
+:data:`BASE_FREE_VARIANTS` (DoRA and the like) and initialisations other than :data:`SUPPORTED_INITIALIZATIONS`
+(PiSSA, OLoRA, LoftQ, ... rewrite or decompose the base weight, which here is frozen codes); ``modules_to_save`` naming
+a packed layer (a trainable full copy of codes); and merging, which would re-quantize the merged weight.
+``model.dequantize()`` first gives float layers that merge as usual; the model's base weights stay frozen.
 
 Example:
     >>> import torch
@@ -27,6 +28,7 @@ Example:
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -37,11 +39,15 @@ from .. import _compat
 from .packed_linear import PackedLinear
 
 
-__all__ = ["PackedLoraLinear", "SUPPORTED_INITIALIZATIONS"]
+__all__ = ["BASE_FREE_VARIANTS", "PackedLoraLinear", "SUPPORTED_INITIALIZATIONS"]
 
 SUPPORTED_INITIALIZATIONS: tuple[Any, ...] = (True, False, "gaussian", "orthogonal", "eva")
 """``LoraConfig.init_lora_weights`` values that leave the base weight alone (strings in any case); the others rewrite
 or decompose it."""
+
+BASE_FREE_VARIANTS: tuple[str, ...] = ("ALoraLinearVariant",)
+"""peft LoRA variants (class names) whose forward adds to the base layer's output without reading its weight:
+aLoRA only masks the positions the adapter acts on."""
 
 _MERGE_HINT = ("LoRA cannot be merged into packed low-bit codes without re-quantizing the merged weight. Call "
                "`model.dequantize()` first (its packed layers become float ones), then merge; or keep the adapter "
@@ -70,19 +76,33 @@ class PackedLoraLinear(LoraLinear):
         with warnings.catch_warnings():  # peft warns "proceed at your own risk" for each layer type it does not list
             warnings.filterwarnings("ignore", message=r"Unsupported layer type .*PackedLinear", category=UserWarning)
             super().__init__(base_layer, adapter_name, config=config, **kwargs)
-        # A packed layer computes x @ W.T with W [out, in], even where it stands for GPT-2's Conv1D.
-        self.fan_in_fan_out = False
+
+    @property
+    def fan_in_fan_out(self) -> bool:
+        # A packed layer computes x @ W.T with W [out, in], even where it stands for GPT-2's Conv1D; once
+        # dequantize() has rebuilt the Conv1D ([in, out]), peft must transpose again (merging, DoRA's weight norm).
+        return isinstance(self.get_base_layer(), Conv1D)
+
+    @fan_in_fan_out.setter
+    def fan_in_fan_out(self, value: bool) -> None:
+        pass  # peft sets the config's value; the base layer decides (above)
 
     @classmethod
-    def check_config(cls, config: Any) -> None:
+    def check_config(cls, config: Any, saved: Sequence[str] = ()) -> None:
         """Raise ``ValueError`` if ``config`` asks for what a packed layer cannot take.
 
-        Run before peft changes any layer (``_compat.register_lora_layer``): peft checks each layer only as it
-        adapts it, so a refusal at the first packed layer would leave the layers before it (embeddings, layers kept
-        in float) already adapted.
+        ``saved``: the packed layers ``config.modules_to_save`` names. Run before peft changes any layer
+        (``_compat.register_lora_layer``): peft checks each layer only as it adapts it, so a refusal at the first
+        packed layer would leave the layers before it (embeddings, layers kept in float) already adapted.
         """
+        if saved:
+            raise ValueError(f"modules_to_save names packed low-bit layers ({', '.join(saved[:3])}"
+                             f"{', ...' if len(saved) > 3 else ''}): peft would train a full copy of each, and a "
+                             "packed layer has no float weight to train or save. Target them with LoRA instead "
+                             "(target_modules), or call `model.dequantize()` first to train them in full.")
         probe = PackedLinear(8, 8, bits=4, group_size=8, bias=True)  # with a bias: lora_bias=True warns without one
-        cls(probe, "probe", config=config, r=8, lora_alpha=8)
+        with torch.random.fork_rng(devices=[]):  # the probe's init must not move the seed the real adapters draw from
+            cls(probe, "probe", config=config, r=8, lora_alpha=8)
 
     def resolve_lora_variant(self, *, config: Any, **kwargs: Any) -> Any:
         # peft resolves the variant on every adapter added to the layer, before initialising it: check each one here.
@@ -95,17 +115,17 @@ class PackedLoraLinear(LoraLinear):
             raise ValueError(f"LoRA on a packed low-bit layer supports init_lora_weights in {SUPPORTED_INITIALIZATIONS}, "
                              f"got {init!r}: it rewrites or decomposes the base weight, which here is frozen packed "
                              "codes. Use the default (init_lora_weights=True).")
-        if variant is not None:
-            raise ValueError(f"LoRA on a packed low-bit layer supports plain LoRA only, not {type(variant).__name__} "
-                             "(DoRA and the other variants read or rescale the base weight). Train it on the float "
-                             "model, or drop the variant (e.g. use_dora=False).")
+        if variant is not None and type(variant).__name__ not in BASE_FREE_VARIANTS:
+            raise ValueError(f"LoRA on a packed low-bit layer supports plain LoRA and aLoRA only, not "
+                             f"{type(variant).__name__} (DoRA and the other variants read, rescale or decompose the "
+                             "base weight, or are not checked on packed layers). Train it on the float model, or drop "
+                             "the variant (e.g. use_dora=False).")
         return variant
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         base = self.get_base_layer()
         if isinstance(base, PackedLinear):
             raise ValueError(_MERGE_HINT)
-        self.fan_in_fan_out = isinstance(base, Conv1D)  # dequantize() rebuilt the architecture's own layer
         super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
 
 
