@@ -48,7 +48,7 @@ def _same(first: dict, second: dict, **tolerance) -> None:
         torch.testing.assert_close(first[name], second[name], msg=name, **tolerance)
 
 
-@pytest.mark.parametrize("entry", ["router", "experts", "heads", "permutation", "dlqat"])
+@pytest.mark.parametrize("entry", ["router", "experts", "heads", "permutation", "dlqat", "cospec", "cospec_perturbed"])
 def test_replicas_end_identical(ranks, entry):
     zero, one = (r[entry] for r in ranks)
     assert zero["trained"]
@@ -83,6 +83,12 @@ def test_two_processes_match_one_with_the_same_windows_per_step(ranks):
     _same(ranks[0]["permutation"]["tensors"], single["tensors"], rtol=1e-5, atol=1e-6)
 
 
+def test_the_cospec_oracle_labels_shared_out_over_two_processes_equal_one_process(ranks):
+    single = worker.cospec()
+    assert ranks[0]["cospec"]["oracle"] == single["oracle"] and ranks[0]["cospec"]["oracle"]["labels"] > 0
+    assert ranks[0]["cospec"]["target_score_strict"] == single["target_score_strict"]
+
+
 @pytest.mark.parametrize("entry", ["budget_heads", "budget_permutation"])
 def test_a_time_budget_stops_every_rank_at_the_same_step(run, entry):
     out, returncode, output = run
@@ -104,3 +110,18 @@ def test_the_cli_trains_under_torchrun_and_only_rank_zero_writes(run):
     assert "saved to" in zero["printed"] and "saved to" not in one["printed"]
     assert AutoModelForCausalLM.from_pretrained(out / "q").config.quantization_config.bits == 4
     assert (out / "adapter" / "adapter_config.json").is_file()
+
+
+def test_every_rank_saving_to_one_folder_leaves_rank_zeros_complete_folder(run):
+    from transformers import AutoModelForCausalLM
+
+    from hf_compress.speculative.heads import AmphistaHeads
+
+    out, _, output = run
+    assert all((out / f"saves-rank{k}.pt").exists() for k in (0, 1)), output
+    zero, one = (torch.load(out / f"saves-rank{k}.pt", weights_only=False) for k in (0, 1))
+    assert zero == one  # every rank is told where the folder is
+    assert AmphistaHeads.from_pretrained(out / "saved-heads").config.num_heads == 2
+    for name in ("saved-pruned", "saved-packed"):
+        AutoModelForCausalLM.from_pretrained(out / name)
+    assert not [path.name for path in out.iterdir() if ".tmp-" in path.name]  # no staging folder left behind

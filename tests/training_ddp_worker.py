@@ -215,6 +215,28 @@ def dlqat() -> dict:
     return {"tensors": tensors, "trained": any(not torch.equal(p, before[n]) for n, p in tensors.items())}
 
 
+def cospec(perturbed: bool = False) -> dict:
+    """The CoSpec arbiter (oracle labels, warm start, REINFORCE); ``perturbed``: rank 1's target logits get noise, as
+    a GPU's last-bit differences would give them."""
+    from hf_compress.speculative import ArbiterTrainingSettings, train_arbiter
+
+    model, tokenizer = tiny_model("llama", seed=0)
+    if perturbed and RANK == 1:
+        noise = torch.Generator().manual_seed(1)
+        model.lm_head.register_forward_hook(lambda module, args, out: out + 1e-3 * torch.randn(out.shape, generator=noise))
+    task = [{"prompt": f"the cat sat on the mat the cat sat on the {word} the cat sat", "answers": [word]}
+            for word in ("mat", "dog", "hat", "rug", "box", "car")]
+    settings = ArbiterTrainingSettings(max_new_tokens=12, max_forks_per_prompt=2, rl_steps=3, rl_prompts_per_step=2,
+                                       group_size=2, cost_per_forward=0.01)
+    torch.manual_seed(0)
+    arbiter = train_arbiter(model, None, task, reward="squad_f1", tokenizer=tokenizer, settings=settings,
+                            min_ngram_size=2)
+    training = arbiter.config.training
+    return {"tensors": {name: p.detach().clone() for name, p in arbiter.named_parameters()},
+            "trained": len(training["log_history"]) == 3, "oracle": training["oracle"],
+            "target_score_strict": training["target_score_strict"], "log_history": training["log_history"]}
+
+
 def cli(out: str) -> dict:
     """The exit code and printed output of ``hf-compress quantize dlqat`` on this rank (both ranks save to one folder)."""
     from hf_compress.cli.main import main as hf_compress
@@ -227,14 +249,39 @@ def cli(out: str) -> dict:
     return {"code": code, "printed": printed.getvalue()}
 
 
+def saves(out: str) -> dict:
+    """Every rank saves to the same folders, rank 0 a second late: only rank 0 may write (rank 1 writing first used to
+    leave a folder without weights, or make rank 0 fail on a folder that "already holds a model")."""
+    from hf_compress.formats.packed import save_packed
+    from hf_compress.pruning import save_pruned
+    from hf_compress.quantization import quantize_rtn
+    from hf_compress.speculative.heads import AmphistaConfig, AmphistaHeads
+
+    model, tokenizer = tiny_model("llama", seed=0)
+    torch.manual_seed(0)
+    drafting = AmphistaHeads.for_model(model, AmphistaConfig(num_heads=2, num_attention_heads=2))
+    packed = quantize_rtn(tiny_model("llama", seed=0)[0], bits=4, group_size=32)
+    if RANK == 0:
+        time.sleep(1.0)
+    returned = {
+        "heads": drafting.save_pretrained(os.path.join(out, "saved-heads")),
+        "pruned": save_pruned(model, tokenizer, os.path.join(out, "saved-pruned"), recipe={"method": "manual"},
+                              progress=False),
+        "packed": save_packed(packed, tokenizer, os.path.join(out, "saved-packed")),
+    }
+    return {name: str(path) for name, path in returned.items()}
+
+
 def main(out: str) -> None:
     results = {"rank": RANK, "world_size": WORLD, "selection": selection(), "router": router(),
                "router_keep_best": router_keep_best(), "search": search(), "experts": experts(), "heads": heads(),
-               "permutation": permutation(), "dlqat": dlqat()}
+               "permutation": permutation(), "dlqat": dlqat(), "cospec": cospec(),
+               "cospec_perturbed": cospec(perturbed=True)}
     results["distributed"] = torch.distributed.is_initialized()
     results["own"] = OWN
     torch.save(results, os.path.join(out, f"rank{RANK}.pt"))
     torch.save(cli(out), os.path.join(out, f"cli-rank{RANK}.pt"))
+    torch.save(saves(out), os.path.join(out, f"saves-rank{RANK}.pt"))
     # Last, in a file of their own: a budget that stops one rank alone hangs the run here.
     budgets = {"budget_heads": heads(budget=20.0), "budget_permutation": permutation(budget=20.0)}
     torch.save(budgets, os.path.join(out, f"budget-rank{RANK}.pt"))

@@ -35,11 +35,10 @@ from typing import Any
 
 import torch
 from datasets import Dataset
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..modeling.layers import check_within_learned_positions, evaluation_mode, position_limit
-from ..utils import InvalidArgumentTypeError, check_bool, check_int, get_logger
+from ..utils import InvalidArgumentTypeError, check_bool, check_int, get_logger, progress_bar
 from .results import MetricRecord
 
 
@@ -151,7 +150,7 @@ def evaluate_perplexity(
     total_tokens = 0
     start = time.perf_counter()
     with evaluation_mode(model):
-        for batch in tqdm(windows.split(batch_size), desc="perplexity", unit="batch", disable=not progress):
+        for batch in progress_bar(windows.split(batch_size), desc="perplexity", unit="batch", disable=not progress):
             batch = batch.to(device)
             if bos is not None:
                 batch = torch.cat([batch.new_full((batch.shape[0], 1), bos), batch], dim=1)

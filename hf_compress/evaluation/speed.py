@@ -30,11 +30,10 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .. import _compat
-from ..utils import InvalidArgumentTypeError, check_bool, check_int
+from ..utils import InvalidArgumentTypeError, check_bool, check_int, progress_bar
 from ..modeling.layers import evaluation_mode
 from .report import synchronize
 
@@ -216,7 +215,7 @@ def compare_generation_speed(
         for prompt in list(prompts)[:warmup]:
             for name in names:
                 run(prompt, settings[name])
-        for index, prompt in enumerate(tqdm(prompts, desc="generation speed", disable=not progress)):
+        for index, prompt in enumerate(progress_bar(prompts, desc="generation speed", disable=not progress)):
             for offset in range(len(names)):  # rotate which variant goes first
                 name = names[(index + offset) % len(names)]
                 timings[name].add(*run(prompt, settings[name]))

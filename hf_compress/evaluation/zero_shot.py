@@ -42,12 +42,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from .. import _compat
 from ..assets.zero_shot import PROMPT_FORMATS, TASK_DATASETS, ZERO_SHOT_TASKS, load_zero_shot_task
 from ..modeling.layers import evaluation_mode
-from ..utils import InvalidArgumentTypeError, check_bool, check_choice, check_int, check_seed, get_logger
+from ..utils import (
+    InvalidArgumentTypeError,
+    check_bool,
+    check_choice,
+    check_int,
+    check_seed,
+    get_logger,
+    is_main_process,
+    progress_bar,
+)
 from .results import MetricRecord
 from .uncertainty import standard_error
 
@@ -177,7 +185,7 @@ def loglikelihoods(
     encoded = _encode_requests(tokenizer, requests, max_length)
     groups = _group(encoded, share_context)
     scores = [0.0] * len(requests)
-    bar = tqdm(total=len(requests), desc=desc, disable=not progress, leave=False)
+    bar = progress_bar(total=len(requests), desc=desc, disable=not progress, leave=False)
     # Eval mode inside (the caller's mode restored after): a model left in training mode would score through dropout.
     with torch.inference_mode(), evaluation_mode(model), bar:
         for batch in _batches(groups, batch_size):
@@ -418,7 +426,7 @@ def _lm_eval_loglikelihoods(model, tokenizer, requests, batch_size, max_length, 
         Instance(request_type="loglikelihood", doc={}, arguments=(context, continuation), idx=i)
         for i, (context, continuation) in enumerate(requests)
     ]
-    return [float(score) for score, _ in lm.loglikelihood(instances, disable_tqdm=not progress)]
+    return [float(score) for score, _ in lm.loglikelihood(instances, disable_tqdm=not progress or not is_main_process())]
 
 
 # --- evaluation -----------------------------------------------------------------------------------------

@@ -24,10 +24,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..modeling.layers import evaluation_mode, find_decoder_blocks
-from ..utils import InvalidArgumentTypeError, check_int
+from ..utils import InvalidArgumentTypeError, check_int, progress_bar
 from .config import DEFAULT_EMBEDDING_TOKENS
 
 
@@ -194,7 +193,7 @@ def embed_texts(model: nn.Module, tokenizer, texts: Sequence[str], spec: Embeddi
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     device = next(model.parameters()).device
     out: torch.Tensor | None = None
-    for start in tqdm(range(0, len(order), batch_size), desc="embedding", disable=not progress, leave=False):
+    for start in progress_bar(range(0, len(order), batch_size), desc="embedding", disable=not progress, leave=False):
         chunk = order[start : start + batch_size]
         width = max(len(encoded[i]) for i in chunk)
         # Laid out on the CPU (one copy to the model's device per batch, not one per row).

@@ -43,6 +43,7 @@ from ..modeling.identity import fingerprints_match, weight_fingerprint
 from ..modeling.layers import find_decoder_blocks
 from ..quantization.packed_linear import PackedLinear
 from ..utils import InvalidArgumentTypeError, atomic_directory, atomic_file, check_save_dir, get_logger
+from ..utils.processes import main_process_only
 from .embedding import EmbeddingSpace, EmbeddingSpec
 
 
@@ -165,6 +166,7 @@ def _check_fingerprint(saved: dict[str, Any], current: dict[str, Any], folder: s
 # ---------------------------------------------------------------------------------------------- saving
 
 
+@main_process_only("save_dir")
 def save_experts(router, save_dir, *, overwrite: bool = False, metrics=(), model_name: str | None = None,
                  repo_id: str | None = None) -> Path:
     """Write ``router`` to ``save_dir`` atomically (see the module docstring for the layout)."""

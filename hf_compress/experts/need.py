@@ -19,10 +19,9 @@ Example:
 from __future__ import annotations
 
 import torch
-from tqdm.auto import tqdm
 
 from ..modeling.layers import evaluation_mode
-from ..utils import check_int
+from ..utils import check_int, progress_bar
 from .data import example_tokens, instruction_rows
 
 __all__ = ["completion_losses"]
@@ -56,7 +55,7 @@ def completion_losses(model, tokenizer, dataset, *, max_length: int = 256, batch
     losses = torch.empty(len(sequences))
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]))  # similar lengths: little padding
     with evaluation_mode(model):
-        for start in tqdm(range(0, len(order), batch_size), desc="completion loss", disable=not progress,
+        for start in progress_bar(range(0, len(order), batch_size), desc="completion loss", disable=not progress,
                           leave=False):
             chunk = order[start : start + batch_size]
             width = max(len(sequences[i][0]) for i in chunk)

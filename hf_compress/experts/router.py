@@ -32,6 +32,7 @@ from .. import _compat
 from ..modeling.generation import generation_setting, inferred_attention_mask
 from ..modeling.layers import find_decoder_blocks
 from ..utils import InvalidArgumentTypeError, get_logger
+from ..utils.processes import main_process_only
 from .clustering import assign
 from .embedding import EmbeddingSpace, EmbeddingSpec, embed_batch, embed_texts
 from .mixed import stacked_lora
@@ -425,6 +426,7 @@ class ExpertRouter:
 
         save_experts(self, save_dir, overwrite=overwrite, metrics=metrics, model_name=model_name, repo_id=repo_id)
 
+    @main_process_only()
     def push_to_hub(self, repo_id: str, *, metrics: Sequence[Any] = (), **kwargs: Any) -> CommitInfo:
         """Save to a temporary folder and upload it with :func:`hf_compress.hub.push_to_hub` (``kwargs``)."""
         import tempfile

@@ -52,6 +52,7 @@ from ..quantization.grid import check_grid_arguments
 from ..quantization.packed_linear import FORMAT_MARKER, PackedLinear
 from ..quantization.packing import packed_columns
 from ..utils import get_logger
+from ..utils.processes import main_process_only
 from .base import CompressedFormatConfig, CompressedFormatQuantizer, register_format
 from .integrity import CheckpointIntegrityError, CheckpointReader, check_module_lists, seal_checkpoint
 from .slim import apply_slim_record, keep_slim_widths, slim_record
@@ -336,6 +337,7 @@ def attach_packed_format(model: PreTrainedModel, config: PackedFormatConfig) -> 
     return quantizer.postprocess_model(model)
 
 
+@main_process_only("save_dir")
 def save_packed(
     model: PreTrainedModel,
     tokenizer: Any,

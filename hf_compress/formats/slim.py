@@ -47,6 +47,7 @@ from .integrity import CheckpointIntegrityError, CheckpointReader, seal_checkpoi
 from ..modeling.layers import find_decoder_blocks
 from ..modeling.structure import apply_layer_widths, block_structure, layer_widths
 from ..modeling.sublayers import removed_sublayer_markers, removed_sublayers
+from ..utils.processes import main_process_only
 
 
 if TYPE_CHECKING:
@@ -250,6 +251,7 @@ def needs_slim_format(model: PreTrainedModel) -> bool:
     return any(width != expected for width in widths)
 
 
+@main_process_only("save_dir")
 def save_slim(
     model: PreTrainedModel,
     tokenizer: Any,

@@ -46,6 +46,7 @@ from .._compat import hub_default_ignore_patterns
 
 from .. import __version__
 from ..utils import get_logger
+from ..utils.processes import main_process_only
 from .model_card import CARD_FILENAME, card_built_for_other_repo, validate_model_card
 
 
@@ -247,6 +248,7 @@ def plan_push(
     return PushPlan(folder, tuple(files), skipped, tuple(allowed), tuple(ignored), allow_pickles, allow_dotfiles)
 
 
+@main_process_only()
 def push_to_hub(
     folder: str | os.PathLike,
     repo_id: str,

@@ -53,10 +53,9 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .. import _compat
-from ..utils import get_logger
+from ..utils import get_logger, progress_bar
 from .fused_experts import experts_through_projections
 from .layers import evaluation_mode, find_decoder_blocks, find_linear_layers, module_execution_device, onloaded
 
@@ -611,7 +610,7 @@ def for_each_block(
                     f"the captured inputs are for {len(captured.calls)} blocks, the model has {len(blocks)}."
                 )
             hidden = captured.hidden_states
-            bar = tqdm(total=len(blocks), disable=not progress, unit="block", leave=False)
+            bar = progress_bar(total=len(blocks), disable=not progress, unit="block", leave=False)
             try:
                 for index, block in enumerate(blocks):
                     bar.set_description(f"calibrating block {index + 1}/{len(blocks)}")

@@ -32,7 +32,6 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..modeling import (
     BlockContext,
@@ -47,7 +46,7 @@ from ..modeling import (
 )
 from ..modeling.fused_experts import ExpertProjection, check_fused_experts_readable, warn_fused_experts_untouched
 from ..modeling.layers import check_not_disk_offloaded, check_skip_patterns, missing_weights
-from ..utils import get_logger
+from ..utils import get_logger, progress_bar
 from .base import BasePruner
 from .config import PruningConfig, SparsityPattern
 from .masks import pattern_mask
@@ -284,7 +283,7 @@ class MaskPruner(BasePruner):
         self, config: PruningConfig, report: PruningReport, progress: bool
     ) -> None:
         block_name, blocks = find_decoder_blocks(self.model)
-        bar = tqdm(blocks, desc="pruning", unit="block", disable=not progress, leave=False)
+        bar = progress_bar(blocks, desc="pruning", unit="block", disable=not progress, leave=False)
         with torch.no_grad():
             for index, block in enumerate(bar):
                 name = f"{block_name}.{index}"

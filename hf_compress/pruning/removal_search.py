@@ -32,12 +32,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..modeling.calibration import BlockInputs, calibration_loss, capture_block_inputs, forward_from_block
 from ..modeling.layers import find_decoder_blocks
 from ..modeling.sublayers import sublayers_switched_off
-from ..utils import get_logger
+from ..utils import get_logger, progress_bar
 
 
 __all__ = ["RemovalSearchResult", "greedy_removal"]
@@ -83,7 +82,7 @@ def greedy_removal(
     removed_units: list[tuple[int, str]] = []
     spent = 0.0
     remaining = list(range(len(candidates)))
-    bar = tqdm(desc="removal search", unit="round", disable=not progress)
+    bar = progress_bar(desc="removal search", unit="round", disable=not progress)
     while remaining and spent < budget:
         # Only candidates that bring the removed cost nearer the budget: with unequal costs (an MLP is twice an
         # attention) the least harmful one overshooting must not end the search while a cheaper one still fits.
@@ -92,7 +91,7 @@ def greedy_removal(
             break
         if prefix is None:
             losses = {}
-            for index in tqdm(fitting, desc="candidates", leave=False, disable=not progress):
+            for index in progress_bar(fitting, desc="candidates", leave=False, disable=not progress):
                 with sublayers_switched_off(blocks, [*removed_units, *candidates[index]]):
                     losses[index] = calibration_loss(model, calibration_ids, batch_size)
         else:
@@ -148,7 +147,7 @@ class _PrefixReuse:
         entering, position = self.captured.hidden_states, 0
         losses = {}
         with torch.no_grad():
-            for key in tqdm(sorted(plans, key=lambda key: plans[key][0]), desc="candidates", leave=False,
+            for key in progress_bar(sorted(plans, key=lambda key: plans[key][0]), desc="candidates", leave=False,
                             disable=not progress):
                 first, off = plans[key]
                 with sublayers_switched_off(self.blocks, removed):  # advance to this first block

@@ -61,6 +61,7 @@ from ..formats.sparse import (
     pack_bitmask,
 )
 from ..utils import atomic_directory, check_save_dir, get_logger
+from ..utils.processes import main_process_only
 
 
 __all__ = ["PlannedWeight", "SparsePlan", "fill_offloaded", "filled_state_dict", "plan_sparse_storage", "save_pruned",
@@ -233,6 +234,7 @@ def sparse_state_dict(
     return state_dict, [weight.name for weight in plan.weights], plan.storage
 
 
+@main_process_only("save_dir")
 def save_pruned(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase | None,
@@ -346,12 +348,12 @@ def _write_encoded_shards(model: PreTrainedModel, plan: SparsePlan, state_dict: 
     ``stored_key`` (the names ``save_pretrained`` would give them: the architecture's renamings reverted).
     """
     from huggingface_hub import split_state_dict_into_shards_factory
-    from tqdm.auto import tqdm
+    from ..utils import progress_bar
     from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
     if not plan.weights:
         return
-    bar = tqdm(total=2 * len(plan.weights), desc="writing sparse weights", unit="tensor", disable=not progress,
+    bar = progress_bar(total=2 * len(plan.weights), desc="writing sparse weights", unit="tensor", disable=not progress,
                leave=False)
 
     def specs(weight: PlannedWeight) -> list[TensorSpec]:

@@ -155,7 +155,7 @@ def run(
         >>> result.final_metrics["perplexity"]  # doctest: +SKIP
     """
     import torch
-    from tqdm.auto import tqdm
+    from ..utils import progress_bar
     from transformers import set_seed
 
     from ..hub import base_model_of, base_weights_of
@@ -209,7 +209,7 @@ def run(
     logger.info("base model %s: %s", recipe.base_model, _summary(metrics))
     records: list[StepRecord] = []
     final_records: list = []
-    for step in tqdm(recipe.steps, desc=f"recipe {recipe.name}", unit="step", disable=not progress):
+    for step in progress_bar(recipe.steps, desc=f"recipe {recipe.name}", unit="step", disable=not progress):
         set_seed(recipe.seed)
         logger.info("step %d/%d: %s", step.index + 1, len(recipe.steps), step.describe())
         begin = time.perf_counter()

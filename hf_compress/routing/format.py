@@ -31,6 +31,7 @@ from .. import _compat
 from ..formats.base import CompressedFormatConfig, CompressedFormatQuantizer, quant_method_of, register_format
 from ..formats.integrity import CheckpointIntegrityError, CheckpointReader, seal_checkpoint
 from ..modeling.layers import find_decoder_blocks
+from ..utils.processes import main_process_only
 from .layer import ROUTING_MODES, install_routing, routing_state
 from .router import ROUTER_FEATURES_VERSION
 from .schedule import RoutingSchedule
@@ -164,6 +165,7 @@ def _recorded_recipe(model: PreTrainedModel) -> Mapping[str, Any] | None:
     return existing.get("recipe") if isinstance(existing, Mapping) else getattr(existing, "recipe", None)
 
 
+@main_process_only("save_dir")
 def save_routed(
     model: PreTrainedModel,
     tokenizer: Any,

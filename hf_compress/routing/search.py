@@ -26,14 +26,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from transformers import PreTrainedModel
 
 from ..modeling.calibration import calibration_loss, check_token_ids
 from ..modeling.layers import check_within_learned_positions, evaluation_mode, find_decoder_blocks
 from ..training import TrainingSettings, broadcast_from_main
-from ..utils import InvalidArgumentTypeError, get_logger
+from ..utils import InvalidArgumentTypeError, get_logger, progress_bar
 from .config import TokenRouterConfig
 from .layer import install_routing, remove_routing, routing_mode, routing_state
 from .schedule import RoutingSchedule
@@ -132,7 +131,7 @@ def search_schedule(
             uniform = _spread(units, num_blocks)
             population = [uniform] + [_mutate(uniform, cap, rng) for _ in range(config.population - 1)]
             history = []
-            for generation in tqdm(range(config.generations + 1), desc="schedule search", leave=False,
+            for generation in progress_bar(range(config.generations + 1), desc="schedule search", leave=False,
                                    disable=not progress):
                 population = sorted(set(population), key=fitness)[: config.population]
                 history.append(fitness(population[0]))

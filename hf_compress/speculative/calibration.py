@@ -33,12 +33,11 @@ from dataclasses import dataclass
 from statistics import NormalDist
 from typing import Any
 
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..evaluation.squad import squad_scores
 from ..evaluation.uncertainty import paired_difference
-from ..utils import InvalidArgumentTypeError, check_bool, check_float, check_int, get_logger
+from ..utils import InvalidArgumentTypeError, check_bool, check_float, check_int, get_logger, progress_bar
 from .task_answers import (
     Reward,
     TaskExample,
@@ -90,7 +89,7 @@ def sweep_settings(
     z = NormalDist().inv_cdf(confidence) if confidence is not None else None
     tried = [{"loose": False, **_finite(strict), "kept": 1.0}]
     best = tried[0]
-    progress = tqdm(total=sum(len(g) for g in groups), desc="calibration", unit="setting")
+    progress = progress_bar(total=sum(len(g) for g in groups), desc="calibration", unit="setting")
     for group in groups:
         for setting in group:
             result = evaluate(setting)

@@ -27,6 +27,7 @@ from transformers.generation.stopping_criteria import MaxLengthCriteria
 
 from .. import __version__, _compat
 from ..utils import InvalidArgumentTypeError, atomic_directory, check_bool, check_float, check_int, get_logger
+from ..utils.processes import main_process_only
 from .acceptance import AcceptanceRule, LooseVerification, SpeculativeSampling, StrictGreedy
 from .drafting import CrossTokenizerDrafter, ModelDrafter, NgramDrafter
 from .engine import SpeculativeDecodingOutput, SpeculativeMetrics, speculative_decode
@@ -307,6 +308,7 @@ class SpeculativeDecoding:
             "draft_tokenizer": _name_of(self.draft_tokenizer),
         }
 
+    @main_process_only("save_directory")
     def save_pretrained(
         self,
         save_directory: str | os.PathLike,
@@ -419,6 +421,7 @@ class SpeculativeDecoding:
             pipeline_tag=None, base_weights=getattr(self, "_base_weights", None),
         )
 
+    @main_process_only()
     def push_to_hub(self, repo_id: str, *, base_model: str | None = None, metrics: Sequence[MetricRecord] = (),
                     base_weights: Mapping[str, Any] | None = None, **push_kwargs):
         """``save_pretrained`` into a temporary folder and upload it (see :func:`hf_compress.hub.push_to_hub`).

@@ -2,7 +2,8 @@
 
 Methods that train (DL-QAT adapters, drafting heads, the token router, experts, learned permutations) hand
 ``train_with_trainer`` a model and a dataset; the ``Trainer`` underneath gives gradient accumulation, checkpointing,
-logging and, without code changes, multi-process training (``accelerate launch`` / ``torchrun``: DDP, FSDP, DeepSpeed).
+logging and, without code changes, multi-process training (``accelerate launch`` / ``torchrun``: DDP, FSDP, DeepSpeed). Work outside a ``Trainer``
+(a loop of generations: the CoSpec arbiter's oracle labels and rollouts) is shared out with ``map_over_processes``.
 """
 
 from .data import causal_lm_dataset
@@ -15,6 +16,7 @@ from .trainer import (
     check_training_device,
     is_main_process,
     largest_over_processes,
+    map_over_processes,
     preserved_random_state,
     process_count,
     refuse_arguments,
@@ -33,6 +35,7 @@ __all__ = [
     "check_training_device",
     "is_main_process",
     "largest_over_processes",
+    "map_over_processes",
     "preserved_random_state",
     "process_count",
     "refuse_arguments",

@@ -7,11 +7,12 @@ import copy
 import os
 import random
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ..utils import InvalidArgumentTypeError, check_folder_path, get_logger
+from ..utils import InvalidArgumentTypeError, check_folder_path, get_logger, progress_bar
+from ..utils.processes import is_main_process, process_count, process_group
 
 
 if TYPE_CHECKING:
@@ -23,13 +24,14 @@ if TYPE_CHECKING:
 
 __all__ = [
     "OWN_LOSS_REFUSED", "FrozenModelTrainingModule", "TrainingSettings", "asked_arguments", "broadcast_from_main",
-    "check_training_device", "is_main_process", "largest_over_processes", "preserved_random_state", "process_count",
-    "refuse_arguments", "train_with_trainer",
+    "check_training_device", "is_main_process", "largest_over_processes", "map_over_processes",
+    "preserved_random_state", "process_count", "refuse_arguments", "train_with_trainer",
 ]
 
 logger = get_logger(__name__)
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 
 @dataclass
@@ -165,32 +167,6 @@ def preserved_random_state() -> Iterator[None]:
             numpy.random.set_state(numpy_state)
 
 
-def process_count() -> int:
-    """How many processes train together: the process group's size, else ``WORLD_SIZE`` as ``torchrun`` and
-    ``accelerate launch`` set it (the group may start only with the Trainer), else 1.
-
-    Example:
-        >>> process_count()
-        1
-    """
-    group = _process_group()
-    return group.get_world_size() if group else int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def is_main_process() -> bool:
-    """Whether this process writes the results: rank 0 of the processes training together (``True`` alone).
-
-    Under ``torchrun`` / ``accelerate launch`` every process trains the same model; one writing a folder is
-    enough, and several writing the same one collide.
-
-    Example:
-        >>> is_main_process()
-        True
-    """
-    group = _process_group()
-    return (group.get_rank() if group else int(os.environ.get("RANK", "0"))) == 0
-
-
 def largest_over_processes(value: float, device: Any = "cpu") -> float:
     """The largest ``value`` over the processes training together (``value`` itself in one process).
 
@@ -204,7 +180,7 @@ def largest_over_processes(value: float, device: Any = "cpu") -> float:
     """
     import torch
 
-    group = _process_group()
+    group = process_group()
     if group is None or group.get_world_size() == 1:
         return value
     reading = torch.tensor([value], dtype=torch.float64, device=device)
@@ -231,7 +207,7 @@ def broadcast_from_main(obj: T, args: TrainingSettings | TrainingArguments | Non
         >>> broadcast_from_main({"best_step": 3})
         {'best_step': 3}
     """
-    group = _process_group()
+    group = process_group()
     if group is None and process_count() > 1:
         group = _start_process_group(args)
     if group is None or group.get_world_size() == 1:
@@ -246,6 +222,47 @@ def broadcast_from_main(obj: T, args: TrainingSettings | TrainingArguments | Non
     return objects[0]
 
 
+def map_over_processes(
+    function: Callable[[T], R], items: Sequence[T], args: TrainingSettings | TrainingArguments | None = None, *,
+    desc: str | None = None, unit: str = "it",
+) -> list[R]:
+    """``[function(item) for item in items]`` on every process, each process computing its share of the items.
+
+    Item ``i`` is computed by process ``i % n`` of the ``n`` training together, and the results come back in the
+    items' order on every process: what one process would compute, in ``1/n`` of the time, for work that is a loop
+    over independent items (generations on prompts, rollouts). ``function`` must not call collectives itself;
+    its results must be picklable (tensors on the CPU). Every process must call it at the same point with the same
+    items. ``args``: as in :func:`broadcast_from_main` (starts the group under ``torchrun`` if no ``Trainer`` has).
+    ``desc``: a progress bar over this process's share (drawn by the main process).
+
+    Example:
+        >>> map_over_processes(lambda x: x * x, [1, 2, 3])
+        [1, 4, 9]
+    """
+    group = process_group()
+    if group is None and process_count() > 1:
+        group = _start_process_group(args)
+    count, rank = (group.get_world_size(), group.get_rank()) if group else (1, 0)
+    mine = range(rank, len(items), count)
+    bar = progress_bar(mine, desc=desc, unit=unit, disable=desc is None)
+    computed = [(index, function(items[index])) for index in bar]
+    if count == 1:
+        return [result for _, result in computed]
+    from transformers import TrainingArguments
+
+    device = args.device if isinstance(args, TrainingArguments) else None
+    shares: list[Any] = [None] * count
+    if device is not None and getattr(device, "type", "cpu") != "cpu":
+        import torch
+
+        with torch.cuda.device(device):  # NCCL moves the pickled bytes through this process's GPU
+            group.all_gather_object(shares, computed)
+    else:
+        group.all_gather_object(shares, computed)
+    ordered = dict(pair for share in shares for pair in share)
+    return [ordered[index] for index in range(len(items))]
+
+
 def _start_process_group(args: TrainingSettings | TrainingArguments | None) -> Any:
     """Start the process group as ``Trainer`` will (reading ``TrainingArguments.device`` sets up accelerate's
     state: backend, this process's GPU); ``torch.distributed``, or ``None`` when none starts."""
@@ -255,14 +272,7 @@ def _start_process_group(args: TrainingSettings | TrainingArguments | None) -> A
         # Nothing is written to output_dir: the arguments only start the group.
         args = _arguments_from_settings(args or TrainingSettings(), "hf_compress_process_group")
     _ = args.device
-    return _process_group()
-
-
-def _process_group() -> Any:
-    """``torch.distributed`` when a process group is running (torchrun, accelerate launch), else ``None``."""
-    import torch.distributed as dist
-
-    return dist if dist.is_available() and dist.is_initialized() else None
+    return process_group()
 
 
 class FrozenModelTrainingModule:

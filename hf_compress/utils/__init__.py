@@ -15,7 +15,8 @@ from .files import (
     read_user_text,
     sweep_stale_staging,
 )
-from .logging import get_logger, progress_kwargs
+from .logging import get_logger, progress_bar, progress_kwargs
+from .processes import is_main_process, main_process_only, process_count
 from .validation import (
     DTYPE_NAMES,
     InvalidArgumentTypeError,
@@ -58,8 +59,12 @@ __all__ = [
     "closest_name",
     "did_you_mean",
     "file_lock",
+    "is_main_process",
+    "main_process_only",
     "folders_overlap",
     "get_logger",
+    "process_count",
+    "progress_bar",
     "holds_model",
     "read_user_text",
     "progress_kwargs",

@@ -24,11 +24,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ...modeling import InputNormCollector
 from ...modeling.layers import check_not_offloaded, evaluation_mode
-from ...utils import get_logger
+from ...utils import get_logger, progress_bar
 from .absorb import absorb_permutations
 from .config import LearnedPermutationConfig, SwapPermutationConfig
 from .ria import SiteScores, kept_score, ria_permutation
@@ -189,7 +188,7 @@ def permute_for_pruning(
         perms = learned if base is None else {name: base[name][learned[name]] for name in learned}
         training["kept_score_initial"] = initial
     else:
-        bar = tqdm(zip(sites, scores, strict=True), total=len(sites), desc="permutation", disable=not progress,
+        bar = progress_bar(zip(sites, scores, strict=True), total=len(sites), desc="permutation", disable=not progress,
                    leave=False)
         perms = {site.name: ria_permutation(score, kept, group) for site, score in bar}
         if isinstance(permutation, SwapPermutationConfig):
@@ -227,7 +226,7 @@ def _swap_refined(sites: list[PermutationSite], scores: list[SiteScores], perms:
     order = sorted(range(len(sites)), key=lambda i: len(sites[i].scored_readers))
     remaining = sum(len(site.scored_readers) for site in sites)
     refined, passes, unconverged = {}, 0, []
-    for index in tqdm(order, desc="channel swaps", disable=not progress, leave=False):
+    for index in progress_bar(order, desc="channel swaps", disable=not progress, leave=False):
         site, weight = sites[index], len(sites[index].scored_readers)
         site_deadline = None
         if deadline is not None:
@@ -271,7 +270,7 @@ def collect_input_norms(
     device = model.get_input_embeddings().weight.device
     try:
         with evaluation_mode(model):
-            for begin in tqdm(range(0, ids.shape[0], batch_size), desc="permutation statistics",
+            for begin in progress_bar(range(0, ids.shape[0], batch_size), desc="permutation statistics",
                               disable=not progress, leave=False):
                 # one logit row: the output layer's full-vocabulary logits for every position are not needed here
                 model(input_ids=ids[begin:begin + batch_size].to(device), use_cache=False, logits_to_keep=1)

@@ -42,10 +42,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm.auto import tqdm
 
 from ...modeling.layers import module_execution_device
-from ...utils import atomic_file, atomic_path, get_logger
+from ...utils import atomic_file, atomic_path, get_logger, progress_bar
 
 __all__ = ["SearchSpace", "SearchState", "SparseKLFitness", "evolutionary_search", "restricted_vocabulary"]
 
@@ -156,7 +155,7 @@ class SparseKLFitness:
         values, indices = [], []
         device = _input_device(model)
         with torch.no_grad():
-            for start in tqdm(range(0, pool.shape[0], batch_size), desc="teacher top-k", leave=False,
+            for start in progress_bar(range(0, pool.shape[0], batch_size), desc="teacher top-k", leave=False,
                               disable=not progress):
                 # top-k in the logits' own dtype: a float copy of a half-precision batch of full-vocabulary logits
                 # would be twice their size, for the same top values
@@ -245,7 +244,7 @@ def evolutionary_search(
     """
     rng = restore_rng(state.rng) if state.rng is not None else random.Random(0)
     parent = list(state.parent)
-    bar = tqdm(total=generations, initial=state.generation, desc=f"search (iteration {state.iteration + 1})",
+    bar = progress_bar(total=generations, initial=state.generation, desc=f"search (iteration {state.iteration + 1})",
                unit="gen", leave=False, disable=not progress)
     try:
         while state.generation < generations:

@@ -31,13 +31,12 @@ from typing import Any
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, AuxiliaryTrainingWrapper, ModulesToSaveWrapper
-from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from ... import _compat
 from ...modeling import replace_module
 from ...modeling.layers import check_not_offloaded, computes_linear, is_linear
-from ...utils import get_logger
+from ...utils import get_logger, progress_bar
 from ...formats.packed import PackedFormatConfig, attach_packed_format, check_not_packed
 from ...formats.slim import slim_record
 from ...hub.model_card import hub_model_id
@@ -232,7 +231,7 @@ class DLQATModel(BaseTuner):
                              "retrain with a lower learning rate (or check the base model) before exporting.")
         names = []
         layers.reverse()  # popped in model order, so each replaced layer (its float W0) is freed before the next is packed
-        for _ in tqdm(range(len(layers)), desc="Packing DL-QAT layers", disable=not progressbar):
+        for _ in progress_bar(range(len(layers)), desc="Packing DL-QAT layers", disable=not progressbar):
             name, layer = layers.pop()
             if layer.merged:
                 layer.unmerge()

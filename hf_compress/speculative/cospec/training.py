@@ -22,6 +22,11 @@ episode, and the "completion" is produced by the frozen target. None of those tr
 so the loop below is a plain REINFORCE with a group baseline, stepping through ``accelerate`` and logging
 like ``Trainer`` (a dict per step into ``log_history`` and the log).
 
+Under ``torchrun`` the generations, which are the cost, are shared out (``training.map_over_processes``): each
+process labels and rolls out its share of the prompts, every process gets all results in the prompts' order, and
+takes the same update on them. The oracle labels equal one process's; the rollouts sample with each process's own
+generator. At the end every process keeps rank 0's arbiter (the calibration on ``held_out`` runs on each).
+
 Example:
     >>> arbiter = train_arbiter(model, draft, [{"input_ids": ids, "answers": ["Paris"]}], tokenizer=tok)  # doctest: +SKIP
 """
@@ -38,11 +43,19 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from ...evaluation.squad import normalize_answer
-from ...utils import InvalidArgumentTypeError, check_bool, check_choice, check_float, check_int, get_logger
+from ...training import broadcast_from_main, map_over_processes, process_count
+from ...utils import (
+    InvalidArgumentTypeError,
+    check_bool,
+    check_choice,
+    check_float,
+    check_int,
+    get_logger,
+    progress_bar,
+)
 from ...modeling.identity import record_base_model
 from ..task_answers import (
     REWARDS,
@@ -198,43 +211,52 @@ def collect_oracle_labels(
     unit = reward_fn.answer_unit
     stop_ids = stop_token_ids(model, tokenizer, settings.stop_at_newline)
     log = DecisionLog()
+
+    def label_prompt(example: TaskExample) -> dict[str, Any]:
+        log.clear()
+        prompt_length = example.input_ids.shape[1]
+        sequence = generate_answer(model, example.input_ids, tokenizer, max_new_tokens=settings.max_new_tokens,
+                                   stop_ids=stop_ids, strategy=strategy, answer_unit=unit)
+        target_answer = answer_text(tokenizer, sequence[prompt_length:], unit)
+        target_score = reward_fn(target_answer, example.answers)
+        decisions = [d for d in log.decisions if d.context is not None]
+        forks = _spread(decisions, settings.max_forks_per_prompt)
+        shared = prefix_cache(model, sequence) if forks else None  # prefill once; each fork reuses it
+        found: dict[str, Any] = {"target_score": target_score, "seen": len(decisions), "features": [], "labels": [],
+                                 "harmless": [], "positive": []}
+        for decision in forks:
+            position = len(decision.context) + decision.index  # strict: everything before it is greedy output
+            prefix = torch.cat([sequence[:position], torch.tensor([decision.draft_token], device="cpu")]).unsqueeze(0)
+            room = settings.max_new_tokens - (prefix.shape[1] - prompt_length)
+            branch = (generate_answer(model, prefix, tokenizer, max_new_tokens=room, stop_ids=stop_ids,
+                                      cache=_cropped(shared, position), answer_unit=unit, answer_start=prompt_length)
+                      if room > 0 else prefix[0])
+            draft_answer = answer_text(tokenizer, branch[prompt_length:], unit)
+            draft_score = reward_fn(draft_answer, example.answers)
+            label = oracle_label(target_score, draft_score,
+                                 normalize_answer(draft_answer) == normalize_answer(target_answer), settings.label_rule)
+            found["features"].append(decision.features)
+            found["labels"].append(float(label))
+            found["harmless"].append(float(draft_score >= target_score))
+            found["positive"].append(float(target_score > 0))
+        return found
+
     saved = strategy.mode, strategy.decision_log
     strategy.mode, strategy.decision_log = "strict", log
-    features, labels, harmless, positive, target_scores, seen = [], [], [], [], [], 0
-    try:
-        for example in tqdm(examples, desc="oracle labels", unit="prompt"):
-            log.clear()
-            prompt_length = example.input_ids.shape[1]
-            sequence = generate_answer(model, example.input_ids, tokenizer, max_new_tokens=settings.max_new_tokens,
-                                       stop_ids=stop_ids, strategy=strategy, answer_unit=unit)
-            target_answer = answer_text(tokenizer, sequence[prompt_length:], unit)
-            target_score = reward_fn(target_answer, example.answers)
-            target_scores.append(target_score)
-            decisions = [d for d in log.decisions if d.context is not None]
-            seen += len(decisions)
-            forks = _spread(decisions, settings.max_forks_per_prompt)
-            shared = prefix_cache(model, sequence) if forks else None  # prefill once; each fork reuses it
-            for decision in forks:
-                position = len(decision.context) + decision.index  # strict: everything before it is greedy output
-                prefix = torch.cat([sequence[:position], torch.tensor([decision.draft_token], device="cpu")]).unsqueeze(0)
-                room = settings.max_new_tokens - (prefix.shape[1] - prompt_length)
-                branch = (generate_answer(model, prefix, tokenizer, max_new_tokens=room, stop_ids=stop_ids,
-                                          cache=_cropped(shared, position), answer_unit=unit, answer_start=prompt_length)
-                          if room > 0 else prefix[0])
-                draft_answer = answer_text(tokenizer, branch[prompt_length:], unit)
-                draft_score = reward_fn(draft_answer, example.answers)
-                label = oracle_label(target_score, draft_score,
-                                     normalize_answer(draft_answer) == normalize_answer(target_answer), settings.label_rule)
-                features.append(decision.features)
-                labels.append(float(label))
-                harmless.append(float(draft_score >= target_score))
-                positive.append(float(target_score > 0))
+    try:  # each process labels its share of the prompts (torchrun); all get every label, in the prompts' order
+        per_prompt = map_over_processes(label_prompt, examples, desc="oracle labels", unit="prompt")
     finally:
         strategy.mode, strategy.decision_log = saved
     width = strategy.arbiter.config.num_features
+    features = [f for found in per_prompt for f in found["features"]]
+
+    def joined(key: str) -> torch.Tensor:
+        return torch.tensor([value for found in per_prompt for value in found[key]], device="cpu")
+
     return OracleLabels(
-        torch.stack(features) if features else torch.zeros(0, width, device="cpu"), torch.tensor(labels, device="cpu"),
-        target_scores, seen, torch.tensor(harmless, device="cpu"), torch.tensor(positive, device="cpu"))
+        torch.stack(features) if features else torch.zeros(0, width, device="cpu"), joined("labels"),
+        [found["target_score"] for found in per_prompt], sum(found["seen"] for found in per_prompt),
+        joined("harmless"), joined("positive"))
 
 
 def _cropped(cache, length: int):
@@ -395,10 +417,12 @@ def run_reinforce(
     history = []
     started = time.perf_counter()
     try:
-        for step in tqdm(range(1, settings.rl_steps + 1), desc="CoSpec RL", unit="step"):
+        for step in progress_bar(range(1, settings.rl_steps + 1), desc="CoSpec RL", unit="step"):
             prompts = order.sample(list(examples), min(settings.rl_prompts_per_step, len(examples)))
-            groups = [[rollout(model, strategy, ex, tokenizer, reward_fn, settings, stop_ids)
-                       for _ in range(settings.group_size)] for ex in prompts]
+            # Each process rolls out its share of the prompts; every one then takes the same update on all groups.
+            groups = map_over_processes(
+                lambda ex: [rollout(model, strategy, ex, tokenizer, reward_fn, settings, stop_ids)
+                            for _ in range(settings.group_size)], prompts)
             stats = reinforce_step(arbiter, optimizer, groups, settings.entropy_bonus, accelerator)
             episodes = [e for g in groups for e in g]
             decisions = sum(len(e.actions) for e in episodes)
@@ -568,4 +592,13 @@ def train_arbiter(
                 "calibrate it with calibrate_arbiter(arbiter, model, draft, held_out_prompts, target_keep, "
                 "tokenizer=...) (or arbiter.calibrate(...)) on held-out prompts the target answers.",
                 reason, arbiter.config.threshold, exc_info=not isinstance(error, ValueError))
+    if process_count() > 1:
+        # Every process took the same updates on the same gathered rollouts, and calibrated alike; rank 0's result is
+        # kept everywhere, exactly, so that a GPU's last-bit differences cannot leave the replicas apart.
+        kept = broadcast_from_main({"state": {k: v.detach().cpu() for k, v in arbiter.state_dict().items()},
+                                    "training": arbiter.config.training, "calibration": arbiter.config.calibration,
+                                    "threshold": arbiter.config.threshold})
+        arbiter.load_state_dict(kept["state"])
+        arbiter.config.training, arbiter.config.calibration = kept["training"], kept["calibration"]
+        arbiter.config.threshold = kept["threshold"]
     return arbiter

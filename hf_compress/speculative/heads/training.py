@@ -28,7 +28,6 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel, TrainerCallback
 
 from ...training import (
@@ -39,7 +38,7 @@ from ...training import (
     refuse_arguments,
     train_with_trainer,
 )
-from ...utils import get_logger
+from ...utils import get_logger, progress_bar
 from ...modeling.identity import record_base_model
 from .modeling import BaseParts, DraftHeads
 
@@ -165,7 +164,7 @@ def cache_base_features(model: PreTrainedModel, dataset: Dataset, batch_size: in
     device = model.get_input_embeddings().weight.device
     features = None  # filled in place: a list of chunks and their concatenation would hold the features twice
     with _eval_mode(model):
-        for start in tqdm(range(0, len(input_ids), batch_size), desc="caching base features", unit="batch",
+        for start in progress_bar(range(0, len(input_ids), batch_size), desc="caching base features", unit="batch",
                           disable=not progress):
             batch = input_ids[start : start + batch_size].to(device)
             hidden = body(input_ids=batch, use_cache=False).last_hidden_state
@@ -192,7 +191,7 @@ def self_distillation_dataset(
         pad = model.generation_config.eos_token_id
     pad = pad[0] if isinstance(pad, list) else pad
     rows = []
-    for start in tqdm(range(0, len(prompt_ids), batch_size), desc="self-distillation", unit="batch"):
+    for start in progress_bar(range(0, len(prompt_ids), batch_size), desc="self-distillation", unit="batch"):
         prompts = prompt_ids[start : start + batch_size].to(device)
         rows.append(model.generate(
             prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=max_new_tokens,
