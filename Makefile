@@ -15,7 +15,7 @@ OLDEST_VENV ?= .venv-oldest
 PYTEST_ARGS ?=
 TEST_WORKERS ?= 2
 
-.PHONY: install python-check assets demo test test-real test-latest test-oldest versions bench-reference bench-pruning bench-dlqat bench-speculative bench-spark bench-tyr bench-amphista bench-import bench-gpu bench-packed clean
+.PHONY: install python-check assets demo test test-real test-latest test-oldest versions bench-reference bench-pruning bench-dlqat bench-speculative bench-spark bench-tyr bench-amphista bench-import bench-gpu bench-packed bench-lora-speed clean
 
 $(PYTHON):
 	$(HOST_PYTHON) -m venv $(VENV)
@@ -124,6 +124,9 @@ bench-amphista: install assets
 # Packed low-bit decode: dense fp32/bf16 vs packed 4/3/2-bit, reference path vs kernels (--device auto|cpu|cuda).
 bench-packed: install assets
 	$(PYTHON) scripts/bench_packed.py
+
+bench-lora-speed: install assets
+	$(PYTHON) scripts/bench_lora_speed.py
 
 bench-import: install
 	$(PYTHON) scripts/bench_import_time.py
