@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import importlib
 import importlib.metadata
 import inspect
@@ -834,6 +835,46 @@ def _lora_would_save(config: Any, name: str) -> bool:
     return any(_is_valid_match(name, saved) for saved in getattr(config, "modules_to_save", None) or ())
 
 
+_WEIGHT_COUNTERS: list[Callable[[nn.Module], int]] = []
+"""Counts of the weights a layer holds outside its parameters (``register_weight_counter``)."""
+
+
+def register_weight_counter(count: Callable[[nn.Module], int]) -> None:
+    """Count, in ``num_parameters()`` and peft's ``get_nb_trainable_parameters()`` / ``print_trainable_parameters()``,
+    the weights ``count(layer)`` says a layer holds outside its parameters (packed codes are buffers), as frozen.
+
+    Both count parameters only, so a packed model looked three times smaller than it is and its adapters' trainable
+    share three times larger; both count bitsandbytes' 4-bit weights in full (by their class). The two methods are
+    wrapped once; models without such layers count as before. Checked on transformers 5.23–5.25, peft 0.21.2 / 0.22.0.
+    """
+    from peft import PeftModel
+    from transformers import PreTrainedModel
+
+    _WEIGHT_COUNTERS.append(count)
+    num_parameters = PreTrainedModel.num_parameters
+    if not getattr(num_parameters, "_hf_compress_wraps", None):
+        @functools.wraps(num_parameters)
+        def _num_parameters(self: Any, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+            total = num_parameters(self, only_trainable=only_trainable, exclude_embeddings=exclude_embeddings)
+            return total if only_trainable else total + _weights_outside_parameters(self)
+
+        _num_parameters._hf_compress_wraps = num_parameters
+        PreTrainedModel.num_parameters = _num_parameters
+    nb_trainable = PeftModel.get_nb_trainable_parameters
+    if not getattr(nb_trainable, "_hf_compress_wraps", None):
+        @functools.wraps(nb_trainable)
+        def _get_nb_trainable_parameters(self: Any) -> tuple[int, int]:
+            trainable, total = nb_trainable(self)
+            return trainable, total + _weights_outside_parameters(self)
+
+        _get_nb_trainable_parameters._hf_compress_wraps = nb_trainable
+        PeftModel.get_nb_trainable_parameters = _get_nb_trainable_parameters
+
+
+def _weights_outside_parameters(model: nn.Module) -> int:
+    return sum(count(module) for module in model.modules() for count in _WEIGHT_COUNTERS)
+
+
 def peft_buffer_dict() -> type:
     """peft's ``BufferDict`` (a ``ModuleDict`` of buffers, what LoRA-like layers keep per adapter)."""
     from peft.tuners._buffer_dict import BufferDict
@@ -1290,6 +1331,17 @@ def check_assumptions() -> list[str]:
                     and "_is_valid_match(" in source(peft_other._set_trainable),
                     "peft: modules_to_save no longer matches layers through utils.other._is_valid_match(key, "
                     "target_key) (register_lora_layer)")
+        from peft import PeftModel
+        from transformers import PreTrainedModel
+
+        counting = getattr(PreTrainedModel.num_parameters, "_hf_compress_wraps", PreTrainedModel.num_parameters)
+        nb_trainable = getattr(PeftModel.get_nb_trainable_parameters, "_hf_compress_wraps",
+                               PeftModel.get_nb_trainable_parameters)
+        expect_that(lambda: list(inspect.signature(counting).parameters) == ["self", "only_trainable", "exclude_embeddings"]
+                    and list(inspect.signature(nb_trainable).parameters) == ["self"]
+                    and calls(PeftModel, "get_nb_trainable_parameters", PeftModel.print_trainable_parameters),
+                    "transformers: num_parameters(only_trainable, exclude_embeddings) or peft: "
+                    "get_nb_trainable_parameters() / print_trainable_parameters changed (register_weight_counter)")
         expect(calls(LoraLayer, "resolve_lora_variant", LoraLayer.update_layer),
                "peft: LoraLayer.update_layer no longer calls resolve_lora_variant (PackedLoraLinear checks there)")
         import torch

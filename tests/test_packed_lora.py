@@ -288,3 +288,14 @@ def test_lora_on_a_packed_model_trains_on_cuda_as_on_the_cpu(dtype):
     tolerance = 1e-4 if dtype == torch.float32 else 5e-2
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, rtol=tolerance, atol=tolerance)
+
+
+def test_parameter_counts_include_the_packed_weights(tmp_path):
+    folder = _packed_folder(tmp_path)
+    float_model = AutoModelForCausalLM.from_pretrained(folder).dequantize()
+    packed = AutoModelForCausalLM.from_pretrained(folder)
+    assert packed.num_parameters() == float_model.num_parameters()  # the codes stand for every weight
+    assert packed.num_parameters(only_trainable=True) < float_model.num_parameters()  # the codes never train
+    config = LoraConfig(r=4, target_modules="all-linear")
+    assert (get_peft_model(packed, config).get_nb_trainable_parameters()
+            == get_peft_model(float_model, LoraConfig(r=4, target_modules="all-linear")).get_nb_trainable_parameters())
