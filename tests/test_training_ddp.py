@@ -89,6 +89,12 @@ def test_the_cospec_oracle_labels_shared_out_over_two_processes_equal_one_proces
     assert ranks[0]["cospec"]["target_score_strict"] == single["target_score_strict"]
 
 
+def test_a_share_failing_on_one_process_raises_on_every_process(ranks):
+    zero, one = (r["failing_share"] for r in ranks)
+    assert one["raised"] == "ZeroDivisionError"  # its own error
+    assert zero["raised"] == "RuntimeError" and "process 1 failed" in zero["message"]
+
+
 @pytest.mark.parametrize("entry", ["budget_heads", "budget_permutation"])
 def test_a_time_budget_stops_every_rank_at_the_same_step(run, entry):
     out, returncode, output = run

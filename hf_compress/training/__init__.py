@@ -2,8 +2,9 @@
 
 Methods that train (DL-QAT adapters, drafting heads, the token router, experts, learned permutations) hand
 ``train_with_trainer`` a model and a dataset; the ``Trainer`` underneath gives gradient accumulation, checkpointing,
-logging and, without code changes, multi-process training (``accelerate launch`` / ``torchrun``: DDP, FSDP, DeepSpeed). Work outside a ``Trainer``
-(a loop of generations: the CoSpec arbiter's oracle labels and rollouts) is shared out with ``map_over_processes``.
+logging and, without code changes, multi-process training (``accelerate launch`` / ``torchrun``: DDP, FSDP, DeepSpeed).
+Work outside a ``Trainer`` (a loop of generations: the CoSpec arbiter's oracle labels and rollouts) is shared out with
+``map_over_processes``.
 """
 
 from .data import causal_lm_dataset

@@ -243,23 +243,32 @@ def map_over_processes(
     if group is None and process_count() > 1:
         group = _start_process_group(args)
     count, rank = (group.get_world_size(), group.get_rank()) if group else (1, 0)
-    mine = range(rank, len(items), count)
-    bar = progress_bar(mine, desc=desc, unit=unit, disable=desc is None)
-    computed = [(index, function(items[index])) for index in bar]
+    bar = progress_bar(range(rank, len(items), count), desc=desc, unit=unit, disable=desc is None)
     if count == 1:
-        return [result for _, result in computed]
+        return [function(items[index]) for index in bar]
+    failure: BaseException | None = None
+    try:
+        computed = [(index, function(items[index])) for index in bar]
+    except Exception as error:  # noqa: BLE001 - told to every process below, or the others would wait forever
+        failure, computed = error, []
     from transformers import TrainingArguments
 
     device = args.device if isinstance(args, TrainingArguments) else None
     shares: list[Any] = [None] * count
+    share = (None if failure is None else f"{type(failure).__name__}: {failure}", computed)
     if device is not None and getattr(device, "type", "cpu") != "cpu":
         import torch
 
         with torch.cuda.device(device):  # NCCL moves the pickled bytes through this process's GPU
-            group.all_gather_object(shares, computed)
+            group.all_gather_object(shares, share)
     else:
-        group.all_gather_object(shares, computed)
-    ordered = dict(pair for share in shares for pair in share)
+        group.all_gather_object(shares, share)
+    if failure is not None:
+        raise failure
+    failed = [(process, message) for process, (message, _) in enumerate(shares) if message is not None]
+    if failed:
+        raise RuntimeError(f"process {failed[0][0]} failed in map_over_processes ({failed[0][1]}); see its log")
+    ordered = dict(pair for _, computed_there in shares for pair in computed_there)
     return [ordered[index] for index in range(len(items))]
 
 
