@@ -16,6 +16,7 @@ from peft import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from transformers import TrainingArguments
 
+from hf_compress import _compat
 from hf_compress.assets import tiny_model, tiny_tokenizer
 from hf_compress.experts import (
     ExpertConfig,
@@ -1228,3 +1229,61 @@ def test_inputs_embeds_with_the_experts_given_run_each_row_through_its_expert():
     assert from_embeddings.shape[0] == 4 and torch.equal(from_embeddings, from_ids)
     with pytest.raises(ValueError, match="pass experts=.*with inputs_embeds"):
         router.generate(inputs_embeds=embeddings, attention_mask=batch.attention_mask, **greedy)
+
+
+def test_a_router_loaded_for_inference_stays_frozen_whatever_it_routes(trained):
+    """peft's set_adapter (one expert's batch) and disable_adapter (the routing pass) mark adapters trainable."""
+    router, tokenizer, _, _, folder = trained
+    loaded = ExpertRouter.from_pretrained(folder, base_model=tiny_model("llama")[0], tokenizer=tokenizer)
+    assert not any(p.requires_grad for p in loaded.model.parameters())
+    one = tokenizer(["Spell ABCDE: "], return_tensors="pt")
+    loaded.route(**one)
+    assert not loaded(**one).logits.requires_grad  # one expert: the set_adapter path
+    loaded.generate(**one, max_new_tokens=2, do_sample=False)
+    assert not any(p.requires_grad for p in loaded.model.parameters())
+
+
+def test_a_forward_from_a_cache_takes_the_first_passs_experts(trained):
+    router, tokenizer, _, _, _ = trained
+    tokenizer.padding_side = "left"
+    batch = tokenizer(["3 + 4 = ", "Spell ABCDEFGHIJ: "], return_tensors="pt", padding=True)
+    experts = router.route(**batch)
+    name = _compat.cache_kwarg_name(router.model)  # past_key_values before transformers 5.24
+    with torch.no_grad():
+        first = router(**batch, use_cache=True)
+        step = first.logits[:, -1].argmax(-1, keepdim=True)
+        mask = torch.cat([batch.attention_mask, torch.ones_like(step)], dim=1)
+        with pytest.raises(ValueError, match="pass the experts the first pass chose"):
+            router(input_ids=step, attention_mask=mask, **{name: _compat.cache_of_output(first)})
+        cached = router(input_ids=step, attention_mask=mask, **{name: _compat.cache_of_output(first)}, experts=experts)
+        whole = router(input_ids=torch.cat([batch.input_ids, step], 1), attention_mask=mask, experts=experts)
+    torch.testing.assert_close(cached.logits[:, -1], whole.logits[:, -1], rtol=1e-4, atol=1e-5)
+
+
+def test_route_without_a_mask_finds_the_padding_as_generate_does(trained, monkeypatch):
+    router, tokenizer, _, _, _ = trained
+    tokenizer.padding_side = "left"
+    batch = tokenizer(["3 + 4 = ", "Spell ABCDEFGHIJ: ", "9 + 1 = "], return_tensors="pt", padding=True)
+    assert (batch.attention_mask == 0).any()
+    masks = []
+    embed = router.embed
+    monkeypatch.setattr(router, "embed", lambda ids, mask=None: masks.append(mask) or embed(ids, mask))
+    assert torch.equal(router.route(batch.input_ids), router.route(**batch))
+    assert torch.equal(masks[0], batch.attention_mask)  # the pads were found, not embedded as prompt tokens
+
+
+def test_a_window_longer_than_learned_positions_is_refused_before_the_embedding_pass(monkeypatch):
+    from hf_compress.experts import training as experts_training
+
+    model, tokenizer = tiny_model("gpt2")
+    monkeypatch.setattr(experts_training, "embed_texts", lambda *a, **k: pytest.fail("embedded before refusing"))
+    with pytest.raises(ValueError, match=r"seq_len is 1024 tokens.*positions for 512 only; use seq_len <= 512"):
+        train_experts(model, _task_rows(4)[0], ExpertConfig(num_experts=2, r=2, seq_len=1024),
+                      args=TrainingSettings(max_steps=2, use_cpu=True), tokenizer=tokenizer)
+
+
+def test_the_folder_cards_single_expert_snippet_names_an_expert_of_the_folder(tmp_path):
+    router, _ = _two_adapter_router()
+    router.save_pretrained(tmp_path / "named")
+    card = (tmp_path / "named" / "README.md").read_text()
+    assert 'subfolder="first"' in card and "expert_0" not in card

@@ -19,7 +19,8 @@ with the training set's mean and standard deviation before L2-normalising, and t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -86,6 +87,24 @@ def _plain_model(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+@contextlib.contextmanager
+def kept_trainability(model: nn.Module) -> Iterator[None]:
+    """Restore which of ``model``'s parameters require grad on leaving: peft marks the adapters it activates trainable
+    (``set_adapter``, and leaving ``disable_adapter()``), which on a model loaded for inference would build autograd
+    graphs from then on.
+
+    Example:
+        >>> with kept_trainability(peft_model):  # doctest: +SKIP
+        ...     peft_model.set_adapter("expert_1")
+    """
+    flags = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
+    try:
+        yield
+    finally:
+        for parameter, flag in flags:
+            parameter.requires_grad_(flag)
+
+
 @torch.inference_mode()
 def embed_batch(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                 spec: EmbeddingSpec) -> torch.Tensor:
@@ -117,7 +136,7 @@ def embed_batch(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
     handle = blocks[spec.layer].register_forward_hook(stop)
     disable = model.disable_adapter() if hasattr(model, "disable_adapter") else _nothing()
     try:
-        with disable, evaluation_mode(model):  # dropout would make the embedding of a prompt random
+        with kept_trainability(model), disable, evaluation_mode(model):  # dropout: a prompt's embedding would vary
             _plain_model(model)(input_ids=ids, attention_mask=mask, use_cache=False)
     except _Stop:
         pass

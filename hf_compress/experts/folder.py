@@ -216,7 +216,8 @@ def save_experts(router, save_dir, *, overwrite: bool = False, metrics=(), model
             for index, adapter in enumerate(router.adapter_names):
                 write_model_card(staging / adapter, _expert_card(base_model, name, repo_id, adapter, index, recipe,
                                                                  base_weights))
-            write_model_card(staging, _folder_card(base_model, name, repo_id, recipe, metrics, base_weights))
+            write_model_card(staging, _folder_card(base_model, name, repo_id, recipe, metrics, base_weights,
+                                                   router.adapter_names[0]))
     finally:
         for n, value in previous.items():
             model.peft_config[n].base_model_name_or_path = value
@@ -311,12 +312,13 @@ _FOLDER_SNIPPET = (
     "out = model.generate(**batch, max_new_tokens=32)  # each row goes to its nearest expert\n\n"
     "# or one expert alone, as a plain PEFT adapter:\n"
     "from peft import PeftModel\n"
-    'expert = PeftModel.from_pretrained(base, "{repo_id}", subfolder="expert_0")'
+    'expert = PeftModel.from_pretrained(base, "{repo_id}", subfolder="{first_expert}")'
 )
 
 
-def _folder_card(base_model, name, repo_id, recipe, metrics, base_weights=None):
-    snippet = _FOLDER_SNIPPET.replace("{base_model}", base_model or "BASE_MODEL").replace("{repo_id}", repo_id)
+def _folder_card(base_model, name, repo_id, recipe, metrics, base_weights=None, first_expert="expert_0"):
+    snippet = (_FOLDER_SNIPPET.replace("{base_model}", base_model or "BASE_MODEL").replace("{repo_id}", repo_id)
+               .replace("{first_expert}", first_expert))
     return build_model_card(base_model=base_model, model_name=name, repo_id=repo_id, recipe=recipe, metrics=metrics,
                             template="adapter", load_snippet=snippet, base_weights=base_weights)
 

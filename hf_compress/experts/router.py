@@ -34,7 +34,7 @@ from ..modeling.layers import find_decoder_blocks
 from ..utils import InvalidArgumentTypeError, get_logger
 from ..utils.processes import main_process_only
 from .clustering import assign
-from .embedding import EmbeddingSpace, EmbeddingSpec, embed_batch, embed_texts
+from .embedding import EmbeddingSpace, EmbeddingSpec, embed_batch, embed_texts, kept_trainability
 from .mixed import stacked_lora
 
 
@@ -236,6 +236,8 @@ class ExpertRouter:
                 f"{type(input_ids).__name__}{hint}.")
         if self.num_experts == 1:  # nothing to choose: no embedding forward
             return torch.zeros(len(input_ids), dtype=torch.long, device="cpu")
+        if attention_mask is None:  # padding inferred as generate() infers it, so both route a padded batch alike
+            attention_mask = inferred_attention_mask(self.model, input_ids, {})
         return assign(self.embed(input_ids, attention_mask), self.centroids)
 
     def route_texts(self, texts: Sequence[str], batch_size: int = 16) -> torch.Tensor:
@@ -368,6 +370,12 @@ class ExpertRouter:
         """A forward pass with every row routed to its expert (returns the model's output, e.g. logits);
         ``experts`` / ``adapter_names`` override the routing as in :meth:`generate`."""
         experts = self._experts_of(experts, kwargs)
+        if experts is None and _compat.cache_from_model_kwargs(kwargs) is not None:
+            raise ValueError(
+                "A forward pass that continues from a cache sees only the new tokens, which would be routed on their "
+                "own; pass the experts the first pass chose: experts = router.route(input_ids, attention_mask) before "
+                "it, then router(..., cache=..., experts=experts) at each step. Or use router.generate(), which routes "
+                "once.")
         rows = self._routed(input_ids, attention_mask, experts, kwargs.get("inputs_embeds"))
         with self._adapters(rows) as per_row:
             return self.model(input_ids=input_ids, attention_mask=attention_mask, **per_row, **kwargs)
@@ -383,11 +391,13 @@ class ExpertRouter:
         """
         if len(set(rows)) == 1:
             previous = self.model.active_adapter
-            self.model.set_adapter(self.adapter_names[rows[0]])
+            with kept_trainability(self.model):  # or a router loaded for inference would build autograd graphs
+                self.model.set_adapter(self.adapter_names[rows[0]])
             try:
                 yield {}
             finally:
-                self.model.set_adapter(previous)
+                with kept_trainability(self.model):
+                    self.model.set_adapter(previous)
             return
         if self.mixed_batch == "stacked":
             with stacked_lora(self.model, self.adapter_names, rows) as stacked:

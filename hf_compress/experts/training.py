@@ -14,7 +14,7 @@ import torch
 
 from .. import _compat
 from ..hub import base_weights_of
-from ..modeling.layers import TRAINS_ON_ONE_DEVICE, check_not_offloaded
+from ..modeling.layers import TRAINS_ON_ONE_DEVICE, check_not_offloaded, check_within_learned_positions
 from ..routing.layer import check_not_routed
 from ..training import (
     OWN_LOSS_REFUSED,
@@ -147,6 +147,8 @@ def train_experts(
                          "(e.g. TrainingArguments(..., max_steps=400)), or use shared_warmup=0.")
     rows = instruction_rows(dataset)
     _check_mixed_batches_possible(model, config)  # before the embedding pass and any training
+    # Packed windows of seq_len tokens: past a learned position table, an IndexError deep inside Trainer.
+    check_within_learned_positions(model, config.seq_len, "ExpertConfig.seq_len is", "seq_len")
     k = config.num_experts
     if k > len(rows):
         raise ValueError(f"num_experts={k} exceeds the {len(rows)} examples; use num_experts <= {len(rows)} "
