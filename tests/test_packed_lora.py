@@ -295,7 +295,6 @@ def test_parameter_counts_include_the_packed_weights(tmp_path):
     float_model = AutoModelForCausalLM.from_pretrained(folder).dequantize()
     packed = AutoModelForCausalLM.from_pretrained(folder)
     assert packed.num_parameters() == float_model.num_parameters()  # the codes stand for every weight
-    assert packed.num_parameters(only_trainable=True) < float_model.num_parameters()  # the codes never train
     config = LoraConfig(r=4, target_modules="all-linear")
     assert (get_peft_model(packed, config).get_nb_trainable_parameters()
             == get_peft_model(float_model, LoraConfig(r=4, target_modules="all-linear")).get_nb_trainable_parameters())

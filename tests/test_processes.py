@@ -54,9 +54,43 @@ def test_other_ranks_draw_no_bars_and_log_warnings_only(monkeypatch, caplog):
     assert caplog.records[-1].getMessage() == "calibrating block 4"
 
 
-@pytest.mark.parametrize("name", ["hf_compress", "hf_compress.pruning", "pruning.wanda"])
-def test_every_library_logger_carries_the_filter(name):
-    assert get_logger(name).filters
+def test_every_library_module_logs_through_get_logger():
+    """A module's own logging.getLogger would skip the filter that keeps other ranks to warnings."""
+    import importlib
+    import pathlib
+    import re
+
+    package = pathlib.Path(__file__).resolve().parents[1] / "hf_compress"
+    bare = [str(path.relative_to(package)) for path in package.rglob("*.py")
+            if path.name != "logging.py" and re.search(r"^\w+ = logging\.getLogger\(", path.read_text(), re.M)]
+    assert bare == []
+    importlib.import_module("hf_compress.cache.query_capture")
+    assert logging.getLogger("hf_compress.cache.query_capture").filters
+
+
+def test_another_rank_does_not_check_a_save_folder_it_will_not_write(tmp_path, monkeypatch):
+    from hf_compress.hub.publish import publish
+    from hf_compress.utils import check_save_dir
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "config.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="already holds a model"):
+        check_save_dir(tmp_path / "out")
+    monkeypatch.setenv("RANK", "1")  # rank 0 saved it first: a late rank must not fail on it
+    assert check_save_dir(tmp_path / "out") == tmp_path / "out"
+    assert publish(tmp_path / "no-manifest", namespace="me") == []  # nothing read, nothing sent
+
+
+def test_a_tensor_parallel_model_is_refused_on_every_rank(tmp_path, monkeypatch):
+    """Saving it gathers from every rank: rank 0 alone would wait for the others forever."""
+    model, tokenizer = tiny_model("llama", seed=0)
+    model._tp_size = 2
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(NotImplementedError, match="tensor-parallel"):
+            save_pruned(model, tokenizer, tmp_path / "pruned")
+    assert not (tmp_path / "pruned").exists()
 
 
 def test_the_library_draws_every_bar_through_progress_bar():

@@ -93,6 +93,8 @@ def test_a_share_failing_on_one_process_raises_on_every_process(ranks):
     zero, one = (r["failing_share"] for r in ranks)
     assert one["raised"] == "ZeroDivisionError"  # its own error
     assert zero["raised"] == "RuntimeError" and "process 1 failed" in zero["message"]
+    zero, one = (r["unpicklable_share"] for r in ranks)  # the gather could not send process 1's result
+    assert one["raised"] is not None and zero["raised"] == "RuntimeError" and "process 1 failed" in zero["message"]
 
 
 @pytest.mark.parametrize("entry", ["budget_heads", "budget_permutation"])

@@ -237,12 +237,14 @@ def cospec(perturbed: bool = False) -> dict:
             "target_score_strict": training["target_score_strict"], "log_history": training["log_history"]}
 
 
-def failing_share() -> dict:
-    """Item 3 fails, on process 1 of 2: every process must raise, none wait for the others forever."""
+def failing_share(unpicklable: bool = False) -> dict:
+    """Item 3 fails (or, ``unpicklable``, gives a result the gather cannot send), on process 1 of 2: every process
+    must raise, none wait for the others forever."""
     from hf_compress.training import map_over_processes
 
     try:
-        map_over_processes(lambda x: 1 // (x - 3), list(range(6)))
+        map_over_processes((lambda x: (lambda: x) if x == 3 else x) if unpicklable else (lambda x: 1 // (x - 3)),
+                           list(range(6)))
     except Exception as error:  # noqa: BLE001
         return {"raised": type(error).__name__, "message": str(error)}
     return {"raised": None}
@@ -287,7 +289,8 @@ def main(out: str) -> None:
     results = {"rank": RANK, "world_size": WORLD, "selection": selection(), "router": router(),
                "router_keep_best": router_keep_best(), "search": search(), "experts": experts(), "heads": heads(),
                "permutation": permutation(), "dlqat": dlqat(), "cospec": cospec(),
-               "cospec_perturbed": cospec(perturbed=True), "failing_share": failing_share()}
+               "cospec_perturbed": cospec(perturbed=True), "failing_share": failing_share(),
+               "unpicklable_share": failing_share(unpicklable=True)}
     results["distributed"] = torch.distributed.is_initialized()
     results["own"] = OWN
     torch.save(results, os.path.join(out, f"rank{RANK}.pt"))

@@ -13,7 +13,6 @@ Example:
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
@@ -21,13 +20,13 @@ from transformers import PretrainedConfig
 from transformers.cache_utils import Cache
 
 from .. import _compat
-from ..utils import InvalidArgumentTypeError, check_bool, check_float, check_int
+from ..utils import InvalidArgumentTypeError, check_bool, check_float, check_int, get_logger
 from .layer import ChannelPrunedLayer
 from .query_capture import install_query_capture
 from .read import ReadScratch
 
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 __all__ = ["SparKCache", "StructuredChannelCache", "check_decoder_config"]
 

@@ -22,7 +22,6 @@ Example:
 from __future__ import annotations
 
 import contextvars
-import logging
 from collections.abc import Callable
 from typing import Protocol
 
@@ -32,10 +31,10 @@ from transformers.masking_utils import AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 from .. import _compat
-from ..utils import InvalidArgumentTypeError
+from ..utils import InvalidArgumentTypeError, get_logger
 
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 __all__ = ["CAPTURE_PREFIX", "QueryObserver", "await_queries", "install_query_capture"]
 

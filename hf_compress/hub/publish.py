@@ -38,6 +38,7 @@ from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundErro
 
 from .. import __version__
 from ..utils import get_logger
+from ..utils.processes import main_process_only
 from .manifest import ArtifactEntry, Manifest, ManifestError, check_names, repo_id_in, verify_manifest
 from .model_card import CARD_FILENAME, card_built_for_other_repo, named_owners, read_metrics, validate_model_card
 from .push import plan_push, push_to_hub
@@ -71,6 +72,7 @@ class PublishResult:
     commit_url: str | None = None
 
 
+@main_process_only(default_factory=list)
 def publish(
     manifest: str | os.PathLike | Manifest,
     namespace: str | None,

@@ -59,7 +59,7 @@ def _arguments(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
 def run_prune(args: argparse.Namespace) -> int:
     from ..assets import load_calibration_text
     from ..cli.config_flags import config_kwargs
-    from ..utils import check_save_dir
+    from ..utils import check_save_dir, is_main_process
     from .config import CALIBRATION_FIELDS
     from .permutation import LearnedPermutationConfig
 
@@ -93,7 +93,8 @@ def run_prune(args: argparse.Namespace) -> int:
         pruner.calibration_data = calibration_text_record(args.calibration_text)
     pruner.prune(config, calibration, save_dir=args.save_dir, overwrite=args.overwrite, progress=not args.quiet,
                  **pruner_class.prune_kwargs_from_cli(args))
-    print(f"{pruner.report.summary()}, saved to {args.save_dir}")
+    if is_main_process():  # under torchrun every rank prunes, rank 0 writes
+        print(f"{pruner.report.summary()}, saved to {args.save_dir}")
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import pickle
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -249,6 +250,7 @@ def map_over_processes(
     failure: BaseException | None = None
     try:
         computed = [(index, function(items[index])) for index in bar]
+        pickle.dumps(computed)  # what the gather sends: a result it cannot send fails here, on this process alone
     except Exception as error:  # noqa: BLE001 - told to every process below, or the others would wait forever
         failure, computed = error, []
     from transformers import TrainingArguments

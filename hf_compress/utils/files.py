@@ -29,6 +29,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from .processes import is_main_process
+
 
 CACHE_ENV = "HF_COMPRESS_CACHE"
 
@@ -122,6 +124,8 @@ def check_save_dir(
         PermissionError: save_dir /nonexistent-parent/out cannot be created: ...
     """
     target = Path(target)
+    if not is_main_process():  # only the main process writes (torchrun): a late rank would find its finished folder
+        return target
     if target.exists() and not target.is_dir():
         raise FileExistsError(f"{argument} {target} is a file; pass a folder path.")
     if target.is_dir() and not overwrite:

@@ -19,16 +19,17 @@ from __future__ import annotations
 
 import importlib
 import importlib.abc
-import logging
 import sys
 import threading
 from collections.abc import Callable
 from types import ModuleType
 
+from .logging import get_logger
+
 
 __all__ = ["lazy_exports", "when_imported"]
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 _callbacks: dict[str, list[Callable[[ModuleType], None]]] = {}
 _lock = threading.RLock()

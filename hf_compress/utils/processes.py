@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 
-__all__ = ["is_main_process", "main_process_only", "process_count", "process_group"]
+__all__ = ["is_main_process", "main_process_only", "process_count", "process_group", "process_rank"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -44,6 +44,18 @@ def process_count() -> int:
     return group.get_world_size() if group else int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def process_rank() -> int:
+    """This process's rank among those training together: the process group's, else ``RANK`` as ``torchrun`` sets
+    it, else 0.
+
+    Example:
+        >>> process_rank()
+        0
+    """
+    group = process_group()
+    return group.get_rank() if group else int(os.environ.get("RANK", "0"))
+
+
 def is_main_process() -> bool:
     """Whether this process writes the results: rank 0 of the processes training together (``True`` alone).
 
@@ -51,17 +63,20 @@ def is_main_process() -> bool:
         >>> is_main_process()
         True
     """
-    group = process_group()
-    return (group.get_rank() if group else int(os.environ.get("RANK", "0"))) == 0
+    return process_rank() == 0
 
 
-def main_process_only(target: str | None = None) -> Callable[[F], F]:
+def main_process_only(target: str | None = None, *, default_factory: Callable[[], Any] | None = None
+                      ) -> Callable[[F], F]:
     """Run the decorated function (a save or a push) on the main process only.
 
     On the other processes it returns at once, writing nothing: ``Path(<argument target>)`` when ``target`` names the
-    argument that holds the folder being written, else ``None``. There is no barrier (as in transformers'
-    ``save_pretrained``): a script that saves on rank 0 alone must not hang, so a process that reads the folder
-    back should wait for the main one first (``accelerator.wait_for_everyone()``).
+    argument that holds the folder being written, else ``default_factory()`` (``None`` without one). There is no
+    barrier (as in transformers' ``save_pretrained``): a script that saves on rank 0 alone must not hang, so a
+    process that reads the folder back should wait for the main one first (``accelerator.wait_for_everyone()``).
+
+    A tensor-parallel model among the arguments (``tp_plan``: each process holds a shard, and saving it gathers from
+    every one) is refused on every process, before any of them waits for the others.
 
     Example:
         >>> @main_process_only("save_dir")
@@ -72,14 +87,24 @@ def main_process_only(target: str | None = None) -> Callable[[F], F]:
 
         @functools.wraps(function)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
+            bound = signature.bind(*args, **kwargs)
+            if process_count() > 1 and any(_tensor_parallel(value) for value in bound.arguments.values()):
+                raise NotImplementedError(
+                    f"{function.__qualname__} cannot save a tensor-parallel model (loaded with tp_plan): its shards "
+                    "are spread over the processes. Load the model without tp_plan to compress and save it.")
             if is_main_process():
                 return function(*args, **kwargs)
             if target is None:
-                return None
+                return None if default_factory is None else default_factory()
             from pathlib import Path
 
-            return Path(signature.bind(*args, **kwargs).arguments[target])
+            return Path(bound.arguments[target])
 
         return wrapper  # type: ignore[return-value]
 
     return decorate
+
+
+def _tensor_parallel(value: Any) -> bool:
+    size = getattr(value, "tp_size", None)  # PreTrainedModel's (transformers), a property: None or 1 when unsharded
+    return isinstance(size, int) and size > 1

@@ -52,7 +52,7 @@ from ...modeling.structure import (
     decoder_parameter_count,
     shrink_block,
 )
-from ...utils import atomic_path, check_path, file_lock, folders_overlap, get_logger
+from ...utils import atomic_path, check_path, file_lock, folders_overlap, get_logger, is_main_process
 from ..config import PruningConfig
 from ..structural import StructuralPruner
 from .config import TyrConfig
@@ -204,7 +204,9 @@ class TyrPruner(StructuralPruner):
         check_path("work_dir", work_dir, allow_none=True)
         _check_work_dir(work_dir, save_dir)
         self._calibration_dataset = calibration_dataset
-        temporary = work_dir is None
+        # Under torchrun every rank searches alike and rank 0 saves: the others keep their state in a folder of their
+        # own (one shared work_dir would be locked by one rank, and written by two).
+        temporary = work_dir is None or not is_main_process()
         self._work = Path(tempfile.mkdtemp(prefix="tyr-")) if temporary else Path(work_dir)
         try:
             # One run per work folder at a time: a second one sharing it would overwrite the first's files.

@@ -24,8 +24,8 @@ like ``Trainer`` (a dict per step into ``log_history`` and the log).
 
 Under ``torchrun`` the generations, which are the cost, are shared out (``training.map_over_processes``): each
 process labels and rolls out its share of the prompts, every process gets all results in the prompts' order, and
-takes the same update on them. The oracle labels equal one process's; the rollouts sample with each process's own
-generator. At the end every process keeps rank 0's arbiter (the calibration on ``held_out`` runs on each).
+takes the same update on them. The oracle labels equal one process's; each process samples its rollouts from its own
+generator (seeded ``seed + rank``). At the end every process keeps rank 0's arbiter (the calibration on ``held_out`` runs on each).
 
 Example:
     >>> arbiter = train_arbiter(model, draft, [{"input_ids": ids, "answers": ["Paris"]}], tokenizer=tok)  # doctest: +SKIP
@@ -47,6 +47,7 @@ from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from ...evaluation.squad import normalize_answer
 from ...training import broadcast_from_main, map_over_processes, process_count
+from ...utils.processes import process_rank
 from ...utils import (
     InvalidArgumentTypeError,
     check_bool,
@@ -410,7 +411,8 @@ def run_reinforce(
     accelerator = Accelerator(device_placement=False)
     optimizer = torch.optim.AdamW(arbiter.parameters(), lr=settings.rl_learning_rate, weight_decay=settings.weight_decay)
     optimizer = accelerator.prepare_optimizer(optimizer, device_placement=False)
-    generator = torch.Generator(device=model.device).manual_seed(settings.seed)
+    # Each process samples its own prompts' rollouts from its own stream (torchrun), not copies of one.
+    generator = torch.Generator(device=model.device).manual_seed(settings.seed + process_rank())
     order = random.Random(settings.seed)
     saved = strategy.mode, strategy.decision_log, strategy.generator
     strategy.mode, strategy.decision_log, strategy.generator = "sample", DecisionLog(), generator
