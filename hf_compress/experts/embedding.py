@@ -19,14 +19,13 @@ with the training set's mean and standard deviation before L2-normalising, and t
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
-from ..modeling.layers import evaluation_mode, find_decoder_blocks
+from ..modeling.layers import evaluation_mode, find_decoder_blocks, kept_trainability
 from ..utils import InvalidArgumentTypeError, check_int, progress_bar
 from .config import DEFAULT_EMBEDDING_TOKENS
 
@@ -85,24 +84,6 @@ class _Stop(Exception):
 
 def _plain_model(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-@contextlib.contextmanager
-def kept_trainability(model: nn.Module) -> Iterator[None]:
-    """Restore which of ``model``'s parameters require grad on leaving: peft marks the adapters it activates trainable
-    (``set_adapter``, and leaving ``disable_adapter()``), which on a model loaded for inference would build autograd
-    graphs from then on.
-
-    Example:
-        >>> with kept_trainability(peft_model):  # doctest: +SKIP
-        ...     peft_model.set_adapter("expert_1")
-    """
-    flags = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
-    try:
-        yield
-    finally:
-        for parameter, flag in flags:
-            parameter.requires_grad_(flag)
 
 
 @torch.inference_mode()

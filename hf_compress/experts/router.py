@@ -30,11 +30,11 @@ from transformers import GenerationConfig
 
 from .. import _compat
 from ..modeling.generation import generation_setting, inferred_attention_mask
-from ..modeling.layers import find_decoder_blocks
+from ..modeling.layers import find_decoder_blocks, kept_trainability
 from ..utils import InvalidArgumentTypeError, get_logger
 from ..utils.processes import main_process_only
 from .clustering import assign
-from .embedding import EmbeddingSpace, EmbeddingSpec, embed_batch, embed_texts, kept_trainability
+from .embedding import EmbeddingSpace, EmbeddingSpec, embed_batch, embed_texts
 from .mixed import stacked_lora
 
 

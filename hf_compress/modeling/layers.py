@@ -558,6 +558,28 @@ def evaluation_mode(model: nn.Module) -> Iterator[nn.Module]:
         model.train(was_training)
 
 
+@contextlib.contextmanager
+def kept_trainability(model: nn.Module) -> Iterator[None]:
+    """Which of ``model``'s parameters require grad, restored on leaving the block (also on an error): for work that
+    freezes the model, or that peft makes trainable as a side effect (``set_adapter`` and leaving
+    ``disable_adapter()`` mark adapters trainable, which on a model loaded for inference would build autograd graphs).
+
+    Example:
+        >>> from hf_compress.assets import tiny_model
+        >>> model = tiny_model("llama")[0]
+        >>> with kept_trainability(model):
+        ...     _ = model.requires_grad_(False)
+        >>> all(p.requires_grad for p in model.parameters())
+        True
+    """
+    flags = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
+    try:
+        yield
+    finally:
+        for parameter, flag in flags:
+            parameter.requires_grad_(flag)
+
+
 # ``does`` for work that trains through ``hf_compress.training`` (Trainer places the whole model on one device).
 TRAINS_ON_ONE_DEVICE = "runs through Trainer, which moves the model to one device"
 

@@ -58,6 +58,7 @@ from ...utils import (
     progress_bar,
 )
 from ...modeling.identity import record_base_model
+from ...modeling.layers import kept_trainability
 from ..task_answers import (
     REWARDS,
     Reward,
@@ -548,17 +549,13 @@ def train_arbiter(
     arbiter.config.draft_tokenizer_fingerprint = tokenizer_fingerprint(draft_tokenizer) if cross else None
     arbiter.config.draft_tokenizer_name_or_path = (draft_tokenizer.name_or_path or None) if cross else None
     started = time.perf_counter()
-    requires_grad = [p.requires_grad for p in model.parameters()]
-    model.requires_grad_(False)
-    try:
+    with kept_trainability(model):
+        model.requires_grad_(False)
         logger.info("CoSpec: oracle labels on %d prompts", len(examples))
         oracle = collect_oracle_labels(model, strategy, examples, tokenizer, reward_fn, settings)
         warm = fit_warm_start(arbiter, oracle, settings)
         logger.info("CoSpec warm start: %s", warm)
         history = run_reinforce(model, arbiter, strategy, examples, tokenizer, reward_fn, settings) if settings.rl_steps else []
-    finally:
-        for p, flag in zip(model.parameters(), requires_grad):
-            p.requires_grad_(flag)
     arbiter.eval()
     arbiter.config.training = {
         "data": data_description,
